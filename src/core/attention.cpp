@@ -1,0 +1,217 @@
+// The path every call takes: validate -> pick backend -> check support ->
+// bridge (zero-copy or staged) -> params struct -> kernel -> copy back.
+#include "orchard/attention.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+#include "core/backend.h"
+#include "core/bridge.h"
+#include "core/logging.h"
+#include "core/validation.h"
+
+namespace orchard {
+namespace detail {
+namespace {
+
+bool runs_on_cuda(const Device& d) { return d.type == DeviceType::kCUDA || d.type == DeviceType::kCUDAManaged; }
+
+const BackendOps& select_backend(const ProblemShape& p, const std::string& op) {
+  if (!runs_on_cuda(p.device)) return cpu_backend();
+  const BackendOps* cuda = cuda_backend();
+  if (cuda == nullptr)
+    fail(ErrorKind::kNotImplemented, op,
+         "tensors are on CUDA but this build of Orchard has no CUDA backend (rebuild with nvcc available, "
+         "ORCHARD_CUDA=ON)");
+  return *cuda;
+}
+
+bool is_contiguous(const TensorView& v) {
+  std::int64_t expected = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    if (v.shape[i] > 1 && v.strides[i] != expected) return false;
+    expected *= v.shape[i];
+  }
+  return true;
+}
+
+void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o) {
+  p.b = static_cast<int>(s.b);
+  p.sq = static_cast<int>(s.sq);
+  p.sk = static_cast<int>(s.sk);
+  p.hq = static_cast<int>(s.hq);
+  p.hkv = static_cast<int>(s.hkv);
+  p.d = static_cast<int>(s.d);
+  p.dtype = s.dtype;
+  p.scale = static_cast<float>(o.softmax_scale ? *o.softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.d)));
+  p.causal = o.causal;
+  p.causal_offset = o.causal && o.causal_align == CausalAlign::kBottomRight ? s.sk - s.sq : 0;
+  p.dropout_p = static_cast<float>(o.dropout_p);
+  p.seed = o.seed;
+  p.offset = o.offset;
+  p.stream = o.stream;
+}
+
+// Element strides (batch, row, head) of a BSHD view.
+void bshd_strides(const TensorView& v, std::int64_t& batch, std::int64_t& row, std::int64_t& head) {
+  batch = v.strides[0];
+  row = v.strides[1];
+  head = v.strides[2];
+}
+
+std::string problem_summary(const FwdParams& p) {
+  std::ostringstream s;
+  s << "b=" << p.b << " sq=" << p.sq << " sk=" << p.sk << " hq=" << p.hq << " hkv=" << p.hkv << " d=" << p.d
+    << " dtype=" << dtype_name(p.dtype) << " causal=" << (p.causal ? 1 : 0);
+  if (p.causal) s << "(offset " << p.causal_offset << ")";
+  s << " dropout=" << p.dropout_p << " scale=" << p.scale;
+  return s.str();
+}
+
+// Runs `kernel`, and when the debug log is on, times it and writes its line.
+template <class Kernel>
+void run_logged(const char* direction, const BackendOps& be, const FwdParams& p, bool backward, int staged,
+                const std::string& op, Kernel&& kernel) {
+  if (!debug_log_enabled()) {
+    kernel();
+    return;
+  }
+  const long long call = next_call_number();
+  const bool synced_before = be.synchronize(p.stream);
+  const auto t0 = std::chrono::steady_clock::now();
+  kernel();
+  const bool synced_after = synced_before && be.synchronize(p.stream);
+  const auto t1 = std::chrono::steady_clock::now();
+  std::ostringstream line;
+  line << direction << " #" << call << " op=" << op << " " << problem_summary(p) << " backend=" << be.name
+       << " variant=" << be.variant_name(p, backward) << " staged=" << staged << " elapsed_ms=";
+  if (synced_after) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.4f", std::chrono::duration<double, std::milli>(t1 - t0).count());
+    line << buf;
+  } else {
+    line << "n/a(stream capturing)";
+  }
+  debug_log_line(line.str());
+}
+
+}  // namespace
+}  // namespace detail
+
+using namespace detail;
+
+void attention_forward(const ForwardArgs& a) {
+  const std::string& op = a.options.op_name;
+  const ProblemShape shape = validate_forward(a);
+  const BackendOps& be = select_backend(shape, op);
+
+  FwdParams p;
+  set_problem(p, shape, a.options);
+  if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
+  if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) return;  // nothing to compute or write
+
+  const std::size_t align = be.required_alignment(p);
+  StagingSession staging(be, p.stream, op, "fwd");
+  const TensorView q = staging.input("q", a.q, align);
+  const TensorView k = staging.input("k", a.k, align);
+  const TensorView v = staging.input("v", a.v, align);
+  const TensorView out = staging.output("out", a.out, align);
+  const TensorView lse = staging.output("lse", a.lse, dtype_size(a.lse.dtype));
+  TensorView mask;
+  if (a.dropout_mask.defined()) mask = staging.output("dropout_mask", a.dropout_mask, 1, /*contiguous=*/true);
+
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  p.lse = lse.data;
+  p.dropout_mask = static_cast<std::uint8_t*>(mask.data);
+  bshd_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  bshd_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  bshd_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  bshd_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  p.lse_batch_stride = lse.strides[0];
+  p.lse_head_stride = lse.strides[1];
+
+  run_logged("FWD", be, p, false, staging.staged_count(), op, [&] { be.forward(p); });
+  staging.finish();
+}
+
+namespace {
+
+BwdParams backward_problem(const BackwardArgs& a, const ProblemShape& shape) {
+  BwdParams p;
+  set_problem(p, shape, a.options);
+  p.deterministic = a.options.deterministic;
+  return p;
+}
+
+}  // namespace
+
+std::size_t backward_workspace_bytes(const BackwardArgs& a) {
+  const ProblemShape shape = validate_backward(a);
+  const BackendOps& be = select_backend(shape, a.options.op_name);
+  const BwdParams p = backward_problem(a, shape);
+  if (shape.b == 0 || shape.hq == 0 || (shape.sq == 0 && shape.sk == 0)) return 0;
+  return be.backward_workspace_bytes(p);
+}
+
+void attention_backward(const BackwardArgs& a) {
+  const std::string& op = a.options.op_name;
+  const ProblemShape shape = validate_backward(a);
+  const BackendOps& be = select_backend(shape, op);
+  BwdParams p = backward_problem(a, shape);
+  if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
+  if (shape.b == 0 || shape.hq == 0 || (shape.sq == 0 && shape.sk == 0)) return;
+
+  const std::size_t need = be.backward_workspace_bytes(p);
+  if (need > 0) {
+    if (!a.workspace.defined() || static_cast<std::size_t>(a.workspace.numel()) < need)
+      fail(ErrorKind::kInvalidArgument, op,
+           "workspace of at least " + std::to_string(need) + " bytes is required (see backward_workspace_bytes), got " +
+               (a.workspace.defined() ? std::to_string(a.workspace.numel()) : std::string("none")));
+    if (!is_contiguous(a.workspace) || reinterpret_cast<std::uintptr_t>(a.workspace.data) % 256 != 0)
+      fail(ErrorKind::kInvalidArgument, op, "workspace must be contiguous and 256-byte aligned");
+  }
+
+  const std::size_t align = be.required_alignment(p);
+  StagingSession staging(be, p.stream, op, "bwd");
+  const TensorView q = staging.input("q", a.q, align);
+  const TensorView k = staging.input("k", a.k, align);
+  const TensorView v = staging.input("v", a.v, align);
+  const TensorView out = staging.input("out", a.out, align);
+  const TensorView dout = staging.input("dout", a.dout, align);
+  const TensorView lse = staging.input("lse", a.lse, dtype_size(a.lse.dtype));
+  const TensorView dq = staging.output("dq", a.dq, align);
+  const TensorView dk = staging.output("dk", a.dk, align);
+  const TensorView dv = staging.output("dv", a.dv, align);
+
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  p.lse = lse.data;
+  p.dout = dout.data;
+  p.dq = dq.data;
+  p.dk = dk.data;
+  p.dv = dv.data;
+  bshd_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  bshd_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  bshd_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  bshd_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  bshd_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  bshd_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  bshd_strides(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  bshd_strides(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+  p.lse_batch_stride = lse.strides[0];
+  p.lse_head_stride = lse.strides[1];
+  p.workspace = need > 0 ? a.workspace.data : nullptr;
+  p.workspace_bytes = need;
+
+  run_logged("BWD", be, p, true, staging.staged_count(), op, [&] { be.backward(p); });
+  staging.finish();
+}
+
+}  // namespace orchard

@@ -1,0 +1,52 @@
+// The dispatch table a backend fills in. The core (bridge, validation,
+// logging) talks to backends only through this, and kernels see only the
+// params structs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "orchard/params.h"
+
+namespace orchard::detail {
+
+// A rank-4 strided copy between two buffers of the same dtype on the
+// backend's device (used for staging).
+struct StridedCopy {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  std::size_t element_size = 0;
+  std::int64_t shape[4] = {1, 1, 1, 1};
+  std::int64_t src_strides[4] = {0, 0, 0, 0};  // elements
+  std::int64_t dst_strides[4] = {0, 0, 0, 0};  // elements
+};
+
+struct BackendOps {
+  const char* name;  // "cpu", "cuda"
+  // Empty string when the backend can run these params, else why not
+  // (the core prefixes it with the op name and raises).
+  std::string (*check_support)(const FwdParams& params);
+  // Name of the kernel variant these params select, for the debug log.
+  std::string (*variant_name)(const FwdParams& params, bool backward);
+  void (*forward)(const FwdParams& params);
+  void (*backward)(const BwdParams& params);
+  std::size_t (*backward_workspace_bytes)(const FwdParams& params);
+  // Base-pointer alignment (bytes) and stride multiple (elements) the kernels
+  // need for zero-copy reads; anything else is staged.
+  std::size_t (*required_alignment)(const FwdParams& params);
+  // Staging support, stream-ordered on the params' stream.
+  void* (*allocate)(std::size_t bytes, void* stream);
+  void (*release)(void* ptr, void* stream);
+  void (*copy_strided)(const StridedCopy& copy, void* stream);
+  // Blocks until work queued on `stream` is done (for timing in the debug
+  // log); returns false if it cannot (e.g. during CUDA-graph capture).
+  bool (*synchronize)(void* stream);
+};
+
+// Always available.
+const BackendOps& cpu_backend();
+// nullptr when this build has no CUDA backend.
+const BackendOps* cuda_backend();
+
+}  // namespace orchard::detail

@@ -1,0 +1,28 @@
+// Input validation for the public API. Every check runs before anything is
+// written, and every failure throws orchard::Error with the op name first.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "orchard/attention.h"
+
+namespace orchard::detail {
+
+[[noreturn]] void fail(ErrorKind kind, const std::string& op, const std::string& message);
+
+// The problem a validated call describes.
+struct ProblemShape {
+  std::int64_t b = 0, sq = 0, sk = 0, hq = 0, hkv = 0, d = 0;
+  DType dtype = DType::kFloat32;
+  Device device{};  // the device the kernels run on (q's)
+};
+
+ProblemShape validate_forward(const ForwardArgs& args);
+// Checks everything but the workspace size (which needs the backend).
+ProblemShape validate_backward(const BackwardArgs& args);
+
+// The element type the LSE tensor must have for inputs of `dtype`.
+DType lse_dtype_for(DType dtype);
+
+}  // namespace orchard::detail
