@@ -1,0 +1,213 @@
+"""FlashAttention-grid benchmark: Orchard vs torch SDPA's flash / cuDNN /
+efficient backends, timed in the same process on the same card.
+
+Grid (FlashAttention paper's): bf16, head dim 64 and 128, model dim 2048
+(heads = 2048 / d), batch * seqlen = 16k tokens, seqlen 512 .. 16k, causal and
+not. FLOPs: 4*b*h*s*s*d forward (halved when causal), 2.5x that backward.
+Timing: CUDA events around each call after warm-up, median of --reps runs.
+
+Writes JSON (+ PNG plot when matplotlib is present) and a markdown table to
+--out, and prints the table last.
+
+    python bench/gpu_bench.py --out $OUT [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import orchard
+
+
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def sdpa_runner(backend):
+    def run(q, k, v, causal):  # q: (B, S, H, D) -> SDPA wants (B, H, S, D)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            ).transpose(1, 2)
+    return run
+
+
+def orchard_runner(q, k, v, causal):
+    return orchard.flash_attn_func(q, k, v, causal=causal)
+
+
+IMPLS = {
+    "orchard": orchard_runner,
+    "sdpa_flash": sdpa_runner(SDPBackend.FLASH_ATTENTION),
+    "sdpa_cudnn": sdpa_runner(SDPBackend.CUDNN_ATTENTION),
+    "sdpa_efficient": sdpa_runner(SDPBackend.EFFICIENT_ATTENTION),
+}
+
+
+def time_impl(run, b, s, h, d, causal, reps):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    with torch.no_grad():
+        fwd_ms = median_ms(lambda: run(q, k, v, causal), reps)
+    out = run(q, k, v, causal)
+    bwd_ms = median_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), reps)
+    return fwd_ms, bwd_ms
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("ORCHARD_COMMIT", "unknown")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="s in {2k, 8k} only")
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    args = ap.parse_args()
+
+    card = torch.cuda.get_device_name()
+    seqlens = [2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    impls = args.impls.split(",")
+    rows = []
+    for d in (64, 128):
+        h = 2048 // d
+        for causal in (False, True):
+            for s in seqlens:
+                b = 16384 // s
+                flops = 4 * b * h * s * s * d // (2 if causal else 1)
+                row = {"d": d, "causal": causal, "s": s, "b": b, "h": h}
+                for name in impls:
+                    try:
+                        fwd_ms, bwd_ms = time_impl(IMPLS[name], b, s, h, d, causal, args.reps)
+                        row[name] = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+                                     "fwd_tflops": flops / fwd_ms / 1e9, "bwd_tflops": 2.5 * flops / bwd_ms / 1e9}
+                    except Exception as e:  # a peer may not support a shape
+                        row[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    # Per-call latency at a small shape (b=2, h=4, s=64, d=64).
+    lat = {}
+    q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for name in impls:
+        try:
+            with torch.no_grad():
+                lat[name] = median_ms(lambda: IMPLS[name](q, k, v, False), 200, warmup=20) * 1000
+        except Exception as e:
+            lat[name] = f"{type(e).__name__}"
+
+    # Peak memory, fwd+bwd at s = 32k (b=1, h=16, d=128).
+    peak = {}
+    for name in ("orchard", "sdpa_flash"):
+        if name not in impls:
+            continue
+        torch.cuda.empty_cache()
+        q, k, v = (torch.randn(1, 32768, 16, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = IMPLS[name](q, k, v, True)
+        out.backward(torch.randn_like(out))
+        torch.cuda.synchronize()
+        peak[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del q, k, v, out
+
+    meta = {"card": card, "date": datetime.date.today().isoformat(), "commit": git_commit(),
+            "torch": torch.__version__, "reps": args.reps}
+    result = {"meta": meta, "grid": rows, "latency_us_small": lat, "peak_mib_s32k": peak}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+    table = render_table(result, impls)
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+        f.write(table)
+    try:
+        plot(result, impls, os.path.join(args.out, "gpu_bench.png"))
+    except Exception as e:
+        print(f"(no plot: {e})")
+    print(table)
+    return 0
+
+
+def fmt(cell, key):
+    return f"{cell[key]:.0f}" if key in cell else "err"
+
+
+def render_table(result, impls):
+    m = result["meta"]
+    lines = [f"### {m['card']}, {m['date']}, commit {m['commit']}, torch {m['torch']} (TFLOP/s, median of {m['reps']})", ""]
+    peers = [p for p in impls if p != "orchard"]
+    hdr = "| d | causal | s | b | " + " | ".join(f"{p} fwd/bwd" for p in impls) + " | " + \
+          " | ".join(f"vs {p} fwd/bwd" for p in peers) + " |"
+    lines += [hdr, "|" + "---|" * (4 + len(impls) + len(peers))]
+    for r in result["grid"]:
+        cells = [str(r["d"]), "yes" if r["causal"] else "no", str(r["s"]), str(r["b"])]
+        cells += [f"{fmt(r[p], 'fwd_tflops')}/{fmt(r[p], 'bwd_tflops')}" for p in impls]
+        o = r.get("orchard", {})
+        for p in peers:
+            if "fwd_tflops" in o and "fwd_tflops" in r[p]:
+                cells.append(f"{o['fwd_tflops'] / r[p]['fwd_tflops']:.2f}x/{o['bwd_tflops'] / r[p]['bwd_tflops']:.2f}x")
+            else:
+                cells.append("n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-call forward latency, b=2 h=4 s=64 d=64 (us): " +
+              ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["latency_us_small"].items()),
+              "", "Peak extra memory, causal fwd+bwd, b=1 h=16 s=32k d=128 (MiB): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in result["peak_mib_s32k"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(result, impls, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    for col, (d, causal) in enumerate([(64, False), (64, True), (128, False), (128, True)]):
+        rows = [r for r in result["grid"] if r["d"] == d and r["causal"] == causal]
+        for row_i, key in enumerate(("fwd_tflops", "bwd_tflops")):
+            ax = axes[row_i][col]
+            for p in impls:
+                xs = [r["s"] for r in rows if key in r[p]]
+                ys = [r[p][key] for r in rows if key in r[p]]
+                ax.plot(xs, ys, marker="o", label=p)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{key.split('_')[0]} d={d} causal={causal}")
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("TFLOP/s")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{result['meta']['card']} bf16, commit {result['meta']['commit']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

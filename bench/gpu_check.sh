@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Device script (run on the lent H100 through the device tool):
+# build the package with the CUDA backend on all cores, run the GPU test suite,
+# compute-sanitizer on small fwd/bwd cases, then the benchmark grid.
+#
+#   bash bench/gpu_check.sh [tests|bench|all] [extra pytest args]
+# Writes logs and results under $OUT (default ./gpu_out).
+set -uo pipefail
+MODE="${1:-all}"; shift || true
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$ROOT/gpu_out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cd "$ROOT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/card.txt"
+
+echo "=== build ($(date +%T))"
+rm -rf build/cp3*  # a wheel build dir carried from another machine must not be reused
+export ORCHARD_CUDA=ON ORCHARD_CUDA_ARCHS="${ORCHARD_CUDA_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=16
+python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/orchard_site . > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; exit 1; }
+export PYTHONPATH=/tmp/orchard_site
+python3 -c "import orchard, json; print(json.dumps(orchard.build_info()))"
+
+rc=0
+if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
+  echo "=== GPU tests ($(date +%T))"
+  (cd tests/python && python3 -m pytest -q -p no:cacheprovider -x -m cuda "$@" . 2>&1 | tee "$OUT/pytest_gpu.log"; exit "${PIPESTATUS[0]}") || rc=1
+  echo "=== compute-sanitizer ($(date +%T))"
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool --error-exitcode 3 python3 bench/sanitizer_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool rc=$? : $(tail -1 "$OUT/sanitizer_$tool.log")"
+  done
+fi
+if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
+  echo "=== benchmark ($(date +%T))"
+  python3 bench/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} || rc=1
+fi
+exit $rc

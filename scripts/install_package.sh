@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds and installs the orchard Python package into the venv (pip install .).
+# ORCHARD_CUDA=AUTO|ON|OFF chooses whether the CUDA backend is built (AUTO:
+# when nvcc is found).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ORCHARD_VENV:-$ROOT/.venv}"
+cd "$ROOT"
+echo "[install] pip install . (ORCHARD_CUDA=${ORCHARD_CUDA:-AUTO})"
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+  "$VENV/bin/python" -m pip install -q --no-build-isolation .

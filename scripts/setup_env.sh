@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything Orchard's build, tests and demo need on a fresh Debian
+# machine: system packages (compiler, CMake, Ninja, GoogleTest, Google
+# Benchmark) and a Python venv with the pinned packages of requirements-dev.txt.
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ORCHARD_VENV:-$ROOT/.venv}"
+
+need_apt=()
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v ninja >/dev/null || need_apt+=(ninja-build)
+[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
+[ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating venv $VENV"
+  python3 -m venv "$VENV"
+fi
+stamp="$VENV/.orchard-requirements"
+if ! cmp -s "$ROOT/requirements-dev.txt" "$stamp"; then
+  echo "[setup] pip install -r requirements-dev.txt (first time: torch is ~1 GB of downloads)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  cp "$ROOT/requirements-dev.txt" "$stamp"
+fi
+echo "[setup] environment ready: $VENV"

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs Orchard's whole test suite: sets up the environment, builds the C++
+# library (+ CUDA backend when nvcc is found), runs the GoogleTest suite with
+# ctest, builds and installs the Python package, and runs pytest.
+#
+#   ORCHARD_CUDA=AUTO|ON|OFF      CUDA backend in the C++ build (default AUTO)
+#   ORCHARD_PY_CUDA=AUTO|ON|OFF   CUDA backend in the Python package (default: ORCHARD_CUDA)
+#   ORCHARD_SANITIZE=1            also build and run the C++ tests under ASan+UBSan
+#   PYTEST_ARGS="..."             extra pytest arguments
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ORCHARD_VENV:-$ROOT/.venv}"
+JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+cd "$ROOT"
+
+bash scripts/setup_env.sh
+
+step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+
+step "C++ build (CUDA: ${ORCHARD_CUDA:-AUTO})"
+cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DORCHARD_CUDA="${ORCHARD_CUDA:-AUTO}" \
+  -DORCHARD_BUILD_TESTS=ON -DORCHARD_BUILD_BENCH=ON >/dev/null
+cmake --build build/cpp -j "$JOBS"
+
+step "C++ tests (ctest)"
+ctest --test-dir build/cpp --output-on-failure -j "$JOBS"
+
+if [ "${ORCHARD_SANITIZE:-0}" = "1" ]; then
+  step "C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+  cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DORCHARD_CUDA=OFF -DORCHARD_SANITIZE=ON \
+    -DORCHARD_BUILD_TESTS=ON >/dev/null
+  cmake --build build/asan -j "$JOBS"
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build/asan --output-on-failure -j "$JOBS"
+fi
+
+step "C++ package: install + find_package(orchard) consumer"
+rm -rf build/install
+cmake --install build/cpp --prefix build/install >/dev/null
+cmake -S examples/cpp_consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$ROOT/build/install" >/dev/null
+cmake --build build/consumer -j "$JOBS" >/dev/null
+./build/consumer/orchard_consumer
+
+step "Python package (CUDA: ${ORCHARD_PY_CUDA:-${ORCHARD_CUDA:-AUTO}})"
+ORCHARD_CUDA="${ORCHARD_PY_CUDA:-${ORCHARD_CUDA:-AUTO}}" bash scripts/install_package.sh
+
+step "Python tests (pytest)"
+cd "$ROOT/tests/python"
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} .
