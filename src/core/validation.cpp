@@ -39,9 +39,10 @@ std::string shape_str(const TensorView& v) {
 }
 
 std::string device_str(const Device& d) {
-  std::string s = device_type_name(d.type);
-  if (d.type != DeviceType::kCPU) s += ":" + std::to_string(d.index);
-  return s;
+  std::ostringstream s;
+  s << device_type_name(d.type);
+  if (d.type != DeviceType::kCPU) s << ":" << d.index;
+  return s.str();
 }
 
 // Byte range [lo, hi) a view can touch; empty views touch nothing.
@@ -67,6 +68,7 @@ bool ranges_overlap(const TensorView& a, const TensorView& b) {
 // True if two distinct indices of the view can address the same element
 // (zero strides, or strides too small for the dims inside them).
 bool self_overlapping(const TensorView& v) {
+  if (v.numel() == 0) return false;
   std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (|stride|, size)
   for (int i = 0; i < v.ndim; ++i)
     if (v.shape[i] > 1) dims.emplace_back(std::llabs(v.strides[i]), v.shape[i]);

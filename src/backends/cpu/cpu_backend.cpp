@@ -1,0 +1,74 @@
+// The CPU dispatch table: kernels in forward.cpp / backward.cpp, staging via
+// strided_copy.cpp, plain 64-byte-aligned host memory.
+#include <cstdlib>
+#include <new>
+#include <string>
+
+#include "backends/cpu/gemm.h"
+#include "backends/cpu/kernel_common.h"
+#include "backends/cpu/kernels.h"
+#include "backends/cpu/strided_copy.h"
+#include "core/backend.h"
+
+namespace orchard::detail {
+namespace {
+
+// The CPU kernels handle any head dim (they pad d to a multiple of 16); the
+// limit only bounds per-thread scratch (~3 MB at d = 4096).
+constexpr int kCpuMaxHeadDim = 4096;
+
+std::string check_support(const FwdParams& p) {
+  if (p.dtype == DType::kUInt8) return "uint8 is not an attention dtype";
+  if (p.d < 1 || p.d > kCpuMaxHeadDim)
+    return "head_dim " + std::to_string(p.d) + " is outside the CPU backend's range [1, " +
+           std::to_string(kCpuMaxHeadDim) + "]";
+  if (p.hkv < 1 || p.hq < p.hkv || p.hq % p.hkv != 0)
+    return "num_heads_q (" + std::to_string(p.hq) + ") must be a positive multiple of num_heads_kv (" +
+           std::to_string(p.hkv) + ")";
+  if (p.b < 0 || p.sq < 0 || p.sk < 0) return "negative size";
+  if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) return "dropout_p must be in [0, 1)";
+  return "";
+}
+
+std::string variant_name(const FwdParams& p, bool backward) {
+  const char* prec = p.dtype == DType::kFloat64 ? "fp64" : "fp32";
+  std::string name = std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
+                     std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
+  if (p.causal) name += "_causal";
+  if (p.dropout_p > 0.0f) name += "_dropout";
+  name += "_threads" + std::to_string(cpu::num_threads());
+  return name;
+}
+
+std::size_t backward_workspace_bytes(const FwdParams&) { return 0; }  // host temporaries instead
+std::size_t required_alignment(const FwdParams&) { return 1; }         // any alignment is read
+
+void* allocate(std::size_t bytes, void*) {
+  if (bytes == 0) bytes = 64;
+  return ::operator new(bytes, std::align_val_t{64});
+}
+void release(void* ptr, void*) {
+  if (ptr) ::operator delete(ptr, std::align_val_t{64});
+}
+void copy_strided(const StridedCopy& c, void*) { cpu::copy_strided(c); }
+bool synchronize(void*) { return true; }  // CPU work is synchronous
+
+constexpr BackendOps kCpuOps{
+    "cpu",
+    &check_support,
+    &variant_name,
+    &cpu::forward,
+    &cpu::backward,
+    &backward_workspace_bytes,
+    &required_alignment,
+    &allocate,
+    &release,
+    &copy_strided,
+    &synchronize,
+};
+
+}  // namespace
+
+const BackendOps& cpu_backend() { return kCpuOps; }
+
+}  // namespace orchard::detail

@@ -1,0 +1,37 @@
+// Element-wise tile steps of the attention kernels (everything between the
+// GEMMs): masking, the online-softmax update of the forward, and the
+// P / dS recomputation of the backward. Scores are in base 2: callers pass
+// c = softmax_scale * log2(e) and lse2 = lse * log2(e), so exp becomes exp2.
+//
+// `nv[r]` is the number of leading valid columns in tile row r (the rest are
+// past sk or causally masked); tiles are `bc` columns wide, bc % 16 == 0.
+#pragma once
+
+#include <cstdint>
+
+namespace orchard::cpu {
+
+// Forward: s (rows x bc, ld bc) holds raw q.k scores; on return it holds the
+// unnormalised probabilities exp2(c*s - m_new) (0 where masked). Updates the
+// running max m[r] and sum l[r] and rescales the output accumulator rows
+// o[r * ldo + 0..dp) by exp2(m_old - m_new).
+void softmax_tile_update(float* s, int rows, int bc, const int* nv, float c, float* m, float* l,
+                         float* o, std::int64_t ldo, int dp);
+void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, double* m,
+                         double* l, double* o, std::int64_t ldo, int dp);
+
+// Backward: in: s = raw q.k scores, dp = dO.v^T (both rows x bc, ld bc);
+// keep (rows x bc bytes) or nullptr without dropout, rp = 1/(1-p).
+// out: s = P * keep * rp (the dropped probabilities that multiply dO into dV),
+//      dp = dS = P * (dP * keep * rp - D).
+// Rows with lse2 == -inf produce zeros.
+void backward_tile(float* s, float* dp, int rows, int bc, const int* nv, float c,
+                   const float* lse2, const float* dsum, const std::uint8_t* keep, float rp);
+void backward_tile(double* s, double* dp, int rows, int bc, const int* nv, double c,
+                   const double* lse2, const double* dsum, const std::uint8_t* keep, double rp);
+
+// p[j] *= keep[j] ? rp : 0 for j < n (dropout of the forward's P before P.V).
+void apply_dropout(float* p, const std::uint8_t* keep, int n, float rp);
+void apply_dropout(double* p, const std::uint8_t* keep, int n, double rp);
+
+}  // namespace orchard::cpu

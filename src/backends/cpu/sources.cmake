@@ -1,0 +1,13 @@
+set(ORCHARD_CPU_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/cpu_backend.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/forward.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/backward.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/gemm.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/softmax_tile.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/strided_copy.cpp
+)
+# The tile kernels rely on FMA contraction of a*b+c in the vector code (the
+# default with GNU extensions, made explicit so -std=c++20 cannot turn it off).
+if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  set_source_files_properties(${ORCHARD_CPU_SOURCES} PROPERTIES COMPILE_OPTIONS "-ffp-contract=fast")
+endif()

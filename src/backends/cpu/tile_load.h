@@ -1,0 +1,112 @@
+// Dtype-converting row loads and stores between strided framework tensors
+// (logical BSHD, dim stride 1) and the kernels' contiguous fp32/fp64 tiles.
+// Inputs are converted once per (batch, kv head) chunk, never per row block.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "orchard/dtype.h"
+#include "orchard/numeric.h"
+
+namespace orchard::cpu {
+
+// dst[0..d) = src row converted to T; dst[d..dpad) = 0 (padding the GEMMs rely on).
+template <class T>
+inline void load_row(const void* base, DType dtype, std::int64_t elem_offset, int d, int dpad,
+                     T* dst) {
+  switch (dtype) {
+    case DType::kFloat16: {
+      const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) dst[i] = static_cast<T>(fp16_to_float(s[i]));
+      break;
+    }
+    case DType::kBFloat16: {
+      const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) dst[i] = static_cast<T>(bf16_to_float(s[i]));
+      break;
+    }
+    case DType::kFloat32: {
+      const auto* s = static_cast<const float*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) dst[i] = static_cast<T>(s[i]);
+      break;
+    }
+    case DType::kFloat64: {
+      const auto* s = static_cast<const double*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) dst[i] = static_cast<T>(s[i]);
+      break;
+    }
+    default: break;
+  }
+  std::fill(dst + d, dst + dpad, T(0));
+}
+
+// Writes src[0..d) scaled by `mul` into a strided row of dtype `dtype`.
+template <class T>
+inline void store_row(const T* src, T mul, int d, DType dtype, void* base,
+                      std::int64_t elem_offset) {
+  switch (dtype) {
+    case DType::kFloat16: {
+      auto* o = static_cast<std::uint16_t*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) o[i] = float_to_fp16(static_cast<float>(src[i] * mul));
+      break;
+    }
+    case DType::kBFloat16: {
+      auto* o = static_cast<std::uint16_t*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) o[i] = float_to_bf16(static_cast<float>(src[i] * mul));
+      break;
+    }
+    case DType::kFloat32: {
+      auto* o = static_cast<float*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) o[i] = static_cast<float>(src[i] * mul);
+      break;
+    }
+    case DType::kFloat64: {
+      auto* o = static_cast<double*>(base) + elem_offset;
+      for (int i = 0; i < d; ++i) o[i] = static_cast<double>(src[i] * mul);
+      break;
+    }
+    default: break;
+  }
+}
+
+// Loads rows [0, rows) of one head into `dst` (rows x dpad, row-major), zero
+// rows [rows, rows_pad). Row r is at elem_offset + r * row_stride.
+template <class T>
+inline void load_rows(const void* base, DType dtype, std::int64_t elem_offset,
+                      std::int64_t row_stride, int rows, int rows_pad, int d, int dpad, T* dst) {
+  for (int r = 0; r < rows; ++r)
+    load_row(base, dtype, elem_offset + r * row_stride, d, dpad, dst + std::int64_t(r) * dpad);
+  std::fill(dst + std::int64_t(rows) * dpad, dst + std::int64_t(rows_pad) * dpad, T(0));
+}
+
+// Same, transposed and tiled for S = Q K^T: dst holds rows_pad / block
+// tiles, each dpad x block (tile t, dim c, row r: dst[(t * dpad + c) * block + r]).
+// Tiling keeps the GEMM's B panel at a `block`-element stride: a full
+// transposed matrix has a stride of sk elements, and at power-of-two sk
+// (4 KB for sk = 1024) every panel row maps to the same L1 set.
+// rows_pad % block == 0.
+template <class T>
+inline void load_rows_transposed(const void* base, DType dtype, std::int64_t elem_offset,
+                                 std::int64_t row_stride, int rows, int rows_pad, int d, int dpad,
+                                 int block, T* dst) {
+  constexpr int kStage = 16;  // rows staged row-major, then scattered as columns
+  std::vector<T> buf(std::size_t(kStage) * dpad);
+  for (int r0 = 0; r0 < rows_pad; r0 += kStage) {
+    const int nr = std::min(kStage, rows_pad - r0);
+    for (int r = 0; r < nr; ++r) {
+      if (r0 + r < rows)
+        load_row(base, dtype, elem_offset + (r0 + r) * row_stride, d, dpad, buf.data() + r * dpad);
+      else
+        std::fill(buf.data() + r * dpad, buf.data() + (r + 1) * dpad, T(0));
+    }
+    for (int r = 0; r < nr; ++r) {
+      const int row = r0 + r;
+      T* tile = dst + std::int64_t(row / block) * dpad * block + row % block;
+      for (int c = 0; c < dpad; ++c) tile[std::int64_t(c) * block] = buf[r * dpad + c];
+    }
+  }
+}
+
+}  // namespace orchard::cpu

@@ -1,0 +1,417 @@
+// Kernel-level tests of the CPU backend: hand-built FwdParams/BwdParams,
+// compared against the naive double reference (reference.h).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/kernel_common.h"
+#include "core/backend.h"
+#include "reference.h"
+#include "test_util.h"
+
+namespace orchard::test {
+namespace {
+
+enum class Causal { kNone, kBottomRight, kTopLeft };
+
+struct Case {
+  int b, sq, sk, hq, hkv, d;
+  DType dt = DType::kFloat32;
+  Causal causal = Causal::kNone;
+  Layout layout = Layout::kBSHD;
+  float dropout = 0.0f;
+  std::uint32_t seed = 1;
+
+  std::string name() const {
+    std::ostringstream os;
+    os << dtype_name(dt) << "_b" << b << "_sq" << sq << "_sk" << sk << "_hq" << hq << "_hkv" << hkv
+       << "_d" << d << (causal == Causal::kNone ? "" : causal == Causal::kBottomRight ? "_causalBR" : "_causalTL")
+       << "_" << layout_name(layout);
+    if (dropout > 0) os << "_drop" << int(dropout * 100);
+    return os.str();
+  }
+};
+
+// Tolerance rule: err(kernel vs exact) <= 2 * err(naive same-precision vs exact) + atol.
+double atol_for(DType dt) {
+  switch (dt) {
+    case DType::kFloat64: return 1e-12;
+    case DType::kFloat32: return 2e-6;
+    default: return 1e-4;
+  }
+}
+
+struct KernelRun {
+  Case c;
+  RefProblem prob;
+  Tensor4 q, k, v, out, dout, dq, dk, dv;
+  std::vector<unsigned char> lse_bytes;  // (b, hq, sq) with a padded head stride
+  std::int64_t lse_head_stride = 0, lse_batch_stride = 0;
+  std::vector<std::uint8_t> mask;
+
+  explicit KernelRun(const Case& cs) : c(cs) {
+    std::mt19937 rng(cs.seed * 7919u + 17u);
+    q = Tensor4(c.dt, c.b, c.sq, c.hq, c.d, c.layout);
+    k = Tensor4(c.dt, c.b, c.sk, c.hkv, c.d, c.layout);
+    v = Tensor4(c.dt, c.b, c.sk, c.hkv, c.d, c.layout);
+    out = Tensor4(c.dt, c.b, c.sq, c.hq, c.d, c.layout);
+    dout = Tensor4(c.dt, c.b, c.sq, c.hq, c.d, c.layout);
+    // Gradients in a different layout than the inputs: destinations may be any view.
+    const Layout gl = c.layout == Layout::kBSHD ? Layout::kSliced : Layout::kBSHD;
+    dq = Tensor4(c.dt, c.b, c.sq, c.hq, c.d, gl);
+    dk = Tensor4(c.dt, c.b, c.sk, c.hkv, c.d, gl);
+    dv = Tensor4(c.dt, c.b, c.sk, c.hkv, c.d, gl);
+    q.fill_normal(rng);
+    k.fill_normal(rng);
+    v.fill_normal(rng);
+    dout.fill_normal(rng);
+    lse_head_stride = c.sq + (c.layout == Layout::kSliced ? 3 : 0);
+    lse_batch_stride = lse_head_stride * c.hq + (c.layout == Layout::kSliced ? 1 : 0);
+    const std::size_t lse_elems = std::size_t(std::max<std::int64_t>(1, lse_batch_stride * c.b));
+    lse_bytes.assign(lse_elems * lse_size(), 0);
+    for (std::size_t i = 0; i < lse_elems; ++i) set_lse_raw(i, NAN);
+
+    prob.b = c.b; prob.sq = c.sq; prob.sk = c.sk; prob.hq = c.hq; prob.hkv = c.hkv; prob.d = c.d;
+    prob.scale = 1.0 / std::sqrt(double(c.d));
+    prob.scale = static_cast<float>(prob.scale);  // the kernel receives a float
+    prob.causal = c.causal != Causal::kNone;
+    prob.causal_offset = c.causal == Causal::kBottomRight ? c.sk - c.sq : 0;
+    prob.dropout_p = c.dropout;
+    prob.seed = 0x1234567890abcdefull + cs.seed;
+    prob.offset = 42 + cs.seed;
+  }
+  std::size_t lse_size() const { return c.dt == DType::kFloat64 ? 8 : 4; }
+  void set_lse_raw(std::size_t i, double x) {
+    if (lse_size() == 8) std::memcpy(lse_bytes.data() + 8 * i, &x, 8);
+    else { float f = float(x); std::memcpy(lse_bytes.data() + 4 * i, &f, 4); }
+  }
+  double lse_at(int bi, int h, int i) const {
+    const std::size_t e = std::size_t(bi * lse_batch_stride + h * lse_head_stride + i);
+    if (lse_size() == 8) { double x; std::memcpy(&x, lse_bytes.data() + 8 * e, 8); return x; }
+    float f; std::memcpy(&f, lse_bytes.data() + 4 * e, 4); return f;
+  }
+  std::vector<double> lse_vec() const {
+    std::vector<double> r;
+    for (int bi = 0; bi < c.b; ++bi)
+      for (int h = 0; h < c.hq; ++h)
+        for (int i = 0; i < c.sq; ++i) r.push_back(lse_at(bi, h, i));
+    return r;
+  }
+
+  FwdParams fwd_params() {
+    FwdParams p;
+    p.q = q.data(); p.k = k.data(); p.v = v.data(); p.out = out.data();
+    p.lse = lse_bytes.data();
+    p.q_batch_stride = q.sb; p.q_row_stride = q.ss; p.q_head_stride = q.sh;
+    p.k_batch_stride = k.sb; p.k_row_stride = k.ss; p.k_head_stride = k.sh;
+    p.v_batch_stride = v.sb; p.v_row_stride = v.ss; p.v_head_stride = v.sh;
+    p.o_batch_stride = out.sb; p.o_row_stride = out.ss; p.o_head_stride = out.sh;
+    p.lse_batch_stride = lse_batch_stride; p.lse_head_stride = lse_head_stride;
+    p.b = c.b; p.sq = c.sq; p.sk = c.sk; p.hq = c.hq; p.hkv = c.hkv; p.d = c.d;
+    p.scale = static_cast<float>(prob.scale);
+    p.causal = prob.causal;
+    p.causal_offset = prob.causal_offset;
+    p.dropout_p = c.dropout;
+    p.seed = prob.seed; p.offset = prob.offset;
+    p.dtype = c.dt;
+    if (c.dropout > 0) {
+      mask.assign(std::size_t(c.b) * c.hq * c.sq * c.sk, 0xAB);
+      p.dropout_mask = mask.data();
+    }
+    return p;
+  }
+  BwdParams bwd_params() {
+    BwdParams p;
+    static_cast<FwdParams&>(p) = fwd_params();
+    p.dropout_mask = nullptr;
+    p.dout = dout.data();
+    p.dq = dq.data(); p.dk = dk.data(); p.dv = dv.data();
+    p.do_batch_stride = dout.sb; p.do_row_stride = dout.ss; p.do_head_stride = dout.sh;
+    p.dq_batch_stride = dq.sb; p.dq_row_stride = dq.ss; p.dq_head_stride = dq.sh;
+    p.dk_batch_stride = dk.sb; p.dk_row_stride = dk.ss; p.dk_head_stride = dk.sh;
+    p.dv_batch_stride = dv.sb; p.dv_row_stride = dv.ss; p.dv_head_stride = dv.sh;
+    return p;
+  }
+};
+
+const detail::BackendOps& cpu() { return detail::cpu_backend(); }
+
+void expect_close(const char* what, const Case& c, const std::vector<double>& got,
+                  const std::vector<double>& exact_ref, const std::vector<double>& naive) {
+  const double err = max_abs_diff(got, exact_ref);
+  const double naive_err = c.dt == DType::kFloat64 ? 0.0 : max_abs_diff(naive, exact_ref);
+  const double tol = 2.0 * naive_err + atol_for(c.dt);
+  if (std::getenv("ORCHARD_TEST_VERBOSE"))
+    std::printf("%-4s %-70s err %.3g naive %.3g tol %.3g\n", what, c.name().c_str(), err, naive_err, tol);
+  EXPECT_LE(err, tol) << what << " " << c.name() << ": err " << err << " naive err " << naive_err;
+}
+
+// Forward + backward against the reference, every element written, no stray writes.
+void check_case(const Case& c) {
+  SCOPED_TRACE(c.name());
+  KernelRun r(c);
+  const FwdParams fp = r.fwd_params();
+  ASSERT_EQ(cpu().check_support(fp), "");
+  cpu().forward(fp);
+
+  const auto qd = r.q.to_double(), kd = r.k.to_double(), vd = r.v.to_double(), dod = r.dout.to_double();
+  const RefForward ref = ref_forward(r.prob, qd, kd, vd);
+  auto rnd = [dt = c.dt](double x) { return round_to(dt, x); };
+  const LowPrecision<decltype(rnd)> R{rnd};
+  const bool lowp = c.dt != DType::kFloat64;
+  const RefForward naive = lowp ? ref_forward(r.prob, qd, kd, vd, R) : ref;
+
+  EXPECT_EQ(r.out.count_nan(), 0u) << "unwritten out elements";
+  EXPECT_EQ(r.out.count_outside_written(), 0u);
+  const auto out = r.out.to_double();
+  expect_close("out", c, out, ref.out, naive.out);
+  const auto lse = r.lse_vec();
+  for (std::size_t i = 0; i < lse.size(); ++i) {
+    ASSERT_FALSE(std::isnan(lse[i])) << "lse[" << i << "] unwritten";
+    if (std::isinf(ref.lse[i])) {
+      ASSERT_EQ(lse[i], ref.lse[i]) << "lse[" << i << "]";
+    } else {
+      ASSERT_NEAR(lse[i], ref.lse[i], c.dt == DType::kFloat64 ? 1e-12 : 2e-5) << "lse[" << i << "]";
+    }
+  }
+  if (c.dropout > 0) {
+    for (int bi = 0; bi < c.b; ++bi)
+      for (int h = 0; h < c.hq; ++h)
+        for (int i = 0; i < c.sq; ++i)
+          for (int j = 0; j < c.sk; ++j)
+            ASSERT_EQ(r.mask[((std::size_t(bi) * c.hq + h) * c.sq + i) * c.sk + j],
+                      r.prob.keep(bi, h, i, j) ? 1 : 0)
+                << "mask at " << bi << "," << h << "," << i << "," << j;
+  }
+
+  const BwdParams bp = r.bwd_params();
+  ASSERT_EQ(cpu().backward_workspace_bytes(bp), 0u);
+  cpu().backward(bp);
+  // The reference backward sees the kernel's own (rounded) O only through
+  // D in the kernel; it uses its own P, which is the right oracle.
+  const RefBackward gref = ref_backward(r.prob, qd, kd, vd, dod);
+  const RefBackward gnaive = lowp ? ref_backward(r.prob, qd, kd, vd, dod, R) : gref;
+  for (Tensor4* t : {&r.dq, &r.dk, &r.dv}) {
+    EXPECT_EQ(t->count_nan(), 0u) << "unwritten gradient elements";
+    EXPECT_EQ(t->count_outside_written(), 0u);
+  }
+  expect_close("dq", c, r.dq.to_double(), gref.dq, gnaive.dq);
+  expect_close("dk", c, r.dk.to_double(), gref.dk, gnaive.dk);
+  expect_close("dv", c, r.dv.to_double(), gref.dv, gnaive.dv);
+}
+
+struct Shape {
+  int b, sq, sk, hq, hkv, d;
+};
+
+// Odd sizes, sq != sk both ways, 1x1 / 1xN / Nx1, GQA and MQA, d not a power of two.
+const Shape kShapes[] = {
+    {1, 1, 1, 1, 1, 1},      {1, 1, 37, 2, 1, 3},     {2, 37, 1, 2, 2, 8},
+    {1, 113, 203, 4, 2, 40}, {1, 203, 113, 2, 1, 80}, {2, 64, 64, 4, 4, 64},
+    {1, 65, 129, 3, 1, 96},  {1, 17, 33, 2, 2, 160}, {1, 40, 72, 2, 1, 256},
+    {1, 130, 97, 4, 2, 128},
+};
+const DType kDTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64};
+
+std::vector<Case> grid_cases() {
+  std::vector<Case> cases;
+  std::uint32_t seed = 1;
+  int li = 0;
+  for (const Shape& s : kShapes)
+    for (DType dt : kDTypes)
+      for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
+        Case c{s.b, s.sq, s.sk, s.hq, s.hkv, s.d};
+        c.dt = dt;
+        c.causal = cm;
+        c.layout = static_cast<Layout>(li++ % 3);
+        c.seed = seed++;
+        cases.push_back(c);
+      }
+  return cases;
+}
+
+class CpuKernelGrid : public ::testing::TestWithParam<Case> {};
+TEST_P(CpuKernelGrid, MatchesReference) { check_case(GetParam()); }
+INSTANTIATE_TEST_SUITE_P(Grid, CpuKernelGrid, ::testing::ValuesIn(grid_cases()),
+                         [](const auto& info) { return info.param.name(); });
+
+std::vector<Case> dropout_cases() {
+  std::vector<Case> cases;
+  std::uint32_t seed = 1000;
+  const Shape shapes[] = {{1, 67, 93, 2, 1, 40}, {2, 33, 33, 2, 2, 64}, {1, 90, 50, 4, 2, 24}};
+  int li = 0;
+  for (const Shape& s : shapes)
+    for (DType dt : kDTypes)
+      for (Causal cm : {Causal::kNone, Causal::kBottomRight}) {
+        Case c{s.b, s.sq, s.sk, s.hq, s.hkv, s.d};
+        c.dt = dt;
+        c.causal = cm;
+        c.layout = static_cast<Layout>(li++ % 3);
+        c.dropout = li % 2 ? 0.17f : 0.5f;
+        c.seed = seed++;
+        cases.push_back(c);
+      }
+  return cases;
+}
+
+class CpuKernelDropout : public ::testing::TestWithParam<Case> {};
+TEST_P(CpuKernelDropout, MatchesReferenceWithSameMask) { check_case(GetParam()); }
+INSTANTIATE_TEST_SUITE_P(Dropout, CpuKernelDropout, ::testing::ValuesIn(dropout_cases()),
+                         [](const auto& info) { return info.param.name(); });
+
+TEST(CpuKernel, DropoutFractionMatchesP) {
+  for (float p : {0.1f, 0.5f, 0.9f}) {
+    Case c{2, 256, 512, 4, 2, 16};
+    c.dropout = p;
+    c.causal = Causal::kBottomRight;  // hidden elements still get their mask bit
+    KernelRun r(c);
+    cpu().forward(r.fwd_params());
+    std::size_t dropped = 0;
+    for (std::uint8_t m : r.mask) {
+      ASSERT_LE(m, 1);
+      dropped += m == 0;
+    }
+    EXPECT_NEAR(double(dropped) / r.mask.size(), p, 0.01) << "p=" << p;
+  }
+}
+
+TEST(CpuKernel, FullyMaskedRowsAreZeroWithInfLse) {
+  // causal bottom-right with sk < sq: the first sq - sk rows see nothing.
+  for (DType dt : kDTypes) {
+    Case c{1, 50, 20, 2, 1, 32};
+    c.dt = dt;
+    c.causal = Causal::kBottomRight;
+    KernelRun r(c);
+    cpu().forward(r.fwd_params());
+    cpu().backward(r.bwd_params());
+    for (int h = 0; h < c.hq; ++h)
+      for (int i = 0; i < c.sq - c.sk; ++i) {
+        EXPECT_EQ(r.lse_at(0, h, i), -INFINITY);
+        for (int x = 0; x < c.d; ++x) {
+          EXPECT_EQ(r.out.get(0, i, h, x), 0.0);
+          EXPECT_EQ(r.dq.get(0, i, h, x), 0.0);
+        }
+      }
+    EXPECT_EQ(r.dk.count_nan() + r.dv.count_nan() + r.dq.count_nan() + r.out.count_nan(), 0u);
+  }
+}
+
+TEST(CpuKernel, EmptySequences) {
+  for (DType dt : kDTypes) {
+    {  // sk == 0: out = 0, lse = -inf, dq = 0
+      Case c{2, 5, 0, 2, 1, 16};
+      c.dt = dt;
+      KernelRun r(c);
+      cpu().forward(r.fwd_params());
+      for (double x : r.out.to_double()) EXPECT_EQ(x, 0.0);
+      for (double x : r.lse_vec()) EXPECT_EQ(x, -INFINITY);
+      cpu().backward(r.bwd_params());
+      for (double x : r.dq.to_double()) EXPECT_EQ(x, 0.0);
+    }
+    {  // sq == 0: dk = dv = 0
+      Case c{2, 0, 7, 2, 2, 16};
+      c.dt = dt;
+      KernelRun r(c);
+      cpu().forward(r.fwd_params());
+      cpu().backward(r.bwd_params());
+      for (double x : r.dk.to_double()) EXPECT_EQ(x, 0.0);
+      for (double x : r.dv.to_double()) EXPECT_EQ(x, 0.0);
+    }
+    {  // b == 0: nothing to do, nothing to crash on
+      Case c{0, 5, 7, 2, 2, 16};
+      c.dt = dt;
+      KernelRun r(c);
+      cpu().forward(r.fwd_params());
+      cpu().backward(r.bwd_params());
+    }
+  }
+}
+
+TEST(CpuKernel, BackwardIsDeterministic) {
+  Case c{2, 150, 170, 4, 1, 48};
+  c.dt = DType::kBFloat16;
+  c.causal = Causal::kBottomRight;
+  c.dropout = 0.2f;
+  KernelRun r(c);
+  cpu().forward(r.fwd_params());
+  cpu().backward(r.bwd_params());
+  const auto dq = r.dq.bytes, dk = r.dk.bytes, dv = r.dv.bytes;
+  for (int rep = 0; rep < 2; ++rep) {
+    r.dq.poison(); r.dk.poison(); r.dv.poison();
+    cpu().backward(r.bwd_params());
+    EXPECT_EQ(r.dq.bytes, dq);
+    EXPECT_EQ(r.dk.bytes, dk);
+    EXPECT_EQ(r.dv.bytes, dv);
+  }
+}
+
+TEST(CpuKernel, MultiChunkStagingMatchesSingleChunk) {
+  // Force one (batch, kv head) pair per staging chunk.
+  const std::size_t saved = cpu::g_stage_budget_bytes;
+  cpu::g_stage_budget_bytes = 1;
+  Case c{3, 40, 70, 4, 2, 24};
+  c.causal = Causal::kBottomRight;
+  c.dropout = 0.1f;
+  check_case(c);
+  c.dt = DType::kFloat64;
+  c.layout = Layout::kBHSD;
+  check_case(c);
+  cpu::g_stage_budget_bytes = saved;
+}
+
+TEST(CpuBackend, TableIsComplete) {
+  const auto& ops = cpu();
+  EXPECT_STREQ(ops.name, "cpu");
+  EXPECT_TRUE(ops.check_support && ops.variant_name && ops.forward && ops.backward &&
+              ops.backward_workspace_bytes && ops.required_alignment && ops.allocate &&
+              ops.release && ops.copy_strided && ops.synchronize);
+  FwdParams p;
+  p.b = 1; p.sq = 4; p.sk = 4; p.hq = 4; p.hkv = 2; p.d = 64;
+  EXPECT_EQ(ops.check_support(p), "");
+  EXPECT_FALSE(ops.variant_name(p, false).empty());
+  EXPECT_EQ(ops.required_alignment(p), 1u);
+  p.hkv = 3;
+  EXPECT_NE(ops.check_support(p), "");
+  p.hkv = 2; p.d = 0;
+  EXPECT_NE(ops.check_support(p), "");
+  p.d = 256; p.dropout_p = 1.0f;
+  EXPECT_NE(ops.check_support(p), "");
+  EXPECT_TRUE(ops.synchronize(nullptr));
+  void* mem = ops.allocate(1000, nullptr);
+  ASSERT_NE(mem, nullptr);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(mem) % 64, 0u);
+  ops.release(mem, nullptr);
+}
+
+TEST(CpuBackend, CopyStrided) {
+  for (std::size_t es : {1u, 2u, 4u, 8u}) {
+    // src: (2, 3, 4, 5) contiguous; dst: permuted (BHSD-like) with a padded last stride.
+    const std::int64_t n[4] = {2, 3, 4, 5};
+    std::vector<unsigned char> src(2 * 3 * 4 * 5 * es), dst(2 * 4 * 3 * 10 * es, 0);
+    for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<unsigned char>(i * 31 + 7);
+    detail::StridedCopy c;
+    c.src = src.data(); c.dst = dst.data(); c.element_size = es;
+    for (int i = 0; i < 4; ++i) c.shape[i] = n[i];
+    c.src_strides[0] = 60; c.src_strides[1] = 20; c.src_strides[2] = 5; c.src_strides[3] = 1;
+    c.dst_strides[0] = 120; c.dst_strides[1] = 10; c.dst_strides[2] = 30; c.dst_strides[3] = 2;
+    cpu().copy_strided(c, nullptr);
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 3; ++b)
+        for (int s = 0; s < 4; ++s)
+          for (int d = 0; d < 5; ++d) {
+            const std::size_t si = (a * 60 + b * 20 + s * 5 + d) * es;
+            const std::size_t di = (a * 120 + b * 10 + s * 30 + d * 2) * es;
+            ASSERT_EQ(std::memcmp(&src[si], &dst[di], es), 0);
+          }
+  }
+}
+
+}  // namespace
+}  // namespace orchard::test
