@@ -1,0 +1,639 @@
+// FlashAttention-2 style backward (tensor cores, mma.sync m16n8k16).
+//
+//   1. dot kernel:   D = rowsum(dO * O) in fp32 (workspace).
+//   2. dK/dV kernel: one CTA per (kBN key rows, batch, kv head). Each warp owns
+//      16 key rows and keeps their dK / dV accumulators in registers for the
+//      whole kernel. The CTA loops over the q heads of its GQA group and over
+//      the query tiles (Q, dO, LSE, D double-buffered with cp.async), computing
+//      everything transposed so that the key dimension is the MMA's M:
+//        S^T  = K Q^T            P^T = exp2(S^T*scale*log2e - LSE*log2e)
+//        dV  += P_drop^T dO      dP^T = V dO^T
+//        dS^T = P^T * (dP_drop^T - D)      dK += dS^T Q
+//      so P^T / dS^T go from accumulators straight into the A operand of the
+//      next MMA. GQA sums over the group inside the CTA: deterministic, no
+//      dK/dV atomics.
+//      Non-deterministic mode also does dQ += dS K here: dS^T goes to shared
+//      memory, all warps split the (kBM x d) product and fp32-atomicAdd it into
+//      a workspace, converted to dtype by 3. (convert kernel).
+//   3'. deterministic mode instead runs a dQ kernel parallel over query tiles
+//      that recomputes S and dP (two more GEMMs, no atomics: bitwise
+//      reproducible). Measured on H100 (bf16, s8k, 16k tokens): atomics vs the
+//      separate pass are within +-4% (d128: 197 vs 205 TFLOP/s, the separate pass
+//      faster; d64: 206 vs 200; d128 causal 181 vs 182): the extra S/dP GEMMs
+//      cost about what the fp32 atomics, the dq_accum memset and the convert
+//      pass cost. Both stay; `deterministic` picks. dev/cuda/NOTES.md.
+//
+// Head dims > 128 would need 2 x d/2 accumulator registers per thread for dK and
+// dV together (256 at d=256), so those buckets run the dK/dV kernel twice:
+// once for dV only and once for dK (+ dQ), recomputing S.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "backends/cuda/flash_fwd_kernel.cuh"
+#include "backends/cuda/launch.h"
+#include "backends/cuda/mma_utils.cuh"
+#include "orchard/params.h"
+#include "orchard/philox.h"
+
+namespace orchard::cuda {
+
+enum BwdMode : int { kModeBoth = 0, kModeDV = 1, kModeDK = 2 };
+
+template <int kD>
+struct BwdConfig {
+  static constexpr int kNWarps = kD <= 128 ? 8 : 4;
+  static constexpr int kBN = 16 * kNWarps;  // key rows per CTA (16 per warp)
+  static constexpr int kBM = kD <= 64 ? 64 : 32;  // query rows per step
+  static constexpr bool kSplit = kD > 128;
+  static constexpr int kS = kD + 8;
+  static constexpr int kSdS = kBM + 8;
+  static constexpr int kSmemBytes = (2 * kBN * kS + 4 * kBM * kS + kBN * kSdS) * 2 + 4 * kBM * 4;
+  // dQ split among warps for the in-kernel dS K product.
+  static constexpr int kWM = kBM / 16;
+  static constexpr int kWN = kNWarps / kWM;
+  static constexpr int kDTw = kD / 8 / kWN;
+  // Deterministic dQ kernel: 4 warps x 16 query rows.
+  static constexpr int kDqNWarps = 4;
+  static constexpr int kDqBM = 64;
+  static constexpr int kDqBN = kD <= 128 ? 64 : 32;
+  static constexpr int kDqSmemBytes = (2 * kDqBM * kS + 4 * kDqBN * kS) * 2;
+};
+
+// D[bh, row] = sum_c dO[b,row,h,c] * O[b,row,h,c]; one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t total = static_cast<int64_t>(p.b) * p.hq * p.sq;
+  if (r >= total) return;
+  const int64_t bh = r / p.sq;
+  const int i = static_cast<int>(r % p.sq);
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  float acc = 0.f;
+  if (lane * 8 < p.d) {
+    const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+    const T* dO = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + lane * 8);
+    const uint4 dv = *reinterpret_cast<const uint4*>(dO + lane * 8);
+    const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
+    const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = MmaType<T>::unpack(ow[j]), c = MmaType<T>::unpack(dw[j]);
+      acc += a.x * c.x + a.y * c.y;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) dsum[r] = acc;
+}
+
+// dq[b,row,h,:] = dtype(dq_accum[bh,row,:]); 4 elements per thread.
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, const float* acc) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int q4 = p.d / 4;
+  const int64_t total = static_cast<int64_t>(p.b) * p.hq * p.sq * q4;
+  if (idx >= total) return;
+  const int c = static_cast<int>(idx % q4) * 4;
+  const int64_t r = idx / q4;
+  const int i = static_cast<int>(r % p.sq);
+  const int64_t bh = r / p.sq;
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  const float4 v = *reinterpret_cast<const float4*>(acc + r * p.d + c);
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride + c;
+  uint2 out;
+  out.x = MmaType<T>::pack(v.x, v.y);
+  out.y = MmaType<T>::pack(v.z, v.w);
+  *reinterpret_cast<uint2*>(dq) = out;
+}
+
+template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq>
+__global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
+    flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks) {
+  using Cfg = BwdConfig<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSdS = Cfg::kSdS;
+  constexpr int kThreads = Cfg::kNWarps * 32;
+  constexpr int kKSteps = kD / 16;
+  constexpr int kMT = kBM / 8;  // n8 tiles of S^T (query columns)
+  constexpr int kDT = kD / 8;
+  constexpr bool kWantDV = kMode != kModeDK;
+  constexpr bool kWantDK = kMode != kModeDV;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * kS;
+  T* sQ = sV + kBN * kS;      // [2][kBM][kS]
+  T* sdO = sQ + 2 * kBM * kS; // [2][kBM][kS]
+  T* sdS = sdO + 2 * kBM * kS; // [kBN][kSdS]
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kSdS);  // [2][kBM], log2 units
+  float* sDs = sLse + 2 * kBM;                               // [2][kBM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t bhk = blockIdx.x / num_n_blocks;
+  const int n_block = blockIdx.x % num_n_blocks;
+  const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
+  const int group = p.hq / p.hkv;
+  const int n0 = n_block * kBN;
+  const int d = p.d;
+
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
+  load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk - n0, d, tid);
+  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk - n0, d, tid);
+
+  const int num_m_total = (p.sq + kBM - 1) / kBM;
+  int m_begin = 0;
+  if (kCausal) {
+    const int64_t first_row = n0 - p.causal_offset < 0 ? 0 : n0 - p.causal_offset;  // first query row that sees key n0
+    m_begin = first_row >= p.sq ? num_m_total : static_cast<int>(first_row / kBM);
+  }
+  const int nm = num_m_total - m_begin;
+  const int total = group * nm;
+
+  const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
+  const BwdWorkspace layout = bwd_workspace_layout(p);
+  const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
+  float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
+  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride;
+
+  auto prefetch = [&](int it, int stage) {
+    const int h = hk * group + it / nm;
+    const int m0 = (m_begin + it % nm) * kBM;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
+    load_tile_async<T, kBM, kD, kThreads>(sQ + stage * kBM * kS, qg, p.q_row_stride, p.sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(sdO + stage * kBM * kS, dog, p.do_row_stride, p.sq - m0, d, tid);
+    if (tid < kBM) {
+      const int row = m0 + tid;
+      float l = INFINITY, dd = 0.f;  // rows past sq: P = 0
+      if (row < p.sq) {
+        const float lv = lse_g[h * p.lse_head_stride + row];
+        l = lv == -INFINITY ? INFINITY : lv * kLog2e;  // fully masked row: P = 0, not exp(+inf)
+        dd = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
+      }
+      sLse[stage * kBM + tid] = l;
+      sDs[stage * kBM + tid] = dd;
+    }
+  };
+  if (total > 0) prefetch(0, 0);
+  cp_async_commit();
+
+  float acc_dk[kWantDK ? kDT : 1][4];
+  float acc_dv[kWantDV ? kDT : 1][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (kWantDK) acc_dk[i][c] = 0.f;
+      if (kWantDV) acc_dv[i][c] = 0.f;
+    }
+
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const int kv_base = n0 + warp * 16 + g;  // this thread's key rows: kv_base, kv_base + 8
+
+  for (int it = 0; it < total; ++it) {
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < total) prefetch(it + 1, stage ^ 1);
+    cp_async_commit();
+    const int h = hk * group + it / nm;
+    const int m0 = (m_begin + it % nm) * kBM;
+    const T* sQs = sQ + stage * kBM * kS;
+    const T* sdOs = sdO + stage * kBM * kS;
+    const float* sLs = sLse + stage * kBM;
+    const float* sDv = sDs + stage * kBM;
+
+    // S^T = K Q^T for this warp's 16 key rows x kBM query columns.
+    float st[kMT][4];
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, a_addr<kS>(sK, warp * 16, ks * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kMT / 2; ++np) {
+        uint32_t bfr[4];
+        ldmatrix_x4(bfr, b_addr_nk<kS>(sQs, np * 16, ks * 16, lane));
+        mma16816<T>(st[2 * np], a, bfr[0], bfr[1]);
+        mma16816<T>(st[2 * np + 1], a, bfr[2], bfr[3]);
+      }
+    }
+    const bool need_mask =
+        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+    uint32_t keep_bits = 0xffffffffu;
+#pragma unroll
+    for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int ql = nt * 8 + 2 * t + (c & 1);
+        float pv = fast_exp2(fmaf(st[nt][c], scale_log2, -sLs[ql]));
+        if (need_mask) {
+          const int kv = kv_base + (c >> 1) * 8;
+          const int64_t q = m0 + ql;
+          if (kv >= p.sk || (kCausal && kv > q + p.causal_offset)) pv = 0.f;
+        }
+        st[nt][c] = pv;
+      }
+    if constexpr (kDropout) {
+      // One Philox call gives 4 consecutive keys of one query row; a thread
+      // holds keys kv_base, kv_base + 8 for 2 query columns per tile.
+#pragma unroll
+      for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int kv = kv_base + (c >> 1) * 8;
+          const int q = m0 + nt * 8 + 2 * t + (c & 1);
+          const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h),
+                                           static_cast<uint32_t>(q), static_cast<uint32_t>(kv >> 2));
+          if (philox_lane(dr, kv & 3) < keep_threshold) keep_bits &= ~(1u << (nt * 4 + c));
+        }
+    }
+    auto kept = [&](int nt, int c) { return !kDropout || ((keep_bits >> (nt * 4 + c)) & 1u); };
+
+    if constexpr (kWantDV) {
+      // dV += P_drop^T dO
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+        float pd[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) pd[j][c] = kept(2 * kk + j, c) ? st[2 * kk + j][c] * rdrop : 0.f;
+        uint32_t a[4];
+        a[0] = MmaType<T>::pack(pd[0][0], pd[0][1]);
+        a[1] = MmaType<T>::pack(pd[0][2], pd[0][3]);
+        a[2] = MmaType<T>::pack(pd[1][0], pd[1][1]);
+        a[3] = MmaType<T>::pack(pd[1][2], pd[1][3]);
+#pragma unroll
+        for (int dp = 0; dp < kDT / 2; ++dp) {
+          uint32_t bfr[4];
+          ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sdOs, kk * 16, dp * 16, lane));
+          mma16816<T>(acc_dv[2 * dp], a, bfr[0], bfr[1]);
+          mma16816<T>(acc_dv[2 * dp + 1], a, bfr[2], bfr[3]);
+        }
+      }
+    }
+
+    if constexpr (kWantDK) {
+      // dP^T = V dO^T
+      float dpt[kMT][4];
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_addr<kS>(sV, warp * 16, ks * 16, lane));
+#pragma unroll
+        for (int np = 0; np < kMT / 2; ++np) {
+          uint32_t bfr[4];
+          ldmatrix_x4(bfr, b_addr_nk<kS>(sdOs, np * 16, ks * 16, lane));
+          mma16816<T>(dpt[2 * np], a, bfr[0], bfr[1]);
+          mma16816<T>(dpt[2 * np + 1], a, bfr[2], bfr[3]);
+        }
+      }
+      // dS^T = P^T * (dP_drop^T - D), reusing st.
+#pragma unroll
+      for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float dpv = kept(nt, c) ? dpt[nt][c] * rdrop : 0.f;
+          st[nt][c] = st[nt][c] * (dpv - sDv[nt * 8 + 2 * t + (c & 1)]);
+        }
+      // dK += dS^T Q
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = MmaType<T>::pack(st[2 * kk][0], st[2 * kk][1]);
+        a[1] = MmaType<T>::pack(st[2 * kk][2], st[2 * kk][3]);
+        a[2] = MmaType<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+        a[3] = MmaType<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        if constexpr (kDq) {
+          // Stage dS^T (key rows x query cols) for the dQ product below.
+          T* row0 = sdS + (warp * 16 + g) * kSdS + kk * 16 + 2 * t;
+          *reinterpret_cast<uint32_t*>(row0) = a[0];
+          *reinterpret_cast<uint32_t*>(row0 + 8 * kSdS) = a[1];
+          *reinterpret_cast<uint32_t*>(row0 + 8) = a[2];
+          *reinterpret_cast<uint32_t*>(row0 + 8 * kSdS + 8) = a[3];
+        }
+#pragma unroll
+        for (int dp = 0; dp < kDT / 2; ++dp) {
+          uint32_t bfr[4];
+          ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sQs, kk * 16, dp * 16, lane));
+          mma16816<T>(acc_dk[2 * dp], a, bfr[0], bfr[1]);
+          mma16816<T>(acc_dk[2 * dp + 1], a, bfr[2], bfr[3]);
+        }
+      }
+      if constexpr (kDq) {
+        __syncthreads();
+        // dQ (kBM x d) += dS (kBM x kBN) K (kBN x d); warps tile (kWM x kWN).
+        const int wm = warp % Cfg::kWM, wn = warp / Cfg::kWM;
+        constexpr int kDTw = Cfg::kDTw;
+        float acc[kDTw][4];
+#pragma unroll
+        for (int i = 0; i < kDTw; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, a_addr_km<kSdS>(sdS, wm * 16, kk * 16, lane));
+#pragma unroll
+          for (int dp = 0; dp < (kDTw + 1) / 2; ++dp) {
+            uint32_t bfr[4];
+            // For odd kDTw the last x4 also reads the next 8 columns (inside the
+            // padded row) and ignores them.
+            ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sK, kk * 16, (wn * kDTw + 2 * dp) * 8, lane));
+            mma16816<T>(acc[2 * dp], a, bfr[0], bfr[1]);
+            if (2 * dp + 1 < kDTw) mma16816<T>(acc[2 * dp + 1], a, bfr[2], bfr[3]);
+          }
+        }
+        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * p.sq * d;
+#pragma unroll
+        for (int i = 0; i < kDTw; ++i)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int q = m0 + wm * 16 + g + (c >> 1) * 8;
+            const int col = (wn * kDTw + i) * 8 + 2 * t + (c & 1);
+            if (q < p.sq && col < d) atomicAdd(dqa + static_cast<int64_t>(q) * d + col, acc[i][c] * p.scale);
+          }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: write this warp's 16 key rows of dK (scaled) and dV.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int kv = kv_base + r * 8;
+    if (kv >= p.sk) continue;
+    if constexpr (kWantDV) {
+      T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kv * p.dv_row_stride;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        const int col = i * 8 + 2 * t;
+        if (col < d)
+          *reinterpret_cast<uint32_t*>(dvg + col) = MmaType<T>::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
+      }
+    }
+    if constexpr (kWantDK) {
+      T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kv * p.dk_row_stride;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        const int col = i * 8 + 2 * t;
+        if (col < d)
+          *reinterpret_cast<uint32_t*>(dkg + col) =
+              MmaType<T>::pack(acc_dk[i][2 * r] * p.scale, acc_dk[i][2 * r + 1] * p.scale);
+      }
+    }
+  }
+}
+
+// Deterministic dQ: one CTA per (64 query rows, batch, q head), warps own 16
+// rows each (like the forward); recomputes S and dP per key tile.
+template <typename T, int kD, bool kCausal, bool kDropout>
+__global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
+    flash_bwd_dq_kernel(const BwdParams p, int num_m_blocks) {
+  using Cfg = BwdConfig<kD>;
+  constexpr int kBM = Cfg::kDqBM, kBN = Cfg::kDqBN, kS = Cfg::kS, kThreads = Cfg::kDqNWarps * 32;
+  constexpr int kKSteps = kD / 16;
+  constexpr int kNT = kBN / 8;
+  constexpr int kDT = kD / 8;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBM * kS;
+  T* sK = sdO + kBM * kS;     // [2][kBN][kS]
+  T* sV = sK + 2 * kBN * kS;  // [2][kBN][kS]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t bh = blockIdx.x / num_m_blocks;
+  int m_block = blockIdx.x % num_m_blocks;
+  if (kCausal) m_block = num_m_blocks - 1 - m_block;
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  const int hk = h / (p.hq / p.hkv);
+  const int m0 = m_block * kBM;
+  const int d = p.d;
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+  int n_end = p.sk;
+  if (kCausal) {
+    const int64_t last = static_cast<int64_t>(m0) + kBM + p.causal_offset;
+    n_end = static_cast<int>(last < 0 ? 0 : (last < p.sk ? last : p.sk));
+  }
+  const int n_blocks = (n_end + kBN - 1) / kBN;
+  load_tile_async<T, kBM, kD, kThreads>(sQ, qg, p.q_row_stride, p.sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(sdO, dog, p.do_row_stride, p.sq - m0, d, tid);
+  if (n_blocks > 0) {
+    load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk, d, tid);
+  }
+  cp_async_commit();
+
+  const int row_base = m0 + warp * 16 + g;
+  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+  const BwdWorkspace layout = bwd_workspace_layout(p);
+  const float* dsum = reinterpret_cast<const float*>(static_cast<const unsigned char*>(p.workspace) + layout.d_offset) +
+                      bh * p.sq;
+  float lse_l2[2], dsv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_base + r * 8;
+    lse_l2[r] = INFINITY;
+    dsv[r] = 0.f;
+    if (row < p.sq) {
+      const float lv = lse_g[row];
+      lse_l2[r] = lv == -INFINITY ? INFINITY : lv * kLog2e;
+      dsv[r] = dsum[row];
+    }
+  }
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+
+  float acc_dq[kDT][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
+
+  for (int n = 0; n < n_blocks; ++n) {
+    const int stage = n & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (n + 1 < n_blocks) {
+      const int nn = (n + 1) * kBN;
+      load_tile_async<T, kBN, kD, kThreads>(sK + (stage ^ 1) * kBN * kS, kg + nn * p.k_row_stride,
+                                            p.k_row_stride, p.sk - nn, d, tid);
+      load_tile_async<T, kBN, kD, kThreads>(sV + (stage ^ 1) * kBN * kS, vg + nn * p.v_row_stride,
+                                            p.v_row_stride, p.sk - nn, d, tid);
+    }
+    cp_async_commit();
+    const T* sKs = sK + stage * kBN * kS;
+    const T* sVs = sV + stage * kBN * kS;
+    const int n0 = n * kBN;
+
+    float s[kNT][4], dp[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[i][c] = dp[i][c] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t aq[4], ado[4];
+      ldmatrix_x4(aq, a_addr<kS>(sQ, warp * 16, ks * 16, lane));
+      ldmatrix_x4(ado, a_addr<kS>(sdO, warp * 16, ks * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bk[4], bv[4];
+        ldmatrix_x4(bk, b_addr_nk<kS>(sKs, np * 16, ks * 16, lane));
+        ldmatrix_x4(bv, b_addr_nk<kS>(sVs, np * 16, ks * 16, lane));
+        mma16816<T>(s[2 * np], aq, bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], aq, bk[2], bk[3]);
+        mma16816<T>(dp[2 * np], ado, bv[0], bv[1]);
+        mma16816<T>(dp[2 * np + 1], ado, bv[2], bv[3]);
+      }
+    }
+    const bool need_mask =
+        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row_base + r * 8;
+        const int col0 = n0 + nt * 8 + 2 * t;
+        bool keep0 = true, keep1 = true;
+        if constexpr (kDropout) {
+          const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
+                                           static_cast<uint32_t>(col0 >> 2));
+          const bool hi = (col0 & 2) != 0;
+          keep0 = (hi ? dr.z : dr.x) >= keep_threshold;
+          keep1 = (hi ? dr.w : dr.y) >= keep_threshold;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int c = 2 * r + j;
+          float pv = fast_exp2(fmaf(s[nt][c], scale_log2, -lse_l2[r]));
+          if (need_mask) {
+            const int col = col0 + j;
+            if (col >= p.sk || (kCausal && col > static_cast<int64_t>(row) + p.causal_offset)) pv = 0.f;
+          }
+          const float dpv = (j == 0 ? keep0 : keep1) ? dp[nt][c] * rdrop : 0.f;
+          s[nt][c] = pv * (dpv - dsv[r]);
+        }
+      }
+    }
+    // dQ += dS K
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = MmaType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dpi = 0; dpi < kDT / 2; ++dpi) {
+        uint32_t bfr[4];
+        ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sKs, kk * 16, dpi * 16, lane));
+        mma16816<T>(acc_dq[2 * dpi], a, bfr[0], bfr[1]);
+        mma16816<T>(acc_dq[2 * dpi + 1], a, bfr[2], bfr[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  T* dqg = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_base + r * 8;
+    if (row >= p.sq) continue;
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      const int col = i * 8 + 2 * t;
+      if (col < d)
+        *reinterpret_cast<uint32_t*>(dqg + row * p.dq_row_stride + col) =
+            MmaType<T>::pack(acc_dq[i][2 * r] * p.scale, acc_dq[i][2 * r + 1] * p.scale);
+    }
+  }
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int kD, bool kCausal, bool kDropout>
+void launch_flash_bwd(const BwdParams& p) {
+  using Cfg = BwdConfig<kD>;
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  const BwdWorkspace layout = bwd_workspace_layout(p);
+  unsigned char* ws = static_cast<unsigned char*>(p.workspace);
+  const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
+  if (rows > 0) {
+    bwd_dot_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+        p, reinterpret_cast<float*>(ws + layout.d_offset));
+    check_launch("bwd_dot_kernel");
+  }
+  const bool atomic_dq = !p.deterministic;
+  if (atomic_dq && rows > 0) {
+    if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, static_cast<size_t>(rows) * p.d * sizeof(float), stream) !=
+        cudaSuccess)
+      check_launch("cudaMemsetAsync(dq_accum)");
+  }
+
+  const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t grid_kv = static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
+  auto run_dkdv = [&](auto kernel) {
+    set_smem(kernel, Cfg::kSmemBytes);
+    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes, stream>>>(p, num_n_blocks);
+    check_launch("flash_bwd_dkdv_kernel");
+  };
+  if (grid_kv > 0) {
+    if constexpr (Cfg::kSplit) {
+      run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false>);
+      if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true>);
+      else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false>);
+    } else {
+      if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, true>);
+      else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, false>);
+    }
+  }
+
+  if (rows == 0) return;
+  if (atomic_dq) {
+    const int64_t n4 = rows * (p.d / 4);
+    bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
+        p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset));
+    check_launch("bwd_convert_dq_kernel");
+  } else {
+    auto kernel = flash_bwd_dq_kernel<T, kD, kCausal, kDropout>;
+    set_smem(kernel, Cfg::kDqSmemBytes);
+    const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;
+    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32,
+             Cfg::kDqSmemBytes, stream>>>(p, num_m_blocks);
+    check_launch("flash_bwd_dq_kernel");
+  }
+}
+
+template <typename T, int kD>
+void run_flash_bwd(const BwdParams& p) {
+  const bool dropout = p.dropout_p > 0.f;
+  if (p.causal) {
+    if (dropout) launch_flash_bwd<T, kD, true, true>(p);
+    else launch_flash_bwd<T, kD, true, false>(p);
+  } else {
+    if (dropout) launch_flash_bwd<T, kD, false, true>(p);
+    else launch_flash_bwd<T, kD, false, false>(p);
+  }
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,252 @@
+// float32 inputs: SIMT kernels, one warp per query row (forward, dQ) or per
+// key row (dK/dV). fp32 arithmetic throughout with accurate expf/logf: the
+// error vs an fp64 reference is ~1e-6 relative, the same as a naive fp32
+// computation. No tensor cores: bf16 operands would lose precision (~4e-3)
+// and tf32 (~5e-4) would also be far from fp32; fp32 users want fp32 accuracy,
+// and the speed path is bf16/fp16. Throughput is a few TFLOP/s.
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "backends/cuda/launch.h"
+#include "orchard/params.h"
+#include "orchard/philox.h"
+
+namespace orchard::cuda {
+namespace {
+
+constexpr int kMaxPerLane = 8;  // d <= 256 = 32 lanes x 8
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ void load_row(float (&r)[kMaxPerLane], const float* p, int d, int lane) {
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const int e = lane + 32 * j;
+    r[j] = e < d ? p[e] : 0.f;
+  }
+}
+__device__ __forceinline__ float dot_row(const float (&r)[kMaxPerLane], const float* p, int d, int lane) {
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const int e = lane + 32 * j;
+    if (e < d) acc = fmaf(r[j], p[e], acc);
+  }
+  return warp_sum(acc);
+}
+
+// Visible key range [0, end) of query row i.
+__device__ __forceinline__ int64_t key_end(const FwdParams& p, int64_t i) {
+  if (!p.causal) return p.sk;
+  const int64_t e = i + p.causal_offset + 1;
+  return e < 0 ? 0 : (e < p.sk ? e : p.sk);
+}
+
+__global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= static_cast<int64_t>(p.b) * p.hq * p.sq) return;
+  const int64_t bh = r / p.sq;
+  const int i = static_cast<int>(r % p.sq);
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  const int hk = h / (p.hq / p.hkv);
+  const int d = p.d;
+  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  float qr[kMaxPerLane], o[kMaxPerLane];
+  load_row(qr, q, d, lane);
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) o[j] = 0.f;
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  float m = -INFINITY, l = 0.f;
+  const int64_t end = key_end(p, i);
+  for (int64_t j = 0; j < end; ++j) {
+    const float s = dot_row(qr, k + j * p.k_row_stride, d, lane) * p.scale;
+    const float m_new = fmaxf(m, s);
+    const float corr = expf(m - m_new);  // m = -inf: 0
+    const float e = expf(s - m_new);
+    l = l * corr + e;
+    m = m_new;
+    const bool keep = !dropout || dropout_keep(p.seed, p.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
+                                               static_cast<uint32_t>(j), thr);
+    const float pv = keep ? e : 0.f;
+    const float* vr = v + j * p.v_row_stride;
+#pragma unroll
+    for (int jj = 0; jj < kMaxPerLane; ++jj) {
+      const int c = lane + 32 * jj;
+      o[jj] = o[jj] * corr + (c < d ? pv * vr[c] : 0.f);
+    }
+  }
+  const float inv = l > 0.f ? (dropout ? 1.f / (1.f - p.dropout_p) : 1.f) / l : 0.f;
+  float* out = static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+#pragma unroll
+  for (int jj = 0; jj < kMaxPerLane; ++jj) {
+    const int c = lane + 32 * jj;
+    if (c < d) out[c] = o[jj] * inv;
+  }
+  if (lane == 0)
+    static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i] = l > 0.f ? m + logf(l) : -INFINITY;
+}
+
+__global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, float* dsum) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= static_cast<int64_t>(p.b) * p.hq * p.sq) return;
+  const int64_t bh = r / p.sq;
+  const int i = static_cast<int>(r % p.sq);
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  const float* o = static_cast<const float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+  const float* dO =
+      static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+  float acc = 0.f;
+  for (int c = lane; c < p.d; c += 32) acc = fmaf(o[c], dO[c], acc);
+  acc = warp_sum(acc);
+  if (lane == 0) dsum[r] = acc;
+}
+
+__device__ __forceinline__ float lse_or_inf(float l) { return l == -INFINITY ? INFINITY : l; }
+
+__global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, const float* dsum) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= static_cast<int64_t>(p.b) * p.hq * p.sq) return;
+  const int64_t bh = r / p.sq;
+  const int i = static_cast<int>(r % p.sq);
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  const int hk = h / (p.hq / p.hkv);
+  const int d = p.d;
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  float qr[kMaxPerLane], dor[kMaxPerLane], dq[kMaxPerLane];
+  load_row(qr, static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride, d,
+           lane);
+  load_row(dor,
+           static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride, d,
+           lane);
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) dq[j] = 0.f;
+  const float lse = lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
+  const float D = dsum[r];
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const int64_t end = key_end(p, i);
+  for (int64_t j = 0; j < end; ++j) {
+    const float* kr = k + j * p.k_row_stride;
+    const float pv = expf(dot_row(qr, kr, d, lane) * p.scale - lse);
+    float dp = dot_row(dor, v + j * p.v_row_stride, d, lane);
+    const bool keep = !dropout || dropout_keep(p.seed, p.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
+                                               static_cast<uint32_t>(j), thr);
+    dp = keep ? dp * rdrop : 0.f;
+    const float ds = pv * (dp - D);
+#pragma unroll
+    for (int jj = 0; jj < kMaxPerLane; ++jj) {
+      const int c = lane + 32 * jj;
+      if (c < d) dq[jj] = fmaf(ds, kr[c], dq[jj]);
+    }
+  }
+  float* out = static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride;
+#pragma unroll
+  for (int jj = 0; jj < kMaxPerLane; ++jj) {
+    const int c = lane + 32 * jj;
+    if (c < d) out[c] = dq[jj] * p.scale;
+  }
+}
+
+// One warp per key row of a kv head; sums over the GQA group's q heads.
+__global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, const float* dsum) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= static_cast<int64_t>(p.b) * p.hkv * p.sk) return;
+  const int64_t bhk = r / p.sk;
+  const int j = static_cast<int>(r % p.sk);
+  const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
+  const int group = p.hq / p.hkv;
+  const int d = p.d;
+  float kr[kMaxPerLane], vr[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
+  load_row(kr, static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + j * p.k_row_stride, d,
+           lane);
+  load_row(vr, static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + j * p.v_row_stride, d,
+           lane);
+#pragma unroll
+  for (int e = 0; e < kMaxPerLane; ++e) dk[e] = dv[e] = 0.f;
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  int64_t i_begin = 0;  // first query row that sees key j
+  if (p.causal) i_begin = j - p.causal_offset < 0 ? 0 : j - p.causal_offset;
+  for (int hh = 0; hh < group; ++hh) {
+    const int h = hk * group + hh;
+    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+    for (int64_t i = i_begin; i < p.sq; ++i) {
+      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
+      const float* dO =
+          static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+      const float lse =
+          lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
+      const float pv = expf(dot_row(kr, q, d, lane) * p.scale - lse);
+      float dp = dot_row(vr, dO, d, lane);
+      const bool keep = !dropout || dropout_keep(p.seed, p.offset, static_cast<uint32_t>(bh),
+                                                 static_cast<uint32_t>(i), static_cast<uint32_t>(j), thr);
+      const float pd = keep ? pv * rdrop : 0.f;
+      dp = keep ? dp * rdrop : 0.f;
+      const float ds = pv * (dp - dsum[bh * p.sq + i]);
+#pragma unroll
+      for (int e = 0; e < kMaxPerLane; ++e) {
+        const int c = lane + 32 * e;
+        if (c < d) {
+          dv[e] = fmaf(pd, dO[c], dv[e]);
+          dk[e] = fmaf(ds, q[c], dk[e]);
+        }
+      }
+    }
+  }
+  float* dkp = static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + j * p.dk_row_stride;
+  float* dvp = static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + j * p.dv_row_stride;
+#pragma unroll
+  for (int e = 0; e < kMaxPerLane; ++e) {
+    const int c = lane + 32 * e;
+    if (c < d) {
+      dkp[c] = dk[e] * p.scale;
+      dvp[c] = dv[e];
+    }
+  }
+}
+
+unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + 3) / 4); }
+
+}  // namespace
+
+void run_fwd_fp32(const FwdParams& p) {
+  const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
+  if (rows == 0) return;
+  fwd_fp32_kernel<<<blocks_for(rows), 128, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  check_launch("fwd_fp32_kernel");
+}
+
+void run_bwd_fp32(const BwdParams& p) {
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  const BwdWorkspace layout = bwd_workspace_layout(p);
+  float* dsum = reinterpret_cast<float*>(static_cast<unsigned char*>(p.workspace) + layout.d_offset);
+  const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
+  const int64_t krows = static_cast<int64_t>(p.b) * p.hkv * p.sk;
+  if (rows > 0) {
+    bwd_dot_fp32_kernel<<<blocks_for(rows), 128, 0, stream>>>(p, dsum);
+    check_launch("bwd_dot_fp32_kernel");
+    bwd_dq_fp32_kernel<<<blocks_for(rows), 128, 0, stream>>>(p, dsum);
+    check_launch("bwd_dq_fp32_kernel");
+  }
+  if (krows > 0) {
+    bwd_dkdv_fp32_kernel<<<blocks_for(krows), 128, 0, stream>>>(p, dsum);
+    check_launch("bwd_dkdv_fp32_kernel");
+  }
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,330 @@
+// FlashAttention-2 style forward kernel (tensor cores, mma.sync m16n8k16).
+//
+// One CTA owns kBM = 16 * kNWarps query rows of one (batch, head); each warp
+// owns 16 of those rows for the whole kernel, so the online-softmax state
+// (row max m, row sum l) and the O accumulator live in that warp's registers
+// and no cross-warp reduction is ever needed. The CTA walks the key/value rows
+// in kBN-row tiles, double-buffered in shared memory with 16-byte cp.async:
+// tile n+1 streams in while tile n is multiplied.
+//
+// Shared-memory tiles are row-padded by 8 elements (16 bytes): a row stride of
+// (kD + 8) * 2 bytes puts the 8 rows one ldmatrix phase reads into 8 distinct
+// 16-byte bank groups for every bucket (kD % 16 == 0), so ldmatrix is
+// conflict-free without a swizzle.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "backends/cuda/launch.h"
+#include "backends/cuda/mma_utils.cuh"
+#include "orchard/params.h"
+#include "orchard/philox.h"
+
+namespace orchard::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Tile sizes per head-dim bucket (H100, bf16, b*s = 16k tokens; dev/cuda/NOTES.md).
+//   kD <= 128: 4 warps x 32 rows (kMW = 2 m16 tiles per warp) = 128 query rows.
+//              Each K/V fragment loaded with ldmatrix feeds two MMAs; with 16
+//              rows per warp (8 warps, ORCHARD_FWD_MW=1) shared-memory bandwidth
+//              was the limit. Measured s8k non-causal: d64 238 -> 305 TFLOP/s,
+//              d128 286 -> 316 (same card, same call).
+//   kD  > 128: 4 warps x 16 rows (the O accumulator alone is kD/2 registers).
+//   Q stays in registers when that costs <= 32 registers, else it is re-read
+//   from shared memory with ldmatrix each K tile.
+#ifndef ORCHARD_FWD_MW
+#define ORCHARD_FWD_MW 2  // dev switch: 1 = the 8-warp x 16-row variant (call 1)
+#endif
+template <int kD>
+struct FwdConfig {
+  static constexpr int kMW = kD <= 128 ? ORCHARD_FWD_MW : 1;  // m16 tiles per warp
+  static constexpr int kNWarps = (kMW == 1 && kD <= 128) ? 8 : 4;
+  static constexpr int kBM = 16 * kMW * kNWarps;
+  // d96/128 with kMW = 2: 64-row K/V tiles spill ~250 bytes (ptxas hoists the V
+  // fragments); 32-row tiles spill ~60.
+  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? (kMW == 2 ? 32 : 64) : (kD <= 192 ? 64 : 32));
+  static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
+  static constexpr int kS = kD + 8;  // padded smem row (elements)
+  static constexpr int kSmemBytes = (kBM + 4 * kBN) * kS * 2;
+};
+
+template <typename T, int kD, bool kCausal, bool kDropout>
+__global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
+    flash_fwd_kernel(const FwdParams p, int num_m_blocks) {
+  using Cfg = FwdConfig<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
+  constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
+  constexpr int kNT = kBN / 8;      // n8 tiles of S
+  constexpr int kDT = kD / 8;       // n8 tiles of O
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBM * kS;       // [2][kBN][kS]
+  T* sV = sK + 2 * kBN * kS;   // [2][kBN][kS]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  // Linear grid (m-block fastest: the CTAs of one head run together and share
+  // its K/V in L2); b*hq may exceed gridDim.y's 65535, gridDim.x does not limit.
+  const int64_t bh = blockIdx.x / num_m_blocks;
+  int m_block = blockIdx.x % num_m_blocks;
+  if (kCausal) m_block = num_m_blocks - 1 - m_block;  // longest rows first: better tail balance
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  const int hk = h / (p.hq / p.hkv);
+  const int m0 = m_block * kBM;
+  const int d = p.d;
+  const int wrow = warp * 16 * kMW;  // this warp's first row inside the tile
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+  int n_end = p.sk;
+  if (kCausal) {
+    const int64_t last = static_cast<int64_t>(m0) + kBM + p.causal_offset;  // exclusive
+    n_end = static_cast<int>(last < 0 ? 0 : (last < p.sk ? last : p.sk));
+  }
+  const int n_blocks = (n_end + kBN - 1) / kBN;
+
+  load_tile_async<T, kBM, kD, kThreads>(sQ, qg, p.q_row_stride, p.sq - m0, d, tid);
+  if (n_blocks > 0) {
+    load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk, d, tid);
+  }
+  cp_async_commit();
+
+  const float scale_log2 = p.scale * kLog2e;
+  float acc_o[kMW][kDT][4];
+#pragma unroll
+  for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
+  float row_max[kMW][2], row_sum[kMW][2];  // max in scaled log2 units
+#pragma unroll
+  for (int mt = 0; mt < kMW; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
+
+  uint32_t qf[Cfg::kQInRegs ? kMW * kKSteps : 1][4];
+  const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
+  const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+
+  for (int n = 0; n < n_blocks; ++n) {
+    const int stage = n & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if constexpr (Cfg::kQInRegs) {
+      if (n == 0) {
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < kKSteps; ++ks)
+            ldmatrix_x4(qf[mt * kKSteps + ks], a_addr<kS>(sQ, wrow + mt * 16, ks * 16, lane));
+      }
+    }
+    if (n + 1 < n_blocks) {
+      const int nn = (n + 1) * kBN;
+      load_tile_async<T, kBN, kD, kThreads>(sK + (stage ^ 1) * kBN * kS, kg + nn * p.k_row_stride,
+                                            p.k_row_stride, p.sk - nn, d, tid);
+      load_tile_async<T, kBN, kD, kThreads>(sV + (stage ^ 1) * kBN * kS, vg + nn * p.v_row_stride,
+                                            p.v_row_stride, p.sk - nn, d, tid);
+    }
+    cp_async_commit();
+    const T* sKs = sK + stage * kBN * kS;
+    const T* sVs = sV + stage * kBN * kS;
+    const int n0 = n * kBN;
+
+    // S = Q K^T
+    float s[kMW][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[kMW][4];
+#pragma unroll
+      for (int mt = 0; mt < kMW; ++mt) {
+        if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt * kKSteps + ks][i];
+        } else {
+          ldmatrix_x4(a[mt], a_addr<kS>(sQ, wrow + mt * 16, ks * 16, lane));
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bfr[4];
+        ldmatrix_x4(bfr, b_addr_nk<kS>(sKs, np * 16, ks * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt) {
+          mma16816<T>(s[mt][2 * np], a[mt], bfr[0], bfr[1]);
+          mma16816<T>(s[mt][2 * np + 1], a[mt], bfr[2], bfr[3]);
+        }
+      }
+    }
+
+    // Masking only where the tile crosses the key end or the causal diagonal.
+    const bool need_mask =
+        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+    if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int col = n0 + nt * 8 + 2 * t + (c & 1);
+            const int64_t row = row_base + mt * 16 + (c >> 1) * 8;
+            if (col >= p.sk || (kCausal && col > row + p.causal_offset)) s[mt][nt][c] = -INFINITY;
+          }
+    }
+
+    // Online softmax (fp32, exp2 with the log2e-prescaled scale).
+#pragma unroll
+    for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(row_max[mt][r], mx * scale_log2);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exps at 0
+        const float corr = fast_exp2(row_max[mt][r] - m_use);
+        row_max[mt][r] = m_new;
+        row_sum[mt][r] *= corr;
+#pragma unroll
+        for (int i = 0; i < kDT; ++i) {
+          acc_o[mt][i][2 * r] *= corr;
+          acc_o[mt][i][2 * r + 1] *= corr;
+        }
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          s[mt][nt][2 * r] = fast_exp2(fmaf(s[mt][nt][2 * r], scale_log2, -m_use));
+          s[mt][nt][2 * r + 1] = fast_exp2(fmaf(s[mt][nt][2 * r + 1], scale_log2, -m_use));
+          sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
+        row_sum[mt][r] += sum;  // normalizer uses the probabilities before dropout
+      }
+
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = row_base + mt * 16 + r * 8;
+            const int col = n0 + nt * 8 + 2 * t;  // even: both columns share one Philox call
+            const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(bh),
+                                             static_cast<uint32_t>(row), static_cast<uint32_t>(col >> 2));
+            const bool hi = (col & 2) != 0;
+            if ((hi ? dr.z : dr.x) < keep_threshold) s[mt][nt][2 * r] = 0.f;
+            if ((hi ? dr.w : dr.y) < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+          }
+    }
+
+    // O += P V, P repacked from the S accumulators.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t a[kMW][4];
+#pragma unroll
+      for (int mt = 0; mt < kMW; ++mt) {
+        a[mt][0] = MmaType<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = MmaType<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDT / 2; ++dp) {
+        uint32_t bfr[4];
+        ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sVs, kk * 16, dp * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt) {
+          mma16816<T>(acc_o[mt][2 * dp], a[mt], bfr[0], bfr[1]);
+          mma16816<T>(acc_o[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // other threads' cp.async into this warp's sQ rows (n_blocks == 0) have landed
+
+  // Epilogue: normalize, write LSE, stage O through this warp's own sQ rows
+  // (only this warp ever read them) and store 16-byte vectors.
+  const float drop_scale = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+  T* sO = sQ + wrow * kS;
+#pragma unroll
+  for (int mt = 0; mt < kMW; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? drop_scale / l : 0.f;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        acc_o[mt][i][2 * r] *= inv;
+        acc_o[mt][i][2 * r + 1] *= inv;
+      }
+      const int row = row_base + mt * 16 + r * 8;
+      if (t == 0 && row < p.sq) lse[row] = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+    }
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) {
+      *reinterpret_cast<uint32_t*>(sO + (mt * 16 + g) * kS + i * 8 + 2 * t) =
+          MmaType<T>::pack(acc_o[mt][i][0], acc_o[mt][i][1]);
+      *reinterpret_cast<uint32_t*>(sO + (mt * 16 + g + 8) * kS + i * 8 + 2 * t) =
+          MmaType<T>::pack(acc_o[mt][i][2], acc_o[mt][i][3]);
+    }
+  }
+  __syncwarp();
+  T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  constexpr int kChunks = kD / 8;
+  constexpr int kRows = 16 * kMW;
+#pragma unroll
+  for (int i = 0; i < (kRows * kChunks + 31) / 32; ++i) {
+    const int idx = lane + i * 32;
+    if (idx < kRows * kChunks) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      const int row = m0 + wrow + r;
+      if (row < p.sq && c * 8 < d)
+        *reinterpret_cast<uint4*>(og + row * p.o_row_stride + c * 8) =
+            *reinterpret_cast<const uint4*>(sO + r * kS + c * 8);
+    }
+  }
+}
+
+template <typename T, int kD, bool kCausal, bool kDropout>
+void launch_flash_fwd(const FwdParams& p) {
+  using Cfg = FwdConfig<kD>;
+  auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout>;
+  const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
+  if (grid == 0) return;
+  if (Cfg::kSmemBytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, Cfg::kSmemBytes,
+           static_cast<cudaStream_t>(p.stream)>>>(p, num_m_blocks);
+  check_launch("flash_fwd_kernel");
+}
+
+template <typename T, int kD>
+void run_flash_fwd(const FwdParams& p) {
+  const bool dropout = p.dropout_p > 0.f;
+  if (p.causal) {
+    if (dropout) launch_flash_fwd<T, kD, true, true>(p);
+    else launch_flash_fwd<T, kD, true, false>(p);
+  } else {
+    if (dropout) launch_flash_fwd<T, kD, false, true>(p);
+    else launch_flash_fwd<T, kD, false, false>(p);
+  }
+}
+
+}  // namespace orchard::cuda

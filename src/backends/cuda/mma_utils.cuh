@@ -1,0 +1,138 @@
+// Warp-level building blocks for the sm80-class tensor-core kernels
+// (mma.sync m16n8k16, ldmatrix, cp.async). They run unchanged on sm90.
+//
+// Fragment layouts (PTX ISA, "mma.m16n8k16", g = lane / 4, t = lane % 4):
+//   A (16x16, row): reg0 = (g, 2t..2t+1), reg1 = (g+8, 2t..), reg2 = (g, 2t+8..), reg3 = (g+8, 2t+8..)
+//   B (16x8, col):  reg0 = (k 2t..2t+1, n g), reg1 = (k 2t+8.., n g)
+//   C (16x8):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// so two adjacent C tiles (n-tiles 2k, 2k+1) repacked to 16-bit are exactly the
+// A fragment of k-tile k: P never leaves registers between the two GEMMs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <type_traits>
+
+namespace orchard::cuda {
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+  }
+};
+template <>
+struct MmaType<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return __half22float2(*reinterpret_cast<__half2*>(&v));
+  }
+};
+
+// d += a * b, fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// 16-byte async global->shared copy; zero-fills the destination when !pred.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Copies a (kRows x kD) tile (row stride `row_stride` elements) into padded
+// shared memory (row stride kD + 8) with 16-byte cp.async; rows >= rows_valid
+// and 8-element chunks at or past d are zero-filled (d % 8 == 0).
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int rows_valid,
+                                                int d, int tid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kStride = kD + 8;
+  constexpr int kTotal = kRows * kChunks;
+#pragma unroll
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    if (kTotal % kThreads == 0 || idx < kTotal) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      const bool pred = r < rows_valid && c * 8 < d;
+      const T* src = pred ? gmem + r * row_stride + c * 8 : gmem;
+      cp_async16(smem + r * kStride + c * 8, src, pred);
+    }
+  }
+}
+
+// ldmatrix addressing helpers for a padded row-major smem tile `base` (row stride kS).
+// A fragment (16x16 at (r0, c0)), non-transposed.
+template <int kS, typename T>
+__device__ __forceinline__ const T* a_addr(const T* base, int r0, int c0, int lane) {
+  return base + (r0 + (lane % 16)) * kS + c0 + (lane / 16) * 8;
+}
+// B fragments of two n-tiles from storage [n][k] (e.g. K for Q K^T): n0.., k0..
+template <int kS, typename T>
+__device__ __forceinline__ const T* b_addr_nk(const T* base, int n0, int k0, int lane) {
+  return base + (n0 + (lane % 8) + (lane / 16) * 8) * kS + k0 + ((lane / 8) % 2) * 8;
+}
+// B fragments of two n-tiles from storage [k][n] (e.g. V for P V), used with .trans.
+template <int kS, typename T>
+__device__ __forceinline__ const T* b_addr_kn(const T* base, int k0, int n0, int lane) {
+  return base + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + n0 + (lane / 16) * 8;
+}
+// A fragment from storage [k][m] (the transpose is stored), used with .trans.
+template <int kS, typename T>
+__device__ __forceinline__ const T* a_addr_km(const T* base, int m0, int k0, int lane) {
+  return base + (k0 + (lane % 8) + (lane / 16) * 8) * kS + m0 + ((lane / 8) % 2) * 8;
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,598 @@
+// Device correctness + timing harness for the CUDA backend (llm.c style: the
+// reference, the checks and the timing in one file). Talks to the backend
+// through its dispatch table only (orchard::detail::cuda_backend()).
+//
+//   cuda_check            correctness suite (exit 1 on any failure)
+//   cuda_check --small    one small fwd+bwd case (for compute-sanitizer)
+//   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
+//
+// Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
+// where "naive" is the same math with every intermediate (S, P, O, dP, dS) rounded
+// to the input dtype. Outputs are NaN-poisoned before each launch, so any element
+// a kernel forgets to write fails the check.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "orchard/numeric.h"
+#include "orchard/philox.h"
+
+using namespace orchard;
+
+#define CK(x)                                                                                    \
+  do {                                                                                           \
+    cudaError_t e_ = (x);                                                                        \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #x, __FILE__, __LINE__, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+namespace {
+
+const detail::BackendOps* ops = nullptr;
+
+double round_to(DType dt, double x) {
+  const float f = static_cast<float>(x);
+  switch (dt) {
+    case DType::kBFloat16: return bf16_to_float(float_to_bf16(f));
+    case DType::kFloat16: return fp16_to_float(float_to_fp16(f));
+    case DType::kFloat32: return f;
+    default: return x;
+  }
+}
+
+struct Case {
+  const char* name;
+  DType dt;
+  int b, hq, hkv, sq, sk, d;
+  bool causal = false;
+  bool top_left = false;
+  float p = 0.f;
+  bool det = false;
+  bool bhsd = false;
+  bool mask_out = false;
+};
+
+struct Layout {  // element strides for (batch, row, head)
+  int64_t bs, rs, hs;
+};
+Layout make_layout(const Case& c, int s, int h) {
+  if (c.bhsd) return {int64_t(h) * s * c.d, c.d, int64_t(s) * c.d};
+  return {int64_t(s) * h * c.d, int64_t(h) * c.d, c.d};
+}
+
+// Host tensor in logical BSHD, doubles holding dtype-representable values.
+struct HostT {
+  int b, s, h, d;
+  std::vector<double> v;
+  HostT(int b_, int s_, int h_, int d_) : b(b_), s(s_), h(h_), d(d_), v(size_t(b_) * s_ * h_ * d_, 0.0) {}
+  double& at(int bi, int i, int hi, int c) { return v[((size_t(bi) * s + i) * h + hi) * d + c]; }
+  double at(int bi, int i, int hi, int c) const { return v[((size_t(bi) * s + i) * h + hi) * d + c]; }
+};
+
+struct DevT {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  Layout L{};
+};
+
+size_t esize(DType dt) { return dtype_size(dt); }
+
+void put(const HostT& t, DType dt, const Layout& L, std::vector<unsigned char>& buf) {
+  const size_t es = esize(dt);
+  buf.assign(size_t(t.b) * t.s * t.h * t.d * es, 0xFF);
+  for (int bi = 0; bi < t.b; ++bi)
+    for (int i = 0; i < t.s; ++i)
+      for (int hi = 0; hi < t.h; ++hi)
+        for (int c = 0; c < t.d; ++c) {
+          const size_t off = (bi * L.bs + i * L.rs + hi * L.hs + c) * es;
+          const float f = static_cast<float>(t.at(bi, i, hi, c));
+          if (dt == DType::kBFloat16) {
+            uint16_t x = float_to_bf16(f);
+            std::memcpy(&buf[off], &x, 2);
+          } else if (dt == DType::kFloat16) {
+            uint16_t x = float_to_fp16(f);
+            std::memcpy(&buf[off], &x, 2);
+          } else {
+            std::memcpy(&buf[off], &f, 4);
+          }
+        }
+}
+
+HostT get(const std::vector<unsigned char>& buf, DType dt, const Layout& L, int b, int s, int h, int d) {
+  HostT t(b, s, h, d);
+  const size_t es = esize(dt);
+  for (int bi = 0; bi < b; ++bi)
+    for (int i = 0; i < s; ++i)
+      for (int hi = 0; hi < h; ++hi)
+        for (int c = 0; c < d; ++c) {
+          const size_t off = (bi * L.bs + i * L.rs + hi * L.hs + c) * es;
+          if (dt == DType::kFloat32) {
+            float f;
+            std::memcpy(&f, &buf[off], 4);
+            t.at(bi, i, hi, c) = f;
+          } else {
+            uint16_t x;
+            std::memcpy(&x, &buf[off], 2);
+            t.at(bi, i, hi, c) = dt == DType::kBFloat16 ? bf16_to_float(x) : fp16_to_float(x);
+          }
+        }
+  return t;
+}
+
+DevT upload(const HostT& t, DType dt, const Layout& L) {
+  std::vector<unsigned char> buf;
+  put(t, dt, L, buf);
+  DevT dv;
+  dv.bytes = buf.size();
+  dv.L = L;
+  CK(cudaMalloc(&dv.ptr, std::max<size_t>(dv.bytes, 16)));
+  CK(cudaMemcpy(dv.ptr, buf.data(), dv.bytes, cudaMemcpyHostToDevice));
+  return dv;
+}
+DevT alloc_poisoned(size_t bytes, const Layout& L) {
+  DevT dv;
+  dv.bytes = bytes;
+  dv.L = L;
+  CK(cudaMalloc(&dv.ptr, std::max<size_t>(bytes, 16)));
+  CK(cudaMemset(dv.ptr, 0xFF, std::max<size_t>(bytes, 16)));  // NaN in every float format
+  return dv;
+}
+std::vector<unsigned char> download(const DevT& dv) {
+  std::vector<unsigned char> buf(dv.bytes);
+  if (dv.bytes) CK(cudaMemcpy(buf.data(), dv.ptr, dv.bytes, cudaMemcpyDeviceToHost));
+  return buf;
+}
+
+struct RefOut {
+  HostT out, dq, dk, dv;
+  std::vector<double> lse;  // (b, hq, sq)
+  RefOut(const Case& c)
+      : out(c.b, c.sq, c.hq, c.d), dq(c.b, c.sq, c.hq, c.d), dk(c.b, c.sk, c.hkv, c.d), dv(c.b, c.sk, c.hkv, c.d),
+        lse(size_t(c.b) * c.hq * c.sq) {}
+};
+
+// fp64 reference; with `naive`, every intermediate is rounded to c.dt.
+RefOut reference(const Case& c, const HostT& q, const HostT& k, const HostT& v, const HostT& dout,
+                 const std::vector<uint8_t>& keep, bool naive) {
+  RefOut r(c);
+  auto R = [&](double x) { return naive ? round_to(c.dt, x) : x; };
+  const double scale = 1.0 / std::sqrt(double(c.d));
+  const int64_t off = c.top_left ? 0 : int64_t(c.sk) - c.sq;
+  const double rdrop = c.p > 0 ? 1.0 / (1.0 - c.p) : 1.0;
+  const int group = c.hq / c.hkv;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int bi = 0; bi < c.b; ++bi)
+    for (int h = 0; h < c.hq; ++h) {
+      const int hk = h / group;
+      std::vector<double> P(size_t(c.sq) * c.sk), dS(size_t(c.sq) * c.sk);
+      const uint8_t* kp = keep.empty() ? nullptr : &keep[(size_t(bi) * c.hq + h) * c.sq * c.sk];
+      for (int i = 0; i < c.sq; ++i) {
+        double m = -INFINITY;
+        std::vector<double> s(c.sk);
+        for (int j = 0; j < c.sk; ++j) {
+          if (c.causal && j > i + off) {
+            s[j] = -INFINITY;
+            continue;
+          }
+          double acc = 0;
+          for (int e = 0; e < c.d; ++e) acc += q.at(bi, i, h, e) * k.at(bi, j, hk, e);
+          s[j] = R(acc * scale);
+          m = std::max(m, s[j]);
+        }
+        double l = 0;
+        for (int j = 0; j < c.sk; ++j) l += s[j] == -INFINITY ? 0.0 : std::exp(s[j] - m);
+        r.lse[(size_t(bi) * c.hq + h) * c.sq + i] = l > 0 ? m + std::log(l) : -INFINITY;
+        for (int j = 0; j < c.sk; ++j) P[size_t(i) * c.sk + j] = (l > 0 && s[j] != -INFINITY) ? R(std::exp(s[j] - m) / l) : 0.0;
+        for (int e = 0; e < c.d; ++e) {
+          double acc = 0;
+          for (int j = 0; j < c.sk; ++j) {
+            const double kd = kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0;
+            acc += P[size_t(i) * c.sk + j] * kd * v.at(bi, j, hk, e);
+          }
+          r.out.at(bi, i, h, e) = R(acc);
+        }
+        double D = 0;
+        for (int e = 0; e < c.d; ++e) D += dout.at(bi, i, h, e) * r.out.at(bi, i, h, e);
+        for (int j = 0; j < c.sk; ++j) {
+          double dp = 0;
+          for (int e = 0; e < c.d; ++e) dp += dout.at(bi, i, h, e) * v.at(bi, j, hk, e);
+          const double kd = kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0;
+          dp = R(dp) * kd;
+          dS[size_t(i) * c.sk + j] = R(P[size_t(i) * c.sk + j] * (dp - D));
+        }
+        for (int e = 0; e < c.d; ++e) {
+          double acc = 0;
+          for (int j = 0; j < c.sk; ++j) acc += dS[size_t(i) * c.sk + j] * k.at(bi, j, hk, e);
+          r.dq.at(bi, i, h, e) = R(acc * scale);
+        }
+      }
+      // dK, dV contributions of this q head (summed over the group below).
+      for (int j = 0; j < c.sk; ++j)
+        for (int e = 0; e < c.d; ++e) {
+          double ak = 0, av = 0;
+          for (int i = 0; i < c.sq; ++i) {
+            const double kd = kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0;
+            ak += dS[size_t(i) * c.sk + j] * q.at(bi, i, h, e);
+            av += P[size_t(i) * c.sk + j] * kd * dout.at(bi, i, h, e);
+          }
+#pragma omp atomic
+          r.dk.at(bi, j, hk, e) += ak * scale;
+#pragma omp atomic
+          r.dv.at(bi, j, hk, e) += av;
+        }
+    }
+  if (naive)
+    for (auto* t : {&r.dk, &r.dv})
+      for (auto& x : t->v) x = R(x);
+  return r;
+}
+
+struct Err {
+  double max_abs = 0;
+  bool nan = false;
+};
+Err compare(const std::vector<double>& a, const std::vector<double>& ref) {
+  Err e;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i])) {
+      e.nan = true;
+      continue;
+    }
+    if (std::isinf(ref[i]) || std::isinf(a[i])) {
+      if (a[i] != ref[i]) e.max_abs = INFINITY;
+      continue;
+    }
+    e.max_abs = std::max(e.max_abs, std::fabs(a[i] - ref[i]));
+  }
+  return e;
+}
+double max_abs(const std::vector<double>& a) {
+  double m = 0;
+  for (double x : a)
+    if (std::isfinite(x)) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+int g_failures = 0;
+
+bool check(const Case& c, const char* what, const std::vector<double>& got, const std::vector<double>& ref,
+           const std::vector<double>& naive) {
+  const Err ek = compare(got, ref), en = compare(naive, ref);
+  const double atol_rel = c.dt == DType::kFloat32 ? 2e-5 : (c.dt == DType::kFloat16 ? 5e-4 : 2e-3);
+  const double atol = atol_rel * std::max(1.0, max_abs(ref));
+  const double tol = 2 * en.max_abs + atol;
+  const bool ok = !ek.nan && ek.max_abs <= tol;
+  std::printf("    %-4s err %.3e  naive %.3e  tol %.3e %s%s\n", what, ek.max_abs, en.max_abs, tol, ek.nan ? "NaN " : "",
+              ok ? "ok" : "FAIL");
+  return ok;
+}
+
+void fill_params(FwdParams& p, const Case& c, const DevT& q, const DevT& k, const DevT& v, const DevT& o,
+                 void* lse) {
+  p.q = q.ptr;
+  p.k = k.ptr;
+  p.v = v.ptr;
+  p.out = o.ptr;
+  p.lse = lse;
+  p.q_batch_stride = q.L.bs, p.q_row_stride = q.L.rs, p.q_head_stride = q.L.hs;
+  p.k_batch_stride = k.L.bs, p.k_row_stride = k.L.rs, p.k_head_stride = k.L.hs;
+  p.v_batch_stride = v.L.bs, p.v_row_stride = v.L.rs, p.v_head_stride = v.L.hs;
+  p.o_batch_stride = o.L.bs, p.o_row_stride = o.L.rs, p.o_head_stride = o.L.hs;
+  p.lse_batch_stride = int64_t(c.hq) * c.sq;
+  p.lse_head_stride = c.sq;
+  p.b = c.b, p.sq = c.sq, p.sk = c.sk, p.hq = c.hq, p.hkv = c.hkv, p.d = c.d;
+  p.scale = 1.0f / std::sqrt(float(c.d));
+  p.causal = c.causal;
+  p.causal_offset = c.top_left ? 0 : int64_t(c.sk) - c.sq;
+  p.dropout_p = c.p;
+  p.seed = 0x1234567887654321ull;
+  p.offset = 42;
+  p.dtype = c.dt;
+  p.stream = nullptr;
+}
+
+bool run_case(const Case& c, std::mt19937& rng) {
+  std::printf("[%s] %s b%d hq%d hkv%d sq%d sk%d d%d%s%s p%.2f%s%s\n", c.name, dtype_name(c.dt), c.b, c.hq, c.hkv,
+              c.sq, c.sk, c.d, c.causal ? (c.top_left ? " causal-TL" : " causal-BR") : "", c.bhsd ? " bhsd" : "",
+              c.p, c.det ? " det" : "", c.mask_out ? " mask" : "");
+  std::fflush(stdout);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  auto randt = [&](int s, int h) {
+    HostT t(c.b, s, h, c.d);
+    for (auto& x : t.v) x = round_to(c.dt, nd(rng));
+    return t;
+  };
+  HostT q = randt(c.sq, c.hq), k = randt(c.sk, c.hkv), v = randt(c.sk, c.hkv), dout = randt(c.sq, c.hq);
+  const Layout Lq = make_layout(c, c.sq, c.hq), Lk = make_layout(c, c.sk, c.hkv);
+  DevT dq_ = upload(q, c.dt, Lq), dk_ = upload(k, c.dt, Lk), dv_ = upload(v, c.dt, Lk), ddo = upload(dout, c.dt, Lq);
+  const size_t es = esize(c.dt);
+  DevT dout_o = alloc_poisoned(size_t(c.b) * c.sq * c.hq * c.d * es, Lq);
+  const size_t nl = size_t(c.b) * c.hq * c.sq;
+  DevT dlse = alloc_poisoned(nl * 4, {});
+  DevT dmask = alloc_poisoned(size_t(c.b) * c.hq * c.sq * c.sk, {});
+
+  BwdParams p;
+  fill_params(p, c, dq_, dk_, dv_, dout_o, dlse.ptr);
+  if (c.mask_out) p.dropout_mask = static_cast<uint8_t*>(dmask.ptr);
+  bool ok = true;
+  const std::string why = ops->check_support(p);
+  if (!why.empty()) {
+    std::printf("    unsupported: %s\n", why.c_str());
+    return false;
+  }
+  ops->forward(p);
+  CK(cudaDeviceSynchronize());
+
+  // CPU keep mask (the definition) for the reference.
+  std::vector<uint8_t> keep;
+  if (c.p > 0) {
+    keep.resize(size_t(c.b) * c.hq * c.sq * c.sk);
+    const uint32_t thr = dropout_keep_threshold(c.p);
+    for (int bi = 0; bi < c.b; ++bi)
+      for (int h = 0; h < c.hq; ++h)
+        for (int i = 0; i < c.sq; ++i)
+          for (int j = 0; j < c.sk; ++j)
+            keep[((size_t(bi) * c.hq + h) * c.sq + i) * c.sk + j] =
+                dropout_keep(p.seed, p.offset, uint32_t(bi * c.hq + h), i, j, thr);
+    if (c.mask_out) {
+      std::vector<unsigned char> m = download(dmask);
+      const bool same = std::memcmp(m.data(), keep.data(), keep.size()) == 0;
+      size_t kept = 0;
+      for (auto x : keep) kept += x;
+      const double frac = 1.0 - double(kept) / keep.size();
+      std::printf("    mask %s (dropped %.4f vs p %.2f)\n", same ? "identical to CPU philox" : "MISMATCH", frac, c.p);
+      ok &= same && std::fabs(frac - c.p) < 0.01 + 3.0 / std::sqrt(double(keep.size()));
+    }
+  }
+
+  const RefOut ref = reference(c, q, k, v, dout, keep, false);
+  const RefOut nai = reference(c, q, k, v, dout, keep, true);
+  HostT out = get(download(dout_o), c.dt, Lq, c.b, c.sq, c.hq, c.d);
+  std::vector<double> lse(nl);
+  {
+    std::vector<unsigned char> lb = download(dlse);
+    for (size_t i = 0; i < nl; ++i) {
+      float f;
+      std::memcpy(&f, &lb[i * 4], 4);
+      lse[i] = f;
+    }
+  }
+  ok &= check(c, "out", out.v, ref.out.v, nai.out.v);
+  ok &= check(c, "lse", lse, ref.lse, nai.lse);
+
+  // Backward (uses the kernel's own out / lse, like training does).
+  const size_t ws_bytes = ops->backward_workspace_bytes(p);
+  void* ws = nullptr;
+  CK(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 256)));
+  CK(cudaMemset(ws, 0xFF, std::max<size_t>(ws_bytes, 256)));
+  DevT gq = alloc_poisoned(dq_.bytes, Lq), gk = alloc_poisoned(dk_.bytes, Lk), gv = alloc_poisoned(dv_.bytes, Lk);
+  p.dout = ddo.ptr;
+  p.do_batch_stride = Lq.bs, p.do_row_stride = Lq.rs, p.do_head_stride = Lq.hs;
+  p.dq = gq.ptr, p.dk = gk.ptr, p.dv = gv.ptr;
+  p.dq_batch_stride = Lq.bs, p.dq_row_stride = Lq.rs, p.dq_head_stride = Lq.hs;
+  p.dk_batch_stride = Lk.bs, p.dk_row_stride = Lk.rs, p.dk_head_stride = Lk.hs;
+  p.dv_batch_stride = Lk.bs, p.dv_row_stride = Lk.rs, p.dv_head_stride = Lk.hs;
+  p.workspace = ws;
+  p.workspace_bytes = ws_bytes;
+  p.deterministic = c.det;
+  p.dropout_mask = nullptr;
+  ops->backward(p);
+  CK(cudaDeviceSynchronize());
+  auto gq1 = download(gq), gk1 = download(gk), gv1 = download(gv);
+  HostT hq_ = get(gq1, c.dt, Lq, c.b, c.sq, c.hq, c.d), hk_ = get(gk1, c.dt, Lk, c.b, c.sk, c.hkv, c.d),
+        hv_ = get(gv1, c.dt, Lk, c.b, c.sk, c.hkv, c.d);
+  ok &= check(c, "dq", hq_.v, ref.dq.v, nai.dq.v);
+  ok &= check(c, "dk", hk_.v, ref.dk.v, nai.dk.v);
+  ok &= check(c, "dv", hv_.v, ref.dv.v, nai.dv.v);
+  if (c.det) {  // bitwise over reruns (poison again first)
+    bool same = true;
+    for (int rep = 0; rep < 3; ++rep) {
+      CK(cudaMemset(gq.ptr, 0xFF, gq.bytes));
+      CK(cudaMemset(gk.ptr, 0xFF, gk.bytes));
+      CK(cudaMemset(gv.ptr, 0xFF, gv.bytes));
+      ops->backward(p);
+      CK(cudaDeviceSynchronize());
+      same &= download(gq) == gq1 && download(gk) == gk1 && download(gv) == gv1;
+    }
+    std::printf("    deterministic reruns bitwise %s\n", same ? "identical" : "DIFFERENT");
+    ok &= same;
+  }
+  for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &gq, &gk, &gv}) CK(cudaFree(t->ptr));
+  CK(cudaFree(ws));
+  std::printf("    => %s\n", ok ? "PASS" : "FAIL");
+  if (!ok) ++g_failures;
+  return ok;
+}
+
+std::vector<Case> suite() {
+  const DType BF = DType::kBFloat16, FP = DType::kFloat16, F32 = DType::kFloat32;
+  std::vector<Case> v;
+  v.push_back({"basic", BF, 1, 2, 2, 128, 128, 64});
+  v.push_back({"odd", BF, 2, 4, 4, 113, 203, 64});
+  v.push_back({"odd-causal", BF, 2, 4, 4, 113, 203, 64, true});
+  v.push_back({"sq>sk-causal-BR", BF, 2, 3, 3, 203, 113, 128, true});
+  v.push_back({"sq>sk-causal-TL", BF, 2, 3, 3, 203, 113, 128, true, true});
+  v.push_back({"sq<sk-causal-TL", FP, 1, 3, 3, 77, 190, 64, true, true});
+  const int ds[] = {32, 40, 64, 80, 96, 128, 160, 192, 256};
+  bool causal = false;
+  for (int d : ds) {
+    v.push_back({"dsweep", BF, 1, 2, 2, 97, 131, d, causal});
+    causal = !causal;
+  }
+  for (int d : {64, 128, 256}) v.push_back({"fp16", FP, 2, 2, 2, 150, 150, d, true});
+  v.push_back({"fp16-d72", FP, 1, 2, 2, 65, 300, 72});
+  v.push_back({"gqa", BF, 2, 8, 2, 150, 150, 64, true});
+  v.push_back({"mqa", BF, 1, 4, 1, 64, 300, 128});
+  v.push_back({"gqa-d256", BF, 1, 4, 2, 70, 90, 256, true});
+  v.push_back({"b8", BF, 8, 2, 2, 64, 64, 32});
+  v.push_back({"bhsd", BF, 2, 2, 2, 100, 120, 64, true, false, 0.f, false, true});
+  {
+    Case c{"dropout", BF, 2, 3, 3, 100, 140, 64};
+    c.p = 0.17f;
+    c.mask_out = true;
+    v.push_back(c);
+    c.causal = true;
+    c.d = 128;
+    v.push_back(c);
+    c.d = 192;
+    c.dt = FP;
+    v.push_back(c);
+    c.dt = F32;
+    c.d = 64;
+    v.push_back(c);
+    c = Case{"dropout-frac", BF, 1, 4, 4, 256, 512, 32};
+    c.p = 0.3f;
+    c.mask_out = true;
+    v.push_back(c);
+  }
+  v.push_back({"fp32", F32, 1, 2, 2, 77, 91, 64, true});
+  v.push_back({"fp32-d256", F32, 1, 2, 1, 40, 50, 256});
+  v.push_back({"fp32-gqa", F32, 2, 4, 2, 33, 65, 40, true});
+  {
+    Case c{"det", BF, 2, 4, 2, 256, 256, 128, true};
+    c.det = true;
+    v.push_back(c);
+    c.d = 256;
+    c.sq = c.sk = 130;
+    v.push_back(c);
+    c.d = 64;
+    c.p = 0.1f;
+    c.causal = false;
+    v.push_back(c);
+    c.dt = FP;
+    c.d = 96;
+    c.p = 0.f;
+    v.push_back(c);
+  }
+  v.push_back({"sk0", BF, 1, 2, 2, 16, 0, 64});
+  v.push_back({"long", BF, 1, 2, 2, 1024, 1024, 128, true});
+  return v;
+}
+
+// ---- timing ----------------------------------------------------------------
+template <typename F>
+float median_ms(F&& f, int iters) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) f();
+  std::vector<float> t;
+  for (int i = 0; i < iters; ++i) {
+    CK(cudaEventRecord(a));
+    f();
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  return t[t.size() / 2];
+}
+
+void bench() {
+  std::printf("\nbf16, b*s = 16384 tokens, h = 2048/d; TFLOP/s (fwd 4bhs^2d, /2 causal, bwd x2.5), median of 20\n");
+  std::printf("%5s %6s %3s %7s | %8s %8s %8s | %s\n", "d", "s", "b", "causal", "fwd", "bwd", "bwd-det", "ms fwd/bwd");
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int d : {64, 128})
+    for (int causal = 0; causal < 2; ++causal)
+      for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
+        const int b = 16384 / s, h = 2048 / d;
+        const size_t n = size_t(b) * s * h * d;
+        std::vector<uint16_t> hbuf(n);
+        for (auto& x : hbuf) x = float_to_bf16(nd(rng));
+        void *q, *k, *v, *o, *lse, *dO, *dq, *dk, *dv, *ws;
+        for (void** pp : {&q, &k, &v, &o, &dO, &dq, &dk, &dv}) {
+          CK(cudaMalloc(pp, n * 2));
+          CK(cudaMemcpy(*pp, hbuf.data(), n * 2, cudaMemcpyHostToDevice));
+        }
+        CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
+        Case c{"bench", DType::kBFloat16, b, h, h, s, s, d, causal != 0};
+        DevT Q{q, 0, make_layout(c, s, h)}, K{k, 0, make_layout(c, s, h)}, V{v, 0, make_layout(c, s, h)},
+            O{o, 0, make_layout(c, s, h)};
+        BwdParams p;
+        fill_params(p, c, Q, K, V, O, lse);
+        const size_t wsb = ops->backward_workspace_bytes(p);
+        CK(cudaMalloc(&ws, wsb));
+        p.dout = dO;
+        p.do_batch_stride = Q.L.bs, p.do_row_stride = Q.L.rs, p.do_head_stride = Q.L.hs;
+        p.dq = dq, p.dk = dk, p.dv = dv;
+        p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = Q.L.bs;
+        p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = Q.L.rs;
+        p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = Q.L.hs;
+        p.workspace = ws;
+        p.workspace_bytes = wsb;
+        const double flops = 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
+        const float tf = median_ms([&] { ops->forward(p); }, 20);
+        ops->forward(p);  // real out / lse for the backward
+        p.deterministic = false;
+        const float tb = median_ms([&] { ops->backward(p); }, 20);
+        float tbd = 0;
+        if (s == 2048 || s == 8192) {
+          p.deterministic = true;
+          tbd = median_ms([&] { ops->backward(p); }, 10);
+        }
+        CK(cudaGetLastError());
+        std::printf("%5d %6d %3d %7s | %8.1f %8.1f %8.1f | %.3f/%.3f\n", d, s, b, causal ? "yes" : "no",
+                    flops / tf / 1e9, 2.5 * flops / tb / 1e9, tbd > 0 ? 2.5 * flops / tbd / 1e9 : 0.0, tf, tb);
+        std::fflush(stdout);
+        for (void* ptr : {q, k, v, o, lse, dO, dq, dk, dv, ws}) CK(cudaFree(ptr));
+      }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ops = detail::cuda_backend();
+  if (!ops) {
+    std::printf("no CUDA backend\n");
+    return 1;
+  }
+  const std::string mode = argc > 1 ? argv[1] : "";
+  std::mt19937 rng(1234);
+  if (mode == "--small") {
+    Case c{"small", DType::kBFloat16, 1, 2, 1, 70, 90, 64, true};
+    run_case(c, rng);
+    Case c2{"small-det-drop", DType::kFloat16, 1, 2, 2, 40, 33, 160};
+    c2.det = true;
+    c2.p = 0.2f;
+    run_case(c2, rng);
+    return g_failures ? 1 : 0;
+  }
+  if (mode == "--bench") {
+    bench();
+    return 0;
+  }
+  // check_support reasons
+  {
+    FwdParams p;
+    p.dtype = DType::kFloat64;
+    p.d = 64;
+    std::printf("check_support(fp64): %s\n", ops->check_support(p).c_str());
+    p.dtype = DType::kBFloat16;
+    p.d = 36;
+    std::printf("check_support(d=36): %s\n", ops->check_support(p).c_str());
+    p.d = 264;
+    std::printf("check_support(d=264): %s\n", ops->check_support(p).c_str());
+  }
+  int n = 0;
+  for (const Case& c : suite()) {
+    run_case(c, rng);
+    ++n;
+  }
+  std::printf("\n%d/%d cases passed\n", n - g_failures, n);
+  return g_failures ? 1 : 0;
+}
