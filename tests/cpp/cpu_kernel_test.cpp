@@ -352,6 +352,30 @@ TEST(CpuKernel, BackwardIsDeterministic) {
   }
 }
 
+#ifdef ORCHARD_WITH_OPENMP
+// Tasks never share accumulators, so the thread count cannot change a bit.
+TEST(CpuKernel, ResultsIndependentOfThreadCount) {
+  Case c{2, 100, 130, 4, 2, 40};
+  c.causal = Causal::kBottomRight;
+  c.dropout = 0.1f;
+  KernelRun r(c);
+  const int saved = omp_get_max_threads();
+  std::vector<unsigned char> ref[4];
+  for (int threads : {1, 3}) {
+    omp_set_num_threads(threads);
+    r.out.poison(); r.dq.poison(); r.dk.poison(); r.dv.poison();
+    cpu().forward(r.fwd_params());
+    cpu().backward(r.bwd_params());
+    const std::vector<unsigned char>* now[4] = {&r.out.bytes, &r.dq.bytes, &r.dk.bytes, &r.dv.bytes};
+    for (int t = 0; t < 4; ++t) {
+      if (threads == 1) ref[t] = *now[t];
+      else EXPECT_EQ(*now[t], ref[t]) << "tensor " << t;
+    }
+  }
+  omp_set_num_threads(saved);
+}
+#endif
+
 TEST(CpuKernel, MultiChunkStagingMatchesSingleChunk) {
   // Force one (batch, kv head) pair per staging chunk.
   const std::size_t saved = cpu::g_stage_budget_bytes;

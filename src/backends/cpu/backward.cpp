@@ -14,7 +14,9 @@
 #include <limits>
 #include <vector>
 
+#include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
+#include "orchard/philox.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/softmax_tile.h"
@@ -37,14 +39,13 @@ struct PairStage {
 
 template <class T>
 struct BwdScratch {
-  std::vector<T> s, dp_, st, dst, acc0, acc1, orow;
+  std::vector<T> s, dp_, acc0, acc1;
   std::vector<int> nv;
   std::vector<std::uint8_t> keep;
   BwdScratch(int dp)
       : s(std::size_t(kBlockM) * kBlockN), dp_(std::size_t(kBlockM) * kBlockN),
-        st(std::size_t(kBlockM) * kBlockN), dst(std::size_t(kBlockM) * kBlockN),
         acc0(std::size_t(std::max(kBlockM, kBlockN)) * dp),
-        acc1(std::size_t(std::max(kBlockM, kBlockN)) * dp), orow(dp), nv(kBlockM),
+        acc1(std::size_t(std::max(kBlockM, kBlockN)) * dp), nv(kBlockM),
         keep(std::size_t(kBlockM) * kBlockN) {}
 };
 
@@ -85,12 +86,6 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
                 st.dsum + ro, keep, rp);
 }
 
-template <class T>
-void transpose(const T* src, int rows, int cols, T* dst) {  // src rows x cols -> dst cols x rows
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) dst[std::int64_t(c) * rows + r] = src[std::int64_t(r) * cols + c];
-}
-
 // Pass 1: dK, dV of kv head `kh`, columns [j0, j0 + kBlockN).
 template <class T>
 void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int kh,
@@ -108,11 +103,10 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
     for (std::int64_t i0 = row_start; i0 < p.sq; i0 += kBlockM) {
       const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, p.sq - i0));
       recompute_tile(p, geo, st, bi, h, gi, i0, rows, j0, w);
-      transpose(w.s.data(), rows, kBlockN, w.st.data());
-      transpose(w.dp_.data(), rows, kBlockN, w.dst.data());
       const std::int64_t ro = std::int64_t(gi) * p.sq + i0;
-      gemm(kBlockN, dp, rows, w.st.data(), rows, st.dout + ro * dp, dp, dv, dp, true);
-      gemm(kBlockN, dp, rows, w.dst.data(), rows, st.q + ro * dp, dp, dk, dp, true);
+      // The tiles are rows x kBlockN; read them as their transposes.
+      gemm_tn(kBlockN, dp, rows, w.s.data(), kBlockN, st.dout + ro * dp, dp, dv, dp, true);
+      gemm_tn(kBlockN, dp, rows, w.dp_.data(), kBlockN, st.q + ro * dp, dp, dk, dp, true);
     }
   }
   const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));

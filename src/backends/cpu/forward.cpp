@@ -12,7 +12,9 @@
 #include <limits>
 #include <vector>
 
+#include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
+#include "orchard/philox.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/softmax_tile.h"

@@ -9,7 +9,9 @@
 namespace orchard::cpu {
 namespace {
 
-template <class T, int MR>
+// kTransA: a is stored K x M (element (r, kk) at a[kk * lda + r]), so
+// C += A^T-stored products need no explicit transpose of the tile.
+template <class T, int MR, bool kTransA>
 ORCHARD_ALWAYS_INLINE void micro(int k, const T* a, std::int64_t lda, const T* b, std::int64_t ldb,
                                  T* c, std::int64_t ldc, bool accumulate) {
   using V = typename Vec<T>::type;
@@ -30,7 +32,7 @@ ORCHARD_ALWAYS_INLINE void micro(int k, const T* a, std::int64_t lda, const T* b
     const V b1 = vload<V>(b + kk * ldb + L);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const T av = a[r * lda + kk];
+      const T av = kTransA ? a[kk * lda + r] : a[r * lda + kk];
       c0[r] += av * b0;
       c1[r] += av * b1;
     }
@@ -42,7 +44,7 @@ ORCHARD_ALWAYS_INLINE void micro(int k, const T* a, std::int64_t lda, const T* b
   }
 }
 
-template <class T>
+template <class T, bool kTransA>
 ORCHARD_ALWAYS_INLINE void gemm_body(int m, int n, int k, const T* a, std::int64_t lda, const T* b,
                                      std::int64_t ldb, T* c, std::int64_t ldc, bool accumulate) {
   constexpr int NR = 2 * Vec<T>::kLanes;
@@ -50,15 +52,16 @@ ORCHARD_ALWAYS_INLINE void gemm_body(int m, int n, int k, const T* a, std::int64
   for (int j = 0; j < n; j += NR) {
     int i = 0;
     for (; i + MR <= m; i += MR)
-      micro<T, MR>(k, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
-    const T* ai = a + i * lda;
+      micro<T, MR, kTransA>(k, kTransA ? a + i : a + i * lda, lda, b + j, ldb, c + i * ldc + j,
+                            ldc, accumulate);
+    const T* ai = kTransA ? a + i : a + i * lda;
     T* ci = c + i * ldc + j;
     switch (m - i) {
-      case 5: micro<T, 5>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 4: micro<T, 4>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 3: micro<T, 3>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 2: micro<T, 2>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 1: micro<T, 1>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
+      case 5: micro<T, 5, kTransA>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
+      case 4: micro<T, 4, kTransA>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
+      case 3: micro<T, 3, kTransA>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
+      case 2: micro<T, 2, kTransA>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
+      case 1: micro<T, 1, kTransA>(k, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
       default: break;
     }
   }
@@ -69,13 +72,25 @@ ORCHARD_ALWAYS_INLINE void gemm_body(int m, int n, int k, const T* a, std::int64
 ORCHARD_CPU_CLONES
 void gemm(int m, int n, int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
           float* c, std::int64_t ldc, bool accumulate) {
-  gemm_body<float>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  gemm_body<float, false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+ORCHARD_CPU_CLONES
+void gemm_tn(int m, int n, int k, const float* a, std::int64_t lda, const float* b,
+             std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  gemm_body<float, true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 ORCHARD_CPU_CLONES
 void gemm(int m, int n, int k, const double* a, std::int64_t lda, const double* b,
           std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate) {
-  gemm_body<double>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  gemm_body<double, false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+ORCHARD_CPU_CLONES
+void gemm_tn(int m, int n, int k, const double* a, std::int64_t lda, const double* b,
+             std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate) {
+  gemm_body<double, true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace orchard::cpu

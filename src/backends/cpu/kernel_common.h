@@ -1,12 +1,11 @@
-// Shared pieces of the CPU forward and backward kernels: tile sizes,
-// OpenMP helpers and dropout-mask generation.
+// Shared pieces of the CPU forward and backward kernels: tile sizes and
+// OpenMP helpers.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
-#include "orchard/philox.h"
 
 #ifdef ORCHARD_WITH_OPENMP
 #include <omp.h>
@@ -17,10 +16,15 @@
 
 namespace orchard::cpu {
 
-// Tile sizes (rows of Q per task x columns of K per inner step). Measured on
-// the 2-core AVX2 dev box (EPYC, fp32 fwd, b1 h8 s1024 d64) — see
-// bench/cpu_bench.cpp; the numbers are recorded next to kBlockM/kBlockN in
-// forward.cpp's header comment.
+// Tile sizes: kBlockM query rows per task x kBlockN key columns per step.
+// Measured on the 2-core AVX2 dev box (AMD EPYC, 2.45 GHz), fp32, b1 h8
+// s1024 d64, one thread, CPU time (min of 4 runs; the box was shared, so
+// differences under ~5% are noise). fwd / bwd ms:
+//   32x64 38.7 / 137   64x32 38.7 / 128   64x64 36.0 / 116
+//   96x64 37.0 / 120   64x128 37.2 / 121  128x64 35.2 / 118
+// 64x64 is as good as any and keeps the per-thread scratch (S, dP tiles +
+// 64 x d accumulators) inside L1/L2 up to d = 256. Override with
+// -DORCHARD_CPU_BLOCK_M=... / -DORCHARD_CPU_BLOCK_N=... (N a multiple of 16).
 #ifndef ORCHARD_CPU_BLOCK_M
 #define ORCHARD_CPU_BLOCK_M 64
 #endif
@@ -63,21 +67,6 @@ inline std::int64_t visible_col_end(std::int64_t i0, int rows, int sk, bool caus
                                     std::int64_t causal_offset) {
   if (!causal) return sk;
   return std::clamp<std::int64_t>(i0 + rows - 1 + causal_offset + 1, 0, sk);
-}
-
-// keep[t] = 1 if element (batch_head, row, j0 + t) survives dropout, t < n.
-// j0 % 4 == 0, so each Philox call yields four consecutive columns.
-inline void dropout_keep_row(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
-                             std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
-                             std::uint8_t* keep) {
-  for (int t = 0; t < n; t += 4) {
-    const Philox4 r = dropout_draws(seed, offset, batch_head, row,
-                                    static_cast<std::uint32_t>((j0 + t) >> 2));
-    keep[t] = r.x >= threshold;
-    if (t + 1 < n) keep[t + 1] = r.y >= threshold;
-    if (t + 2 < n) keep[t + 2] = r.z >= threshold;
-    if (t + 3 < n) keep[t + 3] = r.w >= threshold;
-  }
 }
 
 }  // namespace orchard::cpu
