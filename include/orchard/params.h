@@ -40,7 +40,11 @@ struct FwdParams {
   int hkv = 0;  // key/value heads; hq % hkv == 0 (GQA/MQA)
   int d = 0;    // head dim (q, k and v share it)
 
-  float scale = 1.0f;  // softmax scale (1/sqrt(d) by default)
+  float scale = 1.0f;  // softmax scale (1/sqrt(d) by default), rounded to float
+  // The same scale and dropout probability unrounded, for float64 compute
+  // (so float64 results, e.g. under gradcheck, carry no float32 rounding).
+  double scale_f64 = 1.0;
+  double dropout_p_f64 = 0.0;
 
   // Causal masking: row i may attend to column j iff j <= i + causal_offset.
   // Bottom-right alignment (flash-attn) uses causal_offset = sk - sq;

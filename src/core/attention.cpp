@@ -45,7 +45,9 @@ void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o)
   p.hkv = static_cast<int>(s.hkv);
   p.d = static_cast<int>(s.d);
   p.dtype = s.dtype;
-  p.scale = static_cast<float>(o.softmax_scale ? *o.softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.d)));
+  p.scale_f64 = o.softmax_scale ? *o.softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.d));
+  p.scale = static_cast<float>(p.scale_f64);
+  p.dropout_p_f64 = o.dropout_p;
   p.causal = o.causal;
   p.causal_offset = o.causal && o.causal_align == CausalAlign::kBottomRight ? s.sk - s.sq : 0;
   p.dropout_p = static_cast<float>(o.dropout_p);

@@ -116,9 +116,11 @@ struct KernelRun {
     p.lse_batch_stride = lse_batch_stride; p.lse_head_stride = lse_head_stride;
     p.b = c.b; p.sq = c.sq; p.sk = c.sk; p.hq = c.hq; p.hkv = c.hkv; p.d = c.d;
     p.scale = static_cast<float>(prob.scale);
+    p.scale_f64 = prob.scale;  // already float-rounded: the reference uses the same value
     p.causal = prob.causal;
     p.causal_offset = prob.causal_offset;
     p.dropout_p = c.dropout;
+    p.dropout_p_f64 = static_cast<float>(c.dropout);
     p.seed = prob.seed; p.offset = prob.offset;
     p.dtype = c.dt;
     if (c.dropout > 0) {

@@ -60,7 +60,7 @@ template <class T>
 void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int h,
                     int gi, std::int64_t i0, int rows, std::int64_t j0, BwdScratch<T>& w) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
-  const T c = static_cast<T>(p.scale) * kLog2e;
+  const T c = softmax_scale<T>(p) * kLog2e;
   const T* qb = st.q + (std::int64_t(gi) * p.sq + i0) * geo.dp;
   const T* dob = st.dout + (std::int64_t(gi) * p.sq + i0) * geo.dp;
   gemm(rows, kBlockN, geo.dp, qb, geo.dp, st.kt + j0 * geo.dp, kBlockN, w.s.data(), kBlockN, false);
@@ -79,7 +79,7 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
       std::fill(kr + ncols, kr + kBlockN, std::uint8_t(0));
     }
     keep = w.keep.data();
-    rp = T(1) / (T(1) - static_cast<T>(p.dropout_p));
+    rp = T(1) / (T(1) - dropout_prob<T>(p));
   }
   const std::int64_t ro = std::int64_t(gi) * p.sq + i0;
   backward_tile(w.s.data(), w.dp_.data(), rows, kBlockN, w.nv.data(), c, st.lse2 + ro,
@@ -110,7 +110,7 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
     }
   }
   const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
-  const T scale = static_cast<T>(p.scale);
+  const T scale = softmax_scale<T>(p);
   for (int c = 0; c < ncols; ++c) {
     const std::int64_t j = j0 + c;
     store_row(dk + std::int64_t(c) * dp, scale, geo.d, p.dtype, p.dk,
@@ -133,7 +133,7 @@ void dq_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, i
     recompute_tile(p, geo, st, bi, h, gi, i0, rows, j0, w);
     gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq, dp, true);
   }
-  const T scale = static_cast<T>(p.scale);
+  const T scale = softmax_scale<T>(p);
   for (int r = 0; r < rows; ++r)
     store_row(dq + std::int64_t(r) * dp, scale, geo.d, p.dtype, p.dq,
               bi * p.dq_batch_stride + (i0 + r) * p.dq_row_stride + h * p.dq_head_stride);

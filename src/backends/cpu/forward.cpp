@@ -40,10 +40,10 @@ void forward_block(const FwdParams& p, int dp, const T* kt, const T* v, int bi,
   constexpr T kLn2 = T(0.6931471805599453094172321214581766);
   const T ninf = -std::numeric_limits<T>::infinity();
   const int d = p.d;
-  const T c = static_cast<T>(p.scale) * kLog2e;
+  const T c = softmax_scale<T>(p) * kLog2e;
   const bool dropout = p.dropout_p > 0.0f;
   const std::uint32_t threshold = dropout_keep_threshold(p.dropout_p);
-  const T rp = dropout ? T(1) / (T(1) - static_cast<T>(p.dropout_p)) : T(1);
+  const T rp = dropout ? T(1) / (T(1) - dropout_prob<T>(p)) : T(1);
   const auto batch_head = static_cast<std::uint32_t>(std::int64_t(bi) * p.hq + h);
 
   load_rows(p.q, p.dtype, bi * p.q_batch_stride + i0 * p.q_row_stride + h * p.q_head_stride,

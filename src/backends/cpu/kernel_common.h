@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "orchard/params.h"
+
 
 #ifdef ORCHARD_WITH_OPENMP
 #include <omp.h>
@@ -67,6 +69,17 @@ inline std::int64_t visible_col_end(std::int64_t i0, int rows, int sk, bool caus
                                     std::int64_t causal_offset) {
   if (!causal) return sk;
   return std::clamp<std::int64_t>(i0 + rows - 1 + causal_offset + 1, 0, sk);
+}
+
+// Softmax scale and dropout probability in the compute type: float64 compute
+// uses the unrounded values (float32 rounding would show up under gradcheck).
+template <class T>
+inline T softmax_scale(const orchard::FwdParams& p) {
+  return static_cast<T>(sizeof(T) == 8 ? p.scale_f64 : static_cast<double>(p.scale));
+}
+template <class T>
+inline T dropout_prob(const orchard::FwdParams& p) {
+  return static_cast<T>(sizeof(T) == 8 ? p.dropout_p_f64 : static_cast<double>(p.dropout_p));
 }
 
 }  // namespace orchard::cpu

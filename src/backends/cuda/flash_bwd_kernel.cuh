@@ -40,6 +40,17 @@
 
 namespace orchard::cuda {
 
+// Dev switch: 0 = the 16-rows-per-warp dK/dV kernel (calls 1-2) for d <= 128 too.
+#ifndef ORCHARD_BWD_V2
+#define ORCHARD_BWD_V2 1
+#endif
+#ifndef ORCHARD_BWD_FUSE34  // dev switch: interleave the dV and dK GEMMs
+#define ORCHARD_BWD_FUSE34 0
+#endif
+#ifndef ORCHARD_BWD_BM_D64  // dev switch: query rows per step of the new kernel for d <= 64
+#define ORCHARD_BWD_BM_D64 128
+#endif
+
 enum BwdMode : int { kModeBoth = 0, kModeDV = 1, kModeDK = 2 };
 
 template <int kD>
@@ -395,6 +406,350 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   }
 }
 
+// ---------------------------------------------------------------------------
+// dK/dV kernel, FA2 layout (kD <= 128). One CTA = kBN = 128 key rows, 8 warps;
+// per step kBM query rows (128 for d <= 64, 64 for d96/128). P^T and dS^T are
+// staged through shared memory so that every GEMM is a full-width warp tile
+// fed by ldmatrix, with two m16 tiles per warp (each B fragment feeds >= 2 MMAs):
+//   1. S^T  = K Q^T     (kBN x kBM), warps 4 (keys) x 2 (queries), 32 x kBM/2 each
+//      P^T = exp2(...) -> sP (dropout applied: P_drop^T)
+//   2. dP^T = V dO^T    (same tiling), dS^T = P^T (dP_drop^T - D) -> sdS
+//   3. dV += P_drop^T dO, 4. dK += dS^T Q   (kBN x kD), warps 4 (keys) x 2 (d)
+//   5. dQ += dS K       (kBM x kD), warps kBM/32 (queries) x rest (d), fp32
+//      atomics (non-deterministic) - deterministic mode runs flash_bwd_dq_kernel.
+// ldmatrix.x4 per MMA: 0.45 (d64, d128) vs 0.65 for the 16-rows-per-warp kernel
+// above (d128); see dev/cuda/NOTES.md, call 3.
+template <int kD>
+struct BwdConfig2 {
+  static constexpr int kNWarps = 8;
+  static constexpr int kBN = 128;
+  static constexpr int kBM = kD <= 64 ? ORCHARD_BWD_BM_D64 : 64;
+  static constexpr int kS = kD + 8;
+  static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
+  static constexpr int kSmemBytes = (2 * kBN * kS + 4 * kBM * kS + 2 * kBN * kSP) * 2 + 4 * kBM * 4;
+  static constexpr int kMT = kBM / 16;      // n8 tiles of S^T per warp (kBM/2 query columns)
+  static constexpr int kDTw = kD / 16;      // n8 tiles of dK/dV per warp (kD/2 columns)
+  static constexpr int kQM = kBM / 32;      // dQ: warps along query rows (32 rows each)
+  static constexpr int kQN = kNWarps / kQM; // dQ: warps along d
+  static constexpr int kDqT = kD / 8 / kQN; // dQ n8 tiles per warp (may be odd: d96)
+};
+
+template <typename T, int kD, bool kCausal, bool kDropout, bool kDq>
+__global__ void __launch_bounds__(256)
+    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks) {
+  using Cfg = BwdConfig2<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSP = Cfg::kSP;
+  constexpr int kThreads = 256;
+  constexpr int kKSteps = kD / 16;
+  constexpr int kMT = Cfg::kMT;
+  constexpr int kDTw = Cfg::kDTw;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * kS;
+  T* sQ = sV + kBN * kS;        // [2][kBM][kS]
+  T* sdO = sQ + 2 * kBM * kS;   // [2][kBM][kS]
+  T* sP = sdO + 2 * kBM * kS;   // [kBN][kSP]  P_drop^T
+  T* sdS = sP + kBN * kSP;      // [kBN][kSP]  dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kSP);  // [2][kBM], log2 units
+  float* sDs = sLse + 2 * kBM;                               // [2][kBM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wk = warp % 4, wq = warp / 4;  // phases 1-4: key-row group, column half
+  const int64_t bhk = blockIdx.x / num_n_blocks;
+  const int n_block = blockIdx.x % num_n_blocks;
+  const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
+  const int group = p.hq / p.hkv;
+  const int n0 = n_block * kBN;
+  const int d = p.d;
+
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
+  load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk - n0, d, tid);
+  load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk - n0, d, tid);
+
+  const int num_m_total = (p.sq + kBM - 1) / kBM;
+  int m_begin = 0;
+  if (kCausal) {
+    const int64_t first_row = n0 - p.causal_offset < 0 ? 0 : n0 - p.causal_offset;
+    m_begin = first_row >= p.sq ? num_m_total : static_cast<int>(first_row / kBM);
+  }
+  const int nm = num_m_total - m_begin;
+  const int total = group * nm;
+
+  const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
+  const BwdWorkspace layout = bwd_workspace_layout(p);
+  const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
+  float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
+  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride;
+
+  auto prefetch = [&](int it, int stage) {
+    const int h = hk * group + it / nm;
+    const int m0 = (m_begin + it % nm) * kBM;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
+    load_tile_async<T, kBM, kD, kThreads>(sQ + stage * kBM * kS, qg, p.q_row_stride, p.sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(sdO + stage * kBM * kS, dog, p.do_row_stride, p.sq - m0, d, tid);
+    if (tid < kBM) {
+      const int row = m0 + tid;
+      float l = INFINITY, dd = 0.f;  // rows past sq: P = 0
+      if (row < p.sq) {
+        const float lv = lse_g[h * p.lse_head_stride + row];
+        l = lv == -INFINITY ? INFINITY : lv * kLog2e;  // fully masked row: P = 0
+        dd = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
+      }
+      sLse[stage * kBM + tid] = l;
+      sDs[stage * kBM + tid] = dd;
+    }
+  };
+  if (total > 0) prefetch(0, 0);
+  cp_async_commit();
+
+  float acc_dk[2][kDTw][4], acc_dv[2][kDTw][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < kDTw; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc_dk[mt][i][c] = acc_dv[mt][i][c] = 0.f;
+
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const int krow = wk * 32;            // this warp's first key row (local) in phases 1-4
+  const int qcol = wq * (kBM / 2);     // this warp's first query column (local) in phases 1-2
+  const int kv_base = n0 + krow + g;   // key rows kv_base + 16 mt + 8 r
+
+  for (int it = 0; it < total; ++it) {
+    const int stage = it & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < total) prefetch(it + 1, stage ^ 1);
+    cp_async_commit();
+    const int h = hk * group + it / nm;
+    const int m0 = (m_begin + it % nm) * kBM;
+    const T* sQs = sQ + stage * kBM * kS;
+    const T* sdOs = sdO + stage * kBM * kS;
+    const float* sLs = sLse + stage * kBM;
+    const float* sDv = sDs + stage * kBM;
+
+    // 1. S^T = K Q^T: 32 key rows x kBM/2 query columns per warp.
+    float st[2][kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) st[mt][i][0] = st[mt][i][1] = st[mt][i][2] = st[mt][i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_addr<kS>(sK, krow + mt * 16, ks * 16, lane));
+#pragma unroll
+      for (int np = 0; np < kMT / 2; ++np) {
+        uint32_t bfr[4];
+        ldmatrix_x4(bfr, b_addr_nk<kS>(sQs, qcol + np * 16, ks * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T>(st[mt][2 * np], a[mt], bfr[0], bfr[1]);
+          mma16816<T>(st[mt][2 * np + 1], a[mt], bfr[2], bfr[3]);
+        }
+      }
+    }
+    const bool need_mask =
+        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+    uint64_t keep_bits = ~0ull;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int ql = qcol + nt * 8 + 2 * t + (c & 1);
+          float pv = fast_exp2(fmaf(st[mt][nt][c], scale_log2, -sLs[ql]));
+          const int kv = kv_base + mt * 16 + (c >> 1) * 8;
+          if (need_mask) {
+            const int64_t q = m0 + ql;
+            if (kv >= p.sk || (kCausal && kv > q + p.causal_offset)) pv = 0.f;
+          }
+          st[mt][nt][c] = pv;
+          if constexpr (kDropout) {
+            const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h),
+                                             static_cast<uint32_t>(m0 + ql), static_cast<uint32_t>(kv >> 2));
+            if (philox_lane(dr, kv & 3) < keep_threshold) keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
+          }
+        }
+    auto kept = [&](int mt, int nt, int c) {
+      return !kDropout || ((keep_bits >> ((mt * kMT + nt) * 4 + c)) & 1ull);
+    };
+    // P_drop^T -> sP (bf16/fp16).
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float p0 = kept(mt, nt, 2 * r) ? st[mt][nt][2 * r] * rdrop : 0.f;
+          const float p1 = kept(mt, nt, 2 * r + 1) ? st[mt][nt][2 * r + 1] * rdrop : 0.f;
+          *reinterpret_cast<uint32_t*>(sP + (krow + mt * 16 + g + 8 * r) * kSP + qcol + nt * 8 + 2 * t) =
+              MmaType<T>::pack(p0, p1);
+        }
+
+    // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
+    {
+      float dpt[2][kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int i = 0; i < kMT; ++i) dpt[mt][i][0] = dpt[mt][i][1] = dpt[mt][i][2] = dpt[mt][i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_addr<kS>(sV, krow + mt * 16, ks * 16, lane));
+#pragma unroll
+        for (int np = 0; np < kMT / 2; ++np) {
+          uint32_t bfr[4];
+          ldmatrix_x4(bfr, b_addr_nk<kS>(sdOs, qcol + np * 16, ks * 16, lane));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(dpt[mt][2 * np], a[mt], bfr[0], bfr[1]);
+            mma16816<T>(dpt[mt][2 * np + 1], a[mt], bfr[2], bfr[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float ds[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const int c = 2 * r + j;
+              const float dpv = kept(mt, nt, c) ? dpt[mt][nt][c] * rdrop : 0.f;
+              ds[j] = st[mt][nt][c] * (dpv - sDv[qcol + nt * 8 + 2 * t + j]);
+            }
+            *reinterpret_cast<uint32_t*>(sdS + (krow + mt * 16 + g + 8 * r) * kSP + qcol + nt * 8 + 2 * t) =
+                MmaType<T>::pack(ds[0], ds[1]);
+          }
+    }
+    __syncthreads();  // sP / sdS complete
+
+    // 3./4. dV += P_drop^T dO, dK += dS^T Q: 32 key rows x kD/2 columns per warp.
+    const int dcol = wq * (kD / 2);
+#if ORCHARD_BWD_FUSE34
+#pragma unroll
+    for (int kk = 0; kk < kBM / 16; ++kk) {
+      uint32_t ap[2][4], as[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        ldmatrix_x4(ap[mt], a_addr<kSP>(sP, krow + mt * 16, kk * 16, lane));
+        ldmatrix_x4(as[mt], a_addr<kSP>(sdS, krow + mt * 16, kk * 16, lane));
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDTw / 2; ++dp) {
+        uint32_t bo[4], bq[4];
+        ldmatrix_x4_trans(bo, b_addr_kn<kS>(sdOs, kk * 16, dcol + dp * 16, lane));
+        ldmatrix_x4_trans(bq, b_addr_kn<kS>(sQs, kk * 16, dcol + dp * 16, lane));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T>(acc_dv[mt][2 * dp], ap[mt], bo[0], bo[1]);
+          mma16816<T>(acc_dv[mt][2 * dp + 1], ap[mt], bo[2], bo[3]);
+          mma16816<T>(acc_dk[mt][2 * dp], as[mt], bq[0], bq[1]);
+          mma16816<T>(acc_dk[mt][2 * dp + 1], as[mt], bq[2], bq[3]);
+        }
+      }
+    }
+#else
+    auto gemm_acc = [&](float (&acc)[2][kDTw][4], const T* sA, const T* sB) {
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_addr<kSP>(sA, krow + mt * 16, kk * 16, lane));
+#pragma unroll
+        for (int dp = 0; dp < kDTw / 2; ++dp) {
+          uint32_t bfr[4];
+          ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sB, kk * 16, dcol + dp * 16, lane));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
+            mma16816<T>(acc[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
+          }
+        }
+      }
+    };
+    gemm_acc(acc_dv, sP, sdOs);
+    gemm_acc(acc_dk, sdS, sQs);
+#endif
+
+    // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
+    if constexpr (kDq) {
+      constexpr int kDqT = Cfg::kDqT;
+      const int wm = warp % Cfg::kQM, wn = warp / Cfg::kQM;
+      float acc[2][kDqT][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int i = 0; i < kDqT; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4_trans(a[mt], a_addr_km<kSP>(sdS, wm * 32 + mt * 16, kk * 16, lane));
+#pragma unroll
+        for (int dp = 0; dp < (kDqT + 1) / 2; ++dp) {
+          uint32_t bfr[4];
+          // Odd kDqT (d96): the last x4 also reads the next 8 columns (inside the
+          // padded row) and ignores them.
+          ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sK, kk * 16, (wn * kDqT + 2 * dp) * 8, lane));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
+            if (2 * dp + 1 < kDqT) mma16816<T>(acc[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
+          }
+        }
+      }
+      float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * p.sq * d;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int i = 0; i < kDqT; ++i)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int q = m0 + wm * 32 + mt * 16 + g + (c >> 1) * 8;
+            const int col = (wn * kDqT + i) * 8 + 2 * t + (c & 1);
+            if (q < p.sq && col < d) atomicAdd(dqa + static_cast<int64_t>(q) * d + col, acc[mt][i][c] * p.scale);
+          }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: this warp's 32 key rows x kD/2 columns of dK (scaled) and dV.
+  const int dcol = wq * (kD / 2);
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int kv = kv_base + mt * 16 + r * 8;
+      if (kv >= p.sk) continue;
+      T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kv * p.dv_row_stride;
+      T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kv * p.dk_row_stride;
+#pragma unroll
+      for (int i = 0; i < kDTw; ++i) {
+        const int col = dcol + i * 8 + 2 * t;
+        if (col < d) {
+          *reinterpret_cast<uint32_t*>(dvg + col) = MmaType<T>::pack(acc_dv[mt][i][2 * r], acc_dv[mt][i][2 * r + 1]);
+          *reinterpret_cast<uint32_t*>(dkg + col) =
+              MmaType<T>::pack(acc_dk[mt][i][2 * r] * p.scale, acc_dk[mt][i][2 * r + 1] * p.scale);
+        }
+      }
+    }
+}
+
 // Deterministic dQ: one CTA per (64 query rows, batch, q head), warps own 16
 // rows each (like the forward); recomputes S and dP per key tile.
 template <typename T, int kD, bool kCausal, bool kDropout>
@@ -590,8 +945,21 @@ void launch_flash_bwd(const BwdParams& p) {
       check_launch("cudaMemsetAsync(dq_accum)");
   }
 
+  constexpr bool kV2 = kD <= 128 && ORCHARD_BWD_V2;
+  if constexpr (kV2) {
+    using Cfg2 = BwdConfig2<kD>;
+    const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
+    const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
+    auto kernel = atomic_dq ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true>
+                            : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false>;
+    if (grid > 0) {
+      set_smem(kernel, Cfg2::kSmemBytes);
+      kernel<<<static_cast<unsigned>(grid), 256, Cfg2::kSmemBytes, stream>>>(p, nb);
+      check_launch("flash_bwd_dkdv2_kernel");
+    }
+  }
   const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t grid_kv = static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
+  const int64_t grid_kv = kV2 ? 0 : static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
   auto run_dkdv = [&](auto kernel) {
     set_smem(kernel, Cfg::kSmemBytes);
     kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes, stream>>>(p, num_n_blocks);
@@ -602,7 +970,7 @@ void launch_flash_bwd(const BwdParams& p) {
       run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false>);
       if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true>);
       else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false>);
-    } else {
+    } else if constexpr (!kV2) {
       if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, true>);
       else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, false>);
     }

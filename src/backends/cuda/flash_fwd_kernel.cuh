@@ -39,6 +39,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 #ifndef ORCHARD_FWD_MW
 #define ORCHARD_FWD_MW 2  // dev switch: 1 = the 8-warp x 16-row variant (call 1)
 #endif
+#ifndef ORCHARD_FWD_QK_UNROLL  // dev switch: unroll factor of the QK^T k-loop
+#define ORCHARD_FWD_QK_UNROLL 16
+#endif
+#ifndef ORCHARD_FWD_BN_D128
+#define ORCHARD_FWD_BN_D128 32  // dev switch: K/V tile rows for d96/128 with kMW = 2
+#endif
 template <int kD>
 struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? ORCHARD_FWD_MW : 1;  // m16 tiles per warp
@@ -46,7 +52,7 @@ struct FwdConfig {
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96/128 with kMW = 2: 64-row K/V tiles spill ~250 bytes (ptxas hoists the V
   // fragments); 32-row tiles spill ~60.
-  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? (kMW == 2 ? 32 : 64) : (kD <= 192 ? 64 : 32));
+  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? (kMW == 2 ? ORCHARD_FWD_BN_D128 : 64) : (kD <= 192 ? 64 : 32));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   static constexpr int kSmemBytes = (kBM + 4 * kBN) * kS * 2;
@@ -58,6 +64,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   using Cfg = FwdConfig<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
+  constexpr int kQKUnroll = ORCHARD_FWD_QK_UNROLL;
   constexpr int kNT = kBN / 8;      // n8 tiles of S
   constexpr int kDT = kD / 8;       // n8 tiles of O
 
@@ -142,7 +149,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
       for (int i = 0; i < kNT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-#pragma unroll
+#pragma unroll kQKUnroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       uint32_t a[kMW][4];
 #pragma unroll
@@ -229,25 +236,29 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
           }
     }
 
-    // O += P V, P repacked from the S accumulators.
+    // O += P V. P is repacked to 16-bit A fragments for the whole tile first
+    // (FA2 does the same): the fp32 S is dead before the PV loop, which leaves
+    // ptxas room to hoist V fragments without spilling (64-row tiles at d128).
+    uint32_t pa[kMW][kBN / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      uint32_t a[kMW][4];
+    for (int kk = 0; kk < kBN / 16; ++kk)
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt) {
-        a[mt][0] = MmaType<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = MmaType<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        pa[mt][kk][0] = MmaType<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = MmaType<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bfr[4];
         ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sVs, kk * 16, dp * 16, lane));
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt) {
-          mma16816<T>(acc_o[mt][2 * dp], a[mt], bfr[0], bfr[1]);
-          mma16816<T>(acc_o[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
+          mma16816<T>(acc_o[mt][2 * dp], pa[mt][kk], bfr[0], bfr[1]);
+          mma16816<T>(acc_o[mt][2 * dp + 1], pa[mt][kk], bfr[2], bfr[3]);
         }
       }
     }

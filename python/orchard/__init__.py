@@ -1,0 +1,60 @@
+"""Orchard: fused FlashAttention forward + backward for training.
+
+Public API:
+
+* :func:`flash_attn_func` — flash-attn 2 drop-in, (batch, seq, heads, dim),
+  bottom-right causal, GQA.
+* :func:`scaled_dot_product_attention` — ``torch.nn.functional`` drop-in,
+  (..., heads, seq, dim), top-left causal, ``enable_gqa``.
+* ``torch.ops.orchard.flash_attn_forward`` / ``flash_attn_backward`` — the
+  underlying ``torch.library`` custom ops (torch.compile / opcheck clean).
+* :func:`build_info` — how this build was compiled.
+
+The C++ core links no PyTorch: tensors cross as DLPack views (zero-copy; BHSD
+tensors as permuted views), the current CUDA stream as an integer.
+
+Environment variables: ``ORCHARD_DEBUG_FLASH_ATN=1`` (log every call: shapes,
+strides, kernel variant, staging copies, timing) and ``ORCHARD_TENSOR_PROFILE=1``
+(log, per tensor, zero-copy vs staged and why); both go to stderr.
+
+Command line: ``python -m orchard doctor`` (environment + self-check) and
+``python -m orchard demo`` (train a small transformer LM through Orchard).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _C  # noqa: F401  (the nanobind extension; fails loudly if unbuilt)
+
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as _e:  # the C++ core (orchard._C) serves NumPy & co. without torch
+    _TORCH_IMPORT_ERROR = _e
+
+    def _needs_torch(*_args, **_kwargs):
+        raise ImportError("orchard's PyTorch API needs torch (pip install torch); "
+                          "orchard._C works on any DLPack array without it") from _TORCH_IMPORT_ERROR
+
+    flash_attn_func = scaled_dot_product_attention = _needs_torch
+
+    class OrchardShapeError(ValueError, RuntimeError):
+        pass
+else:
+    from . import _ops  # noqa: F401  (registers torch.ops.orchard.*)
+    from .functional import OrchardShapeError, flash_attn_func, scaled_dot_product_attention
+
+
+def build_info() -> dict:
+    """Build facts from the C++ core: version, cuda_compiled, cuda_archs,
+    openmp, cpu_threads, cuda_devices."""
+    return dict(_C.build_info())
+
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "flash_attn_func",
+    "scaled_dot_product_attention",
+    "OrchardShapeError",
+]

@@ -1,0 +1,66 @@
+"""Compatibility module for code written against the seed's ``orchard_ops``.
+
+``flash_attn_fwd(q, k, v, scale, dropout_p, causal) -> (out, mask)`` is now
+differentiable: it runs through the same ``torch.ops.orchard`` custom ops as
+:mod:`orchard`, so ``out.sum().backward()`` gives dq, dk, dv.
+
+Environment variables: ``ORCHARD_DEBUG_FLASH_ATN=1`` (per-call log) and
+``ORCHARD_TENSOR_PROFILE=1`` (per-tensor zero-copy / staging log).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from orchard import _ops
+
+__all__ = ["flash_attn_fwd"]
+
+
+def flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    causal: bool = False,
+):
+    """Attention over (B, S, D) (one head) or (B, H, S, D) tensors.
+
+    Args:
+        q, k, v: same rank; (B, S, D) or (B, H, S, D), any strides. k/v may
+            have fewer heads than q when H_q % H_kv == 0.
+        scale: softmax scale, default 1/sqrt(D).
+        dropout_p: dropout on the attention weights (applied whenever > 0);
+            seeded from torch's default generator.
+        causal: top-left aligned causal mask (query i sees keys j <= i).
+
+    Returns:
+        (out, mask): out shaped like q; mask the bool dropout keep-mask
+        (B, H, S_q, S_k) — (B, S_q, S_k) for 3-D input — True = kept, or an
+        empty tensor when dropout_p == 0.
+    """
+    op = "orchard_ops.flash_attn_fwd"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"{op}: q, k, v must all be (B, S, D) or (B, H, S, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    three_d = q.dim() == 3
+    if three_d:
+        qb, kb, vb = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)  # (B, S, 1, D)
+    else:
+        qb, kb, vb = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    sc = _ops.default_scale(q.shape[-1]) if scale is None else float(scale)
+    seed, offset = _ops.draw_dropout_seed(dropout_p)
+    want_mask = dropout_p > 0.0
+    out, _lse, mask = torch.ops.orchard.flash_attn_forward(
+        qb, kb, vb, sc, bool(causal), True, float(dropout_p), seed, offset, want_mask, False)
+    if three_d:
+        out = out.squeeze(2)
+        mask = mask.squeeze(1) if want_mask else mask
+    else:
+        out = out.transpose(1, 2)
+    return out, mask.bool()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the device list (CPU always; CUDA when torch sees a GPU and
+this orchard build has the CUDA backend) and the `cuda` marker's skip."""
+
+import os
+
+import pytest
+import torch
+
+import orchard
+
+HAS_CUDA = torch.cuda.is_available() and bool(orchard.build_info().get("cuda_compiled"))
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    why = ("no CUDA device" if not torch.cuda.is_available()
+           else "this orchard build has no CUDA backend (ORCHARD_CUDA=OFF)")
+    skip = pytest.mark.skip(reason=why)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh, reproducible inputs per test: seed from the test's node id.
+    import zlib
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF)
+    yield
+
+
+def pytest_report_header(config):
+    info = orchard.build_info()
+    return (f"orchard {orchard.__version__}: cuda_compiled={info['cuda_compiled']} "
+            f"archs={info['cuda_archs']!r} openmp={info['openmp']} threads={info['cpu_threads']}; "
+            f"torch {torch.__version__}, cuda available={torch.cuda.is_available()}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    # A backend may leave some dtype/shape combinations unimplemented (e.g.
+    # float64 on CUDA): those CUDA cases skip with the backend's own message,
+    # while on the CPU (which implements everything) they still fail.
+    try:
+        return (yield)
+    except NotImplementedError as e:
+        callspec = getattr(pyfuncitem, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            pytest.skip(f"not implemented on CUDA: {e}")
+        raise
