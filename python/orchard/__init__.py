@@ -13,9 +13,11 @@ Public API:
 The C++ core links no PyTorch: tensors cross as DLPack views (zero-copy; BHSD
 tensors as permuted views), the current CUDA stream as an integer.
 
-Environment variables: ``ORCHARD_DEBUG_FLASH_ATN=1`` (log every call: shapes,
-strides, kernel variant, staging copies, timing) and ``ORCHARD_TENSOR_PROFILE=1``
-(log, per tensor, zero-copy vs staged and why); both go to stderr.
+Environment variables: ``ORCHARD_DEBUG_FLASH_ATN=1`` appends one line per kernel
+call (shapes, dtype, backend, kernel variant, staged copies, elapsed ms) to
+``orchard_flash_attn_<pid>.log`` in the temp dir (or ``ORCHARD_LOG_DIR``);
+``ORCHARD_TENSOR_PROFILE=1`` prints, per tensor, shape, strides, memory kind and
+zero-copy vs staged (and why) to stderr.
 
 Command line: ``python -m orchard doctor`` (environment + self-check) and
 ``python -m orchard demo`` (train a small transformer LM through Orchard).

@@ -15,10 +15,11 @@ nothing crosses the boundary but DLPack views and a stream handle.
 
 Environment variables read by the C++ core:
 
-* ``ORCHARD_DEBUG_FLASH_ATN=1`` logs every call (shapes, strides, the kernel
-  variant chosen, staging copies, timings) to stderr.
-* ``ORCHARD_TENSOR_PROFILE=1`` logs, per tensor, whether it was read zero-copy
-  or staged (and why).
+* ``ORCHARD_DEBUG_FLASH_ATN=1`` appends one line per kernel call (shapes,
+  backend, kernel variant, staged copies, elapsed ms) to
+  ``orchard_flash_attn_<pid>.log`` in the temp dir (or ``ORCHARD_LOG_DIR``).
+* ``ORCHARD_TENSOR_PROFILE=1`` prints to stderr, per tensor, whether it was
+  read zero-copy or staged (and why).
 """
 
 from __future__ import annotations

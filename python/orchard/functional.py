@@ -3,9 +3,9 @@
 differentiable (autograd through the ``orchard::flash_attn_*`` custom ops).
 
 Environment variables (read by the C++ core): ``ORCHARD_DEBUG_FLASH_ATN=1``
-logs each call (shapes, strides, kernel variant, staging, timing) to stderr;
-``ORCHARD_TENSOR_PROFILE=1`` logs, per tensor, whether it was read in place or
-staged through one copy, and why.
+appends one line per kernel call to ``orchard_flash_attn_<pid>.log`` in the temp
+dir (or ``ORCHARD_LOG_DIR``); ``ORCHARD_TENSOR_PROFILE=1`` prints to stderr, per
+tensor, whether it was read in place or staged through one copy, and why.
 """
 
 from __future__ import annotations

@@ -435,6 +435,9 @@ std::vector<Case> suite() {
   v.push_back({"mqa", BF, 1, 4, 1, 64, 300, 128});
   v.push_back({"gqa-d256", BF, 1, 4, 2, 70, 90, 256, true});
   v.push_back({"b8", BF, 8, 2, 2, 64, 64, 32});
+  // Several key blocks and query steps per CTA of the 128-key backward (GQA loop too).
+  v.push_back({"long-gqa-causal", BF, 1, 4, 2, 700, 900, 128, true});
+  v.push_back({"long", FP, 1, 2, 2, 600, 520, 64});
   v.push_back({"bhsd", BF, 2, 2, 2, 100, 120, 64, true, false, 0.f, false, true});
   {
     Case c{"dropout", BF, 2, 3, 3, 100, 140, 64};
