@@ -40,7 +40,9 @@ __all__ = [
 
 
 def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+    # head_dim 0 is invalid; return a placeholder and let the C++ validation
+    # raise its op-prefixed error (instead of a ZeroDivisionError here).
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
 def _stream_of(t: torch.Tensor) -> int:
@@ -116,12 +118,14 @@ def flash_attn_forward(
     offset: int,
     return_mask: bool,
     deterministic: bool = False,
+    op_name: str = "orchard.flash_attn",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention forward on BSHD views. Returns (out, lse, mask):
     out like q, lse (B, Hq, Sq) float32 (float64 for float64 inputs), mask the
     uint8 dropout keep-mask (B, Hq, Sq, Sk) when return_mask, else empty.
     ``deterministic`` is not used by the forward; it is saved for the backward
-    (bitwise-reproducible dq/dk/dv)."""
+    (bitwise-reproducible dq/dk/dv). ``op_name`` (the public function's name)
+    prefixes error messages of this call and its backward."""
     _check_rank(q, k, v, "orchard.flash_attn_forward")
     out, lse, mask = _alloc_forward(q, k, return_mask)
     write_mask = return_mask and dropout_p > 0.0
@@ -132,14 +136,14 @@ def flash_attn_forward(
             _d(q), _d(k), _d(v), out, lse, mask if write_mask else None,
             float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
             int(seed) & 0xFFFFFFFFFFFFFFFF, int(offset) & 0xFFFFFFFFFFFFFFFF,
-            _stream_of(q), "orchard.flash_attn",
+            _stream_of(q), op_name,
         )
     return out, lse, mask
 
 
 @flash_attn_forward.register_fake
 def _(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
-      deterministic=False):
+      deterministic=False, op_name="orchard.flash_attn"):
     _check_rank(q, k, v, "orchard.flash_attn_forward")
     return _alloc_forward(q, k, return_mask)
 
@@ -159,6 +163,7 @@ def flash_attn_backward(
     seed: int,
     offset: int,
     deterministic: bool,
+    op_name: str = "orchard.flash_attn",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward on BSHD views. Returns (dq, dk, dv) shaped and
     laid out like q, k, v."""
@@ -169,7 +174,7 @@ def flash_attn_backward(
     opts = (
         float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
         int(seed) & 0xFFFFFFFFFFFFFFFF, int(offset) & 0xFFFFFFFFFFFFFFFF, bool(deterministic),
-        _stream_of(q), "orchard.flash_attn",
+        _stream_of(q), op_name,
     )
     with _device_guard(q):
         nbytes = int(_C.backward_workspace_bytes(*args, *opts))
@@ -180,7 +185,7 @@ def flash_attn_backward(
 
 @flash_attn_backward.register_fake
 def _(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-      deterministic):
+      deterministic, op_name="orchard.flash_attn"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -193,7 +198,7 @@ def _check_rank(q, k, v, op):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, _return_mask,
-     deterministic) = inputs
+     deterministic, op_name) = inputs
     out, lse, _mask = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.softmax_scale = softmax_scale
@@ -203,6 +208,7 @@ def _setup_context(ctx, inputs, output):
     ctx.seed = seed
     ctx.offset = offset
     ctx.deterministic = deterministic
+    ctx.op_name = op_name
 
 
 def _backward(ctx, grad_out, grad_lse, grad_mask):
@@ -214,9 +220,9 @@ def _backward(ctx, grad_out, grad_lse, grad_mask):
     deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dv = torch.ops.orchard.flash_attn_backward(
         grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.causal_top_left,
-        ctx.dropout_p, ctx.seed, ctx.offset, deterministic,
+        ctx.dropout_p, ctx.seed, ctx.offset, deterministic, ctx.op_name,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 flash_attn_forward.register_autograd(_backward, setup_context=_setup_context)

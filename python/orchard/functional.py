@@ -90,7 +90,7 @@ def flash_attn_func(
     seed, offset = _ops.draw_dropout_seed(dropout_p)
     out, lse, mask = torch.ops.orchard.flash_attn_forward(
         q, k, v, scale, bool(causal), False, float(dropout_p), seed, offset,
-        bool(return_attn_probs), bool(deterministic),
+        bool(return_attn_probs), bool(deterministic), op,
     )
     if return_attn_probs:
         return out, lse, mask.bool()
@@ -152,9 +152,10 @@ def scaled_dot_product_attention(
     elif query.dim() == 4:
         q4, k4, v4 = query, key, value
     else:
-        q4 = query.reshape(-1, *query.shape[-3:])
-        k4 = key.reshape(-1, *key.shape[-3:])
-        v4 = value.reshape(-1, *value.shape[-3:])
+        # flatten (not reshape(-1, ...)): works for empty tensors too
+        q4 = query.flatten(0, -4)
+        k4 = key.flatten(0, -4)
+        v4 = value.flatten(0, -4)
     if k4.shape[0] != q4.shape[0] or v4.shape[0] != q4.shape[0] or k4.shape[1] != v4.shape[1]:
         raise OrchardShapeError(f"{op}: batch/head dims of query {tuple(query.shape)}, key "
                                 f"{tuple(key.shape)} and value {tuple(value.shape)} do not match "
@@ -172,7 +173,7 @@ def scaled_dot_product_attention(
     seed, offset = _ops.draw_dropout_seed(dropout_p)
     out, _lse, _mask = torch.ops.orchard.flash_attn_forward(
         q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
-        float(dropout_p), seed, offset, False, bool(deterministic),
+        float(dropout_p), seed, offset, False, bool(deterministic), op,
     )
     out = out.transpose(1, 2)  # (B, H, L, E)
     if query.dim() == 3:

@@ -57,7 +57,7 @@ def flash_attn_fwd(
     seed, offset = _ops.draw_dropout_seed(dropout_p)
     want_mask = dropout_p > 0.0
     out, _lse, mask = torch.ops.orchard.flash_attn_forward(
-        qb, kb, vb, sc, bool(causal), True, float(dropout_p), seed, offset, want_mask, False)
+        qb, kb, vb, sc, bool(causal), True, float(dropout_p), seed, offset, want_mask, False, op)
     if three_d:
         out = out.squeeze(2)
         mask = mask.squeeze(1) if want_mask else mask

@@ -111,8 +111,8 @@ void attention_forward(const ForwardArgs& a) {
 
   FwdParams p;
   set_problem(p, shape, a.options);
-  if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
   if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) return;  // nothing to compute or write
+  if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
 
   const std::size_t align = be.required_alignment(p);
   StagingSession staging(be, p.stream, op, "fwd");
@@ -165,8 +165,8 @@ void attention_backward(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, op);
   BwdParams p = backward_problem(a, shape);
-  if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
   if (shape.b == 0 || shape.hq == 0 || (shape.sq == 0 && shape.sk == 0)) return;
+  if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
 
   const std::size_t need = be.backward_workspace_bytes(p);
   if (need > 0) {

@@ -90,7 +90,9 @@ void forward_block(const FwdParams& p, int dp, const T* kt, const T* v, int bi,
   for (int r = 0; r < rows; ++r) {
     const T l = w.l[r];
     const std::int64_t off = bi * p.o_batch_stride + (i0 + r) * p.o_row_stride + h * p.o_head_stride;
-    if (l > T(0)) {
+    // Only an exact 0 sum means "no visible key"; a NaN sum (NaN/inf in q or
+    // k) must propagate to out and lse, never be silently zeroed.
+    if (l != T(0)) {
       store_row(w.o.data() + std::int64_t(r) * dp, T(1) / l, d, p.dtype, p.out, off);
       lse[r] = (w.m[r] + std::log2(l)) * kLn2;
     } else {  // fully masked row (or sk == 0): zeros, -inf, never NaN

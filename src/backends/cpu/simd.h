@@ -82,9 +82,11 @@ ORCHARD_ALWAYS_INLINE vf32 exp2_f32(vf32 x) {
   return dead ? vf32{} : r;
 }
 
+// NaN-propagating horizontal max: a NaN score (NaN/inf in q or k) must reach
+// the output rather than be skipped by the comparison.
 ORCHARD_ALWAYS_INLINE float hmax(vf32 v) {
   float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  for (int i = 1; i < 8; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
   return m;
 }
 ORCHARD_ALWAYS_INLINE float hsum(vf32 v) {

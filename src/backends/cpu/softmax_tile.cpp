@@ -24,18 +24,18 @@ void softmax_tile_update(float* s, int rows, int bc, const int* nv, float c, flo
     if (n == bc) {
       for (int j = 0; j < bc; j += 8) {
         const vf32 x = vload<vf32>(sr + j) * c;
-        vmax = x > vmax ? x : vmax;
+        vmax = (x > vmax) | (x != x) ? x : vmax;  // NaN-propagating
       }
     } else {
       for (int j = 0; j < bc; j += 8) {
         const vf32 col = iota_f32() + static_cast<float>(j);
         const vf32 x = col < nvf ? vload<vf32>(sr + j) * c : vf32{} + ninf;
-        vmax = x > vmax ? x : vmax;
+        vmax = (x > vmax) | (x != x) ? x : vmax;  // NaN-propagating
       }
     }
     const float m_old = m[r];
     const float tile_max = hmax(vmax);
-    const float m_new = tile_max > m_old ? tile_max : m_old;
+    const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
     if (m_new == ninf) {  // nothing visible yet in this row
       for (int j = 0; j < bc; ++j) sr[j] = 0.0f;
       continue;
@@ -75,10 +75,10 @@ void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, d
     double tile_max = ninf;
     for (int j = 0; j < bc; ++j) {
       sr[j] = j < n ? sr[j] * c : ninf;
-      tile_max = std::max(tile_max, sr[j]);
+      if (sr[j] > tile_max || std::isnan(sr[j])) tile_max = sr[j];  // NaN-propagating
     }
     const double m_old = m[r];
-    const double m_new = std::max(tile_max, m_old);
+    const double m_new = (tile_max > m_old || std::isnan(tile_max)) ? tile_max : m_old;
     if (m_new == ninf) {
       for (int j = 0; j < bc; ++j) sr[j] = 0.0;
       continue;

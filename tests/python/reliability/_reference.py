@@ -1,0 +1,306 @@
+"""Shared pieces of the reliability suite: the plain-torch attention
+reference, flash-attn's tolerance rule, and strided/aliased input layouts.
+
+Everything here is independent of Orchard (it only imports torch), so a
+failure always points at Orchard, never at shared test code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# --------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------
+
+
+def _heads(q, k, v):
+    """BSHD -> (b, h, s, d), k/v heads repeated for GQA."""
+    g = q.shape[2] // k.shape[2]
+    return (q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(g, dim=1),
+            v.transpose(1, 2).repeat_interleave(g, dim=1))
+
+
+def _probs(qh, kh, scale, causal, top_left):
+    """Softmax probabilities (b, h, sq, sk) and lse (b, h, sq) with a
+    materialized score matrix; fully masked rows give p = 0, lse = -inf and
+    no NaN (the max is made finite and the row sum guarded)."""
+    sq, sk = qh.shape[-2], kh.shape[-2]
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if causal:
+        off = 0 if top_left else sk - sq
+        i = torch.arange(sq, device=qh.device)[:, None]
+        j = torch.arange(sk, device=qh.device)[None, :]
+        s = s.masked_fill(j > i + off, float("-inf"))
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(l > 0, l, torch.ones_like(l))
+    return p, (m + torch.log(l.detach())).squeeze(-1)
+
+
+def _empty_problem(q, k) -> bool:
+    return q.shape[1] == 0 or k.shape[1] == 0
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+                        causal: bool = False, top_left: bool = False, keep: Optional[torch.Tensor] = None,
+                        dropout_p: float = 0.0):
+    """THE reference: attention on BSHD tensors, computed in the inputs' dtype
+    with a materialized softmax, differentiable by autograd. Pass float64
+    tensors for the reference, input-dtype tensors for the 'naive' forward
+    baseline of the tolerance rule.
+
+    q (b, sq, hq, d), k/v (b, sk, hkv, d), hq % hkv == 0 (GQA by repeating
+    k/v heads). causal: bottom-right aligned (query i sees keys
+    j <= i + sk - sq) unless top_left (j <= i). keep: bool dropout keep-mask
+    (b, hq, sq, sk); kept probabilities are scaled by 1 / (1 - dropout_p).
+    scale: default 1/sqrt(d).
+
+    Returns (out (b, sq, hq, d), lse (b, hq, sq)). A row that sees no key
+    gives out 0 and lse -inf, with zero gradients (no NaN anywhere).
+    """
+    b, sq, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _empty_problem(q, k):
+        out = q.new_zeros(b, sq, hq, d) + 0.0 * (q.sum() + k.sum() + v.sum())  # keep the graph
+        return out, torch.full((b, hq, sq), float("-inf"), dtype=q.dtype, device=q.device)
+    qh, kh, vh = _heads(q, k, v)
+    p, lse = _probs(qh, kh, scale, causal, top_left)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    return (p @ vh).transpose(1, 2), lse
+
+
+def _fold(t, hkv):
+    """(b, hq, s, d) gradient of repeated k/v heads -> (b, s, hkv, d)."""
+    b, hq, s, d = t.shape
+    return t.reshape(b, hkv, hq // hkv, s, d).sum(dim=2).transpose(1, 2)
+
+
+def attention_backward_naive(q, k, v, out, dout, *, scale: Optional[float] = None, causal: bool = False,
+                             top_left: bool = False, keep: Optional[torch.Tensor] = None,
+                             dropout_p: float = 0.0):
+    """The FlashAttention backward formula done naively (materialized P) in
+    the inputs' dtype — the low-precision baseline of the rule for gradients:
+    dV = Pd^T dO, dP = (dO V^T) * keep / (1 - p), D = rowsum(dO * O),
+    dS = P * (dP - D), dQ = scale dS K, dK = scale dS^T Q, with `out` the
+    forward output rounded to the dtype, as a fused kernel has it.
+    Mathematically equal to autograd through attention_reference.
+    BSHD in; (dq, dk, dv) BSHD out, dk/dv summed over GQA groups."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _empty_problem(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    with torch.no_grad():
+        qh, kh, vh = _heads(q, k, v)
+        oh, doh = out.transpose(1, 2), dout.transpose(1, 2)
+        p, _ = _probs(qh, kh, scale, causal, top_left)
+        drop = None if keep is None else keep.to(p.dtype) / (1.0 - dropout_p)
+        pd = p if drop is None else p * drop
+        dp = doh @ vh.transpose(-1, -2)
+        if drop is not None:
+            dp = dp * drop
+        ds = p * (dp - (doh * oh).sum(dim=-1, keepdim=True))
+        return ((ds @ kh) * scale).transpose(1, 2), _fold((ds.transpose(-1, -2) @ qh) * scale, hkv), \
+            _fold(pd.transpose(-1, -2) @ doh, hkv)
+
+
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
+                 torch.float16: 2.0 ** -11}
+
+
+def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = None, causal: bool = False,
+                        top_left: bool = False, keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
+    """First-order estimate of the gradient error every FlashAttention
+    backward has, however accurate it is otherwise. Two sources:
+
+    1. dS = P * (dP - D) with D = rowsum(dO * O) taken from O rounded to
+       `dtype`, and dP, D each a length-d dot product accumulated in fp32
+       (fp64 for float64):
+         |dD_i|   <= (u + g) * sum|dO_i O_i|,  |ddP_ij| <= g * sum|dO_i||V_j| * drop_ij
+       with u the dtype's unit roundoff and g = sqrt(d) * u_acc (typical,
+       not worst-case, accumulation).
+    2. P is recomputed as exp(s - lse) from an LSE stored in fp32 (like
+       flash-attn's softmax_lse; converted between ln and log2 units), so P
+       carries a relative error of about e_i = 4 |lse_i| u_acc.
+    Then |d dV| <= (e P drop)^T |dO|, |d dS| <= P (|ddP| + |dD|) + e P |dP - D|,
+    |d dQ| <= scale |d dS| |K|, |d dK| <= scale |d dS|^T |Q|.
+
+    When a gradient is a small difference of large terms (sharp softmax;
+    sk == 1 where dq == 0 exactly) or logits are large (|lse| ~ 100+), this
+    is the whole error, while the materialized baseline of the rule may round
+    luckily — so it is added to the rule's atol.
+    Float64 BSHD in; (bound_dq, bound_dk, bound_dv) BSHD out."""
+    b, sq, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _empty_problem(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    u = UNIT_ROUNDOFF[dtype]
+    u_acc = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    g = math.sqrt(d) * u_acc
+    with torch.no_grad():
+        qh, kh, vh = _heads(q, k, v)
+        oh, doh = out.transpose(1, 2), dout.transpose(1, 2)
+        p, lse = _probs(qh, kh, scale, causal, top_left)
+        e = 4.0 * u_acc * torch.nan_to_num(lse.abs(), posinf=0.0)[..., None]  # masked rows: p = 0 anyway
+        drop = None if keep is None else keep.to(p.dtype) / (1.0 - dropout_p)
+        dd = (u + g) * (doh.abs() * oh.abs()).sum(dim=-1, keepdim=True)
+        ddp = g * (doh.abs() @ vh.abs().transpose(-1, -2))
+        dp = doh @ vh.transpose(-1, -2)
+        if drop is not None:
+            ddp, dp = ddp * drop, dp * drop
+        dds = p * (ddp + dd) + e * p * (dp - (doh * oh).sum(dim=-1, keepdim=True)).abs()
+        bq = scale * (dds @ kh.abs())
+        bk = scale * (dds.transpose(-1, -2) @ qh.abs())
+        pe = e * p if drop is None else e * p * drop
+        bv = pe.transpose(-1, -2) @ doh.abs()
+        return bq.transpose(1, 2), _fold(bk, k.shape[2]), _fold(bv, k.shape[2])
+
+
+# --------------------------------------------------------------------------
+# flash-attn's tolerance rule
+# --------------------------------------------------------------------------
+
+# atol of the rule, per unit of the reference's magnitude (max(1, max|ref|)).
+# Low precision: one unit in the last place, so a kernel is never failed for
+# the final rounding of its output when the naive math happens to be exact.
+ATOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2.0 ** -7,
+    torch.float16: 2.0 ** -10,
+}
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    diff = (a.detach().double().cpu() - b.detach().double().cpu()).abs()
+    # identical infinities count as equal; NaN anywhere counts as infinite error
+    same = a.detach().double().cpu() == b.detach().double().cpu()
+    diff = torch.where(same, torch.zeros_like(diff), diff)
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    return diff.max().item()
+
+
+def assert_rule(got: torch.Tensor, ref: torch.Tensor, naive: torch.Tensor, dtype: torch.dtype, what: str,
+                atol_scale: float = 1.0, extra: float = 0.0) -> None:
+    """max|got - ref| <= 2 * max|naive - ref| + atol (flash-attn's rule);
+    `extra` is added to atol (e.g. inherent_grad_error's max)."""
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    if got.numel() == 0:
+        return
+    ref_d = ref.detach().double().cpu()
+    assert torch.isfinite(ref_d).all(), f"{what}: test bug: non-finite reference"
+    naive_err = max_abs_err(naive, ref)
+    assert math.isfinite(naive_err), f"{what}: test bug: naive baseline overflowed; shrink the inputs"
+    mag = max(1.0, ref_d.abs().max().item())
+    atol = ATOL[dtype] * mag * atol_scale + extra
+    err = max_abs_err(got, ref)
+    assert err <= 2 * naive_err + atol, (
+        f"{what}: max error {err:.3e} > 2 * naive {dtype} error {naive_err:.3e} + atol {atol:.1e} "
+        f"(|ref| max {mag:.3g})")
+
+
+def assert_lse(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "lse") -> None:
+    """Orchard's LSE is float32 (float64 for float64 inputs), computed from the
+    inputs as given: only accumulation error, so a tight relative tolerance.
+    -inf exactly where the reference is -inf (rows that see no key)."""
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == want, f"{what}: dtype {got.dtype}, expected {want}"
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    masked = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(got), masked), f"{what}: -inf pattern differs from the reference"
+    if (~masked).any():
+        tol = (1e-11 if dtype == torch.float64 else 3e-5) * max(1.0, ref[~masked].abs().max().item())
+        err = (got[~masked] - ref[~masked]).abs().max().item()
+        assert err <= tol, f"{what}: max error {err:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------------
+# Layouts: how a logical 4-D tensor is laid out in memory
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Memory layout of one logical 4-D tensor (the API's logical order).
+
+    The tensor is a view of a flat buffer (the autograd leaf): `offset`
+    leading elements are skipped (storage offset, misaligned base); the rest
+    is the tensor stored with its dims in order `perm` (outermost first; the
+    identity is contiguous, (0, 2, 1, 3) is BHSD-stored BSHD or vice versa, a
+    perm not ending in 3 makes the last-dim stride != 1); dim `slice_dim` is
+    over-allocated and sliced [start::step]; dim `expand_dim` is stored with
+    size 1 and broadcast (stride 0).
+    """
+
+    perm: tuple = (0, 1, 2, 3)
+    slice_dim: Optional[int] = None
+    step: int = 1
+    start: int = 0
+    offset: int = 0
+    expand_dim: Optional[int] = None
+
+    def __str__(self) -> str:
+        parts = [] if self.perm == (0, 1, 2, 3) else ["perm" + "".join(map(str, self.perm))]
+        if self.slice_dim is not None:
+            parts.append(f"slice{self.slice_dim}[{self.start}::{self.step}]")
+        if self.offset:
+            parts.append(f"off{self.offset}")
+        if self.expand_dim is not None:
+            parts.append(f"expand{self.expand_dim}")
+        return "+".join(parts) or "contig"
+
+
+CONTIGUOUS = Layout()
+
+
+def make_input(shape: Sequence[int], layout: Layout, dtype: torch.dtype, device, gen: torch.Generator,
+               magnitude: float = 1.0, requires_grad: bool = True):
+    """Returns (leaf, view): leaf is a flat buffer (random normal * magnitude,
+    drawn in float64 from `gen`, so identical across dtypes/devices), and
+    view(leaf) the logical tensor with `layout`. Apply `view` to a converted
+    copy of the leaf to get the same view in another dtype."""
+    shape = [int(s) for s in shape]
+    base = list(shape)
+    if layout.expand_dim is not None:
+        base[layout.expand_dim] = 1
+    alloc = list(base)
+    if layout.slice_dim is not None:
+        alloc[layout.slice_dim] = layout.start + base[layout.slice_dim] * layout.step
+    storage = [alloc[p] for p in layout.perm]
+    inv = [layout.perm.index(i) for i in range(4)]
+    n = math.prod(storage)
+    flat = torch.randn(layout.offset + n, generator=gen, dtype=torch.float64) * magnitude
+    leaf = flat.to(dtype).to(device)
+    if requires_grad:
+        leaf.requires_grad_()
+
+    def view(buf: torch.Tensor) -> torch.Tensor:
+        t = buf[layout.offset:layout.offset + n].view(storage).permute(inv)
+        if layout.slice_dim is not None:
+            idx = [slice(None)] * 4
+            sd = layout.slice_dim
+            idx[sd] = slice(layout.start, layout.start + base[sd] * layout.step, layout.step)
+            t = t[tuple(idx)]
+        if layout.expand_dim is not None:
+            t = t.expand(shape)
+        assert list(t.shape) == shape, (t.shape, shape, layout)
+        return t
+
+    return leaf, view
+
+
+def as_reference(leaf: torch.Tensor, view: Callable, dtype: torch.dtype = torch.float64):
+    """(leaf copy in dtype with requires_grad, its view)."""
+    r = leaf.detach().to(dtype).requires_grad_(leaf.requires_grad)
+    return r, view(r)
