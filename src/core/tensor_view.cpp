@@ -1,19 +1,25 @@
 #include "orchard/tensor_view.h"
 
-#include <sstream>
 
 namespace orchard {
 
 std::string TensorView::describe() const {
   if (!defined()) return "<none>";
-  std::ostringstream s;
-  s << dtype_name(dtype) << "[";
-  for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << shape[i];
-  s << "] strides [";
-  for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << strides[i];
-  s << "] " << device_type_name(device.type);
-  if (device.type != DeviceType::kCPU) s << ":" << device.index;
-  return s.str();
+  auto join = [](const std::array<std::int64_t, kMaxRank>& values, int n) {
+    std::string out;
+    for (int i = 0; i < n; ++i) {
+      if (i) out += ", ";
+      out += std::to_string(values[i]);
+    }
+    return out;
+  };
+  std::string s = std::string(dtype_name(dtype)) + "[" + join(shape, ndim) + "] strides [" + join(strides, ndim) +
+                  "] " + device_type_name(device.type);
+  if (device.type != DeviceType::kCPU) {
+    s += ':';
+    s += std::to_string(device.index);
+  }
+  return s;
 }
 
 TensorView make_contiguous_view(void* data, DType dtype, Device device,

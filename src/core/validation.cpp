@@ -4,7 +4,6 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <sstream>
 #include <utility>
 #include <vector>
 
@@ -30,19 +29,24 @@ bool is_float_dtype(DType t) {
 // CPU-side memory kinds run on the CPU backend, device-side kinds on CUDA.
 bool runs_on_cuda(DeviceType t) { return t == DeviceType::kCUDA || t == DeviceType::kCUDAManaged; }
 
+// Messages are built with std::to_string, not iostreams: error paths should
+// depend on as little of the C++ runtime's locale machinery as possible.
 std::string shape_str(const TensorView& v) {
-  std::ostringstream s;
-  s << "(";
-  for (int i = 0; i < v.ndim; ++i) s << (i ? ", " : "") << v.shape[i];
-  s << ")";
-  return s.str();
+  std::string s = "(";
+  for (int i = 0; i < v.ndim; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v.shape[i]);
+  }
+  return s + ")";
 }
 
 std::string device_str(const Device& d) {
-  std::ostringstream s;
-  s << device_type_name(d.type);
-  if (d.type != DeviceType::kCPU) s << ":" << d.index;
-  return s.str();
+  std::string s = device_type_name(d.type);
+  if (d.type != DeviceType::kCPU) {
+    s += ':';
+    s += std::to_string(d.index);
+  }
+  return s;
 }
 
 // Byte range [lo, hi) a view can touch; empty views touch nothing.
