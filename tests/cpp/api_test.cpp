@@ -120,18 +120,17 @@ TensorView lse_view(Call& c, const Problem& p) {
   return orchard::make_contiguous_view(c.lse.data(), DType::kFloat32, kCpu, {p.b, p.hq, p.sq});
 }
 
-void run_forward(Call& c, const Problem& p, bool causal) {
+orchard::ForwardArgs forward_args(Call& c, const Problem& p) {
   orchard::ForwardArgs a;
   a.q = c.q.view;
   a.k = c.k.view;
   a.v = c.v.view;
   a.out = c.out.view;
   a.lse = lse_view(c, p);
-  a.options.causal = causal;
-  orchard::attention_forward(a);
+  return a;
 }
 
-void run_backward(Call& c, const Problem& p, bool causal) {
+orchard::BackwardArgs backward_args(Call& c, const Problem& p) {
   orchard::BackwardArgs g;
   g.q = c.q.view;
   g.k = c.k.view;
@@ -142,6 +141,17 @@ void run_backward(Call& c, const Problem& p, bool causal) {
   g.dq = c.dq.view;
   g.dk = c.dk.view;
   g.dv = c.dv.view;
+  return g;
+}
+
+void run_forward(Call& c, const Problem& p, bool causal) {
+  orchard::ForwardArgs a = forward_args(c, p);
+  a.options.causal = causal;
+  orchard::attention_forward(a);
+}
+
+void run_backward(Call& c, const Problem& p, bool causal) {
+  orchard::BackwardArgs g = backward_args(c, p);
   g.options.causal = causal;
   std::vector<std::uint8_t> ws(orchard::backward_workspace_bytes(g) + 256);
   if (ws.size() > 256) {
@@ -347,12 +357,7 @@ TEST(BadInput, ForwardRaisesOpPrefixedErrorAndWritesNothing) {
     fill_random(c.q, rng);
     fill_random(c.k, rng);
     fill_random(c.v, rng);
-    orchard::ForwardArgs a;
-    a.q = c.q.view;
-    a.k = c.k.view;
-    a.v = c.v.view;
-    a.out = c.out.view;
-    a.lse = lse_view(c, p);
+    orchard::ForwardArgs a = forward_args(c, p);
     a.options.op_name = "orchard.test_op";
     bc.corrupt(a, c);
     const auto q_before = c.q.storage, k_before = c.k.storage, v_before = c.v.storage;
@@ -376,12 +381,7 @@ TEST(BadInput, ForwardRaisesOpPrefixedErrorAndWritesNothing) {
 TEST(BadInput, CudaTensorsWithoutCudaBackendOrHostMix) {
   const Problem p;
   Call c = make_call(p, kBSHD, kBSHD, 0);
-  orchard::ForwardArgs a;
-  a.q = c.q.view;
-  a.k = c.k.view;
-  a.v = c.v.view;
-  a.out = c.out.view;
-  a.lse = lse_view(c, p);
+  orchard::ForwardArgs a = forward_args(c, p);
   a.q.device = orchard::Device{orchard::DeviceType::kCUDA, 0};
   try {
     orchard::attention_forward(a);
@@ -401,16 +401,8 @@ TEST(BadInput, BackwardWorkspaceAndGradAliasing) {
   fill_random(c.v, rng);
   fill_random(c.dout, rng);
   run_forward(c, p, false);
-  orchard::BackwardArgs g;
-  g.q = c.q.view;
-  g.k = c.k.view;
-  g.v = c.v.view;
-  g.out = c.out.view;
-  g.dout = c.dout.view;
-  g.lse = lse_view(c, p);
+  orchard::BackwardArgs g = backward_args(c, p);
   g.dq = c.q.view;  // gradient written over its own input
-  g.dk = c.dk.view;
-  g.dv = c.dv.view;
   EXPECT_THROW(orchard::attention_backward(g), orchard::Error);
   g.dq = c.dq.view;
   g.dk = c.dv.view;  // two gradients into one buffer
