@@ -505,7 +505,9 @@ float median_ms(F&& f, int iters) {
   return t[t.size() / 2];
 }
 
-void bench() {
+// only_d/only_s/only_causal (0/0/-1: all) pick one grid point; iters: timed runs
+// (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys).
+void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20) {
   std::printf("\nbf16, b*s = 16384 tokens, h = 2048/d; TFLOP/s (fwd 4bhs^2d, /2 causal, bwd x2.5), median of 20\n");
   std::printf("%5s %6s %3s %7s | %8s %8s %8s | %s\n", "d", "s", "b", "causal", "fwd", "bwd", "bwd-det", "ms fwd/bwd");
   std::mt19937 rng(7);
@@ -513,6 +515,7 @@ void bench() {
   for (int d : {64, 128})
     for (int causal = 0; causal < 2; ++causal)
       for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
+        if ((only_d && d != only_d) || (only_s && s != only_s) || (only_causal >= 0 && causal != only_causal)) continue;
         const int b = 16384 / s, h = 2048 / d;
         const size_t n = size_t(b) * s * h * d;
         std::vector<uint16_t> hbuf(n);
@@ -539,14 +542,14 @@ void bench() {
         p.workspace = ws;
         p.workspace_bytes = wsb;
         const double flops = 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
-        const float tf = median_ms([&] { ops->forward(p); }, 20);
+        const float tf = median_ms([&] { ops->forward(p); }, iters);
         ops->forward(p);  // real out / lse for the backward
         p.deterministic = false;
-        const float tb = median_ms([&] { ops->backward(p); }, 20);
+        const float tb = median_ms([&] { ops->backward(p); }, iters);
         float tbd = 0;
         if (s == 2048 || s == 8192) {
           p.deterministic = true;
-          tbd = median_ms([&] { ops->backward(p); }, 10);
+          tbd = median_ms([&] { ops->backward(p); }, iters > 1 ? iters / 2 : 1);
         }
         CK(cudaGetLastError());
         std::printf("%5d %6d %3d %7s | %8.1f %8.1f %8.1f | %.3f/%.3f\n", d, s, b, causal ? "yes" : "no",
@@ -577,6 +580,10 @@ int main(int argc, char** argv) {
   }
   if (mode == "--bench") {
     bench();
+    return 0;
+  }
+  if (mode == "--one" && argc == 5) {
+    bench(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), 1);
     return 0;
   }
   // check_support reasons

@@ -23,6 +23,11 @@
 //      cost about what the fp32 atomics, the dq_accum memset and the convert
 //      pass cost. Both stay; `deterministic` picks. dev/cuda/NOTES.md.
 //
+// d <= 128 uses flash_bwd_dkdv2_kernel instead (FA2 layout, P^T / dS^T through
+// shared memory, 2 m16 tiles per warp in every GEMM, float2 dQ reductions on
+// sm_90); see its comment and dev/cuda/NOTES.md calls 3-5. The kernel above is
+// kept for d > 128 and as the ORCHARD_BWD_V2=0 dev baseline.
+//
 // Head dims > 128 would need 2 x d/2 accumulator registers per thread for dK and
 // dV together (256 at d=256), so those buckets run the dK/dV kernel twice:
 // once for dV only and once for dK (+ dQ), recomputing S.
@@ -424,7 +429,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 //   5. dQ += dS K       (kBM x kD), warps kBM/32 (queries) x rest (d), fp32
 //      atomics (non-deterministic) - deterministic mode runs flash_bwd_dq_kernel.
 // ldmatrix.x4 per MMA: 0.45 (d64, d128) vs 0.65 for the 16-rows-per-warp kernel
-// above (d128); see dev/cuda/NOTES.md, call 3.
+// above (d128) - but smem bandwidth was not the limit: the dQ atomics were (float2
+// REDs: +18-22%), and ncu shows 25% more instructions than FA2's kernel plus the
+// spill reloads (dev/cuda/NOTES.md, calls 3-5).
 template <int kD>
 struct BwdConfig2 {
   static constexpr int kNWarps = 8;
