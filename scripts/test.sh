@@ -4,7 +4,8 @@
 # ctest, builds and installs the Python package, and runs pytest.
 #
 #   ORCHARD_CUDA=AUTO|ON|OFF      CUDA backend in the C++ build (default AUTO)
-#   ORCHARD_PY_CUDA=AUTO|ON|OFF   CUDA backend in the Python package (default: ORCHARD_CUDA)
+#   ORCHARD_PY_CUDA=AUTO|ON|OFF   CUDA backend in the Python package (default: ORCHARD_CUDA,
+#                                 else built only when a GPU is visible)
 #   ORCHARD_SANITIZE=1            also build and run the C++ tests under ASan+UBSan
 #   PYTEST_ARGS="..."             extra pytest arguments
 set -euo pipefail
@@ -40,8 +41,13 @@ cmake -S examples/cpp_consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$
 cmake --build build/consumer -j "$JOBS" >/dev/null
 ./build/consumer/orchard_consumer
 
-step "Python package (CUDA: ${ORCHARD_PY_CUDA:-${ORCHARD_CUDA:-AUTO}})"
-ORCHARD_CUDA="${ORCHARD_PY_CUDA:-${ORCHARD_CUDA:-AUTO}}" bash scripts/install_package.sh
+PY_CUDA="${ORCHARD_PY_CUDA:-${ORCHARD_CUDA:-}}"
+step "Python package (CUDA: ${PY_CUDA:-when a GPU is visible})"
+if [ -n "$PY_CUDA" ]; then
+  ORCHARD_CUDA="$PY_CUDA" bash scripts/install_package.sh
+else
+  env -u ORCHARD_CUDA bash scripts/install_package.sh
+fi
 
 step "Python tests (pytest)"
 cd "$ROOT/tests/python"
