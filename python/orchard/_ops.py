@@ -177,10 +177,29 @@ def flash_attn_backward(
         _stream_of(q), op_name,
     )
     with _device_guard(q):
-        nbytes = int(_C.backward_workspace_bytes(*args, *opts))
+        nbytes = _workspace_bytes(args, opts, q, k, causal, dropout_p, deterministic)
         workspace = torch.empty((nbytes,), dtype=torch.uint8, device=q.device) if nbytes > 0 else None
         _C.backward(*args, workspace, *opts)
     return dq, dk, dv
+
+
+# Workspace sizes depend only on the problem's shapes, dtype, device and mode, so
+# they are cached: asking the core means exporting all nine tensors through
+# DLPack a second time per backward call. An undersized workspace could never
+# corrupt memory (the core checks the size and raises), only fail loudly.
+_WORKSPACE_BYTES: dict = {}
+
+
+def _workspace_bytes(args, opts, q, k, causal, dropout_p, deterministic) -> int:
+    key = (q.device, tuple(q.shape), tuple(k.shape), q.dtype, bool(causal), float(dropout_p) > 0.0,
+           bool(deterministic))
+    nbytes = _WORKSPACE_BYTES.get(key)
+    if nbytes is None:
+        nbytes = int(_C.backward_workspace_bytes(*args, *opts))
+        if len(_WORKSPACE_BYTES) > 1024:
+            _WORKSPACE_BYTES.clear()
+        _WORKSPACE_BYTES[key] = nbytes
+    return nbytes
 
 
 @flash_attn_backward.register_fake
