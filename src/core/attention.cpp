@@ -16,25 +16,14 @@ namespace orchard {
 namespace detail {
 namespace {
 
-bool runs_on_cuda(const Device& d) { return d.type == DeviceType::kCUDA || d.type == DeviceType::kCUDAManaged; }
-
 const BackendOps& select_backend(const ProblemShape& p, const std::string& op) {
-  if (!runs_on_cuda(p.device)) return cpu_backend();
+  if (!runs_on_cuda(p.device.type)) return cpu_backend();
   const BackendOps* cuda = cuda_backend();
   if (cuda == nullptr)
     fail(ErrorKind::kNotImplemented, op,
          "tensors are on CUDA but this build of Orchard has no CUDA backend (rebuild with nvcc available, "
          "ORCHARD_CUDA=ON)");
   return *cuda;
-}
-
-bool is_contiguous(const TensorView& v) {
-  std::int64_t expected = 1;
-  for (int i = v.ndim - 1; i >= 0; --i) {
-    if (v.shape[i] > 1 && v.strides[i] != expected) return false;
-    expected *= v.shape[i];
-  }
-  return true;
 }
 
 void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o) {
@@ -143,6 +132,10 @@ void attention_forward(const ForwardArgs& a) {
 
 namespace {
 
+// A backward with no rows on either side writes nothing (sq == 0 alone still
+// has dk, dv = 0 to write).
+bool backward_is_empty(const ProblemShape& s) { return s.b == 0 || s.hq == 0 || (s.sq == 0 && s.sk == 0); }
+
 BwdParams backward_problem(const BackwardArgs& a, const ProblemShape& shape) {
   BwdParams p;
   set_problem(p, shape, a.options);
@@ -156,7 +149,7 @@ std::size_t backward_workspace_bytes(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, a.options.op_name);
   const BwdParams p = backward_problem(a, shape);
-  if (shape.b == 0 || shape.hq == 0 || (shape.sq == 0 && shape.sk == 0)) return 0;
+  if (backward_is_empty(shape)) return 0;
   return be.backward_workspace_bytes(p);
 }
 
@@ -165,7 +158,7 @@ void attention_backward(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, op);
   BwdParams p = backward_problem(a, shape);
-  if (shape.b == 0 || shape.hq == 0 || (shape.sq == 0 && shape.sk == 0)) return;
+  if (backward_is_empty(shape)) return;
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
 
   const std::size_t need = be.backward_workspace_bytes(p);

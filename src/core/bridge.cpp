@@ -8,15 +8,18 @@
 
 namespace orchard::detail {
 
+bool is_contiguous(const TensorView& view) {
+  std::int64_t expected = 1;
+  for (int i = view.ndim - 1; i >= 0; --i) {
+    if (view.shape[i] > 1 && view.strides[i] != expected) return false;
+    expected *= view.shape[i];
+  }
+  return true;
+}
+
 std::string zero_copy_blocker(const TensorView& view, std::size_t alignment, bool contiguous) {
   if (view.numel() == 0) return {};
-  if (contiguous) {
-    std::int64_t expected = 1;
-    for (int i = view.ndim - 1; i >= 0; --i) {
-      if (view.shape[i] > 1 && view.strides[i] != expected) return "not contiguous";
-      expected *= view.shape[i];
-    }
-  }
+  if (contiguous && !is_contiguous(view)) return "not contiguous";
   const int last = view.ndim - 1;
   if (view.shape[last] > 1 && view.strides[last] != 1)
     return "last-dim stride " + std::to_string(view.strides[last]) + " != 1";

@@ -52,6 +52,9 @@ class StagingSession {
   int staged_count_ = 0;
 };
 
+// Row-major contiguity (size-1 dims may have any stride).
+bool is_contiguous(const TensorView& view);
+
 // Why `view` cannot be used in place by a kernel that needs the last dim
 // contiguous, non-negative strides and `alignment`-byte alignment; empty if it can.
 std::string zero_copy_blocker(const TensorView& view, std::size_t alignment, bool contiguous = false);

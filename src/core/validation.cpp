@@ -15,6 +15,8 @@ void fail(ErrorKind kind, const std::string& op, const std::string& message) {
 
 DType lse_dtype_for(DType dtype) { return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
 
+bool runs_on_cuda(DeviceType t) { return t == DeviceType::kCUDA || t == DeviceType::kCUDAManaged; }
+
 namespace {
 
 struct Named {
@@ -25,9 +27,6 @@ struct Named {
 bool is_float_dtype(DType t) {
   return t == DType::kFloat16 || t == DType::kBFloat16 || t == DType::kFloat32 || t == DType::kFloat64;
 }
-
-// CPU-side memory kinds run on the CPU backend, device-side kinds on CUDA.
-bool runs_on_cuda(DeviceType t) { return t == DeviceType::kCUDA || t == DeviceType::kCUDAManaged; }
 
 // Messages are built with std::to_string, not iostreams: error paths should
 // depend on as little of the C++ runtime's locale machinery as possible.

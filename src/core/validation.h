@@ -22,6 +22,10 @@ ProblemShape validate_forward(const ForwardArgs& args);
 // Checks everything but the workspace size (which needs the backend).
 ProblemShape validate_backward(const BackwardArgs& args);
 
+// CPU-side memory kinds (host, pinned host) run on the CPU backend; device-side
+// kinds (device, managed) on CUDA.
+bool runs_on_cuda(DeviceType type);
+
 // The element type the LSE tensor must have for inputs of `dtype`.
 DType lse_dtype_for(DType dtype);
 
