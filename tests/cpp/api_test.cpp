@@ -102,6 +102,22 @@ struct Call {
   std::vector<float> lse;
 };
 
+// Fresh random q, k, v and dout (never zeros: they would hide unwritten outputs).
+void fill_inputs(Call& c, std::mt19937& rng) {
+  fill_random(c.q, rng);
+  fill_random(c.k, rng);
+  fill_random(c.v, rng);
+  fill_random(c.dout, rng);
+}
+
+// The same input values in another layout.
+void copy_inputs(Call& dst, Call& src) {
+  copy_values(dst.q, src.q);
+  copy_values(dst.k, src.k);
+  copy_values(dst.v, src.v);
+  copy_values(dst.dout, src.dout);
+}
+
 Call make_call(const Problem& p, std::array<int, 4> in_layout, std::array<int, 4> grad_layout, std::int64_t pad) {
   Call c;
   c.q = make_strided({p.b, p.sq, p.hq, p.d}, in_layout, pad, 3);
@@ -169,18 +185,12 @@ TEST_P(LayoutTest, MatchesContiguousCall) {
   const Problem p;
   std::mt19937 rng(1234);
   Call ref = make_call(p, kBSHD, kBSHD, 0);
-  fill_random(ref.q, rng);
-  fill_random(ref.k, rng);
-  fill_random(ref.v, rng);
-  fill_random(ref.dout, rng);
+  fill_inputs(ref, rng);
   run_forward(ref, p, causal);
   run_backward(ref, p, causal);
 
   Call c = make_call(p, in_layout, grad_layout, pad);
-  copy_values(c.q, ref.q);
-  copy_values(c.k, ref.k);
-  copy_values(c.v, ref.v);
-  copy_values(c.dout, ref.dout);
+  copy_inputs(c, ref);
   const std::vector<float> q_before = c.q.storage;
   run_forward(c, p, causal);
   run_backward(c, p, causal);
@@ -214,9 +224,7 @@ std::string profile_of_forward(std::array<int, 4> layout) {
   const Problem p;
   std::mt19937 rng(1);
   Call c = make_call(p, layout, kBSHD, 0);
-  fill_random(c.q, rng);
-  fill_random(c.k, rng);
-  fill_random(c.v, rng);
+  fill_inputs(c, rng);
   setenv("ORCHARD_TENSOR_PROFILE", "1", 1);
   ::testing::internal::CaptureStderr();
   run_forward(c, p, false);
@@ -244,9 +252,7 @@ TEST(TensorProfile, SilentWhenOff) {
   const Problem p;
   Call c = make_call(p, kBSHD, kBSHD, 0);
   std::mt19937 rng(2);
-  fill_random(c.q, rng);
-  fill_random(c.k, rng);
-  fill_random(c.v, rng);
+  fill_inputs(c, rng);
   ::testing::internal::CaptureStderr();
   run_forward(c, p, false);
   EXPECT_EQ(::testing::internal::GetCapturedStderr(), "");
@@ -277,17 +283,11 @@ TEST(DebugLog, OneWellFormedLinePerCallAcrossThreads) {
       std::mt19937 rng(t);
       for (int i = 0; i < kCallsPerThread; ++i) {
         Call c = make_call(p, kBSHD, kBSHD, 0);
-        fill_random(c.q, rng);
-        fill_random(c.k, rng);
-        fill_random(c.v, rng);
-        fill_random(c.dout, rng);
+        fill_inputs(c, rng);
         run_forward(c, p, true);
         run_backward(c, p, true);
         Call again = make_call(p, kBHSD, kBHSD, 0);
-        copy_values(again.q, c.q);
-        copy_values(again.k, c.k);
-        copy_values(again.v, c.v);
-        copy_values(again.dout, c.dout);
+        copy_inputs(again, c);
         run_forward(again, p, true);
         errors[t] = std::max(errors[t], max_diff(again.out, c.out));
       }
@@ -354,9 +354,7 @@ TEST(BadInput, ForwardRaisesOpPrefixedErrorAndWritesNothing) {
   for (const BadCase& bc : cases) {
     Call c = make_call(p, kBSHD, kBSHD, 0);
     std::mt19937 rng(3);
-    fill_random(c.q, rng);
-    fill_random(c.k, rng);
-    fill_random(c.v, rng);
+    fill_inputs(c, rng);
     orchard::ForwardArgs a = forward_args(c, p);
     a.options.op_name = "orchard.test_op";
     bc.corrupt(a, c);
@@ -396,10 +394,7 @@ TEST(BadInput, BackwardWorkspaceAndGradAliasing) {
   const Problem p;
   Call c = make_call(p, kBSHD, kBSHD, 0);
   std::mt19937 rng(4);
-  fill_random(c.q, rng);
-  fill_random(c.k, rng);
-  fill_random(c.v, rng);
-  fill_random(c.dout, rng);
+  fill_inputs(c, rng);
   run_forward(c, p, false);
   orchard::BackwardArgs g = backward_args(c, p);
   g.dq = c.q.view;  // gradient written over its own input
@@ -419,10 +414,7 @@ TEST(Empty, ZeroLengthSequences) {
     p.sk = sk;
     Call c = make_call(p, kBSHD, kBSHD, 0);
     std::mt19937 rng(5);
-    fill_random(c.q, rng);
-    fill_random(c.k, rng);
-    fill_random(c.v, rng);
-    fill_random(c.dout, rng);
+    fill_inputs(c, rng);
     run_forward(c, p, false);
     run_backward(c, p, false);
     if (sk == 0) {
