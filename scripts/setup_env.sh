@@ -27,7 +27,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.orchard-requirements"
 if ! cmp -s "$ROOT/requirements-dev.txt" "$stamp"; then
-  echo "[setup] pip install -r requirements-dev.txt (first time: torch is ~1 GB of downloads)"
+  echo "[setup] pip install -r requirements-dev.txt (first time: torch with its CUDA libraries, several GB of downloads)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
   cp "$ROOT/requirements-dev.txt" "$stamp"
