@@ -50,8 +50,10 @@ if [[ $MODE == check || $MODE == all || $MODE == ab* ]]; then
   t1=$(date +%s)
   timeout 300 $BIN > "$OUT/check.log" 2>&1; echo "cuda_check rc=$? ($(( $(date +%s) - t1 ))s)"
   grep -E "FAIL|MISMATCH|DIFFERENT|unsupported|cases passed|check_support" "$OUT/check.log" | head -40
-  timeout 200 compute-sanitizer --tool memcheck $BIN --small > "$OUT/sanitizer.log" 2>&1
-  echo "sanitizer rc=$?"; grep -E "ERROR SUMMARY|=> " "$OUT/sanitizer.log" | head
+  for tool in ${SANITIZERS:-memcheck}; do
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 3 $BIN --small > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|=> |passed|FAIL" "$OUT/sanitizer_$tool.log" | head -12
+  done
 fi
 if [[ $MODE == bench || $MODE == all || $MODE == ab* ]]; then
   timeout 200 $BIN --bench > "$OUT/bench.log" 2>&1; echo "bench rc=$?"

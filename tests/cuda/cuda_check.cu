@@ -570,12 +570,25 @@ int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   std::mt19937 rng(1234);
   if (mode == "--small") {
-    Case c{"small", DType::kBFloat16, 1, 2, 1, 70, 90, 64, true};
-    run_case(c, rng);
-    Case c2{"small-det-drop", DType::kFloat16, 1, 2, 2, 40, 33, 160};
-    c2.det = true;
-    c2.p = 0.2f;
-    run_case(c2, rng);
+    // One small case per kernel family, for compute-sanitizer (memcheck,
+    // racecheck, synccheck): FA2-layout backward (d <= 128) with atomic dQ,
+    // with dropout, and deterministic; the split backward (d > 128) both ways;
+    // the fp32 SIMT kernels; GQA, causal and tails in between.
+    const DType BF = DType::kBFloat16, FP = DType::kFloat16, F32 = DType::kFloat32;
+    std::vector<Case> cases = {
+        {"small", BF, 1, 2, 1, 70, 90, 64, true},
+        {"small-d128-gqa", FP, 1, 4, 2, 130, 75, 128},
+        {"small-d96-drop", BF, 1, 2, 2, 50, 66, 96, true},
+        {"small-d256", BF, 1, 2, 1, 40, 70, 256, true},
+        {"small-det-drop", FP, 1, 2, 2, 40, 33, 160},
+        {"small-d128-det", BF, 1, 2, 2, 90, 140, 128, true},
+        {"small-fp32", F32, 1, 2, 1, 33, 47, 72, true},
+    };
+    cases[2].p = 0.2f;
+    cases[4].det = true;
+    cases[4].p = 0.2f;
+    cases[5].det = true;
+    for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
   }
   if (mode == "--bench") {

@@ -49,15 +49,6 @@ namespace orchard::cuda {
 #ifndef ORCHARD_BWD_V2
 #define ORCHARD_BWD_V2 1
 #endif
-#ifndef ORCHARD_BWD_RED2  // dev switch: 8-byte float2 dQ reductions on sm_90 (0: scalar)
-#define ORCHARD_BWD_RED2 1
-#endif
-#ifndef ORCHARD_BWD_LEAN  // dev switch: mask-free exp path off the tail/diagonal tiles
-#define ORCHARD_BWD_LEAN 0
-#endif
-#ifndef ORCHARD_BWD_FUSE34  // dev switch: interleave the dV and dK GEMMs
-#define ORCHARD_BWD_FUSE34 0
-#endif
 #ifndef ORCHARD_BWD_BM_D64  // dev switch: query rows per step of the new kernel for d <= 64
 #define ORCHARD_BWD_BM_D64 128
 #endif
@@ -83,6 +74,19 @@ struct BwdConfig {
   static constexpr int kDqBN = kD <= 128 ? 64 : 32;
   static constexpr int kDqSmemBytes = (2 * kDqBM * kS + 4 * kDqBN * kS) * 2;
 };
+
+// Adds a lane's 4 C-fragment values of one 16 x 8 dQ tile into dq_accum (layout
+// in launch.h): one 16-byte vector reduction on sm_90, so a warp instruction
+// covers 512 contiguous bytes.
+// The softmax scale is applied once, by the convert kernel.
+__device__ __forceinline__ void dq_accum_add(float* dst, const float (&c)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), make_float4(c[0], c[1], c[2], c[3]));
+#else
+#pragma unroll
+  for (int i = 0; i < 4; ++i) atomicAdd(dst + i, c[i]);
+#endif
+}
 
 // D[bh, row] = sum_c dO[b,row,h,c] * O[b,row,h,c]; one warp per row.
 template <typename T>
@@ -113,24 +117,28 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
   if (lane == 0) dsum[r] = acc;
 }
 
-// dq[b,row,h,:] = dtype(dq_accum[bh,row,:]); 4 elements per thread.
+// dq[b,row,h,:] = dtype(scale * dq_accum): one thread per lane-slot of the permuted
+// layout (its float4 is rows r, r+8 x columns c, c+1 of a 16 x 8 tile), so the
+// reads are fully coalesced; a warp writes one 16-row x 16-byte tile.
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, const float* acc) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  const int q4 = p.d / 4;
-  const int64_t total = static_cast<int64_t>(p.b) * p.hq * p.sq * q4;
-  if (idx >= total) return;
-  const int c = static_cast<int>(idx % q4) * 4;
-  const int64_t r = idx / q4;
-  const int i = static_cast<int>(r % p.sq);
-  const int64_t bh = r / p.sq;
+  const int col_tiles = p.d / 8;
+  const int row_tiles = dq_accum_rows(p.sq) / 16;
+  const int64_t tiles_per_slab = static_cast<int64_t>(row_tiles) * col_tiles;
+  const int64_t tile = idx / 32;
+  if (tile >= static_cast<int64_t>(p.b) * p.hq * tiles_per_slab) return;
+  const int lane = static_cast<int>(idx % 32), g = lane / 4, t = lane % 4;
+  const int64_t bh = tile / tiles_per_slab;
+  const int in_slab = static_cast<int>(tile % tiles_per_slab);
+  const int row = (in_slab / col_tiles) * 16 + g, col = (in_slab % col_tiles) * 8 + 2 * t;
   const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
-  const float4 v = *reinterpret_cast<const float4*>(acc + r * p.d + c);
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride + c;
-  uint2 out;
-  out.x = MmaType<T>::pack(v.x, v.y);
-  out.y = MmaType<T>::pack(v.z, v.w);
-  *reinterpret_cast<uint2*>(dq) = out;
+  const float4 v = *reinterpret_cast<const float4*>(acc + idx * 4);
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + col;
+  const float sc = p.scale;
+  if (row < p.sq) *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride) = MmaType<T>::pack(v.x * sc, v.y * sc);
+  if (row + 8 < p.sq)
+    *reinterpret_cast<uint32_t*>(dq + (row + 8) * p.dq_row_stride) = MmaType<T>::pack(v.z * sc, v.w * sc);
 }
 
 template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq>
@@ -376,15 +384,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
             if (2 * dp + 1 < kDTw) mma16816<T>(acc[2 * dp + 1], a, bfr[2], bfr[3]);
           }
         }
-        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * p.sq * d;
+        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
+        const int row16 = m0 + wm * 16;  // kBM % 16 == 0: a tile boundary
 #pragma unroll
-        for (int i = 0; i < kDTw; ++i)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int q = m0 + wm * 16 + g + (c >> 1) * 8;
-            const int col = (wn * kDTw + i) * 8 + 2 * t + (c & 1);
-            if (q < p.sq && col < d) atomicAdd(dqa + static_cast<int64_t>(q) * d + col, acc[i][c] * p.scale);
-          }
+        for (int i = 0; i < kDTw; ++i) {
+          const int col8 = (wn * kDTw + i) * 8;
+          if (row16 < p.sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[i]);
+        }
       }
     }
   }
@@ -497,13 +503,15 @@ __global__ void __launch_bounds__(256)
   float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
   const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride;
 
-  auto prefetch = [&](int it, int stage) {
-    const int h = hk * group + it / nm;
-    const int m0 = (m_begin + it % nm) * kBM;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
-    const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
-    load_tile_async<T, kBM, kD, kThreads>(sQ + stage * kBM * kS, qg, p.q_row_stride, p.sq - m0, d, tid);
-    load_tile_async<T, kBM, kD, kThreads>(sdO + stage * kBM * kS, dog, p.do_row_stride, p.sq - m0, d, tid);
+  TileStream<T, kBM, kD, kThreads> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
+  TileStream<T, kBM, kD, kThreads> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
+  // Steps run over (q head of the group, query tile): counters, not divisions.
+  auto prefetch = [&](int h, int mi, int stage) {
+    const int m0 = mi * kBM;
+    q_stream.tile = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
+    do_stream.tile = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
+    q_stream.load(smem_u32(sQ) + stage * kBM * kS * 2, p.sq - m0);
+    do_stream.load(smem_u32(sdO) + stage * kBM * kS * 2, p.sq - m0);
     if (tid < kBM) {
       const int row = m0 + tid;
       float l = INFINITY, dd = 0.f;  // rows past sq: P = 0
@@ -516,7 +524,8 @@ __global__ void __launch_bounds__(256)
       sDs[stage * kBM + tid] = dd;
     }
   };
-  if (total > 0) prefetch(0, 0);
+  int h = hk * group, mi = m_begin;  // the current step
+  if (total > 0) prefetch(h, mi, 0);
   cp_async_commit();
 
   float acc_dk[2][kDTw][4], acc_dv[2][kDTw][4];
@@ -533,17 +542,30 @@ __global__ void __launch_bounds__(256)
   const int krow = wk * 32;            // this warp's first key row (local) in phases 1-4
   const int qcol = wq * (kBM / 2);     // this warp's first query column (local) in phases 1-2
   const int kv_base = n0 + krow + g;   // key rows kv_base + 16 mt + 8 r
+  const int dcol = wq * (kD / 2);      // this warp's first d column in phases 3-4
+  // Shared-memory byte addresses of this lane's ldmatrix rows at each warp tile's
+  // origin; tile offsets are added as compile-time constants.
+  constexpr int kStageBytes = kBM * kS * 2;
+  const uint32_t k_a = smem_u32(sK) + 2 * (krow * kS + a_lane_off<kS>(lane));
+  const uint32_t v_a = smem_u32(sV) + 2 * (krow * kS + a_lane_off<kS>(lane));
+  const uint32_t q_nk0 = smem_u32(sQ) + 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
+  const uint32_t do_nk0 = smem_u32(sdO) + 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
+  const uint32_t q_kn0 = smem_u32(sQ) + 2 * (dcol + b_kn_lane_off<kS>(lane));
+  const uint32_t do_kn0 = smem_u32(sdO) + 2 * (dcol + b_kn_lane_off<kS>(lane));
+  const uint32_t p_a = smem_u32(sP) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
+  const uint32_t ds_a = smem_u32(sdS) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
 
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (it + 1 < total) prefetch(it + 1, stage ^ 1);
+    const bool last_tile = mi + 1 == num_m_total;
+    const int h_next = last_tile ? h + 1 : h, mi_next = last_tile ? m_begin : mi + 1;
+    if (it + 1 < total) prefetch(h_next, mi_next, stage ^ 1);
     cp_async_commit();
-    const int h = hk * group + it / nm;
-    const int m0 = (m_begin + it % nm) * kBM;
-    const T* sQs = sQ + stage * kBM * kS;
-    const T* sdOs = sdO + stage * kBM * kS;
+    const int m0 = mi * kBM;
+    const uint32_t q_nk = q_nk0 + stage * kStageBytes, do_nk = do_nk0 + stage * kStageBytes;
+    const uint32_t q_kn = q_kn0 + stage * kStageBytes, do_kn = do_kn0 + stage * kStageBytes;
     const float* sLs = sLse + stage * kBM;
     const float* sDv = sDs + stage * kBM;
 
@@ -557,11 +579,11 @@ __global__ void __launch_bounds__(256)
     for (int ks = 0; ks < kKSteps; ++ks) {
       uint32_t a[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_addr<kS>(sK, krow + mt * 16, ks * 16, lane));
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], k_a + 2 * (mt * 16 * kS + ks * 16));
 #pragma unroll
       for (int np = 0; np < kMT / 2; ++np) {
         uint32_t bfr[4];
-        ldmatrix_x4(bfr, b_addr_nk<kS>(sQs, qcol + np * 16, ks * 16, lane));
+        ldmatrix_x4(bfr, q_nk + 2 * (np * 16 * kS + ks * 16));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           mma16816<T>(st[mt][2 * np], a[mt], bfr[0], bfr[1]);
@@ -571,46 +593,27 @@ __global__ void __launch_bounds__(256)
     }
     const bool need_mask =
         (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
-#if ORCHARD_BWD_LEAN  // dev variant: separate mask-free exp loop (spills more; call 5)
-    uint64_t keep_bits = ~0ull;
-    if (need_mask) {  // tail / diagonal tiles only; the common path has no per-element tests
+    // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
+    // common path carries no per-element compares): masked S -> -inf -> P = 0.
+    // Element (key kv_base + kl, query m0 + qcol + 2t + ql) is masked iff
+    // kl >= key_lim or kl - ql > diag_lim, with kl, ql unrolled constants.
+    if (need_mask) {
+      const int key_lim = p.sk - kv_base;
+      int diag_lim = 0;
+      if (kCausal) {
+        const int64_t lim = static_cast<int64_t>(m0) + p.causal_offset - kv_base + qcol + 2 * t;
+        diag_lim = static_cast<int>(lim < -(1 << 30) ? -(1 << 30) : (lim > (1 << 30) ? (1 << 30) : lim));
+      }
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kMT; ++nt)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            const int ql = qcol + nt * 8 + 2 * t + (c & 1);
-            const int kv = kv_base + mt * 16 + (c >> 1) * 8;
-            const int64_t q = m0 + ql;
-            const bool masked = kv >= p.sk || (kCausal && kv > q + p.causal_offset);
-            st[mt][nt][c] = !masked
-                                ? fast_exp2(fmaf(st[mt][nt][c], scale_log2, -sLs[qcol + nt * 8 + 2 * t + (c & 1)]))
-                                : 0.f;
+            const int kl = mt * 16 + (c >> 1) * 8, ql = nt * 8 + (c & 1);
+            if (kl >= key_lim || (kCausal && kl - ql > diag_lim)) st[mt][nt][c] = -INFINITY;
           }
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kMT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) st[mt][nt][c] = fast_exp2(fmaf(st[mt][nt][c], scale_log2, -sLs[qcol + nt * 8 + 2 * t + (c & 1)]));
     }
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kMT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int ql = qcol + nt * 8 + 2 * t + (c & 1);
-          const int kv = kv_base + mt * 16 + (c >> 1) * 8;
-          if constexpr (kDropout) {
-            const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h),
-                                             static_cast<uint32_t>(m0 + ql), static_cast<uint32_t>(kv >> 2));
-            if (philox_lane(dr, kv & 3) < keep_threshold) keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
-          }
-        }
-#else
     uint64_t keep_bits = ~0ull;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
@@ -619,12 +622,9 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int ql = qcol + nt * 8 + 2 * t + (c & 1);
-          float pv = fast_exp2(fmaf(st[mt][nt][c], scale_log2, -sLs[ql]));
+          // sLs is +inf for rows past sq and fully masked rows: P = 0 there too.
+          const float pv = fast_exp2(fmaf(st[mt][nt][c], scale_log2, -sLs[ql]));
           const int kv = kv_base + mt * 16 + (c >> 1) * 8;
-          if (need_mask) {
-            const int64_t q = m0 + ql;
-            if (kv >= p.sk || (kCausal && kv > q + p.causal_offset)) pv = 0.f;
-          }
           st[mt][nt][c] = pv;
           if constexpr (kDropout) {
             const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h),
@@ -632,7 +632,6 @@ __global__ void __launch_bounds__(256)
             if (philox_lane(dr, kv & 3) < keep_threshold) keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
           }
         }
-#endif
     auto kept = [&](int mt, int nt, int c) {
       return !kDropout || ((keep_bits >> ((mt * kMT + nt) * 4 + c)) & 1ull);
     };
@@ -661,11 +660,11 @@ __global__ void __launch_bounds__(256)
       for (int ks = 0; ks < kKSteps; ++ks) {
         uint32_t a[2][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_addr<kS>(sV, krow + mt * 16, ks * 16, lane));
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], v_a + 2 * (mt * 16 * kS + ks * 16));
 #pragma unroll
         for (int np = 0; np < kMT / 2; ++np) {
           uint32_t bfr[4];
-          ldmatrix_x4(bfr, b_addr_nk<kS>(sdOs, qcol + np * 16, ks * 16, lane));
+          ldmatrix_x4(bfr, do_nk + 2 * (np * 16 * kS + ks * 16));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma16816<T>(dpt[mt][2 * np], a[mt], bfr[0], bfr[1]);
@@ -693,41 +692,16 @@ __global__ void __launch_bounds__(256)
     __syncthreads();  // sP / sdS complete
 
     // 3./4. dV += P_drop^T dO, dK += dS^T Q: 32 key rows x kD/2 columns per warp.
-    const int dcol = wq * (kD / 2);
-#if ORCHARD_BWD_FUSE34
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      uint32_t ap[2][4], as[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        ldmatrix_x4(ap[mt], a_addr<kSP>(sP, krow + mt * 16, kk * 16, lane));
-        ldmatrix_x4(as[mt], a_addr<kSP>(sdS, krow + mt * 16, kk * 16, lane));
-      }
-#pragma unroll
-      for (int dp = 0; dp < kDTw / 2; ++dp) {
-        uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, b_addr_kn<kS>(sdOs, kk * 16, dcol + dp * 16, lane));
-        ldmatrix_x4_trans(bq, b_addr_kn<kS>(sQs, kk * 16, dcol + dp * 16, lane));
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma16816<T>(acc_dv[mt][2 * dp], ap[mt], bo[0], bo[1]);
-          mma16816<T>(acc_dv[mt][2 * dp + 1], ap[mt], bo[2], bo[3]);
-          mma16816<T>(acc_dk[mt][2 * dp], as[mt], bq[0], bq[1]);
-          mma16816<T>(acc_dk[mt][2 * dp + 1], as[mt], bq[2], bq[3]);
-        }
-      }
-    }
-#else
-    auto gemm_acc = [&](float (&acc)[2][kDTw][4], const T* sA, const T* sB) {
+    auto gemm_acc = [&](float (&acc)[2][kDTw][4], uint32_t a_base, uint32_t b_base) {
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
         uint32_t a[2][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_addr<kSP>(sA, krow + mt * 16, kk * 16, lane));
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_base + 2 * (mt * 16 * kSP + kk * 16));
 #pragma unroll
         for (int dp = 0; dp < kDTw / 2; ++dp) {
           uint32_t bfr[4];
-          ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sB, kk * 16, dcol + dp * 16, lane));
+          ldmatrix_x4_trans(bfr, b_base + 2 * (kk * 16 * kS + dp * 16));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
@@ -736,14 +710,15 @@ __global__ void __launch_bounds__(256)
         }
       }
     };
-    gemm_acc(acc_dv, sP, sdOs);
-    gemm_acc(acc_dk, sdS, sQs);
-#endif
+    gemm_acc(acc_dv, p_a, do_kn);
+    gemm_acc(acc_dk, ds_a, q_kn);
 
     // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
     if constexpr (kDq) {
       constexpr int kDqT = Cfg::kDqT;
       const int wm = warp % Cfg::kQM, wn = warp / Cfg::kQM;
+      const uint32_t ds_km = smem_u32(sdS) + 2 * (wm * 32 + b_nk_lane_off<kSP>(lane));  // same lane map as [n][k]
+      const uint32_t k_kn = smem_u32(sK) + 2 * (wn * kDqT * 8 + b_kn_lane_off<kS>(lane));
       float acc[2][kDqT][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
@@ -754,13 +729,13 @@ __global__ void __launch_bounds__(256)
         uint32_t a[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
-          ldmatrix_x4_trans(a[mt], a_addr_km<kSP>(sdS, wm * 32 + mt * 16, kk * 16, lane));
+          ldmatrix_x4_trans(a[mt], ds_km + 2 * (kk * 16 * kSP + mt * 16));
 #pragma unroll
         for (int dp = 0; dp < (kDqT + 1) / 2; ++dp) {
           uint32_t bfr[4];
           // Odd kDqT (d96): the last x4 also reads the next 8 columns (inside the
           // padded row) and ignores them.
-          ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sK, kk * 16, (wn * kDqT + 2 * dp) * 8, lane));
+          ldmatrix_x4_trans(bfr, k_kn + 2 * (kk * 16 * kS + dp * 16));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
@@ -768,34 +743,24 @@ __global__ void __launch_bounds__(256)
           }
         }
       }
-      float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * p.sq * d;
+      float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < 2; ++mt) {
+        const int row16 = m0 + wm * 32 + mt * 16;  // kBM % 32 == 0: a tile boundary
 #pragma unroll
-        for (int i = 0; i < kDqT; ++i)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int q = m0 + wm * 32 + mt * 16 + g + r * 8;
-            const int col = (wn * kDqT + i) * 8 + 2 * t;  // even; d % 8 == 0, so col + 1 < d too
-            if (q < p.sq && col < d) {
-              float* dst = dqa + static_cast<int64_t>(q) * d + col;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && ORCHARD_BWD_RED2
-              // One 8-byte vector reduction (sm_90) instead of two scalar ones: a warp
-              // instruction then covers 8 full 32-byte sectors (measured +18-22%, call 4).
-              atomicAdd(reinterpret_cast<float2*>(dst),
-                        make_float2(acc[mt][i][2 * r] * p.scale, acc[mt][i][2 * r + 1] * p.scale));
-#else
-              atomicAdd(dst, acc[mt][i][2 * r] * p.scale);
-              atomicAdd(dst + 1, acc[mt][i][2 * r + 1] * p.scale);
-#endif
-            }
-          }
+        for (int i = 0; i < kDqT; ++i) {
+          const int col8 = (wn * kDqT + i) * 8;
+          if (row16 < p.sq && col8 < d)
+            dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[mt][i]);
+        }
+      }
     }
+    h = h_next;
+    mi = mi_next;
   }
   cp_async_wait<0>();
 
   // Epilogue: this warp's 32 key rows x kD/2 columns of dK (scaled) and dV.
-  const int dcol = wq * (kD / 2);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -1006,8 +971,8 @@ void launch_flash_bwd(const BwdParams& p) {
   }
   const bool atomic_dq = !p.deterministic;
   if (atomic_dq && rows > 0) {
-    if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, static_cast<size_t>(rows) * p.d * sizeof(float), stream) !=
-        cudaSuccess)
+    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * p.d;
+    if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
       check_launch("cudaMemsetAsync(dq_accum)");
   }
 
@@ -1044,7 +1009,7 @@ void launch_flash_bwd(const BwdParams& p) {
 
   if (rows == 0) return;
   if (atomic_dq) {
-    const int64_t n4 = rows * (p.d / 4);
+    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (p.d / 4);  // float4 slots
     bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
         p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset));
     check_launch("bwd_convert_dq_kernel");

@@ -45,17 +45,23 @@ constexpr float kLn2 = 0.6931471805599453f;
 #ifndef ORCHARD_FWD_QK_UNROLL  // dev switch: unroll factor of the QK^T k-loop
 #define ORCHARD_FWD_QK_UNROLL 16
 #endif
+#ifndef ORCHARD_FWD_PREPACK  // dev switch: pack all of P to 16 bits before the PV loop
+#define ORCHARD_FWD_PREPACK 1
+#endif
+#ifndef ORCHARD_FWD_BN_D64
+#define ORCHARD_FWD_BN_D64 64  // dev switch: K/V tile rows for d <= 64
+#endif
 #ifndef ORCHARD_FWD_BN_D128
 #define ORCHARD_FWD_BN_D128 32  // dev switch: K/V tile rows for d96/128 with kMW = 2
 #endif
-template <int kD>
+template <int kD, bool kDropout = false>
 struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? ORCHARD_FWD_MW : 1;  // m16 tiles per warp
   static constexpr int kNWarps = (kMW == 1 && kD <= 128) ? 8 : 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96/128 with kMW = 2: 64-row K/V tiles spill ~250 bytes (ptxas hoists the V
   // fragments); 32-row tiles spill ~60.
-  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? (kMW == 2 ? ORCHARD_FWD_BN_D128 : 64) : (kD <= 192 ? 64 : 32));
+  static constexpr int kBN = kD <= 64 ? ORCHARD_FWD_BN_D64 : (kD <= 128 ? (kMW == 2 ? (kDropout ? 32 : ORCHARD_FWD_BN_D128) : 64) : (kD <= 192 ? 64 : 32));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   static constexpr int kSmemBytes = (kBM + 4 * kBN) * kS * 2;
@@ -64,13 +70,14 @@ struct FwdConfig {
 template <typename T, int kD, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     flash_fwd_kernel(const FwdParams p, int num_m_blocks) {
-  using Cfg = FwdConfig<kD>;
+  using Cfg = FwdConfig<kD, kDropout>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
   constexpr int kQKUnroll = ORCHARD_FWD_QK_UNROLL;
   constexpr int kNT = kBN / 8;      // n8 tiles of S
   constexpr int kDT = kD / 8;       // n8 tiles of O
 
+  constexpr int kTileBytes = kBN * kS * 2;  // one K or V stage
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBM * kS;       // [2][kBN][kS]
@@ -101,9 +108,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const int n_blocks = (n_end + kBN - 1) / kBN;
 
   load_tile_async<T, kBM, kD, kThreads>(sQ, qg, p.q_row_stride, p.sq - m0, d, tid);
+  TileStream<T, kBN, kD, kThreads> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
   if (n_blocks > 0) {
-    load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk, d, tid);
-    load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk, d, tid);
+    k_stream.load(smem_u32(sK), p.sk);
+    v_stream.load(smem_u32(sV), p.sk);
   }
   cp_async_commit();
 
@@ -117,6 +125,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 #pragma unroll
   for (int mt = 0; mt < kMW; ++mt) row_max[mt][0] = row_max[mt][1] = -INFINITY, row_sum[mt][0] = row_sum[mt][1] = 0.f;
 
+  // Shared-memory byte addresses of this lane's ldmatrix rows at tile origin (0, 0).
+  const uint32_t q_lane = smem_u32(sQ) + 2 * ((wrow)*kS + a_lane_off<kS>(lane));
+  const uint32_t k_lane = smem_u32(sK) + 2 * b_nk_lane_off<kS>(lane);
+  const uint32_t v_lane = smem_u32(sV) + 2 * b_kn_lane_off<kS>(lane);
   uint32_t qf[Cfg::kQInRegs ? kMW * kKSteps : 1][4];
   const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
@@ -131,19 +143,18 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
         for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
           for (int ks = 0; ks < kKSteps; ++ks)
-            ldmatrix_x4(qf[mt * kKSteps + ks], a_addr<kS>(sQ, wrow + mt * 16, ks * 16, lane));
+            ldmatrix_x4(qf[mt * kKSteps + ks], q_lane + 2 * (mt * 16 * kS + ks * 16));
       }
     }
     if (n + 1 < n_blocks) {
       const int nn = (n + 1) * kBN;
-      load_tile_async<T, kBN, kD, kThreads>(sK + (stage ^ 1) * kBN * kS, kg + nn * p.k_row_stride,
-                                            p.k_row_stride, p.sk - nn, d, tid);
-      load_tile_async<T, kBN, kD, kThreads>(sV + (stage ^ 1) * kBN * kS, vg + nn * p.v_row_stride,
-                                            p.v_row_stride, p.sk - nn, d, tid);
+      k_stream.advance();
+      v_stream.advance();
+      k_stream.load(smem_u32(sK) + (stage ^ 1) * kTileBytes, p.sk - nn);
+      v_stream.load(smem_u32(sV) + (stage ^ 1) * kTileBytes, p.sk - nn);
     }
     cp_async_commit();
-    const T* sKs = sK + stage * kBN * kS;
-    const T* sVs = sV + stage * kBN * kS;
+    const uint32_t k_stage = k_lane + stage * kTileBytes, v_stage = v_lane + stage * kTileBytes;
     const int n0 = n * kBN;
 
     // S = Q K^T
@@ -161,13 +172,13 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 #pragma unroll
           for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt * kKSteps + ks][i];
         } else {
-          ldmatrix_x4(a[mt], a_addr<kS>(sQ, wrow + mt * 16, ks * 16, lane));
+          ldmatrix_x4(a[mt], q_lane + 2 * (mt * 16 * kS + ks * 16));
         }
       }
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bfr[4];
-        ldmatrix_x4(bfr, b_addr_nk<kS>(sKs, np * 16, ks * 16, lane));
+        ldmatrix_x4(bfr, k_stage + 2 * (np * 16 * kS + ks * 16));
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt) {
           mma16816<T>(s[mt][2 * np], a[mt], bfr[0], bfr[1]);
@@ -254,6 +265,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     // O += P V. P is repacked to 16-bit A fragments for the whole tile first
     // (FA2 does the same): the fp32 S is dead before the PV loop, which leaves
     // ptxas room to hoist V fragments without spilling (64-row tiles at d128).
+#if ORCHARD_FWD_PREPACK
     uint32_t pa[kMW][kBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk)
@@ -264,12 +276,23 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
         pa[mt][kk][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pa[mt][kk][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
+#endif
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
+#if !ORCHARD_FWD_PREPACK
+      uint32_t pa[kMW][kBN / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < kMW; ++mt) {
+        pa[mt][kk][0] = MmaType<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = MmaType<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#endif
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bfr[4];
-        ldmatrix_x4_trans(bfr, b_addr_kn<kS>(sVs, kk * 16, dp * 16, lane));
+        ldmatrix_x4_trans(bfr, v_stage + 2 * (kk * 16 * kS + dp * 16));
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt) {
           mma16816<T>(acc_o[mt][2 * dp], pa[mt][kk], bfr[0], bfr[1]);
@@ -329,7 +352,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_fwd(const FwdParams& p) {
-  using Cfg = FwdConfig<kD>;
+  using Cfg = FwdConfig<kD, kDropout>;
   auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout>;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "orchard/config.h"
@@ -28,16 +29,30 @@ void run_dropout_mask(const FwdParams& params);
 // Workspace layout for the backward pass (each region 256-byte aligned).
 struct BwdWorkspace {
   std::size_t d_offset = 0;         // float[b * hq * sq]: rowsum(dO * O)
-  std::size_t dq_accum_offset = 0;  // float[b * hq * sq * d]: fp32 dQ atomics
+  std::size_t dq_accum_offset = 0;  // float[b * hq * dq_accum_rows(sq) * d]: fp32 dQ reductions
   std::size_t bytes = 0;
 };
+
+// dq_accum stores each (batch, q head) slab as 16 x 8 tiles in mma.sync's C
+// fragment order (tile-major, then lane, then the lane's 4 values), so the 4
+// values a lane holds for one tile are 16 contiguous bytes and a warp's tile is
+// 512 contiguous bytes: one float4 reduction per lane per tile, fully coalesced
+// (FA2 permutes its dq_accum for the same reason). Rows are padded to 16.
+ORCHARD_HOST_DEVICE int dq_accum_rows(int sq) { return (sq + 15) / 16 * 16; }
+// Float offset, inside its slab, of lane `lane`'s 4 values of the tile whose
+// first row is `row16` (a multiple of 16) and first column `col8` (a multiple of 8).
+ORCHARD_HOST_DEVICE int64_t dq_accum_tile_offset(int row16, int col8, int d, int lane) {
+  return ((static_cast<int64_t>(row16 / 16) * (d / 8) + col8 / 8) * 32 + lane) * 4;
+}
+
 ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
   auto align = [](std::size_t n) { return (n + 255) / 256 * 256; };
   const std::size_t rows = static_cast<std::size_t>(p.b) * p.hq * p.sq;
+  const std::size_t acc_rows = static_cast<std::size_t>(p.b) * p.hq * dq_accum_rows(p.sq);
   BwdWorkspace w;
   w.d_offset = 0;
   w.dq_accum_offset = align(rows * sizeof(float));
-  w.bytes = w.dq_accum_offset + align(rows * p.d * sizeof(float));
+  w.bytes = w.dq_accum_offset + align(acc_rows * p.d * sizeof(float));
   return w;
 }
 

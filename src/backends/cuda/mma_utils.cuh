@@ -63,15 +63,22 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+// The uint32_t overloads take a shared-state-space byte address: a per-thread
+// base computed once plus compile-time tile offsets folds into the instruction's
+// immediate, which keeps 64-bit generic pointers out of the register budget.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix_x4(r, smem_u32(p)); }
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  ldmatrix_x4_trans(r, smem_u32(p));
 }
 
 // 16-byte async global->shared copy; zero-fills the destination when !pred.
@@ -113,6 +120,71 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
+// 16-byte async copy to a shared-state-space byte address.
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+}
+
+// Streams consecutive (kRows x kD) tiles of one row-major global matrix into
+// padded shared memory (row stride kD + 8), like load_tile_async, but with the
+// per-thread addressing computed once. When kThreads is a multiple of the
+// chunks per row, each thread owns the 16-byte chunks (row0 + i * kRowStep, col)
+// of every tile, so the loop carries one tile pointer and one 64-bit offset
+// instead of a pointer per chunk (ptxas: the per-chunk pointers were most of the
+// d128 forward's 60-90 B spill; with this it has none). Other head dims (96,
+// 160, 192) take the generic per-chunk path.
+template <typename T, int kRows, int kD, int kThreads>
+struct TileStream {
+  static constexpr int kChunks = kD / 8;
+  static constexpr bool kFixedColumn = kThreads % kChunks == 0;
+  static constexpr int kRowStep = kFixedColumn ? kThreads / kChunks : 1;
+  static constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
+  const T* tile;       // origin (row 0, col 0) of the next tile
+  int64_t row_stride;  // elements
+  int64_t thread_off;  // elements from the tile origin to this thread's first chunk
+  uint32_t smem_off;   // bytes from a smem tile's origin to this thread's first chunk
+  int row0, tid, d;
+  bool col_ok;
+
+  __device__ __forceinline__ TileStream(const T* origin, int64_t stride, int d_, int tid_)
+      : tile(origin), row_stride(stride), tid(tid_), d(d_) {
+    row0 = tid / kChunks;
+    const int col = (tid % kChunks) * 8;
+    col_ok = col < d;
+    thread_off = row0 * stride + col;
+    smem_off = 2 * (row0 * (kD + 8) + col);
+  }
+  // Copies rows [0, kRows) of the current tile to the smem tile at byte address
+  // `smem_tile`; rows >= rows_valid (>= 1) and columns >= d are zero-filled.
+  __device__ __forceinline__ void load(uint32_t smem_tile, int rows_valid) const {
+    if constexpr (kFixedColumn) {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const int r = row0 + i * kRowStep;
+        if (kRows % kRowStep == 0 || r < kRows) {
+          const bool pred = col_ok && r < rows_valid;
+          const T* src = pred ? tile + thread_off + i * kRowStep * row_stride : tile;
+          cp_async16(smem_tile + smem_off + i * kRowStep * (kD + 8) * 2, src, pred);
+        }
+      }
+    } else {
+      constexpr int kTotal = kRows * kChunks;
+#pragma unroll
+      for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+        const int idx = tid + i * kThreads;
+        if (kTotal % kThreads == 0 || idx < kTotal) {
+          const int r = idx / kChunks, c = idx % kChunks;
+          const bool pred = r < rows_valid && c * 8 < d;
+          const T* src = pred ? tile + r * row_stride + c * 8 : tile;
+          cp_async16(smem_tile + 2 * (r * (kD + 8) + c * 8), src, pred);
+        }
+      }
+    }
+  }
+  __device__ __forceinline__ void advance() { tile += kRows * row_stride; }
+};
+
 // ldmatrix addressing helpers for a padded row-major smem tile `base` (row stride kS).
 // A fragment (16x16 at (r0, c0)), non-transposed.
 template <int kS, typename T>
@@ -129,6 +201,14 @@ template <int kS, typename T>
 __device__ __forceinline__ const T* b_addr_kn(const T* base, int k0, int n0, int lane) {
   return base + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + n0 + (lane / 16) * 8;
 }
+// Per-lane element offsets of the helpers above at (0, 0): add the tile origin
+// (row * kS + col) as a compile-time constant.
+template <int kS>
+__device__ __forceinline__ int a_lane_off(int lane) { return (lane % 16) * kS + (lane / 16) * 8; }
+template <int kS>
+__device__ __forceinline__ int b_nk_lane_off(int lane) { return ((lane % 8) + (lane / 16) * 8) * kS + ((lane / 8) % 2) * 8; }
+template <int kS>
+__device__ __forceinline__ int b_kn_lane_off(int lane) { return ((lane % 8) + ((lane / 8) % 2) * 8) * kS + (lane / 16) * 8; }
 // A fragment from storage [k][m] (the transpose is stored), used with .trans.
 template <int kS, typename T>
 __device__ __forceinline__ const T* a_addr_km(const T* base, int m0, int k0, int lane) {
