@@ -76,6 +76,29 @@ def time_impl(run, b, s, h, d, causal, reps):
     return fwd_ms, bwd_ms
 
 
+def profile_point(d: int, s: int, causal: int, out_dir: str) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    b, h = 16384 // s, 2048 // d
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("orchard", "sdpa_flash"):
+        run = IMPLS[name]
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        dout = torch.randn_like(q)
+        step = lambda: torch.autograd.grad(run(q, k, v, bool(causal)), (q, k, v), dout)  # noqa: E731
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        print(f"=== {name}: 5 x fwd+bwd, d={d} s={s} causal={bool(causal)} b={b} h={h}\n{table}", flush=True)
+        with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
+            f.write(table)
+    return 0
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -90,7 +113,12 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="s in {2k, 8k} only")
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--profile", default="", metavar="D,S,CAUSAL",
+                    help="instead of the grid: torch.profiler kernel table for orchard and sdpa_flash "
+                         "fwd+bwd at one grid point (e.g. 128,8192,0); shows every kernel and copy a call launches")
     args = ap.parse_args()
+    if args.profile:
+        return profile_point(*(int(x) for x in args.profile.split(",")), args.out)
 
     card = torch.cuda.get_device_name()
     seqlens = [2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]

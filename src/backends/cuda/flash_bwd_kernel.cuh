@@ -24,9 +24,9 @@
 //      pass cost. Both stay; `deterministic` picks. dev/cuda/NOTES.md.
 //
 // d <= 128 uses flash_bwd_dkdv2_kernel instead (FA2 layout, P^T / dS^T through
-// shared memory, 2 m16 tiles per warp in every GEMM, float2 dQ reductions on
-// sm_90); see its comment and dev/cuda/NOTES.md calls 3-5. The kernel above is
-// kept for d > 128 and as the ORCHARD_BWD_V2=0 dev baseline.
+// shared memory, 2 m16 tiles per warp in every GEMM, float4 dQ reductions into
+// a permuted dq_accum on sm_90); see its comment and dev/cuda/NOTES.md calls 3-6.
+// The kernel above is kept for d > 128.
 //
 // Head dims > 128 would need 2 x d/2 accumulator registers per thread for dK and
 // dV together (256 at d=256), so those buckets run the dK/dV kernel twice:
@@ -45,13 +45,6 @@
 
 namespace orchard::cuda {
 
-// Dev switch: 0 = the 16-rows-per-warp dK/dV kernel (calls 1-2) for d <= 128 too.
-#ifndef ORCHARD_BWD_V2
-#define ORCHARD_BWD_V2 1
-#endif
-#ifndef ORCHARD_BWD_BM_D64  // dev switch: query rows per step of the new kernel for d <= 64
-#define ORCHARD_BWD_BM_D64 128
-#endif
 
 enum BwdMode : int { kModeBoth = 0, kModeDV = 1, kModeDK = 2 };
 
@@ -435,14 +428,17 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 //   5. dQ += dS K       (kBM x kD), warps kBM/32 (queries) x rest (d), fp32
 //      atomics (non-deterministic) - deterministic mode runs flash_bwd_dq_kernel.
 // ldmatrix.x4 per MMA: 0.45 (d64, d128) vs 0.65 for the 16-rows-per-warp kernel
-// above (d128) - but smem bandwidth was not the limit: the dQ atomics were (float2
-// REDs: +18-22%), and ncu shows 25% more instructions than FA2's kernel plus the
-// spill reloads (dev/cuda/NOTES.md, calls 3-5).
+// above (d128) - but smem bandwidth was not the limit. What was (dev/cuda/NOTES.md,
+// calls 3-6): the dQ reductions (scalar REDs in the C layout -> float2: +18-22%;
+// -> float4 into the permuted layout), spill reloads (ncu: 3.2 GB of local loads;
+// 32-bit smem addresses and TileStream loads took d128 from 52 B to none) and
+// instruction count (ncu: +25% vs FA2; per-element mask selects, the scale
+// multiply on dQ and per-step divisions removed). Call 6: 0.91-1.17x FA2.
 template <int kD>
 struct BwdConfig2 {
   static constexpr int kNWarps = 8;
   static constexpr int kBN = 128;
-  static constexpr int kBM = kD <= 64 ? ORCHARD_BWD_BM_D64 : 64;
+  static constexpr int kBM = kD <= 64 ? 128 : 64;  // d64: 128 measured faster than 64 (call 3)
   static constexpr int kS = kD + 8;
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   static constexpr int kSmemBytes = (2 * kBN * kS + 4 * kBM * kS + 2 * kBN * kSP) * 2 + 4 * kBM * 4;
@@ -976,7 +972,7 @@ void launch_flash_bwd(const BwdParams& p) {
       check_launch("cudaMemsetAsync(dq_accum)");
   }
 
-  constexpr bool kV2 = kD <= 128 && ORCHARD_BWD_V2;
+  constexpr bool kV2 = kD <= 128;
   if constexpr (kV2) {
     using Cfg2 = BwdConfig2<kD>;
     const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;

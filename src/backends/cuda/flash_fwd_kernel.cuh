@@ -30,38 +30,21 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Tile sizes per head-dim bucket (H100, bf16, b*s = 16k tokens; dev/cuda/NOTES.md).
 //   kD <= 128: 4 warps x 32 rows (kMW = 2 m16 tiles per warp) = 128 query rows.
 //              Each K/V fragment loaded with ldmatrix feeds two MMAs; with 16
-//              rows per warp (8 warps, ORCHARD_FWD_MW=1) shared-memory bandwidth
+//              rows per warp (8 warps) shared-memory bandwidth
 //              was the limit. Measured s8k non-causal: d64 238 -> 305 TFLOP/s,
 //              d128 286 -> 316 (same card, same call).
 //   kD  > 128: 4 warps x 16 rows (the O accumulator alone is kD/2 registers).
 //   Q stays in registers when that costs <= 32 registers, else it is re-read
 //   from shared memory with ldmatrix each K tile.
-#ifndef ORCHARD_FWD_MW
-#define ORCHARD_FWD_MW 2  // dev switch: 1 = the 8-warp x 16-row variant (call 1)
-#endif
-#ifndef ORCHARD_FWD_SKIP_RESCALE  // dev switch: skip the O rescale when no row max moved
-#define ORCHARD_FWD_SKIP_RESCALE 0  // measured slower (call 4: d64 s8k 290 vs 308, d128 305 vs 311)
-#endif
-#ifndef ORCHARD_FWD_QK_UNROLL  // dev switch: unroll factor of the QK^T k-loop
-#define ORCHARD_FWD_QK_UNROLL 16
-#endif
-#ifndef ORCHARD_FWD_PREPACK  // dev switch: pack all of P to 16 bits before the PV loop
-#define ORCHARD_FWD_PREPACK 1
-#endif
-#ifndef ORCHARD_FWD_BN_D64
-#define ORCHARD_FWD_BN_D64 64  // dev switch: K/V tile rows for d <= 64
-#endif
-#ifndef ORCHARD_FWD_BN_D128
-#define ORCHARD_FWD_BN_D128 32  // dev switch: K/V tile rows for d96/128 with kMW = 2
-#endif
-template <int kD, bool kDropout = false>
+// Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
+// skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
+// d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
+template <int kD>
 struct FwdConfig {
-  static constexpr int kMW = kD <= 128 ? ORCHARD_FWD_MW : 1;  // m16 tiles per warp
-  static constexpr int kNWarps = (kMW == 1 && kD <= 128) ? 8 : 4;
+  static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
+  static constexpr int kNWarps = 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
-  // d96/128 with kMW = 2: 64-row K/V tiles spill ~250 bytes (ptxas hoists the V
-  // fragments); 32-row tiles spill ~60.
-  static constexpr int kBN = kD <= 64 ? ORCHARD_FWD_BN_D64 : (kD <= 128 ? (kMW == 2 ? (kDropout ? 32 : ORCHARD_FWD_BN_D128) : 64) : (kD <= 192 ? 64 : 32));
+  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   static constexpr int kSmemBytes = (kBM + 4 * kBN) * kS * 2;
@@ -70,10 +53,9 @@ struct FwdConfig {
 template <typename T, int kD, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     flash_fwd_kernel(const FwdParams p, int num_m_blocks) {
-  using Cfg = FwdConfig<kD, kDropout>;
+  using Cfg = FwdConfig<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
-  constexpr int kQKUnroll = ORCHARD_FWD_QK_UNROLL;
   constexpr int kNT = kBN / 8;      // n8 tiles of S
   constexpr int kDT = kD / 8;       // n8 tiles of O
 
@@ -163,7 +145,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
       for (int i = 0; i < kNT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-#pragma unroll kQKUnroll
+#pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       uint32_t a[kMW][4];
 #pragma unroll
@@ -203,11 +185,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
           }
     }
 
-    // Online softmax (fp32, exp2 with the log2e-prescaled scale). Dev switch
-    // ORCHARD_FWD_SKIP_RESCALE skips the O rescale when no row max of the warp
-    // moved (bitwise the same result); measured slower on H100, so off.
+    // Online softmax (fp32, exp2 with the log2e-prescaled scale).
     float corr_r[kMW][2];
-    bool any_change = false;
 #pragma unroll
     for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
@@ -220,7 +199,6 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
         const float m_new = fmaxf(row_max[mt][r], mx * scale_log2);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked so far: keep exps at 0
         const float corr = fast_exp2(row_max[mt][r] - m_use);
-        any_change |= corr != 1.f;
         corr_r[mt][r] = corr;
         row_max[mt][r] = m_new;
         row_sum[mt][r] *= corr;
@@ -233,17 +211,15 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
         }
         row_sum[mt][r] += sum;  // normalizer uses the probabilities before dropout
       }
-    if (!ORCHARD_FWD_SKIP_RESCALE || __any_sync(0xffffffffu, any_change)) {
 #pragma unroll
-      for (int mt = 0; mt < kMW; ++mt)
+    for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
-        for (int i = 0; i < kDT; ++i) {
-          acc_o[mt][i][0] *= corr_r[mt][0];
-          acc_o[mt][i][1] *= corr_r[mt][0];
-          acc_o[mt][i][2] *= corr_r[mt][1];
-          acc_o[mt][i][3] *= corr_r[mt][1];
-        }
-    }
+      for (int i = 0; i < kDT; ++i) {
+        acc_o[mt][i][0] *= corr_r[mt][0];
+        acc_o[mt][i][1] *= corr_r[mt][0];
+        acc_o[mt][i][2] *= corr_r[mt][1];
+        acc_o[mt][i][3] *= corr_r[mt][1];
+      }
 
     if constexpr (kDropout) {
 #pragma unroll
@@ -262,10 +238,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
           }
     }
 
-    // O += P V. P is repacked to 16-bit A fragments for the whole tile first
-    // (FA2 does the same): the fp32 S is dead before the PV loop, which leaves
-    // ptxas room to hoist V fragments without spilling (64-row tiles at d128).
-#if ORCHARD_FWD_PREPACK
+    // O += P V, with P repacked to 16-bit A fragments for the whole tile first.
     uint32_t pa[kMW][kBN / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk)
@@ -276,19 +249,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
         pa[mt][kk][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pa[mt][kk][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
-#endif
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-#if !ORCHARD_FWD_PREPACK
-      uint32_t pa[kMW][kBN / 16][4];
-#pragma unroll
-      for (int mt = 0; mt < kMW; ++mt) {
-        pa[mt][kk][0] = MmaType<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pa[mt][kk][1] = MmaType<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pa[mt][kk][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pa[mt][kk][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-#endif
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bfr[4];
@@ -352,7 +314,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_fwd(const FwdParams& p) {
-  using Cfg = FwdConfig<kD, kDropout>;
+  using Cfg = FwdConfig<kD>;
   auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout>;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
