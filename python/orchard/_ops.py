@@ -25,9 +25,9 @@ Environment variables read by the C++ core:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _C
 
@@ -45,31 +45,7 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
-def _stream_of(t: torch.Tensor) -> int:
-    if t.device.type == "cuda":
-        return int(torch.cuda.current_stream(t.device).cuda_stream)
-    return 0
-
-
-def _device_guard(t: torch.Tensor):
-    # torch refuses to export (DLPack) a CUDA tensor that is not on the current
-    # device, and kernels must launch on the tensor's device.
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _d(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # DLPack refuses tensors that require grad; the view is the same memory.
-    return None if t is None else t.detach()
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 def draw_dropout_seed(dropout_p: float) -> tuple[int, int]:
@@ -87,25 +63,44 @@ def draw_dropout_seed(dropout_p: float) -> tuple[int, int]:
     return seed, 0
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# ---------------------------------------------------------------------------
+# Registration. The two ops are defined with torch.library.Library rather than
+# the torch.library.custom_op decorator: the schemas, tags, fake kernels and
+# autograd behaviour are the ones custom_op produced, but custom_op's generic
+# Python wrappers cost ~50 us per eager call (its autograd forward alone spends
+# ~50 us in torch._library.utils.fill_defaults, which rebuilds the schema's
+# argument list once per argument), which dominated small problems.
+# ---------------------------------------------------------------------------
+
+_LIB = torch.library.Library("orchard", "DEF")  # noqa: TOR901 (kept alive for the process)
+_LIB.define(
+    "flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, "
+    "bool causal_top_left, float dropout_p, SymInt seed, SymInt offset, bool return_mask, "
+    "bool deterministic=False, str op_name=\"orchard.flash_attn\") -> (Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+_LIB.define(
+    "flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, SymInt seed, "
+    "SymInt offset, bool deterministic, str op_name=\"orchard.flash_attn\") "
+    "-> (Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+_FWD = torch.ops.orchard.flash_attn_forward.default
+_BWD = torch.ops.orchard.flash_attn_backward.default
+# Trailing defaults, which the dispatcher may strip before calling a Python kernel.
+_FWD_DEFAULTS = (False, "orchard.flash_attn")
+_BWD_DEFAULTS = ("orchard.flash_attn",)
+
+# As custom_op does, keep torch.compile from tracing into the Python kernels when
+# the dispatcher calls them from a frame it is compiling.
+_disable_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+_is_grad_enabled = torch._C.is_grad_enabled
 
 
-def _alloc_forward(q, k, return_mask):
-    b, sq, hq, _ = q.shape
-    sk = k.shape[1]
-    # empty_like keeps q's layout when it is dense (a BHSD-permuted view gives a
-    # BHSD-stored output, so SDPA callers get a contiguous (B, H, S, D) back).
-    out = torch.empty_like(q)
-    lse = torch.empty((b, hq, sq), dtype=_lse_dtype(q.dtype), device=q.device)
-    if return_mask:
-        mask = torch.empty((b, hq, sq, sk), dtype=torch.uint8, device=q.device)
-    else:
-        mask = torch.empty((0,), dtype=torch.uint8, device=q.device)
-    return out, lse, mask
-
-
-@torch.library.custom_op("orchard::flash_attn_forward", mutates_args=())
 def flash_attn_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,35 +115,17 @@ def flash_attn_forward(
     deterministic: bool = False,
     op_name: str = "orchard.flash_attn",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused attention forward on BSHD views. Returns (out, lse, mask):
-    out like q, lse (B, Hq, Sq) float32 (float64 for float64 inputs), mask the
-    uint8 dropout keep-mask (B, Hq, Sq, Sk) when return_mask, else empty.
-    ``deterministic`` is not used by the forward; it is saved for the backward
-    (bitwise-reproducible dq/dk/dv). ``op_name`` (the public function's name)
-    prefixes error messages of this call and its backward."""
-    _check_rank(q, k, v, "orchard.flash_attn_forward")
-    out, lse, mask = _alloc_forward(q, k, return_mask)
-    write_mask = return_mask and dropout_p > 0.0
-    if return_mask and not write_mask:
-        mask.fill_(1)  # no dropout: everything is kept
-    with _device_guard(q):
-        _C.forward(
-            _d(q), _d(k), _d(v), out, lse, mask if write_mask else None,
-            float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
-            int(seed) & 0xFFFFFFFFFFFFFFFF, int(offset) & 0xFFFFFFFFFFFFFFFF,
-            _stream_of(q), op_name,
-        )
-    return out, lse, mask
+    """Fused attention forward on BSHD views (``torch.ops.orchard.flash_attn_forward``).
+    Returns (out, lse, mask): out like q, lse (B, Hq, Sq) float32 (float64 for
+    float64 inputs), mask the uint8 dropout keep-mask (B, Hq, Sq, Sk) when
+    return_mask, else empty. ``deterministic`` is not used by the forward; it is
+    saved for the backward (bitwise-reproducible dq/dk/dv). ``op_name`` (the
+    public function's name) prefixes error messages of this call and its
+    backward."""
+    return _FWD(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
+                return_mask, deterministic, op_name)
 
 
-@flash_attn_forward.register_fake
-def _(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
-      deterministic=False, op_name="orchard.flash_attn"):
-    _check_rank(q, k, v, "orchard.flash_attn_forward")
-    return _alloc_forward(q, k, return_mask)
-
-
-@torch.library.custom_op("orchard::flash_attn_backward", mutates_args=())
 def flash_attn_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -165,47 +142,30 @@ def flash_attn_backward(
     deterministic: bool,
     op_name: str = "orchard.flash_attn",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused attention backward on BSHD views. Returns (dq, dk, dv) shaped and
-    laid out like q, k, v."""
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    args = (_d(q), _d(k), _d(v), _d(out), _d(dout), _d(lse), dq, dk, dv)
-    opts = (
-        float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
-        int(seed) & 0xFFFFFFFFFFFFFFFF, int(offset) & 0xFFFFFFFFFFFFFFFF, bool(deterministic),
-        _stream_of(q), op_name,
-    )
-    with _device_guard(q):
-        nbytes = _workspace_bytes(args, opts, q, k, causal, dropout_p, deterministic)
-        workspace = torch.empty((nbytes,), dtype=torch.uint8, device=q.device) if nbytes > 0 else None
-        _C.backward(*args, workspace, *opts)
-    return dq, dk, dv
+    """Fused attention backward on BSHD views (``torch.ops.orchard.flash_attn_backward``).
+    Returns (dq, dk, dv) shaped and laid out like q, k, v."""
+    return _BWD(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed,
+                offset, deterministic, op_name)
 
 
-# Workspace sizes depend only on the problem's shapes, dtype, device and mode, so
-# they are cached: asking the core means exporting all nine tensors through
-# DLPack a second time per backward call. An undersized workspace could never
-# corrupt memory (the core checks the size and raises), only fail loudly.
-_WORKSPACE_BYTES: dict = {}
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _workspace_bytes(args, opts, q, k, causal, dropout_p, deterministic) -> int:
-    key = (q.device, tuple(q.shape), tuple(k.shape), q.dtype, bool(causal), float(dropout_p) > 0.0,
-           bool(deterministic))
-    nbytes = _WORKSPACE_BYTES.get(key)
-    if nbytes is None:
-        nbytes = int(_C.backward_workspace_bytes(*args, *opts))
-        if len(_WORKSPACE_BYTES) > 1024:
-            _WORKSPACE_BYTES.clear()
-        _WORKSPACE_BYTES[key] = nbytes
-    return nbytes
-
-
-@flash_attn_backward.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-      deterministic, op_name="orchard.flash_attn"):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _alloc_forward(q, k, return_mask):
+    b, sq, hq, _ = q.shape
+    # empty_like keeps q's layout when it is dense (a BHSD-permuted view gives a
+    # BHSD-stored output, so SDPA callers get a contiguous (B, H, S, D) back).
+    # (torch.empty with the sizes as separate arguments parses ~1 us faster than
+    # with a tuple.)
+    out = torch.empty_like(q)
+    dev = q.device
+    lse = torch.empty(b, hq, sq, dtype=_lse_dtype(q.dtype), device=dev)
+    if return_mask:
+        mask = torch.empty(b, hq, sq, k.shape[1], dtype=torch.uint8, device=dev)
+    else:
+        mask = torch.empty(0, dtype=torch.uint8, device=dev)
+    return out, lse, mask
 
 
 def _check_rank(q, k, v, op):
@@ -215,33 +175,208 @@ def _check_rank(q, k, v, op):
                              f"{tuple(t.shape)}")
 
 
-def _setup_context(ctx, inputs, output):
-    (q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, _return_mask,
-     deterministic, op_name) = inputs
-    out, lse, _mask = output
+# The kernels hand orchard._C DLPack capsules made by torch.utils.dlpack.to_dlpack
+# (~0.4 us each) instead of tensors, on which nanobind calls Tensor.__dlpack__, a
+# Python method (~3 us each). __dlpack__ ends in the same to_dlpack; a tensor it
+# would refuse (requires_grad, another CUDA device than the current one) nanobind
+# then exports with to_dlpack anyway, so the capsules are what _C always got.
+# Should to_dlpack itself fail, the tensors go to _C as before, and nanobind
+# reports the failure as it always did. A capsule is consumed by one call.
+
+
+def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
+                    return_mask, deterministic=False, op_name="orchard.flash_attn"):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        _check_rank(q, k, v, "orchard.flash_attn_forward")
+    out, lse, mask = _alloc_forward(q, k, return_mask)
+    write_mask = return_mask and dropout_p > 0.0
+    if return_mask and not write_mask:
+        mask.fill_(1)  # no dropout: everything is kept
+    if q.is_cuda:
+        # torch refuses to export (DLPack) a CUDA tensor that is not on the current
+        # device, and kernels must launch on the tensor's device.
+        with torch.cuda.device(q.device):
+            _run_forward(q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal,
+                         causal_top_left, dropout_p, seed, offset,
+                         torch.cuda.current_stream(q.device).cuda_stream, op_name)
+    else:
+        _run_forward(q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal,
+                     causal_top_left, dropout_p, seed, offset, 0, op_name)
+    return out, lse, mask
+
+
+_forward_impl = _disable_dynamo(_forward_kernel)  # the CompositeExplicitAutograd kernel
+
+
+def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left, dropout_p, seed,
+                 offset, stream, op_name):
+    try:
+        t = (_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
+             None if mask is None else _to_dlpack(mask))
+    except Exception:
+        # DLPack refuses tensors that require grad; the view is the same memory.
+        t = (q.detach(), k.detach(), v.detach(), out, lse, mask)
+    _C.forward(*t, float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
+               int(seed) & _U64, int(offset) & _U64, int(stream), op_name)
+
+
+def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
+                  return_mask, deterministic=False, op_name="orchard.flash_attn"):
+    _check_rank(q, k, v, "orchard.flash_attn_forward")
+    return _alloc_forward(q, k, return_mask)
+
+
+def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
+                     seed, offset, deterministic, op_name="orchard.flash_attn"):
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    opts = (float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
+            int(seed) & _U64, int(offset) & _U64, bool(deterministic))
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
+                          torch.cuda.current_stream(q.device).cuda_stream, op_name)
+    else:
+        _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, 0, op_name)
+    return dq, dk, dv
+
+
+_backward_impl = _disable_dynamo(_backward_kernel)  # the CompositeExplicitAutograd kernel
+
+
+# Workspace sizes depend only on the problem's shapes, dtype, device and mode, so
+# they are cached: asking the core means exporting all nine tensors through
+# DLPack a second time per backward call. An undersized workspace could never
+# corrupt memory (the core checks the size and raises), only fail loudly.
+_WORKSPACE_BYTES: dict = {}
+
+
+def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name):
+    stream = int(stream)
+    _, causal, _, dropout_p, _, _, deterministic = opts
+    key = (q.device, q.shape, k.shape, q.dtype, causal, dropout_p > 0.0, deterministic)
+    nbytes = _WORKSPACE_BYTES.get(key)
+    if nbytes is None:
+        nbytes = int(_C.backward_workspace_bytes(q.detach(), k.detach(), v.detach(), out.detach(),
+                                                 dout.detach(), lse.detach(), dq, dk, dv, *opts,
+                                                 stream, op_name))
+        if len(_WORKSPACE_BYTES) > 1024:
+            _WORKSPACE_BYTES.clear()
+        _WORKSPACE_BYTES[key] = nbytes
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes > 0 else None
+    try:
+        t = (_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(dout),
+             _to_dlpack(lse), _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
+             None if workspace is None else _to_dlpack(workspace))
+    except Exception:
+        t = (q.detach(), k.detach(), v.detach(), out.detach(), dout.detach(), lse.detach(), dq, dk,
+             dv, workspace)
+    _C.backward(*t, *opts, stream, op_name)
+
+
+def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
+                   seed, offset, deterministic, op_name="orchard.flash_attn"):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ---------------------------------------------------------------------------
+# Autograd: what custom_op + register_autograd generated, without its generic
+# per-call work. The Function classes keep custom_op's names (so grad_fn names
+# are unchanged); the backward op is not differentiable, and backpropagating
+# through it raises custom_op's error.
+#
+# Below autograd, custom_op redispatches through the dispatcher (~15 us from
+# Python). When the keyset left after autograd has a plain CPU or CUDA key on
+# top, that redispatch could only reach the CompositeExplicitAutograd kernel, so
+# it is called directly; anything else (fake tensors, dispatch modes, meta,
+# other backends) still redispatches.
+# ---------------------------------------------------------------------------
+
+_DIRECT_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))
+
+
+def _fwd_function_forward(ctx, keyset, q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
+                          seed, offset, return_mask, deterministic, op_name):
+    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
+        out, lse, mask = _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
+                                         seed, offset, return_mask, deterministic, op_name)
+    else:
+        with _BelowAutograd():
+            out, lse, mask = _FWD.redispatch(keyset, q, k, v, softmax_scale, causal,
+                                             causal_top_left, dropout_p, seed, offset, return_mask,
+                                             deterministic, op_name)
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
-    ctx.causal_top_left = causal_top_left
-    ctx.dropout_p = dropout_p
-    ctx.seed = seed
-    ctx.offset = offset
-    ctx.deterministic = deterministic
-    ctx.op_name = op_name
+    ctx.opts = (softmax_scale, causal, causal_top_left, dropout_p, seed, offset, deterministic,
+                op_name)
+    return out, lse, mask
 
 
-def _backward(ctx, grad_out, grad_lse, grad_mask):
+def _fwd_function_backward(ctx, grad_out, grad_lse, grad_mask):
     # Gradients through lse and the mask are not propagated (as in flash-attn):
     # lse is a by-product of the softmax, the mask is a random draw.
     q, k, v, out, lse = ctx.saved_tensors
+    (softmax_scale, causal, causal_top_left, dropout_p, seed, offset, deterministic,
+     op_name) = ctx.opts
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv = torch.ops.orchard.flash_attn_backward(
-        grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.causal_top_left,
-        ctx.dropout_p, ctx.seed, ctx.offset, deterministic, ctx.op_name,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv = _BWD(grad_out, q, k, v, out, lse, softmax_scale, causal, causal_top_left,
+                      dropout_p, seed, offset, deterministic, op_name)
+    return None, dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-flash_attn_forward.register_autograd(_backward, setup_context=_setup_context)
+def _bwd_function_forward(ctx, keyset, *args):
+    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
+        return _backward_kernel(*args)
+    with _BelowAutograd():
+        return _BWD.redispatch(keyset, *args)
+
+
+def _bwd_function_backward(ctx, *grads):
+    raise RuntimeError(f"Trying to backward through {_BWD} but no autograd formula was registered. "
+                       f"Please use register_autograd to add one.")
+
+
+_ForwardFunction = type("GeneratedBackwardFor_orchard_flash_attn_forward_default",
+                        (torch.autograd.Function,),
+                        {"forward": staticmethod(_fwd_function_forward),
+                         "backward": staticmethod(_fwd_function_backward)})
+_BackwardFunction = type("GeneratedBackwardFor_orchard_flash_attn_backward_default",
+                         (torch.autograd.Function,),
+                         {"forward": staticmethod(_bwd_function_forward),
+                          "backward": staticmethod(_bwd_function_backward)})
+
+
+@_disable_dynamo
+def _forward_autograd(keyset, *args):
+    if len(args) != 12:
+        args = (*args, *_FWD_DEFAULTS[len(args) - 10:])
+    keyset = keyset & _AFTER_AUTOGRAD
+    if _is_grad_enabled() and _any_requires_grad(*args):
+        return _ForwardFunction.apply(keyset, *args)
+    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
+        return _forward_kernel(*args)
+    with _BelowAutograd():
+        return _FWD.redispatch(keyset, *args)
+
+
+@_disable_dynamo
+def _backward_autograd(keyset, *args):
+    if len(args) != 14:
+        args = (*args, *_BWD_DEFAULTS[len(args) - 13:])
+    keyset = keyset & _AFTER_AUTOGRAD
+    if _is_grad_enabled() and _any_requires_grad(*args):
+        return _BackwardFunction.apply(keyset, *args)
+    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
+        return _backward_kernel(*args)
+    with _BelowAutograd():
+        return _BWD.redispatch(keyset, *args)
+
+
+_LIB.impl("flash_attn_forward", _forward_impl, "CompositeExplicitAutograd")
+_LIB.impl("flash_attn_backward", _backward_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("orchard::flash_attn_forward", _forward_fake, lib=_LIB)
+torch.library.register_fake("orchard::flash_attn_backward", _backward_fake, lib=_LIB)
+_LIB.impl("flash_attn_forward", _forward_autograd, "Autograd", with_keyset=True)
+_LIB.impl("flash_attn_backward", _backward_autograd, "Autograd", with_keyset=True)

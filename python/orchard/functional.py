@@ -16,6 +16,9 @@ import torch
 
 from . import _ops
 
+_Tensor = torch.Tensor
+_FWD = _ops._FWD  # torch.ops.orchard.flash_attn_forward.default, without the packet lookups
+
 __all__ = ["flash_attn_func", "scaled_dot_product_attention", "OrchardShapeError"]
 
 
@@ -72,8 +75,9 @@ def flash_attn_func(
         float64 inputs).
     """
     op = "orchard.flash_attn_func"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, op, t)
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_float(name, op, t)
     if tuple(window_size) != (-1, -1):
         raise NotImplementedError(f"{op}: window_size (sliding-window attention) is not "
                                   f"implemented; got {tuple(window_size)}, expected (-1, -1)")
@@ -88,10 +92,8 @@ def flash_attn_func(
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     seed, offset = _ops.draw_dropout_seed(dropout_p)
-    out, lse, mask = torch.ops.orchard.flash_attn_forward(
-        q, k, v, scale, bool(causal), False, float(dropout_p), seed, offset,
-        bool(return_attn_probs), bool(deterministic), op,
-    )
+    out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), seed, offset,
+                          bool(return_attn_probs), bool(deterministic), op)
     if return_attn_probs:
         return out, lse, mask.bool()
     return out
@@ -124,43 +126,46 @@ def scaled_dot_product_attention(
     ``torch.use_deterministic_algorithms(True)``.
     """
     op = "orchard.scaled_dot_product_attention"
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_float(name, op, t)
+    if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            _check_float(name, op, t)
     if attn_mask is not None:
         raise NotImplementedError(f"{op}: attn_mask is not implemented (use is_causal=True for "
                                   f"causal masking)")
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+    ndim = query.dim()
+    if ndim < 3 or key.dim() != ndim or value.dim() != ndim:
         raise OrchardShapeError(f"{op}: query, key, value must have the same rank >= 3 "
                                 f"((..., H, L, E) or (N, L, E)); got {tuple(query.shape)}, "
                                 f"{tuple(key.shape)}, {tuple(value.shape)}")
-    if value.shape[-1] != query.shape[-1]:
-        raise NotImplementedError(f"{op}: a value head dim ({value.shape[-1]}) different from the "
-                                  f"query/key head dim ({query.shape[-1]}) is not implemented")
-    if key.shape[-1] != query.shape[-1]:
-        raise OrchardShapeError(f"{op}: query and key head dims differ ({query.shape[-1]} vs "
-                                f"{key.shape[-1]})")
-    if key.shape[-2] != value.shape[-2]:
-        raise OrchardShapeError(f"{op}: key and value sequence lengths differ ({key.shape[-2]} vs "
-                                f"{value.shape[-2]})")
+    qshape, kshape, vshape = query.shape, key.shape, value.shape
+    if vshape[-1] != qshape[-1]:
+        raise NotImplementedError(f"{op}: a value head dim ({vshape[-1]}) different from the "
+                                  f"query/key head dim ({qshape[-1]}) is not implemented")
+    if kshape[-1] != qshape[-1]:
+        raise OrchardShapeError(f"{op}: query and key head dims differ ({qshape[-1]} vs "
+                                f"{kshape[-1]})")
+    if kshape[-2] != vshape[-2]:
+        raise OrchardShapeError(f"{op}: key and value sequence lengths differ ({kshape[-2]} vs "
+                                f"{vshape[-2]})")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
 
-    lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
-    if query.dim() == 3:
+    if ndim == 4:
+        q4, k4, v4 = query, key, value
+    elif ndim == 3:
         # (N, L, E): one head.
         q4, k4, v4 = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
-    elif query.dim() == 4:
-        q4, k4, v4 = query, key, value
     else:
         # flatten (not reshape(-1, ...)): works for empty tensors too
         q4 = query.flatten(0, -4)
         k4 = key.flatten(0, -4)
         v4 = value.flatten(0, -4)
-    if k4.shape[0] != q4.shape[0] or v4.shape[0] != q4.shape[0] or k4.shape[1] != v4.shape[1]:
+    q4shape, k4shape, v4shape = q4.shape, k4.shape, v4.shape
+    if k4shape[0] != q4shape[0] or v4shape[0] != q4shape[0] or k4shape[1] != v4shape[1]:
         raise OrchardShapeError(f"{op}: batch/head dims of query {tuple(query.shape)}, key "
                                 f"{tuple(key.shape)} and value {tuple(value.shape)} do not match "
                                 f"(broadcasting is not supported)")
-    hq, hkv = q4.shape[1], k4.shape[1]
+    hq, hkv = q4shape[1], k4shape[1]
     if hq != hkv:
         if not enable_gqa:
             raise OrchardShapeError(f"{op}: query has {hq} heads but key/value have {hkv}; pass "
@@ -169,15 +174,15 @@ def scaled_dot_product_attention(
             raise OrchardShapeError(f"{op}: number of heads in key and value ({hkv}) must divide "
                                     f"the number of heads in query ({hq})")
 
-    sc = _ops.default_scale(query.shape[-1]) if scale is None else float(scale)
+    sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
     seed, offset = _ops.draw_dropout_seed(dropout_p)
-    out, _lse, _mask = torch.ops.orchard.flash_attn_forward(
+    out, _lse, _mask = _FWD(
         q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
         float(dropout_p), seed, offset, False, bool(deterministic), op,
     )
     out = out.transpose(1, 2)  # (B, H, L, E)
-    if query.dim() == 3:
+    if ndim == 4:
+        return out
+    if ndim == 3:
         return out.squeeze(-3)
-    if query.dim() > 4:
-        return out.reshape(*lead, *out.shape[-3:])
-    return out
+    return out.reshape(*qshape[:-3], *out.shape[-3:])

@@ -56,7 +56,7 @@ def flash_attn_fwd(
     sc = _ops.default_scale(q.shape[-1]) if scale is None else float(scale)
     seed, offset = _ops.draw_dropout_seed(dropout_p)
     want_mask = dropout_p > 0.0
-    out, _lse, mask = torch.ops.orchard.flash_attn_forward(
+    out, _lse, mask = _ops._FWD(  # torch.ops.orchard.flash_attn_forward.default
         qb, kb, vb, sc, bool(causal), True, float(dropout_p), seed, offset, want_mask, False, op)
     if three_d:
         out = out.squeeze(2)

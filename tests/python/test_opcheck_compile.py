@@ -93,3 +93,48 @@ def test_torch_compile_with_dropout_graph_break(device):
     torch.manual_seed(5)
     got = torch.compile(f, backend="aot_eager")(q)
     torch.testing.assert_close(got, eager)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_modes_and_fake_tensors_still_see_the_ops(device):
+    # The autograd kernels call the kernel body directly when only a plain
+    # CPU/CUDA key is left below autograd; a dispatch mode (or fake tensors)
+    # must still go through the dispatcher and see both ops.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "orchard":
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, *opts = _fwd_args(device)
+    with Log() as log:
+        out, _, _ = torch.ops.orchard.flash_attn_forward(q, k, v, *opts)
+        out.sum().backward()
+    assert log.ops == ["orchard.flash_attn_forward.default", "orchard.flash_attn_backward.default"]
+    with FakeTensorMode():
+        fq, fk = torch.empty(2, 5, 4, 8, device=device), torch.empty(2, 7, 2, 8, device=device)
+        out, lse, mask = torch.ops.orchard.flash_attn_forward(fq, fk, fk, 0.3, False, False, 0.1, 0,
+                                                              0, True)
+    assert (out.shape, lse.shape, mask.shape) == ((2, 5, 4, 8), (2, 4, 5), (2, 4, 5, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_surface_unchanged(device):
+    # What torch.library.custom_op produced before the ops were registered by
+    # hand: grad_fn name, differentiable float outputs, trailing defaults.
+    q, k, v, *opts = _fwd_args(device, dropout=0.0, mask=True)
+    out, lse, mask = torch.ops.orchard.flash_attn_forward(q, k, v, *opts)
+    assert type(out.grad_fn).__name__ == "GeneratedBackwardFor_orchard_flash_attn_forward_defaultBackward"
+    assert out.requires_grad and lse.requires_grad and not mask.requires_grad
+    assert bool((mask == 1).all())
+    full, _, _ = torch.ops.orchard.flash_attn_forward(q, k, v, *opts, False, "orchard.flash_attn")
+    torch.testing.assert_close(full, out, rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.ops.orchard.flash_attn_forward(q, k, v, *opts)[0].requires_grad
