@@ -1,5 +1,5 @@
-"""Layouts: BSHD, BHSD (permuted views), sliced, offset, expanded (stride 0)
-and last-dim-strided inputs give the reference result; gradients land in the
+"""Layouts: BSHD, BHSD (permuted views), sliced, offset, expanded (stride 0),
+last-dim-strided inputs and lazily negated views give the reference result; gradients land in the
 caller's layout; the caller's inputs are never modified."""
 
 import numpy as np
@@ -75,6 +75,27 @@ def test_layout_fwd_bwd(layout, causal, device):
     for g, r in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert g.shape == r.shape
         torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negated_views_are_read_as_negated(device):
+    """A tensor with the negative bit set (torch._neg_view) stores the
+    un-negated values (DLPack exports them as stored); reading its storage in
+    place would be silently wrong. The dispatcher's Negative fallback resolves
+    it before the op's direct CPU/CUDA path; this guards that."""
+    q, k, v, do = (randn(B, s, h, D, device=device) for s, h in ((SQ, HQ), (SK, HKV), (SK, HKV), (SQ, HQ)))
+    with torch.no_grad():  # no autograd in the way: the tensors reach the kernels directly
+        torch.testing.assert_close(orchard.flash_attn_func(torch._neg_view(q), k, v),
+                                   orchard.flash_attn_func(-q, k, v))
+    q1, k1, v1 = (t.clone().requires_grad_() for t in (q, k, v))
+    out = orchard.flash_attn_func(torch._neg_view(q1), k1, torch._neg_view(v1), causal=True)
+    out.backward(torch._neg_view(do))
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = orchard.flash_attn_func(-q2, k2, -v2, causal=True)
+    ref.backward(-do)
+    torch.testing.assert_close(out, ref)
+    for g, r in ((q1.grad, q2.grad), (k1.grad, k2.grad), (v1.grad, v2.grad)):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("device", DEVICES)
