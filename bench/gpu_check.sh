@@ -36,9 +36,15 @@ if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
   # ORCHARD_FUZZ_EXAMPLES (default 1 = 360 GPU differential cases) scales the sweep.
   (cd tests/python && timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -m cuda --durations=8 "$@" . 2>&1 |
     tee "$OUT/pytest_gpu.log"; exit "${PIPESTATUS[0]}") || rc=1
+fi
+# compute-sanitizer on bench/sanitizer_case.py: by default all three tools in
+# tests/all mode; SANITIZERS="..." picks the tools in any mode ("" = none).
+case "$MODE" in tests|all) : "${SANITIZERS=memcheck racecheck synccheck}" ;; *) : "${SANITIZERS=}" ;; esac
+if [ -n "$SANITIZERS" ]; then
   echo "=== compute-sanitizer ($(date +%T))"
-  for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
-    compute-sanitizer --tool $tool --error-exitcode 3 python3 bench/sanitizer_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+  for tool in $SANITIZERS; do
+    timeout "${SANITIZER_TIMEOUT:-150}" compute-sanitizer --tool $tool --error-exitcode 3 python3 bench/sanitizer_case.py \
+      > "$OUT/sanitizer_$tool.log" 2>&1
     echo "$tool rc=$? : $(tail -1 "$OUT/sanitizer_$tool.log")"
   done
 fi
