@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
-  load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk - n0, d, tid);
-  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk - n0, d, tid);
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, p.sk - n0, d, tid);
+  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk - n0, d, tid);
 
   const int num_m_total = (p.sq + kBM - 1) / kBM;
   int m_begin = 0;
@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const int m0 = (m_begin + it % nm) * kBM;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
-    load_tile_async<T, kBM, kD, kThreads>(sQ + stage * kBM * kS, qg, p.q_row_stride, p.sq - m0, d, tid);
-    load_tile_async<T, kBM, kD, kThreads>(sdO + stage * kBM * kS, dog, p.do_row_stride, p.sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, p.sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, p.sq - m0, d, tid);
     if (tid < kBM) {
       const int row = m0 + tid;
       float l = INFINITY, dd = 0.f;  // rows past sq: P = 0
@@ -481,8 +481,8 @@ __global__ void __launch_bounds__(256)
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
-  load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk - n0, d, tid);
-  load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk - n0, d, tid);
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, p.sk - n0, d, tid);
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk - n0, d, tid);
 
   const int num_m_total = (p.sq + kBM - 1) / kBM;
   int m_begin = 0;
@@ -815,11 +815,11 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     n_end = static_cast<int>(last < 0 ? 0 : (last < p.sk ? last : p.sk));
   }
   const int n_blocks = (n_end + kBN - 1) / kBN;
-  load_tile_async<T, kBM, kD, kThreads>(sQ, qg, p.q_row_stride, p.sq - m0, d, tid);
-  load_tile_async<T, kBM, kD, kThreads>(sdO, dog, p.do_row_stride, p.sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, p.sq - m0, d, tid);
   if (n_blocks > 0) {
-    load_tile_async<T, kBN, kD, kThreads>(sK, kg, p.k_row_stride, p.sk, d, tid);
-    load_tile_async<T, kBN, kD, kThreads>(sV, vg, p.v_row_stride, p.sk, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, p.sk, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk, d, tid);
   }
   cp_async_commit();
 
@@ -854,9 +854,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     __syncthreads();
     if (n + 1 < n_blocks) {
       const int nn = (n + 1) * kBN;
-      load_tile_async<T, kBN, kD, kThreads>(sK + (stage ^ 1) * kBN * kS, kg + nn * p.k_row_stride,
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + nn * p.k_row_stride,
                                             p.k_row_stride, p.sk - nn, d, tid);
-      load_tile_async<T, kBN, kD, kThreads>(sV + (stage ^ 1) * kBN * kS, vg + nn * p.v_row_stride,
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + nn * p.v_row_stride,
                                             p.v_row_stride, p.sk - nn, d, tid);
     }
     cp_async_commit();

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   }
   const int n_blocks = (n_end + kBN - 1) / kBN;
 
-  load_tile_async<T, kBM, kD, kThreads>(sQ, qg, p.q_row_stride, p.sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
   TileStream<T, kBN, kD, kThreads> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
   if (n_blocks > 0) {
     k_stream.load(smem_u32(sK), p.sk);

@@ -81,11 +81,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   ldmatrix_x4_trans(r, smem_u32(p));
 }
 
-// 16-byte async global->shared copy; zero-fills the destination when !pred.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+// 16-byte async global->shared copy to a shared-state-space byte address;
+// zero-fills the destination when !pred.
+__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -100,10 +100,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // Copies a (kRows x kD) tile (row stride `row_stride` elements) into padded
-// shared memory (row stride kD + 8) with 16-byte cp.async; rows >= rows_valid
+// shared memory at byte address `smem` (row stride kD + 8) with 16-byte cp.async; rows >= rows_valid
 // and 8-element chunks at or past d are zero-filled (d % 8 == 0).
 template <typename T, int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int rows_valid,
+__device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, int64_t row_stride, int rows_valid,
                                                 int d, int tid) {
   constexpr int kChunks = kD / 8;
   constexpr int kStride = kD + 8;
@@ -115,15 +115,9 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
       const int r = idx / kChunks, c = idx % kChunks;
       const bool pred = r < rows_valid && c * 8 < d;
       const T* src = pred ? gmem + r * row_stride + c * 8 : gmem;
-      cp_async16(smem + r * kStride + c * 8, src, pred);
+      cp_async16(smem + 2 * (r * kStride + c * 8), src, pred);
     }
   }
-}
-
-// 16-byte async copy to a shared-state-space byte address.
-__device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool pred) {
-  const int src_bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 }
 
 // Streams consecutive (kRows x kD) tiles of one row-major global matrix into
@@ -169,17 +163,7 @@ struct TileStream {
         }
       }
     } else {
-      constexpr int kTotal = kRows * kChunks;
-#pragma unroll
-      for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
-        const int idx = tid + i * kThreads;
-        if (kTotal % kThreads == 0 || idx < kTotal) {
-          const int r = idx / kChunks, c = idx % kChunks;
-          const bool pred = r < rows_valid && c * 8 < d;
-          const T* src = pred ? tile + r * row_stride + c * 8 : tile;
-          cp_async16(smem_tile + 2 * (r * (kD + 8) + c * 8), src, pred);
-        }
-      }
+      load_tile_async<T, kRows, kD, kThreads>(smem_tile, tile, row_stride, rows_valid, d, tid);
     }
   }
   __device__ __forceinline__ void advance() { tile += kRows * row_stride; }
