@@ -37,7 +37,7 @@
 
 #include <cmath>
 
-#include "backends/cuda/flash_fwd_kernel.cuh"
+#include "backends/cuda/attention_tiles.cuh"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/mma_utils.cuh"
 #include "orchard/params.h"
@@ -134,6 +134,24 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
     *reinterpret_cast<uint32_t*>(dq + (row + 8) * p.dq_row_stride) = MmaType<T>::pack(v.z * sc, v.w * sc);
 }
 
+// Stages LSE (log2 units) and D = rowsum(dO * O) of query rows m0 .. m0 + kBM of
+// head h into shared memory for the dK/dV kernels; rows past sq get LSE = +inf
+// (so P = 0) and D = 0.
+template <int kBM>
+__device__ __forceinline__ void stage_row_stats(const BwdParams& p, const float* lse_batch, const float* dsum, int b,
+                                                int h, int m0, int tid, float* s_lse, float* s_d) {
+  if (tid < kBM) {
+    const int row = m0 + tid;
+    float l = INFINITY, dd = 0.f;
+    if (row < p.sq) {
+      l = lse_log2(lse_batch[h * p.lse_head_stride + row]);
+      dd = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
+    }
+    s_lse[tid] = l;
+    s_d[tid] = dd;
+  }
+}
+
 template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq>
 __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks) {
@@ -170,11 +188,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk - n0, d, tid);
 
   const int num_m_total = (p.sq + kBM - 1) / kBM;
-  int m_begin = 0;
-  if (kCausal) {
-    const int64_t first_row = n0 - p.causal_offset < 0 ? 0 : n0 - p.causal_offset;  // first query row that sees key n0
-    m_begin = first_row >= p.sq ? num_m_total : static_cast<int>(first_row / kBM);
-  }
+  const int m_begin = first_visible_query_tile<kCausal, kBM>(n0, num_m_total, p.sq, p.causal_offset);
   const int nm = num_m_total - m_begin;
   const int total = group * nm;
 
@@ -191,17 +205,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
     load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, p.sq - m0, d, tid);
     load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, p.sq - m0, d, tid);
-    if (tid < kBM) {
-      const int row = m0 + tid;
-      float l = INFINITY, dd = 0.f;  // rows past sq: P = 0
-      if (row < p.sq) {
-        const float lv = lse_g[h * p.lse_head_stride + row];
-        l = lv == -INFINITY ? INFINITY : lv * kLog2e;  // fully masked row: P = 0, not exp(+inf)
-        dd = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
-      }
-      sLse[stage * kBM + tid] = l;
-      sDs[stage * kBM + tid] = dd;
-    }
+    stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
   };
   if (total > 0) prefetch(0, 0);
   cp_async_commit();
@@ -250,8 +254,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         mma16816<T>(st[2 * np + 1], a, bfr[2], bfr[3]);
       }
     }
-    const bool need_mask =
-        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
     uint32_t keep_bits = 0xffffffffu;
 #pragma unroll
     for (int nt = 0; nt < kMT; ++nt)
@@ -275,9 +278,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         for (int c = 0; c < 4; ++c) {
           const int kv = kv_base + (c >> 1) * 8;
           const int q = m0 + nt * 8 + 2 * t + (c & 1);
-          const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h),
-                                           static_cast<uint32_t>(q), static_cast<uint32_t>(kv >> 2));
-          if (philox_lane(dr, kv & 3) < keep_threshold) keep_bits &= ~(1u << (nt * 4 + c));
+          if (!dropout_keep(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(q),
+                            static_cast<uint32_t>(kv), keep_threshold))
+            keep_bits &= ~(1u << (nt * 4 + c));
         }
     }
     auto kept = [&](int nt, int c) { return !kDropout || ((keep_bits >> (nt * 4 + c)) & 1u); };
@@ -292,10 +295,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 #pragma unroll
           for (int c = 0; c < 4; ++c) pd[j][c] = kept(2 * kk + j, c) ? st[2 * kk + j][c] * rdrop : 0.f;
         uint32_t a[4];
-        a[0] = MmaType<T>::pack(pd[0][0], pd[0][1]);
-        a[1] = MmaType<T>::pack(pd[0][2], pd[0][3]);
-        a[2] = MmaType<T>::pack(pd[1][0], pd[1][1]);
-        a[3] = MmaType<T>::pack(pd[1][2], pd[1][3]);
+        pack_a_fragment<T>(a, pd[0], pd[1]);
 #pragma unroll
         for (int dp = 0; dp < kDT / 2; ++dp) {
           uint32_t bfr[4];
@@ -335,10 +335,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
         uint32_t a[4];
-        a[0] = MmaType<T>::pack(st[2 * kk][0], st[2 * kk][1]);
-        a[1] = MmaType<T>::pack(st[2 * kk][2], st[2 * kk][3]);
-        a[2] = MmaType<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-        a[3] = MmaType<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        pack_a_fragment<T>(a, st[2 * kk], st[2 * kk + 1]);
         if constexpr (kDq) {
           // Stage dS^T (key rows x query cols) for the dQ product below.
           T* row0 = sdS + (warp * 16 + g) * kSdS + kk * 16 + 2 * t;
@@ -394,25 +391,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   for (int r = 0; r < 2; ++r) {
     const int kv = kv_base + r * 8;
     if (kv >= p.sk) continue;
-    if constexpr (kWantDV) {
-      T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kv * p.dv_row_stride;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        const int col = i * 8 + 2 * t;
-        if (col < d)
-          *reinterpret_cast<uint32_t*>(dvg + col) = MmaType<T>::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
-      }
-    }
-    if constexpr (kWantDK) {
-      T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kv * p.dk_row_stride;
-#pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        const int col = i * 8 + 2 * t;
-        if (col < d)
-          *reinterpret_cast<uint32_t*>(dkg + col) =
-              MmaType<T>::pack(acc_dk[i][2 * r] * p.scale, acc_dk[i][2 * r + 1] * p.scale);
-      }
-    }
+    if constexpr (kWantDV)
+      store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
+                                   kv * p.dv_row_stride,
+                               acc_dv, r, 0, t, d, 1.f);
+    if constexpr (kWantDK)
+      store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
+                                   kv * p.dk_row_stride,
+                               acc_dk, r, 0, t, d, p.scale);
   }
 }
 
@@ -485,11 +471,7 @@ __global__ void __launch_bounds__(256)
   load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk - n0, d, tid);
 
   const int num_m_total = (p.sq + kBM - 1) / kBM;
-  int m_begin = 0;
-  if (kCausal) {
-    const int64_t first_row = n0 - p.causal_offset < 0 ? 0 : n0 - p.causal_offset;
-    m_begin = first_row >= p.sq ? num_m_total : static_cast<int>(first_row / kBM);
-  }
+  const int m_begin = first_visible_query_tile<kCausal, kBM>(n0, num_m_total, p.sq, p.causal_offset);
   const int nm = num_m_total - m_begin;
   const int total = group * nm;
 
@@ -508,17 +490,7 @@ __global__ void __launch_bounds__(256)
     do_stream.tile = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
     q_stream.load(smem_u32(sQ) + stage * kBM * kS * 2, p.sq - m0);
     do_stream.load(smem_u32(sdO) + stage * kBM * kS * 2, p.sq - m0);
-    if (tid < kBM) {
-      const int row = m0 + tid;
-      float l = INFINITY, dd = 0.f;  // rows past sq: P = 0
-      if (row < p.sq) {
-        const float lv = lse_g[h * p.lse_head_stride + row];
-        l = lv == -INFINITY ? INFINITY : lv * kLog2e;  // fully masked row: P = 0
-        dd = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
-      }
-      sLse[stage * kBM + tid] = l;
-      sDs[stage * kBM + tid] = dd;
-    }
+    stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
   };
   int h = hk * group, mi = m_begin;  // the current step
   if (total > 0) prefetch(h, mi, 0);
@@ -587,8 +559,7 @@ __global__ void __launch_bounds__(256)
         }
       }
     }
-    const bool need_mask =
-        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
     // Element (key kv_base + kl, query m0 + qcol + 2t + ql) is masked iff
@@ -623,9 +594,9 @@ __global__ void __launch_bounds__(256)
           const int kv = kv_base + mt * 16 + (c >> 1) * 8;
           st[mt][nt][c] = pv;
           if constexpr (kDropout) {
-            const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h),
-                                             static_cast<uint32_t>(m0 + ql), static_cast<uint32_t>(kv >> 2));
-            if (philox_lane(dr, kv & 3) < keep_threshold) keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
+            if (!dropout_keep(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(m0 + ql),
+                              static_cast<uint32_t>(kv), keep_threshold))
+              keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
           }
         }
     auto kept = [&](int mt, int nt, int c) {
@@ -763,17 +734,12 @@ __global__ void __launch_bounds__(256)
     for (int r = 0; r < 2; ++r) {
       const int kv = kv_base + mt * 16 + r * 8;
       if (kv >= p.sk) continue;
-      T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kv * p.dv_row_stride;
-      T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kv * p.dk_row_stride;
-#pragma unroll
-      for (int i = 0; i < kDTw; ++i) {
-        const int col = dcol + i * 8 + 2 * t;
-        if (col < d) {
-          *reinterpret_cast<uint32_t*>(dvg + col) = MmaType<T>::pack(acc_dv[mt][i][2 * r], acc_dv[mt][i][2 * r + 1]);
-          *reinterpret_cast<uint32_t*>(dkg + col) =
-              MmaType<T>::pack(acc_dk[mt][i][2 * r] * p.scale, acc_dk[mt][i][2 * r + 1] * p.scale);
-        }
-      }
+      store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
+                                   kv * p.dv_row_stride,
+                               acc_dv[mt], r, dcol, t, d, 1.f);
+      store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
+                                   kv * p.dk_row_stride,
+                               acc_dk[mt], r, dcol, t, d, p.scale);
     }
 }
 
@@ -809,12 +775,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
-  int n_end = p.sk;
-  if (kCausal) {
-    const int64_t last = static_cast<int64_t>(m0) + kBM + p.causal_offset;
-    n_end = static_cast<int>(last < 0 ? 0 : (last < p.sk ? last : p.sk));
-  }
-  const int n_blocks = (n_end + kBN - 1) / kBN;
+  const int n_blocks = (visible_key_end<kCausal>(m0, kBM, p.sk, p.causal_offset) + kBN - 1) / kBN;
   load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
   load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, p.sq - m0, d, tid);
   if (n_blocks > 0) {
@@ -835,8 +796,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     lse_l2[r] = INFINITY;
     dsv[r] = 0.f;
     if (row < p.sq) {
-      const float lv = lse_g[row];
-      lse_l2[r] = lv == -INFINITY ? INFINITY : lv * kLog2e;
+      lse_l2[r] = lse_log2(lse_g[row]);
       dsv[r] = dsum[row];
     }
   }
@@ -885,8 +845,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
         mma16816<T>(dp[2 * np + 1], ado, bv[2], bv[3]);
       }
     }
-    const bool need_mask =
-        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
+    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -918,10 +877,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = MmaType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      pack_a_fragment<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dpi = 0; dpi < kDT / 2; ++dpi) {
         uint32_t bfr[4];
@@ -938,13 +894,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   for (int r = 0; r < 2; ++r) {
     const int row = row_base + r * 8;
     if (row >= p.sq) continue;
-#pragma unroll
-    for (int i = 0; i < kDT; ++i) {
-      const int col = i * 8 + 2 * t;
-      if (col < d)
-        *reinterpret_cast<uint32_t*>(dqg + row * p.dq_row_stride + col) =
-            MmaType<T>::pack(acc_dq[i][2 * r] * p.scale, acc_dq[i][2 * r + 1] * p.scale);
-    }
+    store_accumulator_row<T>(dqg + row * p.dq_row_stride, acc_dq, r, 0, t, d, p.scale);
   }
 }
 

@@ -17,15 +17,13 @@
 
 #include <cmath>
 
+#include "backends/cuda/attention_tiles.cuh"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/mma_utils.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
 
 namespace orchard::cuda {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Tile sizes per head-dim bucket (H100, bf16, b*s = 16k tokens; dev/cuda/NOTES.md).
 //   kD <= 128: 4 warps x 32 rows (kMW = 2 m16 tiles per warp) = 128 query rows.
@@ -82,12 +80,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
 
-  int n_end = p.sk;
-  if (kCausal) {
-    const int64_t last = static_cast<int64_t>(m0) + kBM + p.causal_offset;  // exclusive
-    n_end = static_cast<int>(last < 0 ? 0 : (last < p.sk ? last : p.sk));
-  }
-  const int n_blocks = (n_end + kBN - 1) / kBN;
+  const int n_blocks = (visible_key_end<kCausal>(m0, kBM, p.sk, p.causal_offset) + kBN - 1) / kBN;
 
   load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
   TileStream<T, kBN, kD, kThreads> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
@@ -170,9 +163,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     }
 
     // Masking only where the tile crosses the key end or the causal diagonal.
-    const bool need_mask =
-        (n0 + kBN > p.sk) || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + p.causal_offset);
-    if (need_mask) {
+    if (tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset)) {
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
@@ -243,12 +234,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk)
 #pragma unroll
-      for (int mt = 0; mt < kMW; ++mt) {
-        pa[mt][kk][0] = MmaType<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pa[mt][kk][1] = MmaType<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pa[mt][kk][2] = MmaType<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pa[mt][kk][3] = MmaType<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
+      for (int mt = 0; mt < kMW; ++mt) pack_a_fragment<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
 #pragma unroll
