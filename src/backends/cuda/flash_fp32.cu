@@ -30,6 +30,30 @@ __device__ __forceinline__ void load_row(float (&r)[kMaxPerLane], const float* p
     r[j] = e < d ? p[e] : 0.f;
   }
 }
+// out[lane + 32 j] = r[j] * scale for the columns < d (load_row's inverse).
+__device__ __forceinline__ void store_row(float* out, const float (&r)[kMaxPerLane], float scale, int d, int lane) {
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const int e = lane + 32 * j;
+    if (e < d) out[e] = r[j] * scale;
+  }
+}
+
+// Each of a CTA's 4 warps owns one row of a (batch, heads, rows) problem.
+struct WarpRow {
+  int64_t index, bh;  // flat row index; batch * heads + head
+  int row, b, head;
+};
+__device__ __forceinline__ bool warp_row(int batch, int heads, int rows, WarpRow& w) {
+  w.index = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  if (w.index >= static_cast<int64_t>(batch) * heads * rows) return false;
+  w.bh = w.index / rows;
+  w.row = static_cast<int>(w.index % rows);
+  w.b = static_cast<int>(w.bh / heads);
+  w.head = static_cast<int>(w.bh % heads);
+  return true;
+}
+
 __device__ __forceinline__ float dot_row(const float (&r)[kMaxPerLane], const float* p, int d, int lane) {
   float acc = 0.f;
 #pragma unroll
@@ -48,12 +72,10 @@ __device__ __forceinline__ int64_t key_end(const FwdParams& p, int64_t i) {
 }
 
 __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= static_cast<int64_t>(p.b) * p.hq * p.sq) return;
-  const int64_t bh = r / p.sq;
-  const int i = static_cast<int>(r % p.sq);
-  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  WarpRow w;
+  if (!warp_row(p.b, p.hq, p.sq, w)) return;
+  const int64_t bh = w.bh;
+  const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d;
   const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
@@ -85,23 +107,17 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
     }
   }
   const float inv = l > 0.f ? (dropout ? 1.f / (1.f - p.dropout_p) : 1.f) / l : 0.f;
-  float* out = static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
-#pragma unroll
-  for (int jj = 0; jj < kMaxPerLane; ++jj) {
-    const int c = lane + 32 * jj;
-    if (c < d) out[c] = o[jj] * inv;
-  }
+  store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride, o, inv, d,
+            lane);
   if (lane == 0)
     static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i] = l > 0.f ? m + logf(l) : -INFINITY;
 }
 
 __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, float* dsum) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= static_cast<int64_t>(p.b) * p.hq * p.sq) return;
-  const int64_t bh = r / p.sq;
-  const int i = static_cast<int>(r % p.sq);
-  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  WarpRow w;
+  if (!warp_row(p.b, p.hq, p.sq, w)) return;
+  const int64_t r = w.index;
+  const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const float* o = static_cast<const float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
   const float* dO =
       static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
@@ -114,12 +130,10 @@ __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, fl
 __device__ __forceinline__ float lse_or_inf(float l) { return l == -INFINITY ? INFINITY : l; }
 
 __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, const float* dsum) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= static_cast<int64_t>(p.b) * p.hq * p.sq) return;
-  const int64_t bh = r / p.sq;
-  const int i = static_cast<int>(r % p.sq);
-  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  WarpRow w;
+  if (!warp_row(p.b, p.hq, p.sq, w)) return;
+  const int64_t r = w.index, bh = w.bh;
+  const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d;
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -152,22 +166,15 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
       if (c < d) dq[jj] = fmaf(ds, kr[c], dq[jj]);
     }
   }
-  float* out = static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride;
-#pragma unroll
-  for (int jj = 0; jj < kMaxPerLane; ++jj) {
-    const int c = lane + 32 * jj;
-    if (c < d) out[c] = dq[jj] * p.scale;
-  }
+  store_row(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride, dq,
+            p.scale, d, lane);
 }
 
 // One warp per key row of a kv head; sums over the GQA group's q heads.
 __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, const float* dsum) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (r >= static_cast<int64_t>(p.b) * p.hkv * p.sk) return;
-  const int64_t bhk = r / p.sk;
-  const int j = static_cast<int>(r % p.sk);
-  const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
+  WarpRow w;
+  if (!warp_row(p.b, p.hkv, p.sk, w)) return;
+  const int j = w.row, b = w.b, hk = w.head, lane = threadIdx.x % 32;
   const int group = p.hq / p.hkv;
   const int d = p.d;
   float kr[kMaxPerLane], vr[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
@@ -208,16 +215,10 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
       }
     }
   }
-  float* dkp = static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + j * p.dk_row_stride;
-  float* dvp = static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + j * p.dv_row_stride;
-#pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) {
-    const int c = lane + 32 * e;
-    if (c < d) {
-      dkp[c] = dk[e] * p.scale;
-      dvp[c] = dv[e];
-    }
-  }
+  store_row(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + j * p.dk_row_stride, dk,
+            p.scale, d, lane);
+  store_row(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + j * p.dv_row_stride, dv, 1.f,
+            d, lane);
 }
 
 unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + 3) / 4); }
