@@ -296,16 +296,18 @@ def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_le
 _DIRECT_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))
 
 
+def _below_autograd(op, kernel, keyset, args):
+    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
+        return kernel(*args)
+    with _BelowAutograd():
+        return op.redispatch(keyset, *args)
+
+
 def _fwd_function_forward(ctx, keyset, q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
                           seed, offset, return_mask, deterministic, op_name):
-    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
-        out, lse, mask = _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                                         seed, offset, return_mask, deterministic, op_name)
-    else:
-        with _BelowAutograd():
-            out, lse, mask = _FWD.redispatch(keyset, q, k, v, softmax_scale, causal,
-                                             causal_top_left, dropout_p, seed, offset, return_mask,
-                                             deterministic, op_name)
+    out, lse, mask = _below_autograd(_FWD, _forward_kernel, keyset,
+                                     (q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
+                                      seed, offset, return_mask, deterministic, op_name))
     ctx.save_for_backward(q, k, v, out, lse)
     # No zero-filled gradients for the outputs the backward ignores (lse, mask):
     # materializing them cost two fill kernels and, measured on the H100 through
@@ -331,10 +333,7 @@ def _fwd_function_backward(ctx, grad_out, grad_lse, grad_mask):
 
 
 def _bwd_function_forward(ctx, keyset, *args):
-    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
-        return _backward_kernel(*args)
-    with _BelowAutograd():
-        return _BWD.redispatch(keyset, *args)
+    return _below_autograd(_BWD, _backward_kernel, keyset, args)
 
 
 def _bwd_function_backward(ctx, *grads):
@@ -352,30 +351,24 @@ _BackwardFunction = type("GeneratedBackwardFor_orchard_flash_attn_backward_defau
                           "backward": staticmethod(_bwd_function_backward)})
 
 
-@_disable_dynamo
-def _forward_autograd(keyset, *args):
-    if len(args) != 12:
-        args = (*args, *_FWD_DEFAULTS[len(args) - 10:])
-    keyset = keyset & _AFTER_AUTOGRAD
-    if _is_grad_enabled() and _any_requires_grad(*args):
-        return _ForwardFunction.apply(keyset, *args)
-    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
-        return _forward_kernel(*args)
-    with _BelowAutograd():
-        return _FWD.redispatch(keyset, *args)
+def _autograd_kernel(op, function, kernel, num_args, defaults):
+    """The op's Autograd kernel: record `function` when a gradient is needed,
+    else run below autograd. Trailing defaulted arguments may be left out."""
+    num_required = num_args - len(defaults)
+
+    @_disable_dynamo
+    def run(keyset, *args):
+        if len(args) != num_args:
+            args = (*args, *defaults[len(args) - num_required:])
+        keyset = keyset & _AFTER_AUTOGRAD
+        if _is_grad_enabled() and _any_requires_grad(*args):
+            return function.apply(keyset, *args)
+        return _below_autograd(op, kernel, keyset, args)
+    return run
 
 
-@_disable_dynamo
-def _backward_autograd(keyset, *args):
-    if len(args) != 14:
-        args = (*args, *_BWD_DEFAULTS[len(args) - 13:])
-    keyset = keyset & _AFTER_AUTOGRAD
-    if _is_grad_enabled() and _any_requires_grad(*args):
-        return _BackwardFunction.apply(keyset, *args)
-    if keyset.highestPriorityTypeId() in _DIRECT_KEYS:
-        return _backward_kernel(*args)
-    with _BelowAutograd():
-        return _BWD.redispatch(keyset, *args)
+_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel, 12, _FWD_DEFAULTS)
+_backward_autograd = _autograd_kernel(_BWD, _BackwardFunction, _backward_kernel, 14, _BWD_DEFAULTS)
 
 
 _LIB.impl("flash_attn_forward", _forward_impl, "CompositeExplicitAutograd")
