@@ -537,28 +537,34 @@ __global__ void __launch_bounds__(256)
     const float* sLs = sLse + stage * kBM;
     const float* sDv = sDs + stage * kBM;
 
-    // 1. S^T = K Q^T: 32 key rows x kBM/2 query columns per warp.
-    float st[2][kMT][4];
+    // (32 key rows) x (kBM/2 query columns) per warp, over the head dim: A rows
+    // from a key-major tile (K or V), B columns from a query-major one (Q or dO).
+    auto gemm_keys_by_queries = [&](float (&acc)[2][kMT][4], uint32_t a_base, uint32_t b_base) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int i = 0; i < kMT; ++i) st[mt][i][0] = st[mt][i][1] = st[mt][i][2] = st[mt][i][3] = 0.f;
+        for (int i = 0; i < kMT; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[2][4];
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t a[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], k_a + 2 * (mt * 16 * kS + ks * 16));
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_base + 2 * (mt * 16 * kS + ks * 16));
 #pragma unroll
-      for (int np = 0; np < kMT / 2; ++np) {
-        uint32_t bfr[4];
-        ldmatrix_x4(bfr, q_nk + 2 * (np * 16 * kS + ks * 16));
+        for (int np = 0; np < kMT / 2; ++np) {
+          uint32_t bfr[4];
+          ldmatrix_x4(bfr, b_base + 2 * (np * 16 * kS + ks * 16));
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma16816<T>(st[mt][2 * np], a[mt], bfr[0], bfr[1]);
-          mma16816<T>(st[mt][2 * np + 1], a[mt], bfr[2], bfr[3]);
+          for (int mt = 0; mt < 2; ++mt) {
+            mma16816<T>(acc[mt][2 * np], a[mt], bfr[0], bfr[1]);
+            mma16816<T>(acc[mt][2 * np + 1], a[mt], bfr[2], bfr[3]);
+          }
         }
       }
-    }
+    };
+
+    // 1. S^T = K Q^T.
+    float st[2][kMT][4];
+    gemm_keys_by_queries(st, k_a, q_nk);
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
@@ -618,27 +624,7 @@ __global__ void __launch_bounds__(256)
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int i = 0; i < kMT; ++i) dpt[mt][i][0] = dpt[mt][i][1] = dpt[mt][i][2] = dpt[mt][i][3] = 0.f;
-
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], v_a + 2 * (mt * 16 * kS + ks * 16));
-#pragma unroll
-        for (int np = 0; np < kMT / 2; ++np) {
-          uint32_t bfr[4];
-          ldmatrix_x4(bfr, do_nk + 2 * (np * 16 * kS + ks * 16));
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma16816<T>(dpt[mt][2 * np], a[mt], bfr[0], bfr[1]);
-            mma16816<T>(dpt[mt][2 * np + 1], a[mt], bfr[2], bfr[3]);
-          }
-        }
-      }
+      gemm_keys_by_queries(dpt, v_a, do_nk);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
