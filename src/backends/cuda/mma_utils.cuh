@@ -169,34 +169,36 @@ struct TileStream {
   __device__ __forceinline__ void advance() { tile += kRows * row_stride; }
 };
 
-// ldmatrix addressing helpers for a padded row-major smem tile `base` (row stride kS).
-// A fragment (16x16 at (r0, c0)), non-transposed.
-template <int kS, typename T>
-__device__ __forceinline__ const T* a_addr(const T* base, int r0, int c0, int lane) {
-  return base + (r0 + (lane % 16)) * kS + c0 + (lane / 16) * 8;
-}
-// B fragments of two n-tiles from storage [n][k] (e.g. K for Q K^T): n0.., k0..
-template <int kS, typename T>
-__device__ __forceinline__ const T* b_addr_nk(const T* base, int n0, int k0, int lane) {
-  return base + (n0 + (lane % 8) + (lane / 16) * 8) * kS + k0 + ((lane / 8) % 2) * 8;
-}
-// B fragments of two n-tiles from storage [k][n] (e.g. V for P V), used with .trans.
-template <int kS, typename T>
-__device__ __forceinline__ const T* b_addr_kn(const T* base, int k0, int n0, int lane) {
-  return base + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * kS + n0 + (lane / 16) * 8;
-}
-// Per-lane element offsets of the helpers above at (0, 0): add the tile origin
-// (row * kS + col) as a compile-time constant.
+// ldmatrix addressing for a padded row-major smem tile (row stride kS): the
+// element offset of this lane's row at the fragment origin (0, 0); add the
+// origin (row * kS + col), a compile-time constant in the unrolled loops.
+// A fragment (16x16), non-transposed.
 template <int kS>
 __device__ __forceinline__ int a_lane_off(int lane) { return (lane % 16) * kS + (lane / 16) * 8; }
+// B fragments of two n-tiles from storage [n][k] (e.g. K for Q K^T); also the A
+// fragment from storage [k][m] (the transpose is stored), used with .trans.
 template <int kS>
 __device__ __forceinline__ int b_nk_lane_off(int lane) { return ((lane % 8) + (lane / 16) * 8) * kS + ((lane / 8) % 2) * 8; }
+// B fragments of two n-tiles from storage [k][n] (e.g. V for P V), used with .trans.
 template <int kS>
 __device__ __forceinline__ int b_kn_lane_off(int lane) { return ((lane % 8) + ((lane / 8) % 2) * 8) * kS + (lane / 16) * 8; }
-// A fragment from storage [k][m] (the transpose is stored), used with .trans.
+
+// The same as pointers, for the kernels that still address through them.
+template <int kS, typename T>
+__device__ __forceinline__ const T* a_addr(const T* base, int r0, int c0, int lane) {
+  return base + r0 * kS + c0 + a_lane_off<kS>(lane);
+}
+template <int kS, typename T>
+__device__ __forceinline__ const T* b_addr_nk(const T* base, int n0, int k0, int lane) {
+  return base + n0 * kS + k0 + b_nk_lane_off<kS>(lane);
+}
+template <int kS, typename T>
+__device__ __forceinline__ const T* b_addr_kn(const T* base, int k0, int n0, int lane) {
+  return base + k0 * kS + n0 + b_kn_lane_off<kS>(lane);
+}
 template <int kS, typename T>
 __device__ __forceinline__ const T* a_addr_km(const T* base, int m0, int k0, int lane) {
-  return base + (k0 + (lane % 8) + (lane / 16) * 8) * kS + m0 + ((lane / 8) % 2) * 8;
+  return base + k0 * kS + m0 + b_nk_lane_off<kS>(lane);
 }
 
 }  // namespace orchard::cuda
