@@ -507,7 +507,7 @@ float median_ms(F&& f, int iters) {
 
 // only_d/only_s/only_causal (0/0/-1: all) pick one grid point; iters: timed runs
 // (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys).
-void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20) {
+void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20, int min_s = 0) {
   std::printf("\nbf16, b*s = 16384 tokens, h = 2048/d; TFLOP/s (fwd 4bhs^2d, /2 causal, bwd x2.5), median of 20\n");
   std::printf("%5s %6s %3s %7s | %8s %8s %8s | %s\n", "d", "s", "b", "causal", "fwd", "bwd", "bwd-det", "ms fwd/bwd");
   std::mt19937 rng(7);
@@ -515,7 +515,9 @@ void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20)
   for (int d : {64, 128})
     for (int causal = 0; causal < 2; ++causal)
       for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
-        if ((only_d && d != only_d) || (only_s && s != only_s) || (only_causal >= 0 && causal != only_causal)) continue;
+        if ((only_d && d != only_d) || (only_s && s != only_s) || (only_causal >= 0 && causal != only_causal) ||
+            s < min_s)
+          continue;
         const int b = 16384 / s, h = 2048 / d;
         const size_t n = size_t(b) * s * h * d;
         // Independent random data per tensor. Until call 6 one buffer was copied into
@@ -596,8 +598,8 @@ int main(int argc, char** argv) {
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
   }
-  if (mode == "--bench") {
-    bench();
+  if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S
+    bench(0, 0, -1, 20, argc > 2 ? std::atoi(argv[2]) : 0);
     return 0;
   }
   if (mode == "--one" && argc == 5) {

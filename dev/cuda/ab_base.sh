@@ -1,0 +1,37 @@
+#!/bin/bash
+# One device call: A/B of the working tree's CUDA kernels against a baseline tree.
+#   locally:   bash dev/cuda/ab_base.sh --prepare [REV]   (default HEAD: git archive into .ab/base)
+#   on device: bash dev/cuda/ab_base.sh [MIN_S]           (carry .ab)
+# Builds both harnesses in parallel, runs the current one's correctness suite and
+# compute-sanitizer memcheck on --small, then alternates timing runs base, cur, base,
+# cur (`--bench MIN_S`) so clock drift hits both alike. Logs in $OUT/ab.tgz.
+set -uo pipefail
+if [[ ${1:-} == --prepare ]]; then
+  rm -rf .ab/base && mkdir -p .ab/base
+  git archive "${2:-HEAD}" src include tests/cuda dev/cuda | tar -x -C .ab/base
+  git rev-parse --short "${2:-HEAD}" > .ab/base/REV && echo "base: $(cat .ab/base/REV)"
+  exit 0
+fi
+MIN_S=${1:-2048}
+OUT=${OUT:-/tmp/orchard-out}
+L=/tmp/ab && mkdir -p "$OUT" $L
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $L/gpu.txt
+t0=$(date +%s)
+(cmake -S .ab/base/dev/cuda -B build-base -G Ninja -DORCHARD_CUDA_ARCHS=90 > $L/build-base.log 2>&1 &&
+  ninja -C build-base -j8 >> $L/build-base.log 2>&1 || tail -30 $L/build-base.log) &
+cmake -S dev/cuda -B build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > $L/build.log 2>&1 &&
+  ninja -C build-dev -j8 >> $L/build.log 2>&1 || { tail -60 $L/build.log; exit 1; }
+wait
+echo "builds: $(( $(date +%s) - t0 ))s (base $(cat .ab/base/REV))"
+
+timeout 300 ./build-dev/cuda_check > $L/check.log 2>&1; echo "cuda_check rc=$?"
+grep -E "FAIL|MISMATCH|DIFFERENT|cases passed" $L/check.log | head -20
+timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 ./build-dev/cuda_check --small > $L/memcheck.log 2>&1
+echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|FAIL" $L/memcheck.log | head -5
+for round in $(seq 1 ${ROUNDS:-2}); do
+  for who in base dev; do
+    timeout 200 ./build-$who/cuda_check --bench $MIN_S > $L/bench-$who-$round.log 2>&1
+    echo "== $who round $round rc=$?"; grep -E "^ +[0-9]" $L/bench-$who-$round.log
+  done
+done
+cd $L && tar czf "$OUT/ab.tgz" . && ls -la "$OUT"
