@@ -34,6 +34,11 @@ struct AttentionOptions {
   double dropout_p = 0.0;  // in [0, 1)
   std::uint64_t seed = 0;
   std::uint64_t offset = 0;
+  // Optional: 2 x uint64 (seed, offset) in the memory of the tensors' device (a
+  // CUDA pointer for CUDA tensors, 8-byte aligned), read when the kernels run
+  // instead of seed/offset above. Lets a framework draw the seed on the device,
+  // so CUDA-graph replays and compiled graphs get a fresh dropout mask each run.
+  const std::uint64_t* rng_state = nullptr;
   bool deterministic = false;   // backward only
   void* stream = nullptr;       // cudaStream_t for CUDA tensors (nullptr: default stream)
   std::string op_name = "orchard.flash_attn";  // prefixes every error message

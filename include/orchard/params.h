@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "orchard/config.h"
 #include "orchard/dtype.h"
 
 namespace orchard {
@@ -59,6 +60,11 @@ struct FwdParams {
   float dropout_p = 0.0f;
   std::uint64_t seed = 0;
   std::uint64_t offset = 0;
+  // When set, (seed, offset) are read at run time from rng_state[0..1] instead:
+  // memory of the tensors' device (a CUDA pointer for CUDA), so a seed drawn on the
+  // device by the framework (e.g. torch.randint inside a CUDA graph or a compiled
+  // graph) is fresh on every replay. Read through dropout_key().
+  const std::uint64_t* rng_state = nullptr;
 
   DType dtype = DType::kFloat32;
   void* stream = nullptr;  // cudaStream_t on CUDA; unused on the CPU
@@ -82,5 +88,15 @@ struct BwdParams : FwdParams {
 
   bool deterministic = false;  // bitwise-reproducible dq/dk/dv
 };
+
+// The (seed, offset) that key this call's dropout mask (orchard/philox.h). Kernels
+// read it once at the start: rng_state is dereferenced on the device for CUDA.
+struct DropoutKey {
+  std::uint64_t seed = 0, offset = 0;
+};
+ORCHARD_HOST_DEVICE DropoutKey dropout_key(const FwdParams& p) {
+  return p.rng_state ? DropoutKey{p.rng_state[0], p.rng_state[1]} : DropoutKey{p.seed, p.offset};
+}
+
 
 }  // namespace orchard

@@ -94,10 +94,30 @@ orchard::TensorView to_view(const std::optional<Array>& a, const std::string& op
   return to_view(*a, op, name);
 }
 
+// The optional run-time dropout key: a contiguous 64-bit integer array of 2
+// elements (seed, offset) on q's device, read by the kernels when they run.
+const std::uint64_t* rng_state_pointer(const std::optional<InArray>& r, const InArray& q, const std::string& op) {
+  if (!r.has_value() || !r->is_valid()) return nullptr;
+  const nb::dlpack::dtype t = r->dtype();
+  using Code = nb::dlpack::dtype_code;
+  const bool int64 = t.lanes == 1 && t.bits == 64 &&
+                     (static_cast<Code>(t.code) == Code::Int || static_cast<Code>(t.code) == Code::UInt);
+  if (!int64 || r->ndim() != 1 || r->shape(0) != 2 || r->stride(0) != 1)
+    invalid(op, "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got " +
+                    std::to_string(r->ndim()) + "-D with " + std::to_string(r->ndim() ? r->shape(0) : 0) +
+                    " element(s) of DLPack code " + std::to_string(t.code) + ", bits " + std::to_string(t.bits));
+  const bool cpu = r->device_type() == kDLCPU && q.device_type() == kDLCPU;
+  if (r->device_type() != q.device_type() || (!cpu && r->device_id() != q.device_id()))
+    invalid(op, "rng_state must be on q's device (DLPack device " + std::to_string(q.device_type()) + ":" +
+                    std::to_string(q.device_id()) + "), got " + std::to_string(r->device_type()) + ":" +
+                    std::to_string(r->device_id()));
+  return static_cast<const std::uint64_t*>(r->data());
+}
+
 orchard::AttentionOptions make_options(std::optional<double> softmax_scale, bool causal,
                                        bool causal_top_left, double dropout_p, std::uint64_t seed,
-                                       std::uint64_t offset, bool deterministic, std::uintptr_t stream,
-                                       const std::string& op_name) {
+                                       std::uint64_t offset, const std::uint64_t* rng_state,
+                                       bool deterministic, std::uintptr_t stream, const std::string& op_name) {
   orchard::AttentionOptions o;
   o.softmax_scale = softmax_scale;
   o.causal = causal;
@@ -105,6 +125,7 @@ orchard::AttentionOptions make_options(std::optional<double> softmax_scale, bool
   o.dropout_p = dropout_p;
   o.seed = seed;
   o.offset = offset;
+  o.rng_state = rng_state;
   o.deterministic = deterministic;
   o.stream = reinterpret_cast<void*>(stream);
   o.op_name = op_name;
@@ -115,7 +136,7 @@ void forward(const InArray& q, const InArray& k, const InArray& v, const OutArra
              const OutArray& lse, const std::optional<OutArray>& dropout_mask,
              std::optional<double> softmax_scale, bool causal, bool causal_top_left, double dropout_p,
              std::uint64_t seed, std::uint64_t offset, std::uintptr_t stream,
-             const std::string& op_name) {
+             const std::string& op_name, const std::optional<InArray>& rng_state) {
   orchard::ForwardArgs args;
   args.q = to_view(q, op_name, "q");
   args.k = to_view(k, op_name, "k");
@@ -124,7 +145,8 @@ void forward(const InArray& q, const InArray& k, const InArray& v, const OutArra
   args.lse = to_view(lse, op_name, "lse");
   args.dropout_mask = to_view(dropout_mask, op_name, "dropout_mask");
   args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                              /*deterministic=*/false, stream, op_name);
+                              rng_state_pointer(rng_state, q, op_name), /*deterministic=*/false, stream,
+                              op_name);
   nb::gil_scoped_release release;
   orchard::attention_forward(args);
 }
@@ -134,7 +156,8 @@ orchard::BackwardArgs make_backward_args(
     const InArray& lse, const OutArray& dq, const OutArray& dk, const OutArray& dv,
     const std::optional<OutArray>& workspace, std::optional<double> softmax_scale, bool causal,
     bool causal_top_left, double dropout_p, std::uint64_t seed, std::uint64_t offset,
-    bool deterministic, std::uintptr_t stream, const std::string& op_name) {
+    bool deterministic, std::uintptr_t stream, const std::string& op_name,
+    const std::optional<InArray>& rng_state) {
   orchard::BackwardArgs args;
   args.q = to_view(q, op_name, "q");
   args.k = to_view(k, op_name, "k");
@@ -147,7 +170,7 @@ orchard::BackwardArgs make_backward_args(
   args.dv = to_view(dv, op_name, "dv");
   args.workspace = to_view(workspace, op_name, "workspace");
   args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                              deterministic, stream, op_name);
+                              rng_state_pointer(rng_state, q, op_name), deterministic, stream, op_name);
   return args;
 }
 
@@ -156,10 +179,10 @@ void backward(const InArray& q, const InArray& k, const InArray& v, const InArra
               const OutArray& dv, const std::optional<OutArray>& workspace,
               std::optional<double> softmax_scale, bool causal, bool causal_top_left,
               double dropout_p, std::uint64_t seed, std::uint64_t offset, bool deterministic,
-              std::uintptr_t stream, const std::string& op_name) {
+              std::uintptr_t stream, const std::string& op_name, const std::optional<InArray>& rng_state) {
   const orchard::BackwardArgs args =
       make_backward_args(q, k, v, out, dout, lse, dq, dk, dv, workspace, softmax_scale, causal,
-                         causal_top_left, dropout_p, seed, offset, deterministic, stream, op_name);
+                         causal_top_left, dropout_p, seed, offset, deterministic, stream, op_name, rng_state);
   nb::gil_scoped_release release;
   orchard::attention_backward(args);
 }
@@ -173,7 +196,7 @@ std::size_t backward_workspace_bytes(const InArray& q, const InArray& k, const I
                                      const std::string& op_name) {
   const orchard::BackwardArgs args = make_backward_args(
       q, k, v, out, dout, lse, dq, dk, dv, std::nullopt, softmax_scale, causal, causal_top_left,
-      dropout_p, seed, offset, deterministic, stream, op_name);
+      dropout_p, seed, offset, deterministic, stream, op_name, std::nullopt);
   nb::gil_scoped_release release;
   return orchard::backward_workspace_bytes(args);
 }
@@ -216,14 +239,16 @@ NB_MODULE(_C, m) {
 
   m.def("forward", &forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dropout_mask"_a.none(),
         "softmax_scale"_a.none(), "causal"_a, "causal_top_left"_a, "dropout_p"_a, "seed"_a,
-        "offset"_a, "stream"_a, "op_name"_a,
+        "offset"_a, "stream"_a, "op_name"_a, "rng_state"_a.none() = nb::none(),
         "Fused attention forward. q (b, sq, hq, d), k/v (b, sk, hkv, d) in BSHD logical order "
         "with any strides; writes out (like q), lse (b, hq, sq) float32 (float64 for float64 "
         "inputs) and, when given, the uint8 dropout keep-mask (b, hq, sq, sk). stream is a "
-        "cudaStream_t as an int (0 = default stream / CPU).");
+        "cudaStream_t as an int (0 = default stream / CPU). rng_state: optional int64[2] (seed, offset) "
+        "on q's device, read when the kernels run instead of seed/offset.");
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a,
         "dv"_a, "workspace"_a.none(), "softmax_scale"_a.none(), "causal"_a, "causal_top_left"_a,
         "dropout_p"_a, "seed"_a, "offset"_a, "deterministic"_a, "stream"_a, "op_name"_a,
+        "rng_state"_a.none() = nb::none(),
         "Fused attention backward; overwrites dq, dk, dv (any strides). workspace: uint8 of "
         "backward_workspace_bytes(...) bytes on the tensors' device, or None when that is 0.");
   m.def("backward_workspace_bytes", &backward_workspace_bytes, "q"_a, "k"_a, "v"_a, "out"_a,

@@ -3,9 +3,16 @@
 Two ops are registered with ``torch.library``:
 
 * ``orchard::flash_attn_forward(q, k, v, softmax_scale, causal, causal_top_left,
-  dropout_p, seed, offset, return_mask) -> (out, lse, mask)``
+  dropout_p, seed, offset, return_mask, deterministic=False, op_name=...,
+  rng_state=None) -> (out, lse, mask)``
 * ``orchard::flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal,
-  causal_top_left, dropout_p, seed, offset, deterministic) -> (dq, dk, dv)``
+  causal_top_left, dropout_p, seed, offset, deterministic, op_name=...,
+  rng_state=None) -> (dq, dk, dv)``
+
+Dropout is keyed by (seed, offset), or, when ``rng_state`` (an int64 tensor of
+2 elements on q's device) is given, by its values when the kernels run: the
+drop-ins draw it with ``torch.randint`` on the device, which torch.compile traces
+and CUDA graphs replay with a fresh draw each time.
 
 Tensors are in logical BSHD order, (batch, seq, heads, head_dim), with any
 strides: a BHSD tensor is passed as ``x.transpose(1, 2)``, which the C++ core
@@ -36,6 +43,7 @@ __all__ = [
     "flash_attn_backward",
     "default_scale",
     "draw_dropout_seed",
+    "draw_dropout_rng_state",
 ]
 
 
@@ -48,14 +56,23 @@ def default_scale(head_dim: int) -> float:
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 
-def draw_dropout_seed(dropout_p: float) -> tuple[int, int]:
-    """(seed, offset) for one dropout call, drawn from torch's default CPU
-    generator, so that ``torch.manual_seed(s)`` reproduces a run.
+def draw_dropout_rng_state(dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    """The dropout key of one call as a tensor: int64 (seed, offset) drawn on
+    ``device`` by torch's generator for it (``torch.manual_seed(s)`` reproduces a
+    run), or None without dropout. The kernels read it when they run, so this
+    traces under torch.compile (no graph break) and a CUDA graph replay draws a
+    new key (a fresh dropout mask) each time, as torch's own dropout does."""
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
-    Drawing a number is a side effect torch.compile cannot trace: with
-    ``dropout_p > 0`` the drop-ins cause a graph break at this call (the custom
-    op itself still compiles). Pass an explicit seed through the custom op to
-    avoid it.
+
+def draw_dropout_seed(dropout_p: float) -> tuple[int, int]:
+    """(seed, offset) as Python ints for one dropout call, drawn from torch's
+    default CPU generator, for callers of the custom ops that pass explicit
+    seeds. Drawing a host number is a side effect torch.compile cannot trace
+    (a graph break), and a CUDA graph would replay the captured value; the
+    drop-ins use :func:`draw_dropout_rng_state` instead.
     """
     if dropout_p <= 0.0:
         return 0, 0
@@ -76,21 +93,22 @@ _LIB = torch.library.Library("orchard", "DEF")  # noqa: TOR901 (kept alive for t
 _LIB.define(
     "flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, "
     "bool causal_top_left, float dropout_p, SymInt seed, SymInt offset, bool return_mask, "
-    "bool deterministic=False, str op_name=\"orchard.flash_attn\") -> (Tensor, Tensor, Tensor)",
+    "bool deterministic=False, str op_name=\"orchard.flash_attn\", Tensor? rng_state=None) "
+    "-> (Tensor, Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _LIB.define(
     "flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
     "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, SymInt seed, "
-    "SymInt offset, bool deterministic, str op_name=\"orchard.flash_attn\") "
-    "-> (Tensor, Tensor, Tensor)",
+    "SymInt offset, bool deterministic, str op_name=\"orchard.flash_attn\", "
+    "Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _FWD = torch.ops.orchard.flash_attn_forward.default
 _BWD = torch.ops.orchard.flash_attn_backward.default
 # Trailing defaults, which the dispatcher may strip before calling a Python kernel.
-_FWD_DEFAULTS = (False, "orchard.flash_attn")
-_BWD_DEFAULTS = ("orchard.flash_attn",)
+_FWD_DEFAULTS = (False, "orchard.flash_attn", None)
+_BWD_DEFAULTS = ("orchard.flash_attn", None)
 
 # As custom_op does, keep torch.compile from tracing into the Python kernels when
 # the dispatcher calls them from a frame it is compiling.
@@ -114,6 +132,7 @@ def flash_attn_forward(
     return_mask: bool,
     deterministic: bool = False,
     op_name: str = "orchard.flash_attn",
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention forward on BSHD views (``torch.ops.orchard.flash_attn_forward``).
     Returns (out, lse, mask): out like q, lse (B, Hq, Sq) float32 (float64 for
@@ -121,9 +140,10 @@ def flash_attn_forward(
     return_mask, else empty. ``deterministic`` is not used by the forward; it is
     saved for the backward (bitwise-reproducible dq/dk/dv). ``op_name`` (the
     public function's name) prefixes error messages of this call and its
-    backward."""
+    backward. ``rng_state``: optional int64 (seed, offset) tensor on q's device
+    that replaces seed/offset when the kernels run (see the module docstring)."""
     return _FWD(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                return_mask, deterministic, op_name)
+                return_mask, deterministic, op_name, rng_state)
 
 
 def flash_attn_backward(
@@ -141,11 +161,13 @@ def flash_attn_backward(
     offset: int,
     deterministic: bool,
     op_name: str = "orchard.flash_attn",
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward on BSHD views (``torch.ops.orchard.flash_attn_backward``).
-    Returns (dq, dk, dv) shaped and laid out like q, k, v."""
+    Returns (dq, dk, dv) shaped and laid out like q, k, v. Dropout needs the
+    forward's (seed, offset) or rng_state."""
     return _BWD(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed,
-                offset, deterministic, op_name)
+                offset, deterministic, op_name, rng_state)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,7 +207,7 @@ def _check_rank(q, k, v, op):
 
 
 def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                    return_mask, deterministic=False, op_name="orchard.flash_attn"):
+                    return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         _check_rank(q, k, v, "orchard.flash_attn_forward")
     out, lse, mask = _alloc_forward(q, k, return_mask)
@@ -198,10 +220,10 @@ def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 
         with torch.cuda.device(q.device):
             _run_forward(q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal,
                          causal_top_left, dropout_p, seed, offset,
-                         torch.cuda.current_stream(q.device).cuda_stream, op_name)
+                         torch.cuda.current_stream(q.device).cuda_stream, op_name, rng_state)
     else:
         _run_forward(q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal,
-                     causal_top_left, dropout_p, seed, offset, 0, op_name)
+                     causal_top_left, dropout_p, seed, offset, 0, op_name, rng_state)
     return out, lse, mask
 
 
@@ -209,7 +231,7 @@ _forward_impl = _disable_dynamo(_forward_kernel)  # the CompositeExplicitAutogra
 
 
 def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left, dropout_p, seed,
-                 offset, stream, op_name):
+                 offset, stream, op_name, rng_state=None):
     try:
         t = (_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
              None if mask is None else _to_dlpack(mask))
@@ -217,17 +239,18 @@ def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left
         # DLPack refuses tensors that require grad; the view is the same memory.
         t = (q.detach(), k.detach(), v.detach(), out, lse, mask)
     _C.forward(*t, float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
-               int(seed) & _U64, int(offset) & _U64, int(stream), op_name)
+               int(seed) & _U64, int(offset) & _U64, int(stream), op_name,
+               None if rng_state is None else rng_state.detach())
 
 
 def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                  return_mask, deterministic=False, op_name="orchard.flash_attn"):
+                  return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None):
     _check_rank(q, k, v, "orchard.flash_attn_forward")
     return _alloc_forward(q, k, return_mask)
 
 
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
-                     seed, offset, deterministic, op_name="orchard.flash_attn"):
+                     seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -236,9 +259,9 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_
     if q.is_cuda:
         with torch.cuda.device(q.device):
             _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
-                          torch.cuda.current_stream(q.device).cuda_stream, op_name)
+                          torch.cuda.current_stream(q.device).cuda_stream, op_name, rng_state)
     else:
-        _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, 0, op_name)
+        _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, 0, op_name, rng_state)
     return dq, dk, dv
 
 
@@ -252,7 +275,7 @@ _backward_impl = _disable_dynamo(_backward_kernel)  # the CompositeExplicitAutog
 _WORKSPACE_BYTES: dict = {}
 
 
-def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name):
+def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name, rng_state=None):
     stream = int(stream)
     _, causal, _, dropout_p, _, _, deterministic = opts
     key = (q.device, q.shape, k.shape, q.dtype, causal, dropout_p > 0.0, deterministic)
@@ -272,11 +295,11 @@ def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name):
     except Exception:
         t = (q.detach(), k.detach(), v.detach(), out.detach(), dout.detach(), lse.detach(), dq, dk,
              dv, workspace)
-    _C.backward(*t, *opts, stream, op_name)
+    _C.backward(*t, *opts, stream, op_name, None if rng_state is None else rng_state.detach())
 
 
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
-                   seed, offset, deterministic, op_name="orchard.flash_attn"):
+                   seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -304,11 +327,13 @@ def _below_autograd(op, kernel, keyset, args):
 
 
 def _fwd_function_forward(ctx, keyset, q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                          seed, offset, return_mask, deterministic, op_name):
+                          seed, offset, return_mask, deterministic, op_name, rng_state):
     out, lse, mask = _below_autograd(_FWD, _forward_kernel, keyset,
                                      (q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                                      seed, offset, return_mask, deterministic, op_name))
-    ctx.save_for_backward(q, k, v, out, lse)
+                                      seed, offset, return_mask, deterministic, op_name, rng_state))
+    # rng_state is saved too: the backward must regenerate the same mask (under a
+    # CUDA graph it is the captured buffer that each replay's draw refills).
+    ctx.save_for_backward(q, k, v, out, lse, rng_state)
     # No zero-filled gradients for the outputs the backward ignores (lse, mask):
     # materializing them cost two fill kernels and, measured on the H100 through
     # torch.profiler, ~0.4 ms of host time each per backward call at d128 s8k.
@@ -321,15 +346,15 @@ def _fwd_function_forward(ctx, keyset, q, k, v, softmax_scale, causal, causal_to
 def _fwd_function_backward(ctx, grad_out, grad_lse, grad_mask):
     # Gradients through lse and the mask are not propagated (as in flash-attn):
     # lse is a by-product of the softmax, the mask is a random draw.
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, rng_state = ctx.saved_tensors
     (softmax_scale, causal, causal_top_left, dropout_p, seed, offset, deterministic,
      op_name) = ctx.opts
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dv = _BWD(grad_out, q, k, v, out, lse, softmax_scale, causal, causal_top_left,
-                      dropout_p, seed, offset, deterministic, op_name)
-    return None, dq, dk, dv, None, None, None, None, None, None, None, None, None
+                      dropout_p, seed, offset, deterministic, op_name, rng_state)
+    return None, dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def _bwd_function_forward(ctx, keyset, *args):
@@ -367,8 +392,8 @@ def _autograd_kernel(op, function, kernel, num_args, defaults):
     return run
 
 
-_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel, 12, _FWD_DEFAULTS)
-_backward_autograd = _autograd_kernel(_BWD, _BackwardFunction, _backward_kernel, 14, _BWD_DEFAULTS)
+_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel, 13, _FWD_DEFAULTS)
+_backward_autograd = _autograd_kernel(_BWD, _BackwardFunction, _backward_kernel, 15, _BWD_DEFAULTS)
 
 
 _LIB.impl("flash_attn_forward", _forward_impl, "CompositeExplicitAutograd")

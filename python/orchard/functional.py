@@ -53,9 +53,10 @@ def flash_attn_func(
         k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0
            (GQA / MQA).
         dropout_p: dropout probability on the attention weights (applied
-           whenever > 0, as in flash-attn: pass 0.0 at evaluation). The seed is
-           drawn from torch's default generator, so ``torch.manual_seed``
-           reproduces a run (and torch.compile graph-breaks at that draw).
+           whenever > 0, as in flash-attn: pass 0.0 at evaluation). The key is
+           drawn on q's device by torch's generator (``torch.manual_seed``
+           reproduces a run) and read by the kernels when they run, so
+           torch.compile traces it and each CUDA-graph replay draws a new mask.
         softmax_scale: defaults to 1 / sqrt(headdim).
         causal: causal mask aligned to the bottom-right corner of the
            attention matrix when seqlen_q != seqlen_k (flash-attn >= 2.1):
@@ -91,9 +92,9 @@ def flash_attn_func(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    seed, offset = _ops.draw_dropout_seed(dropout_p)
-    out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), seed, offset,
-                          bool(return_attn_probs), bool(deterministic), op)
+    out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
+                          bool(return_attn_probs), bool(deterministic), op,
+                          _ops.draw_dropout_rng_state(dropout_p, q.device))
     if return_attn_probs:
         return out, lse, mask.bool()
     return out
@@ -175,10 +176,10 @@ def scaled_dot_product_attention(
                                     f"the number of heads in query ({hq})")
 
     sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
-    seed, offset = _ops.draw_dropout_seed(dropout_p)
     out, _lse, _mask = _FWD(
         q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
-        float(dropout_p), seed, offset, False, bool(deterministic), op,
+        float(dropout_p), 0, 0, False, bool(deterministic), op,
+        _ops.draw_dropout_rng_state(dropout_p, query.device),
     )
     out = out.transpose(1, 2)  # (B, H, L, E)
     if ndim == 4:

@@ -34,7 +34,7 @@ def flash_attn_fwd(
             have fewer heads than q when H_q % H_kv == 0.
         scale: softmax scale, default 1/sqrt(D).
         dropout_p: dropout on the attention weights (applied whenever > 0);
-            seeded from torch's default generator.
+            keyed by a draw of torch's generator on q's device.
         causal: top-left aligned causal mask (query i sees keys j <= i).
 
     Returns:
@@ -54,10 +54,10 @@ def flash_attn_fwd(
     else:
         qb, kb, vb = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     sc = _ops.default_scale(q.shape[-1]) if scale is None else float(scale)
-    seed, offset = _ops.draw_dropout_seed(dropout_p)
     want_mask = dropout_p > 0.0
     out, _lse, mask = _ops._FWD(  # torch.ops.orchard.flash_attn_forward.default
-        qb, kb, vb, sc, bool(causal), True, float(dropout_p), seed, offset, want_mask, False, op)
+        qb, kb, vb, sc, bool(causal), True, float(dropout_p), 0, 0, want_mask, False, op,
+        _ops.draw_dropout_rng_state(dropout_p, q.device))
     if three_d:
         out = out.squeeze(2)
         mask = mask.squeeze(1) if want_mask else mask

@@ -42,6 +42,7 @@ void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o)
   p.dropout_p = static_cast<float>(o.dropout_p);
   p.seed = o.seed;
   p.offset = o.offset;
+  p.rng_state = o.dropout_p > 0.0 ? o.rng_state : nullptr;
   p.stream = o.stream;
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 #include <utility>
@@ -196,6 +197,8 @@ ProblemShape check_common(const std::string& op, const TensorView& q, const Tens
   const double dp = options.dropout_p;
   if (!(dp >= 0.0 && dp < 1.0))
     fail(ErrorKind::kInvalidArgument, op, "dropout_p must be in [0, 1), got " + std::to_string(dp));
+  if (options.rng_state && reinterpret_cast<std::uintptr_t>(options.rng_state) % alignof(std::uint64_t) != 0)
+    fail(ErrorKind::kInvalidArgument, op, "rng_state must be 8-byte aligned");
   if (options.softmax_scale && !std::isfinite(*options.softmax_scale))
     fail(ErrorKind::kInvalidArgument, op, "softmax_scale must be finite");
   return p;

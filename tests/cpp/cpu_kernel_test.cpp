@@ -284,6 +284,23 @@ TEST(CpuKernel, DropoutFractionMatchesP) {
   }
 }
 
+TEST(CpuKernel, RngStateReplacesSeedAndOffset) {
+  // FwdParams::rng_state (read when the kernel runs) keys the same mask as the
+  // same (seed, offset) in the params, and the params' own pair is then ignored.
+  Case c{2, 33, 47, 4, 2, 16};
+  c.dropout = 0.3f;
+  KernelRun by_value(c), by_pointer(c);
+  cpu().forward(by_value.fwd_params());
+  FwdParams p = by_pointer.fwd_params();
+  const std::uint64_t state[2] = {p.seed, p.offset};
+  p.seed = ~p.seed;
+  p.offset += 1;
+  p.rng_state = state;
+  cpu().forward(p);
+  EXPECT_EQ(by_value.mask, by_pointer.mask);
+  EXPECT_EQ(by_value.out.bytes, by_pointer.out.bytes);
+}
+
 TEST(CpuKernel, FullyMaskedRowsAreZeroWithInfLse) {
   // causal bottom-right with sk < sq: the first sq - sk rows see nothing.
   for (DType dt : kDTypes) {

@@ -52,6 +52,44 @@ def test_cuda_graph_capture_fwd_bwd():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_replays_draw_fresh_dropout_masks(dtype):
+    # Dropout under CUDA-graph capture: each replay draws a new key on the device
+    # (as torch's own dropout does), and within a replay the backward uses the
+    # forward's mask. Checked against a float64 reference that applies the mask
+    # the replay returned.
+    q, k, v = (t.to(dtype).detach().requires_grad_() for t in _qkv(b=1, s=64, h=2, hkv=2, d=32))
+    do = torch.randn_like(q)
+
+    def step():
+        out, _, mask = orchard.flash_attn_func(q, k, v, dropout_p=0.3, return_attn_probs=True)
+        return (out, mask, *torch.autograd.grad(out, (q, k, v), do))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = step()
+    masks = []
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        out, mask, *grads = (t.clone() for t in static)
+        masks.append(mask)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = attention_ref(q64, k64, v64, None, False, keep_mask=mask.to(torch.uint8), dropout_p=0.3)
+        rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(out.double(), ref, **tol)
+        for a, r in zip(grads, rgrads):
+            torch.testing.assert_close(a.double(), r, **tol)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])

@@ -109,3 +109,62 @@ def test_sdpa_dropout_backward_consistent(device):
                            True, keep_mask=mask, dropout_p=0.25)
     (gr,) = torch.autograd.grad(ref.transpose(1, 2).sum(), (q64,))
     torch.testing.assert_close(g, gr, atol=1e-11, rtol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_rng_state_tensor_is_the_same_key_as_ints(device, causal):
+    # rng_state (read when the kernels run) selects exactly the mask that the
+    # same (seed, offset) passed as ints selects, forward and backward.
+    seed, offset = 0x1234_5678_9ABC_DEF1, 6
+    q = randn(2, 29, 4, 16, device=device, requires_grad=True)
+    k = randn(2, 41, 2, 16, device=device, requires_grad=True)
+    v = randn(2, 41, 2, 16, device=device, requires_grad=True)
+    do = randn(2, 29, 4, 16, device=device)
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=device)
+    ints = torch.ops.orchard.flash_attn_forward(q, k, v, 0.25, causal, False, 0.3, seed, offset, True)
+    tens = torch.ops.orchard.flash_attn_forward(q, k, v, 0.25, causal, False, 0.3, 0, 0, True, False,
+                                                "orchard.flash_attn", rng)
+    for a, b in zip(ints, tens):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.autograd.grad(ints[0], (q, k, v), do), torch.autograd.grad(tens[0], (q, k, v), do)):
+        assert torch.equal(a, b)
+    # The ints are ignored when rng_state is given.
+    other = torch.ops.orchard.flash_attn_forward(q, k, v, 0.25, causal, False, 0.3, 99, 1, True, False,
+                                                 "orchard.flash_attn", rng)
+    assert torch.equal(other[2], ints[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", ["three", "float", "strided", "2d"])
+def test_rng_state_validation(device, bad):
+    q = randn(1, 8, 2, 8, device=device)
+    rng = {"three": torch.zeros(3, dtype=torch.int64, device=device),
+           "float": torch.zeros(2, device=device),
+           "strided": torch.zeros(4, dtype=torch.int64, device=device)[::2],
+           "2d": torch.zeros(1, 2, dtype=torch.int64, device=device)}[bad]
+    with pytest.raises(ValueError, match=r"^orchard.flash_attn_func: rng_state must be"):
+        torch.ops.orchard.flash_attn_forward(q, q, q, 0.3, False, False, 0.2, 0, 0, False, False,
+                                             "orchard.flash_attn_func", rng)
+
+
+@pytest.mark.cuda
+def test_rng_state_on_another_device_is_refused():
+    q = randn(1, 8, 2, 8, device="cuda")
+    with pytest.raises(ValueError, match=r"^orchard.flash_attn: rng_state must be on q's device"):
+        torch.ops.orchard.flash_attn_forward(q, q, q, 0.3, False, False, 0.2, 0, 0, False, False,
+                                             "orchard.flash_attn", torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drop_ins_draw_the_key_on_the_device(device):
+    # The drop-ins key dropout by a draw of the device's generator: the same torch
+    # seed reproduces it, and rng_state with that draw reproduces the output.
+    q = randn(2, 33, 2, 16, device=device)
+    torch.manual_seed(21)
+    out, _, mask = orchard.flash_attn_func(q, q, q, dropout_p=0.4, return_attn_probs=True)
+    torch.manual_seed(21)
+    rng = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+    want, _, want_mask = torch.ops.orchard.flash_attn_forward(
+        q, q, q, 0.25, False, False, 0.4, 0, 0, True, False, "orchard.flash_attn", rng)
+    assert torch.equal(out, want) and torch.equal(mask, want_mask.bool())

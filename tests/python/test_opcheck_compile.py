@@ -24,12 +24,15 @@ def _fwd_args(device, dtype=torch.float32, dropout=0.0, mask=False, layout="bshd
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["plain", "dropout_mask", "bhsd_top_left"])
+@pytest.mark.parametrize("variant", ["plain", "dropout_mask", "rng_state", "bhsd_top_left"])
 def test_opcheck_forward(device, variant):
     if variant == "plain":
         args = _fwd_args(device)
     elif variant == "dropout_mask":
         args = _fwd_args(device, dropout=0.2, mask=True)
+    elif variant == "rng_state":
+        args = (*_fwd_args(device, dropout=0.2, mask=True), False, "orchard.flash_attn",
+                torch.tensor([7, 1], dtype=torch.int64, device=device))
     else:
         args = list(_fwd_args(device, layout="bhsd"))
         args[5] = True
@@ -79,20 +82,28 @@ def test_torch_compile_matches_eager(device, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_with_dropout_graph_break(device):
-    # dropout_p > 0 draws a seed from torch's generator: a graph break, but
-    # results still match eager under the same torch seed.
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_with_dropout_fullgraph(device, backend):
+    # The drop-ins draw the dropout key as a device tensor (torch.randint), so a
+    # model with attention dropout compiles as one graph; with torch's own RNG in
+    # the compiled graph (inductor: fallback_random) it matches eager under the
+    # same torch seed, forward and backward.
     torch._dynamo.reset()
 
     def f(q):
         return orchard.flash_attn_func(q, q, q, dropout_p=0.3).sum(-1)
 
-    q = randn(1, 16, 2, 8, device=device)
+    q = randn(1, 16, 2, 8, device=device, requires_grad=True)
     torch.manual_seed(5)
     eager = f(q)
-    torch.manual_seed(5)
-    got = torch.compile(f, backend="aot_eager")(q)
+    (g_eager,) = torch.autograd.grad(eager.sum(), (q,))
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(fallback_random=True):
+        torch.manual_seed(5)
+        got = torch.compile(f, backend=backend, fullgraph=True)(q)
+        (g_got,) = torch.autograd.grad(got.sum(), (q,))
     torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(g_got, g_eager)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -43,6 +43,7 @@ void forward_block(const FwdParams& p, int dp, const T* kt, const T* v, int bi,
   const T c = softmax_scale<T>(p) * kLog2e;
   const bool dropout = p.dropout_p > 0.0f;
   const std::uint32_t threshold = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const T rp = dropout ? T(1) / (T(1) - dropout_prob<T>(p)) : T(1);
   const auto batch_head = static_cast<std::uint32_t>(std::int64_t(bi) * p.hq + h);
 
@@ -63,7 +64,7 @@ void forward_block(const FwdParams& p, int dp, const T* kt, const T* v, int bi,
       const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
       for (int r = 0; r < rows; ++r) {
         const std::int64_t i = i0 + r;
-        dropout_keep_row(p.seed, p.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
+        dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
                          threshold, w.keep.data());
         if (p.dropout_mask)
           std::copy_n(w.keep.data(), ncols,
@@ -80,7 +81,7 @@ void forward_block(const FwdParams& p, int dp, const T* kt, const T* v, int bi,
       const std::int64_t i = i0 + r;
       for (std::int64_t j0 = mask_written; j0 < p.sk; j0 += kBlockN) {
         const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
-        dropout_keep_row(p.seed, p.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
+        dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
                          threshold, p.dropout_mask + (std::int64_t(batch_head) * p.sq + i) * p.sk + j0);
       }
     }

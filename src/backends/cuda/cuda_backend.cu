@@ -88,6 +88,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
 // (b, hq, sq, sk) uint8 keep-mask: 4 columns (one Philox call) per thread.
 __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const int64_t c4n = (p.sk + 3) / 4;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total4;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -95,7 +96,7 @@ __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
     const int64_t r = idx / c4n;  // bh * sq + row
     const uint32_t row = static_cast<uint32_t>(r % p.sq);
     const uint32_t bh = static_cast<uint32_t>(r / p.sq);
-    const Philox4 dr = dropout_draws(p.seed, p.offset, bh, row, static_cast<uint32_t>(c4));
+    const Philox4 dr = dropout_draws(key.seed, key.offset, bh, row, static_cast<uint32_t>(c4));
     uint8_t* out = p.dropout_mask + r * p.sk + c4 * 4;
 #pragma unroll
     for (int j = 0; j < 4; ++j)

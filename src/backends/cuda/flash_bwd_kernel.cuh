@@ -222,6 +222,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int kv_base = n0 + warp * 16 + g;  // this thread's key rows: kv_base, kv_base + 8
 
@@ -278,7 +279,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         for (int c = 0; c < 4; ++c) {
           const int kv = kv_base + (c >> 1) * 8;
           const int q = m0 + nt * 8 + 2 * t + (c & 1);
-          if (!dropout_keep(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(q),
+          if (!dropout_keep(key.seed, key.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(q),
                             static_cast<uint32_t>(kv), keep_threshold))
             keep_bits &= ~(1u << (nt * 4 + c));
         }
@@ -506,6 +507,7 @@ __global__ void __launch_bounds__(256)
 
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int krow = wk * 32;            // this warp's first key row (local) in phases 1-4
   const int qcol = wq * (kBM / 2);     // this warp's first query column (local) in phases 1-2
@@ -600,7 +602,7 @@ __global__ void __launch_bounds__(256)
           const int kv = kv_base + mt * 16 + (c >> 1) * 8;
           st[mt][nt][c] = pv;
           if constexpr (kDropout) {
-            if (!dropout_keep(p.seed, p.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(m0 + ql),
+            if (!dropout_keep(key.seed, key.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(m0 + ql),
                               static_cast<uint32_t>(kv), keep_threshold))
               keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
           }
@@ -788,6 +790,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   }
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   float acc_dq[kDT][4];
@@ -840,7 +843,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
         const int col0 = n0 + nt * 8 + 2 * t;
         bool keep0 = true, keep1 = true;
         if constexpr (kDropout) {
-          const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
+          const Philox4 dr = dropout_draws(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
                                            static_cast<uint32_t>(col0 >> 2));
           const bool hi = (col0 & 2) != 0;
           keep0 = (hi ? dr.z : dr.x) >= keep_threshold;

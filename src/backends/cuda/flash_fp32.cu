@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   for (int j = 0; j < kMaxPerLane; ++j) o[j] = 0.f;
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   float m = -INFINITY, l = 0.f;
   const int64_t end = key_end(p, i);
   for (int64_t j = 0; j < end; ++j) {
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
     const float e = expf(s - m_new);
     l = l * corr + e;
     m = m_new;
-    const bool keep = !dropout || dropout_keep(p.seed, p.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
+    const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
                                                static_cast<uint32_t>(j), thr);
     const float pv = keep ? e : 0.f;
     const float* vr = v + j * p.v_row_stride;
@@ -150,13 +151,14 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   const float D = dsum[r];
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int64_t end = key_end(p, i);
   for (int64_t j = 0; j < end; ++j) {
     const float* kr = k + j * p.k_row_stride;
     const float pv = expf(dot_row(qr, kr, d, lane) * p.scale - lse);
     float dp = dot_row(dor, v + j * p.v_row_stride, d, lane);
-    const bool keep = !dropout || dropout_keep(p.seed, p.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
+    const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
                                                static_cast<uint32_t>(j), thr);
     dp = keep ? dp * rdrop : 0.f;
     const float ds = pv * (dp - D);
@@ -186,6 +188,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
   for (int e = 0; e < kMaxPerLane; ++e) dk[e] = dv[e] = 0.f;
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   int64_t i_begin = 0;  // first query row that sees key j
   if (p.causal) i_begin = j - p.causal_offset < 0 ? 0 : j - p.causal_offset;
@@ -200,7 +203,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
           lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
       const float pv = expf(dot_row(kr, q, d, lane) * p.scale - lse);
       float dp = dot_row(vr, dO, d, lane);
-      const bool keep = !dropout || dropout_keep(p.seed, p.offset, static_cast<uint32_t>(bh),
+      const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh),
                                                  static_cast<uint32_t>(i), static_cast<uint32_t>(j), thr);
       const float pd = keep ? pv * rdrop : 0.f;
       dp = keep ? dp * rdrop : 0.f;

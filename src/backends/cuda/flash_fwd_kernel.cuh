@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   uint32_t qf[Cfg::kQInRegs ? kMW * kKSteps : 1][4];
   const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
 
   for (int n = 0; n < n_blocks; ++n) {
     const int stage = n & 1;
@@ -221,7 +222,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
           for (int r = 0; r < 2; ++r) {
             const int row = row_base + mt * 16 + r * 8;
             const int col = n0 + nt * 8 + 2 * t;  // even: both columns share one Philox call
-            const Philox4 dr = dropout_draws(p.seed, p.offset, static_cast<uint32_t>(bh),
+            const Philox4 dr = dropout_draws(key.seed, key.offset, static_cast<uint32_t>(bh),
                                              static_cast<uint32_t>(row), static_cast<uint32_t>(col >> 2));
             const bool hi = (col & 2) != 0;
             if ((hi ? dr.z : dr.x) < keep_threshold) s[mt][nt][2 * r] = 0.f;
