@@ -89,12 +89,27 @@ void run_logged(const char* direction, const BackendOps& be, const FwdParams& p,
   debug_log_line(line.str());
 }
 
+// Backends report errors without an op name (they serve every op); the public
+// entry points put the caller's op name in front, as on every other error.
+template <typename Fn>
+auto with_op_prefix(const std::string& op, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    if (msg.rfind(op + ": ", 0) == 0) throw;
+    throw Error(e.kind(), op + ": " + msg);
+  }
+}
+
 }  // namespace
 }  // namespace detail
 
 using namespace detail;
 
-void attention_forward(const ForwardArgs& a) {
+namespace {
+
+void forward_unprefixed(const ForwardArgs& a) {
   const std::string& op = a.options.op_name;
   const ProblemShape shape = validate_forward(a);
   const BackendOps& be = select_backend(shape, op);
@@ -131,8 +146,6 @@ void attention_forward(const ForwardArgs& a) {
   staging.finish();
 }
 
-namespace {
-
 // A backward with no rows on either side writes nothing (sq == 0 alone still
 // has dk, dv = 0 to write).
 bool backward_is_empty(const ProblemShape& s) { return s.b == 0 || s.hq == 0 || (s.sq == 0 && s.sk == 0); }
@@ -144,9 +157,7 @@ BwdParams backward_problem(const BackwardArgs& a, const ProblemShape& shape) {
   return p;
 }
 
-}  // namespace
-
-std::size_t backward_workspace_bytes(const BackwardArgs& a) {
+std::size_t backward_workspace_bytes_unprefixed(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, a.options.op_name);
   const BwdParams p = backward_problem(a, shape);
@@ -154,7 +165,7 @@ std::size_t backward_workspace_bytes(const BackwardArgs& a) {
   return be.backward_workspace_bytes(p);
 }
 
-void attention_backward(const BackwardArgs& a) {
+void backward_unprefixed(const BackwardArgs& a) {
   const std::string& op = a.options.op_name;
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, op);
@@ -208,6 +219,20 @@ void attention_backward(const BackwardArgs& a) {
 
   run_logged("BWD", be, p, true, staging.staged_count(), op, [&] { be.backward(p); });
   staging.finish();
+}
+
+}  // namespace
+
+void attention_forward(const ForwardArgs& a) {
+  with_op_prefix(a.options.op_name, [&] { forward_unprefixed(a); });
+}
+
+std::size_t backward_workspace_bytes(const BackwardArgs& a) {
+  return with_op_prefix(a.options.op_name, [&] { return backward_workspace_bytes_unprefixed(a); });
+}
+
+void attention_backward(const BackwardArgs& a) {
+  with_op_prefix(a.options.op_name, [&] { backward_unprefixed(a); });
 }
 
 }  // namespace orchard

@@ -15,7 +15,7 @@ namespace orchard::cuda {
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("orchard.flash_attn: CUDA error in ") + what + ": " +
+    throw Error(ErrorKind::kRuntime, std::string("CUDA error in ") + what + ": " +
                                          cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
 
@@ -109,7 +109,7 @@ void forward(const FwdParams& p) {
     case DType::kBFloat16: fwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: fwd_dispatch<__half>(p); break;
     case DType::kFloat32: run_fwd_fp32(p); break;
-    default: throw Error(ErrorKind::kNotImplemented, "orchard.flash_attn: unsupported dtype on CUDA");
+    default: throw Error(ErrorKind::kNotImplemented, "unsupported dtype on CUDA");
   }
   if (p.dropout_mask != nullptr) run_dropout_mask(p);
 }
@@ -119,7 +119,7 @@ void backward(const BwdParams& p) {
     case DType::kBFloat16: bwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: bwd_dispatch<__half>(p); break;
     case DType::kFloat32: run_bwd_fp32(p); break;
-    default: throw Error(ErrorKind::kNotImplemented, "orchard.flash_attn: unsupported dtype on CUDA");
+    default: throw Error(ErrorKind::kNotImplemented, "unsupported dtype on CUDA");
   }
 }
 
@@ -133,7 +133,7 @@ void* allocate(std::size_t bytes, void* stream) {
   void* ptr = nullptr;
   const cudaError_t err = cudaMallocAsync(&ptr, bytes, static_cast<cudaStream_t>(stream));
   if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("orchard.flash_attn: CUDA error in cudaMallocAsync(") +
+    throw Error(ErrorKind::kRuntime, std::string("CUDA error in cudaMallocAsync(") +
                                          std::to_string(bytes) + " bytes): " + cudaGetErrorString(err));
   return ptr;
 }
@@ -172,7 +172,7 @@ void copy_strided(const detail::StridedCopy& c, void* stream) {
     case 4: strided_copy_kernel<uint32_t><<<blocks, 256, 0, s>>>(c, total); break;
     case 8: strided_copy_kernel<uint64_t><<<blocks, 256, 0, s>>>(c, total); break;
     default:
-      throw Error(ErrorKind::kRuntime, "orchard.flash_attn: copy_strided: unsupported element size " +
+      throw Error(ErrorKind::kRuntime, "copy_strided: unsupported element size " +
                                            std::to_string(c.element_size));
   }
   check_launch("strided_copy_kernel");
@@ -187,7 +187,7 @@ bool synchronize(void* stream) {
   }
   const cudaError_t err = cudaStreamSynchronize(s);
   if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("orchard.flash_attn: CUDA error in cudaStreamSynchronize: ") +
+    throw Error(ErrorKind::kRuntime, std::string("CUDA error in cudaStreamSynchronize: ") +
                                          cudaGetErrorString(err));
   return true;
 }
