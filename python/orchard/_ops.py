@@ -206,6 +206,15 @@ def _check_rank(q, k, v, op):
 # reports the failure as it always did. A capsule is consumed by one call.
 
 
+def _export(*tensors):
+    """What _C receives for these tensors (None stays None): DLPack capsules, or, if
+    to_dlpack refuses one, the detached tensors (the same memory) for nanobind."""
+    try:
+        return tuple(None if t is None else _to_dlpack(t) for t in tensors)
+    except Exception:
+        return tuple(None if t is None else t.detach() for t in tensors)
+
+
 def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                     return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -232,15 +241,9 @@ _forward_impl = _disable_dynamo(_forward_kernel)  # the CompositeExplicitAutogra
 
 def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left, dropout_p, seed,
                  offset, stream, op_name, rng_state=None):
-    try:
-        t = (_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(lse),
-             None if mask is None else _to_dlpack(mask))
-    except Exception:
-        # DLPack refuses tensors that require grad; the view is the same memory.
-        t = (q.detach(), k.detach(), v.detach(), out, lse, mask)
+    *t, rng = _export(q, k, v, out, lse, mask, rng_state)
     _C.forward(*t, float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
-               int(seed) & _U64, int(offset) & _U64, int(stream), op_name,
-               None if rng_state is None else rng_state.detach())
+               int(seed) & _U64, int(offset) & _U64, int(stream), op_name, rng)
 
 
 def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
@@ -288,14 +291,8 @@ def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name, rn
             _WORKSPACE_BYTES.clear()
         _WORKSPACE_BYTES[key] = nbytes
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes > 0 else None
-    try:
-        t = (_to_dlpack(q), _to_dlpack(k), _to_dlpack(v), _to_dlpack(out), _to_dlpack(dout),
-             _to_dlpack(lse), _to_dlpack(dq), _to_dlpack(dk), _to_dlpack(dv),
-             None if workspace is None else _to_dlpack(workspace))
-    except Exception:
-        t = (q.detach(), k.detach(), v.detach(), out.detach(), dout.detach(), lse.detach(), dq, dk,
-             dv, workspace)
-    _C.backward(*t, *opts, stream, op_name, None if rng_state is None else rng_state.detach())
+    *t, rng = _export(q, k, v, out, dout, lse, dq, dk, dv, workspace, rng_state)
+    _C.backward(*t, *opts, stream, op_name, rng)
 
 
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
