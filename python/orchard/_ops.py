@@ -215,6 +215,17 @@ def _export(*tensors):
         return tuple(None if t is None else t.detach() for t in tensors)
 
 
+def _launch_on_device_of(t, launch):
+    """launch(stream): on t's CUDA device with its current stream (torch refuses to
+    export, through DLPack, a CUDA tensor that is not on the current device, and
+    kernels must launch on the tensor's device), or with stream 0 on the CPU."""
+    if t.is_cuda:
+        with torch.cuda.device(t.device):
+            launch(torch.cuda.current_stream(t.device).cuda_stream)
+    else:
+        launch(0)
+
+
 def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                     return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -223,16 +234,9 @@ def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 
     write_mask = return_mask and dropout_p > 0.0
     if return_mask and not write_mask:
         mask.fill_(1)  # no dropout: everything is kept
-    if q.is_cuda:
-        # torch refuses to export (DLPack) a CUDA tensor that is not on the current
-        # device, and kernels must launch on the tensor's device.
-        with torch.cuda.device(q.device):
-            _run_forward(q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal,
-                         causal_top_left, dropout_p, seed, offset,
-                         torch.cuda.current_stream(q.device).cuda_stream, op_name, rng_state)
-    else:
-        _run_forward(q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal,
-                     causal_top_left, dropout_p, seed, offset, 0, op_name, rng_state)
+    _launch_on_device_of(q, lambda stream: _run_forward(
+        q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal, causal_top_left,
+        dropout_p, seed, offset, stream, op_name, rng_state))
     return out, lse, mask
 
 
@@ -259,12 +263,8 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_
     dv = torch.empty_like(v)
     opts = (float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
             int(seed) & _U64, int(offset) & _U64, bool(deterministic))
-    if q.is_cuda:
-        with torch.cuda.device(q.device):
-            _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
-                          torch.cuda.current_stream(q.device).cuda_stream, op_name, rng_state)
-    else:
-        _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, 0, op_name, rng_state)
+    _launch_on_device_of(q, lambda stream: _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
+                                                         stream, op_name, rng_state))
     return dq, dk, dv
 
 
