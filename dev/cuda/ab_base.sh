@@ -4,7 +4,8 @@
 #   on device: bash dev/cuda/ab_base.sh [MIN_S]           (carry .ab)
 # Builds both harnesses in parallel, runs the current one's correctness suite and
 # compute-sanitizer memcheck on --small, then alternates timing runs base, cur, base,
-# cur (`--bench MIN_S`) so clock drift hits both alike. Logs in $OUT/ab.tgz.
+# cur (`--bench MIN_S`; ROUNDS pairs, default 2) so clock drift hits both alike.
+# Logs in $OUT/ab.tgz.
 set -uo pipefail
 if [[ ${1:-} == --prepare ]]; then
   rm -rf .ab/base && mkdir -p .ab/base
@@ -23,7 +24,6 @@ cmake -S dev/cuda -B build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > $L/build.log 2
   ninja -C build-dev -j8 >> $L/build.log 2>&1 || { tail -60 $L/build.log; exit 1; }
 wait
 echo "builds: $(( $(date +%s) - t0 ))s (base $(cat .ab/base/REV))"
-
 timeout 300 ./build-dev/cuda_check > $L/check.log 2>&1; echo "cuda_check rc=$?"
 grep -E "FAIL|MISMATCH|DIFFERENT|cases passed" $L/check.log | head -20
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 ./build-dev/cuda_check --small > $L/memcheck.log 2>&1

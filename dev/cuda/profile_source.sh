@@ -35,6 +35,6 @@ for prof in "${PS_LIST[@]}"; do
     rm -f $rep
   done
 done
-[[ -s $P/ours_*.sass.err ]] && head -5 $P/*.sass.err
+for f in $P/*.sass.err; do [[ -s $f ]] && head -5 "$f"; done
 $NCU --help 2>&1 | grep -A2 -E "print-source|--page" | head -20 > $P/ncu_help.txt
 cd $P && tar czf "$OUT/prof.tgz" . && ls -la "$OUT"

@@ -98,5 +98,4 @@ ORCHARD_HOST_DEVICE DropoutKey dropout_key(const FwdParams& p) {
   return p.rng_state ? DropoutKey{p.rng_state[0], p.rng_state[1]} : DropoutKey{p.seed, p.offset};
 }
 
-
 }  // namespace orchard
