@@ -704,9 +704,8 @@ __global__ void __launch_bounds__(256)
       // instructions per step (ncu source page, d128), ~15% of the loop.
       const int row16 = m0 + wm * 32, col8 = wn * kDqT * 8;
       const int row_stride = dq_accum_row_tile_stride(d);
-      const float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
-      float* dqa = const_cast<float*>(slab) + static_cast<int64_t>(row16 / 16) * row_stride +
-                   dq_accum_tile_offset(0, col8, d, lane);
+      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
+      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, d, lane);
       if (d == kD && row16 + 32 <= p.sq) {  // warp-uniform: all but tail tiles and padded head dims
         constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
 #pragma unroll
