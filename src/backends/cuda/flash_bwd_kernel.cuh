@@ -698,16 +698,27 @@ __global__ void __launch_bounds__(256)
           }
         }
       }
-      float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
+      // This warp's tiles: rows row16 + 16 mt (kBM % 32 == 0: tile boundaries),
+      // columns col8 + 8 i. One pointer per step and constant strides (launch.h):
+      // recomputing the full tile offset per reduction cost ~150 integer
+      // instructions per step (ncu source page, d128), ~15% of the loop.
+      const int row16 = m0 + wm * 32, col8 = wn * kDqT * 8;
+      const int row_stride = dq_accum_row_tile_stride(d);
+      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
+      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, d, lane);
+      if (d == kD && row16 + 32 <= p.sq) {  // warp-uniform: all but tail tiles and padded head dims
+        constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const int row16 = m0 + wm * 32 + mt * 16;  // kBM % 32 == 0: a tile boundary
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int i = 0; i < kDqT; ++i) {
-          const int col8 = (wn * kDqT + i) * 8;
-          if (row16 < p.sq && col8 < d)
-            dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[mt][i]);
-        }
+          for (int i = 0; i < kDqT; ++i) dq_accum_add(dqa + mt * kRowStride + i * kDqAccumColTileStride, acc[mt][i]);
+      } else {
+        auto add = [&](int mt, int i) { dq_accum_add(dqa + mt * row_stride + i * kDqAccumColTileStride, acc[mt][i]); };
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int i = 0; i < kDqT; ++i)
+            if (row16 + mt * 16 < p.sq && col8 + i * 8 < d) add(mt, i);
       }
     }
     h = h_next;

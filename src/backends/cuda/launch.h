@@ -45,6 +45,13 @@ ORCHARD_HOST_DEVICE int64_t dq_accum_tile_offset(int row16, int col8, int d, int
   return ((static_cast<int64_t>(row16 / 16) * (d / 8) + col8 / 8) * 32 + lane) * 4;
 }
 
+// Between tiles of one slab: the next 16 rows (same columns) are
+// dq_accum_row_tile_stride(d) floats further, the next 8 columns (same rows)
+// kDqAccumColTileStride floats, so dq_accum_tile_offset(row16 + 16 * r, col8 + 8 * c, d,
+// lane) = dq_accum_tile_offset(row16, col8, d, lane) + r * row stride + c * 128.
+ORCHARD_HOST_DEVICE int dq_accum_row_tile_stride(int d) { return d / 8 * 128; }
+constexpr int kDqAccumColTileStride = 128;
+
 ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
   auto align = [](std::size_t n) { return (n + 255) / 256 * 256; };
   const std::size_t rows = static_cast<std::size_t>(p.b) * p.hq * p.sq;
