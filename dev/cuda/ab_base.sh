@@ -5,6 +5,8 @@
 # Builds both harnesses in parallel, runs the current one's correctness suite and
 # compute-sanitizer memcheck on --small, then alternates timing runs base, cur, base,
 # cur (`--bench MIN_S`; ROUNDS pairs, default 2) so clock drift hits both alike.
+# VARIANTS="name:-DFLAG=1 name2:-DX=2" also builds the working tree with those
+# extra nvcc flags (build-<name>) and times each variant in the same rotation.
 # Logs in $OUT/ab.tgz.
 set -uo pipefail
 if [[ ${1:-} == --prepare ]]; then
@@ -22,14 +24,21 @@ t0=$(date +%s)
   ninja -C build-base -j8 >> $L/build-base.log 2>&1 || tail -30 $L/build-base.log) &
 cmake -S dev/cuda -B build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > $L/build.log 2>&1 &&
   ninja -C build-dev -j8 >> $L/build.log 2>&1 || { tail -60 $L/build.log; exit 1; }
+for v in ${VARIANTS:-}; do
+  name=${v%%:*} flags=${v#*:}
+  (cmake -S dev/cuda -B build-$name -G Ninja -DORCHARD_CUDA_ARCHS=90 "-DCMAKE_CUDA_FLAGS=${flags//,/ }" > $L/build-$name.log 2>&1 &&
+    ninja -C build-$name -j8 >> $L/build-$name.log 2>&1 || tail -30 $L/build-$name.log) &
+done
 wait
 echo "builds: $(( $(date +%s) - t0 ))s (base $(cat .ab/base/REV))"
-timeout 300 ./build-dev/cuda_check > $L/check.log 2>&1; echo "cuda_check rc=$?"
-grep -E "FAIL|MISMATCH|DIFFERENT|cases passed" $L/check.log | head -20
+for who in dev ${VARIANTS:+$(for v in $VARIANTS; do printf '%s ' "${v%%:*}"; done)}; do
+  timeout 300 ./build-$who/cuda_check > $L/check-$who.log 2>&1; echo "cuda_check $who rc=$?"
+  grep -E "FAIL|MISMATCH|DIFFERENT|cases passed" $L/check-$who.log | head -20
+done
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 ./build-dev/cuda_check --small > $L/memcheck.log 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|FAIL" $L/memcheck.log | head -5
 for round in $(seq 1 ${ROUNDS:-2}); do
-  for who in base dev; do
+  for who in base dev ${VARIANTS:+$(for v in $VARIANTS; do printf '%s ' "${v%%:*}"; done)}; do
     timeout 200 ./build-$who/cuda_check --bench $MIN_S > $L/bench-$who-$round.log 2>&1
     echo "== $who round $round rc=$?"; grep -E "^ +[0-9]" $L/bench-$who-$round.log
   done

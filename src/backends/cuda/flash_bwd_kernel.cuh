@@ -485,16 +485,37 @@ __global__ void __launch_bounds__(256)
   TileStream<T, kBM, kD, kThreads> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
   TileStream<T, kBM, kD, kThreads> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
   // Steps run over (q head of the group, query tile): counters, not divisions.
-  auto prefetch = [&](int h, int mi, int stage) {
+  // The streams' tile origins move by one tile per step and are recomputed only
+  // when the step crosses to the next q head (the full 64-bit origin took ~30
+  // uniform instructions per step, d128).
+  auto seek = [&](int h, int mi) {
     const int m0 = mi * kBM;
     q_stream.tile = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
     do_stream.tile = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
-    q_stream.load(smem_u32(sQ) + stage * kBM * kS * 2, p.sq - m0);
-    do_stream.load(smem_u32(sdO) + stage * kBM * kS * 2, p.sq - m0);
+  };
+  auto prefetch = [&](int h, int mi, int stage) {
+    const int m0 = mi * kBM;
+    const uint32_t sq_stage = smem_u32(sQ) + stage * kBM * kS * 2, sdo_stage = smem_u32(sdO) + stage * kBM * kS * 2;
+#ifndef ORCHARD_BWD_FULL_LOADS_CAUSAL  // EXPERIMENT switch for the device A/B
+#define ORCHARD_BWD_FULL_LOADS_CAUSAL 1
+#endif
+    constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn && (!kCausal || ORCHARD_BWD_FULL_LOADS_CAUSAL);
+    if (kFullLoads && d == kD && m0 + kBM <= p.sq) {  // warp-uniform: all but the last tile, unpadded d
+      if constexpr (kFullLoads) {
+        q_stream.load_full(sq_stage);
+        do_stream.load_full(sdo_stage);
+      }
+    } else {
+      q_stream.load(sq_stage, p.sq - m0);
+      do_stream.load(sdo_stage, p.sq - m0);
+    }
     stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
   };
   int h = hk * group, mi = m_begin;  // the current step
-  if (total > 0) prefetch(h, mi, 0);
+  if (total > 0) {
+    seek(h, mi);
+    prefetch(h, mi, 0);
+  }
   cp_async_commit();
 
   float acc_dk[2][kDTw][4], acc_dv[2][kDTw][4];
@@ -531,7 +552,15 @@ __global__ void __launch_bounds__(256)
     __syncthreads();
     const bool last_tile = mi + 1 == num_m_total;
     const int h_next = last_tile ? h + 1 : h, mi_next = last_tile ? m_begin : mi + 1;
-    if (it + 1 < total) prefetch(h_next, mi_next, stage ^ 1);
+    if (it + 1 < total) {
+      if (last_tile) {
+        seek(h_next, mi_next);
+      } else {
+        q_stream.advance();
+        do_stream.advance();
+      }
+      prefetch(h_next, mi_next, stage ^ 1);
+    }
     cp_async_commit();
     const int m0 = mi * kBM;
     const uint32_t q_nk = q_nk0 + stage * kStageBytes, do_nk = do_nk0 + stage * kStageBytes;
