@@ -497,7 +497,7 @@ __global__ void __launch_bounds__(256)
     const int m0 = mi * kBM;
     const uint32_t sq_stage = smem_u32(sQ) + stage * kBM * kS * 2, sdo_stage = smem_u32(sdO) + stage * kBM * kS * 2;
 #ifndef ORCHARD_BWD_FULL_LOADS_CAUSAL  // EXPERIMENT switch for the device A/B
-#define ORCHARD_BWD_FULL_LOADS_CAUSAL 1
+#define ORCHARD_BWD_FULL_LOADS_CAUSAL 0
 #endif
     constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn && (!kCausal || ORCHARD_BWD_FULL_LOADS_CAUSAL);
     if (kFullLoads && d == kD && m0 + kBM <= p.sq) {  // warp-uniform: all but the last tile, unpadded d
