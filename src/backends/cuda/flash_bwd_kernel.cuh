@@ -496,10 +496,9 @@ __global__ void __launch_bounds__(256)
   auto prefetch = [&](int h, int mi, int stage) {
     const int m0 = mi * kBM;
     const uint32_t sq_stage = smem_u32(sQ) + stage * kBM * kS * 2, sdo_stage = smem_u32(sdO) + stage * kBM * kS * 2;
-#ifndef ORCHARD_BWD_FULL_LOADS_CAUSAL  // EXPERIMENT switch for the device A/B
-#define ORCHARD_BWD_FULL_LOADS_CAUSAL 0
-#endif
-    constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn && (!kCausal || ORCHARD_BWD_FULL_LOADS_CAUSAL);
+    // Not for causal: there ptxas spilled (d128: 8 -> 48 B) and s16k measured
+    // 305 -> 295 TFLOP/s; non-causal d64 +1-2%, d128 within noise (H100 A/B).
+    constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn && !kCausal;
     if (kFullLoads && d == kD && m0 + kBM <= p.sq) {  // warp-uniform: all but the last tile, unpadded d
       if constexpr (kFullLoads) {
         q_stream.load_full(sq_stage);

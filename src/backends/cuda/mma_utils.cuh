@@ -83,18 +83,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 
 // 16-byte async global->shared copy to a shared-state-space byte address;
 // zero-fills the destination when !pred.
-#ifndef ORCHARD_CP_ASYNC_L2_PREFETCH  // EXPERIMENT: 0 none, 1 L2::128B, 2 L2::256B
-#define ORCHARD_CP_ASYNC_L2_PREFETCH 0
-#endif
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
-#if ORCHARD_CP_ASYNC_L2_PREFETCH == 1
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
-#elif ORCHARD_CP_ASYNC_L2_PREFETCH == 2
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
-#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
-#endif
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
