@@ -2,6 +2,7 @@
 # One device call: ncu per-instruction profile (SASS with executed counts and warp-stall
 # samples) of our dK/dV backward kernel and FA2's (torch SDPA flash) at the same shapes.
 # Usage (on the GPU machine, repo root): PROFS="64 8192 0;128 8192 0" bash dev/cuda/profile_source.sh
+# SKIP_FA2=1 profiles only our kernel.
 # Writes $OUT/prof.tgz: <tag>.details.txt (ncu details page) and <tag>.sass.csv (source page).
 set -uo pipefail
 OUT=${OUT:-/tmp/orchard-out}
@@ -21,7 +22,7 @@ for prof in "${PS_LIST[@]}"; do
   timeout 200 $NCU --kernel-name regex:"dkdv2" --launch-skip 1 --launch-count 1 --set full --import-source no \
     -f -o $P/ours_$tag ./build-dev/cuda_check --one $PD $PSQ $PC > $P/ours_$tag.log 2>&1
   echo "ncu ours $tag rc=$?"
-  timeout 200 $NCU --kernel-name regex:"flash_bwd_dq_dk_dv" --launch-skip 1 --launch-count 1 --set full \
+  [[ -n ${SKIP_FA2:-} ]] || timeout 200 $NCU --kernel-name regex:"flash_bwd_dq_dk_dv" --launch-skip 1 --launch-count 1 --set full \
     --import-source no -f -o $P/fa2_$tag python3 dev/cuda/prof_fa2.py $PD $PSQ $PC > $P/fa2_$tag.log 2>&1
   echo "ncu fa2 $tag rc=$?"
   for who in ours fa2; do
