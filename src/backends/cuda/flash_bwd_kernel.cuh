@@ -40,6 +40,7 @@
 #include "backends/cuda/attention_tiles.cuh"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/mma_utils.cuh"
+#include "backends/cuda/swizzled_tile.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
 
@@ -428,7 +429,14 @@ struct BwdConfig2 {
   static constexpr int kBM = kD <= 64 ? 128 : 64;  // d64: 128 measured faster than 64 (call 3)
   static constexpr int kS = kD + 8;
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
-  static constexpr int kSmemBytes = (2 * kBN * kS + 4 * kBM * kS + 2 * kBN * kSP) * 2 + 4 * kBM * 4;
+  // Q and dO tiles (streamed every step) swizzled where the head dim allows
+  // (swizzled_tile.cuh); K, V (loaded once) and sP / sdS stay padded.
+#ifndef ORCHARD_BWD_SWIZZLE_D128  // EXPERIMENT switch for the device A/B
+#define ORCHARD_BWD_SWIZZLE_D128 1
+#endif
+  static constexpr bool kSwizzleQdO = kD == 64 || (kD == 128 && ORCHARD_BWD_SWIZZLE_D128);
+  static constexpr int kQdOTileBytes = kSwizzleQdO ? SwizzledTile<kBM, kD>::kBytes : kBM * kS * 2;
+  static constexpr int kSmemBytes = (2 * kBN * kS + 2 * kBN * kSP) * 2 + 4 * kQdOTileBytes + 4 * kBM * 4;
   static constexpr int kMT = kBM / 16;      // n8 tiles of S^T per warp (kBM/2 query columns)
   static constexpr int kDTw = kD / 16;      // n8 tiles of dK/dV per warp (kD/2 columns)
   static constexpr int kQM = kBM / 32;      // dQ: warps along query rows (32 rows each)
@@ -449,9 +457,12 @@ __global__ void __launch_bounds__(256)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * kS;
-  T* sQ = sV + kBN * kS;        // [2][kBM][kS]
-  T* sdO = sQ + 2 * kBM * kS;   // [2][kBM][kS]
-  T* sP = sdO + 2 * kBM * kS;   // [kBN][kSP]  P_drop^T
+  constexpr bool kSwz = Cfg::kSwizzleQdO;
+  constexpr int kStageBytes = Cfg::kQdOTileBytes;  // one Q or dO stage
+  constexpr int kStagePair = 2 * kStageBytes / static_cast<int>(sizeof(T));  // elements of two stages
+  T* sQ = sV + kBN * kS;      // [2] stages
+  T* sdO = sQ + kStagePair;   // [2] stages
+  T* sP = sdO + kStagePair;   // [kBN][kSP]  P_drop^T
   T* sdS = sP + kBN * kSP;      // [kBN][kSP]  dS^T
   float* sLse = reinterpret_cast<float*>(sdS + kBN * kSP);  // [2][kBM], log2 units
   float* sDs = sLse + 2 * kBM;                               // [2][kBM]
@@ -482,8 +493,8 @@ __global__ void __launch_bounds__(256)
   float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
   const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride;
 
-  TileStream<T, kBM, kD, kThreads> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
-  TileStream<T, kBM, kD, kThreads> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
+  TileStream<T, kBM, kD, kThreads, kSwz> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
+  TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
   // Steps run over (q head of the group, query tile): counters, not divisions.
   // The streams' tile origins move by one tile per step and are recomputed only
   // when the step crosses to the next q head (the full 64-bit origin took ~30
@@ -495,7 +506,7 @@ __global__ void __launch_bounds__(256)
   };
   auto prefetch = [&](int h, int mi, int stage) {
     const int m0 = mi * kBM;
-    const uint32_t sq_stage = smem_u32(sQ) + stage * kBM * kS * 2, sdo_stage = smem_u32(sdO) + stage * kBM * kS * 2;
+    const uint32_t sq_stage = smem_u32(sQ) + stage * kStageBytes, sdo_stage = smem_u32(sdO) + stage * kStageBytes;
     // Not for causal: there ptxas spilled (d128: 8 -> 48 B) and s16k measured
     // 305 -> 295 TFLOP/s; non-causal d64 +1-2%, d128 within noise (H100 A/B).
     constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn && !kCausal;
@@ -535,13 +546,20 @@ __global__ void __launch_bounds__(256)
   const int dcol = wq * (kD / 2);      // this warp's first d column in phases 3-4
   // Shared-memory byte addresses of this lane's ldmatrix rows at each warp tile's
   // origin; tile offsets are added as compile-time constants.
-  constexpr int kStageBytes = kBM * kS * 2;
   const uint32_t k_a = smem_u32(sK) + 2 * (krow * kS + a_lane_off<kS>(lane));
   const uint32_t v_a = smem_u32(sV) + 2 * (krow * kS + a_lane_off<kS>(lane));
-  const uint32_t q_nk0 = smem_u32(sQ) + 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
-  const uint32_t do_nk0 = smem_u32(sdO) + 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
-  const uint32_t q_kn0 = smem_u32(sQ) + 2 * (dcol + b_kn_lane_off<kS>(lane));
-  const uint32_t do_kn0 = smem_u32(sdO) + 2 * (dcol + b_kn_lane_off<kS>(lane));
+  // Q / dO: the lane's byte offsets for the [n][k] (S, dP: B operand) and the
+  // [k][n] (dV, dK: transposed B operand) fragment patterns.
+  using QdO = TileOperand<kBM, kD, kS, kSwz>;
+  uint32_t nk_off, kn_off;
+  if constexpr (kSwz) {
+    using Tile = SwizzledTile<kBM, kD>;
+    nk_off = qcol * 128 + Tile::offset((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
+    kn_off = Tile::offset((lane % 8) + ((lane / 8) % 2) * 8, dcol / 8 + lane / 16);
+  } else {
+    nk_off = 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
+    kn_off = 2 * (dcol + b_kn_lane_off<kS>(lane));
+  }
   const uint32_t p_a = smem_u32(sP) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
   const uint32_t ds_a = smem_u32(sdS) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
 
@@ -562,14 +580,13 @@ __global__ void __launch_bounds__(256)
     }
     cp_async_commit();
     const int m0 = mi * kBM;
-    const uint32_t q_nk = q_nk0 + stage * kStageBytes, do_nk = do_nk0 + stage * kStageBytes;
-    const uint32_t q_kn = q_kn0 + stage * kStageBytes, do_kn = do_kn0 + stage * kStageBytes;
+    const uint32_t q_tile = smem_u32(sQ) + stage * kStageBytes, do_tile = smem_u32(sdO) + stage * kStageBytes;
     const float* sLs = sLse + stage * kBM;
     const float* sDv = sDs + stage * kBM;
 
     // (32 key rows) x (kBM/2 query columns) per warp, over the head dim: A rows
     // from a key-major tile (K or V), B columns from a query-major one (Q or dO).
-    auto gemm_keys_by_queries = [&](float (&acc)[2][kMT][4], uint32_t a_base, uint32_t b_base) {
+    auto gemm_keys_by_queries = [&](float (&acc)[2][kMT][4], uint32_t a_base, const QdO& b) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -582,7 +599,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int np = 0; np < kMT / 2; ++np) {
           uint32_t bfr[4];
-          ldmatrix_x4(bfr, b_base + 2 * (np * 16 * kS + ks * 16));
+          ldmatrix_x4(bfr, b.at(np * 16, ks));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma16816<T>(acc[mt][2 * np], a[mt], bfr[0], bfr[1]);
@@ -594,7 +611,7 @@ __global__ void __launch_bounds__(256)
 
     // 1. S^T = K Q^T.
     float st[2][kMT][4];
-    gemm_keys_by_queries(st, k_a, q_nk);
+    gemm_keys_by_queries(st, k_a, QdO(q_tile, nk_off));
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
@@ -654,7 +671,7 @@ __global__ void __launch_bounds__(256)
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
-      gemm_keys_by_queries(dpt, v_a, do_nk);
+      gemm_keys_by_queries(dpt, v_a, QdO(do_tile, nk_off));
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -675,7 +692,7 @@ __global__ void __launch_bounds__(256)
     __syncthreads();  // sP / sdS complete
 
     // 3./4. dV += P_drop^T dO, dK += dS^T Q: 32 key rows x kD/2 columns per warp.
-    auto gemm_acc = [&](float (&acc)[2][kDTw][4], uint32_t a_base, uint32_t b_base) {
+    auto gemm_acc = [&](float (&acc)[2][kDTw][4], uint32_t a_base, const QdO& b) {
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
         uint32_t a[2][4];
@@ -684,7 +701,7 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int dp = 0; dp < kDTw / 2; ++dp) {
           uint32_t bfr[4];
-          ldmatrix_x4_trans(bfr, b_base + 2 * (kk * 16 * kS + dp * 16));
+          ldmatrix_x4_trans(bfr, b.at(kk * 16, dp));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
@@ -693,8 +710,8 @@ __global__ void __launch_bounds__(256)
         }
       }
     };
-    gemm_acc(acc_dv, p_a, do_kn);
-    gemm_acc(acc_dk, ds_a, q_kn);
+    gemm_acc(acc_dv, p_a, QdO(do_tile, kn_off));
+    gemm_acc(acc_dk, ds_a, QdO(q_tile, kn_off));
 
     // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
     if constexpr (kDq) {

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backends/cuda/swizzled_tile.h"
+
 namespace orchard::cuda {
 
 template <typename T>
@@ -128,12 +130,16 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
 // instead of a pointer per chunk (ptxas: the per-chunk pointers were most of the
 // d128 forward's 60-90 B spill; with this it has none). Other head dims (96,
 // 160, 192) take the generic per-chunk path.
-template <typename T, int kRows, int kD, int kThreads>
+// kSwizzle: the smem tile is a SwizzledTile (swizzled_tile.h) instead of padded.
+template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
 struct TileStream {
   static constexpr int kChunks = kD / 8;
   static constexpr bool kFixedColumn = kThreads % kChunks == 0;
   static constexpr int kRowStep = kFixedColumn ? kThreads / kChunks : 1;
   static constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
+  static constexpr int kRowBytes = kSwizzle ? 128 : (kD + 8) * 2;  // between rows of one column block
+  // A thread's rows differ by multiples of 8: its chunk's swizzle is fixed.
+  static_assert(!kSwizzle || (kFixedColumn && kRowStep % 8 == 0), "swizzled tiles need fixed-column streams");
   const T* tile;       // origin (row 0, col 0) of the next tile
   int64_t row_stride;  // elements
   int64_t thread_off;  // elements from the tile origin to this thread's first chunk
@@ -147,7 +153,11 @@ struct TileStream {
     const int col = (tid % kChunks) * 8;
     col_ok = col < d;
     thread_off = row0 * stride + col;
-    smem_off = 2 * (row0 * (kD + 8) + col);
+    if constexpr (kSwizzle) {
+      smem_off = SwizzledTile<kRows, kD>::offset(row0, col / 8);
+    } else {
+      smem_off = 2 * (row0 * (kD + 8) + col);
+    }
   }
   // Copies rows [0, kRows) of the current tile to the smem tile at byte address
   // `smem_tile`; rows >= rows_valid (>= 1) and columns >= d are zero-filled.
@@ -159,7 +169,7 @@ struct TileStream {
         if (kRows % kRowStep == 0 || r < kRows) {
           const bool pred = col_ok && r < rows_valid;
           const T* src = pred ? tile + thread_off + i * kRowStep * row_stride : tile;
-          cp_async16(smem_tile + smem_off + i * kRowStep * (kD + 8) * 2, src, pred);
+          cp_async16(smem_tile + smem_off + i * kRowStep * kRowBytes, src, pred);
         }
       }
     } else {
@@ -178,7 +188,7 @@ struct TileStream {
 #pragma unroll
     for (int i = 0; i < kIters; ++i)
       if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows)
-        cp_async16(smem_tile + smem_off + i * kRowStep * (kD + 8) * 2, src + i * chunk_stride, true);
+        cp_async16(smem_tile + smem_off + i * kRowStep * kRowBytes, src + i * chunk_stride, true);
   }
   __device__ __forceinline__ void advance() { tile += kRows * row_stride; }
 };

@@ -1,0 +1,41 @@
+// XOR-swizzled shared-memory layout for the tiles a kernel streams in with
+// cp.async every step (the backward's Q and dO tiles). Plain constexpr so the
+// host tests check it (tests/cpp/swizzled_tile_test.cpp).
+//
+// Why not the padded layout (row stride kD + 8) the other tiles use: it makes
+// ldmatrix conflict-free, but rows are then not 128-byte aligned and every
+// 16-byte cp.async of such a tile costs 10.5 shared-memory wavefronts per warp
+// instead of 4 (ncu source page, H100, backward at d64 and d128: 110M excess
+// wavefronts, ~7% of all, and 5% of the warp-stall samples on the LDGSTS
+// waiting for the MIO queue). FA2's swizzled tiles take exactly 4.
+//
+// Layout (kD % 64 == 0): column blocks of 64 elements, each [kRows][128 bytes];
+// the 16-byte chunk c (8 elements) of row r sits in block c / 8 at chunk
+// (c ^ r) % 8 of its 128-byte row. The 8 rows one ldmatrix phase reads
+// (r % 8 = 0..7, same logical chunk) hit 8 distinct chunks: conflict-free.
+#pragma once
+
+#include <cstdint>
+
+namespace orchard::cuda {
+
+template <int kRows, int kD>
+struct SwizzledTile {
+  static_assert(kD % 64 == 0 && kRows % 8 == 0, "swizzled tiles take 64-column blocks of 8-row groups");
+  static constexpr int kBlockBytes = kRows * 128;  // one 64-column block
+  static constexpr int kBytes = kRows * kD * 2;
+  // Byte offset of the 16-byte chunk c of row r.
+  static constexpr uint32_t offset(int r, int c) {
+    return static_cast<uint32_t>((c >> 3) * kBlockBytes + r * 128 + (((c ^ r) & 7) << 4));
+  }
+  // The same chunk reached from a lane's offset at the fragment origin
+  // (lane_off = offset(r, c)) for a fragment row offset `row` (a multiple of 8)
+  // and a 16-column step j: the chunk bits depend only on j % 4 as long as
+  // c % 8 + 2 * (j % 4) does not carry (c % 8 in {0, 1, 4, 5} with j % 4 < 2,
+  // or c % 8 in {0, 1} with any j): offset(r + row, c + 2 j).
+  static constexpr uint32_t fragment(uint32_t lane_off, int row, int j) {
+    return (lane_off ^ static_cast<uint32_t>((j & 3) << 5)) + static_cast<uint32_t>((j >> 2) * kBlockBytes + row * 128);
+  }
+};
+
+}  // namespace orchard::cuda

@@ -1,0 +1,98 @@
+// The backward's swizzled Q / dO tile layout (src/backends/cuda/swizzled_tile.h),
+// checked on the host: every chunk of a tile has its own 16-byte slot, the 8 rows
+// one ldmatrix phase reads land in 8 distinct bank groups, a warp's cp.async rows
+// fill whole 128-byte lines, and the per-lane XOR shortcut the kernel uses reaches
+// the same slot as the full offset for each fragment pattern it reads.
+#include <gtest/gtest.h>
+
+#include <set>
+#include <vector>
+
+#include "backends/cuda/swizzled_tile.h"
+
+namespace orchard::cuda {
+namespace {
+
+template <int kRows, int kD>
+void check_bijection() {
+  using Tile = SwizzledTile<kRows, kD>;
+  std::vector<int> hits(Tile::kBytes / 16, 0);
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kD / 8; ++c) {
+      const uint32_t off = Tile::offset(r, c);
+      ASSERT_EQ(off % 16, 0u);
+      ASSERT_LT(off, static_cast<uint32_t>(Tile::kBytes));
+      ++hits[off / 16];
+    }
+  for (int h : hits) ASSERT_EQ(h, 1);
+}
+
+TEST(SwizzledTile, EveryChunkHasItsOwnSlot) {
+  check_bijection<64, 128>();
+  check_bijection<128, 64>();
+  check_bijection<64, 64>();
+}
+
+template <int kRows, int kD>
+void check_ldmatrix_phases_conflict_free() {
+  using Tile = SwizzledTile<kRows, kD>;
+  for (int r0 = 0; r0 < kRows; r0 += 8)
+    for (int c = 0; c < kD / 8; ++c) {
+      std::set<uint32_t> groups;  // 16-byte bank group = bits 4-6 of the byte address
+      for (int i = 0; i < 8; ++i) groups.insert((Tile::offset(r0 + i, c) >> 4) & 7);
+      ASSERT_EQ(groups.size(), 8u) << "rows " << r0 << "+, chunk " << c;
+    }
+}
+
+TEST(SwizzledTile, LdmatrixPhasesAreConflictFree) {
+  check_ldmatrix_phases_conflict_free<64, 128>();
+  check_ldmatrix_phases_conflict_free<128, 64>();
+}
+
+// 8 consecutive threads copy the 8 chunks of one row's 64-column block: they must
+// fill exactly one 128-byte-aligned line (the point of the layout).
+TEST(SwizzledTile, EachRowBlockIsOneAlignedLine) {
+  using Tile = SwizzledTile<64, 128>;
+  for (int r = 0; r < 64; ++r)
+    for (int blk = 0; blk < 2; ++blk) {
+      std::set<uint32_t> lines, slots;
+      for (int c = 8 * blk; c < 8 * blk + 8; ++c) {
+        lines.insert(Tile::offset(r, c) / 128);
+        slots.insert(Tile::offset(r, c));
+      }
+      ASSERT_EQ(lines.size(), 1u);
+      ASSERT_EQ(slots.size(), 8u);
+    }
+}
+
+// The fragment patterns of the dK/dV kernel (flash_bwd_kernel.cuh): lane rows and
+// chunks at the origin, then rows + 16 m and chunks + 2 j.
+template <int kRows, int kD>
+void check_fragment_shortcut(int origin_chunk, int max_j, bool nk_pattern) {
+  using Tile = SwizzledTile<kRows, kD>;
+  for (int lane = 0; lane < 32; ++lane) {
+    const int row = nk_pattern ? (lane % 8) + (lane / 16) * 8 : (lane % 8) + ((lane / 8) % 2) * 8;
+    const int chunk = origin_chunk + (nk_pattern ? (lane / 8) % 2 : lane / 16);
+    for (int row0 = 0; row0 + 16 <= kRows; row0 += 16) {
+      const uint32_t lane_off = Tile::offset(row0 + row, chunk);
+      for (int m = 0; row0 + 16 * m + 16 <= kRows; ++m)
+        for (int j = 0; j < max_j; ++j)
+          ASSERT_EQ(Tile::fragment(lane_off, 16 * m, j), Tile::offset(row0 + 16 * m + row, chunk + 2 * j))
+              << "lane " << lane << " row0 " << row0 << " m " << m << " j " << j;
+    }
+  }
+}
+
+TEST(SwizzledTile, FragmentShortcutMatchesTheOffset) {
+  // S / dP GEMMs read Q / dO as [n][k]: chunk 0 origin, j = k-step over the head dim.
+  check_fragment_shortcut<64, 128>(0, 128 / 16, true);
+  check_fragment_shortcut<128, 64>(0, 64 / 16, true);
+  // dV / dK GEMMs read them as [k][n] from column dcol = 0 or kD / 2, j = 0 .. kD / 32 - 1.
+  for (int half : {0, 1}) {
+    check_fragment_shortcut<64, 128>(half * 128 / 16, 128 / 32, false);
+    check_fragment_shortcut<128, 64>(half * 64 / 16, 64 / 32, false);
+  }
+}
+
+}  // namespace
+}  // namespace orchard::cuda
