@@ -435,7 +435,11 @@ struct BwdConfig2 {
 #define ORCHARD_BWD_SWIZZLE_D128 1
 #endif
   static constexpr bool kSwizzleQdO = kD == 64 || (kD == 128 && ORCHARD_BWD_SWIZZLE_D128);
-  static constexpr int kQdOTileBytes = kSwizzleQdO ? SwizzledTile<kBM, kD>::kBytes : kBM * kS * 2;
+  static constexpr int qdo_tile_bytes() {
+    if constexpr (kSwizzleQdO) return SwizzledTile<kBM, kD>::kBytes;
+    else return kBM * kS * 2;
+  }
+  static constexpr int kQdOTileBytes = qdo_tile_bytes();
   static constexpr int kSmemBytes = (2 * kBN * kS + 2 * kBN * kSP) * 2 + 4 * kQdOTileBytes + 4 * kBM * 4;
   static constexpr int kMT = kBM / 16;      // n8 tiles of S^T per warp (kBM/2 query columns)
   static constexpr int kDTw = kD / 16;      // n8 tiles of dK/dV per warp (kD/2 columns)
