@@ -431,10 +431,7 @@ struct BwdConfig2 {
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   // Q and dO tiles (streamed every step) swizzled where the head dim allows
   // (swizzled_tile.cuh); K, V (loaded once) and sP / sdS stay padded.
-#ifndef ORCHARD_BWD_SWIZZLE_D128  // EXPERIMENT switch for the device A/B
-#define ORCHARD_BWD_SWIZZLE_D128 1
-#endif
-  static constexpr bool kSwizzleQdO = kD == 64 || (kD == 128 && ORCHARD_BWD_SWIZZLE_D128);
+  static constexpr bool kSwizzleQdO = kD == 64 || kD == 128;
   static constexpr int qdo_tile_bytes() {
     if constexpr (kSwizzleQdO) return SwizzledTile<kBM, kD>::kBytes;
     else return kBM * kS * 2;
@@ -458,7 +455,7 @@ __global__ void __launch_bounds__(256)
   constexpr int kMT = Cfg::kMT;
   constexpr int kDTw = Cfg::kDTw;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * kS;
   constexpr bool kSwz = Cfg::kSwizzleQdO;
@@ -560,10 +557,13 @@ __global__ void __launch_bounds__(256)
     using Tile = SwizzledTile<kBM, kD>;
     nk_off = qcol * 128 + Tile::offset((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
     kn_off = Tile::offset((lane % 8) + ((lane / 8) % 2) * 8, dcol / 8 + lane / 16);
+    if ((smem_u32(sQ) | smem_u32(sdO)) & 127) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
   } else {
     nk_off = 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
     kn_off = 2 * (dcol + b_kn_lane_off<kS>(lane));
   }
+  const uint32_t q_nk0 = smem_u32(sQ) + nk_off, do_nk0 = smem_u32(sdO) + nk_off;
+  const uint32_t q_kn0 = smem_u32(sQ) + kn_off, do_kn0 = smem_u32(sdO) + kn_off;
   const uint32_t p_a = smem_u32(sP) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
   const uint32_t ds_a = smem_u32(sdS) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
 
@@ -584,7 +584,15 @@ __global__ void __launch_bounds__(256)
     }
     cp_async_commit();
     const int m0 = mi * kBM;
-    const uint32_t q_tile = smem_u32(sQ) + stage * kStageBytes, do_tile = smem_u32(sdO) + stage * kStageBytes;
+    const uint32_t stage_off = stage * kStageBytes;
+    // The same addresses either way (TileOperand): the form is what kept the
+    // d128 loop free of spill reloads (ptxas), measured in call 11.
+    auto nk = [&](uint32_t lane0, uint32_t tile0) {
+      return kCausal ? QdO::from_tile(tile0 + stage_off, nk_off) : QdO::from_lane(lane0, stage_off);
+    };
+    auto kn = [&](uint32_t lane0, uint32_t tile0) {
+      return kCausal ? QdO::from_tile(tile0 + stage_off, kn_off) : QdO::from_lane(lane0, stage_off);
+    };
     const float* sLs = sLse + stage * kBM;
     const float* sDv = sDs + stage * kBM;
 
@@ -615,7 +623,7 @@ __global__ void __launch_bounds__(256)
 
     // 1. S^T = K Q^T.
     float st[2][kMT][4];
-    gemm_keys_by_queries(st, k_a, QdO(q_tile, nk_off));
+    gemm_keys_by_queries(st, k_a, nk(q_nk0, smem_u32(sQ)));
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
@@ -675,7 +683,7 @@ __global__ void __launch_bounds__(256)
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
-      gemm_keys_by_queries(dpt, v_a, QdO(do_tile, nk_off));
+      gemm_keys_by_queries(dpt, v_a, nk(do_nk0, smem_u32(sdO)));
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -714,8 +722,8 @@ __global__ void __launch_bounds__(256)
         }
       }
     };
-    gemm_acc(acc_dv, p_a, QdO(do_tile, kn_off));
-    gemm_acc(acc_dk, ds_a, QdO(q_tile, kn_off));
+    gemm_acc(acc_dv, p_a, kn(do_kn0, smem_u32(sdO)));
+    gemm_acc(acc_dk, ds_a, kn(q_kn0, smem_u32(sQ)));
 
     // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
     if constexpr (kDq) {

@@ -8,21 +8,41 @@
 
 namespace orchard::cuda {
 
-// `lane_off` is the byte offset of the lane's row and chunk at the fragment
-// origin; at(row, j) is the fragment at row offset `row` (a multiple of 8) and
-// 16-column step j. Swizzled, the four XOR variants of SwizzledTile::fragment
-// are formed once per tile, so every fragment address is one of them plus an
-// immediate.
+// from_lane: `lane_addr` is the shared-state-space byte address of the lane's
+// row and chunk at the fragment origin of stage 0 (loop-invariant), `stage_off`
+// the byte offset of the current stage. from_tile: the current stage's tile
+// address and the lane's byte offset in it. at(row, j) is the fragment at row offset
+// `row` (a multiple of 8) and 16-column step j. Swizzled, the four XOR variants
+// of SwizzledTile::fragment are formed once per tile, so every fragment address
+// is one of them plus an immediate; XOR on the address equals XOR on the lane's
+// offset because the tile base and stage offsets are 128-byte aligned (the
+// kernel checks the base).
 template <int kRows, int kD, int kS, bool kSwizzle>
 struct TileOperand {
   uint32_t v[kSwizzle ? 4 : 1];
-  __device__ __forceinline__ TileOperand(uint32_t tile_base, uint32_t lane_off) {
+  // Two algebraically equal ways to form the addresses; ptxas allocates
+  // registers differently for them (dev/cuda/NOTES.md, call 11: the backward at
+  // d128 kept its loop free of spill reloads with the first form non-causal and
+  // with the second causal).
+  static __device__ __forceinline__ TileOperand from_lane(uint32_t lane_addr, uint32_t stage_off) {
+    TileOperand op;
     if constexpr (kSwizzle) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = tile_base + (lane_off ^ static_cast<uint32_t>(j << 5));
+      for (int j = 0; j < 4; ++j) op.v[j] = (lane_addr ^ static_cast<uint32_t>(j << 5)) + stage_off;
     } else {
-      v[0] = tile_base + lane_off;
+      op.v[0] = lane_addr + stage_off;
     }
+    return op;
+  }
+  static __device__ __forceinline__ TileOperand from_tile(uint32_t tile_base, uint32_t lane_off) {
+    TileOperand op;
+    if constexpr (kSwizzle) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) op.v[j] = tile_base + (lane_off ^ static_cast<uint32_t>(j << 5));
+    } else {
+      op.v[0] = tile_base + lane_off;
+    }
+    return op;
   }
   __device__ __forceinline__ uint32_t at(int row, int j) const {
     if constexpr (kSwizzle) {
