@@ -20,6 +20,7 @@
 #include "backends/cuda/attention_tiles.cuh"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/mma_utils.cuh"
+#include "backends/cuda/swizzled_tile.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
 
@@ -45,7 +46,15 @@ struct FwdConfig {
   static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
-  static constexpr int kSmemBytes = (kBM + 4 * kBN) * kS * 2;
+  // K and V tiles (streamed every step) swizzled where the head dim allows
+  // (swizzled_tile.h: whole-line cp.async writes); the Q tile stays padded.
+  static constexpr bool kSwizzleKV = kD == 64 || kD == 128;
+  static constexpr int kv_tile_bytes() {
+    if constexpr (kSwizzleKV) return SwizzledTile<kBN, kD>::kBytes;
+    else return kBN * kS * 2;
+  }
+  static constexpr int kKVTileBytes = kv_tile_bytes();
+  static constexpr int kSmemBytes = kBM * kS * 2 + 4 * kKVTileBytes;
 };
 
 template <typename T, int kD, bool kCausal, bool kDropout>
@@ -57,11 +66,13 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   constexpr int kNT = kBN / 8;      // n8 tiles of S
   constexpr int kDT = kD / 8;       // n8 tiles of O
 
-  constexpr int kTileBytes = kBN * kS * 2;  // one K or V stage
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr bool kSwz = Cfg::kSwizzleKV;
+  constexpr int kTileBytes = Cfg::kKVTileBytes;  // one K or V stage
+  constexpr int kStagePair = 2 * kTileBytes / static_cast<int>(sizeof(T));
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kBM * kS;       // [2][kBN][kS]
-  T* sV = sK + 2 * kBN * kS;   // [2][kBN][kS]
+  T* sK = sQ + kBM * kS;   // [2] stages
+  T* sV = sK + kStagePair; // [2] stages
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -83,7 +94,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const int n_blocks = (visible_key_end<kCausal>(m0, kBM, p.sk, p.causal_offset) + kBN - 1) / kBN;
 
   load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
-  TileStream<T, kBN, kD, kThreads> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
+  TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
   if (n_blocks > 0) {
     k_stream.load(smem_u32(sK), p.sk);
     v_stream.load(smem_u32(sV), p.sk);
@@ -102,8 +113,17 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 
   // Shared-memory byte addresses of this lane's ldmatrix rows at tile origin (0, 0).
   const uint32_t q_lane = smem_u32(sQ) + 2 * ((wrow)*kS + a_lane_off<kS>(lane));
-  const uint32_t k_lane = smem_u32(sK) + 2 * b_nk_lane_off<kS>(lane);
-  const uint32_t v_lane = smem_u32(sV) + 2 * b_kn_lane_off<kS>(lane);
+  using KV = TileOperand<kBN, kD, kS, kSwz>;
+  uint32_t k_lane, v_lane;
+  if constexpr (kSwz) {
+    using Tile = SwizzledTile<kBN, kD>;
+    k_lane = smem_u32(sK) + Tile::offset((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
+    v_lane = smem_u32(sV) + Tile::offset((lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
+    if ((smem_u32(sK) | smem_u32(sV)) & 127) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
+  } else {
+    k_lane = smem_u32(sK) + 2 * b_nk_lane_off<kS>(lane);
+    v_lane = smem_u32(sV) + 2 * b_kn_lane_off<kS>(lane);
+  }
   uint32_t qf[Cfg::kQInRegs ? kMW * kKSteps : 1][4];
   const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
@@ -130,7 +150,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       v_stream.load(smem_u32(sV) + (stage ^ 1) * kTileBytes, p.sk - nn);
     }
     cp_async_commit();
-    const uint32_t k_stage = k_lane + stage * kTileBytes, v_stage = v_lane + stage * kTileBytes;
+    const KV k_op = KV::from_lane(k_lane, stage * kTileBytes), v_op = KV::from_lane(v_lane, stage * kTileBytes);
     const int n0 = n * kBN;
 
     // S = Q K^T
@@ -154,7 +174,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bfr[4];
-        ldmatrix_x4(bfr, k_stage + 2 * (np * 16 * kS + ks * 16));
+        ldmatrix_x4(bfr, k_op.at(np * 16, ks));
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt) {
           mma16816<T>(s[mt][2 * np], a[mt], bfr[0], bfr[1]);
@@ -241,7 +261,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 #pragma unroll
       for (int dp = 0; dp < kDT / 2; ++dp) {
         uint32_t bfr[4];
-        ldmatrix_x4_trans(bfr, v_stage + 2 * (kk * 16 * kS + dp * 16));
+        ldmatrix_x4_trans(bfr, v_op.at(kk * 16, dp));
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt) {
           mma16816<T>(acc_o[mt][2 * dp], pa[mt][kk], bfr[0], bfr[1]);
