@@ -7,10 +7,12 @@
 // in kBN-row tiles, double-buffered in shared memory with 16-byte cp.async:
 // tile n+1 streams in while tile n is multiplied.
 //
-// Shared-memory tiles are row-padded by 8 elements (16 bytes): a row stride of
+// The Q tile is row-padded by 8 elements (16 bytes): a row stride of
 // (kD + 8) * 2 bytes puts the 8 rows one ldmatrix phase reads into 8 distinct
 // 16-byte bank groups for every bucket (kD % 16 == 0), so ldmatrix is
-// conflict-free without a swizzle.
+// conflict-free without a swizzle. The K/V tiles, copied in every step, are
+// XOR-swizzled instead at d64 and d128 (swizzled_tile.h: padded rows cost the
+// cp.async writes 2.6x the shared-memory wavefronts).
 #pragma once
 
 #include <cuda_runtime.h>

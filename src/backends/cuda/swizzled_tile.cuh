@@ -1,5 +1,5 @@
-// One lane's ldmatrix addresses into a Q / dO tile of the backward, padded or
-// swizzled (layout and rationale: swizzled_tile.h).
+// One lane's ldmatrix addresses into a streamed tile (forward K / V, backward
+// Q / dO), padded or swizzled (layout and rationale: swizzled_tile.h).
 #pragma once
 
 #include <cstdint>
