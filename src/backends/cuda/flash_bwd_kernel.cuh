@@ -430,7 +430,7 @@ struct BwdConfig2 {
   static constexpr int kS = kD + 8;
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   // Q and dO tiles (streamed every step) swizzled where the head dim allows
-  // (swizzled_tile.cuh); K, V (loaded once) and sP / sdS stay padded.
+  // (swizzled_tile.h); K, V (loaded once) and sP / sdS stay padded.
   static constexpr bool kSwizzleQdO = kD == 64 || kD == 128;
   static constexpr int qdo_tile_bytes() {
     if constexpr (kSwizzleQdO) return SwizzledTile<kBM, kD>::kBytes;
