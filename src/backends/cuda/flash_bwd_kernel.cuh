@@ -508,9 +508,10 @@ __global__ void __launch_bounds__(256)
   auto prefetch = [&](int h, int mi, int stage) {
     const int m0 = mi * kBM;
     const uint32_t sq_stage = smem_u32(sQ) + stage * kStageBytes, sdo_stage = smem_u32(sdO) + stage * kStageBytes;
-    // Not for causal: there ptxas spilled (d128: 8 -> 48 B) and s16k measured
-    // 305 -> 295 TFLOP/s; non-causal d64 +1-2%, d128 within noise (H100 A/B).
-    constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn && !kCausal;
+    // Measured (H100 A/B, call 11): non-causal d64 +1-2%, d128 within noise;
+    // causal within noise (call 12; before the swizzled tiles ptxas spilled the
+    // d128 causal kernel 8 -> 48 B and s16k lost 3%, now no spill reloads).
+    constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn;
     if (kFullLoads && d == kD && m0 + kBM <= p.sq) {  // warp-uniform: all but the last tile, unpadded d
       if constexpr (kFullLoads) {
         q_stream.load_full(sq_stage);
