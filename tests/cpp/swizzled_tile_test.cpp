@@ -1,4 +1,4 @@
-// The backward's swizzled Q / dO tile layout (src/backends/cuda/swizzled_tile.h),
+// The swizzled tile layout of the streamed tiles (src/backends/cuda/swizzled_tile.h),
 // checked on the host: every chunk of a tile has its own 16-byte slot, the 8 rows
 // one ldmatrix phase reads land in 8 distinct bank groups, a warp's cp.async rows
 // fill whole 128-byte lines, and the per-lane XOR shortcut the kernel uses reaches
@@ -65,8 +65,9 @@ TEST(SwizzledTile, EachRowBlockIsOneAlignedLine) {
     }
 }
 
-// The fragment patterns of the dK/dV kernel (flash_bwd_kernel.cuh): lane rows and
-// chunks at the origin, then rows + 16 m and chunks + 2 j.
+// The fragment patterns the kernels read (TileOperand): the lane offsets the
+// kernels use (nk_lane_offset / kn_lane_offset) against ldmatrix's lane rows and
+// chunks written out here, at the origin, then rows + 16 m and chunks + 2 j.
 template <int kRows, int kD>
 void check_fragment_shortcut(int origin_chunk, int max_j, bool nk_pattern) {
   using Tile = SwizzledTile<kRows, kD>;
@@ -74,7 +75,10 @@ void check_fragment_shortcut(int origin_chunk, int max_j, bool nk_pattern) {
     const int row = nk_pattern ? (lane % 8) + (lane / 16) * 8 : (lane % 8) + ((lane / 8) % 2) * 8;
     const int chunk = origin_chunk + (nk_pattern ? (lane / 8) % 2 : lane / 16);
     for (int row0 = 0; row0 + 16 <= kRows; row0 += 16) {
-      const uint32_t lane_off = Tile::offset(row0 + row, chunk);
+      // kn_lane_offset takes a column origin; rows add 128 bytes each.
+      const uint32_t lane_off = nk_pattern ? Tile::nk_lane_offset(lane, row0)
+                                           : Tile::kn_lane_offset(lane, 8 * origin_chunk) + 128 * row0;
+      ASSERT_EQ(lane_off, Tile::offset(row0 + row, chunk)) << "lane " << lane << " row0 " << row0;
       for (int m = 0; row0 + 16 * m + 16 <= kRows; ++m)
         for (int j = 0; j < max_j; ++j)
           ASSERT_EQ(Tile::fragment(lane_off, 16 * m, j), Tile::offset(row0 + 16 * m + row, chunk + 2 * j))
@@ -92,6 +96,12 @@ TEST(SwizzledTile, FragmentShortcutMatchesTheOffset) {
     check_fragment_shortcut<64, 128>(half * 128 / 16, 128 / 32, false);
     check_fragment_shortcut<128, 64>(half * 64 / 16, 64 / 32, false);
   }
+  // The forward reads 32-row (d128) / 64-row (d64) K tiles as [n][k] and V tiles
+  // as [k][n] from column 0 over the whole head dim (j = 0 .. kD / 16 - 1).
+  check_fragment_shortcut<32, 128>(0, 128 / 16, true);
+  check_fragment_shortcut<32, 128>(0, 128 / 16, false);
+  check_fragment_shortcut<64, 64>(0, 64 / 16, true);
+  check_fragment_shortcut<64, 64>(0, 64 / 16, false);
 }
 
 }  // namespace

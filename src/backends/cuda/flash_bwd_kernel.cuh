@@ -553,16 +553,8 @@ __global__ void __launch_bounds__(256)
   // Q / dO: the lane's byte offsets for the [n][k] (S, dP: B operand) and the
   // [k][n] (dV, dK: transposed B operand) fragment patterns.
   using QdO = TileOperand<kBM, kD, kS, kSwz>;
-  uint32_t nk_off, kn_off;
-  if constexpr (kSwz) {
-    using Tile = SwizzledTile<kBM, kD>;
-    nk_off = qcol * 128 + Tile::offset((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
-    kn_off = Tile::offset((lane % 8) + ((lane / 8) % 2) * 8, dcol / 8 + lane / 16);
-    if ((smem_u32(sQ) | smem_u32(sdO)) & 127) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
-  } else {
-    nk_off = 2 * (qcol * kS + b_nk_lane_off<kS>(lane));
-    kn_off = 2 * (dcol + b_kn_lane_off<kS>(lane));
-  }
+  const uint32_t nk_off = QdO::nk_lane_offset(lane, qcol), kn_off = QdO::kn_lane_offset(lane, dcol);
+  if (kSwz && ((smem_u32(sQ) | smem_u32(sdO)) & 127)) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
   const uint32_t q_nk0 = smem_u32(sQ) + nk_off, do_nk0 = smem_u32(sdO) + nk_off;
   const uint32_t q_kn0 = smem_u32(sQ) + kn_off, do_kn0 = smem_u32(sdO) + kn_off;
   const uint32_t p_a = smem_u32(sP) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
@@ -588,11 +580,8 @@ __global__ void __launch_bounds__(256)
     const uint32_t stage_off = stage * kStageBytes;
     // The same addresses either way (TileOperand): the form is what kept the
     // d128 loop free of spill reloads (ptxas), measured in call 11.
-    auto nk = [&](uint32_t lane0, uint32_t tile0) {
-      return kCausal ? QdO::from_tile(tile0 + stage_off, nk_off) : QdO::from_lane(lane0, stage_off);
-    };
-    auto kn = [&](uint32_t lane0, uint32_t tile0) {
-      return kCausal ? QdO::from_tile(tile0 + stage_off, kn_off) : QdO::from_lane(lane0, stage_off);
+    auto operand = [&](uint32_t lane0, uint32_t tile0, uint32_t lane_off) {
+      return kCausal ? QdO::from_tile(tile0 + stage_off, lane_off) : QdO::from_lane(lane0, stage_off);
     };
     const float* sLs = sLse + stage * kBM;
     const float* sDv = sDs + stage * kBM;
@@ -624,7 +613,7 @@ __global__ void __launch_bounds__(256)
 
     // 1. S^T = K Q^T.
     float st[2][kMT][4];
-    gemm_keys_by_queries(st, k_a, nk(q_nk0, smem_u32(sQ)));
+    gemm_keys_by_queries(st, k_a, operand(q_nk0, smem_u32(sQ), nk_off));
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
@@ -684,7 +673,7 @@ __global__ void __launch_bounds__(256)
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
-      gemm_keys_by_queries(dpt, v_a, nk(do_nk0, smem_u32(sdO)));
+      gemm_keys_by_queries(dpt, v_a, operand(do_nk0, smem_u32(sdO), nk_off));
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -723,8 +712,8 @@ __global__ void __launch_bounds__(256)
         }
       }
     };
-    gemm_acc(acc_dv, p_a, kn(do_kn0, smem_u32(sdO)));
-    gemm_acc(acc_dk, ds_a, kn(q_kn0, smem_u32(sQ)));
+    gemm_acc(acc_dv, p_a, operand(do_kn0, smem_u32(sdO), kn_off));
+    gemm_acc(acc_dk, ds_a, operand(q_kn0, smem_u32(sQ), kn_off));
 
     // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
     if constexpr (kDq) {

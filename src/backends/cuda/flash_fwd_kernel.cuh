@@ -116,16 +116,9 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   // Shared-memory byte addresses of this lane's ldmatrix rows at tile origin (0, 0).
   const uint32_t q_lane = smem_u32(sQ) + 2 * ((wrow)*kS + a_lane_off<kS>(lane));
   using KV = TileOperand<kBN, kD, kS, kSwz>;
-  uint32_t k_lane, v_lane;
-  if constexpr (kSwz) {
-    using Tile = SwizzledTile<kBN, kD>;
-    k_lane = smem_u32(sK) + Tile::offset((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
-    v_lane = smem_u32(sV) + Tile::offset((lane % 8) + ((lane / 8) % 2) * 8, lane / 16);
-    if ((smem_u32(sK) | smem_u32(sV)) & 127) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
-  } else {
-    k_lane = smem_u32(sK) + 2 * b_nk_lane_off<kS>(lane);
-    v_lane = smem_u32(sV) + 2 * b_kn_lane_off<kS>(lane);
-  }
+  const uint32_t k_lane = smem_u32(sK) + KV::nk_lane_offset(lane, 0);
+  const uint32_t v_lane = smem_u32(sV) + KV::kn_lane_offset(lane, 0);
+  if (kSwz && ((smem_u32(sK) | smem_u32(sV)) & 127)) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
   uint32_t qf[Cfg::kQInRegs ? kMW * kKSteps : 1][4];
   const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;

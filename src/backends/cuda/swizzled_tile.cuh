@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/mma_utils.cuh"
 #include "backends/cuda/swizzled_tile.h"
 
 namespace orchard::cuda {
@@ -43,6 +44,23 @@ struct TileOperand {
       op.v[0] = tile_base + lane_off;
     }
     return op;
+  }
+  // The lane's byte offset in the tile for the [n][k] (B operand) and [k][n]
+  // (transposed B operand) fragment patterns at tile row row0 / column col0
+  // (multiples of 8): SwizzledTile's lane maps, or mma_utils' padded ones.
+  static __device__ __forceinline__ uint32_t nk_lane_offset(int lane, int row0) {
+    if constexpr (kSwizzle) {
+      return SwizzledTile<kRows, kD>::nk_lane_offset(lane, row0);
+    } else {
+      return 2 * (row0 * kS + b_nk_lane_off<kS>(lane));
+    }
+  }
+  static __device__ __forceinline__ uint32_t kn_lane_offset(int lane, int col0) {
+    if constexpr (kSwizzle) {
+      return SwizzledTile<kRows, kD>::kn_lane_offset(lane, col0);
+    } else {
+      return 2 * (col0 + b_kn_lane_off<kS>(lane));
+    }
   }
   __device__ __forceinline__ uint32_t at(int row, int j) const {
     if constexpr (kSwizzle) {

@@ -32,6 +32,18 @@ struct SwizzledTile {
   static constexpr uint32_t offset(int r, int c) {
     return static_cast<uint32_t>((c >> 3) * kBlockBytes + r * 128 + (((c ^ r) & 7) << 4));
   }
+  // A lane's byte offset for the two ldmatrix fragment patterns the kernels
+  // read (TileOperand): [n][k] storage as a B operand (e.g. K in Q K^T), lane
+  // row (lane % 8) + (lane / 16) * 8 and chunk (lane / 8) % 2, at tile row row0;
+  // [k][n] storage as a transposed B operand (e.g. V in P V), lane row
+  // (lane % 8) + ((lane / 8) % 2) * 8 and chunk lane / 16, at tile column col0.
+  // row0 and col0 are multiples of 8.
+  static constexpr uint32_t nk_lane_offset(int lane, int row0) {
+    return static_cast<uint32_t>(row0 * 128) + offset((lane % 8) + (lane / 16) * 8, (lane / 8) % 2);
+  }
+  static constexpr uint32_t kn_lane_offset(int lane, int col0) {
+    return offset((lane % 8) + ((lane / 8) % 2) * 8, col0 / 8 + lane / 16);
+  }
   // The same chunk reached from a lane's offset at the fragment origin
   // (lane_off = offset(r, c)) for a fragment row offset `row` (a multiple of 8)
   // and a 16-column step j: the chunk bits depend only on j % 4 as long as
