@@ -20,25 +20,25 @@ OUT=${OUT:-/tmp/orchard-out}
 L=/tmp/ab && mkdir -p "$OUT" $L
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $L/gpu.txt
 t0=$(date +%s)
-(cmake -S .ab/base/dev/cuda -B build-base -G Ninja -DORCHARD_CUDA_ARCHS=90 > $L/build-base.log 2>&1 &&
-  ninja -C build-base -j8 >> $L/build-base.log 2>&1 || tail -30 $L/build-base.log) &
-cmake -S dev/cuda -B build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > $L/build.log 2>&1 &&
-  ninja -C build-dev -j8 >> $L/build.log 2>&1 || { tail -60 $L/build.log; exit 1; }
-for v in ${VARIANTS:-}; do
-  name=${v%%:*} flags=${v#*:}
-  (cmake -S dev/cuda -B build-$name -G Ninja -DORCHARD_CUDA_ARCHS=90 "-DCMAKE_CUDA_FLAGS=${flags//,/ }" > $L/build-$name.log 2>&1 &&
-    ninja -C build-$name -j8 >> $L/build-$name.log 2>&1 || tail -30 $L/build-$name.log) &
-done
+build() {  # build <dir> <source dir> [extra nvcc flags]
+  cmake -S "$2" -B "$1" -G Ninja -DORCHARD_CUDA_ARCHS=90 "-DCMAKE_CUDA_FLAGS=${3:-}" > $L/$1.log 2>&1 &&
+    ninja -C "$1" -j8 >> $L/$1.log 2>&1 || { tail -40 $L/$1.log; return 1; }
+}
+NAMES=""
+for v in ${VARIANTS:-}; do NAMES+="${v%%:*} "; done
+build build-base .ab/base/dev/cuda &
+for v in ${VARIANTS:-}; do flags=${v#*:}; build "build-${v%%:*}" dev/cuda "${flags//,/ }" & done
+build build-dev dev/cuda || exit 1
 wait
 echo "builds: $(( $(date +%s) - t0 ))s (base $(cat .ab/base/REV))"
-for who in dev ${VARIANTS:+$(for v in $VARIANTS; do printf '%s ' "${v%%:*}"; done)}; do
+for who in dev $NAMES; do
   timeout 300 ./build-$who/cuda_check > $L/check-$who.log 2>&1; echo "cuda_check $who rc=$?"
   grep -E "FAIL|MISMATCH|DIFFERENT|cases passed" $L/check-$who.log | head -20
 done
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 ./build-dev/cuda_check --small > $L/memcheck.log 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|FAIL" $L/memcheck.log | head -5
 for round in $(seq 1 ${ROUNDS:-2}); do
-  for who in base dev ${VARIANTS:+$(for v in $VARIANTS; do printf '%s ' "${v%%:*}"; done)}; do
+  for who in base dev $NAMES; do
     timeout 200 ./build-$who/cuda_check --bench $MIN_S > $L/bench-$who-$round.log 2>&1
     echo "== $who round $round rc=$?"; grep -E "^ +[0-9]" $L/bench-$who-$round.log
   done
