@@ -674,10 +674,14 @@ __global__ void __launch_bounds__(256)
     {
       float dpt[2][kMT][4];
       gemm_keys_by_queries(dpt, v_a, operand(do_nk0, smem_u32(sdO), nk_off));
+      // Query columns outermost, D read once per column pair: with the stores
+      // to sdS in between, ptxas re-read it for every (mt, r) - it cannot tell
+      // the float and packed-half accesses apart (d64: 32 of 40 LDS.64 a step).
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int nt = 0; nt < kMT; ++nt) {
+        const float2 dd = *reinterpret_cast<const float2*>(sDv + qcol + nt * 8 + 2 * t);
 #pragma unroll
-        for (int nt = 0; nt < kMT; ++nt)
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             float ds[2];
@@ -685,11 +689,12 @@ __global__ void __launch_bounds__(256)
             for (int j = 0; j < 2; ++j) {
               const int c = 2 * r + j;
               const float dpv = kept(mt, nt, c) ? dpt[mt][nt][c] * rdrop : 0.f;
-              ds[j] = st[mt][nt][c] * (dpv - sDv[qcol + nt * 8 + 2 * t + j]);
+              ds[j] = st[mt][nt][c] * (dpv - (j == 0 ? dd.x : dd.y));
             }
             *reinterpret_cast<uint32_t*>(sdS + (krow + mt * 16 + g + 8 * r) * kSP + qcol + nt * 8 + 2 * t) =
                 MmaType<T>::pack(ds[0], ds[1]);
           }
+      }
     }
     __syncthreads();  // sP / sdS complete
 
