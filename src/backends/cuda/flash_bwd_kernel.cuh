@@ -426,7 +426,7 @@ template <int kD>
 struct BwdConfig2 {
   static constexpr int kNWarps = 8;
   static constexpr int kBN = 128;
-  static constexpr int kBM = kD <= 64 ? 128 : 64;  // d64: 128 measured faster than 64 (call 3)
+  static constexpr int kBM = kD <= 64 ? 128 : 64;  // d64: 128 measured faster than 64 (calls 3, 13)
   static constexpr int kS = kD + 8;
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   // Q and dO tiles (streamed every step) swizzled where the head dim allows
@@ -657,18 +657,39 @@ __global__ void __launch_bounds__(256)
     auto kept = [&](int mt, int nt, int c) {
       return !kDropout || ((keep_bits >> ((mt * kMT + nt) * 4 + c)) & 1ull);
     };
+    // Two adjacent 16 x 8 tiles (query tiles 2np, 2np + 1) of this warp's
+    // [32 keys][kBM/2 queries] block, v[2h + r] = rows g + 8r of tile h packed,
+    // into sP / sdS: one stmatrix.x4 on sm_90 (lane_addr: ldmatrix's lane map),
+    // four 32-bit stores before.
+    auto store_tile_pair = [&](T* tile, uint32_t lane_addr, int mt, int np, const uint32_t(&v)[4]) {
+#if ORCHARD_BWD_STSM && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      stmatrix_x4(lane_addr + 2 * (mt * 16 * kSP + qcol + np * 16), v);
+#else
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(tile + (krow + mt * 16 + g + 8 * r) * kSP + qcol + (2 * np + hh) * 8 + 2 * t) =
+              v[2 * hh + r];
+#endif
+    };
     // P_drop^T -> sP (bf16/fp16).
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kMT; ++nt)
+      for (int np = 0; np < kMT / 2; ++np) {
+        uint32_t v[4];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float p0 = kept(mt, nt, 2 * r) ? st[mt][nt][2 * r] * rdrop : 0.f;
-          const float p1 = kept(mt, nt, 2 * r + 1) ? st[mt][nt][2 * r + 1] * rdrop : 0.f;
-          *reinterpret_cast<uint32_t*>(sP + (krow + mt * 16 + g + 8 * r) * kSP + qcol + nt * 8 + 2 * t) =
-              MmaType<T>::pack(p0, p1);
-        }
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int nt = 2 * np + hh;
+            const float p0 = kept(mt, nt, 2 * r) ? st[mt][nt][2 * r] * rdrop : 0.f;
+            const float p1 = kept(mt, nt, 2 * r + 1) ? st[mt][nt][2 * r + 1] * rdrop : 0.f;
+            v[2 * hh + r] = MmaType<T>::pack(p0, p1);
+          }
+        store_tile_pair(sP, p_a, mt, np, v);
+      }
 
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
@@ -678,22 +699,29 @@ __global__ void __launch_bounds__(256)
       // to sdS in between, ptxas re-read it for every (mt, r) - it cannot tell
       // the float and packed-half accesses apart (d64: 32 of 40 LDS.64 a step).
 #pragma unroll
-      for (int nt = 0; nt < kMT; ++nt) {
-        const float2 dd = *reinterpret_cast<const float2*>(sDv + qcol + nt * 8 + 2 * t);
+      for (int np = 0; np < kMT / 2; ++np) {
+        float2 dd[2];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int hh = 0; hh < 2; ++hh) dd[hh] = *reinterpret_cast<const float2*>(sDv + qcol + (2 * np + hh) * 8 + 2 * t);
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float ds[2];
+        for (int mt = 0; mt < 2; ++mt) {
+          uint32_t v[4];
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              const int c = 2 * r + j;
-              const float dpv = kept(mt, nt, c) ? dpt[mt][nt][c] * rdrop : 0.f;
-              ds[j] = st[mt][nt][c] * (dpv - (j == 0 ? dd.x : dd.y));
+          for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int nt = 2 * np + hh;
+              float ds[2];
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                const int c = 2 * r + j;
+                const float dpv = kept(mt, nt, c) ? dpt[mt][nt][c] * rdrop : 0.f;
+                ds[j] = st[mt][nt][c] * (dpv - (j == 0 ? dd[hh].x : dd[hh].y));
+              }
+              v[2 * hh + r] = MmaType<T>::pack(ds[0], ds[1]);
             }
-            *reinterpret_cast<uint32_t*>(sdS + (krow + mt * 16 + g + 8 * r) * kSP + qcol + nt * 8 + 2 * t) =
-                MmaType<T>::pack(ds[0], ds[1]);
-          }
+          store_tile_pair(sdS, ds_a, mt, np, v);
+        }
       }
     }
     __syncthreads();  // sP / sdS complete
