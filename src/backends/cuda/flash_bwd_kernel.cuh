@@ -659,19 +659,15 @@ __global__ void __launch_bounds__(256)
     };
     // Two adjacent 16 x 8 tiles (query tiles 2np, 2np + 1) of this warp's
     // [32 keys][kBM/2 queries] block, v[2h + r] = rows g + 8r of tile h packed,
-    // into sP / sdS: one stmatrix.x4 on sm_90 (lane_addr: ldmatrix's lane map),
-    // four 32-bit stores before.
-    auto store_tile_pair = [&](T* tile, uint32_t lane_addr, int mt, int np, const uint32_t(&v)[4]) {
-#if ORCHARD_BWD_STSM && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      stmatrix_x4(lane_addr + 2 * (mt * 16 * kSP + qcol + np * 16), v);
-#else
+    // into sP / sdS. (One stmatrix.x4 per pair instead, sm_90: no faster at d128,
+    // 2-6% slower at d64 causal - H100 calls 13-14.)
+    auto store_tile_pair = [&](T* tile, int mt, int np, const uint32_t(&v)[4]) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           *reinterpret_cast<uint32_t*>(tile + (krow + mt * 16 + g + 8 * r) * kSP + qcol + (2 * np + hh) * 8 + 2 * t) =
               v[2 * hh + r];
-#endif
     };
     // P_drop^T -> sP (bf16/fp16).
 #pragma unroll
@@ -688,16 +684,18 @@ __global__ void __launch_bounds__(256)
             const float p1 = kept(mt, nt, 2 * r + 1) ? st[mt][nt][2 * r + 1] * rdrop : 0.f;
             v[2 * hh + r] = MmaType<T>::pack(p0, p1);
           }
-        store_tile_pair(sP, p_a, mt, np, v);
+        store_tile_pair(sP, mt, np, v);
       }
 
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
       gemm_keys_by_queries(dpt, v_a, operand(do_nk0, smem_u32(sdO), nk_off));
-      // Query columns outermost, D read once per column pair: with the stores
-      // to sdS in between, ptxas re-read it for every (mt, r) - it cannot tell
-      // the float and packed-half accesses apart (d64: 32 of 40 LDS.64 a step).
+      // Query tiles outermost, each D pair read once: with the sdS stores in
+      // between, ptxas re-read it for every (mt, r) - it cannot tell the float
+      // loads from the packed-half stores - so each load waited behind a store
+      // (d64: 32 of 40 LDS.64 a step). H100, calls 13-14: backward d64 +10-12%,
+      // d128 +3-5%.
 #pragma unroll
       for (int np = 0; np < kMT / 2; ++np) {
         float2 dd[2];
@@ -720,7 +718,7 @@ __global__ void __launch_bounds__(256)
               }
               v[2 * hh + r] = MmaType<T>::pack(ds[0], ds[1]);
             }
-          store_tile_pair(sdS, ds_a, mt, np, v);
+          store_tile_pair(sdS, mt, np, v);
         }
       }
     }

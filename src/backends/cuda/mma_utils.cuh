@@ -83,16 +83,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   ldmatrix_x4_trans(r, smem_u32(p));
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// sm_90: four 8 x 8 b16 matrices, register j to matrix j; lane l addresses row
-// l % 8 of matrix l / 8 (ldmatrix's lane map), each lane's register holding its
-// row g = l / 4, columns 2 (l % 4) and +1 - the mma C fragment, packed.
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
-               "r"(r[2]), "r"(r[3]));
-}
-#endif
-
 
 // 16-byte async global->shared copy to a shared-state-space byte address;
 // zero-fills the destination when !pred.
