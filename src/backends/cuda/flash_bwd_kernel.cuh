@@ -135,21 +135,27 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
     *reinterpret_cast<uint32_t*>(dq + (row + 8) * p.dq_row_stride) = MmaType<T>::pack(v.z * sc, v.w * sc);
 }
 
-// Stages LSE (log2 units) and D = rowsum(dO * O) of query rows m0 .. m0 + kBM of
-// head h into shared memory for the dK/dV kernels; rows past sq get LSE = +inf
-// (so P = 0) and D = 0.
+// LSE (log2 units) and D = rowsum(dO * O) of query row `row` of head h; rows
+// past sq get LSE = +inf (so P = 0) and D = 0.
+__device__ __forceinline__ float2 load_row_stats(const BwdParams& p, const float* lse_batch, const float* dsum, int b,
+                                                 int h, int row) {
+  float2 v = make_float2(INFINITY, 0.f);
+  if (row < p.sq) {
+    v.x = lse_log2(lse_batch[h * p.lse_head_stride + row]);
+    v.y = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
+  }
+  return v;
+}
+
+// Stages those of query rows m0 .. m0 + kBM - 1 into shared memory for the
+// dK/dV kernels.
 template <int kBM>
 __device__ __forceinline__ void stage_row_stats(const BwdParams& p, const float* lse_batch, const float* dsum, int b,
                                                 int h, int m0, int tid, float* s_lse, float* s_d) {
   if (tid < kBM) {
-    const int row = m0 + tid;
-    float l = INFINITY, dd = 0.f;
-    if (row < p.sq) {
-      l = lse_log2(lse_batch[h * p.lse_head_stride + row]);
-      dd = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
-    }
-    s_lse[tid] = l;
-    s_d[tid] = dd;
+    const float2 v = load_row_stats(p, lse_batch, dsum, b, h, m0 + tid);
+    s_lse[tid] = v.x;
+    s_d[tid] = v.y;
   }
 }
 
@@ -505,7 +511,14 @@ __global__ void __launch_bounds__(256)
     q_stream.tile = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
     do_stream.tile = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
   };
-  auto prefetch = [&](int h, int mi, int stage) {
+  // The next step's LSE / D: the non-causal kernels load them into registers
+  // with the prefetch and store them at the end of the step, so the store does
+  // not wait for the load at the top of the step; the causal kernels store them
+  // at once. H100 A/B (call 16, one round): non-causal d128 +3%, d64 +0.5%;
+  // the same for causal: d64 -2 to -3%, d128 -1%.
+  constexpr bool kStatsInRegs = !kCausal;
+  float2 next_stats = make_float2(INFINITY, 0.f);
+  auto prefetch = [&](int h, int mi, int stage, bool defer_stats) {
     const int m0 = mi * kBM;
     const uint32_t sq_stage = smem_u32(sQ) + stage * kStageBytes, sdo_stage = smem_u32(sdO) + stage * kStageBytes;
     // Measured (H100 A/B, call 11): non-causal d64 +1-2%, d128 within noise;
@@ -521,12 +534,16 @@ __global__ void __launch_bounds__(256)
       q_stream.load(sq_stage, p.sq - m0);
       do_stream.load(sdo_stage, p.sq - m0);
     }
-    stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
+    if (kStatsInRegs && defer_stats) {
+      if (tid < kBM) next_stats = load_row_stats(p, lse_g, dsum, b, h, m0 + tid);
+    } else {
+      stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
+    }
   };
   int h = hk * group, mi = m_begin;  // the current step
   if (total > 0) {
     seek(h, mi);
-    prefetch(h, mi, 0);
+    prefetch(h, mi, 0, false);
   }
   cp_async_commit();
 
@@ -573,7 +590,7 @@ __global__ void __launch_bounds__(256)
         q_stream.advance();
         do_stream.advance();
       }
-      prefetch(h_next, mi_next, stage ^ 1);
+      prefetch(h_next, mi_next, stage ^ 1, true);
     }
     cp_async_commit();
     const int m0 = mi * kBM;
@@ -798,6 +815,10 @@ __global__ void __launch_bounds__(256)
           for (int i = 0; i < kDqT; ++i)
             if (row16 + mt * 16 < p.sq && col8 + i * 8 < d) add(mt, i);
       }
+    }
+    if (kStatsInRegs && tid < kBM) {  // read from the next step on, after its top barrier
+      sLse[(stage ^ 1) * kBM + tid] = next_stats.x;
+      sDs[(stage ^ 1) * kBM + tid] = next_stats.y;
     }
     h = h_next;
     mi = mi_next;
