@@ -453,7 +453,7 @@ struct BwdConfig2 {
 
 template <typename T, int kD, bool kCausal, bool kDropout, bool kDq>
 __global__ void __launch_bounds__(256)
-    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks) {
+    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group) {
   using Cfg = BwdConfig2<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSP = Cfg::kSP;
   constexpr int kThreads = 256;
@@ -477,8 +477,17 @@ __global__ void __launch_bounds__(256)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int wk = warp % 4, wq = warp / 4;  // phases 1-4: key-row group, column half
-  const int64_t bhk = blockIdx.x / num_n_blocks;
-  const int n_block = blockIdx.x % num_n_blocks;
+  // Causal: heaviest key blocks first within groups of heads (launch.h).
+  int64_t bhk;
+  int n_block;
+  if constexpr (kCausal) {
+    const CtaCoord c = causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
+    bhk = c.head;
+    n_block = c.n_block;
+  } else {
+    bhk = blockIdx.x / num_n_blocks;
+    n_block = blockIdx.x % num_n_blocks;
+  }
   const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
@@ -1030,7 +1039,7 @@ void launch_flash_bwd(const BwdParams& p) {
                             : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false>;
     if (grid > 0) {
       set_smem(kernel, Cfg2::kSmemBytes);
-      kernel<<<static_cast<unsigned>(grid), 256, Cfg2::kSmemBytes, stream>>>(p, nb);
+      kernel<<<static_cast<unsigned>(grid), 256, Cfg2::kSmemBytes, stream>>>(p, nb, causal_head_group(p));
       check_launch("flash_bwd_dkdv2_kernel");
     }
   }

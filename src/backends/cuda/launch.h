@@ -63,6 +63,34 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
   return w;
 }
 
+// The causal dK/dV kernel's CTA order: the CTAs of `head_group` consecutive
+// (batch, kv head) pairs run n_block-major - every head's heaviest key block
+// (n_block 0 sees the most query tiles) before any lighter one - so the grid
+// ends on the lightest CTAs rather than on one head's heaviest. `heads` = b * hkv;
+// the last group may be smaller. A bijection from [0, heads * num_n_blocks).
+struct CtaCoord {
+  int64_t head;  // b * hkv + kv head
+  int n_block;
+};
+ORCHARD_HOST_DEVICE CtaCoord causal_cta_coord(int64_t cta, int num_n_blocks, int head_group, int64_t heads) {
+  const int64_t per_group = static_cast<int64_t>(head_group) * num_n_blocks;
+  const int64_t g0 = cta / per_group * head_group;
+  const int64_t left = heads - g0;
+  const int group_size = static_cast<int>(left < head_group ? left : head_group);
+  const int r = static_cast<int>(cta % per_group);
+  return {g0 + r % group_size, r / group_size};
+}
+// (batch, kv head) pairs per causal group: as many as keep the group's Q and dO
+// (every q head of the GQA group, 2-byte elements) within 16 MB, a third of the
+// H100's L2, so the concurrently running CTAs of a group share them there.
+ORCHARD_HOST_DEVICE int causal_head_group(const BwdParams& p) {
+  const int64_t bytes_per_head = static_cast<int64_t>(p.hq / p.hkv) * p.sq * p.d * 2 * 2;
+  const int64_t heads = static_cast<int64_t>(p.b) * p.hkv;
+  int64_t group = bytes_per_head > 0 ? (int64_t{16} << 20) / bytes_per_head : heads;
+  if (group > heads) group = heads;
+  return static_cast<int>(group < 1 ? 1 : group);
+}
+
 // Throws orchard::Error(kRuntime) if the last launch failed.
 void check_launch(const char* what);
 
