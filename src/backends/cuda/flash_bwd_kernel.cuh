@@ -82,22 +82,24 @@ __device__ __forceinline__ void dq_accum_add(float* dst, const float (&c)[4]) {
 #endif
 }
 
-// D[bh, row] = sum_c dO[b,row,h,c] * O[b,row,h,c]; one warp per row.
+// D[bh, row] = sum_c dO[b,row,h,c] * O[b,row,h,c]: bwd_dot_lanes(d) lanes per
+// row, one 16-byte chunk of O and of dO each, so every lane loads (one warp per
+// row left 24 of 32 lanes idle at d64, 16 at d128).
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const int lanes = bwd_dot_lanes(p.d);
+  const int sub = threadIdx.x % lanes;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (256 / lanes) + threadIdx.x / lanes;
   const int64_t total = static_cast<int64_t>(p.b) * p.hq * p.sq;
-  if (r >= total) return;
-  const int64_t bh = r / p.sq;
-  const int i = static_cast<int>(r % p.sq);
-  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   float acc = 0.f;
-  if (lane * 8 < p.d) {
+  if (r < total && sub * 8 < p.d) {
+    const int64_t bh = r / p.sq;
+    const int i = static_cast<int>(r % p.sq);
+    const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
     const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
     const T* dO = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + lane * 8);
-    const uint4 dv = *reinterpret_cast<const uint4*>(dO + lane * 8);
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + sub * 8);
+    const uint4 dv = *reinterpret_cast<const uint4*>(dO + sub * 8);
     const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
     const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
 #pragma unroll
@@ -106,9 +108,10 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
       acc += a.x * c.x + a.y * c.y;
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) dsum[r] = acc;
+  // Every lane takes part (no early return): the groups are aligned, so xor
+  // offsets below `lanes` stay inside a row's group.
+  for (int o = lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (r < total && sub == 0) dsum[r] = acc;
 }
 
 // dq[b,row,h,:] = dtype(scale * dq_accum): one thread per lane-slot of the permuted
@@ -1019,7 +1022,8 @@ void launch_flash_bwd(const BwdParams& p) {
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   if (rows > 0) {
-    bwd_dot_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
+    const int rows_per_block = 256 / bwd_dot_lanes(p.d);
+    bwd_dot_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0, stream>>>(
         p, reinterpret_cast<float*>(ws + layout.d_offset));
     check_launch("bwd_dot_kernel");
   }

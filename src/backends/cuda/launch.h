@@ -63,6 +63,10 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
   return w;
 }
 
+// Lanes per row in the backward's D = rowsum(dO * O) kernel: the row's 16-byte
+// chunks (d / 8 <= 32) rounded up to a power of two, at least 8.
+ORCHARD_HOST_DEVICE int bwd_dot_lanes(int d) { return d <= 64 ? 8 : (d <= 128 ? 16 : 32); }
+
 // The causal dK/dV kernel's CTA order: the CTAs of `head_group` consecutive
 // (batch, kv head) pairs run n_block-major - every head's heaviest key block
 // (n_block 0 sees the most query tiles) before any lighter one - so the grid

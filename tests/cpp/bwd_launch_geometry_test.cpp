@@ -1,7 +1,9 @@
-// The causal dK/dV kernel's CTA order (src/backends/cuda/launch.h), checked on
-// the host: every (head, key block) gets exactly one CTA, including a last group
-// smaller than the others, every head's key block n runs before any block n + 1
-// of its group, and the group size keeps Q and dO within the 16 MB budget.
+// The backward's launch geometry (src/backends/cuda/launch.h), checked on the
+// host. The causal dK/dV kernel's CTA order: every (head, key block) gets exactly
+// one CTA, including a last group smaller than the others, every head's key block
+// n runs before any block n + 1 of its group, and the group size keeps Q and dO
+// within the 16 MB budget. The D kernel's lanes per row cover the row in aligned
+// power-of-two groups of a warp.
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -60,6 +62,16 @@ TEST(CausalCtaOrder, GroupKeepsQAndDOWithinBudget) {
     EXPECT_GE(group, 1);
     EXPECT_LE(group, p.b * p.hkv);
     if (group > 1) EXPECT_LE(bytes, int64_t{16} << 20) << "sq=" << sq;
+  }
+}
+
+TEST(BwdDotLanes, CoverEachRowInAlignedGroups) {
+  for (int d = 8; d <= 256; d += 8) {
+    const int lanes = bwd_dot_lanes(d);
+    EXPECT_GE(lanes * 8, d) << "d=" << d;               // one 16-byte chunk per lane covers the row
+    EXPECT_EQ(lanes & (lanes - 1), 0) << "d=" << d;     // power of two: xor shuffles stay in the group
+    EXPECT_EQ(32 % lanes, 0) << "d=" << d;              // groups never straddle a warp
+    EXPECT_EQ(256 % lanes, 0) << "d=" << d;             // whole rows per 256-thread block
   }
 }
 
