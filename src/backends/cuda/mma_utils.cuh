@@ -83,7 +83,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   ldmatrix_x4_trans(r, smem_u32(p));
 }
 
-
 // 16-byte async global->shared copy to a shared-state-space byte address;
 // zero-fills the destination when !pred.
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool pred) {
