@@ -689,7 +689,7 @@ __global__ void __launch_bounds__(256)
     // Two adjacent 16 x 8 tiles (query tiles 2np, 2np + 1) of this warp's
     // [32 keys][kBM/2 queries] block, v[2h + r] = rows g + 8r of tile h packed,
     // into sP / sdS. (One stmatrix.x4 per pair instead, sm_90: no faster at d128,
-    // 2-6% slower at d64 causal - H100 calls 13-14.)
+    // 2-4% slower at d64 causal - H100 calls 13-14.)
     auto store_tile_pair = [&](T* tile, int mt, int np, const uint32_t(&v)[4]) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh)
@@ -723,7 +723,7 @@ __global__ void __launch_bounds__(256)
       // Query tiles outermost, each D pair read once: with the sdS stores in
       // between, ptxas re-read it for every (mt, r) - it cannot tell the float
       // loads from the packed-half stores - so each load waited behind a store
-      // (d64: 32 of 40 LDS.64 a step). H100, calls 13-14: backward d64 +10-12%,
+      // (d64: 32 of 40 LDS.64 a step). H100, calls 13-14: backward d64 +10-14%,
       // d128 +3-5%.
 #pragma unroll
       for (int np = 0; np < kMT / 2; ++np) {
