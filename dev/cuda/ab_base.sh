@@ -7,7 +7,10 @@
 # cur (`--bench MIN_S`; ROUNDS pairs, default 2) so clock drift hits both alike.
 # VARIANTS="name:-DFLAG=1 name2:-DX=2" also builds the working tree with those
 # extra nvcc flags (build-<name>) and times each variant in the same rotation.
-# Logs in $OUT/ab.tgz.
+# Logs in $OUT/ab.tgz, re-packed after every step so a call cut off by its time
+# limit still returns what ran (the device returns only a few files). A bench
+# pass of one tree takes ~40 s on the H100: BUDGET_S (default 540) skips the
+# passes that would start after that many seconds.
 set -uo pipefail
 if [[ ${1:-} == --prepare ]]; then
   rm -rf .ab/base && mkdir -p .ab/base
@@ -18,6 +21,7 @@ fi
 MIN_S=${1:-2048}
 OUT=${OUT:-/tmp/orchard-out}
 L=/tmp/ab && mkdir -p "$OUT" $L
+snap() { (cd $L && tar czf "$OUT/ab.tgz" .); }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $L/gpu.txt
 t0=$(date +%s)
 build() {  # build <dir> <source dir> [extra nvcc flags]
@@ -37,10 +41,13 @@ for who in dev $NAMES; do
 done
 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 ./build-dev/cuda_check --small > $L/memcheck.log 2>&1
 echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|FAIL" $L/memcheck.log | head -5
+snap
 for round in $(seq 1 ${ROUNDS:-2}); do
   for who in base dev $NAMES; do
+    if (( $(date +%s) - t0 > ${BUDGET_S:-540} )); then echo "== $who round $round skipped (BUDGET_S)"; continue; fi
     timeout 200 ./build-$who/cuda_check --bench $MIN_S > $L/bench-$who-$round.log 2>&1
     echo "== $who round $round rc=$?"; grep -E "^ +[0-9]" $L/bench-$who-$round.log
+    snap
   done
 done
-cd $L && tar czf "$OUT/ab.tgz" . && ls -la "$OUT"
+ls -la "$OUT"
