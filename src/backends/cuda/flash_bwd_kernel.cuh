@@ -440,12 +440,8 @@ struct BwdConfig2 {
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   // Q and dO tiles (streamed every step) swizzled where the head dim allows
   // (swizzled_tile.h); K, V (loaded once) and sP / sdS stay padded.
-  static constexpr bool kSwizzleQdO = kD == 64 || kD == 128;
-  static constexpr int qdo_tile_bytes() {
-    if constexpr (kSwizzleQdO) return SwizzledTile<kBM, kD>::kBytes;
-    else return kBM * kS * 2;
-  }
-  static constexpr int kQdOTileBytes = qdo_tile_bytes();
+  static constexpr bool kSwizzleQdO = swizzle_streamed_tiles(kD);
+  static constexpr int kQdOTileBytes = TileOperand<kBM, kD, kS, kSwizzleQdO>::tile_bytes();
   static constexpr int kSmemBytes = (2 * kBN * kS + 2 * kBN * kSP) * 2 + 4 * kQdOTileBytes + 4 * kBM * 4;
   static constexpr int kMT = kBM / 16;      // n8 tiles of S^T per warp (kBM/2 query columns)
   static constexpr int kDTw = kD / 16;      // n8 tiles of dK/dV per warp (kD/2 columns)

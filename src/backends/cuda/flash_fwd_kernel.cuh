@@ -50,12 +50,8 @@ struct FwdConfig {
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   // K and V tiles (streamed every step) swizzled where the head dim allows
   // (swizzled_tile.h: whole-line cp.async writes); the Q tile stays padded.
-  static constexpr bool kSwizzleKV = kD == 64 || kD == 128;
-  static constexpr int kv_tile_bytes() {
-    if constexpr (kSwizzleKV) return SwizzledTile<kBN, kD>::kBytes;
-    else return kBN * kS * 2;
-  }
-  static constexpr int kKVTileBytes = kv_tile_bytes();
+  static constexpr bool kSwizzleKV = swizzle_streamed_tiles(kD);
+  static constexpr int kKVTileBytes = TileOperand<kBN, kD, kS, kSwizzleKV>::tile_bytes();
   static constexpr int kSmemBytes = kBM * kS * 2 + 4 * kKVTileBytes;
 };
 

@@ -9,6 +9,10 @@
 
 namespace orchard::cuda {
 
+// Head dims whose streamed tiles are swizzled: d64 and d128, where it was
+// measured; the d > 128 kernels keep padded tiles.
+constexpr bool swizzle_streamed_tiles(int d) { return d == 64 || d == 128; }
+
 // from_lane: `lane_addr` is the shared-state-space byte address of the lane's
 // row and chunk at the fragment origin of stage 0 (loop-invariant), `stage_off`
 // the byte offset of the current stage. from_tile: the current stage's tile
@@ -20,6 +24,11 @@ namespace orchard::cuda {
 // kernel checks the base).
 template <int kRows, int kD, int kS, bool kSwizzle>
 struct TileOperand {
+  // Bytes of one stage of the tile (padded rows: kS elements).
+  static constexpr int tile_bytes() {
+    if constexpr (kSwizzle) return SwizzledTile<kRows, kD>::kBytes;
+    else return kRows * kS * 2;
+  }
   uint32_t v[kSwizzle ? 4 : 1];
   // Two algebraically equal ways to form the addresses; ptxas allocates
   // registers differently for them (dev/cuda/NOTES.md, call 11: the backward at
@@ -29,7 +38,7 @@ struct TileOperand {
     TileOperand op;
     if constexpr (kSwizzle) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) op.v[j] = (lane_addr ^ static_cast<uint32_t>(j << 5)) + stage_off;
+      for (int j = 0; j < 4; ++j) op.v[j] = (lane_addr ^ SwizzledTile<kRows, kD>::fragment_xor(j)) + stage_off;
     } else {
       op.v[0] = lane_addr + stage_off;
     }
@@ -39,7 +48,7 @@ struct TileOperand {
     TileOperand op;
     if constexpr (kSwizzle) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) op.v[j] = tile_base + (lane_off ^ static_cast<uint32_t>(j << 5));
+      for (int j = 0; j < 4; ++j) op.v[j] = tile_base + (lane_off ^ SwizzledTile<kRows, kD>::fragment_xor(j));
     } else {
       op.v[0] = tile_base + lane_off;
     }
@@ -64,7 +73,7 @@ struct TileOperand {
   }
   __device__ __forceinline__ uint32_t at(int row, int j) const {
     if constexpr (kSwizzle) {
-      return v[j & 3] + (j >> 2) * SwizzledTile<kRows, kD>::kBlockBytes + row * 128;
+      return v[j & 3] + SwizzledTile<kRows, kD>::fragment_step(row, j);
     } else {
       return v[0] + 2 * (row * kS + j * 16);
     }

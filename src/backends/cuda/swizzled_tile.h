@@ -49,8 +49,13 @@ struct SwizzledTile {
   // and a 16-column step j: the chunk bits depend only on j % 4 as long as
   // c % 8 + 2 * (j % 4) does not carry (c % 8 in {0, 1, 4, 5} with j % 4 < 2,
   // or c % 8 in {0, 1} with any j): offset(r + row, c + 2 j).
+  // The two parts: an XOR that depends on j % 4 only, and a constant step.
   static constexpr uint32_t fragment(uint32_t lane_off, int row, int j) {
-    return (lane_off ^ static_cast<uint32_t>((j & 3) << 5)) + static_cast<uint32_t>((j >> 2) * kBlockBytes + row * 128);
+    return (lane_off ^ fragment_xor(j)) + fragment_step(row, j);
+  }
+  static constexpr uint32_t fragment_xor(int j) { return static_cast<uint32_t>((j & 3) << 5); }
+  static constexpr uint32_t fragment_step(int row, int j) {
+    return static_cast<uint32_t>((j >> 2) * kBlockBytes + row * 128);
   }
 };
 
