@@ -39,16 +39,36 @@ struct AttentionOptions {
   // instead of seed/offset above. Lets a framework draw the seed on the device,
   // so CUDA-graph replays and compiled graphs get a fresh dropout mask each run.
   const std::uint64_t* rng_state = nullptr;
+  // Sliding window, flash-attn's window_size = (left, right): row i sees keys j with
+  // i + off - left <= j <= i + off + right (off = the causal diagonal offset of the
+  // alignment above); -1 = unbounded. causal is the same as right = 0.
+  std::int64_t window_left = -1;
+  std::int64_t window_right = -1;
+  double softcap = 0.0;         // > 0: scores become softcap * tanh(scores / softcap)
   bool deterministic = false;   // backward only
   void* stream = nullptr;       // cudaStream_t for CUDA tensors (nullptr: default stream)
   std::string op_name = "orchard.flash_attn";  // prefixes every error message
 };
 
+// Optional inputs shared by the forward and the backward (leave undefined when unused).
+struct AttentionExtras {
+  TensorView alibi_slopes;  // float32 (hq,) or (b, hq): bias -slope * |i + off - j|
+  TensorView sink;          // float32 (hq,): per-head sink logit joining each row's softmax
+  // SDPA's attn_mask: rank 4 (b, hq, sq, sk), size-1 or stride-0 dims broadcast (read in
+  // place); uint8/bool (nonzero = may attend) or a float bias of q's dtype or float32.
+  TensorView attn_bias;
+  // Varlen: int32 (b + 1,) prefix sums of the sequence lengths. q, k, v, out (and
+  // their gradients) are then (total, heads, dim) and lse is (hq, total_q).
+  TensorView cu_seqlens_q, cu_seqlens_k;
+  std::int64_t max_seqlen_q = 0, max_seqlen_k = 0;  // varlen: >= every sequence's length
+};
+
 struct ForwardArgs {
-  TensorView q, k, v;      // (b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, d)
-  TensorView out;          // (b, sq, hq, d), dtype of q
+  TensorView q, k, v;      // (b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, dv)
+  TensorView out;          // (b, sq, hq, dv), dtype of q
   TensorView lse;          // (b, hq, sq) float32 (float64 for float64 inputs)
   TensorView dropout_mask; // optional (b, hq, sq, sk) uint8, written when defined
+  AttentionExtras extras;
   AttentionOptions options;
 };
 
@@ -56,7 +76,9 @@ struct BackwardArgs {
   TensorView q, k, v, out, dout;  // dout shaped like out
   TensorView lse;                 // from the forward
   TensorView dq, dk, dv;          // shaped like q, k, v; any strides
+  TensorView dsink;               // float32 (hq,), required when extras.sink is given
   TensorView workspace;           // uint8[backward_workspace_bytes(...)] on the device, or undefined if 0
+  AttentionExtras extras;         // the same as the forward's
   AttentionOptions options;
 };
 

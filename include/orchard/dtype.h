@@ -11,7 +11,8 @@ enum class DType : std::uint8_t {
   kBFloat16,
   kFloat32,
   kFloat64,
-  kUInt8,  // dropout keep-mask and raw workspaces
+  kUInt8,  // dropout keep-mask, boolean attention masks and raw workspaces
+  kInt32,  // varlen sequence offsets (cu_seqlens)
 };
 
 constexpr std::size_t dtype_size(DType t) {
@@ -21,6 +22,7 @@ constexpr std::size_t dtype_size(DType t) {
     case DType::kFloat32: return 4;
     case DType::kFloat64: return 8;
     case DType::kUInt8: return 1;
+    case DType::kInt32: return 4;
   }
   return 0;
 }
@@ -32,6 +34,7 @@ constexpr const char* dtype_name(DType t) {
     case DType::kFloat32: return "float32";
     case DType::kFloat64: return "float64";
     case DType::kUInt8: return "uint8";
+    case DType::kInt32: return "int32";
   }
   return "?";
 }

@@ -27,19 +27,32 @@ struct FwdParams {
   // 1 = kept, 0 = dropped. nullptr = do not write it.
   std::uint8_t* dropout_mask = nullptr;
 
-  // Element strides (batch, row, head); the dim stride is 1.
+  // Element strides (batch, row, head); the dim stride is 1. Varlen: batch strides 0.
   std::int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
   std::int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
   std::int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
   std::int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   std::int64_t lse_batch_stride = 0, lse_head_stride = 0;
 
-  int b = 0;    // batch
-  int sq = 0;   // query rows
-  int sk = 0;   // key/value rows
+  int b = 0;    // batch (number of sequences when varlen)
+  int sq = 0;   // query rows (the longest sequence's when varlen)
+  int sk = 0;   // key/value rows (likewise)
   int hq = 0;   // query heads
   int hkv = 0;  // key/value heads; hq % hkv == 0 (GQA/MQA)
-  int d = 0;    // head dim (q, k and v share it)
+  int d = 0;    // head dim of q and k
+  int d_v = 0;  // head dim of v and out (== d unless the value head dim differs)
+
+  // Varlen (packed sequences, flash-attn's varlen API). When cu_seqlens_q is set,
+  // sequence bi owns query rows [cu_seqlens_q[bi], cu_seqlens_q[bi + 1]) and key rows
+  // [cu_seqlens_k[bi], cu_seqlens_k[bi + 1]) of (total, heads, dim) tensors whose
+  // batch strides are 0; its own lengths replace sq/sk (which are the maxima), its
+  // causal/window diagonal offset is len_k - len_q (bottom-right) or 0 (top-left,
+  // see causal_top_left), and lse is (hq, total_q): row r of sequence bi is at
+  // h * lse_head_stride + cu_seqlens_q[bi] + r (lse_batch_stride is 0). Dropout is
+  // indexed by (bi, head, local row, local col). int32, memory of the tensors' device.
+  const std::int32_t* cu_seqlens_q = nullptr;
+  const std::int32_t* cu_seqlens_k = nullptr;
+  bool causal_top_left = false;  // the diagonal offset rule varlen applies per sequence
 
   float scale = 1.0f;  // softmax scale (1/sqrt(d) by default), rounded to float
   // The same scale and dropout probability unrounded, for float64 compute
@@ -52,6 +65,41 @@ struct FwdParams {
   // top-left (torch SDPA) uses 0.
   bool causal = false;
   std::int64_t causal_offset = 0;
+
+  // Sliding window (flash-attn's window_size = (left, right)), on the same diagonal:
+  // row i sees column j iff  i + causal_offset - window_left <= j <= i + causal_offset
+  // + window_right, a negative bound being unbounded. The core keeps causal ==
+  // (window_right == 0), so a causal kernel already applies the right bound; the
+  // core sets causal_offset (sk - sq bottom-right, 0 top-left) whenever a window,
+  // causal or ALiBi needs the diagonal. No window: both -1.
+  std::int64_t window_left = -1;
+  std::int64_t window_right = -1;
+
+  // Softcapping (Gemma 2): when softcap > 0 the score scale * q.k becomes
+  // softcap * tanh(scale * q.k / softcap) before bias and softmax.
+  float softcap = 0.0f;
+  double softcap_f64 = 0.0;
+
+  // ALiBi: float32 slopes, slope(b, h) = alibi_slopes[b * alibi_batch_stride + h]
+  // (stride 0 for per-head slopes). Added to the (capped) score:
+  // -slope * |i + causal_offset - j|, causal or not. (flash-attn's causal kernel adds
+  // slope * j instead: the same softmax, an LSE larger by slope * (i + offset).)
+  const float* alibi_slopes = nullptr;
+  std::int64_t alibi_batch_stride = 0;
+
+  // Attention sinks (gpt-oss): float32 per-head logit sink[h], in the units of the
+  // final scores, that joins every row's softmax denominator with no value:
+  // P_ij = exp(s_ij - lse_i), lse_i = log(exp(sink_h) + sum_j exp(s_ij)). A row that
+  // sees no key then outputs 0 with lse = sink_h.
+  const float* sink = nullptr;
+
+  // Additive bias or boolean mask (torch SDPA's attn_mask), logical (b, hq, sq, sk)
+  // with element strides (0 = broadcast dim; the column stride may be anything).
+  // attn_bias_dtype: kUInt8 = boolean (nonzero = may attend; a masked element is
+  // -inf), else a float dtype added to the (capped) score. nullptr = none.
+  const void* attn_bias = nullptr;
+  DType attn_bias_dtype = DType::kUInt8;
+  std::int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
 
   // Dropout on the attention probabilities. The keep decision for element
   // (batch, head, row, col) comes from Philox4x32-10 keyed by (seed, offset);
@@ -87,6 +135,10 @@ struct BwdParams : FwdParams {
   std::size_t workspace_bytes = 0;
 
   bool deterministic = false;  // bitwise-reproducible dq/dk/dv
+
+  // With `sink`: its gradient, float32 (hq,), overwritten:
+  // dsink[h] = -sum over (batch, row) of exp(sink[h] - lse) * rowsum(dO * O).
+  float* dsink = nullptr;
 };
 
 // The (seed, offset) that key this call's dropout mask (orchard/philox.h). Kernels
@@ -96,6 +148,47 @@ struct DropoutKey {
 };
 ORCHARD_HOST_DEVICE DropoutKey dropout_key(const FwdParams& p) {
   return p.rng_state ? DropoutKey{p.rng_state[0], p.rng_state[1]} : DropoutKey{p.seed, p.offset};
+}
+
+// One sequence of a call: where its rows start (beyond the batch stride) and how
+// many it has. Without varlen every batch entry has sq/sk rows starting at 0.
+struct SeqSpan {
+  std::int64_t q_start = 0, k_start = 0;  // first row in q/out/lse and in k/v
+  int len_q = 0, len_k = 0;
+  std::int64_t diag = 0;  // the causal/window diagonal offset of this sequence
+};
+ORCHARD_HOST_DEVICE SeqSpan seq_span(const FwdParams& p, int bi) {
+  SeqSpan s;
+  if (p.cu_seqlens_q == nullptr) {
+    s.len_q = p.sq;
+    s.len_k = p.sk;
+    s.diag = p.causal_offset;
+  } else {
+    s.q_start = p.cu_seqlens_q[bi];
+    s.k_start = p.cu_seqlens_k[bi];
+    s.len_q = p.cu_seqlens_q[bi + 1] - p.cu_seqlens_q[bi];
+    s.len_k = p.cu_seqlens_k[bi + 1] - p.cu_seqlens_k[bi];
+    s.diag = p.causal_top_left ? 0 : std::int64_t(s.len_k) - s.len_q;
+  }
+  return s;
+}
+
+// Columns [begin, end) that row i of a sequence may see under causal / window
+// masking (not the attn_bias mask), clipped to [0, len_k); empty when begin >= end.
+struct ColRange {
+  std::int64_t begin, end;
+};
+ORCHARD_HOST_DEVICE ColRange visible_cols(const FwdParams& p, const SeqSpan& s, std::int64_t i) {
+  std::int64_t lo = 0, hi = s.len_k;
+  if (p.window_left >= 0 && i + s.diag - p.window_left > lo) lo = i + s.diag - p.window_left;
+  if (p.window_right >= 0 && i + s.diag + p.window_right + 1 < hi) hi = i + s.diag + p.window_right + 1;
+  return {lo, hi};
+}
+
+// The ALiBi bias of (row i, column j), to add to the score; 0 without ALiBi.
+ORCHARD_HOST_DEVICE float alibi_bias(float slope, std::int64_t i, std::int64_t j, std::int64_t diag) {
+  const std::int64_t dist = i + diag - j;
+  return -slope * static_cast<float>(dist < 0 ? -dist : dist);
 }
 
 }  // namespace orchard
