@@ -8,10 +8,12 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "orchard/attention.h"
 #include "orchard/errors.h"
@@ -47,10 +49,11 @@ orchard::DType to_dtype(nb::dlpack::dtype t, const std::string& op, const char* 
     if (code == Code::Bfloat && t.bits == 16) return orchard::DType::kBFloat16;
     // bool is stored as one byte per element; treat it as a uint8 mask.
     if ((code == Code::UInt || code == Code::Bool) && t.bits == 8) return orchard::DType::kUInt8;
+    if (code == Code::Int && t.bits == 32) return orchard::DType::kInt32;  // cu_seqlens
   }
   invalid(op, std::string(name) + ": unsupported dtype (DLPack code " + std::to_string(t.code) +
                   ", bits " + std::to_string(t.bits) + ", lanes " + std::to_string(t.lanes) +
-                  "); expected float16, bfloat16, float32 or float64");
+                  "); expected float16, bfloat16, float32, float64 (bool/uint8 masks, int32 cu_seqlens)");
 }
 
 orchard::Device to_device(int type, int id, const std::string& op, const char* name) {
@@ -114,6 +117,31 @@ const std::uint64_t* rng_state_pointer(const std::optional<InArray>& r, const In
   return static_cast<const std::uint64_t*>(r->data());
 }
 
+// The feature arguments every entry point shares (all optional), as one Python
+// tuple: (window_left, window_right, softcap, alibi_slopes, sink, attn_bias,
+// cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k).
+using Features = std::tuple<std::int64_t, std::int64_t, double, std::optional<InArray>, std::optional<InArray>,
+                            std::optional<InArray>, std::optional<InArray>, std::optional<InArray>, std::int64_t,
+                            std::int64_t>;
+
+orchard::AttentionExtras make_extras(const std::optional<Features>& f, orchard::AttentionOptions& o) {
+  orchard::AttentionExtras x;
+  if (!f) return x;
+  const std::string& op = o.op_name;
+  const auto& [left, right, softcap, alibi, sink, bias, cu_q, cu_k, max_q, max_k] = *f;
+  o.window_left = left;
+  o.window_right = right;
+  o.softcap = softcap;
+  x.alibi_slopes = to_view(alibi, op, "alibi_slopes");
+  x.sink = to_view(sink, op, "sink");
+  x.attn_bias = to_view(bias, op, "attn_mask");
+  x.cu_seqlens_q = to_view(cu_q, op, "cu_seqlens_q");
+  x.cu_seqlens_k = to_view(cu_k, op, "cu_seqlens_k");
+  x.max_seqlen_q = max_q;
+  x.max_seqlen_k = max_k;
+  return x;
+}
+
 orchard::AttentionOptions make_options(std::optional<double> softmax_scale, bool causal,
                                        bool causal_top_left, double dropout_p, std::uint64_t seed,
                                        std::uint64_t offset, const std::uint64_t* rng_state,
@@ -136,7 +164,8 @@ void forward(const InArray& q, const InArray& k, const InArray& v, const OutArra
              const OutArray& lse, const std::optional<OutArray>& dropout_mask,
              std::optional<double> softmax_scale, bool causal, bool causal_top_left, double dropout_p,
              std::uint64_t seed, std::uint64_t offset, std::uintptr_t stream,
-             const std::string& op_name, const std::optional<InArray>& rng_state) {
+             const std::string& op_name, const std::optional<InArray>& rng_state,
+             const std::optional<Features>& features) {
   orchard::ForwardArgs args;
   args.q = to_view(q, op_name, "q");
   args.k = to_view(k, op_name, "k");
@@ -147,6 +176,7 @@ void forward(const InArray& q, const InArray& k, const InArray& v, const OutArra
   args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                               rng_state_pointer(rng_state, q, op_name), /*deterministic=*/false, stream,
                               op_name);
+  args.extras = make_extras(features, args.options);
   nb::gil_scoped_release release;
   orchard::attention_forward(args);
 }
@@ -157,7 +187,8 @@ orchard::BackwardArgs make_backward_args(
     const std::optional<OutArray>& workspace, std::optional<double> softmax_scale, bool causal,
     bool causal_top_left, double dropout_p, std::uint64_t seed, std::uint64_t offset,
     bool deterministic, std::uintptr_t stream, const std::string& op_name,
-    const std::optional<InArray>& rng_state) {
+    const std::optional<InArray>& rng_state, const std::optional<Features>& features,
+    const std::optional<OutArray>& dsink) {
   orchard::BackwardArgs args;
   args.q = to_view(q, op_name, "q");
   args.k = to_view(k, op_name, "k");
@@ -171,6 +202,8 @@ orchard::BackwardArgs make_backward_args(
   args.workspace = to_view(workspace, op_name, "workspace");
   args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                               rng_state_pointer(rng_state, q, op_name), deterministic, stream, op_name);
+  args.extras = make_extras(features, args.options);
+  args.dsink = to_view(dsink, op_name, "dsink");
   return args;
 }
 
@@ -179,10 +212,12 @@ void backward(const InArray& q, const InArray& k, const InArray& v, const InArra
               const OutArray& dv, const std::optional<OutArray>& workspace,
               std::optional<double> softmax_scale, bool causal, bool causal_top_left,
               double dropout_p, std::uint64_t seed, std::uint64_t offset, bool deterministic,
-              std::uintptr_t stream, const std::string& op_name, const std::optional<InArray>& rng_state) {
+              std::uintptr_t stream, const std::string& op_name, const std::optional<InArray>& rng_state,
+              const std::optional<Features>& features, const std::optional<OutArray>& dsink) {
   const orchard::BackwardArgs args =
       make_backward_args(q, k, v, out, dout, lse, dq, dk, dv, workspace, softmax_scale, causal,
-                         causal_top_left, dropout_p, seed, offset, deterministic, stream, op_name, rng_state);
+                         causal_top_left, dropout_p, seed, offset, deterministic, stream, op_name, rng_state,
+                         features, dsink);
   nb::gil_scoped_release release;
   orchard::attention_backward(args);
 }
@@ -193,10 +228,11 @@ std::size_t backward_workspace_bytes(const InArray& q, const InArray& k, const I
                                      std::optional<double> softmax_scale, bool causal,
                                      bool causal_top_left, double dropout_p, std::uint64_t seed,
                                      std::uint64_t offset, bool deterministic, std::uintptr_t stream,
-                                     const std::string& op_name) {
+                                     const std::string& op_name, const std::optional<Features>& features,
+                                     const std::optional<OutArray>& dsink) {
   const orchard::BackwardArgs args = make_backward_args(
       q, k, v, out, dout, lse, dq, dk, dv, std::nullopt, softmax_scale, causal, causal_top_left,
-      dropout_p, seed, offset, deterministic, stream, op_name, std::nullopt);
+      dropout_p, seed, offset, deterministic, stream, op_name, std::nullopt, features, dsink);
   nb::gil_scoped_release release;
   return orchard::backward_workspace_bytes(args);
 }
@@ -240,6 +276,7 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "dropout_mask"_a.none(),
         "softmax_scale"_a.none(), "causal"_a, "causal_top_left"_a, "dropout_p"_a, "seed"_a,
         "offset"_a, "stream"_a, "op_name"_a, "rng_state"_a.none() = nb::none(),
+        "features"_a.none() = nb::none(),
         "Fused attention forward. q (b, sq, hq, d), k/v (b, sk, hkv, d) in BSHD logical order "
         "with any strides; writes out (like q), lse (b, hq, sq) float32 (float64 for float64 "
         "inputs) and, when given, the uint8 dropout keep-mask (b, hq, sq, sk). stream is a "
@@ -248,13 +285,14 @@ NB_MODULE(_C, m) {
   m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a,
         "dv"_a, "workspace"_a.none(), "softmax_scale"_a.none(), "causal"_a, "causal_top_left"_a,
         "dropout_p"_a, "seed"_a, "offset"_a, "deterministic"_a, "stream"_a, "op_name"_a,
-        "rng_state"_a.none() = nb::none(),
+        "rng_state"_a.none() = nb::none(), "features"_a.none() = nb::none(), "dsink"_a.none() = nb::none(),
         "Fused attention backward; overwrites dq, dk, dv (any strides). workspace: uint8 of "
         "backward_workspace_bytes(...) bytes on the tensors' device, or None when that is 0.");
   m.def("backward_workspace_bytes", &backward_workspace_bytes, "q"_a, "k"_a, "v"_a, "out"_a,
         "dout"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a, "softmax_scale"_a.none(), "causal"_a,
         "causal_top_left"_a, "dropout_p"_a, "seed"_a, "offset"_a, "deterministic"_a, "stream"_a,
-        "op_name"_a, "Bytes of scratch backward() needs for these arguments.");
+        "op_name"_a, "features"_a.none() = nb::none(), "dsink"_a.none() = nb::none(),
+        "Bytes of scratch backward() needs for these arguments.");
   m.def("build_info", &build_info,
         "Build facts: version, cuda_compiled, cuda_archs, openmp, cpu_threads, cuda_devices.");
 }

@@ -33,12 +33,21 @@ void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o)
   p.hq = static_cast<int>(s.hq);
   p.hkv = static_cast<int>(s.hkv);
   p.d = static_cast<int>(s.d);
+  p.d_v = static_cast<int>(s.d_v);
   p.dtype = s.dtype;
   p.scale_f64 = o.softmax_scale ? *o.softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.d));
   p.scale = static_cast<float>(p.scale_f64);
   p.dropout_p_f64 = o.dropout_p;
-  p.causal = o.causal;
-  p.causal_offset = o.causal && o.causal_align == CausalAlign::kBottomRight ? s.sk - s.sq : 0;
+  p.causal_top_left = o.causal_align == CausalAlign::kTopLeft;
+  p.causal_offset = p.causal_top_left ? 0 : s.sk - s.sq;
+  // Windows in flash-attn's normal form: causal is right = 0; a bound that no
+  // row can reach is unbounded (so such a window runs the plain kernels).
+  const std::int64_t reach = s.sq + s.sk;
+  p.window_left = o.window_left >= reach ? -1 : o.window_left;
+  p.window_right = o.causal ? 0 : (o.window_right >= reach ? -1 : o.window_right);
+  p.causal = p.window_right == 0;
+  p.softcap_f64 = o.softcap;
+  p.softcap = static_cast<float>(o.softcap);
   p.dropout_p = static_cast<float>(o.dropout_p);
   p.seed = o.seed;
   p.offset = o.offset;
@@ -46,11 +55,46 @@ void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o)
   p.stream = o.stream;
 }
 
-// Element strides (batch, row, head) of a BSHD view.
-void bshd_strides(const TensorView& v, std::int64_t& batch, std::int64_t& row, std::int64_t& head) {
-  batch = v.strides[0];
-  row = v.strides[1];
-  head = v.strides[2];
+// Element strides (batch, row, head) of a BSHD view, or of a varlen
+// (total, head, dim) view, whose batch stride is 0 (sequences are rows).
+void row_strides(const TensorView& v, std::int64_t& batch, std::int64_t& row, std::int64_t& head) {
+  const bool packed = v.ndim == 3;
+  batch = packed ? 0 : v.strides[0];
+  row = v.strides[packed ? 0 : 1];
+  head = v.strides[packed ? 1 : 2];
+}
+
+// lse is (b, hq, sq), or (hq, total_q) for varlen.
+void lse_strides(const TensorView& lse, FwdParams& p) {
+  const bool packed = lse.ndim == 2;
+  p.lse_batch_stride = packed ? 0 : lse.strides[0];
+  p.lse_head_stride = lse.strides[packed ? 0 : 1];
+}
+
+// The extras every kernel call reads: small per-head vectors go through the
+// bridge (staged if strided), the attn_bias is read in place with its strides
+// (size-1 dims broadcast as stride 0).
+void set_extras(FwdParams& p, const AttentionExtras& x, StagingSession& staging) {
+  if (x.alibi_slopes.defined()) {
+    const TensorView s = staging.input("alibi_slopes", x.alibi_slopes, sizeof(float));
+    p.alibi_slopes = static_cast<const float*>(s.data);
+    p.alibi_batch_stride = s.ndim == 2 && s.shape[0] > 1 ? s.strides[0] : 0;
+  }
+  if (x.sink.defined()) p.sink = static_cast<const float*>(staging.input("sink", x.sink, sizeof(float)).data);
+  if (x.cu_seqlens_q.defined()) {
+    p.cu_seqlens_q = static_cast<const std::int32_t*>(staging.input("cu_seqlens_q", x.cu_seqlens_q, 4).data);
+    p.cu_seqlens_k = static_cast<const std::int32_t*>(staging.input("cu_seqlens_k", x.cu_seqlens_k, 4).data);
+  }
+  if (x.attn_bias.defined()) {
+    const TensorView& m = x.attn_bias;
+    auto stride = [&](int i) { return m.shape[i] == 1 ? 0 : m.strides[i]; };
+    p.attn_bias = m.data;
+    p.attn_bias_dtype = m.dtype;
+    p.bias_batch_stride = stride(0);
+    p.bias_head_stride = stride(1);
+    p.bias_row_stride = stride(2);
+    p.bias_col_stride = stride(3);
+  }
 }
 
 std::string problem_summary(const FwdParams& p) {
@@ -58,6 +102,13 @@ std::string problem_summary(const FwdParams& p) {
   s << "b=" << p.b << " sq=" << p.sq << " sk=" << p.sk << " hq=" << p.hq << " hkv=" << p.hkv << " d=" << p.d
     << " dtype=" << dtype_name(p.dtype) << " causal=" << (p.causal ? 1 : 0);
   if (p.causal) s << "(offset " << p.causal_offset << ")";
+  if (p.window_left >= 0 || p.window_right > 0) s << " window=(" << p.window_left << "," << p.window_right << ")";
+  if (p.softcap > 0.f) s << " softcap=" << p.softcap;
+  if (p.alibi_slopes) s << " alibi=1";
+  if (p.sink) s << " sink=1";
+  if (p.attn_bias) s << " attn_mask=" << dtype_name(p.attn_bias_dtype);
+  if (p.cu_seqlens_q) s << " varlen=1";
+  if (p.d_v != p.d) s << " d_v=" << p.d_v;
   s << " dropout=" << p.dropout_p << " scale=" << p.scale;
   return s.str();
 }
@@ -135,12 +186,12 @@ void forward_unprefixed(const ForwardArgs& a) {
   p.out = out.data;
   p.lse = lse.data;
   p.dropout_mask = static_cast<std::uint8_t*>(mask.data);
-  bshd_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-  bshd_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-  bshd_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-  bshd_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
-  p.lse_batch_stride = lse.strides[0];
-  p.lse_head_stride = lse.strides[1];
+  row_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  row_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  row_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  row_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  lse_strides(lse, p);
+  set_extras(p, a.extras, staging);
 
   run_logged("FWD", be, p, false, staging.staged_count(), op, [&] { be.forward(p); });
   staging.finish();
@@ -204,16 +255,17 @@ void backward_unprefixed(const BackwardArgs& a) {
   p.dq = dq.data;
   p.dk = dk.data;
   p.dv = dv.data;
-  bshd_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-  bshd_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-  bshd_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-  bshd_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
-  bshd_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
-  bshd_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  bshd_strides(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
-  bshd_strides(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
-  p.lse_batch_stride = lse.strides[0];
-  p.lse_head_stride = lse.strides[1];
+  row_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  row_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  row_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  row_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  row_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  row_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  row_strides(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  row_strides(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+  lse_strides(lse, p);
+  set_extras(p, a.extras, staging);
+  if (a.dsink.defined()) p.dsink = static_cast<float*>(staging.output("dsink", a.dsink, sizeof(float)).data);
   p.workspace = need > 0 ? a.workspace.data : nullptr;
   p.workspace_bytes = need;
 

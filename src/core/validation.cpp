@@ -104,15 +104,13 @@ class Checker {
            std::string(t.name) + " has dtype " + dtype_name(t.view->dtype) + " but " + dtype_name(expected) +
                " is required (all of q, k, v and their outputs/gradients share one dtype)");
   }
-  void shape(const Named& t, std::initializer_list<std::int64_t> expected, const char* layout) const {
-    int i = 0;
+  void shape(const Named& t, const std::vector<std::int64_t>& expected, const char* layout) const {
     bool ok = true;
-    for (std::int64_t n : expected) ok = ok && t.view->shape[i++] == n;
+    for (std::size_t i = 0; i < expected.size(); ++i) ok = ok && t.view->shape[i] == expected[i];
     if (!ok) {
       TensorView want;
       want.ndim = static_cast<int>(expected.size());
-      i = 0;
-      for (std::int64_t n : expected) want.shape[i++] = n;
+      for (std::size_t i = 0; i < expected.size(); ++i) want.shape[i] = expected[i];
       fail(ErrorKind::kInvalidArgument, op_,
            std::string(t.name) + " has shape " + shape_str(*t.view) + ", expected " + shape_str(want) + " " + layout);
     }
@@ -150,15 +148,79 @@ class Checker {
   const std::string& op_;
 };
 
+// Expected shapes of every tensor of a call, in the layout the call uses
+// (BSHD, or (total, heads, dim) for varlen).
+struct Shapes {
+  std::vector<std::int64_t> q, k, v, out, lse;
+  const char* q_layout;
+  const char* kv_layout;
+  const char* lse_layout;
+};
+
+Shapes expected_shapes(const ProblemShape& p) {
+  if (p.varlen)
+    return {{p.total_q, p.hq, p.d},   {p.total_k, p.hkv, p.d}, {p.total_k, p.hkv, p.d_v},
+            {p.total_q, p.hq, p.d_v}, {p.hq, p.total_q},       "(total_q, heads, head_dim)",
+            "(total_k, kv_heads, head_dim)", "(heads, total_q)"};
+  return {{p.b, p.sq, p.hq, p.d},   {p.b, p.sk, p.hkv, p.d}, {p.b, p.sk, p.hkv, p.d_v},
+          {p.b, p.sq, p.hq, p.d_v}, {p.b, p.hq, p.sq},       "(batch, seqlen_q, heads, head_dim)",
+          "(batch, seqlen_k, kv_heads, head_dim)", "(batch, heads, seqlen_q)"};
+}
+
+// Varlen offsets: int32 (b + 1,) on q's device. Their values are checked here when
+// they live in host memory; on a GPU reading them would synchronize every call, so
+// the Python layer checks them outside graph capture and C++ callers own that.
+void check_cu_seqlens(const std::string& op, const Checker& c, const Named& cu, const Named& q, std::int64_t b,
+                      std::int64_t total, std::int64_t max_len, const char* max_name) {
+  c.rank(cu, 1, "(batch + 1,)");
+  if (cu.view->dtype != DType::kInt32)
+    fail(ErrorKind::kInvalidArgument, op,
+         std::string(cu.name) + " must be int32, got " + dtype_name(cu.view->dtype));
+  c.same_device(cu, q);
+  if (cu.view->shape[0] != b + 1)
+    fail(ErrorKind::kInvalidArgument, op,
+         std::string(cu.name) + " has " + std::to_string(cu.view->shape[0]) + " entries, expected batch + 1 = " +
+             std::to_string(b + 1) + " (cu_seqlens_q and cu_seqlens_k must have the same length)");
+  if (runs_on_cuda(cu.view->device.type)) return;
+  const auto* v = static_cast<const std::int32_t*>(cu.view->data);
+  const std::int64_t st = cu.view->strides[0];
+  if (v[0] < 0) fail(ErrorKind::kInvalidArgument, op, std::string(cu.name) + "[0] is negative");
+  for (std::int64_t i = 0; i < b; ++i) {
+    const std::int64_t len = std::int64_t(v[(i + 1) * st]) - v[i * st];
+    if (len < 0)
+      fail(ErrorKind::kInvalidArgument, op,
+           std::string(cu.name) + " must be non-decreasing; entry " + std::to_string(i + 1) + " (" +
+               std::to_string(v[(i + 1) * st]) + ") < entry " + std::to_string(i) + " (" + std::to_string(v[i * st]) + ")");
+    if (len > max_len)
+      fail(ErrorKind::kInvalidArgument, op,
+           std::string(max_name) + " (" + std::to_string(max_len) + ") is smaller than sequence " + std::to_string(i) +
+               "'s length " + std::to_string(len));
+  }
+  if (v[b * st] > total)
+    fail(ErrorKind::kInvalidArgument, op,
+         std::string(cu.name) + "[-1] = " + std::to_string(v[b * st]) + " exceeds the " + std::to_string(total) +
+             " rows of the packed tensor");
+}
+
 ProblemShape check_common(const std::string& op, const TensorView& q, const TensorView& k, const TensorView& v,
-                          const AttentionOptions& options) {
+                          const AttentionExtras& x, const AttentionOptions& options) {
   const Checker c(op);
   c.defined({"q", &q});
   c.defined({"k", &k});
   c.defined({"v", &v});
-  c.rank({"q", &q}, 4, "(batch, seqlen_q, heads, head_dim)");
-  c.rank({"k", &k}, 4, "(batch, seqlen_k, kv_heads, head_dim)");
-  c.rank({"v", &v}, 4, "(batch, seqlen_k, kv_heads, head_dim)");
+  if (x.cu_seqlens_q.defined() != x.cu_seqlens_k.defined())
+    fail(ErrorKind::kInvalidArgument, op, "cu_seqlens_q and cu_seqlens_k must be given together (varlen)");
+  ProblemShape p;
+  p.varlen = x.cu_seqlens_q.defined();
+  if (p.varlen) {
+    c.rank({"q", &q}, 3, "(total_q, heads, head_dim)");
+    c.rank({"k", &k}, 3, "(total_k, kv_heads, head_dim)");
+    c.rank({"v", &v}, 3, "(total_k, kv_heads, head_dim)");
+  } else {
+    c.rank({"q", &q}, 4, "(batch, seqlen_q, heads, head_dim)");
+    c.rank({"k", &k}, 4, "(batch, seqlen_k, kv_heads, head_dim)");
+    c.rank({"v", &v}, 4, "(batch, seqlen_k, kv_heads, head_dim)");
+  }
   if (!is_float_dtype(q.dtype))
     fail(ErrorKind::kInvalidArgument, op,
          std::string("unsupported dtype ") + dtype_name(q.dtype) +
@@ -167,32 +229,49 @@ ProblemShape check_common(const std::string& op, const TensorView& q, const Tens
   c.dtype({"v", &v}, q.dtype);
   c.same_device({"k", &k}, {"q", &q});
   c.same_device({"v", &v}, {"q", &q});
-
-  ProblemShape p;
-  p.b = q.shape[0];
-  p.sq = q.shape[1];
-  p.hq = q.shape[2];
-  p.d = q.shape[3];
-  p.sk = k.shape[1];
-  p.hkv = k.shape[2];
-  p.dtype = q.dtype;
-  p.device = q.device;
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < q.ndim; ++i)
     if (q.shape[i] < 0 || k.shape[i] < 0 || v.shape[i] < 0)
       fail(ErrorKind::kInvalidArgument, op, "negative sizes are invalid");
-  c.shape({"k", &k}, {p.b, p.sk, p.hkv, p.d}, "(batch and head_dim must match q)");
-  c.shape({"v", &v}, {p.b, p.sk, p.hkv, p.d}, "(must match k; a different value head dim is not supported)");
+
+  const int hd = q.ndim - 1;  // head_dim axis; heads are the axis before it
+  p.hq = q.shape[hd - 1];
+  p.d = q.shape[hd];
+  p.hkv = k.shape[hd - 1];
+  p.d_v = v.shape[hd];
+  p.dtype = q.dtype;
+  p.device = q.device;
+  if (p.varlen) {
+    p.total_q = q.shape[0];
+    p.total_k = k.shape[0];
+    p.b = x.cu_seqlens_q.ndim == 1 ? x.cu_seqlens_q.shape[0] - 1 : 0;
+    p.sq = x.max_seqlen_q;
+    p.sk = x.max_seqlen_k;
+    if (p.sq < 0 || p.sk < 0) fail(ErrorKind::kInvalidArgument, op, "max_seqlen_q and max_seqlen_k must be >= 0");
+    if (p.b < 0) fail(ErrorKind::kInvalidArgument, op, "cu_seqlens_q must be 1-D with at least one entry");
+    check_cu_seqlens(op, c, {"cu_seqlens_q", &x.cu_seqlens_q}, {"q", &q}, p.b, p.total_q, p.sq, "max_seqlen_q");
+    check_cu_seqlens(op, c, {"cu_seqlens_k", &x.cu_seqlens_k}, {"q", &q}, p.b, p.total_k, p.sk, "max_seqlen_k");
+  } else {
+    p.b = q.shape[0];
+    p.sq = q.shape[1];
+    p.sk = k.shape[1];
+  }
+  const Shapes e = expected_shapes(p);
+  c.shape({"k", &k}, e.k, "(batch and head_dim must match q)");
+  c.shape({"v", &v}, e.v, "(must match k but for its head_dim)");
   if (p.hkv == 0 && p.hq != 0)
     fail(ErrorKind::kInvalidArgument, op, "k and v have 0 heads but q has " + std::to_string(p.hq));
   if (p.hkv != 0 && p.hq % p.hkv != 0)
     fail(ErrorKind::kInvalidArgument, op,
          "number of query heads (" + std::to_string(p.hq) + ") must be a multiple of key/value heads (" +
              std::to_string(p.hkv) + ")");
-  if (p.d < 1 || p.d > kMaxHeadDim)
-    fail(ErrorKind::kInvalidArgument, op,
-         "head dim " + std::to_string(p.d) + " is unsupported (1 <= head_dim <= " + std::to_string(kMaxHeadDim) + ")");
+  for (const auto& [name, dim] : {std::pair{"head dim", p.d}, std::pair{"value head dim", p.d_v}})
+    if (dim < 1 || dim > kMaxHeadDim)
+      fail(ErrorKind::kInvalidArgument, op,
+           std::string(name) + " " + std::to_string(dim) + " is unsupported (1 <= head_dim <= " +
+               std::to_string(kMaxHeadDim) + ")");
   constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
-  if (p.b > kIntMax || p.sq > kIntMax || p.sk > kIntMax || p.hq > kIntMax || p.b * p.hq > kIntMax)
+  if (p.b > kIntMax || p.sq > kIntMax || p.sk > kIntMax || p.hq > kIntMax || p.b * p.hq > kIntMax ||
+      p.total_q > kIntMax || p.total_k > kIntMax)
     fail(ErrorKind::kInvalidArgument, op, "sizes exceed 2^31 - 1");
   const double dp = options.dropout_p;
   if (!(dp >= 0.0 && dp < 1.0))
@@ -201,6 +280,56 @@ ProblemShape check_common(const std::string& op, const TensorView& q, const Tens
     fail(ErrorKind::kInvalidArgument, op, "rng_state must be 8-byte aligned");
   if (options.softmax_scale && !std::isfinite(*options.softmax_scale))
     fail(ErrorKind::kInvalidArgument, op, "softmax_scale must be finite");
+  if (options.window_left < -1 || options.window_right < -1)
+    fail(ErrorKind::kInvalidArgument, op,
+         "window_size values must be >= -1 (-1 = unbounded), got (" + std::to_string(options.window_left) + ", " +
+             std::to_string(options.window_right) + ")");
+  if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap))
+    fail(ErrorKind::kInvalidArgument, op, "softcap must be a finite value >= 0, got " + std::to_string(options.softcap));
+
+  // ALiBi slopes and sinks: float32 per head.
+  const Named q_named{"q", &q};
+  if (x.alibi_slopes.defined()) {
+    const Named s{"alibi_slopes", &x.alibi_slopes};
+    if (x.alibi_slopes.dtype != DType::kFloat32)
+      fail(ErrorKind::kInvalidArgument, op, std::string("alibi_slopes must be float32, got ") +
+                                               dtype_name(x.alibi_slopes.dtype));
+    c.same_device(s, q_named);
+    const bool per_head = x.alibi_slopes.ndim == 1 && x.alibi_slopes.shape[0] == p.hq;
+    const bool per_batch = x.alibi_slopes.ndim == 2 && x.alibi_slopes.shape[0] == p.b && x.alibi_slopes.shape[1] == p.hq;
+    if (!per_head && !per_batch)
+      fail(ErrorKind::kInvalidArgument, op,
+           "alibi_slopes must have shape (" + std::to_string(p.hq) + ",) or (" + std::to_string(p.b) + ", " +
+               std::to_string(p.hq) + "), got " + shape_str(x.alibi_slopes));
+  }
+  if (x.sink.defined()) {
+    const Named s{"sink", &x.sink};
+    if (x.sink.dtype != DType::kFloat32)
+      fail(ErrorKind::kInvalidArgument, op, std::string("sink must be float32, got ") + dtype_name(x.sink.dtype));
+    c.same_device(s, q_named);
+    c.rank(s, 1, "(heads,)");
+    c.shape(s, {p.hq}, "(heads,)");
+  }
+  if (x.attn_bias.defined()) {
+    const Named m{"attn_bias", &x.attn_bias};
+    if (p.varlen) fail(ErrorKind::kNotImplemented, op, "attn_mask / attn_bias cannot be combined with varlen");
+    c.rank(m, 4, "(batch, heads, seqlen_q, seqlen_k), size-1 dims broadcast");
+    const DType bt = x.attn_bias.dtype;
+    const bool ok_dtype = bt == DType::kUInt8 || bt == p.dtype || (bt == DType::kFloat32 && p.dtype != DType::kFloat64);
+    if (!ok_dtype)
+      fail(ErrorKind::kInvalidArgument, op,
+           std::string("attn_mask must be bool, ") + dtype_name(p.dtype) +
+               (p.dtype != DType::kFloat64 ? " or float32" : "") + ", got " + dtype_name(bt));
+    c.same_device(m, q_named);
+    const std::int64_t want[4] = {p.b, p.hq, p.sq, p.sk};
+    for (int i = 0; i < 4; ++i)
+      if (x.attn_bias.shape[i] != want[i] && x.attn_bias.shape[i] != 1)
+        fail(ErrorKind::kInvalidArgument, op,
+             "attn_mask of shape " + shape_str(x.attn_bias) + " does not broadcast to (" + std::to_string(p.b) + ", " +
+                 std::to_string(p.hq) + ", " + std::to_string(p.sq) + ", " + std::to_string(p.sk) + ")");
+    if (reinterpret_cast<std::uintptr_t>(x.attn_bias.data) % dtype_size(bt) != 0)
+      fail(ErrorKind::kInvalidArgument, op, "attn_mask data must be aligned to its element size");
+  }
   return p;
 }
 
@@ -208,20 +337,21 @@ ProblemShape check_common(const std::string& op, const TensorView& q, const Tens
 
 ProblemShape validate_forward(const ForwardArgs& a) {
   const std::string& op = a.options.op_name;
-  const ProblemShape p = check_common(op, a.q, a.k, a.v, a.options);
+  const ProblemShape p = check_common(op, a.q, a.k, a.v, a.extras, a.options);
+  const Shapes e = expected_shapes(p);
   const Checker c(op);
   c.defined({"out", &a.out});
   c.defined({"lse", &a.lse});
-  c.rank({"out", &a.out}, 4, "(batch, seqlen_q, heads, head_dim)");
-  c.rank({"lse", &a.lse}, 3, "(batch, heads, seqlen_q)");
+  c.rank({"out", &a.out}, static_cast<int>(e.out.size()), e.q_layout);
+  c.rank({"lse", &a.lse}, static_cast<int>(e.lse.size()), e.lse_layout);
   c.dtype({"out", &a.out}, p.dtype);
   if (a.lse.dtype != lse_dtype_for(p.dtype))
     fail(ErrorKind::kInvalidArgument, op,
          std::string("lse must be ") + dtype_name(lse_dtype_for(p.dtype)) + ", got " + dtype_name(a.lse.dtype));
   c.same_device({"out", &a.out}, {"q", &a.q});
   c.same_device({"lse", &a.lse}, {"q", &a.q});
-  c.shape({"out", &a.out}, {p.b, p.sq, p.hq, p.d}, "(must match q)");
-  c.shape({"lse", &a.lse}, {p.b, p.hq, p.sq}, "(batch, heads, seqlen_q)");
+  c.shape({"out", &a.out}, e.out, "(like q, with v's head_dim)");
+  c.shape({"lse", &a.lse}, e.lse, e.lse_layout);
   const std::vector<Named> inputs{{"q", &a.q}, {"k", &a.k}, {"v", &a.v}};
   c.writable({"out", &a.out}, inputs);
   c.writable({"lse", &a.lse}, inputs);
@@ -241,18 +371,20 @@ ProblemShape validate_forward(const ForwardArgs& a) {
 
 ProblemShape validate_backward(const BackwardArgs& a) {
   const std::string& op = a.options.op_name;
-  const ProblemShape p = check_common(op, a.q, a.k, a.v, a.options);
+  const ProblemShape p = check_common(op, a.q, a.k, a.v, a.extras, a.options);
+  const Shapes e = expected_shapes(p);
   const Checker c(op);
   const Named q{"q", &a.q};
   for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"lse", &a.lse}, Named{"dq", &a.dq},
                         Named{"dk", &a.dk}, Named{"dv", &a.dv}})
     c.defined(t);
-  c.rank({"out", &a.out}, 4, "(batch, seqlen_q, heads, head_dim)");
-  c.rank({"dout", &a.dout}, 4, "(batch, seqlen_q, heads, head_dim)");
-  c.rank({"lse", &a.lse}, 3, "(batch, heads, seqlen_q)");
-  c.rank({"dq", &a.dq}, 4, "(like q)");
-  c.rank({"dk", &a.dk}, 4, "(like k)");
-  c.rank({"dv", &a.dv}, 4, "(like v)");
+  const int nd = static_cast<int>(e.q.size());
+  c.rank({"out", &a.out}, nd, e.q_layout);
+  c.rank({"dout", &a.dout}, nd, e.q_layout);
+  c.rank({"lse", &a.lse}, static_cast<int>(e.lse.size()), e.lse_layout);
+  c.rank({"dq", &a.dq}, nd, "(like q)");
+  c.rank({"dk", &a.dk}, nd, "(like k)");
+  c.rank({"dv", &a.dv}, nd, "(like v)");
   for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"dq", &a.dq}, Named{"dk", &a.dk},
                         Named{"dv", &a.dv}})
     c.dtype(t, p.dtype);
@@ -262,16 +394,29 @@ ProblemShape validate_backward(const BackwardArgs& a) {
   for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"lse", &a.lse}, Named{"dq", &a.dq},
                         Named{"dk", &a.dk}, Named{"dv", &a.dv}})
     c.same_device(t, q);
-  c.shape({"out", &a.out}, {p.b, p.sq, p.hq, p.d}, "(must match q)");
-  c.shape({"dout", &a.dout}, {p.b, p.sq, p.hq, p.d}, "(must match q)");
-  c.shape({"lse", &a.lse}, {p.b, p.hq, p.sq}, "(batch, heads, seqlen_q)");
-  c.shape({"dq", &a.dq}, {p.b, p.sq, p.hq, p.d}, "(must match q)");
-  c.shape({"dk", &a.dk}, {p.b, p.sk, p.hkv, p.d}, "(must match k)");
-  c.shape({"dv", &a.dv}, {p.b, p.sk, p.hkv, p.d}, "(must match v)");
+  c.shape({"out", &a.out}, e.out, "(like q, with v's head_dim)");
+  c.shape({"dout", &a.dout}, e.out, "(must match out)");
+  c.shape({"lse", &a.lse}, e.lse, e.lse_layout);
+  c.shape({"dq", &a.dq}, e.q, "(must match q)");
+  c.shape({"dk", &a.dk}, e.k, "(must match k)");
+  c.shape({"dv", &a.dv}, e.v, "(must match v)");
   const std::vector<Named> inputs{{"q", &a.q},       {"k", &a.k},     {"v", &a.v},
                                   {"out", &a.out},   {"dout", &a.dout}, {"lse", &a.lse}};
   std::vector<Named> outs{{"dq", &a.dq}, {"dk", &a.dk}, {"dv", &a.dv}};
   for (const Named& o : outs) c.writable(o, inputs);
+  if (a.extras.sink.defined() != a.dsink.defined())
+    fail(ErrorKind::kInvalidArgument, op, a.dsink.defined() ? "dsink is given but sink is not"
+                                                            : "dsink (float32, (heads,)) is required with sink");
+  if (a.dsink.defined()) {
+    const Named ds{"dsink", &a.dsink};
+    if (a.dsink.dtype != DType::kFloat32)
+      fail(ErrorKind::kInvalidArgument, op, std::string("dsink must be float32, got ") + dtype_name(a.dsink.dtype));
+    c.same_device(ds, q);
+    c.rank(ds, 1, "(heads,)");
+    c.shape(ds, {p.hq}, "(heads,)");
+    c.writable(ds, inputs);
+    outs.push_back(ds);
+  }
   if (a.workspace.defined()) {
     c.dtype({"workspace", &a.workspace}, DType::kUInt8);
     c.same_device({"workspace", &a.workspace}, q);

@@ -14,6 +14,10 @@ namespace orchard::detail {
 // The problem a validated call describes.
 struct ProblemShape {
   std::int64_t b = 0, sq = 0, sk = 0, hq = 0, hkv = 0, d = 0;
+  std::int64_t d_v = 0;  // value / output head dim
+  // Varlen: q/k/v are (total, heads, dim), b sequences, sq/sk the max lengths.
+  bool varlen = false;
+  std::int64_t total_q = 0, total_k = 0;
   DType dtype = DType::kFloat32;
   Device device{};  // the device the kernels run on (q's)
 };

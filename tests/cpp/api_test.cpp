@@ -332,7 +332,9 @@ TEST(BadInput, ForwardRaisesOpPrefixedErrorAndWritesNothing) {
        "unsupported dtype uint8"},
       {"rank", [](auto& a, auto&) { a.q.ndim = 3; }, "q must have rank 4"},
       {"batch mismatch", [](auto& a, auto&) { a.k.shape[0] = 3; }, "k has shape"},
-      {"head dim mismatch", [](auto& a, auto&) { a.v.shape[3] = 8; }, "v has shape"},
+      // v may have its own head dim (d_v); out must then have it too.
+      {"value head dim vs out", [](auto& a, auto&) { a.v.shape[3] = 8; }, "out has shape"},
+      {"key head dim mismatch", [](auto& a, auto&) { a.k.shape[3] = 8; }, "k has shape"},
       {"gqa", [](auto& a, auto&) { a.k.shape[2] = a.v.shape[2] = 3; }, "multiple of key/value heads"},
       {"head dim 0", [](auto& a, auto&) { a.q.shape[3] = a.k.shape[3] = a.v.shape[3] = a.out.shape[3] = 0; },
        "head dim 0 is unsupported"},
