@@ -19,60 +19,74 @@
 #include "orchard/philox.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
+#include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
 #include "backends/cpu/tile_load.h"
+#include "backends/cpu/visibility.h"
 
 namespace orchard::cpu {
 namespace {
 
-// Staged inputs of one (batch, kv head) pair.
+// Staged inputs of one (batch, kv head) pair (under varlen: of one sequence;
+// rows past its own lengths are padding the loops never reach).
 template <class T>
 struct PairStage {
   T* kt;     // skp / kBlockN tiles of dp x kBlockN (tile_load.h)
   T* k;      // skp x dp
-  T* vt;     // like kt
+  T* vt;     // skp / kBlockN tiles of dvp x kBlockN
   T* q;      // (g * sq) x dp
-  T* dout;   // (g * sq) x dp
+  T* dout;   // (g * sq) x dvp
   T* lse2;   // g * sq
   T* dsum;   // g * sq
 };
 
 template <class T>
 struct BwdScratch {
-  std::vector<T> s, dp_, acc0, acc1;
-  std::vector<int> nv;
+  std::vector<T> s, dp_, dcap, acc0, acc1;
+  std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  BwdScratch(int dp)
+  BwdScratch(int width)
       : s(std::size_t(kBlockM) * kBlockN), dp_(std::size_t(kBlockM) * kBlockN),
-        acc0(std::size_t(std::max(kBlockM, kBlockN)) * dp),
-        acc1(std::size_t(std::max(kBlockM, kBlockN)) * dp), nv(kBlockM),
+        dcap(std::size_t(kBlockM) * kBlockN),
+        acc0(std::size_t(std::max(kBlockM, kBlockN)) * width),
+        acc1(std::size_t(std::max(kBlockM, kBlockN)) * width), first(kBlockM), nv(kBlockM),
         keep(std::size_t(kBlockM) * kBlockN) {}
 };
 
 struct Geometry {
-  int d, dp, g;
+  int d, dp, dv, dvp, g;  // dv / dvp: the value head dim d_v and its padded width
   std::int64_t skp;
 };
 
 // Recomputes one (row block, column block) tile: on return w.s holds
-// P_drop and w.dp_ holds dS (rows x kBlockN).
+// P_drop and w.dp_ holds dS, the gradient of the scale-free score
+// (rows x kBlockN).
 template <class T>
-void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int h,
-                    int gi, std::int64_t i0, int rows, std::int64_t j0, BwdScratch<T>& w) {
+void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
+                    const SeqSpan& span, const ScoreMods<T>& mods, int bi, int h, int gi,
+                    std::int64_t i0, int rows, std::int64_t j0, BwdScratch<T>& w) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
-  const T c = softmax_scale<T>(p) * kLog2e;
   const T* qb = st.q + (std::int64_t(gi) * p.sq + i0) * geo.dp;
-  const T* dob = st.dout + (std::int64_t(gi) * p.sq + i0) * geo.dp;
+  const T* dob = st.dout + (std::int64_t(gi) * p.sq + i0) * geo.dvp;
   gemm(rows, kBlockN, geo.dp, qb, geo.dp, st.kt + j0 * geo.dp, kBlockN, w.s.data(), kBlockN, false);
-  gemm(rows, kBlockN, geo.dp, dob, geo.dp, st.vt + j0 * geo.dp, kBlockN, w.dp_.data(), kBlockN, false);
-  tile_valid_cols(w.nv.data(), rows, i0, j0, kBlockN, p.sk, p.causal, p.causal_offset);
+  gemm(rows, kBlockN, geo.dvp, dob, geo.dvp, st.vt + j0 * geo.dvp, kBlockN, w.dp_.data(), kBlockN,
+       false);
+  const bool left_masked =
+      tile_col_bounds(p, span, i0, rows, j0, kBlockN, w.first.data(), w.nv.data());
+  T c = softmax_scale<T>(p) * kLog2e;
+  const bool modded = left_masked || mods.any();
+  if (modded) {
+    apply_score_mods(mods, w.s.data(), rows, kBlockN, i0, j0, w.first.data(), w.nv.data(),
+                     mods.softcap > 0 ? w.dcap.data() : nullptr);
+    c = kLog2e;
+  }
   const std::uint8_t* keep = nullptr;
   T rp = T(1);
   if (p.dropout_p > 0.0f) {
     const std::uint32_t threshold = dropout_keep_threshold(p.dropout_p);
     const DropoutKey key = dropout_key(p);  // reads rng_state when set
     const auto batch_head = static_cast<std::uint32_t>(std::int64_t(bi) * p.hq + h);
-    const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
+    const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
     for (int r = 0; r < rows; ++r) {
       std::uint8_t* kr = w.keep.data() + std::int64_t(r) * kBlockN;
       dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i0 + r), j0, ncols,
@@ -85,100 +99,121 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
   const std::int64_t ro = std::int64_t(gi) * p.sq + i0;
   backward_tile(w.s.data(), w.dp_.data(), rows, kBlockN, w.nv.data(), c, st.lse2 + ro,
                 st.dsum + ro, keep, rp);
+  if (modded && mods.softcap > 0)
+    softcap_grad(w.dp_.data(), w.dcap.data(), rows, kBlockN, w.first.data(), w.nv.data());
 }
 
-// Pass 1: dK, dV of kv head `kh`, columns [j0, j0 + kBlockN).
+// Pass 1: dK, dV of kv head `kh`, columns [j0, j0 + kBlockN) of sequence bi.
 template <class T>
 void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int kh,
                 std::int64_t j0, BwdScratch<T>& w) {
-  const int dp = geo.dp;
+  const SeqSpan span = seq_span(p, bi);
+  if (j0 >= span.len_k) return;  // varlen: a shorter sequence
+  const int dp = geo.dp, dvp = geo.dvp;
   T* dk = w.acc0.data();
   T* dv = w.acc1.data();
   std::fill(dk, dk + std::int64_t(kBlockN) * dp, T(0));
-  std::fill(dv, dv + std::int64_t(kBlockN) * dp, T(0));
-  // Rows i < j0 - causal_offset see none of these columns.
-  const std::int64_t row_start =
-      p.causal ? std::clamp<std::int64_t>(j0 - p.causal_offset, 0, p.sq) : 0;
+  std::fill(dv, dv + std::int64_t(kBlockN) * dvp, T(0));
+  const RowRange rows_seen = block_visible_rows(p, span, j0, kBlockN);
   for (int gi = 0; gi < geo.g; ++gi) {
     const int h = kh * geo.g + gi;
-    for (std::int64_t i0 = row_start; i0 < p.sq; i0 += kBlockM) {
-      const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, p.sq - i0));
-      recompute_tile(p, geo, st, bi, h, gi, i0, rows, j0, w);
+    const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
+    for (std::int64_t i0 = rows_seen.begin; i0 < rows_seen.end; i0 += kBlockM) {
+      const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, rows_seen.end - i0));
+      recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
       const std::int64_t ro = std::int64_t(gi) * p.sq + i0;
       // The tiles are rows x kBlockN; read them as their transposes.
-      gemm_tn(kBlockN, dp, rows, w.s.data(), kBlockN, st.dout + ro * dp, dp, dv, dp, true);
+      gemm_tn(kBlockN, dvp, rows, w.s.data(), kBlockN, st.dout + ro * dvp, dvp, dv, dvp, true);
       gemm_tn(kBlockN, dp, rows, w.dp_.data(), kBlockN, st.q + ro * dp, dp, dk, dp, true);
     }
   }
-  const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
+  const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
   const T scale = softmax_scale<T>(p);
   for (int c = 0; c < ncols; ++c) {
-    const std::int64_t j = j0 + c;
+    const std::int64_t j = span.k_start + j0 + c;
     store_row(dk + std::int64_t(c) * dp, scale, geo.d, p.dtype, p.dk,
               bi * p.dk_batch_stride + j * p.dk_row_stride + kh * p.dk_head_stride);
-    store_row(dv + std::int64_t(c) * dp, T(1), geo.d, p.dtype, p.dv,
+    store_row(dv + std::int64_t(c) * dvp, T(1), geo.dv, p.dtype, p.dv,
               bi * p.dv_batch_stride + j * p.dv_row_stride + kh * p.dv_head_stride);
   }
 }
 
-// Pass 2: dQ of q head h = kh * g + gi, rows [i0, i0 + rows).
+// Pass 2: dQ of q head h = kh * g + gi, rows [i0, i0 + rows) of sequence bi.
 template <class T>
 void dq_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int kh,
-              int gi, std::int64_t i0, int rows, BwdScratch<T>& w) {
+              int gi, std::int64_t i0, BwdScratch<T>& w) {
+  const SeqSpan span = seq_span(p, bi);
+  if (i0 >= span.len_q) return;  // varlen: a shorter sequence
+  const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
   const int dp = geo.dp;
   const int h = kh * geo.g + gi;
+  const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
   T* dq = w.acc0.data();
   std::fill(dq, dq + std::int64_t(rows) * dp, T(0));
-  const std::int64_t col_end = visible_col_end(i0, rows, p.sk, p.causal, p.causal_offset);
-  for (std::int64_t j0 = 0; j0 < col_end; j0 += kBlockN) {
-    recompute_tile(p, geo, st, bi, h, gi, i0, rows, j0, w);
+  const ColRange cols = block_visible_cols(p, span, i0, rows, kBlockN);
+  for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += kBlockN) {
+    recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
     gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq, dp, true);
   }
   const T scale = softmax_scale<T>(p);
   for (int r = 0; r < rows; ++r)
     store_row(dq + std::int64_t(r) * dp, scale, geo.d, p.dtype, p.dq,
-              bi * p.dq_batch_stride + (i0 + r) * p.dq_row_stride + h * p.dq_head_stride);
+              bi * p.dq_batch_stride + (span.q_start + i0 + r) * p.dq_row_stride + h * p.dq_head_stride);
 }
 
-// Converts one q head's Q, dO, lse and computes D = rowsum(dO * O).
+// Converts one q head's Q, dO, lse and computes D = rowsum(dO * O). Returns
+// this head's share of the sink gradient, sum over rows of exp(sink - lse) * D
+// (0 without a sink), in double so the per-head sum does not depend on sq.
 template <class T>
-void stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int h,
-                  int gi, std::vector<T>& orow) {
+double stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int h,
+                    int gi, std::vector<T>& orow) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
-  const int d = geo.d, dp = geo.dp;
+  const int dp = geo.dp, dvp = geo.dvp;
+  const SeqSpan span = seq_span(p, bi);
   using LseT = T;  // float32 lse for f16/bf16/f32, float64 for f64 (T matches)
-  const LseT* lse = static_cast<const LseT*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride;
-  for (std::int64_t i = 0; i < p.sq; ++i) {
+  const LseT* lse = static_cast<const LseT*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + span.q_start;
+  double sink_share = 0.0;
+  for (std::int64_t i = 0; i < span.len_q; ++i) {
     const std::int64_t ro = std::int64_t(gi) * p.sq + i;
-    load_row(p.q, p.dtype, bi * p.q_batch_stride + i * p.q_row_stride + h * p.q_head_stride, d, dp,
-             st.q + ro * dp);
-    T* dor = st.dout + ro * dp;
-    load_row(p.dout, p.dtype, bi * p.do_batch_stride + i * p.do_row_stride + h * p.do_head_stride,
-             d, dp, dor);
-    load_row(p.out, p.dtype, bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride, d,
-             dp, orow.data());
+    const std::int64_t row = span.q_start + i;
+    load_row(p.q, p.dtype, bi * p.q_batch_stride + row * p.q_row_stride + h * p.q_head_stride,
+             geo.d, dp, st.q + ro * dp);
+    T* dor = st.dout + ro * dvp;
+    load_row(p.dout, p.dtype, bi * p.do_batch_stride + row * p.do_row_stride + h * p.do_head_stride,
+             geo.dv, dvp, dor);
+    load_row(p.out, p.dtype, bi * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride,
+             geo.dv, dvp, orow.data());
     T sum = 0;
-    for (int c = 0; c < d; ++c) sum += dor[c] * orow[c];
+    for (int c = 0; c < geo.dv; ++c) sum += dor[c] * orow[c];
     st.dsum[ro] = sum;
     st.lse2[ro] = lse[i] * kLog2e;  // -inf stays -inf: the row contributes nothing
+    if (p.sink && lse[i] != -std::numeric_limits<T>::infinity())
+      sink_share += std::exp(static_cast<double>(p.sink[h]) - static_cast<double>(lse[i])) *
+                    static_cast<double>(sum);
   }
+  return sink_share;
 }
 
 template <class T>
 void backward_impl(const BwdParams& p) {
-  if (p.b == 0 || p.hq == 0) return;
+  if (p.b == 0 || p.hq == 0) {
+    if (p.sink && p.dsink) std::fill(p.dsink, p.dsink + p.hq, 0.0f);
+    return;
+  }
   Geometry geo;
   geo.d = p.d;
   geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
+  geo.dv = p.d_v;
+  geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
   geo.g = p.hq / p.hkv;
-  geo.skp = round_up(p.sk, kBlockN);
-  const int dp = geo.dp, g = geo.g;
+  geo.skp = round_up(p.sk, kBlockN);  // sk / sq are the longest sequence's under varlen
+  const int dp = geo.dp, dvp = geo.dvp, g = geo.g;
   const std::int64_t skp = geo.skp;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t ncb = (p.sk + kBlockN - 1) / kBlockN;
   const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
-  const std::size_t pair_elems =
-      std::size_t(3 * skp * dp + 2 * std::int64_t(g) * p.sq * dp + 2 * std::int64_t(g) * p.sq);
+  const std::size_t pair_elems = std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * p.sq * (dp + dvp) +
+                                             2 * std::int64_t(g) * p.sq);
   const std::int64_t chunk = std::clamp<std::int64_t>(
       g_stage_budget_bytes / std::max<std::size_t>(1, pair_elems * sizeof(T)), 1, npairs);
   std::vector<T> stage(std::size_t(chunk) * pair_elems);
@@ -188,12 +223,14 @@ void backward_impl(const BwdParams& p) {
     s.kt = base;
     s.k = s.kt + skp * dp;
     s.vt = s.k + skp * dp;
-    s.q = s.vt + skp * dp;
+    s.q = s.vt + skp * dvp;
     s.dout = s.q + std::int64_t(g) * p.sq * dp;
-    s.lse2 = s.dout + std::int64_t(g) * p.sq * dp;
+    s.lse2 = s.dout + std::int64_t(g) * p.sq * dvp;
     s.dsum = s.lse2 + std::int64_t(g) * p.sq;
     return s;
   };
+  // Per (batch, q head) shares of the sink gradient, summed in a fixed order at the end.
+  std::vector<double> sink_shares(p.sink ? std::size_t(p.b) * p.hq : 0, 0.0);
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
@@ -201,32 +238,37 @@ void backward_impl(const BwdParams& p) {
     const std::int64_t jobs_per_pair = 3 + g;
     ORCHARD_OMP("omp parallel")
     {
-      std::vector<T> orow(dp);
+      std::vector<T> orow(dvp);
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < np * jobs_per_pair; ++t) {
         const std::int64_t local = t / jobs_per_pair;
         const int job = static_cast<int>(t % jobs_per_pair);
         const std::int64_t pair = pair0 + local;
         const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
+        const SeqSpan span = seq_span(p, bi);
         const PairStage<T> st = pair_stage(local);
-        const std::int64_t koff = bi * p.k_batch_stride + kh * p.k_head_stride;
-        const std::int64_t voff = bi * p.v_batch_stride + kh * p.v_head_stride;
+        const std::int64_t koff = bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride;
+        const std::int64_t voff = bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride;
         const int skpi = static_cast<int>(skp);
-        if (job == 0)
-          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, p.sk, skpi, p.d, dp, kBlockN, st.kt);
-        else if (job == 1)
-          load_rows(p.k, p.dtype, koff, p.k_row_stride, p.sk, skpi, p.d, dp, st.k);
-        else if (job == 2)
-          load_rows_transposed(p.v, p.dtype, voff, p.v_row_stride, p.sk, skpi, p.d, dp, kBlockN, st.vt);
-        else
-          stage_q_head(p, geo, st, bi, kh * g + (job - 3), job - 3, orow);
+        if (job == 0) {
+          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, kBlockN, st.kt);
+        } else if (job == 1) {
+          load_rows(p.k, p.dtype, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, st.k);
+        } else if (job == 2) {
+          load_rows_transposed(p.v, p.dtype, voff, p.v_row_stride, span.len_k, skpi, p.d_v, dvp, kBlockN,
+                               st.vt);
+        } else {
+          const int h = kh * g + (job - 3);
+          const double share = stage_q_head(p, geo, st, bi, h, job - 3, orow);
+          if (p.sink) sink_shares[std::size_t(bi) * p.hq + h] = share;
+        }
       }
     }
     const std::int64_t ntasks1 = np * ncb;
     const std::int64_t ntasks2 = np * g * nrb;
     ORCHARD_OMP("omp parallel")
     {
-      BwdScratch<T> w(dp);
+      BwdScratch<T> w(std::max(dp, dvp));
       ORCHARD_OMP("omp for schedule(dynamic, 1) nowait")
       for (std::int64_t t = 0; t < ntasks1; ++t) {
         const std::int64_t local = t / ncb;
@@ -241,17 +283,25 @@ void backward_impl(const BwdParams& p) {
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;
         const std::int64_t pair = pair0 + local;
-        const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, p.sq - i0));
         dq_block(p, geo, pair_stage(local), static_cast<int>(pair / p.hkv),
-                 static_cast<int>(pair % p.hkv), gi, i0, rows, w);
+                 static_cast<int>(pair % p.hkv), gi, i0, w);
       }
     }
   }
+  // dsink[h] = -sum over (batch, row) of exp(sink - lse) * D: P of the sink
+  // times the softmax backward's -D (the sink carries no value).
+  if (p.sink && p.dsink)
+    for (int h = 0; h < p.hq; ++h) {
+      double total = 0.0;
+      for (int bi = 0; bi < p.b; ++bi) total += sink_shares[std::size_t(bi) * p.hq + h];
+      p.dsink[h] = static_cast<float>(-total);
+    }
 }
 
 }  // namespace
 
-void backward(const BwdParams& p) {
+void backward(const BwdParams& params) {
+  const BwdParams p = normalized(params);
   if (p.dtype == DType::kFloat64)
     backward_impl<double>(p);
   else

@@ -27,6 +27,18 @@ std::string check_support(const FwdParams& p) {
            std::to_string(p.hkv) + ")";
   if (p.b < 0 || p.sq < 0 || p.sk < 0) return "negative size";
   if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) return "dropout_p must be in [0, 1)";
+  // Value head dim: 0 means "same as d" (callers that predate d_v).
+  if (p.d_v < 0 || p.d_v > kCpuMaxHeadDim)
+    return "value head_dim " + std::to_string(p.d_v) + " is outside the CPU backend's range [1, " +
+           std::to_string(kCpuMaxHeadDim) + "]";
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr))
+    return "varlen needs both cu_seqlens_q and cu_seqlens_k";
+  if (p.attn_bias && p.attn_bias_dtype != DType::kUInt8 && p.attn_bias_dtype != DType::kFloat16 &&
+      p.attn_bias_dtype != DType::kBFloat16 && p.attn_bias_dtype != DType::kFloat32 &&
+      p.attn_bias_dtype != DType::kFloat64)
+    return std::string("attn_bias of dtype ") + dtype_name(p.attn_bias_dtype) +
+           " is neither a boolean (uint8) mask nor a float bias";
+  if (p.softcap < 0.0f || p.softcap_f64 < 0.0) return "softcap must be >= 0";
   return "";
 }
 
@@ -35,6 +47,13 @@ std::string variant_name(const FwdParams& p, bool backward) {
   std::string name = std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
                      std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
   if (p.causal) name += "_causal";
+  if (p.window_left >= 0 || (!p.causal && p.window_right >= 0)) name += "_window";
+  if (p.softcap > 0.0f || p.softcap_f64 > 0.0) name += "_softcap";
+  if (p.alibi_slopes) name += "_alibi";
+  if (p.sink) name += "_sink";
+  if (p.attn_bias) name += p.attn_bias_dtype == DType::kUInt8 ? "_mask" : "_bias";
+  if (p.cu_seqlens_q) name += "_varlen";
+  if (p.d_v > 0 && p.d_v != p.d) name += "_dv" + std::to_string(p.d_v);
   if (p.dropout_p > 0.0f) name += "_dropout";
   name += "_threads" + std::to_string(cpu::num_threads());
   return name;

@@ -10,6 +10,7 @@
 // T = float for f16/bf16/f32, double for f64.
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "backends/cpu/dropout_mask.h"
@@ -17,8 +18,10 @@
 #include "orchard/philox.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
+#include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
 #include "backends/cpu/tile_load.h"
+#include "backends/cpu/visibility.h"
 
 namespace orchard::cpu {
 namespace {
@@ -26,97 +29,130 @@ namespace {
 template <class T>
 struct FwdScratch {
   std::vector<T> q, o, s, m, l;
-  std::vector<int> nv;
+  std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  FwdScratch(int dp)
-      : q(std::size_t(kBlockM) * dp), o(std::size_t(kBlockM) * dp),
-        s(std::size_t(kBlockM) * kBlockN), m(kBlockM), l(kBlockM), nv(kBlockM), keep(kBlockN) {}
+  FwdScratch(int dp, int dvp)
+      : q(std::size_t(kBlockM) * dp), o(std::size_t(kBlockM) * dvp),
+        s(std::size_t(kBlockM) * kBlockN), m(kBlockM), l(kBlockM), first(kBlockM), nv(kBlockM),
+        keep(kBlockN) {}
+};
+
+struct FwdGeometry {
+  int dp, dvp;  // d and d_v padded to the GEMM multiple
 };
 
 template <class T>
-void forward_block(const FwdParams& p, int dp, const T* kt, const T* v, int bi,
-                   int h, std::int64_t i0, int rows, FwdScratch<T>& w) {
+void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& span, const T* kt,
+                   const T* v, int bi, int h, std::int64_t i0, int rows, FwdScratch<T>& w) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
   constexpr T kLn2 = T(0.6931471805599453094172321214581766);
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int d = p.d;
-  const T c = softmax_scale<T>(p) * kLog2e;
+  const int dp = geo.dp, dvp = geo.dvp;
+  const T c_plain = softmax_scale<T>(p) * kLog2e;
+  const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
   const bool dropout = p.dropout_p > 0.0f;
   const std::uint32_t threshold = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const T rp = dropout ? T(1) / (T(1) - dropout_prob<T>(p)) : T(1);
   const auto batch_head = static_cast<std::uint32_t>(std::int64_t(bi) * p.hq + h);
+  auto mask_row = [&](std::int64_t i) {
+    return p.dropout_mask + (std::int64_t(batch_head) * p.sq + i) * p.sk;
+  };
 
-  load_rows(p.q, p.dtype, bi * p.q_batch_stride + i0 * p.q_row_stride + h * p.q_head_stride,
-            p.q_row_stride, rows, rows, d, dp, w.q.data());
-  std::fill(w.o.begin(), w.o.begin() + std::int64_t(rows) * dp, T(0));
-  std::fill(w.m.begin(), w.m.end(), ninf);
-  std::fill(w.l.begin(), w.l.end(), T(0));
+  const std::int64_t q_row0 = span.q_start + i0;  // first row in q / out / lse
+  load_rows(p.q, p.dtype, bi * p.q_batch_stride + q_row0 * p.q_row_stride + h * p.q_head_stride,
+            p.q_row_stride, rows, rows, p.d, dp, w.q.data());
+  std::fill(w.o.begin(), w.o.begin() + std::int64_t(rows) * dvp, T(0));
+  // A sink starts every row's softmax as a key of logit sink with no value.
+  const T m0 = p.sink ? static_cast<T>(p.sink[h]) * kLog2e : ninf;
+  const T l0 = m0 == ninf ? T(0) : T(1);
+  std::fill(w.m.begin(), w.m.end(), m0);
+  std::fill(w.l.begin(), w.l.end(), l0);
 
-  const std::int64_t col_end = visible_col_end(i0, rows, p.sk, p.causal, p.causal_offset);
-  std::int64_t mask_written = 0;  // dropout-mask columns written so far
-  for (std::int64_t j0 = 0; j0 < col_end; j0 += kBlockN) {
+  const ColRange cols = block_visible_cols(p, span, i0, rows, kBlockN);
+  std::int64_t mask_end = cols.begin;  // dropout-mask columns [cols.begin, mask_end) written
+  for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += kBlockN) {
     gemm(rows, kBlockN, dp, w.q.data(), dp, kt + j0 * dp, kBlockN, w.s.data(), kBlockN, false);
-    tile_valid_cols(w.nv.data(), rows, i0, j0, kBlockN, p.sk, p.causal, p.causal_offset);
+    const bool left_masked =
+        tile_col_bounds(p, span, i0, rows, j0, kBlockN, w.first.data(), w.nv.data());
+    T c = c_plain;
+    if (left_masked || mods.any()) {
+      apply_score_mods(mods, w.s.data(), rows, kBlockN, i0, j0, w.first.data(), w.nv.data(), nullptr);
+      c = kLog2e;
+    }
     softmax_tile_update(w.s.data(), rows, kBlockN, w.nv.data(), c, w.m.data(), w.l.data(),
-                        w.o.data(), dp, dp);
+                        w.o.data(), dvp, dvp);
     if (dropout) {
-      const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
+      const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
       for (int r = 0; r < rows; ++r) {
         const std::int64_t i = i0 + r;
         dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
                          threshold, w.keep.data());
-        if (p.dropout_mask)
-          std::copy_n(w.keep.data(), ncols,
-                      p.dropout_mask + (std::int64_t(batch_head) * p.sq + i) * p.sk + j0);
+        if (p.dropout_mask) std::copy_n(w.keep.data(), ncols, mask_row(i) + j0);
         apply_dropout(w.s.data() + std::int64_t(r) * kBlockN, w.keep.data(), ncols, rp);
       }
-      mask_written = j0 + ncols;
+      mask_end = j0 + ncols;
     }
-    gemm(rows, dp, kBlockN, w.s.data(), kBlockN, v + j0 * dp, dp, w.o.data(), dp, true);
+    gemm(rows, dvp, kBlockN, w.s.data(), kBlockN, v + j0 * dvp, dvp, w.o.data(), dvp, true);
   }
-  // The mask is returned for every element, causally hidden ones included.
-  if (dropout && p.dropout_mask && mask_written < p.sk) {
+  // The mask is returned for every element of the sequence, hidden ones included.
+  if (dropout && p.dropout_mask) {
     for (int r = 0; r < rows; ++r) {
       const std::int64_t i = i0 + r;
-      for (std::int64_t j0 = mask_written; j0 < p.sk; j0 += kBlockN) {
-        const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, p.sk - j0));
-        dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
-                         threshold, p.dropout_mask + (std::int64_t(batch_head) * p.sq + i) * p.sk + j0);
-      }
+      for (auto [from, to] : {std::pair{std::int64_t(0), cols.begin}, std::pair{mask_end, std::int64_t(span.len_k)}})
+        for (std::int64_t j0 = from; j0 < to; j0 += kBlockN) {
+          const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, to - j0));
+          dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
+                           threshold, mask_row(i) + j0);
+        }
     }
   }
 
-  T* lse = static_cast<T*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + i0;
+  T* lse = static_cast<T*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + q_row0;
   for (int r = 0; r < rows; ++r) {
     const T l = w.l[r];
-    const std::int64_t off = bi * p.o_batch_stride + (i0 + r) * p.o_row_stride + h * p.o_head_stride;
+    const std::int64_t off = bi * p.o_batch_stride + (q_row0 + r) * p.o_row_stride + h * p.o_head_stride;
     // Only an exact 0 sum means "no visible key"; a NaN sum (NaN/inf in q or
     // k) must propagate to out and lse, never be silently zeroed.
     if (l != T(0)) {
-      store_row(w.o.data() + std::int64_t(r) * dp, T(1) / l, d, p.dtype, p.out, off);
+      store_row(w.o.data() + std::int64_t(r) * dvp, T(1) / l, p.d_v, p.dtype, p.out, off);
       lse[r] = (w.m[r] + std::log2(l)) * kLn2;
-    } else {  // fully masked row (or sk == 0): zeros, -inf, never NaN
-      std::fill(w.o.begin() + std::int64_t(r) * dp, w.o.begin() + std::int64_t(r + 1) * dp, T(0));
-      store_row(w.o.data() + std::int64_t(r) * dp, T(1), d, p.dtype, p.out, off);
+    } else {  // fully masked row (or no keys) without a sink: zeros, -inf, never NaN
+      std::fill(w.o.begin() + std::int64_t(r) * dvp, w.o.begin() + std::int64_t(r + 1) * dvp, T(0));
+      store_row(w.o.data() + std::int64_t(r) * dvp, T(1), p.d_v, p.dtype, p.out, off);
       lse[r] = ninf;
     }
+  }
+}
+
+// Varlen: the returned dropout mask is (b, hq, max sq, max sk); entries past a
+// sequence's own lengths are no element at all and are written 0.
+void zero_varlen_mask_padding(const FwdParams& p) {
+  for (int bi = 0; bi < p.b; ++bi) {
+    const SeqSpan s = seq_span(p, bi);
+    for (int h = 0; h < p.hq; ++h)
+      for (std::int64_t i = 0; i < p.sq; ++i) {
+        std::uint8_t* row = p.dropout_mask + ((std::int64_t(bi) * p.hq + h) * p.sq + i) * p.sk;
+        std::fill(row + (i < s.len_q ? s.len_k : 0), row + p.sk, std::uint8_t(0));
+      }
   }
 }
 
 template <class T>
 void forward_impl(const FwdParams& p) {
   if (p.b == 0 || p.hq == 0 || p.sq == 0) return;
-  const int d = p.d;
-  const int dp = static_cast<int>(round_up(d, kGemmNMultiple));
-  const std::int64_t skp = round_up(p.sk, kBlockN);
+  FwdGeometry geo;
+  geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
+  geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
+  const int dp = geo.dp, dvp = geo.dvp;
+  const std::int64_t skp = round_up(p.sk, kBlockN);  // sk is the longest sequence's under varlen
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
-  const std::size_t pair_bytes = std::max<std::size_t>(1, 2 * skp * dp * sizeof(T));
+  const std::size_t pair_bytes = std::max<std::size_t>(1, skp * (dp + dvp) * sizeof(T));
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
-  std::vector<T> kt(std::size_t(chunk) * dp * skp), v(std::size_t(chunk) * skp * dp);
+  std::vector<T> kt(std::size_t(chunk) * dp * skp), v(std::size_t(chunk) * skp * dvp);
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
@@ -124,19 +160,21 @@ void forward_impl(const FwdParams& p) {
     for (std::int64_t t = 0; t < 2 * np; ++t) {
       const std::int64_t pair = pair0 + t / 2;
       const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
+      const SeqSpan span = seq_span(p, static_cast<int>(bi));
       T* kt_p = kt.data() + (t / 2) * dp * skp;
-      T* v_p = v.data() + (t / 2) * skp * dp;
+      T* v_p = v.data() + (t / 2) * skp * dvp;
       if (t % 2 == 0)
-        load_rows_transposed(p.k, p.dtype, bi * p.k_batch_stride + kh * p.k_head_stride,
-                             p.k_row_stride, p.sk, static_cast<int>(skp), d, dp, kBlockN, kt_p);
+        load_rows_transposed(p.k, p.dtype,
+                             bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride,
+                             p.k_row_stride, span.len_k, static_cast<int>(skp), p.d, dp, kBlockN, kt_p);
       else
-        load_rows(p.v, p.dtype, bi * p.v_batch_stride + kh * p.v_head_stride, p.v_row_stride,
-                  p.sk, static_cast<int>(skp), d, dp, v_p);
+        load_rows(p.v, p.dtype, bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride,
+                  p.v_row_stride, span.len_k, static_cast<int>(skp), p.d_v, dvp, v_p);
     }
     const std::int64_t ntasks = np * g * nrb;
     ORCHARD_OMP("omp parallel")
     {
-      FwdScratch<T> w(dp);
+      FwdScratch<T> w(dp, dvp);
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks; ++t) {
         const std::int64_t local_pair = t / (g * nrb);
@@ -144,18 +182,22 @@ void forward_impl(const FwdParams& p) {
         const std::int64_t rb = t % nrb;
         const std::int64_t pair = pair0 + local_pair;
         const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
+        const SeqSpan span = seq_span(p, bi);
         const std::int64_t i0 = rb * kBlockM;
-        const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, p.sq - i0));
-        forward_block<T>(p, dp, kt.data() + local_pair * dp * skp,
-                         v.data() + local_pair * skp * dp, bi, kh * g + gi, i0, rows, w);
+        if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
+        const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
+        forward_block<T>(p, geo, span, kt.data() + local_pair * dp * skp,
+                         v.data() + local_pair * skp * dvp, bi, kh * g + gi, i0, rows, w);
       }
     }
   }
+  if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
 }
 
 }  // namespace
 
-void forward(const FwdParams& p) {
+void forward(const FwdParams& params) {
+  const FwdParams p = normalized(params);
   if (p.dtype == DType::kFloat64)
     forward_impl<double>(p);
   else

@@ -1,5 +1,5 @@
 // Shared pieces of the CPU forward and backward kernels: tile sizes and
-// OpenMP helpers.
+// OpenMP helpers. (Which columns a row sees: visibility.h.)
 #pragma once
 
 #include <algorithm>
@@ -51,24 +51,6 @@ inline int num_threads() {
 #else
   return 1;
 #endif
-}
-
-// Valid column count of each tile row: columns < sk and, when causal,
-// j <= i + causal_offset; relative to the tile's first column j0.
-inline void tile_valid_cols(int* nv, int rows, std::int64_t i0, std::int64_t j0, int bc, int sk,
-                            bool causal, std::int64_t causal_offset) {
-  for (int r = 0; r < rows; ++r) {
-    std::int64_t lim = sk;
-    if (causal) lim = std::min<std::int64_t>(lim, i0 + r + causal_offset + 1);
-    nv[r] = static_cast<int>(std::clamp<std::int64_t>(lim - j0, 0, bc));
-  }
-}
-
-// End (exclusive) of the columns any of rows [i0, i0 + rows) can see.
-inline std::int64_t visible_col_end(std::int64_t i0, int rows, int sk, bool causal,
-                                    std::int64_t causal_offset) {
-  if (!causal) return sk;
-  return std::clamp<std::int64_t>(i0 + rows - 1 + causal_offset + 1, 0, sk);
 }
 
 // Softmax scale and dropout probability in the compute type: float64 compute

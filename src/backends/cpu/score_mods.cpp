@@ -1,0 +1,141 @@
+// Each modifier is its own pass over a row's visible columns, chosen per row,
+// so the inner loops carry no feature branches.
+#include "backends/cpu/score_mods.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "orchard/numeric.h"
+
+namespace orchard::cpu {
+namespace {
+
+template <class Raw>
+Raw read_raw(const void* base, std::int64_t e) {
+  Raw x;
+  std::memcpy(&x, static_cast<const unsigned char*>(base) + e * std::int64_t(sizeof(Raw)), sizeof x);
+  return x;
+}
+
+// Adds one bias row (columns [first, end) of the tile) to sr.
+template <class T>
+void add_bias_row(const ScoreMods<T>& m, T* sr, std::int64_t i, std::int64_t j0, int first, int end) {
+  const std::int64_t row = m.bias_offset + i * m.bias_row_stride;
+  const std::int64_t cs = m.bias_col_stride;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  switch (m.bias_dtype) {
+    case DType::kUInt8: {
+      const auto* b = static_cast<const std::uint8_t*>(m.bias) + row;
+      for (int j = first; j < end; ++j)
+        if (b[(j0 + j) * cs] == 0) sr[j] = ninf;  // boolean mask: 0 = may not attend
+      break;
+    }
+    case DType::kFloat16:
+      for (int j = first; j < end; ++j)
+        sr[j] += static_cast<T>(fp16_to_float(read_raw<std::uint16_t>(m.bias, row + (j0 + j) * cs)));
+      break;
+    case DType::kBFloat16:
+      for (int j = first; j < end; ++j)
+        sr[j] += static_cast<T>(bf16_to_float(read_raw<std::uint16_t>(m.bias, row + (j0 + j) * cs)));
+      break;
+    case DType::kFloat32: {
+      const auto* b = static_cast<const float*>(m.bias) + row;
+      for (int j = first; j < end; ++j) sr[j] += static_cast<T>(b[(j0 + j) * cs]);
+      break;
+    }
+    case DType::kFloat64: {
+      const auto* b = static_cast<const double*>(m.bias) + row;
+      for (int j = first; j < end; ++j) sr[j] += static_cast<T>(b[(j0 + j) * cs]);
+      break;
+    }
+    default: break;
+  }
+}
+
+template <class T>
+void apply_impl(const ScoreMods<T>& m, T* s, int rows, int bc, std::int64_t i0, std::int64_t j0,
+                const int* first, const int* end, T* dcap) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int r = 0; r < rows; ++r) {
+    T* sr = s + std::int64_t(r) * bc;
+    const int f = first[r], e = end[r];
+    const std::int64_t i = i0 + r;
+    for (int j = 0; j < f; ++j) sr[j] = ninf;
+    if (m.softcap > 0) {
+      // softcap * tanh(scale * x / softcap), with the two constants folded.
+      const T in = m.scale / m.softcap, cap = m.softcap;
+      T* dr = dcap ? dcap + std::int64_t(r) * bc : nullptr;
+      for (int j = f; j < e; ++j) {
+        const T t = std::tanh(sr[j] * in);
+        sr[j] = cap * t;
+        if (dr) dr[j] = T(1) - t * t;
+      }
+    } else {
+      for (int j = f; j < e; ++j) sr[j] *= m.scale;
+    }
+    if (m.alibi) {
+      // -slope * |i + diag - j|, split at the diagonal so the loop has no abs.
+      const std::int64_t at = i + m.diag - j0;  // tile column of the diagonal
+      const T slope = m.alibi_slope;
+      for (int j = f; j < e; ++j) {
+        const std::int64_t dist = at - j;
+        sr[j] -= slope * static_cast<T>(dist < 0 ? -dist : dist);
+      }
+    }
+    if (m.bias) add_bias_row(m, sr, i, j0, f, e);
+  }
+}
+
+template <class T>
+void softcap_grad_impl(T* ds, const T* dcap, int rows, int bc, const int* first, const int* end) {
+  for (int r = 0; r < rows; ++r) {
+    T* dr = ds + std::int64_t(r) * bc;
+    const T* cr = dcap + std::int64_t(r) * bc;
+    for (int j = first[r]; j < end[r]; ++j) dr[j] *= cr[j];
+  }
+}
+
+}  // namespace
+
+template <class T>
+ScoreMods<T> score_mods_for(const FwdParams& p, const SeqSpan& s, int bi, int h) {
+  ScoreMods<T> m;
+  const bool f64 = sizeof(T) == 8;
+  m.scale = static_cast<T>(f64 ? p.scale_f64 : static_cast<double>(p.scale));
+  if (p.softcap > 0.0f || p.softcap_f64 > 0.0)
+    m.softcap = static_cast<T>(f64 && p.softcap_f64 > 0.0 ? p.softcap_f64 : static_cast<double>(p.softcap));
+  m.diag = s.diag;
+  if (p.alibi_slopes) {
+    m.alibi = true;
+    m.alibi_slope = static_cast<T>(p.alibi_slopes[bi * p.alibi_batch_stride + h]);
+  }
+  if (p.attn_bias) {
+    m.bias = p.attn_bias;
+    m.bias_dtype = p.attn_bias_dtype;
+    m.bias_offset = bi * p.bias_batch_stride + h * p.bias_head_stride;
+    m.bias_row_stride = p.bias_row_stride;
+    m.bias_col_stride = p.bias_col_stride;
+  }
+  return m;
+}
+template ScoreMods<float> score_mods_for<float>(const FwdParams&, const SeqSpan&, int, int);
+template ScoreMods<double> score_mods_for<double>(const FwdParams&, const SeqSpan&, int, int);
+
+void apply_score_mods(const ScoreMods<float>& m, float* s, int rows, int bc, std::int64_t i0,
+                      std::int64_t j0, const int* first, const int* end, float* dcap) {
+  apply_impl(m, s, rows, bc, i0, j0, first, end, dcap);
+}
+void apply_score_mods(const ScoreMods<double>& m, double* s, int rows, int bc, std::int64_t i0,
+                      std::int64_t j0, const int* first, const int* end, double* dcap) {
+  apply_impl(m, s, rows, bc, i0, j0, first, end, dcap);
+}
+void softcap_grad(float* ds, const float* dcap, int rows, int bc, const int* first, const int* end) {
+  softcap_grad_impl(ds, dcap, rows, bc, first, end);
+}
+void softcap_grad(double* ds, const double* dcap, int rows, int bc, const int* first,
+                  const int* end) {
+  softcap_grad_impl(ds, dcap, rows, bc, first, end);
+}
+
+}  // namespace orchard::cpu
