@@ -1,0 +1,37 @@
+"""Merging partial attention results with their log-sum-exps (fp32, -inf safe)."""
+
+from __future__ import annotations
+
+import torch
+
+_NEG_INF = float("-inf")
+
+
+def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
+               lse_blk: torch.Tensor) -> None:
+    """In place: (out_acc, lse_acc) <- softmax-weighted combination of itself and a
+    block result over the same query rows.
+
+    out_* are (B, S, H, D) (out_acc in the accumulation dtype, fp32 or fp64),
+    lse_* (B, H, S). lse = logaddexp(lse_acc, lse_blk); each side is weighted by
+    exp(lse_side - lse). A row with lse -inf on both sides (it saw no key yet)
+    stays out 0, lse -inf: its weights are taken against 0 instead of -inf, which
+    gives exp(-inf) = 0 rather than NaN.
+    """
+    new = torch.logaddexp(lse_acc, lse_blk.to(lse_acc.dtype))
+    ref = new.masked_fill(new == _NEG_INF, 0.0)
+    w_acc = torch.exp(lse_acc - ref).transpose(1, 2).unsqueeze(-1)
+    w_blk = torch.exp(lse_blk.to(ref.dtype) - ref).transpose(1, 2).unsqueeze(-1)
+    out_acc.mul_(w_acc).add_(out_blk.to(out_acc.dtype) * w_blk)
+    lse_acc.copy_(new)
+
+
+def merge_attention(outs, lses):
+    """Combine attention results over disjoint key sets: outs (B, S, H, D), lses
+    (B, H, S). Returns (out in outs[0]'s dtype, lse in fp32 (fp64 for fp64))."""
+    acc_dtype = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+    out = outs[0].to(acc_dtype).clone()
+    lse = lses[0].to(acc_dtype).clone()
+    for o, l in zip(outs[1:], lses[1:]):
+        merge_into(out, lse, o, l)
+    return out.to(outs[0].dtype), lse

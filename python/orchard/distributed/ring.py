@@ -1,0 +1,182 @@
+"""Ring attention: K/V shards rotate around the group while each rank keeps its
+queries; partial results merge through their LSE (fp32).
+
+Forward, on each rank r of W: step s = 0..W-1 holds the K/V shard of rank
+(r - s) mod W. Before the step's kernels run, the exchange for step s+1 is
+posted (batch_isend_irecv on a side stream on CUDA), so the transfer overlaps
+the kernels: W-1 K/V exchanges in all.
+
+Backward: a second ring. K/V rotate again (W-1 exchanges) and an fp32 dK/dV
+accumulator travels with them: each rank adds its block's dK/dV to the
+accumulator it received and passes it on; after W exchanges every accumulator
+is back at its owner. dQ stays local. Every block's backward is called with the
+GLOBAL out and LSE of its rows (the merged forward results), so its
+probabilities exp(s - lse) are the final ones and the block gradients just add.
+
+Causal masking per (query shard, key shard) pair:
+* contiguous: own shard -> causal kernel (the diagonal block); an earlier
+  rank's shard -> full kernel; a later rank's -> skipped. Rank W-1 does W
+  blocks, rank 0 one: unbalanced.
+* zigzag (rank r holds chunks r and 2W-1-r): own shard -> causal kernel over
+  the whole local shard (its two chunks are in increasing position order, so
+  the local causal mask is exactly the global one); an earlier rank's shard ->
+  all local queries against that shard's first chunk; a later rank's shard ->
+  the local second chunk against the whole shard. Every step then costs every
+  rank the same (half a shard x shard block), which balances causal work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from . import _comm
+from ._merge import merge_into
+
+__all__ = ["ring_flash_attn_func"]
+
+_FWD = _ops._FWD
+_BWD = _ops._BWD
+_ALL = slice(None)
+
+
+def _blocks(rank, src, size, s_local, causal, layout):
+    """[(query rows, key rows, causal)] for the (rank's queries, src's keys) pair."""
+    if not causal:
+        return [(_ALL, _ALL, False)]
+    if src == rank:
+        return [(_ALL, _ALL, True)]
+    if layout == "contiguous":
+        return [(_ALL, _ALL, False)] if src < rank else []
+    c = s_local // 2
+    if src < rank:
+        return [(_ALL, slice(0, c), False)]
+    return [(slice(c, None), _ALL, False)]
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op):
+    """(out in q's dtype, lse (B, H, S_local) in the accumulation dtype)."""
+    size, rank = info.size, info.rank
+    b, s, h, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    out_acc = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+    lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+    kv = [k.contiguous(), v.contiguous()]
+    ring = _comm.RingExchange(info, "kv")
+    for step in range(size):
+        pending = ring.start(kv) if step + 1 < size else None
+        src = (rank - step) % size
+        for qs, ks, blk_causal in _blocks(rank, src, size, s, causal, layout):
+            o, lse, _ = _FWD(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk_causal, True, 0.0, 0,
+                             0, False, deterministic, op, None)
+            if step == 0 and qs == _ALL:
+                out_acc.copy_(o)
+                lse_acc.copy_(lse)
+            else:
+                merge_into(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
+        if pending is not None:
+            kv = pending.wait()
+    return out_acc.to(q.dtype), lse_acc
+
+
+def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op):
+    size, rank = info.size, info.rank
+    s = q.shape[1]
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = [k.contiguous(), v.contiguous()]
+    kv_ring = _comm.RingExchange(info, "kv")
+    dkv_ring = _comm.RingExchange(info, "dkv")
+    dkv_pending = None
+    for step in range(size):
+        kv_pending = kv_ring.start(kv) if step + 1 < size else None
+        src = (rank - step) % size
+        grads = []
+        for qs, ks, blk_causal in _blocks(rank, src, size, s, causal, layout):
+            lse_rows = lse if qs == _ALL else lse[:, :, qs].contiguous()
+            dq_b, dk_b, dv_b = _BWD(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks],
+                                    out[:, qs], lse_rows, scale, blk_causal, True, 0.0, 0, 0,
+                                    deterministic, op, None)
+            dq[:, qs] += dq_b
+            grads.append((ks, dk_b, dv_b))
+        if dkv_pending is None:  # step 0: this rank's own accumulator starts here
+            dkv = [torch.zeros(k.shape, dtype=acc, device=k.device),
+                   torch.zeros(v.shape, dtype=acc, device=v.device)]
+        else:
+            dkv = dkv_pending.wait()
+        for ks, dk_b, dv_b in grads:
+            dkv[0][:, ks] += dk_b
+            dkv[1][:, ks] += dv_b
+        if size > 1:
+            dkv_pending = dkv_ring.start(dkv)
+        if kv_pending is not None:
+            kv = kv_pending.wait()
+    if size > 1:
+        dkv = dkv_pending.wait()
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, info, scale, causal, layout, deterministic, op):
+        out, lse = ring_forward(q, k, v, info, scale, causal, layout, deterministic, op)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.opts = (info, scale, causal, layout, deterministic, op)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        info, scale, causal, layout, deterministic, op = ctx.opts
+        if dout is None:
+            dout = torch.zeros_like(out)
+        deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout,
+                                   deterministic, op)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def ring_attention(q, k, v, info, scale, causal, layout, deterministic, op):
+    """No validation: (out, lse) through autograd, for the hybrid mode."""
+    return _RingAttention.apply(q, k, v, info, scale, causal, layout, deterministic, op)
+
+
+def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None,
+                         layout="zigzag", dropout_p=0.0, deterministic=False, return_lse=False,
+                         check_inputs=True):
+    """Ring attention over a sequence sharded across ``group``.
+
+    Args:
+        q: (batch, local_seqlen, heads, head_dim): this rank's query shard, in
+           ``layout`` (see :func:`orchard.distributed.shard_sequence`).
+        k, v: (batch, local_seqlen, kv_heads, head_dim), the same positions;
+           heads % kv_heads == 0 (GQA/MQA).
+        group: a ProcessGroup, a 1-D DeviceMesh, or None (the default group).
+        causal: causal mask over GLOBAL positions.
+        softmax_scale: defaults to 1/sqrt(head_dim).
+        layout: "zigzag" (head-tail, torch context parallelism's layout;
+           balances causal work; local length must be even) or "contiguous".
+        dropout_p: must be 0.0 (NotImplementedError otherwise; see the package
+           docstring).
+        deterministic: bitwise-reproducible backward kernels.
+        return_lse: also return the LSE (batch, heads, local_seqlen), fp32.
+        check_inputs: one small all_gather before the ring checks that all ranks
+           agree (shapes, dtype, options) so bad input raises everywhere instead
+           of hanging; False skips it (local checks still run).
+
+    Returns out (batch, local_seqlen, heads, head_dim) like q, or (out, lse).
+    """
+    op = "orchard.distributed.ring_flash_attn_func"
+    info = _comm.group_info(group, op)
+    _comm.validate(op, info, q, k, v, causal=causal, layout=layout, dropout_p=dropout_p,
+                   softmax_scale=softmax_scale, check=check_inputs)
+    scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, lse = _RingAttention.apply(q, k, v, info, scale, bool(causal), layout,
+                                    bool(deterministic), op)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,291 @@
+"""Worker side of tests/python/test_distributed.py: the cases that run inside
+each spawned rank (gloo on the CPU). One process group per spawn serves every
+case of a suite; each case's outcome ("ok" or the traceback) is written to
+<result_dir>/rank<r>.json for the parent to assert on."""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import orchard
+import orchard.distributed as od
+from orchard.distributed import _comm
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+
+MODES = {
+    "ring": od.ring_flash_attn_func,
+    "ulysses": od.ulysses_flash_attn_func,
+    "allgather": od.allgather_flash_attn_func,
+}
+
+
+def _full_inputs(b, s, h, hkv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, s, hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, s, hkv, d, generator=g, dtype=torch.float64)
+    do = torch.randn(b, s, h, d, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def _reference(q, k, v, do, causal, scale=None):
+    """Single-process Orchard on the gathered sequence: out, dq, dk, dv."""
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = orchard.flash_attn_func(qr, kr, vr, causal=causal, softmax_scale=scale)
+    out.backward(do)
+    return out.detach(), qr.grad, kr.grad, vr.grad
+
+
+def _expected_counts(mode, w, phase, u=1):
+    """Exchanges made after the forward ("fwd") or forward + backward ("bwd")."""
+    if w == 1:
+        return {}
+    if mode == "ring":
+        fwd = {"kv": w - 1}
+        return fwd if phase == "fwd" else {"kv": 2 * (w - 1), "dkv": w}
+    if mode == "ulysses":
+        return {"all_to_all": 2 if phase == "fwd" else 4}
+    if mode == "allgather":
+        return {"all_gather": 1} if phase == "fwd" else {"all_gather": 1, "reduce_scatter": 1}
+    raise AssertionError(mode)
+
+
+def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.float32,
+                  group=None, seed=0, tol=FP32_TOL, strided=False, check_counts=True):
+    q, k, v, do = _full_inputs(b, s, h, hkv, d, dtype, seed)
+    ref_out, ref_dq, ref_dk, ref_dv = _reference(*(t.float() if dtype != torch.float32 else t
+                                                    for t in (q, k, v, do)), causal)
+    shard = lambda t: od.shard_sequence(t, group, layout=layout)  # noqa: E731
+    ql, kl, vl, dol = (shard(t) for t in (q, k, v, do))
+    if strided:  # BHSD storage handed over as BSHD views
+        ql = ql.transpose(1, 2).contiguous().transpose(1, 2)
+        kl = kl.transpose(1, 2).contiguous().transpose(1, 2)
+    ql, kl, vl = (t.detach().requires_grad_(True) for t in (ql, kl, vl))
+    od.reset_comm_stats()
+    out = MODES[mode](ql, kl, vl, group=group, causal=causal, layout=layout)
+    fwd_counts = dict(_comm.comm_stats)
+    out.backward(dol)
+    all_counts = dict(_comm.comm_stats)
+    assert out.dtype == dtype and out.shape == ql.shape, (out.dtype, out.shape)
+    for name, got, ref in (("out", out, ref_out), ("dq", ql.grad, ref_dq), ("dk", kl.grad, ref_dk),
+                           ("dv", vl.grad, ref_dv)):
+        torch.testing.assert_close(got.float(), shard(ref).float(), **tol,
+                                   msg=lambda m, name=name: f"{mode} {name}: {m}")
+    if check_counts:
+        exp_f = _expected_counts(mode, w, "fwd")
+        exp_b = _expected_counts(mode, w, "bwd")
+        exp_f["validate"] = exp_b["validate"] = 1
+        assert fwd_counts == exp_f, f"forward exchanges {fwd_counts}, expected {exp_f}"
+        assert all_counts == exp_b, f"fwd+bwd exchanges {all_counts}, expected {exp_b}"
+
+
+def _mode_cases(w):
+    cases = {}
+    h, hkv, d, b = 2 * w, w, 16, 2  # GQA 2:1, heads divisible by w for Ulysses
+    for mode in MODES:
+        for layout in ("zigzag", "contiguous"):
+            for causal in (False, True):
+                # zigzag: odd chunks (3 rows); contiguous: odd local length (5)
+                s = 2 * w * 3 if layout == "zigzag" else w * 5
+                kv = hkv if causal else h  # GQA with causal, MHA without
+                name = f"{mode}-{layout}-{'causal' if causal else 'full'}"
+                cases[name] = (lambda rank, mode=mode, s=s, kv=kv, causal=causal, layout=layout:
+                               run_mode_case(rank, w, mode, b, s, h, kv, d, causal, layout,
+                                             seed=len(cases)))
+        # GQA without causal and a longer sequence (several kernel tiles per block)
+        cases[f"{mode}-zigzag-full-gqa-long"] = (
+            lambda rank, mode=mode: run_mode_case(rank, w, mode, 1, 2 * w * 40, h, hkv, 32, False,
+                                                  "zigzag", seed=101))
+        cases[f"{mode}-zigzag-causal-long"] = (
+            lambda rank, mode=mode: run_mode_case(rank, w, mode, 1, 2 * w * 40, h, hkv, 32, True,
+                                                  "zigzag", seed=102))
+    return cases
+
+
+# ---- cases only run at one world size --------------------------------------
+
+def case_bf16_ring(rank, w):
+    run_mode_case(rank, w, "ring", 1, 2 * w * 16, 4, 2, 32, True, "zigzag", dtype=torch.bfloat16,
+                  seed=7, tol=dict(atol=3e-2, rtol=3e-2))
+
+
+def case_fp16_ulysses(rank, w):
+    run_mode_case(rank, w, "ulysses", 1, 2 * w * 16, 4, 2, 32, True, "zigzag",
+                  dtype=torch.float16, seed=8, tol=dict(atol=1e-2, rtol=1e-2))
+
+
+def case_bf16_allgather(rank, w):
+    run_mode_case(rank, w, "allgather", 1, 2 * w * 16, 4, 2, 32, True, "contiguous",
+                  dtype=torch.bfloat16, seed=9, tol=dict(atol=3e-2, rtol=3e-2))
+
+
+def case_strided_inputs(rank, w):
+    run_mode_case(rank, w, "ring", 2, 2 * w * 4, 4, 2, 16, True, "zigzag", strided=True, seed=10)
+    run_mode_case(rank, w, "allgather", 2, 2 * w * 4, 4, 2, 16, True, "zigzag", strided=True,
+                  seed=11)
+
+
+def case_device_mesh(rank, w):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (w,), mesh_dim_names=("cp",))
+    for mode in MODES:
+        run_mode_case(rank, w, mode, 1, 2 * w * 3, 2 * w, w, 16, True, "zigzag", group=mesh["cp"],
+                      seed=12)
+
+
+def case_return_lse(rank, w):
+    q, k, v, _ = _full_inputs(1, 2 * w * 5, 4, 2, 16, torch.float32, 13)
+    _, ref_lse, _ = orchard.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    out, lse = od.ring_flash_attn_func(*(od.shard_sequence(t) for t in (q, k, v)), causal=True,
+                                       return_lse=True)
+    torch.testing.assert_close(lse, od.shard_sequence(ref_lse, dim=2), **FP32_TOL)
+
+
+def case_scale_and_deterministic(rank, w):
+    q, k, v, do = _full_inputs(1, 2 * w * 4, 4, 4, 16, torch.float32, 14)
+    ref = _reference(q, k, v, do, True, scale=0.3)
+    for fn in MODES.values():
+        ql, kl, vl = (od.shard_sequence(t).requires_grad_(True) for t in (q, k, v))
+        out = fn(ql, kl, vl, causal=True, softmax_scale=0.3, deterministic=True)
+        out.backward(od.shard_sequence(do))
+        for got, r in zip((out, ql.grad, kl.grad, vl.grad), ref):
+            torch.testing.assert_close(got, od.shard_sequence(r), **FP32_TOL)
+
+
+def case_unshard_roundtrip(rank, w):
+    x = torch.arange(2 * w * 3 * 2, dtype=torch.float32).view(2, 2 * w * 3)
+    for layout in ("zigzag", "contiguous"):
+        loc = od.shard_sequence(x, layout=layout)
+        torch.testing.assert_close(loc[0], od.shard_positions(x.shape[1], w, rank, layout).float())
+        torch.testing.assert_close(od.unshard_sequence(loc, layout=layout), x)
+
+
+def _expect_error(fn, exc, *needles):
+    try:
+        fn()
+    except exc as e:
+        msg = str(e)
+        assert msg.startswith("orchard.distributed."), msg
+        for n in needles:
+            assert n in msg, f"{n!r} not in {msg!r}"
+        return
+    raise AssertionError(f"expected {exc.__name__}")
+
+
+def case_errors(rank, w):
+    def t(s, h=2 * w, hkv=w, d=16, dtype=torch.float32):
+        return (torch.randn(1, s, h, d, dtype=dtype), torch.randn(1, s, hkv, d, dtype=dtype),
+                torch.randn(1, s, hkv, d, dtype=dtype))
+    ring = od.ring_flash_attn_func
+    # local lengths differ across ranks
+    _expect_error(lambda: ring(*t(6 if rank == 0 else 8)), ValueError, "disagree", "q shape")
+    # dtypes differ across ranks
+    _expect_error(lambda: ring(*t(6, dtype=torch.float32 if rank == 0 else torch.float64)),
+                  ValueError, "disagree", "dtype")
+    # odd local length with zigzag: every rank
+    _expect_error(lambda: ring(*t(5)), ValueError, "even")
+    # one rank's input is malformed: it raises its own error, the others a pointer to it
+    bad = 1 % w
+
+    def one_bad():
+        q, k, v = t(6)
+        if rank == bad:
+            q = q[0]
+        ring(q, k, v)
+    _expect_error(one_bad, ValueError, "4-D" if rank == bad else f"rank(s) [{bad}]")
+    # Ulysses: heads not divisible by the group size
+    _expect_error(lambda: od.ulysses_flash_attn_func(*t(6, h=w + 1, hkv=1)), ValueError,
+                  "divisible by the group size")
+    # dropout: not implemented (documented)
+    for fn in MODES.values():
+        _expect_error(lambda fn=fn: fn(*t(6), dropout_p=0.1), NotImplementedError, "dropout")
+    # GQA heads that do not divide
+    _expect_error(lambda: od.allgather_flash_attn_func(*t(6, h=3, hkv=2)), ValueError, "multiple")
+    # the group still works afterwards
+    run_mode_case(rank, w, "ring", 1, 2 * w * 2, 4, 2, 16, True, "zigzag", seed=15)
+
+
+def case_hybrid(rank, w):
+    """Hybrid over a (ring, ulysses) grid; on 2 ranks the two degenerate splits."""
+    splits = [(w // 2, 2)] if w >= 4 else [(1, w), (w, 1)]
+    for ring_n, uly_n in splits:
+        # new_group must be called by every rank for every group, in the same order
+        uly_groups = [dist.new_group(list(range(i * uly_n, (i + 1) * uly_n)))
+                      for i in range(ring_n)]
+        ring_groups = [dist.new_group(list(range(j, w, uly_n))) for j in range(uly_n)]
+        ug = uly_groups[rank // uly_n]
+        rg = ring_groups[rank % uly_n]
+        for causal, layout in ((True, "zigzag"), (False, "zigzag"), (True, "contiguous")):
+            s = 2 * w * 3
+            q, k, v, do = _full_inputs(2, s, 2 * uly_n, uly_n, 16, torch.float32, 16)
+            ref = _reference(q, k, v, do, causal)
+            shard = lambda x: od.hybrid_shard_sequence(x, ug, rg, layout=layout)  # noqa: E731
+            ql, kl, vl = (shard(x).requires_grad_(True) for x in (q, k, v))
+            od.reset_comm_stats()
+            out = od.hybrid_flash_attn_func(ql, kl, vl, ug, rg, causal=causal, layout=layout)
+            out.backward(shard(do))
+            for name, got, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
+                                    ref):
+                torch.testing.assert_close(got, shard(r), **FP32_TOL,
+                                           msg=lambda m, name=name: f"hybrid {name}: {m}")
+            torch.testing.assert_close(od.hybrid_unshard_sequence(out.detach(), ug, rg, layout),
+                                       ref[0], **FP32_TOL)
+            counts = dict(_comm.comm_stats)
+            exp = {"validate": int(uly_n > 1) + int(ring_n > 1)}
+            if uly_n > 1:
+                exp["all_to_all"] = 4
+            if ring_n > 1:
+                exp.update(kv=2 * (ring_n - 1), dkv=ring_n)
+            exp["all_gather"] = int(uly_n > 1) + int(ring_n > 1)  # the unshard check
+            counts = {k_: n for k_, n in counts.items() if n}
+            exp = {k_: n for k_, n in exp.items() if n}
+            assert counts == exp, f"hybrid exchanges {counts}, expected {exp}"
+
+
+def suite(w):
+    """name -> callable(rank)."""
+    cases = dict(_mode_cases(w))
+    extra = {
+        "hybrid": case_hybrid,
+        "errors": case_errors,
+        "unshard-roundtrip": case_unshard_roundtrip,
+        "return-lse": case_return_lse,
+        "scale-deterministic": case_scale_and_deterministic,
+    }
+    if w == 2:
+        extra.update({
+            "bf16-ring": case_bf16_ring,
+            "fp16-ulysses": case_fp16_ulysses,
+            "bf16-allgather": case_bf16_allgather,
+            "strided-inputs": case_strided_inputs,
+            "device-mesh": case_device_mesh,
+        })
+    for name, fn in extra.items():
+        cases[name] = lambda rank, fn=fn: fn(rank, w)
+    return cases
+
+
+def worker(rank, w, init_file, result_dir):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=w,
+                            timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        for name, fn in suite(w).items():
+            try:
+                fn(rank)
+                results[name] = "ok"
+            except Exception:  # noqa: BLE001 - reported to the parent
+                results[name] = traceback.format_exc()
+            with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()

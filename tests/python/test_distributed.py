@@ -1,0 +1,126 @@
+"""orchard.distributed on the CPU over gloo: every mode (ring, Ulysses,
+all-gather, hybrid), causal and not, GQA, zigzag and contiguous layouts, odd
+local lengths, forward and backward against single-process Orchard on the
+gathered sequence (fp32, 1e-5), the number of exchanges, and errors raised on
+every rank for bad input.
+
+One torch.multiprocessing spawn per world size (2 and 4 ranks) runs all of its
+cases in one process group (tests/python/distributed_worker.py); each case is
+reported here as its own test."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+import distributed_worker
+import orchard
+import orchard.distributed as od
+from orchard.distributed._merge import merge_attention
+
+WORLD_SIZES = (2, 4)
+_RESULTS: dict = {}
+
+
+def _run_suite(w):
+    if w in _RESULTS:
+        return _RESULTS[w]
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        try:
+            mp.spawn(distributed_worker.worker, args=(w, init_file, tmp), nprocs=w, join=True)
+            err = None
+        except Exception as e:  # noqa: BLE001 - a crashed rank: report with the cases
+            err = f"spawn failed: {e}"
+        per_rank = []
+        for r in range(w):
+            path = os.path.join(tmp, f"rank{r}.json")
+            per_rank.append(json.load(open(path)) if os.path.exists(path) else {})
+    _RESULTS[w] = (per_rank, err)
+    return _RESULTS[w]
+
+
+def _case_names(w):
+    return list(distributed_worker.suite(w))
+
+
+@pytest.mark.parametrize("w,case", [(w, c) for w in WORLD_SIZES for c in _case_names(w)],
+                         ids=lambda x: str(x))
+def test_distributed_case(w, case):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not available")
+    per_rank, err = _run_suite(w)
+    problems = []
+    for r, res in enumerate(per_rank):
+        got = res.get(case)
+        if got != "ok":
+            problems.append(f"rank {r}: {got if got is not None else 'did not run'}")
+    assert not problems, (err or "") + "\n" + "\n".join(problems)
+
+
+def test_uninitialized_process_group():
+    assert not torch.distributed.is_initialized()
+    q = torch.randn(1, 4, 2, 8)
+    for fn in (od.ring_flash_attn_func, od.ulysses_flash_attn_func, od.allgather_flash_attn_func):
+        with pytest.raises(RuntimeError, match=r"^orchard\.distributed\.\w+: .*not initialized"):
+            fn(q, q, q)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        od.hybrid_flash_attn_func(q, q, q, None, None)
+
+
+def test_shard_layout_matches_torch_head_tail():
+    """Zigzag shards are torch context parallelism's head-tail shards."""
+    try:
+        from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
+            _HeadTailLoadBalancer)
+    except ImportError:
+        pytest.skip("this torch has no _HeadTailLoadBalancer")
+    for w, s in ((2, 8), (4, 24), (3, 18)):
+        idx = _HeadTailLoadBalancer(s, w, "cpu")._generate_indices()[0]
+        for r in range(w):
+            mine = od.shard_positions(s, w, r, "zigzag")
+            assert torch.equal(mine, idx[r * (s // w):(r + 1) * (s // w)]), (w, s, r)
+            x = torch.arange(s).view(1, s)
+            assert torch.equal(od.shard_sequence(x, world_size=w, rank=r)[0], mine)
+
+
+def test_shard_errors():
+    x = torch.randn(1, 10, 2, 4)
+    with pytest.raises(ValueError, match=r"^orchard\.distributed\.shard_sequence: .*divisible"):
+        od.shard_sequence(x, world_size=3, rank=0, layout="zigzag")
+    with pytest.raises(ValueError, match="layout"):
+        od.shard_sequence(x, world_size=2, rank=0, layout="ring")
+
+
+def test_merge_handles_minus_inf():
+    """Blocks in which a row sees no key (LSE -inf, out 0) merge without NaN."""
+    b, s, h, d = 1, 4, 2, 3
+    o1, o2 = torch.randn(b, s, h, d), torch.randn(b, s, h, d)
+    l1, l2 = torch.randn(b, h, s), torch.randn(b, h, s)
+    l1[:, :, 0] = float("-inf")  # row 0: only the second block
+    o1[:, 0] = 0
+    l1[:, :, 1] = l2[:, :, 1] = float("-inf")  # row 1: no key at all
+    o1[:, 1] = o2[:, 1] = 0
+    out, lse = merge_attention([o1, o2], [l1, l2])
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out[:, 0], o2[:, 0])
+    assert torch.all(out[:, 1] == 0) and torch.all(lse[:, :, 1] == float("-inf"))
+    ref_lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - ref_lse).transpose(1, 2).unsqueeze(-1)
+    w2 = torch.exp(l2 - ref_lse).transpose(1, 2).unsqueeze(-1)
+    torch.testing.assert_close(out[:, 2:], (w1 * o1 + w2 * o2)[:, 2:])
+
+
+def test_merge_equals_full_attention():
+    """Attention over two key halves merged with the LSE == attention over all keys."""
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 8)
+    full = orchard.flash_attn_func(q, k, v)
+    parts = [orchard.flash_attn_func(q, k[:, sl], v[:, sl], return_attn_probs=True)
+             for sl in (slice(0, 3), slice(3, None))]
+    out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-6)
