@@ -47,6 +47,15 @@ else:
     from .functional import OrchardShapeError, flash_attn_func, scaled_dot_product_attention
 
 
+def __getattr__(name):
+    # orchard.distributed (context parallelism) is imported on first use: it pulls in
+    # torch.distributed, which plain single-device users need not pay for.
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_info() -> dict:
     """Build facts from the C++ core: version, cuda_compiled, cuda_archs,
     openmp, cpu_threads, cuda_devices."""
