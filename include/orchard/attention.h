@@ -76,7 +76,7 @@ struct BackwardArgs {
   TensorView q, k, v, out, dout;  // dout shaped like out
   TensorView lse;                 // from the forward
   TensorView dq, dk, dv;          // shaped like q, k, v; any strides
-  TensorView dsink;               // float32 (hq,), required when extras.sink is given
+  TensorView dsink;               // optional with extras.sink: float32 (hq,), the sinks' gradient
   TensorView workspace;           // uint8[backward_workspace_bytes(...)] on the device, or undefined if 0
   AttentionExtras extras;         // the same as the forward's
   AttentionOptions options;

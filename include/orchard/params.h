@@ -136,7 +136,7 @@ struct BwdParams : FwdParams {
 
   bool deterministic = false;  // bitwise-reproducible dq/dk/dv
 
-  // With `sink`: its gradient, float32 (hq,), overwritten:
+  // With `sink`, optional (nullptr = not wanted): its gradient, float32 (hq,), overwritten:
   // dsink[h] = -sum over (batch, row) of exp(sink[h] - lse) * rowsum(dO * O).
   float* dsink = nullptr;
 };

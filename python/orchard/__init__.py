@@ -3,7 +3,9 @@
 Public API:
 
 * :func:`flash_attn_func` — flash-attn 2 drop-in, (batch, seq, heads, dim),
-  bottom-right causal, GQA.
+  bottom-right causal, GQA, sliding windows, softcap, ALiBi, sinks; and its
+  varlen / packed forms (:func:`flash_attn_varlen_func`, ...).
+* :func:`combine_attention` — merge partial results over disjoint key sets.
 * :func:`scaled_dot_product_attention` — ``torch.nn.functional`` drop-in,
   (..., heads, seq, dim), top-left causal, ``enable_gqa``.
 * ``torch.ops.orchard.flash_attn_forward`` / ``flash_attn_backward`` — the
@@ -38,13 +40,25 @@ except ImportError as _e:  # the C++ core (orchard._C) serves NumPy & co. withou
         raise ImportError("orchard's PyTorch API needs torch (pip install torch); "
                           "orchard._C works on any DLPack array without it") from _TORCH_IMPORT_ERROR
 
-    flash_attn_func = scaled_dot_product_attention = _needs_torch
+    flash_attn_func = scaled_dot_product_attention = combine_attention = _needs_torch
+    flash_attn_varlen_func = flash_attn_qkvpacked_func = flash_attn_kvpacked_func = _needs_torch
+    flash_attn_varlen_qkvpacked_func = flash_attn_varlen_kvpacked_func = _needs_torch
 
     class OrchardShapeError(ValueError, RuntimeError):
         pass
 else:
     from . import _ops  # noqa: F401  (registers torch.ops.orchard.*)
-    from .functional import OrchardShapeError, flash_attn_func, scaled_dot_product_attention
+    from .combine import combine_attention
+    from .functional import (
+        OrchardShapeError,
+        flash_attn_func,
+        flash_attn_kvpacked_func,
+        flash_attn_qkvpacked_func,
+        flash_attn_varlen_func,
+        flash_attn_varlen_kvpacked_func,
+        flash_attn_varlen_qkvpacked_func,
+        scaled_dot_product_attention,
+    )
 
 
 def __getattr__(name):
@@ -66,6 +80,12 @@ __all__ = [
     "__version__",
     "build_info",
     "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "scaled_dot_product_attention",
+    "combine_attention",
     "OrchardShapeError",
 ]

@@ -89,26 +89,38 @@ def draw_dropout_seed(dropout_p: float) -> tuple[int, int]:
 # argument list once per argument), which dominated small problems.
 # ---------------------------------------------------------------------------
 
+# The feature arguments both ops take last (all defaulted): sliding window
+# (flash-attn's window_size), softcap, ALiBi slopes (float32 (h,) or (b, h)), sink
+# logits (float32 (h,)), SDPA's attn_mask (rank 4, broadcastable, bool or float),
+# and varlen (int32 cu_seqlens with the max lengths; q/k/v are then
+# (total, heads, dim) and lse is (heads, total_q)).
+_FEATURE_SCHEMA = ("SymInt window_left=-1, SymInt window_right=-1, float softcap=0.0, "
+                   "Tensor? alibi_slopes=None, Tensor? sink=None, Tensor? attn_mask=None, "
+                   "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, "
+                   "SymInt max_seqlen_k=0")
+_FEATURE_DEFAULTS = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
+_NUM_FEATURES = len(_FEATURE_DEFAULTS)
+
 _LIB = torch.library.Library("orchard", "DEF")  # noqa: TOR901 (kept alive for the process)
 _LIB.define(
     "flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, "
     "bool causal_top_left, float dropout_p, SymInt seed, SymInt offset, bool return_mask, "
-    "bool deterministic=False, str op_name=\"orchard.flash_attn\", Tensor? rng_state=None) "
-    "-> (Tensor, Tensor, Tensor)",
+    "bool deterministic=False, str op_name=\"orchard.flash_attn\", Tensor? rng_state=None, "
+    + _FEATURE_SCHEMA + ") -> (Tensor, Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _LIB.define(
     "flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
     "float softmax_scale, bool causal, bool causal_top_left, float dropout_p, SymInt seed, "
     "SymInt offset, bool deterministic, str op_name=\"orchard.flash_attn\", "
-    "Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)",
+    "Tensor? rng_state=None, " + _FEATURE_SCHEMA + ") -> (Tensor, Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 _FWD = torch.ops.orchard.flash_attn_forward.default
 _BWD = torch.ops.orchard.flash_attn_backward.default
 # Trailing defaults, which the dispatcher may strip before calling a Python kernel.
-_FWD_DEFAULTS = (False, "orchard.flash_attn", None)
-_BWD_DEFAULTS = ("orchard.flash_attn", None)
+_FWD_DEFAULTS = (False, "orchard.flash_attn", None, *_FEATURE_DEFAULTS)
+_BWD_DEFAULTS = ("orchard.flash_attn", None, *_FEATURE_DEFAULTS)
 
 # As custom_op does, keep torch.compile from tracing into the Python kernels when
 # the dispatcher calls them from a frame it is compiling.
@@ -133,6 +145,7 @@ def flash_attn_forward(
     deterministic: bool = False,
     op_name: str = "orchard.flash_attn",
     rng_state: torch.Tensor | None = None,
+    *features,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention forward on BSHD views (``torch.ops.orchard.flash_attn_forward``).
     Returns (out, lse, mask): out like q, lse (B, Hq, Sq) float32 (float64 for
@@ -141,9 +154,10 @@ def flash_attn_forward(
     saved for the backward (bitwise-reproducible dq/dk/dv). ``op_name`` (the
     public function's name) prefixes error messages of this call and its
     backward. ``rng_state``: optional int64 (seed, offset) tensor on q's device
-    that replaces seed/offset when the kernels run (see the module docstring)."""
+    that replaces seed/offset when the kernels run (see the module docstring).
+    ``features``: the trailing feature arguments of the op schema (_FEATURE_SCHEMA)."""
     return _FWD(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                return_mask, deterministic, op_name, rng_state)
+                return_mask, deterministic, op_name, rng_state, *features)
 
 
 def flash_attn_backward(
@@ -162,39 +176,74 @@ def flash_attn_backward(
     deterministic: bool,
     op_name: str = "orchard.flash_attn",
     rng_state: torch.Tensor | None = None,
+    *features,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused attention backward on BSHD views (``torch.ops.orchard.flash_attn_backward``).
     Returns (dq, dk, dv) shaped and laid out like q, k, v. Dropout needs the
     forward's (seed, offset) or rng_state."""
     return _BWD(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed,
-                offset, deterministic, op_name, rng_state)
+                offset, deterministic, op_name, rng_state, *features)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _alloc_forward(q, k, return_mask):
-    b, sq, hq, _ = q.shape
+def _empty_with_head_dim(q, d_v):
+    """An uninitialized tensor shaped like q but with head dim d_v, in q's
+    memory order when q is dense with a contiguous last dim (so a BHSD-stored q
+    gives a BHSD-stored output), else row-major."""
+    order = sorted(range(q.dim()), key=lambda i: -q.stride(i))
+    shape = (*q.shape[:-1], d_v)
+    if order[-1] != q.dim() - 1:
+        return torch.empty(shape, dtype=q.dtype, device=q.device)
+    t = torch.empty([shape[i] for i in order], dtype=q.dtype, device=q.device)
+    inverse = [0] * q.dim()
+    for pos, i in enumerate(order):
+        inverse[i] = pos
+    return t.permute(inverse)
+
+
+def _alloc_forward(q, k, v, return_mask, cu_seqlens_q=None, max_seqlen_q=0, max_seqlen_k=0):
+    dev = q.device
     # empty_like keeps q's layout when it is dense (a BHSD-permuted view gives a
     # BHSD-stored output, so SDPA callers get a contiguous (B, H, S, D) back).
     # (torch.empty with the sizes as separate arguments parses ~1 us faster than
     # with a tuple.)
-    out = torch.empty_like(q)
-    dev = q.device
-    lse = torch.empty(b, hq, sq, dtype=_lse_dtype(q.dtype), device=dev)
+    out = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else _empty_with_head_dim(q, v.shape[-1])
+    if cu_seqlens_q is None:
+        b, sq, hq, _ = q.shape
+        sk = k.shape[1]
+        lse = torch.empty(b, hq, sq, dtype=_lse_dtype(q.dtype), device=dev)
+    else:  # varlen: q is (total_q, hq, d), lse (hq, total_q)
+        total_q, hq, _ = q.shape
+        b, sq, sk = cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k
+        lse = torch.empty(hq, total_q, dtype=_lse_dtype(q.dtype), device=dev)
     if return_mask:
-        mask = torch.empty(b, hq, sq, k.shape[1], dtype=torch.uint8, device=dev)
+        mask = torch.empty(b, hq, sq, sk, dtype=torch.uint8, device=dev)
     else:
         mask = torch.empty(0, dtype=torch.uint8, device=dev)
     return out, lse, mask
 
 
-def _check_rank(q, k, v, op):
+def _check_rank(q, k, v, op, rank=4):
+    layout = "(batch, seq, heads, head_dim)" if rank == 4 else "(total, heads, head_dim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (batch, seq, heads, head_dim), got shape "
-                             f"{tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _features(window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
+              cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The `features` argument of _C.forward/backward: None when every feature
+    is off (the common case costs nothing), else the tuple with tensors exported."""
+    if (window_left == -1 and window_right == -1 and softcap == 0.0 and alibi_slopes is None
+            and sink is None and attn_mask is None and cu_seqlens_q is None
+            and cu_seqlens_k is None):
+        return None
+    slopes, snk, mask, cuq, cuk = _export(alibi_slopes, sink, attn_mask, cu_seqlens_q, cu_seqlens_k)
+    return (int(window_left), int(window_right), float(softcap), slopes, snk, mask, cuq, cuk,
+            int(max_seqlen_q), int(max_seqlen_k))
 
 
 # The kernels hand orchard._C DLPack capsules made by torch.utils.dlpack.to_dlpack
@@ -227,16 +276,21 @@ def _launch_on_device_of(t, launch):
 
 
 def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                    return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        _check_rank(q, k, v, "orchard.flash_attn_forward")
-    out, lse, mask = _alloc_forward(q, k, return_mask)
+                    return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None,
+                    *features):
+    if not features:
+        features = _FEATURE_DEFAULTS
+    cu_q, max_q, max_k = features[6], features[8], features[9]
+    rank = 4 if cu_q is None else 3
+    if q.dim() != rank or k.dim() != rank or v.dim() != rank:
+        _check_rank(q, k, v, op_name, rank)
+    out, lse, mask = _alloc_forward(q, k, v, return_mask, cu_q, max_q, max_k)
     write_mask = return_mask and dropout_p > 0.0
     if return_mask and not write_mask:
         mask.fill_(1)  # no dropout: everything is kept
     _launch_on_device_of(q, lambda stream: _run_forward(
         q, k, v, out, lse, mask if write_mask else None, softmax_scale, causal, causal_top_left,
-        dropout_p, seed, offset, stream, op_name, rng_state))
+        dropout_p, seed, offset, stream, op_name, rng_state, features))
     return out, lse, mask
 
 
@@ -244,27 +298,34 @@ _forward_impl = _disable_dynamo(_forward_kernel)  # the CompositeExplicitAutogra
 
 
 def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left, dropout_p, seed,
-                 offset, stream, op_name, rng_state=None):
+                 offset, stream, op_name, rng_state=None, features=_FEATURE_DEFAULTS):
     *t, rng = _export(q, k, v, out, lse, mask, rng_state)
     _C.forward(*t, float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
-               int(seed) & _U64, int(offset) & _U64, int(stream), op_name, rng)
+               int(seed) & _U64, int(offset) & _U64, int(stream), op_name, rng,
+               _features(*features))
 
 
 def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                  return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None):
-    _check_rank(q, k, v, "orchard.flash_attn_forward")
-    return _alloc_forward(q, k, return_mask)
+                  return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None,
+                  *features):
+    if not features:
+        features = _FEATURE_DEFAULTS
+    cu_q, max_q, max_k = features[6], features[8], features[9]
+    _check_rank(q, k, v, op_name, 4 if cu_q is None else 3)
+    return _alloc_forward(q, k, v, return_mask, cu_q, max_q, max_k)
 
 
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
-                     seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None):
+                     seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None,
+                     *features):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     opts = (float(softmax_scale), bool(causal), bool(causal_top_left), float(dropout_p),
             int(seed) & _U64, int(offset) & _U64, bool(deterministic))
     _launch_on_device_of(q, lambda stream: _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
-                                                         stream, op_name, rng_state))
+                                                         stream, op_name, rng_state,
+                                                         features or _FEATURE_DEFAULTS))
     return dq, dk, dv
 
 
@@ -278,25 +339,30 @@ _backward_impl = _disable_dynamo(_backward_kernel)  # the CompositeExplicitAutog
 _WORKSPACE_BYTES: dict = {}
 
 
-def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name, rng_state=None):
+def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name, rng_state=None,
+                  features=_FEATURE_DEFAULTS):
     stream = int(stream)
     _, causal, _, dropout_p, _, _, deterministic = opts
-    key = (q.device, q.shape, k.shape, q.dtype, causal, dropout_p > 0.0, deterministic)
+    feature_key = None if features is _FEATURE_DEFAULTS else tuple(
+        f if not isinstance(f, torch.Tensor) else (f.shape, f.dtype) for f in features)
+    key = (q.device, q.shape, k.shape, v.shape, q.dtype, causal, dropout_p > 0.0, deterministic,
+           feature_key)
     nbytes = _WORKSPACE_BYTES.get(key)
     if nbytes is None:
         nbytes = int(_C.backward_workspace_bytes(q.detach(), k.detach(), v.detach(), out.detach(),
                                                  dout.detach(), lse.detach(), dq, dk, dv, *opts,
-                                                 stream, op_name))
+                                                 stream, op_name, _features(*features)))
         if len(_WORKSPACE_BYTES) > 1024:
             _WORKSPACE_BYTES.clear()
         _WORKSPACE_BYTES[key] = nbytes
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes > 0 else None
     *t, rng = _export(q, k, v, out, dout, lse, dq, dk, dv, workspace, rng_state)
-    _C.backward(*t, *opts, stream, op_name, rng)
+    _C.backward(*t, *opts, stream, op_name, rng, _features(*features))
 
 
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
-                   seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None):
+                   seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None,
+                   *features):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -324,13 +390,16 @@ def _below_autograd(op, kernel, keyset, args):
 
 
 def _fwd_function_forward(ctx, keyset, q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                          seed, offset, return_mask, deterministic, op_name, rng_state):
+                          seed, offset, return_mask, deterministic, op_name, rng_state, *features):
     out, lse, mask = _below_autograd(_FWD, _forward_kernel, keyset,
                                      (q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                                      seed, offset, return_mask, deterministic, op_name, rng_state))
+                                      seed, offset, return_mask, deterministic, op_name, rng_state,
+                                      *features))
     # rng_state is saved too: the backward must regenerate the same mask (under a
     # CUDA graph it is the captured buffer that each replay's draw refills).
-    ctx.save_for_backward(q, k, v, out, lse, rng_state)
+    # The feature tensors (slopes, sink, mask, cu_seqlens) are saved with them.
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, *features[3:8])
+    ctx.features = features
     # No zero-filled gradients for the outputs the backward ignores (lse, mask):
     # materializing them cost two fill kernels and, measured on the H100 through
     # torch.profiler, ~0.4 ms of host time each per backward call at d128 s8k.
@@ -343,15 +412,34 @@ def _fwd_function_forward(ctx, keyset, q, k, v, softmax_scale, causal, causal_to
 def _fwd_function_backward(ctx, grad_out, grad_lse, grad_mask):
     # Gradients through lse and the mask are not propagated (as in flash-attn):
     # lse is a by-product of the softmax, the mask is a random draw.
-    q, k, v, out, lse, rng_state = ctx.saved_tensors
+    q, k, v, out, lse, rng_state, *feature_tensors = ctx.saved_tensors
     (softmax_scale, causal, causal_top_left, dropout_p, seed, offset, deterministic,
      op_name) = ctx.opts
+    f = ctx.features
+    features = (*f[:3], *feature_tensors, *f[8:])
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dv = _BWD(grad_out, q, k, v, out, lse, softmax_scale, causal, causal_top_left,
-                      dropout_p, seed, offset, deterministic, op_name, rng_state)
-    return None, dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                      dropout_p, seed, offset, deterministic, op_name, rng_state, *features)
+    sink = features[4]
+    dsink = None
+    if sink is not None and ctx.needs_input_grad[18]:
+        dsink = sink_grad(grad_out, out, lse, sink, varlen=features[6] is not None)
+    return (None, dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
+            None, None, None, None, dsink, None, None, None, None, None)
+
+
+def sink_grad(dout, out, lse, sink, varlen=False):
+    """The gradient of the sink logits: dsink[h] = -sum over (batch, row) of
+    P_sink * rowsum(dO * O), with P_sink = exp(sink[h] - lse) (the sink's share of
+    each row's softmax). One pass over dO and O, in the LSE's precision."""
+    rowdot = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # (b, s, h) or (total, h)
+    if varlen:  # lse (h, total_q)
+        p_sink = torch.exp(sink.to(lse.dtype)[:, None] - lse)
+        return -(p_sink * rowdot.transpose(0, 1)).sum(1).to(sink.dtype)
+    p_sink = torch.exp(sink.to(lse.dtype)[None, :, None] - lse)  # (b, h, s)
+    return -(p_sink * rowdot.transpose(1, 2)).sum((0, 2)).to(sink.dtype)
 
 
 def _bwd_function_forward(ctx, keyset, *args):
@@ -389,8 +477,10 @@ def _autograd_kernel(op, function, kernel, num_args, defaults):
     return run
 
 
-_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel, 13, _FWD_DEFAULTS)
-_backward_autograd = _autograd_kernel(_BWD, _BackwardFunction, _backward_kernel, 15, _BWD_DEFAULTS)
+_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel,
+                                     13 + _NUM_FEATURES, _FWD_DEFAULTS)
+_backward_autograd = _autograd_kernel(_BWD, _BackwardFunction, _backward_kernel,
+                                      15 + _NUM_FEATURES, _BWD_DEFAULTS)
 
 
 _LIB.impl("flash_attn_forward", _forward_impl, "CompositeExplicitAutograd")

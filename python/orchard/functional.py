@@ -10,6 +10,7 @@ tensor, whether it was read in place or staged through one copy, and why.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -19,7 +20,16 @@ from . import _ops
 _Tensor = torch.Tensor
 _FWD = _ops._FWD  # torch.ops.orchard.flash_attn_forward.default, without the packet lookups
 
-__all__ = ["flash_attn_func", "scaled_dot_product_attention", "OrchardShapeError"]
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+    "scaled_dot_product_attention",
+    "OrchardShapeError",
+]
 
 
 class OrchardShapeError(ValueError, RuntimeError):
@@ -30,6 +40,122 @@ class OrchardShapeError(ValueError, RuntimeError):
 def _check_float(name: str, op: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_window(op: str, window_size) -> tuple[int, int]:
+    try:
+        left, right = (int(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: window_size must be a pair of ints (left, right), got "
+                         f"{window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"{op}: window_size values must be >= -1 (-1 = unbounded), got "
+                         f"({left}, {right})")
+    return left, right
+
+
+def _check_softcap(op: str, softcap) -> float:
+    softcap = float(softcap)
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"{op}: softcap must be a finite value >= 0, got {softcap}")
+    return softcap
+
+
+def _check_cu_seqlens(op: str, name: str, cu, total: int, max_seqlen: int, device) -> None:
+    """cu_seqlens checks that need the values. On a GPU they cost one device ->
+    host copy, so they are skipped while a CUDA graph is being captured or
+    torch.compile traces (flash-attn never checks them)."""
+    if not isinstance(cu, _Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{op}: {name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{op}: {name} must be 1-D (batch + 1,), got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
+    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    vals = cu.tolist()
+    if vals[0] < 0 or any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{op}: {name} must start >= 0 and be non-decreasing, got {vals[:8]}"
+                         f"{' ...' if len(vals) > 8 else ''}")
+    if vals[-1] > total:
+        raise ValueError(f"{op}: {name}[-1] = {vals[-1]} exceeds the {total} rows of the packed "
+                         f"tensor (total mismatch)")
+    longest = max((b - a for a, b in zip(vals, vals[1:])), default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{op}: max_seqlen ({max_seqlen}) is smaller than the longest sequence "
+                         f"in {name} ({longest})")
+
+
+def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+           deterministic, return_attn_probs, return_softmax_lse, sink, varlen=None):
+    """The one path of every flash-attn style entry point. varlen = (cu_seqlens_q,
+    cu_seqlens_k, max_seqlen_q, max_seqlen_k) or None."""
+    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_float(name, op, t)
+    rank = 4 if varlen is None else 3
+    if q.dim() != rank or k.dim() != rank or v.dim() != rank:
+        layout = "(batch, seqlen, nheads, headdim)" if varlen is None else "(total, nheads, headdim)"
+        raise ValueError(f"{op}: q, k, v must be {rank}-D {layout}; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    left, right = (-1, -1) if window_size is None else _check_window(op, window_size)
+    softcap = _check_softcap(op, softcap)
+    if varlen is None:
+        cu_q = cu_k = None
+        max_q = max_k = 0
+    else:
+        cu_q, cu_k, max_q, max_k = varlen
+        max_q, max_k = int(max_q), int(max_k)
+        _check_cu_seqlens(op, "cu_seqlens_q", cu_q, q.shape[0], max_q, q.device)
+        _check_cu_seqlens(op, "cu_seqlens_k", cu_k, k.shape[0], max_k, q.device)
+        if cu_q.numel() != cu_k.numel():
+            raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                             f"{cu_q.numel()} and {cu_k.numel()}")
+    scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
+                          bool(return_attn_probs), bool(deterministic), op,
+                          _ops.draw_dropout_rng_state(dropout_p, q.device),
+                          left, right, softcap, alibi_slopes, sink, None, cu_q, cu_k, max_q, max_k)
+    if return_attn_probs:
+        return out, lse, mask.bool()
+    if return_softmax_lse:
+        return out, lse
+    return out
+
+
+_FLASH_ARGS_DOC = """
+        dropout_p: dropout probability on the attention weights (applied
+           whenever > 0, as in flash-attn: pass 0.0 at evaluation). The key is
+           drawn on q's device by torch's generator (``torch.manual_seed``
+           reproduces a run) and read by the kernels when they run, so
+           torch.compile traces it and each CUDA-graph replay draws a new mask.
+        softmax_scale: defaults to 1 / sqrt(headdim).
+        causal: causal mask aligned to the bottom-right corner of the
+           attention matrix when seqlen_q != seqlen_k (flash-attn >= 2.1):
+           query i sees keys j <= i + seqlen_k - seqlen_q. Rows that see no
+           key output 0 (LSE -inf).
+        window_size: (left, right) sliding window on the same diagonal: query i
+           sees keys j with i + seqlen_k - seqlen_q - left <= j <= i +
+           seqlen_k - seqlen_q + right; -1 = unbounded (causal = right 0).
+        softcap: > 0 applies softcap * tanh(scores / softcap) (Gemma 2).
+        alibi_slopes: float32 (nheads,) or (batch, nheads): adds
+           -slope * |i + seqlen_k - seqlen_q - j| to the scores (flash-attn's
+           bias; with causal, flash-attn's kernel returns an LSE that differs
+           from this one by a per-row constant, the output is the same).
+        deterministic: make the backward bitwise reproducible.
+        return_attn_probs: also return (softmax_lse, S_dmask). Unlike
+           flash-attn, S_dmask is not the attention matrix: it is the bool
+           dropout keep-mask (batch, nheads, seqlen_q, seqlen_k), True = kept
+           (all True when dropout_p == 0). Testing only: it is S x S memory.
+        return_softmax_lse: (Orchard extension) return (out, softmax_lse).
+        sink: (Orchard extension; gpt-oss attention sinks) float32 (nheads,)
+           learnable logits that join every row's softmax denominator without a
+           value; differentiable.
+"""
 
 
 def flash_attn_func(
@@ -44,60 +170,131 @@ def flash_attn_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    return_softmax_lse: bool = False,
+    sink: Optional[torch.Tensor] = None,
 ):
     """flash-attn 2 compatible attention.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim); any strides (read in place when
            the last dim is contiguous).
-        k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0
-           (GQA / MQA).
-        dropout_p: dropout probability on the attention weights (applied
-           whenever > 0, as in flash-attn: pass 0.0 at evaluation). The key is
-           drawn on q's device by torch's generator (``torch.manual_seed``
-           reproduces a run) and read by the kernels when they run, so
-           torch.compile traces it and each CUDA-graph replay draws a new mask.
-        softmax_scale: defaults to 1 / sqrt(headdim).
-        causal: causal mask aligned to the bottom-right corner of the
-           attention matrix when seqlen_q != seqlen_k (flash-attn >= 2.1):
-           query i sees keys j <= i + seqlen_k - seqlen_q. Rows that see no
-           key output 0.
-        window_size, softcap, alibi_slopes: not implemented (any non-default
-           value raises NotImplementedError).
-        deterministic: make the backward bitwise reproducible.
-        return_attn_probs: also return (softmax_lse, S_dmask). Unlike
-           flash-attn, S_dmask is not the attention matrix: it is the bool
-           dropout keep-mask (batch, nheads, seqlen_q, seqlen_k), True = kept
-           (all True when dropout_p == 0). Testing only: it is S x S memory.
-
+        k: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA / MQA).
+        v: (batch, seqlen_k, nheads_k, headdim_v); headdim_v may differ from
+           headdim (e.g. 192 / 128 as in DeepSeek MLA).""" + _FLASH_ARGS_DOC + """
     Returns:
-        out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask)
+        out (batch, seqlen_q, nheads, headdim_v), or (out, softmax_lse[, S_dmask])
         with softmax_lse (batch, nheads, seqlen_q) float32 (float64 for
         float64 inputs).
     """
-    op = "orchard.flash_attn_func"
-    if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            _check_float(name, op, t)
-    if tuple(window_size) != (-1, -1):
-        raise NotImplementedError(f"{op}: window_size (sliding-window attention) is not "
-                                  f"implemented; got {tuple(window_size)}, expected (-1, -1)")
-    if softcap != 0.0:
-        raise NotImplementedError(f"{op}: softcap is not implemented; got {softcap}")
-    if alibi_slopes is not None:
-        raise NotImplementedError(f"{op}: alibi_slopes are not implemented")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{op}: q, k, v must be 4-D (batch, seqlen, nheads, headdim); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
-                          bool(return_attn_probs), bool(deterministic), op,
-                          _ops.draw_dropout_rng_state(dropout_p, q.device))
-    if return_attn_probs:
-        return out, lse, mask.bool()
-    return out
+    return _flash("orchard.flash_attn_func", q, k, v, dropout_p, softmax_scale, causal,
+                  window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                  return_softmax_lse, sink)
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    *,
+    return_softmax_lse: bool = False,
+    sink: Optional[torch.Tensor] = None,
+):
+    """flash-attn 2 compatible attention over packed sequences (varlen).
+
+    Args:
+        q: (total_q, nheads, headdim), the batch's sequences concatenated.
+        k, v: (total_k, nheads_k, headdim[_v]).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device; sequence
+           b owns rows [cu[b], cu[b + 1]). Empty sequences are allowed.
+        max_seqlen_q, max_seqlen_k: at least the longest sequence's length.
+        Causal and windows align bottom-right per sequence.""" + _FLASH_ARGS_DOC + """
+        block_table: paged KV is not supported here (flash_attn_with_kvcache's
+           territory); must be None.
+
+    Returns:
+        out (total_q, nheads, headdim_v), or with (softmax_lse[, S_dmask]),
+        softmax_lse (nheads, total_q) float32, S_dmask (batch, nheads,
+        max_seqlen_q, max_seqlen_k) indexed by rows local to each sequence.
+    """
+    op = "orchard.flash_attn_varlen_func"
+    if block_table is not None:
+        raise NotImplementedError(f"{op}: block_table (paged KV) is not supported")
+    return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
+                  (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _unpack(op: str, packed: torch.Tensor, n: int, axis: int, what: str):
+    if not isinstance(packed, _Tensor):
+        raise TypeError(f"{op}: {what} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() <= axis or packed.shape[axis] != n:
+        raise ValueError(f"{op}: {what} must have size {n} in dimension {axis}, got shape "
+                         f"{tuple(packed.shape)}")
+    # Views into the packed tensor: read in place, and autograd writes the
+    # gradients of the slices back into one gradient of the packed tensor.
+    return packed.unbind(axis)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False, *,
+                              return_softmax_lse=False, sink=None):
+    """flash_attn_func on qkv (batch, seqlen, 3, nheads, headdim)."""
+    op = "orchard.flash_attn_qkvpacked_func"
+    q, k, v = _unpack(op, qkv, 3, 2, "qkv (batch, seqlen, 3, nheads, headdim)")
+    return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False, *,
+                             return_softmax_lse=False, sink=None):
+    """flash_attn_func on q and kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    op = "orchard.flash_attn_kvpacked_func"
+    k, v = _unpack(op, kv, 2, 2, "kv (batch, seqlen_k, 2, nheads_k, headdim)")
+    return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
+                                     softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, return_softmax_lse=False,
+                                     sink=None):
+    """flash_attn_varlen_func on qkv (total, 3, nheads, headdim)."""
+    op = "orchard.flash_attn_varlen_qkvpacked_func"
+    q, k, v = _unpack(op, qkv, 3, 1, "qkv (total, 3, nheads, headdim)")
+    return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
+                  (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen))
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False, *,
+                                    return_softmax_lse=False, sink=None):
+    """flash_attn_varlen_func on q and kv (total_k, 2, nheads_k, headdim)."""
+    op = "orchard.flash_attn_varlen_kvpacked_func"
+    k, v = _unpack(op, kv, 2, 1, "kv (total_k, 2, nheads_k, headdim)")
+    return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
+                  (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 def scaled_dot_product_attention(
@@ -110,6 +307,8 @@ def scaled_dot_product_attention(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     deterministic: bool = False,
+    *,
+    sink: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` on Orchard.
 
@@ -121,27 +320,30 @@ def scaled_dot_product_attention(
     Hq % Hkv == 0. The (B, H, S, D) tensors are handed to the kernels as
     permuted views, read in place; the output has query's layout.
 
-    Not implemented (NotImplementedError): attn_mask, and a value head dim
-    different from the query's. ``deterministic`` (Orchard extension) makes the
-    backward bitwise reproducible; it is also on under
-    ``torch.use_deterministic_algorithms(True)``.
+    attn_mask: bool (True = take part in attention) or a float bias added to
+    the scaled scores, of query's dtype (or float32), broadcastable to
+    (..., Hq, L, S) as in torch; broadcast dims are read in place (stride 0),
+    never expanded in memory. Like torch, attn_mask and is_causal together are
+    an error. A row the mask hides entirely outputs 0 (torch's math backend
+    gives NaN there). The gradient of a float attn_mask is not implemented
+    (NotImplementedError when it requires grad). value may have its own head
+    dim Ev: the output is (..., Hq, L, Ev).
+
+    ``deterministic`` (Orchard extension) makes the backward bitwise
+    reproducible; it is also on under ``torch.use_deterministic_algorithms(True)``.
+    ``sink`` (Orchard extension): float32 (Hq,) attention-sink logits, as in
+    flash_attn_func.
     """
     op = "orchard.scaled_dot_product_attention"
     if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
         for name, t in (("query", query), ("key", key), ("value", value)):
             _check_float(name, op, t)
-    if attn_mask is not None:
-        raise NotImplementedError(f"{op}: attn_mask is not implemented (use is_causal=True for "
-                                  f"causal masking)")
     ndim = query.dim()
     if ndim < 3 or key.dim() != ndim or value.dim() != ndim:
         raise OrchardShapeError(f"{op}: query, key, value must have the same rank >= 3 "
                                 f"((..., H, L, E) or (N, L, E)); got {tuple(query.shape)}, "
                                 f"{tuple(key.shape)}, {tuple(value.shape)}")
     qshape, kshape, vshape = query.shape, key.shape, value.shape
-    if vshape[-1] != qshape[-1]:
-        raise NotImplementedError(f"{op}: a value head dim ({vshape[-1]}) different from the "
-                                  f"query/key head dim ({qshape[-1]}) is not implemented")
     if kshape[-1] != qshape[-1]:
         raise OrchardShapeError(f"{op}: query and key head dims differ ({qshape[-1]} vs "
                                 f"{kshape[-1]})")
@@ -175,15 +377,52 @@ def scaled_dot_product_attention(
             raise OrchardShapeError(f"{op}: number of heads in key and value ({hkv}) must divide "
                                     f"the number of heads in query ({hq})")
 
+    mask4 = None if attn_mask is None else _sdpa_mask(op, attn_mask, query, q4shape, k4shape,
+                                                      is_causal)
     sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
-    out, _lse, _mask = _FWD(
-        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
-        float(dropout_p), 0, 0, False, bool(deterministic), op,
-        _ops.draw_dropout_rng_state(dropout_p, query.device),
-    )
-    out = out.transpose(1, 2)  # (B, H, L, E)
+    rng = _ops.draw_dropout_rng_state(dropout_p, query.device)
+    if mask4 is None and sink is None:
+        out, _lse, _mask = _FWD(
+            q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
+            float(dropout_p), 0, 0, False, bool(deterministic), op, rng)
+    else:
+        out, _lse, _mask = _FWD(
+            q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
+            float(dropout_p), 0, 0, False, bool(deterministic), op, rng,
+            -1, -1, 0.0, None, sink, mask4, None, None, 0, 0)
+    out = out.transpose(1, 2)  # (B, H, L, Ev)
     if ndim == 4:
         return out
     if ndim == 3:
         return out.squeeze(-3)
     return out.reshape(*qshape[:-3], *out.shape[-3:])
+
+
+def _sdpa_mask(op, attn_mask, query, q4shape, k4shape, is_causal):
+    """SDPA's attn_mask as the rank-4 (B, Hq, L, S) view the kernels read: size-1
+    and missing leading dims become stride-0 broadcasts (no copy). Batch dims
+    beyond one are flattened like the query's (a copy only if they cannot be)."""
+    if not isinstance(attn_mask, _Tensor):
+        raise TypeError(f"{op}: attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+    if is_causal:
+        raise OrchardShapeError(f"{op}: Explicit attn_mask should not be set when is_causal=True "
+                                f"(as in torch)")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.is_floating_point() and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"{op}: the gradient of a float attn_mask (a learnable bias) is "
+                                  f"not implemented; pass attn_mask.detach()")
+    if attn_mask.device != query.device:
+        raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {query.device}")
+    lq, ls = q4shape[2], k4shape[2]
+    full = (*query.shape[:-2], lq, ls)
+    try:
+        m = attn_mask.expand(full)
+    except RuntimeError:
+        raise OrchardShapeError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                                f"broadcast to {full}") from None
+    if m.dim() == 3:  # (N, L, S): one head
+        m = m.unsqueeze(-3)
+    elif m.dim() > 4:
+        m = m.flatten(0, -4)
+    return m

@@ -1,0 +1,376 @@
+"""Feature parity with flash-attn / SDPA: sliding windows, softcap, ALiBi, sinks,
+attn_mask, varlen (+ packed forms), a value head dim of its own, LSE return and
+combine_attention — forward and backward on every backend, against the float64
+dense reference (feature_reference.py) with flash-attn's error rule."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import orchard
+from conftest import DEVICES
+from feature_reference import feature_attention_ref, varlen_attention_ref
+from helpers import check_close_rule, randn
+
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-4, torch.float64: 1e-10}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# name -> (shape (b, sq, sk, hq, hkv, d, dv), flash_attn_func kwargs)
+CASES = {
+    "window_8_4": ((2, 70, 70, 4, 2, 64, 64), dict(window_size=(8, 4))),
+    "window_left_only": ((1, 65, 129, 4, 4, 32, 32), dict(window_size=(17, -1))),
+    "window_right_only": ((1, 96, 64, 2, 2, 64, 64), dict(window_size=(-1, 3))),
+    "window_0_0": ((1, 40, 40, 2, 1, 32, 32), dict(window_size=(0, 0))),
+    "causal_window": ((2, 100, 140, 4, 2, 64, 64), dict(causal=True, window_size=(24, -1))),
+    "window_empty_rows": ((1, 90, 30, 2, 2, 32, 32), dict(window_size=(2, 1))),  # sq > sk
+    "softcap": ((2, 64, 80, 4, 4, 64, 64), dict(softcap=2.5)),
+    "softcap_causal": ((1, 77, 77, 4, 2, 128, 128), dict(softcap=30.0, causal=True)),
+    "alibi": ((2, 64, 96, 4, 4, 64, 64), dict(alibi=(4,))),
+    "alibi_batch_causal": ((2, 80, 80, 4, 2, 32, 32), dict(alibi=(2, 4), causal=True)),
+    "sink": ((2, 64, 64, 4, 4, 64, 64), dict(sink=True)),
+    "sink_causal_empty_rows": ((1, 70, 40, 4, 2, 32, 32), dict(sink=True, causal=True)),
+    "dv_differs": ((2, 48, 80, 4, 2, 64, 32), dict()),
+    "dv_differs_causal": ((1, 64, 64, 2, 2, 96, 64), dict(causal=True)),
+    "everything": ((2, 72, 100, 4, 2, 64, 48),
+                   dict(window_size=(20, 10), softcap=5.0, alibi=(4,), sink=True)),
+}
+
+
+def _make_features(kw, b, hq, device):
+    kw = dict(kw)
+    extra = {}
+    if "alibi" in kw:
+        shape = kw.pop("alibi")
+        extra["alibi_slopes"] = (torch.rand(*shape, dtype=torch.float64) * 0.5).float().to(device)
+    if kw.pop("sink", False):
+        extra["sink"] = randn(hq, dtype=torch.float32, device=device, requires_grad=True)
+    return kw, extra
+
+
+def _ref_kwargs(kw, extra):
+    r = dict(window=tuple(kw.get("window_size", (-1, -1))), causal=kw.get("causal", False),
+             softcap=kw.get("softcap", 0.0))
+    if "alibi_slopes" in extra:
+        r["alibi_slopes"] = extra["alibi_slopes"]
+    return r
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_feature_fwd_bwd_vs_reference(name, dtype, device):
+    (b, sq, sk, hq, hkv, d, dv), kw = CASES[name]
+    kw, extra = _make_features(kw, b, hq, device)
+    q = randn(b, sq, hq, d, dtype=dtype, device=device, requires_grad=True)
+    k = randn(b, sk, hkv, d, dtype=dtype, device=device, requires_grad=True)
+    v = randn(b, sk, hkv, dv, dtype=dtype, device=device, requires_grad=True)
+    do = randn(b, sq, hq, dv, dtype=dtype, device=device)
+    sink = extra.get("sink")
+    out, lse = orchard.flash_attn_func(q, k, v, **kw, **extra, return_softmax_lse=True)
+    inputs = (q, k, v) + ((sink,) if sink is not None else ())
+    got = _grads(out, inputs, do)
+
+    rkw = _ref_kwargs(kw, extra)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s64 = None if sink is None else sink.detach().double().requires_grad_()
+    ref, ref_lse = feature_attention_ref(q64, k64, v64, sink=s64, **rkw)
+    ref_grads = _grads(ref, (q64, k64, v64) + ((s64,) if s64 is not None else ()), do.double())
+
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    sn = None if sink is None else sink.detach().clone().requires_grad_()
+    naive, _ = feature_attention_ref(qn, kn, vn, sink=sn, upcast=False, **rkw)
+    naive_grads = _grads(naive, (qn, kn, vn) + ((sn,) if sn is not None else ()), do)
+
+    assert out.shape == (b, sq, hq, dv) and out.dtype == dtype
+    check_close_rule(out, ref, naive, ATOL[dtype], what=f"out {name} {dtype}")
+    for gname, g, r, n in zip(("dq", "dk", "dv", "dsink"), got, ref_grads, naive_grads):
+        assert torch.isfinite(g).all(), gname
+        # dsink sums over every row: its atol scales with the number of rows.
+        atol = ATOL[dtype] * (4 if gname != "dsink" else 4 * b * sq)
+        check_close_rule(g, r, n, atol, what=f"{gname} {name} {dtype}")
+    lse64, ref_lse = lse.detach().cpu().double(), ref_lse.detach().cpu()
+    assert torch.equal(torch.isfinite(lse64), torch.isfinite(ref_lse)), "LSE -inf pattern"
+    fin = torch.isfinite(ref_lse)
+    assert (lse64[fin] - ref_lse[fin]).abs().max() <= 1e-3 + 1e-4 * ref_lse[fin].abs().max()
+
+
+def _random_cu(lengths, device):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu.to(device)
+
+
+VARLEN = {
+    "plain": (dict(), [37, 0, 64, 5], [50, 3, 64, 0]),
+    "causal": (dict(causal=True), [40, 17, 1, 64], [40, 30, 9, 20]),
+    "window_alibi": (dict(window_size=(6, 3), alibi=(4,)), [33, 70], [45, 70]),
+    "softcap_sink_causal": (dict(softcap=4.0, sink=True, causal=True), [20, 0, 48], [25, 8, 48]),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(VARLEN))
+def test_varlen_vs_reference(name, dtype, device):
+    kw, lq, lk = VARLEN[name]
+    hq, hkv, d = 4, 2, 64
+    kw, extra = _make_features(kw, len(lq), hq, device)
+    cu_q, cu_k = _random_cu(lq, device), _random_cu(lk, device)
+    q = randn(sum(lq), hq, d, dtype=dtype, device=device, requires_grad=True)
+    k = randn(sum(lk), hkv, d, dtype=dtype, device=device, requires_grad=True)
+    v = randn(sum(lk), hkv, d, dtype=dtype, device=device, requires_grad=True)
+    do = randn(sum(lq), hq, d, dtype=dtype, device=device)
+    sink = extra.get("sink")
+    out, lse = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), **kw,
+                                              **extra, return_softmax_lse=True)
+    inputs = (q, k, v) + ((sink,) if sink is not None else ())
+    got = _grads(out, inputs, do)
+
+    rkw = _ref_kwargs(kw, extra)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s64 = None if sink is None else sink.detach().double().requires_grad_()
+    ref, ref_lse = varlen_attention_ref(q64, k64, v64, cu_q.cpu(), cu_k.cpu(), sink=s64, **rkw)
+    ref_grads = _grads(ref, (q64, k64, v64) + ((s64,) if s64 is not None else ()), do.double())
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    sn = None if sink is None else sink.detach().clone().requires_grad_()
+    naive, _ = varlen_attention_ref(qn, kn, vn, cu_q.cpu(), cu_k.cpu(), sink=sn, upcast=False, **rkw)
+    naive_grads = _grads(naive, (qn, kn, vn) + ((sn,) if sn is not None else ()), do)
+
+    assert out.shape == (sum(lq), hq, d) and lse.shape == (hq, sum(lq))
+    check_close_rule(out, ref, naive, ATOL[dtype], what=f"out {name}")
+    for gname, g, r, n in zip(("dq", "dk", "dv", "dsink"), got, ref_grads, naive_grads):
+        if r is None:
+            continue
+        atol = ATOL[dtype] * (4 if gname != "dsink" else 4 * sum(lq))
+        check_close_rule(g, r, n, atol, what=f"{gname} {name}")
+    lse64 = lse.detach().cpu().double()
+    assert torch.equal(torch.isfinite(lse64), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    assert (lse64[fin] - ref_lse.detach()[fin]).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_forms_match_unpacked(device):
+    b, s, h, d = 2, 48, 4, 32
+    qkv = randn(b, s, 3, h, d, device=device, requires_grad=True)
+    out = orchard.flash_attn_qkvpacked_func(qkv, causal=True)
+    ref = orchard.flash_attn_func(*qkv.detach().unbind(2), causal=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape and torch.isfinite(qkv.grad).all()
+    q = randn(b, s, h, d, device=device)
+    kv = randn(b, s, 2, 2, d, device=device)
+    torch.testing.assert_close(orchard.flash_attn_kvpacked_func(q, kv),
+                               orchard.flash_attn_func(q, *kv.unbind(2)), rtol=0, atol=0)
+    lens = [20, 28]
+    cu = _random_cu(lens, device)
+    qkv_v = randn(sum(lens), 3, h, d, device=device)
+    torch.testing.assert_close(
+        orchard.flash_attn_varlen_qkvpacked_func(qkv_v, cu, max(lens), causal=True),
+        orchard.flash_attn_varlen_func(*qkv_v.unbind(1), cu, cu, max(lens), max(lens), causal=True),
+        rtol=0, atol=0)
+    kv_v = randn(sum(lens), 2, 2, d, device=device)
+    torch.testing.assert_close(
+        orchard.flash_attn_varlen_kvpacked_func(qkv_v[:, 0], kv_v, cu, cu, max(lens), max(lens)),
+        orchard.flash_attn_varlen_func(qkv_v[:, 0], *kv_v.unbind(1), cu, cu, max(lens), max(lens)),
+        rtol=0, atol=0)
+
+
+MASK_SHAPES = [(2, 4, 40, 56), (40, 56), (1, 4, 1, 56), (2, 1, 40, 1), (4, 40, 56)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=str)
+def test_sdpa_attn_mask_vs_torch(shape, kind, device):
+    b, h, lq, lk, e = 2, 4, 40, 56, 32
+    q = randn(b, h, lq, e, device=device, requires_grad=True)
+    k = randn(b, h, lk, e, device=device, requires_grad=True)
+    v = randn(b, h, lk, e, device=device, requires_grad=True)
+    if kind == "bool":
+        mask = torch.rand(shape, device=device) > 0.3
+        # torch returns NaN for rows the mask hides entirely: keep one key visible.
+        mask = mask | (torch.arange(lk, device=device) == 0)
+    else:
+        mask = randn(*shape, device=device)
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64,
+                                         attn_mask=mask if kind == "bool" else mask.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    do = randn(*out.shape, device=device)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_mask_reads_broadcast_in_place_and_hidden_rows_are_zero(device, monkeypatch, capfd):
+    q = randn(1, 2, 8, 16, device=device)
+    k = randn(1, 2, 8, 16, device=device)
+    v = randn(1, 2, 8, 16, device=device)
+    mask = torch.ones(8, 8, dtype=torch.bool, device=device)
+    mask[3] = False  # row 3 sees nothing
+    monkeypatch.setenv("ORCHARD_TENSOR_PROFILE", "1")
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out[:, :, 3] == 0).all() and torch.isfinite(out).all()
+    err = capfd.readouterr().err
+    assert "staged" not in err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_value_head_dim(device):
+    q = randn(2, 4, 33, 64, device=device)
+    k = randn(2, 4, 47, 64, device=device)
+    v = randn(2, 4, 47, 24, device=device)
+    out = orchard.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert out.shape == (2, 4, 33, 24)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_combine_attention_equals_attention_over_the_union(device):
+    b, sq, sk, h, d = 2, 37, 90, 4, 32
+    q = randn(b, sq, h, d, device=device)
+    k = randn(b, sk, h, d, device=device)
+    v = randn(b, sk, h, d, device=device)
+    full, full_lse = orchard.flash_attn_func(q, k, v, return_softmax_lse=True)
+    parts = [(0, 30), (30, 31), (31, 90), (90, 90)]  # an empty key set contributes nothing
+    outs, lses = [], []
+    for a, e in parts:
+        o, l = orchard.flash_attn_func(q, k[:, a:e], v[:, a:e], return_softmax_lse=True)
+        outs.append(o)
+        lses.append(l)
+    out, lse = orchard.combine_attention(outs, lses)
+    torch.testing.assert_close(out, full, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse, atol=2e-6, rtol=1e-6)
+    # Rows no partial saw: 0 and -inf, never NaN.
+    ninf = torch.full_like(lses[0], float("-inf"))
+    out0, lse0 = orchard.combine_attention([outs[0], outs[1]], [ninf, ninf])
+    assert (out0 == 0).all() and torch.isneginf(lse0).all()
+
+
+def test_combine_attention_is_differentiable():
+    outs = [randn(1, 5, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    lses = [randn(1, 2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *t: orchard.combine_attention(t[:3], t[3:]),
+                                    (*outs, *lses))
+
+
+GRADCHECK = {
+    "window": dict(window_size=(3, 2)),
+    "softcap": dict(softcap=1.5),
+    "alibi_causal": dict(causal=True, alibi=(2,)),
+    "sink_window": dict(sink=True, window_size=(2, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK))
+def test_gradcheck_float64(name):
+    kw, extra = _make_features(GRADCHECK[name], 1, 2, "cpu")
+    q = randn(1, 9, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = randn(1, 11, 1, 8, dtype=torch.float64, requires_grad=True)
+    v = randn(1, 11, 1, 6, dtype=torch.float64, requires_grad=True)
+    inputs = [q, k, v]
+    if "sink" in extra:
+        extra["sink"] = extra["sink"].detach().double().requires_grad_()
+
+    def fn(q, k, v, *rest):
+        e = dict(extra)
+        if rest:
+            e["sink"] = rest[0].float() if False else rest[0]
+        return orchard.flash_attn_func(q, k, v, **kw, **e)
+    if "sink" in extra:
+        # sink is float32 in the API; check its gradient against finite differences in float64
+        # of the reference instead (the float32 parameter cannot take float64 perturbations).
+        sink32 = extra["sink"].float().detach().requires_grad_()
+        extra["sink"] = sink32
+        assert torch.autograd.gradcheck(lambda q, k, v: orchard.flash_attn_func(q, k, v, **kw, sink=sink32),
+                                        (q, k, v))
+    else:
+        assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+def test_gradcheck_sdpa_float_mask():
+    q = randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True)
+    k = randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    bias = randn(1, 2, 7, 9, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias), (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_with_features_matches_reference_with_returned_mask(device):
+    b, s, h, d = 1, 64, 2, 32
+    q, k, v = (randn(b, s, h, d, device=device) for _ in range(3))
+    slopes = torch.rand(h, device=device)
+    kw = dict(window_size=(10, 5), softcap=3.0)
+    out, lse, keep = orchard.flash_attn_func(q, k, v, dropout_p=0.25, alibi_slopes=slopes,
+                                             return_attn_probs=True, **kw)
+    ref, _ = feature_attention_ref(q, k, v, window=(10, 5), softcap=3.0, alibi_slopes=slopes,
+                                   keep_mask=keep.transpose(0, 0), dropout_p=0.25)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+BAD = [
+    (lambda q, k, v: orchard.flash_attn_func(q, k, v, window_size=(-2, 0)), "window_size"),
+    (lambda q, k, v: orchard.flash_attn_func(q, k, v, window_size=(1,)), "window_size"),
+    (lambda q, k, v: orchard.flash_attn_func(q, k, v, softcap=-1.0), "softcap"),
+    (lambda q, k, v: orchard.flash_attn_func(q, k, v, alibi_slopes=torch.ones(3)), "alibi_slopes"),
+    (lambda q, k, v: orchard.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.float64)),
+     "alibi_slopes must be float32"),
+    (lambda q, k, v: orchard.flash_attn_func(q, k, v, sink=torch.ones(5)), "sink"),
+    (lambda q, k, v: orchard.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=torch.ones(3, 5, dtype=torch.bool)), "does not broadcast"),
+    (lambda q, k, v: orchard.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True), "is_causal"),
+    (lambda q, k, v: orchard.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=torch.ones(8, 8, dtype=torch.int64)), "bool or floating"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_feature_input(case):
+    fn, msg = BAD[case]
+    q, k, v = (randn(1, 8, 4, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=msg) as e:
+        fn(q, k, v)
+    assert str(e.value).startswith("orchard.")
+
+
+VARLEN_BAD = [
+    (dict(cu_q=[0, 4, 8], dtype=torch.int64), "int32"),
+    (dict(cu_q=[0, 6, 4, 8]), "non-decreasing"),
+    (dict(cu_q=[0, 4, 8, 12]), "exceeds"),
+    (dict(max_q=2), "max_seqlen"),
+    (dict(cu_k=[0, 4]), "same length"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(VARLEN_BAD)))
+def test_bad_varlen_input(case):
+    over, msg = VARLEN_BAD[case]
+    q, k, v = (randn(8, 2, 16) for _ in range(3))
+    cu_q = torch.tensor(over.get("cu_q", [0, 3, 5, 8]), dtype=over.get("dtype", torch.int32))
+    cu_k = torch.tensor(over.get("cu_k", [0, 3, 5, 8]), dtype=torch.int32)
+    with pytest.raises(ValueError, match=msg) as e:
+        orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, over.get("max_q", 8), 8)
+    assert str(e.value).startswith("orchard.flash_attn_varlen_func:")
+    assert q.isfinite().all()
+
+
+def test_float_mask_requiring_grad_is_rejected_not_ignored():
+    q, k, v = (randn(1, 2, 8, 16) for _ in range(3))
+    bias = randn(8, 8, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="gradient of a float attn_mask"):
+        orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
