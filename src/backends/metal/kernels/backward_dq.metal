@@ -1,0 +1,109 @@
+// Backward, step 2: dQ = scale * dS K over query tiles, no atomics. One threadgroup per
+// (batch, query head, tile of kDqBlockQ rows); simdgroup s owns rows [8s, 8s + 8). Q and dO
+// stay in simdgroup matrices; for each key tile S = Q K^T and dP = dO V^T go to threadgroup
+// memory, every thread turns its share of them into dS = P * (dP' - delta) with
+// P = exp(scale * S - LSE) (dP' = dP with the dropout mask and 1/(1-p) applied), and
+// dS K accumulates in fp32.
+constant constexpr int kDqSimdgroups = kDqBlockQ / 8;
+constant constexpr int kDqThreads = kDqSimdgroups * 32;
+constant constexpr int kDqStageFloats = (kDqBlockQ > 2 * kDqBlockK ? kDqBlockQ : 2 * kDqBlockK) * kBlockD;
+constant constexpr int kDqK = 0;
+constant constexpr int kDqV = kDqBlockK * kBlockD;
+constant constexpr int kDqS = kDqStageFloats;            // S, then dS
+constant constexpr int kDqP = kDqS + kDqBlockQ * kDqBlockK;  // dP
+constant constexpr int kDqSmemFloats = kDqP + kDqBlockQ * kDqBlockK;
+
+kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const elem_t* k [[buffer(1)]],
+                           device const elem_t* v [[buffer(2)]], device const elem_t* dout [[buffer(3)]],
+                           device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
+                           device elem_t* dq [[buffer(6)]], device const long* rng [[buffer(7)]],
+                           device const long* meta [[buffer(8)]], uint group [[threadgroup_position_in_grid]],
+                           uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
+                           uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float smem[kDqSmemFloats];
+  const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
+  const int group_size = hq / int(meta[kMetaHkv]);
+  const bool causal = meta[kMetaCausal] != 0;
+  const long causal_offset = meta[kMetaCausalOffset];
+  const bool dropout = meta[kMetaDropout] != 0;
+  const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
+  const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
+
+  const int q_tiles = (sq + kDqBlockQ - 1) / kDqBlockQ;
+  const int q0 = int(group) % q_tiles * kDqBlockQ;
+  const int batch_head = int(group) / q_tiles;
+  const int h = batch_head % hq, bi = batch_head / hq, kh = h / group_size;
+  device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead];
+  device const float* delta_h = delta + long(batch_head) * sq;
+  device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
+  device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
+
+  simdgroup_float8x8 qf[kBlockD / 8];
+  simdgroup_float8x8 gf[kBlockD / 8];  // dO
+  simdgroup_float8x8 acc[kBlockD / 8];
+  load_tile(smem, q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead], meta[kMetaQRow], q0, kDqBlockQ, sq, d, tid,
+            kDqThreads);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int c = 0; c < kBlockD / 8; ++c) simdgroup_load(qf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  load_tile(smem, dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead], meta[kMetaDoRow], q0, kDqBlockQ, sq, d, tid,
+            kDqThreads);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int c = 0; c < kBlockD / 8; ++c) {
+    simdgroup_load(gf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
+    acc[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  }
+
+  long k_end = sk;
+  if (causal) {
+    const long last_visible = long(q0 + kDqBlockQ - 1) + causal_offset + 1;
+    k_end = last_visible < k_end ? last_visible : k_end;
+  }
+  for (int k0 = 0; k0 < k_end; k0 += kDqBlockK) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    load_tile(smem + kDqK, kh_ptr, meta[kMetaKRow], k0, kDqBlockK, sk, d, tid, kDqThreads);
+    load_tile(smem + kDqV, vh, meta[kMetaVRow], k0, kDqBlockK, sk, d, tid, kDqThreads);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int n = 0; n < kDqBlockK / 8; ++n) {
+      simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      simdgroup_float8x8 dp = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (int c = 0; c < kBlockD / 8; ++c) {
+        simdgroup_float8x8 t;
+        simdgroup_load(t, smem + kDqK + n * 8 * kBlockD + c * 8, kBlockD, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(s, qf[c], t, s);
+        simdgroup_load(t, smem + kDqV + n * 8 * kBlockD + c * 8, kBlockD, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(dp, gf[c], t, dp);
+      }
+      simdgroup_store(s, smem + kDqS + int(sg) * 8 * kDqBlockK + n * 8, kDqBlockK);
+      simdgroup_store(dp, smem + kDqP + int(sg) * 8 * kDqBlockK + n * 8, kDqBlockK);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int e = int(tid); e < kDqBlockQ * kDqBlockK; e += kDqThreads) {
+      const int row = q0 + e / kDqBlockK, col = k0 + e % kDqBlockK;
+      float ds = 0.0f;
+      if (row < sq && col < sk && visible(row, col, causal, causal_offset)) {
+        const float p = exp(smem[kDqS + e] * scale - lse_h[row]);
+        float dp = smem[kDqP + e];
+        if (dropout) dp = dropout_keep(rng, uint(batch_head), uint(row), uint(col), keep_threshold) ? dp * rescale : 0.0f;
+        ds = p * (dp - delta_h[row]);
+      }
+      smem[kDqS + e] = ds;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int n = 0; n < kDqBlockK / 8; ++n) {
+      simdgroup_float8x8 ds;
+      simdgroup_load(ds, smem + kDqS + int(sg) * 8 * kDqBlockK + n * 8, kDqBlockK);
+      for (int c = 0; c < kBlockD / 8; ++c) {
+        simdgroup_float8x8 kt;
+        simdgroup_load(kt, smem + kDqK + n * 8 * kBlockD + c * 8, kBlockD);
+        simdgroup_multiply_accumulate(acc[c], ds, kt, acc[c]);
+      }
+    }
+  }
+
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int c = 0; c < kBlockD / 8; ++c) simdgroup_store(acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  store_tile(dq + bi * meta[kMetaDqBatch] + h * meta[kMetaDqHead], smem, meta[kMetaDqRow], q0, kDqBlockQ, sq, d, scale,
+             tid, kDqThreads);
+}

@@ -1,0 +1,143 @@
+// Forward: O = softmax(scale * Q K^T) V per (batch, head), and the fp32 LSE.
+// One threadgroup per (batch, query head, tile of kFwdBlockQ query rows); simdgroup s owns
+// rows [8s, 8s + 8) of the tile. Q stays in simdgroup matrices for the whole key loop; K and
+// V tiles of kFwdBlockK rows pass through threadgroup memory. The online softmax of a row is
+// done by one lane (lanes 0..7 of each simdgroup), and the O accumulators are rescaled by
+// multiplying with diag(alpha) — the kernels never address single matrix elements, so the
+// simdgroup_matrix lane layout cannot leak into the results.
+constant constexpr int kFwdSimdgroups = kFwdBlockQ / 8;
+constant constexpr int kFwdThreads = kFwdSimdgroups * 32;
+constant constexpr int kFwdStageFloats = (kFwdBlockQ > 2 * kFwdBlockK ? kFwdBlockQ : 2 * kFwdBlockK) * kBlockD;
+constant constexpr int kFwdK = 0;                                // K tile (during the key loop)
+constant constexpr int kFwdV = kFwdBlockK * kBlockD;             // V tile
+constant constexpr int kFwdS = kFwdStageFloats;                  // scores / probabilities
+constant constexpr int kFwdDiag = kFwdS + kFwdBlockQ * kFwdBlockK;  // one 8x8 diagonal per simdgroup
+constant constexpr int kFwdSmemFloats = kFwdDiag + kFwdSimdgroups * 64;
+
+kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_t* k [[buffer(1)]],
+                        device const elem_t* v [[buffer(2)]], device elem_t* out [[buffer(3)]],
+                        device float* lse [[buffer(4)]], device uchar* mask [[buffer(5)]],
+                        device const long* rng [[buffer(6)]], device const long* meta [[buffer(7)]],
+                        uint group [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                        uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float smem[kFwdSmemFloats];
+  const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
+  const int group_size = hq / int(meta[kMetaHkv]);
+  const bool causal = meta[kMetaCausal] != 0;
+  const long causal_offset = meta[kMetaCausalOffset];
+  const bool dropout = meta[kMetaDropout] != 0;
+  const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
+  const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
+
+  const int q_tiles = (sq + kFwdBlockQ - 1) / kFwdBlockQ;
+  const int q0 = int(group) % q_tiles * kFwdBlockQ;
+  const int batch_head = int(group) / q_tiles;
+  const int h = batch_head % hq, bi = batch_head / hq, kh = h / group_size;
+  device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
+  device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
+  device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
+
+  // Q -> simdgroup matrices (staged through the K/V area); diagonals start at zero.
+  load_tile(smem, qh, meta[kMetaQRow], q0, kFwdBlockQ, sq, d, tid, kFwdThreads);
+  for (int e = int(tid); e < kFwdSimdgroups * 64; e += kFwdThreads) smem[kFwdDiag + e] = 0.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_float8x8 qf[kBlockD / 8];
+  simdgroup_float8x8 acc[kBlockD / 8];
+  for (int c = 0; c < kBlockD / 8; ++c) {
+    simdgroup_load(qf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
+    acc[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  }
+
+  const int row = q0 + int(sg) * 8 + int(lane);  // the row lane < 8 owns
+  // Running max and sum of the row. kNoScore stands for "no visible key yet": a finite
+  // sentinel instead of -inf, since Metal compiles with fast math, which may fold isinf().
+  const float kNoScore = -1.0e30f;
+  float m = kNoScore, l = 0.0f;
+  long k_end = sk;
+  if (causal) {
+    const long last_visible = long(q0 + kFwdBlockQ - 1) + causal_offset + 1;  // beyond it no row sees a key
+    k_end = last_visible < k_end ? last_visible : k_end;
+  }
+  for (int k0 = 0; k0 < k_end; k0 += kFwdBlockK) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // Q staging / last tile's V and S are consumed
+    load_tile(smem + kFwdK, kh_ptr, meta[kMetaKRow], k0, kFwdBlockK, sk, d, tid, kFwdThreads);
+    load_tile(smem + kFwdV, vh, meta[kMetaVRow], k0, kFwdBlockK, sk, d, tid, kFwdThreads);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int n = 0; n < kFwdBlockK / 8; ++n) {
+      simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (int c = 0; c < kBlockD / 8; ++c) {
+        simdgroup_float8x8 kt;
+        simdgroup_load(kt, smem + kFwdK + n * 8 * kBlockD + c * 8, kBlockD, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(s, qf[c], kt, s);
+      }
+      simdgroup_store(s, smem + kFwdS + int(sg) * 8 * kFwdBlockK + n * 8, kFwdBlockK);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (lane < 8) {
+      const int srow = kFwdS + (int(sg) * 8 + int(lane)) * kFwdBlockK;
+      float m_new = m;
+      for (int j = 0; j < kFwdBlockK; ++j) {
+        const int col = k0 + j;
+        if (row < sq && col < sk && visible(row, col, causal, causal_offset)) m_new = max(m_new, smem[srow + j] * scale);
+      }
+      const float alpha = exp(m - m_new);  // 0 when the row saw nothing before (m = kNoScore)
+      float sum = 0.0f;
+      for (int j = 0; j < kFwdBlockK; ++j) {
+        const int col = k0 + j;
+        float p = 0.0f;
+        if (row < sq && col < sk && visible(row, col, causal, causal_offset)) {
+          p = exp(smem[srow + j] * scale - m_new);
+          sum += p;
+          if (dropout)
+            p = dropout_keep(rng, uint(bi * hq + h), uint(row), uint(col), keep_threshold) ? p * rescale : 0.0f;
+        }
+        smem[srow + j] = p;
+      }
+      l = l * alpha + sum;
+      m = m_new;
+      smem[kFwdDiag + int(sg) * 64 + int(lane) * 9] = alpha;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_float8x8 diag;
+    simdgroup_load(diag, smem + kFwdDiag + int(sg) * 64, 8);
+    for (int c = 0; c < kBlockD / 8; ++c) simdgroup_multiply(acc[c], diag, acc[c]);
+    for (int n = 0; n < kFwdBlockK / 8; ++n) {
+      simdgroup_float8x8 p;
+      simdgroup_load(p, smem + kFwdS + int(sg) * 8 * kFwdBlockK + n * 8, kFwdBlockK);
+      for (int c = 0; c < kBlockD / 8; ++c) {
+        simdgroup_float8x8 vt;
+        simdgroup_load(vt, smem + kFwdV + n * 8 * kBlockD + c * 8, kBlockD);
+        simdgroup_multiply_accumulate(acc[c], p, vt, acc[c]);
+      }
+    }
+  }
+
+  // O = acc / l; a row that saw no key (l == 0) gets O = 0 and LSE = -inf.
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (lane < 8) {
+    smem[kFwdDiag + int(sg) * 64 + int(lane) * 9] = l > 0.0f ? 1.0f / l : 0.0f;
+    if (row < sq)
+      lse[bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + row] = l > 0.0f ? m + log(l) : -INFINITY;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_float8x8 diag;
+  simdgroup_load(diag, smem + kFwdDiag + int(sg) * 64, 8);
+  for (int c = 0; c < kBlockD / 8; ++c) {
+    simdgroup_multiply(acc[c], diag, acc[c]);
+    simdgroup_store(acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  store_tile(out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead], smem, meta[kMetaORow], q0, kFwdBlockQ, sq, d, 1.0f,
+             tid, kFwdThreads);
+
+  // The keep-mask, when asked for, covers every (row, col), causally hidden ones included
+  // (as the CPU backend returns it): uint8 (b, hq, sq, sk) contiguous.
+  if (dropout && meta[kMetaWriteMask] != 0) {
+    const int rows = min(kFwdBlockQ, sq - q0);
+    for (long e = long(tid); e < long(rows) * sk; e += kFwdThreads) {
+      const int r = q0 + int(e / sk), col = int(e % sk);
+      mask[(long(batch_head) * sq + r) * sk + col] =
+          dropout_keep(rng, uint(batch_head), uint(r), uint(col), keep_threshold) ? uchar(1) : uchar(0);
+    }
+  }
+}

@@ -1,0 +1,43 @@
+#include "metal_launch.h"
+
+#include "backends/metal/metal_kernels.h"
+#include "emulated_kernels.h"
+
+namespace orchard::metal_emu {
+namespace {
+
+// Kernels take non-const void* buffers; inputs are only read.
+void* buf(const void* p) { return const_cast<void*>(p); }
+
+void run(const metal::Variant& v, const metal::Launch& l, const std::vector<void*>& buffers) {
+  run_emulated(v.name(), l.kernel, l.groups, l.threads_per_group, buffers);
+}
+
+}  // namespace
+
+void emulate_forward(const FwdParams& p) {
+  const metal::Variant v = metal::select_variant(p.dtype, p.d);
+  BwdParams bp;
+  static_cast<FwdParams&>(bp) = p;
+  std::vector<std::int64_t> meta = metal::pack_meta(bp, p.dropout_mask != nullptr);
+  const DropoutKey key = dropout_key(p);
+  std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};
+  std::uint8_t no_mask = 0;
+  run(v, metal::forward_launch(v, p),
+      {buf(p.q), buf(p.k), buf(p.v), p.out, p.lse, p.dropout_mask ? p.dropout_mask : &no_mask, rng, meta.data()});
+}
+
+void emulate_backward(const BwdParams& p) {
+  const metal::Variant v = metal::select_variant(p.dtype, p.d);
+  std::vector<std::int64_t> meta = metal::pack_meta(p, false);
+  const DropoutKey key = dropout_key(p);
+  std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};
+  std::vector<float> delta(metal::backward_delta_floats(p) + 1);
+  run(v, metal::backward_dot_launch(v, p), {buf(p.out), buf(p.dout), delta.data(), meta.data()});
+  run(v, metal::backward_dq_launch(v, p),
+      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dq, rng, meta.data()});
+  run(v, metal::backward_dkdv_launch(v, p),
+      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dk, p.dv, rng, meta.data()});
+}
+
+}  // namespace orchard::metal_emu
