@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from datetime import timedelta
 
@@ -149,7 +150,7 @@ def case_return_lse(rank, w):
 
 
 def case_scale_and_deterministic(rank, w):
-    q, k, v, do = _full_inputs(1, 2 * w * 4, 4, 4, 16, torch.float32, 14)
+    q, k, v, do = _full_inputs(1, 2 * w * 4, 2 * w, w, 16, torch.float32, 14)
     ref = _reference(q, k, v, do, True, scale=0.3)
     for fn in MODES.values():
         ql, kl, vl = (od.shard_sequence(t).requires_grad_(True) for t in (q, k, v))
@@ -165,6 +166,21 @@ def case_unshard_roundtrip(rank, w):
         loc = od.shard_sequence(x, layout=layout)
         torch.testing.assert_close(loc[0], od.shard_positions(x.shape[1], w, rank, layout).float())
         torch.testing.assert_close(od.unshard_sequence(loc, layout=layout), x)
+
+
+def case_torch_compile(rank, w):
+    """Inside a compiled function the ops run eagerly (a graph break), with autograd."""
+    q, k, v, do = _full_inputs(1, 2 * w * 4, 4, 2, 16, torch.float32, 17)
+    ref = _reference(q, k, v, do, True)
+
+    def f(q, k, v):
+        return od.ring_flash_attn_func(q * 1.0, k, v, causal=True) * 2.0
+    cf = torch.compile(f, backend="eager")
+    ql, kl, vl = (od.shard_sequence(t).requires_grad_(True) for t in (q, k, v))
+    out = cf(ql, kl, vl)
+    out.backward(od.shard_sequence(do))
+    for got, r, factor in zip((out, ql.grad, kl.grad, vl.grad), ref, (2, 2, 2, 2)):
+        torch.testing.assert_close(got, factor * od.shard_sequence(r), **FP32_TOL)
 
 
 def _expect_error(fn, exc, *needles):
@@ -266,6 +282,7 @@ def suite(w):
             "bf16-allgather": case_bf16_allgather,
             "strided-inputs": case_strided_inputs,
             "device-mesh": case_device_mesh,
+            "torch-compile": case_torch_compile,
         })
     for name, fn in extra.items():
         cases[name] = lambda rank, fn=fn: fn(rank, w)
@@ -278,13 +295,16 @@ def worker(rank, w, init_file, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=w,
                             timeout=timedelta(seconds=60))
     results = {}
+    times = results["_seconds"] = {}
     try:
         for name, fn in suite(w).items():
+            t0 = time.perf_counter()
             try:
                 fn(rank)
                 results[name] = "ok"
             except Exception:  # noqa: BLE001 - reported to the parent
                 results[name] = traceback.format_exc()
+            times[name] = round(time.perf_counter() - t0, 3)
             with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
                 json.dump(results, f)
     finally:

@@ -4,7 +4,7 @@ local lengths, forward and backward against single-process Orchard on the
 gathered sequence (fp32, 1e-5), the number of exchanges, and errors raised on
 every rank for bad input.
 
-One torch.multiprocessing spawn per world size (2 and 4 ranks) runs all of its
+One torch.multiprocessing spawn per world size (2, 3 and 4 ranks) runs all of its
 cases in one process group (tests/python/distributed_worker.py); each case is
 reported here as its own test."""
 
@@ -22,7 +22,7 @@ import orchard
 import orchard.distributed as od
 from orchard.distributed._merge import merge_attention
 
-WORLD_SIZES = (2, 4)
+WORLD_SIZES = (2, 3, 4)
 _RESULTS: dict = {}
 
 

@@ -92,6 +92,7 @@ class _AllGatherAttention(torch.autograd.Function):
                 None, None, None)
 
 
+@torch.compiler.disable  # eager collectives: a graph break under torch.compile
 def allgather_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None,
                               layout="zigzag", dropout_p=0.0, deterministic=False,
                               check_inputs=True):

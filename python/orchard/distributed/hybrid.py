@@ -65,6 +65,7 @@ def hybrid_unshard_sequence(x_local, ulysses_group, ring_group, layout="zigzag",
     return unshard_sequence(ring_shard, ring_group, layout=layout, dim=dim)
 
 
+@torch.compiler.disable  # eager collectives: a graph break under torch.compile
 def hybrid_flash_attn_func(q, k, v, ulysses_group, ring_group, causal=False, softmax_scale=None,
                            layout="zigzag", dropout_p=0.0, deterministic=False,
                            check_inputs=True):

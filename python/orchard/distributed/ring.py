@@ -147,6 +147,7 @@ def ring_attention(q, k, v, info, scale, causal, layout, deterministic, op):
     return _RingAttention.apply(q, k, v, info, scale, causal, layout, deterministic, op)
 
 
+@torch.compiler.disable  # eager collectives: a graph break under torch.compile
 def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None,
                          layout="zigzag", dropout_p=0.0, deterministic=False, return_lse=False,
                          check_inputs=True):

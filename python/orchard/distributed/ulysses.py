@@ -87,6 +87,7 @@ class _UlyssesAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # eager collectives: a graph break under torch.compile
 def ulysses_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None,
                             layout="zigzag", dropout_p=0.0, deterministic=False,
                             check_inputs=True):
