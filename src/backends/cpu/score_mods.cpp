@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 
+#include "backends/cpu/simd.h"
 #include "orchard/numeric.h"
 
 namespace orchard::cpu {
@@ -53,6 +54,41 @@ void add_bias_row(const ScoreMods<T>& m, T* sr, std::int64_t i, std::int64_t j0,
   }
 }
 
+// softcap * tanh(in * x) over a whole fp32 tile row (bc % 8 == 0), and
+// 1 - tanh^2 into dr when given. std::tanh made a softcapped forward 4x
+// slower than a plain one (fp32 s1024 d64, one core: 141 vs 35 ms); this is
+// tanh|y| = (1 - e) / (1 + e), e = 2^(-2 log2(e) |y|) from the vector exp2.
+// Its error is absolute, ~1e-7 (relative near 0): the score error is
+// ~1e-7 * softcap, a couple of ulps of the largest scores, which is what the
+// softmax sees.
+ORCHARD_CPU_CLONES
+void softcap_row_f32(float* sr, float* dr, int bc, float in, float cap) {
+  constexpr float kMinus2Log2e = -2.8853900817779268f;
+  for (int j = 0; j < bc; j += 8) {
+    const vf32 y = vload<vf32>(sr + j) * in;
+    const vf32 a = y < 0.0f ? -y : y;
+    const vf32 e = exp2_f32(a * kMinus2Log2e);
+    vf32 t = (1.0f - e) / (1.0f + e);
+    t = y < 0.0f ? -t : t;
+    vstore(sr + j, t * cap);
+    if (dr) vstore(dr + j, 1.0f - t * t);
+  }
+}
+
+template <class T>
+void softcap_row(T* sr, T* dr, int first, int end, int bc, T in, T cap) {
+  if constexpr (sizeof(T) == 4) {
+    (void)first; (void)end;
+    softcap_row_f32(sr, dr, bc, in, cap);  // the whole row: vector width, no tail
+  } else {
+    for (int j = first; j < end; ++j) {
+      const T t = std::tanh(sr[j] * in);
+      sr[j] = cap * t;
+      if (dr) dr[j] = T(1) - t * t;
+    }
+  }
+}
+
 template <class T>
 void apply_impl(const ScoreMods<T>& m, T* s, int rows, int bc, std::int64_t i0, std::int64_t j0,
                 const int* first, const int* end, T* dcap) {
@@ -61,16 +97,10 @@ void apply_impl(const ScoreMods<T>& m, T* s, int rows, int bc, std::int64_t i0, 
     T* sr = s + std::int64_t(r) * bc;
     const int f = first[r], e = end[r];
     const std::int64_t i = i0 + r;
-    for (int j = 0; j < f; ++j) sr[j] = ninf;
     if (m.softcap > 0) {
       // softcap * tanh(scale * x / softcap), with the two constants folded.
-      const T in = m.scale / m.softcap, cap = m.softcap;
-      T* dr = dcap ? dcap + std::int64_t(r) * bc : nullptr;
-      for (int j = f; j < e; ++j) {
-        const T t = std::tanh(sr[j] * in);
-        sr[j] = cap * t;
-        if (dr) dr[j] = T(1) - t * t;
-      }
+      softcap_row(sr, dcap ? dcap + std::int64_t(r) * bc : nullptr, f, e, bc, m.scale / m.softcap,
+                  m.softcap);
     } else {
       for (int j = f; j < e; ++j) sr[j] *= m.scale;
     }
@@ -84,6 +114,7 @@ void apply_impl(const ScoreMods<T>& m, T* s, int rows, int bc, std::int64_t i0, 
       }
     }
     if (m.bias) add_bias_row(m, sr, i, j0, f, e);
+    for (int j = 0; j < f; ++j) sr[j] = ninf;  // last: the softcap pass may cover the whole row
   }
 }
 

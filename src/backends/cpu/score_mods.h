@@ -35,7 +35,7 @@ ScoreMods<T> score_mods_for(const FwdParams& p, const SeqSpan& s, int bi, int h)
 // Rewrites raw q.k scores of a tile (rows x bc, ld bc; query rows i0 + r,
 // key columns j0 + j, local to the sequence) into final scores in natural
 // units over columns [first[r], end[r]); columns before first[r] become -inf,
-// those from end[r] on are left alone (the softmax masks them). With `dcap`
+// those from end[r] on may hold anything finite (the softmax masks them). With `dcap`
 // (backward, softcap set) it also stores 1 - tanh^2 there, the softcap's
 // derivative, for softcap_grad.
 void apply_score_mods(const ScoreMods<float>& m, float* s, int rows, int bc, std::int64_t i0,
