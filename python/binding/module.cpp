@@ -253,6 +253,8 @@ nb::dict build_info() {
 
 }  // namespace
 
+void register_metal(nb::module_& m);  // python/binding/metal.cpp
+
 NB_MODULE(_C, m) {
   m.doc() =
       "Orchard's C++ core: fused attention forward/backward over DLPack arrays (BSHD logical "
@@ -293,6 +295,7 @@ NB_MODULE(_C, m) {
         "causal_top_left"_a, "dropout_p"_a, "seed"_a, "offset"_a, "deterministic"_a, "stream"_a,
         "op_name"_a, "features"_a.none() = nb::none(), "dsink"_a.none() = nb::none(),
         "Bytes of scratch backward() needs for these arguments.");
+  register_metal(m);
   m.def("build_info", &build_info,
         "Build facts: version, cuda_compiled, cuda_archs, openmp, cpu_threads, cuda_devices.");
 }

@@ -278,6 +278,10 @@ def _launch_on_device_of(t, launch):
 def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                     return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None,
                     *features):
+    from . import _mps  # the Metal backend (MPS tensors) launches from Python
+    if _mps.handles(q):
+        return _mps.forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
+                            return_mask, op_name, rng_state, features)
     if not features:
         features = _FEATURE_DEFAULTS
     cu_q, max_q, max_k = features[6], features[8], features[9]
@@ -318,6 +322,10 @@ def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, se
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
                      seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None,
                      *features):
+    from . import _mps  # the Metal backend (MPS tensors) launches from Python
+    if _mps.handles(q):
+        return _mps.backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
+                             seed, offset, op_name, rng_state, features)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

@@ -3,6 +3,8 @@
 // those sources through the emulator's shim. So the emulator runs the same text that
 // torch.mps.compile_shader would compile, prelude included.
 #include <cstdio>
+#include <cstdlib>
+#include <vector>
 #include <fstream>
 #include <string>
 
@@ -21,12 +23,17 @@ void write_file(const std::string& path, const std::string& text) {
 
 }  // namespace
 
+// usage: orchard_metal_emit OUTPUT_DIR [BUCKET...]  (default: every head-dim bucket; the
+// Python stand-in builds a subset to keep the package build short)
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: orchard_metal_emit OUTPUT_DIR\n");
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: orchard_metal_emit OUTPUT_DIR [BUCKET...]\n");
     return 2;
   }
   const std::string dir = argv[1];
+  std::vector<int> buckets;
+  for (int i = 2; i < argc; ++i) buckets.push_back(std::atoi(argv[i]));
+  if (buckets.empty()) buckets = orchard::metal::head_dim_buckets();
   const std::pair<orchard::DType, const char*> dtypes[] = {
       {orchard::DType::kFloat32, "fp32"}, {orchard::DType::kFloat16, "fp16"}, {orchard::DType::kBFloat16, "bf16"}};
   for (const auto& [dtype, tag] : dtypes) {
@@ -34,8 +41,12 @@ int main(int argc, char** argv) {
                      " Metal variants compiled as C++ through the emulator shim.\n"
                      "#include \"emulated_kernels.h\"\n#include <metal_stdlib>\n\n";
     std::string reg = std::string("namespace orchard::metal_emu {\nvoid register_") + tag + "(VariantRegistry& r) {\n";
-    for (int bucket : orchard::metal::head_dim_buckets()) {
+    for (int bucket : buckets) {
       const orchard::metal::Variant v = orchard::metal::select_variant(dtype, bucket);
+      if (v.block_d != bucket) {
+        std::fprintf(stderr, "orchard_metal_emit: %d is not a head-dim bucket\n", bucket);
+        return 2;
+      }
       const std::string name = v.name();
       write_file(dir + "/" + name + ".metal", orchard::metal::variant_source(v));
       tu += "namespace " + name + " {\n#include \"" + name + ".metal\"\n}  // namespace " + name + "\n\n";

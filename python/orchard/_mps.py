@@ -1,0 +1,294 @@
+"""Orchard's Metal backend on PyTorch's MPS device.
+
+The C++ core picks the kernel variant (dtype x head-dim bucket), the launch geometry
+and the packed scalar arguments, and hands back the variant's MSL source
+(``_C.metal_variant`` / ``metal_plan`` / ``metal_meta``). This module compiles that
+source with ``torch.mps.compile_shader`` once per variant (``_LIBRARIES``) and calls
+the kernels, which torch encodes on its current MPS stream, ordered with every other
+MPS op and without a synchronize. Tensors are bound as their storage's MTLBuffer plus
+the view's offset, whatever the storage mode — zero-copy; strides travel in the
+``meta`` buffer. Nothing is cloned.
+
+Kernels: ``orchard_fwd`` (O and the fp32 LSE, optional dropout keep-mask), and the
+backward as ``orchard_bwd_dot`` (delta = rowsum(dO * O)), ``orchard_bwd_dq`` and
+``orchard_bwd_dkdv`` (no atomics: the backward is deterministic).
+
+Verified only on an emulated Metal execution model (tests/metal, and the test
+stand-in below); it has not yet run on Apple hardware.
+
+Test stand-in: ``use_compiler(fn)`` replaces ``torch.mps.compile_shader`` and, while
+set, routes calls on CPU tensors here too, so the tests run this whole path (argument
+order, dtypes, strides, geometry, autograd, logs) on CPU tensors through
+``orchard._metal_emulator``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from . import _C
+
+# The kernels' buffer order, as declared in src/backends/metal/kernels/*.metal.
+_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta")
+_DOT_ARGS = ("out", "dout", "delta", "meta")
+_DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta")
+_DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta")
+_KERNEL_ARGS = {"orchard_fwd": _FWD_ARGS, "orchard_bwd_dot": _DOT_ARGS,
+                "orchard_bwd_dq": _DQ_ARGS, "orchard_bwd_dkdv": _DKDV_ARGS}
+
+_MIN_TORCH = (2, 7)  # torch.mps.compile_shader became public in 2.7
+_SUPPORTED = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_FEATURE_NAMES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink", "attn_mask",
+                  "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+_FEATURE_DEFAULTS = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
+_U63 = 1 << 63
+
+_LIBRARIES: dict = {}  # variant name -> compiled library
+_compiler = None       # test stand-in for torch.mps.compile_shader (see use_compiler)
+
+
+@contextlib.contextmanager
+def use_compiler(compile_shader):
+    """Tests only: use ``compile_shader`` instead of torch.mps.compile_shader, and
+    route calls on CPU tensors through the MPS path while the context is active."""
+    global _compiler
+    previous, _compiler = _compiler, compile_shader
+    _LIBRARIES.clear()
+    try:
+        yield
+    finally:
+        _compiler = previous
+        _LIBRARIES.clear()
+
+
+def handles(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` runs here: MPS tensors, or CPU tensors under the stand-in."""
+    return t.device.type == "mps" or (_compiler is not None and t.device.type == "cpu")
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def _compile_shader(op_name):
+    if _compiler is not None:
+        return _compiler
+    if _torch_version() < _MIN_TORCH or not hasattr(torch.mps, "compile_shader"):
+        raise RuntimeError(f"{op_name}: the Metal (MPS) backend needs torch >= 2.7 "
+                           f"(torch.mps.compile_shader); this is torch {torch.__version__}")
+    return torch.mps.compile_shader
+
+
+def _library(variant, source, op_name):
+    lib = _LIBRARIES.get(variant)
+    if lib is None:
+        compile_shader = _compile_shader(op_name)
+        try:
+            lib = compile_shader(source)
+        except Exception as e:  # the Metal compiler's message is in e
+            raise RuntimeError(f"{op_name}: compiling the Metal kernels of variant {variant} failed: {e}") from e
+        _LIBRARIES[variant] = lib
+    return lib
+
+
+def _check(q, k, v, features, op_name):
+    """Everything that can be rejected before anything runs (ValueError /
+    NotImplementedError with the op name in front)."""
+    _compile_shader(op_name)  # torch version
+    if features:
+        for name, value, default in zip(_FEATURE_NAMES, features, _FEATURE_DEFAULTS):
+            if (value is not None) if default is None else (value != default):
+                raise NotImplementedError(f"{op_name}: {name} is not supported by the Metal (MPS) backend yet")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op_name}: q, k, v must be rank 4 (batch, seq, heads, head_dim) on MPS")
+    if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{op_name}: the Metal (MPS) backend supports float16, bfloat16 and float32 "
+                         f"(q, k, v of one dtype), got {q.dtype}, {k.dtype}, {v.dtype}")
+    why = _C.metal_check_support(_SUPPORTED[q.dtype], int(q.shape[-1]))
+    if why:
+        raise ValueError(f"{op_name}: {why}")
+    b, sq, hq, d = q.shape
+    if (k.shape[0], k.shape[3]) != (b, d) or k.shape != v.shape:
+        raise ValueError(f"{op_name}: k and v must be (batch, seq_k, kv_heads, {d}) like q's batch and head dim, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] == 0 or hq % k.shape[2] != 0:
+        raise ValueError(f"{op_name}: number of query heads ({hq}) must be a multiple of key/value heads "
+                         f"({k.shape[2]})")
+
+
+def _readable(name, t, staged, op_name, direction):
+    """The kernels read any strides but need a unit last-dim stride; anything else
+    gets one staged copy (logged), as the C++ bridge does for the other backends."""
+    if t.stride(-1) == 1 or t.shape[-1] == 1:
+        _profile(op_name, direction, name, t, "zero-copy")
+        return t
+    staged.append(name)
+    _profile(op_name, direction, name, t, "staged (last-dim stride != 1)")
+    return t.contiguous()
+
+
+def _storage_mode(t):
+    if t.device.type != "mps":
+        return "cpu (emulated MPS)"
+    # Inferred from torch's MPS allocator, which PyTorch does not expose: tensors are in
+    # private storage before 2.12 and shared from 2.12 on. Either way they are bound
+    # zero-copy (MTLBuffer + offset).
+    return "shared" if _torch_version() >= (2, 12) else "private"
+
+
+def _profile(op_name, direction, name, t, decision):
+    if not _C.metal_tensor_profile_enabled():
+        return
+    shape = ", ".join(str(s) for s in t.shape)
+    strides = ", ".join(str(s) for s in t.stride())
+    dtype = str(t.dtype).replace("torch.", "")
+    _C.metal_tensor_profile_line(f"{op_name} {direction} {name}: {dtype}[{shape}] strides [{strides}] mps "
+                                 f"storage={_storage_mode(t)} -> {decision}")
+
+
+def _bshd(t):
+    return [t.stride(0), t.stride(1), t.stride(2)]
+
+
+def _signed64(x):
+    x = int(x) & 0xFFFFFFFFFFFFFFFF
+    return x - (1 << 64) if x >= _U63 else x
+
+
+def _rng_tensor(rng_state, seed, offset, dropout_p, meta):
+    """The int64 (seed, offset) buffer; without dropout the kernels never read it, and
+    `meta` stands in (no allocation)."""
+    if dropout_p <= 0.0:
+        return meta
+    if rng_state is not None:
+        return rng_state
+    return torch.tensor([_signed64(seed), _signed64(offset)], dtype=torch.int64).to(meta.device)
+
+
+def _empty_like_unit_last(t):
+    """Output like t (its layout when dense), with the unit last-dim stride the kernels write."""
+    e = torch.empty_like(t)
+    return e if e.dim() == 0 or e.stride(-1) == 1 or e.shape[-1] == 1 else torch.empty(t.shape, dtype=t.dtype,
+                                                                                       device=t.device)
+
+
+def _synchronize(device):
+    if device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _dispatch(lib, plan, buffers, log):
+    """Calls each (kernel, groups, threads) of plan with its buffers in declaration order."""
+    device = buffers["meta"].device
+    timed = log is not None
+    if timed:
+        _synchronize(device)
+        t0 = time.perf_counter()
+    for kernel, groups, threads in plan:
+        if groups == 0:
+            continue
+        args = [buffers[name] for name in _KERNEL_ARGS[kernel]]
+        getattr(lib, kernel)(*args, threads=groups * threads, group_size=threads)
+    if timed:
+        _synchronize(device)
+        log(f"{(time.perf_counter() - t0) * 1e3:.4f}")
+
+
+def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged):
+    if not _C.metal_debug_log_enabled():
+        return None
+    call = _C.metal_next_call_number()
+    b, sq, sk, hq, hkv, d = sizes
+    causal_text = f"1(offset {causal_offset})" if causal else "0"
+    head = (f"{direction} #{call} op={op_name} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv} d={d} "
+            f"dtype={dtype} causal={causal_text} dropout={dropout_p:g} scale={scale:g} backend=mps "
+            f"variant={variant} staged={staged} elapsed_ms=")
+    return lambda elapsed: _C.metal_debug_log_line(head + elapsed)
+
+
+def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device):
+    values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
+                           float(dropout_p), float(scale), bool(write_mask))
+    # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
+    # 40 scalars, and compile_shader passes Python scalars one slot each.
+    return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
+            op_name="orchard.flash_attn", rng_state=None, features=()):
+    """The MPS forward: (out, lse, mask) like _ops._forward_kernel."""
+    _check(q, k, v, features, op_name)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    out = _empty_like_unit_last(q)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    write_mask = bool(return_mask) and dropout_p > 0.0
+    if return_mask:
+        mask = torch.empty(b, hq, sq, sk, dtype=torch.uint8, device=q.device)
+        if not write_mask:
+            mask.fill_(1)  # no dropout: everything is kept
+    else:
+        mask = torch.empty(0, dtype=torch.uint8, device=q.device)
+    if b == 0 or sq == 0 or hq == 0:
+        return out, lse, mask
+
+    staged = []
+    q_, k_, v_ = (_readable(n, t, staged, op_name, "fwd") for n, t in (("q", q), ("k", k), ("v", v)))
+    _profile(op_name, "fwd", "out", out, "zero-copy")
+    _profile(op_name, "fwd", "lse", lse, "zero-copy")
+    causal_offset = 0 if (not causal or causal_top_left) else sk - sq
+    sizes = (b, sq, sk, hq, hkv, d)
+    dtype = _SUPPORTED[q.dtype]
+    variant, source = _C.metal_variant(dtype, d)
+    strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
+    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device)
+    buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
+               "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
+               "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta}
+    log = _log_line("FWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
+                    len(staged))
+    _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes), buffers, log)
+    return out, lse, mask
+
+
+def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
+             op_name="orchard.flash_attn", rng_state=None, features=()):
+    """The MPS backward: (dq, dk, dv) like _ops._backward_kernel (deterministic: no atomics)."""
+    _check(q, k, v, features, op_name)
+    dq, dk, dv = _empty_like_unit_last(q), _empty_like_unit_last(k), _empty_like_unit_last(v)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    if b == 0 or hq == 0 or (sq == 0 and sk == 0):
+        return dq, dk, dv
+    if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
+        raise ValueError(f"{op_name}: dout and out must be shaped like q and of its dtype")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (b, hq, sq) or (sq > 1 and lse.stride(2) != 1):
+        raise ValueError(f"{op_name}: lse must be float32 (batch, heads, seq_q) with a unit row stride")
+
+    staged = []
+    named = (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout))
+    q_, k_, v_, out_, dout_ = (_readable(n, t, staged, op_name, "bwd") for n, t in named)
+    for n, t in (("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+        _profile(op_name, "bwd", n, t, "zero-copy")
+    causal_offset = 0 if (not causal or causal_top_left) else sk - sq
+    sizes = (b, sq, sk, hq, hkv, d)
+    dtype = _SUPPORTED[q.dtype]
+    variant, source = _C.metal_variant(dtype, d)
+    strides = (_bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out_) + _bshd(dout_) + _bshd(dq) + _bshd(dk)
+               + _bshd(dv))
+    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device)
+    buffers = {"q": q_, "k": k_, "v": v_, "out": out_, "dout": dout_, "lse": lse,
+               "delta": torch.empty(max(1, b * hq * sq), dtype=torch.float32, device=q.device),
+               "dq": dq, "dk": dk, "dv": dv, "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta),
+               "meta": meta}
+    log = _log_line("BWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
+                    len(staged))
+    _dispatch(_library(variant, source, op_name), _C.metal_plan("bwd", dtype, sizes), buffers, log)
+    return dq, dk, dv

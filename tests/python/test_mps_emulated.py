@@ -1,0 +1,190 @@
+"""The Python MPS path (python/orchard/_mps.py) end to end on CPU tensors posing as MPS:
+a stand-in for torch.mps.compile_shader hands the kernel calls to orchard._metal_emulator,
+which runs the same Metal kernels (built from the variant sources the C++ core emits) on
+the emulated Metal execution model. Argument order, dtypes, strides, launch geometry,
+autograd, the debug/profile logs and the error rules are all exercised; only the Metal
+compiler and the GPU are not. The emulator module is built for head dims <= 64."""
+
+import os
+
+import pytest
+import torch
+
+import orchard
+import orchard_ops
+from orchard import _mps
+
+from helpers import attention_ref, check_close_rule, randn
+
+emulator = pytest.importorskip("orchard._metal_emulator",
+                               reason="orchard was built without ORCHARD_PY_METAL_EMULATOR")
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+class EmulatedLibrary:
+    """What compile_shader returns: kernels callable as lib.name(*tensors, threads=, group_size=)."""
+
+    def __init__(self, source):
+        first = source.splitlines()[0]
+        if "variant " not in first:
+            raise RuntimeError("program_source:1:1: error: not an Orchard variant source")
+        self.variant = first.split("variant ")[1].split()[0]
+        if self.variant not in emulator.variants():
+            raise RuntimeError(f"{self.variant} is not built into orchard._metal_emulator")
+        self.calls = []
+
+    def __getattr__(self, kernel):
+        def call(*args, threads, group_size):
+            # compile_shader binds tensors (buffer + storage offset) in argument order.
+            assert all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args), kernel
+            assert isinstance(threads, int) and isinstance(group_size, int) and threads % group_size == 0
+            self.calls.append(kernel)
+            emulator.run(self.variant, kernel, threads // group_size, group_size, [a.data_ptr() for a in args])
+        return call
+
+
+@pytest.fixture
+def emulated():
+    """The compiled sources, in order, while the stand-in is active."""
+    compiled = []
+
+    def compile_shader(source):
+        compiled.append(source)
+        return EmulatedLibrary(source)
+
+    with _mps.use_compiler(compile_shader):
+        yield compiled
+
+
+def _grads(fn, *inputs, dout):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_forward_backward(emulated, dtype, causal):
+    # GQA, sq != sk (bottom-right causal), tails, head dim below its bucket.
+    b, sq, sk, hq, hkv, d = 2, 19, 27, 4, 2, 40
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
+    dout = randn(b, sq, hq, d, dtype=dtype)
+    out, grads = _grads(lambda q, k, v: orchard.flash_attn_func(q, k, v, causal=causal), q, k, v, dout=dout)
+    ref, ref_grads = _grads(lambda q, k, v: attention_ref(q, k, v, causal=causal)[0], q.double(), k.double(),
+                            v.double(), dout=dout.double())
+    naive, naive_grads = _grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=False)[0],
+                                q, k, v, dout=dout)
+    check_close_rule(out, ref, naive, ATOL[dtype], "out")
+    for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        check_close_rule(g, r, n, ATOL[dtype], "d" + name)
+    assert len(emulated) == 1  # forward and backward share one compiled variant
+
+
+def test_sdpa_bhsd_strided_views_top_left_causal(emulated):
+    # BHSD storage sliced out of larger tensors: read in place through strides.
+    big = randn(1, 3, 40, 70)
+    q, k, v = big[:, :, 3:20, 5:69], big[:, :, 1:38, 2:66], big[:, :, 0:37, 4:68]
+    dout = randn(1, 3, 17, 64)
+    f = lambda q, k, v: orchard.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    out, grads = _grads(f, q, k, v, dout=dout)
+    ref_f = lambda q, k, v: attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,  # noqa: E731
+                                          top_left=True)[0].transpose(1, 2)
+    ref, ref_grads = _grads(ref_f, q.double(), k.double(), v.double(), dout=dout.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
+
+
+def test_dropout_mask_matches_cpu_backend_and_gradients_use_it(emulated):
+    b, sq, sk, hq, hkv, d = 1, 23, 29, 2, 1, 32
+    q, k, v = randn(b, sq, hq, d), randn(b, sk, hkv, d), randn(b, sk, hkv, d)
+    p, seed, offset = 0.3, 0x1234_5678_9ABC_DEF0, 7
+    args = (1.0 / d ** 0.5, True, False, p, seed, offset, True)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, _lse, mask = orchard._ops.flash_attn_forward(qg, kg, vg, *args)
+    with _mps.use_compiler(None):  # the CPU backend, same key
+        _, _, cpu_mask = orchard._ops.flash_attn_forward(q, k, v, *args)
+    assert torch.equal(mask, cpu_mask)
+    assert abs(1.0 - mask.float().mean().item() - p) < 0.05
+    dout = randn(b, sq, hq, d)
+    out.backward(dout)
+    ref, ref_grads = _grads(lambda q, k, v: attention_ref(q, k, v, causal=True, keep_mask=mask, dropout_p=p)[0],
+                            q.double(), k.double(), v.double(), dout=dout.double())
+    torch.testing.assert_close(out.detach().double(), ref, atol=2e-5, rtol=0)
+    for g, r in zip((qg.grad, kg.grad, vg.grad), ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
+
+
+def test_smoke_orchard_ops_with_debug_logs(emulated, tmp_path, monkeypatch, capfd):
+    # The original module's smoke test: (2, 4, 64) tensors, loss.backward(), both debug switches.
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_TENSOR_PROFILE", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    q, k, v = (randn(2, 4, 64, requires_grad=True) for _ in range(3))
+    out, mask = orchard_ops.flash_attn_fwd(q, k, v)
+    out.sum().backward()
+    err = capfd.readouterr().err
+    log = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text()
+    assert "FWD #" in log and "BWD #" in log
+    assert "backend=mps variant=metal_fp32_d64 staged=0" in log.splitlines()[0]
+    # out.sum().backward() hands over an expanded dout (all strides 0): one staged copy.
+    assert "backend=mps variant=metal_fp32_d64 staged=1" in log.splitlines()[1]
+    assert "dout: float32[2, 4, 1, 64] strides [0, 0, 0, 0] mps storage=cpu (emulated MPS) -> staged" in err
+    assert "op=orchard_ops.flash_attn_fwd b=2 sq=4 sk=4 hq=1 hkv=1 d=64" in log
+    for name in ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv"):
+        assert f" {name}: float32[" in err, name
+    assert "mps storage=" in err and "-> zero-copy" in err
+    assert mask.numel() == 0
+    with _mps.use_compiler(None):  # the same on the CPU backend
+        q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out2, _ = orchard_ops.flash_attn_fwd(q2, k2, v2)
+        out2.sum().backward()
+    torch.testing.assert_close(out, out2, atol=1e-5, rtol=0)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0)
+
+
+def test_compiles_once_per_variant(emulated):
+    for dtype in (torch.float16, torch.float16, torch.bfloat16):
+        q = randn(1, 9, 2, 16, dtype=dtype)
+        orchard.flash_attn_func(q, q, q)
+    assert len(emulated) == 2
+    assert "typedef half elem_t;" in emulated[0] and "typedef bfloat elem_t;" in emulated[1]
+
+
+def test_unsupported_dtype_and_head_dim_fail_before_anything_runs(emulated):
+    q = randn(1, 4, 2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^orchard.flash_attn_func: .*float16, bfloat16 and float32"):
+        orchard.flash_attn_func(q, q, q)
+    q = randn(1, 4, 2, 264)
+    with pytest.raises(ValueError, match=r"^orchard.flash_attn_func: .*head dims 1..256, got 264"):
+        orchard.flash_attn_func(q, q, q)
+    assert emulated == []
+
+
+def test_new_features_are_rejected():
+    q = randn(1, 4, 2, 16)
+    with _mps.use_compiler(lambda src: EmulatedLibrary(src)):
+        with pytest.raises(NotImplementedError, match=r"^op: window_left is not supported by the Metal"):
+            _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
+                         (8, -1, 0.0, None, None, None, None, None, 0, 0))
+
+
+def test_compile_failure_names_variant_and_compiler_message():
+    def broken(source):
+        raise RuntimeError("program_source:12:3: error: use of undeclared identifier 'x'")
+
+    q = randn(1, 4, 2, 16, dtype=torch.bfloat16)
+    with _mps.use_compiler(broken):
+        with pytest.raises(RuntimeError, match=r"orchard.flash_attn_func: compiling the Metal kernels of variant "
+                                               r"metal_bf16_d32 failed: program_source:12:3: error"):
+            orchard.flash_attn_func(q, q, q)
+
+
+def test_old_torch_is_refused_with_its_version(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    with pytest.raises(RuntimeError, match=r"^orchard.flash_attn_func: .*torch >= 2.7.*this is torch 2.6.0"):
+        _mps._compile_shader("orchard.flash_attn_func")
