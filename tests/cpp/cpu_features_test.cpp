@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/kernel_common.h"
 #include "core/backend.h"
 #include "feature_reference.h"
 #include "orchard/numeric.h"
@@ -494,6 +495,52 @@ TEST(CpuFeaturesEdge, BackwardIsDeterministic) {
     EXPECT_EQ(0, std::memcmp(r.dsink.data(), dsink.data(), dsink.size() * sizeof(float)));
   }
 }
+
+FeatCase all_features_case() {
+  FeatCase c = make("chunks");
+  c.lens_q = {37, 0, 90, 5}; c.lens_k = {70, 13, 100, 0}; c.wl = 30; c.wr = 9; c.softcap = 3.0;
+  c.alibi = 2; c.sink = true; c.bias = Bias::kAdditive; c.bias_broadcast = true; c.d = 40; c.dv = 24;
+  c.dropout = 0.15f; c.hkv = 1;
+  return c;
+}
+
+TEST(CpuFeaturesEdge, MultiChunkStagingMatchesReference) {
+  // One (sequence, kv head) pair per staging chunk.
+  const std::size_t saved = cpu::g_stage_budget_bytes;
+  cpu::g_stage_budget_bytes = 1;
+  FeatCase c = all_features_case();
+  check_case(c);
+  c.dt = DType::kBFloat16;
+  c.layout = Layout::kBHSD;
+  check_case(c);
+  cpu::g_stage_budget_bytes = saved;
+}
+
+#ifdef ORCHARD_WITH_OPENMP
+// Tasks never share accumulators and dsink is summed in a fixed order, so the
+// thread count cannot change a bit.
+TEST(CpuFeaturesEdge, ResultsIndependentOfThreadCount) {
+  FeatCase c = all_features_case();
+  c.dt = DType::kFloat32;
+  FeatRun r(c);
+  const int saved = omp_get_max_threads();
+  std::vector<std::vector<unsigned char>> ref;
+  for (int threads : {1, 3}) {
+    omp_set_num_threads(threads);
+    r.out.poison(); r.dq.poison(); r.dk.poison(); r.dv.poison();
+    cpu().forward(r.fwd_params());
+    cpu().backward(r.bwd_params());
+    std::vector<std::vector<unsigned char>> now = {r.out.bytes, r.dq.bytes, r.dk.bytes, r.dv.bytes, r.lse_bytes,
+                                                   std::vector<unsigned char>(r.mask.begin(), r.mask.end())};
+    now.emplace_back(reinterpret_cast<const unsigned char*>(r.dsink.data()),
+                     reinterpret_cast<const unsigned char*>(r.dsink.data() + r.dsink.size()));
+    if (threads == 1) ref = now;
+    else
+      for (std::size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], ref[t]) << "output " << t;
+  }
+  omp_set_num_threads(saved);
+}
+#endif
 
 TEST(CpuFeaturesEdge, CheckSupportAcceptsEveryFeature) {
   FeatCase c = make("support");
