@@ -182,6 +182,9 @@ ORCHARD_HOST_DEVICE ColRange visible_cols(const FwdParams& p, const SeqSpan& s, 
   std::int64_t lo = 0, hi = s.len_k;
   if (p.window_left >= 0 && i + s.diag - p.window_left > lo) lo = i + s.diag - p.window_left;
   if (p.window_right >= 0 && i + s.diag + p.window_right + 1 < hi) hi = i + s.diag + p.window_right + 1;
+  // Both ends inside [0, len_k] even for rows that see nothing (hi < 0 or lo > len_k).
+  if (hi < 0) hi = 0;
+  if (lo > s.len_k) lo = s.len_k;
   return {lo, hi};
 }
 
