@@ -80,8 +80,9 @@ def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.fl
         torch.testing.assert_close(got.float(), shard(ref).float(), **tol,
                                    msg=lambda m, name=name: f"{mode} {name}: {m}")
     if check_counts:
-        exp_f = _expected_counts(mode, w, "fwd")
-        exp_b = _expected_counts(mode, w, "bwd")
+        gw = _comm.group_info(group, "test").size  # the group's size, not the world's
+        exp_f = _expected_counts(mode, gw, "fwd")
+        exp_b = _expected_counts(mode, gw, "bwd")
         exp_f["validate"] = exp_b["validate"] = 1
         assert fwd_counts == exp_f, f"forward exchanges {fwd_counts}, expected {exp_f}"
         assert all_counts == exp_b, f"fwd+bwd exchanges {all_counts}, expected {exp_b}"
@@ -263,6 +264,26 @@ def case_hybrid(rank, w):
             counts = {k_: n for k_, n in counts.items() if n}
             exp = {k_: n for k_, n in exp.items() if n}
             assert counts == exp, f"hybrid exchanges {counts}, expected {exp}"
+        if ring_n > 1 and uly_n > 1:
+            # one rank's bad shard: every rank of the grid raises (two rounds of checks)
+            q, k, v, _ = _full_inputs(1, 2 * w * 2, 2 * uly_n, uly_n, 16, torch.float32, 18)
+            ql, kl, vl = (od.hybrid_shard_sequence(x, ug, rg) for x in (q, k, v))
+            if rank == w - 1:
+                ql = ql[0]
+            _expect_error(lambda: od.hybrid_flash_attn_func(ql, kl, vl, ug, rg, causal=True),
+                          ValueError, "4-D" if rank == w - 1 else "rejected their input")
+            # heads not divisible by the ulysses group on every rank
+            q3 = torch.randn(1, 4, uly_n + 1, 16)
+            k3 = torch.randn(1, 4, 1, 16)
+            _expect_error(lambda: od.hybrid_flash_attn_func(q3, k3, k3, ug, rg), ValueError,
+                          "divisible by the group size")
+            # a 2-D DeviceMesh where a 1-D one is needed
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh("cpu", (ring_n, uly_n), mesh_dim_names=("ring", "ulysses"))
+            _expect_error(lambda: od.ring_flash_attn_func(ql, kl, vl, group=mesh), ValueError,
+                          "1-D")
+            run_mode_case(rank, w, "ring", 1, 2 * ring_n * 3, 4, 2, 16, True, "zigzag",
+                          group=mesh["ring"], seed=19)
 
 
 def suite(w):
