@@ -64,7 +64,8 @@ def test_distributed_case(w, case):
 
 
 def test_uninitialized_process_group():
-    assert not torch.distributed.is_initialized()
+    if torch.distributed.is_initialized():
+        pytest.skip("another test initialized a process group in this process")
     q = torch.randn(1, 4, 2, 8)
     for fn in (od.ring_flash_attn_func, od.ulysses_flash_attn_func, od.allgather_flash_attn_func):
         with pytest.raises(RuntimeError, match=r"^orchard\.distributed\.\w+: .*not initialized"):

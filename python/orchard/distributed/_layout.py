@@ -114,7 +114,7 @@ def unshard_sequence(x_local: torch.Tensor, group=None, layout: str = "zigzag",
     op = "orchard.distributed.unshard_sequence"
     _check_layout(layout, op)
     info = _comm.group_info(group, op)
-    xm = x_local.movedim(dim, 0).contiguous()
+    xm = x_local.detach().movedim(dim, 0).contiguous()
     out = torch.empty(info.size * xm.shape[0], *xm.shape[1:], dtype=xm.dtype, device=xm.device)
     _comm.all_gather(out, xm, info)
     out = reorder_gathered(out, info.size, layout, dim=0)
