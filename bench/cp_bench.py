@@ -97,6 +97,9 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.cuda = torch.cuda.is_available()
+        if self.cuda and not orchard.build_info().get("cuda_compiled"):
+            raise SystemExit("cp_bench: this orchard build has no CUDA backend (install with "
+                             "ORCHARD_CUDA=ON bash scripts/install_package.sh)")
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.cuda:
             torch.cuda.set_device(self.local_rank)
