@@ -19,6 +19,13 @@ import orchard.distributed as od
 from orchard.distributed import _comm
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+DEVICE = torch.device("cpu")  # cuda:<rank> in the NCCL suite
+
+
+def _fp32_tol():
+    # fp32 on CUDA runs a SIMT kernel whose sums are ordered by tile: a block of the
+    # ring and the whole-sequence reference round differently by a few ulps more.
+    return FP32_TOL if DEVICE.type == "cpu" else dict(atol=5e-5, rtol=5e-5)
 
 MODES = {
     "ring": od.ring_flash_attn_func,
@@ -33,7 +40,7 @@ def _full_inputs(b, s, h, hkv, d, dtype, seed):
     k = torch.randn(b, s, hkv, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, s, hkv, d, generator=g, dtype=torch.float64)
     do = torch.randn(b, s, h, d, generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in (q, k, v, do)]
+    return [t.to(device=DEVICE, dtype=dtype) for t in (q, k, v, do)]
 
 
 def _reference(q, k, v, do, causal, scale=None):
@@ -59,7 +66,8 @@ def _expected_counts(mode, w, phase, u=1):
 
 
 def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.float32,
-                  group=None, seed=0, tol=FP32_TOL, strided=False, check_counts=True):
+                  group=None, seed=0, tol=None, strided=False, check_counts=True):
+    tol = tol or _fp32_tol()
     q, k, v, do = _full_inputs(b, s, h, hkv, d, dtype, seed)
     ref_out, ref_dq, ref_dk, ref_dv = _reference(*(t.float() if dtype != torch.float32 else t
                                                     for t in (q, k, v, do)), causal)
@@ -310,15 +318,33 @@ def suite(w):
     return cases
 
 
-def worker(rank, w, init_file, result_dir):
+def cuda_suite(w):
+    """The NCCL suite (one GPU per rank): every mode/layout/causal case and bf16."""
+    cases = dict(_mode_cases(w))
+    cases["bf16-ring"] = lambda rank: case_bf16_ring(rank, w)
+    cases["bf16-allgather"] = lambda rank: case_bf16_allgather(rank, w)
+    cases["fp16-ulysses"] = lambda rank: case_fp16_ulysses(rank, w)
+    return cases
+
+
+def worker(rank, w, init_file, result_dir, backend="gloo"):
+    global DEVICE
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=w,
-                            timeout=timedelta(seconds=60))
+    kw = {}
+    if backend == "nccl":
+        for var, val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                         ("NVSHMEM_DISABLE_NVLS", "1")):
+            os.environ[var] = val  # no multicast objects on shared machines
+        torch.cuda.set_device(rank)
+        DEVICE = torch.device("cuda", rank)
+        kw["device_id"] = DEVICE
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=w,
+                            timeout=timedelta(seconds=120), **kw)
     results = {}
     times = results["_seconds"] = {}
     try:
-        for name, fn in suite(w).items():
+        for name, fn in (cuda_suite(w) if backend == "nccl" else suite(w)).items():
             t0 = time.perf_counter()
             try:
                 fn(rank)

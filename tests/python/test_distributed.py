@@ -26,14 +26,15 @@ WORLD_SIZES = (2, 3, 4)
 _RESULTS: dict = {}
 
 
-def _run_suite(w):
-    if w in _RESULTS:
-        return _RESULTS[w]
+def _run_suite(w, backend="gloo"):
+    if (w, backend) in _RESULTS:
+        return _RESULTS[w, backend]
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         try:
-            mp.spawn(distributed_worker.worker, args=(w, init_file, tmp), nprocs=w, join=True)
+            mp.spawn(distributed_worker.worker, args=(w, init_file, tmp, backend), nprocs=w,
+                     join=True)
             err = None
         except Exception as e:  # noqa: BLE001 - a crashed rank: report with the cases
             err = f"spawn failed: {e}"
@@ -41,8 +42,8 @@ def _run_suite(w):
         for r in range(w):
             path = os.path.join(tmp, f"rank{r}.json")
             per_rank.append(json.load(open(path)) if os.path.exists(path) else {})
-    _RESULTS[w] = (per_rank, err)
-    return _RESULTS[w]
+    _RESULTS[w, backend] = (per_rank, err)
+    return _RESULTS[w, backend]
 
 
 def _case_names(w):
@@ -61,6 +62,21 @@ def test_distributed_case(w, case):
         if got != "ok":
             problems.append(f"rank {r}: {got if got is not None else 'did not run'}")
     assert not problems, (err or "") + "\n" + "\n".join(problems)
+
+
+@pytest.mark.cuda
+def test_distributed_nccl_two_gpus():
+    """The mode cases on 2 GPUs over NCCL (fp32 within 5e-5, bf16/fp16 as on the CPU),
+    which exercises the CUDA communication stream of the ring."""
+    if torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available():
+        pytest.skip("needs 2 CUDA devices and NCCL")
+    per_rank, err = _run_suite(2, "nccl")
+    problems = [f"rank {r} {name}: {res}" for r, results in enumerate(per_rank)
+                for name, res in results.items() if name != "_seconds" and res != "ok"]
+    expected = set(distributed_worker.cuda_suite(2))
+    missing = [f"rank {r}: {sorted(expected - set(res))}" for r, res in enumerate(per_rank)
+               if expected - set(res)]
+    assert not problems and not missing, (err or "") + "\n" + "\n".join(problems + missing)
 
 
 def test_uninitialized_process_group():
