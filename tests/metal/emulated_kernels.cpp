@@ -1,5 +1,6 @@
 #include "emulated_kernels.h"
 
+#include <mutex>
 #include <stdexcept>
 
 namespace orchard::metal_emu {
@@ -26,6 +27,9 @@ void run_emulated(const std::string& variant, const std::string& kernel, std::ui
     throw std::invalid_argument("metal emulator: " + kernel + " takes " + std::to_string(k->second.buffer_count) +
                                 " buffers, got " + std::to_string(buffers.size()));
   const KernelThunk run = k->second.run;
+  // Threadgroup memory is a static per kernel (see shim/metal_stdlib): one launch at a time.
+  static std::mutex one_launch_at_a_time;
+  std::lock_guard lock(one_launch_at_a_time);
   run_grid(groups, threads_per_group, [&](const ThreadIds& ids) { run(buffers.data(), ids); });
 }
 
