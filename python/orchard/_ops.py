@@ -282,8 +282,8 @@ def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 
     if _mps.handles(q):
         return _mps.forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                             return_mask, op_name, rng_state, features)
-    if not features:
-        features = _FEATURE_DEFAULTS
+    if len(features) != _NUM_FEATURES:  # the dispatcher may strip trailing defaults
+        features = (*features, *_FEATURE_DEFAULTS[len(features):])
     cu_q, max_q, max_k = features[6], features[8], features[9]
     rank = 4 if cu_q is None else 3
     if q.dim() != rank or k.dim() != rank or v.dim() != rank:
@@ -312,8 +312,8 @@ def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left
 def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                   return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None,
                   *features):
-    if not features:
-        features = _FEATURE_DEFAULTS
+    if len(features) != _NUM_FEATURES:  # the dispatcher may strip trailing defaults
+        features = (*features, *_FEATURE_DEFAULTS[len(features):])
     cu_q, max_q, max_k = features[6], features[8], features[9]
     _check_rank(q, k, v, op_name, 4 if cu_q is None else 3)
     return _alloc_forward(q, k, v, return_mask, cu_q, max_q, max_k)
@@ -333,7 +333,7 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_
             int(seed) & _U64, int(offset) & _U64, bool(deterministic))
     _launch_on_device_of(q, lambda stream: _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
                                                          stream, op_name, rng_state,
-                                                         features or _FEATURE_DEFAULTS))
+                                                         (*features, *_FEATURE_DEFAULTS[len(features):])))
     return dq, dk, dv
 
 
@@ -351,7 +351,7 @@ def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name, rn
                   features=_FEATURE_DEFAULTS):
     stream = int(stream)
     _, causal, _, dropout_p, _, _, deterministic = opts
-    feature_key = None if features is _FEATURE_DEFAULTS else tuple(
+    feature_key = None if all(f is d for f, d in zip(features, _FEATURE_DEFAULTS)) else tuple(
         f if not isinstance(f, torch.Tensor) else (f.shape, f.dtype) for f in features)
     key = (q.device, q.shape, k.shape, v.shape, q.dtype, causal, dropout_p > 0.0, deterministic,
            feature_key)

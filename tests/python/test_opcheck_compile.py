@@ -149,3 +149,75 @@ def test_autograd_surface_unchanged(device):
     torch.testing.assert_close(full, out, rtol=0, atol=0)
     with torch.no_grad():
         assert not torch.ops.orchard.flash_attn_forward(q, k, v, *opts)[0].requires_grad
+
+
+def _feature_args(device, kind):
+    """Forward-op arguments with the trailing feature arguments (_FEATURE_SCHEMA)."""
+    q, k, v, *opts = _fwd_args(device)
+    base = (q, k, v, *opts, False, "orchard.flash_attn", None)
+    if kind == "window_softcap_alibi_sink":
+        slopes = torch.rand(4, device=device)
+        sink = randn(4, device=device, requires_grad=True)
+        return base + (5, 3, 4.0, slopes, sink, None, None, None, 0, 0)
+    if kind == "attn_mask":
+        mask = randn(1, 4, 12, 20, device=device)
+        args = list(base)
+        args[4] = False  # SDPA: no is_causal with a mask
+        return tuple(args) + (-1, -1, 0.0, None, None, mask, None, None, 0, 0)
+    lens_q, lens_k = [5, 0, 7], [9, 4, 7]  # varlen
+    cu_q = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 13, 20], dtype=torch.int32, device=device)
+    qv = randn(sum(lens_q), 4, 16, device=device, requires_grad=True)
+    kv = randn(sum(lens_k), 2, 16, device=device, requires_grad=True)
+    vv = randn(sum(lens_k), 2, 16, device=device, requires_grad=True)
+    return (qv, kv, vv, *opts, False, "orchard.flash_attn", None,
+            -1, -1, 0.0, None, None, None, cu_q, cu_k, max(lens_q), max(lens_k))
+
+
+FEATURE_KINDS = ["window_softcap_alibi_sink", "attn_mask", "varlen"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_opcheck_forward_with_features(device, kind):
+    torch.library.opcheck(torch.ops.orchard.flash_attn_forward.default, _feature_args(device, kind))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", FEATURE_KINDS)
+def test_opcheck_backward_with_features(device, kind):
+    args = _feature_args(device, kind)
+    q, k, v = (t.detach() for t in args[:3])
+    with torch.no_grad():
+        out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, *args[3:])
+    do = randn(*out.shape, device=device)
+    fwd_opts = args[3:9]  # scale .. offset
+    features = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args[13:])
+    bwd = (do, q, k, v, out, lse, *fwd_opts, False, "orchard.flash_attn", None, *features)
+    torch.library.opcheck(torch.ops.orchard.flash_attn_backward.default, bwd)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_with_features_fullgraph(device):
+    torch._dynamo.reset()
+    slopes = torch.rand(2, device=device)
+    lens = [5, 11]
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32, device=device)
+
+    def f(q, qp, mask):
+        a = orchard.flash_attn_func(q, q, q, window_size=(4, 2), softcap=3.0, alibi_slopes=slopes)
+        b = orchard.flash_attn_varlen_func(qp, qp, qp, cu, cu, max(lens), max(lens), causal=True)
+        c = orchard.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2),
+                                                 q.transpose(1, 2), attn_mask=mask)
+        return a.sum() + b.sum() + c.sum()
+
+    q = randn(1, 16, 2, 8, device=device, requires_grad=True)
+    qp = randn(16, 2, 8, device=device, requires_grad=True)
+    mask = torch.rand(16, 16, device=device) > 0.2
+    eager = f(q, qp, mask)
+    g_eager = torch.autograd.grad(eager, (q, qp))
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, qp, mask)
+    g_got = torch.autograd.grad(got, (q, qp))
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(g_got, g_eager):
+        torch.testing.assert_close(a, b)

@@ -147,7 +147,8 @@ DEFECTS = [
     Defect("seq_k_vs_v", _shapes(v=dict(s=9))),
     Defect("head_dim_q_vs_kv", _shapes(k=dict(d=32), v=dict(d=32)), exc=(ValueError, NotImplementedError)),
     Defect("head_dim_k_only", _shapes(k=dict(d=32))),
-    Defect("head_dim_v_only", _shapes(v=dict(d=32)), exc=(ValueError, NotImplementedError)),
+    # (v with a head dim of its own is valid: DeepSeek-style d_qk != d_v)
+    Defect("head_dim_v_257", _shapes(v=dict(d=257))),
     Defect("heads_k_vs_v", _shapes(v=dict(h=2))),
     # GQA
     Defect("hq_not_multiple_of_hkv", _shapes(q=dict(h=6), k=dict(h=4), v=dict(h=4), enable_gqa=True),
@@ -170,12 +171,16 @@ DEFECTS = [
     Defect("scale_inf", _kw(scale=float("inf"))),
     Defect("scale_neg_inf", _kw(scale=float("-inf"))),
     Defect("scale_nan", _kw(scale=float("nan"))),
-    # not implemented features: NotImplementedError, still with the op name
-    Defect("window_size", _kw(window_size=(4, 0)), exc=NotImplementedError, apis=("flash",)),
-    Defect("softcap", _kw(softcap=30.0), exc=NotImplementedError, apis=("flash",)),
-    Defect("alibi_slopes", _kw(alibi_slopes=torch.ones(4)), exc=NotImplementedError, apis=("flash",)),
-    Defect("attn_mask", _kw(attn_mask=torch.ones(8, 8, dtype=torch.bool)), exc=NotImplementedError,
-           apis=("sdpa",)),
+    # feature arguments out of their domain
+    Defect("window_below_minus_one", _kw(window_size=(-2, 0)), apis=("flash",)),
+    Defect("softcap_negative", _kw(softcap=-1.0), apis=("flash",)),
+    Defect("softcap_inf", _kw(softcap=float("inf")), apis=("flash",)),
+    Defect("alibi_slopes_shape", _kw(alibi_slopes=torch.ones(3)), apis=("flash",)),
+    Defect("alibi_slopes_float64", _kw(alibi_slopes=torch.ones(4, dtype=torch.float64)), apis=("flash",)),
+    Defect("sink_shape", _kw(sink=torch.ones(2)), apis=("flash",)),
+    Defect("attn_mask_not_broadcastable", _kw(attn_mask=torch.ones(3, 8, dtype=torch.bool)),
+           exc=(ValueError, RuntimeError), apis=("sdpa",)),
+    Defect("attn_mask_int", _kw(attn_mask=torch.ones(8, 8, dtype=torch.int32)), apis=("sdpa",)),
     # CUDA only
     Defect("mixed_device_kv_on_cpu", lambda a, dev: (make(a, device="cuda"), make(a), make(a), {}),
            cuda_only=True),
