@@ -51,6 +51,7 @@ struct FeatCase {
   int value_dim() const { return dv > 0 ? dv : d; }
   std::string name() const { return label + "_" + dtype_name(dt); }
 };
+void PrintTo(const FeatCase& c, std::ostream* os) { *os << c.name(); }
 
 // A float bias or boolean mask, logical (b, hq, sq, sk), in its own strided storage.
 struct BiasBuffer {
