@@ -6,6 +6,7 @@ autograd, the debug/profile logs and the error rules are all exercised; only the
 compiler and the GPU are not. The emulator module is built for head dims <= 64."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -22,6 +23,21 @@ emulator = pytest.importorskip("orchard._metal_emulator",
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
+_MSL_TO_TORCH = {"float": torch.float32, "uchar": torch.uint8, "long": torch.int64,
+                 "half": torch.float16, "bfloat": torch.bfloat16}
+
+
+def _kernel_signatures(source):
+    """{kernel: [torch dtype of each buffer argument]} parsed from the MSL source, so the
+    stand-in rejects what Metal would silently misread (wrong order, dtype or count)."""
+    elem = re.search(r"typedef (\w+) elem_t;", source).group(1)
+    sigs = {}
+    for name, params in re.findall(r"kernel void (\w+)\((.*?)\)\s*\{", source, re.S):
+        types = re.findall(r"device (?:const )?(\w+)\*", params)
+        sigs[name] = [_MSL_TO_TORCH[elem if t == "elem_t" else t] for t in types]
+    return sigs
+
+
 class EmulatedLibrary:
     """What compile_shader returns: kernels callable as lib.name(*tensors, threads=, group_size=)."""
 
@@ -32,14 +48,17 @@ class EmulatedLibrary:
         self.variant = first.split("variant ")[1].split()[0]
         if self.variant not in emulator.variants():
             raise RuntimeError(f"{self.variant} is not built into orchard._metal_emulator")
-        self.calls = []
+        self.signatures = _kernel_signatures(source)
 
     def __getattr__(self, kernel):
+        if kernel not in self.signatures:
+            raise AttributeError(kernel)
+
         def call(*args, threads, group_size):
             # compile_shader binds tensors (buffer + storage offset) in argument order.
-            assert all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args), kernel
+            assert [a.dtype for a in args] == self.signatures[kernel], kernel
+            assert all(a.device.type == "cpu" for a in args), kernel
             assert isinstance(threads, int) and isinstance(group_size, int) and threads % group_size == 0
-            self.calls.append(kernel)
             emulator.run(self.variant, kernel, threads // group_size, group_size, [a.data_ptr() for a in args])
         return call
 
@@ -188,3 +207,16 @@ def test_old_torch_is_refused_with_its_version(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.6.0")
     with pytest.raises(RuntimeError, match=r"^orchard.flash_attn_func: .*torch >= 2.7.*this is torch 2.6.0"):
         _mps._compile_shader("orchard.flash_attn_func")
+
+
+def test_stand_in_checks_buffer_dtypes_like_the_kernel_signatures():
+    _, source = orchard._C.metal_variant("float16", 64)
+    sigs = _kernel_signatures(source)
+    h, f, u8, i64 = torch.float16, torch.float32, torch.uint8, torch.int64
+    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64], "orchard_bwd_dot": [h, h, f, i64],
+                    "orchard_bwd_dq": [h, h, h, h, f, f, h, i64, i64],
+                    "orchard_bwd_dkdv": [h, h, h, h, f, f, h, h, i64, i64]}
+    lib = EmulatedLibrary(source)
+    with pytest.raises(AssertionError):  # lse passed where out belongs
+        lib.orchard_bwd_dot(torch.zeros(4), torch.zeros(4, dtype=h), torch.zeros(4), torch.zeros(4, dtype=i64),
+                            threads=128, group_size=128)
