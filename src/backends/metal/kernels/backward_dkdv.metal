@@ -18,7 +18,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
                              device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
                              device elem_t* dk [[buffer(6)]], device elem_t* dv [[buffer(7)]],
                              device const long* rng [[buffer(8)]], device const long* meta [[buffer(9)]],
-                             uint group [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                             uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                              uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDkvSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
@@ -30,8 +30,8 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
 
   const int k_tiles = (sk + kDkvBlockK - 1) / kDkvBlockK;
-  const int k0 = int(group) % k_tiles * kDkvBlockK;
-  const int batch_kv_head = int(group) / k_tiles;
+  const int k0 = int(tg_index) % k_tiles * kDkvBlockK;
+  const int batch_kv_head = int(tg_index) / k_tiles;
   const int kh = batch_kv_head % hkv, bi = batch_kv_head / hkv;
 
   simdgroup_float8x8 kf[kBlockD / 8];

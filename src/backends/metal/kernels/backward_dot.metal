@@ -5,10 +5,10 @@ constant constexpr int kDotThreads = 128;
 
 kernel void orchard_bwd_dot(device const elem_t* out [[buffer(0)]], device const elem_t* dout [[buffer(1)]],
                             device float* delta [[buffer(2)]], device const long* meta [[buffer(3)]],
-                            uint group [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                            uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                             uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   const int sq = int(meta[kMetaSq]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
-  const long index = long(group) * kDotThreads + long(tid);
+  const long index = long(tg_index) * kDotThreads + long(tid);
   if (index >= long(meta[kMetaB]) * hq * sq) return;
   const int row = int(index % sq), h = int(index / sq % hq), bi = int(index / sq / hq);
   device const elem_t* o = out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead] + row * meta[kMetaORow];

@@ -17,7 +17,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
                            device const elem_t* v [[buffer(2)]], device const elem_t* dout [[buffer(3)]],
                            device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
                            device elem_t* dq [[buffer(6)]], device const long* rng [[buffer(7)]],
-                           device const long* meta [[buffer(8)]], uint group [[threadgroup_position_in_grid]],
+                           device const long* meta [[buffer(8)]], uint tg_index [[threadgroup_position_in_grid]],
                            uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
                            uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDqSmemFloats];
@@ -30,8 +30,8 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
 
   const int q_tiles = (sq + kDqBlockQ - 1) / kDqBlockQ;
-  const int q0 = int(group) % q_tiles * kDqBlockQ;
-  const int batch_head = int(group) / q_tiles;
+  const int q0 = int(tg_index) % q_tiles * kDqBlockQ;
+  const int batch_head = int(tg_index) / q_tiles;
   const int h = batch_head % hq, bi = batch_head / hq, kh = h / group_size;
   device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead];
   device const float* delta_h = delta + long(batch_head) * sq;

@@ -18,7 +18,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
                         device const elem_t* v [[buffer(2)]], device elem_t* out [[buffer(3)]],
                         device float* lse [[buffer(4)]], device uchar* mask [[buffer(5)]],
                         device const long* rng [[buffer(6)]], device const long* meta [[buffer(7)]],
-                        uint group [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                        uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kFwdSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
@@ -30,8 +30,8 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
 
   const int q_tiles = (sq + kFwdBlockQ - 1) / kFwdBlockQ;
-  const int q0 = int(group) % q_tiles * kFwdBlockQ;
-  const int batch_head = int(group) / q_tiles;
+  const int q0 = int(tg_index) % q_tiles * kFwdBlockQ;
+  const int batch_head = int(tg_index) / q_tiles;
   const int h = batch_head % hq, bi = batch_head / hq, kh = h / group_size;
   device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
   device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
