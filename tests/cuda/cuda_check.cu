@@ -3,7 +3,8 @@
 // through its dispatch table only (orchard::detail::cuda_backend()).
 //
 //   cuda_check            correctness suite (exit 1 on any failure)
-//   cuda_check --small    one small fwd+bwd case (for compute-sanitizer)
+//   cuda_check --small    one small fwd+bwd case per kernel family (for compute-sanitizer)
+//   cuda_check --features only the feature cases (window, softcap, ALiBi, varlen, sinks)
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -60,14 +61,66 @@ struct Case {
   bool det = false;
   bool bhsd = false;
   bool mask_out = false;
+  // Features (params.h). Window as flash-attn's (left, right), -1 = unbounded;
+  // causal cases pass window_right = 0 like the core does.
+  int64_t wl = -1, wr = -1;
+  float softcap = 0.f;
+  int alibi = 0;  // 0: none, 1: per-head slopes (batch stride 0), 2: per (batch, head)
+  bool sink = false;
+  std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
+  bool varlen() const { return !lq.empty(); }
+  bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || varlen(); }
 };
+
+// Where sequence bi lives in the host/device tensors: the batch entry and first
+// row (varlen: batch 0, rows from cu_seqlens), its lengths and diagonal.
+struct Seq {
+  int batch, len_q, len_k;
+  int64_t q0, k0, diag;
+};
+struct Geometry {
+  int nseq = 0, tq = 0, tk = 0;  // sequences; rows of the host tensors (varlen: totals)
+  std::vector<int32_t> cq, ck;   // varlen cu_seqlens
+  std::vector<Seq> seqs;
+};
+Geometry geometry(const Case& c) {
+  Geometry g;
+  if (!c.varlen()) {
+    g.nseq = c.b, g.tq = c.sq, g.tk = c.sk;
+    for (int bi = 0; bi < c.b; ++bi)
+      g.seqs.push_back({bi, c.sq, c.sk, 0, 0, c.top_left ? 0 : int64_t(c.sk) - c.sq});
+    return g;
+  }
+  g.nseq = int(c.lq.size());
+  g.cq.push_back(0), g.ck.push_back(0);
+  for (int bi = 0; bi < g.nseq; ++bi) {
+    g.seqs.push_back({0, c.lq[bi], c.lk[bi], g.cq.back(), g.ck.back(), c.top_left ? 0 : int64_t(c.lk[bi]) - c.lq[bi]});
+    g.cq.push_back(g.cq.back() + c.lq[bi]);
+    g.ck.push_back(g.ck.back() + c.lk[bi]);
+  }
+  g.tq = g.cq.back(), g.tk = g.ck.back();
+  return g;
+}
+// Host/device batch entries of q/k/v/out (varlen: one packed entry).
+int host_batch(const Case& c) { return c.varlen() ? 1 : c.b; }
+// LSE index of (sequence bi, head h, local row i): (b, hq, sq), or (hq, total_q) with varlen.
+size_t lse_index(const Case& c, const Geometry& g, int bi, int h, int i) {
+  if (c.varlen()) return size_t(h) * g.tq + g.seqs[bi].q0 + i;
+  return (size_t(bi) * c.hq + h) * c.sq + i;
+}
+size_t lse_count(const Case& c, const Geometry& g) { return c.varlen() ? size_t(c.hq) * g.tq : size_t(c.b) * c.hq * c.sq; }
+float sink_value(int h) { return 0.6f * h - 0.4f; }
+float alibi_value(const Case& c, int bi, int h) {
+  const float base = 0.25f / float(1 + h);
+  return c.alibi == 2 ? base * (1.f + 0.5f * bi) : base;
+}
 
 struct Layout {  // element strides for (batch, row, head)
   int64_t bs, rs, hs;
 };
 Layout make_layout(const Case& c, int s, int h) {
-  if (c.bhsd) return {int64_t(h) * s * c.d, c.d, int64_t(s) * c.d};
-  return {int64_t(s) * h * c.d, int64_t(h) * c.d, c.d};
+  if (c.bhsd) return {c.varlen() ? 0 : int64_t(h) * s * c.d, c.d, int64_t(s) * c.d};
+  return {c.varlen() ? 0 : int64_t(s) * h * c.d, int64_t(h) * c.d, c.d};
 }
 
 // Host tensor in logical BSHD, doubles holding dtype-representable values.
@@ -155,82 +208,96 @@ std::vector<unsigned char> download(const DevT& dv) {
 
 struct RefOut {
   HostT out, dq, dk, dv;
-  std::vector<double> lse;  // (b, hq, sq)
-  RefOut(const Case& c)
-      : out(c.b, c.sq, c.hq, c.d), dq(c.b, c.sq, c.hq, c.d), dk(c.b, c.sk, c.hkv, c.d), dv(c.b, c.sk, c.hkv, c.d),
-        lse(size_t(c.b) * c.hq * c.sq) {}
+  std::vector<double> lse;    // kernel layout (lse_index)
+  std::vector<double> dsink;  // (hq), with sinks
+  RefOut(const Case& c, const Geometry& g)
+      : out(host_batch(c), g.tq, c.hq, c.d), dq(host_batch(c), g.tq, c.hq, c.d), dk(host_batch(c), g.tk, c.hkv, c.d),
+        dv(host_batch(c), g.tk, c.hkv, c.d), lse(lse_count(c, g), -INFINITY), dsink(c.hq, 0.0) {}
 };
 
-// fp64 reference; with `naive`, every intermediate is rounded to c.dt.
-RefOut reference(const Case& c, const HostT& q, const HostT& k, const HostT& v, const HostT& dout,
-                 const std::vector<uint8_t>& keep, bool naive) {
-  RefOut r(c);
+// fp64 reference; with `naive`, every intermediate (S, P, O, dP, dS) is rounded to c.dt.
+// Features as params.h defines them: per-sequence diagonal, window, softcap
+// (dS gets 1 - tanh^2), ALiBi after softcap, sinks in the denominator, varlen.
+RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& k, const HostT& v,
+                 const HostT& dout, const std::vector<uint8_t>& keep, bool naive) {
+  RefOut r(c, g);
   auto R = [&](double x) { return naive ? round_to(c.dt, x) : x; };
   const double scale = 1.0 / std::sqrt(double(c.d));
-  const int64_t off = c.top_left ? 0 : int64_t(c.sk) - c.sq;
   const double rdrop = c.p > 0 ? 1.0 / (1.0 - c.p) : 1.0;
   const int group = c.hq / c.hkv;
+  const int64_t wr = c.causal ? 0 : c.wr;
+  std::vector<double> dsink_part(size_t(g.nseq) * c.hq, 0.0);
 #pragma omp parallel for collapse(2) schedule(dynamic)
-  for (int bi = 0; bi < c.b; ++bi)
+  for (int bi = 0; bi < g.nseq; ++bi)
     for (int h = 0; h < c.hq; ++h) {
+      const Seq sq = g.seqs[bi];
+      const int Lq = sq.len_q, Lk = sq.len_k, hb = sq.batch;
       const int hk = h / group;
-      std::vector<double> P(size_t(c.sq) * c.sk), dS(size_t(c.sq) * c.sk);
+      const double slope = c.alibi ? alibi_value(c, bi, h) : 0.0;
+      const double sink = c.sink ? double(sink_value(h)) : -INFINITY;
+      std::vector<double> P(size_t(Lq) * Lk), dS(size_t(Lq) * Lk);
       const uint8_t* kp = keep.empty() ? nullptr : &keep[(size_t(bi) * c.hq + h) * c.sq * c.sk];
-      for (int i = 0; i < c.sq; ++i) {
-        double m = -INFINITY;
-        std::vector<double> s(c.sk);
-        for (int j = 0; j < c.sk; ++j) {
-          if (c.causal && j > i + off) {
-            s[j] = -INFINITY;
-            continue;
-          }
+      auto kd = [&](int i, int j) { return kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0; };
+      for (int i = 0; i < Lq; ++i) {
+        const int64_t qi = sq.q0 + i;
+        std::vector<double> s(Lk, -INFINITY), dt(Lk, 1.0);
+        double m = sink;
+        for (int j = 0; j < Lk; ++j) {
+          const int64_t rel = int64_t(j) - (i + sq.diag);
+          if ((wr >= 0 && rel > wr) || (c.wl >= 0 && rel < -c.wl)) continue;
           double acc = 0;
-          for (int e = 0; e < c.d; ++e) acc += q.at(bi, i, h, e) * k.at(bi, j, hk, e);
-          s[j] = R(acc * scale);
+          for (int e = 0; e < c.d; ++e) acc += q.at(hb, qi, h, e) * k.at(hb, sq.k0 + j, hk, e);
+          double x = acc * scale;
+          if (c.softcap > 0) {
+            const double t = std::tanh(x / c.softcap);
+            x = c.softcap * t;
+            dt[j] = 1.0 - t * t;
+          }
+          x -= slope * std::fabs(double(rel));
+          s[j] = R(x);
           m = std::max(m, s[j]);
         }
-        double l = 0;
-        for (int j = 0; j < c.sk; ++j) l += s[j] == -INFINITY ? 0.0 : std::exp(s[j] - m);
-        r.lse[(size_t(bi) * c.hq + h) * c.sq + i] = l > 0 ? m + std::log(l) : -INFINITY;
-        for (int j = 0; j < c.sk; ++j) P[size_t(i) * c.sk + j] = (l > 0 && s[j] != -INFINITY) ? R(std::exp(s[j] - m) / l) : 0.0;
+        double l = c.sink ? std::exp(sink - m) : 0.0;
+        for (int j = 0; j < Lk; ++j) l += s[j] == -INFINITY ? 0.0 : std::exp(s[j] - m);
+        const double lse = l > 0 ? m + std::log(l) : -INFINITY;
+        r.lse[lse_index(c, g, bi, h, i)] = lse;
+        for (int j = 0; j < Lk; ++j) P[size_t(i) * Lk + j] = (l > 0 && s[j] != -INFINITY) ? R(std::exp(s[j] - m) / l) : 0.0;
         for (int e = 0; e < c.d; ++e) {
           double acc = 0;
-          for (int j = 0; j < c.sk; ++j) {
-            const double kd = kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0;
-            acc += P[size_t(i) * c.sk + j] * kd * v.at(bi, j, hk, e);
-          }
-          r.out.at(bi, i, h, e) = R(acc);
+          for (int j = 0; j < Lk; ++j) acc += P[size_t(i) * Lk + j] * kd(i, j) * v.at(hb, sq.k0 + j, hk, e);
+          r.out.at(hb, qi, h, e) = R(acc);
         }
         double D = 0;
-        for (int e = 0; e < c.d; ++e) D += dout.at(bi, i, h, e) * r.out.at(bi, i, h, e);
-        for (int j = 0; j < c.sk; ++j) {
+        for (int e = 0; e < c.d; ++e) D += dout.at(hb, qi, h, e) * r.out.at(hb, qi, h, e);
+        if (c.sink) dsink_part[size_t(bi) * c.hq + h] -= std::exp(sink - lse) * D;
+        for (int j = 0; j < Lk; ++j) {
           double dp = 0;
-          for (int e = 0; e < c.d; ++e) dp += dout.at(bi, i, h, e) * v.at(bi, j, hk, e);
-          const double kd = kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0;
-          dp = R(dp) * kd;
-          dS[size_t(i) * c.sk + j] = R(P[size_t(i) * c.sk + j] * (dp - D));
+          for (int e = 0; e < c.d; ++e) dp += dout.at(hb, qi, h, e) * v.at(hb, sq.k0 + j, hk, e);
+          dp = R(dp) * kd(i, j);
+          dS[size_t(i) * Lk + j] = R(P[size_t(i) * Lk + j] * (dp - D) * dt[j]);
         }
         for (int e = 0; e < c.d; ++e) {
           double acc = 0;
-          for (int j = 0; j < c.sk; ++j) acc += dS[size_t(i) * c.sk + j] * k.at(bi, j, hk, e);
-          r.dq.at(bi, i, h, e) = R(acc * scale);
+          for (int j = 0; j < Lk; ++j) acc += dS[size_t(i) * Lk + j] * k.at(hb, sq.k0 + j, hk, e);
+          r.dq.at(hb, qi, h, e) = R(acc * scale);
         }
       }
       // dK, dV contributions of this q head (summed over the group below).
-      for (int j = 0; j < c.sk; ++j)
+      for (int j = 0; j < Lk; ++j)
         for (int e = 0; e < c.d; ++e) {
           double ak = 0, av = 0;
-          for (int i = 0; i < c.sq; ++i) {
-            const double kd = kp ? (kp[size_t(i) * c.sk + j] ? rdrop : 0.0) : 1.0;
-            ak += dS[size_t(i) * c.sk + j] * q.at(bi, i, h, e);
-            av += P[size_t(i) * c.sk + j] * kd * dout.at(bi, i, h, e);
+          for (int i = 0; i < Lq; ++i) {
+            ak += dS[size_t(i) * Lk + j] * q.at(hb, sq.q0 + i, h, e);
+            av += P[size_t(i) * Lk + j] * kd(i, j) * dout.at(hb, sq.q0 + i, h, e);
           }
 #pragma omp atomic
-          r.dk.at(bi, j, hk, e) += ak * scale;
+          r.dk.at(hb, sq.k0 + j, hk, e) += ak * scale;
 #pragma omp atomic
-          r.dv.at(bi, j, hk, e) += av;
+          r.dv.at(hb, sq.k0 + j, hk, e) += av;
         }
     }
+  for (int bi = 0; bi < g.nseq; ++bi)
+    for (int h = 0; h < c.hq; ++h) r.dsink[h] += dsink_part[size_t(bi) * c.hq + h];
   if (naive)
     for (auto* t : {&r.dk, &r.dv})
       for (auto& x : t->v) x = R(x);
@@ -302,38 +369,89 @@ void fill_params(FwdParams& p, const Case& c, const DevT& q, const DevT& k, cons
 }
 
 bool run_case(const Case& c, std::mt19937& rng) {
-  std::printf("[%s] %s b%d hq%d hkv%d sq%d sk%d d%d%s%s p%.2f%s%s\n", c.name, dtype_name(c.dt), c.b, c.hq, c.hkv,
+  std::printf("[%s] %s b%d hq%d hkv%d sq%d sk%d d%d%s%s p%.2f%s%s", c.name, dtype_name(c.dt), c.b, c.hq, c.hkv,
               c.sq, c.sk, c.d, c.causal ? (c.top_left ? " causal-TL" : " causal-BR") : "", c.bhsd ? " bhsd" : "",
               c.p, c.det ? " det" : "", c.mask_out ? " mask" : "");
+  if (c.wl >= 0 || c.wr >= 0) std::printf(" window(%lld,%lld)%s", (long long)c.wl, (long long)c.wr, c.top_left ? "-TL" : "");
+  if (c.softcap > 0) std::printf(" softcap%.1f", c.softcap);
+  if (c.alibi) std::printf(" alibi%d", c.alibi);
+  if (c.sink) std::printf(" sink");
+  if (c.varlen()) {
+    std::printf(" varlen q[");
+    for (int x : c.lq) std::printf(" %d", x);
+    std::printf(" ] k[");
+    for (int x : c.lk) std::printf(" %d", x);
+    std::printf(" ]");
+  }
+  std::printf("\n");
   std::fflush(stdout);
+  const Geometry geo = geometry(c);
+  const int hb = host_batch(c);
   std::normal_distribution<double> nd(0.0, 1.0);
   auto randt = [&](int s, int h) {
-    HostT t(c.b, s, h, c.d);
+    HostT t(hb, s, h, c.d);
     for (auto& x : t.v) x = round_to(c.dt, nd(rng));
     return t;
   };
-  HostT q = randt(c.sq, c.hq), k = randt(c.sk, c.hkv), v = randt(c.sk, c.hkv), dout = randt(c.sq, c.hq);
-  const Layout Lq = make_layout(c, c.sq, c.hq), Lk = make_layout(c, c.sk, c.hkv);
+  HostT q = randt(geo.tq, c.hq), k = randt(geo.tk, c.hkv), v = randt(geo.tk, c.hkv), dout = randt(geo.tq, c.hq);
+  const Layout Lq = make_layout(c, geo.tq, c.hq), Lk = make_layout(c, geo.tk, c.hkv);
   DevT dq_ = upload(q, c.dt, Lq), dk_ = upload(k, c.dt, Lk), dv_ = upload(v, c.dt, Lk), ddo = upload(dout, c.dt, Lq);
   const size_t es = esize(c.dt);
-  DevT dout_o = alloc_poisoned(size_t(c.b) * c.sq * c.hq * c.d * es, Lq);
-  const size_t nl = size_t(c.b) * c.hq * c.sq;
+  DevT dout_o = alloc_poisoned(size_t(hb) * geo.tq * c.hq * c.d * es, Lq);
+  const size_t nl = lse_count(c, geo);
   DevT dlse = alloc_poisoned(nl * 4, {});
   DevT dmask = alloc_poisoned(size_t(c.b) * c.hq * c.sq * c.sk, {});
+  // Feature inputs on the device (each a separate allocation, so memcheck sees overruns).
+  std::vector<float> slopes, sinks;
+  for (int bi = 0; bi < c.b; ++bi)
+    for (int h = 0; h < c.hq; ++h) slopes.push_back(alibi_value(c, bi, h));
+  for (int h = 0; h < c.hq; ++h) sinks.push_back(sink_value(h));
+  auto upload_raw = [](const void* src, size_t bytes) {
+    void* ptr = nullptr;
+    CK(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)));
+    if (bytes) CK(cudaMemcpy(ptr, src, bytes, cudaMemcpyHostToDevice));
+    return ptr;
+  };
+  void* d_slopes = upload_raw(slopes.data(), (c.alibi == 2 ? slopes.size() : size_t(c.hq)) * 4);
+  void* d_sink = upload_raw(sinks.data(), sinks.size() * 4);
+  void* d_cq = upload_raw(geo.cq.data(), geo.cq.size() * 4);
+  void* d_ck = upload_raw(geo.ck.data(), geo.ck.size() * 4);
+  DevT d_dsink = alloc_poisoned(size_t(c.hq) * 4, {});
 
   BwdParams p;
   fill_params(p, c, dq_, dk_, dv_, dout_o, dlse.ptr);
   if (c.mask_out) p.dropout_mask = static_cast<uint8_t*>(dmask.ptr);
+  if (c.causal && c.features()) p.window_right = 0;  // the core's convention for causal (params.h)
+  if (c.wl >= 0 || c.wr >= 0) {
+    p.window_left = c.wl;
+    p.window_right = c.causal ? 0 : c.wr;
+  }
+  if (c.wl >= 0 || c.wr >= 0 || c.alibi) p.causal_offset = c.top_left ? 0 : int64_t(c.sk) - c.sq;
+  p.softcap = c.softcap;
+  p.softcap_f64 = c.softcap;
+  if (c.alibi) {
+    p.alibi_slopes = static_cast<const float*>(d_slopes);
+    p.alibi_batch_stride = c.alibi == 2 ? c.hq : 0;
+  }
+  if (c.sink) p.sink = static_cast<const float*>(d_sink);
+  if (c.varlen()) {
+    p.cu_seqlens_q = static_cast<const int32_t*>(d_cq);
+    p.cu_seqlens_k = static_cast<const int32_t*>(d_ck);
+    p.causal_top_left = c.top_left;
+    p.lse_batch_stride = 0;
+    p.lse_head_stride = geo.tq;
+  }
   bool ok = true;
   const std::string why = ops->check_support(p);
   if (!why.empty()) {
     std::printf("    unsupported: %s\n", why.c_str());
+    ++g_failures;
     return false;
   }
   ops->forward(p);
   CK(cudaDeviceSynchronize());
 
-  // CPU keep mask (the definition) for the reference.
+  // CPU keep mask (the definition) for the reference: (sequence, head, local row, local col).
   std::vector<uint8_t> keep;
   if (c.p > 0) {
     keep.resize(size_t(c.b) * c.hq * c.sq * c.sk);
@@ -355,18 +473,20 @@ bool run_case(const Case& c, std::mt19937& rng) {
     }
   }
 
-  const RefOut ref = reference(c, q, k, v, dout, keep, false);
-  const RefOut nai = reference(c, q, k, v, dout, keep, true);
-  HostT out = get(download(dout_o), c.dt, Lq, c.b, c.sq, c.hq, c.d);
-  std::vector<double> lse(nl);
-  {
-    std::vector<unsigned char> lb = download(dlse);
-    for (size_t i = 0; i < nl; ++i) {
+  const RefOut ref = reference(c, geo, q, k, v, dout, keep, false);
+  const RefOut nai = reference(c, geo, q, k, v, dout, keep, true);
+  HostT out = get(download(dout_o), c.dt, Lq, hb, geo.tq, c.hq, c.d);
+  auto floats = [](const DevT& dv, size_t n) {
+    std::vector<double> r(n);
+    std::vector<unsigned char> b = download(dv);
+    for (size_t i = 0; i < n; ++i) {
       float f;
-      std::memcpy(&f, &lb[i * 4], 4);
-      lse[i] = f;
+      std::memcpy(&f, &b[i * 4], 4);
+      r[i] = f;
     }
-  }
+    return r;
+  };
+  const std::vector<double> lse = floats(dlse, nl);
   ok &= check(c, "out", out.v, ref.out.v, nai.out.v);
   ok &= check(c, "lse", lse, ref.lse, nai.lse);
 
@@ -386,32 +506,168 @@ bool run_case(const Case& c, std::mt19937& rng) {
   p.workspace_bytes = ws_bytes;
   p.deterministic = c.det;
   p.dropout_mask = nullptr;
+  if (c.sink) p.dsink = static_cast<float*>(d_dsink.ptr);
   ops->backward(p);
   CK(cudaDeviceSynchronize());
-  auto gq1 = download(gq), gk1 = download(gk), gv1 = download(gv);
-  HostT hq_ = get(gq1, c.dt, Lq, c.b, c.sq, c.hq, c.d), hk_ = get(gk1, c.dt, Lk, c.b, c.sk, c.hkv, c.d),
-        hv_ = get(gv1, c.dt, Lk, c.b, c.sk, c.hkv, c.d);
+  auto gq1 = download(gq), gk1 = download(gk), gv1 = download(gv), gs1 = download(d_dsink);
+  HostT hq_ = get(gq1, c.dt, Lq, hb, geo.tq, c.hq, c.d), hk_ = get(gk1, c.dt, Lk, hb, geo.tk, c.hkv, c.d),
+        hv_ = get(gv1, c.dt, Lk, hb, geo.tk, c.hkv, c.d);
   ok &= check(c, "dq", hq_.v, ref.dq.v, nai.dq.v);
   ok &= check(c, "dk", hk_.v, ref.dk.v, nai.dk.v);
   ok &= check(c, "dv", hv_.v, ref.dv.v, nai.dv.v);
+  if (c.sink) ok &= check(c, "dsnk", floats(d_dsink, c.hq), ref.dsink, nai.dsink);
   if (c.det) {  // bitwise over reruns (poison again first)
     bool same = true;
     for (int rep = 0; rep < 3; ++rep) {
       CK(cudaMemset(gq.ptr, 0xFF, gq.bytes));
       CK(cudaMemset(gk.ptr, 0xFF, gk.bytes));
       CK(cudaMemset(gv.ptr, 0xFF, gv.bytes));
+      CK(cudaMemset(d_dsink.ptr, 0xFF, d_dsink.bytes));
       ops->backward(p);
       CK(cudaDeviceSynchronize());
-      same &= download(gq) == gq1 && download(gk) == gk1 && download(gv) == gv1;
+      same &= download(gq) == gq1 && download(gk) == gk1 && download(gv) == gv1 && download(d_dsink) == gs1;
     }
     std::printf("    deterministic reruns bitwise %s\n", same ? "identical" : "DIFFERENT");
     ok &= same;
   }
-  for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &gq, &gk, &gv}) CK(cudaFree(t->ptr));
-  CK(cudaFree(ws));
+  for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &gq, &gk, &gv, &d_dsink}) CK(cudaFree(t->ptr));
+  for (void* ptr : {d_slopes, d_sink, d_cq, d_ck, ws}) CK(cudaFree(ptr));
   std::printf("    => %s\n", ok ? "PASS" : "FAIL");
   if (!ok) ++g_failures;
   return ok;
+}
+
+// Sets varlen lengths (b, sq, sk become the count and the maxima).
+Case with_varlen(Case c, std::vector<int> lq, std::vector<int> lk) {
+  c.lq = std::move(lq), c.lk = std::move(lk);
+  c.b = int(c.lq.size());
+  c.sq = *std::max_element(c.lq.begin(), c.lq.end());
+  c.sk = *std::max_element(c.lk.begin(), c.lk.end());
+  return c;
+}
+Case with_window(Case c, int64_t wl, int64_t wr) {
+  c.wl = wl, c.wr = wr;
+  return c;
+}
+
+// Sliding window, softcap, ALiBi, varlen, sinks; every kernel family (FA2-layout
+// bwd d <= 128 atomic / deterministic, split bwd d > 128, fp32 SIMT), with causal,
+// GQA and dropout, rows and sequences that see nothing.
+std::vector<Case> feature_suite() {
+  const DType BF = DType::kBFloat16, FP = DType::kFloat16, F32 = DType::kFloat32;
+  std::vector<Case> v;
+  // -- window
+  v.push_back(with_window({"win", BF, 2, 2, 2, 200, 200, 64}, 20, 10));
+  v.push_back(with_window({"win-causal", BF, 1, 4, 2, 150, 260, 128, true}, 37, 0));
+  v.push_back(with_window({"win-TL-empty-rows", FP, 1, 2, 2, 300, 120, 64, false, true}, 0, 5));
+  v.push_back(with_window({"win-causal-empty-rows", BF, 2, 2, 1, 100, 40, 96, true}, 3, 0));
+  v.push_back(with_window({"win-left-only", BF, 1, 2, 2, 260, 330, 256}, 70, -1));
+  v.push_back(with_window({"win-right-only", FP, 1, 2, 2, 140, 90, 192}, -1, 17));
+  {
+    Case c = with_window({"win-det", BF, 2, 4, 2, 256, 256, 128}, 64, 64);
+    c.det = true;
+    v.push_back(c);
+    c = with_window({"win-det-d256", FP, 1, 2, 1, 130, 170, 256, true}, 40, 0);
+    c.det = true;
+    v.push_back(c);
+    c = with_window({"win-drop-gqa", BF, 2, 8, 2, 180, 180, 64}, 30, 30);
+    c.p = 0.15f;
+    v.push_back(c);
+  }
+  v.push_back(with_window({"win-fp32", F32, 1, 2, 1, 70, 90, 64, true}, 11, 0));
+  // -- softcap
+  {
+    Case c{"softcap", BF, 1, 2, 2, 128, 160, 64};
+    c.softcap = 2.f;
+    v.push_back(c);
+    c = Case{"softcap-causal", FP, 2, 4, 2, 150, 150, 128, true};
+    c.softcap = 5.f;
+    v.push_back(c);
+    c = Case{"softcap-d256", BF, 1, 2, 1, 90, 110, 256, true};
+    c.softcap = 1.5f;
+    v.push_back(c);
+    c = Case{"softcap-det", BF, 1, 4, 2, 200, 130, 64};
+    c.softcap = 3.f, c.det = true;
+    v.push_back(c);
+    c = Case{"softcap-drop", FP, 1, 2, 2, 100, 140, 96, true};
+    c.softcap = 2.5f, c.p = 0.2f;
+    v.push_back(c);
+    c = Case{"softcap-fp32", F32, 1, 2, 2, 40, 66, 72};
+    c.softcap = 2.f;
+    v.push_back(c);
+  }
+  // -- ALiBi
+  {
+    Case c{"alibi", BF, 2, 4, 4, 128, 128, 64};
+    c.alibi = 1;
+    v.push_back(c);
+    c = Case{"alibi-bh-causal", BF, 2, 4, 2, 140, 200, 128, true};
+    c.alibi = 2;
+    v.push_back(c);
+    c = with_window({"alibi-softcap-win", FP, 1, 2, 2, 160, 160, 96}, 40, 8);
+    c.alibi = 2, c.softcap = 4.f;
+    v.push_back(c);
+    c = Case{"alibi-d160-det", BF, 1, 2, 2, 100, 100, 160, true};
+    c.alibi = 1, c.det = true;
+    v.push_back(c);
+    c = Case{"alibi-fp32", F32, 2, 2, 1, 50, 45, 40, true};
+    c.alibi = 2;
+    v.push_back(c);
+  }
+  // -- varlen (uneven and empty sequences)
+  {
+    v.push_back(with_varlen({"varlen", BF, 0, 2, 2, 0, 0, 64}, {0, 37, 130, 1, 64}, {5, 0, 200, 64, 64}));
+    v.push_back(with_varlen({"varlen-causal", BF, 0, 4, 2, 0, 0, 128, true}, {70, 200, 0, 33}, {150, 100, 9, 33}));
+    v.push_back(with_varlen({"varlen-causal-TL", FP, 0, 2, 2, 0, 0, 64, true, true}, {90, 17}, {40, 130}));
+    Case c = with_varlen({"varlen-det", BF, 0, 2, 1, 0, 0, 128, true}, {129, 3, 64}, {129, 70, 0});
+    c.det = true;
+    v.push_back(c);
+    v.push_back(with_varlen({"varlen-d256", BF, 0, 2, 2, 0, 0, 256}, {45, 0, 81}, {60, 12, 81}));
+    c = with_varlen({"varlen-drop-gqa", FP, 0, 6, 2, 0, 0, 64, true}, {120, 65}, {100, 190});
+    c.p = 0.1f;
+    v.push_back(c);
+    v.push_back(with_window(with_varlen({"varlen-win", FP, 0, 2, 2, 0, 0, 128}, {100, 31, 160}, {100, 77, 40}), 16, 4));
+    v.push_back(with_varlen({"varlen-fp32", F32, 0, 2, 1, 0, 0, 64, true}, {20, 0, 41}, {33, 7, 41}));
+  }
+  // -- sinks (+ dsink)
+  {
+    Case c{"sink", BF, 2, 4, 4, 128, 128, 64};
+    c.sink = true;
+    v.push_back(c);
+    c = with_window({"sink-win-empty-rows", BF, 1, 3, 1, 120, 60, 128, true}, 5, 0);
+    c.sink = true;
+    v.push_back(c);
+    c = Case{"sink-d256-det", FP, 1, 2, 2, 100, 80, 256, true};
+    c.sink = true, c.det = true;
+    v.push_back(c);
+    c = Case{"sink-drop", BF, 1, 2, 2, 90, 150, 96};
+    c.sink = true, c.p = 0.2f;
+    v.push_back(c);
+    c = Case{"sink-fp32", F32, 1, 3, 3, 33, 50, 64, true};
+    c.sink = true;
+    v.push_back(c);
+    c = with_varlen({"sink-varlen", BF, 0, 4, 2, 0, 0, 64, true}, {40, 0, 97}, {20, 30, 128});
+    c.sink = true;
+    v.push_back(c);
+  }
+  // -- everything at once
+  {
+    Case c = with_window(with_varlen({"all", BF, 0, 8, 2, 0, 0, 128, true}, {130, 0, 70, 200}, {90, 50, 160, 200}),
+                         48, 0);
+    c.softcap = 3.f, c.alibi = 2, c.sink = true, c.p = 0.1f;
+    v.push_back(c);
+    c.name = "all-det";
+    c.det = true;
+    c.dt = FP;
+    v.push_back(c);
+    c = with_window(with_varlen({"all-d192", BF, 0, 4, 4, 0, 0, 192}, {66, 130}, {150, 31}), 25, 40);
+    c.softcap = 2.f, c.alibi = 1, c.sink = true;
+    v.push_back(c);
+    c = with_window(with_varlen({"all-fp32", F32, 0, 4, 2, 0, 0, 64, true}, {30, 0, 45}, {44, 9, 45}), 12, 0);
+    c.softcap = 2.f, c.alibi = 2, c.sink = true, c.p = 0.1f;
+    v.push_back(c);
+  }
+  return v;
 }
 
 std::vector<Case> suite() {
@@ -479,6 +735,7 @@ std::vector<Case> suite() {
   }
   v.push_back({"sk0", BF, 1, 2, 2, 16, 0, 64});
   v.push_back({"long", BF, 1, 2, 2, 1024, 1024, 128, true});
+  for (const Case& c : feature_suite()) v.push_back(c);
   return v;
 }
 
@@ -595,6 +852,22 @@ int main(int argc, char** argv) {
     cases[4].det = true;
     cases[4].p = 0.2f;
     cases[5].det = true;
+    // Feature cases (window, softcap, ALiBi, varlen with an empty sequence, sinks)
+    // through the FA2-layout atomic backward, the split deterministic one and fp32.
+    {
+      Case c = with_window(with_varlen({"small-feat", BF, 0, 4, 2, 0, 0, 64, true}, {70, 0, 33}, {90, 20, 33}), 20, 0);
+      c.softcap = 2.f, c.alibi = 2, c.sink = true, c.p = 0.1f;
+      cases.push_back(c);
+      c = with_window({"small-feat-d256-det", FP, 1, 2, 1, 60, 90, 256}, 15, 10);
+      c.softcap = 3.f, c.alibi = 1, c.sink = true, c.det = true;
+      cases.push_back(c);
+      c = with_window(with_varlen({"small-feat-d128-det", BF, 0, 2, 2, 0, 0, 128}, {50, 70}, {80, 0}), 30, 30);
+      c.sink = true, c.det = true;
+      cases.push_back(c);
+      c = with_window(with_varlen({"small-feat-fp32", F32, 0, 2, 1, 0, 0, 40, true}, {20, 9}, {25, 0}), 6, 0);
+      c.softcap = 2.f, c.alibi = 1, c.sink = true;
+      cases.push_back(c);
+    }
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
   }
@@ -618,8 +891,9 @@ int main(int argc, char** argv) {
     p.d = 264;
     std::printf("check_support(d=264): %s\n", ops->check_support(p).c_str());
   }
+  // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks).
   int n = 0;
-  for (const Case& c : suite()) {
+  for (const Case& c : mode == "--features" ? feature_suite() : suite()) {
     run_case(c, rng);
     ++n;
   }

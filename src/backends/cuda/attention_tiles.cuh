@@ -45,6 +45,99 @@ __device__ __forceinline__ int first_visible_query_tile(int key0, int num_tiles,
 // a fully masked row (-inf) becomes +inf, so its probabilities are 0, not exp(+inf).
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
+// ---- Run-time features (params.h): sliding window, softcap, ALiBi, varlen. ----
+// Taken per tile through CTA-uniform branches: no template parameter, so the
+// plain path (none of them) keeps its instantiations and its inner loop.
+
+constexpr int64_t kUnbounded = int64_t{1} << 40;
+
+// Row i of a sequence sees columns [i + lo, i + hi] (and [0, len_k)): the
+// window bounds on the diagonal `diag`, the causal bound folded into hi.
+struct WindowOffsets {
+  int64_t lo, hi;
+};
+__device__ __forceinline__ WindowOffsets window_offsets(bool causal, int64_t window_left, int64_t window_right,
+                                                        int64_t diag) {
+  int64_t hi = window_right >= 0 ? diag + window_right : kUnbounded;
+  if (causal && hi > diag) hi = diag;
+  const int64_t lo = window_left >= 0 ? diag - window_left : -kUnbounded;
+  return {lo, hi};
+}
+
+// Whether the window adds anything to the kernel's own causal masking: the
+// core passes causal calls as window_right == 0 (params.h), which the causal
+// kernels already apply, so those keep the plain path.
+__device__ __forceinline__ bool window_active(bool causal, int64_t window_left, int64_t window_right) {
+  return window_left >= 0 || (window_right >= 0 && !(causal && window_right == 0));
+}
+
+// A (rows from r0) x (cols from c0) tile needs per-element masking iff some of
+// its elements lie past len_k or outside some row's window.
+__device__ __forceinline__ bool tile_needs_mask_window(int c0, int cols, int r0, int rows, int len_k,
+                                                       WindowOffsets w) {
+  return c0 + cols > len_k || int64_t{c0} + cols - 1 > r0 + w.hi || int64_t{c0} < int64_t{r0} + rows - 1 + w.lo;
+}
+
+// Softcap's tanh as 1 - 2 / (exp(2x) + 1): a handful of instructions and
+// registers (tanhf's slow path made ptxas spill in the main loops). Absolute
+// error ~1e-7, which is what the softmax sees (score = softcap * tanh).
+__device__ __forceinline__ float tanh_fast(float x) { return 1.f - __fdividef(2.f, __expf(2.f * x) + 1.f); }
+
+// The per-element score modification of a feature tile, in 32-bit relative
+// coordinates so that little stays live in the kernels' main loops: the caller
+// gives rel = col - row of the element (its tile's base plus unrolled constants)
+// and col_lim = len_k - col (> 0: the column exists). x is the raw q.k; the result
+// is the final score (softcap, then ALiBi) divided by the softmax scale, so the
+// kernels' exp2(x * scale * log2e - m) stays as it is; -inf where not visible.
+struct ScoreMod {
+  float cap_in;   // scale / softcap
+  float cap_out;  // softcap / scale; 0: no softcap
+  float slope;    // ALiBi slope / scale; 0: none
+  int lo, hi;     // visible iff lo <= rel <= hi (window / causal, clamped to +-2^30)
+  int diag;       // the diagonal, clamped likewise: ALiBi distance |diag - rel|
+  __device__ __forceinline__ float apply(float x, int rel, int col_lim) const {
+    if (cap_out != 0.f) x = cap_out * tanh_fast(x * cap_in);
+    x -= slope * fabsf(static_cast<float>(diag - rel));
+    return (col_lim <= 0 || rel < lo || rel > hi) ? -INFINITY : x;
+  }
+};
+__device__ __forceinline__ int clamp_i32(int64_t v) {
+  return static_cast<int>(v < -(int64_t{1} << 30) ? -(int64_t{1} << 30) : (v > (int64_t{1} << 30) ? (int64_t{1} << 30) : v));
+}
+// softcap / scale etc. from the parameters; slope = the ALiBi slope of this (batch, head) or 0.
+__device__ __forceinline__ ScoreMod make_score_mod(float scale, float softcap, float slope, WindowOffsets w,
+                                                   int64_t diag) {
+  ScoreMod m;
+  m.cap_in = softcap > 0.f ? scale / softcap : 0.f;
+  m.cap_out = softcap > 0.f ? softcap / scale : 0.f;
+  m.slope = slope / scale;
+  m.lo = clamp_i32(w.lo);
+  m.hi = clamp_i32(w.hi);
+  m.diag = clamp_i32(diag);
+  return m;
+}
+
+// Softcap backward: the derivative of softcap * tanh(scale * x / softcap) is
+// scale * (1 - tanh^2); the scale is applied where the plain path applies it,
+// this returns 1 - tanh^2. tanh is recovered from the probability itself:
+// final score = (log2 P + lse_log2) * ln 2 = softcap * tanh + alibi (so no extra
+// register array lives across the dP GEMM). P = 0 (masked / underflow): 0.
+__device__ __forceinline__ float softcap_dtanh(float pv, float lse_l2, float alibi_term, float inv_softcap) {
+  if (!(pv > 0.f)) return 0.f;
+  const float t = ((__log2f(pv) + lse_l2) * kLn2 - alibi_term) * inv_softcap;
+  return fmaxf(0.f, 1.f - t * t);
+}
+// ALiBi term of the final score (not divided by the scale) at rel = col - row:
+// -slope * |diag - rel| (diag clamped as in ScoreMod).
+__device__ __forceinline__ float alibi_term(float slope, int diag, int rel) {
+  return -slope * fabsf(static_cast<float>(diag - rel));
+}
+
+// The ALiBi slope of (batch b, head h), 0 without ALiBi.
+__device__ __forceinline__ float alibi_slope(const float* slopes, int64_t batch_stride, int b, int h) {
+  return slopes != nullptr ? slopes[b * batch_stride + h] : 0.f;
+}
+
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A
 // fragment of k-tile k (mma_utils.cuh's layout table).
 template <typename T>

@@ -68,6 +68,15 @@ std::string check_support(const FwdParams& p) {
   if (p.d <= 0 || p.d % 8 != 0)
     return "the CUDA backend needs head_dim to be a positive multiple of 8 (got " + std::to_string(p.d) + ")";
   if (p.d > 256) return "the CUDA backend supports head_dim up to 256 (got " + std::to_string(p.d) + ")";
+  // Implemented: sliding window, softcap, ALiBi, varlen, attention sinks (all dtypes,
+  // forward and backward). Not yet:
+  if (p.attn_bias != nullptr) return "attn_bias / attn_mask is not implemented on the CUDA backend yet";
+  if (p.d_v != 0 && p.d_v != p.d)
+    return "a value head dim different from the query/key head dim is not implemented on the CUDA backend yet";
+  if (p.cu_seqlens_q != nullptr && p.dropout_mask != nullptr)
+    return "returning the dropout mask is not supported with variable-length sequences on the CUDA backend";
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr))
+    return "varlen needs both cu_seqlens_q and cu_seqlens_k";
   return {};
 }
 
@@ -82,6 +91,11 @@ std::string variant_name(const FwdParams& p, bool backward) {
   }
   if (p.causal) s += ".causal";
   if (p.dropout_p > 0.f) s += ".dropout";
+  if (p.window_left >= 0 || p.window_right >= 0) s += ".window";
+  if (p.softcap > 0.f) s += ".softcap";
+  if (p.alibi_slopes != nullptr) s += ".alibi";
+  if (p.cu_seqlens_q != nullptr) s += ".varlen";
+  if (p.sink != nullptr) s += ".sink";
   return s;
 }
 
@@ -198,6 +212,34 @@ const detail::BackendOps kOps = {
 };
 
 }  // namespace
+
+namespace {
+__global__ void __launch_bounds__(256) bwd_dsink_kernel(const BwdParams p, const float* dsum) {
+  __shared__ float red[256];
+  const int h = blockIdx.x, tid = threadIdx.x;
+  const float sink = p.sink[h];
+  float acc = 0.f;
+  for (int bi = 0; bi < p.b; ++bi) {
+    const SeqSpan s = seq_span(p, bi);
+    const float* lse = static_cast<const float*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
+    const float* D = dsum + (static_cast<int64_t>(bi) * p.hq + h) * p.sq;
+    for (int i = tid; i < s.len_q; i += 256) acc += expf(sink - lse[i]) * D[i];
+  }
+  red[tid] = acc;
+  __syncthreads();
+  for (int o = 128; o > 0; o >>= 1) {
+    if (tid < o) red[tid] += red[tid + o];
+    __syncthreads();
+  }
+  if (tid == 0) p.dsink[h] = -red[0];
+}
+}  // namespace
+
+void run_bwd_dsink(const BwdParams& p, const float* dsum) {
+  if (p.hq == 0) return;
+  bwd_dsink_kernel<<<static_cast<unsigned>(p.hq), 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p, dsum);
+  check_launch("bwd_dsink_kernel");
+}
 
 void run_dropout_mask(const FwdParams& p) {
   const int64_t total4 = static_cast<int64_t>(p.b) * p.hq * p.sq * ((p.sk + 3) / 4);

@@ -31,6 +31,15 @@
 // Head dims > 128 would need 2 x d/2 accumulator registers per thread for dK and
 // dV together (256 at d=256), so those buckets run the dK/dV kernel twice:
 // once for dV only and once for dK (+ dQ), recomputing S.
+//
+// Features (params.h), run-time branches in every kernel: varlen (per-sequence
+// rows; D and dq_accum keep one slab of p.sq rows per (sequence, head)), the
+// sliding window (dK/dV kernels: per key block the range of query tiles; dQ
+// kernel: per query tile the range of key tiles; per-element masks on boundary
+// tiles only), softcap and ALiBi (S recomputed through the same ScoreMod as the
+// forward; softcap multiplies dS by 1 - tanh^2, tanh recovered from P and the
+// LSE so no extra register array lives across the dP GEMM), sinks (LSE already
+// holds them; dsink by bwd_dsink_kernel from D and the LSE).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -96,16 +105,26 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
     const int64_t bh = r / p.sq;
     const int i = static_cast<int>(r % p.sq);
     const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
-    const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
-    const T* dO = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
-    const uint4 ov = *reinterpret_cast<const uint4*>(o + sub * 8);
-    const uint4 dv = *reinterpret_cast<const uint4*>(dO + sub * 8);
-    const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
-    const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
+    int64_t row = i;  // varlen: local row i of sequence b (rows past its length get D = 0)
+    bool valid = true;
+    if (p.cu_seqlens_q != nullptr) {
+      const SeqSpan span = seq_span(p, b);
+      valid = i < span.len_q;
+      row = span.q_start + i;
+    }
+    if (valid) {
+      const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
+      const T* dO =
+          static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + sub * 8);
+      const uint4 dv = *reinterpret_cast<const uint4*>(dO + sub * 8);
+      const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
+      const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 a = MmaType<T>::unpack(ow[j]), c = MmaType<T>::unpack(dw[j]);
-      acc += a.x * c.x + a.y * c.y;
+      for (int j = 0; j < 4; ++j) {
+        const float2 a = MmaType<T>::unpack(ow[j]), c = MmaType<T>::unpack(dw[j]);
+        acc += a.x * c.x + a.y * c.y;
+      }
     }
   }
   // Every lane takes part (no early return): the groups are aligned, so xor
@@ -132,18 +151,25 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
   const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   const float4 v = *reinterpret_cast<const float4*>(acc + idx * 4);
   T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + col;
+  int sq = p.sq;
+  if (p.cu_seqlens_q != nullptr) {  // varlen: this sequence's rows
+    const SeqSpan span = seq_span(p, b);
+    sq = span.len_q;
+    dq += span.q_start * p.dq_row_stride;
+  }
   const float sc = p.scale;
-  if (row < p.sq) *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride) = MmaType<T>::pack(v.x * sc, v.y * sc);
-  if (row + 8 < p.sq)
+  if (row < sq) *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride) = MmaType<T>::pack(v.x * sc, v.y * sc);
+  if (row + 8 < sq)
     *reinterpret_cast<uint32_t*>(dq + (row + 8) * p.dq_row_stride) = MmaType<T>::pack(v.z * sc, v.w * sc);
 }
 
 // LSE (log2 units) and D = rowsum(dO * O) of query row `row` of head h; rows
-// past sq get LSE = +inf (so P = 0) and D = 0.
+// past sq (the sequence's length; p.sq is the row stride of D) get LSE = +inf
+// (so P = 0) and D = 0. lse_batch: the sequence's LSE at (head 0, row 0).
 __device__ __forceinline__ float2 load_row_stats(const BwdParams& p, const float* lse_batch, const float* dsum, int b,
-                                                 int h, int row) {
+                                                 int h, int row, int sq) {
   float2 v = make_float2(INFINITY, 0.f);
-  if (row < p.sq) {
+  if (row < sq) {
     v.x = lse_log2(lse_batch[h * p.lse_head_stride + row]);
     v.y = dsum[(static_cast<int64_t>(b) * p.hq + h) * p.sq + row];
   }
@@ -154,11 +180,42 @@ __device__ __forceinline__ float2 load_row_stats(const BwdParams& p, const float
 // dK/dV kernels.
 template <int kBM>
 __device__ __forceinline__ void stage_row_stats(const BwdParams& p, const float* lse_batch, const float* dsum, int b,
-                                                int h, int m0, int tid, float* s_lse, float* s_d) {
+                                                int h, int m0, int tid, float* s_lse, float* s_d, int sq) {
   if (tid < kBM) {
-    const float2 v = load_row_stats(p, lse_batch, dsum, b, h, m0 + tid);
+    const float2 v = load_row_stats(p, lse_batch, dsum, b, h, m0 + tid, sq);
     s_lse[tid] = v.x;
     s_d[tid] = v.y;
+  }
+}
+
+// Query tiles [m_begin, m_end) (of kBM rows) with a row that sees some key of
+// [n0, n0 + kBN): causal and the sliding window on the diagonal `diag`.
+template <bool kCausal, int kBM, int kBN>
+__device__ __forceinline__ void query_tile_range(int n0, int sq, int64_t diag, bool has_window, int64_t window_left,
+                                                 int64_t window_right, int& m_begin, int& m_end) {
+  m_end = (sq + kBM - 1) / kBM;
+  m_begin = first_visible_query_tile<kCausal, kBM>(n0, m_end, sq, diag);
+  if (has_window) {
+    const WindowOffsets w = window_offsets(kCausal, window_left, window_right, diag);
+    const int64_t first = static_cast<int64_t>(n0) - w.hi, last = static_cast<int64_t>(n0) + kBN - 1 - w.lo + 1;
+    const int64_t r0 = first < 0 ? 0 : (first > sq ? sq : first), r1 = last < 0 ? 0 : (last > sq ? sq : last);
+    m_begin = static_cast<int>(r0 / kBM);
+    m_end = r0 < r1 ? static_cast<int>((r1 + kBM - 1) / kBM) : m_begin;
+  }
+}
+
+// Key tiles [n_begin, n_end) (of kBN rows) that some row of [m0, m0 + kBM) sees.
+template <bool kCausal, int kBM, int kBN>
+__device__ __forceinline__ void key_tile_range(int m0, int sk, int64_t diag, bool has_window, int64_t window_left,
+                                               int64_t window_right, int& n_begin, int& n_end) {
+  n_begin = 0;
+  n_end = (visible_key_end<kCausal>(m0, kBM, sk, diag) + kBN - 1) / kBN;
+  if (has_window) {
+    const WindowOffsets w = window_offsets(kCausal, window_left, window_right, diag);
+    const int64_t lo = static_cast<int64_t>(m0) + w.lo, hi = static_cast<int64_t>(m0) + kBM - 1 + w.hi + 1;
+    const int64_t k0 = lo < 0 ? 0 : (lo > sk ? sk : lo), k1 = hi < 0 ? 0 : (hi > sk ? sk : hi);
+    n_begin = static_cast<int>(k0 / kBN);
+    n_end = k0 < k1 ? static_cast<int>((k1 + kBN - 1) / kBN) : n_begin;
   }
 }
 
@@ -191,31 +248,40 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
   const int d = p.d;
+  const SeqSpan span = seq_span(p, b);  // varlen: this sequence
+  const int sq = span.len_q, sk = span.len_k;
+  const int64_t diag = span.diag;
+  if (n0 >= sk) return;  // only with varlen
+  const bool has_window = window_active(kCausal, p.window_left, p.window_right);
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, p.sk - n0, d, tid);
-  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk - n0, d, tid);
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                (span.k_start + n0) * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                (span.k_start + n0) * p.v_row_stride;
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
+  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, d, tid);
 
-  const int num_m_total = (p.sq + kBM - 1) / kBM;
-  const int m_begin = first_visible_query_tile<kCausal, kBM>(n0, num_m_total, p.sq, p.causal_offset);
-  const int nm = num_m_total - m_begin;
+  int m_begin, m_end;
+  query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, m_end);
+  const int nm = m_end - m_begin;
   const int total = group * nm;
 
   const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
   const BwdWorkspace layout = bwd_workspace_layout(p);
   const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
   float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
-  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride;
+  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
 
   auto prefetch = [&](int it, int stage) {
     const int h = hk * group + it / nm;
     const int m0 = (m_begin + it % nm) * kBM;
-    const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
-    const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
-    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, p.sq - m0, d, tid);
-    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, p.sq - m0, d, tid);
-    stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
+    const int64_t r0 = span.q_start + m0;
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + r0 * p.q_row_stride;
+    const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + r0 * p.do_row_stride;
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, d, tid);
+    stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
   };
   if (total > 0) prefetch(0, 0);
   cp_async_commit();
@@ -265,7 +331,22 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         mma16816<T>(st[2 * np + 1], a, bfr[2], bfr[3]);
       }
     }
-    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
+    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
+    if (has_window || has_mod) {  // features: scores modified / window bounds masked (-inf)
+      const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
+      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
+        const ScoreMod sm =
+            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
+        const int rel0 = kv_base - m0 - 2 * t, lim0 = sk - kv_base;  // + unrolled constants
+#pragma unroll
+        for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int dk = (c >> 1) * 8, dq = nt * 8 + (c & 1);
+            st[nt][c] = sm.apply(st[nt][c], rel0 + dk - dq, lim0 - dk);
+          }
+      }
+    }
     uint32_t keep_bits = 0xffffffffu;
 #pragma unroll
     for (int nt = 0; nt < kMT; ++nt)
@@ -276,7 +357,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         if (need_mask) {
           const int kv = kv_base + (c >> 1) * 8;
           const int64_t q = m0 + ql;
-          if (kv >= p.sk || (kCausal && kv > q + p.causal_offset)) pv = 0.f;
+          if (kv >= sk || (kCausal && kv > q + diag)) pv = 0.f;
         }
         st[nt][c] = pv;
       }
@@ -334,6 +415,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
           mma16816<T>(dpt[2 * np + 1], a, bfr[2], bfr[3]);
         }
       }
+      if (p.softcap > 0.f) {  // softcap: dS *= 1 - tanh^2 (tanh recovered from P)
+        const float slope = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), inv_cap = 1.f / p.softcap;
+        const int rel0 = kv_base - m0 - 2 * t, diag32 = clamp_i32(diag);
+#pragma unroll
+        for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int ql = nt * 8 + 2 * t + (c & 1);
+            const int rel = rel0 + (c >> 1) * 8 - nt * 8 - (c & 1);
+            st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
+          }
+      }
       // dS^T = P^T * (dP_drop^T - D), reusing st.
 #pragma unroll
       for (int nt = 0; nt < kMT; ++nt)
@@ -390,7 +483,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 #pragma unroll
         for (int i = 0; i < kDTw; ++i) {
           const int col8 = (wn * kDTw + i) * 8;
-          if (row16 < p.sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[i]);
+          if (row16 < sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[i]);
         }
       }
     }
@@ -401,14 +494,15 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int kv = kv_base + r * 8;
-    if (kv >= p.sk) continue;
+    if (kv >= sk) continue;
+    const int64_t kr = span.k_start + kv;
     if constexpr (kWantDV)
       store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
-                                   kv * p.dv_row_stride,
+                                   kr * p.dv_row_stride,
                                acc_dv, r, 0, t, d, 1.f);
     if constexpr (kWantDK)
       store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
-                                   kv * p.dk_row_stride,
+                                   kr * p.dk_row_stride,
                                acc_dk, r, 0, t, d, p.scale);
   }
 }
@@ -491,14 +585,22 @@ __global__ void __launch_bounds__(256)
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
   const int d = p.d;
+  const SeqSpan span = seq_span(p, b);  // varlen: this sequence
+  const int sq = span.len_q, sk = span.len_k;
+  const int64_t diag = span.diag;
+  if (n0 >= sk) return;  // only with varlen
+  const bool has_window = window_active(kCausal, p.window_left, p.window_right);
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + n0 * p.k_row_stride;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + n0 * p.v_row_stride;
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, p.sk - n0, d, tid);
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk - n0, d, tid);
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                (span.k_start + n0) * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                (span.k_start + n0) * p.v_row_stride;
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, d, tid);
 
-  const int num_m_total = (p.sq + kBM - 1) / kBM;
-  const int m_begin = first_visible_query_tile<kCausal, kBM>(n0, num_m_total, p.sq, p.causal_offset);
+  int m_begin, num_m_total;  // query tiles [m_begin, num_m_total) see this key block
+  query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, num_m_total);
   const int nm = num_m_total - m_begin;
   const int total = group * nm;
 
@@ -506,7 +608,7 @@ __global__ void __launch_bounds__(256)
   const BwdWorkspace layout = bwd_workspace_layout(p);
   const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
   float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
-  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride;
+  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
 
   TileStream<T, kBM, kD, kThreads, kSwz> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
   TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
@@ -515,7 +617,7 @@ __global__ void __launch_bounds__(256)
   // when the step crosses to the next q head (the full 64-bit origin took ~30
   // uniform instructions per step, d128).
   auto seek = [&](int h, int mi) {
-    const int m0 = mi * kBM;
+    const int64_t m0 = span.q_start + mi * kBM;
     q_stream.tile = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
     do_stream.tile = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
   };
@@ -533,19 +635,19 @@ __global__ void __launch_bounds__(256)
     // causal within noise (call 12; before the swizzled tiles ptxas spilled the
     // d128 causal kernel 8 -> 48 B and s16k lost 3%, now no spill reloads).
     constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn;
-    if (kFullLoads && d == kD && m0 + kBM <= p.sq) {  // warp-uniform: all but the last tile, unpadded d
+    if (kFullLoads && d == kD && m0 + kBM <= sq) {  // warp-uniform: all but the last tile, unpadded d
       if constexpr (kFullLoads) {
         q_stream.load_full(sq_stage);
         do_stream.load_full(sdo_stage);
       }
     } else {
-      q_stream.load(sq_stage, p.sq - m0);
-      do_stream.load(sdo_stage, p.sq - m0);
+      q_stream.load(sq_stage, sq - m0);
+      do_stream.load(sdo_stage, sq - m0);
     }
     if (kStatsInRegs && defer_stats) {
-      if (tid < kBM) next_stats = load_row_stats(p, lse_g, dsum, b, h, m0 + tid);
+      if (tid < kBM) next_stats = load_row_stats(p, lse_g, dsum, b, h, m0 + tid, sq);
     } else {
-      stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM);
+      stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
     }
   };
   int h = hk * group, mi = m_begin;  // the current step
@@ -639,16 +741,34 @@ __global__ void __launch_bounds__(256)
     // 1. S^T = K Q^T.
     float st[2][kMT][4];
     gemm_keys_by_queries(st, k_a, operand(q_nk0, smem_u32(sQ), nk_off));
-    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
+    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
     // Element (key kv_base + kl, query m0 + qcol + 2t + ql) is masked iff
     // kl >= key_lim or kl - ql > diag_lim, with kl, ql unrolled constants.
-    if (need_mask) {
-      const int key_lim = p.sk - kv_base;
+    // Features (window / softcap / ALiBi) take the general per-element path:
+    // on every tile with softcap / ALiBi, else on tiles crossing a window bound.
+    if (has_window || has_mod) {
+      const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
+      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
+        const ScoreMod sm =
+            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
+        const int rel0 = kv_base - m0 - qcol - 2 * t, lim0 = sk - kv_base;  // + unrolled constants
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int dk = mt * 16 + (c >> 1) * 8, dq = nt * 8 + (c & 1);
+              st[mt][nt][c] = sm.apply(st[mt][nt][c], rel0 + dk - dq, lim0 - dk);
+            }
+      }
+    } else if (need_mask) {
+      const int key_lim = sk - kv_base;
       int diag_lim = 0;
       if (kCausal) {
-        const int64_t lim = static_cast<int64_t>(m0) + p.causal_offset - kv_base + qcol + 2 * t;
+        const int64_t lim = static_cast<int64_t>(m0) + diag - kv_base + qcol + 2 * t;
         diag_lim = static_cast<int>(lim < -(1 << 30) ? -(1 << 30) : (lim > (1 << 30) ? (1 << 30) : lim));
       }
 #pragma unroll
@@ -711,6 +831,21 @@ __global__ void __launch_bounds__(256)
           }
         store_tile_pair(sP, mt, np, v);
       }
+
+    if (p.softcap > 0.f) {  // softcap: dS^T = P^T (1 - tanh^2) (dP^T - D), tanh recovered from P
+      const float slope = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), inv_cap = 1.f / p.softcap;
+      const int rel0 = kv_base - m0 - qcol - 2 * t, diag32 = clamp_i32(diag);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int ql = qcol + nt * 8 + 2 * t + (c & 1);
+            const int rel = rel0 + mt * 16 + (c >> 1) * 8 - nt * 8 - (c & 1);
+            st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
+          }
+    }
 
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
@@ -809,7 +944,7 @@ __global__ void __launch_bounds__(256)
       const int row_stride = dq_accum_row_tile_stride(d);
       float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
       float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, d, lane);
-      if (d == kD && row16 + 32 <= p.sq) {  // warp-uniform: all but tail tiles and padded head dims
+      if (d == kD && row16 + 32 <= sq) {  // warp-uniform: all but tail tiles and padded head dims
         constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -821,7 +956,7 @@ __global__ void __launch_bounds__(256)
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int i = 0; i < kDqT; ++i)
-            if (row16 + mt * 16 < p.sq && col8 + i * 8 < d) add(mt, i);
+            if (row16 + mt * 16 < sq && col8 + i * 8 < d) add(mt, i);
       }
     }
     if (kStatsInRegs && tid < kBM) {  // read from the next step on, after its top barrier
@@ -839,12 +974,13 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int kv = kv_base + mt * 16 + r * 8;
-      if (kv >= p.sk) continue;
+      if (kv >= sk) continue;
+      const int64_t kr = span.k_start + kv;
       store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
-                                   kv * p.dv_row_stride,
+                                   kr * p.dv_row_stride,
                                acc_dv[mt], r, dcol, t, d, 1.f);
       store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
-                                   kv * p.dk_row_stride,
+                                   kr * p.dk_row_stride,
                                acc_dk[mt], r, dcol, t, d, p.scale);
     }
 }
@@ -875,23 +1011,35 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const int hk = h / (p.hq / p.hkv);
   const int m0 = m_block * kBM;
   const int d = p.d;
+  const SeqSpan span = seq_span(p, b);  // varlen: this sequence
+  const int sq = span.len_q, sk = span.len_k;
+  const int64_t diag = span.diag;
+  if (m0 >= sq) return;  // only with varlen
+  const bool has_window = window_active(kCausal, p.window_left, p.window_right);
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
-  const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + m0 * p.do_row_stride;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                (span.q_start + m0) * p.q_row_stride;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                 (span.q_start + m0) * p.do_row_stride;
+  int n_begin, n_end;
+  key_tile_range<kCausal, kBM, kBN>(m0, sk, diag, has_window, p.window_left, p.window_right, n_begin, n_end);
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                (span.k_start + static_cast<int64_t>(n_begin) * kBN) * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                (span.k_start + static_cast<int64_t>(n_begin) * kBN) * p.v_row_stride;
 
-  const int n_blocks = (visible_key_end<kCausal>(m0, kBM, p.sk, p.causal_offset) + kBN - 1) / kBN;
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, p.sq - m0, d, tid);
-  if (n_blocks > 0) {
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, p.sk, d, tid);
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, p.sk, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, sq - m0, d, tid);
+  if (n_begin < n_end) {
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n_begin * kBN, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, d, tid);
   }
   cp_async_commit();
 
   const int row_base = m0 + warp * 16 + g;
-  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+  const float* lse_g =
+      static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start;
   const BwdWorkspace layout = bwd_workspace_layout(p);
   const float* dsum = reinterpret_cast<const float*>(static_cast<const unsigned char*>(p.workspace) + layout.d_offset) +
                       bh * p.sq;
@@ -901,7 +1049,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     const int row = row_base + r * 8;
     lse_l2[r] = INFINITY;
     dsv[r] = 0.f;
-    if (row < p.sq) {
+    if (row < sq) {
       lse_l2[r] = lse_log2(lse_g[row]);
       dsv[r] = dsum[row];
     }
@@ -915,16 +1063,17 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
 #pragma unroll
   for (int i = 0; i < kDT; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
 
-  for (int n = 0; n < n_blocks; ++n) {
-    const int stage = n & 1;
+  for (int n = n_begin; n < n_end; ++n) {
+    const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (n + 1 < n_blocks) {
+    if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
-      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + nn * p.k_row_stride,
-                                            p.k_row_stride, p.sk - nn, d, tid);
-      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + nn * p.v_row_stride,
-                                            p.v_row_stride, p.sk - nn, d, tid);
+      const int64_t rel = static_cast<int64_t>(n + 1 - n_begin) * kBN;  // kg / vg start at tile n_begin
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
+                                            p.k_row_stride, sk - nn, d, tid);
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
+                                            p.v_row_stride, sk - nn, d, tid);
     }
     cp_async_commit();
     const T* sKs = sK + stage * kBN * kS;
@@ -952,7 +1101,23 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
         mma16816<T>(dp[2 * np + 1], ado, bv[2], bv[3]);
       }
     }
-    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset);
+    const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
+    if (has_window || has_mod) {  // features: scores modified / window bounds masked (-inf)
+      const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
+      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
+        const ScoreMod sm =
+            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
+        const int rel0 = n0 + 2 * t - row_base, lim0 = sk - n0 - 2 * t;  // + unrolled constants
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int dc = nt * 8 + (c & 1), dr = (c >> 1) * 8;
+            s[nt][c] = sm.apply(s[nt][c], rel0 + dc - dr, lim0 - dc);
+          }
+      }
+    }
+    const bool has_cap = p.softcap > 0.f;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -973,8 +1138,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
           float pv = fast_exp2(fmaf(s[nt][c], scale_log2, -lse_l2[r]));
           if (need_mask) {
             const int col = col0 + j;
-            if (col >= p.sk || (kCausal && col > static_cast<int64_t>(row) + p.causal_offset)) pv = 0.f;
+            if (col >= sk || (kCausal && col > static_cast<int64_t>(row) + diag)) pv = 0.f;
           }
+          if (has_cap)  // softcap: dS *= 1 - tanh^2 (tanh recovered from P)
+            pv *= softcap_dtanh(pv, lse_l2[r],
+                                alibi_term(alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), clamp_i32(diag),
+                                           col0 + j - row),
+                                1.f / p.softcap);
           const float dpv = (j == 0 ? keep0 : keep1) ? dp[nt][c] * rdrop : 0.f;
           s[nt][c] = pv * (dpv - dsv[r]);
         }
@@ -996,11 +1166,11 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   }
   cp_async_wait<0>();
 
-  T* dqg = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  T* dqg = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + span.q_start * p.dq_row_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_base + r * 8;
-    if (row >= p.sq) continue;
+    if (row >= sq) continue;
     store_accumulator_row<T>(dqg + row * p.dq_row_stride, acc_dq, r, 0, t, d, p.scale);
   }
 }
@@ -1061,6 +1231,7 @@ void launch_flash_bwd(const BwdParams& p) {
     }
   }
 
+  if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0) return;
   if (atomic_dq) {
     const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (p.d / 4);  // float4 slots

@@ -64,11 +64,31 @@ __device__ __forceinline__ float dot_row(const float (&r)[kMaxPerLane], const fl
   return warp_sum(acc);
 }
 
-// Visible key range [0, end) of query row i.
-__device__ __forceinline__ int64_t key_end(const FwdParams& p, int64_t i) {
-  if (!p.causal) return p.sk;
-  const int64_t e = i + p.causal_offset + 1;
-  return e < 0 ? 0 : (e < p.sk ? e : p.sk);
+// Visible key range [begin, end) of local query row i of a sequence: window
+// (params.h visible_cols) and causal on the sequence's diagonal.
+__device__ __forceinline__ ColRange key_range(const FwdParams& p, const SeqSpan& s, int64_t i) {
+  ColRange r = visible_cols(p, s, i);
+  if (p.causal && i + s.diag + 1 < r.end) r.end = i + s.diag + 1;
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+
+// The final score from q.k: scale, softcap, ALiBi (params.h). *dtanh (when
+// given) receives d score / d (scale q.k): 1 - tanh^2 with softcap, else 1.
+__device__ __forceinline__ float final_score(const FwdParams& p, float qk, float slope, int64_t i, int64_t j,
+                                             int64_t diag, float* dtanh = nullptr) {
+  float s = qk * p.scale;
+  float dt = 1.f;
+  if (p.softcap > 0.f) {
+    const float t = tanhf(s / p.softcap);
+    s = p.softcap * t;
+    dt = 1.f - t * t;
+  }
+  if (dtanh) *dtanh = dt;
+  return s + alibi_bias(slope, i, j, diag);
+}
+__device__ __forceinline__ float slope_of(const FwdParams& p, int b, int h) {
+  return p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
 }
 
 __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
@@ -78,9 +98,15 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d;
-  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
-  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const SeqSpan span = seq_span(p, b);
+  if (i >= span.len_q) return;  // varlen: past this sequence
+  const int64_t qi = span.q_start + i;
+  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride;
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                   span.k_start * p.k_row_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                   span.k_start * p.v_row_stride;
+  const float slope = slope_of(p, b, h);
   float qr[kMaxPerLane], o[kMaxPerLane];
   load_row(qr, q, d, lane);
 #pragma unroll
@@ -89,9 +115,9 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   float m = -INFINITY, l = 0.f;
-  const int64_t end = key_end(p, i);
-  for (int64_t j = 0; j < end; ++j) {
-    const float s = dot_row(qr, k + j * p.k_row_stride, d, lane) * p.scale;
+  const ColRange range = key_range(p, span, i);
+  for (int64_t j = range.begin; j < range.end; ++j) {
+    const float s = final_score(p, dot_row(qr, k + j * p.k_row_stride, d, lane), slope, i, j, span.diag);
     const float m_new = fmaxf(m, s);
     const float corr = expf(m - m_new);  // m = -inf: 0
     const float e = expf(s - m_new);
@@ -107,11 +133,20 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
       o[jj] = o[jj] * corr + (c < d ? pv * vr[c] : 0.f);
     }
   }
-  const float inv = l > 0.f ? (dropout ? 1.f / (1.f - p.dropout_p) : 1.f) / l : 0.f;
-  store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride, o, inv, d,
+  const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  float inv = l > 0.f ? drop_scale / l : 0.f;
+  float lse = l > 0.f ? m + logf(l) : -INFINITY;
+  if (p.sink != nullptr) {  // exp(sink) joins the denominator (params.h)
+    const float sink = p.sink[h];
+    const float top = fmaxf(m, sink);
+    const float a = l > 0.f ? expf(m - top) : 0.f;
+    const float lt = l * a + expf(sink - top);
+    inv = drop_scale * a / lt;
+    lse = top + logf(lt);
+  }
+  store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride, o, inv, d,
             lane);
-  if (lane == 0)
-    static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i] = l > 0.f ? m + logf(l) : -INFINITY;
+  if (lane == 0) static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi] = lse;
 }
 
 __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, float* dsum) {
@@ -119,11 +154,14 @@ __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, fl
   if (!warp_row(p.b, p.hq, p.sq, w)) return;
   const int64_t r = w.index;
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
-  const float* o = static_cast<const float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+  const SeqSpan span = seq_span(p, b);
+  const int64_t qi = span.q_start + i;
+  const float* o = static_cast<const float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride;
   const float* dO =
-      static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+      static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride;
   float acc = 0.f;
-  for (int c = lane; c < p.d; c += 32) acc = fmaf(o[c], dO[c], acc);
+  if (i < span.len_q)  // varlen: rows past the sequence get D = 0
+    for (int c = lane; c < p.d; c += 32) acc = fmaf(o[c], dO[c], acc);
   acc = warp_sum(acc);
   if (lane == 0) dsum[r] = acc;
 }
@@ -137,38 +175,45 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d;
-  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const SeqSpan span = seq_span(p, b);
+  if (i >= span.len_q) return;  // varlen: past this sequence
+  const int64_t qi = span.q_start + i;
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                   span.k_start * p.k_row_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                   span.k_start * p.v_row_stride;
   float qr[kMaxPerLane], dor[kMaxPerLane], dq[kMaxPerLane];
-  load_row(qr, static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride, d,
+  load_row(qr, static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride, d,
            lane);
   load_row(dor,
-           static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride, d,
+           static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride, d,
            lane);
 #pragma unroll
   for (int j = 0; j < kMaxPerLane; ++j) dq[j] = 0.f;
-  const float lse = lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
+  const float lse = lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
+  const float slope = slope_of(p, b, h);
   const float D = dsum[r];
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  const int64_t end = key_end(p, i);
-  for (int64_t j = 0; j < end; ++j) {
+  const ColRange range = key_range(p, span, i);
+  for (int64_t j = range.begin; j < range.end; ++j) {
     const float* kr = k + j * p.k_row_stride;
-    const float pv = expf(dot_row(qr, kr, d, lane) * p.scale - lse);
+    float dt;
+    const float pv = expf(final_score(p, dot_row(qr, kr, d, lane), slope, i, j, span.diag, &dt) - lse);
     float dp = dot_row(dor, v + j * p.v_row_stride, d, lane);
     const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
                                                static_cast<uint32_t>(j), thr);
     dp = keep ? dp * rdrop : 0.f;
-    const float ds = pv * (dp - D);
+    const float ds = pv * (dp - D) * dt;
 #pragma unroll
     for (int jj = 0; jj < kMaxPerLane; ++jj) {
       const int c = lane + 32 * jj;
       if (c < d) dq[jj] = fmaf(ds, kr[c], dq[jj]);
     }
   }
-  store_row(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride, dq,
+  store_row(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + qi * p.dq_row_stride, dq,
             p.scale, d, lane);
 }
 
@@ -179,10 +224,13 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
   const int j = w.row, b = w.b, hk = w.head, lane = threadIdx.x % 32;
   const int group = p.hq / p.hkv;
   const int d = p.d;
+  const SeqSpan span = seq_span(p, b);
+  if (j >= span.len_k) return;  // varlen: past this sequence
+  const int64_t kj = span.k_start + j;
   float kr[kMaxPerLane], vr[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
-  load_row(kr, static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + j * p.k_row_stride, d,
+  load_row(kr, static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + kj * p.k_row_stride, d,
            lane);
-  load_row(vr, static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + j * p.v_row_stride, d,
+  load_row(vr, static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + kj * p.v_row_stride, d,
            lane);
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) dk[e] = dv[e] = 0.f;
@@ -190,24 +238,31 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  int64_t i_begin = 0;  // first query row that sees key j
-  if (p.causal) i_begin = j - p.causal_offset < 0 ? 0 : j - p.causal_offset;
+  // Query rows [i_begin, i_end) that see key j: row i sees [i + lo, i + hi].
+  int64_t hi = p.window_right >= 0 ? span.diag + p.window_right : (int64_t{1} << 40);
+  if (p.causal && hi > span.diag) hi = span.diag;
+  const int64_t lo = p.window_left >= 0 ? span.diag - p.window_left : -(int64_t{1} << 40);
+  const int64_t i_begin = j - hi < 0 ? 0 : j - hi;
+  const int64_t i_end = j - lo + 1 < span.len_q ? j - lo + 1 : span.len_q;
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    for (int64_t i = i_begin; i < p.sq; ++i) {
-      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride;
+    const float slope = slope_of(p, b, h);
+    for (int64_t i = i_begin; i < i_end; ++i) {
+      const int64_t qi = span.q_start + i;
+      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride;
       const float* dO =
-          static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+          static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride;
       const float lse =
-          lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i]);
-      const float pv = expf(dot_row(kr, q, d, lane) * p.scale - lse);
+          lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
+      float dt;
+      const float pv = expf(final_score(p, dot_row(kr, q, d, lane), slope, i, j, span.diag, &dt) - lse);
       float dp = dot_row(vr, dO, d, lane);
       const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh),
                                                  static_cast<uint32_t>(i), static_cast<uint32_t>(j), thr);
       const float pd = keep ? pv * rdrop : 0.f;
       dp = keep ? dp * rdrop : 0.f;
-      const float ds = pv * (dp - dsum[bh * p.sq + i]);
+      const float ds = pv * (dp - dsum[bh * p.sq + i]) * dt;
 #pragma unroll
       for (int e = 0; e < kMaxPerLane; ++e) {
         const int c = lane + 32 * e;
@@ -218,9 +273,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
       }
     }
   }
-  store_row(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + j * p.dk_row_stride, dk,
+  store_row(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kj * p.dk_row_stride, dk,
             p.scale, d, lane);
-  store_row(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + j * p.dv_row_stride, dv, 1.f,
+  store_row(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kj * p.dv_row_stride, dv, 1.f,
             d, lane);
 }
 
@@ -247,6 +302,7 @@ void run_bwd_fp32(const BwdParams& p) {
     bwd_dq_fp32_kernel<<<blocks_for(rows), 128, 0, stream>>>(p, dsum);
     check_launch("bwd_dq_fp32_kernel");
   }
+  if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, dsum);
   if (krows > 0) {
     bwd_dkdv_fp32_kernel<<<blocks_for(krows), 128, 0, stream>>>(p, dsum);
     check_launch("bwd_dkdv_fp32_kernel");

@@ -13,6 +13,14 @@
 // conflict-free without a swizzle. The K/V tiles, copied in every step, are
 // XOR-swizzled instead at d64 and d128 (swizzled_tile.h: padded rows cost the
 // cp.async writes 2.6x the shared-memory wavefronts).
+//
+// Features (params.h; no template parameter, so no extra instantiations): varlen
+// (per-sequence rows via seq_span, CTAs past a sequence's end exit), the sliding
+// window (key tiles outside [n_begin, n_end) are skipped; per-element masking only
+// on tiles crossing a window bound), softcap and ALiBi (every tile, applied to S
+// before the online softmax: ScoreMod in attention_tiles.cuh), sinks (epilogue).
+// The plain path pays one uniform branch per tile; ptxas: no new spills in the
+// non-dropout kernels (d64/d128, sm_90).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -84,18 +92,38 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const int m0 = m_block * kBM;
   const int d = p.d;
   const int wrow = warp * 16 * kMW;  // this warp's first row inside the tile
+  // Varlen: this sequence's rows and diagonal (seq_span); CTAs past its end exit.
+  const SeqSpan span = seq_span(p, b);
+  const int sq = span.len_q, sk = span.len_k;
+  const int64_t diag = span.diag;
+  if (m0 >= sq) return;  // only with varlen (the grid covers the longest sequence)
+  // Features (window / softcap / ALiBi): CTA-uniform, checked once per tile.
+  const bool has_window = window_active(kCausal, p.window_left, p.window_right);
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + m0 * p.q_row_stride;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                (span.q_start + m0) * p.q_row_stride;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + span.k_start * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + span.k_start * p.v_row_stride;
 
-  const int n_blocks = (visible_key_end<kCausal>(m0, kBM, p.sk, p.causal_offset) + kBN - 1) / kBN;
+  // Key tiles [n_begin, n_end): the window skips the tiles no row of this query tile sees.
+  int n_begin = 0;
+  int n_end = (visible_key_end<kCausal>(m0, kBM, sk, diag) + kBN - 1) / kBN;
+  if (has_window) {
+    const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
+    const int64_t lo = static_cast<int64_t>(m0) + w.lo, hi = static_cast<int64_t>(m0) + kBM - 1 + w.hi + 1;
+    const int64_t key_begin = lo < 0 ? 0 : (lo > sk ? sk : lo), key_end = hi < 0 ? 0 : (hi > sk ? sk : hi);
+    n_begin = static_cast<int>(key_begin / kBN);
+    n_end = key_begin < key_end ? static_cast<int>((key_end + kBN - 1) / kBN) : n_begin;
+  }
+  kg += static_cast<int64_t>(n_begin) * kBN * p.k_row_stride;
+  vg += static_cast<int64_t>(n_begin) * kBN * p.v_row_stride;
 
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, p.sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
   TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
-  if (n_blocks > 0) {
-    k_stream.load(smem_u32(sK), p.sk);
-    v_stream.load(smem_u32(sV), p.sk);
+  if (n_begin < n_end) {
+    k_stream.load(smem_u32(sK), sk - n_begin * kBN);
+    v_stream.load(smem_u32(sV), sk - n_begin * kBN);
   }
   cp_async_commit();
 
@@ -120,12 +148,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
 
-  for (int n = 0; n < n_blocks; ++n) {
-    const int stage = n & 1;
+  for (int n = n_begin; n < n_end; ++n) {
+    const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
     if constexpr (Cfg::kQInRegs) {
-      if (n == 0) {
+      if (n == n_begin) {
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
@@ -133,12 +161,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
             ldmatrix_x4(qf[mt * kKSteps + ks], q_lane + 2 * (mt * 16 * kS + ks * 16));
       }
     }
-    if (n + 1 < n_blocks) {
+    if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       k_stream.advance();
       v_stream.advance();
-      k_stream.load(smem_u32(sK) + (stage ^ 1) * kTileBytes, p.sk - nn);
-      v_stream.load(smem_u32(sV) + (stage ^ 1) * kTileBytes, p.sk - nn);
+      k_stream.load(smem_u32(sK) + (stage ^ 1) * kTileBytes, sk - nn);
+      v_stream.load(smem_u32(sV) + (stage ^ 1) * kTileBytes, sk - nn);
     }
     cp_async_commit();
     const KV k_op = KV::from_lane(k_lane, stage * kTileBytes), v_op = KV::from_lane(v_lane, stage * kTileBytes);
@@ -175,7 +203,25 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     }
 
     // Masking only where the tile crosses the key end or the causal diagonal.
-    if (tile_needs_mask<kCausal>(n0, kBN, m0, p.sk, p.causal_offset)) {
+    // Features: every tile when softcap / ALiBi change the scores, else the
+    // tiles that cross a window bound.
+    if (has_window || has_mod) {
+      const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
+      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
+        const ScoreMod sm =
+            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
+        const int rel0 = n0 + 2 * t - row_base, lim0 = sk - n0 - 2 * t;  // + unrolled constants
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int dc = nt * 8 + (c & 1), dr = mt * 16 + (c >> 1) * 8;
+              s[mt][nt][c] = sm.apply(s[mt][nt][c], rel0 + dc - dr, lim0 - dc);
+            }
+      }
+    } else if (tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag)) {
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
@@ -184,7 +230,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
           for (int c = 0; c < 4; ++c) {
             const int col = n0 + nt * 8 + 2 * t + (c & 1);
             const int64_t row = row_base + mt * 16 + (c >> 1) * 8;
-            if (col >= p.sk || (kCausal && col > row + p.causal_offset)) s[mt][nt][c] = -INFINITY;
+            if (col >= sk || (kCausal && col > row + diag)) s[mt][nt][c] = -INFINITY;
           }
     }
 
@@ -262,12 +308,14 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     }
   }
   cp_async_wait<0>();
-  __syncthreads();  // other threads' cp.async into this warp's sQ rows (n_blocks == 0) have landed
+  __syncthreads();  // other threads' cp.async into this warp's sQ rows (no key tile) have landed
 
   // Epilogue: normalize, write LSE, stage O through this warp's own sQ rows
   // (only this warp ever read them) and store 16-byte vectors.
   const float drop_scale = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+  float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start;
+  // Attention sink (params.h): exp(sink) joins every row's denominator.
+  const float sink_l2 = p.sink != nullptr ? p.sink[h] * kLog2e : -INFINITY;
   T* sO = sQ + wrow * kS;
 #pragma unroll
   for (int mt = 0; mt < kMW; ++mt) {
@@ -276,14 +324,23 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       float l = row_sum[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? drop_scale / l : 0.f;
+      float inv = l > 0.f ? drop_scale / l : 0.f;
+      float lse_v = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+      if (sink_l2 != -INFINITY) {  // the row's sum in units of max(row max, sink)
+        const float mx = row_max[mt][r];
+        const float top = fmaxf(mx, sink_l2);
+        const float a = l > 0.f ? exp2f(mx - top) : 0.f;
+        const float lt = l * a + exp2f(sink_l2 - top);
+        inv = drop_scale * a / lt;
+        lse_v = (top + log2f(lt)) * kLn2;
+      }
 #pragma unroll
       for (int i = 0; i < kDT; ++i) {
         acc_o[mt][i][2 * r] *= inv;
         acc_o[mt][i][2 * r + 1] *= inv;
       }
       const int row = row_base + mt * 16 + r * 8;
-      if (t == 0 && row < p.sq) lse[row] = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+      if (t == 0 && row < sq) lse[row] = lse_v;
     }
 #pragma unroll
     for (int i = 0; i < kDT; ++i) {
@@ -294,7 +351,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     }
   }
   __syncwarp();
-  T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+  T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + span.q_start * p.o_row_stride;
   constexpr int kChunks = kD / 8;
   constexpr int kRows = 16 * kMW;
 #pragma unroll
@@ -303,7 +360,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     if (idx < kRows * kChunks) {
       const int r = idx / kChunks, c = idx % kChunks;
       const int row = m0 + wrow + r;
-      if (row < p.sq && c * 8 < d)
+      if (row < sq && c * 8 < d)
         *reinterpret_cast<uint4*>(og + row * p.o_row_stride + c * 8) =
             *reinterpret_cast<const uint4*>(sO + r * kS + c * 8);
     }

@@ -23,6 +23,12 @@ void run_flash_bwd(const BwdParams& params);
 void run_fwd_fp32(const FwdParams& params);
 void run_bwd_fp32(const BwdParams& params);
 
+// Attention-sink gradient (params.h): dsink[h] = -sum over (sequence, row) of
+// exp(sink[h] - lse) * D, D = rowsum(dO * O) from the backward's pre-pass at
+// dsum[(b * hq + h) * sq + local row]. One CTA per head, fixed summation order:
+// deterministic.
+void run_bwd_dsink(const BwdParams& params, const float* dsum);
+
 // Dropout keep-mask output (b, hq, sq, sk) uint8, from the Philox definition alone.
 void run_dropout_mask(const FwdParams& params);
 
