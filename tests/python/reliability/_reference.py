@@ -25,23 +25,61 @@ def _heads(q, k, v):
             v.transpose(1, 2).repeat_interleave(g, dim=1))
 
 
-def _probs(qh, kh, scale, causal, top_left):
+def _probs(qh, kh, scale, causal, top_left, window=(-1, -1), softcap=0.0, alibi_slopes=None, sink=None,
+           mask=None):
     """Softmax probabilities (b, h, sq, sk) and lse (b, h, sq) with a
-    materialized score matrix; fully masked rows give p = 0, lse = -inf and
-    no NaN (the max is made finite and the row sum guarded)."""
+    materialized score matrix; fully masked rows give p = 0, lse = -inf (or
+    the sink) and no NaN (the max is made finite and the row sum guarded).
+    Also returns the sink's probability (b, h, sq, 1; None without a sink)
+    and d softcap(s)/ds = 1 - tanh^2 (None without softcap).
+
+    Score order as flash-attn: s = scale q.k; softcap * tanh(s / softcap);
+    - slope * |i + off - j| (ALiBi, off = 0 top-left, sk - sq bottom-right;
+    causal and non-causal alike); + a float mask; then hidden (window,
+    causal, bool mask False) -> -inf. The sink joins the denominator only."""
     sq, sk = qh.shape[-2], kh.shape[-2]
     s = (qh @ kh.transpose(-1, -2)) * scale
+    dtanh = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+        dtanh = 1.0 - t.detach() ** 2
+    off = 0 if top_left else sk - sq
+    i = torch.arange(sq, device=qh.device)[:, None]
+    j = torch.arange(sk, device=qh.device)[None, :]
+    if alibi_slopes is not None:
+        sl = alibi_slopes.to(device=s.device, dtype=s.dtype)
+        sl = sl[None, :, None, None] if sl.dim() == 1 else sl[:, :, None, None]
+        s = s - sl * (i + off - j).abs().to(s.dtype)
+    left, right = window
     if causal:
-        off = 0 if top_left else sk - sq
-        i = torch.arange(sq, device=qh.device)[:, None]
-        j = torch.arange(sk, device=qh.device)[None, :]
-        s = s.masked_fill(j > i + off, float("-inf"))
+        right = 0
+    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=qh.device)
+    if left >= 0:
+        hidden |= j < i + off - left
+    if right >= 0:
+        hidden |= j > i + off + right
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            hidden = hidden | ~mask.to(s.device)
+        else:
+            s = s + mask.to(device=s.device, dtype=s.dtype)
+    s = s.masked_fill(hidden, float("-inf"))
     m = s.detach().amax(dim=-1, keepdim=True)
+    sink_col = None
+    if sink is not None:
+        sink_col = sink.to(device=s.device, dtype=s.dtype)[None, :, None, None].expand(*s.shape[:-1], 1)
+        m = torch.maximum(m, sink_col.detach())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(l > 0, l, torch.ones_like(l))
-    return p, (m + torch.log(l.detach())).squeeze(-1)
+    if sink_col is not None:
+        es = torch.exp(sink_col - m)
+        l = l + es
+    lg = torch.where(l > 0, l, torch.ones_like(l))
+    p = e / lg
+    psink = None if sink_col is None else es / lg
+    return p, (m + torch.log(l.detach())).squeeze(-1), psink, dtanh
 
 
 def _empty_problem(q, k) -> bool:
@@ -50,28 +88,41 @@ def _empty_problem(q, k) -> bool:
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
                         causal: bool = False, top_left: bool = False, keep: Optional[torch.Tensor] = None,
-                        dropout_p: float = 0.0):
+                        dropout_p: float = 0.0, window: tuple = (-1, -1), softcap: float = 0.0,
+                        alibi_slopes: Optional[torch.Tensor] = None, sink: Optional[torch.Tensor] = None,
+                        mask: Optional[torch.Tensor] = None):
     """THE reference: attention on BSHD tensors, computed in the inputs' dtype
     with a materialized softmax, differentiable by autograd. Pass float64
     tensors for the reference, input-dtype tensors for the 'naive' forward
     baseline of the tolerance rule.
 
-    q (b, sq, hq, d), k/v (b, sk, hkv, d), hq % hkv == 0 (GQA by repeating
-    k/v heads). causal: bottom-right aligned (query i sees keys
-    j <= i + sk - sq) unless top_left (j <= i). keep: bool dropout keep-mask
-    (b, hq, sq, sk); kept probabilities are scaled by 1 / (1 - dropout_p).
-    scale: default 1/sqrt(d).
+    q (b, sq, hq, d), k (b, sk, hkv, d), v (b, sk, hkv, dv), hq % hkv == 0
+    (GQA by repeating k/v heads). causal: bottom-right aligned (query i sees
+    keys j <= i + sk - sq) unless top_left (j <= i). keep: bool dropout
+    keep-mask (b, hq, sq, sk); kept probabilities are scaled by
+    1 / (1 - dropout_p). scale: default 1/sqrt(d).
+    Features (flash-attn 2 semantics, see _probs): window (left, right) on
+    the causal diagonal (-1 = unbounded; causal sets right = 0); softcap;
+    alibi_slopes (hq,) or (b, hq); sink (hq,) logits joining each row's
+    denominator (differentiable: pass a leaf to get dsink by autograd);
+    mask bool (True = attend) or float additive, broadcastable to
+    (b, hq, sq, sk).
 
-    Returns (out (b, sq, hq, d), lse (b, hq, sq)). A row that sees no key
-    gives out 0 and lse -inf, with zero gradients (no NaN anywhere).
+    Returns (out (b, sq, hq, dv), lse (b, hq, sq)). A row that sees no key
+    gives out 0 and lse -inf (the sink with one), with zero gradients (no
+    NaN anywhere).
     """
     b, sq, hq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if _empty_problem(q, k):
-        out = q.new_zeros(b, sq, hq, d) + 0.0 * (q.sum() + k.sum() + v.sum())  # keep the graph
-        return out, torch.full((b, hq, sq), float("-inf"), dtype=q.dtype, device=q.device)
+        graph = q.sum() + k.sum() + v.sum() + (0.0 if sink is None else sink.sum().to(q.dtype))
+        out = q.new_zeros(b, sq, hq, v.shape[-1]) + 0.0 * graph  # keep the graph
+        lse = torch.full((b, hq, sq), float("-inf"), dtype=q.dtype, device=q.device)
+        if sink is not None:
+            lse = lse.clone().copy_(sink.detach().to(q.dtype)[None, :, None].expand(b, hq, sq))
+        return out, lse
     qh, kh, vh = _heads(q, k, v)
-    p, lse = _probs(qh, kh, scale, causal, top_left)
+    p, lse, _, _ = _probs(qh, kh, scale, causal, top_left, window, softcap, alibi_slopes, sink, mask)
     if keep is not None:
         p = p * keep.to(p.dtype) / (1.0 - dropout_p)
     return (p @ vh).transpose(1, 2), lse
@@ -85,14 +136,18 @@ def _fold(t, hkv):
 
 def attention_backward_naive(q, k, v, out, dout, *, scale: Optional[float] = None, causal: bool = False,
                              top_left: bool = False, keep: Optional[torch.Tensor] = None,
-                             dropout_p: float = 0.0):
+                             dropout_p: float = 0.0, window: tuple = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[torch.Tensor] = None, sink: Optional[torch.Tensor] = None,
+                             mask: Optional[torch.Tensor] = None):
     """The FlashAttention backward formula done naively (materialized P) in
     the inputs' dtype — the low-precision baseline of the rule for gradients:
     dV = Pd^T dO, dP = (dO V^T) * keep / (1 - p), D = rowsum(dO * O),
     dS = P * (dP - D), dQ = scale dS K, dK = scale dS^T Q, with `out` the
-    forward output rounded to the dtype, as a fused kernel has it.
+    forward output rounded to the dtype, as a fused kernel has it; softcap
+    multiplies dS by 1 - tanh^2 (ALiBi, masks and the sink change only P).
     Mathematically equal to autograd through attention_reference.
-    BSHD in; (dq, dk, dv) BSHD out, dk/dv summed over GQA groups."""
+    BSHD in; (dq, dk, dv) BSHD out, dk/dv summed over GQA groups.
+    The sink's gradient is sink_backward_naive."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -101,15 +156,36 @@ def attention_backward_naive(q, k, v, out, dout, *, scale: Optional[float] = Non
     with torch.no_grad():
         qh, kh, vh = _heads(q, k, v)
         oh, doh = out.transpose(1, 2), dout.transpose(1, 2)
-        p, _ = _probs(qh, kh, scale, causal, top_left)
+        p, _, _, dtanh = _probs(qh, kh, scale, causal, top_left, window, softcap, alibi_slopes, sink, mask)
         drop = None if keep is None else keep.to(p.dtype) / (1.0 - dropout_p)
         pd = p if drop is None else p * drop
         dp = doh @ vh.transpose(-1, -2)
         if drop is not None:
             dp = dp * drop
         ds = p * (dp - (doh * oh).sum(dim=-1, keepdim=True))
+        if dtanh is not None:
+            ds = ds * dtanh
         return ((ds @ kh) * scale).transpose(1, 2), _fold((ds.transpose(-1, -2) @ qh) * scale, hkv), \
             _fold(pd.transpose(-1, -2) @ doh, hkv)
+
+
+def sink_backward_naive(q, k, v, out, dout, *, sink: torch.Tensor, scale: Optional[float] = None,
+                        **features) -> torch.Tensor:
+    """The sink gradient as a fused backward forms it, naively in the inputs'
+    dtype: dsink_h = -sum over batch and rows of P_sink * D, D = rowsum(dO * O)
+    with `out` rounded to the dtype (dropout does not enter: it acts on the
+    key columns, which D already sums). Takes attention_reference's keyword
+    arguments; BSHD in, (hq,) out."""
+    b, sq, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _empty_problem(q, k):
+        return torch.zeros(hq, dtype=q.dtype, device=q.device)
+    features = {key: val for key, val in features.items() if key not in ("keep", "dropout_p")}
+    with torch.no_grad():
+        qh, kh, vh = _heads(q, k, v)
+        oh, doh = out.transpose(1, 2), dout.transpose(1, 2)
+        _, _, psink, _ = _probs(qh, kh, scale, sink=sink, **features)
+        return -(psink[..., 0] * (doh * oh).sum(dim=-1)).sum(dim=(0, 2))
 
 
 UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8,
@@ -117,7 +193,10 @@ UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfl
 
 
 def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = None, causal: bool = False,
-                        top_left: bool = False, keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
+                        top_left: bool = False, keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        window: tuple = (-1, -1), softcap: float = 0.0,
+                        alibi_slopes: Optional[torch.Tensor] = None, sink: Optional[torch.Tensor] = None,
+                        mask: Optional[torch.Tensor] = None, with_sink: bool = False):
     """First-order estimate of the gradient error every FlashAttention
     backward has, however accurate it is otherwise. Two sources:
 
@@ -137,31 +216,57 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
     sk == 1 where dq == 0 exactly) or logits are large (|lse| ~ 100+), this
     is the whole error, while the materialized baseline of the rule may round
     luckily — so it is added to the rule's atol.
-    Float64 BSHD in; (bound_dq, bound_dk, bound_dv) BSHD out."""
+
+    Features (attention_reference's keyword arguments) enter through P and
+    the LSE (windows, masks, ALiBi, the sink), plus:
+    * softcap: the recomputed score softcap * tanh(s / softcap) carries an
+      absolute error of a few softcap * u_acc (a fast vector tanh on the CPU),
+      added to e_i; and dS is multiplied by 1 - tanh^2, itself recomputed
+      (relative error ~ 8 u_acc of P |dP - D|, added before the factor).
+    * the sink (with_sink=True: a 4th bound, (hq,)): dsink_h = -sum P_sink D
+      over every row of the head, so the row terms' errors add up:
+      P_sink |dD_i| + e_i P_sink |D_i| (P_sink from the fp32 LSE), a
+      sqrt(rows) * u_acc accumulation of the sum, and the rounding of the
+      result to float32 (the sink parameter's dtype; this is what bounds a
+      float64 run, whose atol is 1e-10).
+    Float64 BSHD in; (bound_dq, bound_dk, bound_dv[, bound_dsink]) out."""
     b, sq, hq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if _empty_problem(q, k):
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        zeros = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        return zeros + ((torch.zeros(hq, dtype=q.dtype, device=q.device),) if with_sink else ())
     u = UNIT_ROUNDOFF[dtype]
     u_acc = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
     g = math.sqrt(d) * u_acc
     with torch.no_grad():
         qh, kh, vh = _heads(q, k, v)
         oh, doh = out.transpose(1, 2), dout.transpose(1, 2)
-        p, lse = _probs(qh, kh, scale, causal, top_left)
-        e = 4.0 * u_acc * torch.nan_to_num(lse.abs(), posinf=0.0)[..., None]  # masked rows: p = 0 anyway
+        p, lse, psink, dtanh = _probs(qh, kh, scale, causal, top_left, window, softcap, alibi_slopes, sink,
+                                      mask)
+        e = 4.0 * u_acc * (torch.nan_to_num(lse.abs(), posinf=0.0)[..., None] + softcap)  # masked rows: p = 0
         drop = None if keep is None else keep.to(p.dtype) / (1.0 - dropout_p)
         dd = (u + g) * (doh.abs() * oh.abs()).sum(dim=-1, keepdim=True)
         ddp = g * (doh.abs() @ vh.abs().transpose(-1, -2))
         dp = doh @ vh.transpose(-1, -2)
         if drop is not None:
             ddp, dp = ddp * drop, dp * drop
-        dds = p * (ddp + dd) + e * p * (dp - (doh * oh).sum(dim=-1, keepdim=True)).abs()
+        big_d = (doh * oh).sum(dim=-1, keepdim=True)
+        dds = p * (ddp + dd) + e * p * (dp - big_d).abs()
+        if dtanh is not None:
+            dds = dds * dtanh + 8.0 * u_acc * p * (dp - big_d).abs()
         bq = scale * (dds @ kh.abs())
         bk = scale * (dds.transpose(-1, -2) @ qh.abs())
         pe = e * p if drop is None else e * p * drop
         bv = pe.transpose(-1, -2) @ doh.abs()
-        return bq.transpose(1, 2), _fold(bk, k.shape[2]), _fold(bv, k.shape[2])
+        bounds = (bq.transpose(1, 2), _fold(bk, k.shape[2]), _fold(bv, k.shape[2]))
+        if not with_sink:
+            return bounds
+        terms = psink * big_d  # (b, hq, sq, 1)
+        rows = b * sq
+        bs = (psink * dd + e * terms.abs()).sum(dim=(0, 2, 3)) \
+            + math.sqrt(rows) * u_acc * terms.abs().sum(dim=(0, 2, 3)) \
+            + 2.0 ** -24 * terms.sum(dim=(0, 2, 3)).abs()
+        return bounds + (bs,)
 
 
 # --------------------------------------------------------------------------
