@@ -254,6 +254,7 @@ nb::dict build_info() {
 }  // namespace
 
 void register_metal(nb::module_& m);  // python/binding/metal.cpp
+void register_kvcache(nb::module_& m);  // python/binding/kvcache.cpp
 
 NB_MODULE(_C, m) {
   m.doc() =
@@ -296,6 +297,7 @@ NB_MODULE(_C, m) {
         "op_name"_a, "features"_a.none() = nb::none(), "dsink"_a.none() = nb::none(),
         "Bytes of scratch backward() needs for these arguments.");
   register_metal(m);
+  register_kvcache(m);
   m.def("build_info", &build_info,
         "Build facts: version, cuda_compiled, cuda_archs, openmp, cpu_threads, cuda_devices.");
 }

@@ -43,12 +43,14 @@ except ImportError as _e:  # the C++ core (orchard._C) serves NumPy & co. withou
     flash_attn_func = scaled_dot_product_attention = combine_attention = _needs_torch
     flash_attn_varlen_func = flash_attn_qkvpacked_func = flash_attn_kvpacked_func = _needs_torch
     flash_attn_varlen_qkvpacked_func = flash_attn_varlen_kvpacked_func = _needs_torch
+    flash_attn_with_kvcache = _needs_torch
 
     class OrchardShapeError(ValueError, RuntimeError):
         pass
 else:
     from . import _ops  # noqa: F401  (registers torch.ops.orchard.*)
     from .combine import combine_attention
+    from .kvcache import flash_attn_with_kvcache
     from .functional import (
         OrchardShapeError,
         flash_attn_func,
@@ -87,5 +89,6 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "scaled_dot_product_attention",
     "combine_attention",
+    "flash_attn_with_kvcache",
     "OrchardShapeError",
 ]

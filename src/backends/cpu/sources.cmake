@@ -1,6 +1,7 @@
 set(ORCHARD_CPU_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/cpu_backend.cpp
   ${CMAKE_CURRENT_LIST_DIR}/forward.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/decode.cpp
   ${CMAKE_CURRENT_LIST_DIR}/backward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/dropout_mask.cpp
   ${CMAKE_CURRENT_LIST_DIR}/gemm.cpp

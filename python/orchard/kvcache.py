@@ -1,0 +1,125 @@
+"""KV-cache decoding: :func:`flash_attn_with_kvcache` (flash-attn's API and semantics).
+
+Forward only. The caches are read and written in place (never copied); new
+``k``/``v`` are appended at ``cache_seqlens`` before attending. See
+``include/orchard/decode_params.h`` for the exact key numbering.
+
+On CUDA the index tensors (``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx``,
+``block_table``) live on the device; Orchard checks their values on the host before
+launching (one synchronisation) unless a CUDA graph is being captured or
+``orchard.kvcache.CHECK_DEVICE_INDICES`` is False. Unchecked out-of-range values never
+make the kernels address memory outside the cache (they are clamped), but give
+meaningless results. On the CPU every value is always checked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from ._ops import _export, _launch_on_device_of
+
+OP = "orchard.flash_attn_with_kvcache"
+
+#: Check device-resident index tensors on CUDA (costs one host sync per call).
+CHECK_DEVICE_INDICES = True
+
+
+def _err(msg):
+    return ValueError(f"{OP}: {msg}")
+
+
+def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
+    """The value checks the C++ core does for host tensors, for CUDA tensors: one sync."""
+    if not CHECK_DEVICE_INDICES or torch.cuda.is_current_stream_capturing():
+        return
+    if cache_seqlens is None or cache_seqlens.dtype != torch.int32:
+        return  # the core reports the missing/mistyped tensor (or there is nothing to check)
+    s_new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    if paged and (block_table.dim() != 2 or block_table.dtype != torch.int32):
+        return
+    page = k_cache.shape[1]
+    cap = block_table.shape[1] * page if paged else k_cache.shape[1]
+    sl = cache_seqlens.long()
+    lp = cache_leftpad.long() if cache_leftpad is not None and cache_leftpad.dtype == torch.int32 else None
+    flags = [(sl < 0).any(), (sl + s_new > cap).any()]
+    if lp is not None:
+        flags.append(((lp < 0) | (lp > sl)).any())
+    if cache_batch_idx is not None and cache_batch_idx.dtype == torch.int32:
+        flags.append(((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any())
+    if paged and block_table.shape[1] > 0:
+        blk = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+        end = torch.clamp(sl + s_new, 0, cap)[:, None]
+        start = (lp if lp is not None else torch.zeros_like(sl))[:, None] // page
+        used = (blk >= start) & (blk * page < end)
+        flags.append((used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any())
+    bad = torch.stack(flags).tolist()
+    if not any(bad):
+        return
+    i = bad.index(True)
+    if i == 0:
+        raise _err(f"cache_seqlens has negative entries: {cache_seqlens.tolist()}")
+    if i == 1:
+        raise _err(f"cache_seqlens + new k rows ({s_new}) is longer than the cache ({cap} rows): "
+                   f"cache_seqlens = {cache_seqlens.tolist()}")
+    names = (["cache_leftpad"] if lp is not None else []) + (
+        ["cache_batch_idx"] if cache_batch_idx is not None else []) + (["block_table"] if paged else [])
+    name = names[i - 2]
+    if name == "cache_leftpad":
+        raise _err(f"cache_leftpad entries must be in [0, cache_seqlens]: {cache_leftpad.tolist()}")
+    if name == "cache_batch_idx":
+        raise _err(f"cache_batch_idx has entries outside the cache's {k_cache.shape[0]} batch entries")
+    raise _err(f"block_table has an entry outside the cache's {k_cache.shape[0]} pages (in the used range)")
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """flash-attn's ``flash_attn_with_kvcache``: attention of q over the KV cache, with the new
+    ``k``/``v`` (if given) written into ``k_cache``/``v_cache`` in place at ``cache_seqlens`` first.
+
+    q: (batch, seqlen_q, nheads, headdim). k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k,
+    headdim), or (num_blocks, page_size, nheads_k, headdim) with ``block_table`` (batch,
+    max_blocks_per_seq) int32 — page_size any positive multiple of 16. k/v: (batch, seqlen_new,
+    nheads_k, headdim). rotary_cos/sin: (seqlen_ro, rotary_dim / 2), applied to q and the new k
+    (at positions cache_seqlens + i; every q row at cache_seqlens unless causal/windowed),
+    interleaved (GPT-J) or not (GPT-NeoX). cache_seqlens: int or int32 (batch,).
+    cache_batch_idx / cache_leftpad: int32 (batch,). Causal is bottom-right aligned with the
+    cache length after the append. nheads % nheads_k == 0 (GQA/MQA: each kv head is read once
+    for its query group). num_splits: split-KV count, 0 = heuristic. Returns out (batch,
+    seqlen_q, nheads, headdim) and, with return_softmax_lse, lse float32 (batch, nheads,
+    seqlen_q). Forward only."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+        raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
+                           "pass tensors that do not require grad")
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=k_cache.device)
+    if q.dim() != 4:
+        raise _err(f"q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
+    if block_table is not None and cache_batch_idx is not None:
+        raise _err("cache_batch_idx is not supported with a paged cache (block_table)")
+    wl, wr = window_size
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+           if return_softmax_lse else None)
+    if q.is_cuda:
+        _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    dev = q.device
+
+    def alloc(nbytes):
+        return _export(torch.empty(nbytes, dtype=torch.uint8, device=dev))[0]
+
+    def launch(stream):
+        args = _export(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                       cache_leftpad, block_table, alibi_slopes, out, lse)
+        _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr), float(softcap),
+                           bool(rotary_interleaved), int(num_splits), stream, alloc, OP)
+
+    _launch_on_device_of(q, launch)
+    return (out, lse) if return_softmax_lse else out
+
+
+__all__ = ["flash_attn_with_kvcache", "CHECK_DEVICE_INDICES"]

@@ -1,0 +1,404 @@
+"""orchard.flash_attn_with_kvcache against a naive float64 reference written here
+(in-place append, rotary both styles, paged caches, cache_batch_idx, cache_leftpad,
+GQA, causal with several query rows, windows, softcap, ALiBi, LSE, split-KV), and its
+bad-input errors (raised before anything is written). CPU always; CUDA cases carry
+the `cuda` marker (run on a GPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import orchard
+from conftest import DEVICES
+
+OP = "orchard.flash_attn_with_kvcache"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+ATOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-4}
+
+
+# ---- reference ---------------------------------------------------------------------------
+
+def rotate_ref(x, cos, sin, pos, interleaved):
+    """Rotary of x (..., d) float64 at integer position pos, on the first rotary_dim dims."""
+    half = cos.shape[1]
+    c, s = cos[pos].double(), sin[pos].double()
+    x = x.clone()
+    if interleaved:
+        x0, x1 = x[..., 0:2 * half:2].clone(), x[..., 1:2 * half:2].clone()
+        x[..., 0:2 * half:2] = x0 * c - x1 * s
+        x[..., 1:2 * half:2] = x0 * s + x1 * c
+    else:
+        x0, x1 = x[..., :half].clone(), x[..., half:2 * half].clone()
+        x[..., :half] = x0 * c - x1 * s
+        x[..., half:2 * half] = x0 * s + x1 * c
+    return x
+
+
+def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0):
+    """Returns (out float64, lse float64, k_cache after append, v_cache after append), on the CPU."""
+    q, k_cache, v_cache = q.cpu(), k_cache.cpu().clone(), v_cache.cpu().clone()
+    k = None if k is None else k.cpu()
+    v = None if v is None else v.cpu()
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    rotary_cos, rotary_sin, cache_seqlens = cpu(rotary_cos), cpu(rotary_sin), cpu(cache_seqlens)
+    cache_batch_idx, cache_leftpad, block_table, alibi_slopes = (
+        cpu(cache_batch_idx), cpu(cache_leftpad), cpu(block_table), cpu(alibi_slopes))
+    b, sq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    groups = hq // hkv
+    page = k_cache.shape[1]
+    paged = block_table is not None
+    cap = block_table.shape[1] * page if paged else k_cache.shape[1]
+    s_new = 0 if k is None else k.shape[1]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    wl, wr = window_size
+    wl = -1 if wl >= cap else wl
+    wr = -1 if wr >= cap else wr
+    if causal:
+        wr = 0
+    per_row_rotary = wl >= 0 or wr >= 0
+
+    def loc(bi, row):
+        if paged:
+            return int(block_table[bi, row // page]), row % page
+        return (int(cache_batch_idx[bi]) if cache_batch_idx is not None else bi), row
+
+    out = torch.zeros(b, sq, hq, d, dtype=torch.float64)
+    lse = torch.full((b, hq, sq), float("-inf"), dtype=torch.float64)
+    for bi in range(b):  # the append first (every batch entry), as the kernels do
+        seqlen = int(cache_seqlens[bi]) if cache_seqlens is not None else cap
+        for t in range(s_new):
+            blk, r = loc(bi, seqlen + t)
+            kt = k[bi, t]
+            if rotary_cos is not None:
+                kt = rotate_ref(kt.double(), rotary_cos, rotary_sin, seqlen + t, rotary_interleaved).to(k.dtype)
+            k_cache[blk, r] = kt
+            v_cache[blk, r] = v[bi, t]
+    for bi in range(b):
+        seqlen = int(cache_seqlens[bi]) if cache_seqlens is not None else cap
+        lp = int(cache_leftpad[bi]) if cache_leftpad is not None else 0
+        n = seqlen + s_new - lp
+        keys = torch.stack([k_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d)
+        vals = torch.stack([v_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d)
+        qb = q[bi].double()
+        if rotary_cos is not None:
+            qb = torch.stack([rotate_ref(qb[i], rotary_cos, rotary_sin, seqlen + (i if per_row_rotary else 0),
+                                         rotary_interleaved) for i in range(sq)]).to(q.dtype).double()
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(n)[None, :]
+        diag = n - sq
+        visible = torch.ones(sq, n, dtype=torch.bool)
+        if wr >= 0:
+            visible &= j <= i + diag + wr
+        if wl >= 0:
+            visible &= j >= i + diag - wl
+        for h in range(hq):
+            kh = h // groups
+            s = (qb[:, h] @ keys[:, kh].T) * scale
+            if softcap > 0:
+                s = softcap * torch.tanh(s / softcap)
+            if alibi_slopes is not None:
+                slope = float(alibi_slopes[h] if alibi_slopes.dim() == 1 else alibi_slopes[bi, h])
+                s = s - slope * (i + diag - j).abs().double()
+            s = s.masked_fill(~visible, float("-inf"))
+            row_lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - row_lse[:, None])
+            p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
+            out[bi, :, h] = p @ vals[:, kh]
+            lse[bi, h] = row_lse
+    return out, lse, k_cache, v_cache
+
+
+# ---- case builder ------------------------------------------------------------------------
+
+def make_case(device, dtype=torch.bfloat16, b=2, sq=1, hq=4, hkv=2, d=64, capacity=160, s_new=0, page=None,
+              batch_idx=False, leftpad=False, rotary_dim=0, seqlens=True, full=False):
+    """Random inputs; capacity is rounded up to whole pages when paged."""
+    g = dict(device=device)
+    kw = {}
+    if page is not None:
+        per_seq = -(-capacity // page)
+        num_blocks = b * per_seq + 3  # spare pages, scattered
+        k_cache = torch.randn(num_blocks, page, hkv, d, **g).to(dtype)
+        v_cache = torch.randn(num_blocks, page, hkv, d, **g).to(dtype)
+        kw["block_table"] = torch.randperm(num_blocks, device=device)[:b * per_seq].view(b, per_seq).to(torch.int32)
+        capacity = per_seq * page
+    else:
+        cb = b + 2 if batch_idx else b
+        k_cache = torch.randn(cb, capacity, hkv, d, **g).to(dtype)
+        v_cache = torch.randn(cb, capacity, hkv, d, **g).to(dtype)
+        if batch_idx:
+            kw["cache_batch_idx"] = torch.randperm(cb, device=device)[:b].to(torch.int32)
+    q = torch.randn(b, sq, hq, d, **g).to(dtype)
+    if seqlens:
+        hi = capacity - s_new
+        sl = torch.full((b,), hi) if full else torch.randint(max(0, hi // 2), hi + 1, (b,))
+        sl[0] = hi  # one entry fills the cache exactly
+        kw["cache_seqlens"] = sl.to(device=device, dtype=torch.int32)
+        if leftpad:
+            kw["cache_leftpad"] = torch.stack([torch.randint(0, int(x) + 1, ()) for x in sl]).to(
+                device=device, dtype=torch.int32)
+    if s_new:
+        kw["k"] = torch.randn(b, s_new, hkv, d, **g).to(dtype)
+        kw["v"] = torch.randn(b, s_new, hkv, d, **g).to(dtype)
+    if rotary_dim:
+        angle = torch.rand(capacity + 8, rotary_dim // 2, device=device) * 2 * math.pi  # q rows may pass the cache
+        kw["rotary_cos"] = torch.cos(angle).to(dtype)
+        kw["rotary_sin"] = torch.sin(angle).to(dtype)
+    return q, k_cache, v_cache, kw
+
+
+def check(q, k_cache, v_cache, kw, **opts):
+    ref_out, ref_lse, ref_k, ref_v = kvcache_ref(q, k_cache, v_cache, **kw, **opts)
+    out, lse = orchard.flash_attn_with_kvcache(q, k_cache, v_cache, **kw, **opts, return_softmax_lse=True)
+    atol = ATOL[q.dtype]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=atol, rtol=0)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), fin), "LSE -inf pattern (fully masked rows)"
+    torch.testing.assert_close(lse.cpu().double()[fin], ref_lse[fin], atol=1e-3 if q.dtype != torch.float32 else 1e-4,
+                               rtol=1e-3)
+    if "k" in kw:  # the in-place append (rotary rounds once, so allow one ulp)
+        tol = 0 if "rotary_cos" not in kw else torch.finfo(q.dtype).eps * 8
+        torch.testing.assert_close(k_cache.cpu().double(), ref_k.double(), atol=tol, rtol=tol)
+        assert torch.equal(v_cache.cpu(), ref_v)
+    return out, lse
+
+
+# ---- tests -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("sq,causal", [(1, False), (1, True), (4, False), (4, True)])
+def test_contiguous(device, dtype, hq, hkv, sq, causal):
+    q, kc, vc, kw = make_case(device, dtype, sq=sq, hq=hq, hkv=hkv, d=32)
+    check(q, kc, vc, kw, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page", [None, 16, 32, 256])
+@pytest.mark.parametrize("s_new,sq", [(1, 1), (3, 3), (5, 2)])
+def test_append(device, page, s_new, sq):
+    q, kc, vc, kw = make_case(device, torch.bfloat16, sq=sq, s_new=s_new, page=page, capacity=300)
+    k_before = kc.clone()
+    check(q, kc, vc, kw, causal=True)
+    assert not torch.equal(kc, k_before), "append wrote nothing"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page", [16, 32, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_paged(device, page, dtype):
+    q, kc, vc, kw = make_case(device, dtype, b=3, sq=2, hq=8, hkv=2, page=page, capacity=400)
+    check(q, kc, vc, kw, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+@pytest.mark.parametrize("page", [None, 16])
+def test_rotary(device, interleaved, causal, rotary_dim, page):
+    q, kc, vc, kw = make_case(device, torch.float16, sq=3, s_new=2, rotary_dim=rotary_dim, page=page)
+    check(q, kc, vc, kw, causal=causal, rotary_interleaved=interleaved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("s_new", [0, 2])
+def test_cache_batch_idx(device, s_new):
+    q, kc, vc, kw = make_case(device, torch.bfloat16, b=3, sq=2, s_new=s_new, batch_idx=True)
+    check(q, kc, vc, kw, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("page", [None, 32])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_leftpad(device, page, rotary):
+    q, kc, vc, kw = make_case(device, torch.bfloat16, b=3, sq=2, s_new=2, leftpad=True, page=page,
+                              rotary_dim=32 if rotary else 0)
+    check(q, kc, vc, kw, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window,causal", [((16, 0), False), ((8, 4), False), ((20, -1), True), ((-1, 3), False)])
+@pytest.mark.parametrize("page", [None, 16])
+def test_window(device, window, causal, page):
+    q, kc, vc, kw = make_case(device, torch.bfloat16, sq=4, s_new=1, page=page)
+    check(q, kc, vc, kw, causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_alibi(device, per_batch, causal):
+    q, kc, vc, kw = make_case(device, torch.float32, sq=3, hq=4, hkv=2)
+    slopes = torch.rand((2, 4) if per_batch else (4,), device=device) * 0.2
+    check(q, kc, vc, kw, causal=causal, softcap=5.0, alibi_slopes=slopes, softmax_scale=0.3)
+    check(q, kc, vc, kw, causal=causal, alibi_slopes=slopes)
+    check(q, kc, vc, kw, causal=causal, softcap=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3, 0, 50])
+@pytest.mark.parametrize("page", [None, 16])
+def test_splits(device, num_splits, page):
+    q, kc, vc, kw = make_case(device, torch.bfloat16, b=1, sq=2, hq=8, hkv=2, capacity=700, page=page, s_new=1)
+    kw_ref = {key: (val.clone() if torch.is_tensor(val) else val) for key, val in kw.items()}
+    kc0, vc0 = kc.clone(), vc.clone()
+    out, _ = check(q, kc, vc, kw, causal=True, num_splits=num_splits)
+    if num_splits != 1:  # the split count changes nothing but rounding
+        ref = orchard.flash_attn_with_kvcache(q, kc0, vc0, **kw_ref, causal=True, num_splits=1)
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_seqlens_and_int_seqlens(device):
+    q, kc, vc, kw = make_case(device, torch.float16, seqlens=False)
+    check(q, kc, vc, kw)
+    q, kc, vc, kw = make_case(device, torch.float16, s_new=1)
+    kw["cache_seqlens"] = 100
+    kw_t = dict(kw, cache_seqlens=torch.full((2,), 100, dtype=torch.int32, device=device))
+    ref_out, _, _, _ = kvcache_ref(q, kc, vc, **kw_t)
+    out = orchard.flash_attn_with_kvcache(q, kc, vc, **kw)
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=ATOL[q.dtype], rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_cache_rows_and_masked(device):
+    # cache_seqlens 0 and no append: every row sees nothing -> out 0, lse -inf.
+    q, kc, vc, kw = make_case(device, torch.bfloat16)
+    kw["cache_seqlens"] = torch.zeros(2, dtype=torch.int32, device=device)
+    out, lse = orchard.flash_attn_with_kvcache(q, kc, vc, **kw, return_softmax_lse=True)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    # Causal with fewer keys than query rows: the first rows of batch 0 see nothing.
+    q, kc, vc, kw = make_case(device, torch.bfloat16, sq=4)
+    kw["cache_seqlens"] = torch.tensor([2, 100], dtype=torch.int32, device=device)
+    check(q, kc, vc, kw, causal=True)
+    check(q, kc, vc, kw, window_size=(1, 0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_q_and_head_dims(device):
+    for d in (8, 128, 256):
+        q, kc, vc, kw = make_case(device, torch.bfloat16, d=d, sq=2, s_new=1)
+        check(q, kc, vc, kw, causal=True)
+    # q as a permuted (BHSD storage) view and a cache view with a padded head stride
+    q, kc, vc, kw = make_case(device, torch.float32, d=32, sq=3)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    big_k = torch.randn(kc.shape[0], kc.shape[1], kc.shape[2], 48, device=device)
+    big_v = torch.randn_like(big_k)
+    check(q, big_k[..., :32], big_v[..., :32], kw, causal=True)
+
+
+def test_grad_is_refused():
+    q, kc, vc, kw = make_case("cpu", torch.float32)
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward only"):
+        orchard.flash_attn_with_kvcache(q, kc, vc, **kw)
+    with torch.no_grad():
+        orchard.flash_attn_with_kvcache(q, kc, vc, **kw)
+
+
+# ---- bad input: a ValueError / NotImplementedError naming the op, the cache untouched -----
+
+def _bad_cases(device):
+    def base(**kw):
+        return make_case(device, torch.bfloat16, s_new=1, **kw)
+
+    cases = []
+    q, kc, vc, kw = base(page=16)
+    kw["block_table"] = kw["block_table"].clone()
+    kw["block_table"][1, 0] = kc.shape[0]
+    cases.append(("block_table entry", q, kc, vc, kw, {}, ValueError, "block_table"))
+    q, kc, vc, kw = base(page=16)
+    kw["block_table"] = kw["block_table"].long()
+    cases.append(("block_table dtype", q, kc, vc, kw, {}, ValueError, "block_table"))
+    q, kc, vc, kw = base()
+    kw["cache_seqlens"] = torch.full((2,), kc.shape[1], dtype=torch.int32, device=device)
+    cases.append(("seqlens overflow", q, kc, vc, kw, {}, ValueError, "longer than the cache"))
+    q, kc, vc, kw = make_case(device, torch.bfloat16, page=None)
+    kc, vc = kc[:, :48].reshape(-1, 24, *kc.shape[2:]), vc[:, :48].reshape(-1, 24, *vc.shape[2:])
+    kw["block_table"] = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    kw["cache_seqlens"] = torch.ones(2, dtype=torch.int32, device=device)
+    cases.append(("page size 24", q, kc, vc, kw, {}, NotImplementedError, "page size 24"))
+    q, kc, vc, kw = base()
+    cases.append(("head count", q[:, :, :3], kc, vc, kw, {}, ValueError, "head count mismatch"))
+    q, kc, vc, kw = base()
+    cases.append(("head dim", q[..., :32], kc, vc, kw, {}, ValueError, "head dim mismatch"))
+    q, kc, vc, kw = base()
+    del kw["cache_seqlens"]
+    cases.append(("k without seqlens", q, kc, vc, kw, {}, ValueError, "need cache_seqlens"))
+    q, kc, vc, kw = base()
+    cases.append(("cache dtype", q, kc.float(), vc.float(), kw, {}, ValueError, "k_cache must be bfloat16"))
+    q, kc, vc, kw = base()
+    kw["k"] = kw["k"].float()
+    cases.append(("new k dtype", q, kc, vc, kw, {}, ValueError, "k must be bfloat16"))
+    q, kc, vc, kw = base()
+    kw["cache_seqlens"] = kw["cache_seqlens"].long()
+    cases.append(("seqlens dtype", q, kc, vc, kw, {}, ValueError, "cache_seqlens"))
+    q, kc, vc, kw = base(leftpad=True)
+    kw["cache_leftpad"] = kw["cache_seqlens"] + 1
+    cases.append(("leftpad", q, kc, vc, kw, {}, ValueError, "cache_leftpad"))
+    q, kc, vc, kw = base(batch_idx=True)
+    kw["cache_batch_idx"] = kw["cache_batch_idx"].clone()
+    kw["cache_batch_idx"][0] = -1
+    cases.append(("batch idx", q, kc, vc, kw, {}, ValueError, "cache_batch_idx"))
+    q, kc, vc, kw = base(rotary_dim=32)
+    kw["rotary_cos"] = kw["rotary_cos"][:10]
+    kw["rotary_sin"] = kw["rotary_sin"][:10]
+    cases.append(("rotary too short", q, kc, vc, kw, {}, ValueError, "rotary_cos"))
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input(device):
+    for what, q, kc, vc, kw, opts, exc, match in _bad_cases(device):
+        k_before, v_before = kc.clone(), vc.clone()
+        with pytest.raises(exc) as info:
+            orchard.flash_attn_with_kvcache(q, kc, vc, **kw, **opts)
+        msg = str(info.value)
+        assert msg.startswith(OP + ":"), f"{what}: {msg}"
+        assert match in msg, f"{what}: {msg!r} lacks {match!r}"
+        assert torch.equal(kc, k_before) and torch.equal(vc, v_before), f"{what}: cache written before the error"
+
+
+# ---- CUDA at decode sizes (split-KV heuristic, long caches) -----------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("page", [None, 16, 64, 256])
+@pytest.mark.parametrize("hq,hkv", [(32, 4), (8, 8)])
+@pytest.mark.parametrize("b", [1, 4])
+def test_cuda_long_cache(page, hq, hkv, b):
+    q, kc, vc, kw = make_case("cuda", torch.bfloat16, b=b, sq=1, hq=hq, hkv=hkv, d=128, capacity=4096, s_new=1,
+                              page=page)
+    check(q, kc, vc, kw, causal=True)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    q, kc, vc, kw = make_case("cuda", torch.bfloat16, b=3, sq=4, hq=16, hkv=2, d=128, capacity=1000, s_new=2,
+                              page=32, rotary_dim=64, leftpad=True)
+    cpu_kw = {key: val.cpu() for key, val in kw.items()}
+    kc_cpu, vc_cpu = kc.cpu(), vc.cpu()
+    out = orchard.flash_attn_with_kvcache(q, kc, vc, **kw, causal=True, num_splits=5)
+    ref = orchard.flash_attn_with_kvcache(q.cpu(), kc_cpu, vc_cpu, **cpu_kw, causal=True, num_splits=2)
+    torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(kc.cpu().float(), kc_cpu.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    q, kc, vc, kw = make_case("cuda", torch.bfloat16, b=2, sq=1, hq=16, hkv=2, d=128, capacity=2048, page=256)
+    out = orchard.flash_attn_with_kvcache(q, kc, vc, **kw, causal=True)  # warm-up (checks, allocations)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out_g = orchard.flash_attn_with_kvcache(q, kc, vc, **kw, causal=True)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out_g, out)
