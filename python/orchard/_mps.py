@@ -41,9 +41,6 @@ _KERNEL_ARGS = {"orchard_fwd": _FWD_ARGS, "orchard_bwd_dot": _DOT_ARGS,
 
 _MIN_TORCH = (2, 7)  # torch.mps.compile_shader became public in 2.7
 _SUPPORTED = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-_FEATURE_NAMES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink", "attn_mask",
-                  "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
-_FEATURE_DEFAULTS = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
 _U63 = 1 << 63
 
 _LIBRARIES: dict = {}  # variant name -> compiled library
@@ -98,12 +95,26 @@ def _library(variant, source, op_name):
     return lib
 
 
+def _feature_names_and_defaults():
+    """The ops' trailing feature arguments (_ops._FEATURE_SCHEMA), read from _ops so a
+    feature added there is rejected here until the Metal kernels implement it."""
+    from . import _ops
+    names = [part.split("=")[0].split()[-1] for part in _ops._FEATURE_SCHEMA.split(", ")]
+    defaults = _ops._FEATURE_DEFAULTS
+    if len(names) != len(defaults):
+        names = [f"feature argument {i}" for i in range(len(defaults))]
+    return names, defaults
+
+
 def _check(q, k, v, features, op_name):
     """Everything that can be rejected before anything runs (ValueError /
     NotImplementedError with the op name in front)."""
     _compile_shader(op_name)  # torch version
     if features:
-        for name, value, default in zip(_FEATURE_NAMES, features, _FEATURE_DEFAULTS):
+        names, defaults = _feature_names_and_defaults()
+        if len(features) > len(defaults):
+            raise NotImplementedError(f"{op_name}: unknown feature arguments for the Metal (MPS) backend")
+        for name, value, default in zip(names, features, defaults):
             if (value is not None) if default is None else (value != default):
                 raise NotImplementedError(f"{op_name}: {name} is not supported by the Metal (MPS) backend yet")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -115,6 +126,9 @@ def _check(q, k, v, features, op_name):
     if why:
         raise ValueError(f"{op_name}: {why}")
     b, sq, hq, d = q.shape
+    if v.shape[-1] != d:
+        raise NotImplementedError(f"{op_name}: a value head dim ({v.shape[-1]}) different from the query/key "
+                                  f"head dim ({d}) is not supported by the Metal (MPS) backend yet")
     if (k.shape[0], k.shape[3]) != (b, d) or k.shape != v.shape:
         raise ValueError(f"{op_name}: k and v must be (batch, seq_k, kv_heads, {d}) like q's batch and head dim, "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")

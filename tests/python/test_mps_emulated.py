@@ -190,6 +190,8 @@ def test_new_features_are_rejected():
         with pytest.raises(NotImplementedError, match=r"^op: window_left is not supported by the Metal"):
             _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
                          (8, -1, 0.0, None, None, None, None, None, 0, 0))
+        with pytest.raises(NotImplementedError, match=r"^op: a value head dim \(8\) different"):
+            _mps.forward(q, q, randn(1, 4, 2, 8), 0.25, False, False, 0.0, 0, 0, False, "op", None, ())
 
 
 def test_compile_failure_names_variant_and_compiler_message():
