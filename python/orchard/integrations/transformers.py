@@ -1,0 +1,272 @@
+"""Hugging Face transformers on Orchard: ``attn_implementation="orchard"``.
+
+Importing this module registers the name ``"orchard"`` with transformers'
+``AttentionInterface`` (and ``AttentionMaskInterface``, where the installed
+version has one), so every model that dispatches attention through that
+interface (Llama, Mistral, Qwen2, Gemma 2, GPT-2, gpt-oss, ...) runs on
+Orchard's fused kernels, forward and backward::
+
+    import orchard.integrations.transformers  # registers "orchard"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="orchard")
+    model.set_attn_implementation("orchard")  # or switch an existing model
+
+What models pass and how it is handled:
+
+* BHSD ``query``/``key``/``value`` are handed to the kernels as BSHD views
+  (read in place); grouped-query attention (fewer key/value heads) is native —
+  no ``repeat_kv`` copies.
+* ``is_causal`` (or ``module.is_causal``), ``scaling``, ``dropout`` (the module
+  passes 0.0 in eval mode), ``sliding_window`` (key j visible from query i when
+  ``i - j < sliding_window``, transformers' convention), ``softcap`` (Gemma 2)
+  and ``s_aux`` (gpt-oss attention sinks, learnable and differentiable).
+* Padding: the mask interface entry returns transformers' 2-D padding mask (or
+  None when nothing is padded), never an S x S tensor. Padded batches are
+  unpadded to ``orchard.flash_attn_varlen_func`` (gather the real tokens, run
+  variable-length attention, scatter back; padded query rows get 0), as
+  transformers' own flash-attention path does. Why this and not a bool mask for
+  ``orchard.scaled_dot_product_attention``: the CUDA backend runs varlen,
+  windows, softcap and sinks but not yet ``attn_mask``; varlen needs O(tokens)
+  memory instead of a (batch, q, k) mask; and padded tokens cost no compute.
+  Causal and window alignment are bottom-right per sequence, so left and right
+  padding, KV-cache decoding (one query over the cache) and static caches work.
+* Packed batches: with no padding mask, ``position_ids`` that restart inside a
+  row (several sequences packed together, as ``DataCollatorWithFlattening``
+  produces) split the rows into separate sequences, like the SDPA path's
+  packed-sequence mask; precomputed ``cu_seq_lens_q/k`` + ``max_length_q/k``
+  keyword arguments are used as they are.
+* A 4-D mask (a custom mask the caller built) goes to the kernels as SDPA's
+  ``attn_mask`` (bool or additive float). CPU only for now: the CUDA backend
+  raises NotImplementedError for ``attn_mask``.
+* ``output_attentions=True`` returns no weights (None), like SDPA.
+
+Tested with transformers 5.23.0 (the version pinned in requirements-dev.txt).
+The code needs ``AttentionInterface`` (transformers >= 4.48) and uses the mask
+interface when present (>= 4.53); other versions are untested.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ops
+from ..functional import flash_attn_func, flash_attn_varlen_func
+
+__all__ = ["NAME", "register", "orchard_attention_forward", "orchard_attention_mask"]
+
+NAME = "orchard"
+
+_OP = "orchard.integrations.transformers"
+
+
+# ---------------------------------------------------------------------------
+# Mask interface: the 2-D padding mask or None (no S x S mask is ever built).
+# ---------------------------------------------------------------------------
+
+def orchard_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                           kv_offset: int = 0, mask_function=None,
+                           attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """transformers' mask-interface entry for "orchard": the (batch, kv_length)
+    bool padding mask when some key is padded (or the mask is shorter than the
+    keys, as with a static cache), else None. Causality, sliding windows and
+    packing are applied by the kernels, not through a mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:  # an already prepared custom mask: pass it on
+        return attention_mask
+    m = attention_mask[:, -kv_length:]
+    if m.dtype != torch.bool:
+        m = m.bool()
+    if m.shape[1] == kv_length and bool(m.all()):
+        return None
+    return m
+
+
+# ---------------------------------------------------------------------------
+# Unpadding plans. One model forward hands every layer the same mask tensor,
+# so the indices (and the one device -> host read of the max lengths) are
+# computed once per mask and reused by the other layers.
+# ---------------------------------------------------------------------------
+
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_SIZE = 8
+
+
+def _cached(t: torch.Tensor, key_extra, build):
+    try:
+        version = t._version
+    except (RuntimeError, AttributeError):  # inference tensors track no version: no caching
+        return build()
+    key = (id(t), key_extra)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
+    plan = build()
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = (weakref.ref(t), version, plan)
+    return plan
+
+
+def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def _padding_plan(mask: torch.Tensor, sq: int):
+    """From a (batch, sk) bool mask: row/column indices of the kept keys and of
+    the kept queries (the last sq positions), cu_seqlens and max lengths."""
+    mk = mask
+    mq = mk[:, -sq:]
+    len_k = mk.sum(1, dtype=torch.int32)
+    len_q = mq.sum(1, dtype=torch.int32)
+    maxes = torch.stack((len_q.max(), len_k.max())).tolist()  # one host read
+    bk, sk_idx = mk.nonzero(as_tuple=True)
+    bq, sq_idx = mq.nonzero(as_tuple=True)
+    return (bq, sq_idx), (bk, sk_idx), _lengths_to_cu(len_q), _lengths_to_cu(len_k), maxes[0], maxes[1]
+
+
+def _packed_plan(position_ids: torch.Tensor, b: int, s: int):
+    """cu_seqlens over the flattened (b * s) tokens when position_ids restart
+    inside a row (packed sequences), else None. A new sequence starts at each
+    row start and wherever the position is not the previous one + 1 (as
+    transformers' packed-sequence detection)."""
+    pos = position_ids
+    if pos.shape[0] != b:
+        pos = pos.expand(b, -1)
+    starts = torch.ones(b, s, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    start_idx = starts.flatten().nonzero().flatten()
+    bounds = torch.cat((start_idx, start_idx.new_tensor([b * s])))
+    lengths = bounds.diff()
+    cu = bounds.to(torch.int32)
+    return cu, int(lengths.max())
+
+
+# ---------------------------------------------------------------------------
+# The attention function.
+# ---------------------------------------------------------------------------
+
+_warned_output_attentions = False
+
+
+def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                              dropout: float = 0.0, scaling: Optional[float] = None,
+                              sliding_window: Optional[int] = None,
+                              softcap: Optional[float] = None, is_causal: Optional[bool] = None,
+                              s_aux: Optional[torch.Tensor] = None, **kwargs):
+    """transformers' attention-interface entry for "orchard".
+
+    query (batch, heads, q_len, head_dim), key/value (batch, kv_heads, kv_len,
+    head_dim[_v]); returns (attn_output (batch, q_len, heads, head_dim_v), None).
+    """
+    global _warned_output_attentions
+    if kwargs.get("output_attentions", False) and not _warned_output_attentions:
+        _warned_output_attentions = True
+        warnings.warn(f"{_OP}: output_attentions=True is not supported by Orchard's fused kernels; "
+                      f"attention weights are returned as None (use attn_implementation='eager')")
+    b, hq, sq, _ = query.shape
+    sk = key.shape[2]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # BSHD views
+
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = (-1, -1)
+    if sliding_window is not None and int(sliding_window) > 0:
+        left = int(sliding_window) - 1  # transformers: key j visible iff i - j < sliding_window
+        window = (left, 0 if causal else left)
+    cap = float(softcap) if softcap else 0.0
+    sink = None if s_aux is None else s_aux.float()
+    opts = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=causal,
+                window_size=window, softcap=cap, sink=sink)
+
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return _masked(q, k, v, attention_mask, float(dropout), scaling, cap, sink), None
+
+    if attention_mask is not None:  # 2-D padding mask: unpad -> varlen -> pad
+        mask = attention_mask
+        if mask.dtype != torch.bool:
+            mask = mask.bool()
+        if mask.shape[1] > sk:
+            mask = mask[:, -sk:]
+        elif mask.shape[1] < sk:  # static cache: slots beyond the mask hold nothing yet
+            k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+        (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = _cached(mask, ("pad", sq),
+                                                               lambda: _padding_plan(mask, sq))
+        out = flash_attn_varlen_func(q[bq, iq], k[bk, ik], v[bk, ik], cu_q, cu_k, max_q, max_k,
+                                     **opts)
+        padded = out.new_zeros(b, sq, hq, out.shape[-1])
+        return padded.index_put((bq, iq), out), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
+                                     v.reshape(-1, *v.shape[2:]), cu_q.to(torch.int32),
+                                     cu_k.to(torch.int32), int(max_q), int(max_k), **opts)
+        return out.view(b, sq, hq, out.shape[-1]), None
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and sq == sk and sq > 1 and position_ids.shape[-1] == sq:
+        plan = _cached(position_ids, ("packed", b), lambda: _packed_plan(position_ids, b, sq))
+        if plan is not None:
+            cu, longest = plan
+            out = flash_attn_varlen_func(q.reshape(b * sq, *q.shape[2:]),
+                                         k.reshape(b * sk, *k.shape[2:]),
+                                         v.reshape(b * sk, *v.shape[2:]), cu, cu, longest,
+                                         longest, **opts)
+            return out.view(b, sq, hq, out.shape[-1]), None
+
+    return flash_attn_func(q, k, v, **opts), None
+
+
+def _masked(q, k, v, mask, dropout_p, scaling, softcap, sink):
+    """A prepared 4-D mask (batch|1, heads|1, q_len, kv_len), bool (True =
+    attend) or additive float: SDPA's attn_mask on the kernels (the mask already
+    holds causality and windows). CPU backend only for now."""
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    if mask.shape[-1] != sk:
+        mask = mask[..., -sk:] if mask.shape[-1] > sk else mask
+        if mask.shape[-1] < sk:
+            k, v = k[:, :mask.shape[-1]], v[:, :mask.shape[-1]]
+    if mask.is_floating_point() and mask.dtype not in (q.dtype, torch.float32):
+        mask = mask.to(torch.float32)
+    mask = mask.detach().expand(b, hq, sq, mask.shape[-1])
+    scale = _ops.default_scale(d) if scaling is None else float(scaling)
+    out, _, _ = _ops._FWD(q, k, v, scale, False, True, dropout_p, 0, 0, False, False,
+                          "orchard.integrations.transformers",
+                          _ops.draw_dropout_rng_state(dropout_p, q.device),
+                          -1, -1, softcap, None, sink, mask, None, None, 0, 0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Registration.
+# ---------------------------------------------------------------------------
+
+def register(name: str = NAME) -> str:
+    """Register ``name`` (default "orchard") with transformers' AttentionInterface
+    and, where the installed transformers has one, its AttentionMaskInterface.
+    Idempotent; returns the name. Raises ImportError without transformers."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError as e:  # pragma: no cover - exercised only without transformers
+        raise ImportError(f"{_OP}: needs Hugging Face transformers with an AttentionInterface "
+                          f"(>= 4.48; pip install 'transformers==5.23.0')") from e
+    AttentionInterface.register(name, orchard_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # older transformers: models build their own masks (4-D path)
+        pass
+    else:
+        AttentionMaskInterface.register(name, orchard_attention_mask)
+    return name
+
+
+register()
