@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One device call (run through the device tool on the lent H200): build the
+# package with the CUDA backend (sm_90, 16 cores) from SRC (default: the repo),
+# then the steps named on the command line, each with its own time limit,
+# writing logs under $OUT (re-packed into $OUT/logs.tgz after every step, so a
+# call cut off still returns what ran).
+#
+#   bash dev/gpu_session.sh [SRC=dir] STEP...
+#   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
+#          feature_bench  sanitize  cuda_check  decode_bench  smi
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SRC="$ROOT"
+if [[ ${1:-} == SRC=* ]]; then SRC="$(cd "${1#SRC=}" && pwd)"; shift; fi
+OUT="${OUT:-$ROOT/gpu_out}"; mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+snap() { (cd "$OUT" && tar czf logs.tgz logs); }
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/logs/card.txt"
+stamp "build from $SRC"
+cd "$SRC"
+if [ ! -f /tmp/orchard_site/.built ]; then
+  rm -rf build/cp3* /tmp/orchard_site
+  ORCHARD_CUDA=ON ORCHARD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/orchard_site . > "$OUT/logs/build.log" 2>&1 \
+    || { tail -60 "$OUT/logs/build.log"; snap; exit 1; }
+  touch /tmp/orchard_site/.built
+fi
+export PYTHONPATH=/tmp/orchard_site
+python3 -c "import orchard, json; print(json.dumps(orchard.build_info()))"
+stamp "built"
+rc=0
+for step in "$@"; do
+  case "$step" in
+    pytest:*)
+      args="${step#pytest:}"; args="${args//,/ }"
+      stamp "pytest $args"
+      (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda -x --durations=5 $args \
+        > "$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
+      tail -15 "$OUT"/logs/pytest_*.log | grep -E "passed|failed|error|FAILED" | tail -8 ;;
+    bench_quick)
+      stamp "gpu_bench --quick"
+      timeout 240 python3 bench/gpu_bench.py --out "$OUT/logs" --quick --impls orchard,sdpa_flash,sdpa_cudnn > "$OUT/logs/bench_quick.log" 2>&1 || rc=1
+      tail -30 "$OUT/logs/bench_quick.log" ;;
+    bench_full)
+      stamp "gpu_bench"
+      timeout 420 python3 bench/gpu_bench.py --out "$OUT/logs" > "$OUT/logs/bench_full.log" 2>&1 || rc=1
+      tail -40 "$OUT/logs/bench_full.log" ;;
+    feature_bench)
+      stamp "feature_bench"
+      timeout "${FB_TIMEOUT:-300}" python3 bench/feature_bench.py --out "$OUT/logs" > "$OUT/logs/feature_bench.log" 2>&1 || rc=1
+      cat "$OUT/logs/feature_bench.md" 2>/dev/null || tail -30 "$OUT/logs/feature_bench.log" ;;
+    decode_bench)
+      stamp "decode_bench"
+      timeout "${DB_TIMEOUT:-240}" python3 bench/decode_bench.py --out "$OUT/logs" > "$OUT/logs/decode_bench.log" 2>&1 || rc=1
+      tail -40 "$OUT/logs/decode_bench.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        stamp "compute-sanitizer $tool"
+        timeout 180 compute-sanitizer --tool $tool --error-exitcode 3 python3 bench/sanitizer_case.py \
+          > "$OUT/logs/sanitizer_$tool.log" 2>&1; r=$?; (( r != 0 )) && rc=1
+        echo "$tool rc=$r: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer_$tool.log" | tail -1)"
+      done ;;
+    smi) nvidia-smi ;;
+    *) echo "unknown step $step"; rc=1 ;;
+  esac
+  snap
+done
+stamp "done rc=$rc"
+exit $rc
