@@ -49,6 +49,7 @@ except ImportError as _e:  # the C++ core (orchard._C) serves NumPy & co. withou
         pass
 else:
     from . import _ops  # noqa: F401  (registers torch.ops.orchard.*)
+    from . import _autocast  # noqa: F401  (torch.autocast: the ops take the autocast dtype)
     from .combine import combine_attention
     from .kvcache import flash_attn_with_kvcache
     from .functional import (
