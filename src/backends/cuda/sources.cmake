@@ -2,6 +2,7 @@
 set(ORCHARD_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/cuda_backend.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fp32.cu
+  ${CMAKE_CURRENT_LIST_DIR}/decode_kernel.cu
   ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d32.cu
   ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d64.cu
   ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d96.cu

@@ -1,0 +1,520 @@
+// The CUDA decode (KV-cache) kernels: flash_attn_with_kvcache's append, split-KV
+// attention and split combine. See orchard/decode_params.h for the key numbering.
+//
+// 1. append_kernel: new k/v rows (rotary on k, fp32 then rounded) written into the
+//    cache at cache_seqlens, one CTA per (batch, new row, kv head). Same stream, so
+//    the attention below sees them.
+// 2. decode_kernel<T, kD, kRows, kThreads>: one CTA per (split, kv head x row chunk,
+//    batch). The CTA holds up to kRows query rows of one kv head's group (GQA: every
+//    query head sharing the kv head, times the new query rows) in shared memory as
+//    fp32 (rotary applied), and streams its split of the cache in tiles of kThreads
+//    keys: cp.async 16-byte copies global -> shared (the paged address of each key
+//    row computed once per tile), so each cache row is read from HBM once per CTA.
+//    Scores: one key per thread against all rows (q broadcast from shared memory,
+//    K rows padded by 16 bytes: conflict-free). Online softmax in fp32 with per-row
+//    max / sum kept in shared memory. P x V: each thread owns (row, 16-byte chunk of
+//    d) pairs and accumulates in fp32 registers.
+// 3. combine_kernel: with num_splits > 1 the partials (normalized out + lse per
+//    split, fp32 workspace) are merged: out = sum_s exp(lse_s - lse) out_s.
+// Not yet done (correctness first): double-buffered tiles and tensor-core scores;
+// no GPU was available while writing it, so its speed is unmeasured.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <atomic>
+#include <string>
+
+#include "core/decode_backend.h"
+#include "orchard/decode_params.h"
+#include "orchard/errors.h"
+
+namespace orchard::detail {
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw Error(ErrorKind::kRuntime, std::string("CUDA error in ") + what + ": " + cudaGetErrorName(err) + " (" +
+                                         cudaGetErrorString(err) + ")");
+}
+
+// ---- element helpers -------------------------------------------------------------------
+
+template <typename T>
+struct Conv;
+template <>
+struct Conv<__nv_bfloat16> {
+  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float f) { return __float2bfloat16_rn(f); }
+  // 16 bytes = 8 elements.
+  static __device__ __forceinline__ void chunk(const uint4& u, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __bfloat1622float2(h[i]);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+};
+template <>
+struct Conv<__half> {
+  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half store(float f) { return __float2half_rn(f); }
+  static __device__ __forceinline__ void chunk(const uint4& u, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __half22float2(h[i]);
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  }
+};
+template <>
+struct Conv<float> {
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float f) { return f; }
+  static __device__ __forceinline__ void chunk(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+  }
+};
+
+__device__ __forceinline__ float load_rotary(const void* base, DType t, std::int64_t i) {
+  switch (t) {
+    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+// Element c of x (length >= rotary_dim) after rotary at position pos; `get(k)` reads x[k].
+template <typename Get>
+__device__ __forceinline__ float rotary_elem(const DecodeParams& p, std::int64_t pos, int c, Get get) {
+  if (c >= p.rotary_dim) return get(c);
+  if (pos >= p.rotary_seqlen) pos = p.rotary_seqlen - 1;
+  if (pos < 0) pos = 0;
+  const int half = p.rotary_dim / 2;
+  int pair, i0, i1;
+  if (p.rotary_interleaved) {
+    pair = c / 2;
+    i0 = 2 * pair;
+    i1 = i0 + 1;
+  } else {
+    pair = c < half ? c : c - half;
+    i0 = pair;
+    i1 = pair + half;
+  }
+  const float cs = load_rotary(p.rotary_cos, p.rotary_dtype, pos * p.cos_row_stride + pair);
+  const float sn = load_rotary(p.rotary_sin, p.rotary_dtype, pos * p.sin_row_stride + pair);
+  const float x0 = get(i0), x1 = get(i1);
+  return c == i0 ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+}
+
+// ---- 1. append ------------------------------------------------------------------------
+
+template <typename T>
+__global__ void append_kernel(const DecodeParams p) {
+  const int h = blockIdx.x % p.hkv;
+  const int t = (blockIdx.x / p.hkv) % p.s_new;
+  const int bi = blockIdx.x / (p.hkv * p.s_new);
+  const DecodeSeq s = decode_seq(p, bi);
+  const std::int64_t row = s.seqlen + t;
+  const T* kn = static_cast<const T*>(p.k_new) + bi * p.kn_batch_stride + t * p.kn_row_stride + h * p.kn_head_stride;
+  const T* vn = static_cast<const T*>(p.v_new) + bi * p.vn_batch_stride + t * p.vn_row_stride + h * p.vn_head_stride;
+  T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+          h * p.kc_head_stride;
+  T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+          h * p.vc_head_stride;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+    if (p.rotary_dim > 0)
+      kc[c] = Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }));
+    else
+      kc[c] = kn[c];
+    vc[c] = vn[c];
+  }
+}
+
+// ---- 2. split-KV attention ------------------------------------------------------------
+
+template <typename T, int kD, int kRows, int kThreads>
+struct DecodeSmem {
+  static constexpr int kVec = 16 / sizeof(T);           // elements per 16-byte chunk
+  static constexpr int kKStride = kD + kVec;            // padded K row (elements)
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr std::size_t q_off = 0;                                    // float [kRows][kD]
+  static constexpr std::size_t k_off = q_off + sizeof(float) * kRows * kD;  // T [kThreads][kKStride]
+  static constexpr std::size_t v_off = k_off + sizeof(T) * kThreads * kKStride;  // T [kThreads][kD]
+  static constexpr std::size_t p_off = v_off + sizeof(T) * kThreads * kD;   // float [kRows][kThreads]
+  static constexpr std::size_t koff_off = p_off + sizeof(float) * kRows * kThreads;  // int64 [kThreads]
+  static constexpr std::size_t voff_off = koff_off + sizeof(std::int64_t) * kThreads;
+  static constexpr std::size_t red_off = voff_off + sizeof(std::int64_t) * kThreads;  // float [2][kWarps][kRows]
+  static constexpr std::size_t bytes = red_off + sizeof(float) * 2 * kWarps * kRows;
+};
+
+template <typename T, int kD, int kRows, int kThreads>
+__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
+  using L = DecodeSmem<T, kD, kRows, kThreads>;
+  constexpr int kVec = L::kVec;
+  constexpr int kWarps = L::kWarps;
+  constexpr int kMaxPairs = (kRows * (kD / kVec) + kThreads - 1) / kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sQ = reinterpret_cast<float*>(smem + L::q_off);
+  T* sK = reinterpret_cast<T*>(smem + L::k_off);
+  T* sV = reinterpret_cast<T*>(smem + L::v_off);
+  float* sP = reinterpret_cast<float*>(smem + L::p_off);
+  std::int64_t* sKoff = reinterpret_cast<std::int64_t*>(smem + L::koff_off);
+  std::int64_t* sVoff = reinterpret_cast<std::int64_t*>(smem + L::voff_off);
+  float* sRedMax = reinterpret_cast<float*>(smem + L::red_off);
+  float* sRedSum = sRedMax + kWarps * kRows;
+  __shared__ float sM[kRows], sL[kRows], sAlpha[kRows], sSlope[kRows];
+  __shared__ int sVb[kRows], sVe[kRows], sRowI[kRows], sHead[kRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = blockIdx.x;
+  const int groups = p.hq / p.hkv;
+  const int rows_total = groups * p.sq;
+  const int chunks_per_head = (rows_total + kRows - 1) / kRows;
+  const int hk = blockIdx.y / chunks_per_head;
+  const int row0 = (blockIdx.y % chunks_per_head) * kRows;
+  const int rows_here = min(kRows, rows_total - row0);
+  const int bi = blockIdx.z;
+  const int d = p.d;
+  const int nchunks = d / kVec;
+
+  const DecodeSeq s = decode_seq(p, bi);
+  const std::int64_t diag = s.n_keys - p.sq;
+
+  // Per-row facts and q (rotary applied, rounded to T as flash-attn does) into shared memory.
+  if (tid < kRows) {
+    const int g = tid;
+    sM[g] = -INFINITY;
+    sL[g] = 0.f;
+    sAlpha[g] = 1.f;
+    if (g < rows_here) {
+      const int r = row0 + g;
+      const int i = r / groups, h = hk * groups + r % groups;
+      std::int64_t vb, ve;
+      decode_visible(p, s.n_keys, i, vb, ve);
+      sVb[g] = static_cast<int>(vb);
+      sVe[g] = static_cast<int>(ve);
+      sRowI[g] = i;
+      sHead[g] = h;
+      sSlope[g] = p.alibi_slopes ? p.alibi_slopes[bi * p.alibi_batch_stride + h] : 0.f;
+    } else {
+      sVb[g] = 0;
+      sVe[g] = 0;
+      sRowI[g] = 0;
+      sHead[g] = 0;
+      sSlope[g] = 0.f;
+    }
+  }
+  for (int idx = tid; idx < kRows * kD; idx += kThreads) {
+    const int g = idx / kD, c = idx % kD;
+    float x = 0.f;
+    if (g < rows_here && c < d) {
+      const int r = row0 + g;
+      const int i = r / groups, h = hk * groups + r % groups;
+      const T* qp = static_cast<const T*>(p.q) + bi * p.q_batch_stride + i * p.q_row_stride + h * p.q_head_stride;
+      if (p.rotary_dim > 0)
+        x = Conv<T>::load(Conv<T>::store(
+            rotary_elem(p, decode_q_rotary_pos(p, s, i), c, [&](int k) { return Conv<T>::load(qp[k]); })));
+      else
+        x = Conv<T>::load(qp[c]);
+    }
+    sQ[idx] = x;
+  }
+  __syncthreads();
+
+  // Keys this CTA may need: its split, narrowed to the union of its rows' visible ranges.
+  std::int64_t kb, ke;
+  decode_split_range(s.n_keys, split, p.num_splits, kThreads, kb, ke);
+  {
+    std::int64_t lo = s.n_keys, hi = 0;
+    for (int g = 0; g < rows_here; ++g) {
+      if (sVb[g] < sVe[g]) {
+        lo = min(lo, static_cast<std::int64_t>(sVb[g]));
+        hi = max(hi, static_cast<std::int64_t>(sVe[g]));
+      }
+    }
+    kb = max(kb, lo);
+    ke = min(ke, hi);
+  }
+
+  float acc[kMaxPairs][kVec];
+#pragma unroll
+  for (int q = 0; q < kMaxPairs; ++q)
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[q][e] = 0.f;
+
+  const T* kbase = static_cast<const T*>(p.k_cache) + hk * p.kc_head_stride;
+  const T* vbase = static_cast<const T*>(p.v_cache) + hk * p.vc_head_stride;
+
+  for (std::int64_t t0 = kb; t0 < ke; t0 += kThreads) {
+    const int tile_len = static_cast<int>(min(static_cast<std::int64_t>(kThreads), ke - t0));
+    if (tid < tile_len) {
+      const std::int64_t row = s.leftpad + t0 + tid;
+      sKoff[tid] = decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride);
+      sVoff[tid] = decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < tile_len * nchunks; idx += kThreads) {
+      const int key = idx / nchunks, c = idx % nchunks;
+      cp_async16(sK + key * L::kKStride + c * kVec, kbase + sKoff[key] + c * kVec);
+      cp_async16(sV + key * kD + c * kVec, vbase + sVoff[key] + c * kVec);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // Scores: thread tid <-> key t0 + tid, every row.
+    float sc[kRows];
+#pragma unroll
+    for (int g = 0; g < kRows; ++g) sc[g] = 0.f;
+    if (tid < tile_len) {
+      const T* krow = sK + tid * L::kKStride;
+      for (int c = 0; c < nchunks; ++c) {
+        float kf[kVec];
+        Conv<T>::chunk(*reinterpret_cast<const uint4*>(krow + c * kVec), kf);
+#pragma unroll
+        for (int g = 0; g < kRows; ++g) {
+          const float4* qv = reinterpret_cast<const float4*>(sQ + g * kD + c * kVec);
+#pragma unroll
+          for (int e4 = 0; e4 < kVec / 4; ++e4) {
+            const float4 qq = qv[e4];
+            sc[g] += qq.x * kf[4 * e4] + qq.y * kf[4 * e4 + 1] + qq.z * kf[4 * e4 + 2] + qq.w * kf[4 * e4 + 3];
+          }
+        }
+      }
+    }
+    const std::int64_t j = t0 + tid;
+#pragma unroll
+    for (int g = 0; g < kRows; ++g) {
+      float v = -INFINITY;
+      if (tid < tile_len && g < rows_here && j >= sVb[g] && j < sVe[g]) {
+        v = sc[g] * p.scale;
+        if (p.softcap > 0.f) v = p.softcap * tanhf(v / p.softcap);
+        if (p.alibi_slopes) {
+          const std::int64_t dist = sRowI[g] + diag - j;
+          v -= sSlope[g] * static_cast<float>(dist < 0 ? -dist : dist);
+        }
+      }
+      sc[g] = v;
+      float m = v;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (lane == 0) sRedMax[warp * kRows + g] = m;
+    }
+    __syncthreads();
+    if (tid < kRows) {
+      float m_tile = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) m_tile = fmaxf(m_tile, sRedMax[w * kRows + tid]);
+      const float m_old = sM[tid];
+      const float m_new = fmaxf(m_old, m_tile);
+      sAlpha[tid] = m_new == -INFINITY ? 1.f : __expf(m_old - m_new);
+      sM[tid] = m_new;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < kRows; ++g) {
+      const float m = sM[g];
+      const float pv = sc[g] == -INFINITY ? 0.f : __expf(sc[g] - m);
+      sP[g * kThreads + tid] = pv;
+      float sum = pv;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (lane == 0) sRedSum[warp * kRows + g] = sum;
+    }
+    __syncthreads();
+    if (tid < kRows) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += sRedSum[w * kRows + tid];
+      sL[tid] = sL[tid] * sAlpha[tid] + sum;
+    }
+    // P x V over this tile: thread owns pairs (row g, chunk c).
+#pragma unroll
+    for (int q = 0; q < kMaxPairs; ++q) {
+      const int pair = tid + q * kThreads;
+      const int g = pair / nchunks, c = pair % nchunks;
+      if (g < rows_here) {
+        const float alpha = sAlpha[g];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[q][e] *= alpha;
+        const float* prow = sP + g * kThreads;
+        for (int key = 0; key < tile_len; ++key) {
+          const float pk = prow[key];
+          float vf[kVec];
+          Conv<T>::chunk(*reinterpret_cast<const uint4*>(sV + key * kD + c * kVec), vf);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[q][e] += pk * vf[e];
+        }
+      }
+    }
+    __syncthreads();  // before the next tile overwrites sK / sV / sP and the row state
+  }
+  __syncthreads();
+
+  // Write this CTA's rows: the final output (one split) or the split's partial.
+#pragma unroll
+  for (int q = 0; q < kMaxPairs; ++q) {
+    const int pair = tid + q * kThreads;
+    const int g = pair / nchunks, c = pair % nchunks;
+    if (g >= rows_here) continue;
+    const float l = sL[g];
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int i = sRowI[g], h = sHead[g];
+    if (p.num_splits == 1) {
+      T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + c * kVec;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) op[e] = Conv<T>::store(acc[q][e] * inv);
+    } else {
+      const std::size_t idx = ((static_cast<std::size_t>(split) * p.b + bi) * p.hq + h) * p.sq + i;
+      float4* oa = reinterpret_cast<float4*>(p.out_accum + idx * d + c * kVec);
+#pragma unroll
+      for (int e4 = 0; e4 < kVec / 4; ++e4)
+        oa[e4] = make_float4(acc[q][4 * e4] * inv, acc[q][4 * e4 + 1] * inv, acc[q][4 * e4 + 2] * inv,
+                             acc[q][4 * e4 + 3] * inv);
+    }
+  }
+  if (tid < rows_here) {
+    const float l = sL[tid];
+    const float lse = l > 0.f ? sM[tid] + logf(l) : -INFINITY;
+    const int i = sRowI[tid], h = sHead[tid];
+    if (p.num_splits == 1) {
+      if (p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+    } else {
+      p.lse_accum[((static_cast<std::size_t>(split) * p.b + bi) * p.hq + h) * p.sq + i] = lse;
+    }
+  }
+}
+
+// ---- 3. combine -----------------------------------------------------------------------
+
+template <typename T>
+__global__ void combine_kernel(const DecodeParams p) {
+  const std::size_t idx = blockIdx.x;  // ((bi * hq) + h) * sq + i
+  const std::size_t n = static_cast<std::size_t>(p.b) * p.hq * p.sq;
+  const int i = static_cast<int>(idx % p.sq);
+  const int h = static_cast<int>((idx / p.sq) % p.hq);
+  const int bi = static_cast<int>(idx / (static_cast<std::size_t>(p.sq) * p.hq));
+  float mx = -INFINITY;
+  for (int sp = 0; sp < p.num_splits; ++sp) mx = fmaxf(mx, p.lse_accum[sp * n + idx]);
+  float sum = 0.f;
+  if (mx != -INFINITY)
+    for (int sp = 0; sp < p.num_splits; ++sp) sum += __expf(p.lse_accum[sp * n + idx] - mx);
+  const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+  T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
+    float o = 0.f;
+    if (mx != -INFINITY)
+      for (int sp = 0; sp < p.num_splits; ++sp) {
+        const float ls = p.lse_accum[sp * n + idx];
+        if (ls != -INFINITY) o += __expf(ls - lse) * p.out_accum[(sp * n + idx) * p.d + c];
+      }
+    op[c] = Conv<T>::store(o);
+  }
+  if (threadIdx.x == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+}
+
+// ---- launch ---------------------------------------------------------------------------
+
+template <typename T, int kD, int kRows, int kThreads>
+void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  using L = DecodeSmem<T, kD, kRows, kThreads>;
+  auto kernel = decode_kernel<T, kD, kRows, kThreads>;
+  // The shared-memory opt-in is per device: once per (instantiation, device).
+  static std::atomic<bool> opted_in[64] = {};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
+  if (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_acquire)) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::bytes)),
+               "decode: cudaFuncSetAttribute");
+    if (device >= 0 && device < 64) opted_in[device].store(true, std::memory_order_release);
+  }
+  const int rows_total = (p.hq / p.hkv) * p.sq;
+  const int chunks = (rows_total + kRows - 1) / kRows;
+  const dim3 grid(p.num_splits, p.hkv * chunks, p.b);
+  kernel<<<grid, kThreads, L::bytes, stream>>>(p);
+  check_cuda(cudaGetLastError(), "decode kernel launch");
+}
+
+template <typename T, int kD>
+void launch_rows(const DecodeParams& p, cudaStream_t stream) {
+  // 128 threads (keys per tile) when a cache row is <= 256 bytes, else 64 (shared memory).
+  constexpr int kThreads = kD * sizeof(T) <= 256 ? 128 : 64;
+  const int rows_total = (p.hq / p.hkv) * p.sq;
+  if (rows_total <= 4)
+    launch_decode<T, kD, 4, kThreads>(p, stream);
+  else if (rows_total <= 8)
+    launch_decode<T, kD, 8, kThreads>(p, stream);
+  else
+    launch_decode<T, kD, kDecodeCudaRowsPerCta, kThreads>(p, stream);
+}
+
+template <typename T>
+void run(const DecodeParams& p) {
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  if (p.s_new > 0) {
+    append_kernel<T><<<p.b * p.s_new * p.hkv, p.d <= 128 ? 128 : 256, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "decode append kernel launch");
+  }
+  if (p.sq == 0 || p.hq == 0) return;
+  if (p.d <= 128)
+    launch_rows<T, 128>(p, stream);
+  else
+    launch_rows<T, 256>(p, stream);
+  if (p.num_splits > 1) {
+    combine_kernel<T><<<p.b * p.hq * p.sq, p.d <= 128 ? 128 : 256, 0, stream>>>(p);
+    check_cuda(cudaGetLastError(), "decode combine kernel launch");
+  }
+}
+
+}  // namespace
+
+void decode_cuda(const DecodeParams& p) {
+  switch (p.dtype) {
+    case DType::kBFloat16: return run<__nv_bfloat16>(p);
+    case DType::kFloat16: return run<__half>(p);
+    case DType::kFloat32: return run<float>(p);
+    default:
+      throw Error(ErrorKind::kNotImplemented, std::string("decode: dtype ") + dtype_name(p.dtype) +
+                                                  " is not supported on CUDA");
+  }
+}
+
+int decode_cuda_num_sms(int device) {
+  static int cache[64] = {};
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    cache[device] = n;
+  }
+  return cache[device];
+}
+
+}  // namespace orchard::detail
