@@ -31,7 +31,7 @@ enum class Bias { kNone, kMask, kAdditive };
 
 struct FeatCase {
   std::string label;
-  int b = 2, sq = 100, sk = 140, hq = 4, hkv = 2, d = 24, dv = 0;  // dv 0 = d
+  int b = 2, sq = 100, sk = 140, hq = 2, hkv = 1, d = 24, dv = 0;  // dv 0 = d
   DType dt = DType::kFloat64;
   bool causal = false;
   bool top_left = false;  // diagonal offset 0 instead of len_k - len_q
@@ -351,11 +351,29 @@ void check_case(const FeatCase& c) {
   expect_close("dk", c, r.dk.to_double(), gref.dk, gnaive.dk);
   expect_close("dv", c, r.dv.to_double(), gref.dv, gnaive.dv);
   if (c.sink) {
-    // dsink is float32 whatever the dtype: float32 rounding on top of the rule.
-    const std::vector<double> got(r.dsink.begin(), r.dsink.end());
-    FeatCase cf = c;
-    if (cf.dt == DType::kFloat64) cf.dt = DType::kFloat32;
-    expect_close("dsink", cf, got, gref.dsink, lowp ? gnaive.dsink : gref.dsink);
+    // dsink = -sum_i P_sink,i D_i with D_i = rowsum(dO * O) from the stored O,
+    // as in flash-attn: rounding O to the dtype moves D_i by up to
+    // u * sum |dO * O| (u = the dtype's unit roundoff), which the naive
+    // reference (D = sum P dP, never rounded) does not see; add that bound.
+    // dsink itself is float32 (float64 inputs included).
+    const double u = c.dt == DType::kBFloat16 ? 0x1p-8 : c.dt == DType::kFloat16 ? 0x1p-11 : 0x1p-24;
+    const auto o = r.out.to_double();
+    std::vector<double> bound(c.hq, 0.0);
+    for (int row = 0; row < r.prob.total_q; ++row)
+      for (int h = 0; h < c.hq; ++h) {
+        const double l = ref.lse[std::size_t(row) * c.hq + h];
+        double mag = 0;
+        for (int x = 0; x < c.value_dim(); ++x) {
+          const std::size_t e = r.prob.q_index(row, h, x, c.value_dim());
+          mag += std::fabs(dod[e] * o[e]);
+        }
+        bound[h] += std::exp(r.prob.sink[h] - l) * mag * u;
+      }
+    const double naive_err = lowp ? max_abs_diff(gnaive.dsink, gref.dsink) : 0.0;
+    for (int h = 0; h < c.hq; ++h) {
+      const double tol = 2 * naive_err + bound[h] + 2e-6 * std::max(1.0, std::fabs(gref.dsink[h]));
+      EXPECT_NEAR(r.dsink[h], gref.dsink[h], tol) << "dsink[" << h << "] " << c.name();
+    }
   }
 }
 
@@ -417,8 +435,9 @@ std::vector<FeatCase> feature_cases() {
   c = make("all_features"); c.lens_q = {37, 0, 90, 5}; c.lens_k = {70, 13, 100, 0}; c.wl = 30; c.wr = 9;
   c.softcap = 3.0; c.alibi = 2; c.sink = true; c.bias = Bias::kAdditive; c.bias_dt = DType::kBFloat16;
   c.bias_broadcast = true; c.d = 40; c.dv = 24; c.dropout = 0.15f; c.layout = Layout::kSliced;
+  c.hq = 4; c.hkv = 2;
   base.push_back(c);
-  c = make("all_features_mask_mqa_causal"); c.hkv = 1; c.causal = true; c.wl = 40; c.softcap = 2.0;
+  c = make("all_features_mask_mqa_causal"); c.hq = 3; c.hkv = 1; c.causal = true; c.wl = 40; c.softcap = 2.0;
   c.alibi = 1; c.sink = true; c.bias = Bias::kMask; c.d = 16; c.dv = 32; c.layout = Layout::kBHSD;
   base.push_back(c);
 
@@ -435,7 +454,7 @@ std::vector<FeatCase> feature_cases() {
     cases.push_back(f);
     ++i;
   }
-  for (const char* lbl : {"all_features", "softcap", "window_20_10", "alibi_heads", "sink"})
+  for (const char* lbl : {"all_features", "softcap", "sink"})
     for (const FeatCase& b : base)
       if (b.label == lbl) {
         FeatCase f = b;
