@@ -24,6 +24,9 @@ OP = "orchard.flash_attn_with_kvcache"
 #: Check device-resident index tensors on CUDA (costs one host sync per call).
 CHECK_DEVICE_INDICES = True
 
+#: The split-KV count the latest call used (a diagnostic for benchmarks).
+last_num_splits = 0
+
 
 def _err(msg):
     return ValueError(f"{OP}: {msg}")
@@ -115,8 +118,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     def launch(stream):
         args = _export(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                        cache_leftpad, block_table, alibi_slopes, out, lse)
-        _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr), float(softcap),
-                           bool(rotary_interleaved), int(num_splits), stream, alloc, OP)
+        global last_num_splits
+        last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr),
+                                             float(softcap), bool(rotary_interleaved), int(num_splits),
+                                             stream, alloc, OP)[0]
 
     _launch_on_device_of(q, launch)
     return (out, lse) if return_softmax_lse else out
