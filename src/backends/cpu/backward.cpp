@@ -10,6 +10,9 @@
 //          accumulate dQ += dS K.
 // That is 7 tile GEMMs instead of the minimal 5; the price of determinism
 // without atomics (a dQ accumulator per column block would be sq x d x nblocks).
+// The features follow the forward (forward.cpp's header); on top, dS goes
+// through the softcap's 1 - tanh^2, and dsink comes from the staged lse and
+// D per (batch, q head), summed over the batch in a fixed order.
 #include <cmath>
 #include <limits>
 #include <vector>

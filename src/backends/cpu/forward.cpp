@@ -8,6 +8,14 @@
 // runs along columns, V row-major for O += P V. Both are zero-padded (d to a
 // multiple of 16, sk to a multiple of kBlockN) so the GEMMs need no edge code.
 // T = float for f16/bf16/f32, double for f64.
+//
+// Features, all decided per block or tile so the plain path keeps its inner
+// loops: causal / window bounds pick the column tiles a row block visits and
+// each row's visible columns (visibility.h); softcap, ALiBi, attn_bias and a
+// window's left edge rewrite a tile's scores first (score_mods.h); a sink
+// seeds each row's running max and sum; varlen sequences are (batch, kv head)
+// pairs whose rows start at their cu_seqlens offsets (seq_span); V / out have
+// d_v columns.
 #include <cmath>
 #include <limits>
 #include <utility>
