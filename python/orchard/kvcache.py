@@ -10,6 +10,23 @@ launching (one synchronisation) unless a CUDA graph is being captured or
 ``orchard.kvcache.CHECK_DEVICE_INDICES`` is False. Unchecked out-of-range values never
 make the kernels address memory outside the cache (they are clamped), but give
 meaningless results. On the CPU every value is always checked.
+
+A generation loop over a paged cache (page size any multiple of 16)::
+
+    pages_per_seq = max_len // page
+    k_cache = torch.zeros(batch * pages_per_seq, page, n_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    block_table = torch.arange(batch * pages_per_seq, device="cuda", dtype=torch.int32).view(batch, -1)
+    seqlens = torch.zeros(batch, device="cuda", dtype=torch.int32)
+    # prefill: append the prompt's k/v (and attend causally over it)
+    out = orchard.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens,
+                                          block_table=block_table, causal=True)
+    seqlens += prompt_len
+    for step in range(new_tokens):  # q, k, v: (batch, 1, heads, head_dim) of the newest token
+        out = orchard.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens,
+                                              block_table=block_table, rotary_cos=cos, rotary_sin=sin,
+                                              causal=True)
+        seqlens += 1
 """
 
 from __future__ import annotations
