@@ -1,0 +1,66 @@
+"""The docs cannot rot: every ```python block of docs/*.md runs here, on the
+CPU (a page's blocks in order, as one script; in this process, or in a fresh
+one for pages marked `<!-- docs-test: subprocess -->`, e.g. those that spawn
+workers). A code block preceded by `<!-- docs-test: same-as PATH -->` must equal
+the file PATH (relative to the repository root) — the C++ example, which
+scripts/test.sh builds and runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+_BLOCK = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
+_SAME_AS = re.compile(r"<!-- docs-test: same-as (\S+) -->\s*\n```\w*[^\n]*\n(.*?)^```\s*$", re.S | re.M)
+
+
+def _python_blocks(text):
+    return [body for lang, body in _BLOCK.findall(text) if lang == "python"]
+
+
+def test_docs_exist():
+    names = {p.name for p in DOCS}
+    for page in ("flash_attn.md", "sdpa.md", "huggingface.md", "cpp.md", "distributed.md",
+                 "numpy.md"):
+        assert page in names
+
+
+@pytest.mark.parametrize("page", [p for p in DOCS if _python_blocks(p.read_text())],
+                         ids=lambda p: p.name)
+def test_python_examples_run(page, tmp_path, monkeypatch):
+    text = page.read_text()
+    script = "\n\n".join(_python_blocks(text))
+    path = tmp_path / f"doc_{page.stem}.py"
+    path.write_text(script)
+    if "transformers" in script:
+        pytest.importorskip("transformers")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.setenv(var, "1")
+    monkeypatch.chdir(tmp_path)
+    if "<!-- docs-test: subprocess -->" in text:
+        r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ))
+        assert r.returncode == 0, f"{page.name}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small examples: torch's threads only add contention here
+    try:
+        code = compile(script, str(path), "exec")
+        exec(code, {"__name__": "__main__", "__file__": str(path)})
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_verbatim_blocks_match_files(page):
+    for rel, body in _SAME_AS.findall(page.read_text()):
+        assert (ROOT / rel).read_text() == body, f"{page.name}: block differs from {rel}"
