@@ -430,12 +430,37 @@ def _fwd_function_backward(ctx, grad_out, grad_lse, grad_mask):
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dv = _BWD(grad_out, q, k, v, out, lse, softmax_scale, causal, causal_top_left,
                       dropout_p, seed, offset, deterministic, op_name, rng_state, *features)
-    sink = features[4]
-    dsink = None
+    sink, attn_mask = features[4], features[5]
+    dsink = dbias = None
     if sink is not None and ctx.needs_input_grad[18]:
         dsink = sink_grad(grad_out, out, lse, sink, varlen=features[6] is not None)
+    if attn_mask is not None and ctx.needs_input_grad[19]:
+        dbias = attn_bias_grad(q, k, v, out, grad_out, lse, softmax_scale, attn_mask)
     return (None, dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
-            None, None, None, None, dsink, None, None, None, None, None)
+            None, None, None, None, dsink, dbias, None, None, None, None)
+
+
+def attn_bias_grad(q, k, v, out, dout, lse, softmax_scale, bias):
+    """The gradient of an additive attention bias (SDPA's float attn_mask when it
+    requires grad): dBias = dS = P * (dO V^T - rowsum(dO * O)), with P recomputed
+    from the forward's LSE. It is (batch, heads, L, S) — the size of the bias
+    expanded — as in torch's own SDPA backward; one batch entry at a time in
+    float32 (float64 for float64 inputs). Not fused: only a bias that is learned
+    pays for it. (Dropout with such a bias is refused by the drop-in.)"""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rep = q.shape[2] // k.shape[2]
+    grads = []
+    for b in range(q.shape[0]):
+        qh, kh, vh, oh, doh = (t[b].transpose(0, 1).to(acc) for t in (q, k, v, out, dout))  # (h, s, e)
+        if rep > 1:
+            kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
+        s = torch.baddbmm(bias[b].to(acc).expand(qh.shape[0], qh.shape[1], kh.shape[1]), qh,
+                          kh.transpose(1, 2), alpha=softmax_scale)
+        l = lse[b].to(acc)[..., None]
+        p = torch.where(torch.isfinite(l), torch.exp(s - l), torch.zeros((), dtype=acc, device=s.device))
+        dp = torch.bmm(doh, vh.transpose(1, 2))
+        grads.append(p * (dp - (doh * oh).sum(-1, keepdim=True)))
+    return torch.stack(grads).to(bias.dtype)
 
 
 def sink_grad(dout, out, lse, sink, varlen=False):

@@ -325,9 +325,9 @@ def scaled_dot_product_attention(
     (..., Hq, L, S) as in torch; broadcast dims are read in place (stride 0),
     never expanded in memory. Like torch, attn_mask and is_causal together are
     an error. A row the mask hides entirely outputs 0 (torch's math backend
-    gives NaN there). The gradient of a float attn_mask is not implemented
-    (NotImplementedError when it requires grad). value may have its own head
-    dim Ev: the output is (..., Hq, L, Ev).
+    gives NaN there). A float attn_mask that requires grad gets its gradient
+    (computed unfused, (B, H, L, S) in float32 like torch's; not together with
+    dropout). value may have its own head dim Ev: the output is (..., Hq, L, Ev).
 
     ``deterministic`` (Orchard extension) makes the backward bitwise
     reproducible; it is also on under ``torch.use_deterministic_algorithms(True)``.
@@ -378,7 +378,7 @@ def scaled_dot_product_attention(
                                     f"the number of heads in query ({hq})")
 
     mask4 = None if attn_mask is None else _sdpa_mask(op, attn_mask, query, q4shape, k4shape,
-                                                      is_causal)
+                                                      is_causal, dropout_p)
     sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
     rng = _ops.draw_dropout_rng_state(dropout_p, query.device)
     if mask4 is None and sink is None:
@@ -398,7 +398,7 @@ def scaled_dot_product_attention(
     return out.reshape(*qshape[:-3], *out.shape[-3:])
 
 
-def _sdpa_mask(op, attn_mask, query, q4shape, k4shape, is_causal):
+def _sdpa_mask(op, attn_mask, query, q4shape, k4shape, is_causal, dropout_p):
     """SDPA's attn_mask as the rank-4 (B, Hq, L, S) view the kernels read: size-1
     and missing leading dims become stride-0 broadcasts (no copy). Batch dims
     beyond one are flattened like the query's (a copy only if they cannot be)."""
@@ -409,9 +409,9 @@ def _sdpa_mask(op, attn_mask, query, q4shape, k4shape, is_causal):
                                 f"(as in torch)")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise ValueError(f"{op}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    if attn_mask.is_floating_point() and attn_mask.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(f"{op}: the gradient of a float attn_mask (a learnable bias) is "
-                                  f"not implemented; pass attn_mask.detach()")
+    if attn_mask.is_floating_point() and attn_mask.requires_grad and dropout_p > 0.0:
+        raise NotImplementedError(f"{op}: the gradient of a float attn_mask together with dropout "
+                                  f"is not implemented; pass attn_mask.detach() or dropout_p=0")
     if attn_mask.device != query.device:
         raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {query.device}")
     lq, ls = q4shape[2], k4shape[2]

@@ -78,8 +78,9 @@ def test_flash_attn_func_return_attn_probs(device):
 def test_not_implemented_paths():
     q = randn(1, 8, 2, 16)
     qs = q.transpose(1, 2)
-    with pytest.raises(NotImplementedError, match="gradient of a float attn_mask"):
-        orchard.scaled_dot_product_attention(qs, qs, qs, attn_mask=randn(8, 8, requires_grad=True))
+    with pytest.raises(NotImplementedError, match="gradient of a float attn_mask together with dropout"):
+        orchard.scaled_dot_product_attention(qs, qs, qs, attn_mask=randn(8, 8, requires_grad=True),
+                                             dropout_p=0.1)
     cu = torch.tensor([0, 8], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="block_table"):
         orchard.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 8, 8, block_table=cu)

@@ -369,8 +369,30 @@ def test_bad_varlen_input(case):
     assert q.isfinite().all()
 
 
-def test_float_mask_requiring_grad_is_rejected_not_ignored():
-    q, k, v = (randn(1, 2, 8, 16) for _ in range(3))
-    bias = randn(8, 8, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="gradient of a float attn_mask"):
-        orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 4, 24, 40), (24, 40), (1, 4, 1, 40), (2, 1, 24, 1)], ids=str)
+def test_learnable_bias_gradient_matches_torch(shape, device):
+    b, h, hkv, lq, lk, e = 2, 4, 2, 24, 40, 16
+    q = randn(b, h, lq, e, device=device, requires_grad=True)
+    k = randn(b, hkv, lk, e, device=device, requires_grad=True)
+    v = randn(b, hkv, lk, e, device=device, requires_grad=True)
+    bias = randn(*shape, device=device, requires_grad=True)
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    do = randn(*out.shape, device=device)
+    got = torch.autograd.grad(out, (q, k, v, bias), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], enable_gqa=True)
+    want = torch.autograd.grad(ref, leaves, do.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_gradcheck_learnable_bias_float64():
+    q = randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    k = randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True)
+    v = randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True)
+    bias = randn(2, 1, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, bias: orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias), (q, k, v, bias))
