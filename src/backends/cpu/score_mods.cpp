@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "backends/cpu/simd.h"
@@ -13,11 +12,17 @@
 namespace orchard::cpu {
 namespace {
 
-template <class Raw>
-Raw read_raw(const void* base, std::int64_t e) {
-  Raw x;
-  std::memcpy(&x, static_cast<const unsigned char*>(base) + e * std::int64_t(sizeof(Raw)), sizeof x);
-  return x;
+// Adds convert(bias[j0 + j]) to sr[j] for j in [first, end); a contiguous
+// row (column stride 1, the common case) gets a loop the compiler vectorises.
+template <class T, class Raw, class Convert>
+void add_bias_cols(T* sr, const void* base, std::int64_t row, std::int64_t cs, std::int64_t j0,
+                   int first, int end, Convert convert) {
+  const Raw* b = static_cast<const Raw*>(base) + row;
+  if (cs == 1) {
+    for (int j = first; j < end; ++j) sr[j] += convert(b[j0 + j]);
+  } else {
+    for (int j = first; j < end; ++j) sr[j] += convert(b[(j0 + j) * cs]);
+  }
 }
 
 // Adds one bias row (columns [first, end) of the tile) to sr.
@@ -27,30 +32,24 @@ void add_bias_row(const ScoreMods<T>& m, T* sr, std::int64_t i, std::int64_t j0,
   const std::int64_t cs = m.bias_col_stride;
   const T ninf = -std::numeric_limits<T>::infinity();
   switch (m.bias_dtype) {
-    case DType::kUInt8: {
-      const auto* b = static_cast<const std::uint8_t*>(m.bias) + row;
-      for (int j = first; j < end; ++j)
-        if (b[(j0 + j) * cs] == 0) sr[j] = ninf;  // boolean mask: 0 = may not attend
+    case DType::kUInt8:  // boolean mask: 0 = may not attend (adds -inf, else 0)
+      add_bias_cols<T, std::uint8_t>(sr, m.bias, row, cs, j0, first, end,
+                                     [ninf](std::uint8_t x) { return x ? T(0) : ninf; });
       break;
-    }
     case DType::kFloat16:
-      for (int j = first; j < end; ++j)
-        sr[j] += static_cast<T>(fp16_to_float(read_raw<std::uint16_t>(m.bias, row + (j0 + j) * cs)));
+      add_bias_cols<T, std::uint16_t>(sr, m.bias, row, cs, j0, first, end,
+                                      [](std::uint16_t x) { return static_cast<T>(fp16_to_float(x)); });
       break;
     case DType::kBFloat16:
-      for (int j = first; j < end; ++j)
-        sr[j] += static_cast<T>(bf16_to_float(read_raw<std::uint16_t>(m.bias, row + (j0 + j) * cs)));
+      add_bias_cols<T, std::uint16_t>(sr, m.bias, row, cs, j0, first, end,
+                                      [](std::uint16_t x) { return static_cast<T>(bf16_to_float(x)); });
       break;
-    case DType::kFloat32: {
-      const auto* b = static_cast<const float*>(m.bias) + row;
-      for (int j = first; j < end; ++j) sr[j] += static_cast<T>(b[(j0 + j) * cs]);
+    case DType::kFloat32:
+      add_bias_cols<T, float>(sr, m.bias, row, cs, j0, first, end, [](float x) { return static_cast<T>(x); });
       break;
-    }
-    case DType::kFloat64: {
-      const auto* b = static_cast<const double*>(m.bias) + row;
-      for (int j = first; j < end; ++j) sr[j] += static_cast<T>(b[(j0 + j) * cs]);
+    case DType::kFloat64:
+      add_bias_cols<T, double>(sr, m.bias, row, cs, j0, first, end, [](double x) { return static_cast<T>(x); });
       break;
-    }
     default: break;
   }
 }
