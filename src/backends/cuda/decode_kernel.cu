@@ -16,8 +16,12 @@
 //    d) pairs and accumulates in fp32 registers.
 // 3. combine_kernel: with num_splits > 1 the partials (normalized out + lse per
 //    split, fp32 workspace) are merged: out = sum_s exp(lse_s - lse) out_s.
-// Not yet done (correctness first): double-buffered tiles and tensor-core scores;
-// no GPU was available while writing it, so its speed is unmeasured.
+//    The loads are pipelined without a second buffer: K of tile n+1 is fetched during
+//    tile n's P x V, V of tile n+1 during tile n+1's scores.
+// Not yet done: tensor-core scores (the fp32 FMA work per key is 4 x rows x d, fine
+// for GQA groups up to ~8 rows at d=128 against HBM, tight above); no GPU was
+// available while writing it, so its speed is unmeasured. Checked on the CPU by
+// compiling this file against a thread-per-CUDA-thread emulation (see the commit log).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -124,10 +128,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
 #endif
 }
-__device__ __forceinline__ void cp_async_wait_all() {
+__device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+}
+// Waits until at most kPending of this thread's most recent copy groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 #endif
 }
 
@@ -270,20 +280,44 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const T* kbase = static_cast<const T*>(p.k_cache) + hk * p.kc_head_stride;
   const T* vbase = static_cast<const T*>(p.v_cache) + hk * p.vc_head_stride;
 
-  for (std::int64_t t0 = kb; t0 < ke; t0 += kThreads) {
-    const int tile_len = static_cast<int>(min(static_cast<std::int64_t>(kThreads), ke - t0));
-    if (tid < tile_len) {
+  // Pipeline (no extra shared memory): K of the next tile is fetched during this
+  // tile's P x V, and V of the next tile during the next tile's scores. Copy groups,
+  // oldest first: K(n), V(n), K(n+1), V(n+1), ... (empty groups past the end).
+  auto tile_len_at = [&](std::int64_t t0) {
+    return static_cast<int>(max(static_cast<std::int64_t>(0), min(static_cast<std::int64_t>(kThreads), ke - t0)));
+  };
+  auto compute_offsets = [&](std::int64_t t0) {  // cache offsets of the keys of tile t0
+    if (tid < tile_len_at(t0)) {
       const std::int64_t row = s.leftpad + t0 + tid;
       sKoff[tid] = decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride);
       sVoff[tid] = decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride);
     }
-    __syncthreads();
-    for (int idx = tid; idx < tile_len * nchunks; idx += kThreads) {
+  };
+  auto issue_k = [&](int len) {
+    for (int idx = tid; idx < len * nchunks; idx += kThreads) {
       const int key = idx / nchunks, c = idx % nchunks;
       cp_async16(sK + key * L::kKStride + c * kVec, kbase + sKoff[key] + c * kVec);
+    }
+    cp_async_commit();
+  };
+  auto issue_v = [&](int len) {
+    for (int idx = tid; idx < len * nchunks; idx += kThreads) {
+      const int key = idx / nchunks, c = idx % nchunks;
       cp_async16(sV + key * kD + c * kVec, vbase + sVoff[key] + c * kVec);
     }
-    cp_async_wait_all();
+    cp_async_commit();
+  };
+  if (kb < ke) {
+    compute_offsets(kb);
+    __syncthreads();
+    issue_k(tile_len_at(kb));
+    issue_v(tile_len_at(kb));
+  }
+
+  for (std::int64_t t0 = kb; t0 < ke; t0 += kThreads) {
+    const int tile_len = tile_len_at(t0);
+    const std::int64_t next = t0 + kThreads;
+    cp_async_wait<1>();  // K(n) has landed (V(n) may still be in flight)
     __syncthreads();
 
     // Scores: thread tid <-> key t0 + tid, every row.
@@ -345,13 +379,18 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       if (lane == 0) sRedSum[warp * kRows + g] = sum;
     }
-    __syncthreads();
+    __syncthreads();  // every thread is done with sK (and with sKoff / sVoff of this tile)
     if (tid < kRows) {
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += sRedSum[w * kRows + tid];
       sL[tid] = sL[tid] * sAlpha[tid] + sum;
     }
+    compute_offsets(next);
+    __syncthreads();
+    issue_k(tile_len_at(next));  // K(n+1) (an empty group past the end)
+    cp_async_wait<1>();          // V(n) has landed (K(n+1) may still be in flight)
+    __syncthreads();
     // P x V over this tile: thread owns pairs (row g, chunk c).
 #pragma unroll
     for (int q = 0; q < kMaxPairs; ++q) {
@@ -371,8 +410,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
         }
       }
     }
-    __syncthreads();  // before the next tile overwrites sK / sV / sP and the row state
+    __syncthreads();  // every thread is done with sV / sP and the row state of this tile
+    issue_v(tile_len_at(next));  // V(n+1) (an empty group past the end)
   }
+  cp_async_wait<0>();
   __syncthreads();
 
   // Write this CTA's rows: the final output (one split) or the split's partial.
