@@ -51,7 +51,7 @@ def _err(msg):
 
 def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
     """The value checks the C++ core does for host tensors, for CUDA tensors: one sync."""
-    if not CHECK_DEVICE_INDICES or torch.cuda.is_current_stream_capturing():
+    if not CHECK_DEVICE_INDICES or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     if cache_seqlens is None or cache_seqlens.dtype != torch.int32:
         return  # the core reports the missing/mistyped tensor (or there is nothing to check)

@@ -402,3 +402,20 @@ def test_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out_g, out)
+
+
+def test_device_index_check_logic():
+    """The host-side value check CUDA calls use (orchard.kvcache._check_device_indices), run here on
+    CPU tensors: the same messages as the C++ checks for the same bad values."""
+    import orchard.kvcache as okv
+    for what, q, kc, vc, kw, _, exc, match in _bad_cases("cpu"):
+        if exc is not ValueError or match not in ("block_table", "longer than the cache", "cache_leftpad",
+                                                  "cache_batch_idx"):
+            continue
+        if what == "block_table dtype":
+            continue
+        with pytest.raises(ValueError, match=match):
+            okv._check_device_indices(q, kc, kw.get("k"), kw.get("cache_seqlens"), kw.get("cache_batch_idx"),
+                                      kw.get("cache_leftpad"), kw.get("block_table"))
+    q, kc, vc, kw = make_case("cpu", torch.bfloat16, s_new=2, page=16, leftpad=True)
+    okv._check_device_indices(q, kc, kw["k"], kw["cache_seqlens"], None, kw["cache_leftpad"], kw["block_table"])
