@@ -6,6 +6,17 @@
 // workspace (kvcache_plan); the cache is read and written in place,
 // never copied or staged. See orchard/decode_params.h for the exact key numbering
 // (cache_seqlens, cache_leftpad, cache_batch_idx, block_table, rotary positions).
+//
+// Requirements beyond flash-attn's: none that are stricter, except that on CUDA the
+// caches must be 16-byte aligned with batch/row/head strides that are multiples of 16
+// bytes (they are read with 16-byte vector copies and never staged). Supported: bf16,
+// fp16, fp32; head dim a multiple of 8 up to 256; any page size that is a multiple of
+// 16; rotary_dim any even value <= head dim; leftpad together with paging.
+// Values of the index tensors (cache_seqlens, cache_leftpad, cache_batch_idx,
+// block_table entries) are checked here when they are in host memory; device-resident
+// ones are clamped by the kernels so that no access leaves the cache (the Python layer
+// checks them before launching, outside CUDA-graph capture). A query row whose rotary
+// position passes the end of rotary_cos uses its last row.
 #pragma once
 
 #include <cstddef>
