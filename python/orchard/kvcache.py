@@ -53,15 +53,21 @@ def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_l
     """The value checks the C++ core does for host tensors, for CUDA tensors: one sync."""
     if not CHECK_DEVICE_INDICES or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if cache_seqlens is None or cache_seqlens.dtype != torch.int32:
-        return  # the core reports the missing/mistyped tensor (or there is nothing to check)
-    s_new = 0 if k is None else k.shape[1]
     paged = block_table is not None
-    if paged and (block_table.dim() != 2 or block_table.dtype != torch.int32):
-        return
+    if (cache_seqlens is not None and cache_seqlens.dtype != torch.int32) or k_cache.dim() != 4 or (
+            paged and (block_table.dim() != 2 or block_table.dtype != torch.int32)):
+        return  # the core reports the mistyped tensor
+    if cache_seqlens is None and not paged and cache_batch_idx is None:
+        return  # nothing data-dependent to check
+    s_new = 0 if k is None else k.shape[1]
     page = k_cache.shape[1]
     cap = block_table.shape[1] * page if paged else k_cache.shape[1]
-    sl = cache_seqlens.long()
+    if cache_seqlens is None:  # the whole cache (new k/v without cache_seqlens is the core's error)
+        if k is not None:
+            return
+        sl = torch.full((q.shape[0],), cap, dtype=torch.long, device=q.device)
+    else:
+        sl = cache_seqlens.long()
     lp = cache_leftpad.long() if cache_leftpad is not None and cache_leftpad.dtype == torch.int32 else None
     flags = [(sl < 0).any(), (sl + s_new > cap).any()]
     if lp is not None:

@@ -419,3 +419,9 @@ def test_device_index_check_logic():
                                       kw.get("cache_leftpad"), kw.get("block_table"))
     q, kc, vc, kw = make_case("cpu", torch.bfloat16, s_new=2, page=16, leftpad=True)
     okv._check_device_indices(q, kc, kw["k"], kw["cache_seqlens"], None, kw["cache_leftpad"], kw["block_table"])
+    # Without cache_seqlens the whole cache is used: every block_table entry is checked.
+    bt = kw["block_table"].clone()
+    bt[-1, -1] = -1
+    with pytest.raises(ValueError, match="block_table"):
+        okv._check_device_indices(q, kc, None, None, None, None, bt)
+    okv._check_device_indices(q, kc, None, None, None, None, kw["block_table"])
