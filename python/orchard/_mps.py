@@ -52,12 +52,15 @@ def use_compiler(compile_shader):
     """Tests only: use ``compile_shader`` instead of torch.mps.compile_shader, and
     route calls on CPU tensors through the MPS path while the context is active."""
     global _compiler
+    from . import _ops  # (imported here: _ops imports this module lazily)
     previous, _compiler = _compiler, compile_shader
     _LIBRARIES.clear()
+    _ops._MPS_STAND_IN = _compiler is not None
     try:
         yield
     finally:
         _compiler = previous
+        _ops._MPS_STAND_IN = _compiler is not None
         _LIBRARIES.clear()
 
 

@@ -101,6 +101,10 @@ _FEATURE_SCHEMA = ("SymInt window_left=-1, SymInt window_right=-1, float softcap
 _FEATURE_DEFAULTS = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
 _NUM_FEATURES = len(_FEATURE_DEFAULTS)
 
+# True while a test stand-in for torch.mps.compile_shader routes CPU tensors
+# through the Metal path (orchard._mps.use_compiler); MPS tensors always go there.
+_MPS_STAND_IN = False
+
 _LIB = torch.library.Library("orchard", "DEF")  # noqa: TOR901 (kept alive for the process)
 _LIB.define(
     "flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, "
@@ -278,10 +282,11 @@ def _launch_on_device_of(t, launch):
 def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                     return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None,
                     *features):
-    from . import _mps  # the Metal backend (MPS tensors) launches from Python
-    if _mps.handles(q):
-        return _mps.forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                            return_mask, op_name, rng_state, features)
+    if q.is_mps or _MPS_STAND_IN:  # the Metal backend (MPS tensors) launches from Python
+        from . import _mps
+        if _mps.handles(q):
+            return _mps.forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed,
+                                offset, return_mask, op_name, rng_state, features)
     if len(features) != _NUM_FEATURES:  # the dispatcher may strip trailing defaults
         features = (*features, *_FEATURE_DEFAULTS[len(features):])
     cu_q, max_q, max_k = features[6], features[8], features[9]
@@ -322,10 +327,11 @@ def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, se
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
                      seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None,
                      *features):
-    from . import _mps  # the Metal backend (MPS tensors) launches from Python
-    if _mps.handles(q):
-        return _mps.backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
-                             seed, offset, op_name, rng_state, features)
+    if q.is_mps or _MPS_STAND_IN:  # the Metal backend (MPS tensors) launches from Python
+        from . import _mps
+        if _mps.handles(q):
+            return _mps.backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left,
+                                 dropout_p, seed, offset, op_name, rng_state, features)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

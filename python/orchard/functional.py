@@ -102,11 +102,18 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    left, right = (-1, -1) if window_size is None else _check_window(op, window_size)
-    softcap = _check_softcap(op, softcap)
+    plain = window_size == (-1, -1) and not softcap and alibi_slopes is None and sink is None
+    left, right = (-1, -1) if plain or window_size is None else _check_window(op, window_size)
+    softcap = 0.0 if plain else _check_softcap(op, softcap)
     if varlen is None:
         cu_q = cu_k = None
         max_q = max_k = 0
+        if plain:  # the common call: the op's trailing feature arguments stay defaulted
+            scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+            out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
+                                  bool(return_attn_probs), bool(deterministic), op,
+                                  _ops.draw_dropout_rng_state(dropout_p, q.device))
+            return _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse)
     else:
         cu_q, cu_k, max_q, max_k = varlen
         max_q, max_k = int(max_q), int(max_k)
@@ -120,6 +127,10 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
                           bool(return_attn_probs), bool(deterministic), op,
                           _ops.draw_dropout_rng_state(dropout_p, q.device),
                           left, right, softcap, alibi_slopes, sink, None, cu_q, cu_k, max_q, max_k)
+    return _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse)
+
+
+def _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse):
     if return_attn_probs:
         return out, lse, mask.bool()
     if return_softmax_lse:
