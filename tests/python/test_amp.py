@@ -44,12 +44,13 @@ def test_flash_attn_func_takes_autocast_dtype(device, dtype):
         assert torch.isfinite(t.grad).all()
 
 
+@pytest.mark.parametrize("kind", ["causal", "mask"])
 @pytest.mark.parametrize("device,dtype", list(_cases()))
-def test_sdpa_dropin_follows_torch_sdpa_under_autocast(device, dtype):
+def test_sdpa_dropin_follows_torch_sdpa_under_autocast(device, dtype, kind):
     q, k, v = (t.detach().transpose(1, 2) for t in _qkv(device, hkv=4))  # (B, H, S, D) float32
     mask = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], device=device) > 0.3
     with torch.autocast(device, dtype=dtype):
-        for kw in (dict(is_causal=True), dict(attn_mask=mask)):
+        for kw in [dict(is_causal=True) if kind == "causal" else dict(attn_mask=mask)]:
             got = orchard.scaled_dot_product_attention(q, k, v, **kw)
             ref = F.scaled_dot_product_attention(q, k, v, **kw)
             assert got.dtype == ref.dtype == dtype
