@@ -81,6 +81,10 @@ struct DecodeParams {
 
   DType dtype = DType::kBFloat16;
   void* stream = nullptr;  // cudaStream_t on CUDA
+
+  // Backend-internal (set by the CUDA launcher, not by the core): the attention kernel
+  // reads the new keys / values from k_new / v_new and writes them into the cache itself.
+  bool append_in_kernel = false;
 };
 
 // The (key count, leftpad, seqlen) of batch entry bi, clamped into the cache so that a

@@ -1,9 +1,12 @@
 // The CUDA decode (KV-cache) kernels: flash_attn_with_kvcache's append, split-KV
 // attention and split combine. See orchard/decode_params.h for the key numbering.
 //
-// 1. append_kernel: new k/v rows (rotary on k, fp32 then rounded) written into the
-//    cache at cache_seqlens, one CTA per (batch, new row, kv head). Same stream, so
-//    the attention below sees them.
+// 1. The append of the new k/v rows (rotary on k, fp32 then rounded) into the cache
+//    at cache_seqlens: inside the attention kernel (its CTAs read the new rows from
+//    k_new / v_new, rotating k in shared memory, and one CTA per (batch, kv head)
+//    writes them to the cache rows that no CTA of the launch reads), or, when k_new /
+//    v_new are not 16-byte readable, append_kernel first (one CTA per (batch, new
+//    row, kv head), same stream).
 // 2. decode_kernel<T, kD, kRows, kThreads>: one CTA per (split, kv head x row chunk,
 //    batch). The CTA holds up to kRows query rows of one kv head's group (GQA: every
 //    query head sharing the kv head, times the new query rows) in shared memory as
@@ -176,9 +179,9 @@ struct DecodeSmem {
   static constexpr std::size_t k_off = q_off + sizeof(float) * kRows * kD;  // T [kThreads][kKStride]
   static constexpr std::size_t v_off = k_off + sizeof(T) * kThreads * kKStride;  // T [kThreads][kD]
   static constexpr std::size_t p_off = v_off + sizeof(T) * kThreads * kD;   // float [kRows][kThreads]
-  static constexpr std::size_t koff_off = p_off + sizeof(float) * kRows * kThreads;  // int64 [kThreads]
-  static constexpr std::size_t voff_off = koff_off + sizeof(std::int64_t) * kThreads;
-  static constexpr std::size_t red_off = voff_off + sizeof(std::int64_t) * kThreads;  // float [2][kWarps][kRows]
+  static constexpr std::size_t koff_off = p_off + sizeof(float) * kRows * kThreads;  // const T* [kThreads]
+  static constexpr std::size_t voff_off = koff_off + sizeof(void*) * kThreads;
+  static constexpr std::size_t red_off = voff_off + sizeof(void*) * kThreads;  // float [2][kWarps][kRows]
   static constexpr std::size_t bytes = red_off + sizeof(float) * 2 * kWarps * kRows;
 };
 
@@ -193,8 +196,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   T* sK = reinterpret_cast<T*>(smem + L::k_off);
   T* sV = reinterpret_cast<T*>(smem + L::v_off);
   float* sP = reinterpret_cast<float*>(smem + L::p_off);
-  std::int64_t* sKoff = reinterpret_cast<std::int64_t*>(smem + L::koff_off);
-  std::int64_t* sVoff = reinterpret_cast<std::int64_t*>(smem + L::voff_off);
+  const T** sKsrc = reinterpret_cast<const T**>(smem + L::koff_off);  // where each key row of the tile comes from
+  const T** sVsrc = reinterpret_cast<const T**>(smem + L::voff_off);
   float* sRedMax = reinterpret_cast<float*>(smem + L::red_off);
   float* sRedSum = sRedMax + kWarps * kRows;
   __shared__ float sM[kRows], sL[kRows], sAlpha[kRows], sSlope[kRows];
@@ -279,6 +282,30 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   const T* kbase = static_cast<const T*>(p.k_cache) + hk * p.kc_head_stride;
   const T* vbase = static_cast<const T*>(p.v_cache) + hk * p.vc_head_stride;
+  // Keys [n_cached, n_keys) are this call's new rows. With append_in_kernel they are read
+  // from k_new / v_new (rotary applied in shared memory), and one CTA per (batch, kv
+  // head) writes them into the cache: rows no CTA of this launch reads there.
+  const std::int64_t n_cached = p.append_in_kernel ? s.n_keys - p.s_new : s.n_keys;
+  const T* knew = p.append_in_kernel
+                      ? static_cast<const T*>(p.k_new) + bi * p.kn_batch_stride + hk * p.kn_head_stride
+                      : nullptr;
+  const T* vnew = p.append_in_kernel
+                      ? static_cast<const T*>(p.v_new) + bi * p.vn_batch_stride + hk * p.vn_head_stride
+                      : nullptr;
+  if (p.append_in_kernel && split == 0 && blockIdx.y % chunks_per_head == 0) {
+    for (int idx = tid; idx < p.s_new * d; idx += kThreads) {
+      const int t = idx / d, c = idx % d;
+      const std::int64_t row = s.seqlen + t;
+      const T* kn = knew + t * p.kn_row_stride;
+      T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+              hk * p.kc_head_stride;
+      T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+              hk * p.vc_head_stride;
+      kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
+                               : kn[c];
+      vc[c] = vnew[t * p.vn_row_stride + c];
+    }
+  }
 
   // Pipeline (no extra shared memory): K of the next tile is fetched during this
   // tile's P x V, and V of the next tile during the next tile's scores. Copy groups,
@@ -288,22 +315,28 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   };
   auto compute_offsets = [&](std::int64_t t0) {  // cache offsets of the keys of tile t0
     if (tid < tile_len_at(t0)) {
-      const std::int64_t row = s.leftpad + t0 + tid;
-      sKoff[tid] = decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride);
-      sVoff[tid] = decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride);
+      const std::int64_t j = t0 + tid;
+      if (j < n_cached) {
+        const std::int64_t row = s.leftpad + j;
+        sKsrc[tid] = kbase + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride);
+        sVsrc[tid] = vbase + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride);
+      } else {
+        sKsrc[tid] = knew + (j - n_cached) * p.kn_row_stride;
+        sVsrc[tid] = vnew + (j - n_cached) * p.vn_row_stride;
+      }
     }
   };
   auto issue_k = [&](int len) {
     for (int idx = tid; idx < len * nchunks; idx += kThreads) {
       const int key = idx / nchunks, c = idx % nchunks;
-      cp_async16(sK + key * L::kKStride + c * kVec, kbase + sKoff[key] + c * kVec);
+      cp_async16(sK + key * L::kKStride + c * kVec, sKsrc[key] + c * kVec);
     }
     cp_async_commit();
   };
   auto issue_v = [&](int len) {
     for (int idx = tid; idx < len * nchunks; idx += kThreads) {
       const int key = idx / nchunks, c = idx % nchunks;
-      cp_async16(sV + key * kD + c * kVec, vbase + sVoff[key] + c * kVec);
+      cp_async16(sV + key * kD + c * kVec, sVsrc[key] + c * kVec);
     }
     cp_async_commit();
   };
@@ -319,6 +352,25 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const std::int64_t next = t0 + kThreads;
     cp_async_wait<1>();  // K(n) has landed (V(n) may still be in flight)
     __syncthreads();
+    if (p.append_in_kernel && p.rotary_dim > 0 && t0 + tile_len > n_cached) {
+      // New keys came unrotated from k_new: rotate them here (rounded to T, as stored in the cache).
+      const int first = static_cast<int>(max(static_cast<std::int64_t>(0), n_cached - t0));
+      const int half = p.rotary_dim / 2;
+      for (int idx = tid; idx < (tile_len - first) * half; idx += kThreads) {
+        const int key = first + idx / half, pair = idx % half;
+        std::int64_t pos = s.leftpad + t0 + key;  // the cache row it is appended at
+        if (pos >= p.rotary_seqlen) pos = p.rotary_seqlen - 1;
+        const int i0 = p.rotary_interleaved ? 2 * pair : pair;
+        const int i1 = p.rotary_interleaved ? 2 * pair + 1 : pair + half;
+        T* krow = sK + key * L::kKStride;
+        const float cs = load_rotary(p.rotary_cos, p.rotary_dtype, pos * p.cos_row_stride + pair);
+        const float sn = load_rotary(p.rotary_sin, p.rotary_dtype, pos * p.sin_row_stride + pair);
+        const float x0 = Conv<T>::load(krow[i0]), x1 = Conv<T>::load(krow[i1]);
+        krow[i0] = Conv<T>::store(x0 * cs - x1 * sn);
+        krow[i1] = Conv<T>::store(x0 * sn + x1 * cs);
+      }
+      __syncthreads();
+    }
 
     // Scores: thread tid <-> key t0 + tid, every row.
     float sc[kRows];
@@ -379,7 +431,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
       if (lane == 0) sRedSum[warp * kRows + g] = sum;
     }
-    __syncthreads();  // every thread is done with sK (and with sKoff / sVoff of this tile)
+    __syncthreads();  // every thread is done with sK (and with sKsrc / sVsrc of this tile)
     if (tid < kRows) {
       float sum = 0.f;
 #pragma unroll
@@ -513,10 +565,26 @@ void launch_rows(const DecodeParams& p, cudaStream_t stream) {
     launch_decode<T, kD, kDecodeCudaRowsPerCta, kThreads>(p, stream);
 }
 
+// True if k_new / v_new can be read with the 16-byte copies the attention kernel uses.
 template <typename T>
-void run(const DecodeParams& p) {
+bool new_rows_vector_readable(const DecodeParams& p) {
+  auto ok = [](const void* base, std::int64_t sb, std::int64_t sr, std::int64_t sh) {
+    const std::int64_t es = sizeof(T);
+    return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && (sb * es) % 16 == 0 && (sr * es) % 16 == 0 &&
+           (sh * es) % 16 == 0;
+  };
+  return ok(p.k_new, p.kn_batch_stride, p.kn_row_stride, p.kn_head_stride) &&
+         ok(p.v_new, p.vn_batch_stride, p.vn_row_stride, p.vn_head_stride);
+}
+
+template <typename T>
+void run(const DecodeParams& params) {
+  DecodeParams p = params;
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  if (p.s_new > 0) {
+  // The append rides in the attention kernel (one launch fewer) unless there is no
+  // attention to run or the new rows cannot be read with 16-byte copies.
+  p.append_in_kernel = p.s_new > 0 && p.sq > 0 && p.hq > 0 && new_rows_vector_readable<T>(p);
+  if (p.s_new > 0 && !p.append_in_kernel) {
     append_kernel<T><<<p.b * p.s_new * p.hkv, p.d <= 128 ? 128 : 256, 0, stream>>>(p);
     check_cuda(cudaGetLastError(), "decode append kernel launch");
   }
