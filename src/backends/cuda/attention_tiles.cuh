@@ -78,43 +78,54 @@ __device__ __forceinline__ bool tile_needs_mask_window(int c0, int cols, int r0,
   return c0 + cols > len_k || int64_t{c0} + cols - 1 > r0 + w.hi || int64_t{c0} < int64_t{r0} + rows - 1 + w.lo;
 }
 
+__device__ __forceinline__ int clamp_i32(int64_t v) {
+  return static_cast<int>(v < -(int64_t{1} << 30) ? -(int64_t{1} << 30) : (v > (int64_t{1} << 30) ? (int64_t{1} << 30) : v));
+}
+
 // Softcap's tanh as 1 - 2 / (exp(2x) + 1): a handful of instructions and
 // registers (tanhf's slow path made ptxas spill in the main loops). Absolute
 // error ~1e-7, which is what the softmax sees (score = softcap * tanh).
 __device__ __forceinline__ float tanh_fast(float x) { return 1.f - __fdividef(2.f, __expf(2.f * x) + 1.f); }
 
-// The per-element score modification of a feature tile, in 32-bit relative
-// coordinates so that little stays live in the kernels' main loops: the caller
-// gives rel = col - row of the element (its tile's base plus unrolled constants)
-// and col_lim = len_k - col (> 0: the column exists). x is the raw q.k; the result
-// is the final score (softcap, then ALiBi) divided by the softmax scale, so the
-// kernels' exp2(x * scale * log2e - m) stays as it is; -inf where not visible.
-struct ScoreMod {
-  float cap_in;   // scale / softcap
-  float cap_out;  // softcap / scale; 0: no softcap
-  float slope;    // ALiBi slope / scale; 0: none
-  int lo, hi;     // visible iff lo <= rel <= hi (window / causal, clamped to +-2^30)
-  int diag;       // the diagonal, clamped likewise: ALiBi distance |diag - rel|
-  __device__ __forceinline__ float apply(float x, int rel, int col_lim) const {
-    if (cap_out != 0.f) x = cap_out * tanh_fast(x * cap_in);
-    x -= slope * fabsf(static_cast<float>(diag - rel));
-    return (col_lim <= 0 || rel < lo || rel > hi) ? -INFINITY : x;
+// The features' score modification of one tile, as up to three CTA-uniform
+// passes over the thread's fragment: softcap, ALiBi, then the window / causal /
+// key-end mask (-inf), the last only on tiles that cross a bound (mask_tile).
+// Separate passes keep few values live at a time: one fused per-element
+// function made ptxas spill in the dropout kernels' main loops.
+// `each(g)` calls g(x, d_rel, d_col) for every score x of the thread's fragment
+// (a reference), where col - row = rel0 + d_rel and col = col0 + d_col, with
+// d_rel, d_col compile-time constants once unrolled; col_lim0 = len_k - col0.
+// x comes in as the raw q.k and leaves as the final score (softcap, then ALiBi)
+// divided by the softmax scale, so the kernels' exp2(x * scale * log2e - m)
+// stays as it is. inv_scale_log2 != 0 (the deterministic dQ kernel, which needs
+// only P * (1 - tanh^2)): adds log2(1 - tanh^2) / (scale * log2e) as well, so
+// that exp2(x * scale * log2e - lse) is that product.
+template <typename Each>
+__device__ __forceinline__ void apply_score_mods(Each each, float scale, float softcap, const float* slope_ptr,
+                                                 int64_t diag, WindowOffsets w, bool mask_tile, int rel0,
+                                                 int col_lim0, float inv_scale_log2 = 0.f) {
+  if (softcap > 0.f) {
+    const float ci = scale / softcap, co = softcap / scale;
+    if (inv_scale_log2 != 0.f) {
+      each([&](float& x, int, int) {
+        const float t = tanh_fast(x * ci);
+        x = fmaf(co, t, __log2f(fmaxf(1.f - t * t, 0.f)) * inv_scale_log2);  // 1 - t^2 = 0: -inf, P = 0
+      });
+    } else {
+      each([&](float& x, int, int) { x = co * tanh_fast(x * ci); });
+    }
   }
-};
-__device__ __forceinline__ int clamp_i32(int64_t v) {
-  return static_cast<int>(v < -(int64_t{1} << 30) ? -(int64_t{1} << 30) : (v > (int64_t{1} << 30) ? (int64_t{1} << 30) : v));
-}
-// softcap / scale etc. from the parameters; slope = the ALiBi slope of this (batch, head) or 0.
-__device__ __forceinline__ ScoreMod make_score_mod(float scale, float softcap, float slope, WindowOffsets w,
-                                                   int64_t diag) {
-  ScoreMod m;
-  m.cap_in = softcap > 0.f ? scale / softcap : 0.f;
-  m.cap_out = softcap > 0.f ? softcap / scale : 0.f;
-  m.slope = slope / scale;
-  m.lo = clamp_i32(w.lo);
-  m.hi = clamp_i32(w.hi);
-  m.diag = clamp_i32(diag);
-  return m;
+  if (slope_ptr != nullptr) {  // - slope * |row + diag - col| = - slope * |a0 - d_rel|
+    const float sl = *slope_ptr / scale;
+    const int a0 = clamp_i32(diag - rel0);
+    each([&](float& x, int dr, int) { x -= sl * fabsf(static_cast<float>(a0 - dr)); });
+  }
+  if (mask_tile) {  // visible iff lo <= col - row <= hi and col < len_k
+    const int lo = clamp_i32(w.lo - rel0), hi = clamp_i32(w.hi - rel0);
+    each([&](float& x, int dr, int dc) {
+      if (dc >= col_lim0 || dr < lo || dr > hi) x = -INFINITY;
+    });
+  }
 }
 
 // Softcap backward: the derivative of softcap * tanh(scale * x / softcap) is
@@ -128,7 +139,7 @@ __device__ __forceinline__ float softcap_dtanh(float pv, float lse_l2, float ali
   return fmaxf(0.f, 1.f - t * t);
 }
 // ALiBi term of the final score (not divided by the scale) at rel = col - row:
-// -slope * |diag - rel| (diag clamped as in ScoreMod).
+// -slope * |diag - rel| (diag clamped to +-2^30).
 __device__ __forceinline__ float alibi_term(float slope, int diag, int rel) {
   return -slope * fabsf(static_cast<float>(diag - rel));
 }
@@ -136,6 +147,10 @@ __device__ __forceinline__ float alibi_term(float slope, int diag, int rel) {
 // The ALiBi slope of (batch b, head h), 0 without ALiBi.
 __device__ __forceinline__ float alibi_slope(const float* slopes, int64_t batch_stride, int b, int h) {
   return slopes != nullptr ? slopes[b * batch_stride + h] : 0.f;
+}
+// Its address, nullptr without ALiBi.
+__device__ __forceinline__ const float* alibi_slope_ptr(const float* slopes, int64_t batch_stride, int b, int h) {
+  return slopes != nullptr ? slopes + b * batch_stride + h : nullptr;
 }
 
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A

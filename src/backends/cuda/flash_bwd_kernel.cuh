@@ -36,7 +36,7 @@
 // rows; D and dq_accum keep one slab of p.sq rows per (sequence, head)), the
 // sliding window (dK/dV kernels: per key block the range of query tiles; dQ
 // kernel: per query tile the range of key tiles; per-element masks on boundary
-// tiles only), softcap and ALiBi (S recomputed through the same ScoreMod as the
+// tiles only), softcap and ALiBi (S recomputed through the same apply_score_mods as the
 // forward; softcap multiplies dS by 1 - tanh^2, tanh recovered from P and the
 // LSE so no extra register array lives across the dP GEMM), sinks (LSE already
 // holds them; dsink by bwd_dsink_kernel from D and the LSE).
@@ -334,18 +334,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
     if (has_window || has_mod) {  // features: scores modified / window bounds masked (-inf)
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
-      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
-        const ScoreMod sm =
-            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
-        const int rel0 = kv_base - m0 - 2 * t, lim0 = sk - kv_base;  // + unrolled constants
+      // Element (key kv_base + dk, query m0 + 2t + dq): col - row = key - query.
+      auto each = [&](auto&& g) {
 #pragma unroll
         for (int nt = 0; nt < kMT; ++nt)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int dk = (c >> 1) * 8, dq = nt * 8 + (c & 1);
-            st[nt][c] = sm.apply(st[nt][c], rel0 + dk - dq, lim0 - dk);
+            g(st[nt][c], dk - dq, dk);
           }
-      }
+      };
+      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - 2 * t, sk - kv_base);
     }
     uint32_t keep_bits = 0xffffffffu;
 #pragma unroll
@@ -750,10 +750,8 @@ __global__ void __launch_bounds__(256)
     // on every tile with softcap / ALiBi, else on tiles crossing a window bound.
     if (has_window || has_mod) {
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
-      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
-        const ScoreMod sm =
-            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
-        const int rel0 = kv_base - m0 - qcol - 2 * t, lim0 = sk - kv_base;  // + unrolled constants
+      // Element (key kv_base + dk, query m0 + qcol + 2t + dq): col - row = key - query.
+      auto each = [&](auto&& g) {
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -761,9 +759,11 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
               const int dk = mt * 16 + (c >> 1) * 8, dq = nt * 8 + (c & 1);
-              st[mt][nt][c] = sm.apply(st[mt][nt][c], rel0 + dk - dq, lim0 - dk);
+              g(st[mt][nt][c], dk - dq, dk);
             }
-      }
+      };
+      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
     } else if (need_mask) {
       const int key_lim = sk - kv_base;
       int diag_lim = 0;
@@ -1104,20 +1104,21 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
     if (has_window || has_mod) {  // features: scores modified / window bounds masked (-inf)
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
-      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
-        const ScoreMod sm =
-            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
-        const int rel0 = n0 + 2 * t - row_base, lim0 = sk - n0 - 2 * t;  // + unrolled constants
+      // Element (row row_base + dr, col n0 + 2t + dc). Only P * (1 - tanh^2) is
+      // needed here (no dV): softcap's factor rides in the exponent.
+      auto each = [&](auto&& g) {
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int dc = nt * 8 + (c & 1), dr = (c >> 1) * 8;
-            s[nt][c] = sm.apply(s[nt][c], rel0 + dc - dr, lim0 - dc);
+            g(s[nt][c], dc - dr, dc);
           }
-      }
+      };
+      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t,
+                       1.f / scale_log2);
     }
-    const bool has_cap = p.softcap > 0.f;
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -1140,11 +1141,6 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
             const int col = col0 + j;
             if (col >= sk || (kCausal && col > static_cast<int64_t>(row) + diag)) pv = 0.f;
           }
-          if (has_cap)  // softcap: dS *= 1 - tanh^2 (tanh recovered from P)
-            pv *= softcap_dtanh(pv, lse_l2[r],
-                                alibi_term(alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), clamp_i32(diag),
-                                           col0 + j - row),
-                                1.f / p.softcap);
           const float dpv = (j == 0 ? keep0 : keep1) ? dp[nt][c] * rdrop : 0.f;
           s[nt][c] = pv * (dpv - dsv[r]);
         }

@@ -18,7 +18,7 @@
 // (per-sequence rows via seq_span, CTAs past a sequence's end exit), the sliding
 // window (key tiles outside [n_begin, n_end) are skipped; per-element masking only
 // on tiles crossing a window bound), softcap and ALiBi (every tile, applied to S
-// before the online softmax: ScoreMod in attention_tiles.cuh), sinks (epilogue).
+// before the online softmax: apply_score_mods in attention_tiles.cuh), sinks (epilogue).
 // The plain path pays one uniform branch per tile; ptxas: no new spills in the
 // non-dropout kernels (d64/d128, sm_90).
 #pragma once
@@ -207,10 +207,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     // tiles that cross a window bound.
     if (has_window || has_mod) {
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
-      if (has_mod || tile_needs_mask_window(n0, kBN, m0, kBM, sk, w)) {
-        const ScoreMod sm =
-            make_score_mod(p.scale, p.softcap, alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), w, diag);
-        const int rel0 = n0 + 2 * t - row_base, lim0 = sk - n0 - 2 * t;  // + unrolled constants
+      // Element (row row_base + dr, col n0 + 2t + dc).
+      auto each = [&](auto&& g) {
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
@@ -218,9 +216,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
               const int dc = nt * 8 + (c & 1), dr = mt * 16 + (c >> 1) * 8;
-              s[mt][nt][c] = sm.apply(s[mt][nt][c], rel0 + dc - dr, lim0 - dc);
+              g(s[mt][nt][c], dc - dr, dc);
             }
-      }
+      };
+      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t);
     } else if (tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag)) {
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt)
