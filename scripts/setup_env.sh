@@ -32,4 +32,11 @@ if ! cmp -s "$ROOT/requirements-dev.txt" "$stamp"; then
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
   cp "$ROOT/requirements-dev.txt" "$stamp"
 fi
+# The package was renamed from the distribution "orchard" (an unrelated project's name on
+# the index) to "orchard-attn": drop this project's copy under the old name, if a venv
+# still has one, so the two do not both claim the same files.
+if "$VENV/bin/python" -m pip show orchard 2>/dev/null | grep -q "^Summary: Fused FlashAttention"; then
+  echo "[setup] uninstalling this project's old distribution name 'orchard' (now 'orchard-attn')"
+  "$VENV/bin/python" -m pip uninstall -q -y orchard
+fi
 echo "[setup] environment ready: $VENV"
