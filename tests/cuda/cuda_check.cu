@@ -890,6 +890,13 @@ int main(int argc, char** argv) {
     std::printf("check_support(d=36): %s\n", ops->check_support(p).c_str());
     p.d = 264;
     std::printf("check_support(d=264): %s\n", ops->check_support(p).c_str());
+    p.d = 64;
+    uint8_t mask_byte = 1;
+    p.attn_bias = &mask_byte;
+    std::printf("check_support(attn_bias): %s\n", ops->check_support(p).c_str());
+    p.attn_bias = nullptr;
+    p.d_v = 128;
+    std::printf("check_support(d_v=128, d=64): %s\n", ops->check_support(p).c_str());
   }
   // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks).
   int n = 0;
