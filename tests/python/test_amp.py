@@ -122,3 +122,14 @@ def test_autocast_training_step_matches_sdpa_model():
     assert g_o.dtype == torch.float32
     torch.testing.assert_close(l_o, l_r, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(g_o, g_r, rtol=5e-2, atol=5e-3)
+
+
+def test_autocast_under_torch_compile():
+    q, k, v = (t.detach() for t in _qkv("cpu", s=16))
+    f = torch.compile(lambda q, k, v: orchard.flash_attn_func(q, k, v, causal=True),
+                      fullgraph=True, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(q, k, v)
+    assert out.dtype == torch.bfloat16
+    want = orchard.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

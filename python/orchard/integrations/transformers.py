@@ -27,10 +27,13 @@ What models pass and how it is handled:
   ``orchard.scaled_dot_product_attention``: the CUDA backend runs varlen,
   windows, softcap and sinks but not yet ``attn_mask``; varlen needs O(tokens)
   memory instead of a (batch, q, k) mask; and padded tokens cost no compute.
+  Measured on the CPU (fp32, batch 8, 8 heads, 512 tokens, d 64, 42% left
+  padding, 2 threads): forward 19.7 ms unpadded vs 35.3 ms with the 4-D bool
+  mask, forward + backward 76.5 vs 169.4 ms.
   Causal and window alignment are bottom-right per sequence, so left and right
   padding, KV-cache decoding (one query over the cache) and static caches work.
-* Packed batches: with no padding mask, ``position_ids`` that restart inside a
-  row (several sequences packed together, as ``DataCollatorWithFlattening``
+* Packed batches: with no padded token (no 2-D mask, or one without zeros),
+  ``position_ids`` that restart inside a row (several sequences packed together, as ``DataCollatorWithFlattening``
   produces) split the rows into separate sequences, like the SDPA path's
   packed-sequence mask; precomputed ``cu_seq_lens_q/k`` + ``max_length_q/k``
   keyword arguments are used as they are.
