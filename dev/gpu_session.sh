@@ -53,7 +53,7 @@ for step in "$@"; do
       cat "$OUT/logs/feature_bench.md" 2>/dev/null || tail -30 "$OUT/logs/feature_bench.log" ;;
     decode_bench)
       stamp "decode_bench"
-      timeout "${DB_TIMEOUT:-240}" python3 bench/decode_bench.py --out "$OUT/logs" > "$OUT/logs/decode_bench.log" 2>&1 || rc=1
+      timeout "${DB_TIMEOUT:-240}" python3 bench/decode_bench.py ${DB_ARGS:-} --out "$OUT/logs/decode_bench.md" > "$OUT/logs/decode_bench.log" 2>&1 || rc=1
       tail -40 "$OUT/logs/decode_bench.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
