@@ -36,7 +36,7 @@ for step in "$@"; do
     pytest:*)
       args="${step#pytest:}"; args="${args//,/ }"
       stamp "pytest $args"
-      (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda -x --durations=5 $args \
+      (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda --maxfail=25 --durations=5 $args \
         > "$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
       tail -15 "$OUT"/logs/pytest_*.log | grep -E "passed|failed|error|FAILED" | tail -8 ;;
     bench_quick)
