@@ -44,7 +44,7 @@ it passes now (tolerance regressions, fixed bugs), in OPEN_BUGS while the
 Orchard bug it exposes is open.
 
 Example counts: ORCHARD_FUZZ_EXAMPLES=<factor> multiplies every count here
-(default 1: ~2,300 CPU cases; e.g. ORCHARD_FUZZ_EXAMPLES=20 on a GPU box).
+(default 1: ~2,750 CPU cases; e.g. ORCHARD_FUZZ_EXAMPLES=20 on a GPU box).
 The CUDA tests draw the same features; a draw the CUDA backend does not
 implement yet (NotImplementedError: attn_mask, dv != d, a varlen dropout
 mask) is rejected, not failed, so they cover what is implemented.
@@ -223,30 +223,32 @@ def _sometimes(draw, one_in: int) -> bool:
 
 @st.composite
 def features(draw, api: str, dtype: str, b: int, hq: int, sq: int, sk: int, d: int, rank: int = 4,
-             device: str = "cpu", large: bool = False) -> dict:
+             device: str = "cpu", large: bool = False, dense: bool = False) -> dict:
     """Draws the feature fields of a Case, each "off" most of the time and
     independently of the others (so combinations occur too): a value head dim
     of its own for every API; windows, softcap and ALiBi for flash/varlen;
     attn_mask for sdpa only (and then not causal: torch rejects both); the
-    sink everywhere."""
+    sink everywhere. dense: each feature on half the time (combinations of
+    three and more are common)."""
     f = {}
-    if _sometimes(draw, 4):
+    sometimes = (lambda draw, one_in: draw(st.booleans())) if dense else _sometimes
+    if sometimes(draw, 4):
         if device == "cpu":
             f["dv"] = draw(st.one_of(st.integers(1, 256 if large else 64), st.sampled_from([1, min(2 * d, 256)])))
         else:
             f["dv"] = 8 * draw(st.integers(1, 32))
     if api in ("flash", "varlen"):
-        if _sometimes(draw, 4):
+        if sometimes(draw, 4):
             side = st.one_of(st.just(-1), st.integers(0, 8), st.integers(0, max(sq, sk, 1) + 2))
             f["window"] = (draw(side), draw(side))
-        if _sometimes(draw, 5):
+        if sometimes(draw, 5):
             f["softcap"] = draw(st.one_of(st.sampled_from([0.5, 1.0, 5.0, 30.0]), st.floats(0.05, 50.0)))
-        if _sometimes(draw, 5):
+        if sometimes(draw, 5):
             f["alibi"] = draw(st.sampled_from([1, 2]))
             f["alibi_max"] = draw(st.sampled_from([0.5, 0.5, 0.05, 2.0]))
-    if _sometimes(draw, 4):
+    if sometimes(draw, 4):
         f["sink"] = draw(st.sampled_from([1.0, 1.0, 0.0, 5.0]))
-    if api == "sdpa" and _sometimes(draw, 3):
+    if api == "sdpa" and sometimes(draw, 3):
         f["mask"] = draw(st.sampled_from(["bool", "float"]))
         full = {3: (b, sq, sk), 4: (b, hq, sq, sk), 5: (1, b, hq, sq, sk)}[rank]
         keep_dim = [draw(st.booleans()) for _ in full[:-2]] + [draw(st.sampled_from([True, True, False]))
@@ -260,9 +262,10 @@ def features(draw, api: str, dtype: str, b: int, hq: int, sq: int, sk: int, d: i
 
 
 @st.composite
-def cases(draw, api: Optional[str] = None, device: str = "cpu", large: bool = False):
+def cases(draw, api: Optional[str] = None, device: str = "cpu", large: bool = False, dense_features: bool = False):
     """Draws a Case. CPU: head dim 1..256, float64/32/bf16/fp16; CUDA: head dim
-    a multiple of 8, no float64. `large`: the occasional big-shape tier."""
+    a multiple of 8, no float64. `large`: the occasional big-shape tier.
+    dense_features: see features()."""
     api = api or draw(st.sampled_from(["flash", "sdpa"]))
     dtypes = ["float64", "float32", "bfloat16", "float16"] if device == "cpu" else ["float32", "bfloat16",
                                                                                   "float16"]
@@ -295,7 +298,7 @@ def cases(draw, api: Optional[str] = None, device: str = "cpu", large: bool = Fa
         rank = draw(st.sampled_from([4, 4, 4, 3, 5]))
         if rank == 3:
             hq = hkv = 1
-    feats = draw(features(api, dtype, b, hq, sq, sk, d, rank, device, large))
+    feats = draw(features(api, dtype, b, hq, sq, sk, d, rank, device, large, dense_features))
     causal = draw(st.booleans()) and not feats.get("mask")
     dropout_p = draw(st.one_of(st.just(0.0), st.just(0.0), st.sampled_from([0.1, 0.5]),
                                st.floats(0.01, 0.9)))
@@ -584,7 +587,7 @@ def _one_torch_thread():
 
 
 # --------------------------------------------------------------------------
-# The tests (defaults: 1,100 + 800 + 150 + 250 varlen = 2,300 CPU cases per run)
+# The tests (defaults: 1,100 + 800 + 150 + 300 varlen + 400 combinations = 2,750 CPU cases per run)
 # --------------------------------------------------------------------------
 
 
@@ -621,7 +624,8 @@ SDPA_RANK5_EMPTY_QUERY = Case(api="sdpa", b=1, sq=0, sk=3, d=1, sdpa_rank=5)
 SDPA_RANK5_EMPTY_KEY = Case(api="sdpa", b=2, sq=3, sk=0, d=4, sdpa_rank=5)
 OPEN_BUGS: list = []  # cases exposing a still-open bug go here (see the module docstring)
 
-VARLEN_EXAMPLES = 250
+VARLEN_EXAMPLES = 300
+COMBINATION_EXAMPLES = 400
 
 
 @fuzz_settings(1100)
@@ -657,6 +661,14 @@ def test_differential_larger_shapes(case):
 @fuzz_settings(VARLEN_EXAMPLES)
 @given(case=varlen_cases())
 def test_varlen_differential(case):
+    _check(case)
+
+
+@fuzz_settings(COMBINATION_EXAMPLES)
+@given(case=cases(dense_features=True))
+def test_feature_combinations_differential(case):
+    """Features on half the time each: flash cases with windows + softcap +
+    ALiBi + sink + dv together, sdpa masks with sinks and dv."""
     _check(case)
 
 
@@ -696,4 +708,11 @@ def test_cuda_differential_larger_shapes(case):
 @fuzz_settings(100)
 @given(case=varlen_cases(device="cuda"))
 def test_cuda_varlen_differential(case):
+    _check(case)
+
+
+@pytest.mark.cuda
+@fuzz_settings(100)
+@given(case=cases(device="cuda", dense_features=True))
+def test_cuda_feature_combinations_differential(case):
     _check(case)
