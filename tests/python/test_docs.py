@@ -41,6 +41,9 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
     script = "\n\n".join(_python_blocks(text))
     path = tmp_path / f"doc_{page.stem}.py"
     path.write_text(script)
+    if "import jax" in script:
+        pytest.importorskip("jax")
+        pytest.importorskip("orchard._jax_ffi")
     if "transformers" in script:
         pytest.importorskip("transformers")
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
