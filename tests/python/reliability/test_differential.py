@@ -636,6 +636,17 @@ VARLEN_EMPTY_SEQS_SINK = Case(api="varlen", b=3, sq=20, sk=25, hq=2, hkv=1, d=16
                               seqlens_q=(20, 0, 7), seqlens_k=(25, 6, 0), sink=1.0, alibi=2, max_slack=3,
                               dropout_p=0.2, return_probs=True, seed=5)
 
+# Known limit of the forward rule (no feature involved; seen only with
+# ORCHARD_FUZZ_EXAMPLES=5, test_differential_larger_shapes): with logits of
+# |s| ~ 300 the fp32 rounding of the logits alone moves `out` by 1e-4..3e-4
+# depending on the accumulation order (measured over 20 orders of the head
+# dim), and the naive baseline's order happened to be the lucky one. Orchard
+# is not wrong there (its LSE error 1.2e-4 vs naive 1.4e-4); the rule has no
+# forward term for it (inherent_grad_error covers gradients only). Not pinned:
+#   Case(api="sdpa", b=1, sq=65, sk=100, d=256, dtype="float32", softmax_scale=0.5, magnitude=3.0,
+#        layouts=(Layout(offset=1), CONTIGUOUS, CONTIGUOUS, CONTIGUOUS), seed=169)
+#   out: max error 4.105e-04 > 2 * naive error 8.847e-05 + atol 1.2e-04
+
 # Open Orchard bugs:
 # Fixed: SDPA with rank-5 input and an empty sequence (reshape(-1, ...) of 0
 # elements raised); kept as regressions.
