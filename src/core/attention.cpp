@@ -71,19 +71,21 @@ void lse_strides(const TensorView& lse, FwdParams& p) {
   p.lse_head_stride = lse.strides[packed ? 0 : 1];
 }
 
-// The extras every kernel call reads: small per-head vectors go through the
-// bridge (staged if strided), the attn_bias is read in place with its strides
+// The extras every kernel call reads, in two steps. set_extras fills every
+// field from the caller's tensors, so check_support sees which features a call
+// uses (it must run first: nothing may be staged or written for a call a backend
+// refuses); stage_extras then swaps in the bridge's copies of the small per-head
+// vectors (staged if strided). The attn_bias is read in place with its strides
 // (size-1 dims broadcast as stride 0).
-void set_extras(FwdParams& p, const AttentionExtras& x, StagingSession& staging) {
+void set_extras(FwdParams& p, const AttentionExtras& x) {
   if (x.alibi_slopes.defined()) {
-    const TensorView s = staging.input("alibi_slopes", x.alibi_slopes, sizeof(float));
-    p.alibi_slopes = static_cast<const float*>(s.data);
-    p.alibi_batch_stride = s.ndim == 2 && s.shape[0] > 1 ? s.strides[0] : 0;
+    p.alibi_slopes = static_cast<const float*>(x.alibi_slopes.data);
+    p.alibi_batch_stride = x.alibi_slopes.ndim == 2 && x.alibi_slopes.shape[0] > 1 ? x.alibi_slopes.strides[0] : 0;
   }
-  if (x.sink.defined()) p.sink = static_cast<const float*>(staging.input("sink", x.sink, sizeof(float)).data);
+  if (x.sink.defined()) p.sink = static_cast<const float*>(x.sink.data);
   if (x.cu_seqlens_q.defined()) {
-    p.cu_seqlens_q = static_cast<const std::int32_t*>(staging.input("cu_seqlens_q", x.cu_seqlens_q, 4).data);
-    p.cu_seqlens_k = static_cast<const std::int32_t*>(staging.input("cu_seqlens_k", x.cu_seqlens_k, 4).data);
+    p.cu_seqlens_q = static_cast<const std::int32_t*>(x.cu_seqlens_q.data);
+    p.cu_seqlens_k = static_cast<const std::int32_t*>(x.cu_seqlens_k.data);
   }
   if (x.attn_bias.defined()) {
     const TensorView& m = x.attn_bias;
@@ -94,6 +96,19 @@ void set_extras(FwdParams& p, const AttentionExtras& x, StagingSession& staging)
     p.bias_head_stride = stride(1);
     p.bias_row_stride = stride(2);
     p.bias_col_stride = stride(3);
+  }
+}
+
+void stage_extras(FwdParams& p, const AttentionExtras& x, StagingSession& staging) {
+  if (x.alibi_slopes.defined()) {
+    const TensorView s = staging.input("alibi_slopes", x.alibi_slopes, sizeof(float));
+    p.alibi_slopes = static_cast<const float*>(s.data);
+    p.alibi_batch_stride = s.ndim == 2 && s.shape[0] > 1 ? s.strides[0] : 0;
+  }
+  if (x.sink.defined()) p.sink = static_cast<const float*>(staging.input("sink", x.sink, sizeof(float)).data);
+  if (x.cu_seqlens_q.defined()) {
+    p.cu_seqlens_q = static_cast<const std::int32_t*>(staging.input("cu_seqlens_q", x.cu_seqlens_q, 4).data);
+    p.cu_seqlens_k = static_cast<const std::int32_t*>(staging.input("cu_seqlens_k", x.cu_seqlens_k, 4).data);
   }
 }
 
@@ -167,6 +182,7 @@ void forward_unprefixed(const ForwardArgs& a) {
 
   FwdParams p;
   set_problem(p, shape, a.options);
+  set_extras(p, a.extras);
   if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) return;  // nothing to compute or write
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
 
@@ -191,7 +207,7 @@ void forward_unprefixed(const ForwardArgs& a) {
   row_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   row_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   lse_strides(lse, p);
-  set_extras(p, a.extras, staging);
+  stage_extras(p, a.extras, staging);
 
   run_logged("FWD", be, p, false, staging.staged_count(), op, [&] { be.forward(p); });
   staging.finish();
@@ -204,6 +220,7 @@ bool backward_is_empty(const ProblemShape& s) { return s.b == 0 || s.hq == 0 || 
 BwdParams backward_problem(const BackwardArgs& a, const ProblemShape& shape) {
   BwdParams p;
   set_problem(p, shape, a.options);
+  set_extras(p, a.extras);
   p.deterministic = a.options.deterministic;
   return p;
 }
@@ -264,7 +281,7 @@ void backward_unprefixed(const BackwardArgs& a) {
   row_strides(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
   row_strides(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   lse_strides(lse, p);
-  set_extras(p, a.extras, staging);
+  stage_extras(p, a.extras, staging);
   if (a.dsink.defined()) p.dsink = static_cast<float*>(staging.output("dsink", a.dsink, sizeof(float)).data);
   p.workspace = need > 0 ? a.workspace.data : nullptr;
   p.workspace_bytes = need;
