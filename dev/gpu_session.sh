@@ -7,13 +7,15 @@
 #
 #   bash dev/gpu_session.sh [SRC=dir] STEP...
 #   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
-#          feature_bench  sanitize  cuda_check  decode_bench  smi
+#          feature_bench  sanitize  decode_bench  cp_bench  smi
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT"
 if [[ ${1:-} == SRC=* ]]; then SRC="$(cd "${1#SRC=}" && pwd)"; shift; fi
 OUT="${OUT:-$ROOT/gpu_out}"; mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1
+# NVLink multicast stays off on multi-GPU machines (it can take the host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 t0=$(date +%s)
 snap() { (cd "$OUT" && tar czf logs.tgz logs); }
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
@@ -62,6 +64,12 @@ for step in "$@"; do
           > "$OUT/logs/sanitizer_$tool.log" 2>&1; r=$?; (( r != 0 )) && rc=1
         echo "$tool rc=$r: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/sanitizer_$tool.log" | tail -1)"
       done ;;
+    cp_bench)  # context parallelism on a 2-GPU machine (multicast off: it can take the host's GPUs down)
+      stamp "cp_bench (torchrun, 2 GPUs)"
+      NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        timeout "${CP_TIMEOUT:-300}" torchrun --standalone --nproc-per-node=2 bench/cp_bench.py \
+        --out "$OUT/logs/cp_bench.md" > "$OUT/logs/cp_bench.log" 2>&1 || rc=1
+      cat "$OUT/logs/cp_bench.md" 2>/dev/null || tail -40 "$OUT/logs/cp_bench.log" ;;
     smi) nvidia-smi ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
