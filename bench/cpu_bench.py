@@ -1,16 +1,23 @@
 """CPU benchmark: Orchard's CPU backend vs torch's CPU SDPA (which dispatches
-to its own fused flash-attention CPU kernel), same process, same threads.
+to its own fused flash-attention CPU kernel), same process, same threads,
+same tensors, the two interleaved rep by rep.
 
-    python bench/cpu_bench.py [--reps 5]
+    OMP_NUM_THREADS=2 python bench/cpu_bench.py [--reps 5] [--grid quick|full] [--clock cpu|wall]
 
-Prints a markdown table (GFLOP/s: 4*b*h*s*s*d fwd, halved causal, x2.5 bwd).
+The default clock is the process's CPU time (time.process_time), min over
+reps: on a shared machine other jobs inflate wall time but not our CPU time.
+(CPU time counts OpenMP threads spinning at barriers, so load imbalance
+still shows.) Prints a markdown table: ms per call and ratio torch/orchard
+(> 1: Orchard faster) for fwd (no grad) and fwd+bwd (forward with grad,
+then autograd.grad). FLOPs: 4*b*h*s*s*d fwd, halved causal, x2.5 bwd.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import os
 import platform
-import statistics
 import subprocess
 import time
 
@@ -19,51 +26,75 @@ import torch.nn.functional as F
 
 import orchard
 
-
-def median_s(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def bench(impl, b, h, s, d, dtype, causal, reps):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, s, d, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
-    dout = torch.randn(b, h, s, d, dtype=dtype, generator=g)
-    fn = orchard.scaled_dot_product_attention if impl == "orchard" else F.scaled_dot_product_attention
-    with torch.no_grad():
-        fwd = median_s(lambda: fn(q, k, v, is_causal=causal), reps)
-    out = fn(q, k, v, is_causal=causal)
-    bwd = median_s(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), reps)
-    return fwd, bwd
+GRIDS = {
+    # (b, h, s, d): h shrinks with s so one call stays under ~1 s on one core.
+    "quick": [(1, 8, 1024, 64), (1, 4, 1024, 128)],
+    "full": [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 64), (1, 4, 2048, 128),
+             (1, 1, 8192, 64), (1, 1, 8192, 128)],
+}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
+    ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--no-bwd", action="store_true")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    torch.set_num_threads(threads)
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
         commit = "unknown"
-    print(f"### CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{datetime.date.today()}, commit {commit}, torch {torch.__version__}\n")
-    print("| shape (b,h,s,d) | dtype | causal | orchard fwd/bwd GFLOP/s | torch SDPA fwd/bwd GFLOP/s | ratio fwd/bwd |")
-    print("|---|---|---|---|---|---|")
-    for (b, h, s, d) in [(1, 8, 512, 64), (1, 8, 1024, 64), (1, 8, 1024, 128), (2, 8, 2048, 64)]:
-        for dtype in (torch.float32, torch.bfloat16):
-            for causal in (False, True):
-                flops = 4 * b * h * s * s * d / (2 if causal else 1)
-                of, ob = bench("orchard", b, h, s, d, dtype, causal, args.reps)
-                tf, tb = bench("torch", b, h, s, d, dtype, causal, args.reps)
-                print(f"| {b},{h},{s},{d} | {str(dtype).split('.')[1]} | {causal} | "
-                      f"{flops / of / 1e9:.1f} / {2.5 * flops / ob / 1e9:.1f} | "
-                      f"{flops / tf / 1e9:.1f} / {2.5 * flops / tb / 1e9:.1f} | {tf / of:.2f}x / {tb / ob:.2f}x |",
-                      flush=True)
+    print(f"### CPU: {platform.processor() or platform.machine()}, {threads} threads, "
+          f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M}Z, commit {commit}, torch {torch.__version__}, "
+          f"{args.clock} time, min of {args.reps}\n")
+    print("| b,h,s,d | dtype | causal | orchard fwd / f+b ms | torch fwd / f+b ms | ratio fwd | ratio f+b |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    ratios = []
+    for (b, h, s, d) in GRIDS[args.grid]:
+        for dname in args.dtypes.split(","):
+            dtype = getattr(torch, dname)
+            for causal in [bool(int(c)) for c in args.causal.split(",")]:
+                g = torch.Generator().manual_seed(0)
+                q, k, v = (torch.randn(b, h, s, d, dtype=dtype, generator=g).requires_grad_()
+                           for _ in range(3))
+                dout = torch.randn(b, h, s, d, dtype=dtype, generator=g)
+                fns = {"orchard": orchard.scaled_dot_product_attention,
+                       "torch": F.scaled_dot_product_attention}
+
+                def fwd(fn):
+                    with torch.no_grad():
+                        fn(q, k, v, is_causal=causal)
+
+                def fwdbwd(fn):
+                    out = fn(q, k, v, is_causal=causal)
+                    torch.autograd.grad(out, (q, k, v), dout)
+
+                best = {(n, ph): math.inf for n in fns for ph in ("f", "fb")}
+                phases = [("f", fwd)] + ([] if args.no_bwd else [("fb", fwdbwd)])
+                for n, fn in fns.items():  # warm-up
+                    for _, ph in phases:
+                        ph(fn)
+                for _ in range(args.reps):
+                    for n, fn in fns.items():
+                        for name, ph in phases:
+                            t0 = clock()
+                            ph(fn)
+                            best[(n, name)] = min(best[(n, name)], clock() - t0)
+                rf = best[("torch", "f")] / best[("orchard", "f")]
+                rb = best[("torch", "fb")] / best[("orchard", "fb")] if not args.no_bwd else math.nan
+                ratios += [rf] + ([] if args.no_bwd else [rb])
+                print(f"| {b},{h},{s},{d} | {dname} | {causal} | "
+                      f"{1e3 * best[('orchard', 'f')]:.1f} / {1e3 * best[('orchard', 'fb')]:.1f} | "
+                      f"{1e3 * best[('torch', 'f')]:.1f} / {1e3 * best[('torch', 'fb')]:.1f} | "
+                      f"{rf:.2f}x | {rb:.2f}x |", flush=True)
+    gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(f"\ngeomean ratio {gm:.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@
 
 #include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
+#include "backends/cpu/gemm_bf16.h"
 #include "orchard/philox.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
@@ -41,6 +42,14 @@ struct PairStage {
   T* dout;   // (g * sq) x dvp
   T* lse2;   // g * sq
   T* dsum;   // g * sq
+  // bf16 path (Geometry::bf16; kt, k, vt, q, dout unused): raw bf16 copies.
+  std::uint16_t* kt16;   // K as load_pairs_kt_bf16 tiles: B of S = Q K^T
+  std::uint16_t* kp16;   // K pair-packed along rows: B of dQ += dS K
+  std::uint16_t* vt16;   // V as load_pairs_kt_bf16 tiles: B of dP = dO V^T
+  std::uint16_t* q16;    // (g * sq) x dp row-major: A of S
+  std::uint16_t* do16;   // (g * sq) x dvp row-major: A of dP
+  std::uint16_t* qp16;   // per q head sqe rows pair-packed (g * sqe x dp): B of dK += dS^T Q
+  std::uint16_t* dop16;  // same for dO: B of dV += P^T dO
 };
 
 template <class T>
@@ -48,17 +57,24 @@ struct BwdScratch {
   std::vector<T> s, dp_, dcap, acc0, acc1;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
+  std::vector<std::uint16_t> t16;  // bf16 path: P^T / dS^T / dS tile
   BwdScratch(int width)
       : s(std::size_t(kBlockM) * kBlockN), dp_(std::size_t(kBlockM) * kBlockN),
         dcap(std::size_t(kBlockM) * kBlockN),
         acc0(std::size_t(std::max(kBlockM, kBlockN)) * width),
         acc1(std::size_t(std::max(kBlockM, kBlockN)) * width), first(kBlockM), nv(kBlockM),
-        keep(std::size_t(kBlockM) * kBlockN) {}
+        keep(std::size_t(kBlockM) * kBlockN), t16(std::size_t(kBlockM + 1) * kBlockN) {}
 };
 
 struct Geometry {
   int d, dp, dv, dvp, g;  // dv / dvp: the value head dim d_v and its padded width
   std::int64_t skp;
+  // bf16 inputs on a CPU with AVX512_BF16: all five products run on bf16
+  // operands (vdpbf16ps, fp32 accumulation). S and dP are exact products of
+  // the bf16 inputs as in the fp32 path; P and dS are rounded to bf16 for
+  // dV, dK, dQ (as torch's bf16 kernels do).
+  bool bf16 = false;
+  std::int64_t sqe;  // per-head row stride of qp16 / dop16: sq rounded up to even
 };
 
 // Recomputes one (row block, column block) tile: on return w.s holds
@@ -69,11 +85,22 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
                     const SeqSpan& span, const ScoreMods<T>& mods, int bi, int h, int gi,
                     std::int64_t i0, int rows, std::int64_t j0, BwdScratch<T>& w) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
-  const T* qb = st.q + (std::int64_t(gi) * p.sq + i0) * geo.dp;
-  const T* dob = st.dout + (std::int64_t(gi) * p.sq + i0) * geo.dvp;
-  gemm(rows, kBlockN, geo.dp, qb, geo.dp, st.kt + j0 * geo.dp, kBlockN, w.s.data(), kBlockN, false);
-  gemm(rows, kBlockN, geo.dvp, dob, geo.dvp, st.vt + j0 * geo.dvp, kBlockN, w.dp_.data(), kBlockN,
-       false);
+  const std::int64_t qo = std::int64_t(gi) * p.sq + i0;
+  if constexpr (sizeof(T) == 4) {
+    if (geo.bf16) {
+      gemm_bf16(rows, kBlockN, geo.dp / 2, st.q16 + qo * geo.dp, geo.dp, 2, st.kt16 + j0 * geo.dp,
+                2 * kBlockN, w.s.data(), kBlockN, false);
+      gemm_bf16(rows, kBlockN, geo.dvp / 2, st.do16 + qo * geo.dvp, geo.dvp, 2,
+                st.vt16 + j0 * geo.dvp, 2 * kBlockN, w.dp_.data(), kBlockN, false);
+    }
+  }
+  if (!geo.bf16) {
+    const T* qb = st.q + qo * geo.dp;
+    const T* dob = st.dout + qo * geo.dvp;
+    gemm(rows, kBlockN, geo.dp, qb, geo.dp, st.kt + j0 * geo.dp, kBlockN, w.s.data(), kBlockN, false);
+    gemm(rows, kBlockN, geo.dvp, dob, geo.dvp, st.vt + j0 * geo.dvp, kBlockN, w.dp_.data(), kBlockN,
+         false);
+  }
   const bool left_masked =
       tile_col_bounds(p, span, i0, rows, j0, kBlockN, w.first.data(), w.nv.data());
   T c = softmax_scale<T>(p) * kLog2e;
@@ -117,13 +144,31 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
   T* dv = w.acc1.data();
   std::fill(dk, dk + std::int64_t(kBlockN) * dp, T(0));
   std::fill(dv, dv + std::int64_t(kBlockN) * dvp, T(0));
-  const RowRange rows_seen = block_visible_rows(p, span, j0, kBlockN);
+  RowRange rows_seen = block_visible_rows(p, span, j0, kBlockN);
+  // bf16: row blocks start at even rows so their pairs line up with qp16 /
+  // dop16 (the extra row sees none of these columns: P = dS = 0).
+  if (geo.bf16) rows_seen.begin -= rows_seen.begin % 2;
   for (int gi = 0; gi < geo.g; ++gi) {
     const int h = kh * geo.g + gi;
     const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
     for (std::int64_t i0 = rows_seen.begin; i0 < rows_seen.end; i0 += kBlockM) {
       const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, rows_seen.end - i0));
       recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
+      if constexpr (sizeof(T) == 4) {
+        if (geo.bf16) {
+          // P^T dO and dS^T Q over (rows + 1) / 2 row pairs; an odd block's
+          // last pair has a zero P / dS partner.
+          const std::int64_t re = std::int64_t(gi) * geo.sqe + i0;  // even
+          const int kp = (rows + 1) / 2;
+          to_bf16_pairs_t(w.s.data(), kBlockN, rows, kBlockN, w.t16.data(), 2 * kBlockN);
+          gemm_bf16(kBlockN, dvp, kp, w.t16.data(), 2, 2 * kBlockN, st.dop16 + re * dvp, 2 * dvp,
+                    dv, dvp, true);
+          to_bf16_pairs_t(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), 2 * kBlockN);
+          gemm_bf16(kBlockN, dp, kp, w.t16.data(), 2, 2 * kBlockN, st.qp16 + re * dp, 2 * dp, dk,
+                    dp, true);
+          continue;
+        }
+      }
       const std::int64_t ro = std::int64_t(gi) * p.sq + i0;
       // The tiles are rows x kBlockN; read them as their transposes.
       gemm_tn(kBlockN, dvp, rows, w.s.data(), kBlockN, st.dout + ro * dvp, dvp, dv, dvp, true);
@@ -156,6 +201,14 @@ void dq_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, i
   const ColRange cols = block_visible_cols(p, span, i0, rows, kBlockN);
   for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += kBlockN) {
     recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
+    if constexpr (sizeof(T) == 4) {
+      if (geo.bf16) {
+        to_bf16_rows(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), kBlockN);
+        gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp, dq,
+                  dp, true);
+        continue;
+      }
+    }
     gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq, dp, true);
   }
   const T scale = softmax_scale<T>(p);
@@ -169,7 +222,7 @@ void dq_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, i
 // (0 without a sink), in double so the per-head sum does not depend on sq.
 template <class T>
 double stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int h,
-                    int gi, std::vector<T>& orow) {
+                    int gi, std::vector<T>& orow, std::vector<T>& qrow, std::vector<T>& dorow) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
   const int dp = geo.dp, dvp = geo.dvp;
   const SeqSpan span = seq_span(p, bi);
@@ -179,9 +232,16 @@ double stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>&
   for (std::int64_t i = 0; i < span.len_q; ++i) {
     const std::int64_t ro = std::int64_t(gi) * p.sq + i;
     const std::int64_t row = span.q_start + i;
-    load_row(p.q, p.dtype, bi * p.q_batch_stride + row * p.q_row_stride + h * p.q_head_stride,
-             geo.d, dp, st.q + ro * dp);
-    T* dor = st.dout + ro * dvp;
+    const std::int64_t qoff = bi * p.q_batch_stride + row * p.q_row_stride + h * p.q_head_stride;
+    T* dor = geo.bf16 ? dorow.data() : st.dout + ro * dvp;
+    if (geo.bf16) {
+      load_rows_bf16(p.q, qoff, 0, 1, geo.d, dp, st.q16 + ro * dp);
+      load_rows_bf16(p.dout, bi * p.do_batch_stride + row * p.do_row_stride + h * p.do_head_stride,
+                     0, 1, geo.dv, dvp, st.do16 + ro * dvp);
+    } else {
+      load_row(p.q, p.dtype, qoff, geo.d, dp, st.q + ro * dp);
+    }
+    (void)qrow;
     load_row(p.dout, p.dtype, bi * p.do_batch_stride + row * p.do_row_stride + h * p.do_head_stride,
              geo.dv, dvp, dor);
     load_row(p.out, p.dtype, bi * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride,
@@ -193,6 +253,15 @@ double stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>&
     if (p.sink && lse[i] != -std::numeric_limits<T>::infinity())
       sink_share += std::exp(static_cast<double>(p.sink[h]) - static_cast<double>(lse[i])) *
                     static_cast<double>(sum);
+  }
+  if (geo.bf16) {
+    const std::int64_t e0 = std::int64_t(gi) * geo.sqe;
+    load_pairs_rows_bf16(p.q, bi * p.q_batch_stride + span.q_start * p.q_row_stride + h * p.q_head_stride,
+                         p.q_row_stride, static_cast<int>(span.len_q), static_cast<int>(geo.sqe),
+                         geo.d, dp, st.qp16 + e0 * dp);
+    load_pairs_rows_bf16(p.dout, bi * p.do_batch_stride + span.q_start * p.do_row_stride + h * p.do_head_stride,
+                         p.do_row_stride, static_cast<int>(span.len_q), static_cast<int>(geo.sqe),
+                         geo.dv, dvp, st.dop16 + e0 * dvp);
   }
   return sink_share;
 }
@@ -210,19 +279,41 @@ void backward_impl(const BwdParams& p) {
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
   geo.g = p.hq / p.hkv;
   geo.skp = round_up(p.sk, kBlockN);  // sk / sq are the longest sequence's under varlen
+  geo.bf16 = sizeof(T) == 4 && p.dtype == DType::kBFloat16 && bf16_dot_available();
+  geo.sqe = round_up(p.sq, 2);
   const int dp = geo.dp, dvp = geo.dvp, g = geo.g;
   const std::int64_t skp = geo.skp;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t ncb = (p.sk + kBlockN - 1) / kBlockN;
   const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
-  const std::size_t pair_elems = std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * p.sq * (dp + dvp) +
-                                             2 * std::int64_t(g) * p.sq);
+  // bf16: the fp32 part holds only lse2 and dsum; the bf16 part the rest.
+  const std::size_t pair_elems =
+      geo.bf16 ? std::size_t(2 * std::int64_t(g) * p.sq)
+               : std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * p.sq * (dp + dvp) +
+                             2 * std::int64_t(g) * p.sq);
+  const std::size_t pair_elems16 =
+      geo.bf16 ? std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * (p.sq + geo.sqe) * (dp + dvp)) : 0;
   const std::int64_t chunk = std::clamp<std::int64_t>(
-      g_stage_budget_bytes / std::max<std::size_t>(1, pair_elems * sizeof(T)), 1, npairs);
+      g_stage_budget_bytes / std::max<std::size_t>(1, pair_elems * sizeof(T) + pair_elems16 * 2), 1,
+      npairs);
   std::vector<T> stage(std::size_t(chunk) * pair_elems);
+  std::vector<std::uint16_t> stage16(std::size_t(chunk) * pair_elems16);
   auto pair_stage = [&](std::int64_t local) {
+    PairStage<T> s{};
+    if (geo.bf16) {
+      std::uint16_t* b16 = stage16.data() + std::size_t(local) * pair_elems16;
+      s.kt16 = b16;
+      s.kp16 = s.kt16 + skp * dp;
+      s.vt16 = s.kp16 + skp * dp;
+      s.q16 = s.vt16 + skp * dvp;
+      s.do16 = s.q16 + std::int64_t(g) * p.sq * dp;
+      s.qp16 = s.do16 + std::int64_t(g) * p.sq * dvp;
+      s.dop16 = s.qp16 + std::int64_t(g) * geo.sqe * dp;
+      s.lse2 = stage.data() + std::size_t(local) * pair_elems;
+      s.dsum = s.lse2 + std::int64_t(g) * p.sq;
+      return s;
+    }
     T* base = stage.data() + std::size_t(local) * pair_elems;
-    PairStage<T> s;
     s.kt = base;
     s.k = s.kt + skp * dp;
     s.vt = s.k + skp * dp;
@@ -241,7 +332,7 @@ void backward_impl(const BwdParams& p) {
     const std::int64_t jobs_per_pair = 3 + g;
     ORCHARD_OMP("omp parallel")
     {
-      std::vector<T> orow(dvp);
+      std::vector<T> orow(dvp), qrow(dp), dorow(dvp);
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < np * jobs_per_pair; ++t) {
         const std::int64_t local = t / jobs_per_pair;
@@ -253,7 +344,15 @@ void backward_impl(const BwdParams& p) {
         const std::int64_t koff = bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride;
         const std::int64_t voff = bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride;
         const int skpi = static_cast<int>(skp);
-        if (job == 0) {
+        if (geo.bf16 && job < 3) {
+          if (job == 0)
+            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, kBlockN, st.kt16);
+          else if (job == 1)
+            load_pairs_rows_bf16(p.k, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, st.kp16);
+          else
+            load_pairs_kt_bf16(p.v, voff, p.v_row_stride, span.len_k, skpi, p.d_v, dvp, kBlockN,
+                               st.vt16);
+        } else if (job == 0) {
           load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, kBlockN, st.kt);
         } else if (job == 1) {
           load_rows(p.k, p.dtype, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, st.k);
@@ -262,7 +361,7 @@ void backward_impl(const BwdParams& p) {
                                st.vt);
         } else {
           const int h = kh * g + (job - 3);
-          const double share = stage_q_head(p, geo, st, bi, h, job - 3, orow);
+          const double share = stage_q_head(p, geo, st, bi, h, job - 3, orow, qrow, dorow);
           if (p.sink) sink_shares[std::size_t(bi) * p.hq + h] = share;
         }
       }

@@ -23,6 +23,7 @@
 
 #include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
+#include "backends/cpu/gemm_bf16.h"
 #include "orchard/philox.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
@@ -39,19 +40,26 @@ struct FwdScratch {
   std::vector<T> q, o, s, m, l;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  FwdScratch(int dp, int dvp)
-      : q(std::size_t(kBlockM) * dp), o(std::size_t(kBlockM) * dvp),
+  std::vector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
+  FwdScratch(int dp, int dvp, bool bf16)
+      : q(bf16 ? 0 : std::size_t(kBlockM) * dp), o(std::size_t(kBlockM) * dvp),
         s(std::size_t(kBlockM) * kBlockN), m(kBlockM), l(kBlockM), first(kBlockM), nv(kBlockM),
-        keep(kBlockN) {}
+        keep(kBlockN), q16(bf16 ? std::size_t(kBlockM) * dp : 0),
+        p16(bf16 ? std::size_t(kBlockM) * kBlockN : 0) {}
 };
 
 struct FwdGeometry {
   int dp, dvp;  // d and d_v padded to the GEMM multiple
+  // bf16 inputs on a CPU with AVX512_BF16: both GEMMs run on bf16 operands
+  // (vdpbf16ps, fp32 accumulation) from K / V staged pair-packed, P rounded
+  // to bf16 before P V; scores and softmax stay fp32.
+  bool bf16 = false;
 };
 
 template <class T>
 void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& span, const T* kt,
-                   const T* v, int bi, int h, std::int64_t i0, int rows, FwdScratch<T>& w) {
+                   const T* v, const std::uint16_t* kt16, const std::uint16_t* v16, int bi, int h,
+                   std::int64_t i0, int rows, FwdScratch<T>& w) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
   constexpr T kLn2 = T(0.6931471805599453094172321214581766);
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -68,8 +76,11 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   };
 
   const std::int64_t q_row0 = span.q_start + i0;  // first row in q / out / lse
-  load_rows(p.q, p.dtype, bi * p.q_batch_stride + q_row0 * p.q_row_stride + h * p.q_head_stride,
-            p.q_row_stride, rows, rows, p.d, dp, w.q.data());
+  const std::int64_t q_off = bi * p.q_batch_stride + q_row0 * p.q_row_stride + h * p.q_head_stride;
+  if (geo.bf16)
+    load_rows_bf16(p.q, q_off, p.q_row_stride, rows, p.d, dp, w.q16.data());
+  else
+    load_rows(p.q, p.dtype, q_off, p.q_row_stride, rows, rows, p.d, dp, w.q.data());
   std::fill(w.o.begin(), w.o.begin() + std::int64_t(rows) * dvp, T(0));
   // A sink starts every row's softmax as a key of logit sink with no value.
   const T m0 = p.sink ? static_cast<T>(p.sink[h]) * kLog2e : ninf;
@@ -80,7 +91,15 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   const ColRange cols = block_visible_cols(p, span, i0, rows, kBlockN);
   std::int64_t mask_end = cols.begin;  // dropout-mask columns [cols.begin, mask_end) written
   for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += kBlockN) {
-    gemm(rows, kBlockN, dp, w.q.data(), dp, kt + j0 * dp, kBlockN, w.s.data(), kBlockN, false);
+    if constexpr (sizeof(T) == 4) {
+      if (geo.bf16)
+        gemm_bf16(rows, kBlockN, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, 2 * kBlockN, w.s.data(),
+                  kBlockN, false);
+      else
+        gemm(rows, kBlockN, dp, w.q.data(), dp, kt + j0 * dp, kBlockN, w.s.data(), kBlockN, false);
+    } else {
+      gemm(rows, kBlockN, dp, w.q.data(), dp, kt + j0 * dp, kBlockN, w.s.data(), kBlockN, false);
+    }
     const bool left_masked =
         tile_col_bounds(p, span, i0, rows, j0, kBlockN, w.first.data(), w.nv.data());
     T c = c_plain;
@@ -100,6 +119,14 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
         apply_dropout(w.s.data() + std::int64_t(r) * kBlockN, w.keep.data(), ncols, rp);
       }
       mask_end = j0 + ncols;
+    }
+    if constexpr (sizeof(T) == 4) {
+      if (geo.bf16) {
+        to_bf16_rows(w.s.data(), kBlockN, rows, kBlockN, w.p16.data(), kBlockN);
+        gemm_bf16(rows, dvp, kBlockN / 2, w.p16.data(), kBlockN, 2, v16 + j0 * dvp, 2 * dvp,
+                  w.o.data(), dvp, true);
+        continue;
+      }
     }
     gemm(rows, dvp, kBlockN, w.s.data(), kBlockN, v + j0 * dvp, dvp, w.o.data(), dvp, true);
   }
@@ -152,15 +179,19 @@ void forward_impl(const FwdParams& p) {
   FwdGeometry geo;
   geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
+  geo.bf16 = sizeof(T) == 4 && p.dtype == DType::kBFloat16 && bf16_dot_available();
   const int dp = geo.dp, dvp = geo.dvp;
   const std::int64_t skp = round_up(p.sk, kBlockN);  // sk is the longest sequence's under varlen
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
-  const std::size_t pair_bytes = std::max<std::size_t>(1, skp * (dp + dvp) * sizeof(T));
+  const std::size_t pair_bytes =
+      std::max<std::size_t>(1, skp * (dp + dvp) * (geo.bf16 ? 2 : sizeof(T)));
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
-  std::vector<T> kt(std::size_t(chunk) * dp * skp), v(std::size_t(chunk) * skp * dvp);
+  const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
+  std::vector<T> kt(geo.bf16 ? 0 : kt_elems), v(geo.bf16 ? 0 : v_elems);
+  std::vector<std::uint16_t> kt16(geo.bf16 ? kt_elems : 0), v16(geo.bf16 ? v_elems : 0);
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
@@ -169,6 +200,17 @@ void forward_impl(const FwdParams& p) {
       const std::int64_t pair = pair0 + t / 2;
       const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
       const SeqSpan span = seq_span(p, static_cast<int>(bi));
+      const std::int64_t koff = bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride;
+      const std::int64_t voff = bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride;
+      if (geo.bf16) {
+        if (t % 2 == 0)
+          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, span.len_k, static_cast<int>(skp), p.d, dp,
+                             kBlockN, kt16.data() + (t / 2) * dp * skp);
+        else
+          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, span.len_k, static_cast<int>(skp), p.d_v,
+                               dvp, v16.data() + (t / 2) * skp * dvp);
+        continue;
+      }
       T* kt_p = kt.data() + (t / 2) * dp * skp;
       T* v_p = v.data() + (t / 2) * skp * dvp;
       if (t % 2 == 0)
@@ -182,7 +224,7 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t ntasks = np * g * nrb;
     ORCHARD_OMP("omp parallel")
     {
-      FwdScratch<T> w(dp, dvp);
+      FwdScratch<T> w(dp, dvp, geo.bf16);
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks; ++t) {
         const std::int64_t local_pair = t / (g * nrb);
@@ -194,8 +236,10 @@ void forward_impl(const FwdParams& p) {
         const std::int64_t i0 = rb * kBlockM;
         if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
         const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
-        forward_block<T>(p, geo, span, kt.data() + local_pair * dp * skp,
-                         v.data() + local_pair * skp * dvp, bi, kh * g + gi, i0, rows, w);
+        const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
+        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.data() + ko,
+                         geo.bf16 ? nullptr : v.data() + vo, geo.bf16 ? kt16.data() + ko : nullptr,
+                         geo.bf16 ? v16.data() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
     }
   }

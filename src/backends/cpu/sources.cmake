@@ -5,6 +5,7 @@ set(ORCHARD_CPU_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/backward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/dropout_mask.cpp
   ${CMAKE_CURRENT_LIST_DIR}/gemm.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/gemm_bf16.cpp
   ${CMAKE_CURRENT_LIST_DIR}/score_mods.cpp
   ${CMAKE_CURRENT_LIST_DIR}/softmax_tile.cpp
   ${CMAKE_CURRENT_LIST_DIR}/strided_copy.cpp

@@ -110,3 +110,49 @@ inline void load_rows_transposed(const void* base, DType dtype, std::int64_t ele
 }
 
 }  // namespace orchard::cpu
+
+namespace orchard::cpu {
+
+// bf16 staging for the vdpbf16ps path (gemm_bf16.h): bf16 inputs are copied
+// as raw 16-bit values, no conversion. All three zero their padding.
+
+// Rows [0, rows) of one head, row-major rows x dpad (dpad even).
+inline void load_rows_bf16(const void* base, std::int64_t elem_offset, std::int64_t row_stride,
+                           int rows, int d, int dpad, std::uint16_t* dst) {
+  const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
+  for (int r = 0; r < rows; ++r) {
+    std::copy_n(s + r * row_stride, d, dst + std::int64_t(r) * dpad);
+    std::fill(dst + std::int64_t(r) * dpad + d, dst + std::int64_t(r + 1) * dpad, std::uint16_t(0));
+  }
+}
+
+// K for S = Q K^T: tiles of `block` rows; in tile t, dim pair c/2, row r:
+// dst[((t * dpad / 2 + c / 2) * block + r) * 2 + c % 2] (the B operand with
+// ldb = 2 * block; tile t starts at dst + t * block * dpad). rows_pad % block == 0.
+inline void load_pairs_kt_bf16(const void* base, std::int64_t elem_offset, std::int64_t row_stride,
+                               int rows, int rows_pad, int d, int dpad, int block,
+                               std::uint16_t* dst) {
+  const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
+  std::fill(dst, dst + std::int64_t(rows_pad) * dpad, std::uint16_t(0));
+  for (int row = 0; row < rows; ++row) {
+    const std::uint16_t* src = s + row * row_stride;
+    std::uint16_t* tile = dst + std::int64_t(row / block) * block * dpad + 2 * (row % block);
+    for (int c = 0; c < d; ++c) tile[std::int64_t(c / 2) * 2 * block + (c & 1)] = src[c];
+  }
+}
+
+// V for O += P V: pairs of rows; row r, column c at dst[((r / 2) * dpad + c) * 2 + r % 2]
+// (ldb = 2 * dpad). rows_pad even.
+inline void load_pairs_rows_bf16(const void* base, std::int64_t elem_offset,
+                                 std::int64_t row_stride, int rows, int rows_pad, int d, int dpad,
+                                 std::uint16_t* dst) {
+  const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
+  std::fill(dst, dst + std::int64_t(rows_pad) * dpad, std::uint16_t(0));
+  for (int row = 0; row < rows; ++row) {
+    const std::uint16_t* src = s + row * row_stride;
+    std::uint16_t* out = dst + std::int64_t(row / 2) * 2 * dpad + (row & 1);
+    for (int c = 0; c < d; ++c) out[2 * c] = src[c];
+  }
+}
+
+}  // namespace orchard::cpu
