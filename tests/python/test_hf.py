@@ -198,7 +198,7 @@ def test_set_attn_implementation_switches_model():
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     calls = []
-    real = orchard_hf.flash_attn_varlen_func
+    real = orchard_hf._varlen_trusted  # the padded path's kernel call
 
     def spy(*a, **k):
         calls.append(1)
@@ -206,12 +206,12 @@ def test_set_attn_implementation_switches_model():
 
     model.set_attn_implementation("orchard")
     assert model.config._attn_implementation == "orchard"
-    orchard_hf.flash_attn_varlen_func = spy
+    orchard_hf._varlen_trusted = spy
     try:
         with torch.no_grad():
             got = model(input_ids=ids, attention_mask=mask).logits
     finally:
-        orchard_hf.flash_attn_varlen_func = real
+        orchard_hf._varlen_trusted = real
     assert len(calls) == cfg.num_hidden_layers  # Orchard ran every layer's attention
     _close("logits", got[mask.bool()], want[mask.bool()])
 

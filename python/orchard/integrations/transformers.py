@@ -201,8 +201,7 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
             k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
         (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = _cached(mask, ("pad", sq),
                                                                lambda: _padding_plan(mask, sq))
-        out = flash_attn_varlen_func(q[bq, iq], k[bk, ik], v[bk, ik], cu_q, cu_k, max_q, max_k,
-                                     **opts)
+        out = _varlen_trusted(q[bq, iq], k[bk, ik], v[bk, ik], cu_q, cu_k, max_q, max_k, **opts)
         padded = out.new_zeros(b, sq, hq, out.shape[-1])
         return padded.index_put((bq, iq), out), None
 
@@ -219,13 +218,24 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         plan = _cached(position_ids, ("packed", b), lambda: _packed_plan(position_ids, b, sq))
         if plan is not None:
             cu, longest = plan
-            out = flash_attn_varlen_func(q.reshape(b * sq, *q.shape[2:]),
-                                         k.reshape(b * sk, *k.shape[2:]),
-                                         v.reshape(b * sk, *v.shape[2:]), cu, cu, longest,
-                                         longest, **opts)
+            out = _varlen_trusted(q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sk, *k.shape[2:]),
+                                  v.reshape(b * sk, *v.shape[2:]), cu, cu, longest, longest, **opts)
             return out.view(b, sq, hq, out.shape[-1]), None
 
     return flash_attn_func(q, k, v, **opts), None
+
+
+def _varlen_trusted(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal,
+                    window_size, softcap, sink):
+    """flash_attn_varlen_func for cu_seqlens this module built itself (valid by
+    construction), without the public function's checks of their values, which
+    cost a device -> host copy per call on a GPU: with the plan cache, a padded
+    or packed forward syncs once, not once per layer."""
+    scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, _, _ = _ops._FWD(q, k, v, scale, causal, False, dropout_p, 0, 0, False, False, _OP,
+                          _ops.draw_dropout_rng_state(dropout_p, q.device), window_size[0],
+                          window_size[1], softcap, None, sink, None, cu_q, cu_k, max_q, max_k)
+    return out
 
 
 def _masked(q, k, v, mask, dropout_p, scaling, softcap, sink):
@@ -243,8 +253,7 @@ def _masked(q, k, v, mask, dropout_p, scaling, softcap, sink):
     mask = mask.detach().expand(b, hq, sq, mask.shape[-1])
     scale = _ops.default_scale(d) if scaling is None else float(scaling)
     out, _, _ = _ops._FWD(q, k, v, scale, False, True, dropout_p, 0, 0, False, False,
-                          "orchard.integrations.transformers",
-                          _ops.draw_dropout_rng_state(dropout_p, q.device),
+                          _OP, _ops.draw_dropout_rng_state(dropout_p, q.device),
                           -1, -1, softcap, None, sink, mask, None, None, 0, 0)
     return out
 
