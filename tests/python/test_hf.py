@@ -190,6 +190,31 @@ def test_packed_position_ids(name):
             start += n
 
 
+def test_precomputed_cu_seq_lens_kwargs():
+    """Padding-free batches with cu_seq_lens_q/k + max_length_q/k keyword arguments
+    (what DataCollatorWithFlattening produces) give each sequence on its own."""
+    _, orc = _pair("llama")
+    lengths = [4, 6, 2]
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 4, 10, 12], dtype=torch.int32)
+    calls = []
+    real = orchard_hf.flash_attn_varlen_func  # the path for caller-provided cu_seqlens
+    orchard_hf.flash_attn_varlen_func = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            got = orc(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                      max_length_q=6, max_length_k=6, use_cache=False).logits
+    finally:
+        orchard_hf.flash_attn_varlen_func = real
+    assert len(calls) == orc.config.num_hidden_layers
+        start = 0
+        for n in lengths:
+            alone = orc(input_ids=ids[:, start:start + n]).logits
+            _close("cu_seq_lens vs alone", got[:, start:start + n], alone)
+            start += n
+
+
 def test_set_attn_implementation_switches_model():
     cfg, _ = _config("llama")
     torch.manual_seed(0)
