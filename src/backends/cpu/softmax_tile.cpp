@@ -8,11 +8,137 @@
 
 #include "backends/cpu/simd.h"
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define ORCHARD_SOFTMAX_AVX512 1
+#define ORCHARD_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+// GCC 12 flags the _mm512_undefined_* inside its own intrinsic headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace orchard::cpu {
+
+#ifdef ORCHARD_SOFTMAX_AVX512
+// AVX-512 versions of the fp32 tile steps. Measured (perf, bf16 fwd s1024 d64,
+// one Zen 4 core): the 8-wide softmax_tile_update took 42% of the forward,
+// as much as the GEMMs — its per-row scalar NaN-propagating max and the
+// spilled constants of the 8-wide exp2 cost more than the exp itself. Here:
+// 16 lanes, plain vmaxps plus a separate unordered-compare mask for NaN, and
+// exp2 with vscalefps for the 2^n step.
+namespace {
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+// 2^x, same polynomial as simd.h's exp2_f32 (|rel err| ~ 1e-7): x < -126
+// gives exactly 0, NaN stays NaN, -inf gives 0.
+ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);  // vmaxps returns its second operand for NaN
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381610e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// Columns [0, n) of a 16-column group starting at j.
+inline __mmask16 cols_mask(int n, int j) {
+  const int k = n - j;
+  return k >= 16 ? __mmask16(0xFFFF) : k <= 0 ? __mmask16(0) : __mmask16((1u << k) - 1);
+}
+
+ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc, const int* nv,
+                                                      float c, float* m, float* l, float* o,
+                                                      std::int64_t ldo, int dp) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + std::int64_t(r) * bc;
+    const int n = nv[r];
+    __m512 vmax = _mm512_set1_ps(ninf);
+    __mmask16 nan = 0;
+    for (int j = 0; j < bc; j += 16) {
+      const __mmask16 k = cols_mask(n, j);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), vc);
+      nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
+      vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    }
+    const float m_old = m[r];
+    const float tile_max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
+    const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+    if (m_new == ninf) {  // nothing visible yet in this row
+      for (int j = 0; j < bc; j += 16) _mm512_storeu_ps(sr + j, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int j = 0; j < bc; j += 16) {
+      const __mmask16 k = cols_mask(n, j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm)));
+      _mm512_storeu_ps(sr + j, p);
+      vsum = _mm512_add_ps(vsum, p);
+    }
+    const float alpha = m_old == ninf ? 0.0f : std::exp2(m_old - m_new);
+    l[r] = l[r] * alpha + _mm512_reduce_add_ps(vsum);
+    m[r] = m_new;
+    if (alpha != 1.0f) {
+      float* orow = o + r * ldo;
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int j = 0; j < dp; j += 16) _mm512_storeu_ps(orow + j, _mm512_mul_ps(_mm512_loadu_ps(orow + j), va));
+    }
+  }
+}
+
+ORCHARD_AVX512_TARGET void backward_tile_avx512(float* s, float* dp, int rows, int bc, const int* nv,
+                                                float c, const float* lse2, const float* dsum,
+                                                const std::uint8_t* keep, float rp) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + std::int64_t(r) * bc;
+    float* dr = dp + std::int64_t(r) * bc;
+    const int n = lse2[r] == ninf ? 0 : nv[r];
+    const __m512 lr = _mm512_set1_ps(lse2[r] == ninf ? 0.0f : lse2[r]);
+    const __m512 ds = _mm512_set1_ps(dsum[r]);
+    const std::uint8_t* kr = keep ? keep + std::int64_t(r) * bc : nullptr;
+    for (int j = 0; j < bc; j += 16) {
+      const __mmask16 k = cols_mask(n, j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, lr)));
+      __m512 d = _mm512_loadu_ps(dr + j);
+      __m512 pd = p;
+      if (kr) {
+        const __m512 km = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kr + j)))),
+            _mm512_set1_ps(rp));  // keep is 0/1
+        pd = _mm512_mul_ps(p, km);
+        d = _mm512_mul_ps(d, km);
+      }
+      _mm512_storeu_ps(sr + j, pd);
+      _mm512_storeu_ps(dr + j, _mm512_mul_ps(p, _mm512_sub_ps(d, ds)));
+    }
+  }
+}
+
+}  // namespace
+#endif
 
 ORCHARD_CPU_CLONES
 void softmax_tile_update(float* s, int rows, int bc, const int* nv, float c, float* m, float* l,
                          float* o, std::int64_t ldo, int dp) {
+#ifdef ORCHARD_SOFTMAX_AVX512
+  if (bc % 16 == 0 && dp % 16 == 0 && has_avx512())
+    return softmax_tile_update_avx512(s, rows, bc, nv, c, m, l, o, ldo, dp);
+#endif
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < rows; ++r) {
     float* sr = s + std::int64_t(r) * bc;
@@ -99,6 +225,9 @@ void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, d
 ORCHARD_CPU_CLONES
 void backward_tile(float* s, float* dp, int rows, int bc, const int* nv, float c,
                    const float* lse2, const float* dsum, const std::uint8_t* keep, float rp) {
+#ifdef ORCHARD_SOFTMAX_AVX512
+  if (bc % 16 == 0 && has_avx512()) return backward_tile_avx512(s, dp, rows, bc, nv, c, lse2, dsum, keep, rp);
+#endif
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < rows; ++r) {
     float* sr = s + std::int64_t(r) * bc;
