@@ -2,14 +2,18 @@
 // atomics or an sq x sk buffer. Per chunk of (batch, kv head) pairs:
 //   stage: K^T, K, V^T of the pair and Q, dO, lse*log2(e), D = rowsum(dO*O)
 //          of its group's q heads, converted to T once;
-//   pass 1, parallel over (pair, column block): recompute P and dS tile by
-//          tile over every q head of the group and every row block, and
-//          accumulate dV += P_drop^T dO, dK += dS^T Q in registers/L1 —
-//          GQA's sum over the group happens inside one task;
-//   pass 2, parallel over (pair, q head, row block): recompute again and
-//          accumulate dQ += dS K.
-// That is 7 tile GEMMs instead of the minimal 5; the price of determinism
-// without atomics (a dQ accumulator per column block would be sq x d x nblocks).
+//   pass 1, parallel over (pair, dQ slot): a task takes the column blocks
+//          cb = slot, slot + G, ... (G = kDqSlots or fewer) in order; per
+//          column block it recomputes P and dS tile by tile over every q head
+//          of the group and every row block, accumulates dV += P_drop^T dO,
+//          dK += dS^T Q in L1 (GQA's sum over the group inside one task) and
+//          dQ += dS K into its slot's own (g * sq x d) buffer;
+//   pass 2, parallel over (pair, q head, row block): dQ = the sum of the G
+//          slot buffers in slot order.
+// 5 tile GEMMs, deterministic for any thread count without atomics: G does
+// not depend on the thread count, each slot adds its column blocks in order.
+// (Until 2026-11-30 pass 2 recomputed P and dS per row block for dQ: 7 GEMMs,
+// ~25% more backward time; measured in bench/NOTES.md.)
 // The features follow the forward (forward.cpp's header); on top, dS goes
 // through the softcap's 1 - tanh^2, and dsink comes from the staged lse and
 // D per (batch, q head), summed over the batch in a fixed order.
@@ -42,6 +46,7 @@ struct PairStage {
   T* dout;   // (g * sq) x dvp
   T* lse2;   // g * sq
   T* dsum;   // g * sq
+  T* dq_slots;  // kDqSlots (or fewer) x (g * sq) x dp fp32 dQ partial sums
   // bf16 path (Geometry::bf16; kt, k, vt, q, dout unused): raw bf16 copies.
   std::uint16_t* kt16;   // K as load_pairs_kt_bf16 tiles: B of S = Q K^T
   std::uint16_t* kp16;   // K pair-packed along rows: B of dQ += dS K
@@ -136,7 +141,7 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
 // Pass 1: dK, dV of kv head `kh`, columns [j0, j0 + kBlockN) of sequence bi.
 template <class T>
 void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int kh,
-                std::int64_t j0, BwdScratch<T>& w) {
+                std::int64_t j0, T* dq_slot, BwdScratch<T>& w) {
   const SeqSpan span = seq_span(p, bi);
   if (j0 >= span.len_k) return;  // varlen: a shorter sequence
   const int dp = geo.dp, dvp = geo.dvp;
@@ -166,6 +171,9 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
           to_bf16_pairs_t(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), 2 * kBlockN);
           gemm_bf16(kBlockN, dp, kp, w.t16.data(), 2, 2 * kBlockN, st.qp16 + re * dp, 2 * dp, dk,
                     dp, true);
+          to_bf16_rows(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), kBlockN);
+          gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp,
+                    dq_slot + (std::int64_t(gi) * p.sq + i0) * dp, dp, true);
           continue;
         }
       }
@@ -173,6 +181,7 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
       // The tiles are rows x kBlockN; read them as their transposes.
       gemm_tn(kBlockN, dvp, rows, w.s.data(), kBlockN, st.dout + ro * dvp, dvp, dv, dvp, true);
       gemm_tn(kBlockN, dp, rows, w.dp_.data(), kBlockN, st.q + ro * dp, dp, dk, dp, true);
+      gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq_slot + ro * dp, dp, true);
     }
   }
   const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
@@ -186,35 +195,29 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
   }
 }
 
-// Pass 2: dQ of q head h = kh * g + gi, rows [i0, i0 + rows) of sequence bi.
+// Pass 2: dQ of q head h = kh * g + gi, rows [i0, i0 + kBlockM) of sequence
+// bi: the sum of the pair's `slots` dQ slot buffers, in slot order.
 template <class T>
-void dq_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int kh,
-              int gi, std::int64_t i0, BwdScratch<T>& w) {
+void dq_reduce(const BwdParams& p, const Geometry& geo, const T* dq_slots, int slots, int bi,
+               int kh, int gi, std::int64_t i0) {
   const SeqSpan span = seq_span(p, bi);
   if (i0 >= span.len_q) return;  // varlen: a shorter sequence
   const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
   const int dp = geo.dp;
   const int h = kh * geo.g + gi;
-  const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
-  T* dq = w.acc0.data();
-  std::fill(dq, dq + std::int64_t(rows) * dp, T(0));
-  const ColRange cols = block_visible_cols(p, span, i0, rows, kBlockN);
-  for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += kBlockN) {
-    recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
-    if constexpr (sizeof(T) == 4) {
-      if (geo.bf16) {
-        to_bf16_rows(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), kBlockN);
-        gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp, dq,
-                  dp, true);
-        continue;
-      }
-    }
-    gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq, dp, true);
-  }
+  const std::size_t slot_elems = std::size_t(geo.g) * p.sq * dp;
   const T scale = softmax_scale<T>(p);
-  for (int r = 0; r < rows; ++r)
-    store_row(dq + std::int64_t(r) * dp, scale, geo.d, p.dtype, p.dq,
+  T row[4096 + kGemmNMultiple];  // dp <= the CPU backend's max head dim, padded
+  for (int r = 0; r < rows; ++r) {
+    const T* src = dq_slots + (std::int64_t(gi) * p.sq + i0 + r) * dp;
+    std::copy_n(src, dp, row);
+    for (int sl = 1; sl < slots; ++sl) {
+      const T* o = src + sl * slot_elems;
+      for (int c = 0; c < dp; ++c) row[c] += o[c];
+    }
+    store_row(row, scale, geo.d, p.dtype, p.dq,
               bi * p.dq_batch_stride + (span.q_start + i0 + r) * p.dq_row_stride + h * p.dq_head_stride);
+  }
 }
 
 // Converts one q head's Q, dO, lse and computes D = rowsum(dO * O). Returns
@@ -286,11 +289,15 @@ void backward_impl(const BwdParams& p) {
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t ncb = (p.sk + kBlockN - 1) / kBlockN;
   const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
-  // bf16: the fp32 part holds only lse2 and dsum; the bf16 part the rest.
+  // dQ slots per pair: fixed (never the thread count), so sums are reproducible.
+  const int slots = static_cast<int>(std::clamp<std::int64_t>(ncb, 1, kDqSlots));
+  const std::size_t slot_elems = std::size_t(g) * p.sq * dp;
+  // bf16: the fp32 part holds only lse2, dsum and the dQ slots; the bf16 part the rest.
   const std::size_t pair_elems =
-      geo.bf16 ? std::size_t(2 * std::int64_t(g) * p.sq)
-               : std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * p.sq * (dp + dvp) +
-                             2 * std::int64_t(g) * p.sq);
+      (geo.bf16 ? std::size_t(2 * std::int64_t(g) * p.sq)
+                : std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * p.sq * (dp + dvp) +
+                              2 * std::int64_t(g) * p.sq)) +
+      slots * slot_elems;
   const std::size_t pair_elems16 =
       geo.bf16 ? std::size_t(skp * (2 * dp + dvp) + std::int64_t(g) * (p.sq + geo.sqe) * (dp + dvp)) : 0;
   const std::int64_t chunk = std::clamp<std::int64_t>(
@@ -311,6 +318,7 @@ void backward_impl(const BwdParams& p) {
       s.dop16 = s.qp16 + std::int64_t(g) * geo.sqe * dp;
       s.lse2 = stage.data() + std::size_t(local) * pair_elems;
       s.dsum = s.lse2 + std::int64_t(g) * p.sq;
+      s.dq_slots = s.dsum + std::int64_t(g) * p.sq;
       return s;
     }
     T* base = stage.data() + std::size_t(local) * pair_elems;
@@ -321,6 +329,7 @@ void backward_impl(const BwdParams& p) {
     s.dout = s.q + std::int64_t(g) * p.sq * dp;
     s.lse2 = s.dout + std::int64_t(g) * p.sq * dvp;
     s.dsum = s.lse2 + std::int64_t(g) * p.sq;
+    s.dq_slots = s.dsum + std::int64_t(g) * p.sq;
     return s;
   };
   // Per (batch, q head) shares of the sink gradient, summed in a fixed order at the end.
@@ -366,27 +375,32 @@ void backward_impl(const BwdParams& p) {
         }
       }
     }
-    const std::int64_t ntasks1 = np * ncb;
+    const std::int64_t ntasks1 = np * slots;
     const std::int64_t ntasks2 = np * g * nrb;
     ORCHARD_OMP("omp parallel")
     {
       BwdScratch<T> w(std::max(dp, dvp));
-      ORCHARD_OMP("omp for schedule(dynamic, 1) nowait")
+      ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks1; ++t) {
-        const std::int64_t local = t / ncb;
+        const std::int64_t local = t / slots;
+        const int slot = static_cast<int>(t % slots);
         const std::int64_t pair = pair0 + local;
-        dkdv_block(p, geo, pair_stage(local), static_cast<int>(pair / p.hkv),
-                   static_cast<int>(pair % p.hkv), (t % ncb) * kBlockN, w);
+        const PairStage<T> st = pair_stage(local);
+        T* dq_slot = st.dq_slots + slot * slot_elems;
+        std::fill(dq_slot, dq_slot + slot_elems, T(0));
+        for (std::int64_t cb = slot; cb < ncb; cb += slots)
+          dkdv_block(p, geo, st, static_cast<int>(pair / p.hkv), static_cast<int>(pair % p.hkv),
+                     cb * kBlockN, dq_slot, w);
       }
-      // nowait: pass 2 reads only the stage, never pass 1's outputs.
+      // (the barrier above: pass 2 reads every slot of pass 1)
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks2; ++t) {
         const std::int64_t local = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;
         const std::int64_t pair = pair0 + local;
-        dq_block(p, geo, pair_stage(local), static_cast<int>(pair / p.hkv),
-                 static_cast<int>(pair % p.hkv), gi, i0, w);
+        dq_reduce(p, geo, pair_stage(local).dq_slots, slots, static_cast<int>(pair / p.hkv),
+                  static_cast<int>(pair % p.hkv), gi, i0);
       }
     }
   }

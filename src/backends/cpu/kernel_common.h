@@ -37,6 +37,12 @@ inline constexpr int kBlockM = ORCHARD_CPU_BLOCK_M;
 inline constexpr int kBlockN = ORCHARD_CPU_BLOCK_N;
 static_assert(kBlockN % 16 == 0, "column tiles must be a multiple of the GEMM N multiple");
 
+// Backward dQ partial-sum buffers per (batch, kv head) pair (backward.cpp):
+// the column blocks are split over this many slots, each an independent task
+// with its own g * sq x d fp32 accumulator. Fixed, so results do not depend
+// on the thread count; 8 keeps 2-16 threads busy when few pairs are staged.
+inline constexpr int kDqSlots = 8;
+
 // Converted K/V (and Q/dO in the backward) are staged per chunk of
 // (batch, kv head) pairs; a chunk holds at most this many bytes (but always
 // at least one pair), so memory stays bounded for long sequences.
