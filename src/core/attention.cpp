@@ -155,19 +155,6 @@ void run_logged(const char* direction, const BackendOps& be, const FwdParams& p,
   debug_log_line(line.str());
 }
 
-// Backends report errors without an op name (they serve every op); the public
-// entry points put the caller's op name in front, as on every other error.
-template <typename Fn>
-auto with_op_prefix(const std::string& op, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    if (msg.rfind(op + ": ", 0) == 0) throw;
-    throw Error(e.kind(), op + ": " + msg);
-  }
-}
-
 }  // namespace
 }  // namespace detail
 

@@ -431,17 +431,6 @@ void run(const DecodeArgs& a) {
                  " backend=" + (s.cuda ? "cuda" : "cpu") + " staged=0 host_ms=" + buf);
 }
 
-template <typename Fn>
-auto with_prefix(const std::string& op, Fn&& fn) {
-  try {
-    return fn();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    if (msg.rfind(op + ": ", 0) == 0) throw;
-    throw Error(e.kind(), op + ": " + msg);
-  }
-}
-
 }  // namespace
 }  // namespace detail
 
@@ -456,11 +445,11 @@ int kvcache_num_splits_heuristic(std::int64_t work_items, std::int64_t max_keys,
 }
 
 DecodePlan kvcache_plan(const DecodeArgs& a) {
-  return detail::with_prefix(a.options.op_name, [&] { return detail::plan_for(a, detail::validate(a)); });
+  return detail::with_op_prefix(a.options.op_name, [&] { return detail::plan_for(a, detail::validate(a)); });
 }
 
 void attention_with_kvcache(const DecodeArgs& a) {
-  detail::with_prefix(a.options.op_name, [&] { detail::run(a); });
+  detail::with_op_prefix(a.options.op_name, [&] { detail::run(a); });
 }
 
 }  // namespace orchard

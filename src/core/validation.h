@@ -11,6 +11,19 @@ namespace orchard::detail {
 
 [[noreturn]] void fail(ErrorKind kind, const std::string& op, const std::string& message);
 
+// Runs fn() with every orchard::Error it throws prefixed by the op name (backends
+// report errors without one: they serve every op), unless it already has it.
+template <typename Fn>
+auto with_op_prefix(const std::string& op, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    if (msg.rfind(op + ": ", 0) == 0) throw;
+    throw Error(e.kind(), op + ": " + msg);
+  }
+}
+
 // The problem a validated call describes.
 struct ProblemShape {
   std::int64_t b = 0, sq = 0, sk = 0, hq = 0, hkv = 0, d = 0;
