@@ -332,7 +332,8 @@ def scaled_dot_product_attention(
     permuted views, read in place; the output has query's layout.
 
     attn_mask: bool (True = take part in attention) or a float bias added to
-    the scaled scores, of query's dtype (or float32), broadcastable to
+    the scaled scores, of query's dtype (or float32 when query is not
+    float64), broadcastable to
     (..., Hq, L, S) as in torch; broadcast dims are read in place (stride 0),
     never expanded in memory. Like torch, attn_mask and is_causal together are
     an error. A row the mask hides entirely outputs 0 (torch's math backend
