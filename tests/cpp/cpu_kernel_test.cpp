@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/gemm_bf16.h"
 #include "backends/cpu/kernel_common.h"
 #include "core/backend.h"
 #include "reference.h"
@@ -407,6 +408,29 @@ TEST(CpuKernel, MultiChunkStagingMatchesSingleChunk) {
   c.layout = Layout::kBHSD;
   check_case(c);
   cpu::g_stage_budget_bytes = saved;
+}
+
+TEST(CpuKernel, Bf16BothPathsMatchReference) {
+  // bf16 inputs take the vdpbf16ps path where the CPU has AVX512_BF16 and the
+  // fp32-converting path elsewhere: check both on this machine. Odd row
+  // counts, sq != sk, GQA, several row and column blocks, d not a multiple of 16.
+  const bool saved = cpu::g_bf16_dot;
+  for (bool dot : {true, false}) {
+    cpu::g_bf16_dot = dot;
+    for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
+      Case c{2, 157, 203, 4, 2, 72};
+      c.dt = DType::kBFloat16;
+      c.causal = cm;
+      c.layout = Layout::kBHSD;
+      check_case(c);
+      Case c2{1, 131, 131, 2, 2, 128};
+      c2.dt = DType::kBFloat16;
+      c2.causal = cm;
+      c2.dropout = 0.2f;
+      check_case(c2);
+    }
+  }
+  cpu::g_bf16_dot = saved;
 }
 
 TEST(CpuBackend, TableIsComplete) {

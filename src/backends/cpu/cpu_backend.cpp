@@ -5,6 +5,7 @@
 #include <string>
 
 #include "backends/cpu/gemm.h"
+#include "backends/cpu/gemm_bf16.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/strided_copy.h"
@@ -43,7 +44,10 @@ std::string check_support(const FwdParams& p) {
 }
 
 std::string variant_name(const FwdParams& p, bool backward) {
-  const char* prec = p.dtype == DType::kFloat64 ? "fp64" : "fp32";
+  // bf16 inputs run their GEMMs on bf16 operands where the CPU has AVX512_BF16 (gemm_bf16.h).
+  const char* prec = p.dtype == DType::kFloat64                                   ? "fp64"
+                     : p.dtype == DType::kBFloat16 && cpu::bf16_dot_available() ? "bf16dot"
+                                                                                : "fp32";
   std::string name = std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
                      std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
   if (p.causal) name += "_causal";
