@@ -4,7 +4,7 @@
 //
 //   cuda_check            correctness suite (exit 1 on any failure)
 //   cuda_check --small    one small fwd+bwd case per kernel family (for compute-sanitizer)
-//   cuda_check --features only the feature cases (window, softcap, ALiBi, varlen, sinks)
+//   cuda_check --features only the feature cases (window, softcap, ALiBi, attn_bias, varlen, sinks)
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -67,9 +67,15 @@ struct Case {
   float softcap = 0.f;
   int alibi = 0;  // 0: none, 1: per-head slopes (batch stride 0), 2: per (batch, head)
   bool sink = false;
+  // attn_bias / attn_mask: 0 none, 1 boolean (uint8), 2 float in the input dtype, 3 float32.
+  // bias_bc: broadcast (stride 0) bits: 1 batch, 2 head, 4 row. bias_cs: column stride.
+  // bias_dead: some rows (not with row broadcast) see nothing (boolean 0 / float -inf).
+  int bias = 0, bias_bc = 0, bias_cs = 1;
+  bool bias_dead = true;
   std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
   bool varlen() const { return !lq.empty(); }
-  bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || varlen(); }
+  bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || bias || varlen(); }
+  DType bias_dtype() const { return bias == 1 ? DType::kUInt8 : (bias == 3 ? DType::kFloat32 : dt); }
 };
 
 // Where sequence bi lives in the host/device tensors: the batch entry and first
@@ -110,6 +116,72 @@ size_t lse_index(const Case& c, const Geometry& g, int bi, int h, int i) {
 }
 size_t lse_count(const Case& c, const Geometry& g) { return c.varlen() ? size_t(c.hq) * g.tq : size_t(c.b) * c.hq * c.sq; }
 float sink_value(int h) { return 0.6f * h - 0.4f; }
+
+// The attn_bias test tensor (not varlen): logical (b, hq, sq, sk) over a stored
+// (Bb, Hb, Rb, sk * cs) array, values rounded to the bias dtype (boolean: 0 = masked).
+struct HostBias {
+  int Bb = 0, Hb = 0, Rb = 0, Cb = 0, cs = 1;
+  std::vector<double> v;  // (Bb, Hb, Rb, Cb); boolean: 0 / 1
+  int64_t bs = 0, hs = 0, rs = 0;  // element strides (0 = broadcast)
+  double at(int bi, int h, int i, int j) const {
+    return v[((size_t(Bb == 1 ? 0 : bi) * Hb + (Hb == 1 ? 0 : h)) * Rb + (Rb == 1 ? 0 : i)) * Cb + j];
+  }
+  // The score term: boolean 0 -> -inf, else the value.
+  double term(bool boolean, int bi, int h, int i, int j) const {
+    const double x = at(bi, h, i, j);
+    return boolean ? (x != 0 ? 0.0 : -INFINITY) : x;
+  }
+};
+HostBias make_bias(const Case& c, std::mt19937& rng) {
+  HostBias hb;
+  if (!c.bias) return hb;
+  hb.Bb = (c.bias_bc & 1) ? 1 : c.b, hb.Hb = (c.bias_bc & 2) ? 1 : c.hq, hb.Rb = (c.bias_bc & 4) ? 1 : c.sq;
+  hb.Cb = c.sk, hb.cs = c.bias_cs;
+  hb.rs = (c.bias_bc & 4) ? 0 : int64_t(hb.Cb) * hb.cs;
+  hb.hs = (c.bias_bc & 2) ? 0 : int64_t(hb.Rb) * hb.Cb * hb.cs;
+  hb.bs = (c.bias_bc & 1) ? 0 : int64_t(hb.Hb) * hb.Rb * hb.Cb * hb.cs;
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  hb.v.resize(size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb);
+  const DType bdt = c.bias_dtype();
+  for (int bi = 0; bi < hb.Bb; ++bi)
+    for (int h = 0; h < hb.Hb; ++h)
+      for (int i = 0; i < hb.Rb; ++i) {
+        const bool dead = c.bias_dead && hb.Rb > 1 && i % 9 == 4 && h == 0;
+        for (int j = 0; j < hb.Cb; ++j) {
+          double& x = hb.v[((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j];
+          if (c.bias == 1) x = dead ? 0.0 : (ud(rng) < 0.3 ? 0.0 : 1.0);
+          else x = dead ? -INFINITY : round_to(bdt, 0.7 * nd(rng));
+        }
+      }
+  return hb;
+}
+// The stored bytes (padding columns of cs > 1 poisoned: 0xFF = NaN / true).
+std::vector<unsigned char> bias_bytes(const Case& c, const HostBias& hb) {
+  const DType bdt = c.bias_dtype();
+  const size_t es = dtype_size(bdt);
+  std::vector<unsigned char> buf(size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb * hb.cs * es, 0xFF);
+  for (int bi = 0; bi < hb.Bb; ++bi)
+    for (int h = 0; h < hb.Hb; ++h)
+      for (int i = 0; i < hb.Rb; ++i)
+        for (int j = 0; j < hb.Cb; ++j) {
+          const double x = hb.v[((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j];
+          const size_t off = ((((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j) * hb.cs) * es;
+          const float f = static_cast<float>(x);
+          if (bdt == DType::kUInt8) {
+            buf[off] = x != 0 ? 1 : 0;
+          } else if (bdt == DType::kBFloat16) {
+            const uint16_t u = float_to_bf16(f);
+            std::memcpy(&buf[off], &u, 2);
+          } else if (bdt == DType::kFloat16) {
+            const uint16_t u = float_to_fp16(f);
+            std::memcpy(&buf[off], &u, 2);
+          } else {
+            std::memcpy(&buf[off], &f, 4);
+          }
+        }
+  return buf;
+}
 float alibi_value(const Case& c, int bi, int h) {
   const float base = 0.25f / float(1 + h);
   return c.alibi == 2 ? base * (1.f + 0.5f * bi) : base;
@@ -217,9 +289,9 @@ struct RefOut {
 
 // fp64 reference; with `naive`, every intermediate (S, P, O, dP, dS) is rounded to c.dt.
 // Features as params.h defines them: per-sequence diagonal, window, softcap
-// (dS gets 1 - tanh^2), ALiBi after softcap, sinks in the denominator, varlen.
+// (dS gets 1 - tanh^2), ALiBi after softcap, then attn_bias, sinks in the denominator, varlen.
 RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& k, const HostT& v,
-                 const HostT& dout, const std::vector<uint8_t>& keep, bool naive) {
+                 const HostT& dout, const std::vector<uint8_t>& keep, const HostBias& bias, bool naive) {
   RefOut r(c, g);
   auto R = [&](double x) { return naive ? round_to(c.dt, x) : x; };
   const double scale = 1.0 / std::sqrt(double(c.d));
@@ -254,6 +326,7 @@ RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& 
             dt[j] = 1.0 - t * t;
           }
           x -= slope * std::fabs(double(rel));
+          if (c.bias) x += bias.term(c.bias == 1, bi, h, i, j);  // after softcap and ALiBi
           s[j] = R(x);
           m = std::max(m, s[j]);
         }
@@ -376,6 +449,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
   if (c.softcap > 0) std::printf(" softcap%.1f", c.softcap);
   if (c.alibi) std::printf(" alibi%d", c.alibi);
   if (c.sink) std::printf(" sink");
+  if (c.bias)
+    std::printf(" bias(%s bc%d cs%d%s)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc, c.bias_cs,
+                c.bias_dead ? " dead-rows" : "");
   if (c.varlen()) {
     std::printf(" varlen q[");
     for (int x : c.lq) std::printf(" %d", x);
@@ -417,6 +493,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
   void* d_cq = upload_raw(geo.cq.data(), geo.cq.size() * 4);
   void* d_ck = upload_raw(geo.ck.data(), geo.ck.size() * 4);
   DevT d_dsink = alloc_poisoned(size_t(c.hq) * 4, {});
+  const HostBias hbias = make_bias(c, rng);
+  std::vector<unsigned char> bias_buf = bias_bytes(c, hbias);
+  void* d_bias = upload_raw(bias_buf.data(), bias_buf.size());
 
   BwdParams p;
   fill_params(p, c, dq_, dk_, dv_, dout_o, dlse.ptr);
@@ -434,6 +513,12 @@ bool run_case(const Case& c, std::mt19937& rng) {
     p.alibi_batch_stride = c.alibi == 2 ? c.hq : 0;
   }
   if (c.sink) p.sink = static_cast<const float*>(d_sink);
+  if (c.bias) {
+    p.attn_bias = d_bias;
+    p.attn_bias_dtype = c.bias_dtype();
+    p.bias_batch_stride = hbias.bs, p.bias_head_stride = hbias.hs, p.bias_row_stride = hbias.rs;
+    p.bias_col_stride = hbias.cs;
+  }
   if (c.varlen()) {
     p.cu_seqlens_q = static_cast<const int32_t*>(d_cq);
     p.cu_seqlens_k = static_cast<const int32_t*>(d_ck);
@@ -442,7 +527,19 @@ bool run_case(const Case& c, std::mt19937& rng) {
     p.lse_head_stride = geo.tq;
   }
   bool ok = true;
-  const std::string why = ops->check_support(p);
+  std::string why = ops->check_support(p);
+  // attn_bias: check_support refuses it for every dtype until the bf16/fp16 mma
+  // kernels implement it; the float32 SIMT kernels do, and run here past the check.
+  if (c.bias && c.dt == DType::kFloat32 && why == "attn_bias / attn_mask is not implemented on the CUDA backend yet") {
+    std::printf("    (attn_bias: float32 kernels run past check_support)\n");
+    why.clear();
+  }
+  if (!why.empty() && c.bias && c.dt != DType::kFloat32) {  // bf16/fp16 kernels: not implemented yet
+    std::printf("    SKIP (unsupported: %s)\n", why.c_str());
+    for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &d_dsink}) CK(cudaFree(t->ptr));
+    for (void* ptr : {d_slopes, d_sink, d_cq, d_ck, d_bias}) CK(cudaFree(ptr));
+    return true;
+  }
   if (!why.empty()) {
     std::printf("    unsupported: %s\n", why.c_str());
     ++g_failures;
@@ -473,8 +570,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
     }
   }
 
-  const RefOut ref = reference(c, geo, q, k, v, dout, keep, false);
-  const RefOut nai = reference(c, geo, q, k, v, dout, keep, true);
+  const RefOut ref = reference(c, geo, q, k, v, dout, keep, hbias, false);
+  const RefOut nai = reference(c, geo, q, k, v, dout, keep, hbias, true);
   HostT out = get(download(dout_o), c.dt, Lq, hb, geo.tq, c.hq, c.d);
   auto floats = [](const DevT& dv, size_t n) {
     std::vector<double> r(n);
@@ -531,7 +628,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
     ok &= same;
   }
   for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &gq, &gk, &gv, &d_dsink}) CK(cudaFree(t->ptr));
-  for (void* ptr : {d_slopes, d_sink, d_cq, d_ck, ws}) CK(cudaFree(ptr));
+  for (void* ptr : {d_slopes, d_sink, d_cq, d_ck, d_bias, ws}) CK(cudaFree(ptr));
   std::printf("    => %s\n", ok ? "PASS" : "FAIL");
   if (!ok) ++g_failures;
   return ok;
@@ -648,6 +745,54 @@ std::vector<Case> feature_suite() {
     v.push_back(c);
     c = with_varlen({"sink-varlen", BF, 0, 4, 2, 0, 0, 64, true}, {40, 0, 97}, {20, 30, 128});
     c.sink = true;
+    v.push_back(c);
+  }
+  // -- attn_bias / attn_mask: boolean and float (input dtype / float32), broadcast
+  // (stride-0) dims, column strides != 1, rows that see nothing; every kernel family.
+  {
+    auto B = [](Case c, int kind, int bc, int cs) {
+      c.bias = kind, c.bias_bc = bc, c.bias_cs = cs;
+      return c;
+    };
+    v.push_back(B({"bias-bool-gqa-causal", BF, 2, 4, 2, 130, 150, 64, true}, 1, 0, 1));
+    v.push_back(B({"bias-f16-bcast-bh-cs2", FP, 2, 2, 2, 100, 140, 128}, 2, 3, 2));
+    Case c = B({"bias-f32-rowbc-TL-drop", BF, 1, 2, 2, 120, 90, 96, true, true}, 3, 4, 1);
+    c.p = 0.15f;
+    v.push_back(c);
+    c = B({"bias-bool-det-cs3", BF, 2, 4, 2, 150, 200, 128}, 1, 1, 3);
+    c.det = true;
+    v.push_back(c);
+    c = B({"bias-f16-d256-det", FP, 1, 2, 1, 90, 110, 256, true}, 2, 0, 1);
+    c.det = true;
+    v.push_back(c);
+    v.push_back(B({"bias-bool-d192-bch", BF, 2, 2, 2, 80, 70, 192}, 1, 2, 1));
+    c = B({"bias-bf16-d160-drop-gqa", BF, 1, 4, 2, 70, 130, 160, true}, 2, 0, 2);
+    c.p = 0.1f;
+    v.push_back(c);
+    c = B({"bias-d32-det-drop", FP, 1, 2, 2, 64, 80, 32}, 3, 1, 1);
+    c.det = true, c.p = 0.2f;
+    v.push_back(c);
+    c = B({"bias-softcap-alibi", BF, 1, 2, 2, 128, 160, 64}, 2, 0, 1);
+    c.softcap = 3.f, c.alibi = 1;
+    v.push_back(c);
+    c = B({"bias-softcap-det", BF, 1, 4, 2, 100, 130, 80}, 1, 0, 2);
+    c.softcap = 2.f, c.det = true;
+    v.push_back(c);
+    c = B({"bias-softcap-d160-det", FP, 1, 2, 2, 90, 100, 160, true}, 3, 2, 1);
+    c.softcap = 4.f, c.det = true;
+    v.push_back(c);
+    c = B({"bias-softcap-d256", BF, 1, 2, 1, 70, 95, 256}, 1, 0, 1);
+    c.softcap = 2.5f, c.alibi = 2;
+    v.push_back(c);
+    c = with_window(B({"bias-win-sink", BF, 1, 3, 1, 120, 100, 128, true}, 1, 0, 1), 20, 0);
+    c.sink = true;
+    v.push_back(c);
+    v.push_back(B({"bias-bool-fp32", F32, 1, 2, 1, 40, 66, 72, true}, 1, 0, 2));
+    c = B({"bias-f32-fp32-drop-det", F32, 2, 4, 2, 45, 50, 64}, 3, 1, 1);
+    c.p = 0.1f, c.det = true;
+    v.push_back(c);
+    c = B({"bias-f32-fp32-softcap-sink", F32, 1, 2, 2, 33, 47, 64, true, true}, 3, 6, 3);
+    c.softcap = 2.f, c.sink = true;
     v.push_back(c);
   }
   // -- everything at once
@@ -866,6 +1011,10 @@ int main(int argc, char** argv) {
       cases.push_back(c);
       c = with_window(with_varlen({"small-feat-fp32", F32, 0, 2, 1, 0, 0, 40, true}, {20, 9}, {25, 0}), 6, 0);
       c.softcap = 2.f, c.alibi = 1, c.sink = true;
+      cases.push_back(c);
+      // attn_mask: boolean, batch-broadcast, column stride 2, rows that see nothing.
+      c = Case{"small-bias", F32, 2, 2, 1, 70, 90, 64, true};
+      c.bias = 1, c.bias_bc = 1, c.bias_cs = 2;
       cases.push_back(c);
     }
     for (const Case& c : cases) run_case(c, rng);

@@ -4,6 +4,7 @@
 // computation. No tensor cores: bf16 operands would lose precision (~4e-3)
 // and tf32 (~5e-4) would also be far from fp32; fp32 users want fp32 accuracy,
 // and the speed path is bf16/fp16. Throughput is a few TFLOP/s.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -73,10 +74,39 @@ __device__ __forceinline__ ColRange key_range(const FwdParams& p, const SeqSpan&
   return r;
 }
 
-// The final score from q.k: scale, softcap, ALiBi (params.h). *dtanh (when
+// attn_bias / attn_mask (params.h) along one row (or one column) of the (b, h)
+// slice: element idx at ptr + idx * step bytes; ptr == nullptr: none. A boolean
+// (kUInt8) element adds 0 (nonzero) or -inf (0), a float one its value.
+struct BiasLine {
+  const unsigned char* ptr;
+  int64_t step;  // bytes
+  DType dtype;
+};
+// fixed_is_row: the line of local row `fixed` (indexed by column), else of column `fixed`.
+__device__ __forceinline__ BiasLine bias_line(const FwdParams& p, int b, int h, int64_t fixed, bool fixed_is_row) {
+  if (p.attn_bias == nullptr) return {nullptr, 0, p.attn_bias_dtype};
+  const int64_t esz = p.attn_bias_dtype == DType::kUInt8 ? 1 : (p.attn_bias_dtype == DType::kFloat32 ? 4 : 2);
+  const int64_t off = b * p.bias_batch_stride + h * p.bias_head_stride +
+                      fixed * (fixed_is_row ? p.bias_row_stride : p.bias_col_stride);
+  return {static_cast<const unsigned char*>(p.attn_bias) + off * esz,
+          (fixed_is_row ? p.bias_col_stride : p.bias_row_stride) * esz, p.attn_bias_dtype};
+}
+__device__ __forceinline__ float bias_at(const BiasLine& v, int64_t idx) {
+  const unsigned char* a = v.ptr + idx * v.step;
+  switch (v.dtype) {
+    case DType::kUInt8: return __ldg(a) != 0 ? 0.f : -INFINITY;
+    case DType::kFloat32: return __ldg(reinterpret_cast<const float*>(a));
+    case DType::kBFloat16:
+      return __uint_as_float(static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(a))) << 16);
+    default: return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(a))));
+  }
+}
+
+// The final score from q.k: scale, softcap, ALiBi, attn_bias (params.h). *dtanh (when
 // given) receives d score / d (scale q.k): 1 - tanh^2 with softcap, else 1.
 __device__ __forceinline__ float final_score(const FwdParams& p, float qk, float slope, int64_t i, int64_t j,
-                                             int64_t diag, float* dtanh = nullptr) {
+                                             int64_t diag, const BiasLine& bias, int64_t bias_idx,
+                                             float* dtanh = nullptr) {
   float s = qk * p.scale;
   float dt = 1.f;
   if (p.softcap > 0.f) {
@@ -85,7 +115,9 @@ __device__ __forceinline__ float final_score(const FwdParams& p, float qk, float
     dt = 1.f - t * t;
   }
   if (dtanh) *dtanh = dt;
-  return s + alibi_bias(slope, i, j, diag);
+  s += alibi_bias(slope, i, j, diag);
+  if (bias.ptr != nullptr) s += bias_at(bias, bias_idx);
+  return s;
 }
 __device__ __forceinline__ float slope_of(const FwdParams& p, int b, int h) {
   return p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
@@ -107,6 +139,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
   const float slope = slope_of(p, b, h);
+  const BiasLine bias = bias_line(p, b, h, i, true);
   float qr[kMaxPerLane], o[kMaxPerLane];
   load_row(qr, q, d, lane);
 #pragma unroll
@@ -117,7 +150,8 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   float m = -INFINITY, l = 0.f;
   const ColRange range = key_range(p, span, i);
   for (int64_t j = range.begin; j < range.end; ++j) {
-    const float s = final_score(p, dot_row(qr, k + j * p.k_row_stride, d, lane), slope, i, j, span.diag);
+    const float s = final_score(p, dot_row(qr, k + j * p.k_row_stride, d, lane), slope, i, j, span.diag, bias, j);
+    if (s == -INFINITY) continue;  // masked by attn_bias: P = 0 (and no -inf - -inf below)
     const float m_new = fmaxf(m, s);
     const float corr = expf(m - m_new);  // m = -inf: 0
     const float e = expf(s - m_new);
@@ -192,6 +226,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   for (int j = 0; j < kMaxPerLane; ++j) dq[j] = 0.f;
   const float lse = lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
   const float slope = slope_of(p, b, h);
+  const BiasLine bias = bias_line(p, b, h, i, true);
   const float D = dsum[r];
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
@@ -201,7 +236,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   for (int64_t j = range.begin; j < range.end; ++j) {
     const float* kr = k + j * p.k_row_stride;
     float dt;
-    const float pv = expf(final_score(p, dot_row(qr, kr, d, lane), slope, i, j, span.diag, &dt) - lse);
+    const float pv = expf(final_score(p, dot_row(qr, kr, d, lane), slope, i, j, span.diag, bias, j, &dt) - lse);
     float dp = dot_row(dor, v + j * p.v_row_stride, d, lane);
     const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
                                                static_cast<uint32_t>(j), thr);
@@ -248,6 +283,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
     const int h = hk * group + hh;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
     const float slope = slope_of(p, b, h);
+    const BiasLine bias = bias_line(p, b, h, j, false);
     for (int64_t i = i_begin; i < i_end; ++i) {
       const int64_t qi = span.q_start + i;
       const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride;
@@ -256,7 +292,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
       const float lse =
           lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
       float dt;
-      const float pv = expf(final_score(p, dot_row(kr, q, d, lane), slope, i, j, span.diag, &dt) - lse);
+      const float pv = expf(final_score(p, dot_row(kr, q, d, lane), slope, i, j, span.diag, bias, i, &dt) - lse);
       float dp = dot_row(vr, dO, d, lane);
       const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh),
                                                  static_cast<uint32_t>(i), static_cast<uint32_t>(j), thr);
