@@ -7,7 +7,9 @@ same tensors, the two interleaved rep by rep.
 The default clock is the process's CPU time (time.process_time), min over
 reps: on a shared machine other jobs inflate wall time but not our CPU time.
 (CPU time counts OpenMP threads spinning at barriers, so load imbalance
-still shows.) Prints a markdown table: ms per call and ratio torch/orchard
+still shows.) With more than one thread use --clock wall: Linux adds the other
+threads' CPU time to the process clock only at scheduler ticks, so 2-thread CPU
+times came out in 4 ms steps (16.0, 24.0, 56.0 ms ...) on the dev box. Prints a markdown table: ms per call and ratio torch/orchard
 (> 1: Orchard faster) for fwd (no grad) and fwd+bwd (forward with grad,
 then autograd.grad). FLOPs: 4*b*h*s*s*d fwd, halved causal, x2.5 bwd.
 """
@@ -31,6 +33,8 @@ GRIDS = {
     "quick": [(1, 8, 1024, 64), (1, 4, 1024, 128)],
     "full": [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 64), (1, 4, 2048, 128),
              (1, 1, 8192, 64), (1, 1, 8192, 128)],
+    # the full grid's s >= 2k shapes: long enough for 2-thread CPU time (see above)
+    "large": [(1, 4, 2048, 64), (1, 4, 2048, 128), (1, 1, 8192, 64), (1, 1, 8192, 128)],
 }
 
 

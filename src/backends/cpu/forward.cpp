@@ -229,7 +229,9 @@ void forward_impl(const FwdParams& p) {
       for (std::int64_t t = 0; t < ntasks; ++t) {
         const std::int64_t local_pair = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
-        const std::int64_t rb = t % nrb;
+        // Last row blocks first: under a causal mask they are the longest
+        // tasks, and dynamic scheduling balances best heaviest-first.
+        const std::int64_t rb = nrb - 1 - t % nrb;
         const std::int64_t pair = pair0 + local_pair;
         const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
         const SeqSpan span = seq_span(p, bi);
