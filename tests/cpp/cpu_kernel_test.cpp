@@ -20,26 +20,6 @@
 namespace orchard::test {
 namespace {
 
-enum class Causal { kNone, kBottomRight, kTopLeft };
-
-struct Case {
-  int b, sq, sk, hq, hkv, d;
-  DType dt = DType::kFloat32;
-  Causal causal = Causal::kNone;
-  Layout layout = Layout::kBSHD;
-  float dropout = 0.0f;
-  std::uint32_t seed = 1;
-
-  std::string name() const {
-    std::ostringstream os;
-    os << dtype_name(dt) << "_b" << b << "_sq" << sq << "_sk" << sk << "_hq" << hq << "_hkv" << hkv
-       << "_d" << d << (causal == Causal::kNone ? "" : causal == Causal::kBottomRight ? "_causalBR" : "_causalTL")
-       << "_" << layout_name(layout);
-    if (dropout > 0) os << "_drop" << int(dropout * 100);
-    return os.str();
-  }
-};
-
 // Tolerance rule: err(kernel vs exact) <= 2 * err(naive same-precision vs exact) + atol.
 double atol_for(DType dt) {
   switch (dt) {

@@ -22,26 +22,6 @@
 namespace orchard::test {
 namespace {
 
-enum class Causal { kNone, kBottomRight, kTopLeft };
-
-struct Case {
-  int b, sq, sk, hq, hkv, d;
-  DType dt = DType::kFloat32;
-  Causal causal = Causal::kNone;
-  Layout layout = Layout::kBSHD;
-  float dropout = 0.0f;
-  std::uint32_t seed = 1;
-
-  std::string name() const {
-    std::ostringstream os;
-    os << dtype_name(dt) << "_b" << b << "_sq" << sq << "_sk" << sk << "_hq" << hq << "_hkv" << hkv << "_d" << d
-       << (causal == Causal::kNone ? "" : causal == Causal::kBottomRight ? "_causalBR" : "_causalTL") << "_"
-       << layout_name(layout);
-    if (dropout > 0) os << "_drop" << int(dropout * 100);
-    return os.str();
-  }
-};
-
 double atol_for(DType dt) { return dt == DType::kFloat32 ? 2e-6 : 1e-4; }
 
 // Inputs in `layout`, gradients in another one (destinations may be any view), LSE
