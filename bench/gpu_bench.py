@@ -121,6 +121,10 @@ def profile_point(d: int, s: int, causal: int, out_dir: str) -> int:
 
 
 def git_commit() -> str:
+    # ORCHARD_COMMIT first: device runs build an archived tree inside a repo copy whose
+    # own git metadata names another commit.
+    if os.environ.get("ORCHARD_COMMIT"):
+        return os.environ["ORCHARD_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()

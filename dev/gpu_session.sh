@@ -6,6 +6,7 @@
 # call cut off still returns what ran).
 #
 #   bash dev/gpu_session.sh [SRC=dir] STEP...
+#   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
 #   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  smi
 set -uo pipefail
@@ -22,6 +23,9 @@ stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/logs/card.txt"
 stamp "build from $SRC"
 cd "$SRC"
+# An archived tree (git archive into .ab/...) carries its commit in COMMIT: the device
+# copy's git metadata would name another one.
+[ -f COMMIT ] && export ORCHARD_COMMIT="$(cat COMMIT)"
 if [ ! -f /tmp/orchard_site/.built ]; then
   rm -rf build/cp3* /tmp/orchard_site
   ORCHARD_CUDA=ON ORCHARD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
