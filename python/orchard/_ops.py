@@ -237,6 +237,12 @@ def _check_rank(q, k, v, op, rank=4):
             raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
 
 
+def _full_features(features):
+    """The feature arguments with the defaults the dispatcher may have stripped
+    from the end of the call put back."""
+    return features if len(features) == _NUM_FEATURES else (*features, *_FEATURE_DEFAULTS[len(features):])
+
+
 def _features(window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
               cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     """The `features` argument of _C.forward/backward: None when every feature
@@ -287,8 +293,7 @@ def _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 
         if _mps.handles(q):
             return _mps.forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed,
                                 offset, return_mask, op_name, rng_state, features)
-    if len(features) != _NUM_FEATURES:  # the dispatcher may strip trailing defaults
-        features = (*features, *_FEATURE_DEFAULTS[len(features):])
+    features = _full_features(features)
     cu_q, max_q, max_k = features[6], features[8], features[9]
     rank = 4 if cu_q is None else 3
     if q.dim() != rank or k.dim() != rank or v.dim() != rank:
@@ -317,8 +322,7 @@ def _run_forward(q, k, v, out, lse, mask, softmax_scale, causal, causal_top_left
 def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
                   return_mask, deterministic=False, op_name="orchard.flash_attn", rng_state=None,
                   *features):
-    if len(features) != _NUM_FEATURES:  # the dispatcher may strip trailing defaults
-        features = (*features, *_FEATURE_DEFAULTS[len(features):])
+    features = _full_features(features)
     cu_q, max_q, max_k = features[6], features[8], features[9]
     _check_rank(q, k, v, op_name, 4 if cu_q is None else 3)
     return _alloc_forward(q, k, v, return_mask, cu_q, max_q, max_k)
@@ -339,7 +343,7 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_
             int(seed) & _U64, int(offset) & _U64, bool(deterministic))
     _launch_on_device_of(q, lambda stream: _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts,
                                                          stream, op_name, rng_state,
-                                                         (*features, *_FEATURE_DEFAULTS[len(features):])))
+                                                         _full_features(features)))
     return dq, dk, dv
 
 
