@@ -46,6 +46,8 @@ except Exception as e:  # noqa: BLE001
     print(f"decode_bench: cannot import orchard: {e}", file=sys.stderr)
     raise
 
+from gpu_bench import median_ms  # the grid's CUDA-event timer (bench/ is the script's directory)
+
 
 SMOKE = False  # --smoke: tiny shapes on the CPU (tests this script without a GPU)
 
@@ -57,18 +59,7 @@ def time_us(fn, warmup, reps):
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e6
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, reps, warmup) * 1e3
 
 
 def time_us_batched(fn, warmup, reps, inner):

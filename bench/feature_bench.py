@@ -28,14 +28,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import orchard
+from gpu_bench import do_bench_ms  # the grid's timer (bench/ is the script's directory)
 
 DT = torch.bfloat16
 DEV = "cuda"
 
-
-def do_bench_ms(fn) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def timed(fn, grads_of):
