@@ -50,10 +50,13 @@ def main():
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        commit = "unknown"
+    # An archived tree on the device names its commit in ORCHARD_COMMIT (dev/gpu_session.sh).
+    commit = os.environ.get("ORCHARD_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except Exception:
+            commit = "unknown"
     print(f"### CPU: {platform.processor() or platform.machine()}, {threads} threads, "
           f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M}Z, commit {commit}, torch {torch.__version__}, "
           f"{args.clock} time, min of {args.reps}\n")

@@ -8,7 +8,7 @@
 #   bash dev/gpu_session.sh [SRC=dir] STEP...
 #   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
 #   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
-#          feature_bench  sanitize  decode_bench  cp_bench  smi
+#          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT"
@@ -28,7 +28,7 @@ cd "$SRC"
 [ -f COMMIT ] && export ORCHARD_COMMIT="$(cat COMMIT)"
 if [ ! -f /tmp/orchard_site/.built ]; then
   rm -rf build/cp3* /tmp/orchard_site
-  ORCHARD_CUDA=ON ORCHARD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  ORCHARD_CUDA=${ORCHARD_CUDA:-ON} ORCHARD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
     python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/orchard_site . > "$OUT/logs/build.log" 2>&1 \
     || { tail -60 "$OUT/logs/build.log"; snap; exit 1; }
   touch /tmp/orchard_site/.built
@@ -74,6 +74,14 @@ for step in "$@"; do
         timeout "${CP_TIMEOUT:-300}" torchrun --standalone --nproc-per-node=2 bench/cp_bench.py \
         --out "$OUT/logs/cp_bench.md" > "$OUT/logs/cp_bench.log" 2>&1 || rc=1
       cat "$OUT/logs/cp_bench.md" 2>/dev/null || tail -40 "$OUT/logs/cp_bench.log" ;;
+    cpu_bench)  # issue 15: the host's CPUs (CPU timing only), same thread count for both
+      stamp "cpu_bench (${CPU_THREADS:-16} threads, wall clock)"
+      lscpu | grep -E "Model name|^CPU\(s\)|Thread|Socket|L1d|L2|L3" > "$OUT/logs/cpu.txt"
+      grep -m1 -o -E "avx512_bf16|amx_bf16|amx_tile|avx512f" /proc/cpuinfo | sort -u | tr "\n" " " >> "$OUT/logs/cpu.txt"
+      cat "$OUT/logs/cpu.txt"
+      OMP_NUM_THREADS=${CPU_THREADS:-16} timeout "${CPU_TIMEOUT:-240}" python3 bench/cpu_bench.py --grid "${CPU_GRID:-full}" \
+        --clock wall --reps 3 > "$OUT/logs/cpu_bench.md" 2>&1 || rc=1
+      cat "$OUT/logs/cpu_bench.md" ;;
     smi) nvidia-smi ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
