@@ -391,12 +391,15 @@ TEST(CpuKernel, MultiChunkStagingMatchesSingleChunk) {
 }
 
 TEST(CpuKernel, Bf16BothPathsMatchReference) {
-  // bf16 inputs take the vdpbf16ps path where the CPU has AVX512_BF16 and the
-  // fp32-converting path elsewhere: check both on this machine. Odd row
-  // counts, sq != sk, GQA, several row and column blocks, d not a multiple of 16.
-  const bool saved = cpu::g_bf16_dot;
-  for (bool dot : {true, false}) {
-    cpu::g_bf16_dot = dot;
+  // bf16 inputs take the AMX path where the CPU has AMX, the vdpbf16ps path
+  // where it has AVX512_BF16 and the fp32-converting path elsewhere: check
+  // each this machine has. Odd row counts, sq != sk, GQA, several row and
+  // column blocks, d not a multiple of 16.
+  const bool saved = cpu::g_bf16_dot, saved_amx = cpu::g_amx;
+  for (int path : {0, 1, 2}) {  // AMX (where present), AVX512_BF16 only, fp32
+    cpu::g_amx = path == 0;
+    cpu::g_bf16_dot = path < 2;
+    if (path == 0 && !cpu::amx_available()) continue;  // the same as path 1 here
     for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
       Case c{2, 157, 203, 4, 2, 72};
       c.dt = DType::kBFloat16;
@@ -411,6 +414,7 @@ TEST(CpuKernel, Bf16BothPathsMatchReference) {
     }
   }
   cpu::g_bf16_dot = saved;
+  cpu::g_amx = saved_amx;
 }
 
 TEST(CpuBackend, TableIsComplete) {

@@ -380,6 +380,7 @@ void backward_impl(const BwdParams& p) {
     ORCHARD_OMP("omp parallel")
     {
       BwdScratch<T> w(std::max(dp, dvp));
+      const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks1; ++t) {
         const std::int64_t local = t / slots;

@@ -225,6 +225,7 @@ void forward_impl(const FwdParams& p) {
     ORCHARD_OMP("omp parallel")
     {
       FwdScratch<T> w(dp, dvp, geo.bf16);
+      const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks; ++t) {
         const std::int64_t local_pair = t / (g * nrb);
