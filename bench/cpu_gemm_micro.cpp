@@ -3,7 +3,10 @@
 // AMX vs AVX-512-BF16, one thread; no GoogleTest needed, so it runs on a host
 // that has only a compiler:
 //   g++ -O2 -std=c++20 -fopenmp -Isrc -Iinclude bench/cpu_gemm_micro.cpp \
-//       src/backends/cpu/gemm_bf16.cpp -o /tmp/gemm_micro && /tmp/gemm_micro
+//       src/backends/cpu/gemm_bf16.cpp src/backends/cpu/softmax_tile.cpp -o /tmp/gemm_micro
+//   /tmp/gemm_micro
+// Also times the forward's per-tile softmax (fp32 P + to_bf16_rows, and the
+// fused bf16 variant) at 64-row tiles of 64 and 256 columns, d 128.
 // Correctness: every (m, n, kpairs, A layout, accumulate) of a grid with odd
 // sizes against an fp64 product of the same bf16 values (C poisoned with NaN
 // where it is overwritten); exit 1 on a mismatch.
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "backends/cpu/gemm_bf16.h"
+#include "backends/cpu/softmax_tile.h"
 
 using orchard::cpu::gemm_bf16;
 
@@ -136,6 +140,39 @@ int main() {
     const double avx = time_ns(1, false);
     const double amx_s = amx ? time_ns(0, true) : NAN, amx_u = amx ? time_ns(0, false) : NAN;
     std::printf("| %s | %dx%dx%d | %.0f | %.0f | %.0f |\n", s.what, s.m, s.n, 2 * s.kp, avx, amx_s, amx_u);
+  }
+  // The forward's row work per tile: softmax update (+ P to bf16), rows 64, d 128.
+  std::printf("\n| softmax tile | fp32 P + to_bf16_rows ns | fused bf16 P ns |\n|---|---|---|\n");
+  for (int bc : {64, 128, 256}) {
+    const int rows = 64, dp = 128;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd;
+    std::vector<float> s0(rows * bc), s(rows * bc), o(rows * dp, 1.0f), m(rows), l(rows);
+    for (auto& x : s0) x = nd(rng);
+    std::vector<int> nv(rows, bc);
+    std::vector<std::uint16_t> p16(rows * bc);
+    auto time_ns = [&](bool fused) {
+      double best = 1e30;
+      for (int rep = 0; rep < 7; ++rep) {
+        const int iters = 1000;
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < iters; ++i) {
+          // m from a previous tile 0.5 below: every row rescales its output (the common case early on)
+          for (int r = 0; r < rows; ++r) { m[r] = 1.0f; l[r] = 1.0f; }
+          if (fused) {
+            orchard::cpu::softmax_tile_update_bf16(s0.data(), rows, bc, nv.data(), 0.125f, m.data(), l.data(), o.data(), dp, dp, p16.data());
+          } else {
+            std::memcpy(s.data(), s0.data(), s.size() * 4);
+            orchard::cpu::softmax_tile_update(s.data(), rows, bc, nv.data(), 0.125f, m.data(), l.data(), o.data(), dp, dp);
+            orchard::cpu::to_bf16_rows(s.data(), bc, rows, bc, p16.data(), bc);
+          }
+        }
+        const auto t1 = std::chrono::steady_clock::now();
+        best = std::min(best, std::chrono::duration<double, std::nano>(t1 - t0).count() / iters);
+      }
+      return best;
+    };
+    std::printf("| 64x%d (d 128) | %.0f | %.0f |\n", bc, time_ns(false), time_ns(true));
   }
   return 0;
 }

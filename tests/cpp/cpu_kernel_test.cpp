@@ -394,27 +394,33 @@ TEST(CpuKernel, Bf16BothPathsMatchReference) {
   // bf16 inputs take the AMX path where the CPU has AMX, the vdpbf16ps path
   // where it has AVX512_BF16 and the fp32-converting path elsewhere: check
   // each this machine has. Odd row counts, sq != sk, GQA, several row and
-  // column blocks, d not a multiple of 16.
+  // column blocks, d not a multiple of 16. The bf16 forward's tile width
+  // (bf16_fwd_block_n: wider on AMX) is also forced to 80 and 256 on any CPU.
   const bool saved = cpu::g_bf16_dot, saved_amx = cpu::g_amx;
   for (int path : {0, 1, 2}) {  // AMX (where present), AVX512_BF16 only, fp32
     cpu::g_amx = path == 0;
     cpu::g_bf16_dot = path < 2;
     if (path == 0 && !cpu::amx_available()) continue;  // the same as path 1 here
-    for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
-      Case c{2, 157, 203, 4, 2, 72};
-      c.dt = DType::kBFloat16;
-      c.causal = cm;
-      c.layout = Layout::kBHSD;
-      check_case(c);
-      Case c2{1, 131, 131, 2, 2, 128};
-      c2.dt = DType::kBFloat16;
-      c2.causal = cm;
-      c2.dropout = 0.2f;
-      check_case(c2);
+    for (int bn : {0, 80, 256}) {  // 0: the path's default
+      if (bn && path == 2) continue;
+      cpu::g_bf16_fwd_block_n = bn;
+      for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
+        Case c{2, 157, 203, 4, 2, 72};
+        c.dt = DType::kBFloat16;
+        c.causal = cm;
+        c.layout = Layout::kBHSD;
+        check_case(c);
+        Case c2{1, 131, 131, 2, 2, 128};
+        c2.dt = DType::kBFloat16;
+        c2.causal = cm;
+        c2.dropout = 0.2f;
+        check_case(c2);
+      }
     }
   }
   cpu::g_bf16_dot = saved;
   cpu::g_amx = saved_amx;
+  cpu::g_bf16_fwd_block_n = 0;
 }
 
 TEST(CpuBackend, TableIsComplete) {

@@ -4,6 +4,8 @@
 // bf16 each), MR 32-bit broadcasts of A, MR * NV vdpbf16ps.
 #include "backends/cpu/gemm_bf16.h"
 
+#include "backends/cpu/kernel_common.h"
+
 #include <cstring>
 
 // GCC 12 flags the _mm512_undefined_* inside its own intrinsic headers.
@@ -345,6 +347,20 @@ bool amx_available() {
 #else
   return false;
 #endif
+}
+
+int bf16_fwd_block_n() {
+  if (g_bf16_fwd_block_n > 0) return g_bf16_fwd_block_n;
+  if (!amx_available()) return kBlockN;
+#ifdef ORCHARD_AMX
+  static const int env_bn = [] {
+    const char* env = std::getenv("ORCHARD_CPU_AMX_BN");
+    const int v = env ? std::atoi(env) : 0;
+    return v >= 16 && v <= 1024 && v % 16 == 0 ? v : 0;
+  }();
+  if (env_bn) return env_bn;
+#endif
+  return kAmxFwdBlockN;
 }
 
 Bf16GemmScope::Bf16GemmScope(bool bf16) {

@@ -38,6 +38,16 @@ inline bool g_amx = true;
 // Calls with fewer rows or K pairs than these stay on AVX-512-BF16.
 inline constexpr int kAmxMinM = 16, kAmxMinKPairs = 16;
 
+// Key columns per tile of the bf16 forward (forward.cpp): g_bf16_fwd_block_n
+// when set (tests: wide tiles on any CPU), else on AMX kAmxFwdBlockN or
+// ORCHARD_CPU_AMX_BN from the environment (a multiple of 16 in [16, 1024],
+// read once, for timing), else kBlockN. With AMX the GEMMs are ~8x faster and
+// the per-tile row work (max, sum, rescale of the output rows) dominates, so
+// wider tiles pay; without it 64 was as good as any (kernel_common.h).
+int bf16_fwd_block_n();
+inline int g_bf16_fwd_block_n = 0;
+inline constexpr int kAmxFwdBlockN = 256;
+
 // Holds the AMX tile configuration on this thread for its lifetime, so the
 // gemm_bf16 calls inside it skip the per-call ldtilecfg / tilerelease; put one
 // at the top of each parallel region whose thread calls gemm_bf16 (bf16: the
