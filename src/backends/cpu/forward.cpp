@@ -18,6 +18,7 @@
 // d_v columns.
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -204,36 +205,47 @@ void forward_impl(const FwdParams& p) {
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
   const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
-  std::vector<T> kt(geo.bf16 ? 0 : kt_elems), v(geo.bf16 ? 0 : v_elems);
-  std::vector<std::uint16_t> kt16(geo.bf16 ? kt_elems : 0), v16(geo.bf16 ? v_elems : 0);
+  // Not value-initialised: the staging below writes every element (padding
+  // included), in parallel, so no single-threaded memset precedes it.
+  std::unique_ptr<T[]> kt(geo.bf16 ? nullptr : new T[kt_elems]), v(geo.bf16 ? nullptr : new T[v_elems]);
+  std::unique_ptr<std::uint16_t[]> kt16(geo.bf16 ? new std::uint16_t[kt_elems] : nullptr),
+      v16(geo.bf16 ? new std::uint16_t[v_elems] : nullptr);
+  // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
+  // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
+  // every thread work; ~4 jobs per thread, at least 256 rows each.
+  const std::int64_t nthreads = num_threads();
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
+    const std::int64_t want = std::max<std::int64_t>(1, (4 * nthreads + 2 * np - 1) / (2 * np));
+    const std::int64_t piece =
+        std::max(round_up((skp + want - 1) / want, bn), round_up(256, bn));
+    const std::int64_t npieces = (skp + piece - 1) / piece;
     ORCHARD_OMP("omp parallel for schedule(dynamic, 1)")
-    for (std::int64_t t = 0; t < 2 * np; ++t) {
-      const std::int64_t pair = pair0 + t / 2;
+    for (std::int64_t t = 0; t < 2 * np * npieces; ++t) {
+      const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
+      const bool is_k = (t / npieces) % 2 == 0;
+      const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
       const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
       const SeqSpan span = seq_span(p, static_cast<int>(bi));
-      const std::int64_t koff = bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride;
-      const std::int64_t voff = bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride;
+      const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
+      const int rows_pad = static_cast<int>(c1 - c0);
+      const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
+                                kh * p.k_head_stride;
+      const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
+                                kh * p.v_head_stride;
+      const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
       if (geo.bf16) {
-        if (t % 2 == 0)
-          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, span.len_k, static_cast<int>(skp), p.d, dp,
-                             bn, kt16.data() + (t / 2) * dp * skp);
+        if (is_k)
+          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16.get() + kto);
         else
-          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, span.len_k, static_cast<int>(skp), p.d_v,
-                               dvp, v16.data() + (t / 2) * skp * dvp);
-        continue;
+          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16.get() + vo);
+      } else if (is_k) {
+        load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                             kt.get() + kto);
+      } else {
+        load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v.get() + vo);
       }
-      T* kt_p = kt.data() + (t / 2) * dp * skp;
-      T* v_p = v.data() + (t / 2) * skp * dvp;
-      if (t % 2 == 0)
-        load_rows_transposed(p.k, p.dtype,
-                             bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride,
-                             p.k_row_stride, span.len_k, static_cast<int>(skp), p.d, dp, bn, kt_p);
-      else
-        load_rows(p.v, p.dtype, bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride,
-                  p.v_row_stride, span.len_k, static_cast<int>(skp), p.d_v, dvp, v_p);
     }
     const std::int64_t ntasks = np * g * nrb;
     ORCHARD_OMP("omp parallel")
@@ -254,9 +266,9 @@ void forward_impl(const FwdParams& p) {
         if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
         const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
         const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
-        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.data() + ko,
-                         geo.bf16 ? nullptr : v.data() + vo, geo.bf16 ? kt16.data() + ko : nullptr,
-                         geo.bf16 ? v16.data() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
+        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.get() + ko,
+                         geo.bf16 ? nullptr : v.get() + vo, geo.bf16 ? kt16.get() + ko : nullptr,
+                         geo.bf16 ? v16.get() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
     }
   }
