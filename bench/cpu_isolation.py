@@ -27,6 +27,7 @@ import orchard
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dtypes", default="bfloat16,float32")
     args = ap.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)
@@ -37,7 +38,7 @@ def main():
     print("|---|---|---|---|---|---|---|", flush=True)
     ours, theirs = orchard.scaled_dot_product_attention, F.scaled_dot_product_attention
     for (b, h, s, d) in [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 128), (1, 1, 8192, 128)]:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in [getattr(torch, n) for n in args.dtypes.split(",")]:
             g = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(b, h, s, d, dtype=dtype, generator=g) for _ in range(3))
 

@@ -42,11 +42,10 @@ struct FwdScratch {
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
   std::vector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
-  FwdScratch(int dp, int dvp, int bn, bool bf16)
-      : q(bf16 ? 0 : std::size_t(kBlockM) * dp), o(std::size_t(kBlockM) * dvp),
-        s(std::size_t(kBlockM) * bn), m(kBlockM), l(kBlockM), first(kBlockM), nv(kBlockM),
-        keep(bn), q16(bf16 ? std::size_t(kBlockM) * dp : 0),
-        p16(bf16 ? std::size_t(kBlockM) * bn : 0) {}
+  FwdScratch(int bm, int dp, int dvp, int bn, bool bf16)
+      : q(bf16 ? 0 : std::size_t(bm) * dp), o(std::size_t(bm) * dvp), s(std::size_t(bm) * bn),
+        m(bm), l(bm), first(bm), nv(bm), keep(bn), q16(bf16 ? std::size_t(bm) * dp : 0),
+        p16(bf16 ? std::size_t(bm) * bn : 0) {}
 };
 
 struct FwdGeometry {
@@ -55,9 +54,9 @@ struct FwdGeometry {
   // (vdpbf16ps, fp32 accumulation) from K / V staged pair-packed, P rounded
   // to bf16 before P V; scores and softmax stay fp32.
   bool bf16 = false;
-  // Key columns per tile: kBlockN, on the bf16 path bf16_fwd_block_n() (wider
-  // on AMX, gemm_bf16.h).
-  int bn = kBlockN;
+  // Query rows per task and key columns per tile: kBlockM x kBlockN, on the
+  // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (larger on AMX, gemm_bf16.h).
+  int bm = kBlockM, bn = kBlockN;
 };
 
 template <class T>
@@ -194,12 +193,15 @@ void forward_impl(const FwdParams& p) {
   geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
   geo.bf16 = sizeof(T) == 4 && p.dtype == DType::kBFloat16 && bf16_dot_available();
-  if (geo.bf16) geo.bn = bf16_fwd_block_n();
-  const int dp = geo.dp, dvp = geo.dvp, bn = geo.bn;
+  if (geo.bf16) {
+    geo.bm = bf16_fwd_block_m();
+    geo.bn = bf16_fwd_block_n();
+  }
+  const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
   const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
-  const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
+  const std::int64_t nrb = (p.sq + bm - 1) / bm;
   const std::size_t pair_bytes =
       std::max<std::size_t>(1, skp * (dp + dvp) * (geo.bf16 ? 2 : sizeof(T)));
   const std::int64_t chunk =
@@ -250,7 +252,7 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t ntasks = np * g * nrb;
     ORCHARD_OMP("omp parallel")
     {
-      FwdScratch<T> w(dp, dvp, bn, geo.bf16);
+      FwdScratch<T> w(bm, dp, dvp, bn, geo.bf16);
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks; ++t) {
@@ -262,9 +264,9 @@ void forward_impl(const FwdParams& p) {
         const std::int64_t pair = pair0 + local_pair;
         const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
         const SeqSpan span = seq_span(p, bi);
-        const std::int64_t i0 = rb * kBlockM;
+        const std::int64_t i0 = rb * bm;
         if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
-        const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
+        const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
         const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
         forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.get() + ko,
                          geo.bf16 ? nullptr : v.get() + vo, geo.bf16 ? kt16.get() + ko : nullptr,

@@ -363,6 +363,20 @@ int bf16_fwd_block_n() {
   return kAmxFwdBlockN;
 }
 
+int bf16_fwd_block_m() {
+  if (g_bf16_fwd_block_m > 0) return g_bf16_fwd_block_m;
+  if (!amx_available()) return kBlockM;
+#ifdef ORCHARD_AMX
+  static const int env_bm = [] {
+    const char* env = std::getenv("ORCHARD_CPU_AMX_BM");
+    const int v = env ? std::atoi(env) : 0;
+    return v >= 16 && v <= 512 && v % 16 == 0 ? v : 0;
+  }();
+  if (env_bm) return env_bm;
+#endif
+  return kAmxFwdBlockM;
+}
+
 Bf16GemmScope::Bf16GemmScope(bool bf16) {
 #ifdef ORCHARD_AMX
   if (bf16 && amx_available()) {

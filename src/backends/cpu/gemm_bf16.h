@@ -47,6 +47,13 @@ inline constexpr int kAmxMinM = 16, kAmxMinKPairs = 16;
 int bf16_fwd_block_n();
 inline int g_bf16_fwd_block_n = 0;
 inline constexpr int kAmxFwdBlockN = 256;
+// Query rows per task of the bf16 forward, the same way: g_bf16_fwd_block_m,
+// else on AMX kAmxFwdBlockM or ORCHARD_CPU_AMX_BM (a multiple of 16 in
+// [16, 512]), else kBlockM. More rows per task read each K / V tile once for
+// more rows (torch's AMX path takes 256-row query blocks at long sequences).
+int bf16_fwd_block_m();
+inline int g_bf16_fwd_block_m = 0;
+inline constexpr int kAmxFwdBlockM = 128;
 
 // Holds the AMX tile configuration on this thread for its lifetime, so the
 // gemm_bf16 calls inside it skip the per-call ldtilecfg / tilerelease; put one
