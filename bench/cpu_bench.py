@@ -33,6 +33,8 @@ GRIDS = {
     "quick": [(1, 8, 1024, 64), (1, 4, 1024, 128)],
     "full": [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 64), (1, 4, 2048, 128),
              (1, 1, 8192, 64), (1, 1, 8192, 128)],
+    # the full grid's s = 512 shapes: where per-call overhead shows at 16 threads
+    "small": [(1, 8, 512, 64), (1, 8, 512, 128)],
     # the full grid's s >= 2k shapes: long enough for 2-thread CPU time (see above)
     "large": [(1, 4, 2048, 64), (1, 4, 2048, 128), (1, 1, 8192, 64), (1, 1, 8192, 128)],
 }
@@ -58,7 +60,7 @@ def main():
         except Exception:
             commit = "unknown"
     print(f"### CPU: {platform.processor() or platform.machine()}, {threads} threads, "
-          f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M}Z, commit {commit}, torch {torch.__version__}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}Z, commit {commit}, torch {torch.__version__}, "
           f"{args.clock} time, min of {args.reps}\n")
     print("| b,h,s,d | dtype | causal | orchard fwd / f+b ms | torch fwd / f+b ms | ratio fwd | ratio f+b |")
     print("|---|---|---|---|---|---|---|", flush=True)

@@ -220,19 +220,20 @@ void dq_reduce(const BwdParams& p, const Geometry& geo, const T* dq_slots, int s
   }
 }
 
-// Converts one q head's Q, dO, lse and computes D = rowsum(dO * O). Returns
-// this head's share of the sink gradient, sum over rows of exp(sink - lse) * D
-// (0 without a sink), in double so the per-head sum does not depend on sq.
+// Converts rows [r0, r1) (r0 even; r1 <= sqe) of one q head's Q, dO, lse and
+// computes D = rowsum(dO * O). Returns these rows' share of the sink
+// gradient, sum over rows of exp(sink - lse) * D (0 without a sink), in double.
 template <class T>
 double stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int h,
-                    int gi, std::vector<T>& orow, std::vector<T>& qrow, std::vector<T>& dorow) {
+                    int gi, std::int64_t r0, std::int64_t r1, std::vector<T>& orow,
+                    std::vector<T>& qrow, std::vector<T>& dorow) {
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
   const int dp = geo.dp, dvp = geo.dvp;
   const SeqSpan span = seq_span(p, bi);
   using LseT = T;  // float32 lse for f16/bf16/f32, float64 for f64 (T matches)
   const LseT* lse = static_cast<const LseT*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + span.q_start;
   double sink_share = 0.0;
-  for (std::int64_t i = 0; i < span.len_q; ++i) {
+  for (std::int64_t i = r0; i < std::min<std::int64_t>(r1, span.len_q); ++i) {
     const std::int64_t ro = std::int64_t(gi) * p.sq + i;
     const std::int64_t row = span.q_start + i;
     const std::int64_t qoff = bi * p.q_batch_stride + row * p.q_row_stride + h * p.q_head_stride;
@@ -257,14 +258,15 @@ double stage_q_head(const BwdParams& p, const Geometry& geo, const PairStage<T>&
       sink_share += std::exp(static_cast<double>(p.sink[h]) - static_cast<double>(lse[i])) *
                     static_cast<double>(sum);
   }
-  if (geo.bf16) {
-    const std::int64_t e0 = std::int64_t(gi) * geo.sqe;
-    load_pairs_rows_bf16(p.q, bi * p.q_batch_stride + span.q_start * p.q_row_stride + h * p.q_head_stride,
-                         p.q_row_stride, static_cast<int>(span.len_q), static_cast<int>(geo.sqe),
-                         geo.d, dp, st.qp16 + e0 * dp);
-    load_pairs_rows_bf16(p.dout, bi * p.do_batch_stride + span.q_start * p.do_row_stride + h * p.do_head_stride,
-                         p.do_row_stride, static_cast<int>(span.len_q), static_cast<int>(geo.sqe),
-                         geo.dv, dvp, st.dop16 + e0 * dvp);
+  if (geo.bf16) {  // pair rows [r0, r1) of [0, sqe), r0 even
+    const std::int64_t e0 = std::int64_t(gi) * geo.sqe + r0, row0 = span.q_start + r0;
+    const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_q - r0, 0, r1 - r0));
+    load_pairs_rows_bf16(p.q, bi * p.q_batch_stride + row0 * p.q_row_stride + h * p.q_head_stride,
+                         p.q_row_stride, rows, static_cast<int>(r1 - r0), geo.d, dp,
+                         st.qp16 + e0 * dp);
+    load_pairs_rows_bf16(p.dout, bi * p.do_batch_stride + row0 * p.do_row_stride + h * p.do_head_stride,
+                         p.do_row_stride, rows, static_cast<int>(r1 - r0), geo.dv, dvp,
+                         st.dop16 + e0 * dvp);
   }
   return sink_share;
 }
@@ -333,45 +335,68 @@ void backward_impl(const BwdParams& p) {
     return s;
   };
   // Per (batch, q head) shares of the sink gradient, summed in a fixed order at the end.
-  std::vector<double> sink_shares(p.sink ? std::size_t(p.b) * p.hq : 0, 0.0);
+  // Staging jobs per pair: K^T, K, V^T split into pieces of kv_piece key rows
+  // (~4 jobs per thread: b1 h1 had 4 jobs for 16 threads), and each q head
+  // into pieces of kQPiece rows (fixed, so the sink-gradient sum below adds
+  // the same partial sums in the same order for any thread count).
+  constexpr std::int64_t kQPiece = 512;
+  const std::int64_t nq = (geo.sqe + kQPiece - 1) / kQPiece;
+  std::vector<double> sink_shares(p.sink ? std::size_t(p.b) * p.hq * nq : 0, 0.0);
+  const std::int64_t nthreads = num_threads();
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
-    // Stage: per pair, 3 K/V jobs + one job per q head of the group.
-    const std::int64_t jobs_per_pair = 3 + g;
+    // Stage: per pair, 3 K/V jobs x nkv pieces + g q heads x nq pieces.
+    const std::int64_t want = std::max<std::int64_t>(1, (4 * nthreads + 3 * np - 1) / (3 * np));
+    const std::int64_t kv_piece =
+        std::max(round_up((skp + want - 1) / want, kBlockN), round_up(256, kBlockN));
+    const std::int64_t nkv = (skp + kv_piece - 1) / kv_piece;
+    const std::int64_t jobs_per_pair = 3 * nkv + g * nq;
     ORCHARD_OMP("omp parallel")
     {
       std::vector<T> orow(dvp), qrow(dp), dorow(dvp);
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < np * jobs_per_pair; ++t) {
         const std::int64_t local = t / jobs_per_pair;
-        const int job = static_cast<int>(t % jobs_per_pair);
+        const std::int64_t job = t % jobs_per_pair;
         const std::int64_t pair = pair0 + local;
         const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
         const SeqSpan span = seq_span(p, bi);
         const PairStage<T> st = pair_stage(local);
-        const std::int64_t koff = bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride;
-        const std::int64_t voff = bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride;
-        const int skpi = static_cast<int>(skp);
-        if (geo.bf16 && job < 3) {
-          if (job == 0)
-            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, kBlockN, st.kt16);
-          else if (job == 1)
-            load_pairs_rows_bf16(p.k, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, st.kp16);
+        if (job >= 3 * nkv) {
+          const int gi = static_cast<int>((job - 3 * nkv) / nq);
+          const std::int64_t piece = (job - 3 * nkv) % nq;
+          const std::int64_t r0 = piece * kQPiece, r1 = std::min(geo.sqe, r0 + kQPiece);
+          const int h = kh * g + gi;
+          const double share = stage_q_head(p, geo, st, bi, h, gi, r0, r1, orow, qrow, dorow);
+          if (p.sink) sink_shares[(std::size_t(bi) * p.hq + h) * nq + piece] = share;
+          continue;
+        }
+        const int kind = static_cast<int>(job / nkv);  // 0: K^T, 1: K, 2: V^T
+        const std::int64_t c0 = (job % nkv) * kv_piece, c1 = std::min(skp, c0 + kv_piece);
+        const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
+        const int rows_pad = static_cast<int>(c1 - c0);
+        const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
+                                  kh * p.k_head_stride;
+        const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
+                                  kh * p.v_head_stride;
+        if (geo.bf16) {
+          if (kind == 0)
+            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
+                               st.kt16 + c0 * dp);
+          else if (kind == 1)
+            load_pairs_rows_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, st.kp16 + c0 * dp);
           else
-            load_pairs_kt_bf16(p.v, voff, p.v_row_stride, span.len_k, skpi, p.d_v, dvp, kBlockN,
-                               st.vt16);
-        } else if (job == 0) {
-          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, kBlockN, st.kt);
-        } else if (job == 1) {
-          load_rows(p.k, p.dtype, koff, p.k_row_stride, span.len_k, skpi, p.d, dp, st.k);
-        } else if (job == 2) {
-          load_rows_transposed(p.v, p.dtype, voff, p.v_row_stride, span.len_k, skpi, p.d_v, dvp, kBlockN,
-                               st.vt);
+            load_pairs_kt_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
+                               st.vt16 + c0 * dvp);
+        } else if (kind == 0) {
+          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
+                               st.kt + c0 * dp);
+        } else if (kind == 1) {
+          load_rows(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, st.k + c0 * dp);
         } else {
-          const int h = kh * g + (job - 3);
-          const double share = stage_q_head(p, geo, st, bi, h, job - 3, orow, qrow, dorow);
-          if (p.sink) sink_shares[std::size_t(bi) * p.hq + h] = share;
+          load_rows_transposed(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
+                               st.vt + c0 * dvp);
         }
       }
     }
@@ -380,6 +405,7 @@ void backward_impl(const BwdParams& p) {
     ORCHARD_OMP("omp parallel")
     {
       BwdScratch<T> w(std::max(dp, dvp));
+      const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks1; ++t) {
         const std::int64_t local = t / slots;
@@ -409,7 +435,9 @@ void backward_impl(const BwdParams& p) {
   if (p.sink && p.dsink)
     for (int h = 0; h < p.hq; ++h) {
       double total = 0.0;
-      for (int bi = 0; bi < p.b; ++bi) total += sink_shares[std::size_t(bi) * p.hq + h];
+      for (int bi = 0; bi < p.b; ++bi)
+        for (std::int64_t piece = 0; piece < nq; ++piece)
+          total += sink_shares[(std::size_t(bi) * p.hq + h) * nq + piece];
       p.dsink[h] = static_cast<float>(-total);
     }
 }

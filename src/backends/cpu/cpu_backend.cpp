@@ -44,10 +44,13 @@ std::string check_support(const FwdParams& p) {
 }
 
 std::string variant_name(const FwdParams& p, bool backward) {
-  // bf16 inputs run their GEMMs on bf16 operands where the CPU has AVX512_BF16 (gemm_bf16.h).
-  const char* prec = p.dtype == DType::kFloat64                                   ? "fp64"
-                     : p.dtype == DType::kBFloat16 && cpu::bf16_dot_available() ? "bf16dot"
-                                                                                : "fp32";
+  // bf16 inputs run their GEMMs on bf16 operands where the CPU has AVX512_BF16, on AMX
+  // tiles where it has AMX too (gemm_bf16.h).
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  const char* prec = p.dtype == DType::kFloat64                   ? "fp64"
+                     : bf16 && cpu::amx_available()              ? "bf16amx"
+                     : bf16 && cpu::bf16_dot_available()         ? "bf16dot"
+                                                                 : "fp32";
   std::string name = std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
                      std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
   if (p.causal) name += "_causal";

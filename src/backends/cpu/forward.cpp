@@ -18,6 +18,7 @@
 // d_v columns.
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -41,11 +42,10 @@ struct FwdScratch {
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
   std::vector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
-  FwdScratch(int dp, int dvp, bool bf16)
-      : q(bf16 ? 0 : std::size_t(kBlockM) * dp), o(std::size_t(kBlockM) * dvp),
-        s(std::size_t(kBlockM) * kBlockN), m(kBlockM), l(kBlockM), first(kBlockM), nv(kBlockM),
-        keep(kBlockN), q16(bf16 ? std::size_t(kBlockM) * dp : 0),
-        p16(bf16 ? std::size_t(kBlockM) * kBlockN : 0) {}
+  FwdScratch(int bm, int dp, int dvp, int bn, bool bf16)
+      : q(bf16 ? 0 : std::size_t(bm) * dp), o(std::size_t(bm) * dvp), s(std::size_t(bm) * bn),
+        m(bm), l(bm), first(bm), nv(bm), keep(bn), q16(bf16 ? std::size_t(bm) * dp : 0),
+        p16(bf16 ? std::size_t(bm) * bn : 0) {}
 };
 
 struct FwdGeometry {
@@ -54,6 +54,9 @@ struct FwdGeometry {
   // (vdpbf16ps, fp32 accumulation) from K / V staged pair-packed, P rounded
   // to bf16 before P V; scores and softmax stay fp32.
   bool bf16 = false;
+  // Query rows per task and key columns per tile: kBlockM x kBlockN, on the
+  // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (larger on AMX, gemm_bf16.h).
+  int bm = kBlockM, bn = kBlockN;
 };
 
 template <class T>
@@ -63,7 +66,7 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   constexpr T kLog2e = T(1.4426950408889634073599246810018921);
   constexpr T kLn2 = T(0.6931471805599453094172321214581766);
   const T ninf = -std::numeric_limits<T>::infinity();
-  const int dp = geo.dp, dvp = geo.dvp;
+  const int dp = geo.dp, dvp = geo.dvp, bn = geo.bn;
   const T c_plain = softmax_scale<T>(p) * kLog2e;
   const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
   const bool dropout = p.dropout_p > 0.0f;
@@ -88,55 +91,65 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   std::fill(w.m.begin(), w.m.end(), m0);
   std::fill(w.l.begin(), w.l.end(), l0);
 
-  const ColRange cols = block_visible_cols(p, span, i0, rows, kBlockN);
+  const ColRange cols = block_visible_cols(p, span, i0, rows, bn);
   std::int64_t mask_end = cols.begin;  // dropout-mask columns [cols.begin, mask_end) written
-  for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += kBlockN) {
+  for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += bn) {
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16)
-        gemm_bf16(rows, kBlockN, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, 2 * kBlockN, w.s.data(),
-                  kBlockN, false);
+        gemm_bf16(rows, bn, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, 2 * bn, w.s.data(),
+                  bn, false);
       else
-        gemm(rows, kBlockN, dp, w.q.data(), dp, kt + j0 * dp, kBlockN, w.s.data(), kBlockN, false);
+        gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     } else {
-      gemm(rows, kBlockN, dp, w.q.data(), dp, kt + j0 * dp, kBlockN, w.s.data(), kBlockN, false);
+      gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     }
     const bool left_masked =
-        tile_col_bounds(p, span, i0, rows, j0, kBlockN, w.first.data(), w.nv.data());
+        tile_col_bounds(p, span, i0, rows, j0, bn, w.first.data(), w.nv.data());
     T c = c_plain;
     if (left_masked || mods.any()) {
-      apply_score_mods(mods, w.s.data(), rows, kBlockN, i0, j0, w.first.data(), w.nv.data(), nullptr);
+      apply_score_mods(mods, w.s.data(), rows, bn, i0, j0, w.first.data(), w.nv.data(), nullptr);
       c = kLog2e;
     }
-    softmax_tile_update(w.s.data(), rows, kBlockN, w.nv.data(), c, w.m.data(), w.l.data(),
+    if constexpr (sizeof(T) == 4) {
+      // bf16 without dropout: P goes to bf16 straight from the softmax.
+      if (geo.bf16 && !dropout &&
+          softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
+                                   w.o.data(), dvp, dvp, w.p16.data())) {
+        gemm_bf16(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, 2 * dvp, w.o.data(), dvp,
+                  true);
+        continue;
+      }
+    }
+    softmax_tile_update(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                         w.o.data(), dvp, dvp);
     if (dropout) {
-      const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
+      const int ncols = static_cast<int>(std::min<std::int64_t>(bn, span.len_k - j0));
       for (int r = 0; r < rows; ++r) {
         const std::int64_t i = i0 + r;
         dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
                          threshold, w.keep.data());
         if (p.dropout_mask) std::copy_n(w.keep.data(), ncols, mask_row(i) + j0);
-        apply_dropout(w.s.data() + std::int64_t(r) * kBlockN, w.keep.data(), ncols, rp);
+        apply_dropout(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols, rp);
       }
       mask_end = j0 + ncols;
     }
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16) {
-        to_bf16_rows(w.s.data(), kBlockN, rows, kBlockN, w.p16.data(), kBlockN);
-        gemm_bf16(rows, dvp, kBlockN / 2, w.p16.data(), kBlockN, 2, v16 + j0 * dvp, 2 * dvp,
+        to_bf16_rows(w.s.data(), bn, rows, bn, w.p16.data(), bn);
+        gemm_bf16(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, 2 * dvp,
                   w.o.data(), dvp, true);
         continue;
       }
     }
-    gemm(rows, dvp, kBlockN, w.s.data(), kBlockN, v + j0 * dvp, dvp, w.o.data(), dvp, true);
+    gemm(rows, dvp, bn, w.s.data(), bn, v + j0 * dvp, dvp, w.o.data(), dvp, true);
   }
   // The mask is returned for every element of the sequence, hidden ones included.
   if (dropout && p.dropout_mask) {
     for (int r = 0; r < rows; ++r) {
       const std::int64_t i = i0 + r;
       for (auto [from, to] : {std::pair{std::int64_t(0), cols.begin}, std::pair{mask_end, std::int64_t(span.len_k)}})
-        for (std::int64_t j0 = from; j0 < to; j0 += kBlockN) {
-          const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, to - j0));
+        for (std::int64_t j0 = from; j0 < to; j0 += bn) {
+          const int ncols = static_cast<int>(std::min<std::int64_t>(bn, to - j0));
           dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
                            threshold, mask_row(i) + j0);
         }
@@ -180,51 +193,67 @@ void forward_impl(const FwdParams& p) {
   geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
   geo.bf16 = sizeof(T) == 4 && p.dtype == DType::kBFloat16 && bf16_dot_available();
-  const int dp = geo.dp, dvp = geo.dvp;
-  const std::int64_t skp = round_up(p.sk, kBlockN);  // sk is the longest sequence's under varlen
+  if (geo.bf16) {
+    geo.bm = bf16_fwd_block_m();
+    geo.bn = bf16_fwd_block_n();
+  }
+  const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
+  const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
-  const std::int64_t nrb = (p.sq + kBlockM - 1) / kBlockM;
+  const std::int64_t nrb = (p.sq + bm - 1) / bm;
   const std::size_t pair_bytes =
       std::max<std::size_t>(1, skp * (dp + dvp) * (geo.bf16 ? 2 : sizeof(T)));
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
   const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
-  std::vector<T> kt(geo.bf16 ? 0 : kt_elems), v(geo.bf16 ? 0 : v_elems);
-  std::vector<std::uint16_t> kt16(geo.bf16 ? kt_elems : 0), v16(geo.bf16 ? v_elems : 0);
+  // Not value-initialised: the staging below writes every element (padding
+  // included), in parallel, so no single-threaded memset precedes it.
+  std::unique_ptr<T[]> kt(geo.bf16 ? nullptr : new T[kt_elems]), v(geo.bf16 ? nullptr : new T[v_elems]);
+  std::unique_ptr<std::uint16_t[]> kt16(geo.bf16 ? new std::uint16_t[kt_elems] : nullptr),
+      v16(geo.bf16 ? new std::uint16_t[v_elems] : nullptr);
+  // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
+  // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
+  // every thread work; ~4 jobs per thread, at least 256 rows each.
+  const std::int64_t nthreads = num_threads();
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
+    const std::int64_t want = std::max<std::int64_t>(1, (4 * nthreads + 2 * np - 1) / (2 * np));
+    const std::int64_t piece =
+        std::max(round_up((skp + want - 1) / want, bn), round_up(256, bn));
+    const std::int64_t npieces = (skp + piece - 1) / piece;
     ORCHARD_OMP("omp parallel for schedule(dynamic, 1)")
-    for (std::int64_t t = 0; t < 2 * np; ++t) {
-      const std::int64_t pair = pair0 + t / 2;
+    for (std::int64_t t = 0; t < 2 * np * npieces; ++t) {
+      const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
+      const bool is_k = (t / npieces) % 2 == 0;
+      const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
       const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
       const SeqSpan span = seq_span(p, static_cast<int>(bi));
-      const std::int64_t koff = bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride;
-      const std::int64_t voff = bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride;
+      const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
+      const int rows_pad = static_cast<int>(c1 - c0);
+      const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
+                                kh * p.k_head_stride;
+      const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
+                                kh * p.v_head_stride;
+      const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
       if (geo.bf16) {
-        if (t % 2 == 0)
-          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, span.len_k, static_cast<int>(skp), p.d, dp,
-                             kBlockN, kt16.data() + (t / 2) * dp * skp);
+        if (is_k)
+          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16.get() + kto);
         else
-          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, span.len_k, static_cast<int>(skp), p.d_v,
-                               dvp, v16.data() + (t / 2) * skp * dvp);
-        continue;
+          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16.get() + vo);
+      } else if (is_k) {
+        load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                             kt.get() + kto);
+      } else {
+        load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v.get() + vo);
       }
-      T* kt_p = kt.data() + (t / 2) * dp * skp;
-      T* v_p = v.data() + (t / 2) * skp * dvp;
-      if (t % 2 == 0)
-        load_rows_transposed(p.k, p.dtype,
-                             bi * p.k_batch_stride + span.k_start * p.k_row_stride + kh * p.k_head_stride,
-                             p.k_row_stride, span.len_k, static_cast<int>(skp), p.d, dp, kBlockN, kt_p);
-      else
-        load_rows(p.v, p.dtype, bi * p.v_batch_stride + span.k_start * p.v_row_stride + kh * p.v_head_stride,
-                  p.v_row_stride, span.len_k, static_cast<int>(skp), p.d_v, dvp, v_p);
     }
     const std::int64_t ntasks = np * g * nrb;
     ORCHARD_OMP("omp parallel")
     {
-      FwdScratch<T> w(dp, dvp, geo.bf16);
+      FwdScratch<T> w(bm, dp, dvp, bn, geo.bf16);
+      const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
       ORCHARD_OMP("omp for schedule(dynamic, 1)")
       for (std::int64_t t = 0; t < ntasks; ++t) {
         const std::int64_t local_pair = t / (g * nrb);
@@ -235,13 +264,13 @@ void forward_impl(const FwdParams& p) {
         const std::int64_t pair = pair0 + local_pair;
         const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
         const SeqSpan span = seq_span(p, bi);
-        const std::int64_t i0 = rb * kBlockM;
+        const std::int64_t i0 = rb * bm;
         if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
-        const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
+        const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
         const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
-        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.data() + ko,
-                         geo.bf16 ? nullptr : v.data() + vo, geo.bf16 ? kt16.data() + ko : nullptr,
-                         geo.bf16 ? v16.data() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
+        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.get() + ko,
+                         geo.bf16 ? nullptr : v.get() + vo, geo.bf16 ? kt16.get() + ko : nullptr,
+                         geo.bf16 ? v16.get() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
     }
   }

@@ -4,6 +4,8 @@
 // bf16 each), MR 32-bit broadcasts of A, MR * NV vdpbf16ps.
 #include "backends/cpu/gemm_bf16.h"
 
+#include "backends/cpu/kernel_common.h"
+
 #include <cstring>
 
 // GCC 12 flags the _mm512_undefined_* inside its own intrinsic headers.
@@ -13,6 +15,17 @@
 #include <immintrin.h>
 #define ORCHARD_BF16_DOT 1
 #define ORCHARD_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+#if defined(ORCHARD_BF16_DOT) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <vector>
+#define ORCHARD_AMX 1
+#define ORCHARD_AMX_TARGET \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
 
 namespace orchard::cpu {
@@ -113,6 +126,203 @@ ORCHARD_BF16_TARGET void to_bf16_pairs_t_avx512(const float* src, std::int64_t l
   }
 }
 
+
+// In-register transpose of a 16 x 16 block of 32-bit words.
+ORCHARD_BF16_TARGET inline __attribute__((always_inline)) void transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // u[4i + c] holds, in each 128-bit lane L, column 4L + c of rows 4i..4i+3.
+  for (int i = 0; i < 2; ++i)
+    for (int c = 0; c < 4; ++c) {
+      t[8 * i + c] = _mm512_shuffle_i32x4(u[8 * i + c], u[8 * i + 4 + c], 0x88);
+      t[8 * i + 4 + c] = _mm512_shuffle_i32x4(u[8 * i + c], u[8 * i + 4 + c], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+  }
+}
+
+ORCHARD_BF16_TARGET void pack_a_pairs_rows_avx512(int m, int kpairs, const std::uint16_t* a,
+                                                  std::int64_t a_rs, std::int64_t a_ps,
+                                                  std::uint32_t* dst, std::int64_t ldw) {
+  auto word = [&](int r, int p) {
+    std::uint32_t w;
+    std::memcpy(&w, a + r * a_rs + p * a_ps, 4);
+    return w;
+  };
+  int r0 = 0;
+  if (a_rs == 2) {  // a pair-packed A^T: 16 x 16 word blocks, transposed in registers
+    for (; r0 + 16 <= m; r0 += 16) {
+      int p0 = 0;
+      for (; p0 + 16 <= kpairs; p0 += 16) {
+        __m512i v[16];
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) v[q] = _mm512_loadu_si512(a + (p0 + q) * a_ps + 2 * r0);
+        transpose16x16(v);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (r0 + i) * ldw + p0, v[i]);
+      }
+      for (; p0 < kpairs; ++p0)
+        for (int i = 0; i < 16; ++i) dst[(r0 + i) * ldw + p0] = word(r0 + i, p0);
+    }
+  }
+  for (int r = r0; r < m; ++r)
+    for (int p = 0; p < kpairs; ++p) dst[r * ldw + p] = word(r, p);
+}
+
+#ifdef ORCHARD_AMX
+// ---------------------------------------------------------------------------
+// AMX path (Sapphire Rapids and later: amx_tile + amx_bf16). Hand-written
+// with the compiler's intrinsics rather than oneDNN's ukernel API: oneDNN
+// >= 3.5 with ukernels is only on PyPI (onednn / onednn-devel 2026.1, oneDNN
+// 3.13, a TBB-threaded shared library, no pinned Debian package: bookworm has
+// 2.6) and would have to be found, shipped and rpath'd by both the CMake and
+// the pip builds, and carried to machines that reach no registry; the
+// kernel below is ~100 lines around one instruction.
+//
+// Tiles (palette 1, all 16 rows x 64 bytes): tmm0..3 are a 2 x 2 block of
+// C (16 x 16 fp32 each), tmm4/5 two A tiles (16 rows x 16 K pairs), tmm6/7
+// two B tiles (16 K pairs x 16 columns). The pair-packed B of gemm_bf16.h is
+// exactly AMX's B layout (row p of a tile = pair p of 16 columns, 64 bytes);
+// a row-major A (a_ps == 2) is AMX's A layout; a pair-packed A^T (a_rs ==
+// 2) is transposed to row-major first (pack_a_pairs_rows_avx512). Rows past the last
+// multiple of 16 and K pairs past the last multiple of 16 go through the
+// AVX-512-BF16 kernel (on the original operands, accumulating).
+struct alignas(64) TileConfig {
+  std::uint8_t palette_id = 1;
+  std::uint8_t start_row = 0;
+  std::uint8_t reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+const TileConfig& tile_config() {
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    return c;
+  }();
+  return cfg;
+}
+
+// > 0 while this thread is inside a Bf16GemmScope that loaded the tile config.
+thread_local int t_amx_scope = 0;
+
+bool detect_amx() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  if (!amx_bf16 || !amx_tile) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1)) return false;  // OSXSAVE
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG + XTILEDATA enabled by the OS
+  // Linux (5.16+) hands out the 8 KiB tile state on request only.
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXtileData = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXtileData) != 0) return false;
+  unsigned long long perm = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &perm) != 0) return false;
+  return (perm >> kXtileData) & 1;
+}
+
+ORCHARD_AMX_TARGET void amx_load_config() { _tile_loadconfig(&tile_config()); }
+ORCHARD_AMX_TARGET void amx_release() { _tile_release(); }
+
+// One MT x NT block of 16 x 16 C tiles over ksteps * 16 K pairs. a: row-major
+// bf16 (lda elements), b: pair-packed (ldb elements per pair row).
+template <int MT, int NT>
+ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block(
+    int ksteps, const std::uint16_t* a, std::int64_t lda, const std::uint16_t* b,
+    std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  const long as = lda * 2, bs = ldb * 2, cs = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, cs);
+    if constexpr (NT > 1) _tile_loadd(1, c + 16, cs);
+    if constexpr (MT > 1) _tile_loadd(2, c + 16 * ldc, cs);
+    if constexpr (MT > 1 && NT > 1) _tile_loadd(3, c + 16 * ldc + 16, cs);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (MT > 1) _tile_zero(2);
+    if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  }
+  for (int s = 0; s < ksteps; ++s) {
+    const std::uint16_t* ak = a + 32 * s;
+    const std::uint16_t* bk = b + 16 * s * ldb;
+    _tile_loadd(4, ak, as);
+    if constexpr (MT > 1) _tile_loadd(5, ak + 16 * lda, as);
+    _tile_loadd(6, bk, bs);
+    if constexpr (NT > 1) _tile_loadd(7, bk + 32, bs);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, cs);
+  if constexpr (NT > 1) _tile_stored(1, c + 16, cs);
+  if constexpr (MT > 1) _tile_stored(2, c + 16 * ldc, cs);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, cs);
+}
+
+// m % 16 == 0, n % 16 == 0, ksteps * 16 K pairs.
+ORCHARD_AMX_TARGET void gemm_amx_tiles(int m, int n, int ksteps, const std::uint16_t* a,
+                                       std::int64_t lda, const std::uint16_t* b, std::int64_t ldb,
+                                       float* c, std::int64_t ldc, bool accumulate) {
+  int i = 0;
+  for (; i + 32 <= m; i += 32) {
+    int j = 0;
+    for (; j + 32 <= n; j += 32)
+      amx_block<2, 2>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+    if (j < n)
+      amx_block<2, 1>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+  }
+  if (i < m) {
+    int j = 0;
+    for (; j + 32 <= n; j += 32)
+      amx_block<1, 2>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+    if (j < n)
+      amx_block<1, 1>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+  }
+}
+
+void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
+                   std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, float* c,
+                   std::int64_t ldc, bool accumulate) {
+  const int m16 = m / 16 * 16, ksteps = kpairs / 16, kmain = ksteps * 16;
+  const bool scoped = t_amx_scope > 0;
+  if (!scoped) amx_load_config();  // outside a scope: configure and release per call
+  const std::uint16_t* arow = a;
+  std::int64_t lda = a_rs;
+  if (a_ps != 2) {  // pack rows [0, m16) x pairs [0, kmain) row-major
+    thread_local std::vector<std::uint32_t> packed;
+    if (packed.size() < std::size_t(m16) * kmain) packed.resize(std::size_t(m16) * kmain);
+    pack_a_pairs_rows_avx512(m16, kmain, a, a_rs, a_ps, packed.data(), kmain);
+    arow = reinterpret_cast<const std::uint16_t*>(packed.data());
+    lda = 2 * kmain;
+  }
+  gemm_amx_tiles(m16, n, ksteps, arow, lda, b, ldb, c, ldc, accumulate);
+  if (!scoped) amx_release();
+  if (kmain < kpairs)
+    gemm_bf16_avx512(m16, n, kpairs - kmain, a + kmain * a_ps, a_rs, a_ps, b + kmain * ldb, ldb, c,
+                     ldc, true);
+  if (m16 < m)
+    gemm_bf16_avx512(m - m16, n, kpairs, a + m16 * a_rs, a_rs, a_ps, b, ldb, c + m16 * ldc, ldc,
+                     accumulate);
+}
+#endif  // ORCHARD_AMX
 }  // namespace
 #endif
 
@@ -126,10 +336,86 @@ bool bf16_dot_available() {
 #endif
 }
 
+bool amx_available() {
+#ifdef ORCHARD_AMX
+  static const bool yes = [] {
+    const char* env = std::getenv("ORCHARD_CPU_AMX");
+    if (env && env[0] == '0') return false;
+    return detect_amx();
+  }();
+  return yes && g_amx && bf16_dot_available();
+#else
+  return false;
+#endif
+}
+
+int bf16_fwd_block_n() {
+  if (g_bf16_fwd_block_n > 0) return g_bf16_fwd_block_n;
+  if (!amx_available()) return kBlockN;
+#ifdef ORCHARD_AMX
+  static const int env_bn = [] {
+    const char* env = std::getenv("ORCHARD_CPU_AMX_BN");
+    const int v = env ? std::atoi(env) : 0;
+    return v >= 16 && v <= 1024 && v % 16 == 0 ? v : 0;
+  }();
+  if (env_bn) return env_bn;
+#endif
+  return kAmxFwdBlockN;
+}
+
+int bf16_fwd_block_m() {
+  if (g_bf16_fwd_block_m > 0) return g_bf16_fwd_block_m;
+  if (!amx_available()) return kBlockM;
+#ifdef ORCHARD_AMX
+  static const int env_bm = [] {
+    const char* env = std::getenv("ORCHARD_CPU_AMX_BM");
+    const int v = env ? std::atoi(env) : 0;
+    return v >= 16 && v <= 512 && v % 16 == 0 ? v : 0;
+  }();
+  if (env_bm) return env_bm;
+#endif
+  return kAmxFwdBlockM;
+}
+
+Bf16GemmScope::Bf16GemmScope(bool bf16) {
+#ifdef ORCHARD_AMX
+  if (bf16 && amx_available()) {
+    active_ = true;
+    if (t_amx_scope++ == 0) amx_load_config();
+  }
+#else
+  (void)bf16;
+#endif
+}
+
+Bf16GemmScope::~Bf16GemmScope() {
+#ifdef ORCHARD_AMX
+  if (active_ && --t_amx_scope == 0) amx_release();
+#endif
+}
+
+void pack_a_pairs_rows(int m, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
+                       std::int64_t a_ps, std::uint32_t* dst, std::int64_t ldw) {
+#ifdef ORCHARD_BF16_DOT
+  if (bf16_dot_available()) {
+    pack_a_pairs_rows_avx512(m, kpairs, a, a_rs, a_ps, dst, ldw);
+    return;
+  }
+#endif
+  for (int r = 0; r < m; ++r)
+    for (int p = 0; p < kpairs; ++p) std::memcpy(dst + r * ldw + p, a + r * a_rs + p * a_ps, 4);
+}
+
 void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, float* c,
                std::int64_t ldc, bool accumulate) {
 #ifdef ORCHARD_BF16_DOT
+#ifdef ORCHARD_AMX
+  if (m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
+    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
+    return;
+  }
+#endif
   gemm_bf16_avx512(m, n, kpairs, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
 #else
   (void)m; (void)n; (void)kpairs; (void)a; (void)a_rs; (void)a_ps; (void)b; (void)ldb; (void)c;

@@ -11,6 +11,10 @@
 // written by to_bf16_pairs_t) is a_rs = 2, a_ps = its ldd. B is stored as pairs:
 // element (k, j) at b[(k / 2) * ldb + 2 * j + k % 2]. C (M x N fp32, ldc)
 // (+)= A B over kpairs * 2 values of K. N % 16 == 0; M arbitrary.
+//
+// Where amx_available(), 16 x 16 blocks of C run on AMX tiles (the
+// pair-packed B is AMX's B-tile layout, a row-major A its A-tile layout),
+// the rest on vdpbf16ps (gemm_bf16.cpp).
 #pragma once
 
 #include <cstdint>
@@ -22,6 +26,60 @@ namespace orchard::cpu {
 bool bf16_dot_available();
 // Tests and A/B timing switch it off to run the fp32 path on bf16 inputs.
 inline bool g_bf16_dot = true;
+
+// True when gemm_bf16 runs its 16-row x 16-K-pair blocks on AMX tiles
+// (tdpbf16ps; Sapphire Rapids and later): the CPU has AMX-TILE and
+// AMX-BF16, the OS granted this process the tile state (Linux
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), asked on the first call),
+// bf16_dot_available() (the row / K-pair remainders run on vdpbf16ps), g_amx,
+// and ORCHARD_CPU_AMX is not "0" in the environment (read once).
+bool amx_available();
+inline bool g_amx = true;
+// Calls with fewer rows or K pairs than these stay on AVX-512-BF16.
+inline constexpr int kAmxMinM = 16, kAmxMinKPairs = 16;
+
+// Key columns per tile of the bf16 forward (forward.cpp): g_bf16_fwd_block_n
+// when set (tests: wide tiles on any CPU), else on AMX kAmxFwdBlockN or
+// ORCHARD_CPU_AMX_BN from the environment (a multiple of 16 in [16, 1024],
+// read once, for timing), else kBlockN. With AMX the GEMMs are ~8x faster and
+// the per-tile row work (max, sum, rescale of the output rows) dominates, so
+// wider tiles pay; without it 64 was as good as any (kernel_common.h).
+int bf16_fwd_block_n();
+inline int g_bf16_fwd_block_n = 0;
+inline constexpr int kAmxFwdBlockN = 256;
+// Query rows per task of the bf16 forward, the same way: g_bf16_fwd_block_m,
+// else on AMX kAmxFwdBlockM or ORCHARD_CPU_AMX_BM (a multiple of 16 in
+// [16, 512]), else kBlockM. More rows per task read each K / V tile once for
+// more rows (torch's AMX path takes 256-row query blocks at long sequences).
+int bf16_fwd_block_m();
+inline int g_bf16_fwd_block_m = 0;
+inline constexpr int kAmxFwdBlockM = 128;
+
+// Holds the AMX tile configuration on this thread for its lifetime, so the
+// gemm_bf16 calls inside it skip the per-call ldtilecfg / tilerelease; put one
+// at the top of each parallel region whose thread calls gemm_bf16 (bf16: the
+// region runs the bf16 path). The configuration is loaded per region, not
+// once per thread for good: other libraries' AMX kernels (oneDNN's brgemm in
+// torch's CPU SDPA) run on the same OpenMP threads and reconfigure or release
+// the tiles between our calls. Nothing but gemm_bf16 may touch the tiles
+// inside a scope. Nests; no-op without AMX.
+class Bf16GemmScope {
+ public:
+  explicit Bf16GemmScope(bool bf16);
+  ~Bf16GemmScope();
+  Bf16GemmScope(const Bf16GemmScope&) = delete;
+  Bf16GemmScope& operator=(const Bf16GemmScope&) = delete;
+
+ private:
+  bool active_ = false;
+};
+
+// dst[r * ldw + p] = the 32-bit pair (row r, K pair p) of an A in
+// gemm_bf16's layout (a, a_rs, a_ps), r < m, p < kpairs: a row-major copy
+// (the AMX A-tile layout). The AMX path packs a pair-packed A^T (a_rs == 2)
+// this way; exposed for the tests.
+void pack_a_pairs_rows(int m, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
+                       std::int64_t a_ps, std::uint32_t* dst, std::int64_t ldw);
 
 void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, float* c,

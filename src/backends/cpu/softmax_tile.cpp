@@ -99,6 +99,53 @@ ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc
   }
 }
 
+// softmax_tile_update_avx512 writing P as bf16 (vcvtneps2bf16, nearest even)
+// to p16 instead of fp32 back to s: the bf16 forward's P V operand without a
+// separate conversion pass. l sums the unrounded P, as before.
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) void
+softmax_tile_update_bf16_avx512(const float* s, int rows, int bc, const int* nv, float c, float* m,
+                                float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m512 vc = _mm512_set1_ps(c);
+  for (int r = 0; r < rows; ++r) {
+    const float* sr = s + std::int64_t(r) * bc;
+    std::uint16_t* pr = p16 + std::int64_t(r) * bc;
+    const int n = nv[r];
+    __m512 vmax = _mm512_set1_ps(ninf);
+    __mmask16 nan = 0;
+    for (int j = 0; j < bc; j += 16) {
+      const __mmask16 k = cols_mask(n, j);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), vc);
+      nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
+      vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    }
+    const float m_old = m[r];
+    const float tile_max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
+    const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+    if (m_new == ninf) {  // nothing visible yet in this row
+      for (int j = 0; j < bc; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), _mm256_setzero_si256());
+      continue;
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int j = 0; j < bc; j += 16) {
+      const __mmask16 k = cols_mask(n, j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(p));
+      vsum = _mm512_add_ps(vsum, p);
+    }
+    const float alpha = m_old == ninf ? 0.0f : std::exp2(m_old - m_new);
+    l[r] = l[r] * alpha + _mm512_reduce_add_ps(vsum);
+    m[r] = m_new;
+    if (alpha != 1.0f) {
+      float* orow = o + r * ldo;
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int j = 0; j < dp; j += 16) _mm512_storeu_ps(orow + j, _mm512_mul_ps(_mm512_loadu_ps(orow + j), va));
+    }
+  }
+}
+
 ORCHARD_AVX512_TARGET void backward_tile_avx512(float* s, float* dp, int rows, int bc, const int* nv,
                                                 float c, const float* lse2, const float* dsum,
                                                 const std::uint8_t* keep, float rp) {
@@ -131,6 +178,21 @@ ORCHARD_AVX512_TARGET void backward_tile_avx512(float* s, float* dp, int rows, i
 
 }  // namespace
 #endif
+
+bool softmax_tile_update_bf16(const float* s, int rows, int bc, const int* nv, float c, float* m,
+                              float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16) {
+#ifdef ORCHARD_SOFTMAX_AVX512
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  if (bc % 16 == 0 && dp % 16 == 0 && bf16 && has_avx512()) {
+    softmax_tile_update_bf16_avx512(s, rows, bc, nv, c, m, l, o, ldo, dp, p16);
+    return true;
+  }
+#else
+  (void)s; (void)rows; (void)bc; (void)nv; (void)c; (void)m; (void)l; (void)o; (void)ldo; (void)dp;
+  (void)p16;
+#endif
+  return false;
+}
 
 ORCHARD_CPU_CLONES
 void softmax_tile_update(float* s, int rows, int bc, const int* nv, float c, float* m, float* l,

@@ -20,6 +20,13 @@ void softmax_tile_update(float* s, int rows, int bc, const int* nv, float c, flo
 void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, double* m,
                          double* l, double* o, std::int64_t ldo, int dp);
 
+// The same update for the bf16 forward, writing the probabilities rounded to
+// bf16 (nearest even) to p16 (rows x bc, ld bc) and leaving s as it was; false
+// (nothing done) where the CPU lacks AVX-512-BF16: run softmax_tile_update
+// and to_bf16_rows instead.
+bool softmax_tile_update_bf16(const float* s, int rows, int bc, const int* nv, float c, float* m,
+                              float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16);
+
 // Backward: in: s = raw q.k scores, dp = dO.v^T (both rows x bc, ld bc);
 // keep (rows x bc bytes) or nullptr without dropout, rp = 1/(1-p).
 // out: s = P * keep * rp (the dropped probabilities that multiply dO into dV),
