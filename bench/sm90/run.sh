@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# sm90 wgmma/TMA GEMM microbenchmark (issue #11 step 1): build, SASS check, correctness + timing.
+# Run from the repository root on an H100/H200:   bash bench/sm90/run.sh
+# Writes $OUT/sm90_gemm.md (table), $OUT/build.log, $OUT/sass_check.txt, $OUT/bench.log.
+# Env: OUT (default /tmp/sm90_out), NVCC (default nvcc), BENCH_ARGS (extra bench flags),
+#      SKIP_RUN=1 (build + SASS check only, e.g. on a machine without a GPU).
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OUT="${OUT:-/tmp/sm90_out}"
+NVCC="${NVCC:-nvcc}"
+BUILD="${BUILD_DIR:-$OUT/build}"
+mkdir -p "$OUT" "$BUILD"
+export OUT
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "environment"
+command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1 | tee "$OUT/gpu.txt"
+timeout 20 "$NVCC" --version | tail -2
+
+step "build (nvcc -O3, sm_90a)"
+BIN="$BUILD/sm90_gemm_bench"
+if ! timeout 300 "$NVCC" -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -lineinfo \
+      -Xptxas -v -o "$BIN" "$HERE/sm90_gemm_bench.cu" -lcublas > "$OUT/build.log" 2>&1; then
+  echo "BUILD FAILED (rc=$?); tail of $OUT/build.log:"; tail -40 "$OUT/build.log"; exit 1
+fi
+echo "built $BIN"
+
+step "ptxas report (gemm kernels): registers, spills, warnings"
+grep -A3 "Compiling entry function '_Z14gemm_ws" "$OUT/build.log" \
+  | grep -E "Compiling entry|registers|spill" | sed -e "s/ptxas info    : //" | tee "$OUT/ptxas.txt"
+spill_lines=$(grep -A2 "Compiling entry function '_Z14gemm_ws" "$OUT/build.log" | grep -E "[1-9][0-9]* bytes spill" || true)
+if [ -n "$spill_lines" ]; then echo "WARNING: spills in gemm kernels:"; echo "$spill_lines"; status=1; else echo "gemm kernels: 0 bytes spill stores/loads, 0 stack"; fi
+if grep -iE "warning|C7508|C7510|serializ" "$OUT/build.log"; then echo "WARNING: ptxas/nvcc warnings above (setmaxnreg ignored or wgmma serialized?)"; status=1; fi
+
+step "SASS check (cuobjdump)"
+CUOBJDUMP="${CUOBJDUMP:-$(command -v cuobjdump || echo "$(dirname "$(command -v "$NVCC")")/cuobjdump")}"
+if timeout 120 "$CUOBJDUMP" -sass "$BIN" > "$BUILD/sass.txt" 2>"$BUILD/sass.err"; then
+  {
+    echo "kernel | HGMMA | HMMA | UTMALDG | LDL/STL (local memory) | SETMAXREG"
+    awk '/Function :/{name=$3} {print name "\t" $0}' "$BUILD/sass.txt" | grep "gemm_ws" > "$BUILD/sass_gemm.txt" || true
+    for k in $(cut -f1 "$BUILD/sass_gemm.txt" | sort -u); do
+      body=$(grep -F "$k" "$BUILD/sass_gemm.txt")
+      printf "%s | %s | %s | %s | %s | %s\n" "$k" \
+        "$(grep -c 'HGMMA' <<<"$body")" "$(grep -cE ' HMMA' <<<"$body")" "$(grep -c 'UTMALDG' <<<"$body")" \
+        "$(grep -cE ' (LDL|STL)' <<<"$body")" "$(grep -c 'SETMAXREG' <<<"$body")"
+    done
+  } | tee "$OUT/sass_check.txt"
+  if [ "$(grep -c HGMMA "$BUILD/sass_gemm.txt")" -eq 0 ]; then echo "FAIL: no HGMMA in SASS"; status=1; fi
+  if grep -qE ' (LDL|STL)' "$BUILD/sass_gemm.txt"; then echo "WARNING: local memory in gemm kernels"; status=1; fi
+else
+  echo "cuobjdump failed (rc=$?): $(head -3 "$BUILD/sass.err")"
+fi
+
+if [ "${SKIP_RUN:-0}" = 1 ]; then echo "SKIP_RUN=1: not running"; exit $status; fi
+
+step "bench: correctness + timing, bf16 and fp16 at 8192^3 and 4096^3"
+timeout 200 "$BIN" --sizes 8192,4096 --dtypes bf16,fp16 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) echo "bench: all checks PASS" ;;
+  1) echo "bench: some check FAILED (see table)"; status=1 ;;
+  124) echo "bench: TIMED OUT after 200 s (partial log above)"; status=1 ;;
+  *) echo "bench: exited with rc=$rc (crash or CUDA error; partial log above)"; status=1 ;;
+esac
+
+step "table ($OUT/sm90_gemm.md)"
+cat "$OUT/sm90_gemm.md" 2>/dev/null || echo "(no table written)"
+exit $status
