@@ -55,15 +55,35 @@ fi
 if [ "${SKIP_RUN:-0}" = 1 ]; then echo "SKIP_RUN=1: not running"; exit $status; fi
 
 step "bench: correctness + timing, bf16 and fp16 at 8192^3 and 4096^3"
-timeout 200 "$BIN" --sizes 8192,4096 --dtypes bf16,fp16 ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
-rc=${PIPESTATUS[0]}
-case $rc in
-  0) echo "bench: all checks PASS" ;;
-  1) echo "bench: some check FAILED (see table)"; status=1 ;;
-  124) echo "bench: TIMED OUT after 200 s (partial log above)"; status=1 ;;
-  *) echo "bench: exited with rc=$rc (crash or CUDA error; partial log above)"; status=1 ;;
-esac
+# One process per (variant, dtype): a hang or a sticky CUDA error in one variant cannot take
+# the others' results with it.  Most conservative variants first.
+VARIANTS="${VARIANTS:-128x256_s4 128x128_s6 128x256_s4_c2 128x128_s6_c2}"
+DTYPES="${DTYPES:-bf16 fp16}"
+SIZES="${SIZES:-8192,4096}"
+PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-50}"
+: > "$OUT/bench.log"
+TABLE="$OUT/sm90_gemm.md"; rm -f "$TABLE"
+for v in $VARIANTS; do
+  for d in $DTYPES; do
+    echo "--- $v $d"
+    part="$BUILD/part_${v}_${d}.md"; rm -f "$part"
+    timeout -k 5 "$PER_RUN_TIMEOUT" "$BIN" --sizes "$SIZES" --dtypes "$d" --variants "$v" --out "$part" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+      0) ;;
+      1) echo "FAILED CHECK: $v $d (see table)"; status=1 ;;
+      124|137) echo "TIMED OUT after ${PER_RUN_TIMEOUT}s: $v $d (hang?)"; status=1
+               echo "| $d | $SIZES | $v | - | - | - | - | - | - | TIMEOUT (${PER_RUN_TIMEOUT}s) |" >> "$BUILD/part_timeouts.md" ;;
+      *) echo "CRASHED rc=$rc: $v $d"; status=1
+         echo "| $d | $SIZES | $v | - | - | - | - | - | - | CRASH rc=$rc |" >> "$BUILD/part_timeouts.md" ;;
+    esac
+    if [ -s "$part" ]; then
+      if [ ! -s "$TABLE" ]; then cat "$part" > "$TABLE"; else grep '^| [bf]' "$part" >> "$TABLE"; fi
+    fi
+  done
+done
+[ -s "$BUILD/part_timeouts.md" ] && cat "$BUILD/part_timeouts.md" >> "$TABLE" && rm -f "$BUILD/part_timeouts.md"
 
-step "table ($OUT/sm90_gemm.md)"
-cat "$OUT/sm90_gemm.md" 2>/dev/null || echo "(no table written)"
+step "table ($TABLE)"
+cat "$TABLE" 2>/dev/null || echo "(no table written)"
 exit $status
