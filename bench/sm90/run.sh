@@ -3,6 +3,7 @@
 # Run from the repository root on an H100/H200:   bash bench/sm90/run.sh
 # Writes $OUT/sm90_gemm.md (table), $OUT/build.log, $OUT/sass_check.txt, $OUT/bench.log.
 # Env: OUT (default /tmp/sm90_out), NVCC (default nvcc), BENCH_ARGS (extra bench flags),
+#      VARIANTS, DTYPES, SIZES, RASTER_GROUPS, DIAG=0|1, PER_RUN_TIMEOUT (see below),
 #      SKIP_RUN=1 (build + SASS check only, e.g. on a machine without a GPU).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,11 +21,33 @@ timeout 20 "$NVCC" --version | tail -2
 
 step "build (nvcc -O3, sm_90a)"
 BIN="$BUILD/sm90_gemm_bench"
-if ! timeout 300 "$NVCC" -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -lineinfo \
-      -Xptxas -v -o "$BIN" "$HERE/sm90_gemm_bench.cu" -lcublas > "$OUT/build.log" 2>&1; then
-  echo "BUILD FAILED (rc=$?); tail of $OUT/build.log:"; tail -40 "$OUT/build.log"; exit 1
+NVFLAGS=(-O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v)
+if ! timeout 300 "$NVCC" "${NVFLAGS[@]}" -o "$BIN" "$HERE/sm90_gemm_bench.cu" -lcublas > "$OUT/build.log" 2>&1; then
+  rc=$?
+  echo "BUILD FAILED (rc=$rc); tail of $OUT/build.log:"; tail -30 "$OUT/build.log"
+  # If only the link failed, try a libcublas shipped in a Python wheel (nvidia-cublas).
+  libdir=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+for d in site.getsitepackages():
+    for p in glob.glob(os.path.join(d, "nvidia", "**", "libcublas.so*"), recursive=True):
+        print(os.path.dirname(p)); raise SystemExit
+PY
+)
+  if [ -n "$libdir" ]; then
+    echo "retrying the link against $libdir"
+    [ -e "$libdir/libcublas.so" ] || { mkdir -p "$BUILD/lib"; ln -sf "$(ls "$libdir"/libcublas.so.* | head -1)" "$BUILD/lib/libcublas.so"; ln -sf "$(ls "$libdir"/libcublasLt.so.* | head -1)" "$BUILD/lib/libcublasLt.so"; }
+    if timeout 300 "$NVCC" "${NVFLAGS[@]}" -o "$BIN" "$HERE/sm90_gemm_bench.cu" -L"$BUILD/lib" -L"$libdir" \
+         -Xlinker -rpath -Xlinker "$libdir" -lcublas > "$OUT/build.log" 2>&1; then
+      echo "built $BIN (cuBLAS from $libdir)"
+    else
+      echo "BUILD FAILED again; tail:"; tail -30 "$OUT/build.log"; exit 1
+    fi
+  else
+    exit 1
+  fi
+else
+  echo "built $BIN"
 fi
-echo "built $BIN"
 
 step "ptxas report (gemm kernels): registers, spills, warnings"
 grep -A3 "Compiling entry function '_Z14gemm_ws" "$OUT/build.log" \
@@ -37,13 +60,14 @@ step "SASS check (cuobjdump)"
 CUOBJDUMP="${CUOBJDUMP:-$(command -v cuobjdump || echo "$(dirname "$(command -v "$NVCC")")/cuobjdump")}"
 if timeout 120 "$CUOBJDUMP" -sass "$BIN" > "$BUILD/sass.txt" 2>"$BUILD/sass.err"; then
   {
-    echo "kernel | HGMMA | HMMA | UTMALDG | LDL/STL (local memory) | SETMAXREG"
+    echo "kernel | HGMMA | HMMA | UTMALDG | LDL/STL (local memory) | SETMAXREG | HGMMA shapes"
     awk '/Function :/{name=$3} {print name "\t" $0}' "$BUILD/sass.txt" | grep "gemm_ws" > "$BUILD/sass_gemm.txt" || true
     for k in $(cut -f1 "$BUILD/sass_gemm.txt" | sort -u); do
       body=$(grep -F "$k" "$BUILD/sass_gemm.txt")
-      printf "%s | %s | %s | %s | %s | %s\n" "$k" \
+      printf "%s | %s | %s | %s | %s | %s | %s\n" "$k" \
         "$(grep -c 'HGMMA' <<<"$body")" "$(grep -cE ' HMMA' <<<"$body")" "$(grep -c 'UTMALDG' <<<"$body")" \
-        "$(grep -cE ' (LDL|STL)' <<<"$body")" "$(grep -c 'SETMAXREG' <<<"$body")"
+        "$(grep -cE ' (LDL|STL)' <<<"$body")" "$(grep -c 'SETMAXREG' <<<"$body")" \
+        "$(grep -oE 'HGMMA\.[0-9x]+' <<<"$body" | sort | uniq -c | awk '{printf "%s:%s ", $2, $1}')"
     done
   } | tee "$OUT/sass_check.txt"
   if [ "$(grep -c HGMMA "$BUILD/sass_gemm.txt")" -eq 0 ]; then echo "FAIL: no HGMMA in SASS"; status=1; fi
@@ -60,27 +84,33 @@ step "bench: correctness + timing, bf16 and fp16 at 8192^3 and 4096^3"
 VARIANTS="${VARIANTS:-128x256_s4 128x128_s6 128x256_s4_c2 128x128_s6_c2}"
 DTYPES="${DTYPES:-bf16 fp16}"
 SIZES="${SIZES:-8192,4096}"
+RASTER_GROUPS="${RASTER_GROUPS:-16,8,4,32}"  # raster group sizes timed (first one is also checked)
 PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-50}"
+DIAG="${DIAG:-1}"                  # 1: also time the diagnostic variants (bf16), see the .cu header
 : > "$OUT/bench.log"
 TABLE="$OUT/sm90_gemm.md"; rm -f "$TABLE"
-for v in $VARIANTS; do
-  for d in $DTYPES; do
+JOBS=""
+for v in $VARIANTS; do for d in $DTYPES; do JOBS="$JOBS $v:$d"; done; done
+[ "$DIAG" = 1 ] && JOBS="$JOBS diag_noload,diag_nostore:bf16"
+for job in $JOBS; do
+  v="${job%%:*}"; d="${job##*:}"
+  {
     echo "--- $v $d"
-    part="$BUILD/part_${v}_${d}.md"; rm -f "$part"
-    timeout -k 5 "$PER_RUN_TIMEOUT" "$BIN" --sizes "$SIZES" --dtypes "$d" --variants "$v" --out "$part" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
+    part="$BUILD/part_${v//,/+}_${d}.md"; rm -f "$part"
+    timeout -k 5 "$PER_RUN_TIMEOUT" "$BIN" --sizes "$SIZES" --dtypes "$d" --variants "$v" --groups "$RASTER_GROUPS" --out "$part" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
     case $rc in
       0) ;;
       1) echo "FAILED CHECK: $v $d (see table)"; status=1 ;;
       124|137) echo "TIMED OUT after ${PER_RUN_TIMEOUT}s: $v $d (hang?)"; status=1
-               echo "| $d | $SIZES | $v | - | - | - | - | - | - | TIMEOUT (${PER_RUN_TIMEOUT}s) |" >> "$BUILD/part_timeouts.md" ;;
+               echo "| $d | $SIZES | $v | - | - | - | - | - | - | - | TIMEOUT (${PER_RUN_TIMEOUT}s) |" >> "$BUILD/part_timeouts.md" ;;
       *) echo "CRASHED rc=$rc: $v $d"; status=1
-         echo "| $d | $SIZES | $v | - | - | - | - | - | - | CRASH rc=$rc |" >> "$BUILD/part_timeouts.md" ;;
+         echo "| $d | $SIZES | $v | - | - | - | - | - | - | - | CRASH rc=$rc |" >> "$BUILD/part_timeouts.md" ;;
     esac
     if [ -s "$part" ]; then
       if [ ! -s "$TABLE" ]; then cat "$part" > "$TABLE"; else grep '^| [bf]' "$part" >> "$TABLE"; fi
     fi
-  done
+  }
 done
 [ -s "$BUILD/part_timeouts.md" ] && cat "$BUILD/part_timeouts.md" >> "$TABLE" && rm -f "$BUILD/part_timeouts.md"
 

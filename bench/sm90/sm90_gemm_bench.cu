@@ -5,7 +5,8 @@
 // The kernel is the skeleton the sm90 attention kernels will reuse, built only from the PTX
 // wrappers in src/backends/cuda/sm90/:
 //   - persistent grid (one CTA per SM, or one 2-CTA cluster per SM pair), tiles walked in
-//     groups of kGroupM row-blocks so concurrently running CTAs share A and B rows in L2;
+//     groups of `group_m` 128-row blocks (run-time, --groups) so concurrently running CTAs share
+//     A and B rows in L2;
 //   - warpgroup 0 = producer: one elected thread issues TMA loads of 128B-swizzled A/B tiles
 //     into a kStages-deep ring of smem stages; "full" mbarriers carry the TMA byte count,
 //     "empty" mbarriers count consumer warps that finished reading the stage;
@@ -33,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../../src/backends/cuda/sm90/sm90.cuh"
@@ -66,7 +68,6 @@ constexpr int kBK = 64;                  // 64 x 2 bytes = one 128-byte swizzle 
 constexpr int kThreads = 384;            // producer warpgroup + 2 consumer warpgroups
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;       // 128*40 + 256*232 = 64512 <= 65536
-constexpr int kGroupM = 16;              // 128-row blocks per raster group (L2 reuse)
 
 template <int BN, int kStages, int kCluster>
 struct Cfg {
@@ -92,22 +93,29 @@ template <> struct Pack2<__half> {
 // Tile t (in units of cluster tiles: kCluster vertically adjacent CTA tiles) -> (m_blk, n_blk)
 // in cluster-tile units.  Grouped raster: walk kGroup cluster-rows down a column
 // strip before moving right, so ~132 concurrent CTAs touch few distinct A and B rows.
-template <int kGroup>
-__device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int& m_blk, int& n_blk) {
-  const int per_group = kGroup * num_n;
+__device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int group, int& m_blk,
+                                            int& n_blk) {
+  const int per_group = group * num_n;
   const int g = t / per_group;
-  const int first_m = g * kGroup;
-  const int gm = min(num_m - first_m, kGroup);
+  const int first_m = g * group;
+  const int gm = min(num_m - first_m, group);
   const int r = t - g * per_group;
   m_blk = first_m + r % gm;
   n_blk = r / gm;
 }
 
-template <typename T, int BN, int kStages, int kCluster>
+// Diagnostic modes (results are wrong by design; the bench reports their speed only):
+//   kDiagNoLoad:  after filling each stage once, the producer only arrives on "full" (no TMA):
+//                 the same pipeline and barriers with no L2/HBM traffic -> the MMA-issue ceiling.
+//   kDiagNoStore: the epilogue stores nothing (behind a branch ptxas can't fold) -> its cost.
+enum Diag { kDiagNone = 0, kDiagNoLoad = 1, kDiagNoStore = 2 };
+
+template <typename T, int BN, int kStages, int kCluster, int kDiag = kDiagNone>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_ws_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
-                   T* __restrict__ C, int M, int N, int K) {
+                   T* __restrict__ C, int M, int N, int K, int group) {
   using C_ = Cfg<BN, kStages, kCluster>;
+  static_assert(kDiag != kDiagNoLoad || kCluster == 1, "no-load diagnostic: single CTA only");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled tiles must start on a 1024-byte boundary (wgmma base offset 0).
   const uint32_t smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -133,6 +141,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kCluster > 1) cluster_sync();  // peers' barriers exist before any remote use
   else __syncthreads();
 
+  group = max(1, group / kCluster);          // raster group in cluster-tile rows
   const int num_m = M / (kBM * kCluster);   // in cluster tiles
   const int num_n = N / BN;
   const int num_tiles = num_m * num_n;
@@ -146,14 +155,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0 && elect_one_sync()) {
       int stage = 0;
       uint32_t phase = 0;
+      int issued = 0;
       for (int t = cluster_id; t < num_tiles; t += num_clusters) {
         int mc, nb;
-        tile_coords<kGroupM / kCluster>(t, num_m, num_n, mc, nb);
+        tile_coords(t, num_m, num_n, group, mc, nb);
         const int row_a = (mc * kCluster + cta_rank) * kBM;
         const int row_b = nb * BN;
         for (int k = 0; k < k_iters; ++k) {
           mbarrier_wait(bar_empty + 8 * stage, phase ^ 1);
           const uint32_t full = bar_full + 8 * stage;
+          if (kDiag == kDiagNoLoad && issued++ >= kStages) {
+            mbarrier_arrive(full);
+            if (++stage == kStages) { stage = 0; phase ^= 1; }
+            continue;
+          }
           mbarrier_arrive_expect_tx(full, C_::kStageBytes);
           tma_load_2d(sA + stage * C_::kABytes, &tm_a, full, k * kBK, row_a);
           if constexpr (kCluster == 1) {
@@ -185,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     using Pk = Pack2<T>;
     for (int t = cluster_id; t < num_tiles; t += num_clusters) {
       int mc, nb;
-      tile_coords<kGroupM / kCluster>(t, num_m, num_n, mc, nb);
+      tile_coords(t, num_m, num_n, group, mc, nb);
       int prev_stage = 0;
       for (int k = 0; k < k_iters; ++k) {
         mbarrier_wait(bar_full + 8 * stage, phase);
@@ -224,6 +239,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int col0 = nb * BN + 2 * (lane & 3);
       T* c0 = C + static_cast<size_t>(row0) * N + col0;
       T* c1 = c0 + static_cast<size_t>(8) * N;
+      if constexpr (kDiag == kDiagNoStore) {
+        // N >= 0 always, but ptxas can't know: the accumulators stay live (else it deletes
+        // the HGMMAs whose results are never stored) and the stores are never executed.
+        if (N >= 0) continue;
+      }
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         *reinterpret_cast<typename Pk::type*>(c0 + 8 * j) = Pk::make(acc[4 * j + 0], acc[4 * j + 1]);
@@ -292,7 +312,7 @@ struct Variant {
   int bn, stages, cluster;
 };
 
-template <typename T, int BN, int kStages, int kCluster>
+template <typename T, int BN, int kStages, int kCluster, int kDiag = kDiagNone>
 struct Runner {
   using C_ = Cfg<BN, kStages, kCluster>;
   CUtensorMap ta{}, tb{};
@@ -308,7 +328,7 @@ struct Runner {
     if (M % (kBM * kCluster) || N % BN || K % kBK) { why = "shape not a tile multiple"; return; }
     if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, kBM, kBK)) { why = "tensor map A"; return; }
     if (!make_tma_2d(&tb, DT<T>::tma, B, N, K, K, BN / kCluster, kBK)) { why = "tensor map B"; return; }
-    auto kern = gemm_ws_kernel<T, BN, kStages, kCluster>;
+    auto kern = gemm_ws_kernel<T, BN, kStages, kCluster, kDiag>;
     CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C_::kSmem));
     const int tiles = (M / (kBM * kCluster)) * (N / BN);
     int max_clusters = num_sms / kCluster;
@@ -335,13 +355,14 @@ struct Runner {
     cfg.stream = 0;
     return cfg;
   }
+  int group = 16;
   cudaError_t launch() {
     cudaLaunchConfig_t cfg = launch_cfg(grid);
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = kCluster; at[0].val.clusterDim.y = 1; at[0].val.clusterDim.z = 1;
     if (kCluster > 1) { cfg.attrs = at; cfg.numAttrs = 1; }
-    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCluster>, ta, tb, C, M, N, K);
+    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCluster, kDiag>, ta, tb, C, M, N, K, group);
   }
 };
 
@@ -368,7 +389,7 @@ struct Row {
   std::string dtype, variant;
   int size;
   double tflops, cublas_tflops, err_full, err_ref, cublas_err_ref;
-  int grid;
+  int grid, group;
   bool pass;
   std::string note;
 };
@@ -379,6 +400,7 @@ struct Opts {
   std::vector<std::string> dtypes{"bf16", "fp16"};
   std::string variants = "all";
   std::string out;   // table path; default $OUT/sm90_gemm.md
+  std::vector<int> groups{16};   // raster group sizes to time (the first is also checked)
 };
 
 template <typename T>
@@ -456,9 +478,10 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     const double c_rms = std::sqrt(c_ss / nC);
     if (r_bad) std::fprintf(stderr, "warning: cuBLAS output has %llu non-finite entries\n", r_bad);
 
-    auto one = [&](auto& runner, const char* vname) {
-      Row row{DT<T>::name, vname, S, 0, cublas_tf, NAN, NAN, cublas_err, runner.grid, false, ""};
+    auto one = [&](auto& runner, const char* vname, bool diag) {
+      Row row{DT<T>::name, vname, S, 0, cublas_tf, NAN, NAN, cublas_err, runner.grid, o.groups[0], false, ""};
       if (!runner.ok) { row.note = "skipped: " + runner.why; rows.push_back(row); return; }
+      runner.group = o.groups[0];
       CK(cudaMemset(C, 0xFF, nC * sizeof(T)));   // poison: 0xFFFF is NaN in bf16 and fp16
       cudaError_t e = runner.launch();
       if (e == cudaSuccess) e = cudaDeviceSynchronize();
@@ -468,35 +491,53 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
         std::fprintf(stderr, "%s %s %d: %s (context may be dead)\n", DT<T>::name, vname, S, row.note.c_str());
         return;
       }
-      CK(cudaMemset(d_max, 0, 4)); CK(cudaMemset(d_ss, 0, 8)); CK(cudaMemset(d_bad, 0, 8));
-      diff_kernel<T><<<1024, 256>>>(C, R, nC, (float)c_rms, d_max, d_ss, d_bad);
+      if (!diag) {
+        CK(cudaMemset(d_max, 0, 4)); CK(cudaMemset(d_ss, 0, 8)); CK(cudaMemset(d_bad, 0, 8));
+        diff_kernel<T><<<1024, 256>>>(C, R, nC, (float)c_rms, d_max, d_ss, d_bad);
+        CK(cudaGetLastError());
+        unsigned mb; unsigned long long bad;
+        CK(cudaMemcpy(&mb, d_max, 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(&bad, d_bad, 8, cudaMemcpyDeviceToHost));
+        float mf; std::memcpy(&mf, &mb, 4);
+        row.err_full = bad ? INFINITY : mf;
+        row.err_ref = sampled_err(C);
+        // Pass: within 2 ulps of cuBLAS everywhere, and no worse against fp64 than
+        // max(2 x cuBLAS's own error, 1 ulp) on the sampled entries.
+        row.pass = bad == 0 && row.err_full <= 4 * DT<T>::u &&
+                   row.err_ref <= std::max(2 * cublas_err, 2 * DT<T>::u);
+        if (bad) row.note = std::to_string(bad) + " non-finite outputs";
+      } else {
+        row.pass = true;
+        row.note = "diagnostic (output not meaningful, not checked)";
+      }
+      // Time every raster group size; report the fastest (all are printed).
+      double best_ms = 1e30;
+      for (int g : o.groups) {
+        runner.group = g;
+        const double ms = median_ms([&] { CK(runner.launch()); }, o.warmup, o.iters);
+        std::printf("   %-5s %5d %-18s group %3d: %7.1f TFLOP/s\n", DT<T>::name, S, vname, g, flop / (ms * 1e-3) / 1e12);
+        if (ms < best_ms) { best_ms = ms; row.group = g; }
+      }
       CK(cudaGetLastError());
-      unsigned mb; unsigned long long bad;
-      CK(cudaMemcpy(&mb, d_max, 4, cudaMemcpyDeviceToHost));
-      CK(cudaMemcpy(&bad, d_bad, 8, cudaMemcpyDeviceToHost));
-      float mf; std::memcpy(&mf, &mb, 4);
-      row.err_full = bad ? INFINITY : mf;
-      row.err_ref = sampled_err(C);
-      // Pass: within 2 ulps of cuBLAS everywhere, and no worse against fp64 than
-      // max(2 x cuBLAS's own error, 1 ulp) on the sampled entries.
-      row.pass = bad == 0 && row.err_full <= 4 * DT<T>::u &&
-                 row.err_ref <= std::max(2 * cublas_err, 2 * DT<T>::u);
-      if (bad) row.note = std::to_string(bad) + " non-finite outputs";
-      const double ms = median_ms([&] { CK(runner.launch()); }, o.warmup, o.iters);
-      row.tflops = flop / (ms * 1e-3) / 1e12;
+      row.tflops = flop / (best_ms * 1e-3) / 1e12;
       rows.push_back(row);
-      std::printf("%-5s %5d %-18s grid %3d  %7.1f TFLOP/s  cuBLAS %7.1f  ratio %.3f  err_full %.2e  err_ref %.2e (cuBLAS %.2e)  %s %s\n",
-                  DT<T>::name, S, vname, runner.grid, row.tflops, cublas_tf, row.tflops / cublas_tf,
+      std::printf("%-5s %5d %-18s grid %3d group %2d  %7.1f TFLOP/s  cuBLAS %7.1f  ratio %.3f  err_full %.2e  err_ref %.2e (cuBLAS %.2e)  %s %s\n",
+                  DT<T>::name, S, vname, runner.grid, row.group, row.tflops, cublas_tf, row.tflops / cublas_tf,
                   row.err_full, row.err_ref, cublas_err, row.pass ? "PASS" : "FAIL", row.note.c_str());
       std::fflush(stdout);
     };
     auto want = [&](const char* v) {
       return o.variants == "all" || ("," + o.variants + ",").find(std::string(",") + v + ",") != std::string::npos;
     };
-    if (want("128x256_s4")) { Runner<T, 256, 4, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4"); }
-    if (want("128x256_s4_c2")) { Runner<T, 256, 4, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2"); }
-    if (want("128x128_s6")) { Runner<T, 128, 6, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6"); }
-    if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2"); }
+    if (want("128x256_s4")) { Runner<T, 256, 4, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4", false); }
+    if (want("128x256_s4_c2")) { Runner<T, 256, 4, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2", false); }
+    if (want("128x128_s6")) { Runner<T, 128, 6, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
+    if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2", false); }
+    // diagnostics on the 128x256 pipeline (explicit --variants only, not in "all")
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      if (o.variants != "all" && want("diag_noload")) { Runner<T, 256, 4, 1, kDiagNoLoad> r(A, B, C, M, N, K, num_sms); one(r, "diag_noload", true); }
+      if (o.variants != "all" && want("diag_nostore")) { Runner<T, 256, 4, 1, kDiagNoStore> r(A, B, C, M, N, K, num_sms); one(r, "diag_nostore", true); }
+    }
     std::printf("%-5s %5d %-18s           %7.1f TFLOP/s (median of %d)\n", DT<T>::name, S, "cuBLAS", cublas_tf, o.iters);
 
     CK(cudaFree(A)); CK(cudaFree(B)); CK(cudaFree(C)); CK(cudaFree(R));
@@ -521,9 +562,11 @@ int main(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = std::atoi(next().c_str());
     else if (a == "--samples") o.samples = std::atoi(next().c_str());
     else if (a == "--out") o.out = next();
+    else if (a == "--groups") { o.groups.clear(); for (auto& s : split(next())) o.groups.push_back(std::max(1, std::atoi(s.c_str()))); }
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
-                  "          [--samples 512] [--out FILE.md] [--variants all|128x256_s4,128x256_s4_c2,128x128_s6,128x128_s6_c2]\n", argv[0]);
+                  "          [--samples 512] [--out FILE.md] [--groups 16[,8,...]]\n"
+                  "          [--variants all|128x256_s4,128x256_s4_c2,128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }
   }
@@ -553,13 +596,13 @@ int main(int argc, char** argv) {
                "err_full = max|ours-cuBLAS|/max(|cuBLAS|,rms(C)) over all of C; err_ref = max|x-fp64|/max(|fp64|,rms) on %d sampled entries; "
                "check = err_full <= 2 ulp and err_ref <= max(2 x cuBLAS's, 1 ulp)\n\n",
                p.name, p.multiProcessorCount, o.iters, o.warmup, o.samples);
-  std::fprintf(f, "| dtype | M=N=K | kernel | grid | TFLOP/s | cuBLAS TFLOP/s | ratio | err_full | err_ref (ours / cuBLAS) | check |\n");
-  std::fprintf(f, "|---|---|---|---|---|---|---|---|---|---|\n");
+  std::fprintf(f, "| dtype | M=N=K | kernel | grid | group | TFLOP/s | cuBLAS TFLOP/s | ratio | err_full | err_ref (ours / cuBLAS) | check |\n");
+  std::fprintf(f, "|---|---|---|---|---|---|---|---|---|---|---|\n");
   bool all_pass = true;
   for (auto& r : rows) {
     all_pass &= r.pass;
-    std::fprintf(f, "| %s | %d | %s | %d | %.1f | %.1f | %.3f | %.2e | %.2e / %.2e | %s%s%s |\n",
-                 r.dtype.c_str(), r.size, r.variant.c_str(), r.grid, r.tflops, r.cublas_tflops,
+    std::fprintf(f, "| %s | %d | %s | %d | %d | %.1f | %.1f | %.3f | %.2e | %.2e / %.2e | %s%s%s |\n",
+                 r.dtype.c_str(), r.size, r.variant.c_str(), r.grid, r.group, r.tflops, r.cublas_tflops,
                  r.cublas_tflops > 0 ? r.tflops / r.cublas_tflops : 0.0, r.err_full, r.err_ref,
                  r.cublas_err_ref, r.pass ? "PASS" : "FAIL", r.note.empty() ? "" : ": ", r.note.c_str());
   }
