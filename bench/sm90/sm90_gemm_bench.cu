@@ -15,7 +15,10 @@
 //     releasing the previous stage as soon as its group retired;
 //   - setmaxnreg moves registers from the producer (40) to the consumers (232) so 128 fp32
 //     accumulators per thread (64x256 per warpgroup) fit without spills;
-//   - kCluster = 2: the two CTAs of a cluster compute vertically adjacent tiles with the same
+//   - clusters of kCM x kCN CTAs (kCM along M, kCN along N): CTAs in one cluster column share
+//     the B tile, CTAs in one cluster row share the A tile; each loads 1/kCM of B (1/kCN of A)
+//     and TMA-multicasts it to the CTAs that share it, cutting L2->SM traffic.  E.g. 2x1: the
+//     two CTAs compute vertically adjacent tiles with the same
 //     B columns; each loads half of the B tile and multicasts it to both, halving B's L2 traffic.
 //
 // Checks: outputs poisoned (0xFF = NaN) before each checked run; full comparison against
@@ -69,7 +72,7 @@ constexpr int kThreads = 384;            // producer warpgroup + 2 consumer warp
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;       // 128*40 + 256*232 = 64512 <= 65536
 
-template <int BN, int kStages, int kCluster>
+template <int BN, int kStages, int kCM, int kCN>
 struct Cfg {
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
@@ -77,7 +80,11 @@ struct Cfg {
   // tiles + 1 KB for aligning the base to the 128B-swizzle atom + barriers
   static constexpr int kSmem = kStages * kStageBytes + 1024 + 2 * kStages * 8;
   static_assert(kSmem <= 227 * 1024, "too much shared memory");
-  static_assert(BN % (8 * kCluster) == 0, "B tile split across the cluster");
+  static_assert(BN % (8 * kCM) == 0 && kBM % (8 * kCN) == 0, "tiles split across the cluster");
+  static constexpr int kCS = kCM * kCN;                    // CTAs per cluster
+  static constexpr int kAPart = kBM / kCN;                 // A rows each CTA loads (and multicasts)
+  static constexpr int kBPart = BN / kCM;                  // B rows each CTA loads (and multicasts)
+  static constexpr int kPeers = kCM + kCN - 1;             // CTAs writing into / reading from my stages
 };
 
 template <typename T> struct Pack2;
@@ -90,7 +97,7 @@ template <> struct Pack2<__half> {
   static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
-// Tile t (in units of cluster tiles: kCluster vertically adjacent CTA tiles) -> (m_blk, n_blk)
+// Tile t (in units of cluster tiles: kCM x kCN CTA tiles) -> (m_blk, n_blk)
 // in cluster-tile units.  Grouped raster: walk kGroup cluster-rows down a column
 // strip before moving right, so ~132 concurrent CTAs touch few distinct A and B rows.
 __device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int group, int& m_blk,
@@ -110,11 +117,12 @@ __device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int gro
 //   kDiagNoStore: the epilogue stores nothing (behind a branch ptxas can't fold) -> its cost.
 enum Diag { kDiagNone = 0, kDiagNoLoad = 1, kDiagNoStore = 2 };
 
-template <typename T, int BN, int kStages, int kCluster, int kDiag = kDiagNone>
+template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_ws_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                    T* __restrict__ C, int M, int N, int K, int group) {
-  using C_ = Cfg<BN, kStages, kCluster>;
+  using C_ = Cfg<BN, kStages, kCM, kCN>;
+  constexpr int kCluster = C_::kCS;
   static_assert(kDiag != kDiagNoLoad || kCluster == 1, "no-load diagnostic: single CTA only");
   extern __shared__ uint8_t smem_raw[];
   // 128B-swizzled tiles must start on a 1024-byte boundary (wgmma base offset 0).
@@ -128,22 +136,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = threadIdx.x & 31;
   const int wg = warp / 4;
   const uint32_t cta_rank = kCluster > 1 ? cluster_ctarank() : 0;
+  const int rm = cta_rank % kCM, rn = cta_rank / kCM;   // position in the cluster
 
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&tm_a);
     tma_prefetch_desc(&tm_b);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(bar_full + 8 * s, 1);                 // the producer's arrive_expect_tx
-      mbarrier_init(bar_empty + 8 * s, 8 * kCluster);     // one per consumer warp, per CTA
+      mbarrier_init(bar_empty + 8 * s, 8 * C_::kPeers);   // one per consumer warp of each
+                                                          // CTA sharing A or B with this one
     }
     mbarrier_init_fence();
   }
   if constexpr (kCluster > 1) cluster_sync();  // peers' barriers exist before any remote use
   else __syncthreads();
 
-  group = max(1, group / kCluster);          // raster group in cluster-tile rows
-  const int num_m = M / (kBM * kCluster);   // in cluster tiles
-  const int num_n = N / BN;
+  group = max(1, group / kCM);              // raster group in cluster-tile rows
+  const int num_m = M / (kBM * kCM);        // in cluster tiles
+  const int num_n = N / (BN * kCN);
   const int num_tiles = num_m * num_n;
   const int k_iters = K / kBK;
   const int cluster_id = blockIdx.x / kCluster;
@@ -159,8 +169,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int t = cluster_id; t < num_tiles; t += num_clusters) {
         int mc, nb;
         tile_coords(t, num_m, num_n, group, mc, nb);
-        const int row_a = (mc * kCluster + cta_rank) * kBM;
-        const int row_b = nb * BN;
+        const int row_a = (mc * kCM + rm) * kBM;
+        const int row_b = (nb * kCN + rn) * BN;
         for (int k = 0; k < k_iters; ++k) {
           mbarrier_wait(bar_empty + 8 * stage, phase ^ 1);
           const uint32_t full = bar_full + 8 * stage;
@@ -170,14 +180,23 @@ __global__ void __launch_bounds__(kThreads, 1)
             continue;
           }
           mbarrier_arrive_expect_tx(full, C_::kStageBytes);
-          tma_load_2d(sA + stage * C_::kABytes, &tm_a, full, k * kBK, row_a);
-          if constexpr (kCluster == 1) {
+          if constexpr (kCN == 1) {
+            tma_load_2d(sA + stage * C_::kABytes, &tm_a, full, k * kBK, row_a);
+          } else {  // my slice rn of A -> every CTA of my cluster row (same rm)
+            uint16_t mask = 0;
+#pragma unroll
+            for (int j = 0; j < kCN; ++j) mask |= 1u << (rm + kCM * j);
+            tma_load_2d_multicast(sA + stage * C_::kABytes + rn * C_::kAPart * 128, &tm_a, full,
+                                  k * kBK, row_a + rn * C_::kAPart, mask);
+          }
+          if constexpr (kCM == 1) {
             tma_load_2d(sB + stage * C_::kBBytes, &tm_b, full, k * kBK, row_b);
-          } else {
-            constexpr int kPart = BN / kCluster;  // rows of B this CTA fetches for the cluster
-            tma_load_2d_multicast(sB + stage * C_::kBBytes + cta_rank * kPart * 128, &tm_b, full,
-                                  k * kBK, row_b + cta_rank * kPart,
-                                  static_cast<uint16_t>((1u << kCluster) - 1));
+          } else {  // my slice rm of B -> every CTA of my cluster column (same rn)
+            uint16_t mask = 0;
+#pragma unroll
+            for (int i = 0; i < kCM; ++i) mask |= 1u << (i + kCM * rn);
+            tma_load_2d_multicast(sB + stage * C_::kBBytes + rm * C_::kBPart * 128, &tm_b, full,
+                                  k * kBK, row_b + rm * C_::kBPart, mask);
           }
           if (++stage == kStages) { stage = 0; phase ^= 1; }
         }
@@ -195,6 +214,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int cw = wg - 1;             // which 64-row half of the tile
     const int wq = warp & 3;           // warp within the warpgroup
     float acc[BN / 2];
+    // Stage release targets: lane j < kPeers signals one CTA that writes into my stages (and
+    // whose stages I read): j < kCN -> (rm, j) of my cluster row (me included), then the
+    // other CTAs (i, rn) of my cluster column.
+    uint32_t peer = 0;
+    if (lane < kCN) peer = rm + kCM * lane;
+    else if (lane < C_::kPeers) { const int i = lane - kCN; peer = (i < rm ? i : i + 1) + kCM * rn; }
     int stage = 0;
     uint32_t phase = 0;
     using Pk = Pack2<T>;
@@ -220,23 +245,23 @@ __global__ void __launch_bounds__(kThreads, 1)
         // so its stage can go back to the producer(s).
         wgmma_wait<1>();
         fence_operands(acc);
-        if (k > 0 && lane < kCluster) {
+        if (k > 0 && lane < C_::kPeers) {
           if constexpr (kCluster == 1) mbarrier_arrive(bar_empty + 8 * prev_stage);
-          else mbarrier_arrive_cluster(bar_empty + 8 * prev_stage, lane);
+          else mbarrier_arrive_cluster(bar_empty + 8 * prev_stage, peer);
         }
         prev_stage = stage;
         if (++stage == kStages) { stage = 0; phase ^= 1; }
       }
       wgmma_wait<0>();
       fence_operands(acc);
-      if (lane < kCluster) {
+      if (lane < C_::kPeers) {
         if constexpr (kCluster == 1) mbarrier_arrive(bar_empty + 8 * prev_stage);
-        else mbarrier_arrive_cluster(bar_empty + 8 * prev_stage, lane);
+        else mbarrier_arrive_cluster(bar_empty + 8 * prev_stage, peer);
       }
       // Epilogue: registers -> global, 2 columns (4 bytes) per store.  The producer is already
       // loading the next tile's stages meanwhile.
-      const int row0 = (mc * kCluster + cta_rank) * kBM + cw * 64 + wq * 16 + (lane >> 2);
-      const int col0 = nb * BN + 2 * (lane & 3);
+      const int row0 = (mc * kCM + rm) * kBM + cw * 64 + wq * 16 + (lane >> 2);
+      const int col0 = (nb * kCN + rn) * BN + 2 * (lane & 3);
       T* c0 = C + static_cast<size_t>(row0) * N + col0;
       T* c1 = c0 + static_cast<size_t>(8) * N;
       if constexpr (kDiag == kDiagNoStore) {
@@ -312,9 +337,10 @@ struct Variant {
   int bn, stages, cluster;
 };
 
-template <typename T, int BN, int kStages, int kCluster, int kDiag = kDiagNone>
+template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone>
 struct Runner {
-  using C_ = Cfg<BN, kStages, kCluster>;
+  using C_ = Cfg<BN, kStages, kCM, kCN>;
+  static constexpr int kCluster = C_::kCS;
   CUtensorMap ta{}, tb{};
   int grid = 0;
   bool ok = false;
@@ -325,12 +351,12 @@ struct Runner {
 
   Runner(const T* A_, const T* B_, T* C_out, int M_, int N_, int K_, int num_sms)
       : A(A_), B(B_), C(C_out), M(M_), N(N_), K(K_) {
-    if (M % (kBM * kCluster) || N % BN || K % kBK) { why = "shape not a tile multiple"; return; }
-    if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, kBM, kBK)) { why = "tensor map A"; return; }
-    if (!make_tma_2d(&tb, DT<T>::tma, B, N, K, K, BN / kCluster, kBK)) { why = "tensor map B"; return; }
-    auto kern = gemm_ws_kernel<T, BN, kStages, kCluster, kDiag>;
+    if (M % (kBM * kCM) || N % (BN * kCN) || K % kBK) { why = "shape not a tile multiple"; return; }
+    if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, C_::kAPart, kBK)) { why = "tensor map A"; return; }
+    if (!make_tma_2d(&tb, DT<T>::tma, B, N, K, K, C_::kBPart, kBK)) { why = "tensor map B"; return; }
+    auto kern = gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag>;
     CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C_::kSmem));
-    const int tiles = (M / (kBM * kCluster)) * (N / BN);
+    const int tiles = (M / (kBM * kCM)) * (N / (BN * kCN));   // cluster tiles
     int max_clusters = num_sms / kCluster;
     if (kCluster > 1) {
       CK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
@@ -362,7 +388,7 @@ struct Runner {
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = kCluster; at[0].val.clusterDim.y = 1; at[0].val.clusterDim.z = 1;
     if (kCluster > 1) { cfg.attrs = at; cfg.numAttrs = 1; }
-    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCluster, kDiag>, ta, tb, C, M, N, K, group);
+    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag>, ta, tb, C, M, N, K, group);
   }
 };
 
@@ -529,14 +555,16 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     auto want = [&](const char* v) {
       return o.variants == "all" || ("," + o.variants + ",").find(std::string(",") + v + ",") != std::string::npos;
     };
-    if (want("128x256_s4")) { Runner<T, 256, 4, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4", false); }
-    if (want("128x256_s4_c2")) { Runner<T, 256, 4, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2", false); }
-    if (want("128x128_s6")) { Runner<T, 128, 6, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
-    if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2", false); }
+    if (want("128x256_s4")) { Runner<T, 256, 4, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4", false); }
+    if (want("128x256_s4_c2")) { Runner<T, 256, 4, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2", false); }
+    if (want("128x256_s4_c2n")) { Runner<T, 256, 4, 1, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2n", false); }
+    if (want("128x256_s4_c2x2")) { Runner<T, 256, 4, 2, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2x2", false); }
+    if (want("128x128_s6")) { Runner<T, 128, 6, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
+    if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2", false); }
     // diagnostics on the 128x256 pipeline (explicit --variants only, not in "all")
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      if (o.variants != "all" && want("diag_noload")) { Runner<T, 256, 4, 1, kDiagNoLoad> r(A, B, C, M, N, K, num_sms); one(r, "diag_noload", true); }
-      if (o.variants != "all" && want("diag_nostore")) { Runner<T, 256, 4, 1, kDiagNoStore> r(A, B, C, M, N, K, num_sms); one(r, "diag_nostore", true); }
+      if (o.variants != "all" && want("diag_noload")) { Runner<T, 256, 4, 1, 1, kDiagNoLoad> r(A, B, C, M, N, K, num_sms); one(r, "diag_noload", true); }
+      if (o.variants != "all" && want("diag_nostore")) { Runner<T, 256, 4, 1, 1, kDiagNoStore> r(A, B, C, M, N, K, num_sms); one(r, "diag_nostore", true); }
     }
     std::printf("%-5s %5d %-18s           %7.1f TFLOP/s (median of %d)\n", DT<T>::name, S, "cuBLAS", cublas_tf, o.iters);
 
@@ -566,7 +594,8 @@ int main(int argc, char** argv) {
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
                   "          [--samples 512] [--out FILE.md] [--groups 16[,8,...]]\n"
-                  "          [--variants all|128x256_s4,128x256_s4_c2,128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
+                  "          [--variants all|128x256_s4,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,\n"
+                  "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }
   }
