@@ -78,6 +78,11 @@ fi
 
 if [ "${SKIP_RUN:-0}" = 1 ]; then echo "SKIP_RUN=1: not running"; exit $status; fi
 
+step "selftest: wgmma ss / rs / MN-major B wrappers, one warpgroup (bench/sm90/wgmma_selftest.cuh)"
+timeout -k 5 60 "$BIN" --selftest 2>&1 | tee "$OUT/selftest.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || { echo "SELFTEST rc=$rc (1 = a case failed; other = crash/timeout); continuing with the GEMM bench"; status=1; }
+
 step "bench: correctness + timing, bf16 and fp16 at 8192^3 and 4096^3"
 # One process per (variant, dtype): a hang or a sticky CUDA error in one variant cannot take
 # the others' results with it.  Most conservative variants first.

@@ -42,6 +42,7 @@
 
 #include "../../src/backends/cuda/sm90/sm90.cuh"
 #include "../../src/backends/cuda/sm90/tma_host.h"
+#include "wgmma_selftest.cuh"
 
 using namespace orchard::sm90;
 
@@ -426,6 +427,7 @@ struct Opts {
   std::vector<std::string> dtypes{"bf16", "fp16"};
   std::string variants = "all";
   std::string out;   // table path; default $OUT/sm90_gemm.md
+  bool selftest = false;   // run only the one-warpgroup wrapper tests (wgmma_selftest.cuh)
   std::vector<int> groups{16};   // raster group sizes to time (the first is also checked)
 };
 
@@ -590,10 +592,11 @@ int main(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = std::atoi(next().c_str());
     else if (a == "--samples") o.samples = std::atoi(next().c_str());
     else if (a == "--out") o.out = next();
+    else if (a == "--selftest") o.selftest = true;
     else if (a == "--groups") { o.groups.clear(); for (auto& s : split(next())) o.groups.push_back(std::max(1, std::atoi(s.c_str()))); }
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
-                  "          [--samples 512] [--out FILE.md] [--groups 16[,8,...]]\n"
+                  "          [--samples 512] [--out FILE.md] [--selftest] [--groups 16[,8,...]]\n"
                   "          [--variants all|128x256_s4,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,\n"
                   "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
@@ -606,6 +609,7 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, cc %d.%d, L2 %d MB, smem/block optin %zu KB\n", p.name,
               p.multiProcessorCount, p.major, p.minor, p.l2CacheSize >> 20, p.sharedMemPerBlockOptin >> 10);
   if (p.major != 9) { std::fprintf(stderr, "needs an sm_90 GPU\n"); return 2; }
+  if (o.selftest) return selftest::run_all() ? 1 : 0;
   cublasHandle_t h;
   CKB(cublasCreate(&h));
   std::vector<Row> rows;
