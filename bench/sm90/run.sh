@@ -90,15 +90,19 @@ VARIANTS="${VARIANTS:-128x256_s4 128x128_s6 128x256_s4_c2 128x256_s4_c2x2 128x25
 DTYPES="${DTYPES:-bf16 fp16}"
 SIZES="${SIZES:-8192,4096}"
 RASTER_GROUPS="${RASTER_GROUPS:-16,8,4,32}"  # raster group sizes timed (first one is also checked)
-PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-50}"
+PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-25}"   # a normal job takes ~3-6 s
+BUDGET_S="${BUDGET_S:-210}"                # no new job after this many seconds of run.sh
 DIAG="${DIAG:-1}"                  # 1: also time the diagnostic variants (bf16), see the .cu header
 : > "$OUT/bench.log"
 TABLE="$OUT/sm90_gemm.md"; rm -f "$TABLE"
 JOBS=""
 for v in $VARIANTS; do for d in $DTYPES; do JOBS="$JOBS $v:$d"; done; done
 [ "$DIAG" = 1 ] && JOBS="$JOBS diag_noload,diag_nostore:bf16"
+hung=" "
 for job in $JOBS; do
   v="${job%%:*}"; d="${job##*:}"
+  if [ "$SECONDS" -ge "$BUDGET_S" ]; then echo "--- $v $d SKIPPED: run.sh budget of ${BUDGET_S}s used up"; status=1; continue; fi
+  if [[ "$hung" == *" $v "* ]]; then echo "--- $v $d SKIPPED: hung or crashed with the other dtype"; continue; fi
   {
     echo "--- $v $d"
     part="$BUILD/part_${v//,/+}_${d}.md"; rm -f "$part"
@@ -107,9 +111,9 @@ for job in $JOBS; do
     case $rc in
       0) ;;
       1) echo "FAILED CHECK: $v $d (see table)"; status=1 ;;
-      124|137) echo "TIMED OUT after ${PER_RUN_TIMEOUT}s: $v $d (hang?)"; status=1
+      124|137) echo "TIMED OUT after ${PER_RUN_TIMEOUT}s: $v $d (hang?)"; status=1; hung="$hung$v "
                echo "| $d | $SIZES | $v | - | - | - | - | - | - | - | TIMEOUT (${PER_RUN_TIMEOUT}s) |" >> "$BUILD/part_timeouts.md" ;;
-      *) echo "CRASHED rc=$rc: $v $d"; status=1
+      *) echo "CRASHED rc=$rc: $v $d"; status=1; hung="$hung$v "
          echo "| $d | $SIZES | $v | - | - | - | - | - | - | - | CRASH rc=$rc |" >> "$BUILD/part_timeouts.md" ;;
     esac
     if [ -s "$part" ]; then
