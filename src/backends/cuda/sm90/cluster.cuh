@@ -20,13 +20,15 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // Arrive on the mbarrier at local smem address `bar` as mapped into CTA `cta_rank` of the
-// cluster (the own rank works too).  release.cluster: our wgmma reads of the stage happened
-// before (they completed at wgmma.wait_group), so the peer's TMA may overwrite it.
+// cluster (the own rank works too).  Default semantics (release at CTA scope), on purpose:
+// `.release.cluster` makes ptxas put MEMBAR.ALL.GPU + ERRBAR before every arrive (seen in
+// SASS), and a consumer releasing a stage has no ordinary memory accesses to order -- its
+// reads of the stage were wgmma (async proxy) reads, complete at wgmma.wait_group.
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar, uint32_t cta_rank) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
       "r"(cta_rank)
       : "memory");
 }
