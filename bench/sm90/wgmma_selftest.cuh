@@ -6,6 +6,7 @@
 //                     P*V), loaded as N/64 TMA boxes of 64x64 with 128B swizzle and read with
 //                     imm-trans-b = 1.  The MN-major descriptor's LBO/SBO roles are tried both
 //                     ways and each is reported, so one GPU run settles which encoding is right.
+//   mode 3 "rs_tnB":  A from registers and MN-major B: exactly P*V in attention.
 // N in {64, 128, 256}; bf16 and fp16.  Reference: fp64 on the host.
 #pragma once
 #include <cuda_bf16.h>
@@ -46,7 +47,7 @@ __global__ void __launch_bounds__(128, 1)
   if (threadIdx.x == 0) {
     mbarrier_arrive_expect_tx(bar, kBytes);
     tma_load_2d(sA, &tm_a, bar, 0, 0);
-    if constexpr (kMode == 2) {
+    if constexpr (kMode >= 2) {
 #pragma unroll
       for (int c = 0; c < N / 64; ++c) tma_load_2d(sB + c * 8192, &tm_b, bar, c * 64, 0);
     } else {
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(128, 1)
   float acc[N / 2];
   const int lane = threadIdx.x & 31, w = threadIdx.x / 32, g = lane >> 2, t = lane & 3;
   uint32_t afrag[4][4];
-  if constexpr (kMode == 1) {
+  if constexpr (kMode == 1 || kMode == 3) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const T* r0 = A + (16 * w + g) * 64 + 16 * kk + 2 * t;
@@ -77,11 +78,15 @@ __global__ void __launch_bounds__(128, 1)
                                      make_desc_kmajor_sw128(sB + 32 * kk), kk > 0);
     } else if constexpr (kMode == 1) {
       Wgmma<N, T>::template rs<0>(acc, afrag[kk], make_desc_kmajor_sw128(sB + 32 * kk), kk > 0);
-    } else {
+    } else if constexpr (kMode == 2) {
       // MN-major B: k16 slice kk = 16 K-rows of 128 bytes further into each 64-wide N chunk.
       Wgmma<N, T>::template ss<0, 1>(acc, make_desc_kmajor_sw128(sA + 32 * kk),
                                      make_wgmma_desc(sB + 2048 * kk, lbo, sbo, WgmmaSwizzle::k128B),
                                      kk > 0);
+    } else {
+      Wgmma<N, T>::template rs<1>(acc, afrag[kk],
+                                  make_wgmma_desc(sB + 2048 * kk, lbo, sbo, WgmmaSwizzle::k128B),
+                                  kk > 0);
     }
   }
   wgmma_commit();
@@ -117,7 +122,7 @@ double run_one(uint32_t lbo, uint32_t sbo, const char* label) {
   cudaMemset(dD, 0xFF, M * N * sizeof(float));
   CUtensorMap ta{}, tb{};
   bool ok = make_tma_2d(&ta, TmaT<T>::v, dA, M, K, K, 64, 64);
-  if (kMode == 2) ok = ok && make_tma_2d(&tb, TmaT<T>::v, dB, K, N, N, 64, 64);   // rows = K
+  if (kMode >= 2) ok = ok && make_tma_2d(&tb, TmaT<T>::v, dB, K, N, N, 64, 64);   // rows = K
   else ok = ok && make_tma_2d(&tb, TmaT<T>::v, dB, N, K, K, N, 64);
   double err = INFINITY;
   if (ok) {
@@ -134,7 +139,7 @@ double run_one(uint32_t lbo, uint32_t sbo, const char* label) {
         for (int j = 0; j < N; ++j) {
           double r = 0;
           for (int k = 0; k < K; ++k) {
-            const double b = kMode == 2 ? (double)(float)hB[k * N + j] : (double)(float)hB[j * K + k];
+            const double b = kMode >= 2 ? (double)(float)hB[k * N + j] : (double)(float)hB[j * K + k];
             r += (double)(float)hA[i * K + k] * b;
           }
           const double d = std::fabs((double)hD[i * N + j] - r);
@@ -149,7 +154,7 @@ double run_one(uint32_t lbo, uint32_t sbo, const char* label) {
   cudaFree(dA); cudaFree(dB); cudaFree(dD);
   const bool pass = err <= 1e-5;   // exact products, fp32 sums of 64 terms
   std::printf("selftest %-4s %-7s N=%3d %-22s max|err|/max|ref| = %.2e  %s\n", TmaT<T>::name,
-              kMode == 0 ? "ss" : kMode == 1 ? "rs" : "ss_tnB", N, label, err, pass ? "PASS" : "FAIL");
+              kMode == 0 ? "ss" : kMode == 1 ? "rs" : kMode == 2 ? "ss_tnB" : "rs_tnB", N, label, err, pass ? "PASS" : "FAIL");
   return err;
 }
 
@@ -162,6 +167,9 @@ int run_n() {
   const double e1 = run_one<T, N, 2>(8192, 1024, "LBO=8192(N) SBO=1024(K)");
   const double e2 = run_one<T, N, 2>(1024, 8192, "LBO=1024(K) SBO=8192(N)");
   if (e1 > 1e-5 && e2 > 1e-5) ++fails;
+  const double e3 = run_one<T, N, 3>(8192, 1024, "LBO=8192(N) SBO=1024(K)");
+  const double e4 = run_one<T, N, 3>(1024, 8192, "LBO=1024(K) SBO=8192(N)");
+  if (e3 > 1e-5 && e4 > 1e-5) ++fails;
   return fails;
 }
 
