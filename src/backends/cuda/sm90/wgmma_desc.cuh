@@ -35,6 +35,17 @@ __device__ __forceinline__ uint64_t make_desc_kmajor_sw128(uint32_t smem_addr) {
   return make_wgmma_desc(smem_addr, 16, 1024, WgmmaSwizzle::k128B);
 }
 
+// MN-major (transposed: imm-trans = 1), 128B swizzle: the operand is stored as rows of K, each
+// row holding 64 MN-contiguous elements (128 bytes); N > 64 comes as separate 64-wide chunks
+// (e.g. one TMA box of 64 x rows each), `chunk_bytes` apart.  Canonical layout (elements,
+// T = 8): ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)) -> LBO = chunk stride (MN direction),
+// SBO = 1024 (next 8 K-rows).  A k16 step moves the start address 16 rows = 2048 bytes.
+// Both LBO/SBO assignments are tried by bench/sm90 --selftest (modes ss_tnB, rs_tnB).
+__device__ __forceinline__ uint64_t make_desc_mnmajor_sw128(uint32_t smem_addr,
+                                                            uint32_t chunk_bytes) {
+  return make_wgmma_desc(smem_addr, chunk_bytes, 1024, WgmmaSwizzle::k128B);
+}
+
 // Advancing a descriptor by `bytes` along the start address only touches the low field
 // (addresses are < 256 KB, so no carry into LBO): one 64-bit add instead of a rebuild.
 __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
