@@ -350,7 +350,9 @@ struct Runner {
   int M, N, K;
   std::string why;
 
-  Runner(const T* A_, const T* B_, T* C_out, int M_, int N_, int K_, int num_sms)
+  // persistent: grid = one CTA (cluster) per SM (pair/quad), tiles strided over it;
+  // otherwise a plain grid with one tile per CTA (the same kernel, its tile loop runs once).
+  Runner(const T* A_, const T* B_, T* C_out, int M_, int N_, int K_, int num_sms, bool persistent = true)
       : A(A_), B(B_), C(C_out), M(M_), N(N_), K(K_) {
     if (M % (kBM * kCM) || N % (BN * kCN) || K % kBK) { why = "shape not a tile multiple"; return; }
     if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, C_::kAPart, kBK)) { why = "tensor map A"; return; }
@@ -371,7 +373,7 @@ struct Runner {
       if (e != cudaSuccess || n <= 0) { why = std::string("cluster occupancy: ") + cudaGetErrorString(e); cudaGetLastError(); return; }
       max_clusters = std::min(max_clusters, n);
     }
-    grid = std::min(max_clusters, tiles) * kCluster;
+    grid = (persistent ? std::min(max_clusters, tiles) : tiles) * kCluster;
     ok = true;
   }
   static cudaLaunchConfig_t launch_cfg(int g) {
@@ -561,6 +563,7 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     if (want("128x256_s4_c2")) { Runner<T, 256, 4, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2", false); }
     if (want("128x256_s4_c2n")) { Runner<T, 256, 4, 1, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2n", false); }
     if (want("128x256_s4_c2x2")) { Runner<T, 256, 4, 2, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2x2", false); }
+    if (want("128x256_s4_np")) { Runner<T, 256, 4, 1, 1> r(A, B, C, M, N, K, num_sms, false); one(r, "128x256_s4_np", false); }
     if (want("128x128_s6")) { Runner<T, 128, 6, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
     if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2", false); }
     // diagnostics on the 128x256 pipeline (explicit --variants only, not in "all")
@@ -597,7 +600,7 @@ int main(int argc, char** argv) {
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
                   "          [--samples 512] [--out FILE.md] [--selftest] [--groups 16[,8,...]]\n"
-                  "          [--variants all|128x256_s4,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,\n"
+                  "          [--variants all|128x256_s4,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,\n"
                   "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }
