@@ -333,11 +333,6 @@ __global__ void diff_kernel(const T* x, const T* y, size_t n, float floor, unsig
   }
 }
 
-struct Variant {
-  const char* name;
-  int bn, stages, cluster;
-};
-
 template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone>
 struct Runner {
   using C_ = Cfg<BN, kStages, kCM, kCN>;
@@ -424,7 +419,7 @@ struct Row {
 };
 
 struct Opts {
-  int warmup = 5, iters = 30, samples = 512;
+  int warmup = 10, iters = 30, samples = 512;
   std::vector<int> sizes{8192, 4096};
   std::vector<std::string> dtypes{"bf16", "fp16"};
   std::string variants = "all";
@@ -460,8 +455,10 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     cublas();
     CK(cudaDeviceSynchronize());
     const double flop = 2.0 * M * N * (double)K;
-    const double cublas_ms = median_ms(cublas, o.warmup, o.iters);
-    const double cublas_tf = flop / (cublas_ms * 1e-3) / 1e12;
+    // cuBLAS is timed before and after our kernels; the table takes the faster of the two
+    // medians (the conservative choice for our ratio), the log shows both.
+    const double cublas_ms_before = median_ms(cublas, o.warmup, o.iters);
+    double cublas_tf = flop / (cublas_ms_before * 1e-3) / 1e12;
 
     // fp64 reference on sampled entries (host copies of A and B)
     std::vector<T> hA(nA), hB(nB);
@@ -508,6 +505,7 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     const double c_rms = std::sqrt(c_ss / nC);
     if (r_bad) std::fprintf(stderr, "warning: cuBLAS output has %llu non-finite entries\n", r_bad);
 
+    const size_t first_row = rows.size();
     auto one = [&](auto& runner, const char* vname, bool diag) {
       Row row{DT<T>::name, vname, S, 0, cublas_tf, NAN, NAN, cublas_err, runner.grid, o.groups[0], false, ""};
       if (!runner.ok) { row.note = "skipped: " + runner.why; rows.push_back(row); return; }
@@ -571,7 +569,12 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
       if (o.variants != "all" && want("diag_noload")) { Runner<T, 256, 4, 1, 1, kDiagNoLoad> r(A, B, C, M, N, K, num_sms); one(r, "diag_noload", true); }
       if (o.variants != "all" && want("diag_nostore")) { Runner<T, 256, 4, 1, 1, kDiagNoStore> r(A, B, C, M, N, K, num_sms); one(r, "diag_nostore", true); }
     }
-    std::printf("%-5s %5d %-18s           %7.1f TFLOP/s (median of %d)\n", DT<T>::name, S, "cuBLAS", cublas_tf, o.iters);
+    const double cublas_ms_after = median_ms(cublas, o.warmup, o.iters);
+    const double cublas_best = flop / (std::min(cublas_ms_before, cublas_ms_after) * 1e-3) / 1e12;
+    std::printf("%-5s %5d %-18s           %7.1f TFLOP/s before, %7.1f after our kernels (medians of %d)\n",
+                DT<T>::name, S, "cuBLAS", flop / (cublas_ms_before * 1e-3) / 1e12,
+                flop / (cublas_ms_after * 1e-3) / 1e12, o.iters);
+    for (size_t i = first_row; i < rows.size(); ++i) rows[i].cublas_tflops = cublas_best;
 
     CK(cudaFree(A)); CK(cudaFree(B)); CK(cudaFree(C)); CK(cudaFree(R));
     CK(cudaFree(d_max)); CK(cudaFree(d_ss)); CK(cudaFree(d_bad));
