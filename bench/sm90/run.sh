@@ -94,6 +94,14 @@ PER_RUN_TIMEOUT="${PER_RUN_TIMEOUT:-25}"   # a normal job takes ~3-6 s
 BUDGET_S="${BUDGET_S:-210}"                # no new job after this many seconds of run.sh
 DIAG="${DIAG:-1}"                  # 1: also time the diagnostic variants (bf16), see the .cu header
 : > "$OUT/bench.log"
+# SM clock / power / temperature every 200 ms while the bench runs: the clock the GEMMs actually
+# ran at sets the real peak (132 SMs x 4096 flop/clk x f), cuBLAS and ours alike.
+SMI_PID=""
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv -lms 200 > "$OUT/clocks.csv" 2>&1 &
+  SMI_PID=$!
+fi
 TABLE="$OUT/sm90_gemm.md"; rm -f "$TABLE"
 JOBS=""
 for v in $VARIANTS; do for d in $DTYPES; do JOBS="$JOBS $v:$d"; done; done
@@ -122,6 +130,12 @@ for job in $JOBS; do
   }
 done
 [ -s "$BUILD/part_timeouts.md" ] && cat "$BUILD/part_timeouts.md" >> "$TABLE" && rm -f "$BUILD/part_timeouts.md"
+
+if [ -n "$SMI_PID" ]; then kill "$SMI_PID" 2>/dev/null; wait "$SMI_PID" 2>/dev/null; fi
+if [ -s "$OUT/clocks.csv" ]; then
+  echo "SM clock while running (MHz): $(awk -F', ' 'NR>1 && $2+0>0 {v=$2+0; n++; s+=v; if(min==""||v<min)min=v; if(v>max)max=v} END {if(n) printf "min %d  mean %.0f  max %d over %d samples", min, s/n, max, n}' "$OUT/clocks.csv")"
+  echo "power (W): $(awk -F', ' 'NR>1 {v=$4+0; if(v>max)max=v; s+=v; n++} END {if(n) printf "mean %.0f  max %.0f", s/n, max}' "$OUT/clocks.csv")"
+fi
 
 step "table ($TABLE)"
 cat "$TABLE" 2>/dev/null || echo "(no table written)"
