@@ -560,6 +560,7 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     if (want("128x256_s4")) { Runner<T, 256, 4, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4", false); }
     if (want("128x256_s4_c2")) { Runner<T, 256, 4, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2", false); }
     if (want("128x256_s4_c2n")) { Runner<T, 256, 4, 1, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2n", false); }
+    if (want("128x256_s4_c4")) { Runner<T, 256, 4, 4, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c4", false); }
     if (want("128x256_s4_c2x2")) { Runner<T, 256, 4, 2, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2x2", false); }
     if (want("128x256_s4_np")) { Runner<T, 256, 4, 1, 1> r(A, B, C, M, N, K, num_sms, false); one(r, "128x256_s4_np", false); }
     if (want("128x128_s6")) { Runner<T, 128, 6, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
@@ -603,7 +604,7 @@ int main(int argc, char** argv) {
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
                   "          [--samples 512] [--out FILE.md] [--selftest] [--groups 16[,8,...]]\n"
-                  "          [--variants all|128x256_s4,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,\n"
+                  "          [--variants all|128x256_s4,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
                   "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }
