@@ -73,13 +73,16 @@ constexpr int kThreads = 384;            // producer warpgroup + 2 consumer warp
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;       // 128*40 + 256*232 = 64512 <= 65536
 
-template <int BN, int kStages, int kCM, int kCN>
+template <int BN, int kStages, int kCM, int kCN, bool kTmaStore = false>
 struct Cfg {
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // tiles + 1 KB for aligning the base to the 128B-swizzle atom + barriers
-  static constexpr int kSmem = kStages * kStageBytes + 1024 + 2 * kStages * 8;
+  // TMA-store epilogue: per consumer warpgroup one 64x128 staging buffer (two 64x64 boxes,
+  // 128B-swizzled, 8 KB each); a 64x256 result goes out in two halves.
+  static constexpr int kCBytes = kTmaStore ? 2 * 16384 : 0;
+  // tiles + C staging + 1 KB for aligning the base to the 128B-swizzle atom + barriers
+  static constexpr int kSmem = kStages * kStageBytes + kCBytes + 1024 + 2 * kStages * 8;
   static_assert(kSmem <= 227 * 1024, "too much shared memory");
   static_assert(BN % (8 * kCM) == 0 && kBM % (8 * kCN) == 0, "tiles split across the cluster");
   static constexpr int kCS = kCM * kCN;                    // CTAs per cluster
@@ -97,6 +100,11 @@ template <> struct Pack2<__half> {
   using type = __half2;
   static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
+template <typename P2> __device__ __forceinline__ uint32_t pack_bits(P2 v) {
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
 
 // Tile t (in units of cluster tiles: kCM x kCN CTA tiles) -> (m_blk, n_blk)
 // in cluster-tile units.  Grouped raster: walk kGroup cluster-rows down a column
@@ -118,11 +126,14 @@ __device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int gro
 //   kDiagNoStore: the epilogue stores nothing (behind a branch ptxas can't fold) -> its cost.
 enum Diag { kDiagNone = 0, kDiagNoLoad = 1, kDiagNoStore = 2 };
 
-template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone>
+template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone,
+          bool kTmaStore = false>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_ws_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
-                   T* __restrict__ C, int M, int N, int K, int group) {
-  using C_ = Cfg<BN, kStages, kCM, kCN>;
+                   const __grid_constant__ CUtensorMap tm_c, T* __restrict__ C, int M, int N, int K,
+                   int group) {
+  using C_ = Cfg<BN, kStages, kCM, kCN, kTmaStore>;
+  static_assert(!kTmaStore || BN % 128 == 0, "TMA-store epilogue writes 128-column halves");
   constexpr int kCluster = C_::kCS;
   static_assert(kDiag != kDiagNoLoad || kCluster == 1, "no-load diagnostic: single CTA only");
   extern __shared__ uint8_t smem_raw[];
@@ -130,7 +141,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t smem_base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sA = smem_base;                               // kStages x [128 x 64]
   const uint32_t sB = smem_base + kStages * C_::kABytes;       // kStages x [BN x 64]
-  const uint32_t bar_full = smem_base + kStages * C_::kStageBytes;
+  const uint32_t sC = smem_base + kStages * C_::kStageBytes;   // [2 WG][2 boxes 64x64]
+  const uint32_t bar_full = sC + C_::kCBytes;
   const uint32_t bar_empty = bar_full + kStages * 8;
 
   const int warp = warp_idx_uniform();
@@ -142,6 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     tma_prefetch_desc(&tm_a);
     tma_prefetch_desc(&tm_b);
+    if constexpr (kTmaStore) tma_prefetch_desc(&tm_c);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(bar_full + 8 * s, 1);                 // the producer's arrive_expect_tx
       mbarrier_init(bar_empty + 8 * s, 8 * C_::kPeers);   // one per consumer warp of each
@@ -270,11 +283,50 @@ __global__ void __launch_bounds__(kThreads, 1)
         // the HGMMAs whose results are never stored) and the stores are never executed.
         if (N >= 0) continue;
       }
+      if constexpr (kTmaStore) {
+        // stmatrix into this warpgroup's 128B-swizzled staging buffer, then one thread sends
+        // it out with TMA stores, asynchronously: the warpgroup goes on to the next tile's
+        // MMAs while the copy engine reads the buffer.
+        const uint32_t buf = sC + cw * 16384;
+        const bool leader = (threadIdx.x & 127) == 0;
+        const int row_g = (mc * kCM + rm) * kBM + cw * 64;   // first global row of this WG
+        const int col_g = (nb * kCN + rn) * BN;
+        const int mi = lane >> 3;                              // which of the 4 matrices
+        const int r = wq * 16 + (mi & 1) * 8 + (lane & 7);     // row (of 64) this lane addresses
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        *reinterpret_cast<typename Pk::type*>(c0 + 8 * j) = Pk::make(acc[4 * j + 0], acc[4 * j + 1]);
-        *reinterpret_cast<typename Pk::type*>(c1 + 8 * j) = Pk::make(acc[4 * j + 2], acc[4 * j + 3]);
+        for (int h = 0; h < BN / 128; ++h) {
+          if (leader) tma_store_wait_read<0>();                // buffer no longer read by TMA
+          named_barrier_sync(1 + cw, 128);
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            const int j = h * 16 + 2 * jj;                     // 8-column block of the 64xBN tile
+            const int cb = 2 * jj + (mi >> 1);                 // 8-column block within the half
+            const uint32_t addr = buf + (cb >> 3) * 8192 + r * 128 + (((cb & 7) ^ (r & 7)) << 4);
+            stmatrix_x4(addr, pack_bits(Pk::make(acc[4 * j + 0], acc[4 * j + 1])),
+                        pack_bits(Pk::make(acc[4 * j + 2], acc[4 * j + 3])),
+                        pack_bits(Pk::make(acc[4 * j + 4], acc[4 * j + 5])),
+                        pack_bits(Pk::make(acc[4 * j + 6], acc[4 * j + 7])));
+          }
+          fence_proxy_async_smem();                            // st.shared -> TMA (async proxy)
+          named_barrier_sync(1 + cw, 128);
+          if (leader) {
+            tma_store_2d(&tm_c, buf, col_g + h * 128, row_g);
+            tma_store_2d(&tm_c, buf + 8192, col_g + h * 128 + 64, row_g);
+            tma_store_commit();
+          }
+        }
+      } else {
+        // Direct stores: registers -> global, 2 columns (4 bytes) per store.
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          *reinterpret_cast<typename Pk::type*>(c0 + 8 * j) = Pk::make(acc[4 * j + 0], acc[4 * j + 1]);
+          *reinterpret_cast<typename Pk::type*>(c1 + 8 * j) = Pk::make(acc[4 * j + 2], acc[4 * j + 3]);
+        }
       }
+    }
+    // Outstanding TMA stores must finish reading smem (and writing C) before the CTA exits.
+    if constexpr (kTmaStore) {
+      if ((threadIdx.x & 127) == 0) tma_store_wait_all<0>();
     }
   }
 }
@@ -333,11 +385,12 @@ __global__ void diff_kernel(const T* x, const T* y, size_t n, float floor, unsig
   }
 }
 
-template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone>
+template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone,
+          bool kTmaStore = false>
 struct Runner {
-  using C_ = Cfg<BN, kStages, kCM, kCN>;
+  using C_ = Cfg<BN, kStages, kCM, kCN, kTmaStore>;
   static constexpr int kCluster = C_::kCS;
-  CUtensorMap ta{}, tb{};
+  CUtensorMap ta{}, tb{}, tc{};
   int grid = 0;
   bool ok = false;
   const T *A, *B;
@@ -352,7 +405,8 @@ struct Runner {
     if (M % (kBM * kCM) || N % (BN * kCN) || K % kBK) { why = "shape not a tile multiple"; return; }
     if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, C_::kAPart, kBK)) { why = "tensor map A"; return; }
     if (!make_tma_2d(&tb, DT<T>::tma, B, N, K, K, C_::kBPart, kBK)) { why = "tensor map B"; return; }
-    auto kern = gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag>;
+    if (!make_tma_2d(&tc, DT<T>::tma, C, M, N, N, 64, 64)) { why = "tensor map C"; return; }
+    auto kern = gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag, kTmaStore>;
     CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C_::kSmem));
     const int tiles = (M / (kBM * kCM)) * (N / (BN * kCN));   // cluster tiles
     int max_clusters = num_sms / kCluster;
@@ -386,7 +440,8 @@ struct Runner {
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = kCluster; at[0].val.clusterDim.y = 1; at[0].val.clusterDim.z = 1;
     if (kCluster > 1) { cfg.attrs = at; cfg.numAttrs = 1; }
-    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag>, ta, tb, C, M, N, K, group);
+    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag, kTmaStore>, ta, tb, tc, C,
+                              M, N, K, group);
   }
 };
 
@@ -425,6 +480,7 @@ struct Opts {
   std::string variants = "all";
   std::string out;   // table path; default $OUT/sm90_gemm.md
   bool selftest = false;   // run only the one-warpgroup wrapper tests (wgmma_selftest.cuh)
+  std::string selftest_spec = "all";
   std::vector<int> groups{16};   // raster group sizes to time (the first is also checked)
 };
 
@@ -562,6 +618,10 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     if (want("128x256_s4_c2n")) { Runner<T, 256, 4, 1, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2n", false); }
     if (want("128x256_s4_c4")) { Runner<T, 256, 4, 4, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c4", false); }
     if (want("128x256_s4_c2x2")) { Runner<T, 256, 4, 2, 2> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2x2", false); }
+    if (want("128x256_s4_ts")) { Runner<T, 256, 4, 1, 1, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_ts", false); }
+    if (want("128x256_s4_c2_ts")) { Runner<T, 256, 4, 2, 1, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2_ts", false); }
+    if (want("128x256_s4_c4_ts")) { Runner<T, 256, 4, 4, 1, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c4_ts", false); }
+    if (want("128x256_s4_c2x2_ts")) { Runner<T, 256, 4, 2, 2, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2x2_ts", false); }
     if (want("128x256_s4_np")) { Runner<T, 256, 4, 1, 1> r(A, B, C, M, N, K, num_sms, false); one(r, "128x256_s4_np", false); }
     if (want("128x128_s6")) { Runner<T, 128, 6, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
     if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2", false); }
@@ -599,12 +659,12 @@ int main(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = std::atoi(next().c_str());
     else if (a == "--samples") o.samples = std::atoi(next().c_str());
     else if (a == "--out") o.out = next();
-    else if (a == "--selftest") o.selftest = true;
+    else if (a == "--selftest") { o.selftest = true; o.selftest_spec = i + 1 < argc && argv[i + 1][0] != '-' ? next() : "all"; }
     else if (a == "--groups") { o.groups.clear(); for (auto& s : split(next())) o.groups.push_back(std::max(1, std::atoi(s.c_str()))); }
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
-                  "          [--samples 512] [--out FILE.md] [--selftest] [--groups 16[,8,...]]\n"
-                  "          [--variants all|128x256_s4,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
+                  "          [--samples 512] [--out FILE.md] [--selftest [all|bf16:64|...]] [--groups 16[,8,...]]\n"
+                  "          [--variants all|128x256_s4,128x256_s4_ts,128x256_s4_c2_ts,128x256_s4_c4_ts,128x256_s4_c2x2_ts,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
                   "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }
@@ -616,7 +676,7 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, cc %d.%d, L2 %d MB, smem/block optin %zu KB\n", p.name,
               p.multiProcessorCount, p.major, p.minor, p.l2CacheSize >> 20, p.sharedMemPerBlockOptin >> 10);
   if (p.major != 9) { std::fprintf(stderr, "needs an sm_90 GPU\n"); return 2; }
-  if (o.selftest) return selftest::run_all() ? 1 : 0;
+  if (o.selftest) return selftest::run_all(o.selftest_spec) ? 1 : 0;
   cublasHandle_t h;
   CKB(cublasCreate(&h));
   std::vector<Row> rows;

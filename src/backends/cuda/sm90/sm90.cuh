@@ -5,6 +5,8 @@
 #include "mbarrier.cuh"
 #include "cluster.cuh"
 #include "fence_proxy.cuh"
+#include "named_barrier.cuh"
+#include "stmatrix.cuh"
 #include "setmaxnreg.cuh"
 #include "tma.cuh"
 #include "wgmma_desc.cuh"
