@@ -68,15 +68,20 @@ using namespace orchard::sm90;
 // Kernel
 // ------------------------------------------------------------------------------------------
 constexpr int kBM = 128;                 // rows per CTA tile (2 consumer warpgroups x 64)
-constexpr int kBK = 64;                  // 64 x 2 bytes = one 128-byte swizzle row
+constexpr int kBK = 64;                  // default k tile: 64 x 2 bytes = one 128-byte swizzle row
 constexpr int kThreads = 384;            // producer warpgroup + 2 consumer warpgroups
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;       // 128*40 + 256*232 = 64512 <= 65536
 
-template <int BN, int kStages, int kCM, int kCN, bool kTmaStore = false>
+template <int BN, int kStages, int kCM, int kCN, bool kTmaStore = false, int BK = kBK>
 struct Cfg {
-  static constexpr int kABytes = kBM * kBK * 2;
-  static constexpr int kBBytes = BN * kBK * 2;
+  // k tile: 64 (128-byte rows, 128B swizzle) or 32 (64-byte rows, 64B swizzle: twice the
+  // stages in the same smem, so a released stage is a smaller share of the prefetch depth).
+  static_assert(BK == 64 || BK == 32, "k tile");
+  static constexpr int kBKt = BK;
+  static constexpr int kRowBytes = BK * 2;
+  static constexpr int kABytes = kBM * kRowBytes;
+  static constexpr int kBBytes = BN * kRowBytes;
   static constexpr int kStageBytes = kABytes + kBBytes;
   // TMA-store epilogue: per consumer warpgroup one 64x128 staging buffer (two 64x64 boxes,
   // 128B-swizzled, 8 KB each); a 64x256 result goes out in two halves.
@@ -127,12 +132,12 @@ __device__ __forceinline__ void tile_coords(int t, int num_m, int num_n, int gro
 enum Diag { kDiagNone = 0, kDiagNoLoad = 1, kDiagNoStore = 2 };
 
 template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone,
-          bool kTmaStore = false>
+          bool kTmaStore = false, int BK = kBK>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_ws_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                    const __grid_constant__ CUtensorMap tm_c, T* __restrict__ C, int M, int N, int K,
                    int group) {
-  using C_ = Cfg<BN, kStages, kCM, kCN, kTmaStore>;
+  using C_ = Cfg<BN, kStages, kCM, kCN, kTmaStore, BK>;
   static_assert(!kTmaStore || BN % 128 == 0, "TMA-store epilogue writes 128-column halves");
   constexpr int kCluster = C_::kCS;
   static_assert(kDiag != kDiagNoLoad || kCluster == 1, "no-load diagnostic: single CTA only");
@@ -169,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_m = M / (kBM * kCM);        // in cluster tiles
   const int num_n = N / (BN * kCN);
   const int num_tiles = num_m * num_n;
-  const int k_iters = K / kBK;
+  const int k_iters = K / BK;
   const int cluster_id = blockIdx.x / kCluster;
   const int num_clusters = gridDim.x / kCluster;
 
@@ -195,22 +200,22 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           mbarrier_arrive_expect_tx(full, C_::kStageBytes);
           if constexpr (kCN == 1) {
-            tma_load_2d(sA + stage * C_::kABytes, &tm_a, full, k * kBK, row_a);
+            tma_load_2d(sA + stage * C_::kABytes, &tm_a, full, k * BK, row_a);
           } else {  // my slice rn of A -> every CTA of my cluster row (same rm)
             uint16_t mask = 0;
 #pragma unroll
             for (int j = 0; j < kCN; ++j) mask |= 1u << (rm + kCM * j);
-            tma_load_2d_multicast(sA + stage * C_::kABytes + rn * C_::kAPart * 128, &tm_a, full,
-                                  k * kBK, row_a + rn * C_::kAPart, mask);
+            tma_load_2d_multicast(sA + stage * C_::kABytes + rn * C_::kAPart * C_::kRowBytes, &tm_a,
+                                  full, k * BK, row_a + rn * C_::kAPart, mask);
           }
           if constexpr (kCM == 1) {
-            tma_load_2d(sB + stage * C_::kBBytes, &tm_b, full, k * kBK, row_b);
+            tma_load_2d(sB + stage * C_::kBBytes, &tm_b, full, k * BK, row_b);
           } else {  // my slice rm of B -> every CTA of my cluster column (same rn)
             uint16_t mask = 0;
 #pragma unroll
             for (int i = 0; i < kCM; ++i) mask |= 1u << (i + kCM * rn);
-            tma_load_2d_multicast(sB + stage * C_::kBBytes + rm * C_::kBPart * 128, &tm_b, full,
-                                  k * kBK, row_b + rm * C_::kBPart, mask);
+            tma_load_2d_multicast(sB + stage * C_::kBBytes + rm * C_::kBPart * C_::kRowBytes, &tm_b,
+                                  full, k * BK, row_b + rm * C_::kBPart, mask);
           }
           if (++stage == kStages) { stage = 0; phase ^= 1; }
         }
@@ -243,13 +248,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       int prev_stage = 0;
       for (int k = 0; k < k_iters; ++k) {
         mbarrier_wait(bar_full + 8 * stage, phase);
-        const uint64_t da = make_desc_kmajor_sw128(sA + stage * C_::kABytes + cw * 64 * 128);
-        const uint64_t db = make_desc_kmajor_sw128(sB + stage * C_::kBBytes);
+        const uint64_t da = make_desc_kmajor_swizzled<C_::kRowBytes>(
+            sA + stage * C_::kABytes + cw * 64 * C_::kRowBytes);
+        const uint64_t db = make_desc_kmajor_swizzled<C_::kRowBytes>(sB + stage * C_::kBBytes);
         fence_operands(acc);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBK / 16; ++kk) {
-          // +32 bytes per k16 slice inside the swizzled 128-byte row (wgmma_desc.cuh)
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          // +32 bytes per k16 slice inside the swizzled row (wgmma_desc.cuh)
           Wgmma<BN, T>::ss(acc, desc_advance(da, kk * 32), desc_advance(db, kk * 32),
                            (k > 0 || kk > 0) ? 1 : 0);
         }
@@ -386,9 +392,9 @@ __global__ void diff_kernel(const T* x, const T* y, size_t n, float floor, unsig
 }
 
 template <typename T, int BN, int kStages, int kCM, int kCN, int kDiag = kDiagNone,
-          bool kTmaStore = false>
+          bool kTmaStore = false, int BK = kBK>
 struct Runner {
-  using C_ = Cfg<BN, kStages, kCM, kCN, kTmaStore>;
+  using C_ = Cfg<BN, kStages, kCM, kCN, kTmaStore, BK>;
   static constexpr int kCluster = C_::kCS;
   CUtensorMap ta{}, tb{}, tc{};
   int grid = 0;
@@ -402,11 +408,12 @@ struct Runner {
   // otherwise a plain grid with one tile per CTA (the same kernel, its tile loop runs once).
   Runner(const T* A_, const T* B_, T* C_out, int M_, int N_, int K_, int num_sms, bool persistent = true)
       : A(A_), B(B_), C(C_out), M(M_), N(N_), K(K_) {
-    if (M % (kBM * kCM) || N % (BN * kCN) || K % kBK) { why = "shape not a tile multiple"; return; }
-    if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, C_::kAPart, kBK)) { why = "tensor map A"; return; }
-    if (!make_tma_2d(&tb, DT<T>::tma, B, N, K, K, C_::kBPart, kBK)) { why = "tensor map B"; return; }
+    if (M % (kBM * kCM) || N % (BN * kCN) || K % BK) { why = "shape not a tile multiple"; return; }
+    const CUtensorMapSwizzle swz = BK == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+    if (!make_tma_2d(&ta, DT<T>::tma, A, M, K, K, C_::kAPart, BK, swz)) { why = "tensor map A"; return; }
+    if (!make_tma_2d(&tb, DT<T>::tma, B, N, K, K, C_::kBPart, BK, swz)) { why = "tensor map B"; return; }
     if (!make_tma_2d(&tc, DT<T>::tma, C, M, N, N, 64, 64)) { why = "tensor map C"; return; }
-    auto kern = gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag, kTmaStore>;
+    auto kern = gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag, kTmaStore, BK>;
     CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C_::kSmem));
     const int tiles = (M / (kBM * kCM)) * (N / (BN * kCN));   // cluster tiles
     int max_clusters = num_sms / kCluster;
@@ -440,7 +447,7 @@ struct Runner {
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = kCluster; at[0].val.clusterDim.y = 1; at[0].val.clusterDim.z = 1;
     if (kCluster > 1) { cfg.attrs = at; cfg.numAttrs = 1; }
-    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag, kTmaStore>, ta, tb, tc, C,
+    return cudaLaunchKernelEx(&cfg, gemm_ws_kernel<T, BN, kStages, kCM, kCN, kDiag, kTmaStore, BK>, ta, tb, tc, C,
                               M, N, K, group);
   }
 };
@@ -622,6 +629,8 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     if (want("128x256_s4_c2_ts")) { Runner<T, 256, 4, 2, 1, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2_ts", false); }
     if (want("128x256_s4_c4_ts")) { Runner<T, 256, 4, 4, 1, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c4_ts", false); }
     if (want("128x256_s4_c2x2_ts")) { Runner<T, 256, 4, 2, 2, kDiagNone, true> r(A, B, C, M, N, K, num_sms); one(r, "128x256_s4_c2x2_ts", false); }
+    if (want("128x256x32_s8_ts")) { Runner<T, 256, 8, 1, 1, kDiagNone, true, 32> r(A, B, C, M, N, K, num_sms); one(r, "128x256x32_s8_ts", false); }
+    if (want("128x256x32_s8_c2_ts")) { Runner<T, 256, 8, 2, 1, kDiagNone, true, 32> r(A, B, C, M, N, K, num_sms); one(r, "128x256x32_s8_c2_ts", false); }
     if (want("128x256_s4_np")) { Runner<T, 256, 4, 1, 1> r(A, B, C, M, N, K, num_sms, false); one(r, "128x256_s4_np", false); }
     if (want("128x128_s6")) { Runner<T, 128, 6, 1, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6", false); }
     if (want("128x128_s6_c2")) { Runner<T, 128, 6, 2, 1> r(A, B, C, M, N, K, num_sms); one(r, "128x128_s6_c2", false); }
@@ -664,7 +673,7 @@ int main(int argc, char** argv) {
     else {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
                   "          [--samples 512] [--out FILE.md] [--selftest [all|bf16:64|...]] [--groups 16[,8,...]]\n"
-                  "          [--variants all|128x256_s4,128x256_s4_ts,128x256_s4_c2_ts,128x256_s4_c4_ts,128x256_s4_c2x2_ts,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
+                  "          [--variants all|128x256_s4,128x256_s4_ts,128x256_s4_c2_ts,128x256_s4_c4_ts,128x256_s4_c2x2_ts,128x256x32_s8_ts,128x256x32_s8_c2_ts,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
                   "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }

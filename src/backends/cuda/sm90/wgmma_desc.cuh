@@ -35,6 +35,18 @@ __device__ __forceinline__ uint64_t make_desc_kmajor_sw128(uint32_t smem_addr) {
   return make_wgmma_desc(smem_addr, 16, 1024, WgmmaSwizzle::k128B);
 }
 
+// K-major with rows of 128, 64 or 32 bytes (64/32/16 16-bit elements of K) and the matching
+// TMA swizzle (128B/64B/32B): the swizzle atom is 8 rows, so SBO = 8 * row bytes; a k16 slice
+// (32 bytes) still advances the start address by 32 bytes inside the row.
+template <int kRowBytes>
+__device__ __forceinline__ uint64_t make_desc_kmajor_swizzled(uint32_t smem_addr) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64 || kRowBytes == 32, "swizzle row width");
+  constexpr WgmmaSwizzle swz = kRowBytes == 128 ? WgmmaSwizzle::k128B
+                               : kRowBytes == 64 ? WgmmaSwizzle::k64B
+                                                 : WgmmaSwizzle::k32B;
+  return make_wgmma_desc(smem_addr, 16, 8 * kRowBytes, swz);
+}
+
 // MN-major (transposed: imm-trans = 1), 128B swizzle: the operand is stored as rows of K, each
 // row holding 64 MN-contiguous elements (128 bytes); N > 64 comes as separate 64-wide chunks
 // (e.g. one TMA box of 64 x rows each), `chunk_bytes` apart.  Canonical layout (elements,
