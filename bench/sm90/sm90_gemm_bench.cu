@@ -452,9 +452,28 @@ struct Runner {
   }
 };
 
+static double g_warmup_ms = 100;   // --warmup-ms: also warm up for at least this long
+
 template <class F>
 static double median_ms(F&& f, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) f();
+  // Warm-up: at least `warmup` launches and at least g_warmup_ms of GPU time, so clocks and
+  // power settle before timing (the 14:55 run showed cuBLAS alone varying 600-800 TFLOP/s
+  // between processes at 4096).
+  {
+    cudaEvent_t w0, w1;
+    CK(cudaEventCreate(&w0)); CK(cudaEventCreate(&w1));
+    CK(cudaEventRecord(w0));
+    float el = 0;
+    for (int i = 0; i < 100000; ++i) {
+      f();
+      if (i + 1 >= warmup && (i + 1) % 4 == 0) {
+        CK(cudaEventRecord(w1)); CK(cudaEventSynchronize(w1));
+        CK(cudaEventElapsedTime(&el, w0, w1));
+        if (el >= g_warmup_ms) break;
+      }
+    }
+    CK(cudaEventDestroy(w0)); CK(cudaEventDestroy(w1));
+  }
   CK(cudaDeviceSynchronize());
   std::vector<cudaEvent_t> ev(2 * iters);
   for (auto& e : ev) CK(cudaEventCreate(&e));
@@ -667,11 +686,12 @@ int main(int argc, char** argv) {
     else if (a == "--iters") o.iters = std::atoi(next().c_str());
     else if (a == "--warmup") o.warmup = std::atoi(next().c_str());
     else if (a == "--samples") o.samples = std::atoi(next().c_str());
+    else if (a == "--warmup-ms") g_warmup_ms = std::atof(next().c_str());
     else if (a == "--out") o.out = next();
     else if (a == "--selftest") { o.selftest = true; o.selftest_spec = i + 1 < argc && argv[i + 1][0] != '-' ? next() : "all"; }
     else if (a == "--groups") { o.groups.clear(); for (auto& s : split(next())) o.groups.push_back(std::max(1, std::atoi(s.c_str()))); }
     else {
-      std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 5]\n"
+      std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 10] [--warmup-ms 100]\n"
                   "          [--samples 512] [--out FILE.md] [--selftest [all|bf16:64|...]] [--groups 16[,8,...]]\n"
                   "          [--variants all|128x256_s4,128x256_s4_ts,128x256_s4_c2_ts,128x256_s4_c4_ts,128x256_s4_c2x2_ts,128x256x32_s8_ts,128x256x32_s8_c2_ts,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
                   "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
@@ -701,10 +721,10 @@ int main(int argc, char** argv) {
   std::string path = o.out.empty() ? dir + "/sm90_gemm.md" : o.out;
   FILE* f = std::fopen(path.c_str(), "w");
   if (!f) { std::fprintf(stderr, "cannot write %s\n", path.c_str()); f = stdout; }
-  std::fprintf(f, "C = A*B^T, fp32 accumulate, %s (%d SMs); median of %d launches after %d warm-ups; "
+  std::fprintf(f, "C = A*B^T, fp32 accumulate, %s (%d SMs); median of %d launches after >= %d warm-ups and >= %.0f ms; "
                "err_full = max|ours-cuBLAS|/max(|cuBLAS|,rms(C)) over all of C; err_ref = max|x-fp64|/max(|fp64|,rms) on %d sampled entries; "
                "check = err_full <= 2 ulp and err_ref <= max(2 x cuBLAS's, 1 ulp)\n\n",
-               p.name, p.multiProcessorCount, o.iters, o.warmup, o.samples);
+               p.name, p.multiProcessorCount, o.iters, o.warmup, g_warmup_ms, o.samples);
   std::fprintf(f, "| dtype | M=N=K | kernel | grid | group | TFLOP/s | cuBLAS TFLOP/s | ratio | err_full | err_ref (ours / cuBLAS) | check |\n");
   std::fprintf(f, "|---|---|---|---|---|---|---|---|---|---|---|\n");
   bool all_pass = true;
