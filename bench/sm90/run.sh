@@ -106,9 +106,14 @@ if command -v nvidia-smi >/dev/null; then
   SMI_PID=$!
 fi
 TABLE="$OUT/sm90_gemm.md"; rm -f "$TABLE"
-JOBS=""
-for v in $VARIANTS; do for d in $DTYPES; do JOBS="$JOBS $v:$d"; done; done
-[ "$DIAG" = 1 ] && JOBS="$JOBS diag_noload,diag_nostore:bf16"
+JOBS=""; nv=0
+for v in $VARIANTS; do
+  for d in $DTYPES; do JOBS="$JOBS $v:$d"; done
+  nv=$((nv + 1))
+  # the diagnostics (bf16 only) go after the 6 most promising variants
+  [ "$nv" = 6 ] && [ "$DIAG" = 1 ] && JOBS="$JOBS diag_noload,diag_noload_ts,diag_nostore:bf16"
+done
+[ "$nv" -lt 6 ] && [ "$DIAG" = 1 ] && JOBS="$JOBS diag_noload,diag_noload_ts,diag_nostore:bf16"
 hung=" "
 for job in $JOBS; do
   v="${job%%:*}"; d="${job##*:}"

@@ -656,6 +656,7 @@ static void run_dtype(const Opts& o, cublasHandle_t h, int num_sms, std::vector<
     // diagnostics on the 128x256 pipeline (explicit --variants only, not in "all")
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       if (o.variants != "all" && want("diag_noload")) { Runner<T, 256, 4, 1, 1, kDiagNoLoad> r(A, B, C, M, N, K, num_sms); one(r, "diag_noload", true); }
+      if (o.variants != "all" && want("diag_noload_ts")) { Runner<T, 256, 4, 1, 1, kDiagNoLoad, true> r(A, B, C, M, N, K, num_sms); one(r, "diag_noload_ts", true); }
       if (o.variants != "all" && want("diag_nostore")) { Runner<T, 256, 4, 1, 1, kDiagNoStore> r(A, B, C, M, N, K, num_sms); one(r, "diag_nostore", true); }
     }
     const double cublas_ms_after = median_ms(cublas, o.warmup, o.iters);
@@ -694,7 +695,7 @@ int main(int argc, char** argv) {
       std::printf("usage: %s [--sizes 8192,4096] [--dtypes bf16,fp16] [--iters 30] [--warmup 10] [--warmup-ms 100]\n"
                   "          [--samples 512] [--out FILE.md] [--selftest [all|bf16:64|...]] [--groups 16[,8,...]]\n"
                   "          [--variants all|128x256_s4,128x256_s4_ts,128x256_s4_c2_ts,128x256_s4_c4_ts,128x256_s4_c2x2_ts,128x256x32_s8_ts,128x256x32_s8_c2_ts,128x256_s4_np,128x256_s4_c2,128x256_s4_c2n,128x256_s4_c2x2,128x256_s4_c4,\n"
-                  "           128x128_s6,128x128_s6_c2,diag_noload,diag_nostore]\n", argv[0]);
+                  "           128x128_s6,128x128_s6_c2,diag_noload,diag_noload_ts,diag_nostore]\n", argv[0]);
       return a == "-h" || a == "--help" ? 0 : 1;
     }
   }
