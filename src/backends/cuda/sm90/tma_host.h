@@ -1,0 +1,60 @@
+// TMA host side: builds a CUtensorMap for a 2D row-major matrix with cuTensorMapEncodeTiled.
+// The driver function is fetched through the runtime (cudaGetDriverEntryPoint[ByVersion]),
+// so nothing links against libcuda: the runtime already holds the driver handle.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <cuda.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
+#include <cuda_runtime_api.h>
+
+namespace orchard::sm90 {
+
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encode_tiled_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (fn) return fn;
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+  // ByVersion pins the ABI of the symbol we get (v12000), whatever the driver's newest is.
+  cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                   cudaEnableDefault, &q);
+#else
+  cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+  if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || p == nullptr) {
+    std::fprintf(stderr, "tma_host: cuTensorMapEncodeTiled unavailable (%s, query %d)\n",
+                 cudaGetErrorString(e), static_cast<int>(q));
+    return nullptr;
+  }
+  fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  return fn;
+}
+
+// Row-major [rows x cols] matrix of 2-byte elements, leading dimension `ld` (elements).
+// Box = box_rows x box_cols; with SWIZZLE_128B, box_cols * 2 must be 128 (one swizzle row).
+// Returns false (and prints the CUresult) on failure.
+inline bool make_tma_2d(CUtensorMap* map, CUtensorMapDataType dtype, const void* base,
+                        uint64_t rows, uint64_t cols, uint64_t ld, uint32_t box_rows,
+                        uint32_t box_cols,
+                        CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B,
+                        CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
+  auto fn = tensor_map_encode_tiled_fn();
+  if (!fn) return false;
+  const uint64_t elem = 2;
+  cuuint64_t dims[2] = {cols, rows};          // innermost first
+  cuuint64_t strides[1] = {ld * elem};        // bytes, for dims 1..rank-1; multiple of 16
+  cuuint32_t box[2] = {box_cols, box_rows};   // each <= 256
+  cuuint32_t estr[2] = {1, 1};
+  CUresult r = fn(map, dtype, 2, const_cast<void*>(base), dims, strides, box, estr,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, l2,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "tma_host: cuTensorMapEncodeTiled failed (CUresult %d)\n",
+                 static_cast<int>(r));
+    return false;
+  }
+  return true;
+}
+
+}  // namespace orchard::sm90
