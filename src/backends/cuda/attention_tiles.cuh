@@ -5,8 +5,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "backends/cuda/mma_utils.cuh"
+#include "orchard/dtype.h"
 
 namespace orchard::cuda {
 
@@ -161,6 +163,99 @@ __device__ __forceinline__ float alibi_slope(const float* slopes, int64_t batch_
 // Its address, nullptr without ALiBi.
 __device__ __forceinline__ const float* alibi_slope_ptr(const float* slopes, int64_t batch_stride, int b, int h) {
   return slopes != nullptr ? slopes + b * batch_stride + h : nullptr;
+}
+
+// ---- attn_bias / attn_mask (params.h) ----
+// Staged per score tile into shared memory as float, already divided by the
+// softmax scale (the units the score passes work in; a boolean mask becomes
+// 0 / -inf), by all threads of the CTA, then added to the fragment from shared
+// memory in a pass of its own, only when p.attn_bias != nullptr: the plain path
+// keeps its code and registers. Reading the bias from global memory per fragment
+// element inside the score passes made ptxas spill in the plain path.
+// Any strides (0 = broadcast dim: read in place, the repeated rows hit L1/L2).
+
+// Element-type code of the bias: 0 boolean (uint8), 1 float32, 2 bfloat16, 3 float16.
+__host__ __device__ __forceinline__ int bias_kind(DType t) {
+  return t == DType::kUInt8 ? 0 : (t == DType::kFloat32 ? 1 : (t == DType::kBFloat16 ? 2 : 3));
+}
+__host__ __device__ __forceinline__ int bias_elem_bytes(int kind) { return kind == 0 ? 1 : (kind == 1 ? 4 : 2); }
+
+// The bias of one element, element offset `off` from `base`: boolean 0 -> -inf, nonzero -> 0.
+template <int kKind>
+__device__ __forceinline__ float bias_value(const unsigned char* base, int64_t off) {
+  if constexpr (kKind == 0) {
+    return __ldg(base + off) != 0 ? 0.f : -INFINITY;
+  } else if constexpr (kKind == 1) {
+    return __ldg(reinterpret_cast<const float*>(base) + off);
+  } else {
+    const unsigned short u = __ldg(reinterpret_cast<const unsigned short*>(base) + off);
+    if constexpr (kKind == 2) return __uint_as_float(static_cast<uint32_t>(u) << 16);
+    else return __half2float(__ushort_as_half(u));
+  }
+}
+__device__ __forceinline__ float bias_value_any(const unsigned char* base, int64_t off, int kind) {
+  switch (kind) {
+    case 0: return bias_value<0>(base, off);
+    case 1: return bias_value<1>(base, off);
+    case 2: return bias_value<2>(base, off);
+    default: return bias_value<3>(base, off);
+  }
+}
+
+template <int kKind>
+using BiasElem = std::conditional_t<kKind == 0, unsigned char, std::conditional_t<kKind == 1, float, unsigned short>>;
+template <int kKind>
+__device__ __forceinline__ float bias_convert(BiasElem<kKind> u) {
+  if constexpr (kKind == 0) return u != 0 ? 0.f : -INFINITY;
+  else if constexpr (kKind == 1) return u;
+  else if constexpr (kKind == 2) return __uint_as_float(static_cast<uint32_t>(u) << 16);
+  else return __half2float(__ushort_as_half(u));
+}
+
+// Each thread owns one column and every (kThreads / kCols)-th row: one pointer
+// and one stride live (a 64-bit offset per element made ptxas spill in the
+// backward's plain path).
+template <int kKind, int kRows, int kCols, int kLd, int kThreads>
+__device__ __forceinline__ void stage_bias_tile_t(float* dst, const unsigned char* base, int64_t rs, int64_t cs,
+                                                  int rows, int cols, float mul, int tid) {
+  static_assert(kThreads % kCols == 0 && kRows % (kThreads / kCols) == 0, "bias tile: whole rows per pass");
+  constexpr int kRowStep = kThreads / kCols, kIters = kRows / kRowStep;
+#ifndef ORCHARD_BIAS_UNROLL
+#define ORCHARD_BIAS_UNROLL 4
+#endif
+  constexpr int kUnroll = ORCHARD_BIAS_UNROLL;
+  const int c = tid % kCols, r0 = tid / kCols;
+  const BiasElem<kKind>* src = reinterpret_cast<const BiasElem<kKind>*>(base) + (r0 * rs + c * cs);
+  const int64_t step = kRowStep * rs;
+  const int row_lim = c < cols ? rows : 0;  // columns past the sequence: all 0
+  float* d = dst + r0 * kLd + c;
+#pragma unroll kUnroll
+  for (int i = 0; i < kIters; ++i) {
+    float v = 0.f;
+    if (r0 + i * kRowStep < row_lim) v = bias_convert<kKind>(__ldg(src)) * mul;
+    d[i * kRowStep * kLd] = v;
+    src += step;
+  }
+}
+// Stages the (kRows x kCols) tile whose element (r, c) is at base + r * rs + c * cs
+// elements (of code `kind`) into dst[r * kLd + c] as float times `mul`; elements at
+// r >= rows or c >= cols (past the sequence ends) become 0. The caller syncs.
+template <int kRows, int kCols, int kLd, int kThreads>
+__device__ __noinline__ void stage_bias_tile(float* dst, const unsigned char* base, int64_t rs, int64_t cs, int kind,
+                                             int rows, int cols, float mul, int tid) {
+  switch (kind) {
+    case 0: stage_bias_tile_t<0, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+    case 1: stage_bias_tile_t<1, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+    case 2: stage_bias_tile_t<2, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+    default: stage_bias_tile_t<3, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+  }
+}
+
+// The bias of (batch b, head h, row row0, col col0) as a byte pointer into p.attn_bias.
+__device__ __forceinline__ const unsigned char* bias_origin(const void* bias, int kind, int64_t bs, int64_t hs,
+                                                            int64_t rs, int64_t cs, int b, int h, int64_t row0,
+                                                            int64_t col0) {
+  return static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * bias_elem_bytes(kind);
 }
 
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A

@@ -76,6 +76,14 @@ struct BwdConfig {
   static constexpr int kDqBM = 64;
   static constexpr int kDqBN = kD <= 128 ? 64 : 32;
   static constexpr int kDqSmemBytes = (2 * kDqBM * kS + 4 * kDqBN * kS) * 2;
+  // attn_bias tiles (float, after the rest; launched only with a bias): the dK/dV
+  // kernel's [kBM queries][kBN keys], read transposed (row stride = 4 mod 32
+  // floats: lanes g + 8t on distinct banks); the dQ kernel's [kDqBM][kDqBN] read
+  // like the forward's (float2, stride = 8 mod 32).
+  static constexpr int kBiasLd = kBN + 4;
+  static constexpr int kBiasBytes = kBM * kBiasLd * 4;
+  static constexpr int kDqBiasLd = kDqBN + 8;
+  static constexpr int kDqBiasBytes = kDqBM * kDqBiasLd * 4;
 };
 
 // Adds a lane's 4 C-fragment values of one 16 x 8 dQ tile into dq_accum (layout
@@ -253,7 +261,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int64_t diag = span.diag;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                 (span.k_start + n0) * p.k_row_stride;
@@ -314,6 +322,15 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const T* sdOs = sdO + stage * kBM * kS;
     const float* sLs = sLse + stage * kBM;
     const float* sDv = sDs + stage * kBM;
+    float* sBias = reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes);  // [kBM][kBiasLd], bias only
+    if (p.attn_bias != nullptr) {  // attn_bias tile (queries m0.., keys n0..) -> smem; read after the S GEMM
+      const int kind = bias_kind(p.attn_bias_dtype);
+      stage_bias_tile<kBM, kBN, Cfg::kBiasLd, kThreads>(
+          sBias,
+          bias_origin(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride,
+                      p.bias_col_stride, b, h, m0, n0),
+          p.bias_row_stride, p.bias_col_stride, kind, sq - m0, sk - n0, 1.f / p.scale, tid);
+    }
 
     // S^T = K Q^T for this warp's 16 key rows x kBM query columns.
     float st[kMT][4];
@@ -346,6 +363,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - 2 * t, sk - kv_base);
+      if (p.attn_bias != nullptr) {  // + bias / scale (element: query 2t + dq, key warp * 16 + g + dk)
+        __syncthreads();             // the staged tile is complete
+        const float* sb = sBias + 2 * t * Cfg::kBiasLd + warp * 16 + g;
+#pragma unroll
+        for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) st[nt][c] += sb[(nt * 8 + (c & 1)) * Cfg::kBiasLd + (c >> 1) * 8];
+      }
     }
     uint32_t keep_bits = 0xffffffffu;
 #pragma unroll
@@ -424,7 +449,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
           for (int c = 0; c < 4; ++c) {
             const int ql = nt * 8 + 2 * t + (c & 1);
             const int rel = rel0 + (c >> 1) * 8 - nt * 8 - (c & 1);
-            st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
+            float mod = alibi_term(slope, diag32, rel);
+            if (p.attn_bias != nullptr)  // the staged bias (/ scale) of (query ql, key warp * 16 + g + dk)
+              mod += sBias[ql * Cfg::kBiasLd + warp * 16 + g + (c >> 1) * 8] * p.scale;
+            st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], mod, inv_cap);
           }
       }
       // dS^T = P^T * (dP_drop^T - D), reusing st.
@@ -542,6 +570,12 @@ struct BwdConfig2 {
   static constexpr int kQM = kBM / 32;      // dQ: warps along query rows (32 rows each)
   static constexpr int kQN = kNWarps / kQM; // dQ: warps along d
   static constexpr int kDqT = kD / 8 / kQN; // dQ n8 tiles per warp (may be odd: d96)
+  // attn_bias: the [kBM queries][kBN keys] float tile (row stride 4 mod 32 floats:
+  // the transposed reads of lanes g + 8t hit distinct banks) lives in sP and sdS
+  // (free from the step's top barrier until P is stored; a second barrier guards
+  // that store): no extra shared memory (d64 has no room for 64 KB more).
+  static constexpr int kBiasLd = kBN + 4;
+  static_assert(kBM * kBiasLd * 4 <= 2 * kBN * kSP * 2, "the bias tile must fit in sP + sdS");
 };
 
 template <typename T, int kD, bool kCausal, bool kDropout, bool kDq>
@@ -590,7 +624,7 @@ __global__ void __launch_bounds__(256)
   const int64_t diag = span.diag;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                 (span.k_start + n0) * p.k_row_stride;
@@ -764,6 +798,24 @@ __global__ void __launch_bounds__(256)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
+      if (p.attn_bias != nullptr) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
+        // The tile (queries m0.., keys n0..) -> sP / sdS (free since the step's top barrier).
+        const int kind = bias_kind(p.attn_bias_dtype);
+        stage_bias_tile<kBM, kBN, Cfg::kBiasLd, kThreads>(
+            reinterpret_cast<float*>(sP),
+            bias_origin(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride,
+                        p.bias_col_stride, b, h, m0, n0),
+            p.bias_row_stride, p.bias_col_stride, kind, sq - m0, sk - n0, 1.f / p.scale, tid);
+        __syncthreads();  // the staged tile is complete
+        const float* sb = reinterpret_cast<const float*>(sP) + (qcol + 2 * t) * Cfg::kBiasLd + krow + g;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              st[mt][nt][c] += sb[(nt * 8 + (c & 1)) * Cfg::kBiasLd + mt * 16 + (c >> 1) * 8];
+      }
     } else if (need_mask) {
       const int key_lim = sk - kv_base;
       int diag_lim = 0;
@@ -815,6 +867,7 @@ __global__ void __launch_bounds__(256)
               v[2 * hh + r];
     };
     // P_drop^T -> sP (bf16/fp16).
+    if (p.attn_bias != nullptr) __syncthreads();  // every warp has read the bias tile in sP / sdS
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -843,7 +896,16 @@ __global__ void __launch_bounds__(256)
           for (int c = 0; c < 4; ++c) {
             const int ql = qcol + nt * 8 + 2 * t + (c & 1);
             const int rel = rel0 + mt * 16 + (c >> 1) * 8 - nt * 8 - (c & 1);
-            st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
+            float mod = alibi_term(slope, diag32, rel);
+            // attn_bias: its tile in sP is gone; read the element again (P > 0: inside the sequences).
+            if (p.attn_bias != nullptr && st[mt][nt][c] > 0.f) {
+              const int kind = bias_kind(p.attn_bias_dtype);
+              mod += bias_value_any(bias_origin(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride,
+                                                p.bias_row_stride, p.bias_col_stride, b, h, m0 + ql,
+                                                kv_base + mt * 16 + (c >> 1) * 8),
+                                    0, kind);
+            }
+            st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], mod, inv_cap);
           }
     }
 
@@ -1016,7 +1078,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const int64_t diag = span.diag;
   if (m0 >= sq) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 (span.q_start + m0) * p.q_row_stride;
@@ -1079,6 +1141,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     const T* sKs = sK + stage * kBN * kS;
     const T* sVs = sV + stage * kBN * kS;
     const int n0 = n * kBN;
+    if (p.attn_bias != nullptr) {  // attn_bias tile (rows m0.., cols n0..) -> smem; read after the GEMMs
+      const int kind = bias_kind(p.attn_bias_dtype);
+      stage_bias_tile<kBM, kBN, Cfg::kDqBiasLd, kThreads>(
+          reinterpret_cast<float*>(smem_raw + Cfg::kDqSmemBytes),
+          bias_origin(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride,
+                      p.bias_col_stride, b, h, m0, n0),
+          p.bias_row_stride, p.bias_col_stride, kind, sq - m0, sk - n0, 1.f / p.scale, tid);
+    }
 
     float s[kNT][4], dp[kNT][4];
 #pragma unroll
@@ -1118,6 +1188,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t,
                        1.f / scale_log2);
+      if (p.attn_bias != nullptr) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
+        __syncthreads();             // the staged tile is complete
+        const float* sb = reinterpret_cast<const float*>(smem_raw + Cfg::kDqSmemBytes) +
+                          (warp * 16 + g) * Cfg::kDqBiasLd + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float2 bv = *reinterpret_cast<const float2*>(sb + r * 8 * Cfg::kDqBiasLd + nt * 8);
+            s[nt][2 * r] += bv.x;
+            s[nt][2 * r + 1] += bv.y;
+          }
+      }
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -1204,16 +1287,18 @@ void launch_flash_bwd(const BwdParams& p) {
     auto kernel = atomic_dq ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true>
                             : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false>;
     if (grid > 0) {
-      set_smem(kernel, Cfg2::kSmemBytes);
+      set_smem(kernel, Cfg2::kSmemBytes);  // attn_bias: staged in sP / sdS, no more
       kernel<<<static_cast<unsigned>(grid), 256, Cfg2::kSmemBytes, stream>>>(p, nb, causal_head_group(p));
       check_launch("flash_bwd_dkdv2_kernel");
     }
   }
   const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t grid_kv = kV2 ? 0 : static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
+  const int bias_smem = p.attn_bias != nullptr ? Cfg::kBiasBytes : 0;  // attn_bias: its staged tile
   auto run_dkdv = [&](auto kernel) {
-    set_smem(kernel, Cfg::kSmemBytes);
-    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes, stream>>>(p, num_n_blocks);
+    set_smem(kernel, Cfg::kSmemBytes + bias_smem);
+    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes + bias_smem, stream>>>(p,
+                                                                                                       num_n_blocks);
     check_launch("flash_bwd_dkdv_kernel");
   };
   if (grid_kv > 0) {
@@ -1236,10 +1321,11 @@ void launch_flash_bwd(const BwdParams& p) {
     check_launch("bwd_convert_dq_kernel");
   } else {
     auto kernel = flash_bwd_dq_kernel<T, kD, kCausal, kDropout>;
-    set_smem(kernel, Cfg::kDqSmemBytes);
+    const int smem = Cfg::kDqSmemBytes + (p.attn_bias != nullptr ? Cfg::kDqBiasBytes : 0);  // attn_bias tile
+    set_smem(kernel, smem);
     const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;
-    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32,
-             Cfg::kDqSmemBytes, stream>>>(p, num_m_blocks);
+    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32, smem,
+             stream>>>(p, num_m_blocks);
     check_launch("flash_bwd_dq_kernel");
   }
 }
