@@ -61,11 +61,10 @@ struct FwdConfig {
   static constexpr bool kSwizzleKV = swizzle_streamed_tiles(kD);
   static constexpr int kKVTileBytes = TileOperand<kBN, kD, kS, kSwizzleKV>::tile_bytes();
   static constexpr int kSmemBytes = kBM * kS * 2 + 4 * kKVTileBytes;
-  // attn_bias: the (kBM x kBN) tile as float after the rest (launched only with a
-  // bias). Row stride kBN + 8 floats: the float2 reads of a half-warp (rows g,
-  // columns 2t) hit 16 distinct bank pairs.
-  static constexpr int kBiasLd = kBN + 8;
-  static constexpr int kBiasBytes = kBM * kBiasLd * 4;
+  // attn_bias (launched with these bytes only with a bias): the (kBM x kBN) bias
+  // tile as stored, double-buffered like K/V (attention_tiles.cuh).
+  static constexpr int kBiasRawBytes = bias_tile_bytes<kBM, kBN>();
+  static constexpr int kBiasBytes = 2 * kBiasRawBytes;
 };
 
 template <typename T, int kD, bool kCausal, bool kDropout>
@@ -129,6 +128,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   if (n_begin < n_end) {
     k_stream.load(smem_u32(sK), sk - n_begin * kBN);
     v_stream.load(smem_u32(sV), sk - n_begin * kBN);
+    if (p.attn_bias != nullptr)  // its bias tile joins the K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+                                          p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
+                                          b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
   }
   cp_async_commit();
 
@@ -166,6 +169,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
             ldmatrix_x4(qf[mt * kKSteps + ks], q_lane + 2 * (mt * 16 * kS + ks * 16));
       }
     }
+    if (p.attn_bias != nullptr && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
+                                          bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
+                                          p.bias_row_stride, p.bias_col_stride, b, h, m0, (n + 1) * kBN, sq - m0,
+                                          sk - (n + 1) * kBN, tid);
     if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       k_stream.advance();
@@ -176,14 +184,6 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     cp_async_commit();
     const KV k_op = KV::from_lane(k_lane, stage * kTileBytes), v_op = KV::from_lane(v_lane, stage * kTileBytes);
     const int n0 = n * kBN;
-    if (p.attn_bias != nullptr) {  // attn_bias tile (rows m0.., cols n0..) -> smem; read after the S GEMM
-      const int kind = bias_kind(p.attn_bias_dtype);
-      stage_bias_tile<kBM, kBN, Cfg::kBiasLd, kThreads>(
-          reinterpret_cast<float*>(smem_raw + Cfg::kSmemBytes),
-          bias_origin(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride,
-                      p.bias_col_stride, b, h, m0, n0),
-          p.bias_row_stride, p.bias_col_stride, kind, sq - m0, sk - n0, 1.f / p.scale, tid);
-    }
 
     // S = Q K^T
     float s[kMW][kNT][4];
@@ -235,18 +235,20 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t);
       if (p.attn_bias != nullptr) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
-        __syncthreads();             // the staged tile is complete
-        const float* sb = reinterpret_cast<const float*>(smem_raw + Cfg::kSmemBytes) + (wrow + g) * Cfg::kBiasLd + 2 * t;
+        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        const float inv_scale = 1.f / p.scale;
+        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+          constexpr int kKind = decltype(kind)::value;
 #pragma unroll
-        for (int mt = 0; mt < kMW; ++mt)
+          for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
+            for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const float2 bv = *reinterpret_cast<const float2*>(sb + (mt * 16 + r * 8) * Cfg::kBiasLd + nt * 8);
-              s[mt][nt][2 * r] += bv.x;
-              s[mt][nt][2 * r + 1] += bv.y;
-            }
+              for (int c = 0; c < 4; ++c)
+                s[mt][nt][c] +=
+                    bias_smem<kKind, kBN>(tile, wrow + mt * 16 + (c >> 1) * 8 + g, nt * 8 + 2 * t + (c & 1)) *
+                    inv_scale;
+        });
       }
     } else if (tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag)) {
 #pragma unroll
@@ -401,11 +403,11 @@ void launch_flash_fwd(const FwdParams& p) {
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
   if (grid == 0) return;
-  // attn_bias: its staged tile after the rest (only then: the plain path keeps its occupancy).
+  // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy).
   const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(p,
-                                                                                                      num_m_blocks);
+                                                                                                        num_m_blocks);
   check_launch("flash_fwd_kernel");
 }
 
