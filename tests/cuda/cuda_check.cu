@@ -5,6 +5,7 @@
 //   cuda_check            correctness suite (exit 1 on any failure)
 //   cuda_check --small    one small fwd+bwd case per kernel family (for compute-sanitizer)
 //   cuda_check --features only the feature cases (window, softcap, ALiBi, attn_bias, varlen, sinks)
+//   cuda_check --bias     only the attn_bias / attn_mask cases
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -75,6 +76,7 @@ struct Case {
   // bias_pad (boolean): key padding, batch bi keeps keys j < pad_len(bi) (one batch keeps
   // none: all its rows masked). bias_tr: stored transposed (row stride 1, column stride = rows).
   bool bias_pad = false, bias_tr = false;
+  int bias_rpad = 0;  // stored rows this many elements longer than sk * bias_cs (not with bias_tr)
   std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
   bool varlen() const { return !lq.empty(); }
   bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || bias || varlen(); }
@@ -140,10 +142,11 @@ HostBias make_bias(const Case& c, std::mt19937& rng) {
   if (!c.bias) return hb;
   hb.Bb = (c.bias_bc & 1) ? 1 : c.b, hb.Hb = (c.bias_bc & 2) ? 1 : c.hq, hb.Rb = (c.bias_bc & 4) ? 1 : c.sq;
   hb.Cb = c.sk, hb.cs = c.bias_cs;
-  hb.rs = (c.bias_bc & 4) ? 0 : int64_t(hb.Cb) * hb.cs;
+  const int64_t row_len = int64_t(hb.Cb) * hb.cs + c.bias_rpad;  // stored elements per row
+  hb.rs = (c.bias_bc & 4) ? 0 : row_len;
   if (c.bias_tr) hb.cs = hb.Rb, hb.rs = (c.bias_bc & 4) ? 0 : 1;  // (.., sk, sq) storage, read transposed
-  hb.hs = (c.bias_bc & 2) ? 0 : int64_t(hb.Rb) * hb.Cb * (c.bias_tr ? 1 : hb.cs);
-  hb.bs = (c.bias_bc & 1) ? 0 : int64_t(hb.Hb) * hb.Rb * hb.Cb * (c.bias_tr ? 1 : hb.cs);
+  hb.hs = (c.bias_bc & 2) ? 0 : int64_t(hb.Rb) * (c.bias_tr ? hb.Cb : row_len);
+  hb.bs = (c.bias_bc & 1) ? 0 : int64_t(hb.Hb) * hb.Rb * (c.bias_tr ? hb.Cb : row_len);
   std::normal_distribution<double> nd(0.0, 1.0);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
   hb.v.resize(size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb);
@@ -167,7 +170,8 @@ std::vector<unsigned char> bias_bytes(const Case& c, const HostBias& hb) {
   const size_t es = dtype_size(bdt);
   // Element (bi, h, i, j) of the stored array at bi * bs + h * hs + i * rs + j * cs
   // (a broadcast dim has one entry, index 0).
-  const size_t n = c.bias_tr ? size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb : size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb * hb.cs;
+  const size_t n = c.bias_tr ? size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb
+                             : size_t(hb.Bb) * hb.Hb * hb.Rb * (size_t(hb.Cb) * hb.cs + c.bias_rpad);
   std::vector<unsigned char> buf(n * es, 0xFF);
   for (int bi = 0; bi < hb.Bb; ++bi)
     for (int h = 0; h < hb.Hb; ++h)
@@ -458,8 +462,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
   if (c.alibi) std::printf(" alibi%d", c.alibi);
   if (c.sink) std::printf(" sink");
   if (c.bias)
-    std::printf(" bias(%s bc%d cs%d%s%s%s)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc, c.bias_cs,
-                c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "", c.bias_tr ? " transposed" : "");
+    std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc,
+                c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
+                c.bias_tr ? " transposed" : "", c.bias_rpad);
   if (c.varlen()) {
     std::printf(" varlen q[");
     for (int x : c.lq) std::printf(" %d", x);
@@ -814,6 +819,26 @@ std::vector<Case> feature_suite() {
     v.push_back(c);
     c = B({"bias-f16-d160-causal-cs2", FP, 1, 2, 2, 150, 120, 160, true}, 2, 1, 2);
     v.push_back(c);
+    // 16-byte aligned rows (the cp.async staging path; the cases above with odd row
+    // bytes take the plain-load path), incl. a partial last chunk (rpad: stored rows
+    // longer than sk, e.g. a slice of a wider mask).
+    v.push_back(P({"bias-async-keypad-d128", BF, 2, 4, 2, 200, 256, 128}));
+    c = P({"bias-async-keypad-partial-d64-causal", BF, 3, 2, 2, 150, 200, 64, true});
+    c.bias_rpad = 8;
+    v.push_back(c);
+    v.push_back(B({"bias-async-bf16-1HLS-d64-causal", BF, 2, 4, 4, 150, 192, 64, true}, 2, 1, 1));
+    c = B({"bias-async-f16-partial-d256-det-drop", FP, 1, 2, 1, 100, 100, 256}, 2, 0, 1);
+    c.bias_rpad = 4, c.det = true, c.p = 0.1f;
+    v.push_back(c);
+    c = B({"bias-async-f32-d192-gqa-drop", BF, 2, 4, 2, 90, 124, 192}, 3, 0, 1);
+    c.p = 0.1f;
+    v.push_back(c);
+    c = B({"bias-async-bool-d96-softcap-det", FP, 1, 2, 2, 130, 160, 96, true}, 1, 0, 1);
+    c.softcap = 2.5f, c.det = true;
+    v.push_back(c);
+    c = B({"bias-async-f32-d160-softcap-alibi", BF, 1, 2, 1, 70, 96, 160}, 3, 2, 1);
+    c.softcap = 3.f, c.alibi = 1;
+    v.push_back(c);
     v.push_back(B({"bias-bool-fp32", F32, 1, 2, 1, 40, 66, 72, true}, 1, 0, 2));
     c = B({"bias-f32-fp32-drop-det", F32, 2, 4, 2, 45, 50, 64}, 3, 1, 1);
     c.p = 0.1f, c.det = true;
@@ -1086,8 +1111,10 @@ int main(int argc, char** argv) {
     std::printf("check_support(d_v=128, d=64): %s\n", ops->check_support(p).c_str());
   }
   // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks).
+  // --bias: only the attn_bias / attn_mask cases.
   int n = 0;
-  for (const Case& c : mode == "--features" ? feature_suite() : suite()) {
+  for (const Case& c : mode == "--features" || mode == "--bias" ? feature_suite() : suite()) {
+    if (mode == "--bias" && !c.bias) continue;
     run_case(c, rng);
     ++n;
   }
