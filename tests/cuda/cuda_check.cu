@@ -1079,6 +1079,12 @@ int main(int argc, char** argv) {
       c = Case{"small-bias-d128-tr", BF, 1, 2, 2, 90, 140, 128, true};
       c.bias = 3, c.bias_tr = true, c.p = 0.1f;
       cases.push_back(c);
+      c = Case{"small-bias-async-det", BF, 1, 2, 2, 70, 100, 128};  // cp.async staging, partial last chunk
+      c.bias = 2, c.bias_rpad = 4, c.det = true;
+      cases.push_back(c);
+      c = Case{"small-bias-async-d192", FP, 1, 2, 1, 50, 100, 192, true};
+      c.bias = 2, c.bias_rpad = 4;
+      cases.push_back(c);
     }
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
