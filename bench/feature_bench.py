@@ -10,10 +10,13 @@ same process, same card, same tensors, bf16, forward and forward+backward.
   alibi    causal ALiBi: vs FlexAttention (score_mod bias).
   mask     SDPA key-padding bool mask (B, 1, 1, S) broadcast: vs SDPA efficient
            and cuDNN with the same mask.
+  bias     SDPA additive float bias (1, H, S, S) (batch-broadcast, bf16): vs SDPA
+           efficient and cuDNN with the same bias.
 TFLOP/s count only the visible (unpadded, unmasked) score entries: 4*d per
 entry forward, 2.5x that backward. Timing: triton do_bench median.
 
-    python bench/feature_bench.py --out $OUT [--quick]
+    python bench/feature_bench.py --out $OUT [--quick] [--only mask,bias]
+(--only mask,bias: the two masked-SDPA sections alone, well under a minute.)
 """
 from __future__ import annotations
 
@@ -173,20 +176,40 @@ def bench_mask(b, s, h, d):
     return f"SDPA key-padding bool mask (B,1,1,S): b{b} s{s} h{h} d{d}", rows
 
 
+def bench_bias(b, s, h, d):
+    q, k, v = (torch.randn(b, h, s, d, device=DEV, dtype=DT, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, h, s, s, device=DEV, dtype=DT)  # (1, H, S, S): batch dim broadcast (stride 0)
+    flops = 4 * b * h * d * float(s) * s
+    grads = lambda o: torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    rows = [measure("orchard", lambda: orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias), grads, flops)]
+    for name, be in (("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def run(be=be):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        rows.append(measure(name, run, grads, flops))
+    return f"SDPA float bias (1,H,S,S) bf16: b{b} s{s} h{h} d{d}", rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated sections: varlen,window,softcap,alibi,mask,bias")
     args = ap.parse_args()
     torch.manual_seed(0)
     s = 2048 if args.quick else 8192
-    sections = [
-        lambda: bench_varlen(16, 128, args.quick),
-        lambda: bench_window(2, s, 16, 128, 1024),
-        lambda: bench_score_mod("softcap", 2, s, 16, 128),
-        lambda: bench_score_mod("alibi", 2, s, 16, 128),
-        lambda: bench_mask(4, s // 2, 16, 128),
-    ]
+    sections = {
+        "varlen": lambda: bench_varlen(16, 128, args.quick),
+        "window": lambda: bench_window(2, s, 16, 128, 1024),
+        "softcap": lambda: bench_score_mod("softcap", 2, s, 16, 128),
+        "alibi": lambda: bench_score_mod("alibi", 2, s, 16, 128),
+        "mask": lambda: bench_mask(4, s // 2, 16, 128),
+        "bias": lambda: bench_bias(4, s // 2, 16, 128),
+    }
+    only = [x for x in args.only.split(",") if x]
+    if any(x not in sections for x in only):
+        ap.error(f"--only: sections are {', '.join(sections)}")
+    sections = [f for name, f in sections.items() if not only or name in only]
     md = [f"## Feature bench ({torch.cuda.get_device_name()}, torch {torch.__version__}, bf16)\n"]
     results = []
     for sec in sections:

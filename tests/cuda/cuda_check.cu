@@ -5,6 +5,7 @@
 //   cuda_check            correctness suite (exit 1 on any failure)
 //   cuda_check --small    one small fwd+bwd case per kernel family (for compute-sanitizer)
 //   cuda_check --features only the feature cases (window, softcap, ALiBi, attn_bias, varlen, sinks)
+//   cuda_check --bias     only the attn_bias / attn_mask cases
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -72,6 +73,10 @@ struct Case {
   // bias_dead: some rows (not with row broadcast) see nothing (boolean 0 / float -inf).
   int bias = 0, bias_bc = 0, bias_cs = 1;
   bool bias_dead = true;
+  // bias_pad (boolean): key padding, batch bi keeps keys j < pad_len(bi) (one batch keeps
+  // none: all its rows masked). bias_tr: stored transposed (row stride 1, column stride = rows).
+  bool bias_pad = false, bias_tr = false;
+  int bias_rpad = 0;  // stored rows this many elements longer than sk * bias_cs (not with bias_tr)
   std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
   bool varlen() const { return !lq.empty(); }
   bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || bias || varlen(); }
@@ -137,9 +142,11 @@ HostBias make_bias(const Case& c, std::mt19937& rng) {
   if (!c.bias) return hb;
   hb.Bb = (c.bias_bc & 1) ? 1 : c.b, hb.Hb = (c.bias_bc & 2) ? 1 : c.hq, hb.Rb = (c.bias_bc & 4) ? 1 : c.sq;
   hb.Cb = c.sk, hb.cs = c.bias_cs;
-  hb.rs = (c.bias_bc & 4) ? 0 : int64_t(hb.Cb) * hb.cs;
-  hb.hs = (c.bias_bc & 2) ? 0 : int64_t(hb.Rb) * hb.Cb * hb.cs;
-  hb.bs = (c.bias_bc & 1) ? 0 : int64_t(hb.Hb) * hb.Rb * hb.Cb * hb.cs;
+  const int64_t row_len = int64_t(hb.Cb) * hb.cs + c.bias_rpad;  // stored elements per row
+  hb.rs = (c.bias_bc & 4) ? 0 : row_len;
+  if (c.bias_tr) hb.cs = hb.Rb, hb.rs = (c.bias_bc & 4) ? 0 : 1;  // (.., sk, sq) storage, read transposed
+  hb.hs = (c.bias_bc & 2) ? 0 : int64_t(hb.Rb) * (c.bias_tr ? hb.Cb : row_len);
+  hb.bs = (c.bias_bc & 1) ? 0 : int64_t(hb.Hb) * hb.Rb * (c.bias_tr ? hb.Cb : row_len);
   std::normal_distribution<double> nd(0.0, 1.0);
   std::uniform_real_distribution<double> ud(0.0, 1.0);
   hb.v.resize(size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb);
@@ -150,7 +157,8 @@ HostBias make_bias(const Case& c, std::mt19937& rng) {
         const bool dead = c.bias_dead && hb.Rb > 1 && i % 9 == 4 && h == 0;
         for (int j = 0; j < hb.Cb; ++j) {
           double& x = hb.v[((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j];
-          if (c.bias == 1) x = dead ? 0.0 : (ud(rng) < 0.3 ? 0.0 : 1.0);
+          if (c.bias_pad) x = j < (bi % 3 == 1 ? 0 : (bi % 3 == 0 ? c.sk * 3 / 5 : c.sk)) ? 1.0 : 0.0;
+          else if (c.bias == 1) x = dead ? 0.0 : (ud(rng) < 0.3 ? 0.0 : 1.0);
           else x = dead ? -INFINITY : round_to(bdt, 0.7 * nd(rng));
         }
       }
@@ -160,13 +168,17 @@ HostBias make_bias(const Case& c, std::mt19937& rng) {
 std::vector<unsigned char> bias_bytes(const Case& c, const HostBias& hb) {
   const DType bdt = c.bias_dtype();
   const size_t es = dtype_size(bdt);
-  std::vector<unsigned char> buf(size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb * hb.cs * es, 0xFF);
+  // Element (bi, h, i, j) of the stored array at bi * bs + h * hs + i * rs + j * cs
+  // (a broadcast dim has one entry, index 0).
+  const size_t n = c.bias_tr ? size_t(hb.Bb) * hb.Hb * hb.Rb * hb.Cb
+                             : size_t(hb.Bb) * hb.Hb * hb.Rb * (size_t(hb.Cb) * hb.cs + c.bias_rpad);
+  std::vector<unsigned char> buf(n * es, 0xFF);
   for (int bi = 0; bi < hb.Bb; ++bi)
     for (int h = 0; h < hb.Hb; ++h)
       for (int i = 0; i < hb.Rb; ++i)
         for (int j = 0; j < hb.Cb; ++j) {
           const double x = hb.v[((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j];
-          const size_t off = ((((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j) * hb.cs) * es;
+          const size_t off = size_t(bi * hb.bs + h * hb.hs + i * hb.rs + j * int64_t(hb.cs)) * es;
           const float f = static_cast<float>(x);
           if (bdt == DType::kUInt8) {
             buf[off] = x != 0 ? 1 : 0;
@@ -450,8 +462,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
   if (c.alibi) std::printf(" alibi%d", c.alibi);
   if (c.sink) std::printf(" sink");
   if (c.bias)
-    std::printf(" bias(%s bc%d cs%d%s)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc, c.bias_cs,
-                c.bias_dead ? " dead-rows" : "");
+    std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc,
+                c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
+                c.bias_tr ? " transposed" : "", c.bias_rpad);
   if (c.varlen()) {
     std::printf(" varlen q[");
     for (int x : c.lq) std::printf(" %d", x);
@@ -527,19 +540,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
     p.lse_head_stride = geo.tq;
   }
   bool ok = true;
-  std::string why = ops->check_support(p);
-  // attn_bias: check_support refuses it for every dtype until the bf16/fp16 mma
-  // kernels implement it; the float32 SIMT kernels do, and run here past the check.
-  if (c.bias && c.dt == DType::kFloat32 && why == "attn_bias / attn_mask is not implemented on the CUDA backend yet") {
-    std::printf("    (attn_bias: float32 kernels run past check_support)\n");
-    why.clear();
-  }
-  if (!why.empty() && c.bias && c.dt != DType::kFloat32) {  // bf16/fp16 kernels: not implemented yet
-    std::printf("    SKIP (unsupported: %s)\n", why.c_str());
-    for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &d_dsink}) CK(cudaFree(t->ptr));
-    for (void* ptr : {d_slopes, d_sink, d_cq, d_ck, d_bias}) CK(cudaFree(ptr));
-    return true;
-  }
+  const std::string why = ops->check_support(p);
   if (!why.empty()) {
     std::printf("    unsupported: %s\n", why.c_str());
     ++g_failures;
@@ -787,6 +788,57 @@ std::vector<Case> feature_suite() {
     c = with_window(B({"bias-win-sink", BF, 1, 3, 1, 120, 100, 128, true}, 1, 0, 1), 20, 0);
     c.sink = true;
     v.push_back(c);
+    // Key padding (B, 1, 1, S): batch 1 keeps no key (its rows output 0, LSE -inf,
+    // zero grads), batch 0 the first 3/5; the bf16/fp16 kernels of every family.
+    auto P = [&](Case c) {
+      c = B(c, 1, 6, 1);
+      c.bias_pad = true;
+      return c;
+    };
+    v.push_back(P({"bias-keypad-d128", BF, 3, 4, 2, 200, 230, 128}));
+    c = P({"bias-keypad-d64-causal-det", FP, 3, 2, 2, 150, 150, 64, true});
+    c.det = true;
+    v.push_back(c);
+    c = P({"bias-keypad-d256-drop", BF, 3, 2, 1, 90, 120, 256});
+    c.p = 0.1f;
+    v.push_back(c);
+    v.push_back(P({"bias-keypad-d32-TL", FP, 2, 2, 1, 140, 70, 32, true, true}));
+    // Transposed storage (row stride 1): (1, H, L, S) float32 and (L, S) bf16.
+    c = B({"bias-f32-1HLS-tr-TL", BF, 2, 4, 4, 130, 100, 64, true, true}, 3, 1, 1);
+    c.bias_tr = true;
+    v.push_back(c);
+    c = B({"bias-bf16-LS-tr-d192-det", BF, 2, 2, 1, 100, 140, 192}, 2, 3, 1);
+    c.bias_tr = true, c.det = true;
+    v.push_back(c);
+    // Window + ALiBi + bias; softcap + bias on the deterministic d <= 128 path; d160 atomic.
+    c = with_window(B({"bias-win-alibi-d96", FP, 1, 4, 2, 160, 190, 96}, 3, 0, 1), 30, 10);
+    c.alibi = 2;
+    v.push_back(c);
+    c = B({"bias-softcap-alibi-d128-det-drop", FP, 2, 2, 2, 110, 150, 128, true}, 1, 0, 1);
+    c.softcap = 2.f, c.alibi = 1, c.det = true, c.p = 0.1f;
+    v.push_back(c);
+    c = B({"bias-f16-d160-causal-cs2", FP, 1, 2, 2, 150, 120, 160, true}, 2, 1, 2);
+    v.push_back(c);
+    // 16-byte aligned rows (the cp.async staging path; the cases above with odd row
+    // bytes take the plain-load path), incl. a partial last chunk (rpad: stored rows
+    // longer than sk, e.g. a slice of a wider mask).
+    v.push_back(P({"bias-async-keypad-d128", BF, 2, 4, 2, 200, 256, 128}));
+    c = P({"bias-async-keypad-partial-d64-causal", BF, 3, 2, 2, 150, 200, 64, true});
+    c.bias_rpad = 8;
+    v.push_back(c);
+    v.push_back(B({"bias-async-bf16-1HLS-d64-causal", BF, 2, 4, 4, 150, 192, 64, true}, 2, 1, 1));
+    c = B({"bias-async-f16-partial-d256-det-drop", FP, 1, 2, 1, 100, 100, 256}, 2, 0, 1);
+    c.bias_rpad = 4, c.det = true, c.p = 0.1f;
+    v.push_back(c);
+    c = B({"bias-async-f32-d192-gqa-drop", BF, 2, 4, 2, 90, 124, 192}, 3, 0, 1);
+    c.p = 0.1f;
+    v.push_back(c);
+    c = B({"bias-async-bool-d96-softcap-det", FP, 1, 2, 2, 130, 160, 96, true}, 1, 0, 1);
+    c.softcap = 2.5f, c.det = true;
+    v.push_back(c);
+    c = B({"bias-async-f32-d160-softcap-alibi", BF, 1, 2, 1, 70, 96, 160}, 3, 2, 1);
+    c.softcap = 3.f, c.alibi = 1;
+    v.push_back(c);
     v.push_back(B({"bias-bool-fp32", F32, 1, 2, 1, 40, 66, 72, true}, 1, 0, 2));
     c = B({"bias-f32-fp32-drop-det", F32, 2, 4, 2, 45, 50, 64}, 3, 1, 1);
     c.p = 0.1f, c.det = true;
@@ -1016,6 +1068,23 @@ int main(int argc, char** argv) {
       c = Case{"small-bias", F32, 2, 2, 1, 70, 90, 64, true};
       c.bias = 1, c.bias_bc = 1, c.bias_cs = 2;
       cases.push_back(c);
+      // attn_mask on the bf16/fp16 kernels: FA2-layout atomic (softcap: its global
+      // re-read), split deterministic with key padding, d128 float bias transposed.
+      c = Case{"small-bias-bf16", BF, 2, 2, 1, 70, 90, 64, true};
+      c.bias = 1, c.bias_bc = 1, c.bias_cs = 2, c.softcap = 2.f;
+      cases.push_back(c);
+      c = Case{"small-bias-d256-det", FP, 3, 2, 1, 40, 70, 256};
+      c.bias = 1, c.bias_bc = 6, c.bias_pad = true, c.det = true;
+      cases.push_back(c);
+      c = Case{"small-bias-d128-tr", BF, 1, 2, 2, 90, 140, 128, true};
+      c.bias = 3, c.bias_tr = true, c.p = 0.1f;
+      cases.push_back(c);
+      c = Case{"small-bias-async-det", BF, 1, 2, 2, 70, 100, 128};  // cp.async staging, partial last chunk
+      c.bias = 2, c.bias_rpad = 4, c.det = true;
+      cases.push_back(c);
+      c = Case{"small-bias-async-d192", FP, 1, 2, 1, 50, 100, 192, true};
+      c.bias = 2, c.bias_rpad = 4;
+      cases.push_back(c);
     }
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
@@ -1048,8 +1117,10 @@ int main(int argc, char** argv) {
     std::printf("check_support(d_v=128, d=64): %s\n", ops->check_support(p).c_str());
   }
   // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks).
+  // --bias: only the attn_bias / attn_mask cases.
   int n = 0;
-  for (const Case& c : mode == "--features" ? feature_suite() : suite()) {
+  for (const Case& c : mode == "--features" || mode == "--bias" ? feature_suite() : suite()) {
+    if (mode == "--bias" && !c.bias) continue;
     run_case(c, rng);
     ++n;
   }

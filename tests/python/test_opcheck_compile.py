@@ -180,16 +180,12 @@ FEATURE_KINDS = ["window_softcap_alibi_sink", "attn_mask", "varlen"]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", FEATURE_KINDS)
 def test_opcheck_forward_with_features(device, kind):
-    if device == "cuda" and kind == "attn_mask":
-        pytest.skip("attn_mask is CPU-only so far (README support matrix)")
     torch.library.opcheck(torch.ops.orchard.flash_attn_forward.default, _feature_args(device, kind))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", FEATURE_KINDS)
 def test_opcheck_backward_with_features(device, kind):
-    if device == "cuda" and kind == "attn_mask":
-        pytest.skip("attn_mask is CPU-only so far (README support matrix)")
     args = _feature_args(device, kind)
     q, k, v = (t.detach() for t in args[:3])
     with torch.no_grad():

@@ -5,8 +5,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "backends/cuda/mma_utils.cuh"
+#include "orchard/dtype.h"
 
 namespace orchard::cuda {
 
@@ -161,6 +163,192 @@ __device__ __forceinline__ float alibi_slope(const float* slopes, int64_t batch_
 // Its address, nullptr without ALiBi.
 __device__ __forceinline__ const float* alibi_slope_ptr(const float* slopes, int64_t batch_stride, int b, int h) {
   return slopes != nullptr ? slopes + b * batch_stride + h : nullptr;
+}
+
+// ---- attn_bias / attn_mask (params.h) ----
+// The bias of one score tile is staged into shared memory in its own element type
+// (kind below) by the whole CTA, then added to the fragment from there in a pass
+// of its own, only when p.attn_bias != nullptr: the plain path keeps its code.
+// Reading the bias from global memory per fragment element inside the score passes
+// made ptxas spill in the plain path. Staging: 16-byte cp.async (issued at the top
+// of the step, so it overlaps the S GEMM) when the key stride is 1 and the base and
+// the other strides are 16-byte aligned, else plain loads (any strides; stride 0 =
+// a broadcast dim, read in place). Tile rows: row pitch kCols * esz + 16 bytes.
+
+// Element-type code of the bias: 0 boolean (uint8), 1 float32, 2 bfloat16, 3 float16.
+__host__ __device__ __forceinline__ int bias_kind(DType t) {
+  return t == DType::kUInt8 ? 0 : (t == DType::kFloat32 ? 1 : (t == DType::kBFloat16 ? 2 : 3));
+}
+__host__ __device__ constexpr int bias_elem_bytes(int kind) { return kind == 0 ? 1 : (kind == 1 ? 4 : 2); }
+template <int kKind, int kCols>
+constexpr int bias_pitch() {
+  return kCols * bias_elem_bytes(kKind) + 16;
+}
+// Shared-memory bytes of a (kRows x kCols) tile of any kind.
+template <int kRows, int kCols>
+constexpr int bias_tile_bytes() {
+  return kRows * bias_pitch<1, kCols>();
+}
+
+template <int kKind>
+using BiasElem = std::conditional_t<kKind == 0, unsigned char, std::conditional_t<kKind == 1, float, unsigned short>>;
+// A stored element as a score term: boolean 0 -> -inf, nonzero -> 0; floats as they are.
+template <int kKind>
+__device__ __forceinline__ float bias_convert(BiasElem<kKind> u) {
+  if constexpr (kKind == 0) return u != 0 ? 0.f : -INFINITY;
+  else if constexpr (kKind == 1) return u;
+  else if constexpr (kKind == 2) return __uint_as_float(static_cast<uint32_t>(u) << 16);
+  else return __half2float(__ushort_as_half(u));
+}
+// One element from global memory, element offset `off` from `base` (a byte pointer).
+__device__ __forceinline__ float bias_value_any(const unsigned char* base, int64_t off, int kind) {
+  switch (kind) {
+    case 0: return bias_convert<0>(__ldg(base + off));
+    case 1: return bias_convert<1>(__ldg(reinterpret_cast<const float*>(base) + off));
+    case 2: return bias_convert<2>(__ldg(reinterpret_cast<const unsigned short*>(base) + off));
+    default: return bias_convert<3>(__ldg(reinterpret_cast<const unsigned short*>(base) + off));
+  }
+}
+// Element (r, c) of a staged tile.
+template <int kKind, int kCols>
+__device__ __forceinline__ float bias_smem(const unsigned char* tile, int r, int c) {
+  return bias_convert<kKind>(
+      *reinterpret_cast<const BiasElem<kKind>*>(tile + r * bias_pitch<kKind, kCols>() + c * bias_elem_bytes(kKind)));
+}
+template <int kCols>
+__device__ __forceinline__ float bias_smem_any(const unsigned char* tile, int r, int c, int kind) {
+  switch (kind) {
+    case 0: return bias_smem<0, kCols>(tile, r, c);
+    case 1: return bias_smem<1, kCols>(tile, r, c);
+    case 2: return bias_smem<2, kCols>(tile, r, c);
+    default: return bias_smem<3, kCols>(tile, r, c);
+  }
+}
+// 16-byte cp.async reading `bytes` (0..16) and zero-filling the rest.
+__device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void* gmem, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+}
+
+template <int kKind, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsigned char* base, int64_t rs,
+                                                  int64_t cs, int rows, int cols, bool async, int tid) {
+  constexpr int kE = bias_elem_bytes(kKind), kPitch = bias_pitch<kKind, kCols>();
+  if (async) {
+    constexpr int kCpr = kCols * kE / 16;  // 16-byte chunks per row
+    static_assert(kCols * kE % 16 == 0, "bias tile rows: whole 16-byte chunks");
+    const uint32_t d0 = smem_u32(dst);
+#pragma unroll 1
+    for (int idx = tid; idx < kRows * kCpr; idx += kThreads) {
+      const int r = idx / kCpr, ch = idx % kCpr, c0 = ch * (16 / kE);
+      int bytes = r < rows ? (cols - c0) * kE : 0;
+      bytes = bytes < 0 ? 0 : (bytes > 16 ? 16 : bytes);
+      const unsigned char* src = bytes > 0 ? base + (r * rs + c0) * kE : base;
+      cp_async16_bytes(d0 + r * kPitch + ch * 16, src, bytes);
+    }
+  } else {
+    using E = BiasElem<kKind>;
+    const E* src = reinterpret_cast<const E*>(base);
+#pragma unroll 1
+    for (int idx = tid; idx < kRows * kCols; idx += kThreads) {
+      const int r = idx / kCols, c = idx % kCols;
+      E v = 0;
+      if (r < rows && c < cols) v = __ldg(src + (r * rs + c * cs));
+      *reinterpret_cast<E*>(dst + r * kPitch + c * kE) = v;
+    }
+  }
+}
+// Copies the (kRows x kCols) bias tile whose element (r, c) is p.attn_bias[(b, h,
+// row0 + r, col0 + c)] into `raw` (its own element type, bias_tile_bytes): with
+// cp.async where the layout allows (the caller commits the group and waits), else
+// plain loads. Elements at r >= rows or c >= cols (past the sequence ends) are 0
+// (boolean: masked; those scores are masked or unused anyway).
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void issue_bias_tile(unsigned char* raw, const void* bias, int kind, int64_t bs, int64_t hs,
+                                                int64_t rs, int64_t cs, int b, int h, int row0, int col0, int rows,
+                                                int cols, int tid) {
+  const int64_t e = bias_elem_bytes(kind);
+  const unsigned char* base = static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * e;
+  const bool async =
+      cs == 1 && ((reinterpret_cast<uintptr_t>(bias) | static_cast<uint64_t>(bs * e) | static_cast<uint64_t>(hs * e) |
+                   static_cast<uint64_t>(rs * e)) & 15) == 0;
+  switch (kind) {
+    case 0: issue_bias_tile_t<0, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
+    case 1: issue_bias_tile_t<1, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
+    case 2: issue_bias_tile_t<2, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
+    default: issue_bias_tile_t<3, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
+  }
+}
+
+// The landed raw tile -> float times `mul` (1 / scale: the units of the score
+// passes) at dst[r * kLd + c], by all threads; the caller syncs before and after.
+template <int kKind, int kRows, int kCols, int kLd, int kThreads>
+__device__ __forceinline__ void convert_bias_tile_t(float* dst, const unsigned char* raw, float mul, int tid) {
+  static_assert(kThreads % kCols == 0 && kRows % (kThreads / kCols) == 0, "bias tile: whole rows per pass");
+  constexpr int kRowStep = kThreads / kCols;
+  const int c = tid % kCols, r0 = tid / kCols;
+#pragma unroll 1
+  for (int r = r0; r < kRows; r += kRowStep) dst[r * kLd + c] = bias_smem<kKind, kCols>(raw, r, c) * mul;
+}
+template <int kRows, int kCols, int kLd, int kThreads>
+__device__ __forceinline__ void convert_bias_tile(float* dst, const unsigned char* raw, int kind, float mul, int tid) {
+  switch (kind) {
+    case 0: convert_bias_tile_t<0, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
+    case 1: convert_bias_tile_t<1, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
+    case 2: convert_bias_tile_t<2, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
+    default: convert_bias_tile_t<3, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
+  }
+}
+
+template <typename F>
+__device__ __forceinline__ void bias_dispatch(int kind, F&& f) {
+  switch (kind) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 3>{}); break;
+  }
+}
+
+// Synchronous variant straight to float (the d <= 128 dK/dV kernel, whose tile lives
+// in shared memory that is free only within a step): each thread owns one column
+// and every (kThreads / kCols)-th row, so one pointer and one stride stay live.
+template <int kKind, int kRows, int kCols, int kLd, int kThreads>
+__device__ __forceinline__ void load_bias_tile_t(float* dst, const unsigned char* base, int64_t rs, int64_t cs,
+                                                 int rows, int cols, float mul, int tid) {
+  static_assert(kThreads % kCols == 0 && kRows % (kThreads / kCols) == 0, "bias tile: whole rows per pass");
+  constexpr int kRowStep = kThreads / kCols, kIters = kRows / kRowStep;
+  const int c = tid % kCols, r0 = tid / kCols;
+  const BiasElem<kKind>* src = reinterpret_cast<const BiasElem<kKind>*>(base) + (r0 * rs + c * cs);
+  const int64_t step = kRowStep * rs;
+  const int row_lim = c < cols ? rows : 0;  // columns past the sequence: all 0
+  float* d = dst + r0 * kLd + c;
+#pragma unroll 4
+  for (int i = 0; i < kIters; ++i) {
+    float v = 0.f;
+    if (r0 + i * kRowStep < row_lim) v = bias_convert<kKind>(__ldg(src)) * mul;
+    d[i * kRowStep * kLd] = v;
+    src += step;
+  }
+}
+template <int kRows, int kCols, int kLd, int kThreads>
+__device__ __noinline__ void load_bias_tile(float* dst, const void* bias, int kind, int64_t bs, int64_t hs, int64_t rs,
+                                            int64_t cs, int b, int h, int row0, int col0, int rows, int cols,
+                                            float mul, int tid) {
+  const unsigned char* base =
+      static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * bias_elem_bytes(kind);
+  switch (kind) {
+    case 0: load_bias_tile_t<0, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+    case 1: load_bias_tile_t<1, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+    case 2: load_bias_tile_t<2, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+    default: load_bias_tile_t<3, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
+  }
+}
+
+// The bias of (batch b, head h, row, col) as a byte pointer into p.attn_bias.
+__device__ __forceinline__ const unsigned char* bias_origin(const void* bias, int kind, int64_t bs, int64_t hs,
+                                                            int64_t rs, int64_t cs, int b, int h, int64_t row,
+                                                            int64_t col) {
+  return static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row * rs + col * cs) * bias_elem_bytes(kind);
 }
 
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A

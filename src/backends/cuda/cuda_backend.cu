@@ -68,12 +68,11 @@ std::string check_support(const FwdParams& p) {
   if (p.d <= 0 || p.d % 8 != 0)
     return "the CUDA backend needs head_dim to be a positive multiple of 8 (got " + std::to_string(p.d) + ")";
   if (p.d > 256) return "the CUDA backend supports head_dim up to 256 (got " + std::to_string(p.d) + ")";
-  // Implemented: sliding window, softcap, ALiBi, varlen, attention sinks (all dtypes,
-  // forward and backward). Not yet: attn_bias / attn_mask. The float32 SIMT kernels
-  // implement it (flash_fp32.cu; tests/cuda/cuda_check.cu runs them past this check),
-  // the bf16/fp16 mma kernels do not; refused for every dtype until they do (the
-  // README support matrix has one cell per backend).
-  if (p.attn_bias != nullptr) return "attn_bias / attn_mask is not implemented on the CUDA backend yet";
+  // Implemented: sliding window, softcap, ALiBi, varlen, attention sinks, attn_bias /
+  // attn_mask (all dtypes, forward and backward; the mask not with varlen, which the
+  // core refuses as well).
+  if (p.attn_bias != nullptr && p.cu_seqlens_q != nullptr)
+    return "attn_bias / attn_mask cannot be combined with varlen on the CUDA backend";
   if (p.d_v != 0 && p.d_v != p.d)
     return "a value head dim different from the query/key head dim is not implemented on the CUDA backend yet";
   if (p.cu_seqlens_q != nullptr && p.dropout_mask != nullptr)

@@ -76,6 +76,14 @@ struct BwdConfig {
   static constexpr int kDqBM = 64;
   static constexpr int kDqBN = kD <= 128 ? 64 : 32;
   static constexpr int kDqSmemBytes = (2 * kDqBM * kS + 4 * kDqBN * kS) * 2;
+  // attn_bias (launched with these bytes only with a bias), after the rest: the
+  // step's bias tile as stored, double-buffered like the streamed tiles
+  // (attention_tiles.cuh). The dK/dV kernel's is [kBM queries][kBN keys], read
+  // transposed; the dQ kernel's [kDqBM queries][kDqBN keys].
+  static constexpr int kBiasRawBytes = bias_tile_bytes<kBM, kBN>();
+  static constexpr int kBiasBytes = 2 * kBiasRawBytes;
+  static constexpr int kDqBiasRawBytes = bias_tile_bytes<kDqBM, kDqBN>();
+  static constexpr int kDqBiasBytes = 2 * kDqBiasRawBytes;
 };
 
 // Adds a lane's 4 C-fragment values of one 16 x 8 dQ tile into dq_accum (layout
@@ -253,7 +261,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int64_t diag = span.diag;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                 (span.k_start + n0) * p.k_row_stride;
@@ -284,6 +292,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
   };
   if (total > 0) prefetch(0, 0);
+  if (p.attn_bias != nullptr && total > 0)  // step 0's bias tile joins its group
+    issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+                                        p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
+                                        b, hk * group, m_begin * kBM, n0, sq - m_begin * kBM, sk - n0, tid);
   cp_async_commit();
 
   float acc_dk[kWantDK ? kDT : 1][4];
@@ -306,6 +318,11 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const int stage = it & 1;
     cp_async_wait<0>();
     __syncthreads();
+    if (p.attn_bias != nullptr && it + 1 < total)  // the next step's bias tile joins its group
+      issue_bias_tile<kBM, kBN, kThreads>(
+          smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+          p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, hk * group + (it + 1) / nm,
+          (m_begin + (it + 1) % nm) * kBM, n0, sq - (m_begin + (it + 1) % nm) * kBM, sk - n0, tid);
     if (it + 1 < total) prefetch(it + 1, stage ^ 1);
     cp_async_commit();
     const int h = hk * group + it / nm;
@@ -346,6 +363,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - 2 * t, sk - kv_base);
+      if (p.attn_bias != nullptr) {  // + bias / scale (element: query 2t + dq, key warp * 16 + g + dk)
+        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        const float inv_scale = 1.f / p.scale;
+        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+          constexpr int kKind = decltype(kind)::value;
+#pragma unroll
+          for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              st[nt][c] +=
+                  bias_smem<kKind, kBN>(tile, nt * 8 + 2 * t + (c & 1), warp * 16 + g + (c >> 1) * 8) * inv_scale;
+        });
+      }
     }
     uint32_t keep_bits = 0xffffffffu;
 #pragma unroll
@@ -418,14 +448,26 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       if (p.softcap > 0.f) {  // softcap: dS *= 1 - tanh^2 (tanh recovered from P)
         const float slope = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), inv_cap = 1.f / p.softcap;
         const int rel0 = kv_base - m0 - 2 * t, diag32 = clamp_i32(diag);
+        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        // kBiasKind >= 0: attn_bias of that kind, staged in `tile` (compiled once per kind).
+        auto pass = [&](auto bias_kind_c) {
+          constexpr int kBiasKind = decltype(bias_kind_c)::value;
 #pragma unroll
-        for (int nt = 0; nt < kMT; ++nt)
+          for (int nt = 0; nt < kMT; ++nt)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int ql = nt * 8 + 2 * t + (c & 1);
-            const int rel = rel0 + (c >> 1) * 8 - nt * 8 - (c & 1);
-            st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
-          }
+            for (int c = 0; c < 4; ++c) {
+              const int ql = nt * 8 + 2 * t + (c & 1);
+              const int rel = rel0 + (c >> 1) * 8 - nt * 8 - (c & 1);
+              float mod = alibi_term(slope, diag32, rel);
+              if constexpr (kBiasKind >= 0)  // the staged bias of (query ql, key warp * 16 + g + dk)
+                mod += bias_smem<kBiasKind, kBN>(tile, ql, warp * 16 + g + (c >> 1) * 8);
+              st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], mod, inv_cap);
+            }
+        };
+        if (p.attn_bias == nullptr)
+          pass(std::integral_constant<int, -1>{});
+        else
+          bias_dispatch(bias_kind(p.attn_bias_dtype), pass);
       }
       // dS^T = P^T * (dP_drop^T - D), reusing st.
 #pragma unroll
@@ -542,6 +584,12 @@ struct BwdConfig2 {
   static constexpr int kQM = kBM / 32;      // dQ: warps along query rows (32 rows each)
   static constexpr int kQN = kNWarps / kQM; // dQ: warps along d
   static constexpr int kDqT = kD / 8 / kQN; // dQ n8 tiles per warp (may be odd: d96)
+  // attn_bias: the step's [kBM queries][kBN keys] bias tile as stored lives in sdS
+  // and past the end (sdS is free from the step's top barrier until dS is stored; a
+  // second barrier guards that store), so the launch adds kBiasExtraBytes only
+  // (d64, float32 bias: 205 KB in all; a separate tile would not fit).
+  static constexpr int kBiasExtraBytes =
+      bias_tile_bytes<kBM, kBN>() > kBN * kSP * 2 ? bias_tile_bytes<kBM, kBN>() - kBN * kSP * 2 : 0;
 };
 
 template <typename T, int kD, bool kCausal, bool kDropout, bool kDq>
@@ -562,10 +610,10 @@ __global__ void __launch_bounds__(256)
   constexpr int kStagePair = 2 * kStageBytes / static_cast<int>(sizeof(T));  // elements of two stages
   T* sQ = sV + kBN * kS;      // [2] stages
   T* sdO = sQ + kStagePair;   // [2] stages
-  T* sP = sdO + kStagePair;   // [kBN][kSP]  P_drop^T
-  T* sdS = sP + kBN * kSP;      // [kBN][kSP]  dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kSP);  // [2][kBM], log2 units
+  float* sLse = reinterpret_cast<float*>(sdO + kStagePair);  // [2][kBM], log2 units
   float* sDs = sLse + 2 * kBM;                               // [2][kBM]
+  T* sP = reinterpret_cast<T*>(sDs + 2 * kBM);               // [kBN][kSP]  P_drop^T
+  T* sdS = sP + kBN * kSP;                                   // [kBN][kSP]  dS^T; then the attn_bias tile (last)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -590,7 +638,7 @@ __global__ void __launch_bounds__(256)
   const int64_t diag = span.diag;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                 (span.k_start + n0) * p.k_row_stride;
@@ -691,6 +739,13 @@ __global__ void __launch_bounds__(256)
     const int stage = it & 1;
     cp_async_wait<0>();
     __syncthreads();
+    if (p.attn_bias != nullptr) {  // this step's bias tile -> sdS.., a group of its own (waited for after S)
+      issue_bias_tile<kBM, kBN, kThreads>(reinterpret_cast<unsigned char*>(sdS), p.attn_bias,
+                                          bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
+                                          p.bias_row_stride, p.bias_col_stride, b, h, mi * kBM, n0, sq - mi * kBM,
+                                          sk - n0, tid);
+      cp_async_commit();
+    }
     const bool last_tile = mi + 1 == num_m_total;
     const int h_next = last_tile ? h + 1 : h, mi_next = last_tile ? m_begin : mi + 1;
     if (it + 1 < total) {
@@ -764,6 +819,24 @@ __global__ void __launch_bounds__(256)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
+      if (p.attn_bias != nullptr) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
+        cp_async_wait<1>();          // the bias group (the prefetch may still fly)
+        __syncthreads();
+        const unsigned char* tile = reinterpret_cast<const unsigned char*>(sdS);
+        const float inv_scale = 1.f / p.scale;
+        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+          constexpr int kKind = decltype(kind)::value;
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+              for (int c = 0; c < 4; ++c)
+                st[mt][nt][c] +=
+                    bias_smem<kKind, kBN>(tile, qcol + nt * 8 + 2 * t + (c & 1), krow + mt * 16 + g + (c >> 1) * 8) *
+                    inv_scale;
+        });
+      }
     } else if (need_mask) {
       const int key_lim = sk - kv_base;
       int diag_lim = 0;
@@ -835,22 +908,35 @@ __global__ void __launch_bounds__(256)
     if (p.softcap > 0.f) {  // softcap: dS^T = P^T (1 - tanh^2) (dP^T - D), tanh recovered from P
       const float slope = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), inv_cap = 1.f / p.softcap;
       const int rel0 = kv_base - m0 - qcol - 2 * t, diag32 = clamp_i32(diag);
+      // kBiasKind >= 0: attn_bias of that kind, staged in sdS (compiled once per kind).
+      auto pass = [&](auto bias_kind_c) {
+        constexpr int kBiasKind = decltype(bias_kind_c)::value;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kMT; ++nt)
+          for (int nt = 0; nt < kMT; ++nt)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int ql = qcol + nt * 8 + 2 * t + (c & 1);
-            const int rel = rel0 + mt * 16 + (c >> 1) * 8 - nt * 8 - (c & 1);
-            st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
-          }
+            for (int c = 0; c < 4; ++c) {
+              const int ql = qcol + nt * 8 + 2 * t + (c & 1);
+              const int rel = rel0 + mt * 16 + (c >> 1) * 8 - nt * 8 - (c & 1);
+              float mod = alibi_term(slope, diag32, rel);
+              if constexpr (kBiasKind >= 0)  // the staged bias of (query ql, key krow + g + dk)
+                mod += bias_smem<kBiasKind, kBN>(reinterpret_cast<const unsigned char*>(sdS), ql,
+                                                 krow + mt * 16 + g + (c >> 1) * 8);
+              st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], mod, inv_cap);
+            }
+      };
+      if (p.attn_bias == nullptr)
+        pass(std::integral_constant<int, -1>{});
+      else
+        bias_dispatch(bias_kind(p.attn_bias_dtype), pass);
     }
 
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
       gemm_keys_by_queries(dpt, v_a, operand(do_nk0, smem_u32(sdO), nk_off));
+      if (p.attn_bias != nullptr) __syncthreads();  // every warp is done with the bias tile in sdS
       // Query tiles outermost, each D pair read once: with the sdS stores in
       // between, ptxas re-read it for every (mt, r) - it cannot tell the float
       // loads from the packed-half stores - so each load waited behind a store
@@ -1016,7 +1102,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const int64_t diag = span.diag;
   if (m0 >= sq) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 (span.q_start + m0) * p.q_row_stride;
@@ -1034,6 +1120,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   if (n_begin < n_end) {
     load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n_begin * kBN, d, tid);
     load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, d, tid);
+    if (p.attn_bias != nullptr)  // its bias tile joins the K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+                                          p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
+                                          b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
   }
   cp_async_commit();
 
@@ -1067,6 +1157,11 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
+    if (p.attn_bias != nullptr && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes + (stage ^ 1) * Cfg::kDqBiasRawBytes,
+                                          p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
+                                          p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, h, m0,
+                                          (n + 1) * kBN, sq - m0, sk - (n + 1) * kBN, tid);
     if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       const int64_t rel = static_cast<int64_t>(n + 1 - n_begin) * kBN;  // kg / vg start at tile n_begin
@@ -1118,6 +1213,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t,
                        1.f / scale_log2);
+      if (p.attn_bias != nullptr) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
+        const unsigned char* tile = smem_raw + Cfg::kDqSmemBytes + stage * Cfg::kDqBiasRawBytes;
+        const float inv_scale = 1.f / p.scale;
+        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+          constexpr int kKind = decltype(kind)::value;
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              s[nt][c] +=
+                  bias_smem<kKind, kBN>(tile, warp * 16 + g + (c >> 1) * 8, nt * 8 + 2 * t + (c & 1)) * inv_scale;
+        });
+      }
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -1204,16 +1312,19 @@ void launch_flash_bwd(const BwdParams& p) {
     auto kernel = atomic_dq ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true>
                             : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false>;
     if (grid > 0) {
-      set_smem(kernel, Cfg2::kSmemBytes);
-      kernel<<<static_cast<unsigned>(grid), 256, Cfg2::kSmemBytes, stream>>>(p, nb, causal_head_group(p));
+      // attn_bias: its tile in sdS and past the end.
+      const int smem = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
+      set_smem(kernel, smem);
+      kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p));
       check_launch("flash_bwd_dkdv2_kernel");
     }
   }
   const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t grid_kv = kV2 ? 0 : static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
+  const int bias_smem = p.attn_bias != nullptr ? Cfg::kBiasBytes : 0;  // attn_bias: its staged tiles
   auto run_dkdv = [&](auto kernel) {
-    set_smem(kernel, Cfg::kSmemBytes);
-    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes, stream>>>(p, num_n_blocks);
+    set_smem(kernel, Cfg::kSmemBytes + bias_smem);
+    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes + bias_smem, stream>>>(p, num_n_blocks);
     check_launch("flash_bwd_dkdv_kernel");
   };
   if (grid_kv > 0) {
@@ -1236,10 +1347,11 @@ void launch_flash_bwd(const BwdParams& p) {
     check_launch("bwd_convert_dq_kernel");
   } else {
     auto kernel = flash_bwd_dq_kernel<T, kD, kCausal, kDropout>;
-    set_smem(kernel, Cfg::kDqSmemBytes);
+    const int smem = Cfg::kDqSmemBytes + (p.attn_bias != nullptr ? Cfg::kDqBiasBytes : 0);  // attn_bias tiles
+    set_smem(kernel, smem);
     const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;
-    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32,
-             Cfg::kDqSmemBytes, stream>>>(p, num_m_blocks);
+    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32, smem,
+             stream>>>(p, num_m_blocks);
     check_launch("flash_bwd_dq_kernel");
   }
 }

@@ -61,6 +61,10 @@ struct FwdConfig {
   static constexpr bool kSwizzleKV = swizzle_streamed_tiles(kD);
   static constexpr int kKVTileBytes = TileOperand<kBN, kD, kS, kSwizzleKV>::tile_bytes();
   static constexpr int kSmemBytes = kBM * kS * 2 + 4 * kKVTileBytes;
+  // attn_bias (launched with these bytes only with a bias): the (kBM x kBN) bias
+  // tile as stored, double-buffered like K/V (attention_tiles.cuh).
+  static constexpr int kBiasRawBytes = bias_tile_bytes<kBM, kBN>();
+  static constexpr int kBiasBytes = 2 * kBiasRawBytes;
 };
 
 template <typename T, int kD, bool kCausal, bool kDropout>
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   if (m0 >= sq) return;  // only with varlen (the grid covers the longest sequence)
   // Features (window / softcap / ALiBi): CTA-uniform, checked once per tile.
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 (span.q_start + m0) * p.q_row_stride;
@@ -124,6 +128,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   if (n_begin < n_end) {
     k_stream.load(smem_u32(sK), sk - n_begin * kBN);
     v_stream.load(smem_u32(sV), sk - n_begin * kBN);
+    if (p.attn_bias != nullptr)  // its bias tile joins the K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+                                          p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
+                                          b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
   }
   cp_async_commit();
 
@@ -161,6 +169,11 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
             ldmatrix_x4(qf[mt * kKSteps + ks], q_lane + 2 * (mt * 16 * kS + ks * 16));
       }
     }
+    if (p.attn_bias != nullptr && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
+                                          bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
+                                          p.bias_row_stride, p.bias_col_stride, b, h, m0, (n + 1) * kBN, sq - m0,
+                                          sk - (n + 1) * kBN, tid);
     if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       k_stream.advance();
@@ -221,6 +234,22 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t);
+      if (p.attn_bias != nullptr) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
+        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        const float inv_scale = 1.f / p.scale;
+        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+          constexpr int kKind = decltype(kind)::value;
+#pragma unroll
+          for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int c = 0; c < 4; ++c)
+                s[mt][nt][c] +=
+                    bias_smem<kKind, kBN>(tile, wrow + mt * 16 + (c >> 1) * 8 + g, nt * 8 + 2 * t + (c & 1)) *
+                    inv_scale;
+        });
+      }
     } else if (tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag)) {
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt)
@@ -374,10 +403,11 @@ void launch_flash_fwd(const FwdParams& p) {
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
   if (grid == 0) return;
-  if (Cfg::kSmemBytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, Cfg::kSmemBytes,
-           static_cast<cudaStream_t>(p.stream)>>>(p, num_m_blocks);
+  // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy).
+  const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(p,
+                                                                                                        num_m_blocks);
   check_launch("flash_fwd_kernel");
 }
 
