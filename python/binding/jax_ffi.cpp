@@ -1,15 +1,26 @@
-// orchard._jax_ffi: XLA FFI handlers (CPU) that run Orchard's C++ core on the
-// buffers XLA hands a custom call, for orchard.jax. Built only when jaxlib's FFI
-// headers are found (python/CMakeLists.txt); links no Python API beyond the
-// nanobind module that hands the handler pointers to Python as PyCapsules.
+// orchard._jax_ffi: XLA FFI handlers that run Orchard's C++ core on the buffers
+// XLA hands a custom call, for orchard.jax. One forward and one backward handler
+// per platform: CPU (host buffers) and CUDA (device buffers, launched on XLA's
+// stream from the FFI's PlatformStream, on the device of the FFI's DeviceOrdinal).
+// Both go through orchard::attention_forward / attention_backward, the entry
+// points the torch path uses; the core picks its backend from the views' device.
+// Built only when jaxlib's FFI headers are found (python/CMakeLists.txt); links no
+// Python API beyond the nanobind module that hands the handler pointers to Python
+// as PyCapsules, and no CUDA headers: the stream crosses as an opaque pointer, as
+// it does on the torch path. In a CPU-only orchard build the CUDA handlers exist
+// too and fail with the core's "this build of Orchard has no CUDA backend" error.
 //
 // Buffers are row-major (XLA's default layout), in BSHD logical order:
 // q (b, sq, hq, d), k/v (b, sk, hkv, d[_v]); out (b, sq, hq, d_v), lse (b, hq, sq).
+// No copies: the views point into XLA's buffers (the core stages only what a
+// kernel cannot read, e.g. a head_dim whose rows are not 16-byte aligned on CUDA).
 #include <nanobind/nanobind.h>
 
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "orchard/attention.h"
@@ -34,8 +45,12 @@ bool to_dtype(ffi::DataType t, orchard::DType* out) {
   }
 }
 
-// A row-major view of an XLA buffer on the host.
-orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> dims, const char* name) {
+orchard::Device host() { return orchard::Device{orchard::DeviceType::kCPU, 0}; }
+orchard::Device gpu(int32_t ordinal) { return orchard::Device{orchard::DeviceType::kCUDA, ordinal}; }
+
+// A row-major view of an XLA buffer in `device`'s memory.
+orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> dims, orchard::Device device,
+                         const char* name) {
   orchard::TensorView v;
   if (!to_dtype(t, &v.dtype))
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument,
@@ -43,7 +58,7 @@ orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> d
   if (dims.size() > static_cast<std::size_t>(orchard::kMaxRank))
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, std::string(kOp) + ": " + name + ": rank too high");
   v.data = data;
-  v.device = orchard::Device{orchard::DeviceType::kCPU, 0};
+  v.device = device;
   v.ndim = static_cast<int>(dims.size());
   std::int64_t stride = 1;
   for (int i = v.ndim - 1; i >= 0; --i) {
@@ -54,15 +69,15 @@ orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> d
   return v;
 }
 
-orchard::TensorView in(const ffi::AnyBuffer& b, const char* name) {
-  return view(b.untyped_data(), b.element_type(), b.dimensions(), name);
+orchard::TensorView in(const ffi::AnyBuffer& b, orchard::Device d, const char* name) {
+  return view(b.untyped_data(), b.element_type(), b.dimensions(), d, name);
 }
-orchard::TensorView out(ffi::Result<ffi::AnyBuffer>& b, const char* name) {
-  return view(b->untyped_data(), b->element_type(), b->dimensions(), name);
+orchard::TensorView out(ffi::Result<ffi::AnyBuffer>& b, orchard::Device d, const char* name) {
+  return view(b->untyped_data(), b->element_type(), b->dimensions(), d, name);
 }
 
 orchard::AttentionOptions options(double scale, int32_t causal, int64_t window_left, int64_t window_right,
-                                  double softcap) {
+                                  double softcap, void* stream) {
   orchard::AttentionOptions o;
   if (scale > 0) o.softmax_scale = scale;
   o.causal = causal != 0;
@@ -71,6 +86,7 @@ orchard::AttentionOptions options(double scale, int32_t causal, int64_t window_l
   o.window_right = window_right;
   o.softcap = softcap;
   o.op_name = kOp;
+  o.stream = stream;  // cudaStream_t on CUDA, nullptr on the CPU
   return o;
 }
 
@@ -84,17 +100,18 @@ ffi::Error to_ffi_error(const std::exception& e) {
   return ffi::Error(ffi::ErrorCode::kInternal, e.what());
 }
 
-ffi::Error forward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
-                        ffi::Result<ffi::AnyBuffer> lse, double scale, int32_t causal, int64_t window_left,
-                        int64_t window_right, double softcap) {
+// The forward on `device` (stream: XLA's cudaStream_t on CUDA, nullptr on the CPU).
+ffi::Error forward_on(orchard::Device device, void* stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                      ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                      double scale, int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
   try {
     orchard::ForwardArgs a;
-    a.q = in(q, "q");
-    a.k = in(k, "k");
-    a.v = in(v, "v");
-    a.out = out(o, "out");
-    a.lse = out(lse, "lse");
-    a.options = options(scale, causal, window_left, window_right, softcap);
+    a.q = in(q, device, "q");
+    a.k = in(k, device, "k");
+    a.v = in(v, device, "v");
+    a.out = out(o, device, "out");
+    a.lse = out(lse, device, "lse");
+    a.options = options(scale, causal, window_left, window_right, softcap, stream);
     orchard::attention_forward(a);
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -102,27 +119,32 @@ ffi::Error forward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
   }
 }
 
-ffi::Error backward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o,
-                         ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
-                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, double scale,
-                         int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
+// The backward on `device`. Its workspace (fp32 dq accumulators etc.) comes from
+// `allocate(bytes)`: host memory owned by the call on the CPU, XLA's scratch
+// allocator (stream-ordered device memory, released when the handler returns, as
+// jaxlib's own GPU kernels do) on CUDA.
+template <class Allocate>
+ffi::Error backward_on(orchard::Device device, void* stream, Allocate&& allocate, ffi::AnyBuffer q,
+                       ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
+                       ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                       ffi::Result<ffi::AnyBuffer> dv, double scale, int32_t causal, int64_t window_left,
+                       int64_t window_right, double softcap) {
   try {
     orchard::BackwardArgs g;
-    g.q = in(q, "q");
-    g.k = in(k, "k");
-    g.v = in(v, "v");
-    g.out = in(o, "out");
-    g.lse = in(lse, "lse");
-    g.dout = in(dout, "dout");
-    g.dq = out(dq, "dq");
-    g.dk = out(dk, "dk");
-    g.dv = out(dv, "dv");
-    g.options = options(scale, causal, window_left, window_right, softcap);
-    // CPU workspace: host memory owned by this call.
-    std::vector<unsigned char> workspace(orchard::backward_workspace_bytes(g));
-    if (!workspace.empty())
-      g.workspace = orchard::make_contiguous_view(workspace.data(), orchard::DType::kUInt8, g.q.device,
-                                                  {static_cast<std::int64_t>(workspace.size())});
+    g.q = in(q, device, "q");
+    g.k = in(k, device, "k");
+    g.v = in(v, device, "v");
+    g.out = in(o, device, "out");
+    g.lse = in(lse, device, "lse");
+    g.dout = in(dout, device, "dout");
+    g.dq = out(dq, device, "dq");
+    g.dk = out(dk, device, "dk");
+    g.dv = out(dv, device, "dv");
+    g.options = options(scale, causal, window_left, window_right, softcap, stream);
+    const std::size_t bytes = orchard::backward_workspace_bytes(g);
+    if (bytes > 0)
+      g.workspace = orchard::make_contiguous_view(allocate(bytes), orchard::DType::kUInt8, device,
+                                                  {static_cast<std::int64_t>(bytes)});
     orchard::attention_backward(g);
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -130,44 +152,110 @@ ffi::Error backward_impl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, f
   }
 }
 
+ffi::Error forward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
+                       ffi::Result<ffi::AnyBuffer> lse, double scale, int32_t causal, int64_t window_left,
+                       int64_t window_right, double softcap) {
+  return forward_on(host(), nullptr, q, k, v, o, lse, scale, causal, window_left, window_right, softcap);
+}
+
+ffi::Error backward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o,
+                        ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
+                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, double scale,
+                        int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
+  std::vector<unsigned char> workspace;  // host memory owned by this call
+  auto allocate = [&](std::size_t bytes) -> void* {
+    workspace.resize(bytes);
+    return workspace.data();
+  };
+  return backward_on(host(), nullptr, allocate, q, k, v, o, lse, dout, dq, dk, dv, scale, causal, window_left,
+                     window_right, softcap);
+}
+
+ffi::Error forward_cuda(void* stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, double scale,
+                        int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
+  return forward_on(gpu(ordinal), stream, q, k, v, o, lse, scale, causal, window_left, window_right, softcap);
+}
+
+ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                         ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
+                         ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                         ffi::Result<ffi::AnyBuffer> dv, double scale, int32_t causal, int64_t window_left,
+                         int64_t window_right, double softcap) {
+  auto allocate = [&](std::size_t bytes) -> void* {
+    std::optional<void*> p = scratch.Allocate(bytes, /*alignment=*/256);
+    if (!p.has_value() || *p == nullptr)
+      throw orchard::Error(orchard::ErrorKind::kRuntime, std::string(kOp) + ": XLA's scratch allocator could not "
+                                                         "allocate the backward workspace (" +
+                                                         std::to_string(bytes) + " bytes)");
+    return *p;
+  };
+  return backward_on(gpu(ordinal), stream, allocate, q, k, v, o, lse, dout, dq, dk, dv, scale, causal,
+                     window_left, window_right, softcap);
+}
+
+// The operands and attributes both platforms bind, after the platform's context.
+template <class Binding>
+auto forward_signature(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<double>("softmax_scale")
+      .template Attr<int32_t>("causal")
+      .template Attr<int64_t>("window_left")
+      .template Attr<int64_t>("window_right")
+      .template Attr<double>("softcap");
+}
+
+template <class Binding>
+auto backward_signature(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<double>("softmax_scale")
+      .template Attr<int32_t>("causal")
+      .template Attr<int64_t>("window_left")
+      .template Attr<int64_t>("window_right")
+      .template Attr<double>("softcap");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashForwardCpu, forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<double>("softmax_scale")
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<double>("softcap"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashBackwardCpu, backward_impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<double>("softmax_scale")
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<double>("softcap"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashForwardCpu, forward_cpu, forward_signature(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashBackwardCpu, backward_cpu, backward_signature(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashForwardCuda, forward_cuda,
+                              forward_signature(ffi::Ffi::Bind()
+                                                    .Ctx<ffi::PlatformStream<void*>>()
+                                                    .Ctx<ffi::DeviceOrdinal>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashBackwardCuda, backward_cuda,
+                              backward_signature(ffi::Ffi::Bind()
+                                                     .Ctx<ffi::PlatformStream<void*>>()
+                                                     .Ctx<ffi::DeviceOrdinal>()
+                                                     .Ctx<ffi::ScratchAllocator>()));
 
 NB_MODULE(_jax_ffi, m) {
-  m.doc() = "XLA FFI handlers (CPU) for orchard.jax: PyCapsules for jax.ffi.register_ffi_target.";
+  m.doc() = "XLA FFI handlers (CPU and CUDA) for orchard.jax: PyCapsules for jax.ffi.register_ffi_target.";
+  // {platform: {target name: capsule}}; platform names as jax.ffi.register_ffi_target takes them.
   m.def("handlers", []() {
-    nb::dict d;
-    d["orchard_flash_forward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashForwardCpu));
-    d["orchard_flash_backward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashBackwardCpu));
+    nb::dict cpu, cuda, d;
+    cpu["orchard_flash_forward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashForwardCpu));
+    cpu["orchard_flash_backward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashBackwardCpu));
+    cuda["orchard_flash_forward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashForwardCuda));
+    cuda["orchard_flash_backward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashBackwardCuda));
+    d["cpu"] = cpu;
+    d["CUDA"] = cuda;
     return d;
   });
+  // Whether the orchard core linked into this module has its CUDA backend.
+  m.def("cuda_compiled", []() { return orchard::build_info().cuda_compiled; });
 }

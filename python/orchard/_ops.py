@@ -131,7 +131,19 @@ _BWD_DEFAULTS = ("orchard.flash_attn", None, *_FEATURE_DEFAULTS)
 _disable_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
-_any_requires_grad = torch._C._any_requires_grad
+# torch._C._any_requires_grad is newer than torch 2.6 (scripts/check_wheel_torch.sh runs
+# the same wheel under 2.6): there, the same check in Python.
+def _any_requires_grad_py(*args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and _any_requires_grad_py(*a):
+            return True
+    return False
+
+
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or _any_requires_grad_py
 _is_grad_enabled = torch._C.is_grad_enabled
 
 

@@ -6,9 +6,15 @@ installed at build time), with a ``jax.custom_vjp`` whose backward is Orchard's
 fused backward. It is jit-, grad- and vmap-able (vmap runs the call once per
 mapped element). No copies: XLA hands the custom call its buffers.
 
-Status: CPU only (the CUDA handlers are not written yet); the options are
-causal (bottom-right aligned, as flash-attn), softmax scale, sliding window and
-softcap. Not here yet: dropout, ALiBi, sinks, masks, varlen.
+Platforms: the same custom-call targets are registered for the CPU and for CUDA,
+and XLA picks the handler of the platform a computation is compiled for (where
+the arrays live, or ``jax.jit(..., device=...)``): the CPU handler runs the CPU
+backend, the CUDA handler runs the CUDA kernels on XLA's stream with XLA's
+device buffers (the backward's workspace from XLA's scratch allocator). In an
+orchard build without the CUDA backend the CUDA handler raises an error saying
+so. The options are causal (bottom-right aligned, as flash-attn), softmax
+scale, sliding window and softcap. Not here yet: dropout, ALiBi, sinks, masks,
+varlen.
 """
 
 from __future__ import annotations
@@ -26,12 +32,21 @@ except ImportError as e:  # built without jax available
     raise ImportError("orchard.jax: this orchard build has no JAX FFI module (orchard._jax_ffi); "
                       "install jax, then rebuild/reinstall orchard (pip install .)") from e
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "cuda_compiled"]
 
 _OP = "orchard.jax.flash_attention"
 
-for _name, _capsule in _jax_ffi.handlers().items():
-    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+# One registration per platform ("cpu", "CUDA"); jax defers a platform's
+# registration until its plugin loads, so this is safe on a CPU-only jaxlib.
+for _platform, _targets in _jax_ffi.handlers().items():
+    for _name, _capsule in _targets.items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
+
+
+def cuda_compiled() -> bool:
+    """Whether this orchard build has its CUDA backend (else the CUDA handlers
+    raise an error naming the cause)."""
+    return bool(_jax_ffi.cuda_compiled())
 
 
 def _attrs(scale, causal, window, softcap):
@@ -83,7 +98,8 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
 
     Args:
         q: (batch, seqlen_q, heads, head_dim); float16, bfloat16, float32 or
-           float64 (with jax_enable_x64), on the CPU.
+           float64 (with jax_enable_x64) on the CPU; float16, bfloat16 or float32
+           on a CUDA GPU.
         k, v: (batch, seqlen_k, kv_heads, head_dim[_v]); heads % kv_heads == 0.
         causal: query i sees keys j <= i + seqlen_k - seqlen_q (bottom-right,
            flash-attn's convention; the same as jax.nn.dot_product_attention's
