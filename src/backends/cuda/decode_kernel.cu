@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <atomic>
 #include <string>
 #include <type_traits>
@@ -146,6 +147,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90): the attention kernel lets the combine kernel
+// be launched early; the combine kernel waits for the attention grid's completion (and
+// memory flush) before reading the partials. No-ops elsewhere.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ---- 1. append ------------------------------------------------------------------------
 
 template <typename T>
@@ -219,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   const DecodeSeq s = decode_seq(p, bi);
   const std::int64_t diag = s.n_keys - p.sq;
+  pdl_launch_dependents();
 
   // Per-row facts and q (rotary applied, rounded to T as flash-attn does) into shared memory.
   if (tid < kRows) {
@@ -718,6 +734,8 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     cp_async_commit();
   }
 
+  pdl_launch_dependents();  // the combine kernel (if any) may be scheduled; it waits for this grid
+
   // ---- while those land: row facts, q, the append --------------------------------------
   // q into shared memory as T (zero past d / rows_here): every load issued before any use.
   {
@@ -1039,6 +1057,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
   const int h = static_cast<int>((idx / p.sq) % p.hq);
   const int bi = static_cast<int>(idx / (static_cast<std::size_t>(p.sq) * p.hq));
   const int ns = p.num_splits;
+  pdl_wait_primary();
   for (int sp = tid; sp < ns; sp += kCombineThreads) sW[sp] = p.lse_accum[sp * n + idx];
   __syncthreads();
   if (grp == 0) {
@@ -1161,6 +1180,50 @@ bool new_rows_vector_readable(const DecodeParams& p) {
          ok(p.v_new, p.vn_batch_stride, p.vn_row_stride, p.vn_head_stride);
 }
 
+// Programmatic dependent launch of the combine kernel on sm_90+ (ORCHARD_DECODE_PDL=0 turns
+// it off): its launch overlaps the attention kernel's tail instead of following it.
+bool pdl_enabled(int device) {
+  static std::atomic<int> cache[64] = {};  // 0 unknown, 1 on, 2 off
+  if (device < 0 || device >= 64) return false;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    const char* env = std::getenv("ORCHARD_DECODE_PDL");
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();
+      major = 0;
+    }
+    v = (major >= 9 && !(env && env[0] == '0')) ? 1 : 2;
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+template <typename T>
+void launch_combine(const DecodeParams& p, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(p.b) * p.hq * p.sq;
+#if !defined(ORCHARD_DECODE_EMU)
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
+  if (pdl_enabled(device)) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kCombineThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, combine_kernel<T>, p) == cudaSuccess) return;
+    cudaGetLastError();  // not supported here: the plain launch below
+  }
+#endif
+  combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), "decode combine kernel launch");
+}
+
 template <typename T>
 void run(const DecodeParams& params) {
   DecodeParams p = params;
@@ -1186,10 +1249,7 @@ void run(const DecodeParams& params) {
     else
       launch_mma<T, 256>(p, stream);
   }
-  if (p.num_splits > 1) {
-    combine_kernel<T><<<p.b * p.hq * p.sq, kCombineThreads, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "decode combine kernel launch");
-  }
+  if (p.num_splits > 1) launch_combine<T>(p, stream);
 }
 
 }  // namespace
@@ -1219,16 +1279,19 @@ int decode_cuda_num_sms(int device) {
   return cache[device];
 }
 
-int decode_cuda_num_splits(std::int64_t work_items, std::int64_t max_keys, int device) {
-  // A CTA of the streaming kernel keeps 3 tiles per warp (~26 KB at d=128 bf16, 4 warps)
-  // in flight, so one CTA per SM already draws close to the HBM rate: split only when
-  // there are fewer CTAs than SMs, then aim at two per SM, with at least 128 keys
-  // (two tiles per warp) per split.
+int decode_cuda_num_splits(std::int64_t work_items, std::int64_t max_keys, int d, DType dtype, int device) {
+  // A CTA of the streaming kernel keeps 2 tiles per warp in flight (16 KB at d=128 bf16,
+  // 4 warps: 64 KB), so about one CTA per SM already draws the HBM rate: split only when
+  // there are fewer CTAs than SMs, then into as many splits as fill the resident CTA
+  // slots once (no second partial wave), with at least 128 keys (two tiles per warp) per
+  // split. Resident CTAs per SM, by shared memory / registers (MmaCfg): 3 at d<=64,
+  // 2 at d<=128, 1 at d=256 (16-bit caches); the fp32 kernel is counted as 2.
   const int sms = decode_cuda_num_sms(device);
   if (sms <= 0 || work_items <= 0 || work_items >= sms) return 1;
-  std::int64_t splits = (2LL * sms + work_items - 1) / work_items;
+  const int per_sm = dtype == DType::kFloat32 ? 2 : d <= 64 ? 3 : d <= 128 ? 2 : 1;
+  std::int64_t splits = static_cast<std::int64_t>(per_sm) * sms / work_items;
   splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, max_keys / 128));
-  return static_cast<int>(std::clamp<std::int64_t>(splits, 1, 128));
+  return static_cast<int>(std::clamp<std::int64_t>(splits, 1, kCombineMaxSplits));
 }
 
 }  // namespace orchard::detail
