@@ -89,6 +89,18 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 
+template <class V>
+inline V __shfl_sync(unsigned, V v, int src) {
+  static_assert(sizeof(V) <= 8);
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  std::memcpy(&w.u[l][0], &v, sizeof(V));
+  w.bar.arrive_and_wait();
+  V r;
+  std::memcpy(&r, &w.u[src & 31][0], sizeof(V));
+  w.bar.arrive_and_wait();
+  return r;
+}
 inline int __any_sync(unsigned, int pred) {
   EmuWarp& w = emu_warp();
   const int l = emu_lane();

@@ -676,8 +676,13 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     if (cb < 0 || cb >= p.cache_batch) cb = 0;
   }
   const std::int32_t* btab = paged ? p.block_table + bi * p.block_table_batch_stride : nullptr;
-  // Copy roles: lane -> key kk of the tile, chunks c = half, half + 2, ... (16 bytes each).
-  const int kk = lane & 15, half = lane >> 4;
+  // Address roles: lane kk (and kk + 16) resolves key kk of the tile. Copy roles: chunk
+  // copy_c of keys copy_key0 + m * kKeysPerCopy.
+  const int kk = lane & 15;
+  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kKeysPerCopy = 32 / kChunksPerRow;  // 4, 2, 1 at kD = 64, 128, 256
+  constexpr int kCopies = kTile / kKeysPerCopy;
+  const int copy_c = lane % kChunksPerRow, copy_key0 = lane / kChunksPerRow;
   const int nchunk = d / 8;        // 16-byte chunks that hold data
   const int nchunk16 = d16 / 8;    // chunks the mma reads (the rest zero-filled)
   // The key this lane copies in local tile `it`, and (paged) its block id, read one tile
@@ -693,8 +698,8 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     T* sV = sK + C::tile_elems;
     const int j = key_of(it);
     const bool valid = it < n_my && j < ke;
-    const T* ksrc = kbase;
-    const T* vsrc = vbase;
+    const T* ksrc = nullptr;  // null: a key past the tile's end (zero-filled)
+    const T* vsrc = nullptr;
     if (valid) {
       if (j < n_cached) {
         const int row = static_cast<int>(s.leftpad) + j;
@@ -713,13 +718,21 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
         vsrc = vnew + (j - n_cached) * p.vn_row_stride;
       }
     }
-#pragma unroll
-    for (int c0 = 0; c0 < kD / 8; c0 += 2) {
-      const int c = c0 + half;
-      if (c < nchunk16) {
-        const int bytes = valid && c < nchunk ? 16 : 0;
-        cp_async16_zfill(sK + kk * kStride + c * 8, bytes ? ksrc + c * 8 : kbase, bytes);
-        cp_async16_zfill(sV + kk * kStride + c * 8, bytes ? vsrc + c * 8 : vbase, bytes);
+    // Each copy instruction of the warp moves kKeysPerCopy whole rows (contiguous 16-byte
+    // chunks across lanes: few L1 wavefronts per instruction); the row addresses come from
+    // the lanes that resolved them.
+    constexpr int kCopyUnroll = kCopies > 8 ? 4 : kCopies;  // d=256: keeps the registers below 255
+#pragma unroll kCopyUnroll
+    for (int m = 0; m < kCopies; ++m) {
+      const int key = copy_key0 + m * kKeysPerCopy;
+      const T* ks = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(ksrc), key));
+      const T* vs = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(vsrc), key));
+      if (copy_c < nchunk16) {
+        const int bytes = ks != nullptr && copy_c < nchunk ? 16 : 0;
+        cp_async16_zfill(sK + key * kStride + copy_c * 8, bytes ? ks + copy_c * 8 : kbase, bytes);
+        cp_async16_zfill(sV + key * kStride + copy_c * 8, bytes ? vs + copy_c * 8 : vbase, bytes);
       }
     }
   };
@@ -1039,17 +1052,18 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
 
 // ---- 3. combine -----------------------------------------------------------------------
 
-// One CTA per (batch, head, query row): out = sum_s exp(lse_s - lse) out_s. The split
-// weights go through shared memory; 8 groups of 32 threads read the splits' partial rows
-// (float4 per thread) in parallel and are summed through shared memory.
+// One CTA per (batch, head, query row): out = sum_s exp(lse_s - lse) out_s. 8 groups of
+// 32 threads take splits g, g + 8, ...: each lane reads the split's lse and its float4s of
+// the partial row in the same round trip and merges them online (running max), then the
+// groups are merged through shared memory.
 constexpr int kCombineThreads = 256;
 constexpr int kCombineMaxSplits = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodeParams p) {
-  __shared__ float sW[kCombineMaxSplits];
-  __shared__ float sLse;
-  __shared__ float4 sPart[kCombineThreads / 32][64];
+  constexpr int kGroups = kCombineThreads / 32;
+  __shared__ float sMax[kGroups], sSum[kGroups];
+  __shared__ float4 sPart[kGroups][64];
   const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
   const std::size_t idx = blockIdx.x;  // ((bi * hq) + h) * sq + i
   const std::size_t n = static_cast<std::size_t>(p.b) * p.hq * p.sq;
@@ -1057,61 +1071,59 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
   const int h = static_cast<int>((idx / p.sq) % p.hq);
   const int bi = static_cast<int>(idx / (static_cast<std::size_t>(p.sq) * p.hq));
   const int ns = p.num_splits;
-  pdl_wait_primary();
-  for (int sp = tid; sp < ns; sp += kCombineThreads) sW[sp] = p.lse_accum[sp * n + idx];
-  __syncthreads();
-  if (grp == 0) {
-    float mx = -INFINITY;
-    for (int sp = lane; sp < ns; sp += 32) mx = fmaxf(mx, sW[sp]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.f;
-    if (mx != -INFINITY)
-      for (int sp = lane; sp < ns; sp += 32) sum += __expf(sW[sp] - mx);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) sLse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
-  }
-  __syncthreads();
-  const float lse = sLse;
-  for (int sp = tid; sp < ns; sp += kCombineThreads) {
-    const float ls = sW[sp];
-    sW[sp] = (lse == -INFINITY || ls == -INFINITY) ? 0.f : __expf(ls - lse);
-  }
-  __syncthreads();
   const int nc4 = p.d / 4;  // <= 64
+  pdl_wait_primary();
+  float m = -INFINITY, l = 0.f;
   float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
 #pragma unroll 4
-  for (int sp = grp; sp < ns; sp += kCombineThreads / 32) {
-    const float w = sW[sp];
+  for (int sp = grp; sp < ns; sp += kGroups) {
+    const float ls = p.lse_accum[sp * n + idx];
     const float4* src = reinterpret_cast<const float4*>(p.out_accum + (sp * n + idx) * p.d);
+    float4 x[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) x[q] = lane + 32 * q < nc4 ? src[lane + 32 * q] : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ls == -INFINITY) continue;  // an empty split
+    const float m_new = fmaxf(m, ls);
+    const float sc = __expf(m - m_new), w = __expf(ls - m_new);  // m = -inf: sc = 0
+    m = m_new;
+    l = l * sc + w;
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const int c4 = lane + 32 * q;
-      if (c4 < nc4 && w != 0.f) {
-        const float4 x = src[c4];
-        acc[q].x += w * x.x, acc[q].y += w * x.y, acc[q].z += w * x.z, acc[q].w += w * x.w;
-      }
+      acc[q].x = acc[q].x * sc + w * x[q].x;
+      acc[q].y = acc[q].y * sc + w * x[q].y;
+      acc[q].z = acc[q].z * sc + w * x[q].z;
+      acc[q].w = acc[q].w * sc + w * x[q].w;
     }
   }
+  if (lane == 0) sMax[grp] = m, sSum[grp] = l;
 #pragma unroll
   for (int q = 0; q < 2; ++q)
     if (lane + 32 * q < nc4) sPart[grp][lane + 32 * q] = acc[q];
   __syncthreads();
+  float mx = -INFINITY;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) mx = fmaxf(mx, sMax[g]);
+  float wg[kGroups], sum = 0.f;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    wg[g] = sMax[g] == -INFINITY ? 0.f : __expf(sMax[g] - mx);
+    sum += sSum[g] * wg[g];
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
   T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   if (tid < nc4) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-    for (int g = 0; g < kCombineThreads / 32; ++g) {
+    for (int g = 0; g < kGroups; ++g) {
       const float4 x = sPart[g][tid];
-      o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
+      o.x += wg[g] * x.x, o.y += wg[g] * x.y, o.z += wg[g] * x.z, o.w += wg[g] * x.w;
     }
-    op[4 * tid] = Conv<T>::store(o.x);
-    op[4 * tid + 1] = Conv<T>::store(o.y);
-    op[4 * tid + 2] = Conv<T>::store(o.z);
-    op[4 * tid + 3] = Conv<T>::store(o.w);
+    op[4 * tid] = Conv<T>::store(o.x * inv);
+    op[4 * tid + 1] = Conv<T>::store(o.y * inv);
+    op[4 * tid + 2] = Conv<T>::store(o.z * inv);
+    op[4 * tid + 3] = Conv<T>::store(o.w * inv);
   }
-  if (tid == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+  if (tid == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = sum > 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 // ---- launch ---------------------------------------------------------------------------
