@@ -381,6 +381,20 @@ def test_cuda_long_cache(page, hq, hkv, b):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 72, 128, 256])
+@pytest.mark.parametrize("page", [None, 16, 48, 256])
+def test_cuda_kernel_shapes(dtype, d, page):
+    # The CUDA kernels' instantiations (d 64 / 128 / 256, a d that is not a multiple of 16),
+    # page sizes, GQA groups of 1, 8 and 20 rows (two row chunks of 16), forced and
+    # heuristic splits, with the in-kernel append and rotary.
+    for num_splits, hq, hkv, sq in ((1, 20, 2, 2), (7, 8, 8, 1), (0, 32, 4, 1)):
+        q, kc, vc, kw = make_case("cuda", dtype, b=2, sq=sq, hq=hq, hkv=hkv, d=d, capacity=1100, s_new=1, page=page,
+                                  rotary_dim=32)
+        check(q, kc, vc, kw, causal=True, num_splits=num_splits)
+
+
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     q, kc, vc, kw = make_case("cuda", torch.bfloat16, b=3, sq=4, hq=16, hkv=2, d=128, capacity=1000, s_new=2,
                               page=32, rotary_dim=64, leftpad=True)

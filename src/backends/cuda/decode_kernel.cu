@@ -29,10 +29,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <atomic>
 #include <string>
+#include <type_traits>
 
 #include "core/decode_backend.h"
 #include "orchard/decode_params.h"
@@ -144,6 +147,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90): the attention kernel lets the combine kernel
+// be launched early; the combine kernel waits for the attention grid's completion (and
+// memory flush) before reading the partials. No-ops elsewhere.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ---- 1. append ------------------------------------------------------------------------
 
 template <typename T>
@@ -168,7 +185,7 @@ __global__ void append_kernel(const DecodeParams p) {
   }
 }
 
-// ---- 2. split-KV attention ------------------------------------------------------------
+// ---- 2a. split-KV attention, fp32 caches (FMA; the 16-bit caches use 2b) ---------------
 
 template <typename T, int kD, int kRows, int kThreads>
 struct DecodeSmem {
@@ -217,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   const DecodeSeq s = decode_seq(p, bi);
   const std::int64_t diag = s.n_keys - p.sq;
+  pdl_launch_dependents();
 
   // Per-row facts and q (rotary applied, rounded to T as flash-attn does) into shared memory.
   if (tid < kRows) {
@@ -502,49 +520,632 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
 }
 
+// ---- 2b. split-KV attention, 16-bit caches: warp-specialized streaming + tensor cores -----
+
+// mma.sync m16n8k16 (fp32 accumulate) for bf16 / fp16 operands, and ldmatrix.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                         std::uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(ORCHARD_DECODE_EMU)
+  emu_mma16816<T>(c, a, b0, b1);
+#endif
+}
+__device__ __forceinline__ void ldsm_x4(std::uint32_t (&r)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#elif defined(ORCHARD_DECODE_EMU)
+  emu_ldmatrix_x4(r, smem, false);
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(std::uint32_t (&r)[4], const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#elif defined(ORCHARD_DECODE_EMU)
+  emu_ldmatrix_x4(r, smem, true);
+#endif
+}
+// 16-byte cp.async that reads `bytes` (16 or 0) bytes and zero-fills the rest.
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+#else
+  *static_cast<uint4*>(smem) = bytes ? *static_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+template <typename T>
+__device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&h);
+  }
+}
+
+// Geometry of decode_mma_kernel<T, kD>. Each of the kWarps warps streams its own tiles of
+// kTile keys (tiles w, w + kWarps, ... of the CTA's split) through its own kStages-deep
+// cp.async ring of K and V tiles: no CTA barrier in the main loop.
+template <typename T, int kD>
+struct MmaCfg {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16;                  // query rows per CTA (one m16 tile)
+  static constexpr int kTile = 16;                  // keys per warp tile
+  static constexpr int kStride = kD + 8;            // padded smem row (elements): conflict-free ldmatrix
+  static constexpr int kStages = kD <= 128 ? 3 : 2; // per-warp ring depth
+  static constexpr int kOStride = kD + 8;           // fp32 row of the cross-warp merge buffer
+  static constexpr std::size_t tile_elems = static_cast<std::size_t>(kTile) * kStride;
+  static constexpr std::size_t q_bytes = sizeof(T) * kRows * kStride;
+  static constexpr std::size_t kv_bytes = sizeof(T) * tile_elems * 2 * kStages * kWarps;
+  static constexpr std::size_t merge_bytes = sizeof(float) * kWarps * kRows * kOStride;
+  static constexpr std::size_t bytes = q_bytes + (kv_bytes > merge_bytes ? kv_bytes : merge_bytes);
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(const DecodeParams p) {
+  using C = MmaCfg<T, kD>;
+  constexpr int kWarps = C::kWarps, kRows = C::kRows, kTile = C::kTile, kStride = C::kStride;
+  constexpr int kStages = C::kStages;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sKV = reinterpret_cast<T*>(smem + C::q_bytes);            // [warp][stage][K|V][kTile][kStride]
+  float* sO = reinterpret_cast<float*>(smem + C::q_bytes);     // after the loop: [warp][kRows][kOStride]
+  __shared__ float sM[kWarps][kRows], sL[kWarps][kRows], sSlope[kRows], sInvL[kRows];
+  __shared__ int sVb[kRows], sVe[kRows], sRowI[kRows], sHead[kRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = blockIdx.x;
+  const int groups = p.hq / p.hkv;
+  const int rows_total = groups * p.sq;
+  const int chunks_per_head = (rows_total + kRows - 1) / kRows;
+  const int hk = blockIdx.y / chunks_per_head;
+  const int row0 = (blockIdx.y % chunks_per_head) * kRows;
+  const int rows_here = min(kRows, rows_total - row0);
+  const int bi = blockIdx.z;
+  const int d = p.d;
+  const int d16 = (d + 15) & ~15;  // columns the mma k-steps cover (zero-filled past d)
+
+  const DecodeSeq s = decode_seq(p, bi);
+  const int n_keys = static_cast<int>(s.n_keys);
+  const int diag = n_keys - p.sq;
+
+  // Keys of this CTA: its split, narrowed to the union of its rows' visible ranges.
+  int kb, ke;
+  {
+    std::int64_t b64, e64;
+    decode_split_range(s.n_keys, split, p.num_splits, kWarps * kTile, b64, e64);
+    std::int64_t lo = s.n_keys, hi = 0;
+    const int i_first = row0 / groups, i_last = (row0 + rows_here - 1) / groups;
+    for (int i = i_first; i <= i_last; ++i) {
+      std::int64_t vb, ve;
+      decode_visible(p, s.n_keys, i, vb, ve);
+      if (vb < ve) lo = min(lo, vb), hi = max(hi, ve);
+    }
+    kb = static_cast<int>(max(b64, lo));
+    ke = static_cast<int>(min(e64, hi));
+  }
+
+  const std::int64_t n_cached = p.append_in_kernel ? s.n_keys - p.s_new : s.n_keys;
+  const T* kbase = static_cast<const T*>(p.k_cache) + hk * p.kc_head_stride;
+  const T* vbase = static_cast<const T*>(p.v_cache) + hk * p.vc_head_stride;
+  const T* knew = p.append_in_kernel
+                      ? static_cast<const T*>(p.k_new) + bi * p.kn_batch_stride + hk * p.kn_head_stride
+                      : nullptr;
+  const T* vnew = p.append_in_kernel
+                      ? static_cast<const T*>(p.v_new) + bi * p.vn_batch_stride + hk * p.vn_head_stride
+                      : nullptr;
+  // ---- this warp's stream: setup, and the first tiles' copies out first ------------------
+  const int n_tiles = ke > kb ? (ke - kb + kTile - 1) / kTile : 0;
+  const int n_my = warp < n_tiles ? (n_tiles - 1 - warp) / kWarps + 1 : 0;
+  T* ring = sKV + static_cast<std::size_t>(warp) * kStages * 2 * C::tile_elems;
+  const bool paged = p.block_table != nullptr;
+  std::int64_t cb = 0;
+  if (!paged) {
+    cb = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
+    if (cb < 0 || cb >= p.cache_batch) cb = 0;
+  }
+  const std::int32_t* btab = paged ? p.block_table + bi * p.block_table_batch_stride : nullptr;
+  // Address roles: lane kk (and kk + 16) resolves key kk of the tile. Copy roles: chunk
+  // copy_c of keys copy_key0 + m * kKeysPerCopy.
+  const int kk = lane & 15;
+  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kKeysPerCopy = 32 / kChunksPerRow;  // 4, 2, 1 at kD = 64, 128, 256
+  constexpr int kCopies = kTile / kKeysPerCopy;
+  const int copy_c = lane % kChunksPerRow, copy_key0 = lane / kChunksPerRow;
+  const int nchunk = d / 8;        // 16-byte chunks that hold data
+  const int nchunk16 = d16 / 8;    // chunks the mma reads (the rest zero-filled)
+  // The key this lane copies in local tile `it`, and (paged) its block id, read one tile
+  // ahead so that the block-table load is not waited for right before the copies.
+  auto key_of = [&](int it) { return kb + (warp + it * kWarps) * kTile + kk; };
+  auto block_of = [&](int it) -> int {
+    const int j = key_of(it);
+    if (!paged || it >= n_my || j >= ke || j >= n_cached) return 0;
+    return btab[static_cast<int>(s.leftpad + j) / p.page_size];
+  };
+  auto issue = [&](int it, int blk) {
+    T* sK = ring + static_cast<std::size_t>(it % kStages) * 2 * C::tile_elems;
+    T* sV = sK + C::tile_elems;
+    const int j = key_of(it);
+    const bool valid = it < n_my && j < ke;
+    const T* ksrc = nullptr;  // null: a key past the tile's end (zero-filled)
+    const T* vsrc = nullptr;
+    if (valid) {
+      if (j < n_cached) {
+        const int row = static_cast<int>(s.leftpad) + j;
+        std::int64_t b, r;
+        if (paged) {
+          b = (blk < 0 || blk >= p.cache_batch) ? 0 : blk;
+          r = row % p.page_size;
+        } else {
+          b = cb;
+          r = row;
+        }
+        ksrc = kbase + b * p.kc_batch_stride + r * p.kc_row_stride;
+        vsrc = vbase + b * p.vc_batch_stride + r * p.vc_row_stride;
+      } else {
+        ksrc = knew + (j - n_cached) * p.kn_row_stride;
+        vsrc = vnew + (j - n_cached) * p.vn_row_stride;
+      }
+    }
+    // Each copy instruction of the warp moves kKeysPerCopy whole rows (contiguous 16-byte
+    // chunks across lanes: few L1 wavefronts per instruction); the row addresses come from
+    // the lanes that resolved them.
+    constexpr int kCopyUnroll = kCopies > 8 ? 4 : kCopies;  // d=256: keeps the registers below 255
+#pragma unroll kCopyUnroll
+    for (int m = 0; m < kCopies; ++m) {
+      const int key = copy_key0 + m * kKeysPerCopy;
+      const T* ks = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(ksrc), key));
+      const T* vs = reinterpret_cast<const T*>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(vsrc), key));
+      if (copy_c < nchunk16) {
+        const int bytes = ks != nullptr && copy_c < nchunk ? 16 : 0;
+        cp_async16_zfill(sK + key * kStride + copy_c * 8, bytes ? ks + copy_c * 8 : kbase, bytes);
+        cp_async16_zfill(sV + key * kStride + copy_c * 8, bytes ? vs + copy_c * 8 : vbase, bytes);
+      }
+    }
+  };
+
+  // Prologue: tiles 0 .. kStages-2 in flight (one copy group per tile, empty past the end).
+  int blk_next = block_of(0);
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    const int blk = blk_next;
+    blk_next = block_of(st + 1);
+    if (st < n_my) issue(st, blk);
+    cp_async_commit();
+  }
+
+  pdl_launch_dependents();  // the combine kernel (if any) may be scheduled; it waits for this grid
+
+  // ---- while those land: row facts, q, the append --------------------------------------
+  // q into shared memory as T (zero past d / rows_here): every load issued before any use.
+  {
+    constexpr int kQIter = kRows * kD / C::kThreads;
+    T raw[kQIter];
+#pragma unroll
+    for (int k = 0; k < kQIter; ++k) {
+      const int idx = tid + k * C::kThreads;
+      const int g = idx / kD, c = idx % kD;
+      raw[k] = Conv<T>::store(0.f);
+      if (g < rows_here && c < d) {
+        const int r = row0 + g;
+        const int i = r / groups, h = hk * groups + r % groups;
+        raw[k] = static_cast<const T*>(p.q)[bi * p.q_batch_stride + i * p.q_row_stride + h * p.q_head_stride + c];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kQIter; ++k) {
+      const int idx = tid + k * C::kThreads;
+      sQ[(idx / kD) * kStride + idx % kD] = raw[k];
+    }
+    if (p.rotary_dim > 0) {  // rotary on q (fp32, rounded to T as flash-attn does)
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kQIter; ++k) {
+        const int idx = tid + k * C::kThreads;
+        const int g = idx / kD, c = idx % kD;
+        if (g < rows_here && c < p.rotary_dim) {
+          const T* row = sQ + g * kStride;
+          const int i = (row0 + g) / groups;
+          raw[k] = Conv<T>::store(
+              rotary_elem(p, decode_q_rotary_pos(p, s, i), c, [&](int e) { return Conv<T>::load(row[e]); }));
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kQIter; ++k) {
+        const int idx = tid + k * C::kThreads;
+        sQ[(idx / kD) * kStride + idx % kD] = raw[k];
+      }
+    }
+  }
+  if (tid < kRows) {
+    const int g = tid;
+    int vb = 0, ve = 0, i = 0, h = 0;
+    float slope = 0.f;
+    if (g < rows_here) {
+      const int r = row0 + g;
+      i = r / groups;
+      h = hk * groups + r % groups;
+      std::int64_t b64, e64;
+      decode_visible(p, s.n_keys, i, b64, e64);
+      vb = static_cast<int>(b64);
+      ve = static_cast<int>(e64);
+      slope = p.alibi_slopes ? p.alibi_slopes[bi * p.alibi_batch_stride + h] : 0.f;
+    }
+    sVb[g] = vb, sVe[g] = ve, sRowI[g] = i, sHead[g] = h, sSlope[g] = slope;
+  }
+  // The append: one CTA per (batch, kv head) writes the new rows to cache rows no CTA of
+  // this launch reads (they read them from k_new / v_new).
+  if (p.append_in_kernel && split == 0 && blockIdx.y % chunks_per_head == 0) {
+    for (int idx = tid; idx < p.s_new * d; idx += C::kThreads) {
+      const int t = idx / d, c = idx % d;
+      const std::int64_t row = s.seqlen + t;
+      const T* kn = knew + t * p.kn_row_stride;
+      T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+              hk * p.kc_head_stride;
+      T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+              hk * p.vc_head_stride;
+      kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
+                               : kn[c];
+      vc[c] = vnew[t * p.vn_row_stride + c];
+    }
+  }
+
+  __syncthreads();
+
+  // Per-lane softmax rows (mma C layout): rows r_lo = lane / 4 and r_hi = r_lo + 8.
+  const int rq = lane >> 2;
+  int vb2[2], ve2[2], ri2[2];
+  float sl2[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int g = rq + 8 * h2;
+    vb2[h2] = sVb[g];
+    ve2[h2] = min(sVe[g], ke);  // keys past the split's end are the next split's
+    ri2[h2] = sRowI[g];
+    sl2[h2] = sSlope[g];
+  }
+  const float scale = p.scale, softcap = p.softcap;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+
+  // Q fragments in registers (d <= 128), else re-read per k-step with ldmatrix.
+  constexpr bool kQRegs = kD <= 128;
+  constexpr int kKSteps = kD / 16;
+  std::uint32_t qf[kQRegs ? kKSteps : 1][4];
+  const T* q_lane = sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+  if constexpr (kQRegs) {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+      if (ks * 16 < d16) ldsm_x4(qf[ks], q_lane + ks * 16);
+  }
+
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  float m2[2] = {-INFINITY, -INFINITY};  // running max, log2 units
+  float l2[2] = {0.f, 0.f};              // this lane's part of the running sum
+
+  for (int it = 0; it < n_my; ++it) {
+    __syncwarp();  // every lane is done with the stage tile it + kStages - 1 overwrites
+    {
+      const int blk = blk_next;
+      blk_next = block_of(it + kStages);
+      if (it + kStages - 1 < n_my) issue(it + kStages - 1, blk);
+      cp_async_commit();
+    }
+    cp_async_wait<kStages - 1>();  // tile it has landed (this lane's copies)
+    __syncwarp();                  // ... and every lane's
+    T* sK = ring + static_cast<std::size_t>(it % kStages) * 2 * C::tile_elems;
+    T* sV = sK + C::tile_elems;
+    const int t0 = kb + (warp + it * kWarps) * kTile;
+
+    if (p.append_in_kernel && p.rotary_dim > 0 && t0 + kTile > n_cached) {
+      // New keys came unrotated from k_new: rotate them here (rounded to T, as stored in the cache).
+      const int hr = p.rotary_dim / 2;
+      for (int idx = lane; idx < kTile * hr; idx += 32) {
+        const int key = idx / hr, pair = idx % hr;
+        const int j = t0 + key;
+        if (j < n_cached || j >= ke) continue;
+        std::int64_t pos = s.leftpad + j;  // the cache row it is appended at
+        if (pos >= p.rotary_seqlen) pos = p.rotary_seqlen - 1;
+        const int i0 = p.rotary_interleaved ? 2 * pair : pair;
+        const int i1 = p.rotary_interleaved ? 2 * pair + 1 : pair + hr;
+        T* krow = sK + key * kStride;
+        const float cs = load_rotary(p.rotary_cos, p.rotary_dtype, pos * p.cos_row_stride + pair);
+        const float sn = load_rotary(p.rotary_sin, p.rotary_dtype, pos * p.sin_row_stride + pair);
+        const float x0 = Conv<T>::load(krow[i0]), x1 = Conv<T>::load(krow[i1]);
+        krow[i0] = Conv<T>::store(x0 * cs - x1 * sn);
+        krow[i1] = Conv<T>::store(x0 * sn + x1 * cs);
+      }
+      __syncwarp();
+    }
+
+    // S = Q K^T for the tile's 16 keys: two n8 tiles.
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const T* k_lane = sK + ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      if (ks * 16 < d16) {
+        std::uint32_t kf[4];
+        ldsm_x4(kf, k_lane + ks * 16);
+        if constexpr (kQRegs) {
+          mma16816<T>(sc[0], qf[ks], kf[0], kf[1]);
+          mma16816<T>(sc[1], qf[ks], kf[2], kf[3]);
+        } else {
+          std::uint32_t qa[4];
+          ldsm_x4(qa, q_lane + ks * 16);
+          mma16816<T>(sc[0], qa, kf[0], kf[1]);
+          mma16816<T>(sc[1], qa, kf[2], kf[3]);
+        }
+      }
+    }
+
+    // Online softmax (fp32, log2 units). sc[n][e]: row rq + 8 * (e / 2), key t0 + 8n + 2(lane % 4) + e % 2.
+    float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1;
+        const int j = t0 + 8 * n + 2 * (lane & 3) + (e & 1);
+        float v = sc[n][e] * scale;
+        if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+        if (has_alibi) {
+          const int dist = ri2[h2] + diag - j;
+          v -= sl2[h2] * static_cast<float>(dist < 0 ? -dist : dist);
+        }
+        v = (j >= vb2[h2] && j < ve2[h2]) ? v * kLog2e : -INFINITY;
+        sc[n][e] = v;
+        mt[h2] = fmaxf(mt[h2], v);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      mt[h2] = fmaxf(mt[h2], __shfl_xor_sync(0xffffffffu, mt[h2], 1));
+      mt[h2] = fmaxf(mt[h2], __shfl_xor_sync(0xffffffffu, mt[h2], 2));
+      const float m_new = fmaxf(m2[h2], mt[h2]);
+      alpha[h2] = m_new == -INFINITY ? 1.f : fast_exp2(m2[h2] - m_new);
+      m2[h2] = m_new;
+      l2[h2] *= alpha[h2];
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e >> 1;
+        const float pv = sc[n][e] == -INFINITY ? 0.f : fast_exp2(sc[n][e] - m2[h2]);
+        sc[n][e] = pv;
+        l2[h2] += pv;
+      }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // the max moved for some row
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+        acc[n][0] *= alpha[0], acc[n][1] *= alpha[0];
+        acc[n][2] *= alpha[1], acc[n][3] *= alpha[1];
+      }
+    }
+    // O += P V: P (16 rows x 16 keys) from the score registers as the A operand.
+    std::uint32_t pa[4];
+    pa[0] = pack2<T>(sc[0][0], sc[0][1]);
+    pa[1] = pack2<T>(sc[0][2], sc[0][3]);
+    pa[2] = pack2<T>(sc[1][0], sc[1][1]);
+    pa[3] = pack2<T>(sc[1][2], sc[1][3]);
+    const T* v_lane = sV + (lane & 15) * kStride + (lane >> 4) * 8;
+#pragma unroll
+    for (int nn = 0; nn < kD / 16; ++nn) {
+      if (nn * 16 < d16) {
+        std::uint32_t vf[4];
+        ldsm_x4_trans(vf, v_lane + nn * 16);
+        mma16816<T>(acc[2 * nn], pa, vf[0], vf[1]);
+        mma16816<T>(acc[2 * nn + 1], pa, vf[2], vf[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- merge the warps' partial softmax states through shared memory -----------------
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    l2[h2] += __shfl_xor_sync(0xffffffffu, l2[h2], 1);
+    l2[h2] += __shfl_xor_sync(0xffffffffu, l2[h2], 2);
+  }
+  if ((lane & 3) == 0) {
+    sM[warp][rq] = m2[0], sM[warp][rq + 8] = m2[1];
+    sL[warp][rq] = l2[0], sL[warp][rq + 8] = l2[1];
+  }
+  __syncthreads();  // every warp is done with its ring (sO aliases it) and wrote (m, l)
+  float f[2];
+#pragma unroll
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int g = rq + 8 * h2;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sM[w][g]);
+    f[h2] = m2[h2] == -INFINITY ? 0.f : fast_exp2(m2[h2] - mx);
+  }
+  float* o_w = sO + static_cast<std::size_t>(warp) * kRows * C::kOStride;
+#pragma unroll
+  for (int n = 0; n < kD / 8; ++n) {
+    if (n * 8 < d) {
+      const int c = n * 8 + 2 * (lane & 3);
+      *reinterpret_cast<float2*>(o_w + rq * C::kOStride + c) = make_float2(acc[n][0] * f[0], acc[n][1] * f[0]);
+      *reinterpret_cast<float2*>(o_w + (rq + 8) * C::kOStride + c) = make_float2(acc[n][2] * f[1], acc[n][3] * f[1]);
+    }
+  }
+  if (tid < kRows) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sM[w][tid]);
+    float l = 0.f;
+    if (mx != -INFINITY)
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w)
+        if (sM[w][tid] != -INFINITY) l += sL[w][tid] * fast_exp2(sM[w][tid] - mx);
+    sInvL[tid] = l > 0.f ? 1.f / l : 0.f;
+    if (tid < rows_here) {
+      const float lse = l > 0.f ? (mx + log2f(l)) * 0.6931471805599453f : -INFINITY;
+      const int i = sRowI[tid], h = sHead[tid];
+      if (p.num_splits == 1) {
+        if (p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+      } else {
+        p.lse_accum[((static_cast<std::size_t>(split) * p.b + bi) * p.hq + h) * p.sq + i] = lse;
+      }
+    }
+  }
+  __syncthreads();
+  const int d4 = d / 4;
+  for (int idx = tid; idx < rows_here * d4; idx += C::kThreads) {
+    const int g = idx / d4, c = (idx % d4) * 4;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float4 x = *reinterpret_cast<const float4*>(sO + (static_cast<std::size_t>(w) * kRows + g) * C::kOStride + c);
+      o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
+    }
+    const float inv = sInvL[g];
+    const int i = sRowI[g], h = sHead[g];
+    if (p.num_splits == 1) {
+      T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + c;
+      op[0] = Conv<T>::store(o.x * inv);
+      op[1] = Conv<T>::store(o.y * inv);
+      op[2] = Conv<T>::store(o.z * inv);
+      op[3] = Conv<T>::store(o.w * inv);
+    } else {
+      const std::size_t ridx = ((static_cast<std::size_t>(split) * p.b + bi) * p.hq + h) * p.sq + i;
+      *reinterpret_cast<float4*>(p.out_accum + ridx * d + c) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+    }
+  }
+}
+
 // ---- 3. combine -----------------------------------------------------------------------
 
+// One CTA per (batch, head, query row): out = sum_s exp(lse_s - lse) out_s. 8 groups of
+// 32 threads take splits g, g + 8, ...: each lane reads the split's lse and its float4s of
+// the partial row in the same round trip and merges them online (running max), then the
+// groups are merged through shared memory.
+constexpr int kCombineThreads = 256;
+constexpr int kCombineMaxSplits = 256;
+
 template <typename T>
-__global__ void combine_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodeParams p) {
+  constexpr int kGroups = kCombineThreads / 32;
+  __shared__ float sMax[kGroups], sSum[kGroups];
+  __shared__ float4 sPart[kGroups][64];
+  const int tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
   const std::size_t idx = blockIdx.x;  // ((bi * hq) + h) * sq + i
   const std::size_t n = static_cast<std::size_t>(p.b) * p.hq * p.sq;
   const int i = static_cast<int>(idx % p.sq);
   const int h = static_cast<int>((idx / p.sq) % p.hq);
   const int bi = static_cast<int>(idx / (static_cast<std::size_t>(p.sq) * p.hq));
-  float mx = -INFINITY;
-  for (int sp = 0; sp < p.num_splits; ++sp) mx = fmaxf(mx, p.lse_accum[sp * n + idx]);
-  float sum = 0.f;
-  if (mx != -INFINITY)
-    for (int sp = 0; sp < p.num_splits; ++sp) sum += __expf(p.lse_accum[sp * n + idx] - mx);
-  const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
-  T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-  for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
-    float o = 0.f;
-    if (mx != -INFINITY)
-      for (int sp = 0; sp < p.num_splits; ++sp) {
-        const float ls = p.lse_accum[sp * n + idx];
-        if (ls != -INFINITY) o += __expf(ls - lse) * p.out_accum[(sp * n + idx) * p.d + c];
-      }
-    op[c] = Conv<T>::store(o);
+  const int ns = p.num_splits;
+  const int nc4 = p.d / 4;  // <= 64
+  pdl_wait_primary();
+  float m = -INFINITY, l = 0.f;
+  float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+#pragma unroll 4
+  for (int sp = grp; sp < ns; sp += kGroups) {
+    const float ls = p.lse_accum[sp * n + idx];
+    const float4* src = reinterpret_cast<const float4*>(p.out_accum + (sp * n + idx) * p.d);
+    float4 x[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) x[q] = lane + 32 * q < nc4 ? src[lane + 32 * q] : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ls == -INFINITY) continue;  // an empty split
+    const float m_new = fmaxf(m, ls);
+    const float sc = __expf(m - m_new), w = __expf(ls - m_new);  // m = -inf: sc = 0
+    m = m_new;
+    l = l * sc + w;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      acc[q].x = acc[q].x * sc + w * x[q].x;
+      acc[q].y = acc[q].y * sc + w * x[q].y;
+      acc[q].z = acc[q].z * sc + w * x[q].z;
+      acc[q].w = acc[q].w * sc + w * x[q].w;
+    }
   }
-  if (threadIdx.x == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+  if (lane == 0) sMax[grp] = m, sSum[grp] = l;
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+    if (lane + 32 * q < nc4) sPart[grp][lane + 32 * q] = acc[q];
+  __syncthreads();
+  float mx = -INFINITY;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) mx = fmaxf(mx, sMax[g]);
+  float wg[kGroups], sum = 0.f;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    wg[g] = sMax[g] == -INFINITY ? 0.f : __expf(sMax[g] - mx);
+    sum += sSum[g] * wg[g];
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+  if (tid < nc4) {
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const float4 x = sPart[g][tid];
+      o.x += wg[g] * x.x, o.y += wg[g] * x.y, o.z += wg[g] * x.z, o.w += wg[g] * x.w;
+    }
+    op[4 * tid] = Conv<T>::store(o.x * inv);
+    op[4 * tid + 1] = Conv<T>::store(o.y * inv);
+    op[4 * tid + 2] = Conv<T>::store(o.z * inv);
+    op[4 * tid + 3] = Conv<T>::store(o.w * inv);
+  }
+  if (tid == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = sum > 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 // ---- launch ---------------------------------------------------------------------------
+
+// The shared-memory opt-in is per device: once per (kernel, device).
+template <typename Kernel>
+void opt_in_smem(Kernel kernel, std::size_t bytes, std::atomic<bool> (&opted_in)[64]) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
+  if (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_acquire)) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+               "decode: cudaFuncSetAttribute");
+    if (device >= 0 && device < 64) opted_in[device].store(true, std::memory_order_release);
+  }
+}
 
 template <typename T, int kD, int kRows, int kThreads>
 void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using L = DecodeSmem<T, kD, kRows, kThreads>;
   auto kernel = decode_kernel<T, kD, kRows, kThreads>;
-  // The shared-memory opt-in is per device: once per (instantiation, device).
   static std::atomic<bool> opted_in[64] = {};
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
-  if (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_acquire)) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L::bytes)),
-               "decode: cudaFuncSetAttribute");
-    if (device >= 0 && device < 64) opted_in[device].store(true, std::memory_order_release);
-  }
+  opt_in_smem(kernel, L::bytes, opted_in);
   const int rows_total = (p.hq / p.hkv) * p.sq;
   const int chunks = (rows_total + kRows - 1) / kRows;
   const dim3 grid(p.num_splits, p.hkv * chunks, p.b);
@@ -565,6 +1166,20 @@ void launch_rows(const DecodeParams& p, cudaStream_t stream) {
     launch_decode<T, kD, kDecodeCudaRowsPerCta, kThreads>(p, stream);
 }
 
+template <typename T, int kD>
+void launch_mma(const DecodeParams& p, cudaStream_t stream) {
+  using C = MmaCfg<T, kD>;
+  static_assert(C::kRows == kDecodeCudaRowsPerCta, "the split heuristic counts CTAs of kDecodeCudaRowsPerCta rows");
+  auto kernel = decode_mma_kernel<T, kD>;
+  static std::atomic<bool> opted_in[64] = {};
+  opt_in_smem(kernel, C::bytes, opted_in);
+  const int rows_total = (p.hq / p.hkv) * p.sq;
+  const int chunks = (rows_total + C::kRows - 1) / C::kRows;
+  const dim3 grid(p.num_splits, p.hkv * chunks, p.b);
+  kernel<<<grid, C::kThreads, C::bytes, stream>>>(p);
+  check_cuda(cudaGetLastError(), "decode kernel launch");
+}
+
 // True if k_new / v_new can be read with the 16-byte copies the attention kernel uses.
 template <typename T>
 bool new_rows_vector_readable(const DecodeParams& p) {
@@ -575,6 +1190,50 @@ bool new_rows_vector_readable(const DecodeParams& p) {
   };
   return ok(p.k_new, p.kn_batch_stride, p.kn_row_stride, p.kn_head_stride) &&
          ok(p.v_new, p.vn_batch_stride, p.vn_row_stride, p.vn_head_stride);
+}
+
+// Programmatic dependent launch of the combine kernel on sm_90+ (ORCHARD_DECODE_PDL=0 turns
+// it off): its launch overlaps the attention kernel's tail instead of following it.
+bool pdl_enabled(int device) {
+  static std::atomic<int> cache[64] = {};  // 0 unknown, 1 on, 2 off
+  if (device < 0 || device >= 64) return false;
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    const char* env = std::getenv("ORCHARD_DECODE_PDL");
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();
+      major = 0;
+    }
+    v = (major >= 9 && !(env && env[0] == '0')) ? 1 : 2;
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+template <typename T>
+void launch_combine(const DecodeParams& p, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(p.b) * p.hq * p.sq;
+#if !defined(ORCHARD_DECODE_EMU)
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
+  if (pdl_enabled(device)) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kCombineThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaLaunchKernelEx(&cfg, combine_kernel<T>, p) == cudaSuccess) return;
+    cudaGetLastError();  // not supported here: the plain launch below
+  }
+#endif
+  combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), "decode combine kernel launch");
 }
 
 template <typename T>
@@ -589,14 +1248,20 @@ void run(const DecodeParams& params) {
     check_cuda(cudaGetLastError(), "decode append kernel launch");
   }
   if (p.sq == 0 || p.hq == 0) return;
-  if (p.d <= 128)
-    launch_rows<T, 128>(p, stream);
-  else
-    launch_rows<T, 256>(p, stream);
-  if (p.num_splits > 1) {
-    combine_kernel<T><<<p.b * p.hq * p.sq, p.d <= 128 ? 128 : 256, 0, stream>>>(p);
-    check_cuda(cudaGetLastError(), "decode combine kernel launch");
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.d <= 128)
+      launch_rows<T, 128>(p, stream);
+    else
+      launch_rows<T, 256>(p, stream);
+  } else {
+    if (p.d <= 64)
+      launch_mma<T, 64>(p, stream);
+    else if (p.d <= 128)
+      launch_mma<T, 128>(p, stream);
+    else
+      launch_mma<T, 256>(p, stream);
   }
+  if (p.num_splits > 1) launch_combine<T>(p, stream);
 }
 
 }  // namespace
@@ -624,6 +1289,21 @@ int decode_cuda_num_sms(int device) {
     cache[device] = n;
   }
   return cache[device];
+}
+
+int decode_cuda_num_splits(std::int64_t work_items, std::int64_t max_keys, int d, DType dtype, int device) {
+  // A CTA of the streaming kernel keeps 2 tiles per warp in flight (16 KB at d=128 bf16,
+  // 4 warps: 64 KB), so about one CTA per SM already draws the HBM rate: split only when
+  // there are fewer CTAs than SMs, then into as many splits as fill the resident CTA
+  // slots once (no second partial wave), with at least 128 keys (two tiles per warp) per
+  // split. Resident CTAs per SM, by shared memory / registers (MmaCfg): 3 at d<=64,
+  // 2 at d<=128, 1 at d=256 (16-bit caches); the fp32 kernel is counted as 2.
+  const int sms = decode_cuda_num_sms(device);
+  if (sms <= 0 || work_items <= 0 || work_items >= sms) return 1;
+  const int per_sm = dtype == DType::kFloat32 ? 2 : d <= 64 ? 3 : d <= 128 ? 2 : 1;
+  std::int64_t splits = static_cast<std::int64_t>(per_sm) * sms / work_items;
+  splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, max_keys / 128));
+  return static_cast<int>(std::clamp<std::int64_t>(splits, 1, kCombineMaxSplits));
 }
 
 }  // namespace orchard::detail

@@ -1,0 +1,14 @@
+#!/bin/sh
+# CPU emulation check of src/backends/cuda/decode_kernel.cu against the CPU backend.
+# Usage: dev/decode_emu/run.sh [random cases] [seed]   (from the repository root)
+set -e
+B=${EMU_BUILD:-/tmp/decode_emu}
+mkdir -p $B
+python3 dev/decode_emu/transform.py src/backends/cuda/decode_kernel.cu $B/decode_kernel_emu.cpp
+F="-std=c++20 -O1 -g -Idev/decode_emu/shim -Iinclude -Isrc -pthread"
+g++ $F -c $B/decode_kernel_emu.cpp -o $B/k.o &
+g++ $F -c src/backends/cpu/decode.cpp -o $B/cpu.o
+g++ $F -c dev/decode_emu/emu_test.cpp -o $B/t.o
+wait
+g++ -pthread $B/k.o $B/cpu.o $B/t.o -o $B/emu_test
+$B/emu_test "$@"

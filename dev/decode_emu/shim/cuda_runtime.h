@@ -1,0 +1,135 @@
+// CPU emulation of the CUDA subset decode_kernel.cu uses: one std::thread per CUDA
+// thread, CTAs run one after another, __syncthreads / __syncwarp / shuffles / ldmatrix /
+// mma.sync as barrier-synchronized exchanges (mma and ldmatrix follow the PTX ISA's
+// fragment layouts, written independently of the kernel). cp.async is a plain copy.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "orchard/numeric.h"
+
+#define ORCHARD_DECODE_EMU 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3() = default;
+  dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct uint4 { unsigned x, y, z, w; };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+
+template <class A, class B>
+inline auto min(A a, B b) -> std::common_type_t<A, B> { return a < b ? a : b; }
+template <class A, class B>
+inline auto max(A a, B b) -> std::common_type_t<A, B> { return a < b ? b : a; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+constexpr cudaError_t cudaSuccess = 0;
+enum { cudaFuncAttributeMaxDynamicSharedMemorySize = 8, cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+inline const char* cudaGetErrorName(cudaError_t) { return "emu"; }
+inline const char* cudaGetErrorString(cudaError_t) { return "emu"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, int, int) { *v = 132; return cudaSuccess; }
+template <class K>
+cudaError_t cudaFuncSetAttribute(K, int, int v) {
+  return v <= 227 * 1024 ? cudaSuccess : 1;  // the sm_90 opt-in limit
+}
+
+// ---- per-thread / per-CTA state -------------------------------------------------------
+struct EmuWarp {
+  std::barrier<> bar{32};
+  float f[32];
+  std::uint32_t u[32][6];
+  const void* ptr[32];
+};
+struct EmuBlock {
+  explicit EmuBlock(int n) : bar(n), warps(n / 32) {}
+  std::barrier<> bar;
+  std::vector<EmuWarp> warps;
+  std::vector<unsigned char> smem;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline thread_local EmuBlock* emu_block = nullptr;
+inline unsigned char* emu_dyn_smem() { return emu_block->smem.data(); }
+inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
+inline int emu_lane() { return threadIdx.x % 32; }
+inline void __syncthreads() { emu_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp().bar.arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  w.f[l] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.f[l ^ o];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+template <class V>
+inline V __shfl_sync(unsigned, V v, int src) {
+  static_assert(sizeof(V) <= 8);
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  std::memcpy(&w.u[l][0], &v, sizeof(V));
+  w.bar.arrive_and_wait();
+  V r;
+  std::memcpy(&r, &w.u[src & 31][0], sizeof(V));
+  w.bar.arrive_and_wait();
+  return r;
+}
+inline int __any_sync(unsigned, int pred) {
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  w.f[l] = pred ? 1.f : 0.f;
+  w.bar.arrive_and_wait();
+  int any = 0;
+  for (int t = 0; t < 32; ++t) any |= w.f[t] != 0.f;
+  w.bar.arrive_and_wait();
+  return any;
+}
+
+template <class K, class P>
+void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t, const P& p) {
+  gridDim = grid;
+  blockDim = block;
+  const int n = block.x;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        auto b = std::make_unique<EmuBlock>(n);
+        b->smem.assign(smem + 16, 0xff);  // 0xff bytes: NaN-ish garbage to catch reads of unwritten smem
+        std::vector<std::thread> th;
+        for (int t = 0; t < n; ++t)
+          th.emplace_back([&, t] {
+            threadIdx = dim3(t);
+            blockIdx = dim3(x, y, z);
+            emu_block = b.get();
+            kernel(p);
+          });
+        for (auto& t : th) t.join();
+      }
+}
