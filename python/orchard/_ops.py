@@ -562,10 +562,10 @@ _LIB.impl("flash_attn_backward", _backward_autograd, "Autograd", with_keyset=Tru
 # * _forward_kernel / _backward_kernel (the ops' CPU/CUDA kernels, which
 #   torch.compile'd graphs and direct op calls reach) call them instead of
 #   exporting DLPack capsules;
-# * the drop-ins' eager hot path (eager_forward below) calls them straight from
-#   flash_attn_func / scaled_dot_product_attention, skipping the Python
-#   Autograd kernel of orchard::flash_attn_forward, with a lean autograd
-#   Function when a gradient is needed. Whatever that path cannot serve
+# * the drop-ins' eager hot path (eager_forward below) calls them (without them,
+#   the DLPack kernels) straight from flash_attn_func / scaled_dot_product_attention,
+#   skipping the Python Autograd kernel of orchard::flash_attn_forward, with a
+#   lean autograd Function when a gradient is needed. Whatever that path cannot serve
 #   unchanged (torch.compile tracing, dispatch or function modes, tensor
 #   subclasses, autocast, MPS, feature arguments) goes through the public op.
 # ---------------------------------------------------------------------------
@@ -646,49 +646,60 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 _are_deterministic = torch.are_deterministic_algorithms_enabled
 _Tensor = torch.Tensor
+# The C++ ops called without OpOverload.__call__'s Python frame (it only forwards to _op).
+_SFWD_CALL = getattr(_SFWD, "_op", _SFWD)
+_SBWD_CALL = getattr(_SBWD, "_op", _SBWD)
 
 
 def eager_ok(q, k, v) -> bool:
-    """Whether eager_forward may serve this call: the C++ ops are loaded, the call
-    is eager (not traced by torch.compile), no dispatch/function mode, autocast or
-    Metal stand-in would see or change the public op, and q, k, v are plain CPU or
-    CUDA tensors."""
-    return (_SFWD is not None and type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
+    """Whether eager_forward may serve this call: it is eager (not traced by
+    torch.compile), no dispatch/function mode, autocast or Metal stand-in would see
+    or change the public op, and q, k, v are plain CPU or CUDA tensors."""
+    return (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
             and (q.is_cuda or q.is_cpu) and not _MPS_STAND_IN and not _is_compiling()
             and not _dispatch_modes() and not _function_modes() and not _any_autocast())
+
+
+def _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
+                  deterministic, op_name, rng_state):
+    if _SFWD_CALL is None:  # the DLPack path, still without the dispatcher's Python kernels
+        return _forward_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
+                               return_mask, deterministic, op_name, rng_state)
+    try:
+        return _SFWD_CALL(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
+                          return_mask, deterministic, op_name, rng_state)
+    except RuntimeError as e:
+        raise _stable_error(e) from None
 
 
 def eager_forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
                   deterministic, op_name, rng_state):
     """flash_attn_forward(q, k, v, ..., seed=0, offset=0, ...) without feature
-    arguments, by the C++ op, for a call eager_ok accepted: the same outputs,
-    gradients (grad_fn name included) and errors as the public op."""
+    arguments, for a call eager_ok accepted, with the same outputs, gradients
+    (grad_fn name included) and errors as the public op, but without its
+    dispatcher round trip through Python: the C++ op when loaded, else the
+    DLPack kernel directly; a lean autograd Function when a gradient is needed."""
     if _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerFunction.apply(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                                    return_mask, deterministic, op_name, rng_state)
-    try:
-        return _SFWD(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask,
-                     deterministic, op_name, rng_state)
-    except RuntimeError as e:
-        raise _stable_error(e) from None
+        return _EagerFunction.apply(q, k, v, rng_state, (softmax_scale, causal, causal_top_left,
+                                                         dropout_p, return_mask, deterministic,
+                                                         op_name))
+    return _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
+                         deterministic, op_name, rng_state)
 
 
-def _eager_function_forward(ctx, q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                            return_mask, deterministic, op_name, rng_state):
-    try:
-        out, lse, mask = _SFWD(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-                               return_mask, deterministic, op_name, rng_state)
-    except RuntimeError as e:
-        raise _stable_error(e) from None
+def _eager_function_forward(ctx, q, k, v, rng_state, opts):
+    softmax_scale, causal, causal_top_left, dropout_p, return_mask, deterministic, op_name = opts
+    out, lse, mask = _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
+                                   return_mask, deterministic, op_name, rng_state)
     ctx.save_for_backward(q, k, v, out, lse, rng_state)
     ctx.set_materialize_grads(False)  # as _fwd_function_forward: no zero grads for lse/mask
-    ctx.opts = (softmax_scale, causal, causal_top_left, dropout_p, deterministic, op_name)
+    ctx.opts = opts
     return out, lse, mask
 
 
 def _eager_function_backward(ctx, grad_out, grad_lse, grad_mask):
     q, k, v, out, lse, rng_state = ctx.saved_tensors
-    softmax_scale, causal, causal_top_left, dropout_p, deterministic, op_name = ctx.opts
+    softmax_scale, causal, causal_top_left, dropout_p, _, deterministic, op_name = ctx.opts
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     deterministic = deterministic or _are_deterministic()
@@ -699,12 +710,14 @@ def _eager_function_backward(ctx, grad_out, grad_lse, grad_mask):
         # create_graph (the public op refuses a double backward as before), a mode or
         # a subclass: the public op, as _fwd_function_backward calls it.
         dq, dk, dv = _BWD(*args)
+    elif _SBWD_CALL is None:
+        dq, dk, dv = _backward_kernel(*args)
     else:
         try:
-            dq, dk, dv = _SBWD(*args)
+            dq, dk, dv = _SBWD_CALL(*args)
         except RuntimeError as e:
             raise _stable_error(e) from None
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None
 
 
 # Named like _ForwardFunction, so grad_fn names do not depend on the path taken.
