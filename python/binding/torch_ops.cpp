@@ -149,6 +149,25 @@ Facts facts(const Tensor& t) {
   return f;
 }
 
+// (DLPack type code, bits) of a torch dtype, for messages worded as the DLPack path's
+// (module.cpp); -1 for dtypes this table does not name.
+std::pair<int, int> dlpack_code_bits(int32_t dt) {
+  const DTypes& c = codes();
+  if (dt == c.f16) return {2, 16};
+  if (dt == c.bf16) return {4, 16};
+  if (dt == c.f32) return {2, 32};
+  if (dt == c.f64) return {2, 64};
+  if (dt == c.u8) return {1, 8};
+  if (dt == c.b8) return {6, 8};
+  if (dt == c.i32) return {0, 32};
+  if (dt == c.i64) return {0, 64};
+  if (dt == aoti_torch_dtype_int8()) return {0, 8};
+  if (dt == aoti_torch_dtype_int16()) return {0, 16};
+  if (dt == aoti_torch_dtype_complex64()) return {5, 64};
+  if (dt == aoti_torch_dtype_complex128()) return {5, 128};
+  return {-1, -1};
+}
+
 orchard::DType to_dtype(int32_t dt, const std::string& op, const char* name) {
   const DTypes& c = codes();
   if (dt == c.f16) return orchard::DType::kFloat16;
@@ -157,8 +176,10 @@ orchard::DType to_dtype(int32_t dt, const std::string& op, const char* name) {
   if (dt == c.f64) return orchard::DType::kFloat64;
   if (dt == c.u8 || dt == c.b8) return orchard::DType::kUInt8;  // bool: one byte per element
   if (dt == c.i32) return orchard::DType::kInt32;                // cu_seqlens
-  invalid(op, std::string(name) + ": unsupported dtype (torch ScalarType " + std::to_string(dt) +
-                  "); expected float16, bfloat16, float32, float64 (bool/uint8 masks, int32 cu_seqlens)");
+  const auto [code, bits] = dlpack_code_bits(dt);
+  invalid(op, std::string(name) + ": unsupported dtype (DLPack code " + std::to_string(code) + ", bits " +
+                  std::to_string(bits) +
+                  ", lanes 1); expected float16, bfloat16, float32, float64 (bool/uint8 masks, int32 cu_seqlens)");
 }
 
 orchard::TensorView to_view(const Facts& f, const std::string& op, const char* name) {
@@ -200,7 +221,8 @@ const std::uint64_t* rng_state_pointer(const OptTensor& r, const Facts& q, const
   if (f.dtype != codes().i64 || f.nd != 1 || f.sizes[0] != 2 || f.strides[0] != 1)
     invalid(op, "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got " +
                     std::to_string(f.nd) + "-D with " + std::to_string(f.nd ? f.sizes[0] : 0) +
-                    " element(s) of torch ScalarType " + std::to_string(f.dtype));
+                    " element(s) of DLPack code " + std::to_string(dlpack_code_bits(f.dtype).first) +
+                    ", bits " + std::to_string(dlpack_code_bits(f.dtype).second));
   const bool cpu = f.dev_type == codes().cpu && q.dev_type == codes().cpu;
   if (f.dev_type != q.dev_type || (!cpu && f.dev_index != q.dev_index)) {
     auto dl = [](const Facts& t) {  // DLPack device codes, as the DLPack path reports them
