@@ -255,6 +255,7 @@ nb::dict build_info() {
 
 void register_metal(nb::module_& m);  // python/binding/metal.cpp
 void register_kvcache(nb::module_& m);  // python/binding/kvcache.cpp
+void register_core_api(nb::module_& m);  // python/binding/core_api.cpp (for orchard/_C_torch.so)
 
 NB_MODULE(_C, m) {
   m.doc() =
@@ -298,6 +299,7 @@ NB_MODULE(_C, m) {
         "Bytes of scratch backward() needs for these arguments.");
   register_metal(m);
   register_kvcache(m);
+  register_core_api(m);
   m.def("build_info", &build_info,
         "Build facts: version, cuda_compiled, cuda_archs, openmp, cpu_threads, cuda_devices.");
 }

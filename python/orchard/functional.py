@@ -19,6 +19,8 @@ from . import _ops
 
 _Tensor = torch.Tensor
 _FWD = _ops._FWD  # torch.ops.orchard.flash_attn_forward.default, without the packet lookups
+_eager_ok = _ops.eager_ok
+_eager_forward = _ops.eager_forward
 
 __all__ = [
     "flash_attn_func",
@@ -110,9 +112,13 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         max_q = max_k = 0
         if plain:  # the common call: the op's trailing feature arguments stay defaulted
             scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-            out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
-                                  bool(return_attn_probs), bool(deterministic), op,
-                                  _ops.draw_dropout_rng_state(dropout_p, q.device))
+            rng = None if dropout_p <= 0.0 else _ops.draw_dropout_rng_state(dropout_p, q.device)
+            if _eager_ok(q, k, v):  # straight to the C++ op (see _ops.eager_forward)
+                out, lse, mask = _eager_forward(q, k, v, scale, bool(causal), False, float(dropout_p),
+                                                bool(return_attn_probs), bool(deterministic), op, rng)
+            else:
+                out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
+                                      bool(return_attn_probs), bool(deterministic), op, rng)
             return _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse)
     else:
         cu_q, cu_k, max_q, max_k = varlen
@@ -394,9 +400,13 @@ def scaled_dot_product_attention(
     sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
     rng = _ops.draw_dropout_rng_state(dropout_p, query.device)
     if mask4 is None and sink is None:
-        out, _lse, _mask = _FWD(
-            q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
-            float(dropout_p), 0, 0, False, bool(deterministic), op, rng)
+        qb, kb, vb = q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2)
+        if _eager_ok(qb, kb, vb):  # straight to the C++ op (see _ops.eager_forward)
+            out, _lse, _mask = _eager_forward(qb, kb, vb, sc, bool(is_causal), True, float(dropout_p),
+                                              False, bool(deterministic), op, rng)
+        else:
+            out, _lse, _mask = _FWD(qb, kb, vb, sc, bool(is_causal), True, float(dropout_p), 0, 0,
+                                    False, bool(deterministic), op, rng)
     else:
         out, _lse, _mask = _FWD(
             q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,

@@ -1,0 +1,588 @@
+// orchard/_C_torch*.so: Orchard's forward and backward as C++ PyTorch operators
+// registered through torch's *stable* C ABI (torch/csrc/stable, the aoti_torch_* shims).
+//
+// Why: from Python, one call of the torch.library ops costs the custom-op dispatch into
+// Python kernels, DLPack export of every tensor and the tensor allocations in Python —
+// several times torch's own SDPA at small shapes (bench/NOTES.md, "Per-call overhead").
+// These ops take torch tensors straight from the dispatcher, allocate the outputs with
+// torch's allocator (the caching allocator on CUDA, so CUDA-graph capture still works)
+// and call the same C++ core (include/orchard/attention.h) on the current CUDA stream.
+//
+// The library links no libtorch: the shims are C functions resolved at load time from
+// the libtorch the process has already imported, and the stable ABI keeps this one
+// binary loadable by every torch from 2.10 on (TORCH_TARGET_VERSION below: 2.10 is the
+// first whose stable ABI passes strings, which the op name needs). Older torch, and every
+// other framework, keep the DLPack path (orchard._C); python/orchard/_ops.py loads this
+// library when it can and falls back otherwise (ORCHARD_DISABLE_STABLE_OPS=1 forces it).
+//
+// The ops are internal (their Python wrappers in _ops.py add autograd, the op-prefixed
+// ValueError translation and the fake kernels):
+//   orchard::_flash_fwd   same arguments as orchard::flash_attn_forward
+//   orchard::_flash_bwd   same arguments as orchard::flash_attn_backward
+// Errors from the core cross the C ABI as std::runtime_error with a "[orchard:<kind>]"
+// tag; _ops.py turns them back into ValueError / NotImplementedError with the message
+// the DLPack path gives.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <array>
+#include <cstdint>
+#include <exception>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "core_api.h"
+#include "orchard/attention.h"
+#include "orchard/errors.h"
+#include "orchard/tensor_view.h"
+
+// CUDA shims (declared by shim.h only under USE_CUDA). Weak: a CPU-only torch has no
+// such symbols, and this library must still load there (they are then null and a CUDA
+// tensor cannot reach these kernels anyway).
+extern "C" {
+struct CUDAGuardOpaque;
+using CUDAGuardHandle = CUDAGuardOpaque*;
+__attribute__((weak)) AOTITorchError aoti_torch_create_cuda_guard(int32_t device_index, CUDAGuardHandle* ret_guard);
+__attribute__((weak)) AOTITorchError aoti_torch_delete_cuda_guard(CUDAGuardHandle guard);
+__attribute__((weak)) AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_index, void** ret_stream);
+}
+
+namespace {
+
+using torch::stable::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// -------------------------------------------------------------------------------------
+// Errors. The kernels run inside torch's dispatcher, which reports any std::exception as a
+// RuntimeError; the tag tells _ops.py which Python exception the DLPack path would raise.
+// -------------------------------------------------------------------------------------
+
+[[noreturn]] void invalid(const std::string& op, const std::string& msg) {
+  throw orchard::Error(orchard::ErrorKind::kInvalidArgument, op + ": " + msg);
+}
+
+[[noreturn]] void rethrow_tagged(const std::exception& e, const orchard::ErrorKind* kind) {
+  const char* tag = "[orchard:RuntimeError] ";
+  if (kind != nullptr && *kind == orchard::ErrorKind::kInvalidArgument) tag = "[orchard:ValueError] ";
+  if (kind != nullptr && *kind == orchard::ErrorKind::kNotImplemented) tag = "[orchard:NotImplementedError] ";
+  throw std::runtime_error(std::string(tag) + e.what());
+}
+
+template <typename F>
+auto tagged(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const orchard::Error& e) {
+    const orchard::ErrorKind kind = e.kind();
+    rethrow_tagged(e, &kind);
+  }
+}
+
+// The core, as orchard._C hands it over (core_api.h): set once at import, before any call.
+const orchard::binding::CoreApi* g_core = nullptr;
+
+const orchard::binding::CoreApi& core() {
+  if (g_core == nullptr) throw std::runtime_error("orchard: _C_torch used before orchard._C handed it the core");
+  return *g_core;
+}
+
+// A core entry's result: -1 = success, else the orchard::ErrorKind of its error.
+void raise_if_failed(int kind, const std::string& error) {
+  if (kind < 0) return;
+  const auto k = static_cast<orchard::ErrorKind>(kind);
+  rethrow_tagged(std::runtime_error(error), &k);
+}
+
+void check(AOTITorchError err, const char* what) {
+  if (err != AOTI_TORCH_SUCCESS) throw std::runtime_error(std::string("orchard: torch shim call failed: ") + what);
+}
+
+// -------------------------------------------------------------------------------------
+// torch tensor -> orchard::TensorView (what module.cpp builds from a DLPack capsule).
+// -------------------------------------------------------------------------------------
+
+struct DTypes {
+  int32_t f16 = aoti_torch_dtype_float16(), bf16 = aoti_torch_dtype_bfloat16(), f32 = aoti_torch_dtype_float32(),
+          f64 = aoti_torch_dtype_float64(), u8 = aoti_torch_dtype_uint8(), b8 = aoti_torch_dtype_bool(),
+          i32 = aoti_torch_dtype_int32(), i64 = aoti_torch_dtype_int64();
+  int32_t cpu = aoti_torch_device_type_cpu(), cuda = aoti_torch_device_type_cuda();
+};
+const DTypes& codes() {
+  static const DTypes c;
+  return c;
+}
+
+std::string shape_str(int64_t nd, const int64_t* sizes) {  // Python's tuple repr: (2, 3) / (4,)
+  std::string s = "(";
+  for (int64_t i = 0; i < nd; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + (nd == 1 ? ",)" : ")");
+}
+
+// The raw facts of one tensor, read once through the shims.
+struct Facts {
+  AtenTensorHandle h = nullptr;
+  int64_t nd = 0;
+  int64_t* sizes = nullptr;
+  int64_t* strides = nullptr;
+  int32_t dtype = 0, dev_type = 0, dev_index = 0;
+  void* data = nullptr;
+};
+
+Facts facts(const Tensor& t) {
+  Facts f;
+  f.h = t.get();
+  check(aoti_torch_get_dim(f.h, &f.nd), "get_dim");
+  check(aoti_torch_get_sizes(f.h, &f.sizes), "get_sizes");
+  check(aoti_torch_get_strides(f.h, &f.strides), "get_strides");
+  check(aoti_torch_get_dtype(f.h, &f.dtype), "get_dtype");
+  check(aoti_torch_get_device_type(f.h, &f.dev_type), "get_device_type");
+  check(aoti_torch_get_device_index(f.h, &f.dev_index), "get_device_index");
+  check(aoti_torch_get_data_ptr(f.h, &f.data), "get_data_ptr");  // includes the storage offset
+  return f;
+}
+
+// (DLPack type code, bits) of a torch dtype, for messages worded as the DLPack path's
+// (module.cpp); -1 for dtypes this table does not name.
+std::pair<int, int> dlpack_code_bits(int32_t dt) {
+  const DTypes& c = codes();
+  if (dt == c.f16) return {2, 16};
+  if (dt == c.bf16) return {4, 16};
+  if (dt == c.f32) return {2, 32};
+  if (dt == c.f64) return {2, 64};
+  if (dt == c.u8) return {1, 8};
+  if (dt == c.b8) return {6, 8};
+  if (dt == c.i32) return {0, 32};
+  if (dt == c.i64) return {0, 64};
+  if (dt == aoti_torch_dtype_int8()) return {0, 8};
+  if (dt == aoti_torch_dtype_int16()) return {0, 16};
+  if (dt == aoti_torch_dtype_complex64()) return {5, 64};
+  if (dt == aoti_torch_dtype_complex128()) return {5, 128};
+  return {-1, -1};
+}
+
+orchard::DType to_dtype(int32_t dt, const std::string& op, const char* name) {
+  const DTypes& c = codes();
+  if (dt == c.f16) return orchard::DType::kFloat16;
+  if (dt == c.bf16) return orchard::DType::kBFloat16;
+  if (dt == c.f32) return orchard::DType::kFloat32;
+  if (dt == c.f64) return orchard::DType::kFloat64;
+  if (dt == c.u8 || dt == c.b8) return orchard::DType::kUInt8;  // bool: one byte per element
+  if (dt == c.i32) return orchard::DType::kInt32;                // cu_seqlens
+  const auto [code, bits] = dlpack_code_bits(dt);
+  invalid(op, std::string(name) + ": unsupported dtype (DLPack code " + std::to_string(code) + ", bits " +
+                  std::to_string(bits) +
+                  ", lanes 1); expected float16, bfloat16, float32, float64 (bool/uint8 masks, int32 cu_seqlens)");
+}
+
+orchard::TensorView to_view(const Facts& f, const std::string& op, const char* name) {
+  orchard::TensorView v;
+  if (f.nd > orchard::kMaxRank)
+    invalid(op, std::string(name) + ": expected at most " + std::to_string(orchard::kMaxRank) +
+                    " dimensions, got " + std::to_string(f.nd));
+  v.data = f.data;
+  v.dtype = to_dtype(f.dtype, op, name);
+  if (f.dev_type == codes().cpu) {
+    v.device = {orchard::DeviceType::kCPU, 0};
+  } else if (f.dev_type == codes().cuda) {
+    v.device = {orchard::DeviceType::kCUDA, f.dev_index};
+  } else {
+    invalid(op, std::string(name) + ": unsupported device type " + std::to_string(f.dev_type) +
+                    " (orchard runs on CPU and CUDA memory)");
+  }
+  v.ndim = static_cast<int>(f.nd);
+  for (int64_t i = 0; i < f.nd; ++i) {
+    v.shape[i] = f.sizes[i];
+    v.strides[i] = f.strides[i];
+  }
+  return v;
+}
+
+orchard::TensorView to_view(const Tensor& t, const std::string& op, const char* name) {
+  return to_view(facts(t), op, name);
+}
+
+orchard::TensorView to_view(const OptTensor& t, const std::string& op, const char* name) {
+  if (!t.has_value() || !t->defined()) return orchard::TensorView{};
+  return to_view(*t, op, name);
+}
+
+// The run-time dropout key (module.cpp's rng_state_pointer, same messages).
+const std::uint64_t* rng_state_pointer(const OptTensor& r, const Facts& q, const std::string& op) {
+  if (!r.has_value() || !r->defined()) return nullptr;
+  const Facts f = facts(*r);
+  if (f.dtype != codes().i64 || f.nd != 1 || f.sizes[0] != 2 || f.strides[0] != 1)
+    invalid(op, "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got " +
+                    std::to_string(f.nd) + "-D with " + std::to_string(f.nd ? f.sizes[0] : 0) +
+                    " element(s) of DLPack code " + std::to_string(dlpack_code_bits(f.dtype).first) +
+                    ", bits " + std::to_string(dlpack_code_bits(f.dtype).second));
+  const bool cpu = f.dev_type == codes().cpu && q.dev_type == codes().cpu;
+  if (f.dev_type != q.dev_type || (!cpu && f.dev_index != q.dev_index)) {
+    auto dl = [](const Facts& t) {  // DLPack device codes, as the DLPack path reports them
+      const int type = t.dev_type == codes().cpu ? 1 : t.dev_type == codes().cuda ? 2 : -1;
+      return std::to_string(type) + ":" + std::to_string(type == 1 ? 0 : t.dev_index);
+    };
+    invalid(op, "rng_state must be on q's device (DLPack device " + dl(q) + "), got " + dl(f));
+  }
+  return static_cast<const std::uint64_t*>(f.data);
+}
+
+// -------------------------------------------------------------------------------------
+// Allocation through torch (its caching allocator on CUDA).
+// -------------------------------------------------------------------------------------
+
+Tensor empty_strided(int64_t nd, const int64_t* sizes, const int64_t* strides, int32_t dtype, const Facts& like) {
+  AtenTensorHandle h = nullptr;
+  check(aoti_torch_empty_strided(nd, sizes, strides, dtype, like.dev_type, like.dev_index, &h), "empty_strided");
+  return Tensor(h);
+}
+
+Tensor empty_contiguous(std::initializer_list<int64_t> shape, int32_t dtype, const Facts& like) {
+  std::array<int64_t, 4> sizes{}, strides{};
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  int64_t i = 0;
+  for (int64_t s : shape) sizes[i++] = s;
+  int64_t stride = 1;
+  for (int64_t d = nd - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= sizes[d] > 1 ? sizes[d] : 1;
+  }
+  return empty_strided(nd, sizes.data(), strides.data(), dtype, like);
+}
+
+// c10's compute_non_overlapping_and_dense: sorted by stride (dims of size 0 or 1 last),
+// the strides are those of a contiguous tensor.
+bool non_overlapping_and_dense(const Facts& f) {
+  if (f.nd == 1) return f.sizes[0] < 2 || f.strides[0] == 1;
+  std::array<int64_t, orchard::kMaxRank> perm{};
+  for (int64_t i = 0; i < f.nd; ++i) perm[i] = i;
+  auto before = [&](int64_t a, int64_t b) {  // c10's comparator
+    if (f.sizes[a] < 2) return false;
+    if (f.sizes[b] < 2) return true;
+    return f.strides[a] < f.strides[b];
+  };
+  for (int64_t i = 1; i < f.nd; ++i)
+    for (int64_t j = i; j > 0 && before(perm[j], perm[j - 1]); --j) std::swap(perm[j - 1], perm[j]);
+  int64_t expected = 1;
+  for (int64_t i = 0; i < f.nd; ++i) {
+    const int64_t d = perm[i];
+    if (f.sizes[d] < 2) return true;
+    if (f.strides[d] != expected) return false;
+    expected *= f.sizes[d];
+  }
+  return true;
+}
+
+// torch.empty_like(t): t's strides when t is dense (the common case, no dispatcher
+// round trip), else torch's own empty_like (its memory-format rules).
+Tensor empty_like(const Tensor& t, const Facts& f) {
+  if (f.nd <= orchard::kMaxRank && non_overlapping_and_dense(f))
+    return empty_strided(f.nd, f.sizes, f.strides, f.dtype, f);
+  return torch::stable::empty_like(t);
+}
+
+// _ops._empty_with_head_dim: shaped like q with head dim d_v, in q's memory order when
+// that order keeps the last dim innermost, else row-major.
+Tensor empty_with_head_dim(const Facts& q, int64_t d_v) {
+  const int64_t nd = q.nd;
+  std::array<int64_t, orchard::kMaxRank> sizes{}, order{}, strides{};
+  for (int64_t i = 0; i < nd; ++i) {
+    sizes[i] = q.sizes[i];
+    order[i] = i;
+  }
+  sizes[nd - 1] = d_v;
+  // Python: sorted(range(nd), key=lambda i: -q.stride(i)) — a stable sort, descending stride.
+  for (int64_t i = 1; i < nd; ++i)
+    for (int64_t j = i; j > 0 && q.strides[order[j - 1]] < q.strides[order[j]]; --j) std::swap(order[j - 1], order[j]);
+  if (order[nd - 1] != nd - 1) {
+    int64_t stride = 1;
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      strides[d] = stride;
+      stride *= sizes[d];
+    }
+  } else {
+    int64_t stride = 1;
+    for (int64_t pos = nd - 1; pos >= 0; --pos) {
+      strides[order[pos]] = stride;
+      stride *= sizes[order[pos]];
+    }
+  }
+  return empty_strided(nd, sizes.data(), strides.data(), q.dtype, q);
+}
+
+// -------------------------------------------------------------------------------------
+// Device and stream: the Python path launched inside torch.cuda.device(q.device) on
+// torch.cuda.current_stream(q.device); so do these.
+// -------------------------------------------------------------------------------------
+
+struct DeviceScope {
+  CUDAGuardHandle guard = nullptr;
+  void* stream = nullptr;
+  explicit DeviceScope(const Facts& q) {
+    if (q.dev_type != codes().cuda) return;
+    if (aoti_torch_create_cuda_guard == nullptr || aoti_torch_get_current_cuda_stream == nullptr)
+      throw std::runtime_error("orchard: this torch has no CUDA shims (a CPU-only build?)");
+    check(aoti_torch_create_cuda_guard(q.dev_index, &guard), "create_cuda_guard");
+    check(aoti_torch_get_current_cuda_stream(q.dev_index, &stream), "get_current_cuda_stream");
+  }
+  ~DeviceScope() {
+    if (guard != nullptr) aoti_torch_delete_cuda_guard(guard);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+};
+
+constexpr std::uint64_t as_u64(int64_t v) { return static_cast<std::uint64_t>(v); }  // Python's `int(x) & _U64`
+
+orchard::AttentionOptions make_options(double scale, bool causal, bool top_left, double dropout_p, int64_t seed,
+                                       int64_t offset, const std::uint64_t* rng, bool deterministic, void* stream,
+                                       std::string op_name) {
+  orchard::AttentionOptions o;
+  o.softmax_scale = scale;
+  o.causal = causal;
+  o.causal_align = top_left ? orchard::CausalAlign::kTopLeft : orchard::CausalAlign::kBottomRight;
+  o.dropout_p = dropout_p;
+  o.seed = as_u64(seed);
+  o.offset = as_u64(offset);
+  o.rng_state = rng;
+  o.deterministic = deterministic;
+  o.stream = stream;
+  o.op_name = std::move(op_name);
+  return o;
+}
+
+// The trailing feature arguments (_ops._FEATURE_SCHEMA); _ops._features' "all off"
+// test decides whether they are passed to the core at all (as the DLPack path does).
+struct Features {
+  int64_t window_left, window_right;
+  double softcap;
+  const OptTensor &alibi, &sink, &attn_mask, &cu_q, &cu_k;
+  int64_t max_q, max_k;
+  bool any() const {
+    return window_left != -1 || window_right != -1 || softcap != 0.0 || alibi.has_value() || sink.has_value() ||
+           attn_mask.has_value() || cu_q.has_value() || cu_k.has_value();
+  }
+};
+
+orchard::AttentionExtras make_extras(const Features& f, orchard::AttentionOptions& o) {
+  orchard::AttentionExtras x;
+  if (!f.any()) return x;
+  const std::string& op = o.op_name;
+  o.window_left = f.window_left;
+  o.window_right = f.window_right;
+  o.softcap = f.softcap;
+  x.alibi_slopes = to_view(f.alibi, op, "alibi_slopes");
+  x.sink = to_view(f.sink, op, "sink");
+  x.attn_bias = to_view(f.attn_mask, op, "attn_mask");
+  x.cu_seqlens_q = to_view(f.cu_q, op, "cu_seqlens_q");
+  x.cu_seqlens_k = to_view(f.cu_k, op, "cu_seqlens_k");
+  x.max_seqlen_q = f.max_q;
+  x.max_seqlen_k = f.max_k;
+  return x;
+}
+
+// _ops._check_rank
+void check_rank(const Facts& q, const Facts& k, const Facts& v, const std::string& op, int64_t rank) {
+  const char* layout = rank == 4 ? "(batch, seq, heads, head_dim)" : "(total, heads, head_dim)";
+  const std::pair<const char*, const Facts*> all[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : all)
+    if (t->nd != rank)
+      invalid(op, std::string(name) + " must be " + std::to_string(rank) + "-D " + layout + ", got shape " +
+                      shape_str(t->nd, t->sizes));
+}
+
+// -------------------------------------------------------------------------------------
+// The kernels.
+// -------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
+                                             bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
+                                             bool return_mask, bool /*deterministic*/, std::string op_name,
+                                             OptTensor rng_state, int64_t window_left, int64_t window_right,
+                                             double softcap, OptTensor alibi_slopes, OptTensor sink,
+                                             OptTensor attn_mask, OptTensor cu_seqlens_q, OptTensor cu_seqlens_k,
+                                             int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  return tagged([&] {
+    const Facts fq = facts(q), fk = facts(k), fv = facts(v);
+    const bool varlen = cu_seqlens_q.has_value();
+    if (fq.nd != (varlen ? 3 : 4) || fk.nd != fq.nd || fv.nd != fq.nd) check_rank(fq, fk, fv, op_name, varlen ? 3 : 4);
+    // _ops._alloc_forward
+    Tensor out = fv.sizes[fv.nd - 1] == fq.sizes[fq.nd - 1] ? empty_like(q, fq)
+                                                             : empty_with_head_dim(fq, fv.sizes[fv.nd - 1]);
+    const int32_t lse_dtype = fq.dtype == codes().f64 ? codes().f64 : codes().f32;
+    int64_t b, sq, sk, hq = fq.sizes[fq.nd - 2];
+    Tensor lse;
+    if (!varlen) {
+      b = fq.sizes[0];
+      sq = fq.sizes[1];
+      sk = fk.sizes[1];
+      lse = empty_contiguous({b, hq, sq}, lse_dtype, fq);
+    } else {
+      b = facts(*cu_seqlens_q).sizes[0] - 1;
+      sq = max_seqlen_q;
+      sk = max_seqlen_k;
+      lse = empty_contiguous({hq, fq.sizes[0]}, lse_dtype, fq);
+    }
+    Tensor mask = return_mask ? empty_contiguous({b, hq, sq, sk}, codes().u8, fq)
+                              : empty_contiguous({0}, codes().u8, fq);
+    const bool write_mask = return_mask && dropout_p > 0.0;
+    if (return_mask && !write_mask) torch::stable::fill_(mask, 1.0);  // no dropout: everything is kept
+
+    DeviceScope scope(fq);
+    orchard::ForwardArgs args;
+    args.q = to_view(fq, op_name, "q");
+    args.k = to_view(fk, op_name, "k");
+    args.v = to_view(fv, op_name, "v");
+    args.out = to_view(out, op_name, "out");
+    args.lse = to_view(lse, op_name, "lse");
+    if (write_mask) args.dropout_mask = to_view(mask, op_name, "dropout_mask");
+    const std::uint64_t* rng = rng_state_pointer(rng_state, fq, op_name);
+    args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, rng,
+                                /*deterministic=*/false, scope.stream, std::move(op_name));
+    args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k},
+                              args.options);
+    std::string error;
+    raise_if_failed(core().forward(args, error), error);
+    return std::make_tuple(out, lse, mask);
+  });
+}
+
+struct WorkspaceKey {
+  int32_t dev_type = -1, dev_index = -1, dtype = -1;
+  std::array<int64_t, 3 * orchard::kMaxRank> shapes{};
+  int64_t ndim = -1;
+  bool causal = false, dropout = false, deterministic = false;
+  bool valid = false;  // a default key (never cached) matches nothing
+  bool operator==(const WorkspaceKey&) const = default;
+};
+
+WorkspaceKey workspace_key(const Facts& q, const Facts& k, const Facts& v, bool causal, bool dropout,
+                           bool deterministic) {
+  WorkspaceKey key;
+  key.dev_type = q.dev_type;
+  key.dev_index = q.dev_index;
+  key.dtype = q.dtype;
+  key.ndim = q.nd;
+  if (q.nd > orchard::kMaxRank || k.nd != q.nd || v.nd != q.nd) return WorkspaceKey{};  // never cached
+  for (int64_t i = 0; i < q.nd; ++i) {
+    key.shapes[i] = q.sizes[i];
+    key.shapes[orchard::kMaxRank + i] = k.sizes[i];
+    key.shapes[2 * orchard::kMaxRank + i] = v.sizes[i];
+  }
+  key.causal = causal;
+  key.dropout = dropout;
+  key.deterministic = deterministic;
+  key.valid = true;
+  return key;
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                             double softmax_scale, bool causal, bool causal_top_left,
+                                             double dropout_p, int64_t seed, int64_t offset, bool deterministic,
+                                             std::string op_name, OptTensor rng_state, int64_t window_left,
+                                             int64_t window_right, double softcap, OptTensor alibi_slopes,
+                                             OptTensor sink, OptTensor attn_mask, OptTensor cu_seqlens_q,
+                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  return tagged([&] {
+    const Facts fq = facts(q), fk = facts(k), fv = facts(v);
+    Tensor dq = empty_like(q, fq), dk = empty_like(k, fk), dv = empty_like(v, fv);
+    DeviceScope scope(fq);
+    orchard::BackwardArgs args;
+    args.q = to_view(fq, op_name, "q");
+    args.k = to_view(fk, op_name, "k");
+    args.v = to_view(fv, op_name, "v");
+    args.out = to_view(out, op_name, "out");
+    args.dout = to_view(dout, op_name, "dout");
+    args.lse = to_view(lse, op_name, "lse");
+    args.dq = to_view(dq, op_name, "dq");
+    args.dk = to_view(dk, op_name, "dk");
+    args.dv = to_view(dv, op_name, "dv");
+    args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, nullptr,
+                                deterministic, scope.stream, std::move(op_name));
+    args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k},
+                              args.options);
+    // The workspace size depends only on what WorkspaceKey holds (as _ops._WORKSPACE_BYTES
+    // keys it): asked once per thread for a repeated problem without feature arguments,
+    // which saves a second validation pass per call. An undersized workspace could only
+    // fail loudly (the core checks it).
+    std::string error;
+    std::size_t nbytes = 0;
+    const bool plain = !Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k}
+                            .any();
+    const WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
+    thread_local WorkspaceKey cached_key{};
+    thread_local std::size_t cached_bytes = 0;
+    if (plain && key.valid && key == cached_key) {
+      nbytes = cached_bytes;
+    } else {
+      raise_if_failed(core().backward_workspace_bytes(args, nbytes, error), error);
+      if (plain && key.valid) {
+        cached_key = key;
+        cached_bytes = nbytes;
+      }
+    }
+    Tensor workspace;
+    if (nbytes > 0) {
+      workspace = empty_contiguous({static_cast<int64_t>(nbytes)}, codes().u8, fq);
+      args.workspace = to_view(workspace, args.options.op_name, "workspace");
+    }
+    args.options.rng_state = rng_state_pointer(rng_state, fq, args.options.op_name);
+    raise_if_failed(core().backward(args, error), error);
+    return std::make_tuple(dq, dk, dv);
+  });
+}
+
+}  // namespace
+
+// Called once by _ops.py (ctypes) with orchard._C._core_api(). Returns 0 when the table
+// fits this library (same ABI version and struct sizes), else nonzero and the library
+// stays unusable (the DLPack path is used).
+extern "C" __attribute__((visibility("default"))) int orchard_torch_set_core_api(const void* table) {
+  const auto* api = static_cast<const orchard::binding::CoreApi*>(table);
+  const orchard::binding::CoreApi expected;
+  if (api == nullptr || api->abi != expected.abi || api->forward_args_size != expected.forward_args_size ||
+      api->backward_args_size != expected.backward_args_size || api->options_size != expected.options_size ||
+      api->forward == nullptr || api->backward == nullptr || api->backward_workspace_bytes == nullptr)
+    return 1;
+  g_core = api;
+  return 0;
+}
+
+// The schemas repeat orchard::flash_attn_forward / flash_attn_backward (_ops.py) under
+// internal names; keep them in step (test_stable_ops.py compares them).
+STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
+  m.def(
+      "_flash_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool causal_top_left, "
+      "float dropout_p, SymInt seed, SymInt offset, bool return_mask, bool deterministic=False, "
+      "str op_name=\"orchard.flash_attn\", Tensor? rng_state=None, SymInt window_left=-1, "
+      "SymInt window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sink=None, "
+      "Tensor? attn_mask=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, "
+      "SymInt max_seqlen_k=0) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_flash_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
+      "bool causal, bool causal_top_left, float dropout_p, SymInt seed, SymInt offset, bool deterministic, "
+      "str op_name=\"orchard.flash_attn\", Tensor? rng_state=None, SymInt window_left=-1, "
+      "SymInt window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sink=None, "
+      "Tensor? attn_mask=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, "
+      "SymInt max_seqlen_k=0) -> (Tensor, Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
+  m.impl("_flash_fwd", TORCH_BOX(&flash_fwd));
+  m.impl("_flash_bwd", TORCH_BOX(&flash_bwd));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) {
+  m.impl("_flash_fwd", TORCH_BOX(&flash_fwd));
+  m.impl("_flash_bwd", TORCH_BOX(&flash_bwd));
+}
