@@ -141,22 +141,34 @@ def _log_lines(log_dir):
 # ---------------------------------------------------------------------------------------
 # CUDA: the same custom calls compiled for the GPU (XLA picks the CUDA handlers).
 
-def _gpu_device():
-    try:
-        devs = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    return devs[0] if devs else None
+def _cuda_plugin():
+    import importlib.util
+    for name in ("jax_cuda13_plugin", "jax_cuda12_plugin"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except (ImportError, ValueError):
+            pass
+    return None
 
 
 @pytest.fixture
 def gpu():
-    dev = _gpu_device()
-    if dev is None:
-        pytest.skip("jax has no GPU backend (install jax[cuda13] / jax[cuda12])")
+    try:
+        devs = jax.devices("gpu")
+        why = "no GPU devices"
+    except RuntimeError as e:
+        devs, why = [], str(e)
+    if not devs:
+        import torch
+        plugin = _cuda_plugin()
+        if plugin and torch.cuda.is_available():  # should work: say why it did not
+            pytest.fail(f"jax's CUDA plugin ({plugin}) is installed and torch sees a GPU, but jax "
+                        f"has no GPU backend: {why}")
+        pytest.skip(f"jax has no GPU backend (install jax[cuda13] or jax[cuda12]): {why}")
     if not ojax.cuda_compiled():
         pytest.skip("this orchard build has no CUDA backend (ORCHARD_CUDA=OFF)")
-    return dev
+    return devs[0]
 
 
 def _np_qkv(b=2, sq=128, sk=160, h=8, hkv=2, d=64, seed=0):
