@@ -197,6 +197,7 @@ int main(int argc, char** argv) {
   { Case c; c.b = 3; c.sq = 2; c.s_new = 2; c.leftpad = true; c.page = 32; c.rotary_dim = 32; c.causal = true; cases.push_back(c); }
   { Case c; c.b = 3; c.sq = 2; c.s_new = 2; c.batch_idx = true; c.causal = true; cases.push_back(c); }
   { Case c; c.sq = 5; c.hq = 8; c.hkv = 1; c.d = 128; c.causal = true; c.s_new = 5; cases.push_back(c); }  // 40 rows: 3 chunks
+  { Case c; c.b = 1; c.hq = 4; c.hkv = 1; c.d = 64; c.cap = 2000; c.s_new = 1; c.splits = 100; c.causal = true; cases.push_back(c); }  // > 64 splits, empty ones
   for (int i = 0; i < n_random; ++i) {
     Case c;
     const DType dts[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32};

@@ -676,6 +676,14 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     if (cb < 0 || cb >= p.cache_batch) cb = 0;
   }
   const std::int32_t* btab = paged ? p.block_table + bi * p.block_table_batch_stride : nullptr;
+  // Power-of-two page sizes (the usual 16 ... 256) divide by shifting.
+  int page_shift = -1;
+  if (paged && (p.page_size & (p.page_size - 1)) == 0) {
+    page_shift = 0;
+    while ((1 << page_shift) < p.page_size) ++page_shift;
+  }
+  auto page_of = [&](int row) { return page_shift >= 0 ? row >> page_shift : row / p.page_size; };
+  auto in_page = [&](int row) { return page_shift >= 0 ? row & (p.page_size - 1) : row % p.page_size; };
   // Address roles: lane kk (and kk + 16) resolves key kk of the tile. Copy roles: chunk
   // copy_c of keys copy_key0 + m * kKeysPerCopy.
   const int kk = lane & 15;
@@ -691,7 +699,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
   auto block_of = [&](int it) -> int {
     const int j = key_of(it);
     if (!paged || it >= n_my || j >= ke || j >= n_cached) return 0;
-    return btab[static_cast<int>(s.leftpad + j) / p.page_size];
+    return btab[page_of(static_cast<int>(s.leftpad) + j)];
   };
   auto issue = [&](int it, int blk) {
     T* sK = ring + static_cast<std::size_t>(it % kStages) * 2 * C::tile_elems;
@@ -706,7 +714,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
         std::int64_t b, r;
         if (paged) {
           b = (blk < 0 || blk >= p.cache_batch) ? 0 : blk;
-          r = row % p.page_size;
+          r = in_page(row);
         } else {
           b = cb;
           r = row;
@@ -1075,24 +1083,34 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
   pdl_wait_primary();
   float m = -INFINITY, l = 0.f;
   float4 acc[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
-#pragma unroll 4
-  for (int sp = grp; sp < ns; sp += kGroups) {
-    const float ls = p.lse_accum[sp * n + idx];
-    const float4* src = reinterpret_cast<const float4*>(p.out_accum + (sp * n + idx) * p.d);
-    float4 x[2];
+  constexpr int kBatch = 8;  // splits per group whose loads are all in flight together
+  for (int sp0 = grp; sp0 < ns; sp0 += kGroups * kBatch) {
+    float ls[kBatch];
+    float4 x[kBatch][2];
 #pragma unroll
-    for (int q = 0; q < 2; ++q) x[q] = lane + 32 * q < nc4 ? src[lane + 32 * q] : make_float4(0.f, 0.f, 0.f, 0.f);
-    if (ls == -INFINITY) continue;  // an empty split
-    const float m_new = fmaxf(m, ls);
-    const float sc = __expf(m - m_new), w = __expf(ls - m_new);  // m = -inf: sc = 0
-    m = m_new;
-    l = l * sc + w;
+    for (int k = 0; k < kBatch; ++k) {
+      const int sp = sp0 + k * kGroups;
+      const bool ok = sp < ns;
+      ls[k] = ok ? p.lse_accum[sp * n + idx] : -INFINITY;
+      const float4* src = reinterpret_cast<const float4*>(p.out_accum + (static_cast<std::size_t>(ok ? sp : 0) * n + idx) * p.d);
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      acc[q].x = acc[q].x * sc + w * x[q].x;
-      acc[q].y = acc[q].y * sc + w * x[q].y;
-      acc[q].z = acc[q].z * sc + w * x[q].z;
-      acc[q].w = acc[q].w * sc + w * x[q].w;
+      for (int q = 0; q < 2; ++q)
+        x[k][q] = ok && lane + 32 * q < nc4 ? src[lane + 32 * q] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      if (ls[k] == -INFINITY) continue;  // an empty split (or past the last)
+      const float m_new = fmaxf(m, ls[k]);
+      const float sc = __expf(m - m_new), w = __expf(ls[k] - m_new);  // m = -inf: sc = 0
+      m = m_new;
+      l = l * sc + w;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        acc[q].x = acc[q].x * sc + w * x[k][q].x;
+        acc[q].y = acc[q].y * sc + w * x[k][q].y;
+        acc[q].z = acc[q].z * sc + w * x[k][q].z;
+        acc[q].w = acc[q].w * sc + w * x[k][q].w;
+      }
     }
   }
   if (lane == 0) sMax[grp] = m, sSum[grp] = l;
