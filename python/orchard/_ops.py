@@ -597,8 +597,9 @@ def _torch_version() -> tuple[int, int]:
 
 
 def _load_stable_ops():
-    """Loads orchard/_C_torch.so and hands it orchard._C's core; returns (fwd, bwd)
-    op overloads, or None with STABLE_OPS_STATUS saying why not."""
+    """Loads orchard/_C_torch.so and hands it orchard._C's core; returns the op
+    overloads (fwd, bwd, fwd_plain, bwd_plain), or None with STABLE_OPS_STATUS
+    saying why not."""
     global STABLE_OPS_STATUS
     if os.environ.get("ORCHARD_DISABLE_STABLE_OPS", "") not in ("", "0"):
         STABLE_OPS_STATUS = "disabled (ORCHARD_DISABLE_STABLE_OPS)"
@@ -619,7 +620,8 @@ def _load_stable_ops():
         if ctypes.CDLL(path).orchard_torch_set_core_api(ctypes.c_void_p(core_api())) != 0:
             STABLE_OPS_STATUS = "_C_torch.so and orchard._C come from different builds"
             return None
-        ops = torch.ops.orchard._flash_fwd.default, torch.ops.orchard._flash_bwd.default
+        ops = (torch.ops.orchard._flash_fwd.default, torch.ops.orchard._flash_bwd.default,
+               torch.ops.orchard._flash_fwd_plain.default, torch.ops.orchard._flash_bwd_plain.default)
     except Exception as e:  # noqa: BLE001 (any failure leaves the DLPack path in charge)
         STABLE_OPS_STATUS = f"failed to load: {type(e).__name__}: {e}"
         return None
@@ -643,12 +645,25 @@ def _stable_error(e: RuntimeError) -> BaseException:
     return _ERROR_TYPES.get(msg[start + 9:end], RuntimeError)(msg[end + 2:])
 
 
+def _forward_plain_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
+                       op_name, rng_state):
+    return _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
+                         return_mask, False, op_name, rng_state)
+
+
+def _backward_plain_fake(dout, q, k, v, out, lse, *rest):
+    return _backward_fake(dout, q, k, v, out, lse)
+
+
+_SFWD_PLAIN = _SBWD_PLAIN = None
 _stable = _load_stable_ops()
 if _stable is not None:
-    _SFWD, _SBWD = _stable
+    _SFWD, _SBWD, _SFWD_PLAIN, _SBWD_PLAIN = _stable
     # Fake kernels, so that tracing code that reaches the internal ops still works.
     torch.library.register_fake("orchard::_flash_fwd", _forward_fake, lib=_LIB)
     torch.library.register_fake("orchard::_flash_bwd", _backward_fake, lib=_LIB)
+    torch.library.register_fake("orchard::_flash_fwd_plain", _forward_plain_fake, lib=_LIB)
+    torch.library.register_fake("orchard::_flash_bwd_plain", _backward_plain_fake, lib=_LIB)
 del _stable
 
 _is_compiling = torch.compiler.is_compiling
@@ -658,9 +673,11 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 _are_deterministic = torch.are_deterministic_algorithms_enabled
 _Tensor = torch.Tensor
-# The C++ ops called without OpOverload.__call__'s Python frame (it only forwards to _op).
-_SFWD_CALL = getattr(_SFWD, "_op", _SFWD)
-_SBWD_CALL = getattr(_SBWD, "_op", _SBWD)
+# The eager path's C++ ops (the short schemas: without feature arguments, seed and
+# offset, a call converts 10 arguments instead of 23, ~1 us less), called without
+# OpOverload.__call__'s Python frame (it only forwards to _op).
+_SFWD_CALL = getattr(_SFWD_PLAIN, "_op", _SFWD_PLAIN)
+_SBWD_CALL = getattr(_SBWD_PLAIN, "_op", _SBWD_PLAIN)
 
 
 def eager_ok(q, k, v) -> bool:
@@ -733,8 +750,8 @@ def _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, re
         return _dlpack_forward_plain(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
                                      return_mask, op_name, rng_state)
     try:
-        return _SFWD_CALL(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-                          return_mask, deterministic, op_name, rng_state)
+        return _SFWD_CALL(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
+                          op_name, rng_state)
     except RuntimeError as e:
         raise _stable_error(e) from None
 
@@ -787,7 +804,8 @@ def _eager_function_backward(ctx, grad_out, grad_lse, grad_mask):
                                             rng_state)
     else:
         try:
-            dq, dk, dv = _SBWD_CALL(*args)
+            dq, dk, dv = _SBWD_CALL(grad_out, q, k, v, out, lse, softmax_scale, causal,
+                                    causal_top_left, dropout_p, deterministic, op_name, rng_state)
         except RuntimeError as e:
             raise _stable_error(e) from None
     return dq, dk, dv, None, None

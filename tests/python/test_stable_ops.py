@@ -50,6 +50,11 @@ def test_internal_schemas_match_the_public_ops():
         assert [(a.name, str(a.type), a.default_value) for a in pub.arguments] == \
                [(a.name, str(a.type), a.default_value) for a in intl.arguments]
         assert [str(r.type) for r in pub.returns] == [str(r.type) for r in intl.returns]
+    # the eager path's short forms: a subset of the same arguments, same types
+    for public, plain in ((torch.ops.orchard.flash_attn_forward.default, _ops._SFWD_PLAIN),
+                          (torch.ops.orchard.flash_attn_backward.default, _ops._SBWD_PLAIN)):
+        types = {a.name: str(a.type) for a in public._schema.arguments}
+        assert all(types[a.name] == str(a.type) for a in plain._schema.arguments)
 
 
 def _dlpack_forward(*args):
@@ -93,14 +98,18 @@ def test_stable_op_matches_dlpack_path_bitwise(device, layout, dtype):
         args = (q, k, v, 0.3, causal, top_left, p, 0, 0, ret, False, "orchard.test", rng if p else None)
         got = _ops._SFWD(*args)
         ref = _dlpack_forward(*args)
-        for g, r in zip(got, ref):
+        plain = _ops._SFWD_PLAIN(q, k, v, 0.3, causal, top_left, p, ret, "orchard.test", rng if p else None)
+        for g, r, pl in zip(got, ref, plain):
             assert g.shape == r.shape and g.dtype == r.dtype and g.stride() == r.stride()
-            assert torch.equal(g, r)
+            assert torch.equal(g, r) and torch.equal(pl, r) and pl.stride() == r.stride()
         dout = randn(*got[0].shape, device=device, dtype=dtype)
         bargs = (dout, q, k, v, got[0], got[1], 0.3, causal, top_left, p, 0, 0, False, "orchard.test",
                  rng if p else None)
-        for g, r in zip(_ops._SBWD(*bargs), _dlpack_backward(*bargs)):
+        plain = _ops._SBWD_PLAIN(dout, q, k, v, got[0], got[1], 0.3, causal, top_left, p, False,
+                                 "orchard.test", rng if p else None)
+        for g, r, pl in zip(_ops._SBWD(*bargs), _dlpack_backward(*bargs), plain):
             assert g.shape == r.shape and g.stride() == r.stride() and torch.equal(g, r)
+            assert torch.equal(pl, r)
 
 
 @needs_stable

@@ -75,6 +75,10 @@ def test_wheel_name_tags_and_contents(wheel):
         metadata = z.read(meta).decode()
     assert re.search(r"^Name: orchard-attn$", metadata, re.M)
     assert any(re.match(r"orchard/_C\..*(so|pyd)$", n) for n in names), names
+    # The stable-ABI torch ops, built when the build interpreter's torch is >= 2.10.
+    import torch
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 10):
+        assert "orchard/_C_torch.so" in names, names
     for pkg in ("orchard/__init__.py", "orchard_ops/__init__.py",
                 "orchard/integrations/transformers.py", "orchard/_autocast.py"):
         assert pkg in names
@@ -123,9 +127,13 @@ def test_wheel_installs_and_runs_in_fresh_venv(wheel, tmp_path):
         "is_causal=True).transpose(1, 2)\n"
         "assert (out - ref).abs().max() < 1e-5\n"
         "out.sum().backward(); assert q.grad is not None\n"
-        "print('torch ok', torch.__version__, orchard.__file__)\n"
+        "from orchard import _ops\n"
+        "print('torch ok', torch.__version__, orchard.__file__, 'stable ops:', _ops.STABLE_OPS_STATUS)\n"
     )
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=300)
     assert r.returncode == 0 and "torch ok" in r.stdout, r.stdout + r.stderr
     assert str(venv) in r.stdout
+    import torch
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 10):
+        assert "stable ops: loaded" in r.stdout, r.stdout  # no libtorch link, loads from the wheel
