@@ -96,12 +96,13 @@ __device__ __forceinline__ void dq_accum_add(float* dst, const float (&c)[4]) {
 // row left 24 of 32 lanes idle at d64, 16 at d128).
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum) {
-  const int lanes = bwd_dot_lanes(p.d);
+  const int dv = p.d_v;
+  const int lanes = bwd_dot_lanes(dv);
   const int sub = threadIdx.x % lanes;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (256 / lanes) + threadIdx.x / lanes;
   const int64_t total = static_cast<int64_t>(p.b) * p.hq * p.sq;
   float acc = 0.f;
-  if (r < total && sub * 8 < p.d) {
+  if (r < total && sub * 8 < dv) {
     const int64_t bh = r / p.sq;
     const int i = static_cast<int>(r % p.sq);
     const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, const float* acc) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  const int col_tiles = p.d / 8;
+  const int col_tiles = dq_accum_cols(p.d) / 8;
   const int row_tiles = dq_accum_rows(p.sq) / 16;
   const int64_t tiles_per_slab = static_cast<int64_t>(row_tiles) * col_tiles;
   const int64_t tile = idx / 32;
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
   const SeqSpan span = seq_span(p, b);  // varlen: this sequence
   const int sq = span.len_q, sk = span.len_k;
   const int64_t diag = span.diag;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                 (span.k_start + n0) * p.v_row_stride;
   load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, d, tid);
+  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
 
   int m_begin, m_end;
   query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, m_end);
@@ -280,7 +281,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + r0 * p.q_row_stride;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + r0 * p.do_row_stride;
     load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, d, tid);
-    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, dv, tid);
     stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
   };
   if (total > 0) prefetch(0, 0);
@@ -478,12 +479,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
             if (2 * dp + 1 < kDTw) mma16816<T>(acc[2 * dp + 1], a, bfr[2], bfr[3]);
           }
         }
-        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
+        const int dqc = dq_accum_cols(d);
+        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * dqc;
         const int row16 = m0 + wm * 16;  // kBM % 16 == 0: a tile boundary
 #pragma unroll
         for (int i = 0; i < kDTw; ++i) {
           const int col8 = (wn * kDTw + i) * 8;
-          if (row16 < sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[i]);
+          if (row16 < sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, dqc, lane), acc[i]);
         }
       }
     }
@@ -499,7 +501,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     if constexpr (kWantDV)
       store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
                                    kr * p.dv_row_stride,
-                               acc_dv, r, 0, t, d, 1.f);
+                               acc_dv, r, 0, t, dv, 1.f);
     if constexpr (kWantDK)
       store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
                                    kr * p.dk_row_stride,
@@ -584,7 +586,7 @@ __global__ void __launch_bounds__(256)
   const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
   const SeqSpan span = seq_span(p, b);  // varlen: this sequence
   const int sq = span.len_q, sk = span.len_k;
   const int64_t diag = span.diag;
@@ -597,7 +599,7 @@ __global__ void __launch_bounds__(256)
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                 (span.k_start + n0) * p.v_row_stride;
   load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, d, tid);
+  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
 
   int m_begin, num_m_total;  // query tiles [m_begin, num_m_total) see this key block
   query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, num_m_total);
@@ -611,7 +613,7 @@ __global__ void __launch_bounds__(256)
   const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
 
   TileStream<T, kBM, kD, kThreads, kSwz> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
-  TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
+  TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, dv, tid);
   // Steps run over (q head of the group, query tile): counters, not divisions.
   // The streams' tile origins move by one tile per step and are recomputed only
   // when the step crosses to the next q head (the full 64-bit origin took ~30
@@ -635,7 +637,8 @@ __global__ void __launch_bounds__(256)
     // causal within noise (call 12; before the swizzled tiles ptxas spilled the
     // d128 causal kernel 8 -> 48 B and s16k lost 3%, now no spill reloads).
     constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn;
-    if (kFullLoads && d == kD && m0 + kBM <= sq) {  // warp-uniform: all but the last tile, unpadded d
+    // Any d, d_v: the streams' columns past the width are copies (TileStream).
+    if (kFullLoads && m0 + kBM <= sq) {  // warp-uniform: all but the last tile
       if constexpr (kFullLoads) {
         q_stream.load_full(sq_stage);
         do_stream.load_full(sdo_stage);
@@ -941,9 +944,10 @@ __global__ void __launch_bounds__(256)
       // recomputing the full tile offset per reduction cost ~150 integer
       // instructions per step (ncu source page, d128), ~15% of the loop.
       const int row16 = m0 + wm * 32, col8 = wn * kDqT * 8;
-      const int row_stride = dq_accum_row_tile_stride(d);
-      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
-      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, d, lane);
+      const int dqc = dq_accum_cols(d);
+      const int row_stride = dq_accum_row_tile_stride(dqc);
+      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * dqc;
+      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, dqc, lane);
       if (d == kD && row16 + 32 <= sq) {  // warp-uniform: all but tail tiles and padded head dims
         constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
 #pragma unroll
@@ -978,7 +982,7 @@ __global__ void __launch_bounds__(256)
       const int64_t kr = span.k_start + kv;
       store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
                                    kr * p.dv_row_stride,
-                               acc_dv[mt], r, dcol, t, d, 1.f);
+                               acc_dv[mt], r, dcol, t, dv, 1.f);
       store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
                                    kr * p.dk_row_stride,
                                acc_dk[mt], r, dcol, t, d, p.scale);
@@ -1010,7 +1014,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   const int hk = h / (p.hq / p.hkv);
   const int m0 = m_block * kBM;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
   const SeqSpan span = seq_span(p, b);  // varlen: this sequence
   const int sq = span.len_q, sk = span.len_k;
   const int64_t diag = span.diag;
@@ -1030,10 +1034,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
                 (span.k_start + static_cast<int64_t>(n_begin) * kBN) * p.v_row_stride;
 
   load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, sq - m0, d, tid);
+  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, sq - m0, dv, tid);
   if (n_begin < n_end) {
     load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n_begin * kBN, d, tid);
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, dv, tid);
   }
   cp_async_commit();
 
@@ -1073,7 +1077,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
                                             p.k_row_stride, sk - nn, d, tid);
       load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
-                                            p.v_row_stride, sk - nn, d, tid);
+                                            p.v_row_stride, sk - nn, dv, tid);
     }
     cp_async_commit();
     const T* sKs = sK + stage * kBN * kS;
@@ -1184,14 +1188,14 @@ void launch_flash_bwd(const BwdParams& p) {
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   if (rows > 0) {
-    const int rows_per_block = 256 / bwd_dot_lanes(p.d);
+    const int rows_per_block = 256 / bwd_dot_lanes(value_dim(p));
     bwd_dot_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0, stream>>>(
         p, reinterpret_cast<float*>(ws + layout.d_offset));
     check_launch("bwd_dot_kernel");
   }
   const bool atomic_dq = !p.deterministic;
   if (atomic_dq && rows > 0) {
-    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * p.d;
+    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * dq_accum_cols(p.d);
     if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
       check_launch("cudaMemsetAsync(dq_accum)");
   }
@@ -1230,7 +1234,7 @@ void launch_flash_bwd(const BwdParams& p) {
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0) return;
   if (atomic_dq) {
-    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (p.d / 4);  // float4 slots
+    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);  // float4 slots
     bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
         p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset));
     check_launch("bwd_convert_dq_kernel");

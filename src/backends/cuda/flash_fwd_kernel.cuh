@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   const int hk = h / (p.hq / p.hkv);
   const int m0 = m_block * kBM;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/out head dims (d_v set: cuda_backend.cu)
   const int wrow = warp * 16 * kMW;  // this warp's first row inside the tile
   // Varlen: this sequence's rows and diagonal (seq_span); CTAs past its end exit.
   const SeqSpan span = seq_span(p, b);
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   vg += static_cast<int64_t>(n_begin) * kBN * p.v_row_stride;
 
   load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
-  TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
+  TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, dv, tid);
   if (n_begin < n_end) {
     k_stream.load(smem_u32(sK), sk - n_begin * kBN);
     v_stream.load(smem_u32(sV), sk - n_begin * kBN);
@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     if (idx < kRows * kChunks) {
       const int r = idx / kChunks, c = idx % kChunks;
       const int row = m0 + wrow + r;
-      if (row < sq && c * 8 < d)
+      if (row < sq && c * 8 < dv)
         *reinterpret_cast<uint4*>(og + row * p.o_row_stride + c * 8) =
             *reinterpret_cast<const uint4*>(sO + r * kS + c * 8);
     }

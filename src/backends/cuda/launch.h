@@ -32,10 +32,15 @@ void run_bwd_dsink(const BwdParams& params, const float* dsum);
 // Dropout keep-mask output (b, hq, sq, sk) uint8, from the Philox definition alone.
 void run_dropout_mask(const FwdParams& params);
 
+// Head dim of v, out, dout and dv (params.h: d_v == 0 means d).
+ORCHARD_HOST_DEVICE int value_dim(const FwdParams& p) { return p.d_v > 0 ? p.d_v : p.d; }
+// Columns of a dq_accum slab: d rounded up to whole 8-column tiles.
+ORCHARD_HOST_DEVICE int dq_accum_cols(int d) { return (d + 7) / 8 * 8; }
+
 // Workspace layout for the backward pass (each region 256-byte aligned).
 struct BwdWorkspace {
   std::size_t d_offset = 0;         // float[b * hq * sq]: rowsum(dO * O)
-  std::size_t dq_accum_offset = 0;  // float[b * hq * dq_accum_rows(sq) * d]: fp32 dQ reductions
+  std::size_t dq_accum_offset = 0;  // float[b * hq * dq_accum_rows(sq) * dq_accum_cols(d)]: fp32 dQ reductions
   std::size_t bytes = 0;
 };
 
@@ -65,12 +70,12 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
   BwdWorkspace w;
   w.d_offset = 0;
   w.dq_accum_offset = align(rows * sizeof(float));
-  w.bytes = w.dq_accum_offset + align(acc_rows * p.d * sizeof(float));
+  w.bytes = w.dq_accum_offset + align(acc_rows * dq_accum_cols(p.d) * sizeof(float));
   return w;
 }
 
-// Lanes per row in the backward's D = rowsum(dO * O) kernel: the row's 16-byte
-// chunks (d / 8 <= 32) rounded up to a power of two, at least 8.
+// Lanes per row in the backward's D = rowsum(dO * O) kernel (d: the value head
+// dim): the row's 16-byte chunks (d / 8 <= 32) rounded up to a power of two, at least 8.
 ORCHARD_HOST_DEVICE int bwd_dot_lanes(int d) { return d <= 64 ? 8 : (d <= 128 ? 16 : 32); }
 
 // The causal dK/dV kernel's CTA order: the CTAs of `head_group` consecutive
@@ -94,7 +99,7 @@ ORCHARD_HOST_DEVICE CtaCoord causal_cta_coord(int64_t cta, int num_n_blocks, int
 // (every q head of the GQA group, 2-byte elements) within 16 MB, a third of the
 // H100's L2, so the concurrently running CTAs of a group share them there.
 ORCHARD_HOST_DEVICE int causal_head_group(const BwdParams& p) {
-  const int64_t bytes_per_head = static_cast<int64_t>(p.hq / p.hkv) * p.sq * p.d * 2 * 2;
+  const int64_t bytes_per_head = static_cast<int64_t>(p.hq / p.hkv) * p.sq * (p.d + value_dim(p)) * 2;
   const int64_t heads = static_cast<int64_t>(p.b) * p.hkv;
   int64_t group = bytes_per_head > 0 ? (int64_t{16} << 20) / bytes_per_head : heads;
   if (group > heads) group = heads;

@@ -131,6 +131,15 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
 // d128 forward's 60-90 B spill; with this it has none). Other head dims (96,
 // 160, 192) take the generic per-chunk path.
 // kSwizzle: the smem tile is a SwizzledTile (swizzled_tile.h) instead of padded.
+// Columns at or past d (d < kD: a head dim below its bucket, or d != d_v) are not
+// zero-filled on the fixed-column path: the threads that own them copy columns
+// 0..7 of the same rows instead (in bounds, finite), so no column predicate
+// lives in the loop (q/k and v/dO widths differ with d_v != d, and a second
+// predicate cost the dropout kernels 8-30 B more spill, ptxas sm_90). That is
+// safe because every contraction over the head dim pairs a streamed tile with a
+// zero-filled load-once tile (forward: Q with K; backward: K with Q, V with dO),
+// and the output columns past the width (forward O from V, backward dV from dO,
+// dK from Q) are never stored. Rows >= rows_valid are still zero-filled.
 template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
 struct TileStream {
   static constexpr int kChunks = kD / 8;
@@ -142,17 +151,15 @@ struct TileStream {
   static_assert(!kSwizzle || (kFixedColumn && kRowStep % 8 == 0), "swizzled tiles need fixed-column streams");
   const T* tile;       // origin (row 0, col 0) of the next tile
   int64_t row_stride;  // elements
-  int64_t thread_off;  // elements from the tile origin to this thread's first chunk
+  int64_t thread_off;  // elements from the tile origin to this thread's first source chunk
   uint32_t smem_off;   // bytes from a smem tile's origin to this thread's first chunk
   int row0, tid, d;
-  bool col_ok;
 
   __device__ __forceinline__ TileStream(const T* origin, int64_t stride, int d_, int tid_)
       : tile(origin), row_stride(stride), tid(tid_), d(d_) {
     row0 = tid / kChunks;
     const int col = (tid % kChunks) * 8;
-    col_ok = col < d;
-    thread_off = row0 * stride + col;
+    thread_off = row0 * stride + (col < d ? col : 0);  // past d: a copy of columns 0..7 (see above)
     if constexpr (kSwizzle) {
       smem_off = SwizzledTile<kRows, kD>::offset(row0, col / 8);
     } else {
@@ -160,14 +167,15 @@ struct TileStream {
     }
   }
   // Copies rows [0, kRows) of the current tile to the smem tile at byte address
-  // `smem_tile`; rows >= rows_valid (>= 1) and columns >= d are zero-filled.
+  // `smem_tile`; rows >= rows_valid (>= 1) are zero-filled, columns >= d
+  // zero-filled (per-chunk path) or copies of columns 0..7 (fixed-column path).
   __device__ __forceinline__ void load(uint32_t smem_tile, int rows_valid) const {
     if constexpr (kFixedColumn) {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int r = row0 + i * kRowStep;
         if (kRows % kRowStep == 0 || r < kRows) {
-          const bool pred = col_ok && r < rows_valid;
+          const bool pred = r < rows_valid;
           const T* src = pred ? tile + thread_off + i * kRowStep * row_stride : tile;
           cp_async16(smem_tile + smem_off + i * kRowStep * kRowBytes, src, pred);
         }
