@@ -5,7 +5,8 @@
 //   cuda_check            correctness suite (exit 1 on any failure)
 //   cuda_check --small    one small fwd+bwd case per kernel family (for compute-sanitizer)
 //   cuda_check --features only the feature cases (window, softcap, ALiBi, attn_bias, varlen, sinks)
-//   cuda_check --width    only the d_v != d and any-head-dim / strided-view cases (issue #16)
+//   cuda_check --width    only the d_v != d and any-head-dim / strided-view cases (issue #16;
+//                         also part of the full suite)
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -929,6 +930,70 @@ std::vector<Case> dv_suite() {
     c.p = 0.1f, c.sink = true;
     v.push_back(c);
   }
+  // Any head dim 1..256 read and written at its true width in place: rows that are
+  // not whole 16-byte vectors take the element-wise paths (rows_vec16). Odd head
+  // dims (contiguous rows then have odd element strides), d_v != d among them.
+  auto W = [](Case c, int pad, int off) {
+    c.pad = pad, c.off = off;
+    return c;
+  };
+  v.push_back({"d3", BF, 1, 2, 2, 97, 131, 3});
+  v.push_back({"d1", FP, 1, 2, 1, 40, 50, 1, true});
+  v.push_back({"d59-causal-gqa", FP, 2, 4, 2, 113, 150, 59, true});
+  {
+    Case c{"d111-drop", BF, 1, 3, 3, 100, 140, 111};
+    c.p = 0.17f;
+    v.push_back(c);
+    c = Case{"d111-det", BF, 2, 4, 2, 130, 130, 111, true};
+    c.det = true;
+    v.push_back(c);
+    c = Case{"d200-det", BF, 1, 2, 1, 90, 110, 200, true};
+    c.det = true;
+    v.push_back(c);
+    v.push_back({"d200", FP, 1, 2, 2, 80, 77, 200});
+    v.push_back({"d255", BF, 1, 2, 2, 65, 70, 255, true});
+    v.push_back({"d37-long", BF, 1, 2, 2, 600, 520, 37});
+    c = Case{"d59-det-drop", FP, 1, 2, 2, 100, 90, 59};
+    c.det = true, c.p = 0.2f;
+    v.push_back(c);
+    c = with_window(with_varlen({"d59-varlen-win", BF, 0, 4, 2, 0, 0, 59, true}, {70, 0, 33}, {90, 20, 33}), 20, 0);
+    c.softcap = 2.f, c.alibi = 2, c.sink = true, c.p = 0.1f;
+    v.push_back(c);
+    c = with_window({"d111-win-sink-det", FP, 1, 2, 2, 150, 170, 111}, 30, 10);
+    c.sink = true, c.det = true;
+    v.push_back(c);
+    v.push_back(V({"d59-dv111", BF, 1, 2, 2, 77, 90, 59, true}, 111));
+    v.push_back(V({"d111-dv59-gqa", FP, 1, 4, 2, 90, 100, 111}, 59));
+    c = V({"d3-dv200-det", BF, 1, 2, 2, 60, 70, 3}, 200);
+    c.det = true;
+    v.push_back(c);
+    v.push_back(V({"d192-dv3", BF, 1, 2, 1, 50, 80, 192, true}, 3));
+    // fp32 SIMT kernels (element-wise already).
+    v.push_back({"d3-fp32", F32, 1, 2, 2, 40, 50, 3});
+    v.push_back({"d59-fp32-causal", F32, 1, 4, 2, 33, 65, 59, true});
+    v.push_back(W(V({"d111-fp32-dv37-view", F32, 1, 2, 2, 30, 41, 111}, 37), 3, 1));
+  }
+  // Strided / unaligned views of multiple-of-8 head dims: odd row padding (odd
+  // strides), a base 1 or 3 elements past alignment (element-wise path), and row
+  // padding of 8 (16-byte strides: the vector path with gaps). Padding is NaN-poisoned
+  // on input and checked untouched on output.
+  v.push_back(W({"d64-pad3", BF, 2, 2, 2, 100, 120, 64, true}, 3, 0));
+  v.push_back(W({"d128-off1", FP, 1, 4, 2, 130, 75, 128}, 0, 1));
+  v.push_back(W({"d64-pad8", BF, 2, 4, 2, 150, 150, 64, true}, 8, 0));
+  {
+    Case c = W({"d96-pad5-bhsd-drop", BF, 2, 2, 2, 100, 120, 96, false, false, 0.f, false, true}, 5, 0);
+    c.p = 0.1f;
+    v.push_back(c);
+    c = W({"d192-off3-det", FP, 1, 2, 1, 70, 90, 192, true}, 0, 3);
+    c.det = true;
+    v.push_back(c);
+    c = W(V({"d59-dv64-pad5-off1", BF, 1, 4, 2, 90, 110, 59}, 64), 5, 1);
+    c.det = true;
+    v.push_back(c);
+    c = W(with_varlen({"d128-pad1-varlen", BF, 0, 4, 2, 0, 0, 128, true}, {70, 200, 0, 33}, {150, 100, 9, 33}), 1, 0);
+    v.push_back(c);
+    v.push_back(W({"d256-pad8-off8", FP, 1, 2, 2, 60, 70, 256}, 8, 8));
+  }
   return v;
 }
 
@@ -1141,6 +1206,22 @@ int main(int argc, char** argv) {
       c = Case{"small-dv-64-128", FP, 1, 2, 2, 70, 50, 64};
       c.dv = 128;
       cases.push_back(c);
+      // Any head dim / views (element-wise paths): FA2-layout backward atomic, split
+      // backward deterministic, d_v != d, odd strides, unaligned base, fp32.
+      c = Case{"small-d59", BF, 1, 2, 1, 70, 90, 59, true};
+      cases.push_back(c);
+      c = Case{"small-d200-det-off1", FP, 1, 2, 2, 40, 66, 200};
+      c.det = true, c.off = 1;
+      cases.push_back(c);
+      c = Case{"small-d3-dv111-pad3", BF, 1, 2, 2, 50, 40, 3};
+      c.dv = 111, c.pad = 3;
+      cases.push_back(c);
+      c = Case{"small-d64-pad3-det", BF, 1, 2, 2, 80, 70, 64, true};
+      c.pad = 3, c.det = true;
+      cases.push_back(c);
+      c = Case{"small-d59-fp32", F32, 1, 2, 1, 30, 40, 59, true};
+      c.pad = 2, c.off = 1;
+      cases.push_back(c);
     }
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
@@ -1161,7 +1242,7 @@ int main(int argc, char** argv) {
     std::printf("check_support(fp64): %s\n", ops->check_support(p).c_str());
     p.dtype = DType::kBFloat16;
     p.d = 36;
-    std::printf("check_support(d=36): %s\n", ops->check_support(p).c_str());
+    std::printf("check_support(d=36): '%s' (empty: supported)\n", ops->check_support(p).c_str());
     p.d = 264;
     std::printf("check_support(d=264): %s\n", ops->check_support(p).c_str());
     p.d = 64;

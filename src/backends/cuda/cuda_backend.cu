@@ -68,13 +68,13 @@ std::string check_support(const FwdParams& p) {
     case DType::kFloat64: return "float64 is supported on the CPU backend only";
     default: return std::string("dtype ") + dtype_name(p.dtype) + " is not supported by the CUDA backend";
   }
-  if (p.d <= 0 || p.d % 8 != 0)
-    return "the CUDA backend needs head_dim to be a positive multiple of 8 (got " + std::to_string(p.d) + ")";
-  if (p.d > 256) return "the CUDA backend supports head_dim up to 256 (got " + std::to_string(p.d) + ")";
+  // Any head dim 1..256 (q/k and v each): rows that are not whole 16-byte vectors
+  // take the kernels' element-wise path (rows_vec16, launch.h).
+  if (p.d <= 0 || p.d > 256)
+    return "the CUDA backend supports head_dim 1..256 (got " + std::to_string(p.d) + ")";
   const int dv = value_dim(p);
-  if (dv % 8 != 0)
-    return "the CUDA backend needs the value head dim to be a multiple of 8 (got " + std::to_string(dv) + ")";
-  if (dv > 256) return "the CUDA backend supports value head dims up to 256 (got " + std::to_string(dv) + ")";
+  if (dv <= 0 || dv > 256)
+    return "the CUDA backend supports value head dims 1..256 (got " + std::to_string(dv) + ")";
   // Implemented: sliding window, softcap, ALiBi, varlen, attention sinks (all dtypes,
   // forward and backward). Not yet: attn_bias / attn_mask. The float32 SIMT kernels
   // implement it (flash_fp32.cu; tests/cuda/cuda_check.cu runs them past this check),
@@ -161,9 +161,10 @@ void backward(const BwdParams& params) {
 
 std::size_t backward_workspace_bytes(const FwdParams& p) { return bwd_workspace_layout(p).bytes; }
 
-// 16-byte vector loads (cp.async) need 16-byte aligned bases and row/head/batch
-// strides; the bridge stages anything else.
-std::size_t required_alignment(const FwdParams&) { return 16; }
+// Element alignment only: the kernels check 16-byte vector alignment per call
+// (rows_vec16, launch.h) and read / write any other view element-wise in place,
+// so the bridge stages nothing for alignment.
+std::size_t required_alignment(const FwdParams& p) { return dtype_size(p.dtype); }
 
 void* allocate(std::size_t bytes, void* stream) {
   void* ptr = nullptr;

@@ -106,6 +106,30 @@ ORCHARD_HOST_DEVICE int causal_head_group(const BwdParams& p) {
   return static_cast<int>(group < 1 ? 1 : group);
 }
 
+// Whether the kernels may move one 2-byte tensor's rows with 16-byte vectors
+// (cp.async, uint4 / 4-byte pair stores): a 16-byte aligned base, batch / row /
+// head strides that are multiples of 8 elements (dims of extent 1 excepted) and
+// a width of whole 8-element chunks. Else the kernels take their element-wise
+// path (a CTA-uniform branch on a kernel argument): any head dim and any view is
+// read and written in place, never staged.
+inline bool rows_vec16(const void* base, int64_t bs, int64_t rs, int64_t hs, int nb, int nr, int nh, int width) {
+  const int64_t strides = (nb > 1 ? bs : 0) | (nr > 1 ? rs : 0) | (nh > 1 ? hs : 0);
+  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && strides % 8 == 0 && width % 8 == 0;
+}
+inline bool fwd_vec16(const FwdParams& p) {
+  return rows_vec16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.b, p.sq, p.hq, p.d) &&
+         rows_vec16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.b, p.sk, p.hkv, p.d) &&
+         rows_vec16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.b, p.sk, p.hkv, p.d_v) &&
+         rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, p.sq, p.hq, p.d_v);
+}
+inline bool bwd_vec16(const BwdParams& p) {
+  return fwd_vec16(p) &&
+         rows_vec16(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, p.b, p.sq, p.hq, p.d_v) &&
+         rows_vec16(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, p.b, p.sq, p.hq, p.d) &&
+         rows_vec16(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, p.b, p.sk, p.hkv, p.d) &&
+         rows_vec16(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, p.b, p.sk, p.hkv, p.d_v);
+}
+
 // Throws orchard::Error(kRuntime) if the last launch failed.
 void check_launch(const char* what);
 
