@@ -6,6 +6,8 @@
 //   cuda_check --small    one small fwd+bwd case per kernel family (for compute-sanitizer)
 //   cuda_check --features only the feature cases (window, softcap, ALiBi, attn_bias, varlen, sinks)
 //   cuda_check --bias     only the attn_bias / attn_mask cases
+//   cuda_check --width    only the d_v != d and any-head-dim / strided-view cases (issue #16;
+//                         also part of the full suite)
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -78,6 +80,11 @@ struct Case {
   bool bias_pad = false, bias_tr = false;
   int bias_rpad = 0;  // stored rows this many elements longer than sk * bias_cs (not with bias_tr)
   std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
+  // Value head dim (v, out, dout, dv; 0 = d). Views: every row of every tensor is
+  // `pad` elements wider than its head dim (poisoned: NaN, checked untouched in the
+  // outputs) and every tensor starts `off` elements past an aligned allocation.
+  int dv = 0, pad = 0, off = 0;
+  int vd() const { return dv > 0 ? dv : d; }
   bool varlen() const { return !lq.empty(); }
   bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || bias || varlen(); }
   DType bias_dtype() const { return bias == 1 ? DType::kUInt8 : (bias == 3 ? DType::kFloat32 : dt); }
@@ -202,9 +209,11 @@ float alibi_value(const Case& c, int bi, int h) {
 struct Layout {  // element strides for (batch, row, head)
   int64_t bs, rs, hs;
 };
-Layout make_layout(const Case& c, int s, int h) {
-  if (c.bhsd) return {c.varlen() ? 0 : int64_t(h) * s * c.d, c.d, int64_t(s) * c.d};
-  return {c.varlen() ? 0 : int64_t(s) * h * c.d, int64_t(h) * c.d, c.d};
+// Rows of `width` elements (+ c.pad of padding), BSHD or BHSD.
+Layout make_layout(const Case& c, int s, int h, int width) {
+  const int64_t w = width + c.pad;
+  if (c.bhsd) return {c.varlen() ? 0 : int64_t(h) * s * w, w, int64_t(s) * w};
+  return {c.varlen() ? 0 : int64_t(s) * h * w, int64_t(h) * w, w};
 }
 
 // Host tensor in logical BSHD, doubles holding dtype-representable values.
@@ -217,16 +226,24 @@ struct HostT {
 };
 
 struct DevT {
-  void* ptr = nullptr;
-  size_t bytes = 0;
+  void* ptr = nullptr;  // the tensor (alloc + off elements)
+  size_t bytes = 0;     // from ptr
   Layout L{};
+  void* alloc = nullptr;
 };
+void free_dev(DevT& t) { CK(cudaFree(t.alloc ? t.alloc : t.ptr)); }
 
 size_t esize(DType dt) { return dtype_size(dt); }
 
+// Bytes spanned by a (b, s, h, width) tensor with layout L (padding included).
+size_t span_bytes(const Layout& L, int b, int s, int h, int width, DType dt) {
+  if (size_t(b) * s * h * width == 0) return 0;
+  return size_t((b - 1) * L.bs + (s - 1) * L.rs + (h - 1) * L.hs + width) * esize(dt);
+}
+
 void put(const HostT& t, DType dt, const Layout& L, std::vector<unsigned char>& buf) {
   const size_t es = esize(dt);
-  buf.assign(size_t(t.b) * t.s * t.h * t.d * es, 0xFF);
+  buf.assign(span_bytes(L, t.b, t.s, t.h, t.d, dt), 0xFF);
   for (int bi = 0; bi < t.b; ++bi)
     for (int i = 0; i < t.s; ++i)
       for (int hi = 0; hi < t.h; ++hi)
@@ -266,23 +283,40 @@ HostT get(const std::vector<unsigned char>& buf, DType dt, const Layout& L, int 
   return t;
 }
 
-DevT upload(const HostT& t, DType dt, const Layout& L) {
+// off: elements between the (256-byte aligned) allocation and the tensor.
+DevT upload(const HostT& t, DType dt, const Layout& L, int off = 0) {
   std::vector<unsigned char> buf;
   put(t, dt, L, buf);
   DevT dv;
   dv.bytes = buf.size();
   dv.L = L;
-  CK(cudaMalloc(&dv.ptr, std::max<size_t>(dv.bytes, 16)));
-  CK(cudaMemcpy(dv.ptr, buf.data(), dv.bytes, cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&dv.alloc, std::max<size_t>(dv.bytes + off * esize(dt), 16)));
+  dv.ptr = static_cast<unsigned char*>(dv.alloc) + off * esize(dt);
+  if (dv.bytes) CK(cudaMemcpy(dv.ptr, buf.data(), dv.bytes, cudaMemcpyHostToDevice));
   return dv;
 }
-DevT alloc_poisoned(size_t bytes, const Layout& L) {
+DevT alloc_poisoned(size_t bytes, const Layout& L, size_t off_bytes = 0) {
   DevT dv;
   dv.bytes = bytes;
   dv.L = L;
-  CK(cudaMalloc(&dv.ptr, std::max<size_t>(bytes, 16)));
-  CK(cudaMemset(dv.ptr, 0xFF, std::max<size_t>(bytes, 16)));  // NaN in every float format
+  CK(cudaMalloc(&dv.alloc, std::max<size_t>(bytes + off_bytes, 16)));
+  CK(cudaMemset(dv.alloc, 0xFF, std::max<size_t>(bytes + off_bytes, 16)));  // NaN in every float format
+  dv.ptr = static_cast<unsigned char*>(dv.alloc) + off_bytes;
   return dv;
+}
+// Whether every byte of buf outside the (b, s, h, width) elements of layout L
+// (row padding, gaps) is still the 0xFF poison: the kernel wrote only its elements.
+bool outside_untouched(const std::vector<unsigned char>& buf, DType dt, const Layout& L, int b, int s, int h,
+                       int width) {
+  const size_t es = esize(dt);
+  std::vector<char> mine(buf.size(), 0);
+  for (int bi = 0; bi < b; ++bi)
+    for (int i = 0; i < s; ++i)
+      for (int hi = 0; hi < h; ++hi)
+        std::memset(&mine[(bi * L.bs + i * L.rs + hi * L.hs) * es], 1, width * es);
+  for (size_t i = 0; i < buf.size(); ++i)
+    if (!mine[i] && buf[i] != 0xFF) return false;
+  return true;
 }
 std::vector<unsigned char> download(const DevT& dv) {
   std::vector<unsigned char> buf(dv.bytes);
@@ -295,8 +329,9 @@ struct RefOut {
   std::vector<double> lse;    // kernel layout (lse_index)
   std::vector<double> dsink;  // (hq), with sinks
   RefOut(const Case& c, const Geometry& g)
-      : out(host_batch(c), g.tq, c.hq, c.d), dq(host_batch(c), g.tq, c.hq, c.d), dk(host_batch(c), g.tk, c.hkv, c.d),
-        dv(host_batch(c), g.tk, c.hkv, c.d), lse(lse_count(c, g), -INFINITY), dsink(c.hq, 0.0) {}
+      : out(host_batch(c), g.tq, c.hq, c.vd()), dq(host_batch(c), g.tq, c.hq, c.d),
+        dk(host_batch(c), g.tk, c.hkv, c.d), dv(host_batch(c), g.tk, c.hkv, c.vd()), lse(lse_count(c, g), -INFINITY),
+        dsink(c.hq, 0.0) {}
 };
 
 // fp64 reference; with `naive`, every intermediate (S, P, O, dP, dS) is rounded to c.dt.
@@ -309,6 +344,7 @@ RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& 
   const double scale = 1.0 / std::sqrt(double(c.d));
   const double rdrop = c.p > 0 ? 1.0 / (1.0 - c.p) : 1.0;
   const int group = c.hq / c.hkv;
+  const int dvw = c.vd();  // value head dim
   const int64_t wr = c.causal ? 0 : c.wr;
   std::vector<double> dsink_part(size_t(g.nseq) * c.hq, 0.0);
 #pragma omp parallel for collapse(2) schedule(dynamic)
@@ -347,17 +383,17 @@ RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& 
         const double lse = l > 0 ? m + std::log(l) : -INFINITY;
         r.lse[lse_index(c, g, bi, h, i)] = lse;
         for (int j = 0; j < Lk; ++j) P[size_t(i) * Lk + j] = (l > 0 && s[j] != -INFINITY) ? R(std::exp(s[j] - m) / l) : 0.0;
-        for (int e = 0; e < c.d; ++e) {
+        for (int e = 0; e < dvw; ++e) {
           double acc = 0;
           for (int j = 0; j < Lk; ++j) acc += P[size_t(i) * Lk + j] * kd(i, j) * v.at(hb, sq.k0 + j, hk, e);
           r.out.at(hb, qi, h, e) = R(acc);
         }
         double D = 0;
-        for (int e = 0; e < c.d; ++e) D += dout.at(hb, qi, h, e) * r.out.at(hb, qi, h, e);
+        for (int e = 0; e < dvw; ++e) D += dout.at(hb, qi, h, e) * r.out.at(hb, qi, h, e);
         if (c.sink) dsink_part[size_t(bi) * c.hq + h] -= std::exp(sink - lse) * D;
         for (int j = 0; j < Lk; ++j) {
           double dp = 0;
-          for (int e = 0; e < c.d; ++e) dp += dout.at(hb, qi, h, e) * v.at(hb, sq.k0 + j, hk, e);
+          for (int e = 0; e < dvw; ++e) dp += dout.at(hb, qi, h, e) * v.at(hb, sq.k0 + j, hk, e);
           dp = R(dp) * kd(i, j);
           dS[size_t(i) * Lk + j] = R(P[size_t(i) * Lk + j] * (dp - D) * dt[j]);
         }
@@ -369,16 +405,20 @@ RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& 
       }
       // dK, dV contributions of this q head (summed over the group below).
       for (int j = 0; j < Lk; ++j)
-        for (int e = 0; e < c.d; ++e) {
+        for (int e = 0; e < std::max(c.d, dvw); ++e) {
           double ak = 0, av = 0;
           for (int i = 0; i < Lq; ++i) {
-            ak += dS[size_t(i) * Lk + j] * q.at(hb, sq.q0 + i, h, e);
-            av += P[size_t(i) * Lk + j] * kd(i, j) * dout.at(hb, sq.q0 + i, h, e);
+            if (e < c.d) ak += dS[size_t(i) * Lk + j] * q.at(hb, sq.q0 + i, h, e);
+            if (e < dvw) av += P[size_t(i) * Lk + j] * kd(i, j) * dout.at(hb, sq.q0 + i, h, e);
           }
+          if (e < c.d) {
 #pragma omp atomic
-          r.dk.at(hb, sq.k0 + j, hk, e) += ak * scale;
+            r.dk.at(hb, sq.k0 + j, hk, e) += ak * scale;
+          }
+          if (e < dvw) {
 #pragma omp atomic
-          r.dv.at(hb, sq.k0 + j, hk, e) += av;
+            r.dv.at(hb, sq.k0 + j, hk, e) += av;
+          }
         }
     }
   for (int bi = 0; bi < g.nseq; ++bi)
@@ -442,7 +482,7 @@ void fill_params(FwdParams& p, const Case& c, const DevT& q, const DevT& k, cons
   p.o_batch_stride = o.L.bs, p.o_row_stride = o.L.rs, p.o_head_stride = o.L.hs;
   p.lse_batch_stride = int64_t(c.hq) * c.sq;
   p.lse_head_stride = c.sq;
-  p.b = c.b, p.sq = c.sq, p.sk = c.sk, p.hq = c.hq, p.hkv = c.hkv, p.d = c.d;
+  p.b = c.b, p.sq = c.sq, p.sk = c.sk, p.hq = c.hq, p.hkv = c.hkv, p.d = c.d, p.d_v = c.vd();
   p.scale = 1.0f / std::sqrt(float(c.d));
   p.causal = c.causal;
   p.causal_offset = c.top_left ? 0 : int64_t(c.sk) - c.sq;
@@ -457,6 +497,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
   std::printf("[%s] %s b%d hq%d hkv%d sq%d sk%d d%d%s%s p%.2f%s%s", c.name, dtype_name(c.dt), c.b, c.hq, c.hkv,
               c.sq, c.sk, c.d, c.causal ? (c.top_left ? " causal-TL" : " causal-BR") : "", c.bhsd ? " bhsd" : "",
               c.p, c.det ? " det" : "", c.mask_out ? " mask" : "");
+  if (c.dv) std::printf(" d_v%d", c.dv);
+  if (c.pad || c.off) std::printf(" view(pad %d, off %d)", c.pad, c.off);
   if (c.wl >= 0 || c.wr >= 0) std::printf(" window(%lld,%lld)%s", (long long)c.wl, (long long)c.wr, c.top_left ? "-TL" : "");
   if (c.softcap > 0) std::printf(" softcap%.1f", c.softcap);
   if (c.alibi) std::printf(" alibi%d", c.alibi);
@@ -477,16 +519,21 @@ bool run_case(const Case& c, std::mt19937& rng) {
   const Geometry geo = geometry(c);
   const int hb = host_batch(c);
   std::normal_distribution<double> nd(0.0, 1.0);
-  auto randt = [&](int s, int h) {
-    HostT t(hb, s, h, c.d);
+  const int dvw = c.vd();
+  auto randt = [&](int s, int h, int width) {
+    HostT t(hb, s, h, width);
     for (auto& x : t.v) x = round_to(c.dt, nd(rng));
     return t;
   };
-  HostT q = randt(geo.tq, c.hq), k = randt(geo.tk, c.hkv), v = randt(geo.tk, c.hkv), dout = randt(geo.tq, c.hq);
-  const Layout Lq = make_layout(c, geo.tq, c.hq), Lk = make_layout(c, geo.tk, c.hkv);
-  DevT dq_ = upload(q, c.dt, Lq), dk_ = upload(k, c.dt, Lk), dv_ = upload(v, c.dt, Lk), ddo = upload(dout, c.dt, Lq);
+  HostT q = randt(geo.tq, c.hq, c.d), k = randt(geo.tk, c.hkv, c.d), v = randt(geo.tk, c.hkv, dvw),
+        dout = randt(geo.tq, c.hq, dvw);
+  // Layouts: q / dq, k / dk, v / dv, out / dout.
+  const Layout Lq = make_layout(c, geo.tq, c.hq, c.d), Lk = make_layout(c, geo.tk, c.hkv, c.d),
+               Lv = make_layout(c, geo.tk, c.hkv, dvw), Lo = make_layout(c, geo.tq, c.hq, dvw);
+  DevT dq_ = upload(q, c.dt, Lq, c.off), dk_ = upload(k, c.dt, Lk, c.off), dv_ = upload(v, c.dt, Lv, c.off),
+       ddo = upload(dout, c.dt, Lo, c.off);
   const size_t es = esize(c.dt);
-  DevT dout_o = alloc_poisoned(size_t(hb) * geo.tq * c.hq * c.d * es, Lq);
+  DevT dout_o = alloc_poisoned(span_bytes(Lo, hb, geo.tq, c.hq, dvw, c.dt), Lo, c.off * es);
   const size_t nl = lse_count(c, geo);
   DevT dlse = alloc_poisoned(nl * 4, {});
   DevT dmask = alloc_poisoned(size_t(c.b) * c.hq * c.sq * c.sk, {});
@@ -573,7 +620,13 @@ bool run_case(const Case& c, std::mt19937& rng) {
 
   const RefOut ref = reference(c, geo, q, k, v, dout, keep, hbias, false);
   const RefOut nai = reference(c, geo, q, k, v, dout, keep, hbias, true);
-  HostT out = get(download(dout_o), c.dt, Lq, hb, geo.tq, c.hq, c.d);
+  const std::vector<unsigned char> out_bytes = download(dout_o);
+  HostT out = get(out_bytes, c.dt, Lo, hb, geo.tq, c.hq, dvw);
+  if (c.pad || c.bhsd) {
+    const bool intact = outside_untouched(out_bytes, c.dt, Lo, hb, geo.tq, c.hq, dvw);
+    std::printf("    out padding %s\n", intact ? "untouched" : "WRITTEN");
+    ok &= intact;
+  }
   auto floats = [](const DevT& dv, size_t n) {
     std::vector<double> r(n);
     std::vector<unsigned char> b = download(dv);
@@ -593,13 +646,14 @@ bool run_case(const Case& c, std::mt19937& rng) {
   void* ws = nullptr;
   CK(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 256)));
   CK(cudaMemset(ws, 0xFF, std::max<size_t>(ws_bytes, 256)));
-  DevT gq = alloc_poisoned(dq_.bytes, Lq), gk = alloc_poisoned(dk_.bytes, Lk), gv = alloc_poisoned(dv_.bytes, Lk);
+  DevT gq = alloc_poisoned(dq_.bytes, Lq, c.off * es), gk = alloc_poisoned(dk_.bytes, Lk, c.off * es),
+       gv = alloc_poisoned(dv_.bytes, Lv, c.off * es);
   p.dout = ddo.ptr;
-  p.do_batch_stride = Lq.bs, p.do_row_stride = Lq.rs, p.do_head_stride = Lq.hs;
+  p.do_batch_stride = Lo.bs, p.do_row_stride = Lo.rs, p.do_head_stride = Lo.hs;
   p.dq = gq.ptr, p.dk = gk.ptr, p.dv = gv.ptr;
   p.dq_batch_stride = Lq.bs, p.dq_row_stride = Lq.rs, p.dq_head_stride = Lq.hs;
   p.dk_batch_stride = Lk.bs, p.dk_row_stride = Lk.rs, p.dk_head_stride = Lk.hs;
-  p.dv_batch_stride = Lk.bs, p.dv_row_stride = Lk.rs, p.dv_head_stride = Lk.hs;
+  p.dv_batch_stride = Lv.bs, p.dv_row_stride = Lv.rs, p.dv_head_stride = Lv.hs;
   p.workspace = ws;
   p.workspace_bytes = ws_bytes;
   p.deterministic = c.det;
@@ -609,7 +663,14 @@ bool run_case(const Case& c, std::mt19937& rng) {
   CK(cudaDeviceSynchronize());
   auto gq1 = download(gq), gk1 = download(gk), gv1 = download(gv), gs1 = download(d_dsink);
   HostT hq_ = get(gq1, c.dt, Lq, hb, geo.tq, c.hq, c.d), hk_ = get(gk1, c.dt, Lk, hb, geo.tk, c.hkv, c.d),
-        hv_ = get(gv1, c.dt, Lk, hb, geo.tk, c.hkv, c.d);
+        hv_ = get(gv1, c.dt, Lv, hb, geo.tk, c.hkv, dvw);
+  if (c.pad || c.bhsd) {
+    const bool intact = outside_untouched(gq1, c.dt, Lq, hb, geo.tq, c.hq, c.d) &&
+                        outside_untouched(gk1, c.dt, Lk, hb, geo.tk, c.hkv, c.d) &&
+                        outside_untouched(gv1, c.dt, Lv, hb, geo.tk, c.hkv, dvw);
+    std::printf("    dq/dk/dv padding %s\n", intact ? "untouched" : "WRITTEN");
+    ok &= intact;
+  }
   ok &= check(c, "dq", hq_.v, ref.dq.v, nai.dq.v);
   ok &= check(c, "dk", hk_.v, ref.dk.v, nai.dk.v);
   ok &= check(c, "dv", hv_.v, ref.dv.v, nai.dv.v);
@@ -628,7 +689,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
     std::printf("    deterministic reruns bitwise %s\n", same ? "identical" : "DIFFERENT");
     ok &= same;
   }
-  for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &gq, &gk, &gv, &d_dsink}) CK(cudaFree(t->ptr));
+  for (DevT* t : {&dq_, &dk_, &dv_, &ddo, &dout_o, &dlse, &dmask, &gq, &gk, &gv, &d_dsink}) free_dev(*t);
   for (void* ptr : {d_slopes, d_sink, d_cq, d_ck, d_bias, ws}) CK(cudaFree(ptr));
   std::printf("    => %s\n", ok ? "PASS" : "FAIL");
   if (!ok) ++g_failures;
@@ -867,6 +928,138 @@ std::vector<Case> feature_suite() {
   return v;
 }
 
+// Value head dim != head dim (issue #16): d_v < d (DeepSeek MLA 192/128, 128/64)
+// and d_v > d (64/128, 64/256), through every kernel family (forward; FA2-layout
+// backward d <= 128 atomic / deterministic; split backward d > 128; fp32 SIMT), with
+// causal, GQA, dropout, varlen, a window, sinks / softcap and BHSD.
+std::vector<Case> dv_suite() {
+  const DType BF = DType::kBFloat16, FP = DType::kFloat16, F32 = DType::kFloat32;
+  std::vector<Case> v;
+  auto V = [](Case c, int dv) {
+    c.dv = dv;
+    return c;
+  };
+  v.push_back(V({"dv-mla", BF, 1, 2, 2, 97, 131, 192}, 128));
+  v.push_back(V({"dv-mla-causal-gqa", BF, 2, 4, 2, 150, 150, 192, true}, 128));
+  {
+    Case c = V({"dv-mla-det", FP, 1, 4, 1, 130, 170, 192, true}, 128);
+    c.det = true;
+    v.push_back(c);
+    c = V({"dv-mla-drop", BF, 1, 2, 2, 100, 140, 192}, 128);
+    c.p = 0.15f;
+    v.push_back(c);
+  }
+  v.push_back(V({"dv-128-64", FP, 2, 4, 2, 113, 203, 128, true}, 64));
+  v.push_back(V({"dv-128-64-bhsd", BF, 2, 2, 2, 100, 120, 128, false, false, 0.f, false, true}, 64));
+  v.push_back(V({"dv-64-128", BF, 1, 2, 2, 150, 130, 64}, 128));
+  {
+    Case c = V({"dv-64-128-drop-det", BF, 2, 3, 3, 100, 140, 64, true}, 128);
+    c.p = 0.17f, c.det = true;
+    v.push_back(c);
+  }
+  v.push_back(V({"dv-64-256", BF, 1, 2, 1, 70, 90, 64, true}, 256));
+  {
+    Case c = V({"dv-256-64-det", FP, 1, 2, 2, 90, 110, 256}, 64);
+    c.det = true;
+    v.push_back(c);
+  }
+  v.push_back(V({"dv-32-96", FP, 1, 2, 2, 65, 80, 32}, 96));
+  v.push_back(V({"dv-160-32", BF, 1, 2, 2, 64, 77, 160, true}, 32));
+  v.push_back(V(with_varlen({"dv-varlen-causal", BF, 0, 4, 2, 0, 0, 192, true}, {70, 200, 0, 33}, {150, 100, 9, 33}), 128));
+  v.push_back(V(with_window({"dv-win", FP, 2, 2, 2, 200, 200, 64}, 20, 10), 128));
+  {
+    Case c = V(with_window({"dv-sink-softcap-win", BF, 1, 4, 2, 120, 100, 128, true}, 30, 0), 64);
+    c.sink = true, c.softcap = 3.f;
+    v.push_back(c);
+    c = V(with_varlen({"dv-varlen-det-alibi", FP, 0, 2, 2, 0, 0, 192}, {129, 3, 64}, {129, 70, 0}), 128);
+    c.det = true, c.alibi = 2;
+    v.push_back(c);
+  }
+  {  // attn_bias with the width features (the two landed separately): d_v != d, odd d
+    Case c = V({"dv-mla-bias", BF, 2, 2, 1, 90, 130, 192, true}, 128);
+    c.bias = 1, c.bias_bc = 2;
+    v.push_back(c);
+    c = V({"dv-64-128-bias-det", FP, 1, 2, 2, 70, 100, 64}, 128);
+    c.bias = 2, c.det = true;
+    v.push_back(c);
+    c = {"d59-bias-pad3", BF, 1, 2, 1, 80, 90, 59, true};
+    c.bias = 3, c.pad = 3;
+    v.push_back(c);
+  }
+  v.push_back(V({"dv-fp32", F32, 1, 2, 1, 40, 50, 96, true}, 64));
+  v.push_back(V({"dv-fp32-gqa", F32, 2, 4, 2, 33, 65, 40}, 72));
+  {
+    Case c = V({"dv-fp32-drop-sink", F32, 1, 2, 2, 45, 60, 192}, 128);
+    c.p = 0.1f, c.sink = true;
+    v.push_back(c);
+  }
+  // Any head dim 1..256 read and written at its true width in place: rows that are
+  // not whole 16-byte vectors take the element-wise paths (rows_vec16). Odd head
+  // dims (contiguous rows then have odd element strides), d_v != d among them.
+  auto W = [](Case c, int pad, int off) {
+    c.pad = pad, c.off = off;
+    return c;
+  };
+  v.push_back({"d3", BF, 1, 2, 2, 97, 131, 3});
+  v.push_back({"d1", FP, 1, 2, 1, 40, 50, 1, true});
+  v.push_back({"d59-causal-gqa", FP, 2, 4, 2, 113, 150, 59, true});
+  {
+    Case c{"d111-drop", BF, 1, 3, 3, 100, 140, 111};
+    c.p = 0.17f;
+    v.push_back(c);
+    c = Case{"d111-det", BF, 2, 4, 2, 130, 130, 111, true};
+    c.det = true;
+    v.push_back(c);
+    c = Case{"d200-det", BF, 1, 2, 1, 90, 110, 200, true};
+    c.det = true;
+    v.push_back(c);
+    v.push_back({"d200", FP, 1, 2, 2, 80, 77, 200});
+    v.push_back({"d255", BF, 1, 2, 2, 65, 70, 255, true});
+    v.push_back({"d37-long", BF, 1, 2, 2, 600, 520, 37});
+    c = Case{"d59-det-drop", FP, 1, 2, 2, 100, 90, 59};
+    c.det = true, c.p = 0.2f;
+    v.push_back(c);
+    c = with_window(with_varlen({"d59-varlen-win", BF, 0, 4, 2, 0, 0, 59, true}, {70, 0, 33}, {90, 20, 33}), 20, 0);
+    c.softcap = 2.f, c.alibi = 2, c.sink = true, c.p = 0.1f;
+    v.push_back(c);
+    c = with_window({"d111-win-sink-det", FP, 1, 2, 2, 150, 170, 111}, 30, 10);
+    c.sink = true, c.det = true;
+    v.push_back(c);
+    v.push_back(V({"d59-dv111", BF, 1, 2, 2, 77, 90, 59, true}, 111));
+    v.push_back(V({"d111-dv59-gqa", FP, 1, 4, 2, 90, 100, 111}, 59));
+    c = V({"d3-dv200-det", BF, 1, 2, 2, 60, 70, 3}, 200);
+    c.det = true;
+    v.push_back(c);
+    v.push_back(V({"d192-dv3", BF, 1, 2, 1, 50, 80, 192, true}, 3));
+    // fp32 SIMT kernels (element-wise already).
+    v.push_back({"d3-fp32", F32, 1, 2, 2, 40, 50, 3});
+    v.push_back({"d59-fp32-causal", F32, 1, 4, 2, 33, 65, 59, true});
+    v.push_back(W(V({"d111-fp32-dv37-view", F32, 1, 2, 2, 30, 41, 111}, 37), 3, 1));
+  }
+  // Strided / unaligned views of multiple-of-8 head dims: odd row padding (odd
+  // strides), a base 1 or 3 elements past alignment (element-wise path), and row
+  // padding of 8 (16-byte strides: the vector path with gaps). Padding is NaN-poisoned
+  // on input and checked untouched on output.
+  v.push_back(W({"d64-pad3", BF, 2, 2, 2, 100, 120, 64, true}, 3, 0));
+  v.push_back(W({"d128-off1", FP, 1, 4, 2, 130, 75, 128}, 0, 1));
+  v.push_back(W({"d64-pad8", BF, 2, 4, 2, 150, 150, 64, true}, 8, 0));
+  {
+    Case c = W({"d96-pad5-bhsd-drop", BF, 2, 2, 2, 100, 120, 96, false, false, 0.f, false, true}, 5, 0);
+    c.p = 0.1f;
+    v.push_back(c);
+    c = W({"d192-off3-det", FP, 1, 2, 1, 70, 90, 192, true}, 0, 3);
+    c.det = true;
+    v.push_back(c);
+    c = W(V({"d59-dv64-pad5-off1", BF, 1, 4, 2, 90, 110, 59}, 64), 5, 1);
+    c.det = true;
+    v.push_back(c);
+    c = W(with_varlen({"d128-pad1-varlen", BF, 0, 4, 2, 0, 0, 128, true}, {70, 200, 0, 33}, {150, 100, 9, 33}), 1, 0);
+    v.push_back(c);
+    v.push_back(W({"d256-pad8-off8", FP, 1, 2, 2, 60, 70, 256}, 8, 8));
+  }
+  return v;
+}
+
 std::vector<Case> suite() {
   const DType BF = DType::kBFloat16, FP = DType::kFloat16, F32 = DType::kFloat32;
   std::vector<Case> v;
@@ -933,6 +1126,7 @@ std::vector<Case> suite() {
   v.push_back({"sk0", BF, 1, 2, 2, 16, 0, 64});
   v.push_back({"long", BF, 1, 2, 2, 1024, 1024, 128, true});
   for (const Case& c : feature_suite()) v.push_back(c);
+  for (const Case& c : dv_suite()) v.push_back(c);
   return v;
 }
 
@@ -988,8 +1182,8 @@ void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20,
         }
         CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
         Case c{"bench", DType::kBFloat16, b, h, h, s, s, d, causal != 0};
-        DevT Q{q, 0, make_layout(c, s, h)}, K{k, 0, make_layout(c, s, h)}, V{v, 0, make_layout(c, s, h)},
-            O{o, 0, make_layout(c, s, h)};
+        DevT Q{q, 0, make_layout(c, s, h, d)}, K{k, 0, make_layout(c, s, h, d)}, V{v, 0, make_layout(c, s, h, d)},
+            O{o, 0, make_layout(c, s, h, d)};
         BwdParams p;
         fill_params(p, c, Q, K, V, O, lse);
         const size_t wsb = ops->backward_workspace_bytes(p);
@@ -1085,6 +1279,29 @@ int main(int argc, char** argv) {
       c = Case{"small-bias-async-d192", FP, 1, 2, 1, 50, 100, 192, true};
       c.bias = 2, c.bias_rpad = 4;
       cases.push_back(c);
+      // d_v != d: MLA shape (split backward, deterministic) and d_v > d (FA2-layout backward).
+      c = Case{"small-dv-mla-det", BF, 1, 2, 1, 60, 90, 192, true};
+      c.dv = 128, c.det = true;
+      cases.push_back(c);
+      c = Case{"small-dv-64-128", FP, 1, 2, 2, 70, 50, 64};
+      c.dv = 128;
+      cases.push_back(c);
+      // Any head dim / views (element-wise paths): FA2-layout backward atomic, split
+      // backward deterministic, d_v != d, odd strides, unaligned base, fp32.
+      c = Case{"small-d59", BF, 1, 2, 1, 70, 90, 59, true};
+      cases.push_back(c);
+      c = Case{"small-d200-det-off1", FP, 1, 2, 2, 40, 66, 200};
+      c.det = true, c.off = 1;
+      cases.push_back(c);
+      c = Case{"small-d3-dv111-pad3", BF, 1, 2, 2, 50, 40, 3};
+      c.dv = 111, c.pad = 3;
+      cases.push_back(c);
+      c = Case{"small-d64-pad3-det", BF, 1, 2, 2, 80, 70, 64, true};
+      c.pad = 3, c.det = true;
+      cases.push_back(c);
+      c = Case{"small-d59-fp32", F32, 1, 2, 1, 30, 40, 59, true};
+      c.pad = 2, c.off = 1;
+      cases.push_back(c);
     }
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
@@ -1105,7 +1322,7 @@ int main(int argc, char** argv) {
     std::printf("check_support(fp64): %s\n", ops->check_support(p).c_str());
     p.dtype = DType::kBFloat16;
     p.d = 36;
-    std::printf("check_support(d=36): %s\n", ops->check_support(p).c_str());
+    std::printf("check_support(d=36): '%s' (empty: supported)\n", ops->check_support(p).c_str());
     p.d = 264;
     std::printf("check_support(d=264): %s\n", ops->check_support(p).c_str());
     p.d = 64;
@@ -1114,12 +1331,16 @@ int main(int argc, char** argv) {
     std::printf("check_support(attn_bias): %s\n", ops->check_support(p).c_str());
     p.attn_bias = nullptr;
     p.d_v = 128;
-    std::printf("check_support(d_v=128, d=64): %s\n", ops->check_support(p).c_str());
+    std::printf("check_support(d_v=128, d=64): '%s' (empty: supported)\n", ops->check_support(p).c_str());
+    p.d_v = 264;
+    std::printf("check_support(d_v=264, d=64): %s\n", ops->check_support(p).c_str());
   }
-  // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks).
-  // --bias: only the attn_bias / attn_mask cases.
+  // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks);
+  // --bias: only the attn_bias / attn_mask cases;
+  // --width: only the value-head-dim / head-dim width cases (issue #16).
   int n = 0;
-  for (const Case& c : mode == "--features" || mode == "--bias" ? feature_suite() : suite()) {
+  for (const Case& c : mode == "--features" || mode == "--bias" ? feature_suite()
+                                                                  : (mode == "--width" ? dv_suite() : suite())) {
     if (mode == "--bias" && !c.bias) continue;
     run_case(c, rng);
     ++n;

@@ -376,4 +376,20 @@ __device__ __forceinline__ void store_accumulator_row(T* row, const float (&acc)
   }
 }
 
+// store_accumulator_row for rows that are not 4-byte aligned or an odd width d
+// (the kernels' element-wise path, rows_vec16 in launch.h): 2-byte stores,
+// each column < d written, none past it.
+template <typename T, int kTiles>
+__device__ __forceinline__ void store_accumulator_row_elems(T* row, const float (&acc)[kTiles][4], int r, int col0,
+                                                            int t, int d, float scale) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(row);
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    const int col = col0 + i * 8 + 2 * t;
+    const uint32_t v = MmaType<T>::pack(acc[i][2 * r] * scale, acc[i][2 * r + 1] * scale);
+    if (col < d) out[col] = static_cast<uint16_t>(v & 0xffffu);
+    if (col + 1 < d) out[col + 1] = static_cast<uint16_t>(v >> 16);
+  }
+}
+
 }  // namespace orchard::cuda

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "backends/cuda/launch.h"
@@ -22,6 +23,8 @@ void check_launch(const char* what) {
 namespace {
 
 // Head-dim buckets compiled (d is padded up to the bucket inside the kernel).
+// With a value head dim d_v != d the bucket is that of max(d, d_v): q/k and
+// v/out are each loaded at their own width and zero-filled up to the bucket.
 int head_dim_bucket(int d) {
   if (d <= 32) return 32;
   if (d <= 64) return 64;
@@ -34,7 +37,7 @@ int head_dim_bucket(int d) {
 
 template <typename T>
 void fwd_dispatch(const FwdParams& p) {
-  switch (head_dim_bucket(p.d)) {
+  switch (head_dim_bucket(std::max(p.d, value_dim(p)))) {
     case 32: return run_flash_fwd<T, 32>(p);
     case 64: return run_flash_fwd<T, 64>(p);
     case 96: return run_flash_fwd<T, 96>(p);
@@ -46,7 +49,7 @@ void fwd_dispatch(const FwdParams& p) {
 }
 template <typename T>
 void bwd_dispatch(const BwdParams& p) {
-  switch (head_dim_bucket(p.d)) {
+  switch (head_dim_bucket(std::max(p.d, value_dim(p)))) {
     case 32: return run_flash_bwd<T, 32>(p);
     case 64: return run_flash_bwd<T, 64>(p);
     case 96: return run_flash_bwd<T, 96>(p);
@@ -65,16 +68,18 @@ std::string check_support(const FwdParams& p) {
     case DType::kFloat64: return "float64 is supported on the CPU backend only";
     default: return std::string("dtype ") + dtype_name(p.dtype) + " is not supported by the CUDA backend";
   }
-  if (p.d <= 0 || p.d % 8 != 0)
-    return "the CUDA backend needs head_dim to be a positive multiple of 8 (got " + std::to_string(p.d) + ")";
-  if (p.d > 256) return "the CUDA backend supports head_dim up to 256 (got " + std::to_string(p.d) + ")";
+  // Any head dim 1..256 (q/k and v each): rows that are not whole 16-byte vectors
+  // take the kernels' element-wise path (rows_vec16, launch.h).
+  if (p.d <= 0 || p.d > 256)
+    return "the CUDA backend supports head_dim 1..256 (got " + std::to_string(p.d) + ")";
+  const int dv = value_dim(p);
+  if (dv <= 0 || dv > 256)
+    return "the CUDA backend supports value head dims 1..256 (got " + std::to_string(dv) + ")";
   // Implemented: sliding window, softcap, ALiBi, varlen, attention sinks, attn_bias /
   // attn_mask (all dtypes, forward and backward; the mask not with varlen, which the
   // core refuses as well).
   if (p.attn_bias != nullptr && p.cu_seqlens_q != nullptr)
     return "attn_bias / attn_mask cannot be combined with varlen on the CUDA backend";
-  if (p.d_v != 0 && p.d_v != p.d)
-    return "a value head dim different from the query/key head dim is not implemented on the CUDA backend yet";
   if (p.cu_seqlens_q != nullptr && p.dropout_mask != nullptr)
     return "returning the dropout mask is not supported with variable-length sequences on the CUDA backend";
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr))
@@ -88,7 +93,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
     s += "fp32_simt";
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
-    s += ".d" + std::to_string(head_dim_bucket(p.d));
+    s += ".d" + std::to_string(head_dim_bucket(std::max(p.d, value_dim(p))));
     if (backward) s += static_cast<const BwdParams&>(p).deterministic ? ".deterministic" : ".atomic_dq";
   }
   if (p.causal) s += ".causal";
@@ -97,6 +102,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   if (p.softcap > 0.f) s += ".softcap";
   if (p.alibi_slopes != nullptr) s += ".alibi";
   if (p.cu_seqlens_q != nullptr) s += ".varlen";
+  if (value_dim(p) != p.d) s += ".dv" + std::to_string(value_dim(p));
   if (p.sink != nullptr) s += ".sink";
   if (p.attn_bias != nullptr) s += p.attn_bias_dtype == DType::kUInt8 ? ".mask" : ".bias";
   return s;
@@ -121,7 +127,18 @@ __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
   }
 }
 
-void forward(const FwdParams& p) {
+// The kernels read the value head dim as p.d_v (a kernel-parameter operand, not a
+// select kept in a register: ptxas spilled more with value_dim(p) in the kernels);
+// params.h allows 0 for "same as d", so the dispatch fills it in.
+template <typename P>
+P with_value_dim(const P& p) {
+  P q = p;
+  q.d_v = value_dim(p);
+  return q;
+}
+
+void forward(const FwdParams& params) {
+  const FwdParams p = with_value_dim(params);
   switch (p.dtype) {
     case DType::kBFloat16: fwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: fwd_dispatch<__half>(p); break;
@@ -131,7 +148,8 @@ void forward(const FwdParams& p) {
   if (p.dropout_mask != nullptr) run_dropout_mask(p);
 }
 
-void backward(const BwdParams& p) {
+void backward(const BwdParams& params) {
+  const BwdParams p = with_value_dim(params);
   switch (p.dtype) {
     case DType::kBFloat16: bwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: bwd_dispatch<__half>(p); break;
@@ -142,9 +160,10 @@ void backward(const BwdParams& p) {
 
 std::size_t backward_workspace_bytes(const FwdParams& p) { return bwd_workspace_layout(p).bytes; }
 
-// 16-byte vector loads (cp.async) need 16-byte aligned bases and row/head/batch
-// strides; the bridge stages anything else.
-std::size_t required_alignment(const FwdParams&) { return 16; }
+// Element alignment only: the kernels check 16-byte vector alignment per call
+// (rows_vec16, launch.h) and read / write any other view element-wise in place,
+// so the bridge stages nothing for alignment.
+std::size_t required_alignment(const FwdParams& p) { return dtype_size(p.dtype); }
 
 void* allocate(std::size_t bytes, void* stream) {
   void* ptr = nullptr;

@@ -101,15 +101,17 @@ __device__ __forceinline__ void dq_accum_add(float* dst, const float (&c)[4]) {
 
 // D[bh, row] = sum_c dO[b,row,h,c] * O[b,row,h,c]: bwd_dot_lanes(d) lanes per
 // row, one 16-byte chunk of O and of dO each, so every lane loads (one warp per
-// row left 24 of 32 lanes idle at d64, 16 at d128).
+// row left 24 of 32 lanes idle at d64, 16 at d128). d is the value head dim;
+// !vec (rows_vec16): lane `sub` takes the elements sub, sub + lanes, ... instead.
 template <typename T>
-__global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum) {
-  const int lanes = bwd_dot_lanes(p.d);
+__global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum, bool vec) {
+  const int width = p.d_v;
+  const int lanes = bwd_dot_lanes(width);
   const int sub = threadIdx.x % lanes;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (256 / lanes) + threadIdx.x / lanes;
   const int64_t total = static_cast<int64_t>(p.b) * p.hq * p.sq;
   float acc = 0.f;
-  if (r < total && sub * 8 < p.d) {
+  if (r < total && (!vec || sub * 8 < width)) {
     const int64_t bh = r / p.sq;
     const int i = static_cast<int>(r % p.sq);
     const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
@@ -124,14 +126,18 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
       const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
       const T* dO =
           static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
-      const uint4 ov = *reinterpret_cast<const uint4*>(o + sub * 8);
-      const uint4 dv = *reinterpret_cast<const uint4*>(dO + sub * 8);
-      const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
-      const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
+      if (vec) {
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + sub * 8);
+        const uint4 dv = *reinterpret_cast<const uint4*>(dO + sub * 8);
+        const uint32_t* ow = reinterpret_cast<const uint32_t*>(&ov);
+        const uint32_t* dw = reinterpret_cast<const uint32_t*>(&dv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = MmaType<T>::unpack(ow[j]), c = MmaType<T>::unpack(dw[j]);
-        acc += a.x * c.x + a.y * c.y;
+        for (int j = 0; j < 4; ++j) {
+          const float2 a = MmaType<T>::unpack(ow[j]), c = MmaType<T>::unpack(dw[j]);
+          acc += a.x * c.x + a.y * c.y;
+        }
+      } else {
+        for (int c = sub; c < width; c += lanes) acc += MmaType<T>::to_float(o[c]) * MmaType<T>::to_float(dO[c]);
       }
     }
   }
@@ -145,9 +151,9 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
 // layout (its float4 is rows r, r+8 x columns c, c+1 of a 16 x 8 tile), so the
 // reads are fully coalesced; a warp writes one 16-row x 16-byte tile.
 template <typename T>
-__global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, const float* acc) {
+__global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, const float* acc, bool vec) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  const int col_tiles = p.d / 8;
+  const int col_tiles = dq_accum_cols(p.d) / 8;
   const int row_tiles = dq_accum_rows(p.sq) / 16;
   const int64_t tiles_per_slab = static_cast<int64_t>(row_tiles) * col_tiles;
   const int64_t tile = idx / 32;
@@ -166,9 +172,22 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
     dq += span.q_start * p.dq_row_stride;
   }
   const float sc = p.scale;
-  if (row < sq) *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride) = MmaType<T>::pack(v.x * sc, v.y * sc);
-  if (row + 8 < sq)
-    *reinterpret_cast<uint32_t*>(dq + (row + 8) * p.dq_row_stride) = MmaType<T>::pack(v.z * sc, v.w * sc);
+  if (vec) {
+    if (row < sq) *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride) = MmaType<T>::pack(v.x * sc, v.y * sc);
+    if (row + 8 < sq)
+      *reinterpret_cast<uint32_t*>(dq + (row + 8) * p.dq_row_stride) = MmaType<T>::pack(v.z * sc, v.w * sc);
+  } else {  // element-wise (rows_vec16): columns past d (dq_accum's padding) are not written
+    const int n = p.d - col;  // this lane's columns inside d: n >= 2 both, 1 the first, <= 0 none
+    auto put = [&](int rr, float x, float y) {
+      if (rr >= sq || n <= 0) return;
+      const uint32_t w = MmaType<T>::pack(x * sc, y * sc);
+      uint16_t* out = reinterpret_cast<uint16_t*>(dq + rr * p.dq_row_stride);
+      out[0] = static_cast<uint16_t>(w & 0xffffu);
+      if (n > 1) out[1] = static_cast<uint16_t>(w >> 16);
+    };
+    put(row, v.x, v.y);
+    put(row + 8, v.z, v.w);
+  }
 }
 
 // LSE (log2 units) and D = rowsum(dO * O) of query row `row` of head h; rows
@@ -229,7 +248,7 @@ __device__ __forceinline__ void key_tile_range(int m0, int sk, int64_t diag, boo
 
 template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq>
 __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
-    flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks) {
+    flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks, bool vec) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSdS = Cfg::kSdS;
   constexpr int kThreads = Cfg::kNWarps * 32;
@@ -255,7 +274,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
   const SeqSpan span = seq_span(p, b);  // varlen: this sequence
   const int sq = span.len_q, sk = span.len_k;
   const int64_t diag = span.diag;
@@ -267,8 +286,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
                 (span.k_start + n0) * p.k_row_stride;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                 (span.k_start + n0) * p.v_row_stride;
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-  if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, d, tid);
+  if (vec) {
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
+    if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
+  } else {  // element-wise (rows_vec16)
+    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
+    if (kWantDK) load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
+  }
 
   int m_begin, m_end;
   query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, m_end);
@@ -287,8 +311,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const int64_t r0 = span.q_start + m0;
     const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + r0 * p.q_row_stride;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + r0 * p.do_row_stride;
-    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, d, tid);
-    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, d, tid);
+    if (vec) {
+      load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, d, tid);
+      load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, dv, tid);
+    } else {  // p.* / threadIdx as in the forward's loop
+      const int tx = threadIdx.x;
+      load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, p.d, tx);
+      load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, p.d_v, tx);
+    }
     stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
   };
   if (total > 0) prefetch(0, 0);
@@ -520,12 +550,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
             if (2 * dp + 1 < kDTw) mma16816<T>(acc[2 * dp + 1], a, bfr[2], bfr[3]);
           }
         }
-        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
+        const int dqc = dq_accum_cols(d);
+        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * dqc;
         const int row16 = m0 + wm * 16;  // kBM % 16 == 0: a tile boundary
 #pragma unroll
         for (int i = 0; i < kDTw; ++i) {
           const int col8 = (wn * kDTw + i) * 8;
-          if (row16 < sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, d, lane), acc[i]);
+          if (row16 < sq && col8 < d) dq_accum_add(dqa + dq_accum_tile_offset(row16, col8, dqc, lane), acc[i]);
         }
       }
     }
@@ -538,14 +569,15 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const int kv = kv_base + r * 8;
     if (kv >= sk) continue;
     const int64_t kr = span.k_start + kv;
-    if constexpr (kWantDV)
-      store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
-                                   kr * p.dv_row_stride,
-                               acc_dv, r, 0, t, d, 1.f);
-    if constexpr (kWantDK)
-      store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
-                                   kr * p.dk_row_stride,
-                               acc_dk, r, 0, t, d, p.scale);
+    T* dv_row = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kr * p.dv_row_stride;
+    T* dk_row = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kr * p.dk_row_stride;
+    if (vec) {
+      if constexpr (kWantDV) store_accumulator_row<T>(dv_row, acc_dv, r, 0, t, dv, 1.f);
+      if constexpr (kWantDK) store_accumulator_row<T>(dk_row, acc_dk, r, 0, t, d, p.scale);
+    } else {
+      if constexpr (kWantDV) store_accumulator_row_elems<T>(dv_row, acc_dv, r, 0, t, dv, 1.f);
+      if constexpr (kWantDK) store_accumulator_row_elems<T>(dk_row, acc_dk, r, 0, t, d, p.scale);
+    }
   }
 }
 
@@ -594,7 +626,7 @@ struct BwdConfig2 {
 
 template <typename T, int kD, bool kCausal, bool kDropout, bool kDq>
 __global__ void __launch_bounds__(256)
-    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group) {
+    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group, bool vec) {
   using Cfg = BwdConfig2<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSP = Cfg::kSP;
   constexpr int kThreads = 256;
@@ -632,7 +664,7 @@ __global__ void __launch_bounds__(256)
   const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
   const int group = p.hq / p.hkv;
   const int n0 = n_block * kBN;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
   const SeqSpan span = seq_span(p, b);  // varlen: this sequence
   const int sq = span.len_q, sk = span.len_k;
   const int64_t diag = span.diag;
@@ -644,8 +676,13 @@ __global__ void __launch_bounds__(256)
                 (span.k_start + n0) * p.k_row_stride;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                 (span.k_start + n0) * p.v_row_stride;
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-  load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, d, tid);
+  if (vec) {
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
+  } else {  // element-wise (rows_vec16)
+    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
+    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
+  }
 
   int m_begin, num_m_total;  // query tiles [m_begin, num_m_total) see this key block
   query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, num_m_total);
@@ -659,7 +696,7 @@ __global__ void __launch_bounds__(256)
   const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
 
   TileStream<T, kBM, kD, kThreads, kSwz> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
-  TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, d, tid);
+  TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, dv, tid);
   // Steps run over (q head of the group, query tile): counters, not divisions.
   // The streams' tile origins move by one tile per step and are recomputed only
   // when the step crosses to the next q head (the full 64-bit origin took ~30
@@ -683,14 +720,20 @@ __global__ void __launch_bounds__(256)
     // causal within noise (call 12; before the swizzled tiles ptxas spilled the
     // d128 causal kernel 8 -> 48 B and s16k lost 3%, now no spill reloads).
     constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn;
-    if (kFullLoads && d == kD && m0 + kBM <= sq) {  // warp-uniform: all but the last tile, unpadded d
+    // Any d, d_v: the streams' columns past the width are copies (TileStream).
+    // The element-wise branch last: first, it cost the d64 deterministic kernel 4 B.
+    if (kFullLoads && vec && m0 + kBM <= sq) {  // warp-uniform: all but the last tile
       if constexpr (kFullLoads) {
         q_stream.load_full(sq_stage);
         do_stream.load_full(sdo_stage);
       }
-    } else {
+    } else if (vec) {
       q_stream.load(sq_stage, sq - m0);
       do_stream.load(sdo_stage, sq - m0);
+    } else {  // element-wise (rows_vec16); p.* / threadIdx as in the forward's loop
+      const int tx = threadIdx.x;
+      load_tile_elems<T, kBM, kD, kThreads, kSwz>(sq_stage, q_stream.tile, p.q_row_stride, sq - m0, p.d, tx);
+      load_tile_elems<T, kBM, kD, kThreads, kSwz>(sdo_stage, do_stream.tile, p.do_row_stride, sq - m0, p.d_v, tx);
     }
     if (kStatsInRegs && defer_stats) {
       if (tid < kBM) next_stats = load_row_stats(p, lse_g, dsum, b, h, m0 + tid, sq);
@@ -1027,9 +1070,10 @@ __global__ void __launch_bounds__(256)
       // recomputing the full tile offset per reduction cost ~150 integer
       // instructions per step (ncu source page, d128), ~15% of the loop.
       const int row16 = m0 + wm * 32, col8 = wn * kDqT * 8;
-      const int row_stride = dq_accum_row_tile_stride(d);
-      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * d;
-      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, d, lane);
+      const int dqc = dq_accum_cols(d);
+      const int row_stride = dq_accum_row_tile_stride(dqc);
+      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * dqc;
+      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, dqc, lane);
       if (d == kD && row16 + 32 <= sq) {  // warp-uniform: all but tail tiles and padded head dims
         constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
 #pragma unroll
@@ -1062,12 +1106,13 @@ __global__ void __launch_bounds__(256)
       const int kv = kv_base + mt * 16 + r * 8;
       if (kv >= sk) continue;
       const int64_t kr = span.k_start + kv;
-      store_accumulator_row<T>(static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
-                                   kr * p.dv_row_stride,
-                               acc_dv[mt], r, dcol, t, d, 1.f);
-      store_accumulator_row<T>(static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
-                                   kr * p.dk_row_stride,
-                               acc_dk[mt], r, dcol, t, d, p.scale);
+      T* dv_row = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kr * p.dv_row_stride;
+      T* dk_row = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kr * p.dk_row_stride;
+      // 2-byte stores on every path (any width, any alignment): a second, 4-byte
+      // copy of these stores behind `vec` cost the d64 kernels 4-44 B of spill
+      // (ptxas sm_90); this epilogue runs once per CTA.
+      store_accumulator_row_elems<T>(dv_row, acc_dv[mt], r, dcol, t, dv, 1.f);
+      store_accumulator_row_elems<T>(dk_row, acc_dk[mt], r, dcol, t, d, p.scale);
     }
 }
 
@@ -1075,7 +1120,7 @@ __global__ void __launch_bounds__(256)
 // rows each (like the forward); recomputes S and dP per key tile.
 template <typename T, int kD, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
-    flash_bwd_dq_kernel(const BwdParams p, int num_m_blocks) {
+    flash_bwd_dq_kernel(const BwdParams p, int num_m_blocks, bool vec) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBM = Cfg::kDqBM, kBN = Cfg::kDqBN, kS = Cfg::kS, kThreads = Cfg::kDqNWarps * 32;
   constexpr int kKSteps = kD / 16;
@@ -1096,7 +1141,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   const int hk = h / (p.hq / p.hkv);
   const int m0 = m_block * kBM;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
   const SeqSpan span = seq_span(p, b);  // varlen: this sequence
   const int sq = span.len_q, sk = span.len_k;
   const int64_t diag = span.diag;
@@ -1115,15 +1160,24 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                 (span.k_start + static_cast<int64_t>(n_begin) * kBN) * p.v_row_stride;
 
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, sq - m0, d, tid);
-  if (n_begin < n_end) {
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n_begin * kBN, d, tid);
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, d, tid);
-    if (p.attn_bias != nullptr)  // its bias tile joins the K/V group
-      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
-                                          p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
-                                          b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
+  if (n_begin < n_end && p.attn_bias != nullptr)  // its bias tile joins the K/V group
+    issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+                                        p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
+                                        b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
+  if (vec) {
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, sq - m0, dv, tid);
+    if (n_begin < n_end) {
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n_begin * kBN, d, tid);
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, dv, tid);
+    }
+  } else {  // element-wise (rows_vec16)
+    load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
+    load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sdO), dog, p.do_row_stride, sq - m0, dv, tid);
+    if (n_begin < n_end) {
+      load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n_begin * kBN, d, tid);
+      load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n_begin * kBN, dv, tid);
+    }
   }
   cp_async_commit();
 
@@ -1165,10 +1219,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       const int64_t rel = static_cast<int64_t>(n + 1 - n_begin) * kBN;  // kg / vg start at tile n_begin
-      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
-                                            p.k_row_stride, sk - nn, d, tid);
-      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
-                                            p.v_row_stride, sk - nn, d, tid);
+      if (vec) {
+        load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
+                                              p.k_row_stride, sk - nn, d, tid);
+        load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
+                                              p.v_row_stride, sk - nn, dv, tid);
+      } else {  // p.* / threadIdx as in the forward's loop
+        const int tx = threadIdx.x;
+        load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
+                                              p.k_row_stride, sk - nn, p.d, tx);
+        load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
+                                              p.v_row_stride, sk - nn, p.d_v, tx);
+      }
     }
     cp_async_commit();
     const T* sKs = sK + stage * kBN * kS;
@@ -1275,7 +1337,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   for (int r = 0; r < 2; ++r) {
     const int row = row_base + r * 8;
     if (row >= sq) continue;
-    store_accumulator_row<T>(dqg + row * p.dq_row_stride, acc_dq, r, 0, t, d, p.scale);
+    if (vec) store_accumulator_row<T>(dqg + row * p.dq_row_stride, acc_dq, r, 0, t, d, p.scale);
+    else store_accumulator_row_elems<T>(dqg + row * p.dq_row_stride, acc_dq, r, 0, t, d, p.scale);
   }
 }
 
@@ -1291,15 +1354,16 @@ void launch_flash_bwd(const BwdParams& p) {
   const BwdWorkspace layout = bwd_workspace_layout(p);
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
+  const bool vec = bwd_vec16(p);  // else the element-wise paths (rows_vec16)
   if (rows > 0) {
-    const int rows_per_block = 256 / bwd_dot_lanes(p.d);
+    const int rows_per_block = 256 / bwd_dot_lanes(value_dim(p));
     bwd_dot_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0, stream>>>(
-        p, reinterpret_cast<float*>(ws + layout.d_offset));
+        p, reinterpret_cast<float*>(ws + layout.d_offset), vec);
     check_launch("bwd_dot_kernel");
   }
   const bool atomic_dq = !p.deterministic;
   if (atomic_dq && rows > 0) {
-    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * p.d;
+    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * dq_accum_cols(p.d);
     if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
       check_launch("cudaMemsetAsync(dq_accum)");
   }
@@ -1315,7 +1379,7 @@ void launch_flash_bwd(const BwdParams& p) {
       // attn_bias: its tile in sdS and past the end.
       const int smem = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
       set_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p));
+      kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p), vec);
       check_launch("flash_bwd_dkdv2_kernel");
     }
   }
@@ -1324,7 +1388,8 @@ void launch_flash_bwd(const BwdParams& p) {
   const int bias_smem = p.attn_bias != nullptr ? Cfg::kBiasBytes : 0;  // attn_bias: its staged tiles
   auto run_dkdv = [&](auto kernel) {
     set_smem(kernel, Cfg::kSmemBytes + bias_smem);
-    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes + bias_smem, stream>>>(p, num_n_blocks);
+    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes + bias_smem, stream>>>(p, num_n_blocks,
+                                                                                                      vec);
     check_launch("flash_bwd_dkdv_kernel");
   };
   if (grid_kv > 0) {
@@ -1341,9 +1406,9 @@ void launch_flash_bwd(const BwdParams& p) {
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0) return;
   if (atomic_dq) {
-    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (p.d / 4);  // float4 slots
+    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);  // float4 slots
     bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
-        p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset));
+        p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset), vec);
     check_launch("bwd_convert_dq_kernel");
   } else {
     auto kernel = flash_bwd_dq_kernel<T, kD, kCausal, kDropout>;
@@ -1351,7 +1416,7 @@ void launch_flash_bwd(const BwdParams& p) {
     set_smem(kernel, smem);
     const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;
     kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32, smem,
-             stream>>>(p, num_m_blocks);
+             stream>>>(p, num_m_blocks, vec);
     check_launch("flash_bwd_dq_kernel");
   }
 }

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   const int64_t bh = w.bh;
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
-  const int d = p.d;
+  const int d = p.d, dv = value_dim(p);  // q/k and v/out head dims
   const SeqSpan span = seq_span(p, b);
   if (i >= span.len_q) return;  // varlen: past this sequence
   const int64_t qi = span.q_start + i;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
 #pragma unroll
     for (int jj = 0; jj < kMaxPerLane; ++jj) {
       const int c = lane + 32 * jj;
-      o[jj] = o[jj] * corr + (c < d ? pv * vr[c] : 0.f);
+      o[jj] = o[jj] * corr + (c < dv ? pv * vr[c] : 0.f);
     }
   }
   const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
     inv = drop_scale * a / lt;
     lse = top + logf(lt);
   }
-  store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride, o, inv, d,
+  store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride, o, inv, dv,
             lane);
   if (lane == 0) static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi] = lse;
 }
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, fl
       static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride;
   float acc = 0.f;
   if (i < span.len_q)  // varlen: rows past the sequence get D = 0
-    for (int c = lane; c < p.d; c += 32) acc = fmaf(o[c], dO[c], acc);
+    for (int c = lane, dv = value_dim(p); c < dv; c += 32) acc = fmaf(o[c], dO[c], acc);
   acc = warp_sum(acc);
   if (lane == 0) dsum[r] = acc;
 }
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   const int64_t r = w.index, bh = w.bh;
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
-  const int d = p.d;
+  const int d = p.d, dv = value_dim(p);  // q/k and v/dO head dims
   const SeqSpan span = seq_span(p, b);
   if (i >= span.len_q) return;  // varlen: past this sequence
   const int64_t qi = span.q_start + i;
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   load_row(qr, static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride, d,
            lane);
   load_row(dor,
-           static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride, d,
+           static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride, dv,
            lane);
 #pragma unroll
   for (int j = 0; j < kMaxPerLane; ++j) dq[j] = 0.f;
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
     const float* kr = k + j * p.k_row_stride;
     float dt;
     const float pv = expf(final_score(p, dot_row(qr, kr, d, lane), slope, i, j, span.diag, bias, j, &dt) - lse);
-    float dp = dot_row(dor, v + j * p.v_row_stride, d, lane);
+    float dp = dot_row(dor, v + j * p.v_row_stride, dv, lane);
     const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
                                                static_cast<uint32_t>(j), thr);
     dp = keep ? dp * rdrop : 0.f;
@@ -258,14 +258,14 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
   if (!warp_row(p.b, p.hkv, p.sk, w)) return;
   const int j = w.row, b = w.b, hk = w.head, lane = threadIdx.x % 32;
   const int group = p.hq / p.hkv;
-  const int d = p.d;
+  const int d = p.d, d_v = value_dim(p);  // q/k and v/dO head dims
   const SeqSpan span = seq_span(p, b);
   if (j >= span.len_k) return;  // varlen: past this sequence
   const int64_t kj = span.k_start + j;
   float kr[kMaxPerLane], vr[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
   load_row(kr, static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + kj * p.k_row_stride, d,
            lane);
-  load_row(vr, static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + kj * p.v_row_stride, d,
+  load_row(vr, static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + kj * p.v_row_stride, d_v,
            lane);
 #pragma unroll
   for (int e = 0; e < kMaxPerLane; ++e) dk[e] = dv[e] = 0.f;
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
           lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
       float dt;
       const float pv = expf(final_score(p, dot_row(kr, q, d, lane), slope, i, j, span.diag, bias, i, &dt) - lse);
-      float dp = dot_row(vr, dO, d, lane);
+      float dp = dot_row(vr, dO, d_v, lane);
       const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh),
                                                  static_cast<uint32_t>(i), static_cast<uint32_t>(j), thr);
       const float pd = keep ? pv * rdrop : 0.f;
@@ -302,17 +302,15 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
 #pragma unroll
       for (int e = 0; e < kMaxPerLane; ++e) {
         const int c = lane + 32 * e;
-        if (c < d) {
-          dv[e] = fmaf(pd, dO[c], dv[e]);
-          dk[e] = fmaf(ds, q[c], dk[e]);
-        }
+        if (c < d_v) dv[e] = fmaf(pd, dO[c], dv[e]);
+        if (c < d) dk[e] = fmaf(ds, q[c], dk[e]);
       }
     }
   }
   store_row(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kj * p.dk_row_stride, dk,
             p.scale, d, lane);
   store_row(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kj * p.dv_row_stride, dv, 1.f,
-            d, lane);
+            d_v, lane);
 }
 
 unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + 3) / 4); }

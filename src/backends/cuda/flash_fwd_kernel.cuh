@@ -21,6 +21,10 @@
 // before the online softmax: apply_score_mods in attention_tiles.cuh), sinks (epilogue).
 // The plain path pays one uniform branch per tile; ptxas: no new spills in the
 // non-dropout kernels (d64/d128, sm_90).
+// Any head dim / view (issue #16): `vec` (rows_vec16, launch.h) is false when some
+// tensor's rows are not 16-byte vectors (d % 8 != 0, odd strides or base); then the
+// tiles are loaded element-wise (load_tile_elems) and O stored element-wise, all
+// in place. A kernel argument, so the branch costs the plain path no register.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -69,7 +73,7 @@ struct FwdConfig {
 
 template <typename T, int kD, bool kCausal, bool kDropout>
 __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
-    flash_fwd_kernel(const FwdParams p, int num_m_blocks) {
+    flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec) {
   using Cfg = FwdConfig<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
@@ -94,7 +98,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   const int hk = h / (p.hq / p.hkv);
   const int m0 = m_block * kBM;
-  const int d = p.d;
+  const int d = p.d, dv = p.d_v;  // q/k and v/out head dims (d_v set: cuda_backend.cu)
   const int wrow = warp * 16 * kMW;  // this warp's first row inside the tile
   // Varlen: this sequence's rows and diagonal (seq_span); CTAs past its end exit.
   const SeqSpan span = seq_span(p, b);
@@ -123,15 +127,26 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   kg += static_cast<int64_t>(n_begin) * kBN * p.k_row_stride;
   vg += static_cast<int64_t>(n_begin) * kBN * p.v_row_stride;
 
-  load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
-  TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, d, tid);
-  if (n_begin < n_end) {
-    k_stream.load(smem_u32(sK), sk - n_begin * kBN);
-    v_stream.load(smem_u32(sV), sk - n_begin * kBN);
-    if (p.attn_bias != nullptr)  // its bias tile joins the K/V group
-      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
-                                          p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
-                                          b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
+  TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, dv, tid);
+  if (n_begin < n_end && p.attn_bias != nullptr)  // its bias tile joins the K/V group
+    issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+                                        p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
+                                        b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
+  if (vec) {
+    load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
+    if (n_begin < n_end) {
+      k_stream.load(smem_u32(sK), sk - n_begin * kBN);
+      v_stream.load(smem_u32(sV), sk - n_begin * kBN);
+    }
+  } else {  // element-wise (rows_vec16)
+    constexpr bool kCall = kD > 64;  // load_tile_elems_at: measured, ptxas sm_90
+    load_tile_elems_at<kCall, T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
+    if (n_begin < n_end) {
+      load_tile_elems_at<kCall, T, kBN, kD, kThreads, kSwz>(smem_u32(sK), k_stream.tile, k_stream.row_stride,
+                                                            sk - n_begin * kBN, k_stream.d, k_stream.tid);
+      load_tile_elems_at<kCall, T, kBN, kD, kThreads, kSwz>(smem_u32(sV), v_stream.tile, v_stream.row_stride,
+                                                            sk - n_begin * kBN, v_stream.d, v_stream.tid);
+    }
   }
   cp_async_commit();
 
@@ -178,8 +193,17 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       const int nn = (n + 1) * kBN;
       k_stream.advance();
       v_stream.advance();
-      k_stream.load(smem_u32(sK) + (stage ^ 1) * kTileBytes, sk - nn);
-      v_stream.load(smem_u32(sV) + (stage ^ 1) * kTileBytes, sk - nn);
+      if (!vec) {  // element-wise (rows_vec16); p.* / threadIdx as above (with the
+        // streams' d and tid the d64 kernel spilled 4 B)
+        const int tx = threadIdx.x;
+        load_tile_elems<T, kBN, kD, kThreads, kSwz>(smem_u32(sK) + (stage ^ 1) * kTileBytes, k_stream.tile,
+                                                    p.k_row_stride, sk - nn, p.d, tx);
+        load_tile_elems<T, kBN, kD, kThreads, kSwz>(smem_u32(sV) + (stage ^ 1) * kTileBytes, v_stream.tile,
+                                                    p.v_row_stride, sk - nn, p.d_v, tx);
+      } else {
+        k_stream.load(smem_u32(sK) + (stage ^ 1) * kTileBytes, sk - nn);
+        v_stream.load(smem_u32(sV) + (stage ^ 1) * kTileBytes, sk - nn);
+      }
     }
     cp_async_commit();
     const KV k_op = KV::from_lane(k_lane, stage * kTileBytes), v_op = KV::from_lane(v_lane, stage * kTileBytes);
@@ -383,15 +407,24 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + span.q_start * p.o_row_stride;
   constexpr int kChunks = kD / 8;
   constexpr int kRows = 16 * kMW;
+  if (vec) {
 #pragma unroll
-  for (int i = 0; i < (kRows * kChunks + 31) / 32; ++i) {
-    const int idx = lane + i * 32;
-    if (idx < kRows * kChunks) {
-      const int r = idx / kChunks, c = idx % kChunks;
+    for (int i = 0; i < (kRows * kChunks + 31) / 32; ++i) {
+      const int idx = lane + i * 32;
+      if (idx < kRows * kChunks) {
+        const int r = idx / kChunks, c = idx % kChunks;
+        const int row = m0 + wrow + r;
+        if (row < sq && c * 8 < dv)
+          *reinterpret_cast<uint4*>(og + row * p.o_row_stride + c * 8) =
+              *reinterpret_cast<const uint4*>(sO + r * kS + c * 8);
+      }
+    }
+  } else {  // element-wise: any width, any alignment
+#pragma unroll 4
+    for (int idx = lane; idx < kRows * kD; idx += 32) {
+      const int r = idx / kD, c = idx % kD;
       const int row = m0 + wrow + r;
-      if (row < sq && c * 8 < d)
-        *reinterpret_cast<uint4*>(og + row * p.o_row_stride + c * 8) =
-            *reinterpret_cast<const uint4*>(sO + r * kS + c * 8);
+      if (row < sq && c < dv) og[row * p.o_row_stride + c] = sO[r * kS + c];
     }
   }
 }
@@ -406,8 +439,8 @@ void launch_flash_fwd(const FwdParams& p) {
   // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy).
   const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(p,
-                                                                                                        num_m_blocks);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(
+      p, num_m_blocks, fwd_vec16(p));
   check_launch("flash_fwd_kernel");
 }
 

@@ -32,10 +32,15 @@ void run_bwd_dsink(const BwdParams& params, const float* dsum);
 // Dropout keep-mask output (b, hq, sq, sk) uint8, from the Philox definition alone.
 void run_dropout_mask(const FwdParams& params);
 
+// Head dim of v, out, dout and dv (params.h: d_v == 0 means d).
+ORCHARD_HOST_DEVICE int value_dim(const FwdParams& p) { return p.d_v > 0 ? p.d_v : p.d; }
+// Columns of a dq_accum slab: d rounded up to whole 8-column tiles.
+ORCHARD_HOST_DEVICE int dq_accum_cols(int d) { return (d + 7) / 8 * 8; }
+
 // Workspace layout for the backward pass (each region 256-byte aligned).
 struct BwdWorkspace {
   std::size_t d_offset = 0;         // float[b * hq * sq]: rowsum(dO * O)
-  std::size_t dq_accum_offset = 0;  // float[b * hq * dq_accum_rows(sq) * d]: fp32 dQ reductions
+  std::size_t dq_accum_offset = 0;  // float[b * hq * dq_accum_rows(sq) * dq_accum_cols(d)]: fp32 dQ reductions
   std::size_t bytes = 0;
 };
 
@@ -65,12 +70,12 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
   BwdWorkspace w;
   w.d_offset = 0;
   w.dq_accum_offset = align(rows * sizeof(float));
-  w.bytes = w.dq_accum_offset + align(acc_rows * p.d * sizeof(float));
+  w.bytes = w.dq_accum_offset + align(acc_rows * dq_accum_cols(p.d) * sizeof(float));
   return w;
 }
 
-// Lanes per row in the backward's D = rowsum(dO * O) kernel: the row's 16-byte
-// chunks (d / 8 <= 32) rounded up to a power of two, at least 8.
+// Lanes per row in the backward's D = rowsum(dO * O) kernel (d: the value head
+// dim): the row's 16-byte chunks (d / 8 <= 32) rounded up to a power of two, at least 8.
 ORCHARD_HOST_DEVICE int bwd_dot_lanes(int d) { return d <= 64 ? 8 : (d <= 128 ? 16 : 32); }
 
 // The causal dK/dV kernel's CTA order: the CTAs of `head_group` consecutive
@@ -94,11 +99,35 @@ ORCHARD_HOST_DEVICE CtaCoord causal_cta_coord(int64_t cta, int num_n_blocks, int
 // (every q head of the GQA group, 2-byte elements) within 16 MB, a third of the
 // H100's L2, so the concurrently running CTAs of a group share them there.
 ORCHARD_HOST_DEVICE int causal_head_group(const BwdParams& p) {
-  const int64_t bytes_per_head = static_cast<int64_t>(p.hq / p.hkv) * p.sq * p.d * 2 * 2;
+  const int64_t bytes_per_head = static_cast<int64_t>(p.hq / p.hkv) * p.sq * (p.d + value_dim(p)) * 2;
   const int64_t heads = static_cast<int64_t>(p.b) * p.hkv;
   int64_t group = bytes_per_head > 0 ? (int64_t{16} << 20) / bytes_per_head : heads;
   if (group > heads) group = heads;
   return static_cast<int>(group < 1 ? 1 : group);
+}
+
+// Whether the kernels may move one 2-byte tensor's rows with 16-byte vectors
+// (cp.async, uint4 / 4-byte pair stores): a 16-byte aligned base, batch / row /
+// head strides that are multiples of 8 elements (dims of extent 1 excepted) and
+// a width of whole 8-element chunks. Else the kernels take their element-wise
+// path (a CTA-uniform branch on a kernel argument): any head dim and any view is
+// read and written in place, never staged.
+inline bool rows_vec16(const void* base, int64_t bs, int64_t rs, int64_t hs, int nb, int nr, int nh, int width) {
+  const int64_t strides = (nb > 1 ? bs : 0) | (nr > 1 ? rs : 0) | (nh > 1 ? hs : 0);
+  return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && strides % 8 == 0 && width % 8 == 0;
+}
+inline bool fwd_vec16(const FwdParams& p) {
+  return rows_vec16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.b, p.sq, p.hq, p.d) &&
+         rows_vec16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.b, p.sk, p.hkv, p.d) &&
+         rows_vec16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.b, p.sk, p.hkv, p.d_v) &&
+         rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, p.sq, p.hq, p.d_v);
+}
+inline bool bwd_vec16(const BwdParams& p) {
+  return fwd_vec16(p) &&
+         rows_vec16(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, p.b, p.sq, p.hq, p.d_v) &&
+         rows_vec16(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, p.b, p.sq, p.hq, p.d) &&
+         rows_vec16(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, p.b, p.sk, p.hkv, p.d) &&
+         rows_vec16(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, p.b, p.sk, p.hkv, p.d_v);
 }
 
 // Throws orchard::Error(kRuntime) if the last launch failed.

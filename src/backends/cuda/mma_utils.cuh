@@ -122,6 +122,65 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
   }
 }
 
+// 16-byte shared-memory store to a shared-state-space byte address.
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+
+// One 8-element (16-byte) chunk of 2-byte elements read one element at a time
+// (any 2-byte alignment): element e if e < n, else 0 (n <= 0: all zero, src unread).
+__device__ __forceinline__ uint4 load_chunk_elems(const uint16_t* src, int n) {
+  uint32_t w[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const uint32_t lo = 2 * e < n ? src[2 * e] : 0u;
+    const uint32_t hi = 2 * e + 1 < n ? src[2 * e + 1] : 0u;
+    w[e] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The element-wise fallback of load_tile_async / TileStream::load for rows that
+// 16-byte vectors cannot move (rows_vec16 in launch.h: a head dim that is not a
+// multiple of 8, odd strides, an unaligned base): the same chunks in the same
+// padded (row stride kD + 8) or swizzled smem layout, each gathered from 8
+// 2-byte loads and stored with one 16-byte st.shared; rows >= rows_valid and
+// columns >= width zero-filled. Synchronous: the caller's next barrier publishes
+// the tile as cp.async's wait does. Not unrolled: few temporaries next to the
+// kernels' accumulators.
+template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
+__device__ __forceinline__ void load_tile_elems(uint32_t smem, const T* gmem, int64_t row_stride, int rows_valid,
+                                                int width, int tid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kTotal = kRows * kChunks;
+#pragma unroll 1
+  for (int idx = tid; idx < kTotal; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int n = r < rows_valid ? width - c * 8 : 0;
+    const uint4 v = load_chunk_elems(reinterpret_cast<const uint16_t*>(gmem) + r * row_stride + c * 8, n);
+    uint32_t off;
+    if constexpr (kSwizzle) off = SwizzledTile<kRows, kD>::offset(r, c);
+    else off = 2 * (r * (kD + 8) + c * 8);
+    st_shared_v4(smem + off, v);
+  }
+}
+
+// The same as a real call (kCall) or inlined: where the element-wise branch sits
+// before a kernel's main loop, ptxas's allocation of the plain path depended on
+// it (sm_90, bf16 forward, non-dropout spill: d64 0 B inlined / 12 B called,
+// d128 48 B inlined / 0 B called), so each kernel picks what measured best.
+template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
+__device__ __noinline__ void load_tile_elems_noinline(uint32_t smem, const T* gmem, int64_t row_stride, int rows_valid,
+                                                      int width, int tid) {
+  load_tile_elems<T, kRows, kD, kThreads, kSwizzle>(smem, gmem, row_stride, rows_valid, width, tid);
+}
+template <bool kCall, typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
+__device__ __forceinline__ void load_tile_elems_at(uint32_t smem, const T* gmem, int64_t row_stride, int rows_valid,
+                                                   int width, int tid) {
+  if constexpr (kCall) load_tile_elems_noinline<T, kRows, kD, kThreads, kSwizzle>(smem, gmem, row_stride, rows_valid, width, tid);
+  else load_tile_elems<T, kRows, kD, kThreads, kSwizzle>(smem, gmem, row_stride, rows_valid, width, tid);
+}
+
 // Streams consecutive (kRows x kD) tiles of one row-major global matrix into
 // padded shared memory (row stride kD + 8), like load_tile_async, but with the
 // per-thread addressing computed once. When kThreads is a multiple of the
@@ -131,6 +190,15 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
 // d128 forward's 60-90 B spill; with this it has none). Other head dims (96,
 // 160, 192) take the generic per-chunk path.
 // kSwizzle: the smem tile is a SwizzledTile (swizzled_tile.h) instead of padded.
+// Columns at or past d (d < kD: a head dim below its bucket, or d != d_v) are not
+// zero-filled on the fixed-column path: the threads that own them copy columns
+// 0..7 of the same rows instead (in bounds, finite), so no column predicate
+// lives in the loop (q/k and v/dO widths differ with d_v != d, and a second
+// predicate cost the dropout kernels 8-30 B more spill, ptxas sm_90). That is
+// safe because every contraction over the head dim pairs a streamed tile with a
+// zero-filled load-once tile (forward: Q with K; backward: K with Q, V with dO),
+// and the output columns past the width (forward O from V, backward dV from dO,
+// dK from Q) are never stored. Rows >= rows_valid are still zero-filled.
 template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
 struct TileStream {
   static constexpr int kChunks = kD / 8;
@@ -142,17 +210,15 @@ struct TileStream {
   static_assert(!kSwizzle || (kFixedColumn && kRowStep % 8 == 0), "swizzled tiles need fixed-column streams");
   const T* tile;       // origin (row 0, col 0) of the next tile
   int64_t row_stride;  // elements
-  int64_t thread_off;  // elements from the tile origin to this thread's first chunk
+  int64_t thread_off;  // elements from the tile origin to this thread's first source chunk
   uint32_t smem_off;   // bytes from a smem tile's origin to this thread's first chunk
   int row0, tid, d;
-  bool col_ok;
 
   __device__ __forceinline__ TileStream(const T* origin, int64_t stride, int d_, int tid_)
       : tile(origin), row_stride(stride), tid(tid_), d(d_) {
     row0 = tid / kChunks;
     const int col = (tid % kChunks) * 8;
-    col_ok = col < d;
-    thread_off = row0 * stride + col;
+    thread_off = row0 * stride + (col < d ? col : 0);  // past d: a copy of columns 0..7 (see above)
     if constexpr (kSwizzle) {
       smem_off = SwizzledTile<kRows, kD>::offset(row0, col / 8);
     } else {
@@ -160,14 +226,15 @@ struct TileStream {
     }
   }
   // Copies rows [0, kRows) of the current tile to the smem tile at byte address
-  // `smem_tile`; rows >= rows_valid (>= 1) and columns >= d are zero-filled.
+  // `smem_tile`; rows >= rows_valid (>= 1) are zero-filled, columns >= d
+  // zero-filled (per-chunk path) or copies of columns 0..7 (fixed-column path).
   __device__ __forceinline__ void load(uint32_t smem_tile, int rows_valid) const {
     if constexpr (kFixedColumn) {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int r = row0 + i * kRowStep;
         if (kRows % kRowStep == 0 || r < kRows) {
-          const bool pred = col_ok && r < rows_valid;
+          const bool pred = r < rows_valid;
           const T* src = pred ? tile + thread_off + i * kRowStep * row_stride : tile;
           cp_async16(smem_tile + smem_off + i * kRowStep * kRowBytes, src, pred);
         }
