@@ -39,6 +39,13 @@ struct AttentionOptions {
   // instead of seed/offset above. Lets a framework draw the seed on the device,
   // so CUDA-graph replays and compiled graphs get a fresh dropout mask each run.
   const std::uint64_t* rng_state = nullptr;
+  // Dropout's global coordinates (context parallelism): this call draws the block of
+  // the mask of a larger call — one with dropout_heads query heads (0: this call's)
+  // — at rows + dropout_row_offset, columns + dropout_col_offset and heads +
+  // dropout_head_offset (FwdParams in params.h). Only the dropout index reads them;
+  // all 0 is the plain mask. Offsets >= 0, head_offset + heads <= dropout_heads.
+  std::int64_t dropout_row_offset = 0, dropout_col_offset = 0;
+  std::int64_t dropout_head_offset = 0, dropout_heads = 0;
   // Sliding window, flash-attn's window_size = (left, right): row i sees keys j with
   // i + off - left <= j <= i + off + right (off = the causal diagonal offset of the
   // alignment above); -1 = unbounded. causal is the same as right = 0.

@@ -113,6 +113,16 @@ struct FwdParams {
   // device by the framework (e.g. torch.randint inside a CUDA graph or a compiled
   // graph) is fresh on every replay. Read through dropout_key().
   const std::uint64_t* rng_state = nullptr;
+  // Dropout's global coordinates, for a call that computes one block of a larger
+  // attention (context parallelism: a sequence or the heads split across devices).
+  // Element (bi, h, i, j) of this call keeps or drops as element
+  // (bi, dropout_head_offset + h, dropout_row_offset + i, dropout_col_offset + j)
+  // of a call with dropout_heads query heads (0: hq) does, i.e. its Philox index is
+  // batch_head = bi * heads + dropout_head_offset + h, row + dropout_row_offset,
+  // col + dropout_col_offset (varlen: added to each sequence's local row/col). Read by
+  // nothing but the dropout index (see dropout_batch_head); all 0 is a plain call's mask.
+  std::int64_t dropout_row_offset = 0, dropout_col_offset = 0;
+  int dropout_head_offset = 0, dropout_heads = 0;
 
   DType dtype = DType::kFloat32;
   void* stream = nullptr;  // cudaStream_t on CUDA; unused on the CPU
@@ -148,6 +158,14 @@ struct DropoutKey {
 };
 ORCHARD_HOST_DEVICE DropoutKey dropout_key(const FwdParams& p) {
   return p.rng_state ? DropoutKey{p.rng_state[0], p.rng_state[1]} : DropoutKey{p.seed, p.offset};
+}
+
+// The Philox batch_head index of (batch bi, head h) under the dropout offsets above
+// (bi * hq + h without them, as philox.h documents).
+ORCHARD_HOST_DEVICE std::uint32_t dropout_batch_head(const FwdParams& p, std::int64_t bi, std::int64_t h) {
+  const std::uint32_t heads = static_cast<std::uint32_t>(p.dropout_heads > 0 ? p.dropout_heads : p.hq);
+  return static_cast<std::uint32_t>(bi) * heads + static_cast<std::uint32_t>(p.dropout_head_offset) +
+         static_cast<std::uint32_t>(h);
 }
 
 // One sequence of a call: where its rows start (beyond the batch stride) and how

@@ -9,6 +9,12 @@
 //   counter = (col / 4, row, batch * hq + head, lo32(offset) ^ (hi32(offset) * 0x9E3779B9))
 //   draw    = philox(counter, key)[col % 4]
 //   keep    = draw >= keep_threshold(p)
+//
+// A call that computes one block of a larger attention (context parallelism) adds
+// its global row/column/head offsets to these indices (FwdParams::dropout_*_offset,
+// dropout_batch_head in orchard/params.h), so each block draws its part of the
+// larger call's mask; a column offset that is not a multiple of 4 makes a run of
+// four columns straddle two Philox calls (dropout_draw_pair).
 #pragma once
 
 #include <cstdint>
@@ -73,6 +79,19 @@ ORCHARD_HOST_DEVICE bool dropout_keep(std::uint64_t seed, std::uint64_t offset,
                                       std::uint32_t col, std::uint32_t keep_threshold) {
   const Philox4 r = dropout_draws(seed, offset, batch_head, row, col >> 2);
   return philox_lane(r, static_cast<int>(col & 3u)) >= keep_threshold;
+}
+
+// The draws of columns col and col + 1 of one row. One Philox call when col is
+// even (the two share a call: always so without a column offset) or col % 4 == 1;
+// the second column's is the next call's first word when col % 4 == 3.
+ORCHARD_HOST_DEVICE void dropout_draw_pair(std::uint64_t seed, std::uint64_t offset,
+                                           std::uint32_t batch_head, std::uint32_t row,
+                                           std::uint32_t col, std::uint32_t& d0, std::uint32_t& d1) {
+  const Philox4 r = dropout_draws(seed, offset, batch_head, row, col >> 2);
+  const std::uint32_t lane = col & 3u;
+  d0 = philox_lane(r, static_cast<int>(lane));
+  d1 = lane == 3u ? dropout_draws(seed, offset, batch_head, row, (col >> 2) + 1u).x
+                  : philox_lane(r, static_cast<int>(lane + 1u));
 }
 
 }  // namespace orchard

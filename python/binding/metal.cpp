@@ -56,11 +56,14 @@ std::vector<std::tuple<std::string, std::uint32_t, std::uint32_t>> plan(const st
   return out;
 }
 
+using Origin = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
+
 // strides: element (batch, row, head) strides of q, k, v, out, dout, dq, dk, dv in that
 // order (24 ints; zeros for tensors a forward does not have).
 std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_t>& strides,
                                const std::tuple<std::int64_t, std::int64_t>& lse_strides, bool causal,
-                               std::int64_t causal_offset, double dropout_p, double scale, bool write_mask) {
+                               std::int64_t causal_offset, double dropout_p, double scale, bool write_mask,
+                               const Origin& dropout_origin) {
   if (strides.size() != 24)
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, "metal_meta: expected 24 strides");
   orchard::BwdParams p = params_of(sizes);
@@ -78,6 +81,12 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
   p.dropout_p_f64 = dropout_p;
   p.scale = static_cast<float>(scale);
   p.scale_f64 = scale;
+  // Dropout's global coordinates (row, col, head offsets, heads; params.h).
+  const auto& [drop_row, drop_col, drop_head, drop_heads] = dropout_origin;
+  p.dropout_row_offset = drop_row;
+  p.dropout_col_offset = drop_col;
+  p.dropout_head_offset = static_cast<int>(drop_head);
+  p.dropout_heads = static_cast<int>(drop_heads);
   return orchard::metal::pack_meta(p, write_mask);
 }
 
@@ -102,7 +111,10 @@ void register_metal(nb::module_& m) {
   m.def("metal_plan", &plan, "direction"_a, "dtype"_a, "sizes"_a,
         "[(kernel, threadgroups, threads per threadgroup)] of a 'fwd' or 'bwd' call; sizes = (b, sq, sk, hq, hkv, d).");
   m.def("metal_meta", &meta, "sizes"_a, "strides"_a, "lse_strides"_a, "causal"_a, "causal_offset"_a,
-        "dropout_p"_a, "scale"_a, "write_mask"_a, "The int64 `meta` buffer the Metal kernels read.");
+        "dropout_p"_a, "scale"_a, "write_mask"_a,
+        "dropout_origin"_a = Origin(0, 0, 0, 0),
+        "The int64 `meta` buffer the Metal kernels read. dropout_origin: (row offset, col offset, "
+        "head offset, heads) of the dropout index (params.h).");
   m.def("metal_debug_log_enabled", &orchard::detail::debug_log_enabled);
   m.def("metal_tensor_profile_enabled", &orchard::detail::tensor_profile_enabled);
   m.def("metal_debug_log_line", &orchard::detail::debug_log_line, "line"_a);

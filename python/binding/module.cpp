@@ -119,16 +119,18 @@ const std::uint64_t* rng_state_pointer(const std::optional<InArray>& r, const In
 
 // The feature arguments every entry point shares (all optional), as one Python
 // tuple: (window_left, window_right, softcap, alibi_slopes, sink, attn_bias,
-// cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k).
+// cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset,
+// dropout_col_offset, dropout_head_offset, dropout_heads).
 using Features = std::tuple<std::int64_t, std::int64_t, double, std::optional<InArray>, std::optional<InArray>,
                             std::optional<InArray>, std::optional<InArray>, std::optional<InArray>, std::int64_t,
-                            std::int64_t>;
+                            std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
 
 orchard::AttentionExtras make_extras(const std::optional<Features>& f, orchard::AttentionOptions& o) {
   orchard::AttentionExtras x;
   if (!f) return x;
   const std::string& op = o.op_name;
-  const auto& [left, right, softcap, alibi, sink, bias, cu_q, cu_k, max_q, max_k] = *f;
+  const auto& [left, right, softcap, alibi, sink, bias, cu_q, cu_k, max_q, max_k, drop_row, drop_col, drop_head,
+               drop_heads] = *f;
   o.window_left = left;
   o.window_right = right;
   o.softcap = softcap;
@@ -139,6 +141,10 @@ orchard::AttentionExtras make_extras(const std::optional<Features>& f, orchard::
   x.cu_seqlens_k = to_view(cu_k, op, "cu_seqlens_k");
   x.max_seqlen_q = max_q;
   x.max_seqlen_k = max_k;
+  o.dropout_row_offset = drop_row;
+  o.dropout_col_offset = drop_col;
+  o.dropout_head_offset = drop_head;
+  o.dropout_heads = drop_heads;
   return x;
 }
 

@@ -109,6 +109,18 @@ def _feature_names_and_defaults():
     return names, defaults
 
 
+# The feature arguments the Metal kernels implement (the rest must keep their defaults).
+_METAL_FEATURES = ("dropout_row_offset", "dropout_col_offset", "dropout_head_offset", "dropout_heads")
+
+
+def _dropout_origin(features):
+    """(row offset, col offset, head offset, heads) of the dropout index: the ops'
+    dropout_* feature arguments (0s when left out)."""
+    names, defaults = _feature_names_and_defaults()
+    values = dict(zip(names, (*features, *defaults[len(features):])))
+    return tuple(int(values.get(n, 0)) for n in _METAL_FEATURES)
+
+
 def _check(q, k, v, features, op_name):
     """Everything that can be rejected before anything runs (ValueError /
     NotImplementedError with the op name in front)."""
@@ -118,8 +130,15 @@ def _check(q, k, v, features, op_name):
         if len(features) > len(defaults):
             raise NotImplementedError(f"{op_name}: unknown feature arguments for the Metal (MPS) backend")
         for name, value, default in zip(names, features, defaults):
+            if name in _METAL_FEATURES:
+                continue
             if (value is not None) if default is None else (value != default):
                 raise NotImplementedError(f"{op_name}: {name} is not supported by the Metal (MPS) backend yet")
+        row, col, head, heads = _dropout_origin(features)
+        hq = q.shape[2] if q.dim() == 4 else 0
+        if min(row, col, head, heads) < 0 or (heads > 0 and head + hq > heads):
+            raise ValueError(f"{op_name}: dropout offsets must be >= 0 with head offset + heads <= dropout_heads, "
+                             f"got row {row}, col {col}, head {head}, heads {heads}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{op_name}: q, k, v must be rank 4 (batch, seq, heads, head_dim) on MPS")
     if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -230,11 +249,12 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
     return lambda elapsed: _C.metal_debug_log_line(head + elapsed)
 
 
-def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device):
+def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device,
+          dropout_origin=(0, 0, 0, 0)):
     values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
-                           float(dropout_p), float(scale), bool(write_mask))
+                           float(dropout_p), float(scale), bool(write_mask), dropout_origin)
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
-    # 40 scalars, and compile_shader passes Python scalars one slot each.
+    # 43 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
 
 
@@ -265,7 +285,8 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     dtype = _SUPPORTED[q.dtype]
     variant, source = _C.metal_variant(dtype, d)
     strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
-    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device)
+    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device,
+                 _dropout_origin(features))
     buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
                "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
                "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta}
@@ -300,7 +321,8 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     variant, source = _C.metal_variant(dtype, d)
     strides = (_bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out_) + _bshd(dout_) + _bshd(dq) + _bshd(dk)
                + _bshd(dv))
-    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device)
+    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device,
+                 _dropout_origin(features))
     buffers = {"q": q_, "k": k_, "v": v_, "out": out_, "dout": dout_, "lse": lse,
                "delta": torch.empty(max(1, b * hq * sq), dtype=torch.float32, device=q.device),
                "dq": dq, "dk": dk, "dv": dv, "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta),

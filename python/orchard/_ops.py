@@ -95,12 +95,16 @@ def draw_dropout_seed(dropout_p: float) -> tuple[int, int]:
 # (flash-attn's window_size), softcap, ALiBi slopes (float32 (h,) or (b, h)), sink
 # logits (float32 (h,)), SDPA's attn_mask (rank 4, broadcastable, bool or float),
 # and varlen (int32 cu_seqlens with the max lengths; q/k/v are then
-# (total, heads, dim) and lse is (heads, total_q)).
+# (total, heads, dim) and lse is (heads, total_q)), and dropout's global coordinates
+# (context parallelism: this call draws the block at these row/column/head offsets of
+# the mask of a call with dropout_heads query heads, 0 = this call's; only the dropout
+# index reads them, all 0 is the plain mask).
 _FEATURE_SCHEMA = ("SymInt window_left=-1, SymInt window_right=-1, float softcap=0.0, "
                    "Tensor? alibi_slopes=None, Tensor? sink=None, Tensor? attn_mask=None, "
                    "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, "
-                   "SymInt max_seqlen_k=0")
-_FEATURE_DEFAULTS = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
+                   "SymInt max_seqlen_k=0, SymInt dropout_row_offset=0, SymInt dropout_col_offset=0, "
+                   "SymInt dropout_head_offset=0, SymInt dropout_heads=0")
+_FEATURE_DEFAULTS = (-1, -1, 0.0, None, None, None, None, None, 0, 0, 0, 0, 0, 0)
 _NUM_FEATURES = len(_FEATURE_DEFAULTS)
 
 # True while a test stand-in for torch.mps.compile_shader routes CPU tensors
@@ -258,16 +262,19 @@ def _full_features(features):
 
 
 def _features(window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
-              cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+              cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset=0, dropout_col_offset=0,
+              dropout_head_offset=0, dropout_heads=0):
     """The `features` argument of _C.forward/backward: None when every feature
     is off (the common case costs nothing), else the tuple with tensors exported."""
     if (window_left == -1 and window_right == -1 and softcap == 0.0 and alibi_slopes is None
             and sink is None and attn_mask is None and cu_seqlens_q is None
-            and cu_seqlens_k is None):
+            and cu_seqlens_k is None and dropout_row_offset == 0 and dropout_col_offset == 0
+            and dropout_head_offset == 0 and dropout_heads == 0):
         return None
     slopes, snk, mask, cuq, cuk = _export(alibi_slopes, sink, attn_mask, cu_seqlens_q, cu_seqlens_k)
     return (int(window_left), int(window_right), float(softcap), slopes, snk, mask, cuq, cuk,
-            int(max_seqlen_q), int(max_seqlen_k))
+            int(max_seqlen_q), int(max_seqlen_k), int(dropout_row_offset), int(dropout_col_offset),
+            int(dropout_head_offset), int(dropout_heads))
 
 
 # The kernels hand orchard._C DLPack capsules made by torch.utils.dlpack.to_dlpack
@@ -473,7 +480,7 @@ def _fwd_function_backward(ctx, grad_out, grad_lse, grad_mask):
     if attn_mask is not None and ctx.needs_input_grad[19]:
         dbias = attn_bias_grad(q, k, v, out, grad_out, lse, softmax_scale, attn_mask)
     return (None, dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
-            None, None, None, None, dsink, dbias, None, None, None, None)
+            None, None, None, None, dsink, dbias, None, None, None, None, None, None, None, None)
 
 
 def attn_bias_grad(q, k, v, out, dout, lse, softmax_scale, bias):

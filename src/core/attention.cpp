@@ -52,6 +52,10 @@ void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o)
   p.seed = o.seed;
   p.offset = o.offset;
   p.rng_state = o.dropout_p > 0.0 ? o.rng_state : nullptr;
+  p.dropout_row_offset = o.dropout_row_offset;
+  p.dropout_col_offset = o.dropout_col_offset;
+  p.dropout_head_offset = static_cast<int>(o.dropout_head_offset);
+  p.dropout_heads = static_cast<int>(o.dropout_heads);
   p.stream = o.stream;
 }
 
@@ -125,6 +129,9 @@ std::string problem_summary(const FwdParams& p) {
   if (p.cu_seqlens_q) s << " varlen=1";
   if (p.d_v != p.d) s << " d_v=" << p.d_v;
   s << " dropout=" << p.dropout_p << " scale=" << p.scale;
+  if (p.dropout_p > 0.f && (p.dropout_row_offset || p.dropout_col_offset || p.dropout_head_offset || p.dropout_heads))
+    s << " dropout_origin=(" << p.dropout_row_offset << "," << p.dropout_col_offset << "," << p.dropout_head_offset
+      << "/" << p.dropout_heads << ")";
   return s.str();
 }
 

@@ -276,6 +276,20 @@ ProblemShape check_common(const std::string& op, const TensorView& q, const Tens
   const double dp = options.dropout_p;
   if (!(dp >= 0.0 && dp < 1.0))
     fail(ErrorKind::kInvalidArgument, op, "dropout_p must be in [0, 1), got " + std::to_string(dp));
+  {
+    const std::int64_t ro = options.dropout_row_offset, co = options.dropout_col_offset;
+    const std::int64_t ho = options.dropout_head_offset, hn = options.dropout_heads;
+    constexpr std::int64_t kU32 = std::int64_t(1) << 32;  // Philox indices are 32-bit
+    if (ro < 0 || co < 0 || ho < 0 || hn < 0)
+      fail(ErrorKind::kInvalidArgument, op,
+           "dropout offsets must be >= 0, got row " + std::to_string(ro) + ", col " + std::to_string(co) +
+               ", head " + std::to_string(ho) + ", heads " + std::to_string(hn));
+    if (ro > kU32 - p.sq || co > kU32 - p.sk || hn > kIntMax || ho > (hn > 0 ? hn : kIntMax) - p.hq)
+      fail(ErrorKind::kInvalidArgument, op,
+           "dropout offsets out of range: rows " + std::to_string(ro) + "+" + std::to_string(p.sq) + ", cols " +
+               std::to_string(co) + "+" + std::to_string(p.sk) + " (each <= 2^32), heads " + std::to_string(ho) +
+               "+" + std::to_string(p.hq) + " (<= dropout_heads " + std::to_string(hn) + ")");
+  }
   if (options.rng_state && reinterpret_cast<std::uintptr_t>(options.rng_state) % alignof(std::uint64_t) != 0)
     fail(ErrorKind::kInvalidArgument, op, "rng_state must be 8-byte aligned");
   if (options.softmax_scale && !std::isfinite(*options.softmax_scale))

@@ -68,6 +68,8 @@ struct KernelRun {
     prob.dropout_p = c.dropout;
     prob.seed = 0x1234567890abcdefull + cs.seed;
     prob.offset = 42 + cs.seed;
+    prob.drop_row = cs.drop_row, prob.drop_col = cs.drop_col, prob.drop_head = cs.drop_head;
+    prob.drop_heads = cs.drop_heads;
   }
   std::size_t lse_size() const { return c.dt == DType::kFloat64 ? 8 : 4; }
   void set_lse_raw(std::size_t i, double x) {
@@ -104,6 +106,8 @@ struct KernelRun {
     p.dropout_p = c.dropout;
     p.dropout_p_f64 = static_cast<float>(c.dropout);
     p.seed = prob.seed; p.offset = prob.offset;
+    p.dropout_row_offset = c.drop_row; p.dropout_col_offset = c.drop_col;
+    p.dropout_head_offset = c.drop_head; p.dropout_heads = c.drop_heads;
     p.dtype = c.dt;
     if (c.dropout > 0) {
       mask.assign(std::size_t(c.b) * c.hq * c.sq * c.sk, 0xAB);
@@ -242,6 +246,18 @@ std::vector<Case> dropout_cases() {
         c.seed = seed++;
         cases.push_back(c);
       }
+  // With dropout's global coordinates (context parallelism): column offsets in every
+  // residue mod 4 (a run of four columns then spans two Philox calls), head offsets.
+  const int at[][4] = {{0, 1, 0, 0}, {130, 2, 1, 5}, {7, 67, 3, 8}, {1 << 20, 4096 + 3, 2, 4}};
+  for (int i = 0; i < 4; ++i) {
+    Case c{2, 45, 101, 2, 1, 24};
+    c.dt = i % 2 ? DType::kFloat32 : DType::kBFloat16;
+    c.causal = i % 2 ? Causal::kTopLeft : Causal::kNone;
+    c.dropout = 0.3f;
+    c.seed = seed++;
+    c.drop_row = at[i][0], c.drop_col = at[i][1], c.drop_head = at[i][2], c.drop_heads = at[i][3];
+    cases.push_back(c);
+  }
   return cases;
 }
 

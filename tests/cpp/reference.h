@@ -24,6 +24,9 @@ struct RefProblem {
   std::int64_t causal_offset = 0;
   double dropout_p = 0.0;
   std::uint64_t seed = 0, offset = 0;
+  // Dropout's global coordinates (FwdParams::dropout_*): the Philox index of (bi, h, i, j)
+  // is (bi * heads + head_offset + h, i + row_offset, j + col_offset), heads 0 = hq.
+  std::int64_t drop_row = 0, drop_col = 0, drop_head = 0, drop_heads = 0;
 
   std::size_t q_index(int bi, int i, int h, int c) const {
     return ((std::size_t(bi) * sq + i) * hq + h) * d + c;
@@ -36,8 +39,9 @@ struct RefProblem {
   // Scalar per-element keep decision straight from philox.h.
   bool keep(int bi, int h, int i, int j) const {
     if (dropout_p <= 0.0) return true;
-    return dropout_keep(seed, offset, static_cast<std::uint32_t>(bi * hq + h),
-                        static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(j),
+    const std::int64_t heads = drop_heads > 0 ? drop_heads : hq;
+    return dropout_keep(seed, offset, static_cast<std::uint32_t>(bi * heads + drop_head + h),
+                        static_cast<std::uint32_t>(i + drop_row), static_cast<std::uint32_t>(j + drop_col),
                         dropout_keep_threshold(static_cast<float>(dropout_p)));
   }
 };

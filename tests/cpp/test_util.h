@@ -153,6 +153,8 @@ struct Case {
   Layout layout = Layout::kBSHD;
   float dropout = 0.0f;
   std::uint32_t seed = 1;
+  // Dropout's global coordinates (FwdParams::dropout_*): row, col, head offsets, heads.
+  int drop_row = 0, drop_col = 0, drop_head = 0, drop_heads = 0;
 
   std::string name() const {
     std::ostringstream os;
@@ -160,6 +162,8 @@ struct Case {
        << "_d" << d << (causal == Causal::kNone ? "" : causal == Causal::kBottomRight ? "_causalBR" : "_causalTL")
        << "_" << layout_name(layout);
     if (dropout > 0) os << "_drop" << int(dropout * 100);
+    if (drop_row || drop_col || drop_head || drop_heads)
+      os << "_at" << drop_row << "x" << drop_col << "h" << drop_head << "of" << drop_heads;
     return os.str();
   }
 };

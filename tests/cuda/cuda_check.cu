@@ -8,6 +8,7 @@
 //   cuda_check --bias     only the attn_bias / attn_mask cases
 //   cuda_check --width    only the d_v != d and any-head-dim / strided-view cases (issue #16;
 //                         also part of the full suite)
+//   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -85,6 +86,9 @@ struct Case {
   // outputs) and every tensor starts `off` elements past an aligned allocation.
   int dv = 0, pad = 0, off = 0;
   int vd() const { return dv > 0 ? dv : d; }
+  // Dropout's global coordinates (FwdParams::dropout_*): row, col, head offsets, heads (0 = hq).
+  int64_t drow = 0, dcol = 0;
+  int dhead = 0, dheads = 0;
   bool varlen() const { return !lq.empty(); }
   bool features() const { return wl >= 0 || wr >= 0 || softcap > 0 || alibi || sink || bias || varlen(); }
   DType bias_dtype() const { return bias == 1 ? DType::kUInt8 : (bias == 3 ? DType::kFloat32 : dt); }
@@ -489,6 +493,8 @@ void fill_params(FwdParams& p, const Case& c, const DevT& q, const DevT& k, cons
   p.dropout_p = c.p;
   p.seed = 0x1234567887654321ull;
   p.offset = 42;
+  p.dropout_row_offset = c.drow, p.dropout_col_offset = c.dcol;
+  p.dropout_head_offset = c.dhead, p.dropout_heads = c.dheads;
   p.dtype = c.dt;
   p.stream = nullptr;
 }
@@ -503,6 +509,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
   if (c.softcap > 0) std::printf(" softcap%.1f", c.softcap);
   if (c.alibi) std::printf(" alibi%d", c.alibi);
   if (c.sink) std::printf(" sink");
+  if (c.drow || c.dcol || c.dhead || c.dheads)
+    std::printf(" dropout-at(row %lld, col %lld, head %d of %d)", (long long)c.drow, (long long)c.dcol, c.dhead,
+                c.dheads);
   if (c.bias)
     std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc,
                 c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
@@ -596,17 +605,20 @@ bool run_case(const Case& c, std::mt19937& rng) {
   ops->forward(p);
   CK(cudaDeviceSynchronize());
 
-  // CPU keep mask (the definition) for the reference: (sequence, head, local row, local col).
+  // CPU keep mask (the definition) for the reference: (sequence, head, local row, local col),
+  // each index shifted by dropout's global coordinates when the case has them.
   std::vector<uint8_t> keep;
   if (c.p > 0) {
     keep.resize(size_t(c.b) * c.hq * c.sq * c.sk);
     const uint32_t thr = dropout_keep_threshold(c.p);
+    const int heads = c.dheads > 0 ? c.dheads : c.hq;
     for (int bi = 0; bi < c.b; ++bi)
       for (int h = 0; h < c.hq; ++h)
         for (int i = 0; i < c.sq; ++i)
           for (int j = 0; j < c.sk; ++j)
             keep[((size_t(bi) * c.hq + h) * c.sq + i) * c.sk + j] =
-                dropout_keep(p.seed, p.offset, uint32_t(bi * c.hq + h), i, j, thr);
+                dropout_keep(p.seed, p.offset, uint32_t(bi * heads + c.dhead + h), uint32_t(i + c.drow),
+                             uint32_t(j + c.dcol), thr);
     if (c.mask_out) {
       std::vector<unsigned char> m = download(dmask);
       const bool same = std::memcmp(m.data(), keep.data(), keep.size()) == 0;
@@ -707,6 +719,32 @@ Case with_varlen(Case c, std::vector<int> lq, std::vector<int> lk) {
 Case with_window(Case c, int64_t wl, int64_t wr) {
   c.wl = wl, c.wr = wr;
   return c;
+}
+
+// Dropout's global coordinates (context parallelism): every column offset residue mod 4
+// (odd ones take the kernels' two-Philox-call path), row/head offsets, GQA, causal,
+// deterministic; bf16/fp16 mma kernels (d <= 128 and the split backward) and fp32 SIMT.
+std::vector<Case> dropout_offset_cases() {
+  const DType BF = DType::kBFloat16, FP = DType::kFloat16, F32 = DType::kFloat32;
+  std::vector<Case> v;
+  Case c{"dropout-at", BF, 2, 4, 2, 100, 140, 128};
+  c.p = 0.2f, c.mask_out = true;
+  c.drow = 300, c.dcol = 1, c.dhead = 2, c.dheads = 8;
+  v.push_back(c);
+  c.causal = true, c.dcol = 3, c.drow = 7;
+  v.push_back(c);
+  c.dt = FP, c.d = 64, c.dcol = 2, c.dhead = 0, c.dheads = 4, c.causal = false, c.top_left = false;
+  v.push_back(c);
+  c.dt = BF, c.d = 192, c.dcol = 517, c.drow = 1 << 20, c.causal = true;  // split backward (d > 128)
+  v.push_back(c);
+  c.d = 128, c.det = true, c.dcol = 4097, c.drow = 33;  // deterministic backward
+  v.push_back(c);
+  c.det = false, c.dt = F32, c.d = 64, c.dcol = 5, c.dhead = 4, c.dheads = 8;
+  v.push_back(c);
+  c = Case{"dropout-at-frac", BF, 1, 4, 4, 256, 512, 32};
+  c.p = 0.3f, c.mask_out = true, c.dcol = 3, c.drow = 1000;
+  v.push_back(c);
+  return v;
 }
 
 // Sliding window, softcap, ALiBi, varlen, sinks; every kernel family (FA2-layout
@@ -1103,6 +1141,7 @@ std::vector<Case> suite() {
     c.p = 0.3f;
     c.mask_out = true;
     v.push_back(c);
+    for (const Case& o : dropout_offset_cases()) v.push_back(o);
   }
   v.push_back({"fp32", F32, 1, 2, 2, 77, 91, 64, true});
   v.push_back({"fp32-d256", F32, 1, 2, 1, 40, 50, 256});
@@ -1243,6 +1282,11 @@ int main(int argc, char** argv) {
     cases[4].det = true;
     cases[4].p = 0.2f;
     cases[5].det = true;
+    {  // dropout's global coordinates: an odd column offset (two Philox calls per column pair)
+      Case c{"small-drop-at", BF, 1, 2, 1, 70, 90, 64, true};
+      c.p = 0.2f, c.mask_out = true, c.drow = 11, c.dcol = 3, c.dhead = 2, c.dheads = 4;
+      cases.push_back(c);
+    }
     // Feature cases (window, softcap, ALiBi, varlen with an empty sequence, sinks)
     // through the FA2-layout atomic backward, the split deterministic one and fp32.
     {
@@ -1337,10 +1381,15 @@ int main(int argc, char** argv) {
   }
   // --features: only the feature cases (window, softcap, ALiBi, varlen, sinks);
   // --bias: only the attn_bias / attn_mask cases;
-  // --width: only the value-head-dim / head-dim width cases (issue #16).
+  // --width: only the value-head-dim / head-dim width cases (issue #16);
+  // --dropout: the dropout cases, plain and with global coordinates.
+  std::vector<Case> dropout_cases;
+  for (const Case& c : feature_suite())
+    if (c.p > 0) dropout_cases.push_back(c);
   int n = 0;
-  for (const Case& c : mode == "--features" || mode == "--bias" ? feature_suite()
-                                                                  : (mode == "--width" ? dv_suite() : suite())) {
+  for (const Case& c : mode == "--features" || mode == "--bias"
+                           ? feature_suite()
+                           : (mode == "--width" ? dv_suite() : (mode == "--dropout" ? dropout_cases : suite()))) {
     if (mode == "--bias" && !c.bias) continue;
     run_case(c, rng);
     ++n;

@@ -56,6 +56,8 @@ struct KernelRun {
     prob.dropout_p = c.dropout;
     prob.seed = 0x1234567890abcdefull + cs.seed;
     prob.offset = 0x0000000500000042ull + cs.seed;  // a high half too: it enters the counter
+    prob.drop_row = cs.drop_row, prob.drop_col = cs.drop_col, prob.drop_head = cs.drop_head;
+    prob.drop_heads = cs.drop_heads;
   }
   std::vector<double> lse_vec() const {
     std::vector<double> r;
@@ -80,6 +82,8 @@ struct KernelRun {
     p.dropout_p = c.dropout;
     p.dropout_p_f64 = c.dropout;
     p.seed = prob.seed, p.offset = prob.offset;
+    p.dropout_row_offset = c.drop_row, p.dropout_col_offset = c.drop_col;
+    p.dropout_head_offset = c.drop_head, p.dropout_heads = c.drop_heads;
     p.dtype = c.dt;
     if (c.dropout > 0) {
       mask.assign(std::size_t(c.b) * c.hq * c.sq * c.sk, 0xAB);
@@ -207,6 +211,12 @@ std::vector<Case> feature_cases() {
     masked.dt = dt, masked.causal = Causal::kBottomRight, masked.seed = seed++;
     masked.dropout = dt == DType::kFloat32 ? 0.5f : 0.0f;
     cases.push_back(masked);
+    // Dropout's global coordinates (context parallelism): the mask is the CPU backend's
+    // and the reference's with the same offsets (an odd column offset included).
+    Case at{2, 21, 30, 4, 2, 32};
+    at.dt = dt, at.dropout = 0.25f, at.causal = static_cast<Causal>(rot++ % 3), at.seed = seed++;
+    at.drop_row = 17 + rot, at.drop_col = 2 * rot + 1, at.drop_head = 2, at.drop_heads = 8;
+    cases.push_back(at);
   }
   return cases;
 }

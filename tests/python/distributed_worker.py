@@ -43,10 +43,15 @@ def _full_inputs(b, s, h, hkv, d, dtype, seed):
     return [t.to(device=DEVICE, dtype=dtype) for t in (q, k, v, do)]
 
 
-def _reference(q, k, v, do, causal, scale=None):
-    """Single-process Orchard on the gathered sequence: out, dq, dk, dv."""
+def _reference(q, k, v, do, causal, scale=None, dropout_p=0.0, rng_seed=None):
+    """Single-process Orchard on the gathered sequence: out, dq, dk, dv. With
+    dropout, torch's generator is seeded with rng_seed first (the distributed call
+    then reseeds it the same way on every rank)."""
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out = orchard.flash_attn_func(qr, kr, vr, causal=causal, softmax_scale=scale)
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)
+    out = orchard.flash_attn_func(qr, kr, vr, causal=causal, softmax_scale=scale,
+                                  dropout_p=dropout_p)
     out.backward(do)
     return out.detach(), qr.grad, kr.grad, vr.grad
 
@@ -66,11 +71,13 @@ def _expected_counts(mode, w, phase, u=1):
 
 
 def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.float32,
-                  group=None, seed=0, tol=None, strided=False, check_counts=True):
+                  group=None, seed=0, tol=None, strided=False, check_counts=True, dropout_p=0.0):
     tol = tol or _fp32_tol()
     q, k, v, do = _full_inputs(b, s, h, hkv, d, dtype, seed)
+    rng_seed = 1000 + seed if dropout_p > 0 else None
     ref_out, ref_dq, ref_dk, ref_dv = _reference(*(t.float() if dtype != torch.float32 else t
-                                                    for t in (q, k, v, do)), causal)
+                                                    for t in (q, k, v, do)), causal,
+                                                 dropout_p=dropout_p, rng_seed=rng_seed)
     shard = lambda t: od.shard_sequence(t, group, layout=layout)  # noqa: E731
     ql, kl, vl, dol = (shard(t) for t in (q, k, v, do))
     if strided:  # BHSD storage handed over as BSHD views
@@ -78,7 +85,9 @@ def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.fl
         kl = kl.transpose(1, 2).contiguous().transpose(1, 2)
     ql, kl, vl = (t.detach().requires_grad_(True) for t in (ql, kl, vl))
     od.reset_comm_stats()
-    out = MODES[mode](ql, kl, vl, group=group, causal=causal, layout=layout)
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed)  # the reference's generator state, on every rank
+    out = MODES[mode](ql, kl, vl, group=group, causal=causal, layout=layout, dropout_p=dropout_p)
     fwd_counts = dict(_comm.comm_stats)
     out.backward(dol)
     all_counts = dict(_comm.comm_stats)
@@ -116,6 +125,18 @@ def _mode_cases(w):
         cases[f"{mode}-zigzag-causal-long"] = (
             lambda rank, mode=mode: run_mode_case(rank, w, mode, 1, 2 * w * 40, h, hkv, 32, True,
                                                   "zigzag", seed=102))
+        # Dropout: exactly the single-device mask (same generator state), every layout,
+        # causal and not, odd chunk lengths (a column offset that is not a multiple of 4).
+        for layout in ("zigzag", "contiguous"):
+            for causal in (False, True):
+                s = 2 * w * 3 if layout == "zigzag" else w * 5
+                cases[f"{mode}-{layout}-{'causal' if causal else 'full'}-dropout"] = (
+                    lambda rank, mode=mode, s=s, causal=causal, layout=layout:
+                    run_mode_case(rank, w, mode, 2, s, h, hkv if causal else h, d, causal, layout,
+                                  seed=200 + len(cases), dropout_p=0.3))
+        cases[f"{mode}-zigzag-causal-long-dropout"] = (
+            lambda rank, mode=mode: run_mode_case(rank, w, mode, 1, 2 * w * 37, h, hkv, 32, True,
+                                                  "zigzag", seed=103, dropout_p=0.2))
     return cases
 
 
@@ -124,6 +145,17 @@ def _mode_cases(w):
 def case_bf16_ring(rank, w):
     run_mode_case(rank, w, "ring", 1, 2 * w * 16, 4, 2, 32, True, "zigzag", dtype=torch.bfloat16,
                   seed=7, tol=dict(atol=3e-2, rtol=3e-2))
+
+
+def case_bf16_dropout(rank, w):
+    """bf16 kernels with dropout: odd chunks (17 rows), so odd column offsets (on CUDA
+    the kernels' two-Philox-call path); against the fp32 single-device run with the
+    same mask."""
+    for mode in ("ring", "allgather"):
+        run_mode_case(rank, w, mode, 1, 2 * w * 17, 4, 2, 32, True, "zigzag",
+                      dtype=torch.bfloat16, seed=21, tol=dict(atol=3e-2, rtol=3e-2), dropout_p=0.2)
+    run_mode_case(rank, w, "ulysses", 1, 2 * w * 17, 2 * w, w, 32, False, "zigzag",
+                  dtype=torch.bfloat16, seed=22, tol=dict(atol=3e-2, rtol=3e-2), dropout_p=0.2)
 
 
 def case_fp16_ulysses(rank, w):
@@ -228,9 +260,12 @@ def case_errors(rank, w):
     # Ulysses: heads not divisible by the group size
     _expect_error(lambda: od.ulysses_flash_attn_func(*t(6, h=w + 1, hkv=1)), ValueError,
                   "divisible by the group size")
-    # dropout: not implemented (documented)
+    # dropout: the ranks' generators disagree, so their keys would draw different masks
     for fn in MODES.values():
-        _expect_error(lambda fn=fn: fn(*t(6), dropout_p=0.1), NotImplementedError, "dropout")
+        torch.manual_seed(77 + rank)
+        _expect_error(lambda fn=fn: fn(*t(6), dropout_p=0.1), ValueError, "dropout keys",
+                      "manual_seed")
+    _expect_error(lambda: ring(*t(6), dropout_p=1.0), ValueError, "dropout_p")
     # GQA heads that do not divide
     _expect_error(lambda: od.allgather_flash_attn_func(*t(6, h=3, hkv=2)), ValueError, "multiple")
     # the group still works afterwards
@@ -247,14 +282,19 @@ def case_hybrid(rank, w):
         ring_groups = [dist.new_group(list(range(j, w, uly_n))) for j in range(uly_n)]
         ug = uly_groups[rank // uly_n]
         rg = ring_groups[rank % uly_n]
-        for causal, layout in ((True, "zigzag"), (False, "zigzag"), (True, "contiguous")):
+        for causal, layout, p in ((True, "zigzag", 0.0), (False, "zigzag", 0.0),
+                                  (True, "contiguous", 0.0), (True, "zigzag", 0.25),
+                                  (False, "zigzag", 0.25), (True, "contiguous", 0.25)):
             s = 2 * w * 3
             q, k, v, do = _full_inputs(2, s, 2 * uly_n, uly_n, 16, torch.float32, 16)
-            ref = _reference(q, k, v, do, causal)
+            ref = _reference(q, k, v, do, causal, dropout_p=p, rng_seed=31 if p else None)
             shard = lambda x: od.hybrid_shard_sequence(x, ug, rg, layout=layout)  # noqa: E731
             ql, kl, vl = (shard(x).requires_grad_(True) for x in (q, k, v))
             od.reset_comm_stats()
-            out = od.hybrid_flash_attn_func(ql, kl, vl, ug, rg, causal=causal, layout=layout)
+            if p:
+                torch.manual_seed(31)
+            out = od.hybrid_flash_attn_func(ql, kl, vl, ug, rg, causal=causal, layout=layout,
+                                            dropout_p=p)
             out.backward(shard(do))
             for name, got, r in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad),
                                     ref):
@@ -309,6 +349,7 @@ def suite(w):
             "bf16-ring": case_bf16_ring,
             "fp16-ulysses": case_fp16_ulysses,
             "bf16-allgather": case_bf16_allgather,
+            "bf16-dropout": case_bf16_dropout,
             "strided-inputs": case_strided_inputs,
             "device-mesh": case_device_mesh,
             "torch-compile": case_torch_compile,
@@ -324,6 +365,7 @@ def cuda_suite(w):
     cases["bf16-ring"] = lambda rank: case_bf16_ring(rank, w)
     cases["bf16-allgather"] = lambda rank: case_bf16_allgather(rank, w)
     cases["fp16-ulysses"] = lambda rank: case_fp16_ulysses(rank, w)
+    cases["bf16-dropout"] = lambda rank: case_bf16_dropout(rank, w)
     return cases
 
 

@@ -168,3 +168,129 @@ def test_drop_ins_draw_the_key_on_the_device(device):
     want, _, want_mask = torch.ops.orchard.flash_attn_forward(
         q, q, q, 0.25, False, False, 0.4, 0, 0, True, False, "orchard.flash_attn", rng)
     assert torch.equal(out, want) and torch.equal(mask, want_mask.bool())
+
+
+# ---- dropout's global coordinates (context parallelism) --------------------
+# The ops' trailing feature arguments dropout_row_offset, dropout_col_offset,
+# dropout_head_offset, dropout_heads: a call on a block of rows / keys / heads of a
+# larger problem draws that block of the larger call's mask. All 0 is today's mask.
+
+_PLAIN = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
+
+
+def _fwd_at(q, k, v, p, rng, causal, row0, col0, head0, heads, top_left=True, scale=0.25):
+    return torch.ops.orchard.flash_attn_forward(
+        q, k, v, scale, causal, top_left, p, 0, 0, True, False, "orchard.flash_attn", rng,
+        *_PLAIN, row0, col0, head0, heads)
+
+
+def _bwd_at(do, q, k, v, out, lse, p, rng, causal, row0, col0, head0, heads, top_left=True,
+            scale=0.25):
+    return torch.ops.orchard.flash_attn_backward(
+        do, q, k, v, out, lse, scale, causal, top_left, p, 0, 0, False, "orchard.flash_attn", rng,
+        *_PLAIN, row0, col0, head0, heads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_dropout_offsets_are_the_plain_mask_bitwise(device):
+    q = randn(2, 37, 4, 16, device=device)
+    k = randn(2, 45, 2, 16, device=device)
+    rng = torch.tensor([2024, 3], dtype=torch.int64, device=device)
+    plain = torch.ops.orchard.flash_attn_forward(q, k, k, 0.25, True, False, 0.3, 0, 0, True, False,
+                                                 "orchard.flash_attn", rng)
+    for heads in (0, 4):  # heads = hq says the same as 0
+        at = _fwd_at(q, k, k, 0.3, rng, True, 0, 0, 0, heads, top_left=False)
+        for a, b in zip(plain, at):
+            assert torch.equal(a, b)
+    want = philox_keep_mask(2, 4, 37, 45, 0.3, 2024, 3)
+    assert np.array_equal(plain[2].cpu().numpy().astype(bool), want)
+
+
+# (first row, rows, first key, keys, first head, heads) of blocks of a (2, 41, 6 heads, 150
+# keys) problem: every column offset residue mod 4, GQA head groups, single rows/keys.
+_BLOCKS = [(0, 41, 0, 150, 0, 6), (5, 17, 1, 133, 0, 6), (0, 9, 2, 70, 2, 4), (13, 28, 3, 147, 0, 2),
+           (1, 1, 5, 1, 4, 2), (40, 1, 7, 143, 2, 2), (7, 20, 64, 86, 0, 6), (3, 30, 97, 35, 2, 2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_offsets_draw_the_block_of_the_full_mask(device, dtype):
+    b, s, sk, h, hkv, d, p = 2, 41, 150, 6, 3, 32, 0.4
+    q = randn(b, s, h, d, dtype=dtype, device=device)
+    k = randn(b, sk, hkv, d, dtype=dtype, device=device)
+    v = randn(b, sk, hkv, d, dtype=dtype, device=device)
+    rng = torch.tensor([0x5EED_0123_4567, 9], dtype=torch.int64, device=device)
+    full_mask = _fwd_at(q, k, v, p, rng, False, 0, 0, 0, 0)[2]
+    g = h // hkv
+    for r0, n, c0, m, h0, nh in _BLOCKS:
+        qb = q[:, r0:r0 + n, h0:h0 + nh]
+        kb, vb = (t[:, c0:c0 + m, h0 // g:(h0 + nh) // g] for t in (k, v))
+        for causal in (False, True):
+            out, _, mask = _fwd_at(qb, kb, vb, p, rng, causal, r0, c0, h0, h)
+            block = full_mask[:, h0:h0 + nh, r0:r0 + n, c0:c0 + m]
+            assert torch.equal(mask, block), (r0, n, c0, m, h0, nh)
+            # The kernels apply that mask (the output of a reference that applies it).
+            ref, _ = attention_ref(qb, kb, vb, 0.25, causal, True, keep_mask=mask, dropout_p=p)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dropout_offset_blocks_compose_the_full_call(device, dtype):
+    """What context parallelism does: key blocks (an odd split) and query blocks
+    with their offsets, merged through the LSE, give the single call's output; the
+    blocks' backwards (with the global out and LSE) add up to its gradients."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU-only")
+    from orchard.distributed._merge import merge_attention
+    b, s, h, hkv, d, p = 2, 45, 4, 2, 32, 0.3
+    q = randn(b, s, h, d, dtype=dtype, device=device)
+    k = randn(b, s, hkv, d, dtype=dtype, device=device)
+    v = randn(b, s, hkv, d, dtype=dtype, device=device)
+    do = randn(b, s, h, d, dtype=dtype, device=device)
+    rng = torch.tensor([77, 5], dtype=torch.int64, device=device)
+    for causal in (False, True):
+        out, lse, _ = _fwd_at(q, k, v, p, rng, causal, 0, 0, 0, 0)
+        dq, dk, dv = _bwd_at(do, q, k, v, out, lse, p, rng, causal, 0, 0, 0, 0)
+        cuts = [0, 13, 30, s]  # rows / keys [0, 13), [13, 30), [30, 45): offsets 13 and 30
+        got_out = torch.zeros_like(out, dtype=torch.float64)
+        got_dq = torch.zeros_like(dq, dtype=torch.float64)
+        got_dk = torch.zeros_like(dk, dtype=torch.float64)
+        got_dv = torch.zeros_like(dv, dtype=torch.float64)
+        for i in range(3):
+            rs = slice(cuts[i], cuts[i + 1])
+            outs, lses, blocks = [], [], []
+            for j in range(3):
+                ks = slice(cuts[j], cuts[j + 1])
+                if causal and j > i:
+                    continue
+                o, l, _ = _fwd_at(q[:, rs], k[:, ks], v[:, ks], p, rng, causal and i == j,
+                                  cuts[i], cuts[j], 0, 0)
+                outs.append(o)
+                lses.append(l)
+                blocks.append(ks)
+            o, l = merge_attention(outs, lses)
+            got_out[:, rs] = o.double()
+            for ks in blocks:
+                gq, gk, gv = _bwd_at(do[:, rs], q[:, rs], k[:, ks], v[:, ks], out[:, rs],
+                                     lse[:, :, rs].contiguous(), p, rng,
+                                     causal and ks == rs, cuts[i], ks.start, 0, 0)
+                got_dq[:, rs] += gq.double()
+                got_dk[:, ks] += gk.double()
+                got_dv[:, ks] += gv.double()
+        tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
+        for name, got, want in (("out", got_out, out), ("dq", got_dq, dq), ("dk", got_dk, dk),
+                                ("dv", got_dv, dv)):
+            torch.testing.assert_close(got, want.double(), atol=tol, rtol=tol,
+                                       msg=lambda m, name=name: f"{name} causal={causal}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_offsets_validation(device):
+    q = randn(1, 8, 4, 16, device=device)
+    rng = torch.tensor([1, 2], dtype=torch.int64, device=device)
+    for row0, col0, head0, heads in ((-1, 0, 0, 0), (0, -3, 0, 0), (0, 0, 1, 4), (0, 0, 0, 3),
+                                     (2**32, 0, 0, 0)):
+        with pytest.raises(ValueError, match="dropout offsets"):
+            _fwd_at(q, q, q, 0.1, rng, False, row0, col0, head0, heads)

@@ -137,6 +137,34 @@ def test_dropout_mask_matches_cpu_backend_and_gradients_use_it(emulated):
         torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_offsets_match_cpu_backend(emulated, causal):
+    # Dropout's global coordinates (context parallelism): the Metal kernels draw the
+    # CPU backend's mask for the same offsets (an odd column offset included), and the
+    # backward applies it.
+    b, sq, sk, hq, hkv, d = 2, 21, 30, 4, 2, 32
+    q, k, v = randn(b, sq, hq, d), randn(b, sk, hkv, d), randn(b, sk, hkv, d)
+    p = 0.25
+    rng = torch.tensor([0x5EED, 3], dtype=torch.int64)
+    args = (1.0 / d ** 0.5, causal, True, p, 0, 0, True, False, "orchard.flash_attn", rng,
+            -1, -1, 0.0, None, None, None, None, None, 0, 0, 37, 7, 2, 8)
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, _lse, mask = orchard._ops.flash_attn_forward(qg, kg, vg, *args)
+    with _mps.use_compiler(None):  # the CPU backend, same key and offsets
+        _, _, cpu_mask = orchard._ops.flash_attn_forward(q, k, v, *args)
+        _, _, plain_mask = orchard._ops.flash_attn_forward(q, k, v, *args[:10])
+    assert torch.equal(mask, cpu_mask)
+    assert not torch.equal(mask, plain_mask)
+    dout = randn(b, sq, hq, d)
+    out.backward(dout)
+    ref, ref_grads = _grads(lambda q, k, v: attention_ref(q, k, v, 1.0 / d ** 0.5, causal, True, keep_mask=mask,
+                                                          dropout_p=p)[0],
+                            q.double(), k.double(), v.double(), dout=dout.double())
+    torch.testing.assert_close(out.detach().double(), ref, atol=2e-5, rtol=0)
+    for g, r in zip((qg.grad, kg.grad, vg.grad), ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=0)
+
+
 def test_smoke_orchard_ops_with_debug_logs(emulated, tmp_path, monkeypatch, capfd):
     # The original module's smoke test: (2, 4, 64) tensors, loss.backward(), both debug switches.
     monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")

@@ -164,6 +164,10 @@ def _feature_args(device, kind):
         args = list(base)
         args[4] = False  # SDPA: no is_causal with a mask
         return tuple(args) + (-1, -1, 0.0, None, None, mask, None, None, 0, 0)
+    if kind == "dropout_offsets":  # dropout's global coordinates (context parallelism)
+        q, k, v, *opts = _fwd_args(device, dropout=0.2, mask=True)
+        return (q, k, v, *opts, False, "orchard.flash_attn", None,
+                -1, -1, 0.0, None, None, None, None, None, 0, 0, 7, 5, 2, 8)
     lens_q, lens_k = [5, 0, 7], [9, 4, 7]  # varlen
     cu_q = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 9, 13, 20], dtype=torch.int32, device=device)
@@ -174,7 +178,7 @@ def _feature_args(device, kind):
             -1, -1, 0.0, None, None, None, cu_q, cu_k, max(lens_q), max(lens_k))
 
 
-FEATURE_KINDS = ["window_softcap_alibi_sink", "attn_mask", "varlen"]
+FEATURE_KINDS = ["window_softcap_alibi_sink", "attn_mask", "varlen", "dropout_offsets"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,3 +225,26 @@ def test_torch_compile_with_features_fullgraph(device):
     torch.testing.assert_close(got, eager)
     for a, b in zip(g_got, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_with_dropout_offsets_fullgraph(device):
+    """The dropout coordinate arguments (SymInts) trace into one graph; the compiled
+    call draws the same mask as eager (same key tensor)."""
+    torch._dynamo.reset()
+    rng = torch.tensor([11, 3], dtype=torch.int64, device=device)
+
+    def f(q, row0):
+        out, _, mask = torch.ops.orchard.flash_attn_forward(
+            q, q, q, 0.25, True, False, 0.3, 0, 0, True, False, "orchard.flash_attn", rng,
+            -1, -1, 0.0, None, None, None, None, None, 0, 0, row0, 3, 2, 6)
+        return out.sum(-1), mask
+
+    q = randn(1, 16, 2, 8, device=device, requires_grad=True)
+    eager, m_eager = f(q, 40)
+    (g_eager,) = torch.autograd.grad(eager.sum(), (q,))
+    got, m_got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, 40)
+    (g_got,) = torch.autograd.grad(got.sum(), (q,))
+    assert torch.equal(m_got, m_eager)
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(g_got, g_eager)

@@ -20,12 +20,13 @@ Shards: :func:`shard_sequence` / :func:`unshard_sequence` (``layout`` "zigzag" �
 rank r holds chunks r and 2W-1-r of 2W, the head-tail layout of torch's context
 parallelism — or "contiguous"), :func:`hybrid_shard_sequence` for the hybrid.
 
-Not implemented: dropout (dropout_p > 0 raises NotImplementedError). Orchard's
-mask is Philox indexed by (batch * heads + head, row, col) of one kernel call;
-the custom ops take no global row/column/head offset, so no shard — not even a
-Ulysses head shard, whose head index is offset too — can draw the mask the
-single-device op would. It needs a (row, col, head) offset in the ops' dropout
-key; then every mode here can pass its block's global offsets.
+Dropout (``dropout_p``) gives exactly the single-device result: Orchard's mask
+is Philox indexed by (batch * heads + head, row, col), and every kernel call here
+passes the global position of its first query row, first key and first head
+(the ops' dropout_*_offset arguments), so it draws its block of the
+single-device mask (_dropout.py). Every rank draws the key from torch's
+generator as ``orchard.flash_attn_func`` does: seed the ranks alike
+(``torch.manual_seed``); the input check raises if their keys differ.
 
 Bad input (mismatched shards across ranks, lengths the layout cannot split,
 heads Ulysses cannot split, no process group) raises an error prefixed with the

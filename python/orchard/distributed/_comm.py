@@ -158,23 +158,20 @@ def _local_check(op, q, k, v, causal, layout, dropout_p, softmax_scale, size, he
                             f"divisible by the group size ({size}) for the all-to-all")
     if not 0.0 <= float(dropout_p) < 1.0:
         return ValueError, f"{op}: dropout_p must be in [0, 1), got {dropout_p}"
-    if float(dropout_p) > 0.0:
-        return NotImplementedError, (
-            f"{op}: dropout is not implemented for context parallelism: Orchard's dropout mask is "
-            f"indexed by (batch * heads + head, row, col) within one kernel call, and the custom "
-            f"ops take no global row/column/head offset, so no shard can draw the single-device "
-            f"mask (apply dropout outside attention, or use dropout_p=0)")
     if softmax_scale is not None and not float(softmax_scale) > 0.0:
         return ValueError, f"{op}: softmax_scale must be > 0, got {softmax_scale}"
     return None, ""
 
 
 def gather_verdict(op, info: GroupInfo, q, k, v, *, causal, layout, dropout_p, softmax_scale,
-                   heads_divisible=False, same_kv_len=True, seq_factor=1, upstream=None):
+                   heads_divisible=False, same_kv_len=True, seq_factor=1, upstream=None,
+                   rng_state=None):
     """(exception class, message) for this group: this rank's own error, or the
     first other rank's, or disagreement between ranks; (None, '') when all is well.
     One all_gather of a small int64 tensor. ``upstream``: an earlier verdict of
-    this rank (another group's) to pass on to this group's members."""
+    this rank (another group's) to pass on to this group's members. ``rng_state``:
+    the dropout key this rank drew (int64 (seed, offset)), which every rank must
+    share (the ranks draw the blocks of one mask)."""
     err_cls, msg = _local_check(op, q, k, v, causal, layout, dropout_p, softmax_scale, info.size,
                                 heads_divisible, same_kv_len, seq_factor)
     if err_cls is None and upstream is not None and upstream[0] is not None:
@@ -189,6 +186,9 @@ def gather_verdict(op, info: GroupInfo, q, k, v, *, causal, layout, dropout_p, s
         meta[11] = int(bool(causal))
         meta[12] = _LAYOUTS[layout]
         meta[13] = -1 if softmax_scale is None else _f64_bits(softmax_scale)
+        meta[14] = _f64_bits(dropout_p)
+        if rng_state is not None:
+            meta[15:17] = [int(x) for x in rng_state.tolist()]
     if info.size == 1:
         return err_cls, msg
     dev = _meta_device(info.group, q)
@@ -205,7 +205,8 @@ def gather_verdict(op, info: GroupInfo, q, k, v, *, causal, layout, dropout_p, s
         return kind, (f"{op}: rank(s) {bad} of the group rejected their input (see the error "
                       f"raised on that rank); this rank's input is fine")
     fields = ((1, 5, "q shape"), (5, 9, "k/v shape"), (9, 10, "dtype"), (10, 11, "device type"),
-              (11, 12, "causal"), (12, 13, "layout"), (13, 14, "softmax_scale"))
+              (11, 12, "causal"), (12, 13, "layout"), (13, 14, "softmax_scale"),
+              (14, 15, "dropout_p"), (15, 17, "dropout key"))
     for lo, hi, what in fields:
         vals = [tuple(row[lo:hi]) for row in rows]
         if any(x != vals[0] for x in vals):
@@ -213,6 +214,11 @@ def gather_verdict(op, info: GroupInfo, q, k, v, *, causal, layout, dropout_p, s
             if what == "dtype":
                 names = {v: k for k, v in _DTYPES.items()}
                 per_rank = {r: names.get(x, x) for r, x in per_rank.items()}
+            if what == "dropout key":
+                return ValueError, (f"{op}: ranks drew different dropout keys {per_rank} (seed, "
+                                    f"offset): dropout needs the same random generator state on "
+                                    f"every rank of the group (e.g. torch.manual_seed(s) on all "
+                                    f"of them), since each rank draws its block of one mask")
             return ValueError, (f"{op}: ranks disagree on {what} (every rank must pass shards of "
                                 f"the same shape, dtype and options): {per_rank}")
     return None, ""

@@ -8,6 +8,9 @@ ring shard is then split contiguously over the ulysses group (see
 Forward: all-to-all inside the ulysses group (sequence sub-shards -> the whole
 ring shard with H/U heads), ring attention across the ring group on those
 heads, all-to-all back. Autograd composes the three pieces.
+
+Dropout: the ring's calls pass their chunks' global positions (ring.py) and this
+rank's first head in the ulysses group's split with the global head count.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from . import _comm
+from . import _comm, _dropout
 from ._layout import _check_layout, shard_sequence
 from .ring import ring_attention
 from .ulysses import head_to_seq, seq_to_head
@@ -80,7 +83,9 @@ def hybrid_flash_attn_func(q, k, v, ulysses_group, ring_group, causal=False, sof
     op = "orchard.distributed.hybrid_flash_attn_func"
     u = _comm.group_info(ulysses_group, op)
     r = _comm.group_info(ring_group, op)
-    kw = dict(causal=causal, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    drop = _dropout.for_call(dropout_p, q)
+    kw = dict(causal=causal, layout=layout, dropout_p=dropout_p, softmax_scale=softmax_scale,
+              rng_state=None if drop is None else drop.rng_state)
     if check_inputs:
         # Two rounds that never leave a rank behind: the ulysses group's verdict
         # travels into the ring group's check, and every ring group has a member
@@ -94,6 +99,8 @@ def hybrid_flash_attn_func(q, k, v, ulysses_group, ring_group, causal=False, sof
         _comm.validate(op, u, q, k, v, heads_divisible=True, seq_factor=u.size, check=False, **kw)
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     qh, kh, vh = _SeqToHead.apply(u, q, k, v)
+    if drop is not None:  # this rank's heads [u * H/U, (u+1) * H/U) of the sequence's H
+        drop = drop.with_heads(u.rank * qh.shape[2], q.shape[2])
     out_h, _lse = ring_attention(qh, kh, vh, r, scale, bool(causal), layout, bool(deterministic),
-                                 op)
+                                 op, drop)
     return _HeadToSeq.apply(u, out_h)

@@ -23,6 +23,12 @@ Causal masking per (query shard, key shard) pair:
   all local queries against that shard's first chunk; a later rank's shard ->
   the local second chunk against the whole shard. Every step then costs every
   rank the same (half a shard x shard block), which balances causal work.
+
+Dropout (_dropout.py): every call must cover query rows and keys contiguous in
+global position, so the blocks are the pairs of chunks (a zigzag shard's two
+chunks apart): each call passes its chunks' global first row and first key, and
+draws its block of the single-device mask. Causal: a chunk pair is the diagonal
+(causal kernel), wholly visible, or skipped. The same work, in more calls.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from . import _comm
+from . import _comm, _dropout
+from ._dropout import shard_chunks
 from ._merge import merge_into
 
 __all__ = ["ring_flash_attn_func"]
@@ -54,12 +61,37 @@ def _blocks(rank, src, size, s_local, causal, layout):
     return [(slice(c, None), _ALL, False)]
 
 
+def _dropout_blocks(rank, src, size, s_local, causal, layout):
+    """[(query rows, key rows, causal, global first row, global first key)] for the
+    (rank's queries, src's keys) pair with dropout: chunk pairs, each contiguous in
+    global position (chunks of one layout have one length, so a pair is the
+    diagonal block, wholly visible, or wholly hidden)."""
+    blocks = []
+    for q0, qs in shard_chunks(rank, size, s_local, layout):
+        for k0, ks in shard_chunks(src, size, s_local, layout):
+            if causal and k0 > q0:
+                continue
+            blocks.append((qs, ks, causal and k0 == q0, q0, k0))
+    return blocks
+
+
+def _step_blocks(rank, src, size, s_local, causal, layout, drop):
+    """[(query rows, key rows, causal, extra op args)] of one ring step: the extra
+    args are the dropout ones (probability, key, coordinates), or the ops' defaults."""
+    if drop is None:
+        return [(qs, ks, c, (0.0, None)) for qs, ks, c in _blocks(rank, src, size, s_local, causal,
+                                                                  layout)]
+    return [(qs, ks, c, drop.op_args(q0, k0))
+            for qs, ks, c, q0, k0 in _dropout_blocks(rank, src, size, s_local, causal, layout)]
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op):
-    """(out in q's dtype, lse (B, H, S_local) in the accumulation dtype)."""
+def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
+    """(out in q's dtype, lse (B, H, S_local) in the accumulation dtype). drop: a
+    _dropout.Dropout or None."""
     size, rank = info.size, info.rank
     b, s, h, d = q.shape
     acc = _acc_dtype(q.dtype)
@@ -70,9 +102,10 @@ def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op):
     for step in range(size):
         pending = ring.start(kv) if step + 1 < size else None
         src = (rank - step) % size
-        for qs, ks, blk_causal in _blocks(rank, src, size, s, causal, layout):
-            o, lse, _ = _FWD(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk_causal, True, 0.0, 0,
-                             0, False, deterministic, op, None)
+        for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
+                                                                  drop):
+            o, lse, _ = _FWD(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk_causal, True, p, 0,
+                             0, False, deterministic, op, rng, *feats)
             if step == 0 and qs == _ALL:
                 out_acc.copy_(o)
                 lse_acc.copy_(lse)
@@ -83,7 +116,8 @@ def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op):
     return out_acc.to(q.dtype), lse_acc
 
 
-def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op):
+def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op,
+                  drop=None):
     size, rank = info.size, info.rank
     s = q.shape[1]
     acc = _acc_dtype(q.dtype)
@@ -96,11 +130,12 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
         kv_pending = kv_ring.start(kv) if step + 1 < size else None
         src = (rank - step) % size
         grads = []
-        for qs, ks, blk_causal in _blocks(rank, src, size, s, causal, layout):
+        for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
+                                                                  drop):
             lse_rows = lse if qs == _ALL else lse[:, :, qs].contiguous()
             dq_b, dk_b, dv_b = _BWD(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks],
-                                    out[:, qs], lse_rows, scale, blk_causal, True, 0.0, 0, 0,
-                                    deterministic, op, None)
+                                    out[:, qs], lse_rows, scale, blk_causal, True, p, 0, 0,
+                                    deterministic, op, rng, *feats)
             dq[:, qs] += dq_b
             grads.append((ks, dk_b, dv_b))
         if dkv_pending is None:  # step 0: this rank's own accumulator starts here
@@ -122,10 +157,10 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, info, scale, causal, layout, deterministic, op):
-        out, lse = ring_forward(q, k, v, info, scale, causal, layout, deterministic, op)
+    def forward(ctx, q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
+        out, lse = ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.opts = (info, scale, causal, layout, deterministic, op)
+        ctx.opts = (info, scale, causal, layout, deterministic, op, drop)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -133,18 +168,18 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        info, scale, causal, layout, deterministic, op = ctx.opts
+        info, scale, causal, layout, deterministic, op, drop = ctx.opts
         if dout is None:
             dout = torch.zeros_like(out)
         deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout,
-                                   deterministic, op)
-        return dq, dk, dv, None, None, None, None, None, None
+                                   deterministic, op, drop)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, info, scale, causal, layout, deterministic, op):
+def ring_attention(q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
     """No validation: (out, lse) through autograd, for the hybrid mode."""
-    return _RingAttention.apply(q, k, v, info, scale, causal, layout, deterministic, op)
+    return _RingAttention.apply(q, k, v, info, scale, causal, layout, deterministic, op, drop)
 
 
 @torch.compiler.disable  # eager collectives: a graph break under torch.compile
@@ -163,8 +198,11 @@ def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None,
         softmax_scale: defaults to 1/sqrt(head_dim).
         layout: "zigzag" (head-tail, torch context parallelism's layout;
            balances causal work; local length must be even) or "contiguous".
-        dropout_p: must be 0.0 (NotImplementedError otherwise; see the package
-           docstring).
+        dropout_p: dropout on the attention probabilities, with exactly the
+           single-device mask: every rank draws the key from torch's generator as
+           ``orchard.flash_attn_func`` does, so the same generator state on every
+           rank (``torch.manual_seed``) gives the single-device result with that
+           state (the input check raises if the ranks' keys differ).
         deterministic: bitwise-reproducible backward kernels.
         return_lse: also return the LSE (batch, heads, local_seqlen), fp32.
         check_inputs: one small all_gather before the ring checks that all ranks
@@ -175,9 +213,11 @@ def ring_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=None,
     """
     op = "orchard.distributed.ring_flash_attn_func"
     info = _comm.group_info(group, op)
+    drop = _dropout.for_call(dropout_p, q)
     _comm.validate(op, info, q, k, v, causal=causal, layout=layout, dropout_p=dropout_p,
-                   softmax_scale=softmax_scale, check=check_inputs)
+                   softmax_scale=softmax_scale, check=check_inputs,
+                   rng_state=None if drop is None else drop.rng_state)
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, lse = _RingAttention.apply(q, k, v, info, scale, bool(causal), layout,
-                                    bool(deterministic), op)
+                                    bool(deterministic), op, drop)
     return (out, lse) if return_lse else out

@@ -7,6 +7,10 @@ Each direction is ONE all_to_all_single: q, k and v are packed along the head
 dim (so GQA's smaller K/V travel with Q). Heads and kv-heads must both be
 divisible by the group size. Rank r gets query heads [r*H/W, (r+1)*H/W) and
 kv-heads [r*Hkv/W, (r+1)*Hkv/W), which keeps every query head with its kv-head.
+
+Dropout: each rank's call passes its first head's global index and the global
+head count (and the whole sequence, in natural order also for a non-causal
+zigzag layout), so it draws its heads' part of the single-device mask.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from . import _comm
+from . import _comm, _dropout
 from ._layout import reorder_gathered
 
 __all__ = ["ulysses_flash_attn_func"]
@@ -64,27 +68,33 @@ def head_to_seq(parts, info, layout, reorder):
 
 class _UlyssesAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, info, scale, causal, layout, deterministic, op):
-        # Non-causal attention does not care about position order: skip the reorder.
-        reorder = causal and layout == "zigzag"
+    def forward(ctx, q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
+        # Non-causal attention does not care about position order: skip the reorder
+        # (dropout does: its mask is indexed by global position).
+        reorder = (causal or drop is not None) and layout == "zigzag"
         qh, kh, vh = seq_to_head([q, k, v], info, layout, reorder)
-        out_h, lse_h, _ = _FWD(qh, kh, vh, scale, causal, True, 0.0, 0, 0, False, deterministic,
-                               op, None)
+        if drop is None:
+            extra = (0.0, None)
+        else:  # this rank's heads [r * H/W, (r+1) * H/W) of the H the sequence has
+            drop = drop.with_heads(info.rank * qh.shape[2], q.shape[2])
+            extra = drop.op_args(0, 0)
+        out_h, lse_h, _ = _FWD(qh, kh, vh, scale, causal, True, extra[0], 0, 0, False,
+                               deterministic, op, *extra[1:])
         (out,) = head_to_seq([out_h], info, layout, reorder)
         ctx.save_for_backward(qh, kh, vh, out_h, lse_h)
-        ctx.opts = (info, scale, causal, layout, deterministic, op, reorder)
+        ctx.opts = (info, scale, causal, layout, deterministic, op, reorder, extra)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         qh, kh, vh, out_h, lse_h = ctx.saved_tensors
-        info, scale, causal, layout, deterministic, op, reorder = ctx.opts
+        info, scale, causal, layout, deterministic, op, reorder, extra = ctx.opts
         deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         (dout_h,) = seq_to_head([dout], info, layout, reorder)
-        dq_h, dk_h, dv_h = _BWD(dout_h, qh, kh, vh, out_h, lse_h, scale, causal, True, 0.0, 0, 0,
-                                deterministic, op, None)
+        dq_h, dk_h, dv_h = _BWD(dout_h, qh, kh, vh, out_h, lse_h, scale, causal, True, extra[0], 0,
+                                0, deterministic, op, *extra[1:])
         dq, dk, dv = head_to_seq([dq_h, dk_h, dv_h], info, layout, reorder)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable  # eager collectives: a graph break under torch.compile
@@ -102,8 +112,10 @@ def ulysses_flash_attn_func(q, k, v, group=None, causal=False, softmax_scale=Non
     """
     op = "orchard.distributed.ulysses_flash_attn_func"
     info = _comm.group_info(group, op)
+    drop = _dropout.for_call(dropout_p, q)
     _comm.validate(op, info, q, k, v, causal=causal, layout=layout, dropout_p=dropout_p,
-                   softmax_scale=softmax_scale, heads_divisible=True, check=check_inputs)
+                   softmax_scale=softmax_scale, heads_divisible=True, check=check_inputs,
+                   rng_state=None if drop is None else drop.rng_state)
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return _UlyssesAttention.apply(q, k, v, info, scale, bool(causal), layout, bool(deterministic),
-                                   op)
+                                   op, drop)

@@ -120,12 +120,12 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
   if (p.dropout_p > 0.0f) {
     const std::uint32_t threshold = dropout_keep_threshold(p.dropout_p);
     const DropoutKey key = dropout_key(p);  // reads rng_state when set
-    const auto batch_head = static_cast<std::uint32_t>(std::int64_t(bi) * p.hq + h);
+    const std::uint32_t batch_head = dropout_batch_head(p, bi, h);  // with the dropout offsets
     const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
     for (int r = 0; r < rows; ++r) {
       std::uint8_t* kr = w.keep.data() + std::int64_t(r) * kBlockN;
-      dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i0 + r), j0, ncols,
-                       threshold, kr);
+      const auto row = static_cast<std::uint32_t>(i0 + r + p.dropout_row_offset);
+      dropout_keep_row(key.seed, key.offset, batch_head, row, j0 + p.dropout_col_offset, ncols, threshold, kr);
       std::fill(kr + ncols, kr + kBlockN, std::uint8_t(0));
     }
     keep = w.keep.data();

@@ -97,6 +97,10 @@ bool has_avx2() {
 void dropout_keep_row(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                       std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
                       std::uint8_t* keep) {
+  // Columns before the first multiple of 4 (only with a dropout column offset).
+  for (; (j0 & 3) != 0 && n > 0; ++j0, --n, ++keep)
+    *keep = dropout_keep(seed, offset, batch_head, row, static_cast<std::uint32_t>(j0), threshold);
+  if (n <= 0) return;
 #ifdef ORCHARD_DROPOUT_AVX2
   if (has_avx2()) return keep_avx2(seed, offset, batch_head, row, j0, n, threshold, keep);
 #endif

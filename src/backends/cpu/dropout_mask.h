@@ -8,7 +8,8 @@
 namespace orchard::cpu {
 
 // keep[t] = 1 if element (batch_head, row, j0 + t) survives dropout, t < n.
-// j0 % 4 == 0, so each Philox call yields four consecutive columns.
+// Any j0 >= 0 (a dropout column offset can make it unaligned); from the first
+// multiple of 4 on, each Philox call yields four consecutive columns.
 void dropout_keep_row(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                       std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
                       std::uint8_t* keep);

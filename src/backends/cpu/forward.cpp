@@ -77,6 +77,12 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   auto mask_row = [&](std::int64_t i) {
     return p.dropout_mask + (std::int64_t(batch_head) * p.sq + i) * p.sk;
   };
+  // The Philox index of row i, column j0: the call's dropout offsets added (params.h).
+  const std::uint32_t drop_bh = dropout_batch_head(p, bi, h);
+  auto keep_row = [&](std::int64_t i, std::int64_t j0, int ncols, std::uint8_t* keep) {
+    dropout_keep_row(key.seed, key.offset, drop_bh, static_cast<std::uint32_t>(i + p.dropout_row_offset),
+                     j0 + p.dropout_col_offset, ncols, threshold, keep);
+  };
 
   const std::int64_t q_row0 = span.q_start + i0;  // first row in q / out / lse
   const std::int64_t q_off = bi * p.q_batch_stride + q_row0 * p.q_row_stride + h * p.q_head_stride;
@@ -126,8 +132,7 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       const int ncols = static_cast<int>(std::min<std::int64_t>(bn, span.len_k - j0));
       for (int r = 0; r < rows; ++r) {
         const std::int64_t i = i0 + r;
-        dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
-                         threshold, w.keep.data());
+        keep_row(i, j0, ncols, w.keep.data());
         if (p.dropout_mask) std::copy_n(w.keep.data(), ncols, mask_row(i) + j0);
         apply_dropout(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols, rp);
       }
@@ -150,8 +155,7 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       for (auto [from, to] : {std::pair{std::int64_t(0), cols.begin}, std::pair{mask_end, std::int64_t(span.len_k)}})
         for (std::int64_t j0 = from; j0 < to; j0 += bn) {
           const int ncols = static_cast<int>(std::min<std::int64_t>(bn, to - j0));
-          dropout_keep_row(key.seed, key.offset, batch_head, static_cast<std::uint32_t>(i), j0, ncols,
-                           threshold, mask_row(i) + j0);
+          keep_row(i, j0, ncols, mask_row(i) + j0);
         }
     }
   }

@@ -108,22 +108,32 @@ std::string variant_name(const FwdParams& p, bool backward) {
   return s;
 }
 
-// (b, hq, sq, sk) uint8 keep-mask: 4 columns (one Philox call) per thread.
+// (b, hq, sq, sk) uint8 keep-mask: 4 columns (one Philox call) per thread; with a
+// dropout column offset that is not a multiple of 4, the 4 columns span two calls.
 __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const int64_t c4n = (p.sk + 3) / 4;
+  const uint32_t shift = static_cast<uint32_t>(p.dropout_col_offset) & 3u;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total4;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c4 = idx % c4n;
     const int64_t r = idx / c4n;  // bh * sq + row
-    const uint32_t row = static_cast<uint32_t>(r % p.sq);
+    const uint32_t row = static_cast<uint32_t>(r % p.sq + p.dropout_row_offset);
     const uint32_t bh = static_cast<uint32_t>(r / p.sq);
-    const Philox4 dr = dropout_draws(key.seed, key.offset, bh, row, static_cast<uint32_t>(c4));
+    const uint32_t dbh = dropout_batch_head(p, bh / p.hq, bh % p.hq);
+    // Global columns g0 .. g0 + 3 (g0 = c4 * 4 + col offset): lanes shift.. of call g0 / 4, then
+    // lanes 0.. of the next call.
+    const uint32_t g4 = static_cast<uint32_t>((c4 * 4 + p.dropout_col_offset) >> 2);
+    const Philox4 dr = dropout_draws(key.seed, key.offset, dbh, row, g4);
+    const Philox4 dr2 = shift != 0u ? dropout_draws(key.seed, key.offset, dbh, row, g4 + 1u) : dr;
     uint8_t* out = p.dropout_mask + r * p.sk + c4 * 4;
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (c4 * 4 + j < p.sk) out[j] = philox_lane(dr, j) >= thr ? 1 : 0;
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t lane = shift + static_cast<uint32_t>(j);
+      const Philox4& src = lane < 4u ? dr : dr2;
+      if (c4 * 4 + j < p.sk) out[j] = philox_lane(src, static_cast<int>(lane & 3u)) >= thr ? 1 : 0;
+    }
   }
 }
 

@@ -341,6 +341,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const uint32_t drop_bh0 = dropout_batch_head(p, b, 0);  // Philox index of head 0: the dropout offsets added
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int kv_base = n0 + warp * 16 + g;  // this thread's key rows: kv_base, kv_base + 8
 
@@ -430,8 +431,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         for (int c = 0; c < 4; ++c) {
           const int kv = kv_base + (c >> 1) * 8;
           const int q = m0 + nt * 8 + 2 * t + (c & 1);
-          if (!dropout_keep(key.seed, key.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(q),
-                            static_cast<uint32_t>(kv), keep_threshold))
+          if (!dropout_keep(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h),
+                            static_cast<uint32_t>(q) + static_cast<uint32_t>(p.dropout_row_offset),
+                            static_cast<uint32_t>(kv) + static_cast<uint32_t>(p.dropout_col_offset), keep_threshold))
             keep_bits &= ~(1u << (nt * 4 + c));
         }
     }
@@ -759,6 +761,7 @@ __global__ void __launch_bounds__(256)
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const uint32_t drop_bh0 = dropout_batch_head(p, b, 0);  // Philox index of head 0: the dropout offsets added
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int krow = wk * 32;            // this warp's first key row (local) in phases 1-4
   const int qcol = wq * (kBM / 2);     // this warp's first query column (local) in phases 1-2
@@ -910,8 +913,9 @@ __global__ void __launch_bounds__(256)
           const int kv = kv_base + mt * 16 + (c >> 1) * 8;
           st[mt][nt][c] = pv;
           if constexpr (kDropout) {
-            if (!dropout_keep(key.seed, key.offset, static_cast<uint32_t>(b * p.hq + h), static_cast<uint32_t>(m0 + ql),
-                              static_cast<uint32_t>(kv), keep_threshold))
+            if (!dropout_keep(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h),
+                              static_cast<uint32_t>(m0 + ql) + static_cast<uint32_t>(p.dropout_row_offset),
+                              static_cast<uint32_t>(kv) + static_cast<uint32_t>(p.dropout_col_offset), keep_threshold))
               keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));
           }
         }
@@ -1201,6 +1205,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const float scale_log2 = p.scale * kLog2e;
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const uint32_t drop_bh = dropout_batch_head(p, b, h);  // Philox index: the dropout offsets added
+  const bool col_even = (p.dropout_col_offset & 1) == 0;  // column pairs in one Philox call
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   float acc_dq[kDT][4];
@@ -1297,11 +1303,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
         const int col0 = n0 + nt * 8 + 2 * t;
         bool keep0 = true, keep1 = true;
         if constexpr (kDropout) {
-          const Philox4 dr = dropout_draws(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(row),
-                                           static_cast<uint32_t>(col0 >> 2));
-          const bool hi = (col0 & 2) != 0;
-          keep0 = (hi ? dr.z : dr.x) >= keep_threshold;
-          keep1 = (hi ? dr.w : dr.y) >= keep_threshold;
+          uint32_t d0, d1;
+          const uint32_t gcol = static_cast<uint32_t>(col0) + static_cast<uint32_t>(p.dropout_col_offset);
+          const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
+          if (col_even) {  // as in the forward: one Philox call per column pair
+            const Philox4 dr = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
+            const bool hi = (gcol & 2) != 0;
+            d0 = hi ? dr.z : dr.x;
+            d1 = hi ? dr.w : dr.y;
+          } else {
+            dropout_draw_pair(key.seed, key.offset, drop_bh, grow, gcol, d0, d1);
+          }
+          keep0 = d0 >= keep_threshold;
+          keep1 = d1 >= keep_threshold;
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j) {

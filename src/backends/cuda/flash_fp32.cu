@@ -126,7 +126,6 @@ __device__ __forceinline__ float slope_of(const FwdParams& p, int b, int h) {
 __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
   WarpRow w;
   if (!warp_row(p.b, p.hq, p.sq, w)) return;
-  const int64_t bh = w.bh;
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d, dv = value_dim(p);  // q/k and v/out head dims
@@ -157,8 +156,9 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
     const float e = expf(s - m_new);
     l = l * corr + e;
     m = m_new;
-    const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
-                                               static_cast<uint32_t>(j), thr);
+    const bool keep = !dropout || dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h),
+                                               static_cast<uint32_t>(i + p.dropout_row_offset),
+                                               static_cast<uint32_t>(j + p.dropout_col_offset), thr);
     const float pv = keep ? e : 0.f;
     const float* vr = v + j * p.v_row_stride;
 #pragma unroll
@@ -205,7 +205,7 @@ __device__ __forceinline__ float lse_or_inf(float l) { return l == -INFINITY ? I
 __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, const float* dsum) {
   WarpRow w;
   if (!warp_row(p.b, p.hq, p.sq, w)) return;
-  const int64_t r = w.index, bh = w.bh;
+  const int64_t r = w.index;
   const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d, dv = value_dim(p);  // q/k and v/dO head dims
@@ -238,8 +238,9 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
     float dt;
     const float pv = expf(final_score(p, dot_row(qr, kr, d, lane), slope, i, j, span.diag, bias, j, &dt) - lse);
     float dp = dot_row(dor, v + j * p.v_row_stride, dv, lane);
-    const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
-                                               static_cast<uint32_t>(j), thr);
+    const bool keep = !dropout || dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h),
+                                               static_cast<uint32_t>(i + p.dropout_row_offset),
+                                               static_cast<uint32_t>(j + p.dropout_col_offset), thr);
     dp = keep ? dp * rdrop : 0.f;
     const float ds = pv * (dp - D) * dt;
 #pragma unroll
@@ -294,8 +295,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
       float dt;
       const float pv = expf(final_score(p, dot_row(kr, q, d, lane), slope, i, j, span.diag, bias, i, &dt) - lse);
       float dp = dot_row(vr, dO, d_v, lane);
-      const bool keep = !dropout || dropout_keep(key.seed, key.offset, static_cast<uint32_t>(bh),
-                                                 static_cast<uint32_t>(i), static_cast<uint32_t>(j), thr);
+      const bool keep = !dropout || dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h),
+                                                 static_cast<uint32_t>(i + p.dropout_row_offset),
+                                                 static_cast<uint32_t>(j + p.dropout_col_offset), thr);
       const float pd = keep ? pv * rdrop : 0.f;
       dp = keep ? dp * rdrop : 0.f;
       const float ds = pv * (dp - dsum[bh * p.sq + i]) * dt;

@@ -170,6 +170,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const uint32_t drop_bh = dropout_batch_head(p, b, h);  // Philox index: the dropout offsets added
+  // An even dropout column offset (always so without one) keeps each thread's column
+  // pair in one Philox call; odd ones take dropout_draw_pair. Branching on this
+  // CTA-uniform flag and adding the offsets in 32 bits measured 248 regs, no spills
+  // (bf16 d128 dropout, causal and not), against 255 regs and 32-44 B of spills before.
+  const bool col_even = (p.dropout_col_offset & 1) == 0;
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = (n - n_begin) & 1;
@@ -332,11 +338,19 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
           for (int r = 0; r < 2; ++r) {
             const int row = row_base + mt * 16 + r * 8;
             const int col = n0 + nt * 8 + 2 * t;  // even: both columns share one Philox call
-            const Philox4 dr = dropout_draws(key.seed, key.offset, static_cast<uint32_t>(bh),
-                                             static_cast<uint32_t>(row), static_cast<uint32_t>(col >> 2));
-            const bool hi = (col & 2) != 0;
-            if ((hi ? dr.z : dr.x) < keep_threshold) s[mt][nt][2 * r] = 0.f;
-            if ((hi ? dr.w : dr.y) < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+            uint32_t d0, d1;
+            const uint32_t gcol = static_cast<uint32_t>(col) + static_cast<uint32_t>(p.dropout_col_offset);
+            const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
+            if (col_even) {
+              const Philox4 dr = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
+              const bool hi = (gcol & 2) != 0;
+              d0 = hi ? dr.z : dr.x;
+              d1 = hi ? dr.w : dr.y;
+            } else {
+              dropout_draw_pair(key.seed, key.offset, drop_bh, grow, gcol, d0, d1);
+            }
+            if (d0 < keep_threshold) s[mt][nt][2 * r] = 0.f;
+            if (d1 < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
           }
     }
 

@@ -183,6 +183,9 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   m[kMetaWriteMask] = dropout && write_mask ? 1 : 0;
   m[kMetaScaleBits] = float_bits(p.scale);
   m[kMetaRpBits] = float_bits(dropout ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p.dropout_p))) : 1.0f);
+  // Dropout's global coordinates (params.h); DropHeads is the effective head count.
+  m[kMetaDropRow] = p.dropout_row_offset, m[kMetaDropCol] = p.dropout_col_offset;
+  m[kMetaDropHead] = p.dropout_head_offset, m[kMetaDropHeads] = p.dropout_heads > 0 ? p.dropout_heads : p.hq;
   return m;
 }
 

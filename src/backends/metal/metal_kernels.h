@@ -19,7 +19,8 @@ namespace orchard::metal {
   X(B) X(Sq) X(Sk) X(Hq) X(Hkv) X(D) X(QBatch) X(QRow) X(QHead) X(KBatch) X(KRow) X(KHead) X(VBatch) X(VRow) \
   X(VHead) X(OBatch) X(ORow) X(OHead) X(DoBatch) X(DoRow) X(DoHead) X(DqBatch) X(DqRow) X(DqHead) X(DkBatch)  \
   X(DkRow) X(DkHead) X(DvBatch) X(DvRow) X(DvHead) X(LseBatch) X(LseHead) X(Causal) X(CausalOffset)          \
-  X(Dropout) X(KeepThreshold) X(WriteMask) X(ScaleBits) X(RpBits)
+  X(Dropout) X(KeepThreshold) X(WriteMask) X(ScaleBits) X(RpBits) X(DropRow) X(DropCol) X(DropHead) \
+  X(DropHeads)
 
 enum MetaField : int {
 #define ORCHARD_METAL_META_ENUM(name) kMeta##name,

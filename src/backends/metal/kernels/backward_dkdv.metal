@@ -91,7 +91,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
           float dp = smem[kDkvP + e];
           p_kept = p;
           if (dropout) {
-            const bool keep = dropout_keep(rng, uint(batch_head), uint(row), uint(col), keep_threshold);
+            const bool keep = dropout_keep_at(rng, meta, bi, h, row, col, keep_threshold);
             p_kept = keep ? p * rescale : 0.0f;
             dp = keep ? dp * rescale : 0.0f;
           }

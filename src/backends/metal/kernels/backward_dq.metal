@@ -84,7 +84,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
       if (row < sq && col < sk && visible(row, col, causal, causal_offset)) {
         const float p = exp(smem[kDqS + e] * scale - lse_h[row]);
         float dp = smem[kDqP + e];
-        if (dropout) dp = dropout_keep(rng, uint(batch_head), uint(row), uint(col), keep_threshold) ? dp * rescale : 0.0f;
+        if (dropout) dp = dropout_keep_at(rng, meta, bi, h, row, col, keep_threshold) ? dp * rescale : 0.0f;
         ds = p * (dp - delta_h[row]);
       }
       smem[kDqS + e] = ds;

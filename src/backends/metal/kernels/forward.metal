@@ -89,7 +89,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
           p = exp(smem[srow + j] * scale - m_new);
           sum += p;
           if (dropout)
-            p = dropout_keep(rng, uint(bi * hq + h), uint(row), uint(col), keep_threshold) ? p * rescale : 0.0f;
+            p = dropout_keep_at(rng, meta, bi, h, row, col, keep_threshold) ? p * rescale : 0.0f;
         }
         smem[srow + j] = p;
       }
@@ -137,7 +137,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
     for (long e = long(tid); e < long(rows) * sk; e += kFwdThreads) {
       const int r = q0 + int(e / sk), col = int(e % sk);
       mask[(long(batch_head) * sq + r) * sk + col] =
-          dropout_keep(rng, uint(batch_head), uint(r), uint(col), keep_threshold) ? uchar(1) : uchar(0);
+          dropout_keep_at(rng, meta, bi, h, r, col, keep_threshold) ? uchar(1) : uchar(0);
     }
   }
 }

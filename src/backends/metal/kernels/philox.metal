@@ -3,6 +3,8 @@
 //   key     = (lo32(seed), hi32(seed))
 //   counter = (col / 4, row, batch * hq + head, lo32(offset) ^ (hi32(offset) * 0x9E3779B9))
 //   keep    = philox(counter, key)[col % 4] >= keep_threshold
+// with the call's dropout offsets (meta kMetaDrop*, FwdParams::dropout_* in
+// orchard/params.h) added to batch_head, row and col: dropout_keep_at.
 struct Philox4 {
   uint x, y, z, w;
 };
@@ -26,4 +28,13 @@ inline bool dropout_keep(device const long* rng, uint batch_head, uint row, uint
   const uint lane = col & 3u;
   const uint draw = lane == 0u ? r.x : lane == 1u ? r.y : lane == 2u ? r.z : r.w;
   return draw >= keep_threshold;
+}
+
+// The keep decision of element (bi, h, row, col) of this call: the Philox index with the
+// call's dropout offsets added (batch_head = bi * heads + head offset + h).
+inline bool dropout_keep_at(device const long* rng, device const long* meta, int bi, int h, int row, int col,
+                            uint keep_threshold) {
+  const uint batch_head = uint(bi) * uint(meta[kMetaDropHeads]) + uint(meta[kMetaDropHead]) + uint(h);
+  return dropout_keep(rng, batch_head, uint(long(row) + meta[kMetaDropRow]), uint(long(col) + meta[kMetaDropCol]),
+                      keep_threshold);
 }
