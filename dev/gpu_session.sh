@@ -9,6 +9,7 @@
 #   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
 #   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
+#          py:<script>,<args>  cs:<sanitizer tool>,<script>
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT"
@@ -82,6 +83,17 @@ for step in "$@"; do
       OMP_NUM_THREADS=${CPU_THREADS:-16} timeout "${CPU_TIMEOUT:-240}" python3 bench/cpu_bench.py --grid "${CPU_GRID:-full}" \
         --clock wall --reps 3 > "$OUT/logs/cpu_bench.md" 2>&1 || rc=1
       cat "$OUT/logs/cpu_bench.md" ;;
+    py:*)  # py:<script>,<args...>: any script of the tree (e.g. a bench), its own log
+      args="${step#py:}"; args="${args//,/ }"; name=$(basename "${args%% *}" .py)
+      stamp "python3 $args"
+      timeout "${PY_TIMEOUT:-180}" python3 $args > "$OUT/logs/py_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
+      echo "$name rc=$r"; tail -${PY_TAIL:-25} "$OUT/logs/py_$name.log" ;;
+    cs:*)  # cs:<tool>,<script>: compute-sanitizer <tool> on python3 <script>
+      args="${step#cs:}"; tool="${args%%,*}"; script="${args#*,}"
+      stamp "compute-sanitizer $tool $script"
+      timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 "$script" \
+        > "$OUT/logs/cs_${tool}_$(basename "$script" .py).log" 2>&1; r=$?; (( r != 0 )) && rc=1
+      echo "$tool $script rc=$r: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/logs/cs_${tool}_$(basename "$script" .py).log" | tail -1)" ;;
     smi) nvidia-smi ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
