@@ -367,9 +367,11 @@ struct Features {
   double softcap;
   const OptTensor &alibi, &sink, &attn_mask, &cu_q, &cu_k;
   int64_t max_q, max_k;
+  int64_t drop_row, drop_col, drop_head, drop_heads;  // dropout's global coordinates (attention.h)
   bool any() const {
     return window_left != -1 || window_right != -1 || softcap != 0.0 || alibi.has_value() || sink.has_value() ||
-           attn_mask.has_value() || cu_q.has_value() || cu_k.has_value();
+           attn_mask.has_value() || cu_q.has_value() || cu_k.has_value() || drop_row != 0 || drop_col != 0 ||
+           drop_head != 0 || drop_heads != 0;
   }
 };
 
@@ -387,6 +389,10 @@ orchard::AttentionExtras make_extras(const Features& f, orchard::AttentionOption
   x.cu_seqlens_k = to_view(f.cu_k, op, "cu_seqlens_k");
   x.max_seqlen_q = f.max_q;
   x.max_seqlen_k = f.max_k;
+  o.dropout_row_offset = f.drop_row;
+  o.dropout_col_offset = f.drop_col;
+  o.dropout_head_offset = f.drop_head;
+  o.dropout_heads = f.drop_heads;
   return x;
 }
 
@@ -410,7 +416,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, doubl
                                              OptTensor rng_state, int64_t window_left, int64_t window_right,
                                              double softcap, OptTensor alibi_slopes, OptTensor sink,
                                              OptTensor attn_mask, OptTensor cu_seqlens_q, OptTensor cu_seqlens_k,
-                                             int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                             int64_t dropout_row_offset, int64_t dropout_col_offset,
+                                             int64_t dropout_head_offset, int64_t dropout_heads) {
   return tagged([&] {
     const Facts fq = facts(q), fk = facts(k), fv = facts(v);
     const bool varlen = cu_seqlens_q.has_value();
@@ -449,7 +457,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, doubl
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, rng,
                                 /*deterministic=*/false, scope.stream, std::move(op_name));
     args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k},
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset,
+                                       dropout_col_offset, dropout_head_offset, dropout_heads},
                               args.options);
     std::string error;
     raise_if_failed(core().forward(args, error), error);
@@ -492,7 +501,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
                                              std::string op_name, OptTensor rng_state, int64_t window_left,
                                              int64_t window_right, double softcap, OptTensor alibi_slopes,
                                              OptTensor sink, OptTensor attn_mask, OptTensor cu_seqlens_q,
-                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                             int64_t dropout_row_offset, int64_t dropout_col_offset,
+                                             int64_t dropout_head_offset, int64_t dropout_heads) {
   return tagged([&] {
     const Facts fq = facts(q), fk = facts(k), fv = facts(v);
     Tensor dq = empty_like(q, fq), dk = empty_like(k, fk), dv = empty_like(v, fv);
@@ -510,7 +521,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, nullptr,
                                 deterministic, scope.stream, std::move(op_name));
     args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k},
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset,
+                                       dropout_col_offset, dropout_head_offset, dropout_heads},
                               args.options);
     // The workspace size depends only on what WorkspaceKey holds (as _ops._WORKSPACE_BYTES
     // keys it): asked once per thread for a repeated problem without feature arguments,
@@ -519,7 +531,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
     std::string error;
     std::size_t nbytes = 0;
     const bool plain = !Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k}
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset, dropout_col_offset,
+                                 dropout_head_offset, dropout_heads}
                             .any();
     const WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
     thread_local WorkspaceKey cached_key{};
@@ -552,7 +565,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_fwd_plain(Tensor q, Tensor k, Tensor v,
   static const OptTensor none;
   return flash_fwd(std::move(q), std::move(k), std::move(v), softmax_scale, causal, causal_top_left, dropout_p, 0,
                    0, return_mask, false, std::move(op_name), std::move(rng_state), -1, -1, 0.0, none, none,
-                   none, none, none, 0, 0);
+                   none, none, none, 0, 0, 0, 0, 0, 0);
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
@@ -562,7 +575,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor
   static const OptTensor none;
   return flash_bwd(std::move(dout), std::move(q), std::move(k), std::move(v), std::move(out), std::move(lse),
                    softmax_scale, causal, causal_top_left, dropout_p, 0, 0, deterministic, std::move(op_name),
-                   std::move(rng_state), -1, -1, 0.0, none, none, none, none, none, 0, 0);
+                   std::move(rng_state), -1, -1, 0.0, none, none, none, none, none, 0, 0, 0, 0, 0, 0);
 }
 
 }  // namespace
@@ -590,14 +603,16 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
       "str op_name=\"orchard.flash_attn\", Tensor? rng_state=None, SymInt window_left=-1, "
       "SymInt window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sink=None, "
       "Tensor? attn_mask=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, "
-      "SymInt max_seqlen_k=0) -> (Tensor, Tensor, Tensor)");
+      "SymInt max_seqlen_k=0, SymInt dropout_row_offset=0, SymInt dropout_col_offset=0, "
+      "SymInt dropout_head_offset=0, SymInt dropout_heads=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_flash_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
       "bool causal, bool causal_top_left, float dropout_p, SymInt seed, SymInt offset, bool deterministic, "
       "str op_name=\"orchard.flash_attn\", Tensor? rng_state=None, SymInt window_left=-1, "
       "SymInt window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sink=None, "
       "Tensor? attn_mask=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, "
-      "SymInt max_seqlen_k=0) -> (Tensor, Tensor, Tensor)");
+      "SymInt max_seqlen_k=0, SymInt dropout_row_offset=0, SymInt dropout_col_offset=0, "
+      "SymInt dropout_head_offset=0, SymInt dropout_heads=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_flash_fwd_plain(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool causal_top_left, "
       "float dropout_p, bool return_mask, str op_name, Tensor? rng_state) -> (Tensor, Tensor, Tensor)");
