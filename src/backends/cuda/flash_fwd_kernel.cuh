@@ -20,7 +20,9 @@
 // on tiles crossing a window bound), softcap and ALiBi (every tile, applied to S
 // before the online softmax: apply_score_mods in attention_tiles.cuh), sinks (epilogue).
 // The plain path pays one uniform branch per tile; ptxas: no new spills in the
-// non-dropout kernels (d64/d128, sm_90).
+// non-dropout kernels (d64/d128, sm_90). attn_bias / attn_mask: template parameter
+// kBias (see the kernel), its tile staged in shared memory with the K/V tiles and
+// added after softcap / ALiBi (attention_tiles.cuh).
 // Any head dim / view (issue #16): `vec` (rows_vec16, launch.h) is false when some
 // tensor's rows are not 16-byte vectors (d % 8 != 0, odd strides or base); then the
 // tiles are loaded element-wise (load_tile_elems) and O stored element-wise, all
@@ -71,7 +73,11 @@ struct FwdConfig {
   static constexpr int kBiasBytes = 2 * kBiasRawBytes;
 };
 
-template <typename T, int kD, bool kCausal, bool kDropout>
+// kBias: p.attn_bias is set. A template parameter here (the backward takes it as a
+// run-time branch): with run-time bias branches ptxas spilled the plain forward in
+// the merged tree (causal d128: 32 B st / 52 B ld; sm_90), and moving the bias
+// code only moved the spill to another variant (7 placements tried).
+template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false>
 __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec) {
   using Cfg = FwdConfig<kD>;
@@ -107,7 +113,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   if (m0 >= sq) return;  // only with varlen (the grid covers the longest sequence)
   // Features (window / softcap / ALiBi): CTA-uniform, checked once per tile.
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 (span.q_start + m0) * p.q_row_stride;
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   vg += static_cast<int64_t>(n_begin) * kBN * p.v_row_stride;
 
   TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, dv, tid);
-  if (n_begin < n_end && p.attn_bias != nullptr)  // its bias tile joins the K/V group
+  if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
     issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
                                         b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
@@ -190,7 +196,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
             ldmatrix_x4(qf[mt * kKSteps + ks], q_lane + 2 * (mt * 16 * kS + ks * 16));
       }
     }
-    if (p.attn_bias != nullptr && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
+    if (kBias && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
       issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
                                           bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
                                           p.bias_row_stride, p.bias_col_stride, b, h, m0, (n + 1) * kBN, sq - m0,
@@ -248,7 +254,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     // Masking only where the tile crosses the key end or the causal diagonal.
     // Features: every tile when softcap / ALiBi change the scores, else the
     // tiles that cross a window bound.
-    if (has_window || has_mod) {
+    if (has_window || has_mod || kBias) {
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
       // Element (row row_base + dr, col n0 + 2t + dc).
       auto each = [&](auto&& g) {
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t);
-      if (p.attn_bias != nullptr) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
+      if constexpr (kBias) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
         const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
@@ -446,7 +452,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_fwd(const FwdParams& p) {
   using Cfg = FwdConfig<kD>;
-  auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout>;
+  auto kernel = p.attn_bias != nullptr ? flash_fwd_kernel<T, kD, kCausal, kDropout, true>
+                                       : flash_fwd_kernel<T, kD, kCausal, kDropout, false>;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
   if (grid == 0) return;
