@@ -161,6 +161,30 @@ __device__ __forceinline__ void pdl_wait_primary() {
 #endif
 }
 
+// decode_cache_row_offset and decode_split_range (orchard/decode_params.h) with 32-bit
+// row arithmetic: rows and keys are < 2^31, and a 64-bit division is a called routine
+// whose register saves show up as spills.
+__device__ __forceinline__ std::int64_t cache_row_offset32(const DecodeParams& p, int bi, int row,
+                                                           std::int64_t batch_stride, std::int64_t row_stride) {
+  std::int64_t blk;
+  int r = row;
+  if (p.block_table == nullptr) {
+    blk = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
+  } else {
+    blk = p.block_table[bi * p.block_table_batch_stride + row / p.page_size];
+    r = row % p.page_size;
+  }
+  if (blk < 0 || blk >= p.cache_batch) blk = 0;
+  return blk * batch_stride + static_cast<std::int64_t>(r) * row_stride;
+}
+__device__ __forceinline__ void split_range32(int n_keys, int split, int num_splits, int granule, int& begin,
+                                              int& end) {
+  int per = (n_keys + num_splits - 1) / num_splits;
+  per = (per + granule - 1) / granule * granule;
+  begin = min(per * split, n_keys);
+  end = min(begin + per, n_keys);
+}
+
 // ---- 1. append ------------------------------------------------------------------------
 
 template <typename T>
@@ -172,9 +196,9 @@ __global__ void append_kernel(const DecodeParams p) {
   const std::int64_t row = s.seqlen + t;
   const T* kn = static_cast<const T*>(p.k_new) + bi * p.kn_batch_stride + t * p.kn_row_stride + h * p.kn_head_stride;
   const T* vn = static_cast<const T*>(p.v_new) + bi * p.vn_batch_stride + t * p.vn_row_stride + h * p.vn_head_stride;
-  T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+  T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
           h * p.kc_head_stride;
-  T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+  T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
           h * p.vc_head_stride;
   for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
     if (p.rotary_dim > 0)
@@ -203,7 +227,7 @@ struct DecodeSmem {
 };
 
 template <typename T, int kD, int kRows, int kThreads>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
   using L = DecodeSmem<T, kD, kRows, kThreads>;
   constexpr int kVec = L::kVec;
   constexpr int kWarps = L::kWarps;
@@ -235,6 +259,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const DecodeSeq s = decode_seq(p, bi);
   const std::int64_t diag = s.n_keys - p.sq;
   pdl_launch_dependents();
+  const float inv_softcap = p.softcap > 0.f ? __fdividef(1.f, p.softcap) : 0.f;  // (no division call in the loop)
 
   // Per-row facts and q (rotary applied, rounded to T as flash-attn does) into shared memory.
   if (tid < kRows) {
@@ -279,7 +304,11 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   // Keys this CTA may need: its split, narrowed to the union of its rows' visible ranges.
   std::int64_t kb, ke;
-  decode_split_range(s.n_keys, split, p.num_splits, kThreads, kb, ke);
+  {
+    int b32, e32;
+    split_range32(static_cast<int>(s.n_keys), split, p.num_splits, kThreads, b32, e32);
+    kb = b32, ke = e32;
+  }
   {
     std::int64_t lo = s.n_keys, hi = 0;
     for (int g = 0; g < rows_here; ++g) {
@@ -315,9 +344,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       const int t = idx / d, c = idx % d;
       const std::int64_t row = s.seqlen + t;
       const T* kn = knew + t * p.kn_row_stride;
-      T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+      T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
               hk * p.kc_head_stride;
-      T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+      T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
               hk * p.vc_head_stride;
       kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
                                : kn[c];
@@ -336,8 +365,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       const std::int64_t j = t0 + tid;
       if (j < n_cached) {
         const std::int64_t row = s.leftpad + j;
-        sKsrc[tid] = kbase + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride);
-        sVsrc[tid] = vbase + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride);
+        sKsrc[tid] = kbase + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride);
+        sVsrc[tid] = vbase + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride);
       } else {
         sKsrc[tid] = knew + (j - n_cached) * p.kn_row_stride;
         sVsrc[tid] = vnew + (j - n_cached) * p.vn_row_stride;
@@ -416,7 +445,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       float v = -INFINITY;
       if (tid < tile_len && g < rows_here && j >= sVb[g] && j < sVe[g]) {
         v = sc[g] * p.scale;
-        if (p.softcap > 0.f) v = p.softcap * tanhf(v / p.softcap);
+        if (p.softcap > 0.f) v = p.softcap * tanhf(v * inv_softcap);
         if (p.alibi_slopes) {
           const std::int64_t dist = sRowI[g] + diag - j;
           v -= sSlope[g] * static_cast<float>(dist < 0 ? -dist : dist);
@@ -493,7 +522,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const int g = pair / nchunks, c = pair % nchunks;
     if (g >= rows_here) continue;
     const float l = sL[g];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l > 0.f ? __fdividef(1.f, l) : 0.f;
     const int i = sRowI[g], h = sHead[g];
     if (p.num_splits == 1) {
       T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + c * kVec;
@@ -643,8 +672,9 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
   // Keys of this CTA: its split, narrowed to the union of its rows' visible ranges.
   int kb, ke;
   {
-    std::int64_t b64, e64;
-    decode_split_range(s.n_keys, split, p.num_splits, kWarps * kTile, b64, e64);
+    int b32, e32;
+    split_range32(n_keys, split, p.num_splits, kWarps * kTile, b32, e32);
+    const std::int64_t b64 = b32, e64 = e32;
     std::int64_t lo = s.n_keys, hi = 0;
     const int i_first = row0 / groups, i_last = (row0 + rows_here - 1) / groups;
     for (int i = i_first; i <= i_last; ++i) {
@@ -822,9 +852,9 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
       const int t = idx / d, c = idx % d;
       const std::int64_t row = s.seqlen + t;
       const T* kn = knew + t * p.kn_row_stride;
-      T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+      T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
               hk * p.kc_head_stride;
-      T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+      T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
               hk * p.vc_head_stride;
       kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
                                : kn[c];
@@ -846,7 +876,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     ri2[h2] = sRowI[g];
     sl2[h2] = sSlope[g];
   }
-  const float scale = p.scale, softcap = p.softcap;
+  const float scale = p.scale, softcap = p.softcap, inv_softcap = softcap > 0.f ? __fdividef(1.f, softcap) : 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
 
   // Q fragments in registers (d <= 128), else re-read per k-step with ldmatrix.
@@ -930,7 +960,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
         const int h2 = e >> 1;
         const int j = t0 + 8 * n + 2 * (lane & 3) + (e & 1);
         float v = sc[n][e] * scale;
-        if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+        if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
         if (has_alibi) {
           const int dist = ri2[h2] + diag - j;
           v -= sl2[h2] * static_cast<float>(dist < 0 ? -dist : dist);
@@ -1022,7 +1052,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
 #pragma unroll
       for (int w = 0; w < kWarps; ++w)
         if (sM[w][tid] != -INFINITY) l += sL[w][tid] * fast_exp2(sM[w][tid] - mx);
-    sInvL[tid] = l > 0.f ? 1.f / l : 0.f;
+    sInvL[tid] = l > 0.f ? __fdividef(1.f, l) : 0.f;
     if (tid < rows_here) {
       const float lse = l > 0.f ? (mx + log2f(l)) * 0.6931471805599453f : -INFINITY;
       const int i = sRowI[tid], h = sHead[tid];
@@ -1127,7 +1157,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
     wg[g] = sMax[g] == -INFINITY ? 0.f : __expf(sMax[g] - mx);
     sum += sSum[g] * wg[g];
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum > 0.f ? __fdividef(1.f, sum) : 0.f;
   T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   if (tid < nc4) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
