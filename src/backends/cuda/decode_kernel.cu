@@ -1177,13 +1177,20 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
 // ---- launch ---------------------------------------------------------------------------
 
 // The shared-memory opt-in is per device: once per (kernel, device).
+// With max_carveout, the L1 / shared split is asked to favour shared memory so that the
+// streaming kernel's 2-3 CTAs per SM are resident (the driver may otherwise pick a split
+// that fits one).
 template <typename Kernel>
-void opt_in_smem(Kernel kernel, std::size_t bytes, std::atomic<bool> (&opted_in)[64]) {
+void opt_in_smem(Kernel kernel, std::size_t bytes, std::atomic<bool> (&opted_in)[64], bool max_carveout = false) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
   if (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_acquire)) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                "decode: cudaFuncSetAttribute");
+    if (max_carveout)
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared),
+                 "decode: cudaFuncSetAttribute (carveout)");
     if (device >= 0 && device < 64) opted_in[device].store(true, std::memory_order_release);
   }
 }
@@ -1220,7 +1227,7 @@ void launch_mma(const DecodeParams& p, cudaStream_t stream) {
   static_assert(C::kRows == kDecodeCudaRowsPerCta, "the split heuristic counts CTAs of kDecodeCudaRowsPerCta rows");
   auto kernel = decode_mma_kernel<T, kD>;
   static std::atomic<bool> opted_in[64] = {};
-  opt_in_smem(kernel, C::bytes, opted_in);
+  opt_in_smem(kernel, C::bytes, opted_in, /*max_carveout=*/true);
   const int rows_total = (p.hq / p.hkv) * p.sq;
   const int chunks = (rows_total + C::kRows - 1) / C::kRows;
   const dim3 grid(p.num_splits, p.hkv * chunks, p.b);
