@@ -7,24 +7,29 @@
 //    writes them to the cache rows that no CTA of the launch reads), or, when k_new /
 //    v_new are not 16-byte readable, append_kernel first (one CTA per (batch, new
 //    row, kv head), same stream).
-// 2. decode_kernel<T, kD, kRows, kThreads>: one CTA per (split, kv head x row chunk,
-//    batch). The CTA holds up to kRows query rows of one kv head's group (GQA: every
-//    query head sharing the kv head, times the new query rows) in shared memory as
-//    fp32 (rotary applied), and streams its split of the cache in tiles of kThreads
-//    keys: cp.async 16-byte copies global -> shared (the paged address of each key
-//    row computed once per tile), so each cache row is read from HBM once per CTA.
-//    Scores: one key per thread against all rows (q broadcast from shared memory,
-//    K rows padded by 16 bytes: conflict-free). Online softmax in fp32 with per-row
-//    max / sum kept in shared memory. P x V: each thread owns (row, 16-byte chunk of
-//    d) pairs and accumulates in fp32 registers.
+// 2. Attention, one CTA per (split, kv head x row chunk, batch); the CTA holds up to
+//    16 query rows of one kv head's group (GQA: every query head sharing the kv head,
+//    times the new query rows), so each cache row is read from HBM once per CTA.
+//    2b. bf16 / fp16 caches, decode_mma_kernel<T, kD> (kD 64 / 128 / 256): decode is
+//    a stream of K / V bytes, so the kernel is built for memory-level parallelism.
+//    Each of the 4 warps streams its own 16-key tiles (tiles w, w+4, ... of the
+//    CTA's split) through a private cp.async ring (3 stages at d <= 128, 2 at 256:
+//    2 tiles = 16 KB in flight per warp at d=128 while it computes the third), with
+//    no CTA barrier in the main loop; a copy instruction moves whole 256-byte rows,
+//    the paged row addresses are resolved one tile ahead by one lane per key.
+//    S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, the rows padded
+//    to 16; P goes from the S accumulators straight into the A operand), online
+//    softmax per warp in fp32 (log2 domain, rescale skipped while no row's max
+//    moves); the 4 warps' (m, l, O) are merged through shared memory at the end.
+//    2a. fp32 caches, decode_kernel<float, ...>: the first FMA kernel (one key per
+//    thread for the scores, (row, 16-byte chunk) pairs for P x V, tiles of 64 keys).
 // 3. combine_kernel: with num_splits > 1 the partials (normalized out + lse per
-//    split, fp32 workspace) are merged: out = sum_s exp(lse_s - lse) out_s.
-//    The loads are pipelined without a second buffer: K of tile n+1 is fetched during
-//    tile n's P x V, V of tile n+1 during tile n+1's scores.
-// Not yet done: tensor-core scores (the fp32 FMA work per key is 4 x rows x d, fine
-// for GQA groups up to ~8 rows at d=128 against HBM, tight above); no GPU was
-// available while writing it, so its speed is unmeasured. Checked on the CPU by
-// compiling this file against a thread-per-CUDA-thread emulation (see the commit log).
+//    split, fp32 workspace) are merged: out = sum_s exp(lse_s - lse) out_s; launched
+//    with programmatic dependent launch on sm_90 so that its launch overlaps the
+//    attention kernel (ORCHARD_DECODE_PDL=0 turns that off).
+// The split count (num_splits = 0) is decode_cuda_num_splits below. Checked on the
+// CPU against the CPU backend by compiling this file against a thread-per-CUDA-thread
+// emulation (dev/decode_emu/run.sh); GPU measurements go to bench/NOTES.md.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
