@@ -7,24 +7,29 @@
 //    writes them to the cache rows that no CTA of the launch reads), or, when k_new /
 //    v_new are not 16-byte readable, append_kernel first (one CTA per (batch, new
 //    row, kv head), same stream).
-// 2. decode_kernel<T, kD, kRows, kThreads>: one CTA per (split, kv head x row chunk,
-//    batch). The CTA holds up to kRows query rows of one kv head's group (GQA: every
-//    query head sharing the kv head, times the new query rows) in shared memory as
-//    fp32 (rotary applied), and streams its split of the cache in tiles of kThreads
-//    keys: cp.async 16-byte copies global -> shared (the paged address of each key
-//    row computed once per tile), so each cache row is read from HBM once per CTA.
-//    Scores: one key per thread against all rows (q broadcast from shared memory,
-//    K rows padded by 16 bytes: conflict-free). Online softmax in fp32 with per-row
-//    max / sum kept in shared memory. P x V: each thread owns (row, 16-byte chunk of
-//    d) pairs and accumulates in fp32 registers.
+// 2. Attention, one CTA per (split, kv head x row chunk, batch); the CTA holds up to
+//    16 query rows of one kv head's group (GQA: every query head sharing the kv head,
+//    times the new query rows), so each cache row is read from HBM once per CTA.
+//    2b. bf16 / fp16 caches, decode_mma_kernel<T, kD> (kD 64 / 128 / 256): decode is
+//    a stream of K / V bytes, so the kernel is built for memory-level parallelism.
+//    Each of the 4 warps streams its own 16-key tiles (tiles w, w+4, ... of the
+//    CTA's split) through a private cp.async ring (3 stages at d <= 128, 2 at 256:
+//    2 tiles = 16 KB in flight per warp at d=128 while it computes the third), with
+//    no CTA barrier in the main loop; a copy instruction moves whole 256-byte rows,
+//    the paged row addresses are resolved one tile ahead by one lane per key.
+//    S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, the rows padded
+//    to 16; P goes from the S accumulators straight into the A operand), online
+//    softmax per warp in fp32 (log2 domain, rescale skipped while no row's max
+//    moves); the 4 warps' (m, l, O) are merged through shared memory at the end.
+//    2a. fp32 caches, decode_kernel<float, ...>: the first FMA kernel (one key per
+//    thread for the scores, (row, 16-byte chunk) pairs for P x V, tiles of 64 keys).
 // 3. combine_kernel: with num_splits > 1 the partials (normalized out + lse per
-//    split, fp32 workspace) are merged: out = sum_s exp(lse_s - lse) out_s.
-//    The loads are pipelined without a second buffer: K of tile n+1 is fetched during
-//    tile n's P x V, V of tile n+1 during tile n+1's scores.
-// Not yet done: tensor-core scores (the fp32 FMA work per key is 4 x rows x d, fine
-// for GQA groups up to ~8 rows at d=128 against HBM, tight above); no GPU was
-// available while writing it, so its speed is unmeasured. Checked on the CPU by
-// compiling this file against a thread-per-CUDA-thread emulation (see the commit log).
+//    split, fp32 workspace) are merged: out = sum_s exp(lse_s - lse) out_s; launched
+//    with programmatic dependent launch on sm_90 so that its launch overlaps the
+//    attention kernel (ORCHARD_DECODE_PDL=0 turns that off).
+// The split count (num_splits = 0) is decode_cuda_num_splits below. Checked on the
+// CPU against the CPU backend by compiling this file against a thread-per-CUDA-thread
+// emulation (dev/decode_emu/run.sh); GPU measurements go to bench/NOTES.md.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -161,6 +166,30 @@ __device__ __forceinline__ void pdl_wait_primary() {
 #endif
 }
 
+// decode_cache_row_offset and decode_split_range (orchard/decode_params.h) with 32-bit
+// row arithmetic: rows and keys are < 2^31, and a 64-bit division is a called routine
+// whose register saves show up as spills.
+__device__ __forceinline__ std::int64_t cache_row_offset32(const DecodeParams& p, int bi, int row,
+                                                           std::int64_t batch_stride, std::int64_t row_stride) {
+  std::int64_t blk;
+  int r = row;
+  if (p.block_table == nullptr) {
+    blk = p.cache_batch_idx ? p.cache_batch_idx[bi] : bi;
+  } else {
+    blk = p.block_table[bi * p.block_table_batch_stride + row / p.page_size];
+    r = row % p.page_size;
+  }
+  if (blk < 0 || blk >= p.cache_batch) blk = 0;
+  return blk * batch_stride + static_cast<std::int64_t>(r) * row_stride;
+}
+__device__ __forceinline__ void split_range32(int n_keys, int split, int num_splits, int granule, int& begin,
+                                              int& end) {
+  int per = (n_keys + num_splits - 1) / num_splits;
+  per = (per + granule - 1) / granule * granule;
+  begin = min(per * split, n_keys);
+  end = min(begin + per, n_keys);
+}
+
 // ---- 1. append ------------------------------------------------------------------------
 
 template <typename T>
@@ -172,9 +201,9 @@ __global__ void append_kernel(const DecodeParams p) {
   const std::int64_t row = s.seqlen + t;
   const T* kn = static_cast<const T*>(p.k_new) + bi * p.kn_batch_stride + t * p.kn_row_stride + h * p.kn_head_stride;
   const T* vn = static_cast<const T*>(p.v_new) + bi * p.vn_batch_stride + t * p.vn_row_stride + h * p.vn_head_stride;
-  T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+  T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
           h * p.kc_head_stride;
-  T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+  T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
           h * p.vc_head_stride;
   for (int c = threadIdx.x; c < p.d; c += blockDim.x) {
     if (p.rotary_dim > 0)
@@ -203,7 +232,7 @@ struct DecodeSmem {
 };
 
 template <typename T, int kD, int kRows, int kThreads>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p) {
   using L = DecodeSmem<T, kD, kRows, kThreads>;
   constexpr int kVec = L::kVec;
   constexpr int kWarps = L::kWarps;
@@ -235,6 +264,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   const DecodeSeq s = decode_seq(p, bi);
   const std::int64_t diag = s.n_keys - p.sq;
   pdl_launch_dependents();
+  const float inv_softcap = p.softcap > 0.f ? __fdividef(1.f, p.softcap) : 0.f;  // (no division call in the loop)
 
   // Per-row facts and q (rotary applied, rounded to T as flash-attn does) into shared memory.
   if (tid < kRows) {
@@ -279,7 +309,11 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
 
   // Keys this CTA may need: its split, narrowed to the union of its rows' visible ranges.
   std::int64_t kb, ke;
-  decode_split_range(s.n_keys, split, p.num_splits, kThreads, kb, ke);
+  {
+    int b32, e32;
+    split_range32(static_cast<int>(s.n_keys), split, p.num_splits, kThreads, b32, e32);
+    kb = b32, ke = e32;
+  }
   {
     std::int64_t lo = s.n_keys, hi = 0;
     for (int g = 0; g < rows_here; ++g) {
@@ -315,9 +349,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       const int t = idx / d, c = idx % d;
       const std::int64_t row = s.seqlen + t;
       const T* kn = knew + t * p.kn_row_stride;
-      T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+      T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
               hk * p.kc_head_stride;
-      T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+      T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
               hk * p.vc_head_stride;
       kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
                                : kn[c];
@@ -336,8 +370,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       const std::int64_t j = t0 + tid;
       if (j < n_cached) {
         const std::int64_t row = s.leftpad + j;
-        sKsrc[tid] = kbase + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride);
-        sVsrc[tid] = vbase + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride);
+        sKsrc[tid] = kbase + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride);
+        sVsrc[tid] = vbase + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride);
       } else {
         sKsrc[tid] = knew + (j - n_cached) * p.kn_row_stride;
         sVsrc[tid] = vnew + (j - n_cached) * p.vn_row_stride;
@@ -416,7 +450,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
       float v = -INFINITY;
       if (tid < tile_len && g < rows_here && j >= sVb[g] && j < sVe[g]) {
         v = sc[g] * p.scale;
-        if (p.softcap > 0.f) v = p.softcap * tanhf(v / p.softcap);
+        if (p.softcap > 0.f) v = p.softcap * tanhf(v * inv_softcap);
         if (p.alibi_slopes) {
           const std::int64_t dist = sRowI[g] + diag - j;
           v -= sSlope[g] * static_cast<float>(dist < 0 ? -dist : dist);
@@ -493,7 +527,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     const int g = pair / nchunks, c = pair % nchunks;
     if (g >= rows_here) continue;
     const float l = sL[g];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l > 0.f ? __fdividef(1.f, l) : 0.f;
     const int i = sRowI[g], h = sHead[g];
     if (p.num_splits == 1) {
       T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + c * kVec;
@@ -643,8 +677,9 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
   // Keys of this CTA: its split, narrowed to the union of its rows' visible ranges.
   int kb, ke;
   {
-    std::int64_t b64, e64;
-    decode_split_range(s.n_keys, split, p.num_splits, kWarps * kTile, b64, e64);
+    int b32, e32;
+    split_range32(n_keys, split, p.num_splits, kWarps * kTile, b32, e32);
+    const std::int64_t b64 = b32, e64 = e32;
     std::int64_t lo = s.n_keys, hi = 0;
     const int i_first = row0 / groups, i_last = (row0 + rows_here - 1) / groups;
     for (int i = i_first; i <= i_last; ++i) {
@@ -822,9 +857,9 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
       const int t = idx / d, c = idx % d;
       const std::int64_t row = s.seqlen + t;
       const T* kn = knew + t * p.kn_row_stride;
-      T* kc = static_cast<T*>(p.k_cache) + decode_cache_row_offset(p, bi, row, p.kc_batch_stride, p.kc_row_stride) +
+      T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
               hk * p.kc_head_stride;
-      T* vc = static_cast<T*>(p.v_cache) + decode_cache_row_offset(p, bi, row, p.vc_batch_stride, p.vc_row_stride) +
+      T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
               hk * p.vc_head_stride;
       kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
                                : kn[c];
@@ -846,7 +881,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     ri2[h2] = sRowI[g];
     sl2[h2] = sSlope[g];
   }
-  const float scale = p.scale, softcap = p.softcap;
+  const float scale = p.scale, softcap = p.softcap, inv_softcap = softcap > 0.f ? __fdividef(1.f, softcap) : 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
 
   // Q fragments in registers (d <= 128), else re-read per k-step with ldmatrix.
@@ -930,7 +965,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
         const int h2 = e >> 1;
         const int j = t0 + 8 * n + 2 * (lane & 3) + (e & 1);
         float v = sc[n][e] * scale;
-        if (softcap > 0.f) v = softcap * tanhf(v / softcap);
+        if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
         if (has_alibi) {
           const int dist = ri2[h2] + diag - j;
           v -= sl2[h2] * static_cast<float>(dist < 0 ? -dist : dist);
@@ -1022,7 +1057,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
 #pragma unroll
       for (int w = 0; w < kWarps; ++w)
         if (sM[w][tid] != -INFINITY) l += sL[w][tid] * fast_exp2(sM[w][tid] - mx);
-    sInvL[tid] = l > 0.f ? 1.f / l : 0.f;
+    sInvL[tid] = l > 0.f ? __fdividef(1.f, l) : 0.f;
     if (tid < rows_here) {
       const float lse = l > 0.f ? (mx + log2f(l)) * 0.6931471805599453f : -INFINITY;
       const int i = sRowI[tid], h = sHead[tid];
@@ -1127,7 +1162,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
     wg[g] = sMax[g] == -INFINITY ? 0.f : __expf(sMax[g] - mx);
     sum += sSum[g] * wg[g];
   }
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = sum > 0.f ? __fdividef(1.f, sum) : 0.f;
   T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   if (tid < nc4) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1147,13 +1182,20 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
 // ---- launch ---------------------------------------------------------------------------
 
 // The shared-memory opt-in is per device: once per (kernel, device).
+// With max_carveout, the L1 / shared split is asked to favour shared memory so that the
+// streaming kernel's 2-3 CTAs per SM are resident (the driver may otherwise pick a split
+// that fits one).
 template <typename Kernel>
-void opt_in_smem(Kernel kernel, std::size_t bytes, std::atomic<bool> (&opted_in)[64]) {
+void opt_in_smem(Kernel kernel, std::size_t bytes, std::atomic<bool> (&opted_in)[64], bool max_carveout = false) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
   if (device < 0 || device >= 64 || !opted_in[device].load(std::memory_order_acquire)) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                "decode: cudaFuncSetAttribute");
+    if (max_carveout)
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared),
+                 "decode: cudaFuncSetAttribute (carveout)");
     if (device >= 0 && device < 64) opted_in[device].store(true, std::memory_order_release);
   }
 }
@@ -1190,7 +1232,7 @@ void launch_mma(const DecodeParams& p, cudaStream_t stream) {
   static_assert(C::kRows == kDecodeCudaRowsPerCta, "the split heuristic counts CTAs of kDecodeCudaRowsPerCta rows");
   auto kernel = decode_mma_kernel<T, kD>;
   static std::atomic<bool> opted_in[64] = {};
-  opt_in_smem(kernel, C::bytes, opted_in);
+  opt_in_smem(kernel, C::bytes, opted_in, /*max_carveout=*/true);
   const int rows_total = (p.hq / p.hkv) * p.sq;
   const int chunks = (rows_total + C::kRows - 1) / C::kRows;
   const dim3 grid(p.num_splits, p.hkv * chunks, p.b);
