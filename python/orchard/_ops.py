@@ -676,10 +676,15 @@ _SBWD_CALL = getattr(_SBWD_PLAIN, "_op", _SBWD_PLAIN)
 def eager_ok(q, k, v) -> bool:
     """Whether eager_forward may serve this call: it is eager (not traced by
     torch.compile), no dispatch/function mode, autocast or Metal stand-in would see
-    or change the public op, and q, k, v are plain CPU or CUDA tensors."""
+    or change the public op, and q, k, v are plain CPU or CUDA tensors (not negative
+    views, when the DLPack kernels would serve them)."""
     return (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
             and (q.is_cuda or q.is_cpu) and not _MPS_STAND_IN and not _is_compiling()
-            and not _dispatch_modes() and not _function_modes() and not _any_autocast())
+            and not _dispatch_modes() and not _function_modes() and not _any_autocast()
+            and not _functorch_active()  # vmap / grad transforms: the public op
+            # DLPack exports a negative view's storage as stored: without the C++ op (whose
+            # dispatcher resolves it), such tensors take the public op, which does too.
+            and (_SFWD_CALL is not None or not (q.is_neg() or k.is_neg() or v.is_neg())))
 
 
 _cuda_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -769,10 +774,10 @@ def eager_forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, re
     if _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         opts = (softmax_scale, causal, causal_top_left, dropout_p, return_mask, deterministic,
                 op_name, bhsd)
-        if _functorch_active() or _wrapped(q) or _wrapped(k) or _wrapped(v):
+        if _wrapped(q) or _wrapped(k) or _wrapped(v):
             return _EagerFunction.apply(q, k, v, rng_state, opts)
-        # What Function.apply ends in when no functorch transform is active and no
-        # (dead) functorch wrapper is passed: ~2-4 us less per call on the dev box.
+        # What Function.apply ends in when no functorch transform is active (eager_ok)
+        # and no (dead) functorch wrapper is passed: ~2-4 us less per call on the dev box.
         return _eager_apply(q, k, v, rng_state, opts)
     return _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
                          deterministic, op_name, rng_state, bhsd)
@@ -795,7 +800,7 @@ def _eager_function_backward(ctx, grad_out, grad_lse, grad_mask):
         grad_out = torch.zeros_like(out)
     deterministic = deterministic or _are_deterministic()
     public = (_is_grad_enabled() or type(grad_out) is not _Tensor or _dispatch_modes()
-              or _function_modes())
+              or _function_modes() or (_SBWD_CALL is None and grad_out.is_neg()))
     if _SBWD_CALL is not None and not public:
         try:
             dq, dk, dv = _SBWD_CALL(grad_out, q, k, v, out, lse, softmax_scale, causal,
