@@ -122,7 +122,7 @@ def measure(device: str, graph: bool) -> dict:
                                                  to_dlpack(lse), None, scale, causal, False, 0.0, 0, 0, 0,
                                                  "orchard.flash_attn_func")
     timer = cpu_time_us if device == "cpu" else cuda_times_us
-    result = {"device": device, "shape": SHAPES[device], "stable_ops": _ops.STABLE_OPS_STATUS,
+    result = {"device": device, "shape": SHAPES[device], "stable_ops": getattr(_ops, "STABLE_OPS_STATUS", "n/a (a tree without them)"),
               "torch": torch.__version__, "fwd": {}, "fwd_bwd": {}}
     for name, fn in fwd.items():
         result["fwd"][name] = timer(fn)

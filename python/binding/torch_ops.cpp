@@ -20,7 +20,8 @@
 //   orchard::_flash_fwd   same arguments as orchard::flash_attn_forward
 //   orchard::_flash_bwd   same arguments as orchard::flash_attn_backward
 //   orchard::_flash_fwd_plain / _flash_bwd_plain   the drop-ins' common call: no feature
-//                         arguments, seed/offset 0 (short schemas: ~1 us less per call)
+//                         arguments, seed/offset 0 (short schemas: ~1 us less per call), and
+//                         (bhsd) the SDPA drop-in's (B, H, S, D) tensors as given
 // Errors from the core cross the C ABI as std::runtime_error with a "[orchard:<kind>]"
 // tag; _ops.py turns them back into ValueError / NotImplementedError with the message
 // the DLPack path gives.
@@ -132,11 +133,27 @@ std::string shape_str(int64_t nd, const int64_t* sizes) {  // Python's tuple rep
 struct Facts {
   AtenTensorHandle h = nullptr;
   int64_t nd = 0;
-  int64_t* sizes = nullptr;
+  int64_t* sizes = nullptr;  // torch's arrays, or own_* after swap12
   int64_t* strides = nullptr;
   int32_t dtype = 0, dev_type = 0, dev_index = 0;
   void* data = nullptr;
+  std::array<int64_t, orchard::kMaxRank> own_sizes{}, own_strides{};
 };
+
+// A (B, H, S, D) tensor seen as the BSHD view the core reads (what x.transpose(1, 2)
+// gives, without making the view). Only on a Facts that stays where it is: sizes and
+// strides then point into the object itself.
+void swap12(Facts& f) {
+  if (f.nd != 4) return;  // rank errors are reported before any swap
+  for (int i = 0; i < 4; ++i) {
+    f.own_sizes[i] = f.sizes[i];
+    f.own_strides[i] = f.strides[i];
+  }
+  std::swap(f.own_sizes[1], f.own_sizes[2]);
+  std::swap(f.own_strides[1], f.own_strides[2]);
+  f.sizes = f.own_sizes.data();
+  f.strides = f.own_strides.data();
+}
 
 Facts facts(const Tensor& t) {
   Facts f;
@@ -284,15 +301,26 @@ bool non_overlapping_and_dense(const Facts& f) {
 
 // torch.empty_like(t): t's strides when t is dense (the common case, no dispatcher
 // round trip), else torch's own empty_like (its memory-format rules).
-Tensor empty_like(const Tensor& t, const Facts& f) {
-  if (f.nd <= orchard::kMaxRank && non_overlapping_and_dense(f))
-    return empty_strided(f.nd, f.sizes, f.strides, f.dtype, f);
-  return torch::stable::empty_like(t);
+//
+// bhsd: f is t's BSHD view (swap12) and the result is what the DLPack path made of it,
+// empty_like(t.transpose(1, 2)).transpose(1, 2): t's own shape again.
+Tensor empty_like(const Tensor& t, const Facts& f, bool bhsd = false) {
+  bhsd = bhsd && f.nd == 4;  // (swap12 leaves other ranks alone; the core reports them)
+  if (f.nd <= orchard::kMaxRank && non_overlapping_and_dense(f)) {
+    if (!bhsd) return empty_strided(f.nd, f.sizes, f.strides, f.dtype, f);
+    std::array<int64_t, 4> sizes{f.sizes[0], f.sizes[2], f.sizes[1], f.sizes[3]};
+    std::array<int64_t, 4> strides{f.strides[0], f.strides[2], f.strides[1], f.strides[3]};
+    return empty_strided(4, sizes.data(), strides.data(), f.dtype, f);
+  }
+  if (!bhsd) return torch::stable::empty_like(t);
+  return torch::stable::transpose(torch::stable::empty_like(torch::stable::transpose(t, 1, 2)), 1, 2);
 }
 
 // _ops._empty_with_head_dim: shaped like q with head dim d_v, in q's memory order when
 // that order keeps the last dim innermost, else row-major.
-Tensor empty_with_head_dim(const Facts& q, int64_t d_v) {
+// bhsd: q is the BSHD view (swap12) of a (B, H, S, D) tensor, and the result is returned
+// (B, H, S, d_v), the transpose of the BSHD tensor made here.
+Tensor empty_with_head_dim(const Facts& q, int64_t d_v, bool bhsd = false) {
   const int64_t nd = q.nd;
   std::array<int64_t, orchard::kMaxRank> sizes{}, order{}, strides{};
   for (int64_t i = 0; i < nd; ++i) {
@@ -315,6 +343,10 @@ Tensor empty_with_head_dim(const Facts& q, int64_t d_v) {
       strides[order[pos]] = stride;
       stride *= sizes[order[pos]];
     }
+  }
+  if (bhsd && nd == 4) {
+    std::swap(sizes[1], sizes[2]);
+    std::swap(strides[1], strides[2]);
   }
   return empty_strided(nd, sizes.data(), strides.data(), q.dtype, q);
 }
@@ -359,6 +391,11 @@ orchard::AttentionOptions make_options(double scale, bool causal, bool top_left,
   o.op_name = std::move(op_name);
   return o;
 }
+
+// Dropout's global coordinates (the last four feature arguments; all 0: the plain mask).
+struct DropCoords {
+  int64_t row = 0, col = 0, head = 0, heads = 0;
+};
 
 // The trailing feature arguments (_ops._FEATURE_SCHEMA); _ops._features' "all off"
 // test decides whether they are passed to the core at all (as the DLPack path does).
@@ -410,22 +447,31 @@ void check_rank(const Facts& q, const Facts& k, const Facts& v, const std::strin
 // The kernels.
 // -------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
-                                             bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
-                                             bool return_mask, bool /*deterministic*/, std::string op_name,
-                                             OptTensor rng_state, int64_t window_left, int64_t window_right,
-                                             double softcap, OptTensor alibi_slopes, OptTensor sink,
-                                             OptTensor attn_mask, OptTensor cu_seqlens_q, OptTensor cu_seqlens_k,
-                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                             int64_t dropout_row_offset, int64_t dropout_col_offset,
-                                             int64_t dropout_head_offset, int64_t dropout_heads) {
+// bhsd: q, k, v are (B, H, S, D) (the SDPA drop-in's tensors, as given) and out is
+// returned (B, H, S, Dv), in q's memory order; the core reads their BSHD views.
+std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
+                                            bool causal, bool causal_top_left, double dropout_p, int64_t seed,
+                                            int64_t offset, bool return_mask, std::string op_name,
+                                            const OptTensor& rng_state, int64_t window_left, int64_t window_right,
+                                            double softcap, const OptTensor& alibi_slopes, const OptTensor& sink,
+                                            const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
+                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd) {
   return tagged([&] {
-    const Facts fq = facts(q), fk = facts(k), fv = facts(v);
+    Facts fq = facts(q), fk = facts(k), fv = facts(v);
     const bool varlen = cu_seqlens_q.has_value();
     if (fq.nd != (varlen ? 3 : 4) || fk.nd != fq.nd || fv.nd != fq.nd) check_rank(fq, fk, fv, op_name, varlen ? 3 : 4);
-    // _ops._alloc_forward
-    Tensor out = fv.sizes[fv.nd - 1] == fq.sizes[fq.nd - 1] ? empty_like(q, fq)
-                                                             : empty_with_head_dim(fq, fv.sizes[fv.nd - 1]);
+    if (bhsd) {
+      swap12(fq);
+      swap12(fk);
+      swap12(fv);
+    }
+    // _ops._alloc_forward, on the BSHD views (bhsd: out is handed back (B, H, S, Dv))
+    Tensor out = fv.sizes[fv.nd - 1] == fq.sizes[fq.nd - 1]
+                     ? empty_like(q, fq, bhsd)
+                     : empty_with_head_dim(fq, fv.sizes[fv.nd - 1], bhsd);
+    Facts fo = facts(out);
+    if (bhsd) swap12(fo);
     const int32_t lse_dtype = fq.dtype == codes().f64 ? codes().f64 : codes().f32;
     int64_t b, sq, sk, hq = fq.sizes[fq.nd - 2];
     Tensor lse;
@@ -450,20 +496,36 @@ std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, doubl
     args.q = to_view(fq, op_name, "q");
     args.k = to_view(fk, op_name, "k");
     args.v = to_view(fv, op_name, "v");
-    args.out = to_view(out, op_name, "out");
+    args.out = to_view(fo, op_name, "out");
     args.lse = to_view(lse, op_name, "lse");
     if (write_mask) args.dropout_mask = to_view(mask, op_name, "dropout_mask");
     const std::uint64_t* rng = rng_state_pointer(rng_state, fq, op_name);
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, rng,
                                 /*deterministic=*/false, scope.stream, std::move(op_name));
     args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset,
-                                       dropout_col_offset, dropout_head_offset, dropout_heads},
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col,
+                                       drop.head, drop.heads},
                               args.options);
     std::string error;
     raise_if_failed(core().forward(args, error), error);
     return std::make_tuple(out, lse, mask);
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
+                                             bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
+                                             bool return_mask, bool /*deterministic*/, std::string op_name,
+                                             OptTensor rng_state, int64_t window_left, int64_t window_right,
+                                             double softcap, OptTensor alibi_slopes, OptTensor sink,
+                                             OptTensor attn_mask, OptTensor cu_seqlens_q, OptTensor cu_seqlens_k,
+                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                             int64_t dropout_row_offset, int64_t dropout_col_offset,
+                                             int64_t dropout_head_offset, int64_t dropout_heads) {
+  return fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
+                  std::move(op_name), rng_state, window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
+                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  DropCoords{dropout_row_offset, dropout_col_offset, dropout_head_offset, dropout_heads},
+                  /*bhsd=*/false);
 }
 
 struct WorkspaceKey {
@@ -495,34 +557,42 @@ WorkspaceKey workspace_key(const Facts& q, const Facts& k, const Facts& v, bool 
   return key;
 }
 
-std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
-                                             double softmax_scale, bool causal, bool causal_top_left,
-                                             double dropout_p, int64_t seed, int64_t offset, bool deterministic,
-                                             std::string op_name, OptTensor rng_state, int64_t window_left,
-                                             int64_t window_right, double softcap, OptTensor alibi_slopes,
-                                             OptTensor sink, OptTensor attn_mask, OptTensor cu_seqlens_q,
-                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                             int64_t dropout_row_offset, int64_t dropout_col_offset,
-                                             int64_t dropout_head_offset, int64_t dropout_heads) {
+// bhsd: as fwd_impl's; dout, q, k, v, out are (B, H, S, D) and so are dq, dk, dv.
+std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
+                                            bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
+                                            bool deterministic, std::string op_name, const OptTensor& rng_state,
+                                            int64_t window_left, int64_t window_right, double softcap,
+                                            const OptTensor& alibi_slopes, const OptTensor& sink,
+                                            const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
+                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd) {
   return tagged([&] {
-    const Facts fq = facts(q), fk = facts(k), fv = facts(v);
-    Tensor dq = empty_like(q, fq), dk = empty_like(k, fk), dv = empty_like(v, fv);
+    Facts fq = facts(q), fk = facts(k), fv = facts(v), fo = facts(out), fdo = facts(dout);
+    if (bhsd) {
+      for (Facts* f : {&fq, &fk, &fv, &fo, &fdo}) swap12(*f);
+    }
+    Tensor dq = empty_like(q, fq, bhsd), dk = empty_like(k, fk, bhsd), dv = empty_like(v, fv, bhsd);
+    Facts fdq = facts(dq), fdk = facts(dk), fdv = facts(dv);
+    if (bhsd) {
+      for (Facts* f : {&fdq, &fdk, &fdv}) swap12(*f);
+    }
     DeviceScope scope(fq);
     orchard::BackwardArgs args;
     args.q = to_view(fq, op_name, "q");
     args.k = to_view(fk, op_name, "k");
     args.v = to_view(fv, op_name, "v");
-    args.out = to_view(out, op_name, "out");
-    args.dout = to_view(dout, op_name, "dout");
+    args.out = to_view(fo, op_name, "out");
+    args.dout = to_view(fdo, op_name, "dout");
     args.lse = to_view(lse, op_name, "lse");
-    args.dq = to_view(dq, op_name, "dq");
-    args.dk = to_view(dk, op_name, "dk");
-    args.dv = to_view(dv, op_name, "dv");
+    args.dq = to_view(fdq, op_name, "dq");
+    args.dk = to_view(fdk, op_name, "dk");
+    args.dv = to_view(fdv, op_name, "dv");
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, nullptr,
                                 deterministic, scope.stream, std::move(op_name));
     args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset,
-                                       dropout_col_offset, dropout_head_offset, dropout_heads},
+                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col,
+                                       drop.head, drop.heads},
                               args.options);
     // The workspace size depends only on what WorkspaceKey holds (as _ops._WORKSPACE_BYTES
     // keys it): asked once per thread for a repeated problem without feature arguments,
@@ -531,8 +601,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
     std::string error;
     std::size_t nbytes = 0;
     const bool plain = !Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset, dropout_col_offset,
-                                 dropout_head_offset, dropout_heads}
+                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col, drop.head,
+                                 drop.heads}
                             .any();
     const WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
     thread_local WorkspaceKey cached_key{};
@@ -557,25 +627,41 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
   });
 }
 
+std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                                             double softmax_scale, bool causal, bool causal_top_left,
+                                             double dropout_p, int64_t seed, int64_t offset, bool deterministic,
+                                             std::string op_name, OptTensor rng_state, int64_t window_left,
+                                             int64_t window_right, double softcap, OptTensor alibi_slopes,
+                                             OptTensor sink, OptTensor attn_mask, OptTensor cu_seqlens_q,
+                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                             int64_t dropout_row_offset, int64_t dropout_col_offset,
+                                             int64_t dropout_head_offset, int64_t dropout_heads) {
+  return bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
+                  deterministic, std::move(op_name), rng_state, window_left, window_right, softcap, alibi_slopes,
+                  sink, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  DropCoords{dropout_row_offset, dropout_col_offset, dropout_head_offset, dropout_heads},
+                  /*bhsd=*/false);
+}
+
 // The drop-ins' common call (no feature arguments, seed/offset 0): a short schema, so
-// the Python call converts 10 arguments instead of 23.
+// the Python call converts 11 arguments instead of 23; bhsd serves the SDPA drop-in's
+// (B, H, S, D) tensors without transposed views (and without their autograd nodes).
 std::tuple<Tensor, Tensor, Tensor> flash_fwd_plain(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
                                                    bool causal_top_left, double dropout_p, bool return_mask,
-                                                   std::string op_name, OptTensor rng_state) {
+                                                   std::string op_name, OptTensor rng_state, bool bhsd) {
   static const OptTensor none;
-  return flash_fwd(std::move(q), std::move(k), std::move(v), softmax_scale, causal, causal_top_left, dropout_p, 0,
-                   0, return_mask, false, std::move(op_name), std::move(rng_state), -1, -1, 0.0, none, none,
-                   none, none, none, 0, 0, 0, 0, 0, 0);
+  return fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask, std::move(op_name),
+                  rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0, DropCoords{}, bhsd);
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
                                                    Tensor lse, double softmax_scale, bool causal,
                                                    bool causal_top_left, double dropout_p, bool deterministic,
-                                                   std::string op_name, OptTensor rng_state) {
+                                                   std::string op_name, OptTensor rng_state, bool bhsd) {
   static const OptTensor none;
-  return flash_bwd(std::move(dout), std::move(q), std::move(k), std::move(v), std::move(out), std::move(lse),
-                   softmax_scale, causal, causal_top_left, dropout_p, 0, 0, deterministic, std::move(op_name),
-                   std::move(rng_state), -1, -1, 0.0, none, none, none, none, none, 0, 0, 0, 0, 0, 0);
+  return bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, deterministic,
+                  std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0, DropCoords{},
+                  bhsd);
 }
 
 }  // namespace
@@ -615,11 +701,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
       "SymInt dropout_head_offset=0, SymInt dropout_heads=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_flash_fwd_plain(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool causal_top_left, "
-      "float dropout_p, bool return_mask, str op_name, Tensor? rng_state) -> (Tensor, Tensor, Tensor)");
+      "float dropout_p, bool return_mask, str op_name, Tensor? rng_state, bool bhsd=False) -> (Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "_flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
-      "bool causal, bool causal_top_left, float dropout_p, bool deterministic, str op_name, Tensor? rng_state) "
-      "-> (Tensor, Tensor, Tensor)");
+      "bool causal, bool causal_top_left, float dropout_p, bool deterministic, str op_name, Tensor? rng_state, "
+      "bool bhsd=False) -> (Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {

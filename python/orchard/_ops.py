@@ -653,13 +653,18 @@ def _stable_error(e: RuntimeError) -> BaseException:
 
 
 def _forward_plain_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
-                       op_name, rng_state):
+                       op_name, rng_state, bhsd=False):
+    if bhsd:
+        out, lse, mask = _forward_fake(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
+                                       return_mask, False, op_name, rng_state)
+        return out.transpose(1, 2), lse, mask
     return _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
                          return_mask, False, op_name, rng_state)
 
 
 def _backward_plain_fake(dout, q, k, v, out, lse, *rest):
-    return _backward_fake(dout, q, k, v, out, lse)
+    return _backward_fake(dout, q, k, v, out, lse)  # like q, k, v in either layout
 
 
 _SFWD_PLAIN = _SBWD_PLAIN = None
@@ -690,10 +695,15 @@ _SBWD_CALL = getattr(_SBWD_PLAIN, "_op", _SBWD_PLAIN)
 def eager_ok(q, k, v) -> bool:
     """Whether eager_forward may serve this call: it is eager (not traced by
     torch.compile), no dispatch/function mode, autocast or Metal stand-in would see
-    or change the public op, and q, k, v are plain CPU or CUDA tensors."""
+    or change the public op, and q, k, v are plain CPU or CUDA tensors (not negative
+    views, when the DLPack kernels would serve them)."""
     return (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
             and (q.is_cuda or q.is_cpu) and not _MPS_STAND_IN and not _is_compiling()
-            and not _dispatch_modes() and not _function_modes() and not _any_autocast())
+            and not _dispatch_modes() and not _function_modes() and not _any_autocast()
+            and not _functorch_active()  # vmap / grad transforms: the public op
+            # DLPack exports a negative view's storage as stored: without the C++ op (whose
+            # dispatcher resolves it), such tensors take the public op, which does too.
+            and (_SFWD_CALL is not None or not (q.is_neg() or k.is_neg() or v.is_neg())))
 
 
 _cuda_device = getattr(torch._C, "_cuda_getDevice", None)
@@ -751,41 +761,51 @@ def _dlpack_backward_plain(dout, q, k, v, out, lse, softmax_scale, causal, causa
     return dq, dk, dv
 
 
+def _t12(*tensors):
+    return tuple(t.transpose(1, 2) for t in tensors)
+
+
 def _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
-                  deterministic, op_name, rng_state):
+                  deterministic, op_name, rng_state, bhsd=False):
+    """The forward of the eager path. bhsd: q, k, v (and the returned out) are
+    (B, H, S, D), the SDPA drop-in's tensors, which the C++ op reads as given."""
     if _SFWD_CALL is None:  # the DLPack path, still without the dispatcher's Python kernels
-        return _dlpack_forward_plain(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                                     return_mask, op_name, rng_state)
+        if bhsd:
+            q, k, v = _t12(q, k, v)
+        out, lse, mask = _dlpack_forward_plain(q, k, v, softmax_scale, causal, causal_top_left,
+                                               dropout_p, return_mask, op_name, rng_state)
+        return (out.transpose(1, 2) if bhsd else out), lse, mask
     try:
         return _SFWD_CALL(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
-                          op_name, rng_state)
+                          op_name, rng_state, bhsd)
     except RuntimeError as e:
         raise _stable_error(e) from None
 
 
 def eager_forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
-                  deterministic, op_name, rng_state):
+                  deterministic, op_name, rng_state, bhsd=False):
     """flash_attn_forward(q, k, v, ..., seed=0, offset=0, ...) without feature
     arguments, for a call eager_ok accepted, with the same outputs, gradients
     (grad_fn name included) and errors as the public op, but without its
     dispatcher round trip through Python: the C++ op when loaded, else the
-    DLPack kernel directly; a lean autograd Function when a gradient is needed."""
+    DLPack kernel directly; a lean autograd Function when a gradient is needed.
+    bhsd=True: q, k, v are (B, H, S, D) and so is out (the SDPA drop-in)."""
     if _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         opts = (softmax_scale, causal, causal_top_left, dropout_p, return_mask, deterministic,
-                op_name)
-        if _functorch_active() or _wrapped(q) or _wrapped(k) or _wrapped(v):
+                op_name, bhsd)
+        if _wrapped(q) or _wrapped(k) or _wrapped(v):
             return _EagerFunction.apply(q, k, v, rng_state, opts)
-        # What Function.apply ends in when no functorch transform is active and no
-        # (dead) functorch wrapper is passed: ~4 us less per call on the dev box.
+        # What Function.apply ends in when no functorch transform is active (eager_ok)
+        # and no (dead) functorch wrapper is passed: ~2-4 us less per call on the dev box.
         return _eager_apply(q, k, v, rng_state, opts)
     return _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
-                         deterministic, op_name, rng_state)
+                         deterministic, op_name, rng_state, bhsd)
 
 
 def _eager_function_forward(ctx, q, k, v, rng_state, opts):
-    softmax_scale, causal, causal_top_left, dropout_p, return_mask, deterministic, op_name = opts
+    softmax_scale, causal, causal_top_left, dropout_p, return_mask, deterministic, op_name, bhsd = opts
     out, lse, mask = _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p,
-                                   return_mask, deterministic, op_name, rng_state)
+                                   return_mask, deterministic, op_name, rng_state, bhsd)
     ctx.save_for_backward(q, k, v, out, lse, rng_state)
     ctx.set_materialize_grads(False)  # as _fwd_function_forward: no zero grads for lse/mask
     ctx.opts = opts
@@ -794,27 +814,33 @@ def _eager_function_forward(ctx, q, k, v, rng_state, opts):
 
 def _eager_function_backward(ctx, grad_out, grad_lse, grad_mask):
     q, k, v, out, lse, rng_state = ctx.saved_tensors
-    softmax_scale, causal, causal_top_left, dropout_p, _, deterministic, op_name = ctx.opts
+    softmax_scale, causal, causal_top_left, dropout_p, _, deterministic, op_name, bhsd = ctx.opts
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     deterministic = deterministic or _are_deterministic()
-    args = (grad_out, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-            deterministic, op_name, rng_state)
-    if (_is_grad_enabled() or type(grad_out) is not _Tensor or _dispatch_modes()
-            or _function_modes()):
+    public = (_is_grad_enabled() or type(grad_out) is not _Tensor or _dispatch_modes()
+              or _function_modes() or (_SBWD_CALL is None and grad_out.is_neg()))
+    if _SBWD_CALL is not None and not public:
+        try:
+            dq, dk, dv = _SBWD_CALL(grad_out, q, k, v, out, lse, softmax_scale, causal,
+                                    causal_top_left, dropout_p, deterministic, op_name, rng_state,
+                                    bhsd)
+        except RuntimeError as e:
+            raise _stable_error(e) from None
+        return dq, dk, dv, None, None
+    if bhsd:  # the paths below read BSHD views
+        grad_out, q, k, v, out = _t12(grad_out, q, k, v, out)
+    if public:
         # create_graph (the public op refuses a double backward as before), a mode or
         # a subclass: the public op, as _fwd_function_backward calls it.
-        dq, dk, dv = _BWD(*args)
-    elif _SBWD_CALL is None:
+        dq, dk, dv = _BWD(grad_out, q, k, v, out, lse, softmax_scale, causal, causal_top_left,
+                          dropout_p, 0, 0, deterministic, op_name, rng_state)
+    else:
         dq, dk, dv = _dlpack_backward_plain(grad_out, q, k, v, out, lse, softmax_scale, causal,
                                             causal_top_left, dropout_p, deterministic, op_name,
                                             rng_state)
-    else:
-        try:
-            dq, dk, dv = _SBWD_CALL(grad_out, q, k, v, out, lse, softmax_scale, causal,
-                                    causal_top_left, dropout_p, deterministic, op_name, rng_state)
-        except RuntimeError as e:
-            raise _stable_error(e) from None
+    if bhsd:
+        dq, dk, dv = _t12(dq, dk, dv)
     return dq, dk, dv, None, None
 
 

@@ -399,14 +399,20 @@ def scaled_dot_product_attention(
                                                       is_causal, dropout_p)
     sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
     rng = _ops.draw_dropout_rng_state(dropout_p, query.device)
+    if mask4 is None and sink is None and _eager_ok(q4, k4, v4):
+        # Straight to the C++ op (see _ops.eager_forward), which reads the (B, H, S, D)
+        # tensors as they are and returns out (B, H, L, Ev) in query's layout.
+        out, _lse, _mask = _eager_forward(q4, k4, v4, sc, bool(is_causal), True, float(dropout_p),
+                                          False, bool(deterministic), op, rng, True)
+        if ndim == 4:
+            return out
+        if ndim == 3:
+            return out.squeeze(-3)
+        return out.reshape(*qshape[:-3], *out.shape[-3:])
     if mask4 is None and sink is None:
-        qb, kb, vb = q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2)
-        if _eager_ok(qb, kb, vb):  # straight to the C++ op (see _ops.eager_forward)
-            out, _lse, _mask = _eager_forward(qb, kb, vb, sc, bool(is_causal), True, float(dropout_p),
-                                              False, bool(deterministic), op, rng)
-        else:
-            out, _lse, _mask = _FWD(qb, kb, vb, sc, bool(is_causal), True, float(dropout_p), 0, 0,
-                                    False, bool(deterministic), op, rng)
+        out, _lse, _mask = _FWD(
+            q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
+            float(dropout_p), 0, 0, False, bool(deterministic), op, rng)
     else:
         out, _lse, _mask = _FWD(
             q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,

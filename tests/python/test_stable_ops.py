@@ -54,7 +54,7 @@ def test_internal_schemas_match_the_public_ops():
     for public, plain in ((torch.ops.orchard.flash_attn_forward.default, _ops._SFWD_PLAIN),
                           (torch.ops.orchard.flash_attn_backward.default, _ops._SBWD_PLAIN)):
         types = {a.name: str(a.type) for a in public._schema.arguments}
-        assert all(types[a.name] == str(a.type) for a in plain._schema.arguments)
+        assert all(types[a.name] == str(a.type) for a in plain._schema.arguments if a.name != "bhsd")
 
 
 def _dlpack_forward(*args):
@@ -343,3 +343,39 @@ def test_cuda_graph_capture_of_the_eager_path():
     ref = orchard.flash_attn_func(q, k, v, causal=True)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["contiguous", "bshd_storage", "sliced", "dv8", "gqa", "3d", "5d"])
+def test_sdpa_eager_path_matches_the_public_op(device, kind):
+    """The SDPA drop-in's eager path hands (B, H, S, D) tensors to the C++ op as they
+    are; outputs (values and strides) and gradients must be the public op's on the
+    transposed views, as the drop-in computed them before."""
+    b, h, lq, lk, e = 2, 4, 9, 13, 16
+    hk, ev = (2, e) if kind == "gqa" else (h, 8 if kind == "dv8" else e)
+    if kind == "bshd_storage":
+        q, k, v = (randn(b, s, n, d, device=device).transpose(1, 2)
+                   for s, n, d in ((lq, h, e), (lk, hk, e), (lk, hk, ev)))
+    elif kind == "sliced":  # not dense: torch's empty_like rules pick the layout
+        q, k, v = (randn(b, n, s + 3, d, device=device)[:, :, 1:s + 1]
+                   for s, n, d in ((lq, h, e), (lk, hk, e), (lk, hk, ev)))
+    else:
+        q, k, v = (randn(b, n, s, d, device=device) for s, n, d in ((lq, h, e), (lk, hk, e), (lk, hk, ev)))
+    if kind == "3d":
+        q, k, v = q[0], k[0], v[0]
+    if kind == "5d":
+        q, k, v = q[None], k[None], v[None]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    gqa = kind == "gqa"
+    out = orchard.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    with _Log():  # a dispatch mode: the drop-in takes the public op
+        ref = orchard.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    assert torch.equal(out, ref) and out.stride() == ref.stride(), (out.stride(), ref.stride())
+    dout = randn(*out.shape, device=device)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    with _Log():
+        r = torch.autograd.grad(ref, (q, k, v), dout)
+    for a, c in zip(g, r):
+        assert torch.equal(a, c) and a.stride() == c.stride()
+    with torch.no_grad():
+        assert torch.equal(orchard.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), ref)
