@@ -1094,6 +1094,9 @@ std::vector<Case> dv_suite() {
     c = W(with_varlen({"d128-pad1-varlen", BF, 0, 4, 2, 0, 0, 128, true}, {70, 200, 0, 33}, {150, 100, 9, 33}), 1, 0);
     v.push_back(c);
     v.push_back(W({"d256-pad8-off8", FP, 1, 2, 2, 60, 70, 256}, 8, 8));
+    // Varlen sequences of one row each: sq = sk = 1, but the packed rows still use
+    // the (odd) row stride: the element-wise path all the same.
+    v.push_back(W(with_varlen({"d64-pad3-varlen-len1", BF, 0, 2, 2, 0, 0, 64}, {1, 1, 1}, {1, 1, 1}), 3, 0));
   }
   return v;
 }

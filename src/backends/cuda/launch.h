@@ -116,18 +116,22 @@ inline bool rows_vec16(const void* base, int64_t bs, int64_t rs, int64_t hs, int
   const int64_t strides = (nb > 1 ? bs : 0) | (nr > 1 ? rs : 0) | (nh > 1 ? hs : 0);
   return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && strides % 8 == 0 && width % 8 == 0;
 }
+// (Varlen: sq / sk are the longest sequence's, the packed rows are more: the row
+// strides always count.)
 inline bool fwd_vec16(const FwdParams& p) {
-  return rows_vec16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.b, p.sq, p.hq, p.d) &&
-         rows_vec16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.b, p.sk, p.hkv, p.d) &&
-         rows_vec16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.b, p.sk, p.hkv, p.d_v) &&
-         rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, p.sq, p.hq, p.d_v);
+  const int rq = p.cu_seqlens_q != nullptr ? 2 : p.sq, rk = p.cu_seqlens_k != nullptr ? 2 : p.sk;
+  return rows_vec16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.b, rq, p.hq, p.d) &&
+         rows_vec16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.b, rk, p.hkv, p.d) &&
+         rows_vec16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.b, rk, p.hkv, p.d_v) &&
+         rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, rq, p.hq, p.d_v);
 }
 inline bool bwd_vec16(const BwdParams& p) {
+  const int rq = p.cu_seqlens_q != nullptr ? 2 : p.sq, rk = p.cu_seqlens_k != nullptr ? 2 : p.sk;
   return fwd_vec16(p) &&
-         rows_vec16(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, p.b, p.sq, p.hq, p.d_v) &&
-         rows_vec16(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, p.b, p.sq, p.hq, p.d) &&
-         rows_vec16(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, p.b, p.sk, p.hkv, p.d) &&
-         rows_vec16(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, p.b, p.sk, p.hkv, p.d_v);
+         rows_vec16(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, p.b, rq, p.hq, p.d_v) &&
+         rows_vec16(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, p.b, rq, p.hq, p.d) &&
+         rows_vec16(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, p.b, rk, p.hkv, p.d) &&
+         rows_vec16(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, p.b, rk, p.hkv, p.d_v);
 }
 
 // Throws orchard::Error(kRuntime) if the last launch failed.
