@@ -9,7 +9,7 @@
 #   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
 #   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
-#          py:<script>,<args>  cs:<sanitizer tool>,<script>
+#          py:<script>,<args>  sh:<script>,<args>  cs:<sanitizer tool>,<script>
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT"
@@ -88,6 +88,11 @@ for step in "$@"; do
       stamp "python3 $args"
       timeout "${PY_TIMEOUT:-180}" python3 $args > "$OUT/logs/py_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
       echo "$name rc=$r"; tail -${PY_TAIL:-25} "$OUT/logs/py_$name.log" ;;
+    sh:*)  # sh:<script>,<args>: a shell script of the tree (e.g. bench/sm90/run.sh), its own log
+      args="${step#sh:}"; args="${args//,/ }"; name=$(basename "${args%% *}" .sh)
+      stamp "bash $args"
+      timeout "${SH_TIMEOUT:-180}" bash $args > "$OUT/logs/sh_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
+      echo "$name rc=$r"; tail -${SH_TAIL:-25} "$OUT/logs/sh_$name.log" ;;
     cs:*)  # cs:<tool>,<script>: compute-sanitizer <tool> on python3 <script>
       args="${step#cs:}"; tool="${args%%,*}"; script="${args#*,}"
       stamp "compute-sanitizer $tool $script"
