@@ -42,10 +42,11 @@ for step in "$@"; do
   case "$step" in
     pytest:*)
       args="${step#pytest:}"; args="${args//,/ }"
+      log="$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log"
       stamp "pytest $args"
       (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda --maxfail=25 --durations=5 $args \
-        > "$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
-      tail -15 "$OUT"/logs/pytest_*.log | grep -E "passed|failed|error|FAILED" | tail -8 ;;
+        > "$log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
+      tail -n 15 "$log" | grep -E "passed|failed|error|FAILED" | tail -n 8 ;;
     bench_quick)
       stamp "gpu_bench --quick"
       timeout 240 python3 bench/gpu_bench.py --out "$OUT/logs" --quick --impls orchard,sdpa_flash,sdpa_cudnn > "$OUT/logs/bench_quick.log" 2>&1 || rc=1
