@@ -9,7 +9,7 @@
 #   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
 #   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
-#          py:<script>,<args>  cs:<sanitizer tool>,<script>
+#          py:<script>,<args>  sh:<script>,<args>  cs:<sanitizer tool>,<script>
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT"
@@ -42,10 +42,11 @@ for step in "$@"; do
   case "$step" in
     pytest:*)
       args="${step#pytest:}"; args="${args//,/ }"
+      log="$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log"
       stamp "pytest $args"
       (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda --maxfail=25 --durations=5 $args \
-        > "$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
-      tail -15 "$OUT"/logs/pytest_*.log | grep -E "passed|failed|error|FAILED" | tail -8 ;;
+        > "$log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
+      tail -n 15 "$log" | grep -E "passed|failed|error|FAILED" | tail -n 8 ;;
     bench_quick)
       stamp "gpu_bench --quick"
       timeout 240 python3 bench/gpu_bench.py --out "$OUT/logs" --quick --impls orchard,sdpa_flash,sdpa_cudnn > "$OUT/logs/bench_quick.log" 2>&1 || rc=1
@@ -88,6 +89,11 @@ for step in "$@"; do
       stamp "python3 $args"
       timeout "${PY_TIMEOUT:-180}" python3 $args > "$OUT/logs/py_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
       echo "$name rc=$r"; tail -${PY_TAIL:-25} "$OUT/logs/py_$name.log" ;;
+    sh:*)  # sh:<script>,<args>: a shell script of the tree (e.g. bench/sm90/run.sh), its own log
+      args="${step#sh:}"; args="${args//,/ }"; name=$(basename "${args%% *}" .sh)
+      stamp "bash $args"
+      timeout "${SH_TIMEOUT:-180}" bash $args > "$OUT/logs/sh_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
+      echo "$name rc=$r"; tail -${SH_TAIL:-25} "$OUT/logs/sh_$name.log" ;;
     cs:*)  # cs:<tool>,<script>: compute-sanitizer <tool> on python3 <script>
       args="${step#cs:}"; tool="${args%%,*}"; script="${args#*,}"
       stamp "compute-sanitizer $tool $script"
