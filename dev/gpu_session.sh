@@ -57,7 +57,7 @@ for step in "$@"; do
       tail -40 "$OUT/logs/bench_full.log" ;;
     feature_bench)
       stamp "feature_bench"
-      timeout "${FB_TIMEOUT:-300}" python3 bench/feature_bench.py --out "$OUT/logs" > "$OUT/logs/feature_bench.log" 2>&1 || rc=1
+      timeout "${FB_TIMEOUT:-300}" python3 bench/feature_bench.py --out "$OUT/logs" ${FB_ARGS:-} > "$OUT/logs/feature_bench.log" 2>&1 || rc=1
       cat "$OUT/logs/feature_bench.md" 2>/dev/null || tail -30 "$OUT/logs/feature_bench.log" ;;
     decode_bench)
       stamp "decode_bench"
