@@ -168,12 +168,14 @@ __device__ __forceinline__ const float* alibi_slope_ptr(const float* slopes, int
 // ---- attn_bias / attn_mask (params.h) ----
 // The bias of one score tile is staged into shared memory in its own element type
 // (kind below) by the whole CTA, then added to the fragment from there in a pass
-// of its own, only when p.attn_bias != nullptr: the plain path keeps its code.
-// Reading the bias from global memory per fragment element inside the score passes
-// made ptxas spill in the plain path. Staging: 16-byte cp.async (issued at the top
-// of the step, so it overlaps the S GEMM) when the key stride is 1 and the base and
-// the other strides are 16-byte aligned, else plain loads (any strides; stride 0 =
-// a broadcast dim, read in place). Tile rows: row pitch kCols * esz + 16 bytes.
+// of its own (compiled once per kind), in the kernels' kBias instantiations only:
+// the plain kernels keep their code. (Reading the bias from global memory per
+// fragment element inside the score passes made ptxas spill the plain path, and so
+// did run-time bias branches in the merged tree.) Staging: 16-byte cp.async when
+// the key stride is 1 and the base and the other strides are 16-byte aligned, else
+// plain loads (any strides; stride 0 = a broadcast dim, read in place); prefetched
+// into a second buffer with the K/V (forward, dQ) or Q/dO (split dK/dV) tiles, or at
+// the top of the step (d <= 128 dK/dV). Tile rows: pitch kCols * esz + 16 bytes.
 
 // Element-type code of the bias: 0 boolean (uint8), 1 float32, 2 bfloat16, 3 float16.
 __host__ __device__ __forceinline__ int bias_kind(DType t) {
@@ -200,29 +202,11 @@ __device__ __forceinline__ float bias_convert(BiasElem<kKind> u) {
   else if constexpr (kKind == 2) return __uint_as_float(static_cast<uint32_t>(u) << 16);
   else return __half2float(__ushort_as_half(u));
 }
-// One element from global memory, element offset `off` from `base` (a byte pointer).
-__device__ __forceinline__ float bias_value_any(const unsigned char* base, int64_t off, int kind) {
-  switch (kind) {
-    case 0: return bias_convert<0>(__ldg(base + off));
-    case 1: return bias_convert<1>(__ldg(reinterpret_cast<const float*>(base) + off));
-    case 2: return bias_convert<2>(__ldg(reinterpret_cast<const unsigned short*>(base) + off));
-    default: return bias_convert<3>(__ldg(reinterpret_cast<const unsigned short*>(base) + off));
-  }
-}
 // Element (r, c) of a staged tile.
 template <int kKind, int kCols>
 __device__ __forceinline__ float bias_smem(const unsigned char* tile, int r, int c) {
   return bias_convert<kKind>(
       *reinterpret_cast<const BiasElem<kKind>*>(tile + r * bias_pitch<kKind, kCols>() + c * bias_elem_bytes(kKind)));
-}
-template <int kCols>
-__device__ __forceinline__ float bias_smem_any(const unsigned char* tile, int r, int c, int kind) {
-  switch (kind) {
-    case 0: return bias_smem<0, kCols>(tile, r, c);
-    case 1: return bias_smem<1, kCols>(tile, r, c);
-    case 2: return bias_smem<2, kCols>(tile, r, c);
-    default: return bias_smem<3, kCols>(tile, r, c);
-  }
 }
 // 16-byte cp.async reading `bytes` (0..16) and zero-filling the rest.
 __device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void* gmem, int bytes) {
@@ -279,26 +263,7 @@ __device__ __forceinline__ void issue_bias_tile(unsigned char* raw, const void* 
   }
 }
 
-// The landed raw tile -> float times `mul` (1 / scale: the units of the score
-// passes) at dst[r * kLd + c], by all threads; the caller syncs before and after.
-template <int kKind, int kRows, int kCols, int kLd, int kThreads>
-__device__ __forceinline__ void convert_bias_tile_t(float* dst, const unsigned char* raw, float mul, int tid) {
-  static_assert(kThreads % kCols == 0 && kRows % (kThreads / kCols) == 0, "bias tile: whole rows per pass");
-  constexpr int kRowStep = kThreads / kCols;
-  const int c = tid % kCols, r0 = tid / kCols;
-#pragma unroll 1
-  for (int r = r0; r < kRows; r += kRowStep) dst[r * kLd + c] = bias_smem<kKind, kCols>(raw, r, c) * mul;
-}
-template <int kRows, int kCols, int kLd, int kThreads>
-__device__ __forceinline__ void convert_bias_tile(float* dst, const unsigned char* raw, int kind, float mul, int tid) {
-  switch (kind) {
-    case 0: convert_bias_tile_t<0, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
-    case 1: convert_bias_tile_t<1, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
-    case 2: convert_bias_tile_t<2, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
-    default: convert_bias_tile_t<3, kRows, kCols, kLd, kThreads>(dst, raw, mul, tid); break;
-  }
-}
-
+// f(std::integral_constant<int, kind>()): a pass compiled once per bias kind.
 template <typename F>
 __device__ __forceinline__ void bias_dispatch(int kind, F&& f) {
   switch (kind) {
@@ -307,48 +272,6 @@ __device__ __forceinline__ void bias_dispatch(int kind, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     default: f(std::integral_constant<int, 3>{}); break;
   }
-}
-
-// Synchronous variant straight to float (the d <= 128 dK/dV kernel, whose tile lives
-// in shared memory that is free only within a step): each thread owns one column
-// and every (kThreads / kCols)-th row, so one pointer and one stride stay live.
-template <int kKind, int kRows, int kCols, int kLd, int kThreads>
-__device__ __forceinline__ void load_bias_tile_t(float* dst, const unsigned char* base, int64_t rs, int64_t cs,
-                                                 int rows, int cols, float mul, int tid) {
-  static_assert(kThreads % kCols == 0 && kRows % (kThreads / kCols) == 0, "bias tile: whole rows per pass");
-  constexpr int kRowStep = kThreads / kCols, kIters = kRows / kRowStep;
-  const int c = tid % kCols, r0 = tid / kCols;
-  const BiasElem<kKind>* src = reinterpret_cast<const BiasElem<kKind>*>(base) + (r0 * rs + c * cs);
-  const int64_t step = kRowStep * rs;
-  const int row_lim = c < cols ? rows : 0;  // columns past the sequence: all 0
-  float* d = dst + r0 * kLd + c;
-#pragma unroll 4
-  for (int i = 0; i < kIters; ++i) {
-    float v = 0.f;
-    if (r0 + i * kRowStep < row_lim) v = bias_convert<kKind>(__ldg(src)) * mul;
-    d[i * kRowStep * kLd] = v;
-    src += step;
-  }
-}
-template <int kRows, int kCols, int kLd, int kThreads>
-__device__ __noinline__ void load_bias_tile(float* dst, const void* bias, int kind, int64_t bs, int64_t hs, int64_t rs,
-                                            int64_t cs, int b, int h, int row0, int col0, int rows, int cols,
-                                            float mul, int tid) {
-  const unsigned char* base =
-      static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * bias_elem_bytes(kind);
-  switch (kind) {
-    case 0: load_bias_tile_t<0, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
-    case 1: load_bias_tile_t<1, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
-    case 2: load_bias_tile_t<2, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
-    default: load_bias_tile_t<3, kRows, kCols, kLd, kThreads>(dst, base, rs, cs, rows, cols, mul, tid); break;
-  }
-}
-
-// The bias of (batch b, head h, row, col) as a byte pointer into p.attn_bias.
-__device__ __forceinline__ const unsigned char* bias_origin(const void* bias, int kind, int64_t bs, int64_t hs,
-                                                            int64_t rs, int64_t cs, int b, int h, int64_t row,
-                                                            int64_t col) {
-  return static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row * rs + col * cs) * bias_elem_bytes(kind);
 }
 
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A

@@ -39,7 +39,10 @@
 // tiles only), softcap and ALiBi (S recomputed through the same apply_score_mods as the
 // forward; softcap multiplies dS by 1 - tanh^2, tanh recovered from P and the
 // LSE so no extra register array lives across the dP GEMM), sinks (LSE already
-// holds them; dsink by bwd_dsink_kernel from D and the LSE).
+// holds them; dsink by bwd_dsink_kernel from D and the LSE). attn_bias / attn_mask:
+// template parameter kBias of each kernel (see flash_bwd_dkdv2_kernel), its tile
+// staged in shared memory per step (attention_tiles.cuh) and added after softcap /
+// ALiBi; with softcap, tanh is recovered from P with the bias subtracted too.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -246,7 +249,8 @@ __device__ __forceinline__ void key_tile_range(int m0, int sk, int64_t diag, boo
   }
 }
 
-template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq>
+// kBias: p.attn_bias is set (a template parameter for the reason at flash_bwd_dkdv2_kernel).
+template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq, bool kBias = false>
 __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks, bool vec) {
   using Cfg = BwdConfig<kD>;
@@ -280,7 +284,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int64_t diag = span.diag;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                 (span.k_start + n0) * p.k_row_stride;
@@ -322,7 +326,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
   };
   if (total > 0) prefetch(0, 0);
-  if (p.attn_bias != nullptr && total > 0)  // step 0's bias tile joins its group
+  if (kBias && total > 0)  // step 0's bias tile joins its group
     issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
                                         b, hk * group, m_begin * kBM, n0, sq - m_begin * kBM, sk - n0, tid);
@@ -349,7 +353,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const int stage = it & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (p.attn_bias != nullptr && it + 1 < total)  // the next step's bias tile joins its group
+    if (kBias && it + 1 < total)  // the next step's bias tile joins its group
       issue_bias_tile<kBM, kBN, kThreads>(
           smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
           p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, hk * group + (it + 1) / nm,
@@ -380,7 +384,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       }
     }
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
-    if (has_window || has_mod) {  // features: scores modified / window bounds masked (-inf)
+    if (has_window || has_mod || kBias) {  // features: scores modified / window bounds masked (-inf)
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
       // Element (key kv_base + dk, query m0 + 2t + dq): col - row = key - query.
       auto each = [&](auto&& g) {
@@ -394,7 +398,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - 2 * t, sk - kv_base);
-      if (p.attn_bias != nullptr) {  // + bias / scale (element: query 2t + dq, key warp * 16 + g + dk)
+      if constexpr (kBias) {  // + bias / scale (element: query 2t + dq, key warp * 16 + g + dk)
         const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
@@ -496,10 +500,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
               st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], mod, inv_cap);
             }
         };
-        if (p.attn_bias == nullptr)
-          pass(std::integral_constant<int, -1>{});
-        else
+        if constexpr (kBias) {
           bias_dispatch(bias_kind(p.attn_bias_dtype), pass);
+        } else {  // (the loop as written before attn_bias)
+#pragma unroll
+          for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int ql = nt * 8 + 2 * t + (c & 1);
+              const int rel = rel0 + (c >> 1) * 8 - nt * 8 - (c & 1);
+              st[nt][c] *= softcap_dtanh(st[nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
+            }
+        }
       }
       // dS^T = P^T * (dP_drop^T - D), reusing st.
 #pragma unroll
@@ -626,7 +638,10 @@ struct BwdConfig2 {
       bias_tile_bytes<kBM, kBN>() > kBN * kSP * 2 ? bias_tile_bytes<kBM, kBN>() - kBN * kSP * 2 : 0;
 };
 
-template <typename T, int kD, bool kCausal, bool kDropout, bool kDq>
+// kBias: p.attn_bias is set. A template parameter here (like the forward's): with
+// run-time bias branches ptxas spilled the plain dropout kernels on the merged tree
+// (d128 causal dropout: 32 -> 420 B spill stores); kBias = false is the pre-bias code.
+template <typename T, int kD, bool kCausal, bool kDropout, bool kDq, bool kBias = false>
 __global__ void __launch_bounds__(256)
     flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group, bool vec) {
   using Cfg = BwdConfig2<kD>;
@@ -644,10 +659,13 @@ __global__ void __launch_bounds__(256)
   constexpr int kStagePair = 2 * kStageBytes / static_cast<int>(sizeof(T));  // elements of two stages
   T* sQ = sV + kBN * kS;      // [2] stages
   T* sdO = sQ + kStagePair;   // [2] stages
-  float* sLse = reinterpret_cast<float*>(sdO + kStagePair);  // [2][kBM], log2 units
-  float* sDs = sLse + 2 * kBM;                               // [2][kBM]
-  T* sP = reinterpret_cast<T*>(sDs + 2 * kBM);               // [kBN][kSP]  P_drop^T
-  T* sdS = sP + kBN * kSP;                                   // [kBN][kSP]  dS^T; then the attn_bias tile (last)
+  // kBias: sLse / sDs before sP, so that sdS is last (the bias tile runs past its end).
+  T* sP = kBias ? reinterpret_cast<T*>(reinterpret_cast<float*>(sdO + kStagePair) + 4 * kBM)
+                : sdO + kStagePair;  // [kBN][kSP]  P_drop^T
+  T* sdS = sP + kBN * kSP;          // [kBN][kSP]  dS^T (kBias: then the rest of the bias tile)
+  float* sLse = kBias ? reinterpret_cast<float*>(sdO + kStagePair)
+                      : reinterpret_cast<float*>(sdS + kBN * kSP);  // [2][kBM], log2 units
+  float* sDs = sLse + 2 * kBM;                                      // [2][kBM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -672,7 +690,7 @@ __global__ void __launch_bounds__(256)
   const int64_t diag = span.diag;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
   const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                 (span.k_start + n0) * p.k_row_stride;
@@ -785,7 +803,7 @@ __global__ void __launch_bounds__(256)
     const int stage = it & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (p.attn_bias != nullptr) {  // this step's bias tile -> sdS.., a group of its own (waited for after S)
+    if constexpr (kBias) {  // this step's bias tile -> sdS.., a group of its own (waited for after S)
       issue_bias_tile<kBM, kBN, kThreads>(reinterpret_cast<unsigned char*>(sdS), p.attn_bias,
                                           bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
                                           p.bias_row_stride, p.bias_col_stride, b, h, mi * kBM, n0, sq - mi * kBM,
@@ -849,7 +867,7 @@ __global__ void __launch_bounds__(256)
     // kl >= key_lim or kl - ql > diag_lim, with kl, ql unrolled constants.
     // Features (window / softcap / ALiBi) take the general per-element path:
     // on every tile with softcap / ALiBi, else on tiles crossing a window bound.
-    if (has_window || has_mod) {
+    if (has_window || has_mod || kBias) {
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
       // Element (key kv_base + dk, query m0 + qcol + 2t + dq): col - row = key - query.
       auto each = [&](auto&& g) {
@@ -865,7 +883,7 @@ __global__ void __launch_bounds__(256)
       };
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
-      if (p.attn_bias != nullptr) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
+      if constexpr (kBias) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
         cp_async_wait<1>();          // the bias group (the prefetch may still fly)
         __syncthreads();
         const unsigned char* tile = reinterpret_cast<const unsigned char*>(sdS);
@@ -973,17 +991,27 @@ __global__ void __launch_bounds__(256)
               st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], mod, inv_cap);
             }
       };
-      if (p.attn_bias == nullptr)
-        pass(std::integral_constant<int, -1>{});
-      else
+      if constexpr (kBias) {
         bias_dispatch(bias_kind(p.attn_bias_dtype), pass);
+      } else {  // (the loop as written before attn_bias)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kMT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              const int ql = qcol + nt * 8 + 2 * t + (c & 1);
+              const int rel = rel0 + mt * 16 + (c >> 1) * 8 - nt * 8 - (c & 1);
+              st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
+            }
+      }
     }
 
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.
     {
       float dpt[2][kMT][4];
       gemm_keys_by_queries(dpt, v_a, operand(do_nk0, smem_u32(sdO), nk_off));
-      if (p.attn_bias != nullptr) __syncthreads();  // every warp is done with the bias tile in sdS
+      if constexpr (kBias) __syncthreads();  // every warp is done with the bias tile in sdS
       // Query tiles outermost, each D pair read once: with the sdS stores in
       // between, ptxas re-read it for every (mt, r) - it cannot tell the float
       // loads from the packed-half stores - so each load waited behind a store
@@ -1122,7 +1150,8 @@ __global__ void __launch_bounds__(256)
 
 // Deterministic dQ: one CTA per (64 query rows, batch, q head), warps own 16
 // rows each (like the forward); recomputes S and dP per key tile.
-template <typename T, int kD, bool kCausal, bool kDropout>
+// kBias: p.attn_bias is set (a template parameter for the reason at flash_bwd_dkdv2_kernel).
+template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false>
 __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     flash_bwd_dq_kernel(const BwdParams p, int num_m_blocks, bool vec) {
   using Cfg = BwdConfig<kD>;
@@ -1151,7 +1180,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const int64_t diag = span.diag;
   if (m0 >= sq) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
-  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr || p.attn_bias != nullptr;
+  const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 (span.q_start + m0) * p.q_row_stride;
@@ -1164,7 +1193,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                 (span.k_start + static_cast<int64_t>(n_begin) * kBN) * p.v_row_stride;
 
-  if (n_begin < n_end && p.attn_bias != nullptr)  // its bias tile joins the K/V group
+  if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
     issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
                                         b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
@@ -1217,7 +1246,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (p.attn_bias != nullptr && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
+    if (kBias && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
       issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes + (stage ^ 1) * Cfg::kDqBiasRawBytes,
                                           p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
                                           p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, h, m0,
@@ -1265,7 +1294,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       }
     }
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
-    if (has_window || has_mod) {  // features: scores modified / window bounds masked (-inf)
+    if (has_window || has_mod || kBias) {  // features: scores modified / window bounds masked (-inf)
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
       // Element (row row_base + dr, col n0 + 2t + dc). Only P * (1 - tanh^2) is
       // needed here (no dV): softcap's factor rides in the exponent.
@@ -1281,7 +1310,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t,
                        1.f / scale_log2);
-      if (p.attn_bias != nullptr) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
+      if constexpr (kBias) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
         const unsigned char* tile = smem_raw + Cfg::kDqSmemBytes + stage * Cfg::kDqBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
@@ -1387,8 +1416,11 @@ void launch_flash_bwd(const BwdParams& p) {
     using Cfg2 = BwdConfig2<kD>;
     const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
     const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
-    auto kernel = atomic_dq ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true>
-                            : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false>;
+    const bool bias = p.attn_bias != nullptr;
+    auto kernel = atomic_dq ? (bias ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true, true>
+                                    : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true, false>)
+                            : (bias ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false, true>
+                                    : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false, false>);
     if (grid > 0) {
       // attn_bias: its tile in sdS and past the end.
       const int smem = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
@@ -1408,9 +1440,15 @@ void launch_flash_bwd(const BwdParams& p) {
   };
   if (grid_kv > 0) {
     if constexpr (Cfg::kSplit) {
-      run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false>);
-      if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true>);
-      else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false>);
+      const bool bias = p.attn_bias != nullptr;
+      run_dkdv(bias ? flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false, true>
+                    : flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false, false>);
+      if (atomic_dq)
+        run_dkdv(bias ? flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true, true>
+                      : flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true, false>);
+      else
+        run_dkdv(bias ? flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false, true>
+                      : flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false, false>);
     } else if constexpr (!kV2) {
       if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, true>);
       else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, false>);
@@ -1425,7 +1463,8 @@ void launch_flash_bwd(const BwdParams& p) {
         p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset), vec);
     check_launch("bwd_convert_dq_kernel");
   } else {
-    auto kernel = flash_bwd_dq_kernel<T, kD, kCausal, kDropout>;
+    auto kernel = p.attn_bias != nullptr ? flash_bwd_dq_kernel<T, kD, kCausal, kDropout, true>
+                                         : flash_bwd_dq_kernel<T, kD, kCausal, kDropout, false>;
     const int smem = Cfg::kDqSmemBytes + (p.attn_bias != nullptr ? Cfg::kDqBiasBytes : 0);  // attn_bias tiles
     set_smem(kernel, smem);
     const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;

@@ -172,7 +172,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   const uint32_t k_lane = smem_u32(sK) + KV::nk_lane_offset(lane, 0);
   const uint32_t v_lane = smem_u32(sV) + KV::kn_lane_offset(lane, 0);
   if (kSwz && ((smem_u32(sK) | smem_u32(sV)) & 127)) __trap();  // TileOperand's XOR needs 128-byte aligned tiles
-  uint32_t qf[Cfg::kQInRegs ? kMW * kKSteps : 1][4];
+  // Q fragments in registers (kQInRegs), not with a bias: its kernels spilled
+  // 68-72 B at d64 (ptxas, sm_90) with them, none without.
+  constexpr bool kQRegs = Cfg::kQInRegs && !kBias;
+  uint32_t qf[kQRegs ? kMW * kKSteps : 1][4];
   const int row_base = m0 + wrow + g;  // rows row_base + 16 mt + 8 r
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if constexpr (Cfg::kQInRegs) {
+    if constexpr (kQRegs) {
       if (n == n_begin) {
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt)
@@ -232,7 +235,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       uint32_t a[kMW][4];
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt) {
-        if constexpr (Cfg::kQInRegs) {
+        if constexpr (kQRegs) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt * kKSteps + ks][i];
         } else {
