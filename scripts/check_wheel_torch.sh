@@ -84,8 +84,10 @@ for v in "${VERSIONS[@]}"; do
   env -u PYTHONPATH -u PYTHONHOME "$venv/bin/python" - "$venv" <<'EOF'
 import sys, torch, orchard
 assert orchard.__file__.startswith(sys.argv[1]), orchard.__file__  # the wheel's copy, not the tree's
+import orchard._ops as ops
 print(f"[torch {torch.__version__}] orchard {orchard.__version__} from {orchard.__file__}; "
-      f"build_info {orchard.build_info()}")
+      f"build_info {orchard.build_info()}; "
+      f"stable-ABI torch ops: {getattr(ops, 'STABLE_OPS_STATUS', 'not in this version')}")
 EOF
   log="$WORK/pytest-torch-$v.log"
   echo "[torch $v] pytest $TESTS (log: $log)"
