@@ -136,7 +136,7 @@ static int run_case(const Case& c, int id) {
   int splits = c.splits;
   if (splits == 0) {
     const long rows = (long)c.sq * groups;
-    splits = detail::decode_cuda_num_splits((long)c.b * c.hkv * ((rows + 15) / 16), cap, c.d, c.dt, 0);
+    splits = detail::decode_cuda_num_splits((long)c.b * c.hkv, rows, cap, c.d, c.dt, 0);
     splits = std::max(1, std::min(splits, (cap + 63) / 64));
   }
   p.num_splits = splits;

@@ -1268,7 +1268,7 @@ void launch_mma(const DecodeParams& p, cudaStream_t stream) {
 // the cache is read once for groups of 17-32 rows) at d <= 128.
 template <typename T, int kD>
 void launch_mma_rows(const DecodeParams& p, cudaStream_t stream) {
-  static_assert(kDecodeCudaRowsPerCta == 16, "the split heuristic counts CTAs of 16 rows");
+  static_assert(kDecodeCudaRowsPerCta == 16, "decode_cuda_num_splits counts CTAs of 16 / 32 rows");
   if constexpr (kD <= 128) {
     if ((p.hq / p.hkv) * p.sq > 16) return launch_mma<T, kD, 2>(p, stream);
   }
@@ -1386,7 +1386,11 @@ int decode_cuda_num_sms(int device) {
   return cache[device];
 }
 
-int decode_cuda_num_splits(std::int64_t work_items, std::int64_t max_keys, int d, DType dtype, int device) {
+int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t max_keys, int d, DType dtype,
+                           int device) {
+  // CTAs per (batch, kv head): row chunks of 16 (32 for the 16-bit kernel at d <= 128).
+  const int rows_per_cta = dtype != DType::kFloat32 && d <= 128 && rows > 16 ? 32 : kDecodeCudaRowsPerCta;
+  const std::int64_t work_items = heads * ((rows + rows_per_cta - 1) / rows_per_cta);
   // A CTA of the streaming kernel keeps 2 tiles per warp in flight (16 KB at d=128 bf16,
   // 4 warps: 64 KB), so about one CTA per SM already draws the HBM rate: split only when
   // there are fewer CTAs than SMs, then into as many splits as fill the resident CTA
