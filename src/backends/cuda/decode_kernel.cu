@@ -938,6 +938,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
     const T* v_lane = sV + (lane & 15) * kStride + (lane >> 4) * 8;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
+      if (mt > 0 && rows_here <= 16 * mt) continue;  // an empty m-tile (the last row chunk)
       // S = Q K^T for the tile's 16 keys: two n8 tiles.
       float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
