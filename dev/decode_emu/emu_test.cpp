@@ -136,7 +136,7 @@ static int run_case(const Case& c, int id) {
   int splits = c.splits;
   if (splits == 0) {
     const long rows = (long)c.sq * groups;
-    splits = detail::decode_cuda_num_splits((long)c.b * c.hkv * ((rows + 15) / 16), cap, c.d, c.dt, 0);
+    splits = detail::decode_cuda_num_splits((long)c.b * c.hkv, rows, cap, c.d, c.dt, 0);
     splits = std::max(1, std::min(splits, (cap + 63) / 64));
   }
   p.num_splits = splits;
@@ -198,6 +198,10 @@ int main(int argc, char** argv) {
   { Case c; c.b = 3; c.sq = 2; c.s_new = 2; c.batch_idx = true; c.causal = true; cases.push_back(c); }
   { Case c; c.sq = 5; c.hq = 8; c.hkv = 1; c.d = 128; c.causal = true; c.s_new = 5; cases.push_back(c); }  // 40 rows: 3 chunks
   { Case c; c.b = 1; c.hq = 4; c.hkv = 1; c.d = 64; c.cap = 2000; c.s_new = 1; c.splits = 100; c.causal = true; cases.push_back(c); }  // > 64 splits, empty ones
+  // 17-32 rows per kv head (the two-m-tile kernel at d <= 128)
+  { Case c; c.sq = 4; c.hq = 16; c.hkv = 2; c.d = 128; c.cap = 300; c.s_new = 2; c.rotary_dim = 32; c.causal = true; c.splits = 3; c.alibi = 1; c.softcap = 4.f; cases.push_back(c); }
+  { Case c; c.dt = DType::kFloat16; c.sq = 2; c.hq = 10; c.hkv = 1; c.d = 72; c.cap = 200; c.s_new = 1; c.wl = 30; c.wr = 0; c.page = 16; cases.push_back(c); }
+  { Case c; c.b = 3; c.sq = 3; c.hq = 16; c.hkv = 2; c.d = 64; c.cap = 250; c.s_new = 3; c.leftpad = true; c.causal = true; c.splits = 0; cases.push_back(c); }
   for (int i = 0; i < n_random; ++i) {
     Case c;
     const DType dts[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32};

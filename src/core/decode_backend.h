@@ -18,12 +18,13 @@ int decode_cpu_threads();
 void decode_cuda(const DecodeParams& p);
 // Multiprocessors of CUDA device `device` (0 when unknown / no CUDA).
 int decode_cuda_num_sms(int device);
-// The CUDA split-KV count for `work_items` CTAs (batch x kv heads x row chunks of
-// kDecodeCudaRowsPerCta) over at most `max_keys` keys of head dim d and dtype `dtype` on
-// device `device` (1 when unknown).
-int decode_cuda_num_splits(std::int64_t work_items, std::int64_t max_keys, int d, DType dtype, int device);
-// Query rows (of one kv head's group) a CUDA CTA processes together; more rows take
-// several CTAs (the split heuristic counts them as work items).
+// The CUDA split-KV count for `heads` (batch x kv heads) query groups of `rows` rows each
+// (query heads per kv head x query rows) over at most `max_keys` keys of head dim d and
+// dtype `dtype` on device `device` (1 when unknown). The kernel file knows how many rows
+// one CTA holds.
+int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t max_keys, int d, DType dtype,
+                           int device);
+// Query rows (of one kv head's group) of the fp32 CUDA kernel's CTAs.
 inline constexpr int kDecodeCudaRowsPerCta = 16;
 
 }  // namespace orchard::detail

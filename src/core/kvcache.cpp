@@ -23,7 +23,7 @@ void decode_cuda(const DecodeParams&) {
               "ORCHARD_CUDA=ON)");
 }
 int decode_cuda_num_sms(int) { return 0; }
-int decode_cuda_num_splits(std::int64_t, std::int64_t, int, DType, int) { return 1; }
+int decode_cuda_num_splits(std::int64_t, std::int64_t, std::int64_t, int, DType, int) { return 1; }
 #endif
 
 namespace {
@@ -291,8 +291,8 @@ DecodePlan plan_for(const DecodeArgs& a, const DecodeShape& s) {
   int splits = a.options.num_splits;
   if (splits == 0) {
     if (s.cuda) {
-      const std::int64_t work = s.b * s.hkv * ceil_div(rows, kDecodeCudaRowsPerCta);
-      splits = decode_cuda_num_splits(work, s.capacity, static_cast<int>(s.d), a.q.dtype, a.q.device.index);
+      splits = decode_cuda_num_splits(s.b * s.hkv, rows, s.capacity, static_cast<int>(s.d), a.q.dtype,
+                                      a.q.device.index);
     } else {
       splits = kvcache_num_splits_heuristic(s.b * s.hkv, s.capacity, decode_cpu_threads());
     }

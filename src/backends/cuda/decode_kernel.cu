@@ -10,7 +10,8 @@
 // 2. Attention, one CTA per (split, kv head x row chunk, batch); the CTA holds up to
 //    16 query rows of one kv head's group (GQA: every query head sharing the kv head,
 //    times the new query rows), so each cache row is read from HBM once per CTA.
-//    2b. bf16 / fp16 caches, decode_mma_kernel<T, kD> (kD 64 / 128 / 256): decode is
+//    2b. bf16 / fp16 caches, decode_mma_kernel<T, kD, kMT> (kD 64 / 128 / 256; 16 rows,
+//    or 32 rows (kMT = 2) at d <= 128 for groups of 17-32 rows): decode is
 //    a stream of K / V bytes, so the kernel is built for memory-level parallelism.
 //    Each of the 4 warps streams its own 16-key tiles (tiles w, w+4, ... of the
 //    CTA's split) through a private cp.async ring (3 stages at d <= 128, 2 at 256:
@@ -188,6 +189,17 @@ __device__ __forceinline__ void split_range32(int n_keys, int split, int num_spl
   per = (per + granule - 1) / granule * granule;
   begin = min(per * split, n_keys);
   end = min(begin + per, n_keys);
+}
+
+// %ctaid.y read again (asm volatile: not merged with an earlier read).
+__device__ __forceinline__ unsigned ctaid_y() {
+#if defined(__CUDA_ARCH__)
+  unsigned r;
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(r));
+  return r;
+#else
+  return blockIdx.y;
+#endif
 }
 
 // ---- 1. append ------------------------------------------------------------------------
@@ -626,14 +638,14 @@ __device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
   }
 }
 
-// Geometry of decode_mma_kernel<T, kD>. Each of the kWarps warps streams its own tiles of
+// Geometry of decode_mma_kernel<T, kD, kMT>. Each of the kWarps warps streams its own tiles of
 // kTile keys (tiles w, w + kWarps, ... of the CTA's split) through its own kStages-deep
 // cp.async ring of K and V tiles: no CTA barrier in the main loop.
-template <typename T, int kD>
+template <typename T, int kD, int kMT>
 struct MmaCfg {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16;                  // query rows per CTA (one m16 tile)
+  static constexpr int kRows = 16 * kMT;            // query rows per CTA (kMT m16 tiles)
   static constexpr int kTile = 16;                  // keys per warp tile
   static constexpr int kStride = kD + 8;            // padded smem row (elements): conflict-free ldmatrix
   static constexpr int kStages = kD <= 128 ? 3 : 2; // per-warp ring depth
@@ -645,9 +657,9 @@ struct MmaCfg {
   static constexpr std::size_t bytes = q_bytes + (kv_bytes > merge_bytes ? kv_bytes : merge_bytes);
 };
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(const DecodeParams p) {
-  using C = MmaCfg<T, kD>;
+template <typename T, int kD, int kMT>
+__global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_kernel(const DecodeParams p) {
+  using C = MmaCfg<T, kD, kMT>;
   constexpr int kWarps = C::kWarps, kRows = C::kRows, kTile = C::kTile, kStride = C::kStride;
   constexpr int kStages = C::kStages;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -764,7 +776,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     // Each copy instruction of the warp moves kKeysPerCopy whole rows (contiguous 16-byte
     // chunks across lanes: few L1 wavefronts per instruction); the row addresses come from
     // the lanes that resolved them.
-    constexpr int kCopyUnroll = kCopies > 8 ? 4 : kCopies;  // d=256: keeps the registers below 255
+    constexpr int kCopyUnroll = (kCopies > 8 || kMT > 1) ? 4 : kCopies;  // keeps d=256 / 32 rows below 255 registers
 #pragma unroll kCopyUnroll
     for (int m = 0; m < kCopies; ++m) {
       const int key = copy_key0 + m * kKeysPerCopy;
@@ -850,42 +862,23 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     }
     sVb[g] = vb, sVe[g] = ve, sRowI[g] = i, sHead[g] = h, sSlope[g] = slope;
   }
-  // The append: one CTA per (batch, kv head) writes the new rows to cache rows no CTA of
-  // this launch reads (they read them from k_new / v_new).
-  if (p.append_in_kernel && split == 0 && blockIdx.y % chunks_per_head == 0) {
-    for (int idx = tid; idx < p.s_new * d; idx += C::kThreads) {
-      const int t = idx / d, c = idx % d;
-      const std::int64_t row = s.seqlen + t;
-      const T* kn = knew + t * p.kn_row_stride;
-      T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
-              hk * p.kc_head_stride;
-      T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
-              hk * p.vc_head_stride;
-      kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
-                               : kn[c];
-      vc[c] = vnew[t * p.vn_row_stride + c];
-    }
-  }
-
   __syncthreads();
 
-  // Per-lane softmax rows (mma C layout): rows r_lo = lane / 4 and r_hi = r_lo + 8.
+  // Per-lane softmax rows (mma C layout): rows rq + 8 * r2 for r2 < kH (two per m16 tile).
+  constexpr int kH = 2 * kMT;
   const int rq = lane >> 2;
-  int vb2[2], ve2[2], ri2[2];
-  float sl2[2];
+  int vb2[kH], ve2[kH];  // (ALiBi's row index and slope are read from shared memory when used)
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int g = rq + 8 * h2;
-    vb2[h2] = sVb[g];
-    ve2[h2] = min(sVe[g], ke);  // keys past the split's end are the next split's
-    ri2[h2] = sRowI[g];
-    sl2[h2] = sSlope[g];
+  for (int r2 = 0; r2 < kH; ++r2) {
+    const int g = rq + 8 * r2;
+    vb2[r2] = sVb[g];
+    ve2[r2] = min(sVe[g], ke);  // keys past the split's end are the next split's
   }
   const float scale = p.scale, softcap = p.softcap, inv_softcap = softcap > 0.f ? __fdividef(1.f, softcap) : 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
 
-  // Q fragments in registers (d <= 128), else re-read per k-step with ldmatrix.
-  constexpr bool kQRegs = kD <= 128;
+  // Q fragments in registers (one m-tile, d <= 128), else re-read per k-step with ldmatrix.
+  constexpr bool kQRegs = kMT == 1 && kD <= 128;
   constexpr int kKSteps = kD / 16;
   std::uint32_t qf[kQRegs ? kKSteps : 1][4];
   const T* q_lane = sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
@@ -895,11 +888,14 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
       if (ks * 16 < d16) ldsm_x4(qf[ks], q_lane + ks * 16);
   }
 
-  float acc[kD / 8][4];
+  float acc[kMT][kD / 8][4];
 #pragma unroll
-  for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  float m2[2] = {-INFINITY, -INFINITY};  // running max, log2 units
-  float l2[2] = {0.f, 0.f};              // this lane's part of the running sum
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < kD / 8; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+  float m2[kH], l2[kH];  // running max (log2 units) and this lane's part of the running sum
+#pragma unroll
+  for (int r2 = 0; r2 < kH; ++r2) m2[r2] = -INFINITY, l2[r2] = 0.f;
 
   for (int it = 0; it < n_my; ++it) {
     __syncwarp();  // every lane is done with the stage tile it + kStages - 1 overwrites
@@ -936,84 +932,92 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
       __syncwarp();
     }
 
-    // S = Q K^T for the tile's 16 keys: two n8 tiles.
-    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    // One m16 tile of rows at a time (the second, if any, re-reads K / V from shared
+    // memory: fewer live registers than both at once).
     const T* k_lane = sK + ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      if (ks * 16 < d16) {
-        std::uint32_t kf[4];
-        ldsm_x4(kf, k_lane + ks * 16);
-        if constexpr (kQRegs) {
-          mma16816<T>(sc[0], qf[ks], kf[0], kf[1]);
-          mma16816<T>(sc[1], qf[ks], kf[2], kf[3]);
-        } else {
-          std::uint32_t qa[4];
-          ldsm_x4(qa, q_lane + ks * 16);
-          mma16816<T>(sc[0], qa, kf[0], kf[1]);
-          mma16816<T>(sc[1], qa, kf[2], kf[3]);
-        }
-      }
-    }
-
-    // Online softmax (fp32, log2 units). sc[n][e]: row rq + 8 * (e / 2), key t0 + 8n + 2(lane % 4) + e % 2.
-    float mt[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h2 = e >> 1;
-        const int j = t0 + 8 * n + 2 * (lane & 3) + (e & 1);
-        float v = sc[n][e] * scale;
-        if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
-        if (has_alibi) {
-          const int dist = ri2[h2] + diag - j;
-          v -= sl2[h2] * static_cast<float>(dist < 0 ? -dist : dist);
-        }
-        v = (j >= vb2[h2] && j < ve2[h2]) ? v * kLog2e : -INFINITY;
-        sc[n][e] = v;
-        mt[h2] = fmaxf(mt[h2], v);
-      }
-    float alpha[2];
-#pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      mt[h2] = fmaxf(mt[h2], __shfl_xor_sync(0xffffffffu, mt[h2], 1));
-      mt[h2] = fmaxf(mt[h2], __shfl_xor_sync(0xffffffffu, mt[h2], 2));
-      const float m_new = fmaxf(m2[h2], mt[h2]);
-      alpha[h2] = m_new == -INFINITY ? 1.f : fast_exp2(m2[h2] - m_new);
-      m2[h2] = m_new;
-      l2[h2] *= alpha[h2];
-    }
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h2 = e >> 1;
-        const float pv = sc[n][e] == -INFINITY ? 0.f : fast_exp2(sc[n][e] - m2[h2]);
-        sc[n][e] = pv;
-        l2[h2] += pv;
-      }
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // the max moved for some row
-#pragma unroll
-      for (int n = 0; n < kD / 8; ++n) {
-        acc[n][0] *= alpha[0], acc[n][1] *= alpha[0];
-        acc[n][2] *= alpha[1], acc[n][3] *= alpha[1];
-      }
-    }
-    // O += P V: P (16 rows x 16 keys) from the score registers as the A operand.
-    std::uint32_t pa[4];
-    pa[0] = pack2<T>(sc[0][0], sc[0][1]);
-    pa[1] = pack2<T>(sc[0][2], sc[0][3]);
-    pa[2] = pack2<T>(sc[1][0], sc[1][1]);
-    pa[3] = pack2<T>(sc[1][2], sc[1][3]);
     const T* v_lane = sV + (lane & 15) * kStride + (lane >> 4) * 8;
 #pragma unroll
-    for (int nn = 0; nn < kD / 16; ++nn) {
-      if (nn * 16 < d16) {
-        std::uint32_t vf[4];
-        ldsm_x4_trans(vf, v_lane + nn * 16);
-        mma16816<T>(acc[2 * nn], pa, vf[0], vf[1]);
-        mma16816<T>(acc[2 * nn + 1], pa, vf[2], vf[3]);
+    for (int mt = 0; mt < kMT; ++mt) {
+      if (mt > 0 && rows_here <= 16 * mt) continue;  // an empty m-tile (the last row chunk)
+      // S = Q K^T for the tile's 16 keys: two n8 tiles.
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        if (ks * 16 < d16) {
+          std::uint32_t kf[4];
+          ldsm_x4(kf, k_lane + ks * 16);
+          if constexpr (kQRegs) {
+            mma16816<T>(sc[0], qf[ks], kf[0], kf[1]);
+            mma16816<T>(sc[1], qf[ks], kf[2], kf[3]);
+          } else {
+            std::uint32_t qa[4];
+            ldsm_x4(qa, q_lane + mt * 16 * kStride + ks * 16);
+            mma16816<T>(sc[0], qa, kf[0], kf[1]);
+            mma16816<T>(sc[1], qa, kf[2], kf[3]);
+          }
+        }
+      }
+
+      // Online softmax (fp32, log2 units). sc[n][e]: row rq + 8 * (2 mt + e / 2),
+      // key t0 + 8n + 2(lane % 4) + e % 2.
+      float mxt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r2 = 2 * mt + (e >> 1);
+          const int j = t0 + 8 * n + 2 * (lane & 3) + (e & 1);
+          float v = sc[n][e] * scale;
+          if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
+          if (has_alibi) {
+            const int dist = sRowI[rq + 8 * r2] + diag - j;
+            v -= sSlope[rq + 8 * r2] * static_cast<float>(dist < 0 ? -dist : dist);
+          }
+          v = (j >= vb2[r2] && j < ve2[r2]) ? v * kLog2e : -INFINITY;
+          sc[n][e] = v;
+          mxt[e >> 1] = fmaxf(mxt[e >> 1], v);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int r2 = 2 * mt + h2;
+        mxt[h2] = fmaxf(mxt[h2], __shfl_xor_sync(0xffffffffu, mxt[h2], 1));
+        mxt[h2] = fmaxf(mxt[h2], __shfl_xor_sync(0xffffffffu, mxt[h2], 2));
+        const float m_new = fmaxf(m2[r2], mxt[h2]);
+        alpha[h2] = m_new == -INFINITY ? 1.f : fast_exp2(m2[r2] - m_new);
+        m2[r2] = m_new;
+        l2[r2] *= alpha[h2];
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r2 = 2 * mt + (e >> 1);
+          const float pv = sc[n][e] == -INFINITY ? 0.f : fast_exp2(sc[n][e] - m2[r2]);
+          sc[n][e] = pv;
+          l2[r2] += pv;
+        }
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // the max moved for some row
+#pragma unroll
+        for (int n = 0; n < kD / 8; ++n) {
+          acc[mt][n][0] *= alpha[0], acc[mt][n][1] *= alpha[0];
+          acc[mt][n][2] *= alpha[1], acc[mt][n][3] *= alpha[1];
+        }
+      }
+      // O += P V: P (16 rows x 16 keys) from the score registers as the A operand.
+      std::uint32_t pa[4];
+      pa[0] = pack2<T>(sc[0][0], sc[0][1]);
+      pa[1] = pack2<T>(sc[0][2], sc[0][3]);
+      pa[2] = pack2<T>(sc[1][0], sc[1][1]);
+      pa[3] = pack2<T>(sc[1][2], sc[1][3]);
+#pragma unroll
+      for (int nn = 0; nn < kD / 16; ++nn) {
+        if (nn * 16 < d16) {
+          std::uint32_t vf[4];
+          ldsm_x4_trans(vf, v_lane + nn * 16);
+          mma16816<T>(acc[mt][2 * nn], pa, vf[0], vf[1]);
+          mma16816<T>(acc[mt][2 * nn + 1], pa, vf[2], vf[3]);
+        }
       }
     }
   }
@@ -1021,33 +1025,38 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
 
   // ---- merge the warps' partial softmax states through shared memory -----------------
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    l2[h2] += __shfl_xor_sync(0xffffffffu, l2[h2], 1);
-    l2[h2] += __shfl_xor_sync(0xffffffffu, l2[h2], 2);
+  for (int r2 = 0; r2 < kH; ++r2) {
+    l2[r2] += __shfl_xor_sync(0xffffffffu, l2[r2], 1);
+    l2[r2] += __shfl_xor_sync(0xffffffffu, l2[r2], 2);
   }
   if ((lane & 3) == 0) {
-    sM[warp][rq] = m2[0], sM[warp][rq + 8] = m2[1];
-    sL[warp][rq] = l2[0], sL[warp][rq + 8] = l2[1];
+#pragma unroll
+    for (int r2 = 0; r2 < kH; ++r2) sM[warp][rq + 8 * r2] = m2[r2], sL[warp][rq + 8 * r2] = l2[r2];
   }
   __syncthreads();  // every warp is done with its ring (sO aliases it) and wrote (m, l)
-  float f[2];
+  float f[kH];
 #pragma unroll
-  for (int h2 = 0; h2 < 2; ++h2) {
-    const int g = rq + 8 * h2;
+  for (int r2 = 0; r2 < kH; ++r2) {
+    const int g = rq + 8 * r2;
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sM[w][g]);
-    f[h2] = m2[h2] == -INFINITY ? 0.f : fast_exp2(m2[h2] - mx);
+    f[r2] = m2[r2] == -INFINITY ? 0.f : fast_exp2(m2[r2] - mx);
   }
   float* o_w = sO + static_cast<std::size_t>(warp) * kRows * C::kOStride;
 #pragma unroll
-  for (int n = 0; n < kD / 8; ++n) {
-    if (n * 8 < d) {
-      const int c = n * 8 + 2 * (lane & 3);
-      *reinterpret_cast<float2*>(o_w + rq * C::kOStride + c) = make_float2(acc[n][0] * f[0], acc[n][1] * f[0]);
-      *reinterpret_cast<float2*>(o_w + (rq + 8) * C::kOStride + c) = make_float2(acc[n][2] * f[1], acc[n][3] * f[1]);
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < kD / 8; ++n) {
+      if (n * 8 < d) {
+        const int c = n * 8 + 2 * (lane & 3);
+        const float f0 = f[2 * mt], f1 = f[2 * mt + 1];
+        *reinterpret_cast<float2*>(o_w + (rq + 16 * mt) * C::kOStride + c) =
+            make_float2(acc[mt][n][0] * f0, acc[mt][n][1] * f0);
+        *reinterpret_cast<float2*>(o_w + (rq + 16 * mt + 8) * C::kOStride + c) =
+            make_float2(acc[mt][n][2] * f1, acc[mt][n][3] * f1);
+      }
     }
-  }
   if (tid < kRows) {
     float mx = -INFINITY;
 #pragma unroll
@@ -1089,6 +1098,23 @@ __global__ void __launch_bounds__(MmaCfg<T, kD>::kThreads, 2) decode_mma_kernel(
     } else {
       const std::size_t ridx = ((static_cast<std::size_t>(split) * p.b + bi) * p.hq + h) * p.sq + i;
       *reinterpret_cast<float4*>(p.out_accum + ridx * d + c) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+    }
+  }
+  // The append, last: one CTA per (batch, kv head) writes the new rows to cache rows no
+  // CTA of this launch reads (they read them from k_new / v_new). (ctaid re-read: keeps
+  // the row-chunk index from living, spilled, through the kernel.)
+  if (p.append_in_kernel && split == 0 && ctaid_y() % chunks_per_head == 0) {
+    for (int idx = tid; idx < p.s_new * d; idx += C::kThreads) {
+      const int t = idx / d, c = idx % d;
+      const std::int64_t row = s.seqlen + t;
+      const T* kn = knew + t * p.kn_row_stride;
+      T* kc = static_cast<T*>(p.k_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.kc_batch_stride, p.kc_row_stride) +
+              hk * p.kc_head_stride;
+      T* vc = static_cast<T*>(p.v_cache) + cache_row_offset32(p, bi, static_cast<int>(row), p.vc_batch_stride, p.vc_row_stride) +
+              hk * p.vc_head_stride;
+      kc[c] = p.rotary_dim > 0 ? Conv<T>::store(rotary_elem(p, row, c, [&](int k) { return Conv<T>::load(kn[k]); }))
+                               : kn[c];
+      vc[c] = vnew[t * p.vn_row_stride + c];
     }
   }
 }
@@ -1226,11 +1252,10 @@ void launch_rows(const DecodeParams& p, cudaStream_t stream) {
     launch_decode<T, kD, kDecodeCudaRowsPerCta, kThreads>(p, stream);
 }
 
-template <typename T, int kD>
+template <typename T, int kD, int kMT>
 void launch_mma(const DecodeParams& p, cudaStream_t stream) {
-  using C = MmaCfg<T, kD>;
-  static_assert(C::kRows == kDecodeCudaRowsPerCta, "the split heuristic counts CTAs of kDecodeCudaRowsPerCta rows");
-  auto kernel = decode_mma_kernel<T, kD>;
+  using C = MmaCfg<T, kD, kMT>;
+  auto kernel = decode_mma_kernel<T, kD, kMT>;
   static std::atomic<bool> opted_in[64] = {};
   opt_in_smem(kernel, C::bytes, opted_in, /*max_carveout=*/true);
   const int rows_total = (p.hq / p.hkv) * p.sq;
@@ -1238,6 +1263,17 @@ void launch_mma(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.hkv * chunks, p.b);
   kernel<<<grid, C::kThreads, C::bytes, stream>>>(p);
   check_cuda(cudaGetLastError(), "decode kernel launch");
+}
+
+// 16 query rows per CTA (one m16 tile), or 32 (two m16 tiles sharing each K / V tile:
+// the cache is read once for groups of 17-32 rows) at d <= 128.
+template <typename T, int kD>
+void launch_mma_rows(const DecodeParams& p, cudaStream_t stream) {
+  static_assert(kDecodeCudaRowsPerCta == 16, "decode_cuda_num_splits counts CTAs of 16 / 32 rows");
+  if constexpr (kD <= 128) {
+    if ((p.hq / p.hkv) * p.sq > 16) return launch_mma<T, kD, 2>(p, stream);
+  }
+  launch_mma<T, kD, 1>(p, stream);
 }
 
 // True if k_new / v_new can be read with the 16-byte copies the attention kernel uses.
@@ -1315,11 +1351,11 @@ void run(const DecodeParams& params) {
       launch_rows<T, 256>(p, stream);
   } else {
     if (p.d <= 64)
-      launch_mma<T, 64>(p, stream);
+      launch_mma_rows<T, 64>(p, stream);
     else if (p.d <= 128)
-      launch_mma<T, 128>(p, stream);
+      launch_mma_rows<T, 128>(p, stream);
     else
-      launch_mma<T, 256>(p, stream);
+      launch_mma_rows<T, 256>(p, stream);
   }
   if (p.num_splits > 1) launch_combine<T>(p, stream);
 }
@@ -1351,7 +1387,11 @@ int decode_cuda_num_sms(int device) {
   return cache[device];
 }
 
-int decode_cuda_num_splits(std::int64_t work_items, std::int64_t max_keys, int d, DType dtype, int device) {
+int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t max_keys, int d, DType dtype,
+                           int device) {
+  // CTAs per (batch, kv head): row chunks of 16 (32 for the 16-bit kernel at d <= 128).
+  const int rows_per_cta = dtype != DType::kFloat32 && d <= 128 && rows > 16 ? 32 : kDecodeCudaRowsPerCta;
+  const std::int64_t work_items = heads * ((rows + rows_per_cta - 1) / rows_per_cta);
   // A CTA of the streaming kernel keeps 2 tiles per warp in flight (16 KB at d=128 bf16,
   // 4 warps: 64 KB), so about one CTA per SM already draws the HBM rate: split only when
   // there are fewer CTAs than SMs, then into as many splits as fill the resident CTA
