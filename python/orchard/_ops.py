@@ -20,6 +20,12 @@ reads in place. Outputs are allocated here by torch (its caching allocator, on
 the inputs' device) and filled by the C++ core on the current CUDA stream;
 nothing crosses the boundary but DLPack views and a stream handle.
 
+When orchard/_C_torch.so loads (built with torch >= 2.10; see the section on
+the stable-ABI ops below), the CPU/CUDA kernels of these ops and the drop-ins'
+eager calls run internal C++ ops registered through torch's stable ABI instead
+of exporting DLPack capsules from Python; ORCHARD_DISABLE_STABLE_OPS=1 turns
+that off.
+
 Environment variables read by the C++ core:
 
 * ``ORCHARD_DEBUG_FLASH_ATN=1`` appends one line per kernel call (shapes,
