@@ -445,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
                                             double softcap, const OptTensor& alibi_slopes, const OptTensor& sink,
                                             const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
                                             const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, bool bhsd) {
+                                            int64_t max_seqlen_k, bool bhsd, bool no_mask_tensor = false) {
   return tagged([&] {
     Facts fq = facts(q), fk = facts(k), fv = facts(v);
     const bool varlen = cu_seqlens_q.has_value();
@@ -475,8 +475,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
       sk = max_seqlen_k;
       lse = empty_contiguous({hq, fq.sizes[0]}, lse_dtype, fq);
     }
-    Tensor mask = return_mask ? empty_contiguous({b, hq, sq, sk}, codes().u8, fq)
-                              : empty_contiguous({0}, codes().u8, fq);
+    // no_mask_tensor (the short-schema op): no mask asked for -> None, not an empty tensor
+    Tensor mask = return_mask       ? empty_contiguous({b, hq, sq, sk}, codes().u8, fq)
+                  : no_mask_tensor ? Tensor()
+                                   : empty_contiguous({0}, codes().u8, fq);
     const bool write_mask = return_mask && dropout_p > 0.0;
     if (return_mask && !write_mask) torch::stable::fill_(mask, 1.0);  // no dropout: everything is kept
 
@@ -623,13 +625,17 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
 
 // The drop-ins' common call (no feature arguments, seed/offset 0): a short schema, so
 // the Python call converts 11 arguments instead of 23; bhsd serves the SDPA drop-in's
-// (B, H, S, D) tensors without transposed views (and without their autograd nodes).
-std::tuple<Tensor, Tensor, Tensor> flash_fwd_plain(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
-                                                   bool causal_top_left, double dropout_p, bool return_mask,
-                                                   std::string op_name, OptTensor rng_state, bool bhsd) {
+// (B, H, S, D) tensors without transposed views (and without their autograd nodes);
+// the mask output is None unless return_mask (no empty tensor to allocate and wrap).
+std::tuple<Tensor, Tensor, OptTensor> flash_fwd_plain(Tensor q, Tensor k, Tensor v, double softmax_scale,
+                                                      bool causal, bool causal_top_left, double dropout_p,
+                                                      bool return_mask, std::string op_name, OptTensor rng_state,
+                                                      bool bhsd) {
   static const OptTensor none;
-  return fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask, std::move(op_name),
-                  rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0, bhsd);
+  auto [out, lse, mask] = fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask,
+                                   std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0,
+                                   bhsd, /*no_mask_tensor=*/true);
+  return std::make_tuple(out, lse, return_mask ? OptTensor(mask) : std::nullopt);
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
@@ -677,7 +683,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
   m.def(
       "_flash_fwd_plain(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool causal_top_left, "
       "float dropout_p, bool return_mask, str op_name, Tensor? rng_state, bool bhsd=False) -> (Tensor, Tensor, "
-      "Tensor)");
+      "Tensor?)");
   m.def(
       "_flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
       "bool causal, bool causal_top_left, float dropout_p, bool deterministic, str op_name, Tensor? rng_state, "

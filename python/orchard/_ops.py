@@ -642,12 +642,10 @@ def _stable_error(e: RuntimeError) -> BaseException:
 def _forward_plain_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
                        op_name, rng_state, bhsd=False):
     if bhsd:
-        out, lse, mask = _forward_fake(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-                                       return_mask, False, op_name, rng_state)
-        return out.transpose(1, 2), lse, mask
-    return _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-                         return_mask, False, op_name, rng_state)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out, lse, mask = _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0,
+                                   0, return_mask, False, op_name, rng_state)
+    return (out.transpose(1, 2) if bhsd else out), lse, (mask if return_mask else None)
 
 
 def _backward_plain_fake(dout, q, k, v, out, lse, *rest):
