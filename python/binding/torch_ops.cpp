@@ -1,4 +1,4 @@
-// orchard/_C_torch*.so: Orchard's forward and backward as C++ PyTorch operators
+// orchard/_C_torch.so: Orchard's forward and backward as C++ PyTorch operators
 // registered through torch's *stable* C ABI (torch/csrc/stable, the aoti_torch_* shims).
 //
 // Why: from Python, one call of the torch.library ops costs the custom-op dispatch into
@@ -6,7 +6,8 @@
 // several times torch's own SDPA at small shapes (bench/NOTES.md, "Per-call overhead").
 // These ops take torch tensors straight from the dispatcher, allocate the outputs with
 // torch's allocator (the caching allocator on CUDA, so CUDA-graph capture still works)
-// and call the same C++ core (include/orchard/attention.h) on the current CUDA stream.
+// and call the same C++ core (include/orchard/attention.h) on the current CUDA stream —
+// the copy orchard._C holds, through the function table it hands over (core_api.h).
 //
 // The library links no libtorch: the shims are C functions resolved at load time from
 // the libtorch the process has already imported, and the stable ABI keeps this one
