@@ -1,4 +1,4 @@
-// orchard/_C_torch*.so: Orchard's forward and backward as C++ PyTorch operators
+// orchard/_C_torch.so: Orchard's forward and backward as C++ PyTorch operators
 // registered through torch's *stable* C ABI (torch/csrc/stable, the aoti_torch_* shims).
 //
 // Why: from Python, one call of the torch.library ops costs the custom-op dispatch into
@@ -6,7 +6,8 @@
 // several times torch's own SDPA at small shapes (bench/NOTES.md, "Per-call overhead").
 // These ops take torch tensors straight from the dispatcher, allocate the outputs with
 // torch's allocator (the caching allocator on CUDA, so CUDA-graph capture still works)
-// and call the same C++ core (include/orchard/attention.h) on the current CUDA stream.
+// and call the same C++ core (include/orchard/attention.h) on the current CUDA stream —
+// the copy orchard._C holds, through the function table it hands over (core_api.h).
 //
 // The library links no libtorch: the shims are C functions resolved at load time from
 // the libtorch the process has already imported, and the stable ABI keeps this one
@@ -456,7 +457,8 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
                                             double softcap, const OptTensor& alibi_slopes, const OptTensor& sink,
                                             const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
                                             const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd) {
+                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd,
+                                            bool no_mask_tensor = false) {
   return tagged([&] {
     Facts fq = facts(q), fk = facts(k), fv = facts(v);
     const bool varlen = cu_seqlens_q.has_value();
@@ -486,8 +488,10 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
       sk = max_seqlen_k;
       lse = empty_contiguous({hq, fq.sizes[0]}, lse_dtype, fq);
     }
-    Tensor mask = return_mask ? empty_contiguous({b, hq, sq, sk}, codes().u8, fq)
-                              : empty_contiguous({0}, codes().u8, fq);
+    // no_mask_tensor (the short-schema op): no mask asked for -> None, not an empty tensor
+    Tensor mask = return_mask       ? empty_contiguous({b, hq, sq, sk}, codes().u8, fq)
+                  : no_mask_tensor ? Tensor()
+                                   : empty_contiguous({0}, codes().u8, fq);
     const bool write_mask = return_mask && dropout_p > 0.0;
     if (return_mask && !write_mask) torch::stable::fill_(mask, 1.0);  // no dropout: everything is kept
 
@@ -645,13 +649,17 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
 
 // The drop-ins' common call (no feature arguments, seed/offset 0): a short schema, so
 // the Python call converts 11 arguments instead of 23; bhsd serves the SDPA drop-in's
-// (B, H, S, D) tensors without transposed views (and without their autograd nodes).
-std::tuple<Tensor, Tensor, Tensor> flash_fwd_plain(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
-                                                   bool causal_top_left, double dropout_p, bool return_mask,
-                                                   std::string op_name, OptTensor rng_state, bool bhsd) {
+// (B, H, S, D) tensors without transposed views (and without their autograd nodes);
+// the mask output is None unless return_mask (no empty tensor to allocate and wrap).
+std::tuple<Tensor, Tensor, OptTensor> flash_fwd_plain(Tensor q, Tensor k, Tensor v, double softmax_scale,
+                                                      bool causal, bool causal_top_left, double dropout_p,
+                                                      bool return_mask, std::string op_name, OptTensor rng_state,
+                                                      bool bhsd) {
   static const OptTensor none;
-  return fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask, std::move(op_name),
-                  rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0, DropCoords{}, bhsd);
+  auto [out, lse, mask] = fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask,
+                                   std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0,
+                                   DropCoords{}, bhsd, /*no_mask_tensor=*/true);
+  return std::make_tuple(out, lse, return_mask ? OptTensor(mask) : std::nullopt);
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
@@ -702,7 +710,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
   m.def(
       "_flash_fwd_plain(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool causal_top_left, "
       "float dropout_p, bool return_mask, str op_name, Tensor? rng_state, bool bhsd=False) -> (Tensor, Tensor, "
-      "Tensor)");
+      "Tensor?)");
   m.def(
       "_flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
       "bool causal, bool causal_top_left, float dropout_p, bool deterministic, str op_name, Tensor? rng_state, "

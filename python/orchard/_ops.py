@@ -20,6 +20,12 @@ reads in place. Outputs are allocated here by torch (its caching allocator, on
 the inputs' device) and filled by the C++ core on the current CUDA stream;
 nothing crosses the boundary but DLPack views and a stream handle.
 
+When orchard/_C_torch.so loads (built with torch >= 2.10; see the section on
+the stable-ABI ops below), the CPU/CUDA kernels of these ops and the drop-ins'
+eager calls run internal C++ ops registered through torch's stable ABI instead
+of exporting DLPack capsules from Python; ORCHARD_DISABLE_STABLE_OPS=1 turns
+that off.
+
 Environment variables read by the C++ core:
 
 * ``ORCHARD_DEBUG_FLASH_ATN=1`` appends one line per kernel call (shapes,
@@ -655,12 +661,10 @@ def _stable_error(e: RuntimeError) -> BaseException:
 def _forward_plain_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
                        op_name, rng_state, bhsd=False):
     if bhsd:
-        out, lse, mask = _forward_fake(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-                                       return_mask, False, op_name, rng_state)
-        return out.transpose(1, 2), lse, mask
-    return _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0,
-                         return_mask, False, op_name, rng_state)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out, lse, mask = _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0,
+                                   0, return_mask, False, op_name, rng_state)
+    return (out.transpose(1, 2) if bhsd else out), lse, (mask if return_mask else None)
 
 
 def _backward_plain_fake(dout, q, k, v, out, lse, *rest):
