@@ -73,10 +73,10 @@ struct FwdConfig {
   static constexpr int kBiasBytes = 2 * kBiasRawBytes;
 };
 
-// kBias: p.attn_bias is set. A template parameter here (the backward takes it as a
-// run-time branch): with run-time bias branches ptxas spilled the plain forward in
-// the merged tree (causal d128: 32 B st / 52 B ld; sm_90), and moving the bias
-// code only moved the spill to another variant (7 placements tried).
+// kBias: p.attn_bias is set. A template parameter (in the backward kernels too):
+// with run-time bias branches ptxas spilled the plain forward in the merged tree
+// (causal d128: 32 B st / 52 B ld; sm_90), and moving the bias code only moved the
+// spill to another variant (7 placements tried). kBias = false: the pre-bias code.
 template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false>
 __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec) {
