@@ -168,7 +168,26 @@ def gpu():
         pytest.skip(f"jax has no GPU backend (install jax[cuda13] or jax[cuda12]): {why}")
     if not ojax.cuda_compiled():
         pytest.skip("this orchard build has no CUDA backend (ORCHARD_CUDA=OFF)")
+    if not ojax.CUDA_HANDLERS_ENABLED:
+        pytest.skip("the JAX CUDA handlers are disabled (orchard.jax.CUDA_HANDLERS_ENABLED: they "
+                    "failed their first H200 run); test_cuda_arrays_are_refused covers the refusal")
     return devs[0]
+
+
+@pytest.mark.cuda
+def test_cuda_arrays_are_refused():
+    """While the CUDA handlers are disabled, GPU arrays get a clear error, never a crash."""
+    try:
+        devs = jax.devices("gpu")
+    except RuntimeError:
+        devs = []
+    if not devs:
+        pytest.skip("jax has no GPU backend")
+    if ojax.CUDA_HANDLERS_ENABLED:
+        pytest.skip("the CUDA handlers are enabled: the other test_cuda_* tests cover them")
+    q = jax.device_put(jnp.zeros((1, 8, 2, 16), jnp.float32), devs[0])
+    with pytest.raises(NotImplementedError, match="orchard.jax.flash_attention: arrays on"):
+        ojax.flash_attention(q, q, q)
 
 
 def _np_qkv(b=2, sq=128, sk=160, h=8, hkv=2, d=64, seed=0):
