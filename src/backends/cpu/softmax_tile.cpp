@@ -57,6 +57,36 @@ inline __mmask16 cols_mask(int n, int j) {
   return k >= 16 ? __mmask16(0xFFFF) : k <= 0 ? __mmask16(0) : __mmask16((1u << k) - 1);
 }
 
+// The row's running max after its visible scores c·s[0, n): NaN if one of them
+// is NaN (so a NaN input reaches the output as torch's does).
+ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) float running_row_max(const float* sr, int bc,
+                                                                                   int n, __m512 vc,
+                                                                                   float m_old) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  for (int j = 0; j < bc; j += 16) {
+    const __mmask16 k = cols_mask(n, j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), vc);
+    nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+  }
+  const float tile_max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
+  return (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+}
+
+// Folds a tile's P row sum into the running (m, l) and rescales O's row by
+// 2^(m_old - m_new) when the max moved.
+ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) void rescale_row_state(
+    float m_old, float m_new, float p_sum, float* m, float* l, float* orow, int dp) {
+  const float alpha = m_old == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp2(m_old - m_new);
+  *l = *l * alpha + p_sum;
+  *m = m_new;
+  if (alpha != 1.0f) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int j = 0; j < dp; j += 16) _mm512_storeu_ps(orow + j, _mm512_mul_ps(_mm512_loadu_ps(orow + j), va));
+  }
+}
+
 ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc, const int* nv,
                                                       float c, float* m, float* l, float* o,
                                                       std::int64_t ldo, int dp) {
@@ -65,17 +95,8 @@ ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc
   for (int r = 0; r < rows; ++r) {
     float* sr = s + std::int64_t(r) * bc;
     const int n = nv[r];
-    __m512 vmax = _mm512_set1_ps(ninf);
-    __mmask16 nan = 0;
-    for (int j = 0; j < bc; j += 16) {
-      const __mmask16 k = cols_mask(n, j);
-      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), vc);
-      nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
-      vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-    }
     const float m_old = m[r];
-    const float tile_max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
-    const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+    const float m_new = running_row_max(sr, bc, n, vc, m_old);
     if (m_new == ninf) {  // nothing visible yet in this row
       for (int j = 0; j < bc; j += 16) _mm512_storeu_ps(sr + j, _mm512_setzero_ps());
       continue;
@@ -88,14 +109,7 @@ ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc
       _mm512_storeu_ps(sr + j, p);
       vsum = _mm512_add_ps(vsum, p);
     }
-    const float alpha = m_old == ninf ? 0.0f : std::exp2(m_old - m_new);
-    l[r] = l[r] * alpha + _mm512_reduce_add_ps(vsum);
-    m[r] = m_new;
-    if (alpha != 1.0f) {
-      float* orow = o + r * ldo;
-      const __m512 va = _mm512_set1_ps(alpha);
-      for (int j = 0; j < dp; j += 16) _mm512_storeu_ps(orow + j, _mm512_mul_ps(_mm512_loadu_ps(orow + j), va));
-    }
+    rescale_row_state(m_old, m_new, _mm512_reduce_add_ps(vsum), &m[r], &l[r], o + r * ldo, dp);
   }
 }
 
@@ -111,17 +125,8 @@ softmax_tile_update_bf16_avx512(const float* s, int rows, int bc, const int* nv,
     const float* sr = s + std::int64_t(r) * bc;
     std::uint16_t* pr = p16 + std::int64_t(r) * bc;
     const int n = nv[r];
-    __m512 vmax = _mm512_set1_ps(ninf);
-    __mmask16 nan = 0;
-    for (int j = 0; j < bc; j += 16) {
-      const __mmask16 k = cols_mask(n, j);
-      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sr + j), vc);
-      nan |= _mm512_mask_cmp_ps_mask(k, x, x, _CMP_UNORD_Q);
-      vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-    }
     const float m_old = m[r];
-    const float tile_max = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(vmax);
-    const float m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+    const float m_new = running_row_max(sr, bc, n, vc, m_old);
     if (m_new == ninf) {  // nothing visible yet in this row
       for (int j = 0; j < bc; j += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), _mm256_setzero_si256());
@@ -135,14 +140,7 @@ softmax_tile_update_bf16_avx512(const float* s, int rows, int bc, const int* nv,
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(p));
       vsum = _mm512_add_ps(vsum, p);
     }
-    const float alpha = m_old == ninf ? 0.0f : std::exp2(m_old - m_new);
-    l[r] = l[r] * alpha + _mm512_reduce_add_ps(vsum);
-    m[r] = m_new;
-    if (alpha != 1.0f) {
-      float* orow = o + r * ldo;
-      const __m512 va = _mm512_set1_ps(alpha);
-      for (int j = 0; j < dp; j += 16) _mm512_storeu_ps(orow + j, _mm512_mul_ps(_mm512_loadu_ps(orow + j), va));
-    }
+    rescale_row_state(m_old, m_new, _mm512_reduce_add_ps(vsum), &m[r], &l[r], o + r * ldo, dp);
   }
 }
 
