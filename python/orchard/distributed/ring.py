@@ -89,14 +89,28 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _low_precision_ok(size, drop):
+    """True when every row of out / dQ is merged or summed at most once after the
+    first block (W <= 2 without dropout): the accumulator may then stay in the
+    inputs' dtype, since the single merge computes in fp32 and rounds once, exactly
+    as a final cast of an fp32 accumulator would. This saves the fp32 buffer and
+    two of its passes over (B, S, H, D) per phase."""
+    return size <= 2 and drop is None
+
+
 def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
     """(out in q's dtype, lse (B, H, S_local) in the accumulation dtype). drop: a
-    _dropout.Dropout or None."""
+    _dropout.Dropout or None.
+
+    Per step: one kernel call without dropout (see _blocks), then one in-place LSE
+    merge into the rows it covered. The first block's result becomes the
+    accumulator itself (no zero fill, no copy), in fp32 only where later merges
+    need it (_low_precision_ok)."""
     size, rank = info.size, info.rank
     b, s, h, d = q.shape
     acc = _acc_dtype(q.dtype)
-    out_acc = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
-    lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+    low_ok = _low_precision_ok(size, drop)
+    out_acc = lse_acc = None
     kv = [k.contiguous(), v.contiguous()]
     ring = _comm.RingExchange(info, "kv")
     for step in range(size):
@@ -104,24 +118,45 @@ def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=N
         src = (rank - step) % size
         for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
                                                                   drop):
+            _comm.count_kernel("fwd")
             o, lse, _ = _FWD(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk_causal, True, p, 0,
                              0, False, deterministic, op, rng, *feats)
-            if step == 0 and qs == _ALL:
-                out_acc.copy_(o)
-                lse_acc.copy_(lse)
-            else:
-                merge_into(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
+            if out_acc is None and qs == _ALL:
+                out_acc = o if low_ok else o.to(acc)
+                lse_acc = lse.to(acc)
+                continue
+            if out_acc is None:  # dropout: the first block covers one chunk only
+                out_acc = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+                lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+            merge_into(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
         if pending is not None:
             kv = pending.wait()
     return out_acc.to(q.dtype), lse_acc
 
 
+def _accumulate(total, rows, grad, shape, dtype, own):
+    """total[:, rows] += grad, allocating total on first use; the first grad over
+    all rows becomes the total itself (in ``dtype`` unless ``own`` says the grad's
+    dtype may stay)."""
+    if total is None:
+        if rows == _ALL:
+            return grad if own else grad.to(dtype)
+        total = torch.zeros(shape, dtype=dtype, device=grad.device)
+    total[:, rows] += grad
+    return total
+
+
 def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op,
                   drop=None):
+    """Per step: one backward kernel call without dropout (the same blocks as the
+    forward); dQ adds up locally (in q's dtype for W <= 2 without dropout: one sum
+    of two partials, rounded once; else in fp32), and dK/dV go into the fp32
+    accumulator that travels the ring (W exchanges)."""
     size, rank = info.size, info.rank
     s = q.shape[1]
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    low_ok = _low_precision_ok(size, drop)
+    dq = None
     kv = [k.contiguous(), v.contiguous()]
     kv_ring = _comm.RingExchange(info, "kv")
     dkv_ring = _comm.RingExchange(info, "dkv")
@@ -133,19 +168,19 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
         for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
                                                                   drop):
             lse_rows = lse if qs == _ALL else lse[:, :, qs].contiguous()
+            _comm.count_kernel("bwd")
             dq_b, dk_b, dv_b = _BWD(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks],
                                     out[:, qs], lse_rows, scale, blk_causal, True, p, 0, 0,
                                     deterministic, op, rng, *feats)
-            dq[:, qs] += dq_b
+            dq = _accumulate(dq, qs, dq_b, q.shape, acc, low_ok or dq_b.dtype == acc)
             grads.append((ks, dk_b, dv_b))
         if dkv_pending is None:  # step 0: this rank's own accumulator starts here
-            dkv = [torch.zeros(k.shape, dtype=acc, device=k.device),
-                   torch.zeros(v.shape, dtype=acc, device=v.device)]
+            dkv = [None, None]
         else:
             dkv = dkv_pending.wait()
         for ks, dk_b, dv_b in grads:
-            dkv[0][:, ks] += dk_b
-            dkv[1][:, ks] += dv_b
+            dkv[0] = _accumulate(dkv[0], ks, dk_b, k.shape, acc, dk_b.dtype == acc)
+            dkv[1] = _accumulate(dkv[1], ks, dv_b, v.shape, acc, dv_b.dtype == acc)
         if size > 1:
             dkv_pending = dkv_ring.start(dkv)
         if kv_pending is not None:
