@@ -143,12 +143,12 @@ class Search:
         mk = lambda h: torch.randn(1, local, h, a.dim, device=self.device,  # noqa: E731
                                    dtype=self.dtype)
         q, k, v = (mk(h).requires_grad_(True) for h in (a.heads, a.kv_heads, a.kv_heads))
-        do = mk(a.heads)
         if mode == "1 GPU":
             out = orchard.flash_attn_func(q, k, v, causal=True)
         else:
             name, kw = MODES[mode]
             out = getattr(od, name)(q, k, v, causal=True, check_inputs=False, **kw)
+        do = mk(a.heads)  # the incoming gradient exists from the backward on, as in training
         out.backward(do)
         tensors = (q, k, v, do, out, q.grad, k.grad, v.grad)
         held = sum(t.numel() * t.element_size() for t in tensors)

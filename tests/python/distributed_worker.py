@@ -62,7 +62,7 @@ def _expected_counts(mode, w, phase, u=1):
         return {}
     if mode == "ring":
         fwd = {"kv": w - 1}
-        return fwd if phase == "fwd" else {"kv": 2 * (w - 1), "dkv": w}
+        return fwd if phase == "fwd" else {"kv": 2 * (w - 1), "dkv": w - 1}
     if mode == "ulysses":
         return {"all_to_all": 2 if phase == "fwd" else 4}
     if mode == "allgather":
@@ -326,7 +326,7 @@ def case_hybrid(rank, w):
             if uly_n > 1:
                 exp["all_to_all"] = 4
             if ring_n > 1:
-                exp.update(kv=2 * (ring_n - 1), dkv=ring_n)
+                exp.update(kv=2 * (ring_n - 1), dkv=ring_n - 1)
             exp["all_gather"] = int(uly_n > 1) + int(ring_n > 1)  # the unshard check
             counts = {k_: n for k_, n in counts.items() if n}
             exp = {k_: n for k_, n in exp.items() if n}

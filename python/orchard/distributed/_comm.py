@@ -24,7 +24,7 @@ __all__ = ["comm_stats", "kernel_stats", "reset_comm_stats", "resolve_group"]
 
 # Number of exchanges made since the last reset, by kind:
 #   "kv"      one K/V ring step (batch_isend_irecv of K and V)
-#   "dkv"     one dK/dV ring step (batch_isend_irecv of the fp32 dK and dV)
+#   "dkv"     one dK/dV ring step (batch_isend_irecv of the dK and dV accumulator)
 #   "all_to_all", "all_gather", "reduce_scatter"  one collective each
 #   "validate"  the metadata all_gather of an input check
 comm_stats: dict[str, int] = {}

@@ -6,10 +6,11 @@ Forward, on each rank r of W: step s = 0..W-1 holds the K/V shard of rank
 posted (batch_isend_irecv on a side stream on CUDA), so the transfer overlaps
 the kernels: W-1 K/V exchanges in all.
 
-Backward: a second ring. K/V rotate again (W-1 exchanges) and an fp32 dK/dV
+Backward: a second ring. K/V rotate again (W-1 exchanges) and a dK/dV
 accumulator travels with them: each rank adds its block's dK/dV to the
-accumulator it received and passes it on; after W exchanges every accumulator
-is back at its owner. dQ stays local. Every block's backward is called with the
+accumulator it received and passes it on; the owner keeps its own block, so
+after W-1 exchanges every accumulator is back at its owner (sums in fp32; see
+ring_backward). dQ stays local. Every block's backward is called with the
 GLOBAL out and LSE of its rows (the merged forward results), so its
 probabilities exp(s - lse) are the final ones and the block gradients just add.
 
@@ -142,21 +143,39 @@ def _accumulate(total, rows, grad, shape, dtype, own):
         if rows == _ALL:
             return grad if own else grad.to(dtype)
         total = torch.zeros(shape, dtype=dtype, device=grad.device)
+    elif total.dtype != dtype and not own:
+        total = total.to(dtype)
     total[:, rows] += grad
+    return total
+
+
+def _sum_grads(total, grads, shape, acc):
+    """Adds [(key rows, grad)] to total (None: nothing yet). One contribution over
+    all rows stays as the kernel produced it (exact: it can travel in the inputs'
+    dtype); a sum of two or more is in ``acc`` (fp32)."""
+    for rows, grad in grads:
+        total = _accumulate(total, rows, grad, shape, acc, own=total is None)
     return total
 
 
 def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op,
                   drop=None):
     """Per step: one backward kernel call without dropout (the same blocks as the
-    forward); dQ adds up locally (in q's dtype for W <= 2 without dropout: one sum
-    of two partials, rounded once; else in fp32), and dK/dV go into the fp32
-    accumulator that travels the ring (W exchanges)."""
+    forward). dQ adds up locally (in q's dtype for W <= 2 without dropout: one sum
+    of two partials, rounded once; else in fp32).
+
+    dK/dV: the rank's own block (step 0) stays here; the accumulator of src's
+    dK/dV starts at the rank after src (step 1), gets each rank's block added and
+    moves on with the ring, reaching src after W-1 exchanges, where the own block
+    is added: W-1 dK/dV exchanges, each overlapping the next step's kernel but the
+    last. Sums of two or more blocks are fp32; a single block travels in the
+    inputs' dtype, which is exact, so the result is the fp32 accumulation's."""
     size, rank = info.size, info.rank
     s = q.shape[1]
     acc = _acc_dtype(q.dtype)
     low_ok = _low_precision_ok(size, drop)
     dq = None
+    own = [None, None]
     kv = [k.contiguous(), v.contiguous()]
     kv_ring = _comm.RingExchange(info, "kv")
     dkv_ring = _comm.RingExchange(info, "dkv")
@@ -174,20 +193,29 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
                                     deterministic, op, rng, *feats)
             dq = _accumulate(dq, qs, dq_b, q.shape, acc, low_ok or dq_b.dtype == acc)
             grads.append((ks, dk_b, dv_b))
-        if dkv_pending is None:  # step 0: this rank's own accumulator starts here
-            dkv = [None, None]
+        if step == 0:
+            own = [_sum_grads(None, [(ks, g[0]) for ks, *g in grads], k.shape, acc),
+                   _sum_grads(None, [(ks, g[1]) for ks, *g in grads], v.shape, acc)]
         else:
-            dkv = dkv_pending.wait()
-        for ks, dk_b, dv_b in grads:
-            dkv[0] = _accumulate(dkv[0], ks, dk_b, k.shape, acc, dk_b.dtype == acc)
-            dkv[1] = _accumulate(dkv[1], ks, dv_b, v.shape, acc, dv_b.dtype == acc)
-        if size > 1:
-            dkv_pending = dkv_ring.start(dkv)
+            # src's accumulator: fresh at step 1, else from the previous rank (its
+            # exchange overlapped this step's kernel). It travels in a dtype both
+            # ends know: after step 1 it holds one kernel call's block (no dropout),
+            # exact in the inputs' dtype; later, or with dropout, sums in fp32.
+            hop = k.dtype if step == 1 and drop is None else acc
+            dkv = [None, None] if dkv_pending is None else dkv_pending.wait()
+            dkv = [_sum_grads(dkv[0], [(ks, g[0]) for ks, *g in grads], k.shape, hop),
+                   _sum_grads(dkv[1], [(ks, g[1]) for ks, *g in grads], v.shape, hop)]
+            if dkv[0] is None:  # no block of src's keys here (contiguous causal)
+                dkv = [torch.zeros(k.shape, dtype=hop, device=k.device),
+                       torch.zeros(v.shape, dtype=hop, device=v.device)]
+            dkv_pending = dkv_ring.start([t.to(hop) for t in dkv])
         if kv_pending is not None:
             kv = kv_pending.wait()
-    if size > 1:
-        dkv = dkv_pending.wait()
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dk, dv = own
+    if dkv_pending is not None:  # this rank's accumulator, back from the other W-1
+        rk, rv = dkv_pending.wait()
+        dk, dv = dk.to(acc).add_(rk), dv.to(acc).add_(rv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
