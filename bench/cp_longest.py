@@ -14,8 +14,9 @@ How (each rank on its own GPU):
 1. Calibrate each case at two short lengths: peak memory is linear in S, so
    two points predict the longest S under the cap; the second trial's time
    predicts a trial's time (~S^2).
-2. Bisect S (multiples of --granule tokens) in a bracket around the
-   prediction. A trial runs uncapped and "fits" when the most memory the
+2. Search S (multiples of --granule tokens): probe the prediction, widen
+   until one length fails, then narrow the bracket by interpolating the
+   measured peaks (then by halving) down to one granule. A trial runs uncapped and "fits" when the most memory the
    caching allocator held during the step (max_memory_reserved, the quantity
    torch.cuda.set_per_process_memory_fraction limits), over all ranks of the
    case, is <= the cap. Deciding by the measured peak instead of by an OOM
@@ -246,8 +247,12 @@ class Search:
 
         # 2. bracket: lo fits, hi does not; first probe at the prediction
         stopped = None
-        lo = s_b if r_b["fits"] else (s_a if r_a["fits"] else None)
-        hi = None if r_b["fits"] else (s_b if r_a["fits"] else s_a)
+        lo = hi = m_lo = m_hi = None  # lengths, and their measured peaks
+        for s, r in ((s_a, r_a), (s_b, r_b)):
+            if r["fits"]:
+                lo, m_lo = s, r["reserved"]
+            elif hi is None:
+                hi, m_hi = s, (r["reserved"] if r["ok"] else None)
         if lo is None:
             stopped = "the first calibration length does not fit: lower --calib-tokens"
         cand = predicted
@@ -255,29 +260,29 @@ class Search:
             cand = max(cand, lo + g)
             if not affordable(cand):
                 break
-            if run(cand)["fits"]:
-                lo, cand = cand, down(cand * 1.04) + g
+            r = run(cand)
+            if r["fits"]:
+                lo, m_lo, cand = cand, r["reserved"], down(cand * 1.04) + g
             else:
-                hi = cand
-        while stopped is None and lo is not None and hi is not None and hi - lo > g \
-                and lo < 0.95 * hi:  # the prediction was high: probe just below hi
-            probe = down(hi * 0.97)
-            if probe <= lo or not affordable(probe):
-                break
-            if run(probe)["fits"]:
-                lo = probe
-            else:
-                hi = probe
+                hi, m_hi = cand, (r["reserved"] if r["ok"] else None)
+        # 3. narrow it: interpolate the measured peaks (linear in S) a few times, then halve
+        n = 0
         while stopped is None and lo is not None and hi is not None and hi - lo > g:
-            mid = max(lo + g, (lo + hi) // 2 // g * g)
+            if n < 3 and m_hi is not None and m_hi > m_lo:
+                mid = down(lo + (hi - lo) * (self.cap - m_lo) / (m_hi - m_lo))
+            else:
+                mid = (lo + hi) // 2 // g * g
+            mid = min(max(mid, lo + g), hi - g)
+            n += 1
             if not affordable(mid):
                 break
-            if run(mid)["fits"]:
-                lo = mid
+            r = run(mid)
+            if r["fits"]:
+                lo, m_lo = mid, r["reserved"]
             else:
-                hi = mid
+                hi, m_hi = mid, (r["reserved"] if r["ok"] else None)
 
-        # 3. the answer under the real cap
+        # 4. the answer under the real cap
         verify = {}
         if lo is not None and self.cuda and affordable(lo):
             verify["longest_under_cap_ok"] = run(lo, capped=True)["ok"]

@@ -177,3 +177,22 @@ def test_cp_longest_arguments_and_fit():
     assert d.dry_run and d.heads == 4 and d.granule == 16 and d.modes == ["allgather"]
     fixed, per = cp_longest.fit_line([(1000, 5000 + 1000 * 56), (2000, 5000 + 2000 * 56)])
     assert fixed == pytest.approx(5000) and per == pytest.approx(56)
+
+
+@pytest.mark.parametrize("curve", [0.0, 0.002, -0.0005])
+def test_cp_longest_search_finds_boundary(curve):
+    """The search (calibrate, probe the prediction, widen, narrow) ends on the longest
+    multiple of the granule whose peak fits, even when memory is not quite linear in S
+    (a made-up trial stands in for the GPU)."""
+    cp_longest = _bench_module("cp_longest")
+    a = cp_longest.parse_args(["--dry-run"])
+    a.granule, a.calib_tokens, a.budget_s = 16, 64, 1e9
+    s = object.__new__(cp_longest.Search)
+    s.args, s.cuda, s.rank, s.world, s.cap = a, False, 0, 1, 200_000
+    mem = lambda n: int(3000 + 90 * n + curve * n * n)  # noqa: E731
+    s.reduced_trial = lambda mode, n, capped=False: {"ok": True, "reserved": mem(n),
+                                                       "allocated": mem(n), "seconds": 0.0}
+    res = s.search("1 GPU", budget_s=1e9)
+    best = max(n for n in range(16, 10_000, 16) if mem(n) <= s.cap)
+    assert res["longest_tokens"] == best and res["first_failing_tokens"] == best + 16
+    assert len(res["trials"]) <= 12, len(res["trials"])
