@@ -39,6 +39,7 @@ multicast objects can take the host's GPUs out of service on the lent machines).
    idle gaps; the slowest rank's step minus W x the single-GPU step, split
    by those parts, is the explanation of any shortfall of E (--no-profile
    skips it; --profile runs only it, ~10 s; --trace writes chrome traces).
+--modes picks the scaling rows (default all), --no-check skips section 1.
 --smoke runs tiny shapes (and works on the CPU with gloo: `torchrun
 --standalone --nproc-per-node=2 bench/cp_bench.py --smoke`) to test the script.
 """
