@@ -33,9 +33,13 @@ Multicast is kept off: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1 are set before torch initializes NCCL (NVLink SHARP /
 multicast objects can take the host's GPUs out of service on the lent machines).
 
-5. Per-rank kernel time of one zigzag ring step under torch.profiler (NCCL
-   kernels vs the rest), and one chrome trace per rank (compute vs NCCL
-   timeline) next to the markdown file (--no-profile skips this).
+5. Where the time goes, under torch.profiler: one zigzag ring fwd+bwd step
+   and one single-GPU step on S/W tokens per rank, their kernels split into
+   attention / other compute / NCCL, NCCL time overlapped with compute, and
+   idle gaps; the slowest rank's step minus W x the single-GPU step, split
+   by those parts, is the explanation of any shortfall of E (--no-profile
+   skips it; --profile runs only it, ~10 s; --trace writes chrome traces).
+--modes picks the scaling rows (default all), --no-check skips section 1.
 --smoke runs tiny shapes (and works on the CPU with gloo: `torchrun
 --standalone --nproc-per-node=2 bench/cp_bench.py --smoke`) to test the script.
 """
@@ -69,6 +73,16 @@ MODES = {
 }
 
 
+# Scaling rows: name -> (mode, layout, with input checks).
+SCALING_MODES = {
+    "ring-zigzag": ("ring", "zigzag", False),
+    "ring-contiguous": ("ring", "contiguous", False),
+    "ulysses": ("ulysses", "zigzag", False),
+    "allgather": ("allgather", "zigzag", False),
+    "ring-zigzag-checked": ("ring", "zigzag", True),
+}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="markdown path (default: $OUT/cp_bench.md, "
@@ -81,8 +95,17 @@ def parse_args():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-profile", dest="profile", action="store_false",
+    p.add_argument("--no-profile", dest="with_profile", action="store_false",
                    help="skip the torch.profiler section")
+    p.add_argument("--profile", action="store_true",
+                   help="only the torch.profiler section (one zigzag ring step and one "
+                        "single-GPU step per rank at the first --tokens-per-gpu; ~10 s)")
+    p.add_argument("--trace", action="store_true",
+                   help="also write a chrome trace per rank next to --out")
+    p.add_argument("--modes", nargs="+", default=list(SCALING_MODES),
+                   choices=list(SCALING_MODES), help="scaling rows to run")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the correctness section")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (tests the script; CPU ok)")
     a = p.parse_args()
     if a.smoke:
@@ -298,11 +321,11 @@ class Bench:
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         configs = []
         for tpg in a.tokens_per_gpu:
-            configs += [("ring", "zigzag", tpg, False), ("ring", "contiguous", tpg, False),
-                        ("ulysses", "zigzag", tpg, False), ("allgather", "zigzag", tpg, False)]
-        configs.append(("ring", "zigzag", a.tokens_per_gpu[0], True))  # with input checks
+            configs += [(*SCALING_MODES[m], tpg) for m in a.modes if m != "ring-zigzag-checked"]
+        if "ring-zigzag-checked" in a.modes:  # input checks cost: the first size only
+            configs.append((*SCALING_MODES["ring-zigzag-checked"], a.tokens_per_gpu[0]))
         t1_cache = {}
-        for mode, layout, tpg, checked in configs:
+        for mode, layout, checked, tpg in configs:
             label = f"{mode}{' (checked)' if checked else ''}"
             try:
                 if tpg not in t1_cache:
@@ -358,69 +381,163 @@ class Bench:
         ]
         self.section("Notes", notes)
 
+    def _profiled_kernels(self, step):
+        """[(start_us, end_us, name)] of the device kernels of one profiled call of step
+        (after one unprofiled call), on this rank's device."""
+        from torch.profiler import ProfilerActivity, profile
+        step()
+        self.sync()
+        dist.barrier()
+        self.sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            self.sync()
+        kernels = []
+        for evt in prof.events():
+            if "CUDA" not in str(getattr(evt, "device_type", "")):
+                continue
+            t0, t1 = float(evt.time_range.start), float(evt.time_range.end)
+            if t1 > t0:
+                kernels.append((t0, t1, evt.name))
+        return kernels, prof
+
     def profile(self):
-        """One zigzag ring fwd+bwd step under torch.profiler on each rank: per-rank kernel
-        time (NCCL vs the rest) and a chrome trace of the compute/communication timeline."""
+        """One zigzag ring fwd+bwd step under torch.profiler on each rank, and one
+        single-GPU step on S/W tokens as the reference: where the step's GPU time goes
+        (attention kernels, other compute, NCCL alone, idle) — the explanation of any
+        gap between T_W and W * T1."""
         if not self.cuda:
             return
-        rows = ["| rank | step wall ms | NCCL kernels ms | other kernels ms | kernels |",
-                "|---|---|---|---|---|"]
+        a = self.args
+        tpg = a.tokens_per_gpu[0]
+        cats = ("attention", "other", "nccl")
+        rows = ["| rank | what | window ms | attention ms (n) | other compute ms (n) | "
+                "NCCL ms (n) | NCCL overlapped with compute ms | NCCL alone ms | idle ms |",
+                "|---|---|---|---|---|---|---|---|---|"]
         notes = []
         try:
-            from torch.profiler import ProfilerActivity, profile
-            a = self.args
-            tpg = a.tokens_per_gpu[0]
+            q, k, v, do = self.inputs(tpg, seed=12)
+            q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+            def single():
+                out = orchard.flash_attn_func(q, k, v, causal=True)
+                torch.autograd.grad(out, (q, k, v), do)
+            one, _ = self._profiled_kernels(single)
+            del q, k, v, do
+            self.free()
             q, k, v, do = self.inputs(tpg * self.world, seed=13)
             ql, kl, vl, dol = (od.shard_sequence(t) for t in (q, k, v, do))
             del q, k, v, do
             ql, kl, vl = (t.requires_grad_(True) for t in (ql, kl, vl))
             step = self.step_fn(od.ring_flash_attn_func, ql, kl, vl, dol, causal=True,
                                 check_inputs=False)
-            step()
-            self.sync()
-            dist.barrier()
-            self.sync()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                self.sync()
-            wall = start.elapsed_time(end)
-            nccl = other = 0.0
-            count = 0
-            for evt in prof.events():
-                dev_type = str(getattr(evt, "device_type", ""))
-                if "CUDA" not in dev_type:
-                    continue
-                try:  # a device-side event: its own time range is the kernel's duration
-                    us = float(evt.time_range.elapsed_us())
-                except Exception:  # noqa: BLE001
-                    us = float(getattr(evt, "device_time_total", 0.0) or 0.0)
-                name = evt.name.lower()
-                if "memcpy" in name or "memset" in name:
-                    continue
-                count += 1
-                if "nccl" in name:
-                    nccl += us / 1e3
-                else:
-                    other += us / 1e3
-            vals = [self.gather_floats(x) for x in (wall, nccl, other, float(count))]
+            ring, prof = self._profiled_kernels(step)
+            summaries = {"1 GPU, S/W": timeline_summary(one), "ring zigzag": timeline_summary(ring)}
+            keys = ("window", "attention", "other", "nccl", "overlap", "nccl_alone", "idle",
+                    "n_attention", "n_other", "n_nccl")
+            gathered = {what: {key: self.gather_floats(sm[key]) for key in keys}
+                        for what, sm in summaries.items()}
             for r in range(self.world):
-                rows.append(f"| {r} | {vals[0][r]:.2f} | {vals[1][r]:.2f} | {vals[2][r]:.2f} | "
-                            f"{int(vals[3][r])} |")
-            base = os.path.splitext(self.out_path)[0]
-            try:
+                for what, g in gathered.items():
+                    rows.append(
+                        f"| {r} | {what} | {g['window'][r]:.2f} | {g['attention'][r]:.2f} "
+                        f"({int(g['n_attention'][r])}) | {g['other'][r]:.2f} "
+                        f"({int(g['n_other'][r])}) | {g['nccl'][r]:.2f} ({int(g['n_nccl'][r])}) | "
+                        f"{g['overlap'][r]:.2f} | {g['nccl_alone'][r]:.2f} | {g['idle'][r]:.2f} |")
+            w = self.world
+            one_g, ring_g = gathered["1 GPU, S/W"], gathered["ring zigzag"]
+            worst = max(range(w), key=lambda r: ring_g["window"][r])
+            ideal = w * statistics.mean(one_g["window"])
+            parts = [("attention kernels", ring_g["attention"][worst]
+                      - w * statistics.mean(one_g["attention"])),
+                     ("other compute (merge, accumulate, copies)", ring_g["other"][worst]
+                      - w * statistics.mean(one_g["other"])),
+                     ("NCCL not overlapped", ring_g["nccl_alone"][worst]),
+                     ("idle gaps", ring_g["idle"][worst] - w * statistics.mean(one_g["idle"]))]
+            gap = ring_g["window"][worst] - ideal
+            notes.append(f"- shortfall of the slowest rank ({worst}): window "
+                         f"{ring_g['window'][worst]:.2f} ms vs W x single-GPU window "
+                         f"{ideal:.2f} ms = {gap:+.2f} ms ({100 * gap / ideal:+.1f}%), of which:")
+            for name, ms in parts:
+                notes.append(f"  - {name}: {ms:+.2f} ms ({100 * ms / ideal:+.1f}%)")
+            notes.append(f"- one fwd+bwd step at {tpg} tokens/GPU (ring: S = {tpg * w}); window "
+                         "= first kernel start to last kernel end on the device; attention = "
+                         "Orchard's kernels, other = everything else but NCCL; NCCL alone = "
+                         "NCCL kernel time with no compute kernel running (includes waiting "
+                         "for the peer); idle = no kernel at all (host launch gaps, stream "
+                         "waits). (n) = kernel launches.")
+            if a.trace:
+                base = os.path.splitext(self.out_path)[0]
                 prof.export_chrome_trace(f"{base}_ring_trace_rank{self.rank}.json")
                 notes.append(f"- chrome traces: {os.path.basename(base)}_ring_trace_rank<r>.json")
-            except Exception as e:  # noqa: BLE001
-                notes.append(f"- trace export failed: {type(e).__name__}: {e}")
-            notes.append(f"- one zigzag ring fwd+bwd step at {tpg} tokens/GPU; NCCL kernels "
-                         f"run on their own stream, overlapping the others when the ring hides "
-                         f"them (their time includes waiting for the peer)")
+            del ql, kl, vl, dol, step
+            self.free()
         except Exception as e:  # noqa: BLE001
             notes.append(f"- profile failed: {type(e).__name__}: {str(e)[:200]}")
-        self.section("Per-rank kernel time (torch.profiler)", rows + [""] + notes)
+            if self.rank == 0:
+                traceback.print_exc()
+        self.section("Where the ring step's time goes (torch.profiler)", rows + [""] + notes)
+
+
+def _union(intervals):
+    """Sorted, merged [(start, end)]."""
+    out = []
+    for t0, t1 in sorted(intervals):
+        if out and t0 <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], t1)
+        else:
+            out.append([t0, t1])
+    return out
+
+
+def _length(merged):
+    return sum(t1 - t0 for t0, t1 in merged)
+
+
+def _intersection(a, b):
+    """Total length of the intersection of two merged interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if hi > lo:
+            total += hi - lo
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    if "nccl" in low:
+        return "nccl"
+    if "orchard::" in low or "flash_" in low:
+        return "attention"
+    return "other"
+
+
+def timeline_summary(kernels):
+    """ms per category from [(start_us, end_us, name)]: summed kernel time of
+    attention / other / nccl, NCCL time overlapped with compute and alone, idle
+    time in the window (first start to last end), launch counts."""
+    by = {"attention": [], "other": [], "nccl": []}
+    for t0, t1, name in kernels:
+        by[kernel_category(name)].append((t0, t1))
+    if not kernels:
+        return {k: 0.0 for k in ("window", "attention", "other", "nccl", "overlap", "nccl_alone",
+                                 "idle", "n_attention", "n_other", "n_nccl")}
+    window = max(t1 for _, t1, _ in kernels) - min(t0 for t0, _, _ in kernels)
+    compute = _union(by["attention"] + by["other"])
+    nccl = _union(by["nccl"])
+    overlap = _intersection(compute, nccl)
+    busy = _length(_union(by["attention"] + by["other"] + by["nccl"]))
+    res = {k: sum(t1 - t0 for t0, t1 in v) / 1e3 for k, v in by.items()}
+    res.update(window=window / 1e3, overlap=overlap / 1e3,
+               nccl_alone=(_length(nccl) - overlap) / 1e3, idle=(window - busy) / 1e3,
+               **{f"n_{k}": float(len(v)) for k, v in by.items()})
+    return res
 
 
 def main():
@@ -428,9 +545,11 @@ def main():
     b = Bench(args)
     try:
         b.environment()
-        b.correctness()
-        b.scaling()
-        if args.profile:
+        if not args.profile:
+            if args.check:
+                b.correctness()
+            b.scaling()
+        if args.profile or args.with_profile:
             b.profile()
         if b.rank == 0:
             print(f"\nwrote {os.path.abspath(b.out_path)}", flush=True)

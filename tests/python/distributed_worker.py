@@ -62,12 +62,25 @@ def _expected_counts(mode, w, phase, u=1):
         return {}
     if mode == "ring":
         fwd = {"kv": w - 1}
-        return fwd if phase == "fwd" else {"kv": 2 * (w - 1), "dkv": w}
+        return fwd if phase == "fwd" else {"kv": 2 * (w - 1), "dkv": w - 1}
     if mode == "ulysses":
         return {"all_to_all": 2 if phase == "fwd" else 4}
     if mode == "allgather":
         return {"all_gather": 1} if phase == "fwd" else {"all_gather": 1, "reduce_scatter": 1}
     raise AssertionError(mode)
+
+
+def _expected_ring_kernels(rank, w, causal, layout, dropout_p):
+    """Attention kernel calls of the ring on this rank, per phase (forward, and
+    again backward): one per step that has work, without dropout; with dropout one
+    per visible (query chunk, key chunk) pair, since a call must cover rows and
+    keys contiguous in global position."""
+    if layout == "contiguous":
+        return rank + 1 if causal else w
+    if dropout_p == 0.0:
+        return w  # zigzag: every step one call, causal or not
+    # zigzag with dropout: chunks r and 2W-1-r of this rank against every chunk
+    return 2 * w + 1 if causal else 4 * w
 
 
 def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.float32,
@@ -88,9 +101,9 @@ def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.fl
     if rng_seed is not None:
         torch.manual_seed(rng_seed)  # the reference's generator state, on every rank
     out = MODES[mode](ql, kl, vl, group=group, causal=causal, layout=layout, dropout_p=dropout_p)
-    fwd_counts = dict(_comm.comm_stats)
+    fwd_counts, fwd_kernels = dict(_comm.comm_stats), dict(_comm.kernel_stats)
     out.backward(dol)
-    all_counts = dict(_comm.comm_stats)
+    all_counts, all_kernels = dict(_comm.comm_stats), dict(_comm.kernel_stats)
     assert out.dtype == dtype and out.shape == ql.shape, (out.dtype, out.shape)
     for name, got, ref in (("out", out, ref_out), ("dq", ql.grad, ref_dq), ("dk", kl.grad, ref_dk),
                            ("dv", vl.grad, ref_dv)):
@@ -103,6 +116,12 @@ def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.fl
         exp_f["validate"] = exp_b["validate"] = 1
         assert fwd_counts == exp_f, f"forward exchanges {fwd_counts}, expected {exp_f}"
         assert all_counts == exp_b, f"fwd+bwd exchanges {all_counts}, expected {exp_b}"
+        if mode == "ring":
+            n = _expected_ring_kernels(_comm.group_info(group, "test").rank, gw, causal, layout,
+                                       dropout_p)
+            exp_k = {"fwd": n, "bwd": n}
+            assert fwd_kernels == {"fwd": n}, f"forward kernel calls {fwd_kernels}, expected {n}"
+            assert all_kernels == exp_k, f"fwd+bwd kernel calls {all_kernels}, expected {exp_k}"
 
 
 def _mode_cases(w):
@@ -307,7 +326,7 @@ def case_hybrid(rank, w):
             if uly_n > 1:
                 exp["all_to_all"] = 4
             if ring_n > 1:
-                exp.update(kv=2 * (ring_n - 1), dkv=ring_n)
+                exp.update(kv=2 * (ring_n - 1), dkv=ring_n - 1)
             exp["all_gather"] = int(uly_n > 1) + int(ring_n > 1)  # the unshard check
             counts = {k_: n for k_, n in counts.items() if n}
             exp = {k_: n for k_, n in exp.items() if n}

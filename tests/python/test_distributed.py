@@ -141,3 +141,58 @@ def test_merge_equals_full_attention():
              for sl in (slice(0, 3), slice(3, None))]
     out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
     torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-6)
+
+
+def _bench_module(name):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_{name}_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cp_bench_timeline_summary():
+    """The profile's breakdown (bench/cp_bench.py --profile) on a made-up timeline:
+    kernel sums per category, NCCL overlapped with compute vs alone, idle gaps."""
+    cp_bench = _bench_module("cp_bench")
+    k = [(0, 10, "void orchard::cuda::flash_fwd_kernel<x>"), (5, 12, "ncclDevKernel_SendRecv"),
+         (12, 20, "at::native::vectorized_elementwise_kernel"),
+         (25, 30, "void orchard::cuda::flash_bwd_kernel<y>"), (26, 40, "ncclKernel_AllReduce")]
+    got = cp_bench.timeline_summary(k)
+    exp = dict(window=0.040, attention=0.015, other=0.008, nccl=0.021, overlap=0.009,
+               nccl_alone=0.012, idle=0.005, n_attention=2, n_other=1, n_nccl=2)
+    assert got == pytest.approx(exp)
+    assert cp_bench.timeline_summary([])["window"] == 0.0
+
+
+def test_cp_longest_arguments_and_fit():
+    """bench/cp_longest.py parses its arguments (defaults, the dry run's tiny shapes) and
+    its memory model is the line through two (tokens, bytes) points."""
+    cp_longest = _bench_module("cp_longest")
+    a = cp_longest.parse_args([])
+    assert (a.cap_gib, a.heads, a.kv_heads, a.dim) == (8.0, 32, 8, 128)
+    assert a.modes == ["ring-zigzag", "ulysses"]
+    d = cp_longest.parse_args(["--dry-run", "--modes", "allgather"])
+    assert d.dry_run and d.heads == 4 and d.granule == 16 and d.modes == ["allgather"]
+    fixed, per = cp_longest.fit_line([(1000, 5000 + 1000 * 56), (2000, 5000 + 2000 * 56)])
+    assert fixed == pytest.approx(5000) and per == pytest.approx(56)
+
+
+@pytest.mark.parametrize("curve", [0.0, 0.002, -0.0005])
+def test_cp_longest_search_finds_boundary(curve):
+    """The search (calibrate, probe the prediction, widen, narrow) ends on the longest
+    multiple of the granule whose peak fits, even when memory is not quite linear in S
+    (a made-up trial stands in for the GPU)."""
+    cp_longest = _bench_module("cp_longest")
+    a = cp_longest.parse_args(["--dry-run"])
+    a.granule, a.calib_tokens, a.budget_s = 16, 64, 1e9
+    s = object.__new__(cp_longest.Search)
+    s.args, s.cuda, s.rank, s.world, s.cap = a, False, 0, 1, 200_000
+    mem = lambda n: int(3000 + 90 * n + curve * n * n)  # noqa: E731
+    s.reduced_trial = lambda mode, n, capped=False: {"ok": True, "reserved": mem(n),
+                                                       "allocated": mem(n), "seconds": 0.0}
+    res = s.search("1 GPU", budget_s=1e9)
+    best = max(n for n in range(16, 10_000, 16) if mem(n) <= s.cap)
+    assert res["longest_tokens"] == best and res["first_failing_tokens"] == best + 16
+    assert len(res["trials"]) <= 12, len(res["trials"])

@@ -8,8 +8,9 @@ Modes (all take BSHD shards, flash-attn's argument order, and a ProcessGroup or
 
 * :func:`ring_flash_attn_func` — K/V rotate around the ring (batch_isend_irecv,
   overlapped with the kernels), partial results merged with the LSE in fp32;
-  backward: a second ring carries fp32 dK/dV. Any number of heads; memory per
-  rank O(S/W). ``layout="zigzag"`` balances causal work.
+  backward: a second ring carries dK/dV (W-1 exchanges, sums in fp32). One
+  kernel call per ring step (zigzag or not, causal or not; dropout splits a step
+  into its chunk pairs). Any number of heads; memory per rank O(S/W). ``layout="zigzag"`` balances causal work.
 * :func:`ulysses_flash_attn_func` — all_to_all to head shards and back; needs
   heads and kv-heads divisible by the group size.
 * :func:`allgather_flash_attn_func` — all_gather K/V, reduce-scatter dK/dV;

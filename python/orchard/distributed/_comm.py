@@ -20,14 +20,19 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     dist = None
 
-__all__ = ["comm_stats", "reset_comm_stats", "resolve_group"]
+__all__ = ["comm_stats", "kernel_stats", "reset_comm_stats", "resolve_group"]
 
 # Number of exchanges made since the last reset, by kind:
 #   "kv"      one K/V ring step (batch_isend_irecv of K and V)
-#   "dkv"     one dK/dV ring step (batch_isend_irecv of the fp32 dK and dV)
+#   "dkv"     one dK/dV ring step (batch_isend_irecv of the dK and dV accumulator)
 #   "all_to_all", "all_gather", "reduce_scatter"  one collective each
 #   "validate"  the metadata all_gather of an input check
 comm_stats: dict[str, int] = {}
+
+# Attention kernel calls since the last reset, by kind ("fwd", "bwd"): the ring
+# counts its per-step calls here so tests can pin them (one call per ring step
+# without dropout).
+kernel_stats: dict[str, int] = {}
 
 # Benchmarks only (bench/cp_bench.py): when True, exchanges are skipped and
 # each "received" buffer is a copy of what would have been sent, so the same
@@ -37,6 +42,11 @@ _SKIP_EXCHANGE = False
 
 def reset_comm_stats() -> None:
     comm_stats.clear()
+    kernel_stats.clear()
+
+
+def count_kernel(kind: str) -> None:
+    kernel_stats[kind] = kernel_stats.get(kind, 0) + 1
 
 
 def _count(kind: str) -> None:

@@ -6,10 +6,11 @@ Forward, on each rank r of W: step s = 0..W-1 holds the K/V shard of rank
 posted (batch_isend_irecv on a side stream on CUDA), so the transfer overlaps
 the kernels: W-1 K/V exchanges in all.
 
-Backward: a second ring. K/V rotate again (W-1 exchanges) and an fp32 dK/dV
+Backward: a second ring. K/V rotate again (W-1 exchanges) and a dK/dV
 accumulator travels with them: each rank adds its block's dK/dV to the
-accumulator it received and passes it on; after W exchanges every accumulator
-is back at its owner. dQ stays local. Every block's backward is called with the
+accumulator it received and passes it on; the owner keeps its own block, so
+after W-1 exchanges every accumulator is back at its owner (sums in fp32; see
+ring_backward). dQ stays local. Every block's backward is called with the
 GLOBAL out and LSE of its rows (the merged forward results), so its
 probabilities exp(s - lse) are the final ones and the block gradients just add.
 
@@ -89,14 +90,28 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _low_precision_ok(size, drop):
+    """True when every row of out / dQ is merged or summed at most once after the
+    first block (W <= 2 without dropout): the accumulator may then stay in the
+    inputs' dtype, since the single merge computes in fp32 and rounds once, exactly
+    as a final cast of an fp32 accumulator would. This saves the fp32 buffer and
+    two of its passes over (B, S, H, D) per phase."""
+    return size <= 2 and drop is None
+
+
 def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
     """(out in q's dtype, lse (B, H, S_local) in the accumulation dtype). drop: a
-    _dropout.Dropout or None."""
+    _dropout.Dropout or None.
+
+    Per step: one kernel call without dropout (see _blocks), then one in-place LSE
+    merge into the rows it covered. The first block's result becomes the
+    accumulator itself (no zero fill, no copy), in fp32 only where later merges
+    need it (_low_precision_ok)."""
     size, rank = info.size, info.rank
     b, s, h, d = q.shape
     acc = _acc_dtype(q.dtype)
-    out_acc = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
-    lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+    low_ok = _low_precision_ok(size, drop)
+    out_acc = lse_acc = None
     kv = [k.contiguous(), v.contiguous()]
     ring = _comm.RingExchange(info, "kv")
     for step in range(size):
@@ -104,24 +119,63 @@ def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=N
         src = (rank - step) % size
         for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
                                                                   drop):
+            _comm.count_kernel("fwd")
             o, lse, _ = _FWD(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, blk_causal, True, p, 0,
                              0, False, deterministic, op, rng, *feats)
-            if step == 0 and qs == _ALL:
-                out_acc.copy_(o)
-                lse_acc.copy_(lse)
-            else:
-                merge_into(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
+            if out_acc is None and qs == _ALL:
+                out_acc = o if low_ok else o.to(acc)
+                lse_acc = lse.to(acc)
+                continue
+            if out_acc is None:  # dropout: the first block covers one chunk only
+                out_acc = torch.zeros(b, s, h, d, dtype=acc, device=q.device)
+                lse_acc = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
+            merge_into(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
         if pending is not None:
             kv = pending.wait()
     return out_acc.to(q.dtype), lse_acc
 
 
+def _accumulate(total, rows, grad, shape, dtype, own):
+    """total[:, rows] += grad, allocating total on first use; the first grad over
+    all rows becomes the total itself (in ``dtype`` unless ``own`` says the grad's
+    dtype may stay)."""
+    if total is None:
+        if rows == _ALL:
+            return grad if own else grad.to(dtype)
+        total = torch.zeros(shape, dtype=dtype, device=grad.device)
+    elif total.dtype != dtype and not own:
+        total = total.to(dtype)
+    total[:, rows] += grad
+    return total
+
+
+def _sum_grads(total, grads, shape, acc):
+    """Adds [(key rows, grad)] to total (None: nothing yet). One contribution over
+    all rows stays as the kernel produced it (exact: it can travel in the inputs'
+    dtype); a sum of two or more is in ``acc`` (fp32)."""
+    for rows, grad in grads:
+        total = _accumulate(total, rows, grad, shape, acc, own=total is None)
+    return total
+
+
 def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op,
                   drop=None):
+    """Per step: one backward kernel call without dropout (the same blocks as the
+    forward). dQ adds up locally (in q's dtype for W <= 2 without dropout: one sum
+    of two partials, rounded once; else in fp32).
+
+    dK/dV: the rank's own block (step 0) stays here; the accumulator of src's
+    dK/dV starts at the rank after src (step 1), gets each rank's block added and
+    moves on with the ring, reaching src after W-1 exchanges, where the own block
+    is added: W-1 dK/dV exchanges, each overlapping the next step's kernel but the
+    last. Sums of two or more blocks are fp32; a single block travels in the
+    inputs' dtype, which is exact, so the result is the fp32 accumulation's."""
     size, rank = info.size, info.rank
     s = q.shape[1]
     acc = _acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    low_ok = _low_precision_ok(size, drop)
+    dq = None
+    own = [None, None]
     kv = [k.contiguous(), v.contiguous()]
     kv_ring = _comm.RingExchange(info, "kv")
     dkv_ring = _comm.RingExchange(info, "dkv")
@@ -133,26 +187,35 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
         for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
                                                                   drop):
             lse_rows = lse if qs == _ALL else lse[:, :, qs].contiguous()
+            _comm.count_kernel("bwd")
             dq_b, dk_b, dv_b = _BWD(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks],
                                     out[:, qs], lse_rows, scale, blk_causal, True, p, 0, 0,
                                     deterministic, op, rng, *feats)
-            dq[:, qs] += dq_b
+            dq = _accumulate(dq, qs, dq_b, q.shape, acc, low_ok or dq_b.dtype == acc)
             grads.append((ks, dk_b, dv_b))
-        if dkv_pending is None:  # step 0: this rank's own accumulator starts here
-            dkv = [torch.zeros(k.shape, dtype=acc, device=k.device),
-                   torch.zeros(v.shape, dtype=acc, device=v.device)]
+        if step == 0:
+            own = [_sum_grads(None, [(ks, g[0]) for ks, *g in grads], k.shape, acc),
+                   _sum_grads(None, [(ks, g[1]) for ks, *g in grads], v.shape, acc)]
         else:
-            dkv = dkv_pending.wait()
-        for ks, dk_b, dv_b in grads:
-            dkv[0][:, ks] += dk_b
-            dkv[1][:, ks] += dv_b
-        if size > 1:
-            dkv_pending = dkv_ring.start(dkv)
+            # src's accumulator: fresh at step 1, else from the previous rank (its
+            # exchange overlapped this step's kernel). It travels in a dtype both
+            # ends know: after step 1 it holds one kernel call's block (no dropout),
+            # exact in the inputs' dtype; later, or with dropout, sums in fp32.
+            hop = k.dtype if step == 1 and drop is None else acc
+            dkv = [None, None] if dkv_pending is None else dkv_pending.wait()
+            dkv = [_sum_grads(dkv[0], [(ks, g[0]) for ks, *g in grads], k.shape, hop),
+                   _sum_grads(dkv[1], [(ks, g[1]) for ks, *g in grads], v.shape, hop)]
+            if dkv[0] is None:  # no block of src's keys here (contiguous causal)
+                dkv = [torch.zeros(k.shape, dtype=hop, device=k.device),
+                       torch.zeros(v.shape, dtype=hop, device=v.device)]
+            dkv_pending = dkv_ring.start([t.to(hop) for t in dkv])
         if kv_pending is not None:
             kv = kv_pending.wait()
-    if size > 1:
-        dkv = dkv_pending.wait()
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dk, dv = own
+    if dkv_pending is not None:  # this rank's accumulator, back from the other W-1
+        rk, rv = dkv_pending.wait()
+        dk, dv = dk.to(acc).add_(rk), dv.to(acc).add_(rv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
