@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
+from . import _ops
 from ._ops import _export, _launch_on_device_of
 
 OP = "orchard.flash_attn_with_kvcache"
@@ -99,6 +100,20 @@ def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_l
     raise _err(f"block_table has an entry outside the cache's {k_cache.shape[0]} pages (in the used range)")
 
 
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+
+
+def _stable_op_serves(tensors) -> bool:
+    """Whether the eager call may go to the C++ op (orchard::_kvcache_fwd, _C_torch.so): it is
+    loaded, nothing traces or intercepts the call (torch.compile, dispatch / function modes) and
+    every tensor is a plain CPU or CUDA tensor. Else the DLPack path, as before."""
+    q = tensors[0]
+    return (_ops._SKVCACHE_CALL is not None and (q.is_cuda or q.is_cpu) and not _is_compiling()
+            and not _ops._dispatch_modes() and not _ops._function_modes()
+            and all(t is None or type(t) is _Tensor for t in tensors))
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -128,6 +143,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if block_table is not None and cache_batch_idx is not None:
         raise _err("cache_batch_idx is not supported with a paged cache (block_table)")
     wl, wr = window_size
+    global last_num_splits
+    tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+               block_table, alibi_slopes)
+    if _stable_op_serves(tensors):  # the C++ op allocates out / lse / scratch and launches
+        if q.is_cuda:
+            _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+        try:
+            out, lse, last_num_splits = _ops._SKVCACHE_CALL(
+                *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
+                float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_softmax_lse), OP)
+        except RuntimeError as e:
+            raise _ops._stable_error(e) from None
+        return (out, lse) if return_softmax_lse else out
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
            if return_softmax_lse else None)
@@ -139,8 +167,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return _export(torch.empty(nbytes, dtype=torch.uint8, device=dev))[0]
 
     def launch(stream):
-        args = _export(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                       cache_leftpad, block_table, alibi_slopes, out, lse)
+        args = _export(*tensors, out, lse)
         global last_num_splits
         last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr),
                                              float(softcap), bool(rotary_interleaved), int(num_splits),
