@@ -394,13 +394,9 @@ orchard::AttentionOptions make_options(double scale, bool causal, bool top_left,
   return o;
 }
 
-// Dropout's global coordinates (the last four feature arguments; all 0: the plain mask).
-struct DropCoords {
-  int64_t row = 0, col = 0, head = 0, heads = 0;
-};
-
-// The trailing feature arguments (_ops._FEATURE_SCHEMA); _ops._features' "all off"
-// test decides whether they are passed to the core at all (as the DLPack path does).
+// The trailing feature arguments (_ops._FEATURE_SCHEMA), packed once by the op entry points
+// (flash_fwd / flash_bwd; plain_features() for the short-schema ops); _ops._features' "all
+// off" test decides whether they are passed to the core at all (as the DLPack path does).
 struct Features {
   int64_t window_left, window_right;
   double softcap;
@@ -413,6 +409,13 @@ struct Features {
            drop_head != 0 || drop_heads != 0;
   }
 };
+
+// Every feature off: what the short-schema ops (_flash_fwd_plain / _flash_bwd_plain) pass.
+const Features& plain_features() {
+  static const OptTensor none;
+  static const Features f{-1, -1, 0.0, none, none, none, none, none, 0, 0, 0, 0, 0, 0};
+  return f;
+}
 
 orchard::AttentionExtras make_extras(const Features& f, orchard::AttentionOptions& o) {
   orchard::AttentionExtras x;
@@ -454,15 +457,11 @@ void check_rank(const Facts& q, const Facts& k, const Facts& v, const std::strin
 std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
                                             bool causal, bool causal_top_left, double dropout_p, int64_t seed,
                                             int64_t offset, bool return_mask, std::string op_name,
-                                            const OptTensor& rng_state, int64_t window_left, int64_t window_right,
-                                            double softcap, const OptTensor& alibi_slopes, const OptTensor& sink,
-                                            const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
-                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd,
+                                            const OptTensor& rng_state, const Features& features, bool bhsd,
                                             bool no_mask_tensor = false) {
   return tagged([&] {
     Facts fq = facts(q), fk = facts(k), fv = facts(v);
-    const bool varlen = cu_seqlens_q.has_value();
+    const bool varlen = features.cu_q.has_value();
     if (fq.nd != (varlen ? 3 : 4) || fk.nd != fq.nd || fv.nd != fq.nd) check_rank(fq, fk, fv, op_name, varlen ? 3 : 4);
     if (bhsd) {
       swap12(fq);
@@ -484,9 +483,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
       sk = fk.sizes[1];
       lse = empty_contiguous({b, hq, sq}, lse_dtype, fq);
     } else {
-      b = facts(*cu_seqlens_q).sizes[0] - 1;
-      sq = max_seqlen_q;
-      sk = max_seqlen_k;
+      b = facts(*features.cu_q).sizes[0] - 1;
+      sq = features.max_q;
+      sk = features.max_k;
       lse = empty_contiguous({hq, fq.sizes[0]}, lse_dtype, fq);
     }
     // no_mask_tensor (the short-schema op): no mask asked for -> None, not an empty tensor
@@ -507,10 +506,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
     const std::uint64_t* rng = rng_state_pointer(rng_state, fq, op_name);
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, rng,
                                 /*deterministic=*/false, scope.stream, std::move(op_name));
-    args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col,
-                                       drop.head, drop.heads},
-                              args.options);
+    args.extras = make_extras(features, args.options);
     std::string error;
     raise_if_failed(core().forward(args, error), error);
     return std::make_tuple(out, lse, mask);
@@ -520,16 +516,17 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
 std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
                                              bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
                                              bool return_mask, bool /*deterministic*/, std::string op_name,
-                                             OptTensor rng_state, int64_t window_left, int64_t window_right,
-                                             double softcap, OptTensor alibi_slopes, OptTensor sink,
-                                             OptTensor attn_mask, OptTensor cu_seqlens_q, OptTensor cu_seqlens_k,
-                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                             OptTensor rng_state, int64_t window_left,
+                                             int64_t window_right, double softcap, OptTensor alibi_slopes,
+                                             OptTensor sink, OptTensor attn_mask, OptTensor cu_seqlens_q,
+                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                              int64_t dropout_row_offset, int64_t dropout_col_offset,
                                              int64_t dropout_head_offset, int64_t dropout_heads) {
   return fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
-                  std::move(op_name), rng_state, window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  DropCoords{dropout_row_offset, dropout_col_offset, dropout_head_offset, dropout_heads},
+                  std::move(op_name), rng_state,
+                  Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
+                           cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset, dropout_col_offset,
+                           dropout_head_offset, dropout_heads},
                   /*bhsd=*/false);
 }
 
@@ -567,11 +564,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& dout, const Tensor& q,
                                             const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
                                             bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
                                             bool deterministic, std::string op_name, const OptTensor& rng_state,
-                                            int64_t window_left, int64_t window_right, double softcap,
-                                            const OptTensor& alibi_slopes, const OptTensor& sink,
-                                            const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
-                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd) {
+                                            const Features& features, bool bhsd) {
   return tagged([&] {
     Facts fq = facts(q), fk = facts(k), fv = facts(v), fo = facts(out), fdo = facts(dout);
     if (bhsd) {
@@ -595,20 +588,14 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& dout, const Tensor& q,
     args.dv = to_view(fdv, op_name, "dv");
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, nullptr,
                                 deterministic, scope.stream, std::move(op_name));
-    args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col,
-                                       drop.head, drop.heads},
-                              args.options);
+    args.extras = make_extras(features, args.options);
     // The workspace size depends only on what WorkspaceKey holds (as _ops._WORKSPACE_BYTES
     // keys it): asked once per thread for a repeated problem without feature arguments,
     // which saves a second validation pass per call. An undersized workspace could only
     // fail loudly (the core checks it).
     std::string error;
     std::size_t nbytes = 0;
-    const bool plain = !Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col, drop.head,
-                                 drop.heads}
-                            .any();
+    const bool plain = !features.any();
     const WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
     thread_local WorkspaceKey cached_key{};
     thread_local std::size_t cached_bytes = 0;
@@ -642,9 +629,10 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
                                              int64_t dropout_row_offset, int64_t dropout_col_offset,
                                              int64_t dropout_head_offset, int64_t dropout_heads) {
   return bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                  deterministic, std::move(op_name), rng_state, window_left, window_right, softcap, alibi_slopes,
-                  sink, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  DropCoords{dropout_row_offset, dropout_col_offset, dropout_head_offset, dropout_heads},
+                  deterministic, std::move(op_name), rng_state,
+                  Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
+                           cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset, dropout_col_offset,
+                           dropout_head_offset, dropout_heads},
                   /*bhsd=*/false);
 }
 
@@ -656,10 +644,8 @@ std::tuple<Tensor, Tensor, OptTensor> flash_fwd_plain(Tensor q, Tensor k, Tensor
                                                       bool causal, bool causal_top_left, double dropout_p,
                                                       bool return_mask, std::string op_name, OptTensor rng_state,
                                                       bool bhsd) {
-  static const OptTensor none;
   auto [out, lse, mask] = fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask,
-                                   std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0,
-                                   DropCoords{}, bhsd, /*no_mask_tensor=*/true);
+                                   std::move(op_name), rng_state, plain_features(), bhsd, /*no_mask_tensor=*/true);
   return std::make_tuple(out, lse, return_mask ? OptTensor(mask) : std::nullopt);
 }
 
@@ -667,10 +653,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor
                                                    Tensor lse, double softmax_scale, bool causal,
                                                    bool causal_top_left, double dropout_p, bool deterministic,
                                                    std::string op_name, OptTensor rng_state, bool bhsd) {
-  static const OptTensor none;
   return bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, deterministic,
-                  std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0, DropCoords{},
-                  bhsd);
+                  std::move(op_name), rng_state, plain_features(), bhsd);
 }
 
 // -------------------------------------------------------------------------------------
