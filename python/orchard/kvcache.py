@@ -102,16 +102,28 @@ def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_l
 
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
+_is_grad_enabled = torch._C.is_grad_enabled
 
 
-def _stable_op_serves(tensors) -> bool:
+def _plain(t) -> bool:
+    return t is None or type(t) is _Tensor
+
+
+def _stable_op_serves(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                      cache_leftpad, block_table, alibi_slopes) -> bool:
     """Whether the eager call may go to the C++ op (orchard::_kvcache_fwd, _C_torch.so): it is
     loaded, nothing traces or intercepts the call (torch.compile, dispatch / function modes) and
-    every tensor is a plain CPU or CUDA tensor. Else the DLPack path, as before."""
-    q = tensors[0]
-    return (_ops._SKVCACHE_CALL is not None and (q.is_cuda or q.is_cpu) and not _is_compiling()
-            and not _ops._dispatch_modes() and not _ops._function_modes()
-            and all(t is None or type(t) is _Tensor for t in tensors))
+    every tensor is a plain CPU or CUDA tensor. Else the DLPack path, as before. (Spelled out
+    rather than a loop: this runs on every decode step.)"""
+    return (_ops._SKVCACHE_CALL is not None and type(q) is _Tensor and (q.is_cuda or q.is_cpu)
+            and type(k_cache) is _Tensor and type(v_cache) is _Tensor and _plain(k) and _plain(v)
+            and (cache_seqlens is None or type(cache_seqlens) is _Tensor)
+            and (block_table is None or type(block_table) is _Tensor)
+            and _plain(rotary_cos) and _plain(rotary_sin)
+            and (cache_batch_idx is None or type(cache_batch_idx) is _Tensor)
+            and (cache_leftpad is None or type(cache_leftpad) is _Tensor)
+            and (alibi_slopes is None or type(alibi_slopes) is _Tensor)
+            and not _is_compiling() and not _ops._dispatch_modes() and not _ops._function_modes())
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -133,7 +145,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     for its query group). num_splits: split-KV count, 0 = heuristic. Returns out (batch,
     seqlen_q, nheads, headdim) and, with return_softmax_lse, lse float32 (batch, nheads,
     seqlen_q). Forward only."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+    if _is_grad_enabled() and _ops._any_requires_grad(q, k_cache, v_cache, k, v):
         raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
                            "pass tensors that do not require grad")
     if isinstance(cache_seqlens, int):
@@ -146,7 +158,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     global last_num_splits
     tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                block_table, alibi_slopes)
-    if _stable_op_serves(tensors):  # the C++ op allocates out / lse / scratch and launches
+    if _stable_op_serves(*tensors):  # the C++ op allocates out / lse / scratch and launches
         if q.is_cuda:
             _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
         try:
