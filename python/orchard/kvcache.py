@@ -11,6 +11,11 @@ launching (one synchronisation) unless a CUDA graph is being captured or
 make the kernels address memory outside the cache (they are clamped), but give
 meaningless results. On the CPU every value is always checked.
 
+An eager call goes to the C++ op ``orchard::_kvcache_fwd`` (orchard/_C_torch.so, the stable-ABI
+op library; it allocates out / lse / the split-KV scratch through torch and launches on the
+current stream); without that library, under torch.compile or a dispatch / function mode, and
+for tensor subclasses, the DLPack path (orchard._C.kvcache_forward) serves it as before.
+
 A generation loop over a paged cache (page size any multiple of 16)::
 
     pages_per_seq = max_len // page
