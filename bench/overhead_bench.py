@@ -127,6 +127,8 @@ def profile_steps(device, calls, path):
                     torch.cuda.synchronize()
             f.write(f"== {name}: 50 fwd+bwd steps (counts are per 50 steps)\n")
             f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            if device == "cuda":  # the kernels and memsets, by device time
+                f.write("\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=15))
             f.write("\n\n")
 
 
