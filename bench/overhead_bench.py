@@ -19,12 +19,23 @@ Timers:
   CUDA  triton.testing.do_bench (median; L2 flushed before each call), the issue's
         method, and CUDA events around 1,000 back-to-back calls (µs/call), which is the
         host-bound rate when the host is slower than the kernel.
-fwd+bwd: forward on requires_grad inputs + autograd.grad with a fixed dout.
+fwd+bwd: forward on requires_grad inputs + autograd.grad with a fixed dout. The two
+halves are also timed apart, to say which one holds a gap: fwd(grad) (the forward on
+requires_grad inputs, graph recorded, no backward) and bwd (autograd.grad over one
+recorded graph, retain_graph=True, so only the backward runs).
+decode: flash_attn_with_kvcache eager (b1, one query row, GQA 8:1, d64, one new k/v row
+appended into a 1k cache; CHECK_DEVICE_INDICES off, as decode_bench.py) against SDPA on the
+same cache (no append) - the host path of one decode call.
 
-    python bench/overhead_bench.py [--device cpu|cuda|all] [--out DIR] [--graph]
+    python bench/overhead_bench.py [--device cpu|cuda|all] [--out DIR] [--graph] [--profile]
 
 --graph also checks that a CUDA-graph capture of flash_attn_func (fwd and fwd+bwd)
 replays to the eager result, and times a replay.
+--profile writes, per (device, path), torch.profiler tables of 50 fwd+bwd steps of
+flash_attn_func and of SDPA (profile_<device>_<path>.txt under --out): per-op and per-CUDA-
+runtime-call counts and host times (cudaLaunchKernel, cudaMemsetAsync, cudaFuncSetAttribute,
+any cudaStreamSynchronize / cudaMalloc) and the kernels' device times, which say where a
+fwd+bwd gap is: host Python, API calls, launches or kernels.
 """
 from __future__ import annotations
 
@@ -78,7 +89,50 @@ def cuda_times_us(fn):
     return {"do_bench": bench_us, "loop": loop_us}
 
 
-def measure(device: str, graph: bool) -> dict:
+def decode_calls(device, dtype):
+    """One eager decode step: flash_attn_with_kvcache (append 1 row, attend) and SDPA."""
+    import torch
+    import torch.nn.functional as F
+
+    import orchard
+    import orchard.kvcache as okv
+    okv.CHECK_DEVICE_INDICES = False  # as decode_bench.py: no host sync for the index check
+    b, hq, hkv, d, cap = 1, 8, 1, 64, 1024
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(b, 1, hq, d, device=device, dtype=dtype, generator=gen)
+    kc, vc = (torch.randn(b, cap, hkv, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    kn, vn = (torch.randn(b, 1, hkv, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    seqlens = torch.full((b,), cap - 1, dtype=torch.int32, device=device)
+    qb, kb, vb = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    return {"flash_attn_with_kvcache": lambda: orchard.flash_attn_with_kvcache(
+                q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True),
+            "sdpa": lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)}
+
+
+def profile_steps(device, calls, path):
+    """torch.profiler over 50 steps of each call: op and CUDA-runtime tables to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with open(path, "w") as f:
+        for name, fn in calls.items():
+            for _ in range(20):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                for _ in range(50):
+                    fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            f.write(f"== {name}: 50 fwd+bwd steps (counts are per 50 steps)\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            if device == "cuda":  # the kernels and memsets, by device time
+                f.write("\n" + prof.key_averages().table(sort_by="self_device_time_total", row_limit=15))
+            f.write("\n\n")
+
+
+def measure(device: str, graph: bool, profile_dir=None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -107,6 +161,13 @@ def measure(device: str, graph: bool) -> dict:
             return torch.autograd.grad(out, (qg, kg, vg), dout)
         return step
 
+    def grad_only(run):  # the forward with the graph recorded, no backward
+        return lambda: run()
+
+    def bwd_only(run):  # the backward of one recorded graph, again and again
+        out = run()
+        return lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
+
     fwdbwd = {
         "sdpa": grad_step(lambda: bh(F.scaled_dot_product_attention(bh(qg), bh(kg), bh(vg), is_causal=causal))),
         "flash_attn_func": grad_step(lambda: orchard.flash_attn_func(qg, kg, vg, causal=causal)),
@@ -121,13 +182,24 @@ def measure(device: str, graph: bool) -> dict:
         fwd["core"] = lambda: orchard._C.forward(to_dlpack(q), to_dlpack(k), to_dlpack(v), to_dlpack(out),
                                                  to_dlpack(lse), None, scale, causal, False, 0.0, 0, 0, 0,
                                                  "orchard.flash_attn_func")
+    halves = {  # flash_attn_func's and SDPA's fwd+bwd split into its two halves
+        "sdpa": lambda: bh(F.scaled_dot_product_attention(bh(qg), bh(kg), bh(vg), is_causal=causal)),
+        "flash_attn_func": lambda: orchard.flash_attn_func(qg, kg, vg, causal=causal),
+    }
     timer = cpu_time_us if device == "cpu" else cuda_times_us
     result = {"device": device, "shape": SHAPES[device], "stable_ops": getattr(_ops, "STABLE_OPS_STATUS", "n/a (a tree without them)"),
-              "torch": torch.__version__, "fwd": {}, "fwd_bwd": {}}
+              "torch": torch.__version__, "fwd": {}, "fwd_bwd": {}, "fwd_grad": {}, "bwd": {}}
     for name, fn in fwd.items():
         result["fwd"][name] = timer(fn)
     for name, fn in fwdbwd.items():
         result["fwd_bwd"][name] = timer(fn)
+    for name, run in halves.items():
+        result["fwd_grad"][name] = timer(grad_only(run))
+        result["bwd"][name] = timer(bwd_only(run))
+    result["decode"] = {name: timer(fn) for name, fn in decode_calls(device, dtype).items()}
+    if profile_dir is not None:
+        profile_steps(device, {name: fwdbwd[name] for name in ("flash_attn_func", "sdpa")},
+                      os.path.join(profile_dir, f"profile_{device}_{os.environ.get('OVERHEAD_PATH', 'x')}.txt"))
     if graph and device == "cuda":
         result["graph"] = graph_check(q, k, v, qg, kg, vg, dout, causal)
     return result
@@ -171,11 +243,14 @@ def table(results) -> str:
         timer = "µs, wall / process CPU time, best of 40 loops" if r["device"] == "cpu" else "µs, do_bench median / back-to-back loop"
         lines.append(f"\n{r['device']} b{b} s{s} h{h} d{d} causal={causal} {dtype}, path {r['path']} "
                      f"(stable ops: {r['stable_ops']}; torch {r['torch']}); {timer}")
-        lines.append("| call | fwd | fwd+bwd |")
-        lines.append("|---|---|---|")
+        lines.append("| call | fwd | fwd+bwd | fwd(grad) | bwd |")
+        lines.append("|---|---|---|---|---|")
         for name in r["fwd"]:
-            fb = r["fwd_bwd"].get(name)
-            lines.append(f"| {name} | {fmt(r['fwd'][name])} | {'-' if fb is None else fmt(fb)} |")
+            cells = [r[key].get(name) for key in ("fwd_bwd", "fwd_grad", "bwd")]
+            lines.append(f"| {name} | {fmt(r['fwd'][name])} | " + " | ".join("-" if c is None else fmt(c) for c in cells)
+                         + " |")
+        for name, cell in r.get("decode", {}).items():
+            lines.append(f"| decode: {name} | {fmt(cell)} | - | - | - |")
         if "graph" in r:
             g = r["graph"]
             lines.append(f"CUDA graph: replay matches eager: {g['replay_matches_eager']}; replay fwd "
@@ -188,11 +263,12 @@ def main() -> int:
     ap.add_argument("--device", default="all", choices=("cpu", "cuda", "all"))
     ap.add_argument("--path", default="all", choices=("stable", "dlpack", "all"))
     ap.add_argument("--graph", action="store_true", help="CUDA-graph capture check (CUDA)")
-    ap.add_argument("--out", default=None, help="directory for overhead_bench.json")
+    ap.add_argument("--out", default=None, help="directory for overhead_bench.json (and the profiles)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of fwd+bwd (needs --out)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # one (device, path) measurement, JSON on stdout
-        print(json.dumps(measure(args.device, args.graph)))
+        print(json.dumps(measure(args.device, args.graph, args.out if args.profile else None)))
         return 0
     import torch
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -201,10 +277,13 @@ def main() -> int:
     results = []
     for device in devices:
         for path in paths:
-            env = {**os.environ, **PATHS[path]}
+            env = {**os.environ, **PATHS[path], "OVERHEAD_PATH": path}
             if path == "stable":
                 env.pop("ORCHARD_DISABLE_STABLE_OPS", None)
             cmd = [sys.executable, __file__, "--child", "--device", device] + (["--graph"] if args.graph else [])
+            if args.profile and args.out:
+                os.makedirs(args.out, exist_ok=True)
+                cmd += ["--profile", "--out", args.out]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)

@@ -35,6 +35,12 @@ const orchard::binding::CoreApi kApi = [] {
   api.backward_workspace_bytes = [](const orchard::BackwardArgs& a, std::size_t& bytes, std::string& error) {
     return guarded([&] { bytes = orchard::backward_workspace_bytes(a); }, error);
   };
+  api.kvcache_plan = [](const orchard::DecodeArgs& a, orchard::DecodePlan& plan, std::string& error) {
+    return guarded([&] { plan = orchard::kvcache_plan(a); }, error);
+  };
+  api.kvcache_forward = [](const orchard::DecodeArgs& a, std::string& error) {
+    return guarded([&] { orchard::attention_with_kvcache(a); }, error);
+  };
   return api;
 }();
 

@@ -14,20 +14,25 @@
 #include <string>
 
 #include "orchard/attention.h"
+#include "orchard/kvcache.h"
 
 namespace orchard::binding {
 
-inline constexpr std::uint32_t kCoreApiVersion = 1;
+inline constexpr std::uint32_t kCoreApiVersion = 2;  // 2: the decode entries
 
 struct CoreApi {
   std::uint32_t abi = kCoreApiVersion;
   std::uint32_t forward_args_size = sizeof(ForwardArgs);
   std::uint32_t backward_args_size = sizeof(BackwardArgs);
   std::uint32_t options_size = sizeof(AttentionOptions);
+  std::uint32_t decode_args_size = sizeof(DecodeArgs);
   int (*forward)(const ForwardArgs& args, std::string& error) = nullptr;
   int (*backward)(const BackwardArgs& args, std::string& error) = nullptr;
   // Writes the byte count to `bytes`.
   int (*backward_workspace_bytes)(const BackwardArgs& args, std::size_t& bytes, std::string& error) = nullptr;
+  // flash_attn_with_kvcache (orchard/kvcache.h): the split plan (workspace size), then the call.
+  int (*kvcache_plan)(const DecodeArgs& args, DecodePlan& plan, std::string& error) = nullptr;
+  int (*kvcache_forward)(const DecodeArgs& args, std::string& error) = nullptr;
 };
 
 }  // namespace orchard::binding

@@ -23,6 +23,7 @@
 //   orchard::_flash_fwd_plain / _flash_bwd_plain   the drop-ins' common call: no feature
 //                         arguments, seed/offset 0 (short schemas: ~1 us less per call), and
 //                         (bhsd) the SDPA drop-in's (B, H, S, D) tensors as given
+//   orchard::_kvcache_fwd flash_attn_with_kvcache's eager call (kvcache.py)
 // Errors from the core cross the C ABI as std::runtime_error with a "[orchard:<kind>]"
 // tag; _ops.py turns them back into ValueError / NotImplementedError with the message
 // the DLPack path gives.
@@ -393,13 +394,9 @@ orchard::AttentionOptions make_options(double scale, bool causal, bool top_left,
   return o;
 }
 
-// Dropout's global coordinates (the last four feature arguments; all 0: the plain mask).
-struct DropCoords {
-  int64_t row = 0, col = 0, head = 0, heads = 0;
-};
-
-// The trailing feature arguments (_ops._FEATURE_SCHEMA); _ops._features' "all off"
-// test decides whether they are passed to the core at all (as the DLPack path does).
+// The trailing feature arguments (_ops._FEATURE_SCHEMA), packed once by the op entry points
+// (flash_fwd / flash_bwd; plain_features() for the short-schema ops); _ops._features' "all
+// off" test decides whether they are passed to the core at all (as the DLPack path does).
 struct Features {
   int64_t window_left, window_right;
   double softcap;
@@ -412,6 +409,13 @@ struct Features {
            drop_head != 0 || drop_heads != 0;
   }
 };
+
+// Every feature off: what the short-schema ops (_flash_fwd_plain / _flash_bwd_plain) pass.
+const Features& plain_features() {
+  static const OptTensor none;
+  static const Features f{-1, -1, 0.0, none, none, none, none, none, 0, 0, 0, 0, 0, 0};
+  return f;
+}
 
 orchard::AttentionExtras make_extras(const Features& f, orchard::AttentionOptions& o) {
   orchard::AttentionExtras x;
@@ -453,15 +457,11 @@ void check_rank(const Facts& q, const Facts& k, const Facts& v, const std::strin
 std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
                                             bool causal, bool causal_top_left, double dropout_p, int64_t seed,
                                             int64_t offset, bool return_mask, std::string op_name,
-                                            const OptTensor& rng_state, int64_t window_left, int64_t window_right,
-                                            double softcap, const OptTensor& alibi_slopes, const OptTensor& sink,
-                                            const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
-                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd,
+                                            const OptTensor& rng_state, const Features& features, bool bhsd,
                                             bool no_mask_tensor = false) {
   return tagged([&] {
     Facts fq = facts(q), fk = facts(k), fv = facts(v);
-    const bool varlen = cu_seqlens_q.has_value();
+    const bool varlen = features.cu_q.has_value();
     if (fq.nd != (varlen ? 3 : 4) || fk.nd != fq.nd || fv.nd != fq.nd) check_rank(fq, fk, fv, op_name, varlen ? 3 : 4);
     if (bhsd) {
       swap12(fq);
@@ -483,9 +483,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
       sk = fk.sizes[1];
       lse = empty_contiguous({b, hq, sq}, lse_dtype, fq);
     } else {
-      b = facts(*cu_seqlens_q).sizes[0] - 1;
-      sq = max_seqlen_q;
-      sk = max_seqlen_k;
+      b = facts(*features.cu_q).sizes[0] - 1;
+      sq = features.max_q;
+      sk = features.max_k;
       lse = empty_contiguous({hq, fq.sizes[0]}, lse_dtype, fq);
     }
     // no_mask_tensor (the short-schema op): no mask asked for -> None, not an empty tensor
@@ -506,10 +506,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
     const std::uint64_t* rng = rng_state_pointer(rng_state, fq, op_name);
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, rng,
                                 /*deterministic=*/false, scope.stream, std::move(op_name));
-    args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col,
-                                       drop.head, drop.heads},
-                              args.options);
+    args.extras = make_extras(features, args.options);
     std::string error;
     raise_if_failed(core().forward(args, error), error);
     return std::make_tuple(out, lse, mask);
@@ -519,16 +516,17 @@ std::tuple<Tensor, Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, co
 std::tuple<Tensor, Tensor, Tensor> flash_fwd(Tensor q, Tensor k, Tensor v, double softmax_scale, bool causal,
                                              bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
                                              bool return_mask, bool /*deterministic*/, std::string op_name,
-                                             OptTensor rng_state, int64_t window_left, int64_t window_right,
-                                             double softcap, OptTensor alibi_slopes, OptTensor sink,
-                                             OptTensor attn_mask, OptTensor cu_seqlens_q, OptTensor cu_seqlens_k,
-                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                             OptTensor rng_state, int64_t window_left,
+                                             int64_t window_right, double softcap, OptTensor alibi_slopes,
+                                             OptTensor sink, OptTensor attn_mask, OptTensor cu_seqlens_q,
+                                             OptTensor cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                              int64_t dropout_row_offset, int64_t dropout_col_offset,
                                              int64_t dropout_head_offset, int64_t dropout_heads) {
   return fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
-                  std::move(op_name), rng_state, window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  DropCoords{dropout_row_offset, dropout_col_offset, dropout_head_offset, dropout_heads},
+                  std::move(op_name), rng_state,
+                  Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
+                           cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset, dropout_col_offset,
+                           dropout_head_offset, dropout_heads},
                   /*bhsd=*/false);
 }
 
@@ -566,11 +564,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& dout, const Tensor& q,
                                             const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
                                             bool causal_top_left, double dropout_p, int64_t seed, int64_t offset,
                                             bool deterministic, std::string op_name, const OptTensor& rng_state,
-                                            int64_t window_left, int64_t window_right, double softcap,
-                                            const OptTensor& alibi_slopes, const OptTensor& sink,
-                                            const OptTensor& attn_mask, const OptTensor& cu_seqlens_q,
-                                            const OptTensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, const DropCoords& drop, bool bhsd) {
+                                            const Features& features, bool bhsd) {
   return tagged([&] {
     Facts fq = facts(q), fk = facts(k), fv = facts(v), fo = facts(out), fdo = facts(dout);
     if (bhsd) {
@@ -594,20 +588,14 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& dout, const Tensor& q,
     args.dv = to_view(fdv, op_name, "dv");
     args.options = make_options(softmax_scale, causal, causal_top_left, dropout_p, seed, offset, nullptr,
                                 deterministic, scope.stream, std::move(op_name));
-    args.extras = make_extras(Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col,
-                                       drop.head, drop.heads},
-                              args.options);
+    args.extras = make_extras(features, args.options);
     // The workspace size depends only on what WorkspaceKey holds (as _ops._WORKSPACE_BYTES
     // keys it): asked once per thread for a repeated problem without feature arguments,
     // which saves a second validation pass per call. An undersized workspace could only
     // fail loudly (the core checks it).
     std::string error;
     std::size_t nbytes = 0;
-    const bool plain = !Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
-                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop.row, drop.col, drop.head,
-                                 drop.heads}
-                            .any();
+    const bool plain = !features.any();
     const WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
     thread_local WorkspaceKey cached_key{};
     thread_local std::size_t cached_bytes = 0;
@@ -641,9 +629,10 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd(Tensor dout, Tensor q, Tensor k, Te
                                              int64_t dropout_row_offset, int64_t dropout_col_offset,
                                              int64_t dropout_head_offset, int64_t dropout_heads) {
   return bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, seed, offset,
-                  deterministic, std::move(op_name), rng_state, window_left, window_right, softcap, alibi_slopes,
-                  sink, attn_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  DropCoords{dropout_row_offset, dropout_col_offset, dropout_head_offset, dropout_heads},
+                  deterministic, std::move(op_name), rng_state,
+                  Features{window_left, window_right, softcap, alibi_slopes, sink, attn_mask, cu_seqlens_q,
+                           cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_row_offset, dropout_col_offset,
+                           dropout_head_offset, dropout_heads},
                   /*bhsd=*/false);
 }
 
@@ -655,10 +644,8 @@ std::tuple<Tensor, Tensor, OptTensor> flash_fwd_plain(Tensor q, Tensor k, Tensor
                                                       bool causal, bool causal_top_left, double dropout_p,
                                                       bool return_mask, std::string op_name, OptTensor rng_state,
                                                       bool bhsd) {
-  static const OptTensor none;
   auto [out, lse, mask] = fwd_impl(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, return_mask,
-                                   std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0,
-                                   DropCoords{}, bhsd, /*no_mask_tensor=*/true);
+                                   std::move(op_name), rng_state, plain_features(), bhsd, /*no_mask_tensor=*/true);
   return std::make_tuple(out, lse, return_mask ? OptTensor(mask) : std::nullopt);
 }
 
@@ -666,10 +653,91 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor
                                                    Tensor lse, double softmax_scale, bool causal,
                                                    bool causal_top_left, double dropout_p, bool deterministic,
                                                    std::string op_name, OptTensor rng_state, bool bhsd) {
-  static const OptTensor none;
   return bwd_impl(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p, 0, 0, deterministic,
-                  std::move(op_name), rng_state, -1, -1, 0.0, none, none, none, none, none, 0, 0, DropCoords{},
-                  bhsd);
+                  std::move(op_name), rng_state, plain_features(), bhsd);
+}
+
+// -------------------------------------------------------------------------------------
+// flash_attn_with_kvcache's eager call (kvcache.py): the decode core on torch tensors,
+// as orchard._C.kvcache_forward (kvcache.cpp) runs it on DLPack arrays. The caches are
+// written in place (the new k/v appended); out, lse and the split-KV scratch are
+// allocated here through torch. Returns (out, lse or None, the split count used).
+// -------------------------------------------------------------------------------------
+
+// kvcache.cpp's dtype message for a tensor the decode path cannot take (its dtype_of).
+void check_decode_dtype(const Facts& f, const std::string& op, const char* name) {
+  const DTypes& c = codes();
+  const int32_t dt = f.dtype;
+  if (dt == c.f16 || dt == c.bf16 || dt == c.f32 || dt == c.f64 || dt == c.i32 || dt == c.u8 || dt == c.b8) return;
+  const auto [code, bits] = dlpack_code_bits(dt);
+  const std::string what = code == 0 ? "int" : code == 1 ? "uint" : "code " + std::to_string(code) + " ";
+  invalid(op, std::string(name) + ": unsupported dtype (" + what + std::to_string(bits) +
+                  "); expected bfloat16/float16/float32 tensors and int32 index tensors");
+}
+
+orchard::TensorView decode_view(const Tensor& t, const std::string& op, const char* name) {
+  const Facts f = facts(t);
+  check_decode_dtype(f, op, name);
+  return to_view(f, op, name);
+}
+
+orchard::TensorView decode_view(const OptTensor& t, const std::string& op, const char* name) {
+  if (!t.has_value() || !t->defined()) return orchard::TensorView{};
+  return decode_view(*t, op, name);
+}
+
+std::tuple<Tensor, OptTensor, int64_t> kvcache_fwd(
+    Tensor q, Tensor k_cache, Tensor v_cache, OptTensor k, OptTensor v, OptTensor rotary_cos, OptTensor rotary_sin,
+    OptTensor cache_seqlens, OptTensor cache_batch_idx, OptTensor cache_leftpad, OptTensor block_table,
+    OptTensor alibi_slopes, std::optional<double> softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, bool rotary_interleaved, int64_t num_splits, bool return_lse,
+    std::string op_name) {
+  return tagged([&] {
+    const Facts fq = facts(q);
+    if (fq.nd != 4)
+      invalid(op_name, "q must be (batch, seqlen, nheads, headdim), got shape " + shape_str(fq.nd, fq.sizes));
+    // kvcache.py's allocations: out row-major like q, lse (b, hq, sq) float32
+    Tensor out = empty_contiguous({fq.sizes[0], fq.sizes[1], fq.sizes[2], fq.sizes[3]}, fq.dtype, fq);
+    OptTensor lse;
+    if (return_lse) lse = empty_contiguous({fq.sizes[0], fq.sizes[2], fq.sizes[1]}, codes().f32, fq);
+    DeviceScope scope(fq);
+    orchard::DecodeArgs a;
+    const std::string& op = op_name;
+    a.q = decode_view(q, op, "q");
+    a.k_cache = decode_view(k_cache, op, "k_cache");
+    a.v_cache = decode_view(v_cache, op, "v_cache");
+    a.k = decode_view(k, op, "k");
+    a.v = decode_view(v, op, "v");
+    a.rotary_cos = decode_view(rotary_cos, op, "rotary_cos");
+    a.rotary_sin = decode_view(rotary_sin, op, "rotary_sin");
+    a.cache_seqlens = decode_view(cache_seqlens, op, "cache_seqlens");
+    a.cache_batch_idx = decode_view(cache_batch_idx, op, "cache_batch_idx");
+    a.cache_leftpad = decode_view(cache_leftpad, op, "cache_leftpad");
+    a.block_table = decode_view(block_table, op, "block_table");
+    a.alibi_slopes = decode_view(alibi_slopes, op, "alibi_slopes");
+    a.out = decode_view(out, op, "out");
+    a.lse = decode_view(lse, op, "lse");
+    a.options.softmax_scale = softmax_scale;
+    a.options.causal = causal;
+    a.options.window_left = window_left;
+    a.options.window_right = window_right;
+    a.options.softcap = softcap;
+    a.options.rotary_interleaved = rotary_interleaved;
+    a.options.num_splits = static_cast<int>(num_splits);
+    a.options.stream = scope.stream;
+    a.options.op_name = op_name;
+    std::string error;
+    orchard::DecodePlan plan;
+    raise_if_failed(core().kvcache_plan(a, plan, error), error);
+    Tensor workspace;  // freed after the launch: the caching allocator orders reuse on the stream
+    if (plan.workspace_bytes > 0) {
+      workspace = empty_contiguous({static_cast<int64_t>(plan.workspace_bytes)}, codes().u8, fq);
+      a.workspace = to_view(workspace, op, "workspace");
+      a.options.num_splits = plan.num_splits;  // the plan the workspace was sized for
+    }
+    raise_if_failed(core().kvcache_forward(a, error), error);
+    return std::make_tuple(out, lse, static_cast<int64_t>(plan.num_splits));
+  });
 }
 
 }  // namespace
@@ -682,7 +750,8 @@ extern "C" __attribute__((visibility("default"))) int orchard_torch_set_core_api
   const orchard::binding::CoreApi expected;
   if (api == nullptr || api->abi != expected.abi || api->forward_args_size != expected.forward_args_size ||
       api->backward_args_size != expected.backward_args_size || api->options_size != expected.options_size ||
-      api->forward == nullptr || api->backward == nullptr || api->backward_workspace_bytes == nullptr)
+      api->decode_args_size != expected.decode_args_size || api->forward == nullptr || api->backward == nullptr ||
+      api->backward_workspace_bytes == nullptr || api->kvcache_plan == nullptr || api->kvcache_forward == nullptr)
     return 1;
   g_core = api;
   return 0;
@@ -715,6 +784,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
       "_flash_bwd_plain(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, "
       "bool causal, bool causal_top_left, float dropout_p, bool deterministic, str op_name, Tensor? rng_state, "
       "bool bhsd=False) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor? rotary_cos, "
+      "Tensor? rotary_sin, Tensor? cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, "
+      "Tensor? block_table, Tensor? alibi_slopes, float? softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap, bool rotary_interleaved, int num_splits, bool return_lse, str op_name) "
+      "-> (Tensor, Tensor?, int)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
@@ -722,6 +797,7 @@ STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
   m.impl("_flash_bwd", TORCH_BOX(&flash_bwd));
   m.impl("_flash_fwd_plain", TORCH_BOX(&flash_fwd_plain));
   m.impl("_flash_bwd_plain", TORCH_BOX(&flash_bwd_plain));
+  m.impl("_kvcache_fwd", TORCH_BOX(&kvcache_fwd));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) {
@@ -729,4 +805,5 @@ STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) {
   m.impl("_flash_bwd", TORCH_BOX(&flash_bwd));
   m.impl("_flash_fwd_plain", TORCH_BOX(&flash_fwd_plain));
   m.impl("_flash_bwd_plain", TORCH_BOX(&flash_bwd_plain));
+  m.impl("_kvcache_fwd", TORCH_BOX(&kvcache_fwd));
 }

@@ -11,6 +11,11 @@ launching (one synchronisation) unless a CUDA graph is being captured or
 make the kernels address memory outside the cache (they are clamped), but give
 meaningless results. On the CPU every value is always checked.
 
+An eager call goes to the C++ op ``orchard::_kvcache_fwd`` (orchard/_C_torch.so, the stable-ABI
+op library; it allocates out / lse / the split-KV scratch through torch and launches on the
+current stream); without that library, under torch.compile or a dispatch / function mode, and
+for tensor subclasses, the DLPack path (orchard._C.kvcache_forward) serves it as before.
+
 A generation loop over a paged cache (page size any multiple of 16)::
 
     pages_per_seq = max_len // page
@@ -34,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from . import _C
+from . import _ops
 from ._ops import _export, _launch_on_device_of
 
 OP = "orchard.flash_attn_with_kvcache"
@@ -99,6 +105,32 @@ def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_l
     raise _err(f"block_table has an entry outside the cache's {k_cache.shape[0]} pages (in the used range)")
 
 
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_is_grad_enabled = torch._C.is_grad_enabled
+
+
+def _plain(t) -> bool:
+    return t is None or type(t) is _Tensor
+
+
+def _stable_op_serves(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                      cache_leftpad, block_table, alibi_slopes) -> bool:
+    """Whether the eager call may go to the C++ op (orchard::_kvcache_fwd, _C_torch.so): it is
+    loaded, nothing traces or intercepts the call (torch.compile, dispatch / function modes) and
+    every tensor is a plain CPU or CUDA tensor. Else the DLPack path, as before. (Spelled out
+    rather than a loop: this runs on every decode step.)"""
+    return (_ops._SKVCACHE_CALL is not None and type(q) is _Tensor and (q.is_cuda or q.is_cpu)
+            and type(k_cache) is _Tensor and type(v_cache) is _Tensor and _plain(k) and _plain(v)
+            and (cache_seqlens is None or type(cache_seqlens) is _Tensor)
+            and (block_table is None or type(block_table) is _Tensor)
+            and _plain(rotary_cos) and _plain(rotary_sin)
+            and (cache_batch_idx is None or type(cache_batch_idx) is _Tensor)
+            and (cache_leftpad is None or type(cache_leftpad) is _Tensor)
+            and (alibi_slopes is None or type(alibi_slopes) is _Tensor)
+            and not _is_compiling() and not _ops._dispatch_modes() and not _ops._function_modes())
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -118,7 +150,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     for its query group). num_splits: split-KV count, 0 = heuristic. Returns out (batch,
     seqlen_q, nheads, headdim) and, with return_softmax_lse, lse float32 (batch, nheads,
     seqlen_q). Forward only."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+    if _is_grad_enabled() and _ops._any_requires_grad(q, k_cache, v_cache, k, v):
         raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
                            "pass tensors that do not require grad")
     if isinstance(cache_seqlens, int):
@@ -128,6 +160,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if block_table is not None and cache_batch_idx is not None:
         raise _err("cache_batch_idx is not supported with a paged cache (block_table)")
     wl, wr = window_size
+    global last_num_splits
+    tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+               block_table, alibi_slopes)
+    if _stable_op_serves(*tensors):  # the C++ op allocates out / lse / scratch and launches
+        if q.is_cuda:
+            _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+        try:
+            out, lse, last_num_splits = _ops._SKVCACHE_CALL(
+                *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
+                float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_softmax_lse), OP)
+        except RuntimeError as e:
+            raise _ops._stable_error(e) from None
+        return (out, lse) if return_softmax_lse else out
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
            if return_softmax_lse else None)
@@ -139,8 +184,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return _export(torch.empty(nbytes, dtype=torch.uint8, device=dev))[0]
 
     def launch(stream):
-        args = _export(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                       cache_leftpad, block_table, alibi_slopes, out, lse)
+        args = _export(*tensors, out, lse)
         global last_num_splits
         last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr),
                                              float(softcap), bool(rotary_interleaved), int(num_splits),

@@ -439,3 +439,73 @@ def test_device_index_check_logic():
     with pytest.raises(ValueError, match="block_table"):
         okv._check_device_indices(q, kc, None, None, None, None, bt)
     okv._check_device_indices(q, kc, None, None, None, None, kw["block_table"])
+
+
+# ---- the eager C++ op (orchard::_kvcache_fwd, _C_torch.so) and the DLPack path ------------
+
+def _both_paths(monkeypatch, device, case_kw, opts):
+    """The same call through the C++ op and through the DLPack path (the op switched off), on
+    copies of one case: (out, lse, k_cache, v_cache, last_num_splits) of each."""
+    import orchard.kvcache as okv
+    from orchard import _ops
+    q, kc, vc, kw = make_case(device, **case_kw)
+    results = []
+    for op in (_ops._SKVCACHE_CALL, None):
+        monkeypatch.setattr(_ops, "_SKVCACHE_CALL", op)
+        kc_i, vc_i = kc.clone(), vc.clone()
+        okv.last_num_splits = -1
+        out, lse = orchard.flash_attn_with_kvcache(q, kc_i, vc_i, **kw, **opts, return_softmax_lse=True)
+        results.append((out, lse, kc_i, vc_i, okv.last_num_splits))
+    return results
+
+
+@pytest.mark.skipif("orchard._ops._SKVCACHE_CALL is None", reason="no _C_torch.so (stable ops)")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case_kw,opts", [
+    (dict(dtype=torch.bfloat16, s_new=1, page=16, rotary_dim=32), dict(causal=True)),
+    (dict(dtype=torch.float32, sq=4, hq=8, hkv=2, s_new=2, leftpad=True), dict(causal=True, num_splits=3)),
+    (dict(dtype=torch.float16, batch_idx=True, s_new=1), dict(window_size=(20, 0), softcap=5.0)),
+])
+def test_stable_op_matches_dlpack_path_bitwise(monkeypatch, device, case_kw, opts):
+    (o1, l1, k1, v1, n1), (o2, l2, k2, v2, n2) = _both_paths(monkeypatch, device, case_kw, opts)
+    assert n1 == n2 >= 1
+    for a, b in ((o1, o2), (l1, l2), (k1, k2), (v1, v2)):
+        assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("orchard._ops._SKVCACHE_CALL is None", reason="no _C_torch.so (stable ops)")
+@pytest.mark.parametrize("device", DEVICES)
+def test_stable_op_errors_are_the_dlpack_paths(monkeypatch, device):
+    from orchard import _ops
+    op = _ops._SKVCACHE_CALL
+    for what, q, kc, vc, kw, opts, exc, _ in _bad_cases(device):
+        messages = []
+        for path in (op, None):
+            monkeypatch.setattr(_ops, "_SKVCACHE_CALL", path)
+            with pytest.raises(exc) as info:
+                orchard.flash_attn_with_kvcache(q, kc, vc, **kw, **opts)
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], what
+
+
+@pytest.mark.skipif("orchard._ops._SKVCACHE_CALL is None", reason="no _C_torch.so (stable ops)")
+def test_eager_call_takes_the_stable_op_and_modes_do_not(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from orchard import _ops
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, kc, vc, kw = make_case("cpu", torch.float32, s_new=1)
+    calls = []
+    real = _ops._SKVCACHE_CALL
+    monkeypatch.setattr(_ops, "_SKVCACHE_CALL", lambda *a: calls.append(1) or real(*a))
+    orchard.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), **kw)
+    assert calls == [1]
+    with Record():  # a dispatch mode: the DLPack path, as before the op existed
+        orchard.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), **kw)
+    assert calls == [1] and not any("_kvcache_fwd" in s for s in seen)

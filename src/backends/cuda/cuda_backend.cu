@@ -5,7 +5,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "backends/cuda/launch.h"
 #include "core/backend.h"
@@ -18,6 +21,26 @@ void check_launch(const char* what) {
   if (err != cudaSuccess)
     throw Error(ErrorKind::kRuntime, std::string("CUDA error in ") + what + ": " +
                                          cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+void opt_in_dynamic_smem(const void* kernel, int bytes) {
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = -1;
+  }
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> opted;  // (kernel, device) -> bytes opted in
+  const auto key = std::make_pair(kernel, device);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = opted.find(key);
+    if (it != opted.end() && it->second >= bytes) return;
+  }
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) return;
+  std::lock_guard<std::mutex> lock(mutex);
+  int& done = opted[key];
+  done = std::max(done, bytes);
 }
 
 namespace {

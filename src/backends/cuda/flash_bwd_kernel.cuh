@@ -1387,7 +1387,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
 
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  set_max_dynamic_smem(kernel, bytes);  // once per (kernel, device): launch.h
 }
 
 template <typename T, int kD, bool kCausal, bool kDropout>

@@ -462,7 +462,7 @@ void launch_flash_fwd(const FwdParams& p) {
   if (grid == 0) return;
   // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy).
   const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  set_max_dynamic_smem(kernel, smem);  // once per (kernel, device): launch.h
   kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(
       p, num_m_blocks, fwd_vec16(p));
   check_launch("flash_fwd_kernel");

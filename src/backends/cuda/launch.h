@@ -137,4 +137,14 @@ inline bool bwd_vec16(const BwdParams& p) {
 // Throws orchard::Error(kRuntime) if the last launch failed.
 void check_launch(const char* what);
 
+// The dynamic shared-memory opt-in (cudaFuncSetAttribute MaxDynamicSharedMemorySize) of
+// `kernel` on the current device, made once per (kernel, device) and size instead of before
+// every launch: a driver call saved per launch on the host path of small problems (issue 12).
+// A failed opt-in is left for the launch's check_launch to report, as before.
+void opt_in_dynamic_smem(const void* kernel, int bytes);  // cuda_backend.cu
+template <typename Kernel>
+void set_max_dynamic_smem(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
+}
+
 }  // namespace orchard::cuda
