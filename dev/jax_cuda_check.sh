@@ -11,18 +11,19 @@
 # one, only orchard._C and orchard._jax_ffi are compiled here, against it
 # (dev/jax_cuda_check/CMakeLists.txt: seconds). Without one, the project's own CMake
 # builds the two targets, CUDA kernels included (minutes even on 16 cores).
-# Env: OUT (logs; default ./jax_check_out), JAX_CHECK_SANITIZE=1 adds compute-sanitizer
+# Env: OUT (where jax_logs.tgz goes; default build-jaxcheck/out), JAX_CHECK_SANITIZE=1 adds compute-sanitizer
 # memcheck on one small forward+backward.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-$ROOT/jax_check_out}"
-LOGS="$OUT/jax_logs"
-mkdir -p "$LOGS"
+BUILD="$ROOT/build-jaxcheck"
+OUT="${OUT:-$BUILD/out}"                # gets jax_logs.tgz only (a device call returns few files)
+LOGS="$BUILD/jax_logs"
+mkdir -p "$LOGS" "$OUT"
 PY="${PYTHON:-python3}"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-pack() { (cd "$OUT" && tar czf jax_logs.tgz jax_logs); }
+pack() { tar czf "$OUT/jax_logs.tgz" -C "$BUILD" jax_logs; }
 trap pack EXIT
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -30,7 +31,6 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 "$PY" -c "import jax, jaxlib, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 | tee "$LOGS/versions.txt"
 
 # ---- build ---------------------------------------------------------------------
-BUILD="$ROOT/build-jaxcheck"
 stamp "build (core: ${1:-project CMake})"
 if [ -n "${1:-}" ]; then
   cmake -S dev/jax_cuda_check -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
@@ -45,7 +45,7 @@ fi
 rc=$?
 if (( rc != 0 )); then tail -40 "$LOGS/build.log"; stamp "build failed"; exit 1; fi
 # The modules next to the package's Python sources (a throwaway copy of the tree).
-SITE="$OUT/site"; rm -rf "$SITE"; mkdir -p "$SITE"
+SITE="$BUILD/site"; rm -rf "$SITE"; mkdir -p "$SITE"
 cp -r python/orchard "$SITE/"
 find "$BUILD" -maxdepth 3 \( -name "_C*.so" -o -name "_jax_ffi*.so" \) -exec cp {} "$SITE/orchard/" \;
 export PYTHONPATH="$SITE"
@@ -73,7 +73,7 @@ stamp "pytest done (rc=$rc)"
 
 # ---- optional: compute-sanitizer memcheck on one small forward + backward -------------
 if [ "${JAX_CHECK_SANITIZE:-0}" = 1 ]; then
-  cat > "$OUT/sanitize_case.py" <<'PYEOF'
+  cat > "$BUILD/sanitize_case.py" <<'PYEOF'
 import jax, jax.numpy as jnp, orchard.jax as oj
 q, k, v = (jax.random.normal(jax.random.PRNGKey(i), s, jnp.bfloat16)
            for i, s in enumerate([(1, 40, 4, 64), (1, 56, 2, 64), (1, 56, 2, 64)]))
@@ -81,7 +81,7 @@ f = lambda q, k, v: jnp.sum(oj.flash_attention(q, k, v, causal=True).astype(jnp.
 print(jax.block_until_ready(jax.grad(f, argnums=(0, 1, 2))(q, k, v))[0].shape)
 PYEOF
   stamp "compute-sanitizer memcheck"
-  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$OUT/sanitize_case.py" \
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$BUILD/sanitize_case.py" \
     > "$LOGS/memcheck.log" 2>&1
   echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$LOGS/memcheck.log" | tail -1)"
 fi
