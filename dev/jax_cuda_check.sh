@@ -11,7 +11,8 @@
 # one, only orchard._C and orchard._jax_ffi are compiled here, against it
 # (dev/jax_cuda_check/CMakeLists.txt: seconds). Without one, the project's own CMake
 # builds the two targets, CUDA kernels included (minutes even on 16 cores).
-# Env: OUT (where jax_logs.tgz goes; default build-jaxcheck/out), JAX_CHECK_SANITIZE=1 adds compute-sanitizer
+# Env: OUT (where jax_logs.tgz goes; default build-jaxcheck/out), JAX_CHECK_PYTEST_TIMEOUT (s, default
+# 300 per pytest run), JAX_CHECK_SANITIZE=1 adds compute-sanitizer
 # memcheck on one small forward+backward.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -58,7 +59,7 @@ deselect=()
 for attempt in 1 2 3 4; do
   log="$LOGS/pytest_$attempt.log"
   stamp "pytest test_jax.py (attempt $attempt, ${#deselect[@]} deselected)"
-  timeout 300 "$PY" -X faulthandler -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 \
+  timeout "${JAX_CHECK_PYTEST_TIMEOUT:-300}" "$PY" -X faulthandler -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 \
     tests/python/test_jax.py "${deselect[@]}" > "$log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -25
