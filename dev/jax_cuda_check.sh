@@ -58,7 +58,7 @@ stamp "built"
 deselect=()
 for attempt in 1 2 3 4; do
   log="$LOGS/pytest_$attempt.log"
-  stamp "pytest test_jax.py (attempt $attempt, ${#deselect[@]} deselected)"
+  stamp "pytest test_jax.py (attempt $attempt, $(( ${#deselect[@]} / 2 )) deselected)"
   timeout "${JAX_CHECK_PYTEST_TIMEOUT:-300}" "$PY" -X faulthandler -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 \
     tests/python/test_jax.py "${deselect[@]}" > "$log" 2>&1
   rc=$?

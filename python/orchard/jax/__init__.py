@@ -32,9 +32,12 @@ __all__ = ["flash_attention", "cuda_compiled"]
 
 _OP = "orchard.jax.flash_attention"
 
-# Whether the CUDA handlers are registered. They were off after their first GPU run
-# (2026-11-30: the backward asked XLA's scratch allocator for 256-byte alignment, which
-# XLA's FFI refuses above 16); see dev/jax_cuda_check.sh for the GPU check.
+# Whether the CUDA handlers are registered (False: a jit compiled for a GPU fails in XLA
+# with "no registered implementation for platform CUDA"). Their first H200 run failed
+# every backward: it asked XLA's scratch allocator for 256-byte alignment, which XLA's
+# FFI refuses above 16. Fixed, the GPU tests passed on the H200 (jax 0.11.2,
+# dev/jax_cuda_check.sh); with ORCHARD_DEBUG_FLASH_ATN on, the calls crashed, so the
+# CUDA handlers refuse that switch (python/binding/jax_ffi.cpp).
 CUDA_HANDLERS_ENABLED = True
 
 # One registration per platform ("cpu", "CUDA"); jax defers a platform's
