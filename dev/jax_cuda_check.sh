@@ -48,7 +48,8 @@ if (( rc != 0 )); then tail -40 "$LOGS/build.log"; stamp "build failed"; exit 1;
 # The modules next to the package's Python sources (a throwaway copy of the tree).
 SITE="$BUILD/site"; rm -rf "$SITE"; mkdir -p "$SITE"
 cp -r python/orchard "$SITE/"
-find "$BUILD" -maxdepth 3 \( -name "_C*.so" -o -name "_jax_ffi*.so" \) -exec cp {} "$SITE/orchard/" \;
+find "$BUILD" -maxdepth 3 -path "$SITE" -prune -o \( -name "_C*.so" -o -name "_jax_ffi*.so" \) -print \
+  | xargs -r cp -t "$SITE/orchard/"
 export PYTHONPATH="$SITE"
 "$PY" -c "import orchard, orchard.jax as oj; print(orchard.build_info(), 'handlers enabled:', oj.CUDA_HANDLERS_ENABLED)" \
   2>&1 | tee -a "$LOGS/versions.txt"
