@@ -17,6 +17,7 @@
 #include <nanobind/nanobind.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <optional>
 #include <string>
@@ -34,6 +35,8 @@ namespace nb = nanobind;
 namespace {
 
 constexpr const char* kOp = "orchard.jax.flash_attention";
+// attention_backward wants its workspace 256-byte aligned.
+constexpr std::uintptr_t kWorkspaceAlign = 256;
 
 bool to_dtype(ffi::DataType t, orchard::DType* out) {
   switch (t) {
@@ -120,9 +123,10 @@ ffi::Error forward_on(orchard::Device device, void* stream, ffi::AnyBuffer q, ff
 }
 
 // The backward on `device`. Its workspace (fp32 dq accumulators etc.) comes from
-// `allocate(bytes)`: host memory owned by the call on the CPU, XLA's scratch
-// allocator (stream-ordered device memory, released when the handler returns, as
-// jaxlib's own GPU kernels do) on CUDA.
+// `allocate(bytes)`: host memory owned by the call on the CPU; on CUDA, XLA's
+// scratch allocator (device memory handed back to XLA's allocator when the handler
+// returns, as jaxlib's own GPU kernels do: whatever XLA puts there next is ordered
+// after this call's kernels on the same stream).
 template <class Allocate>
 ffi::Error backward_on(orchard::Device device, void* stream, Allocate&& allocate, ffi::AnyBuffer q,
                        ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
@@ -171,9 +175,24 @@ ffi::Error backward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
                      window_right, softcap);
 }
 
+// The core's kernel debug log (ORCHARD_DEBUG_FLASH_ATN) is refused on this path: on
+// the H200 (jax 0.11.2) every JAX CUDA call made with it on crashed the process
+// (segfault inside the custom call), while the same calls with it off passed. Its
+// extra work there is a cudaStreamSynchronize of XLA's stream around the kernel and
+// the file write; which of them crashes is not known yet (bench/NOTES.md).
+std::optional<ffi::Error> refuse_debug_log() {
+  const char* v = std::getenv("ORCHARD_DEBUG_FLASH_ATN");
+  if (v == nullptr || v[0] == '\0' || std::string(v) == "0") return std::nullopt;
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    std::string(kOp) + ": the kernel debug log (ORCHARD_DEBUG_FLASH_ATN) is not supported on "
+                                       "the JAX CUDA path yet (it crashed the process there); unset it, or log "
+                                       "through orchard's PyTorch API or the JAX CPU path");
+}
+
 ffi::Error forward_cuda(void* stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, double scale,
                         int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
+  if (auto refused = refuse_debug_log()) return std::move(*refused);
   return forward_on(gpu(ordinal), stream, q, k, v, o, lse, scale, causal, window_left, window_right, softcap);
 }
 
@@ -182,27 +201,27 @@ ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator sc
                          ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                          ffi::Result<ffi::AnyBuffer> dv, double scale, int32_t causal, int64_t window_left,
                          int64_t window_right, double softcap) {
+  if (auto refused = refuse_debug_log()) return std::move(*refused);
   auto allocate = [&](std::size_t bytes) -> void* {
-    std::optional<void*> p = scratch.Allocate(bytes, /*alignment=*/256);
+    // XLA's FFI refuses alignments above 16 ("Unsupported alignment"; kMaxAlignment in
+    // xla/ffi/ffi_api.cc) and the core wants 256: over-allocate, round the start up.
+    std::optional<void*> p = scratch.Allocate(bytes + kWorkspaceAlign - 1, /*alignment=*/16);
     if (!p.has_value() || *p == nullptr)
       throw orchard::Error(orchard::ErrorKind::kRuntime, std::string(kOp) + ": XLA's scratch allocator could not "
                                                          "allocate the backward workspace (" +
                                                          std::to_string(bytes) + " bytes)");
-    return *p;
+    const auto address = reinterpret_cast<std::uintptr_t>(*p);
+    return reinterpret_cast<void*>((address + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign);
   };
   return backward_on(gpu(ordinal), stream, allocate, q, k, v, o, lse, dout, dq, dk, dv, scale, causal,
                      window_left, window_right, softcap);
 }
 
-// The operands and attributes both platforms bind, after the platform's context.
+// The attributes every handler binds after its operands and results, in the
+// order of the handlers' trailing parameters (orchard.jax._attrs passes them).
 template <class Binding>
-auto forward_signature(Binding b) {
+auto attributes(Binding b) {
   return std::move(b)
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
       .template Attr<double>("softmax_scale")
       .template Attr<int32_t>("causal")
       .template Attr<int64_t>("window_left")
@@ -210,23 +229,29 @@ auto forward_signature(Binding b) {
       .template Attr<double>("softcap");
 }
 
+// The operands, results and attributes both platforms bind, after the platform's context.
+template <class Binding>
+auto forward_signature(Binding b) {
+  return attributes(std::move(b)
+                        .template Arg<ffi::AnyBuffer>()   // q
+                        .template Arg<ffi::AnyBuffer>()   // k
+                        .template Arg<ffi::AnyBuffer>()   // v
+                        .template Ret<ffi::AnyBuffer>()   // out
+                        .template Ret<ffi::AnyBuffer>());  // lse
+}
+
 template <class Binding>
 auto backward_signature(Binding b) {
-  return std::move(b)
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Attr<double>("softmax_scale")
-      .template Attr<int32_t>("causal")
-      .template Attr<int64_t>("window_left")
-      .template Attr<int64_t>("window_right")
-      .template Attr<double>("softcap");
+  return attributes(std::move(b)
+                        .template Arg<ffi::AnyBuffer>()   // q
+                        .template Arg<ffi::AnyBuffer>()   // k
+                        .template Arg<ffi::AnyBuffer>()   // v
+                        .template Arg<ffi::AnyBuffer>()   // out
+                        .template Arg<ffi::AnyBuffer>()   // lse
+                        .template Arg<ffi::AnyBuffer>()   // dout
+                        .template Ret<ffi::AnyBuffer>()   // dq
+                        .template Ret<ffi::AnyBuffer>()   // dk
+                        .template Ret<ffi::AnyBuffer>());  // dv
 }
 
 }  // namespace

@@ -6,11 +6,11 @@ installed at build time), with a ``jax.custom_vjp`` whose backward is Orchard's
 fused backward. It is jit-, grad- and vmap-able (vmap runs the call once per
 mapped element). No copies: XLA hands the custom call its buffers.
 
-Platforms: CPU only for now. CUDA handlers (the CUDA kernels on XLA's stream
-with XLA's device buffers) are written but disabled: they failed their first GPU
-test run (see CUDA_HANDLERS_ENABLED below); GPU arrays raise NotImplementedError. The options are causal (bottom-right aligned, as flash-attn), softmax
-scale, sliding window and softcap. Not here yet: dropout, ALiBi, sinks, masks,
-varlen.
+Platforms: CPU and CUDA (Orchard's CUDA kernels on XLA's stream, on XLA's
+device buffers; the backward's workspace from XLA's scratch allocator). XLA picks
+the handler of the platform it compiles for. The options are causal
+(bottom-right aligned, as flash-attn), softmax scale, sliding window and
+softcap. Not here yet: dropout, ALiBi, sinks, masks, varlen.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ __all__ = ["flash_attention", "cuda_compiled"]
 
 _OP = "orchard.jax.flash_attention"
 
-# The CUDA handlers exist (orchard._jax_ffi) but are NOT registered: on their first
-# GPU run (H200, 2026-11-30) five of the JAX CUDA tests failed and the sixth crashed
-# the process (segfault inside the custom call), and there was no device time left to
-# find out why. Until they pass, orchard.jax runs on the CPU only: concrete GPU arrays
-# are refused with NotImplementedError below, and a jit compiled for a GPU fails in
-# XLA with "no registered implementation for platform CUDA" (an error, never a wrong
-# answer). Set True only together with a green `pytest -m cuda tests/python/test_jax.py`.
-CUDA_HANDLERS_ENABLED = False
+# Whether the CUDA handlers are registered (False: a jit compiled for a GPU fails in XLA
+# with "no registered implementation for platform CUDA"). Their first H200 run failed
+# every backward: it asked XLA's scratch allocator for 256-byte alignment, which XLA's
+# FFI refuses above 16. Fixed, the GPU tests passed on the H200 (jax 0.11.2,
+# dev/jax_cuda_check.sh); with ORCHARD_DEBUG_FLASH_ATN on, the calls crashed, so the
+# CUDA handlers refuse that switch (python/binding/jax_ffi.cpp).
+CUDA_HANDLERS_ENABLED = True
 
 # One registration per platform ("cpu", "CUDA"); jax defers a platform's
 # registration until its plugin loads, so this is safe on a CPU-only jaxlib.
@@ -48,21 +47,6 @@ for _platform, _targets in _jax_ffi.handlers().items():
         continue
     for _name, _capsule in _targets.items():
         jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
-
-
-def _refuse_gpu_arrays(*arrays):
-    if CUDA_HANDLERS_ENABLED:
-        return
-    for t in arrays:
-        try:
-            platforms = {d.platform for d in t.devices()}
-        except Exception:  # tracers (inside jit / grad) carry no devices
-            continue
-        if platforms - {"cpu"}:
-            raise NotImplementedError(
-                f"{_OP}: arrays on {sorted(platforms)} are not supported: the JAX CUDA handlers are "
-                "disabled (they failed their first GPU test run); move the arrays to the CPU "
-                "(jax.device_put(x, jax.devices('cpu')[0])) or use orchard's PyTorch API on the GPU")
 
 
 def cuda_compiled() -> bool:
@@ -139,7 +123,6 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
                              f"shape {getattr(t, 'shape', None)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{_OP}: q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _refuse_gpu_arrays(q, k, v)
     d = q.shape[-1]
     scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
     left, right = (int(w) for w in window_size)
