@@ -31,12 +31,12 @@ timeout 120 "$CUOBJDUMP" -sass "$BIN" > "$OUT/full.sass" 2>/dev/null
 } | tee -a "$LOG" > "$OUT/attn_sass.txt"
 rm -f "$OUT/full.sass"
 echo "=== checks $(date -u +%H:%M:%S)" | tee -a "$LOG"
-timeout 150 "$BIN" checks >> "$LOG" 2>&1 || { echo "checks rc=$?" | tee -a "$LOG"; status=1; }
+timeout 90 "$BIN" checks >> "$LOG" 2>&1 || { echo "checks rc=$?" | tee -a "$LOG"; status=1; }
 echo "=== grid $(date -u +%H:%M:%S)" | tee -a "$LOG"
-timeout 150 "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
+timeout 90 "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
 if [ "${PEERS:-1}" = 1 ]; then
   echo "=== peers (torch SDPA) $(date -u +%H:%M:%S)" | tee -a "$LOG"
-  timeout 150 python3 "$HERE/attn_peers.py" >> "$LOG" 2>&1 || echo "peers rc=$?" | tee -a "$LOG"
+  timeout 90 python3 "$HERE/attn_peers.py" >> "$LOG" 2>&1 || echo "peers rc=$?" | tee -a "$LOG"
 fi
 grep -E "CHECK|TIME|PEER|failing" "$LOG"
 exit $status
