@@ -411,3 +411,21 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
 }
 
 }  // namespace orchard::sm90
+
+// ---- library entry (instantiated by flash_fwd_sm90_<dtype>_d<d>.cu, built only for sm_90a) ----
+#include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+
+namespace orchard::cuda {
+
+template <typename T, int kD>
+bool run_flash_fwd_sm90(const FwdParams& p) {
+  // Intra-warpgroup overlap measured on the H200 (bench/NOTES.md): +8-36 % at d128 / d256,
+  // -10-15 % at d64 (short PV GEMMs), so d64 runs the plain order.
+  constexpr bool kOverlap = kD != 64;
+  if (!sm90::launch_flash_fwd_sm90<T, kD, kOverlap>(p)) return false;
+  check_launch("flash_fwd_sm90_kernel");
+  return true;
+}
+
+}  // namespace orchard::cuda
