@@ -12,6 +12,7 @@ GRID = [  # (dtype, d, causal, b, h, s) = the bench's speed grid (MHA part)
     ("bf16", 128, False, 1, 16, 16384), ("bf16", 128, True, 1, 16, 16384),
     ("bf16", 64, False, 2, 32, 8192), ("bf16", 64, True, 2, 32, 8192),
     ("fp16", 128, False, 2, 16, 8192), ("bf16", 256, False, 4, 8, 4096), ("bf16", 256, True, 4, 8, 4096),
+    ("bf16", 128, False, 32, 16, 512), ("bf16", 128, True, 32, 16, 512), ("bf16", 64, False, 16, 32, 1024),
 ]
 
 

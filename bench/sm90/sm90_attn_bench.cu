@@ -176,11 +176,18 @@ bool run_shape(const Shape& sh, int reps, bool check) {
   std::snprintf(label, sizeof label, "%s d%-3d %-6s b%-2d hq%-2d hkv%-2d s%-5d", tn, kD, sh.causal ? "causal" : "full",
                 b, hq, hkv, sq);
 
-  for (int variant = 1; variant >= 0; --variant) {
+  // Variants: 1 overlap, 0 plain; d64 / d128 also 3 / 2 = overlap / plain with 192-key tiles.
+  for (int variant = kD <= 128 ? 3 : 1; variant >= 0; --variant) {
     auto launch = [&]() {
-      return variant ? orchard::sm90::launch_flash_fwd_sm90<T, kD, true>(p)
-                     : orchard::sm90::launch_flash_fwd_sm90<T, kD, false>(p);
+      namespace s9 = orchard::sm90;
+      switch (variant) {
+        case 3: return s9::launch_flash_fwd_sm90<T, kD, true, kD <= 128 ? 192 : 64>(p);
+        case 2: return s9::launch_flash_fwd_sm90<T, kD, false, kD <= 128 ? 192 : 64>(p);
+        case 1: return s9::launch_flash_fwd_sm90<T, kD, true>(p);
+        default: return s9::launch_flash_fwd_sm90<T, kD, false>(p);
+      }
     };
+    const char* vname = variant == 3 ? "ovl-n192" : variant == 2 ? "pln-n192" : variant == 1 ? "overlap" : "plain";
     if (check) {
       CK(cudaMemset(o, 0xFF, nq * sizeof(T)));  // NaN poison
       CK(cudaMemset(lse, 0xFF, (int64_t)b * hq * sq * sizeof(float)));
@@ -230,7 +237,7 @@ bool run_shape(const Shape& sh, int reps, bool check) {
       const bool pass = !nan && e_o <= 2 * e_olp + 1e-4 && e_l <= 2 * e_llp + 1e-4;
       ok &= pass;
       std::printf("CHECK %s %-7s rows=%d  out err %.3e (naive lowp %.3e)  lse err %.3e (lowp %.3e)%s  %s\n", label,
-                  variant ? "overlap" : "plain", nr, e_o, e_olp, e_l, e_llp, nan ? " NaN/poison left" : "",
+                  vname, nr, e_o, e_olp, e_l, e_llp, nan ? " NaN/poison left" : "",
                   pass ? "PASS" : "FAIL");
       cudaFree(drows);
       for (float* x : {o32, olp, og, l32, llp, lg}) cudaFree(x);
@@ -254,7 +261,7 @@ bool run_shape(const Shape& sh, int reps, bool check) {
       std::sort(ms.begin(), ms.end());
       const double med = ms[ms.size() / 2];
       const double flops = 4.0 * b * hq * (double)sq * sk * kD / (sh.causal ? 2.0 : 1.0);
-      std::printf("TIME %s %-7s %8.3f ms  %6.1f TFLOP/s\n", label, variant ? "overlap" : "plain", med,
+      std::printf("TIME %s %-8s %8.3f ms  %6.1f TFLOP/s\n", label, vname, med,
                   flops / med / 1e9);
       cudaEventDestroy(e0);
       cudaEventDestroy(e1);
@@ -290,6 +297,7 @@ int main(int argc, char** argv) {
       {false, 128, true, 2, 16, 16, 8192},  {false, 128, false, 1, 16, 16, 16384}, {false, 128, true, 1, 16, 16, 16384},
       {false, 64, false, 2, 32, 32, 8192},  {false, 64, true, 2, 32, 32, 8192},   {true, 128, false, 2, 16, 16, 8192},
       {false, 256, false, 4, 8, 8, 4096},   {false, 256, true, 4, 8, 8, 4096},    {false, 128, false, 2, 16, 2, 8192},
+      {false, 128, false, 32, 16, 16, 512}, {false, 128, true, 32, 16, 16, 512}, {false, 64, false, 16, 32, 32, 1024},
   };
   if (mode != "checks")
     for (const Shape& s : grid) fails += !run(s, mode == "quick" ? 5 : 20, false);

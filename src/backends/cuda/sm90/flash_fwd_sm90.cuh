@@ -36,11 +36,16 @@
 
 namespace orchard::sm90 {
 
+// Keys per tile: 128 (d256: 64, registers for O); kBNv overrides it (bench experiments).
 template <int kD>
+constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
+
+template <int kD, int kBNv = default_block_n<kD>()>
 struct FwdSm90Config {
   static_assert(kD == 64 || kD == 128 || kD == 256, "sm90 forward: d in {64, 128, 256}");
-  static constexpr int kBM = 128;                   // query rows per CTA (2 consumer WGs x 64)
-  static constexpr int kBN = kD <= 128 ? 128 : 64;  // keys per tile (d256: registers for O)
+  static_assert(kBNv % 16 == 0 && kBNv <= 256, "sm90 forward: key tile");
+  static constexpr int kBM = 128;   // query rows per CTA (2 consumer WGs x 64)
+  static constexpr int kBN = kBNv;
   static constexpr int kChunks = kD / 64;           // 64-column (128-byte) swizzle chunks
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBM * kD * 2;
@@ -139,13 +144,13 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
     for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
-template <typename T, int kD, bool kCausal, bool kOverlap>
+template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv>
 __global__ void __launch_bounds__(384, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
                           const __grid_constant__ CUtensorMap tm_k,
                           const __grid_constant__ CUtensorMap tm_v, const FwdParams p,
                           int num_m_blocks) {
-  using Cfg = FwdSm90Config<kD>;
+  using Cfg = FwdSm90Config<kD, kBNv>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -393,9 +398,9 @@ inline bool make_attn_map(CUtensorMap* map, const void* base, int d, int rows, i
 
 // Host launcher.  Returns false without launching when the tensor maps cannot be encoded
 // (the caller then falls back); launch errors are left to the caller's check.
-template <typename T, int kD, bool kOverlap = true>
+template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>()>
 bool launch_flash_fwd_sm90(const FwdParams& p) {
-  using Cfg = FwdSm90Config<kD>;
+  using Cfg = FwdSm90Config<kD, kBNv>;
   CUtensorMap tq, tk, tv;
   if (!make_attn_map<T>(&tq, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
       !make_attn_map<T>(&tk, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN) ||
@@ -403,7 +408,8 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
     return false;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   if (num_m_blocks == 0 || p.b == 0 || p.hq == 0) return true;
-  auto kernel = p.causal ? flash_fwd_sm90_kernel<T, kD, true, kOverlap> : flash_fwd_sm90_kernel<T, kD, false, kOverlap>;
+  auto kernel = p.causal ? flash_fwd_sm90_kernel<T, kD, true, kOverlap, kBNv>
+                         : flash_fwd_sm90_kernel<T, kD, false, kOverlap, kBNv>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   dim3 grid(num_m_blocks, p.hq, p.b);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, num_m_blocks);
