@@ -426,10 +426,20 @@ namespace orchard::cuda {
 
 template <typename T, int kD>
 bool run_flash_fwd_sm90(const FwdParams& p) {
-  // Intra-warpgroup overlap measured on the H200 (bench/NOTES.md): +8-36 % at d128 / d256,
-  // -10-15 % at d64 (short PV GEMMs), so d64 runs the plain order.
-  constexpr bool kOverlap = kD != 64;
-  if (!sm90::launch_flash_fwd_sm90<T, kD, kOverlap>(p)) return false;
+  // Measured on the H200 (bench/NOTES.md, "sm90 attention forward"): the intra-warpgroup
+  // overlap gains 8-36 % at d128 / d256 and loses 10-15 % at d64 (short PV GEMMs), so d64
+  // runs the plain order; 192-key tiles gain 3-12 % at d128 from 8k keys on and lose at 2k
+  // and below (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys.
+  bool launched;
+  if constexpr (kD == 64) {
+    launched = sm90::launch_flash_fwd_sm90<T, 64, false>(p);
+  } else if constexpr (kD == 128) {
+    launched = p.sk >= 4096 ? sm90::launch_flash_fwd_sm90<T, 128, true, 192>(p)
+                            : sm90::launch_flash_fwd_sm90<T, 128, true>(p);
+  } else {
+    launched = sm90::launch_flash_fwd_sm90<T, kD, true>(p);
+  }
+  if (!launched) return false;
   check_launch("flash_fwd_sm90_kernel");
   return true;
 }
