@@ -66,8 +66,9 @@ void bwd_dispatch(const BwdParams& p) {
 // The Hopper forward (sm90/flash_fwd_sm90.cuh) runs when it was compiled in (ORCHARD_CUDA_ARCHS
 // holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
 // ORCHARD_SM90 is not "0", and the call uses only what that kernel covers: bf16 / fp16,
-// d == d_v in {64, 128, 256}, plain or causal, GQA, any scale, 16-byte aligned rows with
+// d == d_v in {64, 128, 256}, plain or causal, GQA, a positive scale, 16-byte aligned rows with
 // strides of whole 16-byte chunks (TMA).  Everything else runs the sm80 kernels.
+#if defined(ORCHARD_WITH_SM90)
 bool sm90_device() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return false;
@@ -81,6 +82,7 @@ bool sm90_device() {
   }
   return cc[dev] == 91;
 }
+#endif
 
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
@@ -94,9 +96,13 @@ bool sm90_fwd_applies(const FwdParams& p) {
   const bool window = p.window_left >= 0 || (p.window_right >= 0 && !(p.causal && p.window_right == 0));
   if (window) return false;
   if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
+  // Its softmax takes the row max of the raw scores (exact only for a positive scale).
+  if (!(p.scale > 0.f)) return false;
   FwdParams q = p;
   q.d_v = value_dim(p);
   if (!fwd_vec16(q)) return false;
+  // The TMA maps stride over rows even when a tensor has one row (fwd_vec16 skips those).
+  if ((p.q_row_stride | p.k_row_stride | p.v_row_stride) % 8 != 0) return false;
   return sm90_device();
 #else
   (void)p;

@@ -14,7 +14,8 @@
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
 //
-// Supported: T = bf16 / fp16; d = 64, 128, 256 (d == d_v); causal (any causal_offset) or not;
+// Supported: T = bf16 / fp16; d = 64, 128, 256 (d == d_v); scale > 0 (the running max is
+// taken over raw scores); causal (any causal_offset) or not;
 // GQA (kv head = q head / (hq / hkv)); BSHD/BHSD views with unit last stride and 16-byte
 // aligned rows (TMA: strides multiples of 16 bytes).  No dropout / bias / window / softcap /
 // ALiBi / sink / varlen: the dispatcher (sm90_fwd_supported) sends those to the sm80 kernels.
