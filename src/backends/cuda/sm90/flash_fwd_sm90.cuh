@@ -18,7 +18,7 @@
 // taken over raw scores); causal (any causal_offset) or not;
 // GQA (kv head = q head / (hq / hkv)); BSHD/BHSD views with unit last stride and 16-byte
 // aligned rows (TMA: strides multiples of 16 bytes).  No dropout / bias / window / softcap /
-// ALiBi / sink / varlen: the dispatcher (sm90_fwd_supported) sends those to the sm80 kernels.
+// ALiBi / sink / varlen: the dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -31,6 +31,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
@@ -420,8 +422,6 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
 }  // namespace orchard::sm90
 
 // ---- library entry (instantiated by flash_fwd_sm90_<dtype>_d<d>.cu, built only for sm_90a) ----
-#include "backends/cuda/launch.h"
-#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 
 namespace orchard::cuda {
 
