@@ -9,6 +9,7 @@
 //   cuda_check --width    only the d_v != d and any-head-dim / strided-view cases (issue #16;
 //                         also part of the full suite)
 //   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
+//   cuda_check --sm90     the suite twice: sm90 forward where it applies, then ORCHARD_SM90=0
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -569,6 +570,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
 
   BwdParams p;
   fill_params(p, c, dq_, dk_, dv_, dout_o, dlse.ptr);
+  std::printf("    fwd variant %s\n", ops->variant_name(p, false).c_str());  // which path (sm90 / sm80) ran
   if (c.mask_out) p.dropout_mask = static_cast<uint8_t*>(dmask.ptr);
   if (c.causal && c.features()) p.window_right = 0;  // the core's convention for causal (params.h)
   if (c.wl >= 0 || c.wr >= 0) {
@@ -1136,6 +1138,13 @@ std::vector<Case> suite() {
   v.push_back({"long-gqa-causal", BF, 1, 4, 2, 700, 900, 128, true});
   v.push_back({"long", FP, 1, 2, 2, 600, 520, 64});
   v.push_back({"bhsd", BF, 2, 2, 2, 100, 120, 64, true, false, 0.f, false, true});
+  // Several 128-key tiles and both 64-row consumer warpgroups of the sm90 forward (its
+  // pipeline stages wrap; ragged ends; causal both alignments; GQA; BHSD views).
+  v.push_back({"sm90-long-causal-gqa", BF, 1, 4, 2, 1000, 1300, 128, true});
+  v.push_back({"sm90-long-TL", FP, 1, 2, 2, 777, 520, 128, true, true});
+  v.push_back({"sm90-d64-long", BF, 2, 4, 4, 900, 901, 64});
+  v.push_back({"sm90-d256-long-causal", FP, 1, 2, 1, 513, 700, 256, true});
+  v.push_back({"sm90-bhsd-d128", BF, 2, 2, 2, 300, 400, 128, false, false, 0.f, false, true});
   {
     Case c{"dropout", BF, 2, 3, 3, 100, 140, 64};
     c.p = 0.17f;
@@ -1362,6 +1371,27 @@ int main(int argc, char** argv) {
     }
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
+  }
+  if (mode == "--sm90") {
+    // The whole suite on both forward paths: the sm90 kernel where it applies (compute
+    // capability 9.0, built with 90 in ORCHARD_CUDA_ARCHS), then ORCHARD_SM90=0 (sm80 kernels).
+    int n = 0, fails = 0;
+    for (const char* env : {"1", "0"}) {
+      setenv("ORCHARD_SM90", env, 1);
+      std::printf("\n===== ORCHARD_SM90=%s =====\n", env);
+      const int before = g_failures;
+      int m = 0;
+      for (const Case& c : suite()) {
+        run_case(c, rng);
+        ++m;
+      }
+      std::printf("ORCHARD_SM90=%s: %d/%d cases passed\n", env, m - (g_failures - before), m);
+      n += m;
+      fails = g_failures;
+    }
+    unsetenv("ORCHARD_SM90");
+    std::printf("\n%d/%d cases passed\n", n - fails, n);
+    return fails ? 1 : 0;
   }
   if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S
     bench(0, 0, -1, 20, argc > 2 ? std::atoi(argv[2]) : 0);

@@ -5,12 +5,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
 #include <utility>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "core/backend.h"
 #include "orchard/philox.h"
 
@@ -83,6 +86,75 @@ void bwd_dispatch(const BwdParams& p) {
   }
 }
 
+// The Hopper forward (sm90/flash_fwd_sm90.cuh) runs when it was compiled in (ORCHARD_CUDA_ARCHS
+// holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
+// ORCHARD_SM90 is not "0", and the call uses only what that kernel covers: bf16 / fp16,
+// d == d_v in {64, 128, 256}, plain or causal, GQA, a positive scale, 16-byte aligned rows with
+// strides of whole 16-byte chunks (TMA).  Everything else runs the sm80 kernels.
+#if defined(ORCHARD_WITH_SM90)
+bool sm90_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  static int cc[64] = {};  // major * 10 + minor + 1 per device, 0 = not read yet
+  if (dev < 0 || dev >= 64) return false;
+  if (cc[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cc[dev] = major * 10 + minor + 1;
+  }
+  return cc[dev] == 91;
+}
+#endif
+
+bool sm90_fwd_applies(const FwdParams& p) {
+#if defined(ORCHARD_WITH_SM90)
+  const char* env = std::getenv("ORCHARD_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
+  if (value_dim(p) != p.d || (p.d != 64 && p.d != 128 && p.d != 256)) return false;
+  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.softcap > 0.f ||
+      p.alibi_slopes != nullptr || p.sink != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
+    return false;
+  const bool window = p.window_left >= 0 || (p.window_right >= 0 && !(p.causal && p.window_right == 0));
+  if (window) return false;
+  if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
+  // Its softmax takes the row max of the raw scores (exact only for a positive scale).
+  if (!(p.scale > 0.f)) return false;
+  FwdParams q = p;
+  q.d_v = value_dim(p);
+  if (!fwd_vec16(q)) return false;
+  // The TMA maps stride over rows even when a tensor has one row (fwd_vec16 skips those).
+  if ((p.q_row_stride | p.k_row_stride | p.v_row_stride) % 8 != 0) return false;
+  return sm90_device();
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
+bool try_fwd_sm90(const FwdParams& p) {
+#if defined(ORCHARD_WITH_SM90)
+  if (!sm90_fwd_applies(p)) return false;
+  if (p.dtype == DType::kBFloat16) {
+    switch (p.d) {
+      case 64: return run_flash_fwd_sm90<__nv_bfloat16, 64>(p);
+      case 128: return run_flash_fwd_sm90<__nv_bfloat16, 128>(p);
+      default: return run_flash_fwd_sm90<__nv_bfloat16, 256>(p);
+    }
+  }
+  switch (p.d) {
+    case 64: return run_flash_fwd_sm90<__half, 64>(p);
+    case 128: return run_flash_fwd_sm90<__half, 128>(p);
+    default: return run_flash_fwd_sm90<__half, 256>(p);
+  }
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 std::string check_support(const FwdParams& p) {
   switch (p.dtype) {
     case DType::kFloat16:
@@ -117,7 +189,7 @@ std::string check_support(const FwdParams& p) {
 }
 
 std::string variant_name(const FwdParams& p, bool backward) {
-  std::string s = backward ? "cuda.bwd." : "cuda.fwd.";
+  std::string s = backward ? "cuda.bwd." : (sm90_fwd_applies(p) ? "cuda.fwd.sm90." : "cuda.fwd.");
   if (p.dtype == DType::kFloat32) {
     s += "fp32_simt";
   } else {
@@ -178,6 +250,7 @@ P with_value_dim(const P& p) {
 
 void forward(const FwdParams& params) {
   const FwdParams p = with_value_dim(params);
+  if (try_fwd_sm90(p)) return;  // (no dropout mask to write: the sm90 path never has dropout)
   switch (p.dtype) {
     case DType::kBFloat16: fwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: fwd_dispatch<__half>(p); break;

@@ -57,4 +57,28 @@ inline bool make_tma_2d(CUtensorMap* map, CUtensorMapDataType dtype, const void*
   return true;
 }
 
+// 4D view (innermost first) dims[0..3] of 2-byte elements with byte strides for dims 1..3
+// (multiples of 16), box box[0..3], 128-byte swizzle (box[0] * 2 == 128).  Used for BSHD
+// attention tensors as (dim, row, head, batch).  Returns false (and prints) on failure.
+inline bool make_tma_4d(CUtensorMap* map, CUtensorMapDataType dtype, const void* base,
+                        const uint64_t (&dims)[4], const uint64_t (&byte_strides)[3],
+                        const uint32_t (&box)[4],
+                        CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B,
+                        CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
+  auto fn = tensor_map_encode_tiled_fn();
+  if (!fn) return false;
+  cuuint64_t d[4] = {dims[0], dims[1], dims[2], dims[3]};
+  cuuint64_t st[3] = {byte_strides[0], byte_strides[1], byte_strides[2]};
+  cuuint32_t bx[4] = {box[0], box[1], box[2], box[3]};
+  cuuint32_t estr[4] = {1, 1, 1, 1};
+  CUresult r = fn(map, dtype, 4, const_cast<void*>(base), d, st, bx, estr,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, l2, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "tma_host: cuTensorMapEncodeTiled (4d) failed (CUresult %d)\n",
+                 static_cast<int>(r));
+    return false;
+  }
+  return true;
+}
+
 }  // namespace orchard::sm90

@@ -1,0 +1,318 @@
+// sm90 attention forward (src/backends/cuda/sm90/flash_fwd_sm90.cuh): correctness + speed.
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Iinclude -Isrc \
+//        bench/sm90/sm90_attn_bench.cu -o sm90_attn_bench
+//   ./sm90_attn_bench [all|checks|grid|quick]
+// Per shape (dtype, d, causal, b, hq, hkv, s): fresh random Q/K/V (BSHD), O and LSE poisoned
+// (NaN) before the checked run, then checked on a sample of query rows against a GPU
+// reference with fp32 arithmetic on the same 16-bit inputs.  The tolerance is
+// ARCHITECTURE.md's rule: err(kernel vs fp32 ref) <= 2 * err(naive low-precision vs fp32 ref)
+// + atol, where the naive low-precision version rounds S, P (after softmax) and O to the
+// input dtype as a plain framework implementation would.  Then CUDA-event timing (median of
+// reps) of both variants (overlap on / off) and TFLOP/s = 4 b hq s^2 d (/2 causal) / time.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/sm90/flash_fwd_sm90.cuh"
+
+using orchard::FwdParams;
+
+// The library's launch check (cuda_backend.cu defines it for the real build).
+void orchard::cuda::check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(2);
+  }
+}
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(2);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+template <typename T> __device__ __host__ float to_f(T x);
+template <> __device__ __host__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __host__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ T from_f(float x);
+template <> __device__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
+template <> __device__ __half from_f(float x) { return __float2half(x); }
+template <typename T> __device__ float round_t(float x) { return to_f<T>(from_f<T>(x)); }
+
+__device__ uint32_t hash_u32(uint64_t x) {
+  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+// Roughly normal values (sum of 4 uniforms), like torch.randn scaled.
+template <typename T>
+__global__ void fill_kernel(T* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < 4; ++k) s += (hash_u32(seed * 0x9E3779B97F4A7C15ULL + i * 4 + k) >> 8) * (1.f / 16777216.f);
+    x[i] = from_f<T>((s - 2.f) * 1.7320508f);
+  }
+}
+
+// Reference for one (b, h, sampled row) per block: scores over all keys in smem, fp32 math.
+// Writes ref32 O/LSE and the naive low-precision O/LSE.
+template <typename T>
+__global__ void ref_kernel(const T* q, const T* k, const T* v, int b_, int hq, int hkv, int sq, int sk, int d,
+                           float scale, bool causal, int64_t coff, const int* rows, int nrows, float* o32,
+                           float* olp, float* lse32, float* lselp) {
+  extern __shared__ float sm[];
+  float* s32 = sm;        // [sk]
+  float* slp = sm + sk;   // [sk]
+  __shared__ float red[2][32];
+  const int ri = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int row = rows[ri];
+  const int hk = h / (hq / hkv);
+  const T* qr = q + ((int64_t)(b * sq + row) * hq + h) * d;
+  float m32 = -INFINITY, mlp = -INFINITY;
+  for (int j = threadIdx.x; j < sk; j += blockDim.x) {
+    const T* kr = k + ((int64_t)(b * sk + j) * hkv + hk) * d;
+    float acc = 0.f;
+    for (int c = 0; c < d; ++c) acc += to_f(qr[c]) * to_f(kr[c]);
+    const bool masked = causal && (int64_t)j > row + coff;
+    const float a = masked ? -INFINITY : acc * scale;
+    const float alp = masked ? -INFINITY : round_t<T>(round_t<T>(acc) * scale);
+    s32[j] = a; slp[j] = alp;
+    m32 = fmaxf(m32, a); mlp = fmaxf(mlp, alp);
+  }
+  auto block_max = [&](float x, int slot) {
+    for (int o = 16; o; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    if (threadIdx.x % 32 == 0) red[slot][threadIdx.x / 32] = x;
+    __syncthreads();
+    float r = -INFINITY;
+    for (int w = 0; w < (int)blockDim.x / 32; ++w) r = fmaxf(r, red[slot][w]);
+    __syncthreads();
+    return r;
+  };
+  auto block_sum = [&](float x, int slot) {
+    for (int o = 16; o; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (threadIdx.x % 32 == 0) red[slot][threadIdx.x / 32] = x;
+    __syncthreads();
+    float r = 0.f;
+    for (int w = 0; w < (int)blockDim.x / 32; ++w) r += red[slot][w];
+    __syncthreads();
+    return r;
+  };
+  m32 = block_max(m32, 0);
+  mlp = block_max(mlp, 1);
+  float l32 = 0.f, llp = 0.f;
+  for (int j = threadIdx.x; j < sk; j += blockDim.x) {
+    const float e32 = m32 == -INFINITY ? 0.f : expf(s32[j] - m32);
+    const float elp = mlp == -INFINITY ? 0.f : expf(slp[j] - mlp);
+    s32[j] = e32; slp[j] = elp;
+    l32 += e32; llp += elp;
+  }
+  l32 = block_sum(l32, 0);
+  llp = block_sum(llp, 1);
+  __syncthreads();
+  const int64_t orow = ((int64_t)(b * hq + h) * nrows + ri);
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float a32 = 0.f, alp = 0.f;
+    for (int j = 0; j < sk; ++j) {
+      const float vv = to_f(v[((int64_t)(b * sk + j) * hkv + hk) * d + c]);
+      a32 += s32[j] * vv;
+      alp += round_t<T>(llp > 0.f ? slp[j] / llp : 0.f) * vv;  // P rounded, as a framework would
+    }
+    o32[orow * d + c] = l32 > 0.f ? a32 / l32 : 0.f;
+    olp[orow * d + c] = round_t<T>(alp);
+  }
+  if (threadIdx.x == 0) {
+    lse32[orow] = l32 > 0.f ? m32 + logf(l32) : -INFINITY;
+    lselp[orow] = llp > 0.f ? mlp + logf(llp) : -INFINITY;
+  }
+}
+
+template <typename T>
+__global__ void gather_kernel(const T* out, const float* lse, const int* rows, int nrows, int hq, int sq, int d,
+                              float* og, float* lg) {
+  const int ri = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int row = rows[ri];
+  const int64_t orow = ((int64_t)(b * hq + h) * nrows + ri);
+  for (int c = threadIdx.x; c < d; c += blockDim.x) og[orow * d + c] = to_f(out[((int64_t)(b * sq + row) * hq + h) * d + c]);
+  if (threadIdx.x == 0) lg[orow] = lse[(int64_t)(b * hq + h) * sq + row];
+}
+
+struct Shape {
+  bool fp16;
+  int d;
+  bool causal;
+  int b, hq, hkv, s;
+};
+
+template <typename T, int kD>
+bool run_shape(const Shape& sh, int reps, bool check) {
+  const int b = sh.b, hq = sh.hq, hkv = sh.hkv, sq = sh.s, sk = sh.s;
+  const int64_t nq = (int64_t)b * sq * hq * kD, nk = (int64_t)b * sk * hkv * kD;
+  T *q, *k, *v, *o;
+  float* lse;
+  CK(cudaMalloc(&q, nq * sizeof(T)));
+  CK(cudaMalloc(&k, nk * sizeof(T)));
+  CK(cudaMalloc(&v, nk * sizeof(T)));
+  CK(cudaMalloc(&o, nq * sizeof(T)));
+  CK(cudaMalloc(&lse, (int64_t)b * hq * sq * sizeof(float)));
+  static uint64_t seed = 1;
+  fill_kernel<<<1024, 256>>>(q, nq, seed++);
+  fill_kernel<<<1024, 256>>>(k, nk, seed++);
+  fill_kernel<<<1024, 256>>>(v, nk, seed++);
+  FwdParams p{};
+  p.q = q; p.k = k; p.v = v; p.out = o; p.lse = lse;
+  p.q_batch_stride = (int64_t)sq * hq * kD; p.q_row_stride = (int64_t)hq * kD; p.q_head_stride = kD;
+  p.k_batch_stride = (int64_t)sk * hkv * kD; p.k_row_stride = (int64_t)hkv * kD; p.k_head_stride = kD;
+  p.v_batch_stride = p.k_batch_stride; p.v_row_stride = p.k_row_stride; p.v_head_stride = kD;
+  p.o_batch_stride = p.q_batch_stride; p.o_row_stride = p.q_row_stride; p.o_head_stride = kD;
+  p.lse_batch_stride = (int64_t)hq * sq; p.lse_head_stride = sq;
+  p.b = b; p.sq = sq; p.sk = sk; p.hq = hq; p.hkv = hkv; p.d = kD; p.d_v = kD;
+  p.scale = 1.f / std::sqrt((float)kD);
+  p.causal = sh.causal; p.causal_offset = sk - sq;
+  const char* tn = sh.fp16 ? "fp16" : "bf16";
+  bool ok = true;
+  char label[128];
+  std::snprintf(label, sizeof label, "%s d%-3d %-6s b%-2d hq%-2d hkv%-2d s%-5d", tn, kD, sh.causal ? "causal" : "full",
+                b, hq, hkv, sq);
+
+  // Variants: 4 the library's entry (run_flash_fwd_sm90: its per-d / per-length choice),
+  // 1 overlap, 0 plain; d64 / d128 also 3 / 2 = overlap / plain with 192-key tiles.
+  for (int variant = 4; variant >= 0; --variant) {
+    if (kD > 128 && (variant == 3 || variant == 2)) continue;
+    auto launch = [&]() {
+      namespace s9 = orchard::sm90;
+      switch (variant) {
+        case 4: return orchard::cuda::run_flash_fwd_sm90<T, kD>(p);
+        case 3: return s9::launch_flash_fwd_sm90<T, kD, true, kD <= 128 ? 192 : 64>(p);
+        case 2: return s9::launch_flash_fwd_sm90<T, kD, false, kD <= 128 ? 192 : 64>(p);
+        case 1: return s9::launch_flash_fwd_sm90<T, kD, true>(p);
+        default: return s9::launch_flash_fwd_sm90<T, kD, false>(p);
+      }
+    };
+    const char* vname = variant == 4 ? "library" : variant == 3 ? "ovl-n192" : variant == 2 ? "pln-n192" : variant == 1 ? "overlap" : "plain";
+    if (check) {
+      CK(cudaMemset(o, 0xFF, nq * sizeof(T)));  // NaN poison
+      CK(cudaMemset(lse, 0xFF, (int64_t)b * hq * sq * sizeof(float)));
+      if (!launch()) { std::printf("%s: tensor map encode failed\n", label); return false; }
+      CK(cudaGetLastError());
+      CK(cudaDeviceSynchronize());
+      // Sample rows: the first / last 130, plus a spread (covers both WGs, ragged ends, diagonals).
+      std::vector<int> rows;
+      for (int r = 0; r < std::min(sq, 130); ++r) rows.push_back(r);
+      for (int r = std::max(130, sq - 130); r < sq; ++r) rows.push_back(r);
+      for (int r = 131; r < sq - 130; r += 97) rows.push_back(r);
+      const int nr = (int)rows.size();
+      int* drows;
+      float *o32, *olp, *l32, *llp, *og, *lg;
+      const int64_t no = (int64_t)b * hq * nr;
+      CK(cudaMalloc(&drows, nr * sizeof(int)));
+      CK(cudaMemcpy(drows, rows.data(), nr * sizeof(int), cudaMemcpyHostToDevice));
+      for (float** pp : {&o32, &olp, &og}) CK(cudaMalloc(pp, no * kD * sizeof(float)));
+      for (float** pp : {&l32, &llp, &lg}) CK(cudaMalloc(pp, no * sizeof(float)));
+      const int smem = 2 * sk * sizeof(float);
+      CK(cudaFuncSetAttribute(ref_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      ref_kernel<T><<<dim3(nr, hq, b), 256, smem>>>(q, k, v, b, hq, hkv, sq, sk, kD, p.scale, sh.causal, p.causal_offset,
+                                                    drows, nr, o32, olp, l32, llp);
+      gather_kernel<T><<<dim3(nr, hq, b), 128>>>(o, lse, drows, nr, hq, sq, kD, og, lg);
+      CK(cudaGetLastError());
+      CK(cudaDeviceSynchronize());
+      std::vector<float> h32(no * kD), hlp(no * kD), hg(no * kD), hl32(no), hllp(no), hlg(no);
+      CK(cudaMemcpy(h32.data(), o32, no * kD * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hlp.data(), olp, no * kD * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hg.data(), og, no * kD * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hl32.data(), l32, no * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hllp.data(), llp, no * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(hlg.data(), lg, no * 4, cudaMemcpyDeviceToHost));
+      double e_o = 0, e_olp = 0, e_l = 0, e_llp = 0;
+      bool nan = false;
+      for (int64_t i = 0; i < no * kD; ++i) {
+        if (!std::isfinite(hg[i])) nan = true;
+        e_o = std::max(e_o, (double)std::fabs(hg[i] - h32[i]));
+        e_olp = std::max(e_olp, (double)std::fabs(hlp[i] - h32[i]));
+      }
+      for (int64_t i = 0; i < no; ++i) {
+        if (std::isinf(hl32[i]) && hlg[i] == hl32[i]) continue;  // both -inf: a row with no key
+        if (!std::isfinite(hlg[i])) nan = true;
+        e_l = std::max(e_l, (double)std::fabs(hlg[i] - hl32[i]));
+        e_llp = std::max(e_llp, (double)std::fabs(hllp[i] - hl32[i]));
+      }
+      const bool pass = !nan && e_o <= 2 * e_olp + 1e-4 && e_l <= 2 * e_llp + 1e-4;
+      ok &= pass;
+      std::printf("CHECK %s %-7s rows=%d  out err %.3e (naive lowp %.3e)  lse err %.3e (lowp %.3e)%s  %s\n", label,
+                  vname, nr, e_o, e_olp, e_l, e_llp, nan ? " NaN/poison left" : "",
+                  pass ? "PASS" : "FAIL");
+      cudaFree(drows);
+      for (float* x : {o32, olp, og, l32, llp, lg}) cudaFree(x);
+    }
+    if (reps > 0) {
+      for (int i = 0; i < 3; ++i) launch();
+      cudaEvent_t e0, e1;
+      cudaEventCreate(&e0);
+      cudaEventCreate(&e1);
+      std::vector<float> ms;
+      for (int i = 0; i < reps; ++i) {
+        cudaEventRecord(e0);
+        launch();
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float t;
+        cudaEventElapsedTime(&t, e0, e1);
+        ms.push_back(t);
+      }
+      CK(cudaGetLastError());
+      std::sort(ms.begin(), ms.end());
+      const double med = ms[ms.size() / 2];
+      const double flops = 4.0 * b * hq * (double)sq * sk * kD / (sh.causal ? 2.0 : 1.0);
+      std::printf("TIME %s %-8s %8.3f ms  %6.1f TFLOP/s\n", label, vname, med,
+                  flops / med / 1e9);
+      cudaEventDestroy(e0);
+      cudaEventDestroy(e1);
+    }
+  }
+  cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);
+  return ok;
+}
+
+bool run(const Shape& sh, int reps, bool check) {
+  if (sh.d == 64) return sh.fp16 ? run_shape<__half, 64>(sh, reps, check) : run_shape<__nv_bfloat16, 64>(sh, reps, check);
+  if (sh.d == 128) return sh.fp16 ? run_shape<__half, 128>(sh, reps, check) : run_shape<__nv_bfloat16, 128>(sh, reps, check);
+  if (sh.d == 256) return sh.fp16 ? run_shape<__half, 256>(sh, reps, check) : run_shape<__nv_bfloat16, 256>(sh, reps, check);
+  return false;
+}
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);  // a hang (killed by timeout) still leaves every line before it
+  int fails = 0;
+  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick
+  // Correctness: ragged lengths, GQA, causal, both dtypes, every head dim.
+  const Shape checks[] = {
+      {false, 128, false, 2, 4, 4, 1000}, {false, 128, true, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 1, 777},
+      {true, 128, true, 1, 4, 4, 2048},   {false, 128, true, 1, 2, 2, 77},   {false, 64, false, 2, 4, 2, 1000},
+      {false, 64, true, 1, 4, 4, 1500},   {true, 64, true, 1, 2, 1, 513},    {false, 256, false, 1, 4, 2, 700},
+      {false, 256, true, 1, 4, 4, 1025},  {true, 256, true, 1, 2, 2, 300},   {false, 128, false, 1, 16, 16, 8192},
+  };
+  if (mode != "grid" && mode != "quick")
+    for (const Shape& s : checks) fails += !run(s, 0, true);
+  // Speed grid (b * s = 16k tokens, hq * d = 2048); checked once more on the big shapes.
+  const Shape grid[] = {
+      {false, 128, false, 8, 16, 16, 2048}, {false, 128, true, 8, 16, 16, 2048}, {false, 128, false, 2, 16, 16, 8192},
+      {false, 128, true, 2, 16, 16, 8192},  {false, 128, false, 1, 16, 16, 16384}, {false, 128, true, 1, 16, 16, 16384},
+      {false, 64, false, 2, 32, 32, 8192},  {false, 64, true, 2, 32, 32, 8192},   {true, 128, false, 2, 16, 16, 8192},
+      {false, 256, false, 4, 8, 8, 4096},   {false, 256, true, 4, 8, 8, 4096},    {false, 128, false, 2, 16, 2, 8192},
+      {false, 128, false, 32, 16, 16, 512}, {false, 128, true, 32, 16, 16, 512}, {false, 64, false, 16, 32, 32, 1024},
+  };
+  if (mode != "checks")
+    for (const Shape& s : grid) fails += !run(s, mode == "quick" ? 5 : 20, false);
+  std::printf("sm90 attention bench: %d failing shape(s)\n", fails);
+  return fails ? 1 : 0;
+}

@@ -1,0 +1,448 @@
+// FlashAttention forward for sm_90a (H100/H200): warp-specialized, TMA + mbarrier + wgmma,
+// written on our own PTX wrappers (sm90.cuh).  Compile ONLY with
+// -gencode=arch=compute_90a,code=sm_90a.
+//
+// One CTA = one 128-row query tile of one (batch, q head); 3 warpgroups:
+//   WG0  producer: one elected thread issues TMA loads of Q (once) and of the K / V tiles into
+//        a 2-stage ring (separate K and V barriers, so S = QK^T starts before V lands);
+//        setmaxnreg.dec to 24 registers.
+//   WG1, WG2  consumers, 64 query rows each (setmaxnreg.inc to 240):
+//        S = Q K^T   wgmma ss (Q and K both K-major in smem, 128B swizzle),
+//        online softmax in registers (exp2, scale folded into log2 units),
+//        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
+//        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass).
+// kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
+// flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
+//
+// Supported: T = bf16 / fp16; d = 64, 128, 256 (d == d_v); scale > 0 (the running max is
+// taken over raw scores); causal (any causal_offset) or not;
+// GQA (kv head = q head / (hq / hkv)); BSHD/BHSD views with unit last stride and 16-byte
+// aligned rows (TMA: strides multiples of 16 bytes).  No dropout / bias / window / softcap /
+// ALiBi / sink / varlen: the dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
+// Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
+// lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+#include "backends/cuda/sm90/sm90.cuh"
+#include "backends/cuda/sm90/tma_host.h"
+#include "orchard/params.h"
+
+namespace orchard::sm90 {
+
+// Keys per tile: 128 (d256: 64, registers for O); kBNv overrides it (bench experiments).
+template <int kD>
+constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
+
+template <int kD, int kBNv = default_block_n<kD>()>
+struct FwdSm90Config {
+  static_assert(kD == 64 || kD == 128 || kD == 256, "sm90 forward: d in {64, 128, 256}");
+  static_assert(kBNv % 16 == 0 && kBNv <= 256, "sm90 forward: key tile");
+  static constexpr int kBM = 128;   // query rows per CTA (2 consumer WGs x 64)
+  static constexpr int kBN = kBNv;
+  static constexpr int kChunks = kD / 64;           // 64-column (128-byte) swizzle chunks
+  static constexpr int kStages = 2;
+  static constexpr int kQBytes = kBM * kD * 2;
+  static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
+  static constexpr int kQChunkBytes = kBM * 128, kKVChunkBytes = kBN * 128;
+  static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
+  // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
+  static constexpr int kSmemBytes = kBarOffset + 128 + 1024;
+  static constexpr int kThreads = 384;
+};
+
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Per-thread online-softmax state for its 2 rows (g and g + 8 of its warp's 16).
+struct RowState {
+  float max[2];  // running max of the raw scores (-inf: nothing seen yet)
+  float sum[2];  // this thread's partial row sum (quad-reduced only at the end)
+};
+
+// Masks the scores of key tile n0 (kBN keys) for this thread's rows: keys >= sk, and with
+// kCausal keys > row + causal_offset.  Accumulator layout (wgmma_mma.cuh):
+// s[i] -> row 16 w + g + 8 ((i / 2) % 2), col 8 (i / 4) + 2 t + (i % 2).
+template <int kBN, bool kCausal>
+__device__ __forceinline__ void mask_tile(float (&s)[kBN / 2], int n0, int row0, int sk,
+                                          int64_t causal_offset, int t) {
+#pragma unroll
+  for (int i = 0; i < kBN / 2; ++i) {
+    const int col = n0 + 8 * (i / 4) + 2 * t + (i % 2);
+    const int row = row0 + 8 * ((i / 2) % 2);
+    bool masked = col >= sk;
+    if (kCausal) masked |= static_cast<int64_t>(col) > row + causal_offset;
+    if (masked) s[i] = -INFINITY;
+  }
+}
+
+// Online softmax of one score tile: updates the running max, turns s into unnormalized
+// probabilities exp2(s * scale_log2 - max * scale_log2) and returns each row's correction
+// factor for the accumulated O and sum.
+template <int kBN>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBN / 2], RowState& st, float scale_log2,
+                                             float (&corr)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = st.max[r];
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A row that has seen only masked keys keeps max -inf: subtract 0 so exp2(-inf) = 0.
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+    corr[r] = ex2_approx(st.max[r] * scale_log2 - base);  // old max -inf -> 0
+    st.max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      const float p0 = ex2_approx(fmaf(s[4 * j + 2 * r], scale_log2, -base));
+      const float p1 = ex2_approx(fmaf(s[4 * j + 2 * r + 1], scale_log2, -base));
+      s[4 * j + 2 * r] = p0;
+      s[4 * j + 2 * r + 1] = p1;
+      sum += p0 + p1;
+    }
+    st.sum[r] = st.sum[r] * corr[r] + sum;
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ void rescale_rows(float (&o)[kN], const float (&corr)[2]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) o[i] *= corr[(i / 2) % 2];
+}
+
+// P (fp32 accumulator layout) -> 16-bit wgmma A fragments: k16 slice kk is a[kk][0..3] =
+// pairs (8kk, 8kk+1), (8kk+2, +3), (8kk+4, +5), (8kk+6, +7) — rows g / g+8, cols 2t / 2t+8.
+template <typename T, int kBN>
+__device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&a)[kBN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+}
+
+template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv>
+__global__ void __launch_bounds__(384, 1)
+    flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
+                          const __grid_constant__ CUtensorMap tm_k,
+                          const __grid_constant__ CUtensorMap tm_v, const FwdParams p,
+                          int num_m_blocks) {
+  using Cfg = FwdSm90Config<kD, kBNv>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = sbase;
+  const uint32_t sK = sQ + Cfg::kQBytes;                     // [kStages]
+  const uint32_t sV = sK + Cfg::kStages * Cfg::kKVBytes;     // [kStages]
+  const uint32_t bars = sbase + Cfg::kBarOffset;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8 + 8 * s; };
+  auto v_full = [&](int s) { return bars + 24 + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 40 + 8 * s; };
+  auto v_empty = [&](int s) { return bars + 56 + 8 * s; };
+
+  // Grid: x = m block (causal: longest rows first), y = q head, z = batch.
+  const int m_block = kCausal ? num_m_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.hq / p.hkv);
+  const int m0 = m_block * kBM;
+  const int sq = p.sq, sk = p.sk;
+  const int64_t coff = p.causal_offset;
+  // Key tiles [0, n_tiles): causal stops after the last row's diagonal.
+  int key_end = sk;
+  if (kCausal) {
+    const int64_t last = static_cast<int64_t>(m0) + kBM - 1 + coff + 1;  // keys < last visible
+    key_end = last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
+  }
+  const int n_tiles = (key_end + kBN - 1) / kBN;
+
+  const int warp = warp_idx_uniform();
+  if (threadIdx.x == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbarrier_init(k_full(s), 1);
+      mbarrier_init(v_full(s), 1);
+      mbarrier_init(k_empty(s), 8);  // one arrival per consumer warp
+      mbarrier_init(v_empty(s), 8);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ---------------- producer ----------------
+    setmaxnreg_dec<24>();
+    if (warp == 0 && elect_one_sync() && n_tiles > 0) {
+      tma_prefetch_desc(&tm_q);
+      tma_prefetch_desc(&tm_k);
+      tma_prefetch_desc(&tm_v);
+      mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, 64 * c, m0, h, b);
+      // Tiles from the last (the diagonal / ragged end, masked) down to 0.
+      for (int it = 0; it < n_tiles; ++it) {
+        const int n = n_tiles - 1 - it;
+        const int s = it % Cfg::kStages;
+        const uint32_t ph = (it / Cfg::kStages) & 1;
+        mbarrier_wait(k_empty(s), ph ^ 1);
+        mbarrier_arrive_expect_tx(k_full(s), Cfg::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+          tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), 64 * c, n * kBN, hk, b);
+        mbarrier_wait(v_empty(s), ph ^ 1);
+        mbarrier_arrive_expect_tx(v_full(s), Cfg::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+          tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), 64 * c, n * kBN, hk, b);
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<240>();
+    const int wg = warp / 4 - 1;  // 0 or 1: query rows 64 wg .. 64 wg + 63 of the tile
+    const int wi = warp % 4;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+
+    float o[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+    RowState st;
+    st.max[0] = st.max[1] = -INFINITY;
+    st.sum[0] = st.sum[1] = 0.f;
+
+    // Descriptors: Q rows of this WG (K-major, chunk c = kk / 4, 32 bytes per k16 inside);
+    // K stage s likewise; V stage s MN-major (k16 slice = 16 key rows = 2048 bytes).
+    const uint64_t dq0 = make_desc_kmajor_sw128(sQ + wg * 64 * 128);
+    const uint64_t dk0 = make_desc_kmajor_sw128(sK);
+    const uint64_t dv0 = make_desc_mnmajor_sw128(sV, Cfg::kKVChunkBytes);
+    auto qk_gemm = [&](float (&s_acc)[kBN / 2], int stage) {
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t off = (kk % 4) * 32;  // k16 slice inside the 128-byte chunk row
+        Wgmma<kBN, T>::template ss<0, 0>(
+            s_acc, desc_advance(dq0, (kk / 4) * Cfg::kQChunkBytes + off),
+            desc_advance(dk0, stage * Cfg::kKVBytes + (kk / 4) * Cfg::kKVChunkBytes + off), kk > 0);
+      }
+    };
+    auto pv_gemm = [&](const uint32_t (&pa)[kBN / 16][4], int stage) {
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        Wgmma<kD, T>::template rs<1>(o, pa[kk], desc_advance(dv0, stage * Cfg::kKVBytes + kk * 2048), 1);
+    };
+    const bool warp_leader = lane == 0;
+    auto needs_mask = [&](int n) {
+      const int n0 = n * kBN;
+      return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
+    };
+
+    if (n_tiles > 0) {
+      mbarrier_wait(q_full, 0);
+      if constexpr (!kOverlap) {
+        for (int it = 0; it < n_tiles; ++it) {
+          const int n = n_tiles - 1 - it;
+          const int s = it % Cfg::kStages;
+          const uint32_t ph = (it / Cfg::kStages) & 1;
+          float sacc[kBN / 2];
+          mbarrier_wait(k_full(s), ph);
+          wgmma_fence();
+          qk_gemm(sacc, s);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_operands(sacc);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(k_empty(s));
+          if (needs_mask(n)) mask_tile<kBN, kCausal>(sacc, n * kBN, row0, sk, coff, t);
+          float corr[2];
+          softmax_tile<kBN>(sacc, st, scale_log2, corr);
+          rescale_rows(o, corr);
+          uint32_t pa[kBN / 16][4];
+          convert_p<T, kBN>(sacc, pa);
+          mbarrier_wait(v_full(s), ph);
+          wgmma_fence();
+          pv_gemm(pa, s);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_operands(o);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(v_empty(s));
+        }
+      } else {
+        // Prologue: S and P of the first tile.
+        uint32_t pa[kBN / 16][4];
+        {
+          float sacc[kBN / 2];
+          mbarrier_wait(k_full(0), 0);
+          wgmma_fence();
+          qk_gemm(sacc, 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_operands(sacc);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(k_empty(0));
+          if (needs_mask(n_tiles - 1)) mask_tile<kBN, kCausal>(sacc, (n_tiles - 1) * kBN, row0, sk, coff, t);
+          float corr[2];
+          softmax_tile<kBN>(sacc, st, scale_log2, corr);  // o is 0: no rescale needed
+          convert_p<T, kBN>(sacc, pa);
+        }
+        for (int it = 1; it < n_tiles; ++it) {
+          const int n = n_tiles - 1 - it;
+          const int s = it % Cfg::kStages, sp = (it - 1) % Cfg::kStages;
+          const uint32_t ph = (it / Cfg::kStages) & 1, php = ((it - 1) / Cfg::kStages) & 1;
+          float sacc[kBN / 2];
+          mbarrier_wait(k_full(s), ph);
+          wgmma_fence();
+          qk_gemm(sacc, s);
+          wgmma_commit();
+          mbarrier_wait(v_full(sp), php);
+          pv_gemm(pa, sp);  // P of the previous tile, still unscaled by this tile's max
+          wgmma_commit();
+          wgmma_wait<1>();  // S of this tile is ready; PV still runs
+          fence_operands(sacc);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(k_empty(s));
+          if (needs_mask(n)) mask_tile<kBN, kCausal>(sacc, n * kBN, row0, sk, coff, t);
+          float corr[2];
+          softmax_tile<kBN>(sacc, st, scale_log2, corr);
+          // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
+          // after it (seen in SASS), which serializes softmax behind PV again.
+          fence_operands(sacc);
+          fence_operands(corr);
+          wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
+          fence_operands(o);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(v_empty(sp));
+          rescale_rows(o, corr);
+          convert_p<T, kBN>(sacc, pa);
+        }
+        // Epilogue GEMM: PV of the last tile.
+        const int sl = (n_tiles - 1) % Cfg::kStages;
+        const uint32_t phl = ((n_tiles - 1) / Cfg::kStages) & 1;
+        mbarrier_wait(v_full(sl), phl);
+        wgmma_fence();
+        pv_gemm(pa, sl);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(o);
+      }
+    }
+
+    // Epilogue: normalize, LSE (natural log), O as 16-bit pairs (rows past sq not written).
+    float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+    T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = st.sum[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = row0 + 8 * r;
+      if (row < sq) {
+        if (t == 0)
+          lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+        T* orow = og + static_cast<int64_t>(row) * p.o_row_stride;
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j)
+          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+              pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+      }
+    }
+  }
+}
+
+template <typename T>
+constexpr CUtensorMapDataType tma_dtype() {
+  return std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+
+// (dim, row, head, batch) map of a BSHD-strided tensor, box (64, rows, 1, 1).  Extent-1 dims
+// get a harmless stride (the copy engine never steps them) so any view of them encodes.
+template <typename T>
+inline bool make_attn_map(CUtensorMap* map, const void* base, int d, int rows, int heads, int batch,
+                          int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+  const uint64_t e = sizeof(T);
+  const uint64_t rs = static_cast<uint64_t>(row_stride) * e;
+  uint64_t hs = static_cast<uint64_t>(head_stride) * e, bs = static_cast<uint64_t>(batch_stride) * e;
+  if (heads == 1) hs = rs;
+  if (batch == 1) bs = rs;
+  const uint64_t dims[4] = {static_cast<uint64_t>(d), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(batch)};
+  const uint64_t strides[3] = {rs, hs, bs};
+  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
+  return make_tma_4d(map, tma_dtype<T>(), base, dims, strides, box);
+}
+
+// Host launcher.  Returns false without launching when the tensor maps cannot be encoded
+// (the caller then falls back); launch errors are left to the caller's check.
+template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>()>
+bool launch_flash_fwd_sm90(const FwdParams& p) {
+  using Cfg = FwdSm90Config<kD, kBNv>;
+  CUtensorMap tq, tk, tv;
+  if (!make_attn_map<T>(&tq, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
+      !make_attn_map<T>(&tk, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN) ||
+      !make_attn_map<T>(&tv, p.v, kD, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN))
+    return false;
+  const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
+  if (num_m_blocks == 0 || p.b == 0 || p.hq == 0) return true;
+  auto kernel = p.causal ? flash_fwd_sm90_kernel<T, kD, true, kOverlap, kBNv>
+                         : flash_fwd_sm90_kernel<T, kD, false, kOverlap, kBNv>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  dim3 grid(num_m_blocks, p.hq, p.b);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, num_m_blocks);
+  return true;
+}
+
+}  // namespace orchard::sm90
+
+// ---- library entry (instantiated by flash_fwd_sm90_<dtype>_d<d>.cu, built only for sm_90a) ----
+
+namespace orchard::cuda {
+
+template <typename T, int kD>
+bool run_flash_fwd_sm90(const FwdParams& p) {
+  // Measured on the H200 (bench/NOTES.md, "sm90 attention forward"): the intra-warpgroup
+  // overlap gains 8-36 % at d128 / d256 and loses 10-15 % at d64 (short PV GEMMs), so d64
+  // runs the plain order; 192-key tiles gain 3-12 % at d128 from 8k keys on and lose at 2k
+  // and below (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys.
+  bool launched;
+  if constexpr (kD == 64) {
+    launched = sm90::launch_flash_fwd_sm90<T, 64, false>(p);
+  } else if constexpr (kD == 128) {
+    launched = p.sk >= 4096 ? sm90::launch_flash_fwd_sm90<T, 128, true, 192>(p)
+                            : sm90::launch_flash_fwd_sm90<T, 128, true>(p);
+  } else {
+    launched = sm90::launch_flash_fwd_sm90<T, kD, true>(p);
+  }
+  if (!launched) return false;
+  check_launch("flash_fwd_sm90_kernel");
+  return true;
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,15 @@
+// The sm_90a forward's entry points as the CUDA backend's dispatch sees them (no CUDA
+// device code here: cuda_backend.cu includes this whatever the target architectures).
+// Defined in flash_fwd_sm90_<dtype>_d<d>.cu, compiled only when ORCHARD_CUDA_ARCHS holds 90
+// (ORCHARD_WITH_SM90=1).
+#pragma once
+#include "orchard/params.h"
+
+namespace orchard::cuda {
+
+// Runs the forward on the sm90 kernel; false when the TMA descriptors could not be
+// encoded (the caller then runs the sm80 kernels).  T: __nv_bfloat16 / __half; kD: 64/128/256.
+template <typename T, int kD>
+bool run_flash_fwd_sm90(const FwdParams& p);
+
+}  // namespace orchard::cuda
