@@ -116,3 +116,28 @@ def test_sdpa_bhsd_on_cuda_matches_torch():
     qt = q.transpose(1, 2)
     naive = attention_ref(qt, qt, qt, None, causal=True, top_left=True, upcast=False)[0].transpose(1, 2)
     check_close_rule(out, ref, naive, 1e-3, "sdpa")
+
+
+def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
+    """ORCHARD_DEBUG_FLASH_ATN on the CUDA path: one FWD and one BWD line with the
+    CUDA variant (sm90 forward on compute capability 9.0 when compiled in), and the
+    results unchanged by the synchronisation the timing adds."""
+    import os
+    q, k, v = _qkv(d=128)
+    ref = orchard.flash_attn_func(q, k, v, causal=True)
+    ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    out = orchard.flash_attn_func(q, k, v, causal=True)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    torch.cuda.synchronize()
+    lines = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["FWD", "BWD"], lines
+    assert "backend=cuda" in lines[0] and "variant=cuda.fwd." in lines[0], lines[0]
+    assert "elapsed_ms=" in lines[0] and "n/a" not in lines[0], lines[0]
+    sm90_expected = ("90" in str(orchard.build_info().get("cuda_archs"))
+                     and torch.cuda.get_device_capability() == (9, 0))
+    assert (".sm90." in lines[0]) == sm90_expected, lines[0]
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
