@@ -9,7 +9,8 @@
 #   both:   the ALL_STEPS (e.g. the 2-GPU distributed tests) once both tracks are done.
 #
 #   on device: bash dev/integ_session.sh TREE   (TREE: an archived tree, e.g. .ab/integ; carry .ab)
-#   env: GPU0_STEPS, GPU1_STEPS, ALL_STEPS (space-separated gpu_session.sh steps), BUDGET_S (570)
+#   env: FIRST_STEPS (run on both GPUs right after the build), GPU0_STEPS, GPU1_STEPS, ALL_STEPS
+#        (space-separated gpu_session.sh steps), BUDGET_S (570)
 # Logs: $OUT/track*.log and $OUT/logs.tgz (every step's log; packed at the end).
 # Each step has its own time limit (gpu_session.sh); keep the call's timeout above BUDGET_S.
 set -uo pipefail
@@ -35,6 +36,11 @@ stamp "built; harness ptxas spill warnings: $(grep -c spill "$OUT/logs/build_har
 [ -f /tmp/orchard_site/.built ] || tail -30 "$OUT/logs/build.log"
 [ -x /tmp/build-harness/cuda_check ] || grep -E "error" "$OUT/logs/build_harness.log" | head -20
 left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
+# FIRST_STEPS: steps that need both GPUs and must not be squeezed out by the tracks' time.
+if [ -n "${FIRST_STEPS:-}" ] && [ -f /tmp/orchard_site/.built ]; then
+  OUT=$OUT bash "$ROOT/dev/gpu_session.sh" SRC="$TREE" $FIRST_STEPS > "$OUT/first.log" 2>&1
+  stamp "first steps done"; cat "$OUT/first.log"
+fi
 
 track1() {
   export CUDA_VISIBLE_DEVICES=1
