@@ -213,6 +213,14 @@ __device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void*
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
 }
 
+// Whether issue_bias_tile stages with 16-byte cp.async (else element-wise loads).
+__device__ __forceinline__ bool bias_tile_async(const void* bias, int kind, int64_t bs, int64_t hs, int64_t rs,
+                                                int64_t cs) {
+  const int64_t e = bias_elem_bytes(kind);
+  return cs == 1 && ((reinterpret_cast<uintptr_t>(bias) | static_cast<uint64_t>(bs * e) |
+                      static_cast<uint64_t>(hs * e) | static_cast<uint64_t>(rs * e)) & 15) == 0;
+}
+
 template <int kKind, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsigned char* base, int64_t rs,
                                                   int64_t cs, int rows, int cols, bool async, int tid) {
@@ -252,9 +260,7 @@ __device__ __forceinline__ void issue_bias_tile(unsigned char* raw, const void* 
                                                 int cols, int tid) {
   const int64_t e = bias_elem_bytes(kind);
   const unsigned char* base = static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * e;
-  const bool async =
-      cs == 1 && ((reinterpret_cast<uintptr_t>(bias) | static_cast<uint64_t>(bs * e) | static_cast<uint64_t>(hs * e) |
-                   static_cast<uint64_t>(rs * e)) & 15) == 0;
+  const bool async = bias_tile_async(bias, kind, bs, hs, rs, cs);
   switch (kind) {
     case 0: issue_bias_tile_t<0, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
     case 1: issue_bias_tile_t<1, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
@@ -272,6 +278,68 @@ __device__ __forceinline__ void bias_dispatch(int kind, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     default: f(std::integral_constant<int, 3>{}); break;
   }
+}
+
+// ---- Boolean attn_mask tiles: skipping what the mask hides (issue #16) ----
+// A staged boolean tile (kind 0) tells which score tiles need no work: a warp's (or
+// the CTA's) part of it with no visible element contributes nothing (P = 0: the
+// kernels skip its GEMMs and softmax, which leaves every accumulator exactly as
+// processing it would), and one with every element visible adds 0 (the kernels skip
+// the bias pass). Elements staged as zero past the sequence ends count as masked,
+// so edge tiles keep their usual path. A key-padding mask (B, 1, 1, S) thus runs
+// the plain kernel's work on the visible keys. Run-time data, no new kernels.
+
+// True iff no byte of w is zero.
+__device__ __forceinline__ bool all_bytes_nonzero(uint32_t w) {
+  return ((w - 0x01010101u) & ~w & 0x80808080u) == 0u;
+}
+
+struct MaskVote {
+  bool none;  // no element visible
+  bool all;   // every element visible
+};
+
+// The warp's vote over the (kR x kC)-byte region at (r0, c0) (c0 % 16 == 0) of a staged
+// boolean tile with kCols columns (pitch bias_pitch<0, kCols>); every lane calls it.
+// The tile must be visible to the whole warp (read after the barrier that follows
+// its cp.async wait).
+template <int kCols, int kR, int kC>
+__device__ __forceinline__ MaskVote bool_region_vote(const unsigned char* tile, int r0, int c0, int lane) {
+  constexpr int kPitch = bias_pitch<0, kCols>(), kCpr = kC / 16, kChunks = kR * kCpr;
+  static_assert(kC % 16 == 0 && kPitch % 16 == 0, "boolean tile regions: whole 16-byte chunks");
+  bool none = true, all = true;
+#pragma unroll
+  for (int k = 0; k < (kChunks + 31) / 32; ++k) {
+    const int i = lane + 32 * k;
+    if (kChunks % 32 == 0 || i < kChunks) {
+      const uint4 w = *reinterpret_cast<const uint4*>(tile + (r0 + i / kCpr) * kPitch + c0 + (i % kCpr) * 16);
+      none &= (w.x | w.y | w.z | w.w) == 0u;
+      all &= all_bytes_nonzero(w.x) & all_bytes_nonzero(w.y) & all_bytes_nonzero(w.z) & all_bytes_nonzero(w.w);
+    }
+  }
+  return {__all_sync(0xffffffffu, none) != 0, __all_sync(0xffffffffu, all) != 0};
+}
+
+// Whether every element of a boolean tile that this thread staged itself (through
+// issue_bias_tile with the same `async`, kRows, kCols, kThreads) is masked: readable
+// by the thread right after its cp.async wait, before any barrier, so a CTA-wide
+// vote is the __syncthreads_and that the kernel's barrier becomes.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ bool own_bool_chunks_masked(const unsigned char* tile, bool async, int tid) {
+  constexpr int kPitch = bias_pitch<0, kCols>();
+  uint32_t any = 0;
+  if (async) {
+    constexpr int kCpr = kCols / 16;
+#pragma unroll 2
+    for (int idx = tid; idx < kRows * kCpr; idx += kThreads) {
+      const uint4 w = *reinterpret_cast<const uint4*>(tile + (idx / kCpr) * kPitch + (idx % kCpr) * 16);
+      any |= w.x | w.y | w.z | w.w;
+    }
+  } else {
+#pragma unroll 4
+    for (int idx = tid; idx < kRows * kCols; idx += kThreads) any |= tile[(idx / kCols) * kPitch + idx % kCols];
+  }
+  return any == 0u;
 }
 
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A

@@ -71,6 +71,7 @@ struct FwdConfig {
   // tile as stored, double-buffered like K/V (attention_tiles.cuh).
   static constexpr int kBiasRawBytes = bias_tile_bytes<kBM, kBN>();
   static constexpr int kBiasBytes = 2 * kBiasRawBytes;
+  static_assert(kSmemBytes % 16 == 0 && kBiasRawBytes % 16 == 0, "bias tiles: 16-byte aligned (bool_region_vote)");
 };
 
 // kBias: p.attn_bias is set. A template parameter (in the backward kernels too):
@@ -221,6 +222,16 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       }
     }
     cp_async_commit();
+    // Boolean mask (attention_tiles.cuh): this warp's rows see nothing in this tile ->
+    // no work (the state is what processing it would leave).
+    // (Skipping the bias pass on all-visible tiles as well made ptxas spill this
+    // kernel - 16-60 B at d128, sm_90, in four placements tried - so it runs.)
+    if constexpr (kBias) {
+      if (p.attn_bias_dtype == DType::kUInt8 &&
+          bool_region_vote<kBN, 16 * kMW, kBN>(smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes, wrow, 0, lane)
+              .none)
+        continue;
+    }
     const KV k_op = KV::from_lane(k_lane, stage * kTileBytes), v_op = KV::from_lane(v_lane, stage * kTileBytes);
     const int n0 = n * kBN;
 
