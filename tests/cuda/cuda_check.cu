@@ -10,6 +10,7 @@
 //                         also part of the full suite)
 //   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
+//   cuda_check --bench-mask  masked-SDPA kernel times (key-padding bool mask, bf16 bias)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
 // where "naive" is the same math with every intermediate (S, P, O, dP, dS) rounded
@@ -79,6 +80,10 @@ struct Case {
   // bias_pad (boolean): key padding, batch bi keeps keys j < pad_len(bi) (one batch keeps
   // none: all its rows masked). bias_tr: stored transposed (row stride 1, column stride = rows).
   bool bias_pad = false, bias_tr = false;
+  // bias_doc > 0 (boolean): a document mask, row i sees key j iff both fall in the same of
+  // bias_doc equal spans (i * bias_doc / sq == j * bias_doc / sk): whole score tiles
+  // masked or visible, per warp differently, for the kernels' mask-skipping paths.
+  int bias_doc = 0;
   int bias_rpad = 0;  // stored rows this many elements longer than sk * bias_cs (not with bias_tr)
   std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
   // Value head dim (v, out, dout, dv; 0 = d). Views: every row of every tensor is
@@ -170,6 +175,7 @@ HostBias make_bias(const Case& c, std::mt19937& rng) {
         for (int j = 0; j < hb.Cb; ++j) {
           double& x = hb.v[((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j];
           if (c.bias_pad) x = j < (bi % 3 == 1 ? 0 : (bi % 3 == 0 ? c.sk * 3 / 5 : c.sk)) ? 1.0 : 0.0;
+          else if (c.bias_doc > 0) x = int64_t(i) * c.bias_doc / c.sq == int64_t(j) * c.bias_doc / c.sk ? 1.0 : 0.0;
           else if (c.bias == 1) x = dead ? 0.0 : (ud(rng) < 0.3 ? 0.0 : 1.0);
           else x = dead ? -INFINITY : round_to(bdt, 0.7 * nd(rng));
         }
@@ -514,9 +520,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
     std::printf(" dropout-at(row %lld, col %lld, head %d of %d)", (long long)c.drow, (long long)c.dcol, c.dhead,
                 c.dheads);
   if (c.bias)
-    std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc,
-                c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
-                c.bias_tr ? " transposed" : "", c.bias_rpad);
+    std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d doc%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()),
+                c.bias_bc, c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
+                c.bias_tr ? " transposed" : "", c.bias_rpad, c.bias_doc);
   if (c.varlen()) {
     std::printf(" varlen q[");
     for (int x : c.lq) std::printf(" %d", x);
@@ -948,6 +954,33 @@ std::vector<Case> feature_suite() {
     c = B({"bias-async-f32-d160-softcap-alibi", BF, 1, 2, 1, 70, 96, 160}, 3, 2, 1);
     c.softcap = 3.f, c.alibi = 1;
     v.push_back(c);
+    // Masks that hide or show whole score tiles (the kernels skip the hidden ones and,
+    // in the backward, the bias pass on the shown ones): document masks per warp /
+    // step on every family, both staging paths; key padding long enough that whole
+    // dK/dV key blocks of a partly padded batch are masked.
+    auto D = [&](Case c, int ndoc, int bc, int cs) {
+      c = B(c, 1, bc, cs);
+      c.bias_doc = ndoc, c.bias_dead = false;
+      return c;
+    };
+    v.push_back(D({"bias-doc-d128", BF, 2, 4, 2, 384, 384, 128}, 3, 0, 1));
+    c = D({"bias-doc-d64-det", FP, 1, 2, 2, 300, 256, 64}, 4, 0, 1);
+    c.det = true;
+    v.push_back(c);
+    c = D({"bias-doc-d128-det-cs2", FP, 1, 2, 2, 260, 300, 128}, 3, 1, 2);  // plain-load staging
+    c.det = true;
+    v.push_back(c);
+    c = D({"bias-doc-d256-drop", BF, 1, 2, 1, 200, 192, 256}, 3, 0, 1);
+    c.p = 0.1f;
+    v.push_back(c);
+    v.push_back(D({"bias-doc-d160-bch", FP, 2, 2, 2, 256, 320, 160}, 4, 2, 1));
+    c = D({"bias-doc-d96-drop-gqa", BF, 1, 4, 2, 320, 288, 96}, 2, 0, 1);
+    c.p = 0.15f;
+    v.push_back(c);
+    v.push_back(P({"bias-keypad-long-d128", BF, 3, 2, 2, 256, 1024, 128}));
+    c = P({"bias-keypad-long-d128-det", BF, 3, 2, 1, 192, 768, 128});
+    c.det = true;
+    v.push_back(c);
     v.push_back(B({"bias-bool-fp32", F32, 1, 2, 1, 40, 66, 72, true}, 1, 0, 2));
     c = B({"bias-f32-fp32-drop-det", F32, 2, 4, 2, 45, 50, 64}, 3, 1, 1);
     c.p = 0.1f, c.det = true;
@@ -1266,6 +1299,75 @@ void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20,
       }
 }
 
+// Masked-SDPA timing (bench/feature_bench.py's shapes, kernels only): bf16 b4 s1024
+// h16 d128, no mask vs a boolean key-padding mask (B, 1, 1, S) (batch lengths 1024,
+// 640, 896, 530) vs a bf16 bias (1, H, S, S); ms fwd / bwd (atomic dQ), median of 20.
+void bench_mask() {
+  const int b = 4, s = 1024, h = 16, d = 128;
+  const int lens[4] = {1024, 640, 896, 530};
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const size_t n = size_t(b) * s * h * d;
+  std::vector<uint16_t> hbuf(n);
+  void *q, *k, *v, *o, *lse, *dO, *dq, *dk, *dv, *ws, *mask, *bias;
+  for (void** pp : {&q, &k, &v, &o, &dO, &dq, &dk, &dv}) {
+    CK(cudaMalloc(pp, n * 2));
+    for (auto& x : hbuf) x = float_to_bf16(nd(rng));
+    CK(cudaMemcpy(*pp, hbuf.data(), n * 2, cudaMemcpyHostToDevice));
+  }
+  CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
+  std::vector<uint8_t> hm(size_t(b) * s);
+  for (int bi = 0; bi < b; ++bi)
+    for (int j = 0; j < s; ++j) hm[size_t(bi) * s + j] = j < lens[bi] ? 1 : 0;
+  CK(cudaMalloc(&mask, hm.size()));
+  CK(cudaMemcpy(mask, hm.data(), hm.size(), cudaMemcpyHostToDevice));
+  std::vector<uint16_t> hb(size_t(h) * s * s);
+  for (auto& x : hb) x = float_to_bf16(nd(rng));
+  CK(cudaMalloc(&bias, hb.size() * 2));
+  CK(cudaMemcpy(bias, hb.data(), hb.size() * 2, cudaMemcpyHostToDevice));
+  Case c{"bench-mask", DType::kBFloat16, b, h, h, s, s, d};
+  DevT Q{q, 0, make_layout(c, s, h, d)}, K{k, 0, make_layout(c, s, h, d)}, V{v, 0, make_layout(c, s, h, d)},
+      O{o, 0, make_layout(c, s, h, d)};
+  BwdParams p;
+  fill_params(p, c, Q, K, V, O, lse);
+  p.attn_bias = bias;  // the largest workspace: ask with a mask set (same either way)
+  const size_t wsb = ops->backward_workspace_bytes(p);
+  CK(cudaMalloc(&ws, wsb));
+  p.dout = dO;
+  p.do_batch_stride = Q.L.bs, p.do_row_stride = Q.L.rs, p.do_head_stride = Q.L.hs;
+  p.dq = dq, p.dk = dk, p.dv = dv;
+  p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = Q.L.bs;
+  p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = Q.L.rs;
+  p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = Q.L.hs;
+  p.workspace = ws;
+  p.workspace_bytes = wsb;
+  std::printf("\nmasked SDPA kernels, bf16 b%d s%d h%d d%d: ms fwd / bwd (median of 20)\n", b, s, h, d);
+  for (int mode = 0; mode < 3; ++mode) {
+    const char* name = mode == 0 ? "no mask" : (mode == 1 ? "bool key padding (B,1,1,S)" : "bf16 bias (1,H,S,S)");
+    p.attn_bias = mode == 0 ? nullptr : (mode == 1 ? mask : bias);
+    p.attn_bias_dtype = mode == 1 ? DType::kUInt8 : DType::kBFloat16;
+    p.bias_batch_stride = mode == 1 ? s : 0;
+    p.bias_head_stride = mode == 2 ? int64_t(s) * s : 0;
+    p.bias_row_stride = mode == 2 ? s : 0;
+    p.bias_col_stride = 1;
+    const std::string why = ops->check_support(p);
+    if (!why.empty()) {
+      std::printf("%-28s refused: %s\n", name, why.c_str());
+      continue;
+    }
+    const float tf = median_ms([&] { ops->forward(p); }, 20);
+    ops->forward(p);
+    p.deterministic = false;
+    const float tb = median_ms([&] { ops->backward(p); }, 20);
+    p.deterministic = true;
+    const float tbd = median_ms([&] { ops->backward(p); }, 10);
+    CK(cudaGetLastError());
+    std::printf("%-28s %.3f / %.3f (deterministic bwd %.3f)\n", name, tf, tb, tbd);
+    std::fflush(stdout);
+  }
+  for (void* ptr : {q, k, v, o, lse, dO, dq, dk, dv, ws, mask, bias}) CK(cudaFree(ptr));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1365,6 +1467,10 @@ int main(int argc, char** argv) {
   }
   if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S
     bench(0, 0, -1, 20, argc > 2 ? std::atoi(argv[2]) : 0);
+    return 0;
+  }
+  if (mode == "--bench-mask") {
+    bench_mask();
     return 0;
   }
   if (mode == "--one" && argc == 5) {
