@@ -339,10 +339,11 @@ struct RefOut {
   HostT out, dq, dk, dv;
   std::vector<double> lse;    // kernel layout (lse_index)
   std::vector<double> dsink;  // (hq), with sinks
+  std::vector<double> dsink_rows;  // with sinks: each row's term of dsink, at lse_index
   RefOut(const Case& c, const Geometry& g)
       : out(host_batch(c), g.tq, c.hq, c.vd()), dq(host_batch(c), g.tq, c.hq, c.d),
         dk(host_batch(c), g.tk, c.hkv, c.d), dv(host_batch(c), g.tk, c.hkv, c.vd()), lse(lse_count(c, g), -INFINITY),
-        dsink(c.hq, 0.0) {}
+        dsink(c.hq, 0.0), dsink_rows(c.sink ? lse_count(c, g) : 0, 0.0) {}
 };
 
 // fp64 reference; with `naive`, every intermediate (S, P, O, dP, dS) is rounded to c.dt.
@@ -401,7 +402,11 @@ RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& 
         }
         double D = 0;
         for (int e = 0; e < dvw; ++e) D += dout.at(hb, qi, h, e) * r.out.at(hb, qi, h, e);
-        if (c.sink) dsink_part[size_t(bi) * c.hq + h] -= std::exp(sink - lse) * D;
+        if (c.sink) {
+          const double term = -std::exp(sink - lse) * D;
+          dsink_part[size_t(bi) * c.hq + h] += term;
+          r.dsink_rows[lse_index(c, g, bi, h, i)] = term;
+        }
         for (int j = 0; j < Lk; ++j) {
           double dp = 0;
           for (int e = 0; e < dvw; ++e) dp += dout.at(hb, qi, h, e) * v.at(hb, sq.k0 + j, hk, e);
@@ -468,12 +473,13 @@ double max_abs(const std::vector<double>& a) {
 
 int g_failures = 0;
 
+// naive_floor: a floor under the naive error (the dsink rule below); 0 for the rest.
 bool check(const Case& c, const char* what, const std::vector<double>& got, const std::vector<double>& ref,
-           const std::vector<double>& naive) {
+           const std::vector<double>& naive, double naive_floor = 0.0) {
   const Err ek = compare(got, ref), en = compare(naive, ref);
   const double atol_rel = c.dt == DType::kFloat32 ? 2e-5 : (c.dt == DType::kFloat16 ? 5e-4 : 2e-3);
   const double atol = atol_rel * std::max(1.0, max_abs(ref));
-  const double tol = 2 * en.max_abs + atol;
+  const double tol = 2 * std::max(en.max_abs, naive_floor) + atol;
   const bool ok = !ek.nan && ek.max_abs <= tol;
   std::printf("    %-4s err %.3e  naive %.3e  tol %.3e %s%s\n", what, ek.max_abs, en.max_abs, tol, ek.nan ? "NaN " : "",
               ok ? "ok" : "FAIL");
@@ -698,7 +704,28 @@ bool run_case(const Case& c, std::mt19937& rng) {
   ok &= check(c, "dq", hq_.v, ref.dq.v, nai.dq.v);
   ok &= check(c, "dk", hk_.v, ref.dk.v, nai.dk.v);
   ok &= check(c, "dv", hv_.v, ref.dv.v, nai.dv.v);
-  if (c.sink) ok &= check(c, "dsnk", floats(d_dsink, c.hq), ref.dsink, nai.dsink);
+  if (c.sink) {
+    // dsink[h] is one sum over every row of head h, so "2x the naive error" compares two
+    // samples of the same random walk of per-row rounding errors: the naive sum's error
+    // can cancel to almost nothing while the kernel's (rounded differently) does not.
+    // A numpy model of the kernels' arithmetic (fp32 scores / LSE, P and O in bf16,
+    // case bias-win-sink, 200 seeds) failed the plain rule on 1/200 seeds with the mask
+    // and 3/200 without, a correct computation. The naive error is therefore taken at
+    // least as large as the random walk's size, sqrt(sum over rows of the naive per-row
+    // errors^2) (max over heads): 0/200 failures, while a dropped row still fails as
+    // often as under the plain rule (197/200, 193/200). bench/NOTES.md, session 8.
+    double walk = 0;
+    for (int h = 0; h < c.hq; ++h) {
+      double ss = 0;
+      for (int bi = 0; bi < geo.nseq; ++bi)
+        for (int i = 0; i < geo.seqs[bi].len_q; ++i) {
+          const size_t ix = lse_index(c, geo, bi, h, i);
+          ss += (nai.dsink_rows[ix] - ref.dsink_rows[ix]) * (nai.dsink_rows[ix] - ref.dsink_rows[ix]);
+        }
+      walk = std::max(walk, std::sqrt(ss));
+    }
+    ok &= check(c, "dsnk", floats(d_dsink, c.hq), ref.dsink, nai.dsink, walk);
+  }
   if (c.det) {  // bitwise over reruns (poison again first)
     bool same = true;
     for (int rep = 0; rep < 3; ++rep) {
@@ -897,8 +924,10 @@ std::vector<Case> feature_suite() {
     c.softcap = 2.5f, c.alibi = 2;
     v.push_back(c);
     c = with_window(B({"bias-win-sink", BF, 1, 3, 1, 120, 100, 128, true}, 1, 0, 1), 20, 0);
-    c.sink = true;
-    c.refused = true;  // bf16 sink gradient off the rule on the H200 (cuda_backend.cu check_support)
+    c.sink = true;  // (session 7's dsink miss: the rule, see run_case)
+    v.push_back(c);
+    c = with_window(B({"bias-win-sink-f16-d64-det", FP, 2, 4, 2, 150, 130, 64}, 1, 0, 1), 40, 10);
+    c.sink = true, c.det = true;
     v.push_back(c);
     c = with_window(B({"bias-win-sink-fp32", F32, 1, 3, 1, 120, 100, 128, true}, 1, 0, 1), 20, 0);
     c.sink = true;
@@ -918,6 +947,9 @@ std::vector<Case> feature_suite() {
     c.p = 0.1f;
     v.push_back(c);
     v.push_back(P({"bias-keypad-d32-TL", FP, 2, 2, 1, 140, 70, 32, true, true}));
+    c = P({"bias-keypad-sink-d128", BF, 3, 2, 2, 128, 200, 128});
+    c.sink = true;
+    v.push_back(c);
     // Transposed storage (row stride 1): (1, H, L, S) float32 and (L, S) bf16.
     c = B({"bias-f32-1HLS-tr-TL", BF, 2, 4, 4, 130, 100, 64, true, true}, 3, 1, 1);
     c.bias_tr = true;
