@@ -221,16 +221,27 @@ __device__ __forceinline__ bool bias_tile_async(const void* bias, int kind, int6
                       static_cast<uint64_t>(hs * e) | static_cast<uint64_t>(rs * e)) & 15) == 0;
 }
 
+// Row-broadcast biases (row stride 0: a key-padding mask (B, 1, 1, S), say) stage
+// their one row only, and the kernels copy it down the tile in shared memory
+// (expand_bias_row) after the tile's barrier. Staged in full, every row of every
+// CTA's tile read the same few global bytes: the H200 ran the key-padding forward
+// 3.2x slower than the plain one (0.375 vs 0.116 ms, bf16 b4 s1024 h16 d128), a
+// bf16 (1, H, S, S) bias 1.4x (cuda_check --bench-mask).
+// Only the forward does so (issue_bias_tile's row_once): expanding in the backward
+// kernels, where S is live at the tile's barrier, made ptxas spill (bf16 d128 dK/dV
+// 8 -> 88 B), and their key-padding times were not the outlier (0.449 vs 0.474 ms).
 template <int kKind, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsigned char* base, int64_t rs,
-                                                  int64_t cs, int rows, int cols, bool async, int tid) {
+                                                  int64_t cs, int rows, int cols, bool async, bool row_once,
+                                                  int tid) {
   constexpr int kE = bias_elem_bytes(kKind), kPitch = bias_pitch<kKind, kCols>();
+  const int staged = row_once && rs == 0 ? 1 : kRows;
   if (async) {
     constexpr int kCpr = kCols * kE / 16;  // 16-byte chunks per row
     static_assert(kCols * kE % 16 == 0, "bias tile rows: whole 16-byte chunks");
     const uint32_t d0 = smem_u32(dst);
 #pragma unroll 1
-    for (int idx = tid; idx < kRows * kCpr; idx += kThreads) {
+    for (int idx = tid; idx < staged * kCpr; idx += kThreads) {
       const int r = idx / kCpr, ch = idx % kCpr, c0 = ch * (16 / kE);
       int bytes = r < rows ? (cols - c0) * kE : 0;
       bytes = bytes < 0 ? 0 : (bytes > 16 ? 16 : bytes);
@@ -241,7 +252,7 @@ __device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsi
     using E = BiasElem<kKind>;
     const E* src = reinterpret_cast<const E*>(base);
 #pragma unroll 1
-    for (int idx = tid; idx < kRows * kCols; idx += kThreads) {
+    for (int idx = tid; idx < staged * kCols; idx += kThreads) {
       const int r = idx / kCols, c = idx % kCols;
       E v = 0;
       if (r < rows && c < cols) v = __ldg(src + (r * rs + c * cs));
@@ -253,19 +264,33 @@ __device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsi
 // row0 + r, col0 + c)] into `raw` (its own element type, bias_tile_bytes): with
 // cp.async where the layout allows (the caller commits the group and waits), else
 // plain loads. Elements at r >= rows or c >= cols (past the sequence ends) are 0
-// (boolean: masked; those scores are masked or unused anyway).
+// (boolean: masked; those scores are masked or unused anyway). row_once: a
+// row-broadcast bias (rs == 0) stages row 0 only; the caller runs expand_bias_row.
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void issue_bias_tile(unsigned char* raw, const void* bias, int kind, int64_t bs, int64_t hs,
                                                 int64_t rs, int64_t cs, int b, int h, int row0, int col0, int rows,
-                                                int cols, int tid) {
+                                                int cols, int tid, bool row_once = false) {
   const int64_t e = bias_elem_bytes(kind);
   const unsigned char* base = static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * e;
   const bool async = bias_tile_async(bias, kind, bs, hs, rs, cs);
   switch (kind) {
-    case 0: issue_bias_tile_t<0, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
-    case 1: issue_bias_tile_t<1, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
-    case 2: issue_bias_tile_t<2, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
-    default: issue_bias_tile_t<3, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
+    case 0: issue_bias_tile_t<0, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+    case 1: issue_bias_tile_t<1, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+    case 2: issue_bias_tile_t<2, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+    default: issue_bias_tile_t<3, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+  }
+}
+
+// Row-broadcast staging (bias_staged_rows): copies the staged row 0 of a (kRows x
+// kCols) tile of any kind into its other rows. Call once row 0 is visible to the CTA
+// (after the tile's barrier), then __syncthreads() before anyone reads the tile.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void expand_bias_row(unsigned char* tile, int kind, int tid) {
+  const int row_bytes = kCols * bias_elem_bytes(kind), cpr = row_bytes / 16, pitch = row_bytes + 16;
+#pragma unroll 1
+  for (int idx = tid; idx < (kRows - 1) * cpr; idx += kThreads) {
+    const int r = 1 + idx / cpr, ch = idx % cpr;
+    *reinterpret_cast<uint4*>(tile + r * pitch + ch * 16) = *reinterpret_cast<const uint4*>(tile + ch * 16);
   }
 }
 

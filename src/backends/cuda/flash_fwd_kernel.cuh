@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
     issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
-                                        b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
+                                        b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid, true);
   if (vec) {
     load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
     if (n_begin < n_end) {
@@ -191,6 +191,13 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (kBias) {
+      if (p.bias_row_stride == 0) {  // row broadcast: one row staged (attention_tiles.cuh)
+        expand_bias_row<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes,
+                                            bias_kind(p.attn_bias_dtype), tid);
+        __syncthreads();
+      }
+    }
     if constexpr (kQRegs) {
       if (n == n_begin) {
 #pragma unroll
@@ -204,7 +211,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
                                           bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
                                           p.bias_row_stride, p.bias_col_stride, b, h, m0, (n + 1) * kBN, sq - m0,
-                                          sk - (n + 1) * kBN, tid);
+                                          sk - (n + 1) * kBN, tid, true);
     if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       k_stream.advance();
