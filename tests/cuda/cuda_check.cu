@@ -11,6 +11,7 @@
 //   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
 //   cuda_check --sm90     the suite twice: sm90 forward where it applies, then ORCHARD_SM90=0
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
+//   cuda_check --bench-mask  masked-SDPA kernel times (key-padding bool mask, bf16 bias)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
 // where "naive" is the same math with every intermediate (S, P, O, dP, dS) rounded
@@ -80,6 +81,10 @@ struct Case {
   // bias_pad (boolean): key padding, batch bi keeps keys j < pad_len(bi) (one batch keeps
   // none: all its rows masked). bias_tr: stored transposed (row stride 1, column stride = rows).
   bool bias_pad = false, bias_tr = false;
+  // bias_doc > 0 (boolean): a document mask, row i sees key j iff both fall in the same of
+  // bias_doc equal spans (i * bias_doc / sq == j * bias_doc / sk): whole score tiles
+  // masked or visible, per warp differently, for the kernels' mask-skipping paths.
+  int bias_doc = 0;
   int bias_rpad = 0;  // stored rows this many elements longer than sk * bias_cs (not with bias_tr)
   std::vector<int> lq, lk;  // varlen: per-sequence lengths (b = lq.size()); empty = not varlen
   // Value head dim (v, out, dout, dv; 0 = d). Views: every row of every tensor is
@@ -171,6 +176,7 @@ HostBias make_bias(const Case& c, std::mt19937& rng) {
         for (int j = 0; j < hb.Cb; ++j) {
           double& x = hb.v[((size_t(bi) * hb.Hb + h) * hb.Rb + i) * hb.Cb + j];
           if (c.bias_pad) x = j < (bi % 3 == 1 ? 0 : (bi % 3 == 0 ? c.sk * 3 / 5 : c.sk)) ? 1.0 : 0.0;
+          else if (c.bias_doc > 0) x = int64_t(i) * c.bias_doc / c.sq == int64_t(j) * c.bias_doc / c.sk ? 1.0 : 0.0;
           else if (c.bias == 1) x = dead ? 0.0 : (ud(rng) < 0.3 ? 0.0 : 1.0);
           else x = dead ? -INFINITY : round_to(bdt, 0.7 * nd(rng));
         }
@@ -334,10 +340,11 @@ struct RefOut {
   HostT out, dq, dk, dv;
   std::vector<double> lse;    // kernel layout (lse_index)
   std::vector<double> dsink;  // (hq), with sinks
+  std::vector<double> dsink_rows;  // with sinks: each row's term of dsink, at lse_index
   RefOut(const Case& c, const Geometry& g)
       : out(host_batch(c), g.tq, c.hq, c.vd()), dq(host_batch(c), g.tq, c.hq, c.d),
         dk(host_batch(c), g.tk, c.hkv, c.d), dv(host_batch(c), g.tk, c.hkv, c.vd()), lse(lse_count(c, g), -INFINITY),
-        dsink(c.hq, 0.0) {}
+        dsink(c.hq, 0.0), dsink_rows(c.sink ? lse_count(c, g) : 0, 0.0) {}
 };
 
 // fp64 reference; with `naive`, every intermediate (S, P, O, dP, dS) is rounded to c.dt.
@@ -396,7 +403,11 @@ RefOut reference(const Case& c, const Geometry& g, const HostT& q, const HostT& 
         }
         double D = 0;
         for (int e = 0; e < dvw; ++e) D += dout.at(hb, qi, h, e) * r.out.at(hb, qi, h, e);
-        if (c.sink) dsink_part[size_t(bi) * c.hq + h] -= std::exp(sink - lse) * D;
+        if (c.sink) {
+          const double term = -std::exp(sink - lse) * D;
+          dsink_part[size_t(bi) * c.hq + h] += term;
+          r.dsink_rows[lse_index(c, g, bi, h, i)] = term;
+        }
         for (int j = 0; j < Lk; ++j) {
           double dp = 0;
           for (int e = 0; e < dvw; ++e) dp += dout.at(hb, qi, h, e) * v.at(hb, sq.k0 + j, hk, e);
@@ -463,12 +474,13 @@ double max_abs(const std::vector<double>& a) {
 
 int g_failures = 0;
 
+// naive_floor: a floor under the naive error (the dsink rule below); 0 for the rest.
 bool check(const Case& c, const char* what, const std::vector<double>& got, const std::vector<double>& ref,
-           const std::vector<double>& naive) {
+           const std::vector<double>& naive, double naive_floor = 0.0) {
   const Err ek = compare(got, ref), en = compare(naive, ref);
   const double atol_rel = c.dt == DType::kFloat32 ? 2e-5 : (c.dt == DType::kFloat16 ? 5e-4 : 2e-3);
   const double atol = atol_rel * std::max(1.0, max_abs(ref));
-  const double tol = 2 * en.max_abs + atol;
+  const double tol = 2 * std::max(en.max_abs, naive_floor) + atol;
   const bool ok = !ek.nan && ek.max_abs <= tol;
   std::printf("    %-4s err %.3e  naive %.3e  tol %.3e %s%s\n", what, ek.max_abs, en.max_abs, tol, ek.nan ? "NaN " : "",
               ok ? "ok" : "FAIL");
@@ -515,9 +527,9 @@ bool run_case(const Case& c, std::mt19937& rng) {
     std::printf(" dropout-at(row %lld, col %lld, head %d of %d)", (long long)c.drow, (long long)c.dcol, c.dhead,
                 c.dheads);
   if (c.bias)
-    std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()), c.bias_bc,
-                c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
-                c.bias_tr ? " transposed" : "", c.bias_rpad);
+    std::printf(" bias(%s bc%d cs%d%s%s%s rpad%d doc%d)", c.bias == 1 ? "bool" : dtype_name(c.bias_dtype()),
+                c.bias_bc, c.bias_cs, c.bias_dead ? " dead-rows" : "", c.bias_pad ? " key-padding" : "",
+                c.bias_tr ? " transposed" : "", c.bias_rpad, c.bias_doc);
   if (c.varlen()) {
     std::printf(" varlen q[");
     for (int x : c.lq) std::printf(" %d", x);
@@ -694,7 +706,28 @@ bool run_case(const Case& c, std::mt19937& rng) {
   ok &= check(c, "dq", hq_.v, ref.dq.v, nai.dq.v);
   ok &= check(c, "dk", hk_.v, ref.dk.v, nai.dk.v);
   ok &= check(c, "dv", hv_.v, ref.dv.v, nai.dv.v);
-  if (c.sink) ok &= check(c, "dsnk", floats(d_dsink, c.hq), ref.dsink, nai.dsink);
+  if (c.sink) {
+    // dsink[h] is one sum over every row of head h, so "2x the naive error" compares two
+    // samples of the same random walk of per-row rounding errors: the naive sum's error
+    // can cancel to almost nothing while the kernel's (rounded differently) does not.
+    // A numpy model of the kernels' arithmetic (fp32 scores / LSE, P and O in bf16,
+    // case bias-win-sink, 200 seeds) failed the plain rule on 1/200 seeds with the mask
+    // and 3/200 without, a correct computation. The naive error is therefore taken at
+    // least as large as the random walk's size, sqrt(sum over rows of the naive per-row
+    // errors^2) (max over heads): 0/200 failures, while a dropped row still fails as
+    // often as under the plain rule (197/200, 193/200). bench/NOTES.md, session 8.
+    double walk = 0;
+    for (int h = 0; h < c.hq; ++h) {
+      double ss = 0;
+      for (int bi = 0; bi < geo.nseq; ++bi)
+        for (int i = 0; i < geo.seqs[bi].len_q; ++i) {
+          const size_t ix = lse_index(c, geo, bi, h, i);
+          ss += (nai.dsink_rows[ix] - ref.dsink_rows[ix]) * (nai.dsink_rows[ix] - ref.dsink_rows[ix]);
+        }
+      walk = std::max(walk, std::sqrt(ss));
+    }
+    ok &= check(c, "dsnk", floats(d_dsink, c.hq), ref.dsink, nai.dsink, walk);
+  }
   if (c.det) {  // bitwise over reruns (poison again first)
     bool same = true;
     for (int rep = 0; rep < 3; ++rep) {
@@ -893,8 +926,10 @@ std::vector<Case> feature_suite() {
     c.softcap = 2.5f, c.alibi = 2;
     v.push_back(c);
     c = with_window(B({"bias-win-sink", BF, 1, 3, 1, 120, 100, 128, true}, 1, 0, 1), 20, 0);
-    c.sink = true;
-    c.refused = true;  // bf16 sink gradient off the rule on the H200 (cuda_backend.cu check_support)
+    c.sink = true;  // (session 7's dsink miss: the rule, see run_case)
+    v.push_back(c);
+    c = with_window(B({"bias-win-sink-f16-d64-det", FP, 2, 4, 2, 150, 130, 64}, 1, 0, 1), 40, 10);
+    c.sink = true, c.det = true;
     v.push_back(c);
     c = with_window(B({"bias-win-sink-fp32", F32, 1, 3, 1, 120, 100, 128, true}, 1, 0, 1), 20, 0);
     c.sink = true;
@@ -914,6 +949,9 @@ std::vector<Case> feature_suite() {
     c.p = 0.1f;
     v.push_back(c);
     v.push_back(P({"bias-keypad-d32-TL", FP, 2, 2, 1, 140, 70, 32, true, true}));
+    c = P({"bias-keypad-sink-d128", BF, 3, 2, 2, 128, 200, 128});
+    c.sink = true;
+    v.push_back(c);
     // Transposed storage (row stride 1): (1, H, L, S) float32 and (L, S) bf16.
     c = B({"bias-f32-1HLS-tr-TL", BF, 2, 4, 4, 130, 100, 64, true, true}, 3, 1, 1);
     c.bias_tr = true;
@@ -949,6 +987,33 @@ std::vector<Case> feature_suite() {
     v.push_back(c);
     c = B({"bias-async-f32-d160-softcap-alibi", BF, 1, 2, 1, 70, 96, 160}, 3, 2, 1);
     c.softcap = 3.f, c.alibi = 1;
+    v.push_back(c);
+    // Masks that hide or show whole score tiles (the kernels skip the hidden ones and,
+    // in the backward, the bias pass on the shown ones): document masks per warp /
+    // step on every family, both staging paths; key padding long enough that whole
+    // dK/dV key blocks of a partly padded batch are masked.
+    auto D = [&](Case c, int ndoc, int bc, int cs) {
+      c = B(c, 1, bc, cs);
+      c.bias_doc = ndoc, c.bias_dead = false;
+      return c;
+    };
+    v.push_back(D({"bias-doc-d128", BF, 2, 4, 2, 384, 384, 128}, 3, 0, 1));
+    c = D({"bias-doc-d64-det", FP, 1, 2, 2, 300, 256, 64}, 4, 0, 1);
+    c.det = true;
+    v.push_back(c);
+    c = D({"bias-doc-d128-det-cs2", FP, 1, 2, 2, 260, 300, 128}, 3, 1, 2);  // plain-load staging
+    c.det = true;
+    v.push_back(c);
+    c = D({"bias-doc-d256-drop", BF, 1, 2, 1, 200, 192, 256}, 3, 0, 1);
+    c.p = 0.1f;
+    v.push_back(c);
+    v.push_back(D({"bias-doc-d160-bch", FP, 2, 2, 2, 256, 320, 160}, 4, 2, 1));
+    c = D({"bias-doc-d96-drop-gqa", BF, 1, 4, 2, 320, 288, 96}, 2, 0, 1);
+    c.p = 0.15f;
+    v.push_back(c);
+    v.push_back(P({"bias-keypad-long-d128", BF, 3, 2, 2, 256, 1024, 128}));
+    c = P({"bias-keypad-long-d128-det", BF, 3, 2, 1, 192, 768, 128});
+    c.det = true;
     v.push_back(c);
     v.push_back(B({"bias-bool-fp32", F32, 1, 2, 1, 40, 66, 72, true}, 1, 0, 2));
     c = B({"bias-f32-fp32-drop-det", F32, 2, 4, 2, 45, 50, 64}, 3, 1, 1);
@@ -1275,6 +1340,75 @@ void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20,
       }
 }
 
+// Masked-SDPA timing (bench/feature_bench.py's shapes, kernels only): bf16 b4 s1024
+// h16 d128, no mask vs a boolean key-padding mask (B, 1, 1, S) (batch lengths 1024,
+// 640, 896, 530) vs a bf16 bias (1, H, S, S); ms fwd / bwd (atomic dQ), median of 20.
+void bench_mask() {
+  const int b = 4, s = 1024, h = 16, d = 128;
+  const int lens[4] = {1024, 640, 896, 530};
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const size_t n = size_t(b) * s * h * d;
+  std::vector<uint16_t> hbuf(n);
+  void *q, *k, *v, *o, *lse, *dO, *dq, *dk, *dv, *ws, *mask, *bias;
+  for (void** pp : {&q, &k, &v, &o, &dO, &dq, &dk, &dv}) {
+    CK(cudaMalloc(pp, n * 2));
+    for (auto& x : hbuf) x = float_to_bf16(nd(rng));
+    CK(cudaMemcpy(*pp, hbuf.data(), n * 2, cudaMemcpyHostToDevice));
+  }
+  CK(cudaMalloc(&lse, size_t(b) * h * s * 4));
+  std::vector<uint8_t> hm(size_t(b) * s);
+  for (int bi = 0; bi < b; ++bi)
+    for (int j = 0; j < s; ++j) hm[size_t(bi) * s + j] = j < lens[bi] ? 1 : 0;
+  CK(cudaMalloc(&mask, hm.size()));
+  CK(cudaMemcpy(mask, hm.data(), hm.size(), cudaMemcpyHostToDevice));
+  std::vector<uint16_t> hb(size_t(h) * s * s);
+  for (auto& x : hb) x = float_to_bf16(nd(rng));
+  CK(cudaMalloc(&bias, hb.size() * 2));
+  CK(cudaMemcpy(bias, hb.data(), hb.size() * 2, cudaMemcpyHostToDevice));
+  Case c{"bench-mask", DType::kBFloat16, b, h, h, s, s, d};
+  DevT Q{q, 0, make_layout(c, s, h, d)}, K{k, 0, make_layout(c, s, h, d)}, V{v, 0, make_layout(c, s, h, d)},
+      O{o, 0, make_layout(c, s, h, d)};
+  BwdParams p;
+  fill_params(p, c, Q, K, V, O, lse);
+  p.attn_bias = bias;  // the largest workspace: ask with a mask set (same either way)
+  const size_t wsb = ops->backward_workspace_bytes(p);
+  CK(cudaMalloc(&ws, wsb));
+  p.dout = dO;
+  p.do_batch_stride = Q.L.bs, p.do_row_stride = Q.L.rs, p.do_head_stride = Q.L.hs;
+  p.dq = dq, p.dk = dk, p.dv = dv;
+  p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = Q.L.bs;
+  p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = Q.L.rs;
+  p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = Q.L.hs;
+  p.workspace = ws;
+  p.workspace_bytes = wsb;
+  std::printf("\nmasked SDPA kernels, bf16 b%d s%d h%d d%d: ms fwd / bwd (median of 20)\n", b, s, h, d);
+  for (int mode = 0; mode < 3; ++mode) {
+    const char* name = mode == 0 ? "no mask" : (mode == 1 ? "bool key padding (B,1,1,S)" : "bf16 bias (1,H,S,S)");
+    p.attn_bias = mode == 0 ? nullptr : (mode == 1 ? mask : bias);
+    p.attn_bias_dtype = mode == 1 ? DType::kUInt8 : DType::kBFloat16;
+    p.bias_batch_stride = mode == 1 ? s : 0;
+    p.bias_head_stride = mode == 2 ? int64_t(s) * s : 0;
+    p.bias_row_stride = mode == 2 ? s : 0;
+    p.bias_col_stride = 1;
+    const std::string why = ops->check_support(p);
+    if (!why.empty()) {
+      std::printf("%-28s refused: %s\n", name, why.c_str());
+      continue;
+    }
+    const float tf = median_ms([&] { ops->forward(p); }, 20);
+    ops->forward(p);
+    p.deterministic = false;
+    const float tb = median_ms([&] { ops->backward(p); }, 20);
+    p.deterministic = true;
+    const float tbd = median_ms([&] { ops->backward(p); }, 10);
+    CK(cudaGetLastError());
+    std::printf("%-28s %.3f / %.3f (deterministic bwd %.3f)\n", name, tf, tb, tbd);
+    std::fflush(stdout);
+  }
+  for (void* ptr : {q, k, v, o, lse, dO, dq, dk, dv, ws, mask, bias}) CK(cudaFree(ptr));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1395,6 +1529,10 @@ int main(int argc, char** argv) {
   }
   if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S
     bench(0, 0, -1, 20, argc > 2 ? std::atoi(argv[2]) : 0);
+    return 0;
+  }
+  if (mode == "--bench-mask") {
+    bench_mask();
     return 0;
   }
   if (mode == "--one" && argc == 5) {

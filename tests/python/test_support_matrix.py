@@ -80,6 +80,15 @@ def _attn_mask(device, dtype):
     return a + b, (q, k, v)
 
 
+def _attn_mask_sink(device, dtype):
+    # A key-padding mask (B, 1, 1, S), batch 1 padded, with gpt-oss's sinks.
+    q, k, v = (t.transpose(1, 2) for t in _qkv(device, dtype, hkv=4))
+    keep = torch.arange(24, device=device) < torch.tensor([24, 15], device=device)[:, None]
+    sink = torch.zeros(4, device=device, requires_grad=True)
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], sink=sink)
+    return out, (q, k, v, sink)
+
+
 def _dv(device, dtype):
     q, k, v = _qkv(device, dtype, d=32, dv=16)
     return orchard.flash_attn_func(q, k, v, causal=True), (q, k, v)
@@ -93,6 +102,7 @@ FEATURES = {
     "sink": _sink,
     "varlen": _varlen,
     "attn_mask (bool / float)": _attn_mask,
+    "attn_mask + sink": _attn_mask_sink,
     "value head dim != head dim": _dv,
 }
 

@@ -213,27 +213,55 @@ __device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void*
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
 }
 
+// The same through L1 (.ca): the rows of a row-broadcast tile the backward stages in
+// full all read one global row, and L1 serves the repeats instead of L2 (H200, bf16
+// key padding b4 s1024 h16 d128: deterministic backward 0.777 -> 0.656 ms, atomic
+// 0.449 -> 0.445; ptxas: atomic dK/dV bias 8 -> 16 B spill, causal 8 -> 52 B).
+__device__ __forceinline__ void cp_async16_bytes_l1(uint32_t smem_addr, const void* gmem, int bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+}
+
+// Whether issue_bias_tile stages with 16-byte cp.async (else element-wise loads).
+__device__ __forceinline__ bool bias_tile_async(const void* bias, int kind, int64_t bs, int64_t hs, int64_t rs,
+                                                int64_t cs) {
+  const int64_t e = bias_elem_bytes(kind);
+  return cs == 1 && ((reinterpret_cast<uintptr_t>(bias) | static_cast<uint64_t>(bs * e) |
+                      static_cast<uint64_t>(hs * e) | static_cast<uint64_t>(rs * e)) & 15) == 0;
+}
+
+// Row-broadcast biases (row stride 0: a key-padding mask (B, 1, 1, S), say) stage
+// their one row only, and the kernels copy it down the tile in shared memory
+// (expand_bias_row) after the tile's barrier. Staged in full, every row of every
+// CTA's tile read the same few global bytes: the H200 ran the key-padding forward
+// 3.2x slower than the plain one (0.375 vs 0.116 ms, bf16 b4 s1024 h16 d128), a
+// bf16 (1, H, S, S) bias 1.4x (cuda_check --bench-mask).
+// Only the forward does so (issue_bias_tile's row_once): expanding in the backward
+// kernels, where S is live at the tile's barrier, made ptxas spill (bf16 d128 dK/dV
+// 8 -> 88 B), and their key-padding times were not the outlier (0.449 vs 0.474 ms).
 template <int kKind, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsigned char* base, int64_t rs,
-                                                  int64_t cs, int rows, int cols, bool async, int tid) {
+                                                  int64_t cs, int rows, int cols, bool async, bool row_once,
+                                                  int tid) {
   constexpr int kE = bias_elem_bytes(kKind), kPitch = bias_pitch<kKind, kCols>();
+  const int staged = row_once && rs == 0 ? 1 : kRows;
   if (async) {
     constexpr int kCpr = kCols * kE / 16;  // 16-byte chunks per row
     static_assert(kCols * kE % 16 == 0, "bias tile rows: whole 16-byte chunks");
     const uint32_t d0 = smem_u32(dst);
 #pragma unroll 1
-    for (int idx = tid; idx < kRows * kCpr; idx += kThreads) {
+    for (int idx = tid; idx < staged * kCpr; idx += kThreads) {
       const int r = idx / kCpr, ch = idx % kCpr, c0 = ch * (16 / kE);
       int bytes = r < rows ? (cols - c0) * kE : 0;
       bytes = bytes < 0 ? 0 : (bytes > 16 ? 16 : bytes);
       const unsigned char* src = bytes > 0 ? base + (r * rs + c0) * kE : base;
-      cp_async16_bytes(d0 + r * kPitch + ch * 16, src, bytes);
+      if (rs == 0) cp_async16_bytes_l1(d0 + r * kPitch + ch * 16, src, bytes);
+      else cp_async16_bytes(d0 + r * kPitch + ch * 16, src, bytes);
     }
   } else {
     using E = BiasElem<kKind>;
     const E* src = reinterpret_cast<const E*>(base);
 #pragma unroll 1
-    for (int idx = tid; idx < kRows * kCols; idx += kThreads) {
+    for (int idx = tid; idx < staged * kCols; idx += kThreads) {
       const int r = idx / kCols, c = idx % kCols;
       E v = 0;
       if (r < rows && c < cols) v = __ldg(src + (r * rs + c * cs));
@@ -245,21 +273,33 @@ __device__ __forceinline__ void issue_bias_tile_t(unsigned char* dst, const unsi
 // row0 + r, col0 + c)] into `raw` (its own element type, bias_tile_bytes): with
 // cp.async where the layout allows (the caller commits the group and waits), else
 // plain loads. Elements at r >= rows or c >= cols (past the sequence ends) are 0
-// (boolean: masked; those scores are masked or unused anyway).
+// (boolean: masked; those scores are masked or unused anyway). row_once: a
+// row-broadcast bias (rs == 0) stages row 0 only; the caller runs expand_bias_row.
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void issue_bias_tile(unsigned char* raw, const void* bias, int kind, int64_t bs, int64_t hs,
                                                 int64_t rs, int64_t cs, int b, int h, int row0, int col0, int rows,
-                                                int cols, int tid) {
+                                                int cols, int tid, bool row_once = false) {
   const int64_t e = bias_elem_bytes(kind);
   const unsigned char* base = static_cast<const unsigned char*>(bias) + (b * bs + h * hs + row0 * rs + col0 * cs) * e;
-  const bool async =
-      cs == 1 && ((reinterpret_cast<uintptr_t>(bias) | static_cast<uint64_t>(bs * e) | static_cast<uint64_t>(hs * e) |
-                   static_cast<uint64_t>(rs * e)) & 15) == 0;
+  const bool async = bias_tile_async(bias, kind, bs, hs, rs, cs);
   switch (kind) {
-    case 0: issue_bias_tile_t<0, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
-    case 1: issue_bias_tile_t<1, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
-    case 2: issue_bias_tile_t<2, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
-    default: issue_bias_tile_t<3, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, tid); break;
+    case 0: issue_bias_tile_t<0, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+    case 1: issue_bias_tile_t<1, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+    case 2: issue_bias_tile_t<2, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+    default: issue_bias_tile_t<3, kRows, kCols, kThreads>(raw, base, rs, cs, rows, cols, async, row_once, tid); break;
+  }
+}
+
+// Row-broadcast staging (bias_staged_rows): copies the staged row 0 of a (kRows x
+// kCols) tile of any kind into its other rows. Call once row 0 is visible to the CTA
+// (after the tile's barrier), then __syncthreads() before anyone reads the tile.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void expand_bias_row(unsigned char* tile, int kind, int tid) {
+  const int row_bytes = kCols * bias_elem_bytes(kind), cpr = row_bytes / 16, pitch = row_bytes + 16;
+#pragma unroll 1
+  for (int idx = tid; idx < (kRows - 1) * cpr; idx += kThreads) {
+    const int r = 1 + idx / cpr, ch = idx % cpr;
+    *reinterpret_cast<uint4*>(tile + r * pitch + ch * 16) = *reinterpret_cast<const uint4*>(tile + ch * 16);
   }
 }
 
@@ -272,6 +312,68 @@ __device__ __forceinline__ void bias_dispatch(int kind, F&& f) {
     case 2: f(std::integral_constant<int, 2>{}); break;
     default: f(std::integral_constant<int, 3>{}); break;
   }
+}
+
+// ---- Boolean attn_mask tiles: skipping what the mask hides (issue #16) ----
+// A staged boolean tile (kind 0) tells which score tiles need no work: a warp's (or
+// the CTA's) part of it with no visible element contributes nothing (P = 0: the
+// kernels skip its GEMMs and softmax, which leaves every accumulator exactly as
+// processing it would), and one with every element visible adds 0 (the kernels skip
+// the bias pass). Elements staged as zero past the sequence ends count as masked,
+// so edge tiles keep their usual path. A key-padding mask (B, 1, 1, S) thus runs
+// the plain kernel's work on the visible keys. Run-time data, no new kernels.
+
+// True iff no byte of w is zero.
+__device__ __forceinline__ bool all_bytes_nonzero(uint32_t w) {
+  return ((w - 0x01010101u) & ~w & 0x80808080u) == 0u;
+}
+
+struct MaskVote {
+  bool none;  // no element visible
+  bool all;   // every element visible
+};
+
+// The warp's vote over the (kR x kC)-byte region at (r0, c0) (c0 % 16 == 0) of a staged
+// boolean tile with kCols columns (pitch bias_pitch<0, kCols>); every lane calls it.
+// The tile must be visible to the whole warp (read after the barrier that follows
+// its cp.async wait).
+template <int kCols, int kR, int kC>
+__device__ __forceinline__ MaskVote bool_region_vote(const unsigned char* tile, int r0, int c0, int lane) {
+  constexpr int kPitch = bias_pitch<0, kCols>(), kCpr = kC / 16, kChunks = kR * kCpr;
+  static_assert(kC % 16 == 0 && kPitch % 16 == 0, "boolean tile regions: whole 16-byte chunks");
+  bool none = true, all = true;
+#pragma unroll
+  for (int k = 0; k < (kChunks + 31) / 32; ++k) {
+    const int i = lane + 32 * k;
+    if (kChunks % 32 == 0 || i < kChunks) {
+      const uint4 w = *reinterpret_cast<const uint4*>(tile + (r0 + i / kCpr) * kPitch + c0 + (i % kCpr) * 16);
+      none &= (w.x | w.y | w.z | w.w) == 0u;
+      all &= all_bytes_nonzero(w.x) & all_bytes_nonzero(w.y) & all_bytes_nonzero(w.z) & all_bytes_nonzero(w.w);
+    }
+  }
+  return {__all_sync(0xffffffffu, none) != 0, __all_sync(0xffffffffu, all) != 0};
+}
+
+// Whether every element of a boolean tile that this thread staged itself (through
+// issue_bias_tile with the same `async`, kRows, kCols, kThreads) is masked: readable
+// by the thread right after its cp.async wait, before any barrier, so a CTA-wide
+// vote is the __syncthreads_and that the kernel's barrier becomes.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ bool own_bool_chunks_masked(const unsigned char* tile, bool async, int tid) {
+  constexpr int kPitch = bias_pitch<0, kCols>();
+  uint32_t any = 0;
+  if (async) {
+    constexpr int kCpr = kCols / 16;
+#pragma unroll 2
+    for (int idx = tid; idx < kRows * kCpr; idx += kThreads) {
+      const uint4 w = *reinterpret_cast<const uint4*>(tile + (idx / kCpr) * kPitch + (idx % kCpr) * 16);
+      any |= w.x | w.y | w.z | w.w;
+    }
+  } else {
+#pragma unroll 4
+    for (int idx = tid; idx < kRows * kCols; idx += kThreads) any |= tile[(idx / kCols) * kPitch + idx % kCols];
+  }
+  return any == 0u;
 }
 
 // Two adjacent C tiles (n8 tiles 2k, 2k+1) repacked to 16 bits are the A

@@ -87,6 +87,9 @@ struct BwdConfig {
   static constexpr int kBiasBytes = 2 * kBiasRawBytes;
   static constexpr int kDqBiasRawBytes = bias_tile_bytes<kDqBM, kDqBN>();
   static constexpr int kDqBiasBytes = 2 * kDqBiasRawBytes;
+  static_assert(kSmemBytes % 16 == 0 && kBiasRawBytes % 16 == 0 && kDqSmemBytes % 16 == 0 &&
+                    kDqBiasRawBytes % 16 == 0,
+                "bias tiles: 16-byte aligned (bool_region_vote)");
 };
 
 // Adds a lane's 4 C-fragment values of one 16 x 8 dQ tile into dq_accum (layout
@@ -349,10 +352,22 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int kv_base = n0 + warp * 16 + g;  // this thread's key rows: kv_base, kv_base + 8
 
+  // kBias: how issue_bias_tile stages (own_bool_chunks_masked reads what this thread staged).
+  const bool bias_async = kBias && bias_tile_async(p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
+                                                   p.bias_head_stride, p.bias_row_stride, p.bias_col_stride);
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
     cp_async_wait<0>();
-    __syncthreads();
+    // Boolean mask (attention_tiles.cuh): the barrier also votes - a step whose whole
+    // tile is masked adds nothing (skipped once the next step's loads are issued).
+    bool skip_step = false;
+    if constexpr (kBias) {
+      skip_step = __syncthreads_and(p.attn_bias_dtype == DType::kUInt8 &&
+                                    own_bool_chunks_masked<kBM, kBN, kThreads>(
+                                        smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes, bias_async, tid));
+    } else {
+      __syncthreads();
+    }
     if (kBias && it + 1 < total)  // the next step's bias tile joins its group
       issue_bias_tile<kBM, kBN, kThreads>(
           smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
@@ -360,6 +375,9 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
           (m_begin + (it + 1) % nm) * kBM, n0, sq - (m_begin + (it + 1) % nm) * kBM, sk - n0, tid);
     if (it + 1 < total) prefetch(it + 1, stage ^ 1);
     cp_async_commit();
+    if constexpr (kBias) {
+      if (skip_step) continue;  // CTA-uniform: P = 0 everywhere, nothing to accumulate
+    }
     const int h = hk * group + it / nm;
     const int m0 = (m_begin + it % nm) * kBM;
     const T* sQs = sQ + stage * kBM * kS;
@@ -401,7 +419,10 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       if constexpr (kBias) {  // + bias / scale (element: query 2t + dq, key warp * 16 + g + dk)
         const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
-        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+        // Boolean mask: this warp's keys all visible in this step -> the pass adds 0.
+        const bool bias_pass = !(p.attn_bias_dtype == DType::kUInt8 &&
+                                 bool_region_vote<kBN, kBM, 16>(tile, 0, warp * 16, lane).all);
+        if (bias_pass) bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
           constexpr int kKind = decltype(kind)::value;
 #pragma unroll
           for (int nt = 0; nt < kMT; ++nt)
@@ -798,6 +819,9 @@ __global__ void __launch_bounds__(256)
   const uint32_t q_kn0 = smem_u32(sQ) + kn_off, do_kn0 = smem_u32(sdO) + kn_off;
   const uint32_t p_a = smem_u32(sP) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
   const uint32_t ds_a = smem_u32(sdS) + 2 * (krow * kSP + a_lane_off<kSP>(lane));
+  // kBias: how issue_bias_tile stages (own_bool_chunks_masked reads what this thread staged).
+  const bool bias_async = kBias && bias_tile_async(p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
+                                                   p.bias_head_stride, p.bias_row_stride, p.bias_col_stride);
 
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
@@ -861,6 +885,7 @@ __global__ void __launch_bounds__(256)
     float st[2][kMT][4];
     gemm_keys_by_queries(st, k_a, operand(q_nk0, smem_u32(sQ), nk_off));
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
+    bool skip_step = false;  // kBias: a boolean tile with nothing visible
     // Masking only on tail / diagonal tiles (a warp-uniform branch, so the
     // common path carries no per-element compares): masked S -> -inf -> P = 0.
     // Element (key kv_base + kl, query m0 + qcol + 2t + ql) is masked iff
@@ -885,10 +910,16 @@ __global__ void __launch_bounds__(256)
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
       if constexpr (kBias) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
         cp_async_wait<1>();          // the bias group (the prefetch may still fly)
-        __syncthreads();
         const unsigned char* tile = reinterpret_cast<const unsigned char*>(sdS);
+        // Boolean mask (attention_tiles.cuh): the barrier also votes - a step whose
+        // whole tile is masked adds nothing (skipped below); a warp whose part is
+        // all visible skips the bias pass.
+        const bool is_bool = p.attn_bias_dtype == DType::kUInt8;
+        skip_step = __syncthreads_and(is_bool && own_bool_chunks_masked<kBM, kBN, kThreads>(tile, bias_async, tid));
+        const bool bias_pass =
+            !skip_step && !(is_bool && bool_region_vote<kBN, kBM / 2, 32>(tile, qcol, krow, lane).all);
         const float inv_scale = 1.f / p.scale;
-        bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
+        if (bias_pass) bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
           constexpr int kKind = decltype(kind)::value;
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
@@ -917,6 +948,22 @@ __global__ void __launch_bounds__(256)
             const int kl = mt * 16 + (c >> 1) * 8, ql = nt * 8 + (c & 1);
             if (kl >= key_lim || (kCausal && kl - ql > diag_lim)) st[mt][nt][c] = -INFINITY;
           }
+    }
+    // The step's end: the next step's LSE / D to shared memory (read from the next
+    // step on, after its top barrier), then on to it.
+    auto end_step = [&] {
+      if (kStatsInRegs && tid < kBM) {
+        sLse[(stage ^ 1) * kBM + tid] = next_stats.x;
+        sDs[(stage ^ 1) * kBM + tid] = next_stats.y;
+      }
+      h = h_next;
+      mi = mi_next;
+    };
+    if constexpr (kBias) {
+      if (skip_step) {  // CTA-uniform: P = 0 everywhere, nothing to accumulate
+        end_step();
+        continue;
+      }
     }
     uint64_t keep_bits = ~0ull;
 #pragma unroll
@@ -1121,12 +1168,7 @@ __global__ void __launch_bounds__(256)
             if (row16 + mt * 16 < sq && col8 + i * 8 < d) add(mt, i);
       }
     }
-    if (kStatsInRegs && tid < kBM) {  // read from the next step on, after its top barrier
-      sLse[(stage ^ 1) * kBM + tid] = next_stats.x;
-      sDs[(stage ^ 1) * kBM + tid] = next_stats.y;
-    }
-    h = h_next;
-    mi = mi_next;
+    end_step();
   }
   cp_async_wait<0>();
 
@@ -1268,6 +1310,17 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       }
     }
     cp_async_commit();
+    // Boolean mask (attention_tiles.cuh): this warp's rows see nothing in this tile ->
+    // dS = 0, no work; all visible -> no bias pass.
+    bool bias_pass = kBias;
+    if constexpr (kBias) {
+      if (p.attn_bias_dtype == DType::kUInt8) {
+        const MaskVote mv = bool_region_vote<kBN, 16, kBN>(
+            smem_raw + Cfg::kDqSmemBytes + stage * Cfg::kDqBiasRawBytes, warp * 16, 0, lane);
+        if (mv.none) continue;
+        bias_pass = !mv.all;
+      }
+    }
     const T* sKs = sK + stage * kBN * kS;
     const T* sVs = sV + stage * kBN * kS;
     const int n0 = n * kBN;
@@ -1310,7 +1363,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t,
                        1.f / scale_log2);
-      if constexpr (kBias) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
+      if constexpr (kBias) if (bias_pass) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
         const unsigned char* tile = smem_raw + Cfg::kDqSmemBytes + stage * Cfg::kDqBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {

@@ -71,6 +71,7 @@ struct FwdConfig {
   // tile as stored, double-buffered like K/V (attention_tiles.cuh).
   static constexpr int kBiasRawBytes = bias_tile_bytes<kBM, kBN>();
   static constexpr int kBiasBytes = 2 * kBiasRawBytes;
+  static_assert(kSmemBytes % 16 == 0 && kBiasRawBytes % 16 == 0, "bias tiles: 16-byte aligned (bool_region_vote)");
 };
 
 // kBias: p.attn_bias is set. A template parameter (in the backward kernels too):
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
     issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
-                                        b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
+                                        b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid, true);
   if (vec) {
     load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ), qg, p.q_row_stride, sq - m0, d, tid);
     if (n_begin < n_end) {
@@ -190,6 +191,13 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
     const int stage = (n - n_begin) & 1;
     cp_async_wait<0>();
     __syncthreads();
+    if constexpr (kBias) {
+      if (p.bias_row_stride == 0) {  // row broadcast: one row staged (attention_tiles.cuh)
+        expand_bias_row<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes,
+                                            bias_kind(p.attn_bias_dtype), tid);
+        __syncthreads();
+      }
+    }
     if constexpr (kQRegs) {
       if (n == n_begin) {
 #pragma unroll
@@ -203,7 +211,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
                                           bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
                                           p.bias_row_stride, p.bias_col_stride, b, h, m0, (n + 1) * kBN, sq - m0,
-                                          sk - (n + 1) * kBN, tid);
+                                          sk - (n + 1) * kBN, tid, true);
     if (n + 1 < n_end) {
       const int nn = (n + 1) * kBN;
       k_stream.advance();
@@ -221,6 +229,16 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
       }
     }
     cp_async_commit();
+    // Boolean mask (attention_tiles.cuh): this warp's rows see nothing in this tile ->
+    // no work (the state is what processing it would leave).
+    // (Skipping the bias pass on all-visible tiles as well made ptxas spill this
+    // kernel - 16-60 B at d128, sm_90, in four placements tried - so it runs.)
+    if constexpr (kBias) {
+      if (p.attn_bias_dtype == DType::kUInt8 &&
+          bool_region_vote<kBN, 16 * kMW, kBN>(smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes, wrow, 0, lane)
+              .none)
+        continue;
+    }
     const KV k_op = KV::from_lane(k_lane, stage * kTileBytes), v_op = KV::from_lane(v_lane, stage * kTileBytes);
     const int n0 = n * kBN;
 
