@@ -48,7 +48,7 @@ track1() {
     timeout 240 /tmp/build-harness/cuda_check > "$OUT/logs/cuda_check.log" 2>&1
     stamp "cuda_check rc=$?: $(grep -E 'cases passed' "$OUT/logs/cuda_check.log")"
     grep -B8 "=> FAIL" "$OUT/logs/cuda_check.log" | grep -E "^\[|FAIL|NaN" | head -30
-    timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/build-harness/cuda_check --small \
+    (( $(left) > 160 )) && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/build-harness/cuda_check --small \
       > "$OUT/logs/memcheck_small.log" 2>&1
     stamp "memcheck --small rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/logs/memcheck_small.log" | tail -1)"
   fi
