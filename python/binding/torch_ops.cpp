@@ -261,7 +261,18 @@ const std::uint64_t* rng_state_pointer(const OptTensor& r, const Facts& q, const
 
 Tensor empty_strided(int64_t nd, const int64_t* sizes, const int64_t* strides, int32_t dtype, const Facts& like) {
   AtenTensorHandle h = nullptr;
-  check(aoti_torch_empty_strided(nd, sizes, strides, dtype, like.dev_type, like.dev_index, &h), "empty_strided");
+  if (aoti_torch_empty_strided(nd, sizes, strides, dtype, like.dev_type, like.dev_index, &h) != AOTI_TORCH_SUCCESS) {
+    // The shim returns only an error code (torch printed its allocator's message). On
+    // CUDA that is the caching allocator refusing: raise what torch raises there, so
+    // callers' `except torch.OutOfMemoryError` (batch-size finders, bench bisections) work.
+    int64_t elements = 1;
+    for (int64_t i = 0; i < nd; ++i) elements *= sizes[i];
+    const bool cuda = like.dev_type == codes().cuda;
+    throw std::runtime_error(std::string(cuda ? "[orchard:OutOfMemoryError] " : "[orchard:RuntimeError] ") +
+                             "orchard: torch could not allocate a tensor of " + std::to_string(elements) +
+                             " elements on " + (cuda ? "cuda:" + std::to_string(like.dev_index) : std::string("cpu")) +
+                             (cuda ? " (CUDA out of memory; torch's message above has the allocator's state)" : ""));
+  }
   return Tensor(h);
 }
 

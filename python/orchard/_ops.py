@@ -644,7 +644,7 @@ def _load_stable_ops():
 
 
 _ERROR_TYPES = {"ValueError": ValueError, "NotImplementedError": NotImplementedError,
-                "RuntimeError": RuntimeError}
+                "RuntimeError": RuntimeError, "OutOfMemoryError": torch.OutOfMemoryError}
 
 
 def _stable_error(e: RuntimeError) -> BaseException:

@@ -386,3 +386,14 @@ def test_sdpa_eager_path_matches_the_public_op(device, kind):
         assert torch.equal(a, c) and a.stride() == c.stride()
     with torch.no_grad():
         assert torch.equal(orchard.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), ref)
+
+
+def test_allocation_failure_is_torchs_out_of_memory_error():
+    """The C++ op tags a refused CUDA allocation; the Python layer raises torch's
+    OutOfMemoryError for it (what `except torch.cuda.OutOfMemoryError` expects)."""
+    from orchard._ops import _stable_error
+    e = _stable_error(RuntimeError("[orchard:OutOfMemoryError] orchard: torch could not allocate a tensor"))
+    assert isinstance(e, torch.OutOfMemoryError) and isinstance(e, torch.cuda.OutOfMemoryError)
+    assert str(e).startswith("orchard: torch could not allocate")
+    plain = RuntimeError("not ours")
+    assert _stable_error(plain) is plain
