@@ -175,24 +175,9 @@ ffi::Error backward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
                      window_right, softcap);
 }
 
-// The core's kernel debug log (ORCHARD_DEBUG_FLASH_ATN) is refused on this path: on
-// the H200 (jax 0.11.2) every JAX CUDA call made with it on crashed the process
-// (segfault inside the custom call), while the same calls with it off passed. Its
-// extra work there is a cudaStreamSynchronize of XLA's stream around the kernel and
-// the file write; which of them crashes is not known yet (bench/NOTES.md).
-std::optional<ffi::Error> refuse_debug_log() {
-  const char* v = std::getenv("ORCHARD_DEBUG_FLASH_ATN");
-  if (v == nullptr || v[0] == '\0' || std::string(v) == "0") return std::nullopt;
-  return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    std::string(kOp) + ": the kernel debug log (ORCHARD_DEBUG_FLASH_ATN) is not supported on "
-                                       "the JAX CUDA path yet (it crashed the process there); unset it, or log "
-                                       "through orchard's PyTorch API or the JAX CPU path");
-}
-
 ffi::Error forward_cuda(void* stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, double scale,
                         int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
-  if (auto refused = refuse_debug_log()) return std::move(*refused);
   return forward_on(gpu(ordinal), stream, q, k, v, o, lse, scale, causal, window_left, window_right, softcap);
 }
 
@@ -201,7 +186,6 @@ ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator sc
                          ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                          ffi::Result<ffi::AnyBuffer> dv, double scale, int32_t causal, int64_t window_left,
                          int64_t window_right, double softcap) {
-  if (auto refused = refuse_debug_log()) return std::move(*refused);
   auto allocate = [&](std::size_t bytes) -> void* {
     // XLA's FFI refuses alignments above 16 ("Unsupported alignment"; kMaxAlignment in
     // xla/ffi/ffi_api.cc) and the core wants 256: over-allocate, round the start up.

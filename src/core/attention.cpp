@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <sstream>
 
 #include "core/backend.h"
 #include "core/bridge.h"
@@ -117,7 +116,7 @@ void stage_extras(FwdParams& p, const AttentionExtras& x, StagingSession& stagin
 }
 
 std::string problem_summary(const FwdParams& p) {
-  std::ostringstream s;
+  LogLine s;
   s << "b=" << p.b << " sq=" << p.sq << " sk=" << p.sk << " hq=" << p.hq << " hkv=" << p.hkv << " d=" << p.d
     << " dtype=" << dtype_name(p.dtype) << " causal=" << (p.causal ? 1 : 0);
   if (p.causal) s << "(offset " << p.causal_offset << ")";
@@ -149,7 +148,7 @@ void run_logged(const char* direction, const BackendOps& be, const FwdParams& p,
   kernel();
   const bool synced_after = synced_before && be.synchronize(p.stream);
   const auto t1 = std::chrono::steady_clock::now();
-  std::ostringstream line;
+  LogLine line;
   line << direction << " #" << call << " op=" << op << " " << problem_summary(p) << " backend=" << be.name
        << " variant=" << be.variant_name(p, backward) << " staged=" << staged << " elapsed_ms=";
   if (synced_after) {

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <sstream>
 
 #include "core/decode_backend.h"
 #include "core/logging.h"
@@ -309,7 +308,7 @@ DecodePlan plan_for(const DecodeArgs& a, const DecodeShape& s) {
 }
 
 std::string summary(const DecodeParams& p) {
-  std::ostringstream s;
+  LogLine s;
   s << "b=" << p.b << " sq=" << p.sq << " hq=" << p.hq << " hkv=" << p.hkv << " d=" << p.d << " s_new=" << p.s_new
     << " capacity=" << p.capacity << " dtype=" << dtype_name(p.dtype) << " paged=" << (p.block_table ? p.page_size : 0)
     << " causal=" << (p.causal ? 1 : 0);
