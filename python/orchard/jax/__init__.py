@@ -36,8 +36,8 @@ _OP = "orchard.jax.flash_attention"
 # with "no registered implementation for platform CUDA"). Their first H200 run failed
 # every backward: it asked XLA's scratch allocator for 256-byte alignment, which XLA's
 # FFI refuses above 16. Fixed, the GPU tests passed on the H200 (jax 0.11.2,
-# dev/jax_cuda_check.sh); with ORCHARD_DEBUG_FLASH_ATN on, the calls crashed, so the
-# CUDA handlers refuse that switch (python/binding/jax_ffi.cpp).
+# dev/jax_cuda_check.sh). (The debug-log crash seen then was the core's iostream log
+# lines, fixed in core/logging.h.)
 CUDA_HANDLERS_ENABLED = True
 
 # One registration per platform ("cpu", "CUDA"); jax defers a platform's
