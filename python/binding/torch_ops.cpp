@@ -71,11 +71,16 @@ using OptTensor = std::optional<Tensor>;
   throw orchard::Error(orchard::ErrorKind::kInvalidArgument, op + ": " + msg);
 }
 
+// "[orchard:<Python exception>] message": _ops.py raises that exception type for it.
+[[noreturn]] void throw_tagged(const char* python_exception, const std::string& msg) {
+  throw std::runtime_error(std::string("[orchard:") + python_exception + "] " + msg);
+}
+
 [[noreturn]] void rethrow_tagged(const std::exception& e, const orchard::ErrorKind* kind) {
-  const char* tag = "[orchard:RuntimeError] ";
-  if (kind != nullptr && *kind == orchard::ErrorKind::kInvalidArgument) tag = "[orchard:ValueError] ";
-  if (kind != nullptr && *kind == orchard::ErrorKind::kNotImplemented) tag = "[orchard:NotImplementedError] ";
-  throw std::runtime_error(std::string(tag) + e.what());
+  const char* type = "RuntimeError";
+  if (kind != nullptr && *kind == orchard::ErrorKind::kInvalidArgument) type = "ValueError";
+  if (kind != nullptr && *kind == orchard::ErrorKind::kNotImplemented) type = "NotImplementedError";
+  throw_tagged(type, e.what());
 }
 
 template <typename F>
@@ -268,10 +273,10 @@ Tensor empty_strided(int64_t nd, const int64_t* sizes, const int64_t* strides, i
     int64_t elements = 1;
     for (int64_t i = 0; i < nd; ++i) elements *= sizes[i];
     const bool cuda = like.dev_type == codes().cuda;
-    throw std::runtime_error(std::string(cuda ? "[orchard:OutOfMemoryError] " : "[orchard:RuntimeError] ") +
-                             "orchard: torch could not allocate a tensor of " + std::to_string(elements) +
-                             " elements on " + (cuda ? "cuda:" + std::to_string(like.dev_index) : std::string("cpu")) +
-                             (cuda ? " (CUDA out of memory; torch's message above has the allocator's state)" : ""));
+    throw_tagged(cuda ? "OutOfMemoryError" : "RuntimeError",
+                 "orchard: torch could not allocate a tensor of " + std::to_string(elements) + " elements on " +
+                     (cuda ? "cuda:" + std::to_string(like.dev_index) : std::string("cpu")) +
+                     (cuda ? " (CUDA out of memory; torch's message above has the allocator's state)" : ""));
   }
   return Tensor(h);
 }
