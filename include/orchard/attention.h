@@ -85,6 +85,16 @@ struct BackwardArgs {
   TensorView dq, dk, dv;          // shaped like q, k, v; any strides
   TensorView dsink;               // optional with extras.sink: float32 (hq,), the sinks' gradient
   TensorView workspace;           // uint8[backward_workspace_bytes(...)] on the device, or undefined if 0
+  // Optional, caller-owned fp32 dQ accumulator (context parallelism: the backward calls
+  // over one sequence's blocks add their dQ into one buffer the caller zeroed once,
+  // instead of each call allocating an fp32 workspace and returning a dQ to add up).
+  // float32 (b, hq, rows, cols): rows >= sq rounded up to 16, cols = d rounded up to 8,
+  // the last two dims contiguous, so a view acc[:, :, r0:] with r0 % 16 == 0 addresses
+  // query rows r0.. . The call ADDS dQ / softmax_scale into it, in the backend's
+  // element order inside each 16 x 8 tile (CPU: row-major; CUDA: mma.sync's C fragment
+  // order, backends/cuda/launch.h); dq is then not written and may be undefined.
+  // Not with varlen, deterministic or float64 (CUDA: 16-bit inputs only).
+  TensorView dq_accum;
   AttentionExtras extras;         // the same as the forward's
   AttentionOptions options;
 };

@@ -146,6 +146,13 @@ struct BwdParams : FwdParams {
 
   bool deterministic = false;  // bitwise-reproducible dq/dk/dv
 
+  // The caller's fp32 dQ accumulator (BackwardArgs::dq_accum), nullptr = none: the call
+  // adds dQ / scale into the slab of (sequence bi, q head h) at dq_accum +
+  // bi * dq_accum_batch_stride + h * dq_accum_head_stride (floats; rows of
+  // (d + 7) / 8 * 8 floats, 16-row tiles) and does not write dq.
+  float* dq_accum = nullptr;
+  std::int64_t dq_accum_batch_stride = 0, dq_accum_head_stride = 0;
+
   // With `sink`, optional (nullptr = not wanted): its gradient, float32 (hq,), overwritten:
   // dsink[h] = -sum over (batch, row) of exp(sink[h] - lse) * rowsum(dO * O).
   float* dsink = nullptr;

@@ -189,12 +189,12 @@ void forward(const InArray& q, const InArray& k, const InArray& v, const OutArra
 
 orchard::BackwardArgs make_backward_args(
     const InArray& q, const InArray& k, const InArray& v, const InArray& out, const InArray& dout,
-    const InArray& lse, const OutArray& dq, const OutArray& dk, const OutArray& dv,
+    const InArray& lse, const std::optional<OutArray>& dq, const OutArray& dk, const OutArray& dv,
     const std::optional<OutArray>& workspace, std::optional<double> softmax_scale, bool causal,
     bool causal_top_left, double dropout_p, std::uint64_t seed, std::uint64_t offset,
     bool deterministic, std::uintptr_t stream, const std::string& op_name,
     const std::optional<InArray>& rng_state, const std::optional<Features>& features,
-    const std::optional<OutArray>& dsink) {
+    const std::optional<OutArray>& dsink, const std::optional<OutArray>& dq_accum) {
   orchard::BackwardArgs args;
   args.q = to_view(q, op_name, "q");
   args.k = to_view(k, op_name, "k");
@@ -210,35 +210,37 @@ orchard::BackwardArgs make_backward_args(
                               rng_state_pointer(rng_state, q, op_name), deterministic, stream, op_name);
   args.extras = make_extras(features, args.options);
   args.dsink = to_view(dsink, op_name, "dsink");
+  args.dq_accum = to_view(dq_accum, op_name, "dq_accum");
   return args;
 }
 
 void backward(const InArray& q, const InArray& k, const InArray& v, const InArray& out,
-              const InArray& dout, const InArray& lse, const OutArray& dq, const OutArray& dk,
+              const InArray& dout, const InArray& lse, const std::optional<OutArray>& dq, const OutArray& dk,
               const OutArray& dv, const std::optional<OutArray>& workspace,
               std::optional<double> softmax_scale, bool causal, bool causal_top_left,
               double dropout_p, std::uint64_t seed, std::uint64_t offset, bool deterministic,
               std::uintptr_t stream, const std::string& op_name, const std::optional<InArray>& rng_state,
-              const std::optional<Features>& features, const std::optional<OutArray>& dsink) {
+              const std::optional<Features>& features, const std::optional<OutArray>& dsink,
+              const std::optional<OutArray>& dq_accum) {
   const orchard::BackwardArgs args =
       make_backward_args(q, k, v, out, dout, lse, dq, dk, dv, workspace, softmax_scale, causal,
                          causal_top_left, dropout_p, seed, offset, deterministic, stream, op_name, rng_state,
-                         features, dsink);
+                         features, dsink, dq_accum);
   nb::gil_scoped_release release;
   orchard::attention_backward(args);
 }
 
 std::size_t backward_workspace_bytes(const InArray& q, const InArray& k, const InArray& v,
                                      const InArray& out, const InArray& dout, const InArray& lse,
-                                     const OutArray& dq, const OutArray& dk, const OutArray& dv,
+                                     const std::optional<OutArray>& dq, const OutArray& dk, const OutArray& dv,
                                      std::optional<double> softmax_scale, bool causal,
                                      bool causal_top_left, double dropout_p, std::uint64_t seed,
                                      std::uint64_t offset, bool deterministic, std::uintptr_t stream,
                                      const std::string& op_name, const std::optional<Features>& features,
-                                     const std::optional<OutArray>& dsink) {
+                                     const std::optional<OutArray>& dsink, const std::optional<OutArray>& dq_accum) {
   const orchard::BackwardArgs args = make_backward_args(
       q, k, v, out, dout, lse, dq, dk, dv, std::nullopt, softmax_scale, causal, causal_top_left,
-      dropout_p, seed, offset, deterministic, stream, op_name, std::nullopt, features, dsink);
+      dropout_p, seed, offset, deterministic, stream, op_name, std::nullopt, features, dsink, dq_accum);
   nb::gil_scoped_release release;
   return orchard::backward_workspace_bytes(args);
 }
@@ -292,16 +294,20 @@ NB_MODULE(_C, m) {
         "inputs) and, when given, the uint8 dropout keep-mask (b, hq, sq, sk). stream is a "
         "cudaStream_t as an int (0 = default stream / CPU). rng_state: optional int64[2] (seed, offset) "
         "on q's device, read when the kernels run instead of seed/offset.");
-  m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a,
+  m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a.none(), "dk"_a,
         "dv"_a, "workspace"_a.none(), "softmax_scale"_a.none(), "causal"_a, "causal_top_left"_a,
         "dropout_p"_a, "seed"_a, "offset"_a, "deterministic"_a, "stream"_a, "op_name"_a,
         "rng_state"_a.none() = nb::none(), "features"_a.none() = nb::none(), "dsink"_a.none() = nb::none(),
+        "dq_accum"_a.none() = nb::none(),
         "Fused attention backward; overwrites dq, dk, dv (any strides). workspace: uint8 of "
-        "backward_workspace_bytes(...) bytes on the tensors' device, or None when that is 0.");
+        "backward_workspace_bytes(...) bytes on the tensors' device, or None when that is 0. "
+        "dq_accum: optional caller-owned float32 (b, hq, rows16, cols8) dQ accumulator the call adds "
+        "dQ / softmax_scale into (orchard/attention.h); dq may then be None.");
   m.def("backward_workspace_bytes", &backward_workspace_bytes, "q"_a, "k"_a, "v"_a, "out"_a,
-        "dout"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a, "softmax_scale"_a.none(), "causal"_a,
+        "dout"_a, "lse"_a, "dq"_a.none(), "dk"_a, "dv"_a, "softmax_scale"_a.none(), "causal"_a,
         "causal_top_left"_a, "dropout_p"_a, "seed"_a, "offset"_a, "deterministic"_a, "stream"_a,
         "op_name"_a, "features"_a.none() = nb::none(), "dsink"_a.none() = nb::none(),
+        "dq_accum"_a.none() = nb::none(),
         "Bytes of scratch backward() needs for these arguments.");
   register_metal(m);
   register_kvcache(m);

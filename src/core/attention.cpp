@@ -221,7 +221,8 @@ BwdParams backward_problem(const BackwardArgs& a, const ProblemShape& shape) {
 std::size_t backward_workspace_bytes_unprefixed(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, a.options.op_name);
-  const BwdParams p = backward_problem(a, shape);
+  BwdParams p = backward_problem(a, shape);
+  if (a.dq_accum.defined()) p.dq_accum = static_cast<float*>(a.dq_accum.data);  // no fp32 dQ region then
   if (backward_is_empty(shape)) return 0;
   return be.backward_workspace_bytes(p);
 }
@@ -252,7 +253,7 @@ void backward_unprefixed(const BackwardArgs& a) {
   const TensorView out = staging.input("out", a.out, align);
   const TensorView dout = staging.input("dout", a.dout, align);
   const TensorView lse = staging.input("lse", a.lse, dtype_size(a.lse.dtype));
-  const TensorView dq = staging.output("dq", a.dq, align);
+  const TensorView dq = a.dq.defined() ? staging.output("dq", a.dq, align) : TensorView{};
   const TensorView dk = staging.output("dk", a.dk, align);
   const TensorView dv = staging.output("dv", a.dv, align);
 
@@ -262,7 +263,12 @@ void backward_unprefixed(const BackwardArgs& a) {
   p.out = out.data;
   p.lse = lse.data;
   p.dout = dout.data;
-  p.dq = dq.data;
+  p.dq = dq.data;  // nullptr with the caller's dq_accum and no dq
+  if (a.dq_accum.defined()) {  // validated: float32, the last two dims contiguous
+    p.dq_accum = static_cast<float*>(a.dq_accum.data);
+    p.dq_accum_batch_stride = a.dq_accum.strides[0];
+    p.dq_accum_head_stride = a.dq_accum.strides[1];
+  }
   p.dk = dk.data;
   p.dv = dv.data;
   row_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
@@ -270,7 +276,7 @@ void backward_unprefixed(const BackwardArgs& a) {
   row_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
   row_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   row_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
-  row_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  if (dq.defined()) row_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
   row_strides(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
   row_strides(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   lse_strides(lse, p);

@@ -31,7 +31,8 @@ struct BackendOps {
   std::string (*variant_name)(const FwdParams& params, bool backward);
   void (*forward)(const FwdParams& params);
   void (*backward)(const BwdParams& params);
-  std::size_t (*backward_workspace_bytes)(const FwdParams& params);
+  // (BwdParams: dq_accum set = the caller's fp32 dQ accumulator, none needed here.)
+  std::size_t (*backward_workspace_bytes)(const BwdParams& params);
   // Base-pointer alignment (bytes) and stride multiple (elements) the kernels
   // need for zero-copy reads; anything else is staged.
   std::size_t (*required_alignment)(const FwdParams& params);

@@ -389,34 +389,66 @@ ProblemShape validate_backward(const BackwardArgs& a) {
   const Shapes e = expected_shapes(p);
   const Checker c(op);
   const Named q{"q", &a.q};
-  for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"lse", &a.lse}, Named{"dq", &a.dq},
-                        Named{"dk", &a.dk}, Named{"dv", &a.dv}})
+  // With the caller's dq_accum, dq is not written and may be left undefined.
+  const bool want_dq = !a.dq_accum.defined() || a.dq.defined();
+  for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"lse", &a.lse}, Named{"dk", &a.dk},
+                        Named{"dv", &a.dv}})
     c.defined(t);
+  if (want_dq) c.defined({"dq", &a.dq});
   const int nd = static_cast<int>(e.q.size());
   c.rank({"out", &a.out}, nd, e.q_layout);
   c.rank({"dout", &a.dout}, nd, e.q_layout);
   c.rank({"lse", &a.lse}, static_cast<int>(e.lse.size()), e.lse_layout);
-  c.rank({"dq", &a.dq}, nd, "(like q)");
+  if (want_dq) c.rank({"dq", &a.dq}, nd, "(like q)");
   c.rank({"dk", &a.dk}, nd, "(like k)");
   c.rank({"dv", &a.dv}, nd, "(like v)");
-  for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"dq", &a.dq}, Named{"dk", &a.dk},
-                        Named{"dv", &a.dv}})
+  for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"dk", &a.dk}, Named{"dv", &a.dv}})
     c.dtype(t, p.dtype);
+  if (want_dq) c.dtype({"dq", &a.dq}, p.dtype);
   if (a.lse.dtype != lse_dtype_for(p.dtype))
     fail(ErrorKind::kInvalidArgument, op,
          std::string("lse must be ") + dtype_name(lse_dtype_for(p.dtype)) + ", got " + dtype_name(a.lse.dtype));
-  for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"lse", &a.lse}, Named{"dq", &a.dq},
-                        Named{"dk", &a.dk}, Named{"dv", &a.dv}})
+  for (const Named t : {Named{"out", &a.out}, Named{"dout", &a.dout}, Named{"lse", &a.lse}, Named{"dk", &a.dk},
+                        Named{"dv", &a.dv}})
     c.same_device(t, q);
+  if (want_dq) c.same_device({"dq", &a.dq}, q);
   c.shape({"out", &a.out}, e.out, "(like q, with v's head_dim)");
   c.shape({"dout", &a.dout}, e.out, "(must match out)");
   c.shape({"lse", &a.lse}, e.lse, e.lse_layout);
-  c.shape({"dq", &a.dq}, e.q, "(must match q)");
+  if (want_dq) c.shape({"dq", &a.dq}, e.q, "(must match q)");
   c.shape({"dk", &a.dk}, e.k, "(must match k)");
   c.shape({"dv", &a.dv}, e.v, "(must match v)");
   const std::vector<Named> inputs{{"q", &a.q},       {"k", &a.k},     {"v", &a.v},
                                   {"out", &a.out},   {"dout", &a.dout}, {"lse", &a.lse}};
-  std::vector<Named> outs{{"dq", &a.dq}, {"dk", &a.dk}, {"dv", &a.dv}};
+  std::vector<Named> outs{{"dk", &a.dk}, {"dv", &a.dv}};
+  if (want_dq) outs.push_back({"dq", &a.dq});
+  if (a.dq_accum.defined()) {
+    const Named acc{"dq_accum", &a.dq_accum};
+    auto refuse = [&](const std::string& why) {
+      fail(ErrorKind::kNotImplemented, op, "dq_accum (a caller-owned fp32 dQ accumulator) is not supported " + why);
+    };
+    if (p.varlen) refuse("with varlen (cu_seqlens)");
+    if (a.options.deterministic) refuse("with deterministic=True");
+    if (p.dtype == DType::kFloat64) refuse("for float64 inputs");
+    if (a.dq_accum.dtype != DType::kFloat32)
+      fail(ErrorKind::kInvalidArgument, op, std::string("dq_accum must be float32, got ") + dtype_name(a.dq_accum.dtype));
+    c.same_device(acc, q);
+    c.rank(acc, 4, "(batch, heads, rows, cols)");
+    const std::int64_t rows = (p.sq + 15) / 16 * 16, cols = (p.d + 7) / 8 * 8;
+    const TensorView& v = a.dq_accum;
+    if (v.shape[0] != p.b || v.shape[1] != p.hq || v.shape[2] < rows || v.shape[3] != cols)
+      fail(ErrorKind::kInvalidArgument, op,
+           "dq_accum has shape " + shape_str(v) + ", expected (" + std::to_string(p.b) + ", " + std::to_string(p.hq) +
+               ", >= " + std::to_string(rows) + ", " + std::to_string(cols) +
+               ") (batch, heads, query rows rounded up to 16, head_dim rounded up to 8)");
+    if (v.strides[3] != 1 || v.strides[2] != cols || v.strides[0] < 0 || v.strides[1] < 0)
+      fail(ErrorKind::kInvalidArgument, op,
+           "dq_accum's last two dims must be contiguous (row stride " + std::to_string(cols) + ", got strides " +
+               v.describe() + ")");
+    if (reinterpret_cast<std::uintptr_t>(v.data) % 16 != 0 || v.strides[0] % 4 != 0 || v.strides[1] % 4 != 0)
+      fail(ErrorKind::kInvalidArgument, op, "dq_accum's slabs must be 16-byte aligned (vector reductions)");
+    outs.push_back(acc);
+  }
   for (const Named& o : outs) c.writable(o, inputs);
   if (a.dsink.defined() && !a.extras.sink.defined())
     fail(ErrorKind::kInvalidArgument, op, "dsink is given but sink is not");
@@ -435,7 +467,7 @@ ProblemShape validate_backward(const BackwardArgs& a) {
     c.same_device({"workspace", &a.workspace}, q);
     c.writable({"workspace", &a.workspace}, inputs);
     outs.push_back({"workspace", &a.workspace});
-    for (const Named& o : {Named{"dq", &a.dq}, Named{"dk", &a.dk}, Named{"dv", &a.dv}})
+    for (const Named& o : {Named{"dq", &a.dq}, Named{"dk", &a.dk}, Named{"dv", &a.dv}, Named{"dq_accum", &a.dq_accum}})
       if (ranges_overlap(*o.view, a.workspace))
         fail(ErrorKind::kInvalidArgument, op, std::string("workspace overlaps ") + o.name);
   }

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import orchard
 import orchard.distributed as od
-from orchard.distributed import _comm
+from orchard.distributed import _comm, _dq_accum
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 DEVICE = torch.device("cpu")  # cuda:<rank> in the NCCL suite
@@ -84,7 +84,10 @@ def _expected_ring_kernels(rank, w, causal, layout, dropout_p):
 
 
 def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.float32,
-                  group=None, seed=0, tol=None, strided=False, check_counts=True, dropout_p=0.0):
+                  group=None, seed=0, tol=None, strided=False, check_counts=True, dropout_p=0.0,
+                  expect_accum=None):
+    """expect_accum: True / False asserts that the ring's backward did / did not add dQ
+    into its fp32 accumulator (orchard/distributed/_dq_accum.py); None: either."""
     tol = tol or _fp32_tol()
     q, k, v, do = _full_inputs(b, s, h, hkv, d, dtype, seed)
     rng_seed = 1000 + seed if dropout_p > 0 else None
@@ -98,12 +101,16 @@ def run_mode_case(rank, w, mode, b, s, h, hkv, d, causal, layout, dtype=torch.fl
         kl = kl.transpose(1, 2).contiguous().transpose(1, 2)
     ql, kl, vl = (t.detach().requires_grad_(True) for t in (ql, kl, vl))
     od.reset_comm_stats()
+    _dq_accum.stats["calls"] = 0
     if rng_seed is not None:
         torch.manual_seed(rng_seed)  # the reference's generator state, on every rank
     out = MODES[mode](ql, kl, vl, group=group, causal=causal, layout=layout, dropout_p=dropout_p)
     fwd_counts, fwd_kernels = dict(_comm.comm_stats), dict(_comm.kernel_stats)
     out.backward(dol)
     all_counts, all_kernels = dict(_comm.comm_stats), dict(_comm.kernel_stats)
+    if expect_accum is not None:
+        used = _dq_accum.stats["calls"] > 0
+        assert used == expect_accum, f"dQ accumulator used: {used}, expected {expect_accum}"
     assert out.dtype == dtype and out.shape == ql.shape, (out.dtype, out.shape)
     for name, got, ref in (("out", out, ref_out), ("dq", ql.grad, ref_dq), ("dk", kl.grad, ref_dk),
                            ("dv", vl.grad, ref_dv)):
@@ -156,6 +163,24 @@ def _mode_cases(w):
         cases[f"{mode}-zigzag-causal-long-dropout"] = (
             lambda rank, mode=mode: run_mode_case(rank, w, mode, 1, 2 * w * 37, h, hkv, 32, True,
                                                   "zigzag", seed=103, dropout_p=0.2))
+    # The ring's fp32 dQ accumulator (every block starts on a 16-row tile: chunks of 32
+    # rows) in each layout, causal and not, with dropout; the chunks of 40 rows above
+    # (-long) take the per-call path. fp32 on CUDA has no accumulator (its kernels write
+    # dQ per row): there the same cases check the fallback.
+    accum = DEVICE.type == "cpu"
+    for layout in ("zigzag", "contiguous"):
+        for causal in (False, True):
+            for p in (0.0, 0.2):
+                s = 2 * w * 32 if layout == "zigzag" else w * 64
+                name = (f"ring-{layout}-{'causal' if causal else 'full'}-accum"
+                        f"{'-dropout' if p else ''}")
+                cases[name] = (lambda rank, s=s, causal=causal, layout=layout, p=p:
+                               run_mode_case(rank, w, "ring", 1, s, h, hkv, 32, causal, layout,
+                                             seed=300 + len(cases), dropout_p=p,
+                                             expect_accum=accum))
+    cases["ring-zigzag-causal-long-no-accum"] = (
+        lambda rank: run_mode_case(rank, w, "ring", 1, 2 * w * 40, h, hkv, 32, True, "zigzag",
+                                   seed=102, expect_accum=False))
     return cases
 
 
@@ -164,6 +189,23 @@ def _mode_cases(w):
 def case_bf16_ring(rank, w):
     run_mode_case(rank, w, "ring", 1, 2 * w * 16, 4, 2, 32, True, "zigzag", dtype=torch.bfloat16,
                   seed=7, tol=dict(atol=3e-2, rtol=3e-2))
+
+
+def case_bf16_ring_accum(rank, w):
+    """16-bit ring through the fp32 dQ accumulator (CPU and CUDA), causal and not, with
+    dropout; one case with it switched off (ORCHARD_CP_DQ_ACCUM=0) for comparison."""
+    tol = dict(atol=3e-2, rtol=3e-2)
+    for causal, p in ((True, 0.0), (False, 0.0), (True, 0.2)):
+        run_mode_case(rank, w, "ring", 1, 2 * w * 64, 4, 2, 64, causal, "zigzag",
+                      dtype=torch.bfloat16, seed=23, tol=tol, dropout_p=p, expect_accum=True)
+    run_mode_case(rank, w, "ring", 1, 2 * w * 64, 4, 2, 64, True, "zigzag", dtype=torch.float16,
+                  seed=24, tol=dict(atol=1e-2, rtol=1e-2), expect_accum=True)
+    os.environ["ORCHARD_CP_DQ_ACCUM"] = "0"
+    try:
+        run_mode_case(rank, w, "ring", 1, 2 * w * 64, 4, 2, 64, True, "zigzag",
+                      dtype=torch.bfloat16, seed=23, tol=tol, expect_accum=False)
+    finally:
+        del os.environ["ORCHARD_CP_DQ_ACCUM"]
 
 
 def case_bf16_dropout(rank, w):
@@ -366,6 +408,7 @@ def suite(w):
     if w == 2:
         extra.update({
             "bf16-ring": case_bf16_ring,
+            "bf16-ring-accum": case_bf16_ring_accum,
             "fp16-ulysses": case_fp16_ulysses,
             "bf16-allgather": case_bf16_allgather,
             "bf16-dropout": case_bf16_dropout,
@@ -382,6 +425,7 @@ def cuda_suite(w):
     """The NCCL suite (one GPU per rank): every mode/layout/causal case and bf16."""
     cases = dict(_mode_cases(w))
     cases["bf16-ring"] = lambda rank: case_bf16_ring(rank, w)
+    cases["bf16-ring-accum"] = lambda rank: case_bf16_ring_accum(rank, w)
     cases["bf16-allgather"] = lambda rank: case_bf16_allgather(rank, w)
     cases["fp16-ulysses"] = lambda rank: case_fp16_ulysses(rank, w)
     cases["bf16-dropout"] = lambda rank: case_bf16_dropout(rank, w)

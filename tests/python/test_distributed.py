@@ -196,3 +196,86 @@ def test_cp_longest_search_finds_boundary(curve):
     best = max(n for n in range(16, 10_000, 16) if mem(n) <= s.cap)
     assert res["longest_tokens"] == best and res["first_failing_tokens"] == best + 16
     assert len(res["trials"]) <= 12, len(res["trials"])
+
+
+# ---- the backward op's caller-owned fp32 dQ accumulator (BackwardArgs::dq_accum) ----
+
+def _block_backward(dtype, causal, seed=0):
+    from orchard import _ops
+    g = torch.Generator().manual_seed(seed)
+    b, s, h, hkv, d = 2, 64, 4, 2, 24
+    q, k, v, do = (torch.randn(b, s, n, d, generator=g).to(dtype) for n in (h, hkv, hkv, h))
+    scale = d ** -0.5
+    out, lse, _ = _ops._FWD(q, k, v, scale, causal, True, 0.0, 0, 0, False)
+    return q, k, v, out, lse, do, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dq_accum_adds_the_backward_dq(dtype, causal):
+    """Two calls into one accumulator (all rows, then rows 32.. through a view) give the
+    sum of the two calls' dQ; dK/dV equal the plain op's; the accumulator is not cleared
+    by a call and rows outside a call's view are untouched."""
+    from orchard import _ops
+    from orchard.distributed import _dq_accum
+    q, k, v, out, lse, do, scale = _block_backward(dtype, causal)
+    dq, dk, dv = _ops._BWD(do, q, k, v, out, lse, scale, causal, True, 0.0, 0, 0, False)
+    acc = _dq_accum.zeros(q)
+    assert acc.shape == (2, 4, 64, 24) and acc.dtype == torch.float32
+    dk1, dv1 = _dq_accum.backward_into(acc, do, q, k, v, out, lse, scale, causal, 0.0, None, (),
+                                       False, "test")
+    assert torch.equal(dk1, dk) and torch.equal(dv1, dv)
+    one = _dq_accum.to_dq(acc.clone(), 64, 24, scale, torch.float32)
+    torch.testing.assert_close(one.to(dtype), dq, atol=0, rtol=0)
+    rows = slice(32, None)
+    lse2 = lse[:, :, rows].contiguous()
+    dq2, _, _ = _ops._BWD(do[:, rows], q[:, rows], k, v, out[:, rows], lse2, scale, False, True,
+                          0.0, 0, 0, False)
+    before = acc[:, :, :32].clone()
+    _dq_accum.backward_into(_dq_accum.rows_view(acc, rows), do[:, rows], q[:, rows], k, v,
+                            out[:, rows], lse2, scale, False, 0.0, None, (), False, "test")
+    assert torch.equal(acc[:, :, :32], before)
+    got = _dq_accum.to_dq(acc, 64, 24, scale, torch.float32)
+    expect = one.clone()
+    expect[:, rows] += dq2.float()  # bf16: dq2 was rounded once more than the accumulator's sum
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
+
+
+def test_dq_accum_mma_tile_order():
+    """to_dq's CUDA branch reads the layout of backends/cuda/launch.h (dq_accum_tile_offset:
+    tile-major, lane g * 4 + t, values (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)), built
+    here element by element from that formula."""
+    from orchard.distributed import _dq_accum
+    b, h, s, d = 1, 2, 32, 16
+    plain = torch.randn(b, h, s, d)
+    tiled = torch.zeros(b, h, s * d)
+    for r in range(s):
+        for c in range(d):
+            lane = (r % 8) * 4 + (c % 8) // 2
+            value = ((r % 16) // 8) * 2 + c % 2
+            tiled[:, :, (((r // 16) * (d // 8) + c // 8) * 32 + lane) * 4 + value] = plain[:, :, r, c]
+    dst = torch.empty(b, s, h, d)
+    _dq_accum.copy_logical(dst, tiled.view(b, h, s, d), mma_tiles=True)
+    assert torch.equal(dst, plain.permute(0, 2, 1, 3))
+
+
+def test_dq_accum_errors():
+    from orchard.distributed import _dq_accum
+    q, k, v, out, lse, do, scale = _block_backward(torch.float32, True)
+    args = (do, q, k, v, out, lse, scale, True, 0.0, None, (), False, "test.op")
+    with pytest.raises(ValueError, match=r"^test.op: dq_accum has shape .* expected \(2, 4, >= 64, 24\)"):
+        _dq_accum.backward_into(torch.zeros(2, 4, 48, 24), *args)
+    with pytest.raises(ValueError, match="dq_accum must be float32"):
+        _dq_accum.backward_into(torch.zeros(2, 4, 64, 24, dtype=torch.float64), *args)
+    with pytest.raises(ValueError, match="contiguous"):
+        _dq_accum.backward_into(torch.zeros(2, 4, 64, 48)[..., :24], *args)
+    with pytest.raises(NotImplementedError, match="deterministic"):
+        _dq_accum.backward_into(_dq_accum.zeros(q), *args[:-2], True, "test.op")
+    q64, k64, v64, out64, lse64, do64, _ = _block_backward(torch.float64, True)
+    with pytest.raises(NotImplementedError, match="float64"):
+        _dq_accum.backward_into(_dq_accum.zeros(q64), do64, q64, k64, v64, out64, lse64, scale,
+                                True, 0.0, None, (), False, "test.op")
+    assert not _dq_accum.usable(q64, False, {0})
+    assert not _dq_accum.usable(q, True, {0}) and not _dq_accum.usable(q, False, {0, 8})
+    assert _dq_accum.usable(q, False, {0, 32})

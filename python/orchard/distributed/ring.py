@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from . import _comm, _dropout
+from . import _comm, _dq_accum, _dropout
 from ._dropout import shard_chunks
 from ._merge import merge_into
 
@@ -158,63 +158,121 @@ def _sum_grads(total, grads, shape, acc):
     return total
 
 
+def _row_starts(rank, size, s_local, causal, layout, drop):
+    """First local query row of every block any step of this rank runs."""
+    starts = set()
+    for step in range(size):
+        src = (rank - step) % size
+        for qs, *_ in _step_blocks(rank, src, size, s_local, causal, layout, drop):
+            starts.add(qs.start or 0)
+    return starts
+
+
 def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op,
                   drop=None):
     """Per step: one backward kernel call without dropout (the same blocks as the
-    forward). dQ adds up locally (in q's dtype for W <= 2 without dropout: one sum
-    of two partials, rounded once; else in fp32).
+    forward).
+
+    dQ: where _dq_accum.usable says so (16-/32-bit on the CPU, 16-bit on CUDA, not
+    deterministic, blocks starting on 16-row tiles), every call adds into one fp32
+    accumulator the rank zeroed once (no per-call fp32 workspace, no dQ partials),
+    converted to dQ after the ring; else the partials add up locally (in q's dtype
+    for W <= 2 without dropout: one sum of two partials, rounded once; else fp32).
 
     dK/dV: the rank's own block (step 0) stays here; the accumulator of src's
     dK/dV starts at the rank after src (step 1), gets each rank's block added and
     moves on with the ring, reaching src after W-1 exchanges, where the own block
     is added: W-1 dK/dV exchanges, each overlapping the next step's kernel but the
     last. Sums of two or more blocks are fp32; a single block travels in the
-    inputs' dtype, which is exact, so the result is the fp32 accumulation's."""
+    inputs' dtype, which is exact, so the result is the fp32 accumulation's. The
+    last exchange receives into the K/V buffers of the last step when they fit
+    (nothing reads them after its kernels), and nothing the caller does not hold
+    is alive when dQ is converted (the peak memory decides the longest sequence)."""
     size, rank = info.size, info.rank
-    s = q.shape[1]
+    b, s, h, d = q.shape
     acc = _acc_dtype(q.dtype)
     low_ok = _low_precision_ok(size, drop)
     dq = None
+    dq_acc = None
+    if _dq_accum.usable(q, deterministic, _row_starts(rank, size, s, causal, layout, drop)):
+        dq_acc = _dq_accum.zeros(q)
     own = [None, None]
     kv = [k.contiguous(), v.contiguous()]
     kv_ring = _comm.RingExchange(info, "kv")
     dkv_ring = _comm.RingExchange(info, "dkv")
     dkv_pending = None
     for step in range(size):
-        kv_pending = kv_ring.start(kv) if step + 1 < size else None
+        last = step + 1 == size
+        kv_pending = kv_ring.start(kv) if not last else None
         src = (rank - step) % size
+        blocks = _step_blocks(rank, src, size, s, causal, layout, drop)
+        # src's accumulator travels in a dtype both ends know: after step 1 it holds
+        # one kernel call's block (no dropout), exact in the inputs' dtype; later, or
+        # with dropout, sums in fp32.
+        hop = k.dtype if step == 1 and drop is None else acc
         grads = []
-        for qs, ks, blk_causal, (p, rng, *feats) in _step_blocks(rank, src, size, s, causal, layout,
-                                                                  drop):
+        for qs, ks, blk_causal, (p, rng, *feats) in blocks:
             lse_rows = lse if qs == _ALL else lse[:, :, qs].contiguous()
             _comm.count_kernel("bwd")
-            dq_b, dk_b, dv_b = _BWD(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks],
-                                    out[:, qs], lse_rows, scale, blk_causal, True, p, 0, 0,
-                                    deterministic, op, rng, *feats)
-            dq = _accumulate(dq, qs, dq_b, q.shape, acc, low_ok or dq_b.dtype == acc)
+            if dq_acc is not None:
+                # The one block of a step over a part of the keys writes its dK/dV
+                # straight into the zeroed buffer that travels (no copy, no temporary).
+                into = None
+                if step == 1 and len(blocks) == 1 and ks != _ALL and hop == k.dtype:
+                    into = [torch.zeros(k.shape, dtype=hop, device=k.device),
+                            torch.zeros(v.shape, dtype=hop, device=v.device)]
+                dk_b, dv_b = _dq_accum.backward_into(
+                    _dq_accum.rows_view(dq_acc, qs), dout[:, qs], q[:, qs], kv[0][:, ks],
+                    kv[1][:, ks], out[:, qs], lse_rows, scale, blk_causal, p, rng, feats,
+                    deterministic, op, *(() if into is None else (into[0][:, ks], into[1][:, ks])))
+                if into is not None:
+                    dk_b, dv_b, ks = into[0], into[1], _ALL
+            else:
+                dq_b, dk_b, dv_b = _BWD(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks],
+                                        out[:, qs], lse_rows, scale, blk_causal, True, p, 0, 0,
+                                        deterministic, op, rng, *feats)
+                dq = _accumulate(dq, qs, dq_b, q.shape, acc, low_ok or dq_b.dtype == acc)
+                dq_b = None
             grads.append((ks, dk_b, dv_b))
+            dk_b = dv_b = None
         if step == 0:
             own = [_sum_grads(None, [(ks, g[0]) for ks, *g in grads], k.shape, acc),
                    _sum_grads(None, [(ks, g[1]) for ks, *g in grads], v.shape, acc)]
         else:
             # src's accumulator: fresh at step 1, else from the previous rank (its
-            # exchange overlapped this step's kernel). It travels in a dtype both
-            # ends know: after step 1 it holds one kernel call's block (no dropout),
-            # exact in the inputs' dtype; later, or with dropout, sums in fp32.
-            hop = k.dtype if step == 1 and drop is None else acc
+            # exchange overlapped this step's kernel).
             dkv = [None, None] if dkv_pending is None else dkv_pending.wait()
             dkv = [_sum_grads(dkv[0], [(ks, g[0]) for ks, *g in grads], k.shape, hop),
                    _sum_grads(dkv[1], [(ks, g[1]) for ks, *g in grads], v.shape, hop)]
             if dkv[0] is None:  # no block of src's keys here (contiguous causal)
                 dkv = [torch.zeros(k.shape, dtype=hop, device=k.device),
                        torch.zeros(v.shape, dtype=hop, device=v.device)]
-            dkv_pending = dkv_ring.start([t.to(hop) for t in dkv])
+            send = [t.to(hop) for t in dkv]
+            dkv = None
+            # The last step's K/V are read by nothing after its kernels (queued
+            # before this exchange on the compute stream, which the exchange waits
+            # for): receive the returning dK/dV there when shapes and dtypes match.
+            recv = kv if last and all(r.shape == t.shape and r.dtype == t.dtype
+                                      for r, t in zip(kv, send)) else None
+            dkv_pending = dkv_ring.start(send, recv)
+            send = recv = None
+        grads = None
         if kv_pending is not None:
             kv = kv_pending.wait()
+    kv = None
     dk, dv = own
+    own = None
     if dkv_pending is not None:  # this rank's accumulator, back from the other W-1
         rk, rv = dkv_pending.wait()
-        dk, dv = dk.to(acc).add_(rk), dv.to(acc).add_(rv)
+        dkv_pending = None
+        if dk.dtype == rk.dtype:  # W = 2: one rounding of the exact sum, in place
+            dk, dv = dk.add_(rk), dv.add_(rv)
+        else:
+            dk, dv = dk.to(acc).add_(rk), dv.to(acc).add_(rv)
+        rk = rv = None
+    if dq_acc is not None:
+        dq = _dq_accum.to_dq(dq_acc, s, d, scale, q.dtype)
+        dq_acc = None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

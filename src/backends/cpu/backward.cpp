@@ -215,6 +215,12 @@ void dq_reduce(const BwdParams& p, const Geometry& geo, const T* dq_slots, int s
       const T* o = src + sl * slot_elems;
       for (int c = 0; c < dp; ++c) row[c] += o[c];
     }
+    if (p.dq_accum != nullptr) {  // the caller's fp32 accumulator (params.h): add dQ / scale, row-major
+      float* acc = p.dq_accum + bi * p.dq_accum_batch_stride + h * p.dq_accum_head_stride +
+                   (i0 + r) * ((geo.d + 7) / 8 * 8);
+      for (int c = 0; c < geo.d; ++c) acc[c] += static_cast<float>(row[c]);
+      continue;
+    }
     store_row(row, scale, geo.d, p.dtype, p.dq,
               bi * p.dq_batch_stride + (span.q_start + i0 + r) * p.dq_row_stride + h * p.dq_head_stride);
   }

@@ -66,7 +66,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   return name;
 }
 
-std::size_t backward_workspace_bytes(const FwdParams&) { return 0; }  // host temporaries instead
+std::size_t backward_workspace_bytes(const BwdParams&) { return 0; }  // host temporaries instead
 std::size_t required_alignment(const FwdParams&) { return 1; }         // any alignment is read
 
 void* allocate(std::size_t bytes, void*) {

@@ -262,12 +262,18 @@ void backward(const BwdParams& params) {
   switch (p.dtype) {
     case DType::kBFloat16: bwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: bwd_dispatch<__half>(p); break;
-    case DType::kFloat32: run_bwd_fp32(p); break;
+    case DType::kFloat32:
+      if (p.dq_accum != nullptr)  // the fp32 kernels write dQ per row, with no accumulator
+        throw Error(ErrorKind::kNotImplemented, "dq_accum is not supported for float32 inputs on CUDA");
+      run_bwd_fp32(p);
+      break;
     default: throw Error(ErrorKind::kNotImplemented, "unsupported dtype on CUDA");
   }
 }
 
-std::size_t backward_workspace_bytes(const FwdParams& p) { return bwd_workspace_layout(p).bytes; }
+std::size_t backward_workspace_bytes(const BwdParams& p) {
+  return bwd_workspace_layout(p, /*own_dq_accum=*/p.dq_accum == nullptr).bytes;
+}
 
 // Element alignment only: the kernels check 16-byte vector alignment per call
 // (rows_vec16, launch.h) and read / write any other view element-wise in place,

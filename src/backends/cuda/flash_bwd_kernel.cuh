@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
   const BwdWorkspace layout = bwd_workspace_layout(p);
   const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
-  float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
+  const DqAccumSlabs dq_acc = bwd_dq_accum_slabs(p, b);
   const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
 
   auto prefetch = [&](int it, int stage) {
@@ -586,7 +586,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
           }
         }
         const int dqc = dq_accum_cols(d);
-        float* dqa = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * dqc;
+        float* dqa = dq_acc.base + h * dq_acc.head_stride;
         const int row16 = m0 + wm * 16;  // kBM % 16 == 0: a tile boundary
 #pragma unroll
         for (int i = 0; i < kDTw; ++i) {
@@ -733,7 +733,7 @@ __global__ void __launch_bounds__(256)
   const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
   const BwdWorkspace layout = bwd_workspace_layout(p);
   const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
-  float* dq_acc = reinterpret_cast<float*>(const_cast<unsigned char*>(ws) + layout.dq_accum_offset);
+  const DqAccumSlabs dq_acc = bwd_dq_accum_slabs(p, b);
   const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
 
   TileStream<T, kBM, kD, kThreads, kSwz> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
@@ -1151,7 +1151,7 @@ __global__ void __launch_bounds__(256)
       const int row16 = m0 + wm * 32, col8 = wn * kDqT * 8;
       const int dqc = dq_accum_cols(d);
       const int row_stride = dq_accum_row_tile_stride(dqc);
-      float* slab = dq_acc + (static_cast<int64_t>(b) * p.hq + h) * dq_accum_rows(p.sq) * dqc;
+      float* slab = dq_acc.base + h * dq_acc.head_stride;
       float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, dqc, lane);
       if (d == kD && row16 + 32 <= sq) {  // warp-uniform: all but tail tiles and padded head dims
         constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
@@ -1458,7 +1458,9 @@ void launch_flash_bwd(const BwdParams& p) {
     check_launch("bwd_dot_kernel");
   }
   const bool atomic_dq = !p.deterministic;
-  if (atomic_dq && rows > 0) {
+  // The caller's dq_accum (params.h) is zeroed by the caller and converted by the caller.
+  const bool own_dq_accum = p.dq_accum == nullptr;
+  if (atomic_dq && rows > 0 && own_dq_accum) {
     const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * dq_accum_cols(p.d);
     if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
       check_launch("cudaMemsetAsync(dq_accum)");
@@ -1509,7 +1511,7 @@ void launch_flash_bwd(const BwdParams& p) {
   }
 
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
-  if (rows == 0) return;
+  if (rows == 0 || !own_dq_accum) return;
   if (atomic_dq) {
     const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);  // float4 slots
     bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(

@@ -63,15 +63,31 @@ ORCHARD_HOST_DEVICE int64_t dq_accum_tile_offset(int row16, int col8, int d, int
 ORCHARD_HOST_DEVICE int dq_accum_row_tile_stride(int d) { return d / 8 * 128; }
 constexpr int kDqAccumColTileStride = 128;
 
-ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p) {
+// own_dq_accum = false: the caller provides the accumulator (BwdParams::dq_accum), so the
+// workspace holds D only.
+ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p, bool own_dq_accum = true) {
   auto align = [](std::size_t n) { return (n + 255) / 256 * 256; };
   const std::size_t rows = static_cast<std::size_t>(p.b) * p.hq * p.sq;
-  const std::size_t acc_rows = static_cast<std::size_t>(p.b) * p.hq * dq_accum_rows(p.sq);
+  const std::size_t acc_rows = own_dq_accum ? static_cast<std::size_t>(p.b) * p.hq * dq_accum_rows(p.sq) : 0;
   BwdWorkspace w;
   w.d_offset = 0;
   w.dq_accum_offset = align(rows * sizeof(float));
   w.bytes = w.dq_accum_offset + align(acc_rows * dq_accum_cols(p.d) * sizeof(float));
   return w;
+}
+
+// The fp32 dQ accumulator slabs of sequence b that the dK/dV kernels add into, head h's
+// at base + h * head_stride: the caller's (BwdParams::dq_accum, its own strides: context
+// parallelism adds several calls into one buffer) or the workspace's.
+struct DqAccumSlabs {
+  float* base;
+  int64_t head_stride;  // floats
+};
+ORCHARD_HOST_DEVICE DqAccumSlabs bwd_dq_accum_slabs(const BwdParams& p, int b) {
+  if (p.dq_accum != nullptr) return {p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride};
+  const int64_t slab = static_cast<int64_t>(dq_accum_rows(p.sq)) * dq_accum_cols(p.d);
+  float* own = reinterpret_cast<float*>(static_cast<unsigned char*>(p.workspace) + bwd_workspace_layout(p).dq_accum_offset);
+  return {own + static_cast<int64_t>(b) * p.hq * slab, slab};
 }
 
 // Lanes per row in the backward's D = rowsum(dO * O) kernel (d: the value head
