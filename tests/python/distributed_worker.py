@@ -164,9 +164,8 @@ def _mode_cases(w):
             lambda rank, mode=mode: run_mode_case(rank, w, mode, 1, 2 * w * 37, h, hkv, 32, True,
                                                   "zigzag", seed=103, dropout_p=0.2))
     # The ring's fp32 dQ accumulator (every block starts on a 16-row tile: chunks of 32
-    # rows) in each layout, causal and not, with dropout; the chunks of 40 rows above
-    # (-long) take the per-call path. fp32 on CUDA has no accumulator (its kernels write
-    # dQ per row): there the same cases check the fallback.
+    # rows) in each layout, causal and not, with dropout. fp32 on CUDA has no
+    # accumulator (its kernels write dQ per row): there these cases check the fallback.
     accum = DEVICE.type == "cpu"
     for layout in ("zigzag", "contiguous"):
         for causal in (False, True):
@@ -178,9 +177,12 @@ def _mode_cases(w):
                                run_mode_case(rank, w, "ring", 1, s, h, hkv, 32, causal, layout,
                                              seed=300 + len(cases), dropout_p=p,
                                              expect_accum=accum))
-    cases["ring-zigzag-causal-long-no-accum"] = (
+    # chunks of 40 rows: a rank whose queries meet a later rank's keys (only its second
+    # chunk does, from row 40) takes the per-call path; the last rank never does, so it
+    # keeps the accumulator (the choice is each rank's own: dQ stays local).
+    cases["ring-zigzag-causal-long-mixed-accum"] = (
         lambda rank: run_mode_case(rank, w, "ring", 1, 2 * w * 40, h, hkv, 32, True, "zigzag",
-                                   seed=102, expect_accum=False))
+                                   seed=102, expect_accum=accum and rank == w - 1))
     return cases
 
 
