@@ -80,7 +80,31 @@ SCALING_MODES = {
     "ulysses": ("ulysses", "zigzag", False),
     "allgather": ("allgather", "zigzag", False),
     "ring-zigzag-checked": ("ring", "zigzag", True),
+    # The ring without its fp32 dQ accumulator (ORCHARD_CP_DQ_ACCUM=0: each call's own
+    # workspace and a dQ partial per step, as before it): the A/B of that change.
+    "ring-zigzag-no-accum": ("ring", "zigzag", False),
 }
+# Rows run with ORCHARD_CP_DQ_ACCUM=0.
+NO_ACCUM = {"ring-zigzag-no-accum"}
+
+
+class _env:
+    """Sets environment variables for a block (same on every rank), restoring them after."""
+
+    def __init__(self, **kw):
+        self.kw, self.old = kw, {}
+
+    def __enter__(self):
+        for k, v in self.kw.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def parse_args():
@@ -102,7 +126,7 @@ def parse_args():
                         "single-GPU step per rank at the first --tokens-per-gpu; ~10 s)")
     p.add_argument("--trace", action="store_true",
                    help="also write a chrome trace per rank next to --out")
-    p.add_argument("--modes", nargs="+", default=list(SCALING_MODES),
+    p.add_argument("--modes", nargs="+", default=[m for m in SCALING_MODES if m not in NO_ACCUM],
                    choices=list(SCALING_MODES), help="scaling rows to run")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the correctness section")
@@ -250,10 +274,15 @@ class Bench:
                 "RMSE < 0.01 |", "|---|---|---|---|---|---|---|---|"]
         refs = {}
         overall = True
-        cases = [("ring", "zigzag", True), ("ring", "contiguous", True), ("ring", "zigzag", False),
-                 ("ulysses", "zigzag", True), ("allgather", "zigzag", True),
-                 ("allgather", "contiguous", False)]
-        for mode, layout, causal in cases:
+        # (mode, layout, causal, ring dQ accumulator off): the ring's default path adds dQ
+        # into one fp32 accumulator; the "no-accum" row checks the per-call path too.
+        cases = [("ring", "zigzag", True, False), ("ring", "contiguous", True, False),
+                 ("ring", "zigzag", False, False), ("ring", "zigzag", True, True),
+                 ("ulysses", "zigzag", True, False), ("allgather", "zigzag", True, False),
+                 ("allgather", "contiguous", False, False)]
+        for mode, layout, causal, no_accum in cases:
+            env = _env(ORCHARD_CP_DQ_ACCUM="0") if no_accum else _env()
+            label = f"{mode}{' (no accum)' if no_accum else ''}"
             try:
                 if causal not in refs:
                     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -264,8 +293,9 @@ class Bench:
                 ref = refs[causal]
                 sh = lambda t: od.shard_sequence(t, layout=layout)  # noqa: E731
                 ql, kl, vl = (sh(t).requires_grad_(True) for t in (q, k, v))
-                out = MODES[mode](ql, kl, vl, causal=causal, layout=layout)
-                out.backward(sh(do))
+                with env:
+                    out = MODES[mode](ql, kl, vl, causal=causal, layout=layout)
+                    out.backward(sh(do))
                 for name, got, r in zip(("out", "dq", "dk", "dv"),
                                         (out, ql.grad, kl.grad, vl.grad), ref):
                     r = sh(r).float()
@@ -276,12 +306,12 @@ class Bench:
                     err, rmse = max(self.gather_floats(err)), max(self.gather_floats(rmse))
                     close = self.all_ok(close)
                     overall &= close and rmse < 0.01
-                    rows.append(f"| {mode} | {layout} | {causal} | {name} | {err:.2e} | "
+                    rows.append(f"| {label} | {layout} | {causal} | {name} | {err:.2e} | "
                                 f"{rmse:.2e} | {'yes' if close else 'NO'} | "
                                 f"{'yes' if rmse < 0.01 else 'NO'} |")
             except Exception as e:  # noqa: BLE001
                 overall = False
-                rows.append(f"| {mode} | {layout} | {causal} | ERROR | {type(e).__name__}: "
+                rows.append(f"| {label} | {layout} | {causal} | ERROR | {type(e).__name__}: "
                             f"{str(e)[:200]} | | | |")
                 if self.rank == 0:
                     traceback.print_exc()
@@ -321,12 +351,14 @@ class Bench:
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         configs = []
         for tpg in a.tokens_per_gpu:
-            configs += [(*SCALING_MODES[m], tpg) for m in a.modes if m != "ring-zigzag-checked"]
+            configs += [(*SCALING_MODES[m], m in NO_ACCUM, tpg) for m in a.modes
+                        if m != "ring-zigzag-checked"]
         if "ring-zigzag-checked" in a.modes:  # input checks cost: the first size only
-            configs.append((*SCALING_MODES["ring-zigzag-checked"], a.tokens_per_gpu[0]))
+            configs.append((*SCALING_MODES["ring-zigzag-checked"], False, a.tokens_per_gpu[0]))
         t1_cache = {}
-        for mode, layout, checked, tpg in configs:
-            label = f"{mode}{' (checked)' if checked else ''}"
+        for mode, layout, checked, no_accum, tpg in configs:
+            label = f"{mode}{' (checked)' if checked else ''}{' (no accum)' if no_accum else ''}"
+            env = _env(ORCHARD_CP_DQ_ACCUM="0") if no_accum else _env()
             try:
                 if tpg not in t1_cache:
                     t1_cache[tpg] = statistics.mean(self.gather_floats(self.single_gpu_ms(tpg)))
@@ -339,13 +371,15 @@ class Bench:
                 ql, kl, vl = (t.requires_grad_(True) for t in (ql, kl, vl))
                 step = self.step_fn(MODES[mode], ql, kl, vl, dol, causal=True, layout=layout,
                                     check_inputs=checked)
-                tw = self.max_over_ranks(self.time_ms(step))
+                with env:
+                    tw = self.max_over_ranks(self.time_ms(step))
                 _comm._SKIP_EXCHANGE = True
                 try:
                     nostep = self.step_fn(MODES[mode], ql, kl, vl, dol, causal=True,
                                           layout=layout, check_inputs=False)
-                    tn = self.max_over_ranks(self.time_ms(nostep))
-                    per_rank = self.gather_floats(self.time_ms(nostep, barrier=False))
+                    with env:
+                        tn = self.max_over_ranks(self.time_ms(nostep))
+                        per_rank = self.gather_floats(self.time_ms(nostep, barrier=False))
                 finally:
                     _comm._SKIP_EXCHANGE = False
                 eff = w * t1 / tw
@@ -378,6 +412,8 @@ class Bench:
             "/ mean (zigzag should be within 5%; contiguous causal is unbalanced by design).",
             "- (checked): the same op with check_inputs=True (one metadata all_gather + host "
             "sync per call).",
+            "- (no accum): the ring with ORCHARD_CP_DQ_ACCUM=0 (every backward call its own "
+            "fp32 dQ workspace and a dQ partial to add up, the path before the accumulator).",
         ]
         self.section("Notes", notes)
 
