@@ -57,12 +57,16 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 GIB = 1 << 30
-# Distributed modes: name -> (function name in orchard.distributed, keyword args).
+# Distributed modes: name -> (function name in orchard.distributed, keyword args,
+# environment for the step).
 MODES = {
-    "ring-zigzag": ("ring_flash_attn_func", {"layout": "zigzag"}),
-    "ulysses": ("ulysses_flash_attn_func", {"layout": "zigzag"}),
-    "allgather": ("allgather_flash_attn_func", {"layout": "zigzag"}),
-    "ring-contiguous": ("ring_flash_attn_func", {"layout": "contiguous"}),
+    "ring-zigzag": ("ring_flash_attn_func", {"layout": "zigzag"}, {}),
+    "ulysses": ("ulysses_flash_attn_func", {"layout": "zigzag"}, {}),
+    "allgather": ("allgather_flash_attn_func", {"layout": "zigzag"}, {}),
+    "ring-contiguous": ("ring_flash_attn_func", {"layout": "contiguous"}, {}),
+    # the ring's backward without its fp32 dQ accumulator (the path before it)
+    "ring-zigzag-no-accum": ("ring_flash_attn_func", {"layout": "zigzag"},
+                             {"ORCHARD_CP_DQ_ACCUM": "0"}),
 }
 
 
@@ -144,13 +148,23 @@ class Search:
         mk = lambda h: torch.randn(1, local, h, a.dim, device=self.device,  # noqa: E731
                                    dtype=self.dtype)
         q, k, v = (mk(h).requires_grad_(True) for h in (a.heads, a.kv_heads, a.kv_heads))
-        if mode == "1 GPU":
-            out = orchard.flash_attn_func(q, k, v, causal=True)
-        else:
-            name, kw = MODES[mode]
-            out = getattr(od, name)(q, k, v, causal=True, check_inputs=False, **kw)
-        do = mk(a.heads)  # the incoming gradient exists from the backward on, as in training
-        out.backward(do)
+        env = {} if mode == "1 GPU" else MODES[mode][2]
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            if mode == "1 GPU":
+                out = orchard.flash_attn_func(q, k, v, causal=True)
+            else:
+                name, kw, _ = MODES[mode]
+                out = getattr(od, name)(q, k, v, causal=True, check_inputs=False, **kw)
+            do = mk(a.heads)  # the incoming gradient exists from the backward on, as in training
+            out.backward(do)
+        finally:
+            for key, val in saved.items():
+                if val is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = val
         tensors = (q, k, v, do, out, q.grad, k.grad, v.grad)
         held = sum(t.numel() * t.element_size() for t in tensors)
         # the LSE the op saves: (1, heads, local) fp32
