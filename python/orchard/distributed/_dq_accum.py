@@ -8,7 +8,7 @@ workspace and the block's dQ together. Instead the ring allocates one fp32
 accumulator (b, hq, rows16(s), cols8(d)), zeroed once; every call adds its dQ /
 scale into it (``BackwardArgs::dq_accum`` in orchard/attention.h: the kernels'
 reductions land there directly, nothing is cleared or converted per call), and
-after the ring the accumulator becomes dQ in one pass.
+after the ring the accumulator becomes dQ in one pass (scale and rounding in one).
 
 Layout: row-major rows of cols8(d) floats on the CPU; on CUDA each 16 x 8 tile is
 in mma.sync's C-fragment order (backends/cuda/launch.h: tile-major, then lane
@@ -100,22 +100,22 @@ def backward_into(acc, dout, q, k, v, out, lse, scale, causal, dropout_p, rng_st
 
 
 def to_dq(acc: torch.Tensor, s: int, d: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """dQ (b, s, hq, d) in ``dtype`` from the accumulator (which is scaled in place:
-    one rounding, as the op's own conversion). Needs s % 16 == 0 and d % 8 == 0."""
+    """dQ (b, s, hq, d) in ``dtype`` = scale * the accumulator, in one pass (the product in
+    fp32, rounded once, as the op's own conversion). Needs s % 16 == 0 and d % 8 == 0."""
     b, h = acc.shape[:2]
-    acc.mul_(scale)
     dq = torch.empty(b, s, h, d, dtype=dtype, device=acc.device)
-    copy_logical(dq, acc, mma_tiles=acc.device.type == "cuda")
+    copy_logical(dq, acc, mma_tiles=acc.device.type == "cuda", scale=scale)
     return dq
 
 
-def copy_logical(dst: torch.Tensor, acc: torch.Tensor, mma_tiles: bool) -> None:
-    """dst (b, s, hq, d) <- the accumulator's values, read in its element order: row-major,
-    or (mma_tiles) CUDA's tile order: slab (rt, ct, g, t, half, pair) holds row
-    rt*16 + half*8 + g, column ct*8 + t*2 + pair. One strided copy, no temporary."""
+def copy_logical(dst: torch.Tensor, acc: torch.Tensor, mma_tiles: bool, scale: float = 1.0) -> None:
+    """dst (b, s, hq, d) <- scale * the accumulator's values, read in its element order:
+    row-major, or (mma_tiles) CUDA's tile order: slab (rt, ct, g, t, half, pair) holds row
+    rt*16 + half*8 + g, column ct*8 + t*2 + pair. One strided pass, no temporary."""
     b, s, h, d = dst.shape
     if not mma_tiles:
-        dst.copy_(acc[:, :, :s, :d].permute(0, 2, 1, 3))
+        torch.mul(acc[:, :, :s, :d].permute(0, 2, 1, 3), scale, out=dst)
         return
     tiles = acc[:, :, :s].view(b, h, s // 16, d // 8, 8, 4, 2, 2)
-    dst.view(b, s // 16, 2, 8, h, d // 8, 4, 2).copy_(tiles.permute(0, 2, 6, 4, 1, 3, 5, 7))
+    torch.mul(tiles.permute(0, 2, 6, 4, 1, 3, 5, 7), scale,
+              out=dst.view(b, s // 16, 2, 8, h, d // 8, 4, 2))
