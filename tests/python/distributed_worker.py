@@ -62,7 +62,9 @@ def _expected_counts(mode, w, phase, u=1):
         return {}
     if mode == "ring":
         fwd = {"kv": w - 1}
-        return fwd if phase == "fwd" else {"kv": 2 * (w - 1), "dkv": w - 1}
+        # W = 2: the backward reuses the forward's last K/V (ring.py, _keep_kv)
+        bwd_kv = 0 if w == 2 and os.environ.get("ORCHARD_CP_KEEP_KV", "1") != "0" else w - 1
+        return fwd if phase == "fwd" else {"kv": w - 1 + bwd_kv, "dkv": w - 1}
     if mode == "ulysses":
         return {"all_to_all": 2 if phase == "fwd" else 4}
     if mode == "allgather":
@@ -208,6 +210,32 @@ def case_bf16_ring_accum(rank, w):
                       dtype=torch.bfloat16, seed=23, tol=tol, expect_accum=False)
     finally:
         del os.environ["ORCHARD_CP_DQ_ACCUM"]
+
+
+def case_ring_kept_kv(rank, w):
+    """W = 2: the backward runs on the forward's last K/V (no K/V exchange, own block
+    last); with ORCHARD_CP_KEEP_KV=0 the plain order (counts checked by run_mode_case).
+    A second backward through a retained graph exchanges K/V again (the kept buffers
+    were taken, and received dK/dV, in the first) and gives the same gradients."""
+    for causal, layout in ((True, "zigzag"), (True, "contiguous"), (False, "zigzag")):
+        run_mode_case(rank, w, "ring", 1, 2 * w * 32, 4, 2, 32, causal, layout, seed=25)
+    os.environ["ORCHARD_CP_KEEP_KV"] = "0"
+    try:
+        run_mode_case(rank, w, "ring", 1, 2 * w * 32, 4, 2, 32, True, "zigzag", seed=25)
+    finally:
+        del os.environ["ORCHARD_CP_KEEP_KV"]
+    q, k, v, do = _full_inputs(1, 2 * w * 32, 4, 2, 32, torch.float32, 26)
+    ql, kl, vl = (od.shard_sequence(t).requires_grad_(True) for t in (q, k, v))
+    dol = od.shard_sequence(do)
+    out = od.ring_flash_attn_func(ql, kl, vl, causal=True)
+    od.reset_comm_stats()
+    first = torch.autograd.grad(out, (ql, kl, vl), dol, retain_graph=True)
+    assert _comm.comm_stats == {"dkv": 1}, _comm.comm_stats
+    od.reset_comm_stats()
+    second = torch.autograd.grad(out, (ql, kl, vl), dol)
+    assert _comm.comm_stats == {"kv": 1, "dkv": 1}, _comm.comm_stats
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, **_fp32_tol())
 
 
 def case_bf16_dropout(rank, w):
@@ -369,8 +397,8 @@ def case_hybrid(rank, w):
             exp = {"validate": int(uly_n > 1) + int(ring_n > 1)}
             if uly_n > 1:
                 exp["all_to_all"] = 4
-            if ring_n > 1:
-                exp.update(kv=2 * (ring_n - 1), dkv=ring_n - 1)
+            if ring_n > 1:  # a ring of 2 reuses the forward's K/V in the backward
+                exp.update(kv=1 if ring_n == 2 else 2 * (ring_n - 1), dkv=ring_n - 1)
             exp["all_gather"] = int(uly_n > 1) + int(ring_n > 1)  # the unshard check
             counts = {k_: n for k_, n in counts.items() if n}
             exp = {k_: n for k_, n in exp.items() if n}
@@ -411,6 +439,7 @@ def suite(w):
         extra.update({
             "bf16-ring": case_bf16_ring,
             "bf16-ring-accum": case_bf16_ring_accum,
+            "ring-kept-kv": case_ring_kept_kv,
             "fp16-ulysses": case_fp16_ulysses,
             "bf16-allgather": case_bf16_allgather,
             "bf16-dropout": case_bf16_dropout,
@@ -428,6 +457,7 @@ def cuda_suite(w):
     cases = dict(_mode_cases(w))
     cases["bf16-ring"] = lambda rank: case_bf16_ring(rank, w)
     cases["bf16-ring-accum"] = lambda rank: case_bf16_ring_accum(rank, w)
+    cases["ring-kept-kv"] = lambda rank: case_ring_kept_kv(rank, w)
     cases["bf16-allgather"] = lambda rank: case_bf16_allgather(rank, w)
     cases["fp16-ulysses"] = lambda rank: case_fp16_ulysses(rank, w)
     cases["bf16-dropout"] = lambda rank: case_bf16_dropout(rank, w)

@@ -34,6 +34,8 @@ draws its block of the single-device mask. Causal: a chunk pair is the diagonal
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _ops
@@ -99,9 +101,17 @@ def _low_precision_ok(size, drop):
     return size <= 2 and drop is None
 
 
-def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
+def _keep_kv(size):
+    """True when the forward hands its last K/V to the backward (W = 2, see
+    ring_backward; ORCHARD_CP_KEEP_KV=0 turns it off)."""
+    return size == 2 and os.environ.get("ORCHARD_CP_KEEP_KV", "1") != "0"
+
+
+def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=None,
+                 keep=None):
     """(out in q's dtype, lse (B, H, S_local) in the accumulation dtype). drop: a
-    _dropout.Dropout or None.
+    _dropout.Dropout or None. keep: a list that receives the K/V buffers of the last
+    step (src = rank + 1), for the backward (_keep_kv).
 
     Per step: one kernel call without dropout (see _blocks), then one in-place LSE
     merge into the rows it covered. The first block's result becomes the
@@ -132,6 +142,8 @@ def ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop=N
             merge_into(out_acc[:, qs], lse_acc[:, :, qs], o, lse)
         if pending is not None:
             kv = pending.wait()
+    if keep is not None and size > 1:
+        keep.extend(kv)
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -169,7 +181,7 @@ def _row_starts(rank, size, s_local, causal, layout, drop):
 
 
 def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, deterministic, op,
-                  drop=None):
+                  drop=None, kv_kept=None):
     """Per step: one backward kernel call without dropout (the same blocks as the
     forward).
 
@@ -187,7 +199,13 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
     inputs' dtype, which is exact, so the result is the fp32 accumulation's. The
     last exchange receives into the K/V buffers of the last step when they fit
     (nothing reads them after its kernels), and nothing the caller does not hold
-    is alive when dQ is converted (the peak memory decides the longest sequence)."""
+    is alive when dQ is converted (the peak memory decides the longest sequence).
+
+    kv_kept (W = 2): the other rank's K/V as the forward's last step held them. Then
+    the backward exchanges no K/V and runs the other rank's block first and its own
+    diagonal block last, so the one dK/dV exchange travels while the own block's
+    kernel runs (in the other order it is the last thing, exposed: ~1 ms at 16k
+    tokens/GPU on 2 x H200); the returning dK/dV land in the kept buffers."""
     size, rank = info.size, info.rank
     b, s, h, d = q.shape
     acc = _acc_dtype(q.dtype)
@@ -201,9 +219,17 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
     kv_ring = _comm.RingExchange(info, "kv")
     dkv_ring = _comm.RingExchange(info, "dkv")
     dkv_pending = None
-    for step in range(size):
-        last = step + 1 == size
-        kv_pending = kv_ring.start(kv) if not last else None
+    reordered = kv_kept is not None
+    order = [1, 0] if reordered else list(range(size))
+    for i, step in enumerate(order):
+        if reordered:  # W = 2: the other rank's K/V first, no exchange
+            kv_pending = None
+            kv = list(kv_kept) if step == 1 else [k.contiguous(), v.contiguous()]
+            kv_kept = None
+            spent = step == 1  # its K/V are read by no later step
+        else:
+            spent = i + 1 == size
+            kv_pending = kv_ring.start(kv) if not spent else None
         src = (rank - step) % size
         blocks = _step_blocks(rank, src, size, s, causal, layout, drop)
         # src's accumulator travels in a dtype both ends know: after step 1 it holds
@@ -249,11 +275,11 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
                        torch.zeros(v.shape, dtype=hop, device=v.device)]
             send = [t.to(hop) for t in dkv]
             dkv = None
-            # The last step's K/V are read by nothing after its kernels (queued
-            # before this exchange on the compute stream, which the exchange waits
-            # for): receive the returning dK/dV there when shapes and dtypes match.
-            recv = kv if last and all(r.shape == t.shape and r.dtype == t.dtype
-                                      for r, t in zip(kv, send)) else None
+            # This step's K/V are read by nothing after its kernels (queued before
+            # this exchange on the compute stream, which the exchange waits for):
+            # receive the returning dK/dV there when shapes and dtypes match.
+            recv = kv if spent and all(r.shape == t.shape and r.dtype == t.dtype
+                                       for r, t in zip(kv, send)) else None
             dkv_pending = dkv_ring.start(send, recv)
             send = recv = None
         grads = None
@@ -279,9 +305,14 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, info, scale, causal, layout, deterministic, op, drop=None):
-        out, lse = ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop)
+        keep = [] if _keep_kv(info.size) else None
+        out, lse = ring_forward(q, k, v, info, scale, causal, layout, deterministic, op, drop,
+                                keep)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.opts = (info, scale, causal, layout, deterministic, op, drop)
+        # Internal buffers, not saved tensors: the first backward takes them (and
+        # receives into them); a second one (retain_graph) exchanges K/V again.
+        ctx.kv_kept = keep or None
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -293,8 +324,9 @@ class _RingAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+        kv_kept, ctx.kv_kept = ctx.kv_kept, None
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout,
-                                   deterministic, op, drop)
+                                   deterministic, op, drop, kv_kept)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
