@@ -83,9 +83,13 @@ SCALING_MODES = {
     # The ring without its fp32 dQ accumulator (ORCHARD_CP_DQ_ACCUM=0: each call's own
     # workspace and a dQ partial per step, as before it): the A/B of that change.
     "ring-zigzag-no-accum": ("ring", "zigzag", False),
+    # W = 2 without reusing the forward's last K/V in the backward (ORCHARD_CP_KEEP_KV=0:
+    # the backward exchanges K/V again and its last dK/dV hop is exposed).
+    "ring-zigzag-no-keep-kv": ("ring", "zigzag", False),
 }
-# Rows run with ORCHARD_CP_DQ_ACCUM=0.
-NO_ACCUM = {"ring-zigzag-no-accum"}
+# Rows run with an environment switch: the A/B of one change of the ring.
+ROW_ENV = {"ring-zigzag-no-accum": {"ORCHARD_CP_DQ_ACCUM": "0"},
+           "ring-zigzag-no-keep-kv": {"ORCHARD_CP_KEEP_KV": "0"}}
 
 
 class _env:
@@ -126,7 +130,7 @@ def parse_args():
                         "single-GPU step per rank at the first --tokens-per-gpu; ~10 s)")
     p.add_argument("--trace", action="store_true",
                    help="also write a chrome trace per rank next to --out")
-    p.add_argument("--modes", nargs="+", default=[m for m in SCALING_MODES if m not in NO_ACCUM],
+    p.add_argument("--modes", nargs="+", default=[m for m in SCALING_MODES if m not in ROW_ENV],
                    choices=list(SCALING_MODES), help="scaling rows to run")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the correctness section")
@@ -351,14 +355,15 @@ class Bench:
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         configs = []
         for tpg in a.tokens_per_gpu:
-            configs += [(*SCALING_MODES[m], m in NO_ACCUM, tpg) for m in a.modes
-                        if m != "ring-zigzag-checked"]
+            configs += [(*SCALING_MODES[m], m, tpg) for m in a.modes if m != "ring-zigzag-checked"]
         if "ring-zigzag-checked" in a.modes:  # input checks cost: the first size only
-            configs.append((*SCALING_MODES["ring-zigzag-checked"], False, a.tokens_per_gpu[0]))
+            configs.append((*SCALING_MODES["ring-zigzag-checked"], "ring-zigzag-checked",
+                            a.tokens_per_gpu[0]))
         t1_cache = {}
-        for mode, layout, checked, no_accum, tpg in configs:
-            label = f"{mode}{' (checked)' if checked else ''}{' (no accum)' if no_accum else ''}"
-            env = _env(ORCHARD_CP_DQ_ACCUM="0") if no_accum else _env()
+        for mode, layout, checked, name, tpg in configs:
+            suffix = name[len("ring-zigzag-"):] if name in ROW_ENV else ""
+            label = f"{mode}{' (checked)' if checked else ''}{f' ({suffix})' if suffix else ''}"
+            env = _env(**ROW_ENV.get(name, {}))
             try:
                 if tpg not in t1_cache:
                     t1_cache[tpg] = statistics.mean(self.gather_floats(self.single_gpu_ms(tpg)))
@@ -412,8 +417,10 @@ class Bench:
             "/ mean (zigzag should be within 5%; contiguous causal is unbalanced by design).",
             "- (checked): the same op with check_inputs=True (one metadata all_gather + host "
             "sync per call).",
-            "- (no accum): the ring with ORCHARD_CP_DQ_ACCUM=0 (every backward call its own "
+            "- (no-accum): the ring with ORCHARD_CP_DQ_ACCUM=0 (every backward call its own "
             "fp32 dQ workspace and a dQ partial to add up, the path before the accumulator).",
+            "- (no-keep-kv): the ring with ORCHARD_CP_KEEP_KV=0 (W = 2: the backward exchanges "
+            "K/V again, own block first, its last dK/dV hop exposed: the order before).",
         ]
         self.section("Notes", notes)
 

@@ -3,8 +3,9 @@
 # already built into PYTHONPATH (dev/gpu_session.sh does that; run as its step
 # `sh:dev/cp_session.sh`, from the repository root), in this order:
 #   1. cp_bench.py: correctness of every mode vs single-GPU Orchard (bf16, incl. the ring
-#      with and without its fp32 dQ accumulator), the E table (zigzag ring, the ring
-#      without the accumulator as the A/B, Ulysses; 16k and 32k tokens/GPU) and the
+#      with and without its fp32 dQ accumulator), the E table (zigzag ring; the ring
+#      without the accumulator and without the kept K/V as A/Bs; Ulysses; 16k and 32k
+#      tokens/GPU) and the
 #      torch.profiler breakdown of one zigzag step;
 #   2. cp_longest.py: the longest trainable sequence on 1 GPU and on 2 (ring zigzag,
 #      Ulysses; CP_LONGEST_MODES adds e.g. ring-zigzag-no-accum) under a per-GPU cap;
@@ -13,7 +14,7 @@
 #      2 GPUs over NCCL by the test itself).
 # Each step is bounded by `timeout` (a hung collective kills the step, not the call) and
 # writes its log and results under $OUT/logs; typical times on 2x H200: ~45 s, ~100 s, ~60 s.
-#   env: OUT (results), CP_MODES (default "ring-zigzag ring-zigzag-no-accum ulysses"),
+#   env: OUT (results), CP_MODES (default "ring-zigzag ring-zigzag-no-accum ring-zigzag-no-keep-kv ulysses"),
 #        CP_CAP_GIB (6), CP_LONGEST_S (search budget, 90), CP_LONGEST_MODES ("ring-zigzag ulysses"),
 #        CP_BENCH_TIMEOUT (210), CP_PYTEST_TIMEOUT (240), CP_STEPS (default "bench longest pytest")
 set -uo pipefail
@@ -30,7 +31,7 @@ for step in $steps; do
     bench)
       stamp "cp_bench"
       timeout -k 10 "${CP_BENCH_TIMEOUT:-210}" torchrun --standalone --nproc-per-node=2 bench/cp_bench.py \
-        --modes ${CP_MODES:-ring-zigzag ring-zigzag-no-accum ulysses} \
+        --modes ${CP_MODES:-ring-zigzag ring-zigzag-no-accum ring-zigzag-no-keep-kv ulysses} \
         --out "$OUT/logs/cp_bench.md" > "$OUT/logs/cp_bench.log" 2>&1 || { echo "cp_bench rc=$?"; rc=1; }
       cat "$OUT/logs/cp_bench.md" 2>/dev/null || tail -30 "$OUT/logs/cp_bench.log" ;;
     longest)

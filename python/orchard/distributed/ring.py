@@ -220,6 +220,9 @@ def ring_backward(dout, q, k, v, out, lse, info, scale, causal, layout, determin
     dkv_ring = _comm.RingExchange(info, "dkv")
     dkv_pending = None
     reordered = kv_kept is not None
+    if reordered:  # take the buffers out of the caller's list: no reference outlives their use
+        kv_kept, kept_list = list(kv_kept), kv_kept
+        kept_list.clear()
     order = [1, 0] if reordered else list(range(size))
     for i, step in enumerate(order):
         if reordered:  # W = 2: the other rank's K/V first, no exchange
