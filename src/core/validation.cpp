@@ -420,8 +420,10 @@ ProblemShape validate_backward(const BackwardArgs& a) {
   c.shape({"dv", &a.dv}, e.v, "(must match v)");
   const std::vector<Named> inputs{{"q", &a.q},       {"k", &a.k},     {"v", &a.v},
                                   {"out", &a.out},   {"dout", &a.dout}, {"lse", &a.lse}};
-  std::vector<Named> outs{{"dk", &a.dk}, {"dv", &a.dv}};
+  std::vector<Named> outs;
   if (want_dq) outs.push_back({"dq", &a.dq});
+  outs.push_back({"dk", &a.dk});
+  outs.push_back({"dv", &a.dv});
   if (a.dq_accum.defined()) {
     const Named acc{"dq_accum", &a.dq_accum};
     auto refuse = [&](const std::string& why) {
