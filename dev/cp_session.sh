@@ -9,9 +9,10 @@
 #      torch.profiler breakdown of one zigzag step;
 #   2. cp_longest.py: the longest trainable sequence on 1 GPU and on 2 (ring zigzag,
 #      Ulysses; CP_LONGEST_MODES adds e.g. ring-zigzag-no-accum) under a per-GPU cap;
-#   3. the 2-GPU NCCL pytest suite (tests/python/test_distributed.py -k nccl_two_gpus:
-#      every mode/layout/causal/dropout case and the bf16 accumulator cases, spawned on
-#      2 GPUs over NCCL by the test itself).
+#   3. pytest -m cuda tests/python/test_distributed.py -k "nccl_two_gpus or dq_accum": the
+#      2-GPU NCCL suite (every mode/layout/causal/dropout case, the bf16 accumulator and
+#      kept-K/V cases; the test spawns 2 ranks over NCCL itself) and the backward op's
+#      dq_accum on CUDA (the kernels' reductions into a caller's buffer, its tile order).
 # Each step is bounded by `timeout` (a hung collective kills the step, not the call) and
 # writes its log and results under $OUT/logs; typical times on 2x H200: ~45 s, ~100 s, ~60 s.
 #   env: OUT (results), CP_MODES (default "ring-zigzag ring-zigzag-no-accum ring-zigzag-no-keep-kv ulysses"),
@@ -41,12 +42,13 @@ for step in $steps; do
         --out "$OUT/logs/cp_longest" > "$OUT/logs/cp_longest.log" 2>&1 || { echo "cp_longest rc=$?"; rc=1; }
       cat "$OUT/logs/cp_longest.md" 2>/dev/null || tail -30 "$OUT/logs/cp_longest.log" ;;
     pytest)
-      stamp "pytest test_distributed.py -k nccl_two_gpus"
+      stamp "pytest test_distributed.py -m cuda -k 'nccl_two_gpus or dq_accum'"
       (cd tests/python && timeout -k 10 "${CP_PYTEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda \
-         -rA --durations=3 test_distributed.py -k nccl_two_gpus > "$OUT/logs/cp_pytest_nccl.log" 2>&1) \
+         -rfEs --durations=3 test_distributed.py -k "nccl_two_gpus or dq_accum" > "$OUT/logs/cp_pytest_nccl.log" 2>&1) \
         || { echo "cp pytest rc=$?"; rc=1; }
-      # a skip (no second GPU, no NCCL) exits 0: on this machine it is a failure
-      grep -qE "(^| )1 passed" "$OUT/logs/cp_pytest_nccl.log" || { echo "cp pytest: the NCCL suite did not pass"; rc=1; }
+      # the NCCL suite + 4 CUDA cases of the op's dq_accum; a skip (no second GPU, no NCCL)
+      # exits 0: on this machine it is a failure
+      grep -qE "(^| )5 passed" "$OUT/logs/cp_pytest_nccl.log" || { echo "cp pytest: not all 5 passed"; rc=1; }
       tail -n 40 "$OUT/logs/cp_pytest_nccl.log" | grep -E "passed|failed|skipped|error|FAILED|SKIPPED|rank " | tail -n 15 ;;
     *) echo "cp_session: unknown step $step"; rc=1 ;;
   esac

@@ -200,33 +200,45 @@ def test_cp_longest_search_finds_boundary(curve):
 
 # ---- the backward op's caller-owned fp32 dQ accumulator (BackwardArgs::dq_accum) ----
 
-def _block_backward(dtype, causal, seed=0):
+def _block_backward(dtype, causal, seed=0, device="cpu", d=24):
     from orchard import _ops
     g = torch.Generator().manual_seed(seed)
-    b, s, h, hkv, d = 2, 64, 4, 2, 24
-    q, k, v, do = (torch.randn(b, s, n, d, generator=g).to(dtype) for n in (h, hkv, hkv, h))
+    b, s, h, hkv = 2, 64, 4, 2
+    q, k, v, do = (torch.randn(b, s, n, d, generator=g).to(device=device, dtype=dtype)
+                   for n in (h, hkv, hkv, h))
     scale = d ** -0.5
     out, lse, _ = _ops._FWD(q, k, v, scale, causal, True, 0.0, 0, 0, False)
     return q, k, v, out, lse, do, scale
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+_ACCUM_CASES = [("cpu", torch.float32, 24), ("cpu", torch.bfloat16, 24),
+                pytest.param("cuda", torch.bfloat16, 64, marks=pytest.mark.cuda),
+                pytest.param("cuda", torch.float16, 128, marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device,dtype,d", _ACCUM_CASES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_dq_accum_adds_the_backward_dq(dtype, causal):
+def test_dq_accum_adds_the_backward_dq(device, dtype, d, causal):
     """Two calls into one accumulator (all rows, then rows 32.. through a view) give the
     sum of the two calls' dQ; dK/dV equal the plain op's; the accumulator is not cleared
-    by a call and rows outside a call's view are untouched."""
+    by a call and rows outside a call's view are untouched. On CUDA this is the dK/dV
+    kernels' reductions into the caller's buffer and to_dq's reading of the tile order."""
     from orchard import _ops
     from orchard.distributed import _dq_accum
-    q, k, v, out, lse, do, scale = _block_backward(dtype, causal)
+    q, k, v, out, lse, do, scale = _block_backward(dtype, causal, device=device, d=d)
     dq, dk, dv = _ops._BWD(do, q, k, v, out, lse, scale, causal, True, 0.0, 0, 0, False)
     acc = _dq_accum.zeros(q)
-    assert acc.shape == (2, 4, 64, 24) and acc.dtype == torch.float32
+    assert acc.shape == (2, 4, 64, d) and acc.dtype == torch.float32
+    acc.fill_(float("nan"))  # poisoned: the caller zeroes it, the op must not clear it
+    assert acc.isnan().all()
+    acc.zero_()
     dk1, dv1 = _dq_accum.backward_into(acc, do, q, k, v, out, lse, scale, causal, 0.0, None, (),
                                        False, "test")
-    assert torch.equal(dk1, dk) and torch.equal(dv1, dv)
-    one = _dq_accum.to_dq(acc.clone(), 64, 24, scale, torch.float32)
-    torch.testing.assert_close(one.to(dtype), dq, atol=0, rtol=0)
+    exact = dict(atol=0, rtol=0) if device == "cpu" else {}  # CUDA: fp32 atomics' order
+    torch.testing.assert_close(dk1, dk, **exact)
+    torch.testing.assert_close(dv1, dv, **exact)
+    one = _dq_accum.to_dq(acc.clone(), 64, d, scale, torch.float32)
+    torch.testing.assert_close(one.to(dtype), dq, **exact)
     rows = slice(32, None)
     lse2 = lse[:, :, rows].contiguous()
     dq2, _, _ = _ops._BWD(do[:, rows], q[:, rows], k, v, out[:, rows], lse2, scale, False, True,
@@ -235,9 +247,9 @@ def test_dq_accum_adds_the_backward_dq(dtype, causal):
     _dq_accum.backward_into(_dq_accum.rows_view(acc, rows), do[:, rows], q[:, rows], k, v,
                             out[:, rows], lse2, scale, False, 0.0, None, (), False, "test")
     assert torch.equal(acc[:, :, :32], before)
-    got = _dq_accum.to_dq(acc, 64, 24, scale, torch.float32)
+    got = _dq_accum.to_dq(acc, 64, d, scale, torch.float32)
     expect = one.clone()
-    expect[:, rows] += dq2.float()  # bf16: dq2 was rounded once more than the accumulator's sum
+    expect[:, rows] += dq2.float()  # 16-bit: dq2 was rounded once more than the accumulator's sum
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
 
