@@ -266,7 +266,8 @@ def test_dq_accum_mma_tile_order():
         for c in range(d):
             lane = (r % 8) * 4 + (c % 8) // 2
             value = ((r % 16) // 8) * 2 + c % 2
-            tiled[:, :, (((r // 16) * (d // 8) + c // 8) * 32 + lane) * 4 + value] = plain[:, :, r, c]
+            slot = (((r // 16) * (d // 8) + c // 8) * 32 + lane) * 4 + value
+            tiled[:, :, slot] = plain[:, :, r, c]
     dst = torch.empty(b, s, h, d)
     _dq_accum.copy_logical(dst, tiled.view(b, h, s, d), mma_tiles=True)
     assert torch.equal(dst, plain.permute(0, 2, 1, 3))
@@ -276,7 +277,8 @@ def test_dq_accum_errors():
     from orchard.distributed import _dq_accum
     q, k, v, out, lse, do, scale = _block_backward(torch.float32, True)
     args = (do, q, k, v, out, lse, scale, True, 0.0, None, (), False, "test.op")
-    with pytest.raises(ValueError, match=r"^test.op: dq_accum has shape .* expected \(2, 4, >= 64, 24\)"):
+    with pytest.raises(ValueError,
+                       match=r"^test.op: dq_accum has shape .* expected \(2, 4, >= 64, 24\)"):
         _dq_accum.backward_into(torch.zeros(2, 4, 48, 24), *args)
     with pytest.raises(ValueError, match="dq_accum must be float32"):
         _dq_accum.backward_into(torch.zeros(2, 4, 64, 24, dtype=torch.float64), *args)
