@@ -10,7 +10,10 @@ Backward: a second ring. K/V rotate again (W-1 exchanges) and a dK/dV
 accumulator travels with them: each rank adds its block's dK/dV to the
 accumulator it received and passes it on; the owner keeps its own block, so
 after W-1 exchanges every accumulator is back at its owner (sums in fp32; see
-ring_backward). dQ stays local. Every block's backward is called with the
+ring_backward). dQ stays local, in one fp32 accumulator every backward call adds
+into (_dq_accum.py). With W = 2 the backward reuses the K/V the forward's last
+step held (no K/V exchange) and runs its own diagonal block last, under the
+one dK/dV exchange. Every block's backward is called with the
 GLOBAL out and LSE of its rows (the merged forward results), so its
 probabilities exp(s - lse) are the final ones and the block gradients just add.
 
