@@ -19,7 +19,7 @@ import torch
 
 from .. import _ops
 from . import _comm, _dropout
-from ._layout import reorder_gathered
+from ._layout import zigzag_chunk_order
 
 __all__ = ["ulysses_flash_attn_func"]
 
@@ -27,37 +27,59 @@ _FWD = _ops._FWD
 _BWD = _ops._BWD
 
 
+def _slots(w, s_local, layout, reorder):
+    """[(rank, local rows, natural rows)] of the whole sequence: which rows of which
+    rank's shard hold which rows of the sequence in natural order (with reorder), or
+    in rank-major order (without: the shards concatenated)."""
+    if not reorder:
+        return [(r, slice(0, s_local), slice(r * s_local, (r + 1) * s_local)) for r in range(w)]
+    c = s_local // 2
+    return [(slot // 2, slice((slot % 2) * c, (slot % 2 + 1) * c), slice(ch * c, (ch + 1) * c))
+            for slot, ch in enumerate(zigzag_chunk_order(w))]
+
+
 def seq_to_head(parts, info, layout, reorder):
     """parts: [(B, S_local, H_i, D)] sequence shards -> [(B, S, H_i / W, D)] head
     shards (views of one buffer), in natural position order when reorder. One
-    all_to_all."""
+    all_to_all. Each buffer is written by one copy per part (or per chunk) and the
+    send buffer is freed before the result is assembled (peak: two buffers)."""
     w = info.size
     b, s_local = parts[0].shape[:2]
     d = parts[0].shape[-1]
     hs = [p.shape[2] // w for p in parts]
-    send = torch.cat([p.reshape(b, s_local, w, hh, d) for p, hh in zip(parts, hs)], dim=3)
-    send = send.permute(2, 0, 1, 3, 4).contiguous()  # (W, B, S_local, sum(hs), D)
+    send = torch.empty(w, b, s_local, sum(hs), d, dtype=parts[0].dtype, device=parts[0].device)
+    lo = 0
+    for p, hh in zip(parts, hs):  # send[j]: this rank's positions, rank j's heads
+        send[..., lo:lo + hh, :].copy_(p.reshape(b, s_local, w, hh, d).permute(2, 0, 1, 3, 4))
+        lo += hh
     recv = torch.empty_like(send)
     _comm.all_to_all(recv, send, info)  # recv[j]: rank j's positions, this rank's heads
-    full = recv.permute(1, 0, 2, 3, 4).reshape(b, w * s_local, sum(hs), d)
-    if reorder:
-        full = reorder_gathered(full, w, layout, dim=1)
+    del send
+    full = torch.empty(b, w * s_local, sum(hs), d, dtype=recv.dtype, device=recv.device)
+    for r, local, natural in _slots(w, s_local, layout, reorder):
+        full[:, natural].copy_(recv[r, :, local])
+    del recv
     return list(full.split(hs, dim=2))
 
 
 def head_to_seq(parts, info, layout, reorder):
-    """Inverse of :func:`seq_to_head`: [(B, S, H_i / W, D)] -> [(B, S_local, H_i, D)]."""
+    """Inverse of :func:`seq_to_head`: [(B, S, H_i / W, D)] -> [(B, S_local, H_i, D)].
+    The send buffer is written straight from the parts (no concatenated or reordered
+    copy of them)."""
     w = info.size
     b, s = parts[0].shape[:2]
     d = parts[0].shape[-1]
     s_local = s // w
     hs = [p.shape[2] for p in parts]
-    full = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-    if reorder:
-        full = reorder_gathered(full, w, layout, dim=1, inverse=True)
-    send = full.reshape(b, w, s_local, sum(hs), d).permute(1, 0, 2, 3, 4).contiguous()
+    send = torch.empty(w, b, s_local, sum(hs), d, dtype=parts[0].dtype, device=parts[0].device)
+    lo = 0
+    for p, hh in zip(parts, hs):
+        for r, local, natural in _slots(w, s_local, layout, reorder):
+            send[r, :, local, lo:lo + hh].copy_(p[:, natural])
+        lo += hh
     recv = torch.empty_like(send)
     _comm.all_to_all(recv, send, info)  # recv[j]: this rank's positions, rank j's heads
+    del send
     back = recv.permute(1, 2, 0, 3, 4)  # (B, S_local, W, sum(hs), D)
     outs, lo = [], 0
     for hh in hs:
@@ -93,6 +115,7 @@ class _UlyssesAttention(torch.autograd.Function):
         (dout_h,) = seq_to_head([dout], info, layout, reorder)
         dq_h, dk_h, dv_h = _BWD(dout_h, qh, kh, vh, out_h, lse_h, scale, causal, True, extra[0], 0,
                                 0, deterministic, op, *extra[1:])
+        del dout_h  # before the output exchange's buffers (the peak of the backward)
         dq, dk, dv = head_to_seq([dq_h, dk_h, dv_h], info, layout, reorder)
         return dq, dk, dv, None, None, None, None, None, None, None
 
