@@ -106,7 +106,9 @@ def _low_precision_ok(size, drop):
 
 def _keep_kv(size):
     """True when the forward hands its last K/V to the backward (W = 2, see
-    ring_backward; ORCHARD_CP_KEEP_KV=0 turns it off)."""
+    ring_backward; ORCHARD_CP_KEEP_KV=0 turns it off, and must then be set on every
+    rank: it decides whether the backward exchanges K/V). Costs the K/V of one shard
+    held from the forward to the backward."""
     return size == 2 and os.environ.get("ORCHARD_CP_KEEP_KV", "1") != "0"
 
 
