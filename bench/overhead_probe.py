@@ -16,9 +16,12 @@ GPU hardly sees. This script tells the two apart, per call:
 
 Calls: SDPA and orchard.flash_attn_func forward, forward with grad (graph recorded and
 dropped), backward (retained graph), full step; the stable C++ ops alone (no autograd);
-and a trivial autograd node both ways - `clone` (C++ node) and a Python autograd.Function
+a trivial autograd node both ways - `clone` (C++ node) and a Python autograd.Function
 doing the same clone - which prices a Python node on CUDA (the backward runs on autograd's
-CUDA device thread, with GIL hand-offs) apart from Orchard's own work.
+CUDA device thread, with GIL hand-offs) apart from Orchard's own work; and the two routes
+of a training call (_ops.py: the Python autograd.Function, or the aten op
+_scaled_dot_product_fused_attention_overrideable with torch's C++ node) for the SDPA
+drop-in on (B, H, S, D) tensors and for flash_attn_func (transposed views), against SDPA.
 --profile also writes torch.profiler tables (CPU + CUDA) of flushed steps: a long
 cudaStreamSynchronize / cudaEventSynchronize / cudaMemcpy names the waiting call.
 
@@ -104,6 +107,22 @@ def main() -> int:
         "clone step (C++ node)": lambda: torch.autograd.grad(qg.clone(), (qg,), dout),
         "PyClone step (Python node)": lambda: torch.autograd.grad(PyClone.apply(qg), (qg,), dout),
     }
+    # The routes of a training call (_ops: the Python autograd.Function, or the aten op with
+    # torch's C++ node, ORCHARD_ATEN_AUTOGRAD): the SDPA drop-in on (B, H, S, D) tensors and
+    # flash_attn_func, each both ways; `layouts` is what _ops._ATEN_LAYOUTS is set to.
+    qb, kb, vb = (bh(t).contiguous().requires_grad_() for t in (q, k, v))
+    doutb = bh(dout).contiguous()
+    routed = {
+        "sdpa step (bhsd)": (lambda: torch.autograd.grad(
+            F.scaled_dot_product_attention(qb, kb, vb, is_causal=True), (qb, kb, vb), doutb), None),
+        "orchard sdpa step (bhsd) [Function]": (lambda: torch.autograd.grad(
+            orchard.scaled_dot_product_attention(qb, kb, vb, is_causal=True), (qb, kb, vb), doutb), frozenset()),
+        "orchard sdpa step (bhsd) [aten]": (lambda: torch.autograd.grad(
+            orchard.scaled_dot_product_attention(qb, kb, vb, is_causal=True), (qb, kb, vb), doutb),
+            frozenset((True,))),
+        "faf step [Function]": (calls["faf step"], frozenset()),
+        "faf step [aten, transposed views]": (calls["faf step"], frozenset((True, False))),
+    }
     out_s, out_f = sdpa(qg, kg, vg), faf(qg, kg, vg)
     calls["sdpa bwd(retained)"] = lambda: torch.autograd.grad(out_s, (qg, kg, vg), dout, retain_graph=True)
     calls["faf bwd(retained)"] = lambda: torch.autograd.grad(out_f, (qg, kg, vg), dout, retain_graph=True)
@@ -141,8 +160,20 @@ def main() -> int:
 
     res = {"torch": torch.__version__, "card": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
            "stable_ops": _ops.STABLE_OPS_STATUS, "calls": {}}
+    default_layouts = getattr(_ops, "_ATEN_LAYOUTS", None)
+    res["aten_route_default"] = sorted(default_layouts) if default_layouts is not None else "n/a"
     for name, fn in calls.items():
         res["calls"][name] = measure(fn, args.reps)
+    for name, (fn, layouts) in routed.items():
+        if layouts is not None:
+            if default_layouts is None or (layouts and getattr(_ops, "_ATEN_SDPA", None) is None):
+                continue  # a tree without the aten route
+            _ops._ATEN_LAYOUTS = layouts
+        try:
+            res["calls"][name] = measure(fn, args.reps)
+        finally:
+            if default_layouts is not None:
+                _ops._ATEN_LAYOUTS = default_layouts
     lines = [f"overhead_probe ({res['card']}, torch {res['torch']}, stable ops {res['stable_ops']}), "
              f"b{b} s{s} h{h} d{d} causal {dtype}, medians in µs",
              "| call | host_idle | host_busy | dev_busy (do_bench) | flush |", "|---|---|---|---|---|"]
