@@ -189,3 +189,37 @@ def test_aten_op_refuses_what_it_cannot_serve(device):
         args = {"attn_bias": None, "dropout_p": 0.0, "is_causal": False, "return_debug_mask": False, **kwargs}
         with pytest.raises(RuntimeError, match="NotImplementedError.*does not take"):
             OV(q, q, q, args["attn_bias"], args["dropout_p"], args["is_causal"], args["return_debug_mask"])
+
+
+@needs_route
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["sdpa_dropin", "flash_attn_func"])
+def test_cuda_graph_capture_through_the_route(monkeypatch, which):
+    # fwd+bwd captured through the aten op (torch's C++ node) replays to the eager result.
+    monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True, False)))
+    shape = (2, 4, 128, 64) if which == "sdpa_dropin" else (2, 128, 4, 64)
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def step():
+        if which == "sdpa_dropin":
+            out = orchard.scaled_dot_product_attention(q, k, v, is_causal=True)
+            assert type(out.grad_fn).__name__ == NODE
+        else:
+            out = orchard.flash_attn_func(q, k, v, causal=True)
+            assert type(out.grad_fn).__name__ == "TransposeBackward0"
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = step()
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, eager):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
