@@ -210,10 +210,11 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
 
 // Launches bwd_dot_kernel over every (batch, q head, row) of p, and, when dq_accum
 // is given, clears that fp32 accumulator (bwd_workspace_layout's dq_accum region:
-// b * hq * dq_accum_rows(sq) * dq_accum_cols(d) floats) in the same kernel. Enough
-// blocks for the larger of the two jobs; the rows' blocks alone already cover
-// the accumulator at every d (>= 8 threads per row vs <= 16 * d / 4 / 8 float4s),
-// so the clear adds at most a few stores per thread.
+// b * hq * dq_accum_rows(sq) * dq_accum_cols(d) floats) in the same kernel. The grid
+// is sized for the larger job - the clear's one float4 per thread (d / 4 float4s per
+// row against the dot's 256 / bwd_dot_lanes rows per block: twice the dot's blocks at
+// d 64 and 128) - so the extra blocks only store zeros, and past 65,536 blocks the
+// clear's loop strides over the grid.
 template <typename T>
 void launch_bwd_dot(const BwdParams& p, float* dsum, bool vec, float* dq_accum, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
