@@ -175,8 +175,8 @@ def test_aten_op_implements_sdpa(device, gqa):
     ref = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=0.3, enable_gqa=gqa)
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
     def close(got, want):  # float64: exact to rounding; bf16: a few units of its 2^-8 epsilon
-        tol = 1e-10 if dt == torch.float64 else 3e-2 * max(1.0, float(want.abs().max()))
-        return got.shape == want.shape and float((got.double() - want).abs().max()) < tol
+        tol = 1e-10 if dt == torch.float64 else 3e-2 * max(1.0, float(want.detach().abs().max()))
+        return got.shape == want.shape and float((got.detach().double() - want.detach()).abs().max()) < tol
 
     assert close(out, ref)
     for g, r in zip(grads, ref_grads):
