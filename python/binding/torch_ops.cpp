@@ -33,6 +33,7 @@
 #include <torch/csrc/stable/tensor.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <optional>
@@ -40,6 +41,7 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "core_api.h"
 #include "orchard/attention.h"
@@ -674,6 +676,67 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor
 }
 
 // -------------------------------------------------------------------------------------
+// aten::_scaled_dot_product_fused_attention_overrideable (+ _backward) on CPU and CUDA
+// tensors: torch's SDPA op for out-of-tree backends, whose autograd node is C++
+// (derivatives.yaml). The stable ABI cannot register an autograd kernel, and a Python
+// autograd.Function costs a Python node per step (~8 us on the CPU proxy; on CUDA its
+// backward runs Python on autograd's device thread); serving this op instead gives the
+// drop-ins' common training call torch's own C++ node around these kernels (issue 12).
+// torch leaves the op unimplemented for CPU / CUDA ("an operator for privateuse1
+// backends, please use TORCH_LIBRARY_IMPL to override this function"); these kernels
+// implement its contract as SDPA's: (B, H, S, D) tensors, top-left causal, scale
+// default 1/sqrt(D), lse (B, H, S) float32; K/V heads may divide Q's (GQA). What
+// Orchard's kernels cannot give through this schema is refused (NotImplementedError):
+// attn_bias, dropout (no generator key to hand the backward), the debug mask.
+// -------------------------------------------------------------------------------------
+
+constexpr const char* kOverrideableOp = "aten._scaled_dot_product_fused_attention_overrideable";
+
+double sdpa_scale(const Facts& q, std::optional<double> scale) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.sizes[q.nd - 1]));
+}
+
+void check_overrideable_call(const OptTensor& attn_bias, double dropout_p, bool debug_mask) {
+  const char* what = attn_bias.has_value() && attn_bias->defined() ? "attn_bias"
+                     : dropout_p > 0.0                            ? "dropout_p > 0"
+                     : debug_mask                                 ? "return_debug_mask"
+                                                                  : nullptr;
+  if (what != nullptr)
+    throw_tagged("NotImplementedError", std::string(kOverrideableOp) + ": Orchard's CPU/CUDA kernel does not take " +
+                                            what + " through this op (use orchard.scaled_dot_product_attention)");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t, int64_t, Tensor, Tensor, Tensor> sdpa_overrideable_fwd(
+    Tensor query, Tensor key, Tensor value, OptTensor attn_bias, double dropout_p, bool is_causal,
+    bool return_debug_mask, std::optional<double> scale) {
+  check_overrideable_call(attn_bias, dropout_p, return_debug_mask);
+  const Facts fq = facts(query);
+  if (fq.nd != 4) invalid(kOverrideableOp, "query must be 4-D (batch, heads, seq, head_dim), got shape " +
+                                               shape_str(fq.nd, fq.sizes));
+  auto [out, lse, mask] = fwd_impl(query, key, value, sdpa_scale(fq, scale), is_causal, /*causal_top_left=*/true,
+                                   0.0, 0, 0, /*return_mask=*/false, kOverrideableOp, std::nullopt,
+                                   plain_features(), /*bhsd=*/true, /*no_mask_tensor=*/true);
+  (void)mask;
+  // cum_seq_q/k, the philox seed/offset and the debug mask: undefined, as torch's
+  // flash kernel returns them without varlen or dropout.
+  return std::make_tuple(out, lse, Tensor(), Tensor(), fq.sizes[2], facts(key).sizes[2], Tensor(), Tensor(),
+                         Tensor());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_overrideable_bwd(
+    Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor attn_bias, std::vector<bool> /*grad_input_mask*/,
+    Tensor out, Tensor logsumexp, Tensor /*cum_seq_q*/, Tensor /*cum_seq_k*/, int64_t /*max_q*/,
+    int64_t /*max_k*/, double dropout_p, bool is_causal, Tensor /*philox_seed*/, Tensor /*philox_offset*/,
+    std::optional<double> scale) {
+  check_overrideable_call(attn_bias.defined() ? OptTensor(attn_bias) : std::nullopt, dropout_p, false);
+  const Facts fq = facts(query);
+  auto [dq, dk, dv] = bwd_impl(grad_out, query, key, value, out, logsumexp, sdpa_scale(fq, scale), is_causal,
+                               /*causal_top_left=*/true, 0.0, 0, 0, /*deterministic=*/false, kOverrideableOp,
+                               std::nullopt, plain_features(), /*bhsd=*/true);
+  return std::make_tuple(dq, dk, dv, Tensor());
+}
+
+// -------------------------------------------------------------------------------------
 // flash_attn_with_kvcache's eager call (kvcache.py): the decode core on torch tensors,
 // as orchard._C.kvcache_forward (kvcache.cpp) runs it on DLPack arrays. The caches are
 // written in place (the new k/v appended); out, lse and the split-KV scratch are
@@ -822,4 +885,17 @@ STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) {
   m.impl("_flash_fwd_plain", TORCH_BOX(&flash_fwd_plain));
   m.impl("_flash_bwd_plain", TORCH_BOX(&flash_bwd_plain));
   m.impl("_kvcache_fwd", TORCH_BOX(&kvcache_fwd));
+}
+
+// The aten op above (its C++ autograd node is torch's). _ops.py uses it only when
+// ORCHARD_ATEN_AUTOGRAD is not "0" (the registration itself is unconditional: torch has
+// no CPU/CUDA kernel for this op that it could displace).
+STABLE_TORCH_LIBRARY_IMPL(aten, CPU, m) {
+  m.impl("_scaled_dot_product_fused_attention_overrideable", TORCH_BOX(&sdpa_overrideable_fwd));
+  m.impl("_scaled_dot_product_fused_attention_overrideable_backward", TORCH_BOX(&sdpa_overrideable_bwd));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(aten, CUDA, m) {
+  m.impl("_scaled_dot_product_fused_attention_overrideable", TORCH_BOX(&sdpa_overrideable_fwd));
+  m.impl("_scaled_dot_product_fused_attention_overrideable_backward", TORCH_BOX(&sdpa_overrideable_bwd));
 }

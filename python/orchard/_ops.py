@@ -796,14 +796,22 @@ def _eager_kernel(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, re
 
 
 def eager_forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, return_mask,
-                  deterministic, op_name, rng_state, bhsd=False):
+                  deterministic, op_name, rng_state, bhsd=False, lse_used=True):
     """flash_attn_forward(q, k, v, ..., seed=0, offset=0, ...) without feature
     arguments, for a call eager_ok accepted, with the same outputs, gradients
     (grad_fn name included) and errors as the public op, but without its
     dispatcher round trip through Python: the C++ op when loaded, else the
     DLPack kernel directly; a lean autograd Function when a gradient is needed.
-    bhsd=True: q, k, v are (B, H, S, D) and so is out (the SDPA drop-in)."""
+    bhsd=True: q, k, v are (B, H, S, D) and so is out (the SDPA drop-in).
+    lse_used=False: the caller drops the lse, so a call that needs a gradient may
+    take the aten route (_aten_forward: torch's C++ autograd node; its lse is not
+    differentiable, and its grad_fn is torch's ScaledDotProductFusedAttention...)."""
     if _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if (not lse_used and bhsd in _ATEN_LAYOUTS and not return_mask and rng_state is None
+                and not deterministic and not _are_deterministic()):
+            out = _aten_forward(q, k, v, softmax_scale, causal, causal_top_left, bhsd)
+            if out is not None:
+                return out, None, None
         opts = (softmax_scale, causal, causal_top_left, dropout_p, return_mask, deterministic,
                 op_name, bhsd)
         if _wrapped(q) or _wrapped(k) or _wrapped(v):
@@ -865,3 +873,46 @@ _EagerFunction = type("GeneratedBackwardFor_orchard_flash_attn_forward_default",
 _eager_apply = super(torch.autograd.Function, _EagerFunction).apply  # torch._C._FunctionBase.apply
 _functorch_active = torch._C._are_functorch_transforms_active
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+# ---------------------------------------------------------------------------
+# The aten route (issue 12): _C_torch.so also serves
+# aten::_scaled_dot_product_fused_attention_overrideable (+ _backward) on CPU and CUDA
+# tensors (python/binding/torch_ops.cpp), torch's SDPA op for out-of-tree backends, whose
+# autograd node is C++. A training call through it records no Python autograd node: no
+# Function.apply, no Python backward (which on CUDA runs on autograd's device thread).
+# Contract: SDPA's - (B, H, S, D), top-left causal - without dropout / bias. So it serves
+#   * the SDPA drop-in's eager calls (bhsd) that need a gradient, always;
+#   * flash_attn_func's (BSHD) when ORCHARD_ATEN_AUTOGRAD=all, through transposed views
+#     (causal only when sq == sk, where bottom-right = top-left): their four
+#     TransposeBackward nodes cost more than the Python node on the CPU proxy
+#     (bench/NOTES.md), so it waits for a CUDA measurement (bench/overhead_probe.py).
+# The lse is not differentiable there (the op's formula), so callers that hand the lse
+# out keep the Function. ORCHARD_ATEN_AUTOGRAD=0 turns the route off. Any error on the
+# route (bad input) re-runs the call on the Function path, which raises the op-prefixed
+# error as before (nothing has been launched when the op refuses an input).
+# ---------------------------------------------------------------------------
+
+_ATEN_MODE = os.environ.get("ORCHARD_ATEN_AUTOGRAD", "sdpa").strip().lower()
+_ATEN_LAYOUTS = frozenset() if (_SFWD_CALL is None or _ATEN_MODE in ("0", "off", "none")) else (
+    frozenset((True, False)) if _ATEN_MODE in ("1", "all") else frozenset((True,)))
+_ATEN_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_fused_attention_overrideable", None)
+_ATEN_SDPA = getattr(getattr(_ATEN_SDPA, "default", None), "_op", None)
+if _ATEN_SDPA is None:
+    _ATEN_LAYOUTS = frozenset()
+
+
+def _aten_forward(q, k, v, softmax_scale, causal, causal_top_left, bhsd):
+    """out through the aten op (its C++ autograd node), or None when this call does not
+    fit it (the caller then records the Function)."""
+    try:
+        if bhsd:
+            if causal and not causal_top_left and q.shape[2] != k.shape[2]:
+                return None
+            return _ATEN_SDPA(q, k, v, None, 0.0, causal, False, scale=softmax_scale)[0]
+        if causal and not causal_top_left and q.shape[1] != k.shape[1]:
+            return None
+        return _ATEN_SDPA(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0, causal,
+                          False, scale=softmax_scale)[0].transpose(1, 2)
+    except RuntimeError:
+        return None

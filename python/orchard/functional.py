@@ -115,7 +115,8 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
             rng = None if dropout_p <= 0.0 else _ops.draw_dropout_rng_state(dropout_p, q.device)
             if _eager_ok(q, k, v):  # straight to the C++ op (see _ops.eager_forward)
                 out, lse, mask = _eager_forward(q, k, v, scale, bool(causal), False, float(dropout_p),
-                                                bool(return_attn_probs), bool(deterministic), op, rng)
+                                                bool(return_attn_probs), bool(deterministic), op, rng,
+                                                False, bool(return_attn_probs or return_softmax_lse))
             else:
                 out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
                                       bool(return_attn_probs), bool(deterministic), op, rng)
@@ -403,7 +404,7 @@ def scaled_dot_product_attention(
         # Straight to the C++ op (see _ops.eager_forward), which reads the (B, H, S, D)
         # tensors as they are and returns out (B, H, L, Ev) in query's layout.
         out, _lse, _mask = _eager_forward(q4, k4, v4, sc, bool(is_causal), True, float(dropout_p),
-                                          False, bool(deterministic), op, rng, True)
+                                          False, bool(deterministic), op, rng, True, False)
         if ndim == 4:
             return out
         if ndim == 3:

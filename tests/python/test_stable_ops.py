@@ -180,7 +180,10 @@ def test_stable_op_errors_are_the_dlpack_paths(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eager_path_matches_the_public_op(device):
+def test_eager_path_matches_the_public_op(device, monkeypatch):
+    # flash_attn_func's Function path (ORCHARD_ATEN_AUTOGRAD=all would take the aten route;
+    # test_aten_route.py checks that one against this path)
+    monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True,)))
     q, k, v = (randn(2, 11, 4, 16, device=device, requires_grad=True) for _ in range(3))
     dout = randn(2, 11, 4, 16, device=device)
     out = orchard.flash_attn_func(q, k, v, causal=True)
@@ -211,7 +214,8 @@ def test_eager_path_matches_the_public_op(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eager_path_double_backward_is_refused_as_before(device):
+def test_eager_path_double_backward_is_refused_as_before(device, monkeypatch):
+    monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True,)))  # the Function path
     q = randn(1, 5, 2, 8, device=device, requires_grad=True)
     out = orchard.flash_attn_func(q, q, q)
     (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
@@ -260,6 +264,7 @@ def test_compiled_drop_in_matches_eager(device):
 
 def test_one_core_per_process_in_the_debug_log(tmp_path, monkeypatch):
     """The C++ ops run the core orchard._C holds: one call counter and one log."""
+    monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True,)))  # flash_attn_func's Function path
     monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
     monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
     q = randn(1, 4, 1, 8, requires_grad=True)

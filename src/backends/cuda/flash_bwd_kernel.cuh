@@ -109,8 +109,20 @@ __device__ __forceinline__ void dq_accum_add(float* dst, const float (&c)[4]) {
 // row, one 16-byte chunk of O and of dO each, so every lane loads (one warp per
 // row left 24 of 32 lanes idle at d64, 16 at d128). d is the value head dim;
 // !vec (rows_vec16): lane `sub` takes the elements sub, sub + lanes, ... instead.
+// zero_acc (optional, 16-byte aligned, zero_float4 float4 slots): the fp32 dQ
+// accumulator, cleared here (grid-stride) so that the atomic-dQ backward is 3 GPU
+// ops, not 4 with a cudaMemsetAsync (a launch's host time and a GPU op per
+// backward, which small problems pay on every call: issue 12). Defaulted, so
+// callers that zero their accumulator another way (or have none) are unchanged.
 template <typename T>
-__global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum, bool vec) {
+__global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum, bool vec,
+                                                      float* zero_acc = nullptr, int64_t zero_float4 = 0) {
+  if (zero_acc != nullptr) {
+    float4* acc4 = reinterpret_cast<float4*>(zero_acc);
+    const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < zero_float4; i += step)
+      acc4[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const int width = p.d_v;
   const int lanes = bwd_dot_lanes(width);
   const int sub = threadIdx.x % lanes;
@@ -194,6 +206,31 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
     put(row, v.x, v.y);
     put(row + 8, v.z, v.w);
   }
+}
+
+// Launches bwd_dot_kernel over every (batch, q head, row) of p, and, when dq_accum
+// is given, clears that fp32 accumulator (bwd_workspace_layout's dq_accum region:
+// b * hq * dq_accum_rows(sq) * dq_accum_cols(d) floats) in the same kernel. The grid
+// is sized for the larger job - the clear's one float4 per thread (d / 4 float4s per
+// row against the dot's 256 / bwd_dot_lanes rows per block: twice the dot's blocks at
+// d 64 and 128) - so the extra blocks only store zeros, and past 65,536 blocks the
+// clear's loop strides over the grid.
+template <typename T>
+void launch_bwd_dot(const BwdParams& p, float* dsum, bool vec, float* dq_accum, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
+  const int rows_per_block = 256 / bwd_dot_lanes(value_dim(p));
+  int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  int64_t acc_float4 = 0;
+  if (dq_accum != nullptr) {
+    acc_float4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);
+    const int64_t acc_blocks = (acc_float4 + 255) / 256;
+    // Past ~a few waves a grid-stride loop is as good as more blocks.
+    const int64_t cap = int64_t{1} << 16;
+    if (acc_blocks > blocks) blocks = acc_blocks < cap ? acc_blocks : (blocks > cap ? blocks : cap);
+  }
+  if (blocks <= 0) return;
+  bwd_dot_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, dsum, vec, dq_accum, acc_float4);
+  check_launch("bwd_dot_kernel");
 }
 
 // LSE (log2 units) and D = rowsum(dO * O) of query row `row` of head h; rows
@@ -1451,19 +1488,14 @@ void launch_flash_bwd(const BwdParams& p) {
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   const bool vec = bwd_vec16(p);  // else the element-wise paths (rows_vec16)
-  if (rows > 0) {
-    const int rows_per_block = 256 / bwd_dot_lanes(value_dim(p));
-    bwd_dot_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0, stream>>>(
-        p, reinterpret_cast<float*>(ws + layout.d_offset), vec);
-    check_launch("bwd_dot_kernel");
-  }
   const bool atomic_dq = !p.deterministic;
-  // The caller's dq_accum (params.h) is zeroed by the caller and converted by the caller.
+  // The caller's dq_accum (params.h) is zeroed by the caller and converted by the caller;
+  // our own atomic-dQ accumulator is cleared by the dot kernel (no memset).
   const bool own_dq_accum = p.dq_accum == nullptr;
-  if (atomic_dq && rows > 0 && own_dq_accum) {
-    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * dq_accum_cols(p.d);
-    if (cudaMemsetAsync(ws + layout.dq_accum_offset, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
-      check_launch("cudaMemsetAsync(dq_accum)");
+  if (rows > 0) {
+    launch_bwd_dot<T>(p, reinterpret_cast<float*>(ws + layout.d_offset), vec,
+                      atomic_dq && own_dq_accum ? reinterpret_cast<float*>(ws + layout.dq_accum_offset) : nullptr,
+                      stream);
   }
 
   constexpr bool kV2 = kD <= 128;
