@@ -28,7 +28,7 @@ tail -1 "$OUT/harness_build.log" | tee -a "$LOG"
 stamp "cuda_check --sm90"
 timeout "${SUITE_TIMEOUT:-150}" "$BH/cuda_check" --sm90 > "$OUT/suite_sm90.log" 2>&1
 echo "rc=$?" | tee -a "$LOG"
-grep -E "cases passed|FAIL|variant cuda.fwd.sm90" "$OUT/suite_sm90.log" | sort | uniq -c | sort -rn | head -40 | tee -a "$LOG"
+grep -E "cases passed|FAIL|variant cuda.(fwd|bwd).sm90" "$OUT/suite_sm90.log" | sort | uniq -c | sort -rn | head -40 | tee -a "$LOG"
 for sm90 in 1 0; do
   stamp "cuda_check --bench ${BENCH_MIN_S:-512} (ORCHARD_SM90=$sm90)"
   ORCHARD_SM90=$sm90 timeout "${BENCH_TIMEOUT:-45}" "$BH/cuda_check" --bench "${BENCH_MIN_S:-512}" >> "$LOG" 2>&1
