@@ -12,6 +12,8 @@ NVCC="${NVCC:-nvcc}"
 mkdir -p "$OUT"
 LOG="$OUT/bwd_bench.log"
 status=0
+# A prebuilt binary that does not start here (other glibc, ...) is rebuilt.
+if [ -n "${BIN:-}" ] && ! "$BIN" none > /dev/null 2>&1; then echo "prebuilt $BIN does not run: building" | tee -a "$LOG"; BIN=""; fi
 if [ -z "${BIN:-}" ]; then
   BIN="${BUILD_DIR:-$OUT/build}/sm90_bwd_bench"
   mkdir -p "$(dirname "$BIN")"
