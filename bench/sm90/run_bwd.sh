@@ -26,7 +26,11 @@ fi
 echo "=== checks $(date -u +%H:%M:%S)" | tee -a "$LOG"
 timeout "${CHECK_TIMEOUT:-120}" "$BIN" checks >> "$LOG" 2>&1 || { echo "checks rc=$?" | tee -a "$LOG"; status=1; }
 echo "=== grid $(date -u +%H:%M:%S)" | tee -a "$LOG"
-timeout "${GRID_TIMEOUT:-120}" "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
+if [ $status = 0 ] || [ "${GRID_ANYWAY:-0}" = 1 ]; then
+  timeout "${GRID_TIMEOUT:-120}" "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
+else
+  echo "grid skipped: checks failed" | tee -a "$LOG"
+fi
 if [ "${PEERS:-1}" = 1 ]; then
   echo "=== peers (torch SDPA) $(date -u +%H:%M:%S)" | tee -a "$LOG"
   timeout "${PEER_TIMEOUT:-120}" python3 "$HERE/bwd_peers.py" >> "$LOG" 2>&1 || echo "peers rc=$?" | tee -a "$LOG"

@@ -283,6 +283,7 @@ float max_err(const std::vector<float>& a, const std::vector<float>& ref, float*
 
 template <typename T>
 bool check_shape(const Shape& sh, uint64_t seed) {
+  std::printf("start %s\n", shape_name(sh).c_str());
   Bufs B = alloc_bufs<T>(sh, seed);
   if (!run_fwd<T>(sh, B)) { std::printf("CHECK %s: forward refused\n", shape_name(sh).c_str()); return false; }
   const BwdParams p = make_params<T>(sh, B);
@@ -374,6 +375,7 @@ void each_dtype(const Shape& sh, F&& f) {
 }
 
 int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines reach the log even if a timeout kills us
   const std::string mode = argc > 1 ? argv[1] : "all";
   int fails = 0;
   if (mode == "checks" || mode == "all") {

@@ -8,7 +8,7 @@
 // (deterministic, no dK/dV atomics, as the sm80 dK/dV kernel does).  3 warpgroups:
 //   WG2 (warp 8) producer: K and V once (TMA), then per query tile Q and dO (TMA, 2-stage ring)
 //               plus the tile's LSE (log2 units; +inf for rows past sq / rows that see no key)
-//               and D (0 past sq) written by its 32 lanes; setmaxnreg.dec 32, warps 9-11 idle.
+//               and D (0 past sq) written by its 32 lanes; setmaxnreg.dec 24, warps 9-11 idle.
 //   WG0, WG1    consumers, 64 keys each (setmaxnreg.inc 240: dK + dV + S^T + dP^T are 192 live
 //               fp32 accumulators), everything key-major.  (The producer sits in the last WG
 //               only so the consumers' warp ranks start at 0.)
@@ -138,8 +138,10 @@ __global__ void __launch_bounds__(384, 1)
                           float* dq_accum, int num_n_blocks, int head_group) {
   using Cfg = BwdSm90Config<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
-  // 128 x 32 + 256 x 240 = 64K registers.  ptxas allocates each role's code for its count.
-  constexpr uint32_t kProducerRegs = 32, kConsumerRegs = 240;
+  // setmaxnreg moves registers inside the CTA's launch allocation (384 x 168 = 64512): 128 x 24
+  // + 256 x 240 = 64512.  A larger sum never completes (the consumers' inc waits forever:
+  // the first GPU run hung with 32 / 240).  ptxas allocates each role's code for its count.
+  constexpr uint32_t kProducerRegs = 24, kConsumerRegs = 240;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
   uint8_t* const gbase = smem_raw + (sbase - smem_u32(smem_raw));  // generic pointer to sbase
@@ -258,11 +260,16 @@ __global__ void __launch_bounds__(384, 1)
     const uint64_t dKt_b = make_desc_mnmajor_sw128(sK, Cfg::kKVChunkBytes);
     const bool warp_leader = lane == 0;
 
+    // Causal diagonal of key tile n0 in 32-bit tile coordinates: query row m0 + ql sees tile
+    // key kl iff kl - ql <= m0 + diag0 (clamped: |coff| may exceed int range in principle).
+    const int64_t diag64 = coff - n0;
+    const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
+    const int keys_left = sk - n0;
     if (n_iters > 0) {
       mbarrier_wait(kv_full, 0);
+      int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of iteration it, advanced at its end
+      const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
       for (int it = 0; it < n_iters; ++it) {
-        const int h = hk * group + it / tr.n_m;
-        const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
         const int s = it % Cfg::kStages;
         const uint32_t ph = (it / Cfg::kStages) & 1;
         // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
@@ -286,9 +293,7 @@ __global__ void __launch_bounds__(384, 1)
           fence_operands(sacc);
           // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
           // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
-          const int64_t diag64 = static_cast<int64_t>(m0) + coff - n0;
-          const int diag = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
-          const int keys_left = sk - n0;
+          const int diag = m0 + diag0;
           const bool need_mask = keys_left < kBN || (kCausal && kBN - 1 > diag);
 #pragma unroll
           for (int i = 0; i < 32; ++i) {
@@ -378,6 +383,11 @@ __global__ void __launch_bounds__(384, 1)
             float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, kD, lane);
             atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
           }
+        }
+        m0 += kBM;
+        if (m0 == m_end0) {
+          m0 = tr.m_begin * kBM;
+          ++h;
         }
       }
     }
