@@ -42,6 +42,7 @@
 #include <type_traits>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
@@ -67,7 +68,10 @@ struct BwdSm90Config {
   static constexpr int kOffDs = kOffDo + kStages * kQBytes;
   static constexpr int kOffLse = kOffDs + 2 * kDsBytes;          // float [kStages][kBM]
   static constexpr int kOffD = kOffLse + kStages * kBM * 4;      // float [kStages][kBM]
-  static constexpr int kOffBars = kOffD + kStages * kBM * 4;
+  // kBulkDq: each consumer warp stages its 16 x kDqN dQ partial in dq_accum's order here.
+  static constexpr int kDqWarpBytes = 16 * kDqN * 4;
+  static constexpr int kOffDqStage = kOffD + kStages * kBM * 4;
+  static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
   static constexpr int kSmemBytes = kOffBars + 64 + 1024;  // + 1024: align the base up
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
 };
@@ -132,7 +136,9 @@ __device__ __forceinline__ BwdTileRange bwd_tile_range(int n0, int sq, int64_t c
   return {m_begin, m_end - m_begin};
 }
 
-template <typename T, int kD, bool kCausal>
+// kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
+// step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
+template <typename T, int kD, bool kCausal, bool kBulkDq>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
@@ -378,10 +384,30 @@ __global__ void __launch_bounds__(384, 1)
         if (row16 < sq) {
           float* slab = dq_accum + (static_cast<int64_t>(b) * p.hq + h) * cuda::dq_accum_rows(sq) * cuda::dq_accum_cols(kD);
           const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
+          if constexpr (kBulkDq) {
+            // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
+            // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
+            const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
+            if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
+            __syncwarp();
 #pragma unroll
-          for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-            float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, kD, lane);
-            atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
+            for (int j = 0; j < Cfg::kDqN / 8; ++j)
+              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                           "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+                           : "memory");
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, kD, 0), stage_buf,
+                                  Cfg::kDqWarpBytes);
+              tma_store_commit();
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, kD, lane);
+              atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
+            }
           }
         }
         m0 += kBM;
@@ -392,6 +418,9 @@ __global__ void __launch_bounds__(384, 1)
       }
     }
 
+    if constexpr (kBulkDq) {
+      if (lane == 0) tma_store_wait_all<0>();  // the bulk adds are done before the CTA ends
+    }
     // Epilogue: dK (times the scale) and dV rows < sk as 16-bit pairs.
     T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
     T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
@@ -453,12 +482,15 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
 
 template <typename T, int kD>
 void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
-                                float* dq_accum) {
+                                float* dq_accum, bool bulk_dq) {
   using Cfg = sm90::BwdSm90Config<kD>;
   const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (grid == 0) return;
-  auto kernel = p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true> : sm90::flash_bwd_sm90_kernel<T, kD, false>;
+  auto kernel = p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true>
+                                    : sm90::flash_bwd_sm90_kernel<T, kD, true, false>)
+                         : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true>
+                                    : sm90::flash_bwd_sm90_kernel<T, kD, false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(

@@ -5,5 +5,5 @@
 namespace orchard::cuda {
 template bool encode_flash_bwd_sm90<__half, 128>(const BwdParams&, BwdSm90MapsStorage*);
 template void launch_flash_bwd_sm90_main<__half, 128>(const BwdParams&, const BwdSm90MapsStorage&, const float*,
-                                                        float*);
+                                                        float*, bool);
 }  // namespace orchard::cuda

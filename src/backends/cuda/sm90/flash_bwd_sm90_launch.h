@@ -10,6 +10,9 @@
 
 namespace orchard::cuda {
 
+// How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).
+constexpr bool kSm90BwdBulkDqDefault = false;
+
 // Opaque storage for the call's four TMA descriptors (Q, K, V, dO: 128 bytes each).
 struct alignas(64) BwdSm90MapsStorage {
   unsigned char bytes[4 * 128];
@@ -20,14 +23,15 @@ template <typename T, int kD>
 bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* maps);
 
 // Launches the main kernel on p.stream: dK, dV written, dS K added into dq_accum (fp32, zeroed
-// by the caller, launch.h layout); dsum = D = rowsum(dO * O) from the pre-pass.
+// by the caller, launch.h layout) by 16-byte atomicAdds or, bulk_dq, by cp.reduce.async.bulk;
+// dsum = D = rowsum(dO * O) from the pre-pass.
 template <typename T, int kD>
 void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
-                                float* dq_accum);
+                                float* dq_accum, bool bulk_dq);
 
 // The whole sm90 backward; false (nothing launched) when the maps cannot be encoded.
 // T: __nv_bfloat16 / __half; kD: 64 / 128.
 template <typename T, int kD>
-bool run_flash_bwd_sm90(const BwdParams& p);
+bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq = kSm90BwdBulkDqDefault);
 
 }  // namespace orchard::cuda

@@ -7,8 +7,8 @@
 #include "backends/cuda/sm90/flash_bwd_sm90_run.cuh"
 
 namespace orchard::cuda {
-template bool run_flash_bwd_sm90<__nv_bfloat16, 64>(const BwdParams&);
-template bool run_flash_bwd_sm90<__nv_bfloat16, 128>(const BwdParams&);
-template bool run_flash_bwd_sm90<__half, 64>(const BwdParams&);
-template bool run_flash_bwd_sm90<__half, 128>(const BwdParams&);
+template bool run_flash_bwd_sm90<__nv_bfloat16, 64>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__nv_bfloat16, 128>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__half, 64>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__half, 128>(const BwdParams&, bool);
 }  // namespace orchard::cuda

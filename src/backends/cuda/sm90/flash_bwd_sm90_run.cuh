@@ -13,7 +13,7 @@
 namespace orchard::cuda {
 
 template <typename T, int kD>
-bool run_flash_bwd_sm90(const BwdParams& p) {
+bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
   BwdSm90MapsStorage maps;
   if (!encode_flash_bwd_sm90<T, kD>(p, &maps)) return false;
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
@@ -32,7 +32,7 @@ bool run_flash_bwd_sm90(const BwdParams& p) {
     if (cudaMemsetAsync(dq_accum, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
       check_launch("cudaMemsetAsync(dq_accum)");
   }
-  launch_flash_bwd_sm90_main<T, kD>(p, maps, dsum, dq_accum);
+  launch_flash_bwd_sm90_main<T, kD>(p, maps, dsum, dq_accum, bulk_dq);
   if (rows > 0) {
     const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);
     bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(p, dq_accum, vec);
