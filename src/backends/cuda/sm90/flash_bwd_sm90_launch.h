@@ -11,7 +11,7 @@
 namespace orchard::cuda {
 
 // How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).
-constexpr bool kSm90BwdBulkDqDefault = false;
+constexpr bool kSm90BwdBulkDqDefault = true;
 
 // Opaque storage for the call's four TMA descriptors (Q, K, V, dO: 128 bytes each).
 struct alignas(64) BwdSm90MapsStorage {
