@@ -23,8 +23,11 @@
 //                         WGs' dS: a 256-thread named barrier); d64: each WG all 64 columns
 //                         over its own 64 keys (a WG-local barrier; twice the atomics).
 //     dQ_partial -> fp32 dq_accum (launch.h's permuted 16 x 8 tile layout: the wgmma
-//                   accumulator of one warp's 16 x 8 block IS a lane's float4 there) by
-//                   16-byte atomicAdd; bwd_convert_dq_kernel scales and converts it.
+//                   accumulator of one warp's 16 x 8 block IS a lane's float4 there), either
+//                   (kBulkDq, the default) staged per warp in smem in that order and added by
+//                   one 4 KB cp.reduce.async.bulk, or by a 16-byte atomicAdd per lane and tile
+//                   (bulk measured 1.04-1.32x faster on the H200, bench/NOTES.md);
+//                   bwd_convert_dq_kernel scales and converts it.
 //   dK (times the scale) and dV are stored from registers at the end (rows < sk).
 //
 // Supported: T = bf16 / fp16, d == d_v in {64, 128}, scale > 0, causal (any causal_offset:
