@@ -32,5 +32,7 @@ function(orchard_add_sm90 target archs root)
   target_compile_options(${target}_sm90 PRIVATE -std=c++20 -gencode=arch=compute_90a,code=sm_90a
                                                 --expt-relaxed-constexpr -O3 -lineinfo)
   target_sources(${target} PRIVATE $<TARGET_OBJECTS:${target}_sm90> ${ORCHARD_CUDA_SM90_DRIVER_SOURCES})
+  # -std=c++20 per source, as for the backend's own sources (../sources.cmake says why).
+  set_source_files_properties(${ORCHARD_CUDA_SM90_DRIVER_SOURCES} PROPERTIES COMPILE_OPTIONS "-std=c++20")
   target_compile_definitions(${target} PRIVATE ORCHARD_WITH_SM90=1)
 endfunction()
