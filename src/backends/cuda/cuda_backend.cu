@@ -157,7 +157,7 @@ bool try_fwd_sm90(const FwdParams& p) {
 }
 
 // The Hopper backward (sm90/flash_bwd_sm90.cuh) where the forward's conditions hold and the
-// call is one it covers: d == d_v in {64, 128}, atomic dQ (deterministic mode runs the sm80
+// call is one it covers: d == d_v in {64, 128}, unordered dQ adds (deterministic mode runs the sm80
 // kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
