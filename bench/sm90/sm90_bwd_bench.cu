@@ -9,9 +9,10 @@
 // inputs.  ARCHITECTURE.md's rule: max|kernel - ref32| <= 2 max|naive16 - ref32| + atol, the
 // naive version rounding S, P, dP, D, dS and the outputs to the input dtype as a plain
 // framework implementation would; atol = 1e-3 * max|ref32| (the 16-bit output's own ulp is
-// 4e-3 relative).  The same check also runs on the sm80 backward (the library's other path).
-// Timing: CUDA-event medians of 20 after warm-up, sm90 and sm80 backward interleaved in the
-// same process (sm90 in both dQ forms: 16-byte atomicAdds, cp.reduce.async.bulk); TFLOP/s = 2.5 * 4 b hq sq sk d (/2 causal) / time.
+// 4e-3 relative).  The same check runs on both sm90 dQ forms (16-byte atomicAdds,
+// cp.reduce.async.bulk) and on the sm80 backward (the library's other path).
+// Timing: CUDA-event medians of 20 after warm-up, the three interleaved in one process, best
+// of two rounds; TFLOP/s = 2.5 * 4 b hq sq sk d (/2 causal) / time.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
