@@ -9,7 +9,7 @@
 //   cuda_check --width    only the d_v != d and any-head-dim / strided-view cases (issue #16;
 //                         also part of the full suite)
 //   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
-//   cuda_check --sm90     the suite twice: sm90 forward where it applies, then ORCHARD_SM90=0
+//   cuda_check --sm90     the suite twice: sm90 forward / backward where they apply, then ORCHARD_SM90=0
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
 //   cuda_check --bench-mask  masked-SDPA kernel times (key-padding bool mask, bf16 bias)
 //
@@ -691,6 +691,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   p.deterministic = c.det;
   p.dropout_mask = nullptr;
   if (c.sink) p.dsink = static_cast<float*>(d_dsink.ptr);
+  std::printf("    bwd variant %s\n", ops->variant_name(p, true).c_str());  // sm90 / sm80 backward
   ops->backward(p);
   CK(cudaDeviceSynchronize());
   auto gq1 = download(gq), gk1 = download(gk), gv1 = download(gv), gs1 = download(d_dsink);

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "core/backend.h"
 #include "orchard/philox.h"
@@ -155,6 +156,36 @@ bool try_fwd_sm90(const FwdParams& p) {
 #endif
 }
 
+// The Hopper backward (sm90/flash_bwd_sm90.cuh) where the forward's conditions hold and the
+// call is one it covers: d == d_v in {64, 128}, unordered dQ adds (deterministic mode runs the sm80
+// kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).
+bool sm90_bwd_applies(const BwdParams& p) {
+#if defined(ORCHARD_WITH_SM90)
+  if (p.deterministic || (p.d != 64 && p.d != 128)) return false;
+  if (!sm90_fwd_applies(p)) return false;
+  BwdParams q = p;
+  q.d_v = value_dim(p);
+  if (!bwd_vec16(q) || p.do_row_stride % 8 != 0) return false;
+  return true;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// Runs the sm90 backward when it applies; false = the caller runs the sm80 kernels.
+bool try_bwd_sm90(const BwdParams& p) {
+#if defined(ORCHARD_WITH_SM90)
+  if (!sm90_bwd_applies(p)) return false;
+  if (p.dtype == DType::kBFloat16)
+    return p.d == 64 ? run_flash_bwd_sm90<__nv_bfloat16, 64>(p) : run_flash_bwd_sm90<__nv_bfloat16, 128>(p);
+  return p.d == 64 ? run_flash_bwd_sm90<__half, 64>(p) : run_flash_bwd_sm90<__half, 128>(p);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 std::string check_support(const FwdParams& p) {
   switch (p.dtype) {
     case DType::kFloat16:
@@ -186,7 +217,8 @@ std::string check_support(const FwdParams& p) {
 }
 
 std::string variant_name(const FwdParams& p, bool backward) {
-  std::string s = backward ? "cuda.bwd." : (sm90_fwd_applies(p) ? "cuda.fwd.sm90." : "cuda.fwd.");
+  std::string s = backward ? (sm90_bwd_applies(static_cast<const BwdParams&>(p)) ? "cuda.bwd.sm90." : "cuda.bwd.")
+                           : (sm90_fwd_applies(p) ? "cuda.fwd.sm90." : "cuda.fwd.");
   if (p.dtype == DType::kFloat32) {
     s += "fp32_simt";
   } else {
@@ -259,6 +291,7 @@ void forward(const FwdParams& params) {
 
 void backward(const BwdParams& params) {
   const BwdParams p = with_value_dim(params);
+  if (try_bwd_sm90(p)) return;
   switch (p.dtype) {
     case DType::kBFloat16: bwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: bwd_dispatch<__half>(p); break;

@@ -10,7 +10,14 @@ set(ORCHARD_CUDA_SM90_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d64.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d128.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d256.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_bf16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_bf16_d128.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_fp16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_fp16_d128.cu
 )
+# The backward's driver: compiled with the target's own architectures (it instantiates the
+# sm80 pre-pass and dQ convert kernels; see the file).
+set(ORCHARD_CUDA_SM90_DRIVER_SOURCES ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_passes.cu)
 function(orchard_add_sm90 target archs root)
   set(_sm90 ${archs})
   list(FILTER _sm90 INCLUDE REGEX "^90")
@@ -24,6 +31,8 @@ function(orchard_add_sm90 target archs root)
   # -std=c++20 per target (see ../sources.cmake: CMake 3.25 does not know nvcc 13's flag).
   target_compile_options(${target}_sm90 PRIVATE -std=c++20 -gencode=arch=compute_90a,code=sm_90a
                                                 --expt-relaxed-constexpr -O3 -lineinfo)
-  target_sources(${target} PRIVATE $<TARGET_OBJECTS:${target}_sm90>)
+  target_sources(${target} PRIVATE $<TARGET_OBJECTS:${target}_sm90> ${ORCHARD_CUDA_SM90_DRIVER_SOURCES})
+  # -std=c++20 per source, as for the backend's own sources (../sources.cmake says why).
+  set_source_files_properties(${ORCHARD_CUDA_SM90_DRIVER_SOURCES} PROPERTIES COMPILE_OPTIONS "-std=c++20")
   target_compile_definitions(${target} PRIVATE ORCHARD_WITH_SM90=1)
 endfunction()

@@ -1,0 +1,414 @@
+// sm90 attention BACKWARD (src/backends/cuda/sm90/flash_bwd_sm90.cuh): correctness + speed.
+//   nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//        -Iinclude -Isrc bench/sm90/sm90_bwd_bench.cu -o sm90_bwd_bench
+//   ./sm90_bwd_bench [checks|grid|all]
+// Per shape (dtype, d, causal + alignment, b, hq, hkv, sq, sk): fresh random Q/K/V/dO (BSHD);
+// O and LSE from the sm90 forward; dQ/dK/dV poisoned (NaN) before the checked run of the
+// sm90 backward (flash_bwd_sm90_run.cuh: sm80 pre-pass, sm90 main kernel, sm80 dQ convert),
+// then compared over EVERY element with a GPU reference in fp32 arithmetic on the same 16-bit
+// inputs.  ARCHITECTURE.md's rule: max|kernel - ref32| <= 2 max|naive16 - ref32| + atol, the
+// naive version rounding S, P, dP, D, dS and the outputs to the input dtype as a plain
+// framework implementation would; atol = 1e-3 * max|ref32| (the 16-bit output's own ulp is
+// 4e-3 relative).  The same check runs on both sm90 dQ forms (16-byte atomicAdds,
+// cp.reduce.async.bulk) and on the sm80 backward (the library's other path).
+// Timing: CUDA-event medians of 20 after warm-up, the three interleaved in one process, best
+// of two rounds; TFLOP/s = 2.5 * 4 b hq sq sk d (/2 causal) / time.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/sm90/flash_bwd_sm90.cuh"
+#include "backends/cuda/sm90/flash_bwd_sm90_run.cuh"
+#include "backends/cuda/sm90/flash_fwd_sm90.cuh"
+
+using orchard::BwdParams;
+using orchard::FwdParams;
+
+// The library's launch helpers (cuda_backend.cu defines them for the real build).
+void orchard::cuda::check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(2);
+  }
+}
+void orchard::cuda::run_bwd_dsink(const BwdParams&, const float*) {  // no sinks in this bench
+  std::printf("run_bwd_dsink: not expected here\n");
+  std::exit(2);
+}
+void orchard::cuda::opt_in_dynamic_smem(const void* kernel, int bytes) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+#define CK(x)                                                                              \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(2);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+template <typename T> __device__ __host__ float to_f(T x);
+template <> __device__ __host__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __host__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ T from_f(float x);
+template <> __device__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
+template <> __device__ __half from_f(float x) { return __float2half(x); }
+template <typename T> __device__ float rnd(float x) { return to_f<T>(from_f<T>(x)); }
+
+__device__ uint32_t hash_u32(uint64_t x) {
+  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+template <typename T>
+__global__ void fill_kernel(T* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < 4; ++k) s += (hash_u32(seed * 0x9E3779B97F4A7C15ULL + i * 4 + k) >> 8) * (1.f / 16777216.f);
+    x[i] = from_f<T>((s - 2.f) * 1.7320508f);
+  }
+}
+
+struct Shape {
+  bool bf16;
+  int d;
+  bool causal, top_left;
+  int b, hq, hkv, sq, sk;
+};
+
+// Reference, per (b, h, row i) block: P (fp32 and naive 16-bit) and dS over all keys,
+// written to [b][h][i][j] buffers.  lp: S, P, dP, D, dS rounded to T.
+template <typename T>
+__global__ void ref_rows_kernel(const T* q, const T* k, const T* v, const T* dO, Shape sh, int64_t coff, float scale,
+                                float* P, float* dS, float* Plp, float* dSlp) {
+  extern __shared__ float sm[];
+  float* s32 = sm;            // [sk]
+  float* slp = sm + sh.sk;    // [sk]
+  float* dp32 = sm + 2 * sh.sk;
+  float* dplp = sm + 3 * sh.sk;
+  __shared__ float red[4][32];
+  const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (sh.hq / sh.hkv), d = sh.d;
+  const T* qr = q + ((int64_t)(b * sh.sq + i) * sh.hq + h) * d;
+  const T* dor = dO + ((int64_t)(b * sh.sq + i) * sh.hq + h) * d;
+  float mx = -INFINITY, mxl = -INFINITY;
+  for (int j = threadIdx.x; j < sh.sk; j += blockDim.x) {
+    const T* kr = k + ((int64_t)(b * sh.sk + j) * sh.hkv + hk) * d;
+    const T* vr = v + ((int64_t)(b * sh.sk + j) * sh.hkv + hk) * d;
+    float acc = 0.f, dacc = 0.f;
+    for (int c = 0; c < d; ++c) {
+      acc += to_f(qr[c]) * to_f(kr[c]);
+      dacc += to_f(dor[c]) * to_f(vr[c]);
+    }
+    const bool masked = sh.causal && (int64_t)j > i + coff;
+    s32[j] = masked ? -INFINITY : acc * scale;
+    slp[j] = masked ? -INFINITY : rnd<T>(acc * scale);
+    dp32[j] = dacc;
+    dplp[j] = rnd<T>(dacc);
+    mx = fmaxf(mx, s32[j]);
+    mxl = fmaxf(mxl, slp[j]);
+  }
+  auto block_reduce = [&](float x, bool is_max, int slot) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const float y = __shfl_xor_sync(0xffffffffu, x, o);
+      x = is_max ? fmaxf(x, y) : x + y;
+    }
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) red[slot][threadIdx.x / 32] = x;
+    __syncthreads();
+    float r = is_max ? -INFINITY : 0.f;
+    for (int w = 0; w < (int)blockDim.x / 32; ++w) r = is_max ? fmaxf(r, red[slot][w]) : r + red[slot][w];
+    return r;
+  };
+  mx = block_reduce(mx, true, 0);
+  mxl = block_reduce(mxl, true, 1);
+  float sum = 0.f, suml = 0.f;
+  for (int j = threadIdx.x; j < sh.sk; j += blockDim.x) {
+    s32[j] = mx == -INFINITY ? 0.f : expf(s32[j] - mx);
+    slp[j] = mxl == -INFINITY ? 0.f : expf(slp[j] - mxl);
+    sum += s32[j];
+    suml += slp[j];
+  }
+  sum = block_reduce(sum, false, 2);
+  suml = block_reduce(suml, false, 3);
+  float dsum = 0.f, dsuml = 0.f;
+  for (int j = threadIdx.x; j < sh.sk; j += blockDim.x) {
+    s32[j] = sum > 0.f ? s32[j] / sum : 0.f;
+    slp[j] = suml > 0.f ? rnd<T>(slp[j] / suml) : 0.f;
+    dsum += s32[j] * dp32[j];
+    dsuml += slp[j] * dplp[j];
+  }
+  dsum = block_reduce(dsum, false, 0);
+  dsuml = rnd<T>(block_reduce(dsuml, false, 1));
+  const int64_t base = (((int64_t)b * sh.hq + h) * sh.sq + i) * sh.sk;
+  for (int j = threadIdx.x; j < sh.sk; j += blockDim.x) {
+    P[base + j] = s32[j];
+    dS[base + j] = s32[j] * (dp32[j] - dsum);
+    Plp[base + j] = slp[j];
+    dSlp[base + j] = rnd<T>(slp[j] * (dplp[j] - dsuml));
+  }
+}
+
+// One thread per output element: which = 0 dQ [b][sq][hq][d], 1 dK [b][sk][hkv][d], 2 dV.
+template <typename T>
+__global__ void ref_grad_kernel(const T* q, const T* k, const T* dO, Shape sh, float scale, const float* P,
+                                const float* dS, int which, bool lp, float* out) {
+  const int d = sh.d, group = sh.hq / sh.hkv;
+  const int64_t n = which == 0 ? (int64_t)sh.b * sh.sq * sh.hq * d : (int64_t)sh.b * sh.sk * sh.hkv * d;
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  const int c = idx % d;
+  float acc = 0.f;
+  if (which == 0) {
+    const int h = (idx / d) % sh.hq, i = (idx / d / sh.hq) % sh.sq, b = idx / d / sh.hq / sh.sq;
+    const int hk = h / group;
+    const float* row = dS + (((int64_t)b * sh.hq + h) * sh.sq + i) * sh.sk;
+    for (int j = 0; j < sh.sk; ++j) acc += row[j] * to_f(k[((int64_t)(b * sh.sk + j) * sh.hkv + hk) * d + c]);
+    acc *= scale;
+  } else {
+    const int hk = (idx / d) % sh.hkv, j = (idx / d / sh.hkv) % sh.sk, b = idx / d / sh.hkv / sh.sk;
+    const float* M = which == 1 ? dS : P;
+    const T* X = which == 1 ? q : dO;
+    for (int hh = hk * group; hh < (hk + 1) * group; ++hh)
+      for (int i = 0; i < sh.sq; ++i)
+        acc += M[(((int64_t)b * sh.hq + hh) * sh.sq + i) * sh.sk + j] * to_f(X[((int64_t)(b * sh.sq + i) * sh.hq + hh) * d + c]);
+    if (which == 1) acc *= scale;
+  }
+  out[idx] = lp ? rnd<T>(acc) : acc;
+}
+
+template <typename T>
+__global__ void to_float_kernel(const T* x, int64_t n, float* y) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = to_f(x[i]);
+}
+
+struct Bufs {
+  void *q, *k, *v, *o, *dO, *dq, *dk, *dv;
+  float* lse;
+  void* ws;
+  size_t ws_bytes;
+};
+
+template <typename T>
+BwdParams make_params(const Shape& sh, const Bufs& B) {
+  BwdParams p{};
+  const int d = sh.d;
+  p.q = B.q; p.k = B.k; p.v = B.v; p.out = B.o; p.lse = B.lse; p.dout = B.dO; p.dq = B.dq; p.dk = B.dk; p.dv = B.dv;
+  p.q_batch_stride = (int64_t)sh.sq * sh.hq * d; p.q_row_stride = (int64_t)sh.hq * d; p.q_head_stride = d;
+  p.k_batch_stride = (int64_t)sh.sk * sh.hkv * d; p.k_row_stride = (int64_t)sh.hkv * d; p.k_head_stride = d;
+  p.v_batch_stride = p.k_batch_stride; p.v_row_stride = p.k_row_stride; p.v_head_stride = d;
+  p.o_batch_stride = p.q_batch_stride; p.o_row_stride = p.q_row_stride; p.o_head_stride = d;
+  p.do_batch_stride = p.q_batch_stride; p.do_row_stride = p.q_row_stride; p.do_head_stride = d;
+  p.dq_batch_stride = p.q_batch_stride; p.dq_row_stride = p.q_row_stride; p.dq_head_stride = d;
+  p.dk_batch_stride = p.k_batch_stride; p.dk_row_stride = p.k_row_stride; p.dk_head_stride = d;
+  p.dv_batch_stride = p.k_batch_stride; p.dv_row_stride = p.k_row_stride; p.dv_head_stride = d;
+  p.lse_batch_stride = (int64_t)sh.hq * sh.sq; p.lse_head_stride = sh.sq;
+  p.b = sh.b; p.sq = sh.sq; p.sk = sh.sk; p.hq = sh.hq; p.hkv = sh.hkv; p.d = d; p.d_v = d;
+  p.scale = 1.f / std::sqrt((float)d);
+  p.causal = sh.causal;
+  p.causal_offset = sh.causal && !sh.top_left ? sh.sk - sh.sq : 0;
+  p.dtype = std::is_same<T, __half>::value ? orchard::DType::kFloat16 : orchard::DType::kBFloat16;
+  p.workspace = B.ws; p.workspace_bytes = B.ws_bytes;
+  return p;
+}
+
+template <typename T>
+Bufs alloc_bufs(const Shape& sh, uint64_t seed) {
+  Bufs B{};
+  const int64_t nq = (int64_t)sh.b * sh.sq * sh.hq * sh.d, nk = (int64_t)sh.b * sh.sk * sh.hkv * sh.d;
+  CK(cudaMalloc(&B.q, nq * 2)); CK(cudaMalloc(&B.o, nq * 2)); CK(cudaMalloc(&B.dO, nq * 2)); CK(cudaMalloc(&B.dq, nq * 2));
+  CK(cudaMalloc(&B.k, nk * 2)); CK(cudaMalloc(&B.v, nk * 2)); CK(cudaMalloc(&B.dk, nk * 2)); CK(cudaMalloc(&B.dv, nk * 2));
+  CK(cudaMalloc(&B.lse, (int64_t)sh.b * sh.hq * sh.sq * 4));
+  fill_kernel<T><<<1024, 256>>>((T*)B.q, nq, seed + 1);
+  fill_kernel<T><<<1024, 256>>>((T*)B.k, nk, seed + 2);
+  fill_kernel<T><<<1024, 256>>>((T*)B.v, nk, seed + 3);
+  fill_kernel<T><<<1024, 256>>>((T*)B.dO, nq, seed + 4);
+  BwdParams p = make_params<T>(sh, B);
+  B.ws_bytes = orchard::cuda::bwd_workspace_layout(p).bytes;
+  CK(cudaMalloc(&B.ws, B.ws_bytes));
+  p = make_params<T>(sh, B);
+  return B;
+}
+void free_bufs(Bufs& B) {
+  for (void* x : {B.q, B.k, B.v, B.o, B.dO, B.dq, B.dk, B.dv, (void*)B.lse, B.ws}) cudaFree(x);
+}
+
+template <typename T>
+bool run_fwd(const Shape& sh, const Bufs& B) {
+  BwdParams p = make_params<T>(sh, B);
+  return sh.d == 64 ? orchard::cuda::run_flash_fwd_sm90<T, 64>(p) : orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+}
+template <typename T>
+bool run_sm90(const BwdParams& p, bool bulk_dq) {
+  return p.d == 64 ? orchard::cuda::run_flash_bwd_sm90<T, 64>(p, bulk_dq)
+                   : orchard::cuda::run_flash_bwd_sm90<T, 128>(p, bulk_dq);
+}
+template <typename T>
+void run_sm80(const BwdParams& p) {
+  if (p.d == 64) {
+    if (p.causal) orchard::cuda::launch_flash_bwd<T, 64, true, false>(p);
+    else orchard::cuda::launch_flash_bwd<T, 64, false, false>(p);
+  } else {
+    if (p.causal) orchard::cuda::launch_flash_bwd<T, 128, true, false>(p);
+    else orchard::cuda::launch_flash_bwd<T, 128, false, false>(p);
+  }
+}
+
+std::string shape_name(const Shape& sh) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "%s d%d %s b%d hq%d hkv%d sq%d sk%d", sh.bf16 ? "bf16" : "fp16", sh.d,
+                sh.causal ? (sh.top_left ? "causal-tl" : "causal-br") : "full", sh.b, sh.hq, sh.hkv, sh.sq, sh.sk);
+  return buf;
+}
+
+// max |a - ref| over n floats (NaN -> inf) and max |ref|.
+float max_err(const std::vector<float>& a, const std::vector<float>& ref, float* ref_max) {
+  float e = 0.f, m = 0.f;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const float d = std::fabs(a[i] - ref[i]);
+    e = std::isnan(d) ? INFINITY : std::max(e, d);
+    m = std::max(m, std::fabs(ref[i]));
+  }
+  *ref_max = m;
+  return e;
+}
+
+template <typename T>
+bool check_shape(const Shape& sh, uint64_t seed) {
+  std::printf("start %s\n", shape_name(sh).c_str());
+  Bufs B = alloc_bufs<T>(sh, seed);
+  if (!run_fwd<T>(sh, B)) { std::printf("CHECK %s: forward refused\n", shape_name(sh).c_str()); return false; }
+  const BwdParams p = make_params<T>(sh, B);
+  const int64_t nq = (int64_t)sh.b * sh.sq * sh.hq * sh.d, nk = (int64_t)sh.b * sh.sk * sh.hkv * sh.d;
+  const int64_t nps = (int64_t)sh.b * sh.hq * sh.sq * sh.sk;
+  float *P, *dS, *Plp, *dSlp, *ref, *out32;
+  CK(cudaMalloc(&P, nps * 4)); CK(cudaMalloc(&dS, nps * 4)); CK(cudaMalloc(&Plp, nps * 4)); CK(cudaMalloc(&dSlp, nps * 4));
+  CK(cudaMalloc(&ref, std::max(nq, nk) * 4)); CK(cudaMalloc(&out32, std::max(nq, nk) * 4));
+  ref_rows_kernel<T><<<dim3(sh.sq, sh.hq, sh.b), 256, 4 * sh.sk * 4>>>(
+      (const T*)B.q, (const T*)B.k, (const T*)B.v, (const T*)B.dO, sh, p.causal_offset, p.scale, P, dS, Plp, dSlp);
+  CK(cudaGetLastError());
+  bool ok_all = true;
+  static const char* kPath[] = {"sm90", "sm90bulk", "sm80"};
+  for (int path = 0; path < 3; ++path) {  // sm90 (atomic dQ), sm90 (bulk-reduce dQ), sm80
+    CK(cudaMemset(B.dq, 0xff, nq * 2)); CK(cudaMemset(B.dk, 0xff, nk * 2)); CK(cudaMemset(B.dv, 0xff, nk * 2));
+    if (path < 2) {
+      if (!run_sm90<T>(p, path == 1)) { std::printf("CHECK %s sm90: maps refused FAIL\n", shape_name(sh).c_str()); ok_all = false; continue; }
+    } else {
+      run_sm80<T>(p);
+    }
+    CK(cudaDeviceSynchronize());
+    std::string line;
+    bool ok = true;
+    for (int which = 0; which < 3; ++which) {
+      const int64_t n = which == 0 ? nq : nk;
+      const void* got = which == 0 ? B.dq : which == 1 ? B.dk : B.dv;
+      std::vector<float> r32(n), rlp(n), g(n);
+      const float* M32 = which == 2 ? P : dS;
+      const float* Mlp = which == 2 ? Plp : dSlp;
+      const unsigned blocks = (unsigned)((n + 255) / 256);
+      ref_grad_kernel<T><<<blocks, 256>>>((const T*)B.q, (const T*)B.k, (const T*)B.dO, sh, p.scale, M32, M32, which, false, ref);
+      CK(cudaMemcpy(r32.data(), ref, n * 4, cudaMemcpyDeviceToHost));
+      ref_grad_kernel<T><<<blocks, 256>>>((const T*)B.q, (const T*)B.k, (const T*)B.dO, sh, p.scale, Mlp, Mlp, which, true, ref);
+      CK(cudaMemcpy(rlp.data(), ref, n * 4, cudaMemcpyDeviceToHost));
+      to_float_kernel<T><<<1024, 256>>>((const T*)got, n, out32);
+      CK(cudaMemcpy(g.data(), out32, n * 4, cudaMemcpyDeviceToHost));
+      float rmax = 0.f;
+      const float e = max_err(g, r32, &rmax), elp = max_err(rlp, r32, &rmax);
+      const float tol = 2.f * elp + 1e-3f * rmax;
+      const bool pass = e <= tol;
+      ok &= pass;
+      char buf[160];
+      std::snprintf(buf, sizeof buf, " %s err %.3g (naive %.3g, tol %.3g, max %.3g)%s", which == 0 ? "dQ" : which == 1 ? "dK" : "dV",
+                    e, elp, tol, rmax, pass ? "" : " !");
+      line += buf;
+    }
+    std::printf("CHECK %-44s %-8s %s%s\n", shape_name(sh).c_str(), kPath[path], ok ? "PASS" : "FAIL", line.c_str());
+    ok_all &= ok;
+  }
+  cudaFree(P); cudaFree(dS); cudaFree(Plp); cudaFree(dSlp); cudaFree(ref); cudaFree(out32);
+  free_bufs(B);
+  return ok_all;
+}
+
+template <typename F>
+float time_ms(F&& f, int reps = 20) {
+  cudaEvent_t a, b;
+  cudaEventCreate(&a); cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) f();
+  std::vector<float> ts;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a); f(); cudaEventRecord(b); cudaEventSynchronize(b);
+    float ms; cudaEventElapsedTime(&ms, a, b); ts.push_back(ms);
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+template <typename T>
+void time_shape(const Shape& sh) {
+  Bufs B = alloc_bufs<T>(sh, 7);
+  run_fwd<T>(sh, B);
+  const BwdParams p = make_params<T>(sh, B);
+  const double flops = 2.5 * 4.0 * sh.b * sh.hq * (double)sh.sq * sh.sk * sh.d / (sh.causal ? 2 : 1);
+  float t90 = 1e30f, tbulk = 1e30f, t80 = 1e30f;
+  for (int round = 0; round < 2; ++round) {  // interleaved: sm90, sm90 bulk, sm80, twice (best of 2 medians)
+    t90 = std::min(t90, time_ms([&] { run_sm90<T>(p, false); }));
+    tbulk = std::min(tbulk, time_ms([&] { run_sm90<T>(p, true); }));
+    t80 = std::min(t80, time_ms([&] { run_sm80<T>(p); }));
+  }
+  CK(cudaDeviceSynchronize());
+  std::printf("TIME %-44s sm90 %7.3f ms %6.1f | bulk %7.3f ms %6.1f | sm80 %7.3f ms %6.1f TFLOP/s | sm90/sm80 %.2fx bulk/atomic %.2fx\n",
+              shape_name(sh).c_str(), t90, flops / t90 / 1e9, tbulk, flops / tbulk / 1e9, t80, flops / t80 / 1e9,
+              t80 / t90, t90 / tbulk);
+  free_bufs(B);
+}
+
+template <typename F>
+void each_dtype(const Shape& sh, F&& f) {
+  if (sh.bf16) f(__nv_bfloat16{});
+  else f(__half{});
+}
+
+int main(int argc, char** argv) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines reach the log even if a timeout kills us
+  const std::string mode = argc > 1 ? argv[1] : "all";
+  int fails = 0;
+  if (mode == "checks" || mode == "all") {
+    const Shape checks[] = {
+        {true, 128, false, false, 2, 4, 4, 512, 512},   {true, 128, true, false, 2, 4, 4, 512, 512},
+        {true, 128, false, false, 1, 4, 4, 300, 700},   {true, 128, true, false, 1, 4, 4, 300, 700},
+        {true, 128, true, true, 1, 4, 4, 300, 700},     {true, 128, true, false, 1, 4, 4, 700, 300},
+        {true, 128, true, true, 1, 4, 4, 700, 300},     {true, 128, false, false, 2, 8, 2, 384, 1000},
+        {true, 128, true, false, 2, 8, 2, 1000, 1000},  {false, 128, false, false, 2, 4, 4, 512, 512},
+        {false, 128, true, false, 1, 8, 1, 777, 777},   {true, 64, false, false, 2, 4, 4, 512, 512},
+        {true, 64, true, false, 1, 8, 2, 700, 900},     {true, 64, true, true, 1, 4, 4, 333, 555},
+        {false, 64, false, false, 1, 4, 2, 1000, 129},  {false, 64, true, false, 2, 4, 4, 65, 64},
+    };
+    for (const Shape& sh : checks)
+      each_dtype(sh, [&](auto t) { fails += !check_shape<decltype(t)>(sh, 1234 + fails); });
+    std::printf("CHECK summary: %d failing shape(s)\n", fails);
+  }
+  if (mode == "grid" || mode == "all") {
+    const Shape grid[] = {
+        {true, 128, false, false, 8, 16, 16, 2048, 2048},  {true, 128, true, false, 8, 16, 16, 2048, 2048},
+        {true, 128, false, false, 2, 16, 16, 8192, 8192},  {true, 128, true, false, 2, 16, 16, 8192, 8192},
+        {true, 128, false, false, 1, 16, 16, 16384, 16384}, {true, 128, true, false, 1, 16, 16, 16384, 16384},
+        {true, 64, false, false, 2, 32, 32, 8192, 8192},   {true, 64, true, false, 2, 32, 32, 8192, 8192},
+        {false, 128, false, false, 2, 16, 16, 8192, 8192}, {true, 128, false, false, 2, 16, 2, 8192, 8192},
+        {true, 128, false, false, 32, 16, 16, 512, 512},   {true, 128, true, false, 32, 16, 16, 512, 512},
+        {true, 64, false, false, 16, 32, 32, 1024, 1024},
+    };
+    for (const Shape& sh : grid) each_dtype(sh, [&](auto t) { time_shape<decltype(t)>(sh); });
+  }
+  return fails ? 1 : 0;
+}

@@ -1,0 +1,504 @@
+// FlashAttention backward main kernel for sm_90a (H100/H200): warp-specialized, TMA + mbarrier
+// + wgmma, on our own PTX wrappers (sm90.cuh).  Compile ONLY with
+// -gencode=arch=compute_90a,code=sm_90a.  The pre-pass D = rowsum(dO * O) and the dQ convert
+// are the sm80 path's kernels (flash_bwd_sm90_run.cuh runs the three in order).
+//
+// One CTA = one 128-key tile of one (batch, kv head); it loops over the q heads of its GQA
+// group and over their 64-row query tiles, so dK / dV of the group are summed in registers
+// (deterministic, no dK/dV atomics, as the sm80 dK/dV kernel does).  3 warpgroups:
+//   WG2 (warp 8) producer: K and V once (TMA), then per query tile Q and dO (TMA, 2-stage ring)
+//               plus the tile's LSE (log2 units; +inf for rows past sq / rows that see no key)
+//               and D (0 past sq) written by its 32 lanes; setmaxnreg.dec 24, warps 9-11 idle.
+//   WG0, WG1    consumers, 64 keys each (setmaxnreg.inc 240: dK + dV + S^T + dP^T are 192 live
+//               fp32 accumulators), everything key-major.  (The producer sits in the last WG
+//               only so the consumers' warp ranks start at 0.)
+//     S^T  = K Q^T        wgmma ss (both K-major over d)            64 x 64 fp32
+//     dP^T = V dO^T       wgmma ss                                   64 x 64 fp32
+//     P^T  = exp2(S^T * scale log2e - LSE),  dS^T = P^T (dP^T - D)   (registers)
+//     dV  += P^T dO       wgmma rs (P^T as the A fragments; dO MN-major: transposed read)
+//     dK  += dS^T Q       wgmma rs (Q MN-major)
+//     dS^T -> smem (16-bit, 128B-swizzled rows of 64 queries), then
+//     dQ_partial = dS K   wgmma ss, A = dS MN-major (transposed read of dS^T), B = K MN-major;
+//                         d128: each WG 64 of the 128 dQ columns over all 128 keys (needs both
+//                         WGs' dS: a 256-thread named barrier); d64: each WG all 64 columns
+//                         over its own 64 keys (a WG-local barrier; twice the atomics).
+//     dQ_partial -> fp32 dq_accum (launch.h's permuted 16 x 8 tile layout: the wgmma
+//                   accumulator of one warp's 16 x 8 block IS a lane's float4 there), either
+//                   (kBulkDq, the default) staged per warp in smem in that order and added by
+//                   one 4 KB cp.reduce.async.bulk, or by a 16-byte atomicAdd per lane and tile
+//                   (bulk measured 1.04-1.32x faster on the H200, bench/NOTES.md);
+//                   bwd_convert_dq_kernel scales and converts it.
+//   dK (times the scale) and dV are stored from registers at the end (rows < sk).
+//
+// Supported: T = bf16 / fp16, d == d_v in {64, 128}, scale > 0, causal (any causal_offset:
+// both alignments) or not, GQA / MQA, BSHD / BHSD views with unit last stride and 16-byte
+// strides (TMA).  Non-deterministic (atomic dQ) only.  The dispatch (cuda_backend.cu,
+// sm90_bwd_applies) sends everything else to the sm80 kernels.
+#pragma once
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "backends/cuda/launch.h"
+#include "backends/cuda/sm90/bulk_reduce.cuh"
+#include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
+#include "backends/cuda/sm90/sm90.cuh"
+#include "backends/cuda/sm90/tma_host.h"
+#include "orchard/params.h"
+
+namespace orchard::sm90 {
+
+template <int kD>
+struct BwdSm90Config {
+  static_assert(kD == 64 || kD == 128, "sm90 backward: d in {64, 128}");
+  static constexpr int kBN = 128;  // keys per CTA (2 consumer WGs x 64)
+  static constexpr int kBM = 64;   // query rows per step
+  static constexpr int kChunks = kD / 64;  // 64-column (128-byte) swizzle chunks
+  static constexpr int kStages = 2;
+  static constexpr bool kDqSplitN = kD == 128;  // see the header comment
+  static constexpr int kDqN = kDqSplitN ? kD / 2 : kD;  // dQ columns per consumer WG
+  static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;
+  static constexpr int kQBytes = kBM * kD * 2, kQChunkBytes = kBM * 128;
+  static constexpr int kDsBytes = kBN * kBM * 2;  // dS^T: 128 key rows x 64 queries (128 B)
+  static constexpr int kOffV = kKVBytes;
+  static constexpr int kOffQ = 2 * kKVBytes;
+  static constexpr int kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr int kOffDs = kOffDo + kStages * kQBytes;
+  static constexpr int kOffLse = kOffDs + 2 * kDsBytes;          // float [kStages][kBM]
+  static constexpr int kOffD = kOffLse + kStages * kBM * 4;      // float [kStages][kBM]
+  // kBulkDq: each consumer warp stages its 16 x kDqN dQ partial in dq_accum's order here.
+  static constexpr int kDqWarpBytes = 16 * kDqN * 4;
+  static constexpr int kOffDqStage = kOffD + kStages * kBM * 4;
+  static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
+  static constexpr int kSmemBytes = kOffBars + 64 + 1024;  // + 1024: align the base up
+  static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
+};
+
+// TMA maps of one backward call (built on the host, passed as __grid_constant__).
+struct BwdSm90Maps {
+  CUtensorMap q, k, v, dout;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float bwd_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// One half of a packed 16-bit pair as float (hi = 1: the upper half).
+template <typename T>
+__device__ __forceinline__ float unpack_lo_hi(uint32_t w, int hi);
+template <>
+__device__ __forceinline__ float unpack_lo_hi<__nv_bfloat16>(uint32_t w, int hi) {
+  return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16));
+}
+template <>
+__device__ __forceinline__ float unpack_lo_hi<__half>(uint32_t w, int hi) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(hi ? (w >> 16) : (w & 0xffffu))));
+}
+
+// 64 x 64 fp32 accumulator (layout in wgmma_mma.cuh) -> 4 k16 A fragments of 16-bit pairs.
+template <typename T>
+__device__ __forceinline__ void acc_to_afrag(const float (&s)[32], uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+}
+
+// The per-CTA work: query tiles [m_begin, m_end) of each q head of the group.
+struct BwdTileRange {
+  int m_begin, n_m;
+};
+__device__ __forceinline__ BwdTileRange bwd_tile_range(int n0, int sq, int64_t coff, bool causal, int kBM) {
+  const int m_end = (sq + kBM - 1) / kBM;
+  int m_begin = 0;
+  if (causal) {
+    const int64_t first = static_cast<int64_t>(n0) - coff;  // first query row that sees key n0
+    if (first > sq - 1) return {0, 0};
+    m_begin = first <= 0 ? 0 : static_cast<int>(first / kBM);
+  }
+  return {m_begin, m_end - m_begin};
+}
+
+// kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
+// step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
+template <typename T, int kD, bool kCausal, bool kBulkDq>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
+                          float* dq_accum, int num_n_blocks, int head_group) {
+  using Cfg = BwdSm90Config<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
+  // setmaxnreg moves registers inside the CTA's launch allocation (384 x 168 = 64512): 128 x 24
+  // + 256 x 240 = 64512.  A larger sum never completes (the consumers' inc waits forever:
+  // the first GPU run hung with 32 / 240).  ptxas allocates each role's code for its count.
+  constexpr uint32_t kProducerRegs = 24, kConsumerRegs = 240;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  uint8_t* const gbase = smem_raw + (sbase - smem_u32(smem_raw));  // generic pointer to sbase
+  const uint32_t sK = sbase, sV = sbase + Cfg::kOffV;
+  const uint32_t sQ = sbase + Cfg::kOffQ, sDo = sbase + Cfg::kOffDo, sDs = sbase + Cfg::kOffDs;
+  float* const lse_s = reinterpret_cast<float*>(gbase + Cfg::kOffLse);
+  float* const d_s = reinterpret_cast<float*>(gbase + Cfg::kOffD);
+  const uint32_t bars = sbase + Cfg::kOffBars;
+  const uint32_t kv_full = bars;
+  auto full = [&](int s) { return bars + 8 + 8 * s; };
+  auto empty = [&](int s) { return bars + 24 + 8 * s; };
+
+  // CTA -> (batch * hkv + kv head, key block): causal runs the heaviest key blocks first
+  // (launch.h causal_cta_coord, the sm80 order); non-causal key-block-major per head.
+  int64_t head;
+  int n_block;
+  if (kCausal) {
+    const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
+    head = c.head;
+    n_block = c.n_block;
+  } else {
+    head = blockIdx.x / num_n_blocks;
+    n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+  }
+  const int b = static_cast<int>(head / p.hkv), hk = static_cast<int>(head % p.hkv);
+  const int group = p.hq / p.hkv;
+  const int n0 = n_block * kBN;
+  const int sq = p.sq, sk = p.sk;
+  const int64_t coff = p.causal_offset;
+  const BwdTileRange tr = bwd_tile_range(n0, sq, coff, kCausal, kBM);
+  const int n_iters = tr.n_m * group;
+
+  const int warp = warp_idx_uniform();
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    mbarrier_init(kv_full, 1);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbarrier_init(full(s), 32);  // the producer warp's 32 lanes (LSE / D stores + the TMA's tx)
+      mbarrier_init(empty(s), 8);  // one arrival per consumer warp
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (warp >= 8) {
+    // ---------------- producer ----------------
+    setmaxnreg_dec<kProducerRegs>();
+    if (warp == 8 && n_iters > 0) {
+      const float log2e = 1.4426950408889634f;
+      if (lane == 0) {
+        tma_prefetch_desc(&maps.q);
+        tma_prefetch_desc(&maps.dout);
+        mbarrier_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          tma_load_4d(sK + c * Cfg::kKVChunkBytes, &maps.k, kv_full, 64 * c, n0, hk, b);
+          tma_load_4d(sV + c * Cfg::kKVChunkBytes, &maps.v, kv_full, 64 * c, n0, hk, b);
+        }
+      }
+      for (int it = 0; it < n_iters; ++it) {
+        const int h = hk * group + it / tr.n_m;
+        const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
+        const int s = it % Cfg::kStages;
+        const uint32_t ph = (it / Cfg::kStages) & 1;
+        mbarrier_wait(empty(s), ph ^ 1);
+        const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+        const float* d_g = dsum + (static_cast<int64_t>(b) * p.hq + h) * sq;
+#pragma unroll
+        for (int r = lane; r < kBM; r += 32) {
+          const int row = m0 + r;
+          float l = INFINITY, dd = 0.f;
+          if (row < sq) {
+            l = lse_g[row];
+            // A row that sees no key (LSE -inf): P must be 0, not exp2(+inf).
+            l = l == -INFINITY ? INFINITY : l * log2e;
+            dd = d_g[row];
+          }
+          lse_s[s * kBM + r] = l;
+          d_s[s * kBM + r] = dd;
+        }
+        if (lane == 0) {
+          mbarrier_arrive_expect_tx(full(s), 2 * Cfg::kQBytes);
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) {
+            tma_load_4d(sQ + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.q, full(s), 64 * c, m0, h, b);
+            tma_load_4d(sDo + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.dout, full(s), 64 * c, m0, h, b);
+          }
+        } else {
+          mbarrier_arrive(full(s));
+        }
+      }
+    }
+  } else {
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<kConsumerRegs>();
+    const int wg = warp / 4;  // keys 64 wg .. 64 wg + 63 of the tile
+    const int wi = warp % 4;
+    const int g = lane / 4, t = lane % 4;
+    const int key_l0 = 64 * wg + 16 * wi + g;  // this thread's first key row in the tile (second: + 8)
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+
+    float dk[kD / 2], dv[kD / 2];
+#pragma unroll
+    for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    // K / V rows of this WG as the A operand (K-major over d); Q / dO stages as B (K-major)
+    // for S^T / dP^T and MN-major for dK / dV.
+    const uint64_t dK_a = make_desc_kmajor_sw128(sK + wg * 64 * 128);
+    const uint64_t dV_a = make_desc_kmajor_sw128(sV + wg * 64 * 128);
+    const uint64_t dQ_b = make_desc_kmajor_sw128(sQ);
+    const uint64_t dDo_b = make_desc_kmajor_sw128(sDo);
+    const uint64_t dQ_mn = make_desc_mnmajor_sw128(sQ, Cfg::kQChunkBytes);
+    const uint64_t dDo_mn = make_desc_mnmajor_sw128(sDo, Cfg::kQChunkBytes);
+    // dQ GEMM: A = dS (queries x keys) read MN-major from dS^T rows; B = K MN-major.
+    const uint64_t dS_a = make_desc_mnmajor_sw128(sDs, Cfg::kDsBytes);
+    const uint64_t dKt_b = make_desc_mnmajor_sw128(sK, Cfg::kKVChunkBytes);
+    const bool warp_leader = lane == 0;
+
+    // Causal diagonal of key tile n0 in 32-bit tile coordinates: query row m0 + ql sees tile
+    // key kl iff kl - ql <= m0 + diag0 (clamped: |coff| may exceed int range in principle).
+    const int64_t diag64 = coff - n0;
+    const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
+    const int keys_left = sk - n0;
+    if (n_iters > 0) {
+      mbarrier_wait(kv_full, 0);
+      int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of iteration it, advanced at its end
+      const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
+      for (int it = 0; it < n_iters; ++it) {
+        const int s = it % Cfg::kStages;
+        const uint32_t ph = (it / Cfg::kStages) & 1;
+        // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
+        // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
+        // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
+        uint32_t pa[4][4], dsa[4][4];
+        const float* lse_t = lse_s + s * kBM;
+        const float* d_t = d_s + s * kBM;
+        {
+          float sacc[32];
+          mbarrier_wait(full(s), ph);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kD / 16; ++kk) {
+            const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+            const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+            Wgmma<kBM, T>::template ss<0, 0>(sacc, desc_advance(dK_a, off), desc_advance(dQ_b, offq), kk > 0);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_operands(sacc);
+          // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
+          // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
+          const int diag = m0 + diag0;
+          const bool need_mask = keys_left < kBN || (kCausal && kBN - 1 > diag);
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+            float pv = bwd_ex2(fmaf(sacc[i], scale_log2, -lse_t[ql]));
+            if (need_mask) {
+              const int kl = key_l0 + 8 * ((i / 2) % 2);
+              if (kl >= keys_left || (kCausal && kl - ql > diag)) pv = 0.f;
+            }
+            sacc[i] = pv;
+          }
+          acc_to_afrag<T>(sacc, pa);
+        }
+        {
+          float dpacc[32];
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kD / 16; ++kk) {
+            const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+            const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+            Wgmma<kBM, T>::template ss<0, 0>(dpacc, desc_advance(dV_a, off), desc_advance(dDo_b, offq), kk > 0);
+          }
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_operands(dpacc);
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+            const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
+            dpacc[i] = pv * (dpacc[i] - d_t[ql]);
+          }
+          acc_to_afrag<T>(dpacc, dsa);
+        }
+        // dS^T -> smem buffer it % 2: row = key (128 B = 64 queries), 16-byte chunk c stored at
+        // c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and row
+        // offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4).
+        const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
+            const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
+          }
+        fence_proxy_async_smem();
+        // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+          Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+          Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
+        wgmma_commit();
+        // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
+        if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
+        else named_barrier_sync(2 + wg, 128);
+        float dq[Cfg::kDqN / 2];
+        if constexpr (Cfg::kDqSplitN) {
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk)
+            Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
+                                                    desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
+                dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
+                desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(dq);
+        fence_operands(dk);
+        fence_operands(dv);
+        __syncwarp();
+        if (warp_leader) mbarrier_arrive(empty(s));
+        // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
+        // past sq are outside the padded slab and hold zeros anyway).
+        const int row16 = m0 + 16 * wi;
+        if (row16 < sq) {
+          float* slab = dq_accum + (static_cast<int64_t>(b) * p.hq + h) * cuda::dq_accum_rows(sq) * cuda::dq_accum_cols(kD);
+          const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
+          if constexpr (kBulkDq) {
+            // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
+            // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
+            const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
+            if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < Cfg::kDqN / 8; ++j)
+              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                           "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+                           : "memory");
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, kD, 0), stage_buf,
+                                  Cfg::kDqWarpBytes);
+              tma_store_commit();
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, kD, lane);
+              atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
+            }
+          }
+        }
+        m0 += kBM;
+        if (m0 == m_end0) {
+          m0 = tr.m_begin * kBM;
+          ++h;
+        }
+      }
+    }
+
+    if constexpr (kBulkDq) {
+      if (lane == 0) tma_store_wait_all<0>();  // the bulk adds are done before the CTA ends
+    }
+    // Epilogue: dK (times the scale) and dV rows < sk as 16-bit pairs.
+    T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+    T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = n0 + key_l0 + 8 * r;
+      if (key >= sk) continue;
+      T* krow = dkg + static_cast<int64_t>(key) * p.dk_row_stride;
+      T* vrow = dvg + static_cast<int64_t>(key) * p.dv_row_stride;
+#pragma unroll
+      for (int j = 0; j < kD / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
+            pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
+      }
+    }
+  }
+}
+
+template <typename T>
+constexpr CUtensorMapDataType bwd_tma_dtype() {
+  return std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+
+// (dim, row, head, batch) map of a BSHD-strided tensor, box (64, rows, 1, 1), as the forward's.
+template <typename T>
+inline bool make_bwd_map(CUtensorMap* map, const void* base, int d, int rows, int heads, int batch,
+                         int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+  const uint64_t e = sizeof(T);
+  const uint64_t rs = static_cast<uint64_t>(row_stride) * e;
+  uint64_t hs = static_cast<uint64_t>(head_stride) * e, bs = static_cast<uint64_t>(batch_stride) * e;
+  if (heads == 1) hs = rs;
+  if (batch == 1) bs = rs;
+  const uint64_t dims[4] = {static_cast<uint64_t>(d), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(batch)};
+  const uint64_t strides[3] = {rs, hs, bs};
+  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
+  return make_tma_4d(map, bwd_tma_dtype<T>(), base, dims, strides, box);
+}
+
+}  // namespace orchard::sm90
+
+namespace orchard::cuda {
+
+template <typename T, int kD>
+bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
+  using Cfg = sm90::BwdSm90Config<kD>;
+  static_assert(sizeof(sm90::BwdSm90Maps) <= sizeof(BwdSm90MapsStorage), "map storage");
+  sm90::BwdSm90Maps* m = reinterpret_cast<sm90::BwdSm90Maps*>(out->bytes);
+  return sm90::make_bwd_map<T>(&m->q, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
+                               Cfg::kBM) &&
+         sm90::make_bwd_map<T>(&m->dout, p.dout, kD, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
+                               p.do_batch_stride, Cfg::kBM) &&
+         sm90::make_bwd_map<T>(&m->k, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
+                               Cfg::kBN) &&
+         sm90::make_bwd_map<T>(&m->v, p.v, kD, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
+                               Cfg::kBN);
+}
+
+template <typename T, int kD>
+void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
+                                float* dq_accum, bool bulk_dq) {
+  using Cfg = sm90::BwdSm90Config<kD>;
+  const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
+  if (grid == 0) return;
+  auto kernel = p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true>
+                                    : sm90::flash_bwd_sm90_kernel<T, kD, true, false>)
+                         : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true>
+                                    : sm90::flash_bwd_sm90_kernel<T, kD, false, false>);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
+      m, p, dsum, dq_accum, nb, causal_head_group(p));
+  check_launch("flash_bwd_sm90_kernel");
+}
+
+}  // namespace orchard::cuda

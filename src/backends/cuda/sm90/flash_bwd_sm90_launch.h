@@ -1,0 +1,37 @@
+// The sm_90a backward's entry points as the CUDA backend sees them (no device code here).
+// The main kernel (flash_bwd_sm90.cuh) is defined in flash_bwd_sm90_<dtype>_d<d>.cu, compiled
+// only for sm_90a when ORCHARD_CUDA_ARCHS holds 90 (ORCHARD_WITH_SM90=1); the whole backward
+// (sm80 pre-pass, main kernel, sm80 dQ convert) is run_flash_bwd_sm90 in
+// flash_bwd_sm90_passes.cu, compiled with the backend's own architectures.
+#pragma once
+#include <cstdint>
+
+#include "orchard/params.h"
+
+namespace orchard::cuda {
+
+// How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).
+constexpr bool kSm90BwdBulkDqDefault = true;
+
+// Opaque storage for the call's four TMA descriptors (Q, K, V, dO: 128 bytes each).
+struct alignas(64) BwdSm90MapsStorage {
+  unsigned char bytes[4 * 128];
+};
+
+// Encodes the TMA maps; false when the driver refuses them (the caller runs the sm80 backward).
+template <typename T, int kD>
+bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* maps);
+
+// Launches the main kernel on p.stream: dK, dV written, dS K added into dq_accum (fp32, zeroed
+// by the caller, launch.h layout) by 16-byte atomicAdds or, bulk_dq, by cp.reduce.async.bulk;
+// dsum = D = rowsum(dO * O) from the pre-pass.
+template <typename T, int kD>
+void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
+                                float* dq_accum, bool bulk_dq);
+
+// The whole sm90 backward; false (nothing launched) when the maps cannot be encoded.
+// T: __nv_bfloat16 / __half; kD: 64 / 128.
+template <typename T, int kD>
+bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq = kSm90BwdBulkDqDefault);
+
+}  // namespace orchard::cuda
