@@ -385,7 +385,14 @@ __global__ void __launch_bounds__(384, 1)
         // past sq are outside the padded slab and hold zeros anyway).
         const int row16 = m0 + 16 * wi;
         if (row16 < sq) {
-          float* slab = dq_accum + (static_cast<int64_t>(b) * p.hq + h) * cuda::dq_accum_rows(sq) * cuda::dq_accum_cols(kD);
+          // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
+          const cuda::DqAccumSlabs acc =
+              p.dq_accum != nullptr
+                  ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
+                  : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
+                                                       cuda::dq_accum_cols(kD),
+                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(kD)};
+          float* slab = acc.base + h * acc.head_stride;
           const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
           if constexpr (kBulkDq) {
             // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage

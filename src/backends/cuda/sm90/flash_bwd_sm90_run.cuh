@@ -1,6 +1,7 @@
-// The sm90 backward as three launches on p.stream: the sm80 path's pre-pass (D = rowsum(dO * O)),
-// the dq_accum memset, the sm_90a main kernel (flash_bwd_sm90.cuh), the sm80 dQ convert
-// (scale, dtype).  Included by flash_bwd_sm90_passes.cu (the library, compiled for the
+// The sm90 backward as three launches on p.stream: the sm80 path's pre-pass (D = rowsum(dO * O),
+// which also clears our own dq_accum), the sm_90a main kernel (flash_bwd_sm90.cuh), the sm80 dQ
+// convert (scale, dtype). A caller-owned accumulator (p.dq_accum, the ring's) is zeroed and
+// converted by the caller: the main kernel only adds into it.  Included by flash_bwd_sm90_passes.cu (the library, compiled for the
 // backend's architectures: the two sm80 kernels must not be instantiated in an sm_90a-only
 // object) and by bench/sm90/sm90_bwd_bench.cu.
 #pragma once
@@ -20,20 +21,13 @@ bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
   const BwdWorkspace layout = bwd_workspace_layout(p);
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   float* dsum = reinterpret_cast<float*>(ws + layout.d_offset);
-  float* dq_accum = reinterpret_cast<float*>(ws + layout.dq_accum_offset);
+  const bool own_dq_accum = p.dq_accum == nullptr;
+  float* dq_accum = reinterpret_cast<float*>(ws + layout.dq_accum_offset);  // when own_dq_accum
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   const bool vec = true;  // sm90_bwd_applies: 16-byte rows and strides (TMA needs them anyway)
-  if (rows > 0) {
-    const int rows_per_block = 256 / bwd_dot_lanes(value_dim(p));
-    bwd_dot_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0, stream>>>(
-        p, dsum, vec);
-    check_launch("bwd_dot_kernel");
-    const size_t acc_floats = static_cast<size_t>(p.b) * p.hq * dq_accum_rows(p.sq) * dq_accum_cols(p.d);
-    if (cudaMemsetAsync(dq_accum, 0, acc_floats * sizeof(float), stream) != cudaSuccess)
-      check_launch("cudaMemsetAsync(dq_accum)");
-  }
+  if (rows > 0) launch_bwd_dot<T>(p, dsum, vec, own_dq_accum ? dq_accum : nullptr, stream);
   launch_flash_bwd_sm90_main<T, kD>(p, maps, dsum, dq_accum, bulk_dq);
-  if (rows > 0) {
+  if (rows > 0 && own_dq_accum) {
     const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);
     bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(p, dq_accum, vec);
     check_launch("bwd_convert_dq_kernel");
