@@ -59,7 +59,10 @@ struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
   static constexpr int kNWarps = 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
-  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32));
+  // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
+  // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
+  // barrier / softmax bookkeeping (issue #16: d96 was 0.90x FA2 with 32).
+  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 96 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32)));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   // K and V tiles (streamed every step) swizzled where the head dim allows
