@@ -292,8 +292,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
               g(s[mt][nt][c], dc - dr, dc);
             }
       };
-      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
-                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t);
+      apply_score_mods<-16 * kMW, kBN>(each, p.scale, p.softcap,
+                                       alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base,
+                                       sk - n0 - 2 * t);
       if constexpr (kBias) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
         const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
