@@ -23,14 +23,17 @@
 //      cost about what the fp32 atomics, the dq_accum memset and the convert
 //      pass cost. Both stay; `deterministic` picks. dev/cuda/NOTES.md.
 //
-// d <= 128 uses flash_bwd_dkdv2_kernel instead (FA2 layout, P^T / dS^T through
-// shared memory, 2 m16 tiles per warp in every GEMM, float4 dQ reductions into
-// a permuted dq_accum on sm_90); see its comment and dev/cuda/NOTES.md calls 3-6.
-// The kernel above is kept for d > 128.
+// flash_bwd_dkdv2_kernel (FA2 layout, P^T / dS^T through shared memory, 2 m16
+// tiles per warp in every GEMM, float4 dQ reductions into a permuted dq_accum on
+// sm_90) runs every head dim whose shared memory the device gives a block: d <= 128
+// with 128-key CTAs, d > 128 with 64-key CTAs (d256: 217 KB, so H100/H200 but not
+// A100 / Ada); see its comment and dev/cuda/NOTES.md calls 3-6.
 //
-// Head dims > 128 would need 2 x d/2 accumulator registers per thread for dK and
-// dV together (256 at d=256), so those buckets run the dK/dV kernel twice:
-// once for dV only and once for dK (+ dQ), recomputing S.
+// The kernel above (flash_bwd_dkdv_kernel) is the d > 128 fallback where that does
+// not fit (or ORCHARD_BWD_TWO_PASS=1): 4 warps x 16 key rows would need 2 x d/2
+// accumulator registers per thread for dK and dV together (256 at d=256), so it
+// runs twice: once for dV only and once for dK (+ dQ), recomputing S. It measured
+// 0.46x FA2 at d256 s4k on an H200 (issue #16).
 //
 // Features (params.h), run-time branches in every kernel: varlen (per-sequence
 // rows; D and dq_accum keep one slab of p.sq rows per (sequence, head)), the
@@ -619,14 +622,15 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 }
 
 // ---------------------------------------------------------------------------
-// dK/dV kernel, FA2 layout (kD <= 128). One CTA = kBN = 128 key rows, 8 warps;
-// per step kBM query rows (128 for d <= 64, 64 for d96/128). P^T and dS^T are
+// dK/dV kernel, FA2 layout. One CTA = kBN key rows (128 for d <= 128, 64 above),
+// 8 warps; per step kBM query rows (128 for d <= 64, else 64). P^T and dS^T are
 // staged through shared memory so that every GEMM is a full-width warp tile
 // fed by ldmatrix, with two m16 tiles per warp (each B fragment feeds >= 2 MMAs):
-//   1. S^T  = K Q^T     (kBN x kBM), warps 4 (keys) x 2 (queries), 32 x kBM/2 each
+//   1. S^T  = K Q^T     (kBN x kBM), warps kWK (keys) x kWQ (queries): 4 x 2 for
+//      d <= 128, 2 x 4 above; 32 x kBM/kWQ each
 //      P^T = exp2(...) -> sP (dropout applied: P_drop^T)
 //   2. dP^T = V dO^T    (same tiling), dS^T = P^T (dP_drop^T - D) -> sdS
-//   3. dV += P_drop^T dO, 4. dK += dS^T Q   (kBN x kD), warps 4 (keys) x 2 (d)
+//   3. dV += P_drop^T dO, 4. dK += dS^T Q   (kBN x kD), warps kWK (keys) x kWQ (d)
 //   5. dQ += dS K       (kBM x kD), warps kBM/32 (queries) x rest (d), fp32
 //      atomics (non-deterministic) - deterministic mode runs flash_bwd_dq_kernel.
 // ldmatrix.x4 per MMA: 0.45 (d64, d128) vs 0.65 for the 16-rows-per-warp kernel

@@ -1,0 +1,69 @@
+#!/bin/bash
+# One device call for issue #16's sm80-path goals: correctness of this tree's
+# kernels (cuda_check, compute-sanitizer memcheck on --small, both with the sm80
+# forward: ORCHARD_SM90=0), then timings of this tree (new), of a base tree
+# (BASE_BIN, optional) and of the peers (dev/cuda/sm80_peers.py: FA2 = SDPA flash,
+# FlexAttention), all in this one call. FlexAttention compiles while the
+# correctness runs; no timing overlaps another GPU job.
+#   bash dev/cuda/sm80_session.sh BIN_DIR [BASE_BIN_DIR]
+# BIN_DIR holds cuda_check and sm80_bench (built off-device from this tree, .xz
+# accepted; else they are built here). Logs: $OUT/logs, packed into $OUT/sm80.tgz.
+set -uo pipefail
+BIN=${1:-build-dev}
+BASE=${2:-}
+OUT=${OUT:-/tmp/orchard-out}
+L="$OUT/logs" && mkdir -p "$L"
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+snap() { (cd "$OUT" && tar czf sm80.tgz logs); }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$L/gpu.txt"
+unpack() {  # unpack DIR: .xz -> executables in /tmp/bin-<basename>
+  local d=/tmp/bin-$(basename "$1"); mkdir -p "$d"
+  for f in "$1"/*; do
+    case $f in
+      *.xz) python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$d/$(basename "${f%.xz}")" ;;
+      *) cp "$f" "$d/" ;;
+    esac
+  done
+  chmod +x "$d"/*; echo "$d"
+}
+if [[ -d $BIN ]]; then NEW=$(unpack "$BIN"); else NEW=""; fi
+if [[ -z $NEW || ! -x $NEW/cuda_check || ! -x $NEW/sm80_bench ]] || ldd "$NEW/cuda_check" "$NEW/sm80_bench" | grep -q "not found"; then
+  stamp "building here"
+  cmake -S dev/cuda -B build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > "$L/build.log" 2>&1 &&
+    ninja -C build-dev -j16 cuda_check sm80_bench >> "$L/build.log" 2>&1 || { tail -40 "$L/build.log"; exit 1; }
+  NEW=build-dev
+fi
+[[ -n $BASE && -d $BASE ]] && BASEB=$(unpack "$BASE") || BASEB=""
+stamp "binaries: new $NEW base ${BASEB:-none}"
+rm -f /tmp/go
+PYTHONUNBUFFERED=1 timeout 400 python3 dev/cuda/sm80_peers.py --go /tmp/go > "$L/peers.log" 2>&1 &
+PEERS=$!
+export ORCHARD_SM90=0
+timeout 240 "$NEW/cuda_check" > "$L/check.log" 2>&1; r=$?
+stamp "cuda_check rc=$r: $(grep -E 'cases passed' "$L/check.log")"
+grep -B8 "=> FAIL" "$L/check.log" | grep -E "^\[|FAIL|NaN" | head -30
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$NEW/cuda_check" --small > "$L/memcheck.log" 2>&1; r=$?
+stamp "memcheck rc=$r: $(grep -E 'ERROR SUMMARY' "$L/memcheck.log" | tail -1)"
+(( r != 0 )) && grep -E "=> FAIL|Invalid|out of bounds|at 0x" "$L/memcheck.log" | head -12
+snap
+for i in $(seq 1 240); do grep -qE "flex compiled|unavailable" "$L/peers.log" && break; sleep 1; done
+stamp "peers ready: $(head -2 "$L/peers.log" | tail -1)"
+# Timings: new, base, new again (drift), then the peers.
+timeout 100 "$NEW/sm80_bench" grid > "$L/bench-new.log" 2>&1; stamp "bench new rc=$?"
+ORCHARD_BWD_TWO_PASS=1 timeout 60 "$NEW/sm80_bench" grid 160 192 256 > "$L/bench-twopass.log" 2>&1
+stamp "bench two-pass rc=$?"
+timeout 60 "$NEW/sm80_bench" feat > "$L/feat-new.log" 2>&1; stamp "feat new rc=$?"
+if [[ -n $BASEB ]]; then
+  timeout 100 "$BASEB/sm80_bench" grid 96 160 192 256 > "$L/bench-base.log" 2>&1; stamp "bench base rc=$?"
+  timeout 60 "$BASEB/sm80_bench" feat > "$L/feat-base.log" 2>&1; stamp "feat base rc=$?"
+  timeout 60 "$NEW/sm80_bench" feat > "$L/feat-new2.log" 2>&1; stamp "feat new (2) rc=$?"
+fi
+snap
+touch /tmp/go
+wait $PEERS; stamp "peers rc=$?"
+for f in bench-new bench-twopass bench-base feat-new feat-base feat-new2 peers; do
+  [[ -f $L/$f.log ]] && { echo "== $f"; cat "$L/$f.log"; }
+done
+snap
+stamp done
