@@ -4,6 +4,7 @@
 //   sm80_bench grid [D...]  bf16, b*s = 16k tokens, h = 2048/d, s 2k/4k/8k, causal
 //                           and not: fwd / bwd ms and TFLOP/s (fwd 4bhs^2d, /2 causal,
 //                           bwd x2.5). Run with ORCHARD_SM90=0 for the sm80 forward.
+//   (SM80_BENCH_S=N: only that sequence length)
 //   sm80_bench feat         bf16 b2 s8k h16 d128 causal: sliding window (left 1024)
 //                           and ALiBi (feature_bench.py's slopes): fwd / bwd ms.
 // Timing as cuda_check --bench: CUDA events around each call, 3 warm-ups, median
@@ -65,17 +66,33 @@ struct Shape {
   bool alibi = false;
 };
 
+// Standard-normal bf16 values (Box-Muller on a hashed counter), on the device: the
+// host generator took ~100 s for the grid's 8 x 33M values per shape (the first
+// device call ran out of time in it).
+__global__ void fill_normal_bf16(uint16_t* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    auto hash = [](uint32_t a) {
+      a ^= a >> 16; a *= 0x7feb352du; a ^= a >> 15; a *= 0x846ca68bu; a ^= a >> 16;
+      return a;
+    };
+    const uint32_t h1 = hash(static_cast<uint32_t>(i) * 2u + seed * 0x9e3779b9u);
+    const uint32_t h2 = hash(h1 ^ 0x85ebca6bu);
+    const float u1 = (h1 + 1.f) * 2.3283064e-10f, u2 = h2 * 2.3283064e-10f;
+    const float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
+    const uint32_t bits = __float_as_uint(z);
+    x[i] = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+  }
+}
+
 // fwd ms, bwd ms (atomic dQ) of one shape, BSHD bf16.
 std::pair<float, float> time_shape(const Shape& c, std::mt19937& rng) {
   const size_t n = size_t(c.b) * c.s * c.h * c.d;
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<uint16_t> hbuf(n);
   void *q, *k, *v, *o, *lse, *dO, *dq, *dk, *dv, *ws;
   for (void** pp : {&q, &k, &v, &o, &dO, &dq, &dk, &dv}) {
     CK(cudaMalloc(pp, n * 2));
-    for (auto& x : hbuf) x = float_to_bf16(nd(rng));
-    CK(cudaMemcpy(*pp, hbuf.data(), n * 2, cudaMemcpyHostToDevice));
+    fill_normal_bf16<<<1024, 256>>>(static_cast<uint16_t*>(*pp), n, static_cast<uint32_t>(rng()));
   }
+  CK(cudaDeviceSynchronize());
   CK(cudaMalloc(&lse, size_t(c.b) * c.h * c.s * 4));
   float* slopes = nullptr;
   if (c.alibi) {
@@ -147,6 +164,7 @@ int main(int argc, char** argv) {
     for (int d : dims)
       for (int causal = 0; causal < 2; ++causal)
         for (int s : {2048, 4096, 8192}) {
+          if (std::getenv("SM80_BENCH_S") && std::atoi(std::getenv("SM80_BENCH_S")) != s) continue;
           const int b = 16384 / s, h = 2048 / d;
           const auto [tf, tb] = time_shape({b, s, h, d, causal != 0}, rng);
           const double flops = 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
