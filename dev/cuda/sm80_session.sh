@@ -62,6 +62,9 @@ if [[ ${SKIP_CHECK:-0} != 1 ]]; then  # SKIP_CHECK=1: timings only (same kernels
 timeout 240 "$NEW/cuda_check" > "$L/check.log" 2>&1; r=$?
 stamp "cuda_check rc=$r: $(grep -E 'cases passed' "$L/check.log")"
 grep -B8 "=> FAIL" "$L/check.log" | grep -E "^\[|FAIL|NaN" | head -30
+# The two-pass d > 128 fallback (A100 / Ada run it; the H200 only with this flag).
+ORCHARD_BWD_TWO_PASS=1 timeout 240 "$NEW/cuda_check" > "$L/check-twopass.log" 2>&1; r=$?
+stamp "cuda_check two-pass rc=$r: $(grep -E 'cases passed' "$L/check-twopass.log")"
 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 "$NEW/cuda_check" --small > "$L/memcheck.log" 2>&1; r=$?
 stamp "memcheck rc=$r: $(grep -E 'ERROR SUMMARY' "$L/memcheck.log" | tail -1)"
 (( r != 0 )) && grep -E "=> FAIL|Invalid|out of bounds|at 0x" "$L/memcheck.log" | head -12
