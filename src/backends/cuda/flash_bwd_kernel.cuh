@@ -925,7 +925,8 @@ __global__ void __launch_bounds__(256)
       };
       apply_score_mods<-8 * kMT, 32>(each, p.scale, p.softcap,
                                      alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
-                                     tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
+                                     tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t,
+                                     sk - kv_base);
       if constexpr (kBias) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
         cp_async_wait<1>();          // the bias group (the prefetch may still fly)
         const unsigned char* tile = reinterpret_cast<const unsigned char*>(sdS);
