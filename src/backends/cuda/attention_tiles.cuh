@@ -110,7 +110,11 @@ __device__ __forceinline__ float tanh_fast(float x) {
 // stays as it is. inv_scale_log2 != 0 (the deterministic dQ kernel, which needs
 // only P * (1 - tanh^2)): adds log2(1 - tanh^2) / (scale * log2e) as well, so
 // that exp2(x * scale * log2e - lse) is that product.
-template <typename Each>
+// [kRelMin, kRelMax] (optional): bounds of d_rel over the fragment. Given, ALiBi's
+// bias is computed once per distinct d_rel (a fragment holds few: 14 of 32 scores
+// in the d128 forward and dK/dV kernels; entries no score uses are dead code) and
+// each score costs one FADD instead of an FADD and an FFMA.
+template <int kRelMin = 0, int kRelMax = -1, typename Each>
 __device__ __forceinline__ void apply_score_mods(Each each, float scale, float softcap, const float* slope_ptr,
                                                  int64_t diag, WindowOffsets w, bool mask_tile, int rel0,
                                                  int col_lim0, float inv_scale_log2 = 0.f) {
@@ -130,7 +134,14 @@ __device__ __forceinline__ void apply_score_mods(Each each, float scale, float s
     // a0 converted once: d_rel is a compile-time constant, so each score costs an
     // FADD and an FFMA instead of an I2F (quarter rate) as well (exact below 2^24).
     const float a0 = static_cast<float>(clamp_i32(diag - rel0));
-    each([&](float& x, int dr, int) { x -= sl * fabsf(a0 - static_cast<float>(dr)); });
+    if constexpr (kRelMax >= kRelMin) {
+      float bias[kRelMax - kRelMin + 1];
+#pragma unroll
+      for (int i = 0; i <= kRelMax - kRelMin; ++i) bias[i] = sl * fabsf(a0 - static_cast<float>(kRelMin + i));
+      each([&](float& x, int dr, int) { x -= bias[dr - kRelMin]; });
+    } else {
+      each([&](float& x, int dr, int) { x -= sl * fabsf(a0 - static_cast<float>(dr)); });
+    }
   }
   if (mask_tile) {  // visible iff lo <= col - row <= hi and col < len_k
     const int lo = clamp_i32(w.lo - rel0), hi = clamp_i32(w.hi - rel0);

@@ -23,14 +23,17 @@
 //      cost about what the fp32 atomics, the dq_accum memset and the convert
 //      pass cost. Both stay; `deterministic` picks. dev/cuda/NOTES.md.
 //
-// d <= 128 uses flash_bwd_dkdv2_kernel instead (FA2 layout, P^T / dS^T through
-// shared memory, 2 m16 tiles per warp in every GEMM, float4 dQ reductions into
-// a permuted dq_accum on sm_90); see its comment and dev/cuda/NOTES.md calls 3-6.
-// The kernel above is kept for d > 128.
+// flash_bwd_dkdv2_kernel (FA2 layout, P^T / dS^T through shared memory, 2 m16
+// tiles per warp in every GEMM, float4 dQ reductions into a permuted dq_accum on
+// sm_90) runs every head dim whose shared memory the device gives a block: d <= 128
+// with 128-key CTAs, d > 128 with 64-key CTAs (d256: 217 KB, so H100/H200 but not
+// A100 / Ada); see its comment and dev/cuda/NOTES.md calls 3-6.
 //
-// Head dims > 128 would need 2 x d/2 accumulator registers per thread for dK and
-// dV together (256 at d=256), so those buckets run the dK/dV kernel twice:
-// once for dV only and once for dK (+ dQ), recomputing S.
+// The kernel above (flash_bwd_dkdv_kernel) is the d > 128 fallback where that does
+// not fit (or ORCHARD_BWD_TWO_PASS=1): 4 warps x 16 key rows would need 2 x d/2
+// accumulator registers per thread for dK and dV together (256 at d=256), so it
+// runs twice: once for dV only and once for dK (+ dQ), recomputing S. It measured
+// 0.46x FA2 at d256 s4k on an H200 (issue #16).
 //
 // Features (params.h), run-time branches in every kernel: varlen (per-sequence
 // rows; D and dq_accum keep one slab of p.sq rows per (sequence, head)), the
@@ -47,7 +50,9 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 
 #include "backends/cuda/attention_tiles.cuh"
 #include "backends/cuda/launch.h"
@@ -654,14 +659,15 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 }
 
 // ---------------------------------------------------------------------------
-// dK/dV kernel, FA2 layout (kD <= 128). One CTA = kBN = 128 key rows, 8 warps;
-// per step kBM query rows (128 for d <= 64, 64 for d96/128). P^T and dS^T are
+// dK/dV kernel, FA2 layout. One CTA = kBN key rows (128 for d <= 128, 64 above),
+// 8 warps; per step kBM query rows (128 for d <= 64, else 64). P^T and dS^T are
 // staged through shared memory so that every GEMM is a full-width warp tile
 // fed by ldmatrix, with two m16 tiles per warp (each B fragment feeds >= 2 MMAs):
-//   1. S^T  = K Q^T     (kBN x kBM), warps 4 (keys) x 2 (queries), 32 x kBM/2 each
+//   1. S^T  = K Q^T     (kBN x kBM), warps kWK (keys) x kWQ (queries): 4 x 2 for
+//      d <= 128, 2 x 4 above; 32 x kBM/kWQ each
 //      P^T = exp2(...) -> sP (dropout applied: P_drop^T)
 //   2. dP^T = V dO^T    (same tiling), dS^T = P^T (dP_drop^T - D) -> sdS
-//   3. dV += P_drop^T dO, 4. dK += dS^T Q   (kBN x kD), warps 4 (keys) x 2 (d)
+//   3. dV += P_drop^T dO, 4. dK += dS^T Q   (kBN x kD), warps kWK (keys) x kWQ (d)
 //   5. dQ += dS K       (kBM x kD), warps kBM/32 (queries) x rest (d), fp32
 //      atomics (non-deterministic) - deterministic mode runs flash_bwd_dq_kernel.
 // ldmatrix.x4 per MMA: 0.45 (d64, d128) vs 0.65 for the 16-rows-per-warp kernel
@@ -674,8 +680,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 template <int kD>
 struct BwdConfig2 {
   static constexpr int kNWarps = 8;
-  static constexpr int kBN = 128;
+  // d > 128: 64 key rows, so that dK + dV stay at 128 accumulator registers per
+  // thread (kBN * kD * 2 / 256 threads) - the same budget as d128 with 128 keys.
+  static constexpr int kBN = kD <= 128 ? 128 : 64;
   static constexpr int kBM = kD <= 64 ? 128 : 64;  // d64: 128 measured faster than 64 (calls 3, 13)
+  // Warps: kWK along keys (32 key rows each) x kWQ along queries (phases 1-2) or
+  // along d (phases 3-4): 4 x 2 for d <= 128, 2 x 4 for d > 128.
+  static constexpr int kWK = kBN / 32;
+  static constexpr int kWQ = kNWarps / kWK;
   static constexpr int kS = kD + 8;
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   // Q and dO tiles (streamed every step) swizzled where the head dim allows
@@ -683,11 +695,15 @@ struct BwdConfig2 {
   static constexpr bool kSwizzleQdO = swizzle_streamed_tiles(kD);
   static constexpr int kQdOTileBytes = TileOperand<kBM, kD, kS, kSwizzleQdO>::tile_bytes();
   static constexpr int kSmemBytes = (2 * kBN * kS + 2 * kBN * kSP) * 2 + 4 * kQdOTileBytes + 4 * kBM * 4;
-  static constexpr int kMT = kBM / 16;      // n8 tiles of S^T per warp (kBM/2 query columns)
-  static constexpr int kDTw = kD / 16;      // n8 tiles of dK/dV per warp (kD/2 columns)
+  static constexpr int kMT = kBM / kWQ / 8;  // n8 tiles of S^T per warp (kBM/kWQ query columns)
+  static constexpr int kDTw = kD / kWQ / 8;  // n8 tiles of dK/dV per warp (kD/kWQ columns; odd at d160)
   static constexpr int kQM = kBM / 32;      // dQ: warps along query rows (32 rows each)
   static constexpr int kQN = kNWarps / kQM; // dQ: warps along d
-  static constexpr int kDqT = kD / 8 / kQN; // dQ n8 tiles per warp (may be odd: d96)
+  static constexpr int kDqT = kD / 8 / kQN; // dQ n8 tiles per warp (may be odd: d96, d160)
+  // dQ columns per pass: at d256 one pass would hold 64 more accumulators next to
+  // dK / dV's 128, so the product runs in two column halves (dS fragments re-read).
+  static constexpr int kDqChunk = kDqT > 6 ? kDqT / 2 : kDqT;
+  static_assert(kMT % 2 == 0 && kDqT % kDqChunk == 0, "BwdConfig2 tiling");
   // attn_bias: the step's [kBM queries][kBN keys] bias tile as stored lives in sdS
   // and past the end (sdS is free from the step's top barrier until dS is stored; a
   // second barrier guards that store), so the launch adds kBiasExtraBytes only
@@ -727,7 +743,8 @@ __global__ void __launch_bounds__(256)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const int wk = warp % 4, wq = warp / 4;  // phases 1-4: key-row group, column half
+  constexpr int kWK = Cfg::kWK, kWQ = Cfg::kWQ;
+  const int wk = warp % kWK, wq = warp / kWK;  // phases 1-4: key-row group, column group
   // Causal: heaviest key blocks first within groups of heads (launch.h).
   int64_t bhk;
   int n_block;
@@ -840,9 +857,9 @@ __global__ void __launch_bounds__(256)
   const uint32_t drop_bh0 = dropout_batch_head(p, b, 0);  // Philox index of head 0: the dropout offsets added
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const int krow = wk * 32;            // this warp's first key row (local) in phases 1-4
-  const int qcol = wq * (kBM / 2);     // this warp's first query column (local) in phases 1-2
+  const int qcol = wq * (kBM / kWQ);   // this warp's first query column (local) in phases 1-2
   const int kv_base = n0 + krow + g;   // key rows kv_base + 16 mt + 8 r
-  const int dcol = wq * (kD / 2);      // this warp's first d column in phases 3-4
+  const int dcol = wq * (kD / kWQ);    // this warp's first d column in phases 3-4
   // Shared-memory byte addresses of this lane's ldmatrix rows at each warp tile's
   // origin; tile offsets are added as compile-time constants.
   const uint32_t k_a = smem_u32(sK) + 2 * (krow * kS + a_lane_off<kS>(lane));
@@ -943,8 +960,10 @@ __global__ void __launch_bounds__(256)
               g(st[mt][nt][c], dk - dq, dk);
             }
       };
-      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
-                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t, sk - kv_base);
+      apply_score_mods<-8 * kMT, 32>(each, p.scale, p.softcap,
+                                     alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                                     tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - qcol - 2 * t,
+                                     sk - kv_base);
       if constexpr (kBias) {  // + bias / scale (element: query qcol + 2t + dq, key krow + g + dk)
         cp_async_wait<1>();          // the bias group (the prefetch may still fly)
         const unsigned char* tile = reinterpret_cast<const unsigned char*>(sdS);
@@ -954,7 +973,7 @@ __global__ void __launch_bounds__(256)
         const bool is_bool = p.attn_bias_dtype == DType::kUInt8;
         skip_step = __syncthreads_and(is_bool && own_bool_chunks_masked<kBM, kBN, kThreads>(tile, bias_async, tid));
         const bool bias_pass =
-            !skip_step && !(is_bool && bool_region_vote<kBN, kBM / 2, 32>(tile, qcol, krow, lane).all);
+            !skip_step && !(is_bool && bool_region_vote<kBN, kBM / kWQ, 32>(tile, qcol, krow, lane).all);
         const float inv_scale = 1.f / p.scale;
         if (bias_pass) bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
           constexpr int kKind = decltype(kind)::value;
@@ -1025,7 +1044,7 @@ __global__ void __launch_bounds__(256)
       return !kDropout || ((keep_bits >> ((mt * kMT + nt) * 4 + c)) & 1ull);
     };
     // Two adjacent 16 x 8 tiles (query tiles 2np, 2np + 1) of this warp's
-    // [32 keys][kBM/2 queries] block, v[2h + r] = rows g + 8r of tile h packed,
+    // [32 keys][kBM/kWQ queries] block, v[2h + r] = rows g + 8r of tile h packed,
     // into sP / sdS. (One stmatrix.x4 per pair instead, sm_90: no faster at d128,
     // 2-4% slower at d64 causal - H100 calls 13-14.)
     auto store_tile_pair = [&](T* tile, int mt, int np, const uint32_t(&v)[4]) {
@@ -1129,7 +1148,7 @@ __global__ void __launch_bounds__(256)
     }
     __syncthreads();  // sP / sdS complete
 
-    // 3./4. dV += P_drop^T dO, dK += dS^T Q: 32 key rows x kD/2 columns per warp.
+    // 3./4. dV += P_drop^T dO, dK += dS^T Q: 32 key rows x kD/kWQ columns per warp.
     auto gemm_acc = [&](float (&acc)[2][kDTw][4], uint32_t a_base, const QdO& b) {
 #pragma unroll
       for (int kk = 0; kk < kBM / 16; ++kk) {
@@ -1137,13 +1156,15 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_base + 2 * (mt * 16 * kSP + kk * 16));
 #pragma unroll
-        for (int dp = 0; dp < kDTw / 2; ++dp) {
+        for (int dp = 0; dp < (kDTw + 1) / 2; ++dp) {
           uint32_t bfr[4];
+          // Odd kDTw (d160, padded tiles): the last x4 also reads the next 8
+          // columns (the row padding or the next warp's) and ignores them.
           ldmatrix_x4_trans(bfr, b.at(kk * 16, dp));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
-            mma16816<T>(acc[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
+            if (2 * dp + 1 < kDTw) mma16816<T>(acc[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
           }
         }
       }
@@ -1153,56 +1174,60 @@ __global__ void __launch_bounds__(256)
 
     // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
     if constexpr (kDq) {
-      constexpr int kDqT = Cfg::kDqT;
+      constexpr int kDqT = Cfg::kDqT, kChunk = Cfg::kDqChunk;
       const int wm = warp % Cfg::kQM, wn = warp / Cfg::kQM;
       const uint32_t ds_km = smem_u32(sdS) + 2 * (wm * 32 + b_nk_lane_off<kSP>(lane));  // same lane map as [n][k]
-      const uint32_t k_kn = smem_u32(sK) + 2 * (wn * kDqT * 8 + b_kn_lane_off<kS>(lane));
-      float acc[2][kDqT][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int i = 0; i < kDqT; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-          ldmatrix_x4_trans(a[mt], ds_km + 2 * (kk * 16 * kSP + mt * 16));
-#pragma unroll
-        for (int dp = 0; dp < (kDqT + 1) / 2; ++dp) {
-          uint32_t bfr[4];
-          // Odd kDqT (d96): the last x4 also reads the next 8 columns (inside the
-          // padded row) and ignores them.
-          ldmatrix_x4_trans(bfr, k_kn + 2 * (kk * 16 * kS + dp * 16));
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
-            if (2 * dp + 1 < kDqT) mma16816<T>(acc[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
-          }
-        }
-      }
       // This warp's tiles: rows row16 + 16 mt (kBM % 32 == 0: tile boundaries),
       // columns col8 + 8 i. One pointer per step and constant strides (launch.h):
       // recomputing the full tile offset per reduction cost ~150 integer
       // instructions per step (ncu source page, d128), ~15% of the loop.
-      const int row16 = m0 + wm * 32, col8 = wn * kDqT * 8;
+      const int row16 = m0 + wm * 32;
       const int dqc = dq_accum_cols(d);
       const int row_stride = dq_accum_row_tile_stride(dqc);
       float* slab = dq_acc.base + h * dq_acc.head_stride;
-      float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, dqc, lane);
-      if (d == kD && row16 + 32 <= sq) {  // warp-uniform: all but tail tiles and padded head dims
-        constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
+#pragma unroll
+      for (int ch = 0; ch < kDqT / kChunk; ++ch) {
+        const int col8 = (wn * kDqT + ch * kChunk) * 8;
+        const uint32_t k_kn = smem_u32(sK) + 2 * (col8 + b_kn_lane_off<kS>(lane));
+        float acc[2][kChunk][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int i = 0; i < kDqT; ++i) dq_accum_add(dqa + mt * kRowStride + i * kDqAccumColTileStride, acc[mt][i]);
-      } else {
-        auto add = [&](int mt, int i) { dq_accum_add(dqa + mt * row_stride + i * kDqAccumColTileStride, acc[mt][i]); };
+          for (int i = 0; i < kChunk; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+          uint32_t a[2][4];
 #pragma unroll
-          for (int i = 0; i < kDqT; ++i)
-            if (row16 + mt * 16 < sq && col8 + i * 8 < d) add(mt, i);
+          for (int mt = 0; mt < 2; ++mt)
+            ldmatrix_x4_trans(a[mt], ds_km + 2 * (kk * 16 * kSP + mt * 16));
+#pragma unroll
+          for (int dp = 0; dp < (kChunk + 1) / 2; ++dp) {
+            uint32_t bfr[4];
+            // Odd kChunk (d96, d160): the last x4 also reads the next 8 columns
+            // (inside the padded row) and ignores them.
+            ldmatrix_x4_trans(bfr, k_kn + 2 * (kk * 16 * kS + dp * 16));
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              mma16816<T>(acc[mt][2 * dp], a[mt], bfr[0], bfr[1]);
+              if (2 * dp + 1 < kChunk) mma16816<T>(acc[mt][2 * dp + 1], a[mt], bfr[2], bfr[3]);
+            }
+          }
+        }
+        float* dqa = slab + static_cast<int64_t>(row16 / 16) * row_stride + dq_accum_tile_offset(0, col8, dqc, lane);
+        if (d == kD && row16 + 32 <= sq) {  // warp-uniform: all but tail tiles and padded head dims
+          constexpr int kRowStride = kD / 8 * 128;  // dq_accum_row_tile_stride(kD): immediate offsets
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int i = 0; i < kChunk; ++i) dq_accum_add(dqa + mt * kRowStride + i * kDqAccumColTileStride, acc[mt][i]);
+        } else {
+          auto add = [&](int mt, int i) { dq_accum_add(dqa + mt * row_stride + i * kDqAccumColTileStride, acc[mt][i]); };
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int i = 0; i < kChunk; ++i)
+              if (row16 + mt * 16 < sq && col8 + i * 8 < d) add(mt, i);
+        }
       }
     }
     end_step();
@@ -1475,6 +1500,39 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   }
 }
 
+// The largest dynamic shared memory a block of the current device may opt in to
+// (0 if unknown), cached per device.
+inline int device_smem_optin_bytes() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    const int c = cached[device].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (device >= 0 && device < kMaxDevices) cached[device].store(bytes, std::memory_order_relaxed);
+  return bytes;
+}
+
+// ORCHARD_BWD_TWO_PASS=1: d > 128 backward on the two-pass kernel even where the
+// one-pass kernel fits (A/B and a fallback while the one-pass kernel is new).
+inline bool bwd_force_two_pass() {
+  static const bool force = [] {
+    const char* e = std::getenv("ORCHARD_BWD_TWO_PASS");
+    return e != nullptr && e[0] == '1';
+  }();
+  return force;
+}
+
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   set_max_dynamic_smem(kernel, bytes);  // once per (kernel, device): launch.h
@@ -1498,9 +1556,14 @@ void launch_flash_bwd(const BwdParams& p) {
                       stream);
   }
 
+  // d <= 128: always the FA2-layout kernel. d > 128: the same kernel with 64-key
+  // CTAs when the device gives a block its shared memory (d256: 217 KB, H100/H200;
+  // not A100's 163 KB or Ada's 99 KB), else the two-pass kernel (dV, then dK + dQ).
   constexpr bool kV2 = kD <= 128;
-  if constexpr (kV2) {
-    using Cfg2 = BwdConfig2<kD>;
+  using Cfg2 = BwdConfig2<kD>;
+  const int smem2 = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
+  const bool use_v2 = kV2 || (!bwd_force_two_pass() && smem2 <= device_smem_optin_bytes());
+  if (use_v2) {
     const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
     const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
     const bool bias = p.attn_bias != nullptr;
@@ -1510,14 +1573,13 @@ void launch_flash_bwd(const BwdParams& p) {
                                     : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false, false>);
     if (grid > 0) {
       // attn_bias: its tile in sdS and past the end.
-      const int smem = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
-      set_smem(kernel, smem);
-      kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p), vec);
+      set_smem(kernel, smem2);
+      kernel<<<static_cast<unsigned>(grid), 256, smem2, stream>>>(p, nb, causal_head_group(p), vec);
       check_launch("flash_bwd_dkdv2_kernel");
     }
   }
   const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t grid_kv = kV2 ? 0 : static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
+  const int64_t grid_kv = use_v2 ? 0 : static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
   const int bias_smem = p.attn_bias != nullptr ? Cfg::kBiasBytes : 0;  // attn_bias: its staged tiles
   auto run_dkdv = [&](auto kernel) {
     set_smem(kernel, Cfg::kSmemBytes + bias_smem);

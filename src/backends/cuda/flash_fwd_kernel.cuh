@@ -59,7 +59,10 @@ struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
   static constexpr int kNWarps = 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
-  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32));
+  // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
+  // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
+  // barrier / softmax bookkeeping (issue #16: d96 was 0.90x FA2 with 32).
+  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 96 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32)));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   // K and V tiles (streamed every step) swizzled where the head dim allows
@@ -289,8 +292,10 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
               g(s[mt][nt][c], dc - dr, dc);
             }
       };
-      apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
-                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t);
+      apply_score_mods<-16 * kMW, kBN>(each, p.scale, p.softcap,
+                                       alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
+                                       tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base,
+                                       sk - n0 - 2 * t);
       if constexpr (kBias) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
         const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
