@@ -29,6 +29,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
 
@@ -352,11 +353,9 @@ void backward_impl(const BwdParams& p) {
         std::max(round_up((skp + want - 1) / want, kBlockN), round_up(256, kBlockN));
     const std::int64_t nkv = (skp + kv_piece - 1) / kv_piece;
     const std::int64_t jobs_per_pair = 3 * nkv + g * nq;
-    ORCHARD_OMP("omp parallel")
-    {
+    run_parallel(np * jobs_per_pair, [&](int, TaskQueue& tasks) {
       std::vector<T> orow(dvp), qrow(dp), dorow(dvp);
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < np * jobs_per_pair; ++t) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local = t / jobs_per_pair;
         const std::int64_t job = t % jobs_per_pair;
         const std::int64_t pair = pair0 + local;
@@ -399,15 +398,13 @@ void backward_impl(const BwdParams& p) {
                                st.vt + c0 * dvp);
         }
       }
-    }
+    });
     const std::int64_t ntasks1 = np * slots;
     const std::int64_t ntasks2 = np * g * nrb;
-    ORCHARD_OMP("omp parallel")
-    {
+    run_parallel(ntasks1, [&](int, TaskQueue& tasks) {
       BwdScratch<T> w(std::max(dp, dvp));
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < ntasks1; ++t) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local = t / slots;
         const int slot = static_cast<int>(t % slots);
         const std::int64_t pair = pair0 + local;
@@ -418,9 +415,11 @@ void backward_impl(const BwdParams& p) {
           dkdv_block(p, geo, st, static_cast<int>(pair / p.hkv), static_cast<int>(pair % p.hkv),
                      cb * kBlockN, dq_slot, w);
       }
-      // (the barrier above: pass 2 reads every slot of pass 1)
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < ntasks2; ++t) {
+    });
+    // Pass 2 reads every slot of pass 1: a second job (run_parallel returns
+    // only when all of pass 1's tasks have finished).
+    run_parallel(ntasks2, [&](int, TaskQueue& tasks) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;
@@ -428,7 +427,7 @@ void backward_impl(const BwdParams& p) {
         dq_reduce(p, geo, pair_stage(local).dq_slots, slots, static_cast<int>(pair / p.hkv),
                   static_cast<int>(pair % p.hkv), gi, i0);
       }
-    }
+    });
   }
   // dsink[h] = -sum over (batch, row) of exp(sink - lse) * D: P of the sink
   // times the softmax backward's -D (the sink carries no value).

@@ -30,6 +30,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
 
@@ -227,39 +228,38 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t piece =
         std::max(round_up((skp + want - 1) / want, bn), round_up(256, bn));
     const std::int64_t npieces = (skp + piece - 1) / piece;
-    ORCHARD_OMP("omp parallel for schedule(dynamic, 1)")
-    for (std::int64_t t = 0; t < 2 * np * npieces; ++t) {
-      const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
-      const bool is_k = (t / npieces) % 2 == 0;
-      const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
-      const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
-      const SeqSpan span = seq_span(p, static_cast<int>(bi));
-      const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
-      const int rows_pad = static_cast<int>(c1 - c0);
-      const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
-                                kh * p.k_head_stride;
-      const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
-                                kh * p.v_head_stride;
-      const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
-      if (geo.bf16) {
-        if (is_k)
-          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16.get() + kto);
-        else
-          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16.get() + vo);
-      } else if (is_k) {
-        load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
-                             kt.get() + kto);
-      } else {
-        load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v.get() + vo);
+    run_parallel(2 * np * npieces, [&](int, TaskQueue& tasks) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+        const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
+        const bool is_k = (t / npieces) % 2 == 0;
+        const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
+        const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
+        const SeqSpan span = seq_span(p, static_cast<int>(bi));
+        const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
+        const int rows_pad = static_cast<int>(c1 - c0);
+        const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
+                                  kh * p.k_head_stride;
+        const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
+                                  kh * p.v_head_stride;
+        const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
+        if (geo.bf16) {
+          if (is_k)
+            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16.get() + kto);
+          else
+            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16.get() + vo);
+        } else if (is_k) {
+          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                               kt.get() + kto);
+        } else {
+          load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v.get() + vo);
+        }
       }
-    }
+    });
     const std::int64_t ntasks = np * g * nrb;
-    ORCHARD_OMP("omp parallel")
-    {
+    run_parallel(ntasks, [&](int, TaskQueue& tasks) {
       FwdScratch<T> w(bm, dp, dvp, bn, geo.bf16);
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < ntasks; ++t) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local_pair = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         // Last row blocks first: under a causal mask they are the longest
@@ -276,7 +276,7 @@ void forward_impl(const FwdParams& p) {
                          geo.bf16 ? nullptr : v.get() + vo, geo.bf16 ? kt16.get() + ko : nullptr,
                          geo.bf16 ? v16.get() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
-    }
+    });
   }
   if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
 }
