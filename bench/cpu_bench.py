@@ -77,6 +77,9 @@ def main():
           + ab_head)
     print("|---|---|---|---|---|---|---|" + ("---|---|" if args.ab else ""), flush=True)
 
+    def ms(t):  # "-" for a phase not timed (--no-bwd)
+        return "-" if math.isinf(t) else f"{1e3 * t:.1f}"
+
     @contextlib.contextmanager
     def env_for(name):  # the --ab variable, set around the ab contestant's calls only
         if name != "ab":
@@ -130,10 +133,10 @@ def main():
                 rb = best[("torch", "fb")] / best[("orchard", "fb")] if not args.no_bwd else math.nan
                 ratios += [rf] + ([] if args.no_bwd else [rb])
                 print(f"| {b},{h},{s},{d} | {dname} | {causal} | "
-                      f"{1e3 * best[('orchard', 'f')]:.1f} / {1e3 * best[('orchard', 'fb')]:.1f} | "
-                      f"{1e3 * best[('torch', 'f')]:.1f} / {1e3 * best[('torch', 'fb')]:.1f} | "
+                      f"{ms(best[('orchard', 'f')])} / {ms(best[('orchard', 'fb')])} | "
+                      f"{ms(best[('torch', 'f')])} / {ms(best[('torch', 'fb')])} | "
                       f"{rf:.2f}x | {rb:.2f}x |" + (
-                          f" {1e3 * best[('ab', 'f')]:.1f} / {1e3 * best[('ab', 'fb')]:.1f} | "
+                          f" {ms(best[('ab', 'f')])} / {ms(best[('ab', 'fb')])} | "
                           f"{best[('ab', 'f')] / best[('orchard', 'f')]:.2f} / "
                           f"{best[('ab', 'fb')] / best[('orchard', 'fb')]:.2f} |" if args.ab else ""),
                       flush=True)

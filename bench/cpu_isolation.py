@@ -10,7 +10,10 @@ still spins on every core.
 
 Per shape and dtype, forward only, min wall ms of `--reps`: orchard alone
 (back to back), torch alone, orchard right after a torch call, orchard after a
-torch call and a 50 ms sleep, torch right after an orchard call.
+torch call and a 50 ms sleep, torch right after an orchard call, torch after an
+orchard call and a 50 ms sleep (both pools asleep: what waking costs each).
+ORCHARD_CPU_POOL=0 in the environment times Orchard's OpenMP loops instead of
+its own pool (src/backends/cpu/task_pool.h).
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ def main():
     env = {k: v for k, v in os.environ.items() if k.startswith(("ORCHARD_", "OMP_", "GOMP_"))}
     print(f"### {threads} threads, torch {torch.__version__}, env {env}\n")
     print("| b,h,s,d | dtype | orchard alone | torch alone | orchard after torch | "
-          "orchard after torch + 50 ms | torch after orchard |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+          "orchard after torch + 50 ms | torch after orchard | torch after orchard + 50 ms |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     ours, theirs = orchard.scaled_dot_product_attention, F.scaled_dot_product_attention
     for (b, h, s, d) in [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 128), (1, 1, 8192, 128)]:
         for dtype in [getattr(torch, n) for n in args.dtypes.split(",")]:
@@ -51,7 +54,7 @@ def main():
                 call(ours), call(theirs)
                 alone_o = min(call(ours) for _ in range(args.reps))
                 alone_t = min(call(theirs) for _ in range(args.reps))
-                after_t, after_sleep, after_o = [], [], []
+                after_t, after_sleep, after_o, after_o_sleep = [], [], [], []
                 for _ in range(args.reps):
                     call(theirs)
                     after_t.append(call(ours))
@@ -60,9 +63,12 @@ def main():
                     call(theirs)
                     time.sleep(0.05)
                     after_sleep.append(call(ours))
+                    time.sleep(0.05)
+                    after_o_sleep.append(call(theirs))
             ms = lambda x: f"{1e3 * x:.2f}"  # noqa: E731
             print(f"| {b},{h},{s},{d} | {str(dtype)[6:]} | {ms(alone_o)} | {ms(alone_t)} | "
-                  f"{ms(min(after_t))} | {ms(min(after_sleep))} | {ms(min(after_o))} |", flush=True)
+                  f"{ms(min(after_t))} | {ms(min(after_sleep))} | {ms(min(after_o))} | "
+                  f"{ms(min(after_o_sleep))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -202,10 +202,18 @@ void forward_impl(const FwdParams& p) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();
   }
-  const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
-  const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
+  const std::int64_t nthreads = cpu_threads();
+  // Few tasks for the threads (b1 h8 s512 on 16 threads: 32 of 128 rows):
+  // 64-row tasks. The tile A/B on the 16-core AMX host (bench/RESULTS.md,
+  // orchard alone) had 64 x 256 at 0.42 / 0.64 ms vs 128 x 256 at 0.45 / 0.67
+  // (s512 d64 / d128) and 128 rows ahead from s2k (4+ tasks per thread).
+  if (geo.bf16 && bf16_fwd_block_m_is_default() &&
+      npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < 4 * nthreads)
+    geo.bm = kAmxSmallBlockM;
+  const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
+  const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const std::int64_t nrb = (p.sq + bm - 1) / bm;
   const std::size_t pair_bytes =
       std::max<std::size_t>(1, skp * (dp + dvp) * (geo.bf16 ? 2 : sizeof(T)));
@@ -220,7 +228,6 @@ void forward_impl(const FwdParams& p) {
   // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
   // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
   // every thread work; ~4 jobs per thread, at least 256 rows each.
-  const std::int64_t nthreads = num_threads();
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);

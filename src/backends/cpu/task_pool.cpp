@@ -130,12 +130,13 @@ class Pool {
     }
   }
 
-  std::mutex mu_;
+  // gen_ on its own cache line: spinning workers poll it, the mutex's line is written.
+  alignas(64) std::atomic<std::uint64_t> gen_{0};  // bumped under mu_ per job
+  alignas(64) std::mutex mu_;
   std::condition_variable cv_;
-  Job* job_ = nullptr;                 // the job open for joining (under mu_)
-  std::atomic<std::uint64_t> gen_{0};  // bumped under mu_ per job
-  int sleepers_ = 0;                   // under mu_
-  int nworkers_ = 0;                   // touched by the pool's holder only
+  Job* job_ = nullptr;  // the job open for joining (under mu_)
+  int sleepers_ = 0;    // under mu_
+  int nworkers_ = 0;    // touched by the pool's holder only
   std::atomic<bool> busy_{false};
   const std::chrono::nanoseconds spin_;
 };
