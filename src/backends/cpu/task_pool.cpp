@@ -48,9 +48,14 @@ struct Job {
 
 thread_local bool t_pool_thread = false;
 
+// How long an idle worker spins before it sleeps (ORCHARD_CPU_SPIN_US): long
+// enough to bridge the jobs of one call and the autograd step between a
+// forward and its backward, short against libgomp's default (300k pause
+// loops: milliseconds), so the workers do not spin through torch's next op.
+constexpr long kDefaultSpinUs = 200;
+
 class Pool {
  public:
-  Pool() : spin_(std::chrono::microseconds(env_long("ORCHARD_CPU_SPIN_US", 50))) {}
 
   // Claims the pool for one caller; false while another caller holds it.
   bool try_acquire() { return !busy_.exchange(true, std::memory_order_acquire); }
@@ -58,6 +63,8 @@ class Pool {
 
   // Runs job with the caller as slot 0; the caller holds the pool.
   void run(Job& job) {
+    // Read per call (~50 ns), so a benchmark can A/B it in one process.
+    spin_us_.store(env_long("ORCHARD_CPU_SPIN_US", kDefaultSpinUs), std::memory_order_relaxed);
     ensure_workers(job.nslots - 1);
     bool wake = false;
     {
@@ -99,10 +106,11 @@ class Pool {
     t_pool_thread = true;
     for (;;) {
       // Spin briefly for the next job, then sleep until one is published.
-      auto t0 = std::chrono::steady_clock::now();
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto spin = std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
       for (int i = 1; gen_.load(std::memory_order_acquire) == seen; ++i) {
         cpu_relax();
-        if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > spin_) {
+        if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > spin) {
           std::unique_lock<std::mutex> lk(mu_);
           ++sleepers_;
           cv_.wait(lk, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
@@ -138,7 +146,7 @@ class Pool {
   int sleepers_ = 0;    // under mu_
   int nworkers_ = 0;    // touched by the pool's holder only
   std::atomic<bool> busy_{false};
-  const std::chrono::nanoseconds spin_;
+  std::atomic<long> spin_us_{kDefaultSpinUs};
 };
 
 // Leaked on purpose: detached workers may still sleep on it at exit. A forked

@@ -8,9 +8,10 @@
 // ~1 ms instead of 0.37 (bench/RESULTS.md, cpu_isolation). Here the caller
 // starts on the tasks at once, a worker that wakes late joins only while
 // tasks are left, and the caller waits only for workers that took part.
-// Workers spin ORCHARD_CPU_SPIN_US (default 50) after their last task, so the
-// staging job and the compute job of one call (microseconds apart) need no
-// wake-up, then sleep: they never spin through the caller's next torch op.
+// Workers spin ORCHARD_CPU_SPIN_US (default 200, read per call) after their
+// last task, so the jobs of one call and a backward right after its forward
+// need no wake-up, then sleep: they do not spin through the caller's next
+// torch op (libgomp's default spin lasts milliseconds).
 //
 // ORCHARD_CPU_POOL=0 runs the same participant function under `omp parallel`
 // (the A/B switch). Task indices are handed out in increasing order, one at
