@@ -29,6 +29,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
@@ -306,12 +307,17 @@ void backward_impl(const BwdParams& p) {
   const std::int64_t chunk = std::clamp<std::int64_t>(
       g_stage_budget_bytes / std::max<std::size_t>(1, pair_elems * sizeof(T) + pair_elems16 * 2), 1,
       npairs);
-  std::vector<T> stage(std::size_t(chunk) * pair_elems);
-  std::vector<std::uint16_t> stage16(std::size_t(chunk) * pair_elems16);
+  // Not zeroed (was: value-initialised vectors, a single-threaded memset of up
+  // to the whole stage budget per call): staging writes every element the
+  // passes read, pass 1 zeroes each dQ slot (stage_buffer.h; poison-tested).
+  const StageBuffer stage_buf(StageSlot::kBackward, std::size_t(chunk) * pair_elems * sizeof(T));
+  const StageBuffer stage16_buf(StageSlot::kBackward16, std::size_t(chunk) * pair_elems16 * 2);
+  T* const stage = stage_buf.as<T>();
+  std::uint16_t* const stage16 = stage16_buf.as<std::uint16_t>();
   auto pair_stage = [&](std::int64_t local) {
     PairStage<T> s{};
     if (geo.bf16) {
-      std::uint16_t* b16 = stage16.data() + std::size_t(local) * pair_elems16;
+      std::uint16_t* b16 = stage16 + std::size_t(local) * pair_elems16;
       s.kt16 = b16;
       s.kp16 = s.kt16 + skp * dp;
       s.vt16 = s.kp16 + skp * dp;
@@ -319,12 +325,12 @@ void backward_impl(const BwdParams& p) {
       s.do16 = s.q16 + std::int64_t(g) * p.sq * dp;
       s.qp16 = s.do16 + std::int64_t(g) * p.sq * dvp;
       s.dop16 = s.qp16 + std::int64_t(g) * geo.sqe * dp;
-      s.lse2 = stage.data() + std::size_t(local) * pair_elems;
+      s.lse2 = stage + std::size_t(local) * pair_elems;
       s.dsum = s.lse2 + std::int64_t(g) * p.sq;
       s.dq_slots = s.dsum + std::int64_t(g) * p.sq;
       return s;
     }
-    T* base = stage.data() + std::size_t(local) * pair_elems;
+    T* base = stage + std::size_t(local) * pair_elems;
     s.kt = base;
     s.k = s.kt + skp * dp;
     s.vt = s.k + skp * dp;

@@ -30,6 +30,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
@@ -220,11 +221,17 @@ void forward_impl(const FwdParams& p) {
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
   const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
-  // Not value-initialised: the staging below writes every element (padding
-  // included), in parallel, so no single-threaded memset precedes it.
-  std::unique_ptr<T[]> kt(geo.bf16 ? nullptr : new T[kt_elems]), v(geo.bf16 ? nullptr : new T[v_elems]);
-  std::unique_ptr<std::uint16_t[]> kt16(geo.bf16 ? new std::uint16_t[kt_elems] : nullptr),
-      v16(geo.bf16 ? new std::uint16_t[v_elems] : nullptr);
+  // Not zeroed: the staging below writes every element (padding included),
+  // in parallel, so no single-threaded memset precedes it (stage_buffer.h).
+  const std::size_t esize = geo.bf16 ? 2 : sizeof(T);
+  const std::size_t v_offset = round_up(kt_elems * esize, 64);
+  const StageBuffer buf(StageSlot::kForward, v_offset + v_elems * esize);
+  std::byte* const base = buf.as<std::byte>();
+  T* const kt_p = geo.bf16 ? nullptr : reinterpret_cast<T*>(base);
+  T* const v_p = geo.bf16 ? nullptr : reinterpret_cast<T*>(base + v_offset);
+  std::uint16_t* const kt16_p = geo.bf16 ? reinterpret_cast<std::uint16_t*>(base) : nullptr;
+  std::uint16_t* const v16_p = geo.bf16 ? reinterpret_cast<std::uint16_t*>(base + v_offset) : nullptr;
+
   // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
   // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
   // every thread work; ~4 jobs per thread, at least 256 rows each.
@@ -251,14 +258,14 @@ void forward_impl(const FwdParams& p) {
         const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
         if (geo.bf16) {
           if (is_k)
-            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16.get() + kto);
+            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto);
           else
-            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16.get() + vo);
+            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo);
         } else if (is_k) {
           load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
-                               kt.get() + kto);
+                               kt_p + kto);
         } else {
-          load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v.get() + vo);
+          load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v_p + vo);
         }
       }
     });
@@ -279,9 +286,9 @@ void forward_impl(const FwdParams& p) {
         if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
         const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
         const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
-        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.get() + ko,
-                         geo.bf16 ? nullptr : v.get() + vo, geo.bf16 ? kt16.get() + ko : nullptr,
-                         geo.bf16 ? v16.get() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
+        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt_p + ko,
+                         geo.bf16 ? nullptr : v_p + vo, geo.bf16 ? kt16_p + ko : nullptr,
+                         geo.bf16 ? v16_p + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
     });
   }
