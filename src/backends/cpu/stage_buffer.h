@@ -48,6 +48,15 @@ class StageBuffer {
     return reinterpret_cast<T*>(data_);
   }
 
+  // ORCHARD_CPU_POISON_STAGE=1 (read once): fill reused buffers with NaN / 0xFF.
+  static bool poison() {
+    static const bool on = [] {
+      const char* e = std::getenv("ORCHARD_CPU_POISON_STAGE");
+      return e && e[0] == '1';
+    }();
+    return on;
+  }
+
  private:
   struct Kept {
     std::unique_ptr<std::byte[]> data;
@@ -56,13 +65,6 @@ class StageBuffer {
   static Kept* kept() {
     thread_local Kept k[static_cast<int>(StageSlot::kCount)];
     return k;
-  }
-  static bool poison() {
-    static const bool on = [] {
-      const char* e = std::getenv("ORCHARD_CPU_POISON_STAGE");
-      return e && e[0] == '1';
-    }();
-    return on;
   }
   std::byte* data_ = nullptr;
   std::unique_ptr<std::byte[]> own_;
