@@ -151,19 +151,25 @@ class Pool {
 
 // Leaked on purpose: detached workers may still sleep on it at exit. A forked
 // child has none of the parent's workers (and maybe a held mutex): it starts
-// a new pool.
-Pool* g_pool = nullptr;
+// a new pool. No lock on this path, so a fork cannot leave one held here.
+std::atomic<Pool*> g_pool{nullptr};
 std::once_flag g_atfork_once;
 
 Pool& pool() {
-  std::call_once(g_atfork_once, [] { pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; }); });
-  static std::mutex create_mu;
-  std::lock_guard<std::mutex> lk(create_mu);
-  if (!g_pool) g_pool = new Pool();
-  return *g_pool;
+  std::call_once(g_atfork_once, [] {
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr, std::memory_order_relaxed); });
+  });
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    Pool* fresh = new Pool();  // no workers until its first job: safe to drop
+    if (g_pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel))
+      p = fresh;
+    else
+      delete fresh;
+  }
+  return *p;
 }
 
-// Read per call (~50 ns) so a benchmark can A/B the two in one process.
 bool pool_enabled() { return env_long("ORCHARD_CPU_POOL", 1) != 0; }
 
 }  // namespace
