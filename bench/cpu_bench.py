@@ -3,6 +3,13 @@ to its own fused flash-attention CPU kernel), same process, same threads,
 same tensors, the two interleaved rep by rep.
 
     OMP_NUM_THREADS=2 python bench/cpu_bench.py [--reps 5] [--grid quick|full] [--clock cpu|wall]
+        [--ab ORCHARD_CPU_POOL=0]
+
+--ab NAME=VALUE adds a third contestant, Orchard with that environment variable
+set around each of its calls (for switches the C++ side reads per call, e.g.
+ORCHARD_CPU_POOL=0: the OpenMP loops instead of Orchard's pool), interleaved
+with the other two; its columns give ms and the ratio Orchard-with-it / Orchard
+(> 1: the default is faster).
 
 The default clock is the process's CPU time (time.process_time), min over
 reps: on a shared machine other jobs inflate wall time but not our CPU time.
@@ -16,6 +23,7 @@ then autograd.grad). FLOPs: 4*b*h*s*s*d fwd, halved causal, x2.5 bwd.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -48,6 +56,7 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--ab", default="", help="NAME=VALUE: also time Orchard with this env var set")
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
@@ -62,8 +71,29 @@ def main():
     print(f"### CPU: {platform.processor() or platform.machine()}, {threads} threads, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}Z, commit {commit}, torch {torch.__version__}, "
           f"{args.clock} time, min of {args.reps}\n")
-    print("| b,h,s,d | dtype | causal | orchard fwd / f+b ms | torch fwd / f+b ms | ratio fwd | ratio f+b |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    ab_name, _, ab_value = args.ab.partition("=")
+    ab_head = f" orchard {args.ab} fwd / f+b ms | its time / default's fwd / f+b |" if args.ab else ""
+    print("| b,h,s,d | dtype | causal | orchard fwd / f+b ms | torch fwd / f+b ms | ratio fwd | ratio f+b |"
+          + ab_head)
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.ab else ""), flush=True)
+
+    def ms(t):  # "-" for a phase not timed (--no-bwd)
+        return "-" if math.isinf(t) else f"{1e3 * t:.1f}"
+
+    @contextlib.contextmanager
+    def env_for(name):  # the --ab variable, set around the ab contestant's calls only
+        if name != "ab":
+            yield
+            return
+        old = os.environ.get(ab_name)
+        os.environ[ab_name] = ab_value
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[ab_name]
+            else:
+                os.environ[ab_name] = old
     ratios = []
     for (b, h, s, d) in GRIDS[args.grid]:
         for dname in args.dtypes.split(","):
@@ -75,6 +105,8 @@ def main():
                 dout = torch.randn(b, h, s, d, dtype=dtype, generator=g)
                 fns = {"orchard": orchard.scaled_dot_product_attention,
                        "torch": F.scaled_dot_product_attention}
+                if args.ab:
+                    fns["ab"] = orchard.scaled_dot_product_attention
 
                 def fwd(fn):
                     with torch.no_grad():
@@ -88,20 +120,26 @@ def main():
                 phases = [("f", fwd)] + ([] if args.no_bwd else [("fb", fwdbwd)])
                 for n, fn in fns.items():  # warm-up
                     for _, ph in phases:
-                        ph(fn)
+                        with env_for(n):
+                            ph(fn)
                 for _ in range(args.reps):
                     for n, fn in fns.items():
                         for name, ph in phases:
-                            t0 = clock()
-                            ph(fn)
-                            best[(n, name)] = min(best[(n, name)], clock() - t0)
+                            with env_for(n):
+                                t0 = clock()
+                                ph(fn)
+                                best[(n, name)] = min(best[(n, name)], clock() - t0)
                 rf = best[("torch", "f")] / best[("orchard", "f")]
                 rb = best[("torch", "fb")] / best[("orchard", "fb")] if not args.no_bwd else math.nan
                 ratios += [rf] + ([] if args.no_bwd else [rb])
                 print(f"| {b},{h},{s},{d} | {dname} | {causal} | "
-                      f"{1e3 * best[('orchard', 'f')]:.1f} / {1e3 * best[('orchard', 'fb')]:.1f} | "
-                      f"{1e3 * best[('torch', 'f')]:.1f} / {1e3 * best[('torch', 'fb')]:.1f} | "
-                      f"{rf:.2f}x | {rb:.2f}x |", flush=True)
+                      f"{ms(best[('orchard', 'f')])} / {ms(best[('orchard', 'fb')])} | "
+                      f"{ms(best[('torch', 'f')])} / {ms(best[('torch', 'fb')])} | "
+                      f"{rf:.2f}x | {rb:.2f}x |" + (
+                          f" {ms(best[('ab', 'f')])} / {ms(best[('ab', 'fb')])} | "
+                          f"{best[('ab', 'f')] / best[('orchard', 'f')]:.2f} / "
+                          f"{best[('ab', 'fb')] / best[('orchard', 'fb')]:.2f} |" if args.ab else ""),
+                      flush=True)
     gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"\ngeomean ratio {gm:.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x")
 

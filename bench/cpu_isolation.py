@@ -10,7 +10,11 @@ still spins on every core.
 
 Per shape and dtype, forward only, min wall ms of `--reps`: orchard alone
 (back to back), torch alone, orchard right after a torch call, orchard after a
-torch call and a 50 ms sleep, torch right after an orchard call.
+torch call and a 50 ms sleep, torch right after an orchard call, torch after an
+orchard call and a 50 ms sleep (both pools asleep: what waking costs each).
+Each shape runs once per `--pools` value (default "1,0"): ORCHARD_CPU_POOL=1 is
+Orchard's own task pool, 0 its OpenMP loops (src/backends/cpu/task_pool.h;
+read per call, so both run in this one process).
 """
 from __future__ import annotations
 
@@ -28,14 +32,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--pools", default="1,0", help="ORCHARD_CPU_POOL values to time")
     args = ap.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)
     env = {k: v for k, v in os.environ.items() if k.startswith(("ORCHARD_", "OMP_", "GOMP_"))}
     print(f"### {threads} threads, torch {torch.__version__}, env {env}\n")
-    print("| b,h,s,d | dtype | orchard alone | torch alone | orchard after torch | "
-          "orchard after torch + 50 ms | torch after orchard |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| b,h,s,d | dtype | pool | orchard alone | torch alone | orchard after torch | "
+          "orchard after torch + 50 ms | torch after orchard | torch after orchard + 50 ms |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     ours, theirs = orchard.scaled_dot_product_attention, F.scaled_dot_product_attention
     for (b, h, s, d) in [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 128), (1, 1, 8192, 128)]:
         for dtype in [getattr(torch, n) for n in args.dtypes.split(",")]:
@@ -47,22 +52,27 @@ def main():
                 fn(q, k, v)
                 return time.perf_counter() - t0
 
-            with torch.no_grad():
-                call(ours), call(theirs)
-                alone_o = min(call(ours) for _ in range(args.reps))
-                alone_t = min(call(theirs) for _ in range(args.reps))
-                after_t, after_sleep, after_o = [], [], []
-                for _ in range(args.reps):
-                    call(theirs)
-                    after_t.append(call(ours))
-                    after_o.append(call(theirs))
-                for _ in range(max(3, args.reps // 2)):
-                    call(theirs)
-                    time.sleep(0.05)
-                    after_sleep.append(call(ours))
-            ms = lambda x: f"{1e3 * x:.2f}"  # noqa: E731
-            print(f"| {b},{h},{s},{d} | {str(dtype)[6:]} | {ms(alone_o)} | {ms(alone_t)} | "
-                  f"{ms(min(after_t))} | {ms(min(after_sleep))} | {ms(min(after_o))} |", flush=True)
+            for pool in args.pools.split(","):
+                os.environ["ORCHARD_CPU_POOL"] = pool
+                with torch.no_grad():
+                    call(ours), call(theirs)
+                    alone_o = min(call(ours) for _ in range(args.reps))
+                    alone_t = min(call(theirs) for _ in range(args.reps))
+                    after_t, after_sleep, after_o, after_o_sleep = [], [], [], []
+                    for _ in range(args.reps):
+                        call(theirs)
+                        after_t.append(call(ours))
+                        after_o.append(call(theirs))
+                    for _ in range(max(3, args.reps // 2)):
+                        call(theirs)
+                        time.sleep(0.05)
+                        after_sleep.append(call(ours))
+                        time.sleep(0.05)
+                        after_o_sleep.append(call(theirs))
+                ms = lambda x: f"{1e3 * x:.2f}"  # noqa: E731
+                print(f"| {b},{h},{s},{d} | {str(dtype)[6:]} | {pool} | {ms(alone_o)} | {ms(alone_t)} | "
+                      f"{ms(min(after_t))} | {ms(min(after_sleep))} | {ms(min(after_o))} | "
+                      f"{ms(min(after_o_sleep))} |", flush=True)
 
 
 if __name__ == "__main__":

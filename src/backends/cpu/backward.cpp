@@ -29,6 +29,8 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_buffer.h"
+#include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
 
@@ -311,12 +313,17 @@ void backward_impl(const BwdParams& p) {
   const std::int64_t chunk = std::clamp<std::int64_t>(
       g_stage_budget_bytes / std::max<std::size_t>(1, pair_elems * sizeof(T) + pair_elems16 * 2), 1,
       npairs);
-  std::vector<T> stage(std::size_t(chunk) * pair_elems);
-  std::vector<std::uint16_t> stage16(std::size_t(chunk) * pair_elems16);
+  // Not zeroed (was: value-initialised vectors, a single-threaded memset of up
+  // to the whole stage budget per call): staging writes every element the
+  // passes read, pass 1 zeroes each dQ slot (stage_buffer.h; poison-tested).
+  const StageBuffer stage_buf(StageSlot::kBackward, std::size_t(chunk) * pair_elems * sizeof(T));
+  const StageBuffer stage16_buf(StageSlot::kBackward16, std::size_t(chunk) * pair_elems16 * 2);
+  T* const stage = stage_buf.as<T>();
+  std::uint16_t* const stage16 = stage16_buf.as<std::uint16_t>();
   auto pair_stage = [&](std::int64_t local) {
     PairStage<T> s{};
     if (geo.bf16) {
-      std::uint16_t* b16 = stage16.data() + std::size_t(local) * pair_elems16;
+      std::uint16_t* b16 = stage16 + std::size_t(local) * pair_elems16;
       s.kt16 = b16;
       s.kp16 = s.kt16 + skp * dp;
       s.vt16 = s.kp16 + skp * dp;
@@ -324,12 +331,12 @@ void backward_impl(const BwdParams& p) {
       s.do16 = s.q16 + std::int64_t(g) * p.sq * dp;
       s.qp16 = s.do16 + std::int64_t(g) * p.sq * dvp;
       s.dop16 = s.qp16 + std::int64_t(g) * geo.sqe * dp;
-      s.lse2 = stage.data() + std::size_t(local) * pair_elems;
+      s.lse2 = stage + std::size_t(local) * pair_elems;
       s.dsum = s.lse2 + std::int64_t(g) * p.sq;
       s.dq_slots = s.dsum + std::int64_t(g) * p.sq;
       return s;
     }
-    T* base = stage.data() + std::size_t(local) * pair_elems;
+    T* base = stage + std::size_t(local) * pair_elems;
     s.kt = base;
     s.k = s.kt + skp * dp;
     s.vt = s.k + skp * dp;
@@ -358,11 +365,9 @@ void backward_impl(const BwdParams& p) {
         std::max(round_up((skp + want - 1) / want, kBlockN), round_up(256, kBlockN));
     const std::int64_t nkv = (skp + kv_piece - 1) / kv_piece;
     const std::int64_t jobs_per_pair = 3 * nkv + g * nq;
-    ORCHARD_OMP("omp parallel")
-    {
+    run_parallel(np * jobs_per_pair, [&](int, TaskQueue& tasks) {
       std::vector<T> orow(dvp), qrow(dp), dorow(dvp);
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < np * jobs_per_pair; ++t) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local = t / jobs_per_pair;
         const std::int64_t job = t % jobs_per_pair;
         const std::int64_t pair = pair0 + local;
@@ -405,15 +410,13 @@ void backward_impl(const BwdParams& p) {
                                st.vt + c0 * dvp);
         }
       }
-    }
+    });
     const std::int64_t ntasks1 = np * slots;
     const std::int64_t ntasks2 = np * g * nrb;
-    ORCHARD_OMP("omp parallel")
-    {
+    run_parallel(ntasks1, [&](int, TaskQueue& tasks) {
       BwdScratch<T> w(std::max(dp, dvp));
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < ntasks1; ++t) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local = t / slots;
         const int slot = static_cast<int>(t % slots);
         const std::int64_t pair = pair0 + local;
@@ -424,9 +427,11 @@ void backward_impl(const BwdParams& p) {
           dkdv_block(p, geo, st, static_cast<int>(pair / p.hkv), static_cast<int>(pair % p.hkv),
                      cb * kBlockN, dq_slot, w);
       }
-      // (the barrier above: pass 2 reads every slot of pass 1)
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < ntasks2; ++t) {
+    });
+    // Pass 2 reads every slot of pass 1: a second job (run_parallel returns
+    // only when all of pass 1's tasks have finished).
+    run_parallel(ntasks2, [&](int, TaskQueue& tasks) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;
@@ -434,7 +439,7 @@ void backward_impl(const BwdParams& p) {
         dq_reduce(p, geo, pair_stage(local).dq_slots, slots, static_cast<int>(pair / p.hkv),
                   static_cast<int>(pair % p.hkv), gi, i0);
       }
-    }
+    });
   }
   // dsink[h] = -sum over (batch, row) of exp(sink - lse) * D: P of the sink
   // times the softmax backward's -D (the sink carries no value).

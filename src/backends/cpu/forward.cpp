@@ -30,22 +30,44 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_buffer.h"
+#include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
 
 namespace orchard::cpu {
 namespace {
 
+// A task's tiles. One per thread, kept between calls (for_call): allocated
+// and zeroed per call and participant it cost ~290 KB of memset and a
+// malloc / free per thread per call on the AMX tiles, a visible share of an
+// s512 call of ~0.4 ms on 16 threads. Every element is written before it is
+// read; ORCHARD_CPU_POISON_STAGE=1 fills it with NaN / 0xFF per call to test that.
 template <class T>
 struct FwdScratch {
   std::vector<T> q, o, s, m, l;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
   std::vector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
-  FwdScratch(int bm, int dp, int dvp, int bn, bool bf16)
-      : q(bf16 ? 0 : std::size_t(bm) * dp), o(std::size_t(bm) * dvp), s(std::size_t(bm) * bn),
-        m(bm), l(bm), first(bm), nv(bm), keep(bn), q16(bf16 ? std::size_t(bm) * dp : 0),
-        p16(bf16 ? std::size_t(bm) * bn : 0) {}
+
+  static FwdScratch& for_call(int bm, int dp, int dvp, int bn, bool bf16) {
+    thread_local FwdScratch w;
+    const std::size_t qn = bf16 ? 0 : std::size_t(bm) * dp, q16n = bf16 ? std::size_t(bm) * dp : 0;
+    const std::size_t p16n = bf16 ? std::size_t(bm) * bn : 0;
+    w.q.resize(qn), w.o.resize(std::size_t(bm) * dvp), w.s.resize(std::size_t(bm) * bn);
+    w.m.resize(bm), w.l.resize(bm), w.first.resize(bm), w.nv.resize(bm), w.keep.resize(bn);
+    w.q16.resize(q16n), w.p16.resize(p16n);
+    if (StageBuffer::poison()) {
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      for (auto* v : {&w.q, &w.o, &w.s, &w.m, &w.l}) std::fill(v->begin(), v->end(), nan);
+      std::fill(w.first.begin(), w.first.end(), -1000000);
+      std::fill(w.nv.begin(), w.nv.end(), -1000000);
+      std::fill(w.keep.begin(), w.keep.end(), std::uint8_t(0xFF));
+      std::fill(w.q16.begin(), w.q16.end(), std::uint16_t(0xFFFF));
+      std::fill(w.p16.begin(), w.p16.end(), std::uint16_t(0xFFFF));
+    }
+    return w;
+  }
 };
 
 struct FwdGeometry {
@@ -201,25 +223,38 @@ void forward_impl(const FwdParams& p) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();
   }
-  const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
-  const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
+  const std::int64_t nthreads = cpu_threads();
+  // Few tasks for the threads (b1 h8 s512 on 16 threads: 32 of 128 rows):
+  // 64-row tasks. The tile A/B on the 16-core AMX host (bench/RESULTS.md,
+  // orchard alone) had 64 x 256 at 0.42 / 0.64 ms vs 128 x 256 at 0.45 / 0.67
+  // (s512 d64 / d128) and 128 rows ahead from s2k (4+ tasks per thread).
+  if (geo.bf16 && bf16_fwd_block_m_is_default() &&
+      npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < 4 * nthreads)
+    geo.bm = kAmxSmallBlockM;
+  const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
+  const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const std::int64_t nrb = (p.sq + bm - 1) / bm;
   const std::size_t pair_bytes =
       std::max<std::size_t>(1, skp * (dp + dvp) * (geo.bf16 ? 2 : sizeof(T)));
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
   const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
-  // Not value-initialised: the staging below writes every element (padding
-  // included), in parallel, so no single-threaded memset precedes it.
-  std::unique_ptr<T[]> kt(geo.bf16 ? nullptr : new T[kt_elems]), v(geo.bf16 ? nullptr : new T[v_elems]);
-  std::unique_ptr<std::uint16_t[]> kt16(geo.bf16 ? new std::uint16_t[kt_elems] : nullptr),
-      v16(geo.bf16 ? new std::uint16_t[v_elems] : nullptr);
+  // Not zeroed: the staging below writes every element (padding included),
+  // in parallel, so no single-threaded memset precedes it (stage_buffer.h).
+  const std::size_t esize = geo.bf16 ? 2 : sizeof(T);
+  const std::size_t v_offset = round_up(kt_elems * esize, 64);
+  const StageBuffer buf(StageSlot::kForward, v_offset + v_elems * esize);
+  std::byte* const base = buf.as<std::byte>();
+  T* const kt_p = geo.bf16 ? nullptr : reinterpret_cast<T*>(base);
+  T* const v_p = geo.bf16 ? nullptr : reinterpret_cast<T*>(base + v_offset);
+  std::uint16_t* const kt16_p = geo.bf16 ? reinterpret_cast<std::uint16_t*>(base) : nullptr;
+  std::uint16_t* const v16_p = geo.bf16 ? reinterpret_cast<std::uint16_t*>(base + v_offset) : nullptr;
+
   // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
   // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
   // every thread work; ~4 jobs per thread, at least 256 rows each.
-  const std::int64_t nthreads = num_threads();
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
@@ -227,39 +262,38 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t piece =
         std::max(round_up((skp + want - 1) / want, bn), round_up(256, bn));
     const std::int64_t npieces = (skp + piece - 1) / piece;
-    ORCHARD_OMP("omp parallel for schedule(dynamic, 1)")
-    for (std::int64_t t = 0; t < 2 * np * npieces; ++t) {
-      const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
-      const bool is_k = (t / npieces) % 2 == 0;
-      const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
-      const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
-      const SeqSpan span = seq_span(p, static_cast<int>(bi));
-      const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
-      const int rows_pad = static_cast<int>(c1 - c0);
-      const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
-                                kh * p.k_head_stride;
-      const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
-                                kh * p.v_head_stride;
-      const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
-      if (geo.bf16) {
-        if (is_k)
-          load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16.get() + kto);
-        else
-          load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16.get() + vo);
-      } else if (is_k) {
-        load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
-                             kt.get() + kto);
-      } else {
-        load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v.get() + vo);
+    run_parallel(2 * np * npieces, [&](int, TaskQueue& tasks) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+        const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
+        const bool is_k = (t / npieces) % 2 == 0;
+        const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
+        const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
+        const SeqSpan span = seq_span(p, static_cast<int>(bi));
+        const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
+        const int rows_pad = static_cast<int>(c1 - c0);
+        const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
+                                  kh * p.k_head_stride;
+        const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
+                                  kh * p.v_head_stride;
+        const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
+        if (geo.bf16) {
+          if (is_k)
+            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto);
+          else
+            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo);
+        } else if (is_k) {
+          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                               kt_p + kto);
+        } else {
+          load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v_p + vo);
+        }
       }
-    }
+    });
     const std::int64_t ntasks = np * g * nrb;
-    ORCHARD_OMP("omp parallel")
-    {
-      FwdScratch<T> w(bm, dp, dvp, bn, geo.bf16);
+    run_parallel(ntasks, [&](int, TaskQueue& tasks) {
+      FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
-      ORCHARD_OMP("omp for schedule(dynamic, 1)")
-      for (std::int64_t t = 0; t < ntasks; ++t) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local_pair = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         // Last row blocks first: under a causal mask they are the longest
@@ -272,11 +306,11 @@ void forward_impl(const FwdParams& p) {
         if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
         const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
         const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
-        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt.get() + ko,
-                         geo.bf16 ? nullptr : v.get() + vo, geo.bf16 ? kt16.get() + ko : nullptr,
-                         geo.bf16 ? v16.get() + vo : nullptr, bi, kh * g + gi, i0, rows, w);
+        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt_p + ko,
+                         geo.bf16 ? nullptr : v_p + vo, geo.bf16 ? kt16_p + ko : nullptr,
+                         geo.bf16 ? v16_p + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
-    }
+    });
   }
   if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
 }

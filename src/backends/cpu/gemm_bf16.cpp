@@ -363,18 +363,30 @@ int bf16_fwd_block_n() {
   return kAmxFwdBlockN;
 }
 
-int bf16_fwd_block_m() {
-  if (g_bf16_fwd_block_m > 0) return g_bf16_fwd_block_m;
-  if (!amx_available()) return kBlockM;
+namespace {
+int env_block_m() {
 #ifdef ORCHARD_AMX
   static const int env_bm = [] {
     const char* env = std::getenv("ORCHARD_CPU_AMX_BM");
     const int v = env ? std::atoi(env) : 0;
     return v >= 16 && v <= 512 && v % 16 == 0 ? v : 0;
   }();
-  if (env_bm) return env_bm;
+  return env_bm;
+#else
+  return 0;
 #endif
+}
+}  // namespace
+
+int bf16_fwd_block_m() {
+  if (g_bf16_fwd_block_m > 0) return g_bf16_fwd_block_m;
+  if (!amx_available()) return kBlockM;
+  if (const int bm = env_block_m()) return bm;
   return kAmxFwdBlockM;
+}
+
+bool bf16_fwd_block_m_is_default() {
+  return g_bf16_fwd_block_m <= 0 && amx_available() && env_block_m() == 0;
 }
 
 Bf16GemmScope::Bf16GemmScope(bool bf16) {

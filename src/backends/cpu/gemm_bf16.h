@@ -51,9 +51,13 @@ inline constexpr int kAmxFwdBlockN = 256;
 // else on AMX kAmxFwdBlockM or ORCHARD_CPU_AMX_BM (a multiple of 16 in
 // [16, 512]), else kBlockM. More rows per task read each K / V tile once for
 // more rows (torch's AMX path takes 256-row query blocks at long sequences).
+// With the default (not set by the test hook or the environment), the forward
+// takes kAmxSmallBlockM rows per task when kAmxFwdBlockM would give fewer than
+// 4 tasks per thread (forward.cpp).
 int bf16_fwd_block_m();
+bool bf16_fwd_block_m_is_default();
 inline int g_bf16_fwd_block_m = 0;
-inline constexpr int kAmxFwdBlockM = 128;
+inline constexpr int kAmxFwdBlockM = 128, kAmxSmallBlockM = 64;
 
 // Holds the AMX tile configuration on this thread for its lifetime, so the
 // gemm_bf16 calls inside it skip the per-call ldtilecfg / tilerelease; put one

@@ -51,6 +51,23 @@ ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16(__m51
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
+// 2^x for P that is rounded to bf16 right after (the bf16 forward): degree 4,
+// |rel err| 2.9e-6 on the reduced range in fp32 arithmetic (a least-squares
+// fit with 2^0 == 1 exact, weighted towards minimax), 700x under bf16's
+// 2^-9 rounding step; three FMAs fewer than exp2_16. Same edge behaviour.
+ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16_for_bf16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(0.009582776576280594f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055906254798173904f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024099111557007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931242346763611f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
 // Columns [0, n) of a 16-column group starting at j.
 inline __mmask16 cols_mask(int n, int j) {
   const int k = n - j;
@@ -136,7 +153,8 @@ softmax_tile_update_bf16_avx512(const float* s, int rows, int bc, const int* nv,
     __m512 vsum = _mm512_setzero_ps();
     for (int j = 0; j < bc; j += 16) {
       const __mmask16 k = cols_mask(n, j);
-      const __m512 p = _mm512_maskz_mov_ps(k, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm)));
+      const __m512 p =
+          _mm512_maskz_mov_ps(k, exp2_16_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(p));
       vsum = _mm512_add_ps(vsum, p);
     }

@@ -9,6 +9,7 @@ set(ORCHARD_CPU_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/score_mods.cpp
   ${CMAKE_CURRENT_LIST_DIR}/softmax_tile.cpp
   ${CMAKE_CURRENT_LIST_DIR}/strided_copy.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/task_pool.cpp
 )
 # The tile kernels rely on FMA contraction of a*b+c in the vector code (the
 # default with GNU extensions, made explicit so -std=c++20 cannot turn it off).

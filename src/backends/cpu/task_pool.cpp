@@ -1,0 +1,223 @@
+// The worker pool behind run_parallel (task_pool.h says why it exists).
+#include "backends/cpu/task_pool.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include <pthread.h>
+
+#ifdef ORCHARD_WITH_OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace orchard::cpu {
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+long env_long(const char* name, long fallback) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  return (end && *end == '\0' && v >= 0) ? v : fallback;
+}
+
+// One run_parallel call; lives on the caller's stack until every participant left.
+struct Job {
+  detail::ParticipantFn fn;
+  void* ctx;
+  TaskQueue* tasks;
+  int nslots;                  // participants wanted (the caller is slot 0)
+  std::atomic<int> active{0};  // workers inside fn
+  std::exception_ptr error;    // the first exception a worker threw (under the pool's mutex)
+};
+
+thread_local bool t_pool_thread = false;
+
+// How long an idle worker spins before it sleeps (ORCHARD_CPU_SPIN_US): long
+// enough to bridge the jobs of one call and the autograd step between a
+// forward and its backward, short against libgomp's default (300k pause
+// loops: milliseconds), so the workers do not spin through torch's next op.
+constexpr long kDefaultSpinUs = 200;
+
+class Pool {
+ public:
+
+  // Claims the pool for one caller; false while another caller holds it.
+  bool try_acquire() { return !busy_.exchange(true, std::memory_order_acquire); }
+  void release() { busy_.store(false, std::memory_order_release); }
+
+  // Runs job with the caller as slot 0; the caller holds the pool.
+  void run(Job& job) {
+    // Read per call (~50 ns), so a benchmark can A/B it in one process.
+    spin_us_.store(env_long("ORCHARD_CPU_SPIN_US", kDefaultSpinUs), std::memory_order_relaxed);
+    ensure_workers(job.nslots - 1);
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &job;
+      gen_.fetch_add(1, std::memory_order_release);
+      wake = sleepers_ > 0;
+    }
+    if (wake) cv_.notify_all();
+    std::exception_ptr mine;
+    try {
+      job.fn(job.ctx, 0, *job.tasks);
+    } catch (...) {
+      mine = std::current_exception();
+      while (job.tasks->next() >= 0) {}  // let the workers stop early
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = nullptr;  // from here no worker can join this job
+    }
+    // The ones that joined are inside a task (or leaving): a short wait.
+    for (int i = 0; job.active.load(std::memory_order_acquire) != 0; ++i) {
+      if (i < 1024) cpu_relax(); else std::this_thread::yield();
+    }
+    if (mine) std::rethrow_exception(mine);
+    if (job.error) std::rethrow_exception(job.error);
+  }
+
+ private:
+  void ensure_workers(int n) {
+    for (; nworkers_ < n; ++nworkers_) {
+      const int slot = nworkers_ + 1;
+      const std::uint64_t seen = gen_.load(std::memory_order_relaxed);
+      std::thread([this, slot, seen] { worker(slot, seen); }).detach();
+    }
+  }
+
+  void worker(int slot, std::uint64_t seen) {
+    t_pool_thread = true;
+    for (;;) {
+      // Spin briefly for the next job, then sleep until one is published.
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto spin = std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
+      for (int i = 1; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        cpu_relax();
+        if (i % 64 == 0 && std::chrono::steady_clock::now() - t0 > spin) {
+          std::unique_lock<std::mutex> lk(mu_);
+          ++sleepers_;
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
+          --sleepers_;
+          break;
+        }
+      }
+      Job* job = nullptr;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        seen = gen_.load(std::memory_order_relaxed);
+        job = job_;
+        if (job && (slot >= job->nslots || job->tasks->drained())) job = nullptr;
+        if (job) job->active.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (!job) continue;
+      try {
+        job->fn(job->ctx, slot, *job->tasks);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (!job->error) job->error = std::current_exception();
+        while (job->tasks->next() >= 0) {}
+      }
+      job->active.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  // gen_ on its own cache line: spinning workers poll it, the mutex's line is written.
+  alignas(64) std::atomic<std::uint64_t> gen_{0};  // bumped under mu_ per job
+  alignas(64) std::mutex mu_;
+  std::condition_variable cv_;
+  Job* job_ = nullptr;  // the job open for joining (under mu_)
+  int sleepers_ = 0;    // under mu_
+  int nworkers_ = 0;    // touched by the pool's holder only
+  std::atomic<bool> busy_{false};
+  std::atomic<long> spin_us_{kDefaultSpinUs};
+};
+
+// Leaked on purpose: detached workers may still sleep on it at exit. A forked
+// child has none of the parent's workers (and maybe a held mutex): it starts
+// a new pool. No lock on this path, so a fork cannot leave one held here.
+std::atomic<Pool*> g_pool{nullptr};
+std::once_flag g_atfork_once;
+
+Pool& pool() {
+  std::call_once(g_atfork_once, [] {
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr, std::memory_order_relaxed); });
+  });
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    Pool* fresh = new Pool();  // no workers until its first job: safe to drop
+    if (g_pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel))
+      p = fresh;
+    else
+      delete fresh;
+  }
+  return *p;
+}
+
+bool pool_enabled() { return env_long("ORCHARD_CPU_POOL", 1) != 0; }
+
+}  // namespace
+
+int cpu_threads() {
+#ifdef ORCHARD_WITH_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+namespace detail {
+
+void run_parallel_impl(std::int64_t ntasks, int max_threads, ParticipantFn fn, void* ctx) {
+  TaskQueue tasks(ntasks);
+  const int nslots = static_cast<int>(std::min<std::int64_t>(std::max(max_threads, 1), ntasks));
+  if (nslots <= 1 || t_pool_thread) return fn(ctx, 0, tasks);
+  if (!pool_enabled()) {
+#ifdef ORCHARD_WITH_OPENMP
+    std::exception_ptr error;
+#pragma omp parallel num_threads(nslots)
+    {
+      try {
+        fn(ctx, omp_get_thread_num(), tasks);
+      } catch (...) {
+#pragma omp critical(orchard_task_pool_error)
+        if (!error) error = std::current_exception();
+        while (tasks.next() >= 0) {}
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+#else
+    return fn(ctx, 0, tasks);
+#endif
+  }
+  Pool& p = pool();
+  if (!p.try_acquire()) return fn(ctx, 0, tasks);  // another caller holds the pool
+  Job job{fn, ctx, &tasks, nslots, {}, {}};
+  try {
+    p.run(job);
+  } catch (...) {
+    p.release();
+    throw;
+  }
+  p.release();
+}
+
+}  // namespace detail
+}  // namespace orchard::cpu

@@ -1,0 +1,130 @@
+// The CPU kernels' worker pool (backends/cpu/task_pool.h): every task runs
+// exactly once, slots are private to one thread per call, exceptions reach
+// the caller, and a second caller, a nested call, the OpenMP fallback
+// (ORCHARD_CPU_POOL=0) and a forked child all still finish every task.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifdef ORCHARD_WITH_OPENMP
+#include <omp.h>
+#endif
+
+#include "backends/cpu/task_pool.h"
+
+namespace orchard::test {
+namespace {
+
+using cpu::run_parallel;
+using cpu::TaskQueue;
+
+// Runs n tasks; true when each ran once and no slot was shared by two threads.
+bool run_and_check(std::int64_t n) {
+  std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+  std::mutex mu;
+  std::vector<std::set<std::thread::id>> slot_threads(256);
+  bool slot_ok = true;
+  const int nslots = cpu::cpu_threads();  // the caller's thread count (a worker's ICV differs)
+  run_parallel(n, [&](int slot, TaskQueue& tasks) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (slot < 0 || slot >= nslots || slot >= 256) slot_ok = false;
+      else slot_threads[slot].insert(std::this_thread::get_id());
+    }
+    for (std::int64_t t; (t = tasks.next()) >= 0;) hits[t].fetch_add(1);
+  });
+  for (auto& s : slot_threads) slot_ok = slot_ok && s.size() <= 1;
+  for (auto& h : hits)
+    if (h.load() != 1) return false;
+  return slot_ok;
+}
+
+class TaskPool : public ::testing::Test {
+ protected:
+  void SetUp() override {
+#ifdef ORCHARD_WITH_OPENMP
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(4);  // more slots than this 2-core box has cores
+#endif
+  }
+  void TearDown() override {
+#ifdef ORCHARD_WITH_OPENMP
+    omp_set_num_threads(saved_);
+#endif
+  }
+  int saved_ = 1;
+};
+
+TEST_F(TaskPool, EveryTaskOnceSlotsPrivate) {
+  for (std::int64_t n : {1, 2, 3, 7, 64, 1000})
+    for (int rep = 0; rep < 20; ++rep) ASSERT_TRUE(run_and_check(n)) << "n=" << n;
+}
+
+TEST_F(TaskPool, SleptWorkersWakeUp) {
+  ASSERT_TRUE(run_and_check(100));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // past the spin: workers sleep
+  ASSERT_TRUE(run_and_check(100));
+}
+
+TEST_F(TaskPool, ExceptionReachesCaller) {
+  for (std::int64_t bad : {0, 5, 99}) {
+    EXPECT_THROW(run_parallel(100,
+                              [&](int, TaskQueue& tasks) {
+                                for (std::int64_t t; (t = tasks.next()) >= 0;) {
+                                  if (t == bad) throw std::runtime_error("task failed");
+                                  std::this_thread::sleep_for(std::chrono::microseconds(50));
+                                }
+                              }),
+                 std::runtime_error);
+    EXPECT_TRUE(run_and_check(200));  // the pool is usable afterwards
+  }
+}
+
+TEST_F(TaskPool, ConcurrentCallersAndNestedCalls) {
+  std::atomic<bool> ok{true};
+  auto caller = [&] {
+    for (int rep = 0; rep < 50; ++rep)
+      if (!run_and_check(97)) ok = false;
+  };
+  std::thread a(caller), b(caller);
+  a.join();
+  b.join();
+  EXPECT_TRUE(ok.load());
+  std::atomic<int> inner{0};
+  run_parallel(8, [&](int, TaskQueue& tasks) {
+    for (std::int64_t t; (t = tasks.next()) >= 0;)
+      run_parallel(10, [&](int, TaskQueue& in) {
+        for (std::int64_t u; (u = in.next()) >= 0;) inner.fetch_add(1);
+      });
+  });
+  EXPECT_EQ(inner.load(), 80);
+}
+
+TEST_F(TaskPool, OpenMPFallback) {
+  setenv("ORCHARD_CPU_POOL", "0", 1);
+  const bool ok = run_and_check(500);
+  unsetenv("ORCHARD_CPU_POOL");
+  EXPECT_TRUE(ok);
+}
+
+TEST_F(TaskPool, ForkedChildFinishes) {
+  ASSERT_TRUE(run_and_check(64));  // the parent has workers
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) _exit(run_and_check(64) && run_and_check(1000) ? 0 : 1);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+}  // namespace
+}  // namespace orchard::test
