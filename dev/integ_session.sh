@@ -10,7 +10,8 @@
 #
 #   on device: bash dev/integ_session.sh TREE   (TREE: an archived tree, e.g. .ab/integ; carry .ab)
 #   env: FIRST_STEPS (run on both GPUs right after the build), GPU0_STEPS, GPU1_STEPS, ALL_STEPS
-#        (space-separated gpu_session.sh steps), BUDGET_S (570)
+#        (space-separated gpu_session.sh steps), BUDGET_S (570), MEMCHECK (1; 0 skips memcheck),
+#        CUDA_CHECK_ARGS (e.g. --sm90), CUDA_CHECK_TIMEOUT (240)
 # Logs: $OUT/track*.log and $OUT/logs.tgz (every step's log; packed at the end).
 # Each step has its own time limit (gpu_session.sh); keep the call's timeout above BUDGET_S.
 set -uo pipefail
@@ -45,10 +46,10 @@ fi
 track1() {
   export CUDA_VISIBLE_DEVICES=1
   if [ -x /tmp/build-harness/cuda_check ]; then
-    timeout 240 /tmp/build-harness/cuda_check > "$OUT/logs/cuda_check.log" 2>&1
+    timeout "${CUDA_CHECK_TIMEOUT:-240}" /tmp/build-harness/cuda_check ${CUDA_CHECK_ARGS:-} > "$OUT/logs/cuda_check.log" 2>&1
     stamp "cuda_check rc=$?: $(grep -E 'cases passed' "$OUT/logs/cuda_check.log")"
     grep -B8 "=> FAIL" "$OUT/logs/cuda_check.log" | grep -E "^\[|FAIL|NaN" | head -30
-    (( $(left) > 160 )) && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/build-harness/cuda_check --small \
+    [ "${MEMCHECK:-1}" = 1 ] && (( $(left) > 160 )) && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/build-harness/cuda_check --small \
       > "$OUT/logs/memcheck_small.log" 2>&1
     stamp "memcheck --small rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/logs/memcheck_small.log" | tail -1)"
   fi
