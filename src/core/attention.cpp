@@ -215,6 +215,13 @@ BwdParams backward_problem(const BackwardArgs& a, const ProblemShape& shape) {
   set_problem(p, shape, a.options);
   set_extras(p, a.extras);
   p.deterministic = a.options.deterministic;
+  // The caller's fp32 dQ accumulator (validated: float32, the last two dims contiguous):
+  // set here, before the workspace is sized - the backend's workspace then has no dQ region.
+  if (a.dq_accum.defined()) {
+    p.dq_accum = static_cast<float*>(a.dq_accum.data);
+    p.dq_accum_batch_stride = a.dq_accum.strides[0];
+    p.dq_accum_head_stride = a.dq_accum.strides[1];
+  }
   return p;
 }
 
@@ -222,7 +229,6 @@ std::size_t backward_workspace_bytes_unprefixed(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, a.options.op_name);
   BwdParams p = backward_problem(a, shape);
-  if (a.dq_accum.defined()) p.dq_accum = static_cast<float*>(a.dq_accum.data);  // no fp32 dQ region then
   if (backward_is_empty(shape)) return 0;
   return be.backward_workspace_bytes(p);
 }
@@ -264,11 +270,6 @@ void backward_unprefixed(const BackwardArgs& a) {
   p.lse = lse.data;
   p.dout = dout.data;
   p.dq = dq.data;  // nullptr with the caller's dq_accum and no dq
-  if (a.dq_accum.defined()) {  // validated: float32, the last two dims contiguous
-    p.dq_accum = static_cast<float*>(a.dq_accum.data);
-    p.dq_accum_batch_stride = a.dq_accum.strides[0];
-    p.dq_accum_head_stride = a.dq_accum.strides[1];
-  }
   p.dk = dk.data;
   p.dv = dv.data;
   row_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);

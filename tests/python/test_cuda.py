@@ -29,12 +29,17 @@ def test_runs_on_current_stream():
     torch.testing.assert_close(out2, ref, atol=0, rtol=0)
 
 
-def test_cuda_graph_capture_fwd_bwd():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic-dq"])
+def test_cuda_graph_capture_fwd_bwd(deterministic):
+    # A replay of the captured fwd+bwd gives what eager calls give: bit for bit with
+    # deterministic=True (ordered dQ adds); with the default fp32 dQ atomics (sm80 and the
+    # sm90 backward's bulk adds) the add order varies between runs, so a rounding step of
+    # the output dtype (bf16: 2^-8 relative) may differ.
     q, k, v = _qkv()
     do = torch.randn_like(q)
 
     def step():
-        out = orchard.flash_attn_func(q, k, v, causal=True)
+        out = orchard.flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
         return torch.autograd.grad(out, (q, k, v), do)
 
     s = torch.cuda.Stream()
@@ -49,7 +54,10 @@ def test_cuda_graph_capture_fwd_bwd():
     g.replay()
     torch.cuda.synchronize()
     for a, b in zip(static, eager):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        if deterministic:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=2.0**-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
