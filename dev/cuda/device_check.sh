@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 # Prebuilt binaries (dev/cuda/.bin/cuda_check_<name>.xz, built off-device with the same
 # sources) are used only if their stamp matches the sources here.
-stamp() { cat src/backends/cuda/*.cuh src/backends/cuda/*.cu src/backends/cuda/*.h src/backends/cuda/generated/*.cu \
+stamp() { cat src/backends/cuda/*.cuh src/backends/cuda/*.cu src/backends/cuda/*.h src/backends/cuda/sm80/generated/*.cu \
   tests/cuda/cuda_check.cu include/orchard/*.h dev/cuda/CMakeLists.txt | sha256sum | cut -c1-16; }
 STAMP=$(stamp)
 prebuilt() {  # prebuilt NAME -> path of the unpacked binary, or nothing

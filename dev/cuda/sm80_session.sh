@@ -35,7 +35,7 @@ unpack() {  # unpack DIR: .xz -> executables in /tmp/bin-<basename>
 if [[ -f objs.tar.xz && -f dev_build_cmds.txt ]]; then
   ROOT=$PWD; mkdir -p bobj && tar -xJf objs.tar.xz -C bobj
   rm -f /tmp/cc_*
-  [[ -f bobj/CMakeFiles/orchard_cuda_backend.dir/work/wt-sm80/src/backends/cuda/generated/flash_fwd_fp16_d256.cu.o ]] || grep -- "-c @ROOT@" dev_build_cmds.txt | sed "s|@ROOT@|$ROOT|g" | split -l1 - /tmp/cc_
+  [[ -f bobj/CMakeFiles/orchard_cuda_backend.dir/work/wt-sm80/src/backends/cuda/sm80/generated/flash_fwd_fp16_d256.cu.o ]] || grep -- "-c @ROOT@" dev_build_cmds.txt | sed "s|@ROOT@|$ROOT|g" | split -l1 - /tmp/cc_
   (cd bobj && ls /tmp/cc_* 2>/dev/null | xargs -r -P16 -n1 bash > "$L/devbuild.log" 2>&1)
   stamp "device compiles rc=$? ($(ls /tmp/cc_* | wc -l) TUs)"
   grep -v -- "-c @ROOT@" dev_build_cmds.txt | sed "s|@ROOT@|$ROOT|g" > /tmp/link.sh

@@ -1,4 +1,4 @@
-// The swizzled tile layout of the streamed tiles (src/backends/cuda/swizzled_tile.h),
+// The swizzled tile layout of the streamed tiles (src/backends/cuda/sm80/swizzled_tile.h),
 // checked on the host: every chunk of a tile has its own 16-byte slot, the 8 rows
 // one ldmatrix phase reads land in 8 distinct bank groups, a warp's cp.async rows
 // fill whole 128-byte lines, and the per-lane XOR shortcut the kernel uses reaches
@@ -8,7 +8,7 @@
 #include <set>
 #include <vector>
 
-#include "backends/cuda/swizzled_tile.h"
+#include "backends/cuda/sm80/swizzled_tile.h"
 
 namespace orchard::cuda {
 namespace {

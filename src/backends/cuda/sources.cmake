@@ -3,34 +3,34 @@ set(ORCHARD_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/cuda_backend.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fp32.cu
   ${CMAKE_CURRENT_LIST_DIR}/decode_kernel.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d32.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d64.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d96.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d128.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d160.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d192.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_bf16_d256.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d32.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d64.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d96.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d128.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d160.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d192.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_fwd_fp16_d256.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d32.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d64.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d96.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d128.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d160.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d192.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_bf16_d256.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d32.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d64.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d96.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d128.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d160.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d192.cu
-  ${CMAKE_CURRENT_LIST_DIR}/generated/flash_bwd_fp16_d256.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d32.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d96.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d128.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d160.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d192.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d256.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d32.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d96.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d128.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d160.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d192.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_fp16_d256.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d32.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d96.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d128.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d160.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d192.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_bf16_d256.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d32.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d96.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d128.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d160.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d192.cu
+  ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_bwd_fp16_d256.cu
 )
 # CMake 3.25 does not know nvcc 13's C++20 flag: with CXX_STANDARD 20 REQUIRED
 # (inherited by CUDA_STANDARD) it refuses to generate. Pass -std=c++20 per

@@ -7,7 +7,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include "backends/cuda/flash_bwd_kernel.cuh"
+#include "backends/cuda/sm80/flash_bwd_kernel.cuh"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 
