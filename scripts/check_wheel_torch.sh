@@ -75,12 +75,12 @@ for v in "${VERSIONS[@]}"; do
     echo "[torch $v] fresh venv $venv"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q "torch==$v" "${torch_index[@]}"
-    "$venv/bin/python" -m pip install -q "${pins[@]}"
+    "$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+    "$venv/bin/python" -m pip install -q --no-cache-dir "torch==$v" "${torch_index[@]}"
+    "$venv/bin/python" -m pip install -q --no-cache-dir "${pins[@]}"
   fi
   # The same wheel file, reinstalled each time (no compiler, no index, no dependencies).
-  [ "$v" = current ] || "$venv/bin/python" -m pip install -q --force-reinstall --no-deps --no-index "$WHEEL"
+  [ "$v" = current ] || "$venv/bin/python" -m pip install -q --no-cache-dir --force-reinstall --no-deps --no-index "$WHEEL"
   env -u PYTHONPATH -u PYTHONHOME "$venv/bin/python" - "$venv" <<'EOF'
 import sys, torch, orchard
 assert orchard.__file__.startswith(sys.argv[1]), orchard.__file__  # the wheel's copy, not the tree's

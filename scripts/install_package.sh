@@ -14,4 +14,4 @@ if [ -z "${ORCHARD_CUDA:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 echo "[install] pip install . (ORCHARD_CUDA=${ORCHARD_CUDA:-AUTO})"
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-  "$VENV/bin/python" -m pip install -q --no-build-isolation .
+  "$VENV/bin/python" -m pip install -q --no-cache-dir --no-build-isolation .

@@ -28,8 +28,14 @@ fi
 stamp="$VENV/.orchard-requirements"
 if ! cmp -s "$ROOT/requirements-dev.txt" "$stamp"; then
   echo "[setup] pip install -r requirements-dev.txt (first time: torch with its CUDA libraries, several GB of downloads)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt"
+  # --no-cache-dir: torch's CUDA wheels are ~3 GB; caching them as well doubles the peak disk
+  # use, and a CI run failed with "No space left on device" (ENOSPC) during this install.
+  free_kib=$(df -Pk "$VENV" | awk 'NR==2 {print $4}')
+  if [ "${free_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    echo "[setup] warning: $((free_kib / 1024)) MiB free under $VENV; the pinned packages need ~7 GiB" >&2
+  fi
+  "$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+  "$VENV/bin/python" -m pip install -q --no-cache-dir -r "$ROOT/requirements-dev.txt"
   cp "$ROOT/requirements-dev.txt" "$stamp"
 fi
 # The package was renamed from the distribution "orchard" (an unrelated project's name on
