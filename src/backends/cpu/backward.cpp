@@ -355,7 +355,7 @@ void backward_impl(const BwdParams& p) {
   constexpr std::int64_t kQPiece = 512;
   const std::int64_t nq = (geo.sqe + kQPiece - 1) / kQPiece;
   std::vector<double> sink_shares(p.sink ? std::size_t(p.b) * p.hq * nq : 0, 0.0);
-  const std::int64_t nthreads = num_threads();
+  const std::int64_t nthreads = cpu_threads();
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
@@ -387,10 +387,7 @@ void backward_impl(const BwdParams& p) {
         const std::int64_t c0 = (job % nkv) * kv_piece, c1 = std::min(skp, c0 + kv_piece);
         const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
         const int rows_pad = static_cast<int>(c1 - c0);
-        const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
-                                  kh * p.k_head_stride;
-        const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
-                                  kh * p.v_head_stride;
+        const auto [koff, voff] = kv_row_offsets(p, bi, kh, span.k_start + c0);
         if (geo.bf16) {
           if (kind == 0)
             load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
@@ -456,11 +453,7 @@ void backward_impl(const BwdParams& p) {
 }  // namespace
 
 void backward(const BwdParams& params) {
-  const BwdParams p = normalized(params);
-  if (p.dtype == DType::kFloat64)
-    backward_impl<double>(p);
-  else
-    backward_impl<float>(p);
+  with_compute_type(params, [](const BwdParams& p, auto t) { backward_impl<decltype(t)>(p); });
 }
 
 }  // namespace orchard::cpu

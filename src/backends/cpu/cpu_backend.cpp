@@ -9,6 +9,7 @@
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/strided_copy.h"
+#include "backends/cpu/task_pool.h"
 #include "core/backend.h"
 
 namespace orchard::detail {
@@ -62,7 +63,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   if (p.cu_seqlens_q) name += "_varlen";
   if (p.d_v > 0 && p.d_v != p.d) name += "_dv" + std::to_string(p.d_v);
   if (p.dropout_p > 0.0f) name += "_dropout";
-  name += "_threads" + std::to_string(cpu::num_threads());
+  name += "_threads" + std::to_string(cpu::cpu_threads());
   return name;
 }
 

@@ -271,10 +271,7 @@ void forward_impl(const FwdParams& p) {
         const SeqSpan span = seq_span(p, static_cast<int>(bi));
         const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
         const int rows_pad = static_cast<int>(c1 - c0);
-        const std::int64_t koff = bi * p.k_batch_stride + (span.k_start + c0) * p.k_row_stride +
-                                  kh * p.k_head_stride;
-        const std::int64_t voff = bi * p.v_batch_stride + (span.k_start + c0) * p.v_row_stride +
-                                  kh * p.v_head_stride;
+        const auto [koff, voff] = kv_row_offsets(p, bi, kh, span.k_start + c0);
         const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
         if (geo.bf16) {
           if (is_k)
@@ -318,11 +315,7 @@ void forward_impl(const FwdParams& p) {
 }  // namespace
 
 void forward(const FwdParams& params) {
-  const FwdParams p = normalized(params);
-  if (p.dtype == DType::kFloat64)
-    forward_impl<double>(p);
-  else
-    forward_impl<float>(p);
+  with_compute_type(params, [](const FwdParams& p, auto t) { forward_impl<decltype(t)>(p); });
 }
 
 }  // namespace orchard::cpu

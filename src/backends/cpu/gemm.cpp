@@ -7,6 +7,7 @@
 #include <cstdlib>
 
 #include "backends/cpu/simd.h"
+#include "backends/cpu/zmm_tile.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -35,12 +36,8 @@ template <int MR, int NV, bool kTransA>
 ORCHARD_GEMM_AVX512_TARGET inline __attribute__((always_inline)) void micro512(
     int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
     std::int64_t ldc, bool accumulate) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  ZmmTile<MR, NV> t;
+  t.load(c, ldc, accumulate);
   for (int kk = 0; kk < k; ++kk) {
     __m512 bv[NV];
 #pragma GCC unroll 4
@@ -49,13 +46,10 @@ ORCHARD_GEMM_AVX512_TARGET inline __attribute__((always_inline)) void micro512(
     for (int r = 0; r < MR; ++r) {
       const __m512 av = _mm512_set1_ps(kTransA ? a[kk * lda + r] : a[r * lda + kk]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) t.acc[r][v] = _mm512_fmadd_ps(av, bv[v], t.acc[r][v]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+  t.store(c, ldc);
 }
 
 template <int NV, bool kTransA>
@@ -161,36 +155,35 @@ ORCHARD_ALWAYS_INLINE void gemm_body(int m, int n, int k, const T* a, std::int64
   }
 }
 
+// The one entry body: the AVX-512 kernel for fp32 where it runs (N a multiple
+// of 16), else the 8-wide kernel of this clone.
+template <class T>
+ORCHARD_ALWAYS_INLINE void gemm_any(int m, int n, int k, const T* a, std::int64_t lda, const T* b,
+                                    std::int64_t ldb, T* c, std::int64_t ldc, bool accumulate,
+                                    bool trans_a) {
+#ifdef ORCHARD_GEMM_AVX512
+  if constexpr (sizeof(T) == 4)
+    if (n % 16 == 0 && use_avx512())
+      return trans_a ? gemm512<true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate)
+                     : gemm512<false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+  trans_a ? gemm_body<T, true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate)
+          : gemm_body<T, false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
 }  // namespace
 
 ORCHARD_CPU_CLONES
 void gemm(int m, int n, int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
-          float* c, std::int64_t ldc, bool accumulate) {
-#ifdef ORCHARD_GEMM_AVX512
-  if (n % 16 == 0 && use_avx512()) return gemm512<false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-#endif
-  gemm_body<float, false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+          float* c, std::int64_t ldc, bool accumulate, bool trans_a) {
+  gemm_any(m, n, k, a, lda, b, ldb, c, ldc, accumulate, trans_a);
 }
 
+// fp64 (gradcheck only) keeps the same clones, so the 4-wide double vectors use AVX2 where present.
 ORCHARD_CPU_CLONES
-void gemm_tn(int m, int n, int k, const float* a, std::int64_t lda, const float* b,
-             std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
-#ifdef ORCHARD_GEMM_AVX512
-  if (n % 16 == 0 && use_avx512()) return gemm512<true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-#endif
-  gemm_body<float, true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-}
-
-ORCHARD_CPU_CLONES
-void gemm(int m, int n, int k, const double* a, std::int64_t lda, const double* b,
-          std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate) {
-  gemm_body<double, false>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-}
-
-ORCHARD_CPU_CLONES
-void gemm_tn(int m, int n, int k, const double* a, std::int64_t lda, const double* b,
-             std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate) {
-  gemm_body<double, true>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+void gemm(int m, int n, int k, const double* a, std::int64_t lda, const double* b, std::int64_t ldb,
+          double* c, std::int64_t ldc, bool accumulate, bool trans_a) {
+  gemm_any(m, n, k, a, lda, b, ldb, c, ldc, accumulate, trans_a);
 }
 
 }  // namespace orchard::cpu

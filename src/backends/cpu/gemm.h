@@ -9,17 +9,18 @@ namespace orchard::cpu {
 
 inline constexpr int kGemmNMultiple = 16;
 
+// trans_a: A is stored transposed, a is K x M row-major (lda >= M), C = the
+// product with A^T of that storage: lets the backward form dV += P^T dO and
+// dK += dS^T Q straight from the row-major P / dS tiles (gemm_tn).
 void gemm(int m, int n, int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb,
-          float* c, std::int64_t ldc, bool accumulate);
+          float* c, std::int64_t ldc, bool accumulate, bool trans_a = false);
 void gemm(int m, int n, int k, const double* a, std::int64_t lda, const double* b,
-          std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate);
+          std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate, bool trans_a = false);
 
-// Same with A stored transposed: a is K x M row-major (lda >= M), C = A^T-of-
-// storage times B. Lets the backward form dV += P^T dO and dK += dS^T Q
-// straight from the row-major P / dS tiles.
-void gemm_tn(int m, int n, int k, const float* a, std::int64_t lda, const float* b,
-             std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate);
-void gemm_tn(int m, int n, int k, const double* a, std::int64_t lda, const double* b,
-             std::int64_t ldb, double* c, std::int64_t ldc, bool accumulate);
+template <class T>
+inline void gemm_tn(int m, int n, int k, const T* a, std::int64_t lda, const T* b, std::int64_t ldb,
+                    T* c, std::int64_t ldc, bool accumulate) {
+  gemm(m, n, k, a, lda, b, ldb, c, ldc, accumulate, /*trans_a=*/true);
+}
 
 }  // namespace orchard::cpu

@@ -5,6 +5,7 @@
 #include "backends/cpu/gemm_bf16.h"
 
 #include "backends/cpu/kernel_common.h"
+#include "backends/cpu/zmm_tile.h"
 
 #include <cstring>
 
@@ -38,12 +39,8 @@ template <int MR, int NV>
 ORCHARD_BF16_TARGET inline __attribute__((always_inline)) void micro(
     int kpairs, const std::uint16_t* a, std::int64_t a_rs, std::int64_t a_ps,
     const std::uint16_t* b, std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  ZmmTile<MR, NV> t;
+  t.load(c, ldc, accumulate);
   for (int p = 0; p < kpairs; ++p) {
     __m512bh bv[NV];
 #pragma GCC unroll 4
@@ -55,13 +52,10 @@ ORCHARD_BF16_TARGET inline __attribute__((always_inline)) void micro(
       std::memcpy(&w, a + r * a_rs + p * a_ps, 4);
       const __m512bh av = (__m512bh)_mm512_set1_epi32(w);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+      for (int v = 0; v < NV; ++v) t.acc[r][v] = _mm512_dpbf16_ps(t.acc[r][v], av, bv[v]);
     }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+  t.store(c, ldc);
 }
 
 template <int NV>

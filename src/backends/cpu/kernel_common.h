@@ -1,11 +1,12 @@
-// Shared pieces of the CPU forward and backward kernels: tile sizes and
-// OpenMP helpers. (Which columns a row sees: visibility.h.)
+// Shared pieces of the CPU forward and backward kernels: tile sizes, stage
+// budget, K / V row offsets and the entry's dtype dispatch. (Which columns a row sees: visibility.h.)
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
+#include "backends/cpu/visibility.h"
 #include "orchard/params.h"
 
 
@@ -51,12 +52,26 @@ inline std::size_t g_stage_budget_bytes = std::size_t(64) << 20;
 
 constexpr std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
-inline int num_threads() {
-#ifdef ORCHARD_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
+// Element offsets of key row `row` (a row of the whole tensor, i.e. already
+// offset by the sequence's k_start) of kv head kh of batch entry bi, in K and V.
+struct KvRowOffsets {
+  std::int64_t k, v;
+};
+inline KvRowOffsets kv_row_offsets(const orchard::FwdParams& p, std::int64_t bi, std::int64_t kh,
+                                   std::int64_t row) {
+  return {bi * p.k_batch_stride + row * p.k_row_stride + kh * p.k_head_stride,
+          bi * p.v_batch_stride + row * p.v_row_stride + kh * p.v_head_stride};
+}
+
+// The kernels' entry: normalized params (visibility.h) and the compute type,
+// double for fp64 inputs (gradcheck), float for the rest; fn(p, T{}).
+template <class Params, class Fn>
+void with_compute_type(const Params& params, Fn&& fn) {
+  const Params p = normalized(params);
+  if (p.dtype == DType::kFloat64)
+    fn(p, double{});
+  else
+    fn(p, float{});
 }
 
 // Softmax scale and dropout probability in the compute type: float64 compute
