@@ -49,6 +49,45 @@ GRIDS = {
 }
 
 
+def run_heading(title, clock, how):
+    """Sets torch's threads from OMP_NUM_THREADS; returns (threads, a markdown heading naming
+    the machine, threads, date, commit, torch and the clock). An archived tree on the device
+    names its commit in ORCHARD_COMMIT (dev/gpu_session.sh)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    torch.set_num_threads(threads)
+    commit = os.environ.get("ORCHARD_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except Exception:
+            commit = "unknown"
+    return threads, (f"### {title}: {platform.processor() or platform.machine()}, {threads} threads, "
+                     f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}Z, commit {commit}, "
+                     f"torch {torch.__version__}, {clock} time, {how}\n")
+
+
+def ab_switch(spec):
+    """--ab NAME=VALUE: returns env_for(contestant), a context manager that sets the
+    variable around the "ab" contestant's calls only (a no-op for the others)."""
+    name, _, value = spec.partition("=")
+
+    @contextlib.contextmanager
+    def env_for(contestant):
+        if contestant != "ab" or not name:
+            yield
+            return
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return env_for
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
@@ -60,19 +99,8 @@ def main():
     ap.add_argument("--ab", default="", help="NAME=VALUE: also time Orchard with this env var set")
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
-    torch.set_num_threads(threads)
-    # An archived tree on the device names its commit in ORCHARD_COMMIT (dev/gpu_session.sh).
-    commit = os.environ.get("ORCHARD_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        except Exception:
-            commit = "unknown"
-    print(f"### CPU: {platform.processor() or platform.machine()}, {threads} threads, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}Z, commit {commit}, torch {torch.__version__}, "
-          f"{args.clock} time, min of {args.reps}\n")
-    ab_name, _, ab_value = args.ab.partition("=")
+    _, heading = run_heading("CPU", args.clock, f"min of {args.reps}")
+    print(heading)
     ab_head = f" orchard {args.ab} fwd / f+b ms | its time / default's fwd / f+b |" if args.ab else ""
     print("| b,h,s,d | dtype | causal | orchard fwd / f+b ms | torch fwd / f+b ms | ratio fwd | ratio f+b |"
           + ab_head)
@@ -81,20 +109,7 @@ def main():
     def ms(t):  # "-" for a phase not timed (--no-bwd)
         return "-" if math.isinf(t) else f"{1e3 * t:.1f}"
 
-    @contextlib.contextmanager
-    def env_for(name):  # the --ab variable, set around the ab contestant's calls only
-        if name != "ab":
-            yield
-            return
-        old = os.environ.get(ab_name)
-        os.environ[ab_name] = ab_value
-        try:
-            yield
-        finally:
-            if old is None:
-                del os.environ[ab_name]
-            else:
-                os.environ[ab_name] = old
+    env_for = ab_switch(args.ab)
     ratios = []
     for (b, h, s, d) in GRIDS[args.grid]:
         for dname in args.dtypes.split(","):

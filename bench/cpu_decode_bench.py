@@ -17,18 +17,14 @@ loops), ratio = its median / the default's.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 import orchard
+from cpu_bench import ab_switch, run_heading  # bench/ is the script's directory
 
 # (batch, cache length, h_q, h_kv, d)
 GRIDS = {
@@ -47,36 +43,12 @@ def main():
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     args = ap.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
-    torch.set_num_threads(threads)
-    commit = os.environ.get("ORCHARD_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        except Exception:
-            commit = "unknown"
-    print(f"### CPU decode: {platform.processor() or platform.machine()}, {threads} threads, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}Z, commit {commit}, "
-          f"torch {torch.__version__}, {args.clock} time, median (min) of {args.reps}\n")
-    ab_name, _, ab_value = args.ab.partition("=")
+    _, heading = run_heading("CPU decode", args.clock, f"median (min) of {args.reps}")
+    print(heading)
     print("| b | cache | hq:hkv | d | dtype | orchard ms | torch ms | ratio |"
           + (f" orchard {args.ab} ms | its / default |" if args.ab else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.ab else ""), flush=True)
-
-    @contextlib.contextmanager
-    def env_for(name):
-        if name != "ab":
-            yield
-            return
-        old = os.environ.get(ab_name)
-        os.environ[ab_name] = ab_value
-        try:
-            yield
-        finally:
-            if old is None:
-                del os.environ[ab_name]
-            else:
-                os.environ[ab_name] = old
+    env_for = ab_switch(args.ab)
 
     for (b, s, hq, hkv, d) in GRIDS[args.grid]:
         for dname in args.dtypes.split(","):
