@@ -21,6 +21,7 @@
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/simd.h"
 #include "backends/cpu/task_pool.h"
+#include "backends/cpu/tile_load.h"
 #include "core/decode_backend.h"
 #include "orchard/errors.h"
 #include "orchard/numeric.h"
@@ -125,18 +126,12 @@ ORCHARD_ALWAYS_INLINE vf32 sum_lanes_8x8(const vf32* a) {
   return __builtin_shuffle(c[0], c[1], e3) + __builtin_shuffle(c[0], c[1], o3);
 }
 
-// Starts loading one cache row (bytes bytes) into L2. The cache is
-// (batch, row, kv head, d): one head's consecutive keys are hkv * d elements
-// apart, often a whole 4 KB page (fp32, 8 heads, d 128), where the hardware
-// prefetchers stop: a plain read of 512-byte rows 1-4 KB apart ran at 3.6-6.3
-// GB/s on one Zen 4 core vs 20 GB/s contiguous. Without this, perf put 64 % of
-// a bf16 GQA call in load stalls; with it (prefetcht1; t0 was slower) b1 s4k
-// d128 1 thread: bf16 GQA 32:4 4.4 -> 1.5 ms, fp32 MHA 8:8 4.2 -> 1.4 ms.
-ORCHARD_ALWAYS_INLINE void prefetch_row(const void* row, int bytes) {
-  const char* c = static_cast<const char*>(row);
-  for (int off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
-  __builtin_prefetch(c + bytes - 1, 0, 2);  // a row not 64-byte aligned spans one more line
-}
+// Cache rows: one head's consecutive keys are hkv * d elements apart, often a
+// whole 4 KB page (fp32, 8 heads, d 128), where the hardware prefetchers stop
+// (tile_load.h's prefetch_bytes). Without the prefetches below, perf put 64 %
+// of a bf16 GQA call in load stalls; with them (prefetcht1; t0 was slower),
+// b1 s4k d128 1 thread: bf16 GQA 32:4 4.4 -> 1.5 ms, fp32 MHA 8:8 4.2 -> 1.4 ms.
+ORCHARD_ALWAYS_INLINE void prefetch_row(const void* row, int bytes) { cpu::prefetch_bytes(row, bytes); }
 
 // s[j] = q . keys[j] over dk columns (dk % 8 == 0), j < nb8 (nb8 % 8 == 0);
 // prefetches next[j] (row_bytes each) for j < n_next along the way.

@@ -12,6 +12,29 @@
 
 namespace orchard::cpu {
 
+// Starts loading `bytes` bytes at p into L2 (prefetcht1). One head's rows of a
+// BSHD tensor (or a KV cache) are h * d elements apart, often 2-4 KB, and
+// the hardware prefetchers stop at each row: on one Zen 4 core a plain read of
+// 512-byte rows 1-4 KB apart ran at 3.6-6.3 GB/s vs 20 GB/s contiguous.
+inline void prefetch_bytes(const void* p, std::int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (std::int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 2);
+  __builtin_prefetch(c + bytes - 1, 0, 2);  // a row not 64-byte aligned spans one more line
+}
+
+// The row loops below prefetch the row this many rows ahead.
+inline constexpr int kRowPrefetchAhead = 4;
+
+// Prefetches row r + kRowPrefetchAhead of a strided head (elements of esize
+// bytes, d per row) when it is one of the `rows` rows.
+inline void prefetch_ahead(const void* base, std::int64_t elem_offset, std::int64_t row_stride, int r,
+                           int rows, int d, std::size_t esize) {
+  if (r + kRowPrefetchAhead < rows)
+    prefetch_bytes(static_cast<const char*>(base) +
+                       (elem_offset + (r + kRowPrefetchAhead) * row_stride) * std::int64_t(esize),
+                   std::int64_t(d) * esize);
+}
+
 // dst[0..d) = src row converted to T; dst[d..dpad) = 0 (padding the GEMMs rely on).
 template <class T>
 inline void load_row(const void* base, DType dtype, std::int64_t elem_offset, int d, int dpad,
@@ -76,8 +99,10 @@ inline void store_row(const T* src, T mul, int d, DType dtype, void* base,
 template <class T>
 inline void load_rows(const void* base, DType dtype, std::int64_t elem_offset,
                       std::int64_t row_stride, int rows, int rows_pad, int d, int dpad, T* dst) {
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < rows; ++r) {
+    prefetch_ahead(base, elem_offset, row_stride, r, rows, d, dtype_size(dtype));
     load_row(base, dtype, elem_offset + r * row_stride, d, dpad, dst + std::int64_t(r) * dpad);
+  }
   std::fill(dst + std::int64_t(rows) * dpad, dst + std::int64_t(rows_pad) * dpad, T(0));
 }
 
@@ -96,6 +121,7 @@ inline void load_rows_transposed(const void* base, DType dtype, std::int64_t ele
   for (int r0 = 0; r0 < rows_pad; r0 += kStage) {
     const int nr = std::min(kStage, rows_pad - r0);
     for (int r = 0; r < nr; ++r) {
+      prefetch_ahead(base, elem_offset, row_stride, r0 + r, rows, d, dtype_size(dtype));
       if (r0 + r < rows)
         load_row(base, dtype, elem_offset + (r0 + r) * row_stride, d, dpad, buf.data() + r * dpad);
       else
@@ -121,6 +147,7 @@ inline void load_rows_bf16(const void* base, std::int64_t elem_offset, std::int6
                            int rows, int d, int dpad, std::uint16_t* dst) {
   const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
   for (int r = 0; r < rows; ++r) {
+    prefetch_ahead(base, elem_offset, row_stride, r, rows, d, 2);
     std::copy_n(s + r * row_stride, d, dst + std::int64_t(r) * dpad);
     std::fill(dst + std::int64_t(r) * dpad + d, dst + std::int64_t(r + 1) * dpad, std::uint16_t(0));
   }
@@ -135,6 +162,7 @@ inline void load_pairs_kt_bf16(const void* base, std::int64_t elem_offset, std::
   const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
   std::fill(dst, dst + std::int64_t(rows_pad) * dpad, std::uint16_t(0));
   for (int row = 0; row < rows; ++row) {
+    prefetch_ahead(base, elem_offset, row_stride, row, rows, d, 2);
     const std::uint16_t* src = s + row * row_stride;
     std::uint16_t* tile = dst + std::int64_t(row / block) * block * dpad + 2 * (row % block);
     for (int c = 0; c < d; ++c) tile[std::int64_t(c / 2) * 2 * block + (c & 1)] = src[c];
@@ -149,6 +177,7 @@ inline void load_pairs_rows_bf16(const void* base, std::int64_t elem_offset,
   const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
   std::fill(dst, dst + std::int64_t(rows_pad) * dpad, std::uint16_t(0));
   for (int row = 0; row < rows; ++row) {
+    prefetch_ahead(base, elem_offset, row_stride, row, rows, d, 2);
     const std::uint16_t* src = s + row * row_stride;
     std::uint16_t* out = dst + std::int64_t(row / 2) * 2 * dpad + (row & 1);
     for (int c = 0; c < d; ++c) out[2 * c] = src[c];
