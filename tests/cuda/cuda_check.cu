@@ -34,6 +34,7 @@
 #include "core/backend.h"
 #include "orchard/numeric.h"
 #include "orchard/philox.h"
+#include "median_ms.h"
 
 using namespace orchard;
 
@@ -1260,28 +1261,8 @@ std::vector<Case> suite() {
   return v;
 }
 
-// ---- timing ----------------------------------------------------------------
-template <typename F>
-float median_ms(F&& f, int iters) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<float> t;
-  for (int i = 0; i < iters; ++i) {
-    CK(cudaEventRecord(a));
-    f();
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return t[t.size() / 2];
-}
+// ---- timing (median_ms.h) -------------------------------------------------
+using orchard_harness::median_ms;
 
 // only_d/only_s/only_causal (0/0/-1: all) pick one grid point; iters: timed runs
 // (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys).
