@@ -1264,6 +1264,18 @@ std::vector<Case> suite() {
 // ---- timing (median_ms.h) -------------------------------------------------
 using orchard_harness::median_ms;
 
+// The benches' backward outputs and workspace: dO, dQ, dK, dV all in layout L (Q's).
+void set_bench_grads(BwdParams& p, const Layout& L, void* dO, void* dq, void* dk, void* dv, void* ws, size_t wsb) {
+  p.dout = dO;
+  p.do_batch_stride = L.bs, p.do_row_stride = L.rs, p.do_head_stride = L.hs;
+  p.dq = dq, p.dk = dk, p.dv = dv;
+  p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = L.bs;
+  p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = L.rs;
+  p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = L.hs;
+  p.workspace = ws;
+  p.workspace_bytes = wsb;
+}
+
 // only_d/only_s/only_causal (0/0/-1: all) pick one grid point; iters: timed runs
 // (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys).
 void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20, int min_s = 0) {
@@ -1299,14 +1311,7 @@ void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20,
         fill_params(p, c, Q, K, V, O, lse);
         const size_t wsb = ops->backward_workspace_bytes(p);
         CK(cudaMalloc(&ws, wsb));
-        p.dout = dO;
-        p.do_batch_stride = Q.L.bs, p.do_row_stride = Q.L.rs, p.do_head_stride = Q.L.hs;
-        p.dq = dq, p.dk = dk, p.dv = dv;
-        p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = Q.L.bs;
-        p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = Q.L.rs;
-        p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = Q.L.hs;
-        p.workspace = ws;
-        p.workspace_bytes = wsb;
+        set_bench_grads(p, Q.L, dO, dq, dk, dv, ws, wsb);
         const double flops = 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
         const float tf = median_ms([&] { ops->forward(p); }, iters);
         ops->forward(p);  // real out / lse for the backward
@@ -1359,14 +1364,7 @@ void bench_mask() {
   p.attn_bias = bias;  // the largest workspace: ask with a mask set (same either way)
   const size_t wsb = ops->backward_workspace_bytes(p);
   CK(cudaMalloc(&ws, wsb));
-  p.dout = dO;
-  p.do_batch_stride = Q.L.bs, p.do_row_stride = Q.L.rs, p.do_head_stride = Q.L.hs;
-  p.dq = dq, p.dk = dk, p.dv = dv;
-  p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = Q.L.bs;
-  p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = Q.L.rs;
-  p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = Q.L.hs;
-  p.workspace = ws;
-  p.workspace_bytes = wsb;
+  set_bench_grads(p, Q.L, dO, dq, dk, dv, ws, wsb);
   std::printf("\nmasked SDPA kernels, bf16 b%d s%d h%d d%d: ms fwd / bwd (median of 20)\n", b, s, h, d);
   for (int mode = 0; mode < 3; ++mode) {
     const char* name = mode == 0 ? "no mask" : (mode == 1 ? "bool key padding (B,1,1,S)" : "bf16 bias (1,H,S,S)");
