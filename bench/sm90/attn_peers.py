@@ -6,6 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
+from peer_timing import time_ms  # this folder (the script's, first on sys.path)
+
 GRID = [  # (dtype, d, causal, b, h, s) = the bench's speed grid (MHA part)
     ("bf16", 128, False, 8, 16, 2048), ("bf16", 128, True, 8, 16, 2048),
     ("bf16", 128, False, 2, 16, 8192), ("bf16", 128, True, 2, 16, 8192),
@@ -14,18 +16,6 @@ GRID = [  # (dtype, d, causal, b, h, s) = the bench's speed grid (MHA part)
     ("fp16", 128, False, 2, 16, 8192), ("bf16", 256, False, 4, 8, 4096), ("bf16", 256, True, 4, 8, 4096),
     ("bf16", 128, False, 32, 16, 512), ("bf16", 128, True, 32, 16, 512), ("bf16", 64, False, 16, 32, 1024),
 ]
-
-
-def time_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 for dt, d, causal, b, h, s in GRID:

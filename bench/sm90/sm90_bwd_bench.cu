@@ -28,54 +28,18 @@
 #include "backends/cuda/sm90/flash_bwd_sm90.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_run.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90.cuh"
+#include "bench_util.cuh"
 
 using orchard::BwdParams;
 using orchard::FwdParams;
 
-// The library's launch helpers (cuda_backend.cu defines them for the real build).
-void orchard::cuda::check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
+// The library's other launch helpers (cuda_backend.cu defines them for the real build).
 void orchard::cuda::run_bwd_dsink(const BwdParams&, const float*) {  // no sinks in this bench
   std::printf("run_bwd_dsink: not expected here\n");
   std::exit(2);
 }
 void orchard::cuda::opt_in_dynamic_smem(const void* kernel, int bytes) {
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(2);                                                                        \
-    }                                                                                      \
-  } while (0)
-
-template <typename T> __device__ __host__ float to_f(T x);
-template <> __device__ __host__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __host__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ T from_f(float x);
-template <> __device__ __nv_bfloat16 from_f(float x) { return __float2bfloat16(x); }
-template <> __device__ __half from_f(float x) { return __float2half(x); }
-template <typename T> __device__ float rnd(float x) { return to_f<T>(from_f<T>(x)); }
-
-__device__ uint32_t hash_u32(uint64_t x) {
-  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-template <typename T>
-__global__ void fill_kernel(T* x, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float s = 0.f;
-    for (int k = 0; k < 4; ++k) s += (hash_u32(seed * 0x9E3779B97F4A7C15ULL + i * 4 + k) >> 8) * (1.f / 16777216.f);
-    x[i] = from_f<T>((s - 2.f) * 1.7320508f);
-  }
 }
 
 struct Shape {
@@ -111,9 +75,9 @@ __global__ void ref_rows_kernel(const T* q, const T* k, const T* v, const T* dO,
     }
     const bool masked = sh.causal && (int64_t)j > i + coff;
     s32[j] = masked ? -INFINITY : acc * scale;
-    slp[j] = masked ? -INFINITY : rnd<T>(acc * scale);
+    slp[j] = masked ? -INFINITY : round_t<T>(acc * scale);
     dp32[j] = dacc;
-    dplp[j] = rnd<T>(dacc);
+    dplp[j] = round_t<T>(dacc);
     mx = fmaxf(mx, s32[j]);
     mxl = fmaxf(mxl, slp[j]);
   }
@@ -143,18 +107,18 @@ __global__ void ref_rows_kernel(const T* q, const T* k, const T* v, const T* dO,
   float dsum = 0.f, dsuml = 0.f;
   for (int j = threadIdx.x; j < sh.sk; j += blockDim.x) {
     s32[j] = sum > 0.f ? s32[j] / sum : 0.f;
-    slp[j] = suml > 0.f ? rnd<T>(slp[j] / suml) : 0.f;
+    slp[j] = suml > 0.f ? round_t<T>(slp[j] / suml) : 0.f;
     dsum += s32[j] * dp32[j];
     dsuml += slp[j] * dplp[j];
   }
   dsum = block_reduce(dsum, false, 0);
-  dsuml = rnd<T>(block_reduce(dsuml, false, 1));
+  dsuml = round_t<T>(block_reduce(dsuml, false, 1));
   const int64_t base = (((int64_t)b * sh.hq + h) * sh.sq + i) * sh.sk;
   for (int j = threadIdx.x; j < sh.sk; j += blockDim.x) {
     P[base + j] = s32[j];
     dS[base + j] = s32[j] * (dp32[j] - dsum);
     Plp[base + j] = slp[j];
-    dSlp[base + j] = rnd<T>(slp[j] * (dplp[j] - dsuml));
+    dSlp[base + j] = round_t<T>(slp[j] * (dplp[j] - dsuml));
   }
 }
 
@@ -183,7 +147,7 @@ __global__ void ref_grad_kernel(const T* q, const T* k, const T* dO, Shape sh, f
         acc += M[(((int64_t)b * sh.hq + hh) * sh.sq + i) * sh.sk + j] * to_f(X[((int64_t)(b * sh.sq + i) * sh.hq + hh) * d + c]);
     if (which == 1) acc *= scale;
   }
-  out[idx] = lp ? rnd<T>(acc) : acc;
+  out[idx] = lp ? round_t<T>(acc) : acc;
 }
 
 template <typename T>

@@ -21,6 +21,7 @@
 
 #include "core/backend.h"
 #include "orchard/numeric.h"
+#include "../../tests/cuda/median_ms.h"
 
 using namespace orchard;
 
@@ -37,27 +38,7 @@ namespace {
 
 const detail::BackendOps* ops = nullptr;
 
-template <typename F>
-float median_ms(F&& fn, int iters = 20) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<float> t;
-  for (int i = 0; i < iters; ++i) {
-    CK(cudaEventRecord(a));
-    fn();
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  std::sort(t.begin(), t.end());
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return t[t.size() / 2];
-}
+using orchard_harness::median_ms;  // tests/cuda/median_ms.h
 
 struct Shape {
   int b, s, h, d;

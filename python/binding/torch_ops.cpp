@@ -871,31 +871,28 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
       "-> (Tensor, Tensor?, int)");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) {
+// One kernel per op serves every device (the core dispatches on the tensors' device).
+namespace {
+template <typename Library>
+void impl_orchard_ops(Library& m) {
   m.impl("_flash_fwd", TORCH_BOX(&flash_fwd));
   m.impl("_flash_bwd", TORCH_BOX(&flash_bwd));
   m.impl("_flash_fwd_plain", TORCH_BOX(&flash_fwd_plain));
   m.impl("_flash_bwd_plain", TORCH_BOX(&flash_bwd_plain));
   m.impl("_kvcache_fwd", TORCH_BOX(&kvcache_fwd));
 }
+template <typename Library>
+void impl_aten_ops(Library& m) {
+  m.impl("_scaled_dot_product_fused_attention_overrideable", TORCH_BOX(&sdpa_overrideable_fwd));
+  m.impl("_scaled_dot_product_fused_attention_overrideable_backward", TORCH_BOX(&sdpa_overrideable_bwd));
+}
+}  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) {
-  m.impl("_flash_fwd", TORCH_BOX(&flash_fwd));
-  m.impl("_flash_bwd", TORCH_BOX(&flash_bwd));
-  m.impl("_flash_fwd_plain", TORCH_BOX(&flash_fwd_plain));
-  m.impl("_flash_bwd_plain", TORCH_BOX(&flash_bwd_plain));
-  m.impl("_kvcache_fwd", TORCH_BOX(&kvcache_fwd));
-}
+STABLE_TORCH_LIBRARY_IMPL(orchard, CPU, m) { impl_orchard_ops(m); }
+STABLE_TORCH_LIBRARY_IMPL(orchard, CUDA, m) { impl_orchard_ops(m); }
 
 // The aten op above (its C++ autograd node is torch's). _ops.py uses it only when
 // ORCHARD_ATEN_AUTOGRAD is not "0" (the registration itself is unconditional: torch has
 // no CPU/CUDA kernel for this op that it could displace).
-STABLE_TORCH_LIBRARY_IMPL(aten, CPU, m) {
-  m.impl("_scaled_dot_product_fused_attention_overrideable", TORCH_BOX(&sdpa_overrideable_fwd));
-  m.impl("_scaled_dot_product_fused_attention_overrideable_backward", TORCH_BOX(&sdpa_overrideable_bwd));
-}
-
-STABLE_TORCH_LIBRARY_IMPL(aten, CUDA, m) {
-  m.impl("_scaled_dot_product_fused_attention_overrideable", TORCH_BOX(&sdpa_overrideable_fwd));
-  m.impl("_scaled_dot_product_fused_attention_overrideable_backward", TORCH_BOX(&sdpa_overrideable_bwd));
-}
+STABLE_TORCH_LIBRARY_IMPL(aten, CPU, m) { impl_aten_ops(m); }
+STABLE_TORCH_LIBRARY_IMPL(aten, CUDA, m) { impl_aten_ops(m); }

@@ -1,6 +1,7 @@
 """Reference math for the tests: float64 attention on BSHD tensors, the
-same-dtype naive computation for flash-attn's tolerance rule, and a NumPy
-Philox4x32-10 that reproduces Orchard's documented dropout mask."""
+same-dtype naive computation for flash-attn's tolerance rule, a NumPy
+Philox4x32-10 that reproduces Orchard's documented dropout mask, and the
+eager-vs-CUDA-graph replay of a step."""
 
 from __future__ import annotations
 
@@ -97,3 +98,21 @@ def philox_keep_mask(b, hq, sq, sk, p, seed, offset):
     c0, c1, c2, c3 = lanes
     draw = np.where(lane == 0, c0, np.where(lane == 1, c1, np.where(lane == 2, c2, c3)))
     return (draw >= np.uint32(keep_threshold(p))).reshape(b, hq, sq, sk)
+
+
+def eager_and_graph_replay(step):
+    """Runs step() eagerly (twice, on a side stream: the warm-up torch's graph capture
+    wants), then captures it in a CUDA graph and replays that once. Returns (the last
+    eager result, the captured outputs after the replay)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = step()
+    g.replay()
+    torch.cuda.synchronize()
+    return eager, static

@@ -16,7 +16,7 @@ import orchard
 from orchard import _ops
 
 from conftest import DEVICES
-from helpers import randn
+from helpers import eager_and_graph_replay, randn
 
 ROUTE = bool(getattr(_ops, "_ATEN_LAYOUTS", None)) and getattr(_ops, "_ATEN_SDPA", None) is not None
 needs_route = pytest.mark.skipif(not ROUTE, reason=f"aten route off (stable ops: {_ops.STABLE_OPS_STATUS})")
@@ -213,16 +213,6 @@ def test_cuda_graph_capture_through_the_route(monkeypatch, which):
             assert type(out.grad_fn).__name__ == "TransposeBackward0"
         return torch.autograd.grad(out, (q, k, v), do)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            eager = step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = step()
-    g.replay()
-    torch.cuda.synchronize()
+    eager, static = eager_and_graph_replay(step)
     for a, b in zip(static, eager):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

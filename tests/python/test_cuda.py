@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import orchard
-from helpers import attention_ref, check_close_rule, randn
+from helpers import attention_ref, check_close_rule, eager_and_graph_replay, randn
 
 pytestmark = pytest.mark.cuda
 
@@ -42,17 +42,7 @@ def test_cuda_graph_capture_fwd_bwd(deterministic):
         out = orchard.flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
         return torch.autograd.grad(out, (q, k, v), do)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            eager = step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = step()
-    g.replay()
-    torch.cuda.synchronize()
+    eager, static = eager_and_graph_replay(step)
     for a, b in zip(static, eager):
         if deterministic:
             torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -89,7 +89,8 @@ void bwd_dispatch(const BwdParams& p) {
 
 // The Hopper forward (sm90/flash_fwd_sm90.cuh) runs when it was compiled in (ORCHARD_CUDA_ARCHS
 // holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
-// ORCHARD_SM90 is not "0", and the call uses only what that kernel covers: bf16 / fp16,
+// ORCHARD_SM90 is not "0" (read once, at the first call), and the call uses only what that
+// kernel covers: bf16 / fp16,
 // d == d_v in {64, 128, 256}, plain or causal, GQA, a positive scale, 16-byte aligned rows with
 // strides of whole 16-byte chunks (TMA).  Everything else runs the sm80 kernels.
 #if defined(ORCHARD_WITH_SM90)
@@ -110,8 +111,14 @@ bool sm90_device() {
 
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  const char* env = std::getenv("ORCHARD_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  // Read once per process, at the first call: the switch is a launch-time setting (as
+  // ORCHARD_BWD_TWO_PASS), not one to flip between calls, and getenv per call cost a scan of
+  // the environment on every forward and backward.
+  static const bool disabled = [] {
+    const char* env = std::getenv("ORCHARD_SM90");
+    return env != nullptr && std::strcmp(env, "0") == 0;
+  }();
+  if (disabled) return false;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (value_dim(p) != p.d || (p.d != 64 && p.d != 128 && p.d != 256)) return false;
   if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.softcap > 0.f ||

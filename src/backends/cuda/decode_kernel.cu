@@ -58,36 +58,33 @@ void check_cuda(cudaError_t err, const char* what) {
 
 // ---- element helpers -------------------------------------------------------------------
 
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+// 16 bytes = 8 elements of a 16-bit type whose pairs are Pair.
+template <typename Pair>
+__device__ __forceinline__ void chunk_pairs(const uint4& u, float* f) {
+  const Pair* h = reinterpret_cast<const Pair*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = to_float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
 template <typename T>
 struct Conv;
 template <>
 struct Conv<__nv_bfloat16> {
   static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 store(float f) { return __float2bfloat16_rn(f); }
-  // 16 bytes = 8 elements.
-  static __device__ __forceinline__ void chunk(const uint4& u, float* f) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __bfloat1622float2(h[i]);
-      f[2 * i] = x.x;
-      f[2 * i + 1] = x.y;
-    }
-  }
+  static __device__ __forceinline__ void chunk(const uint4& u, float* f) { chunk_pairs<__nv_bfloat162>(u, f); }
 };
 template <>
 struct Conv<__half> {
   static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half store(float f) { return __float2half_rn(f); }
-  static __device__ __forceinline__ void chunk(const uint4& u, float* f) {
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __half22float2(h[i]);
-      f[2 * i] = x.x;
-      f[2 * i + 1] = x.y;
-    }
-  }
+  static __device__ __forceinline__ void chunk(const uint4& u, float* f) { chunk_pairs<__half2>(u, f); }
 };
 template <>
 struct Conv<float> {

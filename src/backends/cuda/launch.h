@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "orchard/config.h"
 #include "orchard/errors.h"
@@ -18,6 +19,19 @@ template <typename T, int kD>
 void run_flash_fwd(const FwdParams& params);
 template <typename T, int kD>
 void run_flash_bwd(const BwdParams& params);
+
+// The run_flash_* entry points' one switch from the run-time flags to the kernels' template
+// parameters: launch(std::bool_constant<causal>, std::bool_constant<dropout>).
+template <typename Launch>
+void dispatch_causal_dropout(bool causal, bool dropout, Launch&& launch) {
+  if (causal) {
+    if (dropout) launch(std::true_type{}, std::true_type{});
+    else launch(std::true_type{}, std::false_type{});
+  } else {
+    if (dropout) launch(std::false_type{}, std::true_type{});
+    else launch(std::false_type{}, std::false_type{});
+  }
+}
 
 // float32 inputs: SIMT kernels (exact fp32 arithmetic, no tensor cores).
 void run_fwd_fp32(const FwdParams& params);

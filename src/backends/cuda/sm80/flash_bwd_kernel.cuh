@@ -294,6 +294,62 @@ __device__ __forceinline__ void key_tile_range(int m0, int sk, int64_t diag, boo
   }
 }
 
+// What both dK/dV kernels (flash_bwd_dkdv_kernel, flash_bwd_dkdv2_kernel) derive from their
+// (batch * kv head, key block) before the loop; each kernel binds the fields to its own names.
+struct DkdvBlock {
+  int b, hk, group, n0;
+  int d, dv;     // q/k and v/dO head dims (d_v set: cuda_backend.cu)
+  SeqSpan span;  // varlen: this sequence
+  int sq, sk;
+  int64_t diag;
+};
+template <int kBN>
+__device__ __forceinline__ DkdvBlock dkdv_block(const BwdParams& p, int64_t bhk, int n_block) {
+  DkdvBlock k;
+  k.b = static_cast<int>(bhk / p.hkv), k.hk = static_cast<int>(bhk % p.hkv);
+  k.group = p.hq / p.hkv;
+  k.n0 = n_block * kBN;
+  k.d = p.d, k.dv = p.d_v;
+  k.span = seq_span(p, k.b);
+  k.sq = k.span.len_q, k.sk = k.span.len_k;
+  k.diag = k.span.diag;
+  return k;
+}
+
+// The block's K tile (and with load_v its V tile) into shared memory: cp.async, or
+// element-wise where the rows are not 16-byte vectors (rows_vec16).
+template <typename T, int kBN, int kD, int kThreads>
+__device__ __forceinline__ void load_dkdv_kv_tiles(const BwdParams& p, const DkdvBlock& k, T* sK, T* sV, bool load_v,
+                                                   bool vec, int tid) {
+  const T* kg = static_cast<const T*>(p.k) + k.b * p.k_batch_stride + k.hk * p.k_head_stride +
+                (k.span.k_start + k.n0) * p.k_row_stride;
+  const T* vg = static_cast<const T*>(p.v) + k.b * p.v_batch_stride + k.hk * p.v_head_stride +
+                (k.span.k_start + k.n0) * p.v_row_stride;
+  if (vec) {
+    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, k.sk - k.n0, k.d, tid);
+    if (load_v) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, k.sk - k.n0, k.dv, tid);
+  } else {
+    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, k.sk - k.n0, k.d, tid);
+    if (load_v) load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, k.sk - k.n0, k.dv, tid);
+  }
+}
+
+// Sequence b's row statistics (D = rowsum(dO * O) from the pre-pass, LSE from its first
+// row) and dQ accumulator slabs.
+struct DkdvRowInputs {
+  const float* dsum;
+  DqAccumSlabs dq_acc;
+  const float* lse_g;
+};
+__device__ __forceinline__ DkdvRowInputs dkdv_row_inputs(const BwdParams& p, const DkdvBlock& k) {
+  const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
+  const BwdWorkspace layout = bwd_workspace_layout(p);
+  const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
+  const DqAccumSlabs dq_acc = bwd_dq_accum_slabs(p, k.b);
+  const float* lse_g = static_cast<const float*>(p.lse) + k.b * p.lse_batch_stride + k.span.q_start;
+  return {dsum, dq_acc, lse_g};
+}
+
 // kBias: p.attn_bias is set (a template parameter for the reason at flash_bwd_dkdv2_kernel).
 template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq, bool kBias = false>
 __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
@@ -320,39 +376,20 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const int g = lane / 4, t = lane % 4;
   const int64_t bhk = blockIdx.x / num_n_blocks;
   const int n_block = blockIdx.x % num_n_blocks;
-  const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
-  const int group = p.hq / p.hkv;
-  const int n0 = n_block * kBN;
-  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
-  const SeqSpan span = seq_span(p, b);  // varlen: this sequence
-  const int sq = span.len_q, sk = span.len_k;
-  const int64_t diag = span.diag;
+  const DkdvBlock blk = dkdv_block<kBN>(p, bhk, n_block);
+  const auto& [b, hk, group, n0, d, dv, span, sq, sk, diag] = blk;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
   const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                (span.k_start + n0) * p.k_row_stride;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-                (span.k_start + n0) * p.v_row_stride;
-  if (vec) {
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-    if (kWantDK) load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
-  } else {  // element-wise (rows_vec16)
-    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-    if (kWantDK) load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
-  }
+  load_dkdv_kv_tiles<T, kBN, kD, kThreads>(p, blk, sK, sV, kWantDK, vec, tid);
 
   int m_begin, m_end;
   query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, m_end);
   const int nm = m_end - m_begin;
   const int total = group * nm;
 
-  const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
-  const BwdWorkspace layout = bwd_workspace_layout(p);
-  const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
-  const DqAccumSlabs dq_acc = bwd_dq_accum_slabs(p, b);
-  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
+  const auto [dsum, dq_acc, lse_g] = dkdv_row_inputs(p, blk);
 
   auto prefetch = [&](int it, int stage) {
     const int h = hk * group + it / nm;
@@ -756,39 +793,20 @@ __global__ void __launch_bounds__(256)
     bhk = blockIdx.x / num_n_blocks;
     n_block = blockIdx.x % num_n_blocks;
   }
-  const int b = static_cast<int>(bhk / p.hkv), hk = static_cast<int>(bhk % p.hkv);
-  const int group = p.hq / p.hkv;
-  const int n0 = n_block * kBN;
-  const int d = p.d, dv = p.d_v;  // q/k and v/dO head dims (d_v set: cuda_backend.cu)
-  const SeqSpan span = seq_span(p, b);  // varlen: this sequence
-  const int sq = span.len_q, sk = span.len_k;
-  const int64_t diag = span.diag;
+  const DkdvBlock blk = dkdv_block<kBN>(p, bhk, n_block);
+  const auto& [b, hk, group, n0, d, dv, span, sq, sk, diag] = blk;
   if (n0 >= sk) return;  // only with varlen
   const bool has_window = window_active(kCausal, p.window_left, p.window_right);
   const bool has_mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                (span.k_start + n0) * p.k_row_stride;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-                (span.k_start + n0) * p.v_row_stride;
-  if (vec) {
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-    load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
-  } else {  // element-wise (rows_vec16)
-    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK), kg, p.k_row_stride, sk - n0, d, tid);
-    load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV), vg, p.v_row_stride, sk - n0, dv, tid);
-  }
+  load_dkdv_kv_tiles<T, kBN, kD, kThreads>(p, blk, sK, sV, true, vec, tid);
 
   int m_begin, num_m_total;  // query tiles [m_begin, num_m_total) see this key block
   query_tile_range<kCausal, kBM, kBN>(n0, sq, diag, has_window, p.window_left, p.window_right, m_begin, num_m_total);
   const int nm = num_m_total - m_begin;
   const int total = group * nm;
 
-  const unsigned char* ws = static_cast<const unsigned char*>(p.workspace);
-  const BwdWorkspace layout = bwd_workspace_layout(p);
-  const float* dsum = reinterpret_cast<const float*>(ws + layout.d_offset);
-  const DqAccumSlabs dq_acc = bwd_dq_accum_slabs(p, b);
-  const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + span.q_start;
+  const auto [dsum, dq_acc, lse_g] = dkdv_row_inputs(p, blk);
 
   TileStream<T, kBM, kD, kThreads, kSwz> q_stream(static_cast<const T*>(p.q), p.q_row_stride, d, tid);
   TileStream<T, kBM, kD, kThreads, kSwz> do_stream(static_cast<const T*>(p.dout), p.do_row_stride, dv, tid);
@@ -1625,14 +1643,9 @@ void launch_flash_bwd(const BwdParams& p) {
 
 template <typename T, int kD>
 void run_flash_bwd(const BwdParams& p) {
-  const bool dropout = p.dropout_p > 0.f;
-  if (p.causal) {
-    if (dropout) launch_flash_bwd<T, kD, true, true>(p);
-    else launch_flash_bwd<T, kD, true, false>(p);
-  } else {
-    if (dropout) launch_flash_bwd<T, kD, false, true>(p);
-    else launch_flash_bwd<T, kD, false, false>(p);
-  }
+  dispatch_causal_dropout(p.causal, p.dropout_p > 0.f, [&](auto causal, auto dropout) {
+    launch_flash_bwd<T, kD, decltype(causal)::value, decltype(dropout)::value>(p);
+  });
 }
 
 }  // namespace orchard::cuda

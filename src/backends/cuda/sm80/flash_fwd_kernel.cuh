@@ -493,14 +493,9 @@ void launch_flash_fwd(const FwdParams& p) {
 
 template <typename T, int kD>
 void run_flash_fwd(const FwdParams& p) {
-  const bool dropout = p.dropout_p > 0.f;
-  if (p.causal) {
-    if (dropout) launch_flash_fwd<T, kD, true, true>(p);
-    else launch_flash_fwd<T, kD, true, false>(p);
-  } else {
-    if (dropout) launch_flash_fwd<T, kD, false, true>(p);
-    else launch_flash_fwd<T, kD, false, false>(p);
-  }
+  dispatch_causal_dropout(p.causal, p.dropout_p > 0.f, [&](auto causal, auto dropout) {
+    launch_flash_fwd<T, kD, decltype(causal)::value, decltype(dropout)::value>(p);
+  });
 }
 
 }  // namespace orchard::cuda

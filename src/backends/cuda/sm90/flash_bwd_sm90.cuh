@@ -450,27 +450,6 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-template <typename T>
-constexpr CUtensorMapDataType bwd_tma_dtype() {
-  return std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-}
-
-// (dim, row, head, batch) map of a BSHD-strided tensor, box (64, rows, 1, 1), as the forward's.
-template <typename T>
-inline bool make_bwd_map(CUtensorMap* map, const void* base, int d, int rows, int heads, int batch,
-                         int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
-  const uint64_t e = sizeof(T);
-  const uint64_t rs = static_cast<uint64_t>(row_stride) * e;
-  uint64_t hs = static_cast<uint64_t>(head_stride) * e, bs = static_cast<uint64_t>(batch_stride) * e;
-  if (heads == 1) hs = rs;
-  if (batch == 1) bs = rs;
-  const uint64_t dims[4] = {static_cast<uint64_t>(d), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
-                            static_cast<uint64_t>(batch)};
-  const uint64_t strides[3] = {rs, hs, bs};
-  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
-  return make_tma_4d(map, bwd_tma_dtype<T>(), base, dims, strides, box);
-}
-
 }  // namespace orchard::sm90
 
 namespace orchard::cuda {
@@ -480,13 +459,13 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
   using Cfg = sm90::BwdSm90Config<kD>;
   static_assert(sizeof(sm90::BwdSm90Maps) <= sizeof(BwdSm90MapsStorage), "map storage");
   sm90::BwdSm90Maps* m = reinterpret_cast<sm90::BwdSm90Maps*>(out->bytes);
-  return sm90::make_bwd_map<T>(&m->q, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
+  return sm90::make_attn_map<T>(&m->q, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
                                Cfg::kBM) &&
-         sm90::make_bwd_map<T>(&m->dout, p.dout, kD, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
+         sm90::make_attn_map<T>(&m->dout, p.dout, kD, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
                                p.do_batch_stride, Cfg::kBM) &&
-         sm90::make_bwd_map<T>(&m->k, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
+         sm90::make_attn_map<T>(&m->k, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
                                Cfg::kBN) &&
-         sm90::make_bwd_map<T>(&m->v, p.v, kD, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
+         sm90::make_attn_map<T>(&m->v, p.v, kD, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
                                Cfg::kBN);
 }
 

@@ -377,28 +377,6 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-template <typename T>
-constexpr CUtensorMapDataType tma_dtype() {
-  return std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-}
-
-// (dim, row, head, batch) map of a BSHD-strided tensor, box (64, rows, 1, 1).  Extent-1 dims
-// get a harmless stride (the copy engine never steps them) so any view of them encodes.
-template <typename T>
-inline bool make_attn_map(CUtensorMap* map, const void* base, int d, int rows, int heads, int batch,
-                          int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
-  const uint64_t e = sizeof(T);
-  const uint64_t rs = static_cast<uint64_t>(row_stride) * e;
-  uint64_t hs = static_cast<uint64_t>(head_stride) * e, bs = static_cast<uint64_t>(batch_stride) * e;
-  if (heads == 1) hs = rs;
-  if (batch == 1) bs = rs;
-  const uint64_t dims[4] = {static_cast<uint64_t>(d), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
-                            static_cast<uint64_t>(batch)};
-  const uint64_t strides[3] = {rs, hs, bs};
-  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
-  return make_tma_4d(map, tma_dtype<T>(), base, dims, strides, box);
-}
-
 // Host launcher.  Returns false without launching when the tensor maps cannot be encoded
 // (the caller then falls back); launch errors are left to the caller's check.
 template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>()>

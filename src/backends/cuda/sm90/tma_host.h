@@ -1,10 +1,14 @@
-// TMA host side: builds a CUtensorMap for a 2D row-major matrix with cuTensorMapEncodeTiled.
+// TMA host side: builds a CUtensorMap (a 2D row-major matrix, a 4D view, a BSHD attention
+// tensor) with cuTensorMapEncodeTiled.
 // The driver function is fetched through the runtime (cudaGetDriverEntryPoint[ByVersion]),
 // so nothing links against libcuda: the runtime already holds the driver handle.
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <type_traits>
 #include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <cuda_runtime_api.h>
 
@@ -79,6 +83,29 @@ inline bool make_tma_4d(CUtensorMap* map, CUtensorMapDataType dtype, const void*
     return false;
   }
   return true;
+}
+
+template <typename T>
+constexpr CUtensorMapDataType tma_dtype() {
+  return std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+}
+
+// (dim, row, head, batch) map of a BSHD-strided bf16 / fp16 tensor, box (64, rows, 1, 1): the
+// sm90 forward's and backward's.  Extent-1 dims get a harmless stride (the copy engine never
+// steps them) so any view of them encodes.
+template <typename T>
+inline bool make_attn_map(CUtensorMap* map, const void* base, int d, int rows, int heads, int batch,
+                          int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+  const uint64_t e = sizeof(T);
+  const uint64_t rs = static_cast<uint64_t>(row_stride) * e;
+  uint64_t hs = static_cast<uint64_t>(head_stride) * e, bs = static_cast<uint64_t>(batch_stride) * e;
+  if (heads == 1) hs = rs;
+  if (batch == 1) bs = rs;
+  const uint64_t dims[4] = {static_cast<uint64_t>(d), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(batch)};
+  const uint64_t strides[3] = {rs, hs, bs};
+  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
+  return make_tma_4d(map, tma_dtype<T>(), base, dims, strides, box);
 }
 
 }  // namespace orchard::sm90
