@@ -7,10 +7,13 @@
 // Attention runs in blocks of kKeyBlock keys: scores of every query row of
 // the group against the block (8 keys at a time, vector dot products summed
 // by a transpose-reduce), one online-softmax step per row (exp2 on vectors),
-// then O += P V. bf16 and fp32 caches are read in place (bf16 widened to fp32
-// in registers: decode is memory-bound, a staged copy would be one more
-// pass), row pointers per key so paged caches need no other path; fp16 rows
-// are converted into a per-thread fp32 block first. All arithmetic is fp32.
+// then O += P V, while the next block's cache rows are prefetched. With one
+// query row per kv head (MHA, sq 1) bf16 and fp32 caches are read in place
+// (bf16 widened to fp32 in registers: decode is memory-bound, a staged copy
+// would be one more pass); fp16, and groups of several rows (GQA, sq > 1),
+// go through a per-thread fp32 block stage and O += P V as one tile GEMM.
+// Row pointers per key, so paged caches need no other path. All arithmetic
+// is fp32.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
