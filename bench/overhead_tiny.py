@@ -72,6 +72,14 @@ def main() -> int:
         ("flash_attn_func fwd (no_grad)", faf_fwd),
         ("flash_attn_func fwd+bwd", faf_step),
     ]
+    # fwd+bwd split: the forward with the graph recorded, and the backward of one graph
+    # (retain_graph=True), so only the backward runs.
+    for name, fn in (("torch SDPA", F.scaled_dot_product_attention),
+                     ("orchard.sdpa", orchard.scaled_dot_product_attention)):
+        o = fn(q, k, v, is_causal=True)
+        rows.append((f"{name} fwd(grad)", lambda fn=fn: fn(q, k, v, is_causal=True)))
+        rows.append((f"{name} bwd (retained graph)",
+                     lambda o=o: torch.autograd.grad(o, (q, k, v), g, retain_graph=True)))
     # The layers under orchard.sdpa's no-grad forward (each row includes those below it).
     if _ops._SFWD_CALL is not None:
         rows.append(("  _ops.eager_forward", lambda: _ops.eager_forward(
