@@ -399,7 +399,8 @@ def scaled_dot_product_attention(
     mask4 = None if attn_mask is None else _sdpa_mask(op, attn_mask, query, q4shape, k4shape,
                                                       is_causal, dropout_p)
     sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
-    rng = _ops.draw_dropout_rng_state(dropout_p, query.device)
+    # (no call, no device lookup without dropout: draw_dropout_rng_state returns None there)
+    rng = None if dropout_p <= 0.0 else _ops.draw_dropout_rng_state(dropout_p, query.device)
     if mask4 is None and sink is None and _eager_ok(q4, k4, v4):
         # Straight to the C++ op (see _ops.eager_forward), which reads the (B, H, S, D)
         # tensors as they are and returns out (B, H, L, Ev) in query's layout.
