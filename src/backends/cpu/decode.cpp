@@ -29,14 +29,9 @@
 #include "orchard/errors.h"
 #include "orchard/numeric.h"
 
-// x86-64-v4 too (not in simd.h's clone list): the same 8-lane code gets 32
-// vector registers, which the 8-key score accumulators and the 8-vector
-// output chunks need to stay out of memory.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__ELF__) && !defined(__clang__)
-#define ORCHARD_DECODE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ORCHARD_DECODE_CLONES
-#endif
+// The vector code below is cloned for x86-64-v4 too (ORCHARD_CPU_CLONES_V4):
+// the 8-key score accumulators and the 8-vector output chunks need 32 vector
+// registers to stay out of memory.
 
 namespace orchard::detail {
 namespace {
@@ -298,12 +293,12 @@ ORCHARD_ALWAYS_INLINE void attend_block_body(const DecodeParams& p, const RowSta
     if (pv_gemm) cpu::gemm(st.rows, dk, nb, st.s, kKeyBlock, kb.vals[0], dk, st.o, st.ld, true);
 }
 
-ORCHARD_DECODE_CLONES
+ORCHARD_CPU_CLONES_V4
 void attend_block(const DecodeParams& p, const RowState& st, const KeyBlock<float>& kb) {
   attend_block_body(p, st, kb);
 }
 
-ORCHARD_DECODE_CLONES
+ORCHARD_CPU_CLONES_V4
 void attend_block(const DecodeParams& p, const RowState& st, const KeyBlock<std::uint16_t>& kb) {
   attend_block_body(p, st, kb);
 }
@@ -332,7 +327,7 @@ struct DecodeScratch {
 alignas(64) const float kZeroRow[kMaxHeadDim] = {};
 
 // One cache row as fp32 into the block stage (d % 8 == 0).
-ORCHARD_DECODE_CLONES void stage_row_bf16(const std::uint16_t* src, int d, float* dst) {
+ORCHARD_CPU_CLONES_V4 void stage_row_bf16(const std::uint16_t* src, int d, float* dst) {
   for (int c = 0; c < d; c += 8) vstore(dst + c, load8(src + c));
 }
 template <DType T>

@@ -11,8 +11,12 @@
 // x86-64-v3 = AVX2 + FMA + F16C. (An x86-64-v4 clone was left out: 256-bit
 // vectors gain little from AVX-512 and this machine cannot measure it.)
 #define ORCHARD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// The same plus an x86-64-v4 clone, for 8-lane code that needs AVX-512's 32
+// vector registers to keep its accumulators out of memory (the CPU decode).
+#define ORCHARD_CPU_CLONES_V4 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ORCHARD_CPU_CLONES
+#define ORCHARD_CPU_CLONES_V4
 #endif
 
 #define ORCHARD_ALWAYS_INLINE inline __attribute__((always_inline))
