@@ -26,6 +26,7 @@ mkdir -p "$L"
 BUDGET_S=${BUDGET_S:-540}
 t0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - t0))); }
+lim() { local x=$(($(left) - $1)); ((x < 20)) && x=20; echo $x; }  # a step's limit: what is left minus a reserve
 stamp() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/summary.txt"; }
 snap() { (cd "$OUT" && tar czf logs.tgz logs); }
 export PYTHONUNBUFFERED=1
@@ -50,14 +51,14 @@ stamp "cuda_check linked against $LIB rc=$r"
 if ((r != 0)); then  # fallback: the standalone harness build (compiles the CUDA sources again)
   tail -20 "$L/cuda_check_build.log"
   cmake -S dev/cuda -B /tmp/build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > "$L/harness_build.log" 2>&1 &&
-    timeout $(($(left) - 200)) ninja -C /tmp/build-dev -j16 cuda_check >> "$L/harness_build.log" 2>&1
+    timeout $(lim 200) ninja -C /tmp/build-dev -j16 cuda_check >> "$L/harness_build.log" 2>&1
   CC=/tmp/build-dev/cuda_check
   stamp "harness fallback build rc=$?"
 fi
 
 # ---- 2. bench warm-up in the background (FlexAttention compiles; waits for /tmp/sm90feat_go) ----
 rm -f /tmp/sm90feat_go
-timeout $(($(left) - 10)) python3 dev/cuda/sm90feat_bench.py --out "$OUT" --go /tmp/sm90feat_go > "$L/bench.log" 2>&1 &
+timeout $(lim 10) python3 dev/cuda/sm90feat_bench.py --out "$OUT" --go /tmp/sm90feat_go > "$L/bench.log" 2>&1 &
 BENCH=$!
 
 # ---- 3. correctness: the harness on sm90 shapes, sm90 then sm80 ----
@@ -82,12 +83,12 @@ snap
 
 # ---- 5. pytest (only with time to spare: the timing table comes first) ----
 if (($(left) > 200)); then
-  (cd tests/python && timeout $(($(left) - 170)) python3 -m pytest -q -p no:cacheprovider -x \
+  (cd tests/python && timeout $(lim 170) python3 -m pytest -q -p no:cacheprovider -x \
     test_cuda.py -k "sm90_shape" > "$L/pytest_sm90_shape.log" 2>&1)
   stamp "pytest test_cuda.py -k sm90_shape rc=$?: $(tail -1 "$L/pytest_sm90_shape.log")"
 fi
 if (($(left) > 170)); then
-  (cd tests/python && timeout $(($(left) - 150)) python3 -m pytest -q -p no:cacheprovider \
+  (cd tests/python && timeout $(lim 150) python3 -m pytest -q -p no:cacheprovider \
     test_features.py -k "fwd_bwd_vs_reference and cuda" > "$L/pytest_features.log" 2>&1)
   stamp "pytest test_features.py (cuda) rc=$?: $(tail -1 "$L/pytest_features.log")"
 fi
