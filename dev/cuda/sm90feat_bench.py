@@ -2,9 +2,11 @@
 process, one card, same tensors: Orchard with the sm90 kernels (ORCHARD_SM90=1) and with the
 sm80 kernels (ORCHARD_SM90=0, the A/B), FlexAttention (compiled; block mask / score_mod) and
 torch SDPA where it has the feature (window: efficient + bool mask; ALiBi: efficient + the
-bf16 bias (1, H, S, S); plain: flash and cuDNN). bf16, b2 s8k h16, causal, d128 (and d64 for
-the window), as bench/feature_bench.py. Forward (no grad) and forward + backward ms, median of
-20 CUDA-event-timed calls after 3 warm-ups; TFLOP/s over the visible scores (4 d per score fwd,
+bf16 bias (1, H, S, S); plain: flash and cuDNN; the plain rows check that the sm90 kernels'
+plain path kept its speed: compare their cuDNN ratios with bench/RESULTS.md's). bf16, b2 s8k
+h16, causal unless named, d128 (and d64 for the window and plain causal), as
+bench/feature_bench.py. Forward (no grad) and forward + backward ms, median of 20
+CUDA-event-timed calls after 3 warm-ups; TFLOP/s over the visible scores (4 d per score fwd,
 3.5x that fwd+bwd). Before timing, each Orchard call is run once with the debug log on to
 record which kernels it took (variant), and the sm90 results are compared with the sm80 ones
 (max |diff| / max |sm80|) at these sizes.
@@ -27,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import orchard
 
 DT = torch.bfloat16
+DEV = "cuda"  # (a CPU smoke test of this script's plumbing sets it to "cpu")
 
 
 def median_ms(fn, iters=20):
@@ -65,8 +68,8 @@ def variants(fn):
     return " ".join(out)
 
 
-def build_cases(quick):
-    s = 2048 if quick else 8192
+def build_cases(quick, s=0):
+    s = s or (2048 if quick else 8192)
     b, h, left = 2, 16, 1024
     flex_fa, create_block_mask = None, None
     try:
@@ -74,19 +77,21 @@ def build_cases(quick):
         flex_fa = torch.compile(flex_attention, dynamic=False)
     except Exception as e:  # noqa: BLE001
         print(f"[bench] FlexAttention unavailable: {e}", file=sys.stderr)
-    slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda", dtype=torch.float32)
-    i = torch.arange(s, device="cuda")
+    slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=DEV, dtype=torch.float32)
+    i = torch.arange(s, device=DEV)
     causal_vis = s * (s + 1) / 2
     win_vis = sum(min(r, left) + 1 for r in range(s))
     cases = []
     for name, d, kw, vis in (("plain causal", 128, dict(causal=True), causal_vis),
+                             ("plain non-causal", 128, dict(), float(s) * s),
+                             ("plain causal", 64, dict(causal=True), causal_vis),
                              (f"window causal left {left}", 128, dict(causal=True, window_size=(left, 0)), win_vis),
                              (f"window causal left {left}", 64, dict(causal=True, window_size=(left, 0)), win_vis),
                              ("softcap 50 causal", 128, dict(causal=True, softcap=50.0), causal_vis),
                              ("ALiBi causal", 128, dict(causal=True, alibi_slopes=slopes), causal_vis)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=DT, generator=g).requires_grad_() for _ in range(3))
-        do = torch.randn(b, s, h, d, device="cuda", dtype=DT, generator=g)
+        g = torch.Generator(device=DEV).manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, device=DEV, dtype=DT, generator=g).requires_grad_() for _ in range(3))
+        do = torch.randn(b, s, h, d, device=DEV, dtype=DT, generator=g)
         qt, kt, vt, dot = (t.transpose(1, 2) for t in (q, k, v, do))
         impls = []
 
@@ -94,14 +99,14 @@ def build_cases(quick):
             return orchard.flash_attn_func(q, k, v, **kw)
         impls.append(("orchard sm90", orch, True, do))
         impls.append(("orchard sm80 (ORCHARD_SM90=0)", orch, False, do))
-        if flex_fa is not None and name != "plain causal":
+        if flex_fa is not None and not name.startswith("plain"):
             if "window" in name:
                 bm = create_block_mask(lambda b_, h_, qi, ki: (qi >= ki) & (qi - ki <= left), None, None, s, s,
-                                       device="cuda")
+                                       device=DEV)
                 impls.append(("flex_attention", lambda bm=bm, qt=qt, kt=kt, vt=vt: flex_fa(qt, kt, vt, block_mask=bm),
                               None, dot))
             else:
-                bm = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, s, s, device="cuda")
+                bm = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, s, s, device=DEV)
                 if "softcap" in name:
                     def mod(score, b_, h_, qi, ki):
                         return 50.0 * torch.tanh(score / 50.0)
@@ -111,11 +116,11 @@ def build_cases(quick):
                 impls.append(("flex_attention",
                               lambda bm=bm, mod=mod, qt=qt, kt=kt, vt=vt: flex_fa(qt, kt, vt, score_mod=mod, block_mask=bm),
                               None, dot))
-        if name == "plain causal":
+        if name.startswith("plain"):
             for iname, be in (("sdpa flash (FA2)", SDPBackend.FLASH_ATTENTION), ("sdpa cuDNN", SDPBackend.CUDNN_ATTENTION)):
-                def run(be=be, qt=qt, kt=kt, vt=vt):
+                def run(be=be, qt=qt, kt=kt, vt=vt, causal=kw.get("causal", False)):
                     with sdpa_kernel([be]):
-                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
                 impls.append((iname, run, None, dot))
         elif "window" in name:
             mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= left)
@@ -141,9 +146,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--go", default="")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--s", type=int, default=0, help="sequence length (default 8192, --quick 2048)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cases = build_cases(args.quick)
+    cases = build_cases(args.quick, args.s)
     # Warm up (FlexAttention compiles), record variants, compare sm90 with sm80.
     for c in cases:
         q, k, v = c["q"], c["k"], c["v"]
@@ -181,7 +187,7 @@ def main():
         while not os.path.exists(args.go) and time.time() - t0 < 600:
             time.sleep(0.5)
     rows = []
-    md = [f"## sm90 features ({torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, causal, same process)", "",
+    md = [f"## sm90 features ({torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, same process)", "",
           "| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | sm90 fwd / fwd+bwd speed vs this |",
           "|---|---|---|---|---|---|---|"]
     for c in cases:
