@@ -15,7 +15,15 @@
 #   5. pytest: test_cuda.py -k sm90_shape (asserts the sm90 variant on this card) and the
 #      CUDA feature cases of test_features.py, if time is left;
 #   6. the timing table (nothing else on the GPU meanwhile): window / softcap / ALiBi / plain,
-#      fwd and fwd+bwd, orchard sm90 vs orchard sm80 (ORCHARD_SM90=0) vs FlexAttention vs SDPA.
+#      fwd and fwd+bwd, orchard sm90 vs orchard sm80 (ORCHARD_SM90=0) vs FlexAttention vs SDPA;
+#   7. optional, with the base tree carried: the plain sm90 path of this branch vs the base's,
+#      same run (cuda_check --bench-s 8192, alternating new / base): prepare it before the call
+#        rm -rf .ab/sm90base && mkdir -p .ab/sm90base && git archive BASE src include | tar -x -C .ab/sm90base
+#      (BASE: the commit this tree is compared with, e.g. the merge base 7486155 or the main it is
+#      merged onto; its params.h / launch headers must equal this tree's, else the A/B is skipped)
+#      and pass carry=[".ab/sm90base"]; the base binary is this build's library with the 10 sm_90a
+#      kernel objects recompiled from the base sources (everything else is unchanged by the branch
+#      except the dispatch, which treats plain calls alike).
 # Results in $OUT: summary.txt, sm90feat_bench.md / .json, logs.tgz (every log).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,10 +52,43 @@ export PYTHONPATH=/tmp/orchard_site
 python3 -c "import orchard, json; print(json.dumps(orchard.build_info()))" | tee -a "$OUT/summary.txt"
 LIB=$(find build -name liborchard.a | head -1)
 CC=/tmp/cuda_check
+BASE_SRC=${BASE_SRC:-.ab/sm90base}
+# The base kernels must see the same parameter structs and launch declarations as this build.
+abi_same() {
+  local f
+  for f in include/orchard/params.h src/backends/cuda/launch.h src/backends/cuda/sm90/flash_fwd_sm90_launch.h \
+    src/backends/cuda/sm90/flash_bwd_sm90_launch.h; do
+    cmp -s "$f" "$BASE_SRC/$f" || { stamp "plain A/B skipped: $f differs from $BASE_SRC's"; return 1; }
+  done
+}
+if [[ -d $BASE_SRC/src/backends/cuda/sm90 && -n $LIB ]] && abi_same; then  # base sm_90a kernel objects, in parallel
+  mkdir -p /tmp/sm90base
+  for f in "$BASE_SRC"/src/backends/cuda/sm90/flash_*_sm90_*_d*.cu; do
+    nvcc -std=c++20 -I"$BASE_SRC/src" -I"$BASE_SRC/include" -DORCHARD_WITH_SM90=1 -gencode=arch=compute_90a,code=sm_90a \
+      --expt-relaxed-constexpr -O3 -lineinfo -Xcompiler=-fPIC -c "$f" -o "/tmp/sm90base/$(basename "$f").o" \
+      > "/tmp/sm90base/$(basename "$f").log" 2>&1 &
+  done
+fi
 nvcc -std=c++20 -O2 -Isrc -Iinclude -gencode=arch=compute_90,code=sm_90 -Xcompiler=-fopenmp \
-  tests/cuda/cuda_check.cu "$LIB" -o $CC -lgomp -lpthread -ldl -lrt > "$L/cuda_check_build.log" 2>&1
+  -c tests/cuda/cuda_check.cu -o /tmp/cuda_check.o > "$L/cuda_check_build.log" 2>&1 &&
+  nvcc /tmp/cuda_check.o "$LIB" -o $CC -Xcompiler=-fopenmp -lgomp -lpthread -ldl -lrt >> "$L/cuda_check_build.log" 2>&1
 r=$?
 stamp "cuda_check linked against $LIB rc=$r"
+wait  # the base objects, if any
+CCB=""
+if ls /tmp/sm90base/*.o > /dev/null 2>&1 && [[ -f /tmp/cuda_check.o ]]; then
+  # Same library, the 10 sm_90a kernel members replaced (ar r replaces members of the same name).
+  cp "$LIB" /tmp/liborchard_base.a
+  ar t /tmp/liborchard_base.a | grep -c sm90 > "$L/base_lib.log"
+  ar r /tmp/liborchard_base.a /tmp/sm90base/*.o >> "$L/base_lib.log" 2>&1
+  ar t /tmp/liborchard_base.a | grep -c sm90 >> "$L/base_lib.log"
+  # The member count must not change (else the names did not match and both versions are in).
+  if [[ $(sed -n 1p "$L/base_lib.log") == $(tail -1 "$L/base_lib.log") ]]; then
+    nvcc /tmp/cuda_check.o /tmp/liborchard_base.a -o /tmp/cuda_check_base -Xcompiler=-fopenmp -lgomp -lpthread -ldl -lrt \
+      >> "$L/base_lib.log" 2>&1 && CCB=/tmp/cuda_check_base
+  fi
+  stamp "base binary (sm90 kernels from $BASE_SRC): ${CCB:-failed} ($(ls /tmp/sm90base/*.o | wc -l) objects; sm90 members before/after: $(grep -E '^[0-9]+$' "$L/base_lib.log" | tr '\n' ' '))"
+fi
 if ((r != 0)); then  # fallback: the standalone harness build (compiles the CUDA sources again)
   tail -20 "$L/cuda_check_build.log"
   cmake -S dev/cuda -B /tmp/build-dev -G Ninja -DORCHARD_CUDA_ARCHS=90 > "$L/harness_build.log" 2>&1 &&
@@ -102,5 +143,19 @@ touch /tmp/sm90feat_go
 wait $BENCH
 stamp "bench rc=$?"
 if [[ -f $OUT/sm90feat_bench.md ]]; then cat "$OUT/sm90feat_bench.md" | tee -a "$OUT/summary.txt"; else tail -30 "$L/bench.log"; fi
+snap
+
+# ---- 7. plain sm90 path: this branch vs the base tree, same run, alternating ----
+if [[ -n $CCB && -x $CC ]]; then
+  for round in 1 2; do
+    for who in new base; do
+      (($(left) > 40)) || break 2
+      bin=$CC; [[ $who == base ]] && bin=$CCB
+      timeout 60 $bin --bench-s 8192 > "$L/plain_ab_${who}_$round.log" 2>&1
+      stamp "plain A/B $who round $round rc=$?"
+      grep -E "^ +(64|128) " "$L/plain_ab_${who}_$round.log" | tee -a "$OUT/summary.txt"
+    done
+  done
+fi
 snap
 stamp done

@@ -13,7 +13,7 @@
 //   cuda_check --sm90feat the cases of the suite at shapes the sm90 kernels take (bf16/fp16, d 64/128/256,
 //                         16-byte rows; plain and window / softcap / ALiBi), twice: ORCHARD_SM90=1, then 0;
 //                         counts the cases whose variant was cuda.*.sm90.*
-//   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
+//   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048); --bench-s S: its points at s = S only
 //   cuda_check --bench-mask  masked-SDPA kernel times (key-padding bool mask, bf16 bias)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -1617,6 +1617,10 @@ int main(int argc, char** argv) {
   }
   if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S
     bench(0, 0, -1, 20, argc > 2 ? std::atoi(argv[2]) : 0);
+    return 0;
+  }
+  if (mode == "--bench-s" && argc == 3) {  // the bench's four points (d64/d128, causal or not) at one s
+    bench(0, std::atoi(argv[2]), -1, 20);
     return 0;
   }
   if (mode == "--bench-mask") {
