@@ -7,15 +7,17 @@
 #   1. build the Python package with the CUDA backend (sm_90 + sm_90a) by pip, 16 jobs, and
 #      link tests/cuda/cuda_check.cu against the static library that build leaves in build/
 #      (one CUDA build serves both; fallback: dev/cuda's CMake harness build);
-#   2. in the background, dev/cuda/sm90feat_bench.py compiles FlexAttention and warms every
-#      call (recording kernel variants and sm90-vs-sm80 differences), then waits;
+#   2. (none: the bench once warmed up in the background here; FlexAttention's compile then
+#      failed in Triton's temporary build directories, so it now runs alone in step 6);
 #   3. cuda_check --sm90feat: every harness case of an sm90 shape (plain + window / softcap /
-#      ALiBi), ORCHARD_SM90=1 then 0, with the count of cases that ran the sm90 kernels;
+#      ALiBi), ORCHARD_SM90=1 then 0 (a child process each: the backend reads it once), with
+#      the count of cases that ran the sm90 kernels;
 #   4. compute-sanitizer memcheck on cuda_check --sm90small (one small window case per path);
 #   5. pytest: test_cuda.py -k sm90_shape (asserts the sm90 variant on this card) and the
-#      CUDA feature cases of test_features.py, if time is left;
+#      CUDA feature cases of test_features.py, if time is left (SKIP_PYTEST=1: skipped);
 #   6. the timing table (nothing else on the GPU meanwhile): window / softcap / ALiBi / plain,
-#      fwd and fwd+bwd, orchard sm90 vs orchard sm80 (ORCHARD_SM90=0) vs FlexAttention vs SDPA;
+#      fwd and fwd+bwd, orchard sm90 vs FlexAttention vs SDPA, then orchard sm80
+#      (ORCHARD_SM90=0) in a child process;
 #   7. optional, with the base tree carried: the plain sm90 path of this branch vs the base's,
 #      same run (cuda_check --bench-s 8192, alternating new / base): prepare it before the call
 #        rm -rf .ab/sm90base && mkdir -p .ab/sm90base && git archive BASE src include | tar -x -C .ab/sm90base
@@ -97,11 +99,6 @@ if ((r != 0)); then  # fallback: the standalone harness build (compiles the CUDA
   stamp "harness fallback build rc=$?"
 fi
 
-# ---- 2. bench warm-up in the background (FlexAttention compiles; waits for /tmp/sm90feat_go) ----
-rm -f /tmp/sm90feat_go
-timeout $(lim 10) python3 dev/cuda/sm90feat_bench.py --out "$OUT" --go /tmp/sm90feat_go > "$L/bench.log" 2>&1 &
-BENCH=$!
-
 # ---- 3. correctness: the harness on sm90 shapes, sm90 then sm80 ----
 if [[ -x $CC ]]; then
   timeout 200 $CC --sm90feat > "$L/check.log" 2>&1
@@ -123,24 +120,21 @@ fi
 snap
 
 # ---- 5. pytest (only with time to spare: the timing table comes first) ----
-if (($(left) > 200)); then
+if [[ -z ${SKIP_PYTEST:-} ]] && (($(left) > 200)); then
   (cd tests/python && timeout $(lim 170) python3 -m pytest -q -p no:cacheprovider -x \
     test_cuda.py -k "sm90_shape" > "$L/pytest_sm90_shape.log" 2>&1)
   stamp "pytest test_cuda.py -k sm90_shape rc=$?: $(tail -1 "$L/pytest_sm90_shape.log")"
 fi
-if (($(left) > 170)); then
+if [[ -z ${SKIP_PYTEST:-} ]] && (($(left) > 170)); then
   (cd tests/python && timeout $(lim 150) python3 -m pytest -q -p no:cacheprovider \
     test_features.py -k "fwd_bwd_vs_reference and cuda" > "$L/pytest_features.log" 2>&1)
   stamp "pytest test_features.py (cuda) rc=$?: $(tail -1 "$L/pytest_features.log")"
 fi
 snap
 
-# ---- 6. timings (alone on the GPU) ----
-for i in $(seq 1 200); do grep -q "^ready" "$L/bench.log" && break; kill -0 $BENCH 2>/dev/null || break; sleep 1; done
-stamp "bench warm: $(grep -c '^\[warm\]' "$L/bench.log") cases"
-grep "^\[warm\]" "$L/bench.log" | tee -a "$OUT/summary.txt"
-touch /tmp/sm90feat_go
-wait $BENCH
+# ---- 6. timings (alone on the GPU: FlexAttention compiles, then every impl is timed, then the
+#      sm80 A/B in a child process) ----
+timeout $(lim 70) python3 dev/cuda/sm90feat_bench.py --out "$OUT" > "$L/bench.log" 2>&1
 stamp "bench rc=$?"
 if [[ -f $OUT/sm90feat_bench.md ]]; then cat "$OUT/sm90feat_bench.md" | tee -a "$OUT/summary.txt"; else tail -30 "$L/bench.log"; fi
 snap

@@ -1,6 +1,5 @@
 """Timing table for the sm90 kernels' sliding window / softcap / ALiBi (issue #11 x #16), one
-process, one card, same tensors: Orchard with the sm90 kernels (ORCHARD_SM90=1) and with the
-sm80 kernels (ORCHARD_SM90=0, the A/B), FlexAttention (compiled; block mask / score_mod) and
+process, one card, same tensors: Orchard with the sm90 kernels (ORCHARD_SM90=1), FlexAttention (compiled; block mask / score_mod) and
 torch SDPA where it has the feature (window: efficient + bool mask; ALiBi: efficient + the
 bf16 bias (1, H, S, S); plain: flash and cuDNN; the plain rows check that the sm90 kernels'
 plain path kept its speed: compare their cuDNN ratios with bench/RESULTS.md's). bf16, b2 s8k
@@ -8,7 +7,9 @@ h16, causal unless named, d128 (and d64 for the window and plain causal), as
 bench/feature_bench.py. Forward (no grad) and forward + backward ms, median of 20
 CUDA-event-timed calls after 3 warm-ups; TFLOP/s over the visible scores (4 d per score fwd,
 3.5x that fwd+bwd). Before timing, each Orchard call is run once with the debug log on to
-record which kernels it took (variant), and the sm90 results are compared with the sm80 ones
+record which kernels it took (variant). The backend reads ORCHARD_SM90 once per process, so the
+sm80 A/B (ORCHARD_SM90=0) is a child process run after the parent's timings (same seeds, so the
+same tensors; nothing else on the GPU meanwhile); its outputs are compared with the sm90 ones
 (max |diff| / max |sm80|) at these sizes.
 
     python3 dev/cuda/sm90feat_bench.py --out DIR [--go FILE] [--quick]
@@ -18,9 +19,11 @@ FILE exists before timing (the compile overlaps other work that must not overlap
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +51,7 @@ def median_ms(fn, iters=20):
     return ts[len(ts) // 2]
 
 
-def set_sm90(on):
-    os.environ["ORCHARD_SM90"] = "1" if on else "0"  # read by the dispatch on every call
+SM80 = "orchard sm80 (ORCHARD_SM90=0, child process)"
 
 
 def variants(fn):
@@ -68,13 +70,14 @@ def variants(fn):
     return " ".join(out)
 
 
-def build_cases(quick, s=0):
+def build_cases(quick, s=0, orchard_only=False):
     s = s or (2048 if quick else 8192)
     b, h, left = 2, 16, 1024
     flex_fa, create_block_mask = None, None
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex_fa = torch.compile(flex_attention, dynamic=False)
+        if not orchard_only:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex_fa = torch.compile(flex_attention, dynamic=False)
     except Exception as e:  # noqa: BLE001
         print(f"[bench] FlexAttention unavailable: {e}", file=sys.stderr)
     slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=DEV, dtype=torch.float32)
@@ -97,8 +100,7 @@ def build_cases(quick, s=0):
 
         def orch(kw=kw, q=q, k=k, v=v):
             return orchard.flash_attn_func(q, k, v, **kw)
-        impls.append(("orchard sm90", orch, True, do))
-        impls.append(("orchard sm80 (ORCHARD_SM90=0)", orch, False, do))
+        impls.append((SM80 if orchard_only else "orchard sm90", orch, True, do))
         if flex_fa is not None and not name.startswith("plain"):
             if "window" in name:
                 bm = create_block_mask(lambda b_, h_, qi, ki: (qi >= ki) & (qi - ki <= left), None, None, s, s,
@@ -116,7 +118,9 @@ def build_cases(quick, s=0):
                 impls.append(("flex_attention",
                               lambda bm=bm, mod=mod, qt=qt, kt=kt, vt=vt: flex_fa(qt, kt, vt, score_mod=mod, block_mask=bm),
                               None, dot))
-        if name.startswith("plain"):
+        if orchard_only:
+            pass
+        elif name.startswith("plain"):
             for iname, be in (("sdpa flash (FA2)", SDPBackend.FLASH_ATTENTION), ("sdpa cuDNN", SDPBackend.CUDNN_ATTENTION)):
                 def run(be=be, qt=qt, kt=kt, vt=vt, causal=kw.get("causal", False)):
                     with sdpa_kernel([be]):
@@ -141,64 +145,50 @@ def build_cases(quick, s=0):
     return cases
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--go", default="")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--s", type=int, default=0, help="sequence length (default 8192, --quick 2048)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    cases = build_cases(args.quick, args.s)
-    # Warm up (FlexAttention compiles), record variants, compare sm90 with sm80.
+def rel_diff(xs, ys):
+    return {n: float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
+            for n, x, y in zip(("out", "dq", "dk", "dv"), xs, ys)}
+
+
+def warm(cases):
+    """Runs every impl once (FlexAttention compiles), records Orchard's kernel variants; returns
+    the Orchard outputs (out, dq, dk, dv) per case, on the CPU."""
+    kept = []
     for c in cases:
         q, k, v = c["q"], c["k"], c["v"]
         res = {}
-        for iname, fn, sm90, do in c["impls"]:
-            if sm90 is not None:
-                set_sm90(sm90)
+        for iname, fn, is_orchard, do in c["impls"]:
             try:
                 def fb(fn=fn, do=do):
                     out = fn()
                     return (out,) + torch.autograd.grad(out, (q, k, v), do)
-                if sm90 is not None:
+                if is_orchard:
                     c.setdefault("variants", {})[iname] = variants(fb)
                 res[iname] = [t.detach().transpose(1, 2) if iname.startswith(("flex", "sdpa")) and j == 0 else t.detach()
                               for j, t in enumerate(fb())]
             except Exception as e:  # noqa: BLE001
                 c.setdefault("errors", {})[iname] = f"{type(e).__name__}: {e}"[:200]
+                traceback.print_exc()
                 torch.cuda.synchronize()
-        a, b = res.get("orchard sm90"), res.get("orchard sm80 (ORCHARD_SM90=0)")
-        if a is not None and b is not None:
-            c["sm90_vs_sm80"] = {n: float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
-                                 for n, x, y in zip(("out", "dq", "dk", "dv"), a, b)}
-        for peer in ("flex_attention",):
-            p = res.get(peer)
-            if a is not None and p is not None:
-                c["sm90_vs_" + peer] = {n: float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
-                                        for n, x, y in zip(("out", "dq", "dk", "dv"), a, p)}
-        print(f"[warm] {c['name']} d{c['d']}: variants {c.get('variants')} sm90/sm80 rel diff {c.get('sm90_vs_sm80')}"
-              f" errors {c.get('errors')}", flush=True)
+        orch = [n for n, _, is_orchard, _ in c["impls"] if is_orchard][0]
+        a, p = res.get(orch), res.get("flex_attention")
+        if a is not None and p is not None:
+            c["sm90_vs_flex_attention"] = rel_diff(a, p)
+        kept.append([t.cpu() for t in a] if a is not None else None)
+        print(f"[warm] {c['name']} d{c['d']}: variants {c.get('variants')} errors {c.get('errors')}", flush=True)
         del res
     torch.cuda.empty_cache()
-    print("ready", flush=True)
-    if args.go:
-        t0 = time.time()
-        while not os.path.exists(args.go) and time.time() - t0 < 600:
-            time.sleep(0.5)
-    rows = []
-    md = [f"## sm90 features ({torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, same process)", "",
-          "| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | sm90 fwd / fwd+bwd speed vs this |",
-          "|---|---|---|---|---|---|---|"]
+    return kept
+
+
+def time_all(cases):
+    """Forward and forward+backward median ms of every impl that warmed: c["times"][impl]."""
     for c in cases:
         q, k, v = c["q"], c["k"], c["v"]
-        times = {}
-        for iname, fn, sm90, do in c["impls"]:
+        c["times"] = {}
+        for iname, fn, _, do in c["impls"]:
             if iname in c.get("errors", {}):
-                md.append(f"| {c['name']} d{c['d']} | {iname} | failed: {c['errors'][iname][:60]} | | | | |")
                 continue
-            if sm90 is not None:
-                set_sm90(sm90)
 
             def fwd(fn=fn):
                 with torch.no_grad():
@@ -208,27 +198,83 @@ def main():
                 out = fn()
                 return torch.autograd.grad(out, (q, k, v), do)
             try:
-                tf, tb = median_ms(fwd), median_ms(fb)
+                c["times"][iname] = (median_ms(fwd), median_ms(fb))
             except Exception as e:  # noqa: BLE001
-                md.append(f"| {c['name']} d{c['d']} | {iname} | failed: {type(e).__name__} | | | | |")
-                continue
-            times[iname] = (tf, tb)
+                c.setdefault("errors", {})[iname] = f"{type(e).__name__}: {e}"[:200]
+            print(f"[time] {c['name']} d{c['d']} {iname}: {c['times'].get(iname)}", flush=True)
+
+
+def run_sm80_child(args):
+    """The sm80 A/B in its own process (ORCHARD_SM90=0 from its start); returns what it saved."""
+    path = os.path.join(tempfile.mkdtemp(), "sm80.pt")
+    env = dict(os.environ, ORCHARD_SM90="0")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--s", str(args.s)] + (["--quick"] if args.quick else [])
+    r = subprocess.run(cmd, env=env, timeout=300)
+    if r.returncode != 0 or not os.path.exists(path):
+        print(f"[bench] sm80 child failed rc={r.returncode}", flush=True)
+        return None
+    return torch.load(path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--go", default="")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--s", type=int, default=0, help="sequence length (default 8192, --quick 2048)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # sm80 A/B: Orchard only, saved to this file
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.child:
+        cases = build_cases(args.quick, args.s, orchard_only=True)
+        kept = warm(cases)
+        time_all(cases)
+        torch.save([dict(times=c["times"].get(SM80), variants=(c.get("variants") or {}).get(SM80),
+                         errors=c.get("errors"), outputs=o) for c, o in zip(cases, kept)], args.child)
+        return 0
+    os.environ["ORCHARD_SM90"] = "1"  # before the first call: the backend reads it once
+    cases = build_cases(args.quick, args.s)
+    kept = warm(cases)
+    print("ready", flush=True)
+    if args.go:
+        t0 = time.time()
+        while not os.path.exists(args.go) and time.time() - t0 < 600:
+            time.sleep(0.5)
+    time_all(cases)
+    # The parent's CUDA tensors stay allocated but idle while the child runs.
+    child = run_sm80_child(args)
+    for c, mine, theirs in zip(cases, kept, child or [None] * len(cases)):
+        if not theirs:
+            continue
+        if theirs["times"]:
+            c["times"][SM80] = theirs["times"]
+        if theirs["variants"]:
+            c.setdefault("variants", {})[SM80] = theirs["variants"]
+        if theirs["errors"]:
+            c.setdefault("errors", {}).update(theirs["errors"])
+        if mine is not None and theirs["outputs"] is not None:
+            c["sm90_vs_sm80"] = rel_diff(mine, theirs["outputs"])
+    rows = []
+    md = [f"## sm90 features ({torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, one run)", "",
+          "| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | sm90 fwd / fwd+bwd speed vs this |",
+          "|---|---|---|---|---|---|---|"]
+    for c in cases:
+        for iname, err in (c.get("errors") or {}).items():
+            md.append(f"| {c['name']} d{c['d']} | {iname} | failed: {err[:60]} | | | | |")
+        base = c["times"].get("orchard sm90")
+        for iname, (tf, tb) in c["times"].items():
             rows.append(dict(case=c["name"], d=c["d"], impl=iname, fwd_ms=tf, fb_ms=tb,
                              fwd_tflops=c["flops"] / tf / 1e9, fb_tflops=3.5 * c["flops"] / tb / 1e9))
-        base = times.get("orchard sm90")
-        for iname, (tf, tb) in times.items():
             ratio = f"{tf / base[0]:.2f}x / {tb / base[1]:.2f}x" if base else ""
             md.append(f"| {c['name']} d{c['d']} | {iname} | {tf:.3f} | {c['flops'] / tf / 1e9:.0f} | {tb:.3f} | "
                       f"{3.5 * c['flops'] / tb / 1e9:.0f} | {ratio} |")
-        print("\n".join(md[-len(times):]), flush=True)
     md += ["", "ratio = that impl's time / orchard sm90's time (> 1: sm90 faster).", "",
-           "| case | variants (orchard sm90 / sm80 run) | max rel diff sm90 vs sm80 (out, dq, dk, dv) | vs flex |",
+           "| case | variants (orchard sm90 ; sm80 child) | max rel diff sm90 vs sm80 (out, dq, dk, dv) | vs flex |",
            "|---|---|---|---|"]
     for c in cases:
         fmt = lambda d_: ", ".join(f"{x:.1e}" for x in d_.values()) if d_ else ""
         md.append(f"| {c['name']} d{c['d']} | {' ; '.join((c.get('variants') or {}).values())} | "
                   f"{fmt(c.get('sm90_vs_sm80'))} | {fmt(c.get('sm90_vs_flex_attention'))} |")
-    os.environ.pop("ORCHARD_SM90", None)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sm90feat_bench.md"), "w") as f:
         f.write("\n".join(md) + "\n")
