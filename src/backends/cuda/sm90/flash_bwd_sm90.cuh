@@ -34,7 +34,11 @@
 // both alignments) or not, GQA / MQA, BSHD / BHSD views with unit last stride and 16-byte
 // strides (TMA).  Non-deterministic (atomic dQ) only.
 // Sliding window, softcap, ALiBi (params.h; the sm80 kernels' helpers, sm80/attention_tiles.cuh):
-// run-time, CTA-uniform branches, no template parameter.  The window narrows each CTA's
+// the kFeatures instantiations (the launcher picks them by score_mods_active), inside which
+// each feature is a run-time, CTA-uniform branch.  Measured on the H200 (bench/NOTES.md,
+// session 11): with the features as run-time branches of the plain kernels, the plain backward
+// lost 2-5 % (d64: 5 %); as a template flag the kFeatures=false kernels compile to the same
+// SASS as before the features (dev/cuda/sass_diff.sh).  The window narrows each CTA's
 // query tiles to those with a row that sees one of its keys (none: dK = dV = 0); S^T goes
 // through apply_score_mods (softcap, ALiBi, window / causal / key-end mask) before P^T;
 // softcap's gradient dS^T = P^T (1 - tanh^2) (dP^T - D) takes tanh from the fp32 P^T
@@ -159,7 +163,8 @@ __device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, i
 
 // kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
 // step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
-template <typename T, int kD, bool kCausal, bool kBulkDq>
+// kFeatures: window / softcap / ALiBi compiled in (the header says why it is a template flag).
+template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
@@ -199,7 +204,7 @@ __global__ void __launch_bounds__(384, 1)
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
   // Features (window / softcap / ALiBi): CTA-uniform run-time flags.
-  const bool has_window = cuda::window_active(kCausal, p.window_left, p.window_right);
+  const bool has_window = kFeatures && cuda::window_active(kCausal, p.window_left, p.window_right);
   const BwdTileRange tr =
       has_window
           ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
@@ -299,8 +304,8 @@ __global__ void __launch_bounds__(384, 1)
     const int keys_left = sk - n0;
     // Re-read from the parameters where tested (uniform registers), not held across the loop.
     auto has_feat = [&] {
-      return cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
-             p.alibi_slopes != nullptr;
+      return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
+                           p.alibi_slopes != nullptr);
     };
     if (n_iters > 0) {
       mbarrier_wait(kv_full, 0);
@@ -369,7 +374,7 @@ __global__ void __launch_bounds__(384, 1)
             sacc[i] = pv;
           }
           acc_to_afrag<T>(sacc, pa);
-          if (p.softcap > 0.f) {
+          if (kFeatures && p.softcap > 0.f) {
             // P^T (1 - tanh^2) from the fp32 P^T (tanh recovered from it: softcap_dtanh), parked
             // as 16 bits in this thread's own dS^T slots (overwritten by dS^T below).
             const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
@@ -403,29 +408,49 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_operands(dpacc);
-          // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
-          const bool capped = p.softcap > 0.f;
+          if constexpr (kFeatures) {
+            // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
+            const bool capped = p.softcap > 0.f;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                uint32_t pw = pa[kk][q];
+                if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int i = 8 * kk + 2 * q + e;
+                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                  dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
+                }
+              }
+          } else {  // dS^T = P^T (dP^T - D)
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+              const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+              const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
+              dpacc[i] = pv * (dpacc[i] - d_t[ql]);
+            }
+          }
+          acc_to_afrag<T>(dpacc, dsa);
+        }
+        if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
+        } else {  // the same slots, the address computed once per step (ds_slot's formula)
+          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              uint32_t pw = pa[kk][q];
-              if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int i = 8 * kk + 2 * q + e;
-                const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
-              }
+              const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
+              const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
             }
-          acc_to_afrag<T>(dpacc, dsa);
         }
-        // dS^T -> its slots in smem buffer it % 2 (ds_slot above).
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-          for (int q = 0; q < 4; ++q)
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
         fence_proxy_async_smem();
         // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
         wgmma_fence();
@@ -554,10 +579,15 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (grid == 0) return;
-  auto kernel = p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true>
-                                    : sm90::flash_bwd_sm90_kernel<T, kD, true, false>)
-                         : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true>
-                                    : sm90::flash_bwd_sm90_kernel<T, kD, false, false>);
+  // Score modifiers run the kFeatures kernels, with bulk dQ only: the atomic-dQ variant (a
+  // bench A/B) has no feature instantiation.
+  auto kernel = cuda::score_mods_active(p)
+                    ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true>
+                                : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true>)
+                : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false>)
+                           : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
