@@ -10,7 +10,10 @@
 //                         also part of the full suite)
 //   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
 //   cuda_check --sm90     the suite twice: sm90 forward / backward where they apply, then ORCHARD_SM90=0
-//   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048)
+//   cuda_check --sm90feat the cases of the suite at shapes the sm90 kernels take (bf16/fp16, d 64/128/256,
+//                         16-byte rows; plain and window / softcap / ALiBi), twice: ORCHARD_SM90=1, then 0;
+//                         counts the cases whose variant was cuda.*.sm90.*
+//   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048); --bench-s S: its points at s = S only
 //   cuda_check --bench-mask  masked-SDPA kernel times (key-padding bool mask, bf16 bias)
 //
 // Tolerance (flash-attn's rule): max |kernel - fp64 ref| <= 2 * max |naive - fp64 ref| + atol,
@@ -477,6 +480,7 @@ double max_abs(const std::vector<double>& a) {
 }
 
 int g_failures = 0;
+int g_sm90_fwd = 0, g_sm90_bwd = 0;  // cases whose forward / backward ran the sm90 kernels
 
 // naive_floor: a floor under the naive error (the dsink rule below); 0 for the rest.
 bool check(const Case& c, const char* what, const std::vector<double>& got, const std::vector<double>& ref,
@@ -586,7 +590,6 @@ bool run_case(const Case& c, std::mt19937& rng) {
 
   BwdParams p;
   fill_params(p, c, dq_, dk_, dv_, dout_o, dlse.ptr);
-  std::printf("    fwd variant %s\n", ops->variant_name(p, false).c_str());  // which path (sm90 / sm80) ran
   if (c.mask_out) p.dropout_mask = static_cast<uint8_t*>(dmask.ptr);
   if (c.causal && c.features()) p.window_right = 0;  // the core's convention for causal (params.h)
   if (c.wl >= 0 || c.wr >= 0) {
@@ -613,6 +616,11 @@ bool run_case(const Case& c, std::mt19937& rng) {
     p.causal_top_left = c.top_left;
     p.lse_batch_stride = 0;
     p.lse_head_stride = geo.tq;
+  }
+  {  // which path (sm90 / sm80) the forward takes, with the features set
+    const std::string fv = ops->variant_name(p, false);
+    std::printf("    fwd variant %s\n", fv.c_str());
+    if (fv.find(".sm90.") != std::string::npos) ++g_sm90_fwd;
   }
   bool ok = true;
   const std::string why = ops->check_support(p);
@@ -695,7 +703,11 @@ bool run_case(const Case& c, std::mt19937& rng) {
   p.deterministic = c.det;
   p.dropout_mask = nullptr;
   if (c.sink) p.dsink = static_cast<float*>(d_dsink.ptr);
-  std::printf("    bwd variant %s\n", ops->variant_name(p, true).c_str());  // sm90 / sm80 backward
+  {
+    const std::string bv = ops->variant_name(p, true);  // sm90 / sm80 backward
+    std::printf("    bwd variant %s\n", bv.c_str());
+    if (bv.find(".sm90.") != std::string::npos) ++g_sm90_bwd;
+  }
   ops->backward(p);
   CK(cudaDeviceSynchronize());
   auto gq1 = download(gq), gk1 = download(gk), gv1 = download(gv), gs1 = download(d_dsink);
@@ -791,6 +803,66 @@ std::vector<Case> dropout_offset_cases() {
   c.p = 0.3f, c.mask_out = true, c.dcol = 3, c.drow = 1000;
   v.push_back(c);
   return v;
+}
+
+// Window / softcap / ALiBi at the shapes the sm90 kernels take (bf16/fp16, d 64/128/256,
+// 16-byte rows; the backward d 64/128, non-deterministic): several 128-row query tiles and
+// key tiles (the forward's pipeline wraps; 192-key tiles at d128 from sk >= 4096), windows
+// that skip key tiles at both ends and leave rows, whole query tiles (CTAs) and key tiles
+// without a visible element, GQA, BHSD, both causal alignments. On other GPUs (or with
+// ORCHARD_SM90=0) they run the sm80 kernels.
+std::vector<Case> sm90_feature_suite() {
+  const DType BF = DType::kBFloat16, FP = DType::kFloat16;
+  std::vector<Case> v;
+  v.push_back(with_window({"sm90-win-causal-skip", BF, 1, 4, 2, 700, 900, 128, true}, 100, 0));
+  v.push_back(with_window({"sm90-win-sym-d64", FP, 2, 2, 2, 600, 600, 64}, 64, 64));
+  v.push_back(with_window({"sm90-win-left-d256", BF, 1, 2, 1, 400, 500, 256}, 150, -1));
+  v.push_back(with_window({"sm90-win-right-only", FP, 1, 2, 2, 300, 700, 128}, -1, 40));
+  // Top-left, sq > sk: rows past sk + 10 (and the CTAs of their query tiles) see nothing.
+  v.push_back(with_window({"sm90-win-TL-empty-ctas", BF, 1, 2, 2, 500, 200, 64, false, true}, 10, 5));
+  // Causal bottom-right with sq > sk: the first sq - sk rows see nothing.
+  v.push_back(with_window({"sm90-win-causal-BR-empty", FP, 1, 2, 1, 420, 150, 128, true}, 30, 0));
+  v.push_back(with_window({"sm90-win-causal-d128-long", BF, 1, 2, 2, 260, 4400, 128, true}, 300, 0));
+  {
+    Case c{"sm90-softcap-d128-long", BF, 1, 2, 2, 300, 4200, 128};
+    c.softcap = 5.f;
+    v.push_back(c);
+    c = Case{"sm90-softcap-causal-d64", FP, 1, 4, 2, 400, 520, 64, true};
+    c.softcap = 2.f;
+    v.push_back(c);
+    c = Case{"sm90-softcap-d256", FP, 1, 2, 2, 200, 260, 256};
+    c.softcap = 3.f;
+    v.push_back(c);
+    c = Case{"sm90-alibi-bh-d128", FP, 2, 4, 2, 500, 640, 128};
+    c.alibi = 2;
+    v.push_back(c);
+    c = Case{"sm90-alibi-causal-TL-d64", BF, 1, 2, 2, 400, 300, 64, true, true};
+    c.alibi = 1;
+    v.push_back(c);
+    c = Case{"sm90-alibi-causal-d256", BF, 1, 2, 1, 300, 330, 256, true};
+    c.alibi = 2;
+    v.push_back(c);
+    c = with_window({"sm90-all-d128-gqa", BF, 2, 4, 1, 450, 520, 128}, 70, 30);
+    c.softcap = 4.f, c.alibi = 2;
+    v.push_back(c);
+    c = with_window({"sm90-all-causal-d64-bhsd", FP, 2, 2, 2, 330, 400, 64, true, false, 0.f, false, true}, 50, 0);
+    c.softcap = 3.f, c.alibi = 1;
+    v.push_back(c);
+    c = with_window({"sm90-all-causal-d128-long", BF, 1, 2, 2, 256, 4500, 128, true}, 300, 0);
+    c.softcap = 6.f, c.alibi = 1;
+    v.push_back(c);
+    c = with_window({"sm90-all-d256-TL", FP, 1, 2, 2, 300, 280, 256, true, true}, 90, 0);
+    c.softcap = 2.5f, c.alibi = 2;
+    v.push_back(c);
+  }
+  return v;
+}
+
+// Whether a case has a shape the sm90 kernels take (their dispatch decides per call).
+bool sm90_shape(const Case& c) {
+  return (c.dt == DType::kBFloat16 || c.dt == DType::kFloat16) && (c.d == 64 || c.d == 128 || c.d == 256) &&
+         c.vd() == c.d && !c.varlen() && !c.sink && !c.bias && c.p == 0.f && !c.mask_out && c.pad == 0 &&
+         c.off == 0 && c.sk > 0;
 }
 
 // Sliding window, softcap, ALiBi, varlen, sinks; every kernel family (FA2-layout
@@ -1045,6 +1117,7 @@ std::vector<Case> feature_suite() {
     c.softcap = 2.f, c.alibi = 2, c.sink = true, c.p = 0.1f;
     v.push_back(c);
   }
+  for (const Case& c : sm90_feature_suite()) v.push_back(c);
   return v;
 }
 
@@ -1489,8 +1562,9 @@ int main(int argc, char** argv) {
     for (const Case& c : cases) run_case(c, rng);
     return g_failures ? 1 : 0;
   }
-  if (mode == "--sm90") {
-    // The whole suite on both forward paths: the sm90 kernel where it applies (compute
+  if (mode == "--sm90" || mode == "--sm90feat") {
+    // --sm90: the whole suite; --sm90feat: its cases at sm90 shapes (plain and window / softcap /
+    // ALiBi). Each on both forward paths: the sm90 kernels where the dispatch takes them (compute
     // capability 9.0, built with 90 in ORCHARD_CUDA_ARCHS), then ORCHARD_SM90=0 (sm80 kernels).
     // The backend reads ORCHARD_SM90 once per process, so each pass is a child process.
     int fails = 0;
@@ -1498,7 +1572,8 @@ int main(int argc, char** argv) {
       setenv("ORCHARD_SM90", env, 1);
       std::printf("\n===== ORCHARD_SM90=%s =====\n", env);
       std::fflush(stdout);
-      char* child_argv[] = {argv[0], nullptr};  // no mode: the suite
+      char pass_mode[] = "--sm90feat-pass";
+      char* child_argv[] = {argv[0], mode == "--sm90" ? nullptr : pass_mode, nullptr};  // no mode: the suite
       pid_t pid = 0;
       int status = 0;
       const bool ok = posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, child_argv, environ) == 0 &&
@@ -1510,8 +1585,32 @@ int main(int argc, char** argv) {
     std::printf("\n%d/2 passes passed\n", 2 - fails);
     return fails ? 1 : 0;
   }
+  if (mode == "--sm90feat-pass") {  // one pass of --sm90feat, under the caller's ORCHARD_SM90
+    std::vector<Case> cases;
+    for (const Case& c : suite())
+      if (sm90_shape(c)) cases.push_back(c);
+    for (const Case& c : cases) run_case(c, rng);
+    const char* env = std::getenv("ORCHARD_SM90");
+    const int m = int(cases.size());
+    std::printf("ORCHARD_SM90=%s: %d/%d cases passed; sm90 forward on %d, sm90 backward on %d\n",
+                env ? env : "(unset)", m - g_failures, m, g_sm90_fwd, g_sm90_bwd);
+    return g_failures ? 1 : 0;
+  }
+  if (mode == "--sm90small") {  // one small window case for compute-sanitizer (sm90 kernels where they apply)
+    Case c = with_window({"sm90-small-win", DType::kBFloat16, 1, 2, 1, 200, 300, 128, true}, 40, 0);
+    c.softcap = 3.f, c.alibi = 1;
+    run_case(c, rng);
+    Case c2 = with_window({"sm90-small-win-d64", DType::kFloat16, 1, 2, 2, 150, 140, 64, false, true}, 20, 7);
+    run_case(c2, rng);
+    std::printf("sm90 forward on %d, sm90 backward on %d of 2 cases\n", g_sm90_fwd, g_sm90_bwd);
+    return g_failures ? 1 : 0;
+  }
   if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S
     bench(0, 0, -1, 20, argc > 2 ? std::atoi(argv[2]) : 0);
+    return 0;
+  }
+  if (mode == "--bench-s" && argc == 3) {  // the bench's four points (d64/d128, causal or not) at one s
+    bench(0, std::atoi(argv[2]), -1, 20);
     return 0;
   }
   if (mode == "--bench-mask") {

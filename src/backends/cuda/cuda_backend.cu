@@ -90,9 +90,10 @@ void bwd_dispatch(const BwdParams& p) {
 // The Hopper forward (sm90/flash_fwd_sm90.cuh) runs when it was compiled in (ORCHARD_CUDA_ARCHS
 // holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
 // ORCHARD_SM90 is not "0" (read once, at the first call), and the call uses only what that
-// kernel covers: bf16 / fp16,
-// d == d_v in {64, 128, 256}, plain or causal, GQA, a positive scale, 16-byte aligned rows with
-// strides of whole 16-byte chunks (TMA).  Everything else runs the sm80 kernels.
+// kernel covers: bf16 / fp16, d == d_v in {64, 128, 256}, plain or causal, sliding windows,
+// softcap, ALiBi, GQA, a positive scale, 16-byte aligned rows with strides of whole 16-byte
+// chunks (TMA).  Everything else (dropout, attn_bias / masks, sinks, varlen, other head dims)
+// runs the sm80 kernels.
 #if defined(ORCHARD_WITH_SM90)
 bool sm90_device() {
   int dev = 0;
@@ -121,11 +122,10 @@ bool sm90_fwd_applies(const FwdParams& p) {
   if (disabled) return false;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (value_dim(p) != p.d || (p.d != 64 && p.d != 128 && p.d != 256)) return false;
-  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.softcap > 0.f ||
-      p.alibi_slopes != nullptr || p.sink != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
+  // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers).
+  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.sink != nullptr ||
+      p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
     return false;
-  const bool window = p.window_left >= 0 || (p.window_right >= 0 && !(p.causal && p.window_right == 0));
-  if (window) return false;
   if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
   // Its softmax takes the row max of the raw scores (exact only for a positive scale).
   if (!(p.scale > 0.f)) return false;
@@ -163,9 +163,10 @@ bool try_fwd_sm90(const FwdParams& p) {
 #endif
 }
 
-// The Hopper backward (sm90/flash_bwd_sm90.cuh) where the forward's conditions hold and the
-// call is one it covers: d == d_v in {64, 128}, unordered dQ adds (deterministic mode runs the sm80
-// kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).
+// The Hopper backward (sm90/flash_bwd_sm90.cuh) where the forward's conditions hold (windows,
+// softcap and ALiBi included) and the call is one it covers: d == d_v in {64, 128}, unordered dQ
+// adds (deterministic mode runs the sm80 kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO
+// is read by TMA).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (p.deterministic || (p.d != 64 && p.d != 128)) return false;

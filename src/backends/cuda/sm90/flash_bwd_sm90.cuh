@@ -32,8 +32,19 @@
 //
 // Supported: T = bf16 / fp16, d == d_v in {64, 128}, scale > 0, causal (any causal_offset:
 // both alignments) or not, GQA / MQA, BSHD / BHSD views with unit last stride and 16-byte
-// strides (TMA).  Non-deterministic (atomic dQ) only.  The dispatch (cuda_backend.cu,
-// sm90_bwd_applies) sends everything else to the sm80 kernels.
+// strides (TMA).  Non-deterministic (atomic dQ) only.
+// Sliding window, softcap, ALiBi (params.h; the sm80 kernels' helpers, sm80/attention_tiles.cuh):
+// the kFeatures instantiations (the launcher picks them by score_mods_active), inside which
+// each feature is a run-time, CTA-uniform branch.  Measured on the H200 (bench/NOTES.md,
+// session 11): with the features as run-time branches of the plain kernels, the plain backward
+// lost 2-5 % (d64: 5 %); as a template flag the kFeatures=false kernels compile to the same
+// SASS as before the features (dev/cuda/sass_diff.sh).  The window narrows each CTA's
+// query tiles to those with a row that sees one of its keys (none: dK = dV = 0); S^T goes
+// through apply_score_mods (softcap, ALiBi, window / causal / key-end mask) before P^T;
+// softcap's gradient dS^T = P^T (1 - tanh^2) (dP^T - D) takes tanh from the fp32 P^T
+// (softcap_dtanh) and parks P^T (1 - tanh^2) as 16 bits in the step's dS^T slots until dP^T
+// is ready, so no extra register array lives across the dP^T GEMM.
+// The dispatch (cuda_backend.cu, sm90_bwd_applies) sends everything else to the sm80 kernels.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -45,6 +56,7 @@
 #include <type_traits>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/sm90.cuh"
@@ -138,10 +150,21 @@ __device__ __forceinline__ BwdTileRange bwd_tile_range(int n0, int sq, int64_t c
   }
   return {m_begin, m_end - m_begin};
 }
+// The same under a sliding window (w: window_offsets, the causal bound folded in): the query
+// tiles with a row that sees some key of [n0, n0 + kBN), as the sm80 dK/dV kernels count them.
+__device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, int sq, cuda::WindowOffsets w,
+                                                              int kBM) {
+  const int64_t first = static_cast<int64_t>(n0) - w.hi, last = static_cast<int64_t>(n0) + kBN - 1 - w.lo + 1;
+  const int64_t r0 = first < 0 ? 0 : (first > sq ? sq : first), r1 = last < 0 ? 0 : (last > sq ? sq : last);
+  const int m_begin = static_cast<int>(r0 / kBM);
+  const int m_end = r0 < r1 ? static_cast<int>((r1 + kBM - 1) / kBM) : m_begin;
+  return {m_begin, m_end - m_begin};
+}
 
 // kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
 // step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
-template <typename T, int kD, bool kCausal, bool kBulkDq>
+// kFeatures: window / softcap / ALiBi compiled in (the header says why it is a template flag).
+template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
@@ -180,7 +203,12 @@ __global__ void __launch_bounds__(384, 1)
   const int n0 = n_block * kBN;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
-  const BwdTileRange tr = bwd_tile_range(n0, sq, coff, kCausal, kBM);
+  // Features (window / softcap / ALiBi): CTA-uniform run-time flags.
+  const bool has_window = kFeatures && cuda::window_active(kCausal, p.window_left, p.window_right);
+  const BwdTileRange tr =
+      has_window
+          ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
+          : bwd_tile_range(n0, sq, coff, kCausal, kBM);
   const int n_iters = tr.n_m * group;
 
   const int warp = warp_idx_uniform();
@@ -274,6 +302,11 @@ __global__ void __launch_bounds__(384, 1)
     const int64_t diag64 = coff - n0;
     const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
     const int keys_left = sk - n0;
+    // Re-read from the parameters where tested (uniform registers), not held across the loop.
+    auto has_feat = [&] {
+      return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
+                           p.alibi_slopes != nullptr);
+    };
     if (n_iters > 0) {
       mbarrier_wait(kv_full, 0);
       int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of iteration it, advanced at its end
@@ -287,6 +320,21 @@ __global__ void __launch_bounds__(384, 1)
         uint32_t pa[4][4], dsa[4][4];
         const float* lse_t = lse_s + s * kBM;
         const float* d_t = d_s + s * kBM;
+        // dS^T slots of this step (buffer it % 2): row = key (128 B = 64 queries), 16-byte chunk c
+        // stored at c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and
+        // row offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4);
+        // the pair (8 kk + 2 q) of a fragment (queries 8 c + 2 t, + 1, c = 2 kk + q / 2) goes to
+        // ds_slot(kk, q).
+        // (Lambdas, evaluated where used: values computed up here stay live across the GEMMs of
+        // the plain path too, and ptxas spilled more.)
+        auto ds_slot = [&](int kk, int q) {
+          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+          return (ds_row + (q % 2) * 1024) ^ (static_cast<uint32_t>(2 * kk + q / 2) << 4);
+        };
+        // Element i of a 64 x 64 tile: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2),
+        // so key - query = rel0() + d_rel(i).
+        auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
+        auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
         {
           float sacc[32];
           mbarrier_wait(full(s), ph);
@@ -300,6 +348,17 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_operands(sacc);
+          if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
+            const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+            auto each = [&](auto&& f) {
+#pragma unroll
+              for (int i = 0; i < 32; ++i) f(sacc[i], d_rel(i), 8 * ((i / 2) % 2));
+            };
+            cuda::apply_score_mods(each, p.scale, p.softcap,
+                                   cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                                   cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
+                                   sk - n0 - key_l0);
+          }
           // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
           // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
           const int diag = m0 + diag0;
@@ -315,6 +374,27 @@ __global__ void __launch_bounds__(384, 1)
             sacc[i] = pv;
           }
           acc_to_afrag<T>(sacc, pa);
+          if (kFeatures && p.softcap > 0.f) {
+            // P^T (1 - tanh^2) from the fp32 P^T (tanh recovered from it: softcap_dtanh), parked
+            // as 16 bits in this thread's own dS^T slots (overwritten by dS^T below).
+            const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
+            const float inv_cap = 1.f / p.softcap;
+            const int diag32 = cuda::clamp_i32(coff);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                float f[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int i = 8 * kk + 2 * q + e;
+                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                  f[e] = sacc[i] * cuda::softcap_dtanh(sacc[i], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i)),
+                                                       inv_cap);
+                }
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack2<T>(f[0], f[1])) : "memory");
+              }
+          }
         }
         {
           float dpacc[32];
@@ -328,26 +408,49 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_commit();
           wgmma_wait<0>();
           fence_operands(dpacc);
+          if constexpr (kFeatures) {
+            // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
+            const bool capped = p.softcap > 0.f;
 #pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-            const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
-            dpacc[i] = pv * (dpacc[i] - d_t[ql]);
+            for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                uint32_t pw = pa[kk][q];
+                if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int i = 8 * kk + 2 * q + e;
+                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                  dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
+                }
+              }
+          } else {  // dS^T = P^T (dP^T - D)
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+              const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+              const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
+              dpacc[i] = pv * (dpacc[i] - d_t[ql]);
+            }
           }
           acc_to_afrag<T>(dpacc, dsa);
         }
-        // dS^T -> smem buffer it % 2: row = key (128 B = 64 queries), 16-byte chunk c stored at
-        // c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and row
-        // offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4).
-        const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+        if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
+          for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
-            const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
-          }
+            for (int q = 0; q < 4; ++q)
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
+        } else {  // the same slots, the address computed once per step (ds_slot's formula)
+          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
+              const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
+            }
+        }
         fence_proxy_async_smem();
         // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
         wgmma_fence();
@@ -476,10 +579,15 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (grid == 0) return;
-  auto kernel = p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true>
-                                    : sm90::flash_bwd_sm90_kernel<T, kD, true, false>)
-                         : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true>
-                                    : sm90::flash_bwd_sm90_kernel<T, kD, false, false>);
+  // Score modifiers run the kFeatures kernels, with bulk dQ only: the atomic-dQ variant (a
+  // bench A/B) has no feature instantiation.
+  auto kernel = cuda::score_mods_active(p)
+                    ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true>
+                                : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true>)
+                : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false>)
+                           : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(

@@ -15,10 +15,18 @@
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
 //
 // Supported: T = bf16 / fp16; d = 64, 128, 256 (d == d_v); scale > 0 (the running max is
-// taken over raw scores); causal (any causal_offset) or not;
+// taken over the scores divided by the scale); causal (any causal_offset) or not;
 // GQA (kv head = q head / (hq / hkv)); BSHD/BHSD views with unit last stride and 16-byte
-// aligned rows (TMA: strides multiples of 16 bytes).  No dropout / bias / window / softcap /
-// ALiBi / sink / varlen: the dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
+// aligned rows (TMA: strides multiples of 16 bytes).
+// Sliding window, softcap and ALiBi (params.h; flash-attn's semantics, the sm80 kernels'
+// helpers in sm80/attention_tiles.cuh): run-time, CTA-uniform branches, no template
+// parameter (H200, session 11: plain calls ran at 0.97-1.02x the forward without them, two
+// rounds; the backward, which lost more, has a kFeatures flag).  The window narrows the key tiles to [n_begin, n_end) (tiles no row of the
+// CTA sees are never loaded); a tile is then scored through apply_score_mods (softcap,
+// ALiBi, the window / causal / key-end mask on tiles crossing a bound) instead of
+// mask_tile.  Rows that see no key end with O = 0 and LSE -inf (as causal rows already did).
+// No dropout / bias / sink / varlen: the dispatch (cuda_backend.cu, sm90_fwd_applies)
+// sends those to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -32,6 +40,7 @@
 #include <type_traits>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
@@ -174,13 +183,23 @@ __global__ void __launch_bounds__(384, 1)
   const int m0 = m_block * kBM;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
-  // Key tiles [0, n_tiles): causal stops after the last row's diagonal.
+  // Key tiles [0, key_end): causal stops after the last row's diagonal.
   int key_end = sk;
   if (kCausal) {
     const int64_t last = static_cast<int64_t>(m0) + kBM - 1 + coff + 1;  // keys < last visible
     key_end = last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
   }
-  const int n_tiles = (key_end + kBN - 1) / kBN;
+  // The sliding window (features): only the key tiles some row of this CTA sees.
+  const bool has_window = cuda::window_active(kCausal, p.window_left, p.window_right);
+  int n_begin = 0, n_end = (key_end + kBN - 1) / kBN;
+  if (has_window) {
+    const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+    const int64_t lo = static_cast<int64_t>(m0) + w.lo, hi = static_cast<int64_t>(m0) + kBM - 1 + w.hi + 1;
+    const int64_t k0 = lo < 0 ? 0 : (lo > sk ? sk : lo), k1 = hi < 0 ? 0 : (hi > sk ? sk : hi);
+    n_begin = static_cast<int>(k0 / kBN);
+    n_end = k0 < k1 ? static_cast<int>((k1 + kBN - 1) / kBN) : n_begin;
+  }
+  const int n_tiles = n_end - n_begin;
 
   const int warp = warp_idx_uniform();
   if (threadIdx.x == 0) {
@@ -205,9 +224,9 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, 64 * c, m0, h, b);
-      // Tiles from the last (the diagonal / ragged end, masked) down to 0.
+      // Tiles from the last (the diagonal / ragged end, masked) down to n_begin.
       for (int it = 0; it < n_tiles; ++it) {
-        const int n = n_tiles - 1 - it;
+        const int n = n_end - 1 - it;
         const int s = it % Cfg::kStages;
         const uint32_t ph = (it / Cfg::kStages) & 1;
         mbarrier_wait(k_empty(s), ph ^ 1);
@@ -262,12 +281,35 @@ __global__ void __launch_bounds__(384, 1)
       const int n0 = n * kBN;
       return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
     };
+    // Features (window / softcap / ALiBi) score every tile through apply_score_mods; the
+    // plain path keeps mask_tile on the tiles that cross the key end or the diagonal.
+    const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr;
+    auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
+      if (has_feat) {
+        const int n0 = n * kBN;
+        const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+        // s_acc[i]: row row0 + dr, col n0 + 2t + dc (mask_tile's layout), col - row = rel0 + dc - dr.
+        auto each = [&](auto&& f) {
+#pragma unroll
+          for (int i = 0; i < kBN / 2; ++i) {
+            const int dc = 8 * (i / 4) + (i % 2), dr = 8 * ((i / 2) % 2);
+            f(s_acc[i], dc - dr, dc);
+          }
+        };
+        cuda::apply_score_mods(each, p.scale, p.softcap,
+                               cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                               cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
+                               sk - n0 - 2 * t);
+      } else if (needs_mask(n)) {
+        mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
+      }
+    };
 
     if (n_tiles > 0) {
       mbarrier_wait(q_full, 0);
       if constexpr (!kOverlap) {
         for (int it = 0; it < n_tiles; ++it) {
-          const int n = n_tiles - 1 - it;
+          const int n = n_end - 1 - it;
           const int s = it % Cfg::kStages;
           const uint32_t ph = (it / Cfg::kStages) & 1;
           float sacc[kBN / 2];
@@ -279,7 +321,7 @@ __global__ void __launch_bounds__(384, 1)
           fence_operands(sacc);
           __syncwarp();
           if (warp_leader) mbarrier_arrive(k_empty(s));
-          if (needs_mask(n)) mask_tile<kBN, kCausal>(sacc, n * kBN, row0, sk, coff, t);
+          score_tile(sacc, n);
           float corr[2];
           softmax_tile<kBN>(sacc, st, scale_log2, corr);
           rescale_rows(o, corr);
@@ -307,13 +349,13 @@ __global__ void __launch_bounds__(384, 1)
           fence_operands(sacc);
           __syncwarp();
           if (warp_leader) mbarrier_arrive(k_empty(0));
-          if (needs_mask(n_tiles - 1)) mask_tile<kBN, kCausal>(sacc, (n_tiles - 1) * kBN, row0, sk, coff, t);
+          score_tile(sacc, n_end - 1);
           float corr[2];
           softmax_tile<kBN>(sacc, st, scale_log2, corr);  // o is 0: no rescale needed
           convert_p<T, kBN>(sacc, pa);
         }
         for (int it = 1; it < n_tiles; ++it) {
-          const int n = n_tiles - 1 - it;
+          const int n = n_end - 1 - it;
           const int s = it % Cfg::kStages, sp = (it - 1) % Cfg::kStages;
           const uint32_t ph = (it / Cfg::kStages) & 1, php = ((it - 1) / Cfg::kStages) & 1;
           float sacc[kBN / 2];
@@ -328,7 +370,7 @@ __global__ void __launch_bounds__(384, 1)
           fence_operands(sacc);
           __syncwarp();
           if (warp_leader) mbarrier_arrive(k_empty(s));
-          if (needs_mask(n)) mask_tile<kBN, kCausal>(sacc, n * kBN, row0, sk, coff, t);
+          score_tile(sacc, n);
           float corr[2];
           softmax_tile<kBN>(sacc, st, scale_log2, corr);
           // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
