@@ -3,11 +3,11 @@ to its own fused flash-attention CPU kernel), same process, same threads,
 same tensors, the two interleaved rep by rep.
 
     OMP_NUM_THREADS=2 python bench/cpu_bench.py [--reps 5] [--grid quick|full] [--clock cpu|wall]
-        [--ab ORCHARD_CPU_POOL=0]
+        [--ab ORCHARD_CPU_POOL=1]
 
 --ab NAME=VALUE adds a third contestant, Orchard with that environment variable
 set around each of its calls (for switches the C++ side reads per call, e.g.
-ORCHARD_CPU_POOL=0: the OpenMP loops instead of Orchard's pool), interleaved
+ORCHARD_CPU_POOL=1: Orchard's own pool instead of the OpenMP loops), interleaved
 with the other two; its columns give ms and the ratio Orchard-with-it / Orchard
 (> 1: the default is faster).
 

@@ -3,7 +3,7 @@ sequence over a full KV cache) vs torch's CPU SDPA on the same cache, same
 process, same thread count, the two interleaved rep by rep.
 
     OMP_NUM_THREADS=2 python bench/cpu_decode_bench.py [--reps 15] [--grid quick|full]
-        [--ab ORCHARD_CPU_POOL=0]
+        [--ab ORCHARD_CPU_POOL=1]
 
 torch gets the cache as the (b, h_kv, cache, d) view of the (b, cache, h_kv, d)
 tensor that Orchard reads (no copy made here; whatever torch copies is its
@@ -11,8 +11,8 @@ cost), the query as (b, h_q, 1, d), and enable_gqa=True for GQA. Wall clock
 (decode calls are short and memory-bound, so CPU time would hide stalls),
 median and min of --reps per contestant; the ratio is torch's median over
 Orchard's (> 1: Orchard faster). --ab NAME=VALUE adds Orchard with that
-environment variable set around its calls (ORCHARD_CPU_POOL=0: the OpenMP
-loops), ratio = its median / the default's.
+environment variable set around its calls (ORCHARD_CPU_POOL=1: Orchard's own
+pool), ratio = its median / the default's.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 // The CPU kernels' worker pool (backends/cpu/task_pool.h): every task runs
 // exactly once, slots are private to one thread per call, exceptions reach
-// the caller, and a second caller, a nested call, the OpenMP fallback
-// (ORCHARD_CPU_POOL=0) and a forked child all still finish every task.
+// the caller, and a second caller, a nested call, the OpenMP default
+// (ORCHARD_CPU_POOL unset or 0) and a forked child all still finish every task.
+// The fixture turns the pool on (ORCHARD_CPU_POOL=1): it is opt-in.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -51,12 +52,14 @@ bool run_and_check(std::int64_t n) {
 class TaskPool : public ::testing::Test {
  protected:
   void SetUp() override {
+    setenv("ORCHARD_CPU_POOL", "1", 1);
 #ifdef ORCHARD_WITH_OPENMP
     saved_ = omp_get_max_threads();
     omp_set_num_threads(4);  // more slots than this 2-core box has cores
 #endif
   }
   void TearDown() override {
+    unsetenv("ORCHARD_CPU_POOL");
 #ifdef ORCHARD_WITH_OPENMP
     omp_set_num_threads(saved_);
 #endif
@@ -109,11 +112,11 @@ TEST_F(TaskPool, ConcurrentCallersAndNestedCalls) {
   EXPECT_EQ(inner.load(), 80);
 }
 
-TEST_F(TaskPool, OpenMPFallback) {
+TEST_F(TaskPool, OpenMPDefault) {
+  unsetenv("ORCHARD_CPU_POOL");  // the default: OpenMP
+  EXPECT_TRUE(run_and_check(500));
   setenv("ORCHARD_CPU_POOL", "0", 1);
-  const bool ok = run_and_check(500);
-  unsetenv("ORCHARD_CPU_POOL");
-  EXPECT_TRUE(ok);
+  EXPECT_TRUE(run_and_check(500));
 }
 
 TEST_F(TaskPool, ForkedChildFinishes) {

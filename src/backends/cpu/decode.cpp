@@ -2,7 +2,7 @@
 // cache in place, attend q (rotary applied) over each (batch, kv head, split)
 // with the whole query group of that kv head at once, fp32 online softmax;
 // then combine the splits. All three steps run on the CPU backend's task pool
-// (task_pool.h; ORCHARD_CPU_POOL=0: the same tasks under OpenMP).
+// (task_pool.h: OpenMP by default, ORCHARD_CPU_POOL=1 Orchard's own pool).
 //
 // Attention runs in blocks of kKeyBlock keys: scores of every query row of
 // the group against the block (8 keys at a time, vector dot products summed

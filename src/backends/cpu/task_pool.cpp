@@ -170,7 +170,7 @@ Pool& pool() {
   return *p;
 }
 
-bool pool_enabled() { return env_long("ORCHARD_CPU_POOL", 1) != 0; }
+bool pool_enabled() { return env_long("ORCHARD_CPU_POOL", 0) != 0; }  // opt-in: task_pool.h
 
 }  // namespace
 

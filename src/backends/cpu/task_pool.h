@@ -1,23 +1,27 @@
-// Orchard's own worker pool for the CPU kernels' parallel loops.
+// The CPU kernels' parallel loops: run_parallel hands out task indices to a
+// team of threads.
 //
-// Why not `omp parallel` + `omp for schedule(dynamic, 1)` (the previous code):
-// a team's join waits for EVERY thread of the team, including one the OS has
-// not woken yet. Orchard's calls usually follow torch's (its own OpenMP pool,
-// busy or spinning on every core), so some of Orchard's sleeping threads wake
-// late and a small call (b1 h8 s512: ~0.4 ms of work on 16 cores) measured
-// ~1 ms instead of 0.37 (bench/RESULTS.md, cpu_isolation). Here the caller
-// starts on the tasks at once, a worker that wakes late joins only while
-// tasks are left, and the caller waits only for workers that took part.
-// Workers spin ORCHARD_CPU_SPIN_US (default 200, read per call) after their
-// last task, so the jobs of one call and a backward right after its forward
-// need no wake-up, then sleep: they do not spin through the caller's next
-// torch op (libgomp's default spin lasts milliseconds).
+// Default (ORCHARD_CPU_POOL unset or 0): an `omp parallel` team. In a process
+// that imported torch it is torch's own OpenMP runtime: torch's wheel ships
+// libgomp.so.1 and the loader binds Orchard's libgomp.so.1 to the copy loaded
+// first, so Orchard and torch share one team of threads, already spinning
+// after torch's last op. Measured (bench/RESULTS.md, cpu_isolation, 2026-12-01,
+// 16-core host): the forward right after a torch op took 0.38 / 3.13 / 10.11
+// ms (s512 d64 / s2k d128 / s8k d128, bf16) under OpenMP against 1.66 / 4.99 /
+// 14.76 with Orchard's own pool, whose 15 extra threads competed with torch's
+// spinning ones for the cores.
 //
-// ORCHARD_CPU_POOL=0 runs the same participant function under `omp parallel`
-// (the A/B switch). Task indices are handed out in increasing order, one at
-// a time, exactly like schedule(dynamic, 1), so heaviest-first orderings and
-// every determinism argument made for the OpenMP loops still hold: results
-// never depend on which thread ran a task.
+// ORCHARD_CPU_POOL=1: Orchard's own worker pool (opt-in; it was the default for
+// two days). The caller starts on the tasks at once, a worker that wakes late
+// joins only while tasks are left, and the caller waits only for workers that
+// took part; workers spin ORCHARD_CPU_SPIN_US (default 200, read per call)
+// after their last task, then sleep. It can pay where nothing else in the
+// process runs OpenMP and the calls are far apart; measure before choosing it.
+//
+// Either way task indices are handed out in increasing order, one at a time,
+// exactly like schedule(dynamic, 1), so heaviest-first orderings and every
+// determinism argument made for the OpenMP loops still hold: results never
+// depend on which thread ran a task.
 #pragma once
 
 #include <atomic>
