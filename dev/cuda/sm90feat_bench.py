@@ -30,25 +30,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import orchard
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench", "sm90"))
+from peer_timing import time_ms as median_ms  # noqa: E402  (bench/sm90: the CUDA-event median)
 
 DT = torch.bfloat16
 DEV = "cuda"  # (a CPU smoke test of this script's plumbing sets it to "cpu")
-
-
-def median_ms(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 SM80 = "orchard sm80 (ORCHARD_SM90=0, child process)"
