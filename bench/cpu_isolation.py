@@ -1,10 +1,10 @@
-"""Does Orchard's CPU time depend on what ran just before it? Orchard's
-extension and torch each bring their own OpenMP runtime (the system libgomp
-and torch's bundled copy): two pools of OMP_NUM_THREADS threads, and a pool
-that just finished a parallel region keeps its threads spinning for a while
-(libgomp: GOMP_SPINCOUNT, 300k pause iterations by default). cpu_bench.py
-interleaves the two libraries, so each call may start while the other pool
-still spins on every core.
+"""Does Orchard's CPU time depend on what ran just before it? A pool that just
+finished a parallel region keeps its threads spinning for a while (libgomp:
+GOMP_SPINCOUNT, 300k pause iterations by default), and cpu_bench.py interleaves
+Orchard and torch, so each call may start while the other's threads still spin.
+(Measured 2026-12-01: with torch imported, Orchard's libgomp.so.1 is torch's
+copy, so Orchard's OpenMP loops share torch's team; Orchard's own task pool,
+ORCHARD_CPU_POOL=1, brings a second set of threads. See task_pool.h.)
 
     OMP_NUM_THREADS=16 python bench/cpu_isolation.py
 
@@ -13,7 +13,7 @@ Per shape and dtype, forward only, min wall ms of `--reps`: orchard alone
 torch call and a 50 ms sleep, torch right after an orchard call, torch after an
 orchard call and a 50 ms sleep (both pools asleep: what waking costs each).
 Each shape runs once per `--pools` value (default "1,0"): ORCHARD_CPU_POOL=1 is
-Orchard's own task pool, 0 its OpenMP loops (src/backends/cpu/task_pool.h;
+Orchard's own task pool, 0 its OpenMP loops, the default (src/backends/cpu/task_pool.h;
 read per call, so both run in this one process).
 """
 from __future__ import annotations
