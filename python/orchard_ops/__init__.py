@@ -52,28 +52,22 @@ def flash_attn_fwd(
     sc = _ops.default_scale(q.shape[-1]) if scale is None else float(scale)
     want_mask = dropout_p > 0.0
     rng = _ops.draw_dropout_rng_state(dropout_p, q.device)
+    # (B, H, S, D) views; a 3-D call is one head.
+    qh, kh, vh = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
     if _ops.eager_ok(q, k, v):
-        # (B, H, S, D) straight to the C++ op with the lean autograd node, as the SDPA drop-in
+        # Straight to the C++ op with the lean autograd node, as the SDPA drop-in
         # (_ops.eager_forward): the public op's autograd costs ~2x SDPA's per training step at
         # small shapes (bench/RESULTS.md, session 11).
-        qh, kh, vh = (q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)) if three_d else (q, k, v)
         out, _lse, mask = _ops.eager_forward(qh, kh, vh, sc, bool(causal), True, float(dropout_p), want_mask,
                                              False, op, rng, True, False)
         if mask is None:  # no dropout and torch's C++ node served the call: nothing to return
             mask = torch.empty(0, dtype=torch.bool, device=q.device)
-        if three_d:
-            out = out.squeeze(1)
-            mask = mask.squeeze(1) if want_mask else mask
-        return out, mask.bool()
-    if three_d:
-        qb, kb, vb = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)  # (B, S, 1, D)
     else:
-        qb, kb, vb = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out, _lse, mask = _ops._FWD(  # torch.ops.orchard.flash_attn_forward.default
-        qb, kb, vb, sc, bool(causal), True, float(dropout_p), 0, 0, want_mask, False, op, rng)
-    if three_d:
-        out = out.squeeze(2)
-        mask = mask.squeeze(1) if want_mask else mask
-    else:
+        out, _lse, mask = _ops._FWD(  # torch.ops.orchard.flash_attn_forward.default, on BSHD views
+            qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), sc, bool(causal), True,
+            float(dropout_p), 0, 0, want_mask, False, op, rng)
         out = out.transpose(1, 2)
+    if three_d:
+        out = out.squeeze(1)
+        mask = mask.squeeze(1) if want_mask else mask
     return out, mask.bool()
