@@ -24,19 +24,18 @@ for f in src/backends/cuda/sm90/$GLOB.cu; do
   python3 - "$OUTDIR/$n" <<'PY'
 import re, sys
 base = sys.argv[1]
-spill = {}
-name = None
-for line in open(base + ".ptxas"):
-    m = re.search(r"Function properties for (\S+)", line)
-    if m: name = m.group(1); continue
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and name: spill[name] = m.groups(); name = None
-res = {}
-for line in open(base + ".res"):
-    m = re.search(r"Function (\S+):", line)
-    if m: name = m.group(1); continue
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-    if m and name: res[name] = m.groups(); name = None
+def per_function(path, name_re, value_re):
+    """{kernel: the groups of value_re on the first matching line after its name_re line}."""
+    out, name = {}, None
+    for line in open(path):
+        m = re.search(name_re, line)
+        if m: name = m.group(1); continue
+        m = re.search(value_re, line)
+        if m and name: out[name] = m.groups(); name = None
+    return out
+spill = per_function(base + ".ptxas", r"Function properties for (\S+)",
+                     r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+res = per_function(base + ".res", r"Function (\S+):", r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 sass = {}
 cur = None
 for line in open(base + ".sass"):
