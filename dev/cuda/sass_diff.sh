@@ -12,10 +12,18 @@
 # dumps are kept beside the cache); 2: a compile failed. One sm80 backward TU takes ~2 min
 # on the 2-core dev box, so a check costs two compiles (one once the base is cached).
 # SASS_DIFF_BASE_ONLY=1: only compile (and cache) the base.
+# -m PATTERN=REPLACEMENT: compare kernel by kernel, after renaming the working tree's kernels
+# with that Python regex (re.sub) — for a change that adds a template argument, e.g.
+# -m 'Lb0EEEv=EEv' (drop a last template argument `false`) matches the new <..., false>
+# instantiations to the base's kernels. Only kernels named on both sides are compared; the
+# ones left out on each side are counted in the first line (read it: 0 compared is no proof).
 # cuobjdump: $CUOBJDUMP, else on PATH, else the copy that ships in triton's wheel.
 set -uo pipefail
-base=main
-if [[ ${1:-} == -b ]]; then base=$2; shift 2; fi
+base=main map=""
+while [[ ${1:-} == -b || ${1:-} == -m ]]; do
+  if [[ $1 == -b ]]; then base=$2; else map=$2; fi
+  shift 2
+done
 [[ $# -ge 2 ]] || { sed -n 5,10p "$0"; exit 2; }
 file=$1 arch=$2
 shift 2
@@ -62,6 +70,34 @@ snap=$(mktemp -d "$cache/cur-tree.XXXXXX")
 trap 'rm -rf "$snap"' EXIT
 cp -r "$root/src" "$root/include" "$snap/"
 compile "$snap" "$cur" || exit 2
+
+if [[ -n $map ]]; then  # per kernel, the working tree's names mapped (-m): both sides sorted by kernel
+  python3 - "$basedir" "$cur" "$map" <<'PY' || exit 2
+import re, sys
+base, cur, spec = sys.argv[1], sys.argv[2], sys.argv[3]
+pat, _, rep = spec.partition("=")
+def sections(path, head_re):
+    out, name = {}, None
+    for line in open(path):
+        m = re.search(head_re, line)
+        if m: name = m.group(1); out[name] = []; continue
+        if name is not None: out[name].append(line)
+    return out
+def write(path, secs, head):
+    with open(path, "w") as f:
+        for n in sorted(secs): f.write(head.format(n) + "\n" + "".join(secs[n]))
+for ext, head_re, head in ((".sass", r"Function : (\S+)", "Function : {}"), (".res", r"Function (\S+):", "Function {}:")):
+    b = sections(base + ext, head_re)
+    c = {re.sub(pat, rep, n): body for n, body in sections(cur + ext, head_re).items()}
+    both = set(b) & set(c)
+    write(base + ".bk" + ext, {n: b[n] for n in both}, head)
+    write(cur + ".bk" + ext, {n: c[n] for n in both}, head)
+    if ext == ".sass":
+        print(f"per kernel (-m {spec}): {len(both)} kernels compared; left out: {len(b) - len(both)} base-only, "
+              f"{len(c) - len(both)} working-tree-only")
+PY
+  basedir=$basedir.bk cur=$cur.bk
+fi
 
 rc=0
 echo "kernels: $(grep -c 'Function :' "$cur.sass"), SASS lines: $(wc -l < "$basedir.sass") base, $(wc -l < "$cur.sass") now"

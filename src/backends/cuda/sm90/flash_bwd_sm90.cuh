@@ -38,7 +38,9 @@
 // each feature is a run-time, CTA-uniform branch.  Measured on the H200 (bench/NOTES.md,
 // session 11): with the features as run-time branches of the plain kernels, the plain backward
 // lost 2-5 % (d64: 5 %); as a template flag the kFeatures=false kernels compile to the same
-// SASS as before the features (dev/cuda/sass_diff.sh).  The window narrows each CTA's
+// SASS as before the features (`dev/cuda/sass_diff.sh -b 9bcc618 -m 'Lb0EEEv=EEv' FILE 90a
+// -DORCHARD_WITH_SM90=1`; the kFeatures=true ones: -b a4b0831 -m 'Lb1EEEv=EEv', the code
+// verified on the H200).  The window narrows each CTA's
 // query tiles to those with a row that sees one of its keys (none: dK = dV = 0); S^T goes
 // through apply_score_mods (softcap, ALiBi, window / causal / key-end mask) before P^T;
 // softcap's gradient dS^T = P^T (1 - tanh^2) (dP^T - D) takes tanh from the fp32 P^T
