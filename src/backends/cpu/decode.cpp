@@ -347,9 +347,9 @@ void attend_task(const DecodeParams& p, std::int64_t task) {
   // converted once, not once per query row, and O += P V is one tile GEMM.
   // 1 thread, CPU time, b1 s4k hq32 hkv4 d128 (bench/cpu_decode_micro.cpp):
   // bf16 2.16 -> 1.73 ms staged; fp32 3.04 -> 2.96 (its cost is the reads).
-  const bool stage = T == DType::kFloat16 || p.hq / p.hkv * p.sq > 1;
   const int groups = p.hq / p.hkv;
   const int rows = groups * p.sq;  // local row r: query row i = r / groups, head h_kv * groups + r % groups
+  const bool stage = T == DType::kFloat16 || rows > 1;
   const int d = p.d;               // a multiple of 8 (validated)
   const int split = static_cast<int>(task % p.num_splits);
   const int hk = static_cast<int>((task / p.num_splits) % p.hkv);
