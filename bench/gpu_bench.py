@@ -140,6 +140,10 @@ def main() -> int:
                     help="which timing the main table shows (both are measured)")
     ap.add_argument("--quick", action="store_true", help="s in {2k, 8k} only")
     ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--dims", default="64,128", help="head dims of the grid (model dim 2048: h = 2048 // d)")
+    ap.add_argument("--seqlens", default="", help="comma-separated, instead of the grid's (or --quick's)")
+    ap.add_argument("--no-extras", action="store_true",
+                    help="the grid only (no small-shape latency or s = 32k peak-memory rows)")
     ap.add_argument("--profile", default="", metavar="D,S,CAUSAL",
                     help="instead of the grid: torch.profiler kernel table for orchard and sdpa_flash "
                          "fwd+bwd at one grid point (e.g. 128,8192,0); shows every kernel and copy a call launches")
@@ -149,9 +153,11 @@ def main() -> int:
 
     card = torch.cuda.get_device_name()
     seqlens = [2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    if args.seqlens:
+        seqlens = [int(x) for x in args.seqlens.split(",")]
     impls = args.impls.split(",")
     rows = []
-    for d in (64, 128):
+    for d in (int(x) for x in args.dims.split(",")):
         h = 2048 // d
         for causal in (False, True):
             for s in seqlens:
@@ -174,8 +180,12 @@ def main() -> int:
 
     # Per-call latency at a small shape (b=2, h=4, s=64, d=64).
     lat = {}
+    if args.no_extras:
+        impls_extra = []
+    else:
+        impls_extra = impls
     q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    for name in impls:
+    for name in impls_extra:
         try:
             with torch.no_grad():
                 lat[name] = median_ms(lambda: IMPLS[name](q, k, v, False), 200, warmup=20) * 1000
@@ -185,7 +195,7 @@ def main() -> int:
     # Peak memory, fwd+bwd at s = 32k (b=1, h=16, d=128).
     peak = {}
     for name in ("orchard", "sdpa_flash"):
-        if name not in impls:
+        if name not in impls_extra:
             continue
         torch.cuda.empty_cache()
         q, k, v = (torch.randn(1, 32768, 16, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()

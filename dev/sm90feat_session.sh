@@ -15,7 +15,8 @@
 #   4. compute-sanitizer memcheck on cuda_check --sm90small (one small window case per path);
 #   5. pytest: test_cuda.py -k sm90_shape (asserts the sm90 variant on this card) and the
 #      CUDA feature cases of test_features.py, if time is left (SKIP_PYTEST=1: skipped;
-#      SKIP_CHECK=1 skips steps 3 and 4: a timing-only call after a verified one);
+#      SKIP_CHECK=1 skips steps 3 and 4: a timing-only call after a verified one; SKIP_BENCH=1
+#      skips step 6; BG_CMD runs a GPU job of its own during the build, waited for before step 3);
 #   6. the timing table (nothing else on the GPU meanwhile): window / softcap / ALiBi / plain,
 #      fwd and fwd+bwd, orchard sm90 vs FlexAttention vs SDPA, then orchard sm80
 #      (ORCHARD_SM90=0) in a child process;
@@ -43,6 +44,15 @@ snap() { (cd "$OUT" && tar czf logs.tgz logs); }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$L/gpu.txt"
 stamp "commit $(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo '?')"
+
+# ---- 0. BG_CMD (optional): a GPU job of its own (e.g. bash bench/sm90/run_attn.sh, the kernel-level
+#      checks and timings) that runs while step 1 compiles on the host; waited for before step 3 ----
+BG_PID=""
+if [[ -n ${BG_CMD:-} ]]; then
+  (timeout 330 bash -c "$BG_CMD" > "$L/bg.log" 2>&1; echo "bg rc=$?" >> "$L/bg.log") &
+  BG_PID=$!
+  stamp "background: $BG_CMD"
+fi
 
 # ---- 1. build ----
 rm -rf build/cp3* /tmp/orchard_site
@@ -100,6 +110,13 @@ if ((r != 0)); then  # fallback: the standalone harness build (compiles the CUDA
   stamp "harness fallback build rc=$?"
 fi
 
+if [[ -n $BG_PID ]]; then
+  wait "$BG_PID"
+  stamp "background done: $(tail -1 "$L/bg.log")"
+  grep -E "CHECK.*FAIL|TIME|PEER|failing|spill|WARNING" "$L/bg.log" > "$OUT/bg_summary.txt"
+  snap
+fi
+
 # ---- 3. correctness: the harness on sm90 shapes, sm90 then sm80 ----
 if [[ -n ${SKIP_CHECK:-} ]]; then
   stamp "correctness steps skipped (SKIP_CHECK)"
@@ -137,10 +154,12 @@ snap
 
 # ---- 6. timings (alone on the GPU: FlexAttention compiles, then every impl is timed, then the
 #      sm80 A/B in a child process) ----
-timeout $(lim 70) python3 dev/cuda/sm90feat_bench.py --out "$OUT" ${BENCH_ARGS:-} > "$L/bench.log" 2>&1
-stamp "bench rc=$?"
-if [[ -f $OUT/sm90feat_bench.md ]]; then cat "$OUT/sm90feat_bench.md" | tee -a "$OUT/summary.txt"; else tail -30 "$L/bench.log"; fi
-snap
+if [[ -z ${SKIP_BENCH:-} ]]; then
+  timeout $(lim 70) python3 dev/cuda/sm90feat_bench.py --out "$OUT" ${BENCH_ARGS:-} > "$L/bench.log" 2>&1
+  stamp "bench rc=$?"
+  if [[ -f $OUT/sm90feat_bench.md ]]; then cat "$OUT/sm90feat_bench.md" | tee -a "$OUT/summary.txt"; else tail -30 "$L/bench.log"; fi
+  snap
+fi
 
 # ---- 7. plain sm90 path: this branch vs the base tree, same run, alternating ----
 if [[ -n $CCB && -x $CC ]]; then

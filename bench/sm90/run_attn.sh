@@ -33,10 +33,10 @@ rm -f "$OUT/full.sass"
 echo "=== checks $(date -u +%H:%M:%S)" | tee -a "$LOG"
 timeout 90 "$BIN" checks >> "$LOG" 2>&1 || { echo "checks rc=$?" | tee -a "$LOG"; status=1; }
 echo "=== grid $(date -u +%H:%M:%S)" | tee -a "$LOG"
-timeout 90 "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
+timeout 200 "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
 if [ "${PEERS:-1}" = 1 ]; then
   echo "=== peers (torch SDPA) $(date -u +%H:%M:%S)" | tee -a "$LOG"
-  timeout 90 python3 "$HERE/attn_peers.py" >> "$LOG" 2>&1 || echo "peers rc=$?" | tee -a "$LOG"
+  timeout 150 python3 "$HERE/attn_peers.py" >> "$LOG" 2>&1 || echo "peers rc=$?" | tee -a "$LOG"
 fi
 grep -E "CHECK|TIME|PEER|failing" "$LOG"
 exit $status

@@ -115,8 +115,9 @@ struct Shape {
   int b, hq, hkv, s;
 };
 
-template <typename T, int kD>
+template <typename T, int kBucket>
 bool run_shape(const Shape& sh, int reps, bool check) {
+  const int kD = sh.d;  // the true head dim (<= the kernel bucket; TMA zero-fills the rest)
   const int b = sh.b, hq = sh.hq, hkv = sh.hkv, sq = sh.s, sk = sh.s;
   const int64_t nq = (int64_t)b * sq * hq * kD, nk = (int64_t)b * sk * hkv * kD;
   T *q, *k, *v, *o;
@@ -146,21 +147,31 @@ bool run_shape(const Shape& sh, int reps, bool check) {
   std::snprintf(label, sizeof label, "%s d%-3d %-6s b%-2d hq%-2d hkv%-2d s%-5d", tn, kD, sh.causal ? "causal" : "full",
                 b, hq, hkv, sq);
 
-  // Variants: 4 the library's entry (run_flash_fwd_sm90: its per-d / per-length choice),
-  // 1 overlap, 0 plain; d64 / d128 also 3 / 2 = overlap / plain with 192-key tiles.
-  for (int variant = 4; variant >= 0; --variant) {
-    if (kD > 128 && (variant == 3 || variant == 2)) continue;
-    auto launch = [&]() {
-      namespace s9 = orchard::sm90;
-      switch (variant) {
-        case 4: return orchard::cuda::run_flash_fwd_sm90<T, kD>(p);
-        case 3: return s9::launch_flash_fwd_sm90<T, kD, true, kD <= 128 ? 192 : 64>(p);
-        case 2: return s9::launch_flash_fwd_sm90<T, kD, false, kD <= 128 ? 192 : 64>(p);
-        case 1: return s9::launch_flash_fwd_sm90<T, kD, true>(p);
-        default: return s9::launch_flash_fwd_sm90<T, kD, false>(p);
-      }
-    };
-    const char* vname = variant == 4 ? "library" : variant == 3 ? "ovl-n192" : variant == 2 ? "pln-n192" : variant == 1 ? "overlap" : "plain";
+  // Variants: "library" = the library's entry (run_flash_fwd_sm90: its per-d / per-length
+  // choice), then the kernel's configurations (overlap or plain order, key tile kBN, consumer
+  // warpgroups kWG) worth comparing at this head-dim bucket.
+  namespace s9 = orchard::sm90;
+  struct Variant {
+    const char* name;
+    bool (*launch)(const FwdParams&);
+  };
+  std::vector<Variant> variants = {{"library", orchard::cuda::run_flash_fwd_sm90<T, kBucket>},
+                                   {"overlap", s9::launch_flash_fwd_sm90<T, kBucket, true>},
+                                   {"plain", s9::launch_flash_fwd_sm90<T, kBucket, false>}};
+  if constexpr (kBucket <= 128) {
+    variants.push_back({"ovl-n192", s9::launch_flash_fwd_sm90<T, kBucket, true, 192>});
+    variants.push_back({"pln-n192", s9::launch_flash_fwd_sm90<T, kBucket, false, 192>});
+  }
+  if constexpr (kBucket == 64) {  // FA3's d64 tile: 3 consumer warpgroups (192 query rows)
+    variants.push_back({"pln-wg3", s9::launch_flash_fwd_sm90<T, kBucket, false, 128, 3>});
+    variants.push_back({"ovl-wg3", s9::launch_flash_fwd_sm90<T, kBucket, true, 128, 3>});
+  }
+  if constexpr (kBucket == 192) {  // a wider key tile (2 stages of 128 keys do not fit in smem)
+    variants.push_back({"ovl-n96", s9::launch_flash_fwd_sm90<T, kBucket, true, 96>});
+  }
+  for (const Variant& var : variants) {
+    auto launch = [&]() { return var.launch(p); };
+    const char* vname = var.name;
     if (check) {
       CK(cudaMemset(o, 0xFF, nq * sizeof(T)));  // NaN poison
       CK(cudaMemset(lse, 0xFF, (int64_t)b * hq * sq * sizeof(float)));
@@ -245,10 +256,13 @@ bool run_shape(const Shape& sh, int reps, bool check) {
 }
 
 bool run(const Shape& sh, int reps, bool check) {
-  if (sh.d == 64) return sh.fp16 ? run_shape<__half, 64>(sh, reps, check) : run_shape<__nv_bfloat16, 64>(sh, reps, check);
-  if (sh.d == 128) return sh.fp16 ? run_shape<__half, 128>(sh, reps, check) : run_shape<__nv_bfloat16, 128>(sh, reps, check);
-  if (sh.d == 256) return sh.fp16 ? run_shape<__half, 256>(sh, reps, check) : run_shape<__nv_bfloat16, 256>(sh, reps, check);
-  return false;
+  const int bucket = sh.d <= 64 ? 64 : sh.d <= 128 ? 128 : sh.d <= 192 ? 192 : 256;
+  switch (bucket) {
+    case 64: return sh.fp16 ? run_shape<__half, 64>(sh, reps, check) : run_shape<__nv_bfloat16, 64>(sh, reps, check);
+    case 128: return sh.fp16 ? run_shape<__half, 128>(sh, reps, check) : run_shape<__nv_bfloat16, 128>(sh, reps, check);
+    case 192: return sh.fp16 ? run_shape<__half, 192>(sh, reps, check) : run_shape<__nv_bfloat16, 192>(sh, reps, check);
+    default: return sh.fp16 ? run_shape<__half, 256>(sh, reps, check) : run_shape<__nv_bfloat16, 256>(sh, reps, check);
+  }
 }
 
 int main(int argc, char** argv) {
@@ -261,6 +275,10 @@ int main(int argc, char** argv) {
       {true, 128, true, 1, 4, 4, 2048},   {false, 128, true, 1, 2, 2, 77},   {false, 64, false, 2, 4, 2, 1000},
       {false, 64, true, 1, 4, 4, 1500},   {true, 64, true, 1, 2, 1, 513},    {false, 256, false, 1, 4, 2, 700},
       {false, 256, true, 1, 4, 4, 1025},  {true, 256, true, 1, 2, 2, 300},   {false, 128, false, 1, 16, 16, 8192},
+      // head dims below their bucket (zero-filled tile columns) and the d192 bucket
+      {false, 192, false, 2, 4, 2, 1000}, {true, 192, true, 1, 4, 4, 777},   {false, 96, true, 2, 4, 2, 1000},
+      {true, 96, false, 1, 2, 1, 513},    {false, 160, true, 1, 4, 4, 1025}, {false, 40, false, 2, 4, 4, 700},
+      {false, 200, true, 1, 2, 2, 300},
   };
   if (mode != "grid" && mode != "quick")
     for (const Shape& s : checks) fails += !run(s, 0, true);
@@ -271,6 +289,9 @@ int main(int argc, char** argv) {
       {false, 64, false, 2, 32, 32, 8192},  {false, 64, true, 2, 32, 32, 8192},   {true, 128, false, 2, 16, 16, 8192},
       {false, 256, false, 4, 8, 8, 4096},   {false, 256, true, 4, 8, 8, 4096},    {false, 128, false, 2, 16, 2, 8192},
       {false, 128, false, 32, 16, 16, 512}, {false, 128, true, 32, 16, 16, 512}, {false, 64, false, 16, 32, 32, 1024},
+      {false, 64, false, 8, 32, 32, 2048},  {false, 64, true, 8, 32, 32, 2048},
+      {false, 192, false, 4, 10, 10, 4096}, {false, 192, true, 4, 10, 10, 4096}, {false, 96, false, 2, 21, 21, 8192},
+      {false, 96, true, 2, 21, 21, 8192},   {false, 160, false, 4, 12, 12, 4096}, {false, 160, true, 4, 12, 12, 4096},
   };
   if (mode != "checks")
     for (const Shape& s : grid) fails += !run(s, mode == "quick" ? 5 : 20, false);

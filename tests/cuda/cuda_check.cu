@@ -10,7 +10,7 @@
 //                         also part of the full suite)
 //   cuda_check --dropout  only the dropout cases (incl. dropout's global row/col/head offsets)
 //   cuda_check --sm90     the suite twice: sm90 forward / backward where they apply, then ORCHARD_SM90=0
-//   cuda_check --sm90feat the cases of the suite at shapes the sm90 kernels take (bf16/fp16, d 64/128/256,
+//   cuda_check --sm90feat the cases of the suite at shapes the sm90 kernels take (bf16/fp16, d 33..256 / 8,
 //                         16-byte rows; plain and window / softcap / ALiBi), twice: ORCHARD_SM90=1, then 0;
 //                         counts the cases whose variant was cuda.*.sm90.*
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048); --bench-s S: its points at s = S only
@@ -805,8 +805,8 @@ std::vector<Case> dropout_offset_cases() {
   return v;
 }
 
-// Window / softcap / ALiBi at the shapes the sm90 kernels take (bf16/fp16, d 64/128/256,
-// 16-byte rows; the backward d 64/128, non-deterministic): several 128-row query tiles and
+// Window / softcap / ALiBi at the shapes the sm90 kernels take (bf16/fp16, forward d 33..256 in
+// multiples of 8, 16-byte rows; the backward d 64/128, non-deterministic): several 128-row query tiles and
 // key tiles (the forward's pipeline wraps; 192-key tiles at d128 from sk >= 4096), windows
 // that skip key tiles at both ends and leave rows, whole query tiles (CTAs) and key tiles
 // without a visible element, GQA, BHSD, both causal alignments. On other GPUs (or with
@@ -855,12 +855,29 @@ std::vector<Case> sm90_feature_suite() {
     c.softcap = 2.5f, c.alibi = 2;
     v.push_back(c);
   }
+  // Head dims the sm90 forward runs in a wider bucket (TMA zero-fills the columns past d; the
+  // epilogue writes d): 40 -> 64, 96 -> 128, 160 / 200 -> 192 / 256, and the d192 bucket itself.
+  v.push_back({"sm90-d96-long-causal", BF, 1, 4, 2, 700, 900, 96, true});
+  v.push_back(with_window({"sm90-win-d96", FP, 2, 2, 2, 500, 600, 96}, 80, 20));
+  v.push_back({"sm90-d192-long", BF, 1, 2, 1, 600, 700, 192});
+  v.push_back({"sm90-d192-causal-TL", FP, 1, 2, 2, 500, 300, 192, true, true});
+  v.push_back({"sm90-d160-causal-gqa", BF, 2, 4, 2, 400, 520, 160, true});
+  v.push_back({"sm90-d40", FP, 2, 2, 2, 300, 333, 40});
+  v.push_back({"sm90-d200-causal", BF, 1, 2, 2, 270, 300, 200, true});
+  {
+    Case c{"sm90-alibi-d192", FP, 1, 4, 2, 300, 400, 192};
+    c.alibi = 2;
+    v.push_back(c);
+    c = Case{"sm90-softcap-causal-d160", BF, 1, 2, 2, 330, 330, 160, true};
+    c.softcap = 3.f;
+    v.push_back(c);
+  }
   return v;
 }
 
 // Whether a case has a shape the sm90 kernels take (their dispatch decides per call).
 bool sm90_shape(const Case& c) {
-  return (c.dt == DType::kBFloat16 || c.dt == DType::kFloat16) && (c.d == 64 || c.d == 128 || c.d == 256) &&
+  return (c.dt == DType::kBFloat16 || c.dt == DType::kFloat16) && c.d > 32 && c.d <= 256 && c.d % 8 == 0 &&
          c.vd() == c.d && !c.varlen() && !c.sink && !c.bias && c.p == 0.f && !c.mask_out && c.pad == 0 &&
          c.off == 0 && c.sk > 0;
 }

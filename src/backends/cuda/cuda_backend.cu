@@ -121,7 +121,9 @@ bool sm90_fwd_applies(const FwdParams& p) {
   }();
   if (disabled) return false;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
-  if (value_dim(p) != p.d || (p.d != 64 && p.d != 128 && p.d != 256)) return false;
+  // Head dims 33..256 in multiples of 8 (16-byte rows), run in the bucket 64 / 128 / 192 / 256
+  // above d (sm90_fwd_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
+  if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
   // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers).
   if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.sink != nullptr ||
       p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
@@ -141,20 +143,27 @@ bool sm90_fwd_applies(const FwdParams& p) {
 #endif
 }
 
+// The sm90 forward's head-dim bucket for d in 33..256 (its kernels read and write the true d;
+// TMA zero-fills the tile columns past it).
+int sm90_fwd_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
+
 // Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 bool try_fwd_sm90(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_fwd_applies(p)) return false;
+  const int bucket = sm90_fwd_bucket(p.d);
   if (p.dtype == DType::kBFloat16) {
-    switch (p.d) {
+    switch (bucket) {
       case 64: return run_flash_fwd_sm90<__nv_bfloat16, 64>(p);
       case 128: return run_flash_fwd_sm90<__nv_bfloat16, 128>(p);
+      case 192: return run_flash_fwd_sm90<__nv_bfloat16, 192>(p);
       default: return run_flash_fwd_sm90<__nv_bfloat16, 256>(p);
     }
   }
-  switch (p.d) {
+  switch (bucket) {
     case 64: return run_flash_fwd_sm90<__half, 64>(p);
     case 128: return run_flash_fwd_sm90<__half, 128>(p);
+    case 192: return run_flash_fwd_sm90<__half, 192>(p);
     default: return run_flash_fwd_sm90<__half, 256>(p);
   }
 #else
@@ -225,13 +234,14 @@ std::string check_support(const FwdParams& p) {
 }
 
 std::string variant_name(const FwdParams& p, bool backward) {
-  std::string s = backward ? (sm90_bwd_applies(static_cast<const BwdParams&>(p)) ? "cuda.bwd.sm90." : "cuda.bwd.")
-                           : (sm90_fwd_applies(p) ? "cuda.fwd.sm90." : "cuda.fwd.");
+  const bool sm90 = backward ? sm90_bwd_applies(static_cast<const BwdParams&>(p)) : sm90_fwd_applies(p);
+  std::string s = backward ? (sm90 ? "cuda.bwd.sm90." : "cuda.bwd.") : (sm90 ? "cuda.fwd.sm90." : "cuda.fwd.");
   if (p.dtype == DType::kFloat32) {
     s += "fp32_simt";
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
-    s += ".d" + std::to_string(head_dim_bucket(std::max(p.d, value_dim(p))));
+    const int d = std::max(p.d, value_dim(p));
+    s += ".d" + std::to_string(sm90 ? sm90_fwd_bucket(d) : head_dim_bucket(d));
     if (backward) s += static_cast<const BwdParams&>(p).deterministic ? ".deterministic" : ".atomic_dq";
   }
   if (p.causal) s += ".causal";

@@ -14,7 +14,10 @@
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
 //
-// Supported: T = bf16 / fp16; d = 64, 128, 256 (d == d_v); scale > 0 (the running max is
+// Supported: T = bf16 / fp16; kD (the head-dim bucket) = 64, 128, 192, 256 and any run-time
+// d == d_v with d <= kD, d % 8 == 0: the tensor maps have the true width d, so TMA fills the
+// columns d..kD-1 of the Q / K / V tiles with zeros (QK^T and PV add nothing for them) and the
+// epilogue stores d columns; scale > 0 (the running max is
 // taken over the scores divided by the scale); causal (any causal_offset) or not;
 // GQA (kv head = q head / (hq / hkv)); BSHD/BHSD views with unit last stride and 16-byte
 // aligned rows (TMA: strides multiples of 16 bytes).
@@ -48,15 +51,17 @@
 
 namespace orchard::sm90 {
 
-// Keys per tile: 128 (d256: 64, registers for O); kBNv overrides it (bench experiments).
+// Keys per tile: 128 (d192 / d256: 64, registers for O); kBNv overrides it (bench experiments).
 template <int kD>
 constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
 
-template <int kD, int kBNv = default_block_n<kD>()>
+// kWG consumer warpgroups of 64 query rows each (2 or 3; 3 = FA3's 192-row tile at d64).
+template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2>
 struct FwdSm90Config {
-  static_assert(kD == 64 || kD == 128 || kD == 256, "sm90 forward: d in {64, 128, 256}");
+  static_assert(kD == 64 || kD == 128 || kD == 192 || kD == 256, "sm90 forward: d bucket in {64, 128, 192, 256}");
   static_assert(kBNv % 16 == 0 && kBNv <= 256, "sm90 forward: key tile");
-  static constexpr int kBM = 128;   // query rows per CTA (2 consumer WGs x 64)
+  static_assert(kWG == 2 || kWG == 3, "sm90 forward: 2 or 3 consumer warpgroups");
+  static constexpr int kBM = 64 * kWG;  // query rows per CTA
   static constexpr int kBN = kBNv;
   static constexpr int kChunks = kD / 64;           // 64-column (128-byte) swizzle chunks
   static constexpr int kStages = 2;
@@ -66,7 +71,11 @@ struct FwdSm90Config {
   static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + 128 + 1024;
-  static constexpr int kThreads = 384;
+  static constexpr int kThreads = 128 * (kWG + 1);
+  // setmaxnreg split (64K registers per SM): 24 + 2 x 240 warps' worth with 2 consumer WGs,
+  // 32 + 3 x 160 with 3 (the sums must not exceed the launch allocation: a hang otherwise).
+  static constexpr int kProducerRegs = kWG == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kWG == 2 ? 240 : 160;
 };
 
 __device__ __forceinline__ float ex2_approx(float x) {
@@ -156,13 +165,13 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
     for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
-template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv>
-__global__ void __launch_bounds__(384, 1)
+template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv, int kWG>
+__global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
                           const __grid_constant__ CUtensorMap tm_k,
                           const __grid_constant__ CUtensorMap tm_v, const FwdParams p,
                           int num_m_blocks) {
-  using Cfg = FwdSm90Config<kD, kBNv>;
+  using Cfg = FwdSm90Config<kD, kBNv, kWG>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -207,8 +216,8 @@ __global__ void __launch_bounds__(384, 1)
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
-      mbarrier_init(k_empty(s), 8);  // one arrival per consumer warp
-      mbarrier_init(v_empty(s), 8);
+      mbarrier_init(k_empty(s), 4 * kWG);  // one arrival per consumer warp
+      mbarrier_init(v_empty(s), 4 * kWG);
     }
     mbarrier_init_fence();
   }
@@ -216,7 +225,7 @@ __global__ void __launch_bounds__(384, 1)
 
   if (warp < 4) {
     // ---------------- producer ----------------
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<Cfg::kProducerRegs>();
     if (warp == 0 && elect_one_sync() && n_tiles > 0) {
       tma_prefetch_desc(&tm_q);
       tma_prefetch_desc(&tm_k);
@@ -243,8 +252,8 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     // ---------------- consumers ----------------
-    setmaxnreg_inc<240>();
-    const int wg = warp / 4 - 1;  // 0 or 1: query rows 64 wg .. 64 wg + 63 of the tile
+    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    const int wg = warp / 4 - 1;  // 0 .. kWG - 1: query rows 64 wg .. 64 wg + 63 of the tile
     const int wi = warp % 4;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
@@ -412,8 +421,9 @@ __global__ void __launch_bounds__(384, 1)
         T* orow = og + static_cast<int64_t>(row) * p.o_row_stride;
 #pragma unroll
         for (int j = 0; j < kD / 8; ++j)
-          *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-              pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+          if (8 * j < p.d)  // d below the bucket: columns d.. are the zero padding
+            *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+                pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
       }
     }
   }
@@ -421,18 +431,20 @@ __global__ void __launch_bounds__(384, 1)
 
 // Host launcher.  Returns false without launching when the tensor maps cannot be encoded
 // (the caller then falls back); launch errors are left to the caller's check.
-template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>()>
+template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>(), int kWG = 2>
 bool launch_flash_fwd_sm90(const FwdParams& p) {
-  using Cfg = FwdSm90Config<kD, kBNv>;
+  using Cfg = FwdSm90Config<kD, kBNv, kWG>;
+  if (p.d > kD || p.d % 8 != 0 || (p.d_v != 0 && p.d_v != p.d)) return false;
+  // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
   CUtensorMap tq, tk, tv;
-  if (!make_attn_map<T>(&tq, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
-      !make_attn_map<T>(&tk, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN) ||
-      !make_attn_map<T>(&tv, p.v, kD, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN))
+  if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
+      !make_attn_map<T>(&tk, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN) ||
+      !make_attn_map<T>(&tv, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN))
     return false;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   if (num_m_blocks == 0 || p.b == 0 || p.hq == 0) return true;
-  auto kernel = p.causal ? flash_fwd_sm90_kernel<T, kD, true, kOverlap, kBNv>
-                         : flash_fwd_sm90_kernel<T, kD, false, kOverlap, kBNv>;
+  auto kernel = p.causal ? flash_fwd_sm90_kernel<T, kD, true, kOverlap, kBNv, kWG>
+                         : flash_fwd_sm90_kernel<T, kD, false, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   dim3 grid(num_m_blocks, p.hq, p.b);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, num_m_blocks);

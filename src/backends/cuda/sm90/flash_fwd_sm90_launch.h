@@ -8,7 +8,8 @@
 namespace orchard::cuda {
 
 // Runs the forward on the sm90 kernel; false when the TMA descriptors could not be
-// encoded (the caller then runs the sm80 kernels).  T: __nv_bfloat16 / __half; kD: 64/128/256.
+// encoded (the caller then runs the sm80 kernels).  T: __nv_bfloat16 / __half; kD: the head-dim
+// bucket 64/128/192/256 (any d <= kD, d % 8 == 0, d == d_v).
 template <typename T, int kD>
 bool run_flash_fwd_sm90(const FwdParams& p);
 
