@@ -183,7 +183,7 @@ def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch)
     bwd = [ln for ln in lines if ln.startswith("BWD")]
     assert fwd and bwd, lines
     assert (".sm90." in fwd[0]) == sm90, fwd[0]
-    assert (".sm90." in bwd[0]) == (sm90 and d in (64, 128)), bwd[0]
+    assert (".sm90." in bwd[0]) == (sm90 and d <= 128), bwd[0]
 
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
                softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))

@@ -122,7 +122,7 @@ bool sm90_fwd_applies(const FwdParams& p) {
   if (disabled) return false;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   // Head dims 33..256 in multiples of 8 (16-byte rows), run in the bucket 64 / 128 / 192 / 256
-  // above d (sm90_fwd_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
+  // above d (sm90_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
   // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers).
   if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.sink != nullptr ||
@@ -143,15 +143,15 @@ bool sm90_fwd_applies(const FwdParams& p) {
 #endif
 }
 
-// The sm90 forward's head-dim bucket for d in 33..256 (its kernels read and write the true d;
+// The sm90 kernels' head-dim bucket for d in 33..256 (the backward takes 64 and 128) (its kernels read and write the true d;
 // TMA zero-fills the tile columns past it).
-int sm90_fwd_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
+int sm90_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
 
 // Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 bool try_fwd_sm90(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_fwd_applies(p)) return false;
-  const int bucket = sm90_fwd_bucket(p.d);
+  const int bucket = sm90_bucket(p.d);
   if (p.dtype == DType::kBFloat16) {
     switch (bucket) {
       case 64: return run_flash_fwd_sm90<__nv_bfloat16, 64>(p);
@@ -173,12 +173,13 @@ bool try_fwd_sm90(const FwdParams& p) {
 }
 
 // The Hopper backward (sm90/flash_bwd_sm90.cuh) where the forward's conditions hold (windows,
-// softcap and ALiBi included) and the call is one it covers: d == d_v in {64, 128}, unordered dQ
+// softcap and ALiBi included) and the call is one it covers: d == d_v in 33..128 (buckets 64 and
+// 128, as the forward's), unordered dQ
 // adds (deterministic mode runs the sm80 kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO
 // is read by TMA).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.deterministic || (p.d != 64 && p.d != 128)) return false;
+  if (p.deterministic || p.d > 128) return false;
   if (!sm90_fwd_applies(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);
@@ -194,9 +195,10 @@ bool sm90_bwd_applies(const BwdParams& p) {
 bool try_bwd_sm90(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_bwd_applies(p)) return false;
+  const bool d64 = sm90_bucket(p.d) == 64;
   if (p.dtype == DType::kBFloat16)
-    return p.d == 64 ? run_flash_bwd_sm90<__nv_bfloat16, 64>(p) : run_flash_bwd_sm90<__nv_bfloat16, 128>(p);
-  return p.d == 64 ? run_flash_bwd_sm90<__half, 64>(p) : run_flash_bwd_sm90<__half, 128>(p);
+    return d64 ? run_flash_bwd_sm90<__nv_bfloat16, 64>(p) : run_flash_bwd_sm90<__nv_bfloat16, 128>(p);
+  return d64 ? run_flash_bwd_sm90<__half, 64>(p) : run_flash_bwd_sm90<__half, 128>(p);
 #else
   (void)p;
   return false;
@@ -241,7 +243,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
     const int d = std::max(p.d, value_dim(p));
-    s += ".d" + std::to_string(sm90 ? sm90_fwd_bucket(d) : head_dim_bucket(d));
+    s += ".d" + std::to_string(sm90 ? sm90_bucket(d) : head_dim_bucket(d));
     if (backward) s += static_cast<const BwdParams&>(p).deterministic ? ".deterministic" : ".atomic_dq";
   }
   if (p.causal) s += ".causal";

@@ -30,7 +30,9 @@
 //                   bwd_convert_dq_kernel scales and converts it.
 //   dK (times the scale) and dV are stored from registers at the end (rows < sk).
 //
-// Supported: T = bf16 / fp16, d == d_v in {64, 128}, scale > 0, causal (any causal_offset:
+// Supported: T = bf16 / fp16, kD (the head-dim bucket) in {64, 128} with any run-time d == d_v,
+// d <= kD, d % 8 == 0 (the tensor maps have the true width, TMA zero-fills the columns past d;
+// dq_accum has d columns; dK / dV stores write d), scale > 0, causal (any causal_offset:
 // both alignments) or not, GQA / MQA, BSHD / BHSD views with unit last stride and 16-byte
 // strides (TMA).  Non-deterministic (atomic dQ) only.
 // Sliding window, softcap, ALiBi (params.h; the sm80 kernels' helpers, sm80/attention_tiles.cuh):
@@ -495,10 +497,13 @@ __global__ void __launch_bounds__(384, 1)
               p.dq_accum != nullptr
                   ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
                   : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
-                                                       cuda::dq_accum_cols(kD),
-                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(kD)};
+                                                       cuda::dq_accum_cols(p.d),
+                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(p.d)};
           float* slab = acc.base + h * acc.head_stride;
           const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
+          // dq_accum has the true d's columns (launch.h): with d below the bucket only this
+          // warp's first n_tiles column tiles exist (the rest of dq is the zero padding's).
+          const int n_tiles = min(Cfg::kDqN, p.d - col_base) / 8;
           if constexpr (kBulkDq) {
             // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
             // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
@@ -512,15 +517,16 @@ __global__ void __launch_bounds__(384, 1)
                            : "memory");
             fence_proxy_async_smem();
             __syncwarp();
-            if (lane == 0) {
-              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, kD, 0), stage_buf,
-                                  Cfg::kDqWarpBytes);
+            if (lane == 0 && n_tiles > 0) {
+              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, p.d, 0), stage_buf,
+                                  n_tiles * 512);  // 16 x 8 fp32 per tile
               tma_store_commit();
             }
           } else {
 #pragma unroll
             for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, kD, lane);
+              if (j >= n_tiles) break;
+              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, p.d, lane);
               atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
             }
           }
@@ -547,6 +553,7 @@ __global__ void __launch_bounds__(384, 1)
       T* vrow = dvg + static_cast<int64_t>(key) * p.dv_row_stride;
 #pragma unroll
       for (int j = 0; j < kD / 8; ++j) {
+        if (8 * j >= p.d) break;  // d below the bucket: the zero padding's columns
         *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
             pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
         *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
@@ -564,13 +571,16 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
   using Cfg = sm90::BwdSm90Config<kD>;
   static_assert(sizeof(sm90::BwdSm90Maps) <= sizeof(BwdSm90MapsStorage), "map storage");
   sm90::BwdSm90Maps* m = reinterpret_cast<sm90::BwdSm90Maps*>(out->bytes);
-  return sm90::make_attn_map<T>(&m->q, p.q, kD, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
+  // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1, which then add
+  // nothing to S^T, dP^T, dK, dV or dQ (and are not stored).
+  if (p.d > kD || p.d % 8 != 0 || value_dim(p) != p.d) return false;
+  return sm90::make_attn_map<T>(&m->q, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
                                Cfg::kBM) &&
-         sm90::make_attn_map<T>(&m->dout, p.dout, kD, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
+         sm90::make_attn_map<T>(&m->dout, p.dout, p.d, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
                                p.do_batch_stride, Cfg::kBM) &&
-         sm90::make_attn_map<T>(&m->k, p.k, kD, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
+         sm90::make_attn_map<T>(&m->k, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
                                Cfg::kBN) &&
-         sm90::make_attn_map<T>(&m->v, p.v, kD, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
+         sm90::make_attn_map<T>(&m->v, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
                                Cfg::kBN);
 }
 

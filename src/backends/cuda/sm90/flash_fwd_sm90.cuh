@@ -429,10 +429,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   }
 }
 
-// Host launcher.  Returns false without launching when the tensor maps cannot be encoded
-// (the caller then falls back); launch errors are left to the caller's check.
-template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>(), int kWG = 2>
-bool launch_flash_fwd_sm90(const FwdParams& p) {
+// Host launcher of the kCausal kernel.  Returns false without launching when the tensor maps
+// cannot be encoded (the caller then falls back); launch errors are left to the caller's check.
+template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_block_n<kD>(), int kWG = 2>
+bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG>;
   if (p.d > kD || p.d % 8 != 0 || (p.d_v != 0 && p.d_v != p.d)) return false;
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
@@ -443,12 +443,18 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
     return false;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   if (num_m_blocks == 0 || p.b == 0 || p.hq == 0) return true;
-  auto kernel = p.causal ? flash_fwd_sm90_kernel<T, kD, true, kOverlap, kBNv, kWG>
-                         : flash_fwd_sm90_kernel<T, kD, false, kOverlap, kBNv, kWG>;
+  auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   dim3 grid(num_m_blocks, p.hq, p.b);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, num_m_blocks);
   return true;
+}
+
+// Both kernels (causal and not) of one configuration.
+template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>(), int kWG = 2>
+bool launch_flash_fwd_sm90(const FwdParams& p) {
+  return p.causal ? launch_flash_fwd_sm90_one<T, kD, true, kOverlap, kBNv, kWG>(p)
+                  : launch_flash_fwd_sm90_one<T, kD, false, kOverlap, kBNv, kWG>(p);
 }
 
 }  // namespace orchard::sm90
@@ -459,16 +465,24 @@ namespace orchard::cuda {
 
 template <typename T, int kD>
 bool run_flash_fwd_sm90(const FwdParams& p) {
-  // Measured on the H200 (bench/NOTES.md, "sm90 attention forward"): the intra-warpgroup
-  // overlap gains 8-36 % at d128 / d256 and loses 10-15 % at d64 (short PV GEMMs), so d64
-  // runs the plain order; 192-key tiles gain 3-12 % at d128 from 8k keys on and lose at 2k
-  // and below (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys.
+  // Measured on the H200 (bench/NOTES.md, "sm90 attention forward"; sm90_attn_bench variants):
+  // - d64: 3 consumer warpgroups (192-row CTAs, FA3's d64 tile) in the plain order: +32 % /
+  //   +16 % (non-causal / causal, s8k) and +17 % / +12 % at s2k over 2 warpgroups (session 12);
+  //   the intra-warpgroup overlap is within 3 % either way there (it lost 10-15 % with 2 WGs);
+  // - d128: overlap; 192-key tiles gain 3-12 % from 8k keys on and lose at 2k and below
+  //   (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys;
+  // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64,
+  //   non-causal 64-key tiles (96 lost 10 % at d192), session 12;
+  // - d256: overlap, 64-key tiles (registers for O).
   bool launched;
   if constexpr (kD == 64) {
-    launched = sm90::launch_flash_fwd_sm90<T, 64, false>(p);
+    launched = sm90::launch_flash_fwd_sm90<T, 64, false, 128, 3>(p);
   } else if constexpr (kD == 128) {
     launched = p.sk >= 4096 ? sm90::launch_flash_fwd_sm90<T, 128, true, 192>(p)
                             : sm90::launch_flash_fwd_sm90<T, 128, true>(p);
+  } else if constexpr (kD == 192) {
+    launched = p.causal ? sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p)
+                        : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
   } else {
     launched = sm90::launch_flash_fwd_sm90<T, kD, true>(p);
   }
