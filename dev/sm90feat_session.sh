@@ -74,12 +74,14 @@ abi_same() {
     cmp -s "$f" "$BASE_SRC/$f" || { stamp "plain A/B skipped: $f differs from $BASE_SRC's"; return 1; }
   done
 }
+BASE_PIDS=()
 if [[ -d $BASE_SRC/src/backends/cuda/sm90 && -n $LIB ]] && abi_same; then  # base sm_90a kernel objects, in parallel
   mkdir -p /tmp/sm90base
   for f in "$BASE_SRC"/src/backends/cuda/sm90/flash_*_sm90_*_d*.cu; do
     nvcc -std=c++20 -I"$BASE_SRC/src" -I"$BASE_SRC/include" -DORCHARD_WITH_SM90=1 -gencode=arch=compute_90a,code=sm_90a \
       --expt-relaxed-constexpr -O3 -lineinfo -Xcompiler=-fPIC -c "$f" -o "/tmp/sm90base/$(basename "$f").o" \
       > "/tmp/sm90base/$(basename "$f").log" 2>&1 &
+    BASE_PIDS+=($!)
   done
 fi
 nvcc -std=c++20 -O2 -Isrc -Iinclude -gencode=arch=compute_90,code=sm_90 -Xcompiler=-fopenmp \
@@ -87,7 +89,7 @@ nvcc -std=c++20 -O2 -Isrc -Iinclude -gencode=arch=compute_90,code=sm_90 -Xcompil
   nvcc /tmp/cuda_check.o "$LIB" -o $CC -Xcompiler=-fopenmp -lgomp -lpthread -ldl -lrt >> "$L/cuda_check_build.log" 2>&1
 r=$?
 stamp "cuda_check linked against $LIB rc=$r"
-wait  # the base objects, if any
+((${#BASE_PIDS[@]})) && wait "${BASE_PIDS[@]}"  # the base objects, if any (not BG_CMD)
 CCB=""
 if ls /tmp/sm90base/*.o > /dev/null 2>&1 && [[ -f /tmp/cuda_check.o ]]; then
   # Same library, the 10 sm_90a kernel members replaced (ar r replaces members of the same name).
