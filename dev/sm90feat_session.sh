@@ -16,7 +16,8 @@
 #   5. pytest: test_cuda.py -k sm90_shape (asserts the sm90 variant on this card) and the
 #      CUDA feature cases of test_features.py, if time is left (SKIP_PYTEST=1: skipped;
 #      SKIP_CHECK=1 skips steps 3 and 4: a timing-only call after a verified one; SKIP_BENCH=1
-#      skips step 6; BG_CMD runs a GPU job of its own during the build, waited for before step 3);
+#      skips step 6; BG_CMD runs a GPU job of its own during the build, waited for before step 3;
+#      CHECK_MODE=--sm90feat-pass runs step 3's default-dispatch pass only; AB_ROUNDS: step 7's, 2);
 #   6. the timing table (nothing else on the GPU meanwhile): window / softcap / ALiBi / plain,
 #      fwd and fwd+bwd, orchard sm90 vs FlexAttention vs SDPA, then orchard sm80
 #      (ORCHARD_SM90=0) in a child process;
@@ -123,9 +124,9 @@ fi
 if [[ -n ${SKIP_CHECK:-} ]]; then
   stamp "correctness steps skipped (SKIP_CHECK)"
 elif [[ -x $CC ]]; then
-  timeout 200 $CC --sm90feat > "$L/check.log" 2>&1
+  timeout 200 $CC ${CHECK_MODE:---sm90feat} > "$L/check.log" 2>&1
   r=$?
-  stamp "cuda_check --sm90feat rc=$r"
+  stamp "cuda_check ${CHECK_MODE:---sm90feat} rc=$r"
   grep -E "^ORCHARD_SM90=|cases passed" "$L/check.log" | tee -a "$OUT/summary.txt"
   grep -B12 "=> FAIL" "$L/check.log" | grep -E "^\[|variant|FAIL|NaN" | head -40 | tee -a "$OUT/summary.txt"
   snap
@@ -165,7 +166,7 @@ fi
 
 # ---- 7. plain sm90 path: this branch vs the base tree, same run, alternating ----
 if [[ -n $CCB && -x $CC ]]; then
-  for round in 1 2; do
+  for round in $(seq 1 "${AB_ROUNDS:-2}"); do
     for who in new base; do
       (($(left) > 40)) || break 2
       bin=$CC; [[ $who == base ]] && bin=$CCB

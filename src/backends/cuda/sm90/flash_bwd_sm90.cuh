@@ -168,11 +168,15 @@ __device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, i
 // kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
 // step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
 // kFeatures: window / softcap / ALiBi compiled in (the header says why it is a template flag).
-template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures>
+// kPaddedD: d < kD (the true d's dq_accum columns and dK / dV stores); a template flag because the
+// run-time form cost the d == kD kernels registers (d128: 8-12 B more spills, causal fwd+bwd
+// -5 % on the H200, session 12), so those compile to the same code as before it.
+template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures, bool kPaddedD>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
   using Cfg = BwdSm90Config<kD>;
+  const int d_cols = kPaddedD ? p.d : kD;  // columns of dq_accum, dK and dV
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
   // setmaxnreg moves registers inside the CTA's launch allocation (384 x 168 = 64512): 128 x 24
   // + 256 x 240 = 64512.  A larger sum never completes (the consumers' inc waits forever:
@@ -497,13 +501,13 @@ __global__ void __launch_bounds__(384, 1)
               p.dq_accum != nullptr
                   ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
                   : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
-                                                       cuda::dq_accum_cols(p.d),
-                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(p.d)};
+                                                       cuda::dq_accum_cols(d_cols),
+                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(d_cols)};
           float* slab = acc.base + h * acc.head_stride;
           const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
           // dq_accum has the true d's columns (launch.h): with d below the bucket only this
           // warp's first n_tiles column tiles exist (the rest of dq is the zero padding's).
-          const int n_tiles = min(Cfg::kDqN, p.d - col_base) / 8;
+          const int n_tiles = kPaddedD ? min(Cfg::kDqN, d_cols - col_base) / 8 : Cfg::kDqN / 8;
           if constexpr (kBulkDq) {
             // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
             // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
@@ -518,7 +522,7 @@ __global__ void __launch_bounds__(384, 1)
             fence_proxy_async_smem();
             __syncwarp();
             if (lane == 0 && n_tiles > 0) {
-              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, p.d, 0), stage_buf,
+              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
                                   n_tiles * 512);  // 16 x 8 fp32 per tile
               tma_store_commit();
             }
@@ -526,7 +530,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
             for (int j = 0; j < Cfg::kDqN / 8; ++j) {
               if (j >= n_tiles) break;
-              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, p.d, lane);
+              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, d_cols, lane);
               atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
             }
           }
@@ -553,7 +557,7 @@ __global__ void __launch_bounds__(384, 1)
       T* vrow = dvg + static_cast<int64_t>(key) * p.dv_row_stride;
 #pragma unroll
       for (int j = 0; j < kD / 8; ++j) {
-        if (8 * j >= p.d) break;  // d below the bucket: the zero padding's columns
+        if (8 * j >= d_cols) break;  // d below the bucket: the zero padding's columns
         *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
             pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
         *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
@@ -592,14 +596,18 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (grid == 0) return;
   // Score modifiers run the kFeatures kernels, with bulk dQ only: the atomic-dQ variant (a
-  // bench A/B) has no feature instantiation.
-  auto kernel = cuda::score_mods_active(p)
-                    ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true>
-                                : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true>)
-                : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false>
-                                      : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false>)
-                           : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false>
-                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false>);
+  // bench A/B) has no feature instantiation.  A d below the bucket runs the kPaddedD kernels,
+  // which are also the kFeatures ones (bulk dQ; no features active = the plain math with its
+  // run-time branches): two kernels instead of four.
+  auto kernel = p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
+                : cuda::score_mods_active(p)
+                    ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
+                                : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
+                : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false, false>)
+                           : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>
+                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
