@@ -16,6 +16,25 @@ def _qkv(dtype=torch.bfloat16, b=2, s=256, h=8, hkv=8, d=64, requires_grad=True)
     return mk(h), mk(hkv), mk(hkv)
 
 
+def test_first_call_on_a_fresh_thread_runs_its_kernel(capfd):
+    """A thread whose first CUDA work is an Orchard call (torch's autograd engine runs every
+    backward on such a worker thread) has no current driver context yet: the sm90 kernels'
+    TMA descriptors must still encode there (they once failed with CUDA_ERROR_INVALID_CONTEXT
+    and the call fell back to the sm80 kernels, printing 'tma_host: ... failed')."""
+    import threading
+    q, k, v = _qkv(requires_grad=False)
+    ref = orchard.flash_attn_func(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    capfd.readouterr()
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("out", orchard.flash_attn_func(q, k, v, causal=True)))
+    worker.start()
+    worker.join()
+    torch.cuda.synchronize()
+    assert "tma_host" not in capfd.readouterr().err
+    torch.testing.assert_close(result["out"], ref, atol=0, rtol=0)
+
+
 def test_runs_on_current_stream():
     q, k, v = _qkv(requires_grad=False)
     ref = orchard.flash_attn_func(q, k, v, causal=True)

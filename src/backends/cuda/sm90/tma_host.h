@@ -35,6 +35,31 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encode_tiled_fn() {
   return fn;
 }
 
+// cuTensorMapEncodeTiled is a driver call: it needs a current context on the calling thread,
+// which the runtime makes current only at the thread's first runtime call that needs one.  The
+// first backward that torch's autograd engine runs on its own worker thread may come before any
+// (c10 skips cudaSetDevice when the device index already matches), and the encode then failed
+// with CUDA_ERROR_INVALID_CONTEXT (compute-sanitizer on the H200, session 12), sending that call
+// to the sm80 kernels.  cudaSetDevice makes the device's primary context current (CUDA >= 12);
+// cuCtxGetCurrent (a thread-local read) keeps it off the path of every other call.
+inline void ensure_context_current() {
+  static PFN_cuCtxGetCurrent_v4000 get_current = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &p, 4000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuCtxGetCurrent", &p, cudaEnableDefault, &q);
+#endif
+    return e == cudaSuccess && q == cudaDriverEntryPointSuccess ? reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(p)
+                                                                : nullptr;
+  }();
+  CUcontext ctx = nullptr;
+  if (get_current != nullptr && get_current(&ctx) == CUDA_SUCCESS && ctx != nullptr) return;
+  int dev = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaSetDevice(dev);
+}
+
 // Row-major [rows x cols] matrix of 2-byte elements, leading dimension `ld` (elements).
 // Box = box_rows x box_cols; with SWIZZLE_128B, box_cols * 2 must be 128 (one swizzle row).
 // Returns false (and prints the CUresult) on failure.
@@ -45,6 +70,7 @@ inline bool make_tma_2d(CUtensorMap* map, CUtensorMapDataType dtype, const void*
                         CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
   auto fn = tensor_map_encode_tiled_fn();
   if (!fn) return false;
+  ensure_context_current();
   const uint64_t elem = 2;
   cuuint64_t dims[2] = {cols, rows};          // innermost first
   cuuint64_t strides[1] = {ld * elem};        // bytes, for dims 1..rank-1; multiple of 16
@@ -71,6 +97,7 @@ inline bool make_tma_4d(CUtensorMap* map, CUtensorMapDataType dtype, const void*
                         CUtensorMapL2promotion l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
   auto fn = tensor_map_encode_tiled_fn();
   if (!fn) return false;
+  ensure_context_current();
   cuuint64_t d[4] = {dims[0], dims[1], dims[2], dims[3]};
   cuuint64_t st[3] = {byte_strides[0], byte_strides[1], byte_strides[2]};
   cuuint32_t bx[4] = {box[0], box[1], box[2], box[3]};
