@@ -17,7 +17,8 @@
 #      CUDA feature cases of test_features.py, if time is left (SKIP_PYTEST=1: skipped;
 #      SKIP_CHECK=1 skips steps 3 and 4: a timing-only call after a verified one; SKIP_BENCH=1
 #      skips step 6; BG_CMD runs a GPU job of its own during the build, waited for before step 3;
-#      CHECK_MODE=--sm90feat-pass runs step 3's default-dispatch pass only; AB_ROUNDS: step 7's, 2);
+#      CHECK_MODE=--sm90feat-pass runs step 3's default-dispatch pass only; AB_ROUNDS: step 7's, 2;
+#      AB_S: step 7's sequence length, 8192);
 #   6. the timing table (nothing else on the GPU meanwhile): window / softcap / ALiBi / plain,
 #      fwd and fwd+bwd, orchard sm90 vs FlexAttention vs SDPA, then orchard sm80
 #      (ORCHARD_SM90=0) in a child process;
@@ -170,7 +171,7 @@ if [[ -n $CCB && -x $CC ]]; then
     for who in new base; do
       (($(left) > 40)) || break 2
       bin=$CC; [[ $who == base ]] && bin=$CCB
-      timeout 60 $bin --bench-s 8192 > "$L/plain_ab_${who}_$round.log" 2>&1
+      timeout 60 $bin --bench-s "${AB_S:-8192}" > "$L/plain_ab_${who}_$round.log" 2>&1
       stamp "plain A/B $who round $round rc=$?"
       grep -E "^ +(64|128) " "$L/plain_ab_${who}_$round.log" | tee -a "$OUT/summary.txt"
     done
