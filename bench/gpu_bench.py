@@ -180,10 +180,7 @@ def main() -> int:
 
     # Per-call latency at a small shape (b=2, h=4, s=64, d=64).
     lat = {}
-    if args.no_extras:
-        impls_extra = []
-    else:
-        impls_extra = impls
+    impls_extra = [] if args.no_extras else impls
     q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for name in impls_extra:
         try:

@@ -256,8 +256,7 @@ bool run_shape(const Shape& sh, int reps, bool check) {
 }
 
 bool run(const Shape& sh, int reps, bool check) {
-  const int bucket = sh.d <= 64 ? 64 : sh.d <= 128 ? 128 : sh.d <= 192 ? 192 : 256;
-  switch (bucket) {
+  switch (orchard::cuda::sm90_head_dim_bucket(sh.d)) {
     case 64: return sh.fp16 ? run_shape<__half, 64>(sh, reps, check) : run_shape<__nv_bfloat16, 64>(sh, reps, check);
     case 128: return sh.fp16 ? run_shape<__half, 128>(sh, reps, check) : run_shape<__nv_bfloat16, 128>(sh, reps, check);
     case 192: return sh.fp16 ? run_shape<__half, 192>(sh, reps, check) : run_shape<__nv_bfloat16, 192>(sh, reps, check);

@@ -806,7 +806,7 @@ std::vector<Case> dropout_offset_cases() {
 }
 
 // Window / softcap / ALiBi at the shapes the sm90 kernels take (bf16/fp16, forward d 33..256 in
-// multiples of 8, 16-byte rows; the backward d 64/128, non-deterministic): several 128-row query tiles and
+// multiples of 8, 16-byte rows; the backward d 33..128, non-deterministic): several 128-row query tiles and
 // key tiles (the forward's pipeline wraps; 192-key tiles at d128 from sk >= 4096), windows
 // that skip key tiles at both ends and leave rows, whole query tiles (CTAs) and key tiles
 // without a visible element, GQA, BHSD, both causal alignments. On other GPUs (or with

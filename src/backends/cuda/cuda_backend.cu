@@ -122,7 +122,7 @@ bool sm90_fwd_applies(const FwdParams& p) {
   if (disabled) return false;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   // Head dims 33..256 in multiples of 8 (16-byte rows), run in the bucket 64 / 128 / 192 / 256
-  // above d (sm90_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
+  // above d (sm90_head_dim_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
   // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers).
   if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.attn_bias != nullptr || p.sink != nullptr ||
@@ -143,15 +143,11 @@ bool sm90_fwd_applies(const FwdParams& p) {
 #endif
 }
 
-// The sm90 kernels' head-dim bucket for d in 33..256 (the backward takes 64 and 128) (its kernels read and write the true d;
-// TMA zero-fills the tile columns past it).
-int sm90_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
-
 // Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 bool try_fwd_sm90(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_fwd_applies(p)) return false;
-  const int bucket = sm90_bucket(p.d);
+  const int bucket = sm90_head_dim_bucket(p.d);
   if (p.dtype == DType::kBFloat16) {
     switch (bucket) {
       case 64: return run_flash_fwd_sm90<__nv_bfloat16, 64>(p);
@@ -195,7 +191,7 @@ bool sm90_bwd_applies(const BwdParams& p) {
 bool try_bwd_sm90(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_bwd_applies(p)) return false;
-  const bool d64 = sm90_bucket(p.d) == 64;
+  const bool d64 = sm90_head_dim_bucket(p.d) == 64;
   if (p.dtype == DType::kBFloat16)
     return d64 ? run_flash_bwd_sm90<__nv_bfloat16, 64>(p) : run_flash_bwd_sm90<__nv_bfloat16, 128>(p);
   return d64 ? run_flash_bwd_sm90<__half, 64>(p) : run_flash_bwd_sm90<__half, 128>(p);
@@ -243,7 +239,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
     const int d = std::max(p.d, value_dim(p));
-    s += ".d" + std::to_string(sm90 ? sm90_bucket(d) : head_dim_bucket(d));
+    s += ".d" + std::to_string(sm90 ? sm90_head_dim_bucket(d) : head_dim_bucket(d));
     if (backward) s += static_cast<const BwdParams&>(p).deterministic ? ".deterministic" : ".atomic_dq";
   }
   if (p.causal) s += ".causal";

@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
 template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_block_n<kD>(), int kWG = 2>
 bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG>;
-  if (p.d > kD || p.d % 8 != 0 || (p.d_v != 0 && p.d_v != p.d)) return false;
+  if (p.d > kD || p.d % 8 != 0 || cuda::value_dim(p) != p.d) return false;
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
   CUtensorMap tq, tk, tv;
   if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
