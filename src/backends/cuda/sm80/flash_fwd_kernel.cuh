@@ -54,10 +54,15 @@ namespace orchard::cuda {
 // Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
 // skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
 // d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
-template <int kD>
+template <int kD, bool kBias = false>
 struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
-  static constexpr int kNWarps = 4;
+  // d192 without attn_bias: 8 warps x 16 rows = 128 query rows (FA2's d192 forward tile), so
+  // each K/V tile feeds twice the rows of the 4-warp CTA. H200, session 13 (ORCHARD_SM90=0,
+  // same run as SDPA flash): forward 0.86-0.92x FA2, from 0.66-0.78x with 4 warps (session 9).
+  // With attn_bias the 8-warp CTA would need Q 51 KB + K/V 102 KB + 64 KB of bias tiles =
+  // 217 KB, over an A100's 164 KB opt-in limit, so the bias kernels keep 4 warps (160 KB).
+  static constexpr int kNWarps = !kBias && kD > 160 && kD <= 192 ? 8 : 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
   // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
@@ -82,9 +87,9 @@ struct FwdConfig {
 // (causal d128: 32 B st / 52 B ld; sm_90), and moving the bias code only moved the
 // spill to another variant (7 placements tried). kBias = false: the pre-bias code.
 template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false>
-__global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
+__global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
     flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec) {
-  using Cfg = FwdConfig<kD>;
+  using Cfg = FwdConfig<kD, kBias>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
   constexpr int kNT = kBN / 8;      // n8 tiles of S
@@ -475,20 +480,25 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kNWarps * 32)
   }
 }
 
-template <typename T, int kD, bool kCausal, bool kDropout>
-void launch_flash_fwd(const FwdParams& p) {
-  using Cfg = FwdConfig<kD>;
-  auto kernel = p.attn_bias != nullptr ? flash_fwd_kernel<T, kD, kCausal, kDropout, true>
-                                       : flash_fwd_kernel<T, kD, kCausal, kDropout, false>;
+template <typename T, int kD, bool kCausal, bool kDropout, bool kBias>
+void launch_flash_fwd_kernel(const FwdParams& p) {
+  using Cfg = FwdConfig<kD, kBias>;
+  auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout, kBias>;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
   if (grid == 0) return;
   // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy).
-  const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
+  const int smem = Cfg::kSmemBytes + (kBias ? Cfg::kBiasBytes : 0);
   set_max_dynamic_smem(kernel, smem);  // once per (kernel, device): launch.h
   kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(
       p, num_m_blocks, fwd_vec16(p));
   check_launch("flash_fwd_kernel");
+}
+
+template <typename T, int kD, bool kCausal, bool kDropout>
+void launch_flash_fwd(const FwdParams& p) {
+  if (p.attn_bias != nullptr) launch_flash_fwd_kernel<T, kD, kCausal, kDropout, true>(p);
+  else launch_flash_fwd_kernel<T, kD, kCausal, kDropout, false>(p);
 }
 
 template <typename T, int kD>
