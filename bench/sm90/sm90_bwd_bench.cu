@@ -25,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "backends/cuda/sm90/flash_bwd_sm90.cuh"
+#include "backends/cuda/sm90/flash_bwd_sm90_host.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_run.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90.cuh"
 #include "bench_util.cuh"

@@ -108,7 +108,7 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_training_shape_tolerance(dtype, d, causal):
     q, k, v = _qkv(dtype=dtype, b=2, s=512, h=8, hkv=2, d=d)
@@ -165,8 +165,11 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
 # contiguous BSHD (16-byte rows), several 128-row query tiles and key tiles, windows that skip
 # key tiles and leave rows empty. Checked against the float64 reference on any GPU; on compute
 # capability 9.0 with 90 in the build's archs, the debug log must also name the sm90 forward
-# (and the sm90 backward at d <= 128), so a dispatch that silently falls back fails here.
+# and the sm90 backward (above d 128 only for the no_mods cases: the d192 / d256
+# backward kernel has no score modifiers), so a dispatch that silently falls back fails here.
 SM90_FEATURES = {
+    "no_mods": dict(),
+    "no_mods_causal": dict(causal=True),
     "window": dict(window_size=(96, 32)),
     "window_causal": dict(causal=True, window_size=(160, 0)),
     "window_empty_rows": dict(window_size=(8, 4)),  # sq > sk, bottom-right: the first ~sq - sk rows see nothing
@@ -202,7 +205,8 @@ def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch)
     bwd = [ln for ln in lines if ln.startswith("BWD")]
     assert fwd and bwd, lines
     assert (".sm90." in fwd[0]) == sm90, fwd[0]
-    assert (".sm90." in bwd[0]) == (sm90 and d <= 128), bwd[0]
+    modified = any(key in kw for key in ("window_size", "softcap", "alibi_slopes"))
+    assert (".sm90." in bwd[0]) == (sm90 and (d <= 128 or not modified)), bwd[0]
 
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
                softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))

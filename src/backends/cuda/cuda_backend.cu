@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/sm80/attention_tiles.cuh"  // score_mods_active (sm90_bwd_applies)
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "core/backend.h"
@@ -168,14 +169,14 @@ bool try_fwd_sm90(const FwdParams& p) {
 #endif
 }
 
-// The Hopper backward (sm90/flash_bwd_sm90.cuh) where the forward's conditions hold (windows,
-// softcap and ALiBi included) and the call is one it covers: d == d_v in 33..128 (buckets 64 and
-// 128, as the forward's), unordered dQ
-// adds (deterministic mode runs the sm80 kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO
-// is read by TMA).
+// The Hopper backward where the forward's conditions hold and the call is one it covers: d == d_v
+// in 33..256 (the forward's buckets: flash_bwd_sm90.cuh for 64 / 128 with windows, softcap and
+// ALiBi; flash_bwd_sm90_wide.cuh for 192 / 256 without them), unordered dQ adds (deterministic
+// mode runs the sm80 kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.deterministic || p.d > 128) return false;
+  if (p.deterministic) return false;
+  if (p.d > 128 && score_mods_active(p)) return false;
   if (!sm90_fwd_applies(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);
@@ -191,10 +192,16 @@ bool sm90_bwd_applies(const BwdParams& p) {
 bool try_bwd_sm90(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_bwd_applies(p)) return false;
-  const bool d64 = sm90_head_dim_bucket(p.d) == 64;
-  if (p.dtype == DType::kBFloat16)
-    return d64 ? run_flash_bwd_sm90<__nv_bfloat16, 64>(p) : run_flash_bwd_sm90<__nv_bfloat16, 128>(p);
-  return d64 ? run_flash_bwd_sm90<__half, 64>(p) : run_flash_bwd_sm90<__half, 128>(p);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    switch (sm90_head_dim_bucket(p.d)) {
+      case 64: return run_flash_bwd_sm90<T, 64>(p);
+      case 128: return run_flash_bwd_sm90<T, 128>(p);
+      case 192: return run_flash_bwd_sm90<T, 192>(p);
+      default: return run_flash_bwd_sm90<T, 256>(p);
+    }
+  };
+  return p.dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
 #else
   (void)p;
   return false;

@@ -165,6 +165,74 @@ __device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, i
   return {m_begin, m_end - m_begin};
 }
 
+// Shared memory a backward CTA's producer fills (both kernels: flash_bwd_sm90_wide.cuh too).
+struct BwdSm90Stage {
+  uint32_t k, v, q, dout;  // K / V tiles, Q / dO stage rings (Cfg::kStages x Cfg::kQBytes)
+  uint32_t bars;           // kv_full, full[kStages], empty[kStages] (8 bytes each)
+  float* lse;              // [kStages][kBM], log2 units
+  float* d;                // [kStages][kBM]
+};
+
+// The producer warp (warp 8): K and V of key tile n0 once (TMA), then per step (query tile of
+// tr, q head of the GQA group) Q and dO by TMA into the 2-stage ring plus the tile's LSE (log2
+// units; +inf for rows past sq / rows that see no key) and D (0 past sq) written by its 32
+// lanes.  Barriers: kv_full at bars, full(s) at bars + 8 + 8 s (32 arrivals + the TMA's tx),
+// empty(s) at bars + 24 + 8 s (one arrival per consumer warp).
+template <typename Cfg>
+__device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const BwdParams& p, const float* dsum,
+                                                 const BwdSm90Stage& sm, int b, int hk, int group, int n0,
+                                                 BwdTileRange tr, int lane) {
+  constexpr int kBM = Cfg::kBM, kChunks = Cfg::kChunks;
+  const int sq = p.sq;
+  const uint32_t kv_full = sm.bars;
+  auto full = [&](int s) { return sm.bars + 8 + 8 * s; };
+  auto empty = [&](int s) { return sm.bars + 24 + 8 * s; };
+  const int n_iters = tr.n_m * group;
+  const float log2e = 1.4426950408889634f;
+  if (lane == 0) {
+    tma_prefetch_desc(&maps.q);
+    tma_prefetch_desc(&maps.dout);
+    mbarrier_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      tma_load_4d(sm.k + c * Cfg::kKVChunkBytes, &maps.k, kv_full, 64 * c, n0, hk, b);
+      tma_load_4d(sm.v + c * Cfg::kKVChunkBytes, &maps.v, kv_full, 64 * c, n0, hk, b);
+    }
+  }
+  for (int it = 0; it < n_iters; ++it) {
+    const int h = hk * group + it / tr.n_m;
+    const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
+    const int s = it % Cfg::kStages;
+    const uint32_t ph = (it / Cfg::kStages) & 1;
+    mbarrier_wait(empty(s), ph ^ 1);
+    const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+    const float* d_g = dsum + (static_cast<int64_t>(b) * p.hq + h) * sq;
+#pragma unroll
+    for (int r = lane; r < kBM; r += 32) {
+      const int row = m0 + r;
+      float l = INFINITY, dd = 0.f;
+      if (row < sq) {
+        l = lse_g[row];
+        // A row that sees no key (LSE -inf): P must be 0, not exp2(+inf).
+        l = l == -INFINITY ? INFINITY : l * log2e;
+        dd = d_g[row];
+      }
+      sm.lse[s * kBM + r] = l;
+      sm.d[s * kBM + r] = dd;
+    }
+    if (lane == 0) {
+      mbarrier_arrive_expect_tx(full(s), 2 * Cfg::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        tma_load_4d(sm.q + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.q, full(s), 64 * c, m0, h, b);
+        tma_load_4d(sm.dout + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.dout, full(s), 64 * c, m0, h, b);
+      }
+    } else {
+      mbarrier_arrive(full(s));
+    }
+  }
+}
+
 // kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
 // step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
 // kFeatures: window / softcap / ALiBi compiled in (the header says why it is a template flag).
@@ -234,51 +302,8 @@ __global__ void __launch_bounds__(384, 1)
   if (warp >= 8) {
     // ---------------- producer ----------------
     setmaxnreg_dec<kProducerRegs>();
-    if (warp == 8 && n_iters > 0) {
-      const float log2e = 1.4426950408889634f;
-      if (lane == 0) {
-        tma_prefetch_desc(&maps.q);
-        tma_prefetch_desc(&maps.dout);
-        mbarrier_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c) {
-          tma_load_4d(sK + c * Cfg::kKVChunkBytes, &maps.k, kv_full, 64 * c, n0, hk, b);
-          tma_load_4d(sV + c * Cfg::kKVChunkBytes, &maps.v, kv_full, 64 * c, n0, hk, b);
-        }
-      }
-      for (int it = 0; it < n_iters; ++it) {
-        const int h = hk * group + it / tr.n_m;
-        const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
-        const int s = it % Cfg::kStages;
-        const uint32_t ph = (it / Cfg::kStages) & 1;
-        mbarrier_wait(empty(s), ph ^ 1);
-        const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
-        const float* d_g = dsum + (static_cast<int64_t>(b) * p.hq + h) * sq;
-#pragma unroll
-        for (int r = lane; r < kBM; r += 32) {
-          const int row = m0 + r;
-          float l = INFINITY, dd = 0.f;
-          if (row < sq) {
-            l = lse_g[row];
-            // A row that sees no key (LSE -inf): P must be 0, not exp2(+inf).
-            l = l == -INFINITY ? INFINITY : l * log2e;
-            dd = d_g[row];
-          }
-          lse_s[s * kBM + r] = l;
-          d_s[s * kBM + r] = dd;
-        }
-        if (lane == 0) {
-          mbarrier_arrive_expect_tx(full(s), 2 * Cfg::kQBytes);
-#pragma unroll
-          for (int c = 0; c < kChunks; ++c) {
-            tma_load_4d(sQ + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.q, full(s), 64 * c, m0, h, b);
-            tma_load_4d(sDo + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.dout, full(s), 64 * c, m0, h, b);
-          }
-        } else {
-          mbarrier_arrive(full(s));
-        }
-      }
-    }
+    if (warp == 8 && n_iters > 0)
+      bwd_sm90_produce<Cfg>(maps, p, dsum, BwdSm90Stage{sK, sV, sQ, sDo, bars, lse_s, d_s}, b, hk, group, n0, tr, lane);
   } else {
     // ---------------- consumers ----------------
     setmaxnreg_inc<kConsumerRegs>();
@@ -567,52 +592,3 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 }  // namespace orchard::sm90
-
-namespace orchard::cuda {
-
-template <typename T, int kD>
-bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
-  using Cfg = sm90::BwdSm90Config<kD>;
-  static_assert(sizeof(sm90::BwdSm90Maps) <= sizeof(BwdSm90MapsStorage), "map storage");
-  sm90::BwdSm90Maps* m = reinterpret_cast<sm90::BwdSm90Maps*>(out->bytes);
-  // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1, which then add
-  // nothing to S^T, dP^T, dK, dV or dQ (and are not stored).
-  if (p.d > kD || p.d % 8 != 0 || value_dim(p) != p.d) return false;
-  return sm90::make_attn_map<T>(&m->q, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
-                               Cfg::kBM) &&
-         sm90::make_attn_map<T>(&m->dout, p.dout, p.d, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
-                               p.do_batch_stride, Cfg::kBM) &&
-         sm90::make_attn_map<T>(&m->k, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
-                               Cfg::kBN) &&
-         sm90::make_attn_map<T>(&m->v, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
-                               Cfg::kBN);
-}
-
-template <typename T, int kD>
-void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
-                                float* dq_accum, bool bulk_dq) {
-  using Cfg = sm90::BwdSm90Config<kD>;
-  const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
-  if (grid == 0) return;
-  // Score modifiers run the kFeatures kernels, with bulk dQ only: the atomic-dQ variant (a
-  // bench A/B) has no feature instantiation.  A d below the bucket runs the kPaddedD kernels,
-  // which are also the kFeatures ones (bulk dQ; no features active = the plain math with its
-  // run-time branches): two kernels instead of four.
-  auto kernel = p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
-                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
-                : cuda::score_mods_active(p)
-                    ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
-                                : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
-                : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
-                                      : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false, false>)
-                           : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>
-                                      : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false, false>);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
-      m, p, dsum, dq_accum, nb, causal_head_group(p));
-  check_launch("flash_bwd_sm90_kernel");
-}
-
-}  // namespace orchard::cuda

@@ -1,6 +1,6 @@
 // sm_90a backward main kernel instantiation (causal and not); compiled only with
 // -gencode=arch=compute_90a,code=sm_90a (sources.cmake: orchard_add_sm90).
-#include "backends/cuda/sm90/flash_bwd_sm90.cuh"
+#include "backends/cuda/sm90/flash_bwd_sm90_host.cuh"
 
 namespace orchard::cuda {
 template bool encode_flash_bwd_sm90<__half, 64>(const BwdParams&, BwdSm90MapsStorage*);

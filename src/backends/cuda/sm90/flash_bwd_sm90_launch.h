@@ -1,5 +1,6 @@
 // The sm_90a backward's entry points as the CUDA backend sees them (no device code here).
-// The main kernel (flash_bwd_sm90.cuh) is defined in flash_bwd_sm90_<dtype>_d<d>.cu, compiled
+// The main kernels (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh above; their host
+// side in flash_bwd_sm90_host.cuh) are defined in flash_bwd_sm90_<dtype>_d<d>.cu, compiled
 // only for sm_90a when ORCHARD_CUDA_ARCHS holds 90 (ORCHARD_WITH_SM90=1); the whole backward
 // (sm80 pre-pass, main kernel, sm80 dQ convert) is run_flash_bwd_sm90 in
 // flash_bwd_sm90_passes.cu, compiled with the backend's own architectures.
@@ -30,7 +31,8 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
                                 float* dq_accum, bool bulk_dq);
 
 // The whole sm90 backward; false (nothing launched) when the maps cannot be encoded.
-// T: __nv_bfloat16 / __half; kD: 64 / 128.
+// T: __nv_bfloat16 / __half; kD (the head-dim bucket): 64 / 128 (flash_bwd_sm90.cuh), 192 / 256
+// (flash_bwd_sm90_wide.cuh, which adds dQ by atomics whatever bulk_dq says).
 template <typename T, int kD>
 bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq = kSm90BwdBulkDqDefault);
 

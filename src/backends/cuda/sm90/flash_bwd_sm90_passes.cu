@@ -11,4 +11,8 @@ template bool run_flash_bwd_sm90<__nv_bfloat16, 64>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__nv_bfloat16, 128>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__half, 64>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__half, 128>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__nv_bfloat16, 192>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__nv_bfloat16, 256>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__half, 192>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__half, 256>(const BwdParams&, bool);
 }  // namespace orchard::cuda

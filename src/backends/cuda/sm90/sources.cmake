@@ -16,6 +16,10 @@ set(ORCHARD_CUDA_SM90_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_bf16_d128.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_fp16_d64.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_fp16_d128.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_bf16_d192.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_bf16_d256.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_fp16_d192.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_bwd_sm90_fp16_d256.cu
 )
 # The backward's driver: compiled with the target's own architectures (it instantiates the
 # sm80 pre-pass and dQ convert kernels; see the file).

@@ -1,0 +1,82 @@
+// The sm90 backward's host side for one (dtype, head-dim bucket): the TMA maps and the main
+// kernel's launch, for the d64 / d128 kernel (flash_bwd_sm90.cuh) and the d192 / d256 one
+// (flash_bwd_sm90_wide.cuh).  Included by the flash_bwd_sm90_<dtype>_d<d>.cu instantiations
+// (sm_90a only) and by bench/sm90/sm90_bwd_bench.cu.
+#pragma once
+#include <type_traits>
+
+#include "backends/cuda/sm90/flash_bwd_sm90.cuh"
+#include "backends/cuda/sm90/flash_bwd_sm90_wide.cuh"
+
+namespace orchard::cuda {
+
+template <int kD>
+using BwdSm90ConfigFor =
+    std::conditional_t<(kD > 128), sm90::BwdSm90WideConfig<kD>, sm90::BwdSm90Config<kD>>;
+
+template <typename T, int kD>
+bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
+  using Cfg = BwdSm90ConfigFor<kD>;
+  static_assert(sizeof(sm90::BwdSm90Maps) <= sizeof(BwdSm90MapsStorage), "map storage");
+  sm90::BwdSm90Maps* m = reinterpret_cast<sm90::BwdSm90Maps*>(out->bytes);
+  // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1, which then add
+  // nothing to S^T, dP^T, dK, dV or dQ (and are not stored).
+  if (p.d > kD || p.d % 8 != 0 || value_dim(p) != p.d) return false;
+  return sm90::make_attn_map<T>(&m->q, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
+                               Cfg::kBM) &&
+         sm90::make_attn_map<T>(&m->dout, p.dout, p.d, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
+                               p.do_batch_stride, Cfg::kBM) &&
+         sm90::make_attn_map<T>(&m->k, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
+                               Cfg::kBN) &&
+         sm90::make_attn_map<T>(&m->v, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
+                               Cfg::kBN);
+}
+
+// The d192 / d256 kernel (flash_bwd_sm90_wide.cuh): dQ by atomics only, no score modifiers
+// (sm90_bwd_applies keeps those on the sm80 kernels).
+template <typename T, int kD>
+void launch_flash_bwd_sm90_wide(const BwdParams& p, const sm90::BwdSm90Maps& m, const float* dsum, float* dq_accum) {
+  using Cfg = sm90::BwdSm90WideConfig<kD>;
+  const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
+  if (grid == 0) return;
+  auto kernel = p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true> : sm90::flash_bwd_sm90_wide_kernel<T, kD, false>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
+      m, p, dsum, dq_accum, nb, causal_head_group(p));
+  check_launch("flash_bwd_sm90_wide_kernel");
+}
+
+template <typename T, int kD>
+void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
+                                float* dq_accum, bool bulk_dq) {
+  const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
+  if constexpr (kD > 128) {
+    (void)bulk_dq;
+    launch_flash_bwd_sm90_wide<T, kD>(p, m, dsum, dq_accum);
+  } else {
+    using Cfg = sm90::BwdSm90Config<kD>;
+    const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
+    const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
+    if (grid == 0) return;
+    // Score modifiers run the kFeatures kernels, with bulk dQ only: the atomic-dQ variant (a
+    // bench A/B) has no feature instantiation.  A d below the bucket runs the kPaddedD kernels,
+    // which are also the kFeatures ones (bulk dQ; no features active = the plain math with its
+    // run-time branches): two kernels instead of four.
+    auto kernel = p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
+                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
+                  : score_mods_active(p)
+                      ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
+                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
+                  : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
+                                        : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false, false>)
+                             : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>
+                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false, false>);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
+        m, p, dsum, dq_accum, nb, causal_head_group(p));
+    check_launch("flash_bwd_sm90_kernel");
+  }
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,290 @@
+// FlashAttention backward main kernel for sm_90a at head-dim buckets 192 and 256 (d in
+// 129..256).  Compile ONLY with -gencode=arch=compute_90a,code=sm_90a.
+//
+// Why a second kernel: flash_bwd_sm90.cuh gives each consumer warpgroup 64 keys with dK and dV
+// of all d columns in its registers: d fp32 accumulators per thread (d128: 128 of the 240), so
+// d192 / d256 cannot run that way.  Here the CTA's two consumer WGs share one 64-key tile and
+// split the work instead of the keys:
+//   S^T  = K Q^T, dP^T = V dO^T   each WG 32 of the step's 64 queries (wgmma m64n32, ss)
+//   P^T = exp2(S^T scale log2e - LSE), dS^T = P^T (dP^T - D)  -> both to smem (16-bit,
+//                                 128B-swizzled rows of 64 queries; a 256-thread barrier joins
+//                                 the two halves)
+//   WG0: dV += P^T dO             (ss: A = P^T K-major, B = dO MN-major; N = d, 64 keys)
+//   WG1: dK += dS^T Q             (ss: A = dS^T K-major, B = Q MN-major)
+//   dQ_partial = dS K             WG0 the first ceil(d/128) 64-column chunks, WG1 the rest
+//                                 (ss: A = dS MN-major from the dS^T buffer, B = K MN-major)
+//                                 -> dq_accum by 16-byte atomicAdds (launch.h's tile layout)
+// So each thread holds d/2 accumulators (d256: 128) plus a dQ chunk (64), as the d128 kernel.
+// dV (WG0) and dK (times the scale, WG1) are stored from registers at the end (rows < sk).
+// The producer (warp 8) is the d128 kernel's (bwd_sm90_produce): K / V once, Q / dO per step
+// into a 2-stage ring, LSE / D per step.
+//
+// Shared memory at d256: K + V 64 KB, Q + dO 2 x 64 KB, P^T / dS^T 2 x 16 KB (double-buffered:
+// one WG may start the next step while the other's GEMMs still read this one), LSE / D 1 KB =
+// 226 KB of the 227 KB a CTA may have; so dQ is added by atomics here (the d128 kernel's bulk
+// adds stage 64 KB more).  d192's dQ split is 128 + 64 columns (a 64-wide MN-major operand
+// cannot start mid-chunk), so WG0 does one chunk more of the step's 15 (d/64 x 5) GEMM units.
+//
+// Supported: T = bf16 / fp16, kD in {192, 256} with any run-time d == d_v, 128 < d <= kD,
+// d % 8 == 0 (TMA zero-fills the columns past d), scale > 0, causal (both alignments) or not,
+// GQA / MQA, TMA-able strides.  Not here (the dispatch, sm90_bwd_applies, sends them to the
+// sm80 kernels): windows / softcap / ALiBi, the deterministic mode.
+#pragma once
+#include "backends/cuda/sm90/flash_bwd_sm90.cuh"
+
+namespace orchard::sm90 {
+
+template <int kD>
+struct BwdSm90WideConfig {
+  static_assert(kD == 192 || kD == 256, "sm90 wide backward: d in {192, 256}");
+  static constexpr int kBN = 64;  // keys per CTA (shared by both consumer WGs)
+  static constexpr int kBM = 64;  // query rows per step
+  static constexpr int kChunks = kD / 64;
+  static constexpr int kStages = 2;
+  static constexpr int kDqChunks0 = (kChunks + 1) / 2;  // dQ column chunks of WG0 (WG1: the rest)
+  static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;
+  static constexpr int kQBytes = kBM * kD * 2, kQChunkBytes = kBM * 128;
+  static constexpr int kPBytes = kBN * kBM * 2;  // P^T or dS^T: 64 key rows x 64 queries (128 B)
+  static constexpr int kOffV = kKVBytes;
+  static constexpr int kOffQ = 2 * kKVBytes;
+  static constexpr int kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr int kOffP = kOffDo + kStages * kQBytes;   // [2] buffers
+  static constexpr int kOffDs = kOffP + 2 * kPBytes;         // [2] buffers
+  static constexpr int kOffLse = kOffDs + 2 * kPBytes;       // float [kStages][kBM]
+  static constexpr int kOffD = kOffLse + kStages * kBM * 4;  // float [kStages][kBM]
+  static constexpr int kOffBars = kOffD + kStages * kBM * 4;
+  static constexpr int kSmemBytes = kOffBars + 64 + 1024;  // + 1024: align the base up
+  static_assert(kSmemBytes <= 232448, "sm_90 allows 227 KB of shared memory per CTA");
+  static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
+};
+
+// dQ_partial (64 queries x 64 kN columns starting at chunk c0) = dS K over the tile's 64 keys,
+// added to dq_accum by this warp's 16 rows.  dS_a: dS MN-major (the dS^T buffer of the step);
+// dKt_b: K MN-major.
+template <typename T, int kN>
+__device__ __forceinline__ void bwd_wide_dq(uint64_t dS_a, uint64_t dKt_b, int c0, int chunk_bytes, float* slab,
+                                            int row16, int d_cols, int lane) {
+  float dq[kN / 2];
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+    Wgmma<kN, T>::template ss<1, 1>(dq, desc_advance(dS_a, kk * 2048), desc_advance(dKt_b, c0 * chunk_bytes + kk * 2048),
+                                    kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(dq);
+  if (row16 >= 0) {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      const int col = 64 * c0 + 8 * j;
+      if (col >= d_cols) break;  // d below the bucket: the zero padding's columns
+      float* dst = slab + cuda::dq_accum_tile_offset(row16, col, d_cols, lane);
+      atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
+    }
+  }
+}
+
+template <typename T, int kD, bool kCausal>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
+                               float* dq_accum, int num_n_blocks, int head_group) {
+  using Cfg = BwdSm90WideConfig<kD>;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
+  // setmaxnreg: 128 x 24 + 256 x 240 = 64512 = 384 x 168, the launch allocation (as the d128
+  // kernel: a larger sum never completes).
+  constexpr uint32_t kProducerRegs = 24, kConsumerRegs = 240;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  uint8_t* const gbase = smem_raw + (sbase - smem_u32(smem_raw));
+  const uint32_t sK = sbase, sV = sbase + Cfg::kOffV;
+  const uint32_t sQ = sbase + Cfg::kOffQ, sDo = sbase + Cfg::kOffDo;
+  const uint32_t sP = sbase + Cfg::kOffP, sDs = sbase + Cfg::kOffDs;
+  float* const lse_s = reinterpret_cast<float*>(gbase + Cfg::kOffLse);
+  float* const d_s = reinterpret_cast<float*>(gbase + Cfg::kOffD);
+  const uint32_t bars = sbase + Cfg::kOffBars;
+  const uint32_t kv_full = bars;
+  auto full = [&](int s) { return bars + 8 + 8 * s; };
+  auto empty = [&](int s) { return bars + 24 + 8 * s; };
+
+  int64_t head;
+  int n_block;
+  if (kCausal) {  // heaviest key blocks first (launch.h causal_cta_coord, the sm80 order)
+    const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
+    head = c.head;
+    n_block = c.n_block;
+  } else {
+    head = blockIdx.x / num_n_blocks;
+    n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+  }
+  const int b = static_cast<int>(head / p.hkv), hk = static_cast<int>(head % p.hkv);
+  const int group = p.hq / p.hkv;
+  const int n0 = n_block * kBN;
+  const int sq = p.sq, sk = p.sk;
+  const int64_t coff = p.causal_offset;
+  const BwdTileRange tr = bwd_tile_range(n0, sq, coff, kCausal, kBM);
+  const int n_iters = tr.n_m * group;
+
+  const int warp = warp_idx_uniform();
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    mbarrier_init(kv_full, 1);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbarrier_init(full(s), 32);
+      mbarrier_init(empty(s), 8);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (warp >= 8) {
+    setmaxnreg_dec<kProducerRegs>();
+    if (warp == 8 && n_iters > 0)
+      bwd_sm90_produce<Cfg>(maps, p, dsum, BwdSm90Stage{sK, sV, sQ, sDo, bars, lse_s, d_s}, b, hk, group, n0, tr, lane);
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  setmaxnreg_inc<kConsumerRegs>();
+  const int wg = warp / 4;  // 0: dV, 1: dK; S^T / dP^T for queries 32 wg .. 32 wg + 31
+  const int wi = warp % 4;
+  const int g = lane / 4, t = lane % 4;
+  const int key_l0 = 16 * wi + g;  // this thread's first key row in the tile (second: + 8)
+  const int q_l0 = 32 * wg;        // this WG's first query of the step's S^T / dP^T
+  const int d_cols = p.d;
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+  float acc[kD / 2];  // dV (WG0) or dK (WG1): 64 keys x kD
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) acc[i] = 0.f;
+
+  const uint64_t dK_a = make_desc_kmajor_sw128(sK), dV_a = make_desc_kmajor_sw128(sV);
+  const uint64_t dQ_b = make_desc_kmajor_sw128(sQ + q_l0 * 128), dDo_b = make_desc_kmajor_sw128(sDo + q_l0 * 128);
+  // dV += P^T dO (WG0), dK += dS^T Q (WG1): A K-major from the P^T / dS^T buffer, B MN-major.
+  const uint64_t acc_a = make_desc_kmajor_sw128(wg == 0 ? sP : sDs);
+  const uint64_t acc_b = make_desc_mnmajor_sw128(wg == 0 ? sDo : sQ, Cfg::kQChunkBytes);
+  const uint64_t dS_a = make_desc_mnmajor_sw128(sDs, Cfg::kPBytes);
+  const uint64_t dKt_b = make_desc_mnmajor_sw128(sK, Cfg::kKVChunkBytes);
+
+  // Causal diagonal of key tile n0 in 32-bit tile coordinates (as the d128 kernel).
+  const int64_t diag64 = coff - n0;
+  const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
+  const int keys_left = sk - n0;
+  if (n_iters > 0) {
+    mbarrier_wait(kv_full, 0);
+    int h = hk * group, m0 = tr.m_begin * kBM;
+    const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
+    for (int it = 0; it < n_iters; ++it) {
+      const int s = it % Cfg::kStages;
+      const uint32_t ph = (it / Cfg::kStages) & 1;
+      const int buf = it % 2;
+      const float* lse_t = lse_s + s * kBM;
+      const float* d_t = d_s + s * kBM;
+      // This thread's P^T / dS^T pairs: key rows key_l0 (+ 8 r), queries q_l0 + 8 j + 2 t (+ 1) =
+      // 16-byte chunk 4 wg + j of the 128-byte row, stored at chunk ^ (row % 8) = ^ g.
+      const uint32_t row_off = buf * Cfg::kPBytes + key_l0 * 128 + (g << 4) + 4 * t;
+      auto slot = [&](int j, int r) { return (row_off + r * 1024) ^ (static_cast<uint32_t>(4 * wg + j) << 4); };
+      float st[16], dpt[16];
+      mbarrier_wait(full(s), ph);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+        const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+        Wgmma<32, T>::template ss<0, 0>(st, desc_advance(dK_a, off), desc_advance(dQ_b, offq), kk > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+        const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+        Wgmma<32, T>::template ss<0, 0>(dpt, desc_advance(dV_a, off), desc_advance(dDo_b, offq), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // S^T done (dP^T may still run)
+      fence_operands(st);
+      // Element i: key key_l0 + 8 ((i / 2) % 2), query q_l0 + 8 (i / 4) + 2 t + (i % 2).
+      const int diag = m0 + diag0;
+      const bool need_mask = keys_left < kBN || (kCausal && kBN - 1 > diag);
+      uint32_t pw[8];  // P^T as 16-bit pairs (the value dV and dS^T use)
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int ql = q_l0 + 8 * (i / 4) + 2 * t + (i % 2);
+        float pv = bwd_ex2(fmaf(st[i], scale_log2, -lse_t[ql]));
+        if (need_mask) {
+          const int kl = key_l0 + 8 * ((i / 2) % 2);
+          if (kl >= keys_left || (kCausal && kl - ql > diag)) pv = 0.f;
+        }
+        st[i] = pv;
+      }
+#pragma unroll
+      for (int i = 0; i < 16; i += 2) {
+        pw[i / 2] = pack2<T>(st[i], st[i + 1]);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + slot(i / 4, (i / 2) % 2)), "r"(pw[i / 2]) : "memory");
+      }
+      wgmma_wait<0>();
+      fence_operands(dpt);
+#pragma unroll
+      for (int i = 0; i < 16; i += 2) {
+        float ds[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int ql = q_l0 + 8 * (i / 4) + 2 * t + e;
+          ds[e] = unpack_lo_hi<T>(pw[i / 2], e) * (dpt[i + e] - d_t[ql]);
+        }
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sDs + slot(i / 4, (i / 2) % 2)), "r"(pack2<T>(ds[0], ds[1]))
+                     : "memory");
+      }
+      fence_proxy_async_smem();
+      named_barrier_sync(1, 256);  // both WGs' halves of P^T and dS^T are written
+      // dV += P^T dO (WG0) / dK += dS^T Q (WG1): k = the step's 64 queries (4 k16 slices).
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBM / 16; ++kk)
+        Wgmma<kD, T>::template ss<0, 1>(acc, desc_advance(acc_a, buf * Cfg::kPBytes + kk * 32),
+                                        desc_advance(acc_b, s * Cfg::kQBytes + kk * 2048), 1);
+      wgmma_commit();
+      // dQ partial of this WG's column chunks (its wgmma_wait also retires the dV / dK GEMM).
+      const int row16 = m0 + 16 * wi < sq ? m0 + 16 * wi : -1;
+      const cuda::DqAccumSlabs slabs =
+          p.dq_accum != nullptr
+              ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
+              : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
+                                                   cuda::dq_accum_cols(d_cols),
+                                   static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(d_cols)};
+      float* slab = slabs.base + h * slabs.head_stride;
+      const uint64_t ds_step = desc_advance(dS_a, buf * Cfg::kPBytes);
+      if (wg == 0)
+        bwd_wide_dq<T, 64 * Cfg::kDqChunks0>(ds_step, dKt_b, 0, Cfg::kKVChunkBytes, slab, row16, d_cols, lane);
+      else
+        bwd_wide_dq<T, 64 * (Cfg::kChunks - Cfg::kDqChunks0)>(ds_step, dKt_b, Cfg::kDqChunks0, Cfg::kKVChunkBytes, slab,
+                                                              row16, d_cols, lane);
+      fence_operands(acc);
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(empty(s));  // this warp is done with Q / dO of stage s
+      m0 += kBM;
+      if (m0 == m_end0) {
+        m0 = tr.m_begin * kBM;
+        ++h;
+      }
+    }
+  }
+
+  // Epilogue: dV (WG0) or dK times the scale (WG1), rows < sk, as 16-bit pairs.
+  T* out = wg == 0 ? static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride
+                   : static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+  const int64_t row_stride = wg == 0 ? p.dv_row_stride : p.dk_row_stride;
+  const float mul = wg == 0 ? 1.f : p.scale;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + key_l0 + 8 * r;
+    if (key >= sk) continue;
+    T* row = out + static_cast<int64_t>(key) * row_stride;
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      if (8 * j >= d_cols) break;
+      *reinterpret_cast<uint32_t*>(row + 8 * j + 2 * t) = pack2<T>(acc[4 * j + 2 * r] * mul, acc[4 * j + 2 * r + 1] * mul);
+    }
+  }
+}
+
+}  // namespace orchard::sm90
