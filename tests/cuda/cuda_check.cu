@@ -1367,16 +1367,18 @@ void set_bench_grads(BwdParams& p, const Layout& L, void* dO, void* dq, void* dk
 }
 
 // only_d/only_s/only_causal (0/0/-1: all) pick one grid point; iters: timed runs
-// (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys).
+// (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys); its D may also
+// be 192 or 256 (CAUSAL -1: both), the only way those head dims are timed here.
 void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20, int min_s = 0) {
   std::printf("\nbf16, b*s = 16384 tokens, h = 2048/d; TFLOP/s (fwd 4bhs^2d, /2 causal, bwd x2.5), median of 20\n");
   std::printf("%5s %6s %3s %7s | %8s %8s %8s | %s\n", "d", "s", "b", "causal", "fwd", "bwd", "bwd-det", "ms fwd/bwd");
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (int d : {64, 128})
+  // d192 / d256 only when asked for (--one): the default grid stays the d64 / d128 one.
+  for (int d : {64, 128, 192, 256})
     for (int causal = 0; causal < 2; ++causal)
       for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
-        if ((only_d && d != only_d) || (only_s && s != only_s) || (only_causal >= 0 && causal != only_causal) ||
+        if ((only_d ? d != only_d : d > 128) || (only_s && s != only_s) || (only_causal >= 0 && causal != only_causal) ||
             s < min_s)
           continue;
         const int b = 16384 / s, h = 2048 / d;
