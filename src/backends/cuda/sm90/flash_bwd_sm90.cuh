@@ -165,6 +165,26 @@ __device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, i
   return {m_begin, m_end - m_begin};
 }
 
+// CTA -> (batch, kv head, key block): causal runs the heaviest key blocks first (launch.h
+// causal_cta_coord, the sm80 order); non-causal key-block-major per head.
+struct BwdCta {
+  int b, hk, n_block;
+};
+template <bool kCausal>
+__device__ __forceinline__ BwdCta bwd_sm90_cta(const BwdParams& p, int num_n_blocks, int head_group) {
+  int64_t head;
+  int n_block;
+  if (kCausal) {
+    const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
+    head = c.head;
+    n_block = c.n_block;
+  } else {
+    head = blockIdx.x / num_n_blocks;
+    n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+  }
+  return {static_cast<int>(head / p.hkv), static_cast<int>(head % p.hkv), n_block};
+}
+
 // Shared memory a backward CTA's producer fills (both kernels: flash_bwd_sm90_wide.cuh too).
 struct BwdSm90Stage {
   uint32_t k, v, q, dout;  // K / V tiles, Q / dO stage rings (Cfg::kStages x Cfg::kQBytes)
@@ -262,21 +282,10 @@ __global__ void __launch_bounds__(384, 1)
   auto full = [&](int s) { return bars + 8 + 8 * s; };
   auto empty = [&](int s) { return bars + 24 + 8 * s; };
 
-  // CTA -> (batch * hkv + kv head, key block): causal runs the heaviest key blocks first
-  // (launch.h causal_cta_coord, the sm80 order); non-causal key-block-major per head.
-  int64_t head;
-  int n_block;
-  if (kCausal) {
-    const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
-    head = c.head;
-    n_block = c.n_block;
-  } else {
-    head = blockIdx.x / num_n_blocks;
-    n_block = static_cast<int>(blockIdx.x % num_n_blocks);
-  }
-  const int b = static_cast<int>(head / p.hkv), hk = static_cast<int>(head % p.hkv);
+  const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
+  const int b = cta.b, hk = cta.hk;
   const int group = p.hq / p.hkv;
-  const int n0 = n_block * kBN;
+  const int n0 = cta.n_block * kBN;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
   // Features (window / softcap / ALiBi): CTA-uniform run-time flags.

@@ -58,6 +58,19 @@ struct BwdSm90WideConfig {
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
 };
 
+// acc (64 keys x 32 queries) = A (K or V, K-major over d in 64-column chunks) B^T (this WG's
+// 32 rows of the stage-s Q or dO tile, the same layout): S^T or dP^T; issued, not waited for.
+template <typename T, int kD>
+__device__ __forceinline__ void bwd_wide_tile_gemm(float (&acc)[16], uint64_t a, uint64_t b, int s) {
+  using Cfg = BwdSm90WideConfig<kD>;
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+    const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+    Wgmma<32, T>::template ss<0, 0>(acc, desc_advance(a, off), desc_advance(b, offq), kk > 0);
+  }
+}
+
 // dQ_partial (64 queries x 64 kN columns starting at chunk c0) = dS K over the tile's 64 keys,
 // added to dq_accum by this warp's 16 rows.  dS_a: dS MN-major (the dS^T buffer of the step);
 // dKt_b: K MN-major.
@@ -106,19 +119,10 @@ __global__ void __launch_bounds__(384, 1)
   auto full = [&](int s) { return bars + 8 + 8 * s; };
   auto empty = [&](int s) { return bars + 24 + 8 * s; };
 
-  int64_t head;
-  int n_block;
-  if (kCausal) {  // heaviest key blocks first (launch.h causal_cta_coord, the sm80 order)
-    const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
-    head = c.head;
-    n_block = c.n_block;
-  } else {
-    head = blockIdx.x / num_n_blocks;
-    n_block = static_cast<int>(blockIdx.x % num_n_blocks);
-  }
-  const int b = static_cast<int>(head / p.hkv), hk = static_cast<int>(head % p.hkv);
+  const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
+  const int b = cta.b, hk = cta.hk;
   const int group = p.hq / p.hkv;
-  const int n0 = n_block * kBN;
+  const int n0 = cta.n_block * kBN;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
   const BwdTileRange tr = bwd_tile_range(n0, sq, coff, kCausal, kBM);
@@ -186,19 +190,9 @@ __global__ void __launch_bounds__(384, 1)
       float st[16], dpt[16];
       mbarrier_wait(full(s), ph);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
-        const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-        Wgmma<32, T>::template ss<0, 0>(st, desc_advance(dK_a, off), desc_advance(dQ_b, offq), kk > 0);
-      }
+      bwd_wide_tile_gemm<T, kD>(st, dK_a, dQ_b, s);
       wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
-        const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-        Wgmma<32, T>::template ss<0, 0>(dpt, desc_advance(dV_a, off), desc_advance(dDo_b, offq), kk > 0);
-      }
+      bwd_wide_tile_gemm<T, kD>(dpt, dV_a, dDo_b, s);
       wgmma_commit();
       wgmma_wait<1>();  // S^T done (dP^T may still run)
       fence_operands(st);
