@@ -872,6 +872,12 @@ std::vector<Case> sm90_feature_suite() {
     c.softcap = 3.f;
     v.push_back(c);
   }
+  // More forward tiles than an H100/H200 has SMs (132): a persistent kernel's CTAs then run a
+  // second tile (session 13: a persistent forward passed every smaller case and hung on these
+  // shapes). d64 runs 192-row tiles, d128 / d256 128-row ones: 9 x 16 = 144 tiles each.
+  v.push_back({"sm90-multitile-d64-causal", BF, 2, 8, 4, 1700, 1700, 64, true});
+  v.push_back({"sm90-multitile-d128", FP, 2, 8, 2, 1100, 1000, 128});
+  v.push_back({"sm90-multitile-d256-causal", BF, 2, 8, 8, 1100, 1100, 256, true});
   return v;
 }
 
