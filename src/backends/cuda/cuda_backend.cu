@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "backends/cuda/launch.h"
@@ -144,25 +145,28 @@ bool sm90_fwd_applies(const FwdParams& p) {
 #endif
 }
 
+#if defined(ORCHARD_WITH_SM90)
+// Calls run(T{}, std::integral_constant<int, bucket>{}) for the call's 16-bit dtype and sm90
+// head-dim bucket (sm90_head_dim_bucket): the forward's and the backward's dispatch.
+template <class Params, class Run>
+bool with_sm90_bucket(const Params& p, Run&& run) {
+  auto in_bucket = [&](auto tag) {
+    switch (sm90_head_dim_bucket(p.d)) {
+      case 64: return run(tag, std::integral_constant<int, 64>{});
+      case 128: return run(tag, std::integral_constant<int, 128>{});
+      case 192: return run(tag, std::integral_constant<int, 192>{});
+      default: return run(tag, std::integral_constant<int, 256>{});
+    }
+  };
+  return p.dtype == DType::kBFloat16 ? in_bucket(__nv_bfloat16{}) : in_bucket(__half{});
+}
+#endif
+
 // Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 bool try_fwd_sm90(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_fwd_applies(p)) return false;
-  const int bucket = sm90_head_dim_bucket(p.d);
-  if (p.dtype == DType::kBFloat16) {
-    switch (bucket) {
-      case 64: return run_flash_fwd_sm90<__nv_bfloat16, 64>(p);
-      case 128: return run_flash_fwd_sm90<__nv_bfloat16, 128>(p);
-      case 192: return run_flash_fwd_sm90<__nv_bfloat16, 192>(p);
-      default: return run_flash_fwd_sm90<__nv_bfloat16, 256>(p);
-    }
-  }
-  switch (bucket) {
-    case 64: return run_flash_fwd_sm90<__half, 64>(p);
-    case 128: return run_flash_fwd_sm90<__half, 128>(p);
-    case 192: return run_flash_fwd_sm90<__half, 192>(p);
-    default: return run_flash_fwd_sm90<__half, 256>(p);
-  }
+  return with_sm90_bucket(p, [&](auto t, auto d) { return run_flash_fwd_sm90<decltype(t), decltype(d)::value>(p); });
 #else
   (void)p;
   return false;
@@ -192,16 +196,7 @@ bool sm90_bwd_applies(const BwdParams& p) {
 bool try_bwd_sm90(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_bwd_applies(p)) return false;
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    switch (sm90_head_dim_bucket(p.d)) {
-      case 64: return run_flash_bwd_sm90<T, 64>(p);
-      case 128: return run_flash_bwd_sm90<T, 128>(p);
-      case 192: return run_flash_bwd_sm90<T, 192>(p);
-      default: return run_flash_bwd_sm90<T, 256>(p);
-    }
-  };
-  return p.dtype == DType::kBFloat16 ? run(__nv_bfloat16{}) : run(__half{});
+  return with_sm90_bucket(p, [&](auto t, auto d) { return run_flash_bwd_sm90<decltype(t), decltype(d)::value>(p); });
 #else
   (void)p;
   return false;

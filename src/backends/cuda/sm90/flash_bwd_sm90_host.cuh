@@ -32,51 +32,43 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
                                Cfg::kBN);
 }
 
-// The d192 / d256 kernel (flash_bwd_sm90_wide.cuh): dQ by atomics only, no score modifiers
-// (sm90_bwd_applies keeps those on the sm80 kernels).
+// The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only, no
+// score modifiers (sm90_bwd_applies keeps those on the sm80 kernels).  d64 / d128: score
+// modifiers run the kFeatures kernels, with bulk dQ only (the atomic-dQ variant, a bench A/B,
+// has no feature instantiation); a d below the bucket runs the kPaddedD kernels, which are also
+// the kFeatures ones (bulk dQ; no features active = the plain math with its run-time branches):
+// two kernels instead of four.
 template <typename T, int kD>
-void launch_flash_bwd_sm90_wide(const BwdParams& p, const sm90::BwdSm90Maps& m, const float* dsum, float* dq_accum) {
-  using Cfg = sm90::BwdSm90WideConfig<kD>;
-  const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
-  if (grid == 0) return;
-  auto kernel = p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true> : sm90::flash_bwd_sm90_wide_kernel<T, kD, false>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
-      m, p, dsum, dq_accum, nb, causal_head_group(p));
-  check_launch("flash_bwd_sm90_wide_kernel");
+auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
+  if constexpr (kD > 128) {
+    (void)bulk_dq;
+    return p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true> : sm90::flash_bwd_sm90_wide_kernel<T, kD, false>;
+  } else {
+    return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
+                                 : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
+           : score_mods_active(p)
+               ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
+                           : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
+           : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
+                                 : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false, false>)
+                      : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>
+                                 : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false, false>);
+  }
 }
 
 template <typename T, int kD>
 void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& maps, const float* dsum,
                                 float* dq_accum, bool bulk_dq) {
+  using Cfg = BwdSm90ConfigFor<kD>;
+  const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
+  if (grid == 0) return;
+  auto kernel = flash_bwd_sm90_kernel_for<T, kD>(p, bulk_dq);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
-  if constexpr (kD > 128) {
-    (void)bulk_dq;
-    launch_flash_bwd_sm90_wide<T, kD>(p, m, dsum, dq_accum);
-  } else {
-    using Cfg = sm90::BwdSm90Config<kD>;
-    const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-    const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
-    if (grid == 0) return;
-    // Score modifiers run the kFeatures kernels, with bulk dQ only: the atomic-dQ variant (a
-    // bench A/B) has no feature instantiation.  A d below the bucket runs the kPaddedD kernels,
-    // which are also the kFeatures ones (bulk dQ; no features active = the plain math with its
-    // run-time branches): two kernels instead of four.
-    auto kernel = p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
-                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
-                  : score_mods_active(p)
-                      ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
-                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
-                  : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
-                                        : sm90::flash_bwd_sm90_kernel<T, kD, true, false, false, false>)
-                             : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>
-                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false, false>);
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
-        m, p, dsum, dq_accum, nb, causal_head_group(p));
-    check_launch("flash_bwd_sm90_kernel");
-  }
+  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
+      m, p, dsum, dq_accum, nb, causal_head_group(p));
+  check_launch(kD > 128 ? "flash_bwd_sm90_wide_kernel" : "flash_bwd_sm90_kernel");
 }
 
 }  // namespace orchard::cuda

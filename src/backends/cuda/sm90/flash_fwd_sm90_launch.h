@@ -8,8 +8,8 @@
 namespace orchard::cuda {
 
 // The sm90 kernels' head-dim bucket for a d in 33..256 that is a multiple of 8: the smallest of
-// 64 / 128 / 192 / 256 that holds it (the backward has the 64 and 128 buckets).  The kernels
-// read and write the true d; TMA zero-fills the tile columns past it.
+// 64 / 128 / 192 / 256 that holds it, forward and backward.  The kernels read and write the
+// true d; TMA zero-fills the tile columns past it.
 constexpr int sm90_head_dim_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
 
 // Runs the forward on the sm90 kernel; false when the TMA descriptors could not be
