@@ -12,7 +12,7 @@ sm80 A/B (ORCHARD_SM90=0) is a child process run after the parent's timings (sam
 same tensors; nothing else on the GPU meanwhile); its outputs are compared with the sm90 ones
 (max |diff| / max |sm80|) at these sizes.
 
-    python3 dev/cuda/sm90feat_bench.py --out DIR [--go FILE] [--quick]
+    python3 dev/cuda/sm90feat_bench.py --out DIR [--go FILE] [--quick] [--s S] [--d D]
 --go FILE: compile FlexAttention and warm everything first, print "ready", then wait until
 FILE exists before timing (the compile overlaps other work that must not overlap timings).
 """
@@ -56,7 +56,7 @@ def variants(fn):
     return " ".join(out)
 
 
-def build_cases(quick, s=0, orchard_only=False, flex=True):
+def build_cases(quick, s=0, orchard_only=False, flex=True, d=0):
     s = s or (2048 if quick else 8192)
     b, h, left = 2, 16, 1024
     flex_fa, create_block_mask = None, None
@@ -71,13 +71,17 @@ def build_cases(quick, s=0, orchard_only=False, flex=True):
     causal_vis = s * (s + 1) / 2
     win_vis = sum(min(r, left) + 1 for r in range(s))
     cases = []
-    for name, d, kw, vis in (("plain causal", 128, dict(causal=True), causal_vis),
-                             ("plain non-causal", 128, dict(), float(s) * s),
-                             ("plain causal", 64, dict(causal=True), causal_vis),
-                             (f"window causal left {left}", 128, dict(causal=True, window_size=(left, 0)), win_vis),
-                             (f"window causal left {left}", 64, dict(causal=True, window_size=(left, 0)), win_vis),
-                             ("softcap 50 causal", 128, dict(causal=True, softcap=50.0), causal_vis),
-                             ("ALiBi causal", 128, dict(causal=True, alibi_slopes=slopes), causal_vis)):
+    grid = (("plain causal", 128, dict(causal=True), causal_vis),
+            ("plain non-causal", 128, dict(), float(s) * s),
+            ("plain causal", 64, dict(causal=True), causal_vis),
+            (f"window causal left {left}", 128, dict(causal=True, window_size=(left, 0)), win_vis),
+            (f"window causal left {left}", 64, dict(causal=True, window_size=(left, 0)), win_vis),
+            ("softcap 50 causal", 128, dict(causal=True, softcap=50.0), causal_vis),
+            ("ALiBi causal", 128, dict(causal=True, alibi_slopes=slopes), causal_vis))
+    if d:  # --d: the plain causal, window, softcap and ALiBi rows at that head dim only
+        grid = tuple((name, d, kw, vis) for name, _, kw, vis in grid if name != "plain non-causal")[:1] + tuple(
+            (name, d, kw, vis) for name, dd, kw, vis in grid if dd == 128 and not name.startswith("plain"))
+    for name, d, kw, vis in grid:
         g = torch.Generator(device=DEV).manual_seed(0)
         q, k, v = (torch.randn(b, s, h, d, device=DEV, dtype=DT, generator=g).requires_grad_() for _ in range(3))
         do = torch.randn(b, s, h, d, device=DEV, dtype=DT, generator=g)
@@ -194,7 +198,7 @@ def run_sm80_child(args):
     """The sm80 A/B in its own process (ORCHARD_SM90=0 from its start); returns what it saved."""
     path = os.path.join(tempfile.mkdtemp(), "sm80.pt")
     env = dict(os.environ, ORCHARD_SM90="0")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--s", str(args.s)] + (["--quick"] if args.quick else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--s", str(args.s), "--d", str(args.d)] + (["--quick"] if args.quick else [])
     r = subprocess.run(cmd, env=env, timeout=300)
     if r.returncode != 0 or not os.path.exists(path):
         print(f"[bench] sm80 child failed rc={r.returncode}", flush=True)
@@ -208,19 +212,20 @@ def main():
     ap.add_argument("--go", default="")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--s", type=int, default=0, help="sequence length (default 8192, --quick 2048)")
+    ap.add_argument("--d", type=int, default=0, help="head dim of every row (default: d128 and d64 rows)")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile failed on the device)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # sm80 A/B: Orchard only, saved to this file
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.child:
-        cases = build_cases(args.quick, args.s, orchard_only=True)
+        cases = build_cases(args.quick, args.s, orchard_only=True, d=args.d)
         kept = warm(cases)
         time_all(cases)
         torch.save([dict(times=c["times"].get(SM80), variants=(c.get("variants") or {}).get(SM80),
                          errors=c.get("errors"), outputs=o) for c, o in zip(cases, kept)], args.child)
         return 0
     os.environ["ORCHARD_SM90"] = "1"  # before the first call: the backend reads it once
-    cases = build_cases(args.quick, args.s, flex=not args.no_flex)
+    cases = build_cases(args.quick, args.s, flex=not args.no_flex, d=args.d)
     kept = warm(cases)
     print("ready", flush=True)
     if args.go:

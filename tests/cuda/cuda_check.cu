@@ -806,7 +806,7 @@ std::vector<Case> dropout_offset_cases() {
 }
 
 // Window / softcap / ALiBi at the shapes the sm90 kernels take (bf16/fp16, forward d 33..256 in
-// multiples of 8, 16-byte rows; the backward d 33..128, non-deterministic): several 128-row query tiles and
+// multiples of 8, 16-byte rows; the backward too, non-deterministic): several 128-row query tiles and
 // key tiles (the forward's pipeline wraps; 192-key tiles at d128 from sk >= 4096), windows
 // that skip key tiles at both ends and leave rows, whole query tiles (CTAs) and key tiles
 // without a visible element, GQA, BHSD, both causal alignments. On other GPUs (or with
@@ -870,6 +870,14 @@ std::vector<Case> sm90_feature_suite() {
     v.push_back(c);
     c = Case{"sm90-softcap-causal-d160", BF, 1, 2, 2, 330, 330, 160, true};
     c.softcap = 3.f;
+    v.push_back(c);
+    // The d192 / d256 backward's features: a causal window over several key tiles with GQA; a
+    // top-left window with sk > sq (key tiles past ~sq + 10 see no query: dK = dV = 0 there);
+    // everything at once at d160 (the d192 bucket, zero-filled columns).
+    v.push_back(with_window({"sm90-win-causal-d192-gqa", FP, 2, 4, 2, 400, 700, 192, true}, 120, 0));
+    v.push_back(with_window({"sm90-win-TL-d256-empty-keytiles", BF, 1, 2, 2, 150, 700, 256, false, true}, 20, 10));
+    c = with_window({"sm90-all-d160-gqa", BF, 2, 4, 2, 350, 420, 160}, 60, 25);
+    c.softcap = 4.f, c.alibi = 1;
     v.push_back(c);
   }
   // More forward tiles than an H100/H200 has SMs (132): a persistent kernel's CTAs then run a
@@ -1627,7 +1635,10 @@ int main(int argc, char** argv) {
     run_case(c, rng);
     Case c2 = with_window({"sm90-small-win-d64", DType::kFloat16, 1, 2, 2, 150, 140, 64, false, true}, 20, 7);
     run_case(c2, rng);
-    std::printf("sm90 forward on %d, sm90 backward on %d of 2 cases\n", g_sm90_fwd, g_sm90_bwd);
+    Case c3 = with_window({"sm90-small-win-d192", DType::kFloat16, 1, 2, 1, 130, 200, 192, true}, 30, 0);
+    c3.softcap = 2.f, c3.alibi = 1;  // the d192 / d256 backward's kFeatures kernel
+    run_case(c3, rng);
+    std::printf("sm90 forward on %d, sm90 backward on %d of 3 cases\n", g_sm90_fwd, g_sm90_bwd);
     return g_failures ? 1 : 0;
   }
   if (mode == "--bench") {  // [MIN_S]: only sequence lengths >= MIN_S

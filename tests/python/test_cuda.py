@@ -165,8 +165,8 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
 # contiguous BSHD (16-byte rows), several 128-row query tiles and key tiles, windows that skip
 # key tiles and leave rows empty. Checked against the float64 reference on any GPU; on compute
 # capability 9.0 with 90 in the build's archs, the debug log must also name the sm90 forward
-# and the sm90 backward (above d 128 only for the no_mods cases: the d192 / d256
-# backward kernel has no score modifiers), so a dispatch that silently falls back fails here.
+# and the sm90 backward (flash_bwd_sm90.cuh at d <= 128, flash_bwd_sm90_wide.cuh above), so a
+# dispatch that silently falls back fails here.
 SM90_FEATURES = {
     "no_mods": dict(),
     "no_mods_causal": dict(causal=True),
@@ -205,8 +205,7 @@ def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch)
     bwd = [ln for ln in lines if ln.startswith("BWD")]
     assert fwd and bwd, lines
     assert (".sm90." in fwd[0]) == sm90, fwd[0]
-    modified = any(key in kw for key in ("window_size", "softcap", "alibi_slopes"))
-    assert (".sm90." in bwd[0]) == (sm90 and (d <= 128 or not modified)), bwd[0]
+    assert (".sm90." in bwd[0]) == sm90, bwd[0]
 
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
                softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))

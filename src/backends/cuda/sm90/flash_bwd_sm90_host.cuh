@@ -32,8 +32,8 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
                                Cfg::kBN);
 }
 
-// The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only, no
-// score modifiers (sm90_bwd_applies keeps those on the sm80 kernels).  d64 / d128: score
+// The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only; score
+// modifiers run its kFeatures kernels.  d64 / d128: score
 // modifiers run the kFeatures kernels, with bulk dQ only (the atomic-dQ variant, a bench A/B,
 // has no feature instantiation); a d below the bucket runs the kPaddedD kernels, which are also
 // the kFeatures ones (bulk dQ; no features active = the plain math with its run-time branches):
@@ -42,7 +42,11 @@ template <typename T, int kD>
 auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
   if constexpr (kD > 128) {
     (void)bulk_dq;
-    return p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true> : sm90::flash_bwd_sm90_wide_kernel<T, kD, false>;
+    return score_mods_active(p)
+               ? (p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, true>
+                           : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, true>)
+               : (p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, false>
+                           : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, false>);
   } else {
     return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)

@@ -27,8 +27,14 @@
 //
 // Supported: T = bf16 / fp16, kD in {192, 256} with any run-time d == d_v, 128 < d <= kD,
 // d % 8 == 0 (TMA zero-fills the columns past d), scale > 0, causal (both alignments) or not,
-// GQA / MQA, TMA-able strides.  Not here (the dispatch, sm90_bwd_applies, sends them to the
-// sm80 kernels): windows / softcap / ALiBi, the deterministic mode.
+// GQA / MQA, TMA-able strides; sliding windows, softcap and ALiBi in the kFeatures kernels (a
+// template flag for the d128 kernel's reason, flash_bwd_sm90.cuh: the plain kernels keep their
+// code).  As there: the window narrows each CTA's query tiles (bwd_window_tile_range, which the
+// producer walks too), a step's S^T goes through apply_score_mods (softcap, ALiBi, the window /
+// causal / key-end mask) before P^T, and softcap's dS^T = P^T (1 - tanh^2) (dP^T - D) takes tanh
+// from the fp32 P^T (softcap_dtanh); P^T (1 - tanh^2) replaces the packed P^T in registers once
+// P^T is in smem (dV reads it there), so no register is added.  Not here (the dispatch,
+// sm90_bwd_applies, sends it to the sm80 kernels): the deterministic mode.
 #pragma once
 #include "backends/cuda/sm90/flash_bwd_sm90.cuh"
 
@@ -97,7 +103,7 @@ __device__ __forceinline__ void bwd_wide_dq(uint64_t dS_a, uint64_t dKt_b, int c
   }
 }
 
-template <typename T, int kD, bool kCausal>
+template <typename T, int kD, bool kCausal, bool kFeatures>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                                float* dq_accum, int num_n_blocks, int head_group) {
@@ -125,7 +131,11 @@ __global__ void __launch_bounds__(384, 1)
   const int n0 = cta.n_block * kBN;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
-  const BwdTileRange tr = bwd_tile_range(n0, sq, coff, kCausal, kBM);
+  const bool has_window = kFeatures && cuda::window_active(kCausal, p.window_left, p.window_right);
+  const BwdTileRange tr =
+      has_window
+          ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
+          : bwd_tile_range(n0, sq, coff, kCausal, kBM);
   const int n_iters = tr.n_m * group;
 
   const int warp = warp_idx_uniform();
@@ -173,6 +183,11 @@ __global__ void __launch_bounds__(384, 1)
   const int64_t diag64 = coff - n0;
   const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
   const int keys_left = sk - n0;
+  // Re-read from the parameters where tested (uniform registers), as the d128 kernel.
+  auto has_feat = [&] {
+    return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
+                         p.alibi_slopes != nullptr);
+  };
   if (n_iters > 0) {
     mbarrier_wait(kv_full, 0);
     int h = hk * group, m0 = tr.m_begin * kBM;
@@ -196,10 +211,23 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_commit();
       wgmma_wait<1>();  // S^T done (dP^T may still run)
       fence_operands(st);
-      // Element i: key key_l0 + 8 ((i / 2) % 2), query q_l0 + 8 (i / 4) + 2 t + (i % 2).
+      // Element i: key key_l0 + 8 ((i / 2) % 2), query q_l0 + 8 (i / 4) + 2 t + (i % 2), so
+      // key - query = rel0() + d_rel(i).
+      auto rel0 = [&] { return n0 + key_l0 - m0 - q_l0 - 2 * t; };
+      auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
+      if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
+        const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+        auto each = [&](auto&& f) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) f(st[i], d_rel(i), 8 * ((i / 2) % 2));
+        };
+        cuda::apply_score_mods(each, p.scale, p.softcap, cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h),
+                               coff, w, cuda::tile_needs_mask_window(n0, kBN, m0 + q_l0, 32, sk, w), rel0(),
+                               keys_left - key_l0);
+      }
       const int diag = m0 + diag0;
       const bool need_mask = keys_left < kBN || (kCausal && kBN - 1 > diag);
-      uint32_t pw[8];  // P^T as 16-bit pairs (the value dV and dS^T use)
+      uint32_t pw[8];  // P^T as 16-bit pairs (dV reads them from smem; dS^T = pw (dP^T - D))
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const int ql = q_l0 + 8 * (i / 4) + 2 * t + (i % 2);
@@ -214,6 +242,22 @@ __global__ void __launch_bounds__(384, 1)
       for (int i = 0; i < 16; i += 2) {
         pw[i / 2] = pack2<T>(st[i], st[i + 1]);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + slot(i / 4, (i / 2) % 2)), "r"(pw[i / 2]) : "memory");
+      }
+      if (kFeatures && p.softcap > 0.f) {  // pw := P^T (1 - tanh^2), the factor of dS^T
+        const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
+        const float inv_cap = 1.f / p.softcap;
+        const int diag32 = cuda::clamp_i32(coff);
+#pragma unroll
+        for (int i = 0; i < 16; i += 2) {
+          float f[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int ql = q_l0 + 8 * (i / 4) + 2 * t + e;
+            f[e] = st[i + e] *
+                   cuda::softcap_dtanh(st[i + e], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i + e)), inv_cap);
+          }
+          pw[i / 2] = pack2<T>(f[0], f[1]);
+        }
       }
       wgmma_wait<0>();
       fence_operands(dpt);
