@@ -38,6 +38,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -165,14 +166,94 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
     for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
+// ---- persistent tile schedule ----
+// Linear tile index -> (m_block, h, b).  The (b, h) pairs (h fastest: the q heads of one GQA
+// group, which share K / V, are neighbours) are cut into sections of `section` pairs; a
+// section's tiles are consecutive indices, m block outer and head inner inside it (FA3's L2
+// swizzle).  Causal: m_block descending (longest rows first: the short diagonal tiles form the
+// tail), section = as many heads as keep their K / V within ~32 MB of L2 (host,
+// fwd_sm90_section), so the CTAs running at once (neighbouring indices) read the K / V of a few
+// heads, each from HBM about once, instead of sweeping all b * hq heads per m-block row
+// (m_block outermost over all heads re-reads K / V from HBM per row once b * hq heads' K / V
+// exceed L2).  Not causal: every tile costs the same, section = 1, i.e. m_block innermost
+// ascending (the non-persistent grid's order): the running CTAs share the K / V of
+// gridDim.x / num_m_blocks heads.  The last section holds the remaining (b, h) pairs.
+struct FwdSm90Sched {
+  int num_m_blocks;
+  int num_hb;   // b * hq
+  int section;  // (b, h) pairs per section (>= 1)
+  int total;    // num_m_blocks * num_hb
+};
+
+struct FwdTile {
+  int m_block, h, b;
+  int n_begin, n_end;  // key tiles [n_begin, n_end) some row of the tile sees (empty: none)
+};
+
+// x, which the compiler may not assume loop-invariant (the asm is volatile: kept in place).
+__device__ __forceinline__ int opaque_int(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+// Tile index -> (m_block, h, b) (n_begin / n_end not set).
+template <bool kCausal>
+__device__ __forceinline__ FwdTile fwd_sm90_coord(const FwdParams& p, const FwdSm90Sched& sc, int idx) {
+  FwdTile tl;
+  // Opaque copies of the loop-invariant divisors: recomputing the divisions per tile costs a
+  // few dozen instructions; hoisted out of the tile loop, their reciprocals stayed live in
+  // registers across it (spills at d128 / 192-key tiles).
+  const int section = opaque_int(sc.section), num_m_blocks = opaque_int(sc.num_m_blocks);
+  const int hq = opaque_int(p.hq);
+  const int per_section = section * num_m_blocks;
+  const int sec = idx / per_section;
+  const int r = idx - sec * per_section;
+  const int hb0 = sec * section;
+  const int heads = min(section, sc.num_hb - hb0);
+  const int mi = r / heads;
+  const int hb = hb0 + (r - mi * heads);
+  tl.m_block = kCausal ? num_m_blocks - 1 - mi : mi;
+  tl.b = hb / hq;
+  tl.h = hb - tl.b * hq;
+  return tl;
+}
+
+// The one decoding of a tile index, used by the producer and the consumers alike (they must
+// agree on every tile's key range: a tile with n_begin == n_end loads nothing, not even Q).
+template <class Cfg, bool kCausal>
+__device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm90Sched& sc, int idx) {
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
+  FwdTile tl = fwd_sm90_coord<kCausal>(p, sc, idx);
+  const int m0 = tl.m_block * kBM;
+  const int sk = p.sk;
+  const int64_t coff = p.causal_offset;
+  // Key tiles [0, key_end): causal stops after the last row's diagonal.
+  int key_end = sk;
+  if (kCausal) {
+    const int64_t last = static_cast<int64_t>(m0) + kBM - 1 + coff + 1;  // keys < last visible
+    key_end = last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
+  }
+  tl.n_begin = 0;
+  tl.n_end = (key_end + kBN - 1) / kBN;
+  // The sliding window (features): only the key tiles some row of this tile sees.
+  if (cuda::window_active(kCausal, p.window_left, p.window_right)) {
+    const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+    const int64_t lo = static_cast<int64_t>(m0) + w.lo, hi = static_cast<int64_t>(m0) + kBM - 1 + w.hi + 1;
+    const int64_t k0 = lo < 0 ? 0 : (lo > sk ? sk : lo), k1 = hi < 0 ? 0 : (hi > sk ? sk : hi);
+    tl.n_begin = static_cast<int>(k0 / kBN);
+    tl.n_end = k0 < k1 ? static_cast<int>((k1 + kBN - 1) / kBN) : tl.n_begin;
+  }
+  return tl;
+}
+
 template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv, int kWG>
 __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
                           const __grid_constant__ CUtensorMap tm_k,
                           const __grid_constant__ CUtensorMap tm_v, const FwdParams p,
-                          int num_m_blocks) {
+                          const FwdSm90Sched sc) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG>;
-  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks, kStages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = sbase;
@@ -184,35 +265,17 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   auto v_full = [&](int s) { return bars + 24 + 8 * s; };
   auto k_empty = [&](int s) { return bars + 40 + 8 * s; };
   auto v_empty = [&](int s) { return bars + 56 + 8 * s; };
+  const uint32_t q_empty = bars + 72;
+  static_assert(Cfg::kStages == 2, "barrier layout: 2 stages (72 + 8 bytes <= the 128 reserved)");
 
-  // Grid: x = m block (causal: longest rows first), y = q head, z = batch.
-  const int m_block = kCausal ? num_m_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.hq / p.hkv);
-  const int m0 = m_block * kBM;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
-  // Key tiles [0, key_end): causal stops after the last row's diagonal.
-  int key_end = sk;
-  if (kCausal) {
-    const int64_t last = static_cast<int64_t>(m0) + kBM - 1 + coff + 1;  // keys < last visible
-    key_end = last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
-  }
-  // The sliding window (features): only the key tiles some row of this CTA sees.
   const bool has_window = cuda::window_active(kCausal, p.window_left, p.window_right);
-  int n_begin = 0, n_end = (key_end + kBN - 1) / kBN;
-  if (has_window) {
-    const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
-    const int64_t lo = static_cast<int64_t>(m0) + w.lo, hi = static_cast<int64_t>(m0) + kBM - 1 + w.hi + 1;
-    const int64_t k0 = lo < 0 ? 0 : (lo > sk ? sk : lo), k1 = hi < 0 ? 0 : (hi > sk ? sk : hi);
-    n_begin = static_cast<int>(k0 / kBN);
-    n_end = k0 < k1 ? static_cast<int>((k1 + kBN - 1) / kBN) : n_begin;
-  }
-  const int n_tiles = n_end - n_begin;
 
   const int warp = warp_idx_uniform();
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, 4 * kWG);  // one arrival per consumer warp, after its last QK^T of a tile
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -223,31 +286,52 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   }
   __syncthreads();
 
+  // Pipeline counters live for the whole CTA, across tiles: key tiles (K / V ring: stage
+  // cnt % kStages, phase (cnt / kStages) & 1) and Q loads (q_full / q_empty phase = count & 1).
+  // Tiles with no key tile touch neither (no Q load, no ring slot) on either side.
   if (warp < 4) {
     // ---------------- producer ----------------
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (warp == 0 && elect_one_sync() && n_tiles > 0) {
+    if (warp == 0 && elect_one_sync()) {
       tma_prefetch_desc(&tm_q);
       tma_prefetch_desc(&tm_k);
       tma_prefetch_desc(&tm_v);
-      mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
+      uint32_t kv_cnt = 0, q_cnt = 0;
+      for (int tile = blockIdx.x; tile < sc.total; tile += gridDim.x) {
+        const FwdTile tl = fwd_sm90_tile<Cfg, kCausal>(p, sc, tile);
+        const int n_tiles = tl.n_end - tl.n_begin;
+        if (n_tiles <= 0) continue;
+        const int hk = tl.h / (p.hq / p.hkv);
+        // Key tiles from the last (the diagonal / ragged end, masked) down to n_begin.  The
+        // first K goes out before the wait for Q's slot: its ring stage frees when the
+        // previous tile's second-to-last QK^T is done, Q's when its last one is.
+        for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
+          const int n = tl.n_end - 1 - it;
+          const int s = kv_cnt % kStages;
+          const uint32_t ph = (kv_cnt / kStages) & 1;
+          mbarrier_wait(k_empty(s), ph ^ 1);
+          mbarrier_arrive_expect_tx(k_full(s), Cfg::kKVBytes);
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, 64 * c, m0, h, b);
-      // Tiles from the last (the diagonal / ragged end, masked) down to n_begin.
-      for (int it = 0; it < n_tiles; ++it) {
-        const int n = n_end - 1 - it;
-        const int s = it % Cfg::kStages;
-        const uint32_t ph = (it / Cfg::kStages) & 1;
-        mbarrier_wait(k_empty(s), ph ^ 1);
-        mbarrier_arrive_expect_tx(k_full(s), Cfg::kKVBytes);
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), 64 * c, n * kBN, hk,
+                        tl.b);
+          if (it == 0) {
+            // Q of this CTA's q_cnt-th loaded tile: the consumers release the previous one
+            // (phase q_cnt - 1 of q_empty) once their last QK^T of it has completed.
+            if (q_cnt > 0) mbarrier_wait(q_empty, (q_cnt - 1) & 1);
+            mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c)
-          tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), 64 * c, n * kBN, hk, b);
-        mbarrier_wait(v_empty(s), ph ^ 1);
-        mbarrier_arrive_expect_tx(v_full(s), Cfg::kKVBytes);
+            for (int c = 0; c < kChunks; ++c)
+              tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, 64 * c, tl.m_block * kBM, tl.h, tl.b);
+            ++q_cnt;
+          }
+          mbarrier_wait(v_empty(s), ph ^ 1);
+          mbarrier_arrive_expect_tx(v_full(s), Cfg::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c)
-          tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), 64 * c, n * kBN, hk, b);
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), 64 * c, n * kBN, hk,
+                        tl.b);
+        }
       }
     }
   } else {
@@ -256,21 +340,18 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     const int wg = warp / 4 - 1;  // 0 .. kWG - 1: query rows 64 wg .. 64 wg + 63 of the tile
     const int wi = warp % 4;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
     const float scale_log2 = p.scale * 1.4426950408889634f;
-
-    float o[kD / 2];
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-    RowState st;
-    st.max[0] = st.max[1] = -INFINITY;
-    st.sum[0] = st.sum[1] = 0.f;
+    const bool warp_leader = lane == 0;
+    // Features (window / softcap / ALiBi) score every tile through apply_score_mods; the
+    // plain path keeps mask_tile on the tiles that cross the key end or the diagonal.
+    const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr;
 
     // Descriptors: Q rows of this WG (K-major, chunk c = kk / 4, 32 bytes per k16 inside);
     // K stage s likewise; V stage s MN-major (k16 slice = 16 key rows = 2048 bytes).
     const uint64_t dq0 = make_desc_kmajor_sw128(sQ + wg * 64 * 128);
     const uint64_t dk0 = make_desc_kmajor_sw128(sK);
     const uint64_t dv0 = make_desc_mnmajor_sw128(sV, Cfg::kKVChunkBytes);
+    float o[kD / 2];
     auto qk_gemm = [&](float (&s_acc)[kBN / 2], int stage) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
@@ -285,148 +366,224 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       for (int kk = 0; kk < kBN / 16; ++kk)
         Wgmma<kD, T>::template rs<1>(o, pa[kk], desc_advance(dv0, stage * Cfg::kKVBytes + kk * 2048), 1);
     };
-    const bool warp_leader = lane == 0;
-    auto needs_mask = [&](int n) {
-      const int n0 = n * kBN;
-      return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
-    };
-    // Features (window / softcap / ALiBi) score every tile through apply_score_mods; the
-    // plain path keeps mask_tile on the tiles that cross the key end or the diagonal.
-    const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr;
-    auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
-      if (has_feat) {
+
+    // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
+    // bit 31, the parity of the Q loads consumed (one register fewer live across the loops).
+    uint32_t kv_cnt = 0;
+    for (int tile = blockIdx.x; tile < sc.total; tile += gridDim.x) {
+      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal>(p, sc, tile);
+      const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
+      // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
+      // across the key loop (registers: the 192-key d128 tile spilled).
+      const int m0 = tl.m_block * kBM;
+      const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
+
+      // Per-tile state: O accumulators and the softmax rows start over.
+#pragma unroll
+      for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+      RowState st;
+      st.max[0] = st.max[1] = -INFINITY;
+      st.sum[0] = st.sum[1] = 0.f;
+
+      auto needs_mask = [&](int n) {
         const int n0 = n * kBN;
-        const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
-        // s_acc[i]: row row0 + dr, col n0 + 2t + dc (mask_tile's layout), col - row = rel0 + dc - dr.
-        auto each = [&](auto&& f) {
+        return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
+      };
+      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
+        if (has_feat) {
+          const FwdTile bh = fwd_sm90_coord<kCausal>(p, sc, tile);
+          const int b = bh.b, h = bh.h;
+          const int n0 = n * kBN;
+          const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+          // s_acc[i]: row row0 + dr, col n0 + 2t + dc (mask_tile's layout), col - row = rel0 + dc - dr.
+          auto each = [&](auto&& f) {
 #pragma unroll
-          for (int i = 0; i < kBN / 2; ++i) {
-            const int dc = 8 * (i / 4) + (i % 2), dr = 8 * ((i / 2) % 2);
-            f(s_acc[i], dc - dr, dc);
+            for (int i = 0; i < kBN / 2; ++i) {
+              const int dc = 8 * (i / 4) + (i % 2), dr = 8 * ((i / 2) % 2);
+              f(s_acc[i], dc - dr, dc);
+            }
+          };
+          cuda::apply_score_mods(each, p.scale, p.softcap,
+                                 cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                                 cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
+                                 sk - n0 - 2 * t);
+        } else if (needs_mask(n)) {
+          mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
+        }
+      };
+
+      if (n_tiles > 0) {
+        mbarrier_wait(q_full, kv_cnt >> 31);
+        kv_cnt ^= 0x80000000u;
+        if constexpr (!kOverlap) {
+          for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
+            const int n = n_end - 1 - it;
+            const int s = kv_cnt % kStages;
+            const uint32_t ph = (kv_cnt / kStages) & 1;
+            float sacc[kBN / 2];
+            mbarrier_wait(k_full(s), ph);
+            wgmma_fence();
+            qk_gemm(sacc, s);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(sacc);
+            __syncwarp();
+            if (warp_leader) {
+              mbarrier_arrive(k_empty(s));
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty);  // last QK^T of the tile done: Q free
+            }
+            score_tile(sacc, n);
+            float corr[2];
+            softmax_tile<kBN>(sacc, st, scale_log2, corr);
+            rescale_rows(o, corr);
+            uint32_t pa[kBN / 16][4];
+            convert_p<T, kBN>(sacc, pa);
+            mbarrier_wait(v_full(s), ph);
+            wgmma_fence();
+            pv_gemm(pa, s);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(o);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(v_empty(s));
           }
-        };
-        cuda::apply_score_mods(each, p.scale, p.softcap,
-                               cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
-                               cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
-                               sk - n0 - 2 * t);
-      } else if (needs_mask(n)) {
-        mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
-      }
-    };
-
-    if (n_tiles > 0) {
-      mbarrier_wait(q_full, 0);
-      if constexpr (!kOverlap) {
-        for (int it = 0; it < n_tiles; ++it) {
-          const int n = n_end - 1 - it;
-          const int s = it % Cfg::kStages;
-          const uint32_t ph = (it / Cfg::kStages) & 1;
-          float sacc[kBN / 2];
-          mbarrier_wait(k_full(s), ph);
-          wgmma_fence();
-          qk_gemm(sacc, s);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_operands(sacc);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(k_empty(s));
-          score_tile(sacc, n);
-          float corr[2];
-          softmax_tile<kBN>(sacc, st, scale_log2, corr);
-          rescale_rows(o, corr);
+        } else {
+          // Prologue: S and P of the first tile.
           uint32_t pa[kBN / 16][4];
-          convert_p<T, kBN>(sacc, pa);
-          mbarrier_wait(v_full(s), ph);
+          {
+            const int s = kv_cnt % kStages;
+            const uint32_t ph = (kv_cnt / kStages) & 1;
+            float sacc[kBN / 2];
+            mbarrier_wait(k_full(s), ph);
+            wgmma_fence();
+            qk_gemm(sacc, s);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(sacc);
+            __syncwarp();
+            if (warp_leader) {
+              mbarrier_arrive(k_empty(s));
+              if (n_tiles == 1) mbarrier_arrive(q_empty);
+            }
+            score_tile(sacc, n_end - 1);
+            float corr[2];
+            softmax_tile<kBN>(sacc, st, scale_log2, corr);  // o is 0: no rescale needed
+            convert_p<T, kBN>(sacc, pa);
+          }
+          for (int it = 1; it < n_tiles; ++it) {
+            const int n = n_end - 1 - it;
+            const uint32_t c = kv_cnt + it, cp = c - 1;
+            const int s = c % kStages, sp = cp % kStages;
+            const uint32_t ph = (c / kStages) & 1, php = (cp / kStages) & 1;
+            float sacc[kBN / 2];
+            mbarrier_wait(k_full(s), ph);
+            wgmma_fence();
+            qk_gemm(sacc, s);
+            wgmma_commit();
+            mbarrier_wait(v_full(sp), php);
+            pv_gemm(pa, sp);  // P of the previous tile, still unscaled by this tile's max
+            wgmma_commit();
+            wgmma_wait<1>();  // S of this tile is ready; PV still runs
+            fence_operands(sacc);
+            __syncwarp();
+            if (warp_leader) {
+              mbarrier_arrive(k_empty(s));
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty);  // last QK^T of the tile done: Q free
+            }
+            score_tile(sacc, n);
+            float corr[2];
+            softmax_tile<kBN>(sacc, st, scale_log2, corr);
+            // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
+            // after it (seen in SASS), which serializes softmax behind PV again.
+            fence_operands(sacc);
+            fence_operands(corr);
+            wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
+            fence_operands(o);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(v_empty(sp));
+            rescale_rows(o, corr);
+            convert_p<T, kBN>(sacc, pa);
+          }
+          // Epilogue GEMM: PV of the last tile; then its V stage goes back to the producer
+          // (it refills it with the next tile's keys: without this arrival the ring hangs).
+          const uint32_t cl = kv_cnt + n_tiles - 1;
+          const int sl = cl % kStages;
+          const uint32_t phl = (cl / kStages) & 1;
+          mbarrier_wait(v_full(sl), phl);
           wgmma_fence();
-          pv_gemm(pa, s);
+          pv_gemm(pa, sl);
           wgmma_commit();
           wgmma_wait<0>();
           fence_operands(o);
           __syncwarp();
-          if (warp_leader) mbarrier_arrive(v_empty(s));
+          if (warp_leader) mbarrier_arrive(v_empty(sl));
+          kv_cnt += n_tiles;
         }
-      } else {
-        // Prologue: S and P of the first tile.
-        uint32_t pa[kBN / 16][4];
-        {
-          float sacc[kBN / 2];
-          mbarrier_wait(k_full(0), 0);
-          wgmma_fence();
-          qk_gemm(sacc, 0);
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_operands(sacc);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(k_empty(0));
-          score_tile(sacc, n_end - 1);
-          float corr[2];
-          softmax_tile<kBN>(sacc, st, scale_log2, corr);  // o is 0: no rescale needed
-          convert_p<T, kBN>(sacc, pa);
-        }
-        for (int it = 1; it < n_tiles; ++it) {
-          const int n = n_end - 1 - it;
-          const int s = it % Cfg::kStages, sp = (it - 1) % Cfg::kStages;
-          const uint32_t ph = (it / Cfg::kStages) & 1, php = ((it - 1) / Cfg::kStages) & 1;
-          float sacc[kBN / 2];
-          mbarrier_wait(k_full(s), ph);
-          wgmma_fence();
-          qk_gemm(sacc, s);
-          wgmma_commit();
-          mbarrier_wait(v_full(sp), php);
-          pv_gemm(pa, sp);  // P of the previous tile, still unscaled by this tile's max
-          wgmma_commit();
-          wgmma_wait<1>();  // S of this tile is ready; PV still runs
-          fence_operands(sacc);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(k_empty(s));
-          score_tile(sacc, n);
-          float corr[2];
-          softmax_tile<kBN>(sacc, st, scale_log2, corr);
-          // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
-          // after it (seen in SASS), which serializes softmax behind PV again.
-          fence_operands(sacc);
-          fence_operands(corr);
-          wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
-          fence_operands(o);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(v_empty(sp));
-          rescale_rows(o, corr);
-          convert_p<T, kBN>(sacc, pa);
-        }
-        // Epilogue GEMM: PV of the last tile.
-        const int sl = (n_tiles - 1) % Cfg::kStages;
-        const uint32_t phl = ((n_tiles - 1) / Cfg::kStages) & 1;
-        mbarrier_wait(v_full(sl), phl);
-        wgmma_fence();
-        pv_gemm(pa, sl);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_operands(o);
       }
-    }
 
-    // Epilogue: normalize, LSE (natural log), O as 16-bit pairs (rows past sq not written).
-    float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
-    T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
+      // Epilogue: normalize, LSE (natural log), O as 16-bit pairs (rows past sq not written).
+      // Meanwhile the producer already loads the next tile's K / V (and Q, once every consumer
+      // warp has released it).
+      const FwdTile bh = fwd_sm90_coord<kCausal>(p, sc, tile);
+      const int b = bh.b, h = bh.h;
+      float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
+      T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = st.sum[r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = row0 + 8 * r;
-      if (row < sq) {
-        if (t == 0)
-          lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
-        T* orow = og + static_cast<int64_t>(row) * p.o_row_stride;
+      for (int r = 0; r < 2; ++r) {
+        float l = st.sum[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = row0 + 8 * r;
+        if (row < sq) {
+          if (t == 0)
+            lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+          T* orow = og + static_cast<int64_t>(row) * p.o_row_stride;
 #pragma unroll
-        for (int j = 0; j < kD / 8; ++j)
-          if (8 * j < p.d)  // d below the bucket: columns d.. are the zero padding
-            *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-                pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+          for (int j = 0; j < kD / 8; ++j)
+            if (8 * j < p.d)  // d below the bucket: columns d.. are the zero padding
+              *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+                  pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+        }
       }
     }
   }
+}
+
+// SMs of the current device (0 if unknown), queried once per device.
+inline int fwd_sm90_num_sms() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    const int c = cached[device].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (device >= 0 && device < kMaxDevices) cached[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+// (b, h) pairs per schedule section (fwd_sm90_tile): causal, as many GQA groups as keep their
+// K and V (4 * sk * d bytes per kv head, 16-bit) within 32 MB of L2, a power of 2 (FA3's
+// choice); not causal, 1 (m_block innermost).
+inline int fwd_sm90_section(const FwdParams& p, bool causal) {
+  if (!causal) return 1;
+  const int64_t kv_head_bytes = 4 * static_cast<int64_t>(p.sk) * p.d;
+  const int64_t budget = int64_t{32} << 20;
+  int kv_heads = 1;
+  while (kv_head_bytes > 0 && int64_t{2} * kv_heads * kv_head_bytes <= budget) kv_heads *= 2;
+  const int64_t s = static_cast<int64_t>(kv_heads) * (p.hq / p.hkv);
+  const int64_t hb = static_cast<int64_t>(p.hq) * p.b;
+  return static_cast<int>(s < hb ? s : hb);
 }
 
 // Host launcher of the kCausal kernel.  Returns false without launching when the tensor maps
@@ -435,18 +592,27 @@ template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_bl
 bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG>;
   if (p.d > kD || p.d % 8 != 0 || cuda::value_dim(p) != p.d) return false;
+  const int64_t num_m_blocks = (static_cast<int64_t>(p.sq) + Cfg::kBM - 1) / Cfg::kBM;
+  const int64_t total = num_m_blocks * p.hq * p.b;
+  if (total > INT32_MAX / 2) return false;  // the tile index (+ gridDim.x) is an int
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
   CUtensorMap tq, tk, tv;
   if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
       !make_attn_map<T>(&tk, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN) ||
       !make_attn_map<T>(&tv, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN))
     return false;
-  const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
-  if (num_m_blocks == 0 || p.b == 0 || p.hq == 0) return true;
+  if (total == 0) return true;
+  FwdSm90Sched sc;
+  sc.num_m_blocks = static_cast<int>(num_m_blocks);
+  sc.num_hb = p.hq * p.b;
+  sc.section = fwd_sm90_section(p, kCausal);
+  sc.total = static_cast<int>(total);
+  // Persistent: one CTA per SM (the smem of one CTA fills it), each strides over the tiles.
+  const int sms = fwd_sm90_num_sms();
+  const int grid = sms > 0 && sms < sc.total ? sms : sc.total;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  dim3 grid(num_m_blocks, p.hq, p.b);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, num_m_blocks);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, sc);
   return true;
 }
 
