@@ -886,6 +886,12 @@ std::vector<Case> sm90_feature_suite() {
   v.push_back({"sm90-multitile-d64-causal", BF, 2, 8, 4, 1700, 1700, 64, true});
   v.push_back({"sm90-multitile-d128", FP, 2, 8, 2, 1100, 1000, 128});
   v.push_back({"sm90-multitile-d256-causal", BF, 2, 8, 8, 1100, 1100, 256, true});
+  // Persistent CTAs whose tiles include ones that see no key (n_begin == n_end: neither Q nor a
+  // K / V stage is loaded for them) between tiles that do. sq > sk bottom-right: rows below
+  // sq - sk see nothing (window (64, 0): 576 tiles, m-blocks 0..2 of 9 of each head empty;
+  // d64 causal: 192-row tiles, m-blocks 0..3 of 9 empty, 288 tiles, GQA 8:1).
+  v.push_back(with_window({"sm90-multitile-win-empty-d128", FP, 4, 16, 4, 1100, 600, 128}, 64, 0));
+  v.push_back({"sm90-multitile-d64-causal-empty", BF, 2, 16, 2, 1700, 900, 64, true});
   return v;
 }
 
