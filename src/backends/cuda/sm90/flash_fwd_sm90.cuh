@@ -2,18 +2,30 @@
 // written on our own PTX wrappers (sm90.cuh).  Compile ONLY with
 // -gencode=arch=compute_90a,code=sm_90a.
 //
-// One CTA = one 128-row query tile of one (batch, q head); 3 warpgroups:
-//   WG0  producer: one elected thread issues TMA loads of Q (once) and of the K / V tiles into
-//        a 2-stage ring (separate K and V barriers, so S = QK^T starts before V lands);
-//        setmaxnreg.dec to 24 registers.
-//   WG1, WG2  consumers, 64 query rows each (setmaxnreg.inc to 240):
+// Persistent: grid = min(tiles, SMs), one CTA per SM (its registers fill the SM); CTA x runs the
+// query tiles x, x + gridDim.x, ... of a linear tile index (fwd_sm90_tile: causal, m-blocks
+// longest first inside L2-sized sections of (batch, head) pairs; not causal, m-block innermost).
+// A tile = 64 * kWG query rows of one (batch, q head); kWG + 1 warpgroups:
+//   WG0  producer: one elected thread issues TMA loads of Q (once per tile) and of the K / V
+//        tiles into a 2-stage ring (separate K and V barriers, so S = QK^T starts before V
+//        lands); setmaxnreg.dec.  It runs ahead into the next tile while the consumers finish
+//        this one: the next tile's first K goes out as soon as its ring stage is free, its Q
+//        once every consumer warp has done its last QK^T of this tile (q_empty), so the next
+//        tile's loads overlap this tile's last PV and epilogue.
+//   WG1..WGkWG  consumers, 64 query rows each (setmaxnreg.inc):
 //        S = Q K^T   wgmma ss (Q and K both K-major in smem, 128B swizzle),
 //        online softmax in registers (exp2, scale folded into log2 units),
 //        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
-//        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass).
+//        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
+//        the epilogue writes O and LSE straight from registers (no smem), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
-//
+// Barriers across tiles: the K / V ring's stage and phase come from a count of key tiles kept
+// for the whole CTA (producer: loaded, consumers: consumed), not per tile; q_full / q_empty
+// flip once per tile that loads Q.  Every consumer warp frees every K and V stage it used,
+// the last key tile's V included (after the final PV).  A tile whose rows see no key (window,
+// causal with sq > sk) loads nothing (no Q, no ring stage) and writes O = 0, LSE -inf; producer
+// and consumers decode the tile index with the same function, so they agree on that.
 // Supported: T = bf16 / fp16; kD (the head-dim bucket) = 64, 128, 192, 256 and any run-time
 // d == d_v with d <= kD, d % 8 == 0: the tensor maps have the true width d, so TMA fills the
 // columns d..kD-1 of the Q / K / V tiles with zeros (QK^T and PV add nothing for them) and the
