@@ -5,6 +5,7 @@
 // Persistent: grid = min(tiles, SMs), one CTA per SM (its registers fill the SM); CTA x runs the
 // query tiles x, x + gridDim.x, ... of a linear tile index (fwd_sm90_tile: causal, m-blocks
 // longest first inside L2-sized sections of (batch, head) pairs; not causal, m-block innermost).
+// Causal calls with sq > 4096 or d > 128 launch one CTA per tile instead (the launcher says why).
 // A tile = 64 * kWG query rows of one (batch, q head); kWG + 1 warpgroups:
 //   WG0  producer: one elected thread issues TMA loads of Q (once per tile) and of the K / V
 //        tiles into a 2-stage ring (separate K and V barriers, so S = QK^T starts before V
@@ -614,13 +615,23 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
       !make_attn_map<T>(&tv, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN))
     return false;
   if (total == 0) return true;
+  // Persistent (one CTA per SM, the smem of one CTA fills it, each striding over the tiles)
+  // where it measured faster (H200, session 14, against the one-tile-per-CTA kernel, alternating
+  // binaries): not causal +0.3..+0.6 % at s8k, +2 % at s4k, +4..7 % at s2k, +21..24 % at s512
+  // (d64 / d128); causal at sq <= 4096 and d <= 128, +1..4 % at s4k, +3..9 % at s2k, +30 % at
+  // s512.  Causal beyond that runs one tile per CTA (grid = tiles, section 1: the head-major,
+  // longest-first order of the kernel before persistence), because the static stride assigns
+  // causal tiles of unequal length blindly: d128 s8k measured -4.4 %, and a model of the
+  // assignment (each CTA's summed tile lengths) puts the busiest CTA at 1.15x the mean at d128
+  // s8k and 1.41x at d256 s8k, against 1.05x / 1.12x for the hardware's greedy dispatch.  A
+  // dynamic scheduler (an atomic tile counter) would remove that; not written yet.
+  const bool persistent = !kCausal || (kD <= 128 && p.sq <= 4096);
   FwdSm90Sched sc;
   sc.num_m_blocks = static_cast<int>(num_m_blocks);
   sc.num_hb = p.hq * p.b;
-  sc.section = fwd_sm90_section(p, kCausal);
+  sc.section = persistent ? fwd_sm90_section(p, kCausal) : 1;
   sc.total = static_cast<int>(total);
-  // Persistent: one CTA per SM (the smem of one CTA fills it), each strides over the tiles.
-  const int sms = fwd_sm90_num_sms();
+  const int sms = persistent ? fwd_sm90_num_sms() : 0;
   const int grid = sms > 0 && sms < sc.total ? sms : sc.total;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
