@@ -1,7 +1,9 @@
 // sm90 attention forward (src/backends/cuda/sm90/flash_fwd_sm90.cuh): correctness + speed.
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Iinclude -Isrc \
 //        bench/sm90/sm90_attn_bench.cu -o sm90_attn_bench
-//   ./sm90_attn_bench [all|checks|grid|quick]
+//   ./sm90_attn_bench [all|checks|grid|quick|causal]   (causal: the causal grid points, timed only)
+// -DSM90_BENCH_LIBRARY_ONLY builds the library entry alone (no kernel variants): quick to build,
+// and with -I another tree's src / include, the A/B binary of that tree's forward.
 // Per shape (dtype, d, causal, b, hq, hkv, s): fresh random Q/K/V (BSHD), O and LSE poisoned
 // (NaN) before the checked run, then checked on a sample of query rows against a GPU
 // reference with fp32 arithmetic on the same 16-bit inputs.  The tolerance is
@@ -155,9 +157,10 @@ bool run_shape(const Shape& sh, int reps, bool check) {
     const char* name;
     bool (*launch)(const FwdParams&);
   };
-  std::vector<Variant> variants = {{"library", orchard::cuda::run_flash_fwd_sm90<T, kBucket>},
-                                   {"overlap", s9::launch_flash_fwd_sm90<T, kBucket, true>},
-                                   {"plain", s9::launch_flash_fwd_sm90<T, kBucket, false>}};
+  std::vector<Variant> variants = {{"library", orchard::cuda::run_flash_fwd_sm90<T, kBucket>}};
+#ifndef SM90_BENCH_LIBRARY_ONLY  // (-D...: the library entry alone, a build of a few kernels for A/B)
+  variants.push_back({"overlap", s9::launch_flash_fwd_sm90<T, kBucket, true>});
+  variants.push_back({"plain", s9::launch_flash_fwd_sm90<T, kBucket, false>});
   if constexpr (kBucket <= 128) {
     variants.push_back({"ovl-n192", s9::launch_flash_fwd_sm90<T, kBucket, true, 192>});
     variants.push_back({"pln-n192", s9::launch_flash_fwd_sm90<T, kBucket, false, 192>});
@@ -169,6 +172,7 @@ bool run_shape(const Shape& sh, int reps, bool check) {
   if constexpr (kBucket == 192) {  // a wider key tile (2 stages of 128 keys do not fit in smem)
     variants.push_back({"ovl-n96", s9::launch_flash_fwd_sm90<T, kBucket, true, 96>});
   }
+#endif
   for (const Variant& var : variants) {
     auto launch = [&]() { return var.launch(p); };
     const char* vname = var.name;
@@ -267,7 +271,7 @@ bool run(const Shape& sh, int reps, bool check) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a hang (killed by timeout) still leaves every line before it
   int fails = 0;
-  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick
+  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal
   // Correctness: ragged lengths, GQA, causal, both dtypes, every head dim.
   const Shape checks[] = {
       {false, 128, false, 2, 4, 4, 1000}, {false, 128, true, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 1, 777},
@@ -278,8 +282,12 @@ int main(int argc, char** argv) {
       {false, 192, false, 2, 4, 2, 1000}, {true, 192, true, 1, 4, 4, 777},   {false, 96, true, 2, 4, 2, 1000},
       {true, 96, false, 1, 2, 1, 513},    {false, 160, true, 1, 4, 4, 1025}, {false, 40, false, 2, 4, 4, 700},
       {false, 200, true, 1, 2, 2, 300},
+      // causal with more tiles than SMs: the persistent schedule's pairs of m blocks (odd counts
+      // leave block 0 alone) spread over the CTAs, GQA
+      {false, 128, true, 2, 16, 16, 8192}, {true, 64, true, 4, 32, 8, 1700}, {false, 256, true, 2, 8, 8, 4100},
+      {false, 192, true, 2, 10, 5, 3000},
   };
-  if (mode != "grid" && mode != "quick")
+  if (mode != "grid" && mode != "quick" && mode != "causal")
     for (const Shape& s : checks) fails += !run(s, 0, true);
   // Speed grid (b * s = 16k tokens, hq * d = 2048); checked once more on the big shapes.
   const Shape grid[] = {
@@ -292,7 +300,15 @@ int main(int argc, char** argv) {
       {false, 192, false, 4, 10, 10, 4096}, {false, 192, true, 4, 10, 10, 4096}, {false, 96, false, 2, 21, 21, 8192},
       {false, 96, true, 2, 21, 21, 8192},   {false, 160, false, 4, 12, 12, 4096}, {false, 160, true, 4, 12, 12, 4096},
   };
-  if (mode != "checks")
+  // causal: the causal points of the grid (and one non-causal control), timed only.
+  const Shape causal_grid[] = {
+      {false, 128, true, 2, 16, 16, 8192}, {false, 256, true, 4, 8, 8, 4096}, {false, 192, true, 4, 10, 10, 4096},
+      {false, 64, true, 2, 32, 32, 8192},  {false, 128, true, 8, 16, 16, 2048}, {false, 64, true, 8, 32, 32, 2048},
+      {false, 128, true, 32, 16, 16, 512}, {false, 128, false, 2, 16, 16, 8192},
+  };
+  if (mode == "causal")
+    for (const Shape& s : causal_grid) fails += !run(s, 20, false);
+  else if (mode != "checks")
     for (const Shape& s : grid) fails += !run(s, mode == "quick" ? 5 : 20, false);
   std::printf("sm90 attention bench: %d failing shape(s)\n", fails);
   return fails ? 1 : 0;

@@ -12,7 +12,8 @@
 //   cuda_check --sm90     the suite twice: sm90 forward / backward where they apply, then ORCHARD_SM90=0
 //   cuda_check --sm90feat the cases of the suite at shapes the sm90 kernels take (bf16/fp16, d 33..256 / 8,
 //                         16-byte rows; plain and window / softcap / ALiBi), twice: ORCHARD_SM90=1, then 0;
-//                         counts the cases whose variant was cuda.*.sm90.*
+//                         counts the cases whose variant was cuda.*.sm90.*; --sm90feat-pass [SUBSTR,...]: one
+//                         pass under the caller's ORCHARD_SM90, optionally only the cases named with a SUBSTR
 //   cuda_check --bench    TFLOP/s table (bf16, 16k tokens, model dim 2048); --bench-s S: its points at s = S only
 //   cuda_check --bench-mask  masked-SDPA kernel times (key-padding bool mask, bf16 bias)
 //
@@ -1387,7 +1388,7 @@ void set_bench_grads(BwdParams& p, const Layout& L, void* dO, void* dq, void* dk
 }
 
 // only_d/only_s/only_causal (0/0/-1: all) pick one grid point; iters: timed runs
-// (3 warm-ups each). `--one D S CAUSAL` uses iters = 1 for profilers (ncu/nsys); its D may also
+// (3 warm-ups each). `--one D S CAUSAL [ITERS]` uses iters = 1 (profilers: ncu/nsys) unless ITERS; its D may also
 // be 192 or 256 (CAUSAL -1: both), the only way those head dims are timed here.
 void bench(int only_d = 0, int only_s = 0, int only_causal = -1, int iters = 20, int min_s = 0) {
   std::printf("\nbf16, b*s = 16384 tokens, h = 2048/d; TFLOP/s (fwd 4bhs^2d, /2 causal, bwd x2.5), median of 20\n");
@@ -1625,9 +1626,23 @@ int main(int argc, char** argv) {
     return fails ? 1 : 0;
   }
   if (mode == "--sm90feat-pass") {  // one pass of --sm90feat, under the caller's ORCHARD_SM90
+    // [SUBSTR,...]: only the cases whose name contains one of them (a quick check on a GPU).
+    std::vector<std::string> only;
+    if (argc > 2)
+      for (std::string rest = argv[2]; !rest.empty();) {
+        const std::size_t comma = rest.find(',');
+        only.push_back(rest.substr(0, comma));
+        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      }
+    auto wanted = [&](const Case& c) {
+      if (only.empty()) return true;
+      for (const std::string& o : only)
+        if (std::string(c.name).find(o) != std::string::npos) return true;
+      return false;
+    };
     std::vector<Case> cases;
     for (const Case& c : suite())
-      if (sm90_shape(c)) cases.push_back(c);
+      if (sm90_shape(c) && wanted(c)) cases.push_back(c);
     for (const Case& c : cases) run_case(c, rng);
     const char* env = std::getenv("ORCHARD_SM90");
     const int m = int(cases.size());
@@ -1659,8 +1674,8 @@ int main(int argc, char** argv) {
     bench_mask();
     return 0;
   }
-  if (mode == "--one" && argc == 5) {
-    bench(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), 1);
+  if (mode == "--one" && (argc == 5 || argc == 6)) {  // D S CAUSAL [ITERS, default 1]
+    bench(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), argc == 6 ? std::atoi(argv[5]) : 1);
     return 0;
   }
   // check_support reasons
