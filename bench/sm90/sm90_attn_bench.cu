@@ -282,8 +282,8 @@ int main(int argc, char** argv) {
       {false, 192, false, 2, 4, 2, 1000}, {true, 192, true, 1, 4, 4, 777},   {false, 96, true, 2, 4, 2, 1000},
       {true, 96, false, 1, 2, 1, 513},    {false, 160, true, 1, 4, 4, 1025}, {false, 40, false, 2, 4, 4, 700},
       {false, 200, true, 1, 2, 2, 300},
-      // causal with more tiles than SMs: the persistent schedule's pairs of m blocks (odd counts
-      // leave block 0 alone) spread over the CTAs, GQA
+      // causal with more tiles than SMs (persistent CTAs run several; one CTA per tile above
+      // sq 4096 / d128), odd m-block counts, GQA
       {false, 128, true, 2, 16, 16, 8192}, {true, 64, true, 4, 32, 8, 1700}, {false, 256, true, 2, 8, 8, 4100},
       {false, 192, true, 2, 10, 5, 3000},
   };
