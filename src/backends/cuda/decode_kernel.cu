@@ -43,6 +43,7 @@
 #include <string>
 #include <type_traits>
 
+#include "backends/cuda/device_attribute.h"
 #include "core/decode_backend.h"
 #include "orchard/decode_params.h"
 #include "orchard/errors.h"
@@ -1371,17 +1372,7 @@ void decode_cuda(const DecodeParams& p) {
 }
 
 int decode_cuda_num_sms(int device) {
-  static int cache[64] = {};
-  if (device < 0 || device >= 64) return 0;
-  if (cache[device] == 0) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    cache[device] = n;
-  }
-  return cache[device];
+  return device >= 0 && device < 64 ? cuda::cached_device_attribute<cudaDevAttrMultiProcessorCount>(device) : 0;
 }
 
 int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t max_keys, int d, DType dtype,

@@ -50,11 +50,11 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 
 #include "backends/cuda/sm80/attention_tiles.cuh"
+#include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/mma_utils.cuh"
 #include "backends/cuda/sm80/swizzled_tile.cuh"
@@ -1518,29 +1518,6 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   }
 }
 
-// The largest dynamic shared memory a block of the current device may opt in to
-// (0 if unknown), cached per device.
-inline int device_smem_optin_bytes() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices) {
-    const int c = cached[device].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int bytes = 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (device >= 0 && device < kMaxDevices) cached[device].store(bytes, std::memory_order_relaxed);
-  return bytes;
-}
-
 // ORCHARD_BWD_TWO_PASS=1: d > 128 backward on the two-pass kernel even where the
 // one-pass kernel fits (A/B and a fallback while the one-pass kernel is new).
 inline bool bwd_force_two_pass() {
@@ -1580,7 +1557,7 @@ void launch_flash_bwd(const BwdParams& p) {
   constexpr bool kV2 = kD <= 128;
   using Cfg2 = BwdConfig2<kD>;
   const int smem2 = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
-  const bool use_v2 = kV2 || (!bwd_force_two_pass() && smem2 <= device_smem_optin_bytes());
+  const bool use_v2 = kV2 || (!bwd_force_two_pass() && smem2 <= current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
   if (use_v2) {
     const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
     const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;

@@ -51,11 +51,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
+#include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
@@ -563,28 +563,6 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   }
 }
 
-// SMs of the current device (0 if unknown), queried once per device.
-inline int fwd_sm90_num_sms() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices) {
-    const int c = cached[device].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  if (device >= 0 && device < kMaxDevices) cached[device].store(n, std::memory_order_relaxed);
-  return n;
-}
-
 // (b, h) pairs per schedule section (fwd_sm90_tile): causal, as many GQA groups as keep their
 // K and V (4 * sk * d bytes per kv head, 16-bit) within 32 MB of L2, a power of 2 (FA3's
 // choice); not causal, 1 (m_block innermost).
@@ -631,7 +609,7 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   sc.num_hb = p.hq * p.b;
   sc.section = persistent ? fwd_sm90_section(p, kCausal) : 1;
   sc.total = static_cast<int>(total);
-  const int sms = persistent ? fwd_sm90_num_sms() : 0;
+  const int sms = persistent ? cuda::current_device_attribute<cudaDevAttrMultiProcessorCount>() : 0;
   const int grid = sms > 0 && sms < sc.total ? sms : sc.total;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);

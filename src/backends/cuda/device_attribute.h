@@ -1,0 +1,41 @@
+// A CUDA device attribute, queried once per (attribute, device) and cached: the launchers ask on
+// every call (SM count, shared-memory opt-in), and cudaDeviceGetAttribute is not free.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+namespace orchard::cuda {
+
+// kAttr of `device`; 0 if unknown (the query failed, its error cleared; or a device index outside
+// 0..63, which is not cached). Safe to call from several host threads.
+template <cudaDeviceAttr kAttr>
+inline int cached_device_attribute(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int c = cached[device].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int value = 0;
+  if (cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (cacheable) cached[device].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+// The same for the calling thread's current device.
+template <cudaDeviceAttr kAttr>
+inline int current_device_attribute() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return cached_device_attribute<kAttr>(device);
+}
+
+}  // namespace orchard::cuda
