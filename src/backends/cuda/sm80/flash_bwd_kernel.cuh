@@ -1557,7 +1557,8 @@ void launch_flash_bwd(const BwdParams& p) {
   constexpr bool kV2 = kD <= 128;
   using Cfg2 = BwdConfig2<kD>;
   const int smem2 = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
-  const bool use_v2 = kV2 || (!bwd_force_two_pass() && smem2 <= current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
+  const bool use_v2 =
+      kV2 || (!bwd_force_two_pass() && smem2 <= current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
   if (use_v2) {
     const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
     const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;

@@ -49,8 +49,8 @@
 // (softcap_dtanh) and parks P^T (1 - tanh^2) as 16 bits in the step's dS^T slots until dP^T
 // is ready, so no extra register array lives across the dP^T GEMM.
 // The dispatch (cuda_backend.cu, sm90_bwd_applies) sends d > 128 to flash_bwd_sm90_wide.cuh (the
-// same features, the same kFeatures flag) and
-// everything else this kernel does not cover to the sm80 kernels.
+// same features, the same kFeatures flag) and everything else this kernel does not cover to the
+// sm80 kernels.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>

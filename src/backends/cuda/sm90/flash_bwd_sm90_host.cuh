@@ -33,11 +33,10 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
 }
 
 // The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only; score
-// modifiers run its kFeatures kernels.  d64 / d128: score
-// modifiers run the kFeatures kernels, with bulk dQ only (the atomic-dQ variant, a bench A/B,
-// has no feature instantiation); a d below the bucket runs the kPaddedD kernels, which are also
-// the kFeatures ones (bulk dQ; no features active = the plain math with its run-time branches):
-// two kernels instead of four.
+// modifiers run its kFeatures kernels.  d64 / d128: score modifiers run the kFeatures kernels,
+// with bulk dQ only (the atomic-dQ variant, a bench A/B, has no feature instantiation); a d below
+// the bucket runs the kPaddedD kernels, which are also the kFeatures ones (bulk dQ; no features
+// active = the plain math with its run-time branches): two kernels instead of four.
 template <typename T, int kD>
 auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
   if constexpr (kD > 128) {

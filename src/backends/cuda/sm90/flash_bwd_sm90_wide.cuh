@@ -221,9 +221,9 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int i = 0; i < 16; ++i) f(st[i], d_rel(i), 8 * ((i / 2) % 2));
         };
-        cuda::apply_score_mods(each, p.scale, p.softcap, cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h),
-                               coff, w, cuda::tile_needs_mask_window(n0, kBN, m0 + q_l0, 32, sk, w), rel0(),
-                               keys_left - key_l0);
+        cuda::apply_score_mods(each, p.scale, p.softcap,
+                               cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                               cuda::tile_needs_mask_window(n0, kBN, m0 + q_l0, 32, sk, w), rel0(), keys_left - key_l0);
       }
       const int diag = m0 + diag0;
       const bool need_mask = keys_left < kBN || (kCausal && kBN - 1 > diag);
@@ -253,8 +253,8 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int ql = q_l0 + 8 * (i / 4) + 2 * t + e;
-            f[e] = st[i + e] *
-                   cuda::softcap_dtanh(st[i + e], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i + e)), inv_cap);
+            const float alibi = cuda::alibi_term(slope, diag32, rel0() + d_rel(i + e));
+            f[e] = st[i + e] * cuda::softcap_dtanh(st[i + e], lse_t[ql], alibi, inv_cap);
           }
           pw[i / 2] = pack2<T>(f[0], f[1]);
         }
