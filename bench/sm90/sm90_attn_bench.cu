@@ -300,12 +300,15 @@ int main(int argc, char** argv) {
       {false, 192, false, 4, 10, 10, 4096}, {false, 192, true, 4, 10, 10, 4096}, {false, 96, false, 2, 21, 21, 8192},
       {false, 96, true, 2, 21, 21, 8192},   {false, 160, false, 4, 12, 12, 4096}, {false, 160, true, 4, 12, 12, 4096},
   };
-  // causal: the causal points of the grid (and one non-causal control), timed only.
-  const Shape causal_grid[] = {
-      {false, 128, true, 2, 16, 16, 8192}, {false, 256, true, 4, 8, 8, 4096}, {false, 192, true, 4, 10, 10, 4096},
-      {false, 64, true, 2, 32, 32, 8192},  {false, 128, true, 8, 16, 16, 2048}, {false, 64, true, 8, 32, 32, 2048},
-      {false, 128, true, 32, 16, 16, 512}, {false, 128, false, 2, 16, 16, 8192},
-  };
+  // causal: causal points at b * s = 16k tokens, hq * d = 2048 (d192: hq 10), s 512..16k, and
+  // one non-causal control; timed only (A/B of the causal tile orders, fwd_sm90_order).
+  std::vector<Shape> causal_grid;
+  for (int d : {64, 128, 192, 256})
+    for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
+      const int h = d == 192 ? 10 : 2048 / d;
+      causal_grid.push_back({false, d, true, 16384 / s, h, h, s});
+    }
+  causal_grid.push_back({false, 128, false, 2, 16, 16, 8192});
   if (mode == "causal")
     for (const Shape& s : causal_grid) fails += !run(s, 20, false);
   else if (mode != "checks")

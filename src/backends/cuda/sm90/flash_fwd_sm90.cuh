@@ -2,10 +2,11 @@
 // written on our own PTX wrappers (sm90.cuh).  Compile ONLY with
 // -gencode=arch=compute_90a,code=sm_90a.
 //
-// Persistent: grid = min(tiles, SMs), one CTA per SM (its registers fill the SM); CTA x runs the
-// query tiles x, x + gridDim.x, ... of a linear tile index (fwd_sm90_tile: causal, m-blocks
-// longest first inside L2-sized sections of (batch, head) pairs; not causal, m-block innermost).
-// Causal calls with sq > 4096 or d > 128 launch one CTA per tile instead (the launcher says why).
+// Persistent: grid = min(tiles, SMs), one CTA per SM (its registers fill the SM); each CTA runs
+// the query tiles of a linear tile index in a fixed stride (fwd_sm90_schedule.h: L2-sized
+// sections of (batch, head) pairs; causal, m blocks longest first, or pairs of a long and a
+// short m block as the stride's unit; not causal, m block innermost).  Some causal calls launch
+// one CTA per tile instead (the launcher says which and why).
 // A tile = 64 * kWG query rows of one (batch, q head); kWG + 1 warpgroups:
 //   WG0  producer: one elected thread issues TMA loads of Q (once per tile) and of the K / V
 //        tiles into a 2-stage ring (separate K and V barriers, so S = QK^T starts before V
@@ -59,6 +60,7 @@
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+#include "backends/cuda/sm90/fwd_sm90_schedule.h"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
@@ -68,6 +70,16 @@ namespace orchard::sm90 {
 // Keys per tile: 128 (d192 / d256: 64, registers for O); kBNv overrides it (bench experiments).
 template <int kD>
 constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
+
+// Whether a causal kernel strides over its tiles in the paired order (fwd_sm90_schedule.h), a
+// compile-time property of each kernel (no run-time branch in the tile decode: the extra code
+// cost up to 5 % through scheduling).  Measured on the H200 (session 15, alternating binaries,
+// b * s = 16k tokens): paired against one CTA per tile +9..15 % at d192 / d256 s2k..s8k (-1..-3 %
+// at s16k), against the plain persistent stride +5..7 % at d128 s1k..s2k, within +-3 % at d64;
+// at d128 s8k / s16k (the 192-key kernel) it lost 1..4 % to one CTA per tile, so that kernel
+// keeps the plain order.
+template <bool kCausal, int kD, int kBNv>
+inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv == 192);
 
 // kWG consumer warpgroups of 64 query rows each (2 or 3; 3 = FA3's 192-row tile at d64).
 template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2>
@@ -179,25 +191,7 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
     for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
-// ---- persistent tile schedule ----
-// Linear tile index -> (m_block, h, b).  The (b, h) pairs (h fastest: the q heads of one GQA
-// group, which share K / V, are neighbours) are cut into sections of `section` pairs; a
-// section's tiles are consecutive indices, m block outer and head inner inside it (FA3's L2
-// swizzle).  Causal: m_block descending (longest rows first: the short diagonal tiles form the
-// tail), section = as many heads as keep their K / V within ~32 MB of L2 (host,
-// fwd_sm90_section), so the CTAs running at once (neighbouring indices) read the K / V of a few
-// heads, each from HBM about once, instead of sweeping all b * hq heads per m-block row
-// (m_block outermost over all heads re-reads K / V from HBM per row once b * hq heads' K / V
-// exceed L2).  Not causal: every tile costs the same, section = 1, i.e. m_block innermost
-// ascending (the non-persistent grid's order): the running CTAs share the K / V of
-// gridDim.x / num_m_blocks heads.  The last section holds the remaining (b, h) pairs.
-struct FwdSm90Sched {
-  int num_m_blocks;
-  int num_hb;   // b * hq
-  int section;  // (b, h) pairs per section (>= 1)
-  int total;    // num_m_blocks * num_hb
-};
-
+// ---- persistent tile schedule (the order and why: fwd_sm90_schedule.h) ----
 struct FwdTile {
   int m_block, h, b;
   int n_begin, n_end;  // key tiles [n_begin, n_end) some row of the tile sees (empty: none)
@@ -209,8 +203,8 @@ __device__ __forceinline__ int opaque_int(int x) {
   return x;
 }
 
-// Tile index -> (m_block, h, b) (n_begin / n_end not set).
-template <bool kCausal>
+// Tile index -> (m_block, h, b) (n_begin / n_end not set; m_block -1: a phantom index).
+template <bool kCausal, bool kPaired>
 __device__ __forceinline__ FwdTile fwd_sm90_coord(const FwdParams& p, const FwdSm90Sched& sc, int idx) {
   FwdTile tl;
   // Opaque copies of the loop-invariant divisors: recomputing the divisions per tile costs a
@@ -218,14 +212,23 @@ __device__ __forceinline__ FwdTile fwd_sm90_coord(const FwdParams& p, const FwdS
   // registers across it (spills at d128 / 192-key tiles).
   const int section = opaque_int(sc.section), num_m_blocks = opaque_int(sc.num_m_blocks);
   const int hq = opaque_int(p.hq);
-  const int per_section = section * num_m_blocks;
-  const int sec = idx / per_section;
-  const int r = idx - sec * per_section;
-  const int hb0 = sec * section;
-  const int heads = min(section, sc.num_hb - hb0);
-  const int mi = r / heads;
-  const int hb = hb0 + (r - mi * heads);
-  tl.m_block = kCausal ? num_m_blocks - 1 - mi : mi;
+  int hb;
+  if constexpr (kPaired) {
+    const FwdSm90Coord c = fwd_sm90_decode(idx, num_m_blocks, sc.num_hb, section, kPaired, true);
+    tl.m_block = c.m_block;
+    hb = c.hb;
+  } else {
+    // fwd_sm90_decode's plain order, written out: through the function (same values) ptxas
+    // scheduled the kernels differently; this keeps the non-paired kernels' SASS as it was.
+    const int per_section = section * num_m_blocks;
+    const int sec = idx / per_section;
+    const int r = idx - sec * per_section;
+    const int hb0 = sec * section;
+    const int heads = min(section, sc.num_hb - hb0);
+    const int mi = r / heads;
+    hb = hb0 + (r - mi * heads);
+    tl.m_block = kCausal ? num_m_blocks - 1 - mi : mi;
+  }
   tl.b = hb / hq;
   tl.h = hb - tl.b * hq;
   return tl;
@@ -233,10 +236,14 @@ __device__ __forceinline__ FwdTile fwd_sm90_coord(const FwdParams& p, const FwdS
 
 // The one decoding of a tile index, used by the producer and the consumers alike (they must
 // agree on every tile's key range: a tile with n_begin == n_end loads nothing, not even Q).
-template <class Cfg, bool kCausal>
+template <class Cfg, bool kCausal, bool kPaired>
 __device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm90Sched& sc, int idx) {
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
-  FwdTile tl = fwd_sm90_coord<kCausal>(p, sc, idx);
+  FwdTile tl = fwd_sm90_coord<kCausal, kPaired>(p, sc, idx);
+  if (kPaired && tl.m_block < 0) {  // a phantom index: no keys, no output (the consumers skip it)
+    tl.n_begin = tl.n_end = 0;
+    return tl;
+  }
   const int m0 = tl.m_block * kBM;
   const int sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -284,6 +291,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
   const bool has_window = cuda::window_active(kCausal, p.window_left, p.window_right);
+  constexpr bool kPaired = kFwdSm90PairsCausalTiles<kCausal, kD, kBNv>;
 
   const int warp = warp_idx_uniform();
   if (threadIdx.x == 0) {
@@ -310,8 +318,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       tma_prefetch_desc(&tm_k);
       tma_prefetch_desc(&tm_v);
       uint32_t kv_cnt = 0, q_cnt = 0;
-      for (int tile = blockIdx.x; tile < sc.total; tile += gridDim.x) {
-        const FwdTile tl = fwd_sm90_tile<Cfg, kCausal>(p, sc, tile);
+      for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
+           tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
+        const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
         const int n_tiles = tl.n_end - tl.n_begin;
         if (n_tiles <= 0) continue;
         const int hk = tl.h / (p.hq / p.hkv);
@@ -383,8 +392,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
     // bit 31, the parity of the Q loads consumed (one register fewer live across the loops).
     uint32_t kv_cnt = 0;
-    for (int tile = blockIdx.x; tile < sc.total; tile += gridDim.x) {
-      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal>(p, sc, tile);
+    for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
+         tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
+      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
+      if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
       const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
       // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
       // across the key loop (registers: the 192-key d128 tile spilled).
@@ -404,7 +415,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       };
       auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
         if (has_feat) {
-          const FwdTile bh = fwd_sm90_coord<kCausal>(p, sc, tile);
+          const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
           const int b = bh.b, h = bh.h;
           const int n0 = n * kBN;
           const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
@@ -537,7 +548,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // Epilogue: normalize, LSE (natural log), O as 16-bit pairs (rows past sq not written).
       // Meanwhile the producer already loads the next tile's K / V (and Q, once every consumer
       // warp has released it).
-      const FwdTile bh = fwd_sm90_coord<kCausal>(p, sc, tile);
+      const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
       const int b = bh.b, h = bh.h;
       float* lse = static_cast<float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
       T* og = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
@@ -585,7 +596,7 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   if (p.d > kD || p.d % 8 != 0 || cuda::value_dim(p) != p.d) return false;
   const int64_t num_m_blocks = (static_cast<int64_t>(p.sq) + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t total = num_m_blocks * p.hq * p.b;
-  if (total > INT32_MAX / 2) return false;  // the tile index (+ gridDim.x) is an int
+  if (total > INT32_MAX / 4) return false;  // tile indices (paired: + 2 * gridDim.x, + 1) are ints
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
   CUtensorMap tq, tk, tv;
   if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
@@ -594,23 +605,22 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
     return false;
   if (total == 0) return true;
   // Persistent (one CTA per SM, the smem of one CTA fills it, each striding over the tiles)
-  // where it measured faster (H200, session 14, against the one-tile-per-CTA kernel, alternating
-  // binaries): not causal +0.3..+0.6 % at s8k, +2 % at s4k, +4..7 % at s2k, +21..24 % at s512
-  // (d64 / d128); causal at sq <= 4096 and d <= 128, +1..4 % at s4k, +3..9 % at s2k, +30 % at
-  // s512.  Causal beyond that runs one tile per CTA (grid = tiles, section 1: the head-major,
-  // longest-first order of the kernel before persistence), because the static stride assigns
-  // causal tiles of unequal length blindly: d128 s8k measured -4.4 %, and a model of the
-  // assignment (each CTA's summed tile lengths) puts the busiest CTA at 1.15x the mean at d128
-  // s8k and 1.41x at d256 s8k, against 1.05x / 1.12x for the hardware's greedy dispatch.  A
-  // dynamic scheduler (an atomic tile counter) would remove that; not written yet.
-  const bool persistent = !kCausal || (kD <= 128 && p.sq <= 4096);
+  // where it measured faster (H200, session 14, against one CTA per tile, alternating binaries):
+  // not causal +0.3..+0.6 % at s8k, +2 % at s4k, +4..7 % at s2k, +21..24 % at s512 (d64 /
+  // d128); causal kernels in the paired order always (kFwdSm90PairsCausalTiles); the d128
+  // 192-key causal kernel in the plain order at sq <= 4096 (+1..4 % at s4k, +30 % at s512),
+  // else one CTA per tile (the plain stride's blind assignment of unequal causal tiles measured
+  // -4.4 % at s8k; the hardware's greedy dispatch balances them better).
+  constexpr bool kPaired = kFwdSm90PairsCausalTiles<kCausal, kD, kBNv>;
+  const bool persistent = !kCausal || kPaired || p.sq <= 4096;
   FwdSm90Sched sc;
   sc.num_m_blocks = static_cast<int>(num_m_blocks);
   sc.num_hb = p.hq * p.b;
   sc.section = persistent ? fwd_sm90_section(p, kCausal) : 1;
-  sc.total = static_cast<int>(total);
+  sc.total = static_cast<int>(fwd_sm90_total(sc.num_m_blocks, sc.num_hb, kPaired));
+  const int units = kPaired ? sc.total / 2 : sc.total;  // what the CTAs stride over
   const int sms = persistent ? cuda::current_device_attribute<cudaDevAttrMultiProcessorCount>() : 0;
-  const int grid = sms > 0 && sms < sc.total ? sms : sc.total;
+  const int grid = sms > 0 && sms < units ? sms : units;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, sc);
