@@ -74,8 +74,8 @@ constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
 // Whether a causal kernel strides over its tiles in the paired order (fwd_sm90_schedule.h), a
 // compile-time property of each kernel (no run-time branch in the tile decode: the extra code
 // cost up to 5 % through scheduling).  Measured on the H200 (session 15, alternating binaries,
-// b * s = 16k tokens): paired against one CTA per tile +9..15 % at d192 / d256 s2k..s8k (-1..-3 %
-// at s16k), against the plain persistent stride +5..7 % at d128 s1k..s2k, within +-3 % at d64;
+// b * s = 16k tokens): paired against one CTA per tile +6..14 % at d192 / d256 s2k..s8k (-1..-3 %
+// at s16k), against the plain persistent stride +7 % at d128 s1k..s2k, within +-3 % at d64;
 // at d128 s8k / s16k (the 192-key kernel) it lost 1..4 % to one CTA per tile, so that kernel
 // keeps the plain order.
 template <bool kCausal, int kD, int kBNv>
