@@ -833,7 +833,7 @@ __global__ void __launch_bounds__(256)
     // causal within noise (call 12; before the swizzled tiles ptxas spilled the
     // d128 causal kernel 8 -> 48 B and s16k lost 3%, now no spill reloads).
     constexpr bool kFullLoads = decltype(q_stream)::kFixedColumn;
-    // Any d, d_v: the streams zero-fill their columns past the width (TileStream).
+    // Any d, d_v: the streams' columns past the width are copies (TileStream).
     // The element-wise branch last: first, it cost the d64 deterministic kernel 4 B.
     if (kFullLoads && vec && m0 + kBM <= sq) {  // warp-uniform: all but the last tile
       if constexpr (kFullLoads) {

@@ -142,7 +142,9 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
   kg += static_cast<int64_t>(n_begin) * kBN * p.k_row_stride;
   vg += static_cast<int64_t>(n_begin) * kBN * p.v_row_stride;
 
-  TileStream<T, kBN, kD, kThreads, kSwz> k_stream(kg, p.k_row_stride, d, tid), v_stream(vg, p.v_row_stride, dv, tid);
+  // K zero-fills its columns past d (an inf there would meet Q's zero columns: TileStream).
+  TileStream<T, kBN, kD, kThreads, kSwz, true> k_stream(kg, p.k_row_stride, d, tid);
+  TileStream<T, kBN, kD, kThreads, kSwz> v_stream(vg, p.v_row_stride, dv, tid);
   if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
     issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,

@@ -190,14 +190,25 @@ __device__ __forceinline__ void load_tile_elems_at(uint32_t smem, const T* gmem,
 // d128 forward's 60-90 B spill; with this it has none). Other head dims (96,
 // 160, 192) take the generic per-chunk path.
 // kSwizzle: the smem tile is a SwizzledTile (swizzled_tile.h) instead of padded.
-// Columns at or past d (d < kD: a head dim below its bucket, or d != d_v) are
-// zero-filled on the fixed-column path too: a thread whose chunk lies past d
-// treats every row as invalid (rows_valid 0 for it, chosen once per tile, so no
-// second predicate lives in the per-chunk loop: one cost the dropout kernels
-// 8-30 B more spill, ptxas sm_90). Copies of columns 0..7 there (the earlier
-// scheme) met the zero columns of the other operand as 0 x inf = NaN when a row
-// held an infinity (an inf in K at d = 8 made finite output rows NaN; session 15).
-template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
+// Columns at or past d (d < kD: a head dim below its bucket, or d != d_v) are not
+// zero-filled on the fixed-column path: the threads that own them copy columns
+// 0..7 of the same rows instead (in bounds, finite), so no column predicate
+// lives in the loop (q/k and v/dO widths differ with d_v != d, and a second
+// predicate cost the dropout kernels 8-30 B more spill, ptxas sm_90). That is
+// safe because every contraction over the head dim pairs a streamed tile with a
+// zero-filled load-once tile (forward: Q with K; backward: K with Q, V with dO),
+// and the output columns past the width (forward O from V, backward dV from dO,
+// dK from Q) are never stored. Rows >= rows_valid are still zero-filled.
+// Except for non-finite inputs: a copied inf meets the zero column as 0 x inf =
+// NaN. Where that changes a result the float64 math keeps finite — the forward's
+// K (an inf in K[j] gives q_i . k_j = -inf for some rows i, a finite softmax) —
+// the stream zero-fills instead (kZeroPastWidth: a past-width thread treats every
+// row as invalid, decided once per tile; an inf in K at d = 8 made finite output
+// rows NaN, session 15). In the backward a copied inf of Q or dO only touches the
+// rows (i) whose float64 scores or dP are already non-finite, so those streams
+// keep the copies (their kernels' registers are tight: ptxas moved 0 -> 28-80 B
+// of spill in sm_80 d128 kernels with the zero-fill there).
+template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false, bool kZeroPastWidth = false>
 struct TileStream {
   static constexpr int kChunks = kD / 8;
   static constexpr bool kFixedColumn = kThreads % kChunks == 0;
@@ -216,7 +227,7 @@ struct TileStream {
       : tile(origin), row_stride(stride), tid(tid_), d(d_) {
     row0 = tid / kChunks;
     const int col = (tid % kChunks) * 8;
-    thread_off = row0 * stride + (col < d ? col : 0);  // past d: in bounds, never read (zero-filled)
+    thread_off = row0 * stride + (col < d ? col : 0);  // past d: a copy of columns 0..7 (see above)
     if constexpr (kSwizzle) {
       smem_off = SwizzledTile<kRows, kD>::offset(row0, col / 8);
     } else {
@@ -224,10 +235,12 @@ struct TileStream {
     }
   }
   // Copies rows [0, kRows) of the current tile to the smem tile at byte address
-  // `smem_tile`; rows >= rows_valid (>= 1) and columns >= d are zero-filled.
+  // `smem_tile`; rows >= rows_valid (>= 1) are zero-filled, columns >= d
+  // zero-filled (per-chunk path, kZeroPastWidth) or copies of columns 0..7.
   __device__ __forceinline__ void load(uint32_t smem_tile, int rows_valid) const {
     if constexpr (kFixedColumn) {
-      if ((tid % kChunks) * 8 >= d) rows_valid = 0;  // this thread's chunk is past the width
+      if constexpr (kZeroPastWidth)
+        if ((tid % kChunks) * 8 >= d) rows_valid = 0;  // this thread's chunk is past the width
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int r = row0 + i * kRowStep;
@@ -242,20 +255,18 @@ struct TileStream {
     }
   }
   // The same for a whole tile: the caller guarantees (warp-uniformly) that all
-  // kRows rows are valid. No row predicates or selects, one 64-bit add per chunk
-  // (the predicated load costs ~14 instructions per chunk, ptxas, d128 backward:
-  // 111 for the 8 Q/dO chunks of a step); a chunk past the width d is zero-filled
-  // by the same copy with 0 source bytes (fixed per thread). A separate call, not a
+  // kRows rows are valid and d == kD. No predicates or selects, one 64-bit add
+  // per chunk: the predicated load costs ~14 instructions per chunk (ptxas, d128
+  // backward: 111 for the 8 Q/dO chunks of a step). A separate call, not a
   // branch inside load(): there it raised the d64 forward's spill from 4 to 28 B.
   __device__ __forceinline__ void load_full(uint32_t smem_tile) const {
-    static_assert(kFixedColumn, "load_full needs each thread to own one column chunk");
+    static_assert(kFixedColumn && !kZeroPastWidth, "load_full: one column chunk per thread, copies past d");
     const T* src = tile + thread_off;
     const int64_t chunk_stride = kRowStep * row_stride;
-    const bool in_width = (tid % kChunks) * 8 < d;
 #pragma unroll
     for (int i = 0; i < kIters; ++i)
       if (kRows % kRowStep == 0 || row0 + i * kRowStep < kRows)
-        cp_async16(smem_tile + smem_off + i * kRowStep * kRowBytes, src + i * chunk_stride, in_width);
+        cp_async16(smem_tile + smem_off + i * kRowStep * kRowBytes, src + i * chunk_stride, true);
   }
   __device__ __forceinline__ void advance() { tile += kRows * row_stride; }
 };
