@@ -301,7 +301,7 @@ int main(int argc, char** argv) {
       {false, 96, true, 2, 21, 21, 8192},   {false, 160, false, 4, 12, 12, 4096}, {false, 160, true, 4, 12, 12, 4096},
   };
   // causal: causal points at b * s = 16k tokens, hq * d = 2048 (d192: hq 10), s 512..16k, and
-  // one non-causal control; timed only (A/B of the causal tile orders, fwd_sm90_order).
+  // one non-causal control; timed only (A/B of the causal tile orders, kFwdSm90PairsCausalTiles).
   std::vector<Shape> causal_grid;
   for (int d : {64, 128, 192, 256})
     for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
