@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (run through the device tool on the lent H200): build the
-# package with the CUDA backend (sm_90, 16 cores) from SRC (default: the repo),
+# package with the CUDA backend (sm_90, or GPU_ARCHS such as "80;90", as shipped; 16
+# cores) from SRC (default: the repo),
 # then the steps named on the command line, each with its own time limit,
 # writing logs under $OUT (re-packed into $OUT/logs.tgz after every step, so a
 # call cut off still returns what ran).
@@ -29,7 +30,7 @@ cd "$SRC"
 [ -f COMMIT ] && export ORCHARD_COMMIT="$(cat COMMIT)"
 if [ ! -f /tmp/orchard_site/.built ]; then
   rm -rf build/cp3* /tmp/orchard_site
-  ORCHARD_CUDA=${ORCHARD_CUDA:-ON} ORCHARD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  ORCHARD_CUDA=${ORCHARD_CUDA:-ON} ORCHARD_CUDA_ARCHS="${GPU_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=16 \
     python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/orchard_site . > "$OUT/logs/build.log" 2>&1 \
     || { tail -60 "$OUT/logs/build.log"; snap; exit 1; }
   touch /tmp/orchard_site/.built

@@ -209,6 +209,48 @@ def test_sdpa_attn_mask_vs_torch(shape, kind, device):
         torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
 
 
+# Causal together with an attn_mask: the SDPA drop-in rejects it as torch does, but the torch op
+# and the C++ API take it. The sm80 CUDA kernels run it as the non-causal mask kernel with the
+# causal bound as its window's right edge (launch.h: causal_runs_as_window), so this checks that
+# route against the float64 reference: both alignments, sq above and below sk (empty rows), a
+# left window on top, bool and float masks, forward and backward (atomic and deterministic dQ).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("top_left,sq,sk,window_left,d,deterministic",
+                         [(False, 70, 90, -1, 64, False), (True, 90, 70, -1, 128, False),
+                          (False, 96, 64, 20, 64, True), (True, 64, 100, 30, 192, True)])
+def test_causal_with_attn_mask_op(device, dtype, kind, top_left, sq, sk, window_left, d, deterministic):
+    b, hq, hkv, scale = 1, 4, 2, d ** -0.5
+    q = randn(b, sq, hq, d, dtype=dtype, device=device)
+    k = randn(b, sk, hkv, d, dtype=dtype, device=device)
+    v = randn(b, sk, hkv, d, dtype=dtype, device=device)
+    dout = randn(b, sq, hq, d, dtype=dtype, device=device)
+    if kind == "bool":
+        mask = torch.rand(b, 1, sq, sk, device=device) > 0.3
+        mask[:, :, 5] = False  # a row the mask hides entirely
+    else:
+        mask = randn(b, 1, sq, sk, dtype=dtype, device=device)
+    features = (window_left, -1, 0.0, None, None, mask)
+    out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, True, top_left, 0.0, 0, 0, False,
+                                                       False, "orchard.flash_attn", None, *features)
+    grads = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out, lse, scale, True, top_left, 0.0, 0, 0,
+                                                  deterministic, "orchard.flash_attn", None, *features)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    ref_kw = dict(scale=scale, causal=True, top_left=top_left, window=(window_left, -1), bias=mask.cpu())
+    ref, ref_lse = feature_attention_ref(*leaves, **ref_kw)
+    naive, _ = feature_attention_ref(*low, upcast=False, **ref_kw)
+    check_close_rule(out, ref, naive, ATOL[dtype], "out")
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), visible), "rows that see no key: LSE -inf"
+    torch.testing.assert_close(lse.cpu().double()[visible], ref_lse[visible], atol=1e-3, rtol=1e-3)
+    want = torch.autograd.grad(ref, leaves, dout.cpu().double())
+    want_naive = torch.autograd.grad(naive, low, dout.cpu())
+    for name, g, w, n in zip("qkv", grads, want, want_naive):
+        check_close_rule(g, w, n, ATOL[dtype], f"d{name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sdpa_mask_reads_broadcast_in_place_and_hidden_rows_are_zero(device, monkeypatch, capfd):
     q = randn(1, 2, 8, 16, device=device)

@@ -33,6 +33,30 @@ void dispatch_causal_dropout(bool causal, bool dropout, Launch&& launch) {
   }
 }
 
+// A call with both causal and attn_bias runs the non-causal attn_bias kernels, its causal mask
+// applied as their run-time window's right bound 0 (window_offsets: the same mask, either
+// alignment, empty rows included). No sm80 kernel is compiled for causal x attn_bias: a quarter
+// of them, and of the CUDA build time, which the 2-core CI machine pays on every run.
+template <class Params>
+bool causal_runs_as_window(const Params& p) {
+  return p.causal && p.attn_bias != nullptr;
+}
+template <class Params>
+Params causal_as_window(const Params& p) {
+  Params q = p;
+  q.causal = false;
+  q.window_right = 0;
+  return q;
+}
+
+// pick(std::bool_constant<bias>) for a kernel's kBias, never instantiating kBias = true next
+// to kCausal = true (causal_runs_as_window).
+template <bool kCausal, class Pick>
+auto pick_bias(bool bias, Pick&& pick) {
+  if constexpr (kCausal) return pick(std::false_type{});
+  else return bias ? pick(std::true_type{}) : pick(std::false_type{});
+}
+
 // float32 inputs: SIMT kernels (exact fp32 arithmetic, no tensor cores).
 void run_fwd_fp32(const FwdParams& params);
 void run_bwd_fp32(const BwdParams& params);

@@ -43,7 +43,8 @@
 // forward; softcap multiplies dS by 1 - tanh^2, tanh recovered from P and the
 // LSE so no extra register array lives across the dP GEMM), sinks (LSE already
 // holds them; dsink by bwd_dsink_kernel from D and the LSE). attn_bias / attn_mask:
-// template parameter kBias of each kernel (see flash_bwd_dkdv2_kernel), its tile
+// template parameter kBias of each kernel (see flash_bwd_dkdv2_kernel; never with
+// kCausal: launch.h, causal_runs_as_window), its tile
 // staged in shared memory per step (attention_tiles.cuh) and added after softcap /
 // ALiBi; with softcap, tanh is recovered from P with the bias subtracted too.
 #pragma once
@@ -1533,6 +1534,47 @@ void set_smem(Kernel kernel, int bytes) {
   set_max_dynamic_smem(kernel, bytes);  // once per (kernel, device): launch.h
 }
 
+// The two-pass backward's dK/dV grid (d > 128 where the one-pass kernel does not fit): one CTA per
+// (key block, batch, kv head), with the attn_bias tiles' shared memory when there is a bias.
+template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kAtomicDq>
+void launch_bwd_two_pass(const BwdParams& p, bool vec, cudaStream_t stream) {
+  using Cfg = BwdConfig<kD>;
+  const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t grid = static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
+  if (grid == 0) return;
+  const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
+  auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
+    return flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kMode, kAtomicDq, decltype(bias)::value>;
+  });
+  set_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, stream>>>(p, num_n_blocks, vec);
+  check_launch("flash_bwd_dkdv_kernel");
+}
+
+// The backward's pass over key blocks that computes dK (and, one-pass, dV) and, with
+// kAtomicDq, adds dQ into dq_accum (else the dQ kernel computes dQ afterwards: deterministic
+// mode). kAtomicDq = true is the one part of the sm80 backward whose code depends on the
+// architecture (dq_accum_add: float4 reductions on sm_90): it is instantiated only in the
+// generated flash_bwd_atomic_dq_*.cu files, compiled per architecture; every other kernel here
+// is the same code on every architecture and compiles from one PTX (../arch_flags.cmake).
+template <typename T, int kD, bool kCausal, bool kDropout, bool kAtomicDq>
+void launch_bwd_key_pass(const BwdParams& p, bool one_pass, int smem, bool vec, cudaStream_t stream) {
+  if (!one_pass) {
+    if constexpr (BwdConfig<kD>::kSplit) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDK, kAtomicDq>(p, vec, stream);
+    return;
+  }
+  using Cfg2 = BwdConfig2<kD>;
+  const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
+  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
+  if (grid == 0) return;
+  auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
+    return flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, kAtomicDq, decltype(bias)::value>;
+  });
+  set_smem(kernel, smem);  // attn_bias: its tile in sdS and past the end
+  kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p), vec);
+  check_launch("flash_bwd_dkdv2_kernel");
+}
+
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_bwd(const BwdParams& p) {
   using Cfg = BwdConfig<kD>;
@@ -1551,54 +1593,18 @@ void launch_flash_bwd(const BwdParams& p) {
                       stream);
   }
 
-  // d <= 128: always the FA2-layout kernel. d > 128: the same kernel with 64-key
+  // d <= 128: always the FA2-layout one-pass kernel. d > 128: the same kernel with 64-key
   // CTAs when the device gives a block its shared memory (d256: 217 KB, H100/H200;
-  // not A100's 163 KB or Ada's 99 KB), else the two-pass kernel (dV, then dK + dQ).
-  constexpr bool kV2 = kD <= 128;
+  // not A100's 163 KB or Ada's 99 KB), else the two-pass kernels (dV, then dK + dQ).
   using Cfg2 = BwdConfig2<kD>;
   const int smem2 = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
-  const bool use_v2 =
-      kV2 || (!bwd_force_two_pass() && smem2 <= current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
-  if (use_v2) {
-    const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
-    const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
-    const bool bias = p.attn_bias != nullptr;
-    auto kernel = atomic_dq ? (bias ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true, true>
-                                    : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, true, false>)
-                            : (bias ? flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false, true>
-                                    : flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, false, false>);
-    if (grid > 0) {
-      // attn_bias: its tile in sdS and past the end.
-      set_smem(kernel, smem2);
-      kernel<<<static_cast<unsigned>(grid), 256, smem2, stream>>>(p, nb, causal_head_group(p), vec);
-      check_launch("flash_bwd_dkdv2_kernel");
-    }
+  const bool one_pass =
+      kD <= 128 || (!bwd_force_two_pass() && smem2 <= current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
+  if constexpr (Cfg::kSplit) {
+    if (!one_pass) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDV, false>(p, vec, stream);
   }
-  const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t grid_kv = use_v2 ? 0 : static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
-  const int bias_smem = p.attn_bias != nullptr ? Cfg::kBiasBytes : 0;  // attn_bias: its staged tiles
-  auto run_dkdv = [&](auto kernel) {
-    set_smem(kernel, Cfg::kSmemBytes + bias_smem);
-    kernel<<<static_cast<unsigned>(grid_kv), Cfg::kNWarps * 32, Cfg::kSmemBytes + bias_smem, stream>>>(p, num_n_blocks,
-                                                                                                      vec);
-    check_launch("flash_bwd_dkdv_kernel");
-  };
-  if (grid_kv > 0) {
-    if constexpr (Cfg::kSplit) {
-      const bool bias = p.attn_bias != nullptr;
-      run_dkdv(bias ? flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false, true>
-                    : flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDV, false, false>);
-      if (atomic_dq)
-        run_dkdv(bias ? flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true, true>
-                      : flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, true, false>);
-      else
-        run_dkdv(bias ? flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false, true>
-                      : flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeDK, false, false>);
-    } else if constexpr (!kV2) {
-      if (atomic_dq) run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, true>);
-      else run_dkdv(flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kModeBoth, false>);
-    }
-  }
+  if (atomic_dq) launch_bwd_key_pass<T, kD, kCausal, kDropout, true>(p, one_pass, smem2, vec, stream);
+  else launch_bwd_key_pass<T, kD, kCausal, kDropout, false>(p, one_pass, smem2, vec, stream);
 
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0 || !own_dq_accum) return;
@@ -1608,8 +1614,9 @@ void launch_flash_bwd(const BwdParams& p) {
         p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset), vec);
     check_launch("bwd_convert_dq_kernel");
   } else {
-    auto kernel = p.attn_bias != nullptr ? flash_bwd_dq_kernel<T, kD, kCausal, kDropout, true>
-                                         : flash_bwd_dq_kernel<T, kD, kCausal, kDropout, false>;
+    auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
+      return flash_bwd_dq_kernel<T, kD, kCausal, kDropout, decltype(bias)::value>;
+    });
     const int smem = Cfg::kDqSmemBytes + (p.attn_bias != nullptr ? Cfg::kDqBiasBytes : 0);  // attn_bias tiles
     set_smem(kernel, smem);
     const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;
@@ -1621,6 +1628,7 @@ void launch_flash_bwd(const BwdParams& p) {
 
 template <typename T, int kD>
 void run_flash_bwd(const BwdParams& p) {
+  if (causal_runs_as_window(p)) return run_flash_bwd<T, kD>(causal_as_window(p));
   dispatch_causal_dropout(p.causal, p.dropout_p > 0.f, [&](auto causal, auto dropout) {
     launch_flash_bwd<T, kD, decltype(causal)::value, decltype(dropout)::value>(p);
   });

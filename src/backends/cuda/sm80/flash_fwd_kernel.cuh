@@ -21,8 +21,9 @@
 // before the online softmax: apply_score_mods in attention_tiles.cuh), sinks (epilogue).
 // The plain path pays one uniform branch per tile; ptxas: no new spills in the
 // non-dropout kernels (d64/d128, sm_90). attn_bias / attn_mask: template parameter
-// kBias (see the kernel), its tile staged in shared memory with the K/V tiles and
-// added after softcap / ALiBi (attention_tiles.cuh).
+// kBias (see the kernel; never with kCausal: launch.h, causal_runs_as_window), its tile
+// staged in shared memory with the K/V tiles and added after softcap / ALiBi
+// (attention_tiles.cuh).
 // Any head dim / view (issue #16): `vec` (rows_vec16, launch.h) is false when some
 // tensor's rows are not 16-byte vectors (d % 8 != 0, odd strides or base); then the
 // tiles are loaded element-wise (load_tile_elems) and O stored element-wise, all
@@ -499,12 +500,14 @@ void launch_flash_fwd_kernel(const FwdParams& p) {
 
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_fwd(const FwdParams& p) {
-  if (p.attn_bias != nullptr) launch_flash_fwd_kernel<T, kD, kCausal, kDropout, true>(p);
-  else launch_flash_fwd_kernel<T, kD, kCausal, kDropout, false>(p);
+  pick_bias<kCausal>(p.attn_bias != nullptr, [&](auto bias) {
+    launch_flash_fwd_kernel<T, kD, kCausal, kDropout, decltype(bias)::value>(p);
+  });
 }
 
 template <typename T, int kD>
 void run_flash_fwd(const FwdParams& p) {
+  if (causal_runs_as_window(p)) return run_flash_fwd<T, kD>(causal_as_window(p));
   dispatch_causal_dropout(p.causal, p.dropout_p > 0.f, [&](auto causal, auto dropout) {
     launch_flash_fwd<T, kD, decltype(causal)::value, decltype(dropout)::value>(p);
   });

@@ -34,11 +34,12 @@ function(orchard_add_sm90 target archs root)
   set_target_properties(${target}_sm90 PROPERTIES CUDA_ARCHITECTURES OFF POSITION_INDEPENDENT_CODE ON
                                                   CUDA_STANDARD_REQUIRED OFF)
   target_include_directories(${target}_sm90 PRIVATE ${root}/include ${root}/src)
-  # -std=c++20 per target (see ../sources.cmake: CMake 3.25 does not know nvcc 13's flag).
+  # -std=c++20 per target (see ../arch_flags.cmake: CMake 3.25 does not know nvcc 13's flag).
   target_compile_options(${target}_sm90 PRIVATE -std=c++20 -gencode=arch=compute_90a,code=sm_90a
                                                 --expt-relaxed-constexpr -O3 -lineinfo)
-  target_sources(${target} PRIVATE $<TARGET_OBJECTS:${target}_sm90> ${ORCHARD_CUDA_SM90_DRIVER_SOURCES})
-  # -std=c++20 per source, as for the backend's own sources (../sources.cmake says why).
-  set_source_files_properties(${ORCHARD_CUDA_SM90_DRIVER_SOURCES} PROPERTIES COMPILE_OPTIONS "-std=c++20")
+  target_sources(${target} PRIVATE $<TARGET_OBJECTS:${target}_sm90>)
+  # Its convert kernel's code is the same everywhere but the pre-pass (bwd_dot_kernel) differs
+  # slightly by architecture: compiled like the atomic-dQ files (../arch_flags.cmake).
+  orchard_cuda_sources(${target} "${archs}" PER_ARCH ${ORCHARD_CUDA_SM90_DRIVER_SOURCES})
   target_compile_definitions(${target} PRIVATE ORCHARD_WITH_SM90=1)
 endfunction()
