@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes one .cu per (dtype, head-dim bucket, direction) instantiation of the sm80-class
 kernels so the CUDA build parallelizes and can be trimmed, plus, per backward file, the
-atomic-dQ launchers that compile per architecture (launch_bwd_key_pass, flash_bwd_kernel.cuh). Re-run after changing the lists:
+atomic-dQ launchers that compile per architecture (launch_bwd_key_pass, flash_bwd_kernel.cuh).
+Re-run after changing the lists:
     python3 src/backends/cuda/sm80/generate_kernels.py
 The generated files are committed; ../sources.cmake (the backend's source list) lists them."""
 from pathlib import Path
@@ -42,9 +43,10 @@ def main() -> None:
                 body = [f"template void {fn}<{ctype}, {d}>(const {params}&);"]
                 if direction == "bwd":
                     atomic = f"flash_bwd_atomic_dq_{dname}_d{d}.cu"
+                    launchers = key_pass_atomic(ctype, d)
                     body = [f"// Compiled per architecture, in {atomic}:"] + \
-                           [f"extern template void {k};" for k in key_pass_atomic(ctype, d)] + body
-                    write(atomic, header, [f"template void {k};" for k in key_pass_atomic(ctype, d)])
+                           [f"extern template void {k};" for k in launchers] + body
+                    write(atomic, header, [f"template void {k};" for k in launchers])
                     per_arch.append(atomic)
                 write(name, header, body)
                 one_pass.append(name)
