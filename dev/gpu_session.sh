@@ -8,7 +8,7 @@
 #
 #   bash dev/gpu_session.sh [SRC=dir] STEP...
 #   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
-#   steps: pytest:<files or -k expr, comma-separated>  bench_quick  bench_full
+#   steps: pytest:<files, comma-separated> or pytest:-k,<one -k expression>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
 #          py:<script>,<args>  sh:<script>,<args>  cs:<sanitizer tool>,<script>
 set -uo pipefail
@@ -43,9 +43,11 @@ for step in "$@"; do
   case "$step" in
     pytest:*)
       args="${step#pytest:}"; args="${args//,/ }"
+      # "pytest:-k,<expr>": the rest is one -k expression (it may hold spaces: "192 or 160").
+      if [[ $args == "-k "* ]]; then pyargs=(-k "${args#-k }"); else read -ra pyargs <<< "$args"; fi
       log="$OUT/logs/pytest_$(echo "$args" | tr -c 'a-zA-Z0-9' '_' | cut -c1-40).log"
       stamp "pytest $args"
-      (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda --maxfail=25 --durations=5 $args \
+      (cd tests/python && timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m cuda --maxfail=25 --durations=5 "${pyargs[@]}" \
         > "$log" 2>&1; r=$?; echo "pytest rc=$r"; exit $r) || rc=1
       tail -n 15 "$log" | grep -E "passed|failed|error|FAILED" | tail -n 8 ;;
     bench_quick)

@@ -2,6 +2,8 @@
 and flash (FA2) backends, BSHD tensors viewed as (b, h, s, d), bf16 unless named.
 Prints `PEER <backend> <dtype> d<d> <causal|full> b h s  <ms> ms  <TFLOP/s> TFLOP/s` (median
 of CUDA-event times, 20 reps after 3 warm-ups)."""
+import os
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
@@ -20,8 +22,11 @@ GRID = [  # (dtype, d, causal, b, h, s) = the bench's speed grid (MHA part)
     ("bf16", 96, True, 2, 21, 8192), ("bf16", 160, False, 4, 12, 4096), ("bf16", 160, True, 4, 12, 4096),
 ]
 
+# PEER_GRID=d192: the bench's d192 mode (the d192 bucket's key-tile experiment).
+D192_GRID = [("bf16", 192, False, 16384 // s, 10, s) for s in (2048, 4096, 8192, 16384)] + [
+    ("fp16", 192, False, 4, 10, 4096), ("bf16", 160, False, 4, 12, 4096), ("bf16", 192, True, 4, 10, 4096)]
 
-for dt, d, causal, b, h, s in GRID:
+for dt, d, causal, b, h, s in (D192_GRID if os.environ.get("PEER_GRID") == "d192" else GRID):
     dtype = torch.bfloat16 if dt == "bf16" else torch.float16
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
     flops = 4 * b * h * s * s * d / (2 if causal else 1)

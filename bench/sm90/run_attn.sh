@@ -3,6 +3,8 @@
 # ragged/GQA/causal shapes, timing grid, torch SDPA peers (cuDNN, FA2) in the same run.
 # Run from the repository root on an H100/H200:  bash bench/sm90/run_attn.sh
 # Writes $OUT/attn_build.log, $OUT/attn_sass.txt, $OUT/attn_bench.log (checks, timing, peers).
+# An experiment on one bucket: BUCKET=192 MODE=d192 (builds that bucket only; the bench's modes:
+# all, checks, grid, quick, causal, d192) with PEER_GRID=d192 (attn_peers.py's shapes).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -15,7 +17,7 @@ status=0
 echo "=== build $(date -u +%H:%M:%S)" | tee -a "$LOG"
 t0=$(date +%s.%N)
 if ! timeout 400 "$NVCC" -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Xptxas -v \
-    -I"$ROOT/include" -I"$ROOT/src" -o "$BIN" "$HERE/sm90_attn_bench.cu" > "$OUT/attn_build.log" 2>&1; then
+    -DSM90_BENCH_BUCKET="${BUCKET:-0}" -I"$ROOT/include" -I"$ROOT/src" -o "$BIN" "$HERE/sm90_attn_bench.cu" > "$OUT/attn_build.log" 2>&1; then
   echo "BUILD FAILED"; tail -30 "$OUT/attn_build.log"; exit 1
 fi
 echo "build took $(awk "BEGIN{print $(date +%s.%N) - $t0}") s" | tee -a "$LOG"
@@ -30,10 +32,15 @@ timeout 120 "$CUOBJDUMP" -sass "$BIN" > "$OUT/full.sass" 2>/dev/null
   echo "LDL/STL count (all kernels, incl. reference): $(grep -cE '\bLDL|\bSTL' "$OUT/full.sass")"
 } | tee -a "$LOG" > "$OUT/attn_sass.txt"
 rm -f "$OUT/full.sass"
-echo "=== checks $(date -u +%H:%M:%S)" | tee -a "$LOG"
-timeout 90 "$BIN" checks >> "$LOG" 2>&1 || { echo "checks rc=$?" | tee -a "$LOG"; status=1; }
-echo "=== grid $(date -u +%H:%M:%S)" | tee -a "$LOG"
-timeout 200 "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
+if [ -n "${MODE:-}" ]; then
+  echo "=== $MODE $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  timeout 240 "$BIN" "$MODE" >> "$LOG" 2>&1 || { echo "$MODE rc=$?" | tee -a "$LOG"; status=1; }
+else
+  echo "=== checks $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  timeout 90 "$BIN" checks >> "$LOG" 2>&1 || { echo "checks rc=$?" | tee -a "$LOG"; status=1; }
+  echo "=== grid $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  timeout 200 "$BIN" grid >> "$LOG" 2>&1 || { echo "grid rc=$?" | tee -a "$LOG"; status=1; }
+fi
 if [ "${PEERS:-1}" = 1 ]; then
   echo "=== peers (torch SDPA) $(date -u +%H:%M:%S)" | tee -a "$LOG"
   timeout 150 python3 "$HERE/attn_peers.py" >> "$LOG" 2>&1 || echo "peers rc=$?" | tee -a "$LOG"

@@ -648,8 +648,10 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   the intra-warpgroup overlap is within 3 % either way there (it lost 10-15 % with 2 WGs);
   // - d128: overlap; 192-key tiles gain 3-12 % from 8k keys on and lose at 2k and below
   //   (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys;
-  // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64,
-  //   non-causal 64-key tiles (96 lost 10 % at d192), session 12;
+  // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64
+  //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
+  //   s16k, d160 +14 %, fp16 +5 % over 64 (session 17, medians of 3; 80 keys within 2 % of 96
+  //   to s4k, 2-4 % behind above; 112 behind 96), while 64 stays 3 % ahead at 2k keys;
   // - d256: overlap, 64-key tiles (registers for O).
   bool launched;
   if constexpr (kD == 64) {
@@ -658,8 +660,11 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
     launched = p.sk >= 4096 ? sm90::launch_flash_fwd_sm90<T, 128, true, 192>(p)
                             : sm90::launch_flash_fwd_sm90<T, 128, true>(p);
   } else if constexpr (kD == 192) {
-    launched = p.causal ? sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p)
-                        : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
+    if (p.causal)
+      launched = sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p);
+    else
+      launched = p.sk > 2048 ? sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 96>(p)
+                             : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
   } else {
     launched = sm90::launch_flash_fwd_sm90<T, kD, true>(p);
   }
