@@ -3,23 +3,33 @@
 # machine: system packages (compiler, CMake, Ninja, GoogleTest, Google
 # Benchmark) and a Python venv with the pinned packages of requirements-dev.txt.
 # Idempotent: re-running only installs what is missing.
+#
+#   bash scripts/setup_env.sh [--system | --python]
+#   --system: only the system packages (what the C++ build needs); --python: only the venv
+#   (scripts/test.sh runs the venv's downloads in the background, beside the C++ build).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ORCHARD_VENV:-$ROOT/.venv}"
+PART="${1:-all}"
+case "$PART" in all | --system | --python) ;; *) echo "setup_env.sh: unknown option '$PART'" >&2; exit 2 ;; esac
 
-need_apt=()
-command -v g++ >/dev/null || need_apt+=(g++)
-command -v cmake >/dev/null || need_apt+=(cmake)
-command -v ninja >/dev/null || need_apt+=(ninja-build)
-[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
-[ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
-python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "[setup] apt-get install ${need_apt[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+if [ "$PART" != --python ]; then
+  need_apt=()
+  command -v g++ >/dev/null || need_apt+=(g++)
+  command -v cmake >/dev/null || need_apt+=(cmake)
+  command -v ninja >/dev/null || need_apt+=(ninja-build)
+  [ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
+  [ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+  python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+  if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "[setup] apt-get install ${need_apt[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  fi
+  echo "[setup] system packages ready"
 fi
+[ "$PART" = --system ] && exit 0
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating venv $VENV"
