@@ -151,7 +151,7 @@ def main():
                 print(f"| {b},{h},{s},{d} | {dname} | {causal} | "
                       f"{ms(best[('orchard', 'f')])} / {ms(best[('orchard', 'fb')])} | "
                       f"{ms(best[('torch', 'f')])} / {ms(best[('torch', 'fb')])} | "
-                      f"{rf:.2f}x | {rb:.2f}x |" + (
+                      f"{rf:.2f}x | {'-' if args.no_bwd else f'{rb:.2f}x'} |" + (
                           f" {ms(best[('ab', 'f')])} / {ms(best[('ab', 'fb')])} | "
                           f"{best[('ab', 'f')] / best[('orchard', 'f')]:.2f} / "
                           f"{best[('ab', 'fb')] / best[('orchard', 'fb')]:.2f} |" if args.ab else ""),

@@ -11,6 +11,16 @@
 
 namespace orchard::cpu {
 
+// The fp32 steps come in three implementations: generic 8-lane vectors (any x86-64 or other
+// CPU), AVX2 + FMA intrinsics, and AVX-512 (tiles with bc and dp % 16 == 0). By default each
+// call takes the widest the CPU has, or the one ORCHARD_CPU_SOFTMAX=generic|avx2|avx512 names
+// (read at the first call; benches A/B them across processes); force_softmax_path pins one for
+// the whole process (tests run every path the CPU supports; kAuto goes back to the default),
+// false if the CPU lacks it. kAvx512 still runs kAvx2 on tiles it cannot take.
+enum class SoftmaxPath { kAuto, kGeneric, kAvx2, kAvx512 };
+bool softmax_path_supported(SoftmaxPath path);
+bool force_softmax_path(SoftmaxPath path);
+
 // Forward: s (rows x bc, ld bc) holds raw q.k scores; on return it holds the
 // unnormalised probabilities exp2(c*s - m_new) (0 where masked). Updates the
 // running max m[r] and sum l[r] and rescales the output accumulator rows
