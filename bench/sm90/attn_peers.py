@@ -26,7 +26,12 @@ GRID = [  # (dtype, d, causal, b, h, s) = the bench's speed grid (MHA part)
 D192_GRID = [("bf16", 192, False, 16384 // s, 10, s) for s in (2048, 4096, 8192, 16384)] + [
     ("fp16", 192, False, 4, 10, 4096), ("bf16", 160, False, 4, 12, 4096), ("bf16", 192, True, 4, 10, 4096)]
 
-for dt, d, causal, b, h, s in (D192_GRID if os.environ.get("PEER_GRID") == "d192" else GRID):
+# PEER_GRID=d128: the bench's d128 mode (the d128 bucket's key tiles).
+D128_GRID = [("bf16", 128, False, 16384 // s, 16, s) for s in (1024, 2048, 4096, 8192, 16384)] + [
+    ("fp16", 128, False, 4, 16, 4096), ("bf16", 128, True, 8, 16, 2048), ("bf16", 128, True, 2, 16, 8192)]
+GRIDS = {"d192": D192_GRID, "d128": D128_GRID}
+
+for dt, d, causal, b, h, s in GRIDS.get(os.environ.get("PEER_GRID", ""), GRID):
     dtype = torch.bfloat16 if dt == "bf16" else torch.float16
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
     flops = 4 * b * h * s * s * d / (2 if causal else 1)

@@ -166,6 +166,10 @@ bool run_shape(const Shape& sh, int reps, bool check) {
     variants.push_back({"ovl-n192", s9::launch_flash_fwd_sm90<T, kBucket, true, 192>});
     variants.push_back({"pln-n192", s9::launch_flash_fwd_sm90<T, kBucket, false, 192>});
   }
+  if constexpr (kBucket == 128) {  // FA3's d128 non-causal key tile (176), and 160
+    variants.push_back({"ovl-n160", s9::launch_flash_fwd_sm90<T, kBucket, true, 160>});
+    variants.push_back({"ovl-n176", s9::launch_flash_fwd_sm90<T, kBucket, true, 176>});
+  }
   if constexpr (kBucket == 64) {  // FA3's d64 tile: 3 consumer warpgroups (192 query rows)
     variants.push_back({"pln-wg3", s9::launch_flash_fwd_sm90<T, kBucket, false, 128, 3>});
     variants.push_back({"ovl-wg3", s9::launch_flash_fwd_sm90<T, kBucket, true, 128, 3>});
@@ -297,7 +301,7 @@ bool run(const Shape& sh, int reps, bool check) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a hang (killed by timeout) still leaves every line before it
   int fails = 0;
-  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d192
+  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d192 | d128
   // Correctness: ragged lengths, GQA, causal, both dtypes, every head dim.
   const Shape checks[] = {
       {false, 128, false, 2, 4, 4, 1000}, {false, 128, true, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 1, 777},
@@ -313,7 +317,7 @@ int main(int argc, char** argv) {
       {false, 128, true, 2, 16, 16, 8192}, {true, 64, true, 4, 32, 8, 1700}, {false, 256, true, 2, 8, 8, 4100},
       {false, 192, true, 2, 10, 5, 3000},
   };
-  if (mode != "grid" && mode != "quick" && mode != "causal" && mode != "d192")
+  if (mode != "grid" && mode != "quick" && mode != "causal" && mode != "d192" && mode != "d128")
     for (const Shape& s : checks) fails += !run(s, 0, true);
   // Speed grid (b * s = 16k tokens, hq * d = 2048); checked once more on the big shapes.
   const Shape grid[] = {
@@ -344,7 +348,18 @@ int main(int argc, char** argv) {
   d192_grid.push_back({true, 192, false, 4, 10, 10, 4096});
   d192_grid.push_back({false, 160, false, 4, 12, 12, 4096});
   d192_grid.push_back({false, 192, true, 4, 10, 10, 4096});
-  if (mode == "d192") {
+  // d128: the d128 bucket's key tiles across lengths (b * s = 16k tokens, hq 16).
+  const Shape d128_checks[] = {{false, 128, false, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 4, 777},
+                               {false, 128, true, 1, 4, 4, 1025}, {false, 96, false, 1, 4, 4, 1500}};
+  std::vector<Shape> d128_grid;
+  for (int s : {1024, 2048, 4096, 8192, 16384}) d128_grid.push_back({false, 128, false, 16384 / s, 16, 16, s});
+  d128_grid.push_back({true, 128, false, 4, 16, 16, 4096});
+  d128_grid.push_back({false, 128, true, 8, 16, 16, 2048});
+  d128_grid.push_back({false, 128, true, 2, 16, 16, 8192});
+  if (mode == "d128") {
+    for (const Shape& s : d128_checks) fails += !run(s, 0, true);
+    for (const Shape& s : d128_grid) fails += !run(s, 30, false);
+  } else if (mode == "d192") {
     for (const Shape& s : d192_checks) fails += !run(s, 0, true);
     for (const Shape& s : d192_grid) fails += !run(s, 30, false);
   } else if (mode == "causal")

@@ -5,7 +5,7 @@ The PTX instruction names every accumulator register in its operand list (N/2 of
 thread), so the wrappers are long and mechanical; this script writes them instead of a
 person.  Run it again after editing: python3 gen_wgmma.py > wgmma_mma.cuh
 """
-NS = (16, 32, 64, 80, 96, 112, 128, 192, 256)
+NS = (16, 32, 64, 80, 96, 112, 128, 160, 176, 192, 256)
 TYPES = (("bf16", "bf16"), ("f16", "f16"))
 
 
