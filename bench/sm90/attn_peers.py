@@ -22,16 +22,19 @@ GRID = [  # (dtype, d, causal, b, h, s) = the bench's speed grid (MHA part)
     ("bf16", 96, True, 2, 21, 8192), ("bf16", 160, False, 4, 12, 4096), ("bf16", 160, True, 4, 12, 4096),
 ]
 
-# PEER_GRID=d192: the bench's d192 mode (the d192 bucket's key-tile experiment).
-D192_GRID = [("bf16", 192, False, 16384 // s, 10, s) for s in (2048, 4096, 8192, 16384)] + [
-    ("fp16", 192, False, 4, 10, 4096), ("bf16", 160, False, 4, 12, 4096), ("bf16", 192, True, 4, 10, 4096)]
 
-# PEER_GRID=d128: the bench's d128 mode (the d128 bucket's key tiles).
-D128_GRID = [("bf16", 128, False, 16384 // s, 16, s) for s in (1024, 2048, 4096, 8192, 16384)] + [
-    ("fp16", 128, False, 4, 16, 4096), ("bf16", 128, True, 8, 16, 2048), ("bf16", 128, True, 2, 16, 8192)]
-GRIDS = {"d192": D192_GRID, "d128": D128_GRID}
+def tile_grid(d):
+    """PEER_GRID=d<D>: the bench's d<D> mode (one head-dim bucket's key-tile experiment)."""
+    h = 10 if d == 192 else 2048 // d
+    g = [("bf16", d, False, 16384 // s, h, s) for s in (1024, 2048, 4096, 8192, 16384)]
+    g.append(("fp16", d, False, 4, h, 4096))
+    if d == 192:
+        g.append(("bf16", 160, False, 4, 12, 4096))
+    return g + [("bf16", d, True, 8, h, 2048), ("bf16", d, True, 2, h, 8192)]
 
-for dt, d, causal, b, h, s in GRIDS.get(os.environ.get("PEER_GRID", ""), GRID):
+
+pg = os.environ.get("PEER_GRID", "")
+for dt, d, causal, b, h, s in (tile_grid(int(pg[1:])) if pg[1:].isdigit() else GRID):
     dtype = torch.bfloat16 if dt == "bf16" else torch.float16
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
     flops = 4 * b * h * s * s * d / (2 if causal else 1)

@@ -4,7 +4,7 @@
 # Run from the repository root on an H100/H200:  bash bench/sm90/run_attn.sh
 # Writes $OUT/attn_build.log, $OUT/attn_sass.txt, $OUT/attn_bench.log (checks, timing, peers).
 # An experiment on one bucket: BUCKET=192 MODE=d192 (builds that bucket only; the bench's modes:
-# all, checks, grid, quick, causal, d192, d128) with PEER_GRID=d192 / d128 (attn_peers.py's shapes).
+# all, checks, grid, quick, causal, d<head dim>) with PEER_GRID=d192 (attn_peers.py's shapes).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"

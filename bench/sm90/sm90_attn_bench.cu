@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -174,6 +175,9 @@ bool run_shape(const Shape& sh, int reps, bool check) {
     variants.push_back({"pln-wg3", s9::launch_flash_fwd_sm90<T, kBucket, false, 128, 3>});
     variants.push_back({"ovl-wg3", s9::launch_flash_fwd_sm90<T, kBucket, true, 128, 3>});
   }
+  if constexpr (kBucket == 256) {  // 80 keys: the most two stages of K and V fit beside Q
+    variants.push_back({"ovl-n80", s9::launch_flash_fwd_sm90<T, kBucket, true, 80>});
+  }
   if constexpr (kBucket == 192) {  // key tiles 64..112 (2 stages of 128 keys do not fit in smem)
     variants.push_back({"ovl-n80", s9::launch_flash_fwd_sm90<T, kBucket, true, 80>});
     variants.push_back({"ovl-n96", s9::launch_flash_fwd_sm90<T, kBucket, true, 96>});
@@ -301,7 +305,7 @@ bool run(const Shape& sh, int reps, bool check) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a hang (killed by timeout) still leaves every line before it
   int fails = 0;
-  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d192 | d128
+  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d<head dim>
   // Correctness: ragged lengths, GQA, causal, both dtypes, every head dim.
   const Shape checks[] = {
       {false, 128, false, 2, 4, 4, 1000}, {false, 128, true, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 1, 777},
@@ -317,7 +321,7 @@ int main(int argc, char** argv) {
       {false, 128, true, 2, 16, 16, 8192}, {true, 64, true, 4, 32, 8, 1700}, {false, 256, true, 2, 8, 8, 4100},
       {false, 192, true, 2, 10, 5, 3000},
   };
-  if (mode != "grid" && mode != "quick" && mode != "causal" && mode != "d192" && mode != "d128")
+  if (mode != "grid" && mode != "quick" && mode != "causal" && mode[0] != 'd')
     for (const Shape& s : checks) fails += !run(s, 0, true);
   // Speed grid (b * s = 16k tokens, hq * d = 2048); checked once more on the big shapes.
   const Shape grid[] = {
@@ -339,29 +343,23 @@ int main(int argc, char** argv) {
       causal_grid.push_back({false, d, true, 16384 / s, h, h, s});
     }
   causal_grid.push_back({false, 128, false, 2, 16, 16, 8192});
-  // d192: the d192 bucket's non-causal points (b * s = 16k tokens, hq 10; d160 hq 12), checked
-  // on ragged shapes first, then timed (the key-tile experiment, dev/cuda/NOTES.md "What is left" 3).
-  const Shape d192_checks[] = {{false, 192, false, 2, 4, 2, 1000}, {true, 192, false, 1, 4, 4, 777},
-                               {false, 160, false, 1, 4, 4, 1025}, {false, 192, false, 1, 10, 10, 4096}};
-  std::vector<Shape> d192_grid;
-  for (int s : {2048, 4096, 8192, 16384}) d192_grid.push_back({false, 192, false, 16384 / s, 10, 10, s});
-  d192_grid.push_back({true, 192, false, 4, 10, 10, 4096});
-  d192_grid.push_back({false, 160, false, 4, 12, 12, 4096});
-  d192_grid.push_back({false, 192, true, 4, 10, 10, 4096});
-  // d128: the d128 bucket's key tiles across lengths (b * s = 16k tokens, hq 16).
-  const Shape d128_checks[] = {{false, 128, false, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 4, 777},
-                               {false, 128, true, 1, 4, 4, 1025}, {false, 96, false, 1, 4, 4, 1500}};
-  std::vector<Shape> d128_grid;
-  for (int s : {1024, 2048, 4096, 8192, 16384}) d128_grid.push_back({false, 128, false, 16384 / s, 16, 16, s});
-  d128_grid.push_back({true, 128, false, 4, 16, 16, 4096});
-  d128_grid.push_back({false, 128, true, 8, 16, 16, 2048});
-  d128_grid.push_back({false, 128, true, 2, 16, 16, 8192});
-  if (mode == "d128") {
-    for (const Shape& s : d128_checks) fails += !run(s, 0, true);
-    for (const Shape& s : d128_grid) fails += !run(s, 30, false);
-  } else if (mode == "d192") {
-    for (const Shape& s : d192_checks) fails += !run(s, 0, true);
-    for (const Shape& s : d192_grid) fails += !run(s, 30, false);
+  // d<D> (d128, d192, d256): one bucket's key-tile experiment (dev/cuda/NOTES.md "What is
+  // left" 3): checks on ragged / GQA / causal shapes of head dim D, then timed non-causal points
+  // at s 1k..16k (b * s = 16k tokens, hq * D ~ 2048: d192 hq 10), fp16 at s4k, causal s2k / s8k.
+  // d192 adds d160 (the same bucket). PEER_GRID=d<D> gives attn_peers.py's matching shapes.
+  if (mode.size() > 1 && mode[0] == 'd' && std::isdigit(static_cast<unsigned char>(mode[1]))) {
+    const int d = std::atoi(mode.c_str() + 1);
+    const int h = d == 192 ? 10 : 2048 / d;
+    const Shape tile_checks[] = {{false, d, false, 2, 4, 2, 1000}, {true, d, false, 1, 4, 4, 777},
+                                 {false, d, true, 1, 4, 4, 1025}, {false, d, false, 1, h, h, 4096}};
+    std::vector<Shape> tile_grid;
+    for (int sl : {1024, 2048, 4096, 8192, 16384}) tile_grid.push_back({false, d, false, 16384 / sl, h, h, sl});
+    tile_grid.push_back({true, d, false, 4, h, h, 4096});
+    if (d == 192) tile_grid.push_back({false, 160, false, 4, 12, 12, 4096});
+    tile_grid.push_back({false, d, true, 8, h, h, 2048});
+    tile_grid.push_back({false, d, true, 2, h, h, 8192});
+    for (const Shape& sh : tile_checks) fails += !run(sh, 0, true);
+    for (const Shape& sh : tile_grid) fails += !run(sh, 30, false);
   } else if (mode == "causal")
     for (const Shape& s : causal_grid) fails += !run(s, 20, false);
   else if (mode != "checks")
