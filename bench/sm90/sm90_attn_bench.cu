@@ -293,7 +293,6 @@ bool run_if_built(const Shape& sh, int reps, bool check) {
 }
 
 bool run(const Shape& sh, int reps, bool check) {
-  if (SM90_BENCH_BUCKET != 0 && orchard::cuda::sm90_head_dim_bucket(sh.d) != SM90_BENCH_BUCKET) return true;
   switch (orchard::cuda::sm90_head_dim_bucket(sh.d)) {
     case 64: return sh.fp16 ? run_if_built<__half, 64>(sh, reps, check) : run_if_built<__nv_bfloat16, 64>(sh, reps, check);
     case 128: return sh.fp16 ? run_if_built<__half, 128>(sh, reps, check) : run_if_built<__nv_bfloat16, 128>(sh, reps, check);

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 
+#include "backends/cpu/cpu_features.h"
 #include "backends/cpu/simd.h"
 #include "backends/cpu/zmm_tile.h"
 
@@ -26,12 +27,6 @@ namespace {
 // two 256-bit halves (same FLOP peak as ymm), but each A broadcast now feeds
 // 64 columns instead of 16, so A is read once per row group instead of once
 // per 16-column panel and there are 2.4x fewer loads per FMA.
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
-}
-
 template <int MR, int NV, bool kTransA>
 ORCHARD_GEMM_AVX512_TARGET inline __attribute__((always_inline)) void micro512(
     int k, const float* a, std::int64_t lda, const float* b, std::int64_t ldb, float* c,
@@ -91,7 +86,7 @@ ORCHARD_GEMM_AVX512_TARGET void gemm512(int m, int n, int k, const float* a, std
 bool use_avx512() {
   static const bool yes = [] {
     const char* e = std::getenv("ORCHARD_CPU_GEMM512");
-    return has_avx512() && !(e && e[0] == '0');
+    return cpu_has_avx512() && !(e && e[0] == '0');
   }();
   return yes;
 }

@@ -10,6 +10,7 @@
 #include <string>
 #include <limits>
 
+#include "backends/cpu/cpu_features.h"
 #include "backends/cpu/simd.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -32,12 +33,6 @@ namespace orchard::cpu {
 // 16 lanes, plain vmaxps plus a separate unordered-compare mask for NaN, and
 // exp2 with vscalefps for the 2^n step.
 namespace {
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
-}
 
 // 2^x, same polynomial as simd.h's exp2_f32 (|rel err| ~ 1e-7): x < -126
 // gives exactly 0, NaN stays NaN, -inf gives 0.
@@ -210,11 +205,6 @@ ORCHARD_AVX512_TARGET void backward_tile_avx512(float* s, float* dp, int rows, i
 // for the row max, as the AVX-512 path.
 namespace {
 
-bool has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
 // 2^x on 8 lanes: x < -126 gives exactly 0 (so -inf gives 0), x > 127 gives 2^127, NaN stays NaN
 // (simd.h's exp2_f32's edges). 2^f on f in [-0.5, 0.5] by a degree-5 polynomial, a relative-error
 // fit with 2^0 == 1 exact: |rel err| 1.9e-7 in fp32 arithmetic (1.6 ulp; the degree-7 Taylor
@@ -384,10 +374,10 @@ bool softmax_path_supported(SoftmaxPath path) {
     case SoftmaxPath::kAuto:
     case SoftmaxPath::kGeneric: return true;
 #ifdef ORCHARD_SOFTMAX_AVX2
-    case SoftmaxPath::kAvx2: return has_avx2_fma();
+    case SoftmaxPath::kAvx2: return cpu_has_avx2_fma();
 #endif
 #ifdef ORCHARD_SOFTMAX_AVX512
-    case SoftmaxPath::kAvx512: return has_avx512();
+    case SoftmaxPath::kAvx512: return cpu_has_avx512();
 #endif
     default: return false;
   }
