@@ -1,7 +1,7 @@
 // sm90 attention BACKWARD (src/backends/cuda/sm90/flash_bwd_sm90.cuh): correctness + speed.
 //   nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -Isrc bench/sm90/sm90_bwd_bench.cu -o sm90_bwd_bench
-//   ./sm90_bwd_bench [checks|grid|all]
+//   ./sm90_bwd_bench [checks|grid|all|bulk]
 // Per shape (dtype, d, causal + alignment, b, hq, hkv, sq, sk): fresh random Q/K/V/dO (BSHD);
 // O and LSE from the sm90 forward; dQ/dK/dV poisoned (NaN) before the checked run of the
 // sm90 backward (flash_bwd_sm90_run.cuh: sm80 pre-pass, sm90 main kernel, sm80 dQ convert),
@@ -207,22 +207,37 @@ void free_bufs(Bufs& B) {
   for (void* x : {B.q, B.k, B.v, B.o, B.dO, B.dq, B.dk, B.dv, (void*)B.lse, B.ws}) cudaFree(x);
 }
 
+// -DSM90_BWD_BENCH_D=64 (or 128): build and run only that head dim (a one-bucket experiment
+// builds in a fraction of the time); 0 (default): both.
+#ifndef SM90_BWD_BENCH_D
+#define SM90_BWD_BENCH_D 0
+#endif
+constexpr bool kBuild64 = SM90_BWD_BENCH_D != 128, kBuild128 = SM90_BWD_BENCH_D != 64;
+bool built(int d) { return d == 64 ? kBuild64 : kBuild128; }
+
 template <typename T>
 bool run_fwd(const Shape& sh, const Bufs& B) {
   BwdParams p = make_params<T>(sh, B);
-  return sh.d == 64 ? orchard::cuda::run_flash_fwd_sm90<T, 64>(p) : orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+  if constexpr (kBuild64) if (sh.d == 64) return orchard::cuda::run_flash_fwd_sm90<T, 64>(p);
+  if constexpr (kBuild128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+  return false;
 }
 template <typename T>
 bool run_sm90(const BwdParams& p, bool bulk_dq) {
-  return p.d == 64 ? orchard::cuda::run_flash_bwd_sm90<T, 64>(p, bulk_dq)
-                   : orchard::cuda::run_flash_bwd_sm90<T, 128>(p, bulk_dq);
+  if constexpr (kBuild64) if (p.d == 64) return orchard::cuda::run_flash_bwd_sm90<T, 64>(p, bulk_dq);
+  if constexpr (kBuild128) return orchard::cuda::run_flash_bwd_sm90<T, 128>(p, bulk_dq);
+  return false;
 }
 template <typename T>
 void run_sm80(const BwdParams& p) {
-  if (p.d == 64) {
-    if (p.causal) orchard::cuda::launch_flash_bwd<T, 64, true, false>(p);
-    else orchard::cuda::launch_flash_bwd<T, 64, false, false>(p);
-  } else {
+  if constexpr (kBuild64) {
+    if (p.d == 64) {
+      if (p.causal) orchard::cuda::launch_flash_bwd<T, 64, true, false>(p);
+      else orchard::cuda::launch_flash_bwd<T, 64, false, false>(p);
+      return;
+    }
+  }
+  if constexpr (kBuild128) {
     if (p.causal) orchard::cuda::launch_flash_bwd<T, 128, true, false>(p);
     else orchard::cuda::launch_flash_bwd<T, 128, false, false>(p);
   }
@@ -339,8 +354,23 @@ void time_shape(const Shape& sh) {
 
 template <typename F>
 void each_dtype(const Shape& sh, F&& f) {
+  if (!built(sh.d)) return;
   if (sh.bf16) f(__nv_bfloat16{});
   else f(__half{});
+}
+
+// Mode "bulk": the library's default form (bulk dQ) alone, 30 timed runs, for A/Bs of two
+// builds run alternately (medians over the runs decide: one binary's timings drift).
+template <typename T>
+void time_bulk(const Shape& sh) {
+  Bufs B = alloc_bufs<T>(sh, 7);
+  run_fwd<T>(sh, B);
+  const BwdParams p = make_params<T>(sh, B);
+  const double flops = 2.5 * 4.0 * sh.b * sh.hq * (double)sh.sq * sh.sk * sh.d / (sh.causal ? 2 : 1);
+  const float t = time_ms([&] { run_sm90<T>(p, true); }, 30);
+  CK(cudaDeviceSynchronize());
+  std::printf("TIME %-44s bulk %7.3f ms %6.1f TFLOP/s\n", shape_name(sh).c_str(), t, flops / t / 1e9);
+  free_bufs(B);
 }
 
 int main(int argc, char** argv) {
@@ -373,6 +403,18 @@ int main(int argc, char** argv) {
         {true, 64, false, false, 16, 32, 32, 1024, 1024},
     };
     for (const Shape& sh : grid) each_dtype(sh, [&](auto t) { time_shape<decltype(t)>(sh); });
+  }
+  if (mode == "bulk") {  // the FA grid (b s = 16k, hq d = 2048), s 1k..16k, causal or not; fp16 s8k
+    for (int d : {64, 128})
+      for (int causal = 0; causal < 2; ++causal)
+        for (int s = 1024; s <= 16384; s *= 2) {
+          const Shape sh{true, d, causal != 0, false, 16384 / s, 2048 / d, 2048 / d, s, s};
+          each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
+        }
+    for (int d : {64, 128}) {
+      const Shape sh{false, d, false, false, 2, 2048 / d, 2048 / d, 8192, 8192};
+      each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
+    }
   }
   return fails ? 1 : 0;
 }

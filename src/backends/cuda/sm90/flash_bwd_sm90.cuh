@@ -6,7 +6,7 @@
 // One CTA = one 128-key tile of one (batch, kv head); it loops over the q heads of its GQA
 // group and over their 64-row query tiles, so dK / dV of the group are summed in registers
 // (deterministic, no dK/dV atomics, as the sm80 dK/dV kernel does).  3 warpgroups:
-//   WG2 (warp 8) producer: K and V once (TMA), then per query tile Q and dO (TMA, 2-stage ring)
+//   WG2 (warp 8) producer: K and V once (TMA), then per query tile Q and dO (TMA, a ring of Cfg::kStages)
 //               plus the tile's LSE (log2 units; +inf for rows past sq / rows that see no key)
 //               and D (0 past sq) written by its 32 lanes; setmaxnreg.dec 24, warps 9-11 idle.
 //   WG0, WG1    consumers, 64 keys each (setmaxnreg.inc 240: dK + dV + S^T + dP^T are 192 live
@@ -77,7 +77,9 @@ struct BwdSm90Config {
   static constexpr int kBN = 128;  // keys per CTA (2 consumer WGs x 64)
   static constexpr int kBM = 64;   // query rows per step
   static constexpr int kChunks = kD / 64;  // 64-column (128-byte) swizzle chunks
-  static constexpr int kStages = 2;
+  // Q / dO stages.  d64: 3 (the H200, session 18, medians of 4 alternating runs: +2-8 % non-causal,
+  // +0-5 % causal over 2); d128: 2 (3 fit in 227 KB but spill and lost 3-8 %).
+  static constexpr int kStages = kD == 64 ? 3 : 2;
   static constexpr bool kDqSplitN = kD == 128;  // see the header comment
   static constexpr int kDqN = kDqSplitN ? kD / 2 : kD;  // dQ columns per consumer WG
   static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;
@@ -95,6 +97,8 @@ struct BwdSm90Config {
   static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
   static constexpr int kSmemBytes = kOffBars + 64 + 1024;  // + 1024: align the base up
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
+  static_assert(8 + 16 * kStages <= 64, "barriers: kv_full, then full / empty per stage");
+  static_assert(kSmemBytes <= 232448, "the sm_90 opt-in shared memory limit (227 KB)");
 };
 
 // TMA maps of one backward call (built on the host, passed as __grid_constant__).
@@ -196,10 +200,10 @@ struct BwdSm90Stage {
 };
 
 // The producer warp (warp 8): K and V of key tile n0 once (TMA), then per step (query tile of
-// tr, q head of the GQA group) Q and dO by TMA into the 2-stage ring plus the tile's LSE (log2
+// tr, q head of the GQA group) Q and dO by TMA into the stage ring plus the tile's LSE (log2
 // units; +inf for rows past sq / rows that see no key) and D (0 past sq) written by its 32
 // lanes.  Barriers: kv_full at bars, full(s) at bars + 8 + 8 s (32 arrivals + the TMA's tx),
-// empty(s) at bars + 24 + 8 s (one arrival per consumer warp).
+// empty(s) at bars + 8 + 8 kStages + 8 s (one arrival per consumer warp).
 template <typename Cfg>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const BwdParams& p, const float* dsum,
                                                  const BwdSm90Stage& sm, int b, int hk, int group, int n0,
@@ -208,7 +212,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
   const int sq = p.sq;
   const uint32_t kv_full = sm.bars;
   auto full = [&](int s) { return sm.bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return sm.bars + 24 + 8 * s; };
+  auto empty = [&](int s) { return sm.bars + 8 + 8 * Cfg::kStages + 8 * s; };
   const int n_iters = tr.n_m * group;
   const float log2e = 1.4426950408889634f;
   if (lane == 0) {
@@ -282,7 +286,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t bars = sbase + Cfg::kOffBars;
   const uint32_t kv_full = bars;
   auto full = [&](int s) { return bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return bars + 24 + 8 * s; };
+  auto empty = [&](int s) { return bars + 8 + 8 * Cfg::kStages + 8 * s; };
 
   const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
   const int b = cta.b, hk = cta.hk;

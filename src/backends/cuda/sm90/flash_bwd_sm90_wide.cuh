@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t bars = sbase + Cfg::kOffBars;
   const uint32_t kv_full = bars;
   auto full = [&](int s) { return bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return bars + 24 + 8 * s; };
+  auto empty = [&](int s) { return bars + 8 + 8 * Cfg::kStages + 8 * s; };
 
   const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
   const int b = cta.b, hk = cta.hk;
