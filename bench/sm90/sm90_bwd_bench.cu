@@ -333,12 +333,25 @@ float time_ms(F&& f, int reps = 20) {
   return ts[ts.size() / 2];
 }
 
+// A timed shape's inputs (O and LSE from the sm90 forward), parameters and backward FLOPs.
+struct Timed {
+  Bufs B;
+  BwdParams p;
+  double flops;
+};
+template <typename T>
+Timed prepare_timed(const Shape& sh) {
+  Timed c{alloc_bufs<T>(sh, 7), {}, 2.5 * 4.0 * sh.b * sh.hq * (double)sh.sq * sh.sk * sh.d / (sh.causal ? 2 : 1)};
+  run_fwd<T>(sh, c.B);
+  c.p = make_params<T>(sh, c.B);
+  return c;
+}
+
 template <typename T>
 void time_shape(const Shape& sh) {
-  Bufs B = alloc_bufs<T>(sh, 7);
-  run_fwd<T>(sh, B);
-  const BwdParams p = make_params<T>(sh, B);
-  const double flops = 2.5 * 4.0 * sh.b * sh.hq * (double)sh.sq * sh.sk * sh.d / (sh.causal ? 2 : 1);
+  Timed c = prepare_timed<T>(sh);
+  const BwdParams& p = c.p;
+  const double flops = c.flops;
   float t90 = 1e30f, tbulk = 1e30f, t80 = 1e30f;
   for (int round = 0; round < 2; ++round) {  // interleaved: sm90, sm90 bulk, sm80, twice (best of 2 medians)
     t90 = std::min(t90, time_ms([&] { run_sm90<T>(p, false); }));
@@ -349,7 +362,7 @@ void time_shape(const Shape& sh) {
   std::printf("TIME %-44s sm90 %7.3f ms %6.1f | bulk %7.3f ms %6.1f | sm80 %7.3f ms %6.1f TFLOP/s | sm90/sm80 %.2fx bulk/atomic %.2fx\n",
               shape_name(sh).c_str(), t90, flops / t90 / 1e9, tbulk, flops / tbulk / 1e9, t80, flops / t80 / 1e9,
               t80 / t90, t90 / tbulk);
-  free_bufs(B);
+  free_bufs(c.B);
 }
 
 template <typename F>
@@ -363,14 +376,11 @@ void each_dtype(const Shape& sh, F&& f) {
 // builds run alternately (medians over the runs decide: one binary's timings drift).
 template <typename T>
 void time_bulk(const Shape& sh) {
-  Bufs B = alloc_bufs<T>(sh, 7);
-  run_fwd<T>(sh, B);
-  const BwdParams p = make_params<T>(sh, B);
-  const double flops = 2.5 * 4.0 * sh.b * sh.hq * (double)sh.sq * sh.sk * sh.d / (sh.causal ? 2 : 1);
-  const float t = time_ms([&] { run_sm90<T>(p, true); }, 30);
+  Timed c = prepare_timed<T>(sh);
+  const float t = time_ms([&] { run_sm90<T>(c.p, true); }, 30);
   CK(cudaDeviceSynchronize());
-  std::printf("TIME %-44s bulk %7.3f ms %6.1f TFLOP/s\n", shape_name(sh).c_str(), t, flops / t / 1e9);
-  free_bufs(B);
+  std::printf("TIME %-44s bulk %7.3f ms %6.1f TFLOP/s\n", shape_name(sh).c_str(), t, c.flops / t / 1e9);
+  free_bufs(c.B);
 }
 
 int main(int argc, char** argv) {

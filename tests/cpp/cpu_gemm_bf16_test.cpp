@@ -88,6 +88,23 @@ struct GemmData {
     return c;
   }
 
+  // The same product with B copied into column panels of `panel` columns
+  // (gemm_bf16_panels' layout), NaN between the panels' used columns.
+  std::vector<float> run_panels(int panel) const {
+    const std::uint16_t nan16 = float_to_bf16(std::numeric_limits<float>::quiet_NaN());
+    std::vector<std::uint16_t> bp(std::size_t(g.n) * 2 * g.kpairs + 64, nan16);
+    for (int q = 0; q < g.n / panel; ++q)
+      for (int pr = 0; pr < g.kpairs; ++pr)
+        for (int jj = 0; jj < panel; ++jj)
+          for (int e = 0; e < 2; ++e)
+            bp[(std::size_t(q) * g.kpairs + pr) * 2 * panel + 2 * jj + e] =
+                b[std::size_t(pr) * ldb + 2 * (q * panel + jj) + e];
+    std::vector<float> c = c0;
+    cpu::gemm_bf16_panels(g.m, g.n, g.kpairs, a.data(), a_rs, a_ps, bp.data(), panel, c.data(), ldc,
+                          g.accumulate);
+    return c;
+  }
+
   // Empty when c is right, else a description of the first wrong element.
   std::string check(const std::vector<float>& c) const {
     for (int r = 0; r < g.m; ++r)
@@ -169,6 +186,30 @@ TEST(CpuGemmBf16, AmxMatchesFp64AndAvx512) {
     ASSERT_TRUE(err.empty()) << "AVX-512: " << err;
     ASSERT_EQ(std::memcmp(amx.data(), scoped.data(), amx.size() * sizeof(float)), 0)
         << "scoped and unscoped AMX differ";
+  }
+}
+
+// 32-column panels (the AMX staging layout) and panel == n (the plain
+// layout), on AMX where the CPU has it and on AVX-512-BF16 panel by panel.
+TEST(CpuGemmBf16, PanelsMatchFp64) {
+  PathGuard guard;
+  if (!cpu::bf16_dot_available()) GTEST_SKIP() << "this CPU has no AVX512_BF16";
+  unsigned seed = 2000;
+  for (bool amx : {false, true}) {
+    cpu::g_amx = amx;
+    if (amx && !cpu::amx_available()) continue;  // AMX-less CPU: the AVX-512 half ran
+    const cpu::Bf16GemmScope scope(true);
+    for (int m : {1, 16, 17, 48, 128})
+      for (int n : {32, 64, 96, 256})
+        for (int kpairs : {1, 16, 17, 64, 128})
+          for (bool t : {false, true})
+            for (bool acc : {false, true}) {
+              const GemmData d({m, n, kpairs, t, acc}, seed++);
+              for (int panel : {cpu::kBf16BPanel, n}) {
+                const std::string err = d.check(d.run_panels(panel));
+                ASSERT_TRUE(err.empty()) << (amx ? "AMX" : "AVX-512") << " panel " << panel << ": " << err;
+              }
+            }
   }
 }
 

@@ -79,6 +79,9 @@ struct FwdGeometry {
   // Query rows per task and key columns per tile: kBlockM x kBlockN, on the
   // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (larger on AMX, gemm_bf16.h).
   int bm = kBlockM, bn = kBlockN;
+  // bf16: the staged K / V tiles' column panels (gemm_bf16_panels; bf16_b_panel):
+  // 32 on AMX, else the whole tile.
+  int kt_panel = 0, v_panel = 0;
 };
 
 template <class T>
@@ -124,8 +127,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += bn) {
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16)
-        gemm_bf16(rows, bn, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, 2 * bn, w.s.data(),
-                  bn, false);
+        gemm_bf16_panels(rows, bn, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, geo.kt_panel,
+                         w.s.data(), bn, false);
       else
         gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     } else {
@@ -143,8 +146,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       if (geo.bf16 && !dropout &&
           softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                                    w.o.data(), dvp, dvp, w.p16.data())) {
-        gemm_bf16(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, 2 * dvp, w.o.data(), dvp,
-                  true);
+        gemm_bf16_panels(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
+                         w.o.data(), dvp, true);
         continue;
       }
     }
@@ -163,8 +166,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16) {
         to_bf16_rows(w.s.data(), bn, rows, bn, w.p16.data(), bn);
-        gemm_bf16(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, 2 * dvp,
-                  w.o.data(), dvp, true);
+        gemm_bf16_panels(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
+                         w.o.data(), dvp, true);
         continue;
       }
     }
@@ -222,6 +225,8 @@ void forward_impl(const FwdParams& p) {
   if (geo.bf16) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();
+    geo.kt_panel = bf16_b_panel(geo.bn);
+    geo.v_panel = bf16_b_panel(geo.dvp);
   }
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
@@ -275,9 +280,11 @@ void forward_impl(const FwdParams& p) {
         const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
         if (geo.bf16) {
           if (is_k)
-            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto);
+            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto,
+                               geo.kt_panel);
           else
-            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo);
+            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
+                                 geo.v_panel);
         } else if (is_k) {
           load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
                                kt_p + kto);

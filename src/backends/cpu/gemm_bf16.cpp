@@ -271,30 +271,35 @@ ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block(
   if constexpr (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, cs);
 }
 
-// m % 16 == 0, n % 16 == 0, ksteps * 16 K pairs.
+// m % 16 == 0, n % 16 == 0, ksteps * 16 K pairs. B's columns 32 q .. 32 q + 31
+// start at b + q * b_block (pair rows ldb apart): 64 for a plain pair-packed B,
+// 64 * kpairs for 32-column panels (gemm_bf16_panels).
 ORCHARD_AMX_TARGET void gemm_amx_tiles(int m, int n, int ksteps, const std::uint16_t* a,
                                        std::int64_t lda, const std::uint16_t* b, std::int64_t ldb,
-                                       float* c, std::int64_t ldc, bool accumulate) {
+                                       std::int64_t b_block, float* c, std::int64_t ldc,
+                                       bool accumulate) {
   int i = 0;
   for (; i + 32 <= m; i += 32) {
     int j = 0;
     for (; j + 32 <= n; j += 32)
-      amx_block<2, 2>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+      amx_block<2, 2>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
     if (j < n)
-      amx_block<2, 1>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+      amx_block<2, 1>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
   }
   if (i < m) {
     int j = 0;
     for (; j + 32 <= n; j += 32)
-      amx_block<1, 2>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+      amx_block<1, 2>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
     if (j < n)
-      amx_block<1, 1>(ksteps, a + i * lda, lda, b + 2 * j, ldb, c + i * ldc + j, ldc, accumulate);
+      amx_block<1, 1>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
   }
 }
 
+// b_block as in gemm_amx_tiles: 64 with ldb = 2n (plain), or 64 * kpairs with
+// ldb = 64 (32-column panels; n % 32 == 0).
 void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
-                   std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, float* c,
-                   std::int64_t ldc, bool accumulate) {
+                   std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, std::int64_t b_block,
+                   float* c, std::int64_t ldc, bool accumulate) {
   const int m16 = m / 16 * 16, ksteps = kpairs / 16, kmain = ksteps * 16;
   const bool scoped = t_amx_scope > 0;
   if (!scoped) amx_load_config();  // outside a scope: configure and release per call
@@ -307,14 +312,20 @@ void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* a, std::int64_
     arow = reinterpret_cast<const std::uint16_t*>(packed.data());
     lda = 2 * kmain;
   }
-  gemm_amx_tiles(m16, n, ksteps, arow, lda, b, ldb, c, ldc, accumulate);
+  gemm_amx_tiles(m16, n, ksteps, arow, lda, b, ldb, b_block, c, ldc, accumulate);
   if (!scoped) amx_release();
-  if (kmain < kpairs)
-    gemm_bf16_avx512(m16, n, kpairs - kmain, a + kmain * a_ps, a_rs, a_ps, b + kmain * ldb, ldb, c,
-                     ldc, true);
-  if (m16 < m)
-    gemm_bf16_avx512(m - m16, n, kpairs, a + m16 * a_rs, a_rs, a_ps, b, ldb, c + m16 * ldc, ldc,
-                     accumulate);
+  // The remainders on vdpbf16ps: over the whole B, or panel by panel.
+  const bool plain = b_block == 64;
+  const int width = plain ? n : 32;
+  for (int j = 0; j < n; j += width) {
+    const std::uint16_t* bj = b + j / 32 * b_block;
+    if (kmain < kpairs)
+      gemm_bf16_avx512(m16, width, kpairs - kmain, a + kmain * a_ps, a_rs, a_ps, bj + kmain * ldb, ldb,
+                       c + j, ldc, true);
+    if (m16 < m)
+      gemm_bf16_avx512(m - m16, width, kpairs, a + m16 * a_rs, a_rs, a_ps, bj, ldb, c + m16 * ldc + j, ldc,
+                       accumulate);
+  }
 }
 #endif  // ORCHARD_AMX
 }  // namespace
@@ -418,7 +429,7 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 #ifdef ORCHARD_BF16_DOT
 #ifdef ORCHARD_AMX
   if (m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
-    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, ldb, c, ldc, accumulate);
+    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, ldb, 64, c, ldc, accumulate);
     return;
   }
 #endif
@@ -427,6 +438,27 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
   (void)m; (void)n; (void)kpairs; (void)a; (void)a_rs; (void)a_ps; (void)b; (void)ldb; (void)c;
   (void)ldc; (void)accumulate;
 #endif
+}
+
+int bf16_b_panel(int n) { return amx_available() && n % kBf16BPanel == 0 ? kBf16BPanel : n; }
+
+void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
+                      std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
+                      std::int64_t ldc, bool accumulate) {
+  if (panel == n) {
+    gemm_bf16(m, n, kpairs, a, a_rs, a_ps, b, 2 * std::int64_t(n), c, ldc, accumulate);
+    return;
+  }
+#ifdef ORCHARD_AMX
+  if (panel == 32 && m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
+    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, 2 * panel, std::int64_t(2) * panel * kpairs, c, ldc,
+                  accumulate);
+    return;
+  }
+#endif
+  for (int j = 0; j < n; j += panel)
+    gemm_bf16(m, panel, kpairs, a, a_rs, a_ps, b + std::int64_t(j) * 2 * kpairs, 2 * std::int64_t(panel),
+              c + j, ldc, accumulate);
 }
 
 void to_bf16_pairs_t(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,

@@ -89,6 +89,22 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
                std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, float* c,
                std::int64_t ldc, bool accumulate);
 
+// B in column panels: panel q (columns q * panel .. + panel - 1) is a pair-packed
+// B of its own, kpairs rows of 2 * panel values (ldb = 2 * panel), at
+// b + q * kpairs * 2 * panel; n % panel == 0. panel == n is gemm_bf16's plain
+// layout (ldb = 2n). On AMX a B tile read from a panel is 16 rows of 64 bytes
+// 128 bytes apart instead of 4 n bytes (1 KB at n = 256: 16 lines in a few L1
+// sets, and no stream the L2 prefetcher follows): with B from L2, 32-column
+// panels ran S = Q K^T (128 x 256, d128) 1.2x and O += P V 1.5x faster
+// (bench/NOTES.md, session 18).
+inline constexpr int kBf16BPanel = 32;
+// The panel width the staging should use for a B of n columns: kBf16BPanel
+// on AMX when n % kBf16BPanel == 0, else n (the plain layout).
+int bf16_b_panel(int n);
+void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
+                      std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
+                      std::int64_t ldc, bool accumulate);
+
 // dst[r * ldd + j] = bf16(src[r * lds + j]) for j < n (n % 16 == 0), round to nearest even.
 void to_bf16_rows(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
                   std::int64_t ldd);

@@ -153,34 +153,59 @@ inline void load_rows_bf16(const void* base, std::int64_t elem_offset, std::int6
   }
 }
 
-// K for S = Q K^T: tiles of `block` rows; in tile t, dim pair c/2, row r:
-// dst[((t * dpad / 2 + c / 2) * block + r) * 2 + c % 2] (the B operand with
-// ldb = 2 * block; tile t starts at dst + t * block * dpad). rows_pad % block == 0.
+// K for S = Q K^T: tiles of `block` rows, each the B operand of one S tile in
+// gemm_bf16_panels' layout with panels of `panel` key rows (panel divides
+// block; panel == block, the default: the plain layout, ldb = 2 * block). In
+// tile t, panel q, dim pair c / 2, row r: dst[t * block * dpad + q * panel * dpad
+// + (c / 2) * 2 * panel + 2 * (r % panel) + c % 2]. rows_pad % block == 0.
 inline void load_pairs_kt_bf16(const void* base, std::int64_t elem_offset, std::int64_t row_stride,
                                int rows, int rows_pad, int d, int dpad, int block,
-                               std::uint16_t* dst) {
+                               std::uint16_t* dst, int panel = 0) {
+  if (panel == 0) panel = block;
   const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
   std::fill(dst, dst + std::int64_t(rows_pad) * dpad, std::uint16_t(0));
   for (int row = 0; row < rows; ++row) {
     prefetch_ahead(base, elem_offset, row_stride, row, rows, d, 2);
     const std::uint16_t* src = s + row * row_stride;
-    std::uint16_t* tile = dst + std::int64_t(row / block) * block * dpad + 2 * (row % block);
-    for (int c = 0; c < d; ++c) tile[std::int64_t(c / 2) * 2 * block + (c & 1)] = src[c];
+    const int r = row % block;
+    std::uint16_t* out = dst + std::int64_t(row / block) * block * dpad +
+                         std::int64_t(r / panel) * panel * dpad + 2 * (r % panel);
+    for (int c = 0; c < d; ++c) out[std::int64_t(c / 2) * 2 * panel + (c & 1)] = src[c];
   }
 }
 
 // V for O += P V: pairs of rows; row r, column c at dst[((r / 2) * dpad + c) * 2 + r % 2]
-// (ldb = 2 * dpad). rows_pad even.
+// (ldb = 2 * dpad), rows_pad even. With `block` and `panel` (panel divides dpad,
+// block even, rows_pad % block == 0): tiles of `block` rows, each the B operand of one
+// O += P V in gemm_bf16_panels' layout with panels of `panel` columns: tile t
+// (rows t * block ..), panel q, row r, column c at dst[t * block * dpad + q * block *
+// panel + ((r % block) / 2) * 2 * panel + 2 * (c % panel) + r % 2]; panel == dpad
+// (the default) is the plain layout above.
 inline void load_pairs_rows_bf16(const void* base, std::int64_t elem_offset,
                                  std::int64_t row_stride, int rows, int rows_pad, int d, int dpad,
-                                 std::uint16_t* dst) {
+                                 std::uint16_t* dst, int block = 0, int panel = 0) {
+  if (panel == 0) panel = dpad;
+  if (block == 0) block = rows_pad;
   const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
   std::fill(dst, dst + std::int64_t(rows_pad) * dpad, std::uint16_t(0));
-  for (int row = 0; row < rows; ++row) {
+  for (int row = 0; row < rows; row += 2) {  // a pair of rows: one interleaved run per panel
     prefetch_ahead(base, elem_offset, row_stride, row, rows, d, 2);
-    const std::uint16_t* src = s + row * row_stride;
-    std::uint16_t* out = dst + std::int64_t(row / 2) * 2 * dpad + (row & 1);
-    for (int c = 0; c < d; ++c) out[2 * c] = src[c];
+    if (row + 1 < rows) prefetch_ahead(base, elem_offset, row_stride, row + 1, rows, d, 2);
+    const std::uint16_t* s0 = s + row * row_stride;
+    const std::uint16_t* s1 = row + 1 < rows ? s0 + row_stride : nullptr;
+    std::uint16_t* out = dst + std::int64_t(row / block) * block * dpad + std::int64_t((row % block) / 2) * 2 * panel;
+    for (int c0 = 0; c0 < d; c0 += panel) {
+      std::uint16_t* o = out + std::int64_t(c0 / panel) * block * panel;
+      const int n = std::min(panel, d - c0);
+      if (s1) {
+        for (int c = 0; c < n; ++c) {
+          o[2 * c] = s0[c0 + c];
+          o[2 * c + 1] = s1[c0 + c];
+        }
+      } else {
+        for (int c = 0; c < n; ++c) o[2 * c] = s0[c0 + c];
+      }
+    }
   }
 }
 
