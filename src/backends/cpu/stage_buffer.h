@@ -3,8 +3,13 @@
 // and the next call faulted them in again whenever the call alternated with
 // torch's: 480-2016 minor faults per call at s512-2k (getrusage around 50
 // calls, 2 threads, Zen 4 box; ~0 faults per call back to back). Buffers up to
-// kKeepBytes stay with the calling thread; larger ones are allocated per call
-// (their compute dwarfs the faults).
+// kKeepBytes stay with the calling thread (at most one per StageSlot); larger ones
+// are allocated per call. kKeepBytes is the stage budget (g_stage_budget_bytes,
+// kernel_common.h): at 32 MiB the bf16 backward's fp32 stage at b1 h8 s1k d128
+// (34 MB: its dQ slots) was fresh memory on every call, ~8000 page faults, and
+// keeping it ran that backward 1.26x faster (s2k d128: bf16 1.16x, fp32 1.07x;
+// session 18, 2 threads). The price: a thread that ran a large call holds up to
+// 3 x 64 MiB until it exits.
 //
 // Nothing here is zeroed: the kernels write every element they read. Tests
 // check that with ORCHARD_CPU_POISON_STAGE=1, which fills each buffer with
@@ -23,7 +28,7 @@ enum class StageSlot { kForward = 0, kBackward = 1, kBackward16 = 2, kCount = 3 
 
 class StageBuffer {
  public:
-  static constexpr std::size_t kKeepBytes = std::size_t(32) << 20;
+  static constexpr std::size_t kKeepBytes = std::size_t(64) << 20;
 
   StageBuffer(StageSlot slot, std::size_t bytes) {
     bytes = std::max<std::size_t>(bytes, 64);
