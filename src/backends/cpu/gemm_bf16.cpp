@@ -256,13 +256,19 @@ ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block(
   for (int s = 0; s < ksteps; ++s) {
     const std::uint16_t* ak = a + 32 * s;
     const std::uint16_t* bk = b + 16 * s * ldb;
+    // Each load just before the first product that needs it: 3-8 % faster than
+    // all four loads first (cpu_gemm shapes of the forward, 1 thread, session 18).
     _tile_loadd(4, ak, as);
-    if constexpr (MT > 1) _tile_loadd(5, ak + 16 * lda, as);
     _tile_loadd(6, bk, bs);
-    if constexpr (NT > 1) _tile_loadd(7, bk + 32, bs);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NT > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (MT > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NT > 1) {
+      _tile_loadd(7, bk + 32, bs);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MT > 1) {
+      _tile_loadd(5, ak + 16 * lda, as);
+      _tile_dpbf16ps(2, 5, 6);
+    }
     if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
   }
   _tile_stored(0, c, cs);

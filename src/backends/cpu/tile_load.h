@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "orchard/dtype.h"
@@ -170,7 +171,10 @@ inline void load_pairs_kt_bf16(const void* base, std::int64_t elem_offset, std::
     const int r = row % block;
     std::uint16_t* out = dst + std::int64_t(row / block) * block * dpad +
                          std::int64_t(r / panel) * panel * dpad + 2 * (r % panel);
-    for (int c = 0; c < d; ++c) out[std::int64_t(c / 2) * 2 * panel + (c & 1)] = src[c];
+    // A dim pair is one 32-bit word in both layouts: copy words (half the stores).
+    int c = 0;
+    for (; c + 1 < d; c += 2) std::memcpy(out + std::int64_t(c / 2) * 2 * panel, src + c, 4);
+    if (c < d) out[std::int64_t(c / 2) * 2 * panel] = src[c];
   }
 }
 
