@@ -446,7 +446,9 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 #endif
 }
 
-int bf16_b_panel(int n) { return amx_available() && n % kBf16BPanel == 0 ? kBf16BPanel : n; }
+int bf16_b_panel(int n) {
+  return (amx_available() || g_bf16_b_panels) && n % kBf16BPanel == 0 ? kBf16BPanel : n;
+}
 
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,

@@ -99,8 +99,10 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 // (bench/NOTES.md, session 18).
 inline constexpr int kBf16BPanel = 32;
 // The panel width the staging should use for a B of n columns: kBf16BPanel
-// on AMX when n % kBf16BPanel == 0, else n (the plain layout).
+// on AMX (or with g_bf16_b_panels set: tests, on any bf16 CPU) when
+// n % kBf16BPanel == 0, else n (the plain layout).
 int bf16_b_panel(int n);
+inline bool g_bf16_b_panels = false;
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
                       std::int64_t ldc, bool accumulate);
