@@ -25,6 +25,15 @@
 
 namespace orchard::cpu {
 
+#if defined(ORCHARD_SOFTMAX_AVX512) || defined(ORCHARD_SOFTMAX_AVX2)
+namespace {
+// 2^f on f in [-0.5, 0.5], highest power first, for exp2_16 and exp2_8: a degree-5
+// relative-error fit with 2^0 == 1 exact, |rel err| 1.9e-7 in fp32 Horner (1.6 ulp).
+constexpr float kExp2Poly5[6] = {1.3264714507386088e-03f, 9.6715139225125313e-03f, 5.5507339537143707e-02f,
+                                 2.4022242426872253e-01f, 6.9314700365066528e-01f, 1.0f};
+}  // namespace
+#endif
+
 #ifdef ORCHARD_SOFTMAX_AVX512
 // AVX-512 versions of the fp32 tile steps. Measured (perf, bf16 fwd s1024 d64,
 // one Zen 4 core): the 8-wide softmax_tile_update took 42% of the forward,
@@ -34,22 +43,16 @@ namespace orchard::cpu {
 // exp2 with vscalefps for the 2^n step.
 namespace {
 
-// 2^x: x < -126 gives exactly 0, NaN stays NaN, -inf gives 0. 2^f on f in
-// [-0.5, 0.5] by the AVX2 path's degree-5 fit (exp2_8 below: |rel err| 1.9e-7,
-// 1.6 ulp; 2^0 == 1 exact); it was simd.h's degree-7 Taylor (~1e-7), two FMAs
-// more per 16 lanes (session 18, AVX-512 box, 2 threads: fp32 forward 1.02-1.05x, backward
-// 1.02-1.03x).
+// 2^x: x < -126 gives exactly 0, NaN stays NaN, -inf gives 0. 2^f by kExp2Poly5,
+// as exp2_8; it was simd.h's degree-7 Taylor (~1e-7), two FMAs more per 16 lanes
+// (session 18, AVX-512 box, 2 threads: fp32 forward 1.02-1.05x, backward 1.02-1.03x).
 ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16(__m512 x) {
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
   x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);  // vmaxps returns its second operand for NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3264714507386088e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6715139225125313e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507339537143707e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242426872253e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314700365066528e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly5[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly5[i]));
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
@@ -207,21 +210,16 @@ ORCHARD_AVX512_TARGET void backward_tile_avx512(float* s, float* dp, int rows, i
 namespace {
 
 // 2^x on 8 lanes: x < -126 gives exactly 0 (so -inf gives 0), x > 127 gives 2^127, NaN stays NaN
-// (simd.h's exp2_f32's edges). 2^f on f in [-0.5, 0.5] by a degree-5 polynomial, a relative-error
-// fit with 2^0 == 1 exact: |rel err| 1.9e-7 in fp32 arithmetic (1.6 ulp; the degree-7 Taylor
-// of exp2_f32 ~1e-7), 2^n by building its exponent bits.
+// (simd.h's exp2_f32's edges). 2^f by kExp2Poly5 (exp2_f32's degree-7 Taylor: ~1e-7), 2^n
+// by building its exponent bits.
 ORCHARD_AVX2_TARGET inline __attribute__((always_inline)) __m256 exp2_8(__m256 x) {
   const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);
   // vmaxps / vminps return their second operand when one is NaN: x second keeps NaN.
   x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), x));
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.3264714507386088e-03f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6715139225125313e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5507339537143707e-02f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022242426872253e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314700365066528e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly5[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly5[i]));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
