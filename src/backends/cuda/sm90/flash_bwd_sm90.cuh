@@ -191,10 +191,20 @@ __device__ __forceinline__ BwdCta bwd_sm90_cta(const BwdParams& p, int num_n_blo
   return {static_cast<int>(head / p.hkv), static_cast<int>(head % p.hkv), n_block};
 }
 
+// The backward's mbarriers at `bars`, 8 bytes each (both kernels): kv_full, then full[kStages]
+// (the producer warp's 32 lanes + the TMA's tx), then empty[kStages] (one arrival per consumer warp).
+template <int kStages>
+struct BwdSm90Barriers {
+  uint32_t bars;
+  __device__ __forceinline__ uint32_t kv_full() const { return bars; }
+  __device__ __forceinline__ uint32_t full(int s) const { return bars + 8 + 8 * s; }
+  __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 + 8 * kStages + 8 * s; }
+};
+
 // Shared memory a backward CTA's producer fills (both kernels: flash_bwd_sm90_wide.cuh too).
 struct BwdSm90Stage {
   uint32_t k, v, q, dout;  // K / V tiles, Q / dO stage rings (Cfg::kStages x Cfg::kQBytes)
-  uint32_t bars;           // kv_full, full[kStages], empty[kStages] (8 bytes each)
+  uint32_t bars;           // BwdSm90Barriers<kStages>
   float* lse;              // [kStages][kBM], log2 units
   float* d;                // [kStages][kBM]
 };
@@ -202,17 +212,15 @@ struct BwdSm90Stage {
 // The producer warp (warp 8): K and V of key tile n0 once (TMA), then per step (query tile of
 // tr, q head of the GQA group) Q and dO by TMA into the stage ring plus the tile's LSE (log2
 // units; +inf for rows past sq / rows that see no key) and D (0 past sq) written by its 32
-// lanes.  Barriers: kv_full at bars, full(s) at bars + 8 + 8 s (32 arrivals + the TMA's tx),
-// empty(s) at bars + 8 + 8 kStages + 8 s (one arrival per consumer warp).
+// lanes.  Barriers: BwdSm90Barriers<kStages> at sm.bars.
 template <typename Cfg>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const BwdParams& p, const float* dsum,
                                                  const BwdSm90Stage& sm, int b, int hk, int group, int n0,
                                                  BwdTileRange tr, int lane) {
   constexpr int kBM = Cfg::kBM, kChunks = Cfg::kChunks;
   const int sq = p.sq;
-  const uint32_t kv_full = sm.bars;
-  auto full = [&](int s) { return sm.bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return sm.bars + 8 + 8 * Cfg::kStages + 8 * s; };
+  const BwdSm90Barriers<Cfg::kStages> bar{sm.bars};
+  const uint32_t kv_full = bar.kv_full();
   const int n_iters = tr.n_m * group;
   const float log2e = 1.4426950408889634f;
   if (lane == 0) {
@@ -230,7 +238,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
     const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
     const int s = it % Cfg::kStages;
     const uint32_t ph = (it / Cfg::kStages) & 1;
-    mbarrier_wait(empty(s), ph ^ 1);
+    mbarrier_wait(bar.empty(s), ph ^ 1);
     const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
     const float* d_g = dsum + (static_cast<int64_t>(b) * p.hq + h) * sq;
 #pragma unroll
@@ -247,14 +255,14 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
       sm.d[s * kBM + r] = dd;
     }
     if (lane == 0) {
-      mbarrier_arrive_expect_tx(full(s), 2 * Cfg::kQBytes);
+      mbarrier_arrive_expect_tx(bar.full(s), 2 * Cfg::kQBytes);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        tma_load_4d(sm.q + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.q, full(s), 64 * c, m0, h, b);
-        tma_load_4d(sm.dout + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.dout, full(s), 64 * c, m0, h, b);
+        tma_load_4d(sm.q + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.q, bar.full(s), 64 * c, m0, h, b);
+        tma_load_4d(sm.dout + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.dout, bar.full(s), 64 * c, m0, h, b);
       }
     } else {
-      mbarrier_arrive(full(s));
+      mbarrier_arrive(bar.full(s));
     }
   }
 }
@@ -284,9 +292,8 @@ __global__ void __launch_bounds__(384, 1)
   float* const lse_s = reinterpret_cast<float*>(gbase + Cfg::kOffLse);
   float* const d_s = reinterpret_cast<float*>(gbase + Cfg::kOffD);
   const uint32_t bars = sbase + Cfg::kOffBars;
-  const uint32_t kv_full = bars;
-  auto full = [&](int s) { return bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return bars + 8 + 8 * Cfg::kStages + 8 * s; };
+  const BwdSm90Barriers<Cfg::kStages> bar{bars};
+  const uint32_t kv_full = bar.kv_full();
 
   const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
   const int b = cta.b, hk = cta.hk;
@@ -307,8 +314,8 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x == 0) {
     mbarrier_init(kv_full, 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbarrier_init(full(s), 32);  // the producer warp's 32 lanes (LSE / D stores + the TMA's tx)
-      mbarrier_init(empty(s), 8);  // one arrival per consumer warp
+      mbarrier_init(bar.full(s), 32);  // the producer warp's 32 lanes (LSE / D stores + the TMA's tx)
+      mbarrier_init(bar.empty(s), 8);  // one arrival per consumer warp
     }
     mbarrier_init_fence();
   }
@@ -385,7 +392,7 @@ __global__ void __launch_bounds__(384, 1)
         auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
         {
           float sacc[32];
-          mbarrier_wait(full(s), ph);
+          mbarrier_wait(bar.full(s), ph);
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kD / 16; ++kk) {
@@ -531,7 +538,7 @@ __global__ void __launch_bounds__(384, 1)
         fence_operands(dk);
         fence_operands(dv);
         __syncwarp();
-        if (warp_leader) mbarrier_arrive(empty(s));
+        if (warp_leader) mbarrier_arrive(bar.empty(s));
         // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
         // past sq are outside the padded slab and hold zeros anyway).
         const int row16 = m0 + 16 * wi;

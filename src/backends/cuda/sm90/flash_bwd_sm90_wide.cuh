@@ -121,9 +121,8 @@ __global__ void __launch_bounds__(384, 1)
   float* const lse_s = reinterpret_cast<float*>(gbase + Cfg::kOffLse);
   float* const d_s = reinterpret_cast<float*>(gbase + Cfg::kOffD);
   const uint32_t bars = sbase + Cfg::kOffBars;
-  const uint32_t kv_full = bars;
-  auto full = [&](int s) { return bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return bars + 8 + 8 * Cfg::kStages + 8 * s; };
+  const BwdSm90Barriers<Cfg::kStages> bar{bars};
+  const uint32_t kv_full = bar.kv_full();
 
   const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
   const int b = cta.b, hk = cta.hk;
@@ -143,8 +142,8 @@ __global__ void __launch_bounds__(384, 1)
   if (threadIdx.x == 0) {
     mbarrier_init(kv_full, 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
-      mbarrier_init(full(s), 32);
-      mbarrier_init(empty(s), 8);
+      mbarrier_init(bar.full(s), 32);
+      mbarrier_init(bar.empty(s), 8);
     }
     mbarrier_init_fence();
   }
@@ -203,7 +202,7 @@ __global__ void __launch_bounds__(384, 1)
       const uint32_t row_off = buf * Cfg::kPBytes + key_l0 * 128 + (g << 4) + 4 * t;
       auto slot = [&](int j, int r) { return (row_off + r * 1024) ^ (static_cast<uint32_t>(4 * wg + j) << 4); };
       float st[16], dpt[16];
-      mbarrier_wait(full(s), ph);
+      mbarrier_wait(bar.full(s), ph);
       wgmma_fence();
       bwd_wide_tile_gemm<T, kD>(st, dK_a, dQ_b, s);
       wgmma_commit();
@@ -298,7 +297,7 @@ __global__ void __launch_bounds__(384, 1)
                                                               row16, d_cols, lane);
       fence_operands(acc);
       __syncwarp();
-      if (lane == 0) mbarrier_arrive(empty(s));  // this warp is done with Q / dO of stage s
+      if (lane == 0) mbarrier_arrive(bar.empty(s));  // this warp is done with Q / dO of stage s
       m0 += kBM;
       if (m0 == m_end0) {
         m0 = tr.m_begin * kBM;
