@@ -28,6 +28,8 @@
 //                   one 4 KB cp.reduce.async.bulk, or by a 16-byte atomicAdd per lane and tile
 //                   (bulk measured 1.04-1.32x faster on the H200, bench/NOTES.md);
 //                   bwd_convert_dq_kernel scales and converts it.
+//     d64 (Cfg::kPipelined): S^T of the next step is issued right after this step's dQ GEMM and
+//     runs while the dQ partial goes out; dP^T is issued before the softmax and runs during it.
 //   dK (times the scale) and dV are stored from registers at the end (rows < sk).
 //
 // Supported: T = bf16 / fp16, kD (the head-dim bucket) in {64, 128} with any run-time d == d_v,
@@ -80,6 +82,10 @@ struct BwdSm90Config {
   // Q / dO stages.  d64: 3 (the H200, session 18, medians of 4 alternating runs: +2-8 % non-causal,
   // +0-5 % causal over 2); d128: 2 (3 fit in 227 KB but spill and lost 3-8 %).
   static constexpr int kStages = kD == 64 ? 3 : 2;
+  // d64: the next step's S^T runs during this step's dQ add, dP^T during the softmax (registers
+  // allow it at d64 only).  The H200, session 19, medians of 3 alternating runs over the FA grid:
+  // non-causal +3-6 %, causal -1 to +8 % (S^T prefetch alone: +2.5-4 % / -2 to +8 %).
+  static constexpr bool kPipelined = kD == 64;
   static constexpr bool kDqSplitN = kD == 128;  // see the header comment
   static constexpr int kDqN = kDqSplitN ? kD / 2 : kD;  // dQ columns per consumer WG
   static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;
@@ -279,7 +285,7 @@ __global__ void __launch_bounds__(384, 1)
                           float* dq_accum, int num_n_blocks, int head_group) {
   using Cfg = BwdSm90Config<kD>;
   const int d_cols = kPaddedD ? p.d : kD;  // columns of dq_accum, dK and dV
-  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks;
+  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
   // setmaxnreg moves registers inside the CTA's launch allocation (384 x 168 = 64512): 128 x 24
   // + 256 x 240 = 64512.  A larger sum never completes (the consumers' inc waits forever:
   // the first GPU run hung with 32 / 240).  ptxas allocates each role's code for its count.
@@ -366,9 +372,29 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_wait(kv_full, 0);
       int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of iteration it, advanced at its end
       const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
+      // S^T = K Q^T of step `step` (waits for its Q stage), one commit group.  Cfg::kPipelined:
+      // issued for step it + 1 right after step it's dQ GEMM (it runs while dQ goes out) and
+      // waited for before the loop's back edge (a wgmma in flight across it makes ptxas inject
+      // waits, C7517).
+      float sacc[32];
+      auto issue_s = [&](int step) {
+        const int st = step % Cfg::kStages;
+        mbarrier_wait(bar.full(st), (step / Cfg::kStages) & 1);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) {
+          const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+          const uint32_t offq = st * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+          Wgmma<kBM, T>::template ss<0, 0>(sacc, desc_advance(dK_a, off), desc_advance(dQ_b, offq), kk > 0);
+        }
+        wgmma_commit();
+      };
+      if constexpr (Cfg::kPipelined) {
+        issue_s(0);
+        wgmma_wait<0>();
+      }
       for (int it = 0; it < n_iters; ++it) {
         const int s = it % Cfg::kStages;
-        const uint32_t ph = (it / Cfg::kStages) & 1;
         // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
         // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
         // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
@@ -390,19 +416,24 @@ __global__ void __launch_bounds__(384, 1)
         // so key - query = rel0() + d_rel(i).
         auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
         auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
-        {
-          float sacc[32];
-          mbarrier_wait(bar.full(s), ph);
+        float dpacc[32];
+        auto issue_dp = [&] {  // dP^T = V dO^T of this step, one commit group
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kD / 16; ++kk) {
             const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
             const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-            Wgmma<kBM, T>::template ss<0, 0>(sacc, desc_advance(dK_a, off), desc_advance(dQ_b, offq), kk > 0);
+            Wgmma<kBM, T>::template ss<0, 0>(dpacc, desc_advance(dV_a, off), desc_advance(dDo_b, offq), kk > 0);
           }
           wgmma_commit();
-          wgmma_wait<0>();
+        };
+        {
+          if constexpr (!Cfg::kPipelined) {
+            issue_s(it);
+            wgmma_wait<0>();
+          }
           fence_operands(sacc);
+          if constexpr (Cfg::kPipelined) issue_dp();  // it runs while P^T is formed
           if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
             const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
             auto each = [&](auto&& f) {
@@ -452,15 +483,7 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
         {
-          float dpacc[32];
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kD / 16; ++kk) {
-            const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
-            const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-            Wgmma<kBM, T>::template ss<0, 0>(dpacc, desc_advance(dV_a, off), desc_advance(dDo_b, offq), kk > 0);
-          }
-          wgmma_commit();
+          if constexpr (!Cfg::kPipelined) issue_dp();
           wgmma_wait<0>();
           fence_operands(dpacc);
           if constexpr (kFeatures) {
@@ -533,7 +556,13 @@ __global__ void __launch_bounds__(384, 1)
                 desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
+        if constexpr (Cfg::kPipelined) {
+          if (it + 1 < n_iters) issue_s(it + 1);
+          else wgmma_commit();  // an empty group: the same wait on both paths
+          wgmma_wait<1>();      // all but the next step's S^T
+        } else {
+          wgmma_wait<0>();
+        }
         fence_operands(dq);
         fence_operands(dk);
         fence_operands(dv);
@@ -582,6 +611,7 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
         }
+        if constexpr (Cfg::kPipelined) wgmma_wait<0>();  // the next step's S^T
         m0 += kBM;
         if (m0 == m_end0) {
           m0 = tr.m_begin * kBM;
