@@ -1,7 +1,7 @@
 // sm90 attention BACKWARD (src/backends/cuda/sm90/flash_bwd_sm90.cuh): correctness + speed.
 //   nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -Isrc bench/sm90/sm90_bwd_bench.cu -o sm90_bwd_bench
-//   ./sm90_bwd_bench [checks|grid|all|bulk]
+//   ./sm90_bwd_bench [checks|grid|all|bulk|one S CAUSAL]
 // Per shape (dtype, d, causal + alignment, b, hq, hkv, sq, sk): fresh random Q/K/V/dO (BSHD);
 // O and LSE from the sm90 forward; dQ/dK/dV poisoned (NaN) before the checked run of the
 // sm90 backward (flash_bwd_sm90_run.cuh: sm80 pre-pass, sm90 main kernel, sm80 dQ convert),
@@ -423,6 +423,13 @@ int main(int argc, char** argv) {
         }
     for (int d : {64, 128}) {
       const Shape sh{false, d, false, false, 2, 2048 / d, 2048 / d, 8192, 8192};
+      each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
+    }
+  }
+  if (mode == "one") {  // one bf16 FA-grid shape of the built bucket, bulk form: `one S CAUSAL` (for ncu)
+    const int s = argc > 2 ? std::atoi(argv[2]) : 8192, causal = argc > 3 ? std::atoi(argv[3]) : 0;
+    for (int d : {64, 128}) {
+      const Shape sh{true, d, causal != 0, false, std::max(1, 16384 / s), 2048 / d, 2048 / d, s, s};
       each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
     }
   }
