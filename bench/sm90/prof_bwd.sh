@@ -4,7 +4,7 @@
 # repository root on an H100/H200:
 #   D=128 S=8192 CAUSAL=0 OUT=$OUT bash bench/sm90/prof_bwd.sh
 # Writes $OUT/prof_d<D>_s<S>_c<CAUSAL>.details.txt (ncu details page) and .sass.csv (source page,
-# one row per SASS instruction); read them with dev/cuda/NOTES.md's "profiles" recipe.
+# one row per SASS instruction); summarise with bench/sm90/prof_summary.py.
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
