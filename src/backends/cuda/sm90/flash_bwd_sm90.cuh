@@ -376,18 +376,23 @@ __global__ void __launch_bounds__(384, 1)
       // issued for step it + 1 right after step it's dQ GEMM (it runs while dQ goes out) and
       // waited for before the loop's back edge (a wgmma in flight across it makes ptxas inject
       // waits, C7517).
-      float sacc[32];
-      auto issue_s = [&](int step) {
-        const int st = step % Cfg::kStages;
-        mbarrier_wait(bar.full(st), (step / Cfg::kStages) & 1);
+      // acc = A B^T over the d columns: A = this WG's 64 K or V rows, B = stage st's 64 Q or dO
+      // rows (both K-major), one commit group.
+      auto gemm_over_d = [&](float(&acc)[32], uint64_t a, uint64_t b, int st) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kD / 16; ++kk) {
           const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
           const uint32_t offq = st * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-          Wgmma<kBM, T>::template ss<0, 0>(sacc, desc_advance(dK_a, off), desc_advance(dQ_b, offq), kk > 0);
+          Wgmma<kBM, T>::template ss<0, 0>(acc, desc_advance(a, off), desc_advance(b, offq), kk > 0);
         }
         wgmma_commit();
+      };
+      float sacc[32];
+      auto issue_s = [&](int step) {
+        const int st = step % Cfg::kStages;
+        mbarrier_wait(bar.full(st), (step / Cfg::kStages) & 1);
+        gemm_over_d(sacc, dK_a, dQ_b, st);
       };
       if constexpr (Cfg::kPipelined) {
         issue_s(0);
@@ -438,16 +443,7 @@ __global__ void __launch_bounds__(384, 1)
         auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
         auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
         float dpacc[32];
-        auto issue_dp = [&] {  // dP^T = V dO^T of this step, one commit group
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kD / 16; ++kk) {
-            const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
-            const uint32_t offq = s * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-            Wgmma<kBM, T>::template ss<0, 0>(dpacc, desc_advance(dV_a, off), desc_advance(dDo_b, offq), kk > 0);
-          }
-          wgmma_commit();
-        };
+        auto issue_dp = [&] { gemm_over_d(dpacc, dV_a, dDo_b, s); };  // dP^T = V dO^T of this step
         {
           if constexpr (!Cfg::kPipelined) {
             issue_s(it);
