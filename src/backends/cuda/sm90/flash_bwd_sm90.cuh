@@ -617,13 +617,13 @@ __global__ void __launch_bounds__(384, 1)
               dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
               dq_pending_bytes = n_tiles * 512;
             } else {
-            fence_proxy_async_smem();
-            __syncwarp();
-            if (lane == 0 && n_tiles > 0) {
-              bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
-                                  n_tiles * 512);  // 16 x 8 fp32 per tile
-              tma_store_commit();
-            }
+              fence_proxy_async_smem();
+              __syncwarp();
+              if (lane == 0 && n_tiles > 0) {
+                bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
+                                    n_tiles * 512);  // 16 x 8 fp32 per tile
+                tma_store_commit();
+              }
             }
           } else {
 #pragma unroll
