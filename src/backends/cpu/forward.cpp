@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "backends/cpu/cache_aligned.h"
 #include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/gemm_bf16.h"
@@ -45,10 +46,11 @@ namespace {
 // read; ORCHARD_CPU_POISON_STAGE=1 fills it with NaN / 0xFF per call to test that.
 template <class T>
 struct FwdScratch {
-  std::vector<T> q, o, s, m, l;
+  // The tiles the GEMMs read and write start on a cache line (cache_aligned.h).
+  CacheAlignedVector<T> q, o, s, m, l;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  std::vector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
+  CacheAlignedVector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
 
   static FwdScratch& for_call(int bm, int dp, int dvp, int bn, bool bf16) {
     thread_local FwdScratch w;
