@@ -4,6 +4,7 @@
 // bf16 each), MR 32-bit broadcasts of A, MR * NV vdpbf16ps.
 #include "backends/cpu/gemm_bf16.h"
 
+#include "backends/cpu/cache_aligned.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/zmm_tile.h"
 
@@ -312,7 +313,7 @@ void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* a, std::int64_
   const std::uint16_t* arow = a;
   std::int64_t lda = a_rs;
   if (a_ps != 2) {  // pack rows [0, m16) x pairs [0, kmain) row-major
-    thread_local std::vector<std::uint32_t> packed;
+    thread_local CacheAlignedVector<std::uint32_t> packed;  // A tile rows on cache lines
     if (packed.size() < std::size_t(m16) * kmain) packed.resize(std::size_t(m16) * kmain);
     pack_a_pairs_rows_avx512(m16, kmain, a, a_rs, a_ps, packed.data(), kmain);
     arow = reinterpret_cast<const std::uint16_t*>(packed.data());
