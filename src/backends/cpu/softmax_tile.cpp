@@ -187,12 +187,18 @@ ORCHARD_AVX512_BF16_TARGET void softmax_tile_update_bf16_avx512(const float* s, 
                                                                  int dp, std::uint16_t* p16) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m512 vc = _mm512_set1_ps(c);
+  // The max of row r + 1 is taken before row r's P pass: P waits on its row's max (a
+  // reduction tree), and with the max first in program order the out-of-order core overlaps
+  // it with the previous row's P instead of filling its scheduler with P's waiting uops.
+  // Measured (one core, 128 x 256 tile, d64): 6.5 -> 5.3 us (with no max pass at all: 4.3).
+  float next_raw_max = rows > 0 ? raw_row_max(s, nv[0]) : 0.0f;
   for (int r = 0; r < rows; ++r) {
     const float* sr = s + std::int64_t(r) * bc;
     std::uint16_t* pr = p16 + std::int64_t(r) * bc;
     const int n = nv[r];
     const float m_old = m[r];
-    const float tile_max = c * raw_row_max(sr, n);
+    const float tile_max = c * next_raw_max;
+    if (r + 1 < rows) next_raw_max = raw_row_max(sr + bc, nv[r + 1]);
     float m_new = tile_max > m_old ? tile_max : m_old;
     if (m_new == ninf) {
       // Nothing visible yet, or only NaN (which the max skips): a NaN must reach this row's
