@@ -31,6 +31,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_bf16_panels.h"
 #include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/store_row_bf16.h"
 #include "backends/cpu/task_pool.h"
@@ -292,10 +293,10 @@ void forward_impl(const FwdParams& p) {
         const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
         if (geo.bf16) {
           if (is_k)
-            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto,
+            stage_kt_pairs_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto,
                                geo.kt_panel);
           else
-            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
+            stage_v_pairs_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
                                  geo.v_panel);
         } else if (is_k) {
           load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
