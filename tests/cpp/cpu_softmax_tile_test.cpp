@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -120,6 +121,79 @@ TEST(CpuSoftmaxTile, Exp2EdgesOnEveryPath) {
     expect_near(s[7], std::exp2(-0.5), 4e-7, 0, "exp2(-0.5)");
     expect_near(s[8], std::exp2(-3.25), 4e-7, 0, "exp2(-3.25)");
   });
+}
+
+float bf16_to_float(std::uint16_t h) {
+  const std::uint32_t u = std::uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The bf16 forward's update (P rounded to bf16 into p16) against the fp64 update, two tiles:
+// P within bf16's rounding (2^-9 relative) plus the exp2's 3e-6, m / l / O as the fp32 path.
+// Rows with a NaN score only need l NaN (so out = O / l and lse are NaN): the bf16 update's
+// max skips NaN, so its m, O and the row's other P stay finite. Row 0 is all NaN in the
+// first tile (the max finds nothing there: the NaN must still reach l).
+TEST(CpuSoftmaxTile, ForwardUpdateBf16MatchesFp64) {
+  std::mt19937 rng(4321);
+  const float c = 0.125f * 1.4426950408889634f;
+  std::vector<float> m(kRows, -kInf), l(kRows, 0.f), o(kRows * kDp);
+  std::vector<double> md(kRows, -INFINITY), ld(kRows, 0.0), od(kRows * kDp);
+  std::uniform_real_distribution<float> ud(-1.f, 1.f);
+  for (int i = 0; i < kRows * kDp; ++i) od[i] = o[i] = ud(rng);
+  std::vector<std::uint16_t> p16(kRows * kBc);
+  for (int tile = 0; tile < 2; ++tile) {
+    std::vector<float> s = random_scores(rng, tile == 0 ? 4.f : 12.f);
+    if (tile == 0)
+      for (int j = 0; j < kBc; ++j) s[j] = std::nanf("");
+    std::vector<double> sd(s.begin(), s.end());
+    if (!softmax_tile_update_bf16(s.data(), kRows, kBc, kValid, c, m.data(), l.data(), o.data(), kDp, kDp,
+                                  p16.data()))
+      GTEST_SKIP() << "no AVX-512-BF16 here";
+    softmax_tile_update(sd.data(), kRows, kBc, kValid, static_cast<double>(c), md.data(), ld.data(), od.data(),
+                        kDp, kDp);
+    for (int r = 0; r < kRows; ++r) {
+      const std::string at = "tile " + std::to_string(tile) + " row " + std::to_string(r);
+      if (std::isnan(ld[r])) {
+        EXPECT_TRUE(std::isnan(l[r])) << at << ": l " << l[r] << ", want NaN";
+        continue;
+      }
+      for (int j = 0; j < kBc; ++j)
+        expect_near(bf16_to_float(p16[r * kBc + j]), sd[r * kBc + j], 1.0 / 256, 1e-30,
+                    at + " P col " + std::to_string(j));
+      expect_near(m[r], md[r], 1e-6, 0, at + " m");
+      expect_near(l[r], ld[r], 1e-5, 1e-30, at + " l");
+      for (int j = 0; j < kDp; ++j) expect_near(o[r * kDp + j], od[r * kDp + j], 1e-5, 1e-30, at + " O");
+    }
+  }
+  EXPECT_EQ(l[3], 0.f);
+  EXPECT_EQ(m[9], -kInf);
+}
+
+// Exp2EdgesOnEveryPath for the bf16 update: arguments below -126 and -inf give 0 in P, 0 gives
+// 1, integers give exact powers of two.
+TEST(CpuSoftmaxTile, Exp2EdgesBf16) {
+  std::vector<float> s(kBc, 0.f);
+  const float args[] = {-126.5f, -130.f, -kInf, 0.f, -1.f, -10.f, -125.f, -0.5f, -3.25f, -1000.f};
+  for (int j = 0; j < 10; ++j) s[j] = args[j];
+  float m = 0.f, l = 0.f, o[kDp] = {};
+  const int nv[1] = {kBc};
+  std::vector<std::uint16_t> p16(kBc);
+  if (!softmax_tile_update_bf16(s.data(), 1, kBc, nv, 1.f, &m, &l, o, kDp, kDp, p16.data()))
+    GTEST_SKIP() << "no AVX-512-BF16 here";
+  std::vector<float> p(kBc);
+  for (int j = 0; j < kBc; ++j) p[j] = bf16_to_float(p16[j]);
+  EXPECT_EQ(p[0], 0.f);
+  EXPECT_EQ(p[1], 0.f);
+  EXPECT_EQ(p[2], 0.f);
+  EXPECT_EQ(p[3], 1.f);
+  EXPECT_EQ(p[4], 0.5f);
+  EXPECT_EQ(p[5], std::ldexp(1.f, -10));
+  EXPECT_EQ(p[6], std::ldexp(1.f, -125));
+  expect_near(p[7], std::exp2(-0.5), 1.0 / 256, 0, "exp2(-0.5)");
+  expect_near(p[8], std::exp2(-3.25), 1.0 / 256, 0, "exp2(-3.25)");
+  EXPECT_EQ(p[9], 0.f);
 }
 
 TEST(CpuSoftmaxTile, BackwardTileMatchesFp64OnEveryPath) {

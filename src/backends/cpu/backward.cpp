@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "backends/cpu/cache_aligned.h"
 #include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/gemm_bf16.h"
@@ -61,10 +62,11 @@ struct PairStage {
 
 template <class T>
 struct BwdScratch {
-  std::vector<T> s, dp_, dcap, acc0, acc1;
+  // The tiles the GEMMs read and write start on a cache line (cache_aligned.h).
+  CacheAlignedVector<T> s, dp_, dcap, acc0, acc1;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  std::vector<std::uint16_t> t16;  // bf16 path: P^T / dS^T / dS tile
+  CacheAlignedVector<std::uint16_t> t16;  // bf16 path: P^T / dS^T / dS tile
   BwdScratch(int width)
       : s(std::size_t(kBlockM) * kBlockN), dp_(std::size_t(kBlockM) * kBlockN),
         dcap(std::size_t(kBlockM) * kBlockN),

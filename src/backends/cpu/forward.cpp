@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "backends/cpu/cache_aligned.h"
 #include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/gemm_bf16.h"
@@ -30,7 +31,9 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_bf16_panels.h"
 #include "backends/cpu/stage_buffer.h"
+#include "backends/cpu/store_row_bf16.h"
 #include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
@@ -45,10 +48,11 @@ namespace {
 // read; ORCHARD_CPU_POISON_STAGE=1 fills it with NaN / 0xFF per call to test that.
 template <class T>
 struct FwdScratch {
-  std::vector<T> q, o, s, m, l;
+  // The tiles the GEMMs read and write start on a cache line (cache_aligned.h).
+  CacheAlignedVector<T> q, o, s, m, l;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  std::vector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
+  CacheAlignedVector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
 
   static FwdScratch& for_call(int bm, int dp, int dvp, int bn, bool bf16) {
     thread_local FwdScratch w;
@@ -186,17 +190,26 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   }
 
   T* lse = static_cast<T*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + q_row0;
+  auto store_row = [&](const T* src, T mul, std::int64_t off) {
+    if constexpr (sizeof(T) == 4) {
+      if (p.dtype == DType::kBFloat16) {
+        store_row_bf16(src, mul, p.d_v, static_cast<std::uint16_t*>(p.out) + off);
+        return;
+      }
+    }
+    cpu::store_row(src, mul, p.d_v, p.dtype, p.out, off);
+  };
   for (int r = 0; r < rows; ++r) {
     const T l = w.l[r];
     const std::int64_t off = bi * p.o_batch_stride + (q_row0 + r) * p.o_row_stride + h * p.o_head_stride;
     // Only an exact 0 sum means "no visible key"; a NaN sum (NaN/inf in q or
     // k) must propagate to out and lse, never be silently zeroed.
     if (l != T(0)) {
-      store_row(w.o.data() + std::int64_t(r) * dvp, T(1) / l, p.d_v, p.dtype, p.out, off);
+      store_row(w.o.data() + std::int64_t(r) * dvp, T(1) / l, off);
       lse[r] = (w.m[r] + std::log2(l)) * kLn2;
     } else {  // fully masked row (or no keys) without a sink: zeros, -inf, never NaN
       std::fill(w.o.begin() + std::int64_t(r) * dvp, w.o.begin() + std::int64_t(r + 1) * dvp, T(0));
-      store_row(w.o.data() + std::int64_t(r) * dvp, T(1), p.d_v, p.dtype, p.out, off);
+      store_row(w.o.data() + std::int64_t(r) * dvp, T(1), off);
       lse[r] = ninf;
     }
   }
@@ -280,10 +293,10 @@ void forward_impl(const FwdParams& p) {
         const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
         if (geo.bf16) {
           if (is_k)
-            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto,
+            stage_kt_pairs_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto,
                                geo.kt_panel);
           else
-            load_pairs_rows_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
+            stage_v_pairs_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
                                  geo.v_panel);
         } else if (is_k) {
           load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,

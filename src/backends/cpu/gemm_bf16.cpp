@@ -4,8 +4,10 @@
 // bf16 each), MR 32-bit broadcasts of A, MR * NV vdpbf16ps.
 #include "backends/cpu/gemm_bf16.h"
 
+#include "backends/cpu/cache_aligned.h"
 #include "backends/cpu/kernel_common.h"
 #include "backends/cpu/zmm_tile.h"
+#include "backends/cpu/zmm_transpose.h"
 
 #include <cstring>
 
@@ -120,31 +122,6 @@ ORCHARD_BF16_TARGET void to_bf16_pairs_t_avx512(const float* src, std::int64_t l
   }
 }
 
-
-// In-register transpose of a 16 x 16 block of 32-bit words.
-ORCHARD_BF16_TARGET inline __attribute__((always_inline)) void transpose16x16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // u[4i + c] holds, in each 128-bit lane L, column 4L + c of rows 4i..4i+3.
-  for (int i = 0; i < 2; ++i)
-    for (int c = 0; c < 4; ++c) {
-      t[8 * i + c] = _mm512_shuffle_i32x4(u[8 * i + c], u[8 * i + 4 + c], 0x88);
-      t[8 * i + 4 + c] = _mm512_shuffle_i32x4(u[8 * i + c], u[8 * i + 4 + c], 0xdd);
-    }
-  for (int c = 0; c < 8; ++c) {
-    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
-    r[c + 8] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
-  }
-}
 
 ORCHARD_BF16_TARGET void pack_a_pairs_rows_avx512(int m, int kpairs, const std::uint16_t* a,
                                                   std::int64_t a_rs, std::int64_t a_ps,
@@ -312,7 +289,7 @@ void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* a, std::int64_
   const std::uint16_t* arow = a;
   std::int64_t lda = a_rs;
   if (a_ps != 2) {  // pack rows [0, m16) x pairs [0, kmain) row-major
-    thread_local std::vector<std::uint32_t> packed;
+    thread_local CacheAlignedVector<std::uint32_t> packed;  // A tile rows on cache lines
     if (packed.size() < std::size_t(m16) * kmain) packed.resize(std::size_t(m16) * kmain);
     pack_a_pairs_rows_avx512(m16, kmain, a, a_rs, a_ps, packed.data(), kmain);
     arow = reinterpret_cast<const std::uint16_t*>(packed.data());

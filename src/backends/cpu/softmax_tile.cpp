@@ -56,23 +56,6 @@ ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16(__m51
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-// 2^x for P that is rounded to bf16 right after (the bf16 forward): degree 4,
-// |rel err| 2.9e-6 on the reduced range in fp32 arithmetic (a least-squares
-// fit with 2^0 == 1 exact, weighted towards minimax), 700x under bf16's
-// 2^-9 rounding step; three FMAs fewer than exp2_16. Same edge behaviour.
-ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16_for_bf16(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
-  x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(0.009582776576280594f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055906254798173904f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024099111557007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931242346763611f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
-
 // Columns [0, n) of a 16-column group starting at j.
 inline __mmask16 cols_mask(int n, int j) {
   const int k = n - j;
@@ -100,7 +83,11 @@ ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) float running_row_ma
 // 2^(m_old - m_new) when the max moved.
 ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) void rescale_row_state(
     float m_old, float m_new, float p_sum, float* m, float* l, float* orow, int dp) {
-  const float alpha = m_old == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp2(m_old - m_new);
+  // exp2_16 on one lane rather than std::exp2: a libm call here made the compiler spill the
+  // exp polynomial's constants and reload them every row (session 19).
+  const float alpha = m_old == -std::numeric_limits<float>::infinity()
+                          ? 0.0f
+                          : _mm512_cvtss_f32(exp2_16(_mm512_set1_ps(m_old - m_new)));
   *l = *l * alpha + p_sum;
   *m = m_new;
   if (alpha != 1.0f) {
@@ -135,34 +122,105 @@ ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc
   }
 }
 
-// softmax_tile_update_avx512 writing P as bf16 (vcvtneps2bf16, nearest even)
-// to p16 instead of fp32 back to s: the bf16 forward's P V operand without a
-// separate conversion pass. l sums the unrounded P, as before.
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) void
-softmax_tile_update_bf16_avx512(const float* s, int rows, int bc, const int* nv, float c, float* m,
-                                float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16) {
+#define ORCHARD_AVX512_BF16_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16")))
+
+// 2^x for P that is rounded to bf16 right after (the bf16 forward), x <= ~0: vreduceps
+// gives f = x - floor(x) in [0, 1) in one instruction and vscalefps takes 2^floor(x) from x
+// itself, so no integer part is formed. Degree 4 on [0, 1) (p(0) = 1 exact, fitted for
+// minimax relative error): |rel err| 3.0e-6 in fp32 Horner, 650x under bf16's 2^-9 rounding
+// step. No clamp: vreduceps gives 0 for -inf (and for any x so negative that it is an
+// integer), so P = 1 * 2^x underflows to 0; NaN stays NaN. x in (-150, -126) gives fp32
+// denormals where exp2_16 gives 0; vcvtne2ps2bf16 flushes them to 0 in P, and in l they are
+// below its ulp.
+ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp2_16_for_bf16(__m512 x) {
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(0.013426647521555424f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05224253237247467f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2412801831960678f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930448412895203f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, x);
+}
+
+// Max of a row's raw scores sr[0, n) (NaN ignored: vmaxps returns its second operand, the
+// running max, when the score is NaN), 4 chains for vmaxps' latency.
+ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) float raw_row_max(const float* sr, int n) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 v0 = ninf, v1 = ninf, v2 = ninf, v3 = ninf;
+  int j = 0;
+  for (; j + 64 <= n; j += 64) {
+    v0 = _mm512_max_ps(_mm512_loadu_ps(sr + j), v0);
+    v1 = _mm512_max_ps(_mm512_loadu_ps(sr + j + 16), v1);
+    v2 = _mm512_max_ps(_mm512_loadu_ps(sr + j + 32), v2);
+    v3 = _mm512_max_ps(_mm512_loadu_ps(sr + j + 48), v3);
+  }
+  for (; j < n; j += 16) v0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, cols_mask(n, j), sr + j), v0);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(v0, v1), _mm512_max_ps(v2, v3)));
+}
+
+// P (exp2(c s - m), zero from column n on) for columns j .. j + 31 of a row, stored as 32
+// bf16 with one vcvtne2ps2bf16; returns the unrounded sum's two halves added to vsum.
+template <bool kMasked>
+ORCHARD_AVX512_BF16_TARGET inline __attribute__((always_inline)) __m512 p_pair_bf16(
+    const float* sr, std::uint16_t* pr, int j, int n, __m512 vc, __m512 vm, __m512 vsum) {
+  __m512 p0 = exp2_16_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm));
+  __m512 p1 = exp2_16_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vc, vm));
+  if constexpr (kMasked) {
+    p0 = _mm512_maskz_mov_ps(cols_mask(n, j), p0);
+    p1 = _mm512_maskz_mov_ps(cols_mask(n, j + 16), p1);
+  }
+  _mm512_storeu_si512(pr + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  return _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
+}
+
+// The forward's row update writing P as bf16 (nearest even) to p16 and leaving s as it
+// was: the bf16 forward's P V operand without a separate conversion pass; l sums the
+// unrounded P. One pass over the row for its max (raw scores: c > 0 keeps the order, and
+// rounding is monotonic, so c * max(s) is exactly max(c * s)), one for P, columns from n on
+// only stored as zeros. Measured (session 19, 128 x 256 tiles on the AMX box) against the
+// former version (masked, c-scaled max pass with a NaN compare per vector, exp2 by
+// vrndscaleps with a live-lane mask, vcvtneps2bf16 per 16 lanes, std::exp2 for alpha): see
+// bench/NOTES.md. c <= 0 (a negative softmax scale) or bc % 32 != 0 take the fp32 update.
+ORCHARD_AVX512_BF16_TARGET void softmax_tile_update_bf16_avx512(const float* s, int rows, int bc,
+                                                                 const int* nv, float c, float* m,
+                                                                 float* l, float* o, std::int64_t ldo,
+                                                                 int dp, std::uint16_t* p16) {
   const float ninf = -std::numeric_limits<float>::infinity();
   const __m512 vc = _mm512_set1_ps(c);
+  // The max of row r + 1 is taken before row r's P pass: P waits on its row's max (a
+  // reduction tree), and with the max first in program order the out-of-order core overlaps
+  // it with the previous row's P instead of filling its scheduler with P's waiting uops.
+  // Measured (one core, 128 x 256 tile, d64): 6.5 -> 5.3 us (with no max pass at all: 4.3).
+  float next_raw_max = rows > 0 ? raw_row_max(s, nv[0]) : 0.0f;
   for (int r = 0; r < rows; ++r) {
     const float* sr = s + std::int64_t(r) * bc;
     std::uint16_t* pr = p16 + std::int64_t(r) * bc;
     const int n = nv[r];
     const float m_old = m[r];
-    const float m_new = running_row_max(sr, bc, n, vc, m_old);
-    if (m_new == ninf) {  // nothing visible yet in this row
-      for (int j = 0; j < bc; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), _mm256_setzero_si256());
-      continue;
+    const float tile_max = c * next_raw_max;
+    if (r + 1 < rows) next_raw_max = raw_row_max(sr + bc, nv[r + 1]);
+    float m_new = tile_max > m_old ? tile_max : m_old;
+    if (m_new == ninf) {
+      // Nothing visible yet, or only NaN (which the max skips): a NaN must reach this row's
+      // output and lse as the fp32 path's does, so its max becomes NaN and P NaN below.
+      bool nan = false;
+      for (int j = 0; j < n; ++j) nan |= sr[j] != sr[j];
+      if (!nan) {
+        for (int j = 0; j < bc; j += 32) _mm512_storeu_si512(pr + j, _mm512_setzero_si512());
+        continue;
+      }
+      m_new = std::numeric_limits<float>::quiet_NaN();
     }
     const __m512 vm = _mm512_set1_ps(m_new);
     __m512 vsum = _mm512_setzero_ps();
-    for (int j = 0; j < bc; j += 16) {
-      const __mmask16 k = cols_mask(n, j);
-      const __m512 p =
-          _mm512_maskz_mov_ps(k, exp2_16_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j), (__m256i)_mm512_cvtneps_pbh(p));
-      vsum = _mm512_add_ps(vsum, p);
+    const int full = n / 32 * 32;
+    int j = 0;
+    for (; j < full; j += 32) vsum = p_pair_bf16<false>(sr, pr, j, n, vc, vm, vsum);
+    if (j < n) {
+      vsum = p_pair_bf16<true>(sr, pr, j, n, vc, vm, vsum);
+      j += 32;
     }
+    for (; j < bc; j += 32) _mm512_storeu_si512(pr + j, _mm512_setzero_si512());
     rescale_row_state(m_old, m_new, _mm512_reduce_add_ps(vsum), &m[r], &l[r], o + r * ldo, dp);
   }
 }
@@ -392,7 +450,7 @@ bool softmax_tile_update_bf16(const float* s, int rows, int bc, const int* nv, f
                               float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16) {
 #ifdef ORCHARD_SOFTMAX_AVX512
   static const bool bf16 = __builtin_cpu_supports("avx512bf16");
-  if (bf16 && pick_path(bc % 16 == 0 && dp % 16 == 0) == SoftmaxPath::kAvx512) {
+  if (bf16 && c > 0.0f && pick_path(bc % 32 == 0 && dp % 16 == 0) == SoftmaxPath::kAvx512) {
     softmax_tile_update_bf16_avx512(s, rows, bc, nv, c, m, l, o, ldo, dp, p16);
     return true;
   }

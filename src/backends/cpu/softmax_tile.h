@@ -32,8 +32,10 @@ void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, d
 
 // The same update for the bf16 forward, writing the probabilities rounded to
 // bf16 (nearest even) to p16 (rows x bc, ld bc) and leaving s as it was; false
-// (nothing done) where the CPU lacks AVX-512-BF16: run softmax_tile_update
-// and to_bf16_rows instead.
+// (nothing done) where the CPU lacks AVX-512-BF16, the AVX-512 path is not the one
+// picked, c <= 0 or bc % 32 != 0: run softmax_tile_update and to_bf16_rows instead.
+// A row whose scores hold a NaN gets l = NaN (so out and lse are NaN) but, unlike the
+// fp32 update, a finite m and finite P in its other columns.
 bool softmax_tile_update_bf16(const float* s, int rows, int bc, const int* nv, float c, float* m,
                               float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16);
 

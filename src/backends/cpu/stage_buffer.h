@@ -11,6 +11,9 @@
 // session 18, 2 threads). The price: a thread that ran a large call holds up to
 // 3 x 64 MiB until it exits.
 //
+// The buffers start on a cache line (cache_aligned.h): the AMX tiles read staged K / V in
+// 64-byte rows.
+//
 // Nothing here is zeroed: the kernels write every element they read. Tests
 // check that with ORCHARD_CPU_POISON_STAGE=1, which fills each buffer with
 // 0xFF bytes (NaN as fp32, fp64 and bf16) on every acquisition.
@@ -21,6 +24,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+
+#include "backends/cpu/cache_aligned.h"
 
 namespace orchard::cpu {
 
@@ -35,12 +40,12 @@ class StageBuffer {
     Kept& k = kept()[static_cast<int>(slot)];
     if (bytes <= kKeepBytes) {
       if (k.bytes < bytes) {
-        k.data.reset(new std::byte[bytes]);
+        k.data = make_cache_aligned_bytes(bytes);
         k.bytes = bytes;
       }
       data_ = k.data.get();
     } else {
-      own_.reset(new std::byte[bytes]);
+      own_ = make_cache_aligned_bytes(bytes);
       data_ = own_.get();
     }
     if (poison()) std::memset(data_, 0xFF, bytes);
@@ -64,7 +69,7 @@ class StageBuffer {
 
  private:
   struct Kept {
-    std::unique_ptr<std::byte[]> data;
+    CacheAlignedBytes data;
     std::size_t bytes = 0;
   };
   static Kept* kept() {
@@ -72,7 +77,7 @@ class StageBuffer {
     return k;
   }
   std::byte* data_ = nullptr;
-  std::unique_ptr<std::byte[]> own_;
+  CacheAlignedBytes own_;
 };
 
 }  // namespace orchard::cpu
