@@ -24,7 +24,9 @@ bool force_softmax_path(SoftmaxPath path);
 // Forward: s (rows x bc, ld bc) holds raw q.k scores; on return it holds the
 // unnormalised probabilities exp2(c*s - m_new) (0 where masked). Updates the
 // running max m[r] and sum l[r] and rescales the output accumulator rows
-// o[r * ldo + 0..dp) by exp2(m_old - m_new).
+// o[r * ldo + 0..dp) by exp2(m_old - m_new). A row whose scores hold a NaN ends with
+// l = NaN (so out and lse are NaN); on the AVX-512 path (c > 0) its m and its other P stay
+// finite (the max skips NaN: session 19), on the others they are NaN too.
 void softmax_tile_update(float* s, int rows, int bc, const int* nv, float c, float* m, float* l,
                          float* o, std::int64_t ldo, int dp);
 void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, double* m,
@@ -34,8 +36,8 @@ void softmax_tile_update(double* s, int rows, int bc, const int* nv, double c, d
 // bf16 (nearest even) to p16 (rows x bc, ld bc) and leaving s as it was; false
 // (nothing done) where the CPU lacks AVX-512-BF16, the AVX-512 path is not the one
 // picked, c <= 0 or bc % 32 != 0: run softmax_tile_update and to_bf16_rows instead.
-// A row whose scores hold a NaN gets l = NaN (so out and lse are NaN) but, unlike the
-// fp32 update, a finite m and finite P in its other columns.
+// A row whose scores hold a NaN gets l = NaN (so out and lse are NaN) but a finite m and
+// finite P in its other columns, as the fp32 update's AVX-512 path (c > 0) since session 19.
 bool softmax_tile_update_bf16(const float* s, int rows, int bc, const int* nv, float c, float* m,
                               float* l, float* o, std::int64_t ldo, int dp, std::uint16_t* p16);
 
