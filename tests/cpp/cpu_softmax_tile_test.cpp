@@ -69,6 +69,28 @@ std::vector<float> random_scores(std::mt19937& rng, float sd) {
   return s;
 }
 
+// One tile's row states against the fp64 update's: a row whose reference is NaN (a NaN score)
+// only needs l NaN, so out = O / l and lse are NaN (the AVX-512 and bf16 updates' max skips NaN,
+// so their m and the row's other P stay finite); every other row P (p_at(r, j)) within p_rtol,
+// then m, l and O.
+template <class PAt>
+void expect_rows_match_fp64(int tile, PAt p_at, double p_rtol, const std::vector<double>& sd,
+                            const std::vector<float>& m, const std::vector<float>& l, const std::vector<float>& o,
+                            const std::vector<double>& md, const std::vector<double>& ld,
+                            const std::vector<double>& od) {
+  for (int r = 0; r < kRows; ++r) {
+    const std::string at = "tile " + std::to_string(tile) + " row " + std::to_string(r);
+    if (std::isnan(ld[r])) {
+      EXPECT_TRUE(std::isnan(l[r])) << at << ": l " << l[r] << ", want NaN";
+      continue;
+    }
+    for (int j = 0; j < kBc; ++j) expect_near(p_at(r, j), sd[r * kBc + j], p_rtol, 1e-30, at + " P col " + std::to_string(j));
+    expect_near(m[r], md[r], 1e-6, 0, at + " m");
+    expect_near(l[r], ld[r], 1e-5, 1e-30, at + " l");
+    for (int j = 0; j < kDp; ++j) expect_near(o[r * kDp + j], od[r * kDp + j], 1e-5, 1e-30, at + " O");
+  }
+}
+
 TEST(CpuSoftmaxTile, ForwardUpdateMatchesFp64OnEveryPath) {
   for_each_path([] {
     std::mt19937 rng(1234);
@@ -84,20 +106,9 @@ TEST(CpuSoftmaxTile, ForwardUpdateMatchesFp64OnEveryPath) {
       softmax_tile_update(s.data(), kRows, kBc, kValid, c, m.data(), l.data(), o.data(), kDp, kDp);
       softmax_tile_update(sd.data(), kRows, kBc, kValid, static_cast<double>(c), md.data(), ld.data(), od.data(),
                           kDp, kDp);
-      for (int r = 0; r < kRows; ++r) {
-        const std::string at = "tile " + std::to_string(tile) + " row " + std::to_string(r);
-        if (std::isnan(ld[r])) {  // a NaN score: l is NaN (so out and lse); m and P may not be (AVX-512)
-          EXPECT_TRUE(std::isnan(l[r])) << at << ": l " << l[r] << ", want NaN";
-          continue;
-        }
-        // P's argument c*s - m is formed in fp32: its rounding (|arg| up to ~60, 2^-24 relative)
-        // dominates the 1.9e-7 of the polynomial.
-        for (int j = 0; j < kBc; ++j)
-          expect_near(s[r * kBc + j], sd[r * kBc + j], 3e-6, 1e-30, at + " P col " + std::to_string(j));
-        expect_near(m[r], md[r], 1e-6, 0, at + " m");
-        expect_near(l[r], ld[r], 1e-5, 1e-30, at + " l");
-        for (int j = 0; j < kDp; ++j) expect_near(o[r * kDp + j], od[r * kDp + j], 1e-5, 1e-30, at + " O");
-      }
+      // P's argument c*s - m is formed in fp32: its rounding (|arg| up to ~60, 2^-24 relative)
+      // dominates the 1.9e-7 of the polynomial.
+      expect_rows_match_fp64(tile, [&](int r, int j) { return s[r * kBc + j]; }, 3e-6, sd, m, l, o, md, ld, od);
     }
     // Masked columns are exactly 0, and so is a row with nothing visible.
     EXPECT_EQ(l[3], 0.f);
@@ -157,19 +168,8 @@ TEST(CpuSoftmaxTile, ForwardUpdateBf16MatchesFp64) {
       GTEST_SKIP() << "no AVX-512-BF16 here";
     softmax_tile_update(sd.data(), kRows, kBc, kValid, static_cast<double>(c), md.data(), ld.data(), od.data(),
                         kDp, kDp);
-    for (int r = 0; r < kRows; ++r) {
-      const std::string at = "tile " + std::to_string(tile) + " row " + std::to_string(r);
-      if (std::isnan(ld[r])) {
-        EXPECT_TRUE(std::isnan(l[r])) << at << ": l " << l[r] << ", want NaN";
-        continue;
-      }
-      for (int j = 0; j < kBc; ++j)
-        expect_near(bf16_to_float(p16[r * kBc + j]), sd[r * kBc + j], 1.0 / 256, 1e-30,
-                    at + " P col " + std::to_string(j));
-      expect_near(m[r], md[r], 1e-6, 0, at + " m");
-      expect_near(l[r], ld[r], 1e-5, 1e-30, at + " l");
-      for (int j = 0; j < kDp; ++j) expect_near(o[r * kDp + j], od[r * kDp + j], 1e-5, 1e-30, at + " O");
-    }
+    expect_rows_match_fp64(tile, [&](int r, int j) { return bf16_to_float(p16[r * kBc + j]); }, 1.0 / 256, sd, m, l,
+                           o, md, ld, od);
   }
   EXPECT_EQ(l[3], 0.f);
   EXPECT_EQ(m[9], -kInf);
