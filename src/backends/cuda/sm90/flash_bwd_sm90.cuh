@@ -372,10 +372,6 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_wait(kv_full, 0);
       int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of iteration it, advanced at its end
       const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
-      // S^T = K Q^T of step `step` (waits for its Q stage), one commit group.  Cfg::kPipelined:
-      // issued for step it + 1 right after step it's dQ GEMM (it runs while dQ goes out) and
-      // waited for before the loop's back edge (a wgmma in flight across it makes ptxas inject
-      // waits, C7517).
       // acc = A B^T over the d columns: A = this WG's 64 K or V rows, B = stage st's 64 Q or dO
       // rows (both K-major), one commit group.
       auto gemm_over_d = [&](float(&acc)[32], uint64_t a, uint64_t b, int st) {
@@ -388,6 +384,10 @@ __global__ void __launch_bounds__(384, 1)
         }
         wgmma_commit();
       };
+      // S^T = K Q^T of step `step` (waits for its Q stage), one commit group.  Cfg::kPipelined:
+      // issued for step it + 1 right after step it's dQ GEMM (it runs while dQ goes out) and
+      // waited for before the loop's back edge (a wgmma in flight across it makes ptxas inject
+      // waits, C7517).
       float sacc[32];
       auto issue_s = [&](int step) {
         const int st = step % Cfg::kStages;
