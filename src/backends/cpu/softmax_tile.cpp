@@ -112,6 +112,18 @@ ORCHARD_AVX512_TARGET inline __attribute__((always_inline)) float raw_row_max(co
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(v0, v1), _mm512_max_ps(v2, v3)));
 }
 
+// The row's running max after a tile whose raw-score max (raw_row_max) is raw_max, for c > 0
+// (c * max(s) is exactly max(c * s): rounding is monotonic). -inf: nothing visible yet. A row
+// whose visible scores are all NaN (the max skips NaN) gets NaN, so it reaches out and lse.
+inline float running_max_from_raw(float raw_max, float c, float m_old, const float* sr, int n) {
+  const float tile_max = c * raw_max;
+  const float m_new = tile_max > m_old ? tile_max : m_old;
+  if (m_new == -std::numeric_limits<float>::infinity())
+    for (int j = 0; j < n; ++j)
+      if (sr[j] != sr[j]) return std::numeric_limits<float>::quiet_NaN();
+  return m_new;
+}
+
 ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc, const int* nv,
                                                       float c, float* m, float* l, float* o,
                                                       std::int64_t ldo, int dp) {
@@ -127,14 +139,8 @@ ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc
     const float m_old = m[r];
     float m_new;
     if (c > 0.0f) {
-      const float tile_max = c * next_raw_max;
+      m_new = running_max_from_raw(next_raw_max, c, m_old, sr, n);
       if (r + 1 < rows) next_raw_max = raw_row_max(sr + bc, nv[r + 1]);
-      m_new = tile_max > m_old ? tile_max : m_old;
-      if (m_new == ninf) {  // nothing visible, or only NaN (skipped by the max): NaN must reach the row
-        bool nan = false;
-        for (int j = 0; j < n; ++j) nan |= sr[j] != sr[j];
-        if (nan) m_new = std::numeric_limits<float>::quiet_NaN();
-      }
     } else {
       m_new = running_row_max(sr, bc, n, vc, m_old);
     }
@@ -213,19 +219,11 @@ ORCHARD_AVX512_BF16_TARGET void softmax_tile_update_bf16_avx512(const float* s, 
     std::uint16_t* pr = p16 + std::int64_t(r) * bc;
     const int n = nv[r];
     const float m_old = m[r];
-    const float tile_max = c * next_raw_max;
+    const float m_new = running_max_from_raw(next_raw_max, c, m_old, sr, n);
     if (r + 1 < rows) next_raw_max = raw_row_max(sr + bc, nv[r + 1]);
-    float m_new = tile_max > m_old ? tile_max : m_old;
-    if (m_new == ninf) {
-      // Nothing visible yet, or only NaN (which the max skips): a NaN must reach this row's
-      // output and lse as the fp32 path's does, so its max becomes NaN and P NaN below.
-      bool nan = false;
-      for (int j = 0; j < n; ++j) nan |= sr[j] != sr[j];
-      if (!nan) {
-        for (int j = 0; j < bc; j += 32) _mm512_storeu_si512(pr + j, _mm512_setzero_si512());
-        continue;
-      }
-      m_new = std::numeric_limits<float>::quiet_NaN();
+    if (m_new == ninf) {  // nothing visible yet in this row (all-NaN rows got m = NaN: P NaN below)
+      for (int j = 0; j < bc; j += 32) _mm512_storeu_si512(pr + j, _mm512_setzero_si512());
+      continue;
     }
     const __m512 vm = _mm512_set1_ps(m_new);
     __m512 vsum = _mm512_setzero_ps();
