@@ -33,7 +33,6 @@
 #include "backends/cpu/softmax_tile.h"
 #include "backends/cpu/stage_bf16_panels.h"
 #include "backends/cpu/stage_buffer.h"
-#include "backends/cpu/store_row_bf16.h"
 #include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
@@ -190,26 +189,17 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   }
 
   T* lse = static_cast<T*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + q_row0;
-  auto store_row = [&](const T* src, T mul, std::int64_t off) {
-    if constexpr (sizeof(T) == 4) {
-      if (p.dtype == DType::kBFloat16) {
-        store_row_bf16(src, mul, p.d_v, static_cast<std::uint16_t*>(p.out) + off);
-        return;
-      }
-    }
-    cpu::store_row(src, mul, p.d_v, p.dtype, p.out, off);
-  };
   for (int r = 0; r < rows; ++r) {
     const T l = w.l[r];
     const std::int64_t off = bi * p.o_batch_stride + (q_row0 + r) * p.o_row_stride + h * p.o_head_stride;
     // Only an exact 0 sum means "no visible key"; a NaN sum (NaN/inf in q or
     // k) must propagate to out and lse, never be silently zeroed.
     if (l != T(0)) {
-      store_row(w.o.data() + std::int64_t(r) * dvp, T(1) / l, off);
+      store_row(w.o.data() + std::int64_t(r) * dvp, T(1) / l, p.d_v, p.dtype, p.out, off);
       lse[r] = (w.m[r] + std::log2(l)) * kLn2;
     } else {  // fully masked row (or no keys) without a sink: zeros, -inf, never NaN
       std::fill(w.o.begin() + std::int64_t(r) * dvp, w.o.begin() + std::int64_t(r + 1) * dvp, T(0));
-      store_row(w.o.data() + std::int64_t(r) * dvp, T(1), off);
+      store_row(w.o.data() + std::int64_t(r) * dvp, T(1), p.d_v, p.dtype, p.out, off);
       lse[r] = ninf;
     }
   }
