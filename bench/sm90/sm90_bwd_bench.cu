@@ -1,7 +1,7 @@
 // sm90 attention BACKWARD (src/backends/cuda/sm90/flash_bwd_sm90.cuh): correctness + speed.
 //   nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -Isrc bench/sm90/sm90_bwd_bench.cu -o sm90_bwd_bench
-//   ./sm90_bwd_bench [checks|grid|all|bulk|one S CAUSAL]
+//   ./sm90_bwd_bench [checks|grid|all|bulk|det [S]|one S CAUSAL]
 // Per shape (dtype, d, causal + alignment, b, hq, hkv, sq, sk): fresh random Q/K/V/dO (BSHD);
 // O and LSE from the sm90 forward; dQ/dK/dV poisoned (NaN) before the checked run of the
 // sm90 backward (flash_bwd_sm90_run.cuh: sm80 pre-pass, sm90 main kernel, sm80 dQ convert),
@@ -10,7 +10,8 @@
 // naive version rounding S, P, dP, D, dS and the outputs to the input dtype as a plain
 // framework implementation would; atol = 1e-3 * max|ref32| (the 16-bit output's own ulp is
 // 4e-3 relative).  The same check runs on both sm90 dQ forms (16-byte atomicAdds,
-// cp.reduce.async.bulk) and on the sm80 backward (the library's other path).
+// cp.reduce.async.bulk), on the deterministic sm90 form (ordered bulk adds; also rerun twice,
+// poisoned again, and compared bit for bit with the first run) and on the sm80 backward.
 // Timing: CUDA-event medians of 20 after warm-up, the three interleaved in one process, best
 // of two rounds; TFLOP/s = 2.5 * 4 b hq sq sk d (/2 causal) / time.
 #include <cuda_bf16.h>
@@ -277,15 +278,39 @@ bool check_shape(const Shape& sh, uint64_t seed) {
       (const T*)B.q, (const T*)B.k, (const T*)B.v, (const T*)B.dO, sh, p.causal_offset, p.scale, P, dS, Plp, dSlp);
   CK(cudaGetLastError());
   bool ok_all = true;
-  static const char* kPath[] = {"sm90", "sm90bulk", "sm80"};
-  for (int path = 0; path < 3; ++path) {  // sm90 (atomic dQ), sm90 (bulk-reduce dQ), sm80
-    CK(cudaMemset(B.dq, 0xff, nq * 2)); CK(cudaMemset(B.dk, 0xff, nk * 2)); CK(cudaMemset(B.dv, 0xff, nk * 2));
-    if (path < 2) {
-      if (!run_sm90<T>(p, path == 1)) { std::printf("CHECK %s sm90: maps refused FAIL\n", shape_name(sh).c_str()); ok_all = false; continue; }
+  static const char* kPath[] = {"sm90", "sm90bulk", "sm90det", "sm80"};
+  const bool det_applies = sh.d == 64 || sh.d == 128;  // the ordered kernels' buckets, d == bucket
+  for (int path = 0; path < 4; ++path) {  // sm90 (atomic dQ), sm90 (bulk-reduce dQ), sm90 ordered, sm80
+    if (path == 2 && !det_applies) continue;
+    BwdParams pp = p;
+    pp.deterministic = path == 2;
+    auto poison = [&] {
+      CK(cudaMemset(B.dq, 0xff, nq * 2)); CK(cudaMemset(B.dk, 0xff, nk * 2)); CK(cudaMemset(B.dv, 0xff, nk * 2));
+    };
+    poison();
+    if (path < 3) {
+      if (!run_sm90<T>(pp, path != 0)) { std::printf("CHECK %s sm90: maps refused FAIL\n", shape_name(sh).c_str()); ok_all = false; continue; }
     } else {
-      run_sm80<T>(p);
+      run_sm80<T>(pp);
     }
     CK(cudaDeviceSynchronize());
+    bool bitwise = true;
+    if (path == 2) {  // two reruns, each poisoned first, must reproduce dQ / dK / dV bit for bit
+      std::vector<uint16_t> first(nq + 2 * nk), again(nq + 2 * nk);
+      auto grab = [&](std::vector<uint16_t>& h) {
+        CK(cudaMemcpy(h.data(), B.dq, nq * 2, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(h.data() + nq, B.dk, nk * 2, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(h.data() + nq + nk, B.dv, nk * 2, cudaMemcpyDeviceToHost));
+      };
+      grab(first);
+      for (int rerun = 0; rerun < 2; ++rerun) {
+        poison();
+        run_sm90<T>(pp, true);
+        CK(cudaDeviceSynchronize());
+        grab(again);
+        bitwise &= std::memcmp(first.data(), again.data(), first.size() * 2) == 0;
+      }
+    }
     std::string line;
     bool ok = true;
     for (int which = 0; which < 3; ++which) {
@@ -311,6 +336,8 @@ bool check_shape(const Shape& sh, uint64_t seed) {
                     e, elp, tol, rmax, pass ? "" : " !");
       line += buf;
     }
+    if (!bitwise) line += " reruns NOT bitwise equal !";
+    ok &= bitwise;
     std::printf("CHECK %-44s %-8s %s%s\n", shape_name(sh).c_str(), kPath[path], ok ? "PASS" : "FAIL", line.c_str());
     ok_all &= ok;
   }
@@ -383,6 +410,27 @@ void time_bulk(const Shape& sh) {
   free_bufs(c.B);
 }
 
+// Mode "det": the deterministic form (ordered dQ adds) against the default bulk form and the
+// sm80 deterministic backward, interleaved, best of 2 medians each.
+template <typename T>
+void time_det(const Shape& sh) {
+  Timed c = prepare_timed<T>(sh);
+  BwdParams det = c.p;
+  det.deterministic = true;
+  float tb = 1e30f, td = 1e30f, t80 = 1e30f;
+  for (int round = 0; round < 2; ++round) {
+    tb = std::min(tb, time_ms([&] { run_sm90<T>(c.p, true); }));
+    td = std::min(td, time_ms([&] { run_sm90<T>(det, true); }));
+    t80 = std::min(t80, time_ms([&] { run_sm80<T>(det); }));  // the sm80 deterministic backward
+  }
+  CK(cudaDeviceSynchronize());
+  std::printf("TIME %-44s bulk %7.3f ms %6.1f | det %7.3f ms %6.1f | sm80det %7.3f ms %6.1f TFLOP/s | det/bulk %.3f "
+              "det/sm80det %.2fx\n",
+              shape_name(sh).c_str(), tb, c.flops / tb / 1e9, td, c.flops / td / 1e9, t80, c.flops / t80 / 1e9, tb / td,
+              t80 / td);
+  free_bufs(c.B);
+}
+
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines reach the log even if a timeout kills us
   const std::string mode = argc > 1 ? argv[1] : "all";
@@ -425,6 +473,16 @@ int main(int argc, char** argv) {
       const Shape sh{false, d, false, false, 2, 2048 / d, 2048 / d, 8192, 8192};
       each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
     }
+  }
+  if (mode == "det") {  // the FA grid, s 1k..16k (`det S`: that s only), causal or not: deterministic vs the rest
+    const int only = argc > 2 ? std::atoi(argv[2]) : 0;
+    for (int d : {64, 128})
+      for (int causal = 0; causal < 2; ++causal)
+        for (int s = 1024; s <= 16384; s *= 2) {
+          if (only != 0 && s != only) continue;
+          const Shape sh{true, d, causal != 0, false, 16384 / s, 2048 / d, 2048 / d, s, s};
+          each_dtype(sh, [&](auto t) { time_det<decltype(t)>(sh); });
+        }
   }
   if (mode == "one") {  // one bf16 FA-grid shape of the built bucket, bulk form: `one S CAUSAL` (for ncu)
     const int s = argc > 2 ? std::atoi(argv[2]) : 8192, causal = argc > 3 ? std::atoi(argv[3]) : 0;

@@ -228,3 +228,48 @@ def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch)
         dead = ~fin[0, 0]
         assert dead.any()
         assert (out.detach()[:, dead] == 0).all() and (grads[0][:, dead] == 0).all()
+
+
+# deterministic=True at the shapes the sm90 backward's ordered-dQ kernels take (d 64 / 128, bf16 /
+# fp16, GQA, ragged sq / sk, both causal alignments, several key blocks adding to each query
+# block): the float64 reference rule, three runs bit for bit equal (the grads' memory is
+# poisoned with NaN in between, so a run that leaves an element unwritten fails), and on
+# compute capability 9.0 with 90 in the build the debug log must name the sm90 backward.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal,sq,sk", [(False, 330, 1000), (True, 700, 460), (True, 300, 900)],
+                         ids=["full", "causal_sq_gt_sk", "causal_sk_gt_sq"])
+def test_sm90_shape_deterministic_backward(causal, sq, sk, d, dtype, tmp_path, monkeypatch):
+    import os
+    b, hq, hkv = 2, 4, 2
+    q = randn(b, sq, hq, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
+    do = randn(b, sq, hq, d, dtype=dtype, device="cuda")
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    runs = []
+    for _ in range(3):
+        for t in (q, k, v):  # blocks of the grads' sizes, freed: the allocator hands them out next
+            torch.full_like(t, float("nan"))
+        out = orchard.flash_attn_func(q, k, v, causal=causal, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), do))
+    torch.cuda.synchronize()
+    lines = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
+    bwd = [ln for ln in lines if ln.startswith("BWD")]
+    assert len(bwd) == 3, lines
+    sm90 = "90" in str(orchard.build_info().get("cuda_archs")) and torch.cuda.get_device_capability() == (9, 0)
+    assert (".sm90." in bwd[0]) == sm90 and ".deterministic" in bwd[0], bwd[0]
+    for again in runs[1:]:
+        for name, a, g in zip(("dq", "dk", "dv"), runs[0], again):
+            assert torch.equal(a, g), f"{name}: reruns differ"
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = attention_ref(q64, k64, v64, causal=causal)[0]
+    naive = attention_ref(qn, kn, vn, causal=causal, upcast=False)[0]
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    ngrads = torch.autograd.grad(naive, (qn, kn, vn), do)
+    atol = 2e-3 if dtype == torch.bfloat16 else 2e-4
+    for name, g, r, n in zip(("dq", "dk", "dv"), runs[0], rgrads, ngrads):
+        assert torch.isfinite(g).all(), name
+        check_close_rule(g, r, n, 4 * atol, f"{name} deterministic")

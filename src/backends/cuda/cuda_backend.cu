@@ -175,11 +175,12 @@ bool try_fwd_sm90(const FwdParams& p) {
 
 // The Hopper backward where the forward's conditions hold and the call is one it covers: d == d_v
 // in 33..256 (the forward's buckets: flash_bwd_sm90.cuh for 64 / 128, flash_bwd_sm90_wide.cuh for
-// 192 / 256, both with windows, softcap and ALiBi), unordered dQ adds (deterministic mode runs the
-// sm80 kernels), dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).
+// 192 / 256, both with windows, softcap and ALiBi), dO / dQ / dK / dV rows in 16-byte vectors
+// (dO is read by TMA).  Deterministic mode: d == d_v of exactly 64 or 128 without window, softcap
+// or ALiBi (the kernels with ordered dQ adds); other deterministic calls run the sm80 kernels.
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.deterministic) return false;
+  if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
   if (!sm90_fwd_applies(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);

@@ -79,8 +79,14 @@ ORCHARD_HOST_DEVICE int dq_accum_cols(int d) { return (d + 7) / 8 * 8; }
 struct BwdWorkspace {
   std::size_t d_offset = 0;         // float[b * hq * sq]: rowsum(dO * O)
   std::size_t dq_accum_offset = 0;  // float[b * hq * dq_accum_rows(sq) * dq_accum_cols(d)]: fp32 dQ reductions
+  std::size_t dq_turn_offset = 0;   // int[b * hq * dq_turn_blocks(sq)]: the deterministic sm90 backward's turns
   std::size_t bytes = 0;
 };
+
+// The deterministic sm90 backward (sm90/ordered_add.cuh) orders its dQ adds per (batch, q head,
+// 64-row query block) with one turn counter each, zeroed before the main kernel.
+constexpr int kDqTurnRows = 64;
+ORCHARD_HOST_DEVICE int dq_turn_blocks(int sq) { return (sq + kDqTurnRows - 1) / kDqTurnRows; }
 
 // dq_accum stores each (batch, q head) slab as 16 x 8 tiles in mma.sync's C
 // fragment order (tile-major, then lane, then the lane's 4 values), so the 4
@@ -102,7 +108,8 @@ ORCHARD_HOST_DEVICE int dq_accum_row_tile_stride(int d) { return d / 8 * 128; }
 constexpr int kDqAccumColTileStride = 128;
 
 // own_dq_accum = false: the caller provides the accumulator (BwdParams::dq_accum), so the
-// workspace holds D only.
+// workspace holds D and the turns only (the turns: 1/64 int per query row and head, allocated
+// whatever the mode so that the size does not depend on which kernel runs).
 ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p, bool own_dq_accum = true) {
   auto align = [](std::size_t n) { return (n + 255) / 256 * 256; };
   const std::size_t rows = static_cast<std::size_t>(p.b) * p.hq * p.sq;
@@ -110,7 +117,8 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p, bool o
   BwdWorkspace w;
   w.d_offset = 0;
   w.dq_accum_offset = align(rows * sizeof(float));
-  w.bytes = w.dq_accum_offset + align(acc_rows * dq_accum_cols(p.d) * sizeof(float));
+  w.dq_turn_offset = w.dq_accum_offset + align(acc_rows * dq_accum_cols(p.d) * sizeof(float));
+  w.bytes = w.dq_turn_offset + align(static_cast<std::size_t>(p.b) * p.hq * dq_turn_blocks(p.sq) * sizeof(int));
   return w;
 }
 

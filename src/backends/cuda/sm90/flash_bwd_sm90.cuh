@@ -36,7 +36,8 @@
 // d <= kD, d % 8 == 0 (the tensor maps have the true width, TMA zero-fills the columns past d;
 // dq_accum has d columns; dK / dV stores write d), scale > 0, causal (any causal_offset:
 // both alignments) or not, GQA / MQA, BSHD / BHSD views with unit last stride and 16-byte
-// strides (TMA).  Non-deterministic (atomic dQ) only.
+// strides (TMA).  Deterministic mode (p.deterministic): the kOrderedDq kernels (d == kD, no
+// score modifiers; their dQ adds in key-block order, bwd_sm90_write_dq_ordered).
 // Sliding window, softcap, ALiBi (params.h; the sm80 kernels' helpers, sm80/attention_tiles.cuh):
 // the kFeatures instantiations (the launcher picks them by score_mods_active), inside which
 // each feature is a run-time, CTA-uniform branch.  Measured on the H200 (bench/NOTES.md,
@@ -67,6 +68,7 @@
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
+#include "backends/cuda/sm90/ordered_add.cuh"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
@@ -101,9 +103,15 @@ struct BwdSm90Config {
   static constexpr int kDqWarpBytes = 16 * kDqN * 4;
   static constexpr int kOffDqStage = kOffD + kStages * kBM * 4;
   static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
-  static constexpr int kSmemBytes = kOffBars + 64 + 1024;  // + 1024: align the base up
+  static constexpr int kSmemBytes = kOffBars + 128 + 1024;  // + 1024: align the base up
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
-  static_assert(8 + 16 * kStages <= 64, "barriers: kv_full, then full / empty per stage");
+  static_assert(8 + 16 * kStages + 16 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty");
+  // kOrderedDq: consumer warp (wg, wi)'s dQ partial slot in the stage area, so that the slots
+  // of one step lie in dq_accum's order (d128: rows 16 wi, columns 64 wg of a 64 x 128 block:
+  // one contiguous bulk add; d64: both WGs' partials cover rows 16 wi, all 64 columns: WG1's
+  // warp wi adds its partial to WG0's in slot wi).
+  __host__ __device__ static constexpr int ordered_dq_slot(int wg, int wi) { return kDqSplitN ? 2 * wi + wg : wi; }
+  static constexpr int kOrderedDqArrivals = kDqSplitN ? 8 : 4;  // consumer warps that arrive at dq_full
   static_assert(kSmemBytes <= 232448, "the sm_90 opt-in shared memory limit (227 KB)");
 };
 
@@ -177,16 +185,17 @@ __device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, i
   return {m_begin, m_end - m_begin};
 }
 
-// CTA -> (batch, kv head, key block): causal runs the heaviest key blocks first (launch.h
-// causal_cta_coord, the sm80 order); non-causal key-block-major per head.
+// CTA -> (batch, kv head, key block): kGrouped (causal, and the ordered-dQ kernels) runs key
+// blocks in ascending order over groups of head_group heads (launch.h causal_cta_coord, the sm80
+// order: causal's heaviest first); otherwise all key blocks of one head, then the next head.
 struct BwdCta {
   int b, hk, n_block;
 };
-template <bool kCausal>
+template <bool kGrouped>
 __device__ __forceinline__ BwdCta bwd_sm90_cta(const BwdParams& p, int num_n_blocks, int head_group) {
   int64_t head;
   int n_block;
-  if (kCausal) {
+  if (kGrouped) {
     const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
     head = c.head;
     n_block = c.n_block;
@@ -205,6 +214,10 @@ struct BwdSm90Barriers {
   __device__ __forceinline__ uint32_t kv_full() const { return bars; }
   __device__ __forceinline__ uint32_t full(int s) const { return bars + 8 + 8 * s; }
   __device__ __forceinline__ uint32_t empty(int s) const { return bars + 8 + 8 * kStages + 8 * s; }
+  // kOrderedDq (flash_bwd_sm90.cuh only): a step's dQ partials staged (one arrival per consumer
+  // warp), and the dQ writer done reading them (one arrival).
+  __device__ __forceinline__ uint32_t dq_full() const { return bars + 8 + 16 * kStages; }
+  __device__ __forceinline__ uint32_t dq_empty() const { return bars + 16 + 16 * kStages; }
 };
 
 // Shared memory a backward CTA's producer fills (both kernels: flash_bwd_sm90_wide.cuh too).
@@ -273,13 +286,55 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
   }
 }
 
+// kOrderedDq's dQ writer (warp 9): per step, once the 8 consumer warps have staged their dQ
+// partials (dq_full), it waits for this key block's turn at the step's (q head, 64-row block)
+// (ordered_add.cuh: turn = the CTA's key block n; the key blocks that reach a query block are
+// 0..n_max, causal or not, and a CTA's launch comes after n - 1's, so the wait ends), adds the
+// 64 x kD block by one bulk add, releases the stage (dq_empty) once the add has read it, and
+// passes the turn once the add has completed.  The consumers compute the next step while this
+// one waits: the wait stays off their critical path unless the writer falls a step behind.
+template <typename Cfg>
+__device__ __forceinline__ void bwd_sm90_write_dq_ordered(const BwdParams& p, float* dq_accum, int* turns,
+                                                          uint32_t stage, uint32_t bars, int b, int hk, int group,
+                                                          int n_block, BwdTileRange tr, int lane) {
+  constexpr int kBM = Cfg::kBM, kD = 64 * Cfg::kChunks;
+  const BwdSm90Barriers<Cfg::kStages> bar{bars};
+  const int sq = p.sq, n_iters = tr.n_m * group;
+  const cuda::DqAccumSlabs acc =
+      p.dq_accum != nullptr
+          ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
+          : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) * kD,
+                               static_cast<int64_t>(cuda::dq_accum_rows(sq)) * kD};
+  for (int it = 0; it < n_iters; ++it) {
+    const int h = hk * group + it / tr.n_m;
+    const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
+    mbarrier_wait(bar.dq_full(), it & 1);
+    if (lane == 0) {
+      const int tiles16 = (min(kBM, sq - m0) + 15) / 16;  // 16-row tiles with a row < sq
+      int* turn = turns + (static_cast<int64_t>(b) * p.hq + h) * cuda::dq_turn_blocks(sq) + m0 / cuda::kDqTurnRows;
+      wait_turn(turn, n_block);
+      bulk_reduce_add_f32(acc.base + h * acc.head_stride + cuda::dq_accum_tile_offset(m0, 0, kD, 0), stage,
+                          tiles16 * 16 * kD * 4);
+      tma_store_commit();
+      tma_store_wait_read<0>();
+      mbarrier_arrive(bar.dq_empty());
+      tma_store_wait_all<0>();
+      pass_turn(turn);
+    }
+    __syncwarp();
+  }
+}
+
 // kBulkDq: dQ partials go to dq_accum by cp.reduce.async.bulk (one 4 KB add per warp and
 // step, issued by one lane from smem) instead of 16-byte atomicAdds from every lane.
 // kFeatures: window / softcap / ALiBi compiled in (the header says why it is a template flag).
 // kPaddedD: d < kD (the true d's dq_accum columns and dK / dV stores); a template flag because the
 // run-time form cost the d == kD kernels registers (d128: 8-12 B more spills, causal fwd+bwd
 // -5 % on the H200, session 12), so those compile to the same code as before it.
-template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures, bool kPaddedD>
+// kOrderedDq (the deterministic mode; with kBulkDq, no features, d == kD): the consumers stage
+// each step's dQ partial and the dQ writer (bwd_sm90_write_dq_ordered) adds it in key-block
+// order; the other kernels compile to the same code as before it.
+template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures, bool kPaddedD, bool kOrderedDq = false>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
@@ -301,7 +356,8 @@ __global__ void __launch_bounds__(384, 1)
   const BwdSm90Barriers<Cfg::kStages> bar{bars};
   const uint32_t kv_full = bar.kv_full();
 
-  const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
+  // kOrderedDq: the grouped order for both masks (head_group from ordered_head_group).
+  const BwdCta cta = bwd_sm90_cta<kCausal || kOrderedDq>(p, num_n_blocks, head_group);
   const int b = cta.b, hk = cta.hk;
   const int group = p.hq / p.hkv;
   const int n0 = cta.n_block * kBN;
@@ -323,6 +379,11 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_init(bar.full(s), 32);  // the producer warp's 32 lanes (LSE / D stores + the TMA's tx)
       mbarrier_init(bar.empty(s), 8);  // one arrival per consumer warp
     }
+    if constexpr (kOrderedDq) {
+      static_assert(kBulkDq && !kFeatures && !kPaddedD, "ordered dQ: the plain bulk-dQ kernels only");
+      mbarrier_init(bar.dq_full(), Cfg::kOrderedDqArrivals);
+      mbarrier_init(bar.dq_empty(), 1);
+    }
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -332,6 +393,14 @@ __global__ void __launch_bounds__(384, 1)
     setmaxnreg_dec<kProducerRegs>();
     if (warp == 8 && n_iters > 0)
       bwd_sm90_produce<Cfg>(maps, p, dsum, BwdSm90Stage{sK, sV, sQ, sDo, bars, lse_s, d_s}, b, hk, group, n0, tr, lane);
+    if constexpr (kOrderedDq) {
+      if (warp == 9 && n_iters > 0) {
+        int* turns = reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
+                                            cuda::bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);
+        bwd_sm90_write_dq_ordered<Cfg>(p, dq_accum, turns, sbase + Cfg::kOffDqStage, bars, b, hk, group,
+                                       cta.n_block, tr, lane);
+      }
+    }
   } else {
     // ---------------- consumers ----------------
     setmaxnreg_inc<kConsumerRegs>();
@@ -404,7 +473,7 @@ __global__ void __launch_bounds__(384, 1)
       // Session 19, medians of 3 alternating runs: d64 +2-4 % non-causal, -1 to +5 % causal;
       // d128 non-causal +2-3.6 %, causal -4 to -7 % (more spills): not there.  Only in the plain
       // kernels (no features, d == kD), the instantiations the kernel bench's checks verified.
-      constexpr bool kDeferDq = kBulkDq && (kD == 64 || !kCausal) && !kFeatures && !kPaddedD;
+      constexpr bool kDeferDq = kBulkDq && (kD == 64 || !kCausal) && !kFeatures && !kPaddedD && !kOrderedDq;
       const uint32_t dq_stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
       float* dq_pending = nullptr;  // where the staged partial goes (nullptr: none)
       int dq_pending_bytes = 0;
@@ -589,7 +658,37 @@ __global__ void __launch_bounds__(384, 1)
         // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
         // past sq are outside the padded slab and hold zeros anyway).
         const int row16 = m0 + 16 * wi;
-        if (row16 < sq) {
+        if constexpr (kOrderedDq) {
+          // Staged in this warp's slot once the writer has read the previous step's; it adds.
+          // d64: WG0's warp wi stores, WG1's warp wi then adds its partial there (named barrier
+          // 4 + wi of the pair): one partial per step, summed in a fixed order.
+          if (it > 0) mbarrier_wait(bar.dq_empty(), (it - 1) & 1);
+          const uint32_t slot = sbase + Cfg::kOffDqStage + Cfg::ordered_dq_slot(wg, wi) * Cfg::kDqWarpBytes;
+          const bool sums = !Cfg::kDqSplitN && wg == 1;
+          if (sums) named_barrier_sync(4 + wi, 64);
+#pragma unroll
+          for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+            const uint32_t a = slot + (j * 32 + lane) * 16;
+            float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+            if (sums) {
+              float4 w;
+              asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                           : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
+                           : "r"(a)
+                           : "memory");
+              v = make_float4(w.x + v.x, w.y + v.y, w.z + v.z, w.w + v.w);
+            }
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                         : "memory");
+          }
+          if (!Cfg::kDqSplitN && wg == 0) {
+            named_barrier_arrive(4 + wi, 64);  // WG1's warp wi adds next
+          } else {
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(bar.dq_full());
+          }
+        } else if (row16 < sq) {
           // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
           const cuda::DqAccumSlabs acc =
               p.dq_accum != nullptr

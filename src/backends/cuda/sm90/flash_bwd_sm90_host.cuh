@@ -32,7 +32,8 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
                                Cfg::kBN);
 }
 
-// The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only; score
+// The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only (no
+// deterministic form: sm90_bwd_applies keeps that mode on the sm80 kernels there); score
 // modifiers run its kFeatures kernels.  d64 / d128: score modifiers run the kFeatures kernels,
 // with bulk dQ only (the atomic-dQ variant, a bench A/B, has no feature instantiation); a d below
 // the bucket runs the kPaddedD kernels, which are also the kFeatures ones (bulk dQ; no features
@@ -47,6 +48,11 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
                : (p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, false>
                            : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, false>);
   } else {
+    // Deterministic: ordered bulk dQ adds (sm90_bwd_applies sends only d == kD without score
+    // modifiers here).
+    if (p.deterministic)
+      return p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false, true>
+                      : sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false, true>;
     return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
            : score_mods_active(p)
@@ -57,6 +63,27 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
                       : (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>
                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, false, false, false>);
   }
+}
+
+// The ordered-dQ kernels' head group (bwd_sm90_cta): a key block's dQ add waits for the previous
+// key block's at the same query block, so the resident CTAs of one head form a chain that costs
+// one add's latency per link when they start together.  Grouping heads so that a wave of CTAs
+// (one per SM) holds about kOrderedChain key blocks per head keeps the chains short; the
+// same-head CTAs of a wave read the same Q / dO tiles at about the same time (L2 hits).
+#ifndef ORCHARD_SM90_ORDERED_CHAIN
+#define ORCHARD_SM90_ORDERED_CHAIN 4
+#endif
+inline int ordered_head_group(const BwdParams& p) {
+  constexpr int kOrderedChain = ORCHARD_SM90_ORDERED_CHAIN;
+  static const int sms = [] {  // once per process (one kind of GPU per host)
+    int dev = 0, n = 132;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n;
+  }();
+  const int64_t heads = static_cast<int64_t>(p.b) * p.hkv;
+  const int64_t group = (sms + kOrderedChain - 1) / kOrderedChain;
+  return static_cast<int>(group < heads ? group : heads);
 }
 
 template <typename T, int kD>
@@ -70,7 +97,7 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
-      m, p, dsum, dq_accum, nb, causal_head_group(p));
+      m, p, dsum, dq_accum, nb, p.deterministic && kD <= 128 ? ordered_head_group(p) : causal_head_group(p));
   check_launch(kD > 128 ? "flash_bwd_sm90_wide_kernel" : "flash_bwd_sm90_kernel");
 }
 
