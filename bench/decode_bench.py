@@ -5,7 +5,10 @@
 On one GPU, bf16, d=128, one new query row per sequence (plain decode) with one
 new k/v row appended into the cache each call (cache_seqlens = L - 1, so L keys
 are attended), for batch {1, 8, 64} x cache length L {1k, 8k, 32k, 128k} x
-(contiguous, paged) x (GQA 32 q heads : 4 kv heads, MHA 32 : 32).
+(contiguous, paged; --layouts adds head_major) x (GQA 32 q heads : 4 kv heads, MHA 32 : 32).
+Layouts: contiguous = flash-attn's (b, L, h_kv, d) cache; paged = (pages, page, h_kv, d)
+through a random block_table; head_major = a (b, L, h_kv, d) view of SDPA's own
+(b, h_kv, L, d) tensors (no copy: the same bytes in the same order as SDPA reads them).
 
 Columns (microseconds, median of --reps CUDA-event timings after --warmup):
   orchard        eager call through the Python API (host overhead included; the
@@ -111,6 +114,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--mem-fraction", type=float, default=0.7)
+    ap.add_argument("--layouts", default="contiguous,paged", help="comma list of contiguous, paged, head_major")
     ap.add_argument("--quick", action="store_true", help="batch {1, 8} x L {1k, 32k} only")
     ap.add_argument("--flex", action="store_true", help="also time torch.compile'd flex_attention (slow to compile)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: tests the script, no timing value")
@@ -128,6 +132,9 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",")]
     if args.quick:
         batches, lengths = [1, 8], [1024, 32768]
+    layouts = args.layouts.split(",")
+    if any(x not in ("contiguous", "paged", "head_major") for x in layouts):
+        sys.exit(f"decode_bench: unknown layout in --layouts {args.layouts}")
     okv.CHECK_DEVICE_INDICES = False
     torch.manual_seed(0)
     dev = torch.device("cpu" if SMOKE else "cuda")
@@ -166,7 +173,7 @@ def main():
             print(f"flex_attention unavailable: {e}", file=sys.stderr)
 
     def point(hkv, hname, b, L):
-        """Measures one (heads, batch, L) point, both layouts; appends rows. Tensors die on return."""
+        """Measures one (heads, batch, L) point in each layout; appends rows. Tensors die on return."""
         kv_bytes = 2 * b * L * hkv * d * 2  # K and V, bf16
         bound_us = kv_bytes / bw * 1e6
         gqa = hkv != hq
@@ -195,11 +202,14 @@ def main():
                 flex_us = time_us(lambda: flex(q_sdpa, k_sdpa, v_sdpa, enable_gqa=gqa), 3, args.reps)
             except Exception as e:  # noqa: BLE001
                 print(f"flex failed at b={b} L={L} {hname}: {e}", file=sys.stderr)
-        for layout in ("contiguous", "paged"):
+        for layout in layouts:
             kw = {}
             if layout == "contiguous":
                 k_cache = k_sdpa.transpose(1, 2).contiguous()
                 v_cache = v_sdpa.transpose(1, 2).contiguous()
+            elif layout == "head_major":  # views: the append writes SDPA's tensors (row L - 1 is k_new already)
+                k_cache = k_sdpa.transpose(1, 2)
+                v_cache = v_sdpa.transpose(1, 2)
             else:
                 per_seq = -(-L // page)
                 table = torch.randperm(b * per_seq, device=dev).view(b, per_seq).to(torch.int32)
