@@ -139,7 +139,6 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
     """ORCHARD_DEBUG_FLASH_ATN on the CUDA path: one FWD and one BWD line with the
     CUDA variant (sm90 forward on compute capability 9.0 when compiled in), and the
     results unchanged by the synchronisation the timing adds."""
-    import os
     q, k, v = _qkv(d=128)
     ref = orchard.flash_attn_func(q, k, v, causal=True)
     ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
@@ -148,13 +147,11 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
     out = orchard.flash_attn_func(q, k, v, causal=True)
     grads = torch.autograd.grad(out.float().sum(), (q, k, v))
     torch.cuda.synchronize()
-    lines = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
+    lines = _debug_log(tmp_path)
     assert [line.split()[0] for line in lines] == ["FWD", "BWD"], lines
     assert "backend=cuda" in lines[0] and "variant=cuda.fwd." in lines[0], lines[0]
     assert "elapsed_ms=" in lines[0] and "n/a" not in lines[0], lines[0]
-    sm90_expected = ("90" in str(orchard.build_info().get("cuda_archs"))
-                     and torch.cuda.get_device_capability() == (9, 0))
-    assert (".sm90." in lines[0]) == sm90_expected, lines[0]
+    assert (".sm90." in lines[0]) == _sm90_expected(), lines[0]
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=0, rtol=0)
@@ -167,6 +164,27 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
 # capability 9.0 with 90 in the build's archs, the debug log must also name the sm90 forward
 # and the sm90 backward (flash_bwd_sm90.cuh at d <= 128, flash_bwd_sm90_wide.cuh above), so a
 # dispatch that silently falls back fails here.
+def _sm90_expected():
+    """Whether this build and GPU run the sm90 kernels (90 in the archs, compute capability 9.0)."""
+    return "90" in str(orchard.build_info().get("cuda_archs")) and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _logged_inputs(b, sq, sk, hq, hkv, d, dtype, tmp_path, monkeypatch):
+    """BSHD q, k, v (requiring grad) and dO, with the per-call debug log switched on into tmp_path."""
+    q = randn(b, sq, hq, d, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
+    do = randn(b, sq, hq, d, dtype=dtype, device="cuda")
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    return q, k, v, do
+
+
+def _debug_log(tmp_path):
+    import os
+    return (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
+
+
 SM90_FEATURES = {
     "no_mods": dict(),
     "no_mods_causal": dict(causal=True),
@@ -183,24 +201,18 @@ SM90_FEATURES = {
 @pytest.mark.parametrize("d", [64, 96, 128, 160, 192, 256])
 @pytest.mark.parametrize("name", list(SM90_FEATURES))
 def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch):
-    import os
     from feature_reference import feature_attention_ref
     kw = dict(SM90_FEATURES[name])
     b, hq, hkv = 2, 4, 2
     sq, sk = (520, 300) if name == "window_empty_rows" else (330, 460)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = (torch.rand(b, hq, dtype=torch.float64) * 0.3).float().cuda()
-    q = randn(b, sq, hq, d, dtype=dtype, device="cuda", requires_grad=True)
-    k = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
-    v = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
-    do = randn(b, sq, hq, d, dtype=dtype, device="cuda")
-    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
-    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    q, k, v, do = _logged_inputs(b, sq, sk, hq, hkv, d, dtype, tmp_path, monkeypatch)
     out, lse = orchard.flash_attn_func(q, k, v, return_softmax_lse=True, **kw)
     grads = torch.autograd.grad(out, (q, k, v), do)
     torch.cuda.synchronize()
-    lines = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
-    sm90 = "90" in str(orchard.build_info().get("cuda_archs")) and torch.cuda.get_device_capability() == (9, 0)
+    lines = _debug_log(tmp_path)
+    sm90 = _sm90_expected()
     fwd = [ln for ln in lines if ln.startswith("FWD")]
     bwd = [ln for ln in lines if ln.startswith("BWD")]
     assert fwd and bwd, lines
@@ -240,14 +252,7 @@ def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch)
 @pytest.mark.parametrize("causal,sq,sk", [(False, 330, 1000), (True, 700, 460), (True, 300, 900)],
                          ids=["full", "causal_sq_gt_sk", "causal_sk_gt_sq"])
 def test_sm90_shape_deterministic_backward(causal, sq, sk, d, dtype, tmp_path, monkeypatch):
-    import os
-    b, hq, hkv = 2, 4, 2
-    q = randn(b, sq, hq, d, dtype=dtype, device="cuda", requires_grad=True)
-    k = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
-    v = randn(b, sk, hkv, d, dtype=dtype, device="cuda", requires_grad=True)
-    do = randn(b, sq, hq, d, dtype=dtype, device="cuda")
-    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
-    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    q, k, v, do = _logged_inputs(2, sq, sk, 4, 2, d, dtype, tmp_path, monkeypatch)
     runs = []
     for _ in range(3):
         for t in (q, k, v):  # blocks of the grads' sizes, freed: the allocator hands them out next
@@ -255,11 +260,10 @@ def test_sm90_shape_deterministic_backward(causal, sq, sk, d, dtype, tmp_path, m
         out = orchard.flash_attn_func(q, k, v, causal=causal, deterministic=True)
         runs.append(torch.autograd.grad(out, (q, k, v), do))
     torch.cuda.synchronize()
-    lines = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
+    lines = _debug_log(tmp_path)
     bwd = [ln for ln in lines if ln.startswith("BWD")]
     assert len(bwd) == 3, lines
-    sm90 = "90" in str(orchard.build_info().get("cuda_archs")) and torch.cuda.get_device_capability() == (9, 0)
-    assert (".sm90." in bwd[0]) == sm90 and ".deterministic" in bwd[0], bwd[0]
+    assert (".sm90." in bwd[0]) == _sm90_expected() and ".deterministic" in bwd[0], bwd[0]
     for again in runs[1:]:
         for name, a, g in zip(("dq", "dk", "dv"), runs[0], again):
             assert torch.equal(a, g), f"{name}: reruns differ"
