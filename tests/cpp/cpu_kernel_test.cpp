@@ -414,12 +414,14 @@ TEST(CpuKernel, Bf16BothPathsMatchReference) {
   // column blocks, d not a multiple of 16. The bf16 forward's tiles
   // (bf16_fwd_block_m x bf16_fwd_block_n: larger on AMX) are also forced to
   // 48 x 80 and 128 x 256 on any CPU, and K / V staged in the AMX path's
-  // 32-column panels (gemm_bf16_panels) on the AVX512_BF16 path too.
+  // 32-column panels and the AVX512_BF16 path's 64-column ones (gemm_bf16_panels)
+  // on either path.
   const bool saved = cpu::g_bf16_dot, saved_amx = cpu::g_amx;
-  for (int path : {0, 1, 3, 2}) {  // AMX (where present), AVX512_BF16 only (3: with panels), fp32
+  // AMX (where present), AVX512_BF16 only (3 / 4: 32- / 64-column panels), fp32
+  for (int path : {0, 1, 3, 4, 2}) {
     cpu::g_amx = path == 0;
     cpu::g_bf16_dot = path != 2;
-    cpu::g_bf16_b_panels = path == 3;
+    cpu::g_bf16_b_panels = path == 3 ? 32 : path == 4 ? 64 : 0;
     if (path == 0 && !cpu::amx_available()) continue;  // the same as path 1 here
     // (rows, columns) of the bf16 forward's tiles; 0: the path's default
     for (auto [bm, bn] : {std::pair{0, 0}, std::pair{48, 80}, std::pair{128, 256}}) {
@@ -442,7 +444,7 @@ TEST(CpuKernel, Bf16BothPathsMatchReference) {
   }
   cpu::g_bf16_dot = saved;
   cpu::g_amx = saved_amx;
-  cpu::g_bf16_b_panels = false;
+  cpu::g_bf16_b_panels = 0;
   cpu::g_bf16_fwd_block_m = 0;
   cpu::g_bf16_fwd_block_n = 0;
 }

@@ -339,7 +339,7 @@ bool amx_available() {
 
 int bf16_fwd_block_n() {
   if (g_bf16_fwd_block_n > 0) return g_bf16_fwd_block_n;
-  if (!amx_available()) return kBlockN;
+  if (!amx_available()) return kBf16FwdBlockN;
 #ifdef ORCHARD_AMX
   static const int env_bn = [] {
     const char* env = std::getenv("ORCHARD_CPU_AMX_BN");
@@ -424,7 +424,8 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 }
 
 int bf16_b_panel(int n) {
-  return (amx_available() || g_bf16_b_panels) && n % kBf16BPanel == 0 ? kBf16BPanel : n;
+  const int panel = g_bf16_b_panels > 0 ? g_bf16_b_panels : amx_available() ? kBf16BPanel : kBf16BPanelAvx512;
+  return n % panel == 0 ? panel : n;
 }
 
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
