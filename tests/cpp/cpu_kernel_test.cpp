@@ -407,6 +407,27 @@ TEST(CpuKernel, MultiChunkStagingMatchesSingleChunk) {
   cpu::g_stage_budget_bytes = saved;
 }
 
+TEST(CpuKernel, Fp32ForwardTileWidthsMatchReference) {
+  // The fp32-compute forward's key tile width (kFp32FwdBlockNAvx512 on AVX-512,
+  // kBlockN elsewhere) forced to 48 and 128 on any CPU: tiles wider than the
+  // backward's, several of them per row block, a last one cut by sk, under both
+  // causal alignments and dropout (whose returned mask is written per tile).
+  for (int bn : {0, 48, 128}) {
+    cpu::g_fp32_fwd_block_n = bn;
+    for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
+      Case c{2, 157, 203, 4, 2, 72};
+      c.causal = cm;
+      c.layout = Layout::kBHSD;
+      check_case(c);
+      Case c2{1, 131, 331, 2, 2, 128};
+      c2.causal = cm;
+      c2.dropout = 0.2f;
+      check_case(c2);
+    }
+  }
+  cpu::g_fp32_fwd_block_n = 0;
+}
+
 TEST(CpuKernel, Bf16BothPathsMatchReference) {
   // bf16 inputs take the AMX path where the CPU has AMX, the vdpbf16ps path
   // where it has AVX512_BF16 and the fp32-converting path elsewhere: check
