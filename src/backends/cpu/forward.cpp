@@ -130,14 +130,22 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   const ColRange cols = block_visible_cols(p, span, i0, rows, bn);
   std::int64_t mask_end = cols.begin;  // dropout-mask columns [cols.begin, mask_end) written
   for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += bn) {
+    // The GEMMs compute only the tile's first nc columns, those any row of the block sees
+    // (rounded up to the K^T panel, 16 for fp32): the causal diagonal's last tile, a last
+    // tile past sk. Columns [nc, bn) of S keep stale values; every step after the GEMM
+    // masks columns from nv[r] <= nc on, and P V reads nc columns of P only.
+    const int unit = geo.bf16 ? geo.kt_panel : kGemmNMultiple;
+    const int nc = cols.end - j0 < bn && unit < bn
+                       ? static_cast<int>(round_up(cols.end - j0, unit))
+                       : bn;
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16)
-        gemm_bf16_panels(rows, bn, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, geo.kt_panel,
+        gemm_bf16_panels(rows, nc, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, geo.kt_panel,
                          w.s.data(), bn, false);
       else
-        gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
+        gemm(rows, nc, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     } else {
-      gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
+      gemm(rows, nc, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     }
     const bool left_masked =
         tile_col_bounds(p, span, i0, rows, j0, bn, w.first.data(), w.nv.data());
@@ -151,8 +159,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       if (geo.bf16 && !dropout &&
           softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                                    w.o.data(), dvp, dvp, w.p16.data())) {
-        gemm_bf16_panels(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
-                         w.o.data(), dvp, true);
+        gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
+                         w.o.data(), dvp, true, bn / 2);
         continue;
       }
     }
@@ -171,12 +179,12 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16) {
         to_bf16_rows(w.s.data(), bn, rows, bn, w.p16.data(), bn);
-        gemm_bf16_panels(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
-                         w.o.data(), dvp, true);
+        gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
+                         w.o.data(), dvp, true, bn / 2);
         continue;
       }
     }
-    gemm(rows, dvp, bn, w.s.data(), bn, v + j0 * dvp, dvp, w.o.data(), dvp, true);
+    gemm(rows, dvp, nc, w.s.data(), bn, v + j0 * dvp, dvp, w.o.data(), dvp, true);
   }
   // The mask is returned for every element of the sequence, hidden ones included.
   if (dropout && p.dropout_mask) {

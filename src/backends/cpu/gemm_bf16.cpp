@@ -430,20 +430,21 @@ int bf16_b_panel(int n) {
 
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
-                      std::int64_t ldc, bool accumulate) {
+                      std::int64_t ldc, bool accumulate, int panel_kpairs) {
+  if (panel_kpairs < kpairs) panel_kpairs = kpairs;
   if (panel == n) {
     gemm_bf16(m, n, kpairs, a, a_rs, a_ps, b, 2 * std::int64_t(n), c, ldc, accumulate);
     return;
   }
 #ifdef ORCHARD_AMX
   if (panel == 32 && m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
-    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, 2 * panel, std::int64_t(2) * panel * kpairs, c, ldc,
+    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, 2 * panel, std::int64_t(2) * panel * panel_kpairs, c, ldc,
                   accumulate);
     return;
   }
 #endif
   for (int j = 0; j < n; j += panel)
-    gemm_bf16(m, panel, kpairs, a, a_rs, a_ps, b + std::int64_t(j) * 2 * kpairs, 2 * std::int64_t(panel),
+    gemm_bf16(m, panel, kpairs, a, a_rs, a_ps, b + std::int64_t(j) * 2 * panel_kpairs, 2 * std::int64_t(panel),
               c + j, ldc, accumulate);
 }
 

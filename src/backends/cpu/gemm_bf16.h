@@ -116,9 +116,12 @@ inline constexpr int kBf16BPanelAvx512 = 64;
 // 32 or 64 on any bf16 CPU), if n is a multiple of it, else n (the plain layout).
 int bf16_b_panel(int n);
 inline int g_bf16_b_panels = 0;
+// panel_kpairs (>= kpairs; 0: kpairs) is the pair rows each panel holds, so a
+// product may use the first kpairs of them (the forward's last causal tile:
+// P V over the visible key columns only).
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
-                      std::int64_t ldc, bool accumulate);
+                      std::int64_t ldc, bool accumulate, int panel_kpairs = 0);
 
 // dst[r * ldd + j] = bf16(src[r * lds + j]) for j < n (n % 16 == 0), round to nearest even.
 void to_bf16_rows(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
