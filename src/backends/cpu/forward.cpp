@@ -82,7 +82,7 @@ struct FwdGeometry {
   bool bf16 = false;
   // Query rows per task and key columns per tile: kBlockM x kBlockN, on the
   // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (gemm_bf16.h), fp32 on
-  // AVX-512 kBlockM x kFp32FwdBlockNAvx512 (kernel_common.h).
+  // AVX-512 up to d 64 kBlockM x kFp32FwdBlockNAvx512 (kernel_common.h).
   int bm = kBlockM, bn = kBlockN;
   // bf16: the staged K / V tiles' column panels (gemm_bf16_panels; bf16_b_panel):
   // 32 on AMX, else the whole tile.
@@ -236,7 +236,9 @@ void forward_impl(const FwdParams& p) {
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
   geo.bf16 = sizeof(T) == 4 && p.dtype == DType::kBFloat16 && bf16_dot_available();
   if (sizeof(T) == 4 && !geo.bf16)
-    geo.bn = g_fp32_fwd_block_n > 0 ? g_fp32_fwd_block_n : cpu_has_avx512() ? kFp32FwdBlockNAvx512 : kBlockN;
+    geo.bn = g_fp32_fwd_block_n > 0 ? g_fp32_fwd_block_n
+             : cpu_has_avx512() && std::max(geo.dp, geo.dvp) <= kFp32WideTileMaxD ? kFp32FwdBlockNAvx512
+                                                                                : kBlockN;
   if (geo.bf16) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();
