@@ -119,9 +119,12 @@ void shapes(benchmark::internal::Benchmark* b) {
   for (int dt : {0, 1})
     for (int s : {512, 1024}) b->Args({s, 64, dt, 0, 0});
   b->Args({1024, 64, 0, 1, 0});
+  b->Args({1024, 64, 1, 1, 0});
+  b->Args({2048, 128, 1, 1, 0});
   b->Args({1024, 64, 0, 0, 1});
   b->Args({512, 128, 1, 0, 0});  // bf16 fwd s512 d128: the weakest point vs torch (session 18)
   b->Args({1024, 128, 1, 0, 0});
+  for (int s : {512, 1024}) b->Args({s, 128, 0, 0, 0});
   for (int dt : {0, 1}) b->Args({2048, 128, dt, 0, 0});  // fp32 d128 bwd: the weakest point vs torch
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }

@@ -89,19 +89,22 @@ struct GemmData {
   }
 
   // The same product with B copied into column panels of `panel` columns
-  // (gemm_bf16_panels' layout), NaN between the panels' used columns.
-  std::vector<float> run_panels(int panel) const {
+  // (gemm_bf16_panels' layout), NaN between the panels' used columns; with
+  // extra_pairs, each panel holds that many more pair rows (NaN) that the
+  // product must not read (panel_kpairs = kpairs + extra_pairs).
+  std::vector<float> run_panels(int panel, int extra_pairs = 0) const {
     const std::uint16_t nan16 = float_to_bf16(std::numeric_limits<float>::quiet_NaN());
-    std::vector<std::uint16_t> bp(std::size_t(g.n) * 2 * g.kpairs + 64, nan16);
+    const int held = g.kpairs + extra_pairs;
+    std::vector<std::uint16_t> bp(std::size_t(g.n) * 2 * held + 64, nan16);
     for (int q = 0; q < g.n / panel; ++q)
       for (int pr = 0; pr < g.kpairs; ++pr)
         for (int jj = 0; jj < panel; ++jj)
           for (int e = 0; e < 2; ++e)
-            bp[(std::size_t(q) * g.kpairs + pr) * 2 * panel + 2 * jj + e] =
+            bp[(std::size_t(q) * held + pr) * 2 * panel + 2 * jj + e] =
                 b[std::size_t(pr) * ldb + 2 * (q * panel + jj) + e];
     std::vector<float> c = c0;
     cpu::gemm_bf16_panels(g.m, g.n, g.kpairs, a.data(), a_rs, a_ps, bp.data(), panel, c.data(), ldc,
-                          g.accumulate);
+                          g.accumulate, extra_pairs ? held : 0);
     return c;
   }
 
@@ -205,9 +208,13 @@ TEST(CpuGemmBf16, PanelsMatchFp64) {
           for (bool t : {false, true})
             for (bool acc : {false, true}) {
               const GemmData d({m, n, kpairs, t, acc}, seed++);
-              for (int panel : {cpu::kBf16BPanel, n}) {
-                const std::string err = d.check(d.run_panels(panel));
-                ASSERT_TRUE(err.empty()) << (amx ? "AMX" : "AVX-512") << " panel " << panel << ": " << err;
+              for (int panel : {cpu::kBf16BPanel, cpu::kBf16BPanelAvx512, n}) {
+                if (n % panel) continue;
+                for (int extra : {0, 5}) {
+                  const std::string err = d.check(d.run_panels(panel, extra));
+                  ASSERT_TRUE(err.empty()) << (amx ? "AMX" : "AVX-512") << " panel " << panel
+                                           << " extra pairs " << extra << ": " << err;
+                }
               }
             }
   }

@@ -407,6 +407,27 @@ TEST(CpuKernel, MultiChunkStagingMatchesSingleChunk) {
   cpu::g_stage_budget_bytes = saved;
 }
 
+TEST(CpuKernel, Fp32ForwardTileWidthsMatchReference) {
+  // The fp32-compute forward's key tile width (kFp32FwdBlockNAvx512 on AVX-512,
+  // kBlockN elsewhere) forced to 48 and 128 on any CPU: tiles wider than the
+  // backward's, several of them per row block, a last one cut by sk, under both
+  // causal alignments and dropout (whose returned mask is written per tile).
+  for (int bn : {0, 48, 128}) {
+    cpu::g_fp32_fwd_block_n = bn;
+    for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
+      Case c{2, 157, 203, 4, 2, 72};
+      c.causal = cm;
+      c.layout = Layout::kBHSD;
+      check_case(c);
+      Case c2{1, 131, 331, 2, 2, 128};
+      c2.causal = cm;
+      c2.dropout = 0.2f;
+      check_case(c2);
+    }
+  }
+  cpu::g_fp32_fwd_block_n = 0;
+}
+
 TEST(CpuKernel, Bf16BothPathsMatchReference) {
   // bf16 inputs take the AMX path where the CPU has AMX, the vdpbf16ps path
   // where it has AVX512_BF16 and the fp32-converting path elsewhere: check
@@ -414,12 +435,14 @@ TEST(CpuKernel, Bf16BothPathsMatchReference) {
   // column blocks, d not a multiple of 16. The bf16 forward's tiles
   // (bf16_fwd_block_m x bf16_fwd_block_n: larger on AMX) are also forced to
   // 48 x 80 and 128 x 256 on any CPU, and K / V staged in the AMX path's
-  // 32-column panels (gemm_bf16_panels) on the AVX512_BF16 path too.
+  // 32-column panels and the AVX512_BF16 path's 64-column ones (gemm_bf16_panels)
+  // on either path.
   const bool saved = cpu::g_bf16_dot, saved_amx = cpu::g_amx;
-  for (int path : {0, 1, 3, 2}) {  // AMX (where present), AVX512_BF16 only (3: with panels), fp32
+  // AMX (where present), AVX512_BF16 only (3 / 4: 32- / 64-column panels), fp32
+  for (int path : {0, 1, 3, 4, 2}) {
     cpu::g_amx = path == 0;
     cpu::g_bf16_dot = path != 2;
-    cpu::g_bf16_b_panels = path == 3;
+    cpu::g_bf16_b_panels = path == 3 ? 32 : path == 4 ? 64 : 0;
     if (path == 0 && !cpu::amx_available()) continue;  // the same as path 1 here
     // (rows, columns) of the bf16 forward's tiles; 0: the path's default
     for (auto [bm, bn] : {std::pair{0, 0}, std::pair{48, 80}, std::pair{128, 256}}) {
@@ -442,7 +465,7 @@ TEST(CpuKernel, Bf16BothPathsMatchReference) {
   }
   cpu::g_bf16_dot = saved;
   cpu::g_amx = saved_amx;
-  cpu::g_bf16_b_panels = false;
+  cpu::g_bf16_b_panels = 0;
   cpu::g_bf16_fwd_block_m = 0;
   cpu::g_bf16_fwd_block_n = 0;
 }

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "backends/cpu/cache_aligned.h"
+#include "backends/cpu/cpu_features.h"
 #include "backends/cpu/dropout_mask.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/gemm_bf16.h"
@@ -80,7 +81,8 @@ struct FwdGeometry {
   // to bf16 before P V; scores and softmax stay fp32.
   bool bf16 = false;
   // Query rows per task and key columns per tile: kBlockM x kBlockN, on the
-  // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (larger on AMX, gemm_bf16.h).
+  // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (gemm_bf16.h), fp32 on
+  // AVX-512 up to d 64 kBlockM x kFp32FwdBlockNAvx512 (kernel_common.h).
   int bm = kBlockM, bn = kBlockN;
   // bf16: the staged K / V tiles' column panels (gemm_bf16_panels; bf16_b_panel):
   // 32 on AMX, else the whole tile.
@@ -128,14 +130,22 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   const ColRange cols = block_visible_cols(p, span, i0, rows, bn);
   std::int64_t mask_end = cols.begin;  // dropout-mask columns [cols.begin, mask_end) written
   for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += bn) {
+    // The GEMMs compute only the tile's first nc columns, those any row of the block sees
+    // (rounded up to the K^T panel, 16 for fp32): the causal diagonal's last tile, a last
+    // tile past sk. Columns [nc, bn) of S keep stale values; every step after the GEMM
+    // masks columns from nv[r] <= nc on, and P V reads nc columns of P only.
+    const int unit = geo.bf16 ? geo.kt_panel : kGemmNMultiple;
+    const int nc = cols.end - j0 < bn && unit < bn
+                       ? static_cast<int>(round_up(cols.end - j0, unit))
+                       : bn;
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16)
-        gemm_bf16_panels(rows, bn, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, geo.kt_panel,
+        gemm_bf16_panels(rows, nc, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, geo.kt_panel,
                          w.s.data(), bn, false);
       else
-        gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
+        gemm(rows, nc, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     } else {
-      gemm(rows, bn, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
+      gemm(rows, nc, dp, w.q.data(), dp, kt + j0 * dp, bn, w.s.data(), bn, false);
     }
     const bool left_masked =
         tile_col_bounds(p, span, i0, rows, j0, bn, w.first.data(), w.nv.data());
@@ -149,8 +159,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       if (geo.bf16 && !dropout &&
           softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                                    w.o.data(), dvp, dvp, w.p16.data())) {
-        gemm_bf16_panels(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
-                         w.o.data(), dvp, true);
+        gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
+                         w.o.data(), dvp, true, bn / 2);
         continue;
       }
     }
@@ -169,12 +179,12 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16) {
         to_bf16_rows(w.s.data(), bn, rows, bn, w.p16.data(), bn);
-        gemm_bf16_panels(rows, dvp, bn / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
-                         w.o.data(), dvp, true);
+        gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
+                         w.o.data(), dvp, true, bn / 2);
         continue;
       }
     }
-    gemm(rows, dvp, bn, w.s.data(), bn, v + j0 * dvp, dvp, w.o.data(), dvp, true);
+    gemm(rows, dvp, nc, w.s.data(), bn, v + j0 * dvp, dvp, w.o.data(), dvp, true);
   }
   // The mask is returned for every element of the sequence, hidden ones included.
   if (dropout && p.dropout_mask) {
@@ -225,6 +235,10 @@ void forward_impl(const FwdParams& p) {
   geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
   geo.bf16 = sizeof(T) == 4 && p.dtype == DType::kBFloat16 && bf16_dot_available();
+  if (sizeof(T) == 4 && !geo.bf16)
+    geo.bn = g_fp32_fwd_block_n > 0 ? g_fp32_fwd_block_n
+             : cpu_has_avx512() && std::max(geo.dp, geo.dvp) <= kFp32WideTileMaxD ? kFp32FwdBlockNAvx512
+                                                                                : kBlockN;
   if (geo.bf16) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();

@@ -339,7 +339,7 @@ bool amx_available() {
 
 int bf16_fwd_block_n() {
   if (g_bf16_fwd_block_n > 0) return g_bf16_fwd_block_n;
-  if (!amx_available()) return kBlockN;
+  if (!amx_available()) return kBf16FwdBlockN;
 #ifdef ORCHARD_AMX
   static const int env_bn = [] {
     const char* env = std::getenv("ORCHARD_CPU_AMX_BN");
@@ -424,25 +424,27 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 }
 
 int bf16_b_panel(int n) {
-  return (amx_available() || g_bf16_b_panels) && n % kBf16BPanel == 0 ? kBf16BPanel : n;
+  const int panel = g_bf16_b_panels > 0 ? g_bf16_b_panels : amx_available() ? kBf16BPanel : kBf16BPanelAvx512;
+  return n % panel == 0 ? panel : n;
 }
 
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
-                      std::int64_t ldc, bool accumulate) {
+                      std::int64_t ldc, bool accumulate, int panel_kpairs) {
+  if (panel_kpairs < kpairs) panel_kpairs = kpairs;
   if (panel == n) {
     gemm_bf16(m, n, kpairs, a, a_rs, a_ps, b, 2 * std::int64_t(n), c, ldc, accumulate);
     return;
   }
 #ifdef ORCHARD_AMX
   if (panel == 32 && m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
-    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, 2 * panel, std::int64_t(2) * panel * kpairs, c, ldc,
+    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, 2 * panel, std::int64_t(2) * panel * panel_kpairs, c, ldc,
                   accumulate);
     return;
   }
 #endif
   for (int j = 0; j < n; j += panel)
-    gemm_bf16(m, panel, kpairs, a, a_rs, a_ps, b + std::int64_t(j) * 2 * kpairs, 2 * std::int64_t(panel),
+    gemm_bf16(m, panel, kpairs, a, a_rs, a_ps, b + std::int64_t(j) * 2 * panel_kpairs, 2 * std::int64_t(panel),
               c + j, ldc, accumulate);
 }
 

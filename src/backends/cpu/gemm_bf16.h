@@ -41,12 +41,17 @@ inline constexpr int kAmxMinM = 16, kAmxMinKPairs = 16;
 // Key columns per tile of the bf16 forward (forward.cpp): g_bf16_fwd_block_n
 // when set (tests: wide tiles on any CPU), else on AMX kAmxFwdBlockN or
 // ORCHARD_CPU_AMX_BN from the environment (a multiple of 16 in [16, 1024],
-// read once, for timing), else kBlockN. With AMX the GEMMs are ~8x faster and
-// the per-tile row work (max, sum, rescale of the output rows) dominates, so
-// wider tiles pay; without it 64 was as good as any (kernel_common.h).
+// read once, for timing), else kBf16FwdBlockN. With AMX the GEMMs are ~8x
+// faster and the per-tile row work (max, sum, rescale of the output rows)
+// dominates, so wider tiles pay. On vdpbf16ps too since the softmax rewrite
+// (session 19): 2-core Zen 5 box (no AMX), 2 threads, 64 x 256 tiles with
+// K^T / V in 64-column panels vs 64 x 64 plain, 3 alternating rounds: bf16
+// forward s512 / s1k d64 1.30 / 1.24x, s512 / s1k / s2k d128 1.10 / 1.12 /
+// 1.18x, causal s1k d64 / s2k d128 1.09 / 1.04x; 512 columns gained at most
+// 5 % more non-causal and lost 3 % causal (session 20, bench/NOTES.md).
 int bf16_fwd_block_n();
 inline int g_bf16_fwd_block_n = 0;
-inline constexpr int kAmxFwdBlockN = 256;
+inline constexpr int kAmxFwdBlockN = 256, kBf16FwdBlockN = 256;
 // Query rows per task of the bf16 forward, the same way: g_bf16_fwd_block_m,
 // else on AMX kAmxFwdBlockM or ORCHARD_CPU_AMX_BM (a multiple of 16 in
 // [16, 512]), else kBlockM. More rows per task read each K / V tile once for
@@ -98,14 +103,25 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 // panels ran S = Q K^T (128 x 256, d128) 1.2x and O += P V 1.5x faster
 // (bench/NOTES.md, session 18).
 inline constexpr int kBf16BPanel = 32;
+// Without AMX, the vdpbf16ps kernel's column panel (64 columns, NV = 4) is
+// the natural width: a 256-column K^T tile in the plain layout has its pair
+// rows 1 KB apart, so the d128 S GEMM's 64 pair rows of one 64-column panel
+// fall into 8 L1 sets (16 lines each, 12 ways); in 64-column panels they are
+// 128 bytes apart. Zen 5, 2 threads, 64 x 256 tiles: 64-column panels vs the
+// plain layout 1.07x (s1k d64), 32-column panels (the AMX width: 6 x 32
+// micro-tiles, more broadcasts per product) 0.92x (one run each, session 20).
+inline constexpr int kBf16BPanelAvx512 = 64;
 // The panel width the staging should use for a B of n columns: kBf16BPanel
-// on AMX (or with g_bf16_b_panels set: tests, on any bf16 CPU) when
-// n % kBf16BPanel == 0, else n (the plain layout).
+// on AMX, kBf16BPanelAvx512 on vdpbf16ps, g_bf16_b_panels when set (tests:
+// 32 or 64 on any bf16 CPU), if n is a multiple of it, else n (the plain layout).
 int bf16_b_panel(int n);
-inline bool g_bf16_b_panels = false;
+inline int g_bf16_b_panels = 0;
+// panel_kpairs (>= kpairs; 0: kpairs) is the pair rows each panel holds, so a
+// product may use the first kpairs of them (the forward's last causal tile:
+// P V over the visible key columns only).
 void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
-                      std::int64_t ldc, bool accumulate);
+                      std::int64_t ldc, bool accumulate, int panel_kpairs = 0);
 
 // dst[r * ldd + j] = bf16(src[r * lds + j]) for j < n (n % 16 == 0), round to nearest even.
 void to_bf16_rows(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,

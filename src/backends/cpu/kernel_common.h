@@ -38,6 +38,21 @@ inline constexpr int kBlockM = ORCHARD_CPU_BLOCK_M;
 inline constexpr int kBlockN = ORCHARD_CPU_BLOCK_N;
 static_assert(kBlockN % 16 == 0, "column tiles must be a multiple of the GEMM N multiple");
 
+// Key columns per tile of the fp32 forward on AVX-512 CPUs (forward.cpp; the
+// backward and other CPUs keep kBlockN): the softmax's per-row work (max,
+// sum, alpha, rescale of the O row) is spread over twice the columns. 2-core
+// Zen 5, 2 threads, alternating rounds, time at 64 / at 128 columns, fp32
+// forward: s1k d64 causal 1.06-1.08x, dropout 1.09-1.11x; non-causal s512 d64
+// 0.98-1.06x, s1k d64 1.00-1.07x, s2k d128 0.99-1.06x (three A/Bs of 3-5
+// rounds: small against this box's noise); 192 columns lost 7 % at s512 d64
+// (session 20, bench/NOTES.md). Only up to d (and d_v, padded) 64: at d128 the
+// 128-column K^T and V tiles (64 KB each) no longer stay in the 48 KB L1 beside
+// Q, S and O, and 128 columns were slower, 1 thread, 3 rounds: s512 / s1k / s2k
+// d128 0.885 / 0.932 / 0.935x of 64 (d between 64 and 128 not measured).
+// g_fp32_fwd_block_n, when set, is taken on any CPU (tests).
+inline constexpr int kFp32FwdBlockNAvx512 = 128, kFp32WideTileMaxD = 64;
+inline int g_fp32_fwd_block_n = 0;
+
 // Backward dQ partial-sum buffers per (batch, kv head) pair (backward.cpp):
 // the column blocks are split over this many slots, each an independent task
 // with its own g * sq x d fp32 accumulator. Fixed, so results do not depend

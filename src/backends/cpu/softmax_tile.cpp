@@ -149,14 +149,26 @@ ORCHARD_AVX512_TARGET void softmax_tile_update_avx512(float* s, int rows, int bc
       continue;
     }
     const __m512 vm = _mm512_set1_ps(m_new);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int j = 0; j < bc; j += 16) {
+    __m512 vsum = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
+    int j = 0;
+    // Whole 32-column steps before n without column masks (cols_mask's compares and branches
+    // per vector), two sums so the adds do not chain; then the masked rest.
+    for (; j + 32 <= n; j += 32) {
+      const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm));
+      const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vc, vm));
+      _mm512_storeu_ps(sr + j, p0);
+      _mm512_storeu_ps(sr + j + 16, p1);
+      vsum = _mm512_add_ps(vsum, p0);
+      vsum1 = _mm512_add_ps(vsum1, p1);
+    }
+    for (; j < bc; j += 16) {
       const __mmask16 k = cols_mask(n, j);
       const __m512 p = _mm512_maskz_mov_ps(k, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vm)));
       _mm512_storeu_ps(sr + j, p);
       vsum = _mm512_add_ps(vsum, p);
     }
-    rescale_row_state(m_old, m_new, _mm512_reduce_add_ps(vsum), &m[r], &l[r], o + r * ldo, dp);
+    rescale_row_state(m_old, m_new, _mm512_reduce_add_ps(_mm512_add_ps(vsum, vsum1)), &m[r], &l[r],
+                      o + r * ldo, dp);
   }
 }
 

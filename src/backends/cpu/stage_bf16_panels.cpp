@@ -36,10 +36,10 @@ ORCHARD_STAGE_TARGET void stage_kt_avx512(const std::uint16_t* s, std::int64_t r
   }
 }
 
-// One row pair per 64-word run of each 32-column panel: words (s0[c], s1[c]) for c < 32.
+// One row pair per 2 * panel-word run of each panel (panel % 32 == 0): words (s0[c], s1[c])
+// for c < panel, written 32 columns (64 words) at a time.
 ORCHARD_STAGE_TARGET void stage_v_avx512(const std::uint16_t* s, std::int64_t row_stride, int rows, int rows_pad,
-                                         int d, std::uint16_t* dst, int block) {
-  constexpr int kPanel = 32;
+                                         int d, std::uint16_t* dst, int block, int panel) {
   __m512i lo_idx, hi_idx;  // word 2i <- s0[i], 2i + 1 <- s1[i] (index 32 + i): i < 16, then i + 16
   {
     alignas(64) std::uint16_t lo[32], hi[32];
@@ -52,12 +52,12 @@ ORCHARD_STAGE_TARGET void stage_v_avx512(const std::uint16_t* s, std::int64_t ro
   }
   for (int row = 0; row < rows_pad; row += 2) {
     std::uint16_t* out =
-        dst + std::int64_t(row / block) * block * d + std::int64_t((row % block) / 2) * 2 * kPanel;
-    for (int c0 = 0; c0 < d; c0 += kPanel) {
+        dst + std::int64_t(row / block) * block * d + std::int64_t((row % block) / 2) * 2 * panel;
+    for (int c0 = 0; c0 < d; c0 += 32) {
       const __m512i a = row < rows ? _mm512_loadu_si512(s + row * row_stride + c0) : _mm512_setzero_si512();
       const __m512i b =
           row + 1 < rows ? _mm512_loadu_si512(s + (row + 1) * row_stride + c0) : _mm512_setzero_si512();
-      std::uint16_t* o = out + std::int64_t(c0 / kPanel) * block * kPanel;
+      std::uint16_t* o = out + std::int64_t(c0 / panel) * block * panel + 2 * (c0 % panel);
       _mm512_storeu_si512(o, _mm512_permutex2var_epi16(a, lo_idx, b));
       _mm512_storeu_si512(o + 32, _mm512_permutex2var_epi16(a, hi_idx, b));
     }
@@ -82,9 +82,9 @@ void stage_kt_pairs_bf16(const void* base, std::int64_t elem_offset, std::int64_
 void stage_v_pairs_bf16(const void* base, std::int64_t elem_offset, std::int64_t row_stride, int rows,
                         int rows_pad, int d, int dpad, std::uint16_t* dst, int block, int panel) {
 #ifdef ORCHARD_STAGE_AVX512
-  if (cpu_has_avx512() && panel == 32 && d % 32 == 0 && dpad == d && block % 2 == 0) {
+  if (cpu_has_avx512() && panel % 32 == 0 && d % 32 == 0 && dpad == d && block % 2 == 0) {
     stage_v_avx512(static_cast<const std::uint16_t*>(base) + elem_offset, row_stride, rows, rows_pad, d, dst,
-                   block);
+                   block, panel);
     return;
   }
 #endif

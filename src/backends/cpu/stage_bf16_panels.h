@@ -1,6 +1,6 @@
 // The bf16 forward's K / V staging (tile_load.h's load_pairs_kt_bf16 and load_pairs_rows_bf16,
-// same arguments, same layouts) with AVX-512 where the layout is the AMX path's: 32-column
-// panels, d a multiple of 32 (d == dpad). K^T goes through in-register 16 x 16 transposes of
+// same arguments, same layouts) with AVX-512 where the layout is in panels of a multiple of 32
+// columns (32 on AMX, 64 on vdpbf16ps: gemm_bf16.h), d a multiple of 32 (d == dpad). K^T goes through in-register 16 x 16 transposes of
 // 32-bit dim pairs, V's row pairs are interleaved by vpermt2w, and every element of the
 // destination, padding rows included, is written once (no zero fill first). Elsewhere the
 // tile_load.h versions run. perf put the staging at ~6-8 % of the bf16 forward at s1k, most of
