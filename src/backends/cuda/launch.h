@@ -87,6 +87,9 @@ struct BwdWorkspace {
 // 64-row query block) with one turn counter each, zeroed before the main kernel.
 constexpr int kDqTurnRows = 64;
 ORCHARD_HOST_DEVICE int dq_turn_blocks(int sq) { return (sq + kDqTurnRows - 1) / kDqTurnRows; }
+ORCHARD_HOST_DEVICE std::size_t dq_turn_count(const FwdParams& p) {
+  return static_cast<std::size_t>(p.b) * p.hq * dq_turn_blocks(p.sq);
+}
 
 // dq_accum stores each (batch, q head) slab as 16 x 8 tiles in mma.sync's C
 // fragment order (tile-major, then lane, then the lane's 4 values), so the 4
@@ -118,7 +121,7 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p, bool o
   w.d_offset = 0;
   w.dq_accum_offset = align(rows * sizeof(float));
   w.dq_turn_offset = w.dq_accum_offset + align(acc_rows * dq_accum_cols(p.d) * sizeof(float));
-  w.bytes = w.dq_turn_offset + align(static_cast<std::size_t>(p.b) * p.hq * dq_turn_blocks(p.sq) * sizeof(int));
+  w.bytes = w.dq_turn_offset + align(dq_turn_count(p) * sizeof(int));
   return w;
 }
 
@@ -129,8 +132,18 @@ struct DqAccumSlabs {
   float* base;
   int64_t head_stride;  // floats
 };
+// With the workspace accumulator's base `own` and its width `d` given (the sm90 kernels get
+// the base as an argument and pass their compile-time width where d is the bucket); the
+// two-argument form below finds both in p.
+ORCHARD_HOST_DEVICE DqAccumSlabs bwd_dq_accum_slabs(const BwdParams& p, float* own, int b, int d) {
+  if (p.dq_accum != nullptr) return {p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride};
+  const int64_t slab = static_cast<int64_t>(dq_accum_rows(p.sq)) * dq_accum_cols(d);
+  return {own + static_cast<int64_t>(b) * p.hq * slab, slab};
+}
 ORCHARD_HOST_DEVICE DqAccumSlabs bwd_dq_accum_slabs(const BwdParams& p, int b) {
   if (p.dq_accum != nullptr) return {p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride};
+  // (Not through the form above: computing `own` before the caller's-accumulator test changed
+  // the sm80 dK/dV kernels' SASS.)
   const int64_t slab = static_cast<int64_t>(dq_accum_rows(p.sq)) * dq_accum_cols(p.d);
   float* own = reinterpret_cast<float*>(static_cast<unsigned char*>(p.workspace) + bwd_workspace_layout(p).dq_accum_offset);
   return {own + static_cast<int64_t>(b) * p.hq * slab, slab};

@@ -300,11 +300,7 @@ __device__ __forceinline__ void bwd_sm90_write_dq_ordered(const BwdParams& p, fl
   constexpr int kBM = Cfg::kBM, kD = 64 * Cfg::kChunks;
   const BwdSm90Barriers<Cfg::kStages> bar{bars};
   const int sq = p.sq, n_iters = tr.n_m * group;
-  const cuda::DqAccumSlabs acc =
-      p.dq_accum != nullptr
-          ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
-          : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) * kD,
-                               static_cast<int64_t>(cuda::dq_accum_rows(sq)) * kD};
+  const cuda::DqAccumSlabs acc = cuda::bwd_dq_accum_slabs(p, dq_accum, b, kD);
   for (int it = 0; it < n_iters; ++it) {
     const int h = hk * group + it / tr.n_m;
     const int m0 = (tr.m_begin + it % tr.n_m) * kBM;

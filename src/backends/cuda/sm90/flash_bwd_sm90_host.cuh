@@ -5,6 +5,7 @@
 #pragma once
 #include <type_traits>
 
+#include "backends/cuda/device_attribute.h"
 #include "backends/cuda/sm90/flash_bwd_sm90.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_wide.cuh"
 
@@ -75,12 +76,8 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
 #endif
 inline int ordered_head_group(const BwdParams& p) {
   constexpr int kOrderedChain = ORCHARD_SM90_ORDERED_CHAIN;
-  static const int sms = [] {  // once per process (one kind of GPU per host)
-    int dev = 0, n = 132;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n;
-  }();
+  const int queried = current_device_attribute<cudaDevAttrMultiProcessorCount>();
+  const int sms = queried > 0 ? queried : 132;  // an H100 / H200's count if the query failed
   const int64_t heads = static_cast<int64_t>(p.b) * p.hkv;
   const int64_t group = (sms + kOrderedChain - 1) / kOrderedChain;
   return static_cast<int>(group < heads ? group : heads);

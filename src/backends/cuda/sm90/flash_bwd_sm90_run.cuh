@@ -28,8 +28,7 @@ bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
   if (rows > 0) launch_bwd_dot<T>(p, dsum, vec, own_dq_accum ? dq_accum : nullptr, stream);
   if (p.deterministic && rows > 0) {  // the ordered dQ adds' turn counters start at 0
     const std::size_t turn_offset = bwd_workspace_layout(p, own_dq_accum).dq_turn_offset;
-    cudaMemsetAsync(ws + turn_offset, 0, static_cast<std::size_t>(p.b) * p.hq * dq_turn_blocks(p.sq) * sizeof(int),
-                    stream);
+    cudaMemsetAsync(ws + turn_offset, 0, dq_turn_count(p) * sizeof(int), stream);
     check_launch("cudaMemsetAsync (the ordered dQ adds' turns)");
   }
   launch_flash_bwd_sm90_main<T, kD>(p, maps, dsum, dq_accum, bulk_dq);
