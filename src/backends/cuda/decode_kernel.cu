@@ -17,7 +17,8 @@
 //    CTA's split) through a private cp.async ring (3 stages at d <= 128, 2 at 256:
 //    2 tiles = 16 KB in flight per warp at d=128 while it computes the third), with
 //    no CTA barrier in the main loop; a copy instruction moves whole 256-byte rows,
-//    the paged row addresses are resolved one tile ahead by one lane per key.
+//    the paged row addresses are resolved one tile ahead by one lane per key (at d = 256,
+//    tiles of a contiguous cache step each lane's own pointers instead).
 //    S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, the rows padded
 //    to 16; P goes from the S accumulators straight into the A operand), online
 //    softmax per warp in fp32 (log2 domain, rescale skipped while no row's max
@@ -746,9 +747,39 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
     if (!paged || it >= n_my || j >= ke || j >= n_cached) return 0;
     return btab[page_of(static_cast<int>(s.leftpad) + j)];
   };
+  constexpr int kCopyUnroll = (kCopies > 8 || kMT > 1) ? 4 : kCopies;  // keeps d=256 / 32 rows below 255 registers
+  // Contiguous cache at d = 256: a whole tile of cached keys has row addresses affine in the key,
+  // so each lane steps its own pointers instead of taking shuffled per-key addresses (~17
+  // instructions per copy pair, 16 pairs per tile at d = 256). H200, bench/decode: d256 GQA b8
+  // 32k 218 -> 166 us; at d64 / d128 (4 / 8 pairs) no gain, paged d128 2 % slower from the
+  // larger kernel, so those kernels keep the one path.
+  constexpr bool kAffineCopies = kD > 128;
+  const int affine_end =
+      !kAffineCopies || paged ? 0 : static_cast<int>(min(static_cast<std::int64_t>(ke), n_cached));
+  auto issue_affine = [&](T* sK, T* sV, int t0) {
+    if (copy_c >= nchunk16) return;
+    const bool data = copy_c < nchunk;  // else a zero-filled column chunk
+    const std::int64_t row = s.leftpad + t0 + copy_key0;
+    const T* ks = data ? kbase + cb * p.kc_batch_stride + row * p.kc_row_stride + copy_c * 8 : kbase;
+    const T* vs = data ? vbase + cb * p.vc_batch_stride + row * p.vc_row_stride + copy_c * 8 : vbase;
+    const std::int64_t kstep = data ? kKeysPerCopy * p.kc_row_stride : 0;
+    const std::int64_t vstep = data ? kKeysPerCopy * p.vc_row_stride : 0;
+    const int bytes = data ? 16 : 0;
+#pragma unroll kCopyUnroll
+    for (int m = 0; m < kCopies; ++m) {
+      const int key = copy_key0 + m * kKeysPerCopy;
+      cp_async16_zfill(sK + key * kStride + copy_c * 8, ks, bytes);
+      cp_async16_zfill(sV + key * kStride + copy_c * 8, vs, bytes);
+      ks += kstep;
+      vs += vstep;
+    }
+  };
   auto issue = [&](int it, int blk) {
     T* sK = ring + static_cast<std::size_t>(it % kStages) * 2 * C::tile_elems;
     T* sV = sK + C::tile_elems;
+    const int tile0 = kb + (warp + it * kWarps) * kTile;
+    if constexpr (kAffineCopies)
+      if (tile0 + kTile <= affine_end) return issue_affine(sK, sV, tile0);  // warp-uniform
     const int j = key_of(it);
     const bool valid = it < n_my && j < ke;
     const T* ksrc = nullptr;  // null: a key past the tile's end (zero-filled)
@@ -774,7 +805,6 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
     // Each copy instruction of the warp moves kKeysPerCopy whole rows (contiguous 16-byte
     // chunks across lanes: few L1 wavefronts per instruction); the row addresses come from
     // the lanes that resolved them.
-    constexpr int kCopyUnroll = (kCopies > 8 || kMT > 1) ? 4 : kCopies;  // keeps d=256 / 32 rows below 255 registers
 #pragma unroll kCopyUnroll
     for (int m = 0; m < kCopies; ++m) {
       const int key = copy_key0 + m * kKeysPerCopy;
