@@ -81,28 +81,37 @@ struct Point {
   int b, hq, hkv, L, d, page;  // page 0: contiguous cache
 };
 
-double copy_bandwidth() {
-  const std::size_t n = std::size_t(2) << 30;
-  void *a, *b;
-  ck(cudaMalloc(&a, n), "malloc");
-  ck(cudaMalloc(&b, n), "malloc");
+// Median milliseconds of `reps` calls of fn (after 3 warm-up calls), each timed by CUDA events.
+template <typename Fn>
+double median_ms(int reps, Fn fn) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
   std::vector<float> t;
-  for (int r = 0; r < 13; ++r) {
+  for (int r = 0; r < reps + 3; ++r) {
     cudaEventRecord(e0);
-    cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice);
+    fn();
     cudaEventRecord(e1);
     cudaEventSynchronize(e1);
     float ms;
     cudaEventElapsedTime(&ms, e0, e1);
     if (r >= 3) t.push_back(ms);
   }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
   std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double copy_bandwidth() {
+  const std::size_t n = std::size_t(2) << 30;
+  void *a, *b;
+  ck(cudaMalloc(&a, n), "malloc");
+  ck(cudaMalloc(&b, n), "malloc");
+  const double ms = median_ms(10, [&] { cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice); });
   cudaFree(a);
   cudaFree(b);
-  return 2.0 * n / (t[t.size() / 2] * 1e-3);
+  return 2.0 * n / (ms * 1e-3);
 }
 
 }  // namespace
@@ -201,21 +210,8 @@ int main(int argc, char** argv) {
     const bool ok = rel < 1.5e-2;
     bad += !ok;
     // Timing.
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    std::vector<float> t;
-    for (int r = 0; r < reps + 3; ++r) {
-      cudaEventRecord(e0);
-      orchard::detail::decode_cuda(p);
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      float ms;
-      cudaEventElapsedTime(&ms, e0, e1);
-      if (r >= 3) t.push_back(ms);
-    }
-    std::sort(t.begin(), t.end());
-    const double us = t[t.size() / 2] * 1e3, bytes = 2.0 * kv_elems * 2, bound = bytes / bw * 1e6;
+    const double us = median_ms(reps, [&] { orchard::detail::decode_cuda(p); }) * 1e3;
+    const double bytes = 2.0 * kv_elems * 2, bound = bytes / bw * 1e6;
     std::printf("| %s | %d | %.1f | %.1f | %.3f | %.2f | %.2e%s |\n", pt.name, p.num_splits, us, bound, us / bound,
                 bytes / (us * 1e-6) * 1e-12, rel, ok ? "" : " FAIL");
     std::fflush(stdout);
