@@ -741,7 +741,8 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
   const int nchunk16 = d16 / 8;    // chunks the mma reads (the rest zero-filled)
   // The key this lane copies in local tile `it`, and (paged) its block id, read one tile
   // ahead so that the block-table load is not waited for right before the copies.
-  auto key_of = [&](int it) { return kb + (warp + it * kWarps) * kTile + kk; };
+  auto tile_start = [&](int it) { return kb + (warp + it * kWarps) * kTile; };  // first key of local tile it
+  auto key_of = [&](int it) { return tile_start(it) + kk; };
   auto block_of = [&](int it) -> int {
     const int j = key_of(it);
     if (!paged || it >= n_my || j >= ke || j >= n_cached) return 0;
@@ -751,7 +752,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
   // Contiguous cache at d = 256: a whole tile of cached keys has row addresses affine in the key,
   // so each lane steps its own pointers instead of taking shuffled per-key addresses (~17
   // instructions per copy pair, 16 pairs per tile at d = 256). H200, bench/decode: d256 GQA b8
-  // 32k 218 -> 166 us; at d64 / d128 (4 / 8 pairs) no gain, paged d128 2 % slower from the
+  // 32k 219 -> 168 us; at d64 / d128 (4 / 8 pairs) no gain, paged d128 2 % slower from the
   // larger kernel, so those kernels keep the one path.
   constexpr bool kAffineCopies = kD > 128;
   const int affine_end =
@@ -777,9 +778,10 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
   auto issue = [&](int it, int blk) {
     T* sK = ring + static_cast<std::size_t>(it % kStages) * 2 * C::tile_elems;
     T* sV = sK + C::tile_elems;
-    const int tile0 = kb + (warp + it * kWarps) * kTile;
-    if constexpr (kAffineCopies)
-      if (tile0 + kTile <= affine_end) return issue_affine(sK, sV, tile0);  // warp-uniform
+    if constexpr (kAffineCopies) {
+      const int t0 = tile_start(it);
+      if (t0 + kTile <= affine_end) return issue_affine(sK, sV, t0);  // warp-uniform
+    }
     const int j = key_of(it);
     const bool valid = it < n_my && j < ke;
     const T* ksrc = nullptr;  // null: a key past the tile's end (zero-filled)
@@ -937,7 +939,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
     __syncwarp();                  // ... and every lane's
     T* sK = ring + static_cast<std::size_t>(it % kStages) * 2 * C::tile_elems;
     T* sV = sK + C::tile_elems;
-    const int t0 = kb + (warp + it * kWarps) * kTile;
+    const int t0 = tile_start(it);
 
     if (p.append_in_kernel && p.rotary_dim > 0 && t0 + kTile > n_cached) {
       // New keys came unrotated from k_new: rotate them here (rounded to T, as stored in the cache).
