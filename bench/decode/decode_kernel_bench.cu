@@ -21,12 +21,8 @@ namespace {
 using orchard::DecodeParams;
 using orchard::DType;
 
-void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "decode_kernel_bench: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(2);
-  }
-}
+// decode_kernel.cu's check: throws orchard::Error (caught in main, as decode_cuda's own errors).
+using orchard::detail::check_cuda;
 
 __device__ float hash_uniform(unsigned long long i, unsigned seed) {
   unsigned long long x = i * 0x9E3779B97F4A7C15ull + seed * 0xBF58476D1CE4E5B9ull;
@@ -106,8 +102,8 @@ double median_ms(int reps, Fn fn) {
 double copy_bandwidth() {
   const std::size_t n = std::size_t(2) << 30;
   void *a, *b;
-  ck(cudaMalloc(&a, n), "malloc");
-  ck(cudaMalloc(&b, n), "malloc");
+  check_cuda(cudaMalloc(&a, n), "malloc");
+  check_cuda(cudaMalloc(&b, n), "malloc");
   const double ms = median_ms(10, [&] { cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice); });
   cudaFree(a);
   cudaFree(b);
@@ -116,8 +112,7 @@ double copy_bandwidth() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
+int run_bench(int reps) {
   const Point points[] = {
       {"gqa b64 L128k", 64, 32, 4, 131072, 128, 0}, {"gqa b8 L128k", 8, 32, 4, 131072, 128, 0},
       {"gqa b1 L128k", 1, 32, 4, 131072, 128, 0},   {"mha b8 L128k", 8, 32, 32, 131072, 128, 0},
@@ -134,12 +129,12 @@ int main(int argc, char** argv) {
     __nv_bfloat16 *k, *v, *q, *out;
     float *s, *ref, *oacc = nullptr, *lacc = nullptr;
     int* table = nullptr;
-    ck(cudaMalloc(&k, kv_elems * 2), "malloc k");
-    ck(cudaMalloc(&v, kv_elems * 2), "malloc v");
-    ck(cudaMalloc(&q, std::size_t(pt.b) * pt.hq * pt.d * 2), "malloc q");
-    ck(cudaMalloc(&out, std::size_t(pt.b) * pt.hq * pt.d * 2), "malloc out");
-    ck(cudaMalloc(&s, std::size_t(pt.b) * pt.hq * pt.L * 4), "malloc s");
-    ck(cudaMalloc(&ref, std::size_t(pt.b) * pt.hq * pt.d * 4), "malloc ref");
+    check_cuda(cudaMalloc(&k, kv_elems * 2), "malloc k");
+    check_cuda(cudaMalloc(&v, kv_elems * 2), "malloc v");
+    check_cuda(cudaMalloc(&q, std::size_t(pt.b) * pt.hq * pt.d * 2), "malloc q");
+    check_cuda(cudaMalloc(&out, std::size_t(pt.b) * pt.hq * pt.d * 2), "malloc out");
+    check_cuda(cudaMalloc(&s, std::size_t(pt.b) * pt.hq * pt.L * 4), "malloc s");
+    check_cuda(cudaMalloc(&ref, std::size_t(pt.b) * pt.hq * pt.d * 4), "malloc ref");
     fill_bf16<<<4096, 256>>>(k, kv_elems, 1);
     fill_bf16<<<4096, 256>>>(v, kv_elems, 2);
     fill_bf16<<<64, 256>>>(q, std::size_t(pt.b) * pt.hq * pt.d, 3);
@@ -152,13 +147,13 @@ int main(int argc, char** argv) {
         x = x * 1664525u + 1013904223u;
         std::swap(t[i], t[x % (i + 1)]);
       }
-      ck(cudaMalloc(&table, nblk * 4), "malloc table");
+      check_cuda(cudaMalloc(&table, nblk * 4), "malloc table");
       cudaMemcpy(table, t.data(), nblk * 4, cudaMemcpyHostToDevice);
     }
     const float scale = 1.f / std::sqrt(float(pt.d));
     ref_scores<<<dim3((pt.L + 127) / 128, pt.hq, pt.b), 128>>>(q, k, table, s, pt.L, pt.page, pt.hq, pt.hkv, pt.d, scale);
     ref_out<<<dim3(pt.hq, pt.b), pt.d>>>(s, v, table, ref, pt.L, pt.page, pt.hq, pt.hkv, pt.d);
-    ck(cudaDeviceSynchronize(), "reference");
+    check_cuda(cudaDeviceSynchronize(), "reference");
 
     DecodeParams p;
     p.q = q;
@@ -187,14 +182,14 @@ int main(int argc, char** argv) {
     p.num_splits = orchard::detail::decode_cuda_num_splits(std::int64_t(pt.b) * pt.hkv, pt.hq / pt.hkv, pt.L, pt.d,
                                                            DType::kBFloat16, 0);
     if (p.num_splits > 1) {
-      ck(cudaMalloc(&oacc, std::size_t(p.num_splits) * pt.b * pt.hq * pt.d * 4), "malloc oacc");
-      ck(cudaMalloc(&lacc, std::size_t(p.num_splits) * pt.b * pt.hq * 4), "malloc lacc");
+      check_cuda(cudaMalloc(&oacc, std::size_t(p.num_splits) * pt.b * pt.hq * pt.d * 4), "malloc oacc");
+      check_cuda(cudaMalloc(&lacc, std::size_t(p.num_splits) * pt.b * pt.hq * 4), "malloc lacc");
       p.out_accum = oacc, p.lse_accum = lacc;
     }
     // Check: poisoned output, one call, against the fp32 reference.
     cudaMemset(out, 0xff, std::size_t(pt.b) * pt.hq * pt.d * 2);
     orchard::detail::decode_cuda(p);
-    ck(cudaDeviceSynchronize(), "decode");
+    check_cuda(cudaDeviceSynchronize(), "decode");
     std::vector<__nv_bfloat16> o_h(std::size_t(pt.b) * pt.hq * pt.d);
     std::vector<float> r_h(o_h.size());
     cudaMemcpy(o_h.data(), out, o_h.size() * 2, cudaMemcpyDeviceToHost);
@@ -221,4 +216,13 @@ int main(int argc, char** argv) {
   }
   std::printf("%s\n", bad ? "CHECKS FAILED" : "all checks passed");
   return bad ? 1 : 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run_bench(argc > 1 ? std::atoi(argv[1]) : 20);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "decode_kernel_bench: %s\n", e.what());
+    return 2;
+  }
 }
