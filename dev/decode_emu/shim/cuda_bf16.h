@@ -45,6 +45,23 @@ inline void emu_mma16816(float (&c)[4], const std::uint32_t (&a)[4], std::uint32
     c[i] = s;
   }
 }
+// movmatrix.m8n8.trans.b16: lane t holds (t/4, 2(t%4)..+1) of an 8x8 matrix; it receives
+// the same positions of the transpose.
+inline std::uint32_t emu_movmatrix_trans(std::uint32_t x) {
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  w.u[l][0] = x;
+  w.bar.arrive_and_wait();
+  const int g = l / 4, cc = l % 4;
+  std::uint16_t e[2];
+  for (int k = 0; k < 2; ++k) {  // element (g, 2cc + k) of M^T = M(2cc + k, g)
+    const int r = 2 * cc + k, c = g;
+    const std::uint32_t v = w.u[r * 4 + c / 2][0];
+    e[k] = static_cast<std::uint16_t>(c % 2 ? v >> 16 : v & 0xffff);
+  }
+  w.bar.arrive_and_wait();
+  return e[0] | (static_cast<std::uint32_t>(e[1]) << 16);
+}
 // ldmatrix.m8n8.x4 (.trans): lanes 8m..8m+7 give the row addresses of matrix m; lane t
 // receives in r[m] elements (t/4, 2(t%4)) and (t/4, 2(t%4)+1) of matrix m (of its transpose).
 inline void emu_ldmatrix_x4(std::uint32_t (&r)[4], const void* smem, bool trans) {

@@ -608,6 +608,19 @@ __device__ __forceinline__ void ldsm_x4_trans(std::uint32_t (&r)[4], const void*
   emu_ldmatrix_x4(r, smem, true);
 #endif
 }
+// An 8x8 matrix of 16-bit pairs held in the mma fragment layout (lane t: row t / 4, columns
+// 2 (t % 4) and + 1), transposed across the warp.
+__device__ __forceinline__ std::uint32_t movmatrix_trans(std::uint32_t x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  std::uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+#elif defined(ORCHARD_DECODE_EMU)
+  return emu_movmatrix_trans(x);
+#else
+  return x;
+#endif
+}
 // 16-byte cp.async that reads `bytes` (16 or 0) bytes and zero-fills the rest.
 __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -640,11 +653,17 @@ __device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
 // Geometry of decode_mma_kernel<T, kD, kMT>. Each of the kWarps warps streams its own tiles of
 // kTile keys (tiles w, w + kWarps, ... of the CTA's split) through its own kStages-deep
 // cp.async ring of K and V tiles: no CTA barrier in the main loop.
+// kMT = 0: up to 8 query rows (a GQA group of 8, or MHA, one new row), run transposed:
+// S^T = K Q^T and O^T = V^T P^T put the keys and the head dim on the mma's 16-row side and the
+// query rows on its 8-column side, so no half-empty m16 tile is multiplied, and the fewer
+// accumulators fit 3 CTAs per SM at d <= 128 (the 16-row kernel: 2).
 template <typename T, int kD, int kMT>
 struct MmaCfg {
+  static constexpr bool kTransposed = kMT == 0;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16 * kMT;            // query rows per CTA (kMT m16 tiles)
+  static constexpr int kRows = kTransposed ? 8 : 16 * kMT;  // query rows per CTA (kMT m16 tiles)
+  static constexpr int kMinBlocks = kTransposed && kD <= 128 ? 3 : 2;  // resident CTAs per SM (registers)
   static constexpr int kTile = 16;                  // keys per warp tile
   static constexpr int kStride = kD + 8;            // padded smem row (elements): conflict-free ldmatrix
   static constexpr int kStages = kD <= 128 ? 3 : 2; // per-warp ring depth
@@ -657,7 +676,8 @@ struct MmaCfg {
 };
 
 template <typename T, int kD, int kMT>
-__global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kMT>::kMinBlocks)
+    decode_mma_kernel(const DecodeParams p) {
   using C = MmaCfg<T, kD, kMT>;
   constexpr int kWarps = C::kWarps, kRows = C::kRows, kTile = C::kTile, kStride = C::kStride;
   constexpr int kStages = C::kStages;
@@ -894,35 +914,52 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
   }
   __syncthreads();
 
-  // Per-lane softmax rows (mma C layout): rows rq + 8 * r2 for r2 < kH (two per m16 tile).
-  constexpr int kH = 2 * kMT;
+  // Per-lane softmax rows (mma C layout): rows rq + 8 * r2 for r2 < kH (two per m16 tile);
+  // transposed, the C layout's columns: rows 2 (lane % 4) + r2.
+  constexpr bool kT = C::kTransposed;
+  constexpr int kH = kT ? 2 : 2 * kMT;
   const int rq = lane >> 2;
+  auto lane_row = [&](int r2) { return kT ? 2 * (lane & 3) + r2 : rq + 8 * r2; };
   int vb2[kH], ve2[kH];  // (ALiBi's row index and slope are read from shared memory when used)
 #pragma unroll
   for (int r2 = 0; r2 < kH; ++r2) {
-    const int g = rq + 8 * r2;
+    const int g = lane_row(r2);
     vb2[r2] = sVb[g];
     ve2[r2] = min(sVe[g], ke);  // keys past the split's end are the next split's
   }
   const float scale = p.scale, softcap = p.softcap, inv_softcap = softcap > 0.f ? __fdividef(1.f, softcap) : 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
 
-  // Q fragments in registers (one m-tile, d <= 128), else re-read per k-step with ldmatrix.
-  constexpr bool kQRegs = kMT == 1 && kD <= 128;
+  // Q fragments in registers (one m-tile, d <= 128; transposed: Q^T's B fragments, qf[ks][0..1]),
+  // else re-read per k-step with ldmatrix.
+  constexpr bool kQRegs = kT || (kMT == 1 && kD <= 128);
   constexpr int kKSteps = kD / 16;
   std::uint32_t qf[kQRegs ? kKSteps : 1][4];
   const T* q_lane = sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
-  if constexpr (kQRegs) {
+  if constexpr (kT) {
+    // Rows 0-7, columns 32 ks2 .. + 31: the B fragments of k-steps 2 ks2 and 2 ks2 + 1.
+    const T* qt_lane = sQ + (lane & 7) * kStride + (lane >> 3) * 8;
+#pragma unroll
+    for (int ks2 = 0; ks2 < kKSteps / 2; ++ks2)
+      if (ks2 * 32 < d16) {
+        std::uint32_t r[4];
+        ldsm_x4(r, qt_lane + ks2 * 32);
+        qf[2 * ks2][0] = r[0], qf[2 * ks2][1] = r[1], qf[2 * ks2 + 1][0] = r[2], qf[2 * ks2 + 1][1] = r[3];
+      }
+  } else if constexpr (kQRegs) {
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks)
       if (ks * 16 < d16) ldsm_x4(qf[ks], q_lane + ks * 16);
   }
 
-  float acc[kMT][kD / 8][4];
+  // O (kMT m16 tiles of rows x kD / 8 n8 tiles), transposed O^T (kD / 16 m16 tiles of the
+  // head dim x the 8 rows).
+  constexpr int kAccM = kT ? 1 : kMT, kAccN = kT ? kD / 16 : kD / 8;
+  float acc[kAccM][kAccN][4];
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
+  for (int mt = 0; mt < kAccM; ++mt)
 #pragma unroll
-    for (int n = 0; n < kD / 8; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+    for (int n = 0; n < kAccN; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
   float m2[kH], l2[kH];  // running max (log2 units) and this lane's part of the running sum
 #pragma unroll
   for (int r2 = 0; r2 < kH; ++r2) m2[r2] = -INFINITY, l2[r2] = 0.f;
@@ -962,6 +999,75 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
       __syncwarp();
     }
 
+    if constexpr (kT) {
+      // S^T = K Q^T (16 keys x 8 rows), K the A operand: sc[e] is key t0 + rq + 8 (e / 2),
+      // row 2 (lane % 4) + e % 2.
+      const T* kt_lane = sK + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+      float sc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        if (ks * 16 < d16) {
+          std::uint32_t ka[4];
+          ldsm_x4(ka, kt_lane + ks * 16);
+          mma16816<T>(sc, ka, qf[ks][0], qf[ks][1]);
+        }
+      }
+      float mxt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r2 = e & 1;
+        const int j = t0 + rq + 8 * (e >> 1);
+        float v = sc[e] * scale;
+        if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
+        if (has_alibi) {
+          const int g = lane_row(r2);
+          const int dist = sRowI[g] + diag - j;
+          v -= sSlope[g] * static_cast<float>(dist < 0 ? -dist : dist);
+        }
+        v = (j >= vb2[r2] && j < ve2[r2]) ? v * kLog2e : -INFINITY;
+        sc[e] = v;
+        mxt[r2] = fmaxf(mxt[r2], v);
+      }
+      float alpha[2];
+#pragma unroll
+      for (int r2 = 0; r2 < 2; ++r2) {  // a row's keys are spread over the lanes of one lane % 4
+        mxt[r2] = fmaxf(mxt[r2], __shfl_xor_sync(0xffffffffu, mxt[r2], 4));
+        mxt[r2] = fmaxf(mxt[r2], __shfl_xor_sync(0xffffffffu, mxt[r2], 8));
+        mxt[r2] = fmaxf(mxt[r2], __shfl_xor_sync(0xffffffffu, mxt[r2], 16));
+        const float m_new = fmaxf(m2[r2], mxt[r2]);
+        alpha[r2] = m_new == -INFINITY ? 1.f : fast_exp2(m2[r2] - m_new);
+        m2[r2] = m_new;
+        l2[r2] *= alpha[r2];
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r2 = e & 1;
+        const float pv = sc[e] == -INFINITY ? 0.f : fast_exp2(sc[e] - m2[r2]);
+        sc[e] = pv;
+        l2[r2] += pv;
+      }
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int n = 0; n < kAccN; ++n) {
+          acc[0][n][0] *= alpha[0], acc[0][n][1] *= alpha[1];
+          acc[0][n][2] *= alpha[0], acc[0][n][3] *= alpha[1];
+        }
+      }
+      // O^T += V^T P^T: P^T (16 keys x 8 rows) is the B operand, the score fragments of each
+      // 8 x 8 half transposed in registers; V^T the A operand, ldmatrix .trans of V's rows.
+      const std::uint32_t pb0 = movmatrix_trans(pack2<T>(sc[0], sc[1]));
+      const std::uint32_t pb1 = movmatrix_trans(pack2<T>(sc[2], sc[3]));
+      const T* vt_lane = sV + ((lane & 7) + ((lane >> 4) & 1) * 8) * kStride + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int n = 0; n < kAccN; ++n) {
+        if (n * 16 < d16) {
+          std::uint32_t va[4];
+          ldsm_x4_trans(va, vt_lane + n * 16);
+          mma16816<T>(acc[0][n], va, pb0, pb1);
+        }
+      }
+      continue;
+    }
     // One m16 tile of rows at a time (the second, if any, re-reads K / V from shared
     // memory: fewer live registers than both at once).
     const T* k_lane = sK + ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
@@ -1054,28 +1160,37 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, 2) decode_mma_ke
   cp_async_wait<0>();
 
   // ---- merge the warps' partial softmax states through shared memory -----------------
+  // A row's partial sums: over the lanes of one lane / 4 (transposed: of one lane % 4).
 #pragma unroll
-  for (int r2 = 0; r2 < kH; ++r2) {
-    l2[r2] += __shfl_xor_sync(0xffffffffu, l2[r2], 1);
-    l2[r2] += __shfl_xor_sync(0xffffffffu, l2[r2], 2);
-  }
-  if ((lane & 3) == 0) {
+  for (int r2 = 0; r2 < kH; ++r2)
 #pragma unroll
-    for (int r2 = 0; r2 < kH; ++r2) sM[warp][rq + 8 * r2] = m2[r2], sL[warp][rq + 8 * r2] = l2[r2];
+    for (int x = kT ? 4 : 1; x < (kT ? 32 : 4); x *= 2) l2[r2] += __shfl_xor_sync(0xffffffffu, l2[r2], x);
+  if (kT ? lane < 4 : (lane & 3) == 0) {
+#pragma unroll
+    for (int r2 = 0; r2 < kH; ++r2) sM[warp][lane_row(r2)] = m2[r2], sL[warp][lane_row(r2)] = l2[r2];
   }
   __syncthreads();  // every warp is done with its ring (sO aliases it) and wrote (m, l)
   float f[kH];
 #pragma unroll
   for (int r2 = 0; r2 < kH; ++r2) {
-    const int g = rq + 8 * r2;
+    const int g = lane_row(r2);
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sM[w][g]);
     f[r2] = m2[r2] == -INFINITY ? 0.f : fast_exp2(m2[r2] - mx);
   }
   float* o_w = sO + static_cast<std::size_t>(warp) * kRows * C::kOStride;
+  if constexpr (kT) {  // acc[0][n][e]: column 16 n + rq + 8 (e / 2), row 2 (lane % 4) + e % 2
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
+    for (int n = 0; n < kAccN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 16 * n + rq + 8 * (e >> 1);
+        if (c < d) o_w[lane_row(e & 1) * C::kOStride + c] = acc[0][n][e] * f[e & 1];
+      }
+  }
+#pragma unroll
+  for (int mt = 0; mt < (kT ? 0 : kMT); ++mt)
 #pragma unroll
     for (int n = 0; n < kD / 8; ++n) {
       if (n * 8 < d) {
@@ -1237,6 +1352,16 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
 
 // ---- launch ---------------------------------------------------------------------------
 
+// A/B switch for bench/decode/ab.sh (-DORCHARD_DECODE_TRANSPOSED=0: the 16-row kernel for every
+// row count).
+#ifndef ORCHARD_DECODE_TRANSPOSED
+#define ORCHARD_DECODE_TRANSPOSED 1
+#endif
+constexpr bool kDecodeTransposed = ORCHARD_DECODE_TRANSPOSED != 0;
+#ifndef ORCHARD_DECODE_T_SPLITS  // 0: split counts as for the 16-row kernel
+#define ORCHARD_DECODE_T_SPLITS 1
+#endif
+
 // The shared-memory opt-in is per device: once per (kernel, device).
 // With max_carveout, the L1 / shared split is asked to favour shared memory so that the
 // streaming kernel's 2-3 CTAs per SM are resident (the driver may otherwise pick a split
@@ -1295,13 +1420,16 @@ void launch_mma(const DecodeParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "decode kernel launch");
 }
 
-// 16 query rows per CTA (one m16 tile), or 32 (two m16 tiles sharing each K / V tile:
-// the cache is read once for groups of 17-32 rows) at d <= 128.
+// Up to 8 query rows per (batch, kv head): the transposed kernel; else 16 rows per CTA (one
+// m16 tile), or 32 (two m16 tiles sharing each K / V tile: the cache is read once for groups
+// of 17-32 rows) at d <= 128.
 template <typename T, int kD>
 void launch_mma_rows(const DecodeParams& p, cudaStream_t stream) {
   static_assert(kDecodeCudaRowsPerCta == 16, "decode_cuda_num_splits counts CTAs of 16 / 32 rows");
+  const int rows = (p.hq / p.hkv) * p.sq;
+  if (rows <= 8 && kDecodeTransposed) return launch_mma<T, kD, 0>(p, stream);
   if constexpr (kD <= 128) {
-    if ((p.hq / p.hkv) * p.sq > 16) return launch_mma<T, kD, 2>(p, stream);
+    if (rows > 16) return launch_mma<T, kD, 2>(p, stream);
   }
   launch_mma<T, kD, 1>(p, stream);
 }
@@ -1416,11 +1544,15 @@ int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t m
   // 4 warps: 64 KB), so about one CTA per SM already draws the HBM rate: split only when
   // there are fewer CTAs than SMs, then into as many splits as fill the resident CTA
   // slots once (no second partial wave), with at least 128 keys (two tiles per warp) per
-  // split. Resident CTAs per SM, by shared memory / registers (MmaCfg): 3 at d<=64,
-  // 2 at d<=128, 1 at d=256 (16-bit caches); the fp32 kernel is counted as 2.
+  // split. Resident CTAs per SM, by shared memory / registers (MmaCfg; ptxas sm_90a): 3 at
+  // d<=64, 2 at d<=128, 1 at d=256 (16-bit caches); the transposed kernel (<= 8 rows) 4 / 3 / 1
+  // (125 / 159 / 202 registers); the fp32 kernel is counted as 2.
   const int sms = decode_cuda_num_sms(device);
   if (sms <= 0 || work_items <= 0 || work_items >= sms) return 1;
-  const int per_sm = dtype == DType::kFloat32 ? 2 : d <= 64 ? 3 : d <= 128 ? 2 : 1;
+  const bool transposed = kDecodeTransposed && ORCHARD_DECODE_T_SPLITS && dtype != DType::kFloat32 && rows <= 8;
+  const int per_sm = dtype == DType::kFloat32 ? 2
+                     : transposed          ? (d <= 64 ? 4 : d <= 128 ? 3 : 1)
+                                           : (d <= 64 ? 3 : d <= 128 ? 2 : 1);
   std::int64_t splits = static_cast<std::int64_t>(per_sm) * sms / work_items;
   splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, max_keys / 128));
   return static_cast<int>(std::clamp<std::int64_t>(splits, 1, kCombineMaxSplits));
