@@ -10,8 +10,9 @@
 // 2. Attention, one CTA per (split, kv head x row chunk, batch); the CTA holds up to
 //    16 query rows of one kv head's group (GQA: every query head sharing the kv head,
 //    times the new query rows), so each cache row is read from HBM once per CTA.
-//    2b. bf16 / fp16 caches, decode_mma_kernel<T, kD, kMT> (kD 64 / 128 / 256; 16 rows,
-//    or 32 rows (kMT = 2) at d <= 128 for groups of 17-32 rows): decode is
+//    2b. bf16 / fp16 caches, decode_mma_kernel<T, kD, kMT> (kD 64 / 128 / 256; up to 8 rows
+//    transposed (kMT = 0: S^T = K Q^T, O^T = V^T P^T, no half-empty m16 tile), 16 rows, or 32
+//    rows (kMT = 2) at d <= 128 for groups of 17-32 rows): decode is
 //    a stream of K / V bytes, so the kernel is built for memory-level parallelism.
 //    Each of the 4 warps streams its own 16-key tiles (tiles w, w+4, ... of the
 //    CTA's split) through a private cp.async ring (3 stages at d <= 128, 2 at 256:
@@ -655,8 +656,9 @@ __device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
 // cp.async ring of K and V tiles: no CTA barrier in the main loop.
 // kMT = 0: up to 8 query rows (a GQA group of 8, or MHA, one new row), run transposed:
 // S^T = K Q^T and O^T = V^T P^T put the keys and the head dim on the mma's 16-row side and the
-// query rows on its 8-column side, so no half-empty m16 tile is multiplied, and the fewer
-// accumulators fit 3 CTAs per SM at d <= 128 (the 16-row kernel: 2).
+// query rows on its 8-column side, so no half-empty m16 tile is multiplied (half the mma and
+// softmax work per key, half the accumulators). H200, bench/decode, same splits: d256 GQA b8
+// 32k 171 -> 145 us; d64 / d128 / d120 within 0.5 % (those read at the copy bound already).
 template <typename T, int kD, int kMT>
 struct MmaCfg {
   static constexpr bool kTransposed = kMT == 0;
@@ -1358,9 +1360,6 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
 #define ORCHARD_DECODE_TRANSPOSED 1
 #endif
 constexpr bool kDecodeTransposed = ORCHARD_DECODE_TRANSPOSED != 0;
-#ifndef ORCHARD_DECODE_T_SPLITS  // 0: split counts as for the 16-row kernel
-#define ORCHARD_DECODE_T_SPLITS 1
-#endif
 
 // The shared-memory opt-in is per device: once per (kernel, device).
 // With max_carveout, the L1 / shared split is asked to favour shared memory so that the
@@ -1545,14 +1544,13 @@ int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t m
   // there are fewer CTAs than SMs, then into as many splits as fill the resident CTA
   // slots once (no second partial wave), with at least 128 keys (two tiles per warp) per
   // split. Resident CTAs per SM, by shared memory / registers (MmaCfg; ptxas sm_90a): 3 at
-  // d<=64, 2 at d<=128, 1 at d=256 (16-bit caches); the transposed kernel (<= 8 rows) 4 / 3 / 1
-  // (125 / 159 / 202 registers); the fp32 kernel is counted as 2.
+  // d<=64, 2 at d<=128, 1 at d=256 (16-bit caches); the fp32 kernel is counted as 2. The
+  // transposed kernel (<= 8 rows) fits 4 / 3 / 1 (125 / 159 / 202 registers) but keeps these
+  // counts: H200, bench/decode, its more resident CTAs as more splits were slower (GQA b8 128k
+  // 12 splits 615 us vs 8 splits 536; b1 99 vs 66 splits 97 vs 81 us).
   const int sms = decode_cuda_num_sms(device);
   if (sms <= 0 || work_items <= 0 || work_items >= sms) return 1;
-  const bool transposed = kDecodeTransposed && ORCHARD_DECODE_T_SPLITS && dtype != DType::kFloat32 && rows <= 8;
-  const int per_sm = dtype == DType::kFloat32 ? 2
-                     : transposed          ? (d <= 64 ? 4 : d <= 128 ? 3 : 1)
-                                           : (d <= 64 ? 3 : d <= 128 ? 2 : 1);
+  const int per_sm = dtype == DType::kFloat32 ? 2 : d <= 64 ? 3 : d <= 128 ? 2 : 1;
   std::int64_t splits = static_cast<std::int64_t>(per_sm) * sms / work_items;
   splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, max_keys / 128));
   return static_cast<int>(std::clamp<std::int64_t>(splits, 1, kCombineMaxSplits));
