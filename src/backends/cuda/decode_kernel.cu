@@ -980,6 +980,32 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
 #pragma unroll
   for (int r2 = 0; r2 < kH; ++r2) m2[r2] = -INFINITY, l2[r2] = 0.f;
 
+  // Score s of key j for this lane's row r2, in log2 units: scale, softcap, ALiBi, and -inf
+  // outside the row's visible keys.
+  auto score_log2 = [&](float s, int j, int r2) {
+    float v = s * scale;
+    if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
+    if (has_alibi) {
+      const int g = lane_row(r2);
+      const int dist = sRowI[g] + diag - j;
+      v -= sSlope[g] * static_cast<float>(dist < 0 ? -dist : dist);
+    }
+    return (j >= vb2[r2] && j < ve2[r2]) ? v * kLog2e : -INFINITY;
+  };
+  // Row r2's running max takes this lane's tile max, reduced over the lanes that share the row
+  // (those of one lane / 4; transposed, of one lane % 4); returns the factor for the old sum
+  // and output, and rescales the sum.
+  auto advance_max = [&](int r2, float tile_max) {
+#pragma unroll
+    for (int x = kT ? 4 : 1; x < (kT ? 32 : 4); x *= 2)
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, x));
+    const float m_new = fmaxf(m2[r2], tile_max);
+    const float alpha = m_new == -INFINITY ? 1.f : fast_exp2(m2[r2] - m_new);
+    m2[r2] = m_new;
+    l2[r2] *= alpha;
+    return alpha;
+  };
+
   for (int it = 0; it < n_my; ++it) {
     __syncwarp();  // every lane is done with the stage tile it + kStages - 1 overwrites
     {
@@ -1032,30 +1058,10 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
       float mxt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r2 = e & 1;
-        const int j = t0 + rq + 8 * (e >> 1);
-        float v = sc[e] * scale;
-        if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
-        if (has_alibi) {
-          const int g = lane_row(r2);
-          const int dist = sRowI[g] + diag - j;
-          v -= sSlope[g] * static_cast<float>(dist < 0 ? -dist : dist);
-        }
-        v = (j >= vb2[r2] && j < ve2[r2]) ? v * kLog2e : -INFINITY;
-        sc[e] = v;
-        mxt[r2] = fmaxf(mxt[r2], v);
+        sc[e] = score_log2(sc[e], t0 + rq + 8 * (e >> 1), e & 1);
+        mxt[e & 1] = fmaxf(mxt[e & 1], sc[e]);
       }
-      float alpha[2];
-#pragma unroll
-      for (int r2 = 0; r2 < 2; ++r2) {  // a row's keys are spread over the lanes of one lane % 4
-        mxt[r2] = fmaxf(mxt[r2], __shfl_xor_sync(0xffffffffu, mxt[r2], 4));
-        mxt[r2] = fmaxf(mxt[r2], __shfl_xor_sync(0xffffffffu, mxt[r2], 8));
-        mxt[r2] = fmaxf(mxt[r2], __shfl_xor_sync(0xffffffffu, mxt[r2], 16));
-        const float m_new = fmaxf(m2[r2], mxt[r2]);
-        alpha[r2] = m_new == -INFINITY ? 1.f : fast_exp2(m2[r2] - m_new);
-        m2[r2] = m_new;
-        l2[r2] *= alpha[r2];
-      }
+      const float alpha[2] = {advance_max(0, mxt[0]), advance_max(1, mxt[1])};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r2 = e & 1;
@@ -1118,29 +1124,10 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r2 = 2 * mt + (e >> 1);
-          const int j = t0 + 8 * n + 2 * (lane & 3) + (e & 1);
-          float v = sc[n][e] * scale;
-          if (softcap > 0.f) v = softcap * tanhf(v * inv_softcap);
-          if (has_alibi) {
-            const int dist = sRowI[rq + 8 * r2] + diag - j;
-            v -= sSlope[rq + 8 * r2] * static_cast<float>(dist < 0 ? -dist : dist);
-          }
-          v = (j >= vb2[r2] && j < ve2[r2]) ? v * kLog2e : -INFINITY;
-          sc[n][e] = v;
-          mxt[e >> 1] = fmaxf(mxt[e >> 1], v);
+          sc[n][e] = score_log2(sc[n][e], t0 + 8 * n + 2 * (lane & 3) + (e & 1), 2 * mt + (e >> 1));
+          mxt[e >> 1] = fmaxf(mxt[e >> 1], sc[n][e]);
         }
-      float alpha[2];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int r2 = 2 * mt + h2;
-        mxt[h2] = fmaxf(mxt[h2], __shfl_xor_sync(0xffffffffu, mxt[h2], 1));
-        mxt[h2] = fmaxf(mxt[h2], __shfl_xor_sync(0xffffffffu, mxt[h2], 2));
-        const float m_new = fmaxf(m2[r2], mxt[h2]);
-        alpha[h2] = m_new == -INFINITY ? 1.f : fast_exp2(m2[r2] - m_new);
-        m2[r2] = m_new;
-        l2[r2] *= alpha[h2];
-      }
+      const float alpha[2] = {advance_max(2 * mt, mxt[0]), advance_max(2 * mt + 1, mxt[1])};
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
