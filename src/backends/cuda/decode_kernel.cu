@@ -654,10 +654,6 @@ __device__ __forceinline__ std::uint32_t pack2(float lo, float hi) {
 // Geometry of decode_mma_kernel<T, kD, kMT>. Each of the kWarps warps streams its own tiles of
 // kTile keys (tiles w, w + kWarps, ... of the CTA's split) through its own kStages-deep
 // cp.async ring of K and V tiles: no CTA barrier in the main loop.
-#ifndef ORCHARD_DECODE_SWIZZLE  // A/B switch (bench/decode/ab.sh): the transposed kernel's ring
-#define ORCHARD_DECODE_SWIZZLE 0
-#endif
-
 // kMT = 0: up to 8 query rows (a GQA group of 8, or MHA, one new row), run transposed:
 // S^T = K Q^T and O^T = V^T P^T put the keys and the head dim on the mma's 16-row side and the
 // query rows on its 8-column side, so no half-empty m16 tile is multiplied (half the mma and
@@ -671,15 +667,11 @@ struct MmaCfg {
   static constexpr int kRows = kTransposed ? 8 : 16 * kMT;  // query rows per CTA (kMT m16 tiles)
   static constexpr int kMinBlocks = kTransposed && kD <= 128 ? 3 : 2;  // resident CTAs per SM (registers)
   static constexpr int kTile = 16;                  // keys per warp tile
-  // Ring rows (elements): padded to d + 8 (conflict-free ldmatrix), or with kSwizzle unpadded
-  // with each row's 16-byte chunks XORed by key % 8 (ring_offset). sQ stays padded.
-  static constexpr bool kSwizzle = kTransposed && ORCHARD_DECODE_SWIZZLE != 0;
-  static constexpr int kStride = kSwizzle ? kD : kD + 8;
-  static constexpr int kQStride = kD + 8;
+  static constexpr int kStride = kD + 8;            // padded smem row (elements): conflict-free ldmatrix
   static constexpr int kStages = kD <= 128 ? 3 : 2; // per-warp ring depth
   static constexpr int kOStride = kD + 8;           // fp32 row of the cross-warp merge buffer
   static constexpr std::size_t tile_elems = static_cast<std::size_t>(kTile) * kStride;
-  static constexpr std::size_t q_bytes = sizeof(T) * kRows * kQStride;
+  static constexpr std::size_t q_bytes = sizeof(T) * kRows * kStride;
   static constexpr std::size_t kv_bytes = sizeof(T) * tile_elems * 2 * kStages * kWarps;
   static constexpr std::size_t merge_bytes = sizeof(float) * kWarps * kRows * kOStride;
   static constexpr std::size_t bytes = q_bytes + (kv_bytes > merge_bytes ? kv_bytes : merge_bytes);
@@ -690,12 +682,6 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
     decode_mma_kernel(const DecodeParams p) {
   using C = MmaCfg<T, kD, kMT>;
   constexpr int kWarps = C::kWarps, kRows = C::kRows, kTile = C::kTile, kStride = C::kStride;
-  constexpr int kQStride = C::kQStride;
-  // Element offset of (key, column) in a ring tile (MmaCfg::kSwizzle).
-  auto ring_offset = [](int key, int col) {
-    return C::kSwizzle ? key * kStride + ((((col >> 3) ^ key) & 7) | (col >> 3 & ~7)) * 8 + (col & 7)
-                       : key * kStride + col;
-  };
   constexpr int kStages = C::kStages;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -805,8 +791,8 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
 #pragma unroll kCopyUnroll
     for (int m = 0; m < kCopies; ++m) {
       const int key = copy_key0 + m * kKeysPerCopy;
-      cp_async16_zfill(sK + ring_offset(key, copy_c * 8), ks, bytes);
-      cp_async16_zfill(sV + ring_offset(key, copy_c * 8), vs, bytes);
+      cp_async16_zfill(sK + key * kStride + copy_c * 8, ks, bytes);
+      cp_async16_zfill(sV + key * kStride + copy_c * 8, vs, bytes);
       ks += kstep;
       vs += vstep;
     }
@@ -852,8 +838,8 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
           __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(vsrc), key));
       if (copy_c < nchunk16) {
         const int bytes = ks != nullptr && copy_c < nchunk ? 16 : 0;
-        cp_async16_zfill(sK + ring_offset(key, copy_c * 8), bytes ? ks + copy_c * 8 : kbase, bytes);
-        cp_async16_zfill(sV + ring_offset(key, copy_c * 8), bytes ? vs + copy_c * 8 : vbase, bytes);
+        cp_async16_zfill(sK + key * kStride + copy_c * 8, bytes ? ks + copy_c * 8 : kbase, bytes);
+        cp_async16_zfill(sV + key * kStride + copy_c * 8, bytes ? vs + copy_c * 8 : vbase, bytes);
       }
     }
   };
@@ -889,7 +875,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
 #pragma unroll
     for (int k = 0; k < kQIter; ++k) {
       const int idx = tid + k * C::kThreads;
-      sQ[(idx / kD) * kQStride + idx % kD] = raw[k];
+      sQ[(idx / kD) * kStride + idx % kD] = raw[k];
     }
     if (p.rotary_dim > 0) {  // rotary on q (fp32, rounded to T as flash-attn does)
       __syncthreads();
@@ -898,7 +884,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
         const int idx = tid + k * C::kThreads;
         const int g = idx / kD, c = idx % kD;
         if (g < rows_here && c < p.rotary_dim) {
-          const T* row = sQ + g * kQStride;
+          const T* row = sQ + g * kStride;
           const int i = (row0 + g) / groups;
           raw[k] = Conv<T>::store(
               rotary_elem(p, decode_q_rotary_pos(p, s, i), c, [&](int e) { return Conv<T>::load(row[e]); }));
@@ -908,7 +894,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
 #pragma unroll
       for (int k = 0; k < kQIter; ++k) {
         const int idx = tid + k * C::kThreads;
-        sQ[(idx / kD) * kQStride + idx % kD] = raw[k];
+        sQ[(idx / kD) * kStride + idx % kD] = raw[k];
       }
     }
   }
@@ -951,10 +937,10 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
   constexpr bool kQRegs = kT || (kMT == 1 && kD <= 128);
   constexpr int kKSteps = kD / 16;
   std::uint32_t qf[kQRegs ? kKSteps : 1][4];
-  const T* q_lane = sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * kQStride + (lane >> 4) * 8;
+  const T* q_lane = sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
   if constexpr (kT) {
     // Rows 0-7, columns 32 ks2 .. + 31: the B fragments of k-steps 2 ks2 and 2 ks2 + 1.
-    const T* qt_lane = sQ + (lane & 7) * kQStride + (lane >> 3) * 8;
+    const T* qt_lane = sQ + (lane & 7) * kStride + (lane >> 3) * 8;
 #pragma unroll
     for (int ks2 = 0; ks2 < kKSteps / 2; ++ks2)
       if (ks2 * 32 < d16) {
@@ -1031,13 +1017,12 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
         if (pos >= p.rotary_seqlen) pos = p.rotary_seqlen - 1;
         const int i0 = p.rotary_interleaved ? 2 * pair : pair;
         const int i1 = p.rotary_interleaved ? 2 * pair + 1 : pair + hr;
+        T* krow = sK + key * kStride;
         const float cs = load_rotary(p.rotary_cos, p.rotary_dtype, pos * p.cos_row_stride + pair);
         const float sn = load_rotary(p.rotary_sin, p.rotary_dtype, pos * p.sin_row_stride + pair);
-        T& e0 = sK[ring_offset(key, i0)];
-        T& e1 = sK[ring_offset(key, i1)];
-        const float x0 = Conv<T>::load(e0), x1 = Conv<T>::load(e1);
-        e0 = Conv<T>::store(x0 * cs - x1 * sn);
-        e1 = Conv<T>::store(x0 * sn + x1 * cs);
+        const float x0 = Conv<T>::load(krow[i0]), x1 = Conv<T>::load(krow[i1]);
+        krow[i0] = Conv<T>::store(x0 * cs - x1 * sn);
+        krow[i1] = Conv<T>::store(x0 * sn + x1 * cs);
       }
       __syncwarp();
     }
@@ -1045,13 +1030,13 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
     if constexpr (kT) {
       // S^T = K Q^T (16 keys x 8 rows), K the A operand: sc[e] is key t0 + rq + 8 (e / 2),
       // row 2 (lane % 4) + e % 2.
-      const int k_row = (lane & 7) + ((lane >> 3) & 1) * 8;
+      const T* kt_lane = sK + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
       float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         if (ks * 16 < d16) {
           std::uint32_t ka[4];
-          ldsm_x4(ka, sK + ring_offset(k_row, (lane >> 4) * 8 + ks * 16));
+          ldsm_x4(ka, kt_lane + ks * 16);
           mma16816<T>(sc, ka, qf[ks][0], qf[ks][1]);
         }
       }
@@ -1080,12 +1065,12 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
       // 8 x 8 half transposed in registers; V^T the A operand, ldmatrix .trans of V's rows.
       const std::uint32_t pb0 = movmatrix_trans(pack2<T>(sc[0], sc[1]));
       const std::uint32_t pb1 = movmatrix_trans(pack2<T>(sc[2], sc[3]));
-      const int v_row = (lane & 7) + ((lane >> 4) & 1) * 8;
+      const T* vt_lane = sV + ((lane & 7) + ((lane >> 4) & 1) * 8) * kStride + ((lane >> 3) & 1) * 8;
 #pragma unroll
       for (int n = 0; n < kAccN; ++n) {
         if (n * 16 < d16) {
           std::uint32_t va[4];
-          ldsm_x4_trans(va, sV + ring_offset(v_row, ((lane >> 3) & 1) * 8 + n * 16));
+          ldsm_x4_trans(va, vt_lane + n * 16);
           mma16816<T>(acc[0][n], va, pb0, pb1);
         }
       }
@@ -1110,7 +1095,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
             mma16816<T>(sc[1], qf[ks], kf[2], kf[3]);
           } else {
             std::uint32_t qa[4];
-            ldsm_x4(qa, q_lane + mt * 16 * kQStride + ks * 16);
+            ldsm_x4(qa, q_lane + mt * 16 * kStride + ks * 16);
             mma16816<T>(sc[0], qa, kf[0], kf[1]);
             mma16816<T>(sc[1], qa, kf[2], kf[3]);
           }
