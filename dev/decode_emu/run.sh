@@ -1,11 +1,11 @@
 #!/bin/sh
 # CPU emulation check of src/backends/cuda/decode_kernel.cu against the CPU backend.
-# Usage: dev/decode_emu/run.sh [random cases] [seed]   (from the repository root)
+# Usage: [EMU_FLAGS="-DNAME=VALUE ..."] dev/decode_emu/run.sh [random cases] [seed]   (from the repository root)
 set -e
 B=${EMU_BUILD:-/tmp/decode_emu}
 mkdir -p $B
 python3 dev/decode_emu/transform.py src/backends/cuda/decode_kernel.cu $B/decode_kernel_emu.cpp
-F="-std=c++20 -O1 -g -Idev/decode_emu/shim -Iinclude -Isrc -pthread"
+F="-std=c++20 -O1 -g -Idev/decode_emu/shim -Iinclude -Isrc -pthread ${EMU_FLAGS:-}"
 g++ $F -c $B/decode_kernel_emu.cpp -o $B/k.o &
 g++ $F -c src/backends/cpu/decode.cpp -o $B/cpu.o
 # decode.cpp's own dependencies in the CPU backend (task pool, tile GEMM).
