@@ -991,6 +991,12 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
     l2[r2] *= alpha;
     return alpha;
   };
+  // P of a log2 score against row r2's running max (0 where masked), added to the row's sum.
+  auto prob = [&](float s, int r2) {
+    const float pv = s == -INFINITY ? 0.f : fast_exp2(s - m2[r2]);
+    l2[r2] += pv;
+    return pv;
+  };
 
   for (int it = 0; it < n_my; ++it) {
     __syncwarp();  // every lane is done with the stage tile it + kStages - 1 overwrites
@@ -1048,12 +1054,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
       }
       const float alpha[2] = {advance_max(0, mxt[0]), advance_max(1, mxt[1])};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r2 = e & 1;
-        const float pv = sc[e] == -INFINITY ? 0.f : fast_exp2(sc[e] - m2[r2]);
-        sc[e] = pv;
-        l2[r2] += pv;
-      }
+      for (int e = 0; e < 4; ++e) sc[e] = prob(sc[e], e & 1);
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
         for (int n = 0; n < kAccN; ++n) {
@@ -1116,12 +1117,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r2 = 2 * mt + (e >> 1);
-          const float pv = sc[n][e] == -INFINITY ? 0.f : fast_exp2(sc[n][e] - m2[r2]);
-          sc[n][e] = pv;
-          l2[r2] += pv;
-        }
+        for (int e = 0; e < 4; ++e) sc[n][e] = prob(sc[n][e], 2 * mt + (e >> 1));
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {  // the max moved for some row
 #pragma unroll
         for (int n = 0; n < kD / 8; ++n) {
@@ -1179,7 +1175,7 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
       }
   }
 #pragma unroll
-  for (int mt = 0; mt < (kT ? 0 : kMT); ++mt)
+  for (int mt = 0; mt < kMT; ++mt)  // (none when transposed: kMT = 0)
 #pragma unroll
     for (int n = 0; n < kD / 8; ++n) {
       if (n * 8 < d) {
