@@ -81,6 +81,18 @@ constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
 template <bool kCausal, int kD, int kBNv>
 inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv == 192);
 
+// Ping-pong of the two consumer warpgroups (FA3's warp-scheduler barrier): each WG issues its
+// GEMMs of a step only when it holds the token (named barrier 1 + wg) and passes it to the other
+// right after, so one WG's GEMMs run on the tensor cores while the other does its softmax,
+// instead of both WGs contending for them at once and then both doing softmax.  Used in the
+// overlap kernels with 2 consumer WGs up to head-dim bucket ORCHARD_SM90_FWD_PINGPONG_MAX_D
+// (0: off).
+#ifndef ORCHARD_SM90_FWD_PINGPONG_MAX_D
+#define ORCHARD_SM90_FWD_PINGPONG_MAX_D 128
+#endif
+template <int kD, bool kOverlap, int kWG>
+inline constexpr bool kFwdSm90PingPong = kOverlap && kWG == 2 && kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D;
+
 // kWG consumer warpgroups of 64 query rows each (2 or 3; 3 = FA3's 192-row tile at d64).
 template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2>
 struct FwdSm90Config {
@@ -389,6 +401,21 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         Wgmma<kD, T>::template rs<1>(o, pa[kk], desc_advance(dv0, stage * Cfg::kKVBytes + kk * 2048), 1);
     };
 
+    // The GEMM token (kFwdSm90PingPong): WG wg waits at barrier 1 + wg (its 128 threads + the
+    // other WG's 128 arrivals) and passes to 1 + (wg ^ 1).  WG1 hands WG0 the first turn; both
+    // WGs take the same number of turns per tile (n_tiles + 1: the first QK^T, the n_tiles - 1
+    // steps, the last PV), and WG0 takes WG1's last hand-off at the end, so no arrival is left.
+    constexpr bool kPingPong = kFwdSm90PingPong<kD, kOverlap, kWG>;
+    auto take_turn = [&] {
+      if constexpr (kPingPong) named_barrier_sync(1 + wg, 256);
+    };
+    auto pass_turn = [&] {
+      if constexpr (kPingPong) named_barrier_arrive(1 + (wg ^ 1), 256);
+    };
+    if constexpr (kPingPong) {
+      if (wg == 1) pass_turn();
+    }
+
     // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
     // bit 31, the parity of the Q loads consumed (one register fewer live across the loops).
     uint32_t kv_cnt = 0;
@@ -479,9 +506,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
             mbarrier_wait(k_full(s), ph);
+            take_turn();
             wgmma_fence();
             qk_gemm(sacc, s);
             wgmma_commit();
+            pass_turn();
             wgmma_wait<0>();
             fence_operands(sacc);
             __syncwarp();
@@ -501,12 +530,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const uint32_t ph = (c / kStages) & 1, php = (cp / kStages) & 1;
             float sacc[kBN / 2];
             mbarrier_wait(k_full(s), ph);
+            take_turn();
             wgmma_fence();
             qk_gemm(sacc, s);
             wgmma_commit();
             mbarrier_wait(v_full(sp), php);
             pv_gemm(pa, sp);  // P of the previous tile, still unscaled by this tile's max
             wgmma_commit();
+            pass_turn();
             wgmma_wait<1>();  // S of this tile is ready; PV still runs
             fence_operands(sacc);
             __syncwarp();
@@ -534,9 +565,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           const int sl = cl % kStages;
           const uint32_t phl = (cl / kStages) & 1;
           mbarrier_wait(v_full(sl), phl);
+          take_turn();
           wgmma_fence();
           pv_gemm(pa, sl);
           wgmma_commit();
+          pass_turn();
           wgmma_wait<0>();
           fence_operands(o);
           __syncwarp();
@@ -570,6 +603,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                   pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
         }
       }
+    }
+    if constexpr (kPingPong) {
+      if (wg == 0) take_turn();  // WG1's last hand-off (or its first, if this CTA had no tile)
     }
   }
 }
