@@ -73,6 +73,10 @@
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
 
+#ifndef ORCHARD_SM90_BWD_DK_AFTER_DQ  // an A/B switch for kDkAfterDq below
+#define ORCHARD_SM90_BWD_DK_AFTER_DQ 1
+#endif
+
 namespace orchard::sm90 {
 
 template <int kD>
@@ -470,6 +474,11 @@ __global__ void __launch_bounds__(384, 1)
       // d128 non-causal +2-3.6 %, causal -4 to -7 % (more spills): not there.  Only in the plain
       // kernels (no features, d == kD), the instantiations the kernel bench's checks verified.
       constexpr bool kDeferDq = kBulkDq && (kD == 64 || !kCausal) && !kFeatures && !kPaddedD && !kOrderedDq;
+      // kDkAfterDq (d128 non-causal): the dK GEMM is issued after the dQ GEMM and waited for only
+      // after the dQ partial is staged, so the staging runs beside it.  The H200 (session 23,
+      // ab_bwd.sh, medians of 3 alternating rounds): non-causal +3.3-4.2 % (s2k 488 -> 509, s16k
+      // 541 -> 561 TFLOP/s; fp16 +3.3 %), causal 0.98-1.0x (one outlier +14 %), more spills there.
+      constexpr bool kDkAfterDq = ORCHARD_SM90_BWD_DK_AFTER_DQ && Cfg::kDqSplitN && !kCausal && !kOrderedDq;
       const uint32_t dq_stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
       float* dq_pending = nullptr;  // where the staged partial goes (nullptr: none)
       int dq_pending_bytes = 0;
@@ -614,13 +623,16 @@ __global__ void __launch_bounds__(384, 1)
         }
         fence_proxy_async_smem();
         // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
+        auto issue_dk = [&] {
+#pragma unroll
+          for (int kk = 0; kk < kBM / 16; ++kk)
+            Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
+        };
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBM / 16; ++kk)
           Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk)
-          Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
+        if constexpr (!kDkAfterDq) issue_dk();
         wgmma_commit();
         // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
         if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
@@ -639,7 +651,11 @@ __global__ void __launch_bounds__(384, 1)
                 desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
         }
         wgmma_commit();
-        if constexpr (Cfg::kPipelined) {
+        if constexpr (kDkAfterDq) {
+          issue_dk();
+          wgmma_commit();
+          wgmma_wait<1>();  // dV and dQ; dK runs on while dQ is staged (its Q stage is freed below)
+        } else if constexpr (Cfg::kPipelined) {
           if (it + 1 < n_iters) issue_s(it + 1);
           else wgmma_commit();  // an empty group: the same wait on both paths
           wgmma_wait<1>();      // all but the next step's S^T
@@ -647,10 +663,13 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_wait<0>();
         }
         fence_operands(dq);
-        fence_operands(dk);
         fence_operands(dv);
-        __syncwarp();
-        if (warp_leader) mbarrier_arrive(bar.empty(s));
+        auto release_stage = [&] {
+          fence_operands(dk);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(bar.empty(s));
+        };
+        if constexpr (!kDkAfterDq) release_stage();
         // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
         // past sq are outside the padded slab and hold zeros anyway).
         const int row16 = m0 + 16 * wi;
@@ -728,6 +747,10 @@ __global__ void __launch_bounds__(384, 1)
               atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
             }
           }
+        }
+        if constexpr (kDkAfterDq) {
+          wgmma_wait<0>();  // dK: its Q stage goes back to the producer
+          release_stage();
         }
         if constexpr (Cfg::kPipelined) wgmma_wait<0>();  // the next step's S^T
         m0 += kBM;

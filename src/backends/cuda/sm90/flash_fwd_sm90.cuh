@@ -81,17 +81,31 @@ constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
 template <bool kCausal, int kD, int kBNv>
 inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv == 192);
 
-// Ping-pong of the two consumer warpgroups (FA3's warp-scheduler barrier): each WG issues its
-// GEMMs of a step only when it holds the token (named barrier 1 + wg) and passes it to the other
-// right after, so one WG's GEMMs run on the tensor cores while the other does its softmax,
-// instead of both WGs contending for them at once and then both doing softmax.  Used in the
-// overlap kernels with 2 consumer WGs up to head-dim bucket ORCHARD_SM90_FWD_PINGPONG_MAX_D
-// (0: off).
+// Ping-pong of the consumer warpgroups (FA3's warp-scheduler barrier): each WG issues its GEMMs
+// of a step only when it holds the token (named barrier 1 + wg) and passes it to the next WG
+// (a ring) right after, so one WG's GEMMs run on the tensor cores while another does its
+// softmax, instead of all WGs contending for them at once and then all doing softmax.  Used in
+// the overlap kernels up to head-dim bucket ORCHARD_SM90_FWD_PINGPONG_MAX_D (0: off), and in the
+// plain-order kernels with ORCHARD_SM90_FWD_PLAIN_PINGPONG (a token for the QK^T and for the PV).
+// The H200 (session 23, ab_fwd.sh, medians of 3 alternating rounds, over no token): d128 +2.2-5.6 %
+// non-causal (s2k 532 -> 557, s8k 624 -> 647 TFLOP/s), +3.8-4.5 % causal at s >= 2k, fp16 +5 %;
+// d192 / d256 -1 to +3.5 % (noise: off there); the plain order -8 to -12 % at d64 (off).
 #ifndef ORCHARD_SM90_FWD_PINGPONG_MAX_D
 #define ORCHARD_SM90_FWD_PINGPONG_MAX_D 128
 #endif
+#ifndef ORCHARD_SM90_FWD_PLAIN_PINGPONG
+#define ORCHARD_SM90_FWD_PLAIN_PINGPONG 0
+#endif
+// d64's 3-warpgroup kernel in the overlap order with the token ring (1) or in the plain order (0,
+// an A/B switch).  The H200 (session 23, ab_fwd.sh, medians of 3 alternating rounds) over plain:
+// overlap + token +2.6-7.6 % non-causal (s2k 437 -> 471, s8k 494 -> 519 TFLOP/s), +2-3 % causal,
+// fp16 +6 %; overlap without the token +0-2 %; the plain order with a token per GEMM -8 to -12 %.
+#ifndef ORCHARD_SM90_FWD64_OVERLAP
+#define ORCHARD_SM90_FWD64_OVERLAP 1
+#endif
 template <int kD, bool kOverlap, int kWG>
-inline constexpr bool kFwdSm90PingPong = kOverlap && kWG == 2 && kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D;
+inline constexpr bool kFwdSm90PingPong =
+    kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
 
 // kWG consumer warpgroups of 64 query rows each (2 or 3; 3 = FA3's 192-row tile at d64).
 template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2>
@@ -402,18 +416,19 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     };
 
     // The GEMM token (kFwdSm90PingPong): WG wg waits at barrier 1 + wg (its 128 threads + the
-    // other WG's 128 arrivals) and passes to 1 + (wg ^ 1).  WG1 hands WG0 the first turn; both
-    // WGs take the same number of turns per tile (n_tiles + 1: the first QK^T, the n_tiles - 1
-    // steps, the last PV), and WG0 takes WG1's last hand-off at the end, so no arrival is left.
+    // previous WG's 128 arrivals) and passes to the next WG's.  The last WG hands WG0 the first
+    // turn; all WGs take the same number of turns per tile (overlap: n_tiles + 1, the first QK^T,
+    // the n_tiles - 1 steps, the last PV; plain: 2 n_tiles), and WG0 takes the last WG's final
+    // hand-off at the end, so no arrival is left.
     constexpr bool kPingPong = kFwdSm90PingPong<kD, kOverlap, kWG>;
     auto take_turn = [&] {
       if constexpr (kPingPong) named_barrier_sync(1 + wg, 256);
     };
     auto pass_turn = [&] {
-      if constexpr (kPingPong) named_barrier_arrive(1 + (wg ^ 1), 256);
+      if constexpr (kPingPong) named_barrier_arrive(1 + (wg + 1 == kWG ? 0 : wg + 1), 256);
     };
     if constexpr (kPingPong) {
-      if (wg == 1) pass_turn();
+      if (wg == kWG - 1) pass_turn();
     }
 
     // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
@@ -473,9 +488,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
             mbarrier_wait(k_full(s), ph);
+            take_turn();
             wgmma_fence();
             qk_gemm(sacc, s);
             wgmma_commit();
+            pass_turn();
             wgmma_wait<0>();
             fence_operands(sacc);
             __syncwarp();
@@ -490,9 +507,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             uint32_t pa[kBN / 16][4];
             convert_p<T, kBN>(sacc, pa);
             mbarrier_wait(v_full(s), ph);
+            take_turn();
             wgmma_fence();
             pv_gemm(pa, s);
             wgmma_commit();
+            pass_turn();
             wgmma_wait<0>();
             fence_operands(o);
             __syncwarp();
@@ -605,7 +624,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       }
     }
     if constexpr (kPingPong) {
-      if (wg == 0) take_turn();  // WG1's last hand-off (or its first, if this CTA had no tile)
+      if (wg == 0) take_turn();  // the last WG's final hand-off (its first, if this CTA had no tile)
     }
   }
 }
@@ -679,10 +698,11 @@ namespace orchard::cuda {
 template <typename T, int kD>
 bool run_flash_fwd_sm90(const FwdParams& p) {
   // Measured on the H200 (bench/NOTES.md, "sm90 attention forward"; sm90_attn_bench variants):
-  // - d64: 3 consumer warpgroups (192-row CTAs, FA3's d64 tile) in the plain order: +32 % /
-  //   +16 % (non-causal / causal, s8k) and +17 % / +12 % at s2k over 2 warpgroups (session 12);
-  //   the intra-warpgroup overlap is within 3 % either way there (it lost 10-15 % with 2 WGs);
-  // - d128: overlap; 192-key tiles gain 3-12 % from 8k keys on and lose at 2k and below
+  // - d64: 3 consumer warpgroups (192-row CTAs, FA3's d64 tile): +32 % / +16 % (non-causal /
+  //   causal, s8k) and +17 % / +12 % at s2k over 2 warpgroups (session 12); the intra-warpgroup
+  //   overlap alone was within 3 % of the plain order there (it lost 10-15 % with 2 WGs), the
+  //   overlap with the GEMM token ring +2-8 % (session 23, ORCHARD_SM90_FWD64_OVERLAP);
+  // - d128: overlap + the GEMM token (session 23: +2-6 %); 192-key tiles gain 3-12 % from 8k keys on and lose at 2k and below
   //   (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys;
   // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64
   //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
@@ -691,7 +711,7 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   // - d256: overlap, 64-key tiles (registers for O).
   bool launched;
   if constexpr (kD == 64) {
-    launched = sm90::launch_flash_fwd_sm90<T, 64, false, 128, 3>(p);
+    launched = sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 3>(p);
   } else if constexpr (kD == 128) {
     launched = p.sk >= 4096 ? sm90::launch_flash_fwd_sm90<T, 128, true, 192>(p)
                             : sm90::launch_flash_fwd_sm90<T, 128, true>(p);

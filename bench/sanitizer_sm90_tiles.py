@@ -1,0 +1,29 @@
+"""Forward + backward calls with more tiles than SMs (each persistent sm90 forward CTA runs
+several tiles, so the consumer warpgroups' GEMM token passes across tiles), d64 / d128, causal
+and not, bf16 and fp16, GQA, for compute-sanitizer (memcheck, racecheck, synccheck) to watch.
+Each output is also checked against torch's SDPA in fp32, so a wrong answer fails the run."""
+import torch
+
+import orchard
+
+torch.manual_seed(0)
+props = torch.cuda.get_device_properties(0)
+for dtype in (torch.bfloat16, torch.float16):
+    for d, b, hq, hkv, s in ((64, 4, 8, 4, 1024), (128, 3, 8, 8, 1024)):
+        for causal in (False, True):
+            q = torch.randn(b, s, hq, d, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+            out = orchard.flash_attn_func(q, k, v, causal=causal)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            qf, kf, vf = (x.detach().float().transpose(1, 2) for x in (q, k, v))
+            rep = hq // hkv
+            # Plain fp32 math (not torch's SDPA: its own kernels would show up under racecheck).
+            scores = qf @ kf.repeat_interleave(rep, 1).transpose(-1, -2) / d ** 0.5
+            if causal:
+                scores.masked_fill_(torch.ones(s, s, device="cuda", dtype=torch.bool).triu(1), float("-inf"))
+            ref = (scores.softmax(-1) @ vf.repeat_interleave(rep, 1)).transpose(1, 2)
+            err = (out.float() - ref).abs().max().item()
+            assert err < 2e-2, f"d{d} causal={causal} {dtype}: max error {err}"
+            assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+            print(f"d{d} causal={causal} {dtype} ({props.multi_processor_count} SMs): out err {err:.2e}", flush=True)
