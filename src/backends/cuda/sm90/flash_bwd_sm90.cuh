@@ -30,6 +30,8 @@
 //                   bwd_convert_dq_kernel scales and converts it.
 //     d64 (Cfg::kPipelined): S^T of the next step is issued right after this step's dQ GEMM and
 //     runs while the dQ partial goes out; dP^T is issued before the softmax and runs during it.
+//     d128 non-causal (kDkAfterDq): dK += dS^T Q is issued after the dQ GEMM and runs while the
+//     dQ partial is staged.
 //   dK (times the scale) and dV are stored from registers at the end (rows < sk).
 //
 // Supported: T = bf16 / fp16, kD (the head-dim bucket) in {64, 128} with any run-time d == d_v,

@@ -22,6 +22,9 @@
 //        the epilogue writes O and LSE straight from registers (no smem), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
+// GEMM token (kFwdSm90PingPong, FA3's warp-scheduler barrier; d64 and d128): the consumer WGs
+// issue their GEMMs in turn (named barriers 1..kWG as a ring), so one WG's softmax runs under
+// the others' GEMMs instead of all WGs contending for the tensor cores at once.
 // Barriers across tiles: the K / V ring's stage and phase come from a count of key tiles kept
 // for the whole CTA (producer: loaded, consumers: consumed), not per tile; q_full / q_empty
 // flip once per tile that loads Q.  Every consumer warp frees every K and V stage it used,
