@@ -705,8 +705,9 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   causal, s8k) and +17 % / +12 % at s2k over 2 warpgroups (session 12); the intra-warpgroup
   //   overlap alone was within 3 % of the plain order there (it lost 10-15 % with 2 WGs), the
   //   overlap with the GEMM token ring +2-8 % (session 23, ORCHARD_SM90_FWD64_OVERLAP);
-  // - d128: overlap + the GEMM token (session 23: +2-6 %); 192-key tiles gain 3-12 % from 8k keys on and lose at 2k and below
-  //   (fewer, longer tiles: worse causal tails), hence the switch at 4096 keys;
+  // - d128: overlap + the GEMM token (session 23: +2-6 %); 192-key tiles gain 3-12 % from 8k keys
+  //   on and lose at 2k and below (fewer, longer tiles: worse causal tails), hence the switch at
+  //   4096 keys (measured before the token);
   // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64
   //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
   //   s16k, d160 +14 %, fp16 +5 % over 64 (session 17, medians of 3; 80 keys within 2 % of 96

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The engine of ab_fwd.sh / ab_bwd.sh (issue #11): builds one bench binary per variant in parallel,
+# runs each variant's checks (a variant that fails one is not timed), then ROUNDS alternating
+# rounds of the timed modes and prints, per shape, the median over the rounds of each variant's
+# TFLOP/s and its ratio to the first variant.  Set by the wrapper:
+#   AB_SRC     the bench source (in this folder)      AB_DEFS    nvcc flags for every variant
+#   AB_KERNEL  the kernel whose ptxas spills are shown AB_MODES   the bench modes timed
+#   AB_COLUMN  the TIME lines' variant column (the form timed, e.g. bulk / library)
+#   AB_LOG     the log's name under $OUT
+# From the user: VARIANTS ("NAME=FLAGS ...": nvcc -D flags, commas for spaces, or NAME=@TREE: the
+# bench built from another tree's src/ and include/, e.g. `git archive REV | tar -x -C .ab/head`),
+# ROUNDS (3), OUT, NVCC.
+set -uo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+OUT="${OUT:-/tmp/sm90_out}"
+NVCC="${NVCC:-nvcc}"
+ROUNDS="${ROUNDS:-3}"
+mkdir -p "$OUT/ab_build"
+LOG="$OUT/$AB_LOG"
+read -r -a variants <<< "${VARIANTS:?VARIANTS=\"name=flags ...\"}"
+read -r -a modes <<< "$AB_MODES"
+read -r -a defs <<< "$AB_DEFS"
+names=()
+echo "=== build $(date -u +%H:%M:%S) $AB_SRC $AB_DEFS, modes $AB_MODES" | tee -a "$LOG"
+for v in "${variants[@]}"; do
+  name=${v%%=*} spec=${v#*=}
+  names+=("$name")
+  tree=$ROOT flags=()
+  if [[ $spec == @* ]]; then tree=$ROOT/${spec#@}; else IFS=, read -r -a flags <<< "$spec"; fi
+  ( timeout 500 "$NVCC" -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo \
+      -Xptxas -v "${defs[@]}" "${flags[@]}" -I"$tree/include" -I"$tree/src" -I"$HERE" \
+      -o "$OUT/ab_build/$name" "$HERE/$AB_SRC" > "$OUT/build_$name.log" 2>&1 \
+    || echo "BUILD FAILED $name" | tee -a "$LOG" ) &
+done
+wait
+echo "=== built $(date -u +%H:%M:%S)" | tee -a "$LOG"
+built=()
+for name in "${names[@]}"; do
+  [ -x "$OUT/ab_build/$name" ] || { echo "no binary for $name: left out" | tee -a "$LOG"; continue; }
+  grep -A2 "$AB_KERNEL" "$OUT/build_$name.log" | grep -E "[1-9][0-9]* bytes spill" | sort | uniq -c \
+    | sed "s/^/spills $name: /" | tee -a "$LOG"
+  timeout 120 "$OUT/ab_build/$name" checks > "$OUT/checks_$name.log" 2>&1
+  rc=$?
+  echo "checks $name rc=$rc $(grep -c PASS "$OUT/checks_$name.log") pass $(grep -c FAIL "$OUT/checks_$name.log") fail" \
+    | tee -a "$LOG"
+  [ $rc -eq 0 ] && built+=("$name")  # a wrong or hanging variant's speed means nothing
+done
+names=("${built[@]}")
+[ ${#names[@]} -gt 0 ] || exit 1
+for r in $(seq "$ROUNDS"); do
+  for name in "${names[@]}"; do
+    for mode in "${modes[@]}"; do
+      echo "=== round $r $name $mode $(date -u +%H:%M:%S)" >> "$LOG"
+      timeout 150 "$OUT/ab_build/$name" "$mode" | grep TIME | sed "s/^TIME /TIME $name /" >> "$LOG" 2>&1
+    done
+  done
+done
+python3 - "$LOG" "$AB_COLUMN" "${names[@]}" <<'PY' | tee -a "$LOG"
+import re, statistics, sys
+log, column, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+runs = {}
+for line in open(log):
+    m = re.match(r"TIME (\S+) (.+?)\s+" + re.escape(column) + r"\s+[\d.]+ ms\s+([\d.]+) TFLOP/s", line)
+    if m: runs.setdefault(m.group(2), {}).setdefault(m.group(1), []).append(float(m.group(3)))
+print("median TFLOP/s over the rounds, ratio to", names[0])
+for shape, per in runs.items():
+    base = statistics.median(per.get(names[0], [float("nan")]))
+    cells = []
+    for n in names:
+        med = statistics.median(per.get(n, [float("nan")]))
+        cells.append(f"{n} {med:6.1f} ({med / base:.3f}x)")
+    print(f"{shape:44s} " + " | ".join(cells))
+PY
