@@ -1,7 +1,7 @@
 """Forward + backward calls with more tiles than SMs (each persistent sm90 forward CTA runs
 several tiles, so the consumer warpgroups' GEMM token passes across tiles), d64 / d128, causal
 and not, bf16 and fp16, GQA, for compute-sanitizer (memcheck, racecheck, synccheck) to watch.
-Each output is also checked against torch's SDPA in fp32, so a wrong answer fails the run."""
+Each output is also checked against plain fp32 math, so a wrong answer fails the run."""
 import torch
 
 import orchard

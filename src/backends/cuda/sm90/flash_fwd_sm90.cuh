@@ -106,7 +106,7 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv 
 #ifndef ORCHARD_SM90_FWD64_OVERLAP
 #define ORCHARD_SM90_FWD64_OVERLAP 1
 #endif
-template <int kD, bool kOverlap, int kWG>
+template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
 
@@ -423,7 +423,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // turn; all WGs take the same number of turns per tile (overlap: n_tiles + 1, the first QK^T,
     // the n_tiles - 1 steps, the last PV; plain: 2 n_tiles), and WG0 takes the last WG's final
     // hand-off at the end, so no arrival is left.
-    constexpr bool kPingPong = kFwdSm90PingPong<kD, kOverlap, kWG>;
+    constexpr bool kPingPong = kFwdSm90PingPong<kD, kOverlap>;
     auto take_turn = [&] {
       if constexpr (kPingPong) named_barrier_sync(1 + wg, 256);
     };
