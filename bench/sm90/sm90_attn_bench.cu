@@ -344,7 +344,7 @@ int main(int argc, char** argv) {
   causal_grid.push_back({false, 128, false, 2, 16, 16, 8192});
   // d<D> (d128, d192, d256): one bucket's key-tile experiment (dev/cuda/NOTES.md "What is
   // left" 3): checks on ragged / GQA / causal shapes of head dim D, then timed non-causal points
-  // at s 1k..16k (b * s = 16k tokens, hq * D ~ 2048: d192 hq 10), fp16 at s4k, causal s2k / s8k.
+  // at s 1k..16k (b * s = 16k tokens, hq * D ~ 2048: d192 hq 10), fp16 at s4k, causal s2k..16k.
   // d192 adds d160 (the same bucket). PEER_GRID=d<D> gives attn_peers.py's matching shapes.
   if (mode.size() > 1 && mode[0] == 'd' && std::isdigit(static_cast<unsigned char>(mode[1]))) {
     const int d = std::atoi(mode.c_str() + 1);
@@ -355,8 +355,7 @@ int main(int argc, char** argv) {
     for (int sl : {1024, 2048, 4096, 8192, 16384}) tile_grid.push_back({false, d, false, 16384 / sl, h, h, sl});
     tile_grid.push_back({true, d, false, 4, h, h, 4096});
     if (d == 192) tile_grid.push_back({false, 160, false, 4, 12, 12, 4096});
-    tile_grid.push_back({false, d, true, 8, h, h, 2048});
-    tile_grid.push_back({false, d, true, 2, h, h, 8192});
+    for (int sl : {2048, 4096, 8192, 16384}) tile_grid.push_back({false, d, true, 16384 / sl, h, h, sl});
     for (const Shape& sh : tile_checks) fails += !run(sh, 0, true);
     for (const Shape& sh : tile_grid) fails += !run(sh, 30, false);
   } else if (mode == "causal")

@@ -106,6 +106,18 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv 
 #ifndef ORCHARD_SM90_FWD64_OVERLAP
 #define ORCHARD_SM90_FWD64_OVERLAP 1
 #endif
+// d128's wide key tile (ORCHARD_SM90_FWD128_WIDE_N keys) from ORCHARD_SM90_FWD128_WIDE_MIN_SK
+// keys on (causal: ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK), 128-key tiles below (A/B switches;
+// run_flash_fwd_sm90 says what was measured).
+#ifndef ORCHARD_SM90_FWD128_WIDE_N
+#define ORCHARD_SM90_FWD128_WIDE_N 192
+#endif
+#ifndef ORCHARD_SM90_FWD128_WIDE_MIN_SK
+#define ORCHARD_SM90_FWD128_WIDE_MIN_SK 2048
+#endif
+#ifndef ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK
+#define ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK 8192
+#endif
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
@@ -705,9 +717,12 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   causal, s8k) and +17 % / +12 % at s2k over 2 warpgroups (session 12); the intra-warpgroup
   //   overlap alone was within 3 % of the plain order there (it lost 10-15 % with 2 WGs), the
   //   overlap with the GEMM token ring +2-8 % (session 23, ORCHARD_SM90_FWD64_OVERLAP);
-  // - d128: overlap + the GEMM token (session 23: +2-6 %); 192-key tiles gain 3-12 % from 8k keys
-  //   on and lose at 2k and below (fewer, longer tiles: worse causal tails), hence the switch at
-  //   4096 keys (measured before the token);
+  // - d128: overlap + the GEMM token (session 23: +2-6 %); 192-key tiles, re-timed with the token
+  //   (session 24, ab_fwd.sh, medians of 3-4 alternating rounds, against a switch at 4096 keys for
+  //   both): not causal +3.6 / +4.2 % at 2k keys, 128 keys -2.6 % at 4k and -5 % at 8k-16k, 176
+  //   keys -2 %, 160 keys -3 to -5 %; causal, 128 keys +5.6 / +6.2 % at 4k, equal at 8k-16k, while
+  //   192 lose 6 % at 2k (fewer, longer tiles: worse causal tails).  Hence wide tiles from 2048
+  //   keys on (8192 causal);
   // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64
   //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
   //   s16k, d160 +14 %, fp16 +5 % over 64 (session 17, medians of 3; 80 keys within 2 % of 96
@@ -717,8 +732,9 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   if constexpr (kD == 64) {
     launched = sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 3>(p);
   } else if constexpr (kD == 128) {
-    launched = p.sk >= 4096 ? sm90::launch_flash_fwd_sm90<T, 128, true, 192>(p)
-                            : sm90::launch_flash_fwd_sm90<T, 128, true>(p);
+    const int wide_from = p.causal ? ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK : ORCHARD_SM90_FWD128_WIDE_MIN_SK;
+    launched = p.sk >= wide_from ? sm90::launch_flash_fwd_sm90<T, 128, true, ORCHARD_SM90_FWD128_WIDE_N>(p)
+                                 : sm90::launch_flash_fwd_sm90<T, 128, true>(p);
   } else if constexpr (kD == 192) {
     if (p.causal)
       launched = sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p);
