@@ -13,6 +13,11 @@ Timing (--timer, both recorded in the same run):
             GPU queue full, as in a training loop. The issue's named method.
 --timer picks which one the table shows (default do_bench); the other is in the
 JSON and in a second, shorter table (Orchard vs SDPA flash).
+--rounds N times every grid point N times, the implementations in a rotated order
+each round (so a drift of the card's clocks lands on all of them), and reports the
+median over the rounds; the JSON keeps each round and the table the largest spread
+(max / min - 1 over the rounds) seen per implementation. Single runs of this grid
+put points up to 20 % apart (bench/RESULTS.md).
 
 Writes JSON (+ PNG plot when matplotlib is present) and a markdown table to
 --out, and prints the table last.
@@ -97,6 +102,24 @@ def time_impl(run, b, s, h, d, causal, reps):
             "do_bench": (do_bench_ms(fwd), do_bench_ms(bwd))}
 
 
+def rotated(items: list, r: int) -> list:
+    """items in round r's order: each starts one place earlier than in the round before."""
+    r %= max(len(items), 1)
+    return items[r:] + items[:r]
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    """{timer: (fwd_ms, bwd_ms)} per round -> {timer: (median fwd_ms, median bwd_ms)}."""
+    return {t: (statistics.median(x[t][0] for x in rounds), statistics.median(x[t][1] for x in rounds))
+            for t in rounds[0]}
+
+
+def spread(values) -> float:
+    """max / min - 1 (0 for one value)."""
+    values = list(values)
+    return max(values) / min(values) - 1 if min(values) > 0 else float("inf")
+
+
 def profile_point(d: int, s: int, causal: int, out_dir: str) -> int:
     from torch.profiler import ProfilerActivity, profile
     b, h = 16384 // s, 2048 // d
@@ -136,6 +159,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time each point this many times, implementations alternating (median reported)")
     ap.add_argument("--timer", choices=("do_bench", "events"), default="do_bench",
                     help="which timing the main table shows (both are measured)")
     ap.add_argument("--quick", action="store_true", help="s in {2k, 8k} only")
@@ -164,17 +189,28 @@ def main() -> int:
                 b = 16384 // s
                 flops = 4 * b * h * s * s * d // (2 if causal else 1)
                 row = {"d": d, "causal": causal, "s": s, "b": b, "h": h}
+                per_round = {name: [] for name in impls}
+                for r in range(max(args.rounds, 1)):
+                    for name in rotated(impls, r):
+                        if name in row:  # failed in an earlier round
+                            continue
+                        try:
+                            per_round[name].append(time_impl(IMPLS[name], b, s, h, d, causal, args.reps))
+                        except Exception as e:  # a peer may not support a shape
+                            row[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+                        torch.cuda.empty_cache()
                 for name in impls:
-                    try:
-                        timed = time_impl(IMPLS[name], b, s, h, d, causal, args.reps)
-                        cell = {}
-                        for timer, (fwd_ms, bwd_ms) in timed.items():
-                            cell[timer] = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms / 1e9,
-                                           "bwd_tflops": 2.5 * flops / bwd_ms / 1e9}
-                        row[name] = {**cell[args.timer], **cell}
-                    except Exception as e:  # a peer may not support a shape
-                        row[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-                    torch.cuda.empty_cache()
+                    if name in row:
+                        continue
+                    cell = {}
+                    for timer, (fwd_ms, bwd_ms) in median_rounds(per_round[name]).items():
+                        cell[timer] = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_tflops": flops / fwd_ms / 1e9,
+                                       "bwd_tflops": 2.5 * flops / bwd_ms / 1e9}
+                    if len(per_round[name]) > 1:
+                        cell["rounds"] = per_round[name]
+                        cell["spread"] = max(spread(x[t][i] for x in per_round[name])
+                                             for t in per_round[name][0] for i in (0, 1))
+                    row[name] = {**cell[args.timer], **cell}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -206,7 +242,7 @@ def main() -> int:
         del q, k, v, out
 
     meta = {"card": card, "date": datetime.date.today().isoformat(), "commit": git_commit(),
-            "torch": torch.__version__, "reps": args.reps, "timer": args.timer}
+            "torch": torch.__version__, "reps": args.reps, "timer": args.timer, "rounds": args.rounds}
     result = {"meta": meta, "grid": rows, "latency_us_small": lat, "peak_mib_s32k": peak}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
@@ -231,6 +267,8 @@ def render_table(result, impls):
     m = result["meta"]
     how = ("triton do_bench, median" if m.get("timer") == "do_bench" else
            f"CUDA events, synchronized per call, median of {m['reps']}")
+    if m.get("rounds", 1) > 1:
+        how += f"; median of {m['rounds']} alternating rounds"
     lines = [f"### {m['card']}, {m['date']}, commit {m['commit']}, torch {m['torch']} (TFLOP/s, {how})", ""]
     peers = [p for p in impls if p != "orchard"]
     hdr = "| d | causal | s | b | " + " | ".join(f"{p} fwd/bwd" for p in impls) + " | " + \
@@ -253,6 +291,10 @@ def render_table(result, impls):
             f"{r['orchard'][other]['fwd_tflops'] / r['sdpa_flash'][other]['fwd_tflops']:.2f}x/"
             f"{r['orchard'][other]['bwd_tflops'] / r['sdpa_flash'][other]['bwd_tflops']:.2f}x"
             for r in result["grid"] if other in r.get("orchard", {}) and other in r.get("sdpa_flash", {}))]
+    if m.get("rounds", 1) > 1:
+        worst = {p: max((r[p].get("spread", 0.0) for r in result["grid"]), default=0.0) for p in impls}
+        lines += ["", "Largest spread over the rounds at one point (max / min - 1, either timer): " +
+                  ", ".join(f"{p} {100 * v:.1f} %" for p, v in worst.items())]
     lines += ["", "Per-call forward latency, b=2 h=4 s=64 d=64 (us): " +
               ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["latency_us_small"].items()),
               "", "Peak extra memory, causal fwd+bwd, b=1 h=16 s=32k d=128 (MiB): " +

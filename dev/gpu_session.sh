@@ -7,7 +7,9 @@
 # call cut off still returns what ran).
 #
 #   bash dev/gpu_session.sh [SRC=dir] STEP...
-#   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT)
+#   (archive a commit for a run: git archive HEAD | tar -x -C .ab/head && git rev-parse --short HEAD > .ab/head/COMMIT;
+#    for the working tree itself pass ORCHARD_COMMIT=<rev>: the device copy's git metadata may
+#    name an older commit, as session 24's first grid found)
 #   steps: pytest:<files, comma-separated> or pytest:-k,<one -k expression>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
 #          py:<script>,<args>  sh:<script>,<args>  cs:<sanitizer tool>,<script>

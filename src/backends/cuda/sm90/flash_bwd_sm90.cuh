@@ -548,7 +548,7 @@ __global__ void __launch_bounds__(384, 1)
             if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
               const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
               auto each = [&](auto&& f) {
-  #pragma unroll
+#pragma unroll
                 for (int i = 0; i < 32; ++i) f(sacc[i], d_rel(i), 8 * ((i / 2) % 2));
               };
               cuda::apply_score_mods(each, p.scale, p.softcap,
@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(384, 1)
             // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
             const int diag = m0 + diag0;
             const bool need_mask = kMaskStep && (keys_left < kBN || (kCausal && kBN - 1 > diag));
-  #pragma unroll
+#pragma unroll
             for (int i = 0; i < 32; ++i) {
               const int ql = 8 * (i / 4) + 2 * t + (i % 2);
               float pv = bwd_ex2(fmaf(sacc[i], scale_log2, -lse_t[ql]));
@@ -577,12 +577,12 @@ __global__ void __launch_bounds__(384, 1)
               const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
               const float inv_cap = 1.f / p.softcap;
               const int diag32 = cuda::clamp_i32(coff);
-  #pragma unroll
+#pragma unroll
               for (int kk = 0; kk < 4; ++kk)
-  #pragma unroll
+#pragma unroll
                 for (int q = 0; q < 4; ++q) {
                   float f[2];
-  #pragma unroll
+#pragma unroll
                   for (int e = 0; e < 2; ++e) {
                     const int i = 8 * kk + 2 * q + e;
                     const int ql = 8 * (i / 4) + 2 * t + (i % 2);
@@ -601,13 +601,13 @@ __global__ void __launch_bounds__(384, 1)
             if constexpr (kFeatures) {
               // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
               const bool capped = p.softcap > 0.f;
-  #pragma unroll
+#pragma unroll
               for (int kk = 0; kk < 4; ++kk)
-  #pragma unroll
+#pragma unroll
                 for (int q = 0; q < 4; ++q) {
                   uint32_t pw = pa[kk][q];
                   if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
-  #pragma unroll
+#pragma unroll
                   for (int e = 0; e < 2; ++e) {
                     const int i = 8 * kk + 2 * q + e;
                     const int ql = 8 * (i / 4) + 2 * t + (i % 2);
@@ -615,7 +615,7 @@ __global__ void __launch_bounds__(384, 1)
                   }
                 }
             } else {  // dS^T = P^T (dP^T - D)
-  #pragma unroll
+#pragma unroll
               for (int i = 0; i < 32; ++i) {
                 const int ql = 8 * (i / 4) + 2 * t + (i % 2);
                 const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
@@ -625,16 +625,16 @@ __global__ void __launch_bounds__(384, 1)
             acc_to_afrag<T>(dpacc, dsa);
           }
           if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
-  #pragma unroll
+#pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-  #pragma unroll
+#pragma unroll
               for (int q = 0; q < 4; ++q)
                 asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
           } else {  // the same slots, the address computed once per step (ds_slot's formula)
             const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
-  #pragma unroll
+#pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-  #pragma unroll
+#pragma unroll
               for (int q = 0; q < 4; ++q) {
                 const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
                 const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
@@ -644,12 +644,12 @@ __global__ void __launch_bounds__(384, 1)
           fence_proxy_async_smem();
           // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
           auto issue_dk = [&] {
-  #pragma unroll
+#pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk)
               Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
           };
           wgmma_fence();
-  #pragma unroll
+#pragma unroll
           for (int kk = 0; kk < kBM / 16; ++kk)
             Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
           if constexpr (!kDkAfterDq) issue_dk();
@@ -659,12 +659,12 @@ __global__ void __launch_bounds__(384, 1)
           else named_barrier_sync(2 + wg, 128);
           float dq[Cfg::kDqN / 2];
           if constexpr (Cfg::kDqSplitN) {
-  #pragma unroll
+#pragma unroll
             for (int kk = 0; kk < kBN / 16; ++kk)
               Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
                                                       desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
           } else {
-  #pragma unroll
+#pragma unroll
             for (int kk = 0; kk < 4; ++kk)
               Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
                   dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
@@ -701,7 +701,7 @@ __global__ void __launch_bounds__(384, 1)
             const uint32_t slot = sbase + Cfg::kOffDqStage + Cfg::ordered_dq_slot(wg, wi) * Cfg::kDqWarpBytes;
             const bool sums = !Cfg::kDqSplitN && wg == 1;
             if (sums) named_barrier_sync(4 + wi, 64);
-  #pragma unroll
+#pragma unroll
             for (int j = 0; j < Cfg::kDqN / 8; ++j) {
               const uint32_t a = slot + (j * 32 + lane) * 16;
               float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
@@ -742,7 +742,7 @@ __global__ void __launch_bounds__(384, 1)
               const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
               if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
               __syncwarp();
-  #pragma unroll
+#pragma unroll
               for (int j = 0; j < Cfg::kDqN / 8; ++j)
                 asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
                              "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
@@ -760,7 +760,7 @@ __global__ void __launch_bounds__(384, 1)
                 }
               }
             } else {
-  #pragma unroll
+#pragma unroll
               for (int j = 0; j < Cfg::kDqN / 8; ++j) {
                 if (j >= n_tiles) break;
                 float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, d_cols, lane);
