@@ -514,273 +514,274 @@ __global__ void __launch_bounds__(384, 1)
       // add / dK-after-dQ orders lost to more spills in them).
       auto step = [&](const int it, auto mask_tag) {
         constexpr bool kMaskStep = decltype(mask_tag)::value;
-          const int s = it % Cfg::kStages;
-          // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
-          // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
-          // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
-          uint32_t pa[4][4], dsa[4][4];
-          const float* lse_t = lse_s + s * kBM;
-          const float* d_t = d_s + s * kBM;
-          // dS^T slots of this step (buffer it % 2): row = key (128 B = 64 queries), 16-byte chunk c
-          // stored at c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and
-          // row offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4);
-          // the pair (8 kk + 2 q) of a fragment (queries 8 c + 2 t, + 1, c = 2 kk + q / 2) goes to
-          // ds_slot(kk, q).
-          // (Lambdas, evaluated where used: values computed up here stay live across the GEMMs of
-          // the plain path too, and ptxas spilled more.)
-          auto ds_slot = [&](int kk, int q) {
-            const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
-            return (ds_row + (q % 2) * 1024) ^ (static_cast<uint32_t>(2 * kk + q / 2) << 4);
-          };
-          // Element i of a 64 x 64 tile: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2),
-          // so key - query = rel0() + d_rel(i).
-          auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
-          auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
-          float dpacc[32];
-          auto issue_dp = [&] { gemm_over_d(dpacc, dV_a, dDo_b, s); };  // dP^T = V dO^T of this step
-          {
-            if constexpr (!Cfg::kPipelined) {
-              issue_s(it);
-              wgmma_wait<0>();
-            }
-            fence_operands(sacc);
-            if constexpr (Cfg::kPipelined) issue_dp();  // it runs while P^T is formed
-            if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
-              const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
-              auto each = [&](auto&& f) {
-#pragma unroll
-                for (int i = 0; i < 32; ++i) f(sacc[i], d_rel(i), 8 * ((i / 2) % 2));
-              };
-              cuda::apply_score_mods(each, p.scale, p.softcap,
-                                     cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
-                                     cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
-                                     sk - n0 - key_l0);
-            }
-            // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
-            // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
-            const int diag = m0 + diag0;
-            const bool need_mask = kMaskStep && (keys_left < kBN || (kCausal && kBN - 1 > diag));
-#pragma unroll
-            for (int i = 0; i < 32; ++i) {
-              const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-              float pv = bwd_ex2(fmaf(sacc[i], scale_log2, -lse_t[ql]));
-              if (need_mask) {
-                const int kl = key_l0 + 8 * ((i / 2) % 2);
-                if (kl >= keys_left || (kCausal && kl - ql > diag)) pv = 0.f;
-              }
-              sacc[i] = pv;
-            }
-            acc_to_afrag<T>(sacc, pa);
-            if (kFeatures && p.softcap > 0.f) {
-              // P^T (1 - tanh^2) from the fp32 P^T (tanh recovered from it: softcap_dtanh), parked
-              // as 16 bits in this thread's own dS^T slots (overwritten by dS^T below).
-              const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
-              const float inv_cap = 1.f / p.softcap;
-              const int diag32 = cuda::clamp_i32(coff);
-#pragma unroll
-              for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                  float f[2];
-#pragma unroll
-                  for (int e = 0; e < 2; ++e) {
-                    const int i = 8 * kk + 2 * q + e;
-                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                    f[e] = sacc[i] * cuda::softcap_dtanh(sacc[i], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i)),
-                                                         inv_cap);
-                  }
-                  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack2<T>(f[0], f[1])) : "memory");
-                }
-            }
-          }
-          {
-            if constexpr (!Cfg::kPipelined) issue_dp();
-            flush_dq();
+        const int s = it % Cfg::kStages;
+        // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
+        // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
+        // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
+        uint32_t pa[4][4], dsa[4][4];
+        const float* lse_t = lse_s + s * kBM;
+        const float* d_t = d_s + s * kBM;
+        // dS^T slots of this step (buffer it % 2): row = key (128 B = 64 queries), 16-byte chunk c
+        // stored at c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and
+        // row offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4);
+        // the pair (8 kk + 2 q) of a fragment (queries 8 c + 2 t, + 1, c = 2 kk + q / 2) goes to
+        // ds_slot(kk, q).
+        // (Lambdas, evaluated where used: values computed up here stay live across the GEMMs of
+        // the plain path too, and ptxas spilled more.)
+        auto ds_slot = [&](int kk, int q) {
+          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+          return (ds_row + (q % 2) * 1024) ^ (static_cast<uint32_t>(2 * kk + q / 2) << 4);
+        };
+        // Element i of a 64 x 64 tile: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2),
+        // so key - query = rel0() + d_rel(i).
+        auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
+        auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
+        float dpacc[32];
+        auto issue_dp = [&] { gemm_over_d(dpacc, dV_a, dDo_b, s); };  // dP^T = V dO^T of this step
+        {
+          if constexpr (!Cfg::kPipelined) {
+            issue_s(it);
             wgmma_wait<0>();
-            fence_operands(dpacc);
-            if constexpr (kFeatures) {
-              // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
-              const bool capped = p.softcap > 0.f;
-#pragma unroll
-              for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                  uint32_t pw = pa[kk][q];
-                  if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
-#pragma unroll
-                  for (int e = 0; e < 2; ++e) {
-                    const int i = 8 * kk + 2 * q + e;
-                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
-                  }
-                }
-            } else {  // dS^T = P^T (dP^T - D)
-#pragma unroll
-              for (int i = 0; i < 32; ++i) {
-                const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
-                dpacc[i] = pv * (dpacc[i] - d_t[ql]);
-              }
-            }
-            acc_to_afrag<T>(dpacc, dsa);
           }
-          if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
+          fence_operands(sacc);
+          if constexpr (Cfg::kPipelined) issue_dp();  // it runs while P^T is formed
+          if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
+            const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+            auto each = [&](auto&& f) {
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
+              for (int i = 0; i < 32; ++i) f(sacc[i], d_rel(i), 8 * ((i / 2) % 2));
+            };
+            cuda::apply_score_mods(each, p.scale, p.softcap,
+                                   cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                                   cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
+                                   sk - n0 - key_l0);
+          }
+          // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
+          // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
+          const int diag = m0 + diag0;
+          const bool need_mask = kMaskStep && (keys_left < kBN || (kCausal && kBN - 1 > diag));
 #pragma unroll
-              for (int q = 0; q < 4; ++q)
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
-          } else {  // the same slots, the address computed once per step (ds_slot's formula)
-            const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+          for (int i = 0; i < 32; ++i) {
+            const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+            float pv = bwd_ex2(fmaf(sacc[i], scale_log2, -lse_t[ql]));
+            if (need_mask) {
+              const int kl = key_l0 + 8 * ((i / 2) % 2);
+              if (kl >= keys_left || (kCausal && kl - ql > diag)) pv = 0.f;
+            }
+            sacc[i] = pv;
+          }
+          acc_to_afrag<T>(sacc, pa);
+          if (kFeatures && p.softcap > 0.f) {
+            // P^T (1 - tanh^2) from the fp32 P^T (tanh recovered from it: softcap_dtanh), parked
+            // as 16 bits in this thread's own dS^T slots (overwritten by dS^T below).
+            const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
+            const float inv_cap = 1.f / p.softcap;
+            const int diag32 = cuda::clamp_i32(coff);
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
               for (int q = 0; q < 4; ++q) {
-                const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
-                const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
+                float f[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int i = 8 * kk + 2 * q + e;
+                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                  f[e] = sacc[i] * cuda::softcap_dtanh(sacc[i], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i)),
+                                                       inv_cap);
+                }
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack2<T>(f[0], f[1])) : "memory");
               }
           }
-          fence_proxy_async_smem();
-          // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
-          auto issue_dk = [&] {
-#pragma unroll
-            for (int kk = 0; kk < kBM / 16; ++kk)
-              Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
-          };
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kBM / 16; ++kk)
-            Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
-          if constexpr (!kDkAfterDq) issue_dk();
-          wgmma_commit();
-          // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
-          if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
-          else named_barrier_sync(2 + wg, 128);
-          float dq[Cfg::kDqN / 2];
-          if constexpr (Cfg::kDqSplitN) {
-#pragma unroll
-            for (int kk = 0; kk < kBN / 16; ++kk)
-              Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
-                                                      desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
-          } else {
+        }
+        {
+          if constexpr (!Cfg::kPipelined) issue_dp();
+          flush_dq();
+          wgmma_wait<0>();
+          fence_operands(dpacc);
+          if constexpr (kFeatures) {
+            // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
+            const bool capped = p.softcap > 0.f;
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
-              Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
-                  dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
-                  desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
-          }
-          wgmma_commit();
-          if constexpr (kDkAfterDq) {
-            issue_dk();
-            wgmma_commit();
-            wgmma_wait<1>();  // dV and dQ; dK runs on while dQ is staged (its Q stage is freed below)
-          } else if constexpr (Cfg::kPipelined) {
-            if (it + 1 < n_iters) issue_s(it + 1);
-            else wgmma_commit();  // an empty group: the same wait on both paths
-            wgmma_wait<1>();      // all but the next step's S^T
-          } else {
-            wgmma_wait<0>();
-          }
-          fence_operands(dq);
-          fence_operands(dv);
-          auto release_stage = [&] {
-            fence_operands(dk);
-            __syncwarp();
-            if (warp_leader) mbarrier_arrive(bar.empty(s));
-          };
-          if constexpr (!kDkAfterDq) release_stage();
-          // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
-          // past sq are outside the padded slab and hold zeros anyway).
-          const int row16 = m0 + 16 * wi;
-          if constexpr (kOrderedDq) {
-            // Staged in this warp's slot once the writer has read the previous step's; it adds.
-            // d64: WG0's warp wi stores, WG1's warp wi then adds its partial there (named barrier
-            // 4 + wi of the pair): one partial per step, summed in a fixed order.
-            if (it > 0) mbarrier_wait(bar.dq_empty(), (it - 1) & 1);
-            const uint32_t slot = sbase + Cfg::kOffDqStage + Cfg::ordered_dq_slot(wg, wi) * Cfg::kDqWarpBytes;
-            const bool sums = !Cfg::kDqSplitN && wg == 1;
-            if (sums) named_barrier_sync(4 + wi, 64);
 #pragma unroll
-            for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-              const uint32_t a = slot + (j * 32 + lane) * 16;
-              float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-              if (sums) {
-                float4 w;
-                asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                             : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
-                             : "r"(a)
-                             : "memory");
-                v = make_float4(w.x + v.x, w.y + v.y, w.z + v.z, w.w + v.w);
+              for (int q = 0; q < 4; ++q) {
+                uint32_t pw = pa[kk][q];
+                if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int i = 8 * kk + 2 * q + e;
+                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                  dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
+                }
               }
-              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-                           : "memory");
+          } else {  // dS^T = P^T (dP^T - D)
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+              const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+              const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
+              dpacc[i] = pv * (dpacc[i] - d_t[ql]);
             }
-            if (!Cfg::kDqSplitN && wg == 0) {
-              named_barrier_arrive(4 + wi, 64);  // WG1's warp wi adds next
+          }
+          acc_to_afrag<T>(dpacc, dsa);
+        }
+        if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
+        } else {  // the same slots, the address computed once per step (ds_slot's formula)
+          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
+              const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
+              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
+            }
+        }
+        fence_proxy_async_smem();
+        // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
+        auto issue_dk = [&] {
+#pragma unroll
+          for (int kk = 0; kk < kBM / 16; ++kk)
+            Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
+        };
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk)
+          Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
+        if constexpr (!kDkAfterDq) issue_dk();
+        wgmma_commit();
+        // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
+        if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
+        else named_barrier_sync(2 + wg, 128);
+        float dq[Cfg::kDqN / 2];
+        if constexpr (Cfg::kDqSplitN) {
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk)
+            Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
+                                                    desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk)
+            Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
+                dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
+                desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
+        }
+        wgmma_commit();
+        if constexpr (kDkAfterDq) {
+          issue_dk();
+          wgmma_commit();
+          wgmma_wait<1>();  // dV and dQ; dK runs on while dQ is staged (its Q stage is freed below)
+        } else if constexpr (Cfg::kPipelined) {
+          if (it + 1 < n_iters) issue_s(it + 1);
+          else wgmma_commit();  // an empty group: the same wait on both paths
+          wgmma_wait<1>();      // all but the next step's S^T
+        } else {
+          wgmma_wait<0>();
+        }
+        fence_operands(dq);
+        fence_operands(dv);
+        auto release_stage = [&] {
+          fence_operands(dk);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(bar.empty(s));
+        };
+        if constexpr (!kDkAfterDq) release_stage();
+        // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
+        // past sq are outside the padded slab and hold zeros anyway).
+        const int row16 = m0 + 16 * wi;
+        if constexpr (kOrderedDq) {
+          // Staged in this warp's slot once the writer has read the previous step's; it adds.
+          // d64: WG0's warp wi stores, WG1's warp wi then adds its partial there (named barrier
+          // 4 + wi of the pair): one partial per step, summed in a fixed order.
+          if (it > 0) mbarrier_wait(bar.dq_empty(), (it - 1) & 1);
+          const uint32_t slot = sbase + Cfg::kOffDqStage + Cfg::ordered_dq_slot(wg, wi) * Cfg::kDqWarpBytes;
+          const bool sums = !Cfg::kDqSplitN && wg == 1;
+          if (sums) named_barrier_sync(4 + wi, 64);
+#pragma unroll
+          for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+            const uint32_t a = slot + (j * 32 + lane) * 16;
+            float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+            if (sums) {
+              float4 w;
+              asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                           : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
+                           : "r"(a)
+                           : "memory");
+              v = make_float4(w.x + v.x, w.y + v.y, w.z + v.z, w.w + v.w);
+            }
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                         : "memory");
+          }
+          if (!Cfg::kDqSplitN && wg == 0) {
+            named_barrier_arrive(4 + wi, 64);  // WG1's warp wi adds next
+          } else {
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(bar.dq_full());
+          }
+        } else if (row16 < sq) {
+          // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
+          const cuda::DqAccumSlabs acc =
+              p.dq_accum != nullptr
+                  ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
+                  : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
+                                                       cuda::dq_accum_cols(d_cols),
+                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(d_cols)};
+          float* slab = acc.base + h * acc.head_stride;
+          const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
+          // dq_accum has the true d's columns (launch.h): with d below the bucket only this
+          // warp's first n_tiles column tiles exist (the rest of dq is the zero padding's).
+          const int n_tiles = kPaddedD ? min(Cfg::kDqN, d_cols - col_base) / 8 : Cfg::kDqN / 8;
+          if constexpr (kBulkDq) {
+            // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
+            // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
+            const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
+            if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < Cfg::kDqN / 8; ++j)
+              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                           "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+                           : "memory");
+            if constexpr (kDeferDq) {
+              dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
+              dq_pending_bytes = n_tiles * 512;
             } else {
               fence_proxy_async_smem();
               __syncwarp();
-              if (warp_leader) mbarrier_arrive(bar.dq_full());
-            }
-          } else if (row16 < sq) {
-            // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
-            const cuda::DqAccumSlabs acc =
-                p.dq_accum != nullptr
-                    ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
-                    : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
-                                                         cuda::dq_accum_cols(d_cols),
-                                         static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(d_cols)};
-            float* slab = acc.base + h * acc.head_stride;
-            const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
-            // dq_accum has the true d's columns (launch.h): with d below the bucket only this
-            // warp's first n_tiles column tiles exist (the rest of dq is the zero padding's).
-            const int n_tiles = kPaddedD ? min(Cfg::kDqN, d_cols - col_base) / 8 : Cfg::kDqN / 8;
-            if constexpr (kBulkDq) {
-              // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
-              // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
-              const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
-              if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
-              __syncwarp();
-#pragma unroll
-              for (int j = 0; j < Cfg::kDqN / 8; ++j)
-                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
-                             "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
-                             : "memory");
-              if constexpr (kDeferDq) {
-                dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
-                dq_pending_bytes = n_tiles * 512;
-              } else {
-                fence_proxy_async_smem();
-                __syncwarp();
-                if (lane == 0 && n_tiles > 0) {
-                  bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
-                                      n_tiles * 512);  // 16 x 8 fp32 per tile
-                  tma_store_commit();
-                }
-              }
-            } else {
-#pragma unroll
-              for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-                if (j >= n_tiles) break;
-                float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, d_cols, lane);
-                atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
+              if (lane == 0 && n_tiles > 0) {
+                bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
+                                    n_tiles * 512);  // 16 x 8 fp32 per tile
+                tma_store_commit();
               }
             }
+          } else {
+#pragma unroll
+            for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+              if (j >= n_tiles) break;
+              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, d_cols, lane);
+              atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
+            }
           }
-          if constexpr (kDkAfterDq) {
-            wgmma_wait<0>();  // dK: its Q stage goes back to the producer
-            release_stage();
-          }
-          if constexpr (Cfg::kPipelined) wgmma_wait<0>();  // the next step's S^T
-          m0 += kBM;
-          if (m0 == m_end0) {
-            m0 = tr.m_begin * kBM;
-            ++h;
-          }
+        }
+        if constexpr (kDkAfterDq) {
+          wgmma_wait<0>();  // dK: its Q stage goes back to the producer
+          release_stage();
+        }
+        if constexpr (Cfg::kPipelined) wgmma_wait<0>();  // the next step's S^T
+        m0 += kBM;
+        if (m0 == m_end0) {
+          m0 = tr.m_begin * kBM;
+          ++h;
+        }
       };
       for (int it = 0; it < n_iters; ++it) {
         if constexpr (kSplitMask) {
+          // The steps need_mask (in step) picks out: keys past sk, or keys after some of its queries.
           if (keys_left < kBN || kBN - 1 > m0 + diag0) step(it, std::true_type{});
           else step(it, std::false_type{});
         } else {
