@@ -120,26 +120,45 @@ def spread(values) -> float:
     return max(values) / min(values) - 1 if min(values) > 0 else float("inf")
 
 
-def profile_point(d: int, s: int, causal: int, out_dir: str) -> int:
+def profile_point(d: int, s: int, causal: int, out_dir: str, impls: list[str]) -> int:
+    """Per implementation: each CUDA kernel's mean time per call (us), forward and backward
+    profiled separately (the backward alone: its pre-pass, main kernel and dQ convert)."""
     from torch.profiler import ProfilerActivity, profile
     b, h = 16384 // s, 2048 // d
     os.makedirs(out_dir, exist_ok=True)
-    for name in ("orchard", "sdpa_flash"):
+    calls = 10
+    for name in impls:
         run = IMPLS[name]
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+                   for _ in range(3))
         dout = torch.randn_like(q)
-        step = lambda: torch.autograd.grad(run(q, k, v, bool(causal)), (q, k, v), dout)  # noqa: E731
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+        out = run(q, k, v, bool(causal))
+        phases = {"fwd": lambda: run(q, k, v, bool(causal)),
+                  "bwd": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)}
+        lines = [f"=== {name}: d={d} s={s} causal={bool(causal)} b={b} h={h}, us per call (mean of {calls})"]
+        for phase, step in phases.items():
+            for _ in range(3):
                 step()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
-        print(f"=== {name}: 5 x fwd+bwd, d={d} s={s} causal={bool(causal)} b={b} h={h}\n{table}", flush=True)
-        with open(os.path.join(out_dir, f"profile_{name}.txt"), "w") as f:
-            f.write(table)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    step()
+                torch.cuda.synchronize()
+            kernels = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.time_range.elapsed_us() / calls
+            total = sum(kernels.values())
+            lines.append(f"  {phase}: {total:9.1f} us in {len(kernels)} kernels")
+            for kname, us in sorted(kernels.items(), key=lambda x: -x[1]):
+                lines.append(f"    {us:9.1f}  {100 * us / total:5.1f} %  {kname[:110]}")
+        text = "\n".join(lines)
+        print(text, flush=True)
+        with open(os.path.join(out_dir, f"profile_{name}_d{d}_s{s}_c{causal}.txt"), "w") as f:
+            f.write(text + "\n")
+        del q, k, v, out
+        torch.cuda.empty_cache()
     return 0
 
 
@@ -170,11 +189,14 @@ def main() -> int:
     ap.add_argument("--no-extras", action="store_true",
                     help="the grid only (no small-shape latency or s = 32k peak-memory rows)")
     ap.add_argument("--profile", default="", metavar="D,S,CAUSAL",
-                    help="instead of the grid: torch.profiler kernel table for orchard and sdpa_flash "
-                         "fwd+bwd at one grid point (e.g. 128,8192,0); shows every kernel and copy a call launches")
+                    help="instead of the grid: each --impls' kernels (us per call, forward and backward "
+                         "profiled apart) at grid points D,S,CAUSAL (',' or ':' between fields; several "
+                         "points separated by ';' or '+', e.g. 128:2048:0+64:2048:1)")
     args = ap.parse_args()
     if args.profile:
-        return profile_point(*(int(x) for x in args.profile.split(",")), args.out)
+        for point in args.profile.replace("+", ";").split(";"):
+            profile_point(*(int(x) for x in point.replace(":", ",").split(",")), args.out, args.impls.split(","))
+        return 0
 
     card = torch.cuda.get_device_name()
     seqlens = [2048, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
