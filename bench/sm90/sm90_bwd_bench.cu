@@ -445,6 +445,11 @@ int main(int argc, char** argv) {
         {false, 128, true, false, 1, 8, 1, 777, 777},   {true, 64, false, false, 2, 4, 4, 512, 512},
         {true, 64, true, false, 1, 8, 2, 700, 900},     {true, 64, true, true, 1, 4, 4, 333, 555},
         {false, 64, false, false, 1, 4, 2, 1000, 129},  {false, 64, true, false, 2, 4, 4, 65, 64},
+        // More tiles than an H100 / H200 has SMs: the persistent CTAs run several each (GQA,
+        // both causal alignments, sq != sk; top-left with sk > sq gives tiles no query reaches).
+        {true, 128, false, false, 4, 16, 16, 1024, 1024}, {true, 128, true, false, 3, 16, 4, 1000, 1500},
+        {true, 128, true, true, 2, 8, 8, 700, 2000},      {false, 64, true, false, 4, 16, 8, 1024, 1024},
+        {true, 64, false, false, 2, 32, 32, 1500, 1500},
     };
     for (const Shape& sh : checks)
       each_dtype(sh, [&](auto t) { fails += !check_shape<decltype(t)>(sh, 1234 + fails); });

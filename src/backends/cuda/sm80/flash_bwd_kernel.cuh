@@ -57,6 +57,7 @@
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
+#include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/mma_utils.cuh"
 #include "backends/cuda/sm80/swizzled_tile.cuh"
 #include "orchard/params.h"
@@ -176,6 +177,7 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
 // reads are fully coalesced; a warp writes one 16-row x 16-byte tile.
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, const float* acc, bool vec) {
+  pdl_wait_primary();  // the sm90 backward launches it as the main kernel's dependent (pdl.cuh)
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
   const int col_tiles = dq_accum_cols(p.d) / 8;
   const int row_tiles = dq_accum_rows(p.sq) / 16;
@@ -212,6 +214,86 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
     put(row, v.x, v.y);
     put(row + 8, v.z, v.w);
   }
+}
+
+// The same conversion on the 16-byte path (rows_vec16): each warp takes 16 rows x up to 64
+// columns (8 consecutive 16 x 8 tiles of dq_accum: eight 512-byte reads in flight per warp),
+// stages them as 16-bit rows in shared memory and writes whole 128-byte row segments, where the
+// tile-per-warp kernel above wrote 16 bytes of a row per store.  ORCHARD_DQ_CONVERT_ROWS=0: that
+// kernel on every path (an A/B switch).
+#ifndef ORCHARD_DQ_CONVERT_ROWS
+#define ORCHARD_DQ_CONVERT_ROWS 1
+#endif
+constexpr int kConvertRowsWarps = 8;
+template <typename T>
+__global__ void __launch_bounds__(256) bwd_convert_dq_rows_kernel(const BwdParams p, const float* acc) {
+  pdl_wait_primary();  // as bwd_convert_dq_kernel
+  constexpr int kPitch = 36;  // words per staged row: 32 (64 columns) + 4 (conflict-free writes, 16-byte rows)
+  __shared__ __align__(16) uint32_t stage[kConvertRowsWarps][16][kPitch];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col_tiles = p.d / 8;  // d % 8 == 0 on this path
+  const int col_groups = (col_tiles + 7) / 8;
+  const int row_tiles = dq_accum_rows(p.sq) / 16;
+  const int64_t per_slab = static_cast<int64_t>(row_tiles) * col_groups;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kConvertRowsWarps + warp;
+  if (chunk >= static_cast<int64_t>(p.b) * p.hq * per_slab) return;  // warp-uniform; only __syncwarp below
+  const int64_t bh = chunk / per_slab;
+  const int in_slab = static_cast<int>(chunk % per_slab);
+  const int rt = in_slab / col_groups, ct0 = (in_slab % col_groups) * 8;
+  const int n_tiles = min(8, col_tiles - ct0);
+  const float* src = acc + bh * row_tiles * 16 * (col_tiles * 8) + (static_cast<int64_t>(rt) * col_tiles + ct0) * 128 + lane * 4;
+  float4 v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    if (j < n_tiles) v[j] = *reinterpret_cast<const float4*>(src + j * 128);
+  const int g = lane / 4, t = lane % 4;
+  const float sc = p.scale;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (j < n_tiles) {  // lane (g, t) of tile j: rows g and g + 8, columns 8 j + 2 t, + 1
+      stage[warp][g][4 * j + t] = MmaType<T>::pack(v[j].x * sc, v[j].y * sc);
+      stage[warp][g + 8][4 * j + t] = MmaType<T>::pack(v[j].z * sc, v[j].w * sc);
+    }
+  }
+  __syncwarp();
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + ct0 * 8;
+  int sq = p.sq;
+  if (p.cu_seqlens_q != nullptr) {  // varlen: this sequence's rows
+    const SeqSpan span = seq_span(p, b);
+    sq = span.len_q;
+    dq += span.q_start * p.dq_row_stride;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // 16 rows x 8 tiles of 16 bytes: 4 rows (4 full 128-byte segments) per pass
+    const int r = 4 * i + lane / 8, j = lane % 8;
+    const int row = rt * 16 + r;
+    if (j < n_tiles && row < sq)
+      *reinterpret_cast<uint4*>(dq + static_cast<int64_t>(row) * p.dq_row_stride + 8 * j) =
+          *reinterpret_cast<const uint4*>(&stage[warp][r][4 * j]);
+  }
+}
+
+// dQ = scale * dq_accum in T for every (batch, q head): the rows kernel on the 16-byte path, the
+// tile kernel otherwise.  pdl: launched as the previous kernel's programmatic dependent (both
+// kernels wait for it before reading).
+template <typename T>
+void launch_bwd_convert_dq(const BwdParams& p, const float* acc, bool vec, cudaStream_t stream, bool pdl) {
+  dim3 grid;
+  if (ORCHARD_DQ_CONVERT_ROWS && vec) {
+    const int64_t chunks =
+        static_cast<int64_t>(p.b) * p.hq * (dq_accum_rows(p.sq) / 16) * ((p.d / 8 + 7) / 8);
+    grid = dim3(static_cast<unsigned>((chunks + kConvertRowsWarps - 1) / kConvertRowsWarps));
+    if (pdl) launch_pdl(bwd_convert_dq_rows_kernel<T>, grid, dim3(256), 0, stream, p, acc);
+    else bwd_convert_dq_rows_kernel<T><<<grid, 256, 0, stream>>>(p, acc);
+    check_launch("bwd_convert_dq_rows_kernel");
+    return;
+  }
+  const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);  // float4 slots
+  grid = dim3(static_cast<unsigned>((n4 + 255) / 256));
+  if (pdl) launch_pdl(bwd_convert_dq_kernel<T>, grid, dim3(256), 0, stream, p, acc, vec);
+  else bwd_convert_dq_kernel<T><<<grid, 256, 0, stream>>>(p, acc, vec);
+  check_launch("bwd_convert_dq_kernel");
 }
 
 // Launches bwd_dot_kernel over every (batch, q head, row) of p, and, when dq_accum
@@ -1609,10 +1691,7 @@ void launch_flash_bwd(const BwdParams& p) {
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0 || !own_dq_accum) return;
   if (atomic_dq) {
-    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);  // float4 slots
-    bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(
-        p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset), vec);
-    check_launch("bwd_convert_dq_kernel");
+    launch_bwd_convert_dq<T>(p, reinterpret_cast<const float*>(ws + layout.dq_accum_offset), vec, stream, false);
   } else {
     auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
       return flash_bwd_dq_kernel<T, kD, kCausal, kDropout, decltype(bias)::value>;

@@ -68,6 +68,7 @@
 #include <type_traits>
 
 #include "backends/cuda/launch.h"
+#include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
@@ -83,6 +84,12 @@
 // with kDkAfterDq as in the non-causal ones.
 #ifndef ORCHARD_SM90_BWD_CAUSAL_DK_AFTER_DQ
 #define ORCHARD_SM90_BWD_CAUSAL_DK_AFTER_DQ 1
+#endif
+
+// The persistent launch of the d64 / d128 kernels (launch_flash_bwd_sm90_main: one CTA per SM,
+// each running tiles blockIdx.x, + gridDim.x, ...; not the deterministic mode's kernels).
+#ifndef ORCHARD_SM90_BWD_PERSISTENT
+#define ORCHARD_SM90_BWD_PERSISTENT 1
 #endif
 
 namespace orchard::sm90 {
@@ -117,7 +124,7 @@ struct BwdSm90Config {
   static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
   static constexpr int kSmemBytes = kOffBars + 128 + 1024;  // + 1024: align the base up
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
-  static_assert(8 + 16 * kStages + 16 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty");
+  static_assert(8 + 16 * kStages + 24 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty");
   // kOrderedDq: consumer warp (wg, wi)'s dQ partial slot in the stage area, so that the slots
   // of one step lie in dq_accum's order (d128: rows 16 wi, columns 64 wg of a 64 x 128 block:
   // one contiguous bulk add; d64: both WGs' partials cover rows 16 wi, all 64 columns: WG1's
@@ -203,23 +210,26 @@ __device__ __forceinline__ BwdTileRange bwd_window_tile_range(int n0, int kBN, i
 struct BwdCta {
   int b, hk, n_block;
 };
+// `tile`: the linear tile index (the CTA's index, or a persistent CTA's current tile).
 template <bool kGrouped>
-__device__ __forceinline__ BwdCta bwd_sm90_cta(const BwdParams& p, int num_n_blocks, int head_group) {
+__device__ __forceinline__ BwdCta bwd_sm90_cta(const BwdParams& p, int num_n_blocks, int head_group,
+                                               int64_t tile) {
   int64_t head;
   int n_block;
   if (kGrouped) {
-    const cuda::CtaCoord c = cuda::causal_cta_coord(blockIdx.x, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
+    const cuda::CtaCoord c = cuda::causal_cta_coord(tile, num_n_blocks, head_group, static_cast<int64_t>(p.b) * p.hkv);
     head = c.head;
     n_block = c.n_block;
   } else {
-    head = blockIdx.x / num_n_blocks;
-    n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+    head = tile / num_n_blocks;
+    n_block = static_cast<int>(tile % num_n_blocks);
   }
   return {static_cast<int>(head / p.hkv), static_cast<int>(head % p.hkv), n_block};
 }
 
 // The backward's mbarriers at `bars`, 8 bytes each (both kernels): kv_full, then full[kStages]
-// (the producer warp's 32 lanes + the TMA's tx), then empty[kStages] (one arrival per consumer warp).
+// (the producer warp's 32 lanes + the TMA's tx), then empty[kStages] (one arrival per consumer warp);
+// kOrderedDq's dq_full / dq_empty; kv_empty (the persistent kernels).
 template <int kStages>
 struct BwdSm90Barriers {
   uint32_t bars;
@@ -230,45 +240,47 @@ struct BwdSm90Barriers {
   // warp), and the dQ writer done reading them (one arrival).
   __device__ __forceinline__ uint32_t dq_full() const { return bars + 8 + 16 * kStages; }
   __device__ __forceinline__ uint32_t dq_empty() const { return bars + 16 + 16 * kStages; }
-};
-
-// Shared memory a backward CTA's producer fills (both kernels: flash_bwd_sm90_wide.cuh too).
-struct BwdSm90Stage {
-  uint32_t k, v, q, dout;  // K / V tiles, Q / dO stage rings (Cfg::kStages x Cfg::kQBytes)
-  uint32_t bars;           // BwdSm90Barriers<kStages>
-  float* lse;              // [kStages][kBM], log2 units
-  float* d;                // [kStages][kBM]
+  // A persistent CTA's K / V tiles read for the last time (one arrival per consumer warp): the
+  // producer may load the next tile's.
+  __device__ __forceinline__ uint32_t kv_empty() const { return bars + 24 + 16 * kStages; }
 };
 
 // The producer warp (warp 8): K and V of key tile n0 once (TMA), then per step (query tile of
 // tr, q head of the GQA group) Q and dO by TMA into the stage ring plus the tile's LSE (log2
 // units; +inf for rows past sq / rows that see no key) and D (0 past sq) written by its 32
-// lanes.  Barriers: BwdSm90Barriers<kStages> at sm.bars.
+// lanes, into the shared memory at sbase (the CTA's aligned base: Cfg's kOff* layout, both
+// kernels; offsets from one base keep the producer's 24 registers for its loop).  Barriers:
+// BwdSm90Barriers<kStages> at sbase + Cfg::kOffBars.  A persistent CTA calls it once per
+// tile: it_base = the steps of its earlier tiles (the ring's stage and phase run on across tiles),
+// kv_round = those tiles' count; from the second tile on, the first step's Q / dO go out first
+// (their stage is free before the last tile ends), then the K / V tiles once the consumers
+// have released the previous ones (kv_empty).
 template <typename Cfg>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const BwdParams& p, const float* dsum,
-                                                 const BwdSm90Stage& sm, int b, int hk, int group, int n0,
-                                                 BwdTileRange tr, int lane) {
+                                                 uint32_t sbase, int b, int hk, int group, int n0,
+                                                 BwdTileRange tr, int lane, int it_base = 0, int kv_round = 0) {
   constexpr int kBM = Cfg::kBM, kChunks = Cfg::kChunks;
   const int sq = p.sq;
-  const BwdSm90Barriers<Cfg::kStages> bar{sm.bars};
+  const BwdSm90Barriers<Cfg::kStages> bar{sbase + Cfg::kOffBars};
   const uint32_t kv_full = bar.kv_full();
   const int n_iters = tr.n_m * group;
   const float log2e = 1.4426950408889634f;
-  if (lane == 0) {
-    tma_prefetch_desc(&maps.q);
-    tma_prefetch_desc(&maps.dout);
-    mbarrier_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+  auto load_kv = [&] {
+    if (lane == 0) {
+      mbarrier_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      tma_load_4d(sm.k + c * Cfg::kKVChunkBytes, &maps.k, kv_full, 64 * c, n0, hk, b);
-      tma_load_4d(sm.v + c * Cfg::kKVChunkBytes, &maps.v, kv_full, 64 * c, n0, hk, b);
+      for (int c = 0; c < kChunks; ++c) {
+        tma_load_4d(sbase + c * Cfg::kKVChunkBytes, &maps.k, kv_full, 64 * c, n0, hk, b);
+        tma_load_4d(sbase + Cfg::kOffV + c * Cfg::kKVChunkBytes, &maps.v, kv_full, 64 * c, n0, hk, b);
+      }
     }
-  }
-  for (int it = 0; it < n_iters; ++it) {
-    const int h = hk * group + it / tr.n_m;
-    const int m0 = (tr.m_begin + it % tr.n_m) * kBM;
-    const int s = it % Cfg::kStages;
-    const uint32_t ph = (it / Cfg::kStages) & 1;
+  };
+  // The step cursor (advanced, not divided: d64's 3 stages made the divisions spill the
+  // producer's 24 registers): q head h, query tile m of tr, ring stage s and its phase ph.
+  int h = hk * group, m = tr.m_begin, s = it_base % Cfg::kStages;
+  uint32_t ph = (it_base / Cfg::kStages) & 1;
+  auto load_step = [&] {
+    const int m0 = m * kBM;
     mbarrier_wait(bar.empty(s), ph ^ 1);
     const float* lse_g = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride;
     const float* d_g = dsum + (static_cast<int64_t>(b) * p.hq + h) * sq;
@@ -282,20 +294,43 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
         l = l == -INFINITY ? INFINITY : l * log2e;
         dd = d_g[row];
       }
-      sm.lse[s * kBM + r] = l;
-      sm.d[s * kBM + r] = dd;
+      const uint32_t at = sbase + 4 * (s * kBM + r);
+      asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(at + Cfg::kOffLse), "f"(l) : "memory");
+      asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(at + Cfg::kOffD), "f"(dd) : "memory");
     }
     if (lane == 0) {
       mbarrier_arrive_expect_tx(bar.full(s), 2 * Cfg::kQBytes);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        tma_load_4d(sm.q + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.q, bar.full(s), 64 * c, m0, h, b);
-        tma_load_4d(sm.dout + s * Cfg::kQBytes + c * Cfg::kQChunkBytes, &maps.dout, bar.full(s), 64 * c, m0, h, b);
+        const uint32_t at = sbase + s * Cfg::kQBytes + c * Cfg::kQChunkBytes;
+        tma_load_4d(at + Cfg::kOffQ, &maps.q, bar.full(s), 64 * c, m0, h, b);
+        tma_load_4d(at + Cfg::kOffDo, &maps.dout, bar.full(s), 64 * c, m0, h, b);
       }
     } else {
       mbarrier_arrive(bar.full(s));
     }
+    if (++m == tr.m_begin + tr.n_m) {
+      m = tr.m_begin;
+      ++h;
+    }
+    if (++s == Cfg::kStages) {
+      s = 0;
+      ph ^= 1;
+    }
+  };
+  int it = 0;
+  if (kv_round == 0) {
+    if (lane == 0) {
+      tma_prefetch_desc(&maps.q);
+      tma_prefetch_desc(&maps.dout);
+    }
+  } else {
+    load_step();
+    ++it;
+    mbarrier_wait(bar.kv_empty(), (kv_round - 1) & 1);
   }
+  load_kv();
+  for (; it < n_iters; ++it) load_step();
 }
 
 // kOrderedDq's dQ writer (warp 9): per step, once the 8 consumer warps have staged their dQ
@@ -347,6 +382,9 @@ __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
   using Cfg = BwdSm90Config<kD>;
+  // Launched as the pre-pass's programmatic dependent (launch_flash_bwd_sm90_main): D and the
+  // cleared dq_accum are that kernel's output.
+  cuda::pdl_wait_primary();
   const int d_cols = kPaddedD ? p.d : kD;  // columns of dq_accum, dK and dV
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
   // setmaxnreg moves registers inside the CTA's launch allocation (384 x 168 = 64512): 128 x 24
@@ -364,20 +402,32 @@ __global__ void __launch_bounds__(384, 1)
   const BwdSm90Barriers<Cfg::kStages> bar{bars};
   const uint32_t kv_full = bar.kv_full();
 
-  // kOrderedDq: the grouped order for both masks (head_group from ordered_head_group).
-  const BwdCta cta = bwd_sm90_cta<kCausal || kOrderedDq>(p, num_n_blocks, head_group);
-  const int b = cta.b, hk = cta.hk;
   const int group = p.hq / p.hkv;
-  const int n0 = cta.n_block * kBN;
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
   // Features (window / softcap / ALiBi): CTA-uniform run-time flags.
   const bool has_window = kFeatures && cuda::window_active(kCausal, p.window_left, p.window_right);
-  const BwdTileRange tr =
-      has_window
-          ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
-          : bwd_tile_range(n0, sq, coff, kCausal, kBM);
-  const int n_iters = tr.n_m * group;
+  // Tiles (one 128-key block of one (batch, kv head)): the CTA runs tiles blockIdx.x,
+  // + gridDim.x, ...: one per CTA when the grid covers them, several in the persistent launch
+  // (launch_flash_bwd_sm90_main; never for kOrderedDq, whose turn order assumes a CTA per tile).
+  // kOrderedDq: the grouped order for both masks (head_group from ordered_head_group).
+  // (A grid of one CTA per tile has at most 2^31 - 1 of them.)
+  const int num_tiles = static_cast<int>(min(static_cast<int64_t>(num_n_blocks) * p.b * p.hkv, int64_t{INT32_MAX}));
+  struct Work {
+    BwdCta cta;
+    int n0;
+    BwdTileRange tr;
+    int n_iters;  // steps: query tiles x q heads of the group
+  };
+  auto work_of = [&](int tile) {
+    const BwdCta cta = bwd_sm90_cta<kCausal || kOrderedDq>(p, num_n_blocks, head_group, tile);
+    const int n0 = cta.n_block * kBN;
+    const BwdTileRange tr =
+        has_window
+            ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
+            : bwd_tile_range(n0, sq, coff, kCausal, kBM);
+    return Work{cta, n0, tr, tr.n_m * group};
+  };
 
   const int warp = warp_idx_uniform();
   const int lane = threadIdx.x % 32;
@@ -387,6 +437,7 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_init(bar.full(s), 32);  // the producer warp's 32 lanes (LSE / D stores + the TMA's tx)
       mbarrier_init(bar.empty(s), 8);  // one arrival per consumer warp
     }
+    mbarrier_init(bar.kv_empty(), 8);  // one arrival per consumer warp
     if constexpr (kOrderedDq) {
       static_assert(kBulkDq && !kFeatures && !kPaddedD, "ordered dQ: the plain bulk-dQ kernels only");
       mbarrier_init(bar.dq_full(), Cfg::kOrderedDqArrivals);
@@ -399,14 +450,24 @@ __global__ void __launch_bounds__(384, 1)
   if (warp >= 8) {
     // ---------------- producer ----------------
     setmaxnreg_dec<kProducerRegs>();
-    if (warp == 8 && n_iters > 0)
-      bwd_sm90_produce<Cfg>(maps, p, dsum, BwdSm90Stage{sK, sV, sQ, sDo, bars, lse_s, d_s}, b, hk, group, n0, tr, lane);
-    if constexpr (kOrderedDq) {
-      if (warp == 9 && n_iters > 0) {
+    if (warp == 8) {
+      int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const Work w = work_of(tile);
+        if (w.n_iters == 0) continue;
+        bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk,
+                              group, w.n0, w.tr, lane, it_base, kv_round);
+        it_base += w.n_iters;
+        ++kv_round;
+      }
+    }
+    if constexpr (kOrderedDq) {  // one tile per CTA (the launcher's grid)
+      const Work w = work_of(blockIdx.x);
+      if (warp == 9 && w.n_iters > 0) {
         int* turns = reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
                                             cuda::bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);
-        bwd_sm90_write_dq_ordered<Cfg>(p, dq_accum, turns, sbase + Cfg::kOffDqStage, bars, b, hk, group,
-                                       cta.n_block, tr, lane);
+        bwd_sm90_write_dq_ordered<Cfg>(p, dq_accum, turns, sbase + Cfg::kOffDqStage, bars, w.cta.b, w.cta.hk, group,
+                                       w.cta.n_block, w.tr, lane);
       }
     }
   } else {
@@ -417,10 +478,6 @@ __global__ void __launch_bounds__(384, 1)
     const int g = lane / 4, t = lane % 4;
     const int key_l0 = 64 * wg + 16 * wi + g;  // this thread's first key row in the tile (second: + 8)
     const float scale_log2 = p.scale * 1.4426950408889634f;
-
-    float dk[kD / 2], dv[kD / 2];
-#pragma unroll
-    for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
 
     // K / V rows of this WG as the A operand (K-major over d); Q / dO stages as B (K-major)
     // for S^T / dP^T and MN-major for dK / dV.
@@ -435,11 +492,6 @@ __global__ void __launch_bounds__(384, 1)
     const uint64_t dKt_b = make_desc_mnmajor_sw128(sK, Cfg::kKVChunkBytes);
     const bool warp_leader = lane == 0;
 
-    // Causal diagonal of key tile n0 in 32-bit tile coordinates: query row m0 + ql sees tile
-    // key kl iff kl - ql <= m0 + diag0 (clamped: |coff| may exceed int range in principle).
-    const int64_t diag64 = coff - n0;
-    const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
-    const int keys_left = sk - n0;
     // The step in two copies, masked and not (step below): the plain causal d128 kernels, for
     // kDkAfterDq's registers.  The H200 (session 24, ab_bwd.sh, 3 + 5 alternating rounds): the
     // split alone 0.99-1.02x at d128 (spills 20 -> 12 B) and 0.94-1.0x at d64 causal (not used
@@ -452,363 +504,385 @@ __global__ void __launch_bounds__(384, 1)
       return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
                            p.alibi_slopes != nullptr);
     };
-    if (n_iters > 0) {
-      mbarrier_wait(kv_full, 0);
-      int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of iteration it, advanced at its end
-      const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
-      // acc = A B^T over the d columns: A = this WG's 64 K or V rows, B = stage st's 64 Q or dO
-      // rows (both K-major), one commit group.
-      auto gemm_over_d = [&](float(&acc)[32], uint64_t a, uint64_t b, int st) {
-        wgmma_fence();
+    float dk[kD / 2], dv[kD / 2];
+    int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      const Work w = work_of(tile);
+      const int b = w.cta.b, hk = w.cta.hk, n0 = w.n0, n_iters = w.n_iters;
+      const BwdTileRange tr = w.tr;
 #pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) {
-          const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
-          const uint32_t offq = st * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
-          Wgmma<kBM, T>::template ss<0, 0>(acc, desc_advance(a, off), desc_advance(b, offq), kk > 0);
-        }
-        wgmma_commit();
-      };
-      // S^T = K Q^T of step `step` (waits for its Q stage), one commit group.  Cfg::kPipelined:
-      // issued for step it + 1 right after step it's dQ GEMM (it runs while dQ goes out) and
-      // waited for before the loop's back edge (a wgmma in flight across it makes ptxas inject
-      // waits, C7517).
-      float sacc[32];
-      auto issue_s = [&](int step) {
-        const int st = step % Cfg::kStages;
-        mbarrier_wait(bar.full(st), (step / Cfg::kStages) & 1);
-        gemm_over_d(sacc, dK_a, dQ_b, st);
-      };
-      if constexpr (Cfg::kPipelined) {
-        issue_s(0);
-        wgmma_wait<0>();
-      }
-      // kDeferDq: the dQ partial staged at the end of a step is fenced and bulk-added in the next
-      // step, after its P^T is formed: the stores have drained by then (ncu, the H200, s8k: the
-      // fence right after them held the warps for 6.6 % (d128) / 8.2 % (d64) of the samples).
-      // Session 19, medians of 3 alternating runs: d64 +2-4 % non-causal, -1 to +5 % causal;
-      // d128 non-causal +2-3.6 %, causal -4 to -7 % (more spills): not there.  Only in the plain
-      // kernels (no features, d == kD), the instantiations the kernel bench's checks verified.
-      constexpr bool kDeferDq = kBulkDq && (kD == 64 || !kCausal) && !kFeatures && !kPaddedD && !kOrderedDq;
-      // kDkAfterDq (d128; causal with kSplitMask): the dK GEMM is issued after the dQ GEMM and waited for only
-      // after the dQ partial is staged, so the staging runs beside it.  The H200 (session 23,
-      // ab_bwd.sh, medians of 3 alternating rounds): non-causal +3.3-4.2 % (s2k 488 -> 509, s16k
-      // 541 -> 561 TFLOP/s; fp16 +3.3 %), causal 0.98-1.0x (one outlier +14 %), more spills there.
-      constexpr bool kDkAfterDq = ORCHARD_SM90_BWD_DK_AFTER_DQ && Cfg::kDqSplitN && (!kCausal || kSplitMask) && !kOrderedDq;
-      const uint32_t dq_stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
-      float* dq_pending = nullptr;  // where the staged partial goes (nullptr: none)
-      int dq_pending_bytes = 0;
-      auto flush_dq = [&] {
-        if constexpr (kDeferDq) {
-          fence_proxy_async_smem();
-          __syncwarp();
-          if (lane == 0 && dq_pending != nullptr) {
-            bulk_reduce_add_f32(dq_pending, dq_stage_buf, dq_pending_bytes);
-            tma_store_commit();
+      for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+      // Causal diagonal of key tile n0 in 32-bit tile coordinates: query row m0 + ql sees tile
+      // key kl iff kl - ql <= m0 + diag0 (clamped: |coff| may exceed int range in principle).
+      const int64_t diag64 = coff - n0;
+      const int diag0 = diag64 > (1 << 30) ? (1 << 30) : (diag64 < -(1 << 30) ? -(1 << 30) : static_cast<int>(diag64));
+      const int keys_left = sk - n0;
+      if (n_iters > 0) {
+        mbarrier_wait(kv_full, kv_round & 1);
+        // Steps are numbered on across the CTA's tiles (it_base .. it_end - 1 here): the Q / dO ring's
+        // stage and phase and the dS^T buffer parity follow that count.
+        const int it_end = it_base + n_iters;
+        int h = hk * group, m0 = tr.m_begin * kBM;  // (h, m0) of step it, advanced at its end
+        const int m_end0 = (tr.m_begin + tr.n_m) * kBM;
+        // acc = A B^T over the d columns: A = this WG's 64 K or V rows, B = stage st's 64 Q or dO
+        // rows (both K-major), one commit group.
+        auto gemm_over_d = [&](float(&acc)[32], uint64_t a, uint64_t b, int st) {
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kD / 16; ++kk) {
+            const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
+            const uint32_t offq = st * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+            Wgmma<kBM, T>::template ss<0, 0>(acc, desc_advance(a, off), desc_advance(b, offq), kk > 0);
           }
-          dq_pending = nullptr;
-        }
-      };
-      // One step (query tile m0 of head h).  kMaskStep: the copy that applies the causal / key-end
-      // mask; kSplitMask kernels run the other copy, with no mask code, on the steps off the
-      // diagonal (fewer live registers there: the causal kernels spilled 20 B, and the deferred dQ
-      // add / dK-after-dQ orders lost to more spills in them).
-      auto step = [&](const int it, auto mask_tag) {
-        constexpr bool kMaskStep = decltype(mask_tag)::value;
-        const int s = it % Cfg::kStages;
-        // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
-        // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
-        // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
-        uint32_t pa[4][4], dsa[4][4];
-        const float* lse_t = lse_s + s * kBM;
-        const float* d_t = d_s + s * kBM;
-        // dS^T slots of this step (buffer it % 2): row = key (128 B = 64 queries), 16-byte chunk c
-        // stored at c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and
-        // row offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4);
-        // the pair (8 kk + 2 q) of a fragment (queries 8 c + 2 t, + 1, c = 2 kk + q / 2) goes to
-        // ds_slot(kk, q).
-        // (Lambdas, evaluated where used: values computed up here stay live across the GEMMs of
-        // the plain path too, and ptxas spilled more.)
-        auto ds_slot = [&](int kk, int q) {
-          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
-          return (ds_row + (q % 2) * 1024) ^ (static_cast<uint32_t>(2 * kk + q / 2) << 4);
+          wgmma_commit();
         };
-        // Element i of a 64 x 64 tile: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2),
-        // so key - query = rel0() + d_rel(i).
-        auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
-        auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
-        float dpacc[32];
-        auto issue_dp = [&] { gemm_over_d(dpacc, dV_a, dDo_b, s); };  // dP^T = V dO^T of this step
-        {
-          if constexpr (!Cfg::kPipelined) {
-            issue_s(it);
-            wgmma_wait<0>();
-          }
-          fence_operands(sacc);
-          if constexpr (Cfg::kPipelined) issue_dp();  // it runs while P^T is formed
-          if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
-            const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
-            auto each = [&](auto&& f) {
-#pragma unroll
-              for (int i = 0; i < 32; ++i) f(sacc[i], d_rel(i), 8 * ((i / 2) % 2));
-            };
-            cuda::apply_score_mods(each, p.scale, p.softcap,
-                                   cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
-                                   cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
-                                   sk - n0 - key_l0);
-          }
-          // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
-          // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
-          const int diag = m0 + diag0;
-          const bool need_mask = kMaskStep && (keys_left < kBN || (kCausal && kBN - 1 > diag));
-#pragma unroll
-          for (int i = 0; i < 32; ++i) {
-            const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-            float pv = bwd_ex2(fmaf(sacc[i], scale_log2, -lse_t[ql]));
-            if (need_mask) {
-              const int kl = key_l0 + 8 * ((i / 2) % 2);
-              if (kl >= keys_left || (kCausal && kl - ql > diag)) pv = 0.f;
-            }
-            sacc[i] = pv;
-          }
-          acc_to_afrag<T>(sacc, pa);
-          if (kFeatures && p.softcap > 0.f) {
-            // P^T (1 - tanh^2) from the fp32 P^T (tanh recovered from it: softcap_dtanh), parked
-            // as 16 bits in this thread's own dS^T slots (overwritten by dS^T below).
-            const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
-            const float inv_cap = 1.f / p.softcap;
-            const int diag32 = cuda::clamp_i32(coff);
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                float f[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                  const int i = 8 * kk + 2 * q + e;
-                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                  f[e] = sacc[i] * cuda::softcap_dtanh(sacc[i], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i)),
-                                                       inv_cap);
-                }
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack2<T>(f[0], f[1])) : "memory");
-              }
-          }
-        }
-        {
-          if constexpr (!Cfg::kPipelined) issue_dp();
-          flush_dq();
+        // S^T = K Q^T of step `step` (waits for its Q stage), one commit group.  Cfg::kPipelined:
+        // issued for step it + 1 right after step it's dQ GEMM (it runs while dQ goes out) and
+        // waited for before the loop's back edge (a wgmma in flight across it makes ptxas inject
+        // waits, C7517).
+        float sacc[32];
+        auto issue_s = [&](int step) {
+          const int st = step % Cfg::kStages;
+          mbarrier_wait(bar.full(st), (step / Cfg::kStages) & 1);
+          gemm_over_d(sacc, dK_a, dQ_b, st);
+        };
+        if constexpr (Cfg::kPipelined) {
+          issue_s(it_base);
           wgmma_wait<0>();
-          fence_operands(dpacc);
-          if constexpr (kFeatures) {
-            // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
-            const bool capped = p.softcap > 0.f;
+        }
+        // kDeferDq: the dQ partial staged at the end of a step is fenced and bulk-added in the next
+        // step, after its P^T is formed: the stores have drained by then (ncu, the H200, s8k: the
+        // fence right after them held the warps for 6.6 % (d128) / 8.2 % (d64) of the samples).
+        // Session 19, medians of 3 alternating runs: d64 +2-4 % non-causal, -1 to +5 % causal;
+        // d128 non-causal +2-3.6 %, causal -4 to -7 % (more spills): not there.  Only in the plain
+        // kernels (no features, d == kD), the instantiations the kernel bench's checks verified.
+        constexpr bool kDeferDq = kBulkDq && (kD == 64 || !kCausal) && !kFeatures && !kPaddedD && !kOrderedDq;
+        // kDkAfterDq (d128; causal with kSplitMask): the dK GEMM is issued after the dQ GEMM and waited for only
+        // after the dQ partial is staged, so the staging runs beside it.  The H200 (session 23,
+        // ab_bwd.sh, medians of 3 alternating rounds): non-causal +3.3-4.2 % (s2k 488 -> 509, s16k
+        // 541 -> 561 TFLOP/s; fp16 +3.3 %), causal 0.98-1.0x (one outlier +14 %), more spills there.
+        constexpr bool kDkAfterDq = ORCHARD_SM90_BWD_DK_AFTER_DQ && Cfg::kDqSplitN && (!kCausal || kSplitMask) && !kOrderedDq;
+        const uint32_t dq_stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
+        float* dq_pending = nullptr;  // where the staged partial goes (nullptr: none)
+        int dq_pending_bytes = 0;
+        auto flush_dq = [&] {
+          if constexpr (kDeferDq) {
+            fence_proxy_async_smem();
+            __syncwarp();
+            if (lane == 0 && dq_pending != nullptr) {
+              bulk_reduce_add_f32(dq_pending, dq_stage_buf, dq_pending_bytes);
+              tma_store_commit();
+            }
+            dq_pending = nullptr;
+          }
+        };
+        // One step (query tile m0 of head h).  kMaskStep: the copy that applies the causal / key-end
+        // mask; kSplitMask kernels run the other copy, with no mask code, on the steps off the
+        // diagonal (fewer live registers there: the causal kernels spilled 20 B, and the deferred dQ
+        // add / dK-after-dQ orders lost to more spills in them).
+        auto step = [&](const int it, auto mask_tag) {
+          constexpr bool kMaskStep = decltype(mask_tag)::value;
+          const int s = it % Cfg::kStages;
+          // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
+          // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
+          // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
+          uint32_t pa[4][4], dsa[4][4];
+          const float* lse_t = lse_s + s * kBM;
+          const float* d_t = d_s + s * kBM;
+          // dS^T slots of this step (buffer it % 2): row = key (128 B = 64 queries), 16-byte chunk c
+          // stored at c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and
+          // row offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4);
+          // the pair (8 kk + 2 q) of a fragment (queries 8 c + 2 t, + 1, c = 2 kk + q / 2) goes to
+          // ds_slot(kk, q).
+          // (Lambdas, evaluated where used: values computed up here stay live across the GEMMs of
+          // the plain path too, and ptxas spilled more.)
+          auto ds_slot = [&](int kk, int q) {
+            const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+            return (ds_row + (q % 2) * 1024) ^ (static_cast<uint32_t>(2 * kk + q / 2) << 4);
+          };
+          // Element i of a 64 x 64 tile: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2),
+          // so key - query = rel0() + d_rel(i).
+          auto rel0 = [&] { return n0 + key_l0 - m0 - 2 * t; };
+          auto d_rel = [](int i) { return 8 * ((i / 2) % 2) - 8 * (i / 4) - (i % 2); };
+          float dpacc[32];
+          auto issue_dp = [&] { gemm_over_d(dpacc, dV_a, dDo_b, s); };  // dP^T = V dO^T of this step
+          {
+            if constexpr (!Cfg::kPipelined) {
+              issue_s(it);
+              wgmma_wait<0>();
+            }
+            fence_operands(sacc);
+            if constexpr (Cfg::kPipelined) issue_dp();  // it runs while P^T is formed
+            if (has_feat()) {  // softcap, ALiBi, then the window / causal / key-end mask (-inf: P = 0)
+              const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+              auto each = [&](auto&& f) {
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                uint32_t pw = pa[kk][q];
-                if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                  const int i = 8 * kk + 2 * q + e;
-                  const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                  dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
-                }
-              }
-          } else {  // dS^T = P^T (dP^T - D)
+                for (int i = 0; i < 32; ++i) f(sacc[i], d_rel(i), 8 * ((i / 2) % 2));
+              };
+              cuda::apply_score_mods(each, p.scale, p.softcap,
+                                     cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                                     cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
+                                     sk - n0 - key_l0);
+            }
+            // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
+            // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.
+            const int diag = m0 + diag0;
+            const bool need_mask = kMaskStep && (keys_left < kBN || (kCausal && kBN - 1 > diag));
 #pragma unroll
             for (int i = 0; i < 32; ++i) {
               const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-              const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
-              dpacc[i] = pv * (dpacc[i] - d_t[ql]);
+              float pv = bwd_ex2(fmaf(sacc[i], scale_log2, -lse_t[ql]));
+              if (need_mask) {
+                const int kl = key_l0 + 8 * ((i / 2) % 2);
+                if (kl >= keys_left || (kCausal && kl - ql > diag)) pv = 0.f;
+              }
+              sacc[i] = pv;
+            }
+            acc_to_afrag<T>(sacc, pa);
+            if (kFeatures && p.softcap > 0.f) {
+              // P^T (1 - tanh^2) from the fp32 P^T (tanh recovered from it: softcap_dtanh), parked
+              // as 16 bits in this thread's own dS^T slots (overwritten by dS^T below).
+              const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
+              const float inv_cap = 1.f / p.softcap;
+              const int diag32 = cuda::clamp_i32(coff);
+#pragma unroll
+              for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                  float f[2];
+#pragma unroll
+                  for (int e = 0; e < 2; ++e) {
+                    const int i = 8 * kk + 2 * q + e;
+                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                    f[e] = sacc[i] * cuda::softcap_dtanh(sacc[i], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i)),
+                                                         inv_cap);
+                  }
+                  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack2<T>(f[0], f[1])) : "memory");
+                }
             }
           }
-          acc_to_afrag<T>(dpacc, dsa);
-        }
-        if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
+          {
+            if constexpr (!Cfg::kPipelined) issue_dp();
+            flush_dq();
+            wgmma_wait<0>();
+            fence_operands(dpacc);
+            if constexpr (kFeatures) {
+              // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
+              const bool capped = p.softcap > 0.f;
 #pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
+              for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-            for (int q = 0; q < 4; ++q)
-              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
-        } else {  // the same slots, the address computed once per step (ds_slot's formula)
-          const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+                for (int q = 0; q < 4; ++q) {
+                  uint32_t pw = pa[kk][q];
+                  if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
 #pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
+                  for (int e = 0; e < 2; ++e) {
+                    const int i = 8 * kk + 2 * q + e;
+                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
+                  }
+                }
+            } else {  // dS^T = P^T (dP^T - D)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
-              const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
-              asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
+              for (int i = 0; i < 32; ++i) {
+                const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                const float pv = unpack_lo_hi<T>(pa[i / 8][(i % 8) / 2], i % 2);
+                dpacc[i] = pv * (dpacc[i] - d_t[ql]);
+              }
             }
-        }
-        fence_proxy_async_smem();
-        // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
-        auto issue_dk = [&] {
+            acc_to_afrag<T>(dpacc, dsa);
+          }
+          if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+              for (int q = 0; q < 4; ++q)
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
+          } else {  // the same slots, the address computed once per step (ds_slot's formula)
+            const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                const uint32_t c = 2 * kk + q / 2;  // pair (8kk + 2q): queries 8 c + 2 t, + 1
+                const uint32_t addr = (ds_row + (q % 2) * 1024) ^ (c << 4);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(dsa[kk][q]) : "memory");
+              }
+          }
+          fence_proxy_async_smem();
+          // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
+          auto issue_dk = [&] {
+#pragma unroll
+            for (int kk = 0; kk < kBM / 16; ++kk)
+              Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
+          };
+          wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kBM / 16; ++kk)
-            Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
-        };
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk)
-          Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
-        if constexpr (!kDkAfterDq) issue_dk();
-        wgmma_commit();
-        // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
-        if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
-        else named_barrier_sync(2 + wg, 128);
-        float dq[Cfg::kDqN / 2];
-        if constexpr (Cfg::kDqSplitN) {
-#pragma unroll
-          for (int kk = 0; kk < kBN / 16; ++kk)
-            Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
-                                                    desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
-        } else {
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk)
-            Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
-                dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
-                desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
-        }
-        wgmma_commit();
-        if constexpr (kDkAfterDq) {
-          issue_dk();
+            Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
+          if constexpr (!kDkAfterDq) issue_dk();
           wgmma_commit();
-          wgmma_wait<1>();  // dV and dQ; dK runs on while dQ is staged (its Q stage is freed below)
-        } else if constexpr (Cfg::kPipelined) {
-          if (it + 1 < n_iters) issue_s(it + 1);
-          else wgmma_commit();  // an empty group: the same wait on both paths
-          wgmma_wait<1>();      // all but the next step's S^T
-        } else {
-          wgmma_wait<0>();
-        }
-        fence_operands(dq);
-        fence_operands(dv);
-        auto release_stage = [&] {
-          fence_operands(dk);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(bar.empty(s));
-        };
-        if constexpr (!kDkAfterDq) release_stage();
-        // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
-        // past sq are outside the padded slab and hold zeros anyway).
-        const int row16 = m0 + 16 * wi;
-        if constexpr (kOrderedDq) {
-          // Staged in this warp's slot once the writer has read the previous step's; it adds.
-          // d64: WG0's warp wi stores, WG1's warp wi then adds its partial there (named barrier
-          // 4 + wi of the pair): one partial per step, summed in a fixed order.
-          if (it > 0) mbarrier_wait(bar.dq_empty(), (it - 1) & 1);
-          const uint32_t slot = sbase + Cfg::kOffDqStage + Cfg::ordered_dq_slot(wg, wi) * Cfg::kDqWarpBytes;
-          const bool sums = !Cfg::kDqSplitN && wg == 1;
-          if (sums) named_barrier_sync(4 + wi, 64);
+          // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
+          if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
+          else named_barrier_sync(2 + wg, 128);
+          float dq[Cfg::kDqN / 2];
+          if constexpr (Cfg::kDqSplitN) {
 #pragma unroll
-          for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-            const uint32_t a = slot + (j * 32 + lane) * 16;
-            float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-            if (sums) {
-              float4 w;
-              asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                           : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
-                           : "r"(a)
-                           : "memory");
-              v = make_float4(w.x + v.x, w.y + v.y, w.z + v.z, w.w + v.w);
-            }
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-                         : "memory");
-          }
-          if (!Cfg::kDqSplitN && wg == 0) {
-            named_barrier_arrive(4 + wi, 64);  // WG1's warp wi adds next
+            for (int kk = 0; kk < kBN / 16; ++kk)
+              Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
+                                                      desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
           } else {
-            fence_proxy_async_smem();
-            __syncwarp();
-            if (warp_leader) mbarrier_arrive(bar.dq_full());
-          }
-        } else if (row16 < sq) {
-          // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
-          const cuda::DqAccumSlabs acc =
-              p.dq_accum != nullptr
-                  ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
-                  : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
-                                                       cuda::dq_accum_cols(d_cols),
-                                       static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(d_cols)};
-          float* slab = acc.base + h * acc.head_stride;
-          const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
-          // dq_accum has the true d's columns (launch.h): with d below the bucket only this
-          // warp's first n_tiles column tiles exist (the rest of dq is the zero padding's).
-          const int n_tiles = kPaddedD ? min(Cfg::kDqN, d_cols - col_base) / 8 : Cfg::kDqN / 8;
-          if constexpr (kBulkDq) {
-            // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
-            // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
-            const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
-            if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
-            __syncwarp();
 #pragma unroll
-            for (int j = 0; j < Cfg::kDqN / 8; ++j)
-              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
-                           "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+            for (int kk = 0; kk < 4; ++kk)
+              Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
+                  dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
+                  desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
+          }
+          wgmma_commit();
+          if constexpr (kDkAfterDq) {
+            issue_dk();
+            wgmma_commit();
+            wgmma_wait<1>();  // dV and dQ; dK runs on while dQ is staged (its Q stage is freed below)
+          } else if constexpr (Cfg::kPipelined) {
+            if (it + 1 < it_end) issue_s(it + 1);
+            else wgmma_commit();  // an empty group: the same wait on both paths
+            wgmma_wait<1>();      // all but the next step's S^T
+          } else {
+            wgmma_wait<0>();
+          }
+          fence_operands(dq);
+          fence_operands(dv);
+          auto release_stage = [&] {
+            fence_operands(dk);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(bar.empty(s));
+          };
+          if constexpr (!kDkAfterDq) release_stage();
+          // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
+          // past sq are outside the padded slab and hold zeros anyway).
+          const int row16 = m0 + 16 * wi;
+          if constexpr (kOrderedDq) {
+            // Staged in this warp's slot once the writer has read the previous step's; it adds.
+            // d64: WG0's warp wi stores, WG1's warp wi then adds its partial there (named barrier
+            // 4 + wi of the pair): one partial per step, summed in a fixed order.
+            if (it > 0) mbarrier_wait(bar.dq_empty(), (it - 1) & 1);
+            const uint32_t slot = sbase + Cfg::kOffDqStage + Cfg::ordered_dq_slot(wg, wi) * Cfg::kDqWarpBytes;
+            const bool sums = !Cfg::kDqSplitN && wg == 1;
+            if (sums) named_barrier_sync(4 + wi, 64);
+#pragma unroll
+            for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+              const uint32_t a = slot + (j * 32 + lane) * 16;
+              float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+              if (sums) {
+                float4 w;
+                asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                             : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
+                             : "r"(a)
+                             : "memory");
+                v = make_float4(w.x + v.x, w.y + v.y, w.z + v.z, w.w + v.w);
+              }
+              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                            : "memory");
-            if constexpr (kDeferDq) {
-              dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
-              dq_pending_bytes = n_tiles * 512;
+            }
+            if (!Cfg::kDqSplitN && wg == 0) {
+              named_barrier_arrive(4 + wi, 64);  // WG1's warp wi adds next
             } else {
               fence_proxy_async_smem();
               __syncwarp();
-              if (lane == 0 && n_tiles > 0) {
-                bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
-                                    n_tiles * 512);  // 16 x 8 fp32 per tile
-                tma_store_commit();
+              if (warp_leader) mbarrier_arrive(bar.dq_full());
+            }
+          } else if (row16 < sq) {
+            // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
+            const cuda::DqAccumSlabs acc =
+                p.dq_accum != nullptr
+                    ? cuda::DqAccumSlabs{p.dq_accum + b * p.dq_accum_batch_stride, p.dq_accum_head_stride}
+                    : cuda::DqAccumSlabs{dq_accum + static_cast<int64_t>(b) * p.hq * cuda::dq_accum_rows(sq) *
+                                                         cuda::dq_accum_cols(d_cols),
+                                         static_cast<int64_t>(cuda::dq_accum_rows(sq)) * cuda::dq_accum_cols(d_cols)};
+            float* slab = acc.base + h * acc.head_stride;
+            const int col_base = Cfg::kDqSplitN ? wg * Cfg::kDqN : 0;
+            // dq_accum has the true d's columns (launch.h): with d below the bucket only this
+            // warp's first n_tiles column tiles exist (the rest of dq is the zero padding's).
+            const int n_tiles = kPaddedD ? min(Cfg::kDqN, d_cols - col_base) / 8 : Cfg::kDqN / 8;
+            if constexpr (kBulkDq) {
+              // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
+              // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
+              const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
+              if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
+              __syncwarp();
+#pragma unroll
+              for (int j = 0; j < Cfg::kDqN / 8; ++j)
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                             "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+                             : "memory");
+              if constexpr (kDeferDq) {
+                dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
+                dq_pending_bytes = n_tiles * 512;
+              } else {
+                fence_proxy_async_smem();
+                __syncwarp();
+                if (lane == 0 && n_tiles > 0) {
+                  bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
+                                      n_tiles * 512);  // 16 x 8 fp32 per tile
+                  tma_store_commit();
+                }
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+                if (j >= n_tiles) break;
+                float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, d_cols, lane);
+                atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
               }
             }
+          }
+          if constexpr (kDkAfterDq) {
+            wgmma_wait<0>();  // dK: its Q stage goes back to the producer
+            release_stage();
+          }
+          if constexpr (Cfg::kPipelined) wgmma_wait<0>();  // the next step's S^T
+          m0 += kBM;
+          if (m0 == m_end0) {
+            m0 = tr.m_begin * kBM;
+            ++h;
+          }
+        };
+        for (int it = it_base; it < it_end; ++it) {
+          if constexpr (kSplitMask) {
+            // The steps need_mask (in step) picks out: keys past sk, or keys after some of its queries.
+            if (keys_left < kBN || kBN - 1 > m0 + diag0) step(it, std::true_type{});
+            else step(it, std::false_type{});
           } else {
-#pragma unroll
-            for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-              if (j >= n_tiles) break;
-              float* dst = slab + cuda::dq_accum_tile_offset(row16, col_base + 8 * j, d_cols, lane);
-              atomicAdd(reinterpret_cast<float4*>(dst), make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]));
-            }
+            step(it, std::true_type{});
           }
         }
-        if constexpr (kDkAfterDq) {
-          wgmma_wait<0>();  // dK: its Q stage goes back to the producer
-          release_stage();
-        }
-        if constexpr (Cfg::kPipelined) wgmma_wait<0>();  // the next step's S^T
-        m0 += kBM;
-        if (m0 == m_end0) {
-          m0 = tr.m_begin * kBM;
-          ++h;
-        }
-      };
-      for (int it = 0; it < n_iters; ++it) {
-        if constexpr (kSplitMask) {
-          // The steps need_mask (in step) picks out: keys past sk, or keys after some of its queries.
-          if (keys_left < kBN || kBN - 1 > m0 + diag0) step(it, std::true_type{});
-          else step(it, std::false_type{});
-        } else {
-          step(it, std::true_type{});
-        }
+        flush_dq();
+        // Every GEMM that reads K or V has completed (the last step waited for all of them): the
+        // producer may load the next tile's.
+        __syncwarp();
+        if (warp_leader) mbarrier_arrive(bar.kv_empty());
+        it_base = it_end;
+        ++kv_round;
       }
-      flush_dq();
+      // Epilogue: dK (times the scale) and dV rows < sk as 16-bit pairs.
+      T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+      T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int key = n0 + key_l0 + 8 * r;
+        if (key >= sk) continue;
+        T* krow = dkg + static_cast<int64_t>(key) * p.dk_row_stride;
+        T* vrow = dvg + static_cast<int64_t>(key) * p.dv_row_stride;
+#pragma unroll
+        for (int j = 0; j < kD / 8; ++j) {
+          if (8 * j >= d_cols) break;  // d below the bucket: the zero padding's columns
+          *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
+              pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
+          *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
     }
-
     if constexpr (kBulkDq) {
       if (lane == 0) tma_store_wait_all<0>();  // the bulk adds are done before the CTA ends
     }
-    // Epilogue: dK (times the scale) and dV rows < sk as 16-bit pairs.
-    T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-    T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int key = n0 + key_l0 + 8 * r;
-      if (key >= sk) continue;
-      T* krow = dkg + static_cast<int64_t>(key) * p.dk_row_stride;
-      T* vrow = dvg + static_cast<int64_t>(key) * p.dv_row_stride;
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        if (8 * j >= d_cols) break;  // d below the bucket: the zero padding's columns
-        *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
-            pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
       }
     }
   }

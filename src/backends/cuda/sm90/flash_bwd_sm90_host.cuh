@@ -88,13 +88,35 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
                                 float* dq_accum, bool bulk_dq) {
   using Cfg = BwdSm90ConfigFor<kD>;
   const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
-  if (grid == 0) return;
+  const int64_t tiles = static_cast<int64_t>(nb) * p.b * p.hkv;
+  if (tiles == 0) return;
+  // Non-causal d128, and d64 up to 2k queries: persistent, one CTA per SM (one fits:
+  // __launch_bounds__(384, 1) and the shared memory), so a tile's K / V load and first Q / dO
+  // stage overlap the previous tile's last steps and dK / dV stores instead of a CTA launch and
+  // an empty pipeline.  The H200 (session 25, ab_bwd.sh, medians of 3 alternating rounds, two
+  // calls): d128 non-causal +1-5 % (s1k-16k); d64 +5 % at s1k / s2k but 0.95-0.98x at s4k-16k;
+  // causal d128 0.73-0.91x: its tiles' work differs (key block n sees the query tiles from n on)
+  // and a static stride cannot balance it as the hardware's launch order of one CTA per tile does
+  // (a tile counter, as FA3's scheduler, is not built).  The kernel strides over the tiles by
+  // gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
+  int64_t grid = tiles;
+  const bool persistent = kD == 128 || (kD == 64 && p.sq <= 2048);
+  if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.causal && !p.deterministic) {
+    const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
+    if (sms > 0 && sms < grid) grid = sms;
+  }
   auto kernel = flash_bwd_sm90_kernel_for<T, kD>(p, bulk_dq);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
-      m, p, dsum, dq_accum, nb, p.deterministic && kD <= 128 ? ordered_head_group(p) : causal_head_group(p));
+  const int head_group = p.deterministic && kD <= 128 ? ordered_head_group(p) : causal_head_group(p);
+  // A programmatic dependent of the pre-pass: the launch and the CTAs' start overlap its end;
+  // both kernels wait (pdl_wait_primary) before they read its output.
+  if (ORCHARD_SM90_BWD_PDL)
+    launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), Cfg::kSmemBytes,
+               static_cast<cudaStream_t>(p.stream), m, p, dsum, dq_accum, nb, head_group);
+  else
+    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
+        m, p, dsum, dq_accum, nb, head_group);
   check_launch(kD > 128 ? "flash_bwd_sm90_wide_kernel" : "flash_bwd_sm90_kernel");
 }
 

@@ -9,6 +9,12 @@
 
 #include "orchard/params.h"
 
+// The main kernel and the dQ convert launched as programmatic dependents (pdl.cuh) of the
+// kernel before each (flash_bwd_sm90_host.cuh, flash_bwd_sm90_run.cuh).
+#ifndef ORCHARD_SM90_BWD_PDL
+#define ORCHARD_SM90_BWD_PDL 1
+#endif
+
 namespace orchard::cuda {
 
 // How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).

@@ -9,6 +9,7 @@
 
 #include "backends/cuda/sm80/flash_bwd_kernel.cuh"
 #include "backends/cuda/launch.h"
+#include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 
 namespace orchard::cuda {
@@ -33,9 +34,8 @@ bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
   }
   launch_flash_bwd_sm90_main<T, kD>(p, maps, dsum, dq_accum, bulk_dq);
   if (rows > 0 && own_dq_accum) {
-    const int64_t n4 = static_cast<int64_t>(p.b) * p.hq * dq_accum_rows(p.sq) * (dq_accum_cols(p.d) / 4);
-    bwd_convert_dq_kernel<T><<<static_cast<unsigned>((n4 + 255) / 256), 256, 0, stream>>>(p, dq_accum, vec);
-    check_launch("bwd_convert_dq_kernel");
+    // With PDL it waits for the main kernel (pdl_wait_primary) before it reads.
+    launch_bwd_convert_dq<T>(p, dq_accum, vec, stream, ORCHARD_SM90_BWD_PDL);
   }
   return true;
 }

@@ -109,6 +109,7 @@ __global__ void __launch_bounds__(384, 1)
                                float* dq_accum, int num_n_blocks, int head_group) {
   using Cfg = BwdSm90WideConfig<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
+  cuda::pdl_wait_primary();  // D and the cleared dq_accum: the pre-pass's (as the d128 kernel)
   // setmaxnreg: 128 x 24 + 256 x 240 = 64512 = 384 x 168, the launch allocation (as the d128
   // kernel: a larger sum never completes).
   constexpr uint32_t kProducerRegs = 24, kConsumerRegs = 240;
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(384, 1)
   const BwdSm90Barriers<Cfg::kStages> bar{bars};
   const uint32_t kv_full = bar.kv_full();
 
-  const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group);
+  const BwdCta cta = bwd_sm90_cta<kCausal>(p, num_n_blocks, head_group, blockIdx.x);
   const int b = cta.b, hk = cta.hk;
   const int group = p.hq / p.hkv;
   const int n0 = cta.n_block * kBN;
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(384, 1)
   if (warp >= 8) {
     setmaxnreg_dec<kProducerRegs>();
     if (warp == 8 && n_iters > 0)
-      bwd_sm90_produce<Cfg>(maps, p, dsum, BwdSm90Stage{sK, sV, sQ, sDo, bars, lse_s, d_s}, b, hk, group, n0, tr, lane);
+      bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, b, hk, group, n0, tr, lane);
     return;
   }
 
