@@ -3,9 +3,14 @@
 // -gencode=arch=compute_90a,code=sm_90a.  The pre-pass D = rowsum(dO * O) and the dQ convert
 // are the sm80 path's kernels (flash_bwd_sm90_run.cuh runs the three in order).
 //
-// One CTA = one 128-key tile of one (batch, kv head); it loops over the q heads of its GQA
-// group and over their 64-row query tiles, so dK / dV of the group are summed in registers
-// (deterministic, no dK/dV atomics, as the sm80 dK/dV kernel does).  3 warpgroups:
+// One tile = one 128-key block of one (batch, kv head); its CTA loops over the q heads of the
+// GQA group and over their 64-row query tiles, so dK / dV of the group are summed in registers
+// (deterministic, no dK/dV atomics, as the sm80 dK/dV kernel does).  A CTA runs one tile, or
+// in the persistent launch (non-causal d128, d64 up to 2k queries: launch_flash_bwd_sm90_main)
+// tiles blockIdx.x, + gridDim.x, ...: the producer loads the next tile's first Q / dO stage while
+// the consumers finish this one and its K / V once they release them (kv_empty), and the
+// ring's stage / phase and the dS^T buffer parity count steps across the CTA's tiles.
+// 3 warpgroups:
 //   WG2 (warp 8) producer: K and V once (TMA), then per query tile Q and dO (TMA, a ring of Cfg::kStages)
 //               plus the tile's LSE (log2 units; +inf for rows past sq / rows that see no key)
 //               and D (0 past sq) written by its 32 lanes; setmaxnreg.dec 24, warps 9-11 idle.
