@@ -46,6 +46,7 @@
 #include <type_traits>
 
 #include "backends/cuda/device_attribute.h"
+#include "backends/cuda/pdl.cuh"
 #include "core/decode_backend.h"
 #include "orchard/decode_params.h"
 #include "orchard/errors.h"
@@ -153,19 +154,11 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Programmatic dependent launch (sm_90): the attention kernel lets the combine kernel
+// Programmatic dependent launch (sm_90, pdl.cuh): the attention kernel lets the combine kernel
 // be launched early; the combine kernel waits for the attention grid's completion (and
 // memory flush) before reading the partials. No-ops elsewhere.
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait_primary() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+using cuda::pdl_launch_dependents;
+using cuda::pdl_wait_primary;
 
 // decode_cache_row_offset and decode_split_range (orchard/decode_params.h) with 32-bit
 // row arithmetic: rows and keys are < 2^31, and a 64-bit division is a called routine
@@ -1453,19 +1446,10 @@ void launch_combine(const DecodeParams& p, cudaStream_t stream) {
 #if !defined(ORCHARD_DECODE_EMU)
   int device = 0;
   check_cuda(cudaGetDevice(&device), "decode: cudaGetDevice");
-  if (pdl_enabled(device)) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kCombineThreads);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, combine_kernel<T>, p) == cudaSuccess) return;
-    cudaGetLastError();  // not supported here: the plain launch below
+  if (pdl_enabled(device)) {  // (a plain launch where the runtime refuses the attribute)
+    cuda::launch_pdl(combine_kernel<T>, dim3(grid), dim3(kCombineThreads), 0, stream, p);
+    check_cuda(cudaGetLastError(), "decode combine kernel launch");
+    return;
   }
 #endif
   combine_kernel<T><<<grid, kCombineThreads, 0, stream>>>(p);

@@ -24,6 +24,7 @@ __device__ __forceinline__ void pdl_wait_primary() {
 #endif
 }
 
+#if !defined(ORCHARD_DECODE_EMU)  // (the decode kernel's CPU emulation, dev/decode_emu: no launches)
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization, or
 // a plain launch where the runtime refuses the attribute.  Host side; the caller checks the
 // launch (check_launch) as for <<<>>>.
@@ -44,5 +45,6 @@ void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sme
   cudaGetLastError();  // not supported here: the plain launch
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
 }
+#endif
 
 }  // namespace orchard::cuda
