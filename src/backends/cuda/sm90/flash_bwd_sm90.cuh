@@ -884,10 +884,14 @@ __global__ void __launch_bounds__(384, 1)
           *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
               pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
           *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-    }
-    if constexpr (kBulkDq) {
-      if (lane == 0) tma_store_wait_all<0>();  // the bulk adds are done before the CTA ends
-    }
+        }
+      }
+      // This tile's bulk adds are done, by every warp (their smem sources must outlive the CTA).
+      // The build timed in session 25 waited inside the store loop above, which skipped the wait
+      // for lanes whose rows all lie past sk; here once per tile, for every warp.  Once after
+      // the last tile would let the next tile start sooner: not timed yet.
+      if constexpr (kBulkDq) {
+        if (lane == 0) tma_store_wait_all<0>();
       }
     }
   }
