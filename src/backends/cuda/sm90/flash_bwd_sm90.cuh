@@ -129,7 +129,9 @@ struct BwdSm90Config {
   static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
   static constexpr int kSmemBytes = kOffBars + 128 + 1024;  // + 1024: align the base up
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
-  static_assert(8 + 16 * kStages + 24 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty");
+  static_assert(72 + 16 * kStages <= 128,
+                "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty, tile_full / tile_empty, "
+                "tile slots");
   // kOrderedDq: consumer warp (wg, wi)'s dQ partial slot in the stage area, so that the slots
   // of one step lie in dq_accum's order (d128: rows 16 wi, columns 64 wg of a 64 x 128 block:
   // one contiguous bulk add; d64: both WGs' partials cover rows 16 wi, all 64 columns: WG1's
@@ -248,6 +250,11 @@ struct BwdSm90Barriers {
   // A persistent CTA's K / V tiles read for the last time (one arrival per consumer warp): the
   // producer may load the next tile's.
   __device__ __forceinline__ uint32_t kv_empty() const { return bars + 24 + 16 * kStages; }
+  // ORCHARD_SM90_BWD_TILE_COUNTER: the producer's tile index of round r in slot r % 2 (an int),
+  // tile_full (the producer's arrival) and tile_empty (one arrival per consumer warp).
+  __device__ __forceinline__ uint32_t tile_full(int r) const { return bars + 32 + 16 * kStages + 8 * r; }
+  __device__ __forceinline__ uint32_t tile_empty(int r) const { return bars + 48 + 16 * kStages + 8 * r; }
+  __device__ __forceinline__ uint32_t tile_slot(int r) const { return bars + 64 + 16 * kStages + 4 * r; }
 };
 
 // The producer warp (warp 8): K and V of key tile n0 once (TMA), then per step (query tile of
@@ -424,6 +431,9 @@ __global__ void __launch_bounds__(384, 1)
     BwdTileRange tr;
     int n_iters;  // steps: query tiles x q heads of the group
   };
+  // ORCHARD_SM90_BWD_TILE_COUNTER (flash_bwd_sm90_launch.h): tiles after the first from the
+  // counter, passed from the producer to the consumers through tile slots.
+  constexpr bool kTileCounter = ORCHARD_SM90_BWD_TILE_COUNTER && !kOrderedDq;
   auto work_of = [&](int tile) {
     const BwdCta cta = bwd_sm90_cta<kCausal || kOrderedDq>(p, num_n_blocks, head_group, tile);
     const int n0 = cta.n_block * kBN;
@@ -443,6 +453,12 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_init(bar.empty(s), 8);  // one arrival per consumer warp
     }
     mbarrier_init(bar.kv_empty(), 8);  // one arrival per consumer warp
+    if constexpr (kTileCounter) {
+      for (int r = 0; r < 2; ++r) {
+        mbarrier_init(bar.tile_full(r), 1);   // the producer's lane 0
+        mbarrier_init(bar.tile_empty(r), 8);  // one arrival per consumer warp
+      }
+    }
     if constexpr (kOrderedDq) {
       static_assert(kBulkDq && !kFeatures && !kPaddedD, "ordered dQ: the plain bulk-dQ kernels only");
       mbarrier_init(bar.dq_full(), Cfg::kOrderedDqArrivals);
@@ -456,14 +472,35 @@ __global__ void __launch_bounds__(384, 1)
     // ---------------- producer ----------------
     setmaxnreg_dec<kProducerRegs>();
     if (warp == 8) {
+      int* counter = nullptr;  // kTileCounter's
+      if constexpr (kTileCounter)
+        counter = reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
+                                         cuda::bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);
       int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      int tile = blockIdx.x;
+      for (int r = 0;; ++r) {
+        if constexpr (kTileCounter) {  // round r's tile (num_tiles or above: the end) to the consumers
+          if (r >= 2) mbarrier_wait(bar.tile_empty(r % 2), (r / 2 - 1) & 1);
+          if (lane == 0) {
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(bar.tile_slot(r % 2)), "r"(tile) : "memory");
+            mbarrier_arrive(bar.tile_full(r % 2));
+          }
+        }
+        if (tile >= num_tiles) break;
         const Work w = work_of(tile);
-        if (w.n_iters == 0) continue;
-        bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk,
-                              group, w.n0, w.tr, lane, it_base, kv_round);
-        it_base += w.n_iters;
-        ++kv_round;
+        if (w.n_iters > 0) {
+          bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk, group, w.n0, w.tr, lane, it_base,
+                                kv_round);
+          it_base += w.n_iters;
+          ++kv_round;
+        }
+        if constexpr (kTileCounter) {
+          int next = 0;
+          if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(counter, 1);
+          tile = __shfl_sync(0xffffffff, next, 0);
+        } else {
+          tile += gridDim.x;
+        }
       }
     }
     if constexpr (kOrderedDq) {  // one tile per CTA (the launcher's grid)
@@ -511,7 +548,15 @@ __global__ void __launch_bounds__(384, 1)
     };
     float dk[kD / 2], dv[kD / 2];
     int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    int tile = blockIdx.x;
+    for (int r = 0;; ++r) {
+      if constexpr (kTileCounter) {  // round r's tile from the producer
+        mbarrier_wait(bar.tile_full(r % 2), (r / 2) & 1);
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(tile) : "r"(bar.tile_slot(r % 2)) : "memory");
+        __syncwarp();
+        if (warp_leader) mbarrier_arrive(bar.tile_empty(r % 2));
+      }
+      if (tile >= num_tiles) break;
       const Work w = work_of(tile);
       const int b = w.cta.b, hk = w.cta.hk, n0 = w.n0, n_iters = w.n_iters;
       const BwdTileRange tr = w.tr;
@@ -893,6 +938,7 @@ __global__ void __launch_bounds__(384, 1)
       if constexpr (kBulkDq) {
         if (lane == 0) tma_store_wait_all<0>();
       }
+      if constexpr (!kTileCounter) tile += gridDim.x;
     }
   }
 }

@@ -100,8 +100,9 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   // (a tile counter, as FA3's scheduler, is not built).  The kernel strides over the tiles by
   // gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
   int64_t grid = tiles;
-  const bool persistent = kD == 128 || (kD == 64 && p.sq <= 2048);
-  if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.causal && !p.deterministic) {
+  const bool persistent = ORCHARD_SM90_BWD_TILE_COUNTER ? kD <= 128
+                                                         : !p.causal && (kD == 128 || (kD == 64 && p.sq <= 2048));
+  if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.deterministic) {
     const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
     if (sms > 0 && sms < grid) grid = sms;
   }
