@@ -96,6 +96,9 @@
 #ifndef ORCHARD_SM90_BWD_PERSISTENT
 #define ORCHARD_SM90_BWD_PERSISTENT 1
 #endif
+#ifndef ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE  // see the end of flash_bwd_sm90_kernel
+#define ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE 1
+#endif
 
 namespace orchard::sm90 {
 
@@ -933,12 +936,16 @@ __global__ void __launch_bounds__(384, 1)
       }
       // This tile's bulk adds are done, by every warp (their smem sources must outlive the CTA).
       // The build timed in session 25 waited inside the store loop above, which skipped the wait
-      // for lanes whose rows all lie past sk; here once per tile, for every warp.  Once after
-      // the last tile would let the next tile start sooner: not timed yet.
-      if constexpr (kBulkDq) {
+      // for lanes whose rows all lie past sk; here once per tile, for every warp.
+      // ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE=0 (an A/B switch, not yet timed): once after the
+      // last tile, so the next tile starts without waiting for this one's last adds.
+      if constexpr (kBulkDq && ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE) {
         if (lane == 0) tma_store_wait_all<0>();
       }
       if constexpr (!kTileCounter) tile += gridDim.x;
+    }
+    if constexpr (kBulkDq && !ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE) {
+      if (lane == 0) tma_store_wait_all<0>();
     }
   }
 }
