@@ -125,6 +125,14 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p, bool o
   return w;
 }
 
+// The workspace's turns region (bwd_workspace_layout) of a backward call: the deterministic sm90
+// backward's turn counters; outside that mode its first int is the sm90 backward's tile counter
+// (ORCHARD_SM90_BWD_TILE_COUNTER).
+ORCHARD_HOST_DEVICE int* bwd_dq_turns(const BwdParams& p) {
+  return reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
+                                bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);
+}
+
 // The fp32 dQ accumulator slabs of sequence b that the dK/dV kernels add into, head h's
 // at base + h * head_stride: the caller's (BwdParams::dq_accum, its own strides: context
 // parallelism adds several calls into one buffer) or the workspace's.

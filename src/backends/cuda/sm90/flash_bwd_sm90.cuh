@@ -476,9 +476,7 @@ __global__ void __launch_bounds__(384, 1)
     setmaxnreg_dec<kProducerRegs>();
     if (warp == 8) {
       int* counter = nullptr;  // kTileCounter's
-      if constexpr (kTileCounter)
-        counter = reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
-                                         cuda::bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);
+      if constexpr (kTileCounter) counter = cuda::bwd_dq_turns(p);
       int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
       int tile = blockIdx.x;
       for (int r = 0;; ++r) {
@@ -509,9 +507,7 @@ __global__ void __launch_bounds__(384, 1)
     if constexpr (kOrderedDq) {  // one tile per CTA (the launcher's grid)
       const Work w = work_of(blockIdx.x);
       if (warp == 9 && w.n_iters > 0) {
-        int* turns = reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
-                                            cuda::bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);
-        bwd_sm90_write_dq_ordered<Cfg>(p, dq_accum, turns, sbase + Cfg::kOffDqStage, bars, w.cta.b, w.cta.hk, group,
+        bwd_sm90_write_dq_ordered<Cfg>(p, dq_accum, cuda::bwd_dq_turns(p), sbase + Cfg::kOffDqStage, bars, w.cta.b, w.cta.hk, group,
                                        w.cta.n_block, w.tr, lane);
       }
     }

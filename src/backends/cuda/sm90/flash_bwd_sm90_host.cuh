@@ -97,7 +97,8 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   // calls): d128 non-causal +1-5 % (s1k-16k); d64 +5 % at s1k / s2k but 0.95-0.98x at s4k-16k;
   // causal d128 0.73-0.91x: its tiles' work differs (key block n sees the query tiles from n on)
   // and a static stride cannot balance it as the hardware's launch order of one CTA per tile does
-  // (a tile counter, as FA3's scheduler, is not built).  The kernel strides over the tiles by
+  // (a tile counter, as FA3's scheduler: ORCHARD_SM90_BWD_TILE_COUNTER, an A/B switch not yet
+  // timed, makes every d64 / d128 launch persistent).  The kernel strides over the tiles by
   // gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
   int64_t grid = tiles;
   const bool persistent = ORCHARD_SM90_BWD_TILE_COUNTER ? kD <= 128

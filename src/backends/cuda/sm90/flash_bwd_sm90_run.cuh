@@ -29,8 +29,7 @@ bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
   // ORCHARD_SM90_BWD_TILE_COUNTER: the counter (the turns region's first int, unused outside
   // the deterministic mode) starts at 0: set by the pre-pass, or here when there is none.
   int* tile_counter = nullptr;
-  if (ORCHARD_SM90_BWD_TILE_COUNTER && kD <= 128 && !p.deterministic)
-    tile_counter = reinterpret_cast<int*>(ws + bwd_workspace_layout(p, own_dq_accum).dq_turn_offset);
+  if (ORCHARD_SM90_BWD_TILE_COUNTER && kD <= 128 && !p.deterministic) tile_counter = bwd_dq_turns(p);
   if (rows > 0) {
     launch_bwd_dot<T>(p, dsum, vec, own_dq_accum ? dq_accum : nullptr, stream, tile_counter);
   } else if (tile_counter != nullptr) {
@@ -38,8 +37,7 @@ bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
     check_launch("cudaMemsetAsync (the sm90 backward's tile counter)");
   }
   if (p.deterministic && rows > 0) {  // the ordered dQ adds' turn counters start at 0
-    const std::size_t turn_offset = bwd_workspace_layout(p, own_dq_accum).dq_turn_offset;
-    cudaMemsetAsync(ws + turn_offset, 0, dq_turn_count(p) * sizeof(int), stream);
+    cudaMemsetAsync(bwd_dq_turns(p), 0, dq_turn_count(p) * sizeof(int), stream);
     check_launch("cudaMemsetAsync (the ordered dQ adds' turns)");
   }
   launch_flash_bwd_sm90_main<T, kD>(p, maps, dsum, dq_accum, bulk_dq);
