@@ -126,8 +126,7 @@ ORCHARD_HOST_DEVICE BwdWorkspace bwd_workspace_layout(const FwdParams& p, bool o
 }
 
 // The workspace's turns region (bwd_workspace_layout) of a backward call: the deterministic sm90
-// backward's turn counters; outside that mode its first int is the sm90 backward's tile counter
-// (ORCHARD_SM90_BWD_TILE_COUNTER).
+// backward's turn counters.
 ORCHARD_HOST_DEVICE int* bwd_dq_turns(const BwdParams& p) {
   return reinterpret_cast<int*>(static_cast<unsigned char*>(p.workspace) +
                                 bwd_workspace_layout(p, p.dq_accum == nullptr).dq_turn_offset);

@@ -121,12 +121,9 @@ __device__ __forceinline__ void dq_accum_add(float* dst, const float (&c)[4]) {
 // ops, not 4 with a cudaMemsetAsync (a launch's host time and a GPU op per
 // backward, which small problems pay on every call: issue 12). Defaulted, so
 // callers that zero their accumulator another way (or have none) are unchanged.
-// zero_int (optional): one int set to 0 (the sm90 backward's tile counter).
 template <typename T>
 __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* dsum, bool vec,
-                                                      float* zero_acc = nullptr, int64_t zero_float4 = 0,
-                                                      int* zero_int = nullptr) {
-  if (zero_int != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *zero_int = 0;
+                                                      float* zero_acc = nullptr, int64_t zero_float4 = 0) {
   if (zero_acc != nullptr) {
     float4* acc4 = reinterpret_cast<float4*>(zero_acc);
     const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -307,8 +304,7 @@ void launch_bwd_convert_dq(const BwdParams& p, const float* acc, bool vec, cudaS
 // d 64 and 128) - so the extra blocks only store zeros, and past 65,536 blocks the
 // clear's loop strides over the grid.
 template <typename T>
-void launch_bwd_dot(const BwdParams& p, float* dsum, bool vec, float* dq_accum, cudaStream_t stream,
-                    int* zero_int = nullptr) {
+void launch_bwd_dot(const BwdParams& p, float* dsum, bool vec, float* dq_accum, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   const int rows_per_block = 256 / bwd_dot_lanes(value_dim(p));
   int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
@@ -321,7 +317,7 @@ void launch_bwd_dot(const BwdParams& p, float* dsum, bool vec, float* dq_accum, 
     if (acc_blocks > blocks) blocks = acc_blocks < cap ? acc_blocks : (blocks > cap ? blocks : cap);
   }
   if (blocks <= 0) return;
-  bwd_dot_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, dsum, vec, dq_accum, acc_float4, zero_int);
+  bwd_dot_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, dsum, vec, dq_accum, acc_float4);
   check_launch("bwd_dot_kernel");
 }
 

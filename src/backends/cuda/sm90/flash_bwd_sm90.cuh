@@ -96,8 +96,10 @@
 #ifndef ORCHARD_SM90_BWD_PERSISTENT
 #define ORCHARD_SM90_BWD_PERSISTENT 1
 #endif
-#ifndef ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE  // see the end of flash_bwd_sm90_kernel
-#define ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE 1
+
+// An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel.
+#ifndef ORCHARD_SM90_BWD64_SUM_DQ
+#define ORCHARD_SM90_BWD64_SUM_DQ 1
 #endif
 
 namespace orchard::sm90 {
@@ -132,9 +134,7 @@ struct BwdSm90Config {
   static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
   static constexpr int kSmemBytes = kOffBars + 128 + 1024;  // + 1024: align the base up
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
-  static_assert(72 + 16 * kStages <= 128,
-                "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty, tile_full / tile_empty, "
-                "tile slots");
+  static_assert(8 + 16 * kStages + 24 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty");
   // kOrderedDq: consumer warp (wg, wi)'s dQ partial slot in the stage area, so that the slots
   // of one step lie in dq_accum's order (d128: rows 16 wi, columns 64 wg of a 64 x 128 block:
   // one contiguous bulk add; d64: both WGs' partials cover rows 16 wi, all 64 columns: WG1's
@@ -253,11 +253,6 @@ struct BwdSm90Barriers {
   // A persistent CTA's K / V tiles read for the last time (one arrival per consumer warp): the
   // producer may load the next tile's.
   __device__ __forceinline__ uint32_t kv_empty() const { return bars + 24 + 16 * kStages; }
-  // ORCHARD_SM90_BWD_TILE_COUNTER: the producer's tile index of round r in slot r % 2 (an int),
-  // tile_full (the producer's arrival) and tile_empty (one arrival per consumer warp).
-  __device__ __forceinline__ uint32_t tile_full(int r) const { return bars + 32 + 16 * kStages + 8 * r; }
-  __device__ __forceinline__ uint32_t tile_empty(int r) const { return bars + 48 + 16 * kStages + 8 * r; }
-  __device__ __forceinline__ uint32_t tile_slot(int r) const { return bars + 64 + 16 * kStages + 4 * r; }
 };
 
 // The producer warp (warp 8): K and V of key tile n0 once (TMA), then per step (query tile of
@@ -434,9 +429,6 @@ __global__ void __launch_bounds__(384, 1)
     BwdTileRange tr;
     int n_iters;  // steps: query tiles x q heads of the group
   };
-  // ORCHARD_SM90_BWD_TILE_COUNTER (flash_bwd_sm90_launch.h): tiles after the first from the
-  // counter, passed from the producer to the consumers through tile slots.
-  constexpr bool kTileCounter = ORCHARD_SM90_BWD_TILE_COUNTER && !kOrderedDq;
   auto work_of = [&](int tile) {
     const BwdCta cta = bwd_sm90_cta<kCausal || kOrderedDq>(p, num_n_blocks, head_group, tile);
     const int n0 = cta.n_block * kBN;
@@ -456,12 +448,6 @@ __global__ void __launch_bounds__(384, 1)
       mbarrier_init(bar.empty(s), 8);  // one arrival per consumer warp
     }
     mbarrier_init(bar.kv_empty(), 8);  // one arrival per consumer warp
-    if constexpr (kTileCounter) {
-      for (int r = 0; r < 2; ++r) {
-        mbarrier_init(bar.tile_full(r), 1);   // the producer's lane 0
-        mbarrier_init(bar.tile_empty(r), 8);  // one arrival per consumer warp
-      }
-    }
     if constexpr (kOrderedDq) {
       static_assert(kBulkDq && !kFeatures && !kPaddedD, "ordered dQ: the plain bulk-dQ kernels only");
       mbarrier_init(bar.dq_full(), Cfg::kOrderedDqArrivals);
@@ -475,33 +461,14 @@ __global__ void __launch_bounds__(384, 1)
     // ---------------- producer ----------------
     setmaxnreg_dec<kProducerRegs>();
     if (warp == 8) {
-      int* counter = nullptr;  // kTileCounter's
-      if constexpr (kTileCounter) counter = cuda::bwd_dq_turns(p);
       int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
-      int tile = blockIdx.x;
-      for (int r = 0;; ++r) {
-        if constexpr (kTileCounter) {  // round r's tile (num_tiles or above: the end) to the consumers
-          if (r >= 2) mbarrier_wait(bar.tile_empty(r % 2), (r / 2 - 1) & 1);
-          if (lane == 0) {
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(bar.tile_slot(r % 2)), "r"(tile) : "memory");
-            mbarrier_arrive(bar.tile_full(r % 2));
-          }
-        }
-        if (tile >= num_tiles) break;
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
         const Work w = work_of(tile);
-        if (w.n_iters > 0) {
-          bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk, group, w.n0, w.tr, lane, it_base,
-                                kv_round);
-          it_base += w.n_iters;
-          ++kv_round;
-        }
-        if constexpr (kTileCounter) {
-          int next = 0;
-          if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(counter, 1);
-          tile = __shfl_sync(0xffffffff, next, 0);
-        } else {
-          tile += gridDim.x;
-        }
+        if (w.n_iters == 0) continue;
+        bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk,
+                              group, w.n0, w.tr, lane, it_base, kv_round);
+        it_base += w.n_iters;
+        ++kv_round;
       }
     }
     if constexpr (kOrderedDq) {  // one tile per CTA (the launcher's grid)
@@ -545,17 +512,16 @@ __global__ void __launch_bounds__(384, 1)
       return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
                            p.alibi_slopes != nullptr);
     };
+    // kSumDqPairs (d64's deferred bulk dQ, ORCHARD_SM90_BWD64_SUM_DQ): warp wi of WG0 stages its
+    // 16 x 64 dQ partial, warp wi of WG1 adds its own (the same rows and columns) and issues one
+    // bulk add for the two: half the dQ reduction traffic into L2.  Named barriers 4 + wi (WG0's
+    // partial staged) and 8 + wi (WG1 has read it), each an arrive by one side and a sync by the
+    // other, alternating; pair_staged: WG0 has a partial out whose read it has not yet waited for.
+    constexpr bool kSumDqPairs = ORCHARD_SM90_BWD64_SUM_DQ && kD == 64 && kBulkDq && !kFeatures && !kPaddedD && !kOrderedDq;
+    bool pair_staged = false;
     float dk[kD / 2], dv[kD / 2];
     int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
-    int tile = blockIdx.x;
-    for (int r = 0;; ++r) {
-      if constexpr (kTileCounter) {  // round r's tile from the producer
-        mbarrier_wait(bar.tile_full(r % 2), (r / 2) & 1);
-        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(tile) : "r"(bar.tile_slot(r % 2)) : "memory");
-        __syncwarp();
-        if (warp_leader) mbarrier_arrive(bar.tile_empty(r % 2));
-      }
-      if (tile >= num_tiles) break;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
       const Work w = work_of(tile);
       const int b = w.cta.b, hk = w.cta.hk, n0 = w.n0, n_iters = w.n_iters;
       const BwdTileRange tr = w.tr;
@@ -857,23 +823,48 @@ __global__ void __launch_bounds__(384, 1)
               // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
               // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
               const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
-              if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
-              __syncwarp();
+              if (kSumDqPairs && wg == 0) {
+                // Staged for WG1's warp wi once it has read the previous partial; no add of its own.
+                if (pair_staged) named_barrier_sync(8 + wi, 64);
 #pragma unroll
-              for (int j = 0; j < Cfg::kDqN / 8; ++j)
-                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
-                             "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
-                             : "memory");
-              if constexpr (kDeferDq) {
-                dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
-                dq_pending_bytes = n_tiles * 512;
+                for (int j = 0; j < Cfg::kDqN / 8; ++j)
+                  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                               "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+                               : "memory");
+                named_barrier_arrive(4 + wi, 64);
+                pair_staged = true;
               } else {
-                fence_proxy_async_smem();
+                if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
                 __syncwarp();
-                if (lane == 0 && n_tiles > 0) {
-                  bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
-                                      n_tiles * 512);  // 16 x 8 fp32 per tile
-                  tma_store_commit();
+                if constexpr (kSumDqPairs) named_barrier_sync(4 + wi, 64);  // WG0's warp wi has staged
+                const uint32_t partner_buf = stage_buf - 4 * Cfg::kDqWarpBytes;  // WG0's warp wi (kSumDqPairs)
+#pragma unroll
+                for (int j = 0; j < Cfg::kDqN / 8; ++j) {
+                  float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+                  if constexpr (kSumDqPairs) {
+                    float4 w;
+                    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                                 : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
+                                 : "r"(partner_buf + (j * 32 + lane) * 16)
+                                 : "memory");
+                    v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
+                  }
+                  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+                               : "memory");
+                }
+                if constexpr (kSumDqPairs) named_barrier_arrive(8 + wi, 64);  // WG0's slot may be refilled
+                if constexpr (kDeferDq) {
+                  dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
+                  dq_pending_bytes = n_tiles * 512;
+                } else {
+                  fence_proxy_async_smem();
+                  __syncwarp();
+                  if (lane == 0 && n_tiles > 0) {
+                    bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
+                                        n_tiles * 512);  // 16 x 8 fp32 per tile
+                    tma_store_commit();
+                  }
                 }
               }
             } else {
@@ -932,17 +923,13 @@ __global__ void __launch_bounds__(384, 1)
       }
       // This tile's bulk adds are done, by every warp (their smem sources must outlive the CTA).
       // The build timed in session 25 waited inside the store loop above, which skipped the wait
-      // for lanes whose rows all lie past sk; here once per tile, for every warp.
-      // ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE=0 (an A/B switch, not yet timed): once after the
-      // last tile, so the next tile starts without waiting for this one's last adds.
-      if constexpr (kBulkDq && ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE) {
+      // for lanes whose rows all lie past sk; here once per tile, for every warp.  Once after
+      // the last tile instead: within noise (session 26, 0.95-1.02x).
+      if constexpr (kBulkDq) {
         if (lane == 0) tma_store_wait_all<0>();
       }
-      if constexpr (!kTileCounter) tile += gridDim.x;
     }
-    if constexpr (kBulkDq && !ORCHARD_SM90_BWD_WAIT_ADDS_PER_TILE) {
-      if (lane == 0) tma_store_wait_all<0>();
-    }
+    if (kSumDqPairs && wg == 0 && pair_staged) named_barrier_sync(8 + wi, 64);  // WG1's last read
   }
 }
 

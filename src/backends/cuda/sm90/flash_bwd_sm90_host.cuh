@@ -96,14 +96,13 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   // an empty pipeline.  The H200 (session 25, ab_bwd.sh, medians of 3 alternating rounds, two
   // calls): d128 non-causal +1-5 % (s1k-16k); d64 +5 % at s1k / s2k but 0.95-0.98x at s4k-16k;
   // causal d128 0.73-0.91x: its tiles' work differs (key block n sees the query tiles from n on)
-  // and a static stride cannot balance it as the hardware's launch order of one CTA per tile does
-  // (a tile counter, as FA3's scheduler: ORCHARD_SM90_BWD_TILE_COUNTER, an A/B switch not yet
-  // timed, makes every d64 / d128 launch persistent).  The kernel strides over the tiles by
-  // gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
+  // and a static stride cannot balance it as the hardware's launch order of one CTA per tile does.
+  // A tile counter as FA3's scheduler (every d64 / d128 launch persistent, tiles from an atomic
+  // counter the pre-pass zeroed) lost 0-8 % (session 26, bench/NOTES.md): removed.  The kernel
+  // strides over the tiles by gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
   int64_t grid = tiles;
-  const bool persistent = ORCHARD_SM90_BWD_TILE_COUNTER ? kD <= 128
-                                                         : !p.causal && (kD == 128 || (kD == 64 && p.sq <= 2048));
-  if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.deterministic) {
+  const bool persistent = kD == 128 || (kD == 64 && p.sq <= 2048);
+  if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.causal && !p.deterministic) {
     const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
     if (sms > 0 && sms < grid) grid = sms;
   }

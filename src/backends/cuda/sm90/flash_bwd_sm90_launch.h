@@ -14,17 +14,6 @@
 #ifndef ORCHARD_SM90_BWD_PDL
 #define ORCHARD_SM90_BWD_PDL 1
 #endif
-// An A/B switch, off (not yet run on a GPU): the d64 / d128 kernels' persistent CTAs take their
-// tiles after the first from a counter (atomicAdd; the first int of the workspace's turns
-// region, zeroed by the pre-pass: the turns serve only the deterministic mode, which never
-// uses the counter), in the linear order one CTA per tile would run them, and every non-causal
-// and causal launch of those kernels is persistent.  For the causal kernels (static stride:
-// 0.73-0.91x) and d64 above 2k queries (0.95-0.98x), session 25.  Compiled (sm_90a, ptxas): no
-// spills in the consumers' step loops (the causal d128 kernels' 7 spill instructions there go),
-// ~40 LDL / STL in the producer's loop (its 24 registers).
-#ifndef ORCHARD_SM90_BWD_TILE_COUNTER
-#define ORCHARD_SM90_BWD_TILE_COUNTER 0
-#endif
 
 namespace orchard::cuda {
 

@@ -26,16 +26,7 @@ bool run_flash_bwd_sm90(const BwdParams& p, bool bulk_dq) {
   float* dq_accum = reinterpret_cast<float*>(ws + layout.dq_accum_offset);  // when own_dq_accum
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   const bool vec = true;  // sm90_bwd_applies: 16-byte rows and strides (TMA needs them anyway)
-  // ORCHARD_SM90_BWD_TILE_COUNTER: the counter (the turns region's first int, unused outside
-  // the deterministic mode) starts at 0: set by the pre-pass, or here when there is none.
-  int* tile_counter = nullptr;
-  if (ORCHARD_SM90_BWD_TILE_COUNTER && kD <= 128 && !p.deterministic) tile_counter = bwd_dq_turns(p);
-  if (rows > 0) {
-    launch_bwd_dot<T>(p, dsum, vec, own_dq_accum ? dq_accum : nullptr, stream, tile_counter);
-  } else if (tile_counter != nullptr) {
-    cudaMemsetAsync(tile_counter, 0, sizeof(int), stream);
-    check_launch("cudaMemsetAsync (the sm90 backward's tile counter)");
-  }
+  if (rows > 0) launch_bwd_dot<T>(p, dsum, vec, own_dq_accum ? dq_accum : nullptr, stream);
   if (p.deterministic && rows > 0) {  // the ordered dQ adds' turn counters start at 0
     cudaMemsetAsync(bwd_dq_turns(p), 0, dq_turn_count(p) * sizeof(int), stream);
     check_launch("cudaMemsetAsync (the ordered dQ adds' turns)");
