@@ -101,7 +101,7 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   // counter the pre-pass zeroed) lost 0-8 % (session 26, bench/NOTES.md): removed.  The kernel
   // strides over the tiles by gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
   int64_t grid = tiles;
-  const bool persistent = kD == 128 || (kD == 64 && p.sq <= 2048);
+  const bool persistent = kD == 128 || (kD == 64 && p.sq <= ORCHARD_SM90_BWD64_PERSISTENT_MAX_SQ);
   if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.causal && !p.deterministic) {
     const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
     if (sms > 0 && sms < grid) grid = sms;

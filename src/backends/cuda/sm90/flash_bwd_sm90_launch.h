@@ -15,6 +15,11 @@
 #define ORCHARD_SM90_BWD_PDL 1
 #endif
 
+// The d64 non-causal launches are persistent up to this many queries (flash_bwd_sm90_host.cuh).
+#ifndef ORCHARD_SM90_BWD64_PERSISTENT_MAX_SQ
+#define ORCHARD_SM90_BWD64_PERSISTENT_MAX_SQ 2048
+#endif
+
 namespace orchard::cuda {
 
 // How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).
