@@ -172,6 +172,25 @@ __global__ void __launch_bounds__(256) bwd_dot_kernel(const BwdParams p, float* 
   if (r < total && sub == 0) dsum[r] = acc;
 }
 
+// Where dQ row 0 of (batch, q head) slab bh starts (at column col0) and how many rows its
+// sequence has (varlen: its span of the packed rows): both dQ converts' output side.
+template <typename T>
+struct DqRows {
+  T* base;
+  int sq;
+};
+template <typename T>
+__device__ __forceinline__ DqRows<T> dq_rows_of(const BwdParams& p, int64_t bh, int col0) {
+  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
+  DqRows<T> r{static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + col0, p.sq};
+  if (p.cu_seqlens_q != nullptr) {
+    const SeqSpan span = seq_span(p, b);
+    r.sq = span.len_q;
+    r.base += span.q_start * p.dq_row_stride;
+  }
+  return r;
+}
+
 // dq[b,row,h,:] = dtype(scale * dq_accum): one thread per lane-slot of the permuted
 // layout (its float4 is rows r, r+8 x columns c, c+1 of a 16 x 8 tile), so the
 // reads are fully coalesced; a warp writes one 16-row x 16-byte tile.
@@ -188,15 +207,10 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_kernel(const BwdParams p, 
   const int64_t bh = tile / tiles_per_slab;
   const int in_slab = static_cast<int>(tile % tiles_per_slab);
   const int row = (in_slab / col_tiles) * 16 + g, col = (in_slab % col_tiles) * 8 + 2 * t;
-  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
   const float4 v = *reinterpret_cast<const float4*>(acc + idx * 4);
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + col;
-  int sq = p.sq;
-  if (p.cu_seqlens_q != nullptr) {  // varlen: this sequence's rows
-    const SeqSpan span = seq_span(p, b);
-    sq = span.len_q;
-    dq += span.q_start * p.dq_row_stride;
-  }
+  const DqRows<T> rows = dq_rows_of<T>(p, bh, col);
+  T* dq = rows.base;
+  const int sq = rows.sq;
   const float sc = p.scale;
   if (vec) {
     if (row < sq) *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride) = MmaType<T>::pack(v.x * sc, v.y * sc);
@@ -256,14 +270,9 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_rows_kernel(const BwdParam
     }
   }
   __syncwarp();
-  const int b = static_cast<int>(bh / p.hq), h = static_cast<int>(bh % p.hq);
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + ct0 * 8;
-  int sq = p.sq;
-  if (p.cu_seqlens_q != nullptr) {  // varlen: this sequence's rows
-    const SeqSpan span = seq_span(p, b);
-    sq = span.len_q;
-    dq += span.q_start * p.dq_row_stride;
-  }
+  const DqRows<T> rows = dq_rows_of<T>(p, bh, ct0 * 8);
+  T* dq = rows.base;
+  const int sq = rows.sq;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // 16 rows x 8 tiles of 16 bytes: 4 rows (4 full 128-byte segments) per pass
     const int r = 4 * i + lane / 8, j = lane % 8;
