@@ -97,9 +97,10 @@
 #define ORCHARD_SM90_BWD_PERSISTENT 1
 #endif
 
-// An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel.
+// An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel (off until
+// timed on a GPU).
 #ifndef ORCHARD_SM90_BWD64_SUM_DQ
-#define ORCHARD_SM90_BWD64_SUM_DQ 1
+#define ORCHARD_SM90_BWD64_SUM_DQ 0
 #endif
 
 namespace orchard::sm90 {
