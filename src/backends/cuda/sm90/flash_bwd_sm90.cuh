@@ -97,6 +97,9 @@
 #define ORCHARD_SM90_BWD_PERSISTENT 1
 #endif
 
+#ifndef ORCHARD_SM90_BWD64_STAGES  // an A/B knob for BwdSm90Config<64>::kStages
+#define ORCHARD_SM90_BWD64_STAGES 3
+#endif
 // An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel (off until
 // timed on a GPU).
 #ifndef ORCHARD_SM90_BWD64_SUM_DQ
@@ -113,7 +116,7 @@ struct BwdSm90Config {
   static constexpr int kChunks = kD / 64;  // 64-column (128-byte) swizzle chunks
   // Q / dO stages.  d64: 3 (the H200, session 18, medians of 4 alternating runs: +2-8 % non-causal,
   // +0-5 % causal over 2); d128: 2 (3 fit in 227 KB but spill and lost 3-8 %).
-  static constexpr int kStages = kD == 64 ? 3 : 2;
+  static constexpr int kStages = kD == 64 ? ORCHARD_SM90_BWD64_STAGES : 2;
   // d64: the next step's S^T runs during this step's dQ add, dP^T during the softmax (registers
   // allow it at d64 only).  The H200, session 19, medians of 3 alternating runs over the FA grid:
   // non-causal +3-6 %, causal -1 to +8 % (S^T prefetch alone: +2.5-4 % / -2 to +8 %).
