@@ -97,11 +97,16 @@
 #define ORCHARD_SM90_BWD_PERSISTENT 1
 #endif
 
-#ifndef ORCHARD_SM90_BWD64_STAGES  // an A/B knob for BwdSm90Config<64>::kStages
+// An A/B knob for BwdSm90Config<64>::kStages.  4 against 3 (the H200, session 26, 3 rounds):
+// 0.96-1.05x, mostly below: 3 stays.
+#ifndef ORCHARD_SM90_BWD64_STAGES
 #define ORCHARD_SM90_BWD64_STAGES 3
 #endif
-// An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel (off until
-// timed on a GPU).
+// An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel.  Off: the
+// H200 (session 26, ab_bwd.sh, 3 rounds; checks passed) 0.85-0.88x non-causal and causal at
+// s >= 8k, 1.01-1.06x causal s <= 4k: the pair barriers tie the two WGs' steps together, which
+// costs more than the halved L2 reduction traffic saves.  Kept as the record of that trial; the
+// next try at d64 is FA3's 128 x 128 step (one WG's dQ over all 128 keys, no pairing).
 #ifndef ORCHARD_SM90_BWD64_SUM_DQ
 #define ORCHARD_SM90_BWD64_SUM_DQ 0
 #endif
