@@ -102,14 +102,6 @@
 #ifndef ORCHARD_SM90_BWD64_STAGES
 #define ORCHARD_SM90_BWD64_STAGES 3
 #endif
-// An A/B switch for the d64 kernels' dQ adds: kSumDqPairs in flash_bwd_sm90_kernel.  Off: the
-// H200 (session 26, ab_bwd.sh, 3 rounds; checks passed) 0.85-0.88x non-causal and causal at
-// s >= 8k, 1.01-1.06x causal s <= 4k: the pair barriers tie the two WGs' steps together, which
-// costs more than the halved L2 reduction traffic saves.  Kept as the record of that trial; the
-// next try at d64 is FA3's 128 x 128 step (one WG's dQ over all 128 keys, no pairing).
-#ifndef ORCHARD_SM90_BWD64_SUM_DQ
-#define ORCHARD_SM90_BWD64_SUM_DQ 0
-#endif
 
 namespace orchard::sm90 {
 
@@ -521,13 +513,6 @@ __global__ void __launch_bounds__(384, 1)
       return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
                            p.alibi_slopes != nullptr);
     };
-    // kSumDqPairs (d64's deferred bulk dQ, ORCHARD_SM90_BWD64_SUM_DQ): warp wi of WG0 stages its
-    // 16 x 64 dQ partial, warp wi of WG1 adds its own (the same rows and columns) and issues one
-    // bulk add for the two: half the dQ reduction traffic into L2.  Named barriers 4 + wi (WG0's
-    // partial staged) and 8 + wi (WG1 has read it), each an arrive by one side and a sync by the
-    // other, alternating; pair_staged: WG0 has a partial out whose read it has not yet waited for.
-    constexpr bool kSumDqPairs = ORCHARD_SM90_BWD64_SUM_DQ && kD == 64 && kBulkDq && !kFeatures && !kPaddedD && !kOrderedDq;
-    bool pair_staged = false;
     float dk[kD / 2], dv[kD / 2];
     int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -832,48 +817,23 @@ __global__ void __launch_bounds__(384, 1)
               // This warp's kDqN / 8 tiles of 16 x 8 are contiguous in dq_accum (launch.h): stage
               // them in the same order (lane-major float4 per tile), then one 4 KB bulk add.
               const uint32_t stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
-              if (kSumDqPairs && wg == 0) {
-                // Staged for WG1's warp wi once it has read the previous partial; no add of its own.
-                if (pair_staged) named_barrier_sync(8 + wi, 64);
+              if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
+              __syncwarp();
 #pragma unroll
-                for (int j = 0; j < Cfg::kDqN / 8; ++j)
-                  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
-                               "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
-                               : "memory");
-                named_barrier_arrive(4 + wi, 64);
-                pair_staged = true;
+              for (int j = 0; j < Cfg::kDqN / 8; ++j)
+                asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
+                             "f"(dq[4 * j]), "f"(dq[4 * j + 1]), "f"(dq[4 * j + 2]), "f"(dq[4 * j + 3])
+                             : "memory");
+              if constexpr (kDeferDq) {
+                dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
+                dq_pending_bytes = n_tiles * 512;
               } else {
-                if (lane == 0) tma_store_wait_read<0>();  // the previous step's add has read it
+                fence_proxy_async_smem();
                 __syncwarp();
-                if constexpr (kSumDqPairs) named_barrier_sync(4 + wi, 64);  // WG0's warp wi has staged
-                const uint32_t partner_buf = stage_buf - 4 * Cfg::kDqWarpBytes;  // WG0's warp wi (kSumDqPairs)
-#pragma unroll
-                for (int j = 0; j < Cfg::kDqN / 8; ++j) {
-                  float4 v = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-                  if constexpr (kSumDqPairs) {
-                    float4 w;
-                    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                                 : "=f"(w.x), "=f"(w.y), "=f"(w.z), "=f"(w.w)
-                                 : "r"(partner_buf + (j * 32 + lane) * 16)
-                                 : "memory");
-                    v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
-                  }
-                  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(stage_buf + (j * 32 + lane) * 16),
-                               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-                               : "memory");
-                }
-                if constexpr (kSumDqPairs) named_barrier_arrive(8 + wi, 64);  // WG0's slot may be refilled
-                if constexpr (kDeferDq) {
-                  dq_pending = n_tiles > 0 ? slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0) : nullptr;
-                  dq_pending_bytes = n_tiles * 512;
-                } else {
-                  fence_proxy_async_smem();
-                  __syncwarp();
-                  if (lane == 0 && n_tiles > 0) {
-                    bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
-                                        n_tiles * 512);  // 16 x 8 fp32 per tile
-                    tma_store_commit();
-                  }
+                if (lane == 0 && n_tiles > 0) {
+                  bulk_reduce_add_f32(slab + cuda::dq_accum_tile_offset(row16, col_base, d_cols, 0), stage_buf,
+                                      n_tiles * 512);  // 16 x 8 fp32 per tile
+                  tma_store_commit();
                 }
               }
             } else {
@@ -938,7 +898,6 @@ __global__ void __launch_bounds__(384, 1)
         if (lane == 0) tma_store_wait_all<0>();
       }
     }
-    if (kSumDqPairs && wg == 0 && pair_staged) named_barrier_sync(8 + wi, 64);  // WG1's last read
   }
 }
 
