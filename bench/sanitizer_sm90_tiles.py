@@ -9,7 +9,7 @@ import orchard
 torch.manual_seed(0)
 props = torch.cuda.get_device_properties(0)
 for dtype in (torch.bfloat16, torch.float16):
-    for d, b, hq, hkv, s in ((64, 4, 8, 4, 1024), (128, 3, 8, 8, 1024)):
+    for d, b, hq, hkv, s in ((64, 4, 8, 4, 1024), (64, 3, 8, 8, 960), (128, 3, 8, 8, 1024)):
         for causal in (False, True):
             q = torch.randn(b, s, hq, d, device="cuda", dtype=dtype, requires_grad=True)
             k = torch.randn(b, s, hkv, d, device="cuda", dtype=dtype, requires_grad=True)

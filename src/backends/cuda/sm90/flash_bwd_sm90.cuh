@@ -25,8 +25,11 @@
 //     dS^T -> smem (16-bit, 128B-swizzled rows of 64 queries), then
 //     dQ_partial = dS K   wgmma ss, A = dS MN-major (transposed read of dS^T), B = K MN-major;
 //                         d128: each WG 64 of the 128 dQ columns over all 128 keys (needs both
-//                         WGs' dS: a 256-thread named barrier); d64: each WG all 64 columns
-//                         over its own 64 keys (a WG-local barrier; twice the atomics).
+//                         WGs' dS: a 256-thread named barrier); d64 (kDqAlternate): WG (it % 2)
+//                         all 64 columns over all 128 keys, the other WG none that step (it
+//                         arrives at the dQ WG's barrier once its dS^T rows are written);
+//                         otherwise each d64 WG all 64 columns over its own 64 keys (a
+//                         WG-local barrier; twice the adds).
 //     dQ_partial -> fp32 dq_accum (launch.h's permuted 16 x 8 tile layout: the wgmma
 //                   accumulator of one warp's 16 x 8 block IS a lane's float4 there), either
 //                   (kBulkDq, the default) staged per warp in smem in that order and added by
@@ -103,6 +106,12 @@
 #define ORCHARD_SM90_BWD64_STAGES 3
 #endif
 
+// An A/B switch for the d64 kernels' kDqAlternate (the step below; the H200, session 27,
+// ab_bwd.sh, medians of 3 alternating rounds: non-causal +4.5-9.5 %, causal +4-21 % (s4k 0.99x)).
+#ifndef ORCHARD_SM90_BWD64_DQ_ALTERNATE
+#define ORCHARD_SM90_BWD64_DQ_ALTERNATE 1
+#endif
+
 namespace orchard::sm90 {
 
 template <int kD>
@@ -123,11 +132,16 @@ struct BwdSm90Config {
   static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;
   static constexpr int kQBytes = kBM * kD * 2, kQChunkBytes = kBM * 128;
   static constexpr int kDsBytes = kBN * kBM * 2;  // dS^T: 128 key rows x 64 queries (128 B)
+  // dS^T buffers, one per Q / dO stage (step it uses buffer it % kStages): a WG that writes
+  // step it + kStages's dS^T has waited for that step's Q / dO stage, which every consumer warp
+  // released only after its dQ GEMM of step it, so no GEMM still reads the buffer (the d64
+  // kDqAlternate step reads the other WG's rows).
+  static constexpr int kDsBuffers = kStages;
   static constexpr int kOffV = kKVBytes;
   static constexpr int kOffQ = 2 * kKVBytes;
   static constexpr int kOffDo = kOffQ + kStages * kQBytes;
   static constexpr int kOffDs = kOffDo + kStages * kQBytes;
-  static constexpr int kOffLse = kOffDs + 2 * kDsBytes;          // float [kStages][kBM]
+  static constexpr int kOffLse = kOffDs + kDsBuffers * kDsBytes;         // float [kStages][kBM]
   static constexpr int kOffD = kOffLse + kStages * kBM * 4;      // float [kStages][kBM]
   // kBulkDq: each consumer warp stages its 16 x kDqN dQ partial in dq_accum's order here.
   static constexpr int kDqWarpBytes = 16 * kDqN * 4;
@@ -571,6 +585,16 @@ __global__ void __launch_bounds__(384, 1)
         // ab_bwd.sh, medians of 3 alternating rounds): non-causal +3.3-4.2 % (s2k 488 -> 509, s16k
         // 541 -> 561 TFLOP/s; fp16 +3.3 %), causal 0.98-1.0x (one outlier +14 %), more spills there.
         constexpr bool kDkAfterDq = ORCHARD_SM90_BWD_DK_AFTER_DQ && Cfg::kDqSplitN && (!kCausal || kSplitMask) && !kOrderedDq;
+        // kDqAlternate (d64): the dQ partial of step it is WG (it % 2)'s alone, over all 128 keys
+        // (both WGs' dS^T rows: the other WG arrives at named barrier 12 + (it % 2) once its rows
+        // are written), so one 64 x 64 partial goes to dq_accum per step instead of one per WG: half
+        // the staging and the L2 reduction traffic, and each WG's dQ GEMM runs every other step.
+        // Unlike session 26's pair sum (0.85-0.88x: both WGs waited at each step's end) only the
+        // dQ WG waits, for dS^T rows the other WG wrote early in the same step.  The H200 (session
+        // 27, 3 rounds, against the same tree without it): d64 s1k-16k 378.9 / 437.1 / 436.6 /
+        // 457.0 / 468.1 TFLOP/s (+4.5-9.5 %), causal 242.6 / 323.5 / 330.9 / 400.1 / 433.1
+        // (+4 to +23 %, s4k 0.99x), fp16 s8k +7.4 %.
+        constexpr bool kDqAlternate = ORCHARD_SM90_BWD64_DQ_ALTERNATE && !Cfg::kDqSplitN && !kOrderedDq;
         const uint32_t dq_stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
         float* dq_pending = nullptr;  // where the staged partial goes (nullptr: none)
         int dq_pending_bytes = 0;
@@ -592,13 +616,14 @@ __global__ void __launch_bounds__(384, 1)
         auto step = [&](const int it, auto mask_tag) {
           constexpr bool kMaskStep = decltype(mask_tag)::value;
           const int s = it % Cfg::kStages;
+          const bool dq_here = !kDqAlternate || wg == (it & 1);  // this WG adds a dQ partial
           // S^T first, P^T to 16 bit, then dP^T: only dK + dV + one 64 x 64 fp32 tile + the packed
           // P^T are live at once (S^T and dP^T together with dK / dV spilled under the 240 cap).
           // dS^T is formed from the 16-bit P^T, the value the dV GEMM uses as well.
           uint32_t pa[4][4], dsa[4][4];
           const float* lse_t = lse_s + s * kBM;
           const float* d_t = d_s + s * kBM;
-          // dS^T slots of this step (buffer it % 2): row = key (128 B = 64 queries), 16-byte chunk c
+          // dS^T slots of this step (buffer s): row = key (128 B = 64 queries), 16-byte chunk c
           // stored at c ^ (row % 8).  row % 8 == g for both of this thread's rows, and the buffer and
           // row offsets leave bits 4-6 clear, so the address is (row base | g << 4 | 4 t) ^ (c << 4);
           // the pair (8 kk + 2 q) of a fragment (queries 8 c + 2 t, + 1, c = 2 kk + q / 2) goes to
@@ -606,7 +631,7 @@ __global__ void __launch_bounds__(384, 1)
           // (Lambdas, evaluated where used: values computed up here stay live across the GEMMs of
           // the plain path too, and ptxas spilled more.)
           auto ds_slot = [&](int kk, int q) {
-            const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+            const uint32_t ds_row = sDs + s * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
             return (ds_row + (q % 2) * 1024) ^ (static_cast<uint32_t>(2 * kk + q / 2) << 4);
           };
           // Element i of a 64 x 64 tile: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2),
@@ -701,14 +726,14 @@ __global__ void __launch_bounds__(384, 1)
             }
             acc_to_afrag<T>(dpacc, dsa);
           }
-          if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer it % 2 (ds_slot above)
+          if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer s (ds_slot above)
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
               for (int q = 0; q < 4; ++q)
                 asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(dsa[kk][q]) : "memory");
           } else {  // the same slots, the address computed once per step (ds_slot's formula)
-            const uint32_t ds_row = sDs + (it % 2) * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
+            const uint32_t ds_row = sDs + s * Cfg::kDsBytes + key_l0 * 128 + (g << 4) + 4 * t;
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -719,6 +744,8 @@ __global__ void __launch_bounds__(384, 1)
               }
           }
           fence_proxy_async_smem();
+          // kDqAlternate: this step's dQ is the other WG's, which waits for these dS^T rows.
+          if (kDqAlternate && !dq_here) named_barrier_arrive(12 + (wg ^ 1), 256);
           // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
           auto issue_dk = [&] {
 #pragma unroll
@@ -731,23 +758,29 @@ __global__ void __launch_bounds__(384, 1)
             Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
           if constexpr (!kDkAfterDq) issue_dk();
           wgmma_commit();
-          // Every dS^T row this GEMM reads is written (both WGs for the split-N form).
+          // Every dS^T row this GEMM reads is written (both WGs for the split-N form and
+          // kDqAlternate's dQ WG).
           if constexpr (Cfg::kDqSplitN) named_barrier_sync(1, 256);
-          else named_barrier_sync(2 + wg, 128);
+          else if constexpr (kDqAlternate) {
+            if (dq_here) named_barrier_sync(12 + wg, 256);
+          } else named_barrier_sync(2 + wg, 128);
           float dq[Cfg::kDqN / 2];
-          if constexpr (Cfg::kDqSplitN) {
+          if constexpr (Cfg::kDqSplitN || kDqAlternate) {  // over all 128 keys
+            if (dq_here) {
 #pragma unroll
-            for (int kk = 0; kk < kBN / 16; ++kk)
-              Wgmma<Cfg::kDqN, T>::template ss<1, 1>(dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + kk * 2048),
-                                                      desc_advance(dKt_b, wg * Cfg::kKVChunkBytes + kk * 2048), kk > 0);
+              for (int kk = 0; kk < kBN / 16; ++kk)
+                Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
+                    dq, desc_advance(dS_a, s * Cfg::kDsBytes + kk * 2048),
+                    desc_advance(dKt_b, (Cfg::kDqSplitN ? wg * Cfg::kKVChunkBytes : 0) + kk * 2048), kk > 0);
+            }
           } else {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
               Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
-                  dq, desc_advance(dS_a, (it % 2) * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
+                  dq, desc_advance(dS_a, s * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
                   desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
           }
-          wgmma_commit();
+          wgmma_commit();  // (an empty group on kDqAlternate's other WG: the same waits below)
           if constexpr (kDkAfterDq) {
             issue_dk();
             wgmma_commit();
@@ -800,7 +833,7 @@ __global__ void __launch_bounds__(384, 1)
               __syncwarp();
               if (warp_leader) mbarrier_arrive(bar.dq_full());
             }
-          } else if (row16 < sq) {
+          } else if (dq_here && row16 < sq) {
             // The caller's accumulator (p.dq_accum, launch.h) or our own (dq_accum).
             const cuda::DqAccumSlabs acc =
                 p.dq_accum != nullptr
