@@ -107,7 +107,7 @@
 #endif
 
 // An A/B switch for the d64 kernels' kDqAlternate (the step below; the H200, session 27,
-// ab_bwd.sh, medians of 3 alternating rounds: non-causal +4.5-9.5 %, causal +4-21 % (s4k 0.99x)).
+// ab_bwd.sh, medians of 3 alternating rounds: non-causal +6-8 %, causal +5-24 % (s4k 0.99x)).
 #ifndef ORCHARD_SM90_BWD64_DQ_ALTERNATE
 #define ORCHARD_SM90_BWD64_DQ_ALTERNATE 1
 #endif
@@ -592,8 +592,8 @@ __global__ void __launch_bounds__(384, 1)
         // Unlike session 26's pair sum (0.85-0.88x: both WGs waited at each step's end) only the
         // dQ WG waits, for dS^T rows the other WG wrote early in the same step.  The H200 (session
         // 27, 3 rounds, against the same tree without it): d64 s1k-16k 378.9 / 437.1 / 436.6 /
-        // 457.0 / 468.1 TFLOP/s (+4.5-9.5 %), causal 242.6 / 323.5 / 330.9 / 400.1 / 433.1
-        // (+4 to +23 %, s4k 0.99x), fp16 s8k +7.4 %.
+        // 457.0 / 468.1 TFLOP/s (+6.3-7.6 %), causal 242.6 / 323.5 / 330.9 / 400.1 / 433.1
+        // (+5 to +24 %, s4k 0.99x), fp16 s8k +7.4 %.
         constexpr bool kDqAlternate = ORCHARD_SM90_BWD64_DQ_ALTERNATE && !Cfg::kDqSplitN && !kOrderedDq;
         const uint32_t dq_stage_buf = sbase + Cfg::kOffDqStage + warp * Cfg::kDqWarpBytes;
         float* dq_pending = nullptr;  // where the staged partial goes (nullptr: none)
