@@ -802,7 +802,7 @@ __global__ void __launch_bounds__(384, 1)
           if constexpr (!kDkAfterDq) release_stage();
           // dQ partial -> dq_accum: warp wi's rows m0 + 16 wi .. + 15 (a whole 16-row tile; tiles
           // past sq are outside the padded slab and hold zeros anyway).
-          const int row16 = m0 + 16 * wi;
+          [[maybe_unused]] const int row16 = m0 + 16 * wi;  // (the kOrderedDq kernels do not read it)
           if constexpr (kOrderedDq) {
             // Staged in this warp's slot once the writer has read the previous step's; it adds.
             // d64: WG0's warp wi stores, WG1's warp wi then adds its partial there (named barrier
