@@ -208,40 +208,47 @@ void free_bufs(Bufs& B) {
   for (void* x : {B.q, B.k, B.v, B.o, B.dO, B.dq, B.dk, B.dv, (void*)B.lse, B.ws}) cudaFree(x);
 }
 
-// -DSM90_BWD_BENCH_D=64 (or 128): build and run only that head dim (a one-bucket experiment
-// builds in a fraction of the time); 0 (default): both.
+// -DSM90_BWD_BENCH_D=64 (96, 128): build and run only that head dim (a one-bucket experiment
+// builds in a fraction of the time); 0 (default): all three.  -DSM90_BWD_BENCH_D96_BUCKET=128 runs
+// the d96 shapes on the d128 bucket's kernels (the library's d96 backward before session 28:
+// the A/B baseline of the d96 bucket).
 #ifndef SM90_BWD_BENCH_D
 #define SM90_BWD_BENCH_D 0
 #endif
-constexpr bool kBuild64 = SM90_BWD_BENCH_D != 128, kBuild128 = SM90_BWD_BENCH_D != 64;
-bool built(int d) { return d == 64 ? kBuild64 : kBuild128; }
+#ifndef SM90_BWD_BENCH_D96_BUCKET
+#define SM90_BWD_BENCH_D96_BUCKET 96
+#endif
+constexpr int kBenchD = SM90_BWD_BENCH_D, kD96Bucket = SM90_BWD_BENCH_D96_BUCKET;
+static_assert(kD96Bucket == 96 || kD96Bucket == 128, "SM90_BWD_BENCH_D96_BUCKET: 96 or 128");
+constexpr bool kBuild64 = kBenchD == 0 || kBenchD == 64, kBuild96 = kBenchD == 0 || kBenchD == 96,
+               kBuild128 = kBenchD == 0 || kBenchD == 128;
+// The shapes' head dim: 64, 65..96 (the d96 bucket, d80 through its padded kernels), 128.
+bool built(int d) { return d <= 64 ? kBuild64 : d <= 96 ? kBuild96 : kBuild128; }
 
 template <typename T>
-bool run_fwd(const Shape& sh, const Bufs& B) {
+bool run_fwd(const Shape& sh, const Bufs& B) {  // (the forward has no d96 bucket: d128's)
   BwdParams p = make_params<T>(sh, B);
-  if constexpr (kBuild64) if (sh.d == 64) return orchard::cuda::run_flash_fwd_sm90<T, 64>(p);
-  if constexpr (kBuild128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+  if constexpr (kBuild64) if (sh.d <= 64) return orchard::cuda::run_flash_fwd_sm90<T, 64>(p);
+  if constexpr (kBuild96 || kBuild128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
   return false;
 }
 template <typename T>
 bool run_sm90(const BwdParams& p, bool bulk_dq) {
-  if constexpr (kBuild64) if (p.d == 64) return orchard::cuda::run_flash_bwd_sm90<T, 64>(p, bulk_dq);
+  if constexpr (kBuild64) if (p.d <= 64) return orchard::cuda::run_flash_bwd_sm90<T, 64>(p, bulk_dq);
+  if constexpr (kBuild96) if (p.d <= 96) return orchard::cuda::run_flash_bwd_sm90<T, kD96Bucket>(p, bulk_dq);
   if constexpr (kBuild128) return orchard::cuda::run_flash_bwd_sm90<T, 128>(p, bulk_dq);
   return false;
 }
+template <typename T, int kD>
+void run_sm80_bucket(const BwdParams& p) {
+  if (p.causal) orchard::cuda::launch_flash_bwd<T, kD, true, false>(p);
+  else orchard::cuda::launch_flash_bwd<T, kD, false, false>(p);
+}
 template <typename T>
-void run_sm80(const BwdParams& p) {
-  if constexpr (kBuild64) {
-    if (p.d == 64) {
-      if (p.causal) orchard::cuda::launch_flash_bwd<T, 64, true, false>(p);
-      else orchard::cuda::launch_flash_bwd<T, 64, false, false>(p);
-      return;
-    }
-  }
-  if constexpr (kBuild128) {
-    if (p.causal) orchard::cuda::launch_flash_bwd<T, 128, true, false>(p);
-    else orchard::cuda::launch_flash_bwd<T, 128, false, false>(p);
-  }
+void run_sm80(const BwdParams& p) {  // the sm80 buckets (cuda_backend.cu head_dim_bucket)
+  if constexpr (kBuild64) if (p.d <= 64) return run_sm80_bucket<T, 64>(p);
+  if constexpr (kBuild96) if (p.d <= 96) return run_sm80_bucket<T, 96>(p);
+  if constexpr (kBuild128) run_sm80_bucket<T, 128>(p);
 }
 
 std::string shape_name(const Shape& sh) {
@@ -280,8 +287,9 @@ bool check_shape(const Shape& sh, uint64_t seed) {
   bool ok_all = true;
   static const char* kPath[] = {"sm90", "sm90bulk", "sm90det", "sm80"};
   const bool det_applies = sh.d == 64 || sh.d == 128;  // the ordered kernels' buckets, d == bucket
+  const bool bulk_only = sh.d > 64 && sh.d <= 96 && kD96Bucket == 96;  // the d96 bucket: no atomic-dQ form
   for (int path = 0; path < 4; ++path) {  // sm90 (atomic dQ), sm90 (bulk-reduce dQ), sm90 ordered, sm80
-    if (path == 2 && !det_applies) continue;
+    if ((path == 2 && !det_applies) || (path == 0 && bulk_only)) continue;
     BwdParams pp = p;
     pp.deterministic = path == 2;
     auto poison = [&] {
@@ -450,6 +458,12 @@ int main(int argc, char** argv) {
         {true, 128, false, false, 4, 16, 16, 1024, 1024}, {true, 128, true, false, 3, 16, 4, 1000, 1500},
         {true, 128, true, true, 2, 8, 8, 700, 2000},      {false, 64, true, false, 4, 16, 8, 1024, 1024},
         {true, 64, false, false, 2, 32, 32, 1500, 1500},
+        // d96 (its own bucket; d80 through its padded kernels), as the d64 / d128 shapes above.
+        {true, 96, false, false, 2, 4, 4, 512, 512},      {true, 96, true, false, 1, 8, 2, 700, 900},
+        {true, 96, true, true, 1, 4, 4, 333, 555},        {false, 96, false, false, 1, 4, 2, 1000, 129},
+        {false, 96, true, false, 2, 4, 4, 65, 64},        {true, 96, true, false, 1, 4, 4, 700, 300},
+        {true, 80, false, false, 1, 4, 4, 300, 700},      {false, 88, true, false, 2, 8, 2, 384, 1000},
+        {true, 96, false, false, 2, 32, 32, 1500, 1500},  {false, 96, true, false, 4, 16, 8, 1024, 1024},
     };
     for (const Shape& sh : checks)
       each_dtype(sh, [&](auto t) { fails += !check_shape<decltype(t)>(sh, 1234 + fails); });
@@ -467,14 +481,14 @@ int main(int argc, char** argv) {
     };
     for (const Shape& sh : grid) each_dtype(sh, [&](auto t) { time_shape<decltype(t)>(sh); });
   }
-  if (mode == "bulk") {  // the FA grid (b s = 16k, hq d = 2048), s 1k..16k, causal or not; fp16 s8k
-    for (int d : {64, 128})
+  if (mode == "bulk") {  // the FA grid (b s = 16k, hq d = 2048; d96: 21 heads), s 1k..16k, causal or not; fp16 s8k
+    for (int d : {64, 96, 128})
       for (int causal = 0; causal < 2; ++causal)
         for (int s = 1024; s <= 16384; s *= 2) {
           const Shape sh{true, d, causal != 0, false, 16384 / s, 2048 / d, 2048 / d, s, s};
           each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
         }
-    for (int d : {64, 128}) {
+    for (int d : {64, 96, 128}) {
       const Shape sh{false, d, false, false, 2, 2048 / d, 2048 / d, 8192, 8192};
       each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
     }
@@ -491,7 +505,7 @@ int main(int argc, char** argv) {
   }
   if (mode == "one") {  // one bf16 FA-grid shape of the built bucket, bulk form: `one S CAUSAL` (for ncu)
     const int s = argc > 2 ? std::atoi(argv[2]) : 8192, causal = argc > 3 ? std::atoi(argv[3]) : 0;
-    for (int d : {64, 128}) {
+    for (int d : {64, 96, 128}) {
       const Shape sh{true, d, causal != 0, false, std::max(1, 16384 / s), 2048 / d, 2048 / d, s, s};
       each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
     }

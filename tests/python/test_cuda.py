@@ -134,8 +134,9 @@ def _check_fwd_bwd_against_references(q, k, v, causal):
 # More key tiles than an H100 / H200 has SMs (3 x 8 heads x 8 tiles of 128 keys = 192 > 132): the
 # sm90 backward's persistent launch (non-causal) runs several tiles per CTA, and the d64 kernel,
 # whose dQ GEMM alternates between its warpgroups by a step count that runs on across a CTA's
-# tiles, sees that count odd at a tile's end (15 query tiles of 64 rows per key tile).
-@pytest.mark.parametrize("d", [64, 128])
+# tiles, sees that count odd at a tile's end (15 query tiles of 64 rows per key tile); d96 runs the
+# same alternation on its own bucket.
+@pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_more_key_tiles_than_sms(d, causal):
     _check_fwd_bwd_against_references(*_qkv(dtype=torch.bfloat16, b=3, s=960, h=8, hkv=8, d=d), causal)
@@ -173,7 +174,8 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
 
 
 # Window / softcap / ALiBi at the shapes the sm90 (Hopper) kernels take: bf16/fp16, d 64/128/256
-# and head dims the forward runs in a wider bucket (96 -> 128, 160 / 192 -> 192: zero-filled columns),
+# and head dims run in a wider bucket (forward 80 / 96 -> 128, backward 80 -> 96, 160 -> 192:
+# zero-filled columns),
 # contiguous BSHD (16-byte rows), several 128-row query tiles and key tiles, windows that skip
 # key tiles and leave rows empty. Checked against the float64 reference on any GPU; on compute
 # capability 9.0 with 90 in the build's archs, the debug log must also name the sm90 forward
@@ -213,7 +215,7 @@ SM90_FEATURES = {
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d", [64, 96, 128, 160, 192, 256])
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 160, 192, 256])
 @pytest.mark.parametrize("name", list(SM90_FEATURES))
 def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch):
     from feature_reference import feature_attention_ref

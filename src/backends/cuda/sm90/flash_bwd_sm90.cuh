@@ -25,8 +25,8 @@
 //     dS^T -> smem (16-bit, 128B-swizzled rows of 64 queries), then
 //     dQ_partial = dS K   wgmma ss, A = dS MN-major (transposed read of dS^T), B = K MN-major;
 //                         d128: each WG 64 of the 128 dQ columns over all 128 keys (needs both
-//                         WGs' dS: a 256-thread named barrier); d64 (kDqAlternate): WG (it % 2)
-//                         all 64 columns over all 128 keys, the other WG none that step (it
+//                         WGs' dS: a 256-thread named barrier); d64 / d96 (kDqAlternate): WG (it % 2)
+//                         all d columns over all 128 keys, the other WG none that step (it
 //                         arrives at the dQ WG's barrier once its dS^T rows are written);
 //                         otherwise each d64 WG all 64 columns over its own 64 keys (a
 //                         WG-local barrier; twice the adds).
@@ -43,7 +43,11 @@
 //     steps only (kSplitMask: the registers for it).
 //   dK (times the scale) and dV are stored from registers at the end (rows < sk).
 //
-// Supported: T = bf16 / fp16, kD (the head-dim bucket) in {64, 128} with any run-time d == d_v,
+// d96 (its own bucket since session 28: 64 < d <= 96) runs the d64 form (kDqAlternate: the dQ
+// WG's partial is 64 x 96) on 64B-swizzled 32-column chunks, so that S^T / dP^T run over 6 k16
+// slices and dV / dK / dQ as n96: no GEMM work on padding (the d128 bucket it ran before did 128
+// columns of work for 96).
+// Supported: T = bf16 / fp16, kD (the head-dim bucket) in {64, 96, 128} with any run-time d == d_v,
 // d <= kD, d % 8 == 0 (the tensor maps have the true width, TMA zero-fills the columns past d;
 // dq_accum has d columns; dK / dV stores write d), scale > 0, causal (any causal_offset:
 // both alignments) or not, GQA / MQA, BSHD / BHSD views with unit last stride and 16-byte
@@ -112,25 +116,44 @@
 #define ORCHARD_SM90_BWD64_DQ_ALTERNATE 1
 #endif
 
+// A/B knobs of the d96 kernels (BwdSm90Config<96>): Q / dO stages, and the d64 kernels'
+// pipelined step order (kPipelined).
+#ifndef ORCHARD_SM90_BWD96_STAGES
+#define ORCHARD_SM90_BWD96_STAGES 2
+#endif
+#ifndef ORCHARD_SM90_BWD96_PIPELINED
+#define ORCHARD_SM90_BWD96_PIPELINED 0
+#endif
+
 namespace orchard::sm90 {
 
 template <int kD>
 struct BwdSm90Config {
-  static_assert(kD == 64 || kD == 128, "sm90 backward: d in {64, 128}");
+  static_assert(kD == 64 || kD == 96 || kD == 128, "sm90 backward: d in {64, 96, 128}");
+  static constexpr int kHeadDim = kD;
   static constexpr int kBN = 128;  // keys per CTA (2 consumer WGs x 64)
   static constexpr int kBM = 64;   // query rows per step
-  static constexpr int kChunks = kD / 64;  // 64-column (128-byte) swizzle chunks
+  // Q / K / V / dO tiles in column chunks of one swizzle row each: 64 columns (128 bytes,
+  // 128B swizzle) at d64 / d128; 32 columns (64 bytes, 64B swizzle) at d96, whose 96 columns
+  // are 3 whole chunks, so every GEMM runs over exactly d (a 96-wide MN-major operand in
+  // 128B-swizzled chunks would be 1.5 swizzle atoms; FA3 / CUTLASS pick 64B there too).
+  static constexpr int kSwizzleBytes = kD == 96 ? 64 : 128;
+  static constexpr int kChunkCols = kSwizzleBytes / 2;
+  static constexpr int kChunks = kD / kChunkCols;
+  static constexpr int kSlicesPerChunk = kSwizzleBytes / 32;  // k16 slices (32 bytes) per chunk row
   // Q / dO stages.  d64: 3 (the H200, session 18, medians of 4 alternating runs: +2-8 % non-causal,
   // +0-5 % causal over 2); d128: 2 (3 fit in 227 KB but spill and lost 3-8 %).
-  static constexpr int kStages = kD == 64 ? ORCHARD_SM90_BWD64_STAGES : 2;
+  static constexpr int kStages = kD == 64 ? ORCHARD_SM90_BWD64_STAGES : kD == 96 ? ORCHARD_SM90_BWD96_STAGES : 2;
   // d64: the next step's S^T runs during this step's dQ add, dP^T during the softmax (registers
   // allow it at d64 only).  The H200, session 19, medians of 3 alternating runs over the FA grid:
   // non-causal +3-6 %, causal -1 to +8 % (S^T prefetch alone: +2.5-4 % / -2 to +8 %).
-  static constexpr bool kPipelined = kD == 64;
+  static constexpr bool kPipelined = kD == 64 || (kD == 96 && ORCHARD_SM90_BWD96_PIPELINED);
   static constexpr bool kDqSplitN = kD == 128;  // see the header comment
   static constexpr int kDqN = kDqSplitN ? kD / 2 : kD;  // dQ columns per consumer WG
-  static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;
-  static constexpr int kQBytes = kBM * kD * 2, kQChunkBytes = kBM * 128;
+  static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * kSwizzleBytes;
+  static constexpr int kQBytes = kBM * kD * 2, kQChunkBytes = kBM * kSwizzleBytes;
+  // One k16 slice of an MN-major operand (16 rows of K): the start address moves 16 rows.
+  static constexpr int kMnSliceBytes = 16 * kSwizzleBytes;
   static constexpr int kDsBytes = kBN * kBM * 2;  // dS^T: 128 key rows x 64 queries (128 B)
   // dS^T buffers, one per Q / dO stage (step it uses buffer it % kStages): a WG that writes
   // step it + kStages's dS^T has waited for that step's Q / dO stage, which every consumer warp
@@ -295,8 +318,8 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
       mbarrier_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        tma_load_4d(sbase + c * Cfg::kKVChunkBytes, &maps.k, kv_full, 64 * c, n0, hk, b);
-        tma_load_4d(sbase + Cfg::kOffV + c * Cfg::kKVChunkBytes, &maps.v, kv_full, 64 * c, n0, hk, b);
+        tma_load_4d(sbase + c * Cfg::kKVChunkBytes, &maps.k, kv_full, Cfg::kChunkCols * c, n0, hk, b);
+        tma_load_4d(sbase + Cfg::kOffV + c * Cfg::kKVChunkBytes, &maps.v, kv_full, Cfg::kChunkCols * c, n0, hk, b);
       }
     }
   };
@@ -328,8 +351,8 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const uint32_t at = sbase + s * Cfg::kQBytes + c * Cfg::kQChunkBytes;
-        tma_load_4d(at + Cfg::kOffQ, &maps.q, bar.full(s), 64 * c, m0, h, b);
-        tma_load_4d(at + Cfg::kOffDo, &maps.dout, bar.full(s), 64 * c, m0, h, b);
+        tma_load_4d(at + Cfg::kOffQ, &maps.q, bar.full(s), Cfg::kChunkCols * c, m0, h, b);
+        tma_load_4d(at + Cfg::kOffDo, &maps.dout, bar.full(s), Cfg::kChunkCols * c, m0, h, b);
       }
     } else {
       mbarrier_arrive(bar.full(s));
@@ -369,7 +392,7 @@ template <typename Cfg>
 __device__ __forceinline__ void bwd_sm90_write_dq_ordered(const BwdParams& p, float* dq_accum, int* turns,
                                                           uint32_t stage, uint32_t bars, int b, int hk, int group,
                                                           int n_block, BwdTileRange tr, int lane) {
-  constexpr int kBM = Cfg::kBM, kD = 64 * Cfg::kChunks;
+  constexpr int kBM = Cfg::kBM, kD = Cfg::kHeadDim;
   const BwdSm90Barriers<Cfg::kStages> bar{bars};
   const int sq = p.sq, n_iters = tr.n_m * group;
   const cuda::DqAccumSlabs acc = cuda::bwd_dq_accum_slabs(p, dq_accum, b, kD);
@@ -464,7 +487,7 @@ __global__ void __launch_bounds__(384, 1)
     }
     mbarrier_init(bar.kv_empty(), 8);  // one arrival per consumer warp
     if constexpr (kOrderedDq) {
-      static_assert(kBulkDq && !kFeatures && !kPaddedD, "ordered dQ: the plain bulk-dQ kernels only");
+      static_assert(kBulkDq && !kFeatures && !kPaddedD && kD != 96, "ordered dQ: the plain d64 / d128 bulk-dQ kernels only");
       mbarrier_init(bar.dq_full(), Cfg::kOrderedDqArrivals);
       mbarrier_init(bar.dq_empty(), 1);
     }
@@ -504,15 +527,16 @@ __global__ void __launch_bounds__(384, 1)
 
     // K / V rows of this WG as the A operand (K-major over d); Q / dO stages as B (K-major)
     // for S^T / dP^T and MN-major for dK / dV.
-    const uint64_t dK_a = make_desc_kmajor_sw128(sK + wg * 64 * 128);
-    const uint64_t dV_a = make_desc_kmajor_sw128(sV + wg * 64 * 128);
-    const uint64_t dQ_b = make_desc_kmajor_sw128(sQ);
-    const uint64_t dDo_b = make_desc_kmajor_sw128(sDo);
-    const uint64_t dQ_mn = make_desc_mnmajor_sw128(sQ, Cfg::kQChunkBytes);
-    const uint64_t dDo_mn = make_desc_mnmajor_sw128(sDo, Cfg::kQChunkBytes);
+    constexpr int kSw = Cfg::kSwizzleBytes;
+    const uint64_t dK_a = make_desc_kmajor_swizzled<kSw>(sK + wg * 64 * kSw);
+    const uint64_t dV_a = make_desc_kmajor_swizzled<kSw>(sV + wg * 64 * kSw);
+    const uint64_t dQ_b = make_desc_kmajor_swizzled<kSw>(sQ);
+    const uint64_t dDo_b = make_desc_kmajor_swizzled<kSw>(sDo);
+    const uint64_t dQ_mn = make_desc_mnmajor_swizzled<kSw>(sQ, Cfg::kQChunkBytes);
+    const uint64_t dDo_mn = make_desc_mnmajor_swizzled<kSw>(sDo, Cfg::kQChunkBytes);
     // dQ GEMM: A = dS (queries x keys) read MN-major from dS^T rows; B = K MN-major.
     const uint64_t dS_a = make_desc_mnmajor_sw128(sDs, Cfg::kDsBytes);
-    const uint64_t dKt_b = make_desc_mnmajor_sw128(sK, Cfg::kKVChunkBytes);
+    const uint64_t dKt_b = make_desc_mnmajor_swizzled<kSw>(sK, Cfg::kKVChunkBytes);
     const bool warp_leader = lane == 0;
 
     // The step in two copies, masked and not (step below): the plain causal d128 kernels, for
@@ -553,8 +577,9 @@ __global__ void __launch_bounds__(384, 1)
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kD / 16; ++kk) {
-            const uint32_t off = (kk / 4) * Cfg::kKVChunkBytes + (kk % 4) * 32;
-            const uint32_t offq = st * Cfg::kQBytes + (kk / 4) * Cfg::kQChunkBytes + (kk % 4) * 32;
+            constexpr int kSl = Cfg::kSlicesPerChunk;
+            const uint32_t off = (kk / kSl) * Cfg::kKVChunkBytes + (kk % kSl) * 32;
+            const uint32_t offq = st * Cfg::kQBytes + (kk / kSl) * Cfg::kQChunkBytes + (kk % kSl) * 32;
             Wgmma<kBM, T>::template ss<0, 0>(acc, desc_advance(a, off), desc_advance(b, offq), kk > 0);
           }
           wgmma_commit();
@@ -579,13 +604,13 @@ __global__ void __launch_bounds__(384, 1)
         // Session 19, medians of 3 alternating runs: d64 +2-4 % non-causal, -1 to +5 % causal;
         // d128 non-causal +2-3.6 %, causal -4 to -7 % (more spills): not there.  Only in the plain
         // kernels (no features, d == kD), the instantiations the kernel bench's checks verified.
-        constexpr bool kDeferDq = kBulkDq && (kD == 64 || !kCausal) && !kFeatures && !kPaddedD && !kOrderedDq;
+        constexpr bool kDeferDq = kBulkDq && (kD != 128 || !kCausal) && !kFeatures && !kPaddedD && !kOrderedDq;
         // kDkAfterDq (d128; causal with kSplitMask): the dK GEMM is issued after the dQ GEMM and waited for only
         // after the dQ partial is staged, so the staging runs beside it.  The H200 (session 23,
         // ab_bwd.sh, medians of 3 alternating rounds): non-causal +3.3-4.2 % (s2k 488 -> 509, s16k
         // 541 -> 561 TFLOP/s; fp16 +3.3 %), causal 0.98-1.0x (one outlier +14 %), more spills there.
         constexpr bool kDkAfterDq = ORCHARD_SM90_BWD_DK_AFTER_DQ && Cfg::kDqSplitN && (!kCausal || kSplitMask) && !kOrderedDq;
-        // kDqAlternate (d64): the dQ partial of step it is WG (it % 2)'s alone, over all 128 keys
+        // kDqAlternate (d64, d96): the dQ partial of step it is WG (it % 2)'s alone, over all 128 keys
         // (both WGs' dS^T rows: the other WG arrives at named barrier 12 + (it % 2) once its rows
         // are written), so one 64 x 64 partial goes to dq_accum per step instead of one per WG: half
         // the staging and the L2 reduction traffic, and each WG's dQ GEMM runs every other step.
@@ -746,16 +771,16 @@ __global__ void __launch_bounds__(384, 1)
           fence_proxy_async_smem();
           // kDqAlternate: this step's dQ is the other WG's, which waits for these dS^T rows.
           if (kDqAlternate && !dq_here) named_barrier_arrive(12 + (wg ^ 1), 256);
-          // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows = 2048 B)
+          // dV += P^T dO, dK += dS^T Q  (k = the 64 query rows: 4 k16 slices of 16 rows)
           auto issue_dk = [&] {
 #pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk)
-              Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * 2048), 1);
+              Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * Cfg::kMnSliceBytes), 1);
           };
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kBM / 16; ++kk)
-            Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * 2048), 1);
+            Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * Cfg::kMnSliceBytes), 1);
           if constexpr (!kDkAfterDq) issue_dk();
           wgmma_commit();
           // Every dS^T row this GEMM reads is written (both WGs for the split-N form and
@@ -771,14 +796,14 @@ __global__ void __launch_bounds__(384, 1)
               for (int kk = 0; kk < kBN / 16; ++kk)
                 Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
                     dq, desc_advance(dS_a, s * Cfg::kDsBytes + kk * 2048),
-                    desc_advance(dKt_b, (Cfg::kDqSplitN ? wg * Cfg::kKVChunkBytes : 0) + kk * 2048), kk > 0);
+                    desc_advance(dKt_b, (Cfg::kDqSplitN ? wg * Cfg::kKVChunkBytes : 0) + kk * Cfg::kMnSliceBytes), kk > 0);
             }
           } else {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
               Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
                   dq, desc_advance(dS_a, s * Cfg::kDsBytes + wg * 64 * 128 + kk * 2048),
-                  desc_advance(dKt_b, wg * 64 * 128 + kk * 2048), kk > 0);
+                  desc_advance(dKt_b, wg * 64 * kSw + kk * Cfg::kMnSliceBytes), kk > 0);
           }
           wgmma_commit();  // (an empty group on kDqAlternate's other WG: the same waits below)
           if constexpr (kDkAfterDq) {

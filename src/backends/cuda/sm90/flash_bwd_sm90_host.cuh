@@ -23,19 +23,20 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1, which then add
   // nothing to S^T, dP^T, dK, dV or dQ (and are not stored).
   if (p.d > kD || p.d % 8 != 0 || value_dim(p) != p.d) return false;
+  constexpr int kCols = Cfg::kChunkCols;  // the box width: one swizzle row
   return sm90::make_attn_map<T>(&m->q, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
-                               Cfg::kBM) &&
+                               Cfg::kBM, kCols) &&
          sm90::make_attn_map<T>(&m->dout, p.dout, p.d, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
-                               p.do_batch_stride, Cfg::kBM) &&
+                               p.do_batch_stride, Cfg::kBM, kCols) &&
          sm90::make_attn_map<T>(&m->k, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
-                               Cfg::kBN) &&
+                               Cfg::kBN, kCols) &&
          sm90::make_attn_map<T>(&m->v, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
-                               Cfg::kBN);
+                               Cfg::kBN, kCols);
 }
 
 // The main kernel of a call.  d192 / d256 (flash_bwd_sm90_wide.cuh): dQ by atomics only (no
 // deterministic form: sm90_bwd_applies keeps that mode on the sm80 kernels there); score
-// modifiers run its kFeatures kernels.  d64 / d128: score modifiers run the kFeatures kernels,
+// modifiers run its kFeatures kernels.  d96: below.  d64 / d128: score modifiers run the kFeatures kernels,
 // with bulk dQ only (the atomic-dQ variant, a bench A/B, has no feature instantiation); a d below
 // the bucket runs the kPaddedD kernels, which are also the kFeatures ones (bulk dQ; no features
 // active = the plain math with its run-time branches): two kernels instead of four.
@@ -48,6 +49,17 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
                            : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, true>)
                : (p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, false>
                            : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, false>);
+  } else if constexpr (kD == 96) {
+    // d96: bulk dQ only and no deterministic form (sm90_bwd_applies keeps that mode on the sm80
+    // kernels); d < 96 runs the kPaddedD kernels (also the kFeatures ones): 4 kernels per dtype.
+    (void)bulk_dq;
+    return p.d != kD || score_mods_active(p)
+               ? (p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
+                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
+                            : (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
+                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>))
+               : (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
+                           : sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>);
   } else {
     // Deterministic: ordered bulk dQ adds (sm90_bwd_applies sends only d == kD without score
     // modifiers here).
@@ -90,7 +102,7 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t tiles = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (tiles == 0) return;
-  // Non-causal d128, and d64 up to 2k queries: persistent, one CTA per SM (one fits:
+  // Non-causal d128, and d64 / d96 (d64's rule, not timed apart) up to 2k queries: persistent, one CTA per SM (one fits:
   // __launch_bounds__(384, 1) and the shared memory), so a tile's K / V load and first Q / dO
   // stage overlap the previous tile's last steps and dK / dV stores instead of a CTA launch and
   // an empty pipeline.  The H200 (session 25, ab_bwd.sh, medians of 3 alternating rounds, two
@@ -101,7 +113,7 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   // counter the pre-pass zeroed) lost 0-8 % (session 26, bench/NOTES.md): removed.  The kernel
   // strides over the tiles by gridDim.x either way; the ordered-dQ kernels keep one CTA per tile.
   int64_t grid = tiles;
-  const bool persistent = kD == 128 || (kD == 64 && p.sq <= ORCHARD_SM90_BWD64_PERSISTENT_MAX_SQ);
+  const bool persistent = kD == 128 || (kD <= 96 && p.sq <= ORCHARD_SM90_BWD64_PERSISTENT_MAX_SQ);
   if (ORCHARD_SM90_BWD_PERSISTENT && persistent && !p.causal && !p.deterministic) {
     const int sms = current_device_attribute<cudaDevAttrMultiProcessorCount>();
     if (sms > 0 && sms < grid) grid = sms;

@@ -8,8 +8,10 @@
 
 namespace orchard::cuda {
 template bool run_flash_bwd_sm90<__nv_bfloat16, 64>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__nv_bfloat16, 96>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__nv_bfloat16, 128>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__half, 64>(const BwdParams&, bool);
+template bool run_flash_bwd_sm90<__half, 96>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__half, 128>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__nv_bfloat16, 192>(const BwdParams&, bool);
 template bool run_flash_bwd_sm90<__nv_bfloat16, 256>(const BwdParams&, bool);

@@ -46,6 +46,7 @@ struct BwdSm90WideConfig {
   static constexpr int kBN = 64;  // keys per CTA (shared by both consumer WGs)
   static constexpr int kBM = 64;  // query rows per step
   static constexpr int kChunks = kD / 64;
+  static constexpr int kChunkCols = 64;  // 128-byte swizzle rows (the TMA maps' box width)
   static constexpr int kStages = 2;
   static constexpr int kDqChunks0 = (kChunks + 1) / 2;  // dQ column chunks of WG0 (WG1: the rest)
   static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * 128;

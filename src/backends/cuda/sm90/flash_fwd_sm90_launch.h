@@ -8,7 +8,7 @@
 namespace orchard::cuda {
 
 // The sm90 kernels' head-dim bucket for a d in 33..256 that is a multiple of 8: the smallest of
-// 64 / 128 / 192 / 256 that holds it, forward and backward.  The kernels read and write the
+// 64 / 128 / 192 / 256 that holds it (the backward adds 96: sm90_bwd_head_dim_bucket).  The kernels read and write the
 // true d; TMA zero-fills the tile columns past it.
 constexpr int sm90_head_dim_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
 

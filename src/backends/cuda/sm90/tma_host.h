@@ -117,12 +117,14 @@ constexpr CUtensorMapDataType tma_dtype() {
   return std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
 }
 
-// (dim, row, head, batch) map of a BSHD-strided bf16 / fp16 tensor, box (64, rows, 1, 1): the
-// sm90 forward's and backward's.  Extent-1 dims get a harmless stride (the copy engine never
-// steps them) so any view of them encodes.
+// (dim, row, head, batch) map of a BSHD-strided bf16 / fp16 tensor, box (box_cols, rows, 1, 1): the
+// sm90 forward's and backward's; box_cols 64 (128-byte rows, 128B swizzle) or 32 (64B swizzle).
+// Extent-1 dims get a harmless stride (the copy engine never steps them) so any view of them
+// encodes.
 template <typename T>
 inline bool make_attn_map(CUtensorMap* map, const void* base, int d, int rows, int heads, int batch,
-                          int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+                          int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows,
+                          int box_cols = 64) {
   const uint64_t e = sizeof(T);
   const uint64_t rs = static_cast<uint64_t>(row_stride) * e;
   uint64_t hs = static_cast<uint64_t>(head_stride) * e, bs = static_cast<uint64_t>(batch_stride) * e;
@@ -131,8 +133,9 @@ inline bool make_attn_map(CUtensorMap* map, const void* base, int d, int rows, i
   const uint64_t dims[4] = {static_cast<uint64_t>(d), static_cast<uint64_t>(rows), static_cast<uint64_t>(heads),
                             static_cast<uint64_t>(batch)};
   const uint64_t strides[3] = {rs, hs, bs};
-  const uint32_t box[4] = {64, static_cast<uint32_t>(box_rows), 1, 1};
-  return make_tma_4d(map, tma_dtype<T>(), base, dims, strides, box);
+  const uint32_t box[4] = {static_cast<uint32_t>(box_cols), static_cast<uint32_t>(box_rows), 1, 1};
+  return make_tma_4d(map, tma_dtype<T>(), base, dims, strides, box,
+                     box_cols == 64 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B);
 }
 
 }  // namespace orchard::sm90

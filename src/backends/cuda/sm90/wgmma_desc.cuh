@@ -58,6 +58,17 @@ __device__ __forceinline__ uint64_t make_desc_mnmajor_sw128(uint32_t smem_addr,
   return make_wgmma_desc(smem_addr, chunk_bytes, 1024, WgmmaSwizzle::k128B);
 }
 
+// MN-major with rows of 128 or 64 bytes (64 / 32 MN-contiguous 16-bit elements) and the matching
+// TMA swizzle: CUTLASS's canonical form ((T,R/16,m),(8,k)) : ((1,T,LBO),(R/16 T,SBO)), so LBO =
+// `chunk_bytes` (the next R-byte-wide chunk along MN) and SBO = 8 * R (the next 8 K-rows); a k16
+// step moves the start address 16 rows = 16 * R bytes.  R = 128 is make_desc_mnmajor_sw128.
+template <int kRowBytes>
+__device__ __forceinline__ uint64_t make_desc_mnmajor_swizzled(uint32_t smem_addr, uint32_t chunk_bytes) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64, "swizzle row width");
+  return make_wgmma_desc(smem_addr, chunk_bytes, 8 * kRowBytes,
+                         kRowBytes == 128 ? WgmmaSwizzle::k128B : WgmmaSwizzle::k64B);
+}
+
 // Advancing a descriptor by `bytes` along the start address only touches the low field
 // (addresses are < 256 KB, so no carry into LBO): one 64-bit add instead of a rebuild.
 __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
