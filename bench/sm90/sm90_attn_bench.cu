@@ -280,21 +280,28 @@ bool run_shape(const Shape& sh, int reps, bool check) {
   return ok;
 }
 
-// -DSM90_BENCH_BUCKET=<64|128|192|256>: build and run one head-dim bucket only (a shorter build
-// for an experiment on that bucket); shapes of other buckets are skipped.
+// -DSM90_BENCH_BUCKET=<64|96|128|192|256>: build and run one head-dim bucket only (a shorter
+// build for an experiment on that bucket); shapes of other buckets are skipped.
+// -DSM90_BENCH_D96_BUCKET=128 runs the d96 bucket's shapes on the d128 kernels (the library's d96
+// forward before session 28: the A/B baseline of the d96 bucket).
 #ifndef SM90_BENCH_BUCKET
 #define SM90_BENCH_BUCKET 0
+#endif
+#ifndef SM90_BENCH_D96_BUCKET
+#define SM90_BENCH_D96_BUCKET 96
 #endif
 
 template <typename T, int kBucket>
 bool run_if_built(const Shape& sh, int reps, bool check) {
-  if constexpr (SM90_BENCH_BUCKET == 0 || SM90_BENCH_BUCKET == kBucket) return run_shape<T, kBucket>(sh, reps, check);
+  constexpr int kKernels = kBucket == 96 ? SM90_BENCH_D96_BUCKET : kBucket;
+  if constexpr (SM90_BENCH_BUCKET == 0 || SM90_BENCH_BUCKET == kBucket) return run_shape<T, kKernels>(sh, reps, check);
   return true;
 }
 
 bool run(const Shape& sh, int reps, bool check) {
   switch (orchard::cuda::sm90_head_dim_bucket(sh.d)) {
     case 64: return sh.fp16 ? run_if_built<__half, 64>(sh, reps, check) : run_if_built<__nv_bfloat16, 64>(sh, reps, check);
+    case 96: return sh.fp16 ? run_if_built<__half, 96>(sh, reps, check) : run_if_built<__nv_bfloat16, 96>(sh, reps, check);
     case 128: return sh.fp16 ? run_if_built<__half, 128>(sh, reps, check) : run_if_built<__nv_bfloat16, 128>(sh, reps, check);
     case 192: return sh.fp16 ? run_if_built<__half, 192>(sh, reps, check) : run_if_built<__nv_bfloat16, 192>(sh, reps, check);
     default: return sh.fp16 ? run_if_built<__half, 256>(sh, reps, check) : run_if_built<__nv_bfloat16, 256>(sh, reps, check);
@@ -319,6 +326,10 @@ int main(int argc, char** argv) {
       // sq 4096 / d128), odd m-block counts, GQA
       {false, 128, true, 2, 16, 16, 8192}, {true, 64, true, 4, 32, 8, 1700}, {false, 256, true, 2, 8, 8, 4100},
       {false, 192, true, 2, 10, 5, 3000},
+      // the d96 bucket (64B-swizzled chunks): d80 / d88 through it, the wide key tiles (>= 2048
+      // keys), causal with more tiles than SMs
+      {false, 80, false, 2, 4, 2, 1000},  {true, 88, true, 1, 4, 4, 777},    {false, 96, false, 1, 8, 8, 4096},
+      {true, 96, true, 2, 16, 8, 3000},
   };
   if (mode != "grid" && mode != "quick" && mode != "causal" && mode[0] != 'd')
     for (const Shape& s : checks) fails += !run(s, 0, true);

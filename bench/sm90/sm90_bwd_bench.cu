@@ -226,10 +226,11 @@ constexpr bool kBuild64 = kBenchD == 0 || kBenchD == 64, kBuild96 = kBenchD == 0
 bool built(int d) { return d <= 64 ? kBuild64 : d <= 96 ? kBuild96 : kBuild128; }
 
 template <typename T>
-bool run_fwd(const Shape& sh, const Bufs& B) {  // (the forward has no d96 bucket: d128's)
+bool run_fwd(const Shape& sh, const Bufs& B) {
   BwdParams p = make_params<T>(sh, B);
   if constexpr (kBuild64) if (sh.d <= 64) return orchard::cuda::run_flash_fwd_sm90<T, 64>(p);
-  if constexpr (kBuild96 || kBuild128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+  if constexpr (kBuild96) if (sh.d <= 96) return orchard::cuda::run_flash_fwd_sm90<T, kD96Bucket>(p);
+  if constexpr (kBuild128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
   return false;
 }
 template <typename T>

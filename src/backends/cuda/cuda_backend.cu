@@ -123,7 +123,7 @@ bool sm90_fwd_applies(const FwdParams& p) {
   }();
   if (disabled) return false;
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
-  // Head dims 33..256 in multiples of 8 (16-byte rows), run in the bucket 64 / 128 / 192 / 256
+  // Head dims 33..256 in multiples of 8 (16-byte rows), run in the bucket 64 / 96 / 128 / 192 / 256
   // above d (sm90_head_dim_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
   // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers).
@@ -148,15 +148,12 @@ bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
 // Calls run(T{}, std::integral_constant<int, bucket>{}) for the call's 16-bit dtype and sm90
 // head-dim bucket (sm90_head_dim_bucket): the forward's and the backward's dispatch.
-// The backward (kBackward) adds the 96 bucket (sm90_bwd_head_dim_bucket).
-template <bool kBackward = false, class Params, class Run>
+template <class Params, class Run>
 bool with_sm90_bucket(const Params& p, Run&& run) {
   auto in_bucket = [&](auto tag) {
-    switch (kBackward ? sm90_bwd_head_dim_bucket(p.d) : sm90_head_dim_bucket(p.d)) {
+    switch (sm90_head_dim_bucket(p.d)) {
       case 64: return run(tag, std::integral_constant<int, 64>{});
-      case 96:
-        if constexpr (kBackward) return run(tag, std::integral_constant<int, 96>{});
-        return false;  // (no forward bucket of 96: never reached)
+      case 96: return run(tag, std::integral_constant<int, 96>{});
       case 128: return run(tag, std::integral_constant<int, 128>{});
       case 192: return run(tag, std::integral_constant<int, 192>{});
       default: return run(tag, std::integral_constant<int, 256>{});
@@ -200,7 +197,7 @@ bool sm90_bwd_applies(const BwdParams& p) {
 bool try_bwd_sm90(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (!sm90_bwd_applies(p)) return false;
-  return with_sm90_bucket<true>(p, [&](auto t, auto d) { return run_flash_bwd_sm90<decltype(t), decltype(d)::value>(p); });
+  return with_sm90_bucket(p, [&](auto t, auto d) { return run_flash_bwd_sm90<decltype(t), decltype(d)::value>(p); });
 #else
   (void)p;
   return false;
@@ -245,7 +242,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
     const int d = std::max(p.d, value_dim(p));
-    s += ".d" + std::to_string(!sm90 ? head_dim_bucket(d) : backward ? sm90_bwd_head_dim_bucket(d) : sm90_head_dim_bucket(d));
+    s += ".d" + std::to_string(sm90 ? sm90_head_dim_bucket(d) : head_dim_bucket(d));
     if (backward) s += static_cast<const BwdParams&>(p).deterministic ? ".deterministic" : ".atomic_dq";
   }
   if (p.causal) s += ".causal";

@@ -7,7 +7,6 @@
 #pragma once
 #include <cstdint>
 
-#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "orchard/params.h"
 
 // The main kernel and the dQ convert launched as programmatic dependents (pdl.cuh) of the
@@ -22,10 +21,6 @@
 #endif
 
 namespace orchard::cuda {
-
-// The backward's head-dim buckets: the forward's (sm90_head_dim_bucket) plus 96, where the d128
-// bucket's kernels did 128 columns of GEMM work for 96 (flash_bwd_sm90.cuh, BwdSm90Config<96>).
-constexpr int sm90_bwd_head_dim_bucket(int d) { return d > 64 && d <= 96 ? 96 : sm90_head_dim_bucket(d); }
 
 // How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).
 constexpr bool kSm90BwdBulkDqDefault = true;
@@ -47,7 +42,7 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
                                 float* dq_accum, bool bulk_dq);
 
 // The whole sm90 backward; false (nothing launched) when the maps cannot be encoded.
-// T: __nv_bfloat16 / __half; kD (the head-dim bucket, sm90_bwd_head_dim_bucket): 64 / 96 / 128
+// T: __nv_bfloat16 / __half; kD (the head-dim bucket, sm90_head_dim_bucket): 64 / 96 / 128
 // (flash_bwd_sm90.cuh; d96 adds dQ by bulk adds whatever bulk_dq says), 192 / 256
 // (flash_bwd_sm90_wide.cuh, which adds dQ by atomics whatever bulk_dq says).
 template <typename T, int kD>

@@ -31,7 +31,7 @@
 // the last key tile's V included (after the final PV).  A tile whose rows see no key (window,
 // causal with sq > sk) loads nothing (no Q, no ring stage) and writes O = 0, LSE -inf; producer
 // and consumers decode the tile index with the same function, so they agree on that.
-// Supported: T = bf16 / fp16; kD (the head-dim bucket) = 64, 128, 192, 256 and any run-time
+// Supported: T = bf16 / fp16; kD (the head-dim bucket) = 64, 96, 128, 192, 256 and any run-time
 // d == d_v with d <= kD, d % 8 == 0: the tensor maps have the true width d, so TMA fills the
 // columns d..kD-1 of the Q / K / V tiles with zeros (QK^T and PV add nothing for them) and the
 // epilogue stores d columns; scale > 0 (the running max is
@@ -82,7 +82,7 @@ constexpr int default_block_n() { return kD <= 128 ? 128 : 64; }
 // at d128 s8k / s16k (the 192-key kernel) it lost 1..4 % to one CTA per tile, so that kernel
 // keeps the plain order.
 template <bool kCausal, int kD, int kBNv>
-inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv == 192);
+inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 128 && kBNv == 192);
 
 // Ping-pong of the consumer warpgroups (FA3's warp-scheduler barrier): each WG issues its GEMMs
 // of a step only when it holds the token (named barrier 1 + wg) and passes it to the next WG
@@ -118,6 +118,22 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD == 128 && kBNv 
 #ifndef ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK
 #define ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK 8192
 #endif
+// The d96 bucket (64B-swizzled chunks): d64's 3 consumer WGs on tiles of ORCHARD_SM90_FWD96_WG3_N
+// keys (ORCHARD_SM90_FWD96_WG=3), or d128's form (2 WGs, 128-key tiles, wide tiles of
+// ORCHARD_SM90_FWD96_WIDE_N keys from d128's thresholds on).  The H200 (session 28, ab_fwd.sh
+// MODES=d96, medians of 3 alternating rounds, over the d128 bucket's kernels that ran d96 before):
+// 3 WGs x 96 keys +7-15 % non-causal (s2k-16k 514 / 552 / 569 / 583 TFLOP/s), +7-23 % causal, fp16
+// +16 %; 2 WGs (192-key tiles from 2k keys) +8-12 %, 2 WGs x 128 keys +5-11 %.  ptxas: 3 WGs on
+// 128-key tiles spill 96 B and serialize their wgmmas.
+#ifndef ORCHARD_SM90_FWD96_WG
+#define ORCHARD_SM90_FWD96_WG 3
+#endif
+#ifndef ORCHARD_SM90_FWD96_WIDE_N
+#define ORCHARD_SM90_FWD96_WIDE_N 192
+#endif
+#ifndef ORCHARD_SM90_FWD96_WG3_N
+#define ORCHARD_SM90_FWD96_WG3_N 96
+#endif
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
@@ -125,16 +141,23 @@ inline constexpr bool kFwdSm90PingPong =
 // kWG consumer warpgroups of 64 query rows each (2 or 3; 3 = FA3's 192-row tile at d64).
 template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2>
 struct FwdSm90Config {
-  static_assert(kD == 64 || kD == 128 || kD == 192 || kD == 256, "sm90 forward: d bucket in {64, 128, 192, 256}");
+  static_assert(kD == 64 || kD == 96 || kD == 128 || kD == 192 || kD == 256,
+                "sm90 forward: d bucket in {64, 96, 128, 192, 256}");
   static_assert(kBNv % 16 == 0 && kBNv <= 256, "sm90 forward: key tile");
   static_assert(kWG == 2 || kWG == 3, "sm90 forward: 2 or 3 consumer warpgroups");
   static constexpr int kBM = 64 * kWG;  // query rows per CTA
   static constexpr int kBN = kBNv;
-  static constexpr int kChunks = kD / 64;           // 64-column (128-byte) swizzle chunks
+  // Q / K / V tiles in column chunks of one swizzle row each: 64 columns (128 bytes, 128B
+  // swizzle), or 32 (64 bytes, 64B swizzle) at d96, whose 96 columns are then 3 whole chunks,
+  // so that QK^T runs over 6 k16 slices and PV as n96 (V MN-major: 3 whole swizzle atoms).
+  static constexpr int kSwizzleBytes = kD == 96 ? 64 : 128;
+  static constexpr int kChunkCols = kSwizzleBytes / 2;
+  static constexpr int kChunks = kD / kChunkCols;
+  static constexpr int kSlicesPerChunk = kSwizzleBytes / 32;  // k16 slices (32 bytes) per chunk row
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
-  static constexpr int kQChunkBytes = kBM * 128, kKVChunkBytes = kBN * 128;
+  static constexpr int kQChunkBytes = kBM * kSwizzleBytes, kKVChunkBytes = kBN * kSwizzleBytes;
   static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + 128 + 1024;
@@ -376,7 +399,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           mbarrier_arrive_expect_tx(k_full(s), Cfg::kKVBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c)
-            tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), 64 * c, n * kBN, hk,
+            tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c, n * kBN, hk,
                         tl.b);
           if (it == 0) {
             // Q of this CTA's q_cnt-th loaded tile: the consumers release the previous one
@@ -385,14 +408,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
 #pragma unroll
             for (int c = 0; c < kChunks; ++c)
-              tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, 64 * c, tl.m_block * kBM, tl.h, tl.b);
+              tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, Cfg::kChunkCols * c, tl.m_block * kBM, tl.h, tl.b);
             ++q_cnt;
           }
           mbarrier_wait(v_empty(s), ph ^ 1);
           mbarrier_arrive_expect_tx(v_full(s), Cfg::kKVBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c)
-            tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), 64 * c, n * kBN, hk,
+            tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), Cfg::kChunkCols * c, n * kBN, hk,
                         tl.b);
         }
       }
@@ -409,25 +432,26 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // plain path keeps mask_tile on the tiles that cross the key end or the diagonal.
     const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr;
 
-    // Descriptors: Q rows of this WG (K-major, chunk c = kk / 4, 32 bytes per k16 inside);
-    // K stage s likewise; V stage s MN-major (k16 slice = 16 key rows = 2048 bytes).
-    const uint64_t dq0 = make_desc_kmajor_sw128(sQ + wg * 64 * 128);
-    const uint64_t dk0 = make_desc_kmajor_sw128(sK);
-    const uint64_t dv0 = make_desc_mnmajor_sw128(sV, Cfg::kKVChunkBytes);
+    // Descriptors: Q rows of this WG (K-major, chunk c = kk / kSl, 32 bytes per k16 inside);
+    // K stage s likewise; V stage s MN-major (k16 slice = 16 key rows of kSw bytes).
+    constexpr int kSw = Cfg::kSwizzleBytes, kSl = Cfg::kSlicesPerChunk;
+    const uint64_t dq0 = make_desc_kmajor_swizzled<kSw>(sQ + wg * 64 * kSw);
+    const uint64_t dk0 = make_desc_kmajor_swizzled<kSw>(sK);
+    const uint64_t dv0 = make_desc_mnmajor_swizzled<kSw>(sV, Cfg::kKVChunkBytes);
     float o[kD / 2];
     auto qk_gemm = [&](float (&s_acc)[kBN / 2], int stage) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
-        const uint32_t off = (kk % 4) * 32;  // k16 slice inside the 128-byte chunk row
+        const uint32_t off = (kk % kSl) * 32;  // k16 slice inside the chunk row
         Wgmma<kBN, T>::template ss<0, 0>(
-            s_acc, desc_advance(dq0, (kk / 4) * Cfg::kQChunkBytes + off),
-            desc_advance(dk0, stage * Cfg::kKVBytes + (kk / 4) * Cfg::kKVChunkBytes + off), kk > 0);
+            s_acc, desc_advance(dq0, (kk / kSl) * Cfg::kQChunkBytes + off),
+            desc_advance(dk0, stage * Cfg::kKVBytes + (kk / kSl) * Cfg::kKVChunkBytes + off), kk > 0);
       }
     };
     auto pv_gemm = [&](const uint32_t (&pa)[kBN / 16][4], int stage) {
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
-        Wgmma<kD, T>::template rs<1>(o, pa[kk], desc_advance(dv0, stage * Cfg::kKVBytes + kk * 2048), 1);
+        Wgmma<kD, T>::template rs<1>(o, pa[kk], desc_advance(dv0, stage * Cfg::kKVBytes + kk * 16 * kSw), 1);
     };
 
     // The GEMM token (kFwdSm90PingPong): WG wg waits at barrier 1 + wg (its 128 threads + the
@@ -669,9 +693,13 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   if (total > INT32_MAX / 4) return false;  // tile indices (paired: + 2 * gridDim.x, + 1) are ints
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
   CUtensorMap tq, tk, tv;
-  if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM) ||
-      !make_attn_map<T>(&tk, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN) ||
-      !make_attn_map<T>(&tv, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN))
+  constexpr int kCols = Cfg::kChunkCols;  // the box width: one swizzle row
+  if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM,
+                        kCols) ||
+      !make_attn_map<T>(&tk, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN,
+                        kCols) ||
+      !make_attn_map<T>(&tv, p.v, p.d, p.sk, p.hkv, p.b, p.v_row_stride, p.v_head_stride, p.v_batch_stride, Cfg::kBN,
+                        kCols))
     return false;
   if (total == 0) return true;
   // Persistent (one CTA per SM, the smem of one CTA fills it, each striding over the tiles)
@@ -723,6 +751,8 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   keys -2 %, 160 keys -3 to -5 %; causal, 128 keys +5.6 / +6.2 % at 4k, equal at 8k-16k, while
   //   192 lose 6 % at 2k (fewer, longer tiles: worse causal tails).  Hence wide tiles from 2048
   //   keys on (8192 causal);
+  // - d96 bucket (d 72..96, 64B-swizzled chunks): 3 WGs x 96-key tiles (ORCHARD_SM90_FWD96_WG says
+  //   what was measured);
   // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64
   //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
   //   s16k, d160 +14 %, fp16 +5 % over 64 (session 17, medians of 3; 80 keys within 2 % of 96
@@ -731,6 +761,14 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   bool launched;
   if constexpr (kD == 64) {
     launched = sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 3>(p);
+  } else if constexpr (kD == 96) {
+    if constexpr (ORCHARD_SM90_FWD96_WG == 3) {
+      launched = sm90::launch_flash_fwd_sm90<T, 96, true, ORCHARD_SM90_FWD96_WG3_N, 3>(p);
+    } else {
+      const int wide_from = p.causal ? ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK : ORCHARD_SM90_FWD128_WIDE_MIN_SK;
+      launched = p.sk >= wide_from ? sm90::launch_flash_fwd_sm90<T, 96, true, ORCHARD_SM90_FWD96_WIDE_N>(p)
+                                   : sm90::launch_flash_fwd_sm90<T, 96, true>(p);
+    }
   } else if constexpr (kD == 128) {
     const int wide_from = p.causal ? ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK : ORCHARD_SM90_FWD128_WIDE_MIN_SK;
     launched = p.sk >= wide_from ? sm90::launch_flash_fwd_sm90<T, 128, true, ORCHARD_SM90_FWD128_WIDE_N>(p)

@@ -8,13 +8,16 @@
 namespace orchard::cuda {
 
 // The sm90 kernels' head-dim bucket for a d in 33..256 that is a multiple of 8: the smallest of
-// 64 / 128 / 192 / 256 that holds it (the backward adds 96: sm90_bwd_head_dim_bucket).  The kernels read and write the
-// true d; TMA zero-fills the tile columns past it.
-constexpr int sm90_head_dim_bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
+// 64 / 96 / 128 / 192 / 256 that holds it (96 since session 28: the d128 bucket did 128 columns of
+// GEMM work for d96; the d96 kernels run 64B-swizzled 32-column chunks).  The kernels read and
+// write the true d; TMA zero-fills the tile columns past it.
+constexpr int sm90_head_dim_bucket(int d) {
+  return d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : d <= 192 ? 192 : 256;
+}
 
 // Runs the forward on the sm90 kernel; false when the TMA descriptors could not be
 // encoded (the caller then runs the sm80 kernels).  T: __nv_bfloat16 / __half; kD: the head-dim
-// bucket 64/128/192/256 (any d <= kD, d % 8 == 0, d == d_v).
+// bucket 64/96/128/192/256 (any d <= kD, d % 8 == 0, d == d_v).
 template <typename T, int kD>
 bool run_flash_fwd_sm90(const FwdParams& p);
 

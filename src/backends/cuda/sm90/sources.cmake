@@ -5,10 +5,12 @@
 #   orchard_add_sm90(<target> "<archs>" <source root>)
 set(ORCHARD_CUDA_SM90_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_bf16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_bf16_d96.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_bf16_d128.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_bf16_d192.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_bf16_d256.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d64.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d96.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d128.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d192.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fwd_sm90_fp16_d256.cu
