@@ -116,13 +116,10 @@
 #define ORCHARD_SM90_BWD64_DQ_ALTERNATE 1
 #endif
 
-// A/B knobs of the d96 kernels (BwdSm90Config<96>): Q / dO stages, and the d64 kernels'
-// pipelined step order (kPipelined).
+// An A/B knob for BwdSm90Config<96>::kStages.  3 against 2 (the H200, session 28, 3 rounds):
+// -4 to +1.5 %: 2 stays.
 #ifndef ORCHARD_SM90_BWD96_STAGES
 #define ORCHARD_SM90_BWD96_STAGES 2
-#endif
-#ifndef ORCHARD_SM90_BWD96_PIPELINED
-#define ORCHARD_SM90_BWD96_PIPELINED 0
 #endif
 
 namespace orchard::sm90 {
@@ -142,12 +139,13 @@ struct BwdSm90Config {
   static constexpr int kChunks = kD / kChunkCols;
   static constexpr int kSlicesPerChunk = kSwizzleBytes / 32;  // k16 slices (32 bytes) per chunk row
   // Q / dO stages.  d64: 3 (the H200, session 18, medians of 4 alternating runs: +2-8 % non-causal,
-  // +0-5 % causal over 2); d128: 2 (3 fit in 227 KB but spill and lost 3-8 %).
+  // +0-5 % causal over 2); d96: 2; d128: 2 (3 fit in 227 KB but spill and lost 3-8 %).
   static constexpr int kStages = kD == 64 ? ORCHARD_SM90_BWD64_STAGES : kD == 96 ? ORCHARD_SM90_BWD96_STAGES : 2;
   // d64: the next step's S^T runs during this step's dQ add, dP^T during the softmax (registers
-  // allow it at d64 only).  The H200, session 19, medians of 3 alternating runs over the FA grid:
-  // non-causal +3-6 %, causal -1 to +8 % (S^T prefetch alone: +2.5-4 % / -2 to +8 %).
-  static constexpr bool kPipelined = kD == 64 || (kD == 96 && ORCHARD_SM90_BWD96_PIPELINED);
+  // allow it at d64 only: at d96 ptxas spills 40-52 B and serializes the wgmmas).  The H200,
+  // session 19, medians of 3 alternating runs over the FA grid: non-causal +3-6 %, causal -1 to
+  // +8 % (S^T prefetch alone: +2.5-4 % / -2 to +8 %).
+  static constexpr bool kPipelined = kD == 64;
   static constexpr bool kDqSplitN = kD == 128;  // see the header comment
   static constexpr int kDqN = kDqSplitN ? kD / 2 : kD;  // dQ columns per consumer WG
   static constexpr int kKVBytes = kBN * kD * 2, kKVChunkBytes = kBN * kSwizzleBytes;
