@@ -218,10 +218,24 @@ SM90_FEATURES = {
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 160, 192, 256])
 @pytest.mark.parametrize("name", list(SM90_FEATURES))
 def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch):
+    sq, sk = (520, 300) if name == "window_empty_rows" else (330, 460)
+    _check_sm90_features(name, d, dtype, 2, sq, sk, tmp_path, monkeypatch)
+
+
+# The same from 2048 keys on, where the forward switches to wider key tiles (d128: 192 keys, d256:
+# 80 keys for calls without score modifiers, run_flash_fwd_sm90).
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("name", ["no_mods", "no_mods_causal", "window", "all"])
+def test_sm90_features_wide_key_tiles(name, d, tmp_path, monkeypatch):
+    _check_sm90_features(name, d, torch.bfloat16, 1, 2100, 2200, tmp_path, monkeypatch)
+
+
+def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
+    """One SM90_FEATURES case (hq 4, hkv 2) against the float64 reference and the naive 16-bit
+    one; on an sm90 build and GPU the debug log must name the sm90 forward and backward."""
     from feature_reference import feature_attention_ref
     kw = dict(SM90_FEATURES[name])
-    b, hq, hkv = 2, 4, 2
-    sq, sk = (520, 300) if name == "window_empty_rows" else (330, 460)
+    hq, hkv = 4, 2
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = (torch.rand(b, hq, dtype=torch.float64) * 0.3).float().cuda()
     q, k, v, do = _logged_inputs(b, sq, sk, hq, hkv, d, dtype, tmp_path, monkeypatch)

@@ -134,6 +134,15 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD96_WG3_N
 #define ORCHARD_SM90_FWD96_WG3_N 96
 #endif
+// d256's key tiles: ORCHARD_SM90_FWD256_WIDE_N keys (80: the most whose two K / V stages fit beside
+// Q) from ORCHARD_SM90_FWD256_WIDE_MIN_SK keys on, 64 below (A/B switches; run_flash_fwd_sm90 says
+// what was measured).
+#ifndef ORCHARD_SM90_FWD256_WIDE_N
+#define ORCHARD_SM90_FWD256_WIDE_N 80
+#endif
+#ifndef ORCHARD_SM90_FWD256_WIDE_MIN_SK
+#define ORCHARD_SM90_FWD256_WIDE_MIN_SK 2048
+#endif
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
@@ -757,7 +766,9 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
   //   s16k, d160 +14 %, fp16 +5 % over 64 (session 17, medians of 3; 80 keys within 2 % of 96
   //   to s4k, 2-4 % behind above; 112 behind 96), while 64 stays 3 % ahead at 2k keys;
-  // - d256: overlap, 64-key tiles (registers for O).
+  // - d256: overlap; 80-key tiles from 2048 keys on, 64 below (session 28, ab_fwd.sh MODES=d256,
+  //   medians of 5 alternating rounds, 80 over 64: non-causal s2k / 4k 1.00 / 1.01x, s8k / 16k
+  //   +2.4 / +3.3 %, causal s2k-16k +3.3 / +3.3 / +4.5 / +13.6 %, fp16 s4k 1.00x, but s1k -6.5 %).
   bool launched;
   if constexpr (kD == 64) {
     launched = sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 3>(p);
@@ -780,7 +791,11 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
       launched = p.sk > 2048 ? sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 96>(p)
                              : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
   } else {
-    launched = sm90::launch_flash_fwd_sm90<T, kD, true>(p);
+    // Window / softcap / ALiBi stay on the 64-key tiles until a GPU run has checked them on the
+    // wide ones (test_sm90_features_wide_key_tiles; session 28 timed and checked the plain path).
+    const bool wide = p.sk >= ORCHARD_SM90_FWD256_WIDE_MIN_SK && !cuda::score_mods_active(p);
+    launched = wide ? sm90::launch_flash_fwd_sm90<T, 256, true, ORCHARD_SM90_FWD256_WIDE_N>(p)
+                    : sm90::launch_flash_fwd_sm90<T, 256, true>(p);
   }
   if (!launched) return false;
   check_launch("flash_fwd_sm90_kernel");
