@@ -108,7 +108,7 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d", [64, 128, 192, 256])
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_training_shape_tolerance(dtype, d, causal):
     _check_fwd_bwd_against_references(*_qkv(dtype=dtype, b=2, s=512, h=8, hkv=2, d=d), causal)
