@@ -2,6 +2,8 @@
 CUDA-graph capturable, and a realistic bf16/fp16 training shape meets the
 tolerance rule. Skipped without a CUDA device / CUDA build."""
 
+import re
+
 import pytest
 import torch
 
@@ -249,6 +251,10 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
     assert fwd and bwd, lines
     assert (".sm90." in fwd[0]) == sm90, fwd[0]
     assert (".sm90." in bwd[0]) == sm90, bwd[0]
+    if sm90:  # the head-dim bucket the dispatch picked (cuda_backend.cu sm90_head_dim_bucket)
+        bucket = next(x for x in (64, 96, 128, 192, 256) if d <= x)
+        for line in (fwd[0], bwd[0]):
+            assert re.search(rf"\.sm90\.(bf16|fp16)\.d{bucket}\b", line), (bucket, line)
 
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
                softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))
