@@ -15,14 +15,14 @@
 //        once every consumer warp has done its last QK^T of this tile (q_empty), so the next
 //        tile's loads overlap this tile's last PV and epilogue.
 //   WG1..WGkWG  consumers, 64 query rows each (setmaxnreg.inc):
-//        S = Q K^T   wgmma ss (Q and K both K-major in smem, 128B swizzle),
+//        S = Q K^T   wgmma ss (Q and K both K-major in smem, 128B swizzle; 64B at d96),
 //        online softmax in registers (exp2, scale folded into log2 units),
 //        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
 //        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
 //        the epilogue writes O and LSE straight from registers (no smem), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
-// GEMM token (kFwdSm90PingPong, FA3's warp-scheduler barrier; d64 and d128): the consumer WGs
+// GEMM token (kFwdSm90PingPong, FA3's warp-scheduler barrier; d64, d96 and d128): the consumer WGs
 // issue their GEMMs in turn (named barriers 1..kWG as a ring), so one WG's softmax runs under
 // the others' GEMMs instead of all WGs contending for the tensor cores at once.
 // Barriers across tiles: the K / V ring's stage and phase come from a count of key tiles kept
