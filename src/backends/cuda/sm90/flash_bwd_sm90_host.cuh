@@ -51,7 +51,7 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
                            : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, false>);
   } else if constexpr (kD == 96) {
     // d96: bulk dQ only and no deterministic form (sm90_bwd_applies keeps that mode on the sm80
-    // kernels); d < 96 runs the kPaddedD kernels (also the kFeatures ones): 4 kernels per dtype.
+    // kernels); d < 96 runs the kPaddedD kernels (also the kFeatures ones): 6 kernels per dtype.
     (void)bulk_dq;
     return p.d != kD || score_mods_active(p)
                ? (p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
@@ -102,10 +102,10 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
   const int nb = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t tiles = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (tiles == 0) return;
-  // Non-causal d128, and d64 / d96 (d64's rule, not timed apart) up to 2k queries: persistent, one CTA per SM (one fits:
-  // __launch_bounds__(384, 1) and the shared memory), so a tile's K / V load and first Q / dO
-  // stage overlap the previous tile's last steps and dK / dV stores instead of a CTA launch and
-  // an empty pipeline.  The H200 (session 25, ab_bwd.sh, medians of 3 alternating rounds, two
+  // Non-causal d128, and d64 / d96 (d64's rule, not timed apart) up to 2k queries: persistent, one
+  // CTA per SM (one fits: __launch_bounds__(384, 1) and the shared memory), so a tile's K / V load
+  // and first Q / dO stage overlap the previous tile's last steps and dK / dV stores instead of a
+  // CTA launch and an empty pipeline.  The H200 (session 25, ab_bwd.sh, medians of 3 alternating rounds, two
   // calls): d128 non-causal +1-5 % (s1k-16k); d64 +5 % at s1k / s2k but 0.95-0.98x at s4k-16k;
   // causal d128 0.73-0.91x: its tiles' work differs (key block n sees the query tiles from n on)
   // and a static stride cannot balance it as the hardware's launch order of one CTA per tile does.
