@@ -301,7 +301,8 @@ bool run_if_built(const Shape& sh, int reps, bool check) {
 bool run(const Shape& sh, int reps, bool check) {
   switch (orchard::cuda::sm90_head_dim_bucket(sh.d)) {
     case 64: return sh.fp16 ? run_if_built<__half, 64>(sh, reps, check) : run_if_built<__nv_bfloat16, 64>(sh, reps, check);
-    case 96: return sh.fp16 ? run_if_built<__half, 96>(sh, reps, check) : run_if_built<__nv_bfloat16, 96>(sh, reps, check);
+    case 96:
+      return sh.fp16 ? run_if_built<__half, 96>(sh, reps, check) : run_if_built<__nv_bfloat16, 96>(sh, reps, check);
     case 128: return sh.fp16 ? run_if_built<__half, 128>(sh, reps, check) : run_if_built<__nv_bfloat16, 128>(sh, reps, check);
     case 192: return sh.fp16 ? run_if_built<__half, 192>(sh, reps, check) : run_if_built<__nv_bfloat16, 192>(sh, reps, check);
     default: return sh.fp16 ? run_if_built<__half, 256>(sh, reps, check) : run_if_built<__nv_bfloat16, 256>(sh, reps, check);

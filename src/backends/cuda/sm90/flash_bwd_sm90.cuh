@@ -485,7 +485,8 @@ __global__ void __launch_bounds__(384, 1)
     }
     mbarrier_init(bar.kv_empty(), 8);  // one arrival per consumer warp
     if constexpr (kOrderedDq) {
-      static_assert(kBulkDq && !kFeatures && !kPaddedD && kD != 96, "ordered dQ: the plain d64 / d128 bulk-dQ kernels only");
+      static_assert(kBulkDq && !kFeatures && !kPaddedD && kD != 96,
+                    "ordered dQ: the plain d64 / d128 bulk-dQ kernels only");
       mbarrier_init(bar.dq_full(), Cfg::kOrderedDqArrivals);
       mbarrier_init(bar.dq_empty(), 1);
     }
@@ -773,12 +774,14 @@ __global__ void __launch_bounds__(384, 1)
           auto issue_dk = [&] {
 #pragma unroll
             for (int kk = 0; kk < kBM / 16; ++kk)
-              Wgmma<kD, T>::template rs<1>(dk, dsa[kk], desc_advance(dQ_mn, s * Cfg::kQBytes + kk * Cfg::kMnSliceBytes), 1);
+              Wgmma<kD, T>::template rs<1>(dk, dsa[kk],
+                                           desc_advance(dQ_mn, s * Cfg::kQBytes + kk * Cfg::kMnSliceBytes), 1);
           };
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kBM / 16; ++kk)
-            Wgmma<kD, T>::template rs<1>(dv, pa[kk], desc_advance(dDo_mn, s * Cfg::kQBytes + kk * Cfg::kMnSliceBytes), 1);
+            Wgmma<kD, T>::template rs<1>(dv, pa[kk],
+                                         desc_advance(dDo_mn, s * Cfg::kQBytes + kk * Cfg::kMnSliceBytes), 1);
           if constexpr (!kDkAfterDq) issue_dk();
           wgmma_commit();
           // Every dS^T row this GEMM reads is written (both WGs for the split-N form and
@@ -794,7 +797,8 @@ __global__ void __launch_bounds__(384, 1)
               for (int kk = 0; kk < kBN / 16; ++kk)
                 Wgmma<Cfg::kDqN, T>::template ss<1, 1>(
                     dq, desc_advance(dS_a, s * Cfg::kDsBytes + kk * 2048),
-                    desc_advance(dKt_b, (Cfg::kDqSplitN ? wg * Cfg::kKVChunkBytes : 0) + kk * Cfg::kMnSliceBytes), kk > 0);
+                    desc_advance(dKt_b, (Cfg::kDqSplitN ? wg * Cfg::kKVChunkBytes : 0) + kk * Cfg::kMnSliceBytes),
+                    kk > 0);
             }
           } else {
 #pragma unroll

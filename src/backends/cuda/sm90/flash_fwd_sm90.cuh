@@ -408,8 +408,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           mbarrier_arrive_expect_tx(k_full(s), Cfg::kKVBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c)
-            tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c, n * kBN, hk,
-                        tl.b);
+            tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c,
+                        n * kBN, hk, tl.b);
           if (it == 0) {
             // Q of this CTA's q_cnt-th loaded tile: the consumers release the previous one
             // (phase q_cnt - 1 of q_empty) once their last QK^T of it has completed.
@@ -424,8 +424,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           mbarrier_arrive_expect_tx(v_full(s), Cfg::kKVBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c)
-            tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), Cfg::kChunkCols * c, n * kBN, hk,
-                        tl.b);
+            tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), Cfg::kChunkCols * c,
+                        n * kBN, hk, tl.b);
         }
       }
     }
