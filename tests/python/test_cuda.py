@@ -176,8 +176,7 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
 
 
 # Window / softcap / ALiBi at the shapes the sm90 (Hopper) kernels take: bf16/fp16, d 64/128/256
-# and head dims run in a wider bucket (forward 80 / 96 -> 128, backward 80 -> 96, 160 -> 192:
-# zero-filled columns),
+# and head dims run in a wider bucket (80 -> 96, 160 -> 192: zero-filled columns),
 # contiguous BSHD (16-byte rows), several 128-row query tiles and key tiles, windows that skip
 # key tiles and leave rows empty. Checked against the float64 reference on any GPU; on compute
 # capability 9.0 with 90 in the build's archs, the debug log must also name the sm90 forward

@@ -84,6 +84,7 @@
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
+#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/ordered_add.cuh"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
@@ -130,11 +131,8 @@ struct BwdSm90Config {
   static constexpr int kHeadDim = kD;
   static constexpr int kBN = 128;  // keys per CTA (2 consumer WGs x 64)
   static constexpr int kBM = 64;   // query rows per step
-  // Q / K / V / dO tiles in column chunks of one swizzle row each: 64 columns (128 bytes,
-  // 128B swizzle) at d64 / d128; 32 columns (64 bytes, 64B swizzle) at d96, whose 96 columns
-  // are 3 whole chunks, so every GEMM runs over exactly d (a 96-wide MN-major operand in
-  // 128B-swizzled chunks would be 1.5 swizzle atoms; FA3 / CUTLASS pick 64B there too).
-  static constexpr int kSwizzleBytes = kD == 96 ? 64 : 128;
+  // Q / K / V / dO tiles in column chunks of one swizzle row each (cuda::sm90_tile_swizzle_bytes).
+  static constexpr int kSwizzleBytes = cuda::sm90_tile_swizzle_bytes(kD);
   static constexpr int kChunkCols = kSwizzleBytes / 2;
   static constexpr int kChunks = kD / kChunkCols;
   static constexpr int kSlicesPerChunk = kSwizzleBytes / 32;  // k16 slices (32 bytes) per chunk row

@@ -53,13 +53,12 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
     // d96: bulk dQ only and no deterministic form (sm90_bwd_applies keeps that mode on the sm80
     // kernels); d < 96 runs the kPaddedD kernels (also the kFeatures ones): 6 kernels per dtype.
     (void)bulk_dq;
-    return p.d != kD || score_mods_active(p)
-               ? (p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
-                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
-                            : (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
-                                        : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>))
-               : (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
-                           : sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>);
+    return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
+                                 : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
+           : score_mods_active(p) ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
+                                              : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
+           : p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
+                      : sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>;
   } else {
     // Deterministic: ordered bulk dQ adds (sm90_bwd_applies sends only d == kD without score
     // modifiers here).

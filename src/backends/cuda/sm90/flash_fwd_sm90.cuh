@@ -156,10 +156,8 @@ struct FwdSm90Config {
   static_assert(kWG == 2 || kWG == 3, "sm90 forward: 2 or 3 consumer warpgroups");
   static constexpr int kBM = 64 * kWG;  // query rows per CTA
   static constexpr int kBN = kBNv;
-  // Q / K / V tiles in column chunks of one swizzle row each: 64 columns (128 bytes, 128B
-  // swizzle), or 32 (64 bytes, 64B swizzle) at d96, whose 96 columns are then 3 whole chunks,
-  // so that QK^T runs over 6 k16 slices and PV as n96 (V MN-major: 3 whole swizzle atoms).
-  static constexpr int kSwizzleBytes = kD == 96 ? 64 : 128;
+  // Q / K / V tiles in column chunks of one swizzle row each (cuda::sm90_tile_swizzle_bytes).
+  static constexpr int kSwizzleBytes = cuda::sm90_tile_swizzle_bytes(kD);
   static constexpr int kChunkCols = kSwizzleBytes / 2;
   static constexpr int kChunks = kD / kChunkCols;
   static constexpr int kSlicesPerChunk = kSwizzleBytes / 32;  // k16 slices (32 bytes) per chunk row

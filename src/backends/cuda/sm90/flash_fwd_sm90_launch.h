@@ -15,6 +15,12 @@ constexpr int sm90_head_dim_bucket(int d) {
   return d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : d <= 192 ? 192 : 256;
 }
 
+// The bytes of one swizzle row of a bucket's Q / K / V / dO tiles (the forward's and the backward's
+// tiles and TMA boxes): 128 (64 columns, 128B swizzle), or 64 (32 columns, 64B swizzle) at d96,
+// whose 96 columns are then 3 whole chunks, so every GEMM runs over exactly 96 columns (a 96-wide
+// MN-major operand in 128B-swizzled chunks would be 1.5 swizzle atoms; CUTLASS picks 64B there too).
+constexpr int sm90_tile_swizzle_bytes(int bucket) { return bucket == 96 ? 64 : 128; }
+
 // Runs the forward on the sm90 kernel; false when the TMA descriptors could not be
 // encoded (the caller then runs the sm80 kernels).  T: __nv_bfloat16 / __half; kD: the head-dim
 // bucket 64/96/128/192/256 (any d <= kD, d % 8 == 0, d == d_v).

@@ -35,16 +35,19 @@ __device__ __forceinline__ uint64_t make_desc_kmajor_sw128(uint32_t smem_addr) {
   return make_wgmma_desc(smem_addr, 16, 1024, WgmmaSwizzle::k128B);
 }
 
+// The swizzle mode of rows of 128, 64 or 32 bytes (the TMA swizzle that wrote them).
+template <int kRowBytes>
+constexpr WgmmaSwizzle wgmma_swizzle_of_rows() {
+  static_assert(kRowBytes == 128 || kRowBytes == 64 || kRowBytes == 32, "swizzle row width");
+  return kRowBytes == 128 ? WgmmaSwizzle::k128B : kRowBytes == 64 ? WgmmaSwizzle::k64B : WgmmaSwizzle::k32B;
+}
+
 // K-major with rows of 128, 64 or 32 bytes (64/32/16 16-bit elements of K) and the matching
 // TMA swizzle (128B/64B/32B): the swizzle atom is 8 rows, so SBO = 8 * row bytes; a k16 slice
 // (32 bytes) still advances the start address by 32 bytes inside the row.
 template <int kRowBytes>
 __device__ __forceinline__ uint64_t make_desc_kmajor_swizzled(uint32_t smem_addr) {
-  static_assert(kRowBytes == 128 || kRowBytes == 64 || kRowBytes == 32, "swizzle row width");
-  constexpr WgmmaSwizzle swz = kRowBytes == 128 ? WgmmaSwizzle::k128B
-                               : kRowBytes == 64 ? WgmmaSwizzle::k64B
-                                                 : WgmmaSwizzle::k32B;
-  return make_wgmma_desc(smem_addr, 16, 8 * kRowBytes, swz);
+  return make_wgmma_desc(smem_addr, 16, 8 * kRowBytes, wgmma_swizzle_of_rows<kRowBytes>());
 }
 
 // MN-major (transposed: imm-trans = 1), 128B swizzle: the operand is stored as rows of K, each
@@ -65,8 +68,7 @@ __device__ __forceinline__ uint64_t make_desc_mnmajor_sw128(uint32_t smem_addr,
 template <int kRowBytes>
 __device__ __forceinline__ uint64_t make_desc_mnmajor_swizzled(uint32_t smem_addr, uint32_t chunk_bytes) {
   static_assert(kRowBytes == 128 || kRowBytes == 64, "swizzle row width");
-  return make_wgmma_desc(smem_addr, chunk_bytes, 8 * kRowBytes,
-                         kRowBytes == 128 ? WgmmaSwizzle::k128B : WgmmaSwizzle::k64B);
+  return make_wgmma_desc(smem_addr, chunk_bytes, 8 * kRowBytes, wgmma_swizzle_of_rows<kRowBytes>());
 }
 
 // Advancing a descriptor by `bytes` along the start address only touches the low field
