@@ -224,7 +224,7 @@ def test_sm90_shape_features_vs_reference(name, d, dtype, tmp_path, monkeypatch)
 
 
 # The same from 2048 keys on, where the forward switches to wider key tiles (d128: 192 keys, d256:
-# 80 keys for calls without score modifiers, run_flash_fwd_sm90).
+# 80 keys; run_flash_fwd_sm90).
 @pytest.mark.parametrize("d", [128, 256])
 @pytest.mark.parametrize("name", ["no_mods", "no_mods_causal", "window", "all"])
 def test_sm90_features_wide_key_tiles(name, d, tmp_path, monkeypatch):
