@@ -150,6 +150,12 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_Q_STAGES
 #define ORCHARD_SM90_FWD_Q_STAGES 1
 #endif
+// Cross-tile overlap (1; 0 off, an A/B switch): the overlap kernels issue the next tile's first
+// QK^T with this tile's last PV (one GEMM turn), and run its softmax under that PV, instead of
+// starting each tile with an unoverlapped QK^T and softmax.
+#ifndef ORCHARD_SM90_FWD_CROSS_TILE
+#define ORCHARD_SM90_FWD_CROSS_TILE 0
+#endif
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
@@ -503,28 +509,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       if (wg == kWG - 1) pass_turn();
     }
 
-    for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
-         tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
-      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
-      if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
-      const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
-      // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
-      // across the key loop (registers: the 192-key d128 tile spilled).
-      const int m0 = tl.m_block * kBM;
-      const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
-
-      // Per-tile state: O accumulators and the softmax rows start over.
-#pragma unroll
-      for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-      RowState st;
-      st.max[0] = st.max[1] = -INFINITY;
-      st.sum[0] = st.sum[1] = 0.f;
-
+    // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
+    // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
+    auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0) {
       auto needs_mask = [&](int n) {
         const int n0 = n * kBN;
         return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
       };
-      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
+      {
         if (has_feat) {
           const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
           const int b = bh.b, h = bh.h;
@@ -545,9 +537,34 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         } else if (needs_mask(n)) {
           mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
         }
-      };
+      }
+    };
+    constexpr bool kCross = kOverlap && ORCHARD_SM90_FWD_CROSS_TILE != 0;
+    // Cross-tile overlap: `carried` says this tile's first key tile was already scored during
+    // the previous tile's last PV (its P in pa, its row state in st_carry, its Q waited for).
+    bool carried = false;
+    uint32_t pa[kBN / 16][4];
+    RowState st_carry;
 
-      if (n_tiles > 0) {
+    for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
+         tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
+      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
+      if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
+      const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
+      // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
+      // across the key loop (registers: the 192-key d128 tile spilled).
+      const int m0 = tl.m_block * kBM;
+      const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
+      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) { score_tile_of(s_acc, n, tile, m0, row0); };
+
+      // Per-tile state: O accumulators and the softmax rows start over.
+#pragma unroll
+      for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+      RowState st;
+      st.max[0] = st.max[1] = -INFINITY;
+      st.sum[0] = st.sum[1] = 0.f;
+
+      auto wait_q = [&] {
         if constexpr (Cfg::kQStages == 1) {
           mbarrier_wait(q_full(0), kv_cnt >> 31);
           kv_cnt ^= 0x80000000u;
@@ -555,6 +572,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           mbarrier_wait(q_full((kv_cnt >> 30) & 1), kv_cnt >> 31);
           kv_cnt += 0x40000000u;
         }
+      };
+      bool carry_next = false;
+      if (n_tiles > 0) {
+        if (!carried) wait_q();
         if constexpr (!kOverlap) {
           for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
             const int n = n_end - 1 - it;
@@ -592,9 +613,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             if (warp_leader) mbarrier_arrive(v_empty(s));
           }
         } else {
-          // Prologue: S and P of the first tile.
-          uint32_t pa[kBN / 16][4];
-          {
+          // Prologue: S and P of the first tile (done already when carried).
+          if (carried) {
+            st = st_carry;
+          } else {
             const int s = kv_cnt % kStages;
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
@@ -657,17 +679,62 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           const uint32_t cl = kv_cnt + n_tiles - 1;
           const int sl = cl % kStages;
           const uint32_t phl = (cl / kStages) & 1;
-          mbarrier_wait(v_full(sl), phl);
-          take_turn();
-          wgmma_fence();
-          pv_gemm(pa, sl);
-          wgmma_commit();
-          pass_turn();
-          wgmma_wait<0>();
-          fence_operands(o);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(v_empty(sl));
           kv_cnt += n_tiles;
+          // The next tile of this CTA, if it has key tiles: its first QK^T joins this PV.
+          int next = 0;
+          FwdTile tn{};
+          if constexpr (kCross) {
+            next = fwd_sm90_next(kPaired, tile, gridDim.x);
+            if (next < sc.total) {
+              tn = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, next);
+              carry_next = !(kPaired && tn.m_block < 0) && tn.n_end > tn.n_begin;
+            }
+          }
+          if (carry_next) {
+            wait_q();
+            const int s = kv_cnt % kStages;
+            const uint32_t ph = (kv_cnt / kStages) & 1;
+            float sacc[kBN / 2];
+            mbarrier_wait(k_full(s), ph);
+            mbarrier_wait(v_full(sl), phl);
+            take_turn();
+            wgmma_fence();
+            qk_gemm(sacc, s);
+            wgmma_commit();
+            pv_gemm(pa, sl);
+            wgmma_commit();
+            pass_turn();
+            wgmma_wait<1>();  // the next tile's S is ready; this tile's last PV still runs
+            fence_operands(sacc);
+            __syncwarp();
+            if (warp_leader) {
+              mbarrier_arrive(k_empty(s));
+              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty(cur_qs()));
+            }
+            const int m0n = tn.m_block * kBM;
+            score_tile_of(sacc, tn.n_end - 1, next, m0n, m0n + 64 * wg + 16 * wi + g);
+            st_carry.max[0] = st_carry.max[1] = -INFINITY;
+            st_carry.sum[0] = st_carry.sum[1] = 0.f;
+            float corr[2];
+            softmax_tile<kBN>(sacc, st_carry, scale_log2, corr);  // its o starts at 0: no rescale
+            fence_operands(sacc);
+            wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
+            fence_operands(o);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(v_empty(sl));
+            convert_p<T, kBN>(sacc, pa);
+          } else {
+            mbarrier_wait(v_full(sl), phl);
+            take_turn();
+            wgmma_fence();
+            pv_gemm(pa, sl);
+            wgmma_commit();
+            pass_turn();
+            wgmma_wait<0>();
+            fence_operands(o);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(v_empty(sl));
+          }
         }
       }
 
@@ -696,6 +763,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                   pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
         }
       }
+      carried = carry_next;
     }
     if constexpr (kPingPong) {
       if (wg == 0) take_turn();  // the last WG's final hand-off (its first, if this CTA had no tile)
