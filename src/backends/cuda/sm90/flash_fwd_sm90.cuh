@@ -13,8 +13,7 @@
 //        lands); setmaxnreg.dec.  It runs ahead into the next tile while the consumers finish
 //        this one: the next tile's first K goes out as soon as its ring stage is free, its Q
 //        once every consumer warp has done its last QK^T of this tile (q_empty), so the next
-//        tile's loads overlap this tile's last PV and epilogue.  With two Q buffers
-//        (ORCHARD_SM90_FWD_Q_STAGES, where smem allows) the next Q goes out first, a tile early.
+//        tile's loads overlap this tile's last PV and epilogue.
 //   WG1..WGkWG  consumers, 64 query rows each (setmaxnreg.inc):
 //        S = Q K^T   wgmma ss (Q and K both K-major in smem, 128B swizzle; 64B at d96),
 //        online softmax in registers (exp2, scale folded into log2 units),
@@ -27,8 +26,8 @@
 // issue their GEMMs in turn (named barriers 1..kWG as a ring), so one WG's softmax runs under
 // the others' GEMMs instead of all WGs contending for the tensor cores at once.
 // Barriers across tiles: the K / V ring's stage and phase come from a count of key tiles kept
-// for the whole CTA (producer: loaded, consumers: consumed), not per tile; a Q buffer's q_full /
-// q_empty flip once per tile that loads Q into it.  Every consumer warp frees every K and V stage it used,
+// for the whole CTA (producer: loaded, consumers: consumed), not per tile; q_full / q_empty
+// flip once per tile that loads Q.  Every consumer warp frees every K and V stage it used,
 // the last key tile's V included (after the final PV).  A tile whose rows see no key (window,
 // causal with sq > sk) loads nothing (no Q, no ring stage) and writes O = 0, LSE -inf; producer
 // and consumers decode the tile index with the same function, so they agree on that.
@@ -144,18 +143,6 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD256_WIDE_MIN_SK
 #define ORCHARD_SM90_FWD256_WIDE_MIN_SK 2048
 #endif
-// Q buffers (1 or 2, where the smem allows 2): with two, the producer loads the next tile's Q
-// while this tile's last QK^T still reads the other, instead of after it (the consumers then
-// wait for Q at every tile start: a bubble per tile that short causal tiles feel most).
-#ifndef ORCHARD_SM90_FWD_Q_STAGES
-#define ORCHARD_SM90_FWD_Q_STAGES 1
-#endif
-// Cross-tile overlap (1; 0 off, an A/B switch): the overlap kernels issue the next tile's first
-// QK^T with this tile's last PV (one GEMM turn), and run its softmax under that PV, instead of
-// starting each tile with an unoverlapped QK^T and softmax.
-#ifndef ORCHARD_SM90_FWD_CROSS_TILE
-#define ORCHARD_SM90_FWD_CROSS_TILE 0
-#endif
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
@@ -178,10 +165,7 @@ struct FwdSm90Config {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
   static constexpr int kQChunkBytes = kBM * kSwizzleBytes, kKVChunkBytes = kBN * kSwizzleBytes;
-  // 2 Q buffers where they fit in the 227 KB an SM gives one CTA.
-  static constexpr int kQStages =
-      ORCHARD_SM90_FWD_Q_STAGES >= 2 && 2 * kQBytes + 2 * kStages * kKVBytes + 128 + 1024 <= 227 * 1024 ? 2 : 1;
-  static constexpr int kBarOffset = kQStages * kQBytes + 2 * kStages * kKVBytes;
+  static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + 128 + 1024;
   static constexpr int kThreads = 128 * (kWG + 1);
@@ -364,17 +348,16 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sQ = sbase;
-  const uint32_t sK = sQ + Cfg::kQStages * Cfg::kQBytes;    // [kStages]
+  const uint32_t sK = sQ + Cfg::kQBytes;                     // [kStages]
   const uint32_t sV = sK + Cfg::kStages * Cfg::kKVBytes;     // [kStages]
   const uint32_t bars = sbase + Cfg::kBarOffset;
-  // Q buffer qs: q_full at bars (qs 0) / bars + 80 (qs 1), q_empty at bars + 72 / bars + 88.
-  auto q_full = [&](int qs) { return bars + 80 * qs; };
+  const uint32_t q_full = bars;
   auto k_full = [&](int s) { return bars + 8 + 8 * s; };
   auto v_full = [&](int s) { return bars + 24 + 8 * s; };
   auto k_empty = [&](int s) { return bars + 40 + 8 * s; };
   auto v_empty = [&](int s) { return bars + 56 + 8 * s; };
-  auto q_empty = [&](int qs) { return bars + 72 + 16 * qs; };
-  static_assert(Cfg::kStages == 2, "barrier layout: 2 stages (96 bytes <= the 128 reserved)");
+  const uint32_t q_empty = bars + 72;
+  static_assert(Cfg::kStages == 2, "barrier layout: 2 stages (72 + 8 bytes <= the 128 reserved)");
 
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -383,10 +366,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
 
   const int warp = warp_idx_uniform();
   if (threadIdx.x == 0) {
-    for (int qs = 0; qs < Cfg::kQStages; ++qs) {
-      mbarrier_init(q_full(qs), 1);
-      mbarrier_init(q_empty(qs), 4 * kWG);  // one arrival per consumer warp, after its last QK^T of a tile
-    }
+    mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, 4 * kWG);  // one arrival per consumer warp, after its last QK^T of a tile
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -414,23 +395,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         const int n_tiles = tl.n_end - tl.n_begin;
         if (n_tiles <= 0) continue;
         const int hk = tl.h / (p.hq / p.hkv);
-        // Q of this CTA's q_cnt-th loaded tile, into buffer q_cnt % kQStages: the consumers
-        // release that buffer's previous tile once their last QK^T of it has completed.
-        auto load_q = [&] {
-          const int qs = q_cnt % Cfg::kQStages;
-          if (q_cnt >= Cfg::kQStages) mbarrier_wait(q_empty(qs), (q_cnt / Cfg::kQStages - 1) & 1);
-          mbarrier_arrive_expect_tx(q_full(qs), Cfg::kQBytes);
-#pragma unroll
-          for (int c = 0; c < kChunks; ++c)
-            tma_load_4d(sQ + qs * Cfg::kQBytes + c * Cfg::kQChunkBytes, &tm_q, q_full(qs), Cfg::kChunkCols * c,
-                        tl.m_block * kBM, tl.h, tl.b);
-          ++q_cnt;
-        };
-        // Two Q buffers: this tile's Q goes out first (its buffer was freed a tile ago).
-        if constexpr (Cfg::kQStages == 2) load_q();
-        // Key tiles from the last (the diagonal / ragged end, masked) down to n_begin.  With one
-        // Q buffer the first K goes out before the wait for Q's slot: its ring stage frees when
-        // the previous tile's second-to-last QK^T is done, Q's when its last one is.
+        // Key tiles from the last (the diagonal / ragged end, masked) down to n_begin.  The
+        // first K goes out before the wait for Q's slot: its ring stage frees when the
+        // previous tile's second-to-last QK^T is done, Q's when its last one is.
         for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
           const int n = tl.n_end - 1 - it;
           const int s = kv_cnt % kStages;
@@ -441,8 +408,15 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           for (int c = 0; c < kChunks; ++c)
             tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c,
                         n * kBN, hk, tl.b);
-          if constexpr (Cfg::kQStages == 1) {
-            if (it == 0) load_q();
+          if (it == 0) {
+            // Q of this CTA's q_cnt-th loaded tile: the consumers release the previous one
+            // (phase q_cnt - 1 of q_empty) once their last QK^T of it has completed.
+            if (q_cnt > 0) mbarrier_wait(q_empty, (q_cnt - 1) & 1);
+            mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c)
+              tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, Cfg::kChunkCols * c, tl.m_block * kBM, tl.h, tl.b);
+            ++q_cnt;
           }
           mbarrier_wait(v_empty(s), ph ^ 1);
           mbarrier_arrive_expect_tx(v_full(s), Cfg::kKVBytes);
@@ -472,18 +446,12 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     const uint64_t dk0 = make_desc_kmajor_swizzled<kSw>(sK);
     const uint64_t dv0 = make_desc_mnmajor_swizzled<kSw>(sV, Cfg::kKVChunkBytes);
     float o[kD / 2];
-    // kv_cnt: key tiles consumed (bits 0..29; stage and phase read bits 0 and 1 only) and, in
-    // bits 30..31, the count of Q loads consumed mod 4 (registers: nothing else lives across the
-    // loops for Q): with one Q buffer bit 31 alone is the parity; with two, bit 30 the buffer
-    // and bit 31 its parity, so the current tile's buffer is bit 30 of the count before it.
-    uint32_t kv_cnt = 0;
-    auto cur_qs = [&]() -> int { return Cfg::kQStages == 2 ? ((kv_cnt >> 30) & 1) ^ 1 : 0; };
     auto qk_gemm = [&](float (&s_acc)[kBN / 2], int stage) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t off = (kk % kSl) * 32;  // k16 slice inside the chunk row
         Wgmma<kBN, T>::template ss<0, 0>(
-            s_acc, desc_advance(dq0, cur_qs() * Cfg::kQBytes + (kk / kSl) * Cfg::kQChunkBytes + off),
+            s_acc, desc_advance(dq0, (kk / kSl) * Cfg::kQChunkBytes + off),
             desc_advance(dk0, stage * Cfg::kKVBytes + (kk / kSl) * Cfg::kKVChunkBytes + off), kk > 0);
       }
     };
@@ -509,14 +477,31 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       if (wg == kWG - 1) pass_turn();
     }
 
-    // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
-    // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
-    auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0) {
+    // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
+    // bit 31, the parity of the Q loads consumed (one register fewer live across the loops).
+    uint32_t kv_cnt = 0;
+    for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
+         tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
+      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
+      if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
+      const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
+      // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
+      // across the key loop (registers: the 192-key d128 tile spilled).
+      const int m0 = tl.m_block * kBM;
+      const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
+
+      // Per-tile state: O accumulators and the softmax rows start over.
+#pragma unroll
+      for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
+      RowState st;
+      st.max[0] = st.max[1] = -INFINITY;
+      st.sum[0] = st.sum[1] = 0.f;
+
       auto needs_mask = [&](int n) {
         const int n0 = n * kBN;
         return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
       };
-      {
+      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
         if (has_feat) {
           const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
           const int b = bh.b, h = bh.h;
@@ -537,45 +522,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         } else if (needs_mask(n)) {
           mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
         }
-      }
-    };
-    constexpr bool kCross = kOverlap && ORCHARD_SM90_FWD_CROSS_TILE != 0;
-    // Cross-tile overlap: `carried` says this tile's first key tile was already scored during
-    // the previous tile's last PV (its P in pa, its row state in st_carry, its Q waited for).
-    bool carried = false;
-    uint32_t pa[kBN / 16][4];
-    RowState st_carry;
-
-    for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
-         tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
-      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
-      if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
-      const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
-      // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
-      // across the key loop (registers: the 192-key d128 tile spilled).
-      const int m0 = tl.m_block * kBM;
-      const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
-      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) { score_tile_of(s_acc, n, tile, m0, row0); };
-
-      // Per-tile state: O accumulators and the softmax rows start over.
-#pragma unroll
-      for (int i = 0; i < kD / 2; ++i) o[i] = 0.f;
-      RowState st;
-      st.max[0] = st.max[1] = -INFINITY;
-      st.sum[0] = st.sum[1] = 0.f;
-
-      auto wait_q = [&] {
-        if constexpr (Cfg::kQStages == 1) {
-          mbarrier_wait(q_full(0), kv_cnt >> 31);
-          kv_cnt ^= 0x80000000u;
-        } else {
-          mbarrier_wait(q_full((kv_cnt >> 30) & 1), kv_cnt >> 31);
-          kv_cnt += 0x40000000u;
-        }
       };
-      bool carry_next = false;
+
       if (n_tiles > 0) {
-        if (!carried) wait_q();
+        mbarrier_wait(q_full, kv_cnt >> 31);
+        kv_cnt ^= 0x80000000u;
         if constexpr (!kOverlap) {
           for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
             const int n = n_end - 1 - it;
@@ -593,7 +544,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (it == n_tiles - 1) mbarrier_arrive(q_empty(cur_qs()));  // last QK^T of the tile done: Q free
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty);  // last QK^T of the tile done: Q free
             }
             score_tile(sacc, n);
             float corr[2];
@@ -613,10 +564,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             if (warp_leader) mbarrier_arrive(v_empty(s));
           }
         } else {
-          // Prologue: S and P of the first tile (done already when carried).
-          if (carried) {
-            st = st_carry;
-          } else {
+          // Prologue: S and P of the first tile.
+          uint32_t pa[kBN / 16][4];
+          {
             const int s = kv_cnt % kStages;
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
@@ -631,7 +581,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (n_tiles == 1) mbarrier_arrive(q_empty(cur_qs()));
+              if (n_tiles == 1) mbarrier_arrive(q_empty);
             }
             score_tile(sacc, n_end - 1);
             float corr[2];
@@ -658,7 +608,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (it == n_tiles - 1) mbarrier_arrive(q_empty(cur_qs()));  // last QK^T of the tile done: Q free
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty);  // last QK^T of the tile done: Q free
             }
             score_tile(sacc, n);
             float corr[2];
@@ -679,62 +629,17 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           const uint32_t cl = kv_cnt + n_tiles - 1;
           const int sl = cl % kStages;
           const uint32_t phl = (cl / kStages) & 1;
+          mbarrier_wait(v_full(sl), phl);
+          take_turn();
+          wgmma_fence();
+          pv_gemm(pa, sl);
+          wgmma_commit();
+          pass_turn();
+          wgmma_wait<0>();
+          fence_operands(o);
+          __syncwarp();
+          if (warp_leader) mbarrier_arrive(v_empty(sl));
           kv_cnt += n_tiles;
-          // The next tile of this CTA, if it has key tiles: its first QK^T joins this PV.
-          int next = 0;
-          FwdTile tn{};
-          if constexpr (kCross) {
-            next = fwd_sm90_next(kPaired, tile, gridDim.x);
-            if (next < sc.total) {
-              tn = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, next);
-              carry_next = !(kPaired && tn.m_block < 0) && tn.n_end > tn.n_begin;
-            }
-          }
-          if (carry_next) {
-            wait_q();
-            const int s = kv_cnt % kStages;
-            const uint32_t ph = (kv_cnt / kStages) & 1;
-            float sacc[kBN / 2];
-            mbarrier_wait(k_full(s), ph);
-            mbarrier_wait(v_full(sl), phl);
-            take_turn();
-            wgmma_fence();
-            qk_gemm(sacc, s);
-            wgmma_commit();
-            pv_gemm(pa, sl);
-            wgmma_commit();
-            pass_turn();
-            wgmma_wait<1>();  // the next tile's S is ready; this tile's last PV still runs
-            fence_operands(sacc);
-            __syncwarp();
-            if (warp_leader) {
-              mbarrier_arrive(k_empty(s));
-              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty(cur_qs()));
-            }
-            const int m0n = tn.m_block * kBM;
-            score_tile_of(sacc, tn.n_end - 1, next, m0n, m0n + 64 * wg + 16 * wi + g);
-            st_carry.max[0] = st_carry.max[1] = -INFINITY;
-            st_carry.sum[0] = st_carry.sum[1] = 0.f;
-            float corr[2];
-            softmax_tile<kBN>(sacc, st_carry, scale_log2, corr);  // its o starts at 0: no rescale
-            fence_operands(sacc);
-            wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
-            fence_operands(o);
-            __syncwarp();
-            if (warp_leader) mbarrier_arrive(v_empty(sl));
-            convert_p<T, kBN>(sacc, pa);
-          } else {
-            mbarrier_wait(v_full(sl), phl);
-            take_turn();
-            wgmma_fence();
-            pv_gemm(pa, sl);
-            wgmma_commit();
-            pass_turn();
-            wgmma_wait<0>();
-            fence_operands(o);
-            __syncwarp();
-            if (warp_leader) mbarrier_arrive(v_empty(sl));
-          }
         }
       }
 
@@ -763,7 +668,6 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                   pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
         }
       }
-      carried = carry_next;
     }
     if constexpr (kPingPong) {
       if (wg == 0) take_turn();  // the last WG's final hand-off (its first, if this CTA had no tile)
