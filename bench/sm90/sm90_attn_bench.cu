@@ -2,6 +2,7 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Iinclude -Isrc \
 //        bench/sm90/sm90_attn_bench.cu -o sm90_attn_bench
 //   ./sm90_attn_bench [all|checks|grid|quick|causal]   (causal: the causal grid points, timed only)
+//   ./sm90_attn_bench one D S CAUSAL                    (one FA-grid shape, 5 timed calls: for ncu)
 // -DSM90_BENCH_LIBRARY_ONLY builds the library entry alone (no kernel variants): quick to build,
 // and with -I another tree's src / include, the A/B binary of that tree's forward.
 // Per shape (dtype, d, causal, b, hq, hkv, s): fresh random Q/K/V (BSHD), O and LSE poisoned
@@ -312,7 +313,17 @@ bool run(const Shape& sh, int reps, bool check) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a hang (killed by timeout) still leaves every line before it
   int fails = 0;
-  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d<head dim>
+  const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d<head dim> | one
+  if (mode == "one") {  // one D S CAUSAL: the FA grid's shape (b * s = 16k tokens, hq * d = 2048; d192: hq 10)
+    if (argc < 5) {
+      std::fprintf(stderr, "usage: %s one D S CAUSAL\n", argv[0]);
+      return 2;
+    }
+    const int d = std::atoi(argv[2]), sl = std::atoi(argv[3]);
+    const int h = d == 192 ? 10 : 2048 / d;
+    const Shape sh{false, d, std::atoi(argv[4]) != 0, std::max(1, 16384 / sl), h, h, sl};
+    return run(sh, 5, false) ? 0 : 1;
+  }
   // Correctness: ragged lengths, GQA, causal, both dtypes, every head dim.
   const Shape checks[] = {
       {false, 128, false, 2, 4, 4, 1000}, {false, 128, true, 2, 4, 2, 1000}, {true, 128, false, 1, 4, 1, 777},
