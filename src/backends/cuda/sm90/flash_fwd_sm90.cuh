@@ -21,7 +21,9 @@
 //        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
 //        the epilogue writes O and LSE straight from registers (no smem), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
-// flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.
+// flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.  With
+// ORCHARD_SM90_FWD_CROSS_TILE (off: an A/B switch) that also spans query tiles: the next query
+// tile's first QK^T goes out with this one's last PV.
 // GEMM token (kFwdSm90PingPong, FA3's warp-scheduler barrier; d64, d96 and d128): the consumer WGs
 // issue their GEMMs in turn (named barriers 1..kWG as a ring), so one WG's softmax runs under
 // the others' GEMMs instead of all WGs contending for the tensor cores at once.
@@ -142,6 +144,12 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #endif
 #ifndef ORCHARD_SM90_FWD256_WIDE_MIN_SK
 #define ORCHARD_SM90_FWD256_WIDE_MIN_SK 2048
+#endif
+// Cross-tile overlap (1; 0 off, an A/B switch): the overlap kernels issue the next tile's first
+// QK^T with this tile's last PV (one GEMM turn), and run its softmax under that PV, instead of
+// starting each tile with an unoverlapped QK^T and softmax.
+#ifndef ORCHARD_SM90_FWD_CROSS_TILE
+#define ORCHARD_SM90_FWD_CROSS_TILE 0
 #endif
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
@@ -480,6 +488,41 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
     // bit 31, the parity of the Q loads consumed (one register fewer live across the loops).
     uint32_t kv_cnt = 0;
+    // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
+    // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
+    auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0) {
+      auto needs_mask = [&](int n) {
+        const int n0 = n * kBN;
+        return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
+      };
+      if (has_feat) {
+        const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
+        const int b = bh.b, h = bh.h;
+        const int n0 = n * kBN;
+        const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
+        // s_acc[i]: row row0 + dr, col n0 + 2t + dc (mask_tile's layout), col - row = rel0 + dc - dr.
+        auto each = [&](auto&& f) {
+#pragma unroll
+          for (int i = 0; i < kBN / 2; ++i) {
+            const int dc = 8 * (i / 4) + (i % 2), dr = 8 * ((i / 2) % 2);
+            f(s_acc[i], dc - dr, dc);
+          }
+        };
+        cuda::apply_score_mods(each, p.scale, p.softcap,
+                               cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
+                               cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
+                               sk - n0 - 2 * t);
+      } else if (needs_mask(n)) {
+        mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
+      }
+    };
+    constexpr bool kCross = kOverlap && ORCHARD_SM90_FWD_CROSS_TILE != 0;
+    // Cross-tile overlap: `carried` says this tile's first key tile was already scored during
+    // the previous tile's last PV (its P in pa, its row state in st_carry, its Q waited for).
+    bool carried = false;
+    uint32_t pa[kBN / 16][4];
+    RowState st_carry;
+
     for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
          tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
       const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
@@ -489,6 +532,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // across the key loop (registers: the 192-key d128 tile spilled).
       const int m0 = tl.m_block * kBM;
       const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
+      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) { score_tile_of(s_acc, n, tile, m0, row0); };
 
       // Per-tile state: O accumulators and the softmax rows start over.
 #pragma unroll
@@ -497,36 +541,16 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       st.max[0] = st.max[1] = -INFINITY;
       st.sum[0] = st.sum[1] = 0.f;
 
-      auto needs_mask = [&](int n) {
-        const int n0 = n * kBN;
-        return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
-      };
-      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) {
-        if (has_feat) {
-          const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
-          const int b = bh.b, h = bh.h;
-          const int n0 = n * kBN;
-          const cuda::WindowOffsets w = cuda::window_offsets(kCausal, p.window_left, p.window_right, coff);
-          // s_acc[i]: row row0 + dr, col n0 + 2t + dc (mask_tile's layout), col - row = rel0 + dc - dr.
-          auto each = [&](auto&& f) {
-#pragma unroll
-            for (int i = 0; i < kBN / 2; ++i) {
-              const int dc = 8 * (i / 4) + (i % 2), dr = 8 * ((i / 2) % 2);
-              f(s_acc[i], dc - dr, dc);
-            }
-          };
-          cuda::apply_score_mods(each, p.scale, p.softcap,
-                                 cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
-                                 cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
-                                 sk - n0 - 2 * t);
-        } else if (needs_mask(n)) {
-          mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
-        }
-      };
-
-      if (n_tiles > 0) {
+      auto wait_q = [&] {
         mbarrier_wait(q_full, kv_cnt >> 31);
         kv_cnt ^= 0x80000000u;
+      };
+      bool carry_next = false;
+      if (n_tiles > 0) {
+        // Read from lane 0 so ptxas sees a warp-uniform branch around the prologue's wgmmas:
+        // the loop-carried flag alone made it serialize them (C7520; causal -17..-29 %).
+        if constexpr (kCross) carried = __shfl_sync(0xffffffffu, int(carried), 0) != 0;
+        if (!carried) wait_q();
         if constexpr (!kOverlap) {
           for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
             const int n = n_end - 1 - it;
@@ -564,9 +588,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             if (warp_leader) mbarrier_arrive(v_empty(s));
           }
         } else {
-          // Prologue: S and P of the first tile.
-          uint32_t pa[kBN / 16][4];
-          {
+          // Prologue: S and P of the first tile (done already when carried).
+          if (carried) {
+            st = st_carry;
+          } else {
             const int s = kv_cnt % kStages;
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
@@ -629,17 +654,62 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           const uint32_t cl = kv_cnt + n_tiles - 1;
           const int sl = cl % kStages;
           const uint32_t phl = (cl / kStages) & 1;
-          mbarrier_wait(v_full(sl), phl);
-          take_turn();
-          wgmma_fence();
-          pv_gemm(pa, sl);
-          wgmma_commit();
-          pass_turn();
-          wgmma_wait<0>();
-          fence_operands(o);
-          __syncwarp();
-          if (warp_leader) mbarrier_arrive(v_empty(sl));
           kv_cnt += n_tiles;
+          // The next tile of this CTA, if it has key tiles: its first QK^T joins this PV.
+          int next = 0;
+          FwdTile tn{};
+          if constexpr (kCross) {
+            next = fwd_sm90_next(kPaired, tile, gridDim.x);
+            if (next < sc.total) {
+              tn = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, next);
+              carry_next = !(kPaired && tn.m_block < 0) && tn.n_end > tn.n_begin;
+            }
+          }
+          if (carry_next) {
+            wait_q();
+            const int s = kv_cnt % kStages;
+            const uint32_t ph = (kv_cnt / kStages) & 1;
+            float sacc[kBN / 2];
+            mbarrier_wait(k_full(s), ph);
+            mbarrier_wait(v_full(sl), phl);
+            take_turn();
+            wgmma_fence();
+            qk_gemm(sacc, s);
+            wgmma_commit();
+            pv_gemm(pa, sl);
+            wgmma_commit();
+            pass_turn();
+            wgmma_wait<1>();  // the next tile's S is ready; this tile's last PV still runs
+            fence_operands(sacc);
+            __syncwarp();
+            if (warp_leader) {
+              mbarrier_arrive(k_empty(s));
+              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty);
+            }
+            const int m0n = tn.m_block * kBM;
+            score_tile_of(sacc, tn.n_end - 1, next, m0n, m0n + 64 * wg + 16 * wi + g);
+            st_carry.max[0] = st_carry.max[1] = -INFINITY;
+            st_carry.sum[0] = st_carry.sum[1] = 0.f;
+            float corr[2];
+            softmax_tile<kBN>(sacc, st_carry, scale_log2, corr);  // its o starts at 0: no rescale
+            fence_operands(sacc);
+            wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
+            fence_operands(o);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(v_empty(sl));
+            convert_p<T, kBN>(sacc, pa);
+          } else {
+            mbarrier_wait(v_full(sl), phl);
+            take_turn();
+            wgmma_fence();
+            pv_gemm(pa, sl);
+            wgmma_commit();
+            pass_turn();
+            wgmma_wait<0>();
+            fence_operands(o);
+            __syncwarp();
+            if (warp_leader) mbarrier_arrive(v_empty(sl));
+          }
         }
       }
 
@@ -668,6 +738,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                   pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
         }
       }
+      carried = carry_next;
     }
     if constexpr (kPingPong) {
       if (wg == 0) take_turn();  // the last WG's final hand-off (its first, if this CTA had no tile)
