@@ -170,6 +170,8 @@ def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
     assert "backend=cuda" in lines[0] and "variant=cuda.fwd." in lines[0], lines[0]
     assert "elapsed_ms=" in lines[0] and "n/a" not in lines[0], lines[0]
     assert (".sm90." in lines[0]) == _sm90_expected(), lines[0]
+    # Causal alone is no window (it reaches the kernels as window_right = 0): named as the CPU does.
+    assert ".causal" in lines[0] and ".window" not in lines[0], lines[0]
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=0, rtol=0)
@@ -250,6 +252,8 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
     assert fwd and bwd, lines
     assert (".sm90." in fwd[0]) == sm90, fwd[0]
     assert (".sm90." in bwd[0]) == sm90, bwd[0]
+    for line in (fwd[0], bwd[0]):  # the variant names a window only where one was asked for
+        assert (".window" in line) == ("window_size" in kw), (name, line)
     if sm90:  # the head-dim bucket the dispatch picked (cuda_backend.cu sm90_head_dim_bucket)
         bucket = next(x for x in (64, 96, 128, 192, 256) if d <= x)
         for line in (fwd[0], bwd[0]):

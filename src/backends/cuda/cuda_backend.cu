@@ -247,7 +247,9 @@ std::string variant_name(const FwdParams& p, bool backward) {
   }
   if (p.causal) s += ".causal";
   if (p.dropout_p > 0.f) s += ".dropout";
-  if (p.window_left >= 0 || p.window_right >= 0) s += ".window";
+  // A causal call reaches the kernels as window_right == 0 (params.h): ".window" only for a window
+  // beyond causal, as the CPU backend names it.
+  if (window_active(p.causal, p.window_left, p.window_right)) s += ".window";
   if (p.softcap > 0.f) s += ".softcap";
   if (p.alibi_slopes != nullptr) s += ".alibi";
   if (p.cu_seqlens_q != nullptr) s += ".varlen";
