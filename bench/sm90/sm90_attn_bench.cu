@@ -310,19 +310,24 @@ bool run(const Shape& sh, int reps, bool check) {
   }
 }
 
+// The FlashAttention grid's shape at head dim d and length s (bf16, MHA): b * s = 16k tokens,
+// hq * d = 2048 (d192: hq 10).
+int fa_grid_heads(int d) { return d == 192 ? 10 : 2048 / d; }
+Shape fa_grid_shape(int d, int s, bool causal) {
+  const int h = fa_grid_heads(d);
+  return {false, d, causal, std::max(1, 16384 / s), h, h, s};
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);  // a hang (killed by timeout) still leaves every line before it
   int fails = 0;
   const std::string mode = argc > 1 ? argv[1] : "all";  // all | checks | grid | quick | causal | d<head dim> | one
-  if (mode == "one") {  // one D S CAUSAL: the FA grid's shape (b * s = 16k tokens, hq * d = 2048; d192: hq 10)
+  if (mode == "one") {  // one D S CAUSAL: the FA grid's shape
     if (argc < 5) {
       std::fprintf(stderr, "usage: %s one D S CAUSAL\n", argv[0]);
       return 2;
     }
-    const int d = std::atoi(argv[2]), sl = std::atoi(argv[3]);
-    const int h = d == 192 ? 10 : 2048 / d;
-    const Shape sh{false, d, std::atoi(argv[4]) != 0, std::max(1, 16384 / sl), h, h, sl};
-    return run(sh, 5, false) ? 0 : 1;
+    return run(fa_grid_shape(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]) != 0), 5, false) ? 0 : 1;
   }
   // Correctness: ragged lengths, GQA, causal, both dtypes, every head dim.
   const Shape checks[] = {
@@ -360,10 +365,7 @@ int main(int argc, char** argv) {
   // one non-causal control; timed only (A/B of the causal tile orders, kFwdSm90PairsCausalTiles).
   std::vector<Shape> causal_grid;
   for (int d : {64, 128, 192, 256})
-    for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
-      const int h = d == 192 ? 10 : 2048 / d;
-      causal_grid.push_back({false, d, true, 16384 / s, h, h, s});
-    }
+    for (int s : {512, 1024, 2048, 4096, 8192, 16384}) causal_grid.push_back(fa_grid_shape(d, s, true));
   causal_grid.push_back({false, 128, false, 2, 16, 16, 8192});
   // d<D> (d128, d192, d256): one bucket's key-tile experiment (dev/cuda/NOTES.md "What is
   // left" 3): checks on ragged / GQA / causal shapes of head dim D, then timed non-causal points
@@ -371,14 +373,14 @@ int main(int argc, char** argv) {
   // d192 adds d160 (the same bucket). PEER_GRID=d<D> gives attn_peers.py's matching shapes.
   if (mode.size() > 1 && mode[0] == 'd' && std::isdigit(static_cast<unsigned char>(mode[1]))) {
     const int d = std::atoi(mode.c_str() + 1);
-    const int h = d == 192 ? 10 : 2048 / d;
+    const int h = fa_grid_heads(d);
     const Shape tile_checks[] = {{false, d, false, 2, 4, 2, 1000}, {true, d, false, 1, 4, 4, 777},
                                  {false, d, true, 1, 4, 4, 1025}, {false, d, false, 1, h, h, 4096}};
     std::vector<Shape> tile_grid;
-    for (int sl : {1024, 2048, 4096, 8192, 16384}) tile_grid.push_back({false, d, false, 16384 / sl, h, h, sl});
+    for (int sl : {1024, 2048, 4096, 8192, 16384}) tile_grid.push_back(fa_grid_shape(d, sl, false));
     tile_grid.push_back({true, d, false, 4, h, h, 4096});
     if (d == 192) tile_grid.push_back({false, 160, false, 4, 12, 12, 4096});
-    for (int sl : {2048, 4096, 8192, 16384}) tile_grid.push_back({false, d, true, 16384 / sl, h, h, sl});
+    for (int sl : {2048, 4096, 8192, 16384}) tile_grid.push_back(fa_grid_shape(d, sl, true));
     for (const Shape& sh : tile_checks) fails += !run(sh, 0, true);
     for (const Shape& sh : tile_grid) fails += !run(sh, 30, false);
   } else if (mode == "causal")
