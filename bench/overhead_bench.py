@@ -24,8 +24,9 @@ halves are also timed apart, to say which one holds a gap: fwd(grad) (the forwar
 requires_grad inputs, graph recorded, no backward) and bwd (autograd.grad over one
 recorded graph, retain_graph=True, so only the backward runs).
 decode: flash_attn_with_kvcache eager (b1, one query row, GQA 8:1, d64, one new k/v row
-appended into a 1k cache; CHECK_DEVICE_INDICES off, as decode_bench.py) against SDPA on the
-same cache (no append) - the host path of one decode call.
+appended into a 1k cache; CHECK_DEVICE_INDICES off, as decode_bench.py, and on, the default:
+one copy back and sync per call) against SDPA on the same cache (no append) - the host path of
+one decode call.
 
     python bench/overhead_bench.py [--device cpu|cuda|all] [--out DIR] [--graph] [--profile]
 
@@ -104,8 +105,17 @@ def decode_calls(device, dtype):
     kn, vn = (torch.randn(b, 1, hkv, d, device=device, dtype=dtype, generator=gen) for _ in range(2))
     seqlens = torch.full((b,), cap - 1, dtype=torch.int32, device=device)
     qb, kb, vb = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-    return {"flash_attn_with_kvcache": lambda: orchard.flash_attn_with_kvcache(
-                q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True),
+    def call():
+        return orchard.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True)
+
+    def checked():  # the default: cache_seqlens copied back and checked by the core (one sync)
+        okv.CHECK_DEVICE_INDICES = True
+        try:
+            return call()
+        finally:
+            okv.CHECK_DEVICE_INDICES = False
+
+    return {"flash_attn_with_kvcache": call, "flash_attn_with_kvcache (index check)": checked,
             "sdpa": lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True)}
 
 

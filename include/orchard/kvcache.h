@@ -37,6 +37,12 @@ struct DecodeOptions {
   bool rotary_interleaved = true;       // GPT-J pairs (0,1),(2,3)...; false: GPT-NeoX (i, i + rd/2)
   int num_splits = 0;                   // 0: heuristic; 1: no split
   void* stream = nullptr;               // cudaStream_t for CUDA tensors
+  // CUDA tensors: copy the index tensors (cache_seqlens, cache_leftpad, cache_batch_idx,
+  // block_table) to the host and check their values before anything is written, as the CPU
+  // backend always does; one stream sync per call. Skipped while the stream is captured into a
+  // CUDA graph. Off: out-of-range values are not detected (reads and writes are still clamped
+  // to the cache by the kernels).
+  bool check_device_indices = true;
   std::string op_name = "orchard.flash_attn_with_kvcache";
 };
 

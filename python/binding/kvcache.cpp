@@ -89,8 +89,8 @@ nb::tuple kvcache_forward(const InArray& q, const OutArray& k_cache, const OutAr
                           const std::optional<InArray>& alibi_slopes, const OutArray& out,
                           const std::optional<OutArray>& lse, std::optional<double> softmax_scale, bool causal,
                           std::int64_t window_left, std::int64_t window_right, double softcap,
-                          bool rotary_interleaved, int num_splits, std::uintptr_t stream,
-                          const nb::object& alloc_workspace, const std::string& op) {
+                          bool rotary_interleaved, int num_splits, bool check_device_indices,
+                          std::uintptr_t stream, const nb::object& alloc_workspace, const std::string& op) {
   orchard::DecodeArgs a;
   a.q = view(q, op, "q");
   a.k_cache = view(k_cache, op, "k_cache");
@@ -114,6 +114,7 @@ nb::tuple kvcache_forward(const InArray& q, const OutArray& k_cache, const OutAr
   a.options.rotary_interleaved = rotary_interleaved;
   a.options.num_splits = num_splits;
   a.options.stream = reinterpret_cast<void*>(stream);
+  a.options.check_device_indices = check_device_indices;
   a.options.op_name = op;
   orchard::DecodePlan plan;
   {
@@ -142,10 +143,11 @@ void register_kvcache(nb::module_& m) {
         "rotary_cos"_a.none(), "rotary_sin"_a.none(), "cache_seqlens"_a.none(), "cache_batch_idx"_a.none(),
         "cache_leftpad"_a.none(), "block_table"_a.none(), "alibi_slopes"_a.none(), "out"_a, "lse"_a.none(),
         "softmax_scale"_a.none(), "causal"_a, "window_left"_a, "window_right"_a, "softcap"_a,
-        "rotary_interleaved"_a, "num_splits"_a, "stream"_a, "alloc_workspace"_a, "op_name"_a,
+        "rotary_interleaved"_a, "num_splits"_a, "check_device_indices"_a, "stream"_a, "alloc_workspace"_a, "op_name"_a,
         "KV-cache decode (flash_attn_with_kvcache): appends k/v into the caches at cache_seqlens (in place), "
         "attends q over them, writes out and (when given) lse. alloc_workspace(nbytes) -> uint8 array on q's "
-        "device, called when split-KV needs scratch. Returns (num_splits used, workspace or None).");
+        "device, called when split-KV needs scratch. check_device_indices: CUDA index tensors copied back and "
+        "checked (one sync) before anything is written. Returns (num_splits used, workspace or None).");
   m.def("kvcache_num_splits_heuristic", &orchard::kvcache_num_splits_heuristic, "work_items"_a, "max_keys"_a,
         "num_sms"_a, "The split-KV heuristic used when num_splits=0.");
 }

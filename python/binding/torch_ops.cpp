@@ -770,7 +770,7 @@ std::tuple<Tensor, OptTensor, int64_t> kvcache_fwd(
     OptTensor cache_seqlens, OptTensor cache_batch_idx, OptTensor cache_leftpad, OptTensor block_table,
     OptTensor alibi_slopes, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, bool rotary_interleaved, int64_t num_splits, bool return_lse,
-    std::string op_name) {
+    bool check_device_indices, std::string op_name) {
   return tagged([&] {
     const Facts fq = facts(q);
     if (fq.nd != 4)
@@ -804,6 +804,7 @@ std::tuple<Tensor, OptTensor, int64_t> kvcache_fwd(
     a.options.rotary_interleaved = rotary_interleaved;
     a.options.num_splits = static_cast<int>(num_splits);
     a.options.stream = scope.stream;
+    a.options.check_device_indices = check_device_indices;
     a.options.op_name = op_name;
     std::string error;
     orchard::DecodePlan plan;
@@ -867,7 +868,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(orchard, m) {
       "_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor? rotary_cos, "
       "Tensor? rotary_sin, Tensor? cache_seqlens, Tensor? cache_batch_idx, Tensor? cache_leftpad, "
       "Tensor? block_table, Tensor? alibi_slopes, float? softmax_scale, bool causal, int window_left, "
-      "int window_right, float softcap, bool rotary_interleaved, int num_splits, bool return_lse, str op_name) "
+      "int window_right, float softcap, bool rotary_interleaved, int num_splits, bool return_lse, "
+      "bool check_device_indices, str op_name) "
       "-> (Tensor, Tensor?, int)");
 }
 

@@ -5,8 +5,9 @@ Forward only. The caches are read and written in place (never copied); new
 ``include/orchard/decode_params.h`` for the exact key numbering.
 
 On CUDA the index tensors (``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx``,
-``block_table``) live on the device; Orchard checks their values on the host before
-launching (one synchronisation) unless a CUDA graph is being captured or
+``block_table``) live on the device; the C++ core copies them to the host and checks their
+values before anything is written (one synchronisation; src/core/kvcache.cpp, the same checks
+and messages as on the CPU) unless a CUDA graph is being captured or
 ``orchard.kvcache.CHECK_DEVICE_INDICES`` is False. Unchecked out-of-range values never
 make the kernels address memory outside the cache (they are clamped), but give
 meaningless results. On the CPU every value is always checked.
@@ -44,7 +45,7 @@ from ._ops import _export, _launch_on_device_of
 
 OP = "orchard.flash_attn_with_kvcache"
 
-#: Check device-resident index tensors on CUDA (costs one host sync per call).
+#: Check device-resident index tensors on CUDA (the core copies them back: one host sync per call).
 CHECK_DEVICE_INDICES = True
 
 #: The split-KV count the latest call used (a diagnostic for benchmarks).
@@ -53,56 +54,6 @@ last_num_splits = 0
 
 def _err(msg):
     return ValueError(f"{OP}: {msg}")
-
-
-def _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
-    """The value checks the C++ core does for host tensors, for CUDA tensors: one sync."""
-    if not CHECK_DEVICE_INDICES or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    paged = block_table is not None
-    if (cache_seqlens is not None and cache_seqlens.dtype != torch.int32) or k_cache.dim() != 4 or (
-            paged and (block_table.dim() != 2 or block_table.dtype != torch.int32)):
-        return  # the core reports the mistyped tensor
-    if cache_seqlens is None and not paged and cache_batch_idx is None:
-        return  # nothing data-dependent to check
-    s_new = 0 if k is None else k.shape[1]
-    page = k_cache.shape[1]
-    cap = block_table.shape[1] * page if paged else k_cache.shape[1]
-    if cache_seqlens is None:  # the whole cache (new k/v without cache_seqlens is the core's error)
-        if k is not None:
-            return
-        sl = torch.full((q.shape[0],), cap, dtype=torch.long, device=q.device)
-    else:
-        sl = cache_seqlens.long()
-    lp = cache_leftpad.long() if cache_leftpad is not None and cache_leftpad.dtype == torch.int32 else None
-    flags = [(sl < 0).any(), (sl + s_new > cap).any()]
-    if lp is not None:
-        flags.append(((lp < 0) | (lp > sl)).any())
-    if cache_batch_idx is not None and cache_batch_idx.dtype == torch.int32:
-        flags.append(((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).any())
-    if paged and block_table.shape[1] > 0:
-        blk = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
-        end = torch.clamp(sl + s_new, 0, cap)[:, None]
-        start = (lp if lp is not None else torch.zeros_like(sl))[:, None] // page
-        used = (blk >= start) & (blk * page < end)
-        flags.append((used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any())
-    bad = torch.stack(flags).tolist()
-    if not any(bad):
-        return
-    i = bad.index(True)
-    if i == 0:
-        raise _err(f"cache_seqlens has negative entries: {cache_seqlens.tolist()}")
-    if i == 1:
-        raise _err(f"cache_seqlens + new k rows ({s_new}) is longer than the cache ({cap} rows): "
-                   f"cache_seqlens = {cache_seqlens.tolist()}")
-    names = (["cache_leftpad"] if lp is not None else []) + (
-        ["cache_batch_idx"] if cache_batch_idx is not None else []) + (["block_table"] if paged else [])
-    name = names[i - 2]
-    if name == "cache_leftpad":
-        raise _err(f"cache_leftpad entries must be in [0, cache_seqlens]: {cache_leftpad.tolist()}")
-    if name == "cache_batch_idx":
-        raise _err(f"cache_batch_idx has entries outside the cache's {k_cache.shape[0]} batch entries")
-    raise _err(f"block_table has an entry outside the cache's {k_cache.shape[0]} pages (in the used range)")
 
 
 _Tensor = torch.Tensor
@@ -164,20 +115,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                block_table, alibi_slopes)
     if _stable_op_serves(*tensors):  # the C++ op allocates out / lse / scratch and launches
-        if q.is_cuda:
-            _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
         try:
             out, lse, last_num_splits = _ops._SKVCACHE_CALL(
                 *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
-                float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_softmax_lse), OP)
+                float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_softmax_lse),
+                bool(CHECK_DEVICE_INDICES), OP)
         except RuntimeError as e:
             raise _ops._stable_error(e) from None
         return (out, lse) if return_softmax_lse else out
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
            if return_softmax_lse else None)
-    if q.is_cuda:
-        _check_device_indices(q, k_cache, k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     dev = q.device
 
     def alloc(nbytes):
@@ -188,7 +136,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         global last_num_splits
         last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr),
                                              float(softcap), bool(rotary_interleaved), int(num_splits),
-                                             stream, alloc, OP)[0]
+                                             bool(CHECK_DEVICE_INDICES), stream, alloc, OP)[0]
 
     _launch_on_device_of(q, launch)
     return (out, lse) if return_softmax_lse else out

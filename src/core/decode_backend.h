@@ -2,6 +2,7 @@
 // called by src/core/kvcache.cpp with validated params.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "orchard/decode_params.h"
@@ -24,6 +25,18 @@ int decode_cuda_num_sms(int device);
 // one CTA holds.
 int decode_cuda_num_splits(std::int64_t heads, std::int64_t rows, std::int64_t max_keys, int d, DType dtype,
                            int device);
+// One strided device-to-host copy: `rows` rows of `row_bytes` bytes, `src_pitch_bytes` apart
+// on the device, packed into `dst` on the host.
+struct DeviceRows {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  std::size_t row_bytes = 0;
+  std::int64_t rows = 0, src_pitch_bytes = 0;
+};
+// src/backends/cuda/decode_index_copy.cu: runs the copies on `stream` (a cudaStream_t, the
+// current device's) and waits for them; false, copying nothing, while the stream is being
+// captured into a CUDA graph (a copy and a sync are illegal there).
+bool decode_cuda_copy_rows(const DeviceRows* copies, int n, void* stream);
 // Query rows (of one kv head's group) of the fp32 CUDA kernel's CTAs.
 inline constexpr int kDecodeCudaRowsPerCta = 16;
 

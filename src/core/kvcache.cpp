@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <vector>
 
 #include "core/decode_backend.h"
 #include "core/logging.h"
@@ -23,6 +24,7 @@ void decode_cuda(const DecodeParams&) {
 }
 int decode_cuda_num_sms(int) { return 0; }
 int decode_cuda_num_splits(std::int64_t, std::int64_t, std::int64_t, int, DType, int) { return 1; }
+bool decode_cuda_copy_rows(const DeviceRows*, int, void*) { return false; }
 #endif
 
 namespace {
@@ -84,6 +86,99 @@ class Checker {
 };
 
 bool is_half_or_float(DType t) { return t == DType::kBFloat16 || t == DType::kFloat16 || t == DType::kFloat32; }
+
+// The int32 index tensors' values in host memory: element pointers and element strides.
+struct IndexValues {
+  const std::int32_t *seqlens = nullptr, *leftpad = nullptr, *batch_idx = nullptr, *table = nullptr;
+  std::int64_t seqlens_stride = 0, leftpad_stride = 0, batch_idx_stride = 0, table_row = 0, table_col = 0;
+};
+
+IndexValues host_index_values(const DecodeArgs& a) {
+  IndexValues v;
+  auto one = [](const TensorView& t, const std::int32_t*& p, std::int64_t& stride) {
+    if (!t.defined()) return;
+    p = static_cast<const std::int32_t*>(t.data);
+    stride = t.strides[0];
+  };
+  one(a.cache_seqlens, v.seqlens, v.seqlens_stride);
+  one(a.cache_leftpad, v.leftpad, v.leftpad_stride);
+  one(a.cache_batch_idx, v.batch_idx, v.batch_idx_stride);
+  if (a.block_table.defined()) {
+    v.table = static_cast<const std::int32_t*>(a.block_table.data);
+    v.table_row = a.block_table.strides[0];
+    v.table_col = a.block_table.strides[1];
+  }
+  return v;
+}
+
+// The value checks of the index tensors, the same for both backends: appended rows inside the
+// cache, leftpad within the sequence, batch indices and the used block_table entries inside
+// the cache.
+void check_index_values(const DecodeShape& s, const IndexValues& v, const Checker& c) {
+  for (std::int64_t bi = 0; bi < s.b; ++bi) {
+    const std::int64_t seqlen = v.seqlens ? v.seqlens[bi * v.seqlens_stride] : s.capacity;
+    if (seqlen < 0) c.bad("cache_seqlens[" + std::to_string(bi) + "] = " + std::to_string(seqlen) + " is negative");
+    if (seqlen + s.s_new > s.capacity)
+      c.bad("cache_seqlens[" + std::to_string(bi) + "] + new k rows = " + std::to_string(seqlen) + " + " +
+            std::to_string(s.s_new) + " is longer than the cache (" + std::to_string(s.capacity) + " rows)");
+    std::int64_t lp = 0;
+    if (v.leftpad) {
+      lp = v.leftpad[bi * v.leftpad_stride];
+      if (lp < 0 || lp > seqlen)
+        c.bad("cache_leftpad[" + std::to_string(bi) + "] = " + std::to_string(lp) + " is outside [0, cache_seqlens[" +
+              std::to_string(bi) + "] = " + std::to_string(seqlen) + "]");
+    }
+    if (v.batch_idx) {
+      const std::int64_t cb = v.batch_idx[bi * v.batch_idx_stride];
+      if (cb < 0 || cb >= s.cache_batch)
+        c.bad("cache_batch_idx[" + std::to_string(bi) + "] = " + std::to_string(cb) + " is outside the cache's " +
+              std::to_string(s.cache_batch) + " batch entries");
+    }
+    if (v.table) {
+      const std::int64_t end = seqlen + s.s_new;
+      for (std::int64_t blk = lp / s.page_size; blk * s.page_size < end; ++blk) {
+        const std::int64_t id = v.table[bi * v.table_row + blk * v.table_col];
+        if (id < 0 || id >= s.cache_batch)
+          c.bad("block_table[" + std::to_string(bi) + ", " + std::to_string(blk) + "] = " + std::to_string(id) +
+                " is outside the cache's " + std::to_string(s.cache_batch) + " pages");
+      }
+    }
+  }
+}
+
+// CUDA calls: the index tensors copied to the host (one sync) and checked as above, unless
+// options.check_device_indices is off or the stream is being captured into a CUDA graph.
+void check_device_index_values(const DecodeArgs& a, const DecodeShape& s, const Checker& c) {
+  if (!a.options.check_device_indices || s.b == 0) return;
+  if (!a.cache_seqlens.defined() && !a.cache_leftpad.defined() && !a.cache_batch_idx.defined() &&
+      !a.block_table.defined())
+    return;  // nothing data-dependent
+  std::vector<std::int32_t> seqlens, leftpad, batch_idx, table;
+  std::vector<DeviceRows> copies;
+  IndexValues v;
+  auto vec = [&](const TensorView& t, std::vector<std::int32_t>& host, const std::int32_t*& p,
+                 std::int64_t& stride) {
+    if (!t.defined()) return;
+    host.resize(static_cast<std::size_t>(s.b));
+    copies.push_back({host.data(), t.data, sizeof(std::int32_t), s.b, t.strides[0] * 4});
+    p = host.data();
+    stride = 1;
+  };
+  vec(a.cache_seqlens, seqlens, v.seqlens, v.seqlens_stride);
+  vec(a.cache_leftpad, leftpad, v.leftpad, v.leftpad_stride);
+  vec(a.cache_batch_idx, batch_idx, v.batch_idx, v.batch_idx_stride);
+  if (a.block_table.defined() && a.block_table.shape[1] > 0) {
+    const std::int64_t cols = a.block_table.shape[1];  // last_contiguous: column stride 1
+    table.resize(static_cast<std::size_t>(s.b * cols));
+    copies.push_back({table.data(), a.block_table.data, static_cast<std::size_t>(cols) * 4, s.b,
+                      a.block_table.strides[0] * 4});
+    v.table = table.data();
+    v.table_row = cols;
+    v.table_col = 1;
+  }
+  if (decode_cuda_copy_rows(copies.data(), static_cast<int>(copies.size()), a.options.stream))
+    check_index_values(s, v, c);
+}
 
 DecodeShape validate(const DecodeArgs& a) {
   const std::string& op = a.options.op_name;
@@ -243,42 +338,9 @@ DecodeShape validate(const DecodeArgs& a) {
     }
   }
 
-  // Values of the index tensors, readable only when they live in host memory.
-  if (!s.cuda && s.b > 0) {
-    const auto* seqlens = static_cast<const std::int32_t*>(a.cache_seqlens.data);
-    const auto* leftpad = static_cast<const std::int32_t*>(a.cache_leftpad.data);
-    const auto* bidx = static_cast<const std::int32_t*>(a.cache_batch_idx.data);
-    const auto* table = static_cast<const std::int32_t*>(a.block_table.data);
-    for (std::int64_t bi = 0; bi < s.b; ++bi) {
-      const std::int64_t seqlen = seqlens ? seqlens[bi * a.cache_seqlens.strides[0]] : s.capacity;
-      if (seqlen < 0) c.bad("cache_seqlens[" + std::to_string(bi) + "] = " + std::to_string(seqlen) + " is negative");
-      if (seqlen + s.s_new > s.capacity)
-        c.bad("cache_seqlens[" + std::to_string(bi) + "] + new k rows = " + std::to_string(seqlen) + " + " +
-              std::to_string(s.s_new) + " is longer than the cache (" + std::to_string(s.capacity) + " rows)");
-      std::int64_t lp = 0;
-      if (leftpad) {
-        lp = leftpad[bi * a.cache_leftpad.strides[0]];
-        if (lp < 0 || lp > seqlen)
-          c.bad("cache_leftpad[" + std::to_string(bi) + "] = " + std::to_string(lp) + " is outside [0, cache_seqlens[" +
-                std::to_string(bi) + "] = " + std::to_string(seqlen) + "]");
-      }
-      if (bidx) {
-        const std::int64_t cb = bidx[bi * a.cache_batch_idx.strides[0]];
-        if (cb < 0 || cb >= s.cache_batch)
-          c.bad("cache_batch_idx[" + std::to_string(bi) + "] = " + std::to_string(cb) + " is outside the cache's " +
-                std::to_string(s.cache_batch) + " batch entries");
-      }
-      if (table) {
-        const std::int64_t end = seqlen + s.s_new;
-        for (std::int64_t blk = lp / s.page_size; blk * s.page_size < end; ++blk) {
-          const std::int64_t id = table[bi * a.block_table.strides[0] + blk * a.block_table.strides[1]];
-          if (id < 0 || id >= s.cache_batch)
-            c.bad("block_table[" + std::to_string(bi) + ", " + std::to_string(blk) + "] = " + std::to_string(id) +
-                  " is outside the cache's " + std::to_string(s.cache_batch) + " pages");
-        }
-      }
-    }
-  }
+  // Values of the index tensors, readable here only when they live in host memory (CUDA calls:
+  // check_device_index_values, from run()).
+  if (!s.cuda && s.b > 0) check_index_values(s, host_index_values(a), c);
   return s;
 }
 
@@ -381,6 +443,7 @@ void run(const DecodeArgs& a) {
     p.block_table_batch_stride = a.block_table.strides[0];
     p.page_size = static_cast<int>(s.page_size);
   }
+  if (s.cuda) check_device_index_values(a, s, Checker(op));  // before anything is written
   if (a.rotary_cos.defined()) {
     p.rotary_cos = a.rotary_cos.data;
     p.rotary_sin = a.rotary_sin.data;

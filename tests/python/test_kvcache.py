@@ -418,27 +418,48 @@ def test_cuda_graph_capture():
     torch.testing.assert_close(out_g, out)
 
 
-def test_device_index_check_logic():
-    """The host-side value check CUDA calls use (orchard.kvcache._check_device_indices), run here on
-    CPU tensors: the same messages as the C++ checks for the same bad values."""
+@pytest.mark.cuda
+@pytest.mark.parametrize("stable_op", [True, False], ids=["cxx_op", "dlpack"])
+def test_cuda_device_index_check(monkeypatch, stable_op):
+    """The core's check of device-resident index tensors (copied back, one sync): strided and
+    broadcast block_tables read right, a bad entry in the used range caught, one outside it
+    ignored, and CHECK_DEVICE_INDICES=False passing through to the core (the kernels then clamp)."""
     import orchard.kvcache as okv
-    for what, q, kc, vc, kw, _, exc, match in _bad_cases("cpu"):
-        if exc is not ValueError or match not in ("block_table", "longer than the cache", "cache_leftpad",
-                                                  "cache_batch_idx"):
-            continue
-        if what == "block_table dtype":
-            continue
-        with pytest.raises(ValueError, match=match):
-            okv._check_device_indices(q, kc, kw.get("k"), kw.get("cache_seqlens"), kw.get("cache_batch_idx"),
-                                      kw.get("cache_leftpad"), kw.get("block_table"))
-    q, kc, vc, kw = make_case("cpu", torch.bfloat16, s_new=2, page=16, leftpad=True)
-    okv._check_device_indices(q, kc, kw["k"], kw["cache_seqlens"], None, kw["cache_leftpad"], kw["block_table"])
-    # Without cache_seqlens the whole cache is used: every block_table entry is checked.
-    bt = kw["block_table"].clone()
-    bt[-1, -1] = -1
-    with pytest.raises(ValueError, match="block_table"):
-        okv._check_device_indices(q, kc, None, None, None, None, bt)
-    okv._check_device_indices(q, kc, None, None, None, None, kw["block_table"])
+    from orchard import _ops
+    if not stable_op:
+        monkeypatch.setattr(_ops, "_SKVCACHE_CALL", None)
+    q, kc, vc, kw = make_case("cuda", torch.bfloat16, b=3, s_new=1, page=16, leftpad=True)
+    b, cols = kw["block_table"].shape
+    # a row pitch of cols + 5 (the 2-D copy) holding the same table
+    padded = torch.full((b, cols + 5), -7, dtype=torch.int32, device="cuda")
+    padded[:, :cols] = kw["block_table"]
+    kw_pad = dict(kw, block_table=padded[:, :cols])
+    check(q, kc.clone(), vc.clone(), kw_pad, causal=True)
+    bad = padded.clone()
+    bad[1, 0] = kc.shape[0]  # block 0 of row 1: used unless leftpad skips it
+    kw_bad = dict(kw, block_table=bad[:, :cols], cache_leftpad=torch.zeros_like(kw["cache_leftpad"]))
+    k_before = kc.clone()
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = %d is outside" % kc.shape[0]):
+        orchard.flash_attn_with_kvcache(q, kc, vc, **kw_bad)
+    assert torch.equal(kc, k_before)
+    # a broadcast table (row stride 0: one copy per row; no append, which would make the rows
+    # write the same cache row); a bad entry past every row's end is not read
+    row_bad = kw["block_table"][0].clone()
+    row_bad[-1] = -1
+    seqlens = torch.full((b,), 16 * (cols - 1), dtype=torch.int32, device="cuda")
+    kw_b = {"block_table": row_bad.expand(b, cols), "cache_seqlens": seqlens}
+    check(q, kc.clone(), vc.clone(), kw_b, causal=True)
+    with pytest.raises(ValueError, match=r"block_table\[0, %d\] = -1" % (cols - 1)):
+        orchard.flash_attn_with_kvcache(q, kc, vc, **dict(kw_b, cache_seqlens=seqlens + 16))
+    # the switch: the same bad cache_batch_idx raises with the check and not without it
+    q, kc, vc, kw = make_case("cuda", torch.bfloat16, b=2, batch_idx=True)
+    kw["cache_batch_idx"][1] = kc.shape[0]
+    with pytest.raises(ValueError, match="cache_batch_idx"):
+        orchard.flash_attn_with_kvcache(q, kc, vc, **kw)
+    monkeypatch.setattr(okv, "CHECK_DEVICE_INDICES", False)
+    out = orchard.flash_attn_with_kvcache(q, kc, vc, **kw)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all()
 
 
 # ---- the eager C++ op (orchard::_kvcache_fwd, _C_torch.so) and the DLPack path ------------
