@@ -22,8 +22,8 @@
 //        the epilogue writes O and LSE straight from registers (no smem), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.  With
-// ORCHARD_SM90_FWD_CROSS_TILE (off: an A/B switch) that also spans query tiles: the next query
-// tile's first QK^T goes out with this one's last PV.
+// kFwdSm90CrossTile (d256, d128's 128-key non-causal kernel) that also spans query tiles: the
+// next query tile's first QK^T goes out with this one's last PV.
 // GEMM token (kFwdSm90PingPong, FA3's warp-scheduler barrier; d64, d96 and d128): the consumer WGs
 // issue their GEMMs in turn (named barriers 1..kWG as a ring), so one WG's softmax runs under
 // the others' GEMMs instead of all WGs contending for the tensor cores at once.
@@ -145,12 +145,22 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD256_WIDE_MIN_SK
 #define ORCHARD_SM90_FWD256_WIDE_MIN_SK 2048
 #endif
-// Cross-tile overlap (1; 0 off, an A/B switch): the overlap kernels issue the next tile's first
-// QK^T with this tile's last PV (one GEMM turn), and run its softmax under that PV, instead of
-// starting each tile with an unoverlapped QK^T and softmax.
+// Cross-tile overlap: the overlap kernels issue the next tile's first QK^T with this tile's last
+// PV (one GEMM turn), and run its softmax under that PV, instead of starting each tile with an
+// unoverlapped QK^T and softmax. ORCHARD_SM90_FWD_CROSS_TILE: -1 (default) the kernels below, 0
+// none, 1 every overlap kernel (A/B switches). H200, session 30 (ab_fwd.sh, medians of 3
+// alternating rounds, base vs all-on): d256 non-causal +5-8 % at s1k-16k (64- and 80-key tiles),
+// causal on 80-key tiles (s >= 2k) +1.5-3 %, on 64-key tiles (s <= 1k) -1.4 / -2.1 %; d128's
+// 128-key non-causal kernel (s < 2k) +7.8 % at s1k; d128's 192-key and causal kernels -0.3 to
+// -2.4 %; d64 -0.8 to -3.4 % (causal s512 -7.9 %). d96 / d192 not timed: off.
 #ifndef ORCHARD_SM90_FWD_CROSS_TILE
-#define ORCHARD_SM90_FWD_CROSS_TILE 0
+#define ORCHARD_SM90_FWD_CROSS_TILE -1
 #endif
+template <int kD, int kBN, bool kCausal>
+inline constexpr bool kFwdSm90CrossTile =
+    ORCHARD_SM90_FWD_CROSS_TILE >= 0
+        ? ORCHARD_SM90_FWD_CROSS_TILE != 0
+        : (kD == 256 && (!kCausal || kBN == 80)) || (kD == 128 && kBN == 128 && !kCausal);
 template <int kD, bool kOverlap>
 inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
@@ -516,7 +526,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
       }
     };
-    constexpr bool kCross = kOverlap && ORCHARD_SM90_FWD_CROSS_TILE != 0;
+    constexpr bool kCross = kOverlap && kFwdSm90CrossTile<kD, kBN, kCausal>;
     // Cross-tile overlap: `carried` says this tile's first key tile was already scored during
     // the previous tile's last PV (its P in pa, its row state in st_carry, its Q waited for).
     bool carried = false;
