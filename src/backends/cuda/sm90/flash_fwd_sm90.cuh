@@ -156,6 +156,9 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_CROSS_TILE
 #define ORCHARD_SM90_FWD_CROSS_TILE -1
 #endif
+#ifndef ORCHARD_SM90_FWD_DIAG_SKIP_O
+#define ORCHARD_SM90_FWD_DIAG_SKIP_O 0
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -741,6 +744,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           if (t == 0)
             lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
           T* orow = og + static_cast<int64_t>(row) * p.o_row_stride;
+          // Diagnostic only (ORCHARD_SM90_FWD_DIAG_SKIP_O=1, wrong outputs): O's normalization and
+          // stores behind a branch that is never taken, to time the epilogue's share.
+          if (ORCHARD_SM90_FWD_DIAG_SKIP_O && p.o_row_stride >= 0) continue;
 #pragma unroll
           for (int j = 0; j < kD / 8; ++j)
             if (8 * j < p.d)  // d below the bucket: columns d.. are the zero padding
