@@ -157,7 +157,7 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #define ORCHARD_SM90_FWD_CROSS_TILE -1
 #endif
 #ifndef ORCHARD_SM90_FWD_O_STORE16
-#define ORCHARD_SM90_FWD_O_STORE16 0
+#define ORCHARD_SM90_FWD_O_STORE16 1
 #endif
 #ifndef ORCHARD_SM90_FWD_DIAG_SKIP_O
 #define ORCHARD_SM90_FWD_DIAG_SKIP_O 0
