@@ -19,7 +19,8 @@
 //        online softmax in registers (exp2, scale folded into log2 units),
 //        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
 //        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
-//        the epilogue writes O and LSE straight from registers (no smem), then the next tile.
+//        the epilogue writes O and LSE straight from registers (no smem; O as 16-byte stores
+//        after a quad transpose), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.  With
 // kFwdSm90CrossTile (d256, d128's 128-key non-causal kernel) that also spans query tiles: the
@@ -156,6 +157,14 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_CROSS_TILE
 #define ORCHARD_SM90_FWD_CROSS_TILE -1
 #endif
+// The epilogue's O stores: 1 (default) one 16-byte store per lane per 4 column blocks after a quad
+// transpose, 0 four 4-byte stores (an A/B switch). H200, session 30 (ab_fwd.sh, medians of 3
+// alternating rounds): skipping O's stores altogether (ORCHARD_SM90_FWD_DIAG_SKIP_O, wrong
+// outputs) ran d128 +14 / +9 % at s1k / s2k, +1-2 % at s >= 8k, d256 +8-11 % at s <= 4k: the
+// 4-byte stores were most of the s2k forward's deficit to s16k. The 16-byte stores: d128
+// +6.5 / +2.3 % at s1k / s2k (causal s2k +2.7 %), 0.98-1.04x at s >= 4k; d256 +1-8 %; d192
+// +1.6-6.7 %; d96 +12 % at s1k, +1-3 %; d64 0.99-1.03x; one causal s16k point each at d96
+// (0.97x) and d192 (0.94x, 1.00x on a second run) in the noisy one-CTA-per-tile regime.
 #ifndef ORCHARD_SM90_FWD_O_STORE16
 #define ORCHARD_SM90_FWD_O_STORE16 1
 #endif
