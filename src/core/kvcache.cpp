@@ -160,7 +160,8 @@ void check_device_index_values(const DecodeArgs& a, const DecodeShape& s, const 
                  std::int64_t& stride) {
     if (!t.defined()) return;
     host.resize(static_cast<std::size_t>(s.b));
-    copies.push_back({host.data(), t.data, sizeof(std::int32_t), s.b, t.strides[0] * 4});
+    copies.push_back({host.data(), t.data, sizeof(std::int32_t), s.b,
+                      t.strides[0] * static_cast<std::int64_t>(sizeof(std::int32_t))});
     p = host.data();
     stride = 1;
   };
@@ -170,8 +171,8 @@ void check_device_index_values(const DecodeArgs& a, const DecodeShape& s, const 
   if (a.block_table.defined() && a.block_table.shape[1] > 0) {
     const std::int64_t cols = a.block_table.shape[1];  // last_contiguous: column stride 1
     table.resize(static_cast<std::size_t>(s.b * cols));
-    copies.push_back({table.data(), a.block_table.data, static_cast<std::size_t>(cols) * 4, s.b,
-                      a.block_table.strides[0] * 4});
+    copies.push_back({table.data(), a.block_table.data, static_cast<std::size_t>(cols) * sizeof(std::int32_t), s.b,
+                      a.block_table.strides[0] * static_cast<std::int64_t>(sizeof(std::int32_t))});
     v.table = table.data();
     v.table_row = cols;
     v.table_col = 1;

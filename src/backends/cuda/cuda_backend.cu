@@ -17,17 +17,13 @@
 #include "backends/cuda/sm80/attention_tiles.cuh"  // score_mods_active (sm90_bwd_applies)
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+#include "backends/cuda/cuda_error.h"
 #include "core/backend.h"
 #include "orchard/philox.h"
 
 namespace orchard::cuda {
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("CUDA error in ") + what + ": " +
-                                         cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-}
+void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
 void opt_in_dynamic_smem(const void* kernel, int bytes) {
   int device = -1;

@@ -14,16 +14,14 @@
 #include <cstring>
 #include <string>
 
+#include "backends/cuda/cuda_error.h"
 #include "core/decode_backend.h"
 #include "orchard/errors.h"
 
 namespace orchard::detail {
 namespace {
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("decode index check: ") + what + ": " + cudaGetErrorString(err));
-}
+using cuda::check_cuda;
 
 // One page-locked staging buffer per host thread, grown on demand and kept (the check runs on
 // every decode call; cudaHostAlloc costs milliseconds).
@@ -35,11 +33,11 @@ struct PinnedBuffer {
   }
   void* reserve(std::size_t need) {
     if (need <= bytes) return data;
-    if (data) check(cudaFreeHost(data), "cudaFreeHost");
+    if (data) check_cuda(cudaFreeHost(data), "decode index check: cudaFreeHost");
     data = nullptr;
     bytes = 0;
     const std::size_t grown = std::max<std::size_t>(need, 4096);
-    check(cudaHostAlloc(&data, grown, cudaHostAllocDefault), "cudaHostAlloc");
+    check_cuda(cudaHostAlloc(&data, grown, cudaHostAllocDefault), "decode index check: cudaHostAlloc");
     bytes = grown;
     return data;
   }
@@ -51,7 +49,7 @@ bool decode_cuda_copy_rows(const DeviceRows* copies, int n, void* stream_handle)
   auto stream = static_cast<cudaStream_t>(stream_handle);
   // Inside CUDA-graph capture a copy and a sync are illegal: nothing is checked (kvcache.h).
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  check_cuda(cudaStreamIsCapturing(stream, &capture), "decode index check: cudaStreamIsCapturing");
   if (capture != cudaStreamCaptureStatusNone) return false;
   std::size_t total = 0;
   for (int i = 0; i < n; ++i) total += copies[i].row_bytes * static_cast<std::size_t>(copies[i].rows);
@@ -63,18 +61,19 @@ bool decode_cuda_copy_rows(const DeviceRows* copies, int n, void* stream_handle)
     const DeviceRows& c = copies[i];
     if (c.rows == 0 || c.row_bytes == 0) continue;
     if (c.src_pitch_bytes >= static_cast<std::int64_t>(c.row_bytes)) {
-      check(cudaMemcpy2DAsync(pinned + at, c.row_bytes, c.src, static_cast<std::size_t>(c.src_pitch_bytes),
-                              c.row_bytes, static_cast<std::size_t>(c.rows), cudaMemcpyDeviceToHost, stream),
-            "cudaMemcpy2DAsync");
+      check_cuda(cudaMemcpy2DAsync(pinned + at, c.row_bytes, c.src, static_cast<std::size_t>(c.src_pitch_bytes),
+                                   c.row_bytes, static_cast<std::size_t>(c.rows), cudaMemcpyDeviceToHost, stream),
+                 "decode index check: cudaMemcpy2DAsync");
     } else {  // overlapping rows (a broadcast block_table): one copy per row
-      for (std::int64_t r = 0; r < c.rows; ++r)
-        check(cudaMemcpyAsync(pinned + at + r * c.row_bytes, static_cast<const char*>(c.src) + r * c.src_pitch_bytes,
-                              c.row_bytes, cudaMemcpyDeviceToHost, stream),
-              "cudaMemcpyAsync");
+      for (std::int64_t r = 0; r < c.rows; ++r) {
+        const char* row = static_cast<const char*>(c.src) + r * c.src_pitch_bytes;
+        check_cuda(cudaMemcpyAsync(pinned + at + r * c.row_bytes, row, c.row_bytes, cudaMemcpyDeviceToHost, stream),
+                   "decode index check: cudaMemcpyAsync");
+      }
     }
     at += c.row_bytes * static_cast<std::size_t>(c.rows);
   }
-  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  check_cuda(cudaStreamSynchronize(stream), "decode index check: cudaStreamSynchronize");
   at = 0;
   for (int i = 0; i < n; ++i) {
     const std::size_t bytes = copies[i].row_bytes * static_cast<std::size_t>(copies[i].rows);

@@ -45,6 +45,7 @@
 #include <string>
 #include <type_traits>
 
+#include "backends/cuda/cuda_error.h"
 #include "backends/cuda/device_attribute.h"
 #include "backends/cuda/pdl.cuh"
 #include "core/decode_backend.h"
@@ -54,11 +55,7 @@
 namespace orchard::detail {
 namespace {
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("CUDA error in ") + what + ": " + cudaGetErrorName(err) + " (" +
-                                         cudaGetErrorString(err) + ")");
-}
+using cuda::check_cuda;
 
 // ---- element helpers -------------------------------------------------------------------
 
