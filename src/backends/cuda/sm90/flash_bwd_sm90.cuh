@@ -83,6 +83,7 @@
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
+#include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/ordered_add.cuh"
@@ -115,6 +116,13 @@
 // ab_bwd.sh, medians of 3 alternating rounds: non-causal +6-8 %, causal +5-24 % (s4k 0.99x)).
 #ifndef ORCHARD_SM90_BWD64_DQ_ALTERNATE
 #define ORCHARD_SM90_BWD64_DQ_ALTERNATE 1
+#endif
+
+// The dK / dV epilogue's stores (this kernel's and the wide one's): 1 (default) 16-byte stores
+// after a quad transpose (fragment_store.cuh), 0 the 4-byte stores as the fragments are held
+// (an A/B switch; the forward's O measured +2-8 % at s <= 2k for the same change).
+#ifndef ORCHARD_SM90_BWD_STORE16
+#define ORCHARD_SM90_BWD_STORE16 1
 #endif
 
 // An A/B knob for BwdSm90Config<96>::kStages.  3 against 2 (the H200, session 28, 3 rounds):
@@ -183,19 +191,6 @@ struct BwdSm90Maps {
   CUtensorMap q, k, v, dout;
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
 __device__ __forceinline__ float bwd_ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -220,7 +215,7 @@ __device__ __forceinline__ void acc_to_afrag(const float (&s)[32], uint32_t (&a)
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+    for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
 // The per-CTA work: query tiles [m_begin, m_end) of each q head of the group.
@@ -713,7 +708,7 @@ __global__ void __launch_bounds__(384, 1)
                     f[e] = sacc[i] * cuda::softcap_dtanh(sacc[i], lse_t[ql], cuda::alibi_term(slope, diag32, rel0() + d_rel(i)),
                                                          inv_cap);
                   }
-                  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack2<T>(f[0], f[1])) : "memory");
+                  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_slot(kk, q)), "r"(pack_pair<T>(f[0], f[1])) : "memory");
                 }
             }
           }
@@ -931,22 +926,18 @@ __global__ void __launch_bounds__(384, 1)
         it_base = it_end;
         ++kv_round;
       }
-      // Epilogue: dK (times the scale) and dV rows < sk as 16-bit pairs.
+      // Epilogue: dK (times the scale) and dV, rows < sk, as 16-bit values (fragment_store.cuh).
       T* dkg = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
       T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+      const bool store16 = ORCHARD_SM90_BWD_STORE16 && rows_allow_store16(dkg, p.dk_row_stride) &&
+                           rows_allow_store16(dvg, p.dv_row_stride);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int key = n0 + key_l0 + 8 * r;
-        if (key >= sk) continue;
-        T* krow = dkg + static_cast<int64_t>(key) * p.dk_row_stride;
-        T* vrow = dvg + static_cast<int64_t>(key) * p.dv_row_stride;
-#pragma unroll
-        for (int j = 0; j < kD / 8; ++j) {
-          if (8 * j >= d_cols) break;  // d below the bucket: the zero padding's columns
-          *reinterpret_cast<uint32_t*>(krow + 8 * j + 2 * t) =
-              pack2<T>(dk[4 * j + 2 * r] * p.scale, dk[4 * j + 2 * r + 1] * p.scale);
-          *reinterpret_cast<uint32_t*>(vrow + 8 * j + 2 * t) = pack2<T>(dv[4 * j + 2 * r], dv[4 * j + 2 * r + 1]);
-        }
+        store_fragment_row<T, kD>(dk, r, p.scale, dkg + static_cast<int64_t>(key) * p.dk_row_stride, key < sk,
+                                  d_cols, t, store16);
+        store_fragment_row<T, kD>(dv, r, 1.f, dvg + static_cast<int64_t>(key) * p.dv_row_stride, key < sk,
+                                  d_cols, t, store16);
       }
       // This tile's bulk adds are done, by every warp (their smem sources must outlive the CTA).
       // The build timed in session 25 waited inside the store loop above, which skipped the wait

@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(384, 1)
       }
 #pragma unroll
       for (int i = 0; i < 16; i += 2) {
-        pw[i / 2] = pack2<T>(st[i], st[i + 1]);
+        pw[i / 2] = pack_pair<T>(st[i], st[i + 1]);
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + slot(i / 4, (i / 2) % 2)), "r"(pw[i / 2]) : "memory");
       }
       if (kFeatures && p.softcap > 0.f) {  // pw := P^T (1 - tanh^2), the factor of dS^T
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(384, 1)
             const float alibi = cuda::alibi_term(slope, diag32, rel0() + d_rel(i + e));
             f[e] = st[i + e] * cuda::softcap_dtanh(st[i + e], lse_t[ql], alibi, inv_cap);
           }
-          pw[i / 2] = pack2<T>(f[0], f[1]);
+          pw[i / 2] = pack_pair<T>(f[0], f[1]);
         }
       }
       wgmma_wait<0>();
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(384, 1)
           const int ql = q_l0 + 8 * (i / 4) + 2 * t + e;
           ds[e] = unpack_lo_hi<T>(pw[i / 2], e) * (dpt[i + e] - d_t[ql]);
         }
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sDs + slot(i / 4, (i / 2) % 2)), "r"(pack2<T>(ds[0], ds[1]))
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sDs + slot(i / 4, (i / 2) % 2)), "r"(pack_pair<T>(ds[0], ds[1]))
                      : "memory");
       }
       fence_proxy_async_smem();
@@ -308,21 +308,18 @@ __global__ void __launch_bounds__(384, 1)
     }
   }
 
-  // Epilogue: dV (WG0) or dK times the scale (WG1), rows < sk, as 16-bit pairs.
+  // Epilogue: dV (WG0) or dK times the scale (WG1), rows < sk, as 16-bit values
+  // (fragment_store.cuh).
   T* out = wg == 0 ? static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride
                    : static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
   const int64_t row_stride = wg == 0 ? p.dv_row_stride : p.dk_row_stride;
   const float mul = wg == 0 ? 1.f : p.scale;
+  const bool store16 = ORCHARD_SM90_BWD_STORE16 && rows_allow_store16(out, row_stride);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + key_l0 + 8 * r;
-    if (key >= sk) continue;
-    T* row = out + static_cast<int64_t>(key) * row_stride;
-#pragma unroll
-    for (int j = 0; j < kD / 8; ++j) {
-      if (8 * j >= d_cols) break;
-      *reinterpret_cast<uint32_t*>(row + 8 * j + 2 * t) = pack2<T>(acc[4 * j + 2 * r] * mul, acc[4 * j + 2 * r + 1] * mul);
-    }
+    store_fragment_row<T, kD>(acc, r, mul, out + static_cast<int64_t>(key) * row_stride, key < sk, d_cols, t,
+                              store16);
   }
 }
 

@@ -65,6 +65,7 @@
 #include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/attention_tiles.cuh"
+#include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/fwd_sm90_schedule.h"
 #include "backends/cuda/sm90/sm90.cuh"
@@ -212,36 +213,6 @@ __device__ __forceinline__ float ex2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// 4 x 4 transpose of 32-bit values across a quad (the 4 lanes with lane / 4 equal; t = lane % 4):
-// afterwards slot i of lane t holds what lane i held in slot t. Two xor-shuffle rounds, each
-// swapping one bit of the lane index with the same bit of the slot index.
-__device__ __forceinline__ void quad_transpose(uint32_t (&a)[4], int t) {
-  const bool b0 = (t & 1) != 0, b1 = (t & 2) != 0;
-  uint32_t x = b0 ? a[0] : a[1], y = b0 ? a[2] : a[3];  // the slots whose bit 0 differs from t's
-  x = __shfl_xor_sync(0xffffffffu, x, 1);
-  y = __shfl_xor_sync(0xffffffffu, y, 1);
-  if (b0) a[0] = x, a[2] = y;
-  else a[1] = x, a[3] = y;
-  x = b1 ? a[0] : a[2], y = b1 ? a[1] : a[3];  // the slots whose bit 1 differs from t's
-  x = __shfl_xor_sync(0xffffffffu, x, 2);
-  y = __shfl_xor_sync(0xffffffffu, y, 2);
-  if (b1) a[0] = x, a[1] = y;
-  else a[2] = x, a[3] = y;
 }
 
 // Per-thread online-softmax state for its 2 rows (g and g + 8 of its warp's 16).
@@ -765,8 +736,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // 16-byte stores (ORCHARD_SM90_FWD_O_STORE16): a quad's four 4-byte pairs of four column
       // blocks transposed so each lane writes one block's 8 columns; needs O 16-byte aligned with
       // a row stride of whole 16 bytes (uniform per tile), else the 4-byte stores.
-      const bool store16 = ORCHARD_SM90_FWD_O_STORE16 && reinterpret_cast<uintptr_t>(og) % 16 == 0 &&
-                           p.o_row_stride % (16 / sizeof(T)) == 0;
+      const bool store16 = ORCHARD_SM90_FWD_O_STORE16 && rows_allow_store16(og, p.o_row_stride);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float l = st.sum[r];
@@ -781,25 +751,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         // stores skipped by a run-time branch the compiler cannot fold (a stride is never
         // negative), so the code stays as built; times the epilogue's share.
         if (ORCHARD_SM90_FWD_DIAG_SKIP_O && p.o_row_stride >= 0) continue;
-        if (store16) {  // the shuffles run on every lane (outside the row check)
-#pragma unroll
-          for (int k = 0; k < kD / 32; ++k) {
-            uint32_t a[4];
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj)
-              a[jj] = pack_pair<T>(o[4 * (4 * k + jj) + 2 * r] * inv, o[4 * (4 * k + jj) + 2 * r + 1] * inv);
-            quad_transpose(a, t);
-            const int j = 4 * k + t;  // this lane's column block: columns 8j .. 8j + 7
-            if (row < sq && 8 * j < p.d)
-              *reinterpret_cast<uint4*>(orow + 8 * j) = make_uint4(a[0], a[1], a[2], a[3]);
-          }
-        } else if (row < sq) {
-#pragma unroll
-          for (int j = 0; j < kD / 8; ++j)
-            if (8 * j < p.d)  // d below the bucket: columns d.. are the zero padding
-              *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-                  pack_pair<T>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
-        }
+        store_fragment_row<T, kD>(o, r, inv, orow, row < sq, p.d, t, store16);
       }
       carried = carry_next;
     }
