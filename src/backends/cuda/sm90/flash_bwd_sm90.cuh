@@ -120,7 +120,11 @@
 
 // The dK / dV epilogue's stores (this kernel's and the wide one's): 1 (default) 16-byte stores
 // after a quad transpose (fragment_store.cuh), 0 the 4-byte stores as the fragments are held
-// (an A/B switch; the forward's O measured +2-8 % at s <= 2k for the same change).
+// (an A/B switch). The H200 (session 31, ab_bwd.sh, medians of 3 alternating rounds, checks
+// passed): d128 +5.5 % at s1k, causal +8.7 / +5.1 / +2.1 % at s1k / s2k / s4k, 1.00-1.01x
+// elsewhere; d64 +0-2.5 %; d96 +0.4-3.8 % (causal s16k 0.98x). The wide kernel (d192 / d256)
+// has no kernel-bench form: through the package its backward went from 0.91 / 0.93 to 0.96 /
+// 0.98x cuDNN at s2k non-causal / causal (two grids, spread up to 20 %).
 #ifndef ORCHARD_SM90_BWD_STORE16
 #define ORCHARD_SM90_BWD_STORE16 1
 #endif
