@@ -1,4 +1,5 @@
-// sm90 attention BACKWARD (src/backends/cuda/sm90/flash_bwd_sm90.cuh): correctness + speed.
+// sm90 attention BACKWARD (src/backends/cuda/sm90/flash_bwd_sm90.cuh; flash_bwd_sm90_wide.cuh with
+// -DSM90_BWD_BENCH_D=192 / 256): correctness + speed.
 //   nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //        -Iinclude -Isrc bench/sm90/sm90_bwd_bench.cu -o sm90_bwd_bench
 //   ./sm90_bwd_bench [checks|grid|all|bulk|det [S]|one S CAUSAL]
@@ -209,7 +210,10 @@ void free_bufs(Bufs& B) {
 }
 
 // -DSM90_BWD_BENCH_D=64 (96, 128): build and run only that head dim (a one-bucket experiment
-// builds in a fraction of the time); 0 (default): all three.  -DSM90_BWD_BENCH_D96_BUCKET=128 runs
+// builds in a fraction of the time); 0 (default): all three.  192 / 256: the wide kernel
+// (flash_bwd_sm90_wide.cuh) of that bucket, only when named (so the default build stays as it
+// was); its shapes skip the atomic-dQ and deterministic forms (it has neither: dQ goes by
+// atomics in both) and the sm80 comparison (the sm80 d192 / d256 kernels would double the build).  -DSM90_BWD_BENCH_D96_BUCKET=128 runs
 // the d96 shapes on the d128 bucket's kernels (the library's d96 backward before session 28:
 // the A/B baseline of the d96 bucket).
 #ifndef SM90_BWD_BENCH_D
@@ -221,23 +225,30 @@ void free_bufs(Bufs& B) {
 constexpr int kBenchD = SM90_BWD_BENCH_D, kD96Bucket = SM90_BWD_BENCH_D96_BUCKET;
 static_assert(kD96Bucket == 96 || kD96Bucket == 128, "SM90_BWD_BENCH_D96_BUCKET: 96 or 128");
 constexpr bool kBuild64 = kBenchD == 0 || kBenchD == 64, kBuild96 = kBenchD == 0 || kBenchD == 96,
-               kBuild128 = kBenchD == 0 || kBenchD == 128;
-// The shapes' head dim: 64, 65..96 (the d96 bucket, d80 through its padded kernels), 128.
-bool built(int d) { return d <= 64 ? kBuild64 : d <= 96 ? kBuild96 : kBuild128; }
+               kBuild128 = kBenchD == 0 || kBenchD == 128, kBuild192 = kBenchD == 192, kBuild256 = kBenchD == 256;
+// The shapes' head dim: 64, 65..96 (the d96 bucket, d80 through its padded kernels), 128,
+// 129..192 (d160 through the d192 bucket's kernels), 193..256.
+bool built(int d) {
+  return d <= 64 ? kBuild64 : d <= 96 ? kBuild96 : d <= 128 ? kBuild128 : d <= 192 ? kBuild192 : kBuild256;
+}
 
 template <typename T>
 bool run_fwd(const Shape& sh, const Bufs& B) {
   BwdParams p = make_params<T>(sh, B);
   if constexpr (kBuild64) if (sh.d <= 64) return orchard::cuda::run_flash_fwd_sm90<T, 64>(p);
   if constexpr (kBuild96) if (sh.d <= 96) return orchard::cuda::run_flash_fwd_sm90<T, kD96Bucket>(p);
-  if constexpr (kBuild128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+  if constexpr (kBuild128) if (sh.d <= 128) return orchard::cuda::run_flash_fwd_sm90<T, 128>(p);
+  if constexpr (kBuild192) if (sh.d > 128 && sh.d <= 192) return orchard::cuda::run_flash_fwd_sm90<T, 192>(p);
+  if constexpr (kBuild256) if (sh.d > 192) return orchard::cuda::run_flash_fwd_sm90<T, 256>(p);
   return false;
 }
 template <typename T>
 bool run_sm90(const BwdParams& p, bool bulk_dq) {
   if constexpr (kBuild64) if (p.d <= 64) return orchard::cuda::run_flash_bwd_sm90<T, 64>(p, bulk_dq);
   if constexpr (kBuild96) if (p.d <= 96) return orchard::cuda::run_flash_bwd_sm90<T, kD96Bucket>(p, bulk_dq);
-  if constexpr (kBuild128) return orchard::cuda::run_flash_bwd_sm90<T, 128>(p, bulk_dq);
+  if constexpr (kBuild128) if (p.d <= 128) return orchard::cuda::run_flash_bwd_sm90<T, 128>(p, bulk_dq);
+  if constexpr (kBuild192) if (p.d > 128 && p.d <= 192) return orchard::cuda::run_flash_bwd_sm90<T, 192>(p, bulk_dq);
+  if constexpr (kBuild256) if (p.d > 192) return orchard::cuda::run_flash_bwd_sm90<T, 256>(p, bulk_dq);
   return false;
 }
 template <typename T, int kD>
@@ -249,7 +260,8 @@ template <typename T>
 void run_sm80(const BwdParams& p) {  // the sm80 buckets (cuda_backend.cu head_dim_bucket)
   if constexpr (kBuild64) if (p.d <= 64) return run_sm80_bucket<T, 64>(p);
   if constexpr (kBuild96) if (p.d <= 96) return run_sm80_bucket<T, 96>(p);
-  if constexpr (kBuild128) run_sm80_bucket<T, 128>(p);
+  if constexpr (kBuild128) if (p.d <= 128) run_sm80_bucket<T, 128>(p);
+  // d > 128: not built (the SM90_BWD_BENCH_D comment); the callers skip those shapes.
 }
 
 std::string shape_name(const Shape& sh) {
@@ -288,9 +300,11 @@ bool check_shape(const Shape& sh, uint64_t seed) {
   bool ok_all = true;
   static const char* kPath[] = {"sm90", "sm90bulk", "sm90det", "sm80"};
   const bool det_applies = sh.d == 64 || sh.d == 128;  // the ordered kernels' buckets, d == bucket
-  const bool bulk_only = sh.d > 64 && sh.d <= 96 && kD96Bucket == 96;  // the d96 bucket: no atomic-dQ form
+  // The d96 bucket: no atomic-dQ form; d > 128 (the wide kernel): one form (dQ by atomics, run
+  // as "sm90bulk"), no sm80 comparison.
+  const bool bulk_only = (sh.d > 64 && sh.d <= 96 && kD96Bucket == 96) || sh.d > 128;
   for (int path = 0; path < 4; ++path) {  // sm90 (atomic dQ), sm90 (bulk-reduce dQ), sm90 ordered, sm80
-    if ((path == 2 && !det_applies) || (path == 0 && bulk_only)) continue;
+    if ((path == 2 && !det_applies) || (path == 0 && bulk_only) || (path == 3 && sh.d > 128)) continue;
     BwdParams pp = p;
     pp.deterministic = path == 2;
     auto poison = [&] {
@@ -465,6 +479,14 @@ int main(int argc, char** argv) {
         {false, 96, true, false, 2, 4, 4, 65, 64},        {true, 96, true, false, 1, 4, 4, 700, 300},
         {true, 80, false, false, 1, 4, 4, 300, 700},      {false, 88, true, false, 2, 8, 2, 384, 1000},
         {true, 96, false, false, 2, 32, 32, 1500, 1500},  {false, 96, true, false, 4, 16, 8, 1024, 1024},
+        // d192 / d256 (the wide kernel; d160 through the d192 bucket's kernels), as above.
+        {true, 256, false, false, 2, 4, 4, 512, 512},     {true, 256, true, false, 1, 8, 2, 700, 900},
+        {true, 256, true, true, 1, 4, 4, 333, 555},       {false, 256, false, false, 1, 4, 2, 1000, 129},
+        {false, 256, true, false, 2, 4, 4, 65, 64},       {true, 256, true, false, 1, 4, 4, 700, 300},
+        {true, 224, false, false, 1, 4, 4, 300, 700},     {true, 256, false, false, 2, 16, 16, 1500, 1500},
+        {true, 192, false, false, 2, 4, 4, 512, 512},     {true, 192, true, false, 1, 8, 2, 700, 900},
+        {false, 192, true, true, 1, 4, 4, 333, 555},      {true, 160, false, false, 1, 4, 2, 1000, 129},
+        {true, 192, true, false, 2, 16, 16, 1500, 1500},
     };
     for (const Shape& sh : checks)
       each_dtype(sh, [&](auto t) { fails += !check_shape<decltype(t)>(sh, 1234 + fails); });
@@ -482,14 +504,14 @@ int main(int argc, char** argv) {
     };
     for (const Shape& sh : grid) each_dtype(sh, [&](auto t) { time_shape<decltype(t)>(sh); });
   }
-  if (mode == "bulk") {  // the FA grid (b s = 16k, hq d = 2048; d96: 21 heads), s 1k..16k, causal or not; fp16 s8k
-    for (int d : {64, 96, 128})
+  if (mode == "bulk") {  // the FA grid (b s = 16k, hq d = 2048; d96: 21 heads, d192: 10), s 1k..16k, causal or not; fp16 s8k
+    for (int d : {64, 96, 128, 192, 256})
       for (int causal = 0; causal < 2; ++causal)
         for (int s = 1024; s <= 16384; s *= 2) {
           const Shape sh{true, d, causal != 0, false, 16384 / s, 2048 / d, 2048 / d, s, s};
           each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
         }
-    for (int d : {64, 96, 128}) {
+    for (int d : {64, 96, 128, 192, 256}) {
       const Shape sh{false, d, false, false, 2, 2048 / d, 2048 / d, 8192, 8192};
       each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
     }
@@ -506,7 +528,7 @@ int main(int argc, char** argv) {
   }
   if (mode == "one") {  // one bf16 FA-grid shape of the built bucket, bulk form: `one S CAUSAL` (for ncu)
     const int s = argc > 2 ? std::atoi(argv[2]) : 8192, causal = argc > 3 ? std::atoi(argv[3]) : 0;
-    for (int d : {64, 96, 128}) {
+    for (int d : {64, 96, 128, 192, 256}) {
       const Shape sh{true, d, causal != 0, false, std::max(1, 16384 / s), 2048 / d, 2048 / d, s, s};
       each_dtype(sh, [&](auto t) { time_bulk<decltype(t)>(sh); });
     }
