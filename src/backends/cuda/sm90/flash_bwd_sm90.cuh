@@ -83,9 +83,9 @@
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
-#include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+#include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/ordered_add.cuh"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
@@ -123,8 +123,9 @@
 // (an A/B switch). The H200 (session 31, ab_bwd.sh, medians of 3 alternating rounds, checks
 // passed): d128 +5.5 % at s1k, causal +8.7 / +5.1 / +2.1 % at s1k / s2k / s4k, 1.00-1.01x
 // elsewhere; d64 +0-2.5 %; d96 +0.4-3.8 % (causal s16k 0.98x). The wide kernel (d192 / d256)
-// has no kernel-bench form: through the package its backward went from 0.91 / 0.93 to 0.96 /
-// 0.98x cuDNN at s2k non-causal / causal (two grids, spread up to 20 %).
+// was not A/B'd (its kernel-bench form came later the same session and has not run yet):
+// through the package its backward went from 0.91 / 0.93 to 0.96 / 0.98x cuDNN at s2k
+// non-causal / causal (two grids, spread up to 20 %).
 #ifndef ORCHARD_SM90_BWD_STORE16
 #define ORCHARD_SM90_BWD_STORE16 1
 #endif
