@@ -13,11 +13,11 @@
 #include <type_traits>
 #include <utility>
 
+#include "backends/cuda/cuda_error.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/attention_tiles.cuh"  // score_mods_active (sm90_bwd_applies)
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
-#include "backends/cuda/cuda_error.h"
 #include "core/backend.h"
 #include "orchard/philox.h"
 
@@ -333,9 +333,8 @@ std::size_t required_alignment(const FwdParams& p) { return dtype_size(p.dtype);
 void* allocate(std::size_t bytes, void* stream) {
   void* ptr = nullptr;
   const cudaError_t err = cudaMallocAsync(&ptr, bytes, static_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("CUDA error in cudaMallocAsync(") +
-                                         std::to_string(bytes) + " bytes): " + cudaGetErrorString(err));
+  if (err != cudaSuccess)  // the message is built only on failure (this runs on every call)
+    check_cuda(err, ("cudaMallocAsync(" + std::to_string(bytes) + " bytes)").c_str());
   return ptr;
 }
 
@@ -386,10 +385,7 @@ bool synchronize(void* stream) {
     cudaGetLastError();  // clear a sticky-free error from the query, if any
     return false;
   }
-  const cudaError_t err = cudaStreamSynchronize(s);
-  if (err != cudaSuccess)
-    throw Error(ErrorKind::kRuntime, std::string("CUDA error in cudaStreamSynchronize: ") +
-                                         cudaGetErrorString(err));
+  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   return true;
 }
 
