@@ -11,16 +11,17 @@
 //   WG0  producer: one elected thread issues TMA loads of Q (once per tile) and of the K / V
 //        tiles into a 2-stage ring (separate K and V barriers, so S = QK^T starts before V
 //        lands); setmaxnreg.dec.  It runs ahead into the next tile while the consumers finish
-//        this one: the next tile's first K goes out as soon as its ring stage is free, its Q
-//        once every consumer warp has done its last QK^T of this tile (q_empty), so the next
-//        tile's loads overlap this tile's last PV and epilogue.
+//        this one: the next tile's first K goes out as soon as its ring stage is free, each
+//        consumer WG's part of its Q once that WG's warps have done their last QK^T of this
+//        tile (q_empty(wg)), so the next tile's loads overlap this tile's last PV and epilogue.
 //   WG1..WGkWG  consumers, 64 query rows each (setmaxnreg.inc):
 //        S = Q K^T   wgmma ss (Q and K both K-major in smem, 128B swizzle; 64B at d96),
 //        online softmax in registers (exp2, scale folded into log2 units),
 //        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
 //        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
-//        the epilogue writes O and LSE straight from registers (no smem; O as 16-byte stores
-//        after a quad transpose), then the next tile.
+//        the epilogue writes LSE from registers and O either staged in shared memory and sent
+//        by TMA stores (kOStaged: the tiles that leave room for an O buffer) or straight from
+//        registers (16-byte stores after a quad transpose), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.  With
 // kFwdSm90CrossTile (d256, d128's 128-key non-causal kernel) that also spans query tiles: the
@@ -29,8 +30,8 @@
 // issue their GEMMs in turn (named barriers 1..kWG as a ring), so one WG's softmax runs under
 // the others' GEMMs instead of all WGs contending for the tensor cores at once.
 // Barriers across tiles: the K / V ring's stage and phase come from a count of key tiles kept
-// for the whole CTA (producer: loaded, consumers: consumed), not per tile; q_full / q_empty
-// flip once per tile that loads Q.  Every consumer warp frees every K and V stage it used,
+// for the whole CTA (producer: loaded, consumers: consumed), not per tile; each WG's q_full /
+// q_empty flip once per tile that loads Q.  Every consumer warp frees every K and V stage it used,
 // the last key tile's V included (after the final PV).  A tile whose rows see no key (window,
 // causal with sq > sk) loads nothing (no Q, no ring stage) and writes O = 0, LSE -inf; producer
 // and consumers decode the tile index with the same function, so they agree on that.
@@ -172,6 +173,23 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_DIAG_SKIP_O
 #define ORCHARD_SM90_FWD_DIAG_SKIP_O 0
 #endif
+// Diagnostic only (wrong outputs): Q loaded for a CTA's first tile only, the later tiles' q_full
+// completed by a plain arrival; times what waiting for each tile's Q load costs.
+#ifndef ORCHARD_SM90_FWD_DIAG_Q_ONCE
+#define ORCHARD_SM90_FWD_DIAG_Q_ONCE 0
+#endif
+// O staged in shared memory and written by TMA stores instead of stores from registers: the
+// consumer warps write O to shared memory (stmatrix, conflict-free) and one thread per warpgroup
+// hands it to the copy engine.  Only tiles that leave room for an O buffer beside Q and the K / V
+// ring can (d64, d96, d128's 128-key and d192's 64-key tiles; not d128's 192-key or d256's).
+// ORCHARD_SM90_FWD_O_TMA: -1 (default) the kernels below, 0 none, 1 every one with room (A/B
+// switches).  H200, session 32 (ab_fwd.sh, medians of 3 alternating rounds, over the 16-byte
+// register stores): d128's 128-key kernels +2.9 % at s1k, causal +1.2 / +0.4 / +0.4 % at s2k /
+// 4k / 8k, 0.995-1.02x elsewhere; d192's 64-key kernel (non-causal to 2k keys) +12.2 / +3.3 % at
+// s1k / s2k; d64 0.97-1.006x and d96 0.977-1.022x (3 warpgroups: off).
+#ifndef ORCHARD_SM90_FWD_O_TMA
+#define ORCHARD_SM90_FWD_O_TMA -1
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -199,7 +217,15 @@ struct FwdSm90Config {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
   static constexpr int kQChunkBytes = kBM * kSwizzleBytes, kKVChunkBytes = kBN * kSwizzleBytes;
-  static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;
+  // The O buffer (kOStaged): Q's layout (chunks of kBM rows, each WG's 64 rows a TMA store box),
+  // after the K / V ring, where its tile leaves room within the 227 KB an SM gives one CTA.
+  static constexpr int kOOffset = kQBytes + 2 * kStages * kKVBytes;
+  static constexpr bool kORoom = kOOffset + kQBytes + 128 + 1024 <= 227 * 1024;
+  static constexpr bool kOStaged =
+      kORoom && (ORCHARD_SM90_FWD_O_TMA >= 0 ? ORCHARD_SM90_FWD_O_TMA != 0
+                                             : (kD == 128 && kBN == 128) || (kD == 192 && kBN == 64));
+  static constexpr int kBarOffset = kOOffset + (kOStaged ? kQBytes : 0);
+  static_assert(kOOffset % 1024 == 0, "sm90 forward: the O buffer needs the swizzle atom's alignment");
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + 128 + 1024;
   static constexpr int kThreads = 128 * (kWG + 1);
@@ -362,8 +388,9 @@ template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv, int kWG>
 __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
                           const __grid_constant__ CUtensorMap tm_k,
-                          const __grid_constant__ CUtensorMap tm_v, const FwdParams p,
-                          const FwdSm90Sched sc) {
+                          const __grid_constant__ CUtensorMap tm_v,
+                          const __grid_constant__ CUtensorMap tm_o, const FwdParams p,
+                          const FwdSm90Sched sc, const bool o_by_tma) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks, kStages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -371,14 +398,17 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   const uint32_t sQ = sbase;
   const uint32_t sK = sQ + Cfg::kQBytes;                     // [kStages]
   const uint32_t sV = sK + Cfg::kStages * Cfg::kKVBytes;     // [kStages]
+  const uint32_t sO = sbase + Cfg::kOOffset;                 // kOStaged only
   const uint32_t bars = sbase + Cfg::kBarOffset;
-  const uint32_t q_full = bars;
-  auto k_full = [&](int s) { return bars + 8 + 8 * s; };
-  auto v_full = [&](int s) { return bars + 24 + 8 * s; };
-  auto k_empty = [&](int s) { return bars + 40 + 8 * s; };
-  auto v_empty = [&](int s) { return bars + 56 + 8 * s; };
-  const uint32_t q_empty = bars + 72;
-  static_assert(Cfg::kStages == 2, "barrier layout: 2 stages (72 + 8 bytes <= the 128 reserved)");
+  auto k_full = [&](int s) { return bars + 8 * s; };
+  auto v_full = [&](int s) { return bars + 16 + 8 * s; };
+  auto k_empty = [&](int s) { return bars + 32 + 8 * s; };
+  auto v_empty = [&](int s) { return bars + 48 + 8 * s; };
+  // Q in one part per consumer WG (its 64 rows), each with its own pair of barriers: a WG's part
+  // of the next tile loads once that WG's warps are done with this tile's, not all WGs'.
+  auto q_full = [&](int w) { return bars + 64 + 8 * w; };
+  auto q_empty = [&](int w) { return bars + 88 + 8 * w; };
+  static_assert(Cfg::kStages == 2 && kWG <= 3, "barrier layout: 2 stages, <= 3 WGs (112 bytes <= the 128 reserved)");
 
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -387,8 +417,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
 
   const int warp = warp_idx_uniform();
   if (threadIdx.x == 0) {
-    mbarrier_init(q_full, 1);
-    mbarrier_init(q_empty, 4 * kWG);  // one arrival per consumer warp, after its last QK^T of a tile
+    for (int w = 0; w < kWG; ++w) {
+      mbarrier_init(q_full(w), 1);
+      mbarrier_init(q_empty(w), 4);  // one arrival per warp of WG w, after its last QK^T of a tile
+    }
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -430,13 +462,22 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c,
                         n * kBN, hk, tl.b);
           if (it == 0) {
-            // Q of this CTA's q_cnt-th loaded tile: the consumers release the previous one
-            // (phase q_cnt - 1 of q_empty) once their last QK^T of it has completed.
-            if (q_cnt > 0) mbarrier_wait(q_empty, (q_cnt - 1) & 1);
-            mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
+            // Q of this CTA's q_cnt-th loaded tile, WG by WG: each WG releases its part of the
+            // previous one (phase q_cnt - 1 of its q_empty) once its last QK^T of it has completed.
+            for (int w = 0; w < kWG; ++w) {
+              if (q_cnt > 0) mbarrier_wait(q_empty(w), (q_cnt - 1) & 1);
+              // A WG whose rows all lie past sq (the last m block) gets no load, only the phase:
+              // its rows are never stored, so whatever its part of the buffer holds is harmless.
+              if ((ORCHARD_SM90_FWD_DIAG_Q_ONCE && q_cnt > 0) || tl.m_block * kBM + 64 * w >= p.sq) {
+                mbarrier_arrive(q_full(w));
+                continue;
+              }
+              mbarrier_arrive_expect_tx(q_full(w), Cfg::kQBytes / kWG);
 #pragma unroll
-            for (int c = 0; c < kChunks; ++c)
-              tma_load_4d(sQ + c * Cfg::kQChunkBytes, &tm_q, q_full, Cfg::kChunkCols * c, tl.m_block * kBM, tl.h, tl.b);
+              for (int c = 0; c < kChunks; ++c)
+                tma_load_4d(sQ + c * Cfg::kQChunkBytes + w * 64 * Cfg::kSwizzleBytes, &tm_q, q_full(w),
+                            Cfg::kChunkCols * c, tl.m_block * kBM + 64 * w, tl.h, tl.b);
+            }
             ++q_cnt;
           }
           mbarrier_wait(v_empty(s), ph ^ 1);
@@ -555,7 +596,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       st.sum[0] = st.sum[1] = 0.f;
 
       auto wait_q = [&] {
-        mbarrier_wait(q_full, kv_cnt >> 31);
+        mbarrier_wait(q_full(wg), kv_cnt >> 31);
         kv_cnt ^= 0x80000000u;
       };
       bool carry_next = false;
@@ -581,7 +622,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (it == n_tiles - 1) mbarrier_arrive(q_empty);  // last QK^T of the tile done: Q free
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty(wg));  // last QK^T of the tile done: Q free
             }
             score_tile(sacc, n);
             float corr[2];
@@ -619,7 +660,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (n_tiles == 1) mbarrier_arrive(q_empty);
+              if (n_tiles == 1) mbarrier_arrive(q_empty(wg));
             }
             score_tile(sacc, n_end - 1);
             float corr[2];
@@ -646,7 +687,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (it == n_tiles - 1) mbarrier_arrive(q_empty);  // last QK^T of the tile done: Q free
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty(wg));  // last QK^T of the tile done: Q free
             }
             score_tile(sacc, n);
             float corr[2];
@@ -697,7 +738,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty);
+              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty(wg));
             }
             const int m0n = tn.m_block * kBM;
             score_tile_of(sacc, tn.n_end - 1, next, m0n, m0n + 64 * wg + 16 * wi + g);
@@ -737,23 +778,56 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // blocks transposed so each lane writes one block's 8 columns; needs O 16-byte aligned with
       // a row stride of whole 16 bytes (uniform per tile), else the 4-byte stores.
       const bool store16 = ORCHARD_SM90_FWD_O_STORE16 && rows_allow_store16(og, p.o_row_stride);
+      float inv[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float l = st.sum[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
+        inv[r] = l > 0.f ? 1.f / l : 0.f;
         const int row = row0 + 8 * r;
         if (row < sq && t == 0)
           lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+      }
+      if constexpr (Cfg::kOStaged) {
+        if (o_by_tma) {
+          // This WG's 64 rows of O through its part of the O buffer: the issuing thread waits until
+          // the copy engine has read the previous tile's O out of it, the WG writes this one
+          // (stmatrix), fences it for the async proxy, and the issuer sends one box per column chunk
+          // (rows past sq and columns past d clipped by the map).  Named barriers 1 + kWG + wg
+          // (the GEMM token ring has 1 .. kWG).
+          const bool issuer = wi == 0 && lane == 0;
+          const uint32_t o_rows = sO + wg * 64 * kSw;
+          if (issuer) tma_store_wait_read<0>();
+          named_barrier_sync(1 + kWG + wg, 128);
+          stage_fragment_rows<T, kD, kSw>(o, inv, o_rows, Cfg::kQChunkBytes, wi, lane);
+          fence_proxy_async_smem();
+          named_barrier_sync(1 + kWG + wg, 128);
+          if (issuer) {
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c)
+              tma_store_4d(&tm_o, o_rows + c * Cfg::kQChunkBytes, Cfg::kChunkCols * c, m0 + 64 * wg, h, b);
+            tma_store_commit();
+          }
+          carried = carry_next;
+          continue;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 8 * r;
         T* orow = og + static_cast<int64_t>(row) * p.o_row_stride;
         // Diagnostic only (ORCHARD_SM90_FWD_DIAG_SKIP_O=1, wrong outputs): O's normalization and
         // stores skipped by a run-time branch the compiler cannot fold (a stride is never
         // negative), so the code stays as built; times the epilogue's share.
         if (ORCHARD_SM90_FWD_DIAG_SKIP_O && p.o_row_stride >= 0) continue;
-        store_fragment_row<T, kD>(o, r, inv, orow, row < sq, p.d, t, store16);
+        store_fragment_row<T, kD>(o, r, inv[r], orow, row < sq, p.d, t, store16);
       }
       carried = carry_next;
+    }
+    // The copy engine must have read the last O out of shared memory before the CTA exits.
+    if constexpr (Cfg::kOStaged) {
+      if (o_by_tma && wi == 0 && lane == 0) tma_store_wait_all<0>();
     }
     if constexpr (kPingPong) {
       if (wg == 0) take_turn();  // the last WG's final hand-off (its first, if this CTA had no tile)
@@ -787,7 +861,7 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   // The maps' width is the true d: TMA zero-fills the tile columns d..kD-1.
   CUtensorMap tq, tk, tv;
   constexpr int kCols = Cfg::kChunkCols;  // the box width: one swizzle row
-  if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, Cfg::kBM,
+  if (!make_attn_map<T>(&tq, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride, 64,
                         kCols) ||
       !make_attn_map<T>(&tk, p.k, p.d, p.sk, p.hkv, p.b, p.k_row_stride, p.k_head_stride, p.k_batch_stride, Cfg::kBN,
                         kCols) ||
@@ -795,6 +869,16 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
                         kCols))
     return false;
   if (total == 0) return true;
+  // O by TMA stores (kOStaged) where its map encodes: a 16-byte aligned base and 16-byte strides.
+  CUtensorMap to{};
+  bool o_by_tma = false;
+  if constexpr (Cfg::kOStaged) {
+    constexpr int64_t kVec = 16 / sizeof(T);
+    const bool o_aligned = reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && p.o_row_stride % kVec == 0 &&
+                           (p.hq == 1 || p.o_head_stride % kVec == 0) && (p.b == 1 || p.o_batch_stride % kVec == 0);
+    o_by_tma = o_aligned && make_attn_map<T>(&to, p.out, p.d, p.sq, p.hq, p.b, p.o_row_stride, p.o_head_stride,
+                                             p.o_batch_stride, 64, kCols);
+  }
   // Persistent (one CTA per SM, the smem of one CTA fills it, each striding over the tiles)
   // where it measured faster (H200, session 14, against one CTA per tile, alternating binaries):
   // not causal +0.3..+0.6 % at s8k, +2 % at s4k, +4..7 % at s2k, +21..24 % at s512 (d64 /
@@ -814,7 +898,8 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   const int grid = sms > 0 && sms < units ? sms : units;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, p, sc);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, to, p, sc,
+                                                                                     o_by_tma);
   return true;
 }
 

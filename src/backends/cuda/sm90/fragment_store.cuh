@@ -1,5 +1,6 @@
-// Storing a warp's rows of an m64 wgmma accumulator (fp32) to global memory as 16-bit values:
-// the sm90 forward's O and the sm90 backwards' dK / dV epilogues.
+// Storing a warp's rows of an m64 wgmma accumulator (fp32) as 16-bit values: to global memory
+// (the sm90 forward's O and the sm90 backwards' dK / dV epilogues) or staged in shared memory for
+// a TMA store (the forward's O where its tile leaves room: stage_fragment_rows, at the end).
 //
 // A thread holds rows g and g + 8 (g = lane / 4) of its warp's 16, and in each 8-column block
 // j the two columns 8 j + 2 t, + 1 (t = lane % 4): acc[4 j + 2 r], acc[4 j + 2 r + 1] for row
@@ -13,6 +14,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+#include "backends/cuda/sm90/stmatrix.cuh"
 
 namespace orchard::sm90 {
 
@@ -78,6 +81,33 @@ __device__ __forceinline__ void store_fragment_row(const float (&acc)[kAccSize],
       if (8 * j < cols)
         *reinterpret_cast<uint32_t*>(row_ptr + 8 * j + 2 * t) =
             pack_pair<T>(acc[4 * j + 2 * r] * mul, acc[4 * j + 2 * r + 1] * mul);
+  }
+}
+
+// This warp's 16 rows (16 wi .. 16 wi + 15 of its warpgroup's 64), times mul[r] for row g + 8 r,
+// as 16-bit values into shared memory laid out as a TMA box of 64 rows: column chunks of kSw
+// bytes per row (chunk c at buf + c * chunk_bytes, buf 1024-byte aligned) in the copy engine's
+// kSw-byte swizzle (16-byte unit bits 4.. XOR address bits 7..: 128B 3 bits, 64B 2), so a TMA
+// store writes them out.  stmatrix x4: two 8-column blocks x two 8-row halves per instruction,
+// the accumulator pairs as they are held; the swizzle makes each 8-lane phase conflict-free.
+template <typename T, int kCols, int kSw, int kAccSize>
+__device__ __forceinline__ void stage_fragment_rows(const float (&acc)[kAccSize], const float (&mul)[2],
+                                                    uint32_t buf, uint32_t chunk_bytes, int wi, int lane) {
+  static_assert(kSw == 128 || kSw == 64, "fragment_store: 64B or 128B swizzle");
+  static_assert(kCols % 16 == 0 && kAccSize >= kCols / 2, "fragment_store: pairs of 8-column blocks");
+  constexpr int kBlocksPerChunk = kSw / 16;
+  constexpr uint32_t kSwizzleMask = kSw == 128 ? 7 : 3;
+  const int mi = lane >> 3;                               // the matrix this lane addresses a row of
+  const int row = 16 * wi + 8 * (mi & 1) + (lane & 7);    // its row (of the warpgroup's 64)
+#pragma unroll
+  for (int j = 0; j < kCols / 8; j += 2) {
+    const int jb = j + (mi >> 1);                         // its column block
+    const uint32_t off = row * kSw + (jb % kBlocksPerChunk) * 16;
+    const uint32_t addr = buf + (jb / kBlocksPerChunk) * chunk_bytes + (off ^ (((off >> 7) & kSwizzleMask) << 4));
+    stmatrix_x4(addr, pack_pair<T>(acc[4 * j] * mul[0], acc[4 * j + 1] * mul[0]),
+                pack_pair<T>(acc[4 * j + 2] * mul[1], acc[4 * j + 3] * mul[1]),
+                pack_pair<T>(acc[4 * j + 4] * mul[0], acc[4 * j + 5] * mul[0]),
+                pack_pair<T>(acc[4 * j + 6] * mul[1], acc[4 * j + 7] * mul[1]));
   }
 }
 
