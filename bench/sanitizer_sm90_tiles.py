@@ -1,5 +1,6 @@
 """Forward + backward calls with more tiles than SMs (each persistent sm90 forward CTA runs
-several tiles, so the consumer warpgroups' GEMM token passes across tiles), d64 / d96 / d128,
+several tiles, so the consumer warpgroups' GEMM token passes across tiles), d64 / d96 / d128 / d192
+(d128's and d192's at these lengths write O by TMA stores from shared memory),
 causal and not, bf16 and fp16, GQA, for compute-sanitizer (memcheck, racecheck, synccheck) to watch.
 Each output is also checked against plain fp32 math, so a wrong answer fails the run.
 SANITIZE_DIMS=96,128 runs those head dims only (racecheck is slow: one bucket per call fits)."""
@@ -11,9 +12,10 @@ import orchard
 
 torch.manual_seed(0)
 props = torch.cuda.get_device_properties(0)
-dims = {int(x) for x in os.environ.get("SANITIZE_DIMS", "64,96,128").split(",")}
+dims = {int(x) for x in os.environ.get("SANITIZE_DIMS", "64,96,128,192").split(",")}
 for dtype in (torch.bfloat16, torch.float16):
-    for d, b, hq, hkv, s in ((64, 4, 8, 4, 1024), (64, 3, 8, 8, 960), (96, 3, 8, 8, 960), (128, 3, 8, 8, 1024)):
+    for d, b, hq, hkv, s in ((64, 4, 8, 4, 1024), (64, 3, 8, 8, 960), (96, 3, 8, 8, 960), (128, 3, 8, 8, 1024),
+                              (192, 3, 8, 8, 960)):
         if d not in dims:
             continue
         for causal in (False, True):
