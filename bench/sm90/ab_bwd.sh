@@ -5,8 +5,8 @@
 # shape and the ratio to the first variant (ab_variants.sh).  From the repository root on an
 # H100/H200:
 #   D=64 VARIANTS="base=@.ab/head new= pipe1=-DORCHARD_SM90_BWD64_PIPE=1" bash bench/sm90/ab_bwd.sh
-# D=192 / 256 times the wide kernel (flash_bwd_sm90_wide.cuh) of that bucket (session 31; not yet
-# run on a GPU when written).
+# D=192 / 256 times the wide kernel (flash_bwd_sm90_wide.cuh) of that bucket (written in session 31,
+# first run in session 32: 13 + 8 checks passed, ~70 s per bucket with two variants).
 # A variant is NAME=FLAGS (nvcc -D flags, spaces as commas) or NAME=@TREE (the bench built from
 # another tree's src/ and include/, e.g. `git archive REV | tar -x -C .ab/head`, carried along).
 # Writes $OUT/ab_bwd.log (+ $OUT/build_<NAME>.log, $OUT/checks_<NAME>.log).

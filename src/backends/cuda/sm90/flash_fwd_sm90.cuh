@@ -174,7 +174,8 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #define ORCHARD_SM90_FWD_DIAG_SKIP_O 0
 #endif
 // Diagnostic only (wrong outputs): Q loaded for a CTA's first tile only, the later tiles' q_full
-// completed by a plain arrival; times what waiting for each tile's Q load costs.
+// completed by a plain arrival; times what waiting for each tile's Q load costs (H200, session
+// 32: +3.9 % d128 s2k, +4.8 % d256 s2k, +1.4-4 % causal s2k / s4k; ~0 at s >= 4k non-causal).
 #ifndef ORCHARD_SM90_FWD_DIAG_Q_ONCE
 #define ORCHARD_SM90_FWD_DIAG_Q_ONCE 0
 #endif
@@ -184,8 +185,8 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 // ring can (d64, d96, d128's 128-key and d192's 64-key tiles; not d128's 192-key or d256's).
 // ORCHARD_SM90_FWD_O_TMA: -1 (default) the kernels below, 0 none, 1 every one with room (A/B
 // switches).  H200, session 32 (ab_fwd.sh, medians of 3 alternating rounds, over the 16-byte
-// register stores): d128's 128-key kernels +2.9 % at s1k, causal +1.2 / +0.4 / +0.4 % at s2k /
-// 4k / 8k, 0.995-1.02x elsewhere; d192's 64-key kernel (non-causal to 2k keys) +12.2 / +3.3 % at
+// register stores): d128's 128-key kernels +2.9 % at s1k, causal +1.2 / +0.4 % at s2k / 4k
+// (+2.3 / +1.2 % in a 5-round repeat); d192's 64-key kernel (non-causal to 2k keys) +12.2 / +3.3 % at
 // s1k / s2k; d64 0.97-1.006x and d96 0.977-1.022x (3 warpgroups: off).
 #ifndef ORCHARD_SM90_FWD_O_TMA
 #define ORCHARD_SM90_FWD_O_TMA -1
