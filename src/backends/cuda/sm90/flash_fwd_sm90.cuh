@@ -191,6 +191,14 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_O_TMA
 #define ORCHARD_SM90_FWD_O_TMA -1
 #endif
+// Two Q buffers (2), so the next tile's Q loads while this tile still reads its own, where the
+// tile leaves room beside the K / V ring and the O buffer (d64, d96, d128's 128-key tiles), or one
+// (1, the default; an A/B switch written in session 32 and not yet timed).  With one, a WG's next
+// Q can load only once its last QK^T of this tile is done: never reloading Q
+// (ORCHARD_SM90_FWD_DIAG_Q_ONCE) measured +2-4 % at s2k.
+#ifndef ORCHARD_SM90_FWD_Q_STAGES
+#define ORCHARD_SM90_FWD_Q_STAGES 1
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -218,17 +226,25 @@ struct FwdSm90Config {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
   static constexpr int kQChunkBytes = kBM * kSwizzleBytes, kKVChunkBytes = kBN * kSwizzleBytes;
-  // The O buffer (kOStaged): Q's layout (chunks of kBM rows, each WG's 64 rows a TMA store box),
-  // after the K / V ring, where its tile leaves room within the 227 KB an SM gives one CTA.
-  static constexpr int kOOffset = kQBytes + 2 * kStages * kKVBytes;
-  static constexpr bool kORoom = kOOffset + kQBytes + 128 + 1024 <= 227 * 1024;
+  // Shared memory, in order: Q (kQStages buffers), the K / V ring, the O buffer (kOStaged), the
+  // barriers (kBarBytes).  The O buffer has Q's layout (chunks of kBM rows, each WG's 64 rows a
+  // TMA store box); it and a second Q buffer are there only where the tile leaves room within
+  // the 227 KB an SM gives one CTA, O first.
+  static constexpr int kBarBytes = 256;
+  static constexpr int kSmemLimit = 227 * 1024;
+  static constexpr int kRingBytes = 2 * kStages * kKVBytes;
+  static constexpr bool kORoom = 2 * kQBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
   static constexpr bool kOStaged =
       kORoom && (ORCHARD_SM90_FWD_O_TMA >= 0 ? ORCHARD_SM90_FWD_O_TMA != 0
                                              : (kD == 128 && kBN == 128) || (kD == 192 && kBN == 64));
+  static constexpr bool kQ2Room = (2 + (kOStaged ? 1 : 0)) * kQBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
+  static constexpr int kQStages = ORCHARD_SM90_FWD_Q_STAGES == 2 && kQ2Room ? 2 : 1;
+  static constexpr int kKOffset = kQStages * kQBytes;
+  static constexpr int kOOffset = kKOffset + kRingBytes;
   static constexpr int kBarOffset = kOOffset + (kOStaged ? kQBytes : 0);
   static_assert(kOOffset % 1024 == 0, "sm90 forward: the O buffer needs the swizzle atom's alignment");
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
-  static constexpr int kSmemBytes = kBarOffset + 128 + 1024;
+  static constexpr int kSmemBytes = kBarOffset + kBarBytes + 1024;
   static constexpr int kThreads = 128 * (kWG + 1);
   // setmaxnreg split (64K registers per SM): 24 + 2 x 240 warps' worth with 2 consumer WGs,
   // 32 + 3 x 160 with 3 (the sums must not exceed the launch allocation: a hang otherwise).
@@ -396,8 +412,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks, kStages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sQ = sbase;
-  const uint32_t sK = sQ + Cfg::kQBytes;                     // [kStages]
+  constexpr int kQStages = Cfg::kQStages;
+  const uint32_t sQ = sbase;                                 // [kQStages]
+  const uint32_t sK = sbase + Cfg::kKOffset;                 // [kStages]
   const uint32_t sV = sK + Cfg::kStages * Cfg::kKVBytes;     // [kStages]
   const uint32_t sO = sbase + Cfg::kOOffset;                 // kOStaged only
   const uint32_t bars = sbase + Cfg::kBarOffset;
@@ -405,11 +422,12 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   auto v_full = [&](int s) { return bars + 16 + 8 * s; };
   auto k_empty = [&](int s) { return bars + 32 + 8 * s; };
   auto v_empty = [&](int s) { return bars + 48 + 8 * s; };
-  // Q in one part per consumer WG (its 64 rows), each with its own pair of barriers: a WG's part
-  // of the next tile loads once that WG's warps are done with this tile's, not all WGs'.
-  auto q_full = [&](int w) { return bars + 64 + 8 * w; };
-  auto q_empty = [&](int w) { return bars + 88 + 8 * w; };
-  static_assert(Cfg::kStages == 2 && kWG <= 3, "barrier layout: 2 stages, <= 3 WGs (112 bytes <= the 128 reserved)");
+  // Q buffer b in one part per consumer WG (its 64 rows), each with its own pair of barriers: a
+  // WG's part of a later tile loads once that WG's warps are done with the buffer's last tile.
+  auto q_full = [&](int b, int w) { return bars + 64 + 8 * (3 * b + w); };
+  auto q_empty = [&](int b, int w) { return bars + 112 + 8 * (3 * b + w); };
+  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 160 <= Cfg::kBarBytes,
+                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs (160 bytes)");
 
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -418,10 +436,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
 
   const int warp = warp_idx_uniform();
   if (threadIdx.x == 0) {
-    for (int w = 0; w < kWG; ++w) {
-      mbarrier_init(q_full(w), 1);
-      mbarrier_init(q_empty(w), 4);  // one arrival per warp of WG w, after its last QK^T of a tile
-    }
+    for (int b = 0; b < kQStages; ++b)
+      for (int w = 0; w < kWG; ++w) {
+        mbarrier_init(q_full(b, w), 1);
+        mbarrier_init(q_empty(b, w), 4);  // one arrival per warp of WG w, after its last QK^T of a tile
+      }
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -433,7 +452,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   __syncthreads();
 
   // Pipeline counters live for the whole CTA, across tiles: key tiles (K / V ring: stage
-  // cnt % kStages, phase (cnt / kStages) & 1) and Q loads (q_full / q_empty phase = count & 1).
+  // cnt % kStages, phase (cnt / kStages) & 1) and Q loads (buffer cnt % kQStages, phase
+  // (cnt / kQStages) & 1 of its q_full / q_empty).
   // Tiles with no key tile touch neither (no Q load, no ring slot) on either side.
   if (warp < 4) {
     // ---------------- producer ----------------
@@ -463,21 +483,24 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c,
                         n * kBN, hk, tl.b);
           if (it == 0) {
-            // Q of this CTA's q_cnt-th loaded tile, WG by WG: each WG releases its part of the
-            // previous one (phase q_cnt - 1 of its q_empty) once its last QK^T of it has completed.
+            // Q of this CTA's q_cnt-th loaded tile into buffer qb, WG by WG: each WG releases its
+            // part of the buffer's previous tile (use q_cnt / kQStages - 1 of its q_empty) once its
+            // last QK^T of it has completed.
+            const int qb = q_cnt % kQStages;
+            const uint32_t q_use = q_cnt / kQStages;
             for (int w = 0; w < kWG; ++w) {
-              if (q_cnt > 0) mbarrier_wait(q_empty(w), (q_cnt - 1) & 1);
+              if (q_use > 0) mbarrier_wait(q_empty(qb, w), (q_use - 1) & 1);
               // A WG whose rows all lie past sq (the last m block) gets no load, only the phase:
               // its rows are never stored, so whatever its part of the buffer holds is harmless.
               if ((ORCHARD_SM90_FWD_DIAG_Q_ONCE && q_cnt > 0) || tl.m_block * kBM + 64 * w >= p.sq) {
-                mbarrier_arrive(q_full(w));
+                mbarrier_arrive(q_full(qb, w));
                 continue;
               }
-              mbarrier_arrive_expect_tx(q_full(w), Cfg::kQBytes / kWG);
+              mbarrier_arrive_expect_tx(q_full(qb, w), Cfg::kQBytes / kWG);
 #pragma unroll
               for (int c = 0; c < kChunks; ++c)
-                tma_load_4d(sQ + c * Cfg::kQChunkBytes + w * 64 * Cfg::kSwizzleBytes, &tm_q, q_full(w),
-                            Cfg::kChunkCols * c, tl.m_block * kBM + 64 * w, tl.h, tl.b);
+                tma_load_4d(sQ + qb * Cfg::kQBytes + c * Cfg::kQChunkBytes + w * 64 * Cfg::kSwizzleBytes, &tm_q,
+                            q_full(qb, w), Cfg::kChunkCols * c, tl.m_block * kBM + 64 * w, tl.h, tl.b);
             }
             ++q_cnt;
           }
@@ -508,13 +531,19 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     const uint64_t dq0 = make_desc_kmajor_swizzled<kSw>(sQ + wg * 64 * kSw);
     const uint64_t dk0 = make_desc_kmajor_swizzled<kSw>(sK);
     const uint64_t dv0 = make_desc_mnmajor_swizzled<kSw>(sV, Cfg::kKVChunkBytes);
+    // kv_cnt: key tiles consumed (stage and phase read bits 0 and 1 only) and, in the top bits,
+    // the Q loads consumed (one register fewer live across the loops): with one Q buffer their
+    // parity in bit 31, with two their count mod 4 in bits 30..31 (buffer, then phase).
+    uint32_t kv_cnt = 0;
+    // The Q buffer of the tile whose Q was waited for last (0 with one buffer).
+    auto q_buf = [&]() -> int { return kQStages == 1 ? 0 : static_cast<int>(((kv_cnt >> 30) + 1u) & 1u); };
     float o[kD / 2];
     auto qk_gemm = [&](float (&s_acc)[kBN / 2], int stage) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t off = (kk % kSl) * 32;  // k16 slice inside the chunk row
         Wgmma<kBN, T>::template ss<0, 0>(
-            s_acc, desc_advance(dq0, (kk / kSl) * Cfg::kQChunkBytes + off),
+            s_acc, desc_advance(dq0, q_buf() * Cfg::kQBytes + (kk / kSl) * Cfg::kQChunkBytes + off),
             desc_advance(dk0, stage * Cfg::kKVBytes + (kk / kSl) * Cfg::kKVChunkBytes + off), kk > 0);
       }
     };
@@ -540,9 +569,6 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       if (wg == kWG - 1) pass_turn();
     }
 
-    // kv_cnt: key tiles consumed (bits 0..30; stage and phase read bits 0 and 1 only) and, in
-    // bit 31, the parity of the Q loads consumed (one register fewer live across the loops).
-    uint32_t kv_cnt = 0;
     // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
     // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
     auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0) {
@@ -597,8 +623,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       st.sum[0] = st.sum[1] = 0.f;
 
       auto wait_q = [&] {
-        mbarrier_wait(q_full(wg), kv_cnt >> 31);
-        kv_cnt ^= 0x80000000u;
+        if constexpr (kQStages == 1) {
+          mbarrier_wait(q_full(0, wg), kv_cnt >> 31);
+          kv_cnt ^= 0x80000000u;
+        } else {
+          const uint32_t seq = kv_cnt >> 30;
+          mbarrier_wait(q_full(seq & 1, wg), seq >> 1);
+          kv_cnt += 0x40000000u;
+        }
       };
       bool carry_next = false;
       if (n_tiles > 0) {
@@ -623,7 +655,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (it == n_tiles - 1) mbarrier_arrive(q_empty(wg));  // last QK^T of the tile done: Q free
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty(q_buf(), wg));  // last QK^T of the tile done: Q free
             }
             score_tile(sacc, n);
             float corr[2];
@@ -661,7 +693,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (n_tiles == 1) mbarrier_arrive(q_empty(wg));
+              if (n_tiles == 1) mbarrier_arrive(q_empty(q_buf(), wg));
             }
             score_tile(sacc, n_end - 1);
             float corr[2];
@@ -688,7 +720,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (it == n_tiles - 1) mbarrier_arrive(q_empty(wg));  // last QK^T of the tile done: Q free
+              if (it == n_tiles - 1) mbarrier_arrive(q_empty(q_buf(), wg));  // last QK^T of the tile done: Q free
             }
             score_tile(sacc, n);
             float corr[2];
@@ -739,7 +771,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             __syncwarp();
             if (warp_leader) {
               mbarrier_arrive(k_empty(s));
-              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty(wg));
+              if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty(q_buf(), wg));
             }
             const int m0n = tn.m_block * kBM;
             score_tile_of(sacc, tn.n_end - 1, next, m0n, m0n + 64 * wg + 16 * wi + g);
