@@ -20,8 +20,9 @@
 //        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
 //        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
 //        the epilogue writes LSE from registers and O either staged in shared memory and sent
-//        by TMA stores (kOStaged: the tiles that leave room for an O buffer) or straight from
-//        registers (16-byte stores after a quad transpose), then the next tile.
+//        by TMA stores (kOStaged: the tiles that leave room for an O buffer; kOInV, an A/B
+//        switch: in the last key tile's V stage) or straight from registers (16-byte stores
+//        after a quad transpose), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.  With
 // kFwdSm90CrossTile (d256, d128's 128-key non-causal kernel) that also spans query tiles: the
@@ -199,6 +200,16 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_Q_STAGES
 #define ORCHARD_SM90_FWD_Q_STAGES 1
 #endif
+// O staged in the V stage of the tile's last key tile (1) where no O buffer fits but a V stage
+// holds O (d128's 192-key tiles, 48 KB against 32 KB), or stores from registers (0, the default;
+// an A/B switch written in session 32 and not yet run).  Both WGs' last PV must have read the
+// stage first (barrier pv_done); the stage goes back to the producer once the TMA stores have
+// read it, which each WG's issuer checks after its next tile's first QK^T: the next tile needs
+// that stage only for its second key tile's V.  Skipping O (ORCHARD_SM90_FWD_DIAG_SKIP_O)
+// measured +4.7 % at d128 s2k (session 32).
+#ifndef ORCHARD_SM90_FWD_O_IN_V
+#define ORCHARD_SM90_FWD_O_IN_V 0
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -239,6 +250,8 @@ struct FwdSm90Config {
                                              : (kD == 128 && kBN == 128) || (kD == 192 && kBN == 64));
   static constexpr bool kQ2Room = (2 + (kOStaged ? 1 : 0)) * kQBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
   static constexpr int kQStages = ORCHARD_SM90_FWD_Q_STAGES == 2 && kQ2Room ? 2 : 1;
+  // O through a V stage instead (the kernel adds: overlap order, no cross-tile carry).
+  static constexpr bool kOInVStage = ORCHARD_SM90_FWD_O_IN_V != 0 && !kOStaged && kQStages == 1 && kKVBytes >= kQBytes;
   static constexpr int kKOffset = kQStages * kQBytes;
   static constexpr int kOOffset = kKOffset + kRingBytes;
   static constexpr int kBarOffset = kOOffset + (kOStaged ? kQBytes : 0);
@@ -426,8 +439,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   // WG's part of a later tile loads once that WG's warps are done with the buffer's last tile.
   auto q_full = [&](int b, int w) { return bars + 64 + 8 * (3 * b + w); };
   auto q_empty = [&](int b, int w) { return bars + 112 + 8 * (3 * b + w); };
-  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 160 <= Cfg::kBarBytes,
-                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs (160 bytes)");
+  // kOInV: every consumer warp's last PV of a tile done (its V stage then holds O).
+  const uint32_t pv_done = bars + 160;
+  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 168 <= Cfg::kBarBytes,
+                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs, pv_done (168 bytes)");
 
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -441,6 +456,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         mbarrier_init(q_full(b, w), 1);
         mbarrier_init(q_empty(b, w), 4);  // one arrival per warp of WG w, after its last QK^T of a tile
       }
+    if (Cfg::kOInVStage) mbarrier_init(pv_done, 4 * kWG);
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -598,6 +614,21 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       }
     };
     constexpr bool kCross = kOverlap && kFwdSm90CrossTile<kD, kBN, kCausal>;
+    constexpr bool kOInV = Cfg::kOInVStage && kOverlap && !kCross;
+    // kOInV: this CTA's previous tile left its O in a V stage (the stage of key tile kv_cnt - 1)
+    // that still has to go back to the producer once the TMA stores have read it.
+    bool o_pending = false;
+    auto release_o_stage = [&] {
+      if constexpr (kOInV) {
+        if (o_pending) {
+          if (wi == 0 && lane == 0) {
+            tma_store_wait_read<0>();
+            mbarrier_arrive_cnt(v_empty((kv_cnt - 1) % kStages), 4);  // on behalf of the WG's 4 warps
+          }
+          o_pending = false;
+        }
+      }
+    };
     // Cross-tile overlap: `carried` says this tile's first key tile was already scored during
     // the previous tile's last PV (its P in pa, its row state in st_carry, its Q waited for).
     bool carried = false;
@@ -633,6 +664,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         }
       };
       bool carry_next = false;
+      int o_stage = -1;  // kOInV: the V stage that takes this tile's O
       if (n_tiles > 0) {
         // Read from lane 0 so ptxas sees a warp-uniform branch around the prologue's wgmmas:
         // the loop-carried flag alone made it serialize them (C7520; causal -17..-29 %).
@@ -688,6 +720,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             qk_gemm(sacc, s);
             wgmma_commit();
             pass_turn();
+            release_o_stage();  // the previous tile's O stage, while this QK^T runs
             wgmma_wait<0>();
             fence_operands(sacc);
             __syncwarp();
@@ -795,10 +828,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             wgmma_wait<0>();
             fence_operands(o);
             __syncwarp();
-            if (warp_leader) mbarrier_arrive(v_empty(sl));
+            // kOInV: the stage is kept for O (released after its stores have read it), and
+            // pv_done tells both WGs when every warp's last PV has read its V.
+            if (kOInV && o_by_tma) o_stage = sl;
+            if (warp_leader) mbarrier_arrive(kOInV && o_by_tma ? pv_done : v_empty(sl));
           }
         }
       }
+      release_o_stage();  // a tile without keys: the previous tile's O stage, if still held
 
       // Epilogue: normalize, LSE (natural log), O as 16-bit pairs (rows past sq not written).
       // Meanwhile the producer already loads the next tile's K / V (and Q, once every consumer
@@ -846,6 +883,28 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           continue;
         }
       }
+      if constexpr (kOInV) {
+        if (o_stage >= 0) {
+          // This WG's 64 rows of O through its 16 KB of the V stage o_stage, once every consumer
+          // warp's last PV has read that stage (pv_done's phase of this tile: its Q parity bit,
+          // flipped at this tile's wait_q, inverted), then sent as in the kOStaged path.
+          mbarrier_wait(pv_done, (kv_cnt >> 31) ^ 1u);
+          fence_proxy_async_smem();  // generic writes after the async proxy's (wgmma's) reads
+          const uint32_t o_rows = sV + o_stage * Cfg::kKVBytes + wg * kChunks * 64 * kSw;
+          stage_fragment_rows<T, kD, kSw>(o, inv, o_rows, 64 * kSw, wi, lane);
+          fence_proxy_async_smem();
+          named_barrier_sync(1 + kWG + wg, 128);
+          if (wi == 0 && lane == 0) {
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c)
+              tma_store_4d(&tm_o, o_rows + c * 64 * kSw, Cfg::kChunkCols * c, m0 + 64 * wg, h, b);
+            tma_store_commit();
+          }
+          o_pending = true;
+          carried = carry_next;
+          continue;
+        }
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + 8 * r;
@@ -859,7 +918,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       carried = carry_next;
     }
     // The copy engine must have read the last O out of shared memory before the CTA exits.
-    if constexpr (Cfg::kOStaged) {
+    if constexpr (Cfg::kOStaged || kOInV) {
       if (o_by_tma && wi == 0 && lane == 0) tma_store_wait_all<0>();
     }
     if constexpr (kPingPong) {
@@ -902,10 +961,10 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
                         kCols))
     return false;
   if (total == 0) return true;
-  // O by TMA stores (kOStaged) where its map encodes: a 16-byte aligned base and 16-byte strides.
+  // O by TMA stores (kOStaged, kOInVStage) where its map encodes: a 16-byte aligned base and 16-byte strides.
   CUtensorMap to{};
   bool o_by_tma = false;
-  if constexpr (Cfg::kOStaged) {
+  if constexpr (Cfg::kOStaged || Cfg::kOInVStage) {
     constexpr int64_t kVec = 16 / sizeof(T);
     const bool o_aligned = reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && p.o_row_stride % kVec == 0 &&
                            (p.hq == 1 || p.o_head_stride % kVec == 0) && (p.b == 1 || p.o_batch_stride % kVec == 0);

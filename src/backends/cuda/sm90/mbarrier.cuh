@@ -29,6 +29,13 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
       : "memory");
 }
 
+// `count` arrivals at once (one thread releasing a stage on behalf of several warps).
+__device__ __forceinline__ void mbarrier_arrive_cnt(uint32_t bar, uint32_t count) {
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(count)
+      : "memory");
+}
+
 // Arrival that also announces `bytes` of TMA traffic the phase must wait for (producer, once
 // per stage, before or after issuing the copies: the count may go transiently negative).
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
