@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   constexpr bool kWantDV = kMode != kModeDK;
   constexpr bool kWantDK = kMode != kModeDV;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * kS;
   T* sQ = sV + kBN * kS;      // [2][kBM][kS]
@@ -1374,7 +1374,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   constexpr int kNT = kBN / 8;
   constexpr int kDT = kD / 8;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBM * kS;
   T* sK = sdO + kBM * kS;     // [2][kBN][kS]
