@@ -16,7 +16,10 @@ JSON and in a second, shorter table (Orchard vs SDPA flash).
 --rounds N times every grid point N times, the implementations in a rotated order
 each round (so a drift of the card's clocks lands on all of them), and reports the
 median over the rounds; the JSON keeps each round and the table the largest spread
-(max / min - 1 over the rounds) seen per implementation. Single runs of this grid
+(max / min - 1 over the rounds) seen per implementation. With rounds, the ratios to the
+peers are the median of each round's ratio (Orchard and the peer timed next to each other:
+a drift between rounds cancels), and the table names the points whose per-round ratios fall
+on both sides of 1.0. Single runs of this grid
 put points up to 20 % apart (bench/RESULTS.md).
 
 Writes JSON (+ PNG plot when matplotlib is present) and a markdown table to
@@ -112,6 +115,20 @@ def median_rounds(rounds: list[dict]) -> dict:
     """{timer: (fwd_ms, bwd_ms)} per round -> {timer: (median fwd_ms, median bwd_ms)}."""
     return {t: (statistics.median(x[t][0] for x in rounds), statistics.median(x[t][1] for x in rounds))
             for t in rounds[0]}
+
+
+def paired_ratios(ours: list[dict], peer: list[dict]) -> dict:
+    """Per round, the peer's time over ours (> 1: ours faster), for each timer and pass: the median
+    over the rounds and the [min, max] range.  The two were timed next to each other in each round,
+    so a drift of the card's clocks between rounds cancels in the ratio (the ratio of the medians
+    mixes rounds).  Only the rounds both have (an implementation that failed stops early)."""
+    n = min(len(ours), len(peer))
+    out = {}
+    for t in (ours[0] if n else {}):
+        for i, phase in ((0, "fwd"), (1, "bwd")):
+            r = [peer[k][t][i] / ours[k][t][i] for k in range(n)]
+            out[f"{t}_{phase}"] = {"median": statistics.median(r), "range": [min(r), max(r)]}
+    return out
 
 
 def spread(values) -> float:
@@ -233,6 +250,9 @@ def main() -> int:
                         cell["spread"] = max(spread(x[t][i] for x in per_round[name])
                                              for t in per_round[name][0] for i in (0, 1))
                     row[name] = {**cell[args.timer], **cell}
+                if args.rounds > 1 and "orchard" in impls and "error" not in row.get("orchard", {"error": 1}):
+                    row["orchard"]["paired"] = {p: paired_ratios(per_round["orchard"], per_round[p])
+                                                for p in impls if p != "orchard" and "error" not in row[p]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -285,6 +305,18 @@ def fmt(cell, key):
     return f"{cell[key]:.0f}" if key in cell else "err"
 
 
+def unresolved_points(result, timer: str) -> list[str]:
+    """'d128c s2k fwd vs sdpa_cudnn 0.96-1.03' for each paired ratio whose range contains 1.0."""
+    found = []
+    for r in result["grid"]:
+        for p, pr in r.get("orchard", {}).get("paired", {}).items():
+            for phase in ("fwd", "bwd"):
+                lo, hi = pr[f"{timer}_{phase}"]["range"]
+                if lo < 1.0 < hi:
+                    found.append(f"d{r['d']}{'c' if r['causal'] else ''} s{r['s']} {phase} vs {p} {lo:.2f}-{hi:.2f}")
+    return found
+
+
 def render_table(result, impls):
     m = result["meta"]
     how = ("triton do_bench, median" if m.get("timer") == "do_bench" else
@@ -301,7 +333,10 @@ def render_table(result, impls):
         cells += [f"{fmt(r[p], 'fwd_tflops')}/{fmt(r[p], 'bwd_tflops')}" for p in impls]
         o = r.get("orchard", {})
         for p in peers:
-            if "fwd_tflops" in o and "fwd_tflops" in r[p]:
+            pr = o.get("paired", {}).get(p)
+            if pr:  # several rounds: the median of the per-round ratios
+                cells.append(f"{pr[m['timer'] + '_fwd']['median']:.2f}x/{pr[m['timer'] + '_bwd']['median']:.2f}x")
+            elif "fwd_tflops" in o and "fwd_tflops" in r[p]:
                 cells.append(f"{o['fwd_tflops'] / r[p]['fwd_tflops']:.2f}x/{o['bwd_tflops'] / r[p]['bwd_tflops']:.2f}x")
             else:
                 cells.append("n/a")
@@ -317,6 +352,9 @@ def render_table(result, impls):
         worst = {p: max((r[p].get("spread", 0.0) for r in result["grid"]), default=0.0) for p in impls}
         lines += ["", "Largest spread over the rounds at one point (max / min - 1, either timer): " +
                   ", ".join(f"{p} {100 * v:.1f} %" for p, v in worst.items())]
+        lines += ["", "Ratios to the peers: the median over the rounds of each round's ratio (the two timed "
+                  "next to each other). Points whose per-round ratios fall on both sides of 1.0 (not resolved "
+                  "by this run): " + (", ".join(unresolved_points(result, m["timer"])) or "none")]
     lines += ["", "Per-call forward latency, b=2 h=4 s=64 d=64 (us): " +
               ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["latency_us_small"].items()),
               "", "Peak extra memory, causal fwd+bwd, b=1 h=16 s=32k d=128 (MiB): " +
