@@ -859,47 +859,42 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         if (row < sq && t == 0)
           lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
       }
+      // O staged in shared memory (kOStaged, kOInV): this WG's 64 rows, normalized, written
+      // (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the async
+      // proxy, and sent by the WG's issuing thread as one TMA box per chunk (rows past sq and
+      // columns past d clipped by the map).  Named barriers 1 + kWG + wg (the GEMM token ring
+      // has 1 .. kWG).
+      const bool o_issuer = wi == 0 && lane == 0;
+      auto send_o = [&](uint32_t o_rows, uint32_t chunk_bytes) {
+        stage_fragment_rows<T, kD, kSw>(o, inv, o_rows, chunk_bytes, wi, lane);
+        fence_proxy_async_smem();
+        named_barrier_sync(1 + kWG + wg, 128);
+        if (o_issuer) {
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c)
+            tma_store_4d(&tm_o, o_rows + c * chunk_bytes, Cfg::kChunkCols * c, m0 + 64 * wg, h, b);
+          tma_store_commit();
+        }
+      };
       if constexpr (Cfg::kOStaged) {
         if (o_by_tma) {
-          // This WG's 64 rows of O through its part of the O buffer: the issuing thread waits until
-          // the copy engine has read the previous tile's O out of it, the WG writes this one
-          // (stmatrix), fences it for the async proxy, and the issuer sends one box per column chunk
-          // (rows past sq and columns past d clipped by the map).  Named barriers 1 + kWG + wg
-          // (the GEMM token ring has 1 .. kWG).
-          const bool issuer = wi == 0 && lane == 0;
-          const uint32_t o_rows = sO + wg * 64 * kSw;
-          if (issuer) tma_store_wait_read<0>();
+          // Through this WG's part of the O buffer, once the copy engine has read the previous
+          // tile's O out of it (the issuer waits, the barrier holds the WG until it has).
+          if (o_issuer) tma_store_wait_read<0>();
           named_barrier_sync(1 + kWG + wg, 128);
-          stage_fragment_rows<T, kD, kSw>(o, inv, o_rows, Cfg::kQChunkBytes, wi, lane);
-          fence_proxy_async_smem();
-          named_barrier_sync(1 + kWG + wg, 128);
-          if (issuer) {
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c)
-              tma_store_4d(&tm_o, o_rows + c * Cfg::kQChunkBytes, Cfg::kChunkCols * c, m0 + 64 * wg, h, b);
-            tma_store_commit();
-          }
+          send_o(sO + wg * 64 * kSw, Cfg::kQChunkBytes);
           carried = carry_next;
           continue;
         }
       }
       if constexpr (kOInV) {
         if (o_stage >= 0) {
-          // This WG's 64 rows of O through its 16 KB of the V stage o_stage, once every consumer
-          // warp's last PV has read that stage (pv_done's phase of this tile: its Q parity bit,
-          // flipped at this tile's wait_q, inverted), then sent as in the kOStaged path.
+          // Through this WG's 16 KB of the V stage o_stage, once every consumer warp's last PV has
+          // read that stage (pv_done's phase of this tile: its Q parity bit, flipped at this
+          // tile's wait_q, inverted).
           mbarrier_wait(pv_done, (kv_cnt >> 31) ^ 1u);
           fence_proxy_async_smem();  // generic writes after the async proxy's (wgmma's) reads
-          const uint32_t o_rows = sV + o_stage * Cfg::kKVBytes + wg * kChunks * 64 * kSw;
-          stage_fragment_rows<T, kD, kSw>(o, inv, o_rows, 64 * kSw, wi, lane);
-          fence_proxy_async_smem();
-          named_barrier_sync(1 + kWG + wg, 128);
-          if (wi == 0 && lane == 0) {
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c)
-              tma_store_4d(&tm_o, o_rows + c * 64 * kSw, Cfg::kChunkCols * c, m0 + 64 * wg, h, b);
-            tma_store_commit();
-          }
+          send_o(sV + o_stage * Cfg::kKVBytes + wg * kChunks * 64 * kSw, 64 * kSw);
           o_pending = true;
           carried = carry_next;
           continue;
@@ -961,15 +956,14 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
                         kCols))
     return false;
   if (total == 0) return true;
-  // O by TMA stores (kOStaged, kOInVStage) where its map encodes: a 16-byte aligned base and 16-byte strides.
+  // O by TMA stores (kOStaged, kOInVStage) where its map encodes: 16-byte rows (cuda::rows_vec16;
+  // rows counted as 2, since the map steps the row stride even when sq is 1).
   CUtensorMap to{};
   bool o_by_tma = false;
   if constexpr (Cfg::kOStaged || Cfg::kOInVStage) {
-    constexpr int64_t kVec = 16 / sizeof(T);
-    const bool o_aligned = reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && p.o_row_stride % kVec == 0 &&
-                           (p.hq == 1 || p.o_head_stride % kVec == 0) && (p.b == 1 || p.o_batch_stride % kVec == 0);
-    o_by_tma = o_aligned && make_attn_map<T>(&to, p.out, p.d, p.sq, p.hq, p.b, p.o_row_stride, p.o_head_stride,
-                                             p.o_batch_stride, 64, kCols);
+    o_by_tma = cuda::rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, 2, p.hq, p.d) &&
+               make_attn_map<T>(&to, p.out, p.d, p.sq, p.hq, p.b, p.o_row_stride, p.o_head_stride,
+                                p.o_batch_stride, 64, kCols);
   }
   // Persistent (one CTA per SM, the smem of one CTA fills it, each striding over the tiles)
   // where it measured faster (H200, session 14, against one CTA per tile, alternating binaries):
