@@ -250,7 +250,7 @@ def main() -> int:
                         cell["spread"] = max(spread(x[t][i] for x in per_round[name])
                                              for t in per_round[name][0] for i in (0, 1))
                     row[name] = {**cell[args.timer], **cell}
-                if args.rounds > 1 and "orchard" in impls and "error" not in row.get("orchard", {"error": 1}):
+                if args.rounds > 1 and "orchard" in impls and "error" not in row["orchard"]:
                     row["orchard"]["paired"] = {p: paired_ratios(per_round["orchard"], per_round[p])
                                                 for p in impls if p != "orchard" and "error" not in row[p]}
                 rows.append(row)
