@@ -192,23 +192,28 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_O_TMA
 #define ORCHARD_SM90_FWD_O_TMA -1
 #endif
-// Two Q buffers (2), so the next tile's Q loads while this tile still reads its own, where the
-// tile leaves room beside the K / V ring and the O buffer (d64, d96, d128's 128-key tiles), or one
-// (1, the default; an A/B switch written in session 32 and not yet timed).  With one, a WG's next
-// Q can load only once its last QK^T of this tile is done: never reloading Q
-// (ORCHARD_SM90_FWD_DIAG_Q_ONCE) measured +2-4 % at s2k.
+// Two Q buffers, so the next tile's Q loads while this tile still reads its own, where the tile
+// leaves room beside the K / V ring and the O buffer (d64, d96, d128's 128-key tiles).  With one,
+// a WG's next Q can load only once its last QK^T of this tile is done: never reloading Q
+// (ORCHARD_SM90_FWD_DIAG_Q_ONCE) measured +2-4 % at s2k.  ORCHARD_SM90_FWD_Q_STAGES: -1 (default)
+// d128's 128-key tiles, 1 none, 2 every tile with room (A/B switches).  H200, session 33
+// (ab_fwd.sh, medians of 5 / 3 alternating rounds): d128 s1k (128-key tiles) +4.0 / +2.9 % in two
+// runs, causal s512-s4k 0.97-1.01x (noise: spreads 3-7 %); d64 0.97 / 0.98x at s1k / s2k and d96
+// 0.967x at s2k: off there.
 #ifndef ORCHARD_SM90_FWD_Q_STAGES
-#define ORCHARD_SM90_FWD_Q_STAGES 1
+#define ORCHARD_SM90_FWD_Q_STAGES -1
 #endif
-// O staged in the V stage of the tile's last key tile (1) where no O buffer fits but a V stage
-// holds O (d128's 192-key tiles, 48 KB against 32 KB), or stores from registers (0, the default;
-// an A/B switch written in session 32 and not yet run).  Both WGs' last PV must have read the
-// stage first (barrier pv_done); the stage goes back to the producer once the TMA stores have
-// read it, which each WG's issuer checks after its next tile's first QK^T: the next tile needs
-// that stage only for its second key tile's V.  Skipping O (ORCHARD_SM90_FWD_DIAG_SKIP_O)
-// measured +4.7 % at d128 s2k (session 32).
+// O staged in the V stage of the tile's last key tile where no O buffer fits but a V stage holds
+// O (d128's 192-key tiles, 48 KB against 32 KB), instead of stores from registers.  Both WGs'
+// last PV must have read the stage first (barrier pv_done); the stage goes back to the producer
+// once the TMA stores have read it, which each WG's issuer checks after its next tile's first
+// QK^T: the next tile needs that stage only for its second key tile's V.
+// ORCHARD_SM90_FWD_O_IN_V: -1 (default) d128's 192-key tiles, 0 none, 1 every tile it fits (A/B
+// switches).  H200, session 33: d128 s2k / s4k / s8k / s16k +2.7 / +0.8 / +0.7 / +1.3 %, fp16 s4k
+// +1.9 %, causal (192-key from 8k keys) 0.996-1.002x; with the two Q buffers above, s2k +3.6 %.
+// Skipping O altogether (ORCHARD_SM90_FWD_DIAG_SKIP_O) measured +4.7 % at d128 s2k (session 32).
 #ifndef ORCHARD_SM90_FWD_O_IN_V
-#define ORCHARD_SM90_FWD_O_IN_V 0
+#define ORCHARD_SM90_FWD_O_IN_V -1
 #endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
@@ -249,9 +254,12 @@ struct FwdSm90Config {
       kORoom && (ORCHARD_SM90_FWD_O_TMA >= 0 ? ORCHARD_SM90_FWD_O_TMA != 0
                                              : (kD == 128 && kBN == 128) || (kD == 192 && kBN == 64));
   static constexpr bool kQ2Room = (2 + (kOStaged ? 1 : 0)) * kQBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
-  static constexpr int kQStages = ORCHARD_SM90_FWD_Q_STAGES == 2 && kQ2Room ? 2 : 1;
+  static constexpr int kQStages =
+      kQ2Room && (ORCHARD_SM90_FWD_Q_STAGES >= 0 ? ORCHARD_SM90_FWD_Q_STAGES == 2 : kD == 128 && kBN == 128) ? 2 : 1;
   // O through a V stage instead (the kernel adds: overlap order, no cross-tile carry).
-  static constexpr bool kOInVStage = ORCHARD_SM90_FWD_O_IN_V != 0 && !kOStaged && kQStages == 1 && kKVBytes >= kQBytes;
+  static constexpr bool kOInVStage =
+      !kOStaged && kQStages == 1 && kKVBytes >= kQBytes &&
+      (ORCHARD_SM90_FWD_O_IN_V >= 0 ? ORCHARD_SM90_FWD_O_IN_V != 0 : kD == 128 && kBN == 192);
   static constexpr int kKOffset = kQStages * kQBytes;
   static constexpr int kOOffset = kKOffset + kRingBytes;
   static constexpr int kBarOffset = kOOffset + (kOStaged ? kQBytes : 0);
