@@ -20,9 +20,10 @@
 //        P -> 16-bit in registers (the accumulator layout IS the wgmma A-fragment layout),
 //        O += P V    wgmma rs (V MN-major in smem: transposed read, no transpose pass);
 //        the epilogue writes LSE from registers and O either staged in shared memory and sent
-//        by TMA stores (kOStaged: the tiles that leave room for an O buffer; kOInV, an A/B
-//        switch: in the last key tile's V stage) or straight from registers (16-byte stores
-//        after a quad transpose), then the next tile.
+//        by TMA stores (kOStaged: the tiles that leave room for an O buffer; kOInV: in the
+//        last key tile's V stage, d128's 192-key tiles; kOShared, an A/B switch: one WG's
+//        part of a buffer, the WGs in turn) or straight from registers (16-byte stores after a
+//        quad transpose), then the next tile.
 // kOverlap (FA3's intra-warpgroup overlap): the QK^T of tile j+1 and the PV of tile j are in
 // flight together; softmax of tile j+1 runs while PV(j) executes on the tensor cores.  With
 // kFwdSm90CrossTile (d256, d128's 128-key non-causal kernel) that also spans query tiles: the
@@ -46,12 +47,12 @@
 // Sliding window, softcap and ALiBi (params.h; flash-attn's semantics, the sm80 kernels'
 // helpers in sm80/attention_tiles.cuh): run-time, CTA-uniform branches, no template
 // parameter (H200, session 11: plain calls ran at 0.97-1.02x the forward without them, two
-// rounds; the backward, which lost more, has a kFeatures flag).  The window narrows the key tiles to [n_begin, n_end) (tiles no row of the
-// CTA sees are never loaded); a tile is then scored through apply_score_mods (softcap,
-// ALiBi, the window / causal / key-end mask on tiles crossing a bound) instead of
-// mask_tile.  Rows that see no key end with O = 0 and LSE -inf (as causal rows already did).
-// No dropout / bias / sink / varlen: the dispatch (cuda_backend.cu, sm90_fwd_applies)
-// sends those to the sm80 kernels.
+// rounds; the backward, which lost more, has a kFeatures flag).  The window narrows the key
+// tiles to [n_begin, n_end) (tiles no row of the CTA sees are never loaded); a tile is then
+// scored through apply_score_mods (softcap, ALiBi, the window / causal / key-end mask on tiles
+// crossing a bound) instead of mask_tile.  Rows that see no key end with O = 0 and LSE -inf
+// (as causal rows already did).  No dropout / bias / sink / varlen: the dispatch
+// (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -140,6 +141,11 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD96_WG3_N
 #define ORCHARD_SM90_FWD96_WG3_N 96
 #endif
+// d192's non-causal calls: 96-key tiles from ORCHARD_SM90_FWD192_WIDE_MIN_SK keys on, 64 below
+// (an A/B switch; run_flash_fwd_sm90 says what was measured; causal calls always take 96).
+#ifndef ORCHARD_SM90_FWD192_WIDE_MIN_SK
+#define ORCHARD_SM90_FWD192_WIDE_MIN_SK 2049
+#endif
 // d256's key tiles: ORCHARD_SM90_FWD256_WIDE_N keys (80: the most whose two K / V stages fit beside
 // Q) from ORCHARD_SM90_FWD256_WIDE_MIN_SK keys on, 64 below (A/B switches; run_flash_fwd_sm90 says
 // what was measured).
@@ -215,6 +221,17 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_O_IN_V
 #define ORCHARD_SM90_FWD_O_IN_V -1
 #endif
+// One WG's worth of O buffer, taken by the consumer WGs in turn (WG 0, 1, ... of each tile), where
+// the tile leaves room for that but not for a whole O buffer (d256's 64-key tiles, 32 of the 34 KB
+// left; d192's 96-key tiles, 24 of 34 KB), instead of stores from registers.  Each WG's issuing
+// thread waits for the copy engine to have read its O out before it passes the buffer on (mbarrier
+// o_free), so the next WG's staging waits at most for one TMA read.  The tiles named are the
+// ones short of cuDNN at s1k (d256: 0.90-0.94x, session 33) and s2k-4k (d192 96-key: 0.94x).
+// ORCHARD_SM90_FWD_O_SHARED: 0 (default; an A/B switch written in session 33, not yet run on a
+// GPU) none, 1 every tile with room and no O buffer of its own.
+#ifndef ORCHARD_SM90_FWD_O_SHARED
+#define ORCHARD_SM90_FWD_O_SHARED 0
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -242,7 +259,8 @@ struct FwdSm90Config {
   static constexpr int kQBytes = kBM * kD * 2;
   static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
   static constexpr int kQChunkBytes = kBM * kSwizzleBytes, kKVChunkBytes = kBN * kSwizzleBytes;
-  // Shared memory, in order: Q (kQStages buffers), the K / V ring, the O buffer (kOStaged), the
+  // Shared memory, in order: Q (kQStages buffers), the K / V ring, the O buffer (kOStaged; or
+  // one WG's part of it, kOShared), the
   // barriers (kBarBytes).  The O buffer has Q's layout (chunks of kBM rows, each WG's 64 rows a
   // TMA store box); it and a second Q buffer are there only where the tile leaves room within
   // the 227 KB an SM gives one CTA, O first.
@@ -253,16 +271,21 @@ struct FwdSm90Config {
   static constexpr bool kOStaged =
       kORoom && (ORCHARD_SM90_FWD_O_TMA >= 0 ? ORCHARD_SM90_FWD_O_TMA != 0
                                              : (kD == 128 && kBN == 128) || (kD == 192 && kBN == 64));
-  static constexpr bool kQ2Room = (2 + (kOStaged ? 1 : 0)) * kQBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
+  // The shared O buffer (kOShared): one WG's 64 rows, where a whole O buffer does not fit.
+  static constexpr int kOWGBytes = 64 * kD * 2;
+  static constexpr bool kOShared = !kOStaged && ORCHARD_SM90_FWD_O_SHARED != 0 &&
+                                   kQBytes + kRingBytes + kOWGBytes + kBarBytes + 1024 <= kSmemLimit;
+  static constexpr int kOBytes = kOStaged ? kQBytes : kOShared ? kOWGBytes : 0;
+  static constexpr bool kQ2Room = 2 * kQBytes + kOBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
   static constexpr int kQStages =
       kQ2Room && (ORCHARD_SM90_FWD_Q_STAGES >= 0 ? ORCHARD_SM90_FWD_Q_STAGES == 2 : kD == 128 && kBN == 128) ? 2 : 1;
   // O through a V stage instead (the kernel adds: overlap order, no cross-tile carry).
   static constexpr bool kOInVStage =
-      !kOStaged && kQStages == 1 && kKVBytes >= kQBytes &&
+      !kOStaged && !kOShared && kQStages == 1 && kKVBytes >= kQBytes &&
       (ORCHARD_SM90_FWD_O_IN_V >= 0 ? ORCHARD_SM90_FWD_O_IN_V != 0 : kD == 128 && kBN == 192);
   static constexpr int kKOffset = kQStages * kQBytes;
   static constexpr int kOOffset = kKOffset + kRingBytes;
-  static constexpr int kBarOffset = kOOffset + (kOStaged ? kQBytes : 0);
+  static constexpr int kBarOffset = kOOffset + kOBytes;
   static_assert(kOOffset % 1024 == 0, "sm90 forward: the O buffer needs the swizzle atom's alignment");
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + kBarBytes + 1024;
@@ -437,7 +460,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   const uint32_t sQ = sbase;                                 // [kQStages]
   const uint32_t sK = sbase + Cfg::kKOffset;                 // [kStages]
   const uint32_t sV = sK + Cfg::kStages * Cfg::kKVBytes;     // [kStages]
-  const uint32_t sO = sbase + Cfg::kOOffset;                 // kOStaged only
+  const uint32_t sO = sbase + Cfg::kOOffset;                 // kOStaged / kOShared only
   const uint32_t bars = sbase + Cfg::kBarOffset;
   auto k_full = [&](int s) { return bars + 8 * s; };
   auto v_full = [&](int s) { return bars + 16 + 8 * s; };
@@ -449,8 +472,11 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   auto q_empty = [&](int b, int w) { return bars + 112 + 8 * (3 * b + w); };
   // kOInV: every consumer warp's last PV of a tile done (its V stage then holds O).
   const uint32_t pv_done = bars + 160;
-  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 168 <= Cfg::kBarBytes,
-                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs, pv_done (168 bytes)");
+  // kOShared: the shared O buffer's use u (WG u % kWG of the CTA's tile u / kWG) read out by the
+  // copy engine (phase u, arrived by that use's issuing thread).
+  const uint32_t o_free = bars + 168;
+  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 176 <= Cfg::kBarBytes,
+                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs, pv_done, o_free (176 bytes)");
 
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -465,6 +491,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         mbarrier_init(q_empty(b, w), 4);  // one arrival per warp of WG w, after its last QK^T of a tile
       }
     if (Cfg::kOInVStage) mbarrier_init(pv_done, 4 * kWG);
+    if (Cfg::kOShared) mbarrier_init(o_free, 1);
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -626,6 +653,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // kOInV: this CTA's previous tile left its O in a V stage (the stage of key tile kv_cnt - 1)
     // that still has to go back to the producer once the TMA stores have read it.
     bool o_pending = false;
+    uint32_t o_uses = 0;  // kOShared: this WG's uses of the shared O buffer so far
     auto release_o_stage = [&] {
       if constexpr (kOInV) {
         if (o_pending) {
@@ -867,7 +895,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         if (row < sq && t == 0)
           lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
       }
-      // O staged in shared memory (kOStaged, kOInV): this WG's 64 rows, normalized, written
+      // O staged in shared memory (kOStaged, kOShared, kOInV): this WG's 64 rows, normalized, written
       // (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the async
       // proxy, and sent by the WG's issuing thread as one TMA box per chunk (rows past sq and
       // columns past d clipped by the map).  Named barriers 1 + kWG + wg (the GEMM token ring
@@ -891,6 +919,23 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           if (o_issuer) tma_store_wait_read<0>();
           named_barrier_sync(1 + kWG + wg, 128);
           send_o(sO + wg * 64 * kSw, Cfg::kQChunkBytes);
+          carried = carry_next;
+          continue;
+        }
+      }
+      if constexpr (Cfg::kOShared) {
+        if (o_by_tma) {
+          // Through the shared buffer (its chunks 64 rows apart), in turn: use kWG * o_uses + wg
+          // waits for the previous use's O to have been read out, and hands the buffer on once
+          // the copy engine has read this one.
+          const uint32_t u = kWG * o_uses + wg;
+          if (u > 0) mbarrier_wait(o_free, (u - 1) & 1u);
+          send_o(sO, 64 * kSw);
+          if (o_issuer) {
+            tma_store_wait_read<0>();
+            mbarrier_arrive(o_free);
+          }
+          ++o_uses;
           carried = carry_next;
           continue;
         }
@@ -921,7 +966,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       carried = carry_next;
     }
     // The copy engine must have read the last O out of shared memory before the CTA exits.
-    if constexpr (Cfg::kOStaged || kOInV) {
+    if constexpr (Cfg::kOStaged || Cfg::kOShared || kOInV) {
       if (o_by_tma && wi == 0 && lane == 0) tma_store_wait_all<0>();
     }
     if constexpr (kPingPong) {
@@ -964,11 +1009,11 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
                         kCols))
     return false;
   if (total == 0) return true;
-  // O by TMA stores (kOStaged, kOInVStage) where its map encodes: 16-byte rows (cuda::rows_vec16;
+  // O by TMA stores (kOStaged, kOShared, kOInVStage) where its map encodes: 16-byte rows (cuda::rows_vec16;
   // rows counted as 2, since the map steps the row stride even when sq is 1).
   CUtensorMap to{};
   bool o_by_tma = false;
-  if constexpr (Cfg::kOStaged || Cfg::kOInVStage) {
+  if constexpr (Cfg::kOStaged || Cfg::kOShared || Cfg::kOInVStage) {
     o_by_tma = cuda::rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, 2, p.hq, p.d) &&
                make_attn_map<T>(&to, p.out, p.d, p.sq, p.hq, p.b, p.o_row_stride, p.o_head_stride,
                                 p.o_batch_stride, 64, kCols);
@@ -1051,8 +1096,8 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
     if (p.causal)
       launched = sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p);
     else
-      launched = p.sk > 2048 ? sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 96>(p)
-                             : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
+      launched = p.sk >= ORCHARD_SM90_FWD192_WIDE_MIN_SK ? sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 96>(p)
+                                                         : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
   } else {
     // Window / softcap / ALiBi take the wide tiles too (test_sm90_features_wide_key_tiles, H200).
     launched = p.sk >= ORCHARD_SM90_FWD256_WIDE_MIN_SK
