@@ -260,10 +260,10 @@ struct FwdSm90Config {
   static constexpr int kKVBytes = kBN * kD * 2;  // one K or one V stage
   static constexpr int kQChunkBytes = kBM * kSwizzleBytes, kKVChunkBytes = kBN * kSwizzleBytes;
   // Shared memory, in order: Q (kQStages buffers), the K / V ring, the O buffer (kOStaged; or
-  // one WG's part of it, kOShared), the
-  // barriers (kBarBytes).  The O buffer has Q's layout (chunks of kBM rows, each WG's 64 rows a
-  // TMA store box); it and a second Q buffer are there only where the tile leaves room within
-  // the 227 KB an SM gives one CTA, O first.
+  // one WG's part of it, kOShared), the barriers (kBarBytes).  The O buffer has Q's layout
+  // (chunks of kBM rows, each WG's 64 rows a TMA store box; kOShared: chunks of 64 rows); it and
+  // a second Q buffer are there only where the tile leaves room within the 227 KB an SM gives
+  // one CTA, O first.
   static constexpr int kBarBytes = 256;
   static constexpr int kSmemLimit = 227 * 1024;
   static constexpr int kRingBytes = 2 * kStages * kKVBytes;
@@ -895,8 +895,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         if (row < sq && t == 0)
           lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
       }
-      // O staged in shared memory (kOStaged, kOShared, kOInV): this WG's 64 rows, normalized, written
-      // (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the async
+      // O staged in shared memory (kOStaged, kOShared, kOInV): this WG's 64 rows, normalized,
+      // written (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the async
       // proxy, and sent by the WG's issuing thread as one TMA box per chunk (rows past sq and
       // columns past d clipped by the map).  Named barriers 1 + kWG + wg (the GEMM token ring
       // has 1 .. kWG).
