@@ -289,6 +289,7 @@ struct FwdSm90Config {
   static_assert(kOOffset % 1024 == 0, "sm90 forward: the O buffer needs the swizzle atom's alignment");
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + kBarBytes + 1024;
+  static_assert(kSmemBytes <= kSmemLimit, "sm90 forward: the tile's shared memory exceeds what an SM gives one CTA");
   static constexpr int kThreads = 128 * (kWG + 1);
   // setmaxnreg split (64K registers per SM): 24 + 2 x 240 warps' worth with 2 consumer WGs,
   // 32 + 3 x 160 with 3 (the sums must not exceed the launch allocation: a hang otherwise).
