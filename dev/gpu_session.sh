@@ -13,6 +13,7 @@
 #   steps: pytest:<files, comma-separated> or pytest:-k,<one -k expression>  bench_quick  bench_full
 #          feature_bench  sanitize  decode_bench  cp_bench  cpu_bench  smi
 #          py:<script>,<args>  sh:<script>,<args>  cs:<sanitizer tool>,<script>
+#          (py: / sh: quoted with spaces, "py:<script> --impls a,b", keep their commas)
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SRC="$ROOT"
@@ -89,13 +90,15 @@ for step in "$@"; do
       OMP_NUM_THREADS=${CPU_THREADS:-16} timeout "${CPU_TIMEOUT:-240}" python3 bench/cpu_bench.py --grid "${CPU_GRID:-full}" \
         --clock wall --reps 3 > "$OUT/logs/cpu_bench.md" 2>&1 || rc=1
       cat "$OUT/logs/cpu_bench.md" ;;
-    py:*)  # py:<script>,<args...>: any script of the tree (e.g. a bench), its own log
-      args="${step#py:}"; args="${args//,/ }"; name=$(basename "${args%% *}" .py)
+    py:*)  # py:<script>,<args...>: any script of the tree (e.g. a bench), its own log; quoted
+      # with spaces ("py:<script> --impls a,b") the words split on the spaces and commas stay.
+      args="${step#py:}"; [[ $args == *" "* ]] || args="${args//,/ }"; name=$(basename "${args%% *}" .py)
       stamp "python3 $args"
       timeout "${PY_TIMEOUT:-180}" python3 $args > "$OUT/logs/py_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
       echo "$name rc=$r"; tail -${PY_TAIL:-25} "$OUT/logs/py_$name.log" ;;
     sh:*)  # sh:<script>,<args>: a shell script of the tree (e.g. bench/sm90/run.sh), its own log
-      args="${step#sh:}"; args="${args//,/ }"; name=$(basename "${args%% *}" .sh)
+      # (with spaces, as py: above)
+      args="${step#sh:}"; [[ $args == *" "* ]] || args="${args//,/ }"; name=$(basename "${args%% *}" .sh)
       stamp "bash $args"
       timeout "${SH_TIMEOUT:-180}" bash $args > "$OUT/logs/sh_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
       echo "$name rc=$r"; tail -${SH_TAIL:-25} "$OUT/logs/sh_$name.log" ;;
