@@ -1,8 +1,8 @@
 """Forward + backward calls with more tiles than SMs (each persistent sm90 forward CTA runs
 several tiles, so the consumer warpgroups' GEMM token passes across tiles), d64 / d96 / d128 / d192
-(d128's and d192's at these lengths write O by TMA stores from shared memory; d128 at 1024 keys
+/ d256 (d128's and d192's at these lengths write O by TMA stores from shared memory; d128 at 1024 keys
 runs the 128-key tiles with two Q buffers, at 2048 keys non-causal the 192-key tiles that stage O
-in a V stage),
+in a V stage; d256 at 1024 keys its 64-key tiles, 192 tiles for 132 SMs),
 causal and not, bf16 and fp16, GQA, for compute-sanitizer (memcheck, racecheck, synccheck) to watch.
 Each output is also checked against plain fp32 math, so a wrong answer fails the run.
 SANITIZE_DIMS=96,128 runs those head dims only, SANITIZE_DTYPES=bf16 one dtype (racecheck is slow:
@@ -15,11 +15,11 @@ import orchard
 
 torch.manual_seed(0)
 props = torch.cuda.get_device_properties(0)
-dims = {int(x) for x in os.environ.get("SANITIZE_DIMS", "64,96,128,192").split(",")}
+dims = {int(x) for x in os.environ.get("SANITIZE_DIMS", "64,96,128,192,256").split(",")}
 dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
 for dtype in (dtypes[x] for x in os.environ.get("SANITIZE_DTYPES", "bf16,fp16").split(",")):
     for d, b, hq, hkv, s in ((64, 4, 8, 4, 1024), (64, 3, 8, 8, 960), (96, 3, 8, 8, 960), (128, 3, 8, 8, 1024),
-                              (128, 2, 8, 8, 2048), (192, 3, 8, 8, 960)):
+                              (128, 2, 8, 8, 2048), (256, 3, 8, 8, 1024), (192, 3, 8, 8, 960)):
         if d not in dims:
             continue
         for causal in (False, True):
