@@ -25,6 +25,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 t0=$(date +%s)
 snap() { (cd "$OUT" && tar czf logs.tgz logs); }
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+# A py: / sh: step's words: commas for spaces, unless the step was quoted with spaces.
+step_args() { if [[ $1 == *" "* ]]; then echo "$1"; else echo "${1//,/ }"; fi; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/logs/card.txt"
 stamp "build from $SRC"
 cd "$SRC"
@@ -90,15 +92,13 @@ for step in "$@"; do
       OMP_NUM_THREADS=${CPU_THREADS:-16} timeout "${CPU_TIMEOUT:-240}" python3 bench/cpu_bench.py --grid "${CPU_GRID:-full}" \
         --clock wall --reps 3 > "$OUT/logs/cpu_bench.md" 2>&1 || rc=1
       cat "$OUT/logs/cpu_bench.md" ;;
-    py:*)  # py:<script>,<args...>: any script of the tree (e.g. a bench), its own log; quoted
-      # with spaces ("py:<script> --impls a,b") the words split on the spaces and commas stay.
-      args="${step#py:}"; [[ $args == *" "* ]] || args="${args//,/ }"; name=$(basename "${args%% *}" .py)
+    py:*)  # py:<script>,<args...>: any script of the tree (e.g. a bench), its own log (step_args)
+      args=$(step_args "${step#py:}"); name=$(basename "${args%% *}" .py)
       stamp "python3 $args"
       timeout "${PY_TIMEOUT:-180}" python3 $args > "$OUT/logs/py_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
       echo "$name rc=$r"; tail -${PY_TAIL:-25} "$OUT/logs/py_$name.log" ;;
-    sh:*)  # sh:<script>,<args>: a shell script of the tree (e.g. bench/sm90/run.sh), its own log
-      # (with spaces, as py: above)
-      args="${step#sh:}"; [[ $args == *" "* ]] || args="${args//,/ }"; name=$(basename "${args%% *}" .sh)
+    sh:*)  # sh:<script>,<args>: a shell script of the tree (e.g. bench/sm90/run.sh), its own log (step_args)
+      args=$(step_args "${step#sh:}"); name=$(basename "${args%% *}" .sh)
       stamp "bash $args"
       timeout "${SH_TIMEOUT:-180}" bash $args > "$OUT/logs/sh_$name.log" 2>&1; r=$?; (( r != 0 )) && rc=1
       echo "$name rc=$r"; tail -${SH_TAIL:-25} "$OUT/logs/sh_$name.log" ;;

@@ -897,8 +897,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
       }
       // O staged in shared memory (kOStaged, kOShared, kOInV): this WG's 64 rows, normalized,
-      // written (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the async
-      // proxy, and sent by the WG's issuing thread as one TMA box per chunk (rows past sq and
+      // written (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the
+      // async proxy, and sent by the WG's issuing thread as one TMA box per chunk (rows past sq and
       // columns past d clipped by the map).  Named barriers 1 + kWG + wg (the GEMM token ring
       // has 1 .. kWG).
       const bool o_issuer = wi == 0 && lane == 0;
