@@ -144,7 +144,7 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 // d192's non-causal calls: 96-key tiles from ORCHARD_SM90_FWD192_WIDE_MIN_SK keys on, 64 below
 // (an A/B switch; run_flash_fwd_sm90 says what was measured; causal calls always take 96).
 #ifndef ORCHARD_SM90_FWD192_WIDE_MIN_SK
-#define ORCHARD_SM90_FWD192_WIDE_MIN_SK 2049
+#define ORCHARD_SM90_FWD192_WIDE_MIN_SK 1024
 #endif
 // d256's key tiles: ORCHARD_SM90_FWD256_WIDE_N keys (80: the most whose two K / V stages fit beside
 // Q) from ORCHARD_SM90_FWD256_WIDE_MIN_SK keys on, 64 below (A/B switches; run_flash_fwd_sm90 says
@@ -225,12 +225,16 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 // the tile leaves room for that but not for a whole O buffer (d256's 64-key tiles, 32 of the 34 KB
 // left; d192's 96-key tiles, 24 of 34 KB), instead of stores from registers.  Each WG's issuing
 // thread waits for the copy engine to have read its O out before it passes the buffer on (mbarrier
-// o_free), so the next WG's staging waits at most for one TMA read.  The tiles named are the
-// ones short of cuDNN at s1k (d256: 0.90-0.94x, session 33) and s2k-4k (d192 96-key: 0.94x).
-// ORCHARD_SM90_FWD_O_SHARED: 0 (default; an A/B switch written in session 33, not yet run on a
-// GPU) none, 1 every tile with room and no O buffer of its own.
+// o_free), so the next WG's staging waits at most for one TMA read.  2-WG tiles only: with 3, one
+// barrier's parity cannot tell a WG's turn from two uses earlier (and per-WG barriers, correct
+// there, measured d64 0.99-1.03x, d96 0.92-1.03x: nothing to win).
+// ORCHARD_SM90_FWD_O_SHARED: -1 (default) d192's tiles (the 96-key ones), 0 none, 1 every tile
+// with room and no O buffer of its own (A/B switches).  H200, session 34, with 96-key tiles from
+// 1k keys (ORCHARD_SM90_FWD192_WIDE_MIN_SK): d192 s1k / s2k / s4k / s8k / s16k +13 / +7 / +4 / +5
+// / +3 %, fp16 s4k +4.5 %, d160 +1.3 % (two runs of 4-5 rounds agree within their spread).  d256's
+// 64-key tiles: s2k 0.96x, the rest 0.99-1.02x: off.
 #ifndef ORCHARD_SM90_FWD_O_SHARED
-#define ORCHARD_SM90_FWD_O_SHARED 0
+#define ORCHARD_SM90_FWD_O_SHARED -1
 #endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
@@ -273,7 +277,8 @@ struct FwdSm90Config {
                                              : (kD == 128 && kBN == 128) || (kD == 192 && kBN == 64));
   // The shared O buffer (kOShared): one WG's 64 rows, where a whole O buffer does not fit.
   static constexpr int kOWGBytes = 64 * kD * 2;
-  static constexpr bool kOShared = !kOStaged && ORCHARD_SM90_FWD_O_SHARED != 0 &&
+  static constexpr bool kOShared = !kOStaged && kWG == 2 &&
+                                   (ORCHARD_SM90_FWD_O_SHARED >= 0 ? ORCHARD_SM90_FWD_O_SHARED != 0 : kD == 192) &&
                                    kQBytes + kRingBytes + kOWGBytes + kBarBytes + 1024 <= kSmemLimit;
   static constexpr int kOBytes = kOStaged ? kQBytes : kOShared ? kOWGBytes : 0;
   static constexpr bool kQ2Room = 2 * kQBytes + kOBytes + kRingBytes + kBarBytes + 1024 <= kSmemLimit;
@@ -473,11 +478,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   auto q_empty = [&](int b, int w) { return bars + 112 + 8 * (3 * b + w); };
   // kOInV: every consumer warp's last PV of a tile done (its V stage then holds O).
   const uint32_t pv_done = bars + 160;
-  // kOShared: the shared O buffer's use u (WG u % kWG of the CTA's tile u / kWG) read out by the
-  // copy engine (phase u, arrived by that use's issuing thread).
+  // kOShared (2 WGs): the shared O buffer's use u (WG u % 2 of the CTA's tile u / 2) read out by
+  // the copy engine (phase u, arrived by that use's issuing thread).  A WG waits for phase u - 1
+  // by its parity: its own previous use (u - 2) has completed, so the barrier is in phase u - 1 or
+  // u, and the parity tells which.
   const uint32_t o_free = bars + 168;
   static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 176 <= Cfg::kBarBytes,
                 "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs, pv_done, o_free (176 bytes)");
+  static_assert(!Cfg::kOShared || kWG == 2, "sm90 forward: the shared O buffer's turns assume 2 WGs");
 
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
@@ -926,10 +934,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       }
       if constexpr (Cfg::kOShared) {
         if (o_by_tma) {
-          // Through the shared buffer (its chunks 64 rows apart), in turn: use kWG * o_uses + wg
+          // Through the shared buffer (its chunks 64 rows apart), in turn: use u = 2 * o_uses + wg
           // waits for the previous use's O to have been read out, and hands the buffer on once
           // the copy engine has read this one.
-          const uint32_t u = kWG * o_uses + wg;
+          const uint32_t u = 2 * o_uses + wg;
           if (u > 0) mbarrier_wait(o_free, (u - 1) & 1u);
           send_o(sO, 64 * kSw);
           if (o_issuer) {
@@ -1074,7 +1082,9 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   // - d192 bucket (d 136..192): overlap; causal 96-key tiles +9 % (d192) / +7 % (d160) over 64
   //   (session 12); non-causal 96-key tiles from 2049 keys on: +9 / +10 / +15 % at s4k / s8k /
   //   s16k, d160 +14 %, fp16 +5 % over 64 (session 17, medians of 3; 80 keys within 2 % of 96
-  //   to s4k, 2-4 % behind above; 112 behind 96), while 64 stays 3 % ahead at 2k keys;
+  //   to s4k, 2-4 % behind above; 112 behind 96), while 64 stayed 3 % ahead at 2k keys; since
+  //   the 96-key tiles stage O through a shared buffer (session 34), 96 from 1024 keys on: +9-13 %
+  //   at s1k, +7 % at s2k over 64 (which stages a whole O buffer);
   // - d256: overlap; 80-key tiles from 2048 keys on, 64 below (session 28, ab_fwd.sh MODES=d256,
   //   medians of 5 alternating rounds, 80 over 64: non-causal s2k / 4k 1.00 / 1.01x, s8k / 16k
   //   +2.4 / +3.3 %, causal s2k-16k +3.3 / +3.3 / +4.5 / +13.6 %, fp16 s4k 1.00x, but s1k -6.5 %).
