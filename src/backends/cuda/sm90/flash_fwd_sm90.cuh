@@ -113,6 +113,14 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD64_OVERLAP
 #define ORCHARD_SM90_FWD64_OVERLAP 1
 #endif
+// d64's causal calls with fewer than ORCHARD_SM90_FWD64_CAUSAL_WG2_BELOW_SK keys: 2 consumer
+// warpgroups (128-row tiles: a finer diagonal) instead of 3 (an A/B switch; 0: 3 everywhere).
+// H200, session 34 (ab_fwd.sh, medians of 4 rounds, all causal calls on 2 WGs): s512 / s1k +10 /
+// +15 %, s2k 0.99x, s4k-16k 0.92-0.96x.  Other tiles for causal d64, not kept: 64 keys
+// 0.89-0.94x everywhere, 96 keys 0.95-1.005x.
+#ifndef ORCHARD_SM90_FWD64_CAUSAL_WG2_BELOW_SK
+#define ORCHARD_SM90_FWD64_CAUSAL_WG2_BELOW_SK 2048
+#endif
 // d128's wide key tile (ORCHARD_SM90_FWD128_WIDE_N keys) from ORCHARD_SM90_FWD128_WIDE_MIN_SK
 // keys on (causal: ORCHARD_SM90_FWD128_CAUSAL_WIDE_MIN_SK), 128-key tiles below (A/B switches;
 // run_flash_fwd_sm90 says what was measured).
@@ -1090,7 +1098,10 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   +2.4 / +3.3 %, causal s2k-16k +3.3 / +3.3 / +4.5 / +13.6 %, fp16 s4k 1.00x, but s1k -6.5 %).
   bool launched;
   if constexpr (kD == 64) {
-    launched = sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 3>(p);
+    constexpr bool kOverlap = ORCHARD_SM90_FWD64_OVERLAP != 0;
+    launched = p.causal && p.sk < ORCHARD_SM90_FWD64_CAUSAL_WG2_BELOW_SK
+                   ? sm90::launch_flash_fwd_sm90_one<T, 64, true, kOverlap, 128, 2>(p)
+                   : sm90::launch_flash_fwd_sm90<T, 64, kOverlap, 128, 3>(p);
   } else if constexpr (kD == 96) {
     if constexpr (ORCHARD_SM90_FWD96_WG == 3) {
       launched = sm90::launch_flash_fwd_sm90<T, 96, true, ORCHARD_SM90_FWD96_WG3_N, 3>(p);
