@@ -238,9 +238,10 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 // there, measured d64 0.99-1.03x, d96 0.92-1.03x: nothing to win).
 // ORCHARD_SM90_FWD_O_SHARED: -1 (default) d192's tiles (the 96-key ones), 0 none, 1 every tile
 // with room and no O buffer of its own (A/B switches).  H200, session 34, with 96-key tiles from
-// 1k keys (ORCHARD_SM90_FWD192_WIDE_MIN_SK): d192 s1k / s2k / s4k / s8k / s16k +13 / +7 / +4 / +5
-// / +3 %, fp16 s4k +4.5 %, d160 +1.3 % (two runs of 4-5 rounds agree within their spread).  d256's
-// 64-key tiles: s2k 0.96x, the rest 0.99-1.02x: off.
+// 1k keys (ORCHARD_SM90_FWD192_WIDE_MIN_SK), over session 33's d192 (5 rounds): s1k / s2k / s4k /
+// s8k / s16k +3.3 / +7.2 / +7.2 / +6.2 / +3.2 %, fp16 s4k +5.6 %, d160 +1.9 %, causal 0.995-1.055x
+// (two earlier runs: s1k +9-13 %, s8k +5-8 %).  d256's 64-key tiles: s2k 0.96x, the rest 0.99-1.02x:
+// off.
 #ifndef ORCHARD_SM90_FWD_O_SHARED
 #define ORCHARD_SM90_FWD_O_SHARED -1
 #endif
