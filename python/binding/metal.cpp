@@ -57,13 +57,15 @@ std::vector<std::tuple<std::string, std::uint32_t, std::uint32_t>> plan(const st
 }
 
 using Origin = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
+using Window = std::tuple<std::int64_t, std::int64_t>;
 
 // strides: element (batch, row, head) strides of q, k, v, out, dout, dq, dk, dv in that
 // order (24 ints; zeros for tensors a forward does not have).
 std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_t>& strides,
                                const std::tuple<std::int64_t, std::int64_t>& lse_strides, bool causal,
                                std::int64_t causal_offset, double dropout_p, double scale, bool write_mask,
-                               const Origin& dropout_origin) {
+                               const Origin& dropout_origin, const Window& window, double softcap,
+                               std::int64_t alibi_batch_stride) {
   if (strides.size() != 24)
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, "metal_meta: expected 24 strides");
   orchard::BwdParams p = params_of(sizes);
@@ -87,6 +89,12 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
   p.dropout_col_offset = drop_col;
   p.dropout_head_offset = static_cast<int>(drop_head);
   p.dropout_heads = static_cast<int>(drop_heads);
+  std::tie(p.window_left, p.window_right) = window;
+  p.softcap = static_cast<float>(softcap);
+  // The slopes reach the kernels as a buffer; pack_meta only asks whether there are any.
+  static const float slopes_present = 0.0f;
+  p.alibi_slopes = alibi_batch_stride >= 0 ? &slopes_present : nullptr;
+  p.alibi_batch_stride = alibi_batch_stride >= 0 ? alibi_batch_stride : 0;
   return orchard::metal::pack_meta(p, write_mask);
 }
 
@@ -112,9 +120,11 @@ void register_metal(nb::module_& m) {
         "[(kernel, threadgroups, threads per threadgroup)] of a 'fwd' or 'bwd' call; sizes = (b, sq, sk, hq, hkv, d).");
   m.def("metal_meta", &meta, "sizes"_a, "strides"_a, "lse_strides"_a, "causal"_a, "causal_offset"_a,
         "dropout_p"_a, "scale"_a, "write_mask"_a,
-        "dropout_origin"_a = Origin(0, 0, 0, 0),
+        "dropout_origin"_a = Origin(0, 0, 0, 0), "window"_a = Window(-1, -1), "softcap"_a = 0.0,
+        "alibi_batch_stride"_a = -1,
         "The int64 `meta` buffer the Metal kernels read. dropout_origin: (row offset, col offset, "
-        "head offset, heads) of the dropout index (params.h).");
+        "head offset, heads) of the dropout index; window: (left, right) in params.h's normal form "
+        "(causal: right 0); alibi_batch_stride: the slopes' batch stride, -1 without ALiBi.");
   m.def("metal_debug_log_enabled", &orchard::detail::debug_log_enabled);
   m.def("metal_tensor_profile_enabled", &orchard::detail::tensor_profile_enabled);
   m.def("metal_debug_log_line", &orchard::detail::debug_log_line, "line"_a);

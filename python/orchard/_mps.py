@@ -25,6 +25,7 @@ order, dtypes, strides, geometry, autograd, logs) on CPU tensors through
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -32,10 +33,10 @@ import torch
 from . import _C
 
 # The kernels' buffer order, as declared in src/backends/metal/kernels/*.metal.
-_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta")
+_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta", "alibi")
 _DOT_ARGS = ("out", "dout", "delta", "meta")
-_DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta")
-_DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta")
+_DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta", "alibi")
+_DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta", "alibi")
 _KERNEL_ARGS = {"orchard_fwd": _FWD_ARGS, "orchard_bwd_dot": _DOT_ARGS,
                 "orchard_bwd_dq": _DQ_ARGS, "orchard_bwd_dkdv": _DKDV_ARGS}
 
@@ -110,15 +111,51 @@ def _feature_names_and_defaults():
 
 
 # The feature arguments the Metal kernels implement (the rest must keep their defaults).
-_METAL_FEATURES = ("dropout_row_offset", "dropout_col_offset", "dropout_head_offset", "dropout_heads")
+_DROPOUT_ORIGIN = ("dropout_row_offset", "dropout_col_offset", "dropout_head_offset", "dropout_heads")
+_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes") + _DROPOUT_ORIGIN
+
+
+def _feature_values(features):
+    """{name: value} of the ops' feature arguments (defaults for those left out)."""
+    names, defaults = _feature_names_and_defaults()
+    return dict(zip(names, (*features, *defaults[len(features):])))
 
 
 def _dropout_origin(features):
     """(row offset, col offset, head offset, heads) of the dropout index: the ops'
     dropout_* feature arguments (0s when left out)."""
-    names, defaults = _feature_names_and_defaults()
-    values = dict(zip(names, (*features, *defaults[len(features):])))
-    return tuple(int(values.get(n, 0)) for n in _METAL_FEATURES)
+    values = _feature_values(features)
+    return tuple(int(values.get(n, 0)) for n in _DROPOUT_ORIGIN)
+
+
+def _score_mods(features, causal, sq, sk):
+    """(causal, window (left, right), softcap) in the core's normal form (core/attention.cpp's
+    set_problem): causal is right = 0, and a bound no row can reach is unbounded."""
+    values = _feature_values(features)
+    left, right = int(values.get("window_left", -1)), int(values.get("window_right", -1))
+    reach = sq + sk
+    left = -1 if left >= reach else left
+    right = 0 if causal else (-1 if right >= reach else right)
+    return right == 0, (left, right), float(values.get("softcap", 0.0) or 0.0)
+
+
+def _alibi(features, q, op_name):
+    """The ALiBi slopes as the kernels read them (fp32, unit head stride; one staged copy
+    otherwise) and their batch stride, or (None, -1) without ALiBi."""
+    slopes = _feature_values(features).get("alibi_slopes")
+    if slopes is None:
+        return None, -1
+    b, hq = q.shape[0], q.shape[2]
+    if slopes.dtype != torch.float32:
+        raise ValueError(f"{op_name}: alibi_slopes must be float32, got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((hq,), (b, hq)):
+        raise ValueError(f"{op_name}: alibi_slopes must have shape ({hq},) or ({b}, {hq}), got "
+                         f"{tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"{op_name}: alibi_slopes must be on q's device ({q.device}), got {slopes.device}")
+    if slopes.stride(-1) != 1 and hq > 1:
+        slopes = slopes.contiguous()
+    return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
 
 
 def _check(q, k, v, features, op_name):
@@ -134,6 +171,13 @@ def _check(q, k, v, features, op_name):
                 continue
             if (value is not None) if default is None else (value != default):
                 raise NotImplementedError(f"{op_name}: {name} is not supported by the Metal (MPS) backend yet")
+        values = _feature_values(features)
+        left, right = values.get("window_left", -1), values.get("window_right", -1)
+        if left < -1 or right < -1:
+            raise ValueError(f"{op_name}: window_size values must be >= -1 (-1 = unbounded), got ({left}, {right})")
+        softcap = float(values.get("softcap", 0.0) or 0.0)
+        if not (softcap >= 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"{op_name}: softcap must be a finite value >= 0, got {softcap}")
         row, col, head, heads = _dropout_origin(features)
         hq = q.shape[2] if q.dim() == 4 else 0
         if min(row, col, head, heads) < 0 or (heads > 0 and head + hq > heads):
@@ -237,22 +281,28 @@ def _dispatch(lib, plan, buffers, log):
         log(f"{(time.perf_counter() - t0) * 1e3:.4f}")
 
 
-def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged):
+def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged,
+              window=(-1, -1), softcap=0.0, alibi=False):
     if not _C.metal_debug_log_enabled():
         return None
     call = _C.metal_next_call_number()
     b, sq, sk, hq, hkv, d = sizes
     causal_text = f"1(offset {causal_offset})" if causal else "0"
+    # The score modifiers as the C++ core's problem_summary spells them.
+    mods = f" window=({window[0]},{window[1]})" if window[0] >= 0 or window[1] > 0 else ""
+    mods += f" softcap={softcap:g}" if softcap > 0 else ""
+    mods += " alibi=1" if alibi else ""
     head = (f"{direction} #{call} op={op_name} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv} d={d} "
-            f"dtype={dtype} causal={causal_text} dropout={dropout_p:g} scale={scale:g} backend=mps "
+            f"dtype={dtype} causal={causal_text}{mods} dropout={dropout_p:g} scale={scale:g} backend=mps "
             f"variant={variant} staged={staged} elapsed_ms=")
     return lambda elapsed: _C.metal_debug_log_line(head + elapsed)
 
 
 def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device,
-          dropout_origin=(0, 0, 0, 0)):
+          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1):
     values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
-                           float(dropout_p), float(scale), bool(write_mask), dropout_origin)
+                           float(dropout_p), float(scale), bool(write_mask), dropout_origin, window, softcap,
+                           alibi_batch_stride)
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
     # 43 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
@@ -264,6 +314,7 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     _check(q, k, v, features, op_name)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
+    slopes, alibi_batch_stride = _alibi(features, q, op_name)
     out = _empty_like_unit_last(q)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     write_mask = bool(return_mask) and dropout_p > 0.0
@@ -280,18 +331,20 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     q_, k_, v_ = (_readable(n, t, staged, op_name, "fwd") for n, t in (("q", q), ("k", k), ("v", v)))
     _profile(op_name, "fwd", "out", out, "zero-copy")
     _profile(op_name, "fwd", "lse", lse, "zero-copy")
-    causal_offset = 0 if (not causal or causal_top_left) else sk - sq
+    causal, window, softcap = _score_mods(features, causal, sq, sk)
+    causal_offset = 0 if causal_top_left else sk - sq
     sizes = (b, sq, sk, hq, hkv, d)
     dtype = _SUPPORTED[q.dtype]
     variant, source = _C.metal_variant(dtype, d)
     strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device,
-                 _dropout_origin(features))
+                 _dropout_origin(features), window, softcap, alibi_batch_stride)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
                "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
-               "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta}
+               "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta,
+               "alibi": lse if slopes is None else slopes}  # lse: a float32 stand-in the kernels never read
     log = _log_line("FWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged))
+                    len(staged), window, softcap, slopes is not None)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes), buffers, log)
     return out, lse, mask
 
@@ -300,6 +353,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
              op_name="orchard.flash_attn", rng_state=None, features=()):
     """The MPS backward: (dq, dk, dv) like _ops._backward_kernel (deterministic: no atomics)."""
     _check(q, k, v, features, op_name)
+    slopes, alibi_batch_stride = _alibi(features, q, op_name)
     dq, dk, dv = _empty_like_unit_last(q), _empty_like_unit_last(k), _empty_like_unit_last(v)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -315,19 +369,20 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     q_, k_, v_, out_, dout_ = (_readable(n, t, staged, op_name, "bwd") for n, t in named)
     for n, t in (("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
         _profile(op_name, "bwd", n, t, "zero-copy")
-    causal_offset = 0 if (not causal or causal_top_left) else sk - sq
+    causal, window, softcap = _score_mods(features, causal, sq, sk)
+    causal_offset = 0 if causal_top_left else sk - sq
     sizes = (b, sq, sk, hq, hkv, d)
     dtype = _SUPPORTED[q.dtype]
     variant, source = _C.metal_variant(dtype, d)
     strides = (_bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out_) + _bshd(dout_) + _bshd(dq) + _bshd(dk)
                + _bshd(dv))
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device,
-                 _dropout_origin(features))
+                 _dropout_origin(features), window, softcap, alibi_batch_stride)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out_, "dout": dout_, "lse": lse,
                "delta": torch.empty(max(1, b * hq * sq), dtype=torch.float32, device=q.device),
                "dq": dq, "dk": dk, "dv": dv, "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta),
-               "meta": meta}
+               "meta": meta, "alibi": lse if slopes is None else slopes}
     log = _log_line("BWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged))
+                    len(staged), window, softcap, slopes is not None)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("bwd", dtype, sizes), buffers, log)
     return dq, dk, dv

@@ -9,6 +9,9 @@ namespace {
 // Kernels take non-const void* buffers; inputs are only read.
 void* buf(const void* p) { return const_cast<void*>(p); }
 
+// The ALiBi slopes, or a float buffer the kernels do not read (meta says there are none).
+void* alibi_buffer(const FwdParams& p) { return buf(p.alibi_slopes != nullptr ? p.alibi_slopes : p.lse); }
+
 void run(const metal::Variant& v, const metal::Launch& l, const std::vector<void*>& buffers) {
   run_emulated(v.name(), l.kernel, l.groups, l.threads_per_group, buffers);
 }
@@ -24,7 +27,8 @@ void emulate_forward(const FwdParams& p) {
   std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};
   std::uint8_t no_mask = 0;
   run(v, metal::forward_launch(v, p),
-      {buf(p.q), buf(p.k), buf(p.v), p.out, p.lse, p.dropout_mask ? p.dropout_mask : &no_mask, rng, meta.data()});
+      {buf(p.q), buf(p.k), buf(p.v), p.out, p.lse, p.dropout_mask ? p.dropout_mask : &no_mask, rng, meta.data(),
+       alibi_buffer(p)});
 }
 
 void emulate_backward(const BwdParams& p) {
@@ -35,9 +39,10 @@ void emulate_backward(const BwdParams& p) {
   std::vector<float> delta(metal::backward_delta_floats(p) + 1);
   run(v, metal::backward_dot_launch(v, p), {buf(p.out), buf(p.dout), delta.data(), meta.data()});
   run(v, metal::backward_dq_launch(v, p),
-      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dq, rng, meta.data()});
+      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dq, rng, meta.data(), alibi_buffer(p)});
   run(v, metal::backward_dkdv_launch(v, p),
-      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dk, p.dv, rng, meta.data()});
+      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dk, p.dv, rng, meta.data(),
+       alibi_buffer(p)});
 }
 
 }  // namespace orchard::metal_emu

@@ -75,8 +75,9 @@ std::string check_support(DType dtype, int head_dim) {
 }
 
 std::string check_support(const FwdParams& p) {
-  // Features of FwdParams added after this backend (windows, softcap, ...) must be
-  // rejected here until the kernels implement them.
+  // The features the kernels do not implement (varlen, sinks, attn_mask, a value head
+  // dim of its own) are rejected by the Python MPS path (python/orchard/_mps.py) before
+  // it gets here; windows, softcap and ALiBi run.
   return check_support(p.dtype, p.d);
 }
 
@@ -176,7 +177,7 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   put3(kMetaDvBatch, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   m[kMetaLseBatch] = p.lse_batch_stride, m[kMetaLseHead] = p.lse_head_stride;
   m[kMetaCausal] = p.causal ? 1 : 0;
-  m[kMetaCausalOffset] = p.causal ? p.causal_offset : 0;
+  m[kMetaCausalOffset] = p.causal_offset;
   const bool dropout = p.dropout_p > 0.0f;
   m[kMetaDropout] = dropout ? 1 : 0;
   m[kMetaKeepThreshold] = dropout ? dropout_keep_threshold(p.dropout_p) : 0;
@@ -186,6 +187,9 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   // Dropout's global coordinates (params.h); DropHeads is the effective head count.
   m[kMetaDropRow] = p.dropout_row_offset, m[kMetaDropCol] = p.dropout_col_offset;
   m[kMetaDropHead] = p.dropout_head_offset, m[kMetaDropHeads] = p.dropout_heads > 0 ? p.dropout_heads : p.hq;
+  m[kMetaWindowLeft] = p.window_left, m[kMetaWindowRight] = p.window_right;
+  m[kMetaSoftcapBits] = float_bits(p.softcap > 0.0f ? p.softcap : 0.0f);
+  m[kMetaAlibi] = p.alibi_slopes != nullptr ? 1 : 0, m[kMetaAlibiBatch] = p.alibi_batch_stride;
   return m;
 }
 

@@ -20,7 +20,7 @@ namespace orchard::metal {
   X(VHead) X(OBatch) X(ORow) X(OHead) X(DoBatch) X(DoRow) X(DoHead) X(DqBatch) X(DqRow) X(DqHead) X(DkBatch)  \
   X(DkRow) X(DkHead) X(DvBatch) X(DvRow) X(DvHead) X(LseBatch) X(LseHead) X(Causal) X(CausalOffset)          \
   X(Dropout) X(KeepThreshold) X(WriteMask) X(ScaleBits) X(RpBits) X(DropRow) X(DropCol) X(DropHead) \
-  X(DropHeads)
+  X(DropHeads) X(WindowLeft) X(WindowRight) X(SoftcapBits) X(Alibi) X(AlibiBatch)
 
 enum MetaField : int {
 #define ORCHARD_METAL_META_ENUM(name) kMeta##name,
@@ -71,7 +71,10 @@ Launch backward_dq_launch(const Variant& v, const FwdParams& p);
 Launch backward_dkdv_launch(const Variant& v, const FwdParams& p);
 
 // The meta buffer for `p` (forward: the BwdParams-only fields are zero). Reads the
-// element strides of p; dropout's keep threshold and 1/(1-p) come from dropout_p.
+// element strides of p; dropout's keep threshold and 1/(1-p) come from dropout_p. The
+// diagonal (causal_offset) is passed as is: the kernels read it for causal, window and
+// ALiBi; window_left / window_right / softcap as params.h defines them, ALiBi as a flag
+// (p.alibi_slopes set) and the slopes' batch stride (the slopes travel as a buffer).
 std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask);
 
 // Float workspace the backward needs: delta, (b, hq, sq) contiguous.

@@ -1,7 +1,7 @@
 // Backward, step 3: dK = scale * dS^T Q and dV = P'^T dO over key tiles, no atomics. One
 // threadgroup per (batch, key/value head, tile of kDkvBlockK key rows); simdgroup s owns keys
 // [8s, 8s + 8) and keeps K, V, dK and dV in simdgroup matrices. It walks every query head of
-// its GQA group and every query tile that can see the keys (causal skips the rest): S^T = K Q^T
+// its GQA group and every query tile that can see the keys (causal / window skip the rest): S^T = K Q^T
 // and dP^T = V dO^T go to threadgroup memory, each thread turns its share into
 // P'^T (dropped and rescaled probabilities) and dS^T, and both products accumulate in fp32.
 constant constexpr int kDkvSimdgroups = kDkvBlockK / 8;
@@ -18,13 +18,11 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
                              device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
                              device elem_t* dk [[buffer(6)]], device elem_t* dv [[buffer(7)]],
                              device const long* rng [[buffer(8)]], device const long* meta [[buffer(9)]],
-                             uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                             device const float* alibi [[buffer(10)]], uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                              uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDkvSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
   const int hkv = int(meta[kMetaHkv]), group_size = hq / hkv;
-  const bool causal = meta[kMetaCausal] != 0;
-  const long causal_offset = meta[kMetaCausalOffset];
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
@@ -52,19 +50,17 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
     dv_acc[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
 
-  // Query rows before q_begin see none of these keys (j <= i + offset fails for all j >= k0).
-  int q_begin = 0;
-  if (causal) {
-    const long first = long(k0) - causal_offset;
-    q_begin = first <= 0 ? 0 : (first >= long(sq) ? sq : int(first)) / kDkvBlockQ * kDkvBlockQ;
-  }
   for (int h = kh * group_size; h < (kh + 1) * group_size; ++h) {
+    // Query rows outside [q_begin, q_end) see none of these keys (causal / window).
+    const ScoreMods mods = score_mods(meta, alibi, bi, h);
+    int q_begin, q_end;
+    visible_query_range(mods, k0, kDkvBlockK, sq, kDkvBlockQ, q_begin, q_end);
     const int batch_head = bi * hq + h;
     device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
     device const elem_t* gh = dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead];
     device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead];
     device const float* delta_h = delta + long(batch_head) * sq;
-    for (int q0 = q_begin; q0 < sq; q0 += kDkvBlockQ) {
+    for (int q0 = q_begin; q0 < q_end; q0 += kDkvBlockQ) {
       threadgroup_barrier(mem_flags::mem_threadgroup);
       load_tile(smem + kDkvQ, qh, meta[kMetaQRow], q0, kDkvBlockQ, sq, d, tid, kDkvThreads);
       load_tile(smem + kDkvG, gh, meta[kMetaDoRow], q0, kDkvBlockQ, sq, d, tid, kDkvThreads);
@@ -86,8 +82,9 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
       for (int e = int(tid); e < kDkvBlockK * kDkvBlockQ; e += kDkvThreads) {
         const int col = k0 + e / kDkvBlockQ, row = q0 + e % kDkvBlockQ;
         float p_kept = 0.0f, ds = 0.0f;
-        if (row < sq && col < sk && visible(row, col, causal, causal_offset)) {
-          const float p = exp(smem[kDkvS + e] * scale - lse_h[row]);
+        if (row < sq && col < sk && visible(mods, row, col)) {
+          const float x = smem[kDkvS + e] * scale;
+          const float p = exp(final_score(mods, x, row, col) - lse_h[row]);
           float dp = smem[kDkvP + e];
           p_kept = p;
           if (dropout) {
@@ -95,7 +92,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
             p_kept = keep ? p * rescale : 0.0f;
             dp = keep ? dp * rescale : 0.0f;
           }
-          ds = p * (dp - delta_h[row]);
+          ds = p * (dp - delta_h[row]) * final_score_grad(mods, x);
         }
         smem[kDkvS + e] = p_kept;
         smem[kDkvP + e] = ds;

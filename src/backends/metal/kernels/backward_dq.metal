@@ -1,9 +1,9 @@
 // Backward, step 2: dQ = scale * dS K over query tiles, no atomics. One threadgroup per
 // (batch, query head, tile of kDqBlockQ rows); simdgroup s owns rows [8s, 8s + 8). Q and dO
 // stay in simdgroup matrices; for each key tile S = Q K^T and dP = dO V^T go to threadgroup
-// memory, every thread turns its share of them into dS = P * (dP' - delta) with
-// P = exp(scale * S - LSE) (dP' = dP with the dropout mask and 1/(1-p) applied), and
-// dS K accumulates in fp32.
+// memory, every thread turns its share of them into dS = P * (dP' - delta) * f'(x) with
+// P = exp(f(x) - LSE), x = scale * S, f the score modifiers (common.metal) and dP' = dP with
+// the dropout mask and 1/(1-p) applied, and dS K accumulates in fp32.
 constant constexpr int kDqSimdgroups = kDqBlockQ / 8;
 constant constexpr int kDqThreads = kDqSimdgroups * 32;
 constant constexpr int kDqStageFloats = (kDqBlockQ > 2 * kDqBlockK ? kDqBlockQ : 2 * kDqBlockK) * kBlockD;
@@ -17,14 +17,13 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
                            device const elem_t* v [[buffer(2)]], device const elem_t* dout [[buffer(3)]],
                            device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
                            device elem_t* dq [[buffer(6)]], device const long* rng [[buffer(7)]],
-                           device const long* meta [[buffer(8)]], uint tg_index [[threadgroup_position_in_grid]],
+                           device const long* meta [[buffer(8)]], device const float* alibi [[buffer(9)]],
+                           uint tg_index [[threadgroup_position_in_grid]],
                            uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
                            uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDqSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
   const int group_size = hq / int(meta[kMetaHkv]);
-  const bool causal = meta[kMetaCausal] != 0;
-  const long causal_offset = meta[kMetaCausalOffset];
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
@@ -37,6 +36,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
   device const float* delta_h = delta + long(batch_head) * sq;
   device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
   device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
+  const ScoreMods mods = score_mods(meta, alibi, bi, h);
 
   simdgroup_float8x8 qf[kBlockD / 8];
   simdgroup_float8x8 gf[kBlockD / 8];  // dO
@@ -54,12 +54,9 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
     acc[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
 
-  long k_end = sk;
-  if (causal) {
-    const long last_visible = long(q0 + kDqBlockQ - 1) + causal_offset + 1;
-    k_end = last_visible < k_end ? last_visible : k_end;
-  }
-  for (int k0 = 0; k0 < k_end; k0 += kDqBlockK) {
+  int k_begin, k_end;
+  visible_key_range(mods, q0, kDqBlockQ, sk, kDqBlockK, k_begin, k_end);
+  for (int k0 = k_begin; k0 < k_end; k0 += kDqBlockK) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     load_tile(smem + kDqK, kh_ptr, meta[kMetaKRow], k0, kDqBlockK, sk, d, tid, kDqThreads);
     load_tile(smem + kDqV, vh, meta[kMetaVRow], k0, kDqBlockK, sk, d, tid, kDqThreads);
@@ -81,11 +78,12 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
     for (int e = int(tid); e < kDqBlockQ * kDqBlockK; e += kDqThreads) {
       const int row = q0 + e / kDqBlockK, col = k0 + e % kDqBlockK;
       float ds = 0.0f;
-      if (row < sq && col < sk && visible(row, col, causal, causal_offset)) {
-        const float p = exp(smem[kDqS + e] * scale - lse_h[row]);
+      if (row < sq && col < sk && visible(mods, row, col)) {
+        const float x = smem[kDqS + e] * scale;
+        const float p = exp(final_score(mods, x, row, col) - lse_h[row]);
         float dp = smem[kDqP + e];
         if (dropout) dp = dropout_keep_at(rng, meta, bi, h, row, col, keep_threshold) ? dp * rescale : 0.0f;
-        ds = p * (dp - delta_h[row]);
+        ds = p * (dp - delta_h[row]) * final_score_grad(mods, x);
       }
       smem[kDqS + e] = ds;
     }

@@ -37,8 +37,81 @@ inline void store_tile(device elem_t* dst, TgFloatPtr src, long row_stride, int 
   }
 }
 
-// Causal visibility: query row i sees key column j iff j <= i + causal_offset
-// (offset sk - sq aligns bottom-right, 0 top-left).
-inline bool visible(int row, int col, bool causal, long causal_offset) {
-  return !causal || long(col) <= long(row) + causal_offset;
+// What decides a score (orchard/params.h): on the diagonal `diag` (sk - sq bottom-right, 0
+// top-left), row i sees column j iff j <= i + diag when causal and
+// i + diag - left <= j <= i + diag + right for a window (a negative bound is unbounded);
+// the scaled score x = scale * q.k becomes softcap * tanh(x / softcap) when softcap > 0,
+// then gets the ALiBi bias -slope * |i + diag - j|.
+struct ScoreMods {
+  bool causal;
+  long diag, left, right;
+  float softcap;
+  bool alibi;
+  float slope;
+};
+
+// The modifiers of (batch bi, query head h); `alibi` holds the fp32 slopes when meta says so.
+inline ScoreMods score_mods(device const long* meta, device const float* alibi, int bi, int h) {
+  ScoreMods m;
+  m.causal = meta[kMetaCausal] != 0;
+  m.diag = meta[kMetaCausalOffset];
+  m.left = meta[kMetaWindowLeft];
+  m.right = meta[kMetaWindowRight];
+  m.softcap = meta_float(meta, kMetaSoftcapBits);
+  m.alibi = meta[kMetaAlibi] != 0;
+  m.slope = m.alibi ? alibi[long(bi) * meta[kMetaAlibiBatch] + h] : 0.0f;
+  return m;
+}
+
+inline bool visible(thread const ScoreMods& m, int row, int col) {
+  const long rel = long(col) - (long(row) + m.diag);  // j - (i + diag)
+  return !(m.causal && rel > 0) && !(m.right >= 0 && rel > m.right) && !(m.left >= 0 && rel < -m.left);
+}
+
+// The final score of the scaled score x at (row, col).
+inline float final_score(thread const ScoreMods& m, float x, int row, int col) {
+  if (m.softcap > 0.0f) x = m.softcap * precise::tanh(x / m.softcap);
+  if (m.alibi) {
+    const long dist = long(row) + m.diag - long(col);
+    x -= m.slope * float(dist < 0 ? -dist : dist);
+  }
+  return x;
+}
+
+// d(final score) / dx: 1 - tanh^2 under softcap, else 1 (the bias does not depend on x).
+inline float final_score_grad(thread const ScoreMods& m, float x) {
+  if (m.softcap <= 0.0f) return 1.0f;
+  const float t = precise::tanh(x / m.softcap);
+  return 1.0f - t * t;
+}
+
+// Key columns [begin, end) that rows [row0, row0 + rows) may see, begin rounded down to a
+// multiple of `block` (the key tiles' start); empty (begin >= end) when none.
+inline void visible_key_range(thread const ScoreMods& m, int row0, int rows, int sk, int block, thread int& begin,
+                              thread int& end) {
+  // (Plain comparisons: MSL's max / min do not take 64-bit integers everywhere.)
+  long lo = 0, hi = sk;
+  if (m.left >= 0 && long(row0) + m.diag - m.left > lo) lo = long(row0) + m.diag - m.left;
+  long reach = m.causal ? 0 : -1;
+  if (m.right >= 0 && (reach < 0 || m.right < reach)) reach = m.right;
+  if (reach >= 0 && long(row0 + rows - 1) + m.diag + reach + 1 < hi) hi = long(row0 + rows - 1) + m.diag + reach + 1;
+  if (lo > long(sk)) lo = sk;
+  begin = int(lo) / block * block;
+  end = hi < lo ? begin : int(hi);
+}
+
+// Query rows [begin, end) that may see key columns [col0, col0 + cols), begin rounded down to
+// a multiple of `block`; empty when none.
+inline void visible_query_range(thread const ScoreMods& m, int col0, int cols, int sq, int block, thread int& begin,
+                                thread int& end) {
+  // Row i sees column j only if j - (i + diag) <= reach (causal / right bound), i.e.
+  // i >= j - diag - reach, and j - (i + diag) >= -left, i.e. i <= j - diag + left.
+  long lo = 0, hi = sq;
+  long reach = m.causal ? 0 : -1;
+  if (m.right >= 0 && (reach < 0 || m.right < reach)) reach = m.right;
+  if (reach >= 0 && long(col0) - m.diag - reach > lo) lo = long(col0) - m.diag - reach;
+  if (m.left >= 0 && long(col0 + cols - 1) - m.diag + m.left + 1 < hi) hi = long(col0 + cols - 1) - m.diag + m.left + 1;
+  if (lo > long(sq)) lo = sq;
+  begin = int(lo) / block * block;
+  end = hi < lo ? begin : int(hi);
 }

@@ -1,4 +1,5 @@
-// Forward: O = softmax(scale * Q K^T) V per (batch, head), and the fp32 LSE.
+// Forward: O = softmax(S) V per (batch, head), and the fp32 LSE; S = scale * Q K^T under the
+// score modifiers (common.metal: causal, window, softcap, ALiBi).
 // One threadgroup per (batch, query head, tile of kFwdBlockQ query rows); simdgroup s owns
 // rows [8s, 8s + 8) of the tile. Q stays in simdgroup matrices for the whole key loop; K and
 // V tiles of kFwdBlockK rows pass through threadgroup memory. The online softmax of a row is
@@ -18,13 +19,11 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
                         device const elem_t* v [[buffer(2)]], device elem_t* out [[buffer(3)]],
                         device float* lse [[buffer(4)]], device uchar* mask [[buffer(5)]],
                         device const long* rng [[buffer(6)]], device const long* meta [[buffer(7)]],
-                        uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                        device const float* alibi [[buffer(8)]], uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kFwdSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
   const int group_size = hq / int(meta[kMetaHkv]);
-  const bool causal = meta[kMetaCausal] != 0;
-  const long causal_offset = meta[kMetaCausalOffset];
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
@@ -36,6 +35,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
   device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
   device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
   device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
+  const ScoreMods mods = score_mods(meta, alibi, bi, h);
 
   // Q -> simdgroup matrices (staged through the K/V area); diagonals start at zero.
   load_tile(smem, qh, meta[kMetaQRow], q0, kFwdBlockQ, sq, d, tid, kFwdThreads);
@@ -53,12 +53,9 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
   // sentinel instead of -inf, since Metal compiles with fast math, which may fold isinf().
   const float kNoScore = -1.0e30f;
   float m = kNoScore, l = 0.0f;
-  long k_end = sk;
-  if (causal) {
-    const long last_visible = long(q0 + kFwdBlockQ - 1) + causal_offset + 1;  // beyond it no row sees a key
-    k_end = last_visible < k_end ? last_visible : k_end;
-  }
-  for (int k0 = 0; k0 < k_end; k0 += kFwdBlockK) {
+  int k_begin, k_end;  // the key tiles some row of this tile sees (causal / window)
+  visible_key_range(mods, q0, kFwdBlockQ, sk, kFwdBlockK, k_begin, k_end);
+  for (int k0 = k_begin; k0 < k_end; k0 += kFwdBlockK) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // Q staging / last tile's V and S are consumed
     load_tile(smem + kFwdK, kh_ptr, meta[kMetaKRow], k0, kFwdBlockK, sk, d, tid, kFwdThreads);
     load_tile(smem + kFwdV, vh, meta[kMetaVRow], k0, kFwdBlockK, sk, d, tid, kFwdThreads);
@@ -78,15 +75,19 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
       float m_new = m;
       for (int j = 0; j < kFwdBlockK; ++j) {
         const int col = k0 + j;
-        if (row < sq && col < sk && visible(row, col, causal, causal_offset)) m_new = max(m_new, smem[srow + j] * scale);
+        if (row < sq && col < sk && visible(mods, row, col)) {
+          const float x = final_score(mods, smem[srow + j] * scale, row, col);
+          smem[srow + j] = x;  // the final score, read again below
+          m_new = max(m_new, x);
+        }
       }
       const float alpha = exp(m - m_new);  // 0 when the row saw nothing before (m = kNoScore)
       float sum = 0.0f;
       for (int j = 0; j < kFwdBlockK; ++j) {
         const int col = k0 + j;
         float p = 0.0f;
-        if (row < sq && col < sk && visible(row, col, causal, causal_offset)) {
-          p = exp(smem[srow + j] * scale - m_new);
+        if (row < sq && col < sk && visible(mods, row, col)) {
+          p = exp(smem[srow + j] - m_new);
           sum += p;
           if (dropout)
             p = dropout_keep_at(rng, meta, bi, h, row, col, keep_threshold) ? p * rescale : 0.0f;
@@ -130,7 +131,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
   store_tile(out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead], smem, meta[kMetaORow], q0, kFwdBlockQ, sq, d, 1.0f,
              tid, kFwdThreads);
 
-  // The keep-mask, when asked for, covers every (row, col), causally hidden ones included
+  // The keep-mask, when asked for, covers every (row, col), hidden ones included
   // (as the CPU backend returns it): uint8 (b, hq, sq, sk) contiguous.
   if (dropout && meta[kMetaWriteMask] != 0) {
     const int rows = min(kFwdBlockQ, sq - q0);
