@@ -65,7 +65,7 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
                                const std::tuple<std::int64_t, std::int64_t>& lse_strides, bool causal,
                                std::int64_t causal_offset, double dropout_p, double scale, bool write_mask,
                                const Origin& dropout_origin, const Window& window, double softcap,
-                               std::int64_t alibi_batch_stride) {
+                               std::int64_t alibi_batch_stride, bool sink) {
   if (strides.size() != 24)
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, "metal_meta: expected 24 strides");
   orchard::BwdParams p = params_of(sizes);
@@ -91,10 +91,11 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
   p.dropout_heads = static_cast<int>(drop_heads);
   std::tie(p.window_left, p.window_right) = window;
   p.softcap = static_cast<float>(softcap);
-  // The slopes reach the kernels as a buffer; pack_meta only asks whether there are any.
+  // Slopes and sinks reach the kernels as buffers; pack_meta only asks whether there are any.
   static const float slopes_present = 0.0f;
   p.alibi_slopes = alibi_batch_stride >= 0 ? &slopes_present : nullptr;
   p.alibi_batch_stride = alibi_batch_stride >= 0 ? alibi_batch_stride : 0;
+  p.sink = sink ? &slopes_present : nullptr;  // likewise
   return orchard::metal::pack_meta(p, write_mask);
 }
 
@@ -121,10 +122,11 @@ void register_metal(nb::module_& m) {
   m.def("metal_meta", &meta, "sizes"_a, "strides"_a, "lse_strides"_a, "causal"_a, "causal_offset"_a,
         "dropout_p"_a, "scale"_a, "write_mask"_a,
         "dropout_origin"_a = Origin(0, 0, 0, 0), "window"_a = Window(-1, -1), "softcap"_a = 0.0,
-        "alibi_batch_stride"_a = -1,
+        "alibi_batch_stride"_a = -1, "sink"_a = false,
         "The int64 `meta` buffer the Metal kernels read. dropout_origin: (row offset, col offset, "
         "head offset, heads) of the dropout index; window: (left, right) in params.h's normal form "
-        "(causal: right 0); alibi_batch_stride: the slopes' batch stride, -1 without ALiBi.");
+        "(causal: right 0); alibi_batch_stride: the slopes' batch stride, -1 without ALiBi; sink: "
+        "whether a sink buffer is bound.");
   m.def("metal_debug_log_enabled", &orchard::detail::debug_log_enabled);
   m.def("metal_tensor_profile_enabled", &orchard::detail::tensor_profile_enabled);
   m.def("metal_debug_log_line", &orchard::detail::debug_log_line, "line"_a);

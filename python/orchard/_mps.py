@@ -33,7 +33,7 @@ import torch
 from . import _C
 
 # The kernels' buffer order, as declared in src/backends/metal/kernels/*.metal.
-_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta", "alibi")
+_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta", "alibi", "sink")
 _DOT_ARGS = ("out", "dout", "delta", "meta")
 _DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta", "alibi")
 _DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta", "alibi")
@@ -112,7 +112,7 @@ def _feature_names_and_defaults():
 
 # The feature arguments the Metal kernels implement (the rest must keep their defaults).
 _DROPOUT_ORIGIN = ("dropout_row_offset", "dropout_col_offset", "dropout_head_offset", "dropout_heads")
-_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes") + _DROPOUT_ORIGIN
+_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink") + _DROPOUT_ORIGIN
 
 
 def _feature_values(features):
@@ -156,6 +156,20 @@ def _alibi(features, q, op_name):
     if slopes.stride(-1) != 1 and hq > 1:
         slopes = slopes.contiguous()
     return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
+
+
+def _sink(features, q, op_name):
+    """The sink logits (fp32, (hq,), unit stride; one staged copy otherwise), or None."""
+    sink = _feature_values(features).get("sink")
+    if sink is None:
+        return None
+    if sink.dtype != torch.float32:
+        raise ValueError(f"{op_name}: sink must be float32, got {sink.dtype}")
+    if tuple(sink.shape) != (q.shape[2],):
+        raise ValueError(f"{op_name}: sink must have shape ({q.shape[2]},), got {tuple(sink.shape)}")
+    if sink.device != q.device:
+        raise ValueError(f"{op_name}: sink must be on q's device ({q.device}), got {sink.device}")
+    return sink.detach() if sink.stride(0) == 1 or sink.shape[0] == 1 else sink.detach().contiguous()
 
 
 def _check(q, k, v, features, op_name):
@@ -282,7 +296,7 @@ def _dispatch(lib, plan, buffers, log):
 
 
 def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged,
-              window=(-1, -1), softcap=0.0, alibi=False):
+              window=(-1, -1), softcap=0.0, alibi=False, sink=False):
     if not _C.metal_debug_log_enabled():
         return None
     call = _C.metal_next_call_number()
@@ -292,6 +306,7 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
     mods = f" window=({window[0]},{window[1]})" if window[0] >= 0 or window[1] > 0 else ""
     mods += f" softcap={softcap:g}" if softcap > 0 else ""
     mods += " alibi=1" if alibi else ""
+    mods += " sink=1" if sink else ""
     head = (f"{direction} #{call} op={op_name} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv} d={d} "
             f"dtype={dtype} causal={causal_text}{mods} dropout={dropout_p:g} scale={scale:g} backend=mps "
             f"variant={variant} staged={staged} elapsed_ms=")
@@ -299,10 +314,10 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
 
 
 def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device,
-          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1):
+          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1, sink=False):
     values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
                            float(dropout_p), float(scale), bool(write_mask), dropout_origin, window, softcap,
-                           alibi_batch_stride)
+                           alibi_batch_stride, sink)
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
     # 43 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
@@ -315,6 +330,7 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     slopes, alibi_batch_stride = _alibi(features, q, op_name)
+    sink = _sink(features, q, op_name)
     out = _empty_like_unit_last(q)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     write_mask = bool(return_mask) and dropout_p > 0.0
@@ -338,13 +354,14 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     variant, source = _C.metal_variant(dtype, d)
     strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride)
+                 _dropout_origin(features), window, softcap, alibi_batch_stride, sink is not None)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
                "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
                "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta,
-               "alibi": lse if slopes is None else slopes}  # lse: a float32 stand-in the kernels never read
+               # lse: a float32 stand-in for an absent buffer (meta says the kernels skip it)
+               "alibi": lse if slopes is None else slopes, "sink": lse if sink is None else sink}
     log = _log_line("FWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None)
+                    len(staged), window, softcap, slopes is not None, sink is not None)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes), buffers, log)
     return out, lse, mask
 

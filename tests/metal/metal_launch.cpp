@@ -28,7 +28,7 @@ void emulate_forward(const FwdParams& p) {
   std::uint8_t no_mask = 0;
   run(v, metal::forward_launch(v, p),
       {buf(p.q), buf(p.k), buf(p.v), p.out, p.lse, p.dropout_mask ? p.dropout_mask : &no_mask, rng, meta.data(),
-       alibi_buffer(p)});
+       alibi_buffer(p), buf(p.sink != nullptr ? p.sink : p.lse)});
 }
 
 void emulate_backward(const BwdParams& p) {

@@ -215,15 +215,16 @@ def test_unsupported_dtype_and_head_dim_fail_before_anything_runs(emulated):
 def test_features_the_kernels_lack_are_rejected():
     q = randn(1, 4, 2, 16)
     with _mps.use_compiler(lambda src: EmulatedLibrary(src)):
-        with pytest.raises(NotImplementedError, match=r"^op: sink is not supported by the Metal"):
+        with pytest.raises(NotImplementedError, match=r"^op: attn_mask is not supported by the Metal"):
             _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
-                         (-1, -1, 0.0, None, torch.zeros(2), None, None, None, 0, 0))
+                         (-1, -1, 0.0, None, None, torch.ones(4, 4, dtype=torch.bool), None, None, 0, 0))
         with pytest.raises(NotImplementedError, match=r"^op: a value head dim \(8\) different"):
             _mps.forward(q, q, randn(1, 4, 2, 8), 0.25, False, False, 0.0, 0, 0, False, "op", None, ())
 
 
 # Windows (with and without causal, rows left empty, sq != sk), softcap, ALiBi ((h,) and (b, h)
-# slopes, causal or not) and all of them at once, GQA, forward and backward, against float64.
+# slopes, causal or not), sinks (with their gradient; rows a window leaves empty) and all of them
+# at once, GQA, forward and backward, against float64.
 SCORE_MOD_CASES = {
     "window": (dict(window_size=(6, 3)), {}),
     "causal_window": (dict(causal=True, window_size=(5, -1)), {}),
@@ -231,7 +232,9 @@ SCORE_MOD_CASES = {
     "softcap": (dict(softcap=1.5), {}),
     "alibi": (dict(alibi=(4,)), {}),
     "alibi_causal_per_batch": (dict(causal=True, alibi=(2, 4)), {}),
-    "everything": (dict(causal=True, window_size=(9, -1), softcap=2.0, alibi=(4,)), {}),
+    "sink": (dict(sink=True), {}),
+    "sink_window_empty_rows": (dict(sink=True, window_size=(1, 0)), dict(sq=31, sk=12)),
+    "everything": (dict(causal=True, window_size=(9, -1), softcap=2.0, alibi=(4,), sink=True), {}),
 }
 
 
@@ -248,28 +251,36 @@ def test_window_softcap_alibi_forward_backward(emulated, dtype, name):
     slopes = None
     if "alibi" in kw:
         slopes = torch.rand(*kw.pop("alibi")) * 0.5 + 0.1
+    # The sink is an input with a gradient of its own (the last of `inputs`).
+    inputs = [q, k, v] + ([randn(hq)] if kw.pop("sink", False) else [])
     ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
                   softcap=kw.get("softcap", 0.0), alibi_slopes=slopes)
-    out, grads = _grads(lambda q, k, v: orchard.flash_attn_func(q, k, v, alibi_slopes=slopes, **kw), q, k, v,
-                        dout=dout)
-    ref, ref_grads = _grads(lambda q, k, v: feature_attention_ref(q, k, v, **ref_kw)[0], q.double(), k.double(),
-                            v.double(), dout=dout.double())
-    naive, naive_grads = _grads(lambda q, k, v: feature_attention_ref(q, k, v, upcast=False, **ref_kw)[0], q, k, v,
-                                dout=dout)
+    sink_of = lambda t: t[3] if len(t) > 3 else None  # noqa: E731
+    out, grads = _grads(lambda *t: orchard.flash_attn_func(*t[:3], alibi_slopes=slopes, sink=sink_of(t), **kw),
+                        *inputs, dout=dout)
+    ref, ref_grads = _grads(lambda *t: feature_attention_ref(*t[:3], sink=sink_of(t), **ref_kw)[0],
+                            *(t.double() for t in inputs), dout=dout.double())
+    naive, naive_grads = _grads(lambda *t: feature_attention_ref(*t[:3], sink=sink_of(t), upcast=False, **ref_kw)[0],
+                                *inputs, dout=dout)
     check_close_rule(out, ref, naive, ATOL[dtype], "out")
-    for g, r, n, what in zip(grads, ref_grads, naive_grads, ("dq", "dk", "dv")):
+    for g, r, n, what in zip(grads, ref_grads, naive_grads, ("dq", "dk", "dv", "dsink")):
         check_close_rule(g, r, n, ATOL[dtype], what)
+    q, k, v, sink = *inputs[:3], sink_of(inputs)
     # The LSE too (flash-attn's convention: -inf for rows that see no key).
     _, lse, _ = orchard._ops.flash_attn_forward(q, k, v, 1.0 / d ** 0.5, kw.get("causal", False), False, 0.0, 0, 0,
                                                 False, False, "orchard.flash_attn", None,
-                                                *kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), slopes)
-    ref_lse = feature_attention_ref(q.double(), k.double(), v.double(), **ref_kw)[1]
+                                                *kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), slopes,
+                                                sink)
+    ref_lse = feature_attention_ref(q.double(), k.double(), v.double(), sink=sink, **ref_kw)[1]
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-4 if dtype == torch.float32 else 2e-2,
                                rtol=0)
     if name == "window_empty_rows":
         assert torch.isinf(lse).any() and (out[torch.isinf(lse).transpose(1, 2)] == 0).all()
+    if name == "sink_window_empty_rows":  # no key: O = 0 and LSE = the sink
+        empty = feature_attention_ref(q.double(), k.double(), v.double(), **ref_kw)[1].isinf()
+        assert empty.any() and (out[empty.transpose(1, 2)] == 0).all()
 
 
 def test_score_mod_arguments_are_checked_before_anything_runs(emulated):
@@ -307,7 +318,7 @@ def test_stand_in_checks_buffer_dtypes_like_the_kernel_signatures():
     _, source = orchard._C.metal_variant("float16", 64)
     sigs = _kernel_signatures(source)
     h, f, u8, i64 = torch.float16, torch.float32, torch.uint8, torch.int64
-    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64, f], "orchard_bwd_dot": [h, h, f, i64],
+    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64, f, f], "orchard_bwd_dot": [h, h, f, i64],
                     "orchard_bwd_dq": [h, h, h, h, f, f, h, i64, i64, f],
                     "orchard_bwd_dkdv": [h, h, h, h, f, f, h, h, i64, i64, f]}
     lib = EmulatedLibrary(source)

@@ -75,9 +75,9 @@ std::string check_support(DType dtype, int head_dim) {
 }
 
 std::string check_support(const FwdParams& p) {
-  // The features the kernels do not implement (varlen, sinks, attn_mask, a value head
-  // dim of its own) are rejected by the Python MPS path (python/orchard/_mps.py) before
-  // it gets here; windows, softcap and ALiBi run.
+  // The features the kernels do not implement (varlen, attn_mask, a value head dim of
+  // its own) are rejected by the Python MPS path (python/orchard/_mps.py) before it gets
+  // here; windows, softcap, ALiBi and sinks run.
   return check_support(p.dtype, p.d);
 }
 
@@ -190,6 +190,7 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   m[kMetaWindowLeft] = p.window_left, m[kMetaWindowRight] = p.window_right;
   m[kMetaSoftcapBits] = float_bits(p.softcap > 0.0f ? p.softcap : 0.0f);
   m[kMetaAlibi] = p.alibi_slopes != nullptr ? 1 : 0, m[kMetaAlibiBatch] = p.alibi_batch_stride;
+  m[kMetaSink] = p.sink != nullptr ? 1 : 0;
   return m;
 }
 

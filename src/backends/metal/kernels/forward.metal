@@ -19,7 +19,8 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
                         device const elem_t* v [[buffer(2)]], device elem_t* out [[buffer(3)]],
                         device float* lse [[buffer(4)]], device uchar* mask [[buffer(5)]],
                         device const long* rng [[buffer(6)]], device const long* meta [[buffer(7)]],
-                        device const float* alibi [[buffer(8)]], uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                        device const float* alibi [[buffer(8)]], device const float* sink [[buffer(9)]],
+                        uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kFwdSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
@@ -113,12 +114,24 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
     }
   }
 
-  // O = acc / l; a row that saw no key (l == 0) gets O = 0 and LSE = -inf.
+  // O = acc / l; a row that saw no key (l == 0) gets O = 0 and LSE = -inf. A sink (gpt-oss)
+  // joins the denominator without a value: with mx = max(m, sink), l' = l e^(m - mx) +
+  // e^(sink - mx), O = acc e^(m - mx) / l' and LSE = mx + log l' (LSE = sink without keys).
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (lane < 8) {
-    smem[kFwdDiag + int(sg) * 64 + int(lane) * 9] = l > 0.0f ? 1.0f / l : 0.0f;
-    if (row < sq)
-      lse[bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + row] = l > 0.0f ? m + log(l) : -INFINITY;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f, row_lse = l > 0.0f ? m + log(l) : -INFINITY;
+    if (meta[kMetaSink] != 0) {
+      const float s = sink[h];
+      if (l > 0.0f) {
+        const float mx = max(m, s), l_all = l * exp(m - mx) + exp(s - mx);
+        inv = exp(m - mx) / l_all;
+        row_lse = mx + log(l_all);
+      } else {
+        row_lse = s;
+      }
+    }
+    smem[kFwdDiag + int(sg) * 64 + int(lane) * 9] = inv;
+    if (row < sq) lse[bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + row] = row_lse;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   simdgroup_float8x8 diag;
