@@ -32,16 +32,20 @@ orchard::DType parse_dtype(const std::string& name) {
                        "the Metal backend supports float16, bfloat16 and float32, not " + name);
 }
 
-orchard::BwdParams params_of(const Sizes& s) {
+// d_v: the value head dim (0: d).
+orchard::BwdParams params_of(const Sizes& s, int d_v = 0) {
   orchard::BwdParams p;
   std::tie(p.b, p.sq, p.sk, p.hq, p.hkv, p.d) = s;
+  p.d_v = d_v > 0 ? d_v : p.d;
   return p;
 }
 
 std::vector<std::tuple<std::string, std::uint32_t, std::uint32_t>> plan(const std::string& direction,
-                                                                         const std::string& dtype, const Sizes& sizes) {
-  const orchard::BwdParams p = params_of(sizes);
-  const orchard::metal::Variant v = orchard::metal::select_variant(parse_dtype(dtype), p.d);
+                                                                         const std::string& dtype, const Sizes& sizes,
+                                                                         int d_v) {
+  const orchard::BwdParams p = params_of(sizes, d_v);
+  const orchard::metal::Variant v =
+      orchard::metal::select_variant(parse_dtype(dtype), orchard::metal::variant_head_dim(p));
   std::vector<orchard::metal::Launch> launches;
   if (direction == "fwd") {
     launches = {orchard::metal::forward_launch(v, p)};
@@ -65,10 +69,10 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
                                const std::tuple<std::int64_t, std::int64_t>& lse_strides, bool causal,
                                std::int64_t causal_offset, double dropout_p, double scale, bool write_mask,
                                const Origin& dropout_origin, const Window& window, double softcap,
-                               std::int64_t alibi_batch_stride, bool sink) {
+                               std::int64_t alibi_batch_stride, bool sink, int d_v) {
   if (strides.size() != 24)
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, "metal_meta: expected 24 strides");
-  orchard::BwdParams p = params_of(sizes);
+  orchard::BwdParams p = params_of(sizes, d_v);
   std::int64_t* targets[24] = {
       &p.q_batch_stride,  &p.q_row_stride,  &p.q_head_stride,  &p.k_batch_stride,  &p.k_row_stride,
       &p.k_head_stride,   &p.v_batch_stride, &p.v_row_stride,  &p.v_head_stride,   &p.o_batch_stride,
@@ -117,16 +121,17 @@ void register_metal(nb::module_& m) {
         return std::make_tuple(v.name(), orchard::metal::variant_source(v));
       },
       "dtype"_a, "head_dim"_a, "(variant name, complete MSL source) of the Metal kernels for dtype/head dim.");
-  m.def("metal_plan", &plan, "direction"_a, "dtype"_a, "sizes"_a,
-        "[(kernel, threadgroups, threads per threadgroup)] of a 'fwd' or 'bwd' call; sizes = (b, sq, sk, hq, hkv, d).");
+  m.def("metal_plan", &plan, "direction"_a, "dtype"_a, "sizes"_a, "d_v"_a = 0,
+        "[(kernel, threadgroups, threads per threadgroup)] of a 'fwd' or 'bwd' call; sizes = (b, sq, sk, hq, hkv, d), "
+        "d_v the value head dim (0: d).");
   m.def("metal_meta", &meta, "sizes"_a, "strides"_a, "lse_strides"_a, "causal"_a, "causal_offset"_a,
         "dropout_p"_a, "scale"_a, "write_mask"_a,
         "dropout_origin"_a = Origin(0, 0, 0, 0), "window"_a = Window(-1, -1), "softcap"_a = 0.0,
-        "alibi_batch_stride"_a = -1, "sink"_a = false,
+        "alibi_batch_stride"_a = -1, "sink"_a = false, "d_v"_a = 0,
         "The int64 `meta` buffer the Metal kernels read. dropout_origin: (row offset, col offset, "
         "head offset, heads) of the dropout index; window: (left, right) in params.h's normal form "
         "(causal: right 0); alibi_batch_stride: the slopes' batch stride, -1 without ALiBi; sink: "
-        "whether a sink buffer is bound.");
+        "whether a sink buffer is bound; d_v: the value head dim (0: d).");
   m.def("metal_debug_log_enabled", &orchard::detail::debug_log_enabled);
   m.def("metal_tensor_profile_enabled", &orchard::detail::tensor_profile_enabled);
   m.def("metal_debug_log_line", &orchard::detail::debug_log_line, "line"_a);

@@ -202,16 +202,15 @@ def _check(q, k, v, features, op_name):
     if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{op_name}: the Metal (MPS) backend supports float16, bfloat16 and float32 "
                          f"(q, k, v of one dtype), got {q.dtype}, {k.dtype}, {v.dtype}")
-    why = _C.metal_check_support(_SUPPORTED[q.dtype], int(q.shape[-1]))
-    if why:
-        raise ValueError(f"{op_name}: {why}")
+    for name, width in (("head dim", int(q.shape[-1])), ("value head dim", int(v.shape[-1]))):
+        why = _C.metal_check_support(_SUPPORTED[q.dtype], width)
+        if why:
+            raise ValueError(f"{op_name}: {why}" + ("" if name == "head dim" else " (the value head dim)"))
     b, sq, hq, d = q.shape
-    if v.shape[-1] != d:
-        raise NotImplementedError(f"{op_name}: a value head dim ({v.shape[-1]}) different from the query/key "
-                                  f"head dim ({d}) is not supported by the Metal (MPS) backend yet")
-    if (k.shape[0], k.shape[3]) != (b, d) or k.shape != v.shape:
-        raise ValueError(f"{op_name}: k and v must be (batch, seq_k, kv_heads, {d}) like q's batch and head dim, "
-                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (k.shape[0], k.shape[3]) != (b, d) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"{op_name}: k must be (batch, seq_k, kv_heads, {d}) like q's batch and head dim, and v "
+                         f"(batch, seq_k, kv_heads, value head dim) like k, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
     if k.shape[2] == 0 or hq % k.shape[2] != 0:
         raise ValueError(f"{op_name}: number of query heads ({hq}) must be a multiple of key/value heads "
                          f"({k.shape[2]})")
@@ -296,7 +295,7 @@ def _dispatch(lib, plan, buffers, log):
 
 
 def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged,
-              window=(-1, -1), softcap=0.0, alibi=False, sink=False):
+              window=(-1, -1), softcap=0.0, alibi=False, sink=False, d_v=None):
     if not _C.metal_debug_log_enabled():
         return None
     call = _C.metal_next_call_number()
@@ -307,6 +306,7 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
     mods += f" softcap={softcap:g}" if softcap > 0 else ""
     mods += " alibi=1" if alibi else ""
     mods += " sink=1" if sink else ""
+    mods += f" d_v={d_v}" if d_v is not None and d_v != d else ""
     head = (f"{direction} #{call} op={op_name} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv} d={d} "
             f"dtype={dtype} causal={causal_text}{mods} dropout={dropout_p:g} scale={scale:g} backend=mps "
             f"variant={variant} staged={staged} elapsed_ms=")
@@ -314,10 +314,10 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
 
 
 def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device,
-          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1, sink=False):
+          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1, sink=False, d_v=0):
     values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
                            float(dropout_p), float(scale), bool(write_mask), dropout_origin, window, softcap,
-                           alibi_batch_stride, sink)
+                           alibi_batch_stride, sink, d_v)
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
     # 43 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
@@ -331,7 +331,8 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     sk, hkv = k.shape[1], k.shape[2]
     slopes, alibi_batch_stride = _alibi(features, q, op_name)
     sink = _sink(features, q, op_name)
-    out = _empty_like_unit_last(q)
+    dv = v.shape[-1]
+    out = _empty_like_unit_last(q) if dv == d else torch.empty(b, sq, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     write_mask = bool(return_mask) and dropout_p > 0.0
     if return_mask:
@@ -351,18 +352,18 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     causal_offset = 0 if causal_top_left else sk - sq
     sizes = (b, sq, sk, hq, hkv, d)
     dtype = _SUPPORTED[q.dtype]
-    variant, source = _C.metal_variant(dtype, d)
+    variant, source = _C.metal_variant(dtype, max(d, dv))
     strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride, sink is not None)
+                 _dropout_origin(features), window, softcap, alibi_batch_stride, sink is not None, dv)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
                "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
                "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta,
                # lse: a float32 stand-in for an absent buffer (meta says the kernels skip it)
                "alibi": lse if slopes is None else slopes, "sink": lse if sink is None else sink}
     log = _log_line("FWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None, sink is not None)
-    _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes), buffers, log)
+                    len(staged), window, softcap, slopes is not None, sink is not None, dv)
+    _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes, dv), buffers, log)
     return out, lse, mask
 
 
@@ -376,8 +377,10 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     sk, hkv = k.shape[1], k.shape[2]
     if b == 0 or hq == 0 or (sq == 0 and sk == 0):
         return dq, dk, dv
-    if dout.shape != q.shape or out.shape != q.shape or dout.dtype != q.dtype or out.dtype != q.dtype:
-        raise ValueError(f"{op_name}: dout and out must be shaped like q and of its dtype")
+    dv_width = v.shape[-1]
+    if (dout.shape != out.shape or out.shape != (*q.shape[:3], dv_width) or dout.dtype != q.dtype
+            or out.dtype != q.dtype):
+        raise ValueError(f"{op_name}: dout and out must be (batch, seq_q, heads, value head dim) of q's dtype")
     if lse.dtype != torch.float32 or tuple(lse.shape) != (b, hq, sq) or (sq > 1 and lse.stride(2) != 1):
         raise ValueError(f"{op_name}: lse must be float32 (batch, heads, seq_q) with a unit row stride")
 
@@ -390,16 +393,16 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     causal_offset = 0 if causal_top_left else sk - sq
     sizes = (b, sq, sk, hq, hkv, d)
     dtype = _SUPPORTED[q.dtype]
-    variant, source = _C.metal_variant(dtype, d)
+    variant, source = _C.metal_variant(dtype, max(d, dv_width))
     strides = (_bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out_) + _bshd(dout_) + _bshd(dq) + _bshd(dk)
                + _bshd(dv))
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride)
+                 _dropout_origin(features), window, softcap, alibi_batch_stride, False, dv_width)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out_, "dout": dout_, "lse": lse,
                "delta": torch.empty(max(1, b * hq * sq), dtype=torch.float32, device=q.device),
                "dq": dq, "dk": dk, "dv": dv, "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta),
                "meta": meta, "alibi": lse if slopes is None else slopes}
     log = _log_line("BWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None)
-    _dispatch(_library(variant, source, op_name), _C.metal_plan("bwd", dtype, sizes), buffers, log)
+                    len(staged), window, softcap, slopes is not None, False, dv_width)
+    _dispatch(_library(variant, source, op_name), _C.metal_plan("bwd", dtype, sizes, dv_width), buffers, log)
     return dq, dk, dv

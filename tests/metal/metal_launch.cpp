@@ -19,7 +19,7 @@ void run(const metal::Variant& v, const metal::Launch& l, const std::vector<void
 }  // namespace
 
 void emulate_forward(const FwdParams& p) {
-  const metal::Variant v = metal::select_variant(p.dtype, p.d);
+  const metal::Variant v = metal::select_variant(p.dtype, metal::variant_head_dim(p));
   BwdParams bp;
   static_cast<FwdParams&>(bp) = p;
   std::vector<std::int64_t> meta = metal::pack_meta(bp, p.dropout_mask != nullptr);
@@ -32,7 +32,7 @@ void emulate_forward(const FwdParams& p) {
 }
 
 void emulate_backward(const BwdParams& p) {
-  const metal::Variant v = metal::select_variant(p.dtype, p.d);
+  const metal::Variant v = metal::select_variant(p.dtype, metal::variant_head_dim(p));
   std::vector<std::int64_t> meta = metal::pack_meta(p, false);
   const DropoutKey key = dropout_key(p);
   std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};

@@ -218,13 +218,15 @@ def test_features_the_kernels_lack_are_rejected():
         with pytest.raises(NotImplementedError, match=r"^op: attn_mask is not supported by the Metal"):
             _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
                          (-1, -1, 0.0, None, None, torch.ones(4, 4, dtype=torch.bool), None, None, 0, 0))
-        with pytest.raises(NotImplementedError, match=r"^op: a value head dim \(8\) different"):
-            _mps.forward(q, q, randn(1, 4, 2, 8), 0.25, False, False, 0.0, 0, 0, False, "op", None, ())
+        with pytest.raises(NotImplementedError, match=r"^op: cu_seqlens_q is not supported by the Metal"):
+            _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
+                         (-1, -1, 0.0, None, None, None, torch.zeros(2, dtype=torch.int32)))
 
 
 # Windows (with and without causal, rows left empty, sq != sk), softcap, ALiBi ((h,) and (b, h)
 # slopes, causal or not), sinks (with their gradient; rows a window leaves empty) and all of them
-# at once, GQA, forward and backward, against float64.
+# at once, a value head dim of its own (narrower and wider than q / k's), GQA, forward and
+# backward, against float64.
 SCORE_MOD_CASES = {
     "window": (dict(window_size=(6, 3)), {}),
     "causal_window": (dict(causal=True, window_size=(5, -1)), {}),
@@ -234,7 +236,9 @@ SCORE_MOD_CASES = {
     "alibi_causal_per_batch": (dict(causal=True, alibi=(2, 4)), {}),
     "sink": (dict(sink=True), {}),
     "sink_window_empty_rows": (dict(sink=True, window_size=(1, 0)), dict(sq=31, sk=12)),
-    "everything": (dict(causal=True, window_size=(9, -1), softcap=2.0, alibi=(4,), sink=True), {}),
+    "value_head_dim_narrower": (dict(causal=True), dict(dv=24)),
+    "value_head_dim_wider": (dict(window_size=(7, 2)), dict(dv=56)),
+    "everything": (dict(causal=True, window_size=(9, -1), softcap=2.0, alibi=(4,), sink=True), dict(dv=32)),
 }
 
 
@@ -244,9 +248,9 @@ def test_window_softcap_alibi_forward_backward(emulated, dtype, name):
     from feature_reference import feature_attention_ref
     kw, shape = SCORE_MOD_CASES[name]
     b, hq, hkv, d = 2, 4, 2, 40
-    sq, sk = shape.get("sq", 19), shape.get("sk", 37)
-    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype)
-    dout = randn(b, sq, hq, d, dtype=dtype)
+    sq, sk, dv = shape.get("sq", 19), shape.get("sk", 37), shape.get("dv", d)
+    q, k, v = randn(b, sq, hq, d, dtype=dtype), randn(b, sk, hkv, d, dtype=dtype), randn(b, sk, hkv, dv, dtype=dtype)
+    dout = randn(b, sq, hq, dv, dtype=dtype)
     kw = dict(kw)
     slopes = None
     if "alibi" in kw:
@@ -263,6 +267,7 @@ def test_window_softcap_alibi_forward_backward(emulated, dtype, name):
     naive, naive_grads = _grads(lambda *t: feature_attention_ref(*t[:3], sink=sink_of(t), upcast=False, **ref_kw)[0],
                                 *inputs, dout=dout)
     check_close_rule(out, ref, naive, ATOL[dtype], "out")
+    assert out.shape == (b, sq, hq, dv)
     for g, r, n, what in zip(grads, ref_grads, naive_grads, ("dq", "dk", "dv", "dsink")):
         check_close_rule(g, r, n, ATOL[dtype], what)
     q, k, v, sink = *inputs[:3], sink_of(inputs)

@@ -74,11 +74,13 @@ std::string check_support(DType dtype, int head_dim) {
   return {};
 }
 
+int variant_head_dim(const FwdParams& p) { return p.d_v > p.d ? p.d_v : p.d; }
+
 std::string check_support(const FwdParams& p) {
-  // The features the kernels do not implement (varlen, attn_mask, a value head dim of
-  // its own) are rejected by the Python MPS path (python/orchard/_mps.py) before it gets
-  // here; windows, softcap, ALiBi and sinks run.
-  return check_support(p.dtype, p.d);
+  // The features the kernels do not implement (varlen, attn_mask) are rejected by the
+  // Python MPS path (python/orchard/_mps.py) before it gets here; windows, softcap, ALiBi,
+  // sinks and a value head dim of its own run.
+  return check_support(p.dtype, variant_head_dim(p));
 }
 
 int forward_smem_floats(const Variant& v) {
@@ -191,6 +193,7 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   m[kMetaSoftcapBits] = float_bits(p.softcap > 0.0f ? p.softcap : 0.0f);
   m[kMetaAlibi] = p.alibi_slopes != nullptr ? 1 : 0, m[kMetaAlibiBatch] = p.alibi_batch_stride;
   m[kMetaSink] = p.sink != nullptr ? 1 : 0;
+  m[kMetaDv] = p.d_v > 0 ? p.d_v : p.d;  // V / O / dO / dV columns (the variant holds both widths)
   return m;
 }
 

@@ -20,7 +20,7 @@ namespace orchard::metal {
   X(VHead) X(OBatch) X(ORow) X(OHead) X(DoBatch) X(DoRow) X(DoHead) X(DqBatch) X(DqRow) X(DqHead) X(DkBatch)  \
   X(DkRow) X(DkHead) X(DvBatch) X(DvRow) X(DvHead) X(LseBatch) X(LseHead) X(Causal) X(CausalOffset)          \
   X(Dropout) X(KeepThreshold) X(WriteMask) X(ScaleBits) X(RpBits) X(DropRow) X(DropCol) X(DropHead) \
-  X(DropHeads) X(WindowLeft) X(WindowRight) X(SoftcapBits) X(Alibi) X(AlibiBatch) X(Sink)
+  X(DropHeads) X(WindowLeft) X(WindowRight) X(SoftcapBits) X(Alibi) X(AlibiBatch) X(Sink) X(Dv)
 
 enum MetaField : int {
 #define ORCHARD_METAL_META_ENUM(name) kMeta##name,
@@ -48,6 +48,8 @@ const std::vector<int>& head_dim_buckets();  // 32, 64, 96, 128, 160, 192, 256
 std::string check_support(const FwdParams& p);
 std::string check_support(DType dtype, int head_dim);
 Variant select_variant(DType dtype, int head_dim);  // throws orchard::Error when unsupported
+// The head dim a problem's variant is chosen by: the larger of q/k's and v's (d_v 0 = d).
+int variant_head_dim(const FwdParams& p);
 
 // Threadgroup floats each kernel declares (the formulas of the .metal files).
 int forward_smem_floats(const Variant& v);

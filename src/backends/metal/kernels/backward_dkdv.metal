@@ -22,6 +22,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
                              uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDkvSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
+  const int d_v = int(meta[kMetaDv]);  // V, dO and dV columns
   const int hkv = int(meta[kMetaHkv]), group_size = hq / hkv;
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
@@ -41,7 +42,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_load(kf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  load_tile(smem, v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead], meta[kMetaVRow], k0, kDkvBlockK, sk, d, tid,
+  load_tile(smem, v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead], meta[kMetaVRow], k0, kDkvBlockK, sk, d_v, tid,
             kDkvThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) {
@@ -63,7 +64,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
     for (int q0 = q_begin; q0 < q_end; q0 += kDkvBlockQ) {
       threadgroup_barrier(mem_flags::mem_threadgroup);
       load_tile(smem + kDkvQ, qh, meta[kMetaQRow], q0, kDkvBlockQ, sq, d, tid, kDkvThreads);
-      load_tile(smem + kDkvG, gh, meta[kMetaDoRow], q0, kDkvBlockQ, sq, d, tid, kDkvThreads);
+      load_tile(smem + kDkvG, gh, meta[kMetaDoRow], q0, kDkvBlockQ, sq, d_v, tid, kDkvThreads);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int n = 0; n < kDkvBlockQ / 8; ++n) {
         simdgroup_float8x8 st = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -116,7 +117,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_store(dv_acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  store_tile(dv + bi * meta[kMetaDvBatch] + kh * meta[kMetaDvHead], smem, meta[kMetaDvRow], k0, kDkvBlockK, sk, d,
+  store_tile(dv + bi * meta[kMetaDvBatch] + kh * meta[kMetaDvHead], smem, meta[kMetaDvRow], k0, kDkvBlockK, sk, d_v,
              1.0f, tid, kDkvThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_store(dk_acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);

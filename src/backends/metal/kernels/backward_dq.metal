@@ -23,6 +23,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
                            uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDqSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
+  const int d_v = int(meta[kMetaDv]);  // V and dO columns
   const int group_size = hq / int(meta[kMetaHkv]);
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
@@ -46,7 +47,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_load(qf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  load_tile(smem, dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead], meta[kMetaDoRow], q0, kDqBlockQ, sq, d, tid,
+  load_tile(smem, dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead], meta[kMetaDoRow], q0, kDqBlockQ, sq, d_v, tid,
             kDqThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) {
@@ -59,7 +60,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
   for (int k0 = k_begin; k0 < k_end; k0 += kDqBlockK) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     load_tile(smem + kDqK, kh_ptr, meta[kMetaKRow], k0, kDqBlockK, sk, d, tid, kDqThreads);
-    load_tile(smem + kDqV, vh, meta[kMetaVRow], k0, kDqBlockK, sk, d, tid, kDqThreads);
+    load_tile(smem + kDqV, vh, meta[kMetaVRow], k0, kDqBlockK, sk, d_v, tid, kDqThreads);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int n = 0; n < kDqBlockK / 8; ++n) {
       simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);

@@ -24,6 +24,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
                         uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kFwdSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
+  const int d_v = int(meta[kMetaDv]);  // V and O columns (zero-filled to kBlockD like Q and K's)
   const int group_size = hq / int(meta[kMetaHkv]);
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
@@ -59,7 +60,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
   for (int k0 = k_begin; k0 < k_end; k0 += kFwdBlockK) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // Q staging / last tile's V and S are consumed
     load_tile(smem + kFwdK, kh_ptr, meta[kMetaKRow], k0, kFwdBlockK, sk, d, tid, kFwdThreads);
-    load_tile(smem + kFwdV, vh, meta[kMetaVRow], k0, kFwdBlockK, sk, d, tid, kFwdThreads);
+    load_tile(smem + kFwdV, vh, meta[kMetaVRow], k0, kFwdBlockK, sk, d_v, tid, kFwdThreads);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int n = 0; n < kFwdBlockK / 8; ++n) {
       simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -141,7 +142,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
     simdgroup_store(acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  store_tile(out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead], smem, meta[kMetaORow], q0, kFwdBlockQ, sq, d, 1.0f,
+  store_tile(out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead], smem, meta[kMetaORow], q0, kFwdBlockQ, sq, d_v, 1.0f,
              tid, kFwdThreads);
 
   // The keep-mask, when asked for, covers every (row, col), hidden ones included
