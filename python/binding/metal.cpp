@@ -62,6 +62,9 @@ std::vector<std::tuple<std::string, std::uint32_t, std::uint32_t>> plan(const st
 
 using Origin = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
 using Window = std::tuple<std::int64_t, std::int64_t>;
+// SDPA's attn_mask: its dtype ("bool", or a float dtype; "" = none) and element strides
+// (batch, head, row, col).
+using Mask = std::tuple<std::string, std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
 
 // strides: element (batch, row, head) strides of q, k, v, out, dout, dq, dk, dv in that
 // order (24 ints; zeros for tensors a forward does not have).
@@ -69,7 +72,8 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
                                const std::tuple<std::int64_t, std::int64_t>& lse_strides, bool causal,
                                std::int64_t causal_offset, double dropout_p, double scale, bool write_mask,
                                const Origin& dropout_origin, const Window& window, double softcap,
-                               std::int64_t alibi_batch_stride, bool sink, int d_v) {
+                               std::int64_t alibi_batch_stride, bool sink, int d_v, const std::string& dtype,
+                               const Mask& mask) {
   if (strides.size() != 24)
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, "metal_meta: expected 24 strides");
   orchard::BwdParams p = params_of(sizes, d_v);
@@ -95,11 +99,18 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
   p.dropout_heads = static_cast<int>(drop_heads);
   std::tie(p.window_left, p.window_right) = window;
   p.softcap = static_cast<float>(softcap);
-  // Slopes and sinks reach the kernels as buffers; pack_meta only asks whether there are any.
+  // Slopes, sinks and masks reach the kernels as buffers; pack_meta only asks whether there are any.
   static const float slopes_present = 0.0f;
   p.alibi_slopes = alibi_batch_stride >= 0 ? &slopes_present : nullptr;
   p.alibi_batch_stride = alibi_batch_stride >= 0 ? alibi_batch_stride : 0;
   p.sink = sink ? &slopes_present : nullptr;  // likewise
+  p.dtype = parse_dtype(dtype);
+  const auto& [mask_dtype, mask_b, mask_h, mask_r, mask_c] = mask;
+  if (!mask_dtype.empty()) {
+    p.attn_bias = &slopes_present;  // likewise: the mask is a buffer
+    p.attn_bias_dtype = mask_dtype == "bool" ? orchard::DType::kUInt8 : parse_dtype(mask_dtype);
+    p.bias_batch_stride = mask_b, p.bias_head_stride = mask_h, p.bias_row_stride = mask_r, p.bias_col_stride = mask_c;
+  }
   return orchard::metal::pack_meta(p, write_mask);
 }
 
@@ -127,11 +138,13 @@ void register_metal(nb::module_& m) {
   m.def("metal_meta", &meta, "sizes"_a, "strides"_a, "lse_strides"_a, "causal"_a, "causal_offset"_a,
         "dropout_p"_a, "scale"_a, "write_mask"_a,
         "dropout_origin"_a = Origin(0, 0, 0, 0), "window"_a = Window(-1, -1), "softcap"_a = 0.0,
-        "alibi_batch_stride"_a = -1, "sink"_a = false, "d_v"_a = 0,
+        "alibi_batch_stride"_a = -1, "sink"_a = false, "d_v"_a = 0, "dtype"_a = "float32",
+        "mask"_a = Mask("", 0, 0, 0, 0),
         "The int64 `meta` buffer the Metal kernels read. dropout_origin: (row offset, col offset, "
         "head offset, heads) of the dropout index; window: (left, right) in params.h's normal form "
         "(causal: right 0); alibi_batch_stride: the slopes' batch stride, -1 without ALiBi; sink: "
-        "whether a sink buffer is bound; d_v: the value head dim (0: d).");
+        "whether a sink buffer is bound; d_v: the value head dim (0: d); dtype: q's; mask: attn_mask's dtype "
+        "('bool', a float dtype, '' for none) and element strides (batch, head, row, col).");
   m.def("metal_debug_log_enabled", &orchard::detail::debug_log_enabled);
   m.def("metal_tensor_profile_enabled", &orchard::detail::tensor_profile_enabled);
   m.def("metal_debug_log_line", &orchard::detail::debug_log_line, "line"_a);

@@ -33,10 +33,13 @@ import torch
 from . import _C
 
 # The kernels' buffer order, as declared in src/backends/metal/kernels/*.metal.
-_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta", "alibi", "sink")
+_FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta", "alibi", "sink", "mask_bool", "mask_elem",
+             "mask_float")
 _DOT_ARGS = ("out", "dout", "delta", "meta")
-_DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta", "alibi")
-_DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta", "alibi")
+_DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta", "alibi", "mask_bool", "mask_elem",
+            "mask_float")
+_DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta", "alibi", "mask_bool", "mask_elem",
+              "mask_float")
 _KERNEL_ARGS = {"orchard_fwd": _FWD_ARGS, "orchard_bwd_dot": _DOT_ARGS,
                 "orchard_bwd_dq": _DQ_ARGS, "orchard_bwd_dkdv": _DKDV_ARGS}
 
@@ -112,7 +115,7 @@ def _feature_names_and_defaults():
 
 # The feature arguments the Metal kernels implement (the rest must keep their defaults).
 _DROPOUT_ORIGIN = ("dropout_row_offset", "dropout_col_offset", "dropout_head_offset", "dropout_heads")
-_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink") + _DROPOUT_ORIGIN
+_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink", "attn_mask") + _DROPOUT_ORIGIN
 
 
 def _feature_values(features):
@@ -156,6 +159,43 @@ def _alibi(features, q, op_name):
     if slopes.stride(-1) != 1 and hq > 1:
         slopes = slopes.contiguous()
     return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
+
+
+def _attn_mask(features, q, k, op_name):
+    """SDPA's attn_mask as the kernels read it: (tensor, its dtype's name, element strides of
+    (batch, head, row, col), 0 for a size-1 dim), or None. The tensor is bound in place (a bool
+    mask as its uint8 view); the kernels take it in one of three buffers by dtype."""
+    mask = _feature_values(features).get("attn_mask")
+    if mask is None:
+        return None
+    want = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (b, hq, sq, sk)
+    if mask.dim() != 4 or any(m not in (w, 1) for m, w in zip(mask.shape, want)):
+        raise ValueError(f"{op_name}: attn_mask of shape {tuple(mask.shape)} does not broadcast to {want}")
+    if mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        allowed = ["bool", str(q.dtype).replace("torch.", "")] + (["float32"] if q.dtype != torch.float32 else [])
+        raise ValueError(f"{op_name}: attn_mask must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{op_name}: attn_mask must be on q's device ({q.device}), got {mask.device}")
+    strides = tuple(0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
+    if mask.dtype == torch.bool:
+        return mask.detach().view(torch.uint8), "bool", strides
+    return mask.detach(), _SUPPORTED[mask.dtype], strides
+
+
+def _mask_buffers(mask, stand_ins):
+    """The three attn_mask buffers (bool / elem_t / fp32): the mask in the one its dtype names
+    (pack_meta's kind: bool; q's dtype; else fp32), stand-ins nothing reads in the others."""
+    names = ("mask_bool", "mask_elem", "mask_float")
+    buffers = dict(zip(names, stand_ins))
+    if mask is not None:
+        tensor, dtype, _ = mask
+        elem = stand_ins[1].dtype
+        buffers["mask_bool" if dtype == "bool" else "mask_elem" if tensor.dtype == elem else "mask_float"] = tensor
+    return buffers
+
+
+def _mask_meta(mask):
+    return ("", 0, 0, 0, 0) if mask is None else (mask[1], *mask[2])
 
 
 def _sink(features, q, op_name):
@@ -295,7 +335,7 @@ def _dispatch(lib, plan, buffers, log):
 
 
 def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged,
-              window=(-1, -1), softcap=0.0, alibi=False, sink=False, d_v=None):
+              window=(-1, -1), softcap=0.0, alibi=False, sink=False, d_v=None, attn_mask=None):
     if not _C.metal_debug_log_enabled():
         return None
     call = _C.metal_next_call_number()
@@ -306,6 +346,7 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
     mods += f" softcap={softcap:g}" if softcap > 0 else ""
     mods += " alibi=1" if alibi else ""
     mods += " sink=1" if sink else ""
+    mods += f" attn_mask={'uint8' if attn_mask[1] == 'bool' else attn_mask[1]}" if attn_mask is not None else ""
     mods += f" d_v={d_v}" if d_v is not None and d_v != d else ""
     head = (f"{direction} #{call} op={op_name} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv} d={d} "
             f"dtype={dtype} causal={causal_text}{mods} dropout={dropout_p:g} scale={scale:g} backend=mps "
@@ -314,10 +355,11 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
 
 
 def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device,
-          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1, sink=False, d_v=0):
+          dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1, sink=False, d_v=0,
+          dtype="float32", mask=None):
     values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
                            float(dropout_p), float(scale), bool(write_mask), dropout_origin, window, softcap,
-                           alibi_batch_stride, sink, d_v)
+                           alibi_batch_stride, sink, d_v, dtype, _mask_meta(mask))
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
     # 43 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
@@ -331,6 +373,7 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     sk, hkv = k.shape[1], k.shape[2]
     slopes, alibi_batch_stride = _alibi(features, q, op_name)
     sink = _sink(features, q, op_name)
+    attn_mask = _attn_mask(features, q, k, op_name)
     dv = v.shape[-1]
     out = _empty_like_unit_last(q) if dv == d else torch.empty(b, sq, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
@@ -355,14 +398,16 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     variant, source = _C.metal_variant(dtype, max(d, dv))
     strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride, sink is not None, dv)
+                 _dropout_origin(features), window, softcap, alibi_batch_stride, sink is not None, dv, dtype,
+                 attn_mask)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
                "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
                "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta,
                # lse: a float32 stand-in for an absent buffer (meta says the kernels skip it)
                "alibi": lse if slopes is None else slopes, "sink": lse if sink is None else sink}
+    buffers.update(_mask_buffers(attn_mask, (buffers["mask"], q_, lse)))
     log = _log_line("FWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None, sink is not None, dv)
+                    len(staged), window, softcap, slopes is not None, sink is not None, dv, attn_mask)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes, dv), buffers, log)
     return out, lse, mask
 
@@ -372,6 +417,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     """The MPS backward: (dq, dk, dv) like _ops._backward_kernel (deterministic: no atomics)."""
     _check(q, k, v, features, op_name)
     slopes, alibi_batch_stride = _alibi(features, q, op_name)
+    attn_mask = _attn_mask(features, q, k, op_name)
     dq, dk, dv = _empty_like_unit_last(q), _empty_like_unit_last(k), _empty_like_unit_last(v)
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -397,12 +443,13 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     strides = (_bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out_) + _bshd(dout_) + _bshd(dq) + _bshd(dk)
                + _bshd(dv))
     meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride, False, dv_width)
+                 _dropout_origin(features), window, softcap, alibi_batch_stride, False, dv_width, dtype, attn_mask)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out_, "dout": dout_, "lse": lse,
                "delta": torch.empty(max(1, b * hq * sq), dtype=torch.float32, device=q.device),
                "dq": dq, "dk": dk, "dv": dv, "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta),
                "meta": meta, "alibi": lse if slopes is None else slopes}
+    buffers.update(_mask_buffers(attn_mask, (meta.view(torch.uint8), q_, lse)))
     log = _log_line("BWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None, False, dv_width)
+                    len(staged), window, softcap, slopes is not None, False, dv_width, attn_mask)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("bwd", dtype, sizes, dv_width), buffers, log)
     return dq, dk, dv

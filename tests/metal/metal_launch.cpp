@@ -1,5 +1,7 @@
 #include "metal_launch.h"
 
+#include <array>
+
 #include "backends/metal/metal_kernels.h"
 #include "emulated_kernels.h"
 
@@ -11,6 +13,15 @@ void* buf(const void* p) { return const_cast<void*>(p); }
 
 // The ALiBi slopes, or a float buffer the kernels do not read (meta says there are none).
 void* alibi_buffer(const FwdParams& p) { return buf(p.alibi_slopes != nullptr ? p.alibi_slopes : p.lse); }
+
+// The three attn_mask buffers (bool / the problem's dtype / fp32): the mask in the one
+// pack_meta's kind names, stand-ins nothing reads in the others.
+std::array<void*, 3> mask_buffers(const FwdParams& p, void* bool_stand_in) {
+  std::array<void*, 3> b = {bool_stand_in, buf(p.q), buf(p.lse)};
+  if (p.attn_bias != nullptr)
+    b[p.attn_bias_dtype == DType::kUInt8 ? 0 : p.attn_bias_dtype == p.dtype ? 1 : 2] = buf(p.attn_bias);
+  return b;
+}
 
 void run(const metal::Variant& v, const metal::Launch& l, const std::vector<void*>& buffers) {
   run_emulated(v.name(), l.kernel, l.groups, l.threads_per_group, buffers);
@@ -26,9 +37,10 @@ void emulate_forward(const FwdParams& p) {
   const DropoutKey key = dropout_key(p);
   std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};
   std::uint8_t no_mask = 0;
+  const auto masks = mask_buffers(p, &no_mask);
   run(v, metal::forward_launch(v, p),
       {buf(p.q), buf(p.k), buf(p.v), p.out, p.lse, p.dropout_mask ? p.dropout_mask : &no_mask, rng, meta.data(),
-       alibi_buffer(p), buf(p.sink != nullptr ? p.sink : p.lse)});
+       alibi_buffer(p), buf(p.sink != nullptr ? p.sink : p.lse), masks[0], masks[1], masks[2]});
 }
 
 void emulate_backward(const BwdParams& p) {
@@ -37,12 +49,15 @@ void emulate_backward(const BwdParams& p) {
   const DropoutKey key = dropout_key(p);
   std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};
   std::vector<float> delta(metal::backward_delta_floats(p) + 1);
+  std::uint8_t no_mask = 0;
+  const auto masks = mask_buffers(p, &no_mask);
   run(v, metal::backward_dot_launch(v, p), {buf(p.out), buf(p.dout), delta.data(), meta.data()});
   run(v, metal::backward_dq_launch(v, p),
-      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dq, rng, meta.data(), alibi_buffer(p)});
+      {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dq, rng, meta.data(), alibi_buffer(p),
+       masks[0], masks[1], masks[2]});
   run(v, metal::backward_dkdv_launch(v, p),
       {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dk, p.dv, rng, meta.data(),
-       alibi_buffer(p)});
+       alibi_buffer(p), masks[0], masks[1], masks[2]});
 }
 
 }  // namespace orchard::metal_emu

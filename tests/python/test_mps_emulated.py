@@ -215,9 +215,6 @@ def test_unsupported_dtype_and_head_dim_fail_before_anything_runs(emulated):
 def test_features_the_kernels_lack_are_rejected():
     q = randn(1, 4, 2, 16)
     with _mps.use_compiler(lambda src: EmulatedLibrary(src)):
-        with pytest.raises(NotImplementedError, match=r"^op: attn_mask is not supported by the Metal"):
-            _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
-                         (-1, -1, 0.0, None, None, torch.ones(4, 4, dtype=torch.bool), None, None, 0, 0))
         with pytest.raises(NotImplementedError, match=r"^op: cu_seqlens_q is not supported by the Metal"):
             _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
                          (-1, -1, 0.0, None, None, None, torch.zeros(2, dtype=torch.int32)))
@@ -288,6 +285,54 @@ def test_window_softcap_alibi_forward_backward(emulated, dtype, name):
         assert empty.any() and (out[empty.transpose(1, 2)] == 0).all()
 
 
+# SDPA's attn_mask on the Metal path: a bool mask and float biases (q's dtype and fp32), full
+# and broadcast (key padding (B, 1, 1, S), one (L, S) plane), with a sink, the bias's own
+# gradient, against float64; the mask is read in place through its strides.
+MASK_CASES = {
+    "bool_full": ("bool", (2, 4, 21, 33), False),
+    "bool_key_padding": ("bool", (2, 1, 1, 33), False),
+    "bias_q_dtype_plane": ("q", (21, 33), False),
+    "bias_fp32_heads_grad": ("fp32", (1, 4, 21, 33), True),
+    "bool_with_sink": ("bool", (2, 4, 21, 33), False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(MASK_CASES))
+def test_sdpa_attn_mask(emulated, dtype, name):
+    from feature_reference import feature_attention_ref
+    kind, mshape, bias_grad = MASK_CASES[name]
+    b, h, sq, sk, d = 2, 4, 21, 33, 24
+    q, k, v = randn(b, h, sq, d, dtype=dtype), randn(b, h, sk, d, dtype=dtype), randn(b, h, sk, d, dtype=dtype)
+    dout = randn(b, h, sq, d, dtype=dtype)
+    if kind == "bool":
+        mask = torch.rand(*mshape) > 0.35
+        mask[..., 0] = True  # every row sees a key (SDPA gives NaN otherwise)
+    else:
+        mask = randn(*mshape, dtype=dtype if kind == "q" else torch.float32)
+    inputs = [q, k, v] + ([mask] if bias_grad else []) + ([randn(h)] if name.endswith("sink") else [])
+    sink_of = lambda t: t[3] if name.endswith("sink") else None  # noqa: E731
+    mask_of = lambda t: t[3] if bias_grad else mask  # noqa: E731
+
+    def run(*t):
+        return orchard.scaled_dot_product_attention(*t[:3], attn_mask=mask_of(t), sink=sink_of(t))
+
+    def ref(*t, upcast=True):
+        bshd = [x.transpose(1, 2) for x in t[:3]]
+        bias = mask_of(t)
+        bias = bias if bias.dim() == 4 else bias[None, None]
+        out = feature_attention_ref(*bshd, bias=bias, sink=sink_of(t), upcast=upcast)[0]
+        return out.transpose(1, 2)
+
+    out, grads = _grads(run, *inputs, dout=dout)
+    exact, exact_grads = _grads(ref, *(t.double() for t in inputs), dout=dout.double())
+    naive, naive_grads = _grads(lambda *t: ref(*t, upcast=False), *inputs, dout=dout)
+    check_close_rule(out, exact, naive, ATOL[dtype], "out")
+    for g, r, n, what in zip(grads, exact_grads, naive_grads, ("dq", "dk", "dv", "dbias" if bias_grad else "dsink")):
+        check_close_rule(g, r, n, ATOL[dtype] if what != "dbias" else 1e-2, what)
+    assert len(emulated) == 1  # the Metal kernels ran (one variant)
+
+
 def test_score_mod_arguments_are_checked_before_anything_runs(emulated):
     q = randn(1, 4, 2, 16)
     with pytest.raises(ValueError, match=r"^op: alibi_slopes must have shape \(2,\) or \(1, 2\)"):
@@ -299,6 +344,12 @@ def test_score_mod_arguments_are_checked_before_anything_runs(emulated):
         _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None, (-3, -1))
     with pytest.raises(ValueError, match=r"^op: softcap must be a finite value >= 0"):
         _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None, (-1, -1, -1.0))
+    with pytest.raises(ValueError, match=r"^op: attn_mask must be bool or float32, got torch.int32"):
+        _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
+                     (-1, -1, 0.0, None, None, torch.ones(1, 2, 4, 4, dtype=torch.int32)))
+    with pytest.raises(ValueError, match=r"^op: attn_mask of shape \(1, 2, 4, 3\) does not broadcast"):
+        _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
+                     (-1, -1, 0.0, None, None, torch.ones(1, 2, 4, 3, dtype=torch.bool)))
     assert emulated == []
 
 
@@ -323,9 +374,9 @@ def test_stand_in_checks_buffer_dtypes_like_the_kernel_signatures():
     _, source = orchard._C.metal_variant("float16", 64)
     sigs = _kernel_signatures(source)
     h, f, u8, i64 = torch.float16, torch.float32, torch.uint8, torch.int64
-    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64, f, f], "orchard_bwd_dot": [h, h, f, i64],
-                    "orchard_bwd_dq": [h, h, h, h, f, f, h, i64, i64, f],
-                    "orchard_bwd_dkdv": [h, h, h, h, f, f, h, h, i64, i64, f]}
+    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64, f, f, u8, h, f], "orchard_bwd_dot": [h, h, f, i64],
+                    "orchard_bwd_dq": [h, h, h, h, f, f, h, i64, i64, f, u8, h, f],
+                    "orchard_bwd_dkdv": [h, h, h, h, f, f, h, h, i64, i64, f, u8, h, f]}
     lib = EmulatedLibrary(source)
     with pytest.raises(AssertionError):  # lse passed where out belongs
         lib.orchard_bwd_dot(torch.zeros(4), torch.zeros(4, dtype=h), torch.zeros(4), torch.zeros(4, dtype=i64),

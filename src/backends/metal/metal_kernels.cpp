@@ -193,7 +193,12 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   m[kMetaSoftcapBits] = float_bits(p.softcap > 0.0f ? p.softcap : 0.0f);
   m[kMetaAlibi] = p.alibi_slopes != nullptr ? 1 : 0, m[kMetaAlibiBatch] = p.alibi_batch_stride;
   m[kMetaSink] = p.sink != nullptr ? 1 : 0;
-  m[kMetaDv] = p.d_v > 0 ? p.d_v : p.d;  // V / O / dO / dV columns (the variant holds both widths)
+  m[kMetaDv] = p.d_v > 0 ? p.d_v : p.d;
+  if (p.attn_bias != nullptr) {
+    m[kMetaMaskKind] = p.attn_bias_dtype == DType::kUInt8 ? 1 : p.attn_bias_dtype == p.dtype ? 2 : 3;
+    m[kMetaMaskBatch] = p.bias_batch_stride, m[kMetaMaskHead] = p.bias_head_stride;
+    m[kMetaMaskRow] = p.bias_row_stride, m[kMetaMaskCol] = p.bias_col_stride;
+  }  // V / O / dO / dV columns (the variant holds both widths)
   return m;
 }
 

@@ -18,7 +18,9 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
                              device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
                              device elem_t* dk [[buffer(6)]], device elem_t* dv [[buffer(7)]],
                              device const long* rng [[buffer(8)]], device const long* meta [[buffer(9)]],
-                             device const float* alibi [[buffer(10)]], uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                             device const float* alibi [[buffer(10)]], device const uchar* mask_bool [[buffer(11)]],
+                             device const elem_t* mask_elem [[buffer(12)]], device const float* mask_float [[buffer(13)]],
+                             uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                              uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDkvSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
@@ -53,7 +55,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
 
   for (int h = kh * group_size; h < (kh + 1) * group_size; ++h) {
     // Query rows outside [q_begin, q_end) see none of these keys (causal / window).
-    const ScoreMods mods = score_mods(meta, alibi, bi, h);
+    const ScoreMods mods = score_mods(meta, alibi, mask_bool, mask_elem, mask_float, bi, h);
     int q_begin, q_end;
     visible_query_range(mods, k0, kDkvBlockK, sq, kDkvBlockQ, q_begin, q_end);
     const int batch_head = bi * hq + h;
@@ -85,7 +87,7 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
         float p_kept = 0.0f, ds = 0.0f;
         if (row < sq && col < sk && visible(mods, row, col)) {
           const float x = smem[kDkvS + e] * scale;
-          const float p = exp(final_score(mods, x, row, col) - lse_h[row]);
+          const float p = prob_of(final_score(mods, x, row, col), lse_h[row]);
           float dp = smem[kDkvP + e];
           p_kept = p;
           if (dropout) {

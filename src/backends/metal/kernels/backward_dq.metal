@@ -18,7 +18,8 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
                            device const float* lse [[buffer(4)]], device const float* delta [[buffer(5)]],
                            device elem_t* dq [[buffer(6)]], device const long* rng [[buffer(7)]],
                            device const long* meta [[buffer(8)]], device const float* alibi [[buffer(9)]],
-                           uint tg_index [[threadgroup_position_in_grid]],
+                           device const uchar* mask_bool [[buffer(10)]], device const elem_t* mask_elem [[buffer(11)]],
+                           device const float* mask_float [[buffer(12)]], uint tg_index [[threadgroup_position_in_grid]],
                            uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
                            uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDqSmemFloats];
@@ -37,7 +38,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
   device const float* delta_h = delta + long(batch_head) * sq;
   device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
   device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
-  const ScoreMods mods = score_mods(meta, alibi, bi, h);
+  const ScoreMods mods = score_mods(meta, alibi, mask_bool, mask_elem, mask_float, bi, h);
 
   simdgroup_float8x8 qf[kBlockD / 8];
   simdgroup_float8x8 gf[kBlockD / 8];  // dO
@@ -81,7 +82,7 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
       float ds = 0.0f;
       if (row < sq && col < sk && visible(mods, row, col)) {
         const float x = smem[kDqS + e] * scale;
-        const float p = exp(final_score(mods, x, row, col) - lse_h[row]);
+        const float p = prob_of(final_score(mods, x, row, col), lse_h[row]);
         float dp = smem[kDqP + e];
         if (dropout) dp = dropout_keep_at(rng, meta, bi, h, row, col, keep_threshold) ? dp * rescale : 0.0f;
         ds = p * (dp - delta_h[row]) * final_score_grad(mods, x);

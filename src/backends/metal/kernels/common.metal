@@ -41,18 +41,35 @@ inline void store_tile(device elem_t* dst, TgFloatPtr src, long row_stride, int 
 // top-left), row i sees column j iff j <= i + diag when causal and
 // i + diag - left <= j <= i + diag + right for a window (a negative bound is unbounded);
 // the scaled score x = scale * q.k becomes softcap * tanh(x / softcap) when softcap > 0,
-// then gets the ALiBi bias -slope * |i + diag - j|.
+// then gets the ALiBi bias -slope * |i + diag - j| and SDPA's attn_mask: a boolean mask
+// (false hides the element) or a float bias (elem_t or fp32) added to the score, read through
+// its element strides (0 for broadcast dims).
+constant constexpr int kMaskNone = 0, kMaskBool = 1, kMaskElem = 2, kMaskFloat = 3;
 struct ScoreMods {
   bool causal;
   long diag, left, right;
   float softcap;
   bool alibi;
   float slope;
+  int mask_kind;
+  long mask_row, mask_col;
+  device const uchar* mask_bool;  // this (batch, head)'s plane of the mask, by kind
+  device const elem_t* mask_elem;
+  device const float* mask_float;
 };
 
-// The modifiers of (batch bi, query head h); `alibi` holds the fp32 slopes when meta says so.
-inline ScoreMods score_mods(device const long* meta, device const float* alibi, int bi, int h) {
+// The modifiers of (batch bi, query head h); `alibi` holds the fp32 slopes when meta says so,
+// the mask_* buffers SDPA's attn_mask in the form meta's kMetaMaskKind names (the others are
+// stand-ins nothing reads).
+inline ScoreMods score_mods(device const long* meta, device const float* alibi, device const uchar* mask_bool,
+                            device const elem_t* mask_elem, device const float* mask_float, int bi, int h) {
   ScoreMods m;
+  m.mask_kind = int(meta[kMetaMaskKind]);
+  const long plane = long(bi) * meta[kMetaMaskBatch] + long(h) * meta[kMetaMaskHead];
+  m.mask_row = meta[kMetaMaskRow], m.mask_col = meta[kMetaMaskCol];
+  m.mask_bool = mask_bool + (m.mask_kind == kMaskBool ? plane : 0);
+  m.mask_elem = mask_elem + (m.mask_kind == kMaskElem ? plane : 0);
+  m.mask_float = mask_float + (m.mask_kind == kMaskFloat ? plane : 0);
   m.causal = meta[kMetaCausal] != 0;
   m.diag = meta[kMetaCausalOffset];
   m.left = meta[kMetaWindowLeft];
@@ -65,7 +82,8 @@ inline ScoreMods score_mods(device const long* meta, device const float* alibi, 
 
 inline bool visible(thread const ScoreMods& m, int row, int col) {
   const long rel = long(col) - (long(row) + m.diag);  // j - (i + diag)
-  return !(m.causal && rel > 0) && !(m.right >= 0 && rel > m.right) && !(m.left >= 0 && rel < -m.left);
+  return !(m.causal && rel > 0) && !(m.right >= 0 && rel > m.right) && !(m.left >= 0 && rel < -m.left) &&
+         !(m.mask_kind == kMaskBool && m.mask_bool[long(row) * m.mask_row + long(col) * m.mask_col] == 0);
 }
 
 // The final score of the scaled score x at (row, col).
@@ -75,8 +93,15 @@ inline float final_score(thread const ScoreMods& m, float x, int row, int col) {
     const long dist = long(row) + m.diag - long(col);
     x -= m.slope * float(dist < 0 ? -dist : dist);
   }
+  const long at = long(row) * m.mask_row + long(col) * m.mask_col;
+  if (m.mask_kind == kMaskElem) x += float(m.mask_elem[at]);
+  if (m.mask_kind == kMaskFloat) x += m.mask_float[at];
   return x;
 }
+
+// exp(score - lse), 0 for a row whose LSE is -inf (it saw no key: only a float mask of -inf
+// can leave such a row visible elements, whose score - lse would be -inf + inf).
+inline float prob_of(float score, float row_lse) { return row_lse < -1.0e30f ? 0.0f : exp(score - row_lse); }
 
 // d(final score) / dx: 1 - tanh^2 under softcap, else 1 (the bias does not depend on x).
 inline float final_score_grad(thread const ScoreMods& m, float x) {

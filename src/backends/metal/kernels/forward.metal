@@ -20,7 +20,8 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
                         device float* lse [[buffer(4)]], device uchar* mask [[buffer(5)]],
                         device const long* rng [[buffer(6)]], device const long* meta [[buffer(7)]],
                         device const float* alibi [[buffer(8)]], device const float* sink [[buffer(9)]],
-                        uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+                        device const uchar* mask_bool [[buffer(10)]], device const elem_t* mask_elem [[buffer(11)]],
+                        device const float* mask_float [[buffer(12)]], uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kFwdSmemFloats];
   const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
@@ -37,7 +38,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
   device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
   device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
   device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
-  const ScoreMods mods = score_mods(meta, alibi, bi, h);
+  const ScoreMods mods = score_mods(meta, alibi, mask_bool, mask_elem, mask_float, bi, h);
 
   // Q -> simdgroup matrices (staged through the K/V area); diagonals start at zero.
   load_tile(smem, qh, meta[kMetaQRow], q0, kFwdBlockQ, sq, d, tid, kFwdThreads);
