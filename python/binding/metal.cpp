@@ -73,7 +73,7 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
                                std::int64_t causal_offset, double dropout_p, double scale, bool write_mask,
                                const Origin& dropout_origin, const Window& window, double softcap,
                                std::int64_t alibi_batch_stride, bool sink, int d_v, const std::string& dtype,
-                               const Mask& mask) {
+                               const Mask& mask, bool varlen, bool top_left) {
   if (strides.size() != 24)
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, "metal_meta: expected 24 strides");
   orchard::BwdParams p = params_of(sizes, d_v);
@@ -105,6 +105,10 @@ std::vector<std::int64_t> meta(const Sizes& sizes, const std::vector<std::int64_
   p.alibi_batch_stride = alibi_batch_stride >= 0 ? alibi_batch_stride : 0;
   p.sink = sink ? &slopes_present : nullptr;  // likewise
   p.dtype = parse_dtype(dtype);
+  // Varlen: the offsets are buffers too; pack_meta only asks whether there are any.
+  static const std::int32_t offsets_present = 0;
+  p.cu_seqlens_q = varlen ? &offsets_present : nullptr;
+  p.causal_top_left = top_left;
   const auto& [mask_dtype, mask_b, mask_h, mask_r, mask_c] = mask;
   if (!mask_dtype.empty()) {
     p.attn_bias = &slopes_present;  // likewise: the mask is a buffer
@@ -139,12 +143,13 @@ void register_metal(nb::module_& m) {
         "dropout_p"_a, "scale"_a, "write_mask"_a,
         "dropout_origin"_a = Origin(0, 0, 0, 0), "window"_a = Window(-1, -1), "softcap"_a = 0.0,
         "alibi_batch_stride"_a = -1, "sink"_a = false, "d_v"_a = 0, "dtype"_a = "float32",
-        "mask"_a = Mask("", 0, 0, 0, 0),
+        "mask"_a = Mask("", 0, 0, 0, 0), "varlen"_a = false, "top_left"_a = false,
         "The int64 `meta` buffer the Metal kernels read. dropout_origin: (row offset, col offset, "
         "head offset, heads) of the dropout index; window: (left, right) in params.h's normal form "
         "(causal: right 0); alibi_batch_stride: the slopes' batch stride, -1 without ALiBi; sink: "
         "whether a sink buffer is bound; d_v: the value head dim (0: d); dtype: q's; mask: attn_mask's dtype "
-        "('bool', a float dtype, '' for none) and element strides (batch, head, row, col).");
+        "('bool', a float dtype, '' for none) and element strides (batch, head, row, col); varlen: offsets are "
+        "bound (sizes then hold the max lengths); top_left: varlen's per-sequence diagonal is 0.");
   m.def("metal_debug_log_enabled", &orchard::detail::debug_log_enabled);
   m.def("metal_tensor_profile_enabled", &orchard::detail::tensor_profile_enabled);
   m.def("metal_debug_log_line", &orchard::detail::debug_log_line, "line"_a);

@@ -34,12 +34,12 @@ from . import _C
 
 # The kernels' buffer order, as declared in src/backends/metal/kernels/*.metal.
 _FWD_ARGS = ("q", "k", "v", "out", "lse", "mask", "rng", "meta", "alibi", "sink", "mask_bool", "mask_elem",
-             "mask_float")
-_DOT_ARGS = ("out", "dout", "delta", "meta")
+             "mask_float", "cu_q", "cu_k")
+_DOT_ARGS = ("out", "dout", "delta", "meta", "cu_q", "cu_k")
 _DQ_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dq", "rng", "meta", "alibi", "mask_bool", "mask_elem",
-            "mask_float")
+            "mask_float", "cu_q", "cu_k")
 _DKDV_ARGS = ("q", "k", "v", "dout", "lse", "delta", "dk", "dv", "rng", "meta", "alibi", "mask_bool", "mask_elem",
-              "mask_float")
+              "mask_float", "cu_q", "cu_k")
 _KERNEL_ARGS = {"orchard_fwd": _FWD_ARGS, "orchard_bwd_dot": _DOT_ARGS,
                 "orchard_bwd_dq": _DQ_ARGS, "orchard_bwd_dkdv": _DKDV_ARGS}
 
@@ -115,7 +115,8 @@ def _feature_names_and_defaults():
 
 # The feature arguments the Metal kernels implement (the rest must keep their defaults).
 _DROPOUT_ORIGIN = ("dropout_row_offset", "dropout_col_offset", "dropout_head_offset", "dropout_heads")
-_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink", "attn_mask") + _DROPOUT_ORIGIN
+_METAL_FEATURES = ("window_left", "window_right", "softcap", "alibi_slopes", "sink", "attn_mask", "cu_seqlens_q",
+                   "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k") + _DROPOUT_ORIGIN
 
 
 def _feature_values(features):
@@ -142,13 +143,12 @@ def _score_mods(features, causal, sq, sk):
     return right == 0, (left, right), float(values.get("softcap", 0.0) or 0.0)
 
 
-def _alibi(features, q, op_name):
+def _alibi(features, q, b, hq, op_name):
     """The ALiBi slopes as the kernels read them (fp32, unit head stride; one staged copy
     otherwise) and their batch stride, or (None, -1) without ALiBi."""
     slopes = _feature_values(features).get("alibi_slopes")
     if slopes is None:
         return None, -1
-    b, hq = q.shape[0], q.shape[2]
     if slopes.dtype != torch.float32:
         raise ValueError(f"{op_name}: alibi_slopes must be float32, got {slopes.dtype}")
     if tuple(slopes.shape) not in ((hq,), (b, hq)):
@@ -198,15 +198,15 @@ def _mask_meta(mask):
     return ("", 0, 0, 0, 0) if mask is None else (mask[1], *mask[2])
 
 
-def _sink(features, q, op_name):
+def _sink(features, q, hq, op_name):
     """The sink logits (fp32, (hq,), unit stride; one staged copy otherwise), or None."""
     sink = _feature_values(features).get("sink")
     if sink is None:
         return None
     if sink.dtype != torch.float32:
         raise ValueError(f"{op_name}: sink must be float32, got {sink.dtype}")
-    if tuple(sink.shape) != (q.shape[2],):
-        raise ValueError(f"{op_name}: sink must have shape ({q.shape[2]},), got {tuple(sink.shape)}")
+    if tuple(sink.shape) != (hq,):
+        raise ValueError(f"{op_name}: sink must have shape ({hq},), got {tuple(sink.shape)}")
     if sink.device != q.device:
         raise ValueError(f"{op_name}: sink must be on q's device ({q.device}), got {sink.device}")
     return sink.detach() if sink.stride(0) == 1 or sink.shape[0] == 1 else sink.detach().contiguous()
@@ -233,12 +233,14 @@ def _check(q, k, v, features, op_name):
         if not (softcap >= 0.0 and math.isfinite(softcap)):
             raise ValueError(f"{op_name}: softcap must be a finite value >= 0, got {softcap}")
         row, col, head, heads = _dropout_origin(features)
-        hq = q.shape[2] if q.dim() == 4 else 0
+        hq = q.shape[-2] if q.dim() >= 3 else 0
         if min(row, col, head, heads) < 0 or (heads > 0 and head + hq > heads):
             raise ValueError(f"{op_name}: dropout offsets must be >= 0 with head offset + heads <= dropout_heads, "
                              f"got row {row}, col {col}, head {head}, heads {heads}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{op_name}: q, k, v must be rank 4 (batch, seq, heads, head_dim) on MPS")
+    varlen = _varlen(features)
+    rank, layout = (3, "(total, heads, head_dim)") if varlen else (4, "(batch, seq, heads, head_dim)")
+    if q.dim() != rank or k.dim() != rank or v.dim() != rank:
+        raise ValueError(f"{op_name}: q, k, v must be rank {rank} {layout} on MPS")
     if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{op_name}: the Metal (MPS) backend supports float16, bfloat16 and float32 "
                          f"(q, k, v of one dtype), got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -246,14 +248,71 @@ def _check(q, k, v, features, op_name):
         why = _C.metal_check_support(_SUPPORTED[q.dtype], width)
         if why:
             raise ValueError(f"{op_name}: {why}" + ("" if name == "head dim" else " (the value head dim)"))
-    b, sq, hq, d = q.shape
-    if (k.shape[0], k.shape[3]) != (b, d) or k.shape[:3] != v.shape[:3]:
+    hq, d = q.shape[-2], q.shape[-1]
+    if varlen:
+        _check_varlen(varlen, q, k, features, op_name)
+        if k.shape[-1] != d or k.shape[:2] != v.shape[:2]:
+            raise ValueError(f"{op_name}: k must be (total_k, kv_heads, {d}) like q's head dim, and v (total_k, "
+                             f"kv_heads, value head dim) like k, got {tuple(k.shape)} and {tuple(v.shape)}")
+    elif (k.shape[0], k.shape[3]) != (q.shape[0], d) or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"{op_name}: k must be (batch, seq_k, kv_heads, {d}) like q's batch and head dim, and v "
                          f"(batch, seq_k, kv_heads, value head dim) like k, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if k.shape[2] == 0 or hq % k.shape[2] != 0:
+    if k.shape[-2] == 0 or hq % k.shape[-2] != 0:
         raise ValueError(f"{op_name}: number of query heads ({hq}) must be a multiple of key/value heads "
-                         f"({k.shape[2]})")
+                         f"({k.shape[-2]})")
+
+
+def _varlen(features):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a varlen call, or None."""
+    values = _feature_values(features)
+    if values.get("cu_seqlens_q") is None and values.get("cu_seqlens_k") is None:
+        return None
+    return (values.get("cu_seqlens_q"), values.get("cu_seqlens_k"), int(values.get("max_seqlen_q", 0)),
+            int(values.get("max_seqlen_k", 0)))
+
+
+def _check_varlen(varlen, q, k, features, op_name):
+    """The offsets' form and values (one device -> host copy on MPS, as the CUDA path's check;
+    the kernels index the packed tensors with them), and what varlen cannot combine with."""
+    cu_q, cu_k, max_q, max_k = varlen
+    if cu_q is None or cu_k is None:
+        raise ValueError(f"{op_name}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
+    if _feature_values(features).get("attn_mask") is not None:
+        raise NotImplementedError(f"{op_name}: attn_mask cannot be combined with varlen")
+    for name, cu, total, longest_allowed in (("cu_seqlens_q", cu_q, q.shape[0], max_q),
+                                             ("cu_seqlens_k", cu_k, k.shape[0], max_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{op_name}: {name} must be int32 of shape (batch + 1,), got {cu.dtype} "
+                             f"{tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{op_name}: {name} must be on q's device ({q.device}), got {cu.device}")
+        vals = cu.tolist()
+        lengths = [b - a for a, b in zip(vals, vals[1:])]
+        if vals[0] < 0 or min(lengths, default=0) < 0 or vals[-1] > total:
+            raise ValueError(f"{op_name}: {name} must start >= 0, be non-decreasing and end <= {total}, "
+                             f"got {vals[:8]}{' ...' if len(vals) > 8 else ''}")
+        if max(lengths, default=0) > longest_allowed:
+            raise ValueError(f"{op_name}: max_seqlen ({longest_allowed}) is smaller than the longest sequence in "
+                             f"{name} ({max(lengths)})")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"{op_name}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_q.numel()} and {cu_k.numel()}")
+
+
+def _dims(q, k, v, features):
+    """(b, sq, sk, hq, hkv, d, d_v, varlen): sq / sk the max lengths of a varlen call."""
+    varlen = _varlen(features)
+    if varlen:
+        cu_q, _, max_q, max_k = varlen
+        return cu_q.numel() - 1, max_q, max_k, q.shape[1], k.shape[1], q.shape[2], v.shape[2], varlen
+    return (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], None)
+
+
+def _rows(t, varlen):
+    """Element strides (batch, row, head) of q / k / v / out / dO / grads: a packed varlen
+    tensor (total, heads, dim) has batch stride 0 (cu_seqlens place the sequences)."""
+    return [0, t.stride(0), t.stride(1)] if varlen else [t.stride(0), t.stride(1), t.stride(2)]
 
 
 def _readable(name, t, staged, op_name, direction):
@@ -335,7 +394,7 @@ def _dispatch(lib, plan, buffers, log):
 
 
 def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p, scale, variant, staged,
-              window=(-1, -1), softcap=0.0, alibi=False, sink=False, d_v=None, attn_mask=None):
+              window=(-1, -1), softcap=0.0, alibi=False, sink=False, d_v=None, attn_mask=None, varlen=None):
     if not _C.metal_debug_log_enabled():
         return None
     call = _C.metal_next_call_number()
@@ -347,6 +406,7 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
     mods += " alibi=1" if alibi else ""
     mods += " sink=1" if sink else ""
     mods += f" attn_mask={'uint8' if attn_mask[1] == 'bool' else attn_mask[1]}" if attn_mask is not None else ""
+    mods += " varlen=1" if varlen else ""
     mods += f" d_v={d_v}" if d_v is not None and d_v != d else ""
     head = (f"{direction} #{call} op={op_name} b={b} sq={sq} sk={sk} hq={hq} hkv={hkv} d={d} "
             f"dtype={dtype} causal={causal_text}{mods} dropout={dropout_p:g} scale={scale:g} backend=mps "
@@ -354,32 +414,44 @@ def _log_line(direction, op_name, sizes, dtype, causal, causal_offset, dropout_p
     return lambda elapsed: _C.metal_debug_log_line(head + elapsed)
 
 
-def _meta(sizes, strides, lse, causal, causal_offset, dropout_p, scale, write_mask, device,
+def _meta(sizes, strides, lse_strides, causal, causal_offset, dropout_p, scale, write_mask, device,
           dropout_origin=(0, 0, 0, 0), window=(-1, -1), softcap=0.0, alibi_batch_stride=-1, sink=False, d_v=0,
-          dtype="float32", mask=None):
-    values = _C.metal_meta(sizes, strides, (lse.stride(0), lse.stride(1)), bool(causal), int(causal_offset),
-                           float(dropout_p), float(scale), bool(write_mask), dropout_origin, window, softcap,
-                           alibi_batch_stride, sink, d_v, dtype, _mask_meta(mask))
+          dtype="float32", mask=None, varlen=False, top_left=False):
+    values = _C.metal_meta(sizes, strides, lse_strides, bool(causal), int(causal_offset), float(dropout_p),
+                           float(scale), bool(write_mask), dropout_origin, window, softcap, alibi_batch_stride,
+                           sink, d_v, dtype, _mask_meta(mask), bool(varlen), bool(top_left))
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
     # 43 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def _varlen_buffers(varlen, meta):
+    """cu_q / cu_k for the kernels: the offsets, or an int32 stand-in nothing reads."""
+    stand_in = meta.view(torch.int32)
+    return {"cu_q": varlen[0] if varlen else stand_in, "cu_k": varlen[1] if varlen else stand_in}
+
+
+def _lse_strides(lse, varlen):
+    """(batch, head) strides of the LSE: (b, hq, sq), or (hq, total_q) for varlen."""
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
 def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, offset, return_mask,
             op_name="orchard.flash_attn", rng_state=None, features=()):
     """The MPS forward: (out, lse, mask) like _ops._forward_kernel."""
     _check(q, k, v, features, op_name)
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    slopes, alibi_batch_stride = _alibi(features, q, op_name)
-    sink = _sink(features, q, op_name)
+    b, sq, sk, hq, hkv, d, dv, varlen = _dims(q, k, v, features)
+    slopes, alibi_batch_stride = _alibi(features, q, b, hq, op_name)
+    sink = _sink(features, q, hq, op_name)
     attn_mask = _attn_mask(features, q, k, op_name)
-    dv = v.shape[-1]
-    out = _empty_like_unit_last(q) if dv == d else torch.empty(b, sq, hq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    out = (_empty_like_unit_last(q) if dv == d
+           else torch.empty(*q.shape[:-1], dv, dtype=q.dtype, device=q.device))
+    lse = torch.empty(*((hq, q.shape[0]) if varlen else (b, hq, sq)), dtype=torch.float32, device=q.device)
     write_mask = bool(return_mask) and dropout_p > 0.0
     if return_mask:
-        mask = torch.empty(b, hq, sq, sk, dtype=torch.uint8, device=q.device)
+        # varlen: (b, hq, max sq, max sk), entries past a sequence's lengths 0 (as the CPU backend)
+        mask = (torch.zeros if varlen and write_mask else torch.empty)(b, hq, sq, sk, dtype=torch.uint8,
+                                                                       device=q.device)
         if not write_mask:
             mask.fill_(1)  # no dropout: everything is kept
     else:
@@ -396,18 +468,19 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     sizes = (b, sq, sk, hq, hkv, d)
     dtype = _SUPPORTED[q.dtype]
     variant, source = _C.metal_variant(dtype, max(d, dv))
-    strides = _bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out) + [0] * 12
-    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, write_mask, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride, sink is not None, dv, dtype,
-                 attn_mask)
+    strides = _rows(q_, varlen) + _rows(k_, varlen) + _rows(v_, varlen) + _rows(out, varlen) + [0] * 12
+    meta = _meta(sizes, strides, _lse_strides(lse, varlen), causal, causal_offset, dropout_p, softmax_scale,
+                 write_mask, q.device, _dropout_origin(features), window, softcap, alibi_batch_stride,
+                 sink is not None, dv, dtype, attn_mask, varlen is not None, causal_top_left)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out, "lse": lse,
                "mask": mask if write_mask else torch.empty(1, dtype=torch.uint8, device=q.device),
                "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta), "meta": meta,
                # lse: a float32 stand-in for an absent buffer (meta says the kernels skip it)
                "alibi": lse if slopes is None else slopes, "sink": lse if sink is None else sink}
     buffers.update(_mask_buffers(attn_mask, (buffers["mask"], q_, lse)))
+    buffers.update(_varlen_buffers(varlen, meta))
     log = _log_line("FWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None, sink is not None, dv, attn_mask)
+                    len(staged), window, softcap, slopes is not None, sink is not None, dv, attn_mask, varlen)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("fwd", dtype, sizes, dv), buffers, log)
     return out, lse, mask
 
@@ -416,19 +489,21 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
              op_name="orchard.flash_attn", rng_state=None, features=()):
     """The MPS backward: (dq, dk, dv) like _ops._backward_kernel (deterministic: no atomics)."""
     _check(q, k, v, features, op_name)
-    slopes, alibi_batch_stride = _alibi(features, q, op_name)
+    b, sq, sk, hq, hkv, d, dv_width, varlen = _dims(q, k, v, features)
+    slopes, alibi_batch_stride = _alibi(features, q, b, hq, op_name)
     attn_mask = _attn_mask(features, q, k, op_name)
     dq, dk, dv = _empty_like_unit_last(q), _empty_like_unit_last(k), _empty_like_unit_last(v)
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
     if b == 0 or hq == 0 or (sq == 0 and sk == 0):
         return dq, dk, dv
-    dv_width = v.shape[-1]
-    if (dout.shape != out.shape or out.shape != (*q.shape[:3], dv_width) or dout.dtype != q.dtype
+    if varlen:
+        dk.zero_(), dv.zero_()  # rows no sequence owns (past cu_seqlens_k[-1]) get no kernel's write
+        dq.zero_()
+    if (dout.shape != out.shape or out.shape != (*q.shape[:-1], dv_width) or dout.dtype != q.dtype
             or out.dtype != q.dtype):
-        raise ValueError(f"{op_name}: dout and out must be (batch, seq_q, heads, value head dim) of q's dtype")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != (b, hq, sq) or (sq > 1 and lse.stride(2) != 1):
-        raise ValueError(f"{op_name}: lse must be float32 (batch, heads, seq_q) with a unit row stride")
+        raise ValueError(f"{op_name}: dout and out must be shaped like q with the value head dim, of q's dtype")
+    lse_shape = (hq, q.shape[0]) if varlen else (b, hq, sq)
+    if lse.dtype != torch.float32 or tuple(lse.shape) != lse_shape or (lse.shape[-1] > 1 and lse.stride(-1) != 1):
+        raise ValueError(f"{op_name}: lse must be float32 {lse_shape} with a unit row stride")
 
     staged = []
     named = (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout))
@@ -440,16 +515,17 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     sizes = (b, sq, sk, hq, hkv, d)
     dtype = _SUPPORTED[q.dtype]
     variant, source = _C.metal_variant(dtype, max(d, dv_width))
-    strides = (_bshd(q_) + _bshd(k_) + _bshd(v_) + _bshd(out_) + _bshd(dout_) + _bshd(dq) + _bshd(dk)
-               + _bshd(dv))
-    meta = _meta(sizes, strides, lse, causal, causal_offset, dropout_p, softmax_scale, False, q.device,
-                 _dropout_origin(features), window, softcap, alibi_batch_stride, False, dv_width, dtype, attn_mask)
+    strides = [x for t in (q_, k_, v_, out_, dout_, dq, dk, dv) for x in _rows(t, varlen)]
+    meta = _meta(sizes, strides, _lse_strides(lse, varlen), causal, causal_offset, dropout_p, softmax_scale, False,
+                 q.device, _dropout_origin(features), window, softcap, alibi_batch_stride, False, dv_width, dtype,
+                 attn_mask, varlen is not None, causal_top_left)
     buffers = {"q": q_, "k": k_, "v": v_, "out": out_, "dout": dout_, "lse": lse,
                "delta": torch.empty(max(1, b * hq * sq), dtype=torch.float32, device=q.device),
                "dq": dq, "dk": dk, "dv": dv, "rng": _rng_tensor(rng_state, seed, offset, dropout_p, meta),
                "meta": meta, "alibi": lse if slopes is None else slopes}
     buffers.update(_mask_buffers(attn_mask, (meta.view(torch.uint8), q_, lse)))
+    buffers.update(_varlen_buffers(varlen, meta))
     log = _log_line("BWD", op_name, sizes, dtype, causal, causal_offset, dropout_p, softmax_scale, variant,
-                    len(staged), window, softcap, slopes is not None, False, dv_width, attn_mask)
+                    len(staged), window, softcap, slopes is not None, False, dv_width, attn_mask, varlen)
     _dispatch(_library(variant, source, op_name), _C.metal_plan("bwd", dtype, sizes, dv_width), buffers, log)
     return dq, dk, dv

@@ -23,6 +23,12 @@ std::array<void*, 3> mask_buffers(const FwdParams& p, void* bool_stand_in) {
   return b;
 }
 
+// cu_seqlens_q / _k, or a stand-in nothing reads (meta says there is no varlen).
+std::array<void*, 2> varlen_buffers(const FwdParams& p, void* stand_in) {
+  return {p.cu_seqlens_q != nullptr ? buf(p.cu_seqlens_q) : stand_in,
+          p.cu_seqlens_k != nullptr ? buf(p.cu_seqlens_k) : stand_in};
+}
+
 void run(const metal::Variant& v, const metal::Launch& l, const std::vector<void*>& buffers) {
   run_emulated(v.name(), l.kernel, l.groups, l.threads_per_group, buffers);
 }
@@ -38,9 +44,11 @@ void emulate_forward(const FwdParams& p) {
   std::int64_t rng[2] = {static_cast<std::int64_t>(key.seed), static_cast<std::int64_t>(key.offset)};
   std::uint8_t no_mask = 0;
   const auto masks = mask_buffers(p, &no_mask);
+  const auto offsets = varlen_buffers(p, meta.data());
   run(v, metal::forward_launch(v, p),
       {buf(p.q), buf(p.k), buf(p.v), p.out, p.lse, p.dropout_mask ? p.dropout_mask : &no_mask, rng, meta.data(),
-       alibi_buffer(p), buf(p.sink != nullptr ? p.sink : p.lse), masks[0], masks[1], masks[2]});
+       alibi_buffer(p), buf(p.sink != nullptr ? p.sink : p.lse), masks[0], masks[1], masks[2], offsets[0],
+       offsets[1]});
 }
 
 void emulate_backward(const BwdParams& p) {
@@ -51,13 +59,15 @@ void emulate_backward(const BwdParams& p) {
   std::vector<float> delta(metal::backward_delta_floats(p) + 1);
   std::uint8_t no_mask = 0;
   const auto masks = mask_buffers(p, &no_mask);
-  run(v, metal::backward_dot_launch(v, p), {buf(p.out), buf(p.dout), delta.data(), meta.data()});
+  const auto offsets = varlen_buffers(p, meta.data());
+  run(v, metal::backward_dot_launch(v, p),
+      {buf(p.out), buf(p.dout), delta.data(), meta.data(), offsets[0], offsets[1]});
   run(v, metal::backward_dq_launch(v, p),
       {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dq, rng, meta.data(), alibi_buffer(p),
-       masks[0], masks[1], masks[2]});
+       masks[0], masks[1], masks[2], offsets[0], offsets[1]});
   run(v, metal::backward_dkdv_launch(v, p),
       {buf(p.q), buf(p.k), buf(p.v), buf(p.dout), buf(p.lse), delta.data(), p.dk, p.dv, rng, meta.data(),
-       alibi_buffer(p), masks[0], masks[1], masks[2]});
+       alibi_buffer(p), masks[0], masks[1], masks[2], offsets[0], offsets[1]});
 }
 
 }  // namespace orchard::metal_emu

@@ -23,7 +23,7 @@ emulator = pytest.importorskip("orchard._metal_emulator",
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-_MSL_TO_TORCH = {"float": torch.float32, "uchar": torch.uint8, "long": torch.int64,
+_MSL_TO_TORCH = {"float": torch.float32, "uchar": torch.uint8, "long": torch.int64, "int": torch.int32,
                  "half": torch.float16, "bfloat": torch.bfloat16}
 
 
@@ -215,9 +215,8 @@ def test_unsupported_dtype_and_head_dim_fail_before_anything_runs(emulated):
 def test_features_the_kernels_lack_are_rejected():
     q = randn(1, 4, 2, 16)
     with _mps.use_compiler(lambda src: EmulatedLibrary(src)):
-        with pytest.raises(NotImplementedError, match=r"^op: cu_seqlens_q is not supported by the Metal"):
-            _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
-                         (-1, -1, 0.0, None, None, None, torch.zeros(2, dtype=torch.int32)))
+        with pytest.raises(NotImplementedError, match=r"^op: unknown feature arguments for the Metal"):
+            _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None, (-1,) * 15)
 
 
 # Windows (with and without causal, rows left empty, sq != sk), softcap, ALiBi ((h,) and (b, h)
@@ -333,6 +332,71 @@ def test_sdpa_attn_mask(emulated, dtype, name):
     assert len(emulated) == 1  # the Metal kernels ran (one variant)
 
 
+# Varlen (packed sequences, flash-attn's varlen API): mixed lengths with an empty sequence,
+# sq != sk per sequence, GQA, causal (bottom-right per sequence), a window, ALiBi, a sink,
+# dropout (its mask equal to the CPU backend's), against float64 per sequence.
+VARLEN_CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window_alibi_sink": dict(window_size=(4, 1), alibi=True, sink=True),
+    "value_head_dim": dict(causal=True, dv=24),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(VARLEN_CASES))
+def test_varlen_forward_backward(emulated, dtype, name):
+    from feature_reference import feature_attention_ref
+    kw = dict(VARLEN_CASES[name])
+    hq, hkv, d = 4, 2, 40
+    dv = kw.pop("dv", d)
+    lens_q, lens_k = [5, 0, 17, 9], [11, 3, 17, 6]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = randn(int(cu_q[-1]), hq, d, dtype=dtype)
+    k, v = randn(int(cu_k[-1]), hkv, d, dtype=dtype), randn(int(cu_k[-1]), hkv, dv, dtype=dtype)
+    dout = randn(int(cu_q[-1]), hq, dv, dtype=dtype)
+    slopes = torch.rand(hq) * 0.5 + 0.1 if kw.pop("alibi", False) else None
+    inputs = [q, k, v] + ([randn(hq)] if kw.pop("sink", False) else [])
+    sink_of = lambda t: t[3] if len(t) > 3 else None  # noqa: E731
+    ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)), alibi_slopes=slopes)
+
+    def run(*t):
+        return orchard.flash_attn_varlen_func(*t[:3], cu_q, cu_k, max(lens_q), max(lens_k), alibi_slopes=slopes,
+                                              sink=sink_of(t), **kw)
+
+    def ref(*t, upcast=True):
+        outs = []
+        for i in range(len(lens_q)):
+            sl_q, sl_k = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+            outs.append(feature_attention_ref(t[0][None, sl_q], t[1][None, sl_k], t[2][None, sl_k], sink=sink_of(t),
+                                              upcast=upcast, **ref_kw)[0][0])
+        return torch.cat(outs)
+
+    out, grads = _grads(run, *inputs, dout=dout)
+    exact, exact_grads = _grads(ref, *(t.double() for t in inputs), dout=dout.double())
+    naive, naive_grads = _grads(lambda *t: ref(*t, upcast=False), *inputs, dout=dout)
+    check_close_rule(out, exact, naive, ATOL[dtype], "out")
+    for g, r, n, what in zip(grads, exact_grads, naive_grads, ("dq", "dk", "dv", "dsink")):
+        check_close_rule(g, r, n, ATOL[dtype], what)
+    assert len(emulated) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_dropout_mask_matches_cpu_backend(emulated, causal):
+    hq, hkv, d = 2, 1, 32
+    cu_q, cu_k = torch.tensor([0, 7, 7, 20], dtype=torch.int32), torch.tensor([0, 9, 12, 20], dtype=torch.int32)
+    q, k, v = randn(20, hq, d), randn(20, hkv, d), randn(20, hkv, d)
+    args = (1.0 / d ** 0.5, causal, False, 0.3, 0, 0, True, False, "orchard.flash_attn_varlen_func",
+            torch.tensor([0x5EED, 3], dtype=torch.int64), -1, -1, 0.0, None, None, None, cu_q, cu_k, 13, 9)
+    out, lse, mask = orchard._ops.flash_attn_forward(q, k, v, *args)
+    with _mps.use_compiler(None):  # the CPU backend, same key
+        cpu_out, cpu_lse, cpu_mask = orchard._ops.flash_attn_forward(q, k, v, *args)
+    assert mask.shape == (3, hq, 13, 9) and torch.equal(mask, cpu_mask)
+    torch.testing.assert_close(out, cpu_out, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse, cpu_lse, atol=2e-5, rtol=0)
+
+
 def test_score_mod_arguments_are_checked_before_anything_runs(emulated):
     q = randn(1, 4, 2, 16)
     with pytest.raises(ValueError, match=r"^op: alibi_slopes must have shape \(2,\) or \(1, 2\)"):
@@ -347,6 +411,13 @@ def test_score_mod_arguments_are_checked_before_anything_runs(emulated):
     with pytest.raises(ValueError, match=r"^op: attn_mask must be bool or float32, got torch.int32"):
         _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
                      (-1, -1, 0.0, None, None, torch.ones(1, 2, 4, 4, dtype=torch.int32)))
+    cu = torch.tensor([0, 3, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^op: cu_seqlens_q must start >= 0, be non-decreasing"):
+        _mps.forward(q[0], q[0], q[0], 0.25, False, False, 0.0, 0, 0, False, "op", None,
+                     (-1, -1, 0.0, None, None, None, cu, cu, 4, 4))
+    with pytest.raises(NotImplementedError, match=r"^op: attn_mask cannot be combined with varlen"):
+        _mps.forward(q[0], q[0], q[0], 0.25, False, False, 0.0, 0, 0, False, "op", None,
+                     (-1, -1, 0.0, None, None, torch.ones(1, 2, 4, 4, dtype=torch.bool), cu, cu, 4, 4))
     with pytest.raises(ValueError, match=r"^op: attn_mask of shape \(1, 2, 4, 3\) does not broadcast"):
         _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
                      (-1, -1, 0.0, None, None, torch.ones(1, 2, 4, 3, dtype=torch.bool)))
@@ -373,10 +444,11 @@ def test_old_torch_is_refused_with_its_version(monkeypatch):
 def test_stand_in_checks_buffer_dtypes_like_the_kernel_signatures():
     _, source = orchard._C.metal_variant("float16", 64)
     sigs = _kernel_signatures(source)
-    h, f, u8, i64 = torch.float16, torch.float32, torch.uint8, torch.int64
-    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64, f, f, u8, h, f], "orchard_bwd_dot": [h, h, f, i64],
-                    "orchard_bwd_dq": [h, h, h, h, f, f, h, i64, i64, f, u8, h, f],
-                    "orchard_bwd_dkdv": [h, h, h, h, f, f, h, h, i64, i64, f, u8, h, f]}
+    h, f, u8, i32, i64 = torch.float16, torch.float32, torch.uint8, torch.int32, torch.int64
+    assert sigs == {"orchard_fwd": [h, h, h, h, f, u8, i64, i64, f, f, u8, h, f, i32, i32],
+                    "orchard_bwd_dot": [h, h, f, i64, i32, i32],
+                    "orchard_bwd_dq": [h, h, h, h, f, f, h, i64, i64, f, u8, h, f, i32, i32],
+                    "orchard_bwd_dkdv": [h, h, h, h, f, f, h, h, i64, i64, f, u8, h, f, i32, i32]}
     lib = EmulatedLibrary(source)
     with pytest.raises(AssertionError):  # lse passed where out belongs
         lib.orchard_bwd_dot(torch.zeros(4), torch.zeros(4, dtype=h), torch.zeros(4), torch.zeros(4, dtype=i64),

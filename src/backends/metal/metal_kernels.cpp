@@ -194,6 +194,7 @@ std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask) {
   m[kMetaAlibi] = p.alibi_slopes != nullptr ? 1 : 0, m[kMetaAlibiBatch] = p.alibi_batch_stride;
   m[kMetaSink] = p.sink != nullptr ? 1 : 0;
   m[kMetaDv] = p.d_v > 0 ? p.d_v : p.d;
+  m[kMetaVarlen] = p.cu_seqlens_q != nullptr ? 1 : 0, m[kMetaTopLeft] = p.causal_top_left ? 1 : 0;
   if (p.attn_bias != nullptr) {
     m[kMetaMaskKind] = p.attn_bias_dtype == DType::kUInt8 ? 1 : p.attn_bias_dtype == p.dtype ? 2 : 3;
     m[kMetaMaskBatch] = p.bias_batch_stride, m[kMetaMaskHead] = p.bias_head_stride;

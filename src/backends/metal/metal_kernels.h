@@ -20,7 +20,8 @@ namespace orchard::metal {
   X(VHead) X(OBatch) X(ORow) X(OHead) X(DoBatch) X(DoRow) X(DoHead) X(DqBatch) X(DqRow) X(DqHead) X(DkBatch)  \
   X(DkRow) X(DkHead) X(DvBatch) X(DvRow) X(DvHead) X(LseBatch) X(LseHead) X(Causal) X(CausalOffset)          \
   X(Dropout) X(KeepThreshold) X(WriteMask) X(ScaleBits) X(RpBits) X(DropRow) X(DropCol) X(DropHead) \
-  X(DropHeads) X(WindowLeft) X(WindowRight) X(SoftcapBits) X(Alibi) X(AlibiBatch) X(Sink) X(Dv) X(MaskKind) X(MaskBatch) X(MaskHead) X(MaskRow) X(MaskCol)
+  X(DropHeads) X(WindowLeft) X(WindowRight) X(SoftcapBits) X(Alibi) X(AlibiBatch) X(Sink) X(Dv) X(MaskKind) X(MaskBatch) X(MaskHead) X(MaskRow) X(MaskCol) \
+  X(Varlen) X(TopLeft)
 
 enum MetaField : int {
 #define ORCHARD_METAL_META_ENUM(name) kMeta##name,
@@ -78,7 +79,8 @@ Launch backward_dkdv_launch(const Variant& v, const FwdParams& p);
 // ALiBi; window_left / window_right / softcap as params.h defines them, ALiBi as a flag
 // (p.alibi_slopes set) and the slopes' batch stride, sinks as a flag (p.sink set; slopes and
 // sinks travel as buffers). attn_bias: MaskKind 0 none, 1 bool (kUInt8), 2 the problem's
-// dtype, 3 float32, with its element strides.
+// dtype, 3 float32, with its element strides. Varlen: a flag (p.cu_seqlens_q set; the offsets
+// travel as buffers; Sq / Sk are then the max lengths) and TopLeft (p.causal_top_left).
 std::vector<std::int64_t> pack_meta(const BwdParams& p, bool write_mask);
 
 // Float workspace the backward needs: delta, (b, hq, sq) contiguous.

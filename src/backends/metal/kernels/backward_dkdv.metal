@@ -20,32 +20,37 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
                              device const long* rng [[buffer(8)]], device const long* meta [[buffer(9)]],
                              device const float* alibi [[buffer(10)]], device const uchar* mask_bool [[buffer(11)]],
                              device const elem_t* mask_elem [[buffer(12)]], device const float* mask_float [[buffer(13)]],
+                             device const int* cu_q [[buffer(14)]], device const int* cu_k [[buffer(15)]],
                              uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
                              uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDkvSmemFloats];
-  const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
-  const int d_v = int(meta[kMetaDv]);  // V, dO and dV columns
+  const int max_sq = int(meta[kMetaSq]), max_sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]);
+  const int d = int(meta[kMetaD]), d_v = int(meta[kMetaDv]);  // V, dO and dV: d_v columns
   const int hkv = int(meta[kMetaHkv]), group_size = hq / hkv;
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
 
-  const int k_tiles = (sk + kDkvBlockK - 1) / kDkvBlockK;
+  const int k_tiles = (max_sk + kDkvBlockK - 1) / kDkvBlockK;
   const int k0 = int(tg_index) % k_tiles * kDkvBlockK;
   const int batch_kv_head = int(tg_index) / k_tiles;
   const int kh = batch_kv_head % hkv, bi = batch_kv_head / hkv;
+  const SeqSpan span = seq_span(meta, cu_q, cu_k, bi);
+  if (k0 >= span.len_k) return;  // (varlen) past this sequence's keys: the whole threadgroup leaves
+  const int sq = span.len_q, sk = span.len_k;
+  const long k_rows = span.k_start * meta[kMetaKRow], v_rows = span.k_start * meta[kMetaVRow];
 
   simdgroup_float8x8 kf[kBlockD / 8];
   simdgroup_float8x8 vf[kBlockD / 8];
   simdgroup_float8x8 dk_acc[kBlockD / 8];
   simdgroup_float8x8 dv_acc[kBlockD / 8];
-  load_tile(smem, k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead], meta[kMetaKRow], k0, kDkvBlockK, sk, d, tid,
-            kDkvThreads);
+  load_tile(smem, k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead] + k_rows, meta[kMetaKRow], k0, kDkvBlockK, sk, d,
+            tid, kDkvThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_load(kf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  load_tile(smem, v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead], meta[kMetaVRow], k0, kDkvBlockK, sk, d_v, tid,
-            kDkvThreads);
+  load_tile(smem, v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead] + v_rows, meta[kMetaVRow], k0, kDkvBlockK, sk, d_v,
+            tid, kDkvThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) {
     simdgroup_load(vf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
@@ -55,14 +60,14 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
 
   for (int h = kh * group_size; h < (kh + 1) * group_size; ++h) {
     // Query rows outside [q_begin, q_end) see none of these keys (causal / window).
-    const ScoreMods mods = score_mods(meta, alibi, mask_bool, mask_elem, mask_float, bi, h);
+    const ScoreMods mods = score_mods(meta, span, alibi, mask_bool, mask_elem, mask_float, bi, h);
     int q_begin, q_end;
     visible_query_range(mods, k0, kDkvBlockK, sq, kDkvBlockQ, q_begin, q_end);
     const int batch_head = bi * hq + h;
-    device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
-    device const elem_t* gh = dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead];
-    device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead];
-    device const float* delta_h = delta + long(batch_head) * sq;
+    device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead] + span.q_start * meta[kMetaQRow];
+    device const elem_t* gh = dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead] + span.q_start * meta[kMetaDoRow];
+    device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + span.q_start;
+    device const float* delta_h = delta + long(batch_head) * max_sq;  // (b, hq, max sq), local rows
     for (int q0 = q_begin; q0 < q_end; q0 += kDkvBlockQ) {
       threadgroup_barrier(mem_flags::mem_threadgroup);
       load_tile(smem + kDkvQ, qh, meta[kMetaQRow], q0, kDkvBlockQ, sq, d, tid, kDkvThreads);
@@ -119,11 +124,11 @@ kernel void orchard_bwd_dkdv(device const elem_t* q [[buffer(0)]], device const 
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_store(dv_acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  store_tile(dv + bi * meta[kMetaDvBatch] + kh * meta[kMetaDvHead], smem, meta[kMetaDvRow], k0, kDkvBlockK, sk, d_v,
-             1.0f, tid, kDkvThreads);
+  store_tile(dv + bi * meta[kMetaDvBatch] + kh * meta[kMetaDvHead] + span.k_start * meta[kMetaDvRow], smem,
+             meta[kMetaDvRow], k0, kDkvBlockK, sk, d_v, 1.0f, tid, kDkvThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_store(dk_acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  store_tile(dk + bi * meta[kMetaDkBatch] + kh * meta[kMetaDkHead], smem, meta[kMetaDkRow], k0, kDkvBlockK, sk, d,
-             scale, tid, kDkvThreads);
+  store_tile(dk + bi * meta[kMetaDkBatch] + kh * meta[kMetaDkHead] + span.k_start * meta[kMetaDkRow], smem,
+             meta[kMetaDkRow], k0, kDkvBlockK, sk, d, scale, tid, kDkvThreads);
 }

@@ -19,37 +19,42 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
                            device elem_t* dq [[buffer(6)]], device const long* rng [[buffer(7)]],
                            device const long* meta [[buffer(8)]], device const float* alibi [[buffer(9)]],
                            device const uchar* mask_bool [[buffer(10)]], device const elem_t* mask_elem [[buffer(11)]],
-                           device const float* mask_float [[buffer(12)]], uint tg_index [[threadgroup_position_in_grid]],
+                           device const float* mask_float [[buffer(12)]], device const int* cu_q [[buffer(13)]],
+                           device const int* cu_k [[buffer(14)]], uint tg_index [[threadgroup_position_in_grid]],
                            uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
                            uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kDqSmemFloats];
-  const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
+  const int max_sq = int(meta[kMetaSq]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
   const int d_v = int(meta[kMetaDv]);  // V and dO columns
   const int group_size = hq / int(meta[kMetaHkv]);
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
 
-  const int q_tiles = (sq + kDqBlockQ - 1) / kDqBlockQ;
+  const int q_tiles = (max_sq + kDqBlockQ - 1) / kDqBlockQ;
   const int q0 = int(tg_index) % q_tiles * kDqBlockQ;
   const int batch_head = int(tg_index) / q_tiles;
   const int h = batch_head % hq, bi = batch_head / hq, kh = h / group_size;
-  device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead];
-  device const float* delta_h = delta + long(batch_head) * sq;
-  device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
-  device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
-  const ScoreMods mods = score_mods(meta, alibi, mask_bool, mask_elem, mask_float, bi, h);
+  const SeqSpan span = seq_span(meta, cu_q, cu_k, bi);
+  if (q0 >= span.len_q) return;  // (varlen) past this sequence's rows: the whole threadgroup leaves
+  const int sq = span.len_q, sk = span.len_k;
+  device const float* lse_h = lse + bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + span.q_start;
+  device const float* delta_h = delta + long(batch_head) * max_sq;  // (b, hq, max sq), local rows
+  device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead] + span.k_start * meta[kMetaKRow];
+  device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead] + span.k_start * meta[kMetaVRow];
+  const long q_rows = span.q_start * meta[kMetaQRow], do_rows = span.q_start * meta[kMetaDoRow];
+  const ScoreMods mods = score_mods(meta, span, alibi, mask_bool, mask_elem, mask_float, bi, h);
 
   simdgroup_float8x8 qf[kBlockD / 8];
   simdgroup_float8x8 gf[kBlockD / 8];  // dO
   simdgroup_float8x8 acc[kBlockD / 8];
-  load_tile(smem, q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead], meta[kMetaQRow], q0, kDqBlockQ, sq, d, tid,
-            kDqThreads);
+  load_tile(smem, q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead] + q_rows, meta[kMetaQRow], q0, kDqBlockQ, sq, d,
+            tid, kDqThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_load(qf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  load_tile(smem, dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead], meta[kMetaDoRow], q0, kDqBlockQ, sq, d_v, tid,
-            kDqThreads);
+  load_tile(smem, dout + bi * meta[kMetaDoBatch] + h * meta[kMetaDoHead] + do_rows, meta[kMetaDoRow], q0, kDqBlockQ, sq,
+            d_v, tid, kDqThreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) {
     simdgroup_load(gf[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
@@ -104,6 +109,6 @@ kernel void orchard_bwd_dq(device const elem_t* q [[buffer(0)]], device const el
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int c = 0; c < kBlockD / 8; ++c) simdgroup_store(acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  store_tile(dq + bi * meta[kMetaDqBatch] + h * meta[kMetaDqHead], smem, meta[kMetaDqRow], q0, kDqBlockQ, sq, d, scale,
-             tid, kDqThreads);
+  store_tile(dq + bi * meta[kMetaDqBatch] + h * meta[kMetaDqHead] + span.q_start * meta[kMetaDqRow], smem,
+             meta[kMetaDqRow], q0, kDqBlockQ, sq, d, scale, tid, kDqThreads);
 }

@@ -37,6 +37,28 @@ inline void store_tile(device elem_t* dst, TgFloatPtr src, long row_stride, int 
   }
 }
 
+// The rows of batch entry bi: with varlen (meta's kMetaVarlen) sequence bi of the packed
+// tensors, rows [cu_q[bi], cu_q[bi + 1]) of q / out / dO and [cu_k[bi], cu_k[bi + 1]) of k / v,
+// on its own diagonal (len_k - len_q, or 0 top-left); else the whole padded batch entry.
+struct SeqSpan {
+  int q_start, len_q, k_start, len_k;
+  long diag;
+};
+
+inline SeqSpan seq_span(device const long* meta, device const int* cu_q, device const int* cu_k, int bi) {
+  SeqSpan s;
+  if (meta[kMetaVarlen] != 0) {
+    s.q_start = cu_q[bi], s.len_q = cu_q[bi + 1] - s.q_start;
+    s.k_start = cu_k[bi], s.len_k = cu_k[bi + 1] - s.k_start;
+    s.diag = meta[kMetaTopLeft] != 0 ? 0 : long(s.len_k) - long(s.len_q);
+  } else {
+    s.q_start = 0, s.len_q = int(meta[kMetaSq]);
+    s.k_start = 0, s.len_k = int(meta[kMetaSk]);
+    s.diag = meta[kMetaCausalOffset];
+  }
+  return s;
+}
+
 // What decides a score (orchard/params.h): on the diagonal `diag` (sk - sq bottom-right, 0
 // top-left), row i sees column j iff j <= i + diag when causal and
 // i + diag - left <= j <= i + diag + right for a window (a negative bound is unbounded);
@@ -61,8 +83,9 @@ struct ScoreMods {
 // The modifiers of (batch bi, query head h); `alibi` holds the fp32 slopes when meta says so,
 // the mask_* buffers SDPA's attn_mask in the form meta's kMetaMaskKind names (the others are
 // stand-ins nothing reads).
-inline ScoreMods score_mods(device const long* meta, device const float* alibi, device const uchar* mask_bool,
-                            device const elem_t* mask_elem, device const float* mask_float, int bi, int h) {
+inline ScoreMods score_mods(device const long* meta, thread const SeqSpan& span, device const float* alibi,
+                            device const uchar* mask_bool, device const elem_t* mask_elem,
+                            device const float* mask_float, int bi, int h) {
   ScoreMods m;
   m.mask_kind = int(meta[kMetaMaskKind]);
   const long plane = long(bi) * meta[kMetaMaskBatch] + long(h) * meta[kMetaMaskHead];
@@ -71,7 +94,7 @@ inline ScoreMods score_mods(device const long* meta, device const float* alibi, 
   m.mask_elem = mask_elem + (m.mask_kind == kMaskElem ? plane : 0);
   m.mask_float = mask_float + (m.mask_kind == kMaskFloat ? plane : 0);
   m.causal = meta[kMetaCausal] != 0;
-  m.diag = meta[kMetaCausalOffset];
+  m.diag = span.diag;
   m.left = meta[kMetaWindowLeft];
   m.right = meta[kMetaWindowRight];
   m.softcap = meta_float(meta, kMetaSoftcapBits);

@@ -21,24 +21,28 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
                         device const long* rng [[buffer(6)]], device const long* meta [[buffer(7)]],
                         device const float* alibi [[buffer(8)]], device const float* sink [[buffer(9)]],
                         device const uchar* mask_bool [[buffer(10)]], device const elem_t* mask_elem [[buffer(11)]],
-                        device const float* mask_float [[buffer(12)]], uint tg_index [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
-                        uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+                        device const float* mask_float [[buffer(12)]], device const int* cu_q [[buffer(13)]],
+                        device const int* cu_k [[buffer(14)]], uint tg_index [[threadgroup_position_in_grid]],
+                        uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   threadgroup float smem[kFwdSmemFloats];
-  const int sq = int(meta[kMetaSq]), sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]), d = int(meta[kMetaD]);
-  const int d_v = int(meta[kMetaDv]);  // V and O columns (zero-filled to kBlockD like Q and K's)
+  const int max_sq = int(meta[kMetaSq]), max_sk = int(meta[kMetaSk]), hq = int(meta[kMetaHq]);
+  const int d = int(meta[kMetaD]), d_v = int(meta[kMetaDv]);  // V / O: d_v columns, zero-filled to kBlockD
   const int group_size = hq / int(meta[kMetaHkv]);
   const bool dropout = meta[kMetaDropout] != 0;
   const uint keep_threshold = uint(meta[kMetaKeepThreshold]);
   const float scale = meta_float(meta, kMetaScaleBits), rescale = meta_float(meta, kMetaRpBits);
 
-  const int q_tiles = (sq + kFwdBlockQ - 1) / kFwdBlockQ;
+  const int q_tiles = (max_sq + kFwdBlockQ - 1) / kFwdBlockQ;
   const int q0 = int(tg_index) % q_tiles * kFwdBlockQ;
   const int batch_head = int(tg_index) / q_tiles;
   const int h = batch_head % hq, bi = batch_head / hq, kh = h / group_size;
-  device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead];
-  device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead];
-  device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead];
-  const ScoreMods mods = score_mods(meta, alibi, mask_bool, mask_elem, mask_float, bi, h);
+  const SeqSpan span = seq_span(meta, cu_q, cu_k, bi);
+  if (q0 >= span.len_q) return;  // (varlen) past this sequence's rows: the whole threadgroup leaves
+  const int sq = span.len_q, sk = span.len_k;
+  device const elem_t* qh = q + bi * meta[kMetaQBatch] + h * meta[kMetaQHead] + span.q_start * meta[kMetaQRow];
+  device const elem_t* kh_ptr = k + bi * meta[kMetaKBatch] + kh * meta[kMetaKHead] + span.k_start * meta[kMetaKRow];
+  device const elem_t* vh = v + bi * meta[kMetaVBatch] + kh * meta[kMetaVHead] + span.k_start * meta[kMetaVRow];
+  const ScoreMods mods = score_mods(meta, span, alibi, mask_bool, mask_elem, mask_float, bi, h);
 
   // Q -> simdgroup matrices (staged through the K/V area); diagonals start at zero.
   load_tile(smem, qh, meta[kMetaQRow], q0, kFwdBlockQ, sq, d, tid, kFwdThreads);
@@ -133,7 +137,7 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
       }
     }
     smem[kFwdDiag + int(sg) * 64 + int(lane) * 9] = inv;
-    if (row < sq) lse[bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + row] = row_lse;
+    if (row < sq) lse[bi * meta[kMetaLseBatch] + h * meta[kMetaLseHead] + span.q_start + row] = row_lse;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   simdgroup_float8x8 diag;
@@ -143,16 +147,17 @@ kernel void orchard_fwd(device const elem_t* q [[buffer(0)]], device const elem_
     simdgroup_store(acc[c], smem + int(sg) * 8 * kBlockD + c * 8, kBlockD);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  store_tile(out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead], smem, meta[kMetaORow], q0, kFwdBlockQ, sq, d_v, 1.0f,
-             tid, kFwdThreads);
+  store_tile(out + bi * meta[kMetaOBatch] + h * meta[kMetaOHead] + span.q_start * meta[kMetaORow], smem,
+             meta[kMetaORow], q0, kFwdBlockQ, sq, d_v, 1.0f, tid, kFwdThreads);
 
   // The keep-mask, when asked for, covers every (row, col), hidden ones included
-  // (as the CPU backend returns it): uint8 (b, hq, sq, sk) contiguous.
+  // (as the CPU backend returns it): uint8 (b, hq, max sq, max sk) contiguous (varlen: the
+  // caller zeroes the entries past a sequence's lengths).
   if (dropout && meta[kMetaWriteMask] != 0) {
     const int rows = min(kFwdBlockQ, sq - q0);
     for (long e = long(tid); e < long(rows) * sk; e += kFwdThreads) {
       const int r = q0 + int(e / sk), col = int(e % sk);
-      mask[(long(batch_head) * sq + r) * sk + col] =
+      mask[(long(batch_head) * max_sq + r) * max_sk + col] =
           dropout_keep_at(rng, meta, bi, h, r, col, keep_threshold) ? uchar(1) : uchar(0);
     }
   }
