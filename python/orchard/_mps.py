@@ -421,7 +421,7 @@ def _meta(sizes, strides, lse_strides, causal, causal_offset, dropout_p, scale, 
                            float(scale), bool(write_mask), dropout_origin, window, softcap, alibi_batch_stride,
                            sink, d_v, dtype, _mask_meta(mask), bool(varlen), bool(top_left))
     # One small host-to-device copy per call: Metal has 31 buffer slots, the kernels need
-    # 43 scalars, and compile_shader passes Python scalars one slot each.
+    # some 60 scalars, and compile_shader passes Python scalars one slot each.
     return torch.tensor(values, dtype=torch.int64).to(device)
 
 

@@ -38,6 +38,12 @@ void divergent_barrier(uint tid, uint early) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
+// The shim's math builtins the kernels use beyond exp / log (softcap: tanh and precise::tanh).
+void math_builtins(const float* x, float* out, uint tid) {
+  out[2 * tid] = tanh(x[tid]);
+  out[2 * tid + 1] = precise::tanh(x[tid]);
+}
+
 // Lane 5 loads from a different address than the rest of its simdgroup.
 void divergent_collective(const float* src, uint lane) {
   threadgroup float tile[72];

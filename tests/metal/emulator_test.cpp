@@ -2,6 +2,7 @@
 // collective divergence fail loudly instead of running on.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,6 +26,16 @@ TEST(MetalEmulator, SimdgroupMatrixLoadTransposeMultiplyStore) {
       for (int k = 0; k < 8; ++k) want += double(a[i * 8 + k]) * b[j * 8 + k];
       EXPECT_NEAR(c[i * 8 + j], want, 1e-5) << i << "," << j;
     }
+}
+
+TEST(MetalEmulator, TanhAndPreciseTanhAreTheLibraryTanh) {
+  std::vector<float> x(32), out(64, 0.0f);
+  for (int i = 0; i < 32; ++i) x[i] = -4.0f + 0.25f * float(i);
+  run_grid(1, 32, [&](const ThreadIds& t) { selftest::math_builtins(x.data(), out.data(), t.thread); });
+  for (int i = 0; i < 32; ++i) {
+    EXPECT_EQ(out[2 * i], std::tanh(x[i])) << x[i];
+    EXPECT_EQ(out[2 * i + 1], std::tanh(x[i])) << x[i];
+  }
 }
 
 TEST(MetalEmulator, BarrierReachedBySomeThreadsFails) {
