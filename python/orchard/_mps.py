@@ -345,10 +345,6 @@ def _profile(op_name, direction, name, t, decision):
                                  f"storage={_storage_mode(t)} -> {decision}")
 
 
-def _bshd(t):
-    return [t.stride(0), t.stride(1), t.stride(2)]
-
-
 def _signed64(x):
     x = int(x) & 0xFFFFFFFFFFFFFFFF
     return x - (1 << 64) if x >= _U63 else x
