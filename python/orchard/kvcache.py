@@ -104,6 +104,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if _is_grad_enabled() and _ops._any_requires_grad(q, k_cache, v_cache, k, v):
         raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
                            "pass tensors that do not require grad")
+    if q.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"{OP}: the KV-cache decode runs on the CPU and CUDA backends, not on "
+                                  f"{q.device.type} (the Metal backend has no decode kernel)")
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=k_cache.device)
     if q.dim() != 4:

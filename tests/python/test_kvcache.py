@@ -530,3 +530,13 @@ def test_eager_call_takes_the_stable_op_and_modes_do_not(monkeypatch):
     with Record():  # a dispatch mode: the DLPack path, as before the op existed
         orchard.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), **kw)
     assert calls == [1] and not any("_kvcache_fwd" in s for s in seen)
+
+
+def test_devices_without_a_decode_kernel_are_refused_by_name():
+    # MPS (no Metal decode kernel) and any other device: an op-prefixed NotImplementedError
+    # before anything is read or written ("meta" stands in for a device without the kernel).
+    q = torch.empty(1, 1, 2, 16, device="meta")
+    cache = torch.empty(1, 32, 2, 16, device="meta")
+    with torch.no_grad(), pytest.raises(NotImplementedError,
+                                        match=r"^orchard.flash_attn_with_kvcache: .*CPU and CUDA backends, not on meta"):
+        orchard.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=4)
