@@ -273,28 +273,17 @@ def _varlen(features):
 
 
 def _check_varlen(varlen, q, k, features, op_name):
-    """The offsets' form and values (one device -> host copy on MPS, as the CUDA path's check;
-    the kernels index the packed tensors with them), and what varlen cannot combine with."""
+    """The offsets' form and values (functional's checks: one device -> host copy on MPS; the
+    kernels index the packed tensors with them, and orchard._ops callers skip functional), and
+    what varlen cannot combine with."""
     cu_q, cu_k, max_q, max_k = varlen
     if cu_q is None or cu_k is None:
         raise ValueError(f"{op_name}: cu_seqlens_q and cu_seqlens_k must be given together (varlen)")
     if _feature_values(features).get("attn_mask") is not None:
         raise NotImplementedError(f"{op_name}: attn_mask cannot be combined with varlen")
-    for name, cu, total, longest_allowed in (("cu_seqlens_q", cu_q, q.shape[0], max_q),
-                                             ("cu_seqlens_k", cu_k, k.shape[0], max_k)):
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(f"{op_name}: {name} must be int32 of shape (batch + 1,), got {cu.dtype} "
-                             f"{tuple(cu.shape)}")
-        if cu.device != q.device:
-            raise ValueError(f"{op_name}: {name} must be on q's device ({q.device}), got {cu.device}")
-        vals = cu.tolist()
-        lengths = [b - a for a, b in zip(vals, vals[1:])]
-        if vals[0] < 0 or min(lengths, default=0) < 0 or vals[-1] > total:
-            raise ValueError(f"{op_name}: {name} must start >= 0, be non-decreasing and end <= {total}, "
-                             f"got {vals[:8]}{' ...' if len(vals) > 8 else ''}")
-        if max(lengths, default=0) > longest_allowed:
-            raise ValueError(f"{op_name}: max_seqlen ({longest_allowed}) is smaller than the longest sequence in "
-                             f"{name} ({max(lengths)})")
+    from .functional import _check_cu_seqlens  # the checks flash_attn_varlen_func runs
+    _check_cu_seqlens(op_name, "cu_seqlens_q", cu_q, q.shape[0], max_q, q.device)
+    _check_cu_seqlens(op_name, "cu_seqlens_k", cu_k, k.shape[0], max_k, q.device)
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"{op_name}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_q.numel()} and {cu_k.numel()}")

@@ -412,7 +412,7 @@ def test_score_mod_arguments_are_checked_before_anything_runs(emulated):
         _mps.forward(q, q, q, 0.25, False, False, 0.0, 0, 0, False, "op", None,
                      (-1, -1, 0.0, None, None, torch.ones(1, 2, 4, 4, dtype=torch.int32)))
     cu = torch.tensor([0, 3, 2], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"^op: cu_seqlens_q must start >= 0, be non-decreasing"):
+    with pytest.raises(ValueError, match=r"^op: cu_seqlens_q must start >= 0 and be non-decreasing"):
         _mps.forward(q[0], q[0], q[0], 0.25, False, False, 0.0, 0, 0, False, "op", None,
                      (-1, -1, 0.0, None, None, None, cu, cu, 4, 4))
     with pytest.raises(NotImplementedError, match=r"^op: attn_mask cannot be combined with varlen"):
