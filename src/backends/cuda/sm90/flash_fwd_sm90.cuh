@@ -245,6 +245,17 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_O_SHARED
 #define ORCHARD_SM90_FWD_O_SHARED -1
 #endif
+// Causal tiles, per consumer WG: the key tiles that none of the WG's 64 rows can see (the first
+// ones of its loop, which runs from the diagonal down) are released without their GEMMs (the WG
+// still waits for each stage, arrives on its empty barriers and takes its GEMM turns, empty), and
+// the diagonal's mask is applied only where the WG's own rows cross it, instead of wherever the
+// CTA's first row does.  With 192-row tiles (d64, d96) on 128- / 96-key tiles and 128-row tiles
+// on d192's 96 or d256's 80 keys, WG 0 (and WG 1 of 3) sees ~1 key tile fewer per m block.  Not
+// with the cross-tile overlap (its next tile's first QK^T is issued before this decision).  An A/B
+// switch: 1 on, 0 off.
+#ifndef ORCHARD_SM90_FWD_CAUSAL_WG_SKIP
+#define ORCHARD_SM90_FWD_CAUSAL_WG_SKIP 1
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -638,12 +649,19 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       if (wg == kWG - 1) pass_turn();
     }
 
+    constexpr bool kCross = kOverlap && kFwdSm90CrossTile<kD, kBN, kCausal>;
+    // ORCHARD_SM90_FWD_CAUSAL_WG_SKIP where the tile shape lets it pay at sq == sk: with as many
+    // keys per tile as rows (d64's 2-WG and d128's 128-key tiles) no WG's rows end a key tile
+    // early (H200, session 36: 0.97-1.01x there, noise).
+    constexpr bool kWgSkip = ORCHARD_SM90_FWD_CAUSAL_WG_SKIP && kCausal && !kCross && kBM != kBN;
     // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
     // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
     auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0) {
       auto needs_mask = [&](int n) {
         const int n0 = n * kBN;
-        return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > m0 + coff);
+        // The first row whose diagonal counts: this WG's (per-WG masks) or the CTA tile's.
+        const int64_t r0 = kWgSkip ? m0 + 64 * wg : m0;
+        return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > r0 + coff);
       };
       if (has_feat) {
         const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile);
@@ -666,7 +684,6 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
       }
     };
-    constexpr bool kCross = kOverlap && kFwdSm90CrossTile<kD, kBN, kCausal>;
     constexpr bool kOInV = Cfg::kOInVStage && kOverlap && !kCross;
     // kOInV: this CTA's previous tile left its O in a V stage (the stage of key tile kv_cnt - 1)
     // that still has to go back to the producer once the TMA stores have read it.
@@ -693,7 +710,18 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
          tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
       const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
       if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
-      const int n_tiles = tl.n_end - tl.n_begin, n_end = tl.n_end;
+      // ORCHARD_SM90_FWD_CAUSAL_WG_SKIP: the leading key tiles hidden from all of this WG's rows
+      // (keys past its last row's diagonal); one tile is always kept, so a WG whose rows see no
+      // key at all runs the masked path as before (O 0, LSE -inf).
+      int wg_skip = 0;
+      if constexpr (kWgSkip) {
+        const int64_t last_key = static_cast<int64_t>(tl.m_block) * kBM + 64 * wg + 63 + coff;  // its last visible key
+        const int first_hidden = last_key < 0 ? tl.n_begin : static_cast<int>(last_key / kBN) + 1;
+        const int hidden = tl.n_end - (first_hidden > tl.n_begin ? first_hidden : tl.n_begin);
+        const int most = tl.n_end - tl.n_begin - 1;
+        wg_skip = hidden <= 0 || most <= 0 ? 0 : (hidden < most ? hidden : most);
+      }
+      const int n_tiles = tl.n_end - tl.n_begin - wg_skip, n_end = tl.n_end - wg_skip;
       // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
       // across the key loop (registers: the 192-key d128 tile spilled).
       const int m0 = tl.m_block * kBM;
@@ -724,6 +752,24 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         // the loop-carried flag alone made it serialize them (C7520; causal -17..-29 %).
         if constexpr (kCross) carried = __shfl_sync(0xffffffffu, int(carried), 0) != 0;
         if (!carried) wait_q();
+        // The skipped key tiles: each stage waited for (so the arrivals count in its phase) and
+        // released, and this WG's GEMM turns for them taken empty (overlap: one per key tile,
+        // plain: two), so the token ring stays in step.
+        for (int j = 0; j < wg_skip; ++j, ++kv_cnt) {
+          const int s = kv_cnt % kStages;
+          const uint32_t ph = (kv_cnt / kStages) & 1;
+          mbarrier_wait(k_full(s), ph);
+          mbarrier_wait(v_full(s), ph);
+          __syncwarp();
+          if (warp_leader) {
+            mbarrier_arrive(k_empty(s));
+            mbarrier_arrive(v_empty(s));
+          }
+          for (int turn = 0; turn < (kOverlap ? 1 : 2); ++turn) {
+            take_turn();
+            pass_turn();
+          }
+        }
         if constexpr (!kOverlap) {
           for (int it = 0; it < n_tiles; ++it, ++kv_cnt) {
             const int n = n_end - 1 - it;
