@@ -252,7 +252,9 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 // CTA's first row does.  With 192-row tiles (d64, d96) on 128- / 96-key tiles and 128-row tiles
 // on d192's 96 or d256's 80 keys, WG 0 (and WG 1 of 3) sees ~1 key tile fewer per m block.  Not
 // with the cross-tile overlap (its next tile's first QK^T is issued before this decision).  An A/B
-// switch: 1 on, 0 off.
+// switch: 1 on, 0 off.  H200, session 36 (ab_fwd.sh, medians of 4 alternating rounds, over off):
+// d64 causal s2k / s4k / s8k / s16k +2.6 / +3.3 / +1.4 / +1.5 %, d192 +2.7 / +0.3 / +2.7 / +2.0 %
+// (s1k +4.6 %), d96 +2.1 / +0.5 / +0.6 / +1.3 %, d256's 64-key tiles s512 / s1k +4.8 / +3.9 %.
 #ifndef ORCHARD_SM90_FWD_CAUSAL_WG_SKIP
 #define ORCHARD_SM90_FWD_CAUSAL_WG_SKIP 1
 #endif
