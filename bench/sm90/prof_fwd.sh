@@ -21,14 +21,24 @@ grep -c C7520 "$OUT/prof_fwd_build.log" | sed 's/^/C7520 (serialized wgmma) warn
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [[ -n $NCU ]] || { echo "no ncu on this machine"; exit 1; }
 M=gpu__time_duration.sum,sm__cycles_active.avg,sm__cycles_active.max,sm__cycles_active.min,sm__cycles_elapsed.max
+# STALLS=1: also each stall reason's warps per issue-active cycle (the WarpStateStats section's
+# breakdown) and the SourceCounters section (the sampled stalls' top SASS locations).
+extra=()
+if [[ ${STALLS:-0} == 1 ]]; then
+  M="$M,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
+  extra=(--section SourceCounters)
+fi
 for shape in ${SHAPES:-2048:0 16384:0 2048:1}; do
   s=${shape%%:*} c=${shape##*:}
   tag=d${D}_s${s}_c${c}
   /tmp/sm90_fwd_prof one "$D" "$s" "$c" | grep TIME
-  timeout 240 "$NCU" --kernel-name regex:flash_fwd_sm90_kernel --launch-skip 2 --launch-count 1 --metrics $M \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+  timeout 240 "$NCU" --kernel-name regex:flash_fwd_sm90_kernel --launch-skip 2 --launch-count 1 --metrics "$M" \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats "${extra[@]}" \
     /tmp/sm90_fwd_prof one "$D" "$s" "$c" > "$OUT/prof_fwd_$tag.txt" 2>&1
   echo "== $tag ncu rc=$?"
   grep -E "gpu__time_duration|sm__cycles_active|sm__cycles_elapsed|Compute \(SM\) Throughput|Issue Slots Busy|Warp Cycles Per Issued|Executed Ipc Active|Stall|Tensor" \
     "$OUT/prof_fwd_$tag.txt" | head -24
+  if [[ ${STALLS:-0} == 1 ]]; then  # the stall reasons, largest first
+    grep -E "smsp__average_warps_issue_stalled_" "$OUT/prof_fwd_$tag.txt" | awk '{print $NF, $1}' | sort -gr | head -12
+  fi
 done
