@@ -432,6 +432,9 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     out = (_empty_like_unit_last(q) if dv == d
            else torch.empty(*q.shape[:-1], dv, dtype=q.dtype, device=q.device))
     lse = torch.empty(*((hq, q.shape[0]) if varlen else (b, hq, sq)), dtype=torch.float32, device=q.device)
+    if varlen:  # rows past cu_seqlens_q[-1] (no sequence's) get no kernel's write: 0 / -inf, as on CPU / CUDA
+        out.zero_()
+        lse.fill_(float("-inf"))
     write_mask = bool(return_mask) and dropout_p > 0.0
     if return_mask:
         # varlen: (b, hq, max sq, max sk), entries past a sequence's lengths 0 (as the CPU backend)

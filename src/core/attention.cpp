@@ -115,6 +115,33 @@ void stage_extras(FwdParams& p, const AttentionExtras& x, StagingSession& stagin
   }
 }
 
+// Varlen: the rows of a (total, heads, width) output past cu_seqlens[b] (`start`) set to 0, or
+// for the (heads, total) lse to -inf: no sequence owns them, so no kernel writes them, and
+// uninitialized memory there (NaN, say) would reach the caller's gradients or sums.
+void fill_varlen_tail(const BackendOps& be, const TensorView& t, const std::int32_t* start, void* stream,
+                      bool lse = false) {
+  RowTail tail;
+  tail.base = t.data;
+  tail.element_size = dtype_size(t.dtype);
+  tail.start = start;
+  if (lse) {  // (heads, total): rows are the last dim
+    tail.total = t.shape[1];
+    tail.row_stride = t.strides[1];
+    tail.head_stride = t.strides[0];
+    tail.heads = t.shape[0];
+    tail.width = 1;
+    tail.pattern = tail.element_size == 8 ? 0xFFF0000000000000ull : 0xFF800000ull;  // -inf
+  } else {
+    tail.total = t.shape[0];
+    tail.row_stride = t.strides[0];
+    tail.head_stride = t.strides[1];
+    tail.col_stride = t.strides[2];
+    tail.heads = t.shape[1];
+    tail.width = t.shape[2];
+  }
+  be.fill_row_tail(tail, stream);
+}
+
 std::string problem_summary(const FwdParams& p) {
   LogLine s;
   s << "b=" << p.b << " sq=" << p.sq << " sk=" << p.sk << " hq=" << p.hq << " hkv=" << p.hkv << " d=" << p.d
@@ -176,7 +203,13 @@ void forward_unprefixed(const ForwardArgs& a) {
   FwdParams p;
   set_problem(p, shape, a.options);
   set_extras(p, a.extras);
-  if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) return;  // nothing to compute or write
+  if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) {  // nothing to compute; varlen: rows no sequence owns
+    if (p.cu_seqlens_q && shape.hq > 0) {
+      fill_varlen_tail(be, a.out, p.cu_seqlens_q + p.b, p.stream);
+      fill_varlen_tail(be, a.lse, p.cu_seqlens_q + p.b, p.stream, /*lse=*/true);
+    }
+    return;
+  }
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
 
   const std::size_t align = be.required_alignment(p);
@@ -202,7 +235,13 @@ void forward_unprefixed(const ForwardArgs& a) {
   lse_strides(lse, p);
   stage_extras(p, a.extras, staging);
 
-  run_logged("FWD", be, p, false, staging.staged_count(), op, [&] { be.forward(p); });
+  run_logged("FWD", be, p, false, staging.staged_count(), op, [&] {
+    be.forward(p);
+    if (p.cu_seqlens_q) {
+      fill_varlen_tail(be, out, p.cu_seqlens_q + p.b, p.stream);
+      fill_varlen_tail(be, lse, p.cu_seqlens_q + p.b, p.stream, /*lse=*/true);
+    }
+  });
   staging.finish();
 }
 
@@ -238,7 +277,14 @@ void backward_unprefixed(const BackwardArgs& a) {
   const ProblemShape shape = validate_backward(a);
   const BackendOps& be = select_backend(shape, op);
   BwdParams p = backward_problem(a, shape);
-  if (backward_is_empty(shape)) return;
+  if (backward_is_empty(shape)) {  // varlen: the rows no sequence owns (here all of them) still get 0
+    if (p.cu_seqlens_q && shape.hq > 0) {
+      if (a.dq.defined()) fill_varlen_tail(be, a.dq, p.cu_seqlens_q + p.b, p.stream);
+      fill_varlen_tail(be, a.dk, p.cu_seqlens_k + p.b, p.stream);
+      fill_varlen_tail(be, a.dv, p.cu_seqlens_k + p.b, p.stream);
+    }
+    return;
+  }
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
 
   const std::size_t need = be.backward_workspace_bytes(p);
@@ -286,7 +332,14 @@ void backward_unprefixed(const BackwardArgs& a) {
   p.workspace = need > 0 ? a.workspace.data : nullptr;
   p.workspace_bytes = need;
 
-  run_logged("BWD", be, p, true, staging.staged_count(), op, [&] { be.backward(p); });
+  run_logged("BWD", be, p, true, staging.staged_count(), op, [&] {
+    be.backward(p);
+    if (p.cu_seqlens_q) {
+      if (dq.defined()) fill_varlen_tail(be, dq, p.cu_seqlens_q + p.b, p.stream);
+      fill_varlen_tail(be, dk, p.cu_seqlens_k + p.b, p.stream);
+      fill_varlen_tail(be, dv, p.cu_seqlens_k + p.b, p.stream);
+    }
+  });
   staging.finish();
 }
 

@@ -22,6 +22,20 @@ struct StridedCopy {
   std::int64_t dst_strides[4] = {0, 0, 0, 0};  // elements
 };
 
+// Rows [*start, total) of a (total, heads, width) view set to one value: varlen's packed rows
+// past cu_seqlens[b], which no sequence owns and no kernel writes (out, dq, dk, dv get 0, lse
+// -inf).  `start` (cu_seqlens + b) is read in the backend's memory, so a GPU needs no host
+// round trip; it is clamped to [0, total].
+struct RowTail {
+  void* base = nullptr;
+  std::size_t element_size = 0;  // 2, 4 or 8
+  std::uint64_t pattern = 0;     // one element's bits (little-endian low bytes)
+  std::int64_t row_stride = 0, head_stride = 0, col_stride = 0;  // elements
+  std::int64_t heads = 0, width = 0;
+  const std::int32_t* start = nullptr;
+  std::int64_t total = 0;
+};
+
 struct BackendOps {
   const char* name;  // "cpu", "cuda"
   // Empty string when the backend can run these params, else why not
@@ -40,6 +54,7 @@ struct BackendOps {
   void* (*allocate)(std::size_t bytes, void* stream);
   void (*release)(void* ptr, void* stream);
   void (*copy_strided)(const StridedCopy& copy, void* stream);
+  void (*fill_row_tail)(const RowTail& tail, void* stream);
   // Blocks until work queued on `stream` is done (for timing in the debug
   // log); returns false if it cannot (e.g. during CUDA-graph capture).
   bool (*synchronize)(void* stream);

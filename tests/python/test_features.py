@@ -153,6 +153,64 @@ def test_varlen_vs_reference(name, dtype, device):
     assert (lse64[fin] - ref_lse[fin]).abs().max() <= 1e-3
 
 
+def _poison_allocator(device, *shapes_dtypes):
+    """Frees NaN-filled blocks of these sizes, so the allocations that follow (the caching
+    allocator on CUDA, malloc's free lists on the CPU) are likely to get poisoned memory."""
+    blocks = [torch.full(shape, float("nan"), dtype=dt, device=device) for shape, dt in shapes_dtypes]
+    del blocks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_rows_past_the_last_offset(device, dtype, causal):
+    """Packed rows past cu_seqlens[-1] belong to no sequence: out and the gradients are 0 there
+    and the LSE -inf (not left unwritten, where NaN would reach the caller's weights), and the
+    owned rows are bit-identical to the call without the padding rows."""
+    lq, lk, pad_q, pad_k, hq, hkv, d = [30, 0, 21], [25, 40, 0], 13, 11, 4, 2, 32
+    nq, nk = sum(lq), sum(lk)
+    cu_q, cu_k = _random_cu(lq, device), _random_cu(lk, device)
+    q = randn(nq + pad_q, hq, d, dtype=dtype, device=device, requires_grad=True)
+    k = randn(nk + pad_k, hkv, d, dtype=dtype, device=device, requires_grad=True)
+    v = randn(nk + pad_k, hkv, d, dtype=dtype, device=device, requires_grad=True)
+    do = randn(nq + pad_q, hq, d, dtype=dtype, device=device)
+    _poison_allocator(device, (q.shape, dtype), (k.shape, dtype), (k.shape, dtype), ((hq, nq + pad_q), torch.float32))
+    out, lse = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                                              return_softmax_lse=True)
+    _poison_allocator(device, (q.shape, dtype), (k.shape, dtype), (k.shape, dtype))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert torch.equal(out[nq:], torch.zeros_like(out[nq:]))
+    assert torch.equal(lse[:, nq:], torch.full_like(lse[:, nq:], float("-inf")))
+    for name, g, n in (("dq", dq, nq), ("dk", dk, nk), ("dv", dv, nk)):
+        assert torch.equal(g[n:], torch.zeros_like(g[n:])), f"{name} rows past the last offset"
+
+    qs, ks, vs = (t.detach()[:n].clone().requires_grad_() for t, n in ((q, nq), (k, nk), (v, nk)))
+    out_s, lse_s = orchard.flash_attn_varlen_func(qs, ks, vs, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                                                  return_softmax_lse=True)
+    grads_s = torch.autograd.grad(out_s, (qs, ks, vs), do[:nq])
+    assert torch.equal(out[:nq], out_s) and torch.equal(lse[:, :nq], lse_s)
+    for g, gs, n in zip((dq, dk, dv), grads_s, (nq, nk, nk)):
+        torch.testing.assert_close(g[:n], gs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_with_no_rows_owned(device):
+    """Every sequence empty (or no sequence at all): every packed row is padding."""
+    for lens in ([0, 0], []):
+        cu = _random_cu(lens, device)
+        q = randn(6, 2, 16, device=device, requires_grad=True)
+        k = randn(5, 2, 16, device=device, requires_grad=True)
+        v = randn(5, 2, 16, device=device, requires_grad=True)
+        _poison_allocator(device, (q.shape, q.dtype), ((2, 6), torch.float32))
+        out, lse = orchard.flash_attn_varlen_func(q, k, v, cu, cu, 0, 0, return_softmax_lse=True)
+        assert torch.equal(out, torch.zeros_like(out)), lens
+        assert torch.equal(lse, torch.full_like(lse, float("-inf"))), lens
+        _poison_allocator(device, (q.shape, q.dtype), (k.shape, k.dtype), (k.shape, k.dtype))
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g)), lens
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_packed_forms_match_unpacked(device):
     b, s, h, d = 2, 48, 4, 32

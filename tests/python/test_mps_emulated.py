@@ -382,6 +382,30 @@ def test_varlen_forward_backward(emulated, dtype, name):
     assert len(emulated) == 1
 
 
+def test_varlen_rows_past_the_last_offset(emulated):
+    """Packed rows past cu_seqlens[-1]: out and the gradients 0, the LSE -inf; the owned rows as
+    without the padding (the same rule as the CPU / CUDA backends, test_features.py)."""
+    hq, hkv, d = 2, 1, 32
+    cu_q, cu_k = torch.tensor([0, 9, 9, 20], dtype=torch.int32), torch.tensor([0, 12, 15, 15], dtype=torch.int32)
+    q, k, v = randn(27, hq, d), randn(19, hkv, d), randn(19, hkv, d)
+    dout = randn(27, hq, d)
+    run = lambda q, k, v: orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 12, causal=True,  # noqa: E731
+                                                          return_softmax_lse=True)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = run(qs, ks, vs)
+    dq, dk, dv = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert torch.equal(out[20:], torch.zeros_like(out[20:]))
+    assert torch.equal(lse[:, 20:], torch.full_like(lse[:, 20:], float("-inf")))
+    assert torch.equal(dq[20:], torch.zeros_like(dq[20:]))
+    assert torch.equal(dk[15:], torch.zeros_like(dk[15:])) and torch.equal(dv[15:], torch.zeros_like(dv[15:]))
+    q2, k2, v2 = (t[:n].clone().requires_grad_() for t, n in ((q, 20), (k, 15), (v, 15)))
+    out2, lse2 = run(q2, k2, v2)
+    assert torch.equal(out[:20], out2) and torch.equal(lse[:, :20], lse2)
+    for g, g2 in zip((dq[:20], dk[:15], dv[:15]), torch.autograd.grad(out2, (q2, k2, v2), dout[:20])):
+        assert torch.equal(g, g2)
+    assert len(emulated) == 1
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_dropout_mask_matches_cpu_backend(emulated, causal):
     hq, hkv, d = 2, 1, 32

@@ -1,6 +1,8 @@
 // The CPU dispatch table: kernels in forward.cpp / backward.cpp, staging via
 // strided_copy.cpp, plain 64-byte-aligned host memory.
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -78,6 +80,15 @@ void release(void* ptr, void*) {
   if (ptr) ::operator delete(ptr, std::align_val_t{64});
 }
 void copy_strided(const StridedCopy& c, void*) { cpu::copy_strided(c); }
+void fill_row_tail(const RowTail& t, void*) {
+  const std::int64_t start = std::min<std::int64_t>(std::max<std::int64_t>(*t.start, 0), t.total);
+  auto* base = static_cast<unsigned char*>(t.base);
+  for (std::int64_t r = start; r < t.total; ++r)
+    for (std::int64_t h = 0; h < t.heads; ++h)
+      for (std::int64_t c = 0; c < t.width; ++c)
+        std::memcpy(base + (r * t.row_stride + h * t.head_stride + c * t.col_stride) * static_cast<std::int64_t>(t.element_size),
+                    &t.pattern, t.element_size);
+}
 bool synchronize(void*) { return true; }  // CPU work is synchronous
 
 constexpr BackendOps kCpuOps{
@@ -91,6 +102,7 @@ constexpr BackendOps kCpuOps{
     &allocate,
     &release,
     &copy_strided,
+    &fill_row_tail,
     &synchronize,
 };
 

@@ -378,6 +378,36 @@ void copy_strided(const detail::StridedCopy& c, void* stream) {
   check_launch("strided_copy_kernel");
 }
 
+template <typename E>
+__global__ void fill_row_tail_kernel(const detail::RowTail t) {
+  const int64_t start = min(max(static_cast<int64_t>(*t.start), int64_t{0}), t.total);
+  const int64_t per_row = t.heads * t.width, n = (t.total - start) * per_row;
+  const E value = static_cast<E>(t.pattern);
+  E* base = static_cast<E*>(t.base);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = start + idx / per_row, h = idx % per_row / t.width, c = idx % t.width;
+    base[r * t.row_stride + h * t.head_stride + c * t.col_stride] = value;
+  }
+}
+
+// The grid covers every row (the start is on the device): with no tail, each thread reads it
+// and exits.
+void fill_row_tail(const detail::RowTail& t, void* stream) {
+  const int64_t most = t.total * t.heads * t.width;
+  if (most <= 0) return;
+  const unsigned blocks = static_cast<unsigned>(most / 256 + 1 < 1024 ? most / 256 + 1 : 1024);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (t.element_size) {
+    case 2: fill_row_tail_kernel<uint16_t><<<blocks, 256, 0, s>>>(t); break;
+    case 4: fill_row_tail_kernel<uint32_t><<<blocks, 256, 0, s>>>(t); break;
+    case 8: fill_row_tail_kernel<uint64_t><<<blocks, 256, 0, s>>>(t); break;
+    default:
+      throw Error(ErrorKind::kRuntime, "fill_row_tail: unsupported element size " + std::to_string(t.element_size));
+  }
+  check_launch("fill_row_tail_kernel");
+}
+
 bool synchronize(void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -391,7 +421,7 @@ bool synchronize(void* stream) {
 
 const detail::BackendOps kOps = {
     "cuda",        check_support, variant_name, forward,  backward,   backward_workspace_bytes,
-    required_alignment, allocate, release,      copy_strided, synchronize,
+    required_alignment, allocate, release,      copy_strided, fill_row_tail, synchronize,
 };
 
 }  // namespace
