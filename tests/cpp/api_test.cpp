@@ -432,4 +432,74 @@ TEST(Empty, ZeroLengthSequences) {
   }
 }
 
+// ---- varlen padding rows ------------------------------------------------------
+
+// Packed rows past cu_seqlens[b] belong to no sequence: the core fills them (out, dq, dk, dv 0,
+// lse -inf) instead of leaving the caller's memory (NaN here) in them; owned rows are computed.
+TEST(Varlen, RowsPastTheLastOffsetAreFilled) {
+  // Two sequences (5 x 6 and 7 x 7, causal: every owned row sees a key), 4 and 3 padding rows.
+  const std::int64_t hq = 2, hkv = 1, d = 16, total_q = 16, total_k = 16;
+  std::vector<std::int32_t> cu_q{0, 5, 12}, cu_k{0, 6, 13};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> n;
+  auto buffer = [&](std::int64_t rows, std::int64_t heads, bool random) {
+    std::vector<float> b(static_cast<std::size_t>(rows * heads * d), NAN);
+    if (random)
+      for (float& x : b) x = n(rng);
+    return b;
+  };
+  std::vector<float> q = buffer(total_q, hq, true), k = buffer(total_k, hkv, true), v = buffer(total_k, hkv, true);
+  std::vector<float> out = buffer(total_q, hq, false), dout = buffer(total_q, hq, true);
+  std::vector<float> dq = buffer(total_q, hq, false), dk = buffer(total_k, hkv, false), dv = buffer(total_k, hkv, false);
+  std::vector<float> lse(static_cast<std::size_t>(hq * total_q), NAN);
+  auto view = [&](std::vector<float>& b, std::int64_t rows, std::int64_t heads) {
+    return orchard::make_contiguous_view(b.data(), DType::kFloat32, kCpu, {rows, heads, d});
+  };
+  orchard::AttentionExtras x;
+  x.cu_seqlens_q = orchard::make_contiguous_view(cu_q.data(), DType::kInt32, kCpu, {3});
+  x.cu_seqlens_k = orchard::make_contiguous_view(cu_k.data(), DType::kInt32, kCpu, {3});
+  x.max_seqlen_q = 7;
+  x.max_seqlen_k = 7;
+  orchard::ForwardArgs a;
+  a.q = view(q, total_q, hq);
+  a.k = view(k, total_k, hkv);
+  a.v = view(v, total_k, hkv);
+  a.out = view(out, total_q, hq);
+  a.lse = orchard::make_contiguous_view(lse.data(), DType::kFloat32, kCpu, {hq, total_q});
+  a.extras = x;
+  a.options.causal = true;
+  orchard::attention_forward(a);
+  orchard::BackwardArgs g;
+  g.q = a.q;
+  g.k = a.k;
+  g.v = a.v;
+  g.out = a.out;
+  g.dout = view(dout, total_q, hq);
+  g.lse = a.lse;
+  g.dq = view(dq, total_q, hq);
+  g.dk = view(dk, total_k, hkv);
+  g.dv = view(dv, total_k, hkv);
+  g.extras = x;
+  g.options.causal = true;
+  ASSERT_EQ(orchard::backward_workspace_bytes(g), 0u);  // the CPU backend needs none
+  orchard::attention_backward(g);
+
+  auto rows_from = [&](const std::vector<float>& b, std::int64_t heads, std::int64_t first, std::int64_t last) {
+    return std::vector<float>(b.begin() + first * heads * d, b.begin() + last * heads * d);
+  };
+  for (float e : rows_from(out, hq, 12, total_q)) EXPECT_EQ(e, 0.0f);
+  for (float e : rows_from(dq, hq, 12, total_q)) EXPECT_EQ(e, 0.0f);
+  for (float e : rows_from(dk, hkv, 13, total_k)) EXPECT_EQ(e, 0.0f);
+  for (float e : rows_from(dv, hkv, 13, total_k)) EXPECT_EQ(e, 0.0f);
+  for (std::int64_t h = 0; h < hq; ++h)
+    for (std::int64_t r = 0; r < total_q; ++r) {
+      const float l = lse[static_cast<std::size_t>(h * total_q + r)];
+      if (r < 12) EXPECT_TRUE(std::isfinite(l)) << h << " " << r;
+      else EXPECT_TRUE(std::isinf(l) && l < 0) << h << " " << r;
+    }
+  for (float e : rows_from(out, hq, 0, 12)) EXPECT_TRUE(std::isfinite(e));
+  for (float e : rows_from(dq, hq, 0, 12)) EXPECT_TRUE(std::isfinite(e));
+  for (float e : rows_from(dk, hkv, 0, 13)) EXPECT_TRUE(std::isfinite(e));
+}
+
 }  // namespace
