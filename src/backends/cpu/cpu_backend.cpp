@@ -13,6 +13,7 @@
 #include "backends/cpu/strided_copy.h"
 #include "backends/cpu/task_pool.h"
 #include "core/backend.h"
+#include "orchard/errors.h"
 
 namespace orchard::detail {
 namespace {
@@ -80,14 +81,23 @@ void release(void* ptr, void*) {
   if (ptr) ::operator delete(ptr, std::align_val_t{64});
 }
 void copy_strided(const StridedCopy& c, void*) { cpu::copy_strided(c); }
-void fill_row_tail(const RowTail& t, void*) {
-  const std::int64_t start = std::min<std::int64_t>(std::max<std::int64_t>(*t.start, 0), t.total);
-  auto* base = static_cast<unsigned char*>(t.base);
+template <class E>
+void fill_rows(const RowTail& t, std::int64_t start) {
+  E value;
+  std::memcpy(&value, &t.pattern, sizeof(E));  // the pattern's low bytes
+  E* base = static_cast<E*>(t.base);
   for (std::int64_t r = start; r < t.total; ++r)
     for (std::int64_t h = 0; h < t.heads; ++h)
-      for (std::int64_t c = 0; c < t.width; ++c)
-        std::memcpy(base + (r * t.row_stride + h * t.head_stride + c * t.col_stride) * static_cast<std::int64_t>(t.element_size),
-                    &t.pattern, t.element_size);
+      for (std::int64_t c = 0; c < t.width; ++c) base[r * t.row_stride + h * t.head_stride + c * t.col_stride] = value;
+}
+void fill_row_tail(const RowTail& t, void*) {
+  const std::int64_t start = std::min<std::int64_t>(std::max<std::int64_t>(*t.start, 0), t.total);
+  switch (t.element_size) {
+    case 2: fill_rows<std::uint16_t>(t, start); break;
+    case 4: fill_rows<std::uint32_t>(t, start); break;
+    case 8: fill_rows<std::uint64_t>(t, start); break;
+    default: throw Error(ErrorKind::kRuntime, "fill_row_tail: unsupported element size " + std::to_string(t.element_size));
+  }
 }
 bool synchronize(void*) { return true; }  // CPU work is synchronous
 

@@ -687,6 +687,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       }
     };
     constexpr bool kOInV = Cfg::kOInVStage && kOverlap && !kCross;
+    // kOInV holds the previous tile's last V stage until this tile's first QK^T: a WG that skipped
+    // two key tiles would wait for that stage's refill first (a hang).  WG 0 hides at most
+    // ceil((kBM - 64) / kBN) tiles, so one here.
+    static_assert(!(kWgSkip && kOInV) || kBM - 64 <= kBN, "sm90 forward: per-WG skip of more than one tile with O in V");
     // kOInV: this CTA's previous tile left its O in a V stage (the stage of key tile kv_cnt - 1)
     // that still has to go back to the producer once the TMA stores have read it.
     bool o_pending = false;
