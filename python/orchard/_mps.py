@@ -25,6 +25,7 @@ order, dtypes, strides, geometry, autograd, logs) on CPU tensors through
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 
@@ -102,9 +103,11 @@ def _library(variant, source, op_name):
     return lib
 
 
+@functools.lru_cache(maxsize=1)
 def _feature_names_and_defaults():
     """The ops' trailing feature arguments (_ops._FEATURE_SCHEMA), read from _ops so a
-    feature added there is rejected here until the Metal kernels implement it."""
+    feature added there is rejected here until the Metal kernels implement it (parsed once:
+    the helpers below look values up several times per call)."""
     from . import _ops
     names = [part.split("=")[0].split()[-1] for part in _ops._FEATURE_SCHEMA.split(", ")]
     defaults = _ops._FEATURE_DEFAULTS
