@@ -2,7 +2,7 @@
 // checked on the host: over all the CTAs' strides every (m block, (b, h)) runs exactly once,
 // phantom indices only stand in for the missing half of an odd m-block count, and in the
 // causal (paired) order each stride unit is one head's long and short m block whose lengths
-// add up to the same total for every full pair.
+// add up to the same total for every full pair.  Also the per-WG causal skip's tile count.
 #include "backends/cuda/sm90/fwd_sm90_schedule.h"
 
 #include <gtest/gtest.h>
@@ -83,6 +83,37 @@ TEST(FwdSm90Schedule, NotCausalKeepsTheHeadMajorStride) {
     ASSERT_EQ(c.hb, idx / 5);
   }
   ASSERT_EQ(fwd_sm90_next(false, 4, 132), 136);
+}
+
+// The per-WG causal skip (fwd_sm90_wg_hidden_tiles) against the mask itself: over tile shapes,
+// diagonal offsets (sq < sk, sq > sk), ragged key ends and windows' first key tiles, the count
+// is exactly the run of leading key tiles (from n_end - 1 down) in which no element of the WG's
+// 64 rows is visible, capped so that one tile runs; and no skipped tile holds a visible element.
+TEST(FwdSm90Schedule, WgHiddenTilesAreExactlyTheLeadingInvisibleOnes) {
+  for (int block_m : {128, 192})
+    for (int block_n : {64, 80, 96, 128, 192})
+      for (long long coff : {-500LL, -130LL, -64LL, -1LL, 0LL, 1LL, 63LL, 77LL, 300LL})
+        for (int sk : {1, 100, 777, 2048})
+          for (int m_block = 0; m_block < 12; ++m_block)
+            for (int n_begin : {0, 1, 3})
+              for (int wg = 0; wg < block_m / 64; ++wg) {
+                // The tile's key tiles as the kernel decodes them (fwd_sm90_tile, causal).
+                const long long last = static_cast<long long>(m_block) * block_m + block_m - 1 + coff + 1;
+                const int key_end = last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
+                const int n_end = (key_end + block_n - 1) / block_n;
+                if (n_begin >= n_end) continue;
+                auto visible = [&](int n) {  // some (row, key) of the WG's rows in key tile n
+                  for (int r = m_block * block_m + 64 * wg; r < m_block * block_m + 64 * wg + 64; ++r)
+                    for (int c = n * block_n; c < (n + 1) * block_n && c < sk; ++c)
+                      if (c <= r + coff) return true;
+                  return false;
+                };
+                int expect = 0;
+                while (expect < n_end - n_begin - 1 && !visible(n_end - 1 - expect)) ++expect;
+                const int got = fwd_sm90_wg_hidden_tiles(m_block, block_m, wg, block_n, coff, n_begin, n_end);
+                ASSERT_EQ(got, expect) << "block " << block_m << "x" << block_n << " coff " << coff << " sk " << sk
+                                       << " m " << m_block << " n [" << n_begin << ", " << n_end << ") wg " << wg;
+              }
 }
 
 }  // namespace

@@ -720,13 +720,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // (keys past its last row's diagonal); one tile is always kept, so a WG whose rows see no
       // key at all runs the masked path as before (O 0, LSE -inf).
       int wg_skip = 0;
-      if constexpr (kWgSkip) {
-        const int64_t last_key = static_cast<int64_t>(tl.m_block) * kBM + 64 * wg + 63 + coff;  // its last visible key
-        const int first_hidden = last_key < 0 ? tl.n_begin : static_cast<int>(last_key / kBN) + 1;
-        const int hidden = tl.n_end - (first_hidden > tl.n_begin ? first_hidden : tl.n_begin);
-        const int most = tl.n_end - tl.n_begin - 1;
-        wg_skip = hidden <= 0 || most <= 0 ? 0 : (hidden < most ? hidden : most);
-      }
+      if constexpr (kWgSkip) wg_skip = fwd_sm90_wg_hidden_tiles(tl.m_block, kBM, wg, kBN, coff, tl.n_begin, tl.n_end);
       const int n_tiles = tl.n_end - tl.n_begin - wg_skip, n_end = tl.n_end - wg_skip;
       // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
       // across the key loop (registers: the 192-key d128 tile spilled).
