@@ -142,6 +142,25 @@ void fill_varlen_tail(const BackendOps& be, const TensorView& t, const std::int3
   be.fill_row_tail(tail, stream);
 }
 
+// Where the rows no sequence owns start: cu_seqlens[b], on the view's device, read there by
+// the backend (the caller's offsets may be strided; the staged copies in FwdParams are not).
+const std::int32_t* varlen_rows_end(const TensorView& cu, std::int64_t b) {
+  return static_cast<const std::int32_t*>(cu.data) + b * cu.strides[0];
+}
+
+void fill_forward_tails(const BackendOps& be, const TensorView& out, const TensorView& lse,
+                        const std::int32_t* end_q, void* stream) {
+  fill_varlen_tail(be, out, end_q, stream);
+  fill_varlen_tail(be, lse, end_q, stream, /*lse=*/true);
+}
+
+void fill_backward_tails(const BackendOps& be, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                         const std::int32_t* end_q, const std::int32_t* end_k, void* stream) {
+  if (dq.defined()) fill_varlen_tail(be, dq, end_q, stream);  // none with the caller's dq_accum
+  fill_varlen_tail(be, dk, end_k, stream);
+  fill_varlen_tail(be, dv, end_k, stream);
+}
+
 std::string problem_summary(const FwdParams& p) {
   LogLine s;
   s << "b=" << p.b << " sq=" << p.sq << " sk=" << p.sk << " hq=" << p.hq << " hkv=" << p.hkv << " d=" << p.d
@@ -204,10 +223,8 @@ void forward_unprefixed(const ForwardArgs& a) {
   set_problem(p, shape, a.options);
   set_extras(p, a.extras);
   if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) {  // nothing to compute; varlen: rows no sequence owns
-    if (p.cu_seqlens_q && shape.hq > 0) {
-      fill_varlen_tail(be, a.out, p.cu_seqlens_q + p.b, p.stream);
-      fill_varlen_tail(be, a.lse, p.cu_seqlens_q + p.b, p.stream, /*lse=*/true);
-    }
+    if (p.cu_seqlens_q && shape.hq > 0)
+      fill_forward_tails(be, a.out, a.lse, varlen_rows_end(a.extras.cu_seqlens_q, p.b), p.stream);
     return;
   }
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
@@ -237,10 +254,7 @@ void forward_unprefixed(const ForwardArgs& a) {
 
   run_logged("FWD", be, p, false, staging.staged_count(), op, [&] {
     be.forward(p);
-    if (p.cu_seqlens_q) {
-      fill_varlen_tail(be, out, p.cu_seqlens_q + p.b, p.stream);
-      fill_varlen_tail(be, lse, p.cu_seqlens_q + p.b, p.stream, /*lse=*/true);
-    }
+    if (p.cu_seqlens_q) fill_forward_tails(be, out, lse, p.cu_seqlens_q + p.b, p.stream);
   });
   staging.finish();
 }
@@ -278,11 +292,9 @@ void backward_unprefixed(const BackwardArgs& a) {
   const BackendOps& be = select_backend(shape, op);
   BwdParams p = backward_problem(a, shape);
   if (backward_is_empty(shape)) {  // varlen: the rows no sequence owns (here all of them) still get 0
-    if (p.cu_seqlens_q && shape.hq > 0) {
-      if (a.dq.defined()) fill_varlen_tail(be, a.dq, p.cu_seqlens_q + p.b, p.stream);
-      fill_varlen_tail(be, a.dk, p.cu_seqlens_k + p.b, p.stream);
-      fill_varlen_tail(be, a.dv, p.cu_seqlens_k + p.b, p.stream);
-    }
+    if (p.cu_seqlens_q && shape.hq > 0)
+      fill_backward_tails(be, a.dq, a.dk, a.dv, varlen_rows_end(a.extras.cu_seqlens_q, p.b),
+                          varlen_rows_end(a.extras.cu_seqlens_k, p.b), p.stream);
     return;
   }
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
@@ -334,11 +346,7 @@ void backward_unprefixed(const BackwardArgs& a) {
 
   run_logged("BWD", be, p, true, staging.staged_count(), op, [&] {
     be.backward(p);
-    if (p.cu_seqlens_q) {
-      if (dq.defined()) fill_varlen_tail(be, dq, p.cu_seqlens_q + p.b, p.stream);
-      fill_varlen_tail(be, dk, p.cu_seqlens_k + p.b, p.stream);
-      fill_varlen_tail(be, dv, p.cu_seqlens_k + p.b, p.stream);
-    }
+    if (p.cu_seqlens_q) fill_backward_tails(be, dq, dk, dv, p.cu_seqlens_q + p.b, p.cu_seqlens_k + p.b, p.stream);
   });
   staging.finish();
 }

@@ -195,9 +195,11 @@ def test_varlen_rows_past_the_last_offset(device, dtype, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_with_no_rows_owned(device):
-    """Every sequence empty (or no sequence at all): every packed row is padding."""
-    for lens in ([0, 0], []):
-        cu = _random_cu(lens, device)
+    """Every sequence empty (or no sequence at all): every packed row is padding. Also with
+    strided offsets, whose entry b is not at element b of their storage."""
+    strided = torch.tensor([0, 99, 0, 99], dtype=torch.int32, device=device)[::2]  # offsets [0, 0]
+    for lens, cu in (([0, 0], None), ([], None), ([0], strided)):
+        cu = _random_cu(lens, device) if cu is None else cu
         q = randn(6, 2, 16, device=device, requires_grad=True)
         k = randn(5, 2, 16, device=device, requires_grad=True)
         v = randn(5, 2, 16, device=device, requires_grad=True)
