@@ -194,7 +194,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated sections: varlen,window,softcap,alibi,mask,bias")
+    ap.add_argument("--only", default="", help="comma-separated sections: varlen,window,softcap,alibi,mask,bias,mask64,bias64")
     args = ap.parse_args()
     torch.manual_seed(0)
     s = 2048 if args.quick else 8192
@@ -205,6 +205,8 @@ def main() -> int:
         "alibi": lambda: bench_score_mod("alibi", 2, s, 16, 128),
         "mask": lambda: bench_mask(4, s // 2, 16, 128),
         "bias": lambda: bench_bias(4, s // 2, 16, 128),
+        "mask64": lambda: bench_mask(4, s // 2, 32, 64),
+        "bias64": lambda: bench_bias(4, s // 2, 32, 64),
     }
     only = [x for x in args.only.split(",") if x]
     if any(x not in sections for x in only):

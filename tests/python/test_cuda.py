@@ -282,6 +282,87 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
         assert (out.detach()[:, dead] == 0).all() and (grads[0][:, dead] == 0).all()
 
 
+# attn_mask / attn_bias at the shapes the sm90 kernels take. They run row-broadcast biases (row
+# stride 0: a key-padding mask (B, 1, 1, S), a per-head key bias (1, H, 1, S); each thread reads
+# its fragment's columns in place, sm90/attn_bias_fragment.cuh), alone and with causal, a window
+# and ALiBi on top; the rest runs the sm80 kernels: biases with rows of their own (a full boolean
+# mask with a row it hides entirely, a per-head (1, H, S, S) bias), a key stride other than 1,
+# and the backward of softcap with a bias. Ragged sq / sk (the reads stop or clamp at the ends).
+# Against the float64 reference through the torch op (the SDPA drop-in refuses causal with a
+# mask, as torch does); on an sm90 build and GPU the log must name the path each case takes.
+def _sm90_mask(name, b, hq, sq, sk, dtype):
+    if name in ("key_padding", "causal_key_padding"):
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool, device="cuda")
+        mask[-1, ..., sk * 2 // 3:] = False
+        return mask
+    if name == "fp32_key_bias_padded":  # (B, 1, 1, S) float32, batch stride sk + 24
+        return randn(b, 1, 1, sk + 24, dtype=torch.float32, device="cuda")[..., :sk]
+    if name == "full_bool":
+        mask = torch.rand(b, hq, sq, sk, device="cuda") > 0.3
+        mask[:, :, 5] = False  # a row the mask hides entirely: out 0, LSE -inf
+        return mask
+    if name == "head_bias":
+        return randn(1, hq, sq, sk, dtype=dtype, device="cuda")
+    return randn(1, hq, 1, sk, dtype=dtype, device="cuda")  # key_bias, window_alibi_key_bias, softcap_key_bias
+
+
+SM90_MASKS = {
+    "key_padding": dict(),
+    "causal_key_padding": dict(causal=True),
+    "key_bias": dict(),
+    "fp32_key_bias_padded": dict(),
+    "window_alibi_key_bias": dict(window=(96, 32), alibi=True),
+    "softcap_key_bias": dict(causal=True, softcap=5.0, sm90_bwd=False),
+    "full_bool": dict(sm90_fwd=False, sm90_bwd=False),
+    "head_bias": dict(sm90_fwd=False, sm90_bwd=False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 96, 128, 160, 256])
+@pytest.mark.parametrize("name", list(SM90_MASKS))
+def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
+    from feature_reference import feature_attention_ref
+    b, hq, hkv, sq, sk, scale = 2, 4, 2, 330, 460, d ** -0.5
+    kw = SM90_MASKS[name]
+    causal, (wl, wr), softcap = kw.get("causal", False), kw.get("window", (-1, -1)), kw.get("softcap", 0.0)
+    slopes = (torch.rand(b, hq, dtype=torch.float64) * 0.3).float().cuda() if kw.get("alibi") else None
+    mask = _sm90_mask(name, b, hq, sq, sk, dtype)
+    q, k, v, do = _logged_inputs(b, sq, sk, hq, hkv, d, dtype, tmp_path, monkeypatch)
+    q, k, v = (t.detach() for t in (q, k, v))
+    features = (wl, wr, softcap, slopes, None, mask)
+    out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, causal, False, 0.0, 0, 0, False, False,
+                                                       "orchard.flash_attn", None, *features)
+    grads = torch.ops.orchard.flash_attn_backward(do, q, k, v, out, lse, scale, causal, False, 0.0, 0, 0, False,
+                                                  "orchard.flash_attn", None, *features)
+    torch.cuda.synchronize()
+    lines = _debug_log(tmp_path)
+    fwd = [ln for ln in lines if ln.startswith("FWD")]
+    bwd = [ln for ln in lines if ln.startswith("BWD")]
+    assert fwd and bwd, lines
+    sm90 = _sm90_expected()
+    assert (".sm90." in fwd[0]) == (sm90 and kw.get("sm90_fwd", True)), fwd[0]
+    assert (".sm90." in bwd[0]) == (sm90 and kw.get("sm90_bwd", True)), bwd[0]
+
+    ref_kw = dict(scale=scale, causal=causal, window=(wl, wr), softcap=softcap, alibi_slopes=slopes, bias=mask)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    low = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = feature_attention_ref(*leaves, **ref_kw)
+    naive, _ = feature_attention_ref(*low, upcast=False, **ref_kw)
+    rgrads = torch.autograd.grad(ref, leaves, do.double())
+    ngrads = torch.autograd.grad(naive, low, do)
+    atol = 2e-3 if dtype == torch.bfloat16 else 2e-4
+    check_close_rule(out, ref, naive, atol, f"out {name}")
+    for gname, g, r, n in zip(("dq", "dk", "dv"), grads, rgrads, ngrads):
+        assert torch.isfinite(g).all(), gname
+        check_close_rule(g, r, n, 4 * atol, f"{gname} {name}")
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), visible), "rows that see no key: LSE -inf"
+    assert (lse.double()[visible] - ref_lse[visible]).abs().max() <= 1e-3 + 1e-4 * ref_lse[visible].abs().max()
+    if name == "full_bool":
+        assert (out[:, 5] == 0).all() and (grads[0][:, 5] == 0).all()
+
+
 # deterministic=True at the shapes the sm90 backward's ordered-dQ kernels take (d 64 / 128, bf16 /
 # fp16, GQA, ragged sq / sk, both causal alignments, several key blocks adding to each query
 # block): the float64 reference rule, three runs bit for bit equal (the grads' memory is

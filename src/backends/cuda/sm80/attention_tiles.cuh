@@ -73,11 +73,12 @@ __host__ __device__ __forceinline__ bool window_active(bool causal, int64_t wind
   return window_left >= 0 || (window_right >= 0 && !(causal && window_right == 0));
 }
 
-// Whether a call modifies its scores at all (a window beyond causal, softcap, ALiBi): the sm90
-// launchers pick their kFeatures instantiations by it.
+// Whether a call modifies its scores at all (a window beyond causal, softcap, ALiBi, attn_bias):
+// the sm90 launchers pick their kFeatures instantiations by it.
 template <class Params>
 __host__ __device__ __forceinline__ bool score_mods_active(const Params& p) {
-  return window_active(p.causal, p.window_left, p.window_right) || p.softcap > 0.f || p.alibi_slopes != nullptr;
+  return window_active(p.causal, p.window_left, p.window_right) || p.softcap > 0.f || p.alibi_slopes != nullptr ||
+         p.attn_bias != nullptr;
 }
 
 // A (rows from r0) x (cols from c0) tile needs per-element masking iff some of

@@ -82,6 +82,7 @@
 #include "backends/cuda/launch.h"
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/attention_tiles.cuh"
+#include "backends/cuda/sm90/attn_bias_fragment.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
@@ -421,7 +422,12 @@ __device__ __forceinline__ void bwd_sm90_write_dq_ordered(const BwdParams& p, fl
 // kOrderedDq (the deterministic mode; with kBulkDq, no features, d == kD): the consumers stage
 // each step's dQ partial and the dQ writer (bwd_sm90_write_dq_ordered) adds it in key-block
 // order; the other kernels compile to the same code as before it.
-template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures, bool kPaddedD, bool kOrderedDq = false>
+// kBias (with kFeatures): a row-broadcast attn_bias read in the feature pass
+// (attn_bias_fragment.cuh).  A flag of its own: compiled into the feature kernels (a first,
+// per-element form of the reads) it raised their spills (bf16 d128: 12-76 B -> 156-188 B); as a
+// flag those compile to the same code as before it (the kBias kernels: 52-116 B).
+template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures, bool kPaddedD, bool kOrderedDq = false,
+          bool kBias = false>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                           float* dq_accum, int num_n_blocks, int head_group) {
@@ -546,7 +552,7 @@ __global__ void __launch_bounds__(384, 1)
     // Re-read from the parameters where tested (uniform registers), not held across the loop.
     auto has_feat = [&] {
       return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
-                           p.alibi_slopes != nullptr);
+                           p.alibi_slopes != nullptr || kBias);
     };
     float dk[kD / 2], dv[kD / 2];
     int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
@@ -679,6 +685,9 @@ __global__ void __launch_bounds__(384, 1)
                                      cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
                                      cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
                                      sk - n0 - key_l0);
+              if constexpr (kBias) {
+                add_attn_bias_keys(bias_row(p, b, h), sacc, n0 + key_l0);
+              }
             }
             // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.
             // In tile coordinates (32-bit): a key past sk, or causal key - query > m0 + coff - n0.

@@ -42,6 +42,18 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
 // active = the plain math with its run-time branches): two kernels instead of four.
 template <typename T, int kD>
 auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
+  // attn_bias: the kBias kernels, one per causal flag (d <= 128: the kPaddedD form, which takes any
+  // d up to the bucket), whatever else the call modifies.
+  if (p.attn_bias != nullptr) {
+    if constexpr (kD > 128)
+      return p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, true, true>
+                      : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, true, true>;
+    else
+      return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true, false, true>
+                                   : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true, false, true>)
+                       : (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false, false, true>
+                                   : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false, false, true>);
+  }
   if constexpr (kD > 128) {
     (void)bulk_dq;
     return score_mods_active(p)

@@ -104,7 +104,8 @@ __device__ __forceinline__ void bwd_wide_dq(uint64_t dS_a, uint64_t dKt_b, int c
   }
 }
 
-template <typename T, int kD, bool kCausal, bool kFeatures>
+// kBias (with kFeatures): attn_bias read in the feature pass, as the d128 kernel's flag.
+template <typename T, int kD, bool kCausal, bool kFeatures, bool kBias = false>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_wide_kernel(const __grid_constant__ BwdSm90Maps maps, const BwdParams p, const float* dsum,
                                float* dq_accum, int num_n_blocks, int head_group) {
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(384, 1)
   // Re-read from the parameters where tested (uniform registers), as the d128 kernel.
   auto has_feat = [&] {
     return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
-                         p.alibi_slopes != nullptr);
+                         p.alibi_slopes != nullptr || kBias);
   };
   if (n_iters > 0) {
     mbarrier_wait(kv_full, 0);
@@ -225,6 +226,9 @@ __global__ void __launch_bounds__(384, 1)
         cuda::apply_score_mods(each, p.scale, p.softcap,
                                cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
                                cuda::tile_needs_mask_window(n0, kBN, m0 + q_l0, 32, sk, w), rel0(), keys_left - key_l0);
+        if constexpr (kBias) {
+          add_attn_bias_keys(bias_row(p, b, h), st, n0 + key_l0);
+        }
       }
       const int diag = m0 + diag0;
       const bool need_mask = keys_left < kBN || (kCausal && kBN - 1 > diag);

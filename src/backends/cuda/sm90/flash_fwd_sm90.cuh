@@ -51,8 +51,11 @@
 // tiles to [n_begin, n_end) (tiles no row of the CTA sees are never loaded); a tile is then
 // scored through apply_score_mods (softcap, ALiBi, the window / causal / key-end mask on tiles
 // crossing a bound) instead of mask_tile.  Rows that see no key end with O = 0 and LSE -inf
-// (as causal rows already did).  No dropout / bias / sink / varlen: the dispatch
-// (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
+// (as causal rows already did).  attn_bias: row-broadcast ones (a key-padding mask) in the kBias
+// kernels (a template flag: with the bias reads compiled in as a run-time branch, every kernel of
+// the bucket spilled, bf16 d128 0 -> 68-268 B of stores), through the feature path plus
+// add_attn_bias_row (attn_bias_fragment.cuh).  No dropout / other biases / sink / varlen: the
+// dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -68,6 +71,7 @@
 #include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/attention_tiles.cuh"
+#include "backends/cuda/sm90/attn_bias_fragment.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/fwd_sm90_schedule.h"
@@ -473,7 +477,7 @@ __device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm
   return tl;
 }
 
-template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv, int kWG>
+template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv, int kWG, bool kBias>
 __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
                           const __grid_constant__ CUtensorMap tm_k,
@@ -605,7 +609,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     const bool warp_leader = lane == 0;
     // Features (window / softcap / ALiBi) score every tile through apply_score_mods; the
     // plain path keeps mask_tile on the tiles that cross the key end or the diagonal.
-    const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr;
+    const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr || kBias;
 
     // Descriptors: Q rows of this WG (K-major, chunk c = kk / kSl, 32 bytes per k16 inside);
     // K stage s likewise; V stage s MN-major (k16 slice = 16 key rows of kSw bytes).
@@ -682,6 +686,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                                cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
                                cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
                                sk - n0 - 2 * t);
+        if constexpr (kBias) {
+          add_attn_bias_row(bias_row(p, b, h), s_acc, n0 + 2 * t);
+        }
       } else if (needs_mask(n)) {
         mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
       }
@@ -1055,7 +1062,8 @@ inline int fwd_sm90_section(const FwdParams& p, bool causal) {
 
 // Host launcher of the kCausal kernel.  Returns false without launching when the tensor maps
 // cannot be encoded (the caller then falls back); launch errors are left to the caller's check.
-template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_block_n<kD>(), int kWG = 2>
+template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_block_n<kD>(), int kWG = 2,
+          bool kBias = false>
 bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG>;
   if (p.d > kD || p.d % 8 != 0 || cuda::value_dim(p) != p.d) return false;
@@ -1099,7 +1107,7 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   const int units = kPaired ? sc.total / 2 : sc.total;  // what the CTAs stride over
   const int sms = persistent ? cuda::current_device_attribute<cudaDevAttrMultiProcessorCount>() : 0;
   const int grid = sms > 0 && sms < units ? sms : units;
-  auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG>;
+  auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG, kBias>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, to, p, sc,
                                                                                      o_by_tma);
@@ -1107,10 +1115,11 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
 }
 
 // Both kernels (causal and not) of one configuration.
-template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>(), int kWG = 2>
+template <typename T, int kD, bool kOverlap = true, int kBNv = default_block_n<kD>(), int kWG = 2,
+          bool kBias = false>
 bool launch_flash_fwd_sm90(const FwdParams& p) {
-  return p.causal ? launch_flash_fwd_sm90_one<T, kD, true, kOverlap, kBNv, kWG>(p)
-                  : launch_flash_fwd_sm90_one<T, kD, false, kOverlap, kBNv, kWG>(p);
+  return p.causal ? launch_flash_fwd_sm90_one<T, kD, true, kOverlap, kBNv, kWG, kBias>(p)
+                  : launch_flash_fwd_sm90_one<T, kD, false, kOverlap, kBNv, kWG, kBias>(p);
 }
 
 }  // namespace orchard::sm90
@@ -1144,7 +1153,19 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   medians of 5 alternating rounds, 80 over 64: non-causal s2k / 4k 1.00 / 1.01x, s8k / 16k
   //   +2.4 / +3.3 %, causal s2k-16k +3.3 / +3.3 / +4.5 / +13.6 %, fp16 s4k 1.00x, but s1k -6.5 %).
   bool launched;
-  if constexpr (kD == 64) {
+  if (p.attn_bias != nullptr) {
+    // attn_bias: the kBias kernels (the bias read in the feature pass), one configuration per
+    // bucket: the default tile (d64: 3 WGs; d192: 96 keys causal, 64 not), causal or not.
+    if constexpr (kD == 64)
+      launched = sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 3, true>(p);
+    else if constexpr (kD == 192)
+      launched = p.causal ? sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96, 2, true>(p)
+                          : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64, 2, true>(p);
+    else if constexpr (kD == 96 && ORCHARD_SM90_FWD96_WG == 3)
+      launched = sm90::launch_flash_fwd_sm90<T, 96, true, ORCHARD_SM90_FWD96_WG3_N, 3, true>(p);
+    else
+      launched = sm90::launch_flash_fwd_sm90<T, kD, true, sm90::default_block_n<kD>(), 2, true>(p);
+  } else if constexpr (kD == 64) {
     constexpr bool kOverlap = ORCHARD_SM90_FWD64_OVERLAP != 0;
     launched = p.causal && p.sk < ORCHARD_SM90_FWD64_CAUSAL_WG2_BELOW_SK
                    ? sm90::launch_flash_fwd_sm90_one<T, 64, true, kOverlap, 128, 2>(p)

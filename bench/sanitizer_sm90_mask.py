@@ -1,0 +1,48 @@
+"""Forward + backward calls of the sm90 kernels' kBias instantiations (row-broadcast attn_bias:
+a key-padding bool mask (B, 1, 1, S) and a float key bias (1, H, 1, S), attn_bias_fragment.cuh),
+d64 / d128 / d192 / d256 buckets (d 80 and 160 below their buckets), causal and not, bf16 and
+fp16, GQA, ragged lengths (the column reads stop and clamp at sk), for compute-sanitizer
+(memcheck, racecheck) to watch. Each output is also checked against plain fp32 math, so a wrong
+answer fails the run. SANITIZE_DIMS=64,128 runs those head dims only."""
+import os
+
+import torch
+
+import orchard
+
+torch.manual_seed(0)
+dims = [int(x) for x in os.environ.get("SANITIZE_DIMS", "64,80,128,160,256").split(",")]
+b, hq, hkv, sq, sk = 2, 4, 2, 330, 461
+for dtype in (torch.bfloat16, torch.float16):
+    for d in dims:
+        for causal in (False, True):
+            for kind in ("bool", "float"):
+                q = torch.randn(b, sq, hq, d, device="cuda", dtype=dtype, requires_grad=True)
+                k = torch.randn(b, sk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+                v = torch.randn(b, sk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
+                if kind == "bool":
+                    mask = torch.ones(b, 1, 1, sk, device="cuda", dtype=torch.bool)
+                    mask[-1, ..., 300:] = False
+                    bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
+                else:
+                    mask = torch.randn(1, hq, 1, sk, device="cuda", dtype=dtype)
+                    bias = mask.float()
+                scale = d ** -0.5
+                features = (-1, -1, 0.0, None, None, mask)
+                out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, causal, False, 0.0, 0, 0, False,
+                                                                   False, "orchard.flash_attn", None, *features)
+                do = torch.ones_like(out)
+                grads = torch.ops.orchard.flash_attn_backward(do, q, k, v, out, lse, scale, causal, False, 0.0, 0, 0,
+                                                              False, "orchard.flash_attn", None, *features)
+                qf, kf, vf = (x.detach().float().transpose(1, 2) for x in (q, k, v))
+                rep = hq // hkv
+                # Plain fp32 math (not torch's SDPA: its own kernels would show up under racecheck).
+                scores = qf @ kf.repeat_interleave(rep, 1).transpose(-1, -2) * scale + bias
+                if causal:
+                    hidden = torch.ones(sq, sk, device="cuda", dtype=torch.bool).triu(sk - sq + 1)
+                    scores.masked_fill_(hidden, float("-inf"))
+                ref = (scores.softmax(-1) @ vf.repeat_interleave(rep, 1)).transpose(1, 2)
+                err = (out.float() - ref).abs().max().item()
+                assert err < 2e-2, f"d{d} causal={causal} {kind} {dtype}: max error {err}"
+                assert all(torch.isfinite(g).all() for g in grads)
+                print(f"d{d} causal={causal} {kind} {dtype}: out err {err:.2e}", flush=True)
