@@ -214,6 +214,8 @@ SM90_FEATURES = {
     "softcap_causal": dict(causal=True, softcap=5.0),
     "alibi": dict(alibi=True),
     "all": dict(causal=True, window_size=(100, 0), softcap=4.0, alibi=True),
+    "sink": dict(sink=True),
+    "sink_window_causal": dict(causal=True, window_size=(128, 0), sink=True),  # gpt-oss's sliding layers
 }
 
 
@@ -241,9 +243,12 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
     hq, hkv = 4, 2
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = (torch.rand(b, hq, dtype=torch.float64) * 0.3).float().cuda()
+    if kw.pop("sink", False):  # attention sinks: the forward's epilogue; dsink by the front end
+        kw["sink"] = randn(hq, dtype=torch.float32, device="cuda", requires_grad=True)
     q, k, v, do = _logged_inputs(b, sq, sk, hq, hkv, d, dtype, tmp_path, monkeypatch)
     out, lse = orchard.flash_attn_func(q, k, v, return_softmax_lse=True, **kw)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = (q, k, v) + ((kw["sink"],) if "sink" in kw else ())
+    grads = torch.autograd.grad(out, leaves, do)
     torch.cuda.synchronize()
     lines = _debug_log(tmp_path)
     sm90 = _sm90_expected()
@@ -262,14 +267,16 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
                softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = feature_attention_ref(q64, k64, v64, **rkw)
-    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    s64 = kw["sink"].detach().double().requires_grad_() if "sink" in kw else None
+    ref, ref_lse = feature_attention_ref(q64, k64, v64, sink=s64, **rkw)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64) + ((s64,) if s64 is not None else ()), do.double())
     qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    naive, _ = feature_attention_ref(qn, kn, vn, upcast=False, **rkw)
-    ngrads = torch.autograd.grad(naive, (qn, kn, vn), do)
+    sn = kw["sink"].detach().clone().requires_grad_() if "sink" in kw else None
+    naive, _ = feature_attention_ref(qn, kn, vn, sink=sn, upcast=False, **rkw)
+    ngrads = torch.autograd.grad(naive, (qn, kn, vn) + ((sn,) if sn is not None else ()), do)
     atol = 2e-3 if dtype == torch.bfloat16 else 2e-4
     check_close_rule(out, ref, naive, atol, f"out {name}")
-    for gname, g, r, n in zip(("dq", "dk", "dv"), grads, rgrads, ngrads):
+    for gname, g, r, n in zip(("dq", "dk", "dv", "dsink"), grads, rgrads, ngrads):
         assert torch.isfinite(g).all(), gname
         check_close_rule(g, r, n, 4 * atol, f"{gname} {name}")
     lse64, ref_lse = lse.detach().cpu().double(), ref_lse.detach().cpu()

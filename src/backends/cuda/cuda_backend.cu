@@ -89,9 +89,10 @@ void bwd_dispatch(const BwdParams& p) {
 // holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
 // ORCHARD_SM90 is not "0" (read once, at the first call), and the call uses only what that
 // kernel covers: bf16 / fp16, d == d_v in 33..256 (multiples of 8), plain or causal, sliding
-// windows, softcap, ALiBi, row-broadcast attn_bias / masks (sm90/attn_bias_fragment.cuh), GQA, a
-// positive scale, 16-byte aligned rows with strides of whole 16-byte chunks (TMA).  Everything
-// else (dropout, sinks, varlen, other head dims) runs the sm80 kernels.
+// windows, softcap, ALiBi, row-broadcast attn_bias / masks (sm90/attn_bias_fragment.cuh),
+// attention sinks, GQA, a positive scale, 16-byte aligned rows with strides of whole 16-byte
+// chunks (TMA).  Everything else (dropout, other biases, varlen, other head dims) runs the sm80
+// kernels.
 #if defined(ORCHARD_WITH_SM90)
 bool sm90_device() {
   int dev = 0;
@@ -124,8 +125,7 @@ bool sm90_fwd_applies(const FwdParams& p) {
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
   // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers), attn_bias
   // their kBias instantiations.
-  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.sink != nullptr || p.cu_seqlens_q != nullptr ||
-      p.cu_seqlens_k != nullptr)
+  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
     return false;
   if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
   // attn_bias: row-broadcast ones (row stride 0, key stride 1) only (sm90/attn_bias_fragment.cuh
@@ -178,7 +178,8 @@ bool try_fwd_sm90(const FwdParams& p) {
 // The Hopper backward where the forward's conditions hold and the call is one it covers: d == d_v
 // in 33..256 (the forward's buckets: flash_bwd_sm90.cuh for 64 / 128, flash_bwd_sm90_wide.cuh for
 // 192 / 256, both with windows, softcap, ALiBi and attn_bias), dO / dQ / dK / dV rows in 16-byte
-// vectors (dO is read by TMA).  Softcap with attn_bias runs the sm80 kernels (the sm90 softcap
+// vectors (dO is read by TMA), sinks (P from the LSE, which holds them; a dsink output runs the
+// sm80 kernels).  Softcap with attn_bias runs the sm80 kernels (the sm90 softcap
 // gradient recovers tanh from P, which would need the bias read twice).  Deterministic mode:
 // d == d_v of exactly 64 or 128 without score modifiers (the kernels with ordered dQ adds);
 // other deterministic calls run the sm80 kernels.
@@ -186,6 +187,9 @@ bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
+  // The C++ API's dsink output: its pass (run_bwd_dsink) is wired to the sm80 backward's
+  // workspace only, so such calls run the sm80 kernels (the Python front end computes dsink itself).
+  if (p.dsink != nullptr) return false;
   if (!sm90_fwd_applies(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);

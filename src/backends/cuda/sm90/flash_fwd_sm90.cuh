@@ -54,8 +54,10 @@
 // (as causal rows already did).  attn_bias: row-broadcast ones (a key-padding mask) in the kBias
 // kernels (a template flag: with the bias reads compiled in as a run-time branch, every kernel of
 // the bucket spilled, bf16 d128 0 -> 68-268 B of stores), through the feature path plus
-// add_attn_bias_row (attn_bias_fragment.cuh).  No dropout / other biases / sink / varlen: the
-// dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
+// add_attn_bias_row (attn_bias_fragment.cuh).  Attention sinks: a run-time branch of the
+// epilogue (the sink joins each row's sum; the backward needs nothing more: its P comes from
+// the LSE, which holds the sink).  No dropout / other biases / varlen: the dispatch
+// (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -962,9 +964,21 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         inv[r] = l > 0.f ? 1.f / l : 0.f;
+        float lse_l2 = l > 0.f ? st.max[r] * scale_log2 + __log2f(l) : -INFINITY;
+        if (p.sink != nullptr) {
+          // Attention sink (params.h): exp(sink) joins the row's denominator, the sum taken in
+          // units of max(row max, sink) (the sm80 epilogue's form); a row that saw no key
+          // outputs 0 with LSE = sink.
+          const float sink_l2 = p.sink[h] * 1.4426950408889634f;
+          const float mx = st.max[r] * scale_log2;  // -inf for a row that saw no key
+          const float top = fmaxf(mx, sink_l2);
+          const float a = l > 0.f ? ex2_approx(mx - top) : 0.f;
+          const float lt = fmaf(l, a, ex2_approx(sink_l2 - top));
+          inv[r] = a / lt;
+          lse_l2 = top + __log2f(lt);
+        }
         const int row = row0 + 8 * r;
-        if (row < sq && t == 0)
-          lse[row] = l > 0.f ? (st.max[r] * scale_log2 + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+        if (row < sq && t == 0) lse[row] = lse_l2 * 0.6931471805599453f;
       }
       // O staged in shared memory (kOStaged, kOShared, kOInV): this WG's 64 rows, normalized,
       // written (stmatrix) at o_rows, column chunk c at o_rows + c * chunk_bytes, fenced for the
