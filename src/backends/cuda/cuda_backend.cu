@@ -15,9 +15,10 @@
 
 #include "backends/cuda/cuda_error.h"
 #include "backends/cuda/launch.h"
-#include "backends/cuda/sm80/attention_tiles.cuh"  // score_mods_active (sm90_bwd_applies)
+#include "backends/cuda/score_mods.h"  // window_active (variant_name)
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+#include "backends/cuda/sm90/sm90_call_support.h"
 #include "core/backend.h"
 #include "orchard/philox.h"
 
@@ -87,12 +88,8 @@ void bwd_dispatch(const BwdParams& p) {
 
 // The Hopper forward (sm90/flash_fwd_sm90.cuh) runs when it was compiled in (ORCHARD_CUDA_ARCHS
 // holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
-// ORCHARD_SM90 is not "0" (read once, at the first call), and the call uses only what that
-// kernel covers: bf16 / fp16, d == d_v in 33..256 (multiples of 8), plain or causal, sliding
-// windows, softcap, ALiBi, row-broadcast attn_bias / masks (sm90/attn_bias_fragment.cuh),
-// attention sinks, GQA, a positive scale, 16-byte aligned rows with strides of whole 16-byte
-// chunks (TMA).  Everything else (dropout, other biases, varlen, other head dims) runs the sm80
-// kernels.
+// ORCHARD_SM90 is not "0" (read once, at the first call), and the call is one the kernels cover
+// (sm90/sm90_call_support.h); the backward likewise.
 #if defined(ORCHARD_WITH_SM90)
 bool sm90_device() {
   int dev = 0;
@@ -107,10 +104,8 @@ bool sm90_device() {
   }
   return cc[dev] == 91;
 }
-#endif
 
-bool sm90_fwd_applies(const FwdParams& p) {
-#if defined(ORCHARD_WITH_SM90)
+bool sm90_enabled() {
   // Read once per process, at the first call: the switch is a launch-time setting (as
   // ORCHARD_BWD_TWO_PASS), not one to flip between calls, and getenv per call cost a scan of
   // the environment on every forward and backward.
@@ -118,28 +113,13 @@ bool sm90_fwd_applies(const FwdParams& p) {
     const char* env = std::getenv("ORCHARD_SM90");
     return env != nullptr && std::strcmp(env, "0") == 0;
   }();
-  if (disabled) return false;
-  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
-  // Head dims 33..256 in multiples of 8 (16-byte rows), run in the bucket 64 / 96 / 128 / 192 / 256
-  // above d (sm90_head_dim_bucket); d <= 32 stays on the sm80 kernels' 32-wide bucket.
-  if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
-  // Windows, softcap and ALiBi are run-time branches of the sm90 kernels (their headers), attn_bias
-  // their kBias instantiations.
-  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
-    return false;
-  if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
-  // attn_bias: row-broadcast ones (row stride 0, key stride 1) only (sm90/attn_bias_fragment.cuh
-  // says why); one query row has no other rows to differ.
-  if (p.attn_bias != nullptr && ((p.bias_row_stride != 0 && p.sq != 1) || (p.bias_col_stride != 1 && p.sk != 1)))
-    return false;
-  // Its softmax takes the row max of the raw scores (exact only for a positive scale).
-  if (!(p.scale > 0.f)) return false;
-  FwdParams q = p;
-  q.d_v = value_dim(p);
-  if (!fwd_vec16(q)) return false;
-  // The TMA maps stride over rows even when a tensor has one row (fwd_vec16 skips those).
-  if ((p.q_row_stride | p.k_row_stride | p.v_row_stride) % 8 != 0) return false;
-  return sm90_device();
+  return !disabled;
+}
+#endif
+
+bool sm90_fwd_applies(const FwdParams& p) {
+#if defined(ORCHARD_WITH_SM90)
+  return sm90_enabled() && sm90_fwd_call_supported(p) && sm90_device();
 #else
   (void)p;
   return false;
@@ -175,26 +155,9 @@ bool try_fwd_sm90(const FwdParams& p) {
 #endif
 }
 
-// The Hopper backward where the forward's conditions hold and the call is one it covers: d == d_v
-// in 33..256 (the forward's buckets: flash_bwd_sm90.cuh for 64 / 128, flash_bwd_sm90_wide.cuh for
-// 192 / 256, both with windows, softcap, ALiBi and attn_bias), dO / dQ / dK / dV rows in 16-byte
-// vectors (dO is read by TMA), sinks (P from the LSE, which holds them; a dsink output runs the
-// sm80 kernels).  Softcap with attn_bias runs the sm80 kernels (the sm90 softcap
-// gradient recovers tanh from P, which would need the bias read twice).  Deterministic mode:
-// d == d_v of exactly 64 or 128 without score modifiers (the kernels with ordered dQ adds);
-// other deterministic calls run the sm80 kernels.
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
-  if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
-  // The C++ API's dsink output: its pass (run_bwd_dsink) is wired to the sm80 backward's
-  // workspace only, so such calls run the sm80 kernels (the Python front end computes dsink itself).
-  if (p.dsink != nullptr) return false;
-  if (!sm90_fwd_applies(p)) return false;
-  BwdParams q = p;
-  q.d_v = value_dim(p);
-  if (!bwd_vec16(q) || p.do_row_stride % 8 != 0) return false;
-  return true;
+  return sm90_enabled() && sm90_bwd_call_supported(p) && sm90_device();
 #else
   (void)p;
   return false;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backends/cuda/score_mods.h"
 #include "backends/cuda/sm80/mma_utils.cuh"
 #include "orchard/dtype.h"
 
@@ -66,20 +67,7 @@ __device__ __forceinline__ WindowOffsets window_offsets(bool causal, int64_t win
   return {lo, hi};
 }
 
-// Whether the window adds anything to the kernel's own causal masking: the
-// core passes causal calls as window_right == 0 (params.h), which the causal
-// kernels already apply, so those keep the plain path.
-__host__ __device__ __forceinline__ bool window_active(bool causal, int64_t window_left, int64_t window_right) {
-  return window_left >= 0 || (window_right >= 0 && !(causal && window_right == 0));
-}
-
-// Whether a call modifies its scores at all (a window beyond causal, softcap, ALiBi, attn_bias):
-// the sm90 launchers pick their kFeatures instantiations by it.
-template <class Params>
-__host__ __device__ __forceinline__ bool score_mods_active(const Params& p) {
-  return window_active(p.causal, p.window_left, p.window_right) || p.softcap > 0.f || p.alibi_slopes != nullptr ||
-         p.attn_bias != nullptr;
-}
+// window_active / score_mods_active: score_mods.h.
 
 // A (rows from r0) x (cols from c0) tile needs per-element masking iff some of
 // its elements lie past len_k or outside some row's window.

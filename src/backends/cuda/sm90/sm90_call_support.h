@@ -1,0 +1,53 @@
+// Which calls the sm90 (Hopper) kernels cover, from the call alone: no device query, no
+// environment (cuda_backend.cu adds those: the build holds sm_90a code, the device is compute
+// capability 9.0, ORCHARD_SM90 is not "0").  A call they do not cover runs the sm80 kernels.
+// Host-only and CUDA-free, so tests/cpp/sm90_call_support_test.cpp pins these rules in CI.
+#pragma once
+#include "backends/cuda/launch.h"
+#include "backends/cuda/score_mods.h"
+#include "orchard/params.h"
+
+namespace orchard::cuda {
+
+// The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
+// 192 / 256 above d, sm90_head_dim_bucket; d <= 32 stays on the sm80 kernels' 32-wide bucket);
+// plain or causal; sliding windows, softcap and ALiBi (run-time branches of the kernels); sinks
+// (the epilogue); row-broadcast attn_bias / masks (row stride 0, key stride 1: the kBias kernels,
+// sm90/attn_bias_fragment.cuh says why only those); GQA; a positive scale (the softmax keeps the
+// row max of the raw scores); 16-byte aligned rows with strides of whole 16-byte chunks (TMA).
+// Not: dropout, other biases, varlen.
+inline bool sm90_fwd_call_supported(const FwdParams& p) {
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
+  if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
+  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
+    return false;
+  if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
+  // (One query row has no other rows to differ; one key has no stride to speak of.)
+  if (p.attn_bias != nullptr && ((p.bias_row_stride != 0 && p.sq != 1) || (p.bias_col_stride != 1 && p.sk != 1)))
+    return false;
+  if (!(p.scale > 0.f)) return false;
+  FwdParams q = p;
+  q.d_v = value_dim(p);
+  if (!fwd_vec16(q)) return false;
+  // The TMA maps stride over rows even when a tensor has one row (fwd_vec16 skips those).
+  return (p.q_row_stride | p.k_row_stride | p.v_row_stride) % 8 == 0;
+}
+
+// The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
+// above, both with every modifier above; sinks need nothing more, P comes from the LSE, which
+// holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  Not: softcap
+// with attn_bias (the sm90 softcap gradient recovers tanh from P, which would need the bias read
+// again); the C++ API's dsink output (its pass, run_bwd_dsink, reads the sm80 workspace's D);
+// deterministic mode except d == d_v of exactly 64 or 128 without score modifiers (the kernels
+// with ordered dQ adds).
+inline bool sm90_bwd_call_supported(const BwdParams& p) {
+  if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
+  if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
+  if (p.dsink != nullptr) return false;
+  if (!sm90_fwd_call_supported(p)) return false;
+  BwdParams q = p;
+  q.d_v = value_dim(p);
+  return bwd_vec16(q) && p.do_row_stride % 8 == 0;
+}
+
+}  // namespace orchard::cuda

@@ -1,0 +1,144 @@
+// Which calls the sm90 kernels take (src/backends/cuda/sm90/sm90_call_support.h), checked on the
+// host: a call the dispatch sends to the sm90 path must be one their kernels cover (else a wrong
+// answer or an out-of-bounds read on the GPU), and one they cover should not silently fall back.
+// The GPU tests (tests/python/test_cuda.py) check the same rules through the debug log on an
+// H100 / H200; these pin them in CI, where no GPU runs.
+#include "backends/cuda/sm90/sm90_call_support.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+namespace orchard::cuda {
+namespace {
+
+// A contiguous BSHD bf16 call: b 2, sq 300, sk 400, hq 8, hkv 4, d = d_v; pointers 256-byte aligned
+// (the values are never read: only the addresses and strides count).
+BwdParams plain_call(int d = 128) {
+  BwdParams p;
+  p.dtype = DType::kBFloat16;
+  p.b = 2;
+  p.sq = 300;
+  p.sk = 400;
+  p.hq = 8;
+  p.hkv = 4;
+  p.d = d;
+  p.d_v = d;
+  p.scale = 0.125f;
+  auto* base = reinterpret_cast<char*>(std::uintptr_t{1} << 20);
+  p.q = p.out = base;
+  p.k = p.v = base + (1 << 16);
+  p.dout = p.dq = p.dk = p.dv = base + (1 << 18);
+  p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = int64_t{p.hq} * d;
+  p.k_row_stride = p.v_row_stride = p.dk_row_stride = p.dv_row_stride = int64_t{p.hkv} * d;
+  p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = d;
+  p.k_head_stride = p.v_head_stride = p.dk_head_stride = p.dv_head_stride = d;
+  p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = int64_t{p.sq} * p.hq * d;
+  p.k_batch_stride = p.v_batch_stride = p.dk_batch_stride = p.dv_batch_stride = int64_t{p.sk} * p.hkv * d;
+  return p;
+}
+
+bool fwd(const BwdParams& p) { return sm90_fwd_call_supported(p); }
+bool bwd(const BwdParams& p) { return sm90_bwd_call_supported(p); }
+
+TEST(Sm90CallSupport, PlainCallsAndTheirHeadDims) {
+  for (int d : {40, 64, 72, 96, 128, 160, 192, 256}) {
+    EXPECT_TRUE(fwd(plain_call(d))) << d;
+    EXPECT_TRUE(bwd(plain_call(d))) << d;
+  }
+  for (int d : {8, 32, 36, 100, 264}) EXPECT_FALSE(fwd(plain_call(d))) << d;  // <= 32, not x8, > 256
+  BwdParams p = plain_call();
+  p.dtype = DType::kFloat32;
+  EXPECT_FALSE(fwd(p));
+  p = plain_call();
+  p.d_v = 64;  // a value head dim of its own
+  EXPECT_FALSE(fwd(p));
+  p = plain_call();
+  p.scale = -0.125f;
+  EXPECT_FALSE(fwd(p));
+  p = plain_call();
+  p.k_row_stride += 4;  // rows not in whole 16-byte chunks (TMA)
+  EXPECT_FALSE(fwd(p));
+  p = plain_call();
+  p.do_row_stride += 4;
+  EXPECT_TRUE(fwd(p));
+  EXPECT_FALSE(bwd(p));
+}
+
+TEST(Sm90CallSupport, ModifiersAndSinks) {
+  BwdParams p = plain_call();
+  p.causal = true;
+  p.window_left = 100;
+  p.window_right = 0;
+  p.softcap = 5.f;
+  static const float slopes[8] = {};
+  p.alibi_slopes = slopes;
+  static const float sink[8] = {};
+  p.sink = sink;
+  EXPECT_TRUE(fwd(p));
+  EXPECT_TRUE(bwd(p));
+  float dsink[8];
+  p.dsink = dsink;  // the C++ API's dsink output: the sm80 backward's pass
+  EXPECT_TRUE(fwd(p));
+  EXPECT_FALSE(bwd(p));
+  p = plain_call();
+  p.dropout_p = 0.1f;
+  EXPECT_FALSE(fwd(p));
+  p = plain_call();
+  static const int32_t cu[3] = {0, 100, 300};
+  p.cu_seqlens_q = p.cu_seqlens_k = cu;
+  EXPECT_FALSE(fwd(p));
+}
+
+TEST(Sm90CallSupport, OnlyRowBroadcastBiases) {
+  static const unsigned char mask[2 * 400] = {};
+  BwdParams p = plain_call();
+  p.attn_bias = mask;  // key padding (B, 1, 1, S)
+  p.bias_batch_stride = 400;
+  p.bias_head_stride = 0;
+  p.bias_row_stride = 0;
+  p.bias_col_stride = 1;
+  EXPECT_TRUE(fwd(p));
+  EXPECT_TRUE(bwd(p));
+  p.causal = true;
+  p.window_right = 0;
+  EXPECT_TRUE(bwd(p));
+  p.softcap = 5.f;  // softcap with a bias: the forward only
+  EXPECT_TRUE(fwd(p));
+  EXPECT_FALSE(bwd(p));
+  p.softcap = 0.f;
+  p.deterministic = true;  // the ordered-dQ kernels have no modifiers
+  EXPECT_FALSE(bwd(p));
+  p.deterministic = false;
+  p.bias_row_stride = 400;  // rows of its own: the sm80 kernels' staged tiles
+  EXPECT_FALSE(fwd(p));
+  p.sq = 1;  // ... unless there is one query row
+  EXPECT_TRUE(fwd(p));
+  p = plain_call();
+  p.attn_bias = mask;
+  p.bias_col_stride = 2;  // keys not contiguous
+  EXPECT_FALSE(fwd(p));
+}
+
+TEST(Sm90CallSupport, DeterministicOnlyPlainD64AndD128) {
+  for (int d : {64, 128}) {
+    BwdParams p = plain_call(d);
+    p.deterministic = true;
+    EXPECT_TRUE(bwd(p)) << d;
+    p.window_left = 50;
+    EXPECT_FALSE(bwd(p)) << d;
+  }
+  for (int d : {96, 192, 256}) {
+    BwdParams p = plain_call(d);
+    p.deterministic = true;
+    EXPECT_FALSE(bwd(p)) << d;
+  }
+  BwdParams p = plain_call();
+  p.deterministic = true;
+  p.causal = true;
+  p.window_right = 0;  // causal alone is not a modifier (the core's causal form)
+  EXPECT_TRUE(bwd(p));
+}
+
+}  // namespace
+}  // namespace orchard::cuda
