@@ -12,6 +12,7 @@ same process, same card, same tensors, bf16, forward and forward+backward.
            and cuDNN with the same mask.
   bias     SDPA additive float bias (1, H, S, S) (batch-broadcast, bf16): vs SDPA
            efficient and cuDNN with the same bias.
+  mask64, bias64   the same two at d64 (h32); the others run d128 (h16).
 TFLOP/s count only the visible (unpadded, unmasked) score entries: 4*d per
 entry forward, 2.5x that backward. Timing: triton do_bench median.
 
