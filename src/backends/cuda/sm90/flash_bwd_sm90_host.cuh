@@ -42,8 +42,9 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
 // active = the plain math with its run-time branches): two kernels instead of four.
 template <typename T, int kD>
 auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
-  // attn_bias: the kBias kernels, one per causal flag (d <= 128: the kPaddedD form, which takes any
-  // d up to the bucket), whatever else the call modifies.
+  // attn_bias: the kBias kernels, whatever else the call modifies: per causal flag, and at d <= 128
+  // the kPaddedD form for a d below the bucket (the d == kD form spilled less: bf16 d128 52-80 B
+  // against 88-116 B).
   if (p.attn_bias != nullptr) {
     if constexpr (kD > 128)
       return p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, true, true>

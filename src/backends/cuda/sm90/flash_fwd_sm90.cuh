@@ -609,8 +609,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const float scale_log2 = p.scale * 1.4426950408889634f;
     const bool warp_leader = lane == 0;
-    // Features (window / softcap / ALiBi) score every tile through apply_score_mods; the
-    // plain path keeps mask_tile on the tiles that cross the key end or the diagonal.
+    // Features (window / softcap / ALiBi, and the kBias kernels' mask) score every tile through
+    // apply_score_mods; the plain path keeps mask_tile on the tiles that cross the key end or the
+    // diagonal.
     const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr || kBias;
 
     // Descriptors: Q rows of this WG (K-major, chunk c = kk / kSl, 32 bytes per k16 inside);
