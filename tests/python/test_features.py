@@ -311,6 +311,64 @@ def test_causal_with_attn_mask_op(device, dtype, kind, top_left, sq, sk, window_
         check_close_rule(g, w, n, ATOL[dtype], f"d{name}")
 
 
+# Boolean masks that hide whole key tiles: a key-padding mask's long tail, a batch entry whose
+# keys are all hidden, a dense mask with a hidden block. The CPU kernels skip such tiles
+# (bool_mask_hides_tile: forward without dropout, every backward tile), which must leave every
+# output as computing them would: against the float64 reference, forward, LSE and gradients,
+# GQA, dropout off and (backward skip only) on through the returned mask.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["key_padding", "dense_block"])
+def test_bool_mask_hiding_whole_tiles(device, dtype, layout):
+    b, sq, sk, hq, hkv, d, scale = 3, 300, 520, 4, 2, 64, 0.125
+    q = randn(b, sq, hq, d, dtype=dtype, device=device)
+    k = randn(b, sk, hkv, d, dtype=dtype, device=device)
+    v = randn(b, sk, hkv, d, dtype=dtype, device=device)
+    dout = randn(b, sq, hq, d, dtype=dtype, device=device)
+    if layout == "key_padding":
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool, device=device)
+        mask[0, ..., 130:] = False  # every key tile past the first three hidden
+        mask[1] = False  # no key at all: out 0, LSE -inf, zero gradients
+    else:
+        mask = torch.rand(b, hq, sq, sk, device=device) > 0.2
+        mask[:, :, :200, 128:448] = False  # a hidden block of rows x key tiles
+    features = (-1, -1, 0.0, None, None, mask)
+    out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, False, False, 0.0, 0, 0, False, False,
+                                                       "orchard.flash_attn", None, *features)
+    grads = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out, lse, scale, False, False, 0.0, 0, 0, False,
+                                                  "orchard.flash_attn", None, *features)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = feature_attention_ref(*leaves, scale=scale, bias=mask.cpu())
+    naive, _ = feature_attention_ref(*low, scale=scale, bias=mask.cpu(), upcast=False)
+    check_close_rule(out, ref, naive, ATOL[dtype], "out")
+    visible = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), visible)
+    torch.testing.assert_close(lse.cpu().double()[visible], ref_lse[visible], atol=1e-4, rtol=1e-4)
+    want = _grads(ref, leaves, dout.cpu().double())
+    want_naive = _grads(naive, low, dout.cpu())
+    for name, g, w, n in zip("qkv", grads, want, want_naive):
+        check_close_rule(g, w, n, ATOL[dtype], f"d{name}")
+    if layout == "key_padding":
+        assert (out[1] == 0).all() and (grads[0][1] == 0).all() and (grads[1][1] == 0).all()
+    # Dropout on: the forward computes every tile (its mask is drawn in column order), the
+    # backward still skips the hidden ones; the pair must match the reference with the same mask.
+    out_d, lse_d, keep = torch.ops.orchard.flash_attn_forward(q, k, v, scale, False, False, 0.3, 7, 0, True,
+                                                              False, "orchard.flash_attn", None, *features)
+    grads_d = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out_d, lse_d, scale, False, False, 0.3, 7, 0,
+                                                    False, "orchard.flash_attn", None, *features)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    kw = dict(scale=scale, bias=mask.cpu(), keep_mask=keep.cpu(), dropout_p=0.3)
+    ref, _ = feature_attention_ref(*leaves, **kw)
+    naive, _ = feature_attention_ref(*low, upcast=False, **kw)
+    check_close_rule(out_d, ref, naive, ATOL[dtype], "out (dropout)")
+    want = _grads(ref, leaves, dout.cpu().double())
+    want_naive = _grads(naive, low, dout.cpu())
+    for name, g, w, n in zip("qkv", grads_d, want, want_naive):
+        check_close_rule(g, w, n, ATOL[dtype], f"d{name} (dropout)")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_sdpa_mask_reads_broadcast_in_place_and_hidden_rows_are_zero(device, monkeypatch, capfd):
     q = randn(1, 2, 8, 16, device=device)

@@ -157,11 +157,15 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
   // bf16: row blocks start at even rows so their pairs line up with qp16 /
   // dop16 (the extra row sees none of these columns: P = dS = 0).
   if (geo.bf16) rows_seen.begin -= rows_seen.begin % 2;
+  // A tile a boolean mask hides whole adds nothing to dK, dV or dQ (its P and dS are 0, dropout
+  // or not): skipped (bool_mask_hides_tile).
+  const int tile_cols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
   for (int gi = 0; gi < geo.g; ++gi) {
     const int h = kh * geo.g + gi;
     const ScoreMods<T> mods = score_mods_for<T>(p, span, bi, h);
     for (std::int64_t i0 = rows_seen.begin; i0 < rows_seen.end; i0 += kBlockM) {
       const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, rows_seen.end - i0));
+      if (bool_mask_hides_tile(mods, i0, rows, j0, tile_cols)) continue;
       recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
       if constexpr (sizeof(T) == 4) {
         if (geo.bf16) {

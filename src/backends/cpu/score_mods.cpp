@@ -153,6 +153,26 @@ ScoreMods<T> score_mods_for(const FwdParams& p, const SeqSpan& s, int bi, int h)
 template ScoreMods<float> score_mods_for<float>(const FwdParams&, const SeqSpan&, int, int);
 template ScoreMods<double> score_mods_for<double>(const FwdParams&, const SeqSpan&, int, int);
 
+template <class T>
+bool bool_mask_hides_tile(const ScoreMods<T>& m, std::int64_t i0, int rows, std::int64_t j0, int cols) {
+  if (m.bias == nullptr || m.bias_dtype != DType::kUInt8) return false;
+  const auto* base = static_cast<const std::uint8_t*>(m.bias) + m.bias_offset;
+  const int scanned = m.bias_row_stride == 0 ? 1 : rows;
+  for (int r = 0; r < scanned; ++r) {
+    const std::uint8_t* row = base + (i0 + r) * m.bias_row_stride + j0 * m.bias_col_stride;
+    if (m.bias_col_stride == 1) {
+      for (int j = 0; j < cols; ++j)
+        if (row[j] != 0) return false;
+    } else {
+      for (int j = 0; j < cols; ++j)
+        if (row[j * m.bias_col_stride] != 0) return false;
+    }
+  }
+  return true;
+}
+template bool bool_mask_hides_tile<float>(const ScoreMods<float>&, std::int64_t, int, std::int64_t, int);
+template bool bool_mask_hides_tile<double>(const ScoreMods<double>&, std::int64_t, int, std::int64_t, int);
+
 void apply_score_mods(const ScoreMods<float>& m, float* s, int rows, int bc, std::int64_t i0,
                       std::int64_t j0, const int* first, const int* end, float* dcap) {
   apply_impl(m, s, rows, bc, i0, j0, first, end, dcap);

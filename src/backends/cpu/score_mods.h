@@ -43,6 +43,14 @@ void apply_score_mods(const ScoreMods<float>& m, float* s, int rows, int bc, std
 void apply_score_mods(const ScoreMods<double>& m, double* s, int rows, int bc, std::int64_t i0,
                       std::int64_t j0, const int* first, const int* end, double* dcap);
 
+// Whether a boolean attn_mask hides every element of the tile (query rows i0 .. i0 + rows - 1,
+// key columns j0 .. j0 + cols - 1, local to the sequence): such a tile adds nothing to any row's
+// softmax (its P is 0), so the forward skips its GEMMs and softmax, which leaves O and the row
+// state exactly as processing it would. False without a boolean mask. A row-broadcast mask (row
+// stride 0: a key-padding mask) reads one row.
+template <class T>
+bool bool_mask_hides_tile(const ScoreMods<T>& m, std::int64_t i0, int rows, std::int64_t j0, int cols);
+
 // dS *= 1 - tanh^2 over the same columns: the gradient through the softcap
 // (the scale itself is applied when dQ / dK are stored, as on the plain path).
 void softcap_grad(float* ds, const float* dcap, int rows, int bc, const int* first, const int* end);
