@@ -59,6 +59,31 @@ def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout, allow_unused=True)
 
 
+def _op_vs_reference(q, k, v, dout, scale, features, ref_kw, atol, *, causal=False, top_left=False,
+                     dropout_p=0.0, seed=0, deterministic=False, what=""):
+    """The torch ops' forward and backward (BSHD, `features` as they take them) against the
+    float64 reference with flash-attn's rule (the naive low-precision reference sets the
+    tolerance); with dropout, the reference applies the mask the forward returned.
+    Returns (out, lse, grads, ref_lse)."""
+    out, lse, keep = torch.ops.orchard.flash_attn_forward(q, k, v, scale, causal, top_left, dropout_p, seed, 0,
+                                                          dropout_p > 0, False, "orchard.flash_attn", None,
+                                                          *features)
+    grads = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out, lse, scale, causal, top_left, dropout_p, seed,
+                                                  0, deterministic, "orchard.flash_attn", None, *features)
+    if dropout_p > 0:
+        ref_kw = dict(ref_kw, keep_mask=keep.cpu(), dropout_p=dropout_p)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = feature_attention_ref(*leaves, **ref_kw)
+    naive, _ = feature_attention_ref(*low, upcast=False, **ref_kw)
+    check_close_rule(out, ref, naive, atol, f"out{what}")
+    want = _grads(ref, leaves, dout.cpu().double())
+    want_naive = _grads(naive, low, dout.cpu())
+    for name, g, w, n in zip("qkv", grads, want, want_naive):
+        check_close_rule(g, w, n, atol, f"d{name}{what}")
+    return out, lse, grads, ref_lse
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
@@ -292,23 +317,12 @@ def test_causal_with_attn_mask_op(device, dtype, kind, top_left, sq, sk, window_
     else:
         mask = randn(b, 1, sq, sk, dtype=dtype, device=device)
     features = (window_left, -1, 0.0, None, None, mask)
-    out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, True, top_left, 0.0, 0, 0, False,
-                                                       False, "orchard.flash_attn", None, *features)
-    grads = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out, lse, scale, True, top_left, 0.0, 0, 0,
-                                                  deterministic, "orchard.flash_attn", None, *features)
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
     ref_kw = dict(scale=scale, causal=True, top_left=top_left, window=(window_left, -1), bias=mask.cpu())
-    ref, ref_lse = feature_attention_ref(*leaves, **ref_kw)
-    naive, _ = feature_attention_ref(*low, upcast=False, **ref_kw)
-    check_close_rule(out, ref, naive, ATOL[dtype], "out")
+    _, lse, _, ref_lse = _op_vs_reference(q, k, v, dout, scale, features, ref_kw, ATOL[dtype], causal=True,
+                                          top_left=top_left, deterministic=deterministic)
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), visible), "rows that see no key: LSE -inf"
     torch.testing.assert_close(lse.cpu().double()[visible], ref_lse[visible], atol=1e-3, rtol=1e-3)
-    want = _grads(ref, leaves, dout.cpu().double())
-    want_naive = _grads(naive, low, dout.cpu())
-    for name, g, w, n in zip("qkv", grads, want, want_naive):
-        check_close_rule(g, w, n, ATOL[dtype], f"d{name}")
 
 
 # Boolean masks that hide whole key tiles: a key-padding mask's long tail, a batch entry whose
@@ -333,40 +347,16 @@ def test_bool_mask_hiding_whole_tiles(device, dtype, layout):
         mask = torch.rand(b, hq, sq, sk, device=device) > 0.2
         mask[:, :, :200, 128:448] = False  # a hidden block of rows x key tiles
     features = (-1, -1, 0.0, None, None, mask)
-    out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, False, False, 0.0, 0, 0, False, False,
-                                                       "orchard.flash_attn", None, *features)
-    grads = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out, lse, scale, False, False, 0.0, 0, 0, False,
-                                                  "orchard.flash_attn", None, *features)
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
-    ref, ref_lse = feature_attention_ref(*leaves, scale=scale, bias=mask.cpu())
-    naive, _ = feature_attention_ref(*low, scale=scale, bias=mask.cpu(), upcast=False)
-    check_close_rule(out, ref, naive, ATOL[dtype], "out")
+    ref_kw = dict(scale=scale, bias=mask.cpu())
+    out, lse, grads, ref_lse = _op_vs_reference(q, k, v, dout, scale, features, ref_kw, ATOL[dtype])
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), visible)
     torch.testing.assert_close(lse.cpu().double()[visible], ref_lse[visible], atol=1e-4, rtol=1e-4)
-    want = _grads(ref, leaves, dout.cpu().double())
-    want_naive = _grads(naive, low, dout.cpu())
-    for name, g, w, n in zip("qkv", grads, want, want_naive):
-        check_close_rule(g, w, n, ATOL[dtype], f"d{name}")
     if layout == "key_padding":
         assert (out[1] == 0).all() and (grads[0][1] == 0).all() and (grads[1][1] == 0).all()
     # Dropout on: the forward computes every tile (its mask is drawn in column order), the
     # backward still skips the hidden ones; the pair must match the reference with the same mask.
-    out_d, lse_d, keep = torch.ops.orchard.flash_attn_forward(q, k, v, scale, False, False, 0.3, 7, 0, True,
-                                                              False, "orchard.flash_attn", None, *features)
-    grads_d = torch.ops.orchard.flash_attn_backward(dout, q, k, v, out_d, lse_d, scale, False, False, 0.3, 7, 0,
-                                                    False, "orchard.flash_attn", None, *features)
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    low = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
-    kw = dict(scale=scale, bias=mask.cpu(), keep_mask=keep.cpu(), dropout_p=0.3)
-    ref, _ = feature_attention_ref(*leaves, **kw)
-    naive, _ = feature_attention_ref(*low, upcast=False, **kw)
-    check_close_rule(out_d, ref, naive, ATOL[dtype], "out (dropout)")
-    want = _grads(ref, leaves, dout.cpu().double())
-    want_naive = _grads(naive, low, dout.cpu())
-    for name, g, w, n in zip("qkv", grads_d, want, want_naive):
-        check_close_rule(g, w, n, ATOL[dtype], f"d{name} (dropout)")
+    _op_vs_reference(q, k, v, dout, scale, features, ref_kw, ATOL[dtype], dropout_p=0.3, seed=7, what=" (dropout)")
 
 
 @pytest.mark.parametrize("device", DEVICES)
