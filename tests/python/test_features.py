@@ -327,9 +327,10 @@ def test_causal_with_attn_mask_op(device, dtype, kind, top_left, sq, sk, window_
 
 # Boolean masks that hide whole key tiles: a key-padding mask's long tail, a batch entry whose
 # keys are all hidden, a dense mask with a hidden block. The CPU kernels skip such tiles
-# (bool_mask_hides_tile: forward without dropout, every backward tile), which must leave every
-# output as computing them would: against the float64 reference, forward, LSE and gradients,
-# GQA, dropout off and (backward skip only) on through the returned mask.
+# (bool_mask_hides_tile: the forward unless it returns a dropout mask, every backward tile),
+# which must leave every output as computing them would: against the float64 reference (forward,
+# LSE, gradients; GQA; dropout off, and on through the returned mask), and bit for bit against the
+# forward that computes them (dropout with the mask returned).
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["key_padding", "dense_block"])
@@ -354,9 +355,15 @@ def test_bool_mask_hiding_whole_tiles(device, dtype, layout):
     torch.testing.assert_close(lse.cpu().double()[visible], ref_lse[visible], atol=1e-4, rtol=1e-4)
     if layout == "key_padding":
         assert (out[1] == 0).all() and (grads[0][1] == 0).all() and (grads[1][1] == 0).all()
-    # Dropout on: the forward computes every tile (its mask is drawn in column order), the
-    # backward still skips the hidden ones; the pair must match the reference with the same mask.
-    _op_vs_reference(q, k, v, dout, scale, features, ref_kw, ATOL[dtype], dropout_p=0.3, seed=7, what=" (dropout)")
+    # Dropout on, the mask returned: the forward computes every tile (it records the mask in
+    # column order), the backward still skips the hidden ones; against the reference with that mask.
+    out_d, lse_d, _, _ = _op_vs_reference(q, k, v, dout, scale, features, ref_kw, ATOL[dtype], dropout_p=0.3,
+                                          seed=7, what=" (dropout)")
+    # The same draw without returning the mask: the forward skips the hidden tiles too, which must
+    # change nothing at all (a hidden tile adds exact zeros).
+    out_s, lse_s, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, False, False, 0.3, 7, 0, False, False,
+                                                           "orchard.flash_attn", None, *features)
+    assert torch.equal(out_s, out_d) and torch.equal(lse_s, lse_d)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -129,11 +129,13 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
 
   const ColRange cols = block_visible_cols(p, span, i0, rows, bn);
   std::int64_t mask_end = cols.begin;  // dropout-mask columns [cols.begin, mask_end) written
-  // A boolean mask's hidden tiles (a key-padding mask's tail, say) are skipped whole, unless
-  // dropout draws its mask in column order here (the loop below records up to mask_end).
+  // A boolean mask's hidden tiles (a key-padding mask's tail, say) are skipped whole, unless the
+  // call returns its dropout mask, which the loop below records in column order (up to
+  // mask_end). Dropout itself does not stop it: each element's draw depends on its position only.
+  const bool records_mask = dropout && p.dropout_mask != nullptr;
   for (std::int64_t j0 = cols.begin; j0 < cols.end; j0 += bn) {
     const int tile_cols = static_cast<int>(std::min<std::int64_t>(bn, cols.end - j0));
-    if (!dropout && bool_mask_hides_tile(mods, i0, rows, j0, tile_cols)) continue;
+    if (!records_mask && bool_mask_hides_tile(mods, i0, rows, j0, tile_cols)) continue;
     // The GEMMs compute only the tile's first nc columns, those any row of the block sees
     // (rounded up to the K^T panel, 16 for fp32): the causal diagonal's last tile, a last
     // tile past sk. Columns [nc, bn) of S keep stale values; every step after the GEMM
