@@ -18,7 +18,7 @@
 
 namespace orchard::sm90 {
 
-// The bias row of one (batch, head), its key stride 1 (sm90_fwd_applies checks both strides).
+// The bias row of one (batch, head), its key stride 1 (sm90_fwd_call_supported checks both strides).
 struct BiasRow {
   const unsigned char* base;  // element (b, h, 0, 0)
   int last_col;               // sk - 1
