@@ -1,5 +1,6 @@
 """Forward + backward calls of the sm90 kernels' kBias instantiations (row-broadcast attn_bias:
-a key-padding bool mask (B, 1, 1, S) and a float key bias (1, H, 1, S), attn_bias_fragment.cuh),
+a key-padding bool mask (B, 1, 1, S), right or left padded or hiding keys in the middle, whose
+hidden key tiles the kernels do not run, and a float key bias (1, H, 1, S), attn_bias_fragment.cuh),
 d64 / d128 / d192 / d256 buckets (d 80 and 160 below their buckets), causal and not, bf16 and
 fp16, GQA, ragged lengths (the column reads stop and clamp at sk), for compute-sanitizer
 (memcheck, racecheck) to watch. Each output is also checked against plain fp32 math, so a wrong
@@ -16,13 +17,17 @@ b, hq, hkv, sq, sk = 2, 4, 2, 330, 461
 for dtype in (torch.bfloat16, torch.float16):
     for d in dims:
         for causal in (False, True):
-            for kind in ("bool", "float"):
+            for kind in ("bool", "bool_left", "float"):
                 q = torch.randn(b, sq, hq, d, device="cuda", dtype=dtype, requires_grad=True)
                 k = torch.randn(b, sk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
                 v = torch.randn(b, sk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
-                if kind == "bool":
+                if kind.startswith("bool"):
                     mask = torch.ones(b, 1, 1, sk, device="cuda", dtype=torch.bool)
-                    mask[-1, ..., 300:] = False
+                    if kind == "bool":
+                        mask[-1, ..., 300:] = False
+                    else:  # hidden key tiles at the low end and in the middle (not run)
+                        mask[0, ..., :260] = False
+                        mask[1, ..., 100:300] = False
                     bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
                 else:
                     mask = torch.randn(1, hq, 1, sk, device="cuda", dtype=dtype)

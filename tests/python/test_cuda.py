@@ -292,7 +292,9 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
 # attn_mask / attn_bias at the shapes the sm90 kernels take. They run row-broadcast biases (row
 # stride 0: a key-padding mask (B, 1, 1, S), a per-head key bias (1, H, 1, S); each thread reads
 # its fragment's columns in place, sm90/attn_bias_fragment.cuh), alone and with causal, a window
-# and ALiBi on top; the rest runs the sm80 kernels: biases with rows of their own (a full boolean
+# and ALiBi on top; key tiles a boolean one hides from every row are not run (at either end of the
+# forward's range, anywhere in the backward's), down to batch entries with no key at all; the
+# rest runs the sm80 kernels: biases with rows of their own (a full boolean
 # mask with a row it hides entirely, a per-head (1, H, S, S) bias), a key stride other than 1,
 # and the backward of softcap with a bias. Ragged sq / sk (the reads stop or clamp at the ends).
 # Against the float64 reference through the torch op (the SDPA drop-in refuses causal with a
@@ -301,6 +303,23 @@ def _sm90_mask(name, b, hq, sq, sk, dtype):
     if name in ("key_padding", "causal_key_padding"):
         mask = torch.ones(b, 1, 1, sk, dtype=torch.bool, device="cuda")
         mask[-1, ..., sk * 2 // 3:] = False
+        return mask
+    if name in ("left_padding_empty_entry", "causal_left_padding"):
+        # Hidden key tiles at the low end (the forward drops them, the backward's CTAs skip them),
+        # and a batch entry with no key at all (no key tile: out 0, LSE -inf, grads 0).
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool, device="cuda")
+        mask[0, ..., :sk // 2] = False
+        mask[-1] = False
+        return mask
+    if name == "hidden_middle":  # a hidden tile between visible ones: the backward skips it
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool, device="cuda")
+        mask[..., 100:300] = False
+        return mask
+    if name == "per_head_padding":  # (B, H, 1, S): each head's own hidden tiles (GQA groups of 2)
+        mask = torch.ones(b, hq, 1, sk, dtype=torch.bool, device="cuda")
+        mask[:, 0, ..., 250:] = False
+        mask[1, 1, ..., :200] = False
+        mask[0, 3] = False
         return mask
     if name == "fp32_key_bias_padded":  # (B, 1, 1, S) float32, batch stride sk + 24
         return randn(b, 1, 1, sk + 24, dtype=torch.float32, device="cuda")[..., :sk]
@@ -316,6 +335,10 @@ def _sm90_mask(name, b, hq, sq, sk, dtype):
 SM90_MASKS = {
     "key_padding": dict(),
     "causal_key_padding": dict(causal=True),
+    "left_padding_empty_entry": dict(),
+    "causal_left_padding": dict(causal=True),
+    "hidden_middle": dict(),
+    "per_head_padding": dict(),
     "key_bias": dict(),
     "fp32_key_bias_padded": dict(),
     "window_alibi_key_bias": dict(window=(96, 32), alibi=True),

@@ -10,6 +10,7 @@
 // 0.183 / 0.783 ms fwd / fwd+bwd against cuDNN's 0.128 / 0.506).  Doing those on sm90 needs
 // the tiles staged by the producer warp (TMA), not done yet.
 // Batch and head strides of any value (0 = broadcast), key stride 1; the four bias kinds.
+// Key tiles a boolean mask hides entirely are not run at all (the end of this file).
 #pragma once
 #include <cstdint>
 
@@ -77,6 +78,56 @@ __device__ __forceinline__ void add_attn_bias_keys(const BiasRow& br, float (&s)
 #pragma unroll
     for (int i = 0; i < kN; ++i) apply_bias_elem<kKind>(s[i], (i / 2) % 2 ? v1 : v0, br.inv_scale);
   });
+}
+
+// ---- Key tiles a boolean mask hides (kind 0; float biases never count as hiding) ----
+// A row-broadcast mask hides a key from every query row at once, so the kernels drop whole key
+// tiles it hides: a right- or left-padded batch entry loads and scores only its keys.  Read per
+// thread (L1 hits after the first): 16-byte loads where the row allows, single bytes at its ends.
+
+// Whether the mask row hides every key in [k0, k1) (all its bytes 0).
+__device__ __forceinline__ bool bias_row_hides_keys(const BiasRow& br, int k0, int k1) {
+  if (br.kind != 0) return false;
+  const unsigned char* a = br.base + k0;
+  const unsigned char* const e = br.base + k1;
+  uint32_t any = 0;
+#pragma unroll 1
+  for (; a < e && (reinterpret_cast<uintptr_t>(a) & 15) != 0; ++a) any |= __ldg(a);
+#pragma unroll 1
+  for (; a + 16 <= e; a += 16) {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(a));
+    any |= w.x | w.y | w.z | w.w;
+  }
+#pragma unroll 1
+  for (; a < e; ++a) any |= __ldg(a);
+  return any == 0;
+}
+
+// The forward: key tiles [n_begin, n_end) of kBN keys narrowed to those from the first to the last
+// one the mask leaves a key visible in (both ends; tiles between keep their scoring).  None
+// visible: an empty range, which the kernel already runs as rows that see no key (O 0, LSE -inf).
+template <int kBN>
+__device__ __forceinline__ void trim_hidden_key_tiles(const BiasRow& br, int sk, int& n_begin, int& n_end) {
+  if (br.kind != 0) return;
+  auto hidden = [&](int n) { return bias_row_hides_keys(br, n * kBN, min((n + 1) * kBN, sk)); };
+#pragma unroll 1
+  while (n_end > n_begin && hidden(n_end - 1)) --n_end;
+#pragma unroll 1
+  while (n_begin < n_end && hidden(n_begin)) ++n_begin;
+}
+
+// The backward: key tile [n0, n0 + bn) of kv head hk hidden from every query row (then its CTA
+// has no step: dK, dV 0, no dQ term).  Checked where one mask row serves the whole GQA group (head
+// stride 0, or no grouping).  A warp's vote (every lane calls it), one byte per lane and step.
+__device__ __forceinline__ bool bias_hides_key_tile(const FwdParams& p, int b, int hk, int group, int n0, int bn,
+                                                    int lane) {
+  if (cuda::bias_kind(p.attn_bias_dtype) != 0 || (p.bias_head_stride != 0 && group != 1)) return false;
+  const unsigned char* row = bias_row(p, b, hk * group).base;
+  const int k1 = min(n0 + bn, static_cast<int>(p.sk));
+  uint32_t any = 0;
+#pragma unroll 1
+  for (int k = n0 + lane; k < k1; k += 32) any |= __ldg(row + k);
+  return __any_sync(0xffffffffu, any != 0) == 0;
 }
 
 }  // namespace orchard::sm90

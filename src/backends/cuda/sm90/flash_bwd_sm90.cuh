@@ -472,10 +472,14 @@ __global__ void __launch_bounds__(384, 1)
   auto work_of = [&](int tile) {
     const BwdCta cta = bwd_sm90_cta<kCausal || kOrderedDq>(p, num_n_blocks, head_group, tile);
     const int n0 = cta.n_block * kBN;
-    const BwdTileRange tr =
+    BwdTileRange tr =
         has_window
             ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
             : bwd_tile_range(n0, sq, coff, kCausal, kBM);
+    // A key tile a boolean mask hides from every row: no step (dK, dV 0), for every role alike.
+    if constexpr (kBias) {
+      if (tr.n_m > 0 && bias_hides_key_tile(p, cta.b, cta.hk, group, n0, kBN, threadIdx.x % 32)) tr.n_m = 0;
+    }
     return Work{cta, n0, tr, tr.n_m * group};
   };
 

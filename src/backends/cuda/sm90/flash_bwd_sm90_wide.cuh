@@ -134,10 +134,14 @@ __global__ void __launch_bounds__(384, 1)
   const int sq = p.sq, sk = p.sk;
   const int64_t coff = p.causal_offset;
   const bool has_window = kFeatures && cuda::window_active(kCausal, p.window_left, p.window_right);
-  const BwdTileRange tr =
+  BwdTileRange tr =
       has_window
           ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
           : bwd_tile_range(n0, sq, coff, kCausal, kBM);
+  // A key tile a boolean mask hides from every row: no step (dK, dV 0), as the d128 kernel.
+  if constexpr (kBias) {
+    if (tr.n_m > 0 && bias_hides_key_tile(p, b, hk, group, n0, kBN, threadIdx.x % 32)) tr.n_m = 0;
+  }
   const int n_iters = tr.n_m * group;
 
   const int warp = warp_idx_uniform();

@@ -449,7 +449,8 @@ __device__ __forceinline__ FwdTile fwd_sm90_coord(const FwdParams& p, const FwdS
 
 // The one decoding of a tile index, used by the producer and the consumers alike (they must
 // agree on every tile's key range: a tile with n_begin == n_end loads nothing, not even Q).
-template <class Cfg, bool kCausal, bool kPaired>
+// kBias: a boolean mask's hidden key tiles at either end are dropped (attn_bias_fragment.cuh).
+template <class Cfg, bool kCausal, bool kPaired, bool kBias>
 __device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm90Sched& sc, int idx) {
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN;
   FwdTile tl = fwd_sm90_coord<kCausal, kPaired>(p, sc, idx);
@@ -476,6 +477,7 @@ __device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm
     tl.n_begin = static_cast<int>(k0 / kBN);
     tl.n_end = k0 < k1 ? static_cast<int>((k1 + kBN - 1) / kBN) : tl.n_begin;
   }
+  if constexpr (kBias) trim_hidden_key_tiles<kBN>(bias_row(p, tl.b, tl.h), sk, tl.n_begin, tl.n_end);
   return tl;
 }
 
@@ -553,7 +555,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       uint32_t kv_cnt = 0, q_cnt = 0;
       for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
            tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
-        const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
+        const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired, kBias>(p, sc, tile);
         const int n_tiles = tl.n_end - tl.n_begin;
         if (n_tiles <= 0) continue;
         const int hk = tl.h / (p.hq / p.hkv);
@@ -724,7 +726,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
 
     for (int tile = fwd_sm90_first(kPaired, blockIdx.x); tile < sc.total;
          tile = fwd_sm90_next(kPaired, tile, gridDim.x)) {
-      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, tile);
+      const FwdTile tl = fwd_sm90_tile<Cfg, kCausal, kPaired, kBias>(p, sc, tile);
       if (kPaired && tl.m_block < 0) continue;  // a phantom index (paired order, odd m blocks)
       // ORCHARD_SM90_FWD_CAUSAL_WG_SKIP: the leading key tiles hidden from all of this WG's rows
       // (keys past its last row's diagonal); one tile is always kept, so a WG whose rows see no
@@ -891,7 +893,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           if constexpr (kCross) {
             next = fwd_sm90_next(kPaired, tile, gridDim.x);
             if (next < sc.total) {
-              tn = fwd_sm90_tile<Cfg, kCausal, kPaired>(p, sc, next);
+              tn = fwd_sm90_tile<Cfg, kCausal, kPaired, kBias>(p, sc, next);
               carry_next = !(kPaired && tn.m_block < 0) && tn.n_end > tn.n_begin;
             }
           }
