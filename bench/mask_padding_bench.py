@@ -7,8 +7,9 @@ feature_bench.py's mask section). The sm90 kernels drop the key tiles such a mas
 every row (sm90/attn_bias_fragment.cuh), so their time follows the visible keys. Also timed:
 Orchard with no mask on the same tensors (the kernels without the mask's reads).
 
-Ratios are peer time / Orchard time (> 1: Orchard faster). do_bench medians (gpu_bench.py).
-    python bench/mask_padding_bench.py [--quick] [--rounds 2]
+Ratios are peer time / Orchard time (> 1: Orchard faster). do_bench medians (gpu_bench.py) of
+eager calls, or with --graph of CUDA-graph replays (Orchard and cuDNN: the GPU's time alone).
+    python bench/mask_padding_bench.py [--quick] [--rounds 2] [--graph]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import orchard
 from feature_bench import timed
+from gpu_bench import do_bench_ms
 
 DT = torch.bfloat16
 
@@ -40,7 +42,27 @@ def padding_mask(pattern, b, s):
     return keep[:, None, None, :].cuda()
 
 
-def run_point(b, s, h, d, pattern):
+def graphed(fn):
+    """fn captured in a CUDA graph (after warm-up on a side stream): its replay, whose time is the
+    GPU's alone (no host time between the kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def timed_graph(fn, grads_of):
+    """(fwd ms, fwd+bwd ms) of fn() replayed from CUDA graphs."""
+    return do_bench_ms(graphed(fn)), do_bench_ms(graphed(lambda: grads_of(fn())))
+
+
+def run_point(b, s, h, d, pattern, graph):
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=DT, requires_grad=True) for _ in range(3))
     mask = padding_mask(pattern, b, s)
     grads = lambda o: torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
@@ -52,10 +74,12 @@ def run_point(b, s, h, d, pattern):
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         impls[name] = peer
+    if graph:
+        impls = {f"{name}_graph": fn for name, fn in impls.items() if name in ("orchard", "cudnn")}
     out = {}
     for name, fn in impls.items():
         try:
-            out[name] = timed(fn, grads)
+            out[name] = timed_graph(fn, grads) if graph else timed(fn, grads)
         except Exception as e:  # noqa: BLE001
             torch.cuda.synchronize()
             out[name] = None
@@ -67,6 +91,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="s4k only")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--graph", action="store_true", help="Orchard and cuDNN replayed from CUDA graphs "
+                    "(GPU time alone) instead of eager calls")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"mask padding bench: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, ms (fwd / fwd+bwd)")
@@ -76,10 +102,13 @@ def main():
         for d, h in ((128, 16), (64, 32)):
             for s in seqs:
                 for pat in patterns:
-                    t = run_point(4, s, h, d, pat)
-                    o = t["orchard"]
-                    parts = [f"round {r} d{d} s{s} {pat:9s} orchard {o[0]:.3f} / {o[1]:.3f}"]
-                    for name in ("orchard_nomask", "cudnn", "efficient"):
+                    t = run_point(4, s, h, d, pat, args.graph)
+                    first = "orchard_graph" if args.graph else "orchard"
+                    o = t[first]
+                    if o is None:
+                        continue
+                    parts = [f"round {r} d{d} s{s} {pat:9s} {first} {o[0]:.3f} / {o[1]:.3f}"]
+                    for name in ("orchard_nomask", "cudnn", "efficient", "orchard_nomask_graph", "cudnn_graph"):
                         if name in t and t[name] is not None:
                             p = t[name]
                             parts.append(f"{name} {p[0]:.3f} / {p[1]:.3f} ({p[0] / o[0]:.2f}x / {p[1] / o[1]:.2f}x)")

@@ -65,6 +65,30 @@ __device__ __forceinline__ void add_attn_bias_row(const BiasRow& br, float (&s)[
   });
 }
 
+// Whether a boolean mask row (kind 0) shows every key of [k0, k0 + kBN) below sk: then the tile
+// needs no mask pass (a key-padding mask leaves all but its boundary tile so).  A warp's vote
+// (every lane calls it): one 4-byte word per lane where the row is 4-byte aligned, else bytes.
+// Measured: the per-element pass on every tile cost the d128 forward 0.856 -> 1.330 ms (s4k).
+template <int kBN>
+__device__ __forceinline__ bool bias_row_shows_keys(const BiasRow& br, int k0, int lane) {
+  static_assert(kBN % 16 == 0, "key tiles of whole 16-key slices");
+  const bool aligned = (reinterpret_cast<uintptr_t>(br.base) & 3) == 0;  // k0 is a multiple of 16
+  bool all = true;
+#pragma unroll
+  for (int j = 0; j < (kBN / 4 + 31) / 32; ++j) {
+    const int k = k0 + 4 * (lane + 32 * j);
+    if ((kBN / 4) % 32 != 0 && lane + 32 * j >= kBN / 4) continue;
+    if (aligned && k + 3 <= br.last_col) {
+      all &= cuda::all_bytes_nonzero(__ldg(reinterpret_cast<const uint32_t*>(br.base + k)));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (k + e <= br.last_col) all &= __ldg(br.base + k + e) != 0;
+    }
+  }
+  return __all_sync(0xffffffffu, all) != 0;
+}
+
 // The backward's transposed fragment (S^T): s[i] is key k0 + 8 ((i / 2) % 2), query
 // q0 + 8 (i / 4) + (i % 2): one element per key.  Keys past sk read key sk - 1 (their P is zeroed).
 template <int kN>

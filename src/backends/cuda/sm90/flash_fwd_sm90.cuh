@@ -692,7 +692,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                                cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
                                sk - n0 - 2 * t);
         if constexpr (kBias) {
-          add_attn_bias_row(bias_row(p, b, h), s_acc, n0 + 2 * t);
+          // A boolean tile that shows every key changes no score: skipped on the warp's vote.
+          const BiasRow br = bias_row(p, b, h);
+          if (br.kind != 0 || !bias_row_shows_keys<kBN>(br, n0, lane)) add_attn_bias_row(br, s_acc, n0 + 2 * t);
         }
       } else if (needs_mask(n)) {
         mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
