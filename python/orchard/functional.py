@@ -130,10 +130,11 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
             raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                              f"{cu_q.numel()} and {cu_k.numel()}")
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse, mask = _FWD(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
-                          bool(return_attn_probs), bool(deterministic), op,
-                          _ops.draw_dropout_rng_state(dropout_p, q.device),
-                          left, right, softcap, alibi_slopes, sink, None, cu_q, cu_k, max_q, max_k)
+    out, lse, mask = _ops.feature_forward(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
+                                          bool(return_attn_probs), bool(deterministic), op,
+                                          _ops.draw_dropout_rng_state(dropout_p, q.device),
+                                          left, right, softcap, alibi_slopes, sink, None, cu_q, cu_k, max_q,
+                                          max_k)
     return _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse)
 
 
@@ -416,7 +417,7 @@ def scaled_dot_product_attention(
             q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
             float(dropout_p), 0, 0, False, bool(deterministic), op, rng)
     else:
-        out, _lse, _mask = _FWD(
+        out, _lse, _mask = _ops.feature_forward(
             q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
             float(dropout_p), 0, 0, False, bool(deterministic), op, rng,
             -1, -1, 0.0, None, sink, mask4, None, None, 0, 0)

@@ -223,6 +223,49 @@ def test_eager_path_double_backward_is_refused_as_before(device, monkeypatch):
         g.sum().backward()
 
 
+# Feature calls (masks, sinks, windows, softcap) skip the dispatcher's Python kernels
+# (_ops.feature_forward, and the backward's direct C++ op): the same Function, outputs and
+# gradients (those of the bias and the sink included) as the public op.
+@needs_stable
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_calls_match_the_public_op(device, monkeypatch):
+    calls = []
+    real = _ops._fwd_apply
+    monkeypatch.setattr(_ops, "_fwd_apply", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (randn(2, 3, 24, 16, device=device, requires_grad=True) for _ in range(3))
+    bias = randn(2, 1, 24, 24, device=device, requires_grad=True)
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert calls, "the masked drop-in call took the public op"
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    ref = torch.ops.orchard.flash_attn_forward(qt, kt, vt, 0.25, False, True, 0.0, 0, 0, False, False,
+                                               "orchard.sdpa", None, -1, -1, 0.0, None, None,
+                                               bias.expand(2, 3, 24, 24))[0].transpose(1, 2)
+    assert type(out.grad_fn) is type(ref.grad_fn)
+    assert torch.equal(out, ref)
+    dout = randn(*out.shape, device=device)
+    g = torch.autograd.grad(out, (q, k, v, bias), dout)
+    r = torch.autograd.grad(ref, (q, k, v, bias), dout)
+    assert all(torch.equal(a, b) for a, b in zip(g, r))
+
+    sink = randn(3, device=device, requires_grad=True)
+    q2, k2, v2 = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    out2 = orchard.flash_attn_func(q2, k2, v2, causal=True, window_size=(5, 0), softcap=3.0, sink=sink)
+    ref2 = torch.ops.orchard.flash_attn_forward(q2, k2, v2, 0.25, True, False, 0.0, 0, 0, False, False,
+                                                "orchard.flash_attn_func", None, 5, 0, 3.0, None, sink)[0]
+    assert torch.equal(out2, ref2) and len(calls) == 2
+    g = torch.autograd.grad(out2, (q2, k2, v2, sink), dout.transpose(1, 2))
+    r = torch.autograd.grad(ref2, (q2, k2, v2, sink), dout.transpose(1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(g, r))
+    # a double backward is refused as the public op refuses it
+    (gq,) = torch.autograd.grad(orchard.flash_attn_func(q2, k2, v2, sink=sink).sum(), q2, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        gq.sum().backward()
+    # under a dispatch mode the public op runs, forward and backward
+    with _Log() as log:
+        orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias.detach() > 0).sum().backward()
+    assert log.ops == ["orchard.flash_attn_forward.default", "orchard.flash_attn_backward.default"], log.ops
+
+
 class _Log(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -230,9 +230,9 @@ def _varlen_trusted(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale,
     cost a device -> host copy per call on a GPU: with the plan cache, a padded
     or packed forward syncs once, not once per layer."""
     scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, _, _ = _ops._FWD(q, k, v, scale, causal, False, dropout_p, 0, 0, False, False, _OP,
-                          _ops.draw_dropout_rng_state(dropout_p, q.device), window_size[0],
-                          window_size[1], softcap, None, sink, None, cu_q, cu_k, max_q, max_k)
+    out, _, _ = _ops.feature_forward(q, k, v, scale, causal, False, dropout_p, 0, 0, False, False, _OP,
+                                     _ops.draw_dropout_rng_state(dropout_p, q.device), window_size[0],
+                                     window_size[1], softcap, None, sink, None, cu_q, cu_k, max_q, max_k)
     return out
 
 
@@ -250,9 +250,9 @@ def _masked(q, k, v, mask, dropout_p, scaling, softcap, sink):
         mask = mask.to(torch.float32)
     mask = mask.detach().expand(b, hq, sq, mask.shape[-1])
     scale = _ops.default_scale(d) if scaling is None else float(scaling)
-    out, _, _ = _ops._FWD(q, k, v, scale, False, True, dropout_p, 0, 0, False, False,
-                          _OP, _ops.draw_dropout_rng_state(dropout_p, q.device),
-                          -1, -1, softcap, None, sink, mask, None, None, 0, 0)
+    out, _, _ = _ops.feature_forward(q, k, v, scale, False, True, dropout_p, 0, 0, False, False,
+                                     _OP, _ops.draw_dropout_rng_state(dropout_p, q.device),
+                                     -1, -1, softcap, None, sink, mask, None, None, 0, 0)
     return out
 
 
