@@ -687,7 +687,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_bwd_plain(Tensor dout, Tensor q, Tensor
 // implement its contract as SDPA's: (B, H, S, D) tensors, top-left causal, scale
 // default 1/sqrt(D), lse (B, H, S) float32; K/V heads may divide Q's (GQA). What
 // Orchard's kernels cannot give through this schema is refused (NotImplementedError):
-// attn_bias, dropout (no generator key to hand the backward), the debug mask.
+// dropout (no generator key to hand the backward), the debug mask, the gradient of
+// attn_bias. attn_bias itself (SDPA's attn_mask as the rank-4 (B, H, L, S) view the
+// drop-in builds: bool or float, stride-0 broadcasts) is the kernels' attn_mask feature.
 // -------------------------------------------------------------------------------------
 
 constexpr const char* kOverrideableOp = "aten._scaled_dot_product_fused_attention_overrideable";
@@ -696,26 +698,34 @@ double sdpa_scale(const Facts& q, std::optional<double> scale) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.sizes[q.nd - 1]));
 }
 
-void check_overrideable_call(const OptTensor& attn_bias, double dropout_p, bool debug_mask) {
-  const char* what = attn_bias.has_value() && attn_bias->defined() ? "attn_bias"
-                     : dropout_p > 0.0                            ? "dropout_p > 0"
-                     : debug_mask                                 ? "return_debug_mask"
-                                                                  : nullptr;
+void check_overrideable_call(double dropout_p, bool debug_mask, bool bias_grad) {
+  const char* what = dropout_p > 0.0 ? "dropout_p > 0"
+                     : debug_mask    ? "return_debug_mask"
+                     : bias_grad     ? "the gradient of attn_bias"
+                                     : nullptr;
   if (what != nullptr)
     throw_tagged("NotImplementedError", std::string(kOverrideableOp) + ": Orchard's CPU/CUDA kernel does not take " +
                                             what + " through this op (use orchard.scaled_dot_product_attention)");
 }
 
+// attn_bias as the kernels' attn_mask feature (everything else off).
+Features bias_features(const OptTensor& attn_bias) {
+  static const OptTensor none;
+  return Features{-1, -1, 0.0, none, none, attn_bias, none, none, 0, 0, 0, 0, 0, 0};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t, int64_t, Tensor, Tensor, Tensor> sdpa_overrideable_fwd(
     Tensor query, Tensor key, Tensor value, OptTensor attn_bias, double dropout_p, bool is_causal,
     bool return_debug_mask, std::optional<double> scale) {
-  check_overrideable_call(attn_bias, dropout_p, return_debug_mask);
+  check_overrideable_call(dropout_p, return_debug_mask, false);
   const Facts fq = facts(query);
   if (fq.nd != 4) invalid(kOverrideableOp, "query must be 4-D (batch, heads, seq, head_dim), got shape " +
                                                shape_str(fq.nd, fq.sizes));
+  const bool biased = attn_bias.has_value() && attn_bias->defined();
   auto [out, lse, mask] = fwd_impl(query, key, value, sdpa_scale(fq, scale), is_causal, /*causal_top_left=*/true,
                                    0.0, 0, 0, /*return_mask=*/false, kOverrideableOp, std::nullopt,
-                                   plain_features(), /*bhsd=*/true, /*no_mask_tensor=*/true);
+                                   biased ? bias_features(attn_bias) : plain_features(), /*bhsd=*/true,
+                                   /*no_mask_tensor=*/true);
   (void)mask;
   // cum_seq_q/k, the philox seed/offset and the debug mask: undefined, as torch's
   // flash kernel returns them without varlen or dropout.
@@ -724,15 +734,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t, int64_t, Tensor, Tensor, Ten
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> sdpa_overrideable_bwd(
-    Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor attn_bias, std::vector<bool> /*grad_input_mask*/,
+    Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor attn_bias, std::vector<bool> grad_input_mask,
     Tensor out, Tensor logsumexp, Tensor /*cum_seq_q*/, Tensor /*cum_seq_k*/, int64_t /*max_q*/,
     int64_t /*max_k*/, double dropout_p, bool is_causal, Tensor /*philox_seed*/, Tensor /*philox_offset*/,
     std::optional<double> scale) {
-  check_overrideable_call(attn_bias.defined() ? OptTensor(attn_bias) : std::nullopt, dropout_p, false);
+  // No gradient for out (autograd hands an undefined one, e.g. gradcheck's undefined-grad
+  // check): no gradients, which autograd reads as zeros.
+  if (!grad_out.defined()) return std::make_tuple(Tensor(), Tensor(), Tensor(), Tensor());
+  const bool biased = attn_bias.defined();
+  check_overrideable_call(dropout_p, false, biased && grad_input_mask.size() > 3 && grad_input_mask[3]);
   const Facts fq = facts(query);
+  const OptTensor bias = biased ? OptTensor(attn_bias) : std::nullopt;
   auto [dq, dk, dv] = bwd_impl(grad_out, query, key, value, out, logsumexp, sdpa_scale(fq, scale), is_causal,
                                /*causal_top_left=*/true, 0.0, 0, 0, /*deterministic=*/false, kOverrideableOp,
-                               std::nullopt, plain_features(), /*bhsd=*/true);
+                               std::nullopt, biased ? bias_features(bias) : plain_features(), /*bhsd=*/true);
   return std::make_tuple(dq, dk, dv, Tensor());
 }
 

@@ -943,6 +943,24 @@ if _ATEN_SDPA is None:
     _ATEN_LAYOUTS = frozenset()
 
 
+def aten_masked_forward(q, k, v, softmax_scale, attn_mask, deterministic):
+    """The SDPA drop-in's masked training call ((B, H, S, D) tensors, attn_mask the rank-4 view
+    it built, no dropout, no sink) through the aten op with attn_bias: torch's C++ autograd node
+    instead of the Python Function, whose backward on CUDA runs Python on autograd's device
+    thread (H200, b4 h16 s1k d128, a key-padding mask: 516 us of host time per forward +
+    backward against 207 without a mask, dev/host_profile_mask.py, session 38). None when the
+    call does not fit it (a bias that needs its gradient, deterministic mode, no gradient
+    needed, an error: the caller takes the Function path, which raises the op-prefixed one)."""
+    if (True not in _ATEN_LAYOUTS or attn_mask.requires_grad or type(attn_mask) is not _Tensor
+            or not _is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad)
+            or deterministic or _are_deterministic()):
+        return None
+    try:
+        return _ATEN_SDPA(q, k, v, attn_mask, 0.0, False, False, scale=softmax_scale)[0]
+    except RuntimeError:
+        return None
+
+
 def _aten_forward(q, k, v, softmax_scale, causal, causal_top_left, bhsd):
     """out through the aten op (its C++ autograd node), or None when this call does not
     fit it (the caller then records the Function)."""

@@ -407,11 +407,12 @@ def scaled_dot_product_attention(
         # tensors as they are and returns out (B, H, L, Ev) in query's layout.
         out, _lse, _mask = _eager_forward(q4, k4, v4, sc, bool(is_causal), True, float(dropout_p),
                                           False, bool(deterministic), op, rng, True, False)
-        if ndim == 4:
-            return out
-        if ndim == 3:
-            return out.squeeze(-3)
-        return out.reshape(*qshape[:-3], *out.shape[-3:])
+        return _sdpa_result(out, ndim, qshape)
+    if mask4 is not None and sink is None and dropout_p <= 0.0 and _eager_ok(q4, k4, v4):
+        # a training call: torch's C++ autograd node around the kernels (see the function)
+        out = _ops.aten_masked_forward(q4, k4, v4, sc, mask4, deterministic)
+        if out is not None:  # (B, H, L, Ev) already
+            return _sdpa_result(out, ndim, qshape)
     if mask4 is None and sink is None:
         out, _lse, _mask = _FWD(
             q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
@@ -421,7 +422,12 @@ def scaled_dot_product_attention(
             q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), sc, bool(is_causal), True,
             float(dropout_p), 0, 0, False, bool(deterministic), op, rng,
             -1, -1, 0.0, None, sink, mask4, None, None, 0, 0)
-    out = out.transpose(1, 2)  # (B, H, L, Ev)
+    return _sdpa_result(out.transpose(1, 2), ndim, qshape)  # (B, H, L, Ev)
+
+
+def _sdpa_result(out, ndim, qshape):
+    """out (B, H, L, Ev) in the query's rank: (L, Ev) per head for 3-D, the leading batch dims
+    restored above 4-D."""
     if ndim == 4:
         return out
     if ndim == 3:

@@ -76,6 +76,54 @@ def test_sdpa_dropin_route_matches_function(monkeypatch, device, case):
     assert name == (NODE if case != "rank3" else "SqueezeBackward1"), name
 
 
+def _mask(case, b, hq, lq, lk, dt, device):
+    if case == "key_padding":  # (B, 1, 1, S) bool, one batch entry with no key
+        m = torch.ones(b, 1, 1, lk, dtype=torch.bool, device=device)
+        m[0, ..., 6:] = False
+        m[1] = False
+        return m
+    if case == "dense_bool":  # (B, H, L, S) bool, a row hidden entirely
+        m = torch.rand(b, hq, lq, lk, device=device) > 0.4
+        m[:, :, 2] = False
+        return m
+    return randn(1, hq, lq, lk, dtype=dt, device=device)  # a float bias that needs no gradient
+
+
+@needs_route
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["key_padding", "dense_bool", "float_bias"])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sdpa_masked_route_matches_function(monkeypatch, device, case, gqa):
+    # attn_mask through the aten op's attn_bias: torch's C++ node, the Function's results.
+    dt = _dtype(device)
+    b, hq, hkv, lq, lk, d = 2, 4, 2 if gqa else 4, 9, 11, 16
+    q = randn(b, hq, lq, d, dtype=dt, device=device, requires_grad=True)
+    k, v = (randn(b, hkv, lk, d, dtype=dt, device=device, requires_grad=True) for _ in range(2))
+    mask = _mask(case, b, hq, lq, lk, dt, device)
+    dout = randn(*q.shape, dtype=dt, device=device)
+
+    def fn(q, k, v):
+        return orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    assert _both_routes(monkeypatch, fn, (q, k, v), dout) == NODE
+
+
+@needs_route
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_calls_the_route_cannot_serve_keep_the_function(monkeypatch, device):
+    monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True,)))
+    dt = _dtype(device)
+    q, k, v = (randn(1, 2, 6, 8, dtype=dt, device=device, requires_grad=True) for _ in range(3))
+    bias = randn(1, 2, 6, 6, dtype=dt, device=device, requires_grad=True)  # its gradient: the Function's
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert type(out.grad_fn).__name__ != NODE  # the Function's out, transposed
+    assert torch.autograd.grad(out.sum(), bias)[0].shape == bias.shape
+    keep = torch.ones(1, 1, 1, 6, dtype=torch.bool, device=device)
+    for kwargs in ({"dropout_p": 0.1}, {"sink": randn(2, device=device, dtype=torch.float32)}):
+        out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=keep, **kwargs)
+        assert type(out.grad_fn).__name__ != NODE, kwargs
+
+
 @needs_route
 @pytest.mark.parametrize("device", DEVICES)
 def test_expanded_grad_and_leaf_backward(monkeypatch, device):
@@ -160,19 +208,26 @@ def test_route_double_backward_is_refused(device):
 @needs_route
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gqa", [False, True])
-def test_aten_op_implements_sdpa(device, gqa):
+@pytest.mark.parametrize("bias", [False, True])
+def test_aten_op_implements_sdpa(device, gqa, bias):
     # The registered kernel against torch's math SDPA in float64 (CPU) / fp32 reference (CUDA).
     dt = _dtype(device)
     q = randn(2, 4, 7, 16, dtype=dt, device=device, requires_grad=True)
     k, v = (randn(2, 2 if gqa else 4, 10, 16, dtype=dt, device=device, requires_grad=True) for _ in range(2))
     dout = randn(2, 4, 7, 16, dtype=dt, device=device)
-    res = OV(q, k, v, None, 0.0, True, False, scale=0.3)
+    attn_bias = randn(2, 1, 7, 10, dtype=dt, device=device).expand(2, 4, 7, 10) if bias else None
+    res = OV(q, k, v, attn_bias, 0.0, True, False, scale=0.3)
     out, lse = res[0], res[1]
     lse_dtype = torch.float64 if dt == torch.float64 else torch.float32  # Orchard's lse precision
     assert lse.shape == (2, 4, 7) and lse.dtype == lse_dtype and not lse.requires_grad
     grads = torch.autograd.grad(out, (q, k, v), dout)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=0.3, enable_gqa=gqa)
+    if bias:  # SDPA refuses is_causal with a mask: causal (top-left) folded into the bias
+        hidden = torch.ones(7, 10, dtype=torch.bool, device=device).triu(1)
+        ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=attn_bias.double().masked_fill(hidden, -torch.inf),
+                                             scale=0.3, enable_gqa=gqa)
+    else:
+        ref = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True, scale=0.3, enable_gqa=gqa)
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
     def close(got, want):  # float64: exact to rounding; bf16: a few units of its 2^-8 epsilon
         tol = 1e-10 if dt == torch.float64 else 3e-2 * max(1.0, float(want.detach().abs().max()))
@@ -187,11 +242,16 @@ def test_aten_op_implements_sdpa(device, gqa):
 @pytest.mark.parametrize("device", DEVICES)
 def test_aten_op_refuses_what_it_cannot_serve(device):
     q = randn(1, 2, 5, 8, device=device)
-    for kwargs in ({"dropout_p": 0.1}, {"attn_bias": randn(1, 2, 5, 5, device=device)},
-                   {"return_debug_mask": True}):
+    for kwargs in ({"dropout_p": 0.1}, {"return_debug_mask": True}):
         args = {"attn_bias": None, "dropout_p": 0.0, "is_causal": False, "return_debug_mask": False, **kwargs}
         with pytest.raises(RuntimeError, match="NotImplementedError.*does not take"):
             OV(q, q, q, args["attn_bias"], args["dropout_p"], args["is_causal"], args["return_debug_mask"])
+    # attn_bias is served, but not its gradient
+    qg = q.clone().requires_grad_()
+    bias = randn(1, 2, 5, 5, device=device, requires_grad=True)
+    out = OV(qg, q, q, bias.expand(1, 2, 5, 5), 0.0, False, False)[0]
+    with pytest.raises(RuntimeError, match="NotImplementedError.*gradient of attn_bias"):
+        torch.autograd.grad(out.sum(), (qg, bias))
 
 
 @needs_route
@@ -216,3 +276,19 @@ def test_cuda_graph_capture_through_the_route(monkeypatch, which):
     eager, static = eager_and_graph_replay(step)
     for a, b in zip(static, eager):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_route
+@pytest.mark.parametrize("masked", [False, True])
+def test_route_gradcheck(monkeypatch, masked):
+    # gradcheck's checks (undefined output gradients included) on torch's node around the kernels
+    monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True,)))
+    q = randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = (torch.rand(1, 1, 5, 7) > 0.3) if masked else None
+
+    def f(q, k, v):
+        return orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    assert type(f(q, k, v).grad_fn).__name__ == NODE
+    assert torch.autograd.gradcheck(f, (q, k, v))
