@@ -54,7 +54,9 @@
 // (as causal rows already did).  attn_bias: row-broadcast ones (a key-padding mask) in the kBias
 // kernels (a template flag: with the bias reads compiled in as a run-time branch, every kernel of
 // the bucket spilled, bf16 d128 0 -> 68-268 B of stores), through the feature path plus
-// add_attn_bias_row (attn_bias_fragment.cuh).  Attention sinks: a run-time branch of the
+// add_attn_bias_row (attn_bias_fragment.cuh); a boolean mask's hidden key tiles at either end
+// are dropped from [n_begin, n_end) like the window's, and a tile it shows whole skips the
+// per-element pass.  Attention sinks: a run-time branch of the
 // epilogue (the sink joins each row's sum; the backward needs nothing more: its P comes from
 // the LSE, which holds the sink).  No dropout / other biases / varlen: the dispatch
 // (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
