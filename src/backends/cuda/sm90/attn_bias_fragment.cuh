@@ -106,10 +106,11 @@ __device__ __forceinline__ void add_attn_bias_keys(const BiasRow& br, float (&s)
 
 // ---- Key tiles a boolean mask hides (kind 0; float biases never count as hiding) ----
 // A row-broadcast mask hides a key from every query row at once, so the kernels drop whole key
-// tiles it hides: a right- or left-padded batch entry loads and scores only its keys.  Read per
-// thread (L1 hits after the first): 16-byte loads where the row allows, single bytes at its ends.
+// tiles it hides: a right- or left-padded batch entry loads and scores only its keys.
 
-// Whether the mask row hides every key in [k0, k1) (all its bytes 0).
+// Whether the mask row hides every key in [k0, k1) (all its bytes 0).  Read per thread (the
+// forward's producer is one thread; L1 hits after the first): 16-byte loads where the row
+// allows, single bytes at its ends.
 __device__ __forceinline__ bool bias_row_hides_keys(const BiasRow& br, int k0, int k1) {
   if (br.kind != 0) return false;
   const unsigned char* a = br.base + k0;
