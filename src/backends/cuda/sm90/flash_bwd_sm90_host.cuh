@@ -131,7 +131,7 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
     if (sms > 0 && sms < grid) grid = sms;
   }
   auto kernel = flash_bwd_sm90_kernel_for<T, kD>(p, bulk_dq);
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  cuda::set_max_dynamic_smem(kernel, Cfg::kSmemBytes);  // once per (kernel, device): launch.h
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   const int head_group = p.deterministic && kD <= 128 ? ordered_head_group(p) : causal_head_group(p);
   // A programmatic dependent of the pre-pass: the launch and the CTAs' start overlap its end;

@@ -1129,7 +1129,7 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   const int sms = persistent ? cuda::current_device_attribute<cudaDevAttrMultiProcessorCount>() : 0;
   const int grid = sms > 0 && sms < units ? sms : units;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG, kBias>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+  cuda::set_max_dynamic_smem(kernel, Cfg::kSmemBytes);  // once per (kernel, device): launch.h
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, to, p, sc,
                                                                                      o_by_tma);
   return true;
