@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False):
@@ -116,3 +117,17 @@ def eager_and_graph_replay(step):
     g.replay()
     torch.cuda.synchronize()
     return eager, static
+
+
+class OrchardOpLog(TorchDispatchMode):
+    """Records the orchard ops that reach the dispatcher (their names), for the tests that
+    check which calls take the public ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "orchard":
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import orchard
 from conftest import DEVICES
-from helpers import randn
+from helpers import OrchardOpLog, randn
 
 
 def _fwd_args(device, dtype=torch.float32, dropout=0.0, mask=False, layout="bshd"):
@@ -112,20 +112,8 @@ def test_dispatch_modes_and_fake_tensors_still_see_the_ops(device):
     # CPU/CUDA key is left below autograd; a dispatch mode (or fake tensors)
     # must still go through the dispatcher and see both ops.
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "orchard":
-                self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     q, k, v, *opts = _fwd_args(device)
-    with Log() as log:
+    with OrchardOpLog() as log:
         out, _, _ = torch.ops.orchard.flash_attn_forward(q, k, v, *opts)
         out.sum().backward()
     assert log.ops == ["orchard.flash_attn_forward.default", "orchard.flash_attn_backward.default"]

@@ -15,13 +15,12 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import orchard
 from orchard import _ops
 
 from conftest import DEVICES
-from helpers import randn
+from helpers import OrchardOpLog, randn
 
 STABLE = _ops._SFWD is not None
 needs_stable = pytest.mark.skipif(not STABLE, reason=f"stable ops: {_ops.STABLE_OPS_STATUS}")
@@ -261,26 +260,15 @@ def test_feature_calls_match_the_public_op(device, monkeypatch):
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         gq.sum().backward()
     # under a dispatch mode the public op runs, forward and backward
-    with _Log() as log:
+    with OrchardOpLog() as log:
         orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias.detach() > 0).sum().backward()
     assert log.ops == ["orchard.flash_attn_forward.default", "orchard.flash_attn_backward.default"], log.ops
-
-
-class _Log(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "orchard":
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_modes_and_autocast_see_the_public_op(device):
     q = randn(1, 6, 2, 8, device=device, requires_grad=True)
-    with _Log() as log:
+    with OrchardOpLog() as log:
         orchard.flash_attn_func(q, q, q).sum().backward()
         orchard.scaled_dot_product_attention(q, q, q)
     assert log.ops == ["orchard.flash_attn_forward.default", "orchard.flash_attn_backward.default",
@@ -423,12 +411,12 @@ def test_sdpa_eager_path_matches_the_public_op(device, kind):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     gqa = kind == "gqa"
     out = orchard.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    with _Log():  # a dispatch mode: the drop-in takes the public op
+    with OrchardOpLog():  # a dispatch mode: the drop-in takes the public op
         ref = orchard.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     assert torch.equal(out, ref) and out.stride() == ref.stride(), (out.stride(), ref.stride())
     dout = randn(*out.shape, device=device)
     g = torch.autograd.grad(out, (q, k, v), dout)
-    with _Log():
+    with OrchardOpLog():
         r = torch.autograd.grad(ref, (q, k, v), dout)
     for a, c in zip(g, r):
         assert torch.equal(a, c) and a.stride() == c.stride()
