@@ -549,15 +549,18 @@ _BackwardFunction = type("GeneratedBackwardFor_orchard_flash_attn_backward_defau
                           "backward": staticmethod(_bwd_function_backward)})
 
 
+def _with_defaults(args, num_args, defaults):
+    """args with the trailing defaulted arguments they leave out filled in (num_args in all)."""
+    return (*args, *defaults[len(args) - (num_args - len(defaults)):])
+
+
 def _autograd_kernel(op, function, kernel, num_args, defaults):
     """The op's Autograd kernel: record `function` when a gradient is needed,
     else run below autograd. Trailing defaulted arguments may be left out."""
-    num_required = num_args - len(defaults)
-
     @_disable_dynamo
     def run(keyset, *args):
         if len(args) != num_args:
-            args = (*args, *defaults[len(args) - num_required:])
+            args = _with_defaults(args, num_args, defaults)
         keyset = keyset & _AFTER_AUTOGRAD
         if _is_grad_enabled() and _any_requires_grad(*args):
             return function.apply(keyset, *args)
@@ -586,7 +589,7 @@ def _plain_tensors(args):
 def feature_forward(*args):
     """orchard::flash_attn_forward(*args) (features included) for the drop-ins."""
     if len(args) != _FWD_ARGS:
-        args = (*args, *_FWD_DEFAULTS[len(args) - (_FWD_ARGS - len(_FWD_DEFAULTS)):])
+        args = _with_defaults(args, _FWD_ARGS, _FWD_DEFAULTS)
     q, k, v = args[0], args[1], args[2]
     extra = [args[i] for i in _FWD_TENSOR_AT if args[i] is not None]
     if _SFWD is None or not eager_ok(q, k, v) or any(type(t) is not _Tensor for t in extra):
@@ -600,8 +603,7 @@ def feature_forward(*args):
     return _forward_kernel(*args)
 
 
-_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel,
-                                     13 + _NUM_FEATURES, _FWD_DEFAULTS)
+_forward_autograd = _autograd_kernel(_FWD, _ForwardFunction, _forward_kernel, _FWD_ARGS, _FWD_DEFAULTS)
 _backward_autograd = _autograd_kernel(_BWD, _BackwardFunction, _backward_kernel,
                                       15 + _NUM_FEATURES, _BWD_DEFAULTS)
 
@@ -955,20 +957,18 @@ def aten_masked_forward(q, k, v, softmax_scale, attn_mask, deterministic):
             or not _is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad)
             or deterministic or _are_deterministic()):
         return None
-    try:
-        return _ATEN_SDPA(q, k, v, attn_mask, 0.0, False, False, scale=softmax_scale)[0]
-    except RuntimeError:
-        return None
+    return _aten_forward(q, k, v, softmax_scale, False, True, True, attn_mask)
 
 
-def _aten_forward(q, k, v, softmax_scale, causal, causal_top_left, bhsd):
+def _aten_forward(q, k, v, softmax_scale, causal, causal_top_left, bhsd, attn_mask=None):
     """out through the aten op (its C++ autograd node), or None when this call does not
-    fit it (the caller then records the Function)."""
+    fit it (the caller then records the Function). attn_mask: the SDPA drop-in's rank-4
+    view (bhsd calls only)."""
     try:
         if bhsd:
             if causal and not causal_top_left and q.shape[2] != k.shape[2]:
                 return None
-            return _ATEN_SDPA(q, k, v, None, 0.0, causal, False, scale=softmax_scale)[0]
+            return _ATEN_SDPA(q, k, v, attn_mask, 0.0, causal, False, scale=softmax_scale)[0]
         if causal and not causal_top_left and q.shape[1] != k.shape[1]:
             return None
         return _ATEN_SDPA(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0, causal,
