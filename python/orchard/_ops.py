@@ -523,8 +523,8 @@ def sink_grad(dout, out, lse, sink, varlen=False):
     P_sink * rowsum(dO * O), with P_sink = exp(sink[h] - lse) (the sink's share of
     each row's softmax). One pass over dO and O, in the LSE's precision."""
     rowdot = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # (b, s, h) or (total, h)
-    if varlen:  # lse (h, total_q)
-        p_sink = torch.exp(sink.to(lse.dtype)[:, None] - lse)
+    if varlen:  # lse (h, total_q); -inf on packed rows no sequence owns (out 0 there): no share
+        p_sink = torch.exp(sink.to(lse.dtype)[:, None] - lse).masked_fill(torch.isneginf(lse), 0.0)
         return -(p_sink * rowdot.transpose(0, 1)).sum(1).to(sink.dtype)
     p_sink = torch.exp(sink.to(lse.dtype)[None, :, None] - lse)  # (b, h, s)
     return -(p_sink * rowdot.transpose(1, 2)).sum((0, 2)).to(sink.dtype)

@@ -219,6 +219,25 @@ def test_varlen_rows_past_the_last_offset(device, dtype, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_varlen_sink_grad_with_rows_past_the_last_offset(device):
+    """The sink's gradient takes no share from packed rows no sequence owns (their LSE is -inf
+    and their out 0: exp(sink - lse) * 0 was NaN): the same dsink as without those rows."""
+    lens, pad, hq, d = [30, 0, 21], 9, 4, 32
+    n = sum(lens)
+    cu = _random_cu(lens, device)
+    q, k, v = (randn(n + pad, hq, d, device=device) for _ in range(3))
+    do = randn(n + pad, hq, d, device=device)
+    sink = randn(hq, dtype=torch.float32, device=device, requires_grad=True)
+    out = orchard.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, sink=sink)
+    (dsink,) = torch.autograd.grad(out, (sink,), do)
+    out_s = orchard.flash_attn_varlen_func(q[:n], k[:n], v[:n], cu, cu, max(lens), max(lens), causal=True,
+                                           sink=sink)
+    (dsink_s,) = torch.autograd.grad(out_s, (sink,), do[:n])
+    assert torch.isfinite(dsink).all()
+    torch.testing.assert_close(dsink, dsink_s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_varlen_with_no_rows_owned(device):
     """Every sequence empty (or no sequence at all): every packed row is padding. Also with
     strided offsets, whose entry b is not at element b of their storage."""
