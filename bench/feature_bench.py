@@ -1,9 +1,11 @@
 """Feature benchmark (GPU): Orchard against the peers that have each feature,
 same process, same card, same tensors, bf16, forward and forward+backward.
 
-  varlen   a packed batch of mixed lengths, causal: Orchard's varlen kernels vs
-           FA2's varlen kernel (torch SDPA on nested jagged tensors) and vs SDPA
-           flash on the batch padded to the longest sequence.
+  varlen   a packed batch of mixed lengths, causal: Orchard's varlen kernels (and,
+           with two equal offset tensors, the sm80 kernels on Hopper) vs FA2's varlen
+           kernel (torch SDPA on nested jagged tensors) and vs SDPA flash and cuDNN on
+           the batch padded to the longest sequence. varlen64: d64 h32;
+           varlen_short: 64 sequences of 64-1024 tokens.
   window   causal sliding window (left 1024): vs FlexAttention (compiled, block
            mask) and SDPA efficient with the materialized bool mask.
   softcap  Gemma-2 softcap 50, causal: vs FlexAttention (score_mod tanh).
@@ -83,9 +85,9 @@ def measure(impl, fn, grads_of, flops):
         return dict(impl=impl, error=f"{type(e).__name__}: {e}")
 
 
-def bench_varlen(h, d, quick):
+def bench_varlen(h, d, quick, shortest=256, longest=4096, count=16):
     g = torch.Generator().manual_seed(0)
-    lens = torch.randint(256, 4097 if not quick else 1025, (16,), generator=g).tolist()
+    lens = torch.randint(shortest, (longest if not quick else min(longest, 1024)) + 1, (count,), generator=g).tolist()
     total, maxlen = sum(lens), max(lens)
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
@@ -95,6 +97,12 @@ def bench_varlen(h, d, quick):
     grads = lambda o: torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     rows = [measure("orchard", lambda: orchard.flash_attn_varlen_func(q, k, v, cu, cu, maxlen, maxlen, causal=True),
                     grads, flops)]
+    # Two offset tensors with the same values: the sm80 kernels on Hopper (the sm90 kernels take
+    # varlen only when q and k share one cu_seqlens tensor, sm90_call_support.h).
+    cu_k = cu.clone()
+    rows.append(measure("orchard, distinct cu_seqlens_k (sm80 kernels)",
+                        lambda: orchard.flash_attn_varlen_func(q, k, v, cu, cu_k, maxlen, maxlen, causal=True),
+                        grads, flops))
 
     offsets = cu.to(torch.int64)
 
@@ -111,6 +119,13 @@ def bench_varlen(h, d, quick):
             return F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
                                                   is_causal=True)
     rows.append(measure("sdpa_flash_padded", padded,
+                        lambda o: torch.autograd.grad(o, (qp, kp, vp), torch.ones_like(o)), flops))
+
+    def padded_cudnn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
+                                                  is_causal=True)
+    rows.append(measure("sdpa_cudnn_padded", padded_cudnn,
                         lambda o: torch.autograd.grad(o, (qp, kp, vp), torch.ones_like(o)), flops))
     return f"varlen: {len(lens)} sequences, {total} tokens (max {maxlen}), h{h} d{d}, causal", rows
 
@@ -195,12 +210,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated sections: varlen,window,softcap,alibi,mask,bias,mask64,bias64")
+    ap.add_argument("--only", default="", help="comma-separated sections: varlen,varlen64,varlen_short,window,softcap,alibi,mask,bias,mask64,bias64")
     args = ap.parse_args()
     torch.manual_seed(0)
     s = 2048 if args.quick else 8192
     sections = {
         "varlen": lambda: bench_varlen(16, 128, args.quick),
+        "varlen64": lambda: bench_varlen(32, 64, args.quick),
+        "varlen_short": lambda: bench_varlen(16, 128, args.quick, 64, 1024, 64),
         "window": lambda: bench_window(2, s, 16, 128, 1024),
         "softcap": lambda: bench_score_mod("softcap", 2, s, 16, 128),
         "alibi": lambda: bench_score_mod("alibi", 2, s, 16, 128),

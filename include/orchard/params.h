@@ -53,6 +53,14 @@ struct FwdParams {
   const std::int32_t* cu_seqlens_q = nullptr;
   const std::int32_t* cu_seqlens_k = nullptr;
   bool causal_top_left = false;  // the diagonal offset rule varlen applies per sequence
+  // Varlen: the rows of the packed q and k tensors (0: unknown; the core sets them).
+  std::int64_t total_q = 0, total_k = 0;
+  // The segment form of a varlen call whose q and k share one cu_seqlens (the CUDA backend
+  // builds it for its sm90 kernels, sm90_call_support.h; callers leave it null): b = 1, sq / sk
+  // the packed tensors' rows, and row i sees key j only when both lie in one segment
+  // [segment_cu[s], segment_cu[s + 1]), s < segments (rows past segment_cu[segments] see none).
+  const std::int32_t* segment_cu = nullptr;
+  int segments = 0;
 
   float scale = 1.0f;  // softmax scale (1/sqrt(d) by default), rounded to float
   // The same scale and dropout probability unrounded, for float64 compute

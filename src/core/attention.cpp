@@ -29,6 +29,8 @@ void set_problem(FwdParams& p, const ProblemShape& s, const AttentionOptions& o)
   p.b = static_cast<int>(s.b);
   p.sq = static_cast<int>(s.sq);
   p.sk = static_cast<int>(s.sk);
+  p.total_q = s.total_q;
+  p.total_k = s.total_k;
   p.hq = static_cast<int>(s.hq);
   p.hkv = static_cast<int>(s.hkv);
   p.d = static_cast<int>(s.d);

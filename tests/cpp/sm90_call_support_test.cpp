@@ -140,5 +140,75 @@ TEST(Sm90CallSupport, DeterministicOnlyPlainD64AndD128) {
   EXPECT_TRUE(bwd(p));
 }
 
+// A packed (varlen) form of plain_call: 3 sequences in 700 rows, batch strides 0.
+BwdParams varlen_call(int d, const std::int32_t* cu_q, const std::int32_t* cu_k) {
+  BwdParams p = plain_call(d);
+  p.b = 3;
+  p.sq = p.sk = 400;  // the longest sequence
+  p.total_q = p.total_k = 700;
+  p.cu_seqlens_q = cu_q;
+  p.cu_seqlens_k = cu_k;
+  p.causal_offset = 7;  // whatever the core put there: the segment form's diagonal is 0
+  p.q_batch_stride = p.o_batch_stride = p.do_batch_stride = p.dq_batch_stride = 0;
+  p.k_batch_stride = p.v_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
+  return p;
+}
+
+TEST(Sm90CallSupport, VarlenOnlyInTheSegmentForm) {
+  static const std::int32_t cu[4] = {0, 250, 650, 700}, other[4] = {0, 250, 650, 700};
+  // One cu_seqlens tensor for q and k: the segment form, one sequence of the packed rows.
+  for (int d : {64, 128, 256}) {
+    const BwdParams p = varlen_call(d, cu, cu);
+    ASSERT_TRUE(sm90_segment_form_applies(p));
+    const BwdParams s = sm90_segment_form(p);
+    EXPECT_EQ(s.b, 1);
+    EXPECT_EQ(s.sq, 700);
+    EXPECT_EQ(s.sk, 700);
+    EXPECT_EQ(s.causal_offset, 0);
+    EXPECT_EQ(s.segment_cu, cu);
+    EXPECT_EQ(s.segments, 3);
+    EXPECT_EQ(s.cu_seqlens_q, nullptr);
+    EXPECT_TRUE(fwd(s)) << d;
+    EXPECT_EQ(bwd(s), d <= 128) << d;  // the wide backward has no segment form
+    EXPECT_FALSE(fwd(p)) << d;          // the packed call itself is never taken as it is
+  }
+  BwdParams p = varlen_call(128, cu, other);  // equal values, two tensors: not known to be equal
+  EXPECT_FALSE(sm90_segment_form_applies(p));
+  EXPECT_EQ(sm90_form(p).cu_seqlens_q, cu);  // the call as it is: the sm80 kernels'
+  p = varlen_call(128, cu, cu);
+  p.total_q = 0;  // a caller that did not say how many rows the packed tensors hold
+  EXPECT_FALSE(sm90_segment_form_applies(p));
+  p = varlen_call(128, cu, cu);
+  p.alibi_slopes = reinterpret_cast<const float*>(cu);
+  p.alibi_batch_stride = 8;  // slopes per (sequence, head): not in packed row numbers
+  EXPECT_FALSE(sm90_segment_form_applies(p));
+  p.alibi_batch_stride = 0;
+  EXPECT_TRUE(fwd(sm90_segment_form(p)));
+  p = varlen_call(128, cu, cu);
+  p.dropout_p = 0.1f;
+  EXPECT_FALSE(fwd(sm90_segment_form(p)));
+  p = varlen_call(128, cu, cu);
+  p.deterministic = true;
+  EXPECT_FALSE(bwd(sm90_segment_form(p)));
+  p.deterministic = false;
+  p.dq_accum = reinterpret_cast<float*>(std::uintptr_t{1} << 24);  // a caller's accumulator
+  EXPECT_FALSE(bwd(sm90_segment_form(p)));
+}
+
+TEST(Sm90CallSupport, SegmentFormForwardOnlyWhereItPays) {
+  static const std::int32_t cu[4] = {0, 3000, 6000, 9000};
+  BwdParams p = varlen_call(128, cu, cu);
+  EXPECT_FALSE(sm90_segment_forward_pays(p));  // 700 rows over 3 sequences
+  p.total_q = p.total_k = 9000;
+  EXPECT_TRUE(sm90_segment_forward_pays(p));
+  p.total_q = p.total_k = 3071;  // 1023.7 rows per sequence
+  EXPECT_FALSE(sm90_segment_forward_pays(p));
+  for (int d : {64, 96, 256}) {
+    BwdParams w = varlen_call(d, cu, cu);
+    w.total_q = w.total_k = 3072;
+    EXPECT_TRUE(sm90_segment_forward_pays(w)) << d;
+  }
+}
+
 }  // namespace
 }  // namespace orchard::cuda

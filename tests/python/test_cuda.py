@@ -393,6 +393,124 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
         assert (out[:, 5] == 0).all() and (grads[0][:, 5] == 0).all()
 
 
+# Varlen on the sm90 kernels (their segment form, sm90_call_support.h): a call whose q and k share
+# one cu_seqlens tensor runs as one sequence of the packed rows, each row seeing its own
+# segment's keys. Segment boundaries inside query and key tiles, empty and one-token sequences,
+# packed rows past cu_seqlens[-1], GQA, and the score modifiers on top; against the float64
+# reference per sequence. On an sm90 build and GPU the debug log must name the sm90 backward
+# (d <= 128; the wide backward keeps varlen on the sm80 kernels) and the sm90 forward where the
+# dispatch takes it (sm90_segment_forward_pays: >= 1024 rows per sequence on average, or always /
+# never under ORCHARD_SM90_VARLEN_FWD=1 / 0, which test_sm90_varlen_forward_forced sets).
+SM90_VARLEN = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window_causal": dict(causal=True, window_size=(90, 0)),
+    "window": dict(window_size=(40, 70)),
+    "softcap_alibi_causal": dict(causal=True, softcap=5.0, alibi=True),
+    "sink_causal": dict(causal=True, sink=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+@pytest.mark.parametrize("name", list(SM90_VARLEN))
+def test_sm90_varlen_segments_vs_reference(name, d, dtype, tmp_path, monkeypatch):
+    if dtype == torch.float16 and name not in ("plain", "causal"):
+        pytest.skip("fp16: the plain and causal cases")
+    _check_sm90_varlen(name, [300, 1, 0, 129, 500, 64, 37], 13, d, dtype, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("name", ["causal", "window_causal", "softcap_alibi_causal", "sink_causal"])
+def test_sm90_varlen_long_segments(name, d, tmp_path, monkeypatch):
+    """Sequences of >= 1024 rows on average: the dispatch's own choice runs the sm90 forward."""
+    _check_sm90_varlen(name, [2600, 1, 2500, 3100], 7, d, torch.bfloat16, tmp_path, monkeypatch)
+
+
+def test_sm90_varlen_forward_forced():
+    """The short-segment cases again with ORCHARD_SM90_VARLEN_FWD=1 (read once per process, so in
+    a child pytest): the segment form's forward at every head dim, whatever the dispatch's rule."""
+    import os
+    import subprocess
+    import sys
+    if not _sm90_expected():
+        pytest.skip("needs an sm90 build on compute capability 9.0")
+    env = dict(os.environ, ORCHARD_SM90_VARLEN_FWD="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", __file__,
+                        "-k", "sm90_varlen_segments or sm90_varlen_many"], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__), timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", ["causal", "window"])
+def test_sm90_varlen_many_short_segments(name, tmp_path, monkeypatch):
+    """150 sequences of 0-40 rows: most tiles hold several segments (the per-element masks and the
+    deeper lookups)."""
+    g = torch.Generator().manual_seed(7)
+    lens = torch.randint(0, 41, (150,), generator=g).tolist()
+    _check_sm90_varlen(name, lens, 0, 128, torch.bfloat16, tmp_path, monkeypatch)
+
+
+def _check_sm90_varlen(name, lens, pad, d, dtype, tmp_path, monkeypatch):
+    import os
+    from feature_reference import varlen_attention_ref
+    kw = dict(SM90_VARLEN[name])
+    hq, hkv = 4, 2
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = (torch.rand(hq, dtype=torch.float64) * 0.3).float().cuda()
+    if kw.pop("sink", False):
+        kw["sink"] = randn(hq, dtype=torch.float32, device="cuda", requires_grad=True)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    cu = cu.cuda()
+    n = sum(lens)
+    total = n + pad  # rows past cu[-1]: no sequence's
+    q, k, v = (randn(total, h, d, dtype=dtype, device="cuda", requires_grad=True) for h in (hq, hkv, hkv))
+    do = randn(total, hq, d, dtype=dtype, device="cuda")
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    out, lse = orchard.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), return_softmax_lse=True, **kw)
+    leaves = (q, k, v) + ((kw["sink"],) if "sink" in kw else ())
+    grads = torch.autograd.grad(out, leaves, do)
+    torch.cuda.synchronize()
+    lines = _debug_log(tmp_path)
+    fwd = [ln for ln in lines if ln.startswith("FWD")]
+    bwd = [ln for ln in lines if ln.startswith("BWD")]
+    assert fwd and bwd, lines
+    sm90 = _sm90_expected()
+    forced = os.environ.get("ORCHARD_SM90_VARLEN_FWD")
+    fwd_form = forced != "0" if forced is not None else total // len(lens) >= 1024
+    assert (".sm90." in fwd[0]) == (sm90 and fwd_form) and ".varlen" in fwd[0], fwd[0]
+    assert (".sm90." in bwd[0]) == (sm90 and d <= 128), bwd[0]
+
+    rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
+               softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))
+    own = slice(0, n)
+    q64, k64, v64 = (t.detach()[own].double().requires_grad_() for t in (q, k, v))
+    s64 = kw["sink"].detach().double().requires_grad_() if "sink" in kw else None
+    ref, ref_lse = varlen_attention_ref(q64, k64, v64, cu.cpu(), cu.cpu(), sink=s64, **rkw)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64) + ((s64,) if s64 is not None else ()), do[own].double())
+    qn, kn, vn = (t.detach()[own].clone().requires_grad_() for t in (q, k, v))
+    sn = kw["sink"].detach().clone().requires_grad_() if "sink" in kw else None
+    naive, _ = varlen_attention_ref(qn, kn, vn, cu.cpu(), cu.cpu(), sink=sn, upcast=False, **rkw)
+    ngrads = torch.autograd.grad(naive, (qn, kn, vn) + ((sn,) if sn is not None else ()), do[own])
+    atol = 2e-3 if dtype == torch.bfloat16 else 2e-4
+    check_close_rule(out[own], ref, naive, atol, f"out {name}")
+    for gname, g, r, nv in zip(("dq", "dk", "dv", "dsink"), grads, rgrads, ngrads):
+        assert torch.isfinite(g).all(), gname
+        g = g if gname == "dsink" else g[own]
+        check_close_rule(g, r, nv, 4 * atol * (n if gname == "dsink" else 1), f"{gname} {name}")
+    if pad:  # rows past cu[-1]: out and grads 0, LSE -inf
+        assert (out.detach()[n:] == 0).all() and (grads[0][n:] == 0).all()
+        assert (grads[1][n:] == 0).all() and (grads[2][n:] == 0).all()
+        assert torch.isneginf(lse.detach()[:, n:]).all()
+    lse64, ref_lse = lse.detach()[:, own].cpu().double(), ref_lse.detach().cpu()
+    assert torch.equal(torch.isfinite(lse64), torch.isfinite(ref_lse)), "LSE -inf pattern"
+    fin = torch.isfinite(ref_lse)
+    assert (lse64[fin] - ref_lse[fin]).abs().max() <= 1e-3 + 1e-4 * ref_lse[fin].abs().max()
+
+
 # deterministic=True at the shapes the sm90 backward's ordered-dQ kernels take (d 64 / 128, bf16 /
 # fp16, GQA, ragged sq / sk, both causal alignments, several key blocks adding to each query
 # block): the float64 reference rule, three runs bit for bit equal (the grads' memory is

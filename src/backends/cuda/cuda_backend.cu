@@ -117,6 +117,7 @@ bool sm90_enabled() {
 }
 #endif
 
+// p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   return sm90_enabled() && sm90_fwd_call_supported(p) && sm90_device();
@@ -145,16 +146,34 @@ bool with_sm90_bucket(const Params& p, Run&& run) {
 #endif
 
 // Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
-bool try_fwd_sm90(const FwdParams& p) {
+// The forward of a varlen call in its segment form where it pays (sm90_segment_forward_pays), or
+// as ORCHARD_SM90_VARLEN_FWD says: "1" always, "0" never (an A/B switch, read once per process).
+bool sm90_segment_forward(const FwdParams& call) {
+  static const int forced = [] {
+    const char* env = std::getenv("ORCHARD_SM90_VARLEN_FWD");
+    return env == nullptr ? -1 : (std::strcmp(env, "0") == 0 ? 0 : 1);
+  }();
+  return forced >= 0 ? forced == 1 : sm90_segment_forward_pays(call);
+}
+
+// The forward call the sm90 kernels would run (nothing sm90 runs for a varlen call without its
+// segment form, or whose forward does not pay: its unchanged params say so).
+FwdParams sm90_fwd_form(const FwdParams& call) {
+  return call.cu_seqlens_q != nullptr && !sm90_segment_forward(call) ? call : sm90_form(call);
+}
+
+bool try_fwd_sm90(const FwdParams& call) {
 #if defined(ORCHARD_WITH_SM90)
+  const FwdParams p = sm90_fwd_form(call);
   if (!sm90_fwd_applies(p)) return false;
   return with_sm90_bucket(p, [&](auto t, auto d) { return run_flash_fwd_sm90<decltype(t), decltype(d)::value>(p); });
 #else
-  (void)p;
+  (void)call;
   return false;
 #endif
 }
 
+// p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
   return sm90_enabled() && sm90_bwd_call_supported(p) && sm90_device();
@@ -165,12 +184,13 @@ bool sm90_bwd_applies(const BwdParams& p) {
 }
 
 // Runs the sm90 backward when it applies; false = the caller runs the sm80 kernels.
-bool try_bwd_sm90(const BwdParams& p) {
+bool try_bwd_sm90(const BwdParams& call) {
 #if defined(ORCHARD_WITH_SM90)
+  const BwdParams p = sm90_form(call);
   if (!sm90_bwd_applies(p)) return false;
   return with_sm90_bucket(p, [&](auto t, auto d) { return run_flash_bwd_sm90<decltype(t), decltype(d)::value>(p); });
 #else
-  (void)p;
+  (void)call;
   return false;
 #endif
 }
@@ -206,7 +226,8 @@ std::string check_support(const FwdParams& p) {
 }
 
 std::string variant_name(const FwdParams& p, bool backward) {
-  const bool sm90 = backward ? sm90_bwd_applies(static_cast<const BwdParams&>(p)) : sm90_fwd_applies(p);
+  const bool sm90 =
+      backward ? sm90_bwd_applies(sm90_form(static_cast<const BwdParams&>(p))) : sm90_fwd_applies(sm90_fwd_form(p));
   std::string s = backward ? (sm90 ? "cuda.bwd.sm90." : "cuda.bwd.") : (sm90 ? "cuda.fwd.sm90." : "cuda.fwd.");
   if (p.dtype == DType::kFloat32) {
     s += "fp32_simt";

@@ -15,12 +15,12 @@ ORCHARD_HOST_DEVICE bool window_active(bool causal, int64_t window_left, int64_t
   return window_left >= 0 || (window_right >= 0 && !(causal && window_right == 0));
 }
 
-// Whether a call modifies its scores at all (a window beyond causal, softcap, ALiBi, attn_bias):
-// the sm90 launchers pick their kFeatures instantiations by it.
+// Whether a call modifies its scores at all (a window beyond causal, softcap, ALiBi, attn_bias,
+// varlen's segment form): the sm90 launchers pick their kFeatures instantiations by it.
 template <class Params>
 ORCHARD_HOST_DEVICE bool score_mods_active(const Params& p) {
   return window_active(p.causal, p.window_left, p.window_right) || p.softcap > 0.f || p.alibi_slopes != nullptr ||
-         p.attn_bias != nullptr;
+         p.attn_bias != nullptr || p.segment_cu != nullptr;
 }
 
 }  // namespace orchard::cuda

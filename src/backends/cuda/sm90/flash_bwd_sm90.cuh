@@ -66,9 +66,11 @@
 // softcap's gradient dS^T = P^T (1 - tanh^2) (dP^T - D) takes tanh from the fp32 P^T
 // (softcap_dtanh) and parks P^T (1 - tanh^2) as 16 bits in the step's dS^T slots until dP^T
 // is ready, so no extra register array lives across the dP^T GEMM.
+// Varlen in its segment form (segments.cuh), in the kFeatures kernels: each key tile's query tiles
+// narrowed to its keys' segments, other segments' elements of S^T masked per step.
 // The dispatch (cuda_backend.cu, sm90_bwd_applies) sends d > 128 to flash_bwd_sm90_wide.cuh (the
-// same features, the same kFeatures flag) and everything else this kernel does not cover to the
-// sm80 kernels.
+// same features but varlen, the same kFeatures flag) and everything else this kernel does not
+// cover to the sm80 kernels.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -88,6 +90,7 @@
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/ordered_add.cuh"
+#include "backends/cuda/sm90/segments.cuh"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
@@ -476,6 +479,12 @@ __global__ void __launch_bounds__(384, 1)
         has_window
             ? bwd_window_tile_range(n0, kBN, sq, cuda::window_offsets(kCausal, p.window_left, p.window_right, coff), kBM)
             : bwd_tile_range(n0, sq, coff, kCausal, kBM);
+    // Varlen's segment form: only the query tiles of the segments the tile's keys lie in.
+    if (kFeatures && !kBias && p.segment_cu != nullptr && tr.n_m > 0) {
+      int m_begin = tr.m_begin, m_end = tr.m_begin + tr.n_m;
+      trim_to_segments<kBM>(p, n0, min(n0 + kBN, sk) - 1, m_begin, m_end);
+      tr = {m_begin, m_end - m_begin};
+    }
     // A key tile a boolean mask hides from every row: no step (dK, dV 0), for every role alike.
     if constexpr (kBias) {
       if (tr.n_m > 0 && bias_hides_key_tile(p, cta.b, cta.hk, group, n0, kBN, threadIdx.x % 32)) tr.n_m = 0;
@@ -556,7 +565,7 @@ __global__ void __launch_bounds__(384, 1)
     // Re-read from the parameters where tested (uniform registers), not held across the loop.
     auto has_feat = [&] {
       return kFeatures && (cuda::window_active(kCausal, p.window_left, p.window_right) || p.softcap > 0.f ||
-                           p.alibi_slopes != nullptr || kBias);
+                           p.alibi_slopes != nullptr || kBias || p.segment_cu != nullptr);
     };
     float dk[kD / 2], dv[kD / 2];
     int it_base = 0, kv_round = 0;  // steps and K / V tiles of this CTA's earlier tiles
@@ -691,6 +700,22 @@ __global__ void __launch_bounds__(384, 1)
                                      sk - n0 - key_l0);
               if constexpr (kBias) {
                 add_attn_bias_keys(bias_row(p, b, h), sacc, n0 + key_l0);
+              }
+              if (!kBias && p.segment_cu != nullptr) {
+                // Varlen's segment form: each of this thread's two keys is seen by its own
+                // segment's rows only (looked up per step: kept across the loop they cost registers).
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                  const SegmentSpan span = segment_of(p.segment_cu, p.segments, n0 + key_l0 + 8 * r);
+                  auto key_elems = [&](auto&& f) {
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                      f(sacc[4 * q + 2 * r], 8 * q + 2 * t);
+                      f(sacc[4 * q + 2 * r + 1], 8 * q + 2 * t + 1);
+                    }
+                  };
+                  mask_outside_segment(key_elems, span, m0, kBM);
+                }
               }
             }
             // Element i: key key_l0 + 8 ((i / 2) % 2), query 8 (i / 4) + 2 t + (i % 2) of the tile.

@@ -58,8 +58,10 @@
 // are dropped from [n_begin, n_end) like the window's, and a tile it shows whole skips the
 // per-element pass.  Attention sinks: a run-time branch of the
 // epilogue (the sink joins each row's sum; the backward needs nothing more: its P comes from
-// the LSE, which holds the sink).  No dropout / other biases / varlen: the dispatch
-// (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
+// the LSE, which holds the sink).  Varlen in its segment form only (segments.cuh: q and k share one
+// cu_seqlens tensor; the packed rows run as one sequence, tiles narrowed to their rows' segments,
+// elements of other segments masked where a tile crosses a boundary).  No dropout / other biases:
+// the dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -79,6 +81,7 @@
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/fwd_sm90_schedule.h"
+#include "backends/cuda/sm90/segments.cuh"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
@@ -479,6 +482,9 @@ __device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm
     tl.n_begin = static_cast<int>(k0 / kBN);
     tl.n_end = k0 < k1 ? static_cast<int>((k1 + kBN - 1) / kBN) : tl.n_begin;
   }
+  // Varlen's segment form: only the keys of the segments the tile's rows lie in.
+  // (Not in the kBias kernels: varlen takes no attn_bias, and the code cost them spills.)
+  if (!kBias && p.segment_cu != nullptr) trim_to_segments<kBN>(p, m0, min(m0 + kBM, p.sq) - 1, tl.n_begin, tl.n_end);
   if constexpr (kBias) trim_hidden_key_tiles<kBN>(bias_row(p, tl.b, tl.h), sk, tl.n_begin, tl.n_end);
   return tl;
 }
@@ -669,7 +675,14 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     constexpr bool kWgSkip = ORCHARD_SM90_FWD_CAUSAL_WG_SKIP && kCausal && !kCross && kBM != kBN;
     // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
     // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
-    auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0) {
+    // Varlen's segment form: the segment of a thread's first row, looked up once per query tile
+    // (H200, session 39, bench/feature_bench.py in two calls: with both rows looked up per key tile
+    // the d64 forward ran 0.86x the sm80 kernels' speed and d128 1.27x; this form 1.24x and 1.71x).
+    auto segment_span_of = [&](int row0) {
+      return !kBias && p.segment_cu != nullptr ? segment_of(p.segment_cu, p.segments, row0) : SegmentSpan{0, 0};
+    };
+    // span0: varlen's segment form, the segment of this thread's first row (segment_span_of).
+    auto score_tile_of = [&](float (&s_acc)[kBN / 2], int n, int tile, int m0, int row0, SegmentSpan span0) {
       auto needs_mask = [&](int n) {
         const int n0 = n * kBN;
         // The first row whose diagonal counts: this WG's (per-WG masks) or the CTA tile's.
@@ -700,6 +713,24 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         }
       } else if (needs_mask(n)) {
         mask_tile<kBN, kCausal>(s_acc, n * kBN, row0, sk, coff, t);
+      }
+      if (!kBias && p.segment_cu != nullptr) {
+        // Varlen's segment form: each of this thread's two rows sees its own segment's keys only.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          // The second row (8 below) usually shares the first one's segment.
+          const int row = row0 + 8 * r;
+          const SegmentSpan span =
+              r == 0 || (row >= span0.lo && row < span0.hi) ? span0 : segment_of(p.segment_cu, p.segments, row);
+          auto row_elems = [&](auto&& f) {
+#pragma unroll
+            for (int j = 0; j < kBN / 8; ++j) {
+              f(s_acc[4 * j + 2 * r], 8 * j + 2 * t);
+              f(s_acc[4 * j + 2 * r + 1], 8 * j + 2 * t + 1);
+            }
+          };
+          mask_outside_segment(row_elems, span, n * kBN, kBN);
+        }
       }
     };
     constexpr bool kOInV = Cfg::kOInVStage && kOverlap && !kCross;
@@ -742,7 +773,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // across the key loop (registers: the 192-key d128 tile spilled).
       const int m0 = tl.m_block * kBM;
       const int row0 = m0 + 64 * wg + 16 * wi + g;  // this thread's first row (second: + 8)
-      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) { score_tile_of(s_acc, n, tile, m0, row0); };
+      const SegmentSpan span0 = segment_span_of(row0);
+      auto score_tile = [&](float (&s_acc)[kBN / 2], int n) { score_tile_of(s_acc, n, tile, m0, row0, span0); };
 
       // Per-tile state: O accumulators and the softmax rows start over.
 #pragma unroll
@@ -923,7 +955,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
               if (tn.n_end - tn.n_begin == 1) mbarrier_arrive(q_empty(q_buf(), wg));
             }
             const int m0n = tn.m_block * kBM;
-            score_tile_of(sacc, tn.n_end - 1, next, m0n, m0n + 64 * wg + 16 * wi + g);
+            const int row0n = m0n + 64 * wg + 16 * wi + g;
+            score_tile_of(sacc, tn.n_end - 1, next, m0n, row0n, segment_span_of(row0n));
             st_carry.max[0] = st_carry.max[1] = -INFINITY;
             st_carry.sum[0] = st_carry.sum[1] = 0.f;
             float corr[2];

@@ -3,6 +3,8 @@
 // capability 9.0, ORCHARD_SM90 is not "0").  A call they do not cover runs the sm80 kernels.
 // Host-only and CUDA-free, so tests/cpp/sm90_call_support_test.cpp pins these rules in CI.
 #pragma once
+#include <cstdint>
+
 #include "backends/cuda/launch.h"
 #include "backends/cuda/score_mods.h"
 #include "orchard/params.h"
@@ -15,7 +17,7 @@ namespace orchard::cuda {
 // (the epilogue); row-broadcast attn_bias / masks (row stride 0, key stride 1: the kBias kernels,
 // sm90/attn_bias_fragment.cuh says why only those); GQA; a positive scale (the softmax keeps the
 // row max of the raw scores); 16-byte aligned rows with strides of whole 16-byte chunks (TMA).
-// Not: dropout, other biases, varlen.
+// Varlen only in its segment form (sm90_segment_form below); not: dropout, other biases.
 inline bool sm90_fwd_call_supported(const FwdParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
@@ -26,11 +28,48 @@ inline bool sm90_fwd_call_supported(const FwdParams& p) {
   if (p.attn_bias != nullptr && ((p.bias_row_stride != 0 && p.sq != 1) || (p.bias_col_stride != 1 && p.sk != 1)))
     return false;
   if (!(p.scale > 0.f)) return false;
+  if (p.segment_cu != nullptr && (p.b != 1 || p.segments <= 0)) return false;
   FwdParams q = p;
   q.d_v = value_dim(p);
   if (!fwd_vec16(q)) return false;
   // The TMA maps stride over rows even when a tensor has one row (fwd_vec16 skips those).
   return (p.q_row_stride | p.k_row_stride | p.v_row_stride) % 8 == 0;
+}
+
+// The sm90 kernels run a varlen call whose q and k share one cu_seqlens (the same tensor: packed
+// self-attention, as transformers' padded and packed batches and flash-attn's qkvpacked varlen
+// pass) as one sequence of the packed rows, each row seeing the keys of its own segment only
+// (params.h, segment_cu): every sequence then has len_k == len_q, so both causal alignments put
+// the diagonal at 0, and windows, softcap and per-head ALiBi read the same in packed row numbers.
+// True when p is such a call; sm90_segment_form(p) is then the call the kernels see.
+inline bool sm90_segment_form_applies(const FwdParams& p) {
+  return p.cu_seqlens_q != nullptr && p.cu_seqlens_q == p.cu_seqlens_k && p.b > 0 && p.total_q > 0 &&
+         p.total_k > 0 && p.total_q <= INT32_MAX && p.total_k <= INT32_MAX && p.alibi_batch_stride == 0;
+}
+template <class Params>
+Params sm90_segment_form(const Params& p) {  // (only where sm90_segment_form_applies)
+  Params q = p;
+  q.segment_cu = p.cu_seqlens_q;
+  q.segments = p.b;
+  q.cu_seqlens_q = q.cu_seqlens_k = nullptr;
+  q.b = 1;
+  q.sq = static_cast<int>(p.total_q);
+  q.sk = static_cast<int>(p.total_k);
+  q.causal_offset = 0;
+  return q;
+}
+// Whether the segment form's forward beats the sm80 varlen kernels (its backward always did):
+// H200, session 39 (bench/feature_bench.py, bf16 causal, ORCHARD_SM90_VARLEN_FWD=1 against two
+// offset tensors in the same process): 16 sequences of 256-4096 rows (2.4k on average) d128 1.71x,
+// d64 1.24x the sm80 forward's speed; 64 sequences of 64-1024 rows (511 on average) d128 0.96x.
+// So from 1024 rows per sequence on average.
+inline bool sm90_segment_forward_pays(const FwdParams& p) {
+  return p.b > 0 && p.total_q / p.b >= 1024;
+}
+// The call the sm90 kernels would run: p itself, or a varlen call's segment form.
+template <class Params>
+Params sm90_form(const Params& p) {
+  return sm90_segment_form_applies(p) ? sm90_segment_form(p) : p;
 }
 
 // The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
@@ -41,6 +80,9 @@ inline bool sm90_fwd_call_supported(const FwdParams& p) {
 // deterministic mode except d == d_v of exactly 64 or 128 without score modifiers (the kernels
 // with ordered dQ adds).
 inline bool sm90_bwd_call_supported(const BwdParams& p) {
+  // The segment form in the d <= 128 kernels only (flash_bwd_sm90.cuh); not deterministic, and not
+  // into a caller's dQ accumulator (laid out per sequence).
+  if (p.segment_cu != nullptr && (p.deterministic || p.d > 128 || p.dq_accum != nullptr)) return false;
   if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
   if (p.dsink != nullptr) return false;
