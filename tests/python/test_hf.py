@@ -332,3 +332,15 @@ def test_bf16_cuda_matches_reference(name, padding):
     noise = (lr.float() - l32.float())[keep].abs().max()
     clear = margin > 2 * noise
     assert torch.equal(a[clear, SEQ], b[clear, SEQ]), (margin, noise)
+
+
+def test_padding_plan_shares_cu_seqlens_when_queries_are_the_keys():
+    """Training and prefill (q_len == kv_len): one cu_seqlens tensor for q and k, the form the
+    Hopper kernels run varlen in (sm90_call_support.h); decode steps (q_len < kv_len) keep two."""
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = orchard_hf._padding_plan(mask, 5)
+    assert cu_q is cu_k and cu_q.tolist() == [0, 4, 7] and (max_q, max_k) == (4, 4)
+    assert torch.equal(bq, bk) and torch.equal(iq, ik) and iq.tolist() == [1, 2, 3, 4, 0, 1, 2]
+    (bq, iq), _, cu_q, cu_k, max_q, max_k = orchard_hf._padding_plan(mask, 1)
+    assert cu_q is not cu_k and cu_q.tolist() == [0, 1, 1] and cu_k.tolist() == [0, 4, 7]
+    assert (max_q, max_k) == (1, 4) and iq.tolist() == [0]

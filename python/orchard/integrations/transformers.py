@@ -123,6 +123,14 @@ def _padding_plan(mask: torch.Tensor, sq: int):
     mk = mask
     mq = mk[:, -sq:]
     len_k = mk.sum(1, dtype=torch.int32)
+    if sq == mk.shape[1]:
+        # Queries and keys are the same positions (training, prefill): one plan and one
+        # cu_seqlens tensor for both, which the Hopper kernels need to run varlen
+        # (sm90_call_support.h, the segment form).
+        max_len = int(len_k.max())
+        bk, sk_idx = mk.nonzero(as_tuple=True)
+        cu = _lengths_to_cu(len_k)
+        return (bk, sk_idx), (bk, sk_idx), cu, cu, max_len, max_len
     len_q = mq.sum(1, dtype=torch.int32)
     maxes = torch.stack((len_q.max(), len_k.max())).tolist()  # one host read
     bk, sk_idx = mk.nonzero(as_tuple=True)
