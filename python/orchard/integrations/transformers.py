@@ -29,6 +29,8 @@ What models pass and how it is handled:
   Measured on the CPU (fp32, batch 8, 8 heads, 512 tokens, d 64, 42% left
   padding, 2 threads): forward 19.7 ms unpadded vs 35.3 ms with the 4-D bool
   mask, forward + backward 76.5 vs 169.4 ms.
+  With queries and keys at the same positions (training, prefill) q and k share
+  one cu_seqlens tensor, which Hopper's sm90 kernels need to take varlen.
   Causal and window alignment are bottom-right per sequence, so left and right
   padding, KV-cache decoding (one query over the cache) and static caches work.
 * Packed batches: with no padded token (no 2-D mask, or one without zeros),
