@@ -114,19 +114,16 @@ def bench_varlen(h, d, quick, shortest=256, longest=4096, count=16):
 
     qp, kp, vp = (torch.randn(len(lens), maxlen, h, d, device=DEV, dtype=DT, requires_grad=True) for _ in range(3))
 
-    def padded():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
-                                                  is_causal=True)
-    rows.append(measure("sdpa_flash_padded", padded,
-                        lambda o: torch.autograd.grad(o, (qp, kp, vp), torch.ones_like(o)), flops))
-
-    def padded_cudnn():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
-                                                  is_causal=True)
-    rows.append(measure("sdpa_cudnn_padded", padded_cudnn,
-                        lambda o: torch.autograd.grad(o, (qp, kp, vp), torch.ones_like(o)), flops))
+    def padded(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
+                                                      is_causal=True)
+        return run
+    for name, backend in (("sdpa_flash_padded", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa_cudnn_padded", SDPBackend.CUDNN_ATTENTION)):
+        rows.append(measure(name, padded(backend),
+                            lambda o: torch.autograd.grad(o, (qp, kp, vp), torch.ones_like(o)), flops))
     return f"varlen: {len(lens)} sequences, {total} tokens (max {maxlen}), h{h} d{d}, causal", rows
 
 

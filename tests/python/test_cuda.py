@@ -205,6 +205,16 @@ def _debug_log(tmp_path):
     return (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
 
 
+def _first_fwd_bwd_lines(tmp_path):
+    """The debug log's first forward and first backward line (after the GPU has finished)."""
+    torch.cuda.synchronize()
+    lines = _debug_log(tmp_path)
+    fwd = [ln for ln in lines if ln.startswith("FWD")]
+    bwd = [ln for ln in lines if ln.startswith("BWD")]
+    assert fwd and bwd, lines
+    return fwd[0], bwd[0]
+
+
 SM90_FEATURES = {
     "no_mods": dict(),
     "no_mods_causal": dict(causal=True),
@@ -249,19 +259,15 @@ def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
     out, lse = orchard.flash_attn_func(q, k, v, return_softmax_lse=True, **kw)
     leaves = (q, k, v) + ((kw["sink"],) if "sink" in kw else ())
     grads = torch.autograd.grad(out, leaves, do)
-    torch.cuda.synchronize()
-    lines = _debug_log(tmp_path)
+    fwd0, bwd0 = _first_fwd_bwd_lines(tmp_path)
     sm90 = _sm90_expected()
-    fwd = [ln for ln in lines if ln.startswith("FWD")]
-    bwd = [ln for ln in lines if ln.startswith("BWD")]
-    assert fwd and bwd, lines
-    assert (".sm90." in fwd[0]) == sm90, fwd[0]
-    assert (".sm90." in bwd[0]) == sm90, bwd[0]
-    for line in (fwd[0], bwd[0]):  # the variant names a window only where one was asked for
+    assert (".sm90." in fwd0) == sm90, fwd0
+    assert (".sm90." in bwd0) == sm90, bwd0
+    for line in (fwd0, bwd0):  # the variant names a window only where one was asked for
         assert (".window" in line) == ("window_size" in kw), (name, line)
     if sm90:  # the head-dim bucket the dispatch picked (cuda_backend.cu sm90_head_dim_bucket)
         bucket = next(x for x in (64, 96, 128, 192, 256) if d <= x)
-        for line in (fwd[0], bwd[0]):
+        for line in (fwd0, bwd0):
             assert re.search(rf"\.sm90\.(bf16|fp16)\.d{bucket}\b", line), (bucket, line)
 
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
@@ -365,14 +371,10 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
                                                        "orchard.flash_attn", None, *features)
     grads = torch.ops.orchard.flash_attn_backward(do, q, k, v, out, lse, scale, causal, False, 0.0, 0, 0, False,
                                                   "orchard.flash_attn", None, *features)
-    torch.cuda.synchronize()
-    lines = _debug_log(tmp_path)
-    fwd = [ln for ln in lines if ln.startswith("FWD")]
-    bwd = [ln for ln in lines if ln.startswith("BWD")]
-    assert fwd and bwd, lines
+    fwd0, bwd0 = _first_fwd_bwd_lines(tmp_path)
     sm90 = _sm90_expected()
-    assert (".sm90." in fwd[0]) == (sm90 and kw.get("sm90_fwd", True)), fwd[0]
-    assert (".sm90." in bwd[0]) == (sm90 and kw.get("sm90_bwd", True)), bwd[0]
+    assert (".sm90." in fwd0) == (sm90 and kw.get("sm90_fwd", True)), fwd0
+    assert (".sm90." in bwd0) == (sm90 and kw.get("sm90_bwd", True)), bwd0
 
     ref_kw = dict(scale=scale, causal=causal, window=(wl, wr), softcap=softcap, alibi_slopes=slopes, bias=mask)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
@@ -473,16 +475,12 @@ def _check_sm90_varlen(name, lens, pad, d, dtype, tmp_path, monkeypatch):
     out, lse = orchard.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), return_softmax_lse=True, **kw)
     leaves = (q, k, v) + ((kw["sink"],) if "sink" in kw else ())
     grads = torch.autograd.grad(out, leaves, do)
-    torch.cuda.synchronize()
-    lines = _debug_log(tmp_path)
-    fwd = [ln for ln in lines if ln.startswith("FWD")]
-    bwd = [ln for ln in lines if ln.startswith("BWD")]
-    assert fwd and bwd, lines
+    fwd0, bwd0 = _first_fwd_bwd_lines(tmp_path)
     sm90 = _sm90_expected()
     forced = os.environ.get("ORCHARD_SM90_VARLEN_FWD")
     fwd_form = forced != "0" if forced is not None else total // len(lens) >= 1024
-    assert (".sm90." in fwd[0]) == (sm90 and fwd_form) and ".varlen" in fwd[0], fwd[0]
-    assert (".sm90." in bwd[0]) == (sm90 and d <= 128), bwd[0]
+    assert (".sm90." in fwd0) == (sm90 and fwd_form) and ".varlen" in fwd0, fwd0
+    assert (".sm90." in bwd0) == (sm90 and d <= 128), bwd0
 
     rkw = dict(causal=kw.get("causal", False), window=tuple(kw.get("window_size", (-1, -1))),
                softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))
