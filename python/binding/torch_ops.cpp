@@ -553,6 +553,9 @@ struct WorkspaceKey {
   std::array<int64_t, 3 * orchard::kMaxRank> shapes{};
   int64_t ndim = -1;
   bool causal = false, dropout = false, deterministic = false;
+  // Varlen: the offsets' lengths (-1: none) and the longest sequences, which size the CUDA
+  // accumulators as the batch and sequence length do (launch.h, bwd_workspace_layout).
+  int64_t cu_q_len = -1, cu_k_len = -1, max_q = 0, max_k = 0;
   bool valid = false;  // a default key (never cached) matches nothing
   bool operator==(const WorkspaceKey&) const = default;
 };
@@ -608,20 +611,23 @@ std::tuple<Tensor, Tensor, Tensor> bwd_impl(const Tensor& dout, const Tensor& q,
                                 deterministic, scope.stream, std::move(op_name));
     args.extras = make_extras(features, args.options);
     // The workspace size depends only on what WorkspaceKey holds (as _ops._WORKSPACE_BYTES
-    // keys it): asked once per thread for a repeated problem without feature arguments,
-    // which saves a second validation pass per call. An undersized workspace could only
-    // fail loudly (the core checks it).
+    // keys it; no feature argument but varlen's sizes changes it): asked once per thread for
+    // a repeated problem, which saves a second validation pass per call. An undersized
+    // workspace could only fail loudly (the core checks it).
     std::string error;
     std::size_t nbytes = 0;
-    const bool plain = !features.any();
-    const WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
+    WorkspaceKey key = workspace_key(fq, fk, fv, causal, dropout_p > 0.0, deterministic);
+    if (args.extras.cu_seqlens_q.defined()) key.cu_q_len = args.extras.cu_seqlens_q.shape[0];
+    if (args.extras.cu_seqlens_k.defined()) key.cu_k_len = args.extras.cu_seqlens_k.shape[0];
+    key.max_q = features.max_q;
+    key.max_k = features.max_k;
     thread_local WorkspaceKey cached_key{};
     thread_local std::size_t cached_bytes = 0;
-    if (plain && key.valid && key == cached_key) {
+    if (key.valid && key == cached_key) {
       nbytes = cached_bytes;
     } else {
       raise_if_failed(core().backward_workspace_bytes(args, nbytes, error), error);
-      if (plain && key.valid) {
+      if (key.valid) {
         cached_key = key;
         cached_bytes = nbytes;
       }
