@@ -409,7 +409,7 @@ def scaled_dot_product_attention(
                                           False, bool(deterministic), op, rng, True, False)
         return _sdpa_result(out, ndim, qshape)
     if mask4 is not None and sink is None and dropout_p <= 0.0 and _eager_ok(q4, k4, v4):
-        # a training call: torch's C++ autograd node around the kernels (see the function)
+        # the aten op: torch's C++ autograd node for training, a shorter host path without (see it)
         out = _ops.aten_masked_forward(q4, k4, v4, sc, mask4, deterministic)
         if out is not None:  # (B, H, L, Ev) already
             return _sdpa_result(out, ndim, qshape)

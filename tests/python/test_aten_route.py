@@ -110,6 +110,31 @@ def test_sdpa_masked_route_matches_function(monkeypatch, device, case, gqa):
 
 @needs_route
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["key_padding", "dense_bool", "float_bias"])
+def test_sdpa_masked_inference_through_the_aten_op(monkeypatch, device, case):
+    # No gradient wanted (no_grad, or no input requires one): the aten op serves the call, with
+    # the Function path's output bit for bit.
+    dt = _dtype(device)
+    q = randn(2, 4, 9, 16, dtype=dt, device=device)
+    k, v = (randn(2, 2, 11, 16, dtype=dt, device=device) for _ in range(2))
+    mask = _mask(case, 2, 4, 9, 11, dt, device)
+    calls = []
+    real = _ops._aten_forward
+    monkeypatch.setattr(_ops, "_aten_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = []
+    for layouts in (frozenset((True,)), frozenset()):
+        monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", layouts)
+        with torch.no_grad():
+            outs.append(orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        outs.append(orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    assert len(calls) == 2  # both route-on calls, none with the route off
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    assert all(out.grad_fn is None for out in outs)
+
+
+@needs_route
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_calls_the_route_cannot_serve_keep_the_function(monkeypatch, device):
     monkeypatch.setattr(_ops, "_ATEN_LAYOUTS", frozenset((True,)))
     dt = _dtype(device)
