@@ -703,7 +703,7 @@ __global__ void __launch_bounds__(384, 1)
               }
               if (!kBias && p.segment_cu != nullptr) {
                 // Varlen's segment form: each of this thread's two keys is seen by its own
-                // segment's rows only (looked up per step: kept across the loop they cost registers).
+                // segment's rows only (looked up per step rather than held across the loop in registers).
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                   const SegmentSpan span = segment_of(p.segment_cu, p.segments, n0 + key_l0 + 8 * r);
