@@ -123,21 +123,20 @@ def _padding_plan(mask: torch.Tensor, sq: int):
     """From a (batch, sk) bool mask: row/column indices of the kept keys and of
     the kept queries (the last sq positions), cu_seqlens and max lengths."""
     mk = mask
-    mq = mk[:, -sq:]
     len_k = mk.sum(1, dtype=torch.int32)
+    bk, sk_idx = mk.nonzero(as_tuple=True)
+    cu_k = _lengths_to_cu(len_k)
     if sq == mk.shape[1]:
         # Queries and keys are the same positions (training, prefill): one plan and one
         # cu_seqlens tensor for both, which the Hopper kernels need to run varlen
         # (sm90_call_support.h, the segment form).
         max_len = int(len_k.max())
-        bk, sk_idx = mk.nonzero(as_tuple=True)
-        cu = _lengths_to_cu(len_k)
-        return (bk, sk_idx), (bk, sk_idx), cu, cu, max_len, max_len
+        return (bk, sk_idx), (bk, sk_idx), cu_k, cu_k, max_len, max_len
+    mq = mk[:, -sq:]
     len_q = mq.sum(1, dtype=torch.int32)
     maxes = torch.stack((len_q.max(), len_k.max())).tolist()  # one host read
-    bk, sk_idx = mk.nonzero(as_tuple=True)
     bq, sq_idx = mq.nonzero(as_tuple=True)
-    return (bq, sq_idx), (bk, sk_idx), _lengths_to_cu(len_q), _lengths_to_cu(len_k), maxes[0], maxes[1]
+    return (bq, sq_idx), (bk, sk_idx), _lengths_to_cu(len_q), cu_k, maxes[0], maxes[1]
 
 
 def _packed_plan(position_ids: torch.Tensor, b: int, s: int):

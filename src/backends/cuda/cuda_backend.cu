@@ -145,7 +145,6 @@ bool with_sm90_bucket(const Params& p, Run&& run) {
 }
 #endif
 
-// Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 // The forward of a varlen call in its segment form where it pays (sm90_segment_forward_pays), or
 // as ORCHARD_SM90_VARLEN_FWD says: "1" always, "0" never (an A/B switch, read once per process).
 bool sm90_segment_forward(const FwdParams& call) {
@@ -162,6 +161,7 @@ FwdParams sm90_fwd_form(const FwdParams& call) {
   return call.cu_seqlens_q != nullptr && !sm90_segment_forward(call) ? call : sm90_form(call);
 }
 
+// Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 bool try_fwd_sm90(const FwdParams& call) {
 #if defined(ORCHARD_WITH_SM90)
   const FwdParams p = sm90_fwd_form(call);

@@ -706,15 +706,8 @@ __global__ void __launch_bounds__(384, 1)
                 // segment's rows only (looked up per step rather than held across the loop in registers).
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                  const SegmentSpan span = segment_of(p.segment_cu, p.segments, n0 + key_l0 + 8 * r);
-                  auto key_elems = [&](auto&& f) {
-#pragma unroll
-                    for (int q = 0; q < 8; ++q) {
-                      f(sacc[4 * q + 2 * r], 8 * q + 2 * t);
-                      f(sacc[4 * q + 2 * r + 1], 8 * q + 2 * t + 1);
-                    }
-                  };
-                  mask_outside_segment(key_elems, span, m0, kBM);
+                  static_assert(2 * 32 == kBM, "sm90 backward: the fragment spans the step's queries");
+                  mask_outside_segment(sacc, r, t, segment_of(p.segment_cu, p.segments, n0 + key_l0 + 8 * r), m0);
                 }
               }
             }

@@ -722,14 +722,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           const int row = row0 + 8 * r;
           const SegmentSpan span =
               r == 0 || (row >= span0.lo && row < span0.hi) ? span0 : segment_of(p.segment_cu, p.segments, row);
-          auto row_elems = [&](auto&& f) {
-#pragma unroll
-            for (int j = 0; j < kBN / 8; ++j) {
-              f(s_acc[4 * j + 2 * r], 8 * j + 2 * t);
-              f(s_acc[4 * j + 2 * r + 1], 8 * j + 2 * t + 1);
-            }
-          };
-          mask_outside_segment(row_elems, span, n * kBN, kBN);
+          mask_outside_segment(s_acc, r, t, span, n * kBN);
         }
       }
     };

@@ -48,16 +48,21 @@ __device__ __forceinline__ void trim_to_segments(const FwdParams& p, int r0, int
   if (t_end < t_begin) t_end = t_begin;
 }
 
-// -inf for the elements outside `span` of one row (or key) of a score fragment: `each(f)` calls
-// f(score, index offset) for that row's elements, the index being base + offset.  Nothing when
-// [base, base + width) lies inside the span (the usual tile, away from the boundaries).
-template <class Each>
-__device__ __forceinline__ void mask_outside_segment(Each&& each, SegmentSpan span, int base, int width) {
-  if (base >= span.lo && base + width <= span.hi) return;
-  each([&](float& s, int off) {
-    const int j = base + off;
-    if (j < span.lo || j >= span.hi) s = -INFINITY;
-  });
+// -inf for the elements of one row (or key) r = 0 / 1 of a score fragment that lie outside
+// `span`.  Both kernels' fragments keep element 4 j + 2 r + c at index base + 8 j + 2 t + c (j <
+// kN / 4, c < 2: the forward's rows over keys, the backward's keys over queries), so a fragment
+// covers [base, base + 2 kN).  Nothing when that lies inside the span (the usual tile, away
+// from the boundaries).
+template <int kN>
+__device__ __forceinline__ void mask_outside_segment(float (&acc)[kN], int r, int t, SegmentSpan span, int base) {
+  if (base >= span.lo && base + 2 * kN <= span.hi) return;
+#pragma unroll
+  for (int j = 0; j < kN / 4; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int i = base + 8 * j + 2 * t + c;
+      if (i < span.lo || i >= span.hi) acc[4 * j + 2 * r + c] = -INFINITY;
+    }
 }
 
 }  // namespace orchard::sm90
