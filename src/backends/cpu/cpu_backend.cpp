@@ -6,6 +6,7 @@
 #include <new>
 #include <string>
 
+#include "backends/cpu/few_rows_forward.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/gemm_bf16.h"
 #include "backends/cpu/kernel_common.h"
@@ -55,8 +56,11 @@ std::string variant_name(const FwdParams& p, bool backward) {
                      : bf16 && cpu::amx_available()              ? "bf16amx"
                      : bf16 && cpu::bf16_dot_available()         ? "bf16dot"
                                                                  : "fp32";
-  std::string name = std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
-                     std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
+  // Few query rows per kv head: the decode kernel (few_rows_forward.h), fp32 arithmetic.
+  const bool decode_kernel = !backward && cpu::forward_takes_decode_kernel(p);
+  std::string name = decode_kernel ? std::string("cpu_fwd_fp32_decode_kernel")
+                                   : std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
+                                         std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
   if (p.causal) name += "_causal";
   if (p.window_left >= 0 || (!p.causal && p.window_right >= 0)) name += "_window";
   if (p.softcap > 0.0f || p.softcap_f64 > 0.0) name += "_softcap";

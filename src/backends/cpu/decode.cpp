@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backends/cpu/fp16_rows.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/simd.h"
 #include "backends/cpu/task_pool.h"
@@ -334,6 +335,8 @@ template <DType T>
 void stage_row(const typename Elem<T>::S* src, int d, float* dst) {
   if constexpr (T == DType::kBFloat16)
     stage_row_bf16(src, d, dst);
+  else if constexpr (T == DType::kFloat16)
+    cpu::fp16_row_to_float(src, d, dst);
   else
     for (int c = 0; c < d; ++c) dst[c] = Elem<T>::load(src[c]);
 }

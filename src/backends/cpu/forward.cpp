@@ -32,6 +32,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/few_rows_forward.h"
 #include "backends/cpu/stage_bf16_panels.h"
 #include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/task_pool.h"
@@ -345,6 +346,7 @@ void forward_impl(const FwdParams& p) {
 }  // namespace
 
 void forward(const FwdParams& params) {
+  if (forward_takes_decode_kernel(params)) return forward_on_decode_kernel(params);
   with_compute_type(params, [](const FwdParams& p, auto t) { forward_impl<decltype(t)>(p); });
 }
 

@@ -1,9 +1,11 @@
 set(ORCHARD_CPU_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/cpu_backend.cpp
   ${CMAKE_CURRENT_LIST_DIR}/forward.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/fp16_rows.cpp
   ${CMAKE_CURRENT_LIST_DIR}/decode.cpp
   ${CMAKE_CURRENT_LIST_DIR}/backward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/dropout_mask.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/few_rows_forward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/gemm.cpp
   ${CMAKE_CURRENT_LIST_DIR}/gemm_bf16.cpp
   ${CMAKE_CURRENT_LIST_DIR}/score_mods.cpp

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backends/cpu/fp16_rows.h"
 #include "backends/cpu/store_row_bf16.h"
 #include "orchard/dtype.h"
 #include "orchard/numeric.h"
@@ -45,7 +46,10 @@ inline void load_row(const void* base, DType dtype, std::int64_t elem_offset, in
   switch (dtype) {
     case DType::kFloat16: {
       const auto* s = static_cast<const std::uint16_t*>(base) + elem_offset;
-      for (int i = 0; i < d; ++i) dst[i] = static_cast<T>(fp16_to_float(s[i]));
+      if constexpr (std::is_same_v<T, float>)
+        fp16_row_to_float(s, d, dst);  // F16C where the CPU has it
+      else
+        for (int i = 0; i < d; ++i) dst[i] = static_cast<T>(fp16_to_float(s[i]));
       break;
     }
     case DType::kBFloat16: {
@@ -76,7 +80,10 @@ inline void store_row(const T* src, T mul, int d, DType dtype, void* base,
   switch (dtype) {
     case DType::kFloat16: {
       auto* o = static_cast<std::uint16_t*>(base) + elem_offset;
-      for (int i = 0; i < d; ++i) o[i] = float_to_fp16(static_cast<float>(src[i] * mul));
+      if constexpr (std::is_same_v<T, float>)
+        float_row_to_fp16(src, mul, d, o);  // F16C where the CPU has it, the same rounding
+      else
+        for (int i = 0; i < d; ++i) o[i] = float_to_fp16(static_cast<float>(src[i] * mul));
       break;
     }
     case DType::kBFloat16: {

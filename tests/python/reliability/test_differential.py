@@ -48,7 +48,9 @@ Example counts: ORCHARD_FUZZ_EXAMPLES=<factor> multiplies every count here
 The CUDA tests draw the same features; a draw the CUDA backend does not
 implement yet (NotImplementedError: attn_mask, a varlen dropout mask) is
 rejected, not failed, so they cover what is implemented.
-Runs are derandomized, so CI is reproducible.
+Runs are derandomized, so CI is reproducible. A bug hunt draws new cases with
+ORCHARD_FUZZ_RANDOM=1 (derandomize off; add pytest's --hypothesis-seed=N to
+replay a run), e.g. ORCHARD_FUZZ_RANDOM=1 ORCHARD_FUZZ_EXAMPLES=10.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from ._reference import (CONTIGUOUS, Layout, as_reference, assert_lse, assert_ru
                          attention_reference, inherent_grad_error, make_input, sink_backward_naive)
 
 FUZZ_FACTOR = float(os.environ.get("ORCHARD_FUZZ_EXAMPLES", "1"))
+FUZZ_DERANDOMIZE = os.environ.get("ORCHARD_FUZZ_RANDOM", "0") in ("", "0")
 
 
 def n_examples(n: int) -> int:
@@ -75,7 +78,7 @@ def n_examples(n: int) -> int:
 
 
 def fuzz_settings(n: int):
-    return settings(max_examples=n_examples(n), deadline=None, derandomize=True, database=None,
+    return settings(max_examples=n_examples(n), deadline=None, derandomize=FUZZ_DERANDOMIZE, database=None,
                     print_blob=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])

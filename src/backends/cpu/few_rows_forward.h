@@ -1,0 +1,30 @@
+// Forward calls with few query rows per kv head (a decode step, a speculative-decoding or
+// cross-attention call with a handful of queries, made through flash_attn_func, the SDPA
+// drop-in or orchard_ops) run on the CPU decode kernel (decode.cpp) instead of the tiled
+// forward (forward.cpp). The tiled forward stages K^T and V of every (batch, kv head) before
+// it computes; with few rows that staging is most of the call. The decode kernel reads K / V
+// in place and serves a kv head's whole query group at once.
+#pragma once
+
+#include "orchard/params.h"
+
+namespace orchard::cpu {
+
+// Query rows per kv head (query heads per kv head x sq) up to which the decode kernel runs.
+// 2 threads, Zen 4, fp32, sk 4k, d 64 / 128, MHA and GQA (bench/RESULTS.md, session 40): at
+// 16 rows the decode kernel took 0.61-0.72x the tiled forward's time, at 32 rows 0.75-1.12x,
+// at 64 rows 0.98-1.13x.
+inline constexpr int kFewRowsMaxRows = 16;
+
+// Whether forward(p) runs on the decode kernel: fp32 / fp16 (bf16 stays tiled: its staging
+// is cheap and the tiled bf16 GEMMs measured on par or faster), at most kFewRowsMaxRows rows
+// per kv head, head dim a multiple of 8 up to 256 with d_v == d, no varlen, dropout, mask or
+// sink, and a bottom-right diagonal wherever causal, a window or ALiBi needs one (the decode
+// kernel's). ORCHARD_CPU_FEW_ROWS=0 in the environment (read per call) keeps every call tiled.
+bool forward_takes_decode_kernel(const FwdParams& p);
+
+// Runs p on the decode kernel (split-KV when the (batch, kv head) pairs are fewer than the
+// threads). Requires forward_takes_decode_kernel(p).
+void forward_on_decode_kernel(const FwdParams& p);
+
+}  // namespace orchard::cpu
