@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _ops
+from .paged_varlen import gather_paged_kv
 
 _Tensor = torch.Tensor
 _FWD = _ops._FWD  # torch.ops.orchard.flash_attn_forward.default, without the packet lookups
@@ -241,8 +242,13 @@ def flash_attn_varlen_func(
            b owns rows [cu[b], cu[b + 1]). Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: at least the longest sequence's length.
         Causal and windows align bottom-right per sequence.""" + _FLASH_ARGS_DOC + """
-        block_table: paged KV is not supported here (flash_attn_with_kvcache's
-           territory); must be None.
+        block_table: int32 (batch, max_blocks_per_seq): k and v are then paged
+           caches (num_blocks, page_size, nheads_k, headdim[_v]), any page size,
+           and sequence b's keys are its cache positions [0, cu_seqlens_k[b + 1] -
+           cu_seqlens_k[b]) through its row of the table. The rows in use are
+           gathered into one packed copy first (paged_varlen.py), then the call
+           runs as above, backward included; ``flash_attn_with_kvcache`` reads a
+           paged cache in place (the choice for a decode step).
 
     Returns:
         out (total_q, nheads, headdim_v), or with (softmax_lse[, S_dmask]),
@@ -251,7 +257,7 @@ def flash_attn_varlen_func(
     """
     op = "orchard.flash_attn_varlen_func"
     if block_table is not None:
-        raise NotImplementedError(f"{op}: block_table (paged KV) is not supported")
+        k, v = gather_paged_kv(op, q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
     return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                   alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
                   (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))

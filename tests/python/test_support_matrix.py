@@ -71,6 +71,16 @@ def _varlen(device, dtype):
     return orchard.flash_attn_varlen_func(q, k, v, cu, cu, 19, 19, causal=True), (q, k, v)
 
 
+def _paged_varlen(device, dtype):
+    cu_q = torch.tensor([0, 5, 5, 24], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 30, 32, 51], dtype=torch.int32, device=device)
+    table = torch.tensor([[3, 0], [5, 5], [1, 4]], dtype=torch.int32, device=device)  # 16-row pages
+    q = randn(24, 4, 32, dtype=dtype, device=device, requires_grad=True)
+    k, v = (randn(6, 16, 2, 32, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+    out = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 19, 30, causal=True, block_table=table)
+    return out, (q, k, v)
+
+
 def _attn_mask(device, dtype):
     q, k, v = (t.transpose(1, 2) for t in _qkv(device, dtype, hkv=4))
     bool_mask = torch.rand(24, 24, device=device) > 0.3
@@ -101,6 +111,7 @@ FEATURES = {
     "ALiBi": _alibi,
     "sink": _sink,
     "varlen": _varlen,
+    "varlen + block_table (paged KV)": _paged_varlen,
     "attn_mask (bool / float)": _attn_mask,
     "attn_mask + sink": _attn_mask_sink,
     "value head dim != head dim": _dv,

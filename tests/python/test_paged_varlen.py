@@ -1,0 +1,132 @@
+"""flash_attn_varlen_func with block_table (python/orchard/paged_varlen.py): packed queries
+over a paged KV cache, against the float64 reference on the keys each sequence's table names,
+with features, odd page sizes, empty sequences, shuffled pools; gradients into the caches; and
+every bad table or cache caught with an op-prefixed error before anything runs."""
+
+import pytest
+import torch
+
+import orchard
+from conftest import DEVICES
+from feature_reference import varlen_attention_ref
+from helpers import check_close_rule
+
+OP = "orchard.flash_attn_varlen_func"
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-4}
+
+
+def _cu(lens, device):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _paged_case(lens_q, lens_k, page, hq=4, hkv=2, d=32, dv=32, dtype=torch.float32, device="cpu",
+                spare_blocks=3, requires_grad=False, seed=0):
+    """q (packed), k_cache / v_cache (a shuffled pool with spare blocks), block_table, and the
+    packed k / v the table names (the reference's input)."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = max(1, max((n + page - 1) // page for n in lens_k))
+    num_blocks = len(lens_k) * per_seq + spare_blocks
+    table = torch.randperm(num_blocks, generator=g)[:len(lens_k) * per_seq].view(len(lens_k), per_seq)
+    q = torch.randn(sum(lens_q), hq, d, generator=g).to(dtype)
+    kc = torch.randn(num_blocks, page, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, page, hkv, dv, generator=g).to(dtype)
+    rows = [(table[b, j // page], j % page) for b, n in enumerate(lens_k) for j in range(n)]
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    pos = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    q, kc, vc = (t.to(device).requires_grad_(requires_grad) for t in (q, kc, vc))
+    return q, kc, vc, table.int().to(device), ids.to(device), pos.to(device)
+
+
+CASES = {
+    "causal_page16": ([5, 0, 9], [40, 7, 33], 16, dict(causal=True)),
+    "page1": ([3, 4], [9, 4], 1, dict()),
+    "page7_window": ([6, 11], [30, 11], 7, dict(window_size=(5, 2))),
+    "empty_keys": ([4, 2, 3], [0, 20, 3], 16, dict(causal=True)),
+    "page256_softcap_alibi": ([17, 30], [300, 30], 256, dict(softcap=6.0, alibi=True)),
+    "sink_causal": ([8, 8], [20, 8], 16, dict(causal=True, sink=True)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_varlen_vs_reference(case, dtype, device):
+    if dtype == torch.float64 and device != "cpu":
+        pytest.skip("float64 runs on the CPU only")
+    lens_q, lens_k, page, feats = CASES[case]
+    q, kc, vc, table, ids, pos = _paged_case(lens_q, lens_k, page, dtype=dtype, device=device)
+    cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
+    kw = {k: v for k, v in feats.items() if k not in ("alibi", "sink")}
+    ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
+                  softcap=kw.get("softcap", 0.0))
+    if feats.get("alibi"):
+        kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(len(lens_q), 4, device=device) * 0.2
+    if feats.get("sink"):
+        kw["sink"] = ref_kw["sink"] = torch.randn(4, device=device)
+    out, lse = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table,
+                                              return_softmax_lse=True, **kw)
+    k, v = kc[ids, pos], vc[ids, pos]
+    ref, ref_lse = varlen_attention_ref(q, k, v, cu_q, cu_k, **ref_kw)
+    naive, _ = varlen_attention_ref(q, k, v, cu_q, cu_k, upcast=False, **ref_kw)
+    check_close_rule(out, ref, naive, ATOL[dtype], f"paged {case}")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite.cpu())
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_varlen_gradients_reach_the_caches(device):
+    """The backward of the packed call flows through the gather: each used cache row gets its
+    key's gradient, rows no sequence uses (spare blocks, a last page's tail) get zero."""
+    lens_q, lens_k, page = [6, 9], [21, 9], 8
+    q, kc, vc, table, ids, pos = _paged_case(lens_q, lens_k, page, device=device, requires_grad=True)
+    cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
+    out = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 9, 21, causal=True, block_table=table)
+    dout = torch.randn_like(out)
+    dq, dkc, dvc = torch.autograd.grad(out, (q, kc, vc), dout)
+    k, v = kc.detach()[ids, pos].requires_grad_(), vc.detach()[ids, pos].requires_grad_()
+    qd = q.detach().requires_grad_()
+    packed = orchard.flash_attn_varlen_func(qd, k, v, cu_q, cu_k, 9, 21, causal=True)
+    dq_p, dk_p, dv_p = torch.autograd.grad(packed, (qd, k, v), dout)
+    torch.testing.assert_close(dq, dq_p)
+    torch.testing.assert_close(dkc[ids, pos], dk_p)
+    torch.testing.assert_close(dvc[ids, pos], dv_p)
+    used = torch.zeros(kc.shape[:2], dtype=torch.bool, device=device)
+    used[ids, pos] = True
+    assert dkc[~used].abs().max() == 0 and dvc[~used].abs().max() == 0
+
+
+def _bad(device="cpu"):
+    q, kc, vc, table, _, _ = _paged_case([3, 2], [20, 5], 8, device=device)
+    return dict(q=q, k=kc, v=vc, cu_seqlens_q=_cu([3, 2], device), cu_seqlens_k=_cu([20, 5], device),
+                max_seqlen_q=3, max_seqlen_k=20, block_table=table)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(block_table=a["block_table"].long()), "block_table must be int32"),
+    (lambda a: a.update(block_table=a["block_table"][:1]), "block_table must be (batch, max_blocks_per_seq)"),
+    (lambda a: a.update(block_table=a["block_table"][:, :0]), "at least one column"),
+    (lambda a: a["block_table"].__setitem__((1, 0), 10_000), "block_table[1, 0] = 10000 is outside"),
+    (lambda a: a["block_table"].__setitem__((0, 1), -1), "block_table[0, 1] = -1 is outside"),
+    (lambda a: a.update(block_table=a["block_table"][:, :2]), "sequence 0 needs cache position 16"),
+    (lambda a: a.update(k=a["k"][0]), "paged caches (num_blocks, page_size, nheads_k, headdim)"),
+    (lambda a: a.update(v=a["v"][:, :4]), "must agree in (num_blocks, page_size, nheads_k)"),
+    (lambda a: a.update(block_table=a["block_table"].to("meta")), "block_table is on meta"),
+])
+def test_paged_varlen_bad_input(change, message):
+    args = _bad()
+    change(args)
+    with pytest.raises(ValueError) as err:
+        orchard.flash_attn_varlen_func(**args)
+    assert str(err.value).startswith(OP) and message in str(err.value), str(err.value)
+
+
+def test_paged_varlen_large_max_seqlen_does_not_read_past_the_pool():
+    """max_seqlen_k is an upper bound only: a generous one gathers no extra rows (the
+    values are readable here), and a decode-style call (one query row each) matches."""
+    lens_q, lens_k, page = [1, 1, 1], [50, 1, 17], 16
+    q, kc, vc, table, ids, pos = _paged_case(lens_q, lens_k, page)
+    cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
+    out = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 1, 64, block_table=table, causal=True)
+    ref, _ = varlen_attention_ref(q, kc[ids, pos], vc[ids, pos], cu_q, cu_k, causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
