@@ -156,6 +156,7 @@ class Case:
     seqlens_q: tuple = ()
     seqlens_k: tuple = ()
     max_slack: int = 0
+    page_size: int = 0  # varlen: > 0 passes k / v as a shuffled page pool with a block_table
 
     @property
     def d_v(self) -> int:
@@ -189,7 +190,7 @@ class Case:
                          f"@{self.mask_density}/{self.mask_layout}")
         if self.api == "varlen":
             parts.append(f"seqlens_q={list(self.seqlens_q)} seqlens_k={list(self.seqlens_k)} "
-                         f"slack={self.max_slack}")
+                         f"slack={self.max_slack}" + (f" page={self.page_size}" if self.page_size else ""))
         return " ".join(parts)
 
     def __str__(self) -> str:
@@ -344,7 +345,8 @@ def varlen_cases(draw, device: str = "cpu"):
                 return_probs=dropout_p > 0 or (device == "cpu" and draw(st.booleans())),
                 deterministic=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**31 - 1)), device=device, seqlens_q=lq, seqlens_k=lk,
-                max_slack=draw(st.sampled_from([0, 0, 0, 1, 7])), **feats)
+                max_slack=draw(st.sampled_from([0, 0, 0, 1, 7])),
+                page_size=draw(st.sampled_from([0, 0, 0, 1, 5, 16])), **feats)
 
 
 # --------------------------------------------------------------------------
@@ -407,6 +409,21 @@ def _feature_tensors(case: Case, dtype: torch.dtype, dev: torch.device):
     return slopes, sink, mask, mask4
 
 
+def _paged(case: Case, k, v):
+    """The packed k / v (rows, hkv, d) scattered into a shuffled pool of case.page_size-row
+    blocks (one spare), differentiably, and the int32 block_table that names each sequence's."""
+    page = case.page_size
+    per_seq = max(1, max((n + page - 1) // page for n in case.seqlens_k))
+    blocks = case.b * per_seq + 1
+    gen = torch.Generator().manual_seed(case.seed ^ 0xB10C)
+    table = torch.randperm(blocks, generator=gen)[:case.b * per_seq].view(case.b, per_seq)
+    ids = [int(table[b, j // page]) for b, n in enumerate(case.seqlens_k) for j in range(n)]
+    pos = [j % page for n in case.seqlens_k for j in range(n)]
+    idx = (torch.tensor(ids, dtype=torch.long, device=k.device), torch.tensor(pos, dtype=torch.long, device=k.device))
+    pool = lambda t: t.new_zeros(blocks, page, *t.shape[1:]).index_put(idx, t)  # noqa: E731
+    return pool(k), pool(v), table.to(device=k.device, dtype=torch.int32)
+
+
 def _orchard(case: Case, q, k, v, slopes=None, sink=None, mask=None):
     """Calls the API under test; returns (out in logical 4-D, lse or None,
     keep-mask or None)."""
@@ -420,11 +437,12 @@ def _orchard(case: Case, q, k, v, slopes=None, sink=None, mask=None):
     if case.api == "varlen":
         cu_q = torch.tensor(_cu(case.seqlens_q), dtype=torch.int32, device=q.device)
         cu_k = torch.tensor(_cu(case.seqlens_k), dtype=torch.int32, device=q.device)
+        kp, vp, table = (k[0], v[0], None) if not case.page_size else _paged(case, k[0], v[0])
         r = orchard.flash_attn_varlen_func(
-            q[0], k[0], v[0], cu_q, cu_k, max(case.seqlens_q) + case.max_slack,
+            q[0], kp, vp, cu_q, cu_k, max(case.seqlens_q) + case.max_slack,
             max(case.seqlens_k) + case.max_slack, dropout_p=case.dropout_p, softmax_scale=case.softmax_scale,
             causal=case.causal, deterministic=case.deterministic, return_attn_probs=case.return_probs,
-            return_softmax_lse=True, **feats)
+            return_softmax_lse=True, block_table=table, **feats)
         out, lse, keep = r if case.return_probs else (*r, None)
         tq = sum(case.seqlens_q)
         assert tuple(out.shape) == (tq, case.hq, case.d_v), f"varlen output shape {tuple(out.shape)}"
