@@ -11,9 +11,10 @@
 namespace orchard::cpu {
 
 // Query rows per kv head (query heads per kv head x sq) up to which the decode kernel runs.
-// 2 threads, Zen 4, fp32, sk 4k, d 64 / 128, MHA and GQA (bench/RESULTS.md, session 40): at
-// 16 rows the decode kernel took 0.61-0.72x the tiled forward's time, at 32 rows 0.75-1.12x,
-// at 64 rows 0.98-1.13x.
+// 2 threads, Zen 4, fp32 and fp16, d 64 / 128, sk 1k / 4k, MHA, GQA 4:1 and MQA 8:1 (the
+// A/B in bench/RESULTS.md, session 40): at 16 rows the decode kernel took 0.44-0.96x the tiled
+// forward's time, at 32 rows 0.55-1.18x (above 1 at sk 1k d64 and with one kv head), at 64
+// rows 0.83-1.52x.
 inline constexpr int kFewRowsMaxRows = 16;
 
 // Whether forward(p) runs on the decode kernel: fp32 / fp16 (bf16 stays tiled: its staging
