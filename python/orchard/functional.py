@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import _ops
-from .paged_varlen import gather_paged_kv
+from .paged_varlen import (attend_decode_form, check_paged_blocks, check_paged_shapes, decode_form_applies,
+                           gather_paged_kv)
 
 _Tensor = torch.Tensor
 _FWD = _ops._FWD  # torch.ops.orchard.flash_attn_forward.default, without the packet lookups
@@ -245,10 +246,11 @@ def flash_attn_varlen_func(
         block_table: int32 (batch, max_blocks_per_seq): k and v are then paged
            caches (num_blocks, page_size, nheads_k, headdim[_v]), any page size,
            and sequence b's keys are its cache positions [0, cu_seqlens_k[b + 1] -
-           cu_seqlens_k[b]) through its row of the table. The rows in use are
-           gathered into one packed copy first (paged_varlen.py), then the call
-           runs as above, backward included; ``flash_attn_with_kvcache`` reads a
-           paged cache in place (the choice for a decode step).
+           cu_seqlens_k[b]) through its row of the table. A call of at most 16
+           query rows per sequence that needs no gradient reads the pages in
+           place on the KV-cache kernels; any other gathers the rows in use into
+           one packed copy and runs as above, backward included (gradients reach
+           the caches). paged_varlen.py says which calls take which form.
 
     Returns:
         out (total_q, nheads, headdim_v), or with (softmax_lse[, S_dmask]),
@@ -257,7 +259,24 @@ def flash_attn_varlen_func(
     """
     op = "orchard.flash_attn_varlen_func"
     if block_table is not None:
-        k, v = gather_paged_kv(op, q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
+        if not isinstance(cu_seqlens_k, _Tensor):
+            raise TypeError(f"{op}: cu_seqlens_k must be a torch.Tensor, got {type(cu_seqlens_k).__name__}")
+        check_paged_shapes(op, q, k, v, block_table, cu_seqlens_k.numel() - 1)
+        # cu_seqlens_k's last offset is bounded by the pool the table can name, not a packed tensor.
+        capacity = block_table.shape[0] * block_table.shape[1] * k.shape[1]
+        _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, capacity, int(max_seqlen_k), q.device)
+        check_paged_blocks(op, k, block_table, cu_seqlens_k)
+        if decode_form_applies(q, k, v, max_seqlen_q, dropout_p, sink, return_attn_probs):
+            # The KV-cache kernels read the pages in place (paged_varlen.py).
+            _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
+            if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+                raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                                 f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+            out, lse = attend_decode_form(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
+                                          softmax_scale, causal, _check_window(op, window_size),
+                                          _check_softcap(op, softcap), alibi_slopes)
+            return (out, lse) if return_softmax_lse else out
+        k, v = gather_paged_kv(q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
     return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                   alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
                   (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))

@@ -6,13 +6,22 @@ max_blocks_per_seq). Sequence b attends to its cache positions [0, len_k), len_k
 cu_seqlens_k[b + 1] - cu_seqlens_k[b]; position j is row j % page_size of block
 block_table[b, j // page_size]. Any page size (flash-attn asks for multiples of 256).
 
-How: the sequences' cache rows are gathered into one packed (total_k, nheads_k, headdim) copy —
-one read and one write of the rows in use — and the call runs as a plain varlen call on it. So
-it has every feature, dtype and kernel (Hopper's included) of the varlen path, and a backward:
-gradients reach k_cache / v_cache through the gather. The copy costs what one pass over those
-keys costs: next to a prefill's attention (every query row against every key) little, next to a
-decode step's (a few rows) as much as the attention itself; ``flash_attn_with_kvcache`` reads a
-paged cache in place for those.
+How, in one of two forms:
+- decode form: calls with at most KVCACHE_MAX_ROWS query rows per sequence that need no gradient
+  (a decode or speculative step of a serving batch) run on the KV-cache kernels, which read the
+  pages in place: each sequence's query rows are placed at the end of a (batch, max_seqlen_q)
+  block (so the kernels' bottom-right diagonal is the sequence's own) and the results taken back
+  out. Taken when ``flash_attn_with_kvcache`` has everything the call asks for: no dropout, sink
+  or attention-probability output; fp32 / bf16 / fp16; head dim a multiple of 8 up to 256 with
+  v's equal to q's; pages a multiple of 16 rows; CPU or CUDA.
+- gather form (every other call): the sequences' cache rows are gathered into one packed
+  (total_k, nheads_k, headdim) copy — one read and one write of the rows in use — and the call
+  runs as a plain varlen call on it: every feature, dtype and kernel (Hopper's included) of the
+  varlen path, and a backward (gradients reach k_cache / v_cache through the gather). Next to a
+  prefill's attention the copy is cheap (a 4 x 1024-token causal prefill, 2 CPU threads: 1.04-1.06x
+  the packed call's time in fp32, 1.09-1.11x in bf16); a decode step (4 sequences x 4096 keys,
+  d128) took 65.9 / 34.8 ms gathered (fp32 / bf16) and takes 7.5 / 10.7 ms in the decode form
+  (bench/RESULTS.md, session 40).
 
 Checks (op-prefixed ValueErrors, before anything runs): block_table's dtype, shape and device;
 the caches' shapes; and, where the values can be read (not while a CUDA graph is captured or
@@ -24,10 +33,16 @@ from __future__ import annotations
 
 import torch
 
+from .kvcache import flash_attn_with_kvcache
+
 _Tensor = torch.Tensor
 
+#: Query rows per sequence (max_seqlen_q) up to which a call takes the decode form.
+KVCACHE_MAX_ROWS = 16
 
-def _check_shapes(op: str, q, k_cache, v_cache, block_table, batch: int) -> None:
+
+def check_paged_shapes(op: str, q, k_cache, v_cache, block_table, batch: int) -> None:
+    """The table's dtype, shape and device and the caches' shapes."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table)):
         if not isinstance(t, _Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,49 +65,90 @@ def _check_shapes(op: str, q, k_cache, v_cache, block_table, batch: int) -> None
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
 
 
-def _values_readable(t: _Tensor) -> bool:
-    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
-
-
-def gather_paged_kv(op: str, q, k_cache, v_cache, block_table, cu_seqlens_k, max_seqlen_k: int):
-    """The packed (rows, nheads_k, headdim) k and v of a paged call, row r of sequence b (r in
-    [cu_seqlens_k[b], cu_seqlens_k[b + 1])) holding its cache position r - cu_seqlens_k[b].
-    rows = cu_seqlens_k[-1] where the values are readable, else batch * max_seqlen_k (the rows
-    past cu_seqlens_k[-1] are filler no sequence reads)."""
-    if not isinstance(cu_seqlens_k, _Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 1:
-        raise ValueError(f"{op}: cu_seqlens_k must be a 1-D tensor (batch + 1,) with block_table")
-    batch = cu_seqlens_k.numel() - 1
-    _check_shapes(op, q, k_cache, v_cache, block_table, batch)
-    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.device != q.device:
-        return k_cache, v_cache  # the varlen checks that follow name the problem
-    num_blocks, page = k_cache.shape[0], k_cache.shape[1]
-    max_blocks = block_table.shape[1]
-    readable = _values_readable(cu_seqlens_k)
-    rows = int(cu_seqlens_k[-1]) if readable else batch * int(max_seqlen_k)
-    if batch == 0 or rows <= 0:
-        return k_cache.new_empty((0, *k_cache.shape[2:])), v_cache.new_empty((0, *v_cache.shape[2:]))
-    r = torch.arange(rows, dtype=torch.int32, device=q.device)
-    seq = torch.searchsorted(cu_seqlens_k[1:], r, right=True).clamp_(max=batch - 1)
-    pos = r - cu_seqlens_k[seq]  # cache position within the sequence
-    blk = torch.div(pos, page, rounding_mode="floor")
-    if readable:
-        _check_blocks(op, seq, blk, block_table, num_blocks, page, max_blocks)
-    ids = block_table[seq, blk.clamp(0, max_blocks - 1)].clamp_(0, num_blocks - 1).long()
-    row = torch.remainder(pos, page).long()
-    return k_cache[ids, row], v_cache[ids, row]
-
-
-def _check_blocks(op, seq, blk, block_table, num_blocks, page, max_blocks) -> None:
-    """Every row's block is within the table's row and names a block of the pool (one host read)."""
+def check_paged_blocks(op: str, k_cache, block_table, cu_seqlens_k) -> None:
+    """Where the values can be read (one host read): each sequence within its row of the table,
+    every block it uses inside the pool. After check_paged_shapes and the cu_seqlens_k checks."""
+    if cu_seqlens_k.numel() < 2 or not _values_readable(cu_seqlens_k):
+        return
+    num_blocks, page, max_blocks = k_cache.shape[0], k_cache.shape[1], block_table.shape[1]
+    seq, blk, _ = _key_rows(cu_seqlens_k, int(cu_seqlens_k[-1]), page)
     past = blk >= max_blocks
     if bool(past.any()):
         i = int(past.nonzero()[0, 0])
-        b = int(seq[i])
-        raise ValueError(f"{op}: sequence {b} needs cache position {int(blk[i]) * page} and up, past its "
-                         f"block_table row of {max_blocks} blocks x page_size {page}")
+        raise ValueError(f"{op}: sequence {int(seq[i])} needs cache position {int(blk[i]) * page} and up, past "
+                         f"its block_table row of {max_blocks} blocks x page_size {page}")
     ids = block_table[seq, blk]
     bad = (ids < 0) | (ids >= num_blocks)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: block_table[{int(seq[i])}, {int(blk[i])}] = {int(ids[i])} is outside the "
                          f"cache's {num_blocks} blocks")
+
+
+def _values_readable(t: _Tensor) -> bool:
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _key_rows(cu_seqlens_k, rows: int, page: int):
+    """(sequence, block column, cache position) of packed key rows [0, rows)."""
+    batch = cu_seqlens_k.numel() - 1
+    r = torch.arange(rows, dtype=torch.int32, device=cu_seqlens_k.device)
+    seq = torch.searchsorted(cu_seqlens_k[1:], r, right=True).clamp_(max=batch - 1)
+    pos = r - cu_seqlens_k[seq]
+    return seq, torch.div(pos, page, rounding_mode="floor"), pos
+
+
+def gather_paged_kv(q, k_cache, v_cache, block_table, cu_seqlens_k, max_seqlen_k: int):
+    """The gather form's packed (rows, nheads_k, headdim) k and v (after check_paged), row r of
+    sequence b (r in [cu_seqlens_k[b], cu_seqlens_k[b + 1])) holding its cache position
+    r - cu_seqlens_k[b]. rows = cu_seqlens_k[-1] where the values are readable, else
+    batch * max_seqlen_k (the rows past cu_seqlens_k[-1] are filler no sequence reads)."""
+    batch = cu_seqlens_k.numel() - 1
+    num_blocks, page, max_blocks = k_cache.shape[0], k_cache.shape[1], block_table.shape[1]
+    rows = int(cu_seqlens_k[-1]) if _values_readable(cu_seqlens_k) else batch * int(max_seqlen_k)
+    if batch == 0 or rows <= 0:
+        return k_cache.new_empty((0, *k_cache.shape[2:])), v_cache.new_empty((0, *v_cache.shape[2:]))
+    seq, blk, pos = _key_rows(cu_seqlens_k, rows, page)
+    ids = block_table[seq, blk.clamp(0, max_blocks - 1)].clamp_(0, num_blocks - 1).long()
+    row = torch.remainder(pos, page).long()
+    return k_cache[ids, row], v_cache[ids, row]
+
+
+def decode_form_applies(q, k_cache, v_cache, max_seqlen_q: int, dropout_p, sink, return_attn_probs) -> bool:
+    """Whether the call runs on the KV-cache kernels (the module docstring's decode form)."""
+    if not (0 < int(max_seqlen_q) <= KVCACHE_MAX_ROWS) or dropout_p > 0.0 or sink is not None or return_attn_probs:
+        return False
+    if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    d = q.shape[-1]
+    if k_cache.dim() != 4 or v_cache.dim() != 4 or v_cache.shape[-1] != d or d % 8 or d > 256:
+        return False
+    if k_cache.shape[1] % 16:
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad))
+
+
+def attend_decode_form(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, block_table,
+                       softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """(out (total_q, nheads, headdim), lse (nheads, total_q) float32) of the decode form. Rows
+    of q past cu_seqlens_q[-1] belong to no sequence: out 0, lse -inf, as on the varlen path."""
+    batch = cu_seqlens_q.numel() - 1
+    total, heads, d = q.shape
+    max_q = int(max_seqlen_q)
+    r = torch.arange(total, dtype=torch.int32, device=q.device)
+    seq = torch.searchsorted(cu_seqlens_q[1:], r, right=True)
+    inside = seq < batch
+    seq = seq.clamp_(max=max(batch - 1, 0))
+    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[seq]
+    slot = (r - cu_seqlens_q[seq] + max_q - len_q).clamp_(0, max_q - 1).long()  # end-aligned
+    seq = seq.long()
+    q_pad = q.new_zeros(batch, max_q, heads, d)
+    q_pad[seq[inside], slot[inside]] = q[inside]
+    seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    out_pad, lse_pad = flash_attn_with_kvcache(q_pad, k_cache, v_cache, cache_seqlens=seqlens_k,
+                                               block_table=block_table, softmax_scale=softmax_scale,
+                                               causal=causal, window_size=window_size, softcap=softcap,
+                                               alibi_slopes=alibi_slopes, return_softmax_lse=True)
+    out = torch.where(inside[:, None, None], out_pad[seq, slot], 0.0).to(q.dtype)
+    lse = torch.where(inside[None, :], lse_pad[seq, :, slot].transpose(0, 1), float("-inf"))
+    return out, lse

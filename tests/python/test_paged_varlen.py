@@ -130,3 +130,55 @@ def test_paged_varlen_large_max_seqlen_does_not_read_past_the_pool():
     out = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 1, 64, block_table=table, causal=True)
     ref, _ = varlen_attention_ref(q, kc[ids, pos], vc[ids, pos], cu_q, cu_k, causal=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.fixture
+def debug_log(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    path = tmp_path / f"orchard_flash_attn_{os.getpid()}.log"
+    return lambda: [ln.split()[0] for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("feats", [dict(), dict(causal=True), dict(causal=True, window_size=(6, -1), softcap=4.0),
+                                   dict(window_size=(3, 2), alibi=True)], ids=["plain", "causal", "window_softcap",
+                                                                               "window_alibi"])
+def test_decode_form_reads_the_pages_in_place(feats, dtype, debug_log):
+    """A serving step (1-3 query rows per sequence, one sequence with none, two rows of q past
+    cu_seqlens_q[-1] as in a static buffer) runs on the KV-cache kernel (the debug log's DECODE
+    line, no FWD), each sequence's rows on its own bottom-right diagonal."""
+    lens_q, lens_k, page = [1, 3, 0, 2], [37, 16, 5, 70], 16
+    q, kc, vc, table, ids, pos = _paged_case(lens_q, lens_k, page, hq=8, hkv=2, dtype=dtype)
+    q = torch.cat([q, torch.randn(2, 8, 32).to(dtype)])  # rows no sequence owns
+    cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
+    kw = dict(feats)
+    ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
+                  softcap=kw.get("softcap", 0.0))
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(4, 8) * 0.2
+    out, lse = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 3, 70, block_table=table,
+                                              return_softmax_lse=True, **kw)
+    assert debug_log() == ["DECODE"], debug_log()
+    n = int(cu_q[-1])
+    k, v = kc[ids, pos], vc[ids, pos]
+    ref, ref_lse = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, **ref_kw)
+    naive, _ = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, upcast=False, **ref_kw)
+    check_close_rule(out[:n], ref, naive, ATOL[dtype], "decode form")
+    torch.testing.assert_close(lse[:, :n].double(), ref_lse, atol=1e-3, rtol=1e-3)
+    assert out[n:].abs().max() == 0 and torch.isneginf(lse[:, n:]).all()
+
+
+def test_gradients_take_the_gather_form(debug_log):
+    """The same serving step with q requiring grad takes the gather form (a FWD line) and
+    agrees with the decode form."""
+    lens_q, lens_k, page = [2, 1], [40, 9], 16
+    q, kc, vc, table, _, _ = _paged_case(lens_q, lens_k, page)
+    cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
+    with torch.no_grad():
+        decode = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 2, 40, causal=True, block_table=table)
+    gathered = orchard.flash_attn_varlen_func(q.requires_grad_(), kc, vc, cu_q, cu_k, 2, 40, causal=True,
+                                              block_table=table)
+    assert debug_log() == ["DECODE", "FWD"], debug_log()
+    torch.testing.assert_close(gathered.detach(), decode, atol=2e-6, rtol=1e-5)
