@@ -142,8 +142,11 @@ def attend_decode_form(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seql
     len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[seq]
     slot = (r - cu_seqlens_q[seq] + max_q - len_q).clamp_(0, max_q - 1).long()  # end-aligned
     seq = seq.long()
-    q_pad = q.new_zeros(batch, max_q, heads, d)
-    q_pad[seq[inside], slot[inside]] = q[inside]
+    # Rows outside every sequence go to a spare batch entry, so no boolean indexing (which would
+    # read its count back to the host, and cannot run while a CUDA graph is captured).
+    q_pad = q.new_zeros(batch + 1, max_q, heads, d)
+    q_pad[torch.where(inside, seq, batch), slot] = q
+    q_pad = q_pad[:batch]
     seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
     out_pad, lse_pad = flash_attn_with_kvcache(q_pad, k_cache, v_cache, cache_seqlens=seqlens_k,
                                                block_table=block_table, softmax_scale=softmax_scale,

@@ -9,7 +9,7 @@ import torch
 import orchard
 from conftest import DEVICES
 from feature_reference import varlen_attention_ref
-from helpers import check_close_rule
+from helpers import check_close_rule, eager_and_graph_replay
 
 OP = "orchard.flash_attn_varlen_func"
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-4}
@@ -182,3 +182,18 @@ def test_gradients_take_the_gather_form(debug_log):
                                               block_table=table)
     assert debug_log() == ["DECODE", "FWD"], debug_log()
     torch.testing.assert_close(gathered.detach(), decode, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("max_q", [3, 40], ids=["decode_form", "gather_form"])
+def test_paged_varlen_in_a_cuda_graph(max_q):
+    """Both forms capture into a CUDA graph (no host reads while capturing: the value checks
+    are skipped, the gather sizes itself from batch x max_seqlen_k) and replay to the eager result."""
+    lens_q, lens_k, page = [min(max_q, 3), 2], [50, 20], 16
+    q, kc, vc, table, _, _ = _paged_case(lens_q, lens_k, page, dtype=torch.bfloat16, device="cuda")
+    cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")
+    step = lambda: orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, max_q, 64, causal=True,  # noqa: E731
+                                                  block_table=table)
+    with torch.no_grad():
+        eager, replayed = eager_and_graph_replay(step)
+    torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
