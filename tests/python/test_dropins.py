@@ -81,9 +81,10 @@ def test_not_implemented_paths():
     with pytest.raises(NotImplementedError, match="gradient of a float attn_mask together with dropout"):
         orchard.scaled_dot_product_attention(qs, qs, qs, attn_mask=randn(8, 8, requires_grad=True),
                                              dropout_p=0.1)
+    # block_table is implemented (test_paged_varlen.py): packed k / v with it are a shape error.
     cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        orchard.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 8, 8, block_table=cu)
+    with pytest.raises(ValueError, match="with block_table, k and v are paged caches"):
+        orchard.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 8, 8, block_table=cu[None])
 
 
 def test_gqa_needs_enable_gqa_like_torch():
