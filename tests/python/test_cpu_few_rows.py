@@ -165,3 +165,24 @@ def test_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
         ref, _ = feature_attention_ref(q, k, v, sink=kw.get("sink"))
         naive, _ = feature_attention_ref(q, k, v, sink=kw.get("sink"), upcast=False)
         check_close_rule(out, ref, naive, 2e-3 if dtype == torch.bfloat16 else 2e-5, case)
+
+
+@pytest.mark.parametrize("sk", [300, 5000])  # 5000 keys over one kv head: split-KV on the decode kernel
+def test_few_rows_nan_rows_match_the_tiled_forward(sk, debug_log):
+    """A NaN in one query row: that row's output and LSE are NaN on the decode kernel, as on
+    the tiled forward; the other rows are untouched."""
+    torch.manual_seed(9)
+    q, k, v = randn(1, 2, 4, 32), randn(1, sk, 1, 32), randn(1, sk, 1, 32)
+    q[0, 1, 2, 5] = float("nan")
+    out, lse = orchard.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True)
+    assert DECODE in debug_log()[-1]
+    os.environ["ORCHARD_CPU_FEW_ROWS"] = "0"
+    try:
+        tiled, tiled_lse = orchard.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True)
+    finally:
+        del os.environ["ORCHARD_CPU_FEW_ROWS"]
+    bad = torch.zeros(1, 2, 4, dtype=torch.bool)
+    bad[0, 1, 2] = True
+    assert torch.equal(out.isnan().any(-1), bad) and torch.equal(tiled.isnan().any(-1), bad)
+    assert torch.equal(lse.isnan(), bad.transpose(1, 2)) and torch.equal(tiled_lse.isnan(), bad.transpose(1, 2))
+    torch.testing.assert_close(out[~bad], tiled[~bad], atol=2e-6, rtol=1e-5)

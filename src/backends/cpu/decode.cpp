@@ -429,9 +429,11 @@ void attend_task(const DecodeParams& p, std::int64_t task) {
 
   for (int r = 0; r < rows; ++r) {
     const int i = r / groups, h = hk * groups + r % groups;
+    // Only an exact 0 sum means "no visible key" (out 0, lse -inf); a NaN sum (NaN / inf in q or
+    // k) reaches out and lse, as in the tiled forward.
     const float l = w.l[r];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? (w.m[r] + std::log2(l)) * kLn2 : kNegInf;
+    const float inv = l != 0.f ? 1.f / l : 0.f;
+    const float lse = l != 0.f ? (w.m[r] + std::log2(l)) * kLn2 : kNegInf;
     const float* ar = &w.o[static_cast<std::size_t>(r) * d];
     if (p.num_splits == 1) {
       S* op = static_cast<S*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
@@ -504,13 +506,25 @@ void combine(const DecodeParams& p) {
     const int i = static_cast<int>(idx % p.sq);
     const int h = static_cast<int>((idx / p.sq) % p.hq);
     const int bi = static_cast<int>(idx / (static_cast<std::int64_t>(p.sq) * p.hq));
+    // A split whose partial is NaN (NaN / inf in q or in a key it saw) makes the row NaN: a
+    // max over the splits would drop it (std::max(x, NaN) is x) and zero a row of NaN splits.
     float mx = kNegInf;
-    for (int sp = 0; sp < p.num_splits; ++sp) mx = std::max(mx, p.lse_accum[sp * stride + idx]);
+    bool nan = false;
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const float ls = p.lse_accum[sp * stride + idx];
+      nan |= ls != ls;
+      mx = std::max(mx, ls);
+    }
     float sum = 0.f;
     if (mx != kNegInf)
       for (int sp = 0; sp < p.num_splits; ++sp) sum += std::exp(p.lse_accum[sp * stride + idx] - mx);
-    const float lse = mx == kNegInf ? kNegInf : mx + std::log(sum);
+    const float lse = nan ? std::numeric_limits<float>::quiet_NaN() : mx == kNegInf ? kNegInf : mx + std::log(sum);
     S* op = static_cast<S*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+    if (nan) {
+      std::fill_n(op, p.d, E::store(std::numeric_limits<float>::quiet_NaN()));
+      if (p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+      return;
+    }
     for (int c = 0; c < p.d; ++c) {
       float o = 0.f;
       if (mx != kNegInf)
