@@ -542,12 +542,9 @@ def test_devices_without_a_decode_kernel_are_refused_by_name():
         orchard.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=4)
 
 
-# The CUDA decode kernels still drop a NaN row's LSE (and, split, zero its output): their
-# "l > 0" / fmaxf merges, fixed on the CPU in session 40 and not yet on a GPU.
-_CUDA_NAN_OPEN = pytest.mark.xfail(strict=True, reason="open on CUDA: decode kernels drop NaN rows (session 40 note)")
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _CUDA_NAN_OPEN])])
+# Session 40 found this on the CPU (fixed and tested there) and changed the CUDA decode kernels'
+# "l > 0" tests and cross-warp merge the same way without a GPU: the cuda case has not run yet.
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 def test_nan_propagates_through_splits(device, num_splits):
     """A NaN in one query row makes that row's output and LSE NaN, never 0 / -inf, however

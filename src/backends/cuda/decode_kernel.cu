@@ -529,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
     const int g = pair / nchunks, c = pair % nchunks;
     if (g >= rows_here) continue;
     const float l = sL[g];
-    const float inv = l > 0.f ? __fdividef(1.f, l) : 0.f;
+    const float inv = l != 0.f ? __fdividef(1.f, l) : 0.f;  // only an exact 0 is "no key"; NaN stays NaN
     const int i = sRowI[g], h = sHead[g];
     if (p.num_splits == 1) {
       T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride + c * kVec;
@@ -546,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   }
   if (tid < rows_here) {
     const float l = sL[tid];
-    const float lse = l > 0.f ? sM[tid] + logf(l) : -INFINITY;
+    const float lse = l != 0.f ? sM[tid] + logf(l) : -INFINITY;
     const int i = sRowI[tid], h = sHead[tid];
     if (p.num_splits == 1) {
       if (p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
@@ -1182,13 +1182,17 @@ __global__ void __launch_bounds__(MmaCfg<T, kD, kMT>::kThreads, MmaCfg<T, kD, kM
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sM[w][tid]);
     float l = 0.f;
+    bool nan = false;  // a warp's NaN sum (NaN / inf in q or k): fmaxf dropped its max above
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) nan |= sL[w][tid] != sL[w][tid];
     if (mx != -INFINITY)
 #pragma unroll
       for (int w = 0; w < kWarps; ++w)
         if (sM[w][tid] != -INFINITY) l += sL[w][tid] * fast_exp2(sM[w][tid] - mx);
-    sInvL[tid] = l > 0.f ? __fdividef(1.f, l) : 0.f;
+    if (nan) l = __int_as_float(0x7fc00000);
+    sInvL[tid] = l != 0.f ? __fdividef(1.f, l) : 0.f;
     if (tid < rows_here) {
-      const float lse = l > 0.f ? (mx + log2f(l)) * 0.6931471805599453f : -INFINITY;
+      const float lse = l != 0.f ? (mx + log2f(l)) * 0.6931471805599453f : -INFINITY;
       const int i = sRowI[tid], h = sHead[tid];
       if (p.num_splits == 1) {
         if (p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
@@ -1308,7 +1312,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
     wg[g] = sMax[g] == -INFINITY ? 0.f : __expf(sMax[g] - mx);
     sum += sSum[g] * wg[g];
   }
-  const float inv = sum > 0.f ? __fdividef(1.f, sum) : 0.f;
+  const float inv = sum != 0.f ? __fdividef(1.f, sum) : 0.f;  // a NaN split's sum stays NaN
   T* op = static_cast<T*>(p.out) + bi * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
   if (tid < nc4) {
     float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1322,7 +1326,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const DecodePa
     op[4 * tid + 2] = Conv<T>::store(o.z * inv);
     op[4 * tid + 3] = Conv<T>::store(o.w * inv);
   }
-  if (tid == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+  if (tid == 0 && p.lse) p.lse[bi * p.lse_batch_stride + h * p.lse_head_stride + i] = sum != 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 // ---- launch ---------------------------------------------------------------------------
