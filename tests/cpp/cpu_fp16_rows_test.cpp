@@ -16,17 +16,6 @@
 namespace orchard::cpu {
 namespace {
 
-float from_bits(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-std::uint32_t to_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
 TEST(CpuFp16Rows, WidensEveryFp16Value) {
   std::vector<std::uint16_t> src(65536);
   for (int i = 0; i < 65536; ++i) src[i] = static_cast<std::uint16_t>(i);
@@ -37,7 +26,7 @@ TEST(CpuFp16Rows, WidensEveryFp16Value) {
     if (std::isnan(want))
       ASSERT_TRUE(std::isnan(got[i])) << "bits " << i;
     else
-      ASSERT_EQ(to_bits(got[i]), to_bits(want)) << "bits " << i;
+      ASSERT_EQ(float_to_bits(got[i]), float_to_bits(want)) << "bits " << i;
   }
   for (int i = 65536 - 3; i < 65536 + 8; ++i) ASSERT_EQ(got[i], 123.f) << "wrote past n";
 }
@@ -48,13 +37,13 @@ TEST(CpuFp16Rows, NarrowsAsFloatToFp16) {
   std::uniform_int_distribution<std::uint32_t> bits(0, 0xffffffffu);
   std::vector<float> src;
   for (int i = 0; i < 300; ++i) src.push_back(nd(rng));
-  for (int i = 0; i < 300; ++i) src.push_back(from_bits(bits(rng)));  // every exponent, NaNs included
+  for (int i = 0; i < 300; ++i) src.push_back(bits_to_float(bits(rng)));  // every exponent, NaNs included
   // Ties (fp16 has 10 mantissa bits: bit 12 of an fp32 mantissa is the half), fp16 subnormal
   // ties, the overflow edge 65520, +-inf, +-0, fp32 subnormals, a NaN with payload.
   for (std::uint32_t b : {0x3f801000u, 0x3f803000u, 0xbf801000u, 0x33800000u, 0x33c00000u, 0x34200000u,
                           0x477fe000u, 0x477ff000u, 0x477fefffu, 0x7f800000u, 0xff800000u, 0x00000000u,
                           0x80000000u, 0x00000001u, 0x7fc00000u, 0x7fa00001u, 0x387fe000u, 0x38800000u})
-    src.push_back(from_bits(b));
+    src.push_back(bits_to_float(b));
   for (float mul : {1.f, 0.37f, 1.0e5f}) {
     for (int n : {1, 7, 8, 9, 64, 100, int(src.size())}) {
       std::vector<std::uint16_t> got(n + 8, 0xABCD);

@@ -16,12 +16,6 @@
 namespace orchard::cpu {
 namespace {
 
-float from_bits(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 TEST(CpuStoreRowBf16, MatchesFloatToBf16BitForBit) {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 3.f);
@@ -30,7 +24,7 @@ TEST(CpuStoreRowBf16, MatchesFloatToBf16BitForBit) {
   for (std::uint32_t bits : {0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f807fffu, 0x7fc00001u, 0x7f800001u,
                              0xffa00000u, 0x7f800000u, 0xff800000u, 0x00000001u, 0x80400000u, 0x007fffffu,
                              0x7f7fffffu, 0x00000000u, 0x80000000u})
-    src.push_back(from_bits(bits));
+    src.push_back(bits_to_float(bits));
   for (float mul : {1.f, 0.37f, 3.0e38f}) {
     for (int d : {1, 15, 16, 17, 64, 72, 100, int(src.size())}) {
       std::vector<std::uint16_t> got(d + 8, 0xABCD);
