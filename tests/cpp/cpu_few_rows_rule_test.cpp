@@ -4,6 +4,8 @@
 // should not silently stop taking it. tests/python/test_cpu_few_rows.py checks the answers.
 #include "backends/cpu/few_rows_forward.h"
 
+#include "backends/cpu/gemm_bf16.h"
+
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -63,9 +65,7 @@ TEST(CpuFewRowsRule, WhatTheDecodeKernelCannotServeStaysTiled) {
   std::uint8_t keep = 0;
   const auto stays_tiled = [](FwdParams p) { return !forward_takes_decode_kernel(p); };
   FwdParams p = decode_step();
-  p.dtype = DType::kBFloat16;
-  EXPECT_TRUE(stays_tiled(p)) << "bf16";
-  p = decode_step(), p.dtype = DType::kFloat64;
+  p.dtype = DType::kFloat64;
   EXPECT_TRUE(stays_tiled(p)) << "fp64";
   p = decode_step(), p.dropout_p = 0.1f;
   EXPECT_TRUE(stays_tiled(p)) << "dropout";
@@ -85,6 +85,21 @@ TEST(CpuFewRowsRule, WhatTheDecodeKernelCannotServeStaysTiled) {
   EXPECT_TRUE(stays_tiled(p)) << "d > 256";
   p = decode_step(), p.alibi_slopes = &slope, p.causal_offset = p.sk - p.sq;
   EXPECT_FALSE(stays_tiled(p)) << "ALiBi on the bottom-right diagonal is served";
+}
+
+TEST(CpuFewRowsRule, Bf16RowsDependOnTheBf16DotPath) {
+  const bool saved = g_bf16_dot;
+  FwdParams p = decode_step();  // 4 query heads per kv head, one row: 4 rows
+  p.dtype = DType::kBFloat16;
+  g_bf16_dot = false;  // bf16 tiles would run the fp32 path: the fp32 limit
+  p.sq = kFewRowsMaxRows / 4;
+  EXPECT_TRUE(forward_takes_decode_kernel(p));
+  g_bf16_dot = true;
+  p.sq = kFewRowsMaxRowsBf16Dot / 4;
+  EXPECT_TRUE(forward_takes_decode_kernel(p));
+  p.sq += 1;
+  EXPECT_EQ(forward_takes_decode_kernel(p), !bf16_dot_available()) << "8 rows take the bf16 tiles where they exist";
+  g_bf16_dot = saved;
 }
 
 TEST(CpuFewRowsRule, EnvironmentSwitchKeepsEveryCallTiled) {

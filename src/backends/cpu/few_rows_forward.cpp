@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "backends/cpu/gemm_bf16.h"
 #include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/task_pool.h"
 #include "core/decode_backend.h"
@@ -14,13 +15,16 @@
 namespace orchard::cpu {
 
 bool forward_takes_decode_kernel(const FwdParams& p) {
-  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16) return false;
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  // bf16 runs the tiled forward on bf16 operands where the CPU has AVX512_BF16 (cheap staging,
+  // fast GEMMs): the decode kernel pays for fewer rows there. Elsewhere bf16 tiles run the fp32 path.
+  const int max_rows = p.dtype == DType::kBFloat16 && bf16_dot_available() ? kFewRowsMaxRowsBf16Dot : kFewRowsMaxRows;
   if (p.cu_seqlens_q || p.segment_cu || p.attn_bias || p.sink || p.dropout_p > 0.0f || p.dropout_mask)
     return false;
   const int d_v = p.d_v > 0 ? p.d_v : p.d;
   if (d_v != p.d || p.d % 8 != 0 || p.d < 8 || p.d > kMaxHeadDim) return false;
   if (p.b < 1 || p.hkv < 1 || p.sq < 1 || p.hq % p.hkv != 0) return false;
-  if (static_cast<std::int64_t>(p.hq / p.hkv) * p.sq > kFewRowsMaxRows) return false;
+  if (static_cast<std::int64_t>(p.hq / p.hkv) * p.sq > max_rows) return false;
   const bool uses_diagonal = p.causal || p.window_left >= 0 || p.window_right >= 0 || p.alibi_slopes;
   if (uses_diagonal && p.causal_offset != static_cast<std::int64_t>(p.sk) - p.sq) return false;
   const char* env = std::getenv("ORCHARD_CPU_FEW_ROWS");

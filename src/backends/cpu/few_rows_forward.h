@@ -16,11 +16,18 @@ namespace orchard::cpu {
 // forward's time, at 32 rows 0.55-1.18x (above 1 at sk 1k d64 and with one kv head), at 64
 // rows 0.83-1.52x.
 inline constexpr int kFewRowsMaxRows = 16;
+// The same for bf16 on a CPU with AVX512_BF16, whose tiled forward runs bf16 GEMMs. A C++
+// harness calling the CPU forward (2 threads, the same box, d 64 / 128, sk 1k / 4k, 1 or 8 kv
+// heads, MHA and GQA 4:1, min of 15 interleaved): the decode kernel took 0.23-0.99x the tiled
+// forward's time at 1-4 rows (1.25x on two 15-24 us calls), 0.40-1.42x at 8 and 0.67-1.70x at
+// 16, where two runs disagreed with each other; through torch (bench/cpu_few_rows_bench.py) 1.35-3.25x
+// faster at 1-4 rows, 1.1-1.5x slower at 16.
+inline constexpr int kFewRowsMaxRowsBf16Dot = 4;
 
-// Whether forward(p) runs on the decode kernel: fp32 / fp16 (bf16 stays tiled: its staging
-// is cheap and the tiled bf16 GEMMs measured on par or faster), at most kFewRowsMaxRows rows
-// per kv head, head dim a multiple of 8 up to 256 with d_v == d, no varlen, dropout, mask or
-// sink, and a bottom-right diagonal wherever causal, a window or ALiBi needs one (the decode
+// Whether forward(p) runs on the decode kernel: fp32 / fp16 / bf16 with at most kFewRowsMaxRows
+// rows per kv head (kFewRowsMaxRowsBf16Dot for bf16 where the CPU has AVX512_BF16), head dim a
+// multiple of 8 up to 256 with d_v == d, no varlen, dropout, mask or sink, and a bottom-right
+// diagonal wherever causal, a window or ALiBi needs one (the decode
 // kernel's). ORCHARD_CPU_FEW_ROWS=0 in the environment (read per call) keeps every call tiled.
 bool forward_takes_decode_kernel(const FwdParams& p);
 
