@@ -272,7 +272,7 @@ def flash_attn_varlen_func(
             if cu_seqlens_q.numel() != cu_seqlens_k.numel():
                 raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                                  f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-            out, lse = attend_decode_form(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
+            out, lse = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
                                           softmax_scale, causal, _check_window(op, window_size),
                                           _check_softcap(op, softcap), alibi_slopes)
             return (out, lse) if return_softmax_lse else out

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from .kvcache import OP as _KVCACHE_OP
 from .kvcache import flash_attn_with_kvcache
 
 _Tensor = torch.Tensor
@@ -120,15 +121,17 @@ def decode_form_applies(q, k_cache, v_cache, max_seqlen_q: int, dropout_p, sink,
         return False
     if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
+    if q.dim() != 3 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return False  # the varlen path's checks name what is wrong
     d = q.shape[-1]
-    if k_cache.dim() != 4 or v_cache.dim() != 4 or v_cache.shape[-1] != d or d % 8 or d > 256:
+    if k_cache.shape[-1] != d or v_cache.shape[-1] != d or d % 8 or d > 256 or q.shape[1] % k_cache.shape[2]:
         return False
     if k_cache.shape[1] % 16:
         return False
     return not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad))
 
 
-def attend_decode_form(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, block_table,
+def attend_decode_form(op, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, block_table,
                        softmax_scale, causal, window_size, softcap, alibi_slopes):
     """(out (total_q, nheads, headdim), lse (nheads, total_q) float32) of the decode form. Rows
     of q past cu_seqlens_q[-1] belong to no sequence: out 0, lse -inf, as on the varlen path."""
@@ -148,10 +151,13 @@ def attend_decode_form(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seql
     q_pad[torch.where(inside, seq, batch), slot] = q
     q_pad = q_pad[:batch]
     seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
-    out_pad, lse_pad = flash_attn_with_kvcache(q_pad, k_cache, v_cache, cache_seqlens=seqlens_k,
-                                               block_table=block_table, softmax_scale=softmax_scale,
-                                               causal=causal, window_size=window_size, softcap=softcap,
-                                               alibi_slopes=alibi_slopes, return_softmax_lse=True)
+    try:
+        out_pad, lse_pad = flash_attn_with_kvcache(q_pad, k_cache, v_cache, cache_seqlens=seqlens_k,
+                                                   block_table=block_table, softmax_scale=softmax_scale,
+                                                   causal=causal, window_size=window_size, softcap=softcap,
+                                                   alibi_slopes=alibi_slopes, return_softmax_lse=True)
+    except (ValueError, TypeError) as e:  # bad alibi_slopes, say: named as the caller's op
+        raise type(e)(str(e).replace(_KVCACHE_OP, op, 1)) from None
     out = torch.where(inside[:, None, None], out_pad[seq, slot], 0.0).to(q.dtype)
     lse = torch.where(inside[None, :], lse_pad[seq, :, slot].transpose(0, 1), float("-inf"))
     return out, lse

@@ -112,6 +112,9 @@ def _bad(device="cpu"):
     (lambda a: a.update(k=a["k"][0]), "paged caches (num_blocks, page_size, nheads_k, headdim)"),
     (lambda a: a.update(v=a["v"][:, :4]), "must agree in (num_blocks, page_size, nheads_k)"),
     (lambda a: a.update(block_table=a["block_table"].to("meta")), "block_table is on meta"),
+    # the decode form (3 query rows, no grad): the KV-cache kernels' checks, named as this op
+    (lambda a: a.update(alibi_slopes=torch.ones(3)), "alibi_slopes"),
+    (lambda a: a.update(k=a["k"].double(), v=a["v"].double()), "dtype"),
 ])
 def test_paged_varlen_bad_input(change, message):
     args = _bad()
