@@ -344,3 +344,33 @@ def test_padding_plan_shares_cu_seqlens_when_queries_are_the_keys():
     (bq, iq), _, cu_q, cu_k, max_q, max_k = orchard_hf._padding_plan(mask, 1)
     assert cu_q is not cu_k and cu_q.tolist() == [0, 1, 1] and cu_k.tolist() == [0, 4, 7]
     assert (max_q, max_k) == (1, 4) and iq.tolist() == [0]
+
+
+def test_left_padding_plan_only_for_left_padded_rows():
+    """Batched generation's mask (left padding, keys to the end): the KV-cache route's
+    (seqlens, leftpad); right padding, holes, or a row with fewer keys than query rows: None."""
+    from orchard.integrations.transformers import _left_padding_plan
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    seqlens, leftpad = _left_padding_plan(left, 1)
+    assert seqlens.tolist() == [5, 5, 5] and leftpad.tolist() == [2, 0, 4] and leftpad.dtype == torch.int32
+    assert _left_padding_plan(left, 2) is None  # row 2 has one key for two query rows
+    assert _left_padding_plan(torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool), 1) is None
+    assert _left_padding_plan(torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool), 1) is None
+
+
+def test_left_padded_generation_reads_the_cache_in_place(tmp_path, monkeypatch):
+    """The decode steps of a left-padded batch run the KV-cache kernel (the debug log's DECODE
+    lines; the prefill's FWD lines take varlen), and the tokens equal SDPA's."""
+    import os
+    ref, orc = _pair("llama")
+    ids, mask, _ = _batch("left")
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    with torch.no_grad():
+        a = ref.generate(ids, **kw)
+        b = orc.generate(ids, **kw)
+    assert torch.equal(a, b), f"generated tokens differ\n{a}\n{b}"
+    kinds = [ln.split()[0] for ln in (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()]
+    layers = orc.config.num_hidden_layers
+    assert kinds.count("DECODE") == 3 * layers and kinds.count("FWD") == layers, kinds

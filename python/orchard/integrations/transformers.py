@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from .. import _ops
 from ..functional import flash_attn_func, flash_attn_varlen_func
+from ..kvcache import flash_attn_with_kvcache
 
 __all__ = ["NAME", "register", "orchard_attention_forward", "orchard_attention_mask"]
 
@@ -139,6 +140,33 @@ def _padding_plan(mask: torch.Tensor, sq: int):
     return (bq, sq_idx), (bk, sk_idx), _lengths_to_cu(len_q), cu_k, maxes[0], maxes[1]
 
 
+def _left_padding_plan(mask: torch.Tensor, sq: int):
+    """(cache_seqlens, cache_leftpad) int32 (batch,) when every row of the (batch, sk) bool mask
+    is left padding then keys (zeros, then ones to the end) with its last sq positions (the
+    queries) among the keys, as in batched generation; else None. One host read."""
+    m = mask.to(torch.int8)
+    n = m.sum(1, dtype=torch.int32)
+    suffix = (m[:, 1:] >= m[:, :-1]).all() & (n >= sq).all() if m.shape[1] > 1 else (n >= sq).all()
+    if not bool(suffix):
+        return None
+    sk = mask.shape[1]
+    return torch.full_like(n, sk), sk - n
+
+
+def _decode_step_serves(q, k, v, sq: int, sk: int, dropout: float, sink) -> bool:
+    """Whether a padded call is a generation step flash_attn_with_kvcache can serve in place: a
+    few query rows (<= 16) against more keys, no gradient, no dropout or sink, a dtype, head
+    dims and head counts of its kernels."""
+    if not (0 < sq <= 16 and sq < sk) or dropout > 0.0 or sink is not None:
+        return False
+    if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d or d % 8 or d > 256 or q.shape[2] % k.shape[2]:
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
 def _packed_plan(position_ids: torch.Tensor, b: int, s: int):
     """cu_seqlens over the flattened (b * s) tokens when position_ids restart
     inside a row (packed sequences), else None. A new sequence starts at each
@@ -206,6 +234,16 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
             mask = mask[:, -sk:]
         elif mask.shape[1] < sk:  # static cache: slots beyond the mask hold nothing yet
             k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+        if _decode_step_serves(q, k, v, sq, k.shape[1], float(dropout), sink):
+            # Batched generation: left padding, the new tokens last. The KV-cache kernels read the
+            # cache in place from each row's first key (no per-step copy of the keys).
+            plan = _cached(mask, ("leftpad", sq), lambda: _left_padding_plan(mask, sq))
+            if plan is not None:
+                seqlens, leftpad = plan
+                out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                              softmax_scale=scaling, causal=causal, window_size=window,
+                                              softcap=cap)
+                return out, None
         (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = _cached(mask, ("pad", sq),
                                                                lambda: _padding_plan(mask, sq))
         out = _varlen_trusted(q[bq, iq], k[bk, ik], v[bk, ik], cu_q, cu_k, max_q, max_k, **opts)
