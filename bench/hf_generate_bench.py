@@ -4,7 +4,10 @@ same process, same weights, same prompt; the prefill and the per-token decode st
 growing cache). The generated tokens of both must match (printed).
 
     python bench/hf_generate_bench.py [--device cpu] [--dtypes float32,bfloat16] [--prompt 4096]
-        [--new 64] [--reps 2]
+        [--new 64] [--reps 2] [--batch 1] [--left-pad]
+
+--batch B --left-pad: B prompts, row r left-padded by r * prompt / (2 B) tokens (transformers'
+form for batched generation; Orchard's steps then take flash_attn_with_kvcache with cache_leftpad).
 
 Timing: prefill = generate(max_new_tokens=1); decode step = (generate(1 + new) - prefill) / new,
 min over --reps, wall clock (CUDA synchronised). The model is small (2 layers, hidden 512, 8
@@ -39,13 +42,23 @@ def main():
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--left-pad", action="store_true")
     args = ap.parse_args()
     cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                                    num_attention_heads=8, num_key_value_heads=2,
                                    max_position_embeddings=args.prompt + args.new + 8)
-    ids = torch.randint(3, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
-    print(f"## transformers Llama generation ({args.device}, threads {torch.get_num_threads()}, prompt "
-          f"{args.prompt}, {args.new} new tokens, 2 layers, h8 kv2 d64, torch {torch.__version__})")
+    ids = torch.randint(3, 1000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if args.left_pad:
+        for r in range(args.batch):
+            pad = r * args.prompt // (2 * args.batch)
+            ids[r, :pad], mask[r, :pad] = 0, 0
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    gen = dict(attention_mask=mask, pad_token_id=0, do_sample=False)
+    print(f"## transformers Llama generation ({args.device}, threads {torch.get_num_threads()}, batch {args.batch}"
+          f"{' left-padded' if args.left_pad else ''}, prompt {args.prompt}, {args.new} new tokens, 2 layers, "
+          f"h8 kv2 d64, torch {torch.__version__})")
     print("| dtype | attention | prefill ms | decode ms / token | SDPA's time / this | tokens match |")
     print("|---|---|---|---|---|---|")
     for dname in args.dtypes.split(","):
@@ -56,14 +69,14 @@ def main():
             for impl in ("sdpa", "orchard"):
                 model.set_attn_implementation(impl)
                 with torch.no_grad():
-                    pre, _ = timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False), args.device)
+                    pre, _ = timed(lambda: model.generate(ids, max_new_tokens=1, **gen), args.device)
                     full, out = timed(lambda: model.generate(ids, max_new_tokens=1 + args.new,
-                                                             min_new_tokens=1 + args.new, do_sample=False),
+                                                             min_new_tokens=1 + args.new, **gen),
                                       args.device)
                 step = (full - pre) / args.new
                 old = best.get(impl, (float("inf"), float("inf")))
                 best[impl] = (min(old[0], pre), min(old[1], step))
-                tokens[impl] = out[0, args.prompt:].tolist()
+                tokens[impl] = out[:, args.prompt:].tolist()
         same = tokens["orchard"] == tokens["sdpa"]
         for impl in ("sdpa", "orchard"):
             pre, step = best[impl]
