@@ -96,6 +96,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 // group, so the block's K and V rows (64 x d x 2 bytes each in bf16) should
 // stay in L1/L2 between the rows.
 constexpr int kKeyBlock = 64;
+// Query rows per task from which a staged block's scores are one tile GEMM (S^T = K Q^T, its N
+// the rows padded to 16) rather than per-row dot products. flash_attn_with_kvcache, sk 4096,
+// 2 threads, Zen 4, fp32 / bf16 / fp16, d 64 / 128, the call's time with the GEMM over without:
+// 4 rows 0.92-1.43 (12 of 16 columns padding), 8 rows 0.90-1.19, 16 rows 0.72-0.96, 32 and
+// 64 rows 0.73-0.98 (bench/RESULTS.md, session 40).
+constexpr int kScoresGemmMinRows = 16;
 constexpr int kMaxHeadDim = 256;  // validated by src/core/kvcache.cpp
 
 // ---- vector pieces (8 fp32 lanes; clones pick AVX-512VL / AVX2 / SSE) -------------------
@@ -196,6 +202,10 @@ struct RowState {
   const float* q;     // rows x ld, q rotated, fp32, zero-padded to ld
   float* o;           // rows x ld, unnormalised output
   float* s;           // rows x kKeyBlock scores, then P
+  const float* qt;    // ld x rows_pad: q transposed, zero rows past `rows` (scores_gemm only)
+  float* st;          // kKeyBlock x rows_pad: a block's scores transposed (scores_gemm only)
+  int rows_pad;       // rows rounded up to kGemmNMultiple (scores_gemm only)
+  bool scores_gemm;   // staged blocks: all rows' scores as one GEMM (kScoresGemmMinRows)
   float* m;           // running max, log2 units
   float* l;           // running sum
   const std::int64_t* vb;  // visible keys [vb, ve) per row
@@ -235,6 +245,16 @@ ORCHARD_ALWAYS_INLINE void attend_block_body(const DecodeParams& p, const RowSta
   // Several rows over a staged block: O += P V as one tile GEMM (gemm.h's
   // register-blocked kernel reads each V row once per 6 rows, not once per row).
   const bool pv_gemm = kb.staged && st.rows > 1 && dk % cpu::kGemmNMultiple == 0;
+  // Several rows over a staged block: S^T = K Q^T as one tile GEMM (each K row is read once per
+  // register block of rows, not once per row), transposed into the rows' score lines.
+  const bool scores_gemm = std::is_same_v<S, float> && kb.staged && st.scores_gemm;
+  if constexpr (std::is_same_v<S, float>) {
+    if (scores_gemm) {
+      cpu::gemm(nb8, st.rows_pad, dk, kb.keys[0], dk, st.qt, st.rows_pad, st.st, st.rows_pad, false);
+      for (int r = 0; r < st.rows; ++r)
+        for (int j = 0; j < nb8; ++j) st.s[std::int64_t(r) * kKeyBlock + j] = st.st[std::int64_t(j) * st.rows_pad + r];
+    }
+  }
   for (int r = 0; r < st.rows; ++r) {
     const std::int64_t b0 = std::max(st.vb[r], j0), b1 = std::min(st.ve[r], j0 + nb);
     float* sr = st.s + std::int64_t(r) * kKeyBlock;
@@ -242,7 +262,7 @@ ORCHARD_ALWAYS_INLINE void attend_block_body(const DecodeParams& p, const RowSta
       if (pv_gemm) std::fill_n(sr, nb, 0.f);
       continue;
     }
-    block_scores(st.q + std::int64_t(r) * st.ld, dk, kb.keys, nb8, sr, next_k, n_next, kb.row_bytes);
+    if (!scores_gemm) block_scores(st.q + std::int64_t(r) * st.ld, dk, kb.keys, nb8, sr, next_k, n_next, kb.row_bytes);
     // Log2-domain scores; keys the row does not see (and the padding) -> -inf.
     const int lo = static_cast<int>(b0 - j0), hi = static_cast<int>(b1 - j0);
     if (plain) {
@@ -308,7 +328,7 @@ void attend_block(const DecodeParams& p, const RowState& st, const KeyBlock<std:
 
 // Per-thread buffers of the attention tasks, kept between calls (grown only).
 struct DecodeScratch {
-  std::vector<float> q, o, s, m, l, slope, stage;
+  std::vector<float> q, o, s, m, l, slope, stage, qt, st;
   std::vector<std::int64_t> vb, ve;
   std::vector<const void*> kp, vp;
   static DecodeScratch& get(int rows, int ld, bool stage) {
@@ -320,6 +340,11 @@ struct DecodeScratch {
       w.m.resize(rows), w.l.resize(rows), w.slope.resize(rows), w.vb.resize(rows), w.ve.resize(rows);
     if (stage && w.stage.size() < std::size_t(2) * kKeyBlock * ld) w.stage.resize(std::size_t(2) * kKeyBlock * ld);
     w.kp.resize(2 * kKeyBlock), w.vp.resize(2 * kKeyBlock);
+    if (stage && rows >= kScoresGemmMinRows) {
+      const std::size_t rows_pad = (rows + cpu::kGemmNMultiple - 1) / cpu::kGemmNMultiple * cpu::kGemmNMultiple;
+      if (w.qt.size() < rows_pad * ld) w.qt.resize(rows_pad * ld);
+      if (w.st.size() < rows_pad * kKeyBlock) w.st.resize(rows_pad * kKeyBlock);
+    }
     return w;
   }
 };
@@ -379,8 +404,16 @@ void attend_task(const DecodeParams& p, std::int64_t task) {
   std::fill_n(w.o.begin(), std::size_t(rows) * d, 0.f);
   std::fill_n(w.m.begin(), rows, kNegInf);
   std::fill_n(w.l.begin(), rows, 0.f);
-  const RowState st{w.q.data(), w.o.data(), w.s.data(), w.m.data(), w.l.data(), w.vb.data(), w.ve.data(),
-                    w.slope.data(), s.n_keys - p.sq, rows, groups, d};
+  const bool scores_gemm = stage && rows >= kScoresGemmMinRows;
+  const int rows_pad = (rows + cpu::kGemmNMultiple - 1) / cpu::kGemmNMultiple * cpu::kGemmNMultiple;
+  if (scores_gemm) {  // q^T, zero columns past the rows
+    std::fill_n(w.qt.begin(), std::size_t(rows_pad) * d, 0.f);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < d; ++c) w.qt[std::size_t(c) * rows_pad + r] = w.q[std::size_t(r) * d + c];
+  }
+  const RowState st{w.q.data(),  w.o.data(),     w.s.data(),  w.qt.data(), w.st.data(), rows_pad,
+                    scores_gemm, w.m.data(),     w.l.data(),  w.vb.data(), w.ve.data(), w.slope.data(),
+                    s.n_keys - p.sq, rows, groups, d};
 
   // Row pointers of this block and the next (double-buffered: the next
   // block's rows are prefetched while this one computes).
