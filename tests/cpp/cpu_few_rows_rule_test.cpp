@@ -36,7 +36,7 @@ TEST(CpuFewRowsRule, DecodeStepsTakeTheDecodeKernel) {
   p.sq = kFewRowsMaxRows / 4;  // 4 query heads per kv head x 4 rows = 16
   EXPECT_TRUE(forward_takes_decode_kernel(p));
   p.sq += 1;
-  EXPECT_FALSE(forward_takes_decode_kernel(p)) << "20 rows per kv head";
+  EXPECT_FALSE(forward_takes_decode_kernel(p)) << "4 rows past the limit";
 }
 
 TEST(CpuFewRowsRule, DiagonalMustBeBottomRight) {

@@ -15,10 +15,10 @@ from feature_reference import feature_attention_ref
 from helpers import check_close_rule, randn
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-BF16_MAX_ROWS = 4  # kFewRowsMaxRowsBf16Dot: the bf16 limit on CPUs with AVX512_BF16 (16 elsewhere)
+BF16_MAX_ROWS = 4  # kFewRowsMaxRowsBf16Dot: the bf16 limit on CPUs with AVX512_BF16 (32 elsewhere)
 DECODE = "variant=cpu_fwd_fp32_decode_kernel"
 
-# (b, sq, sk, hq, hkv, d): query rows per kv head (hq / hkv * sq) from 1 to 16.
+# (b, sq, sk, hq, hkv, d): query rows per kv head (hq / hkv * sq) from 1 to 32.
 SHAPES = {
     "mha_one_row": (2, 1, 300, 8, 8, 64),
     "gqa_three_rows": (1, 3, 129, 8, 2, 128),
@@ -27,6 +27,7 @@ SHAPES = {
     "one_pair_split_kv": (1, 1, 5000, 4, 1, 64),  # fewer (batch, kv head) pairs than threads
     "d256": (1, 2, 64, 2, 1, 256),
     "more_rows_than_keys": (1, 4, 2, 2, 2, 16),  # causal: rows 0 and 1 see no key
+    "gqa_thirty_two_rows": (1, 8, 150, 8, 2, 64),  # scores as one GEMM (16+ rows)
 }
 FEATURES = {
     "plain": {},
@@ -142,16 +143,16 @@ def test_sdpa_drop_in_decode_step_takes_the_route(debug_log):
     assert len(logged) == 2 and DECODE in logged[0] and DECODE not in logged[1], logged
 
 
-@pytest.mark.parametrize("case", ["seventeen_rows", "bfloat16", "dropout", "sink", "dv_differs", "d_not_8"])
+@pytest.mark.parametrize("case", ["thirty_three_rows", "bfloat16", "dropout", "sink", "dv_differs", "d_not_8"])
 def test_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
     """Each call sits just outside the rule (few_rows_forward.h) and must run tiled, correctly."""
     torch.manual_seed(7)
     b, sq, sk, hq, hkv, d, dv = 1, 1, 90, 4, 4, 32, 32
     dtype, kw = torch.float32, {}
-    if case == "seventeen_rows":
-        sq, hq, hkv = 17, 2, 2
-    elif case == "bfloat16":  # 17 rows: above the bf16 limit on any CPU
-        dtype, sq, hq, hkv = torch.bfloat16, 17, 2, 2
+    if case == "thirty_three_rows":
+        sq, hq, hkv = 33, 2, 2
+    elif case == "bfloat16":  # 33 rows: above the bf16 limit on any CPU
+        dtype, sq, hq, hkv = torch.bfloat16, 33, 2, 2
     elif case == "dropout":
         kw = dict(dropout_p=0.3)
     elif case == "sink":

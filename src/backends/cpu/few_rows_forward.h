@@ -11,11 +11,11 @@
 namespace orchard::cpu {
 
 // Query rows per kv head (query heads per kv head x sq) up to which the decode kernel runs.
-// 2 threads, Zen 4, fp32 and fp16, d 64 / 128, sk 1k / 4k, MHA, GQA 4:1 and MQA 8:1 (the
-// A/B in bench/RESULTS.md, session 40): at 16 rows the decode kernel took 0.44-0.96x the tiled
-// forward's time, at 32 rows 0.55-1.18x (above 1 at sk 1k d64 and with one kv head), at 64
-// rows 0.83-1.52x.
-inline constexpr int kFewRowsMaxRows = 16;
+// 2 threads, Zen 4, fp32 and fp16, d 64 / 128, MHA, GQA 4:1 and MQA 8:1 (the A/Bs in
+// bench/RESULTS.md, session 40): at 16 rows the decode kernel took 0.44-0.96x the tiled
+// forward's time (sk 1k / 4k); since its scores are a GEMM from 16 rows, at 24-32 rows
+// 0.35-1.06x (sk 1k-8k; above 1 only at sk 1k d64 in fp32) and at 48 rows 0.73-1.10x.
+inline constexpr int kFewRowsMaxRows = 32;
 // The same for bf16 on a CPU with AVX512_BF16, whose tiled forward runs bf16 GEMMs. A C++
 // harness calling the CPU forward (2 threads, the same box, d 64 / 128, sk 1k / 4k, 1 or 8 kv
 // heads, MHA and GQA 4:1, min of 15 interleaved): the decode kernel took 0.23-0.99x the tiled
