@@ -18,10 +18,10 @@ namespace orchard::cpu {
 inline constexpr int kFewRowsMaxRows = 32;
 // The same for bf16 on a CPU with AVX512_BF16, whose tiled forward runs bf16 GEMMs. A C++
 // harness calling the CPU forward (2 threads, the same box, d 64 / 128, sk 1k / 4k, 1 or 8 kv
-// heads, MHA and GQA 4:1, min of 15 interleaved): the decode kernel took 0.23-0.99x the tiled
-// forward's time at 1-4 rows (1.25x on two 15-24 us calls), 0.40-1.42x at 8 and 0.67-1.70x at
-// 16, where two runs disagreed with each other; through torch (bench/cpu_few_rows_bench.py) 1.35-3.25x
-// faster at 1-4 rows, 1.1-1.5x slower at 16.
+// heads, MHA and GQA 4:1, min of 15 interleaved, before the GEMM scores): the decode kernel took
+// 0.23-0.99x the tiled forward's time at 1-4 rows (1.25x on two 15-24 us calls), 0.40-1.42x at 8
+// and 0.67-1.70x at 16, where two runs disagreed; through torch (bench/cpu_few_rows_bench.py)
+// 1.35-3.25x faster at 1-4 rows, 1.1-1.5x slower at 16.
 inline constexpr int kFewRowsMaxRowsBf16Dot = 4;
 
 // Whether forward(p) runs on the decode kernel: fp32 / fp16 / bf16 with at most kFewRowsMaxRows
