@@ -22,7 +22,8 @@ inline constexpr int kFewRowsMaxRows = 32;
 // 0.23-0.99x the tiled forward's time at 1-4 rows (1.25x on two 15-24 us calls), 0.40-1.42x at 8
 // and 0.67-1.70x at 16, where two runs disagreed; through torch (bench/cpu_few_rows_bench.py)
 // 1.35-3.25x faster at 1-4 rows, 1.1-1.5x slower at 16. With the GEMM scores, at 8-64 rows:
-// 0.64-2.08x, below 1 mostly for GQA 4:1 at <= 4 rows per query head, MHA from 8 rows 1.02-2.08x.
+// 0.64-2.08x, below 1 mostly for GQA 4:1 at <= 4 rows per query head; MHA from 8 rows mostly
+// 1.02-2.08x (three sk 1k points 0.72-0.88).
 inline constexpr int kFewRowsMaxRowsBf16Dot = 4;
 
 // Whether forward(p) runs on the decode kernel: fp32 / fp16 / bf16 with at most kFewRowsMaxRows
