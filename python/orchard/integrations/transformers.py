@@ -240,10 +240,13 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
             plan = _cached(mask, ("leftpad", sq), lambda: _left_padding_plan(mask, sq))
             if plan is not None:
                 seqlens, leftpad = plan
-                out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_leftpad=leftpad,
-                                              softmax_scale=scaling, causal=causal, window_size=window,
-                                              softcap=cap)
-                return out, None
+                try:
+                    out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                                  softmax_scale=scaling, causal=causal, window_size=window,
+                                                  softcap=cap)
+                    return out, None
+                except NotImplementedError:  # a cache layout its kernels cannot read in place (CUDA:
+                    pass                     # 16-byte strides): the varlen path below serves it
         (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = _cached(mask, ("pad", sq),
                                                                lambda: _padding_plan(mask, sq))
         out = _varlen_trusted(q[bq, iq], k[bk, ik], v[bk, ik], cu_q, cu_k, max_q, max_k, **opts)
