@@ -118,6 +118,9 @@ struct BuildInfo {
   std::string cuda_archs;  // e.g. "80;90"
   bool openmp = false;
   int cpu_threads = 1;
+  // The instruction sets the CPU kernels use on this machine, e.g. "avx2-fma avx512 avx512-bf16
+  // f16c" ("amx" where the CPU has AMX tiles; "generic" when none): which paths run.
+  std::string cpu_kernels;
   std::vector<std::string> cuda_devices;  // names of visible devices (empty if none)
 };
 BuildInfo build_info();

@@ -253,6 +253,7 @@ nb::dict build_info() {
   d["cuda_archs"] = info.cuda_archs;
   d["openmp"] = info.openmp;
   d["cpu_threads"] = info.cpu_threads;
+  d["cpu_kernels"] = info.cpu_kernels;
   nb::list devices;
   for (const auto& name : info.cuda_devices) devices.append(nb::str(name.c_str()));
   d["cuda_devices"] = devices;
@@ -313,5 +314,5 @@ NB_MODULE(_C, m) {
   register_kvcache(m);
   register_core_api(m);
   m.def("build_info", &build_info,
-        "Build facts: version, cuda_compiled, cuda_archs, openmp, cpu_threads, cuda_devices.");
+        "Build facts: version, cuda_compiled, cuda_archs, openmp, cpu_threads, cpu_kernels, cuda_devices.");
 }

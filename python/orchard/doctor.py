@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     print(f"  CUDA compiled    {info.get('cuda_compiled')}"
           + (f" (archs {info.get('cuda_archs')})" if info.get("cuda_compiled") else ""))
     print(f"  OpenMP           {info.get('openmp')} ({info.get('cpu_threads')} CPU threads)")
+    print(f"  CPU kernels      {info.get('cpu_kernels')}")
     for var in ("ORCHARD_DEBUG_FLASH_ATN", "ORCHARD_TENSOR_PROFILE", "OMP_NUM_THREADS"):
         if os.environ.get(var):
             print(f"  env {var}={os.environ[var]}")

@@ -62,6 +62,8 @@ struct BackendOps {
 
 // Always available.
 const BackendOps& cpu_backend();
+// The instruction sets the CPU kernels use here (BuildInfo::cpu_kernels).
+std::string cpu_kernel_features();
 // nullptr when this build has no CUDA backend.
 const BackendOps* cuda_backend();
 

@@ -1,5 +1,6 @@
 #include <thread>
 
+#include "core/backend.h"
 #include "orchard/attention.h"
 
 #ifdef ORCHARD_WITH_OPENMP
@@ -24,6 +25,7 @@ BuildInfo build_info() {
 #else
   info.cpu_threads = 1;
 #endif
+  info.cpu_kernels = detail::cpu_kernel_features();
 #ifdef ORCHARD_WITH_CUDA
   info.cuda_compiled = true;
   info.cuda_archs = ORCHARD_CUDA_ARCHS;

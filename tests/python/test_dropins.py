@@ -127,3 +127,5 @@ def test_public_api_and_version():
     info = orchard.build_info()
     assert info["version"] == "0.1.0"
     assert isinstance(info["cuda_compiled"], bool) and info["cpu_threads"] >= 1
+    known = {"generic", "avx2-fma", "avx512", "avx512-bf16", "amx", "f16c"}
+    assert info["cpu_kernels"] and set(info["cpu_kernels"].split()) <= known, info["cpu_kernels"]

@@ -6,7 +6,9 @@
 #include <new>
 #include <string>
 
+#include "backends/cpu/cpu_features.h"
 #include "backends/cpu/few_rows_forward.h"
+#include "backends/cpu/fp16_rows.h"
 #include "backends/cpu/gemm.h"
 #include "backends/cpu/gemm_bf16.h"
 #include "backends/cpu/kernel_common.h"
@@ -123,5 +125,18 @@ constexpr BackendOps kCpuOps{
 }  // namespace
 
 const BackendOps& cpu_backend() { return kCpuOps; }
+
+std::string cpu_kernel_features() {
+  std::string s;
+  const auto add = [&s](bool on, const char* name) {
+    if (on) s += (s.empty() ? "" : " ") + std::string(name);
+  };
+  add(cpu::cpu_has_avx2_fma(), "avx2-fma");
+  add(cpu::cpu_has_avx512(), "avx512");
+  add(cpu::bf16_dot_available(), "avx512-bf16");
+  add(cpu::amx_available(), "amx");
+  add(cpu::fp16_rows_use_f16c(), "f16c");
+  return s.empty() ? "generic" : s;
+}
 
 }  // namespace orchard::detail

@@ -36,6 +36,14 @@ __attribute__((target("avx,f16c"))) void float_row_to_fp16_f16c(const float* src
 
 }  // namespace
 
+bool fp16_rows_use_f16c() {
+#ifdef ORCHARD_FP16_ROWS_F16C
+  return cpu_has_f16c();
+#else
+  return false;
+#endif
+}
+
 void fp16_row_to_float(const std::uint16_t* src, int n, float* dst) {
 #ifdef ORCHARD_FP16_ROWS_F16C
   if (cpu_has_f16c()) return fp16_row_to_float_f16c(src, n, dst);

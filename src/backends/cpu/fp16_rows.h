@@ -16,4 +16,7 @@ void fp16_row_to_float(const std::uint16_t* src, int n, float* dst);
 // (overflow to inf; a NaN stays a NaN, its payload not kept).
 void float_row_to_fp16(const float* src, float mul, int n, std::uint16_t* dst);
 
+// Whether the conversions above run on F16C here.
+bool fp16_rows_use_f16c();
+
 }  // namespace orchard::cpu
