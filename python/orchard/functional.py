@@ -242,7 +242,10 @@ def flash_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device; sequence
            b owns rows [cu[b], cu[b + 1]). Empty sequences are allowed.
         max_seqlen_q, max_seqlen_k: at least the longest sequence's length.
-        Causal and windows align bottom-right per sequence.""" + _FLASH_ARGS_DOC + """
+        Causal and windows align bottom-right per sequence. A call of at most
+        16 query rows per sequence that needs no gradient, dropout, sink or
+        probabilities (a serving step) runs on the KV-cache kernels, keys read
+        in place (paged_varlen.py's decode form).""" + _FLASH_ARGS_DOC + """
         block_table: int32 (batch, max_blocks_per_seq): k and v are then paged
            caches (num_blocks, page_size, nheads_k, headdim[_v]), any page size,
            and sequence b's keys are its cache positions [0, cu_seqlens_k[b + 1] -
@@ -272,11 +275,25 @@ def flash_attn_varlen_func(
             if cu_seqlens_q.numel() != cu_seqlens_k.numel():
                 raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                                  f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-            out, lse = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
-                                          softmax_scale, causal, _check_window(op, window_size),
-                                          _check_softcap(op, softcap), alibi_slopes)
-            return (out, lse) if return_softmax_lse else out
+            served = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
+                                        softmax_scale, causal, _check_window(op, window_size),
+                                        _check_softcap(op, softcap), alibi_slopes)
+            if served is not None:
+                return served if return_softmax_lse else served[0]
         k, v = gather_paged_kv(q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
+    elif (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)
+          and isinstance(cu_seqlens_q, _Tensor) and isinstance(cu_seqlens_k, _Tensor)
+          and decode_form_applies(q, k, v, max_seqlen_q, dropout_p, sink, return_attn_probs)):
+        # A few query rows per sequence without a gradient (a serving step over packed keys): the
+        # KV-cache kernels read the keys in place (paged_varlen.py's decode form).
+        _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
+        _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), q.device)
+        if cu_seqlens_q.numel() == cu_seqlens_k.numel():
+            served = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, None, softmax_scale,
+                                        causal, _check_window(op, window_size), _check_softcap(op, softcap),
+                                        alibi_slopes)
+            if served is not None:
+                return served if return_softmax_lse else served[0]
     return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                   alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
                   (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))

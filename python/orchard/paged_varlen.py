@@ -23,6 +23,10 @@ How, in one of two forms:
   d128) took 65.9 / 34.8 ms gathered (fp32 / bf16) and takes 7.5 / 10.7 ms in the decode form
   (bench/RESULTS.md, session 40).
 
+The decode form also serves flash_attn_varlen_func calls without a block_table (packed keys, read
+in place as one cache entry that every sequence indexes from its first key): a serving step over
+packed keys, 4 sequences x 4096 keys d128 fp32 on 2 CPU threads, 21.1 -> 6.5 ms.
+
 Checks (op-prefixed ValueErrors, before anything runs): block_table's dtype, shape and device;
 the caches' shapes; and, where the values can be read (not while a CUDA graph is captured or
 torch.compile traces, as for cu_seqlens), every block a sequence uses inside the pool and each
@@ -124,17 +128,25 @@ def decode_form_applies(q, k_cache, v_cache, max_seqlen_q: int, dropout_p, sink,
     if q.dim() != 3 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False  # the varlen path's checks name what is wrong
     d = q.shape[-1]
-    if k_cache.shape[-1] != d or v_cache.shape[-1] != d or d % 8 or d > 256 or q.shape[1] % k_cache.shape[2]:
+    paged = k_cache.dim() == 4  # else packed (total_k, nheads_k, headdim) keys: one "cache" of them
+    if k_cache.dim() != v_cache.dim() or k_cache.dim() not in (3, 4):
         return False
-    if k_cache.shape[1] % 16:
+    if k_cache.shape[-1] != d or v_cache.shape[-1] != d or d % 8 or d > 256 or q.shape[1] % k_cache.shape[-2]:
+        return False
+    if paged and k_cache.shape[1] % 16:
         return False
     return not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad))
 
 
 def attend_decode_form(op, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, block_table,
                        softmax_scale, causal, window_size, softcap, alibi_slopes):
-    """(out (total_q, nheads, headdim), lse (nheads, total_q) float32) of the decode form. Rows
-    of q past cu_seqlens_q[-1] belong to no sequence: out 0, lse -inf, as on the varlen path."""
+    """(out (total_q, nheads, headdim), lse (nheads, total_q) float32) of the decode form, or None
+    when the KV-cache kernels cannot read these caches in place (NotImplementedError before
+    anything runs: CUDA's 16-byte strides), for the caller's other path. Rows of q past
+    cu_seqlens_q[-1] belong to no sequence: out 0, lse -inf, as on the varlen path. Without a
+    block_table, k / v are packed (total_k, nheads_k, headdim) keys, read as one cache entry that
+    every sequence indexes from its first key (cache_batch_idx 0, cache_leftpad cu_seqlens_k[b],
+    cache_seqlens cu_seqlens_k[b + 1])."""
     batch = cu_seqlens_q.numel() - 1
     total, heads, d = q.shape
     max_q = int(max_seqlen_q)
@@ -150,12 +162,18 @@ def attend_decode_form(op, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     q_pad = q.new_zeros(batch + 1, max_q, heads, d)
     q_pad[torch.where(inside, seq, batch), slot] = q
     q_pad = q_pad[:batch]
-    seqlens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+    if block_table is not None:
+        where = dict(cache_seqlens=(cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32), block_table=block_table)
+    else:
+        k_cache, v_cache = k_cache.unsqueeze(0), v_cache.unsqueeze(0)
+        where = dict(cache_seqlens=cu_seqlens_k[1:].contiguous(), cache_leftpad=cu_seqlens_k[:-1].contiguous(),
+                     cache_batch_idx=torch.zeros(batch, dtype=torch.int32, device=q.device))
     try:
-        out_pad, lse_pad = flash_attn_with_kvcache(q_pad, k_cache, v_cache, cache_seqlens=seqlens_k,
-                                                   block_table=block_table, softmax_scale=softmax_scale,
+        out_pad, lse_pad = flash_attn_with_kvcache(q_pad, k_cache, v_cache, softmax_scale=softmax_scale,
                                                    causal=causal, window_size=window_size, softcap=softcap,
-                                                   alibi_slopes=alibi_slopes, return_softmax_lse=True)
+                                                   alibi_slopes=alibi_slopes, return_softmax_lse=True, **where)
+    except NotImplementedError:
+        return None
     except (ValueError, TypeError) as e:  # bad alibi_slopes, say: named as the caller's op
         raise type(e)(str(e).replace(_KVCACHE_OP, op, 1)) from None
     out = torch.where(inside[:, None, None], out_pad[seq, slot], 0.0).to(q.dtype)

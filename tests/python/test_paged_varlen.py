@@ -200,3 +200,36 @@ def test_paged_varlen_in_a_cuda_graph(max_q):
     with torch.no_grad():
         eager, replayed = eager_and_graph_replay(step)
     torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("feats", [dict(causal=True), dict(window_size=(4, 1), softcap=3.0, alibi=True)],
+                         ids=["causal", "window_softcap_alibi"])
+def test_unpaged_decode_form(feats, dtype, debug_log):
+    """The decode form over packed (unpaged) keys: a serving step through flash_attn_varlen_func
+    reads k / v in place as one cache entry every sequence indexes from its first key (the debug
+    log's DECODE line); keys that are views into a packed qkv tensor too; rows past
+    cu_seqlens_q[-1] and an empty sequence as on the varlen path."""
+    lens_q, lens_k = [2, 0, 1, 3], [30, 5, 1, 17]
+    torch.manual_seed(4)
+    qkv = torch.randn(sum(lens_k), 3, 8, 32).to(dtype)  # k and v: views into a packed qkv tensor
+    k, v = qkv[:, 1, :2], qkv[:, 2, :2]
+    q = torch.randn(sum(lens_q) + 2, 8, 32).to(dtype)
+    cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
+    kw = dict(feats)
+    ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
+                  softcap=kw.get("softcap", 0.0))
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(8) * 0.2
+    out, lse = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 30, return_softmax_lse=True, **kw)
+    assert debug_log() == ["DECODE"], debug_log()
+    n = int(cu_q[-1])
+    ref, ref_lse = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, **ref_kw)
+    naive, _ = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, upcast=False, **ref_kw)
+    check_close_rule(out[:n], ref, naive, ATOL[dtype], "unpaged decode form")
+    torch.testing.assert_close(lse[:, :n].double(), ref_lse, atol=1e-3, rtol=1e-3)
+    assert out[n:].abs().max() == 0 and torch.isneginf(lse[:, n:]).all()
+    with torch.enable_grad():  # a gradient: the varlen kernels, the same answer
+        tiled = orchard.flash_attn_varlen_func(q.requires_grad_(), k, v, cu_q, cu_k, 3, 30, **kw)
+    assert debug_log() == ["DECODE", "FWD"], debug_log()
+    torch.testing.assert_close(tiled[:n].detach().float(), out[:n].float(), atol=ATOL[dtype] * 10, rtol=1e-2)
