@@ -11,7 +11,8 @@ How, in one of two forms:
   (a decode or speculative step of a serving batch) run on the KV-cache kernels, which read the
   pages in place: each sequence's query rows are placed at the end of a (batch, max_seqlen_q)
   block (so the kernels' bottom-right diagonal is the sequence's own) and the results taken back
-  out. Taken when ``flash_attn_with_kvcache`` has everything the call asks for: no dropout, sink
+  out. Taken when ``flash_attn_with_kvcache`` has everything the call asks for (and not while
+  torch.compile traces: that entry is a graph break, the varlen op is not): no dropout, sink
   or attention-probability output; fp32 / bf16 / fp16; head dim a multiple of 8 up to 256 with
   v's equal to q's; pages a multiple of 16 rows; CPU or CUDA.
 - gather form (every other call): the sequences' cache rows are gathered into one packed
@@ -122,6 +123,8 @@ def gather_paged_kv(q, k_cache, v_cache, block_table, cu_seqlens_k, max_seqlen_k
 def decode_form_applies(q, k_cache, v_cache, max_seqlen_q: int, dropout_p, sink, return_attn_probs) -> bool:
     """Whether the call runs on the KV-cache kernels (the module docstring's decode form)."""
     if not (0 < int(max_seqlen_q) <= KVCACHE_MAX_ROWS) or dropout_p > 0.0 or sink is not None or return_attn_probs:
+        return False
+    if torch.compiler.is_compiling():  # the KV-cache entry is a graph break; the varlen op traces
         return False
     if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False

@@ -233,3 +233,22 @@ def test_unpaged_decode_form(feats, dtype, debug_log):
         tiled = orchard.flash_attn_varlen_func(q.requires_grad_(), k, v, cu_q, cu_k, 3, 30, **kw)
     assert debug_log() == ["DECODE", "FWD"], debug_log()
     torch.testing.assert_close(tiled[:n].detach().float(), out[:n].float(), atol=ATOL[dtype] * 10, rtol=1e-2)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
+def test_serving_step_compiles_fullgraph(paged):
+    """Under torch.compile(fullgraph=True) a serving step keeps the traceable varlen op (the
+    KV-cache entry would be a graph break), and agrees with the eager decode form."""
+    lens_q, lens_k, page = [1, 2], [40, 9], 16
+    q, kc, vc, table, ids, pos = _paged_case(lens_q, lens_k, page)
+    cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
+    k, v = (kc, vc) if paged else (kc[ids, pos], vc[ids, pos])
+    kw = dict(causal=True, block_table=table if paged else None)
+
+    def step(q, k, v):
+        return orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 40, **kw)
+
+    with torch.no_grad():
+        eager = step(q, k, v)
+        compiled = torch.compile(step, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=1e-5)

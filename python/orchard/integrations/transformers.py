@@ -159,6 +159,8 @@ def _decode_step_serves(q, k, v, sq: int, sk: int, dropout: float, sink) -> bool
     dims and head counts of its kernels."""
     if not (0 < sq <= 16 and sq < sk) or dropout > 0.0 or sink is not None:
         return False
+    if torch.compiler.is_compiling():  # the KV-cache entry is a graph break; the varlen op traces
+        return False
     if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     d = q.shape[-1]
