@@ -71,6 +71,11 @@ struct DecodeParams {
   std::int64_t window_left = -1, window_right = -1;
   const float* alibi_slopes = nullptr; // float32 (hq,) or (b, hq)
   std::int64_t alibi_batch_stride = 0;
+  // Attention sinks (params.h's FwdParams::sink): float32 (hq,) logits that join every row's
+  // softmax denominator without a value. Read by the CPU decode kernel only, for the CPU
+  // forward's few-rows route (few_rows_forward.cpp); the kvcache API has no sink and the CUDA
+  // decode kernels refuse one.
+  const float* sink = nullptr;
 
   // Split-KV: the keys of each (batch, kv head) are cut into num_splits chunks; with
   // num_splits > 1, partials go to out_accum (num_splits, b, hq, sq, d) and lse_accum

@@ -1,5 +1,5 @@
 // Which CPU forward calls run on the decode kernel (src/backends/cpu/few_rows_forward.h): a call
-// it cannot serve (dropout, a mask, a sink, varlen, a top-left diagonal, d_v != d, d not a
+// it cannot serve (dropout, a mask, varlen, a top-left diagonal, d_v != d, d not a
 // multiple of 8, fp64) must stay on the tiled forward, else a wrong answer; the calls it serves
 // should not silently stop taking it. tests/python/test_cpu_few_rows.py checks the answers.
 #include "backends/cpu/few_rows_forward.h"
@@ -74,7 +74,7 @@ TEST(CpuFewRowsRule, WhatTheDecodeKernelCannotServeStaysTiled) {
   p = decode_step(), p.attn_bias = &mask;
   EXPECT_TRUE(stays_tiled(p)) << "mask";
   p = decode_step(), p.sink = &sink;
-  EXPECT_TRUE(stays_tiled(p)) << "sink";
+  EXPECT_FALSE(stays_tiled(p)) << "a sink is served (split 0 starts each row's softmax with it)";
   p = decode_step(), p.cu_seqlens_q = p.cu_seqlens_k = cu;
   EXPECT_TRUE(stays_tiled(p)) << "varlen";
   p = decode_step(), p.d_v = 32;

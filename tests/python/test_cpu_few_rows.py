@@ -38,6 +38,7 @@ FEATURES = {
     "alibi": dict(alibi=(1,)),
     "alibi_batch_causal": dict(alibi=(2,), causal=True),
     "everything": dict(causal=True, window_size=(40, -1), softcap=8.0, alibi=(1,)),
+    "sink_causal": dict(causal=True, sink=True),  # rows that see no key: out 0, lse = the sink
 }
 
 
@@ -68,8 +69,10 @@ def _features(kw, b, hq):
     if alibi is not None:
         shape = (hq,) if alibi == (1,) else (b, hq)
         kw["alibi_slopes"] = torch.rand(shape, dtype=torch.float32) * 0.3 + 0.05
+    if kw.pop("sink", False):
+        kw["sink"] = torch.randn(hq, dtype=torch.float32)
     ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
-                  softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"))
+                  softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"), sink=kw.get("sink"))
     return kw, ref_kw
 
 
@@ -104,7 +107,7 @@ def test_few_rows_forward_vs_reference(shape_name, feature, dtype, debug_log):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("feature", ["plain", "causal", "everything"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "everything", "sink_causal"])
 def test_few_rows_backward_reads_the_routed_lse(feature, dtype, debug_log):
     shape = (2, 4, 200, 8, 2, 64)  # 16 rows per kv head
     b, sq, sk, hq, hkv, d = shape
@@ -143,7 +146,7 @@ def test_sdpa_drop_in_decode_step_takes_the_route(debug_log):
     assert len(logged) == 2 and DECODE in logged[0] and DECODE not in logged[1], logged
 
 
-@pytest.mark.parametrize("case", ["thirty_three_rows", "bfloat16", "dropout", "sink", "dv_differs", "d_not_8"])
+@pytest.mark.parametrize("case", ["thirty_three_rows", "bfloat16", "dropout", "dv_differs", "d_not_8"])
 def test_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
     """Each call sits just outside the rule (few_rows_forward.h) and must run tiled, correctly."""
     torch.manual_seed(7)
@@ -155,8 +158,6 @@ def test_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
         dtype, sq, hq, hkv = torch.bfloat16, 33, 2, 2
     elif case == "dropout":
         kw = dict(dropout_p=0.3)
-    elif case == "sink":
-        kw = dict(sink=torch.randn(hq))
     elif case == "dv_differs":
         dv = 16
     elif case == "d_not_8":

@@ -404,6 +404,8 @@ void attend_task(const DecodeParams& p, std::int64_t task) {
   std::fill_n(w.o.begin(), std::size_t(rows) * d, 0.f);
   std::fill_n(w.m.begin(), rows, kNegInf);
   std::fill_n(w.l.begin(), rows, 0.f);
+  if (p.sink && split == 0)  // a sink starts the row's softmax as a key with no value (split 0 only)
+    for (int r = 0; r < rows; ++r) w.m[r] = p.sink[hk * groups + r % groups] * kLog2e, w.l[r] = 1.f;
   const bool scores_gemm = stage && rows >= kScoresGemmMinRows;
   const int rows_pad = (rows + cpu::kGemmNMultiple - 1) / cpu::kGemmNMultiple * cpu::kGemmNMultiple;
   if (scores_gemm) {  // q^T, zero columns past the rows

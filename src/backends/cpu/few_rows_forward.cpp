@@ -19,7 +19,7 @@ bool forward_takes_decode_kernel(const FwdParams& p) {
   // bf16 runs the tiled forward on bf16 operands where the CPU has AVX512_BF16 (cheap staging,
   // fast GEMMs): the decode kernel pays for fewer rows there. Elsewhere bf16 tiles run the fp32 path.
   const int max_rows = p.dtype == DType::kBFloat16 && bf16_dot_available() ? kFewRowsMaxRowsBf16Dot : kFewRowsMaxRows;
-  if (p.cu_seqlens_q || p.segment_cu || p.attn_bias || p.sink || p.dropout_p > 0.0f || p.dropout_mask)
+  if (p.cu_seqlens_q || p.segment_cu || p.attn_bias || p.dropout_p > 0.0f || p.dropout_mask)
     return false;
   const int d_v = p.d_v > 0 ? p.d_v : p.d;
   if (d_v != p.d || p.d % 8 != 0 || p.d < 8 || p.d > kMaxHeadDim) return false;
@@ -56,6 +56,7 @@ void forward_on_decode_kernel(const FwdParams& p) {
   d.window_right = p.causal ? 0 : p.window_right;
   d.alibi_slopes = p.alibi_slopes;
   d.alibi_batch_stride = p.alibi_batch_stride;
+  d.sink = p.sink;
   d.dtype = p.dtype;
   // Split-KV as the kvcache API plans it on the CPU (src/core/kvcache.cpp): keys cut into
   // chunks of at least 256 when the (batch, kv head) pairs are fewer than the threads.

@@ -28,7 +28,7 @@ inline constexpr int kFewRowsMaxRowsBf16Dot = 4;
 
 // Whether forward(p) runs on the decode kernel: fp32 / fp16 / bf16 with at most kFewRowsMaxRows
 // rows per kv head (kFewRowsMaxRowsBf16Dot for bf16 where the CPU has AVX512_BF16), head dim a
-// multiple of 8 up to 256 with d_v == d, no varlen, dropout, mask or sink, and a bottom-right
+// multiple of 8 up to 256 with d_v == d, no varlen, dropout or mask, and a bottom-right
 // diagonal wherever causal, a window or ALiBi needs one (the decode
 // kernel's). ORCHARD_CPU_FEW_ROWS=0 in the environment (read per call) keeps every call tiled.
 bool forward_takes_decode_kernel(const FwdParams& p);

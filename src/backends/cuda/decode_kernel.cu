@@ -1488,6 +1488,7 @@ void run(const DecodeParams& params) {
 }  // namespace
 
 void decode_cuda(const DecodeParams& p) {
+  if (p.sink) throw Error(ErrorKind::kNotImplemented, "decode: attention sinks run on the CPU decode kernel only");
   switch (p.dtype) {
     case DType::kBFloat16: return run<__nv_bfloat16>(p);
     case DType::kFloat16: return run<__half>(p);
