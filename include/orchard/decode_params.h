@@ -20,6 +20,7 @@
 // (num_blocks, page_size, hkv, d) and its batch stride is the block stride.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "orchard/config.h"
@@ -91,6 +92,26 @@ struct DecodeParams {
   // reads the new keys / values from k_new / v_new and writes them into the cache itself.
   bool append_in_kernel = false;
 };
+
+// A split-KV count brought into range: no split shorter than a 64-key granule of `max_keys`,
+// at least 1, at most 256 (the kvcache plan and the CPU forward's few-rows route both use it).
+inline int clamp_decode_splits(std::int64_t splits, std::int64_t max_keys) {
+  const std::int64_t granules = max_keys > 64 ? (max_keys + 63) / 64 : 1;
+  const std::int64_t n = splits < 1 ? 1 : (splits > granules ? granules : splits);
+  return static_cast<int>(n < 256 ? n : 256);
+}
+
+// Split-KV partials (num_splits > 1) live in one fp32 workspace of this many floats: out_accum
+// (num_splits, b, hq, sq, d), then lse_accum (num_splits, b, hq, sq).
+inline std::size_t decode_split_workspace_floats(int splits, std::int64_t b, std::int64_t hq, std::int64_t sq,
+                                                 std::int64_t d) {
+  return static_cast<std::size_t>(splits) * b * hq * sq * (d + 1);
+}
+// Points p.out_accum / p.lse_accum into such a workspace (p.num_splits and the shape set).
+inline void place_decode_split_partials(DecodeParams& p, float* workspace) {
+  p.out_accum = workspace;
+  p.lse_accum = workspace + static_cast<std::size_t>(p.num_splits) * p.b * p.hq * p.sq * p.d;
+}
 
 // The (key count, leftpad, seqlen) of batch entry bi, clamped into the cache so that a
 // kernel never addresses memory outside it even for inputs the core could not check

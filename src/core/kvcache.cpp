@@ -345,8 +345,6 @@ DecodeShape validate(const DecodeArgs& a) {
   return s;
 }
 
-std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-
 DecodePlan plan_for(const DecodeArgs& a, const DecodeShape& s) {
   DecodePlan plan;
   const std::int64_t rows = s.sq * (s.hkv ? s.hq / s.hkv : 1);
@@ -359,14 +357,10 @@ DecodePlan plan_for(const DecodeArgs& a, const DecodeShape& s) {
       splits = kvcache_num_splits_heuristic(s.b * s.hkv, s.capacity, decode_cpu_threads());
     }
   }
-  // No split longer than the keys can fill (64-key granules), at most 256 splits.
-  splits = static_cast<int>(std::clamp<std::int64_t>(splits, 1, std::max<std::int64_t>(1, ceil_div(s.capacity, 64))));
-  splits = std::min(splits, 256);
+  splits = clamp_decode_splits(splits, s.capacity);
   plan.num_splits = splits;
-  if (splits > 1) {
-    const std::size_t elems = static_cast<std::size_t>(splits) * s.b * s.hq * s.sq;
-    plan.workspace_bytes = (elems * (s.d + 1) * sizeof(float) + 255) / 256 * 256;
-  }
+  if (splits > 1)
+    plan.workspace_bytes = (decode_split_workspace_floats(splits, s.b, s.hq, s.sq, s.d) * sizeof(float) + 255) / 256 * 256;
   return plan;
 }
 
@@ -468,10 +462,7 @@ void run(const DecodeArgs& a) {
     p.alibi_batch_stride = a.alibi_slopes.ndim == 2 ? a.alibi_slopes.strides[0] : 0;
   }
   p.num_splits = plan.num_splits;
-  if (plan.num_splits > 1) {
-    p.out_accum = static_cast<float*>(a.workspace.data);
-    p.lse_accum = p.out_accum + static_cast<std::size_t>(plan.num_splits) * s.b * s.hq * s.sq * s.d;
-  }
+  if (plan.num_splits > 1) place_decode_split_partials(p, static_cast<float*>(a.workspace.data));
   p.dtype = a.q.dtype;
   p.stream = o.stream;
 

@@ -1,6 +1,5 @@
 #include "backends/cpu/few_rows_forward.h"
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -61,15 +60,11 @@ void forward_on_decode_kernel(const FwdParams& p) {
   // Split-KV as the kvcache API plans it on the CPU (src/core/kvcache.cpp): keys cut into
   // chunks of at least 256 when the (batch, kv head) pairs are fewer than the threads.
   const std::int64_t pairs = static_cast<std::int64_t>(p.b) * p.hkv;
-  int splits = kvcache_num_splits_heuristic(pairs, p.sk, cpu_threads());
-  splits = static_cast<int>(std::clamp<std::int64_t>(splits, 1, std::max<std::int64_t>(1, (p.sk + 63) / 64)));
-  d.num_splits = splits;
-  const std::size_t partials = static_cast<std::size_t>(splits) * p.b * p.hq * p.sq;
-  const StageBuffer accum(StageSlot::kForward, splits > 1 ? partials * (p.d + 1) * sizeof(float) : 0);
-  if (splits > 1) {
-    d.out_accum = accum.as<float>();
-    d.lse_accum = d.out_accum + partials * p.d;
-  }
+  d.num_splits = clamp_decode_splits(kvcache_num_splits_heuristic(pairs, p.sk, cpu_threads()), p.sk);
+  const bool split = d.num_splits > 1;
+  const StageBuffer accum(StageSlot::kForward,
+                          split ? decode_split_workspace_floats(d.num_splits, p.b, p.hq, p.sq, p.d) * sizeof(float) : 0);
+  if (split) place_decode_split_partials(d, accum.as<float>());
   orchard::detail::decode_cpu(d);
 }
 
