@@ -145,6 +145,12 @@ _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
 # torch._C._any_requires_grad is newer than torch 2.6 (scripts/check_wheel_torch.sh runs
 # the same wheel under 2.6): there, the same check in Python.
+def host_values_readable(t: torch.Tensor) -> bool:
+    """Whether a tensor's values may be read back to the host for a check: not while torch.compile
+    traces, nor while a CUDA graph is captured (a copy and a sync are illegal there)."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
 def _any_requires_grad_py(*args):
     for a in args:
         if isinstance(a, torch.Tensor):

@@ -77,7 +77,7 @@ def _check_cu_seqlens(op: str, name: str, cu, total: int, max_seqlen: int, devic
         raise ValueError(f"{op}: {name} must be 1-D (batch + 1,), got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{op}: {name} is on {cu.device} but q is on {device}")
-    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not _ops.host_values_readable(cu):
         return
     vals = cu.tolist()
     if vals[0] < 0 or any(b < a for a, b in zip(vals, vals[1:])):
@@ -269,31 +269,23 @@ def flash_attn_varlen_func(
         capacity = block_table.shape[0] * block_table.shape[1] * k.shape[1]
         _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, capacity, int(max_seqlen_k), q.device)
         check_paged_blocks(op, k, block_table, cu_seqlens_k)
-        if decode_form_applies(q, k, v, max_seqlen_q, dropout_p, sink, return_attn_probs):
-            # The KV-cache kernels read the pages in place (paged_varlen.py).
-            _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
-            if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-                raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
-                                 f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-            served = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
-                                        softmax_scale, causal, _check_window(op, window_size),
-                                        _check_softcap(op, softcap), alibi_slopes)
-            if served is not None:
-                return served if return_softmax_lse else served[0]
-        k, v = gather_paged_kv(q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
-    elif (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)
-          and isinstance(cu_seqlens_q, _Tensor) and isinstance(cu_seqlens_k, _Tensor)
-          and decode_form_applies(q, k, v, max_seqlen_q, dropout_p, sink, return_attn_probs)):
-        # A few query rows per sequence without a gradient (a serving step over packed keys): the
-        # KV-cache kernels read the keys in place (paged_varlen.py's decode form).
+    if (all(isinstance(t, _Tensor) for t in (q, k, v, cu_seqlens_q, cu_seqlens_k))
+            and decode_form_applies(q, k, v, max_seqlen_q, dropout_p, sink, return_attn_probs)):
+        # A few query rows per sequence without a gradient (a serving step): the KV-cache kernels
+        # read the keys, paged or packed, in place (paged_varlen.py's decode form).
         _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], int(max_seqlen_q), q.device)
-        _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), q.device)
-        if cu_seqlens_q.numel() == cu_seqlens_k.numel():
-            served = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, None, softmax_scale,
-                                        causal, _check_window(op, window_size), _check_softcap(op, softcap),
-                                        alibi_slopes)
-            if served is not None:
-                return served if return_softmax_lse else served[0]
+        if block_table is None:
+            _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], int(max_seqlen_k), q.device)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        served = attend_decode_form(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table,
+                                    softmax_scale, causal, _check_window(op, window_size),
+                                    _check_softcap(op, softcap), alibi_slopes)
+        if served is not None:
+            return served if return_softmax_lse else served[0]
+    if block_table is not None:
+        k, v = gather_paged_kv(q, k, v, block_table, cu_seqlens_k, max_seqlen_k)
     return _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                   alibi_slopes, deterministic, return_attn_probs, return_softmax_lse, sink,
                   (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))

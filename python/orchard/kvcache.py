@@ -82,6 +82,24 @@ def _stable_op_serves(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
             and not _is_compiling() and not _ops._dispatch_modes() and not _ops._function_modes())
 
 
+def serves_in_place(q, k, v, dropout_p: float, sink) -> bool:
+    """Whether another entry's call (q (..., nheads, headdim), k / v (..., nheads_k, headdim), the
+    layouts flash_attn_with_kvcache reads) can run on the KV-cache kernels instead: no dropout,
+    sink or gradient, q, k, v of one dtype its kernels have, head dims equal, a multiple of 8 up to
+    256, heads that divide; not while torch.compile traces (this entry is a graph break there,
+    the varlen op is not). Used by paged_varlen.py's decode form and transformers' generation steps."""
+    if dropout_p > 0.0 or sink is not None or _is_compiling():
+        return False
+    if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return False  # the caller's own path names the problem
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d or d % 8 or d > 256 or q.shape[-2] % k.shape[-2]:
+        return False
+    return not (_is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -145,4 +163,4 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
-__all__ = ["flash_attn_with_kvcache", "CHECK_DEVICE_INDICES"]
+__all__ = ["flash_attn_with_kvcache", "CHECK_DEVICE_INDICES", "serves_in_place"]

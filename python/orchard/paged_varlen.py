@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import torch
 
+from ._ops import host_values_readable
 from .kvcache import OP as _KVCACHE_OP
-from .kvcache import flash_attn_with_kvcache
+from .kvcache import flash_attn_with_kvcache, serves_in_place
 
 _Tensor = torch.Tensor
 
@@ -74,7 +75,7 @@ def check_paged_shapes(op: str, q, k_cache, v_cache, block_table, batch: int) ->
 def check_paged_blocks(op: str, k_cache, block_table, cu_seqlens_k) -> None:
     """Where the values can be read (one host read): each sequence within its row of the table,
     every block it uses inside the pool. After check_paged_shapes and the cu_seqlens_k checks."""
-    if cu_seqlens_k.numel() < 2 or not _values_readable(cu_seqlens_k):
+    if cu_seqlens_k.numel() < 2 or not host_values_readable(cu_seqlens_k):
         return
     num_blocks, page, max_blocks = k_cache.shape[0], k_cache.shape[1], block_table.shape[1]
     seq, blk, _ = _key_rows(cu_seqlens_k, int(cu_seqlens_k[-1]), page)
@@ -89,10 +90,6 @@ def check_paged_blocks(op: str, k_cache, block_table, cu_seqlens_k) -> None:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{op}: block_table[{int(seq[i])}, {int(blk[i])}] = {int(ids[i])} is outside the "
                          f"cache's {num_blocks} blocks")
-
-
-def _values_readable(t: _Tensor) -> bool:
-    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def _key_rows(cu_seqlens_k, rows: int, page: int):
@@ -111,7 +108,7 @@ def gather_paged_kv(q, k_cache, v_cache, block_table, cu_seqlens_k, max_seqlen_k
     batch * max_seqlen_k (the rows past cu_seqlens_k[-1] are filler no sequence reads)."""
     batch = cu_seqlens_k.numel() - 1
     num_blocks, page, max_blocks = k_cache.shape[0], k_cache.shape[1], block_table.shape[1]
-    rows = int(cu_seqlens_k[-1]) if _values_readable(cu_seqlens_k) else batch * int(max_seqlen_k)
+    rows = int(cu_seqlens_k[-1]) if host_values_readable(cu_seqlens_k) else batch * int(max_seqlen_k)
     if batch == 0 or rows <= 0:
         return k_cache.new_empty((0, *k_cache.shape[2:])), v_cache.new_empty((0, *v_cache.shape[2:]))
     seq, blk, pos = _key_rows(cu_seqlens_k, rows, page)
@@ -122,23 +119,15 @@ def gather_paged_kv(q, k_cache, v_cache, block_table, cu_seqlens_k, max_seqlen_k
 
 def decode_form_applies(q, k_cache, v_cache, max_seqlen_q: int, dropout_p, sink, return_attn_probs) -> bool:
     """Whether the call runs on the KV-cache kernels (the module docstring's decode form)."""
-    if not (0 < int(max_seqlen_q) <= KVCACHE_MAX_ROWS) or dropout_p > 0.0 or sink is not None or return_attn_probs:
+    if not (0 < int(max_seqlen_q) <= KVCACHE_MAX_ROWS) or return_attn_probs:
         return False
-    if torch.compiler.is_compiling():  # the KV-cache entry is a graph break; the varlen op traces
-        return False
-    if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if q.dim() != 3 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if q.dim() != 3 or k_cache.dim() != v_cache.dim() or k_cache.dim() not in (3, 4):
         return False  # the varlen path's checks name what is wrong
-    d = q.shape[-1]
-    paged = k_cache.dim() == 4  # else packed (total_k, nheads_k, headdim) keys: one "cache" of them
-    if k_cache.dim() != v_cache.dim() or k_cache.dim() not in (3, 4):
+    # 4-D: a page pool, whose pages the kernels take in multiples of 16 rows; 3-D: packed
+    # (total_k, nheads_k, headdim) keys, read as one cache entry.
+    if k_cache.dim() == 4 and k_cache.shape[1] % 16:
         return False
-    if k_cache.shape[-1] != d or v_cache.shape[-1] != d or d % 8 or d > 256 or q.shape[1] % k_cache.shape[-2]:
-        return False
-    if paged and k_cache.shape[1] % 16:
-        return False
-    return not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad))
+    return serves_in_place(q, k_cache, v_cache, dropout_p, sink)
 
 
 def attend_decode_form(op, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, block_table,

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from .. import _ops
 from ..functional import flash_attn_func, flash_attn_varlen_func
-from ..kvcache import flash_attn_with_kvcache
+from ..kvcache import flash_attn_with_kvcache, serves_in_place
 
 __all__ = ["NAME", "register", "orchard_attention_forward", "orchard_attention_mask"]
 
@@ -155,18 +155,8 @@ def _left_padding_plan(mask: torch.Tensor, sq: int):
 
 def _decode_step_serves(q, k, v, sq: int, sk: int, dropout: float, sink) -> bool:
     """Whether a padded call is a generation step flash_attn_with_kvcache can serve in place: a
-    few query rows (<= 16) against more keys, no gradient, no dropout or sink, a dtype, head
-    dims and head counts of its kernels."""
-    if not (0 < sq <= 16 and sq < sk) or dropout > 0.0 or sink is not None:
-        return False
-    if torch.compiler.is_compiling():  # the KV-cache entry is a graph break; the varlen op traces
-        return False
-    if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    d = q.shape[-1]
-    if k.shape[-1] != d or v.shape[-1] != d or d % 8 or d > 256 or q.shape[2] % k.shape[2]:
-        return False
-    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    few query rows (<= 16) against more keys, and a call its kernels take (kvcache.serves_in_place)."""
+    return 0 < sq <= 16 and sq < sk and serves_in_place(q, k, v, dropout, sink)
 
 
 def _packed_plan(position_ids: torch.Tensor, b: int, s: int):
