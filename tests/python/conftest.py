@@ -32,6 +32,16 @@ def _seed(request):
     yield
 
 
+@pytest.fixture
+def debug_log(tmp_path, monkeypatch):
+    """Switches the per-call debug log on into tmp_path; returns a function giving its lines so far
+    (one per kernel call: FWD / BWD / DECODE ..., with the variant that ran)."""
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    path = tmp_path / f"orchard_flash_attn_{os.getpid()}.log"
+    return lambda: path.read_text().splitlines() if path.exists() else []
+
+
 def pytest_report_header(config):
     info = orchard.build_info()
     return (f"orchard {orchard.__version__}: cuda_compiled={info['cuda_compiled']} "

@@ -42,17 +42,6 @@ FEATURES = {
 }
 
 
-@pytest.fixture
-def debug_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
-    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
-
-    def lines():
-        path = tmp_path / f"orchard_flash_attn_{os.getpid()}.log"
-        return path.read_text().splitlines() if path.exists() else []
-    return lines
-
-
 def _inputs(shape, dtype, layout="bshd", requires_grad=False):
     b, sq, sk, hq, hkv, d = shape
     if layout == "bshd":

@@ -358,19 +358,16 @@ def test_left_padding_plan_only_for_left_padded_rows():
     assert _left_padding_plan(torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool), 1) is None
 
 
-def test_left_padded_generation_reads_the_cache_in_place(tmp_path, monkeypatch):
+def test_left_padded_generation_reads_the_cache_in_place(debug_log):
     """The decode steps of a left-padded batch run the KV-cache kernel (the debug log's DECODE
     lines; the prefill's FWD lines take varlen), and the tokens equal SDPA's."""
-    import os
     ref, orc = _pair("llama")
     ids, mask, _ = _batch("left")
     kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
-    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
     with torch.no_grad():
         a = ref.generate(ids, **kw)
         b = orc.generate(ids, **kw)
     assert torch.equal(a, b), f"generated tokens differ\n{a}\n{b}"
-    kinds = [ln.split()[0] for ln in (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()]
+    kinds = [ln.split()[0] for ln in debug_log()]
     layers = orc.config.num_hidden_layers
     assert kinds.count("DECODE") == 3 * layers and kinds.count("FWD") == layers, kinds

@@ -136,19 +136,16 @@ def test_paged_varlen_large_max_seqlen_does_not_read_past_the_pool():
 
 
 @pytest.fixture
-def debug_log(tmp_path, monkeypatch):
-    import os
-    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
-    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
-    path = tmp_path / f"orchard_flash_attn_{os.getpid()}.log"
-    return lambda: [ln.split()[0] for ln in path.read_text().splitlines()] if path.exists() else []
+def calls(debug_log):
+    """The kinds of the kernel calls so far (FWD / BWD / DECODE), from conftest's debug log."""
+    return lambda: [ln.split()[0] for ln in debug_log()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("feats", [dict(), dict(causal=True), dict(causal=True, window_size=(6, -1), softcap=4.0),
                                    dict(window_size=(3, 2), alibi=True)], ids=["plain", "causal", "window_softcap",
                                                                                "window_alibi"])
-def test_decode_form_reads_the_pages_in_place(feats, dtype, debug_log):
+def test_decode_form_reads_the_pages_in_place(feats, dtype, calls):
     """A serving step (1-3 query rows per sequence, one sequence with none, two rows of q past
     cu_seqlens_q[-1] as in a static buffer) runs on the KV-cache kernel (the debug log's DECODE
     line, no FWD), each sequence's rows on its own bottom-right diagonal."""
@@ -163,7 +160,7 @@ def test_decode_form_reads_the_pages_in_place(feats, dtype, debug_log):
         kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(4, 8) * 0.2
     out, lse = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 3, 70, block_table=table,
                                               return_softmax_lse=True, **kw)
-    assert debug_log() == ["DECODE"], debug_log()
+    assert calls() == ["DECODE"], calls()
     n = int(cu_q[-1])
     k, v = kc[ids, pos], vc[ids, pos]
     ref, ref_lse = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, **ref_kw)
@@ -173,7 +170,7 @@ def test_decode_form_reads_the_pages_in_place(feats, dtype, debug_log):
     assert out[n:].abs().max() == 0 and torch.isneginf(lse[:, n:]).all()
 
 
-def test_gradients_take_the_gather_form(debug_log):
+def test_gradients_take_the_gather_form(calls):
     """The same serving step with q requiring grad takes the gather form (a FWD line) and
     agrees with the decode form."""
     lens_q, lens_k, page = [2, 1], [40, 9], 16
@@ -183,7 +180,7 @@ def test_gradients_take_the_gather_form(debug_log):
         decode = orchard.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 2, 40, causal=True, block_table=table)
     gathered = orchard.flash_attn_varlen_func(q.requires_grad_(), kc, vc, cu_q, cu_k, 2, 40, causal=True,
                                               block_table=table)
-    assert debug_log() == ["DECODE", "FWD"], debug_log()
+    assert calls() == ["DECODE", "FWD"], calls()
     torch.testing.assert_close(gathered.detach(), decode, atol=2e-6, rtol=1e-5)
 
 
@@ -205,7 +202,7 @@ def test_paged_varlen_in_a_cuda_graph(max_q):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("feats", [dict(causal=True), dict(window_size=(4, 1), softcap=3.0, alibi=True)],
                          ids=["causal", "window_softcap_alibi"])
-def test_unpaged_decode_form(feats, dtype, debug_log):
+def test_unpaged_decode_form(feats, dtype, calls):
     """The decode form over packed (unpaged) keys: a serving step through flash_attn_varlen_func
     reads k / v in place as one cache entry every sequence indexes from its first key (the debug
     log's DECODE line); keys that are views into a packed qkv tensor too; rows past
@@ -222,7 +219,7 @@ def test_unpaged_decode_form(feats, dtype, debug_log):
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(8) * 0.2
     out, lse = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 30, return_softmax_lse=True, **kw)
-    assert debug_log() == ["DECODE"], debug_log()
+    assert calls() == ["DECODE"], calls()
     n = int(cu_q[-1])
     ref, ref_lse = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, **ref_kw)
     naive, _ = varlen_attention_ref(q[:n], k, v, cu_q, cu_k, upcast=False, **ref_kw)
@@ -231,7 +228,7 @@ def test_unpaged_decode_form(feats, dtype, debug_log):
     assert out[n:].abs().max() == 0 and torch.isneginf(lse[:, n:]).all()
     with torch.enable_grad():  # a gradient: the varlen kernels, the same answer
         tiled = orchard.flash_attn_varlen_func(q.requires_grad_(), k, v, cu_q, cu_k, 3, 30, **kw)
-    assert debug_log() == ["DECODE", "FWD"], debug_log()
+    assert calls() == ["DECODE", "FWD"], calls()
     torch.testing.assert_close(tiled[:n].detach().float(), out[:n].float(), atol=ATOL[dtype] * 10, rtol=1e-2)
 
 
