@@ -11,9 +11,15 @@
 // too and fail with the core's "this build of Orchard has no CUDA backend" error.
 //
 // Buffers are row-major (XLA's default layout), in BSHD logical order:
-// q (b, sq, hq, d), k/v (b, sk, hkv, d[_v]); out (b, sq, hq, d_v), lse (b, hq, sq).
+// q (b, sq, hq, d), k/v (b, sk, hkv, d[_v]); out (b, sq, hq, d_v), lse (b, hq, sq);
+// varlen: q / k / v / out (total, heads, dim), lse (hq, total_q).
+// The optional inputs (ALiBi slopes, sink logits, the attention bias or mask,
+// cu_seqlens, the dropout RNG state) are operands every call passes; an absent one is
+// a buffer with no elements (orchard.jax passes jnp.zeros((0,))). So is dsink, the
+// backward's fourth result, when there is no sink.
 // No copies: the views point into XLA's buffers (the core stages only what a
-// kernel cannot read, e.g. a head_dim whose rows are not 16-byte aligned on CUDA).
+// kernel cannot read, e.g. a head_dim whose rows are not 16-byte aligned on CUDA);
+// a bias's size-1 dims broadcast in place.
 #include <nanobind/nanobind.h>
 
 #include <cstdint>
@@ -44,6 +50,10 @@ bool to_dtype(ffi::DataType t, orchard::DType* out) {
     case ffi::DataType::BF16: *out = orchard::DType::kBFloat16; return true;
     case ffi::DataType::F32: *out = orchard::DType::kFloat32; return true;
     case ffi::DataType::F64: *out = orchard::DType::kFloat64; return true;
+    // XLA's bool (PRED) is one byte holding 0 or 1: a boolean mask read as uint8.
+    case ffi::DataType::PRED: *out = orchard::DType::kUInt8; return true;
+    case ffi::DataType::U8: *out = orchard::DType::kUInt8; return true;
+    case ffi::DataType::S32: *out = orchard::DType::kInt32; return true;
     default: return false;
   }
 }
@@ -57,7 +67,8 @@ orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> d
   orchard::TensorView v;
   if (!to_dtype(t, &v.dtype))
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument,
-                         std::string(kOp) + ": " + name + ": dtype must be float16, bfloat16, float32 or float64");
+                         std::string(kOp) + ": " + name + ": unsupported dtype (XLA type " +
+                             std::to_string(static_cast<int>(t)) + ")");
   if (dims.size() > static_cast<std::size_t>(orchard::kMaxRank))
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument, std::string(kOp) + ": " + name + ": rank too high");
   v.data = data;
@@ -78,16 +89,59 @@ orchard::TensorView in(const ffi::AnyBuffer& b, orchard::Device d, const char* n
 orchard::TensorView out(ffi::Result<ffi::AnyBuffer>& b, orchard::Device d, const char* name) {
   return view(b->untyped_data(), b->element_type(), b->dimensions(), d, name);
 }
+// An optional operand: undefined when it has no elements (absent).
+orchard::TensorView optional_in(const ffi::AnyBuffer& b, orchard::Device d, const char* name) {
+  return b.element_count() == 0 ? orchard::TensorView{} : in(b, d, name);
+}
 
-orchard::AttentionOptions options(double scale, int32_t causal, int64_t window_left, int64_t window_right,
-                                  double softcap, void* stream) {
+// The optional operands both passes take, in the order orchard.jax passes them.
+struct Extras {
+  ffi::AnyBuffer alibi, sink, bias, cu_q, cu_k, rng;
+};
+
+// The static settings of a call (the handlers' attributes).
+struct Settings {
+  double scale;
+  int32_t causal;
+  int64_t window_left, window_right;
+  double softcap, dropout_p;
+  int64_t max_seqlen_q, max_seqlen_k;
+  int32_t deterministic;
+};
+
+// The core's extras from the operands. The attention bias is rank 4 (b, hq, sq, sk) with
+// size-1 dims where it broadcasts (orchard.jax reshapes it so); those read in place.
+orchard::AttentionExtras extras_of(const Extras& x, const Settings& s, orchard::Device d) {
+  orchard::AttentionExtras e;
+  e.alibi_slopes = optional_in(x.alibi, d, "alibi_slopes");
+  e.sink = optional_in(x.sink, d, "sink");
+  e.attn_bias = optional_in(x.bias, d, "bias");
+  e.cu_seqlens_q = optional_in(x.cu_q, d, "cu_seqlens_q");
+  e.cu_seqlens_k = optional_in(x.cu_k, d, "cu_seqlens_k");
+  e.max_seqlen_q = s.max_seqlen_q;
+  e.max_seqlen_k = s.max_seqlen_k;
+  return e;
+}
+
+// rng: the dropout RNG state, 2 x uint64 (seed, offset) that orchard.jax draws from the
+// caller's key as 4 x uint32; read by the kernels where they run (so a jitted call draws a
+// fresh mask per key, and the backward reads the forward's).
+orchard::AttentionOptions options(const Settings& s, const ffi::AnyBuffer& rng, void* stream) {
   orchard::AttentionOptions o;
-  if (scale > 0) o.softmax_scale = scale;
-  o.causal = causal != 0;
+  if (s.scale > 0) o.softmax_scale = s.scale;
+  o.causal = s.causal != 0;
   o.causal_align = orchard::CausalAlign::kBottomRight;
-  o.window_left = window_left;
-  o.window_right = window_right;
-  o.softcap = softcap;
+  o.window_left = s.window_left;
+  o.window_right = s.window_right;
+  o.softcap = s.softcap;
+  o.dropout_p = s.dropout_p;
+  if (s.dropout_p > 0.0) {
+    if (rng.size_bytes() != 2 * sizeof(std::uint64_t))
+      throw orchard::Error(orchard::ErrorKind::kInvalidArgument,
+                           std::string(kOp) + ": dropout needs its 16-byte RNG state (orchard.jax draws it)");
+    o.rng_state = static_cast<const std::uint64_t*>(rng.untyped_data());
+  }
+  o.deterministic = s.deterministic != 0;
   o.op_name = kOp;
   o.stream = stream;  // cudaStream_t on CUDA, nullptr on the CPU
   return o;
@@ -105,8 +159,8 @@ ffi::Error to_ffi_error(const std::exception& e) {
 
 // The forward on `device` (stream: XLA's cudaStream_t on CUDA, nullptr on the CPU).
 ffi::Error forward_on(orchard::Device device, void* stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                      ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
-                      double scale, int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
+                      ffi::AnyBuffer v, const Extras& x, ffi::Result<ffi::AnyBuffer> o,
+                      ffi::Result<ffi::AnyBuffer> lse, const Settings& s) {
   try {
     orchard::ForwardArgs a;
     a.q = in(q, device, "q");
@@ -114,7 +168,8 @@ ffi::Error forward_on(orchard::Device device, void* stream, ffi::AnyBuffer q, ff
     a.v = in(v, device, "v");
     a.out = out(o, device, "out");
     a.lse = out(lse, device, "lse");
-    a.options = options(scale, causal, window_left, window_right, softcap, stream);
+    a.extras = extras_of(x, s, device);
+    a.options = options(s, x.rng, stream);
     orchard::attention_forward(a);
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -130,9 +185,9 @@ ffi::Error forward_on(orchard::Device device, void* stream, ffi::AnyBuffer q, ff
 template <class Allocate>
 ffi::Error backward_on(orchard::Device device, void* stream, Allocate&& allocate, ffi::AnyBuffer q,
                        ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
-                       ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                       ffi::Result<ffi::AnyBuffer> dv, double scale, int32_t causal, int64_t window_left,
-                       int64_t window_right, double softcap) {
+                       ffi::AnyBuffer dout, const Extras& x, ffi::Result<ffi::AnyBuffer> dq,
+                       ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                       ffi::Result<ffi::AnyBuffer> dsink, const Settings& s) {
   try {
     orchard::BackwardArgs g;
     g.q = in(q, device, "q");
@@ -144,7 +199,9 @@ ffi::Error backward_on(orchard::Device device, void* stream, Allocate&& allocate
     g.dq = out(dq, device, "dq");
     g.dk = out(dk, device, "dk");
     g.dv = out(dv, device, "dv");
-    g.options = options(scale, causal, window_left, window_right, softcap, stream);
+    if (dsink->element_count() > 0) g.dsink = out(dsink, device, "dsink");
+    g.extras = extras_of(x, s, device);
+    g.options = options(s, x.rng, stream);
     const std::size_t bytes = orchard::backward_workspace_bytes(g);
     if (bytes > 0)
       g.workspace = orchard::make_contiguous_view(allocate(bytes), orchard::DType::kUInt8, device,
@@ -156,36 +213,40 @@ ffi::Error backward_on(orchard::Device device, void* stream, Allocate&& allocate
   }
 }
 
-ffi::Error forward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> o,
-                       ffi::Result<ffi::AnyBuffer> lse, double scale, int32_t causal, int64_t window_left,
-                       int64_t window_right, double softcap) {
-  return forward_on(host(), nullptr, q, k, v, o, lse, scale, causal, window_left, window_right, softcap);
+ffi::Error forward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer alibi,
+                       ffi::AnyBuffer sink, ffi::AnyBuffer bias, ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k,
+                       ffi::AnyBuffer rng, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                       Settings s) {
+  return forward_on(host(), nullptr, q, k, v, Extras{alibi, sink, bias, cu_q, cu_k, rng}, o, lse, s);
 }
 
 ffi::Error backward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o,
-                        ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
-                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv, double scale,
-                        int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
+                        ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer alibi, ffi::AnyBuffer sink,
+                        ffi::AnyBuffer bias, ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, ffi::AnyBuffer rng,
+                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                        ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dsink, Settings s) {
   std::vector<unsigned char> workspace;  // host memory owned by this call
   auto allocate = [&](std::size_t bytes) -> void* {
     workspace.resize(bytes);
     return workspace.data();
   };
-  return backward_on(host(), nullptr, allocate, q, k, v, o, lse, dout, dq, dk, dv, scale, causal, window_left,
-                     window_right, softcap);
+  return backward_on(host(), nullptr, allocate, q, k, v, o, lse, dout, Extras{alibi, sink, bias, cu_q, cu_k, rng},
+                     dq, dk, dv, dsink, s);
 }
 
 ffi::Error forward_cuda(void* stream, int32_t ordinal, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, double scale,
-                        int32_t causal, int64_t window_left, int64_t window_right, double softcap) {
-  return forward_on(gpu(ordinal), stream, q, k, v, o, lse, scale, causal, window_left, window_right, softcap);
+                        ffi::AnyBuffer alibi, ffi::AnyBuffer sink, ffi::AnyBuffer bias, ffi::AnyBuffer cu_q,
+                        ffi::AnyBuffer cu_k, ffi::AnyBuffer rng, ffi::Result<ffi::AnyBuffer> o,
+                        ffi::Result<ffi::AnyBuffer> lse, Settings s) {
+  return forward_on(gpu(ordinal), stream, q, k, v, Extras{alibi, sink, bias, cu_q, cu_k, rng}, o, lse, s);
 }
 
 ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                          ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer lse,
-                         ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                         ffi::Result<ffi::AnyBuffer> dv, double scale, int32_t causal, int64_t window_left,
-                         int64_t window_right, double softcap) {
+                         ffi::AnyBuffer dout, ffi::AnyBuffer alibi, ffi::AnyBuffer sink, ffi::AnyBuffer bias,
+                         ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, ffi::AnyBuffer rng,
+                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dsink, Settings s) {
   auto allocate = [&](std::size_t bytes) -> void* {
     // XLA's FFI refuses alignments above 16 ("Unsupported alignment"; kMaxAlignment in
     // xla/ffi/ffi_api.cc) and the core wants 256: over-allocate, round the start up.
@@ -197,48 +258,63 @@ ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator sc
     const auto address = reinterpret_cast<std::uintptr_t>(*p);
     return reinterpret_cast<void*>((address + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign);
   };
-  return backward_on(gpu(ordinal), stream, allocate, q, k, v, o, lse, dout, dq, dk, dv, scale, causal,
-                     window_left, window_right, softcap);
+  return backward_on(gpu(ordinal), stream, allocate, q, k, v, o, lse, dout,
+                     Extras{alibi, sink, bias, cu_q, cu_k, rng}, dq, dk, dv, dsink, s);
 }
 
-// The attributes every handler binds after its operands and results, in the
-// order of the handlers' trailing parameters (orchard.jax._attrs passes them).
+// The Extras operands, after the pass's own.
 template <class Binding>
-auto attributes(Binding b) {
+auto extras_signature(Binding b) {
   return std::move(b)
-      .template Attr<double>("softmax_scale")
-      .template Attr<int32_t>("causal")
-      .template Attr<int64_t>("window_left")
-      .template Attr<int64_t>("window_right")
-      .template Attr<double>("softcap");
+      .template Arg<ffi::AnyBuffer>()   // alibi_slopes
+      .template Arg<ffi::AnyBuffer>()   // sink
+      .template Arg<ffi::AnyBuffer>()   // bias / mask
+      .template Arg<ffi::AnyBuffer>()   // cu_seqlens_q
+      .template Arg<ffi::AnyBuffer>()   // cu_seqlens_k
+      .template Arg<ffi::AnyBuffer>();  // dropout RNG state
 }
 
-// The operands, results and attributes both platforms bind, after the platform's context.
+// forward: q, k, v, the Extras operands; out, lse; the settings.
 template <class Binding>
 auto forward_signature(Binding b) {
-  return attributes(std::move(b)
-                        .template Arg<ffi::AnyBuffer>()   // q
-                        .template Arg<ffi::AnyBuffer>()   // k
-                        .template Arg<ffi::AnyBuffer>()   // v
-                        .template Ret<ffi::AnyBuffer>()   // out
-                        .template Ret<ffi::AnyBuffer>());  // lse
+  return extras_signature(std::move(b)
+                              .template Arg<ffi::AnyBuffer>()    // q
+                              .template Arg<ffi::AnyBuffer>()    // k
+                              .template Arg<ffi::AnyBuffer>())   // v
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>()   // lse
+      .template Attrs<Settings>();
 }
 
+// backward: q, k, v, out, lse, dout, the Extras operands; dq, dk, dv, dsink; the settings.
 template <class Binding>
 auto backward_signature(Binding b) {
-  return attributes(std::move(b)
-                        .template Arg<ffi::AnyBuffer>()   // q
-                        .template Arg<ffi::AnyBuffer>()   // k
-                        .template Arg<ffi::AnyBuffer>()   // v
-                        .template Arg<ffi::AnyBuffer>()   // out
-                        .template Arg<ffi::AnyBuffer>()   // lse
-                        .template Arg<ffi::AnyBuffer>()   // dout
-                        .template Ret<ffi::AnyBuffer>()   // dq
-                        .template Ret<ffi::AnyBuffer>()   // dk
-                        .template Ret<ffi::AnyBuffer>());  // dv
+  return extras_signature(std::move(b)
+                              .template Arg<ffi::AnyBuffer>()    // q
+                              .template Arg<ffi::AnyBuffer>()    // k
+                              .template Arg<ffi::AnyBuffer>()    // v
+                              .template Arg<ffi::AnyBuffer>()    // out
+                              .template Arg<ffi::AnyBuffer>()    // lse
+                              .template Arg<ffi::AnyBuffer>())   // dout
+      .template Ret<ffi::AnyBuffer>()   // dq
+      .template Ret<ffi::AnyBuffer>()   // dk
+      .template Ret<ffi::AnyBuffer>()   // dv
+      .template Ret<ffi::AnyBuffer>()   // dsink (no elements without a sink)
+      .template Attrs<Settings>();
 }
 
 }  // namespace
+
+// The attributes orchard.jax._attrs passes, by name, into Settings (its member order).
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Settings, ffi::StructMember<double>("softmax_scale"),
+                                      ffi::StructMember<int32_t>("causal"),
+                                      ffi::StructMember<int64_t>("window_left"),
+                                      ffi::StructMember<int64_t>("window_right"),
+                                      ffi::StructMember<double>("softcap"),
+                                      ffi::StructMember<double>("dropout_p"),
+                                      ffi::StructMember<int64_t>("max_seqlen_q"),
+                                      ffi::StructMember<int64_t>("max_seqlen_k"),
+                                      ffi::StructMember<int32_t>("deterministic"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashForwardCpu, forward_cpu, forward_signature(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashBackwardCpu, backward_cpu, backward_signature(ffi::Ffi::Bind()));
