@@ -14,8 +14,12 @@ meaningless results. On the CPU every value is always checked.
 
 An eager call goes to the C++ op ``orchard::_kvcache_fwd`` (orchard/_C_torch.so, the stable-ABI
 op library; it allocates out / lse / the split-KV scratch through torch and launches on the
-current stream); without that library, under torch.compile or a dispatch / function mode, and
-for tensor subclasses, the DLPack path (orchard._C.kvcache_forward) serves it as before.
+current stream); without that library, under a dispatch / function mode, and for tensor
+subclasses, the DLPack path (orchard._C.kvcache_forward) serves it as before. Under
+torch.compile the call is the op ``orchard::kvcache_forward`` (it mutates the caches; a fake
+kernel gives its output shapes), so a compiled decode step keeps one graph: its kernel is the
+eager call above. (``orchard::_kvcache_fwd`` itself cannot be traced: torch's functionalization
+refuses a mutating custom op whose outputs include an optional tensor or an int.)
 
 A generation loop over a paged cache (page size any multiple of 16)::
 
@@ -82,13 +86,22 @@ def _stable_op_serves(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
             and not _is_compiling() and not _ops._dispatch_modes() and not _ops._function_modes())
 
 
+def _cuda_layout_traceable(t) -> bool:
+    """While torch.compile traces, what the CUDA kernels' NotImplementedError would say at run
+    time (16-byte aligned cache rows; kvcache.cpp): a traced call has no fallback to take then.
+    The allocation itself is aligned; its offset and strides are known while tracing."""
+    es = t.element_size()
+    return (t.storage_offset() * es) % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1])
+
+
 def serves_in_place(q, k, v, dropout_p: float, sink) -> bool:
     """Whether another entry's call (q (..., nheads, headdim), k / v (..., nheads_k, headdim), the
     layouts flash_attn_with_kvcache reads) can run on the KV-cache kernels instead: no dropout,
     sink or gradient, q, k, v of one dtype its kernels have, head dims equal, a multiple of 8 up to
-    256, heads that divide; not while torch.compile traces (this entry is a graph break there,
-    the varlen op is not). Used by paged_varlen.py's decode form and transformers' generation steps."""
-    if dropout_p > 0.0 or sink is not None or _is_compiling():
+    256, heads that divide; under torch.compile (where this entry is the traceable op
+    orchard::kvcache_forward) CUDA caches also laid out as its kernels read them. Used by
+    paged_varlen.py's decode form and transformers' generation steps."""
+    if dropout_p > 0.0 or sink is not None:
         return False
     if q.device.type not in ("cpu", "cuda") or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
@@ -97,7 +110,82 @@ def serves_in_place(q, k, v, dropout_p: float, sink) -> bool:
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d or d % 8 or d > 256 or q.shape[-2] % k.shape[-2]:
         return False
-    return not (_is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    if _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return not (_is_compiling() and q.is_cuda) or (_cuda_layout_traceable(k) and _cuda_layout_traceable(v))
+
+
+def _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, return_lse):
+    """(out, lse or None) from the C++ op, which allocates out / lse / scratch and launches.
+    tensors: flash_attn_with_kvcache's twelve tensor arguments, in its order."""
+    global last_num_splits
+    try:
+        out, lse, last_num_splits = _ops._SKVCACHE_CALL(
+            *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
+            float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_lse),
+            bool(CHECK_DEVICE_INDICES), OP)
+    except RuntimeError as e:
+        raise _ops._stable_error(e) from None
+    return out, lse
+
+
+def _dlpack_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, return_lse):
+    """The same through orchard._C on DLPack capsules (no _C_torch.so, a mode, a subclass)."""
+    q = tensors[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+           if return_lse else None)
+    dev = q.device
+
+    def alloc(nbytes):
+        return _export(torch.empty(nbytes, dtype=torch.uint8, device=dev))[0]
+
+    def launch(stream):
+        args = _export(*tensors, out, lse)
+        global last_num_splits
+        last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr), float(softcap),
+                                             bool(rotary_interleaved), int(num_splits), bool(CHECK_DEVICE_INDICES),
+                                             stream, alloc, OP)[0]
+
+    _launch_on_device_of(q, launch)
+    return out, lse
+
+
+# The traceable form (torch.compile): the caches are declared mutated, both outputs are plain
+# tensors (lse has no elements unless asked for).
+_ops._LIB.define(
+    "kvcache_forward(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+    "Tensor? rotary_cos, Tensor? rotary_sin, Tensor? cache_seqlens, Tensor? cache_batch_idx, "
+    "Tensor? cache_leftpad, Tensor? block_table, Tensor? alibi_slopes, float? softmax_scale, bool causal, "
+    "SymInt window_left, SymInt window_right, float softcap, bool rotary_interleaved, SymInt num_splits, "
+    "bool return_lse) -> (Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+
+
+@_ops._disable_dynamo
+def _traced_kernel(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                   cache_leftpad, block_table, alibi_slopes, softmax_scale, causal, window_left, window_right,
+                   softcap, rotary_interleaved, num_splits, return_lse):
+    tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+               block_table, alibi_slopes)
+    call = _stable_call if _stable_op_serves(*tensors) else _dlpack_call
+    out, lse = call(tensors, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
+                    num_splits, return_lse)
+    return out, (lse if lse is not None else torch.empty((0,), dtype=torch.float32, device=q.device))
+
+
+def _traced_fake(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                 cache_leftpad, block_table, alibi_slopes, softmax_scale, causal, window_left, window_right,
+                 softcap, rotary_interleaved, num_splits, return_lse):
+    out = q.new_empty(q.shape)
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+_ops._LIB.impl("kvcache_forward", _traced_kernel, "CompositeExplicitAutograd")
+torch.library.register_fake("orchard::kvcache_forward", _traced_fake, lib=_ops._LIB)
+_TRACED = torch.ops.orchard.kvcache_forward.default
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -122,9 +210,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if _is_grad_enabled() and _ops._any_requires_grad(q, k_cache, v_cache, k, v):
         raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
                            "pass tensors that do not require grad")
-    if q.device.type not in ("cpu", "cuda"):
-        raise NotImplementedError(f"{OP}: the KV-cache decode runs on the CPU and CUDA backends, not on "
-                                  f"{q.device.type} (the Metal backend has no decode kernel)")
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=k_cache.device)
     if q.dim() != 4:
@@ -132,34 +217,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if block_table is not None and cache_batch_idx is not None:
         raise _err("cache_batch_idx is not supported with a paged cache (block_table)")
     wl, wr = window_size
-    global last_num_splits
     tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                block_table, alibi_slopes)
-    if _stable_op_serves(*tensors):  # the C++ op allocates out / lse / scratch and launches
-        try:
-            out, lse, last_num_splits = _ops._SKVCACHE_CALL(
-                *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
-                float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_softmax_lse),
-                bool(CHECK_DEVICE_INDICES), OP)
-        except RuntimeError as e:
-            raise _ops._stable_error(e) from None
-        return (out, lse) if return_softmax_lse else out
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-           if return_softmax_lse else None)
-    dev = q.device
-
-    def alloc(nbytes):
-        return _export(torch.empty(nbytes, dtype=torch.uint8, device=dev))[0]
-
-    def launch(stream):
-        args = _export(*tensors, out, lse)
-        global last_num_splits
-        last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr),
-                                             float(softcap), bool(rotary_interleaved), int(num_splits),
-                                             bool(CHECK_DEVICE_INDICES), stream, alloc, OP)[0]
-
-    _launch_on_device_of(q, launch)
+    if _stable_op_serves(*tensors):  # the eager call (not while torch.compile traces)
+        out, lse = _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits,
+                                return_softmax_lse)
+    elif q.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"{OP}: the KV-cache decode runs on the CPU and CUDA backends, not on "
+                                  f"{q.device.type} (the Metal backend has no decode kernel)")
+    elif _is_compiling():
+        out, lse = _TRACED(*tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits,
+                           bool(return_softmax_lse))
+    else:
+        out, lse = _dlpack_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits,
+                                return_softmax_lse)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -11,8 +11,8 @@ How, in one of two forms:
   (a decode or speculative step of a serving batch) run on the KV-cache kernels, which read the
   pages in place: each sequence's query rows are placed at the end of a (batch, max_seqlen_q)
   block (so the kernels' bottom-right diagonal is the sequence's own) and the results taken back
-  out. Taken when ``flash_attn_with_kvcache`` has everything the call asks for (and not while
-  torch.compile traces: that entry is a graph break, the varlen op is not): no dropout, sink
+  out. Taken when ``flash_attn_with_kvcache`` has everything the call asks for (under
+  torch.compile too, as the traceable op ``orchard::kvcache_forward``): no dropout, sink
   or attention-probability output; fp32 / bf16 / fp16; head dim a multiple of 8 up to 256 with
   v's equal to q's; pages a multiple of 16 rows; CPU or CUDA.
 - gather form (every other call): the sequences' cache rows are gathered into one packed

@@ -233,9 +233,10 @@ def test_unpaged_decode_form(feats, dtype, calls):
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
-def test_serving_step_compiles_fullgraph(paged):
-    """Under torch.compile(fullgraph=True) a serving step keeps the traceable varlen op (the
-    KV-cache entry would be a graph break), and agrees with the eager decode form."""
+def test_serving_step_compiles_fullgraph(paged, debug_log):
+    """Under torch.compile(fullgraph=True) a serving step keeps the decode form (the KV-cache
+    entry is the traceable op orchard::kvcache_forward there) and agrees with the eager call."""
+    torch._dynamo.reset()
     lens_q, lens_k, page = [1, 2], [40, 9], 16
     q, kc, vc, table, ids, pos = _paged_case(lens_q, lens_k, page)
     cu_q, cu_k = _cu(lens_q, "cpu"), _cu(lens_k, "cpu")
@@ -247,5 +248,7 @@ def test_serving_step_compiles_fullgraph(paged):
 
     with torch.no_grad():
         eager = step(q, k, v)
+        before = len(debug_log())
         compiled = torch.compile(step, fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=1e-5)
+    assert [ln.split()[0] for ln in debug_log()[before:]] == ["DECODE"], debug_log()[before:]
