@@ -50,7 +50,6 @@ interface when present (>= 4.53); other versions are untested.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -59,6 +58,8 @@ import torch.nn.functional as F
 from .. import _ops
 from ..functional import flash_attn_func, flash_attn_varlen_func
 from ..kvcache import flash_attn_with_kvcache, serves_in_place
+from . import _position_packed
+from ._position_packed import cached as _cached, packed_plan as _packed_plan
 
 __all__ = ["NAME", "register", "orchard_attention_forward", "orchard_attention_mask"]
 
@@ -77,7 +78,8 @@ def orchard_attention_mask(batch_size: int, q_length: int, kv_length: int, q_off
     """transformers' mask-interface entry for "orchard": the (batch, kv_length)
     bool padding mask when some key is padded (or the mask is shorter than the
     keys, as with a static cache), else None. Causality, sliding windows and
-    packing are applied by the kernels, not through a mask."""
+    packing are applied by the kernels, not through a mask. While torch.compile
+    traces, the mask is passed on unread (whether it pads anything is a value)."""
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:  # an already prepared custom mask: pass it on
@@ -85,36 +87,14 @@ def orchard_attention_mask(batch_size: int, q_length: int, kv_length: int, q_off
     m = attention_mask[:, -kv_length:]
     if m.dtype != torch.bool:
         m = m.bool()
-    if m.shape[1] == kv_length and bool(m.all()):
+    if m.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(m.all()):
         return None
     return m
 
 
 # ---------------------------------------------------------------------------
-# Unpadding plans. One model forward hands every layer the same mask tensor,
-# so the indices (and the one device -> host read of the max lengths) are
-# computed once per mask and reused by the other layers.
+# Unpadding plans (cached per mask tensor: _position_packed.cached).
 # ---------------------------------------------------------------------------
-
-_PLAN_CACHE: dict = {}
-_PLAN_CACHE_SIZE = 8
-
-
-def _cached(t: torch.Tensor, key_extra, build):
-    try:
-        version = t._version
-    except (RuntimeError, AttributeError):  # inference tensors track no version: no caching
-        return build()
-    key = (id(t), key_extra)
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == version:
-        return hit[2]
-    plan = build()
-    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-    _PLAN_CACHE[key] = (weakref.ref(t), version, plan)
-    return plan
-
 
 def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
@@ -160,25 +140,6 @@ def _decode_step_serves(q, k, v, sq: int, sk: int, dropout: float, sink) -> bool
     way), and the varlen path is the one tested under compile."""
     return (0 < sq <= 16 and sq < sk and not torch.compiler.is_compiling()
             and serves_in_place(q, k, v, dropout, sink))
-
-
-def _packed_plan(position_ids: torch.Tensor, b: int, s: int):
-    """cu_seqlens over the flattened (b * s) tokens when position_ids restart
-    inside a row (packed sequences), else None. A new sequence starts at each
-    row start and wherever the position is not the previous one + 1 (as
-    transformers' packed-sequence detection)."""
-    pos = position_ids
-    if pos.shape[0] != b:
-        pos = pos.expand(b, -1)
-    starts = torch.ones(b, s, dtype=torch.bool, device=pos.device)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if not bool(starts[:, 1:].any()):
-        return None
-    start_idx = starts.flatten().nonzero().flatten()
-    bounds = torch.cat((start_idx, start_idx.new_tensor([b * s])))
-    lengths = bounds.diff()
-    cu = bounds.to(torch.int32)
-    return cu, int(lengths.max())
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +190,8 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
             mask = mask[:, -sk:]
         elif mask.shape[1] < sk:  # static cache: slots beyond the mask hold nothing yet
             k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+        if torch.compiler.is_compiling():
+            return _key_padding_masked(q, k, v, mask, **opts), None
         if _decode_step_serves(q, k, v, sq, k.shape[1], float(dropout), sink):
             # Batched generation: left padding, the new tokens last. The KV-cache kernels read the
             # cache in place from each row's first key (no per-step copy of the keys).
@@ -258,6 +221,8 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and sq == sk and sq > 1 and position_ids.shape[-1] == sq:
+        if torch.compiler.is_compiling():  # one opaque op: the plan is read where it runs
+            return _position_packed.attention(q, k, v, position_ids, **opts), None
         plan = _cached(position_ids, ("packed", b), lambda: _packed_plan(position_ids, b, sq))
         if plan is not None:
             cu, longest = plan
@@ -279,6 +244,21 @@ def _varlen_trusted(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale,
                                      _ops.draw_dropout_rng_state(dropout_p, q.device), window_size[0],
                                      window_size[1], softcap, None, sink, None, cu_q, cu_k, max_q, max_k)
     return out
+
+
+def _key_padding_masked(q, k, v, mask, dropout_p, softmax_scale, causal, window_size, softcap, sink):
+    """A 2-D padding mask while torch.compile traces: the unpadding plans read the mask back to
+    the host (a graph break per layer), so the mask goes to the kernels as it is, a (batch, 1, 1,
+    kv_len) key-padding mask broadcast in place (the Hopper kernels skip the key tiles it hides),
+    with causality and the window applied by the kernels. Query rows that are padding come out
+    0, as on the unpadded path. mask: (batch, kv_len) bool; the queries are its last q_len."""
+    b, sq, hq, d = q.shape
+    key_mask = mask[:, None, None, :].expand(b, hq, sq, mask.shape[1])
+    scale = _ops.default_scale(d) if softmax_scale is None else float(softmax_scale)
+    out, _, _ = _ops.feature_forward(q, k, v, scale, causal, False, dropout_p, 0, 0, False, False, _OP,
+                                     _ops.draw_dropout_rng_state(dropout_p, q.device), window_size[0],
+                                     window_size[1], softcap, None, sink, key_mask, None, None, 0, 0)
+    return out * mask[:, -sq:, None, None].to(out.dtype)
 
 
 def _masked(q, k, v, mask, dropout_p, scaling, softcap, sink):
