@@ -52,6 +52,12 @@ if [ "${ORCHARD_SANITIZE:-0}" = "1" ]; then
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build/asan --output-on-failure -j "$JOBS"
 fi
 
+step "CUDA decode kernels on the CPU emulator, against the CPU backend"
+# dev/decode_emu: decode_kernel.cu compiled as C++ over a CUDA shim (threads, barriers, shuffles)
+# and checked case by case against the CPU decode kernel, NaN rows included: the only run those
+# kernels get without a GPU (about a minute on 2 cores).
+EMU_BUILD=build/decode_emu sh dev/decode_emu/run.sh 40 1234 | tail -3
+
 step "C++ package: install + find_package(orchard) consumer"
 rm -rf build/install
 cmake --install build/cpp --prefix build/install >/dev/null

@@ -26,6 +26,7 @@ struct Case {
   int alibi = 0;  // 0 none, 1 (hq,), 2 (b, hq)
   int splits = 1; // 0: the CUDA heuristic
   float scale = 0.f;
+  bool nan_row = false;  // a NaN in q's first row (batch 0, head 0): NaN out and LSE there
 };
 
 static std::mt19937_64 rng(1234);
@@ -61,6 +62,7 @@ static int run_case(const Case& c, int id) {
   Buf kc(c.dt, cache_n), vc(c.dt, cache_n), q(c.dt, (size_t)c.b * c.sq * c.hq * c.d);
   for (size_t i = 0; i < cache_n; ++i) kc.set(i, randn()), vc.set(i, randn());
   for (size_t i = 0; i < q.n(); ++i) q.set(i, randn());
+  if (c.nan_row) q.set(0, std::nanf(""));
   Buf kn(c.dt, (size_t)c.b * std::max(c.s_new, 1) * c.hkv * c.d), vn = kn;
   for (size_t i = 0; i < kn.n(); ++i) kn.set(i, randn()), vn.set(i, randn());
   std::vector<std::int32_t> seqlens(c.b), leftpad(c.b), bidx(c.b), table;
@@ -153,13 +155,21 @@ static int run_case(const Case& c, int id) {
 
   const float atol = c.dt == DType::kBFloat16 ? 2e-2f : c.dt == DType::kFloat16 ? 4e-3f : 2e-4f;
   double worst = 0, worst_lse = 0, worst_k = 0, worst_v = 0;
+  // NaN where the reference has NaN (a NaN query row) and nowhere else.
   for (size_t i = 0; i < out.n(); ++i) {
-    const double e = std::fabs((double)out.get(i) - out_ref.get(i));
-    worst = std::isnan(e) ? INFINITY : std::max(worst, e);
+    if (std::isnan(out.get(i)) || std::isnan(out_ref.get(i))) {
+      if (std::isnan(out.get(i)) != std::isnan(out_ref.get(i))) worst = INFINITY;
+      continue;
+    }
+    worst = std::max(worst, std::fabs((double)out.get(i) - out_ref.get(i)));
   }
   int lse_bad = 0;
   if (c.lse)
     for (size_t i = 0; i < lse_ref.size(); ++i) {
+      if (std::isnan(lse_ref[i]) || std::isnan(lse_o[i])) {
+        lse_bad += std::isnan(lse_ref[i]) != std::isnan(lse_o[i]);
+        continue;
+      }
       if (std::isinf(lse_ref[i]) != std::isinf(lse_o[i])) { ++lse_bad; continue; }
       if (!std::isinf(lse_ref[i])) {
         const double e = std::fabs((double)lse_o[i] - lse_ref[i]) / (1e-3 + 1e-3 * std::fabs(lse_ref[i]));
@@ -172,9 +182,10 @@ static int run_case(const Case& c, int id) {
   }
   const bool ok = worst <= atol && worst_lse <= 1.0 && lse_bad == 0 && worst_k <= 0.05 && worst_v == 0;
   std::printf("%s case %3d dt=%d b=%d sq=%d hq=%d hkv=%d d=%d cap=%d s_new=%d page=%d bidx=%d lp=%d rd=%d il=%d "
-              "w=(%ld,%ld) causal=%d softcap=%g alibi=%d splits=%d: out %.3g lse %.3g (%d inf mismatches) k %.3g v %.3g\n",
+              "w=(%ld,%ld) causal=%d softcap=%g alibi=%d splits=%d nan=%d: out %.3g lse %.3g (%d inf / NaN mismatches) "
+              "k %.3g v %.3g\n",
               ok ? "ok  " : "FAIL", id, (int)c.dt, c.b, c.sq, c.hq, c.hkv, c.d, cap, c.s_new, c.page, c.batch_idx,
-              c.leftpad, c.rotary_dim, c.interleaved, c.wl, c.wr, c.causal, c.softcap, c.alibi, splits, worst,
+              c.leftpad, c.rotary_dim, c.interleaved, c.wl, c.wr, c.causal, c.softcap, c.alibi, splits, c.nan_row, worst,
               worst_lse, lse_bad, worst_k, worst_v);
   return ok ? 0 : 1;
 }
@@ -229,6 +240,15 @@ int main(int argc, char** argv) {
     c.lse = randint(0, 3) != 0;
     cases.push_back(c);
   }
+  // A NaN query row through each kernel (transposed <= 8 rows, 16 and 32 rows per kv head, fp32)
+  // with and without splits: session 40's CUDA change (l != 0, the NaN-carrying merge), as on the CPU.
+  for (const DType dt : {DType::kBFloat16, DType::kFloat16, DType::kFloat32})
+    for (const int hq : {1, 8, 16, 24})
+      for (const int splits : {1, 2, 5}) {
+        Case c;
+        c.dt = dt, c.hq = hq, c.hkv = 1, c.sq = 1, c.d = 64, c.cap = 400, c.splits = splits, c.nan_row = true;
+        cases.push_back(c);
+      }
   for (const Case& c : cases) fails += run_case(c, id++);
   std::printf("%d of %zu cases failed\n", fails, cases.size());
   return fails != 0;

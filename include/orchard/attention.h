@@ -65,8 +65,9 @@ struct AttentionExtras {
   // place); uint8/bool (nonzero = may attend) or a float bias of q's dtype or float32.
   TensorView attn_bias;
   // Varlen: int32 (b + 1,) prefix sums of the sequence lengths. q, k, v, out (and
-  // their gradients) are then (total, heads, dim) and lse is (hq, total_q). Rows past
-  // cu_seqlens[b] belong to no sequence: out, dq, dk and dv get 0 there, lse -inf.
+  // their gradients) are then (total, heads, dim) and lse is (hq, total_q). Rows before
+  // cu_seqlens[0] and from cu_seqlens[b] on belong to no sequence: out, dq, dk and dv get 0
+  // there, lse -inf.
   TensorView cu_seqlens_q, cu_seqlens_k;
   std::int64_t max_seqlen_q = 0, max_seqlen_k = 0;  // varlen: >= every sequence's length
 };

@@ -435,7 +435,8 @@ def forward(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, seed, of
     out = (_empty_like_unit_last(q) if dv == d
            else torch.empty(*q.shape[:-1], dv, dtype=q.dtype, device=q.device))
     lse = torch.empty(*((hq, q.shape[0]) if varlen else (b, hq, sq)), dtype=torch.float32, device=q.device)
-    if varlen:  # rows past cu_seqlens_q[-1] (no sequence's) get no kernel's write: 0 / -inf, as on CPU / CUDA
+    if varlen:  # rows no sequence owns (before cu_seqlens_q[0], from cu_seqlens_q[-1]) get no kernel's
+        # write: 0 / -inf, as on CPU / CUDA
         out.zero_()
         lse.fill_(float("-inf"))
     write_mask = bool(return_mask) and dropout_p > 0.0
@@ -487,7 +488,7 @@ def backward(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dr
     if b == 0 or hq == 0 or (sq == 0 and sk == 0):
         return dq, dk, dv
     if varlen:
-        dk.zero_(), dv.zero_()  # rows no sequence owns (past cu_seqlens_k[-1]) get no kernel's write
+        dk.zero_(), dv.zero_()  # rows no sequence owns (outside the cu_seqlens_k range) get no kernel's write
         dq.zero_()
     if (dout.shape != out.shape or out.shape != (*q.shape[:-1], dv_width) or dout.dtype != q.dtype
             or out.dtype != q.dtype):

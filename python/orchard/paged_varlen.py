@@ -127,6 +127,8 @@ def decode_form_applies(q, k_cache, v_cache, max_seqlen_q: int, dropout_p, sink,
     # (total_k, nheads_k, headdim) keys, read as one cache entry.
     if k_cache.dim() == 4 and k_cache.shape[1] % 16:
         return False
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return False  # the KV-cache kernels read rows in place; the gather form copies such views
     return serves_in_place(q, k_cache, v_cache, dropout_p, sink)
 
 
@@ -141,10 +143,13 @@ def attend_decode_form(op, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_
     cache_seqlens cu_seqlens_k[b + 1])."""
     batch = cu_seqlens_q.numel() - 1
     total, heads, d = q.shape
+    if batch == 0:  # no sequence: every row is one no sequence owns
+        return q.new_zeros(q.shape), torch.full((heads, total), float("-inf"), device=q.device)
     max_q = int(max_seqlen_q)
     r = torch.arange(total, dtype=torch.int32, device=q.device)
     seq = torch.searchsorted(cu_seqlens_q[1:], r, right=True)
-    inside = seq < batch
+    # Rows before cu_seqlens_q[0] or from cu_seqlens_q[-1] on belong to no sequence.
+    inside = (seq < batch) & (r >= cu_seqlens_q[0])
     seq = seq.clamp_(max=max(batch - 1, 0))
     len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[seq]
     slot = (r - cu_seqlens_q[seq] + max_q - len_q).clamp_(0, max_q - 1).long()  # end-aligned

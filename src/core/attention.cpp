@@ -117,15 +117,15 @@ void stage_extras(FwdParams& p, const AttentionExtras& x, StagingSession& stagin
   }
 }
 
-// Varlen: the rows of a (total, heads, width) output past cu_seqlens[b] (`start`) set to 0, or
-// for the (heads, total) lse to -inf: no sequence owns them, so no kernel writes them, and
-// uninitialized memory there (NaN, say) would reach the caller's gradients or sums.
-void fill_varlen_tail(const BackendOps& be, const TensorView& t, const std::int32_t* start, void* stream,
-                      bool lse = false) {
+// Varlen: the rows of a (total, heads, width) output that no sequence owns, those before
+// cu_seqlens[0] (`first`) and those from cu_seqlens[b] (`end`) on, set to 0, or for the (heads,
+// total) lse to -inf: no kernel writes them, and uninitialized memory there (NaN, say) would reach
+// the caller's outputs, gradients or sums.
+void fill_varlen_unowned(const BackendOps& be, const TensorView& t, const std::int32_t* first,
+                         const std::int32_t* end, void* stream, bool lse = false) {
   RowTail tail;
   tail.base = t.data;
   tail.element_size = dtype_size(t.dtype);
-  tail.start = start;
   if (lse) {  // (heads, total): rows are the last dim
     tail.total = t.shape[1];
     tail.row_stride = t.strides[1];
@@ -141,26 +141,36 @@ void fill_varlen_tail(const BackendOps& be, const TensorView& t, const std::int3
     tail.heads = t.shape[1];
     tail.width = t.shape[2];
   }
+  tail.owned_begin = first;
+  tail.owned_end = end;
   be.fill_row_tail(tail, stream);
 }
 
-// Where the rows no sequence owns start: cu_seqlens[b], on the view's device, read there by
-// the backend (the caller's offsets may be strided; the staged copies in FwdParams are not).
-const std::int32_t* varlen_rows_end(const TensorView& cu, std::int64_t b) {
-  return static_cast<const std::int32_t*>(cu.data) + b * cu.strides[0];
-}
+// Where the varlen offsets live in the backend's memory: cu_seqlens[0] and cu_seqlens[b].
+struct VarlenBounds {
+  const std::int32_t* first;
+  const std::int32_t* end;
+};
 
-void fill_forward_tails(const BackendOps& be, const TensorView& out, const TensorView& lse,
-                        const std::int32_t* end_q, void* stream) {
-  fill_varlen_tail(be, out, end_q, stream);
-  fill_varlen_tail(be, lse, end_q, stream, /*lse=*/true);
+// The caller's offsets (on the view's device, read there by the backend; possibly strided).
+VarlenBounds varlen_bounds(const TensorView& cu, std::int64_t b) {
+  const auto* v = static_cast<const std::int32_t*>(cu.data);
+  return {v, v + b * cu.strides[0]};
+}
+// The staged (contiguous) copies in FwdParams.
+VarlenBounds varlen_bounds(const std::int32_t* cu, std::int64_t b) { return {cu, cu + b}; }
+
+void fill_forward_tails(const BackendOps& be, const TensorView& out, const TensorView& lse, VarlenBounds q,
+                        void* stream) {
+  fill_varlen_unowned(be, out, q.first, q.end, stream);
+  fill_varlen_unowned(be, lse, q.first, q.end, stream, /*lse=*/true);
 }
 
 void fill_backward_tails(const BackendOps& be, const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                         const std::int32_t* end_q, const std::int32_t* end_k, void* stream) {
-  if (dq.defined()) fill_varlen_tail(be, dq, end_q, stream);  // none with the caller's dq_accum
-  fill_varlen_tail(be, dk, end_k, stream);
-  fill_varlen_tail(be, dv, end_k, stream);
+                         VarlenBounds q, VarlenBounds k, void* stream) {
+  if (dq.defined()) fill_varlen_unowned(be, dq, q.first, q.end, stream);  // none with the caller's dq_accum
+  fill_varlen_unowned(be, dk, k.first, k.end, stream);
+  fill_varlen_unowned(be, dv, k.first, k.end, stream);
 }
 
 std::string problem_summary(const FwdParams& p) {
@@ -226,7 +236,7 @@ void forward_unprefixed(const ForwardArgs& a) {
   set_extras(p, a.extras);
   if (shape.b == 0 || shape.sq == 0 || shape.hq == 0) {  // nothing to compute; varlen: rows no sequence owns
     if (p.cu_seqlens_q && shape.hq > 0)
-      fill_forward_tails(be, a.out, a.lse, varlen_rows_end(a.extras.cu_seqlens_q, p.b), p.stream);
+      fill_forward_tails(be, a.out, a.lse, varlen_bounds(a.extras.cu_seqlens_q, p.b), p.stream);
     return;
   }
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
@@ -256,7 +266,7 @@ void forward_unprefixed(const ForwardArgs& a) {
 
   run_logged("FWD", be, p, false, staging.staged_count(), op, [&] {
     be.forward(p);
-    if (p.cu_seqlens_q) fill_forward_tails(be, out, lse, p.cu_seqlens_q + p.b, p.stream);
+    if (p.cu_seqlens_q) fill_forward_tails(be, out, lse, varlen_bounds(p.cu_seqlens_q, p.b), p.stream);
   });
   staging.finish();
 }
@@ -295,8 +305,8 @@ void backward_unprefixed(const BackwardArgs& a) {
   BwdParams p = backward_problem(a, shape);
   if (backward_is_empty(shape)) {  // varlen: the rows no sequence owns (here all of them) still get 0
     if (p.cu_seqlens_q && shape.hq > 0)
-      fill_backward_tails(be, a.dq, a.dk, a.dv, varlen_rows_end(a.extras.cu_seqlens_q, p.b),
-                          varlen_rows_end(a.extras.cu_seqlens_k, p.b), p.stream);
+      fill_backward_tails(be, a.dq, a.dk, a.dv, varlen_bounds(a.extras.cu_seqlens_q, p.b),
+                          varlen_bounds(a.extras.cu_seqlens_k, p.b), p.stream);
     return;
   }
   if (std::string why = be.check_support(p); !why.empty()) fail(ErrorKind::kNotImplemented, op, why);
@@ -348,7 +358,9 @@ void backward_unprefixed(const BackwardArgs& a) {
 
   run_logged("BWD", be, p, true, staging.staged_count(), op, [&] {
     be.backward(p);
-    if (p.cu_seqlens_q) fill_backward_tails(be, dq, dk, dv, p.cu_seqlens_q + p.b, p.cu_seqlens_k + p.b, p.stream);
+    if (p.cu_seqlens_q)
+      fill_backward_tails(be, dq, dk, dv, varlen_bounds(p.cu_seqlens_q, p.b), varlen_bounds(p.cu_seqlens_k, p.b),
+                          p.stream);
   });
   staging.finish();
 }

@@ -22,17 +22,19 @@ struct StridedCopy {
   std::int64_t dst_strides[4] = {0, 0, 0, 0};  // elements
 };
 
-// Rows [*start, total) of a (total, heads, width) view set to one value: varlen's packed rows
-// past cu_seqlens[b], which no sequence owns and no kernel writes (out, dq, dk, dv get 0, lse
-// -inf).  `start` (cu_seqlens + b) is read in the backend's memory, so a GPU needs no host
-// round trip; it is clamped to [0, total].
+// The rows of a (total, heads, width) view outside [*owned_begin, *owned_end) set to one value:
+// varlen's packed rows no sequence owns, before cu_seqlens[0] and from cu_seqlens[b] on, which
+// no kernel writes (out, dq, dk, dv get 0, lse -inf). The bounds (cu_seqlens and
+// cu_seqlens + b) are read in the backend's memory, so a GPU needs no host round trip; both are
+// clamped to [0, total].
 struct RowTail {
   void* base = nullptr;
   std::size_t element_size = 0;  // 2, 4 or 8
   std::uint64_t pattern = 0;     // one element's bits (little-endian low bytes)
   std::int64_t row_stride = 0, head_stride = 0, col_stride = 0;  // elements
   std::int64_t heads = 0, width = 0;
-  const std::int32_t* start = nullptr;
+  const std::int32_t* owned_begin = nullptr;
+  const std::int32_t* owned_end = nullptr;
   std::int64_t total = 0;
 };
 

@@ -434,12 +434,11 @@ TEST(Empty, ZeroLengthSequences) {
 
 // ---- varlen padding rows ------------------------------------------------------
 
-// Packed rows past cu_seqlens[b] belong to no sequence: the core fills them (out, dq, dk, dv 0,
-// lse -inf) instead of leaving the caller's memory (NaN here) in them; owned rows are computed.
-TEST(Varlen, RowsPastTheLastOffsetAreFilled) {
-  // Two sequences (5 x 6 and 7 x 7, causal: every owned row sees a key), 4 and 3 padding rows.
+// Packed rows outside [cu_seqlens[0], cu_seqlens[b]) belong to no sequence: the core fills them
+// (out, dq, dk, dv 0, lse -inf) instead of leaving the caller's memory (NaN here) in them; owned
+// rows are computed. Two sequences of 16 packed rows each for q and k.
+void check_unowned_rows_filled(std::vector<std::int32_t> cu_q, std::vector<std::int32_t> cu_k) {
   const std::int64_t hq = 2, hkv = 1, d = 16, total_q = 16, total_k = 16;
-  std::vector<std::int32_t> cu_q{0, 5, 12}, cu_k{0, 6, 13};
   std::mt19937 rng(7);
   std::normal_distribution<float> n;
   auto buffer = [&](std::int64_t rows, std::int64_t heads, bool random) {
@@ -484,22 +483,33 @@ TEST(Varlen, RowsPastTheLastOffsetAreFilled) {
   ASSERT_EQ(orchard::backward_workspace_bytes(g), 0u);  // the CPU backend needs none
   orchard::attention_backward(g);
 
-  auto rows_from = [&](const std::vector<float>& b, std::int64_t heads, std::int64_t first, std::int64_t last) {
-    return std::vector<float>(b.begin() + first * heads * d, b.begin() + last * heads * d);
+  // Each row of `b` (heads x d values) is 0 outside [first, last) and finite inside.
+  auto check_rows = [&](const std::vector<float>& b, std::int64_t heads, std::int64_t first, std::int64_t last,
+                        const char* what) {
+    for (std::int64_t r = 0; r * heads * d < static_cast<std::int64_t>(b.size()); ++r)
+      for (std::int64_t i = r * heads * d; i < (r + 1) * heads * d; ++i) {
+        const float e = b[static_cast<std::size_t>(i)];
+        if (r >= first && r < last) EXPECT_TRUE(std::isfinite(e)) << what << " row " << r;
+        else EXPECT_EQ(e, 0.0f) << what << " row " << r;
+      }
   };
-  for (float e : rows_from(out, hq, 12, total_q)) EXPECT_EQ(e, 0.0f);
-  for (float e : rows_from(dq, hq, 12, total_q)) EXPECT_EQ(e, 0.0f);
-  for (float e : rows_from(dk, hkv, 13, total_k)) EXPECT_EQ(e, 0.0f);
-  for (float e : rows_from(dv, hkv, 13, total_k)) EXPECT_EQ(e, 0.0f);
+  check_rows(out, hq, cu_q.front(), cu_q.back(), "out");
+  check_rows(dq, hq, cu_q.front(), cu_q.back(), "dq");
+  check_rows(dk, hkv, cu_k.front(), cu_k.back(), "dk");
+  check_rows(dv, hkv, cu_k.front(), cu_k.back(), "dv");
   for (std::int64_t h = 0; h < hq; ++h)
     for (std::int64_t r = 0; r < total_q; ++r) {
       const float l = lse[static_cast<std::size_t>(h * total_q + r)];
-      if (r < 12) EXPECT_TRUE(std::isfinite(l)) << h << " " << r;
+      if (r >= cu_q.front() && r < cu_q.back()) EXPECT_TRUE(std::isfinite(l)) << h << " " << r;
       else EXPECT_TRUE(std::isinf(l) && l < 0) << h << " " << r;
     }
-  for (float e : rows_from(out, hq, 0, 12)) EXPECT_TRUE(std::isfinite(e));
-  for (float e : rows_from(dq, hq, 0, 12)) EXPECT_TRUE(std::isfinite(e));
-  for (float e : rows_from(dk, hkv, 0, 13)) EXPECT_TRUE(std::isfinite(e));
 }
+
+// Two sequences (5 x 6 and 7 x 7, causal: every owned row sees a key), then 4 and 3 padding rows.
+TEST(Varlen, RowsPastTheLastOffsetAreFilled) { check_unowned_rows_filled({0, 5, 12}, {0, 6, 13}); }
+
+// Offsets that start past row 0 (allowed: cu_seqlens[0] >= 0): the rows before are no sequence's
+// either (session 41: the CPU path had left them unwritten, its output there was the caller's memory).
+TEST(Varlen, RowsBeforeTheFirstOffsetAreFilled) { check_unowned_rows_filled({2, 7, 14}, {3, 9, 16}); }
 
 }  // namespace

@@ -195,6 +195,27 @@ TEST(Sm90CallSupport, VarlenOnlyInTheSegmentForm) {
   EXPECT_FALSE(bwd(sm90_segment_form(p)));
 }
 
+// The workspace covers the segment form's layout for every varlen call (the sm90 backward lays its
+// D and dQ accumulator over all packed rows): the review's case, one 256-row sequence in 1024
+// packed rows, needed 4x the call's own layout. Two offsets tensors get the same size (the
+// Python layer caches sizes by shape, not by whether q and k share one tensor).
+TEST(Sm90CallSupport, BackwardWorkspaceCoversTheSegmentForm) {
+  static const std::int32_t cu[2] = {0, 256}, other[2] = {0, 256};
+  BwdParams p = plain_call(128);
+  p.b = 1;
+  p.sq = p.sk = 256;
+  p.total_q = p.total_k = 1024;
+  p.cu_seqlens_q = p.cu_seqlens_k = cu;
+  ASSERT_TRUE(sm90_segment_form_applies(p));
+  const std::size_t segment = bwd_workspace_layout(sm90_segment_form(p)).bytes;
+  EXPECT_GT(segment, 3 * bwd_workspace_layout(p).bytes);
+  EXPECT_EQ(bwd_workspace_bytes(p), segment);
+  p.cu_seqlens_k = other;
+  EXPECT_EQ(bwd_workspace_bytes(p), segment);
+  const BwdParams plain = plain_call(128);  // not varlen: its own layout
+  EXPECT_EQ(bwd_workspace_bytes(plain), bwd_workspace_layout(plain).bytes);
+}
+
 TEST(Sm90CallSupport, SegmentFormForwardOnlyWhereItPays) {
   static const std::int32_t cu[4] = {0, 3000, 6000, 9000};
   BwdParams p = varlen_call(128, cu, cu);

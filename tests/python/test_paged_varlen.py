@@ -252,3 +252,36 @@ def test_serving_step_compiles_fullgraph(paged, debug_log):
         compiled = torch.compile(step, fullgraph=True)(q, k, v)
     torch.testing.assert_close(compiled, eager, atol=2e-6, rtol=1e-5)
     assert [ln.split()[0] for ln in debug_log()[before:]] == ["DECODE"], debug_log()[before:]
+
+
+# ---- rows no sequence owns, and layouts the decode form leaves to the other path (session 41's
+# review: the decode form sent rows before cu_seqlens_q[0] to sequence 0's slots, raised on an
+# empty batch, and refused caches with a non-unit last stride instead of stepping aside).
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_before_the_first_offset_belong_to_no_sequence(device, calls):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(n, h, 16, generator=g).to(device) for n, h in ((7, 2), (9, 1), (9, 1)))
+    cu_q = torch.tensor([2, 4, 7], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([1, 5, 9], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        out, lse = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 4, causal=True, return_softmax_lse=True)
+    assert calls() == ["DECODE"], calls()
+    tiled, tiled_lse = orchard.flash_attn_varlen_func(q.clone().requires_grad_(), k, v, cu_q, cu_k, 3, 4,
+                                                      causal=True, return_softmax_lse=True)
+    assert calls() == ["DECODE", "FWD"], calls()
+    assert out[:2].abs().max() == 0 and torch.isneginf(lse[:, :2]).all()
+    assert tiled[:2].abs().max() == 0 and torch.isneginf(tiled_lse[:, :2]).all()
+    torch.testing.assert_close(out, tiled.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, tiled_lse.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_form_with_no_sequences_and_with_strided_cache_rows():
+    q, k, v = torch.randn(3, 2, 16), torch.randn(5, 2, 32)[..., ::2], torch.randn(5, 2, 16)
+    with torch.no_grad():
+        none = orchard.flash_attn_varlen_func(q, k, v, _cu([], "cpu"), _cu([], "cpu"), 1, 1)
+        assert none.shape == q.shape and none.abs().max() == 0
+        cu = _cu([1, 2], "cpu")  # k's rows have stride 2 along head_dim: the gather form copies them
+        got = orchard.flash_attn_varlen_func(q, k, v, cu, _cu([2, 3], "cpu"), 2, 3)
+    want = orchard.flash_attn_varlen_func(q, k.contiguous(), v, cu, _cu([2, 3], "cpu"), 2, 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # the tiled kernels vs the decode kernel

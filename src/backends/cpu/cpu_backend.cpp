@@ -88,20 +88,27 @@ void release(void* ptr, void*) {
 }
 void copy_strided(const StridedCopy& c, void*) { cpu::copy_strided(c); }
 template <class E>
-void fill_rows(const RowTail& t, std::int64_t start) {
+void fill_rows(const RowTail& t, std::int64_t begin, std::int64_t end) {
   E value;
   std::memcpy(&value, &t.pattern, sizeof(E));  // the pattern's low bytes
   E* base = static_cast<E*>(t.base);
-  for (std::int64_t r = start; r < t.total; ++r)
-    for (std::int64_t h = 0; h < t.heads; ++h)
-      for (std::int64_t c = 0; c < t.width; ++c) base[r * t.row_stride + h * t.head_stride + c * t.col_stride] = value;
+  auto fill = [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r)
+      for (std::int64_t h = 0; h < t.heads; ++h)
+        for (std::int64_t c = 0; c < t.width; ++c) base[r * t.row_stride + h * t.head_stride + c * t.col_stride] = value;
+  };
+  fill(0, begin);                           // before the first sequence
+  fill(std::max(begin, end), t.total);      // past the last one
 }
 void fill_row_tail(const RowTail& t, void*) {
-  const std::int64_t start = std::min<std::int64_t>(std::max<std::int64_t>(*t.start, 0), t.total);
+  auto clamped = [&](const std::int32_t* at) {
+    return std::min<std::int64_t>(std::max<std::int64_t>(*at, 0), t.total);
+  };
+  const std::int64_t begin = clamped(t.owned_begin), end = clamped(t.owned_end);
   switch (t.element_size) {
-    case 2: fill_rows<std::uint16_t>(t, start); break;
-    case 4: fill_rows<std::uint32_t>(t, start); break;
-    case 8: fill_rows<std::uint64_t>(t, start); break;
+    case 2: fill_rows<std::uint16_t>(t, begin, end); break;
+    case 4: fill_rows<std::uint32_t>(t, begin, end); break;
+    case 8: fill_rows<std::uint64_t>(t, begin, end); break;
     default: throw Error(ErrorKind::kRuntime, "fill_row_tail: unsupported element size " + std::to_string(t.element_size));
   }
 }

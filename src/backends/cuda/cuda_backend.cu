@@ -188,6 +188,8 @@ bool try_bwd_sm90(const BwdParams& call) {
 #if defined(ORCHARD_WITH_SM90)
   const BwdParams p = sm90_form(call);
   if (!sm90_bwd_applies(p)) return false;
+  // A workspace sized for another form (a C++ caller's): the sm80 kernels, which fit it.
+  if (bwd_workspace_layout(p, p.dq_accum == nullptr).bytes > call.workspace_bytes) return false;
   return with_sm90_bucket(p, [&](auto t, auto d) { return run_flash_bwd_sm90<decltype(t), decltype(d)::value>(p); });
 #else
   (void)call;
@@ -317,9 +319,7 @@ void backward(const BwdParams& params) {
   }
 }
 
-std::size_t backward_workspace_bytes(const BwdParams& p) {
-  return bwd_workspace_layout(p, /*own_dq_accum=*/p.dq_accum == nullptr).bytes;
-}
+std::size_t backward_workspace_bytes(const BwdParams& p) { return bwd_workspace_bytes(p); }
 
 // Element alignment only: the kernels check 16-byte vector alignment per call
 // (rows_vec16, launch.h) and read / write any other view element-wise in place,
@@ -376,19 +376,22 @@ void copy_strided(const detail::StridedCopy& c, void* stream) {
 
 template <typename E>
 __global__ void fill_row_tail_kernel(const detail::RowTail t) {
-  const int64_t start = min(max(static_cast<int64_t>(*t.start), int64_t{0}), t.total);
-  const int64_t per_row = t.heads * t.width, n = (t.total - start) * per_row;
+  // Rows [0, begin) then [max(begin, end), total): the ones no sequence owns, as one index range.
+  const int64_t begin = min(max(static_cast<int64_t>(*t.owned_begin), int64_t{0}), t.total);
+  const int64_t end = max(begin, min(max(static_cast<int64_t>(*t.owned_end), int64_t{0}), t.total));
+  const int64_t per_row = t.heads * t.width, n = (begin + t.total - end) * per_row;
   const E value = static_cast<E>(t.pattern);
   E* base = static_cast<E*>(t.base);
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = start + idx / per_row, h = idx % per_row / t.width, c = idx % t.width;
+    const int64_t u = idx / per_row, r = u < begin ? u : u - begin + end;
+    const int64_t h = idx % per_row / t.width, c = idx % t.width;
     base[r * t.row_stride + h * t.head_stride + c * t.col_stride] = value;
   }
 }
 
-// The grid covers every row (the start is on the device): with no tail, each thread reads it
-// and exits.
+// The grid covers every row (the bounds are on the device): with no rows to fill, each thread
+// reads them and exits.
 void fill_row_tail(const detail::RowTail& t, void* stream) {
   const int64_t most = t.total * t.heads * t.width;
   if (most <= 0) return;

@@ -3,6 +3,7 @@
 // capability 9.0, ORCHARD_SM90 is not "0").  A call they do not cover runs the sm80 kernels.
 // Host-only and CUDA-free, so tests/cpp/sm90_call_support_test.cpp pins these rules in CI.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "backends/cuda/launch.h"
@@ -70,6 +71,23 @@ inline bool sm90_segment_forward_pays(const FwdParams& p) {
 template <class Params>
 Params sm90_form(const Params& p) {
   return sm90_segment_form_applies(p) ? sm90_segment_form(p) : p;
+}
+
+// The backward workspace a call needs (BackendOps::backward_workspace_bytes): its own layout,
+// and for any varlen call the segment form's too, whose D and dQ accumulator span every packed
+// row, the ones no sequence owns included (one sequence of 256 rows in 1024 packed, d128 8 heads:
+// 4.2 MB against the call's 1.1 MB; sized by the call's layout alone, the sm90 backward wrote
+// past the workspace, session 41's review). For any varlen call, not only where the segment form
+// applies: whether q and k share one offsets tensor is a pointer, which the callers'
+// workspace-size caches do not key on.
+inline std::size_t bwd_workspace_bytes(const BwdParams& p) {
+  const bool own = p.dq_accum == nullptr;
+  std::size_t bytes = bwd_workspace_layout(p, own).bytes;
+  if (p.cu_seqlens_q != nullptr && p.total_q > 0 && p.total_q <= INT32_MAX && p.total_k <= INT32_MAX) {
+    const std::size_t segment = bwd_workspace_layout(sm90_segment_form(p), own).bytes;
+    if (segment > bytes) bytes = segment;
+  }
+  return bytes;
 }
 
 // The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
