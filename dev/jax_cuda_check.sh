@@ -59,13 +59,13 @@ stamp "built"
 deselect=()
 for attempt in 1 2 3 4; do
   log="$LOGS/pytest_$attempt.log"
-  stamp "pytest test_jax.py test_jax_features.py (attempt $attempt, $(( ${#deselect[@]} / 2 )) deselected)"
+  stamp "pytest test_jax*.py (attempt $attempt, $(( ${#deselect[@]} / 2 )) deselected)"
   timeout "${JAX_CHECK_PYTEST_TIMEOUT:-300}" "$PY" -X faulthandler -m pytest -v -p no:cacheprovider -o faulthandler_timeout=120 \
-    tests/python/test_jax.py tests/python/test_jax_features.py "${deselect[@]}" > "$log" 2>&1
+    tests/python/test_jax.py tests/python/test_jax_features.py tests/python/test_jax_kvcache.py "${deselect[@]}" > "$log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -25
   if (( rc == 0 || rc == 1 )); then break; fi  # finished (1: some tests failed)
-  crashed=$(grep -oE "tests/python/test_jax(_features)?.py::[^ ]+" "$log" | tail -1)
+  crashed=$(grep -oE "tests/python/test_jax(_features|_kvcache)?.py::[^ ]+" "$log" | tail -1)
   echo "pytest rc=$rc: crash in ${crashed:-?}; its trace:"
   grep -A25 "Fatal Python error" "$log" | head -40
   [ -z "$crashed" ] && break

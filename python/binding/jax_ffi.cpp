@@ -32,6 +32,7 @@
 
 #include "orchard/attention.h"
 #include "orchard/errors.h"
+#include "orchard/kvcache.h"
 #include "orchard/tensor_view.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -41,6 +42,7 @@ namespace nb = nanobind;
 namespace {
 
 constexpr const char* kOp = "orchard.jax.flash_attention";
+constexpr const char* kKvcacheOp = "orchard.jax.flash_attn_with_kvcache";
 // attention_backward wants its workspace 256-byte aligned.
 constexpr std::uintptr_t kWorkspaceAlign = 256;
 
@@ -107,6 +109,17 @@ struct Settings {
   double softcap, dropout_p;
   int64_t max_seqlen_q, max_seqlen_k;
   int32_t deterministic;
+};
+
+// The static settings of a KV-cache call (orchard_kvcache_forward's attributes).
+struct DecodeSettings {
+  double scale;  // <= 0: 1/sqrt(d)
+  int32_t causal;
+  int64_t window_left, window_right;
+  double softcap;
+  int32_t rotary_interleaved;
+  int32_t num_splits;
+  int32_t check_device_indices;
 };
 
 // The core's extras from the operands. The attention bias is rank 4 (b, hq, sq, sk) with
@@ -262,6 +275,110 @@ ffi::Error backward_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator sc
                      Extras{alibi, sink, bias, cu_q, cu_k, rng}, dq, dk, dv, dsink, s);
 }
 
+// flash_attn_with_kvcache on `device`: operands q, the caches as XLA passed them (unused: the
+// results alias them, orchard.jax sets input_output_aliases, so XLA hands the results holding
+// the caches' contents, in the same buffers when the caller donated them) and the optional
+// inputs (absent: no elements); results out, lse (no elements unless asked for) and the
+// caches, appended to in place.
+template <class Allocate>
+ffi::Error kvcache_on(orchard::Device device, void* stream, Allocate&& allocate, ffi::AnyBuffer q,
+                      ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rotary_cos, ffi::AnyBuffer rotary_sin,
+                      ffi::AnyBuffer cache_seqlens, ffi::AnyBuffer cache_batch_idx, ffi::AnyBuffer cache_leftpad,
+                      ffi::AnyBuffer block_table, ffi::AnyBuffer alibi, ffi::Result<ffi::AnyBuffer> o,
+                      ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> k_cache,
+                      ffi::Result<ffi::AnyBuffer> v_cache, const DecodeSettings& s) {
+  try {
+    orchard::DecodeArgs a;
+    a.q = in(q, device, "q");
+    a.k_cache = out(k_cache, device, "k_cache");
+    a.v_cache = out(v_cache, device, "v_cache");
+    a.k = optional_in(k, device, "k");
+    a.v = optional_in(v, device, "v");
+    a.rotary_cos = optional_in(rotary_cos, device, "rotary_cos");
+    a.rotary_sin = optional_in(rotary_sin, device, "rotary_sin");
+    a.cache_seqlens = optional_in(cache_seqlens, device, "cache_seqlens");
+    a.cache_batch_idx = optional_in(cache_batch_idx, device, "cache_batch_idx");
+    a.cache_leftpad = optional_in(cache_leftpad, device, "cache_leftpad");
+    a.block_table = optional_in(block_table, device, "block_table");
+    a.alibi_slopes = optional_in(alibi, device, "alibi_slopes");
+    a.out = out(o, device, "out");
+    if (lse->element_count() > 0) a.lse = out(lse, device, "lse");
+    orchard::DecodeOptions& opt = a.options;
+    if (s.scale > 0) opt.softmax_scale = s.scale;
+    opt.causal = s.causal != 0;
+    opt.window_left = s.window_left;
+    opt.window_right = s.window_right;
+    opt.softcap = s.softcap;
+    opt.rotary_interleaved = s.rotary_interleaved != 0;
+    opt.num_splits = s.num_splits;
+    opt.check_device_indices = s.check_device_indices != 0;
+    opt.stream = stream;
+    opt.op_name = kKvcacheOp;
+    const orchard::DecodePlan plan = orchard::kvcache_plan(a);
+    if (plan.workspace_bytes > 0)
+      a.workspace = orchard::make_contiguous_view(allocate(plan.workspace_bytes), orchard::DType::kUInt8, device,
+                                                  {static_cast<std::int64_t>(plan.workspace_bytes)});
+    orchard::attention_with_kvcache(a);
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return to_ffi_error(e);
+  }
+}
+
+ffi::Error kvcache_cpu(ffi::AnyBuffer q, ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                       ffi::AnyBuffer rotary_cos, ffi::AnyBuffer rotary_sin, ffi::AnyBuffer cache_seqlens,
+                       ffi::AnyBuffer cache_batch_idx, ffi::AnyBuffer cache_leftpad, ffi::AnyBuffer block_table,
+                       ffi::AnyBuffer alibi, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                       ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache, DecodeSettings s) {
+  std::vector<unsigned char> workspace;  // host memory owned by this call (16-byte aligned by new)
+  auto allocate = [&](std::size_t bytes) -> void* {
+    workspace.resize(bytes);
+    return workspace.data();
+  };
+  return kvcache_on(host(), nullptr, allocate, q, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                    cache_leftpad, block_table, alibi, o, lse, k_cache, v_cache, s);
+}
+
+ffi::Error kvcache_cuda(void* stream, int32_t ordinal, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
+                        ffi::AnyBuffer, ffi::AnyBuffer, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer rotary_cos,
+                        ffi::AnyBuffer rotary_sin, ffi::AnyBuffer cache_seqlens, ffi::AnyBuffer cache_batch_idx,
+                        ffi::AnyBuffer cache_leftpad, ffi::AnyBuffer block_table, ffi::AnyBuffer alibi,
+                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
+                        ffi::Result<ffi::AnyBuffer> k_cache, ffi::Result<ffi::AnyBuffer> v_cache, DecodeSettings s) {
+  auto allocate = [&](std::size_t bytes) -> void* {
+    std::optional<void*> p = scratch.Allocate(bytes, /*alignment=*/16);  // the split workspace wants 16
+    if (!p.has_value() || *p == nullptr)
+      throw orchard::Error(orchard::ErrorKind::kRuntime, std::string(kKvcacheOp) + ": XLA's scratch allocator "
+                                                         "could not allocate the split-KV workspace (" +
+                                                         std::to_string(bytes) + " bytes)");
+    return *p;
+  };
+  return kvcache_on(gpu(ordinal), stream, allocate, q, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                    cache_leftpad, block_table, alibi, o, lse, k_cache, v_cache, s);
+}
+
+template <class Binding>
+auto kvcache_signature(Binding b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()   // q
+      .template Arg<ffi::AnyBuffer>()   // k_cache (aliased by the third result)
+      .template Arg<ffi::AnyBuffer>()   // v_cache (aliased by the fourth result)
+      .template Arg<ffi::AnyBuffer>()   // k
+      .template Arg<ffi::AnyBuffer>()   // v
+      .template Arg<ffi::AnyBuffer>()   // rotary_cos
+      .template Arg<ffi::AnyBuffer>()   // rotary_sin
+      .template Arg<ffi::AnyBuffer>()   // cache_seqlens
+      .template Arg<ffi::AnyBuffer>()   // cache_batch_idx
+      .template Arg<ffi::AnyBuffer>()   // cache_leftpad
+      .template Arg<ffi::AnyBuffer>()   // block_table
+      .template Arg<ffi::AnyBuffer>()   // alibi_slopes
+      .template Ret<ffi::AnyBuffer>()   // out
+      .template Ret<ffi::AnyBuffer>()   // lse
+      .template Ret<ffi::AnyBuffer>()   // k_cache
+      .template Ret<ffi::AnyBuffer>()   // v_cache
+      .template Attrs<DecodeSettings>();
+}
+
 // The Extras operands, after the pass's own.
 template <class Binding>
 auto extras_signature(Binding b) {
@@ -316,6 +433,21 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Settings, ffi::StructMember<double>("softm
                                       ffi::StructMember<int64_t>("max_seqlen_k"),
                                       ffi::StructMember<int32_t>("deterministic"));
 
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(DecodeSettings, ffi::StructMember<double>("softmax_scale"),
+                                      ffi::StructMember<int32_t>("causal"),
+                                      ffi::StructMember<int64_t>("window_left"),
+                                      ffi::StructMember<int64_t>("window_right"),
+                                      ffi::StructMember<double>("softcap"),
+                                      ffi::StructMember<int32_t>("rotary_interleaved"),
+                                      ffi::StructMember<int32_t>("num_splits"),
+                                      ffi::StructMember<int32_t>("check_device_indices"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardKvcacheCpu, kvcache_cpu, kvcache_signature(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardKvcacheCuda, kvcache_cuda,
+                              kvcache_signature(ffi::Ffi::Bind()
+                                                    .Ctx<ffi::PlatformStream<void*>>()
+                                                    .Ctx<ffi::DeviceOrdinal>()
+                                                    .Ctx<ffi::ScratchAllocator>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashForwardCpu, forward_cpu, forward_signature(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashBackwardCpu, backward_cpu, backward_signature(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardFlashForwardCuda, forward_cuda,
@@ -337,6 +469,8 @@ NB_MODULE(_jax_ffi, m) {
     cpu["orchard_flash_backward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashBackwardCpu));
     cuda["orchard_flash_forward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashForwardCuda));
     cuda["orchard_flash_backward"] = nb::capsule(reinterpret_cast<void*>(&OrchardFlashBackwardCuda));
+    cpu["orchard_kvcache_forward"] = nb::capsule(reinterpret_cast<void*>(&OrchardKvcacheCpu));
+    cuda["orchard_kvcache_forward"] = nb::capsule(reinterpret_cast<void*>(&OrchardKvcacheCuda));
     d["cpu"] = cpu;
     d["CUDA"] = cuda;
     return d;

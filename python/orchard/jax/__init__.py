@@ -33,7 +33,7 @@ except ImportError as e:  # built without jax available
     raise ImportError("orchard.jax: this orchard build has no JAX FFI module (orchard._jax_ffi); "
                       "install jax, then rebuild/reinstall orchard (pip install .)") from e
 
-__all__ = ["flash_attention", "flash_attention_varlen", "cuda_compiled"]
+__all__ = ["flash_attention", "flash_attention_varlen", "flash_attn_with_kvcache", "cuda_compiled"]
 
 _OP = "orchard.jax.flash_attention"
 
@@ -298,3 +298,53 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     ex = _extras(q, q.shape[1], alibi_slopes, sink, None, None, cu_seqlens_q, cu_seqlens_k, st.dropout_p,
                  dropout_rng, 0, 0, cu_seqlens_q.shape[0] - 1)
     return _flash(q, k, v, ex, st)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
+                            softcap: float = 0.0, rotary_interleaved: bool = True, alibi_slopes=None,
+                            num_splits: int = 0, return_softmax_lse: bool = False,
+                            check_device_indices: bool = True):
+    """flash-attn's ``flash_attn_with_kvcache`` for JAX: attention of q over the KV cache after the
+    new ``k`` / ``v`` (if given) are written into it at ``cache_seqlens``; the same arguments and
+    semantics as ``orchard.flash_attn_with_kvcache`` (paged caches through ``block_table``, any
+    page size that is a multiple of 16, rotary, ``cache_batch_idx``, ``cache_leftpad``, GQA, causal,
+    windows, softcap, ALiBi, split-KV).
+
+    JAX arrays are immutable, so the updated caches are returned: ``(out, k_cache, v_cache)``, or
+    ``(out, lse, k_cache, v_cache)`` with ``return_softmax_lse`` (lse float32 (batch, heads,
+    seqlen_q)). The results alias the cache operands, so under ``jax.jit`` with the caches donated
+    (``donate_argnums``) XLA appends in place; otherwise it copies the caches first. Forward only
+    (no gradient). ``check_device_indices``: on a GPU, read the index arrays back and check them
+    before anything is written (one synchronisation per call), as the torch entry does.
+    """
+    op = "orchard.jax.flash_attn_with_kvcache"
+    if getattr(q, "ndim", None) != 4:
+        raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {getattr(q, 'shape', None)}")
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError(f"{op}: cache_batch_idx is not supported with a paged cache (block_table)")
+    if (k is None) != (v is None):
+        raise ValueError(f"{op}: k and v must be given together")
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = jnp.full((q.shape[0],), cache_seqlens, jnp.int32)
+    b, sq, hq, _ = q.shape
+    opt = lambda t, dtype=None: _absent(dtype or jnp.float32) if t is None else jnp.asarray(t)  # noqa: E731
+    operands = (q, k_cache, v_cache, opt(k, q.dtype), opt(v, q.dtype), opt(rotary_cos, q.dtype),
+                opt(rotary_sin, q.dtype), opt(cache_seqlens, jnp.int32), opt(cache_batch_idx, jnp.int32),
+                opt(cache_leftpad, jnp.int32), opt(block_table, jnp.int32),
+                _absent() if alibi_slopes is None else jnp.asarray(alibi_slopes).astype(jnp.float32))
+    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, sq) if return_softmax_lse else (0,), jnp.float32),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    call = jax.ffi.ffi_call("orchard_kvcache_forward", out_types, vmap_method="sequential",
+                            input_output_aliases={1: 2, 2: 3})
+    left, right = (int(w) for w in window_size)
+    out, lse, k_new, v_new = call(*operands, softmax_scale=np.float64(softmax_scale or 0.0),
+                                  causal=np.int32(bool(causal)), window_left=np.int64(left),
+                                  window_right=np.int64(right), softcap=np.float64(softcap),
+                                  rotary_interleaved=np.int32(bool(rotary_interleaved)),
+                                  num_splits=np.int32(num_splits),
+                                  check_device_indices=np.int32(bool(check_device_indices)))
+    return (out, lse, k_new, v_new) if return_softmax_lse else (out, k_new, v_new)
