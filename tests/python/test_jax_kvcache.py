@@ -130,3 +130,21 @@ def test_bad_input():
         jax.block_until_ready(ojax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=jnp.full((3,), 500, jnp.int32)))
     with pytest.raises(Exception, match="orchard.jax.flash_attn_with_kvcache"):
         jax.block_until_ready(ojax.flash_attn_with_kvcache(q, kc[:, :, :1], vc, cache_seqlens=4))
+
+
+@pytest.mark.cuda
+def test_cuda_handler_matches_cpu():
+    try:
+        gpu = jax.devices("cuda")[0]
+    except RuntimeError:
+        pytest.skip("no CUDA device for jax")
+    if not ojax.cuda_compiled():
+        pytest.skip("this orchard build has no CUDA backend")
+    a = _case(True, d=64, capacity=512)
+    a.pop("rotary_cos"), a.pop("rotary_sin")
+    cpu = [np.asarray(x) for x in ojax.flash_attn_with_kvcache(
+        **{n: jax.device_put(jnp.asarray(v), _CPU) for n, v in a.items()}, causal=True, return_softmax_lse=True)]
+    cuda = [np.asarray(jax.device_get(x)) for x in ojax.flash_attn_with_kvcache(
+        **{n: jax.device_put(jnp.asarray(v), gpu) for n, v in a.items()}, causal=True, return_softmax_lse=True)]
+    for name, c, g in zip(("out", "lse", "k_cache", "v_cache"), cpu, cuda):
+        np.testing.assert_allclose(g, c, atol=2e-3, rtol=2e-3, err_msg=name)
