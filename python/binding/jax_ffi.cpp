@@ -22,6 +22,7 @@
 // a bias's size-1 dims broadcast in place.
 #include <nanobind/nanobind.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -113,7 +114,7 @@ struct Settings {
 
 // The static settings of a KV-cache call (orchard_kvcache_forward's attributes).
 struct DecodeSettings {
-  double scale;  // <= 0: 1/sqrt(d)
+  double scale;  // NaN: 1/sqrt(d); any other value is the scale
   int32_t causal;
   int64_t window_left, window_right;
   double softcap;
@@ -141,7 +142,7 @@ orchard::AttentionExtras extras_of(const Extras& x, const Settings& s, orchard::
 // fresh mask per key, and the backward reads the forward's).
 orchard::AttentionOptions options(const Settings& s, const ffi::AnyBuffer& rng, void* stream) {
   orchard::AttentionOptions o;
-  if (s.scale > 0) o.softmax_scale = s.scale;
+  o.softmax_scale = s.scale;  // orchard.jax resolves the default; any finite value is honoured
   o.causal = s.causal != 0;
   o.causal_align = orchard::CausalAlign::kBottomRight;
   o.window_left = s.window_left;
@@ -304,7 +305,7 @@ ffi::Error kvcache_on(orchard::Device device, void* stream, Allocate&& allocate,
     a.out = out(o, device, "out");
     if (lse->element_count() > 0) a.lse = out(lse, device, "lse");
     orchard::DecodeOptions& opt = a.options;
-    if (s.scale > 0) opt.softmax_scale = s.scale;
+    if (!std::isnan(s.scale)) opt.softmax_scale = s.scale;
     opt.causal = s.causal != 0;
     opt.window_left = s.window_left;
     opt.window_right = s.window_right;

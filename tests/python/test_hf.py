@@ -435,15 +435,72 @@ def test_compiled_packed_position_ids(backend):
                rel=2e-5)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_position_packed_op_opcheck(packed):
-    """The op the compiled path calls: its fake kernel, autograd registration and AOT tracing
-    (torch.library.opcheck), with a sink (differentiable) and GQA."""
-    from orchard.integrations import _position_packed
+@pytest.mark.parametrize("route", ["plain", "packed", "masked", "all_ones_mask_packed"])
+def test_compiled_attention_op_opcheck(route):
+    """The op the compiled path calls (every eager choice it makes where it runs): its fake kernel,
+    autograd registration and AOT tracing (torch.library.opcheck), with a sink and GQA."""
+    from orchard.integrations import _compiled_attention
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, 9, 4, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 9, 2, 8, generator=g, requires_grad=True) for _ in range(2))
     sink = torch.randn(4, generator=g, requires_grad=True)
+    packed = route in ("packed", "all_ones_mask_packed")
     pos = torch.cat([torch.arange(4), torch.arange(5)]) if packed else torch.arange(9)
-    args = (q, k, v, pos[None].expand(2, -1), 0.3, True, -1, -1, 0.0, sink, 0.0, None)
-    torch.library.opcheck(_position_packed._FWD, args)
+    mask = None
+    if route == "masked":
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        mask[0, :3] = False
+    elif route == "all_ones_mask_packed":
+        mask = torch.ones(2, 9, dtype=torch.bool)
+    args = (q, k, v, pos[None].expand(2, -1), mask, 0.3, True, -1, -1, 0.0, sink, 0.0, None)
+    torch.library.opcheck(_compiled_attention._FWD, args)
+
+
+def test_compiled_all_ones_mask_keeps_packed_position_ids():
+    """An all-ones 2-D mask counts as none (eager's mask function drops it), so position ids that
+    restart still split the row: compiled (the mask is passed on unread) equals eager."""
+    _, orc = _pair("llama")
+    lengths = [5, 3, 4]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    kw = dict(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids), use_cache=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = orc(**kw).logits
+        compiled_model = copy.deepcopy(orc)
+        compiled_model.forward = torch.compile(compiled_model.forward, backend="aot_eager", fullgraph=True)
+        _close("all-ones mask, packed", compiled_model(**kw).logits, eager, rel=2e-5)
+        alone = orc(input_ids=ids[:, :5]).logits
+        _close("packed row vs alone", eager[:, :5], alone, rel=2e-5)
+
+
+def test_padding_inside_a_row_with_a_sliding_window():
+    """A mask with a hole inside a row: the window counts positions (as SDPA does), so such a
+    mask goes to the kernels as a key-padding mask rather than being unpadded (which would close
+    the gap); eager and compiled agree with SDPA on the kept rows."""
+    ref, orc = _pair("mistral")  # sliding_window 5
+    ids, mask, labels = _batch("none")
+    mask[0, 3:6] = 0
+    keep = mask.bool()
+    lr, _, _ = _run(ref, ids, mask, labels)
+    lo, _, _ = _run(orc, ids, mask, labels)
+    _close("eager vs sdpa", lo[keep], lr[keep])
+    _, compiled = _compiled_vs_eager(orc, "aot_eager", ids=ids, mask=mask, labels=labels)
+    _close("compiled vs sdpa", compiled[0][keep], lr[keep])
+
+
+def test_plan_cache_is_per_buffer_not_per_tensor_object():
+    """Under compile each layer's backward op gets its own tensor object for one buffer: the plan
+    (a host read) is built once per buffer and content, not once per object."""
+    from orchard.integrations._compiled_attention import cached
+    builds = []
+    pos = torch.arange(12)[None]
+    for view in (pos, pos.view(1, 12), pos.detach()):  # three objects, one buffer
+        cached(view, ("test",), lambda: builds.append(1) or len(builds))
+    assert builds == [1]
+    pos.add_(0)  # written: rebuilt
+    cached(pos, ("test",), lambda: builds.append(1) or len(builds))
+    other = torch.arange(12)[None]  # another buffer, same values: its own plan
+    cached(other, ("test",), lambda: builds.append(1) or len(builds))
+    assert builds == [1, 1, 1]

@@ -242,12 +242,24 @@ def test_vmap_with_bias_and_sink():
         _close(out[i], _ref(q[i], k[i], v[i], bias=bias, sink=sink, causal=True), 2e-5)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_any_finite_scale_is_honoured(scale):
+    """A zero or negative softmax_scale is the scale (the torch path's and SDPA's rule), not the
+    default: the forward and the bias's gradient (which recomputes P with it) both use it."""
+    q, k, v = _qkv()
+    (bias,) = _rand(2, (1, 4, 19, 27))
+    _check_fwd_and_grads(lambda q, k, v, b: ojax.flash_attention(q, k, v, bias=b, softmax_scale=scale),
+                         lambda q, k, v, b: _ref(q, k, v, bias=b, scale=scale), (q, k, v, bias), (0, 1, 2, 3))
+
+
 def test_bad_feature_input_raises():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=f"{_OP}: dropout_p > 0 needs dropout_rng"):
         ojax.flash_attention(q, k, v, dropout_p=0.1)
     with pytest.raises(ValueError, match="does not broadcast"):
         ojax.flash_attention(q, k, v, bias=jnp.zeros((3, 4, 19, 27)))
+    with pytest.raises(ValueError, match="mask must be boolean"):  # a 0/1 int mask is not a bias
+        ojax.flash_attention(q, k, v, mask=jnp.ones((19, 27), jnp.int32))
     with pytest.raises(ValueError, match="at most 4 dims"):
         ojax.flash_attention(q, k, v, bias=jnp.zeros((1, 1, 4, 19, 27)))
     with pytest.raises(ValueError, match="dropout with a float bias"):

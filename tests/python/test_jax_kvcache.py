@@ -61,6 +61,7 @@ OPTIONS = {
     "causal": dict(causal=True),
     "rotary_window_softcap": dict(causal=True, window_size=(20, 0), softcap=5.0, rotary_interleaved=False),
     "alibi_splits": dict(alibi_slopes=np.linspace(0.05, 0.3, 4).astype(np.float32), num_splits=3),
+    "negative_scale": dict(softmax_scale=-0.3),  # any finite scale is the scale, not the default
 }
 
 

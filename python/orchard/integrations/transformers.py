@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from .. import _ops
 from ..functional import flash_attn_func, flash_attn_varlen_func
 from ..kvcache import flash_attn_with_kvcache, serves_in_place
-from . import _position_packed
-from ._position_packed import cached as _cached, packed_plan as _packed_plan
+from . import _compiled_attention
+from ._compiled_attention import cached as _cached, packed_plan as _packed_plan
 
 __all__ = ["NAME", "register", "orchard_attention_forward", "orchard_attention_mask"]
 
@@ -93,7 +93,7 @@ def orchard_attention_mask(batch_size: int, q_length: int, kv_length: int, q_off
 
 
 # ---------------------------------------------------------------------------
-# Unpadding plans (cached per mask tensor: _position_packed.cached).
+# Unpadding plans (cached per mask tensor: _compiled_attention.cached).
 # ---------------------------------------------------------------------------
 
 def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
@@ -102,22 +102,26 @@ def _lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
 
 def _padding_plan(mask: torch.Tensor, sq: int):
     """From a (batch, sk) bool mask: row/column indices of the kept keys and of
-    the kept queries (the last sq positions), cu_seqlens and max lengths."""
+    the kept queries (the last sq positions), cu_seqlens and max lengths; None when a
+    row's kept keys are not one run (padding inside a row: unpadding would close the gap,
+    and a sliding window would then count the kept keys instead of positions)."""
     mk = mask
     len_k = mk.sum(1, dtype=torch.int32)
+    runs = mk[:, :1].sum(1) + (mk[:, 1:] & ~mk[:, :-1]).sum(1)  # starts of kept runs per row
+    mq = mk[:, -sq:]
+    len_q = mq.sum(1, dtype=torch.int32)
+    max_q, max_k, most_runs = torch.stack((len_q.max(), len_k.max(), runs.max())).tolist()  # one host read
+    if most_runs > 1:
+        return None
     bk, sk_idx = mk.nonzero(as_tuple=True)
     cu_k = _lengths_to_cu(len_k)
     if sq == mk.shape[1]:
         # Queries and keys are the same positions (training, prefill): one plan and one
         # cu_seqlens tensor for both, which the Hopper kernels need to run varlen
         # (sm90_call_support.h, the segment form).
-        max_len = int(len_k.max())
-        return (bk, sk_idx), (bk, sk_idx), cu_k, cu_k, max_len, max_len
-    mq = mk[:, -sq:]
-    len_q = mq.sum(1, dtype=torch.int32)
-    maxes = torch.stack((len_q.max(), len_k.max())).tolist()  # one host read
+        return (bk, sk_idx), (bk, sk_idx), cu_k, cu_k, max_k, max_k
     bq, sq_idx = mq.nonzero(as_tuple=True)
-    return (bq, sq_idx), (bk, sk_idx), _lengths_to_cu(len_q), cu_k, maxes[0], maxes[1]
+    return (bq, sq_idx), (bk, sk_idx), _lengths_to_cu(len_q), cu_k, max_q, max_k
 
 
 def _left_padding_plan(mask: torch.Tensor, sq: int):
@@ -191,6 +195,11 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         elif mask.shape[1] < sk:  # static cache: slots beyond the mask hold nothing yet
             k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
         if torch.compiler.is_compiling():
+            position_ids = kwargs.get("position_ids")
+            if sq == sk and sq > 1 and position_ids is not None and position_ids.shape[-1] == sq:
+                # One opaque op makes the eager choice where it runs: an all-ones mask is none
+                # (packed position ids then count), a padded one masks the keys.
+                return _compiled_attention.attention(q, k, v, position_ids, mask, **opts), None
             return _key_padding_masked(q, k, v, mask, **opts), None
         if _decode_step_serves(q, k, v, sq, k.shape[1], float(dropout), sink):
             # Batched generation: left padding, the new tokens last. The KV-cache kernels read the
@@ -205,8 +214,10 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                     return out, None
                 except NotImplementedError:  # a cache layout its kernels cannot read in place (CUDA:
                     pass                     # 16-byte strides): the varlen path below serves it
-        (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = _cached(mask, ("pad", sq),
-                                                               lambda: _padding_plan(mask, sq))
+        plan = _cached(mask, ("pad", sq), lambda: _padding_plan(mask, sq))
+        if plan is None:  # padding inside a row: the kernels mask the keys at their own positions
+            return _key_padding_masked(q, k, v, mask, **opts), None
+        (bq, iq), (bk, ik), cu_q, cu_k, max_q, max_k = plan
         out = _varlen_trusted(q[bq, iq], k[bk, ik], v[bk, ik], cu_q, cu_k, max_q, max_k, **opts)
         padded = out.new_zeros(b, sq, hq, out.shape[-1])
         return padded.index_put((bq, iq), out), None
@@ -222,7 +233,7 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and sq == sk and sq > 1 and position_ids.shape[-1] == sq:
         if torch.compiler.is_compiling():  # one opaque op: the plan is read where it runs
-            return _position_packed.attention(q, k, v, position_ids, **opts), None
+            return _compiled_attention.attention(q, k, v, position_ids, None, **opts), None
         plan = _cached(position_ids, ("packed", b), lambda: _packed_plan(position_ids, b, sq))
         if plan is not None:
             cu, longest = plan
@@ -247,11 +258,12 @@ def _varlen_trusted(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale,
 
 
 def _key_padding_masked(q, k, v, mask, dropout_p, softmax_scale, causal, window_size, softcap, sink):
-    """A 2-D padding mask while torch.compile traces: the unpadding plans read the mask back to
-    the host (a graph break per layer), so the mask goes to the kernels as it is, a (batch, 1, 1,
-    kv_len) key-padding mask broadcast in place (the Hopper kernels skip the key tiles it hides),
-    with causality and the window applied by the kernels. Query rows that are padding come out
-    0, as on the unpadded path. mask: (batch, kv_len) bool; the queries are its last q_len."""
+    """A 2-D padding mask as a (batch, 1, 1, kv_len) key-padding mask broadcast in place (the
+    Hopper kernels skip the key tiles it hides), with causality and the window applied by the
+    kernels at the keys' own positions. Query rows that are padding come out 0, as on the
+    unpadded path. Taken while torch.compile traces (the unpadding plans read the mask back to
+    the host, a graph break per layer) and for padding inside a row. mask: (batch, kv_len) bool;
+    the queries are its last q_len."""
     b, sq, hq, d = q.shape
     key_mask = mask[:, None, None, :].expand(b, hq, sq, mask.shape[1])
     scale = _ops.default_scale(d) if softmax_scale is None else float(softmax_scale)

@@ -177,6 +177,9 @@ def _extras(q, hq, alibi_slopes, sink, bias, mask, cu_q, cu_k, dropout_p, dropou
         rng = jax.random.bits(dropout_rng, (4,), jnp.uint32)
     else:
         rng = _absent(jnp.uint32)
+    if mask is not None and jnp.asarray(mask).dtype != jnp.bool_:
+        raise ValueError(f"{_OP}: mask must be boolean (True = may attend), got {jnp.asarray(mask).dtype}; "
+                         "pass an additive mask as bias")
     if bias is not None and mask is not None:
         # One operand for both (as jax.nn.dot_product_attention applies them): the mask folds
         # into the bias, which then takes their broadcast shape.
@@ -341,7 +344,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     call = jax.ffi.ffi_call("orchard_kvcache_forward", out_types, vmap_method="sequential",
                             input_output_aliases={1: 2, 2: 3})
     left, right = (int(w) for w in window_size)
-    out, lse, k_new, v_new = call(*operands, softmax_scale=np.float64(softmax_scale or 0.0),
+    scale = np.float64("nan") if softmax_scale is None else np.float64(softmax_scale)  # NaN: 1/sqrt(d)
+    out, lse, k_new, v_new = call(*operands, softmax_scale=scale,
                                   causal=np.int32(bool(causal)), window_left=np.int64(left),
                                   window_right=np.int64(right), softcap=np.float64(softcap),
                                   rotary_interleaved=np.int32(bool(rotary_interleaved)),
