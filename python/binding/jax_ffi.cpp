@@ -64,16 +64,16 @@ bool to_dtype(ffi::DataType t, orchard::DType* out) {
 orchard::Device host() { return orchard::Device{orchard::DeviceType::kCPU, 0}; }
 orchard::Device gpu(int32_t ordinal) { return orchard::Device{orchard::DeviceType::kCUDA, ordinal}; }
 
-// A row-major view of an XLA buffer in `device`'s memory.
+// A row-major view of an XLA buffer in `device`'s memory (errors prefixed with `op`).
 orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> dims, orchard::Device device,
-                         const char* name) {
+                         const char* name, const char* op) {
   orchard::TensorView v;
   if (!to_dtype(t, &v.dtype))
     throw orchard::Error(orchard::ErrorKind::kInvalidArgument,
-                         std::string(kOp) + ": " + name + ": unsupported dtype (XLA type " +
+                         std::string(op) + ": " + name + ": unsupported dtype (XLA type " +
                              std::to_string(static_cast<int>(t)) + ")");
   if (dims.size() > static_cast<std::size_t>(orchard::kMaxRank))
-    throw orchard::Error(orchard::ErrorKind::kInvalidArgument, std::string(kOp) + ": " + name + ": rank too high");
+    throw orchard::Error(orchard::ErrorKind::kInvalidArgument, std::string(op) + ": " + name + ": rank too high");
   v.data = data;
   v.device = device;
   v.ndim = static_cast<int>(dims.size());
@@ -86,13 +86,14 @@ orchard::TensorView view(void* data, ffi::DataType t, ffi::Span<const int64_t> d
   return v;
 }
 
-orchard::TensorView in(const ffi::AnyBuffer& b, orchard::Device d, const char* name) {
-  return view(b.untyped_data(), b.element_type(), b.dimensions(), d, name);
+orchard::TensorView in(const ffi::AnyBuffer& b, orchard::Device d, const char* name, const char* op = kOp) {
+  return view(b.untyped_data(), b.element_type(), b.dimensions(), d, name, op);
 }
-orchard::TensorView out(ffi::Result<ffi::AnyBuffer>& b, orchard::Device d, const char* name) {
-  return view(b->untyped_data(), b->element_type(), b->dimensions(), d, name);
+orchard::TensorView out(ffi::Result<ffi::AnyBuffer>& b, orchard::Device d, const char* name, const char* op = kOp) {
+  return view(b->untyped_data(), b->element_type(), b->dimensions(), d, name, op);
 }
-// An optional operand: undefined when it has no elements (absent).
+// An optional operand of the attention passes: undefined when it has no elements (absent). (A
+// given one never has none there: a bias or offsets of no elements describe no work at all.)
 orchard::TensorView optional_in(const ffi::AnyBuffer& b, orchard::Device d, const char* name) {
   return b.element_count() == 0 ? orchard::TensorView{} : in(b, d, name);
 }
@@ -121,6 +122,8 @@ struct DecodeSettings {
   int32_t rotary_interleaved;
   int32_t num_splits;
   int32_t check_device_indices;
+  int32_t present;  // bit i: optional operand i (k, v, rotary_cos, rotary_sin, cache_seqlens,
+                    // cache_batch_idx, cache_leftpad, block_table, alibi_slopes) was given
 };
 
 // The core's extras from the operands. The attention bias is rank 4 (b, hq, sq, sk) with
@@ -290,20 +293,24 @@ ffi::Error kvcache_on(orchard::Device device, void* stream, Allocate&& allocate,
                       ffi::Result<ffi::AnyBuffer> v_cache, const DecodeSettings& s) {
   try {
     orchard::DecodeArgs a;
-    a.q = in(q, device, "q");
-    a.k_cache = out(k_cache, device, "k_cache");
-    a.v_cache = out(v_cache, device, "v_cache");
-    a.k = optional_in(k, device, "k");
-    a.v = optional_in(v, device, "v");
-    a.rotary_cos = optional_in(rotary_cos, device, "rotary_cos");
-    a.rotary_sin = optional_in(rotary_sin, device, "rotary_sin");
-    a.cache_seqlens = optional_in(cache_seqlens, device, "cache_seqlens");
-    a.cache_batch_idx = optional_in(cache_batch_idx, device, "cache_batch_idx");
-    a.cache_leftpad = optional_in(cache_leftpad, device, "cache_leftpad");
-    a.block_table = optional_in(block_table, device, "block_table");
-    a.alibi_slopes = optional_in(alibi, device, "alibi_slopes");
-    a.out = out(o, device, "out");
-    if (lse->element_count() > 0) a.lse = out(lse, device, "lse");
+    a.q = in(q, device, "q", kKvcacheOp);
+    a.k_cache = out(k_cache, device, "k_cache", kKvcacheOp);
+    a.v_cache = out(v_cache, device, "v_cache", kKvcacheOp);
+    // Optional operand `bit` (DecodeSettings::present): a view when the caller gave it, even empty.
+    auto given = [&](int bit, const ffi::AnyBuffer& b, const char* name) {
+      return (s.present >> bit) & 1 ? in(b, device, name, kKvcacheOp) : orchard::TensorView{};
+    };
+    a.k = given(0, k, "k");
+    a.v = given(1, v, "v");
+    a.rotary_cos = given(2, rotary_cos, "rotary_cos");
+    a.rotary_sin = given(3, rotary_sin, "rotary_sin");
+    a.cache_seqlens = given(4, cache_seqlens, "cache_seqlens");
+    a.cache_batch_idx = given(5, cache_batch_idx, "cache_batch_idx");
+    a.cache_leftpad = given(6, cache_leftpad, "cache_leftpad");
+    a.block_table = given(7, block_table, "block_table");
+    a.alibi_slopes = given(8, alibi, "alibi_slopes");
+    a.out = out(o, device, "out", kKvcacheOp);
+    if (lse->element_count() > 0) a.lse = out(lse, device, "lse", kKvcacheOp);
     orchard::DecodeOptions& opt = a.options;
     if (!std::isnan(s.scale)) opt.softmax_scale = s.scale;
     opt.causal = s.causal != 0;
@@ -441,7 +448,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(DecodeSettings, ffi::StructMember<double>(
                                       ffi::StructMember<double>("softcap"),
                                       ffi::StructMember<int32_t>("rotary_interleaved"),
                                       ffi::StructMember<int32_t>("num_splits"),
-                                      ffi::StructMember<int32_t>("check_device_indices"));
+                                      ffi::StructMember<int32_t>("check_device_indices"),
+                                      ffi::StructMember<int32_t>("present"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardKvcacheCpu, kvcache_cpu, kvcache_signature(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrchardKvcacheCuda, kvcache_cuda,

@@ -504,3 +504,6 @@ def test_plan_cache_is_per_buffer_not_per_tensor_object():
     other = torch.arange(12)[None]  # another buffer, same values: its own plan
     cached(other, ("test",), lambda: builds.append(1) or len(builds))
     assert builds == [1, 1, 1]
+    other.copy_(other + 1)  # written, then asked through a .data alias (a counter of its own): rebuilt
+    cached(other.data, ("test",), lambda: builds.append(1) or len(builds))
+    assert builds == [1, 1, 1, 1]

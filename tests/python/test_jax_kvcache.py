@@ -131,6 +131,25 @@ def test_bad_input():
         jax.block_until_ready(ojax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=jnp.full((3,), 500, jnp.int32)))
     with pytest.raises(Exception, match="orchard.jax.flash_attn_with_kvcache"):
         jax.block_until_ready(ojax.flash_attn_with_kvcache(q, kc[:, :, :1], vc, cache_seqlens=4))
+    with pytest.raises(ValueError, match="orchard.jax.flash_attn_with_kvcache: softmax_scale must be finite"):
+        ojax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=4, softmax_scale=float("nan"))
+    # A block table with no pages is given, not absent: the core refuses it as the torch entry does.
+    with pytest.raises(Exception, match="orchard.jax.flash_attn_with_kvcache"):
+        jax.block_until_ready(ojax.flash_attn_with_kvcache(q, kc[:, :16], vc[:, :16], cache_seqlens=4,
+                                                           block_table=jnp.zeros((3, 0), jnp.int32)))
+
+
+def test_numpy_inputs_and_no_new_rows():
+    """NumPy arrays (float64 and int64 where x64 is off: JAX makes them float32 / int32) and k / v
+    with no new rows, which are given (rotary then applies to q) rather than absent."""
+    a = _case(False, s_new=0)
+    a.pop("block_table")
+    want, got = _run_both(a, causal=True)
+    for name, w, g in zip(("out", "lse", "k_cache", "v_cache"), want, got):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+    f64 = {n: (v.astype(np.float64) if v.dtype == np.float32 else v.astype(np.int64)) for n, v in a.items()}
+    out, kc, vc = ojax.flash_attn_with_kvcache(**f64, causal=True)
+    np.testing.assert_allclose(np.asarray(out), want[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.cuda

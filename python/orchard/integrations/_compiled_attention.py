@@ -38,7 +38,9 @@ def cached(t: torch.Tensor, key_extra, build):
     alive and its storage unmodified. Keyed by the storage and the view, not the tensor object:
     under torch.compile each layer's op (the backward's in particular) gets its own tensor object
     for one buffer, and a key per object rebuilt the plan, a host read, at every layer. The tensor
-    kept (weakly) pins the storage, so a new buffer at a freed one's address cannot match."""
+    kept (weakly) pins the storage, so a new buffer at a freed one's address cannot match. Writes
+    are seen through the version counter: only those it counts (not writes through NumPy or a
+    `.data` alias, which no autograd check sees either)."""
     try:
         version = t._version
         key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.device, key_extra)
@@ -46,8 +48,10 @@ def cached(t: torch.Tensor, key_extra, build):
         return build()
     hit = _PLAN_CACHE.get(key)
     if hit is not None:
-        # Alive (so the storage is the one the key names) and not written since the build.
-        if hit[0]() is not None and hit[1] == version:
+        # Alive (so the storage is the one the key names) and not written since the build, by its
+        # own counter and by the asking tensor's (a .data / set_ alias has a counter of its own).
+        seen = hit[0]()
+        if seen is not None and seen._version == hit[1] and (t is seen or version == hit[1]):
             return hit[2]
     plan = build()
     if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:

@@ -140,8 +140,8 @@ def _left_padding_plan(mask: torch.Tensor, sq: int):
 def _decode_step_serves(q, k, v, sq: int, sk: int, dropout: float, sink) -> bool:
     """Whether a padded call is a generation step flash_attn_with_kvcache can serve in place: a
     few query rows (<= 16) against more keys, and a call its kernels take (kvcache.serves_in_place).
-    Not while torch.compile traces: the plan reads the mask back to the host (a graph break either
-    way), and the varlen path is the one tested under compile."""
+    Not while torch.compile traces: the plan reads the mask back to the host; the compiled path
+    masks the keys instead (_key_padding_masked) or hands the call to orchard::transformers_attention."""
     return (0 < sq <= 16 and sq < sk and not torch.compiler.is_compiling()
             and serves_in_place(q, k, v, dropout, sink))
 

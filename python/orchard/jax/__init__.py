@@ -323,20 +323,30 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     before anything is written (one synchronisation per call), as the torch entry does.
     """
     op = "orchard.jax.flash_attn_with_kvcache"
+    q, k_cache, v_cache = (jnp.asarray(t) for t in (q, k_cache, v_cache))
     if getattr(q, "ndim", None) != 4:
         raise ValueError(f"{op}: q must be (batch, seqlen, nheads, headdim), got shape {getattr(q, 'shape', None)}")
     if block_table is not None and cache_batch_idx is not None:
         raise ValueError(f"{op}: cache_batch_idx is not supported with a paged cache (block_table)")
     if (k is None) != (v is None):
         raise ValueError(f"{op}: k and v must be given together")
+    if softmax_scale is not None and not math.isfinite(float(softmax_scale)):
+        raise ValueError(f"{op}: softmax_scale must be finite, got {softmax_scale}")
     if isinstance(cache_seqlens, int):
         cache_seqlens = jnp.full((q.shape[0],), cache_seqlens, jnp.int32)
     b, sq, hq, _ = q.shape
-    opt = lambda t, dtype=None: _absent(dtype or jnp.float32) if t is None else jnp.asarray(t)  # noqa: E731
-    operands = (q, k_cache, v_cache, opt(k, q.dtype), opt(v, q.dtype), opt(rotary_cos, q.dtype),
-                opt(rotary_sin, q.dtype), opt(cache_seqlens, jnp.int32), opt(cache_batch_idx, jnp.int32),
-                opt(cache_leftpad, jnp.int32), opt(block_table, jnp.int32),
-                _absent() if alibi_slopes is None else jnp.asarray(alibi_slopes).astype(jnp.float32))
+
+    def index(t):  # int32 offsets; another integer width (int64 under x64) is converted
+        t = jnp.asarray(t)
+        return t.astype(jnp.int32) if jnp.issubdtype(t.dtype, jnp.integer) else t
+
+    given = (k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes)
+    operands = (q, k_cache, v_cache, *(
+        _absent(q.dtype) if t is None else jnp.asarray(t) if i < 4 else
+        jnp.asarray(t).astype(jnp.float32) if i == 8 else index(t) for i, t in enumerate(given)))
+    # Which optional operands were given (bit i: given[i]): an empty one (no new rows, a
+    # (batch, 0) block table) is still given, which the handler cannot tell from its size.
+    present = sum(1 << i for i, t in enumerate(given) if t is not None)
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq) if return_softmax_lse else (0,), jnp.float32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -350,5 +360,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                   window_right=np.int64(right), softcap=np.float64(softcap),
                                   rotary_interleaved=np.int32(bool(rotary_interleaved)),
                                   num_splits=np.int32(num_splits),
-                                  check_device_indices=np.int32(bool(check_device_indices)))
+                                  check_device_indices=np.int32(bool(check_device_indices)),
+                                  present=np.int32(present))
     return (out, lse, k_new, v_new) if return_softmax_lse else (out, k_new, v_new)
