@@ -22,7 +22,6 @@
 // a bias's size-1 dims broadcast in place.
 #include <nanobind/nanobind.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -115,7 +114,7 @@ struct Settings {
 
 // The static settings of a KV-cache call (orchard_kvcache_forward's attributes).
 struct DecodeSettings {
-  double scale;  // NaN: 1/sqrt(d); any other value is the scale
+  double scale;  // orchard.jax resolves the default
   int32_t causal;
   int64_t window_left, window_right;
   double softcap;
@@ -312,7 +311,7 @@ ffi::Error kvcache_on(orchard::Device device, void* stream, Allocate&& allocate,
     a.out = out(o, device, "out", kKvcacheOp);
     if (lse->element_count() > 0) a.lse = out(lse, device, "lse", kKvcacheOp);
     orchard::DecodeOptions& opt = a.options;
-    if (!std::isnan(s.scale)) opt.softmax_scale = s.scale;
+    opt.softmax_scale = s.scale;
     opt.causal = s.causal != 0;
     opt.window_left = s.window_left;
     opt.window_right = s.window_right;

@@ -111,15 +111,11 @@ def _features(window_left, window_right, softcap, sink, cu=None, longest=0, attn
     return (window_left, window_right, softcap, None, sink, attn_mask, cu, cu, longest, longest, 0, 0, 0, 0)
 
 
-def _key_mask(mask, q):
+def key_padding_mask(mask, q):
     """The (batch, kv_len) mask as the kernels' (batch, heads, q_len, kv_len) boolean mask, read in
     place (stride 0 over heads and queries), and the queries' own rows (batch, q_len, 1, 1)."""
     b, sq, hq = q.shape[:3]
     return mask[:, None, None, :].expand(b, hq, sq, mask.shape[1]), mask[:, -sq:, None, None]
-
-
-def _lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @_ops._disable_dynamo
@@ -129,7 +125,7 @@ def _forward(q, k, v, position_ids, mask, softmax_scale, causal, window_left, wi
     kind, plan = _route(q, position_ids, mask)
     settings = (softmax_scale, causal, False, dropout_p, 0, 0, False, False, _OP, rng_state)
     if kind == "masked":
-        key_mask, rows = _key_mask(mask, q)
+        key_mask, rows = key_padding_mask(mask, q)
         out, lse, _ = _ops._forward_kernel(q, k, v, *settings,
                                            *_features(window_left, window_right, softcap, sink, attn_mask=key_mask))
         return (out * rows.to(out.dtype)).contiguous(), lse.contiguous()
@@ -150,7 +146,7 @@ def _backward(dout, q, k, v, out, lse, position_ids, mask, softmax_scale, causal
     kind, plan = _route(q, position_ids, mask)
     settings = (softmax_scale, causal, False, dropout_p, 0, 0, False, _OP, rng_state)
     if kind == "masked":  # the padded queries' outputs were set to 0: no gradient reaches them
-        key_mask, rows = _key_mask(mask, q)
+        key_mask, rows = key_padding_mask(mask, q)
         dout = dout * rows.to(dout.dtype)
         dq, dk, dv = _ops._backward_kernel(dout, q, k, v, out, lse, *settings,
                                            *_features(window_left, window_right, softcap, sink, attn_mask=key_mask))
@@ -175,7 +171,7 @@ def _backward(dout, q, k, v, out, lse, position_ids, mask, softmax_scale, causal
 
 def _forward_fake(q, k, v, position_ids, mask, *settings):
     b, s, h = q.shape[:3]
-    return q.new_empty((b, s, h, v.shape[-1])), q.new_empty((b, h, s), dtype=_lse_dtype(q))
+    return q.new_empty((b, s, h, v.shape[-1])), q.new_empty((b, h, s), dtype=_ops._lse_dtype(q.dtype))
 
 
 def _backward_fake(dout, q, k, v, out, lse, position_ids, mask, softmax_scale, causal, window_left, window_right,

@@ -140,10 +140,17 @@ def _left_padding_plan(mask: torch.Tensor, sq: int):
 def _decode_step_serves(q, k, v, sq: int, sk: int, dropout: float, sink) -> bool:
     """Whether a padded call is a generation step flash_attn_with_kvcache can serve in place: a
     few query rows (<= 16) against more keys, and a call its kernels take (kvcache.serves_in_place).
-    Not while torch.compile traces: the plan reads the mask back to the host; the compiled path
-    masks the keys instead (_key_padding_masked) or hands the call to orchard::transformers_attention."""
-    return (0 < sq <= 16 and sq < sk and not torch.compiler.is_compiling()
-            and serves_in_place(q, k, v, dropout, sink))
+    (Eager only: its plan reads the mask back to the host.)"""
+    return 0 < sq <= 16 and sq < sk and serves_in_place(q, k, v, dropout, sink)
+
+
+def _self_attention_positions(kwargs, sq: int, sk: int):
+    """transformers' position_ids when the call is self-attention over them (training, prefill:
+    q_len == kv_len > 1), which packed sequences are told apart by; else None."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and sq == sk and sq > 1 and position_ids.shape[-1] == sq:
+        return position_ids
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -195,8 +202,8 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         elif mask.shape[1] < sk:  # static cache: slots beyond the mask hold nothing yet
             k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
         if torch.compiler.is_compiling():
-            position_ids = kwargs.get("position_ids")
-            if sq == sk and sq > 1 and position_ids is not None and position_ids.shape[-1] == sq:
+            position_ids = _self_attention_positions(kwargs, sq, sk)
+            if position_ids is not None:
                 # One opaque op makes the eager choice where it runs: an all-ones mask is none
                 # (packed position ids then count), a padded one masks the keys.
                 return _compiled_attention.attention(q, k, v, position_ids, mask, **opts), None
@@ -230,8 +237,8 @@ def orchard_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                                      cu_k.to(torch.int32), int(max_q), int(max_k), **opts)
         return out.view(b, sq, hq, out.shape[-1]), None
 
-    position_ids = kwargs.get("position_ids")
-    if position_ids is not None and sq == sk and sq > 1 and position_ids.shape[-1] == sq:
+    position_ids = _self_attention_positions(kwargs, sq, sk)
+    if position_ids is not None:
         if torch.compiler.is_compiling():  # one opaque op: the plan is read where it runs
             return _compiled_attention.attention(q, k, v, position_ids, None, **opts), None
         plan = _cached(position_ids, ("packed", b), lambda: _packed_plan(position_ids, b, sq))
@@ -264,13 +271,12 @@ def _key_padding_masked(q, k, v, mask, dropout_p, softmax_scale, causal, window_
     unpadded path. Taken while torch.compile traces (the unpadding plans read the mask back to
     the host, a graph break per layer) and for padding inside a row. mask: (batch, kv_len) bool;
     the queries are its last q_len."""
-    b, sq, hq, d = q.shape
-    key_mask = mask[:, None, None, :].expand(b, hq, sq, mask.shape[1])
-    scale = _ops.default_scale(d) if softmax_scale is None else float(softmax_scale)
+    key_mask, rows = _compiled_attention.key_padding_mask(mask, q)
+    scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     out, _, _ = _ops.feature_forward(q, k, v, scale, causal, False, dropout_p, 0, 0, False, False, _OP,
                                      _ops.draw_dropout_rng_state(dropout_p, q.device), window_size[0],
                                      window_size[1], softcap, None, sink, key_mask, None, None, 0, 0)
-    return out * mask[:, -sq:, None, None].to(out.dtype)
+    return out * rows.to(out.dtype)
 
 
 def _masked(q, k, v, mask, dropout_p, scaling, softcap, sink):

@@ -77,6 +77,11 @@ def _lse_dtype(dtype):
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
+def _default_scale(head_dim: int) -> float:
+    # head_dim 0 is invalid: a placeholder, so that the core raises its op-prefixed error
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
 def _absent(dtype=jnp.float32):
     """An optional operand that is not there: a buffer with no elements."""
     return jnp.zeros((0,), dtype)
@@ -211,8 +216,7 @@ def _extras(q, hq, alibi_slopes, sink, bias, mask, cu_q, cu_k, dropout_p, dropou
 
 def _settings(q, softmax_scale, causal, window_size, softcap, dropout_p, max_q=0, max_k=0,
               deterministic=False):
-    d = q.shape[-1]
-    scale = (1.0 / math.sqrt(d) if d > 0 else 1.0) if softmax_scale is None else float(softmax_scale)
+    scale = _default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     left, right = (int(w) for w in window_size)
     return _Settings(scale, bool(causal), (left, right), float(softcap), float(dropout_p), int(max_q),
                      int(max_k), bool(deterministic))
@@ -336,14 +340,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = jnp.full((q.shape[0],), cache_seqlens, jnp.int32)
     b, sq, hq, _ = q.shape
 
+    def values(t):  # k, v, rotary_cos / sin: as given
+        return _absent(q.dtype) if t is None else jnp.asarray(t)
+
     def index(t):  # int32 offsets; another integer width (int64 under x64) is converted
+        if t is None:
+            return _absent(jnp.int32)
         t = jnp.asarray(t)
         return t.astype(jnp.int32) if jnp.issubdtype(t.dtype, jnp.integer) else t
 
     given = (k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, alibi_slopes)
-    operands = (q, k_cache, v_cache, *(
-        _absent(q.dtype) if t is None else jnp.asarray(t) if i < 4 else
-        jnp.asarray(t).astype(jnp.float32) if i == 8 else index(t) for i, t in enumerate(given)))
+    operands = (q, k_cache, v_cache, *map(values, given[:4]), *map(index, given[4:8]),
+                _absent() if alibi_slopes is None else jnp.asarray(alibi_slopes).astype(jnp.float32))
     # Which optional operands were given (bit i: given[i]): an empty one (no new rows, a
     # (batch, 0) block table) is still given, which the handler cannot tell from its size.
     present = sum(1 << i for i, t in enumerate(given) if t is not None)
@@ -354,8 +362,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     call = jax.ffi.ffi_call("orchard_kvcache_forward", out_types, vmap_method="sequential",
                             input_output_aliases={1: 2, 2: 3})
     left, right = (int(w) for w in window_size)
-    scale = np.float64("nan") if softmax_scale is None else np.float64(softmax_scale)  # NaN: 1/sqrt(d)
-    out, lse, k_new, v_new = call(*operands, softmax_scale=scale,
+    scale = _default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    out, lse, k_new, v_new = call(*operands, softmax_scale=np.float64(scale),
                                   causal=np.int32(bool(causal)), window_left=np.int64(left),
                                   window_right=np.int64(right), softcap=np.float64(softcap),
                                   rotary_interleaved=np.int32(bool(rotary_interleaved)),
