@@ -14,42 +14,11 @@ import os
 import numpy as np
 import pytest
 
-# JAX would take 75% of the GPU's memory at its first use; the same pytest process
-# also runs torch and CuPy tests on that GPU.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-
-try:
-    import orchard.jax as ojax  # noqa: E402
-except ImportError as e:  # orchard built before jax was installed
-    pytest.skip(f"orchard.jax unavailable: {e}", allow_module_level=True)
+from jax_support import jax, jnp, ojax, cpu_normal, visible as _visible  # (skips this module without jax)
 
 
 def _qkv(b=2, sq=33, sk=33, h=4, hkv=2, d=16, dtype=jnp.float32, seed=0):
-    """Inputs committed to the CPU: the tests that use them check the CPU handlers
-    (on a GPU machine jax would otherwise run them, and the jnp references at XLA's
-    default GPU matmul precision, TF32, on the GPU)."""
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    shapes = ((b, sq, h, d), (b, sk, hkv, d), (b, sk, hkv, d))
-    cpu = jax.devices("cpu")[0]
-    return tuple(jax.device_put(jax.random.normal(kk, shape, dtype), cpu) for kk, shape in zip(ks, shapes))
-
-
-def _visible(sq, sk, causal=False, window=(-1, -1)):
-    """(sq, sk) bool NumPy mask of the keys each query sees: flash-attn's
-    bottom-right aligned causal diagonal and (left, right) window (-1: unbounded)."""
-    i = np.arange(sq)[:, None] + (sk - sq)
-    j = np.arange(sk)[None, :]
-    ok = np.ones((sq, sk), bool)
-    if causal:
-        ok &= j <= i
-    if window[0] >= 0:
-        ok &= j >= i - window[0]
-    if window[1] >= 0:
-        ok &= j <= i + window[1]
-    return ok
+    return cpu_normal(seed, (b, sq, h, d), (b, sk, hkv, d), (b, sk, hkv, d), dtype=dtype)
 
 
 def _ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None):

@@ -9,32 +9,17 @@ same calls through the CUDA handlers against the CPU ones."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+from jax_support import cpu_normal, jax, jnp, ojax, visible  # (skips this module without jax)
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
-
-try:
-    import orchard.jax as ojax  # noqa: E402
-except ImportError as e:  # orchard built before jax was installed
-    pytest.skip(f"orchard.jax unavailable: {e}", allow_module_level=True)
-
-_CPU = jax.devices("cpu")[0]
 _OP = "orchard.jax.flash_attention"
 
 
-def _rand(seed, *shapes, dtype=jnp.float32, scale=1.0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-    return tuple(jax.device_put(jax.random.normal(kk, s, dtype) * scale, _CPU) for kk, s in zip(keys, shapes))
-
-
 def _qkv(b=2, sq=19, sk=27, h=4, hkv=2, d=16, seed=0):
-    return _rand(seed, (b, sq, h, d), (b, sk, hkv, d), (b, sk, hkv, d))
+    return cpu_normal(seed, (b, sq, h, d), (b, sk, hkv, d), (b, sk, hkv, d))
 
 
 def _ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, alibi=None, sink=None,
@@ -57,13 +42,7 @@ def _ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, alibi=
         s = s - slopes * jnp.abs(i - j)
     if bias is not None:
         s = s + bias
-    ok = jnp.ones((sq, sk), bool)
-    if causal:
-        ok &= j <= i
-    if window[0] >= 0:
-        ok &= j >= i - window[0]
-    if window[1] >= 0:
-        ok &= j <= i + window[1]
+    ok = jnp.asarray(visible(sq, sk, causal, window))
     ok = ok if mask is None else ok & mask
     s = jnp.where(ok, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
@@ -118,7 +97,7 @@ def test_bias_broadcast_and_its_gradient(bias_shape):
     """jax.nn.dot_product_attention's bias: any broadcastable shape; the gradient comes back
     in the bias's own shape (summed over the broadcast dims)."""
     q, k, v = _qkv()
-    (bias,) = _rand(3, bias_shape)
+    (bias,) = cpu_normal(3, bias_shape)
     _close(ojax.flash_attention(q, k, v, bias=bias), jax.nn.dot_product_attention(q, k, v, bias=bias), 2e-5)
     _check_fwd_and_grads(lambda q, k, v, b: ojax.flash_attention(q, k, v, bias=b),
                          lambda q, k, v, b: _ref(q, k, v, bias=jnp.reshape(b, (1,) * (4 - b.ndim) + b.shape)),
@@ -128,7 +107,7 @@ def test_bias_broadcast_and_its_gradient(bias_shape):
 def test_bias_gradient_through_softcap_alibi_window_and_causal():
     """The bias's gradient recomputes P with every score modifier the kernel applied."""
     q, k, v = _qkv(sq=23, sk=23)
-    (bias,) = _rand(4, (1, 4, 23, 23))
+    (bias,) = cpu_normal(4, (1, 4, 23, 23))
     alibi = jnp.linspace(0.1, 0.4, 4)
     kw = dict(softcap=3.0, window=(7, 0), scale=0.4, alibi=alibi)
     _check_fwd_and_grads(
@@ -152,7 +131,7 @@ def test_bool_mask_with_fully_masked_rows():
 
 def test_mask_and_bias_together():
     q, k, v = _qkv()
-    (bias,) = _rand(6, (1, 4, 19, 27))
+    (bias,) = cpu_normal(6, (1, 4, 19, 27))
     mask = jax.random.bernoulli(jax.random.PRNGKey(7), 0.8, (2, 1, 19, 27)).at[:, :, :, 0].set(True)
     _close(ojax.flash_attention(q, k, v, bias=bias, mask=mask),
            jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask), 2e-5)
@@ -202,7 +181,7 @@ def test_varlen_matches_each_sequence_alone(causal):
     """Packed sequences (one empty) give each sequence's own attention, forward and grads."""
     lq, lk = [5, 0, 11, 3], [7, 4, 9, 3]
     b, h, hkv, d = 4, 4, 2, 16
-    q, k, v = _rand(8, (b, 11, h, d), (b, 9, hkv, d), (b, 9, hkv, d))
+    q, k, v = cpu_normal(8, (b, 11, h, d), (b, 9, hkv, d), (b, 9, hkv, d))
     qp, kp, vp = _pack(q, lq, 11), _pack(k, lk, 9), _pack(v, lk, 9)
     cu_q = jnp.asarray(np.concatenate([[0], np.cumsum(lq)]), jnp.int32)
     cu_k = jnp.asarray(np.concatenate([[0], np.cumsum(lk)]), jnp.int32)
@@ -235,7 +214,7 @@ def test_deterministic_backward_is_bitwise_repeatable():
 
 def test_vmap_with_bias_and_sink():
     q, k, v = (jnp.stack([x, 0.5 * x]) for x in _qkv(b=1, sq=8, sk=8))
-    (bias,) = _rand(9, (1, 4, 8, 8))
+    (bias,) = cpu_normal(9, (1, 4, 8, 8))
     sink = jnp.array([0.1, 0.2, -0.3, 0.4])
     out = jax.vmap(lambda q, k, v: ojax.flash_attention(q, k, v, bias=bias, sink=sink, causal=True))(q, k, v)
     for i in range(2):
@@ -247,7 +226,7 @@ def test_any_finite_scale_is_honoured(scale):
     """A zero or negative softmax_scale is the scale (the torch path's and SDPA's rule), not the
     default: the forward and the bias's gradient (which recomputes P with it) both use it."""
     q, k, v = _qkv()
-    (bias,) = _rand(2, (1, 4, 19, 27))
+    (bias,) = cpu_normal(2, (1, 4, 19, 27))
     _check_fwd_and_grads(lambda q, k, v, b: ojax.flash_attention(q, k, v, bias=b, softmax_scale=scale),
                          lambda q, k, v, b: _ref(q, k, v, bias=b, scale=scale), (q, k, v, bias), (0, 1, 2, 3))
 
@@ -290,7 +269,7 @@ def test_cuda_features_match_cpu_handlers():
     if not ojax.cuda_compiled():
         pytest.skip("this orchard build has no CUDA backend")
     q, k, v = _qkv(b=2, sq=70, sk=90, h=4, hkv=2, d=64)
-    (bias,) = _rand(3, (1, 4, 70, 90))
+    (bias,) = cpu_normal(3, (1, 4, 70, 90))
     alibi, sink = jnp.linspace(0.1, 0.4, 4), jnp.array([0.5, -1.0, 2.0, 0.0])
     key = jax.random.PRNGKey(1)
     calls = {

@@ -7,25 +7,14 @@ bad input."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+from jax_support import CPU as _CPU, jax, jnp, ojax  # (skips this module without jax)
 
-jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
+import orchard
 
-try:
-    import orchard.jax as ojax  # noqa: E402
-except ImportError as e:  # orchard built before jax was installed
-    pytest.skip(f"orchard.jax unavailable: {e}", allow_module_level=True)
-
-import orchard  # noqa: E402
-
-_CPU = jax.devices("cpu")[0]
 
 
 def _case(paged, b=3, sq=2, hq=4, hkv=2, d=32, capacity=96, s_new=2, seed=0):
