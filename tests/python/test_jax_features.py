@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from jax_support import cpu_normal, jax, jnp, ojax, visible  # (skips this module without jax)
+from jax_support import CPU, cpu_normal, jax, jnp, ojax, visible  # (skips this module without jax)
 
 _OP = "orchard.jax.flash_attention"
 
@@ -272,15 +272,19 @@ def test_cuda_features_match_cpu_handlers():
     (bias,) = cpu_normal(3, (1, 4, 70, 90))
     alibi, sink = jnp.linspace(0.1, 0.4, 4), jnp.array([0.5, -1.0, 2.0, 0.0])
     key = jax.random.PRNGKey(1)
+    # Each call's arrays go to the device of the run (q, k, v, then its extras): jax refuses a
+    # call that mixes arrays committed to different devices.
     calls = {
-        "alibi+sink": lambda q, k, v: ojax.flash_attention(q, k, v, causal=True, alibi_slopes=alibi, sink=sink),
-        "bias": lambda q, k, v: ojax.flash_attention(q, k, v, bias=bias),
-        "dropout": lambda q, k, v: ojax.flash_attention(q, k, v, dropout_p=0.2, dropout_rng=key),
+        "alibi+sink": (lambda q, k, v, a, s: ojax.flash_attention(q, k, v, causal=True, alibi_slopes=a, sink=s),
+                       (alibi, sink)),
+        "bias": (lambda q, k, v, bias: ojax.flash_attention(q, k, v, bias=bias), (bias,)),
+        "dropout": (lambda q, k, v, key: ojax.flash_attention(q, k, v, dropout_p=0.2, dropout_rng=key), (key,)),
     }
-    for name, f in calls.items():
-        loss = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))
-        cpu = (f(q, k, v), *loss(q, k, v))
-        on_gpu = [jax.device_put(x, gpu) for x in (q, k, v)]
+    for name, (f, extras) in calls.items():
+        loss = jax.grad(lambda q, k, v, *ex: jnp.sum(jnp.sin(f(q, k, v, *ex))), argnums=(0, 1, 2))
+        on_cpu = [jax.device_put(x, CPU) for x in (q, k, v, *extras)]
+        cpu = (f(*on_cpu), *loss(*on_cpu))
+        on_gpu = [jax.device_put(x, gpu) for x in (q, k, v, *extras)]
         cuda = (f(*on_gpu), *loss(*on_gpu))
         for a, b in zip(cuda, cpu):
             _close(jax.device_get(a), b, 2e-3 if name != "dropout" else 3e-3)
