@@ -4,6 +4,7 @@ set(ORCHARD_CORE_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/bridge.cpp
   ${CMAKE_CURRENT_LIST_DIR}/attention.cpp
   ${CMAKE_CURRENT_LIST_DIR}/kvcache.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/forward_as_decode.cpp
   ${CMAKE_CURRENT_LIST_DIR}/logging.cpp
   ${CMAKE_CURRENT_LIST_DIR}/build_info.cpp
 )

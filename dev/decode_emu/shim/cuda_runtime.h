@@ -1,7 +1,8 @@
-// CPU emulation of the CUDA subset decode_kernel.cu uses: one std::thread per CUDA
-// thread, CTAs run one after another, __syncthreads / __syncwarp / shuffles / ldmatrix /
-// mma.sync as barrier-synchronized exchanges (mma and ldmatrix follow the PTX ISA's
-// fragment layouts, written independently of the kernel). cp.async is a plain copy.
+// CPU emulation of the CUDA subset decode_kernel.cu and flash_fp32.cu use (expf, logf, tanhf,
+// fmaf, fmaxf are the C library's): one std::thread per CUDA thread, CTAs run one after
+// another, __syncthreads / __syncwarp / shuffles / ldmatrix / mma.sync as barrier-synchronized
+// exchanges (mma and ldmatrix follow the PTX ISA's fragment layouts, written independently of
+// the kernel). cp.async is a plain copy.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -45,20 +46,35 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
 enum { cudaFuncAttributePreferredSharedMemoryCarveout = 9, cudaSharedmemCarveoutMaxShared = 100, cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 inline const char* cudaGetErrorName(cudaError_t) { return "emu"; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emu"; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 132; return cudaSuccess; }
+// Emulated devices: emu_device is the current one, emu_smem_optin[device] its dynamic shared-
+// memory opt-in (sm_90's 227 KB unless a test sets another, so that kernels which size their
+// CTAs by it take their other shapes). Every other attribute reads 132 (an H100's SM count,
+// and a compute capability >= 9).
+inline int emu_device = 0;
+inline int emu_smem_optin[4] = {227 * 1024, 227 * 1024, 227 * 1024, 227 * 1024};
+inline cudaError_t cudaGetDevice(int* d) { *d = emu_device; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
+  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu_smem_optin[d] : 132;
+  return cudaSuccess;
+}
 template <class K>
 cudaError_t cudaFuncSetAttribute(K, int, int v) {
-  return v <= 227 * 1024 ? cudaSuccess : 1;  // the sm_90 opt-in limit (and any carveout)
+  return v <= emu_smem_optin[emu_device] ? cudaSuccess : 1;  // the opt-in limit (and any carveout)
 }
 
 // ---- per-thread / per-CTA state -------------------------------------------------------
@@ -115,8 +131,8 @@ inline int __any_sync(unsigned, int pred) {
   return any;
 }
 
-template <class K, class P>
-void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t, const P& p) {
+template <class K, class... A>
+void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t, const A&... args) {
   gridDim = grid;
   blockDim = block;
   const int n = block.x;
@@ -131,7 +147,7 @@ void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t,
             threadIdx = dim3(t);
             blockIdx = dim3(x, y, z);
             emu_block = b.get();
-            kernel(p);
+            kernel(args...);
           });
         for (auto& t : th) t.join();
       }

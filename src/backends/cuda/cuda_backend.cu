@@ -20,6 +20,8 @@
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/sm90_call_support.h"
 #include "core/backend.h"
+#include "core/decode_backend.h"
+#include "core/forward_as_decode.h"
 #include "orchard/philox.h"
 
 namespace orchard::cuda {
@@ -161,6 +163,50 @@ FwdParams sm90_fwd_form(const FwdParams& call) {
   return call.cu_seqlens_q != nullptr && !sm90_segment_forward(call) ? call : sm90_form(call);
 }
 
+// fp32 calls with few query rows per kv head (a decode step through flash_attn_func or the SDPA
+// drop-in) run on the decode kernel (core/forward_as_decode.h): split over the keys, it fills the
+// GPU where the tiled fp32 forward has one CTA per 16 rows of a head (b1 h8: 8 CTAs). The 16-bit
+// tiled kernels need no such route (hf_generate_bench, H200, session 42: a bf16 decode step 2.99 ms
+// vs SDPA's 3.04, fp32 9.03 vs 2.93). ORCHARD_CUDA_FEW_ROWS=0 (read per call) keeps every call tiled.
+bool fp32_takes_decode_kernel(const FwdParams& p) {
+  if (p.dtype != DType::kFloat32 || p.sink != nullptr) return false;  // the CUDA decode kernels have no sink
+  if (!detail::forward_fits_decode_kernel(p, detail::kDecodeCudaRowsPerCta)) return false;
+  // The decode kernels read K / V with 16-byte vector loads (the kvcache API's own rule).
+  auto vec16 = [](const void* base, int64_t bs, int64_t rs, int64_t hs) {
+    return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && (bs * 4) % 16 == 0 && (rs * 4) % 16 == 0 &&
+           (hs * 4) % 16 == 0;
+  };
+  if (!vec16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) ||
+      !vec16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride))
+    return false;
+  const char* env = std::getenv("ORCHARD_CUDA_FEW_ROWS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+void fwd_on_decode_kernel(const FwdParams& p) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const int splits = detail::decode_cuda_num_splits(static_cast<int64_t>(p.b) * p.hkv,
+                                                    static_cast<int64_t>(p.hq / p.hkv) * p.sq, p.sk, p.d, p.dtype,
+                                                    device);
+  DecodeParams d = detail::forward_as_decode(p, splits);
+  if (splits <= 1) return detail::decode_cuda(d);
+  // The split partials: stream-ordered scratch (also legal inside a CUDA-graph capture).
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  void* workspace = nullptr;
+  check_cuda(cudaMallocAsync(&workspace, decode_split_workspace_floats(splits, p.b, p.hq, p.sq, p.d) * sizeof(float),
+                             stream),
+             "cudaMallocAsync (decode split partials)");
+  place_decode_split_partials(d, static_cast<float*>(workspace));
+  try {
+    detail::decode_cuda(d);
+  } catch (...) {
+    cudaFreeAsync(workspace, stream);
+    throw;
+  }
+  cudaFreeAsync(workspace, stream);
+}
+
 // Runs the sm90 forward when it applies; false = the caller runs the sm80 kernels.
 bool try_fwd_sm90(const FwdParams& call) {
 #if defined(ORCHARD_WITH_SM90)
@@ -232,7 +278,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
       backward ? sm90_bwd_applies(sm90_form(static_cast<const BwdParams&>(p))) : sm90_fwd_applies(sm90_fwd_form(p));
   std::string s = backward ? (sm90 ? "cuda.bwd.sm90." : "cuda.bwd.") : (sm90 ? "cuda.fwd.sm90." : "cuda.fwd.");
   if (p.dtype == DType::kFloat32) {
-    s += "fp32_simt";
+    s += !backward && fp32_takes_decode_kernel(p) ? "fp32_decode_kernel" : "fp32_simt";
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
     const int d = std::max(p.d, value_dim(p));
@@ -294,6 +340,7 @@ P with_value_dim(const P& p) {
 
 void forward(const FwdParams& params) {
   const FwdParams p = with_value_dim(params);
+  if (fp32_takes_decode_kernel(p)) return fwd_on_decode_kernel(p);  // (no dropout there either)
   if (try_fwd_sm90(p)) return;  // (no dropout mask to write: the sm90 path never has dropout)
   switch (p.dtype) {
     case DType::kBFloat16: fwd_dispatch<__nv_bfloat16>(p); break;

@@ -1,13 +1,24 @@
-// float32 inputs: SIMT kernels, one warp per query row (forward, dQ) or per
-// key row (dK/dV). fp32 arithmetic throughout with accurate expf/logf: the
-// error vs an fp64 reference is ~1e-6 relative, the same as a naive fp32
-// computation. No tensor cores: bf16 operands would lose precision (~4e-3)
-// and tf32 (~5e-4) would also be far from fp32; fp32 users want fp32 accuracy,
-// and the speed path is bf16/fp16. Throughput is a few TFLOP/s.
+// float32 inputs: SIMT kernels on shared-memory tiles. fp32 arithmetic throughout with accurate
+// expf/logf: the error vs an fp64 reference is ~1e-6 relative, the same as a naive fp32
+// computation. No tensor cores: bf16 operands would lose precision (~4e-3) and tf32 (~5e-4)
+// would also be far from fp32; fp32 users want fp32 accuracy, and the speed path is bf16/fp16.
+//
+// Every kernel pairs a block of "rows" (kRowsPerWarp per warp, in shared memory, read by
+// broadcast) with tiles of kTileCols "columns" (one per lane, rows of a padded shared-memory
+// tile): the forward and dQ take 16 query rows against key tiles, dK / dV 16 key rows against
+// query tiles, so each K / V (or Q / dO) row is read from global memory once per 16 rows, not
+// once per row as in the first kernels (one warp per row, one key at a time: 3 ms for one
+// decode step over 4k keys). A lane computes its column's dot products with the warp's rows
+// (tile_dots), the per-element score (final_score: masks, windows, softcap, ALiBi, bias,
+// dropout) and a weight per (row, column), which goes through shared memory to the warp's
+// accumulators, lane c owning the output columns c, c + 32, ... (tile_accumulate). Rows and
+// columns are summed in a fixed order: the backward stays deterministic (no atomics).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
+#include <type_traits>
 
 #include "backends/cuda/launch.h"
 #include "orchard/params.h"
@@ -24,14 +35,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ void load_row(float (&r)[kMaxPerLane], const float* p, int d, int lane) {
-#pragma unroll
-  for (int j = 0; j < kMaxPerLane; ++j) {
-    const int e = lane + 32 * j;
-    r[j] = e < d ? p[e] : 0.f;
-  }
-}
-// out[lane + 32 j] = r[j] * scale for the columns < d (load_row's inverse).
+// out[lane + 32 j] = r[j] * scale for the columns < d (a row of a warp's accumulators).
 __device__ __forceinline__ void store_row(float* out, const float (&r)[kMaxPerLane], float scale, int d, int lane) {
 #pragma unroll
   for (int j = 0; j < kMaxPerLane; ++j) {
@@ -40,7 +44,7 @@ __device__ __forceinline__ void store_row(float* out, const float (&r)[kMaxPerLa
   }
 }
 
-// Each of a CTA's 4 warps owns one row of a (batch, heads, rows) problem.
+// One warp per row of a (batch, heads, rows) problem, 4 per CTA (the D = rowsum(dO * O) pre-pass).
 struct WarpRow {
   int64_t index, bh;  // flat row index; batch * heads + head
   int row, b, head;
@@ -53,16 +57,6 @@ __device__ __forceinline__ bool warp_row(int batch, int heads, int rows, WarpRow
   w.b = static_cast<int>(w.bh / heads);
   w.head = static_cast<int>(w.bh % heads);
   return true;
-}
-
-__device__ __forceinline__ float dot_row(const float (&r)[kMaxPerLane], const float* p, int d, int lane) {
-  float acc = 0.f;
-#pragma unroll
-  for (int j = 0; j < kMaxPerLane; ++j) {
-    const int e = lane + 32 * j;
-    if (e < d) acc = fmaf(r[j], p[e], acc);
-  }
-  return warp_sum(acc);
 }
 
 // Visible key range [begin, end) of local query row i of a sequence: window
@@ -123,66 +117,229 @@ __device__ __forceinline__ float slope_of(const FwdParams& p, int b, int h) {
   return p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
 }
 
-__global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p) {
-  WarpRow w;
-  if (!warp_row(p.b, p.hq, p.sq, w)) return;
-  const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
+// ---- the tiles ----------------------------------------------------------------------------
+constexpr int kRowsPerWarp = 4;
+constexpr int kTileCols = 32;  // one column per lane
+
+// Shared-memory row strides (floats). Broadcast rows: the width rounded up to a float4. Column
+// tiles: further to 32 floats plus 4, so that the 8 lanes of each quarter-warp phase of a float4
+// read (lane j reads row j) start on distinct 16-byte bank groups.
+__host__ __device__ __forceinline__ int row_stride(int width) { return (width + 3) / 4 * 4; }
+__host__ __device__ __forceinline__ int col_stride(int width) { return (width + 31) / 32 * 32 + 4; }
+
+// Warp `warp` of `warps` copies rows warp, warp + warps, ... of [0, rows) from global memory
+// (`src_stride` floats apart) into shared rows `dst_stride` apart; rows from `valid` on and the
+// columns [width, row_stride(width)) are zeros (a zero adds nothing to a dot, and a zero weight
+// must not meet a NaN left in shared memory).
+__device__ __forceinline__ void stage_rows(float* dst, int dst_stride, const float* src, int64_t src_stride, int rows,
+                                           int valid, int width, int warp, int warps, int lane) {
+  const int w4 = row_stride(width);
+  for (int t = warp; t < rows; t += warps) {
+    const float* sr = src + t * src_stride;
+    for (int c = lane; c < w4; c += 32) dst[t * dst_stride + c] = t < valid && c < width ? sr[c] : 0.f;
+  }
+}
+
+// dot[r] = (row r of rows_s) . (row `lane` of cols_s), over `width4` (a multiple of 4) floats.
+__device__ __forceinline__ void tile_dots(const float* rows_s, int rows_stride, const float* cols_s, int cols_stride,
+                                          int width4, int lane, float (&dot)[kRowsPerWarp]) {
+  const float* col = cols_s + lane * cols_stride;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) dot[r] = 0.f;
+  for (int e = 0; e < width4; e += 4) {
+    const float4 c = *reinterpret_cast<const float4*>(col + e);
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const float4 x = *reinterpret_cast<const float4*>(rows_s + r * rows_stride + e);  // one address: a broadcast
+      dot[r] = fmaf(x.x, c.x, fmaf(x.y, c.y, fmaf(x.z, c.z, fmaf(x.w, c.w, dot[r]))));
+    }
+  }
+}
+
+// acc[r][jj] += sum over t < n of w_s[r][t] * vals_s[t][lane + 32 jj], for the columns < width.
+// w_s: the warp's kRowsPerWarp x kTileCols weights; t runs to n rounded up to 4, whose weights
+// and value rows are zeros.
+__device__ __forceinline__ void tile_accumulate(float (&acc)[kRowsPerWarp][kMaxPerLane], const float* w_s,
+                                                const float* vals_s, int vals_stride, int n, int width, int lane) {
+  for (int t = 0; t < n; t += 4) {
+    float4 w[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) w[r] = *reinterpret_cast<const float4*>(w_s + r * kTileCols + t);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float* vr = vals_s + (t + u) * vals_stride;
+#pragma unroll
+      for (int jj = 0; jj < kMaxPerLane; ++jj) {
+        if (32 * jj >= width) break;
+        const int c = lane + 32 * jj;
+        const float x = c < width ? vr[c] : 0.f;
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const float wu = u == 0 ? w[r].x : u == 1 ? w[r].y : u == 2 ? w[r].z : w[r].w;
+          acc[r][jj] = fmaf(wu, x, acc[r][jj]);
+        }
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[kRowsPerWarp][kMaxPerLane]) {
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int jj = 0; jj < kMaxPerLane; ++jj) acc[r][jj] = 0.f;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Query rows [begin, end) that see key j (the transpose of key_range): row i sees [i + lo, i + hi].
+__device__ __forceinline__ ColRange query_range(const FwdParams& p, const SeqSpan& span, int64_t j) {
+  int64_t hi = p.window_right >= 0 ? span.diag + p.window_right : (int64_t{1} << 40);
+  if (p.causal && hi > span.diag) hi = span.diag;
+  const int64_t lo = p.window_left >= 0 ? span.diag - p.window_left : -(int64_t{1} << 40);
+  ColRange r{j - hi < 0 ? 0 : j - hi, j - lo + 1 < span.len_q ? j - lo + 1 : span.len_q};
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+
+// A CTA's block of rows: which (batch, head) and which rows, from the flat block index (row
+// blocks vary fastest, so neighbouring CTAs read the same head's tiles through L2).
+struct RowBlock {
+  int b, head, row0;
+};
+__device__ __forceinline__ RowBlock row_block(int heads, int row_blocks, int rows_per_cta) {
+  const int64_t bh = blockIdx.x / row_blocks;
+  return {static_cast<int>(bh / heads), static_cast<int>(bh % heads),
+          static_cast<int>(blockIdx.x % row_blocks) * rows_per_cta};
+}
+
+__device__ __forceinline__ bool dropout_kept(const FwdParams& p, const DropoutKey& key, uint32_t thr, int b, int h,
+                                             int64_t i, int64_t j) {
+  return dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h), static_cast<uint32_t>(i + p.dropout_row_offset),
+                      static_cast<uint32_t>(j + p.dropout_col_offset), thr);
+}
+
+// ---- forward -------------------------------------------------------------------------------
+// Shared memory: Q rows, the K tile, the V tile, the warps' P.
+std::size_t fwd_smem_bytes(int warps, int d, int dv) {
+  const int rows = warps * kRowsPerWarp;
+  return sizeof(float) * (static_cast<std::size_t>(rows) * row_stride(d) + kTileCols * col_stride(d) +
+                          kTileCols * col_stride(dv) + rows * kTileCols);
+}
+
+__global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p, int row_blocks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowBlock blk = row_block(p.hq, row_blocks, warps * kRowsPerWarp);
+  const int b = blk.b, h = blk.head, row0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d, dv = value_dim(p);  // q/k and v/out head dims
-  const SeqSpan span = seq_span(p, b);
-  if (i >= span.len_q) return;  // varlen: past this sequence
-  const int64_t qi = span.q_start + i;
-  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride;
+  const int rs = row_stride(d), ks = col_stride(d), vs = col_stride(dv);
+  float* q_s = reinterpret_cast<float*>(smem);
+  float* k_s = q_s + warps * kRowsPerWarp * rs;
+  float* v_s = k_s + kTileCols * ks;
+  float* p_s = v_s + kTileCols * vs + warp * kRowsPerWarp * kTileCols;  // this warp's P
+  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                   span.q_start * p.q_row_stride;
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  const float slope = slope_of(p, b, h);
-  const BiasLine bias = bias_line(p, b, h, i, true);
-  float qr[kMaxPerLane], o[kMaxPerLane];
-  load_row(qr, q, d, lane);
+  const int warp_row0 = row0 + warp * kRowsPerWarp;
+  float* q_w = q_s + warp * kRowsPerWarp * rs;
+  stage_rows(q_w, rs, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRowsPerWarp, span.len_q - warp_row0, d, 0, 1,
+             lane);
+  // The keys any row of the CTA sees; each of this warp's rows' own (empty past the sequence).
+  int64_t first = span.len_k, last = 0;
+  for (int r = 0; r < warps * kRowsPerWarp && row0 + r < span.len_q; ++r) {
+    const ColRange c = key_range(p, span, row0 + r);
+    if (c.begin < c.end) first = min(first, c.begin), last = max(last, c.end);
+  }
+  ColRange visible[kRowsPerWarp];
+  BiasLine bias[kRowsPerWarp];
+  float o[kRowsPerWarp][kMaxPerLane], m[kRowsPerWarp], l[kRowsPerWarp];  // l: this lane's columns only
+  zero(o);
 #pragma unroll
-  for (int j = 0; j < kMaxPerLane; ++j) o[j] = 0.f;
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int i = warp_row0 + r;
+    visible[r] = i < span.len_q ? key_range(p, span, i) : ColRange{0, 0};
+    bias[r] = bias_line(p, b, h, i < span.len_q ? i : 0, true);
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+  const float slope = slope_of(p, b, h);
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  float m = -INFINITY, l = 0.f;
-  const ColRange range = key_range(p, span, i);
-  for (int64_t j = range.begin; j < range.end; ++j) {
-    const float s = final_score(p, dot_row(qr, k + j * p.k_row_stride, d, lane), slope, i, j, span.diag, bias, j);
-    if (s == -INFINITY) continue;  // masked by attn_bias: P = 0 (and no -inf - -inf below)
-    const float m_new = fmaxf(m, s);
-    const float corr = expf(m - m_new);  // m = -inf: 0
-    const float e = expf(s - m_new);
-    l = l * corr + e;
-    m = m_new;
-    const bool keep = !dropout || dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h),
-                                               static_cast<uint32_t>(i + p.dropout_row_offset),
-                                               static_cast<uint32_t>(j + p.dropout_col_offset), thr);
-    const float pv = keep ? e : 0.f;
-    const float* vr = v + j * p.v_row_stride;
+  for (int64_t tile = first; tile < last; tile += kTileCols) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), last - tile));
+    __syncthreads();  // the previous tile's K / V reads are done
+    stage_rows(k_s, ks, k + tile * p.k_row_stride, p.k_row_stride, kTileCols, n, d, warp, warps, lane);
+    stage_rows(v_s, vs, v + tile * p.v_row_stride, p.v_row_stride, kTileCols, n, dv, warp, warps, lane);
+    __syncthreads();
+    float dot[kRowsPerWarp];
+    tile_dots(q_w, rs, k_s, ks, row_stride(d), lane, dot);
+    const int64_t j = tile + lane;
+    float corr[kRowsPerWarp];
 #pragma unroll
-    for (int jj = 0; jj < kMaxPerLane; ++jj) {
-      const int c = lane + 32 * jj;
-      o[jj] = o[jj] * corr + (c < dv ? pv * vr[c] : 0.f);
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t i = warp_row0 + r;
+      const bool seen = lane < n && j >= visible[r].begin && j < visible[r].end;
+      const float s = seen ? final_score(p, dot[r], slope, i, j, span.diag, bias[r], j) : -INFINITY;
+      const float m_new = fmaxf(m[r], warp_max(s));  // fmaxf skips NaN: a NaN score reaches l and O below
+      float e;
+      corr[r] = 1.f;
+      if (m_new == -INFINITY) {
+        e = s != s ? s : 0.f;  // nothing seen yet (-inf - -inf would be NaN)
+      } else {
+        corr[r] = expf(m[r] - m_new);  // m = -inf: 0
+        e = expf(s - m_new);
+      }
+      m[r] = m_new;
+      l[r] = l[r] * corr[r] + e;
+      const bool keep = !dropout || !seen || dropout_kept(p, key, thr, b, h, i, j);
+      p_s[r * kTileCols + lane] = keep ? e : 0.f;
     }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int jj = 0; jj < kMaxPerLane; ++jj) o[r][jj] *= corr[r];
+    __syncwarp();
+    tile_accumulate(o, p_s, v_s, vs, n, dv, lane);
+    __syncwarp();  // P is rewritten by the next tile
   }
   const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  float inv = l > 0.f ? drop_scale / l : 0.f;
-  float lse = l > 0.f ? m + logf(l) : -INFINITY;
-  if (p.sink != nullptr) {  // exp(sink) joins the denominator (params.h)
-    const float sink = p.sink[h];
-    const float top = fmaxf(m, sink);
-    const float a = l > 0.f ? expf(m - top) : 0.f;
-    const float lt = l * a + expf(sink - top);
-    inv = drop_scale * a / lt;
-    lse = top + logf(lt);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const float sum = warp_sum(l[r]);
+    const int64_t i = warp_row0 + r;
+    if (i >= span.len_q) continue;
+    // sum = 0: the row saw no key (output 0, LSE -inf); NaN passes to both, as on the CPU.
+    const bool any = !(sum <= 0.f);
+    float inv = any ? drop_scale / sum : 0.f;
+    float lse = any ? m[r] + logf(sum) : -INFINITY;
+    if (p.sink != nullptr) {  // exp(sink) joins the denominator (params.h)
+      const float sink = p.sink[h];
+      const float top = fmaxf(m[r], sink);
+      const float a = any ? expf(m[r] - top) : 0.f;
+      const float total = sum * a + expf(sink - top);
+      inv = drop_scale * a / total;
+      lse = top + logf(total);
+    }
+    const int64_t qi = span.q_start + i;
+    store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride, o[r],
+              inv, dv, lane);
+    if (lane == 0) static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi] = lse;
   }
-  store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride, o, inv, dv,
-            lane);
-  if (lane == 0) static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi] = lse;
 }
 
+// ---- backward ------------------------------------------------------------------------------
 __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, float* dsum) {
   WarpRow w;
   if (!warp_row(p.b, p.hq, p.sq, w)) return;
@@ -202,117 +359,254 @@ __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, fl
 
 __device__ __forceinline__ float lse_or_inf(float l) { return l == -INFINITY ? INFINITY : l; }
 
-__global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, const float* dsum) {
-  WarpRow w;
-  if (!warp_row(p.b, p.hq, p.sq, w)) return;
-  const int64_t r = w.index;
-  const int i = w.row, b = w.b, h = w.head, lane = threadIdx.x % 32;
+// dQ: Q and dO rows against K / V tiles. Shared memory: Q rows, dO rows, the K tile, the V
+// tile, the warps' dS.
+std::size_t dq_smem_bytes(int warps, int d, int dv) {
+  const int rows = warps * kRowsPerWarp;
+  return sizeof(float) * (static_cast<std::size_t>(rows) * (row_stride(d) + row_stride(dv)) +
+                          kTileCols * (col_stride(d) + col_stride(dv)) + rows * kTileCols);
+}
+
+__global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, const float* dsum, int row_blocks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowBlock blk = row_block(p.hq, row_blocks, warps * kRowsPerWarp);
+  const int b = blk.b, h = blk.head, row0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
   const int hk = h / (p.hq / p.hkv);
   const int d = p.d, dv = value_dim(p);  // q/k and v/dO head dims
-  const SeqSpan span = seq_span(p, b);
-  if (i >= span.len_q) return;  // varlen: past this sequence
-  const int64_t qi = span.q_start + i;
+  const int qs = row_stride(d), os = row_stride(dv), ks = col_stride(d), vs = col_stride(dv);
+  float* q_w = reinterpret_cast<float*>(smem) + warp * kRowsPerWarp * qs;
+  float* do_w = reinterpret_cast<float*>(smem) + warps * kRowsPerWarp * qs + warp * kRowsPerWarp * os;
+  float* k_s = reinterpret_cast<float*>(smem) + warps * kRowsPerWarp * (qs + os);
+  float* v_s = k_s + kTileCols * ks;
+  float* ds_s = v_s + kTileCols * vs + warp * kRowsPerWarp * kTileCols;  // this warp's dS
+  const int warp_row0 = row0 + warp * kRowsPerWarp;
+  const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+  stage_rows(q_w, qs,
+             static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                 (span.q_start + warp_row0) * p.q_row_stride,
+             p.q_row_stride, kRowsPerWarp, span.len_q - warp_row0, d, 0, 1, lane);
+  stage_rows(do_w, os,
+             static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                 (span.q_start + warp_row0) * p.do_row_stride,
+             p.do_row_stride, kRowsPerWarp, span.len_q - warp_row0, dv, 0, 1, lane);
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  float qr[kMaxPerLane], dor[kMaxPerLane], dq[kMaxPerLane];
-  load_row(qr, static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride, d,
-           lane);
-  load_row(dor,
-           static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride, dv,
-           lane);
+  int64_t first = span.len_k, last = 0;
+  for (int r = 0; r < warps * kRowsPerWarp && row0 + r < span.len_q; ++r) {
+    const ColRange c = key_range(p, span, row0 + r);
+    if (c.begin < c.end) first = min(first, c.begin), last = max(last, c.end);
+  }
+  ColRange visible[kRowsPerWarp];
+  BiasLine bias[kRowsPerWarp];
+  float lse[kRowsPerWarp], D[kRowsPerWarp], dq[kRowsPerWarp][kMaxPerLane];
+  zero(dq);
 #pragma unroll
-  for (int j = 0; j < kMaxPerLane; ++j) dq[j] = 0.f;
-  const float lse = lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int i = warp_row0 + r;
+    const bool in = i < span.len_q;
+    visible[r] = in ? key_range(p, span, i) : ColRange{0, 0};
+    bias[r] = bias_line(p, b, h, in ? i : 0, true);
+    lse[r] = in ? lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride +
+                                                              span.q_start + i])
+                : INFINITY;
+    D[r] = in ? dsum[bh * p.sq + i] : 0.f;
+  }
   const float slope = slope_of(p, b, h);
-  const BiasLine bias = bias_line(p, b, h, i, true);
-  const float D = dsum[r];
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  const ColRange range = key_range(p, span, i);
-  for (int64_t j = range.begin; j < range.end; ++j) {
-    const float* kr = k + j * p.k_row_stride;
-    float dt;
-    const float pv = expf(final_score(p, dot_row(qr, kr, d, lane), slope, i, j, span.diag, bias, j, &dt) - lse);
-    float dp = dot_row(dor, v + j * p.v_row_stride, dv, lane);
-    const bool keep = !dropout || dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h),
-                                               static_cast<uint32_t>(i + p.dropout_row_offset),
-                                               static_cast<uint32_t>(j + p.dropout_col_offset), thr);
-    dp = keep ? dp * rdrop : 0.f;
-    const float ds = pv * (dp - D) * dt;
+  for (int64_t tile = first; tile < last; tile += kTileCols) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), last - tile));
+    __syncthreads();  // the previous tile's K / V reads are done
+    stage_rows(k_s, ks, k + tile * p.k_row_stride, p.k_row_stride, kTileCols, n, d, warp, warps, lane);
+    stage_rows(v_s, vs, v + tile * p.v_row_stride, p.v_row_stride, kTileCols, n, dv, warp, warps, lane);
+    __syncthreads();
+    float qk[kRowsPerWarp], dp[kRowsPerWarp];
+    tile_dots(q_w, qs, k_s, ks, row_stride(d), lane, qk);
+    tile_dots(do_w, os, v_s, vs, row_stride(dv), lane, dp);
+    const int64_t j = tile + lane;
 #pragma unroll
-    for (int jj = 0; jj < kMaxPerLane; ++jj) {
-      const int c = lane + 32 * jj;
-      if (c < d) dq[jj] = fmaf(ds, kr[c], dq[jj]);
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t i = warp_row0 + r;
+      const bool seen = lane < n && j >= visible[r].begin && j < visible[r].end;
+      float ds = 0.f;
+      if (seen) {
+        float dt;
+        const float pv = expf(final_score(p, qk[r], slope, i, j, span.diag, bias[r], j, &dt) - lse[r]);
+        const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
+        ds = pv * ((keep ? dp[r] * rdrop : 0.f) - D[r]) * dt;
+      }
+      ds_s[r * kTileCols + lane] = ds;
     }
+    __syncwarp();
+    tile_accumulate(dq, ds_s, k_s, ks, n, d, lane);
+    __syncwarp();  // dS is rewritten by the next tile
   }
-  store_row(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + qi * p.dq_row_stride, dq,
-            p.scale, d, lane);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t i = warp_row0 + r;
+    if (i < span.len_q)
+      store_row(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
+                    (span.q_start + i) * p.dq_row_stride,
+                dq[r], p.scale, d, lane);
+  }
 }
 
-// One warp per key row of a kv head; sums over the GQA group's q heads.
-__global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, const float* dsum) {
-  WarpRow w;
-  if (!warp_row(p.b, p.hkv, p.sk, w)) return;
-  const int j = w.row, b = w.b, hk = w.head, lane = threadIdx.x % 32;
-  const int group = p.hq / p.hkv;
-  const int d = p.d, d_v = value_dim(p);  // q/k and v/dO head dims
+// dK / dV: K and V rows of one kv head against Q / dO tiles of each query head of its group
+// (summed in the kernel, in order). Shared memory: K rows, V rows, the Q tile, the dO tile, the
+// warps' P (dropped) and dS.
+std::size_t dkdv_smem_bytes(int warps, int d, int dv) {
+  const int rows = warps * kRowsPerWarp;
+  return sizeof(float) * (static_cast<std::size_t>(rows) * (row_stride(d) + row_stride(dv)) +
+                          kTileCols * (col_stride(d) + col_stride(dv)) + 2 * rows * kTileCols);
+}
+
+__global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, const float* dsum, int row_blocks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowBlock blk = row_block(p.hkv, row_blocks, warps * kRowsPerWarp);
+  const int b = blk.b, hk = blk.head, key0 = blk.row0;
   const SeqSpan span = seq_span(p, b);
-  if (j >= span.len_k) return;  // varlen: past this sequence
-  const int64_t kj = span.k_start + j;
-  float kr[kMaxPerLane], vr[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
-  load_row(kr, static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + kj * p.k_row_stride, d,
-           lane);
-  load_row(vr, static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + kj * p.v_row_stride, d_v,
-           lane);
+  if (key0 >= span.len_k) return;  // varlen: past this sequence (the whole CTA)
+  const int group = p.hq / p.hkv;
+  const int d = p.d, dv = value_dim(p);  // q/k and v/dO head dims
+  const int kr = row_stride(d), vr = row_stride(dv), qs = col_stride(d), os = col_stride(dv);
+  float* k_w = reinterpret_cast<float*>(smem) + warp * kRowsPerWarp * kr;
+  float* v_w = reinterpret_cast<float*>(smem) + warps * kRowsPerWarp * kr + warp * kRowsPerWarp * vr;
+  float* q_s = reinterpret_cast<float*>(smem) + warps * kRowsPerWarp * (kr + vr);
+  float* do_s = q_s + kTileCols * qs;
+  float* pd_s = do_s + kTileCols * os + warp * kRowsPerWarp * kTileCols;  // this warp's dropped P
+  float* ds_s = pd_s + warps * kRowsPerWarp * kTileCols;                    // and dS
+  const int warp_key0 = key0 + warp * kRowsPerWarp;
+  stage_rows(k_w, kr,
+             static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                 (span.k_start + warp_key0) * p.k_row_stride,
+             p.k_row_stride, kRowsPerWarp, span.len_k - warp_key0, d, 0, 1, lane);
+  stage_rows(v_w, vr,
+             static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                 (span.k_start + warp_key0) * p.v_row_stride,
+             p.v_row_stride, kRowsPerWarp, span.len_k - warp_key0, dv, 0, 1, lane);
+  // The query rows any key of the CTA is seen by; each of this warp's keys' own.
+  int64_t first = span.len_q, last = 0;
+  for (int r = 0; r < warps * kRowsPerWarp && key0 + r < span.len_k; ++r) {
+    const ColRange c = query_range(p, span, key0 + r);
+    if (c.begin < c.end) first = min(first, c.begin), last = max(last, c.end);
+  }
+  ColRange seen_by[kRowsPerWarp];
 #pragma unroll
-  for (int e = 0; e < kMaxPerLane; ++e) dk[e] = dv[e] = 0.f;
+  for (int r = 0; r < kRowsPerWarp; ++r)
+    seen_by[r] = warp_key0 + r < span.len_k ? query_range(p, span, warp_key0 + r) : ColRange{0, 0};
+  float dk[kRowsPerWarp][kMaxPerLane], dvacc[kRowsPerWarp][kMaxPerLane];
+  zero(dk);
+  zero(dvacc);
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  // Query rows [i_begin, i_end) that see key j: row i sees [i + lo, i + hi].
-  int64_t hi = p.window_right >= 0 ? span.diag + p.window_right : (int64_t{1} << 40);
-  if (p.causal && hi > span.diag) hi = span.diag;
-  const int64_t lo = p.window_left >= 0 ? span.diag - p.window_left : -(int64_t{1} << 40);
-  const int64_t i_begin = j - hi < 0 ? 0 : j - hi;
-  const int64_t i_end = j - lo + 1 < span.len_q ? j - lo + 1 : span.len_q;
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
     const float slope = slope_of(p, b, h);
-    const BiasLine bias = bias_line(p, b, h, j, false);
-    for (int64_t i = i_begin; i < i_end; ++i) {
-      const int64_t qi = span.q_start + i;
-      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + qi * p.q_row_stride;
-      const float* dO =
-          static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + qi * p.do_row_stride;
-      const float lse =
-          lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi]);
-      float dt;
-      const float pv = expf(final_score(p, dot_row(kr, q, d, lane), slope, i, j, span.diag, bias, i, &dt) - lse);
-      float dp = dot_row(vr, dO, d_v, lane);
-      const bool keep = !dropout || dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h),
-                                                 static_cast<uint32_t>(i + p.dropout_row_offset),
-                                                 static_cast<uint32_t>(j + p.dropout_col_offset), thr);
-      const float pd = keep ? pv * rdrop : 0.f;
-      dp = keep ? dp * rdrop : 0.f;
-      const float ds = pv * (dp - dsum[bh * p.sq + i]) * dt;
+    BiasLine bias[kRowsPerWarp];
 #pragma unroll
-      for (int e = 0; e < kMaxPerLane; ++e) {
-        const int c = lane + 32 * e;
-        if (c < d_v) dv[e] = fmaf(pd, dO[c], dv[e]);
-        if (c < d) dk[e] = fmaf(ds, q[c], dk[e]);
+    for (int r = 0; r < kRowsPerWarp; ++r)
+      bias[r] = bias_line(p, b, h, warp_key0 + r < span.len_k ? warp_key0 + r : 0, false);
+    const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                     span.q_start * p.q_row_stride;
+    const float* dO = static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                      span.q_start * p.do_row_stride;
+    const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
+                           span.q_start;
+    for (int64_t tile = first; tile < last; tile += kTileCols) {
+      const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), last - tile));
+      __syncthreads();  // the previous tile's Q / dO reads are done
+      stage_rows(q_s, qs, q + tile * p.q_row_stride, p.q_row_stride, kTileCols, n, d, warp, warps, lane);
+      stage_rows(do_s, os, dO + tile * p.do_row_stride, p.do_row_stride, kTileCols, n, dv, warp, warps, lane);
+      __syncthreads();
+      const int64_t i = tile + lane;  // this lane's query row
+      const float lse = lane < n ? lse_or_inf(lse_row[i]) : INFINITY;
+      const float D = lane < n ? dsum[bh * p.sq + i] : 0.f;
+      float qk[kRowsPerWarp], dp[kRowsPerWarp];
+      tile_dots(k_w, kr, q_s, qs, row_stride(d), lane, qk);
+      tile_dots(v_w, vr, do_s, os, row_stride(dv), lane, dp);
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int64_t j = warp_key0 + r;
+        const bool seen = lane < n && i >= seen_by[r].begin && i < seen_by[r].end;
+        float pd = 0.f, ds = 0.f;
+        if (seen) {
+          float dt;
+          const float pv = expf(final_score(p, qk[r], slope, i, j, span.diag, bias[r], i, &dt) - lse);
+          const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
+          pd = keep ? pv * rdrop : 0.f;
+          ds = pv * ((keep ? dp[r] * rdrop : 0.f) - D) * dt;
+        }
+        pd_s[r * kTileCols + lane] = pd;
+        ds_s[r * kTileCols + lane] = ds;
       }
+      __syncwarp();
+      tile_accumulate(dvacc, pd_s, do_s, os, n, dv, lane);
+      tile_accumulate(dk, ds_s, q_s, qs, n, d, lane);
+      __syncwarp();  // P and dS are rewritten by the next tile
     }
   }
-  store_row(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kj * p.dk_row_stride, dk,
-            p.scale, d, lane);
-  store_row(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kj * p.dv_row_stride, dv, 1.f,
-            d_v, lane);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t kj = span.k_start + warp_key0 + r;
+    if (warp_key0 + r >= span.len_k) continue;
+    store_row(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + kj * p.dk_row_stride, dk[r],
+              p.scale, d, lane);
+    store_row(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + kj * p.dv_row_stride,
+              dvacc[r], 1.f, dv, lane);
+  }
+}
+
+// Warps per CTA: 4, or 2 where the device's shared-memory opt-in cannot hold 4 warps' rows next
+// to the tiles (head dims near 256 on GPUs with 99 KB, e.g. sm_86 / sm_89).
+template <typename Bytes>
+int warps_that_fit(Bytes bytes, int d, int dv) {
+  static std::atomic<int> optin[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    device = -1;
+  }
+  int limit = device >= 0 && device < 64 ? optin[device].load(std::memory_order_relaxed) : 0;
+  if (limit == 0) {
+    if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      cudaGetLastError();
+      limit = 48 * 1024;
+    }
+    if (device >= 0 && device < 64) optin[device].store(limit, std::memory_order_relaxed);
+  }
+  return bytes(4, d, dv) <= static_cast<std::size_t>(limit) ? 4 : 2;
+}
+
+// Launches `kernel` over (batch x heads x row blocks) CTAs of the warps that fit.
+template <typename Kernel, typename Bytes, typename Params>
+void launch_tiled(Kernel kernel, Bytes bytes, const Params& p, int heads, int rows, const float* dsum,
+                  const char* name) {
+  const int d = p.d, dv = value_dim(p);
+  const int warps = warps_that_fit(bytes, d, dv);
+  const int row_blocks = (rows + warps * kRowsPerWarp - 1) / (warps * kRowsPerWarp);
+  const int64_t ctas = static_cast<int64_t>(p.b) * heads * row_blocks;
+  if (ctas == 0) return;
+  const std::size_t smem = bytes(warps, d, dv);
+  set_max_dynamic_smem(kernel, static_cast<int>(smem));
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  if constexpr (std::is_same_v<Params, FwdParams>) {
+    (void)dsum;
+    kernel<<<static_cast<unsigned>(ctas), warps * 32, smem, stream>>>(p, row_blocks);
+  } else {
+    kernel<<<static_cast<unsigned>(ctas), warps * 32, smem, stream>>>(p, dsum, row_blocks);
+  }
+  check_launch(name);
 }
 
 unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + 3) / 4); }
@@ -320,10 +614,7 @@ unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + 3) / 
 }  // namespace
 
 void run_fwd_fp32(const FwdParams& p) {
-  const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
-  if (rows == 0) return;
-  fwd_fp32_kernel<<<blocks_for(rows), 128, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
-  check_launch("fwd_fp32_kernel");
+  launch_tiled(fwd_fp32_kernel, fwd_smem_bytes, p, p.hq, p.sq, nullptr, "fwd_fp32_kernel");
 }
 
 void run_bwd_fp32(const BwdParams& p) {
@@ -331,18 +622,13 @@ void run_bwd_fp32(const BwdParams& p) {
   const BwdWorkspace layout = bwd_workspace_layout(p);
   float* dsum = reinterpret_cast<float*>(static_cast<unsigned char*>(p.workspace) + layout.d_offset);
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
-  const int64_t krows = static_cast<int64_t>(p.b) * p.hkv * p.sk;
   if (rows > 0) {
     bwd_dot_fp32_kernel<<<blocks_for(rows), 128, 0, stream>>>(p, dsum);
     check_launch("bwd_dot_fp32_kernel");
-    bwd_dq_fp32_kernel<<<blocks_for(rows), 128, 0, stream>>>(p, dsum);
-    check_launch("bwd_dq_fp32_kernel");
+    launch_tiled(bwd_dq_fp32_kernel, dq_smem_bytes, p, p.hq, p.sq, dsum, "bwd_dq_fp32_kernel");
   }
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, dsum);
-  if (krows > 0) {
-    bwd_dkdv_fp32_kernel<<<blocks_for(krows), 128, 0, stream>>>(p, dsum);
-    check_launch("bwd_dkdv_fp32_kernel");
-  }
+  launch_tiled(bwd_dkdv_fp32_kernel, dkdv_smem_bytes, p, p.hkv, p.sk, dsum, "bwd_dkdv_fp32_kernel");
 }
 
 }  // namespace orchard::cuda
