@@ -58,6 +58,11 @@ step "CUDA decode kernels on the CPU emulator, against the CPU backend"
 # kernels get without a GPU (about a minute on 2 cores).
 EMU_BUILD=build/decode_emu sh dev/decode_emu/run.sh 40 1234 | tail -3
 
+step "CUDA float32 kernels on the CPU emulator, against float64 references"
+# dev/fp32_emu: flash_fp32.cu (the tiled SIMT forward and backward) over the same shim, every
+# feature combination against float64 math, outputs poisoned (a minute or two on 2 cores).
+EMU_BUILD=build/fp32_emu sh dev/fp32_emu/run.sh | tail -3
+
 step "C++ package: install + find_package(orchard) consumer"
 rm -rf build/install
 cmake --install build/cpp --prefix build/install >/dev/null

@@ -1,6 +1,11 @@
-// Runs the CUDA float32 forward (flash_fp32.cu's run_fwd_fp32, CPU-emulated: see
-// dev/decode_emu/shim/) against a naive fp64 reference written here from params.h's
-// definitions, on fixed and random cases. Build and run: dev/fp32_emu/run.sh [random cases] [seed]
+// Runs the CUDA float32 forward and backward (flash_fp32.cu's run_fwd_fp32 / run_bwd_fp32,
+// CPU-emulated: see dev/decode_emu/shim/) against a naive fp64 reference written here from
+// params.h's definitions, on fixed and random cases: each case runs the forward, judges out and
+// lse, then (unless forward-only) runs the backward on the forward's out and lse with a random
+// dO and judges dq, dk, dv against the fp64 gradient, and runs it again for bitwise equality.
+// Build and run: dev/fp32_emu/run.sh [--fwd | --bwd] [random cases] [seed]
+//   --fwd: forward only; --bwd: only the cases that check the backward (their forward is still
+//   run and judged: it makes the backward's out / lse).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -8,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -31,7 +37,9 @@ void opt_in_dynamic_smem(const void*, int bytes) {
     std::exit(2);
   }
 }
-void run_bwd_dsink(const BwdParams&, const float*) { std::abort(); }  // the backward is not emulated
+// The sink gradient is another file's (cuda_backend.cu): the tests pass dsink = nullptr, so
+// run_bwd_fp32 never calls it.
+void run_bwd_dsink(const BwdParams&, const float*) { std::abort(); }
 }  // namespace orchard::cuda
 
 namespace {
@@ -41,6 +49,7 @@ struct Case {
   bool causal = false;
   long wl = -1, wr = -1;  // window, -1 unbounded
   float softcap = 0.f, scale = 0.f, dropout = 0.f;  // scale 0: 1 / sqrt(d)
+  bool rng_state = false;  // dropout's (seed, offset) through FwdParams::rng_state
   int alibi = 0;  // 0 none, 1 per head, 2 per (batch, head)
   bool sink = false;
   // 0 none, 1 float32 (b, hq, sq, sk), 2 uint8 mask (b, hq, sq, sk) with an all-masked row,
@@ -52,7 +61,13 @@ struct Case {
   int layout = 0;        // q / k / v: 0 (b, s, h, d), 1 (b, h, s, d), 2 (b, s, h, d) with padded rows; out the next one
   bool nan_row = false;  // NaN in q's first row (sequence 0, head 0): observed, not judged
   int device = 0;        // the emulated device (main: 1's shared-memory opt-in holds 2 warps at d = 256, not 4)
+  bool bwd = true;       // also check the backward (never with nan_row)
 };
+
+// The backward's emulated device for a case's: device 1 (76 KB) holds neither backward kernel's
+// 2-warp CTA at d = dv = 256 (91 / 92 KB), so the backward of a device-1 case runs on device 2,
+// a 99 KB opt-in (sm_86 / sm_89), where d = dv = 256 takes 2 warps (4 need 107 / 109 KB).
+int bwd_device(int device) { return device == 1 ? 2 : device; }
 
 std::mt19937_64 rng(1234);
 float randn() { static std::normal_distribution<float> n(0.f, 1.f); return n(rng); }
@@ -85,9 +100,9 @@ std::string describe(const Case& c) {
   char s[512];
   std::snprintf(s, sizeof s,
                 "hq=%d hkv=%d d=%d dv=%d causal=%d w=(%ld,%ld) softcap=%g alibi=%d sink=%d bias=%d layout=%d "
-                "dropout=%g scale=%g top_left=%d device=%d",
+                "dropout=%g%s scale=%g top_left=%d device=%d",
                 c.hq, c.hkv, c.d, c.dv ? c.dv : c.d, c.causal, c.wl, c.wr, c.softcap, c.alibi, c.sink, c.bias,
-                c.layout, c.dropout, c.scale, c.top_left, c.device);
+                c.layout, c.dropout, c.rng_state ? " (rng_state)" : "", c.scale, c.top_left, c.device);
   std::string r = c.lq.empty() ? "b=" + std::to_string(c.b) + " sq=" + std::to_string(c.sq) +
                                      " sk=" + std::to_string(c.sk)
                                : "varlen q0=" + std::to_string(c.q0) + " lens";
@@ -97,6 +112,16 @@ std::string describe(const Case& c) {
 
 // Relative / absolute tolerance of fp32 against fp64: |x - ref| <= kTol * (1 + |ref|).
 constexpr double kTol = 1e-5;
+// The backward's gradients, against their tensor's scale: |x - ref| <= kBwdTol * scale, the scale
+// of dq, dk or dv the largest over its elements of the sum of the magnitudes of the element's
+// terms before cancellation (dS counted as P (|dP| + |D|)): fp32 rounds dP and D, not their
+// difference, so a gradient that cancels to ~0 (a row that sees 1 key: dS = P (dP - P dP) = 0)
+// still has errors of that size. (Against 1 + max |ref| instead, the sq = 300, sk = 1 case's dk,
+// exactly 0, was 3x under 2e-5, the rest 12x.) A correct fp32 kernel's worst is ~2e-6. An element
+// that no (row, key) pair of finite score reaches (a row that sees no key, a key that no row sees)
+// must be exactly 0. (Not "every term 0": a row that sees one key has dS = P (dP - P dP), exactly 0
+// in fp64 but not after fp32 rounding.)
+constexpr double kBwdTol = 2e-5;
 
 struct Result {
   bool ok = true;
@@ -104,6 +129,17 @@ struct Result {
   long bad_out = 0, bad_lse = 0, stray = 0;
   unsigned threads = 0;  // of the launch's CTAs
   std::string nan_note;
+  // The backward (when run).
+  bool bwd = false;
+  double worst_g[3] = {0, 0, 0};     // dq, dk, dv: the largest |x - ref| / scale (kBwdTol)
+  double max_ref[3] = {0, 0, 0};     // max |ref| of each
+  double scale[3] = {0, 0, 0};       // and the scale
+  long bad_g[3] = {0, 0, 0};         // beyond kBwdTol, or nonzero where the reference has no term
+  long bwd_stray = 0;                // written outside dq / dk / dv's owned elements, or inputs changed
+  long ws_bad = 0;                   // D (workspace) elements left unwritten, or writes past them
+  long nondet = 0;                   // elements that differ between two identical runs
+  unsigned bwd_threads = 0;          // of the dK / dV launch's CTAs
+  double bwd_secs = 0;
 };
 
 Result run_case(const Case& c) {
@@ -204,9 +240,16 @@ Result run_case(const Case& c) {
   p.softcap = c.softcap, p.softcap_f64 = c.softcap;
   if (c.alibi) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = c.alibi == 2 ? c.hq : 0;
   if (c.sink) p.sink = sinks.data();
+  uint64_t seed = 0, offset = 0, rng_words[2];
   if (c.dropout > 0) {
     p.dropout_p = c.dropout, p.dropout_p_f64 = c.dropout;
-    p.seed = rng(), p.offset = rng();
+    seed = rng(), offset = rng();
+    if (c.rng_state) {  // read at run time from rng_state (the fields are then not the key)
+      rng_words[0] = seed, rng_words[1] = offset;
+      p.rng_state = rng_words, p.seed = ~seed, p.offset = offset + 1;
+    } else {
+      p.seed = seed, p.offset = offset;
+    }
     if (randint(0, 1)) {  // a block of a larger call (context parallelism)
       p.dropout_row_offset = randint(0, 1000), p.dropout_col_offset = randint(0, 1000);
       p.dropout_head_offset = randint(0, 3), p.dropout_heads = c.hq + 5;
@@ -225,20 +268,50 @@ Result run_case(const Case& c) {
   std::vector<char> owned_out(out.data.size()), owned_lse(lse.size());
   const uint32_t thr = dropout_keep_threshold(c.dropout);
   const int dheads = p.dropout_heads > 0 ? p.dropout_heads : c.hq;
-  std::vector<double> s, ref(dv);
+  auto kept = [&](int bi, int h, int i, int j) {
+    return dropout_keep(seed, offset, uint32_t(bi * dheads + p.dropout_head_offset + h),
+                        uint32_t(i + p.dropout_row_offset), uint32_t(j + p.dropout_col_offset), thr);
+  };
+
+  // The backward's tensors: dO random, the gradients in another storage than their inputs; varlen
+  // dk / dv get 2 packed rows past cu_seqlens_k[b] that no sequence owns.
+  const bool bwd = c.bwd && !c.nan_row;
+  const int gl = (c.layout + 2) % 3, nbw = bwd ? tb : 0, tkg = varlen ? tk + 2 : tk;
+  Tensor dout(nbw, tq, c.hq, dv, (c.layout + 1) % 3, varlen), dq(nbw, tq, c.hq, c.d, gl, varlen),
+      dk(nbw, tkg, c.hkv, c.d, gl, varlen), dvt(nbw, tkg, c.hkv, dv, gl, varlen);
+  for (float& x : dout.data) x = randn();
+  Tensor* const grads[3] = {&dq, &dk, &dvt};
+  // The fp64 gradients per storage element of dq / dk / dv, the sum of their terms' magnitudes
+  // before cancellation (dS's as P (|dP| + |D|)), and whether any term reaches it.
+  std::vector<double> g_ref[3], g_mag[3];
+  std::vector<char> g_reached[3];
+  for (int t = 0; t < 3; ++t) {
+    const size_t n = grads[t]->data.size();
+    g_ref[t].assign(n, 0.0), g_mag[t].assign(n, 0.0), g_reached[t].assign(n, 0);
+  }
+  auto add = [&](int t, size_t idx, double term, double mag) {
+    g_ref[t][idx] += term, g_mag[t][idx] += std::fabs(mag), g_reached[t][idx] = 1;
+  };
+
+  std::vector<double> s, ref(dv), dts, pr, dpr;  // scores, d score / d (scale q.k), P, dP
+  std::vector<char> keeps;
   for (int bi = 0; bi < nseq; ++bi)
     for (int h = 0; h < c.hq; ++h)
       for (int i = 0; i < len_q(bi); ++i) {
         const int bq = seq_b(bi), hk = h / groups;
         const int64_t qr = q_start(bi) + i, at = i + diag(bi);
         s.assign(len_k(bi), -INFINITY);
+        dts.assign(len_k(bi), 1.0);
         double mx = c.sink ? sinks[h] : -INFINITY;
         for (int j = 0; j < len_k(bi); ++j) {
           if ((c.wl >= 0 && j < at - c.wl) || (c.wr >= 0 && j > at + c.wr) || (c.causal && j > at)) continue;
           double dot = 0;
           for (int e = 0; e < c.d; ++e) dot += double(q.at(bq, qr, h, e)) * k.at(bq, k_start(bi) + j, hk, e);
           double x = dot * p.scale;
-          if (c.softcap > 0) x = c.softcap * std::tanh(x / c.softcap);
+          if (c.softcap > 0) {
+            const double t = std::tanh(x / c.softcap);
+            x = c.softcap * t, dts[j] = 1.0 - t * t;
+          }
           if (c.alibi) x -= slopes[(c.alibi == 2 ? bi * c.hq : 0) + h] * std::fabs(double(at - j));
           if (c.bias) x += bias_of(bi, h, i, j);
           s[j] = x;
@@ -253,12 +326,40 @@ Result run_case(const Case& c) {
           for (int j = 0; j < len_k(bi); ++j) {
             if (s[j] == -INFINITY) continue;
             double pj = std::exp(s[j] - ref_lse);
-            if (c.dropout > 0)
-              pj = dropout_keep(p.seed, p.offset, uint32_t(bi * dheads + p.dropout_head_offset + h),
-                                uint32_t(i + p.dropout_row_offset), uint32_t(j + p.dropout_col_offset), thr)
-                       ? pj / (1.0 - c.dropout)
-                       : 0.0;
+            if (c.dropout > 0) pj = kept(bi, h, i, j) ? pj / (1.0 - c.dropout) : 0.0;
             for (int e = 0; e < dv; ++e) ref[e] += pj * v.at(bq, k_start(bi) + j, hk, e);
+          }
+        }
+        if (bwd && mx > -INFINITY) {
+          // The gradient of sum(dO * out): P = exp(s - lse) (the sink in lse), dP = dO.v_j / (1 - p)
+          // where kept (else 0), D = sum_j P dP = rowsum(dO * out), dS = P (dP - D); through the
+          // softcap's tanh and the scale to q.k (ALiBi and bias are constants).
+          const double rd = c.dropout > 0 ? 1.0 / (1.0 - c.dropout) : 1.0;
+          pr.assign(len_k(bi), 0.0), dpr.assign(len_k(bi), 0.0), keeps.assign(len_k(bi), 1);
+          double D = 0;
+          for (int j = 0; j < len_k(bi); ++j) {
+            if (s[j] == -INFINITY) continue;
+            pr[j] = std::exp(s[j] - ref_lse);
+            if (c.dropout > 0) keeps[j] = kept(bi, h, i, j);
+            double dot = 0;
+            for (int e = 0; e < dv; ++e) dot += double(dout.at(bq, qr, h, e)) * v.at(bq, k_start(bi) + j, hk, e);
+            dpr[j] = keeps[j] ? dot * rd : 0.0;
+            D += pr[j] * dpr[j];
+          }
+          for (int j = 0; j < len_k(bi); ++j) {
+            if (s[j] == -INFINITY) continue;
+            const int64_t kr = k_start(bi) + j;
+            const double dx = pr[j] * (dpr[j] - D) * dts[j] * p.scale;  // d / d (q.k)
+            const double mx = pr[j] * (std::fabs(dpr[j]) + std::fabs(D)) * dts[j] * p.scale;
+            for (int e = 0; e < c.d; ++e) {
+              add(0, dq.index(bq, qr, h, e), dx * k.at(bq, kr, hk, e), mx * k.at(bq, kr, hk, e));
+              add(1, dk.index(bq, kr, hk, e), dx * q.at(bq, qr, h, e), mx * q.at(bq, qr, h, e));
+            }
+            const double pd = keeps[j] ? pr[j] * rd : 0.0;  // the dropped P
+            for (int e = 0; e < dv; ++e) {
+              const double term = pd * dout.at(bq, qr, h, e);
+              add(2, dvt.index(bq, kr, hk, e), term, term);
+            }
           }
         }
         const size_t li = size_t(bq) * c.hq * lse_row + h * lse_row + qr;
@@ -294,6 +395,92 @@ Result run_case(const Case& c) {
   for (size_t i = 0; i < out.data.size(); ++i) res.stray += !owned_out[i] && !is_poison(out.data[i]);
   for (size_t i = 0; i < lse.size(); ++i) res.stray += !owned_lse[i] && !is_poison(lse[i]);
   res.ok = res.bad_out == 0 && res.bad_lse == 0 && res.stray == 0;
+  if (!bwd) return res;
+
+  // ---- the backward, on the forward's out and lse ----
+  res.bwd = true;
+  BwdParams bp;
+  static_cast<FwdParams&>(bp) = p;
+  bp.dout = dout.data.data(), bp.dq = dq.data.data(), bp.dk = dk.data.data(), bp.dv = dvt.data.data();
+  bp.do_batch_stride = dout.bs, bp.do_row_stride = dout.rs, bp.do_head_stride = dout.hs;
+  bp.dq_batch_stride = dq.bs, bp.dq_row_stride = dq.rs, bp.dq_head_stride = dq.hs;
+  bp.dk_batch_stride = dk.bs, bp.dk_row_stride = dk.rs, bp.dk_head_stride = dk.hs;
+  bp.dv_batch_stride = dvt.bs, bp.dv_row_stride = dvt.rs, bp.dv_head_stride = dvt.hs;
+  bp.deterministic = true;
+  bp.dq_accum = nullptr;  // (fp32: never)
+  bp.dsink = nullptr;     // the sink's gradient is run_bwd_dsink's (another file): not called
+  // The workspace as the backend sizes it (launch.h's bwd_workspace_layout), 256-byte aligned and
+  // poisoned, plus 1 KB of slack that must stay poisoned too. D is float[b * hq * sq] at d_offset.
+  const cuda::BwdWorkspace wl = cuda::bwd_workspace_layout(bp);
+  const size_t d_rows = size_t(nseq) * c.hq * sq, ws_floats = (wl.bytes + 1024) / 4;
+  if (wl.d_offset % 4 != 0 || wl.d_offset + 4 * d_rows > wl.bytes) {
+    std::printf("workspace layout: D at byte %zu, %zu floats, past its %zu bytes\n", wl.d_offset, d_rows, wl.bytes);
+    std::exit(2);
+  }
+  std::unique_ptr<float[], decltype(&std::free)> ws(
+      static_cast<float*>(std::aligned_alloc(256, (ws_floats * 4 + 255) / 256 * 256)), &std::free);
+  bp.workspace = ws.get(), bp.workspace_bytes = wl.bytes;
+  // The inputs, to check that the backward leaves them as they are.
+  const std::vector<float> in_copy[6] = {q.data, k.data, v.data, out.data, lse, dout.data};
+  const std::vector<float>* in_now[6] = {&q.data, &k.data, &v.data, &out.data, &lse, &dout.data};
+  auto run_bwd = [&] {
+    for (Tensor* t : grads) std::fill(t->data.begin(), t->data.end(), poison());
+    std::fill(ws.get(), ws.get() + ws_floats, poison());
+    emu_device = bwd_device(c.device);
+    blockDim = dim3(0);
+    const auto t0 = std::chrono::steady_clock::now();
+    cuda::run_bwd_fp32(bp);
+    res.bwd_secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  run_bwd();
+  res.bwd_threads = blockDim.x;
+  std::vector<char> owned[3];
+  for (int t = 0; t < 3; ++t) owned[t].assign(grads[t]->data.size(), 0);
+  for (int bi = 0; bi < nseq; ++bi) {
+    for (int h = 0; h < c.hq; ++h)
+      for (int i = 0; i < len_q(bi); ++i)
+        for (int e = 0; e < c.d; ++e) owned[0][dq.index(seq_b(bi), q_start(bi) + i, h, e)] = 1;
+    for (int h = 0; h < c.hkv; ++h)
+      for (int j = 0; j < len_k(bi); ++j) {
+        for (int e = 0; e < c.d; ++e) owned[1][dk.index(seq_b(bi), k_start(bi) + j, h, e)] = 1;
+        for (int e = 0; e < dv; ++e) owned[2][dvt.index(seq_b(bi), k_start(bi) + j, h, e)] = 1;
+      }
+  }
+  for (int t = 0; t < 3; ++t) {
+    double mx = 0, mm = 0;
+    for (size_t i = 0; i < g_ref[t].size(); ++i)
+      if (owned[t][i]) mx = std::max(mx, std::fabs(g_ref[t][i])), mm = std::max(mm, g_mag[t][i]);
+    res.max_ref[t] = mx, res.scale[t] = mm;
+    const std::vector<float>& x = grads[t]->data;
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (!owned[t][i]) {
+        res.bwd_stray += !is_poison(x[i]);
+        continue;
+      }
+      if (!g_reached[t][i]) {  // no term: exactly 0
+        if (x[i] != 0.f) ++res.bad_g[t], res.worst_g[t] = INFINITY;
+        continue;
+      }
+      const double diff = std::fabs(x[i] - g_ref[t][i]);
+      const double e = diff == 0 ? 0.0 : diff / mm;  // (mm = 0: every term 0, x must be too)
+      if (!(e <= kBwdTol)) ++res.bad_g[t];
+      res.worst_g[t] = std::isnan(e) ? INFINITY : std::max(res.worst_g[t], e);
+    }
+  }
+  for (int t = 0; t < 6; ++t) res.bwd_stray += std::memcmp(in_copy[t].data(), in_now[t]->data(), 4 * in_copy[t].size()) != 0;
+  for (size_t i = 0; i < ws_floats; ++i) {
+    const bool in_d = i >= wl.d_offset / 4 && i < wl.d_offset / 4 + d_rows;
+    res.ws_bad += in_d == is_poison(ws[i]);  // D written, the rest untouched
+  }
+  // Determinism: a second run gives the same bits.
+  std::vector<float> first[3];
+  for (int t = 0; t < 3; ++t) first[t] = grads[t]->data;
+  run_bwd();
+  for (int t = 0; t < 3; ++t)
+    for (size_t i = 0; i < first[t].size(); ++i)
+      res.nondet += std::memcmp(&first[t][i], &grads[t]->data[i], 4) != 0;
+  res.ok = res.ok && res.bad_g[0] == 0 && res.bad_g[1] == 0 && res.bad_g[2] == 0 && res.bwd_stray == 0 &&
+           res.ws_bad == 0 && res.nondet == 0;
   return res;
 }
 
@@ -334,7 +521,7 @@ Case random_case() {
   }
   c.top_left = randint(0, 3) == 0;
   c.layout = randint(0, 2);
-  if (randint(0, 5) == 0) c.dropout = uniform(0.1f, 0.6f);
+  if (randint(0, 5) == 0) c.dropout = uniform(0.1f, 0.6f), c.rng_state = randint(0, 1);
   c.device = randint(0, 3) == 0;
   // Scores of a few units: fp32's rounding of a score grows with its size (scales of 0.3-0.5 at
   // d >= 96, or ALiBi biases near 60, gave 4-5e-6 in the outputs, too near the 1e-5 tolerance).
@@ -374,7 +561,9 @@ std::vector<Case> fixed_cases() {
   add([](Case& c) { c.sq = 31, c.sk = 47, c.hq = 4, c.hkv = 2, c.d = 64, c.bias = 3, c.alibi = 1, c.layout = 2; });
   add([](Case& c) { c.b = 2, c.sq = 17, c.sk = 33, c.d = 128, c.bias = 4, c.sink = true, c.wl = 10; });
   add([](Case& c) { c.b = 3, c.sq = 40, c.sk = 70, c.hq = 4, c.hkv = 2, c.d = 64, c.dropout = 0.3f; });
-  add([](Case& c) { c.sq = 64, c.sk = 64, c.hq = 8, c.hkv = 1, c.d = 96, c.dropout = 0.5f, c.causal = c.sink = true; });
+  add([](Case& c) {
+    c.sq = 64, c.sk = 64, c.hq = 8, c.hkv = 1, c.d = 96, c.dropout = 0.5f, c.causal = c.sink = c.rng_state = true;
+  });
   // Varlen, with empty sequences (q, k or both) and packed rows that no sequence owns.
   add([](Case& c) { c.hq = 4, c.hkv = 2, c.d = 64, c.lq = {30, 0, 17, 5}, c.lk = {40, 9, 0, 50}, c.q0 = 3; });
   add([](Case& c) { c.hq = 4, c.hkv = 2, c.d = 64, c.lq = {0, 21}, c.lk = {0, 40}, c.causal = true; });
@@ -407,29 +596,62 @@ std::vector<Case> fixed_cases() {
 int main(int argc, char** argv) {
   // Device 1: an opt-in of 76 KB, under the forward's 4-warp CTA at d = dv = 256 (83 KB) and over
   // its 2-warp one (74 KB), so that those cases run the 2-warp shape (no real GPU is this size).
+  // Device 2: 99 KB, the backward's device for device-1 cases (bwd_device).
   emu_smem_optin[1] = 76 * 1024;
-  const int n_random = argc > 1 ? std::atoi(argv[1]) : 40;
-  if (argc > 2) rng.seed(std::strtoull(argv[2], nullptr, 10));
+  emu_smem_optin[2] = 99 * 1024;
+  bool fwd_only = false, bwd_only = false;
+  std::vector<const char*> args;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--fwd")) fwd_only = true;
+    else if (!std::strcmp(argv[i], "--bwd")) bwd_only = true;
+    else if (argv[i][0] == '-' && argv[i][1] == '-') {
+      std::printf("usage: emu_test [--fwd | --bwd] [random cases] [seed]\n");
+      return 2;
+    } else args.push_back(argv[i]);
+  }
+  const int n_random = args.size() > 0 ? std::atoi(args[0]) : 40;
+  if (args.size() > 1) rng.seed(std::strtoull(args[1], nullptr, 10));
   std::vector<Case> cases = fixed_cases();
   for (int i = 0; i < n_random; ++i) cases.push_back(random_case());
+  if (fwd_only)
+    for (Case& c : cases) c.bwd = false;
   const auto t0 = std::chrono::steady_clock::now();
-  int passed = 0;
-  double worst = 0;
+  int passed = 0, run = 0, bwd_run = 0;
+  double worst = 0, worst_g[3] = {0, 0, 0}, bwd_secs = 0;
   const bool verbose = std::getenv("EMU_VERBOSE") != nullptr;  // a line for every case
   for (size_t id = 0; id < cases.size(); ++id) {
+    const bool bwd = cases[id].bwd && !cases[id].nan_row;
+    if (bwd_only && !bwd) continue;  // (case numbers stay those of the full list)
+    ++run;
     const auto c0 = std::chrono::steady_clock::now();
     const Result r = run_case(cases[id]);
-    if (r.ok) ++passed, worst = std::max(worst, r.worst);
-    if (!r.ok || verbose)
+    if (r.ok) {
+      ++passed, worst = std::max(worst, r.worst);
+      for (int t = 0; t < 3; ++t) worst_g[t] = std::max(worst_g[t], r.worst_g[t]);
+    }
+    bwd_run += r.bwd, bwd_secs += r.bwd_secs;
+    if (!r.ok || verbose) {
       std::printf("%s case %3zu %s: worst err %.3g (tol %.0e), %ld out / %ld lse beyond it, %ld stray writes; "
                   "%u threads, %.2f s\n",
                   r.ok ? "ok  " : "FAIL", id, describe(cases[id]).c_str(), r.worst, kTol, r.bad_out, r.bad_lse,
                   r.stray, r.threads, std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count());
+      if (r.bwd)
+        std::printf("     bwd: worst err dq %.3g dk %.3g dv %.3g (tol %.0e; scale %.3g %.3g %.3g, max |ref| %.3g %.3g "
+                    "%.3g), %ld / %ld / %ld beyond it, %ld stray writes, %ld workspace, %ld nondeterministic; "
+                    "%u threads, %.2f s\n",
+                    r.worst_g[0], r.worst_g[1], r.worst_g[2], kBwdTol, r.scale[0], r.scale[1], r.scale[2],
+                    r.max_ref[0], r.max_ref[1], r.max_ref[2], r.bad_g[0], r.bad_g[1], r.bad_g[2], r.bwd_stray,
+                    r.ws_bad, r.nondet, r.bwd_threads, r.bwd_secs);
+    }
     if (!r.nan_note.empty())
       std::printf("note case %3zu %s: %s\n", id, describe(cases[id]).c_str(), r.nan_note.c_str());
     std::fflush(stdout);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("%d/%zu passed (worst passing err %.3g, tol %.0e; %.1f s)\n", passed, cases.size(), worst, kTol, secs);
-  return passed == int(cases.size()) ? 0 : 1;
+  std::printf("%d/%d passed (%d with the backward); worst passing err: fwd %.3g (tol %.0e)", passed, run, bwd_run,
+              worst, kTol);
+  if (bwd_run)
+    std::printf(", bwd dq %.3g dk %.3g dv %.3g (tol %.0e)", worst_g[0], worst_g[1], worst_g[2], kBwdTol);
+  std::printf("; %.1f s (backward %.1f s)\n", secs, bwd_secs);
+  return passed == run ? 0 : 1;
 }

@@ -136,19 +136,28 @@ void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t,
   gridDim = grid;
   blockDim = block;
   const int n = block.x;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        auto b = std::make_unique<EmuBlock>(n);
+  const unsigned ctas = grid.x * grid.y * grid.z;
+  if (ctas == 0) return;
+  // One std::thread per CUDA thread of a CTA, started once per launch and reused by every CTA in
+  // turn: the CTAs run one after another, each on a fresh EmuBlock (barrier, shared memory).
+  std::unique_ptr<EmuBlock> b;
+  std::barrier<> gate(n);
+  auto worker = [&](int t) {
+    threadIdx = dim3(t);
+    for (unsigned c = 0; c < ctas; ++c) {
+      if (t == 0) {
+        b = std::make_unique<EmuBlock>(n);
         b->smem.assign(smem + 16, 0xff);  // 0xff bytes: NaN-ish garbage to catch reads of unwritten smem
-        std::vector<std::thread> th;
-        for (int t = 0; t < n; ++t)
-          th.emplace_back([&, t] {
-            threadIdx = dim3(t);
-            blockIdx = dim3(x, y, z);
-            emu_block = b.get();
-            kernel(args...);
-          });
-        for (auto& t : th) t.join();
       }
+      gate.arrive_and_wait();  // the block is ready
+      blockIdx = dim3(c % grid.x, c / grid.x % grid.y, c / grid.x / grid.y);
+      emu_block = b.get();
+      kernel(args...);
+      gate.arrive_and_wait();  // every thread is done with it
+    }
+  };
+  std::vector<std::thread> th;
+  for (int t = 1; t < n; ++t) th.emplace_back(worker, t);
+  worker(0);
+  for (auto& t : th) t.join();
 }
