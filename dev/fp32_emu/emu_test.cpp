@@ -576,6 +576,8 @@ std::vector<Case> fixed_cases() {
   });
   add([](Case& c) { c.sq = 20, c.sk = 50, c.top_left = true, c.causal = true, c.d = 8, c.alibi = 1; });
   add([](Case& c) { c.sq = 16, c.sk = 300, c.hq = 1, c.d = 256, c.dv = 1, c.scale = 0.3f; });
+  // A saturated softcap (scale * q.k of sd 3 against a cap of 1): the backward's tanh derivative near 0.
+  add([](Case& c) { c.sq = 40, c.sk = 60, c.d = 64, c.softcap = 1.f, c.scale = 0.4f, c.causal = true; });
   // The 2-warp CTA (device 1, main).
   add([](Case& c) {
     c.b = 2, c.sq = 37, c.sk = 71, c.hq = 4, c.hkv = 2, c.d = 256, c.causal = c.sink = true;
