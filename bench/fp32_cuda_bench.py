@@ -12,7 +12,6 @@ else CUDA events around back-to-back calls. Prints a markdown table; --out write
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +21,11 @@ import orchard
 
 try:
     from triton.testing import do_bench
-except ImportError:  # CUDA events, median of back-to-back calls
-    def do_bench(fn, warmup=5, rep=50):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(rep):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+except ImportError:  # CUDA events around back-to-back calls, median (gpu_bench.py's timer)
+    from gpu_bench import median_ms
+
+    def do_bench(fn):
+        return median_ms(fn, 50, warmup=5)
 
 
 def sdpa(backend, enable_gqa=False):

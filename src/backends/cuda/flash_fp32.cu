@@ -206,6 +206,26 @@ __device__ __forceinline__ ColRange query_range(const FwdParams& p, const SeqSpa
   return r;
 }
 
+struct KeyRange {
+  __device__ ColRange operator()(const FwdParams& p, const SeqSpan& s, int64_t i) const { return key_range(p, s, i); }
+};
+struct QueryRange {
+  __device__ ColRange operator()(const FwdParams& p, const SeqSpan& s, int64_t j) const { return query_range(p, s, j); }
+};
+// The union of range(p, span, x) over x in [x0, min(x0 + count, limit)) (each empty range skipped;
+// {0, 0} when all are): the columns a CTA's tiles must cover. range: key_range or query_range.
+template <typename Range>
+__device__ __forceinline__ ColRange union_of_ranges(const FwdParams& p, const SeqSpan& span, int x0, int count,
+                                                    int limit, Range range) {
+  ColRange u{INT64_MAX, 0};
+  for (int x = x0; x < x0 + count && x < limit; ++x) {
+    const ColRange c = range(p, span, x);
+    if (c.begin < c.end) u.begin = min(u.begin, c.begin), u.end = max(u.end, c.end);
+  }
+  if (u.end <= u.begin) u = ColRange{0, 0};
+  return u;
+}
+
 // A CTA's block of rows: which (batch, head) and which rows, from the flat block index (row
 // blocks vary fastest, so neighbouring CTAs read the same head's tiles through L2).
 struct RowBlock {
@@ -256,11 +276,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p, int ro
   stage_rows(q_w, rs, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRowsPerWarp, span.len_q - warp_row0, d, 0, 1,
              lane);
   // The keys any row of the CTA sees; each of this warp's rows' own (empty past the sequence).
-  int64_t first = span.len_k, last = 0;
-  for (int r = 0; r < warps * kRowsPerWarp && row0 + r < span.len_q; ++r) {
-    const ColRange c = key_range(p, span, row0 + r);
-    if (c.begin < c.end) first = min(first, c.begin), last = max(last, c.end);
-  }
+  const ColRange cta_keys = union_of_ranges(p, span, row0, warps * kRowsPerWarp, span.len_q, KeyRange{});
   ColRange visible[kRowsPerWarp];
   BiasLine bias[kRowsPerWarp];
   float o[kRowsPerWarp][kMaxPerLane], m[kRowsPerWarp], l[kRowsPerWarp];  // l: this lane's columns only
@@ -277,8 +293,8 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p, int ro
   const bool dropout = p.dropout_p > 0.f;
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  for (int64_t tile = first; tile < last; tile += kTileCols) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), last - tile));
+  for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kTileCols) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), cta_keys.end - tile));
     __syncthreads();  // the previous tile's K / V reads are done
     stage_rows(k_s, ks, k + tile * p.k_row_stride, p.k_row_stride, kTileCols, n, d, warp, warps, lane);
     stage_rows(v_s, vs, v + tile * p.v_row_stride, p.v_row_stride, kTileCols, n, dv, warp, warps, lane);
@@ -396,11 +412,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  int64_t first = span.len_k, last = 0;
-  for (int r = 0; r < warps * kRowsPerWarp && row0 + r < span.len_q; ++r) {
-    const ColRange c = key_range(p, span, row0 + r);
-    if (c.begin < c.end) first = min(first, c.begin), last = max(last, c.end);
-  }
+  const ColRange cta_keys = union_of_ranges(p, span, row0, warps * kRowsPerWarp, span.len_q, KeyRange{});
   ColRange visible[kRowsPerWarp];
   BiasLine bias[kRowsPerWarp];
   float lse[kRowsPerWarp], D[kRowsPerWarp], dq[kRowsPerWarp][kMaxPerLane];
@@ -421,8 +433,8 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  for (int64_t tile = first; tile < last; tile += kTileCols) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), last - tile));
+  for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kTileCols) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), cta_keys.end - tile));
     __syncthreads();  // the previous tile's K / V reads are done
     stage_rows(k_s, ks, k + tile * p.k_row_stride, p.k_row_stride, kTileCols, n, d, warp, warps, lane);
     stage_rows(v_s, vs, v + tile * p.v_row_stride, p.v_row_stride, kTileCols, n, dv, warp, warps, lane);
@@ -493,11 +505,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
                  (span.k_start + warp_key0) * p.v_row_stride,
              p.v_row_stride, kRowsPerWarp, span.len_k - warp_key0, dv, 0, 1, lane);
   // The query rows any key of the CTA is seen by; each of this warp's keys' own.
-  int64_t first = span.len_q, last = 0;
-  for (int r = 0; r < warps * kRowsPerWarp && key0 + r < span.len_k; ++r) {
-    const ColRange c = query_range(p, span, key0 + r);
-    if (c.begin < c.end) first = min(first, c.begin), last = max(last, c.end);
-  }
+  const ColRange cta_rows = union_of_ranges(p, span, key0, warps * kRowsPerWarp, span.len_k, QueryRange{});
   ColRange seen_by[kRowsPerWarp];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)
@@ -523,8 +531,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
                       span.q_start * p.do_row_stride;
     const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
                            span.q_start;
-    for (int64_t tile = first; tile < last; tile += kTileCols) {
-      const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), last - tile));
+    for (int64_t tile = cta_rows.begin; tile < cta_rows.end; tile += kTileCols) {
+      const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), cta_rows.end - tile));
       __syncthreads();  // the previous tile's Q / dO reads are done
       stage_rows(q_s, qs, q + tile * p.q_row_stride, p.q_row_stride, kTileCols, n, d, warp, warps, lane);
       stage_rows(do_s, os, dO + tile * p.do_row_stride, p.do_row_stride, kTileCols, n, dv, warp, warps, lane);
