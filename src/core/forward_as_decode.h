@@ -4,7 +4,8 @@
 // decode kernels serve a kv head's whole query group at once and split the keys over
 // CTAs / threads, where the tiled forwards stage K / V per (batch, kv head) and give each
 // row its own pass. Each backend decides when this pays (few_rows_forward.h on the CPU,
-// few_rows_forward.cu on CUDA); this file says what the decode kernels can compute.
+// fp32_takes_decode_kernel in cuda_backend.cu on CUDA); this file says what the decode
+// kernels can compute.
 #pragma once
 
 #include "orchard/decode_params.h"

@@ -24,6 +24,7 @@ void decode_cuda(const DecodeParams&) {
 }
 int decode_cuda_num_sms(int) { return 0; }
 int decode_cuda_num_splits(std::int64_t, std::int64_t, std::int64_t, int, DType, int) { return 1; }
+std::size_t decode_cuda_fp32_smem_bytes(int, std::int64_t) { return 0; }
 bool decode_cuda_copy_rows(const DeviceRows*, int, void*) { return false; }
 #endif
 

@@ -41,11 +41,15 @@ def _cuda_features(feature, b, hq):
 
 
 def _tiled(call):
+    before = os.environ.get("ORCHARD_CUDA_FEW_ROWS")
     os.environ["ORCHARD_CUDA_FEW_ROWS"] = "0"
     try:
         return call()
     finally:
-        del os.environ["ORCHARD_CUDA_FEW_ROWS"]
+        if before is None:
+            del os.environ["ORCHARD_CUDA_FEW_ROWS"]
+        else:
+            os.environ["ORCHARD_CUDA_FEW_ROWS"] = before
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
@@ -148,3 +152,63 @@ def test_fp32_tiled_forward_shapes(sq, sk, d):
         naive, _ = feature_attention_ref(q, k, v, causal=causal, upcast=False)
         check_close_rule(out, ref, naive, ATOL, f"out sq{sq} sk{sk} d{d} causal={causal}")
         torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["seventeen_rows", "sink", "dropout", "dv_differs", "d_not_8", "k_not_16_byte_aligned",
+                                  "top_left_causal"])
+def test_fp32_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
+    """Each call sits just outside the route's rule (fp32_takes_decode_kernel) and must run on the
+    tiled kernels, correctly."""
+    torch.manual_seed(7)
+    b, sq, sk, hq, hkv, d, dv = 1, 1, 90, 4, 4, 32, 32
+    kw, ref_kw = {}, {}
+    if case == "seventeen_rows":
+        sq, hq, hkv = 17, 2, 2
+    elif case == "sink":
+        kw["sink"] = ref_kw["sink"] = randn(hq, device="cuda")
+    elif case == "dropout":
+        kw = dict(dropout_p=0.3)
+    elif case == "dv_differs":
+        dv = 16
+    elif case == "d_not_8":
+        d = dv = 20
+    q = randn(b, sq, hq, d, device="cuda")
+    k, v = randn(b, sk, hkv, d, device="cuda"), randn(b, sk, hkv, dv, device="cuda")
+    if case == "k_not_16_byte_aligned":  # rows 4 bytes past a 16-byte boundary, read in place
+        k = randn(b, sk, hkv, d + 1, device="cuda")[..., 1:]
+    if case == "top_left_causal":  # 2 rows against 90 keys, causal from key 0: not the decode diagonal
+        sq = 2
+        q = randn(b, sq, hq, d, device="cuda")
+        out = orchard.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=True).transpose(1, 2)
+        ref, _ = feature_attention_ref(q, k, v, causal=True, top_left=True)
+    else:
+        out = orchard.flash_attn_func(q, k, v, **kw)
+    logged = debug_log()
+    assert len(logged) == 1 and DECODE not in logged[0] and TILED in logged[0], logged
+    if case == "dropout":
+        return
+    if case != "top_left_causal":
+        ref, _ = feature_attention_ref(q, k, v, **ref_kw)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sq,sk", [(70, 100), (33, 200), (200, 40)])
+@pytest.mark.parametrize("d", [36, 64, 200])
+def test_fp32_tiled_backward_shapes(sq, sk, d):
+    """The tiled backward where dQ walks several key tiles and dK / dV several query tiles of each
+    head of a GQA group, partial tiles at both ends, causal and not."""
+    torch.manual_seed(sq + sk + d)
+    for causal in (False, True):
+        q = randn(2, sq, 4, d, device="cuda", requires_grad=True)
+        k, v = (randn(2, sk, 2, d, device="cuda", requires_grad=True) for _ in range(2))
+        dout = randn(2, sq, 4, d, device="cuda")
+        out = orchard.flash_attn_func(q, k, v, causal=causal)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        ref, _ = feature_attention_ref(q, k, v, causal=causal)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+        naive, _ = feature_attention_ref(q, k, v, causal=causal, upcast=False)
+        naive_grads = torch.autograd.grad(naive, (q, k, v), dout)
+        check_close_rule(out, ref, naive, ATOL, f"out sq{sq} sk{sk} d{d} causal={causal}")
+        for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
+            check_close_rule(g, r, n, 4 * ATOL, f"d{name} sq{sq} sk{sk} d{d} causal={causal}")

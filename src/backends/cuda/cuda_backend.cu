@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "backends/cuda/cuda_error.h"
+#include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/score_mods.h"  // window_active (variant_name)
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
@@ -171,6 +172,13 @@ FwdParams sm90_fwd_form(const FwdParams& call) {
 bool fp32_takes_decode_kernel(const FwdParams& p) {
   if (p.dtype != DType::kFloat32 || p.sink != nullptr) return false;  // the CUDA decode kernels have no sink
   if (!detail::forward_fits_decode_kernel(p, detail::kDecodeCudaRowsPerCta)) return false;
+  // Its grid's z is the batch (at most 65535); its shared memory at d > 128 exceeds what sm_86 /
+  // sm_89 can opt in to: such calls stay on the tiled kernels, which fit every device.
+  if (p.b > 65535) return false;
+  const std::size_t smem = detail::decode_cuda_fp32_smem_bytes(p.d, static_cast<int64_t>(p.hq / p.hkv) * p.sq);
+  if (smem > static_cast<std::size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()))
+    return false;
+  if (current_device_attribute<cudaDevAttrMemoryPoolsSupported>() == 0) return false;  // its cudaMallocAsync
   // The decode kernels read K / V with 16-byte vector loads (the kvcache API's own rule).
   auto vec16 = [](const void* base, int64_t bs, int64_t rs, int64_t hs) {
     return reinterpret_cast<std::uintptr_t>(base) % 16 == 0 && (bs * 4) % 16 == 0 && (rs * 4) % 16 == 0 &&

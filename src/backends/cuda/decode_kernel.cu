@@ -1487,6 +1487,18 @@ void run(const DecodeParams& params) {
 
 }  // namespace
 
+std::size_t decode_cuda_fp32_smem_bytes(int d, std::int64_t rows) {
+  // launch_rows' choice of kernel for fp32 caches, and its DecodeSmem.
+  auto bytes = [&](auto kd) -> std::size_t {
+    constexpr int kD = decltype(kd)::value;
+    constexpr int kThreads = kD * sizeof(float) <= 256 ? 128 : 64;
+    if (rows <= 4) return DecodeSmem<float, kD, 4, kThreads>::bytes;
+    if (rows <= 8) return DecodeSmem<float, kD, 8, kThreads>::bytes;
+    return DecodeSmem<float, kD, kDecodeCudaRowsPerCta, kThreads>::bytes;
+  };
+  return d <= 128 ? bytes(std::integral_constant<int, 128>{}) : bytes(std::integral_constant<int, 256>{});
+}
+
 void decode_cuda(const DecodeParams& p) {
   if (p.sink) throw Error(ErrorKind::kNotImplemented, "decode: attention sinks run on the CPU decode kernel only");
   switch (p.dtype) {

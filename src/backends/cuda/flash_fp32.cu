@@ -16,10 +16,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <type_traits>
 
+#include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "orchard/params.h"
 #include "orchard/philox.h"
@@ -579,20 +579,8 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
 // to the tiles (head dims near 256 on GPUs with 99 KB, e.g. sm_86 / sm_89).
 template <typename Bytes>
 int warps_that_fit(Bytes bytes, int d, int dv) {
-  static std::atomic<int> optin[64] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    device = -1;
-  }
-  int limit = device >= 0 && device < 64 ? optin[device].load(std::memory_order_relaxed) : 0;
-  if (limit == 0) {
-    if (cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-      cudaGetLastError();
-      limit = 48 * 1024;
-    }
-    if (device >= 0 && device < 64) optin[device].store(limit, std::memory_order_relaxed);
-  }
+  int limit = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  if (limit == 0) limit = 48 * 1024;  // unknown: what any device gives without an opt-in
   return bytes(4, d, dv) <= static_cast<std::size_t>(limit) ? 4 : 2;
 }
 
