@@ -95,6 +95,18 @@ def test_few_rows_forward_vs_reference(shape_name, feature, dtype, debug_log):
     torch.testing.assert_close(lse, tiled_lse, atol=1e-4, rtol=1e-5)
 
 
+def check_against_references(out, grads, q, k, v, dout, ref_kw, atol, what):
+    """out and (dq, dk, dv) by the tolerance rule: float64 math as the reference, the same math in
+    the inputs' dtype as the yardstick (4 x atol for the gradients)."""
+    ref, _ = feature_attention_ref(q, k, v, **ref_kw)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    naive, _ = feature_attention_ref(q, k, v, upcast=False, **ref_kw)
+    naive_grads = torch.autograd.grad(naive, (q, k, v), dout)
+    check_close_rule(out, ref, naive, atol, f"out {what}")
+    for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
+        check_close_rule(g, r, n, 4 * atol, f"d{name} {what}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("feature", ["plain", "causal", "everything", "sink_causal"])
 def test_few_rows_backward_reads_the_routed_lse(feature, dtype, debug_log):
@@ -108,13 +120,7 @@ def test_few_rows_backward_reads_the_routed_lse(feature, dtype, debug_log):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     logged = debug_log()
     assert [ln.split()[0] for ln in logged] == ["FWD", "BWD"] and DECODE in logged[0], logged
-    ref, _ = feature_attention_ref(q, k, v, **ref_kw)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
-    naive, _ = feature_attention_ref(q, k, v, upcast=False, **ref_kw)
-    naive_grads = torch.autograd.grad(naive, (q, k, v), dout)
-    check_close_rule(out, ref, naive, ATOL[dtype], "out")
-    for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
-        check_close_rule(g, r, n, 4 * ATOL[dtype], f"d{name} {feature}")
+    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL[dtype], feature)
 
 
 def test_sdpa_drop_in_decode_step_takes_the_route(debug_log):

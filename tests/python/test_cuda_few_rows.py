@@ -14,7 +14,7 @@ import torch
 import orchard
 from feature_reference import feature_attention_ref
 from helpers import check_close_rule, randn
-from test_cpu_few_rows import FEATURES, SHAPES, _features
+from test_cpu_few_rows import FEATURES, SHAPES, _features, check_against_references
 
 pytestmark = pytest.mark.cuda
 
@@ -87,13 +87,7 @@ def test_fp32_few_rows_backward_reads_the_routed_lse(feature, debug_log):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     logged = debug_log()
     assert [ln.split()[0] for ln in logged] == ["FWD", "BWD"] and DECODE in logged[0], logged
-    ref, _ = feature_attention_ref(q, k, v, **ref_kw)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
-    naive, _ = feature_attention_ref(q, k, v, upcast=False, **ref_kw)
-    naive_grads = torch.autograd.grad(naive, (q, k, v), dout)
-    check_close_rule(out, ref, naive, ATOL, "out")
-    for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
-        check_close_rule(g, r, n, 4 * ATOL, f"d{name} {feature}")
+    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, feature)
 
 
 @pytest.mark.parametrize("sk", [300, 20000])  # 20000 keys over one kv head: split-KV
@@ -205,10 +199,5 @@ def test_fp32_tiled_backward_shapes(sq, sk, d):
         dout = randn(2, sq, 4, d, device="cuda")
         out = orchard.flash_attn_func(q, k, v, causal=causal)
         grads = torch.autograd.grad(out, (q, k, v), dout)
-        ref, _ = feature_attention_ref(q, k, v, causal=causal)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
-        naive, _ = feature_attention_ref(q, k, v, causal=causal, upcast=False)
-        naive_grads = torch.autograd.grad(naive, (q, k, v), dout)
-        check_close_rule(out, ref, naive, ATOL, f"out sq{sq} sk{sk} d{d} causal={causal}")
-        for name, g, r, n in zip("qkv", grads, ref_grads, naive_grads):
-            check_close_rule(g, r, n, 4 * ATOL, f"d{name} sq{sq} sk{sk} d{d} causal={causal}")
+        check_against_references(out, grads, q, k, v, dout, dict(causal=causal), ATOL,
+                                 f"sq{sq} sk{sk} d{d} causal={causal}")
