@@ -59,9 +59,12 @@ step "CUDA decode kernels on the CPU emulator, against the CPU backend"
 EMU_BUILD=build/decode_emu sh dev/decode_emu/run.sh 40 1234 | tail -3
 
 step "CUDA float32 kernels on the CPU emulator, against float64 references"
-# dev/fp32_emu: flash_fp32.cu (the tiled SIMT forward and backward) over the same shim, every
-# feature combination against float64 math, outputs poisoned (a minute or two on 2 cores).
+# dev/fp32_emu: flash_fp32_tc.cu (the 3xTF32 tensor-core kernels) and flash_fp32.cu (the SIMT
+# kernels, for the calls the tensor-core ones do not take) over the same shim, every feature
+# combination against float64 math, outputs poisoned (about 4 minutes on 2 cores); then the fixed
+# cases again with ORCHARD_CUDA_FP32_TC=0, every call on the SIMT kernels (under a minute).
 EMU_BUILD=build/fp32_emu sh dev/fp32_emu/run.sh | tail -3
+ORCHARD_CUDA_FP32_TC=0 build/fp32_emu/emu_test 0 | tail -1
 
 step "C++ package: install + find_package(orchard) consumer"
 rm -rf build/install

@@ -1,8 +1,10 @@
 """CUDA fp32 forward calls with few query rows per kv head run on the CUDA decode kernel
 (cuda_backend.cu, fp32_takes_decode_kernel; core/forward_as_decode.h), split over the keys;
-the rest take the tiled fp32 forward (flash_fp32.cu). Both are checked here against the
-float64 reference with every feature the route takes (test_cpu_few_rows.py's shapes and
-features), the tiled forward on the same calls (ORCHARD_CUDA_FEW_ROWS=0, read per call),
+the rest take the tiled fp32 kernels (flash_fp32_tc.cu's 3xTF32 tensor-core kernels, or
+flash_fp32.cu's SIMT ones). Both are checked here against the float64 reference with every
+feature the route takes (test_cpu_few_rows.py's shapes and features), the tiled forward on the
+same calls (ORCHARD_CUDA_FEW_ROWS=0, read per call), the tiled kernels' tile edges on both
+families (ORCHARD_CUDA_FP32_TC=0: SIMT),
 the backward reading the LSE the route writes, NaN rows, and a CUDA-graph capture of a call
 whose split partials are allocated stream-ordered inside the capture."""
 
@@ -19,8 +21,19 @@ from test_cpu_few_rows import FEATURES, SHAPES, _features, check_against_referen
 pytestmark = pytest.mark.cuda
 
 DECODE = "variant=cuda.fwd.fp32_decode_kernel"
-TILED = "variant=cuda.fwd.fp32_simt"
+TILED = ("variant=cuda.fwd.fp32_3xtf32", "variant=cuda.fwd.fp32_simt")  # the tensor-core or SIMT kernels
 ATOL = 2e-5
+
+
+def _is_tiled(line):
+    return any(t in line for t in TILED)
+
+
+@pytest.fixture(params=["3xtf32", "simt"])
+def family(request, monkeypatch):
+    """The tiled fp32 kernel family a test runs on (ORCHARD_CUDA_FP32_TC, read per call)."""
+    monkeypatch.setenv("ORCHARD_CUDA_FP32_TC", "1" if request.param == "3xtf32" else "0")
+    return request.param
 
 
 def _cuda_inputs(shape, layout="bshd", requires_grad=False):
@@ -70,7 +83,7 @@ def test_fp32_few_rows_forward_vs_reference(shape_name, feature, debug_log):
     check_close_rule(out, ref, naive, ATOL, f"out {shape_name} {feature}")
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
     tiled, tiled_lse = _tiled(lambda: orchard.flash_attn_func(q, k, v, return_softmax_lse=True, **kw))
-    assert TILED in debug_log()[-1], debug_log()[-1]
+    assert _is_tiled(debug_log()[-1]), debug_log()[-1]
     check_close_rule(tiled, ref, naive, ATOL, f"tiled out {shape_name} {feature}")
     torch.testing.assert_close(lse, tiled_lse, atol=1e-4, rtol=1e-5)
 
@@ -100,12 +113,12 @@ def test_fp32_nan_rows_on_both_forwards(sk, debug_log):
     out, lse = orchard.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True)
     assert DECODE in debug_log()[-1]
     tiled, tiled_lse = _tiled(lambda: orchard.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True))
-    assert TILED in debug_log()[-1]
+    assert _is_tiled(debug_log()[-1])
     bad = torch.zeros(1, 2, 4, dtype=torch.bool, device="cuda")
     bad[0, 1, 2] = True
     assert torch.equal(out.isnan().any(-1), bad) and torch.equal(tiled.isnan().any(-1), bad)
     assert torch.equal(lse.isnan(), bad.transpose(1, 2)) and torch.equal(tiled_lse.isnan(), bad.transpose(1, 2))
-    torch.testing.assert_close(out[~bad], tiled[~bad], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out[~bad], tiled[~bad], atol=ATOL, rtol=1e-5)
 
 
 def test_fp32_decode_step_under_cuda_graph(debug_log):
@@ -135,9 +148,10 @@ def test_fp32_decode_step_under_cuda_graph(debug_log):
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (15, 17), (16, 32), (17, 33), (40, 1000), (100, 70), (300, 300)])
 @pytest.mark.parametrize("d", [8, 36, 64, 128, 200, 256])
-def test_fp32_tiled_forward_shapes(sq, sk, d):
-    """The tiled fp32 forward at the edges of its 16-row CTAs and 32-key tiles, head dims that
-    are not multiples of 32 (its shared-memory row padding), causal both ways round."""
+def test_fp32_tiled_forward_shapes(sq, sk, d, family):
+    """The tiled fp32 forward at the edges of its CTAs' rows (16 SIMT, 64 tensor-core) and 32-key
+    tiles, head dims that are not multiples of 32 (the shared-memory row padding), causal both
+    ways round."""
     torch.manual_seed(sq * 1000 + sk + d)
     q, k, v = randn(2, sq, 4, d, device="cuda"), randn(2, sk, 2, d, device="cuda"), randn(2, sk, 2, d, device="cuda")
     for causal in (False, True):
@@ -179,17 +193,20 @@ def test_fp32_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
     else:
         out = orchard.flash_attn_func(q, k, v, **kw)
     logged = debug_log()
-    assert len(logged) == 1 and DECODE not in logged[0] and TILED in logged[0], logged
+    assert len(logged) == 1 and DECODE not in logged[0] and _is_tiled(logged[0]), logged
     if case == "dropout":
         return
-    if case != "top_left_causal":
+    if case == "top_left_causal":
+        naive, _ = feature_attention_ref(q, k, v, causal=True, top_left=True, upcast=False)
+    else:
         ref, _ = feature_attention_ref(q, k, v, **ref_kw)
-    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+        naive, _ = feature_attention_ref(q, k, v, upcast=False, **ref_kw)
+    check_close_rule(out, ref, naive, ATOL, case)
 
 
 @pytest.mark.parametrize("sq,sk", [(70, 100), (33, 200), (200, 40)])
 @pytest.mark.parametrize("d", [36, 64, 200])
-def test_fp32_tiled_backward_shapes(sq, sk, d):
+def test_fp32_tiled_backward_shapes(sq, sk, d, family):
     """The tiled backward where dQ walks several key tiles and dK / dV several query tiles of each
     head of a GQA group, partial tiles at both ends, causal and not."""
     torch.manual_seed(sq + sk + d)

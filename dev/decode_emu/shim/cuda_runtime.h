@@ -1,4 +1,4 @@
-// CPU emulation of the CUDA subset decode_kernel.cu and flash_fp32.cu use (expf, logf, tanhf,
+// CPU emulation of the CUDA subset decode_kernel.cu, flash_fp32.cu and flash_fp32_tc.cu use (expf, logf, tanhf,
 // fmaf, fmaxf are the C library's): one std::thread per CUDA thread, CTAs run one after
 // another, __syncthreads / __syncwarp / shuffles / ldmatrix / mma.sync as barrier-synchronized
 // exchanges (mma and ldmatrix follow the PTX ISA's fragment layouts, written independently of
@@ -82,6 +82,7 @@ struct EmuWarp {
   std::barrier<> bar{32};
   float f[32];
   std::uint32_t u[32][6];
+  std::uint32_t mma_u[2][32][6];  // emu_mma1688_tf32's exchange buffers
   const void* ptr[32];
 };
 struct EmuBlock {
@@ -129,6 +130,41 @@ inline int __any_sync(unsigned, int pred) {
   for (int t = 0; t < 32; ++t) any |= w.f[t] != 0.f;
   w.bar.arrive_and_wait();
   return any;
+}
+
+// mma.m16n8k8 row.col with tf32 operands and fp32 accumulators: A 16x8 (a0 (g, c), a1 (g + 8, c),
+// a2 (g, c + 4), a3 (g + 8, c + 4)), B 8x8 (b0 (k = c, n = g), b1 (k = c + 4, n = g)), C 16x8
+// (c0, c1 (g, 2c..2c + 1), c2, c3 (g + 8, 2c..)), g = lane / 4, c = lane % 4; an operand's low 13
+// bits are ignored (tf32), and the exact products are summed in fp32.
+// One barrier per call, not two: calls alternate between two exchange buffers (every lane of a
+// warp makes the same calls, so the lanes' call counts agree), and a buffer is rewritten only after
+// the next call's barrier, which no lane passes before it has read this one.
+inline thread_local unsigned emu_mma_calls = 0;
+inline void emu_mma1688_tf32(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  std::uint32_t (&x)[32][6] = w.mma_u[emu_mma_calls++ & 1];
+  for (int i = 0; i < 4; ++i) x[l][i] = a[i];
+  x[l][4] = b0, x[l][5] = b1;
+  w.bar.arrive_and_wait();
+  auto tf32 = [](std::uint32_t v) { return __uint_as_float(v & 0xffffe000u); };
+  float A[16][8], B[8][8];
+  for (int t = 0; t < 32; ++t) {
+    const int g = t / 4, cc = t % 4;
+    A[g][cc] = tf32(x[t][0]);
+    A[g + 8][cc] = tf32(x[t][1]);
+    A[g][cc + 4] = tf32(x[t][2]);
+    A[g + 8][cc + 4] = tf32(x[t][3]);
+    B[cc][g] = tf32(x[t][4]);
+    B[cc + 4][g] = tf32(x[t][5]);
+  }
+  const int g = l / 4, cc = l % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = 2 * cc + (i & 1);
+    float s = c[i];
+    for (int k = 0; k < 8; ++k) s += A[r][k] * B[k][n];
+    c[i] = s;
+  }
 }
 
 template <class K, class... A>

@@ -286,7 +286,9 @@ std::string variant_name(const FwdParams& p, bool backward) {
       backward ? sm90_bwd_applies(sm90_form(static_cast<const BwdParams&>(p))) : sm90_fwd_applies(sm90_fwd_form(p));
   std::string s = backward ? (sm90 ? "cuda.bwd.sm90." : "cuda.bwd.") : (sm90 ? "cuda.fwd.sm90." : "cuda.fwd.");
   if (p.dtype == DType::kFloat32) {
-    s += !backward && fp32_takes_decode_kernel(p) ? "fp32_decode_kernel" : "fp32_simt";
+    const bool tensor_cores = backward ? fp32_bwd_takes_tensor_cores(static_cast<const BwdParams&>(p))
+                                       : fp32_fwd_takes_tensor_cores(p);
+    s += !backward && fp32_takes_decode_kernel(p) ? "fp32_decode_kernel" : tensor_cores ? "fp32_3xtf32" : "fp32_simt";
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
     const int d = std::max(p.d, value_dim(p));

@@ -1,7 +1,8 @@
-// float32 inputs: SIMT kernels on shared-memory tiles. fp32 arithmetic throughout with accurate
+// float32 inputs: SIMT kernels on shared-memory tiles, for the calls the 3xTF32 tensor-core
+// kernels (flash_fp32_tc.cu) do not take (shared memory past the device's opt-in, the backward at
+// head dims above 128, ORCHARD_CUDA_FP32_TC=0). fp32 arithmetic throughout with accurate
 // expf/logf: the error vs an fp64 reference is ~1e-6 relative, the same as a naive fp32
-// computation. No tensor cores: bf16 operands would lose precision (~4e-3) and tf32 (~5e-4)
-// would also be far from fp32; fp32 users want fp32 accuracy, and the speed path is bf16/fp16.
+// computation. (Plain bf16 or tf32 operands would lose precision: ~4e-3 and ~5e-4.)
 //
 // Every kernel pairs a block of "rows" (kRowsPerWarp per warp, in shared memory, read by
 // broadcast) with tiles of kTileCols "columns" (one per lane, rows of a padded shared-memory
@@ -19,13 +20,14 @@
 #include <cmath>
 #include <type_traits>
 
-#include "backends/cuda/device_attribute.h"
+#include "backends/cuda/fp32_attention_common.cuh"
 #include "backends/cuda/launch.h"
 #include "orchard/params.h"
 #include "orchard/philox.h"
 
 namespace orchard::cuda {
 namespace {
+using namespace fp32;
 
 constexpr int kMaxPerLane = 8;  // d <= 256 = 32 lanes x 8
 
@@ -59,63 +61,6 @@ __device__ __forceinline__ bool warp_row(int batch, int heads, int rows, WarpRow
   return true;
 }
 
-// Visible key range [begin, end) of local query row i of a sequence: window
-// (params.h visible_cols) and causal on the sequence's diagonal.
-__device__ __forceinline__ ColRange key_range(const FwdParams& p, const SeqSpan& s, int64_t i) {
-  ColRange r = visible_cols(p, s, i);
-  if (p.causal && i + s.diag + 1 < r.end) r.end = i + s.diag + 1;
-  if (r.end < r.begin) r.end = r.begin;
-  return r;
-}
-
-// attn_bias / attn_mask (params.h) along one row (or one column) of the (b, h)
-// slice: element idx at ptr + idx * step bytes; ptr == nullptr: none. A boolean
-// (kUInt8) element adds 0 (nonzero) or -inf (0), a float one its value.
-struct BiasLine {
-  const unsigned char* ptr;
-  int64_t step;  // bytes
-  DType dtype;
-};
-// fixed_is_row: the line of local row `fixed` (indexed by column), else of column `fixed`.
-__device__ __forceinline__ BiasLine bias_line(const FwdParams& p, int b, int h, int64_t fixed, bool fixed_is_row) {
-  if (p.attn_bias == nullptr) return {nullptr, 0, p.attn_bias_dtype};
-  const int64_t esz = p.attn_bias_dtype == DType::kUInt8 ? 1 : (p.attn_bias_dtype == DType::kFloat32 ? 4 : 2);
-  const int64_t off = b * p.bias_batch_stride + h * p.bias_head_stride +
-                      fixed * (fixed_is_row ? p.bias_row_stride : p.bias_col_stride);
-  return {static_cast<const unsigned char*>(p.attn_bias) + off * esz,
-          (fixed_is_row ? p.bias_col_stride : p.bias_row_stride) * esz, p.attn_bias_dtype};
-}
-__device__ __forceinline__ float bias_at(const BiasLine& v, int64_t idx) {
-  const unsigned char* a = v.ptr + idx * v.step;
-  switch (v.dtype) {
-    case DType::kUInt8: return __ldg(a) != 0 ? 0.f : -INFINITY;
-    case DType::kFloat32: return __ldg(reinterpret_cast<const float*>(a));
-    case DType::kBFloat16:
-      return __uint_as_float(static_cast<uint32_t>(__ldg(reinterpret_cast<const unsigned short*>(a))) << 16);
-    default: return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(a))));
-  }
-}
-
-// The final score from q.k: scale, softcap, ALiBi, attn_bias (params.h). *dtanh (when
-// given) receives d score / d (scale q.k): 1 - tanh^2 with softcap, else 1.
-__device__ __forceinline__ float final_score(const FwdParams& p, float qk, float slope, int64_t i, int64_t j,
-                                             int64_t diag, const BiasLine& bias, int64_t bias_idx,
-                                             float* dtanh = nullptr) {
-  float s = qk * p.scale;
-  float dt = 1.f;
-  if (p.softcap > 0.f) {
-    const float t = tanhf(s / p.softcap);
-    s = p.softcap * t;
-    dt = 1.f - t * t;
-  }
-  if (dtanh) *dtanh = dt;
-  s += alibi_bias(slope, i, j, diag);
-  if (bias.ptr != nullptr) s += bias_at(bias, bias_idx);
-  return s;
-}
-__device__ __forceinline__ float slope_of(const FwdParams& p, int b, int h) {
-  return p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
-}
 
 // ---- the tiles ----------------------------------------------------------------------------
 constexpr int kRowsPerWarp = 4;
@@ -127,17 +72,10 @@ constexpr int kTileCols = 32;  // one column per lane
 __host__ __device__ __forceinline__ int row_stride(int width) { return (width + 3) / 4 * 4; }
 __host__ __device__ __forceinline__ int col_stride(int width) { return (width + 31) / 32 * 32 + 4; }
 
-// Warp `warp` of `warps` copies rows warp, warp + warps, ... of [0, rows) from global memory
-// (`src_stride` floats apart) into shared rows `dst_stride` apart; rows from `valid` on and the
-// columns [width, row_stride(width)) are zeros (a zero adds nothing to a dot, and a zero weight
-// must not meet a NaN left in shared memory).
+// fp32::stage_rows with the columns up to the float4-rounded stride zeroed.
 __device__ __forceinline__ void stage_rows(float* dst, int dst_stride, const float* src, int64_t src_stride, int rows,
                                            int valid, int width, int warp, int warps, int lane) {
-  const int w4 = row_stride(width);
-  for (int t = warp; t < rows; t += warps) {
-    const float* sr = src + t * src_stride;
-    for (int c = lane; c < w4; c += 32) dst[t * dst_stride + c] = t < valid && c < width ? sr[c] : 0.f;
-  }
+  fp32::stage_rows(dst, dst_stride, src, src_stride, rows, valid, width, row_stride(width), warp, warps, lane);
 }
 
 // dot[r] = (row r of rows_s) . (row `lane` of cols_s), over `width4` (a multiple of 4) floats.
@@ -196,52 +134,6 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Query rows [begin, end) that see key j (the transpose of key_range): row i sees [i + lo, i + hi].
-__device__ __forceinline__ ColRange query_range(const FwdParams& p, const SeqSpan& span, int64_t j) {
-  int64_t hi = p.window_right >= 0 ? span.diag + p.window_right : (int64_t{1} << 40);
-  if (p.causal && hi > span.diag) hi = span.diag;
-  const int64_t lo = p.window_left >= 0 ? span.diag - p.window_left : -(int64_t{1} << 40);
-  ColRange r{j - hi < 0 ? 0 : j - hi, j - lo + 1 < span.len_q ? j - lo + 1 : span.len_q};
-  if (r.end < r.begin) r.end = r.begin;
-  return r;
-}
-
-struct KeyRange {
-  __device__ ColRange operator()(const FwdParams& p, const SeqSpan& s, int64_t i) const { return key_range(p, s, i); }
-};
-struct QueryRange {
-  __device__ ColRange operator()(const FwdParams& p, const SeqSpan& s, int64_t j) const { return query_range(p, s, j); }
-};
-// The union of range(p, span, x) over x in [x0, min(x0 + count, limit)) (each empty range skipped;
-// {0, 0} when all are): the columns a CTA's tiles must cover. range: key_range or query_range.
-template <typename Range>
-__device__ __forceinline__ ColRange union_of_ranges(const FwdParams& p, const SeqSpan& span, int x0, int count,
-                                                    int limit, Range range) {
-  ColRange u{INT64_MAX, 0};
-  for (int x = x0; x < x0 + count && x < limit; ++x) {
-    const ColRange c = range(p, span, x);
-    if (c.begin < c.end) u.begin = min(u.begin, c.begin), u.end = max(u.end, c.end);
-  }
-  if (u.end <= u.begin) u = ColRange{0, 0};
-  return u;
-}
-
-// A CTA's block of rows: which (batch, head) and which rows, from the flat block index (row
-// blocks vary fastest, so neighbouring CTAs read the same head's tiles through L2).
-struct RowBlock {
-  int b, head, row0;
-};
-__device__ __forceinline__ RowBlock row_block(int heads, int row_blocks, int rows_per_cta) {
-  const int64_t bh = blockIdx.x / row_blocks;
-  return {static_cast<int>(bh / heads), static_cast<int>(bh % heads),
-          static_cast<int>(blockIdx.x % row_blocks) * rows_per_cta};
-}
-
-__device__ __forceinline__ bool dropout_kept(const FwdParams& p, const DropoutKey& key, uint32_t thr, int b, int h,
-                                             int64_t i, int64_t j) {
-  return dropout_keep(key.seed, key.offset, dropout_batch_head(p, b, h), static_cast<uint32_t>(i + p.dropout_row_offset),
-                      static_cast<uint32_t>(j + p.dropout_col_offset), thr);
-}
 
 // ---- forward -------------------------------------------------------------------------------
 // Shared memory: Q rows, the K tile, the V tile, the warps' P.
@@ -372,8 +264,6 @@ __global__ void __launch_bounds__(128) bwd_dot_fp32_kernel(const BwdParams p, fl
   acc = warp_sum(acc);
   if (lane == 0) dsum[r] = acc;
 }
-
-__device__ __forceinline__ float lse_or_inf(float l) { return l == -INFINITY ? INFINITY : l; }
 
 // dQ: Q and dO rows against K / V tiles. Shared memory: Q rows, dO rows, the K tile, the V
 // tile, the warps' dS.
@@ -579,9 +469,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
 // to the tiles (head dims near 256 on GPUs with 99 KB, e.g. sm_86 / sm_89).
 template <typename Bytes>
 int warps_that_fit(Bytes bytes, int d, int dv) {
-  int limit = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
-  if (limit == 0) limit = 48 * 1024;  // unknown: what any device gives without an opt-in
-  return bytes(4, d, dv) <= static_cast<std::size_t>(limit) ? 4 : 2;
+  return bytes(4, d, dv) <= static_cast<std::size_t>(fp32::smem_optin_bytes()) ? 4 : 2;
 }
 
 // Launches `kernel` over (batch x heads x row blocks) CTAs of the warps that fit.
@@ -610,6 +498,7 @@ unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + 3) / 
 }  // namespace
 
 void run_fwd_fp32(const FwdParams& p) {
+  if (fp32_fwd_takes_tensor_cores(p)) return run_fwd_fp32_tc(p);
   launch_tiled(fwd_fp32_kernel, fwd_smem_bytes, p, p.hq, p.sq, nullptr, "fwd_fp32_kernel");
 }
 
@@ -621,9 +510,10 @@ void run_bwd_fp32(const BwdParams& p) {
   if (rows > 0) {
     bwd_dot_fp32_kernel<<<blocks_for(rows), 128, 0, stream>>>(p, dsum);
     check_launch("bwd_dot_fp32_kernel");
-    launch_tiled(bwd_dq_fp32_kernel, dq_smem_bytes, p, p.hq, p.sq, dsum, "bwd_dq_fp32_kernel");
   }
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, dsum);
+  if (fp32_bwd_takes_tensor_cores(p)) return run_bwd_fp32_tc(p, dsum);
+  if (rows > 0) launch_tiled(bwd_dq_fp32_kernel, dq_smem_bytes, p, p.hq, p.sq, dsum, "bwd_dq_fp32_kernel");
   launch_tiled(bwd_dkdv_fp32_kernel, dkdv_smem_bytes, p, p.hkv, p.sk, dsum, "bwd_dkdv_fp32_kernel");
 }
 

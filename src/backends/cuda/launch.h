@@ -57,9 +57,18 @@ auto pick_bias(bool bias, Pick&& pick) {
   else return bias ? pick(std::true_type{}) : pick(std::false_type{});
 }
 
-// float32 inputs: SIMT kernels (exact fp32 arithmetic, no tensor cores).
+// float32 inputs: 3xTF32 tensor-core kernels (flash_fp32_tc.cu) where they fit, else SIMT
+// kernels (flash_fp32.cu); both at fp32's error level.
 void run_fwd_fp32(const FwdParams& params);
 void run_bwd_fp32(const BwdParams& params);
+// Whether run_fwd_fp32 / run_bwd_fp32 take the tensor-core kernels for these params (shared
+// memory within the device's opt-in, the backward at head dims <= 128; ORCHARD_CUDA_FP32_TC=0
+// turns them off).
+bool fp32_fwd_takes_tensor_cores(const FwdParams& params);
+bool fp32_bwd_takes_tensor_cores(const BwdParams& params);
+// The tensor-core kernels; run_bwd_fp32_tc takes the D = rowsum(dO * O) pre-pass's output.
+void run_fwd_fp32_tc(const FwdParams& params);
+void run_bwd_fp32_tc(const BwdParams& params, const float* dsum);
 
 // Attention-sink gradient (params.h): dsink[h] = -sum over (sequence, row) of
 // exp(sink[h] - lse) * D, D = rowsum(dO * O) from the backward's pre-pass at

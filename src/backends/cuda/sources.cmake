@@ -5,6 +5,7 @@ set(ORCHARD_CUDA_ONE_PASS_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/cuda_backend.cu
   ${CMAKE_CURRENT_LIST_DIR}/decode_index_copy.cu
   ${CMAKE_CURRENT_LIST_DIR}/flash_fp32.cu
+  ${CMAKE_CURRENT_LIST_DIR}/flash_fp32_tc.cu
   ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d32.cu
   ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d64.cu
   ${CMAKE_CURRENT_LIST_DIR}/sm80/generated/flash_fwd_bf16_d96.cu

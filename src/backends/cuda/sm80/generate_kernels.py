@@ -56,7 +56,8 @@ def main() -> None:
              "set(ORCHARD_CUDA_ONE_PASS_SOURCES",
              "  ${CMAKE_CURRENT_LIST_DIR}/cuda_backend.cu",
              "  ${CMAKE_CURRENT_LIST_DIR}/decode_index_copy.cu",
-             "  ${CMAKE_CURRENT_LIST_DIR}/flash_fp32.cu"]
+             "  ${CMAKE_CURRENT_LIST_DIR}/flash_fp32.cu",
+             "  ${CMAKE_CURRENT_LIST_DIR}/flash_fp32_tc.cu"]
     lines += [f"  ${{CMAKE_CURRENT_LIST_DIR}}/sm80/generated/{n}" for n in one_pass]
     lines.append(")")
     lines += ["set(ORCHARD_CUDA_PER_ARCH_SOURCES",

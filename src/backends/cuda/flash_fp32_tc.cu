@@ -1,0 +1,597 @@
+// float32 attention on tensor cores as 3xTF32 (mma.sync m16n8k8 tf32, sm_80+): each fp32
+// operand x is split into a tf32 "big" part and the tf32 rounding of its remainder, and a
+// product a * b is computed as small_a * big_b + big_a * small_b + big_a * big_b, accumulated
+// in fp32. The dropped small_a * small_b term and the two roundings are ~2^-22 of the product:
+// the error stays at fp32's level (the same scheme as CUTLASS's OpMultiplyAddFastF32, which
+// torch's efficient SDPA runs for fp32), at tensor-core speed instead of fp32 FMA speed.
+//
+// The kernels mirror the SIMT ones (flash_fp32.cu) and share their per-element semantics
+// (fp32_attention_common.cuh: windows, causal, softcap, ALiBi, attn_bias / mask, dropout,
+// sinks, varlen, GQA). A warp owns 16 rows (one mma M), a CTA 4 warps = 64 rows, and the
+// columns come in tiles of 32 (four mma N tiles) staged in shared memory:
+//   forward  rows = query rows, columns = keys:    S = Q K^T, O += P V;
+//   dQ       rows = query rows, columns = keys:    S, dP = dO V^T, dQ += dS K;
+//   dK / dV  rows = key rows, columns = queries:   S^T = K Q^T, dP^T = V dO^T,
+//            dV += P^T dO, dK += dS^T Q, over every query head of the kv head's group in order.
+// Every sum runs in a fixed order (no atomics): the backward is deterministic.
+//
+// Operands come from shared memory element by element (no ldmatrix: it moves 16-bit elements),
+// with row strides of a multiple of 32 floats plus 4, which makes every fragment load of a
+// warp hit 32 distinct banks. The score tile's C fragment is reused as the A fragment of the
+// next product without a shuffle: a thread holds the tile's columns 2c and 2c + 1 of rows g and
+// g + 8, and the mma's A fragment wants k = c and c + 4 of the same rows, so the product reads
+// value rows 2c and 2c + 1 of each 8-row chunk as its k = c and c + 4 (one permutation of k
+// applied to both operands leaves the product unchanged).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "backends/cuda/fp32_attention_common.cuh"
+#include "backends/cuda/launch.h"
+#include "orchard/params.h"
+#include "orchard/philox.h"
+
+namespace orchard::cuda {
+namespace {
+using namespace fp32;
+
+constexpr int kWarps = 4;
+constexpr int kRows = 16;                   // rows per warp: one mma M
+constexpr int kCtaRows = kWarps * kRows;    // 64
+constexpr int kCols = 32;                   // columns per tile
+constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
+
+// Shared-memory row stride (floats) of rows `width` wide: a multiple of 32 plus 4 (the bank
+// argument in the header comment needs stride = 4 mod 32).
+__host__ __device__ __forceinline__ int tc_stride(int width) { return (width + 31) / 32 * 32 + 4; }
+__host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
+
+// ---- 3xTF32 ------------------------------------------------------------------------------
+// cvt.rna.tf32.f32: round to nearest (ties away from zero) to 10 mantissa bits, the low 13 bits
+// of the result zero.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf / NaN as they are
+  return (u + 0x1000u) & 0xffffe000u;
+#endif
+}
+
+// x = big + small (to ~2^-22 relative). An infinite x keeps its inf in big and a zero small (inf -
+// inf would turn every product it meets into NaN, where fp32 gives inf).
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  const float rest = x - __uint_as_float(big);
+  small = to_tf32(rest == rest ? rest : 0.f);
+}
+
+// c += A B for one m16n8k8 tile (tf32 operands, fp32 accumulators). Fragments (PTX ISA, g = lane
+// / 4, c = lane % 4): A a0 (g, c), a1 (g + 8, c), a2 (g, c + 4), a3 (g + 8, c + 4); B b0 (k = c,
+// n = g), b1 (k = c + 4, n = g); C c0 (g, 2c), c1 (g, 2c + 1), c2 (g + 8, 2c), c3 (g + 8, 2c + 1).
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(ORCHARD_DECODE_EMU)
+  emu_mma1688_tf32(c, a, b0, b1);
+#endif
+}
+
+// A split A fragment, from four fp32 values in its register order.
+struct SplitA {
+  uint32_t big[4], small[4];
+  __device__ __forceinline__ SplitA(float x0, float x1, float x2, float x3) {
+    split_tf32(x0, big[0], small[0]);
+    split_tf32(x1, big[1], small[1]);
+    split_tf32(x2, big[2], small[2]);
+    split_tf32(x3, big[3], small[3]);
+  }
+};
+
+// c += A B in 3xTF32, B given as the fp32 values of b0 and b1. The small terms go first, so that
+// they are not lost against an accumulator that already holds the big product.
+__device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float b0, float b1) {
+  uint32_t big0, small0, big1, small1;
+  split_tf32(b0, big0, small0);
+  split_tf32(b1, big1, small1);
+  mma_tf32(c, a.small, big0, big1);
+  mma_tf32(c, a.big, small0, small1);
+  mma_tf32(c, a.big, big0, big1);
+}
+
+// ---- the two tile products ----------------------------------------------------------------
+// acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over width8 (a multiple of 8;
+// both zero from the true width on): acc[t] is the C fragment of columns 8t .. 8t + 7.
+__device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
+                                            const float* cols_s, int cols_stride, int width8, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int t = 0; t < kColTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  const float* r0 = rows_s + g * rows_stride + c;
+  const float* r1 = r0 + 8 * rows_stride;
+  const float* col = cols_s + g * cols_stride + c;
+  for (int k0 = 0; k0 < width8; k0 += 8) {
+    const SplitA a(r0[k0], r1[k0], r0[k0 + 4], r1[k0 + 4]);
+#pragma unroll
+    for (int t = 0; t < kColTiles; ++t) {
+      const float* b = col + 8 * t * cols_stride + k0;
+      mma_3xtf32(acc[t], a, b[0], b[4]);
+    }
+  }
+}
+
+// out += w (16 rows x kCols, as tile_scores' C fragments) times vals_s (kCols rows, the tile's)
+// over the columns < width8: out[t] is the C fragment of output columns 8t .. 8t + 7.
+template <int kOutTiles>
+__device__ __forceinline__ void tile_accumulate(float (&out)[kOutTiles][4], const float (&w)[kColTiles][4],
+                                                const float* vals_s, int vals_stride, int width8, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kColTiles; ++kk) {
+    // Weight columns 8kk + 2c, 8kk + 2c + 1 as k = c, c + 4 (header comment); value rows likewise.
+    const SplitA a(w[kk][0], w[kk][2], w[kk][1], w[kk][3]);
+    const float* v = vals_s + (8 * kk + 2 * c) * vals_stride + g;
+#pragma unroll
+    for (int t = 0; t < kOutTiles; ++t) {
+      if (8 * t >= width8) break;
+      mma_3xtf32(out[t], a, v[8 * t], v[vals_stride + 8 * t]);
+    }
+  }
+}
+
+template <int kTiles>
+__device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+}
+
+// The sum over the 4 threads of a quad (the threads holding one fragment row).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Rows (or columns) of a 16-row fragment a thread holds: row g (elements 0, 1) and g + 8 (2, 3);
+// columns 8t + 2c and 8t + 2c + 1 of each N tile t.
+__device__ __forceinline__ int frag_row(int lane, int half) { return (lane >> 2) + 8 * half; }
+__device__ __forceinline__ int frag_col(int lane, int t, int e) { return 8 * t + 2 * (lane & 3) + e; }
+
+// Writes a warp's 16 x width accumulator rows: row r to base + r * row_stride, times scale[half].
+template <int kTiles>
+__device__ __forceinline__ void store_rows(float* base, int64_t row_stride, const float (&acc)[kTiles][4],
+                                           const float (&scale)[2], const bool (&valid)[2], int width, int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (!valid[half]) continue;
+    float* row = base + frag_row(lane, half) * row_stride;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = frag_col(lane, t, e);
+        if (col < width) row[col] = acc[t][2 * half + e] * scale[half];
+      }
+  }
+}
+
+// ---- forward -------------------------------------------------------------------------------
+// Shared memory: the CTA's Q rows, the K tile, the V tile.
+std::size_t fwd_tc_smem_bytes(int d, int dv) {
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * tc_stride(d) + kCols * (tc_stride(d) + tc_stride(dv)));
+}
+
+// kOutTiles: dv <= 8 kOutTiles.
+template <int kOutTiles>
+__global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_blocks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
+  const int b = blk.b, h = blk.head, row0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
+  const int hk = h / (p.hq / p.hkv);
+  const int d = p.d, dv = value_dim(p);
+  const int qs = tc_stride(d), vs = tc_stride(dv);
+  float* q_s = reinterpret_cast<float*>(smem);
+  float* k_s = q_s + kCtaRows * qs;
+  float* v_s = k_s + kCols * qs;
+  const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                   span.q_start * p.q_row_stride;
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                   span.k_start * p.k_row_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                   span.k_start * p.v_row_stride;
+  const int warp_row0 = row0 + warp * kRows;
+  float* q_w = q_s + warp * kRows * qs;
+  stage_rows(q_w, qs, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d), 0,
+             1, lane);
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  ColRange visible[2];
+  BiasLine bias[2];
+  float m[2], l[2];  // l: this thread's columns only
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = warp_row0 + frag_row(lane, half);
+    visible[half] = i < span.len_q ? key_range(p, span, i) : ColRange{0, 0};
+    bias[half] = bias_line(p, b, h, i < span.len_q ? i : 0, true);
+    m[half] = -INFINITY;
+    l[half] = 0.f;
+  }
+  float o[kOutTiles][4];
+  zero(o);
+  const float slope = slope_of(p, b, h);
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kCols) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_keys.end - tile));
+    __syncthreads();  // the previous tile's K / V reads are done
+    stage_rows(k_s, qs, k + tile * p.k_row_stride, p.k_row_stride, kCols, n, d, pad8(d), warp, kWarps, lane);
+    stage_rows(v_s, vs, v + tile * p.v_row_stride, p.v_row_stride, kCols, n, dv, pad8(dv), warp, kWarps, lane);
+    __syncthreads();
+    if (tile >= warp_keys.end || tile + n <= warp_keys.begin) continue;  // no row of this warp sees the tile
+    float s[kColTiles][4];
+    tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t i = warp_row0 + frag_row(lane, half);
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = frag_col(lane, t, e);
+          const int64_t j = tile + col;
+          const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
+          float& x = s[t][2 * half + e];
+          x = seen ? final_score(p, x, slope, i, j, span.diag, bias[half], j) : -INFINITY;
+          tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
+        }
+      const float m_new = fmaxf(m[half], quad_max(tile_max));
+      const float corr = m_new == -INFINITY ? 1.f : expf(m[half] - m_new);  // m = -inf: 0
+      float sum = 0.f;
+#pragma unroll
+      for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[t][2 * half + e];
+          const int64_t j = tile + frag_col(lane, t, e);
+          const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
+          const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
+          sum += ex;
+          const bool keep = !dropout || !seen || dropout_kept(p, key, thr, b, h, i, j);
+          x = keep ? ex : 0.f;
+        }
+      m[half] = m_new;
+      l[half] = l[half] * corr + sum;
+#pragma unroll
+      for (int t = 0; t < kOutTiles; ++t) o[t][2 * half] *= corr, o[t][2 * half + 1] *= corr;
+    }
+    tile_accumulate(o, s, v_s, vs, pad8(dv), lane);
+  }
+  const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  float inv[2];
+  bool valid[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float sum = quad_sum(l[half]);
+    const int64_t i = warp_row0 + frag_row(lane, half);
+    valid[half] = i < span.len_q;
+    // sum = 0: the row saw no key (output 0, LSE -inf); NaN passes to both, as on the CPU.
+    const bool any = !(sum <= 0.f);
+    inv[half] = any ? drop_scale / sum : 0.f;
+    float lse = any ? m[half] + logf(sum) : -INFINITY;
+    if (p.sink != nullptr) {  // exp(sink) joins the denominator (params.h)
+      const float sink = p.sink[h];
+      const float top = fmaxf(m[half], sink);
+      const float a = any ? expf(m[half] - top) : 0.f;
+      const float total = sum * a + expf(sink - top);
+      inv[half] = drop_scale * a / total;
+      lse = top + logf(total);
+    }
+    if (valid[half] && (lane & 3) == 0)
+      static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = lse;
+  }
+  store_rows(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
+                 (span.q_start + warp_row0) * p.o_row_stride,
+             p.o_row_stride, o, inv, valid, dv, lane);
+}
+
+// ---- backward: dQ --------------------------------------------------------------------------
+// Shared memory: the CTA's Q rows and dO rows, the K tile, the V tile.
+std::size_t dq_tc_smem_bytes(int d, int dv) {
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows + kCols) * (tc_stride(d) + tc_stride(dv)));
+}
+
+// kOutTiles: d <= 8 kOutTiles.
+template <int kOutTiles>
+__global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
+  const int b = blk.b, h = blk.head, row0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
+  const int hk = h / (p.hq / p.hkv);
+  const int d = p.d, dv = value_dim(p);
+  const int qs = tc_stride(d), os = tc_stride(dv);
+  float* q_s = reinterpret_cast<float*>(smem);
+  float* do_s = q_s + kCtaRows * qs;
+  float* k_s = do_s + kCtaRows * os;
+  float* v_s = k_s + kCols * qs;
+  const int warp_row0 = row0 + warp * kRows;
+  float* q_w = q_s + warp * kRows * qs;
+  float* do_w = do_s + warp * kRows * os;
+  stage_rows(q_w, qs,
+             static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                 (span.q_start + warp_row0) * p.q_row_stride,
+             p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d), 0, 1, lane);
+  stage_rows(do_w, os,
+             static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                 (span.q_start + warp_row0) * p.do_row_stride,
+             p.do_row_stride, kRows, span.len_q - warp_row0, dv, pad8(dv), 0, 1, lane);
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                   span.k_start * p.k_row_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                   span.k_start * p.v_row_stride;
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+  ColRange visible[2];
+  BiasLine bias[2];
+  float lse[2], D[2];
+  bool valid[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = warp_row0 + frag_row(lane, half);
+    valid[half] = i < span.len_q;
+    visible[half] = valid[half] ? key_range(p, span, i) : ColRange{0, 0};
+    bias[half] = bias_line(p, b, h, valid[half] ? i : 0, true);
+    lse[half] = valid[half] ? lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride +
+                                                                         h * p.lse_head_stride + span.q_start + i])
+                            : INFINITY;
+    D[half] = valid[half] ? dsum[bh * p.sq + i] : 0.f;
+  }
+  float dq[kOutTiles][4];
+  zero(dq);
+  const float slope = slope_of(p, b, h);
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kCols) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_keys.end - tile));
+    __syncthreads();  // the previous tile's K / V reads are done
+    stage_rows(k_s, qs, k + tile * p.k_row_stride, p.k_row_stride, kCols, n, d, pad8(d), warp, kWarps, lane);
+    stage_rows(v_s, os, v + tile * p.v_row_stride, p.v_row_stride, kCols, n, dv, pad8(dv), warp, kWarps, lane);
+    __syncthreads();
+    if (tile >= warp_keys.end || tile + n <= warp_keys.begin) continue;  // no row of this warp sees the tile
+    float s[kColTiles][4], dp[kColTiles][4];
+    tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
+    tile_scores(dp, do_w, os, v_s, os, pad8(dv), lane);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t i = warp_row0 + frag_row(lane, half);
+#pragma unroll
+      for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = frag_col(lane, t, e);
+          const int64_t j = tile + col;
+          const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
+          float ds = 0.f;
+          if (seen) {
+            float dt;
+            const float pv = expf(final_score(p, s[t][2 * half + e], slope, i, j, span.diag, bias[half], j, &dt) -
+                                  lse[half]);
+            const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
+            ds = pv * ((keep ? dp[t][2 * half + e] * rdrop : 0.f) - D[half]) * dt;
+          }
+          s[t][2 * half + e] = ds;
+        }
+    }
+    tile_accumulate(dq, s, k_s, qs, pad8(d), lane);
+  }
+  const float scale[2] = {p.scale, p.scale};
+  store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
+                 (span.q_start + warp_row0) * p.dq_row_stride,
+             p.dq_row_stride, dq, scale, valid, d, lane);
+}
+
+// ---- backward: dK / dV ---------------------------------------------------------------------
+// Shared memory: the CTA's K rows and V rows, the Q tile, the dO tile (101,376 bytes at d = dv =
+// 128: exactly the 99 KB opt-in of sm_86 / sm_89, so each thread reads its columns' LSE and D
+// from global memory (L1) where it needs them).
+std::size_t dkdv_tc_smem_bytes(int d, int dv) {
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows + kCols) * (tc_stride(d) + tc_stride(dv)));
+}
+
+// kOutTiles: d, dv <= 8 kOutTiles.
+template <int kOutTiles>
+__global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, const float* dsum, int row_blocks) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowBlock blk = row_block(p.hkv, row_blocks, kCtaRows);
+  const int b = blk.b, hk = blk.head, key0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (key0 >= span.len_k) return;  // varlen: past this sequence (the whole CTA)
+  const int group = p.hq / p.hkv;
+  const int d = p.d, dv = value_dim(p);
+  const int ks = tc_stride(d), vs = tc_stride(dv);
+  float* k_s = reinterpret_cast<float*>(smem);
+  float* v_s = k_s + kCtaRows * ks;
+  float* q_s = v_s + kCtaRows * vs;  // the query tile (stride ks) and dO tile (stride vs)
+  float* do_s = q_s + kCols * ks;
+  const int warp_key0 = key0 + warp * kRows;
+  float* k_w = k_s + warp * kRows * ks;
+  float* v_w = v_s + warp * kRows * vs;
+  stage_rows(k_w, ks,
+             static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                 (span.k_start + warp_key0) * p.k_row_stride,
+             p.k_row_stride, kRows, span.len_k - warp_key0, d, pad8(d), 0, 1, lane);
+  stage_rows(v_w, vs,
+             static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                 (span.k_start + warp_key0) * p.v_row_stride,
+             p.v_row_stride, kRows, span.len_k - warp_key0, dv, pad8(dv), 0, 1, lane);
+  // The query rows any key of the CTA (of this warp) is seen by; each of this thread's keys' own.
+  const ColRange cta_rows = union_of_ranges(p, span, key0, kCtaRows, span.len_k, QueryRange{});
+  const ColRange warp_rows = union_of_ranges(p, span, warp_key0, kRows, span.len_k, QueryRange{});
+  ColRange seen_by[2];
+  bool valid[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = warp_key0 + frag_row(lane, half);
+    valid[half] = j < span.len_k;
+    seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
+  }
+  float dk[kOutTiles][4], dvacc[kOutTiles][4];
+  zero(dk);
+  zero(dvacc);
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
+  const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  for (int hh = 0; hh < group; ++hh) {
+    const int h = hk * group + hh;
+    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+    const float slope = slope_of(p, b, h);
+    BiasLine bias[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
+    const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                     span.q_start * p.q_row_stride;
+    const float* dO = static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                      span.q_start * p.do_row_stride;
+    const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
+                           span.q_start;
+    for (int64_t tile = cta_rows.begin; tile < cta_rows.end; tile += kCols) {
+      const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_rows.end - tile));
+      __syncthreads();  // the previous tile's reads are done
+      stage_rows(q_s, ks, q + tile * p.q_row_stride, p.q_row_stride, kCols, n, d, pad8(d), warp, kWarps, lane);
+      stage_rows(do_s, vs, dO + tile * p.do_row_stride, p.do_row_stride, kCols, n, dv, pad8(dv), warp, kWarps,
+                 lane);
+      __syncthreads();
+      if (tile >= warp_rows.end || tile + n <= warp_rows.begin) continue;  // no key of this warp is seen
+      float s[kColTiles][4], dp[kColTiles][4];
+      tile_scores(s, k_w, ks, q_s, ks, pad8(d), lane);
+      tile_scores(dp, v_w, vs, do_s, vs, pad8(dv), lane);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j = warp_key0 + frag_row(lane, half);
+#pragma unroll
+        for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = frag_col(lane, t, e);
+            const int64_t i = tile + col;
+            const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
+            float pd = 0.f, ds = 0.f;
+            if (seen) {
+              float dt;
+              const float score = final_score(p, s[t][2 * half + e], slope, i, j, span.diag, bias[half], i, &dt);
+              const float pv = expf(score - lse_or_inf(lse_row[i]));
+              const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
+              pd = keep ? pv * rdrop : 0.f;
+              ds = pv * ((keep ? dp[t][2 * half + e] * rdrop : 0.f) - dsum[bh * p.sq + i]) * dt;
+            }
+            s[t][2 * half + e] = pd;
+            dp[t][2 * half + e] = ds;
+          }
+      }
+      tile_accumulate(dvacc, s, do_s, vs, pad8(dv), lane);
+      tile_accumulate(dk, dp, q_s, ks, pad8(d), lane);
+    }
+  }
+  const float scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
+  store_rows(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
+                 (span.k_start + warp_key0) * p.dk_row_stride,
+             p.dk_row_stride, dk, scale, valid, d, lane);
+  store_rows(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
+                 (span.k_start + warp_key0) * p.dv_row_stride,
+             p.dv_row_stride, dvacc, one, valid, dv, lane);
+}
+
+// ---- launches ------------------------------------------------------------------------------
+// ORCHARD_CUDA_FP32_TC=0 (read per call) keeps every fp32 call on the SIMT kernels (A/B timing).
+bool tensor_cores_enabled() {
+  const char* e = std::getenv("ORCHARD_CUDA_FP32_TC");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
+bool fits(std::size_t smem) { return smem <= static_cast<std::size_t>(smem_optin_bytes()); }
+
+// kernel_for(std::integral_constant<int, kOutTiles>) for the smallest of 8, 16 (and 32 where
+// kWide) tiles that holds `width` columns.
+template <bool kWide, typename Pick>
+void by_width(int width, Pick&& kernel_for) {
+  if (width <= 64) kernel_for(std::integral_constant<int, 8>{});
+  else if (!kWide || width <= 128) kernel_for(std::integral_constant<int, 16>{});
+  else if constexpr (kWide) kernel_for(std::integral_constant<int, 32>{});
+}
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t ctas, std::size_t smem, void* stream, const char* name, const Args&... args) {
+  if (ctas == 0) return;
+  set_max_dynamic_smem(kernel, static_cast<int>(smem));
+  kernel<<<static_cast<unsigned>(ctas), kWarps * 32, smem, static_cast<cudaStream_t>(stream)>>>(args...);
+  check_launch(name);
+}
+
+int row_blocks_of(int rows) { return (rows + kCtaRows - 1) / kCtaRows; }
+
+}  // namespace
+
+bool fp32_fwd_takes_tensor_cores(const FwdParams& p) {
+  return tensor_cores_enabled() && fits(fwd_tc_smem_bytes(p.d, value_dim(p)));
+}
+
+bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
+  // d > 128 would hold dK and dV's 2 x 128 accumulators per thread next to the tiles': past the
+  // 255-register limit, so those stay on the SIMT kernels.
+  const int d = p.d, dv = value_dim(p);
+  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(dq_tc_smem_bytes(d, dv)) &&
+         fits(dkdv_tc_smem_bytes(d, dv));
+}
+
+void run_fwd_fp32_tc(const FwdParams& p) {
+  const int row_blocks = row_blocks_of(p.sq);
+  const std::size_t smem = fwd_tc_smem_bytes(p.d, value_dim(p));
+  by_width<true>(value_dim(p), [&](auto tiles) {
+    launch(fwd_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * row_blocks, smem, p.stream, "fwd_tc_kernel",
+           p, row_blocks);
+  });
+}
+
+void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
+  const int d = p.d, dv = value_dim(p);
+  const int q_blocks = row_blocks_of(p.sq), k_blocks = row_blocks_of(p.sk);
+  by_width<false>(d, [&](auto tiles) {
+    launch(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, dq_tc_smem_bytes(d, dv), p.stream,
+           "bwd_dq_tc_kernel", p, dsum, q_blocks);
+  });
+  by_width<false>(d > dv ? d : dv, [&](auto tiles) {
+    launch(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, dkdv_tc_smem_bytes(d, dv),
+           p.stream, "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
+  });
+}
+
+}  // namespace orchard::cuda
