@@ -1,6 +1,8 @@
-"""float32 attention on CUDA: Orchard's SIMT kernels (flash_fp32.cu, and the decode kernel for
-few query rows) against torch SDPA's float32 backends (efficient = xformers-style CUTLASS SIMT
-kernels, math = matmuls + softmax), timed in the same process on the same card.
+"""float32 attention on CUDA: Orchard's kernels (the 3xTF32 tensor-core kernels of flash_fp32_tc.cu
+by default, "orchard_simt" = the SIMT kernels of flash_fp32.cu through ORCHARD_CUDA_FP32_TC=0,
+and the decode kernel for few query rows) against torch SDPA's float32 backends (efficient =
+CUTLASS kernels, fp32 as 3xTF32 on tensor cores; math = matmuls + softmax), timed in the same
+process on the same card.
 
 Prefill / training points: forward and forward + backward, (B, S, H, D) inputs, causal and
 not. Decode points: one query row per sequence (GQA 4:1) against a long key set, forward only.
@@ -12,6 +14,7 @@ else CUDA events around back-to-back calls. Prints a markdown table; --out write
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +41,29 @@ def sdpa(backend, enable_gqa=False):
 
 IMPLS = {
     "orchard": lambda q, k, v, causal: orchard.flash_attn_func(q, k, v, causal=causal),
+    "orchard_simt": lambda q, k, v, causal: orchard.flash_attn_func(q, k, v, causal=causal),
     "sdpa_efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
     "sdpa_math": sdpa(SDPBackend.MATH),
 }
+ENV = {"orchard_simt": {"ORCHARD_CUDA_FP32_TC": "0"}}  # set around the timed call (read per call)
+
+
+def with_env(fn, env):
+    if not env:
+        return fn
+
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def time_ms(fn):
@@ -66,7 +89,7 @@ def prefill_rows(points, backward):
                 fn = lambda run=run: torch.autograd.grad(run(q, k, v, causal), (q, k, v), do)  # noqa: E731
             else:
                 fn = lambda run=run: run(q, k, v, causal)  # noqa: E731
-            times[name] = time_ms(fn)
+            times[name] = time_ms(with_env(fn, ENV.get(name)))
         rows.append(((b, s, h, d, causal), times, flops))
     return rows
 
@@ -77,6 +100,7 @@ def decode_rows(points):
         q = torch.randn(b, 1, hq, d, device="cuda")
         k, v = (torch.randn(b, sk, hkv, d, device="cuda") for _ in range(2))
         times = {"orchard": time_ms(lambda: orchard.flash_attn_func(q, k, v))}
+        times["orchard_simt"] = float("nan")  # (decode rows take the decode kernel either way)
         for name, backend in (("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa_math", SDPBackend.MATH)):
             times[name] = time_ms(lambda backend=backend: sdpa(backend, enable_gqa=True)(q, k, v, False))
         rows.append(((b, sk, hq, hkv, d), times, 4 * b * hq * sk * d))
@@ -86,12 +110,13 @@ def decode_rows(points):
 def table(title, head, rows):
     names = list(IMPLS)
     out = [f"### {title}", "", f"| {head} | " + " | ".join(f"{n} ms" for n in names) +
-           " | orchard TFLOP/s | peer's time / orchard's |", "|" + "---|" * (len(names) + 3)]
+           " | orchard TFLOP/s | peer's time / orchard's | simt's time / orchard's |", "|" + "---|" * (len(names) + 4)]
     for point, times, flops in rows:
-        peers = [times[n] for n in names[1:] if times[n] == times[n]]
+        peers = [times[n] for n in names if not n.startswith("orchard") and times[n] == times[n]]
         best = min(peers) if peers else float("nan")
         out.append(f"| {' '.join(map(str, point))} | " + " | ".join(f"{times[n]:.3f}" for n in names) +
-                   f" | {flops / times['orchard'] / 1e9:.2f} | {best / times['orchard']:.2f}x |")
+                   f" | {flops / times['orchard'] / 1e9:.2f} | {best / times['orchard']:.2f}x"
+                   f" | {times['orchard_simt'] / times['orchard']:.2f}x |")
     return "\n".join(out) + "\n"
 
 

@@ -1,5 +1,6 @@
-// Runs the CUDA float32 forward and backward (flash_fp32.cu's run_fwd_fp32 / run_bwd_fp32,
-// CPU-emulated: see dev/decode_emu/shim/) against a naive fp64 reference written here from
+// Runs the CUDA float32 forward and backward (flash_fp32.cu's run_fwd_fp32 / run_bwd_fp32, which
+// take flash_fp32_tc.cu's tensor-core kernels where they fit unless ORCHARD_CUDA_FP32_TC=0, else
+// the SIMT kernels; CPU-emulated: see dev/decode_emu/shim/) against a naive fp64 reference written here from
 // params.h's definitions, on fixed and random cases: each case runs the forward, judges out and
 // lse, then (unless forward-only) runs the backward on the forward's out and lse with a random
 // dO and judges dq, dk, dv against the fp64 gradient, and runs it again for bitwise equality.
@@ -128,6 +129,7 @@ struct Result {
   double worst = 0;  // the largest |x - ref| / (1 + |ref|) over out and lse
   long bad_out = 0, bad_lse = 0, stray = 0;
   unsigned threads = 0;  // of the launch's CTAs
+  bool tc_fwd = false, tc_bwd = false;  // which family ran: flash_fp32_tc.cu's or the SIMT kernels
   std::string nan_note;
   // The backward (when run).
   bool bwd = false;
@@ -259,11 +261,13 @@ Result run_case(const Case& c) {
 
   emu_device = c.device;
   blockDim = dim3(0);
+  const bool tc_fwd = cuda::fp32_fwd_takes_tensor_cores(p);
   cuda::run_fwd_fp32(p);
 
   // fp64 reference, straight from params.h's definitions; dropout applied by philox.h's
   // keep rule (the definition of the mask, shared with every backend).
   Result res;
+  res.tc_fwd = tc_fwd;
   res.threads = blockDim.x;
   std::vector<char> owned_out(out.data.size()), owned_lse(lse.size());
   const uint32_t thr = dropout_keep_threshold(c.dropout);
@@ -428,6 +432,7 @@ Result run_case(const Case& c) {
     std::fill(ws.get(), ws.get() + ws_floats, poison());
     emu_device = bwd_device(c.device);
     blockDim = dim3(0);
+    res.tc_bwd = cuda::fp32_bwd_takes_tensor_cores(bp);
     const auto t0 = std::chrono::steady_clock::now();
     cuda::run_bwd_fp32(bp);
     res.bwd_secs += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -587,6 +592,18 @@ std::vector<Case> fixed_cases() {
     c.hq = 8, c.hkv = 1, c.d = 256, c.lq = {9, 0, 40}, c.lk = {33, 5, 70}, c.dropout = 0.2f, c.bias = 1, c.wl = 20;
     c.device = 1;
   });
+  // The tensor-core kernels' accumulator widths at their edges (kOutTiles 8 / 16 / 32), the
+  // backward's dQ and dK / dV on different widths, head dims far from a multiple of 8, a window
+  // whose warps skip the middle tiles, GQA with a bias and dropout, and the dQ / dK-dV shared
+  // memory at d = dv = 128 exactly at device 2's 99 KB (sm_86 / sm_89).
+  add([](Case& c) { c.sq = 40, c.sk = 70, c.d = 72, c.dv = 136, c.causal = true; });
+  add([](Case& c) { c.sq = 40, c.sk = 70, c.hq = 2, c.d = 8, c.dv = 128, c.softcap = 4.f; });
+  add([](Case& c) { c.sq = 70, c.sk = 40, c.hq = 2, c.d = 128, c.dv = 8, c.alibi = 1; });
+  add([](Case& c) { c.sq = 33, c.sk = 41, c.hq = 2, c.d = 3, c.causal = true; });
+  add([](Case& c) { c.sq = 33, c.sk = 41, c.d = 17, c.dv = 65, c.wl = 9, c.wr = 0; });
+  add([](Case& c) { c.sq = 300, c.sk = 300, c.d = 32, c.wl = 8, c.wr = 3; });
+  add([](Case& c) { c.b = 2, c.sq = 40, c.sk = 75, c.hq = 8, c.hkv = 1, c.d = 128, c.bias = 1, c.dropout = 0.25f; });
+  add([](Case& c) { c.sq = 40, c.sk = 70, c.hq = 2, c.d = 128, c.causal = true, c.device = 1; });
   // A NaN in the query: out and lse of that row NaN expected, printed rather than judged.
   add([](Case& c) { c.sq = 20, c.sk = 50, c.d = 64, c.nan_row = true; });
   add([](Case& c) { c.sq = 20, c.sk = 50, c.d = 64, c.nan_row = true, c.sink = true, c.causal = true; });
@@ -618,7 +635,7 @@ int main(int argc, char** argv) {
   if (fwd_only)
     for (Case& c : cases) c.bwd = false;
   const auto t0 = std::chrono::steady_clock::now();
-  int passed = 0, run = 0, bwd_run = 0;
+  int passed = 0, run = 0, bwd_run = 0, tc_fwd = 0, tc_bwd = 0;
   double worst = 0, worst_g[3] = {0, 0, 0}, bwd_secs = 0;
   const bool verbose = std::getenv("EMU_VERBOSE") != nullptr;  // a line for every case
   for (size_t id = 0; id < cases.size(); ++id) {
@@ -632,18 +649,20 @@ int main(int argc, char** argv) {
       for (int t = 0; t < 3; ++t) worst_g[t] = std::max(worst_g[t], r.worst_g[t]);
     }
     bwd_run += r.bwd, bwd_secs += r.bwd_secs;
+    tc_fwd += r.tc_fwd, tc_bwd += r.bwd && r.tc_bwd;
     if (!r.ok || verbose) {
       std::printf("%s case %3zu %s: worst err %.3g (tol %.0e), %ld out / %ld lse beyond it, %ld stray writes; "
-                  "%u threads, %.2f s\n",
+                  "%u threads, %s, %.2f s\n",
                   r.ok ? "ok  " : "FAIL", id, describe(cases[id]).c_str(), r.worst, kTol, r.bad_out, r.bad_lse,
-                  r.stray, r.threads, std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count());
+                  r.stray, r.threads, r.tc_fwd ? "tensor cores" : "SIMT",
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count());
       if (r.bwd)
         std::printf("     bwd: worst err dq %.3g dk %.3g dv %.3g (tol %.0e; scale %.3g %.3g %.3g, max |ref| %.3g %.3g "
                     "%.3g), %ld / %ld / %ld beyond it, %ld stray writes, %ld workspace, %ld nondeterministic; "
-                    "%u threads, %.2f s\n",
+                    "%u threads, %s, %.2f s\n",
                     r.worst_g[0], r.worst_g[1], r.worst_g[2], kBwdTol, r.scale[0], r.scale[1], r.scale[2],
                     r.max_ref[0], r.max_ref[1], r.max_ref[2], r.bad_g[0], r.bad_g[1], r.bad_g[2], r.bwd_stray,
-                    r.ws_bad, r.nondet, r.bwd_threads, r.bwd_secs);
+                    r.ws_bad, r.nondet, r.bwd_threads, r.tc_bwd ? "tensor cores" : "SIMT", r.bwd_secs);
     }
     if (!r.nan_note.empty())
       std::printf("note case %3zu %s: %s\n", id, describe(cases[id]).c_str(), r.nan_note.c_str());
@@ -654,6 +673,7 @@ int main(int argc, char** argv) {
               worst, kTol);
   if (bwd_run)
     std::printf(", bwd dq %.3g dk %.3g dv %.3g (tol %.0e)", worst_g[0], worst_g[1], worst_g[2], kBwdTol);
-  std::printf("; %.1f s (backward %.1f s)\n", secs, bwd_secs);
+  std::printf("; tensor cores ran %d of %d forwards, %d of %d backwards; %.1f s (backward %.1f s)\n", tc_fwd, run,
+              tc_bwd, bwd_run, secs, bwd_secs);
   return passed == run ? 0 : 1;
 }

@@ -5,6 +5,7 @@ tolerance rule; the debug log names the family that ran; the tensor-core backwar
 deterministic; head dims above 128 keep the backward on SIMT."""
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -48,21 +49,50 @@ def _kwargs(feature, hq):
     return kw, ref_kw
 
 
-@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("d,dv", [(40, 40), (64, 64), (128, 128), (36, 72), (128, 8)])
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_features_forward_and_backward(feature, d, family, debug_log):
-    torch.manual_seed(hash((feature, d)) % 2**31)
+def test_features_forward_and_backward(feature, d, dv, family, debug_log):
+    torch.manual_seed(zlib.crc32(f"{feature} {d} {dv}".encode()))
     b, sq, sk, hq, hkv = 2, 130, 150, 4, 2  # GQA, partial tiles at both ends
     q = randn(b, sq, hq, d, device="cuda", requires_grad=True)
-    k, v = (randn(b, sk, hkv, d, device="cuda", requires_grad=True) for _ in range(2))
-    dout = randn(b, sq, hq, d, device="cuda")
+    k = randn(b, sk, hkv, d, device="cuda", requires_grad=True)
+    v = randn(b, sk, hkv, dv, device="cuda", requires_grad=True)
+    dout = randn(b, sq, hq, dv, device="cuda")
     kw, ref_kw = _kwargs(feature, hq)
     out = orchard.flash_attn_func(q, k, v, **kw)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     logged = debug_log()
     assert [ln.split()[0] for ln in logged] == ["FWD", "BWD"], logged
     assert all(f"{VARIANT[family]}" in ln for ln in logged), logged
-    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"{feature} d{d} {family}")
+    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"{feature} d{d} dv{dv} {family}")
+
+
+def test_dropout_masks_agree(family, debug_log):
+    """Dropout forward and backward on either family: the returned keep-mask is Philox's (the same
+    in both families for the same seed), and out / grads match the reference that applies it."""
+    torch.manual_seed(12)
+    q = randn(1, 90, 4, 64, device="cuda", requires_grad=True)
+    k, v = (randn(1, 110, 2, 64, device="cuda", requires_grad=True) for _ in range(2))
+    dout = randn(1, 90, 4, 64, device="cuda")
+    torch.manual_seed(99)
+    out, _, mask = orchard.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(debug_log()) == 2 and all(VARIANT[family] in ln for ln in debug_log()), debug_log()
+    keep = mask > 0 if mask.dtype != torch.bool else mask
+    ref_kw = dict(causal=True, keep_mask=keep, dropout_p=0.3)
+    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"dropout {family}")
+
+
+def test_widest_forward(family, debug_log):
+    """d = 256 (the 32-tile accumulators; 133 KB of shared memory on the tensor-core path)."""
+    torch.manual_seed(13)
+    q = randn(2, 100, 2, 256, device="cuda")
+    k, v = randn(2, 90, 2, 256, device="cuda"), randn(2, 90, 2, 256, device="cuda")
+    out = orchard.flash_attn_func(q, k, v, causal=True)
+    assert len(debug_log()) == 1 and VARIANT[family] in debug_log()[0], debug_log()
+    ref, _ = feature_attention_ref(q, k, v, causal=True)
+    naive, _ = feature_attention_ref(q, k, v, causal=True, upcast=False)
+    check_close_rule(out, ref, naive, ATOL, f"d256 {family}")
 
 
 @pytest.mark.parametrize("mask", ["bool", "float"])
@@ -80,7 +110,7 @@ def test_masks(mask, family, debug_log):
     out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=m)
     dout = randn(*out.shape, device="cuda")
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    assert all(VARIANT[family] in ln for ln in debug_log()), debug_log()
+    assert len(debug_log()) == 2 and all(VARIANT[family] in ln for ln in debug_log()), debug_log()
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
     ref_kw = dict(bias=m)
     check_against_references(out.transpose(1, 2), [g.transpose(1, 2) for g in grads], qs, ks, vs,
@@ -99,7 +129,7 @@ def test_varlen(family, debug_log):
     out = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
     dout = randn(*out.shape, device="cuda")
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    assert all(VARIANT[family] in ln for ln in debug_log()), debug_log()
+    assert len(debug_log()) == 2 and all(VARIANT[family] in ln for ln in debug_log()), debug_log()
     got = [torch.zeros_like(t) for t in (q, k, v)]
     for i in range(len(lens_q)):
         if lens_q[i] == 0:  # its keys' dk, dv stay 0
@@ -115,7 +145,8 @@ def test_varlen(family, debug_log):
         torch.testing.assert_close(g.double(), r.double(), atol=4 * ATOL, rtol=1e-4, msg=f"d{name} {family}")
 
 
-def test_tensor_core_backward_is_deterministic(debug_log):
+def test_tensor_core_backward_is_deterministic(debug_log, monkeypatch):
+    monkeypatch.delenv("ORCHARD_CUDA_FP32_TC", raising=False)
     torch.manual_seed(8)
     q = randn(2, 300, 8, 64, device="cuda", requires_grad=True)
     k, v = (randn(2, 300, 2, 64, device="cuda", requires_grad=True) for _ in range(2))
@@ -127,9 +158,10 @@ def test_tensor_core_backward_is_deterministic(debug_log):
         assert torch.equal(a, b)
 
 
-def test_wide_heads_keep_the_backward_on_simt(debug_log):
+def test_wide_heads_keep_the_backward_on_simt(debug_log, monkeypatch):
     """d > 128: the forward on tensor cores, the backward on SIMT (dK and dV's accumulators would
     not fit the registers next to the tiles')."""
+    monkeypatch.delenv("ORCHARD_CUDA_FP32_TC", raising=False)
     torch.manual_seed(4)
     q = randn(1, 70, 2, 192, device="cuda", requires_grad=True)
     k, v = (randn(1, 80, 2, 192, device="cuda", requires_grad=True) for _ in range(2))

@@ -135,7 +135,7 @@ inline int __any_sync(unsigned, int pred) {
 // mma.m16n8k8 row.col with tf32 operands and fp32 accumulators: A 16x8 (a0 (g, c), a1 (g + 8, c),
 // a2 (g, c + 4), a3 (g + 8, c + 4)), B 8x8 (b0 (k = c, n = g), b1 (k = c + 4, n = g)), C 16x8
 // (c0, c1 (g, 2c..2c + 1), c2, c3 (g + 8, 2c..)), g = lane / 4, c = lane % 4; an operand's low 13
-// bits are ignored (tf32), and the exact products are summed in fp32.
+// bits are ignored (tf32); the sum's rounding is the tensor cores' (below), not fp32's.
 // One barrier per call, not two: calls alternate between two exchange buffers (every lane of a
 // warp makes the same calls, so the lanes' call counts agree), and a buffer is rewritten only after
 // the next call's barrier, which no lane passes before it has read this one.
@@ -161,9 +161,29 @@ inline void emu_mma1688_tf32(float (&c)[4], const std::uint32_t (&a)[4], std::ui
   const int g = l / 4, cc = l % 4;
   for (int i = 0; i < 4; ++i) {
     const int r = g + (i >= 2 ? 8 : 0), n = 2 * cc + (i & 1);
-    float s = c[i];
-    for (int k = 0; k < 8; ++k) s += A[r][k] * B[k][n];
-    c[i] = s;
+    // Tensor cores do not round like a chain of fp32 adds: they align the exact products and the
+    // accumulator to the largest one's exponent, dropping the bits below (truncation), and round
+    // the sum toward zero. This models that, a harsher rounding than fp32's (Fasi et al. 2021
+    // measured it on V100 / T4 / A100), so the kernels' error margins are not flattered.
+    double term[9];
+    term[8] = c[i];
+    double top = std::fabs(term[8]);
+    for (int k = 0; k < 8; ++k) {
+      term[k] = double(A[r][k]) * double(B[k][n]);  // exact: two 11-bit significands
+      top = std::max(top, std::fabs(term[k]));
+    }
+    double sum = 0;
+    if (top > 0 && std::isfinite(top)) {
+      int e;
+      std::frexp(top, &e);
+      const double unit = std::ldexp(1.0, e - 24);  // fp32's last place at the largest term
+      for (double t : term) sum += std::trunc(t / unit) * unit;
+    } else {
+      for (double t : term) sum += t;  // zeros, or inf / NaN as IEEE arithmetic has them
+    }
+    float f = static_cast<float>(sum);
+    if (std::isfinite(f) && std::fabs(double(f)) > std::fabs(sum)) f = std::nextafter(f, 0.f);  // toward zero
+    c[i] = f;
   }
 }
 

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "backends/cuda/fp32_attention_common.cuh"
@@ -67,12 +68,14 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
-// x = big + small (to ~2^-22 relative). An infinite x keeps its inf in big and a zero small (inf -
-// inf would turn every product it meets into NaN, where fp32 gives inf).
+// x = big + small (to ~2^-22 relative). Not for non-finite x: an inf operand (or a finite one
+// within 2^-12 of FLT_MAX, whose big part rounds to inf) leaves small = inf - inf = NaN, so every
+// product it takes part in is NaN where fp32 FMA gives inf; so does CUTLASS's split, which SDPA's
+// efficient fp32 kernels use. (Keeping the inf in big alone would not help: the hardware's
+// inf * 0 of big_a * small_b, where b's small part is 0, is NaN too.) The README says so.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
   big = to_tf32(x);
-  const float rest = x - __uint_as_float(big);
-  small = to_tf32(rest == rest ? rest : 0.f);
+  small = to_tf32(x - __uint_as_float(big));
 }
 
 // c += A B for one m16n8k8 tile (tf32 operands, fp32 accumulators). Fragments (PTX ISA, g = lane
@@ -87,6 +90,8 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #elif defined(ORCHARD_DECODE_EMU)
   emu_mma1688_tf32(c, a, b0, b1);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // no tf32 mma before sm_80 (the backend's kernels all need sm_80)
 #endif
 }
 
@@ -543,9 +548,13 @@ bool fits(std::size_t smem) { return smem <= static_cast<std::size_t>(smem_optin
 // kWide) tiles that holds `width` columns.
 template <bool kWide, typename Pick>
 void by_width(int width, Pick&& kernel_for) {
-  if (width <= 64) kernel_for(std::integral_constant<int, 8>{});
-  else if (!kWide || width <= 128) kernel_for(std::integral_constant<int, 16>{});
-  else if constexpr (kWide) kernel_for(std::integral_constant<int, 32>{});
+  if (width <= 64) return kernel_for(std::integral_constant<int, 8>{});
+  if (width <= 128) return kernel_for(std::integral_constant<int, 16>{});
+  if constexpr (kWide) {
+    if (width <= 256) return kernel_for(std::integral_constant<int, 32>{});
+  }
+  throw Error(ErrorKind::kNotImplemented, "fp32 tensor-core kernels: head dim " + std::to_string(width) +
+                                              " is wider than their accumulators");
 }
 
 template <typename Kernel, typename... Args>
