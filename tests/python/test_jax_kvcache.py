@@ -157,3 +157,15 @@ def test_cuda_handler_matches_cpu():
         **{n: jax.device_put(jnp.asarray(v), gpu) for n, v in a.items()}, causal=True, return_softmax_lse=True)]
     for name, c, g in zip(("out", "lse", "k_cache", "v_cache"), cpu, cuda):
         np.testing.assert_allclose(g, c, atol=2e-3, rtol=2e-3, err_msg=name)
+
+
+def test_gradient_is_refused_by_name():
+    arrays = _case(False)
+
+    def loss(q):
+        out, _, _ = ojax.flash_attn_with_kvcache(q, arrays["k_cache"], arrays["v_cache"],
+                                                 cache_seqlens=arrays["cache_seqlens"])
+        return out.sum()
+
+    with pytest.raises(NotImplementedError, match="orchard.jax.flash_attn_with_kvcache is forward only"):
+        jax.grad(loss)(jnp.asarray(arrays["q"]))

@@ -363,11 +363,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             input_output_aliases={1: 2, 2: 3})
     left, right = (int(w) for w in window_size)
     scale = _default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    out, lse, k_new, v_new = call(*operands, softmax_scale=np.float64(scale),
-                                  causal=np.int32(bool(causal)), window_left=np.int64(left),
-                                  window_right=np.int64(right), softcap=np.float64(softcap),
-                                  rotary_interleaved=np.int32(bool(rotary_interleaved)),
-                                  num_splits=np.int32(num_splits),
-                                  check_device_indices=np.int32(bool(check_device_indices)),
-                                  present=np.int32(present))
+    attrs = dict(softmax_scale=np.float64(scale), causal=np.int32(bool(causal)), window_left=np.int64(left),
+                 window_right=np.int64(right), softcap=np.float64(softcap),
+                 rotary_interleaved=np.int32(bool(rotary_interleaved)), num_splits=np.int32(num_splits),
+                 check_device_indices=np.int32(bool(check_device_indices)), present=np.int32(present))
+    out, lse, k_new, v_new = _forward_only(op, lambda *xs: call(*xs, **attrs), *operands)
     return (out, lse, k_new, v_new) if return_softmax_lse else (out, k_new, v_new)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _forward_only(op, fn, *operands):
+    """fn(*operands), with a differentiation rule that names the op instead of JAX's generic "the
+    FFI call cannot be differentiated"."""
+    return fn(*operands)
+
+
+@_forward_only.defjvp
+def _forward_only_jvp(op, fn, primals, tangents):
+    raise NotImplementedError(f"{op} is forward only (a decode step has no gradient); differentiate "
+                              "orchard.jax.flash_attn_func or flash_attn_varlen_func for training")
