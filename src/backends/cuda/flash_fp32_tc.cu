@@ -116,6 +116,17 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float
   mma_tf32(c, a.big, small0, small1);
   mma_tf32(c, a.big, big0, big1);
 }
+// The same with the small terms summed apart, in `fix`: the tensor cores align each sum to its
+// largest term and drop the bits below (truncation), so small terms added to a large running sum
+// lose most of theirs; in their own accumulator they keep them.
+__device__ __forceinline__ void mma_3xtf32(float (&c)[4], float (&fix)[4], const SplitA& a, float b0, float b1) {
+  uint32_t big0, small0, big1, small1;
+  split_tf32(b0, big0, small0);
+  split_tf32(b1, big1, small1);
+  mma_tf32(fix, a.small, big0, big1);
+  mma_tf32(fix, a.big, small0, small1);
+  mma_tf32(c, a.big, big0, big1);
+}
 
 // ---- the two tile products ----------------------------------------------------------------
 // acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over width8 (a multiple of 8;
@@ -123,8 +134,11 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float
 __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
                                             const float* cols_s, int cols_stride, int width8, int lane) {
   const int g = lane >> 2, c = lane & 3;
+  float fix[kColTiles][4];  // the small terms (mma_3xtf32)
 #pragma unroll
-  for (int t = 0; t < kColTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] = fix[t][e] = 0.f;
   const float* r0 = rows_s + g * rows_stride + c;
   const float* r1 = r0 + 8 * rows_stride;
   const float* col = cols_s + g * cols_stride + c;
@@ -133,9 +147,13 @@ __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const fl
 #pragma unroll
     for (int t = 0; t < kColTiles; ++t) {
       const float* b = col + 8 * t * cols_stride + k0;
-      mma_3xtf32(acc[t], a, b[0], b[4]);
+      mma_3xtf32(acc[t], fix[t], a, b[0], b[4]);
     }
   }
+#pragma unroll
+  for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[t][e] += fix[t][e];
 }
 
 // out += w (16 rows x kCols, as tile_scores' C fragments) times vals_s (kCols rows, the tile's)
@@ -321,11 +339,15 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
 }
 
 // ---- backward: dQ --------------------------------------------------------------------------
-// Shared memory: the CTA's Q rows and dO rows, the K tile, the V tile.
-std::size_t dq_tc_smem_bytes(int d, int dv) {
+// Shared memory of either backward kernel: the CTA's 64 rows and a 32-row tile, each as a row of
+// width d (Q or K) and one of width dv (dO or V). 101,376 bytes at d = dv = 128: exactly the 99 KB
+// opt-in of sm_86 / sm_89, so the dK / dV kernel reads its columns' LSE and D from global memory
+// (L1) where it needs them rather than staging them.
+std::size_t bwd_tc_smem_bytes(int d, int dv) {
   return sizeof(float) * (static_cast<std::size_t>(kCtaRows + kCols) * (tc_stride(d) + tc_stride(dv)));
 }
 
+// dQ: the CTA's Q and dO rows against K / V tiles.
 // kOutTiles: d <= 8 kOutTiles.
 template <int kOutTiles>
 __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks) {
@@ -422,13 +444,7 @@ __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const
 }
 
 // ---- backward: dK / dV ---------------------------------------------------------------------
-// Shared memory: the CTA's K rows and V rows, the Q tile, the dO tile (101,376 bytes at d = dv =
-// 128: exactly the 99 KB opt-in of sm_86 / sm_89, so each thread reads its columns' LSE and D
-// from global memory (L1) where it needs them).
-std::size_t dkdv_tc_smem_bytes(int d, int dv) {
-  return sizeof(float) * (static_cast<std::size_t>(kCtaRows + kCols) * (tc_stride(d) + tc_stride(dv)));
-}
-
+// The CTA's K and V rows against the Q / dO tiles of each query head of the group.
 // kOutTiles: d, dv <= 8 kOutTiles.
 template <int kOutTiles>
 __global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, const float* dsum, int row_blocks) {
@@ -577,8 +593,7 @@ bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
   // d > 128 would hold dK and dV's 2 x 128 accumulators per thread next to the tiles': past the
   // 255-register limit, so those stay on the SIMT kernels.
   const int d = p.d, dv = value_dim(p);
-  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(dq_tc_smem_bytes(d, dv)) &&
-         fits(dkdv_tc_smem_bytes(d, dv));
+  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv));
 }
 
 void run_fwd_fp32_tc(const FwdParams& p) {
@@ -594,11 +609,11 @@ void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
   const int d = p.d, dv = value_dim(p);
   const int q_blocks = row_blocks_of(p.sq), k_blocks = row_blocks_of(p.sk);
   by_width<false>(d, [&](auto tiles) {
-    launch(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, dq_tc_smem_bytes(d, dv), p.stream,
+    launch(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, bwd_tc_smem_bytes(d, dv), p.stream,
            "bwd_dq_tc_kernel", p, dsum, q_blocks);
   });
   by_width<false>(d > dv ? d : dv, [&](auto tiles) {
-    launch(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, dkdv_tc_smem_bytes(d, dv),
+    launch(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, bwd_tc_smem_bytes(d, dv),
            p.stream, "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
   });
 }
