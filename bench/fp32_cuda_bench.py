@@ -101,8 +101,12 @@ def decode_rows(points):
         k, v = (torch.randn(b, sk, hkv, d, device="cuda") for _ in range(2))
         times = {"orchard": time_ms(lambda: orchard.flash_attn_func(q, k, v))}
         times["orchard_simt"] = float("nan")  # (decode rows take the decode kernel either way)
-        for name, backend in (("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION), ("sdpa_math", SDPBackend.MATH)):
-            times[name] = time_ms(lambda backend=backend: sdpa(backend, enable_gqa=True)(q, k, v, False))
+        # SDPA efficient has no GQA: its row runs on K / V expanded to every query head beforehand
+        # (the expansion untimed), the fastest way a user could call it; math takes enable_gqa.
+        group = hq // hkv
+        k_full, v_full = (t.repeat_interleave(group, dim=2) for t in (k, v))
+        times["sdpa_efficient"] = time_ms(lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION)(q, k_full, v_full, False))
+        times["sdpa_math"] = time_ms(lambda: sdpa(SDPBackend.MATH, enable_gqa=True)(q, k, v, False))
         rows.append(((b, sk, hq, hkv, d), times, 4 * b * hq * sk * d))
     return rows
 
