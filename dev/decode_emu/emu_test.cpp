@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>  // the shim's: emulated devices
+
 #include "core/decode_backend.h"
 #include "orchard/decode_params.h"
 #include "orchard/numeric.h"
@@ -27,6 +29,7 @@ struct Case {
   int splits = 1; // 0: the CUDA heuristic
   float scale = 0.f;
   bool nan_row = false;  // a NaN in q's first row (batch 0, head 0): NaN out and LSE there
+  int device = 0;  // the emulated device: 1 has sm_86 / sm_89's 99 KB shared-memory opt-in (main)
 };
 
 static std::mt19937_64 rng(1234);
@@ -151,7 +154,9 @@ static int run_case(const Case& c, int id) {
   for (size_t i = 0; i < out.n(); ++i) out.set(i, std::nanf(""));
   p.out = out.data();
   p.lse = c.lse ? lse_o.data() : nullptr;
+  emu_device = c.device;
   detail::decode_cuda(p);
+  emu_device = 0;
 
   const float atol = c.dt == DType::kBFloat16 ? 2e-2f : c.dt == DType::kFloat16 ? 4e-3f : 2e-4f;
   double worst = 0, worst_lse = 0, worst_k = 0, worst_v = 0;
@@ -182,15 +187,16 @@ static int run_case(const Case& c, int id) {
   }
   const bool ok = worst <= atol && worst_lse <= 1.0 && lse_bad == 0 && worst_k <= 0.05 && worst_v == 0;
   std::printf("%s case %3d dt=%d b=%d sq=%d hq=%d hkv=%d d=%d cap=%d s_new=%d page=%d bidx=%d lp=%d rd=%d il=%d "
-              "w=(%ld,%ld) causal=%d softcap=%g alibi=%d splits=%d nan=%d: out %.3g lse %.3g (%d inf / NaN mismatches) "
-              "k %.3g v %.3g\n",
+              "w=(%ld,%ld) causal=%d softcap=%g alibi=%d splits=%d nan=%d device=%d: out %.3g lse %.3g (%d inf / NaN "
+              "mismatches) k %.3g v %.3g\n",
               ok ? "ok  " : "FAIL", id, (int)c.dt, c.b, c.sq, c.hq, c.hkv, c.d, cap, c.s_new, c.page, c.batch_idx,
-              c.leftpad, c.rotary_dim, c.interleaved, c.wl, c.wr, c.causal, c.softcap, c.alibi, splits, c.nan_row, worst,
+              c.leftpad, c.rotary_dim, c.interleaved, c.wl, c.wr, c.causal, c.softcap, c.alibi, splits, c.nan_row, c.device, worst,
               worst_lse, lse_bad, worst_k, worst_v);
   return ok ? 0 : 1;
 }
 
 int main(int argc, char** argv) {
+  emu_smem_optin[1] = 99 * 1024;  // device 1: sm_86 / sm_89's opt-in
   const int n_random = argc > 1 ? std::atoi(argv[1]) : 40;
   if (argc > 2) rng.seed(std::atoll(argv[2]));
   int fails = 0, id = 0;
@@ -240,6 +246,15 @@ int main(int argc, char** argv) {
     c.lse = randint(0, 3) != 0;
     cases.push_back(c);
   }
+  // fp32 caches at d > 128 on a 99 KB device: the 32-thread SIMT kernel (its 64-thread CTA would
+  // need up to 153 KB), at each rows-per-CTA variant (4, 8, 16), with splits.
+  for (const int hq : {2, 12, 24}) {
+    Case c;
+    c.dt = DType::kFloat32, c.d = 256, c.hq = hq, c.hkv = 2, c.sq = 1, c.cap = 300, c.s_new = 1, c.causal = true;
+    c.splits = hq == 12 ? 3 : 1, c.device = 1;
+    cases.push_back(c);
+  }
+  { Case c; c.dt = DType::kFloat32; c.d = 200; c.hq = 4; c.hkv = 1; c.sq = 2; c.page = 16; c.s_new = 2; c.device = 1; c.splits = 0; cases.push_back(c); }
   // A NaN query row through each kernel (transposed <= 8 rows, 16 and 32 rows per kv head, fp32)
   // with and without splits: session 40's CUDA change (l != 0, the NaN-carrying merge), as on the CPU.
   for (const DType dt : {DType::kBFloat16, DType::kFloat16, DType::kFloat32})

@@ -17,8 +17,9 @@ int decode_cpu_threads();
 // src/backends/cuda/decode_kernel.cu when ORCHARD_WITH_CUDA, else a stub in
 // src/core/kvcache.cpp that throws "no CUDA backend".
 void decode_cuda(const DecodeParams& p);
-// Dynamic shared memory (bytes) of the fp32 decode kernel for head dim d and `rows` query rows
-// per kv head: up to 150 KB at d > 128, more than sm_86 / sm_89 can opt in to (99 KB).
+// Dynamic shared memory (bytes) of the fp32 decode kernel the current device runs for head dim d
+// and `rows` query rows per kv head: at d > 128 up to 153 KB, or, on devices whose opt-in is
+// smaller (sm_86 / sm_89: 99 KB), its 32-thread variant's 85 KB.
 std::size_t decode_cuda_fp32_smem_bytes(int d, std::int64_t rows);
 // Multiprocessors of CUDA device `device` (0 when unknown / no CUDA).
 int decode_cuda_num_sms(int device);

@@ -172,8 +172,9 @@ FwdParams sm90_fwd_form(const FwdParams& call) {
 bool fp32_takes_decode_kernel(const FwdParams& p) {
   if (p.dtype != DType::kFloat32 || p.sink != nullptr) return false;  // the CUDA decode kernels have no sink
   if (!detail::forward_fits_decode_kernel(p, detail::kDecodeCudaRowsPerCta)) return false;
-  // Its grid's z is the batch (at most 65535); its shared memory at d > 128 exceeds what sm_86 /
-  // sm_89 can opt in to: such calls stay on the tiled kernels, which fit every device.
+  // Its grid's z is the batch (at most 65535), and its shared memory must fit the device's opt-in
+  // (at d > 128 it takes its 32-thread CTA where the 64-thread one does not fit: 85 KB): calls
+  // past either stay on the tiled kernels.
   if (p.b > 65535) return false;
   const std::size_t smem = detail::decode_cuda_fp32_smem_bytes(p.d, static_cast<int64_t>(p.hq / p.hkv) * p.sq);
   if (smem > static_cast<std::size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()))

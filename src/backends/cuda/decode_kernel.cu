@@ -1370,17 +1370,41 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "decode kernel launch");
 }
 
+// The rows-per-CTA variant for `rows_total` query rows per kv head: fn(std::integral_constant<int,
+// kRows>) with kRows 4, 8 or kDecodeCudaRowsPerCta.
+template <typename Fn>
+auto by_rows(std::int64_t rows_total, Fn&& fn) {
+  if (rows_total <= 4) return fn(std::integral_constant<int, 4>{});
+  if (rows_total <= 8) return fn(std::integral_constant<int, 8>{});
+  return fn(std::integral_constant<int, kDecodeCudaRowsPerCta>{});
+}
+
+// Threads (keys per tile) of the SIMT decode kernel: 128 when a cache row is <= 256 bytes, else
+// 64; 32 where the 64-thread CTA's shared memory exceeds the device's opt-in (fp32 at d > 128
+// takes up to 153 KB, sm_86 / sm_89 opt in to 99 KB; 32 threads halve the K / V tiles: 85 KB).
+template <typename T, int kD>
+int decode_threads(std::int64_t rows_total) {
+  constexpr int kWide = kD * sizeof(T) <= 256 ? 128 : 64;
+  if constexpr (kWide == 64) {
+    const int optin = cuda::current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+    const std::size_t bytes =
+        by_rows(rows_total, [](auto rows) { return DecodeSmem<T, kD, decltype(rows)::value, 64>::bytes; });
+    if (optin > 0 && bytes > static_cast<std::size_t>(optin)) return 32;
+  }
+  return kWide;
+}
+
 template <typename T, int kD>
 void launch_rows(const DecodeParams& p, cudaStream_t stream) {
-  // 128 threads (keys per tile) when a cache row is <= 256 bytes, else 64 (shared memory).
-  constexpr int kThreads = kD * sizeof(T) <= 256 ? 128 : 64;
+  constexpr int kWide = kD * sizeof(T) <= 256 ? 128 : 64;
   const int rows_total = (p.hq / p.hkv) * p.sq;
-  if (rows_total <= 4)
-    launch_decode<T, kD, 4, kThreads>(p, stream);
-  else if (rows_total <= 8)
-    launch_decode<T, kD, 8, kThreads>(p, stream);
-  else
-    launch_decode<T, kD, kDecodeCudaRowsPerCta, kThreads>(p, stream);
+  by_rows(rows_total, [&](auto rows) {
+    constexpr int kRows = decltype(rows)::value;
+    if constexpr (kWide == 64) {
+      if (decode_threads<T, kD>(rows_total) == 32) return launch_decode<T, kD, kRows, 32>(p, stream);
+    }
+    launch_decode<T, kD, kRows, kWide>(p, stream);
+  });
 }
 
 template <typename T, int kD, int kMT>
@@ -1488,13 +1512,17 @@ void run(const DecodeParams& params) {
 }  // namespace
 
 std::size_t decode_cuda_fp32_smem_bytes(int d, std::int64_t rows) {
-  // launch_rows' choice of kernel for fp32 caches, and its DecodeSmem.
+  // launch_rows' choice of kernel for fp32 caches on the current device, and its DecodeSmem.
   auto bytes = [&](auto kd) -> std::size_t {
     constexpr int kD = decltype(kd)::value;
-    constexpr int kThreads = kD * sizeof(float) <= 256 ? 128 : 64;
-    if (rows <= 4) return DecodeSmem<float, kD, 4, kThreads>::bytes;
-    if (rows <= 8) return DecodeSmem<float, kD, 8, kThreads>::bytes;
-    return DecodeSmem<float, kD, kDecodeCudaRowsPerCta, kThreads>::bytes;
+    const int threads = decode_threads<float, kD>(rows);
+    return by_rows(rows, [&](auto r) -> std::size_t {
+      constexpr int kRows = decltype(r)::value;
+      if constexpr (kD * sizeof(float) > 256) {
+        if (threads == 32) return DecodeSmem<float, kD, kRows, 32>::bytes;
+      }
+      return DecodeSmem<float, kD, kRows, (kD * sizeof(float) <= 256 ? 128 : 64)>::bytes;
+    });
   };
   return d <= 128 ? bytes(std::integral_constant<int, 128>{}) : bytes(std::integral_constant<int, 256>{});
 }
