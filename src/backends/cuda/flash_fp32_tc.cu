@@ -116,16 +116,17 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float
   mma_tf32(c, a.big, small0, small1);
   mma_tf32(c, a.big, big0, big1);
 }
-// The same with the small terms summed apart, in `fix`: the tensor cores align each sum to its
-// largest term and drop the bits below (truncation), so small terms added to a large running sum
-// lose most of theirs; in their own accumulator they keep them.
-__device__ __forceinline__ void mma_3xtf32(float (&c)[4], float (&fix)[4], const SplitA& a, float b0, float b1) {
-  uint32_t big0, small0, big1, small1;
-  split_tf32(b0, big0, small0);
-  split_tf32(b1, big1, small1);
-  mma_tf32(fix, a.small, big0, big1);
-  mma_tf32(fix, a.big, small0, small1);
-  mma_tf32(c, a.big, big0, big1);
+// The same, the three products summed from zero and then added to c in fp32: the tensor cores
+// align a sum to its largest term and drop the bits below it (truncation), so products added
+// straight into a large running sum lose their low bits, all toward zero, once per mma; summed
+// apart and added with fp32's round-to-nearest, a k-step's products lose only what one fp32 add
+// does. (For the score products, whose errors the softmax amplifies; the P V-type products keep
+// accumulating in place, which costs no registers.)
+__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, float b0, float b1) {
+  float f[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_3xtf32(f, a, b0, b1);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) c[e] += f[e];
 }
 
 // ---- the two tile products ----------------------------------------------------------------
@@ -134,11 +135,8 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], float (&fix)[4], const
 __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
                                             const float* cols_s, int cols_stride, int width8, int lane) {
   const int g = lane >> 2, c = lane & 3;
-  float fix[kColTiles][4];  // the small terms (mma_3xtf32)
 #pragma unroll
-  for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] = fix[t][e] = 0.f;
+  for (int t = 0; t < kColTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
   const float* r0 = rows_s + g * rows_stride + c;
   const float* r1 = r0 + 8 * rows_stride;
   const float* col = cols_s + g * cols_stride + c;
@@ -147,13 +145,9 @@ __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const fl
 #pragma unroll
     for (int t = 0; t < kColTiles; ++t) {
       const float* b = col + 8 * t * cols_stride + k0;
-      mma_3xtf32(acc[t], fix[t], a, b[0], b[4]);
+      mma_3xtf32_apart(acc[t], a, b[0], b[4]);
     }
   }
-#pragma unroll
-  for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[t][e] += fix[t][e];
 }
 
 // out += w (16 rows x kCols, as tile_scores' C fragments) times vals_s (kCols rows, the tile's)
