@@ -1379,31 +1379,28 @@ auto by_rows(std::int64_t rows_total, Fn&& fn) {
   return fn(std::integral_constant<int, kDecodeCudaRowsPerCta>{});
 }
 
-// Threads (keys per tile) of the SIMT decode kernel: 128 when a cache row is <= 256 bytes, else
-// 64; 32 where the 64-thread CTA's shared memory exceeds the device's opt-in (fp32 at d > 128
-// takes up to 153 KB, sm_86 / sm_89 opt in to 99 KB; 32 threads halve the K / V tiles: 85 KB).
-template <typename T, int kD>
-int decode_threads(std::int64_t rows_total) {
+// The SIMT decode kernel's variant for `rows_total` query rows per kv head:
+// fn(std::integral_constant<int, kRows>, std::integral_constant<int, kThreads>). kThreads (keys per
+// tile) is 128 when a cache row is <= 256 bytes, else 64; 32 where the 64-thread CTA's shared
+// memory exceeds the device's opt-in (fp32 at d > 128 takes up to 153 KB, sm_86 / sm_89 opt in to
+// 99 KB; 32 threads halve the K / V tiles: 85 KB).
+template <typename T, int kD, typename Fn>
+auto by_rows_and_threads(std::int64_t rows_total, Fn&& fn) {
   constexpr int kWide = kD * sizeof(T) <= 256 ? 128 : 64;
-  if constexpr (kWide == 64) {
-    const int optin = cuda::current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
-    const std::size_t bytes =
-        by_rows(rows_total, [](auto rows) { return DecodeSmem<T, kD, decltype(rows)::value, 64>::bytes; });
-    if (optin > 0 && bytes > static_cast<std::size_t>(optin)) return 32;
-  }
-  return kWide;
+  return by_rows(rows_total, [&](auto rows) {
+    if constexpr (kWide == 64) {
+      const int optin = cuda::current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+      if (optin > 0 && DecodeSmem<T, kD, decltype(rows)::value, 64>::bytes > static_cast<std::size_t>(optin))
+        return fn(rows, std::integral_constant<int, 32>{});
+    }
+    return fn(rows, std::integral_constant<int, kWide>{});
+  });
 }
 
 template <typename T, int kD>
 void launch_rows(const DecodeParams& p, cudaStream_t stream) {
-  constexpr int kWide = kD * sizeof(T) <= 256 ? 128 : 64;
-  const int rows_total = (p.hq / p.hkv) * p.sq;
-  by_rows(rows_total, [&](auto rows) {
-    constexpr int kRows = decltype(rows)::value;
-    if constexpr (kWide == 64) {
-      if (decode_threads<T, kD>(rows_total) == 32) return launch_decode<T, kD, kRows, 32>(p, stream);
-    }
-    launch_decode<T, kD, kRows, kWide>(p, stream);
+  by_rows_and_threads<T, kD>((p.hq / p.hkv) * p.sq, [&](auto rows, auto threads) {
+    launch_decode<T, kD, decltype(rows)::value, decltype(threads)::value>(p, stream);
   });
 }
 
@@ -1513,15 +1510,9 @@ void run(const DecodeParams& params) {
 
 std::size_t decode_cuda_fp32_smem_bytes(int d, std::int64_t rows) {
   // launch_rows' choice of kernel for fp32 caches on the current device, and its DecodeSmem.
-  auto bytes = [&](auto kd) -> std::size_t {
-    constexpr int kD = decltype(kd)::value;
-    const int threads = decode_threads<float, kD>(rows);
-    return by_rows(rows, [&](auto r) -> std::size_t {
-      constexpr int kRows = decltype(r)::value;
-      if constexpr (kD * sizeof(float) > 256) {
-        if (threads == 32) return DecodeSmem<float, kD, kRows, 32>::bytes;
-      }
-      return DecodeSmem<float, kD, kRows, (kD * sizeof(float) <= 256 ? 128 : 64)>::bytes;
+  auto bytes = [&](auto kd) {
+    return by_rows_and_threads<float, decltype(kd)::value>(rows, [](auto r, auto t) -> std::size_t {
+      return DecodeSmem<float, decltype(kd)::value, decltype(r)::value, decltype(t)::value>::bytes;
     });
   };
   return d <= 128 ? bytes(std::integral_constant<int, 128>{}) : bytes(std::integral_constant<int, 256>{});
