@@ -42,6 +42,17 @@ def debug_log(tmp_path, monkeypatch):
     return lambda: path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.fixture(params=["3xtf32", "simt"])
+def fp32_family(request, monkeypatch):
+    """The tiled CUDA fp32 kernel family a test runs on: the 3xTF32 tensor-core kernels or the SIMT
+    ones (ORCHARD_CUDA_FP32_TC, read per call), every forward on the tiled kernels
+    (ORCHARD_CUDA_FEW_ROWS=0). Its value is the debug log's variant suffix ("fp32_3xtf32" /
+    "fp32_simt")."""
+    monkeypatch.setenv("ORCHARD_CUDA_FP32_TC", "1" if request.param == "3xtf32" else "0")
+    monkeypatch.setenv("ORCHARD_CUDA_FEW_ROWS", "0")
+    return f"fp32_{request.param}"
+
+
 def pytest_report_header(config):
     info = orchard.build_info()
     return (f"orchard {orchard.__version__}: cuda_compiled={info['cuda_compiled']} "

@@ -29,13 +29,6 @@ def _is_tiled(line):
     return any(t in line for t in TILED)
 
 
-@pytest.fixture(params=["3xtf32", "simt"])
-def family(request, monkeypatch):
-    """The tiled fp32 kernel family a test runs on (ORCHARD_CUDA_FP32_TC, read per call)."""
-    monkeypatch.setenv("ORCHARD_CUDA_FP32_TC", "1" if request.param == "3xtf32" else "0")
-    return request.param
-
-
 def _cuda_inputs(shape, layout="bshd", requires_grad=False):
     b, sq, sk, hq, hkv, d = shape
     if layout == "bshd":
@@ -45,8 +38,9 @@ def _cuda_inputs(shape, layout="bshd", requires_grad=False):
     return [t.requires_grad_(requires_grad) for t in (mk(sq, hq), mk(sk, hkv), mk(sk, hkv))]
 
 
-def _cuda_features(feature, b, hq):
-    kw, ref_kw = _features(FEATURES[feature], b, hq)
+def _cuda_features(features, b, hq):
+    """test_cpu_few_rows._features (a FEATURES-style dict) with its tensors on the GPU."""
+    kw, ref_kw = _features(features, b, hq)
     for name in ("alibi_slopes", "sink"):
         if kw.get(name) is not None:
             kw[name] = ref_kw[name] = kw[name].cuda()
@@ -72,7 +66,7 @@ def test_fp32_few_rows_forward_vs_reference(shape_name, feature, debug_log):
     b, sq, sk, hq, hkv, d = shape
     torch.manual_seed(hash((shape_name, feature)) % 2**31)
     q, k, v = _cuda_inputs(shape, layout="bhsd" if feature == "plain" else "bshd")
-    kw, ref_kw = _cuda_features(feature, b, hq)
+    kw, ref_kw = _cuda_features(FEATURES[feature], b, hq)
     out, lse = orchard.flash_attn_func(q, k, v, return_softmax_lse=True, **kw)
     logged = debug_log()
     # The CUDA decode kernels have no sink, and hold 16 rows of a kv head's group per CTA.
@@ -94,7 +88,7 @@ def test_fp32_few_rows_backward_reads_the_routed_lse(feature, debug_log):
     b, sq, sk, hq, hkv, d = shape
     torch.manual_seed(3)
     q, k, v = _cuda_inputs(shape, requires_grad=True)
-    kw, ref_kw = _cuda_features(feature, b, hq)
+    kw, ref_kw = _cuda_features(FEATURES[feature], b, hq)
     dout = randn(b, sq, hq, d, device="cuda")
     out = orchard.flash_attn_func(q, k, v, **kw)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -148,7 +142,7 @@ def test_fp32_decode_step_under_cuda_graph(debug_log):
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (15, 17), (16, 32), (17, 33), (40, 1000), (100, 70), (300, 300)])
 @pytest.mark.parametrize("d", [8, 36, 64, 128, 200, 256])
-def test_fp32_tiled_forward_shapes(sq, sk, d, family):
+def test_fp32_tiled_forward_shapes(sq, sk, d, fp32_family):
     """The tiled fp32 forward at the edges of its CTAs' rows (16 SIMT, 64 tensor-core) and 32-key
     tiles, head dims that are not multiples of 32 (the shared-memory row padding), causal both
     ways round."""
@@ -206,7 +200,7 @@ def test_fp32_calls_the_route_cannot_serve_stay_tiled(case, debug_log):
 
 @pytest.mark.parametrize("sq,sk", [(70, 100), (33, 200), (200, 40)])
 @pytest.mark.parametrize("d", [36, 64, 200])
-def test_fp32_tiled_backward_shapes(sq, sk, d, family):
+def test_fp32_tiled_backward_shapes(sq, sk, d, fp32_family):
     """The tiled backward where dQ walks several key tiles and dK / dV several query tiles of each
     head of a GQA group, partial tiles at both ends, causal and not."""
     torch.manual_seed(sq + sk + d)

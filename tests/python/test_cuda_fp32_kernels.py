@@ -14,60 +14,41 @@ import orchard
 from feature_reference import feature_attention_ref
 from helpers import check_close_rule, randn
 from test_cpu_few_rows import check_against_references
+from test_cuda_few_rows import _cuda_features
 
 pytestmark = pytest.mark.cuda
 
 ATOL = 2e-5
-VARIANT = {"3xtf32": "fp32_3xtf32", "simt": "fp32_simt"}
 
-
-@pytest.fixture(params=["3xtf32", "simt"])
-def family(request, monkeypatch):
-    monkeypatch.setenv("ORCHARD_CUDA_FP32_TC", "1" if request.param == "3xtf32" else "0")
-    monkeypatch.setenv("ORCHARD_CUDA_FEW_ROWS", "0")  # every forward on the tiled kernels
-    return request.param
-
-
-FEATURES = {
+FEATURES = {  # test_cpu_few_rows.FEATURES' form (_cuda_features)
     "plain": {},
     "causal": dict(causal=True),
     "window": dict(window_size=(37, 5)),
-    "softcap_alibi": dict(softcap=6.0, alibi=True),
+    "softcap_alibi": dict(softcap=6.0, alibi=(1,)),
     "sink_causal": dict(sink=True, causal=True),
-    "everything": dict(causal=True, window_size=(50, -1), softcap=8.0, alibi=True, sink=True),
+    "everything": dict(causal=True, window_size=(50, -1), softcap=8.0, alibi=(1,), sink=True),
 }
-
-
-def _kwargs(feature, hq):
-    kw = dict(FEATURES[feature])
-    if kw.pop("alibi", False):
-        kw["alibi_slopes"] = torch.rand(hq, device="cuda") * 0.3 + 0.05
-    if kw.pop("sink", False):
-        kw["sink"] = randn(hq, device="cuda")
-    ref_kw = dict(causal=kw.get("causal", False), window=kw.get("window_size", (-1, -1)),
-                  softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"), sink=kw.get("sink"))
-    return kw, ref_kw
 
 
 @pytest.mark.parametrize("d,dv", [(40, 40), (64, 64), (128, 128), (36, 72), (128, 8)])
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_features_forward_and_backward(feature, d, dv, family, debug_log):
+def test_features_forward_and_backward(feature, d, dv, fp32_family, debug_log):
     torch.manual_seed(zlib.crc32(f"{feature} {d} {dv}".encode()))
     b, sq, sk, hq, hkv = 2, 130, 150, 4, 2  # GQA, partial tiles at both ends
     q = randn(b, sq, hq, d, device="cuda", requires_grad=True)
     k = randn(b, sk, hkv, d, device="cuda", requires_grad=True)
     v = randn(b, sk, hkv, dv, device="cuda", requires_grad=True)
     dout = randn(b, sq, hq, dv, device="cuda")
-    kw, ref_kw = _kwargs(feature, hq)
+    kw, ref_kw = _cuda_features(FEATURES[feature], b, hq)
     out = orchard.flash_attn_func(q, k, v, **kw)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     logged = debug_log()
     assert [ln.split()[0] for ln in logged] == ["FWD", "BWD"], logged
-    assert all(f"{VARIANT[family]}" in ln for ln in logged), logged
-    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"{feature} d{d} dv{dv} {family}")
+    assert all(fp32_family in ln for ln in logged), logged
+    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"{feature} d{d} dv{dv} {fp32_family}")
 
 
-def test_dropout_masks_agree(family, debug_log):
+def test_dropout_masks_agree(fp32_family, debug_log):
     """Dropout forward and backward on either family: the returned keep-mask is Philox's (the same
     in both families for the same seed), and out / grads match the reference that applies it."""
     torch.manual_seed(12)
@@ -77,26 +58,26 @@ def test_dropout_masks_agree(family, debug_log):
     torch.manual_seed(99)
     out, _, mask = orchard.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    assert len(debug_log()) == 2 and all(VARIANT[family] in ln for ln in debug_log()), debug_log()
+    assert len(debug_log()) == 2 and all(fp32_family in ln for ln in debug_log()), debug_log()
     keep = mask > 0 if mask.dtype != torch.bool else mask
     ref_kw = dict(causal=True, keep_mask=keep, dropout_p=0.3)
-    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"dropout {family}")
+    check_against_references(out, grads, q, k, v, dout, ref_kw, ATOL, f"dropout {fp32_family}")
 
 
-def test_widest_forward(family, debug_log):
+def test_widest_forward(fp32_family, debug_log):
     """d = 256 (the 32-tile accumulators; 133 KB of shared memory on the tensor-core path)."""
     torch.manual_seed(13)
     q = randn(2, 100, 2, 256, device="cuda")
     k, v = randn(2, 90, 2, 256, device="cuda"), randn(2, 90, 2, 256, device="cuda")
     out = orchard.flash_attn_func(q, k, v, causal=True)
-    assert len(debug_log()) == 1 and VARIANT[family] in debug_log()[0], debug_log()
+    assert len(debug_log()) == 1 and fp32_family in debug_log()[0], debug_log()
     ref, _ = feature_attention_ref(q, k, v, causal=True)
     naive, _ = feature_attention_ref(q, k, v, causal=True, upcast=False)
-    check_close_rule(out, ref, naive, ATOL, f"d256 {family}")
+    check_close_rule(out, ref, naive, ATOL, f"d256 {fp32_family}")
 
 
 @pytest.mark.parametrize("mask", ["bool", "float"])
-def test_masks(mask, family, debug_log):
+def test_masks(mask, fp32_family, debug_log):
     """attn_mask through the SDPA drop-in, broadcast over heads (stride 0, read in place)."""
     torch.manual_seed(5)
     b, h, sq, sk, d = 2, 3, 70, 90, 64
@@ -110,14 +91,14 @@ def test_masks(mask, family, debug_log):
     out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=m)
     dout = randn(*out.shape, device="cuda")
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    assert len(debug_log()) == 2 and all(VARIANT[family] in ln for ln in debug_log()), debug_log()
+    assert len(debug_log()) == 2 and all(fp32_family in ln for ln in debug_log()), debug_log()
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
     ref_kw = dict(bias=m)
     check_against_references(out.transpose(1, 2), [g.transpose(1, 2) for g in grads], qs, ks, vs,
-                             dout.transpose(1, 2), ref_kw, ATOL, f"{mask} mask {family}")
+                             dout.transpose(1, 2), ref_kw, ATOL, f"{mask} mask {fp32_family}")
 
 
-def test_varlen(family, debug_log):
+def test_varlen(fp32_family, debug_log):
     torch.manual_seed(6)
     lens_q, lens_k = [5, 0, 70, 33], [9, 4, 70, 100]
     hq, hkv, d = 4, 1, 64
@@ -129,7 +110,7 @@ def test_varlen(family, debug_log):
     out = orchard.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
     dout = randn(*out.shape, device="cuda")
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    assert len(debug_log()) == 2 and all(VARIANT[family] in ln for ln in debug_log()), debug_log()
+    assert len(debug_log()) == 2 and all(fp32_family in ln for ln in debug_log()), debug_log()
     got = [torch.zeros_like(t) for t in (q, k, v)]
     for i in range(len(lens_q)):
         if lens_q[i] == 0:  # its keys' dk, dv stay 0
@@ -138,11 +119,11 @@ def test_varlen(family, debug_log):
         qi, ki, vi = (t[s].detach().clone().requires_grad_() for t, s in ((q, sl_q), (k, sl_k), (v, sl_k)))
         ref, _ = feature_attention_ref(qi[None], ki[None], vi[None], causal=True)
         naive, _ = feature_attention_ref(qi[None], ki[None], vi[None], causal=True, upcast=False)
-        check_close_rule(out[sl_q][None], ref, naive, ATOL, f"varlen seq {i} {family}")
+        check_close_rule(out[sl_q][None], ref, naive, ATOL, f"varlen seq {i} {fp32_family}")
         ref_grads = torch.autograd.grad(ref, (qi, ki, vi), dout[sl_q][None].double())
         got[0][sl_q], got[1][sl_k], got[2][sl_k] = ref_grads
     for name, g, r in zip("qkv", grads, got):
-        torch.testing.assert_close(g.double(), r.double(), atol=4 * ATOL, rtol=1e-4, msg=f"d{name} {family}")
+        torch.testing.assert_close(g.double(), r.double(), atol=4 * ATOL, rtol=1e-4, msg=f"d{name} {fp32_family}")
 
 
 def test_tensor_core_backward_is_deterministic(debug_log, monkeypatch):
