@@ -129,14 +129,19 @@ __device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a,
   for (int e = 0; e < 4; ++e) c[e] += f[e];
 }
 
+template <int kTiles>
+__device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+}
+
 // ---- the two tile products ----------------------------------------------------------------
 // acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over width8 (a multiple of 8;
 // both zero from the true width on): acc[t] is the C fragment of columns 8t .. 8t + 7.
 __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
                                             const float* cols_s, int cols_stride, int width8, int lane) {
   const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int t = 0; t < kColTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  zero(acc);
   const float* r0 = rows_s + g * rows_stride + c;
   const float* r1 = r0 + 8 * rows_stride;
   const float* col = cols_s + g * cols_stride + c;
@@ -167,12 +172,6 @@ __device__ __forceinline__ void tile_accumulate(float (&out)[kOutTiles][4], cons
       mma_3xtf32(out[t], a, v[8 * t], v[vals_stride + 8 * t]);
     }
   }
-}
-
-template <int kTiles>
-__device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 }
 
 // The sum over the 4 threads of a quad (the threads holding one fragment row).
