@@ -53,29 +53,24 @@ __host__ __device__ __forceinline__ int tc_stride(int width) { return (width + 3
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
 
 // ---- 3xTF32 ------------------------------------------------------------------------------
-// cvt.rna.tf32.f32: round to nearest (ties away from zero) to 10 mantissa bits, the low 13 bits
-// of the result zero.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-#if defined(__CUDA_ARCH__)
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // inf / NaN as they are
-  return (u + 0x1000u) & 0xffffe000u;
-#endif
-}
+// The split in integer ops (what cvt.rna.tf32.f32 computes for finite x, in 2 instructions where
+// that conversion is a 5-6 instruction sequence on sm_80 / sm_90; the split runs once per operand
+// element per mma, so its cost, not the mma's, bounded the kernels): the big part is x rounded to
+// nearest (ties away from zero) to tf32, adding half of tf32's last place before clearing the 13
+// low bits; the small part, x - big (exact in fp32), is handed over as its bits plus that half
+// place and *not* cleared: the tensor cores ignore an operand's 13 low bits (truncation), so the
+// mma sees it rounded to nearest too. CUTLASS's FastF32 splits this way (round_half_ulp_truncate).
+__device__ __forceinline__ uint32_t round_half_up_bits(float x) { return __float_as_uint(x) + 0x1000u; }
 
-// x = big + small (to ~2^-22 relative). Not for non-finite x: an inf operand (or a finite one
-// within 2^-12 of FLT_MAX, whose big part rounds to inf) leaves small = inf - inf = NaN, so every
-// product it takes part in is NaN where fp32 FMA gives inf; so does CUTLASS's split, which SDPA's
-// efficient fp32 kernels use. (Keeping the inf in big alone would not help: the hardware's
-// inf * 0 of big_a * small_b, where b's small part is 0, is NaN too.) The README says so.
+// x = big + small (to ~2^-22 relative, once the mma truncates small). Not for non-finite x: an inf
+// operand (or a finite one within 2^-12 of FLT_MAX, whose big part rounds to inf) leaves small =
+// inf - inf = NaN (or -inf), so every product it takes part in is NaN where fp32 FMA gives inf; so
+// does CUTLASS's split, which SDPA's efficient fp32 kernels use. (Keeping the inf in big alone would
+// not help: the hardware's inf * 0 of big_a * small_b, where b's small part is 0, is NaN too.) The
+// README says so.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = to_tf32(x);
-  small = to_tf32(x - __uint_as_float(big));
+  big = round_half_up_bits(x) & 0xffffe000u;
+  small = round_half_up_bits(x - __uint_as_float(big));
 }
 
 // c += A B for one m16n8k8 tile (tf32 operands, fp32 accumulators). Fragments (PTX ISA, g = lane
