@@ -153,6 +153,41 @@ def test_sdpa_bhsd_on_cuda_matches_torch():
     check_close_rule(out, ref, naive, 1e-3, "sdpa")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+def test_nan_query_row_gives_nan_out_and_lse(dtype, d):
+    """A NaN in one query row: that row's output and LSE are NaN on the tiled forward (the sm90
+    kernels where they run; test_nan_query_row_on_the_sm80_kernels runs the sm80 ones), as on the
+    CPU and the decode kernels, never a silent LSE -inf; every other row is bit-identical."""
+    torch.manual_seed(11)
+    q, k, v = (randn(2, 300, 4, d, dtype=dtype, device="cuda") for _ in range(3))
+    clean, clean_lse = orchard.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True)
+    q[1, 77, 2, 5] = float("nan")
+    out, lse = orchard.flash_attn_func(q, k, v, causal=True, return_softmax_lse=True)
+    bad = torch.zeros(2, 300, 4, dtype=torch.bool, device="cuda")
+    bad[1, 77, 2] = True
+    assert torch.equal(out.isnan().all(-1), bad) and torch.equal(out.isnan().any(-1), bad)
+    assert torch.equal(lse.isnan(), bad.transpose(1, 2))
+    torch.testing.assert_close(out[~bad], clean[~bad], atol=0, rtol=0)
+    torch.testing.assert_close(lse[~bad.transpose(1, 2)], clean_lse[~bad.transpose(1, 2)], atol=0, rtol=0)
+
+
+def test_nan_query_row_on_the_sm80_kernels():
+    """The NaN-row test again with ORCHARD_SM90=0 (read once per process, so in a child pytest): the
+    sm80 forward's epilogue, which Hopper otherwise never runs for these shapes."""
+    import os
+    import subprocess
+    import sys
+    if not _sm90_expected():
+        pytest.skip("the sm80 kernels already ran test_nan_query_row_gives_nan_out_and_lse")
+    env = dict(os.environ, ORCHARD_SM90="0")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", __file__,
+                        "-k", "nan_query_row_gives"], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__), timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "4 passed" in r.stdout, r.stdout[-2000:]
+
+
 def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
     """ORCHARD_DEBUG_FLASH_ATN on the CUDA path: one FWD and one BWD line with the
     CUDA variant (sm90 forward on compute capability 9.0 when compiled in), and the

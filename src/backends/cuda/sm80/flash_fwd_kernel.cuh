@@ -431,8 +431,10 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
       float l = row_sum[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      float inv = l > 0.f ? drop_scale / l : 0.f;
-      float lse_v = l > 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+      // Only an exact 0 sum means "no visible key": a NaN one (a NaN in the row's q) stays NaN in
+      // out and LSE, as on the CPU and the decode kernels.
+      float inv = l != 0.f ? drop_scale / l : 0.f;
+      float lse_v = l != 0.f ? (row_max[mt][r] + log2f(l)) * kLn2 : -INFINITY;
       if (sink_l2 != -INFINITY) {  // the row's sum in units of max(row max, sink)
         const float mx = row_max[mt][r];
         const float top = fmaxf(mx, sink_l2);

@@ -996,8 +996,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         float l = st.sum[r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv[r] = l > 0.f ? 1.f / l : 0.f;
-        float lse_l2 = l > 0.f ? st.max[r] * scale_log2 + __log2f(l) : -INFINITY;
+        // Only an exact 0 sum means "no visible key": a NaN one (a NaN in the row's q) stays NaN
+        // in out and LSE, as on the CPU and the decode kernels.
+        inv[r] = l != 0.f ? 1.f / l : 0.f;
+        float lse_l2 = l != 0.f ? st.max[r] * scale_log2 + __log2f(l) : -INFINITY;
         if (p.sink != nullptr) {
           // Attention sink (params.h): exp(sink) joins the row's denominator, the sum taken in
           // units of max(row max, sink) (the sm80 epilogue's form); a row that saw no key
