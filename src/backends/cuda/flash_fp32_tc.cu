@@ -46,6 +46,12 @@ constexpr int kRows = 16;                   // rows per warp: one mma M
 constexpr int kCtaRows = kWarps * kRows;    // 64
 constexpr int kCols = 32;                   // columns per tile
 constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
+// k-steps of tile_scores' loop unrolled together (more loads and splits in flight per warp, more
+// registers); a compile-time knob for bench/fp32_tc/ab.sh, 1 until a measurement says otherwise.
+#ifndef ORCHARD_FP32_TC_QK_UNROLL
+#define ORCHARD_FP32_TC_QK_UNROLL 1
+#endif
+constexpr int kScoreUnroll = ORCHARD_FP32_TC_QK_UNROLL;
 
 // Shared-memory row stride (floats) of rows `width` wide: a multiple of 32 plus 4 (the bank
 // argument in the header comment needs stride = 4 mod 32).
@@ -140,6 +146,7 @@ __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const fl
   const float* r0 = rows_s + g * rows_stride + c;
   const float* r1 = r0 + 8 * rows_stride;
   const float* col = cols_s + g * cols_stride + c;
+#pragma unroll kScoreUnroll
   for (int k0 = 0; k0 < width8; k0 += 8) {
     const SplitA a(r0[k0], r1[k0], r0[k0 + 4], r1[k0 + 4]);
 #pragma unroll
