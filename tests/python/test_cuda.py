@@ -175,17 +175,24 @@ def test_nan_query_row_gives_nan_out_and_lse(dtype, d):
 def test_nan_query_row_on_the_sm80_kernels():
     """The NaN-row test again with ORCHARD_SM90=0 (read once per process, so in a child pytest): the
     sm80 forward's epilogue, which Hopper otherwise never runs for these shapes."""
+    if not _sm90_expected():
+        pytest.skip("the sm80 kernels already ran test_nan_query_row_gives_nan_out_and_lse")
+    out = _child_pytest("nan_query_row_gives", ORCHARD_SM90="0")
+    assert "4 passed" in out, out[-2000:]
+
+
+def _child_pytest(k_expr, timeout=600, **env_vars):
+    """This file's cuda tests matching -k k_expr in a child pytest with env_vars set (for switches
+    read once per process); asserts that it passed and returns its stdout."""
     import os
     import subprocess
     import sys
-    if not _sm90_expected():
-        pytest.skip("the sm80 kernels already ran test_nan_query_row_gives_nan_out_and_lse")
-    env = dict(os.environ, ORCHARD_SM90="0")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", __file__,
-                        "-k", "nan_query_row_gives"], env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(__file__), timeout=300)
+                        "-k", k_expr], env=dict(os.environ, **env_vars), capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__), timeout=timeout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "4 passed" in r.stdout, r.stdout[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    return r.stdout
 
 
 def test_debug_log_on_cuda_names_the_kernel(tmp_path, monkeypatch):
@@ -467,17 +474,9 @@ def test_sm90_varlen_long_segments(name, d, tmp_path, monkeypatch):
 def test_sm90_varlen_forward_forced():
     """The short-segment cases again with ORCHARD_SM90_VARLEN_FWD=1 (read once per process, so in
     a child pytest): the segment form's forward at every head dim, whatever the dispatch's rule."""
-    import os
-    import subprocess
-    import sys
     if not _sm90_expected():
         pytest.skip("needs an sm90 build on compute capability 9.0")
-    env = dict(os.environ, ORCHARD_SM90_VARLEN_FWD="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", __file__,
-                        "-k", "sm90_varlen_segments or sm90_varlen_many"], env=env, capture_output=True, text=True,
-                       cwd=os.path.dirname(__file__), timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    _child_pytest("sm90_varlen_segments or sm90_varlen_many", ORCHARD_SM90_VARLEN_FWD="1")
 
 
 @pytest.mark.parametrize("name", ["causal", "window"])
