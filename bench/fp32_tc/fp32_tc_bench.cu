@@ -22,24 +22,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "../sm90/bench_util.cuh"  // check_launch, CK, the hashed random fill
+#include "../sm90/bench_util.cuh"  // check_launch, opt_in_dynamic_smem, CK, the fill, median_ms
 
 using orchard::BwdParams;
 using orchard::FwdParams;
-
-// The library's shared-memory opt-in lives in cuda_backend.cu; this one caches per kernel too,
-// so that the timed host path makes no more driver calls than the library's does.
-void orchard::cuda::opt_in_dynamic_smem(const void* kernel, int bytes) {
-  static std::map<const void*, int> opted;
-  int& have = opted[kernel];
-  if (have >= bytes) return;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess) have = bytes;
-  // (a failed opt-in is reported by the launch's check_launch, as in the library)
-}
 
 // fill_kernel<float> (bench_util.cuh converts through from_f).
 template <>
@@ -371,35 +360,8 @@ void check_shape(const Shape& s, uint64_t seed) {
   for (double* x : {r_out, r_lse, r_dsum, r_dq, m_dq, r_dk, m_dk, r_dv, m_dv}) cudaFree(x);
 }
 
-// ---- timing --------------------------------------------------------------------------------
-// Median of `reps` CUDA-event timed calls, after >= 50 ms (and >= 3 calls) of warm-up: clocks
-// settle after a shape's set-up (sm90_attn_bench.cu's rule). Each call timed alone, so the median
-// drops a call that an outside hiccup slowed.
-template <typename Call>
-double median_ms(Call&& call, int reps = 20) {
-  const auto warm_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
-  for (int i = 0; i < 3 || std::chrono::steady_clock::now() < warm_end; ++i) {
-    call();
-    CK(cudaDeviceSynchronize());
-  }
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(e0));
-    call();
-    CK(cudaEventRecord(e1));
-    CK(cudaEventSynchronize(e1));
-    float t;
-    CK(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  CK(cudaEventDestroy(e0));
-  CK(cudaEventDestroy(e1));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+// ---- timing (bench_util.cuh's median_ms, 20 calls after >= 3 calls and 50 ms of warm-up) -----
+constexpr int kTimedCalls = 20, kWarmCalls = 3;
 
 // TIME lines as ab_variants.sh parses them: TIME <shape words> library <ms> ms <TFLOP/s> TFLOP/s.
 void time_shape(bool bwd, const Shape& s) {
@@ -408,14 +370,14 @@ void time_shape(bool bwd, const Shape& s) {
   const double fwd_flops = 4.0 * s.b * s.hq * static_cast<double>(s.sq) * s.sk * s.d / (s.causal ? 2.0 : 1.0);
   double ms;
   if (!bwd) {
-    ms = median_ms([&] { orchard::cuda::run_fwd_fp32_tc(p); });
+    ms = median_ms([&] { orchard::cuda::run_fwd_fp32_tc(p); }, kTimedCalls, kWarmCalls);
   } else {
     // The backward on a real forward's O and LSE (realistic P), with D computed once, untimed:
     // the library's D pre-pass is another file's kernel.
     orchard::cuda::run_fwd_fp32_tc(p);
     dsum_kernel<<<blocks_for(t.nrows, 128), 128>>>(t.out, t.dout, t.dsum, s);
     CK(cudaGetLastError());
-    ms = median_ms([&] { orchard::cuda::run_bwd_fp32_tc(p, t.dsum); });
+    ms = median_ms([&] { orchard::cuda::run_bwd_fp32_tc(p, t.dsum); }, kTimedCalls, kWarmCalls);
   }
   const double flops = (bwd ? 2.5 : 1.0) * fwd_flops;
   std::printf("TIME %s d%d s%d %s library %9.3f ms %7.2f TFLOP/s\n", bwd ? "bwd" : "fwd", s.d, s.sq,

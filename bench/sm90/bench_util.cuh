@@ -1,15 +1,20 @@
-// What the sm90 attention benches (sm90_attn_bench.cu, sm90_bwd_bench.cu) share: the library's
-// launch check (cuda_backend.cu defines it in the real build), CK, the 16-bit conversions and
-// the hashed random fill. Each bench is one translation unit that includes this once.
+// What the attention benches (sm90_attn_bench.cu, sm90_bwd_bench.cu, ../fp32_tc/fp32_tc_bench.cu)
+// share: the library's launch check and shared-memory opt-in (cuda_backend.cu defines them in the
+// real build), CK, the 16-bit conversions, the hashed random fill and the warmed-up median timer. Each bench is one
+// translation unit that includes this once.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <vector>
 
 #include "backends/cuda/launch.h"
 
@@ -19,6 +24,15 @@ void orchard::cuda::check_launch(const char* what) {
     std::printf("CUDA error in %s: %s\n", what, cudaGetErrorString(e));
     std::exit(2);
   }
+}
+
+// Cached per kernel like the library's (one device here), so that a timed host path makes no more
+// driver calls than the library's does. A failed opt-in shows up in the launch's check_launch.
+void orchard::cuda::opt_in_dynamic_smem(const void* kernel, int bytes) {
+  static std::map<const void*, int> opted;
+  int& have = opted[kernel];
+  if (have >= bytes) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess) have = bytes;
 }
 
 #define CK(x)                                                                              \
@@ -51,4 +65,36 @@ __global__ void fill_kernel(T* x, int64_t n, uint64_t seed) {
     for (int k = 0; k < 4; ++k) s += (hash_u32(seed * 0x9E3779B97F4A7C15ULL + i * 4 + k) >> 8) * (1.f / 16777216.f);
     x[i] = from_f<T>((s - 2.f) * 1.7320508f);
   }
+}
+
+// Median of `reps` CUDA-event timed calls, after warm-up of at least `min_warm_calls` calls and at
+// least 50 ms (each synchronized): clocks settle after a shape's host-side set-up. It did not make
+// runs repeatable: the same kernel timed twice in one run (session 17, "library" and "overlap" at
+// d192) still differed by up to 10 %, either way round, so decide between variants on medians of
+// repeated runs of the binary. Each call is timed alone, so the median drops one an outside hiccup
+// slowed.
+template <typename Call>
+double median_ms(Call&& call, int reps, int min_warm_calls = 1) {
+  const auto warm_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
+  for (int i = 0; i < min_warm_calls || std::chrono::steady_clock::now() < warm_end; ++i) {
+    call();
+    CK(cudaDeviceSynchronize());
+  }
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(e0));
+    call();
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float t;
+    CK(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
 }

@@ -245,36 +245,11 @@ bool run_shape(const Shape& sh, int reps, bool check) {
       for (float* x : {o32, olp, og, l32, llp, lg}) cudaFree(x);
     }
     if (reps > 0) {
-      // Warm up for >= 50 ms, not a fixed 3 launches (clocks after a shape's host-side set-up).
-      // It did not make runs repeatable: the same kernel timed twice in one run (session 17,
-      // "library" and "overlap" at d192) still differed by up to 10 %, either way round, so
-      // decide between variants on medians of repeated runs of the binary.
-      const auto warm_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
-      do {
-        launch();
-        CK(cudaDeviceSynchronize());
-      } while (std::chrono::steady_clock::now() < warm_end);
-      cudaEvent_t e0, e1;
-      cudaEventCreate(&e0);
-      cudaEventCreate(&e1);
-      std::vector<float> ms;
-      for (int i = 0; i < reps; ++i) {
-        cudaEventRecord(e0);
-        launch();
-        cudaEventRecord(e1);
-        cudaEventSynchronize(e1);
-        float t;
-        cudaEventElapsedTime(&t, e0, e1);
-        ms.push_back(t);
-      }
+      const double med = median_ms(launch, reps);
       CK(cudaGetLastError());
-      std::sort(ms.begin(), ms.end());
-      const double med = ms[ms.size() / 2];
       const double flops = 4.0 * b * hq * (double)sq * sk * kD / (sh.causal ? 2.0 : 1.0);
       std::printf("TIME %s %-8s %8.3f ms  %6.1f TFLOP/s\n", label, vname, med,
                   flops / med / 1e9);
-      cudaEventDestroy(e0);
-      cudaEventDestroy(e1);
     }
   }
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);

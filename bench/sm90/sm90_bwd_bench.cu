@@ -35,13 +35,10 @@
 using orchard::BwdParams;
 using orchard::FwdParams;
 
-// The library's other launch helpers (cuda_backend.cu defines them for the real build).
+// The library's other launch helper (cuda_backend.cu defines it for the real build).
 void orchard::cuda::run_bwd_dsink(const BwdParams&, const float*) {  // no sinks in this bench
   std::printf("run_bwd_dsink: not expected here\n");
   std::exit(2);
-}
-void orchard::cuda::opt_in_dynamic_smem(const void* kernel, int bytes) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 struct Shape {
