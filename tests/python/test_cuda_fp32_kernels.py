@@ -126,6 +126,31 @@ def test_varlen(fp32_family, debug_log):
         torch.testing.assert_close(g.double(), r.double(), atol=4 * ATOL, rtol=1e-4, msg=f"d{name} {fp32_family}")
 
 
+def test_nan_in_v_is_nan_in_out_and_grads(fp32_family, debug_log):
+    """A NaN in V as CUDA ops write it (0x7fffffff): out and the gradients are NaN exactly where the
+    float64 reference's are, and close to it elsewhere (the tensor-core split once carried that NaN
+    into -0 and dropped it from every product; the emulator's nan_v cases pin the same)."""
+    torch.manual_seed(15)
+    b, s, hq, hkv, d = 1, 80, 4, 2, 64  # non-causal: every row sees the NaN key, as the reference's do
+    q = randn(b, s, hq, d, device="cuda", requires_grad=True)
+    k = randn(b, s, hkv, d, device="cuda", requires_grad=True)
+    v = randn(b, s, hkv, d, device="cuda")
+    v.view(torch.int32)[0, 3, 0, 5] = 0x7FFFFFFF
+    v.requires_grad_()
+    dout = randn(b, s, hq, d, device="cuda")
+    out = orchard.flash_attn_func(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert len(debug_log()) == 2 and all(fp32_family in ln for ln in debug_log()), debug_log()
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = feature_attention_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
+        nan = want.isnan()
+        assert nan.any() or name == "dv", f"{name}: the reference has no NaN (test setup)"
+        assert torch.equal(got.isnan(), nan), f"{name} {fp32_family}: {int((got.isnan() != nan).sum())} NaN mismatches"
+        torch.testing.assert_close(got.double()[~nan], want[~nan], atol=4 * ATOL, rtol=1e-4, msg=f"{name} {fp32_family}")
+
+
 def test_tensor_core_backward_is_deterministic(debug_log, monkeypatch):
     monkeypatch.delenv("ORCHARD_CUDA_FP32_TC", raising=False)
     torch.manual_seed(8)

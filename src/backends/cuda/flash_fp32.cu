@@ -182,9 +182,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p, int ro
     l[r] = 0.f;
   }
   const float slope = slope_of(p, b, h);
-  const bool dropout = p.dropout_p > 0.f;
-  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
-  const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const Dropout drop = dropout_of(p);
   for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kTileCols) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), cta_keys.end - tile));
     __syncthreads();  // the previous tile's K / V reads are done
@@ -211,8 +209,7 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p, int ro
       }
       m[r] = m_new;
       l[r] = l[r] * corr[r] + e;
-      const bool keep = !dropout || !seen || dropout_kept(p, key, thr, b, h, i, j);
-      p_s[r * kTileCols + lane] = keep ? e : 0.f;
+      p_s[r * kTileCols + lane] = !seen || kept(p, drop, b, h, i, j) ? e : 0.f;
     }
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
@@ -222,28 +219,16 @@ __global__ void __launch_bounds__(128) fwd_fp32_kernel(const FwdParams p, int ro
     tile_accumulate(o, p_s, v_s, vs, n, dv, lane);
     __syncwarp();  // P is rewritten by the next tile
   }
-  const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const float sum = warp_sum(l[r]);
     const int64_t i = warp_row0 + r;
     if (i >= span.len_q) continue;
-    // sum = 0: the row saw no key (output 0, LSE -inf); NaN passes to both, as on the CPU.
-    const bool any = !(sum <= 0.f);
-    float inv = any ? drop_scale / sum : 0.f;
-    float lse = any ? m[r] + logf(sum) : -INFINITY;
-    if (p.sink != nullptr) {  // exp(sink) joins the denominator (params.h)
-      const float sink = p.sink[h];
-      const float top = fmaxf(m[r], sink);
-      const float a = any ? expf(m[r] - top) : 0.f;
-      const float total = sum * a + expf(sink - top);
-      inv = drop_scale * a / total;
-      lse = top + logf(total);
-    }
+    const RowEnd end = row_end(p, h, m[r], sum, drop.rdrop);
     const int64_t qi = span.q_start + i;
     store_row(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride, o[r],
-              inv, dv, lane);
-    if (lane == 0) static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi] = lse;
+              end.inv, dv, lane);
+    if (lane == 0) static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + qi] = end.lse;
   }
 }
 
@@ -319,10 +304,7 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
     D[r] = in ? dsum[bh * p.sq + i] : 0.f;
   }
   const float slope = slope_of(p, b, h);
-  const bool dropout = p.dropout_p > 0.f;
-  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
-  const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const Dropout drop = dropout_of(p);
   for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kTileCols) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTileCols), cta_keys.end - tile));
     __syncthreads();  // the previous tile's K / V reads are done
@@ -337,14 +319,8 @@ __global__ void __launch_bounds__(128) bwd_dq_fp32_kernel(const BwdParams p, con
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t i = warp_row0 + r;
       const bool seen = lane < n && j >= visible[r].begin && j < visible[r].end;
-      float ds = 0.f;
-      if (seen) {
-        float dt;
-        const float pv = expf(final_score(p, qk[r], slope, i, j, span.diag, bias[r], j, &dt) - lse[r]);
-        const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
-        ds = pv * ((keep ? dp[r] * rdrop : 0.f) - D[r]) * dt;
-      }
-      ds_s[r * kTileCols + lane] = ds;
+      ds_s[r * kTileCols + lane] =
+          seen ? grad_weights(p, drop, b, h, qk[r], dp[r], lse[r], D[r], slope, i, j, span.diag, bias[r], j).ds : 0.f;
     }
     __syncwarp();
     tile_accumulate(dq, ds_s, k_s, ks, n, d, lane);
@@ -403,10 +379,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
   float dk[kRowsPerWarp][kMaxPerLane], dvacc[kRowsPerWarp][kMaxPerLane];
   zero(dk);
   zero(dvacc);
-  const bool dropout = p.dropout_p > 0.f;
-  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
-  const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const Dropout drop = dropout_of(p);
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
@@ -437,16 +410,10 @@ __global__ void __launch_bounds__(128) bwd_dkdv_fp32_kernel(const BwdParams p, c
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const int64_t j = warp_key0 + r;
         const bool seen = lane < n && i >= seen_by[r].begin && i < seen_by[r].end;
-        float pd = 0.f, ds = 0.f;
-        if (seen) {
-          float dt;
-          const float pv = expf(final_score(p, qk[r], slope, i, j, span.diag, bias[r], i, &dt) - lse);
-          const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
-          pd = keep ? pv * rdrop : 0.f;
-          ds = pv * ((keep ? dp[r] * rdrop : 0.f) - D) * dt;
-        }
-        pd_s[r * kTileCols + lane] = pd;
-        ds_s[r * kTileCols + lane] = ds;
+        const GradWeights w =
+            seen ? grad_weights(p, drop, b, h, qk[r], dp[r], lse, D, slope, i, j, span.diag, bias[r], i) : GradWeights{};
+        pd_s[r * kTileCols + lane] = w.pd;
+        ds_s[r * kTileCols + lane] = w.ds;
       }
       __syncwarp();
       tile_accumulate(dvacc, pd_s, do_s, os, n, dv, lane);

@@ -64,18 +64,22 @@ __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8
 // element per mma, so its cost, not the mma's, bounded the kernels): the big part is x rounded to
 // nearest (ties away from zero) to tf32, adding half of tf32's last place before clearing the 13
 // low bits; the small part, x - big (exact in fp32), is handed over as its bits plus that half
-// place and *not* cleared: the tensor cores ignore an operand's 13 low bits (truncation), so the
-// mma sees it rounded to nearest too. CUTLASS's FastF32 splits this way (round_half_ulp_truncate).
+// place and *not* cleared: sm_80 / sm_90 tensor cores ignore a tf32 operand's 13 low bits
+// (truncation; PTX leaves tf32's layout to the implementation, CUTLASS's FastF32 relies on the
+// same), so the mma sees it rounded to nearest too.
 __device__ __forceinline__ uint32_t round_half_up_bits(float x) { return __float_as_uint(x) + 0x1000u; }
 
-// x = big + small (to ~2^-22 relative, once the mma truncates small). Not for non-finite x: an inf
-// operand (or a finite one within 2^-12 of FLT_MAX, whose big part rounds to inf) leaves small =
-// inf - inf = NaN (or -inf), so every product it takes part in is NaN where fp32 FMA gives inf; so
-// does CUTLASS's split, which SDPA's efficient fp32 kernels use. (Keeping the inf in big alone would
-// not help: the hardware's inf * 0 of big_a * small_b, where b's small part is 0, is NaN too.) The
-// README says so.
+// x = big + small (to ~2^-22 relative, once the mma truncates small).
+// NaN: the add would carry out of the exponent for the NaN every GPU operation returns,
+// 0x7fffffff (into the sign: big = -0, and small, x - big = that NaN again, -0 as well), dropping
+// the NaN from every product; big is that NaN instead (its 13 low bits cleared it is still one), so
+// a NaN reaching P V, dS K, P^T dO or dS^T Q comes out NaN as on the SIMT kernels (two more
+// instructions; the emulator's nan_v cases check it). inf: an inf operand (or a finite one within
+// 2^-12 of FLT_MAX, whose big part rounds to inf) leaves small = inf - inf = NaN (-0 after that
+// carry, or -inf), so a product with a partner whose small part is 0 is inf * 0 = NaN where fp32
+// FMA gives inf, as in CUTLASS's split, which SDPA's efficient fp32 kernels use. The README says so.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = round_half_up_bits(x) & 0xffffe000u;
+  big = x != x ? 0x7fffffffu : round_half_up_bits(x) & 0xffffe000u;
   small = round_half_up_bits(x - __uint_as_float(big));
 }
 
@@ -256,9 +260,7 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
   float o[kOutTiles][4];
   zero(o);
   const float slope = slope_of(p, b, h);
-  const bool dropout = p.dropout_p > 0.f;
-  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
-  const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  const Dropout drop = dropout_of(p);
   for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kCols) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_keys.end - tile));
     __syncthreads();  // the previous tile's K / V reads are done
@@ -295,8 +297,7 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
           const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
           const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
           sum += ex;
-          const bool keep = !dropout || !seen || dropout_kept(p, key, thr, b, h, i, j);
-          x = keep ? ex : 0.f;
+          x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
         }
       m[half] = m_new;
       l[half] = l[half] * corr + sum;
@@ -305,7 +306,6 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
     }
     tile_accumulate(o, s, v_s, vs, pad8(dv), lane);
   }
-  const float drop_scale = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   float inv[2];
   bool valid[2];
 #pragma unroll
@@ -313,20 +313,10 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
     const float sum = quad_sum(l[half]);
     const int64_t i = warp_row0 + frag_row(lane, half);
     valid[half] = i < span.len_q;
-    // sum = 0: the row saw no key (output 0, LSE -inf); NaN passes to both, as on the CPU.
-    const bool any = !(sum <= 0.f);
-    inv[half] = any ? drop_scale / sum : 0.f;
-    float lse = any ? m[half] + logf(sum) : -INFINITY;
-    if (p.sink != nullptr) {  // exp(sink) joins the denominator (params.h)
-      const float sink = p.sink[h];
-      const float top = fmaxf(m[half], sink);
-      const float a = any ? expf(m[half] - top) : 0.f;
-      const float total = sum * a + expf(sink - top);
-      inv[half] = drop_scale * a / total;
-      lse = top + logf(total);
-    }
+    const RowEnd end = row_end(p, h, m[half], sum, drop.rdrop);
+    inv[half] = end.inv;
     if (valid[half] && (lane & 3) == 0)
-      static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = lse;
+      static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = end.lse;
   }
   store_rows(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
                  (span.q_start + warp_row0) * p.o_row_stride,
@@ -395,10 +385,7 @@ __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const
   float dq[kOutTiles][4];
   zero(dq);
   const float slope = slope_of(p, b, h);
-  const bool dropout = p.dropout_p > 0.f;
-  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
-  const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const Dropout drop = dropout_of(p);
   for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kCols) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_keys.end - tile));
     __syncthreads();  // the previous tile's K / V reads are done
@@ -419,15 +406,10 @@ __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const
           const int col = frag_col(lane, t, e);
           const int64_t j = tile + col;
           const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
-          float ds = 0.f;
-          if (seen) {
-            float dt;
-            const float pv = expf(final_score(p, s[t][2 * half + e], slope, i, j, span.diag, bias[half], j, &dt) -
-                                  lse[half]);
-            const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
-            ds = pv * ((keep ? dp[t][2 * half + e] * rdrop : 0.f) - D[half]) * dt;
-          }
-          s[t][2 * half + e] = ds;
+          s[t][2 * half + e] = seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e], lse[half],
+                                                   D[half], slope, i, j, span.diag, bias[half], j)
+                                          .ds
+                                    : 0.f;
         }
     }
     tile_accumulate(dq, s, k_s, qs, pad8(d), lane);
@@ -481,10 +463,7 @@ __global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, con
   float dk[kOutTiles][4], dvacc[kOutTiles][4];
   zero(dk);
   zero(dvacc);
-  const bool dropout = p.dropout_p > 0.f;
-  const uint32_t thr = dropout_keep_threshold(p.dropout_p);
-  const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  const float rdrop = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const Dropout drop = dropout_of(p);
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
@@ -520,17 +499,12 @@ __global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, con
             const int col = frag_col(lane, t, e);
             const int64_t i = tile + col;
             const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
-            float pd = 0.f, ds = 0.f;
-            if (seen) {
-              float dt;
-              const float score = final_score(p, s[t][2 * half + e], slope, i, j, span.diag, bias[half], i, &dt);
-              const float pv = expf(score - lse_or_inf(lse_row[i]));
-              const bool keep = !dropout || dropout_kept(p, key, thr, b, h, i, j);
-              pd = keep ? pv * rdrop : 0.f;
-              ds = pv * ((keep ? dp[t][2 * half + e] * rdrop : 0.f) - dsum[bh * p.sq + i]) * dt;
-            }
-            s[t][2 * half + e] = pd;
-            dp[t][2 * half + e] = ds;
+            const GradWeights w =
+                seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e], lse_or_inf(lse_row[i]),
+                                    dsum[bh * p.sq + i], slope, i, j, span.diag, bias[half], i)
+                     : GradWeights{};
+            s[t][2 * half + e] = w.pd;
+            dp[t][2 * half + e] = w.ds;
           }
       }
       tile_accumulate(dvacc, s, do_s, vs, pad8(dv), lane);
@@ -581,7 +555,8 @@ int row_blocks_of(int rows) { return (rows + kCtaRows - 1) / kCtaRows; }
 }  // namespace
 
 bool fp32_fwd_takes_tensor_cores(const FwdParams& p) {
-  return tensor_cores_enabled() && fits(fwd_tc_smem_bytes(p.d, value_dim(p)));
+  // (dv > 256 has no accumulator width here; the backend refuses it before, this keeps the rule local.)
+  return tensor_cores_enabled() && value_dim(p) <= 256 && fits(fwd_tc_smem_bytes(p.d, value_dim(p)));
 }
 
 bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {

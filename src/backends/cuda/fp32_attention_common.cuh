@@ -124,6 +124,59 @@ __device__ __forceinline__ bool dropout_kept(const FwdParams& p, const DropoutKe
 
 __device__ __forceinline__ float lse_or_inf(float l) { return l == -INFINITY ? INFINITY : l; }
 
+// A call's dropout, as every kernel reads it: on or off, the keep threshold, the Philox key (read
+// from rng_state when set) and the scale 1 / (1 - p) of the kept weights.
+struct Dropout {
+  bool on;
+  uint32_t thr;
+  DropoutKey key;
+  float rdrop;
+};
+__device__ __forceinline__ Dropout dropout_of(const FwdParams& p) {
+  const bool on = p.dropout_p > 0.f;
+  return {on, dropout_keep_threshold(p.dropout_p), dropout_key(p), on ? 1.f / (1.f - p.dropout_p) : 1.f};
+}
+__device__ __forceinline__ bool kept(const FwdParams& p, const Dropout& drop, int b, int h, int64_t i, int64_t j) {
+  return !drop.on || dropout_kept(p, drop.key, drop.thr, b, h, i, j);
+}
+
+// The backward's two weights at a visible (query row i, key j) of head (b, h), from the
+// recomputed q.k, dP = dO.v, the row's LSE (lse_or_inf'd) and D = rowsum(dO * O):
+// P = exp(score - lse); pd = P kept / (1 - p), dV's weight; ds = P (dP kept / (1 - p) - D) tanh',
+// the score gradient dQ and dK are summed from (before the scale). bias_idx: the bias line's index
+// (j along a query row's line, i along a key's).
+struct GradWeights {
+  float pd, ds;
+};
+__device__ __forceinline__ GradWeights grad_weights(const FwdParams& p, const Dropout& drop, int b, int h, float qk,
+                                                    float dp, float lse, float D, float slope, int64_t i, int64_t j,
+                                                    int64_t diag, const BiasLine& bias, int64_t bias_idx) {
+  float dt;
+  const float pv = expf(final_score(p, qk, slope, i, j, diag, bias, bias_idx, &dt) - lse);
+  const bool keep = kept(p, drop, b, h, i, j);
+  return {keep ? pv * drop.rdrop : 0.f, pv * ((keep ? dp * drop.rdrop : 0.f) - D) * dt};
+}
+
+// A forward row's end: from its running max m and its (all columns') sum of exp(score - m), the
+// output's scale (with dropout's 1 / (1 - p)) and the LSE. sum = 0: the row saw no key (output 0,
+// LSE -inf); NaN passes to both, as on the CPU. A sink (params.h) adds exp(sink) to the sum.
+struct RowEnd {
+  float inv, lse;
+};
+__device__ __forceinline__ RowEnd row_end(const FwdParams& p, int h, float m, float sum, float drop_scale) {
+  const bool any = !(sum <= 0.f);
+  RowEnd r{any ? drop_scale / sum : 0.f, any ? m + logf(sum) : -INFINITY};
+  if (p.sink != nullptr) {
+    const float sink = p.sink[h];
+    const float top = fmaxf(m, sink);
+    const float a = any ? expf(m - top) : 0.f;
+    const float total = sum * a + expf(sink - top);
+    r.inv = drop_scale * a / total;
+    r.lse = top + logf(total);
+  }
+  return r;
+}
+
 // Warp `warp` of `warps` copies rows warp, warp + warps, ... of [0, rows) from global memory
 // (`src_stride` floats apart) into shared rows `dst_stride` apart; rows from `valid` on and the
 // columns [width, padded) are zeros (a zero adds nothing to a dot, and a zero weight must not
