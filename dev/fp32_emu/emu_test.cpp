@@ -61,6 +61,17 @@ struct Case {
   bool top_left = false;
   int layout = 0;        // q / k / v: 0 (b, s, h, d), 1 (b, h, s, d), 2 (b, s, h, d) with padded rows; out the next one
   bool nan_row = false;  // NaN in q's first row (sequence 0, head 0): observed, not judged
+  // NaN (bits 0x7fffffff, the one NaN GPU arithmetic produces) in v's first key row of kv head 0,
+  // column 0: judged, the reference's NaNs (rows that see the key) must come out NaN and no other.
+  // Only where every row sees every key of that tile (a masked row's weight 0 times NaN is NaN in
+  // the kernels' P V, as in every tiled kernel, while the reference skips the key), and without
+  // dropout (the kernels' D = rowsum(dO * out) is NaN where a dropped key's 0 * NaN made out NaN;
+  // the reference's D, sum P dP, skips it).
+  bool nan_v = false;
+  // +-inf (inf_k = +1 / -1) in k's key 2 of kv head 0, column 0: judged the same way; a row's score
+  // there is +-inf by the sign of its q, +inf a NaN row, -inf the key masked (the contract of
+  // tests/python/reliability/test_numerics.py).
+  int inf_k = 0;
   int device = 0;        // the emulated device (main: 1's shared-memory opt-in holds 2 warps at d = 256, not 4)
   bool bwd = true;       // also check the backward (never with nan_row)
 };
@@ -101,9 +112,10 @@ std::string describe(const Case& c) {
   char s[512];
   std::snprintf(s, sizeof s,
                 "hq=%d hkv=%d d=%d dv=%d causal=%d w=(%ld,%ld) softcap=%g alibi=%d sink=%d bias=%d layout=%d "
-                "dropout=%g%s scale=%g top_left=%d device=%d",
+                "dropout=%g%s scale=%g top_left=%d device=%d%s",
                 c.hq, c.hkv, c.d, c.dv ? c.dv : c.d, c.causal, c.wl, c.wr, c.softcap, c.alibi, c.sink, c.bias,
-                c.layout, c.dropout, c.rng_state ? " (rng_state)" : "", c.scale, c.top_left, c.device);
+                c.layout, c.dropout, c.rng_state ? " (rng_state)" : "", c.scale, c.top_left, c.device,
+                c.nan_v ? " nan_v" : c.inf_k > 0 ? " +inf_k" : c.inf_k < 0 ? " -inf_k" : "");
   std::string r = c.lq.empty() ? "b=" + std::to_string(c.b) + " sq=" + std::to_string(c.sq) +
                                      " sk=" + std::to_string(c.sk)
                                : "varlen q0=" + std::to_string(c.q0) + " lens";
@@ -173,6 +185,11 @@ Result run_case(const Case& c) {
   auto len_k = [&](int bi) { return varlen ? c.lk[bi] : sk; };
   auto diag = [&](int bi) -> int64_t { return c.top_left ? 0 : int64_t(len_k(bi)) - len_q(bi); };
   if (c.nan_row) q.at(seq_b(0), q_start(0), 0, 0) = std::nanf("");
+  if (c.inf_k) k.at(seq_b(0), k_start(0) + 2, 0, 0) = c.inf_k * INFINITY;
+  if (c.nan_v) {
+    const uint32_t gpu_nan = 0x7fffffffu;
+    std::memcpy(&v.at(seq_b(0), k_start(0), 0, 0), &gpu_nan, 4);
+  }
 
   std::vector<float> slopes(size_t(c.alibi == 2 ? nseq : 1) * c.hq), sinks(c.hq);
   for (float& s : slopes) s = uniform(0.f, 0.15f);
@@ -298,17 +315,19 @@ Result run_case(const Case& c) {
   };
 
   std::vector<double> s, ref(dv), dts, pr, dpr;  // scores, d score / d (scale q.k), P, dP
-  std::vector<char> keeps;
+  std::vector<char> keeps, vis;  // vis: the keys a row sees (a -inf score included)
   for (int bi = 0; bi < nseq; ++bi)
     for (int h = 0; h < c.hq; ++h)
       for (int i = 0; i < len_q(bi); ++i) {
         const int bq = seq_b(bi), hk = h / groups;
         const int64_t qr = q_start(bi) + i, at = i + diag(bi);
         s.assign(len_k(bi), -INFINITY);
+        vis.assign(len_k(bi), 0);
         dts.assign(len_k(bi), 1.0);
         double mx = c.sink ? sinks[h] : -INFINITY;
         for (int j = 0; j < len_k(bi); ++j) {
           if ((c.wl >= 0 && j < at - c.wl) || (c.wr >= 0 && j > at + c.wr) || (c.causal && j > at)) continue;
+          vis[j] = 1;
           double dot = 0;
           for (int e = 0; e < c.d; ++e) dot += double(q.at(bq, qr, h, e)) * k.at(bq, k_start(bi) + j, hk, e);
           double x = dot * p.scale;
@@ -342,7 +361,7 @@ Result run_case(const Case& c) {
           pr.assign(len_k(bi), 0.0), dpr.assign(len_k(bi), 0.0), keeps.assign(len_k(bi), 1);
           double D = 0;
           for (int j = 0; j < len_k(bi); ++j) {
-            if (s[j] == -INFINITY) continue;
+            if (!vis[j]) continue;  // (a seen -inf score: P = 0, and 0 * an inf k is NaN in dq, as in torch)
             pr[j] = std::exp(s[j] - ref_lse);
             if (c.dropout > 0) keeps[j] = kept(bi, h, i, j);
             double dot = 0;
@@ -351,7 +370,7 @@ Result run_case(const Case& c) {
             D += pr[j] * dpr[j];
           }
           for (int j = 0; j < len_k(bi); ++j) {
-            if (s[j] == -INFINITY) continue;
+            if (!vis[j]) continue;
             const int64_t kr = k_start(bi) + j;
             const double dx = pr[j] * (dpr[j] - D) * dts[j] * p.scale;  // d / d (q.k)
             const double mx = pr[j] * (std::fabs(dpr[j]) + std::fabs(D)) * dts[j] * p.scale;
@@ -384,6 +403,10 @@ Result run_case(const Case& c) {
           continue;
         }
         auto judge = [&](float x, double r, long& bad) {
+          if (std::isnan(r) || std::isnan(x)) {  // (nan_v) NaN exactly where the reference has it
+            if (std::isnan(r) != std::isnan(x) || is_poison(x)) ++bad, res.worst = INFINITY;
+            return;
+          }
           if (std::isinf(r) || std::isinf(x)) {  // -inf lse of an empty row: exactly
             if (x != r) ++bad, res.worst = INFINITY;
             return;
@@ -454,12 +477,17 @@ Result run_case(const Case& c) {
   for (int t = 0; t < 3; ++t) {
     double mx = 0, mm = 0;
     for (size_t i = 0; i < g_ref[t].size(); ++i)
-      if (owned[t][i]) mx = std::max(mx, std::fabs(g_ref[t][i])), mm = std::max(mm, g_mag[t][i]);
+      if (owned[t][i] && std::isfinite(g_ref[t][i]) && std::isfinite(g_mag[t][i]))  // (nan_v, inf_k)
+        mx = std::max(mx, std::fabs(g_ref[t][i])), mm = std::max(mm, g_mag[t][i]);
     res.max_ref[t] = mx, res.scale[t] = mm;
     const std::vector<float>& x = grads[t]->data;
     for (size_t i = 0; i < x.size(); ++i) {
       if (!owned[t][i]) {
         res.bwd_stray += !is_poison(x[i]);
+        continue;
+      }
+      if (std::isnan(g_ref[t][i]) || std::isnan(x[i])) {  // (nan_v) NaN exactly where the reference has it
+        if (std::isnan(g_ref[t][i]) != std::isnan(x[i]) || is_poison(x[i])) ++res.bad_g[t], res.worst_g[t] = INFINITY;
         continue;
       }
       if (!g_reached[t][i]) {  // no term: exactly 0
@@ -607,6 +635,12 @@ std::vector<Case> fixed_cases() {
   // A NaN in the query: out and lse of that row NaN expected, printed rather than judged.
   add([](Case& c) { c.sq = 20, c.sk = 50, c.d = 64, c.nan_row = true; });
   add([](Case& c) { c.sq = 20, c.sk = 50, c.d = 64, c.nan_row = true, c.sink = true, c.causal = true; });
+  // The GPU's NaN in v, forward and backward (the tf32 split once turned it into -0: dropped).
+  add([](Case& c) { c.sq = 20, c.sk = 50, c.d = 64, c.nan_v = true; });
+  add([](Case& c) { c.sq = 40, c.sk = 70, c.hq = 4, c.hkv = 2, c.d = 128, c.dv = 96, c.sink = true, c.nan_v = true; });
+  // +-inf in k: -inf scores must mask their key, not turn NaN (the split once made them NaN).
+  add([](Case& c) { c.sq = 20, c.sk = 50, c.hq = 2, c.d = 64, c.inf_k = -1; });
+  add([](Case& c) { c.sq = 40, c.sk = 70, c.hq = 4, c.hkv = 2, c.d = 40, c.causal = true, c.inf_k = 1; });
   return v;
 }
 

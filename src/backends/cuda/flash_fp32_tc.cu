@@ -69,18 +69,21 @@ __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8
 // same), so the mma sees it rounded to nearest too.
 __device__ __forceinline__ uint32_t round_half_up_bits(float x) { return __float_as_uint(x) + 0x1000u; }
 
-// x = big + small (to ~2^-22 relative, once the mma truncates small).
-// NaN: the add would carry out of the exponent for the NaN every GPU operation returns,
-// 0x7fffffff (into the sign: big = -0, and small, x - big = that NaN again, -0 as well), dropping
-// the NaN from every product; big is that NaN instead (its 13 low bits cleared it is still one), so
-// a NaN reaching P V, dS K, P^T dO or dS^T Q comes out NaN as on the SIMT kernels (two more
-// instructions; the emulator's nan_v cases check it). inf: an inf operand (or a finite one within
-// 2^-12 of FLT_MAX, whose big part rounds to inf) leaves small = inf - inf = NaN (-0 after that
-// carry, or -inf), so a product with a partner whose small part is 0 is inf * 0 = NaN where fp32
-// FMA gives inf, as in CUTLASS's split, which SDPA's efficient fp32 kernels use. The README says so.
+// x = big + small (to ~2^-22 relative, once the mma truncates small), for finite x.
+// inf and NaN go whole into small, big 0: each of the three products big_a big_b + big_a small_b +
+// small_a big_b then meets a non-finite value against the other operand's big part alone, so
+// q . k with one inf is +-inf of the right sign (a -inf score masks its key, as in float64: the
+// non-finite contract of tests/python/reliability/test_numerics.py) and a NaN is NaN.
+// (Before, inf stayed in big with small = inf - inf: big_a times b's small part, 0 or of the other
+// sign, made NaN of a -inf score; and the GPU's NaN 0x7fffffff, plus 0x1000, carried into the sign
+// bit and reached the mma as -0, dropped — both seen on an H100 in session 45.) Left: inf in both
+// operands of one product gives 0 * inf = NaN where fp32 gives +-inf, and a finite x within 2^-12
+// of FLT_MAX rounds big to inf (small -inf): NaN there. A NaN whose payload lies in the 13 low bits
+// only (never an arithmetic result) reads as inf.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
-  big = x != x ? 0x7fffffffu : round_half_up_bits(x) & 0xffffe000u;
-  small = round_half_up_bits(x - __uint_as_float(big));
+  const bool finite = fabsf(x) < INFINITY;
+  big = finite ? round_half_up_bits(x) & 0xffffe000u : 0u;
+  small = finite ? round_half_up_bits(x - __uint_as_float(big)) : __float_as_uint(x);
 }
 
 // c += A B for one m16n8k8 tile (tf32 operands, fp32 accumulators). Fragments (PTX ISA, g = lane
