@@ -5,6 +5,7 @@
 //        -Iinclude -Isrc bench/fp32_tc/fp32_tc_bench.cu -o fp32_tc_bench    (one command line)
 //   ./fp32_tc_bench [checks | fwd_d64 | fwd_d128 | bwd_d64 | bwd_d128 | all]   (default all:
 //   the four timed modes; fwd_d<D> / bwd_d<D> time any head dim the kernels take)
+//   ./fp32_tc_bench one fwd|bwd D S CAUSAL   (one shape, b2 h16: bench/fp32_tc/prof.sh's ncu target)
 // Layout: dense (B, S, H, D) fp32 tensors, dv = d, GQA where hkv < hq; causal is bottom-right
 // aligned (flash-attn), as the core hands it over (causal = true, window_right = 0).
 // checks: small ragged / GQA / causal shapes; O and LSE poisoned (NaN bytes) before the forward,
@@ -398,6 +399,9 @@ const Shape kChecks[] = {
     {1, 4, 2, 300, 1, 64, false},   {2, 4, 2, 300, 130, 128, false}, {1, 4, 4, 130, 37, 128, true},
     {2, 4, 2, 64, 300, 64, true},   {1, 4, 4, 1, 1, 64, true},       {1, 4, 2, 300, 300, 128, true},
     {1, 2, 2, 1024, 1024, 128, true},  // more key tiles than any shape above
+    // Rows that are not 16-byte aligned (odd d and strides): the 4-byte cp.async path; d36: 16-byte
+    // copies with a partial last chunk.
+    {1, 3, 1, 130, 130, 33, true},     {2, 4, 2, 70, 150, 36, false},
 };
 
 }  // namespace
@@ -407,8 +411,9 @@ int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "all";
   const bool timed_mode =
       (mode.rfind("fwd_d", 0) == 0 || mode.rfind("bwd_d", 0) == 0) && std::atoi(mode.c_str() + 5) > 0;
-  if (mode != "checks" && mode != "all" && !timed_mode) {
-    std::fprintf(stderr, "usage: %s [checks | fwd_d64 | fwd_d128 | bwd_d64 | bwd_d128 | all]\n", argv[0]);
+  const bool one_mode = mode == "one" && argc == 6;  // one fwd|bwd D S CAUSAL: one shape, b2 h16 (ncu)
+  if (mode != "checks" && mode != "all" && !timed_mode && !one_mode) {
+    std::fprintf(stderr, "usage: %s [checks | fwd_d<D> | bwd_d<D> | all | one fwd|bwd D S CAUSAL]\n", argv[0]);
     return 2;
   }
   cudaDeviceProp prop;
@@ -420,6 +425,11 @@ int main(int argc, char** argv) {
       for (const Shape& s : kChecks) check_shape(s, seed++);
       std::printf("fp32_tc checks: %d failing\n", failures);
       return failures ? 1 : 0;
+    }
+    if (one_mode) {
+      const int d = std::atoi(argv[3]), sq = std::atoi(argv[4]);
+      time_shape(std::strcmp(argv[2], "bwd") == 0, Shape{2, 16, 16, sq, sq, d, std::atoi(argv[5]) != 0});
+      return 0;
     }
     if (mode == "all") {
       for (bool bwd : {false, true})

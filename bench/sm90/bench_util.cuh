@@ -35,6 +35,24 @@ void orchard::cuda::opt_in_dynamic_smem(const void* kernel, int bytes) {
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) == cudaSuccess) have = bytes;
 }
 
+// The library's occupancy query (cuda_backend.cu), cached alike; defined inside the namespace, not
+// by a qualified name, so that an older tree's launch.h without its declaration builds too (A/B).
+namespace orchard::cuda {
+int resident_ctas(const void* kernel, int threads, int smem_bytes) {
+  static std::map<std::pair<const void*, int>, int> known;  // (kernel, bytes); threads: one count per kernel
+  const auto key = std::make_pair(kernel, smem_bytes);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  int ctas = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, static_cast<std::size_t>(smem_bytes)) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return known[key] = ctas;
+}
+}  // namespace orchard::cuda
+
 #define CK(x)                                                                              \
   do {                                                                                     \
     cudaError_t e_ = (x);                                                                  \

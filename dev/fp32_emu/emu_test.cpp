@@ -38,6 +38,8 @@ void opt_in_dynamic_smem(const void*, int bytes) {
     std::exit(2);
   }
 }
+// The CPU has no occupancy: shared memory alone, in an sm_90 SM's 228 KB (1 KB reserved per CTA).
+int resident_ctas(const void*, int, int smem_bytes) { return 228 * 1024 / (smem_bytes + 1024); }
 // The sink gradient is another file's (cuda_backend.cu): the tests pass dsink = nullptr, so
 // run_bwd_fp32 never calls it.
 void run_bwd_dsink(const BwdParams&, const float*) { std::abort(); }

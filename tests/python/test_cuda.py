@@ -109,6 +109,30 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks(dtype):
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_dropout_mask_matches_cpu_backend(dtype, causal):
+    # A varlen call returns its keep-mask on CUDA too (since session 46): (sequences, hq, max sq,
+    # max sk) with rows and columns local to each sequence, 0 past a sequence's lengths, equal to
+    # the CPU backend's for the same (seed, offset); out and LSE then match the CPU's.
+    torch.manual_seed(3)
+    hq, hkv, d = 2, 1, 64
+    cu_q = torch.tensor([0, 7, 7, 20, 95], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 12, 20, 150], dtype=torch.int32)
+    q, k, v = randn(95, hq, d, dtype=dtype), randn(150, hkv, d, dtype=dtype), randn(150, hkv, d, dtype=dtype)
+    rng = torch.tensor([0x5EED, 3], dtype=torch.int64)
+    args = (1.0 / d ** 0.5, causal, False, 0.3, 0, 0, True, False, "orchard.flash_attn_varlen_func")
+    feats = (-1, -1, 0.0, None, None, None)
+    cpu = orchard._ops.flash_attn_forward(q, k, v, *args, rng, *feats, cu_q, cu_k, 75, 130)
+    cuda = orchard._ops.flash_attn_forward(*(t.cuda() for t in (q, k, v)), *args, rng.cuda(), *feats,
+                                           cu_q.cuda(), cu_k.cuda(), 75, 130)
+    out, lse, mask = (t.cpu() for t in cuda)
+    assert mask.shape == (4, hq, 75, 130) and torch.equal(mask, cpu[2])
+    tol = dict(atol=2e-5, rtol=0) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), cpu[0].float(), **tol)
+    torch.testing.assert_close(lse, cpu[1], **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])

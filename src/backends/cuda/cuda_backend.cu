@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -47,6 +48,31 @@ void opt_in_dynamic_smem(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> lock(mutex);
   int& done = opted[key];
   done = std::max(done, bytes);
+}
+
+int resident_ctas(const void* kernel, int threads, int smem_bytes) {
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, int>, int> known;
+  const auto key = std::make_tuple(kernel, device, threads, smem_bytes);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  int ctas = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, static_cast<std::size_t>(smem_bytes)) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // (not cached: a later call may tell)
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  known[key] = ctas;
+  return ctas;
 }
 
 namespace {
@@ -275,8 +301,6 @@ std::string check_support(const FwdParams& p) {
   // attn_bias with a sink runs in every dtype: session 7's bf16 miss (case bias-win-sink,
   // dsink 2.6e-2 vs a 2.2e-2 tolerance) was the harness's dsink rule, not the kernels
   // (tests/cuda/cuda_check.cu, run_case: the rule and the numpy model behind it).
-  if (p.cu_seqlens_q != nullptr && p.dropout_mask != nullptr)
-    return "returning the dropout mask is not supported with variable-length sequences on the CUDA backend";
   if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr))
     return "varlen needs both cu_seqlens_q and cu_seqlens_k";
   return {};
@@ -312,6 +336,9 @@ std::string variant_name(const FwdParams& p, bool backward) {
 
 // (b, hq, sq, sk) uint8 keep-mask: 4 columns (one Philox call) per thread; with a
 // dropout column offset that is not a multiple of 4, the 4 columns span two calls.
+// Varlen: (sequences, hq, max sq, max sk), rows and columns local to each sequence as the
+// kernels draw them; entries past a sequence's own lengths are no element and read 0 (the CPU
+// backend's zero_varlen_mask_padding).
 __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
@@ -324,6 +351,12 @@ __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
     const uint32_t row = static_cast<uint32_t>(r % p.sq + p.dropout_row_offset);
     const uint32_t bh = static_cast<uint32_t>(r / p.sq);
     const uint32_t dbh = dropout_batch_head(p, bh / p.hq, bh % p.hq);
+    // Columns [0, cols) of this row are elements (varlen: none past the sequence's rows).
+    int64_t cols = p.sk;
+    if (p.cu_seqlens_q != nullptr) {
+      const SeqSpan span = seq_span(p, static_cast<int>(bh / p.hq));
+      cols = r % p.sq < span.len_q ? span.len_k : 0;
+    }
     // Global columns g0 .. g0 + 3 (g0 = c4 * 4 + col offset): lanes shift.. of call g0 / 4, then
     // lanes 0.. of the next call.
     const uint32_t g4 = static_cast<uint32_t>((c4 * 4 + p.dropout_col_offset) >> 2);
@@ -334,7 +367,8 @@ __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
     for (int j = 0; j < 4; ++j) {
       const uint32_t lane = shift + static_cast<uint32_t>(j);
       const Philox4& src = lane < 4u ? dr : dr2;
-      if (c4 * 4 + j < p.sk) out[j] = philox_lane(src, static_cast<int>(lane & 3u)) >= thr ? 1 : 0;
+      const int64_t col = c4 * 4 + j;
+      if (col < p.sk) out[j] = col < cols && philox_lane(src, static_cast<int>(lane & 3u)) >= thr ? 1 : 0;
     }
   }
 }

@@ -45,6 +45,7 @@
 #include <string>
 #include <type_traits>
 
+#include "backends/cuda/cp_async.cuh"
 #include "backends/cuda/cuda_error.h"
 #include "backends/cuda/device_attribute.h"
 #include "backends/cuda/pdl.cuh"
@@ -130,26 +131,10 @@ __device__ __forceinline__ float rotary_elem(const DecodeParams& p, std::int64_t
   return c == i0 ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#else
-  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-// Waits until at most kPending of this thread's most recent copy groups are in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-#endif
-}
+using cuda::cp_async16;
+using cuda::cp_async16_zfill;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait;
 
 // Programmatic dependent launch (sm_90, pdl.cuh): the attention kernel lets the combine kernel
 // be launched early; the combine kernel waits for the attention grid's completion (and
@@ -610,15 +595,6 @@ __device__ __forceinline__ std::uint32_t movmatrix_trans(std::uint32_t x) {
   return emu_movmatrix_trans(x);
 #else
   return x;
-#endif
-}
-// 16-byte cp.async that reads `bytes` (16 or 0) bytes and zero-fills the rest.
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-#else
-  *static_cast<uint4*>(smem) = bytes ? *static_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
 #endif
 }
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -8,7 +8,8 @@
 // The kernels mirror the SIMT ones (flash_fp32.cu) and share their per-element semantics
 // (fp32_attention_common.cuh: windows, causal, softcap, ALiBi, attn_bias / mask, dropout,
 // sinks, varlen, GQA). A warp owns 16 rows (one mma M), a CTA 4 warps = 64 rows, and the
-// columns come in tiles of 32 (four mma N tiles) staged in shared memory:
+// columns come in tiles of 32 (four mma N tiles) that cp.async copies into shared memory, the
+// next tile's copy in flight during this one's compute where two buffers fit (Pipeline):
 //   forward  rows = query rows, columns = keys:    S = Q K^T, O += P V;
 //   dQ       rows = query rows, columns = keys:    S, dP = dO V^T, dQ += dS K;
 //   dK / dV  rows = key rows, columns = queries:   S^T = K Q^T, dP^T = V dO^T,
@@ -52,6 +53,19 @@ constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
 #define ORCHARD_FP32_TC_QK_UNROLL 1
 #endif
 constexpr int kScoreUnroll = ORCHARD_FP32_TC_QK_UNROLL;
+// The forward's and the dQ kernel's __launch_bounds__ minimum of resident CTAs per SM at head dims
+// up to 128 (a register cap, 65536 / (128 x it)): 3 fits them in 168 registers without spills
+// (ptxas, sm_90; d256's forward and the dK / dV kernel spill there and stay uncapped at ~240).
+// Compile-time knobs for bench/fp32_tc/ab.sh, 1 (no cap) until a measurement says otherwise.
+#ifndef ORCHARD_FP32_TC_FWD_MIN_CTAS
+#define ORCHARD_FP32_TC_FWD_MIN_CTAS 1
+#endif
+#ifndef ORCHARD_FP32_TC_DQ_MIN_CTAS
+#define ORCHARD_FP32_TC_DQ_MIN_CTAS 1
+#endif
+template <int kOutTiles>
+constexpr int kFwdMinCtas = kOutTiles <= 16 ? ORCHARD_FP32_TC_FWD_MIN_CTAS : 1;
+constexpr int kDqMinCtas = ORCHARD_FP32_TC_DQ_MIN_CTAS;
 
 // Shared-memory row stride (floats) of rows `width` wide: a multiple of 32 plus 4 (the bank
 // argument in the header comment needs stride = 4 mod 32).
@@ -216,15 +230,68 @@ __device__ __forceinline__ void store_rows(float* base, int64_t row_stride, cons
   }
 }
 
+// ---- the column tiles' pipeline -------------------------------------------------------------
+// Column tiles reach shared memory by cp.async (stage_rows_async), in `stages` buffers:
+//   1 stage:  wait for tile i, sync, compute, sync, issue tile i + 1 (the copy is exposed);
+//   2 stages: wait for tile i, sync, issue tile i + 1 into the other buffer, compute tile i (the
+//             copy overlaps it; the sync also tells that every warp is done with tile i - 1,
+//             the other buffer's last contents).
+// launches pick the count per kernel (pick_stages). One barrier per tile with 2 stages, two with 1.
+struct Pipeline {
+  int stages;
+  __device__ __forceinline__ int buffer(int step) const { return stages == 2 ? step & 1 : 0; }
+  // Before step `step`'s compute: its tile is in shared memory; with 2 stages, step + 1's is issued.
+  template <typename Issue>
+  __device__ __forceinline__ void begin(int step, Issue&& issue) const {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (stages == 2) issue(step + 1, buffer(step + 1));
+  }
+  // After step `step`'s compute: with 1 stage, step + 1's tile is issued once every warp is done.
+  template <typename Issue>
+  __device__ __forceinline__ void end(int step, Issue&& issue) const {
+    if (stages == 1) {
+      __syncthreads();
+      issue(step + 1, 0);
+    }
+  }
+};
+
+// One buffer of the pipeline: a column tile of width d (K or Q) and one of width dv (V or dO).
+__host__ __device__ __forceinline__ std::size_t stage_floats_of(int d, int dv) {
+  return static_cast<std::size_t>(kCols) * (tc_stride(d) + tc_stride(dv));
+}
+
+// The column tiles of [range.begin, range.end), kCols wide (the last one narrower).
+struct ColTiles {
+  ColRange range;
+  __device__ __forceinline__ int count() const {
+    return range.end > range.begin ? static_cast<int>((range.end - range.begin + kCols - 1) / kCols) : 0;
+  }
+  __device__ __forceinline__ int64_t start(int i) const { return range.begin + static_cast<int64_t>(i) * kCols; }
+  __device__ __forceinline__ int width(int64_t tile) const {
+    return static_cast<int>(min(static_cast<int64_t>(kCols), range.end - tile));
+  }
+};
+
+// Issues the copies of one buffer: rows [0, n) of a (width wa: K or Q) at buf, row stride
+// tc_stride(wa), and of b (width wb: V or dO) kCols rows of a after it, row stride tc_stride(wb).
+__device__ __forceinline__ void stage_tile_pair(float* buf, const float* a, int64_t a_stride, int wa, const float* b,
+                                                int64_t b_stride, int wb, int n, int warp, int lane) {
+  stage_rows_async(buf, tc_stride(wa), a, a_stride, kCols, n, wa, pad8(wa), warp, kWarps, lane);
+  stage_rows_async(buf + kCols * tc_stride(wa), tc_stride(wb), b, b_stride, kCols, n, wb, pad8(wb), warp, kWarps, lane);
+}
+
 // ---- forward -------------------------------------------------------------------------------
-// Shared memory: the CTA's Q rows, the K tile, the V tile.
-std::size_t fwd_tc_smem_bytes(int d, int dv) {
-  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * tc_stride(d) + kCols * (tc_stride(d) + tc_stride(dv)));
+// Shared memory: the CTA's Q rows, then `stages` (K tile, V tile) buffers.
+std::size_t fwd_tc_smem_bytes(int d, int dv, int stages) {
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * tc_stride(d) + stages * stage_floats_of(d, dv));
 }
 
 // kOutTiles: dv <= 8 kOutTiles.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_blocks) {
+__global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
+    fwd_tc_kernel(const FwdParams p, int row_blocks, Pipeline pipe) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
@@ -235,8 +302,8 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
   const int d = p.d, dv = value_dim(p);
   const int qs = tc_stride(d), vs = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
-  float* k_s = q_s + kCtaRows * qs;
-  float* v_s = k_s + kCols * qs;
+  float* kv_s = q_s + kCtaRows * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
   const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                    span.q_start * p.q_row_stride;
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
@@ -245,10 +312,22 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
                    span.k_start * p.v_row_stride;
   const int warp_row0 = row0 + warp * kRows;
   float* q_w = q_s + warp * kRows * qs;
-  stage_rows(q_w, qs, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d), 0,
-             1, lane);
   const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
   const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  const ColTiles tiles{cta_keys};
+  // Step `step`'s K / V tile into buffer `buf` (one commit group, empty past the last step).
+  auto issue = [&](int step, int buf) {
+    if (step < tiles.count()) {
+      const int64_t tile = tiles.start(step);
+      stage_tile_pair(kv_s + buf * stage_floats, k + tile * p.k_row_stride, p.k_row_stride, d,
+                      v + tile * p.v_row_stride, p.v_row_stride, dv, tiles.width(tile), warp, lane);
+    }
+    cp_async_commit();
+  };
+  // The warp's Q rows travel with the first tile.
+  stage_rows_async(q_w, qs, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d),
+                   0, 1, lane);
+  issue(0, 0);
   ColRange visible[2];
   BiasLine bias[2];
   float m[2], l[2];  // l: this thread's columns only
@@ -264,51 +343,54 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
   zero(o);
   const float slope = slope_of(p, b, h);
   const Dropout drop = dropout_of(p);
-  for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kCols) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_keys.end - tile));
-    __syncthreads();  // the previous tile's K / V reads are done
-    stage_rows(k_s, qs, k + tile * p.k_row_stride, p.k_row_stride, kCols, n, d, pad8(d), warp, kWarps, lane);
-    stage_rows(v_s, vs, v + tile * p.v_row_stride, p.v_row_stride, kCols, n, dv, pad8(dv), warp, kWarps, lane);
-    __syncthreads();
-    if (tile >= warp_keys.end || tile + n <= warp_keys.begin) continue;  // no row of this warp sees the tile
-    float s[kColTiles][4];
-    tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
+  for (int step = 0; step < tiles.count(); ++step) {
+    const int64_t tile = tiles.start(step);
+    const int n = tiles.width(tile);
+    pipe.begin(step, issue);
+    const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
+    const float* v_s = k_s + kCols * qs;
+    if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
+      float s[kColTiles][4];
+      tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t i = warp_row0 + frag_row(lane, half);
-      float tile_max = -INFINITY;
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = warp_row0 + frag_row(lane, half);
+        float tile_max = -INFINITY;
 #pragma unroll
-      for (int t = 0; t < kColTiles; ++t)
+        for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = frag_col(lane, t, e);
-          const int64_t j = tile + col;
-          const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
-          float& x = s[t][2 * half + e];
-          x = seen ? final_score(p, x, slope, i, j, span.diag, bias[half], j) : -INFINITY;
-          tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
-        }
-      const float m_new = fmaxf(m[half], quad_max(tile_max));
-      const float corr = m_new == -INFINITY ? 1.f : expf(m[half] - m_new);  // m = -inf: 0
-      float sum = 0.f;
+          for (int e = 0; e < 2; ++e) {
+            const int col = frag_col(lane, t, e);
+            const int64_t j = tile + col;
+            const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
+            float& x = s[t][2 * half + e];
+            x = seen ? final_score(p, x, slope, i, j, span.diag, bias[half], j) : -INFINITY;
+            tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
+          }
+        const float m_new = fmaxf(m[half], quad_max(tile_max));
+        const float corr = m_new == -INFINITY ? 1.f : expf(m[half] - m_new);  // m = -inf: 0
+        float sum = 0.f;
 #pragma unroll
-      for (int t = 0; t < kColTiles; ++t)
+        for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float& x = s[t][2 * half + e];
-          const int64_t j = tile + frag_col(lane, t, e);
-          const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
-          const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
-          sum += ex;
-          x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
-        }
-      m[half] = m_new;
-      l[half] = l[half] * corr + sum;
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[t][2 * half + e];
+            const int64_t j = tile + frag_col(lane, t, e);
+            const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
+            const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
+            sum += ex;
+            x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
+          }
+        m[half] = m_new;
+        l[half] = l[half] * corr + sum;
 #pragma unroll
-      for (int t = 0; t < kOutTiles; ++t) o[t][2 * half] *= corr, o[t][2 * half + 1] *= corr;
+        for (int t = 0; t < kOutTiles; ++t) o[t][2 * half] *= corr, o[t][2 * half + 1] *= corr;
+      }
+      tile_accumulate(o, s, v_s, vs, pad8(dv), lane);
     }
-    tile_accumulate(o, s, v_s, vs, pad8(dv), lane);
+    pipe.end(step, issue);
   }
+  cp_async_wait<0>();  // (no copy outlives the CTA: the last, empty group; Q's where no key is seen)
   float inv[2];
   bool valid[2];
 #pragma unroll
@@ -327,18 +409,21 @@ __global__ void __launch_bounds__(128) fwd_tc_kernel(const FwdParams p, int row_
 }
 
 // ---- backward: dQ --------------------------------------------------------------------------
-// Shared memory of either backward kernel: the CTA's 64 rows and a 32-row tile, each as a row of
-// width d (Q or K) and one of width dv (dO or V). 101,376 bytes at d = dv = 128: exactly the 99 KB
-// opt-in of sm_86 / sm_89, so the dK / dV kernel reads its columns' LSE and D from global memory
-// (L1) where it needs them rather than staging them.
-std::size_t bwd_tc_smem_bytes(int d, int dv) {
-  return sizeof(float) * (static_cast<std::size_t>(kCtaRows + kCols) * (tc_stride(d) + tc_stride(dv)));
+// Shared memory of either backward kernel: the CTA's 64 rows, each as a row of width d (Q or K)
+// and one of width dv (dO or V), then `stages` buffers of a 32-row tile of the same two widths.
+// 101,376 bytes at d = dv = 128 and one stage: exactly the 99 KB opt-in of sm_86 / sm_89, so the
+// dK / dV kernel reads its columns' LSE and D from global memory (L1) where it needs them rather
+// than staging them.
+std::size_t bwd_tc_smem_bytes(int d, int dv, int stages) {
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * (tc_stride(d) + tc_stride(dv)) +
+                          stages * stage_floats_of(d, dv));
 }
 
 // dQ: the CTA's Q and dO rows against K / V tiles.
 // kOutTiles: d <= 8 kOutTiles.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks) {
+__global__ void __launch_bounds__(128, kDqMinCtas)
+    bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
@@ -350,25 +435,36 @@ __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const
   const int qs = tc_stride(d), os = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
   float* do_s = q_s + kCtaRows * qs;
-  float* k_s = do_s + kCtaRows * os;
-  float* v_s = k_s + kCols * qs;
+  float* kv_s = do_s + kCtaRows * os;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
   const int warp_row0 = row0 + warp * kRows;
   float* q_w = q_s + warp * kRows * qs;
   float* do_w = do_s + warp * kRows * os;
-  stage_rows(q_w, qs,
-             static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                 (span.q_start + warp_row0) * p.q_row_stride,
-             p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d), 0, 1, lane);
-  stage_rows(do_w, os,
-             static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-                 (span.q_start + warp_row0) * p.do_row_stride,
-             p.do_row_stride, kRows, span.len_q - warp_row0, dv, pad8(dv), 0, 1, lane);
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
   const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
   const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  const ColTiles tiles{cta_keys};
+  auto issue = [&](int step, int buf) {
+    if (step < tiles.count()) {
+      const int64_t tile = tiles.start(step);
+      stage_tile_pair(kv_s + buf * stage_floats, k + tile * p.k_row_stride, p.k_row_stride, d,
+                      v + tile * p.v_row_stride, p.v_row_stride, dv, tiles.width(tile), warp, lane);
+    }
+    cp_async_commit();
+  };
+  // The warp's Q and dO rows travel with the first tile.
+  stage_rows_async(q_w, qs,
+                   static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                       (span.q_start + warp_row0) * p.q_row_stride,
+                   p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d), 0, 1, lane);
+  stage_rows_async(do_w, os,
+                   static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                       (span.q_start + warp_row0) * p.do_row_stride,
+                   p.do_row_stride, kRows, span.len_q - warp_row0, dv, pad8(dv), 0, 1, lane);
+  issue(0, 0);
   const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
   ColRange visible[2];
   BiasLine bias[2];
@@ -389,34 +485,37 @@ __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const
   zero(dq);
   const float slope = slope_of(p, b, h);
   const Dropout drop = dropout_of(p);
-  for (int64_t tile = cta_keys.begin; tile < cta_keys.end; tile += kCols) {
-    const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_keys.end - tile));
-    __syncthreads();  // the previous tile's K / V reads are done
-    stage_rows(k_s, qs, k + tile * p.k_row_stride, p.k_row_stride, kCols, n, d, pad8(d), warp, kWarps, lane);
-    stage_rows(v_s, os, v + tile * p.v_row_stride, p.v_row_stride, kCols, n, dv, pad8(dv), warp, kWarps, lane);
-    __syncthreads();
-    if (tile >= warp_keys.end || tile + n <= warp_keys.begin) continue;  // no row of this warp sees the tile
-    float s[kColTiles][4], dp[kColTiles][4];
-    tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
-    tile_scores(dp, do_w, os, v_s, os, pad8(dv), lane);
+  for (int step = 0; step < tiles.count(); ++step) {
+    const int64_t tile = tiles.start(step);
+    const int n = tiles.width(tile);
+    pipe.begin(step, issue);
+    const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
+    const float* v_s = k_s + kCols * qs;
+    if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
+      float s[kColTiles][4], dp[kColTiles][4];
+      tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
+      tile_scores(dp, do_w, os, v_s, os, pad8(dv), lane);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t i = warp_row0 + frag_row(lane, half);
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = warp_row0 + frag_row(lane, half);
 #pragma unroll
-      for (int t = 0; t < kColTiles; ++t)
+        for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = frag_col(lane, t, e);
-          const int64_t j = tile + col;
-          const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
-          s[t][2 * half + e] = seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e], lse[half],
-                                                   D[half], slope, i, j, span.diag, bias[half], j)
-                                          .ds
-                                    : 0.f;
-        }
+          for (int e = 0; e < 2; ++e) {
+            const int col = frag_col(lane, t, e);
+            const int64_t j = tile + col;
+            const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
+            s[t][2 * half + e] = seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e],
+                                                     lse[half], D[half], slope, i, j, span.diag, bias[half], j)
+                                            .ds
+                                      : 0.f;
+          }
+      }
+      tile_accumulate(dq, s, k_s, qs, pad8(d), lane);
     }
-    tile_accumulate(dq, s, k_s, qs, pad8(d), lane);
+    pipe.end(step, issue);
   }
+  cp_async_wait<0>();
   const float scale[2] = {p.scale, p.scale};
   store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
                  (span.q_start + warp_row0) * p.dq_row_stride,
@@ -427,7 +526,8 @@ __global__ void __launch_bounds__(128) bwd_dq_tc_kernel(const BwdParams p, const
 // The CTA's K and V rows against the Q / dO tiles of each query head of the group.
 // kOutTiles: d, dv <= 8 kOutTiles.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, const float* dsum, int row_blocks) {
+__global__ void __launch_bounds__(128)
+    bwd_dkdv_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const RowBlock blk = row_block(p.hkv, row_blocks, kCtaRows);
@@ -439,22 +539,43 @@ __global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, con
   const int ks = tc_stride(d), vs = tc_stride(dv);
   float* k_s = reinterpret_cast<float*>(smem);
   float* v_s = k_s + kCtaRows * ks;
-  float* q_s = v_s + kCtaRows * vs;  // the query tile (stride ks) and dO tile (stride vs)
-  float* do_s = q_s + kCols * ks;
+  float* qdo_s = v_s + kCtaRows * vs;  // buffer i: the query tile at qdo_s + i * stage_floats (stride
+                                       // ks), the dO tile kCols * ks after it (stride vs)
+  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
   const int warp_key0 = key0 + warp * kRows;
   float* k_w = k_s + warp * kRows * ks;
   float* v_w = v_s + warp * kRows * vs;
-  stage_rows(k_w, ks,
-             static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                 (span.k_start + warp_key0) * p.k_row_stride,
-             p.k_row_stride, kRows, span.len_k - warp_key0, d, pad8(d), 0, 1, lane);
-  stage_rows(v_w, vs,
-             static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-                 (span.k_start + warp_key0) * p.v_row_stride,
-             p.v_row_stride, kRows, span.len_k - warp_key0, dv, pad8(dv), 0, 1, lane);
   // The query rows any key of the CTA (of this warp) is seen by; each of this thread's keys' own.
   const ColRange cta_rows = union_of_ranges(p, span, key0, kCtaRows, span.len_k, QueryRange{});
   const ColRange warp_rows = union_of_ranges(p, span, warp_key0, kRows, span.len_k, QueryRange{});
+  // The steps: every query tile of cta_rows for each query head of the group, in order.
+  const ColTiles tiles{cta_rows};
+  const int steps = tiles.count() * group;
+  auto tile_of = [&](int step) { return tiles.start(step % tiles.count()); };
+  auto head_of = [&](int step) { return hk * group + step / tiles.count(); };
+  auto issue = [&](int step, int buf) {
+    if (step < steps) {
+      const int h = head_of(step);
+      const int64_t tile = tile_of(step);
+      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                       (span.q_start + tile) * p.q_row_stride;
+      const float* dO = static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                        (span.q_start + tile) * p.do_row_stride;
+      stage_tile_pair(qdo_s + buf * stage_floats, q, p.q_row_stride, d, dO, p.do_row_stride, dv, tiles.width(tile),
+                      warp, lane);
+    }
+    cp_async_commit();
+  };
+  // The warp's K and V rows travel with the first tile.
+  stage_rows_async(k_w, ks,
+                   static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                       (span.k_start + warp_key0) * p.k_row_stride,
+                   p.k_row_stride, kRows, span.len_k - warp_key0, d, pad8(d), 0, 1, lane);
+  stage_rows_async(v_w, vs,
+                   static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                       (span.k_start + warp_key0) * p.v_row_stride,
+                   p.v_row_stride, kRows, span.len_k - warp_key0, dv, pad8(dv), 0, 1, lane);
+  issue(0, 0);
   ColRange seen_by[2];
   bool valid[2];
 #pragma unroll
@@ -467,28 +588,22 @@ __global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, con
   zero(dk);
   zero(dvacc);
   const Dropout drop = dropout_of(p);
-  for (int hh = 0; hh < group; ++hh) {
-    const int h = hk * group + hh;
-    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    const float slope = slope_of(p, b, h);
-    BiasLine bias[2];
+  for (int step = 0; step < steps; ++step) {
+    const int h = head_of(step);
+    const int64_t tile = tile_of(step);
+    const int n = tiles.width(tile);
+    pipe.begin(step, issue);
+    const float* q_s = qdo_s + pipe.buffer(step) * stage_floats;
+    const float* do_s = q_s + kCols * ks;
+    if (tile < warp_rows.end && tile + n > warp_rows.begin) {  // some key of this warp is seen
+      const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+      const float slope = slope_of(p, b, h);
+      const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
+                             span.q_start;
+      BiasLine bias[2];
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
-      bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
-    const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                     span.q_start * p.q_row_stride;
-    const float* dO = static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-                      span.q_start * p.do_row_stride;
-    const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
-                           span.q_start;
-    for (int64_t tile = cta_rows.begin; tile < cta_rows.end; tile += kCols) {
-      const int n = static_cast<int>(min(static_cast<int64_t>(kCols), cta_rows.end - tile));
-      __syncthreads();  // the previous tile's reads are done
-      stage_rows(q_s, ks, q + tile * p.q_row_stride, p.q_row_stride, kCols, n, d, pad8(d), warp, kWarps, lane);
-      stage_rows(do_s, vs, dO + tile * p.do_row_stride, p.do_row_stride, kCols, n, dv, pad8(dv), warp, kWarps,
-                 lane);
-      __syncthreads();
-      if (tile >= warp_rows.end || tile + n <= warp_rows.begin) continue;  // no key of this warp is seen
+      for (int half = 0; half < 2; ++half)
+        bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
       float s[kColTiles][4], dp[kColTiles][4];
       tile_scores(s, k_w, ks, q_s, ks, pad8(d), lane);
       tile_scores(dp, v_w, vs, do_s, vs, pad8(dv), lane);
@@ -513,7 +628,9 @@ __global__ void __launch_bounds__(128) bwd_dkdv_tc_kernel(const BwdParams p, con
       tile_accumulate(dvacc, s, do_s, vs, pad8(dv), lane);
       tile_accumulate(dk, dp, q_s, ks, pad8(d), lane);
     }
+    pipe.end(step, issue);
   }
+  cp_async_wait<0>();
   const float scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
   store_rows(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
                  (span.k_start + warp_key0) * p.dk_row_stride,
@@ -555,39 +672,69 @@ void launch(Kernel kernel, int64_t ctas, std::size_t smem, void* stream, const c
 
 int row_blocks_of(int rows) { return (rows + kCtaRows - 1) / kCtaRows; }
 
+// The pipeline's stage count for `kernel`, whose shared memory is smem_of(stages): 2 (the copy of
+// the next tile overlaps this one's compute) where it fits the opt-in and keeps as many CTAs
+// resident per SM as one stage (registers included: the d128 forward's ~230 registers allow 2
+// either way), or at least 3; else 1 (the d128 backward: 101 KB and 2 CTAs with one stage, 135 KB
+// and 1 with two; the other CTA computes during a CTA's copies). Not tuned on a GPU yet:
+// -DORCHARD_FP32_TC_STAGES=1 or 2 forces a count where it fits (bench/fp32_tc/ab.sh).
+#ifndef ORCHARD_FP32_TC_STAGES
+#define ORCHARD_FP32_TC_STAGES 0
+#endif
+template <typename Kernel, typename SmemOf>
+Pipeline pick_stages(Kernel kernel, SmemOf&& smem_of) {
+  if (!fits(smem_of(2))) return Pipeline{1};
+  if (ORCHARD_FP32_TC_STAGES == 1 || ORCHARD_FP32_TC_STAGES == 2) return Pipeline{ORCHARD_FP32_TC_STAGES};
+  const int one = resident_ctas(kernel, kWarps * 32, smem_of(1)), two = resident_ctas(kernel, kWarps * 32, smem_of(2));
+  return Pipeline{two >= one || two >= 3 ? 2 : 1};
+}
+
+// Launches kernel_for(tiles) (by_width) with the pipeline and shared memory pick_stages gives it.
+template <typename Kernel, typename SmemOf, typename... Args>
+void launch_pipelined(Kernel kernel, int64_t ctas, SmemOf&& smem_of, void* stream, const char* name,
+                      const Args&... args) {
+  if (ctas == 0) return;
+  const std::size_t max_smem = smem_of(fits(smem_of(2)) ? 2 : 1);
+  set_max_dynamic_smem(kernel, static_cast<int>(max_smem));  // (before the occupancy query reads it)
+  const Pipeline pipe = pick_stages(kernel, smem_of);
+  launch(kernel, ctas, smem_of(pipe.stages), stream, name, args..., pipe);
+}
+
 }  // namespace
 
 bool fp32_fwd_takes_tensor_cores(const FwdParams& p) {
   // (dv > 256 has no accumulator width here; the backend refuses it before, this keeps the rule local.)
-  return tensor_cores_enabled() && value_dim(p) <= 256 && fits(fwd_tc_smem_bytes(p.d, value_dim(p)));
+  return tensor_cores_enabled() && value_dim(p) <= 256 && fits(fwd_tc_smem_bytes(p.d, value_dim(p), 1));
 }
 
 bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
   // d > 128 would hold dK and dV's 2 x 128 accumulators per thread next to the tiles': past the
   // 255-register limit, so those stay on the SIMT kernels.
   const int d = p.d, dv = value_dim(p);
-  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv));
+  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1));
 }
 
 void run_fwd_fp32_tc(const FwdParams& p) {
   const int row_blocks = row_blocks_of(p.sq);
-  const std::size_t smem = fwd_tc_smem_bytes(p.d, value_dim(p));
-  by_width<true>(value_dim(p), [&](auto tiles) {
-    launch(fwd_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * row_blocks, smem, p.stream, "fwd_tc_kernel",
-           p, row_blocks);
+  const int d = p.d, dv = value_dim(p);
+  const auto smem_of = [&](int stages) { return fwd_tc_smem_bytes(d, dv, stages); };
+  by_width<true>(dv, [&](auto tiles) {
+    launch_pipelined(fwd_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * row_blocks, smem_of, p.stream,
+                     "fwd_tc_kernel", p, row_blocks);
   });
 }
 
 void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
   const int d = p.d, dv = value_dim(p);
   const int q_blocks = row_blocks_of(p.sq), k_blocks = row_blocks_of(p.sk);
+  const auto smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages); };
   by_width<false>(d, [&](auto tiles) {
-    launch(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, bwd_tc_smem_bytes(d, dv), p.stream,
-           "bwd_dq_tc_kernel", p, dsum, q_blocks);
+    launch_pipelined(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, smem_of, p.stream,
+                     "bwd_dq_tc_kernel", p, dsum, q_blocks);
   });
   by_width<false>(d > dv ? d : dv, [&](auto tiles) {
-    launch(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, bwd_tc_smem_bytes(d, dv),
-           p.stream, "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
+    launch_pipelined(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, smem_of, p.stream,
+                     "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
   });
 }
 

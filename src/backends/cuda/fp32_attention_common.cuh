@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "backends/cuda/cp_async.cuh"
 #include "backends/cuda/device_attribute.h"
 #include "orchard/params.h"
 #include "orchard/philox.h"
@@ -186,6 +187,39 @@ __device__ __forceinline__ void stage_rows(float* dst, int dst_stride, const flo
   for (int t = warp; t < rows; t += warps) {
     const float* sr = src + t * src_stride;
     for (int c = lane; c < padded; c += 32) dst[t * dst_stride + c] = t < valid && c < width ? sr[c] : 0.f;
+  }
+}
+
+// stage_rows as asynchronous copies (cp.async, sm_80+): every copy of a tile is in flight at
+// once instead of one L2 round trip per row (the synchronous loop's loads cannot pass its shared
+// stores: the compiler cannot prove they do not alias). The caller commits the group
+// (cp_async_commit), waits for it (cp_async_wait<0>) and then syncs the CTA before reading.
+// 16-byte copies where every row starts 16-byte aligned (the base and src_stride), else 4-byte
+// ones; the source is read inside [0, valid) x [0, width) only (cp.async zero-fills the rest of a
+// partial chunk; chunks with nothing inside are plain zero stores). dst and dst_stride must be
+// 16-byte aligned (multiples of 4 floats) and padded a multiple of 4. Warp `warp` of `warps`
+// issues the copies of rows [0, rows) (as stage_rows), spread over the warps' lanes as (row,
+// chunk) pairs so that narrow rows keep every lane busy.
+__device__ __forceinline__ void stage_rows_async(float* dst, int dst_stride, const float* src, int64_t src_stride,
+                                                 int rows, int valid, int width, int padded, int warp, int warps,
+                                                 int lane) {
+  const bool vec = (reinterpret_cast<uintptr_t>(src) & 15) == 0 && (src_stride & 3) == 0;
+  const int per_row = vec ? padded / 4 : padded;
+  const int total = rows * per_row;
+  for (int idx = warp * 32 + lane; idx < total; idx += warps * 32) {
+    const int t = idx / per_row, c = (idx - t * per_row) * (vec ? 4 : 1);
+    const int inside = t < valid ? max(0, min(vec ? 4 : 1, width - c)) : 0;  // source floats
+    float* to = dst + t * dst_stride + c;
+    if (inside == 0) {  // a plain store: no source address at all (past the tensor, perhaps)
+      if (vec)
+        *reinterpret_cast<float4*>(to) = make_float4(0.f, 0.f, 0.f, 0.f);
+      else
+        *to = 0.f;
+    } else if (vec) {
+      cp_async16_zfill(to, src + t * src_stride + c, 4 * inside);
+    } else {
+      cp_async4_zfill(to, src + t * src_stride + c, 4);
+    }
   }
 }
 

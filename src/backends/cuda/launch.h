@@ -238,4 +238,14 @@ void set_max_dynamic_smem(Kernel kernel, int bytes) {
   if (bytes > 48 * 1024) opt_in_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 
+// How many CTAs of `kernel` (threads each, smem_bytes of dynamic shared memory) one SM holds on
+// the current device (cudaOccupancyMaxActiveBlocksPerMultiprocessor: registers and shared
+// memory), cached per (kernel, device, threads, bytes) like the opt-in; 0 when it cannot tell.
+// The opt-in for smem_bytes must be made first.
+int resident_ctas(const void* kernel, int threads, int smem_bytes);  // cuda_backend.cu
+template <typename Kernel>
+int resident_ctas(Kernel kernel, int threads, std::size_t smem_bytes) {
+  return resident_ctas(reinterpret_cast<const void*>(kernel), threads, static_cast<int>(smem_bytes));
+}
+
 }  // namespace orchard::cuda

@@ -46,7 +46,7 @@ Orchard bug it exposes is open.
 Example counts: ORCHARD_FUZZ_EXAMPLES=<factor> multiplies every count here
 (default 1: ~2,750 CPU cases; e.g. ORCHARD_FUZZ_EXAMPLES=20 on a GPU box).
 The CUDA tests draw the same features; a draw the CUDA backend does not
-implement yet (NotImplementedError: attn_mask, a varlen dropout mask) is
+implement (NotImplementedError: attn_mask with varlen) is
 rejected, not failed, so they cover what is implemented.
 Runs are derandomized, so CI is reproducible. A bug hunt draws new cases with
 ORCHARD_FUZZ_RANDOM=1 (derandomize off; add pytest's --hypothesis-seed=N to
@@ -341,8 +341,7 @@ def varlen_cases(draw, device: str = "cpu"):
                 softmax_scale=draw(st.one_of(st.none(), st.none(), st.floats(0.01, 2.0))),
                 layouts=tuple(draw(layouts()) for _ in range(4)),
                 magnitude=draw(st.sampled_from([1.0, 1.0, 1.0, 0.1, 3.0])),
-                # CUDA returns no varlen dropout mask (yet): only dropout draws need it there
-                return_probs=dropout_p > 0 or (device == "cpu" and draw(st.booleans())),
+                return_probs=dropout_p > 0 or draw(st.booleans()),
                 deterministic=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**31 - 1)), device=device, seqlens_q=lq, seqlens_k=lk,
                 max_slack=draw(st.sampled_from([0, 0, 0, 1, 7])),

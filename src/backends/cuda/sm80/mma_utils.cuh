@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backends/cuda/cp_async.cuh"
 #include "backends/cuda/sm80/swizzled_tile.h"
 
 namespace orchard::cuda {
@@ -89,11 +90,7 @@ __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem,
   const int src_bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+// (cp_async_commit / cp_async_wait: cp_async.cuh.)
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
