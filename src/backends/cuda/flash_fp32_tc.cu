@@ -67,10 +67,39 @@ template <int kOutTiles>
 constexpr int kFwdMinCtas = kOutTiles <= 16 ? ORCHARD_FP32_TC_FWD_MIN_CTAS : 1;
 constexpr int kDqMinCtas = ORCHARD_FP32_TC_DQ_MIN_CTAS;
 
-// Shared-memory row stride (floats) of rows `width` wide: a multiple of 32 plus 4 (the bank
-// argument in the header comment needs stride = 4 mod 32).
-__host__ __device__ __forceinline__ int tc_stride(int width) { return (width + 31) / 32 * 32 + 4; }
+// ---- shared-memory layout of the staged rows -------------------------------------------------
+// Two layouts, a compile-time choice for the A/B (ORCHARD_FP32_TC_VEC_LDS, 0 until a measurement
+// says otherwise):
+//  0: row-major, a row stride of a multiple of 32 floats plus 4, which makes every scalar fragment
+//     load of a warp hit 32 distinct banks (LDS.32: one per fragment element).
+//  1: 16-byte fragment loads (LDS.128, a quarter of the load instructions). The products read
+//     their k (or output) index in a permuted order that gives each thread 4 adjacent floats:
+//     tile_scores takes 16 k at a time, thread c holding k0 + 4c .. 4c + 3 as k = c, c + 4 of the
+//     first k-step and of the second (one permutation of k on both operands leaves the product
+//     unchanged); tile_accumulate's B reads output columns 32G + 4g .. 4g + 3 of group G for its
+//     four N tiles 4G .. 4G + 3 (so output column n of tile t is 32 (t / 4) + 4 n + t % 4, which
+//     store_rows follows). Rows are a multiple of 32 floats, unpadded, with 16-byte chunks swizzled
+//     within each 32-float group: chunk j of row r sits at j ^ swz(r), swz(r) = 2 ((r >> 1) & 3) ^
+//     4 (r & 1). A quarter-warp (8 lanes) of tile_scores reads rows g = 2p, 2p + 1 at chunks c
+//     (+ 4m): swz(2p) and swz(2p + 1) differ in bit 2, so the two rows' 4 chunks land in opposite
+//     halves of the 8; tile_accumulate's reads rows 2c (+ 1) at chunk g: swz(2c) = 2c, so g ^ 2c
+//     over g = 2p, 2p + 1 and c = 0..3 is 8 distinct chunks. Both are conflict-free. Widths are
+//     zero-filled to a multiple of 32 (odd head dims pay for the padding columns).
+#ifndef ORCHARD_FP32_TC_VEC_LDS
+#define ORCHARD_FP32_TC_VEC_LDS 0
+#endif
+constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
+__host__ __device__ __forceinline__ int round32(int width) { return (width + 31) / 32 * 32; }
+// Shared-memory row stride (floats) of rows `width` wide.
+__host__ __device__ __forceinline__ int tc_stride(int width) { return kVecLds ? round32(width) : round32(width) + 4; }
+// The columns staged (the true ones, then zeros): what the products read.
+__host__ __device__ __forceinline__ int staged_width(int width) { return kVecLds ? round32(width) : pad8(width); }
+// Where column c of (local) row r lies in its shared row.
+__device__ __forceinline__ int swizzle_of(int r) { return ((r >> 1) & 3) << 1 ^ (r & 1) << 2; }
+struct TcColumns {
+  __device__ __forceinline__ int operator()(int r, int c) const { return kVecLds ? c ^ swizzle_of(r) << 2 : c; }
+};
 
 // ---- 3xTF32 ------------------------------------------------------------------------------
 // The split in integer ops (what cvt.rna.tf32.f32 computes for finite x, in 2 instructions where
@@ -158,41 +187,86 @@ __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 }
 
 // ---- the two tile products ----------------------------------------------------------------
-// acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over width8 (a multiple of 8;
-// both zero from the true width on): acc[t] is the C fragment of columns 8t .. 8t + 7.
+// acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over the width (both zero from the
+// true width on): acc[t] is the C fragment of columns 8t .. 8t + 7.
 __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
-                                            const float* cols_s, int cols_stride, int width8, int lane) {
+                                            const float* cols_s, int cols_stride, int width, int lane) {
   const int g = lane >> 2, c = lane & 3;
   zero(acc);
-  const float* r0 = rows_s + g * rows_stride + c;
-  const float* r1 = r0 + 8 * rows_stride;
-  const float* col = cols_s + g * cols_stride + c;
+  if constexpr (kVecLds) {
+    // Every row read here is g (mod 8): one swizzle for all.
+    const int swz = swizzle_of(g) << 2;
+    const float* r0 = rows_s + g * rows_stride;
+    const float* r1 = r0 + 8 * rows_stride;
+    const float* col = cols_s + g * cols_stride;
+    const int width16 = (width + 15) / 16 * 16;
 #pragma unroll kScoreUnroll
-  for (int k0 = 0; k0 < width8; k0 += 8) {
-    const SplitA a(r0[k0], r1[k0], r0[k0 + 4], r1[k0 + 4]);
+    for (int k0 = 0; k0 < width16; k0 += 16) {
+      const int at = (k0 + 4 * c) ^ swz;
+      const float4 x0 = *reinterpret_cast<const float4*>(r0 + at), x1 = *reinterpret_cast<const float4*>(r1 + at);
+      const SplitA a_lo(x0.x, x1.x, x0.y, x1.y), a_hi(x0.z, x1.z, x0.w, x1.w);
 #pragma unroll
-    for (int t = 0; t < kColTiles; ++t) {
-      const float* b = col + 8 * t * cols_stride + k0;
-      mma_3xtf32_apart(acc[t], a, b[0], b[4]);
+      for (int t = 0; t < kColTiles; ++t) {
+        const float4 b = *reinterpret_cast<const float4*>(col + 8 * t * cols_stride + at);
+        mma_3xtf32_apart(acc[t], a_lo, b.x, b.y);
+        mma_3xtf32_apart(acc[t], a_hi, b.z, b.w);
+      }
+    }
+  } else {
+    const float* r0 = rows_s + g * rows_stride + c;
+    const float* r1 = r0 + 8 * rows_stride;
+    const float* col = cols_s + g * cols_stride + c;
+    const int width8 = pad8(width);
+#pragma unroll kScoreUnroll
+    for (int k0 = 0; k0 < width8; k0 += 8) {
+      const SplitA a(r0[k0], r1[k0], r0[k0 + 4], r1[k0 + 4]);
+#pragma unroll
+      for (int t = 0; t < kColTiles; ++t) {
+        const float* b = col + 8 * t * cols_stride + k0;
+        mma_3xtf32_apart(acc[t], a, b[0], b[4]);
+      }
     }
   }
 }
 
+// Output column of element e (0, 1) of a thread's C fragment of output tile t (the layout comment).
+__device__ __forceinline__ int out_col(int lane, int t, int e) {
+  const int n = 2 * (lane & 3) + e;
+  return kVecLds ? 32 * (t >> 2) + 4 * n + (t & 3) : 8 * t + n;
+}
+
 // out += w (16 rows x kCols, as tile_scores' C fragments) times vals_s (kCols rows, the tile's)
-// over the columns < width8: out[t] is the C fragment of output columns 8t .. 8t + 7.
+// over the output columns < width: out[t] is the C fragment of output tile t (out_col).
 template <int kOutTiles>
 __device__ __forceinline__ void tile_accumulate(float (&out)[kOutTiles][4], const float (&w)[kColTiles][4],
-                                                const float* vals_s, int vals_stride, int width8, int lane) {
+                                                const float* vals_s, int vals_stride, int width, int lane) {
   const int g = lane >> 2, c = lane & 3;
 #pragma unroll
   for (int kk = 0; kk < kColTiles; ++kk) {
     // Weight columns 8kk + 2c, 8kk + 2c + 1 as k = c, c + 4 (header comment); value rows likewise.
     const SplitA a(w[kk][0], w[kk][2], w[kk][1], w[kk][3]);
-    const float* v = vals_s + (8 * kk + 2 * c) * vals_stride + g;
+    if constexpr (kVecLds) {
+      static_assert(kOutTiles % 4 == 0, "output tiles come in groups of 4");
+      // Rows 8kk + 2c and 8kk + 2c + 1: swizzles 2c and 2c ^ 4 (chunk g of group G at 8G + (g ^ swz)).
+      const float* v0 = vals_s + (8 * kk + 2 * c) * vals_stride + 4 * (g ^ (2 * c));
+      const float* v1 = vals_s + (8 * kk + 2 * c + 1) * vals_stride + 4 * (g ^ (2 * c) ^ 4);
 #pragma unroll
-    for (int t = 0; t < kOutTiles; ++t) {
-      if (8 * t >= width8) break;
-      mma_3xtf32(out[t], a, v[8 * t], v[vals_stride + 8 * t]);
+      for (int grp = 0; grp < kOutTiles / 4; ++grp) {
+        if (32 * grp >= width) break;
+        const float4 b0 = *reinterpret_cast<const float4*>(v0 + 32 * grp);
+        const float4 b1 = *reinterpret_cast<const float4*>(v1 + 32 * grp);
+        mma_3xtf32(out[4 * grp], a, b0.x, b1.x);
+        mma_3xtf32(out[4 * grp + 1], a, b0.y, b1.y);
+        mma_3xtf32(out[4 * grp + 2], a, b0.z, b1.z);
+        mma_3xtf32(out[4 * grp + 3], a, b0.w, b1.w);
+      }
+    } else {
+      const float* v = vals_s + (8 * kk + 2 * c) * vals_stride + g;
+#pragma unroll
+      for (int t = 0; t < kOutTiles; ++t) {
+        if (8 * t >= width) break;
+        mma_3xtf32(out[t], a, v[8 * t], v[vals_stride + 8 * t]);
+      }
     }
   }
 }
@@ -224,7 +298,7 @@ __device__ __forceinline__ void store_rows(float* base, int64_t row_stride, cons
     for (int t = 0; t < kTiles; ++t)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = frag_col(lane, t, e);
+        const int col = out_col(lane, t, e);
         if (col < width) row[col] = acc[t][2 * half + e] * scale[half];
       }
   }
@@ -262,6 +336,13 @@ __host__ __device__ __forceinline__ std::size_t stage_floats_of(int d, int dv) {
   return static_cast<std::size_t>(kCols) * (tc_stride(d) + tc_stride(dv));
 }
 
+// stage_rows_async into this file's layout: rows `width` wide at row stride tc_stride(width).
+__device__ __forceinline__ void stage_tc_rows(float* dst, int width, const float* src, int64_t src_stride, int rows,
+                                              int valid, int warp, int warps, int lane) {
+  stage_rows_async(dst, tc_stride(width), src, src_stride, rows, valid, width, staged_width(width), warp, warps, lane,
+                   TcColumns{});
+}
+
 // The column tiles of [range.begin, range.end), kCols wide (the last one narrower).
 struct ColTiles {
   ColRange range;
@@ -278,8 +359,8 @@ struct ColTiles {
 // tc_stride(wa), and of b (width wb: V or dO) kCols rows of a after it, row stride tc_stride(wb).
 __device__ __forceinline__ void stage_tile_pair(float* buf, const float* a, int64_t a_stride, int wa, const float* b,
                                                 int64_t b_stride, int wb, int n, int warp, int lane) {
-  stage_rows_async(buf, tc_stride(wa), a, a_stride, kCols, n, wa, pad8(wa), warp, kWarps, lane);
-  stage_rows_async(buf + kCols * tc_stride(wa), tc_stride(wb), b, b_stride, kCols, n, wb, pad8(wb), warp, kWarps, lane);
+  stage_tc_rows(buf, wa, a, a_stride, kCols, n, warp, kWarps, lane);
+  stage_tc_rows(buf + kCols * tc_stride(wa), wb, b, b_stride, kCols, n, warp, kWarps, lane);
 }
 
 // ---- forward -------------------------------------------------------------------------------
@@ -325,8 +406,7 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
     cp_async_commit();
   };
   // The warp's Q rows travel with the first tile.
-  stage_rows_async(q_w, qs, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d),
-                   0, 1, lane);
+  stage_tc_rows(q_w, d, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
   issue(0, 0);
   ColRange visible[2];
   BiasLine bias[2];
@@ -351,7 +431,7 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
       float s[kColTiles][4];
-      tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
+      tile_scores(s, q_w, qs, k_s, qs, d, lane);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t i = warp_row0 + frag_row(lane, half);
@@ -386,7 +466,7 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
 #pragma unroll
         for (int t = 0; t < kOutTiles; ++t) o[t][2 * half] *= corr, o[t][2 * half + 1] *= corr;
       }
-      tile_accumulate(o, s, v_s, vs, pad8(dv), lane);
+      tile_accumulate(o, s, v_s, vs, dv, lane);
     }
     pipe.end(step, issue);
   }
@@ -456,14 +536,14 @@ __global__ void __launch_bounds__(128, kDqMinCtas)
     cp_async_commit();
   };
   // The warp's Q and dO rows travel with the first tile.
-  stage_rows_async(q_w, qs,
-                   static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                       (span.q_start + warp_row0) * p.q_row_stride,
-                   p.q_row_stride, kRows, span.len_q - warp_row0, d, pad8(d), 0, 1, lane);
-  stage_rows_async(do_w, os,
-                   static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-                       (span.q_start + warp_row0) * p.do_row_stride,
-                   p.do_row_stride, kRows, span.len_q - warp_row0, dv, pad8(dv), 0, 1, lane);
+  stage_tc_rows(q_w, d,
+                static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                    (span.q_start + warp_row0) * p.q_row_stride,
+                p.q_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
+  stage_tc_rows(do_w, dv,
+                static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                    (span.q_start + warp_row0) * p.do_row_stride,
+                p.do_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
   issue(0, 0);
   const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
   ColRange visible[2];
@@ -493,8 +573,8 @@ __global__ void __launch_bounds__(128, kDqMinCtas)
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
       float s[kColTiles][4], dp[kColTiles][4];
-      tile_scores(s, q_w, qs, k_s, qs, pad8(d), lane);
-      tile_scores(dp, do_w, os, v_s, os, pad8(dv), lane);
+      tile_scores(s, q_w, qs, k_s, qs, d, lane);
+      tile_scores(dp, do_w, os, v_s, os, dv, lane);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t i = warp_row0 + frag_row(lane, half);
@@ -511,7 +591,7 @@ __global__ void __launch_bounds__(128, kDqMinCtas)
                                       : 0.f;
           }
       }
-      tile_accumulate(dq, s, k_s, qs, pad8(d), lane);
+      tile_accumulate(dq, s, k_s, qs, d, lane);
     }
     pipe.end(step, issue);
   }
@@ -567,14 +647,14 @@ __global__ void __launch_bounds__(128)
     cp_async_commit();
   };
   // The warp's K and V rows travel with the first tile.
-  stage_rows_async(k_w, ks,
-                   static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                       (span.k_start + warp_key0) * p.k_row_stride,
-                   p.k_row_stride, kRows, span.len_k - warp_key0, d, pad8(d), 0, 1, lane);
-  stage_rows_async(v_w, vs,
-                   static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-                       (span.k_start + warp_key0) * p.v_row_stride,
-                   p.v_row_stride, kRows, span.len_k - warp_key0, dv, pad8(dv), 0, 1, lane);
+  stage_tc_rows(k_w, d,
+                static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                    (span.k_start + warp_key0) * p.k_row_stride,
+                p.k_row_stride, kRows, span.len_k - warp_key0, 0, 1, lane);
+  stage_tc_rows(v_w, dv,
+                static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                    (span.k_start + warp_key0) * p.v_row_stride,
+                p.v_row_stride, kRows, span.len_k - warp_key0, 0, 1, lane);
   issue(0, 0);
   ColRange seen_by[2];
   bool valid[2];
@@ -605,8 +685,8 @@ __global__ void __launch_bounds__(128)
       for (int half = 0; half < 2; ++half)
         bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
       float s[kColTiles][4], dp[kColTiles][4];
-      tile_scores(s, k_w, ks, q_s, ks, pad8(d), lane);
-      tile_scores(dp, v_w, vs, do_s, vs, pad8(dv), lane);
+      tile_scores(s, k_w, ks, q_s, ks, d, lane);
+      tile_scores(dp, v_w, vs, do_s, vs, dv, lane);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t j = warp_key0 + frag_row(lane, half);
@@ -625,8 +705,8 @@ __global__ void __launch_bounds__(128)
             dp[t][2 * half + e] = w.ds;
           }
       }
-      tile_accumulate(dvacc, s, do_s, vs, pad8(dv), lane);
-      tile_accumulate(dk, dp, q_s, ks, pad8(d), lane);
+      tile_accumulate(dvacc, s, do_s, vs, dv, lane);
+      tile_accumulate(dk, dp, q_s, ks, d, lane);
     }
     pipe.end(step, issue);
   }

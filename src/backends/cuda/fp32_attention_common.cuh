@@ -199,17 +199,23 @@ __device__ __forceinline__ void stage_rows(float* dst, int dst_stride, const flo
 // partial chunk; chunks with nothing inside are plain zero stores). dst and dst_stride must be
 // 16-byte aligned (multiples of 4 floats) and padded a multiple of 4. Warp `warp` of `warps`
 // issues the copies of rows [0, rows) (as stage_rows), spread over the warps' lanes as (row,
-// chunk) pairs so that narrow rows keep every lane busy.
+// chunk) pairs so that narrow rows keep every lane busy. place(t, c): where column c of row t goes
+// in its shared row (a permutation that keeps each aligned 4-column chunk whole; identity unless
+// given, e.g. a swizzle).
+struct IdentityColumns {
+  __device__ __forceinline__ int operator()(int, int c) const { return c; }
+};
+template <typename Place = IdentityColumns>
 __device__ __forceinline__ void stage_rows_async(float* dst, int dst_stride, const float* src, int64_t src_stride,
                                                  int rows, int valid, int width, int padded, int warp, int warps,
-                                                 int lane) {
+                                                 int lane, Place place = {}) {
   const bool vec = (reinterpret_cast<uintptr_t>(src) & 15) == 0 && (src_stride & 3) == 0;
   const int per_row = vec ? padded / 4 : padded;
   const int total = rows * per_row;
   for (int idx = warp * 32 + lane; idx < total; idx += warps * 32) {
     const int t = idx / per_row, c = (idx - t * per_row) * (vec ? 4 : 1);
     const int inside = t < valid ? max(0, min(vec ? 4 : 1, width - c)) : 0;  // source floats
-    float* to = dst + t * dst_stride + c;
+    float* to = dst + t * dst_stride + place(t, c);
     if (inside == 0) {  // a plain store: no source address at all (past the tensor, perhaps)
       if (vec)
         *reinterpret_cast<float4*>(to) = make_float4(0.f, 0.f, 0.f, 0.f);
