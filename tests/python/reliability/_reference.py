@@ -192,6 +192,36 @@ UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfl
                  torch.float16: 2.0 ** -11}
 
 
+def inherent_out_error(q, k, v, out, dtype, *, scale: Optional[float] = None, causal: bool = False,
+                       top_left: bool = False, keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                       window: tuple = (-1, -1), softcap: float = 0.0,
+                       alibi_slopes: Optional[torch.Tensor] = None, sink: Optional[torch.Tensor] = None,
+                       mask: Optional[torch.Tensor] = None):
+    """First-order estimate of the forward error every kernel has from the
+    logits' own rounding: s_ij = scale q_i . k_j accumulated in fp32 (fp64 for
+    float64) carries an error of about g scale sum|q_i||k_j| (g = sqrt(d)
+    u_acc, typical accumulation, as in inherent_grad_error), and an error
+    ds_ij in the logits moves out_i by sum_j P_ij drop_ij ds_ij (v_j - out_i).
+    It is the whole error when logits are large (|s| ~ 100+: 1e-4..4e-4 of
+    out at |out| ~ 10, depending on the order of the sum), where the naive
+    baseline's order may be the lucky one. Float64 BSHD in; a (b, sq, hq, dv)
+    bound out."""
+    b, sq, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if _empty_problem(q, k):
+        return torch.zeros_like(out)
+    u_acc = 2.0 ** -53 if dtype == torch.float64 else 2.0 ** -24
+    g = math.sqrt(d) * u_acc
+    with torch.no_grad():
+        qh, kh, vh = _heads(q, k, v)
+        oh = out.transpose(1, 2)
+        p, _, _, _ = _probs(qh, kh, scale, causal, top_left, window, softcap, alibi_slopes, sink, mask)
+        if keep is not None:
+            p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+        w = p * (g * scale * (qh.abs() @ kh.abs().transpose(-1, -2)))
+        return (w @ vh.abs() + w.sum(dim=-1, keepdim=True) * oh.abs()).transpose(1, 2)
+
+
 def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = None, causal: bool = False,
                         top_left: bool = False, keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                         window: tuple = (-1, -1), softcap: float = 0.0,
@@ -211,6 +241,15 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
        carries a relative error of about e_i = 4 |lse_i| u_acc.
     Then |d dV| <= (e P drop)^T |dO|, |d dS| <= P (|ddP| + |dD|) + e P |dP - D|,
     |d dQ| <= scale |d dS| |K|, |d dK| <= scale |d dS|^T |Q|.
+    3. bf16 / fp16: P drop and dS are rounded to the input dtype before the
+       dV, dK, dQ products, as torch's and flash-attn's kernels round them (the
+       CPU backend's AVX512-BF16 path and the CUDA kernels do): relative u per
+       element, summed as independent roundings (root-sum-square, typical):
+         |d dV_j| += u sqrt(sum_i (P drop)_ij^2 dO_i^2), and likewise
+         scale u sqrt(dS^2 K^2) for dQ, scale u sqrt(dS^T^2 Q^2) for dK.
+       It matters when a gradient is a small difference of large terms
+       (session 46: dv -0.5156 against -0.5305 at sk = 1, 28 kept terms of
+       magnitude ~1, a naive bf16 baseline that rounded luckily).
 
     When a gradient is a small difference of large terms (sharp softmax;
     sk == 1 where dq == 0 exactly) or logits are large (|lse| ~ 100+), this
@@ -258,6 +297,12 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
         bk = scale * (dds.transpose(-1, -2) @ qh.abs())
         pe = e * p if drop is None else e * p * drop
         bv = pe.transpose(-1, -2) @ doh.abs()
+        if dtype in (torch.bfloat16, torch.float16):  # source 3
+            pd = p if drop is None else p * drop
+            ds = p * (dp - big_d) * (1.0 if dtanh is None else dtanh)
+            bv = bv + u * (pd.square().transpose(-1, -2) @ doh.square()).sqrt()
+            bq = bq + scale * u * (ds.square() @ kh.square()).sqrt()
+            bk = bk + scale * u * (ds.square().transpose(-1, -2) @ qh.square()).sqrt()
         bounds = (bq.transpose(1, 2), _fold(bk, k.shape[2]), _fold(bv, k.shape[2]))
         if not with_sink:
             return bounds
