@@ -762,8 +762,8 @@ int row_blocks_of(int rows) { return (rows + kCtaRows - 1) / kCtaRows; }
 #define ORCHARD_FP32_TC_STAGES 0
 #endif
 template <typename Kernel, typename SmemOf>
-Pipeline pick_stages(Kernel kernel, SmemOf&& smem_of) {
-  if (!fits(smem_of(2))) return Pipeline{1};
+Pipeline pick_stages(Kernel kernel, SmemOf&& smem_of, bool two_fit) {
+  if (!two_fit) return Pipeline{1};
   if (ORCHARD_FP32_TC_STAGES == 1 || ORCHARD_FP32_TC_STAGES == 2) return Pipeline{ORCHARD_FP32_TC_STAGES};
   const int one = resident_ctas(kernel, kWarps * 32, smem_of(1)), two = resident_ctas(kernel, kWarps * 32, smem_of(2));
   return Pipeline{two >= one || two >= 3 ? 2 : 1};
@@ -774,9 +774,9 @@ template <typename Kernel, typename SmemOf, typename... Args>
 void launch_pipelined(Kernel kernel, int64_t ctas, SmemOf&& smem_of, void* stream, const char* name,
                       const Args&... args) {
   if (ctas == 0) return;
-  const std::size_t max_smem = smem_of(fits(smem_of(2)) ? 2 : 1);
-  set_max_dynamic_smem(kernel, static_cast<int>(max_smem));  // (before the occupancy query reads it)
-  const Pipeline pipe = pick_stages(kernel, smem_of);
+  const bool two_fit = fits(smem_of(2));
+  set_max_dynamic_smem(kernel, static_cast<int>(smem_of(two_fit ? 2 : 1)));  // (before the occupancy query)
+  const Pipeline pipe = pick_stages(kernel, smem_of, two_fit);
   launch(kernel, ctas, smem_of(pipe.stages), stream, name, args..., pipe);
 }
 
