@@ -47,29 +47,29 @@ constexpr int kRows = 16;                   // rows per warp: one mma M
 constexpr int kCtaRows = kWarps * kRows;    // 64
 constexpr int kCols = 32;                   // columns per tile
 constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
-// k-steps of tile_scores' loop unrolled together (more loads and splits in flight per warp, more
-// registers); a compile-time knob for bench/fp32_tc/ab.sh, 1 until a measurement says otherwise.
-#ifndef ORCHARD_FP32_TC_QK_UNROLL
-#define ORCHARD_FP32_TC_QK_UNROLL 1
-#endif
-constexpr int kScoreUnroll = ORCHARD_FP32_TC_QK_UNROLL;
-// The forward's and the dQ kernel's __launch_bounds__ minimum of resident CTAs per SM at head dims
-// up to 128 (a register cap, 65536 / (128 x it)): 3 fits them in 168 registers without spills
-// (ptxas, sm_90; d256's forward and the dK / dV kernel spill there and stay uncapped at ~240).
-// Compile-time knobs for bench/fp32_tc/ab.sh, 1 (no cap) until a measurement says otherwise.
+// The forward's and the dQ kernel's __launch_bounds__ minimum of resident CTAs per SM (a register
+// cap, 65536 / (128 x it)). Measured on an H100 (session 47, bench/RESULTS.md [G47], 16-byte
+// layout): 3 (168 registers) speeds the forward at d <= 128 up 1.11-1.24x at s4k and 1.08-1.19x
+// causal at s1k (more warps hide the mma chains' latency; ptxas spills 4-8 B), losing
+// 3-13 % only at s1k non-causal (fewer CTAs than 3 per SM: no gain to cover the cap); d256 would
+// spill hard and stays uncapped. The dQ kernel gains 1.06x at d64 and loses 8 % at d128 (its
+// 253 registers spill when capped), so it is capped at d <= 64 only. Compile-time knobs for
+// bench/fp32_tc/ab.sh (1 = no cap).
 #ifndef ORCHARD_FP32_TC_FWD_MIN_CTAS
-#define ORCHARD_FP32_TC_FWD_MIN_CTAS 1
+#define ORCHARD_FP32_TC_FWD_MIN_CTAS 3
 #endif
 #ifndef ORCHARD_FP32_TC_DQ_MIN_CTAS
-#define ORCHARD_FP32_TC_DQ_MIN_CTAS 1
+#define ORCHARD_FP32_TC_DQ_MIN_CTAS 3
 #endif
 template <int kOutTiles>
 constexpr int kFwdMinCtas = kOutTiles <= 16 ? ORCHARD_FP32_TC_FWD_MIN_CTAS : 1;
-constexpr int kDqMinCtas = ORCHARD_FP32_TC_DQ_MIN_CTAS;
+template <int kOutTiles>
+constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 
 // ---- shared-memory layout of the staged rows -------------------------------------------------
-// Two layouts, a compile-time choice for the A/B (ORCHARD_FP32_TC_VEC_LDS, 0 until a measurement
-// says otherwise):
+// Two layouts, a compile-time choice (ORCHARD_FP32_TC_VEC_LDS). 1, the default, measured on an H100
+// (session 47, [G47]) 1.15-1.24x the forward's and 1.17-1.22x the backward's speed of 0 at d64 / d128
+// (s1k / s4k, causal or not; the forward 1.31x at d256), at the cost of more registers (dK / dV d128 spills ~100 B):
 //  0: row-major, a row stride of a multiple of 32 floats plus 4, which makes every scalar fragment
 //     load of a warp hit 32 distinct banks (LDS.32: one per fragment element).
 //  1: 16-byte fragment loads (LDS.128, a quarter of the load instructions). The products read
@@ -86,7 +86,7 @@ constexpr int kDqMinCtas = ORCHARD_FP32_TC_DQ_MIN_CTAS;
 //     over g = 2p, 2p + 1 and c = 0..3 is 8 distinct chunks. Both are conflict-free. Widths are
 //     zero-filled to a multiple of 32 (odd head dims pay for the padding columns).
 #ifndef ORCHARD_FP32_TC_VEC_LDS
-#define ORCHARD_FP32_TC_VEC_LDS 0
+#define ORCHARD_FP32_TC_VEC_LDS 1
 #endif
 constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
@@ -200,7 +200,6 @@ __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const fl
     const float* r1 = r0 + 8 * rows_stride;
     const float* col = cols_s + g * cols_stride;
     const int width16 = (width + 15) / 16 * 16;
-#pragma unroll kScoreUnroll
     for (int k0 = 0; k0 < width16; k0 += 16) {
       const int at = (k0 + 4 * c) ^ swz;
       const float4 x0 = *reinterpret_cast<const float4*>(r0 + at), x1 = *reinterpret_cast<const float4*>(r1 + at);
@@ -217,7 +216,6 @@ __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const fl
     const float* r1 = r0 + 8 * rows_stride;
     const float* col = cols_s + g * cols_stride + c;
     const int width8 = pad8(width);
-#pragma unroll kScoreUnroll
     for (int k0 = 0; k0 < width8; k0 += 8) {
       const SplitA a(r0[k0], r1[k0], r0[k0 + 4], r1[k0 + 4]);
 #pragma unroll
@@ -502,7 +500,7 @@ std::size_t bwd_tc_smem_bytes(int d, int dv, int stages) {
 // dQ: the CTA's Q and dO rows against K / V tiles.
 // kOutTiles: d <= 8 kOutTiles.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kDqMinCtas)
+__global__ void __launch_bounds__(128, kDqMinCtas<kOutTiles>)
     bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
