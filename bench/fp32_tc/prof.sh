@@ -18,7 +18,7 @@ nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constex
   > "$OUT/prof_fp32_build.log" 2>&1 || { tail -30 "$OUT/prof_fp32_build.log"; exit 1; }
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [[ -n $NCU ]] || { echo "no ncu on this machine"; exit 1; }
-M="gpu__time_duration.sum,sm__cycles_active.avg,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
+M="gpu__time_duration.sum,sm__cycles_active.avg,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
 for shape in ${SHAPES:-fwd:128:4096:0 bwd:128:4096:0}; do
   IFS=: read -r dir d s c <<< "$shape"
   tag=${dir}_d${d}_s${s}_c${c}
@@ -29,10 +29,10 @@ for shape in ${SHAPES:-fwd:128:4096:0 bwd:128:4096:0}; do
     # (--launch-skip 3: past the warm-up calls; the backward mode runs one forward first.)
     timeout 240 "$NCU" --kernel-name regex:"$kernel" --launch-skip 3 --launch-count 1 --metrics "$M" \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section SchedulerStats \
-      --section WarpStateStats --section LaunchStats /tmp/fp32_tc_prof one "$dir" "$d" "$s" "$c" \
+      --section WarpStateStats --section LaunchStats --section InstructionStats /tmp/fp32_tc_prof one "$dir" "$d" "$s" "$c" \
       > "$OUT/prof_fp32_${tag}_$kernel.txt" 2>&1
     echo "== $tag $kernel ncu rc=$?"
-    grep -E "gpu__time_duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued|Executed Ipc Active|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Tensor|No Eligible" \
+    grep -E "gpu__time_duration|pipe_tensor|inst_executed.sum|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Warp Cycles Per Issued|Executed Ipc Active|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Tensor|No Eligible" \
       "$OUT/prof_fp32_${tag}_$kernel.txt" | head -24
     grep -E "smsp__average_warps_issue_stalled_" "$OUT/prof_fp32_${tag}_$kernel.txt" | awk '{print $NF, $1}' \
       | sort -gr | head -8
