@@ -61,8 +61,14 @@ constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
 #ifndef ORCHARD_FP32_TC_DQ_MIN_CTAS
 #define ORCHARD_FP32_TC_DQ_MIN_CTAS 3
 #endif
+// The forward's own minimum at d <= 64, a knob for the A/B: ptxas fits it in 128 registers (4 CTAs)
+// with 16 B of spills. (The dK / dV kernel stays uncapped: 852 B of spills in 168 registers at d64.)
+#ifndef ORCHARD_FP32_TC_FWD_MIN_CTAS_D64
+#define ORCHARD_FP32_TC_FWD_MIN_CTAS_D64 ORCHARD_FP32_TC_FWD_MIN_CTAS
+#endif
 template <int kOutTiles>
-constexpr int kFwdMinCtas = kOutTiles <= 16 ? ORCHARD_FP32_TC_FWD_MIN_CTAS : 1;
+constexpr int kFwdMinCtas =
+    kOutTiles <= 8 ? ORCHARD_FP32_TC_FWD_MIN_CTAS_D64 : kOutTiles <= 16 ? ORCHARD_FP32_TC_FWD_MIN_CTAS : 1;
 template <int kOutTiles>
 constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 
