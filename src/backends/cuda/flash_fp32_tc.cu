@@ -72,6 +72,16 @@ constexpr int kFwdMinCtas =
 template <int kOutTiles>
 constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 
+// 16-row M tiles per forward warp at dv <= 64 (a compile-time knob for bench/fp32_tc/ab.sh, 1 until
+// a measurement says otherwise): with 2, each warp takes 32 query rows (a CTA 128) and every K / V
+// fragment it loads and splits feeds both M tiles' products, which also gives each HMMA chain an
+// independent one to interleave with (session 47's ncu: the kernels stall on the HMMA chains'
+// latency, `wait`, at 8-12 warps per SM). More registers (two S and two O accumulators), so no
+// register cap with it. 16-byte layout only.
+#ifndef ORCHARD_FP32_TC_FWD_M_TILES
+#define ORCHARD_FP32_TC_FWD_M_TILES 1
+#endif
+
 // ---- shared-memory layout of the staged rows -------------------------------------------------
 // Two layouts, a compile-time choice (ORCHARD_FP32_TC_VEC_LDS). 1, the default, measured on an H100
 // (session 47, [G47]) 1.15-1.24x the forward's and 1.17-1.22x the backward's speed of 0 at d64 / d128
@@ -95,6 +105,9 @@ constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 #define ORCHARD_FP32_TC_VEC_LDS 1
 #endif
 constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
+// (ORCHARD_FP32_TC_FWD_M_TILES, above: 2 applies at dv <= 64 on the 16-byte layout.)
+template <int kOutTiles>
+constexpr int kFwdMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_FWD_M_TILES == 2 && kVecLds ? 2 : 1;
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
 __host__ __device__ __forceinline__ int round32(int width) { return (width + 31) / 32 * 32; }
 // Shared-memory row stride (floats) of rows `width` wide.
@@ -165,13 +178,21 @@ struct SplitA {
 
 // c += A B in 3xTF32, B given as the fp32 values of b0 and b1. The small terms go first, so that
 // they are not lost against an accumulator that already holds the big product.
-__device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float b0, float b1) {
+// B split already: its two elements' big and small parts.
+struct SplitB {
   uint32_t big0, small0, big1, small1;
-  split_tf32(b0, big0, small0);
-  split_tf32(b1, big1, small1);
-  mma_tf32(c, a.small, big0, big1);
-  mma_tf32(c, a.big, small0, small1);
-  mma_tf32(c, a.big, big0, big1);
+  __device__ __forceinline__ SplitB(float b0, float b1) {
+    split_tf32(b0, big0, small0);
+    split_tf32(b1, big1, small1);
+  }
+};
+__device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, const SplitB& b) {
+  mma_tf32(c, a.small, b.big0, b.big1);
+  mma_tf32(c, a.big, b.small0, b.small1);
+  mma_tf32(c, a.big, b.big0, b.big1);
+}
+__device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float b0, float b1) {
+  mma_3xtf32(c, a, SplitB(b0, b1));
 }
 // The same, the three products summed from zero and then added to c in fp32: the tensor cores
 // align a sum to its largest term and drop the bits below it (truncation), so products added
@@ -179,11 +200,14 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float
 // apart and added with fp32's round-to-nearest, a k-step's products lose only what one fp32 add
 // does. (For the score products, whose errors the softmax amplifies; the P V-type products keep
 // accumulating in place, which costs no registers.)
-__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, float b0, float b1) {
+__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, const SplitB& b) {
   float f[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_3xtf32(f, a, b0, b1);
+  mma_3xtf32(f, a, b);
 #pragma unroll
   for (int e = 0; e < 4; ++e) c[e] += f[e];
+}
+__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, float b0, float b1) {
+  mma_3xtf32_apart(c, a, SplitB(b0, b1));
 }
 
 template <int kTiles>
@@ -271,6 +295,70 @@ __device__ __forceinline__ void tile_accumulate(float (&out)[kOutTiles][4], cons
         if (8 * t >= width) break;
         mma_3xtf32(out[t], a, v[8 * t], v[vals_stride + 8 * t]);
       }
+    }
+  }
+}
+
+// tile_scores for a warp's two M tiles (rows_s: its 32 rows; acc[m]: rows 16m .. 16m + 15), each
+// K fragment loaded and split once for both. 16-byte layout only.
+[[maybe_unused]] __device__ __forceinline__ void tile_scores_pair(float (&acc)[2][kColTiles][4], const float* rows_s,
+                                                                  int rows_stride, const float* cols_s,
+                                                                  int cols_stride, int width, int lane) {
+  static_assert(kVecLds, "two M tiles per warp need the 16-byte layout");
+  const int g = lane >> 2, c = lane & 3;
+  zero(acc[0]);
+  zero(acc[1]);
+  const int swz = swizzle_of(g) << 2;  // rows g, g + 8, g + 16, g + 24 alike
+  const float* r = rows_s + g * rows_stride;
+  const float* col = cols_s + g * cols_stride;
+  const int width16 = (width + 15) / 16 * 16;
+  for (int k0 = 0; k0 < width16; k0 += 16) {
+    const int at = (k0 + 4 * c) ^ swz;
+    const float4 x0 = *reinterpret_cast<const float4*>(r + at);
+    const float4 x1 = *reinterpret_cast<const float4*>(r + 8 * rows_stride + at);
+    const float4 y0 = *reinterpret_cast<const float4*>(r + 16 * rows_stride + at);
+    const float4 y1 = *reinterpret_cast<const float4*>(r + 24 * rows_stride + at);
+    const SplitA a_lo0(x0.x, x1.x, x0.y, x1.y), a_hi0(x0.z, x1.z, x0.w, x1.w);
+    const SplitA a_lo1(y0.x, y1.x, y0.y, y1.y), a_hi1(y0.z, y1.z, y0.w, y1.w);
+#pragma unroll
+    for (int t = 0; t < kColTiles; ++t) {
+      const float4 b = *reinterpret_cast<const float4*>(col + 8 * t * cols_stride + at);
+      const SplitB b_lo(b.x, b.y), b_hi(b.z, b.w);
+      mma_3xtf32_apart(acc[0][t], a_lo0, b_lo);
+      mma_3xtf32_apart(acc[1][t], a_lo1, b_lo);
+      mma_3xtf32_apart(acc[0][t], a_hi0, b_hi);
+      mma_3xtf32_apart(acc[1][t], a_hi1, b_hi);
+    }
+  }
+}
+
+// tile_accumulate for a warp's two M tiles (w[m], out[m]), each V fragment loaded and split once
+// for both. 16-byte layout only.
+template <int kOutTiles>
+__device__ __forceinline__ void tile_accumulate_pair(float (&out)[2][kOutTiles][4], const float (&w)[2][kColTiles][4],
+                                                     const float* vals_s, int vals_stride, int width, int lane) {
+  static_assert(kVecLds && kOutTiles % 4 == 0, "two M tiles per warp need the 16-byte layout");
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kColTiles; ++kk) {
+    const SplitA a0(w[0][kk][0], w[0][kk][2], w[0][kk][1], w[0][kk][3]);
+    const SplitA a1(w[1][kk][0], w[1][kk][2], w[1][kk][1], w[1][kk][3]);
+    const float* v0 = vals_s + (8 * kk + 2 * c) * vals_stride + 4 * (g ^ (2 * c));
+    const float* v1 = vals_s + (8 * kk + 2 * c + 1) * vals_stride + 4 * (g ^ (2 * c) ^ 4);
+#pragma unroll
+    for (int grp = 0; grp < kOutTiles / 4; ++grp) {
+      if (32 * grp >= width) break;
+      const float4 b0 = *reinterpret_cast<const float4*>(v0 + 32 * grp);
+      const float4 b1 = *reinterpret_cast<const float4*>(v1 + 32 * grp);
+      const SplitB bx(b0.x, b1.x), by(b0.y, b1.y), bz(b0.z, b1.z), bw(b0.w, b1.w);
+      mma_3xtf32(out[0][4 * grp], a0, bx);
+      mma_3xtf32(out[1][4 * grp], a1, bx);
+      mma_3xtf32(out[0][4 * grp + 1], a0, by);
+      mma_3xtf32(out[1][4 * grp + 1], a1, by);
+      mma_3xtf32(out[0][4 * grp + 2], a0, bz);
+      mma_3xtf32(out[1][4 * grp + 2], a1, bz);
+      mma_3xtf32(out[0][4 * grp + 3], a0, bw);
+      mma_3xtf32(out[1][4 * grp + 3], a1, bw);
     }
   }
 }
@@ -368,18 +456,26 @@ __device__ __forceinline__ void stage_tile_pair(float* buf, const float* a, int6
 }
 
 // ---- forward -------------------------------------------------------------------------------
+// Query rows per forward CTA at value width dv (kFwdMTiles M tiles of 16 rows per warp).
+template <int kOutTiles>
+constexpr int kFwdCtaRows = kWarps * kRows * kFwdMTiles<kOutTiles>;
+int fwd_cta_rows(int dv) { return dv <= 64 ? kFwdCtaRows<8> : kCtaRows; }
+
 // Shared memory: the CTA's Q rows, then `stages` (K tile, V tile) buffers.
 std::size_t fwd_tc_smem_bytes(int d, int dv, int stages) {
-  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * tc_stride(d) + stages * stage_floats_of(d, dv));
+  return sizeof(float) *
+         (static_cast<std::size_t>(fwd_cta_rows(dv)) * tc_stride(d) + stages * stage_floats_of(d, dv));
 }
 
-// kOutTiles: dv <= 8 kOutTiles.
+// kOutTiles: dv <= 8 kOutTiles. Each warp holds kM M tiles of 16 rows: rows 16 mt + frag_row.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
+__global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOutTiles> : 1)
     fwd_tc_kernel(const FwdParams p, int row_blocks, Pipeline pipe) {
+  constexpr int kM = kFwdMTiles<kOutTiles>;
+  constexpr int kWarpRows = kM * kRows;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
+  const RowBlock blk = row_block(p.hq, row_blocks, kFwdCtaRows<kOutTiles>);
   const int b = blk.b, h = blk.head, row0 = blk.row0;
   const SeqSpan span = seq_span(p, b);
   if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
@@ -387,7 +483,7 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
   const int d = p.d, dv = value_dim(p);
   const int qs = tc_stride(d), vs = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
-  float* kv_s = q_s + kCtaRows * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  float* kv_s = q_s + kFwdCtaRows<kOutTiles> * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
   const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
   const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                    span.q_start * p.q_row_stride;
@@ -395,10 +491,10 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  const int warp_row0 = row0 + warp * kRows;
-  float* q_w = q_s + warp * kRows * qs;
-  const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
-  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  const int warp_row0 = row0 + warp * kWarpRows;
+  float* q_w = q_s + warp * kWarpRows * qs;
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kFwdCtaRows<kOutTiles>, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kWarpRows, span.len_q, KeyRange{});
   const ColTiles tiles{cta_keys};
   // Step `step`'s K / V tile into buffer `buf` (one commit group, empty past the last step).
   auto issue = [&](int step, int buf) {
@@ -410,21 +506,25 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
     cp_async_commit();
   };
   // The warp's Q rows travel with the first tile.
-  stage_tc_rows(q_w, d, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
+  stage_tc_rows(q_w, d, q + warp_row0 * p.q_row_stride, p.q_row_stride, kWarpRows, span.len_q - warp_row0, 0, 1,
+                lane);
   issue(0, 0);
-  ColRange visible[2];
-  BiasLine bias[2];
-  float m[2], l[2];  // l: this thread's columns only
+  ColRange visible[kM][2];
+  BiasLine bias[kM][2];
+  float m[kM][2], l[kM][2];  // l: this thread's columns only
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = warp_row0 + frag_row(lane, half);
-    visible[half] = i < span.len_q ? key_range(p, span, i) : ColRange{0, 0};
-    bias[half] = bias_line(p, b, h, i < span.len_q ? i : 0, true);
-    m[half] = -INFINITY;
-    l[half] = 0.f;
-  }
-  float o[kOutTiles][4];
-  zero(o);
+  for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = warp_row0 + kRows * mt + frag_row(lane, half);
+      visible[mt][half] = i < span.len_q ? key_range(p, span, i) : ColRange{0, 0};
+      bias[mt][half] = bias_line(p, b, h, i < span.len_q ? i : 0, true);
+      m[mt][half] = -INFINITY;
+      l[mt][half] = 0.f;
+    }
+  float o[kM][kOutTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) zero(o[mt]);
   const float slope = slope_of(p, b, h);
   const Dropout drop = dropout_of(p);
   for (int step = 0; step < tiles.count(); ++step) {
@@ -434,62 +534,73 @@ __global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
     const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
-      float s[kColTiles][4];
-      tile_scores(s, q_w, qs, k_s, qs, d, lane);
+      float s[kM][kColTiles][4];
+      if constexpr (kM == 2)
+        tile_scores_pair(s, q_w, qs, k_s, qs, d, lane);
+      else
+        tile_scores(s[0], q_w, qs, k_s, qs, d, lane);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t i = warp_row0 + frag_row(lane, half);
-        float tile_max = -INFINITY;
+      for (int mt = 0; mt < kM; ++mt)
 #pragma unroll
-        for (int t = 0; t < kColTiles; ++t)
+        for (int half = 0; half < 2; ++half) {
+          const int64_t i = warp_row0 + kRows * mt + frag_row(lane, half);
+          float tile_max = -INFINITY;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = frag_col(lane, t, e);
-            const int64_t j = tile + col;
-            const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
-            float& x = s[t][2 * half + e];
-            x = seen ? final_score(p, x, slope, i, j, span.diag, bias[half], j) : -INFINITY;
-            tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
-          }
-        const float m_new = fmaxf(m[half], quad_max(tile_max));
-        const float corr = m_new == -INFINITY ? 1.f : expf(m[half] - m_new);  // m = -inf: 0
-        float sum = 0.f;
+          for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-        for (int t = 0; t < kColTiles; ++t)
+            for (int e = 0; e < 2; ++e) {
+              const int col = frag_col(lane, t, e);
+              const int64_t j = tile + col;
+              const bool seen = col < n && j >= visible[mt][half].begin && j < visible[mt][half].end;
+              float& x = s[mt][t][2 * half + e];
+              x = seen ? final_score(p, x, slope, i, j, span.diag, bias[mt][half], j) : -INFINITY;
+              tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
+            }
+          const float m_new = fmaxf(m[mt][half], quad_max(tile_max));
+          const float corr = m_new == -INFINITY ? 1.f : expf(m[mt][half] - m_new);  // m = -inf: 0
+          float sum = 0.f;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[t][2 * half + e];
-            const int64_t j = tile + frag_col(lane, t, e);
-            const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
-            const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
-            sum += ex;
-            x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
-          }
-        m[half] = m_new;
-        l[half] = l[half] * corr + sum;
+          for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-        for (int t = 0; t < kOutTiles; ++t) o[t][2 * half] *= corr, o[t][2 * half + 1] *= corr;
-      }
-      tile_accumulate(o, s, v_s, vs, dv, lane);
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[mt][t][2 * half + e];
+              const int64_t j = tile + frag_col(lane, t, e);
+              const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
+              const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
+              sum += ex;
+              x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
+            }
+          m[mt][half] = m_new;
+          l[mt][half] = l[mt][half] * corr + sum;
+#pragma unroll
+          for (int t = 0; t < kOutTiles; ++t) o[mt][t][2 * half] *= corr, o[mt][t][2 * half + 1] *= corr;
+        }
+      if constexpr (kM == 2)
+        tile_accumulate_pair(o, s, v_s, vs, dv, lane);
+      else
+        tile_accumulate(o[0], s[0], v_s, vs, dv, lane);
     }
     pipe.end(step, issue);
   }
   cp_async_wait<0>();  // (no copy outlives the CTA: the last, empty group; Q's where no key is seen)
-  float inv[2];
-  bool valid[2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float sum = quad_sum(l[half]);
-    const int64_t i = warp_row0 + frag_row(lane, half);
-    valid[half] = i < span.len_q;
-    const RowEnd end = row_end(p, h, m[half], sum, drop.rdrop);
-    inv[half] = end.inv;
-    if (valid[half] && (lane & 3) == 0)
-      static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = end.lse;
+  for (int mt = 0; mt < kM; ++mt) {
+    float inv[2];
+    bool valid[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float sum = quad_sum(l[mt][half]);
+      const int64_t i = warp_row0 + kRows * mt + frag_row(lane, half);
+      valid[half] = i < span.len_q;
+      const RowEnd end = row_end(p, h, m[mt][half], sum, drop.rdrop);
+      inv[half] = end.inv;
+      if (valid[half] && (lane & 3) == 0)
+        static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = end.lse;
+    }
+    store_rows(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
+                   (span.q_start + warp_row0 + kRows * mt) * p.o_row_stride,
+               p.o_row_stride, o[mt], inv, valid, dv, lane);
   }
-  store_rows(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
-                 (span.q_start + warp_row0) * p.o_row_stride,
-             p.o_row_stride, o, inv, valid, dv, lane);
 }
 
 // ---- backward: dQ --------------------------------------------------------------------------
@@ -754,7 +865,7 @@ void launch(Kernel kernel, int64_t ctas, std::size_t smem, void* stream, const c
   check_launch(name);
 }
 
-int row_blocks_of(int rows) { return (rows + kCtaRows - 1) / kCtaRows; }
+int row_blocks_of(int rows, int cta_rows = kCtaRows) { return (rows + cta_rows - 1) / cta_rows; }
 
 // The pipeline's stage count for `kernel`, whose shared memory is smem_of(stages): 2 (the copy of
 // the next tile overlaps this one's compute) where it fits the opt-in and keeps as many CTAs
@@ -799,8 +910,8 @@ bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
 }
 
 void run_fwd_fp32_tc(const FwdParams& p) {
-  const int row_blocks = row_blocks_of(p.sq);
   const int d = p.d, dv = value_dim(p);
+  const int row_blocks = row_blocks_of(p.sq, fwd_cta_rows(dv));
   const auto smem_of = [&](int stages) { return fwd_tc_smem_bytes(d, dv, stages); };
   by_width<true>(dv, [&](auto tiles) {
     launch_pipelined(fwd_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * row_blocks, smem_of, p.stream,
