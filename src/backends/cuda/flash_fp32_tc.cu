@@ -72,14 +72,14 @@ constexpr int kFwdMinCtas =
 template <int kOutTiles>
 constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 
-// 16-row M tiles per forward warp at dv <= 64 (a compile-time knob for bench/fp32_tc/ab.sh, 1 until
-// a measurement says otherwise): with 2, each warp takes 32 query rows (a CTA 128) and every K / V
-// fragment it loads and splits feeds both M tiles' products, which also gives each HMMA chain an
-// independent one to interleave with (session 47's ncu: the kernels stall on the HMMA chains'
-// latency, `wait`, at 8-12 warps per SM). More registers (two S and two O accumulators), so no
-// register cap with it. 16-byte layout only.
-#ifndef ORCHARD_FP32_TC_FWD_M_TILES
-#define ORCHARD_FP32_TC_FWD_M_TILES 1
+// 16-row M tiles per warp in the forward (at dv <= 64) and the dQ kernel (at d <= 64), a compile-time
+// knob for bench/fp32_tc/ab.sh, 1 until a measurement says otherwise: with 2, each warp takes 32
+// query rows (a CTA 128) and every K / V fragment it loads and splits feeds both M tiles' products,
+// which also gives each HMMA chain an independent one to interleave with (session 47's ncu: the
+// kernels stall on the HMMA chains' latency, `wait`, at 8-12 warps per SM). More registers (two
+// sets of accumulators), so no register cap with it. 16-byte layout only.
+#ifndef ORCHARD_FP32_TC_M_TILES
+#define ORCHARD_FP32_TC_M_TILES 1
 #endif
 
 // ---- shared-memory layout of the staged rows -------------------------------------------------
@@ -105,9 +105,9 @@ constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 #define ORCHARD_FP32_TC_VEC_LDS 1
 #endif
 constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
-// (ORCHARD_FP32_TC_FWD_M_TILES, above: 2 applies at dv <= 64 on the 16-byte layout.)
+// (ORCHARD_FP32_TC_M_TILES, above: 2 applies at 8 output tiles, widths <= 64, on the 16-byte layout.)
 template <int kOutTiles>
-constexpr int kFwdMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_FWD_M_TILES == 2 && kVecLds ? 2 : 1;
+constexpr int kMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_M_TILES == 2 && kVecLds ? 2 : 1;
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
 __host__ __device__ __forceinline__ int round32(int width) { return (width + 31) / 32 * 32; }
 // Shared-memory row stride (floats) of rows `width` wide.
@@ -168,6 +168,7 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], 
 // A split A fragment, from four fp32 values in its register order.
 struct SplitA {
   uint32_t big[4], small[4];
+  SplitA() = default;
   __device__ __forceinline__ SplitA(float x0, float x1, float x2, float x3) {
     split_tf32(x0, big[0], small[0]);
     split_tf32(x1, big[1], small[1]);
@@ -217,6 +218,73 @@ __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 }
 
 // ---- the two tile products ----------------------------------------------------------------
+// The 16-byte layout's products for a warp's kM M tiles of 16 rows (rows_s: its 16 kM rows; acc[m]
+// and out[m]: rows 16m .. 16m + 15): each K / V fragment is loaded and split once for all kM
+// (ORCHARD_FP32_TC_M_TILES = 2). At kM = 1 they compute what tile_scores / tile_accumulate's
+// 16-byte paths do, but ptxas allocates the kernels differently (other spills), so the timed
+// kernels keep those until an A/B says the generic form costs nothing.
+template <int kM>
+__device__ __forceinline__ void tile_scores_vec(float (&acc)[kM][kColTiles][4], const float* rows_s, int rows_stride,
+                                                const float* cols_s, int cols_stride, int width, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kM; ++m) zero(acc[m]);
+  // Every row read here is g (mod 8): one swizzle for all.
+  const int swz = swizzle_of(g) << 2;
+  const float* r0 = rows_s + g * rows_stride;
+  const float* col = cols_s + g * cols_stride;
+  const int width16 = (width + 15) / 16 * 16;
+  for (int k0 = 0; k0 < width16; k0 += 16) {
+    const int at = (k0 + 4 * c) ^ swz;
+    SplitA a_lo[kM], a_hi[kM];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+      const float4 x0 = *reinterpret_cast<const float4*>(r0 + 16 * m * rows_stride + at);
+      const float4 x1 = *reinterpret_cast<const float4*>(r0 + (16 * m + 8) * rows_stride + at);
+      a_lo[m] = SplitA(x0.x, x1.x, x0.y, x1.y);
+      a_hi[m] = SplitA(x0.z, x1.z, x0.w, x1.w);
+    }
+#pragma unroll
+    for (int t = 0; t < kColTiles; ++t) {
+      const float4 b = *reinterpret_cast<const float4*>(col + 8 * t * cols_stride + at);
+      const SplitB b_lo(b.x, b.y), b_hi(b.z, b.w);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        mma_3xtf32_apart(acc[m][t], a_lo[m], b_lo);
+        mma_3xtf32_apart(acc[m][t], a_hi[m], b_hi);
+      }
+    }
+  }
+}
+
+template <int kOutTiles, int kM>
+__device__ __forceinline__ void tile_accumulate_vec(float (&out)[kM][kOutTiles][4], const float (&w)[kM][kColTiles][4],
+                                                    const float* vals_s, int vals_stride, int width, int lane) {
+  static_assert(kOutTiles % 4 == 0, "output tiles come in groups of 4");
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kColTiles; ++kk) {
+    // Weight columns 8kk + 2c, 8kk + 2c + 1 as k = c, c + 4 (header comment); value rows likewise.
+    SplitA a[kM];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) a[m] = SplitA(w[m][kk][0], w[m][kk][2], w[m][kk][1], w[m][kk][3]);
+    // Rows 8kk + 2c and 8kk + 2c + 1: swizzles 2c and 2c ^ 4 (chunk g of group G at 8G + (g ^ swz)).
+    const float* v0 = vals_s + (8 * kk + 2 * c) * vals_stride + 4 * (g ^ (2 * c));
+    const float* v1 = vals_s + (8 * kk + 2 * c + 1) * vals_stride + 4 * (g ^ (2 * c) ^ 4);
+#pragma unroll
+    for (int grp = 0; grp < kOutTiles / 4; ++grp) {
+      if (32 * grp >= width) break;
+      const float4 b0 = *reinterpret_cast<const float4*>(v0 + 32 * grp);
+      const float4 b1 = *reinterpret_cast<const float4*>(v1 + 32 * grp);
+      const SplitB b[4] = {SplitB(b0.x, b1.x), SplitB(b0.y, b1.y), SplitB(b0.z, b1.z), SplitB(b0.w, b1.w)};
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int m = 0; m < kM; ++m) mma_3xtf32(out[m][4 * grp + u], a[m], b[u]);
+    }
+  }
+}
+
 // acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over the width (both zero from the
 // true width on): acc[t] is the C fragment of columns 8t .. 8t + 7.
 __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
@@ -295,70 +363,6 @@ __device__ __forceinline__ void tile_accumulate(float (&out)[kOutTiles][4], cons
         if (8 * t >= width) break;
         mma_3xtf32(out[t], a, v[8 * t], v[vals_stride + 8 * t]);
       }
-    }
-  }
-}
-
-// tile_scores for a warp's two M tiles (rows_s: its 32 rows; acc[m]: rows 16m .. 16m + 15), each
-// K fragment loaded and split once for both. 16-byte layout only.
-[[maybe_unused]] __device__ __forceinline__ void tile_scores_pair(float (&acc)[2][kColTiles][4], const float* rows_s,
-                                                                  int rows_stride, const float* cols_s,
-                                                                  int cols_stride, int width, int lane) {
-  static_assert(kVecLds, "two M tiles per warp need the 16-byte layout");
-  const int g = lane >> 2, c = lane & 3;
-  zero(acc[0]);
-  zero(acc[1]);
-  const int swz = swizzle_of(g) << 2;  // rows g, g + 8, g + 16, g + 24 alike
-  const float* r = rows_s + g * rows_stride;
-  const float* col = cols_s + g * cols_stride;
-  const int width16 = (width + 15) / 16 * 16;
-  for (int k0 = 0; k0 < width16; k0 += 16) {
-    const int at = (k0 + 4 * c) ^ swz;
-    const float4 x0 = *reinterpret_cast<const float4*>(r + at);
-    const float4 x1 = *reinterpret_cast<const float4*>(r + 8 * rows_stride + at);
-    const float4 y0 = *reinterpret_cast<const float4*>(r + 16 * rows_stride + at);
-    const float4 y1 = *reinterpret_cast<const float4*>(r + 24 * rows_stride + at);
-    const SplitA a_lo0(x0.x, x1.x, x0.y, x1.y), a_hi0(x0.z, x1.z, x0.w, x1.w);
-    const SplitA a_lo1(y0.x, y1.x, y0.y, y1.y), a_hi1(y0.z, y1.z, y0.w, y1.w);
-#pragma unroll
-    for (int t = 0; t < kColTiles; ++t) {
-      const float4 b = *reinterpret_cast<const float4*>(col + 8 * t * cols_stride + at);
-      const SplitB b_lo(b.x, b.y), b_hi(b.z, b.w);
-      mma_3xtf32_apart(acc[0][t], a_lo0, b_lo);
-      mma_3xtf32_apart(acc[1][t], a_lo1, b_lo);
-      mma_3xtf32_apart(acc[0][t], a_hi0, b_hi);
-      mma_3xtf32_apart(acc[1][t], a_hi1, b_hi);
-    }
-  }
-}
-
-// tile_accumulate for a warp's two M tiles (w[m], out[m]), each V fragment loaded and split once
-// for both. 16-byte layout only.
-template <int kOutTiles>
-__device__ __forceinline__ void tile_accumulate_pair(float (&out)[2][kOutTiles][4], const float (&w)[2][kColTiles][4],
-                                                     const float* vals_s, int vals_stride, int width, int lane) {
-  static_assert(kVecLds && kOutTiles % 4 == 0, "two M tiles per warp need the 16-byte layout");
-  const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < kColTiles; ++kk) {
-    const SplitA a0(w[0][kk][0], w[0][kk][2], w[0][kk][1], w[0][kk][3]);
-    const SplitA a1(w[1][kk][0], w[1][kk][2], w[1][kk][1], w[1][kk][3]);
-    const float* v0 = vals_s + (8 * kk + 2 * c) * vals_stride + 4 * (g ^ (2 * c));
-    const float* v1 = vals_s + (8 * kk + 2 * c + 1) * vals_stride + 4 * (g ^ (2 * c) ^ 4);
-#pragma unroll
-    for (int grp = 0; grp < kOutTiles / 4; ++grp) {
-      if (32 * grp >= width) break;
-      const float4 b0 = *reinterpret_cast<const float4*>(v0 + 32 * grp);
-      const float4 b1 = *reinterpret_cast<const float4*>(v1 + 32 * grp);
-      const SplitB bx(b0.x, b1.x), by(b0.y, b1.y), bz(b0.z, b1.z), bw(b0.w, b1.w);
-      mma_3xtf32(out[0][4 * grp], a0, bx);
-      mma_3xtf32(out[1][4 * grp], a1, bx);
-      mma_3xtf32(out[0][4 * grp + 1], a0, by);
-      mma_3xtf32(out[1][4 * grp + 1], a1, by);
-      mma_3xtf32(out[0][4 * grp + 2], a0, bz);
-      mma_3xtf32(out[1][4 * grp + 2], a1, bz);
-      mma_3xtf32(out[0][4 * grp + 3], a0, bw);
-      mma_3xtf32(out[1][4 * grp + 3], a1, bw);
     }
   }
 }
@@ -456,26 +460,27 @@ __device__ __forceinline__ void stage_tile_pair(float* buf, const float* a, int6
 }
 
 // ---- forward -------------------------------------------------------------------------------
-// Query rows per forward CTA at value width dv (kFwdMTiles M tiles of 16 rows per warp).
+// Query rows per CTA of the forward (kOutTiles by dv) and the dQ kernel (by d): kMTiles M tiles of
+// 16 rows per warp.
 template <int kOutTiles>
-constexpr int kFwdCtaRows = kWarps * kRows * kFwdMTiles<kOutTiles>;
-int fwd_cta_rows(int dv) { return dv <= 64 ? kFwdCtaRows<8> : kCtaRows; }
+constexpr int kQueryCtaRows = kWarps * kRows * kMTiles<kOutTiles>;
+int query_cta_rows(int width) { return width <= 64 ? kQueryCtaRows<8> : kCtaRows; }
 
 // Shared memory: the CTA's Q rows, then `stages` (K tile, V tile) buffers.
 std::size_t fwd_tc_smem_bytes(int d, int dv, int stages) {
   return sizeof(float) *
-         (static_cast<std::size_t>(fwd_cta_rows(dv)) * tc_stride(d) + stages * stage_floats_of(d, dv));
+         (static_cast<std::size_t>(query_cta_rows(dv)) * tc_stride(d) + stages * stage_floats_of(d, dv));
 }
 
 // kOutTiles: dv <= 8 kOutTiles. Each warp holds kM M tiles of 16 rows: rows 16 mt + frag_row.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOutTiles> : 1)
+__global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOutTiles> : 1)
     fwd_tc_kernel(const FwdParams p, int row_blocks, Pipeline pipe) {
-  constexpr int kM = kFwdMTiles<kOutTiles>;
+  constexpr int kM = kMTiles<kOutTiles>;
   constexpr int kWarpRows = kM * kRows;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const RowBlock blk = row_block(p.hq, row_blocks, kFwdCtaRows<kOutTiles>);
+  const RowBlock blk = row_block(p.hq, row_blocks, kQueryCtaRows<kOutTiles>);
   const int b = blk.b, h = blk.head, row0 = blk.row0;
   const SeqSpan span = seq_span(p, b);
   if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
@@ -483,7 +488,7 @@ __global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<
   const int d = p.d, dv = value_dim(p);
   const int qs = tc_stride(d), vs = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
-  float* kv_s = q_s + kFwdCtaRows<kOutTiles> * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  float* kv_s = q_s + kQueryCtaRows<kOutTiles> * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
   const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
   const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                    span.q_start * p.q_row_stride;
@@ -493,7 +498,7 @@ __global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<
                    span.k_start * p.v_row_stride;
   const int warp_row0 = row0 + warp * kWarpRows;
   float* q_w = q_s + warp * kWarpRows * qs;
-  const ColRange cta_keys = union_of_ranges(p, span, row0, kFwdCtaRows<kOutTiles>, span.len_q, KeyRange{});
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kQueryCtaRows<kOutTiles>, span.len_q, KeyRange{});
   const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kWarpRows, span.len_q, KeyRange{});
   const ColTiles tiles{cta_keys};
   // Step `step`'s K / V tile into buffer `buf` (one commit group, empty past the last step).
@@ -535,10 +540,10 @@ __global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
       float s[kM][kColTiles][4];
-      if constexpr (kM == 2)
-        tile_scores_pair(s, q_w, qs, k_s, qs, d, lane);
-      else
+      if constexpr (kM == 1)
         tile_scores(s[0], q_w, qs, k_s, qs, d, lane);
+      else
+        tile_scores_vec<kM>(s, q_w, qs, k_s, qs, d, lane);
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt)
 #pragma unroll
@@ -575,10 +580,10 @@ __global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<
 #pragma unroll
           for (int t = 0; t < kOutTiles; ++t) o[mt][t][2 * half] *= corr, o[mt][t][2 * half + 1] *= corr;
         }
-      if constexpr (kM == 2)
-        tile_accumulate_pair(o, s, v_s, vs, dv, lane);
-      else
+      if constexpr (kM == 1)
         tile_accumulate(o[0], s[0], v_s, vs, dv, lane);
+      else
+        tile_accumulate_vec<kOutTiles, kM>(o, s, v_s, vs, dv, lane);
     }
     pipe.end(step, issue);
   }
@@ -609,19 +614,23 @@ __global__ void __launch_bounds__(128, kFwdMTiles<kOutTiles> == 1 ? kFwdMinCtas<
 // 101,376 bytes at d = dv = 128 and one stage: exactly the 99 KB opt-in of sm_86 / sm_89, so the
 // dK / dV kernel reads its columns' LSE and D from global memory (L1) where it needs them rather
 // than staging them.
-std::size_t bwd_tc_smem_bytes(int d, int dv, int stages) {
-  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * (tc_stride(d) + tc_stride(dv)) +
+// (rows: the CTA's, kCtaRows but for a dQ kernel on two M tiles per warp.)
+std::size_t bwd_tc_smem_bytes(int d, int dv, int stages, int rows = kCtaRows) {
+  return sizeof(float) * (static_cast<std::size_t>(rows) * (tc_stride(d) + tc_stride(dv)) +
                           stages * stage_floats_of(d, dv));
 }
 
 // dQ: the CTA's Q and dO rows against K / V tiles.
-// kOutTiles: d <= 8 kOutTiles.
+// kOutTiles: d <= 8 kOutTiles. Each warp holds kM M tiles of 16 rows: rows 16 mt + frag_row.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kDqMinCtas<kOutTiles>)
+__global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kDqMinCtas<kOutTiles> : 1)
     bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
+  constexpr int kM = kMTiles<kOutTiles>;
+  constexpr int kWarpRows = kM * kRows;
+  constexpr int kRowsPerCta = kQueryCtaRows<kOutTiles>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
+  const RowBlock blk = row_block(p.hq, row_blocks, kRowsPerCta);
   const int b = blk.b, h = blk.head, row0 = blk.row0;
   const SeqSpan span = seq_span(p, b);
   if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
@@ -629,18 +638,18 @@ __global__ void __launch_bounds__(128, kDqMinCtas<kOutTiles>)
   const int d = p.d, dv = value_dim(p);
   const int qs = tc_stride(d), os = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
-  float* do_s = q_s + kCtaRows * qs;
-  float* kv_s = do_s + kCtaRows * os;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  float* do_s = q_s + kRowsPerCta * qs;
+  float* kv_s = do_s + kRowsPerCta * os;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
   const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
-  const int warp_row0 = row0 + warp * kRows;
-  float* q_w = q_s + warp * kRows * qs;
-  float* do_w = do_s + warp * kRows * os;
+  const int warp_row0 = row0 + warp * kWarpRows;
+  float* q_w = q_s + warp * kWarpRows * qs;
+  float* do_w = do_s + warp * kWarpRows * os;
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
-  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kRowsPerCta, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kWarpRows, span.len_q, KeyRange{});
   const ColTiles tiles{cta_keys};
   auto issue = [&](int step, int buf) {
     if (step < tiles.count()) {
@@ -654,30 +663,33 @@ __global__ void __launch_bounds__(128, kDqMinCtas<kOutTiles>)
   stage_tc_rows(q_w, d,
                 static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                     (span.q_start + warp_row0) * p.q_row_stride,
-                p.q_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
+                p.q_row_stride, kWarpRows, span.len_q - warp_row0, 0, 1, lane);
   stage_tc_rows(do_w, dv,
                 static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
                     (span.q_start + warp_row0) * p.do_row_stride,
-                p.do_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
+                p.do_row_stride, kWarpRows, span.len_q - warp_row0, 0, 1, lane);
   issue(0, 0);
   const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-  ColRange visible[2];
-  BiasLine bias[2];
-  float lse[2], D[2];
-  bool valid[2];
+  ColRange visible[kM][2];
+  BiasLine bias[kM][2];
+  float lse[kM][2], D[kM][2];
+  bool valid[kM][2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = warp_row0 + frag_row(lane, half);
-    valid[half] = i < span.len_q;
-    visible[half] = valid[half] ? key_range(p, span, i) : ColRange{0, 0};
-    bias[half] = bias_line(p, b, h, valid[half] ? i : 0, true);
-    lse[half] = valid[half] ? lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride +
-                                                                         h * p.lse_head_stride + span.q_start + i])
-                            : INFINITY;
-    D[half] = valid[half] ? dsum[bh * p.sq + i] : 0.f;
-  }
-  float dq[kOutTiles][4];
-  zero(dq);
+  for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = warp_row0 + kRows * mt + frag_row(lane, half);
+      valid[mt][half] = i < span.len_q;
+      visible[mt][half] = valid[mt][half] ? key_range(p, span, i) : ColRange{0, 0};
+      bias[mt][half] = bias_line(p, b, h, valid[mt][half] ? i : 0, true);
+      lse[mt][half] = valid[mt][half] ? lse_or_inf(static_cast<const float*>(
+                                            p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i])
+                                      : INFINITY;
+      D[mt][half] = valid[mt][half] ? dsum[bh * p.sq + i] : 0.f;
+    }
+  float dq[kM][kOutTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) zero(dq[mt]);
   const float slope = slope_of(p, b, h);
   const Dropout drop = dropout_of(p);
   for (int step = 0; step < tiles.count(); ++step) {
@@ -687,34 +699,47 @@ __global__ void __launch_bounds__(128, kDqMinCtas<kOutTiles>)
     const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
-      float s[kColTiles][4], dp[kColTiles][4];
-      tile_scores(s, q_w, qs, k_s, qs, d, lane);
-      tile_scores(dp, do_w, os, v_s, os, dv, lane);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t i = warp_row0 + frag_row(lane, half);
-#pragma unroll
-        for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = frag_col(lane, t, e);
-            const int64_t j = tile + col;
-            const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
-            s[t][2 * half + e] = seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e],
-                                                     lse[half], D[half], slope, i, j, span.diag, bias[half], j)
-                                            .ds
-                                      : 0.f;
-          }
+      float s[kM][kColTiles][4], dp[kM][kColTiles][4];
+      if constexpr (kM == 1) {
+        tile_scores(s[0], q_w, qs, k_s, qs, d, lane);
+        tile_scores(dp[0], do_w, os, v_s, os, dv, lane);
+      } else {
+        tile_scores_vec<kM>(s, q_w, qs, k_s, qs, d, lane);
+        tile_scores_vec<kM>(dp, do_w, os, v_s, os, dv, lane);
       }
-      tile_accumulate(dq, s, k_s, qs, d, lane);
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t i = warp_row0 + kRows * mt + frag_row(lane, half);
+#pragma unroll
+          for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = frag_col(lane, t, e);
+              const int64_t j = tile + col;
+              const bool seen = col < n && j >= visible[mt][half].begin && j < visible[mt][half].end;
+              float& x = s[mt][t][2 * half + e];
+              x = seen ? grad_weights(p, drop, b, h, x, dp[mt][t][2 * half + e], lse[mt][half], D[mt][half], slope,
+                                      i, j, span.diag, bias[mt][half], j)
+                             .ds
+                       : 0.f;
+            }
+        }
+      if constexpr (kM == 1)
+        tile_accumulate(dq[0], s[0], k_s, qs, d, lane);
+      else
+        tile_accumulate_vec<kOutTiles, kM>(dq, s, k_s, qs, d, lane);
     }
     pipe.end(step, issue);
   }
   cp_async_wait<0>();
   const float scale[2] = {p.scale, p.scale};
-  store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
-                 (span.q_start + warp_row0) * p.dq_row_stride,
-             p.dq_row_stride, dq, scale, valid, d, lane);
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt)
+    store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
+                   (span.q_start + warp_row0 + kRows * mt) * p.dq_row_stride,
+               p.dq_row_stride, dq[mt], scale, valid[mt], d, lane);
 }
 
 // ---- backward: dK / dV ---------------------------------------------------------------------
@@ -906,12 +931,13 @@ bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
   // d > 128 would hold dK and dV's 2 x 128 accumulators per thread next to the tiles': past the
   // 255-register limit, so those stay on the SIMT kernels.
   const int d = p.d, dv = value_dim(p);
-  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1));
+  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1)) &&
+         fits(bwd_tc_smem_bytes(d, dv, 1, query_cta_rows(d)));
 }
 
 void run_fwd_fp32_tc(const FwdParams& p) {
   const int d = p.d, dv = value_dim(p);
-  const int row_blocks = row_blocks_of(p.sq, fwd_cta_rows(dv));
+  const int row_blocks = row_blocks_of(p.sq, query_cta_rows(dv));
   const auto smem_of = [&](int stages) { return fwd_tc_smem_bytes(d, dv, stages); };
   by_width<true>(dv, [&](auto tiles) {
     launch_pipelined(fwd_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * row_blocks, smem_of, p.stream,
@@ -921,10 +947,12 @@ void run_fwd_fp32_tc(const FwdParams& p) {
 
 void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
   const int d = p.d, dv = value_dim(p);
-  const int q_blocks = row_blocks_of(p.sq), k_blocks = row_blocks_of(p.sk);
+  const int q_rows = query_cta_rows(d);
+  const int q_blocks = row_blocks_of(p.sq, q_rows), k_blocks = row_blocks_of(p.sk);
   const auto smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages); };
+  const auto dq_smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages, q_rows); };
   by_width<false>(d, [&](auto tiles) {
-    launch_pipelined(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, smem_of, p.stream,
+    launch_pipelined(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, dq_smem_of, p.stream,
                      "bwd_dq_tc_kernel", p, dsum, q_blocks);
   });
   by_width<false>(d > dv ? d : dv, [&](auto tiles) {
