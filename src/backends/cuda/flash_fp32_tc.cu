@@ -72,16 +72,6 @@ constexpr int kFwdMinCtas =
 template <int kOutTiles>
 constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 
-// 16-row M tiles per warp in the forward (at dv <= 64) and the dQ kernel (at d <= 64), a compile-time
-// knob for bench/fp32_tc/ab.sh, 1 until a measurement says otherwise: with 2, each warp takes 32
-// query rows (a CTA 128) and every K / V fragment it loads and splits feeds both M tiles' products,
-// which also gives each HMMA chain an independent one to interleave with (session 47's ncu: the
-// kernels stall on the HMMA chains' latency, `wait`, at 8-12 warps per SM). More registers (two
-// sets of accumulators), so no register cap with it. 16-byte layout only.
-#ifndef ORCHARD_FP32_TC_M_TILES
-#define ORCHARD_FP32_TC_M_TILES 1
-#endif
-
 // ---- shared-memory layout of the staged rows -------------------------------------------------
 // Two layouts, a compile-time choice (ORCHARD_FP32_TC_VEC_LDS). 1, the default, measured on an H100
 // (session 47, [G47]) 1.15-1.24x the forward's and 1.17-1.22x the backward's speed of 0 at d64 / d128
@@ -105,7 +95,15 @@ constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 #define ORCHARD_FP32_TC_VEC_LDS 1
 #endif
 constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
-// (ORCHARD_FP32_TC_M_TILES, above: 2 applies at 8 output tiles, widths <= 64, on the 16-byte layout.)
+// 16-row M tiles per warp in the forward (at dv <= 64) and the dQ kernel (at d <= 64), a compile-time
+// knob for bench/fp32_tc/ab.sh, 1 until a measurement says otherwise: with 2, each warp takes 32
+// query rows (a CTA 128) and every K / V fragment it loads and splits feeds both M tiles' products,
+// which also gives each HMMA chain an independent one to interleave with (session 47's ncu: the
+// kernels stall on the HMMA chains' latency, `wait`, at 8-12 warps per SM). More registers (two
+// sets of accumulators), so no register cap with it. 16-byte layout only.
+#ifndef ORCHARD_FP32_TC_M_TILES
+#define ORCHARD_FP32_TC_M_TILES 1
+#endif
 template <int kOutTiles>
 constexpr int kMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_M_TILES == 2 && kVecLds ? 2 : 1;
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
@@ -931,8 +929,8 @@ bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
   // d > 128 would hold dK and dV's 2 x 128 accumulators per thread next to the tiles': past the
   // 255-register limit, so those stay on the SIMT kernels.
   const int d = p.d, dv = value_dim(p);
-  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1)) &&
-         fits(bwd_tc_smem_bytes(d, dv, 1, query_cta_rows(d)));
+  // (The dQ kernel's rows, query_cta_rows(d), are at least the dK / dV kernel's kCtaRows: its fit is both.)
+  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1, query_cta_rows(d)));
 }
 
 void run_fwd_fp32_tc(const FwdParams& p) {

@@ -290,16 +290,17 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
         if drop is not None:
             ddp, dp = ddp * drop, dp * drop
         big_d = (doh * oh).sum(dim=-1, keepdim=True)
-        dds = p * (ddp + dd) + e * p * (dp - big_d).abs()
+        dp_minus_d = dp - big_d
+        dds = p * (ddp + dd) + e * p * dp_minus_d.abs()
         if dtanh is not None:
-            dds = dds * dtanh + 8.0 * u_acc * p * (dp - big_d).abs()
+            dds = dds * dtanh + 8.0 * u_acc * p * dp_minus_d.abs()
         bq = scale * (dds @ kh.abs())
         bk = scale * (dds.transpose(-1, -2) @ qh.abs())
         pe = e * p if drop is None else e * p * drop
         bv = pe.transpose(-1, -2) @ doh.abs()
         if dtype in (torch.bfloat16, torch.float16):  # source 3
             pd = p if drop is None else p * drop
-            ds = p * (dp - big_d) * (1.0 if dtanh is None else dtanh)
+            ds = p * dp_minus_d * (1.0 if dtanh is None else dtanh)
             bv = bv + u * (pd.square().transpose(-1, -2) @ doh.square()).sqrt()
             bq = bq + scale * u * (ds.square() @ kh.square()).sqrt()
             bk = bk + scale * u * (ds.square().transpose(-1, -2) @ qh.square()).sqrt()
