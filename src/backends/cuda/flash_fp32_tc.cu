@@ -13,7 +13,9 @@
 //   forward  rows = query rows, columns = keys:    S = Q K^T, O += P V;
 //   dQ       rows = query rows, columns = keys:    S, dP = dO V^T, dQ += dS K;
 //   dK / dV  rows = key rows, columns = queries:   S^T = K Q^T, dP^T = V dO^T,
-//            dV += P^T dO, dK += dS^T Q, over every query head of the kv head's group in order.
+//            dV += P^T dO, dK += dS^T Q, over every query head of the kv head's group in order
+//            (or, with ORCHARD_FP32_TC_DKDV_SPLIT, two warps per 16 key rows: one S^T and dV, one
+//            dP^T and dK, a CTA 32 key rows).
 // Every sum runs in a fixed order (no atomics): the backward is deterministic.
 //
 // Operands come from shared memory element by element (no ldmatrix: it moves 16-bit elements),
@@ -106,6 +108,25 @@ constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
 #endif
 template <int kOutTiles>
 constexpr int kMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_M_TILES == 2 && kVecLds ? 2 : 1;
+// The dK / dV kernel's split form, a compile-time knob for bench/fp32_tc/ab.sh, 0 until a measurement
+// says otherwise. 0: a warp owns 16 key rows and computes both products for them (S^T and dP^T, then
+// dV and dK): 2 x kOutTiles accumulator tiles, 255 registers and spills at d128, so 2 CTAs of 4 warps
+// per SM. 1: two warps share 16 key rows, one computes S^T and dV, the other dP^T and dK, handing the
+// probabilities over through shared memory (bwd_dkdv_split_tc_kernel): half the accumulators per
+// thread and 32 key rows per CTA (half the shared rows), for more warps per SM to hide the mma chains'
+// latency (session 47's ncu: `wait` is the top stall). Its register caps (ptxas, sm_90): 3 CTAs at
+// d <= 128 (168 registers, no spills; 4 would spill 160 B), 4 at d <= 64 (128, no spills); shared
+// memory holds 3 (d128, one stage) and 4 (d64) CTAs.
+#ifndef ORCHARD_FP32_TC_DKDV_SPLIT
+#define ORCHARD_FP32_TC_DKDV_SPLIT 0
+#endif
+#ifndef ORCHARD_FP32_TC_DKDV_MIN_CTAS
+#define ORCHARD_FP32_TC_DKDV_MIN_CTAS 3
+#endif
+#ifndef ORCHARD_FP32_TC_DKDV_MIN_CTAS_D64
+#define ORCHARD_FP32_TC_DKDV_MIN_CTAS_D64 4
+#endif
+constexpr bool kDkdvSplit = ORCHARD_FP32_TC_DKDV_SPLIT != 0;
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
 __host__ __device__ __forceinline__ int round32(int width) { return (width + 31) / 32 * 32; }
 // Shared-memory row stride (floats) of rows `width` wide.
@@ -858,6 +879,168 @@ __global__ void __launch_bounds__(128)
              p.dv_row_stride, dvacc, one, valid, dv, lane);
 }
 
+// ---- backward: dK / dV, split over two warps per 16 key rows (ORCHARD_FP32_TC_DKDV_SPLIT) -----
+// Warp w holds key rows 16 (w % 2) .. + 15 of the CTA's 32. Warps 0 and 1 ("score" warps) compute
+// S^T = K Q^T, the probabilities, and dV += P^T dO; warps 2 and 3 ("grad" warps) compute dP^T = V dO^T
+// and, from the probabilities their partner hands over, dS^T and dK += dS^T Q. Each thread of a score
+// warp leaves, per element of its S^T fragment, p dt (dt: the softcap factor, 1 without one) in
+// shared memory with the sign bit set where dropout drops the element; its partner lane (the same
+// fragment position) reads it back: dS = p dt (dP / (1 - p_drop) - D) if kept, else -p dt D, which
+// is grad_weights' value bitwise without a softcap. One more CTA barrier per step (the handover).
+constexpr int kSplitCtaRows = 2 * kRows;  // 32
+constexpr int kHandoverFloats = 2 * kColTiles * 4 * 32;  // two row groups' fragments, lane-minor
+template <int kOutTiles>
+constexpr int kDkdvSplitMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DKDV_MIN_CTAS_D64 : ORCHARD_FP32_TC_DKDV_MIN_CTAS;
+
+template <int kOutTiles>
+__global__ void __launch_bounds__(128, kDkdvSplitMinCtas<kOutTiles>)
+    bwd_dkdv_split_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group16 = warp & 1;
+  const bool grad_warp = warp >= 2;  // (warp-uniform: the two roles never diverge within a warp)
+  const RowBlock blk = row_block(p.hkv, row_blocks, kSplitCtaRows);
+  const int b = blk.b, hk = blk.head, key0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (key0 >= span.len_k) return;  // varlen: past this sequence (the whole CTA)
+  const int group = p.hq / p.hkv;
+  const int d = p.d, dv = value_dim(p);
+  const int ks = tc_stride(d), vs = tc_stride(dv);
+  float* k_s = reinterpret_cast<float*>(smem);
+  float* v_s = k_s + kSplitCtaRows * ks;
+  float* handover_s = v_s + kSplitCtaRows * vs;
+  float* qdo_s = handover_s + kHandoverFloats;  // buffer i as in bwd_dkdv_tc_kernel
+  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
+  const int warp_key0 = key0 + group16 * kRows;
+  // A score warp's products read K rows and the Q tile (width d) and write dV (width dv); a grad
+  // warp's read V rows and the dO tile (dv) and write dK (d).
+  const int score_width = grad_warp ? dv : d, out_width = grad_warp ? d : dv;
+  const int score_stride = grad_warp ? vs : ks, out_stride = grad_warp ? ks : vs;
+  float* rows_w = grad_warp ? v_s + group16 * kRows * vs : k_s + group16 * kRows * ks;
+  float* handover_w = handover_s + group16 * kColTiles * 4 * 32 + lane;
+  const ColRange cta_rows = union_of_ranges(p, span, key0, kSplitCtaRows, span.len_k, QueryRange{});
+  const ColRange warp_rows = union_of_ranges(p, span, warp_key0, kRows, span.len_k, QueryRange{});
+  const ColTiles tiles{cta_rows};
+  const int steps = tiles.count() * group;
+  auto tile_of = [&](int step) { return tiles.start(step % tiles.count()); };
+  auto head_of = [&](int step) { return hk * group + step / tiles.count(); };
+  auto issue = [&](int step, int buf) {
+    if (step < steps) {
+      const int h = head_of(step);
+      const int64_t tile = tile_of(step);
+      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                       (span.q_start + tile) * p.q_row_stride;
+      const float* dO = static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                        (span.q_start + tile) * p.do_row_stride;
+      stage_tile_pair(qdo_s + buf * stage_floats, q, p.q_row_stride, d, dO, p.do_row_stride, dv, tiles.width(tile),
+                      warp, lane);
+    }
+    cp_async_commit();
+  };
+  // The warp's own K (score warp) or V (grad warp) rows travel with the first tile.
+  const float* own_rows = grad_warp ? static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                                          (span.k_start + warp_key0) * p.v_row_stride
+                                    : static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                                          (span.k_start + warp_key0) * p.k_row_stride;
+  stage_tc_rows(rows_w, score_width, own_rows, grad_warp ? p.v_row_stride : p.k_row_stride, kRows,
+                span.len_k - warp_key0, 0, 1, lane);
+  issue(0, 0);
+  ColRange seen_by[2];
+  bool valid[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = warp_key0 + frag_row(lane, half);
+    valid[half] = j < span.len_k;
+    seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
+  }
+  float acc[kOutTiles][4];
+  zero(acc);
+  const Dropout drop = dropout_of(p);
+  for (int step = 0; step < steps; ++step) {
+    const int h = head_of(step);
+    const int64_t tile = tile_of(step);
+    const int n = tiles.width(tile);
+    pipe.begin(step, issue);
+    const float* q_s = qdo_s + pipe.buffer(step) * stage_floats;
+    const float* do_s = q_s + kCols * ks;
+    const float* cols_s = grad_warp ? do_s : q_s;  // the product's column rows, then its values'
+    const float* vals_s = grad_warp ? q_s : do_s;
+    const bool some_seen = tile < warp_rows.end && tile + n > warp_rows.begin;  // (the same for both roles)
+    // The hand-over of an element: p dt, its sign bit saying "dropped" (p dt >= 0, or NaN).
+    const auto handover_of = [](float pdt, bool keep) {
+      return keep ? pdt : __uint_as_float(__float_as_uint(pdt) | 0x80000000u);
+    };
+    const auto ds_of = [&](float handover, float dp, float D) {
+      return __float_as_uint(handover) >> 31 ? handover * D : handover * (dp * drop.rdrop - D);
+    };
+    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+    float x[kColTiles][4];
+    if (some_seen) {
+      tile_scores(x, rows_w, score_stride, cols_s, score_stride, score_width, lane);
+      if (!grad_warp) {
+        const float slope = slope_of(p, b, h);
+        const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
+                               span.q_start;
+        BiasLine bias[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t j = warp_key0 + frag_row(lane, half);
+#pragma unroll
+          for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = frag_col(lane, t, e);
+              const int64_t i = tile + col;
+              const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
+              float& s = x[t][2 * half + e];
+              float pd = 0.f, handover = 0.f;
+              if (seen) {
+                float dt;
+                const float pv = expf(final_score(p, s, slope, i, j, span.diag, bias[half], i, &dt) -
+                                      lse_or_inf(lse_row[i]));
+                const bool keep = kept(p, drop, b, h, i, j);
+                pd = keep ? pv * drop.rdrop : 0.f;
+                handover = handover_of(pv * dt, keep);
+              }
+              s = pd;
+              handover_w[(t * 4 + 2 * half + e) * 32] = handover;
+            }
+        }
+      }
+    }
+    __syncthreads();  // the score warps' hand-over is in shared memory
+    if (some_seen) {
+      if (grad_warp) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int col = frag_col(lane, t, e);
+              const int64_t i = tile + col;
+              const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
+              float& dp = x[t][2 * half + e];
+              dp = seen ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, dsum[bh * p.sq + i]) : 0.f;
+            }
+        }
+      }
+      tile_accumulate(acc, x, vals_s, out_stride, out_width, lane);
+    }
+    pipe.end(step, issue);
+  }
+  cp_async_wait<0>();
+  const float scale[2] = {grad_warp ? p.scale : 1.f, grad_warp ? p.scale : 1.f};
+  float* out = grad_warp ? static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
+                               (span.k_start + warp_key0) * p.dk_row_stride
+                         : static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
+                               (span.k_start + warp_key0) * p.dv_row_stride;
+  store_rows(out, grad_warp ? p.dk_row_stride : p.dv_row_stride, acc, scale, valid, out_width, lane);
+}
+
 // ---- launches ------------------------------------------------------------------------------
 // ORCHARD_CUDA_FP32_TC=0 (read per call) keeps every fp32 call on the SIMT kernels (A/B timing).
 bool tensor_cores_enabled() {
@@ -953,9 +1136,18 @@ void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
     launch_pipelined(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, dq_smem_of, p.stream,
                      "bwd_dq_tc_kernel", p, dsum, q_blocks);
   });
+  const int split_blocks = row_blocks_of(p.sk, kSplitCtaRows);
+  const auto split_smem_of = [&](int stages) {
+    return bwd_tc_smem_bytes(d, dv, stages, kSplitCtaRows) + sizeof(float) * kHandoverFloats;
+  };
   by_width<false>(d > dv ? d : dv, [&](auto tiles) {
-    launch_pipelined(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, smem_of, p.stream,
-                     "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
+    constexpr int kTiles = decltype(tiles)::value;
+    if constexpr (kDkdvSplit)  // (in this generic lambda the other kernel is not even instantiated)
+      launch_pipelined(bwd_dkdv_split_tc_kernel<kTiles>, int64_t{p.b} * p.hkv * split_blocks, split_smem_of, p.stream,
+                       "bwd_dkdv_split_tc_kernel", p, dsum, split_blocks);
+    else
+      launch_pipelined(bwd_dkdv_tc_kernel<kTiles>, int64_t{p.b} * p.hkv * k_blocks, smem_of, p.stream,
+                       "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
   });
 }
 
