@@ -108,25 +108,33 @@ constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
 #endif
 template <int kOutTiles>
 constexpr int kMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_M_TILES == 2 && kVecLds ? 2 : 1;
-// The dK / dV kernel's split form, a compile-time knob for bench/fp32_tc/ab.sh, 0 until a measurement
-// says otherwise. 0: a warp owns 16 key rows and computes both products for them (S^T and dP^T, then
-// dV and dK): 2 x kOutTiles accumulator tiles, 255 registers and spills at d128, so 2 CTAs of 4 warps
-// per SM. 1: two warps share 16 key rows, one computes S^T and dV, the other dP^T and dK, handing the
-// probabilities over through shared memory (bwd_dkdv_split_tc_kernel): half the accumulators per
-// thread and 32 key rows per CTA (half the shared rows), for more warps per SM to hide the mma chains'
-// latency (session 47's ncu: `wait` is the top stall). Its register caps (ptxas, sm_90): 3 CTAs at
-// d <= 128 (168 registers, no spills; 4 would spill 160 B), 4 at d <= 64 (128, no spills); shared
-// memory holds 3 (d128, one stage) and 4 (d64) CTAs.
+// The backward kernels' split forms, compile-time knobs for bench/fp32_tc/ab.sh, 0 until a measurement
+// says otherwise: two warps share 16 rows, one computing the scores and the probabilities, the other
+// dP and dS, the probabilities handed over through shared memory; a CTA holds 32 rows (half the
+// shared rows) and each thread half the accumulators, for more warps per SM to hide the mma chains'
+// latency (session 47's ncu: `wait` is the top stall at 8-12 warps per SM).
+//   ORCHARD_FP32_TC_DKDV_SPLIT=1: dK / dV (bwd_dkdv_split_tc_kernel): one warp S^T and dV, the other
+//     dP^T and dK. Unsplit, a warp holds both (2 x kOutTiles accumulator tiles): 255 registers with
+//     spills at d128, 2 CTAs of 4 warps per SM.
+//   ORCHARD_FP32_TC_DQ_SPLIT=1: dQ (bwd_dq_split_tc_kernel): dS goes back to the score warp too, and
+//     each warp of the pair accumulates half of dQ's columns. Unsplit: 253 registers at d128 (2 CTAs).
+// Their register caps (ptxas, sm_90): ORCHARD_FP32_TC_SPLIT_MIN_CTAS at d <= 128 (3: 168 registers,
+// no spills), _D64 at d <= 64 (4: 128 registers, no spills); shared memory holds 3 CTAs at d128
+// (one stage) and 4 at d64.
 #ifndef ORCHARD_FP32_TC_DKDV_SPLIT
 #define ORCHARD_FP32_TC_DKDV_SPLIT 0
 #endif
-#ifndef ORCHARD_FP32_TC_DKDV_MIN_CTAS
-#define ORCHARD_FP32_TC_DKDV_MIN_CTAS 3
+#ifndef ORCHARD_FP32_TC_DQ_SPLIT
+#define ORCHARD_FP32_TC_DQ_SPLIT 0
 #endif
-#ifndef ORCHARD_FP32_TC_DKDV_MIN_CTAS_D64
-#define ORCHARD_FP32_TC_DKDV_MIN_CTAS_D64 4
+#ifndef ORCHARD_FP32_TC_SPLIT_MIN_CTAS
+#define ORCHARD_FP32_TC_SPLIT_MIN_CTAS 3
+#endif
+#ifndef ORCHARD_FP32_TC_SPLIT_MIN_CTAS_D64
+#define ORCHARD_FP32_TC_SPLIT_MIN_CTAS_D64 4
 #endif
 constexpr bool kDkdvSplit = ORCHARD_FP32_TC_DKDV_SPLIT != 0;
+constexpr bool kDqSplit = ORCHARD_FP32_TC_DQ_SPLIT != 0 && kVecLds;  // (its column halves: 32-column groups)
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
 __host__ __device__ __forceinline__ int round32(int width) { return (width + 31) / 32 * 32; }
 // Shared-memory row stride (floats) of rows `width` wide.
@@ -879,21 +887,33 @@ __global__ void __launch_bounds__(128)
              p.dv_row_stride, dvacc, one, valid, dv, lane);
 }
 
-// ---- backward: dK / dV, split over two warps per 16 key rows (ORCHARD_FP32_TC_DKDV_SPLIT) -----
-// Warp w holds key rows 16 (w % 2) .. + 15 of the CTA's 32. Warps 0 and 1 ("score" warps) compute
-// S^T = K Q^T, the probabilities, and dV += P^T dO; warps 2 and 3 ("grad" warps) compute dP^T = V dO^T
-// and, from the probabilities their partner hands over, dS^T and dK += dS^T Q. Each thread of a score
-// warp leaves, per element of its S^T fragment, p dt (dt: the softcap factor, 1 without one) in
-// shared memory with the sign bit set where dropout drops the element; its partner lane (the same
-// fragment position) reads it back: dS = p dt (dP / (1 - p_drop) - D) if kept, else -p dt D, which
-// is grad_weights' value bitwise without a softcap. One more CTA barrier per step (the handover).
+// ---- backward, split over two warps per 16 rows (ORCHARD_FP32_TC_DKDV_SPLIT / _DQ_SPLIT) ------
+// Warp w holds rows 16 (w % 2) .. + 15 of the CTA's 32. Warps 0 and 1 ("score" warps) compute the
+// scores and the probabilities; warps 2 and 3 ("grad" warps) dP and, from the probabilities their
+// partner hands over, dS. Each thread of a score warp leaves, per element of its score fragment, p dt
+// (dt: the softcap factor, 1 without one) in shared memory with the sign bit set where dropout drops
+// the element; its partner lane (the same fragment position) reads it back: dS = p dt (dP / (1 -
+// p_drop) - D) if kept, else -p dt D, which is grad_weights' value bitwise without a softcap. One
+// more CTA barrier per step for the hand-over (two in the dQ kernel, whose dS goes back).
 constexpr int kSplitCtaRows = 2 * kRows;  // 32
 constexpr int kHandoverFloats = 2 * kColTiles * 4 * 32;  // two row groups' fragments, lane-minor
+// The hand-over of an element: p dt, its sign bit saying "dropped" (p dt >= 0, or NaN); and dS from
+// it. (Templates only so that a build without the split kernels has no unused function.)
+template <typename F>
+__device__ __forceinline__ F handover_of(F pdt, bool keep) {
+  return keep ? pdt : __uint_as_float(__float_as_uint(pdt) | 0x80000000u);
+}
+template <typename F>
+__device__ __forceinline__ F ds_of(F handover, F dp, F rdrop, F D) {
+  return __float_as_uint(handover) >> 31 ? handover * D : handover * (dp * rdrop - D);
+}
 template <int kOutTiles>
-constexpr int kDkdvSplitMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DKDV_MIN_CTAS_D64 : ORCHARD_FP32_TC_DKDV_MIN_CTAS;
+constexpr int kSplitMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_SPLIT_MIN_CTAS_D64 : ORCHARD_FP32_TC_SPLIT_MIN_CTAS;
 
+// dK / dV: the score warps compute S^T = K Q^T and dV += P^T dO, the grad warps dP^T = V dO^T and
+// dK += dS^T Q.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kDkdvSplitMinCtas<kOutTiles>)
+__global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
     bwd_dkdv_split_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -966,13 +986,6 @@ __global__ void __launch_bounds__(128, kDkdvSplitMinCtas<kOutTiles>)
     const float* cols_s = grad_warp ? do_s : q_s;  // the product's column rows, then its values'
     const float* vals_s = grad_warp ? q_s : do_s;
     const bool some_seen = tile < warp_rows.end && tile + n > warp_rows.begin;  // (the same for both roles)
-    // The hand-over of an element: p dt, its sign bit saying "dropped" (p dt >= 0, or NaN).
-    const auto handover_of = [](float pdt, bool keep) {
-      return keep ? pdt : __uint_as_float(__float_as_uint(pdt) | 0x80000000u);
-    };
-    const auto ds_of = [&](float handover, float dp, float D) {
-      return __float_as_uint(handover) >> 31 ? handover * D : handover * (dp * drop.rdrop - D);
-    };
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
     float x[kColTiles][4];
     if (some_seen) {
@@ -1024,7 +1037,7 @@ __global__ void __launch_bounds__(128, kDkdvSplitMinCtas<kOutTiles>)
               const int64_t i = tile + col;
               const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
               float& dp = x[t][2 * half + e];
-              dp = seen ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, dsum[bh * p.sq + i]) : 0.f;
+              dp = seen ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, drop.rdrop, dsum[bh * p.sq + i]) : 0.f;
             }
         }
       }
@@ -1039,6 +1052,152 @@ __global__ void __launch_bounds__(128, kDkdvSplitMinCtas<kOutTiles>)
                          : static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
                                (span.k_start + warp_key0) * p.dv_row_stride;
   store_rows(out, grad_warp ? p.dk_row_stride : p.dv_row_stride, acc, scale, valid, out_width, lane);
+}
+
+// dQ: the score warps compute S = Q K^T, the grad warps dP = dO V^T and dS, which they hand back
+// through the same slots; then each warp of the pair adds dS K into its half of dQ's columns (the
+// score warp the first kOutTiles / 2 tiles: whole 32-column groups of the 16-byte layout).
+template <int kOutTiles>
+__global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
+    bwd_dq_split_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
+  constexpr int kHalfTiles = kOutTiles / 2;
+  static_assert(kHalfTiles % 4 == 0, "dQ's halves are whole 32-column groups");
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group16 = warp & 1;
+  const bool grad_warp = warp >= 2;  // (warp-uniform: the two roles never diverge within a warp)
+  const RowBlock blk = row_block(p.hq, row_blocks, kSplitCtaRows);
+  const int b = blk.b, h = blk.head, row0 = blk.row0;
+  const SeqSpan span = seq_span(p, b);
+  if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
+  const int hk = h / (p.hq / p.hkv);
+  const int d = p.d, dv = value_dim(p);
+  const int qs = tc_stride(d), os = tc_stride(dv);
+  float* q_s = reinterpret_cast<float*>(smem);
+  float* do_s = q_s + kSplitCtaRows * qs;
+  float* handover_s = do_s + kSplitCtaRows * os;
+  float* kv_s = handover_s + kHandoverFloats;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
+  const int warp_row0 = row0 + group16 * kRows;
+  // A score warp's scores read its Q rows and the K tile (width d); a grad warp's dO rows and the V
+  // tile (dv). Both then read the K tile for their dQ columns [col0, col0 + out_width).
+  const int score_width = grad_warp ? dv : d, score_stride = grad_warp ? os : qs;
+  float* rows_w = grad_warp ? do_s + group16 * kRows * os : q_s + group16 * kRows * qs;
+  float* handover_w = handover_s + group16 * kColTiles * 4 * 32 + lane;
+  const int col0 = grad_warp ? 8 * kHalfTiles : 0;
+  const int out_width = max(0, min(d, col0 + 8 * kHalfTiles) - col0);
+  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
+                   span.k_start * p.k_row_stride;
+  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
+                   span.k_start * p.v_row_stride;
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kSplitCtaRows, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
+  const ColTiles tiles{cta_keys};
+  auto issue = [&](int step, int buf) {
+    if (step < tiles.count()) {
+      const int64_t tile = tiles.start(step);
+      stage_tile_pair(kv_s + buf * stage_floats, k + tile * p.k_row_stride, p.k_row_stride, d,
+                      v + tile * p.v_row_stride, p.v_row_stride, dv, tiles.width(tile), warp, lane);
+    }
+    cp_async_commit();
+  };
+  // The warp's own Q (score warp) or dO (grad warp) rows travel with the first tile.
+  const float* own_rows = grad_warp ? static_cast<const float*>(p.dout) + b * p.do_batch_stride +
+                                          h * p.do_head_stride + (span.q_start + warp_row0) * p.do_row_stride
+                                    : static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                                          (span.q_start + warp_row0) * p.q_row_stride;
+  stage_tc_rows(rows_w, score_width, own_rows, grad_warp ? p.do_row_stride : p.q_row_stride, kRows,
+                span.len_q - warp_row0, 0, 1, lane);
+  issue(0, 0);
+  const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+  ColRange visible[2];
+  BiasLine bias[2];
+  float lse[2], D[2];  // (lse: the score warp's; D: the grad warp's)
+  bool valid[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = warp_row0 + frag_row(lane, half);
+    valid[half] = i < span.len_q;
+    visible[half] = valid[half] ? key_range(p, span, i) : ColRange{0, 0};
+    bias[half] = bias_line(p, b, h, valid[half] ? i : 0, true);
+    lse[half] = valid[half] && !grad_warp
+                    ? lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride +
+                                                                  span.q_start + i])
+                    : INFINITY;
+    D[half] = valid[half] && grad_warp ? dsum[bh * p.sq + i] : 0.f;
+  }
+  float acc[kHalfTiles][4];
+  zero(acc);
+  const float slope = slope_of(p, b, h);
+  const Dropout drop = dropout_of(p);
+  for (int step = 0; step < tiles.count(); ++step) {
+    const int64_t tile = tiles.start(step);
+    const int n = tiles.width(tile);
+    pipe.begin(step, issue);
+    const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
+    const float* v_s = k_s + kCols * qs;
+    const bool some_seen = tile < warp_keys.end && tile + n > warp_keys.begin;  // (the same for both roles)
+    // Whether element (half, t, e) is one of its row's keys.
+    const auto seen = [&](int half, int t, int e) {
+      const int col = frag_col(lane, t, e);
+      const int64_t j = tile + col;
+      return col < n && j >= visible[half].begin && j < visible[half].end;
+    };
+    float x[kColTiles][4];
+    if (some_seen) {
+      tile_scores(x, rows_w, score_stride, grad_warp ? v_s : k_s, score_stride, score_width, lane);
+      if (!grad_warp) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t i = warp_row0 + frag_row(lane, half);
+#pragma unroll
+          for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int64_t j = tile + frag_col(lane, t, e);
+              float handover = 0.f;
+              if (seen(half, t, e)) {
+                float dt;
+                const float pv = expf(
+                    final_score(p, x[t][2 * half + e], slope, i, j, span.diag, bias[half], j, &dt) - lse[half]);
+                handover = handover_of(pv * dt, kept(p, drop, b, h, i, j));
+              }
+              handover_w[(t * 4 + 2 * half + e) * 32] = handover;
+            }
+        }
+      }
+    }
+    __syncthreads();  // the score warps' hand-over is in shared memory
+    if (some_seen && grad_warp) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& slot = handover_w[(t * 4 + 2 * half + e) * 32];
+            float& ds = x[t][2 * half + e];
+            ds = seen(half, t, e) ? ds_of(slot, ds, drop.rdrop, D[half]) : 0.f;
+            slot = ds;
+          }
+    }
+    __syncthreads();  // dS is in shared memory
+    if (some_seen) {
+      if (!grad_warp) {
+#pragma unroll
+        for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[t][e] = handover_w[(t * 4 + e) * 32];
+      }
+      tile_accumulate(acc, x, k_s + col0, qs, out_width, lane);
+    }
+    pipe.end(step, issue);
+  }
+  cp_async_wait<0>();
+  const float scale[2] = {p.scale, p.scale};
+  store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
+                 (span.q_start + warp_row0) * p.dq_row_stride + col0,
+             p.dq_row_stride, acc, scale, valid, out_width, lane);
 }
 
 // ---- launches ------------------------------------------------------------------------------
@@ -1132,17 +1291,22 @@ void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
   const int q_blocks = row_blocks_of(p.sq, q_rows), k_blocks = row_blocks_of(p.sk);
   const auto smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages); };
   const auto dq_smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages, q_rows); };
-  by_width<false>(d, [&](auto tiles) {
-    launch_pipelined(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, dq_smem_of, p.stream,
-                     "bwd_dq_tc_kernel", p, dsum, q_blocks);
-  });
-  const int split_blocks = row_blocks_of(p.sk, kSplitCtaRows);
   const auto split_smem_of = [&](int stages) {
     return bwd_tc_smem_bytes(d, dv, stages, kSplitCtaRows) + sizeof(float) * kHandoverFloats;
   };
+  const int split_q_blocks = row_blocks_of(p.sq, kSplitCtaRows), split_blocks = row_blocks_of(p.sk, kSplitCtaRows);
+  by_width<false>(d, [&](auto tiles) {
+    constexpr int kTiles = decltype(tiles)::value;
+    if constexpr (kDqSplit)  // (in this generic lambda the other kernel is not even instantiated)
+      launch_pipelined(bwd_dq_split_tc_kernel<kTiles>, int64_t{p.b} * p.hq * split_q_blocks, split_smem_of, p.stream,
+                       "bwd_dq_split_tc_kernel", p, dsum, split_q_blocks);
+    else
+      launch_pipelined(bwd_dq_tc_kernel<kTiles>, int64_t{p.b} * p.hq * q_blocks, dq_smem_of, p.stream,
+                       "bwd_dq_tc_kernel", p, dsum, q_blocks);
+  });
   by_width<false>(d > dv ? d : dv, [&](auto tiles) {
     constexpr int kTiles = decltype(tiles)::value;
-    if constexpr (kDkdvSplit)  // (in this generic lambda the other kernel is not even instantiated)
+    if constexpr (kDkdvSplit)
       launch_pipelined(bwd_dkdv_split_tc_kernel<kTiles>, int64_t{p.b} * p.hkv * split_blocks, split_smem_of, p.stream,
                        "bwd_dkdv_split_tc_kernel", p, dsum, split_blocks);
     else
