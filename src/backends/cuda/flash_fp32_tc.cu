@@ -770,6 +770,21 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kDqMinCtas<kOut
 }
 
 // ---- backward: dK / dV ---------------------------------------------------------------------
+// A warp's two fragment rows of keys (warp_key0 + frag_row): whether each exists, and the query
+// rows that see it.
+struct FragKeys {
+  bool valid[2];
+  ColRange seen_by[2];
+  __device__ __forceinline__ FragKeys(const FwdParams& p, const SeqSpan& span, int warp_key0, int lane) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int j = warp_key0 + frag_row(lane, half);
+      valid[half] = j < span.len_k;
+      seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
+    }
+  }
+};
+
 // The CTA's K and V rows against the Q / dO tiles of each query head of the group.
 // kOutTiles: d, dv <= 8 kOutTiles.
 template <int kOutTiles>
@@ -823,14 +838,7 @@ __global__ void __launch_bounds__(128)
                     (span.k_start + warp_key0) * p.v_row_stride,
                 p.v_row_stride, kRows, span.len_k - warp_key0, 0, 1, lane);
   issue(0, 0);
-  ColRange seen_by[2];
-  bool valid[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int j = warp_key0 + frag_row(lane, half);
-    valid[half] = j < span.len_k;
-    seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
-  }
+  const FragKeys keys(p, span, warp_key0, lane);
   float dk[kOutTiles][4], dvacc[kOutTiles][4];
   zero(dk);
   zero(dvacc);
@@ -850,7 +858,7 @@ __global__ void __launch_bounds__(128)
       BiasLine bias[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
+        bias[half] = bias_line(p, b, h, keys.valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
       float s[kColTiles][4], dp[kColTiles][4];
       tile_scores(s, k_w, ks, q_s, ks, d, lane);
       tile_scores(dp, v_w, vs, do_s, vs, dv, lane);
@@ -863,7 +871,7 @@ __global__ void __launch_bounds__(128)
           for (int e = 0; e < 2; ++e) {
             const int col = frag_col(lane, t, e);
             const int64_t i = tile + col;
-            const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
+            const bool seen = col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
             const GradWeights w =
                 seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e], lse_or_inf(lse_row[i]),
                                     dsum[bh * p.sq + i], slope, i, j, span.diag, bias[half], i)
@@ -881,10 +889,10 @@ __global__ void __launch_bounds__(128)
   const float scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
   store_rows(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
                  (span.k_start + warp_key0) * p.dk_row_stride,
-             p.dk_row_stride, dk, scale, valid, d, lane);
+             p.dk_row_stride, dk, scale, keys.valid, d, lane);
   store_rows(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
                  (span.k_start + warp_key0) * p.dv_row_stride,
-             p.dv_row_stride, dvacc, one, valid, dv, lane);
+             p.dv_row_stride, dvacc, one, keys.valid, dv, lane);
 }
 
 // ---- backward, split over two warps per 16 rows (ORCHARD_FP32_TC_DKDV_SPLIT / _DQ_SPLIT) ------
@@ -965,14 +973,7 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
   stage_tc_rows(rows_w, score_width, own_rows, grad_warp ? p.v_row_stride : p.k_row_stride, kRows,
                 span.len_k - warp_key0, 0, 1, lane);
   issue(0, 0);
-  ColRange seen_by[2];
-  bool valid[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int j = warp_key0 + frag_row(lane, half);
-    valid[half] = j < span.len_k;
-    seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
-  }
+  const FragKeys keys(p, span, warp_key0, lane);
   float acc[kOutTiles][4];
   zero(acc);
   const Dropout drop = dropout_of(p);
@@ -997,7 +998,7 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
         BiasLine bias[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half)
-          bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
+          bias[half] = bias_line(p, b, h, keys.valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int64_t j = warp_key0 + frag_row(lane, half);
@@ -1007,7 +1008,7 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
             for (int e = 0; e < 2; ++e) {
               const int col = frag_col(lane, t, e);
               const int64_t i = tile + col;
-              const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
+              const bool seen = col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
               float& s = x[t][2 * half + e];
               float pd = 0.f, handover = 0.f;
               if (seen) {
@@ -1035,7 +1036,7 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
             for (int e = 0; e < 2; ++e) {
               const int col = frag_col(lane, t, e);
               const int64_t i = tile + col;
-              const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
+              const bool seen = col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
               float& dp = x[t][2 * half + e];
               dp = seen ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, drop.rdrop, dsum[bh * p.sq + i]) : 0.f;
             }
@@ -1051,7 +1052,7 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
                                (span.k_start + warp_key0) * p.dk_row_stride
                          : static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
                                (span.k_start + warp_key0) * p.dv_row_stride;
-  store_rows(out, grad_warp ? p.dk_row_stride : p.dv_row_stride, acc, scale, valid, out_width, lane);
+  store_rows(out, grad_warp ? p.dk_row_stride : p.dv_row_stride, acc, scale, keys.valid, out_width, lane);
 }
 
 // dQ: the score warps compute S = Q K^T, the grad warps dP = dO V^T and dS, which they hand back
