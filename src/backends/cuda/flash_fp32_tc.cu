@@ -987,6 +987,12 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
     const float* cols_s = grad_warp ? do_s : q_s;  // the product's column rows, then its values'
     const float* vals_s = grad_warp ? q_s : do_s;
     const bool some_seen = tile < warp_rows.end && tile + n > warp_rows.begin;  // (the same for both roles)
+    // Whether element (half, t, e) is a query row that sees its key.
+    const auto seen = [&](int half, int t, int e) {
+      const int col = frag_col(lane, t, e);
+      const int64_t i = tile + col;
+      return col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
+    };
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
     float x[kColTiles][4];
     if (some_seen) {
@@ -1006,12 +1012,10 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
           for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int col = frag_col(lane, t, e);
-              const int64_t i = tile + col;
-              const bool seen = col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
+              const int64_t i = tile + frag_col(lane, t, e);
               float& s = x[t][2 * half + e];
               float pd = 0.f, handover = 0.f;
-              if (seen) {
+              if (seen(half, t, e)) {
                 float dt;
                 const float pv = expf(final_score(p, s, slope, i, j, span.diag, bias[half], i, &dt) -
                                       lse_or_inf(lse_row[i]));
@@ -1034,11 +1038,9 @@ __global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
           for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int col = frag_col(lane, t, e);
-              const int64_t i = tile + col;
-              const bool seen = col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
+              const int64_t i = tile + frag_col(lane, t, e);
               float& dp = x[t][2 * half + e];
-              dp = seen ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, drop.rdrop, dsum[bh * p.sq + i]) : 0.f;
+              dp = seen(half, t, e) ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, drop.rdrop, dsum[bh * p.sq + i]) : 0.f;
             }
         }
       }
