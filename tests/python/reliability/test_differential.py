@@ -55,35 +55,20 @@ replay a run), e.g. ORCHARD_FUZZ_RANDOM=1 ORCHARD_FUZZ_EXAMPLES=10.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, reject, settings
+from hypothesis import example, given, reject
 from hypothesis import strategies as st
 
 import orchard
 
+from ._fuzz import fuzz_settings
 from ._reference import (CONTIGUOUS, Layout, as_reference, assert_lse, assert_rule, attention_backward_naive,
                          attention_reference, inherent_grad_error, inherent_out_error, make_input,
                          sink_backward_naive)
-
-FUZZ_FACTOR = float(os.environ.get("ORCHARD_FUZZ_EXAMPLES", "1"))
-FUZZ_DERANDOMIZE = os.environ.get("ORCHARD_FUZZ_RANDOM", "0") in ("", "0")
-
-
-def n_examples(n: int) -> int:
-    return max(1, int(round(n * FUZZ_FACTOR)))
-
-
-def fuzz_settings(n: int):
-    return settings(max_examples=n_examples(n), deadline=None, derandomize=FUZZ_DERANDOMIZE, database=None,
-                    print_blob=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
-
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
