@@ -454,7 +454,11 @@ void run(const DecodeArgs& a) {
   const DecodeOptions& o = a.options;
   p.scale = static_cast<float>(o.softmax_scale ? *o.softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.d)));
   p.softcap = static_cast<float>(o.softcap);
-  // flash-attn's normal form: causal is right = 0; bounds no row can reach are unbounded.
+  // flash-attn's normal form: causal is right = 0; bounds no row can reach are unbounded. The
+  // windows stay literal (as flash-attn documents them and orchard.flash_attn_func applies them):
+  // flash-attn's own kvcache code drops any bound >= the capacity, which differs where
+  // sq >= capacity + 2 (a right bound that hides keys from the first rows) and, non-causal with
+  // several rows and rotary, for a bound in [capacity, capacity + sq): here q's rotary is per row.
   const std::int64_t reach = s.capacity + s.sq;
   p.window_left = o.window_left >= reach ? -1 : o.window_left;
   p.window_right = o.causal ? 0 : (o.window_right >= reach ? -1 : o.window_right);

@@ -53,9 +53,11 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
     cap = block_table.shape[1] * page if paged else k_cache.shape[1]
     s_new = 0 if k is None else k.shape[1]
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    # Windows are literal; a bound no row can reach (>= cap + sq) is none, which decides whether
+    # q's rotary is per row (src/core/kvcache.cpp: flash-attn's kernels drop bounds >= cap).
     wl, wr = window_size
-    wl = -1 if wl >= cap else wl
-    wr = -1 if wr >= cap else wr
+    wl = -1 if wl >= cap + sq else wl
+    wr = -1 if wr >= cap + sq else wr
     if causal:
         wr = 0
     per_row_rotary = wl >= 0 or wr >= 0
@@ -80,8 +82,8 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
         seqlen = int(cache_seqlens[bi]) if cache_seqlens is not None else cap
         lp = int(cache_leftpad[bi]) if cache_leftpad is not None else 0
         n = seqlen + s_new - lp
-        keys = torch.stack([k_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d)
-        vals = torch.stack([v_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d)
+        keys = torch.stack([k_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d, dtype=torch.float64)
+        vals = torch.stack([v_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d, dtype=torch.float64)
         qb = q[bi].double()
         if rotary_cos is not None:
             qb = torch.stack([rotate_ref(qb[i], rotary_cos, rotary_sin, seqlen + (i if per_row_rotary else 0),
