@@ -2,7 +2,7 @@
 same call on fewer threads, on Orchard's own pool, and at a size where the kernel is ~nothing.
 
 cpu_bench.py's s512 forwards are 0.3-1.5 ms calls at 16 threads; this times, back to back
-(min wall ms of --reps, after a warm-up), for each shape and dtype:
+(min wall ms of --reps after a warm-up call, cpu_mask_bench's timer), for each shape and dtype:
   - Orchard at each thread count of --threads (torch.set_num_threads: Orchard's OpenMP loops read
     the same setting, so the process's one libgomp team shrinks for both),
   - the same on Orchard's own task pool (ORCHARD_CPU_POOL=1, read per call),
@@ -16,27 +16,16 @@ tiny call's time is a large part of the s512 one, fixed costs dominate.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 import orchard
+from cpu_bench import ab_switch, run_heading  # bench/ is the script's directory
+from cpu_mask_bench import best_ms
 
 SHAPES = [(1, 8, 512, 64), (1, 8, 512, 128), (1, 4, 2048, 128)]
 TINY = (1, 1, 64, 64)
-
-
-def min_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
 
 
 def inputs(shape, dtype, causal):
@@ -51,10 +40,11 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     args = ap.parse_args()
-    top = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    top, heading = run_heading("CPU threads sweep", "wall", f"min of {args.reps}, no_grad forward")
     counts = [int(t) for t in args.threads.split(",")] if args.threads else \
         sorted({top, max(1, top // 2), max(1, top // 4), 2}, reverse=True)
-    print(f"### torch {torch.__version__}, threads {counts}, min of {args.reps}, ms, no_grad forward\n")
+    pool = ab_switch("ORCHARD_CPU_POOL=1")  # around the "ab" contestant's calls only
+    print(heading)
     print("| b,h,s,d | dtype | causal | threads | orchard | orchard pool=1 | torch | torch / orchard |")
     print("|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
@@ -65,12 +55,10 @@ def main() -> int:
                     fo, ft = inputs(shape, dtype, causal)
                     for n in (counts if shape != TINY else [counts[0], counts[-1]]):
                         torch.set_num_threads(n)
-                        os.environ["ORCHARD_CPU_POOL"] = "0"
-                        to = min_ms(fo, args.reps)
-                        os.environ["ORCHARD_CPU_POOL"] = "1"
-                        tp = min_ms(fo, args.reps)
-                        os.environ["ORCHARD_CPU_POOL"] = "0"
-                        tt = min_ms(ft, args.reps)
+                        to = best_ms(fo, args.reps)
+                        with pool("ab"):
+                            tp = best_ms(fo, args.reps)
+                        tt = best_ms(ft, args.reps)
                         print(f"| {','.join(map(str, shape))} | {dt} | {causal} | {n} | {to:.3f} | "
                               f"{tp:.3f} | {tt:.3f} | {tt / to:.2f}x |", flush=True)
     torch.set_num_threads(top)
