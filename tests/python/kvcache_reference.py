@@ -82,8 +82,12 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
         seqlen = int(cache_seqlens[bi]) if cache_seqlens is not None else cap
         lp = int(cache_leftpad[bi]) if cache_leftpad is not None else 0
         n = seqlen + s_new - lp
-        keys = torch.stack([k_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d, dtype=torch.float64)
-        vals = torch.stack([v_cache[loc(bi, lp + j)] for j in range(n)]).double() if n else torch.zeros(0, hkv, d, dtype=torch.float64)
+
+        def rows(cache):  # the sequence's n keys (or values) in order, float64 (n may be 0)
+            if not n:
+                return torch.zeros(0, hkv, d, dtype=torch.float64)
+            return torch.stack([cache[loc(bi, lp + j)] for j in range(n)]).double()
+        keys, vals = rows(k_cache), rows(v_cache)
         qb = q[bi].double()
         if rotary_cos is not None:
             qb = torch.stack([rotate_ref(qb[i], rotary_cos, rotary_sin, seqlen + (i if per_row_rotary else 0),
@@ -116,8 +120,9 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
 # ---- case builder ------------------------------------------------------------------------
 
 def make_case(device, dtype=torch.bfloat16, b=2, sq=1, hq=4, hkv=2, d=64, capacity=160, s_new=0, page=None,
-              batch_idx=False, leftpad=False, rotary_dim=0, seqlens=True, full=False):
-    """Random inputs; capacity is rounded up to whole pages when paged."""
+              batch_idx=False, leftpad=False, rotary_dim=0, seqlens=True, full=False, rotary_dtype=None):
+    """Random inputs; capacity is rounded up to whole pages when paged. The rotary tables are in
+    rotary_dtype (float32 is allowed whatever q's dtype), default q's."""
     g = dict(device=device)
     kw = {}
     if page is not None:
@@ -147,8 +152,8 @@ def make_case(device, dtype=torch.bfloat16, b=2, sq=1, hq=4, hkv=2, d=64, capaci
         kw["v"] = torch.randn(b, s_new, hkv, d, **g).to(dtype)
     if rotary_dim:
         angle = torch.rand(capacity + 8, rotary_dim // 2, device=device) * 2 * math.pi  # q rows may pass the cache
-        kw["rotary_cos"] = torch.cos(angle).to(dtype)
-        kw["rotary_sin"] = torch.sin(angle).to(dtype)
+        kw["rotary_cos"] = torch.cos(angle).to(rotary_dtype or dtype)
+        kw["rotary_sin"] = torch.sin(angle).to(rotary_dtype or dtype)
     return q, k_cache, v_cache, kw
 
 

@@ -18,23 +18,21 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvcache_reference import check, make_case
+from kvcache_reference import DTYPES, check, make_case
 
 from ._fuzz import fuzz_settings
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @st.composite
 def decode_cases(draw):
-    """One call's arguments as plain values: (make_case keywords, call options, extras)."""
+    """One call's arguments: (make_case keywords, call options, extras: ALiBi's form and the seed)."""
     d = draw(st.sampled_from([8, 16, 40, 64, 72, 128, 256]))
     hkv = draw(st.integers(1, 3))
     group = draw(st.sampled_from([1, 2, 4, 8]))
     page = draw(st.sampled_from([None, None, 16, 32, 48, 256]))
     s_new = draw(st.sampled_from([0, 0, 1, 1, 2, 5]))
     case = dict(
-        dtype=draw(st.sampled_from(sorted(DTYPES))), b=draw(st.integers(1, 3)), sq=draw(st.integers(1, 6)),
+        dtype=draw(st.sampled_from(DTYPES)), b=draw(st.integers(1, 3)), sq=draw(st.integers(1, 6)),
         hq=hkv * group, hkv=hkv, d=d, capacity=draw(st.integers(max(1, s_new), 300)), s_new=s_new, page=page,
         # cache_batch_idx is for contiguous caches only (flash-attn's rule, refused with block_table)
         batch_idx=page is None and draw(st.booleans()),
@@ -56,18 +54,15 @@ def decode_cases(draw):
         opts["softmax_scale"] = draw(st.sampled_from([0.05, 0.3]))
     if case["rotary_dim"]:
         opts["rotary_interleaved"] = draw(st.booleans())
-    extras = dict(alibi=draw(st.sampled_from([None, None, "head", "batch"])),
-                  fp32_rotary=bool(case["rotary_dim"]) and draw(st.booleans()),
-                  seed=draw(st.integers(0, 2**31 - 1)))
+        if draw(st.booleans()):
+            case["rotary_dtype"] = torch.float32  # tables may be float32 whatever q's dtype
+    extras = dict(alibi=draw(st.sampled_from([None, None, "head", "batch"])), seed=draw(st.integers(0, 2**31 - 1)))
     return case, opts, extras
 
 
 def run_case(device, case, opts, extras):
     torch.manual_seed(extras["seed"])
-    kw_case = dict(case, dtype=DTYPES[case["dtype"]])
-    q, k_cache, v_cache, kw = make_case(device, **kw_case)
-    if extras["fp32_rotary"]:  # tables may be float32 whatever q's dtype
-        kw["rotary_cos"], kw["rotary_sin"] = kw["rotary_cos"].float(), kw["rotary_sin"].float()
+    q, k_cache, v_cache, kw = make_case(device, **case)
     call = dict(opts)
     if extras["alibi"] is not None:
         shape = (case["hq"],) if extras["alibi"] == "head" else (case["b"], case["hq"])
