@@ -63,10 +63,12 @@ constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
 #ifndef ORCHARD_FP32_TC_DQ_MIN_CTAS
 #define ORCHARD_FP32_TC_DQ_MIN_CTAS 3
 #endif
-// The forward's own minimum at d <= 64, a knob for the A/B: ptxas fits it in 128 registers (4 CTAs)
-// with 16 B of spills. (The dK / dV kernel stays uncapped: 852 B of spills in 168 registers at d64.)
+// The forward's own minimum at d <= 64: ptxas fits it in 128 registers (4 CTAs) with 16 B of
+// spills. Measured on an H100 (session 50, [G50], b2 h16): 1.38x / 1.14x the 3-CTA cap's speed at
+// d64 s1k / s4k non-causal, 1.00x / 1.03x causal; d32 1.60x / 1.22x, 1.11x / 1.10x. (The dK / dV
+// kernel stays uncapped: 852 B of spills in 168 registers at d64.)
 #ifndef ORCHARD_FP32_TC_FWD_MIN_CTAS_D64
-#define ORCHARD_FP32_TC_FWD_MIN_CTAS_D64 ORCHARD_FP32_TC_FWD_MIN_CTAS
+#define ORCHARD_FP32_TC_FWD_MIN_CTAS_D64 4
 #endif
 template <int kOutTiles>
 constexpr int kFwdMinCtas =
