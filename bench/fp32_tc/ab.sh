@@ -17,10 +17,8 @@
 # The kernel file's compile-time knobs: ORCHARD_FP32_TC_STAGES=1|2 (force the pipeline's buffers),
 # ORCHARD_FP32_TC_FWD_MIN_CTAS / _FWD_MIN_CTAS_D64 / _DQ_MIN_CTAS (register caps; 1 = none),
 # ORCHARD_FP32_TC_VEC_LDS=0 (the scalar-load layout instead of the 16-byte one),
-# ORCHARD_FP32_TC_M_TILES=2 (two 16-row M tiles per warp in the forward and dQ kernels at width <= 64).
-# ORCHARD_FP32_TC_DKDV_SPLIT=1 / ORCHARD_FP32_TC_DQ_SPLIT=1 (the dK / dV or dQ kernel on two warps per 16
-# rows, one for the scores and the probabilities, one for dP and dS; their register caps
-# ORCHARD_FP32_TC_SPLIT_MIN_CTAS (d128, 3) / _SPLIT_MIN_CTAS_D64 (4)).
+# (Session 50 removed the knobs that lost their A/B: M_TILES=2 and the split backward kernels,
+# bench/NOTES.md.)
 # MODES: fp32_tc_bench.cu's timed modes (fwd_d<D> / bwd_d<D>: b2 h16, s 1k / 4k, causal or not).
 # The spills shown are those of every *_tc_kernel (forward, dQ, dK / dV).  Writes
 # $OUT/ab_fp32_tc.log (+ $OUT/build_<NAME>.log, $OUT/checks_<NAME>.log).

@@ -13,9 +13,7 @@
 //   forward  rows = query rows, columns = keys:    S = Q K^T, O += P V;
 //   dQ       rows = query rows, columns = keys:    S, dP = dO V^T, dQ += dS K;
 //   dK / dV  rows = key rows, columns = queries:   S^T = K Q^T, dP^T = V dO^T,
-//            dV += P^T dO, dK += dS^T Q, over every query head of the kv head's group in order
-//            (or, with ORCHARD_FP32_TC_DKDV_SPLIT, two warps per 16 key rows: one S^T and dV, one
-//            dP^T and dK, a CTA 32 key rows).
+//            dV += P^T dO, dK += dS^T Q, over every query head of the kv head's group in order.
 // Every sum runs in a fixed order (no atomics): the backward is deterministic.
 //
 // Operands come from shared memory element by element (no ldmatrix: it moves 16-bit elements),
@@ -55,8 +53,9 @@ constexpr int kColTiles = kCols / 8;        // mma N tiles per column tile
 // causal at s1k (more warps hide the mma chains' latency; ptxas spills 4-8 B), losing
 // 3-13 % only at s1k non-causal (fewer CTAs than 3 per SM: no gain to cover the cap); d256 would
 // spill hard and stays uncapped. The dQ kernel gains 1.06x at d64 and loses 8 % at d128 (its
-// 253 registers spill when capped), so it is capped at d <= 64 only. Compile-time knobs for
-// bench/fp32_tc/ab.sh (1 = no cap).
+// 253 registers spill when capped), so it is capped at d <= 64 only. Tighter caps lost (session 50,
+// [G50]): 4 CTAs for the forward at d128 0.88-0.90x, for the dQ kernel at d64 0.93-0.95x.
+// Compile-time knobs for bench/fp32_tc/ab.sh (1 = no cap).
 #ifndef ORCHARD_FP32_TC_FWD_MIN_CTAS
 #define ORCHARD_FP32_TC_FWD_MIN_CTAS 3
 #endif
@@ -99,44 +98,6 @@ constexpr int kDqMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_DQ_MIN_CTAS : 1;
 #define ORCHARD_FP32_TC_VEC_LDS 1
 #endif
 constexpr bool kVecLds = ORCHARD_FP32_TC_VEC_LDS != 0;
-// 16-row M tiles per warp in the forward (at dv <= 64) and the dQ kernel (at d <= 64), a compile-time
-// knob for bench/fp32_tc/ab.sh, 1 until a measurement says otherwise: with 2, each warp takes 32
-// query rows (a CTA 128) and every K / V fragment it loads and splits feeds both M tiles' products,
-// which also gives each HMMA chain an independent one to interleave with (session 47's ncu: the
-// kernels stall on the HMMA chains' latency, `wait`, at 8-12 warps per SM). More registers (two
-// sets of accumulators), so no register cap with it. 16-byte layout only.
-#ifndef ORCHARD_FP32_TC_M_TILES
-#define ORCHARD_FP32_TC_M_TILES 1
-#endif
-template <int kOutTiles>
-constexpr int kMTiles = kOutTiles <= 8 && ORCHARD_FP32_TC_M_TILES == 2 && kVecLds ? 2 : 1;
-// The backward kernels' split forms, compile-time knobs for bench/fp32_tc/ab.sh, 0 until a measurement
-// says otherwise: two warps share 16 rows, one computing the scores and the probabilities, the other
-// dP and dS, the probabilities handed over through shared memory; a CTA holds 32 rows (half the
-// shared rows) and each thread half the accumulators, for more warps per SM to hide the mma chains'
-// latency (session 47's ncu: `wait` is the top stall at 8-12 warps per SM).
-//   ORCHARD_FP32_TC_DKDV_SPLIT=1: dK / dV (bwd_dkdv_split_tc_kernel): one warp S^T and dV, the other
-//     dP^T and dK. Unsplit, a warp holds both (2 x kOutTiles accumulator tiles): 255 registers with
-//     spills at d128, 2 CTAs of 4 warps per SM.
-//   ORCHARD_FP32_TC_DQ_SPLIT=1: dQ (bwd_dq_split_tc_kernel): dS goes back to the score warp too, and
-//     each warp of the pair accumulates half of dQ's columns. Unsplit: 253 registers at d128 (2 CTAs).
-// Their register caps (ptxas, sm_90): ORCHARD_FP32_TC_SPLIT_MIN_CTAS at d <= 128 (3: 168 registers,
-// no spills), _D64 at d <= 64 (4: 128 registers, no spills); shared memory holds 3 CTAs at d128
-// (one stage) and 4 at d64.
-#ifndef ORCHARD_FP32_TC_DKDV_SPLIT
-#define ORCHARD_FP32_TC_DKDV_SPLIT 0
-#endif
-#ifndef ORCHARD_FP32_TC_DQ_SPLIT
-#define ORCHARD_FP32_TC_DQ_SPLIT 0
-#endif
-#ifndef ORCHARD_FP32_TC_SPLIT_MIN_CTAS
-#define ORCHARD_FP32_TC_SPLIT_MIN_CTAS 3
-#endif
-#ifndef ORCHARD_FP32_TC_SPLIT_MIN_CTAS_D64
-#define ORCHARD_FP32_TC_SPLIT_MIN_CTAS_D64 4
-#endif
-constexpr bool kDkdvSplit = ORCHARD_FP32_TC_DKDV_SPLIT != 0;
-constexpr bool kDqSplit = ORCHARD_FP32_TC_DQ_SPLIT != 0 && kVecLds;  // (its column halves: 32-column groups)
 __host__ __device__ __forceinline__ int pad8(int width) { return (width + 7) / 8 * 8; }
 __host__ __device__ __forceinline__ int round32(int width) { return (width + 31) / 32 * 32; }
 // Shared-memory row stride (floats) of rows `width` wide.
@@ -197,7 +158,6 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], 
 // A split A fragment, from four fp32 values in its register order.
 struct SplitA {
   uint32_t big[4], small[4];
-  SplitA() = default;
   __device__ __forceinline__ SplitA(float x0, float x1, float x2, float x3) {
     split_tf32(x0, big[0], small[0]);
     split_tf32(x1, big[1], small[1]);
@@ -208,21 +168,13 @@ struct SplitA {
 
 // c += A B in 3xTF32, B given as the fp32 values of b0 and b1. The small terms go first, so that
 // they are not lost against an accumulator that already holds the big product.
-// B split already: its two elements' big and small parts.
-struct SplitB {
-  uint32_t big0, small0, big1, small1;
-  __device__ __forceinline__ SplitB(float b0, float b1) {
-    split_tf32(b0, big0, small0);
-    split_tf32(b1, big1, small1);
-  }
-};
-__device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, const SplitB& b) {
-  mma_tf32(c, a.small, b.big0, b.big1);
-  mma_tf32(c, a.big, b.small0, b.small1);
-  mma_tf32(c, a.big, b.big0, b.big1);
-}
 __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float b0, float b1) {
-  mma_3xtf32(c, a, SplitB(b0, b1));
+  uint32_t big0, small0, big1, small1;
+  split_tf32(b0, big0, small0);
+  split_tf32(b1, big1, small1);
+  mma_tf32(c, a.small, big0, big1);
+  mma_tf32(c, a.big, small0, small1);
+  mma_tf32(c, a.big, big0, big1);
 }
 // The same, the three products summed from zero and then added to c in fp32: the tensor cores
 // align a sum to its largest term and drop the bits below it (truncation), so products added
@@ -230,14 +182,11 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const SplitA& a, float
 // apart and added with fp32's round-to-nearest, a k-step's products lose only what one fp32 add
 // does. (For the score products, whose errors the softmax amplifies; the P V-type products keep
 // accumulating in place, which costs no registers.)
-__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, const SplitB& b) {
+__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, float b0, float b1) {
   float f[4] = {0.f, 0.f, 0.f, 0.f};
-  mma_3xtf32(f, a, b);
+  mma_3xtf32(f, a, b0, b1);
 #pragma unroll
   for (int e = 0; e < 4; ++e) c[e] += f[e];
-}
-__device__ __forceinline__ void mma_3xtf32_apart(float (&c)[4], const SplitA& a, float b0, float b1) {
-  mma_3xtf32_apart(c, a, SplitB(b0, b1));
 }
 
 template <int kTiles>
@@ -247,73 +196,6 @@ __device__ __forceinline__ void zero(float (&acc)[kTiles][4]) {
 }
 
 // ---- the two tile products ----------------------------------------------------------------
-// The 16-byte layout's products for a warp's kM M tiles of 16 rows (rows_s: its 16 kM rows; acc[m]
-// and out[m]: rows 16m .. 16m + 15): each K / V fragment is loaded and split once for all kM
-// (ORCHARD_FP32_TC_M_TILES = 2). At kM = 1 they compute what tile_scores / tile_accumulate's
-// 16-byte paths do, but ptxas allocates the kernels differently (other spills), so the timed
-// kernels keep those until an A/B says the generic form costs nothing.
-template <int kM>
-__device__ __forceinline__ void tile_scores_vec(float (&acc)[kM][kColTiles][4], const float* rows_s, int rows_stride,
-                                                const float* cols_s, int cols_stride, int width, int lane) {
-  const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int m = 0; m < kM; ++m) zero(acc[m]);
-  // Every row read here is g (mod 8): one swizzle for all.
-  const int swz = swizzle_of(g) << 2;
-  const float* r0 = rows_s + g * rows_stride;
-  const float* col = cols_s + g * cols_stride;
-  const int width16 = (width + 15) / 16 * 16;
-  for (int k0 = 0; k0 < width16; k0 += 16) {
-    const int at = (k0 + 4 * c) ^ swz;
-    SplitA a_lo[kM], a_hi[kM];
-#pragma unroll
-    for (int m = 0; m < kM; ++m) {
-      const float4 x0 = *reinterpret_cast<const float4*>(r0 + 16 * m * rows_stride + at);
-      const float4 x1 = *reinterpret_cast<const float4*>(r0 + (16 * m + 8) * rows_stride + at);
-      a_lo[m] = SplitA(x0.x, x1.x, x0.y, x1.y);
-      a_hi[m] = SplitA(x0.z, x1.z, x0.w, x1.w);
-    }
-#pragma unroll
-    for (int t = 0; t < kColTiles; ++t) {
-      const float4 b = *reinterpret_cast<const float4*>(col + 8 * t * cols_stride + at);
-      const SplitB b_lo(b.x, b.y), b_hi(b.z, b.w);
-#pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        mma_3xtf32_apart(acc[m][t], a_lo[m], b_lo);
-        mma_3xtf32_apart(acc[m][t], a_hi[m], b_hi);
-      }
-    }
-  }
-}
-
-template <int kOutTiles, int kM>
-__device__ __forceinline__ void tile_accumulate_vec(float (&out)[kM][kOutTiles][4], const float (&w)[kM][kColTiles][4],
-                                                    const float* vals_s, int vals_stride, int width, int lane) {
-  static_assert(kOutTiles % 4 == 0, "output tiles come in groups of 4");
-  const int g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < kColTiles; ++kk) {
-    // Weight columns 8kk + 2c, 8kk + 2c + 1 as k = c, c + 4 (header comment); value rows likewise.
-    SplitA a[kM];
-#pragma unroll
-    for (int m = 0; m < kM; ++m) a[m] = SplitA(w[m][kk][0], w[m][kk][2], w[m][kk][1], w[m][kk][3]);
-    // Rows 8kk + 2c and 8kk + 2c + 1: swizzles 2c and 2c ^ 4 (chunk g of group G at 8G + (g ^ swz)).
-    const float* v0 = vals_s + (8 * kk + 2 * c) * vals_stride + 4 * (g ^ (2 * c));
-    const float* v1 = vals_s + (8 * kk + 2 * c + 1) * vals_stride + 4 * (g ^ (2 * c) ^ 4);
-#pragma unroll
-    for (int grp = 0; grp < kOutTiles / 4; ++grp) {
-      if (32 * grp >= width) break;
-      const float4 b0 = *reinterpret_cast<const float4*>(v0 + 32 * grp);
-      const float4 b1 = *reinterpret_cast<const float4*>(v1 + 32 * grp);
-      const SplitB b[4] = {SplitB(b0.x, b1.x), SplitB(b0.y, b1.y), SplitB(b0.z, b1.z), SplitB(b0.w, b1.w)};
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int m = 0; m < kM; ++m) mma_3xtf32(out[m][4 * grp + u], a[m], b[u]);
-    }
-  }
-}
-
 // acc = rows_s (the warp's 16 rows) times cols_s (kCols rows)^T over the width (both zero from the
 // true width on): acc[t] is the C fragment of columns 8t .. 8t + 7.
 __device__ __forceinline__ void tile_scores(float (&acc)[kColTiles][4], const float* rows_s, int rows_stride,
@@ -489,27 +371,18 @@ __device__ __forceinline__ void stage_tile_pair(float* buf, const float* a, int6
 }
 
 // ---- forward -------------------------------------------------------------------------------
-// Query rows per CTA of the forward (kOutTiles by dv) and the dQ kernel (by d): kMTiles M tiles of
-// 16 rows per warp.
-template <int kOutTiles>
-constexpr int kQueryCtaRows = kWarps * kRows * kMTiles<kOutTiles>;
-int query_cta_rows(int width) { return width <= 64 ? kQueryCtaRows<8> : kCtaRows; }
-
 // Shared memory: the CTA's Q rows, then `stages` (K tile, V tile) buffers.
 std::size_t fwd_tc_smem_bytes(int d, int dv, int stages) {
-  return sizeof(float) *
-         (static_cast<std::size_t>(query_cta_rows(dv)) * tc_stride(d) + stages * stage_floats_of(d, dv));
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * tc_stride(d) + stages * stage_floats_of(d, dv));
 }
 
-// kOutTiles: dv <= 8 kOutTiles. Each warp holds kM M tiles of 16 rows: rows 16 mt + frag_row.
+// kOutTiles: dv <= 8 kOutTiles.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOutTiles> : 1)
+__global__ void __launch_bounds__(128, kFwdMinCtas<kOutTiles>)
     fwd_tc_kernel(const FwdParams p, int row_blocks, Pipeline pipe) {
-  constexpr int kM = kMTiles<kOutTiles>;
-  constexpr int kWarpRows = kM * kRows;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const RowBlock blk = row_block(p.hq, row_blocks, kQueryCtaRows<kOutTiles>);
+  const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
   const int b = blk.b, h = blk.head, row0 = blk.row0;
   const SeqSpan span = seq_span(p, b);
   if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
@@ -517,7 +390,7 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOu
   const int d = p.d, dv = value_dim(p);
   const int qs = tc_stride(d), vs = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
-  float* kv_s = q_s + kQueryCtaRows<kOutTiles> * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  float* kv_s = q_s + kCtaRows * qs;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
   const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
   const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                    span.q_start * p.q_row_stride;
@@ -525,10 +398,10 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOu
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  const int warp_row0 = row0 + warp * kWarpRows;
-  float* q_w = q_s + warp * kWarpRows * qs;
-  const ColRange cta_keys = union_of_ranges(p, span, row0, kQueryCtaRows<kOutTiles>, span.len_q, KeyRange{});
-  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kWarpRows, span.len_q, KeyRange{});
+  const int warp_row0 = row0 + warp * kRows;
+  float* q_w = q_s + warp * kRows * qs;
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
   const ColTiles tiles{cta_keys};
   // Step `step`'s K / V tile into buffer `buf` (one commit group, empty past the last step).
   auto issue = [&](int step, int buf) {
@@ -540,25 +413,21 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOu
     cp_async_commit();
   };
   // The warp's Q rows travel with the first tile.
-  stage_tc_rows(q_w, d, q + warp_row0 * p.q_row_stride, p.q_row_stride, kWarpRows, span.len_q - warp_row0, 0, 1,
-                lane);
+  stage_tc_rows(q_w, d, q + warp_row0 * p.q_row_stride, p.q_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
   issue(0, 0);
-  ColRange visible[kM][2];
-  BiasLine bias[kM][2];
-  float m[kM][2], l[kM][2];  // l: this thread's columns only
+  ColRange visible[2];
+  BiasLine bias[2];
+  float m[2], l[2];  // l: this thread's columns only
 #pragma unroll
-  for (int mt = 0; mt < kM; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int i = warp_row0 + kRows * mt + frag_row(lane, half);
-      visible[mt][half] = i < span.len_q ? key_range(p, span, i) : ColRange{0, 0};
-      bias[mt][half] = bias_line(p, b, h, i < span.len_q ? i : 0, true);
-      m[mt][half] = -INFINITY;
-      l[mt][half] = 0.f;
-    }
-  float o[kM][kOutTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < kM; ++mt) zero(o[mt]);
+  for (int half = 0; half < 2; ++half) {
+    const int i = warp_row0 + frag_row(lane, half);
+    visible[half] = i < span.len_q ? key_range(p, span, i) : ColRange{0, 0};
+    bias[half] = bias_line(p, b, h, i < span.len_q ? i : 0, true);
+    m[half] = -INFINITY;
+    l[half] = 0.f;
+  }
+  float o[kOutTiles][4];
+  zero(o);
   const float slope = slope_of(p, b, h);
   const Dropout drop = dropout_of(p);
   for (int step = 0; step < tiles.count(); ++step) {
@@ -568,73 +437,62 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOu
     const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
-      float s[kM][kColTiles][4];
-      if constexpr (kM == 1)
-        tile_scores(s[0], q_w, qs, k_s, qs, d, lane);
-      else
-        tile_scores_vec<kM>(s, q_w, qs, k_s, qs, d, lane);
+      float s[kColTiles][4];
+      tile_scores(s, q_w, qs, k_s, qs, d, lane);
 #pragma unroll
-      for (int mt = 0; mt < kM; ++mt)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = warp_row0 + frag_row(lane, half);
+        float tile_max = -INFINITY;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t i = warp_row0 + kRows * mt + frag_row(lane, half);
-          float tile_max = -INFINITY;
+        for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-          for (int t = 0; t < kColTiles; ++t)
+          for (int e = 0; e < 2; ++e) {
+            const int col = frag_col(lane, t, e);
+            const int64_t j = tile + col;
+            const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
+            float& x = s[t][2 * half + e];
+            x = seen ? final_score(p, x, slope, i, j, span.diag, bias[half], j) : -INFINITY;
+            tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
+          }
+        const float m_new = fmaxf(m[half], quad_max(tile_max));
+        const float corr = m_new == -INFINITY ? 1.f : expf(m[half] - m_new);  // m = -inf: 0
+        float sum = 0.f;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = frag_col(lane, t, e);
-              const int64_t j = tile + col;
-              const bool seen = col < n && j >= visible[mt][half].begin && j < visible[mt][half].end;
-              float& x = s[mt][t][2 * half + e];
-              x = seen ? final_score(p, x, slope, i, j, span.diag, bias[mt][half], j) : -INFINITY;
-              tile_max = fmaxf(tile_max, x);  // fmaxf skips NaN: a NaN score reaches l and O below
-            }
-          const float m_new = fmaxf(m[mt][half], quad_max(tile_max));
-          const float corr = m_new == -INFINITY ? 1.f : expf(m[mt][half] - m_new);  // m = -inf: 0
-          float sum = 0.f;
+        for (int t = 0; t < kColTiles; ++t)
 #pragma unroll
-          for (int t = 0; t < kColTiles; ++t)
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[t][2 * half + e];
+            const int64_t j = tile + frag_col(lane, t, e);
+            const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
+            const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
+            sum += ex;
+            x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
+          }
+        m[half] = m_new;
+        l[half] = l[half] * corr + sum;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = s[mt][t][2 * half + e];
-              const int64_t j = tile + frag_col(lane, t, e);
-              const bool seen = x != -INFINITY;  // (a seen score of -inf weighs 0 either way)
-              const float ex = m_new == -INFINITY ? (x != x ? x : 0.f) : expf(x - m_new);
-              sum += ex;
-              x = !seen || kept(p, drop, b, h, i, j) ? ex : 0.f;
-            }
-          m[mt][half] = m_new;
-          l[mt][half] = l[mt][half] * corr + sum;
-#pragma unroll
-          for (int t = 0; t < kOutTiles; ++t) o[mt][t][2 * half] *= corr, o[mt][t][2 * half + 1] *= corr;
-        }
-      if constexpr (kM == 1)
-        tile_accumulate(o[0], s[0], v_s, vs, dv, lane);
-      else
-        tile_accumulate_vec<kOutTiles, kM>(o, s, v_s, vs, dv, lane);
+        for (int t = 0; t < kOutTiles; ++t) o[t][2 * half] *= corr, o[t][2 * half + 1] *= corr;
+      }
+      tile_accumulate(o, s, v_s, vs, dv, lane);
     }
     pipe.end(step, issue);
   }
   cp_async_wait<0>();  // (no copy outlives the CTA: the last, empty group; Q's where no key is seen)
+  float inv[2];
+  bool valid[2];
 #pragma unroll
-  for (int mt = 0; mt < kM; ++mt) {
-    float inv[2];
-    bool valid[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float sum = quad_sum(l[mt][half]);
-      const int64_t i = warp_row0 + kRows * mt + frag_row(lane, half);
-      valid[half] = i < span.len_q;
-      const RowEnd end = row_end(p, h, m[mt][half], sum, drop.rdrop);
-      inv[half] = end.inv;
-      if (valid[half] && (lane & 3) == 0)
-        static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = end.lse;
-    }
-    store_rows(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
-                   (span.q_start + warp_row0 + kRows * mt) * p.o_row_stride,
-               p.o_row_stride, o[mt], inv, valid, dv, lane);
+  for (int half = 0; half < 2; ++half) {
+    const float sum = quad_sum(l[half]);
+    const int64_t i = warp_row0 + frag_row(lane, half);
+    valid[half] = i < span.len_q;
+    const RowEnd end = row_end(p, h, m[half], sum, drop.rdrop);
+    inv[half] = end.inv;
+    if (valid[half] && (lane & 3) == 0)
+      static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i] = end.lse;
   }
+  store_rows(static_cast<float*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
+                 (span.q_start + warp_row0) * p.o_row_stride,
+             p.o_row_stride, o, inv, valid, dv, lane);
 }
 
 // ---- backward: dQ --------------------------------------------------------------------------
@@ -643,23 +501,19 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kFwdMinCtas<kOu
 // 101,376 bytes at d = dv = 128 and one stage: exactly the 99 KB opt-in of sm_86 / sm_89, so the
 // dK / dV kernel reads its columns' LSE and D from global memory (L1) where it needs them rather
 // than staging them.
-// (rows: the CTA's, kCtaRows but for a dQ kernel on two M tiles per warp.)
-std::size_t bwd_tc_smem_bytes(int d, int dv, int stages, int rows = kCtaRows) {
-  return sizeof(float) * (static_cast<std::size_t>(rows) * (tc_stride(d) + tc_stride(dv)) +
+std::size_t bwd_tc_smem_bytes(int d, int dv, int stages) {
+  return sizeof(float) * (static_cast<std::size_t>(kCtaRows) * (tc_stride(d) + tc_stride(dv)) +
                           stages * stage_floats_of(d, dv));
 }
 
 // dQ: the CTA's Q and dO rows against K / V tiles.
-// kOutTiles: d <= 8 kOutTiles. Each warp holds kM M tiles of 16 rows: rows 16 mt + frag_row.
+// kOutTiles: d <= 8 kOutTiles.
 template <int kOutTiles>
-__global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kDqMinCtas<kOutTiles> : 1)
+__global__ void __launch_bounds__(128, kDqMinCtas<kOutTiles>)
     bwd_dq_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
-  constexpr int kM = kMTiles<kOutTiles>;
-  constexpr int kWarpRows = kM * kRows;
-  constexpr int kRowsPerCta = kQueryCtaRows<kOutTiles>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const RowBlock blk = row_block(p.hq, row_blocks, kRowsPerCta);
+  const RowBlock blk = row_block(p.hq, row_blocks, kCtaRows);
   const int b = blk.b, h = blk.head, row0 = blk.row0;
   const SeqSpan span = seq_span(p, b);
   if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
@@ -667,18 +521,18 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kDqMinCtas<kOut
   const int d = p.d, dv = value_dim(p);
   const int qs = tc_stride(d), os = tc_stride(dv);
   float* q_s = reinterpret_cast<float*>(smem);
-  float* do_s = q_s + kRowsPerCta * qs;
-  float* kv_s = do_s + kRowsPerCta * os;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
+  float* do_s = q_s + kCtaRows * qs;
+  float* kv_s = do_s + kCtaRows * os;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
   const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
-  const int warp_row0 = row0 + warp * kWarpRows;
-  float* q_w = q_s + warp * kWarpRows * qs;
-  float* do_w = do_s + warp * kWarpRows * os;
+  const int warp_row0 = row0 + warp * kRows;
+  float* q_w = q_s + warp * kRows * qs;
+  float* do_w = do_s + warp * kRows * os;
   const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
                    span.k_start * p.k_row_stride;
   const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
                    span.k_start * p.v_row_stride;
-  const ColRange cta_keys = union_of_ranges(p, span, row0, kRowsPerCta, span.len_q, KeyRange{});
-  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kWarpRows, span.len_q, KeyRange{});
+  const ColRange cta_keys = union_of_ranges(p, span, row0, kCtaRows, span.len_q, KeyRange{});
+  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
   const ColTiles tiles{cta_keys};
   auto issue = [&](int step, int buf) {
     if (step < tiles.count()) {
@@ -692,33 +546,30 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kDqMinCtas<kOut
   stage_tc_rows(q_w, d,
                 static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                     (span.q_start + warp_row0) * p.q_row_stride,
-                p.q_row_stride, kWarpRows, span.len_q - warp_row0, 0, 1, lane);
+                p.q_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
   stage_tc_rows(do_w, dv,
                 static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
                     (span.q_start + warp_row0) * p.do_row_stride,
-                p.do_row_stride, kWarpRows, span.len_q - warp_row0, 0, 1, lane);
+                p.do_row_stride, kRows, span.len_q - warp_row0, 0, 1, lane);
   issue(0, 0);
   const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-  ColRange visible[kM][2];
-  BiasLine bias[kM][2];
-  float lse[kM][2], D[kM][2];
-  bool valid[kM][2];
+  ColRange visible[2];
+  BiasLine bias[2];
+  float lse[2], D[2];
+  bool valid[2];
 #pragma unroll
-  for (int mt = 0; mt < kM; ++mt)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int i = warp_row0 + kRows * mt + frag_row(lane, half);
-      valid[mt][half] = i < span.len_q;
-      visible[mt][half] = valid[mt][half] ? key_range(p, span, i) : ColRange{0, 0};
-      bias[mt][half] = bias_line(p, b, h, valid[mt][half] ? i : 0, true);
-      lse[mt][half] = valid[mt][half] ? lse_or_inf(static_cast<const float*>(
-                                            p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + span.q_start + i])
-                                      : INFINITY;
-      D[mt][half] = valid[mt][half] ? dsum[bh * p.sq + i] : 0.f;
-    }
-  float dq[kM][kOutTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < kM; ++mt) zero(dq[mt]);
+  for (int half = 0; half < 2; ++half) {
+    const int i = warp_row0 + frag_row(lane, half);
+    valid[half] = i < span.len_q;
+    visible[half] = valid[half] ? key_range(p, span, i) : ColRange{0, 0};
+    bias[half] = bias_line(p, b, h, valid[half] ? i : 0, true);
+    lse[half] = valid[half] ? lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride +
+                                                                         h * p.lse_head_stride + span.q_start + i])
+                            : INFINITY;
+    D[half] = valid[half] ? dsum[bh * p.sq + i] : 0.f;
+  }
+  float dq[kOutTiles][4];
+  zero(dq);
   const float slope = slope_of(p, b, h);
   const Dropout drop = dropout_of(p);
   for (int step = 0; step < tiles.count(); ++step) {
@@ -728,65 +579,37 @@ __global__ void __launch_bounds__(128, kMTiles<kOutTiles> == 1 ? kDqMinCtas<kOut
     const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
     const float* v_s = k_s + kCols * qs;
     if (tile < warp_keys.end && tile + n > warp_keys.begin) {  // some row of this warp sees the tile
-      float s[kM][kColTiles][4], dp[kM][kColTiles][4];
-      if constexpr (kM == 1) {
-        tile_scores(s[0], q_w, qs, k_s, qs, d, lane);
-        tile_scores(dp[0], do_w, os, v_s, os, dv, lane);
-      } else {
-        tile_scores_vec<kM>(s, q_w, qs, k_s, qs, d, lane);
-        tile_scores_vec<kM>(dp, do_w, os, v_s, os, dv, lane);
+      float s[kColTiles][4], dp[kColTiles][4];
+      tile_scores(s, q_w, qs, k_s, qs, d, lane);
+      tile_scores(dp, do_w, os, v_s, os, dv, lane);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t i = warp_row0 + frag_row(lane, half);
+#pragma unroll
+        for (int t = 0; t < kColTiles; ++t)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = frag_col(lane, t, e);
+            const int64_t j = tile + col;
+            const bool seen = col < n && j >= visible[half].begin && j < visible[half].end;
+            s[t][2 * half + e] = seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e],
+                                                     lse[half], D[half], slope, i, j, span.diag, bias[half], j)
+                                            .ds
+                                      : 0.f;
+          }
       }
-#pragma unroll
-      for (int mt = 0; mt < kM; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t i = warp_row0 + kRows * mt + frag_row(lane, half);
-#pragma unroll
-          for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = frag_col(lane, t, e);
-              const int64_t j = tile + col;
-              const bool seen = col < n && j >= visible[mt][half].begin && j < visible[mt][half].end;
-              float& x = s[mt][t][2 * half + e];
-              x = seen ? grad_weights(p, drop, b, h, x, dp[mt][t][2 * half + e], lse[mt][half], D[mt][half], slope,
-                                      i, j, span.diag, bias[mt][half], j)
-                             .ds
-                       : 0.f;
-            }
-        }
-      if constexpr (kM == 1)
-        tile_accumulate(dq[0], s[0], k_s, qs, d, lane);
-      else
-        tile_accumulate_vec<kOutTiles, kM>(dq, s, k_s, qs, d, lane);
+      tile_accumulate(dq, s, k_s, qs, d, lane);
     }
     pipe.end(step, issue);
   }
   cp_async_wait<0>();
   const float scale[2] = {p.scale, p.scale};
-#pragma unroll
-  for (int mt = 0; mt < kM; ++mt)
-    store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
-                   (span.q_start + warp_row0 + kRows * mt) * p.dq_row_stride,
-               p.dq_row_stride, dq[mt], scale, valid[mt], d, lane);
+  store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
+                 (span.q_start + warp_row0) * p.dq_row_stride,
+             p.dq_row_stride, dq, scale, valid, d, lane);
 }
 
 // ---- backward: dK / dV ---------------------------------------------------------------------
-// A warp's two fragment rows of keys (warp_key0 + frag_row): whether each exists, and the query
-// rows that see it.
-struct FragKeys {
-  bool valid[2];
-  ColRange seen_by[2];
-  __device__ __forceinline__ FragKeys(const FwdParams& p, const SeqSpan& span, int warp_key0, int lane) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int j = warp_key0 + frag_row(lane, half);
-      valid[half] = j < span.len_k;
-      seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
-    }
-  }
-};
-
 // The CTA's K and V rows against the Q / dO tiles of each query head of the group.
 // kOutTiles: d, dv <= 8 kOutTiles.
 template <int kOutTiles>
@@ -840,7 +663,14 @@ __global__ void __launch_bounds__(128)
                     (span.k_start + warp_key0) * p.v_row_stride,
                 p.v_row_stride, kRows, span.len_k - warp_key0, 0, 1, lane);
   issue(0, 0);
-  const FragKeys keys(p, span, warp_key0, lane);
+  ColRange seen_by[2];
+  bool valid[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = warp_key0 + frag_row(lane, half);
+    valid[half] = j < span.len_k;
+    seen_by[half] = valid[half] ? query_range(p, span, j) : ColRange{0, 0};
+  }
   float dk[kOutTiles][4], dvacc[kOutTiles][4];
   zero(dk);
   zero(dvacc);
@@ -860,7 +690,7 @@ __global__ void __launch_bounds__(128)
       BiasLine bias[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        bias[half] = bias_line(p, b, h, keys.valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
+        bias[half] = bias_line(p, b, h, valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
       float s[kColTiles][4], dp[kColTiles][4];
       tile_scores(s, k_w, ks, q_s, ks, d, lane);
       tile_scores(dp, v_w, vs, do_s, vs, dv, lane);
@@ -873,7 +703,7 @@ __global__ void __launch_bounds__(128)
           for (int e = 0; e < 2; ++e) {
             const int col = frag_col(lane, t, e);
             const int64_t i = tile + col;
-            const bool seen = col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
+            const bool seen = col < n && i >= seen_by[half].begin && i < seen_by[half].end;
             const GradWeights w =
                 seen ? grad_weights(p, drop, b, h, s[t][2 * half + e], dp[t][2 * half + e], lse_or_inf(lse_row[i]),
                                     dsum[bh * p.sq + i], slope, i, j, span.diag, bias[half], i)
@@ -891,318 +721,10 @@ __global__ void __launch_bounds__(128)
   const float scale[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
   store_rows(static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
                  (span.k_start + warp_key0) * p.dk_row_stride,
-             p.dk_row_stride, dk, scale, keys.valid, d, lane);
+             p.dk_row_stride, dk, scale, valid, d, lane);
   store_rows(static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
                  (span.k_start + warp_key0) * p.dv_row_stride,
-             p.dv_row_stride, dvacc, one, keys.valid, dv, lane);
-}
-
-// ---- backward, split over two warps per 16 rows (ORCHARD_FP32_TC_DKDV_SPLIT / _DQ_SPLIT) ------
-// Warp w holds rows 16 (w % 2) .. + 15 of the CTA's 32. Warps 0 and 1 ("score" warps) compute the
-// scores and the probabilities; warps 2 and 3 ("grad" warps) dP and, from the probabilities their
-// partner hands over, dS. Each thread of a score warp leaves, per element of its score fragment, p dt
-// (dt: the softcap factor, 1 without one) in shared memory with the sign bit set where dropout drops
-// the element; its partner lane (the same fragment position) reads it back: dS = p dt (dP / (1 -
-// p_drop) - D) if kept, else -p dt D, which is grad_weights' value bitwise without a softcap. One
-// more CTA barrier per step for the hand-over (two in the dQ kernel, whose dS goes back).
-constexpr int kSplitCtaRows = 2 * kRows;  // 32
-constexpr int kHandoverFloats = 2 * kColTiles * 4 * 32;  // two row groups' fragments, lane-minor
-// The hand-over of an element: p dt, its sign bit saying "dropped" (p dt >= 0, or NaN); and dS from
-// it. (Templates only so that a build without the split kernels has no unused function.)
-template <typename F>
-__device__ __forceinline__ F handover_of(F pdt, bool keep) {
-  return keep ? pdt : __uint_as_float(__float_as_uint(pdt) | 0x80000000u);
-}
-template <typename F>
-__device__ __forceinline__ F ds_of(F handover, F dp, F rdrop, F D) {
-  return __float_as_uint(handover) >> 31 ? handover * D : handover * (dp * rdrop - D);
-}
-template <int kOutTiles>
-constexpr int kSplitMinCtas = kOutTiles <= 8 ? ORCHARD_FP32_TC_SPLIT_MIN_CTAS_D64 : ORCHARD_FP32_TC_SPLIT_MIN_CTAS;
-
-// dK / dV: the score warps compute S^T = K Q^T and dV += P^T dO, the grad warps dP^T = V dO^T and
-// dK += dS^T Q.
-template <int kOutTiles>
-__global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
-    bwd_dkdv_split_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group16 = warp & 1;
-  const bool grad_warp = warp >= 2;  // (warp-uniform: the two roles never diverge within a warp)
-  const RowBlock blk = row_block(p.hkv, row_blocks, kSplitCtaRows);
-  const int b = blk.b, hk = blk.head, key0 = blk.row0;
-  const SeqSpan span = seq_span(p, b);
-  if (key0 >= span.len_k) return;  // varlen: past this sequence (the whole CTA)
-  const int group = p.hq / p.hkv;
-  const int d = p.d, dv = value_dim(p);
-  const int ks = tc_stride(d), vs = tc_stride(dv);
-  float* k_s = reinterpret_cast<float*>(smem);
-  float* v_s = k_s + kSplitCtaRows * ks;
-  float* handover_s = v_s + kSplitCtaRows * vs;
-  float* qdo_s = handover_s + kHandoverFloats;  // buffer i as in bwd_dkdv_tc_kernel
-  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
-  const int warp_key0 = key0 + group16 * kRows;
-  // A score warp's products read K rows and the Q tile (width d) and write dV (width dv); a grad
-  // warp's read V rows and the dO tile (dv) and write dK (d).
-  const int score_width = grad_warp ? dv : d, out_width = grad_warp ? d : dv;
-  const int score_stride = grad_warp ? vs : ks, out_stride = grad_warp ? ks : vs;
-  float* rows_w = grad_warp ? v_s + group16 * kRows * vs : k_s + group16 * kRows * ks;
-  float* handover_w = handover_s + group16 * kColTiles * 4 * 32 + lane;
-  const ColRange cta_rows = union_of_ranges(p, span, key0, kSplitCtaRows, span.len_k, QueryRange{});
-  const ColRange warp_rows = union_of_ranges(p, span, warp_key0, kRows, span.len_k, QueryRange{});
-  const ColTiles tiles{cta_rows};
-  const int steps = tiles.count() * group;
-  auto tile_of = [&](int step) { return tiles.start(step % tiles.count()); };
-  auto head_of = [&](int step) { return hk * group + step / tiles.count(); };
-  auto issue = [&](int step, int buf) {
-    if (step < steps) {
-      const int h = head_of(step);
-      const int64_t tile = tile_of(step);
-      const float* q = static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                       (span.q_start + tile) * p.q_row_stride;
-      const float* dO = static_cast<const float*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-                        (span.q_start + tile) * p.do_row_stride;
-      stage_tile_pair(qdo_s + buf * stage_floats, q, p.q_row_stride, d, dO, p.do_row_stride, dv, tiles.width(tile),
-                      warp, lane);
-    }
-    cp_async_commit();
-  };
-  // The warp's own K (score warp) or V (grad warp) rows travel with the first tile.
-  const float* own_rows = grad_warp ? static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-                                          (span.k_start + warp_key0) * p.v_row_stride
-                                    : static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                                          (span.k_start + warp_key0) * p.k_row_stride;
-  stage_tc_rows(rows_w, score_width, own_rows, grad_warp ? p.v_row_stride : p.k_row_stride, kRows,
-                span.len_k - warp_key0, 0, 1, lane);
-  issue(0, 0);
-  const FragKeys keys(p, span, warp_key0, lane);
-  float acc[kOutTiles][4];
-  zero(acc);
-  const Dropout drop = dropout_of(p);
-  for (int step = 0; step < steps; ++step) {
-    const int h = head_of(step);
-    const int64_t tile = tile_of(step);
-    const int n = tiles.width(tile);
-    pipe.begin(step, issue);
-    const float* q_s = qdo_s + pipe.buffer(step) * stage_floats;
-    const float* do_s = q_s + kCols * ks;
-    const float* cols_s = grad_warp ? do_s : q_s;  // the product's column rows, then its values'
-    const float* vals_s = grad_warp ? q_s : do_s;
-    const bool some_seen = tile < warp_rows.end && tile + n > warp_rows.begin;  // (the same for both roles)
-    // Whether element (half, t, e) is a query row that sees its key.
-    const auto seen = [&](int half, int t, int e) {
-      const int col = frag_col(lane, t, e);
-      const int64_t i = tile + col;
-      return col < n && i >= keys.seen_by[half].begin && i < keys.seen_by[half].end;
-    };
-    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    float x[kColTiles][4];
-    if (some_seen) {
-      tile_scores(x, rows_w, score_stride, cols_s, score_stride, score_width, lane);
-      if (!grad_warp) {
-        const float slope = slope_of(p, b, h);
-        const float* lse_row = static_cast<const float*>(p.lse) + b * p.lse_batch_stride + h * p.lse_head_stride +
-                               span.q_start;
-        BiasLine bias[2];
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-          bias[half] = bias_line(p, b, h, keys.valid[half] ? warp_key0 + frag_row(lane, half) : 0, false);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t j = warp_key0 + frag_row(lane, half);
-#pragma unroll
-          for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int64_t i = tile + frag_col(lane, t, e);
-              float& s = x[t][2 * half + e];
-              float pd = 0.f, handover = 0.f;
-              if (seen(half, t, e)) {
-                float dt;
-                const float pv = expf(final_score(p, s, slope, i, j, span.diag, bias[half], i, &dt) -
-                                      lse_or_inf(lse_row[i]));
-                const bool keep = kept(p, drop, b, h, i, j);
-                pd = keep ? pv * drop.rdrop : 0.f;
-                handover = handover_of(pv * dt, keep);
-              }
-              s = pd;
-              handover_w[(t * 4 + 2 * half + e) * 32] = handover;
-            }
-        }
-      }
-    }
-    __syncthreads();  // the score warps' hand-over is in shared memory
-    if (some_seen) {
-      if (grad_warp) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-#pragma unroll
-          for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int64_t i = tile + frag_col(lane, t, e);
-              float& dp = x[t][2 * half + e];
-              dp = seen(half, t, e) ? ds_of(handover_w[(t * 4 + 2 * half + e) * 32], dp, drop.rdrop, dsum[bh * p.sq + i]) : 0.f;
-            }
-        }
-      }
-      tile_accumulate(acc, x, vals_s, out_stride, out_width, lane);
-    }
-    pipe.end(step, issue);
-  }
-  cp_async_wait<0>();
-  const float scale[2] = {grad_warp ? p.scale : 1.f, grad_warp ? p.scale : 1.f};
-  float* out = grad_warp ? static_cast<float*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
-                               (span.k_start + warp_key0) * p.dk_row_stride
-                         : static_cast<float*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
-                               (span.k_start + warp_key0) * p.dv_row_stride;
-  store_rows(out, grad_warp ? p.dk_row_stride : p.dv_row_stride, acc, scale, keys.valid, out_width, lane);
-}
-
-// dQ: the score warps compute S = Q K^T, the grad warps dP = dO V^T and dS, which they hand back
-// through the same slots; then each warp of the pair adds dS K into its half of dQ's columns (the
-// score warp the first kOutTiles / 2 tiles: whole 32-column groups of the 16-byte layout).
-template <int kOutTiles>
-__global__ void __launch_bounds__(128, kSplitMinCtas<kOutTiles>)
-    bwd_dq_split_tc_kernel(const BwdParams p, const float* dsum, int row_blocks, Pipeline pipe) {
-  constexpr int kHalfTiles = kOutTiles / 2;
-  static_assert(kHalfTiles % 4 == 0, "dQ's halves are whole 32-column groups");
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group16 = warp & 1;
-  const bool grad_warp = warp >= 2;  // (warp-uniform: the two roles never diverge within a warp)
-  const RowBlock blk = row_block(p.hq, row_blocks, kSplitCtaRows);
-  const int b = blk.b, h = blk.head, row0 = blk.row0;
-  const SeqSpan span = seq_span(p, b);
-  if (row0 >= span.len_q) return;  // varlen: past this sequence (the whole CTA)
-  const int hk = h / (p.hq / p.hkv);
-  const int d = p.d, dv = value_dim(p);
-  const int qs = tc_stride(d), os = tc_stride(dv);
-  float* q_s = reinterpret_cast<float*>(smem);
-  float* do_s = q_s + kSplitCtaRows * qs;
-  float* handover_s = do_s + kSplitCtaRows * os;
-  float* kv_s = handover_s + kHandoverFloats;  // buffer i: K at kv_s + i * stage_floats, V kCols * qs after it
-  const int stage_floats = static_cast<int>(stage_floats_of(d, dv));
-  const int warp_row0 = row0 + group16 * kRows;
-  // A score warp's scores read its Q rows and the K tile (width d); a grad warp's dO rows and the V
-  // tile (dv). Both then read the K tile for their dQ columns [col0, col0 + out_width).
-  const int score_width = grad_warp ? dv : d, score_stride = grad_warp ? os : qs;
-  float* rows_w = grad_warp ? do_s + group16 * kRows * os : q_s + group16 * kRows * qs;
-  float* handover_w = handover_s + group16 * kColTiles * 4 * 32 + lane;
-  const int col0 = grad_warp ? 8 * kHalfTiles : 0;
-  const int out_width = max(0, min(d, col0 + 8 * kHalfTiles) - col0);
-  const float* k = static_cast<const float*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
-                   span.k_start * p.k_row_stride;
-  const float* v = static_cast<const float*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride +
-                   span.k_start * p.v_row_stride;
-  const ColRange cta_keys = union_of_ranges(p, span, row0, kSplitCtaRows, span.len_q, KeyRange{});
-  const ColRange warp_keys = union_of_ranges(p, span, warp_row0, kRows, span.len_q, KeyRange{});
-  const ColTiles tiles{cta_keys};
-  auto issue = [&](int step, int buf) {
-    if (step < tiles.count()) {
-      const int64_t tile = tiles.start(step);
-      stage_tile_pair(kv_s + buf * stage_floats, k + tile * p.k_row_stride, p.k_row_stride, d,
-                      v + tile * p.v_row_stride, p.v_row_stride, dv, tiles.width(tile), warp, lane);
-    }
-    cp_async_commit();
-  };
-  // The warp's own Q (score warp) or dO (grad warp) rows travel with the first tile.
-  const float* own_rows = grad_warp ? static_cast<const float*>(p.dout) + b * p.do_batch_stride +
-                                          h * p.do_head_stride + (span.q_start + warp_row0) * p.do_row_stride
-                                    : static_cast<const float*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                                          (span.q_start + warp_row0) * p.q_row_stride;
-  stage_tc_rows(rows_w, score_width, own_rows, grad_warp ? p.do_row_stride : p.q_row_stride, kRows,
-                span.len_q - warp_row0, 0, 1, lane);
-  issue(0, 0);
-  const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-  ColRange visible[2];
-  BiasLine bias[2];
-  float lse[2], D[2];  // (lse: the score warp's; D: the grad warp's)
-  bool valid[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = warp_row0 + frag_row(lane, half);
-    valid[half] = i < span.len_q;
-    visible[half] = valid[half] ? key_range(p, span, i) : ColRange{0, 0};
-    bias[half] = bias_line(p, b, h, valid[half] ? i : 0, true);
-    lse[half] = valid[half] && !grad_warp
-                    ? lse_or_inf(static_cast<const float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride +
-                                                                  span.q_start + i])
-                    : INFINITY;
-    D[half] = valid[half] && grad_warp ? dsum[bh * p.sq + i] : 0.f;
-  }
-  float acc[kHalfTiles][4];
-  zero(acc);
-  const float slope = slope_of(p, b, h);
-  const Dropout drop = dropout_of(p);
-  for (int step = 0; step < tiles.count(); ++step) {
-    const int64_t tile = tiles.start(step);
-    const int n = tiles.width(tile);
-    pipe.begin(step, issue);
-    const float* k_s = kv_s + pipe.buffer(step) * stage_floats;
-    const float* v_s = k_s + kCols * qs;
-    const bool some_seen = tile < warp_keys.end && tile + n > warp_keys.begin;  // (the same for both roles)
-    // Whether element (half, t, e) is one of its row's keys.
-    const auto seen = [&](int half, int t, int e) {
-      const int col = frag_col(lane, t, e);
-      const int64_t j = tile + col;
-      return col < n && j >= visible[half].begin && j < visible[half].end;
-    };
-    float x[kColTiles][4];
-    if (some_seen) {
-      tile_scores(x, rows_w, score_stride, grad_warp ? v_s : k_s, score_stride, score_width, lane);
-      if (!grad_warp) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t i = warp_row0 + frag_row(lane, half);
-#pragma unroll
-          for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int64_t j = tile + frag_col(lane, t, e);
-              float handover = 0.f;
-              if (seen(half, t, e)) {
-                float dt;
-                const float pv = expf(
-                    final_score(p, x[t][2 * half + e], slope, i, j, span.diag, bias[half], j, &dt) - lse[half]);
-                handover = handover_of(pv * dt, kept(p, drop, b, h, i, j));
-              }
-              handover_w[(t * 4 + 2 * half + e) * 32] = handover;
-            }
-        }
-      }
-    }
-    __syncthreads();  // the score warps' hand-over is in shared memory
-    if (some_seen && grad_warp) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& slot = handover_w[(t * 4 + 2 * half + e) * 32];
-            float& ds = x[t][2 * half + e];
-            ds = seen(half, t, e) ? ds_of(slot, ds, drop.rdrop, D[half]) : 0.f;
-            slot = ds;
-          }
-    }
-    __syncthreads();  // dS is in shared memory
-    if (some_seen) {
-      if (!grad_warp) {
-#pragma unroll
-        for (int t = 0; t < kColTiles; ++t)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) x[t][e] = handover_w[(t * 4 + e) * 32];
-      }
-      tile_accumulate(acc, x, k_s + col0, qs, out_width, lane);
-    }
-    pipe.end(step, issue);
-  }
-  cp_async_wait<0>();
-  const float scale[2] = {p.scale, p.scale};
-  store_rows(static_cast<float*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
-                 (span.q_start + warp_row0) * p.dq_row_stride + col0,
-             p.dq_row_stride, acc, scale, valid, out_width, lane);
+             p.dv_row_stride, dvacc, one, valid, dv, lane);
 }
 
 // ---- launches ------------------------------------------------------------------------------
@@ -1235,7 +757,7 @@ void launch(Kernel kernel, int64_t ctas, std::size_t smem, void* stream, const c
   check_launch(name);
 }
 
-int row_blocks_of(int rows, int cta_rows = kCtaRows) { return (rows + cta_rows - 1) / cta_rows; }
+int row_blocks_of(int rows) { return (rows + kCtaRows - 1) / kCtaRows; }
 
 // The pipeline's stage count for `kernel`, whose shared memory is smem_of(stages): 2 (the copy of
 // the next tile overlaps this one's compute) where it fits the opt-in and keeps as many CTAs
@@ -1276,13 +798,12 @@ bool fp32_bwd_takes_tensor_cores(const BwdParams& p) {
   // d > 128 would hold dK and dV's 2 x 128 accumulators per thread next to the tiles': past the
   // 255-register limit, so those stay on the SIMT kernels.
   const int d = p.d, dv = value_dim(p);
-  // (The dQ kernel's rows, query_cta_rows(d), are at least the dK / dV kernel's kCtaRows: its fit is both.)
-  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1, query_cta_rows(d)));
+  return tensor_cores_enabled() && d <= 128 && dv <= 128 && fits(bwd_tc_smem_bytes(d, dv, 1));
 }
 
 void run_fwd_fp32_tc(const FwdParams& p) {
+  const int row_blocks = row_blocks_of(p.sq);
   const int d = p.d, dv = value_dim(p);
-  const int row_blocks = row_blocks_of(p.sq, query_cta_rows(dv));
   const auto smem_of = [&](int stages) { return fwd_tc_smem_bytes(d, dv, stages); };
   by_width<true>(dv, [&](auto tiles) {
     launch_pipelined(fwd_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * row_blocks, smem_of, p.stream,
@@ -1292,31 +813,15 @@ void run_fwd_fp32_tc(const FwdParams& p) {
 
 void run_bwd_fp32_tc(const BwdParams& p, const float* dsum) {
   const int d = p.d, dv = value_dim(p);
-  const int q_rows = query_cta_rows(d);
-  const int q_blocks = row_blocks_of(p.sq, q_rows), k_blocks = row_blocks_of(p.sk);
+  const int q_blocks = row_blocks_of(p.sq), k_blocks = row_blocks_of(p.sk);
   const auto smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages); };
-  const auto dq_smem_of = [&](int stages) { return bwd_tc_smem_bytes(d, dv, stages, q_rows); };
-  const auto split_smem_of = [&](int stages) {
-    return bwd_tc_smem_bytes(d, dv, stages, kSplitCtaRows) + sizeof(float) * kHandoverFloats;
-  };
-  const int split_q_blocks = row_blocks_of(p.sq, kSplitCtaRows), split_blocks = row_blocks_of(p.sk, kSplitCtaRows);
   by_width<false>(d, [&](auto tiles) {
-    constexpr int kTiles = decltype(tiles)::value;
-    if constexpr (kDqSplit)  // (in this generic lambda the other kernel is not even instantiated)
-      launch_pipelined(bwd_dq_split_tc_kernel<kTiles>, int64_t{p.b} * p.hq * split_q_blocks, split_smem_of, p.stream,
-                       "bwd_dq_split_tc_kernel", p, dsum, split_q_blocks);
-    else
-      launch_pipelined(bwd_dq_tc_kernel<kTiles>, int64_t{p.b} * p.hq * q_blocks, dq_smem_of, p.stream,
-                       "bwd_dq_tc_kernel", p, dsum, q_blocks);
+    launch_pipelined(bwd_dq_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hq * q_blocks, smem_of, p.stream,
+                     "bwd_dq_tc_kernel", p, dsum, q_blocks);
   });
   by_width<false>(d > dv ? d : dv, [&](auto tiles) {
-    constexpr int kTiles = decltype(tiles)::value;
-    if constexpr (kDkdvSplit)
-      launch_pipelined(bwd_dkdv_split_tc_kernel<kTiles>, int64_t{p.b} * p.hkv * split_blocks, split_smem_of, p.stream,
-                       "bwd_dkdv_split_tc_kernel", p, dsum, split_blocks);
-    else
-      launch_pipelined(bwd_dkdv_tc_kernel<kTiles>, int64_t{p.b} * p.hkv * k_blocks, smem_of, p.stream,
-                       "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
+    launch_pipelined(bwd_dkdv_tc_kernel<decltype(tiles)::value>, int64_t{p.b} * p.hkv * k_blocks, smem_of, p.stream,
+                     "bwd_dkdv_tc_kernel", p, dsum, k_blocks);
   });
 }
 
