@@ -17,7 +17,7 @@ import torch
 
 from . import _ops
 from .paged_varlen import (attend_decode_form, check_paged_blocks, check_paged_shapes, decode_form_applies,
-                           gather_paged_kv)
+                           gather_paged_kv, keys_from_zero)
 
 _Tensor = torch.Tensor
 _FWD = _ops._FWD  # torch.ops.orchard.flash_attn_forward.default, without the packet lookups
@@ -44,6 +44,16 @@ class OrchardShapeError(ValueError, RuntimeError):
 def _check_float(name: str, op: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_optional_tensor(op: str, name: str, t) -> None:
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def _check_dropout(op: str, dropout_p) -> None:
+    if not 0.0 <= dropout_p < 1.0:  # (NaN fails it too)
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def _check_window(op: str, window_size) -> tuple[int, int]:
@@ -104,9 +114,11 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         layout = "(batch, seqlen, nheads, headdim)" if varlen is None else "(total, nheads, headdim)"
         raise ValueError(f"{op}: q, k, v must be {rank}-D {layout}; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout(op, dropout_p)
     plain = window_size == (-1, -1) and not softcap and alibi_slopes is None and sink is None
+    if not plain:
+        _check_optional_tensor(op, "alibi_slopes", alibi_slopes)
+        _check_optional_tensor(op, "sink", sink)
     left, right = (-1, -1) if plain or window_size is None else _check_window(op, window_size)
     softcap = 0.0 if plain else _check_softcap(op, softcap)
     if varlen is None:
@@ -261,10 +273,17 @@ def flash_attn_varlen_func(
         max_seqlen_q, max_seqlen_k) indexed by rows local to each sequence.
     """
     op = "orchard.flash_attn_varlen_func"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, op, t)
+    _check_optional_tensor(op, "alibi_slopes", alibi_slopes)
+    _check_dropout(op, dropout_p)
     if block_table is not None:
         if not isinstance(cu_seqlens_k, _Tensor):
             raise TypeError(f"{op}: cu_seqlens_k must be a torch.Tensor, got {type(cu_seqlens_k).__name__}")
         check_paged_shapes(op, q, k, v, block_table, cu_seqlens_k.numel() - 1)
+        # Paged keys are each sequence's cache positions [0, length): only the differences of
+        # cu_seqlens_k count, as in flash-attn, so a first offset above 0 is moved to 0.
+        cu_seqlens_k = keys_from_zero(cu_seqlens_k)
         # cu_seqlens_k's last offset is bounded by the pool the table can name, not a packed tensor.
         capacity = block_table.shape[0] * block_table.shape[1] * k.shape[1]
         _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, capacity, int(max_seqlen_k), q.device)
@@ -392,6 +411,7 @@ def scaled_dot_product_attention(
     if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
         for name, t in (("query", query), ("key", key), ("value", value)):
             _check_float(name, op, t)
+    _check_optional_tensor(op, "sink", sink)
     ndim = query.dim()
     if ndim < 3 or key.dim() != ndim or value.dim() != ndim:
         raise OrchardShapeError(f"{op}: query, key, value must have the same rank >= 3 "
@@ -427,7 +447,7 @@ def scaled_dot_product_attention(
         if not enable_gqa:
             raise OrchardShapeError(f"{op}: query has {hq} heads but key/value have {hkv}; pass "
                                     f"enable_gqa=True for grouped-query attention")
-        if hq % hkv != 0:
+        if hkv == 0 or hq % hkv != 0:
             raise OrchardShapeError(f"{op}: number of heads in key and value ({hkv}) must divide "
                                     f"the number of heads in query ({hq})")
 

@@ -86,6 +86,24 @@ def _stable_op_serves(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
             and not _is_compiling() and not _ops._dispatch_modes() and not _ops._function_modes())
 
 
+_TENSOR_ARGUMENTS = ("q", "k_cache", "v_cache", "k", "v", "rotary_cos", "rotary_sin", "cache_seqlens",
+                     "cache_batch_idx", "cache_leftpad", "block_table", "alibi_slopes")
+
+
+def _check_tensor_arguments(tensors) -> None:
+    """What the C++ op's fast path leaves to the dispatcher: every argument a tensor (or None where
+    optional), all on q's device (a meta tensor among CPU ones would reach no kernel). Run off
+    that path, and when it fails, so that the error names the argument."""
+    for i, (name, t) in enumerate(zip(_TENSOR_ARGUMENTS, tensors)):
+        if not isinstance(t, _Tensor) and (i < 3 or t is not None):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor{' or None' if i >= 3 else ''}, "
+                            f"got {type(t).__name__}")
+    device = tensors[0].device
+    for name, t in zip(_TENSOR_ARGUMENTS[1:], tensors[1:]):
+        if t is not None and t.device != device:
+            raise _err(f"{name} is on {t.device} but q is on {device}")
+
+
 def _cuda_layout_traceable(t) -> bool:
     """While torch.compile traces, what the CUDA kernels' NotImplementedError would say at run
     time (16-byte aligned cache rows; kvcache.cpp): a traced call has no fallback to take then.
@@ -108,7 +126,7 @@ def serves_in_place(q, k, v, dropout_p: float, sink) -> bool:
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return False  # the caller's own path names the problem
     d = q.shape[-1]
-    if k.shape[-1] != d or v.shape[-1] != d or d % 8 or d > 256 or q.shape[-2] % k.shape[-2]:
+    if k.shape[-1] != d or v.shape[-1] != d or d % 8 or d > 256 or not k.shape[-2] or q.shape[-2] % k.shape[-2]:
         return False
     if _is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
@@ -210,19 +228,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if _is_grad_enabled() and _ops._any_requires_grad(q, k_cache, v_cache, k, v):
         raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
                            "pass tensors that do not require grad")
-    if isinstance(cache_seqlens, int):
+    if isinstance(cache_seqlens, int) and isinstance(q, _Tensor) and isinstance(k_cache, _Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=k_cache.device)
-    if q.dim() != 4:
+    if isinstance(q, _Tensor) and q.dim() != 4:
         raise _err(f"q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")
     if block_table is not None and cache_batch_idx is not None:
         raise _err("cache_batch_idx is not supported with a paged cache (block_table)")
-    wl, wr = window_size
+    try:
+        wl, wr = (-1, -1) if window_size is None else window_size  # (None: unbounded, as flash_attn_func)
+    except (TypeError, ValueError):
+        raise _err(f"window_size must be a pair (left, right), got {window_size!r}") from None
     tensors = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                block_table, alibi_slopes)
     if _stable_op_serves(*tensors):  # the eager call (not while torch.compile traces)
-        out, lse = _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits,
-                                return_softmax_lse)
-    elif q.device.type not in ("cpu", "cuda"):
+        try:
+            out, lse = _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved,
+                                    num_splits, return_softmax_lse)
+        except RuntimeError:
+            _check_tensor_arguments(tensors)  # name a device mismatch torch's dispatcher reported
+            raise
+        return (out, lse) if return_softmax_lse else out
+    _check_tensor_arguments(tensors)
+    if q.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(f"{OP}: the KV-cache decode runs on the CPU and CUDA backends, not on "
                                   f"{q.device.type} (the Metal backend has no decode kernel)")
     elif _is_compiling():

@@ -92,6 +92,19 @@ def check_paged_blocks(op: str, k_cache, block_table, cu_seqlens_k) -> None:
                          f"cache's {num_blocks} blocks")
 
 
+def keys_from_zero(cu_seqlens_k):
+    """cu_seqlens_k starting at 0: a paged sequence's keys are its cache positions [0, length), so
+    only the differences count (flash-attn reads them so too). The tensor itself where it already
+    starts at 0; a shifted copy (one small op, no host read) where the values cannot be read
+    (CUDA graph capture, torch.compile). Left as is where the checks after it will refuse it."""
+    if not isinstance(cu_seqlens_k, torch.Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() == 0 \
+            or cu_seqlens_k.is_meta:
+        return cu_seqlens_k
+    if host_values_readable(cu_seqlens_k) and int(cu_seqlens_k[0]) == 0:
+        return cu_seqlens_k
+    return cu_seqlens_k - cu_seqlens_k[:1]
+
+
 def _key_rows(cu_seqlens_k, rows: int, page: int):
     """(sequence, block column, cache position) of packed key rows [0, rows)."""
     batch = cu_seqlens_k.numel() - 1

@@ -260,6 +260,13 @@ DecodeShape validate(const DecodeArgs& a) {
     c.device(a.v, "v", dev);
     c.last_contiguous(a.k, "k");
     c.last_contiguous(a.v, "v");
+    // The append writes the caches: in a view whose entries share memory (expand), the batch
+    // entries' new rows would overwrite each other.
+    for (const auto* t : {&a.k_cache, &a.v_cache})
+      if (self_overlapping(*t))
+        c.bad(std::string(t == &a.k_cache ? "k_cache" : "v_cache") + " " + Checker::shape(*t) +
+              " has overlapping memory (zero or overlapping strides), and the new k / v are written into it: "
+              "pass a cache whose entries do not share memory");
     if (s.s_new > s.capacity)
       c.bad("new k has " + std::to_string(s.s_new) + " rows, longer than the cache (" + std::to_string(s.capacity) +
             " rows)");

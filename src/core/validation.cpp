@@ -18,6 +18,20 @@ DType lse_dtype_for(DType dtype) { return dtype == DType::kFloat64 ? DType::kFlo
 
 bool runs_on_cuda(DeviceType t) { return t == DeviceType::kCUDA || t == DeviceType::kCUDAManaged; }
 
+bool self_overlapping(const TensorView& v) {
+  if (v.numel() == 0) return false;
+  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (|stride|, size)
+  for (int i = 0; i < v.ndim; ++i)
+    if (v.shape[i] > 1) dims.emplace_back(std::llabs(v.strides[i]), v.shape[i]);
+  std::sort(dims.begin(), dims.end());
+  std::int64_t extent = 1;  // elements spanned by the inner dims
+  for (const auto& [stride, size] : dims) {
+    if (stride < extent) return true;
+    extent = stride * (size - 1) + extent;
+  }
+  return false;
+}
+
 namespace {
 
 struct Named {
@@ -69,21 +83,6 @@ bool ranges_overlap(const TensorView& a, const TensorView& b) {
   return alo < bhi && blo < ahi;
 }
 
-// True if two distinct indices of the view can address the same element
-// (zero strides, or strides too small for the dims inside them).
-bool self_overlapping(const TensorView& v) {
-  if (v.numel() == 0) return false;
-  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (|stride|, size)
-  for (int i = 0; i < v.ndim; ++i)
-    if (v.shape[i] > 1) dims.emplace_back(std::llabs(v.strides[i]), v.shape[i]);
-  std::sort(dims.begin(), dims.end());
-  std::int64_t extent = 1;  // elements spanned by the inner dims
-  for (const auto& [stride, size] : dims) {
-    if (stride < extent) return true;
-    extent = stride * (size - 1) + extent;
-  }
-  return false;
-}
 
 class Checker {
  public:

@@ -43,6 +43,10 @@ ProblemShape validate_backward(const BackwardArgs& args);
 // kinds (device, managed) on CUDA.
 bool runs_on_cuda(DeviceType type);
 
+// True if two distinct indices of the view can address the same element (zero strides, or
+// strides too small for the dims inside them): not a view a kernel may write.
+bool self_overlapping(const TensorView& v);
+
 // The element type the LSE tensor must have for inputs of `dtype`.
 DType lse_dtype_for(DType dtype);
 

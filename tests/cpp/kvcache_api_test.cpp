@@ -149,6 +149,12 @@ TEST(KvcacheApi, BadInputThrowsBeforeWriting) {
     a.out.shape[2] = 3;
     expect_error(c, a, "head count mismatch");
   }
+  {
+    Case c;  // the append would write each page's rows through two page ids (stride 0)
+    orchard::DecodeArgs a = c.args();
+    a.k_cache.strides[0] = 0;
+    expect_error(c, a, "k_cache (9, 16, 2, 16) has overlapping memory");
+  }
 }
 
 }  // namespace
