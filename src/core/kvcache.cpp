@@ -260,8 +260,11 @@ DecodeShape validate(const DecodeArgs& a) {
     c.device(a.v, "v", dev);
     c.last_contiguous(a.k, "k");
     c.last_contiguous(a.v, "v");
-    // The append writes the caches: in a view whose entries share memory (expand), the batch
-    // entries' new rows would overwrite each other.
+    // The append writes the caches: one cache passed as both, or a view whose entries share memory
+    // (expand), would have the new rows overwrite each other.
+    if (a.k_cache.data == a.v_cache.data)
+      c.bad("k_cache and v_cache are the same memory, and the new k and v are both written into it: "
+            "pass two caches");
     for (const auto* t : {&a.k_cache, &a.v_cache})
       if (self_overlapping(*t))
         c.bad(std::string(t == &a.k_cache ? "k_cache" : "v_cache") + " " + Checker::shape(*t) +

@@ -332,7 +332,8 @@ ProblemShape check_common(const std::string& op, const TensorView& q, const Tens
     if (!ok_dtype)
       fail(ErrorKind::kInvalidArgument, op,
            std::string("attn_mask must be bool, ") + dtype_name(p.dtype) +
-               (p.dtype != DType::kFloat64 ? " or float32" : "") + ", got " + dtype_name(bt));
+               (p.dtype != DType::kFloat64 && p.dtype != DType::kFloat32 ? " or float32" : "") + ", got " +
+               dtype_name(bt));
     c.same_device(m, q_named);
     const std::int64_t want[4] = {p.b, p.hq, p.sq, p.sk};
     for (int i = 0; i < 4; ++i)

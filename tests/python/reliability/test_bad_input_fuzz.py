@@ -915,3 +915,15 @@ def test_kvcache_append_into_self_overlapping_cache_is_refused():
     _expect_rejected(lambda: orchard.flash_attn_with_kvcache(
         q, cache, cache.clone(), k=k_new, v=k_new, cache_seqlens=torch.tensor([3, 3], dtype=torch.int32)),
         API["kvcache"][0])
+
+
+def test_kvcache_append_into_one_cache_passed_twice_is_refused():
+    q, k_new, v_new = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    cache = torch.randn(2, 32, 2, 16)
+    before = cache.clone()
+    _expect_rejected(lambda: orchard.flash_attn_with_kvcache(
+        q, cache, cache, k=k_new, v=v_new, cache_seqlens=torch.tensor([3, 3], dtype=torch.int32)),
+        API["kvcache"][0])
+    assert torch.equal(cache, before)
+    with torch.no_grad():  # without an append, one tensor as both caches is a read: fine
+        orchard.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=torch.tensor([3, 3], dtype=torch.int32))

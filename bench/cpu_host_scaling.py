@@ -3,27 +3,16 @@ SDPA in one process (issue #15's probe of the GPU machine's 16-core host; bench/
 
 Each line: the min of 15 calls, best of two repeats (the worse repeat in parentheses, to show the
 host's noise). Usage on the host, after a package build (dev/gpu_session.sh):
-    bash dev/gpu_session.sh "py:dev/cpu_host_scaling.py"
+    bash dev/gpu_session.sh "py:bench/cpu_host_scaling.py"
 """
-import time
-
 import torch
 
 import orchard
+from cpu_mask_bench import best_ms  # bench/ is the script's directory
 
 THREADS = (16, 15, 14, 12, 8)
 # (heads, seq, head dim, dtype): the forward points short of 1.5x in [C22] / [C47].
 POINTS = [(4, 2048, 128, torch.float32), (8, 512, 128, torch.bfloat16), (8, 512, 64, torch.float32)]
-
-
-def best_ms(fn, calls=15):
-    fn()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
 
 
 def main():
@@ -34,8 +23,8 @@ def main():
         for n in THREADS:
             torch.set_num_threads(n)
             with torch.no_grad():
-                ours = [best_ms(lambda: orchard.flash_attn_func(q, k, v)) for _ in range(2)]
-                theirs = [best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))
+                ours = [best_ms(lambda: orchard.flash_attn_func(q, k, v), 15) for _ in range(2)]
+                theirs = [best_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), 15)
                           for _ in range(2)]
             print(f"h{h} s{s} d{d} {str(dtype)[6:]} threads {n}: orchard {min(ours):.3f} ({max(ours):.3f}) "
                   f"torch {min(theirs):.3f} ({max(theirs):.3f}) ratio {min(theirs) / min(ours):.2f}", flush=True)
