@@ -438,13 +438,14 @@ def d_cu_shape(draw, c):
 
 
 def d_cu_total(draw, c):
-    """The last offset past the packed rows (paged: past what the table names); max_seqlen raised
-    with it, so that only the total is wrong."""
+    """The last offset past the packed rows (paged: the keys, counted from cu_seqlens_k[0], past
+    what the table names, so the last sequence overflows its row); max_seqlen raised with it, so
+    that only the total is wrong."""
     name = _cu_name(draw)
     vals = c.kw[name].tolist()
     rows = c.kw["q" if name == "cu_seqlens_q" else "k"].shape[0]
     if c.info["page"] and name == "cu_seqlens_k":
-        rows = c.kw["block_table"].shape[1] * c.info["page"] * c.b
+        rows = vals[0] + c.kw["block_table"].shape[1] * c.info["page"] * c.b
     vals[-1] = rows + draw(st.integers(1, 5))
     return {name: _int32(c, vals), name.replace("cu_seqlens", "max_seqlen"): vals[-1] - vals[0]}, ValueError
 
