@@ -252,9 +252,14 @@ void forward_impl(const FwdParams& p) {
     geo.kt_panel = bf16_b_panel(geo.bn);
     geo.v_panel = bf16_b_panel(geo.dvp);
   }
+  // Keys that fit one kBlockN tile: the wider AVX-512 fp32 tile would be half padding.
+  if (!geo.bf16 && geo.bn > kBlockN && p.sk <= kBlockN && g_fp32_fwd_block_n == 0) geo.bn = kBlockN;
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t nthreads = cpu_threads();
+  // Fewer row blocks than threads (a tiny call: b1 h1 s64 on 2 threads has one): kFp32SmallBlockM-row
+  // tasks, so that more threads take part.
+  if (!geo.bf16 && npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < nthreads) geo.bm = kFp32SmallBlockM;
   // Few tasks for the threads (b1 h8 s512 on 16 threads: 32 of 128 rows):
   // 64-row tasks. The tile A/B on the 16-core AMX host (bench/RESULTS.md,
   // orchard alone) had 64 x 256 at 0.42 / 0.64 ms vs 128 x 256 at 0.45 / 0.67
