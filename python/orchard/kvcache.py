@@ -133,6 +133,12 @@ def serves_in_place(q, k, v, dropout_p: float, sink) -> bool:
     return not (_is_compiling() and q.is_cuda) or (_cuda_layout_traceable(k) and _cuda_layout_traceable(v))
 
 
+def _splits(num_splits) -> int:
+    """num_splits as the kernels' int: a count past int32 means "as many as there are" (the plan clamps
+    it to the key tiles), one below -1 stays negative (refused by the C++ checks)."""
+    return max(-1, min(int(num_splits), 2**31 - 1))
+
+
 def _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, return_lse):
     """(out, lse or None) from the C++ op, which allocates out / lse / scratch and launches.
     tensors: flash_attn_with_kvcache's twelve tensor arguments, in its order."""
@@ -140,7 +146,7 @@ def _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interle
     try:
         out, lse, last_num_splits = _ops._SKVCACHE_CALL(
             *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
-            float(softcap), bool(rotary_interleaved), int(num_splits), bool(return_lse),
+            float(softcap), bool(rotary_interleaved), _splits(num_splits), bool(return_lse),
             bool(CHECK_DEVICE_INDICES), OP)
     except RuntimeError as e:
         raise _ops._stable_error(e) from None
@@ -162,7 +168,7 @@ def _dlpack_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interle
         args = _export(*tensors, out, lse)
         global last_num_splits
         last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr), float(softcap),
-                                             bool(rotary_interleaved), int(num_splits), bool(CHECK_DEVICE_INDICES),
+                                             bool(rotary_interleaved), _splits(num_splits), bool(CHECK_DEVICE_INDICES),
                                              stream, alloc, OP)[0]
 
     _launch_on_device_of(q, launch)
@@ -229,6 +235,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise RuntimeError(f"{OP}: forward only (no autograd); call it under torch.no_grad() or "
                            "pass tensors that do not require grad")
     if isinstance(cache_seqlens, int) and isinstance(q, _Tensor) and isinstance(k_cache, _Tensor):
+        if not -2**31 <= cache_seqlens < 2**31:  # (the C++ checks say what a negative one means)
+            raise _err(f"cache_seqlens {cache_seqlens} does not fit int32")
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=k_cache.device)
     if isinstance(q, _Tensor) and q.dim() != 4:
         raise _err(f"q must be (batch, seqlen, nheads, headdim), got shape {tuple(q.shape)}")

@@ -928,3 +928,16 @@ def test_kvcache_append_into_one_cache_passed_twice_is_refused():
     assert torch.equal(cache, before)
     with torch.no_grad():  # without an append, one tensor as both caches is a read: fine
         orchard.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=torch.tensor([3, 3], dtype=torch.int32))
+
+
+def test_kvcache_integer_arguments_past_int32():
+    """num_splits past int32 means as many splits as there are keys (the plan clamps it); an int
+    cache_seqlens past int32 is refused with the op's prefix."""
+    q, cache = torch.randn(1, 1, 2, 16), torch.randn(1, 64, 2, 16)
+    with torch.no_grad():
+        want = orchard.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=40, num_splits=64)
+        for n in (2**31, 2**32, 2**40):
+            got = orchard.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=40, num_splits=n)
+            assert torch.equal(got, want), n
+    _expect_rejected(lambda: orchard.flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=2**31),
+                     API["kvcache"][0])
