@@ -267,18 +267,30 @@ def _check_rank(q, k, v, op, rank=4):
             raise ValueError(f"{op}: {name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
 
 
+def check_tensor(op, name, t, optional=False):
+    """A TypeError naming the argument unless t is a tensor (or None, where optional)."""
+    if not isinstance(t, torch.Tensor) and not (optional and t is None):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                        f"got {type(t).__name__}")
+
+
+def check_one_device(op, named):
+    """A ValueError unless every tensor of the (name, tensor or None) pairs is on the first's (q's)
+    device. The kernels check devices themselves; this serves the calls that never reach them: a
+    meta tensor among real ones sends a call to the fake kernels (the dispatcher picks the Meta
+    kernel), which would hand back uninitialized memory."""
+    (_, q), *rest = named
+    for name, t in rest:
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+
+
 _FEATURE_TENSORS = ((3, "alibi_slopes"), (4, "sink"), (5, "attn_mask"), (6, "cu_seqlens_q"), (7, "cu_seqlens_k"))
 
 
-def _check_one_device(op, features, **tensors):
-    """The fake kernels' device check. A meta tensor among real ones sends the call to them (the
-    dispatcher picks the Meta kernel), which would hand back uninitialized memory: refuse it, as
-    the kernels refuse any argument that is not on q's device."""
-    device = tensors["q"].device
-    named = [*tensors.items(), *((name, features[i]) for i, name in _FEATURE_TENSORS)]
-    for name, t in named:
-        if isinstance(t, torch.Tensor) and t.device != device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}")
+def _fake_device_check(op, features, **tensors):
+    """check_one_device over a fake kernel's tensors, q first, and its feature tensors."""
+    check_one_device(op, [*tensors.items(), *((name, features[i]) for i, name in _FEATURE_TENSORS)])
 
 
 def _full_features(features):
@@ -378,7 +390,7 @@ def _forward_fake(q, k, v, softmax_scale, causal, causal_top_left, dropout_p, se
     features = _full_features(features)
     cu_q, max_q, max_k = features[6], features[8], features[9]
     _check_rank(q, k, v, op_name, 4 if cu_q is None else 3)
-    _check_one_device(op_name, features, q=q, k=k, v=v)
+    _fake_device_check(op_name, features, q=q, k=k, v=v)
     return _alloc_forward(q, k, v, return_mask, cu_q, max_q, max_k)
 
 
@@ -441,7 +453,7 @@ def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, opts, stream, op_name, rn
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, causal_top_left, dropout_p,
                    seed, offset, deterministic, op_name="orchard.flash_attn", rng_state=None,
                    *features):
-    _check_one_device(op_name, _full_features(features), q=q, k=k, v=v, dout=dout, out=out, lse=lse)
+    _fake_device_check(op_name, _full_features(features), q=q, k=k, v=v, dout=dout, out=out, lse=lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -776,8 +788,7 @@ def eager_ok(q, k, v) -> bool:
     or change the public op, and q, k, v are plain CPU or CUDA tensors (not negative
     views, when the DLPack kernels would serve them)."""
     return (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor
-            and (q.is_cuda or q.is_cpu) and not k.is_meta and not v.is_meta  # (meta: the public op refuses it)
-            and not _MPS_STAND_IN and not _is_compiling()
+            and (q.is_cuda or q.is_cpu) and not _MPS_STAND_IN and not _is_compiling()
             and not _dispatch_modes() and not _function_modes() and not _any_autocast()
             and not _functorch_active()  # vmap / grad transforms: the public op
             # DLPack exports a negative view's storage as stored: without the C++ op (whose
@@ -990,6 +1001,8 @@ def _aten_forward(q, k, v, softmax_scale, causal, causal_top_left, bhsd, attn_ma
     """out through the aten op (its C++ autograd node), or None when this call does not
     fit it (the caller then records the Function). attn_mask: the SDPA drop-in's rank-4
     view (bhsd calls only)."""
+    if k.is_meta or v.is_meta:
+        return None  # (torch's Meta kernel would answer; the Function's fake kernel refuses it)
     try:
         if bhsd:
             if causal and not causal_top_left and q.shape[2] != k.shape[2]:

@@ -41,16 +41,6 @@ class OrchardShapeError(ValueError, RuntimeError):
     RuntimeError, which is what torch's own SDPA raises for the same input."""
 
 
-def _check_float(name: str, op: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _check_optional_tensor(op: str, name: str, t) -> None:
-    if t is not None and not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-
-
 def _check_dropout(op: str, dropout_p) -> None:
     if not 0.0 <= dropout_p < 1.0:  # (NaN fails it too)
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
@@ -108,7 +98,7 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     cu_seqlens_k, max_seqlen_q, max_seqlen_k) or None."""
     if not (isinstance(q, _Tensor) and isinstance(k, _Tensor) and isinstance(v, _Tensor)):
         for name, t in (("q", q), ("k", k), ("v", v)):
-            _check_float(name, op, t)
+            _ops.check_tensor(op, name, t)
     rank = 4 if varlen is None else 3
     if q.dim() != rank or k.dim() != rank or v.dim() != rank:
         layout = "(batch, seqlen, nheads, headdim)" if varlen is None else "(total, nheads, headdim)"
@@ -117,8 +107,8 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     _check_dropout(op, dropout_p)
     plain = window_size == (-1, -1) and not softcap and alibi_slopes is None and sink is None
     if not plain:
-        _check_optional_tensor(op, "alibi_slopes", alibi_slopes)
-        _check_optional_tensor(op, "sink", sink)
+        _ops.check_tensor(op, "alibi_slopes", alibi_slopes, optional=True)
+        _ops.check_tensor(op, "sink", sink, optional=True)
     left, right = (-1, -1) if plain or window_size is None else _check_window(op, window_size)
     softcap = 0.0 if plain else _check_softcap(op, softcap)
     if varlen is None:
@@ -274,8 +264,8 @@ def flash_attn_varlen_func(
     """
     op = "orchard.flash_attn_varlen_func"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, op, t)
-    _check_optional_tensor(op, "alibi_slopes", alibi_slopes)
+        _ops.check_tensor(op, name, t)
+    _ops.check_tensor(op, "alibi_slopes", alibi_slopes, optional=True)
     _check_dropout(op, dropout_p)
     if block_table is not None:
         if not isinstance(cu_seqlens_k, _Tensor):
@@ -410,8 +400,8 @@ def scaled_dot_product_attention(
     op = "orchard.scaled_dot_product_attention"
     if not (isinstance(query, _Tensor) and isinstance(key, _Tensor) and isinstance(value, _Tensor)):
         for name, t in (("query", query), ("key", key), ("value", value)):
-            _check_float(name, op, t)
-    _check_optional_tensor(op, "sink", sink)
+            _ops.check_tensor(op, name, t)
+    _ops.check_tensor(op, "sink", sink, optional=True)
     ndim = query.dim()
     if ndim < 3 or key.dim() != ndim or value.dim() != ndim:
         raise OrchardShapeError(f"{op}: query, key, value must have the same rank >= 3 "

@@ -95,13 +95,8 @@ def _check_tensor_arguments(tensors) -> None:
     optional), all on q's device (a meta tensor among CPU ones would reach no kernel). Run off
     that path, and when it fails, so that the error names the argument."""
     for i, (name, t) in enumerate(zip(_TENSOR_ARGUMENTS, tensors)):
-        if not isinstance(t, _Tensor) and (i < 3 or t is not None):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor{' or None' if i >= 3 else ''}, "
-                            f"got {type(t).__name__}")
-    device = tensors[0].device
-    for name, t in zip(_TENSOR_ARGUMENTS[1:], tensors[1:]):
-        if t is not None and t.device != device:
-            raise _err(f"{name} is on {t.device} but q is on {device}")
+        _ops.check_tensor(OP, name, t, optional=i >= 3)  # (q and the caches are required)
+    _ops.check_one_device(OP, zip(_TENSOR_ARGUMENTS, tensors))
 
 
 def _cuda_layout_traceable(t) -> bool:

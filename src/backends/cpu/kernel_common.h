@@ -51,7 +51,7 @@ static_assert(kBlockN % 16 == 0, "column tiles must be a multiple of the GEMM N 
 // d128 0.885 / 0.932 / 0.935x of 64 (d between 64 and 128 not measured).
 // g_fp32_fwd_block_n, when set, is taken on any CPU (tests).
 inline constexpr int kFp32FwdBlockNAvx512 = 128, kFp32WideTileMaxD = 64;
-// Query rows per task of the fp32 / fp16 forward when kBlockM rows would give fewer tasks than
+// Query rows per task of the forward off the bf16 path (fp32, fp16, fp64) when kBlockM rows would give fewer tasks than
 // threads (forward.cpp). 2-core Zen 4, 2 threads, b1 h1 s64 d64 fp32, p10 of 3000 calls: 24.6 ->
 // 19.9 us (torch's SDPA 14.1); with the 64-column tile for keys <= kBlockN (rather than 128
 // columns half padding) 28.3 -> 19.9 us in all. Staging K / V on the calling thread instead of
