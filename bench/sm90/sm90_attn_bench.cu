@@ -350,7 +350,8 @@ int main(int argc, char** argv) {
     const int d = std::atoi(mode.c_str() + 1);
     const int h = fa_grid_heads(d);
     const Shape tile_checks[] = {{false, d, false, 2, 4, 2, 1000}, {true, d, false, 1, 4, 4, 777},
-                                 {false, d, true, 1, 4, 4, 1025}, {false, d, false, 1, h, h, 4096}};
+                                 {false, d, true, 1, 4, 4, 1025}, {false, d, false, 1, h, h, 4096},
+                                 {false, d, true, 1, 4, 2, 2200}};  // 192-row tiles: a WG of phantom rows
     std::vector<Shape> tile_grid;
     for (int sl : {1024, 2048, 4096, 8192, 16384}) tile_grid.push_back(fa_grid_shape(d, sl, false));
     tile_grid.push_back({true, d, false, 4, h, h, 4096});

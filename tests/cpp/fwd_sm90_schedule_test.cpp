@@ -85,35 +85,43 @@ TEST(FwdSm90Schedule, NotCausalKeepsTheHeadMajorStride) {
   ASSERT_EQ(fwd_sm90_next(false, 4, 132), 136);
 }
 
-// The per-WG causal skip (fwd_sm90_wg_hidden_tiles) against the mask itself: over tile shapes,
-// diagonal offsets (sq < sk, sq > sk), ragged key ends and windows' first key tiles, the count
-// is exactly the run of leading key tiles (from n_end - 1 down) in which no element of the WG's
-// 64 rows is visible, capped so that one tile runs; and no skipped tile holds a visible element.
+// The per-WG skip (fwd_sm90_wg_hidden_tiles) against the mask itself: over tile shapes, causal
+// and not, diagonal offsets (sq < sk, sq > sk), ragged key ends, windows' first key tiles and the
+// call's row count (rows past it are phantoms that see nothing), the count is exactly the run of
+// leading key tiles (from n_end - 1 down) in which no element of the WG's real rows is visible,
+// capped so that one tile runs; and no skipped tile holds a visible element.
 TEST(FwdSm90Schedule, WgHiddenTilesAreExactlyTheLeadingInvisibleOnes) {
-  for (int block_m : {128, 192})
-    for (int block_n : {64, 80, 96, 128, 192})
-      for (long long coff : {-500LL, -130LL, -64LL, -1LL, 0LL, 1LL, 63LL, 77LL, 300LL})
-        for (int sk : {1, 100, 777, 2048})
-          for (int m_block = 0; m_block < 12; ++m_block)
-            for (int n_begin : {0, 1, 3})
-              for (int wg = 0; wg < block_m / 64; ++wg) {
-                // The tile's key tiles as the kernel decodes them (fwd_sm90_tile, causal).
-                const long long last = static_cast<long long>(m_block) * block_m + block_m - 1 + coff + 1;
-                const int key_end = last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
-                const int n_end = (key_end + block_n - 1) / block_n;
-                if (n_begin >= n_end) continue;
-                auto visible = [&](int n) {  // some (row, key) of the WG's rows in key tile n
-                  for (int r = m_block * block_m + 64 * wg; r < m_block * block_m + 64 * wg + 64; ++r)
-                    for (int c = n * block_n; c < (n + 1) * block_n && c < sk; ++c)
-                      if (c <= r + coff) return true;
-                  return false;
-                };
-                int expect = 0;
-                while (expect < n_end - n_begin - 1 && !visible(n_end - 1 - expect)) ++expect;
-                const int got = fwd_sm90_wg_hidden_tiles(m_block, block_m, wg, block_n, coff, n_begin, n_end);
-                ASSERT_EQ(got, expect) << "block " << block_m << "x" << block_n << " coff " << coff << " sk " << sk
-                                       << " m " << m_block << " n [" << n_begin << ", " << n_end << ") wg " << wg;
-              }
+  constexpr long long kNoRowEnd = INT64_MAX;
+  for (bool causal : {true, false})
+    for (int block_m : {128, 192})
+      for (int block_n : {64, 80, 96, 128, 192})
+        for (long long coff : {-500LL, -130LL, -64LL, -1LL, 0LL, 1LL, 63LL, 77LL, 300LL})
+          for (int sk : {1, 100, 777, 2048})
+            for (long long rows_end : {kNoRowEnd, 1LL, 64LL, 100LL, 777LL, 1000LL, 1152LL})
+              for (int m_block = 0; m_block < 12; ++m_block)
+                for (int n_begin : {0, 1, 3})
+                  for (int wg = 0; wg < block_m / 64; ++wg) {
+                    // The tile's key tiles as the kernel decodes them (fwd_sm90_tile).
+                    const long long last = static_cast<long long>(m_block) * block_m + block_m - 1 + coff + 1;
+                    const int key_end = !causal ? sk : last < 0 ? 0 : (last < sk ? static_cast<int>(last) : sk);
+                    const int n_end = (key_end + block_n - 1) / block_n;
+                    if (n_begin >= n_end) continue;
+                    const long long r_lo = static_cast<long long>(m_block) * block_m + 64 * wg;
+                    const long long r_hi = r_lo + 64 < rows_end ? r_lo + 64 : rows_end;
+                    auto visible = [&](int n) {  // some (real row, key) of the WG's in key tile n
+                      for (long long r = r_lo; r < r_hi; ++r)
+                        for (int c = n * block_n; c < (n + 1) * block_n && c < sk; ++c)
+                          if (!causal || c <= r + coff) return true;
+                      return false;
+                    };
+                    int expect = 0;
+                    while (expect < n_end - n_begin - 1 && !visible(n_end - 1 - expect)) ++expect;
+                    const int got =
+                        fwd_sm90_wg_hidden_tiles(m_block, block_m, wg, block_n, causal, coff, rows_end, n_begin, n_end);
+                    ASSERT_EQ(got, expect) << (causal ? "causal " : "full ") << "block " << block_m << "x" << block_n
+                                           << " coff " << coff << " sk " << sk << " rows " << rows_end << " m "
+                                           << m_block << " n [" << n_begin << ", " << n_end << ") wg " << wg;
+                  }
 }
 
 }  // namespace

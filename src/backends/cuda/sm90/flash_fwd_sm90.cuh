@@ -269,6 +269,17 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 #ifndef ORCHARD_SM90_FWD_CAUSAL_WG_SKIP
 #define ORCHARD_SM90_FWD_CAUSAL_WG_SKIP 1
 #endif
+// Phantom rows: where the causal kernels' 192-row tiles (d64, d96: 3 consumer WGs) do not divide
+// sq, the last m block's WGs whose rows all lie past sq run one key tile instead of every one, and
+// rows past sq no longer count for a WG's diagonal (the per-WG skip above).  At sq = 2k (4k) one
+// (two) of the last block's three WGs ran all its key tiles for rows never stored, ~6 % of the
+// GEMMs, yet alone the real WG is latency-bound, so the time saved is less.  H100, session 51
+// (ab_fwd.sh, medians of 3 alternating rounds): d64 causal s2k / 4k / 8k / 16k +3.0 / +0.5 / +1.9 /
+// +0.7 %, d96 +0.9 / +1.4 / +1.7 / +7.7 %; in the non-causal 3-WG kernels 0.99-1.007x (d96 s2k /
+// s4k 0.990 / 0.991 at 1-2 % spreads): not there.  An A/B switch: 1 on, 0 off.
+#ifndef ORCHARD_SM90_FWD_PHANTOM_WG_SKIP
+#define ORCHARD_SM90_FWD_PHANTOM_WG_SKIP 1
+#endif
 template <int kD, int kBN, bool kCausal>
 inline constexpr bool kFwdSm90CrossTile =
     ORCHARD_SM90_FWD_CROSS_TILE >= 0
@@ -672,7 +683,12 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // ORCHARD_SM90_FWD_CAUSAL_WG_SKIP where the tile shape lets it pay at sq == sk: with as many
     // keys per tile as rows (d64's 2-WG and d128's 128-key tiles) no WG's rows end a key tile
     // early (H200, session 36: 0.97-1.01x there, noise).
-    constexpr bool kWgSkip = ORCHARD_SM90_FWD_CAUSAL_WG_SKIP && kCausal && !kCross && kBM != kBN;
+    constexpr bool kDiagSkip = ORCHARD_SM90_FWD_CAUSAL_WG_SKIP && kCausal && !kCross && kBM != kBN;
+    constexpr bool kOInV = Cfg::kOInVStage && kOverlap && !kCross;
+    // ORCHARD_SM90_FWD_PHANTOM_WG_SKIP: in the causal 3-WG kernels a WG whose rows all lie past sq
+    // runs one key tile, not all of them.
+    constexpr bool kPhantomSkip = ORCHARD_SM90_FWD_PHANTOM_WG_SKIP && kDiagSkip && kWG == 3;
+    constexpr bool kWgSkip = kDiagSkip || kPhantomSkip;
     // Scores of key tile n of query tile `tile` (first query row m0, this thread's row0): the
     // feature path or the plain path's mask on tiles crossing the key end or the diagonal.
     // Varlen's segment form: the segment of a thread's first row, looked up once per query tile
@@ -686,7 +702,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       auto needs_mask = [&](int n) {
         const int n0 = n * kBN;
         // The first row whose diagonal counts: this WG's (per-WG masks) or the CTA tile's.
-        const int64_t r0 = kWgSkip ? m0 + 64 * wg : m0;
+        const int64_t r0 = kDiagSkip ? m0 + 64 * wg : m0;
         return n0 + kBN > sk || (kCausal && static_cast<int64_t>(n0) + kBN - 1 > r0 + coff);
       };
       if (has_feat) {
@@ -726,11 +742,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         }
       }
     };
-    constexpr bool kOInV = Cfg::kOInVStage && kOverlap && !kCross;
     // kOInV holds the previous tile's last V stage until this tile's first QK^T: a WG that skipped
     // two key tiles would wait for that stage's refill first (a hang).  WG 0 hides at most
     // ceil((kBM - 64) / kBN) tiles, so one here.
-    static_assert(!(kWgSkip && kOInV) || kBM - 64 <= kBN, "sm90 forward: per-WG skip of more than one tile with O in V");
+    static_assert(!(kDiagSkip && kOInV) || kBM - 64 <= kBN, "sm90 forward: per-WG skip of more than one tile with O in V");
     // kOInV: this CTA's previous tile left its O in a V stage (the stage of key tile kv_cnt - 1)
     // that still has to go back to the producer once the TMA stores have read it.
     bool o_pending = false;
@@ -760,7 +775,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       // (keys past its last row's diagonal); one tile is always kept, so a WG whose rows see no
       // key at all runs the masked path as before (O 0, LSE -inf).
       int wg_skip = 0;
-      if constexpr (kWgSkip) wg_skip = fwd_sm90_wg_hidden_tiles(tl.m_block, kBM, wg, kBN, coff, tl.n_begin, tl.n_end);
+      if constexpr (kWgSkip)
+        wg_skip = fwd_sm90_wg_hidden_tiles(tl.m_block, kBM, wg, kBN, kDiagSkip, coff,
+                                           kPhantomSkip ? p.sq : INT64_MAX, tl.n_begin, tl.n_end);
       const int n_tiles = tl.n_end - tl.n_begin - wg_skip, n_end = tl.n_end - wg_skip;
       // (b, h) are recomputed where needed (ALiBi, the epilogue) rather than kept live
       // across the key loop (registers: the 192-key d128 tile spilled).

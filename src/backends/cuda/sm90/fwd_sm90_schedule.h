@@ -79,18 +79,27 @@ ORCHARD_HOST_DEVICE int fwd_sm90_next(bool paired, int idx, int grid) {
   return (idx & 1) == 0 ? idx + 1 : idx - 1 + 2 * grid;
 }
 
-// Causal, per consumer WG (flash_fwd_sm90.cuh, ORCHARD_SM90_FWD_CAUSAL_WG_SKIP): how many of a
-// tile's leading key tiles (its key loop runs from n_end - 1 down) no row of WG wg (rows
-// m_block * block_m + 64 wg .. + 63) can see, i.e. whose first key lies past the WG's last row's
-// diagonal (key <= row + causal_offset).  At most n_end - n_begin - 1: one tile always runs, so a
-// WG that sees no key at all takes the masked path (O 0, LSE -inf).
-ORCHARD_HOST_DEVICE int fwd_sm90_wg_hidden_tiles(int m_block, int block_m, int wg, int block_n, long long causal_offset,
-                                                 int n_begin, int n_end) {
-  const long long last_key = static_cast<long long>(m_block) * block_m + 64 * wg + 63 + causal_offset;
+// Per consumer WG (flash_fwd_sm90.cuh, kWgSkip): how many of a tile's leading key tiles (its key
+// loop runs from n_end - 1 down) no row of WG wg (rows m_block * block_m + 64 wg .. + 63, those
+// below rows_end) can see.  Rows at or past rows_end (the call's query rows) are phantoms: their
+// output is never stored, so a WG made of them sees nothing (the last m block of a 192-row tile
+// when 192 does not divide sq: at sq = 2k / 4k one / two of its three WGs ran every key tile).
+// Causal: also the key tiles whose first key lies past the WG's last real row's diagonal
+// (key <= row + causal_offset).  At most n_end - n_begin - 1: one tile always runs, so a WG that
+// sees no key at all takes the masked path (O 0, LSE -inf).
+ORCHARD_HOST_DEVICE int fwd_sm90_wg_hidden_tiles(int m_block, int block_m, int wg, int block_n, bool causal,
+                                                 long long causal_offset, long long rows_end, int n_begin,
+                                                 int n_end) {
+  const int most = n_end - n_begin - 1;
+  if (most <= 0) return 0;
+  const long long first_row = static_cast<long long>(m_block) * block_m + 64 * wg;
+  if (first_row >= rows_end) return most;
+  if (!causal) return 0;
+  const long long last_row = first_row + 63 < rows_end ? first_row + 63 : rows_end - 1;
+  const long long last_key = last_row + causal_offset;
   const int first_hidden = last_key < 0 ? n_begin : static_cast<int>(last_key / block_n) + 1;
   const int hidden = n_end - (first_hidden > n_begin ? first_hidden : n_begin);
-  const int most = n_end - n_begin - 1;
-  return hidden <= 0 || most <= 0 ? 0 : (hidden < most ? hidden : most);
+  return hidden <= 0 ? 0 : (hidden < most ? hidden : most);
 }
 
 }  // namespace orchard::sm90
