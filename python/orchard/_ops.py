@@ -61,6 +61,19 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
+def resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
+    """softmax_scale as a float (None: 1 / sqrt(head_dim)); a value that is no number raises the op's
+    error instead of float()'s (the C++ checks refuse non-positive and non-finite ones)."""
+    if softmax_scale is None:
+        return default_scale(head_dim)
+    try:
+        return float(softmax_scale)
+    except TypeError:
+        raise TypeError(f"{op}: softmax_scale must be a number or None, got {type(softmax_scale).__name__}") from None
+    except ValueError:
+        raise ValueError(f"{op}: softmax_scale must be a number or None, got {softmax_scale!r}") from None
+
+
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 

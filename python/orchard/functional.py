@@ -42,8 +42,12 @@ class OrchardShapeError(ValueError, RuntimeError):
 
 
 def _check_dropout(op: str, dropout_p) -> None:
-    if not 0.0 <= dropout_p < 1.0:  # (NaN fails it too)
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    try:
+        if 0.0 <= dropout_p < 1.0:  # (NaN fails it)
+            return
+    except TypeError:
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}") from None
+    raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def _check_window(op: str, window_size) -> tuple[int, int]:
@@ -55,7 +59,18 @@ def _check_window(op: str, window_size) -> tuple[int, int]:
     if left < -1 or right < -1:
         raise ValueError(f"{op}: window_size values must be >= -1 (-1 = unbounded), got "
                          f"({left}, {right})")
-    return left, right
+    # A bound past 2^63 - 1 (the kernels' int64) lies past every length: it means what 2^63 - 1 means.
+    return min(left, 2**63 - 1), min(right, 2**63 - 1)
+
+
+def _check_max_seqlen(op: str, name: str, value) -> int:
+    try:
+        value = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}") from None
+    if not 0 <= value <= 2**31 - 1:
+        raise ValueError(f"{op}: {name} must be in [0, 2^31 - 1], got {value}")
+    return value
 
 
 def _check_softcap(op: str, softcap) -> float:
@@ -115,7 +130,7 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         cu_q = cu_k = None
         max_q = max_k = 0
         if plain:  # the common call: the op's trailing feature arguments stay defaulted
-            scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+            scale = _ops.resolve_scale(op, softmax_scale, q.shape[-1])
             rng = None if dropout_p <= 0.0 else _ops.draw_dropout_rng_state(dropout_p, q.device)
             if _eager_ok(q, k, v):  # straight to the C++ op (see _ops.eager_forward)
                 out, lse, mask = _eager_forward(q, k, v, scale, bool(causal), False, float(dropout_p),
@@ -127,13 +142,13 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
             return _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse)
     else:
         cu_q, cu_k, max_q, max_k = varlen
-        max_q, max_k = int(max_q), int(max_k)
+        max_q, max_k = _check_max_seqlen(op, "max_seqlen_q", max_q), _check_max_seqlen(op, "max_seqlen_k", max_k)
         _check_cu_seqlens(op, "cu_seqlens_q", cu_q, q.shape[0], max_q, q.device)
         _check_cu_seqlens(op, "cu_seqlens_k", cu_k, k.shape[0], max_k, q.device)
         if cu_q.numel() != cu_k.numel():
             raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                              f"{cu_q.numel()} and {cu_k.numel()}")
-    scale = _ops.default_scale(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = _ops.resolve_scale(op, softmax_scale, q.shape[-1])
     out, lse, mask = _ops.feature_forward(q, k, v, scale, bool(causal), False, float(dropout_p), 0, 0,
                                           bool(return_attn_probs), bool(deterministic), op,
                                           _ops.draw_dropout_rng_state(dropout_p, q.device),
@@ -267,6 +282,8 @@ def flash_attn_varlen_func(
         _ops.check_tensor(op, name, t)
     _ops.check_tensor(op, "alibi_slopes", alibi_slopes, optional=True)
     _check_dropout(op, dropout_p)
+    max_seqlen_q = _check_max_seqlen(op, "max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen(op, "max_seqlen_k", max_seqlen_k)
     if block_table is not None:
         if not isinstance(cu_seqlens_k, _Tensor):
             raise TypeError(f"{op}: cu_seqlens_k must be a torch.Tensor, got {type(cu_seqlens_k).__name__}")
@@ -414,8 +431,7 @@ def scaled_dot_product_attention(
     if kshape[-2] != vshape[-2]:
         raise OrchardShapeError(f"{op}: key and value sequence lengths differ ({kshape[-2]} vs "
                                 f"{vshape[-2]})")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    _check_dropout(op, dropout_p)
 
     if ndim == 4:
         q4, k4, v4 = query, key, value
@@ -443,7 +459,7 @@ def scaled_dot_product_attention(
 
     mask4 = None if attn_mask is None else _sdpa_mask(op, attn_mask, query, q4shape, k4shape,
                                                       is_causal, dropout_p)
-    sc = _ops.default_scale(qshape[-1]) if scale is None else float(scale)
+    sc = _ops.resolve_scale(op, scale, qshape[-1])
     # (no call, no device lookup without dropout: draw_dropout_rng_state returns None there)
     rng = None if dropout_p <= 0.0 else _ops.draw_dropout_rng_state(dropout_p, query.device)
     if mask4 is None and sink is None and _eager_ok(q4, k4, v4):

@@ -134,14 +134,32 @@ def _splits(num_splits) -> int:
     return max(-1, min(int(num_splits), 2**31 - 1))
 
 
+def _window_bound(w) -> int:
+    """A window_size entry as the kernels' int64: a bound past 2^63 - 1 lies past every length, so it
+    means what 2^63 - 1 means (unbounded); one below -2^63 stays below -1 (refused by the C++ checks)."""
+    return max(-2, min(int(w), 2**63 - 1))
+
+
+def _eager_scalars(softmax_scale, wl, wr, softcap, num_splits):
+    """The eager calls' scalar arguments as the C++ op takes them; a value of the wrong type (None,
+    a string) or one no number can stand for (NaN as an int) raises the op's error, naming them."""
+    try:
+        return (None if softmax_scale is None else float(softmax_scale), _window_bound(wl), _window_bound(wr),
+                float(softcap), _splits(num_splits))
+    except TypeError as e:
+        raise TypeError(f"{OP}: softmax_scale, window_size, softcap and num_splits must be numbers ({e})") from None
+    except (ValueError, OverflowError) as e:
+        raise _err(f"softmax_scale, window_size, softcap and num_splits must be numbers ({e})") from None
+
+
 def _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, return_lse):
     """(out, lse or None) from the C++ op, which allocates out / lse / scratch and launches.
     tensors: flash_attn_with_kvcache's twelve tensor arguments, in its order."""
     global last_num_splits
+    scale, wl, wr, softcap, splits = _eager_scalars(softmax_scale, wl, wr, softcap, num_splits)
     try:
         out, lse, last_num_splits = _ops._SKVCACHE_CALL(
-            *tensors, None if softmax_scale is None else float(softmax_scale), bool(causal), int(wl), int(wr),
-            float(softcap), bool(rotary_interleaved), _splits(num_splits), bool(return_lse),
+            *tensors, scale, bool(causal), wl, wr, softcap, bool(rotary_interleaved), splits, bool(return_lse),
             bool(CHECK_DEVICE_INDICES), OP)
     except RuntimeError as e:
         raise _ops._stable_error(e) from None
@@ -151,6 +169,7 @@ def _stable_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interle
 def _dlpack_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, return_lse):
     """The same through orchard._C on DLPack capsules (no _C_torch.so, a mode, a subclass)."""
     q = tensors[0]
+    softmax_scale, wl, wr, softcap, splits = _eager_scalars(softmax_scale, wl, wr, softcap, num_splits)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = (torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
            if return_lse else None)
@@ -162,8 +181,8 @@ def _dlpack_call(tensors, softmax_scale, causal, wl, wr, softcap, rotary_interle
     def launch(stream):
         args = _export(*tensors, out, lse)
         global last_num_splits
-        last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), int(wl), int(wr), float(softcap),
-                                             bool(rotary_interleaved), _splits(num_splits), bool(CHECK_DEVICE_INDICES),
+        last_num_splits = _C.kvcache_forward(*args, softmax_scale, bool(causal), wl, wr, softcap,
+                                             bool(rotary_interleaved), splits, bool(CHECK_DEVICE_INDICES),
                                              stream, alloc, OP)[0]
 
     _launch_on_device_of(q, launch)

@@ -241,6 +241,64 @@ def test_not_a_tensor_raises_type_error_with_op_name():
         orchard.scaled_dot_product_attention(make("sdpa"), make("sdpa").numpy(), make("sdpa"))
 
 
+def _scalar_cases():
+    """(id, call, exception, message part): scalar arguments of the wrong type, or past the range the
+    kernels' integers hold, at every entry point that takes them."""
+    q4 = torch.randn(1, 8, 2, 16)
+    qs = q4.transpose(1, 2)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    varlen = lambda **kw: orchard.flash_attn_varlen_func(q4[0], q4[0], q4[0], cu, cu, **{
+        "max_seqlen_q": 8, "max_seqlen_k": 8, **kw})
+    kvcache = lambda **kw: orchard.flash_attn_with_kvcache(q4[:, :1], q4, q4, **kw)
+    flash = lambda **kw: orchard.flash_attn_func(q4, q4, q4, **kw)
+    sdpa = lambda **kw: orchard.scaled_dot_product_attention(qs, qs, qs, **kw)
+    return [
+        ("flash dropout None", lambda: flash(dropout_p=None), TypeError, "dropout_p"),
+        ("flash dropout str", lambda: flash(dropout_p="0.1"), TypeError, "dropout_p"),
+        ("flash scale str", lambda: flash(softmax_scale="x"), ValueError, "softmax_scale"),
+        ("flash scale list", lambda: flash(softmax_scale=[1.0]), TypeError, "softmax_scale"),
+        ("sdpa dropout None", lambda: sdpa(dropout_p=None), TypeError, "dropout_p"),
+        ("sdpa scale str", lambda: sdpa(scale="x"), ValueError, "scale"),
+        ("varlen max_seqlen None", lambda: varlen(max_seqlen_q=None), TypeError, "max_seqlen_q"),
+        ("varlen max_seqlen 2^63", lambda: varlen(max_seqlen_k=2**63), ValueError, "max_seqlen_k"),
+        ("varlen max_seqlen -1", lambda: varlen(max_seqlen_q=-1), ValueError, "max_seqlen_q"),
+        ("varlen scale str", lambda: varlen(softmax_scale="x"), ValueError, "softmax_scale"),
+        ("kvcache num_splits None", lambda: kvcache(num_splits=None), TypeError, "num_splits"),
+        ("kvcache softcap None", lambda: kvcache(softcap=None), TypeError, "softcap"),
+        ("kvcache scale str", lambda: kvcache(softmax_scale="x"), ValueError, "softmax_scale"),
+        ("kvcache window nan", lambda: kvcache(window_size=(float("nan"), -1)), ValueError, "window_size"),
+    ]
+
+
+@pytest.mark.parametrize("case", _scalar_cases(), ids=lambda c: c[0])
+def test_scalar_arguments_of_wrong_type_or_range_raise_with_op_name(case):
+    _, call, exc, part = case
+    with pytest.raises(exc, match=r"^orchard\.[a-z_]+: .*" + part) as info:
+        call()
+    assert type(info.value) is exc or issubclass(type(info.value), exc)
+
+
+def test_window_bounds_past_int64_mean_unbounded():
+    """A window bound past 2^63 - 1 (the kernels' int64) lies past every length: the same result as -1,
+    at every entry point that takes window_size (torch's op schema refused it before)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 12, 2, 16)
+    cu_q, cu_k = torch.tensor([0, 8], dtype=torch.int32), torch.tensor([0, 12], dtype=torch.int32)
+    for causal in (False, True):
+        for huge in ((2**63, 2**64), (2**70, 0)):
+            plain = tuple(-1 if w > 2**40 else w for w in huge)
+            torch.testing.assert_close(orchard.flash_attn_func(q, k, k, causal=causal, window_size=huge),
+                                       orchard.flash_attn_func(q, k, k, causal=causal, window_size=plain),
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                orchard.flash_attn_varlen_func(q[0], k[0], k[0], cu_q, cu_k, 8, 12, causal=causal, window_size=huge),
+                orchard.flash_attn_varlen_func(q[0], k[0], k[0], cu_q, cu_k, 8, 12, causal=causal, window_size=plain),
+                rtol=0, atol=0)
+            torch.testing.assert_close(
+                orchard.flash_attn_with_kvcache(q[:, :2], k, k, causal=causal, window_size=huge),
+                orchard.flash_attn_with_kvcache(q[:, :2], k, k, causal=causal, window_size=plain), rtol=0, atol=0)
+
+
 def test_valid_call_after_failures_still_works():
     q, k, v = qkv("flash")
     for bad in (dict(dropout_p=2.0), dict(softmax_scale=float("nan"))):
