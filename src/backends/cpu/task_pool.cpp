@@ -190,8 +190,15 @@ void run_parallel_impl(std::int64_t ntasks, int max_threads, ParticipantFn fn, v
   if (nslots <= 1 || t_pool_thread) return fn(ctx, 0, tasks);
   if (!pool_enabled()) {
 #ifdef ORCHARD_WITH_OPENMP
+    // The whole team, even for fewer tasks than threads (the extra threads find none and leave):
+    // libgomp ends the pool's threads past a smaller team's size, so a team of 4 after torch's
+    // 16 killed 12 threads that the next 16-thread region (torch's or ours) created again.  On
+    // the 16-core host that was ~200 us per small call (bench/RESULTS.md [C51]).
+    // ORCHARD_CPU_SHRINK_TEAM=1 (read per call, an A/B switch) asks for min(threads, tasks) as
+    // before.
+    const int team = env_long("ORCHARD_CPU_SHRINK_TEAM", 0) != 0 ? nslots : std::max(max_threads, 1);
     std::exception_ptr error;
-#pragma omp parallel num_threads(nslots)
+#pragma omp parallel num_threads(team)
     {
       try {
         fn(ctx, omp_get_thread_num(), tasks);

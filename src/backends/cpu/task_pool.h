@@ -58,7 +58,8 @@ void run_parallel_impl(std::int64_t ntasks, int max_threads, ParticipantFn fn, v
 // (omp_get_max_threads), 1 without OpenMP.
 int cpu_threads();
 
-// Calls body(slot, tasks) on up to min(cpu_threads(), ntasks) threads, the
+// Calls body(slot, tasks) on up to min(cpu_threads(), ntasks) threads (under
+// OpenMP the whole team is started; threads past the tasks find none), the
 // calling thread included; each call loops `for (t; (t = tasks.next()) >= 0;)`.
 // slot < cpu_threads() is unique among this call's participants (index
 // per-thread scratch with it). Returns when every task has finished. A call
