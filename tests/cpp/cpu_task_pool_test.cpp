@@ -29,7 +29,7 @@ using cpu::run_parallel;
 using cpu::TaskQueue;
 
 // Runs n tasks; true when each ran once and no slot was shared by two threads.
-bool run_and_check(std::int64_t n) {
+bool run_and_check(std::int64_t n, cpu::Team team = cpu::Team::kFitTasks) {
   std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
   std::mutex mu;
   std::vector<std::set<std::thread::id>> slot_threads(256);
@@ -42,7 +42,7 @@ bool run_and_check(std::int64_t n) {
       else slot_threads[slot].insert(std::this_thread::get_id());
     }
     for (std::int64_t t; (t = tasks.next()) >= 0;) hits[t].fetch_add(1);
-  });
+  }, team);
   for (auto& s : slot_threads) slot_ok = slot_ok && s.size() <= 1;
   for (auto& h : hits)
     if (h.load() != 1) return false;
@@ -117,6 +117,34 @@ TEST_F(TaskPool, OpenMPDefault) {
   EXPECT_TRUE(run_and_check(500));
   setenv("ORCHARD_CPU_POOL", "0", 1);
   EXPECT_TRUE(run_and_check(500));
+}
+
+// Team::kWhole starts every OpenMP thread, however few the tasks (and a fitted team under
+// ORCHARD_CPU_SHRINK_TEAM=1); each task still runs once, inside another parallel region too.
+TEST_F(TaskPool, OpenMPWholeTeam) {
+  unsetenv("ORCHARD_CPU_POOL");
+  for (const char* shrink : {"0", "1"}) {
+    setenv("ORCHARD_CPU_SHRINK_TEAM", shrink, 1);
+    for (std::int64_t n : {2, 3, 5, 100})
+      for (int rep = 0; rep < 10; ++rep) ASSERT_TRUE(run_and_check(n, cpu::Team::kWhole)) << n << " " << shrink;
+#ifdef ORCHARD_WITH_OPENMP
+    std::atomic<int> threads{0};
+    run_parallel(2, [&](int, TaskQueue& tasks) {
+      threads.fetch_add(1);
+      while (tasks.next() >= 0) {}
+    }, cpu::Team::kWhole);
+    EXPECT_EQ(threads.load(), shrink[0] == '0' ? omp_get_max_threads() : 2) << shrink;
+#endif
+  }
+  unsetenv("ORCHARD_CPU_SHRINK_TEAM");
+#ifdef ORCHARD_WITH_OPENMP
+  std::atomic<bool> nested_ok{true};
+#pragma omp parallel num_threads(2)
+  {
+    if (!run_and_check(7, cpu::Team::kWhole)) nested_ok = false;
+  }
+  EXPECT_TRUE(nested_ok.load());
+#endif
 }
 
 TEST_F(TaskPool, ForkedChildFinishes) {

@@ -288,7 +288,9 @@ void forward_impl(const FwdParams& p) {
 
   // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
   // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
-  // every thread work; ~4 jobs per thread, at least 256 rows each.
+  // every thread work; ~4 jobs per thread, at least 256 rows each. Both phases
+  // start the whole OpenMP team (Team::kWhole): their task counts differ, and a
+  // team fitted to each made libgomp end and re-create threads in every call.
 
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
@@ -321,7 +323,7 @@ void forward_impl(const FwdParams& p) {
           load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v_p + vo);
         }
       }
-    });
+    }, Team::kWhole);
     const std::int64_t ntasks = np * g * nrb;
     run_parallel(ntasks, [&](int, TaskQueue& tasks) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
@@ -343,7 +345,7 @@ void forward_impl(const FwdParams& p) {
                          geo.bf16 ? nullptr : v_p + vo, geo.bf16 ? kt16_p + ko : nullptr,
                          geo.bf16 ? v16_p + vo : nullptr, bi, kh * g + gi, i0, rows, w);
       }
-    });
+    }, Team::kWhole);
   }
   if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
 }

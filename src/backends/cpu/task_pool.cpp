@@ -184,19 +184,15 @@ int cpu_threads() {
 
 namespace detail {
 
-void run_parallel_impl(std::int64_t ntasks, int max_threads, ParticipantFn fn, void* ctx) {
+void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team_kind, ParticipantFn fn, void* ctx) {
   TaskQueue tasks(ntasks);
   const int nslots = static_cast<int>(std::min<std::int64_t>(std::max(max_threads, 1), ntasks));
   if (nslots <= 1 || t_pool_thread) return fn(ctx, 0, tasks);
   if (!pool_enabled()) {
 #ifdef ORCHARD_WITH_OPENMP
-    // The whole team, even for fewer tasks than threads (the extra threads find none and leave):
-    // libgomp ends the pool's threads past a smaller team's size, so a team of 4 after torch's
-    // 16 killed 12 threads that the next 16-thread region (torch's or ours) created again.  On
-    // the 16-core host that was ~200 us per small call (bench/RESULTS.md [C51]).
-    // ORCHARD_CPU_SHRINK_TEAM=1 (read per call, an A/B switch) asks for min(threads, tasks) as
-    // before.
-    const int team = env_long("ORCHARD_CPU_SHRINK_TEAM", 0) != 0 ? nslots : std::max(max_threads, 1);
+    // Team (task_pool.h): the whole team or one fitted to the tasks.
+    const bool whole = team_kind == Team::kWhole && env_long("ORCHARD_CPU_SHRINK_TEAM", 0) == 0;
+    const int team = whole ? std::max(max_threads, 1) : nslots;
     std::exception_ptr error;
 #pragma omp parallel num_threads(team)
     {

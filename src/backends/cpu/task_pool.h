@@ -49,9 +49,22 @@ class TaskQueue {
   const std::int64_t n_;
 };
 
+// The OpenMP team a run_parallel call asks for (the own pool ignores it). libgomp ends the pool's
+// threads past a smaller team's size, and the next larger team (torch's next op, or the call's
+// next phase) creates them again: on the 16-core host a forward of b1 h1-h2 s512, whose K / V
+// staging had 4-8 tasks and its row blocks 8-16, took 0.25-2.1 ms with fitted teams against
+// 0.10-0.40 with whole ones (bench/RESULTS.md [C51]).  The decode kernels measured the other way
+// in the same session (b1 GQA 32:4 over 4k keys 1.00 ms whole against 0.47 fitted, unexplained;
+// the other decode points within 0.84-1.13x), so they keep fitted teams.
+enum class Team {
+  kFitTasks,  // min(threads, tasks)
+  kWhole,     // every thread (those past the tasks find none); ORCHARD_CPU_SHRINK_TEAM=1 (read per
+              // call, an A/B switch) makes it kFitTasks
+};
+
 namespace detail {
 using ParticipantFn = void (*)(void* ctx, int slot, TaskQueue& tasks);
-void run_parallel_impl(std::int64_t ntasks, int max_threads, ParticipantFn fn, void* ctx);
+void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team, ParticipantFn fn, void* ctx);
 }  // namespace detail
 
 // Threads the CPU kernels use: OMP_NUM_THREADS / omp_set_num_threads as before
@@ -59,18 +72,18 @@ void run_parallel_impl(std::int64_t ntasks, int max_threads, ParticipantFn fn, v
 int cpu_threads();
 
 // Calls body(slot, tasks) on up to min(cpu_threads(), ntasks) threads (under
-// OpenMP the whole team is started; threads past the tasks find none), the
-// calling thread included; each call loops `for (t; (t = tasks.next()) >= 0;)`.
+// OpenMP with Team::kWhole every thread starts; those past the tasks find none),
+// the calling thread included; each call loops `for (t; (t = tasks.next()) >= 0;)`.
 // slot < cpu_threads() is unique among this call's participants (index
 // per-thread scratch with it). Returns when every task has finished. A call
 // made while the pool serves another caller (a second Python thread, or a
 // pool thread itself) runs on its calling thread alone.
 template <class Body>
-void run_parallel(std::int64_t ntasks, Body&& body) {
+void run_parallel(std::int64_t ntasks, Body&& body, Team team = Team::kFitTasks) {
   if (ntasks <= 0) return;
   using B = std::remove_reference_t<Body>;
   auto tramp = [](void* ctx, int slot, TaskQueue& tasks) { (*static_cast<B*>(ctx))(slot, tasks); };
-  detail::run_parallel_impl(ntasks, cpu_threads(), tramp,
+  detail::run_parallel_impl(ntasks, cpu_threads(), team, tramp,
                             const_cast<void*>(static_cast<const void*>(std::addressof(body))));
 }
 
