@@ -311,6 +311,17 @@ def test_sm90_features_wide_key_tiles(name, d, tmp_path, monkeypatch):
     _check_sm90_features(name, d, torch.bfloat16, 1, 2100, 2200, tmp_path, monkeypatch)
 
 
+# Causal 192-row tiles (d64 from 2048 keys, d96) whose last m block holds a warpgroup of rows past
+# sq (2200 = 11 * 192 + 88: one WG partly real, one wholly past sq) or, with sq == sk, two real WGs
+# and one past sq (4160): those WGs skip their key tiles (ORCHARD_SM90_FWD_PHANTOM_WG_SKIP) and a
+# partly real WG's diagonal counts its real rows only.
+@pytest.mark.parametrize("d", [64, 96])
+@pytest.mark.parametrize("name,sq,sk", [("no_mods_causal", 2200, 2300), ("window_causal", 2200, 2300),
+                                        ("all", 2200, 2300), ("no_mods_causal", 4160, 4160)])
+def test_sm90_causal_phantom_warpgroups(name, sq, sk, d, tmp_path, monkeypatch):
+    _check_sm90_features(name, d, torch.bfloat16, 1, sq, sk, tmp_path, monkeypatch)
+
+
 def _check_sm90_features(name, d, dtype, b, sq, sk, tmp_path, monkeypatch):
     """One SM90_FEATURES case (hq 4, hkv 2) against the float64 reference and the naive 16-bit
     one; on an sm90 build and GPU the debug log must name the sm90 forward and backward."""
