@@ -61,6 +61,16 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
+def check_dropout(op: str, dropout_p) -> None:
+    """dropout_p in [0, 1) (NaN is not), or the op's ValueError; not a number: the op's TypeError."""
+    try:
+        if 0.0 <= dropout_p < 1.0:
+            return
+    except TypeError:
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}") from None
+    raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+
+
 def resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
     """softmax_scale as a float (None: 1 / sqrt(head_dim)); a value that is no number raises the op's
     error instead of float()'s (the C++ checks refuse non-positive and non-finite ones)."""

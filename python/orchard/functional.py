@@ -41,13 +41,7 @@ class OrchardShapeError(ValueError, RuntimeError):
     RuntimeError, which is what torch's own SDPA raises for the same input."""
 
 
-def _check_dropout(op: str, dropout_p) -> None:
-    try:
-        if 0.0 <= dropout_p < 1.0:  # (NaN fails it)
-            return
-    except TypeError:
-        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}") from None
-    raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+_check_dropout = _ops.check_dropout
 
 
 def _check_window(op: str, window_size) -> tuple[int, int]:
@@ -74,7 +68,10 @@ def _check_max_seqlen(op: str, name: str, value) -> int:
 
 
 def _check_softcap(op: str, softcap) -> float:
-    softcap = float(softcap)
+    try:
+        softcap = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: softcap must be a number, got {softcap!r}") from None
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"{op}: softcap must be a finite value >= 0, got {softcap}")
     return softcap

@@ -46,10 +46,9 @@ def flash_attn_fwd(
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError(f"{op}: q, k, v must all be (B, S, D) or (B, H, S, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    _ops.check_dropout(op, dropout_p)
     three_d = q.dim() == 3
-    sc = _ops.default_scale(q.shape[-1]) if scale is None else float(scale)
+    sc = _ops.resolve_scale(op, scale, q.shape[-1])
     want_mask = dropout_p > 0.0
     rng = _ops.draw_dropout_rng_state(dropout_p, q.device)
     # (B, H, S, D) views; a 3-D call is one head.

@@ -267,13 +267,20 @@ def _scalar_cases():
         ("kvcache softcap None", lambda: kvcache(softcap=None), TypeError, "softcap"),
         ("kvcache scale str", lambda: kvcache(softmax_scale="x"), ValueError, "softmax_scale"),
         ("kvcache window nan", lambda: kvcache(window_size=(float("nan"), -1)), ValueError, "window_size"),
+        ("flash softcap str", lambda: flash(softcap="x"), TypeError, "softcap"),
+        ("ops scale str", lambda: orchard_ops.flash_attn_fwd(qs, qs, qs, "x"), ValueError, "scale"),
+        ("ops dropout None", lambda: orchard_ops.flash_attn_fwd(qs, qs, qs, None, None), TypeError, "dropout_p"),
+        ("combine lse None", lambda: orchard.combine_attention([q4, q4], [None, None]), TypeError, "lses"),
+        ("combine not sequences", lambda: orchard.combine_attention(q4, 3), TypeError, "outs and lses"),
+        ("combine meta lse", lambda: orchard.combine_attention(
+            [q4, q4], [torch.zeros(1, 2, 8), torch.zeros(1, 2, 8, device="meta")]), ValueError, "lses"),
     ]
 
 
 @pytest.mark.parametrize("case", _scalar_cases(), ids=lambda c: c[0])
 def test_scalar_arguments_of_wrong_type_or_range_raise_with_op_name(case):
     _, call, exc, part = case
-    with pytest.raises(exc, match=r"^orchard\.[a-z_]+: .*" + part) as info:
+    with pytest.raises(exc, match=r"^orchard(_ops)?\.[a-z_]+: .*" + part) as info:
         call()
     assert type(info.value) is exc or issubclass(type(info.value), exc)
 
