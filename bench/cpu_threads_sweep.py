@@ -12,8 +12,8 @@ If Orchard at fewer threads beats Orchard at all of them, the call is split too 
 tiny call's time is a large part of the s512 one, fixed costs dominate.
 
 --heads 1,2,4,8,16,32 times the s512 shapes instead at the top thread count with that many heads
-(b1, s512, d64 / d128; both libraries, same process; Orchard also with ORCHARD_CPU_SHRINK_TEAM=1,
-the team of min(threads, tasks) that libgomp answers by ending the surplus threads) and fits time = fixed + per_head * heads
+(b1, s512, d64 / d128; both libraries, same process; Orchard also with ORCHARD_CPU_TEAM=fit,
+teams of min(threads, tasks), which libgomp answers by ending the surplus threads) and fits time = fixed + per_head * heads
 over the counts with at least as many 64-row query blocks as threads: a call's fixed cost (what
 no thread count shortens) against the part that scales with the work.
 
@@ -51,8 +51,8 @@ def fit_line(xs, ys):
 
 def head_sweep(heads, dtypes, reps, top) -> None:
     """The s512 forwards with 1..N heads at `top` threads, and the fixed + per-head fit."""
-    shrink = ab_switch("ORCHARD_CPU_SHRINK_TEAM=1")  # the team of min(threads, tasks), as before [C51]
-    print("| d | dtype | causal | heads | orchard ms | orchard shrink=1 ms | torch ms | torch / orchard |")
+    shrink = ab_switch("ORCHARD_CPU_TEAM=fit")  # teams of min(threads, tasks), as before [C51]
+    print("| d | dtype | causal | heads | orchard ms | orchard team=fit ms | torch ms | torch / orchard |")
     print("|---|---|---|---|---|---|---|---|")
     fits = []
     for d in (64, 128):

@@ -119,24 +119,27 @@ TEST_F(TaskPool, OpenMPDefault) {
   EXPECT_TRUE(run_and_check(500));
 }
 
-// Team::kWhole starts every OpenMP thread, however few the tasks (and a fitted team under
-// ORCHARD_CPU_SHRINK_TEAM=1); each task still runs once, inside another parallel region too.
+// Team::kWhole starts every OpenMP thread, however few the tasks, Team::kFitTasks min(threads,
+// tasks), and ORCHARD_CPU_TEAM=fit / whole overrides either; each task still runs once, inside
+// another parallel region too.
 TEST_F(TaskPool, OpenMPWholeTeam) {
   unsetenv("ORCHARD_CPU_POOL");
-  for (const char* shrink : {"0", "1"}) {
-    setenv("ORCHARD_CPU_SHRINK_TEAM", shrink, 1);
-    for (std::int64_t n : {2, 3, 5, 100})
-      for (int rep = 0; rep < 10; ++rep) ASSERT_TRUE(run_and_check(n, cpu::Team::kWhole)) << n << " " << shrink;
+  for (const char* over : {"", "fit", "whole"})
+    for (cpu::Team own : {cpu::Team::kWhole, cpu::Team::kFitTasks}) {
+      setenv("ORCHARD_CPU_TEAM", over, 1);
+      for (std::int64_t n : {2, 3, 5, 100})
+        for (int rep = 0; rep < 10; ++rep) ASSERT_TRUE(run_and_check(n, own)) << n << " '" << over << "'";
 #ifdef ORCHARD_WITH_OPENMP
-    std::atomic<int> threads{0};
-    run_parallel(2, [&](int, TaskQueue& tasks) {
-      threads.fetch_add(1);
-      while (tasks.next() >= 0) {}
-    }, cpu::Team::kWhole);
-    EXPECT_EQ(threads.load(), shrink[0] == '0' ? omp_get_max_threads() : 2) << shrink;
+      std::atomic<int> threads{0};
+      run_parallel(2, [&](int, TaskQueue& tasks) {
+        threads.fetch_add(1);
+        while (tasks.next() >= 0) {}
+      }, own);
+      const bool whole = over[0] ? over[0] == 'w' : own == cpu::Team::kWhole;
+      EXPECT_EQ(threads.load(), whole ? omp_get_max_threads() : 2) << "'" << over << "'";
 #endif
-  }
-  unsetenv("ORCHARD_CPU_SHRINK_TEAM");
+    }
+  unsetenv("ORCHARD_CPU_TEAM");
 #ifdef ORCHARD_WITH_OPENMP
   std::atomic<bool> nested_ok{true};
 #pragma omp parallel num_threads(2)

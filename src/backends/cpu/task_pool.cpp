@@ -4,6 +4,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -170,6 +171,14 @@ Pool& pool() {
   return *p;
 }
 
+// ORCHARD_CPU_TEAM=fit / whole over a loop's own Team (task_pool.h).
+Team team_override(Team own) {
+  const char* e = std::getenv("ORCHARD_CPU_TEAM");
+  if (e && std::strcmp(e, "fit") == 0) return Team::kFitTasks;
+  if (e && std::strcmp(e, "whole") == 0) return Team::kWhole;
+  return own;
+}
+
 bool pool_enabled() { return env_long("ORCHARD_CPU_POOL", 0) != 0; }  // opt-in: task_pool.h
 
 }  // namespace
@@ -191,7 +200,7 @@ void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team_kind, Par
   if (!pool_enabled()) {
 #ifdef ORCHARD_WITH_OPENMP
     // Team (task_pool.h): the whole team or one fitted to the tasks.
-    const bool whole = team_kind == Team::kWhole && env_long("ORCHARD_CPU_SHRINK_TEAM", 0) == 0;
+    const bool whole = team_override(team_kind) == Team::kWhole;
     const int team = whole ? std::max(max_threads, 1) : nslots;
     std::exception_ptr error;
 #pragma omp parallel num_threads(team)

@@ -52,14 +52,15 @@ class TaskQueue {
 // The OpenMP team a run_parallel call asks for (the own pool ignores it). libgomp ends the pool's
 // threads past a smaller team's size, and the next larger team (torch's next op, or the call's
 // next phase) creates them again: on the 16-core host a forward of b1 h1-h2 s512, whose K / V
-// staging had 4-8 tasks and its row blocks 8-16, took 0.25-2.1 ms with fitted teams against
-// 0.10-0.40 with whole ones (bench/RESULTS.md [C51]).  The decode kernels measured the other way
+// staging had 4-8 tasks and its row blocks 8-16, took 0.24-2.13 ms with fitted teams against
+// 0.08-0.40 with whole ones (bench/RESULTS.md [C51]).  The decode kernels measured the other way
 // in the same session (b1 GQA 32:4 over 4k keys 1.00 ms whole against 0.47 fitted, unexplained;
 // the other decode points within 0.84-1.13x), so they keep fitted teams.
+// ORCHARD_CPU_TEAM (read per call, an A/B switch): "fit" or "whole" gives every loop that team,
+// unset (or anything else) leaves each loop its own.
 enum class Team {
   kFitTasks,  // min(threads, tasks)
-  kWhole,     // every thread (those past the tasks find none); ORCHARD_CPU_SHRINK_TEAM=1 (read per
-              // call, an A/B switch) makes it kFitTasks
+  kWhole,     // every thread (those past the tasks find none)
 };
 
 namespace detail {
