@@ -67,3 +67,18 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
 def test_verbatim_blocks_match_files(page):
     for rel, body in _SAME_AS.findall(page.read_text()):
         assert (ROOT / rel).read_text() == body, f"{page.name}: block differs from {rel}"
+
+
+def test_every_environment_variable_is_in_the_readme():
+    """Each ORCHARD_* variable the library reads (a string literal in src/, include/ or python/)
+    has its row in the README (its "Environment variables" table), so a new switch cannot ship
+    undocumented."""
+    names = set()
+    for folder in ("src", "include", "python"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in {".py", ".cpp", ".h", ".cu", ".cuh", ".mm", ".metal"}:
+                names.update(re.findall(r"[\"'](ORCHARD_[A-Z0-9_]+)[\"']", path.read_text(errors="replace")))
+    assert len(names) >= 20, sorted(names)  # the scan found the switches at all
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(n for n in names if f"`{n}" not in readme)
+    assert not missing, f"ORCHARD_* variables read by the code but not in README.md: {missing}"
