@@ -185,3 +185,22 @@ def test_cuda_threads_each_with_own_stream():
         results = [r for rs in pool.map(worker, range(N_THREADS)) for r in rs]
     for i, got in results:
         _assert_same(got, expected[i], f"thread call {i}")
+
+
+@pytest.mark.parametrize("team", ["", "fit", "whole"])
+def test_thread_counts_and_teams_give_the_same_results(monkeypatch, team):
+    """More OpenMP threads than a call has tasks (the forward's whole team leaves some idle; a fitted
+    team ends threads that the next call creates again), under either team override: the results
+    are bitwise those of one thread (deterministic=True)."""
+    saved = torch.get_num_threads()
+    inputs = [_inputs(i) for i in range(len(SHAPES))]
+    try:
+        torch.set_num_threads(1)
+        expected = [_fwd_bwd(*x) for x in inputs]
+        monkeypatch.setenv("ORCHARD_CPU_TEAM", team)
+        for threads in (3, 8, 2):
+            torch.set_num_threads(threads)
+            for i, x in enumerate(inputs):
+                _assert_same(_fwd_bwd(*x), expected[i], f"shape {i}, {threads} threads, team '{team}'")
+    finally:
+        torch.set_num_threads(saved)
