@@ -231,9 +231,10 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
     backward has, however accurate it is otherwise. Two sources:
 
     1. dS = P * (dP - D) with D = rowsum(dO * O) taken from O rounded to
-       `dtype`, and dP, D each a length-d dot product accumulated in fp32
-       (fp64 for float64):
-         |dD_i|   <= (u + g) * sum|dO_i O_i|,  |ddP_ij| <= g * sum|dO_i||V_j| * drop_ij
+       `dtype` (bf16 / fp16: twice, P drop rounded before the PV product as
+       in source 3), and dP, D each a length-d dot product accumulated in
+       fp32 (fp64 for float64):
+         |dD_i|   <= (u_o + g) * sum|dO_i O_i|  (u_o = u, bf16 / fp16 2u),  |ddP_ij| <= g * sum|dO_i||V_j| * drop_ij
        with u the dtype's unit roundoff and g = sqrt(d) * u_acc (typical,
        not worst-case, accumulation).
     2. P is recomputed as exp(s - lse) from an LSE stored in fp32 (like
@@ -291,7 +292,11 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
         # 3.55e-4 off with P one-hot, the LSE term alone bounding 3.2e-4)
         e = e_lse + 2.0 * g * scale * (qh.abs() @ kh.abs().transpose(-1, -2))
         drop = None if keep is None else keep.to(p.dtype) / (1.0 - dropout_p)
-        dd = (u + g) * (doh.abs() * oh.abs()).sum(dim=-1, keepdim=True)
+        # O's rounding: the output's own, and in bf16 / fp16 also P drop's before the PV product
+        # (source 3's rounding, in the forward): 2u there (SDPA bf16 b2 sq1 sk1 d2, dropout 0.29:
+        # with one key the exact dS is 0 and dk 7.67e-2 came from D alone, against 7.6e-2 with u)
+        u_o = 2.0 * u if dtype in (torch.bfloat16, torch.float16) else u
+        dd = (u_o + g) * (doh.abs() * oh.abs()).sum(dim=-1, keepdim=True)
         ddp = g * (doh.abs() @ vh.abs().transpose(-1, -2))
         dp = doh @ vh.transpose(-1, -2)
         if drop is not None:
