@@ -302,10 +302,10 @@ def check_one_device(op, named):
     device. The kernels check devices themselves; this serves the calls that never reach them: a
     meta tensor among real ones sends a call to the fake kernels (the dispatcher picks the Meta
     kernel), which would hand back uninitialized memory."""
-    (_, q), *rest = named
+    (first, q), *rest = named
     for name, t in rest:
         if isinstance(t, torch.Tensor) and t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {q.device}")
 
 
 _FEATURE_TENSORS = ((3, "alibi_slopes"), (4, "sink"), (5, "attn_mask"), (6, "cu_seqlens_q"), (7, "cu_seqlens_k"))

@@ -46,14 +46,12 @@ def combine_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
     if len(outs) == 0 or len(outs) != len(lses):
         raise ValueError(f"{op}: need as many outs as lses (at least one), got {len(outs)} and "
                          f"{len(lses)}")
-    for i, (o, l) in enumerate(zip(outs, lses)):
-        _ops.check_tensor(op, f"outs[{i}]", o)
-        _ops.check_tensor(op, f"lses[{i}]", l)
+    named = [pair for i, (o, l) in enumerate(zip(outs, lses)) for pair in ((f"outs[{i}]", o), (f"lses[{i}]", l))]
+    for name, t in named:
+        _ops.check_tensor(op, name, t)
+    _ops.check_one_device(op, named)
     shape = outs[0].shape
     for i, (o, l) in enumerate(zip(outs, lses)):
-        for name, t in ((f"outs[{i}]", o), (f"lses[{i}]", l)):
-            if t.device != outs[0].device:
-                raise ValueError(f"{op}: {name} is on {t.device} but outs[0] is on {outs[0].device}")
         if o.shape != shape:
             raise ValueError(f"{op}: outs[{i}] has shape {tuple(o.shape)}, expected {tuple(shape)}")
         if o.dim() < 3 or l.shape != (*shape[:-3], shape[-2], shape[-3]):

@@ -41,9 +41,6 @@ class OrchardShapeError(ValueError, RuntimeError):
     RuntimeError, which is what torch's own SDPA raises for the same input."""
 
 
-_check_dropout = _ops.check_dropout
-
-
 def _check_window(op: str, window_size) -> tuple[int, int]:
     try:
         left, right = (int(w) for w in window_size)
@@ -116,7 +113,7 @@ def _flash(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         layout = "(batch, seqlen, nheads, headdim)" if varlen is None else "(total, nheads, headdim)"
         raise ValueError(f"{op}: q, k, v must be {rank}-D {layout}; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    _check_dropout(op, dropout_p)
+    _ops.check_dropout(op, dropout_p)
     plain = window_size == (-1, -1) and not softcap and alibi_slopes is None and sink is None
     if not plain:
         _ops.check_tensor(op, "alibi_slopes", alibi_slopes, optional=True)
@@ -278,7 +275,7 @@ def flash_attn_varlen_func(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _ops.check_tensor(op, name, t)
     _ops.check_tensor(op, "alibi_slopes", alibi_slopes, optional=True)
-    _check_dropout(op, dropout_p)
+    _ops.check_dropout(op, dropout_p)
     max_seqlen_q = _check_max_seqlen(op, "max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_max_seqlen(op, "max_seqlen_k", max_seqlen_k)
     if block_table is not None:
@@ -428,7 +425,7 @@ def scaled_dot_product_attention(
     if kshape[-2] != vshape[-2]:
         raise OrchardShapeError(f"{op}: key and value sequence lengths differ ({kshape[-2]} vs "
                                 f"{vshape[-2]})")
-    _check_dropout(op, dropout_p)
+    _ops.check_dropout(op, dropout_p)
 
     if ndim == 4:
         q4, k4, v4 = query, key, value

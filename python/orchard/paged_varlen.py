@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import host_values_readable
+from ._ops import check_one_device, host_values_readable
 from .kvcache import OP as _KVCACHE_OP
 from .kvcache import flash_attn_with_kvcache, serves_in_place
 
@@ -67,9 +67,7 @@ def check_paged_shapes(op: str, q, k_cache, v_cache, block_table, batch: int) ->
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] < 1:
         raise ValueError(f"{op}: block_table must be (batch, max_blocks_per_seq) with batch = {batch} (from "
                          f"cu_seqlens_k) and at least one column; got shape {tuple(block_table.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table)):
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    check_one_device(op, (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_table", block_table)))
 
 
 def check_paged_blocks(op: str, k_cache, block_table, cu_seqlens_k) -> None:

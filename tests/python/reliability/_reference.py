@@ -192,6 +192,11 @@ UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfl
                  torch.float16: 2.0 ** -11}
 
 
+def _logit_error(qh, kh, g: float, scale: float) -> torch.Tensor:
+    """The typical accumulation error of s_ij = scale q_i . k_j: g scale sum|q_i||k_j| (heads-first)."""
+    return g * scale * (qh.abs() @ kh.abs().transpose(-1, -2))
+
+
 def inherent_out_error(q, k, v, out, dtype, *, scale: Optional[float] = None, causal: bool = False,
                        top_left: bool = False, keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                        window: tuple = (-1, -1), softcap: float = 0.0,
@@ -218,7 +223,7 @@ def inherent_out_error(q, k, v, out, dtype, *, scale: Optional[float] = None, ca
         p, _, _, _ = _probs(qh, kh, scale, causal, top_left, window, softcap, alibi_slopes, sink, mask)
         if keep is not None:
             p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-        w = p * (g * scale * (qh.abs() @ kh.abs().transpose(-1, -2)))
+        w = p * _logit_error(qh, kh, g, scale)
         return (w @ vh.abs() + w.sum(dim=-1, keepdim=True) * oh.abs()).transpose(1, 2)
 
 
@@ -290,7 +295,7 @@ def inherent_grad_error(q, k, v, out, dout, dtype, *, scale: Optional[float] = N
         # the backward's sum and once for the forward's that the LSE carries: it exceeds the LSE's
         # where the logits cancel (sum|q||k| >> |s|; fp32 b1 sq3 sk65 d64, scale 2, inputs ~3: dv
         # 3.55e-4 off with P one-hot, the LSE term alone bounding 3.2e-4)
-        e = e_lse + 2.0 * g * scale * (qh.abs() @ kh.abs().transpose(-1, -2))
+        e = e_lse + 2.0 * _logit_error(qh, kh, g, scale)
         drop = None if keep is None else keep.to(p.dtype) / (1.0 - dropout_p)
         # O's rounding: the output's own, and in bf16 / fp16 also P drop's before the PV product
         # (source 3's rounding, in the forward): 2u there (SDPA bf16 b2 sq1 sk1 d2, dropout 0.29:
