@@ -14,7 +14,9 @@ same process, same card, same tensors, bf16, forward and forward+backward.
            and cuDNN with the same mask.
   bias     SDPA additive float bias (1, H, S, S) (batch-broadcast, bf16): vs SDPA
            efficient and cuDNN with the same bias.
-  mask64, bias64   the same two at d64 (h32); the others run d128 (h16).
+  dmask    SDPA dense bool mask (B, 1, S, S) (heads broadcast, 10 % of keys hidden): vs SDPA
+           efficient and cuDNN with the same mask.
+  mask64, bias64, dmask64   the same three at d64 (h32); the others run d128 (h16).
 TFLOP/s count only the visible (unpadded, unmasked) score entries: 4*d per
 entry forward, 2.5x that backward. Timing: triton do_bench median.
 
@@ -189,9 +191,12 @@ def bench_mask(b, s, h, d):
     return f"SDPA key-padding bool mask (B,1,1,S): b{b} s{s} h{h} d{d}", rows
 
 
-def bench_bias(b, s, h, d):
+def bench_bias(b, s, h, d, dense_mask=False):
     q, k, v = (torch.randn(b, h, s, d, device=DEV, dtype=DT, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1, h, s, s, device=DEV, dtype=DT)  # (1, H, S, S): batch dim broadcast (stride 0)
+    if dense_mask:  # (B, 1, S, S) bool, as transformers builds it: heads broadcast, 10 % of keys hidden
+        bias = torch.rand(b, 1, s, s, device=DEV) > 0.1
+    else:
+        bias = torch.randn(1, h, s, s, device=DEV, dtype=DT)  # (1, H, S, S): batch dim broadcast (stride 0)
     flops = 4 * b * h * d * float(s) * s
     grads = lambda o: torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     rows = [measure("orchard", lambda: orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias), grads, flops)]
@@ -200,14 +205,16 @@ def bench_bias(b, s, h, d):
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         rows.append(measure(name, run, grads, flops))
-    return f"SDPA float bias (1,H,S,S) bf16: b{b} s{s} h{h} d{d}", rows
+    kind = "bool mask (B,1,S,S)" if dense_mask else "float bias (1,H,S,S) bf16"
+    return f"SDPA {kind}: b{b} s{s} h{h} d{d}", rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma-separated sections: varlen,varlen64,varlen_short,window,softcap,alibi,mask,bias,mask64,bias64")
+    ap.add_argument("--only", default="", help="comma-separated sections: varlen,varlen64,varlen_short,window,softcap,alibi,mask,bias,mask64,bias64,"
+                    "dmask,dmask64")
     args = ap.parse_args()
     torch.manual_seed(0)
     s = 2048 if args.quick else 8192
@@ -222,6 +229,8 @@ def main() -> int:
         "bias": lambda: bench_bias(4, s // 2, 16, 128),
         "mask64": lambda: bench_mask(4, s // 2, 32, 64),
         "bias64": lambda: bench_bias(4, s // 2, 32, 64),
+        "dmask": lambda: bench_bias(4, s // 2, 16, 128, dense_mask=True),
+        "dmask64": lambda: bench_bias(4, s // 2, 32, 64, dense_mask=True),
     }
     only = [x for x in args.only.split(",") if x]
     if any(x not in sections for x in only):

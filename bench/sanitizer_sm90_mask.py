@@ -1,6 +1,8 @@
 """Forward + backward calls of the sm90 kernels' kBias instantiations (row-broadcast attn_bias:
 a key-padding bool mask (B, 1, 1, S), right or left padded or hiding keys in the middle, whose
-hidden key tiles the kernels do not run, and a float key bias (1, H, 1, S), attn_bias_fragment.cuh),
+hidden key tiles the kernels do not run, and a float key bias (1, H, 1, S), attn_bias_fragment.cuh;
+dense ones staged by TMA in the forward, attn_bias_tiles.cuh: a bool mask (B, H, S, S) and a
+16-bit float bias (1, H, S, S), rows padded to 16-byte chunks and sliced to the ragged sk),
 d64 / d128 / d192 / d256 buckets (d 80 and 160 below their buckets), causal and not, bf16 and
 fp16, GQA, ragged lengths (the column reads stop and clamp at sk), for compute-sanitizer
 (memcheck, racecheck) to watch. Each output is also checked against plain fp32 math, so a wrong
@@ -17,7 +19,7 @@ b, hq, hkv, sq, sk = 2, 4, 2, 330, 461
 for dtype in (torch.bfloat16, torch.float16):
     for d in dims:
         for causal in (False, True):
-            for kind in ("bool", "bool_left", "float"):
+            for kind in ("bool", "bool_left", "float", "dense_bool", "dense_float"):
                 q = torch.randn(b, sq, hq, d, device="cuda", dtype=dtype, requires_grad=True)
                 k = torch.randn(b, sk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
                 v = torch.randn(b, sk, hkv, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -29,6 +31,12 @@ for dtype in (torch.bfloat16, torch.float16):
                         mask[0, ..., :260] = False
                         mask[1, ..., 100:300] = False
                     bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
+                elif kind == "dense_bool":
+                    mask = torch.rand(b, hq, sq, 464 + 16, device="cuda")[..., :sk] > 0.3
+                    bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
+                elif kind == "dense_float":
+                    mask = torch.randn(1, hq, sq, 464, device="cuda", dtype=dtype)[..., :sk]
+                    bias = mask.float()
                 else:
                     mask = torch.randn(1, hq, 1, sk, device="cuda", dtype=dtype)
                     bias = mask.float()

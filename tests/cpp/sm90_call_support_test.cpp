@@ -90,8 +90,8 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   EXPECT_FALSE(fwd(p));
 }
 
-TEST(Sm90CallSupport, OnlyRowBroadcastBiases) {
-  static const unsigned char mask[2 * 400] = {};
+TEST(Sm90CallSupport, RowBroadcastAndStageableDenseBiases) {
+  alignas(16) static const unsigned char mask[2 * 400 * 400] = {};
   BwdParams p = plain_call();
   p.attn_bias = mask;  // key padding (B, 1, 1, S)
   p.bias_batch_stride = 400;
@@ -110,10 +110,33 @@ TEST(Sm90CallSupport, OnlyRowBroadcastBiases) {
   p.deterministic = true;  // the ordered-dQ kernels have no modifiers
   EXPECT_FALSE(bwd(p));
   p.deterministic = false;
-  p.bias_row_stride = 400;  // rows of its own: the sm80 kernels' staged tiles
-  EXPECT_FALSE(fwd(p));
-  p.sq = 1;  // ... unless there is one query row
+  p.bias_row_stride = 400;  // rows of its own: the sm90 forward stages them by TMA, the backward does not
+  p.bias_batch_stride = 400 * 400;
   EXPECT_TRUE(fwd(p));
+  EXPECT_FALSE(bwd(p));
+  p.softcap = 5.f;  // a dense bias starts the scores, so softcap would cap it
+  EXPECT_FALSE(fwd(p));
+  p.softcap = 0.f;
+  p.bias_row_stride = 401;  // rows not of whole 16-byte chunks (TMA)
+  EXPECT_FALSE(fwd(p));
+  p.sq = 1;  // ... unless there is one query row (then row-broadcast)
+  EXPECT_TRUE(fwd(p));
+  p.sq = 300;
+  p.bias_row_stride = 400;
+  p.attn_bias = mask + 1;  // base not 16-byte aligned
+  EXPECT_FALSE(fwd(p));
+  p.attn_bias = mask;
+  p.bias_head_stride = 8;  // a head stride of 8 bytes
+  EXPECT_FALSE(fwd(p));
+  p.bias_head_stride = 0;
+  p.attn_bias_dtype = DType::kFloat32;  // float32 dense: the sm80 kernels (stage too large)
+  p.bias_row_stride = 100;
+  EXPECT_FALSE(fwd(p));
+  p.attn_bias_dtype = DType::kBFloat16;  // a 16-bit float bias of 200 elements (400 bytes) per row
+  p.bias_row_stride = 200;
+  EXPECT_TRUE(fwd(p));
+  p.bias_row_stride = 204;  // 408 bytes
+  EXPECT_FALSE(fwd(p));
   p = plain_call();
   p.attn_bias = mask;
   p.bias_col_stride = 2;  // keys not contiguous

@@ -412,6 +412,23 @@ def _sm90_mask(name, b, hq, sq, sk, dtype):
         return mask
     if name == "head_bias":
         return randn(1, hq, sq, sk, dtype=dtype, device="cuda")
+    # Dense ones the sm90 forward stages by TMA (sm90_dense_bias_stageable): rows padded to whole
+    # 16-byte chunks, sliced to the ragged sk.
+    pad = (sk + 15) // 16 * 16
+    if name in ("dense_bool", "causal_dense_bool"):
+        mask = torch.rand(b, hq, sq, pad, device="cuda")[..., :sk] > 0.3
+        mask[:, :, 5] = False  # a row the mask hides entirely: out 0, LSE -inf
+        mask[0, 1, :, 200:] = False  # whole key tiles hidden for one head
+        return mask
+    if name == "dense_bool_batch":  # (B, 1, S, S): heads broadcast (stride 0)
+        return torch.rand(b, 1, sq, pad, device="cuda")[..., :sk] > 0.5
+    if name == "dense_other16":  # the other 16-bit float kind than q's, (1, 1, S, S): both broadcast
+        other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+        return randn(1, 1, sq, pad, dtype=other, device="cuda")[..., :sk]
+    if name == "dense_fp32":
+        return randn(1, hq, sq, pad, dtype=torch.float32, device="cuda")[..., :sk]
+    if name.startswith("dense") or name.startswith("causal_dense"):  # dense_bias, causal_dense_window_alibi, ...
+        return randn(1, hq, sq, pad, dtype=dtype, device="cuda")[..., :sk] * 2
     return randn(1, hq, 1, sk, dtype=dtype, device="cuda")  # key_bias, window_alibi_key_bias, softcap_key_bias
 
 
@@ -426,8 +443,16 @@ SM90_MASKS = {
     "fp32_key_bias_padded": dict(),
     "window_alibi_key_bias": dict(window=(96, 32), alibi=True),
     "softcap_key_bias": dict(causal=True, softcap=5.0, sm90_bwd=False),
-    "full_bool": dict(sm90_fwd=False, sm90_bwd=False),
-    "head_bias": dict(sm90_fwd=False, sm90_bwd=False),
+    "full_bool": dict(sm90_fwd=False, sm90_bwd=False),  # rows of 460 bytes: not TMA-stageable
+    "head_bias": dict(sm90_fwd=False, sm90_bwd=False),  # likewise (920 bytes)
+    "dense_bool": dict(sm90_bwd=False),
+    "causal_dense_bool": dict(causal=True, sm90_bwd=False),
+    "dense_bool_batch": dict(sm90_bwd=False),
+    "dense_bias": dict(sm90_bwd=False),
+    "causal_dense_window_alibi": dict(causal=True, window=(96, 32), alibi=True, sm90_bwd=False),
+    "dense_other16": dict(sm90_bwd=False),
+    "dense_softcap": dict(softcap=5.0, sm90_fwd=False, sm90_bwd=False),  # added before softcap: sm80
+    "dense_fp32": dict(sm90_fwd=False, sm90_bwd=False),
 }
 
 
@@ -468,7 +493,7 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
     visible = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), visible), "rows that see no key: LSE -inf"
     assert (lse.double()[visible] - ref_lse[visible]).abs().max() <= 1e-3 + 1e-4 * ref_lse[visible].abs().max()
-    if name == "full_bool":
+    if name in ("full_bool", "dense_bool", "causal_dense_bool"):
         assert (out[:, 5] == 0).all() and (grads[0][:, 5] == 0).all()
 
 

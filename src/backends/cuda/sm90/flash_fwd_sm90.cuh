@@ -78,10 +78,12 @@
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/attn_bias_fragment.cuh"
+#include "backends/cuda/sm90/attn_bias_tiles.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/fwd_sm90_schedule.h"
 #include "backends/cuda/sm90/segments.cuh"
+#include "backends/cuda/sm90/sm90_call_support.h"
 #include "backends/cuda/sm90/sm90.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
@@ -290,7 +292,8 @@ inline constexpr bool kFwdSm90PingPong =
     kOverlap ? kD <= ORCHARD_SM90_FWD_PINGPONG_MAX_D : ORCHARD_SM90_FWD_PLAIN_PINGPONG != 0;
 
 // kWG consumer warpgroups of 64 query rows each (2 or 3; 3 = FA3's 192-row tile at d64).
-template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2>
+// kBiasTiles (the kBias kernels): room for a ring of dense attn_bias tiles (attn_bias_tiles.cuh).
+template <int kD, int kBNv = default_block_n<kD>(), int kWG = 2, bool kBiasTiles = false>
 struct FwdSm90Config {
   static_assert(kD == 64 || kD == 96 || kD == 128 || kD == 192 || kD == 256,
                 "sm90 forward: d bucket in {64, 96, 128, 192, 256}");
@@ -334,8 +337,18 @@ struct FwdSm90Config {
       (ORCHARD_SM90_FWD_O_IN_V >= 0 ? ORCHARD_SM90_FWD_O_IN_V != 0 : kD == 128 && kBN == 192);
   static constexpr int kKOffset = kQStages * kQBytes;
   static constexpr int kOOffset = kKOffset + kRingBytes;
-  static constexpr int kBarOffset = kOOffset + kOBytes;
+  // Dense attn_bias tiles (kBM x kBN elements of <= 2 bytes per stage) overlay the O buffer: a
+  // call with such a bias writes O from registers (the launcher turns o_by_tma off), so the
+  // kBias kernels' layout for row-broadcast masks keeps its O buffer and Q stages.  Two stages
+  // where they fit beside Q and the K / V ring, else one (d128's 128-key and d192's 96-key tiles).
+  static constexpr int kBiasStageBytes = kBM * kBN * 2;
+  static constexpr int kBiasStages =
+      !kBiasTiles ? 0 : kOOffset + 2 * kBiasStageBytes + kBarBytes + 1024 <= kSmemLimit ? 2 : 1;
+  static constexpr int kBiasOffset = kOOffset;
+  static constexpr int kBiasEnd = kBiasOffset + kBiasStages * kBiasStageBytes;
+  static constexpr int kBarOffset = kOOffset + kOBytes > kBiasEnd ? kOOffset + kOBytes : kBiasEnd;
   static_assert(kOOffset % 1024 == 0, "sm90 forward: the O buffer needs the swizzle atom's alignment");
+  static_assert(!kBiasTiles || !kOInVStage, "sm90 forward: dense bias tiles and O in a V stage");
   // + 1024: the dynamic smem base is only 16-byte aligned; the tiles need 1024 (swizzle atom).
   static constexpr int kSmemBytes = kBarOffset + kBarBytes + 1024;
   static_assert(kSmemBytes <= kSmemLimit, "sm90 forward: the tile's shared memory exceeds what an SM gives one CTA");
@@ -496,7 +509,9 @@ __device__ __forceinline__ FwdTile fwd_sm90_tile(const FwdParams& p, const FwdSm
   // Varlen's segment form: only the keys of the segments the tile's rows lie in.
   // (Not in the kBias kernels: varlen takes no attn_bias, and the code cost them spills.)
   if (!kBias && p.segment_cu != nullptr) trim_to_segments<kBN>(p, m0, min(m0 + kBM, p.sq) - 1, tl.n_begin, tl.n_end);
-  if constexpr (kBias) trim_hidden_key_tiles<kBN>(bias_row(p, tl.b, tl.h), sk, tl.n_begin, tl.n_end);
+  if constexpr (kBias) {
+    if (!cuda::sm90_dense_bias(p)) trim_hidden_key_tiles<kBN>(bias_row(p, tl.b, tl.h), sk, tl.n_begin, tl.n_end);
+  }
   return tl;
 }
 
@@ -505,9 +520,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q,
                           const __grid_constant__ CUtensorMap tm_k,
                           const __grid_constant__ CUtensorMap tm_v,
-                          const __grid_constant__ CUtensorMap tm_o, const FwdParams p,
+                          const __grid_constant__ CUtensorMap tm_o,
+                          const __grid_constant__ CUtensorMap tm_bias, const FwdParams p,
                           const FwdSm90Sched sc, const bool o_by_tma) {
-  using Cfg = FwdSm90Config<kD, kBNv, kWG>;
+  using Cfg = FwdSm90Config<kD, kBNv, kWG, kBias>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kChunks = Cfg::kChunks, kStages = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -516,6 +532,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   const uint32_t sK = sbase + Cfg::kKOffset;                 // [kStages]
   const uint32_t sV = sK + Cfg::kStages * Cfg::kKVBytes;     // [kStages]
   const uint32_t sO = sbase + Cfg::kOOffset;                 // kOStaged / kOShared only
+  const uint32_t sBias = sbase + Cfg::kBiasOffset;           // kBias, dense biases: [kBiasStages]
   const uint32_t bars = sbase + Cfg::kBarOffset;
   auto k_full = [&](int s) { return bars + 8 * s; };
   auto v_full = [&](int s) { return bars + 16 + 8 * s; };
@@ -532,8 +549,15 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
   // by its parity: its own previous use (u - 2) has completed, so the barrier is in phase u - 1 or
   // u, and the parity tells which.
   const uint32_t o_free = bars + 168;
-  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && 176 <= Cfg::kBarBytes,
-                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs, pv_done, o_free (176 bytes)");
+  // Dense attn_bias tiles (kBias; attn_bias_tiles.cuh): stage s loaded / read by every consumer warp.
+  auto bias_full = [&](int s) { return bars + 176 + 8 * s; };
+  auto bias_empty = [&](int s) { return bars + 192 + 8 * s; };
+  static_assert(Cfg::kStages == 2 && kWG <= 3 && kQStages <= 2 && Cfg::kBiasStages <= 2 && 208 <= Cfg::kBarBytes,
+                "barrier layout: 2 K / V stages, <= 2 Q buffers x <= 3 WGs, pv_done, o_free, 2 bias stages");
+  // A dense bias (rows of its own) comes through the bias stages; a row-broadcast one is read
+  // from global memory in the feature pass (attn_bias_fragment.cuh).
+  const bool dense_bias = kBias && cuda::sm90_dense_bias(p);
+  constexpr int kBiasRing = Cfg::kBiasStages > 0 ? Cfg::kBiasStages : 1;  // (no stages without kBias)
   static_assert(!Cfg::kOShared || kWG == 2, "sm90 forward: the shared O buffer's turns assume 2 WGs");
 
   const int sq = p.sq, sk = p.sk;
@@ -550,6 +574,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
       }
     if (Cfg::kOInVStage) mbarrier_init(pv_done, 4 * kWG);
     if (Cfg::kOShared) mbarrier_init(o_free, 1);
+    for (int s = 0; s < Cfg::kBiasStages; ++s) {
+      mbarrier_init(bias_full(s), 1);
+      mbarrier_init(bias_empty(s), 4 * kWG);  // one arrival per consumer warp, once it has read its rows
+    }
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbarrier_init(k_full(s), 1);
       mbarrier_init(v_full(s), 1);
@@ -591,6 +619,20 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           for (int c = 0; c < kChunks; ++c)
             tma_load_4d(sK + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_k, k_full(s), Cfg::kChunkCols * c,
                         n * kBN, hk, tl.b);
+          if constexpr (kBias) {
+            if (dense_bias) {
+              // The key tile's bias rows of the whole m block (boxes past sq / sk arrive as zeros),
+              // right after its K: the consumers read them before its QK^T.
+              const int bs = kv_cnt % kBiasRing;
+              const int e = cuda::bias_elem_bytes(cuda::bias_kind(p.attn_bias_dtype));
+              const int boxes = bias_boxes<kBN>(e);
+              mbarrier_wait(bias_empty(bs), ((kv_cnt / kBiasRing) & 1) ^ 1);
+              mbarrier_arrive_expect_tx(bias_full(bs), boxes * kBM * kBiasBoxBytes);
+              for (int x = 0; x < boxes; ++x)
+                tma_load_4d(sBias + bs * Cfg::kBiasStageBytes + x * kBM * kBiasBoxBytes, &tm_bias, bias_full(bs),
+                            n * kBN + x * (kBiasBoxBytes / e), tl.m_block * kBM, p.bias_head_stride != 0 ? tl.h : 0,
+                            p.bias_batch_stride != 0 ? tl.b : 0);
+            }
           if (it == 0) {
             // Q of this CTA's q_cnt-th loaded tile into buffer qb, WG by WG: each WG releases its
             // part of the buffer's previous tile (use q_cnt / kQStages - 1 of its q_empty) once its
@@ -619,6 +661,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           for (int c = 0; c < kChunks; ++c)
             tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), Cfg::kChunkCols * c,
                         n * kBN, hk, tl.b);
+          }
         }
       }
     }
@@ -648,13 +691,35 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // The Q buffer of the tile whose Q was waited for last (0 with one buffer).
     auto q_buf = [&]() -> int { return kQStages == 1 ? 0 : static_cast<int>(((kv_cnt >> 30) + 1u) & 1u); };
     float o[kD / 2];
+    // The kBias kernels' QK^T accumulates onto s_acc's initial values: a dense attn_bias's staged
+    // elements for the key tile, as bias / scale (or 0 / -inf for a boolean mask), so the bias
+    // costs the consumers no pass and no registers of its own, and its stage is released at once;
+    // zeros for other calls.  (Added before softcap, hence sm90_fwd_call_supported keeps softcap
+    // with a dense bias on the sm80 kernels.)  Measured by ptxas: with the first k16 step's
+    // accumulate flag a run-time value instead (dense or not), d128's consumers spilled 0.3-3 KB.
+    // cnt: the key tile's count in the CTA's ring (its stage and phase).
+    auto load_bias_scores = [&](float (&s_acc)[kBN / 2], uint32_t cnt) {
+      if (!dense_bias) {
+#pragma unroll
+        for (int i = 0; i < kBN / 2; ++i) s_acc[i] = 0.f;
+      } else if constexpr (kBias) {
+        const int bs = cnt % kBiasRing;
+        mbarrier_wait(bias_full(bs), (cnt / kBiasRing) & 1);
+        bias_tile_scores<kBM, kBN>(sBias + bs * Cfg::kBiasStageBytes, cuda::bias_kind(p.attn_bias_dtype),
+                                   1.f / p.scale, s_acc, 64 * wg + 16 * wi, lane);
+        __syncwarp();
+        if (warp_leader) mbarrier_arrive(bias_empty(bs));
+      }
+    };
+    // kBias: s_acc holds load_bias_scores' values (the first k16 step accumulates onto them).
     auto qk_gemm = [&](float (&s_acc)[kBN / 2], int stage) {
 #pragma unroll
       for (int kk = 0; kk < kD / 16; ++kk) {
         const uint32_t off = (kk % kSl) * 32;  // k16 slice inside the chunk row
         Wgmma<kBN, T>::template ss<0, 0>(
             s_acc, desc_advance(dq0, q_buf() * Cfg::kQBytes + (kk / kSl) * Cfg::kQChunkBytes + off),
-            desc_advance(dk0, stage * Cfg::kKVBytes + (kk / kSl) * Cfg::kKVChunkBytes + off), kk > 0);
+            desc_advance(dk0, stage * Cfg::kKVBytes + (kk / kSl) * Cfg::kKVChunkBytes + off),
+            kk > 0 || kBias);
       }
     };
     auto pv_gemm = [&](const uint32_t (&pa)[kBN / 16][4], int stage) {
@@ -722,7 +787,8 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                                cuda::alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), coff, w,
                                cuda::tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row0,
                                sk - n0 - 2 * t);
-        if constexpr (kBias) {
+        // (A dense bias is in the scores already: load_bias_scores.)
+        if (kBias && !dense_bias) {
           // A boolean tile that shows every key changes no score: skipped on the warp's vote.
           const BiasRow br = bias_row(p, b, h);
           if (br.kind != 0 || !bias_row_shows_keys<kBN>(br, n0, lane)) add_attn_bias_row(br, s_acc, n0 + 2 * t);
@@ -818,10 +884,12 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           const uint32_t ph = (kv_cnt / kStages) & 1;
           mbarrier_wait(k_full(s), ph);
           mbarrier_wait(v_full(s), ph);
+          if (dense_bias) mbarrier_wait(bias_full(kv_cnt % kBiasRing), (kv_cnt / kBiasRing) & 1);
           __syncwarp();
           if (warp_leader) {
             mbarrier_arrive(k_empty(s));
             mbarrier_arrive(v_empty(s));
+            if (dense_bias) mbarrier_arrive(bias_empty(kv_cnt % kBiasRing));
           }
           for (int turn = 0; turn < (kOverlap ? 1 : 2); ++turn) {
             take_turn();
@@ -834,6 +902,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const int s = kv_cnt % kStages;
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
+            if constexpr (kBias) load_bias_scores(sacc, kv_cnt);
             mbarrier_wait(k_full(s), ph);
             take_turn();
             wgmma_fence();
@@ -872,6 +941,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const int s = kv_cnt % kStages;
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
+            if constexpr (kBias) load_bias_scores(sacc, kv_cnt);
             mbarrier_wait(k_full(s), ph);
             take_turn();
             wgmma_fence();
@@ -897,6 +967,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const int s = c % kStages, sp = cp % kStages;
             const uint32_t ph = (c / kStages) & 1, php = (cp / kStages) & 1;
             float sacc[kBN / 2];
+            if constexpr (kBias) load_bias_scores(sacc, c);
             mbarrier_wait(k_full(s), ph);
             take_turn();
             wgmma_fence();
@@ -948,6 +1019,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             const int s = kv_cnt % kStages;
             const uint32_t ph = (kv_cnt / kStages) & 1;
             float sacc[kBN / 2];
+            if constexpr (kBias) load_bias_scores(sacc, kv_cnt);
             mbarrier_wait(k_full(s), ph);
             mbarrier_wait(v_full(sl), phl);
             take_turn();
@@ -1131,7 +1203,7 @@ inline int fwd_sm90_section(const FwdParams& p, bool causal) {
 template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_block_n<kD>(), int kWG = 2,
           bool kBias = false>
 bool launch_flash_fwd_sm90_one(const FwdParams& p) {
-  using Cfg = FwdSm90Config<kD, kBNv, kWG>;
+  using Cfg = FwdSm90Config<kD, kBNv, kWG, kBias>;
   if (p.d > kD || p.d % 8 != 0 || cuda::value_dim(p) != p.d) return false;
   const int64_t num_m_blocks = (static_cast<int64_t>(p.sq) + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t total = num_m_blocks * p.hq * p.b;
@@ -1151,8 +1223,12 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   // rows counted as 2, since the map steps the row stride even when sq is 1).
   CUtensorMap to{};
   bool o_by_tma = false;
+  // A dense bias's stages overlay the O buffer (FwdSm90Config): O from registers then.
+  CUtensorMap tb{};
+  const bool dense_bias = kBias && cuda::sm90_dense_bias(p);
+  if (dense_bias && !make_bias_map(&tb, p, Cfg::kBM)) return false;
   if constexpr (Cfg::kOStaged || Cfg::kOShared || Cfg::kOInVStage) {
-    o_by_tma = cuda::rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, 2, p.hq, p.d) &&
+    o_by_tma = !dense_bias && cuda::rows_vec16(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, p.b, 2, p.hq, p.d) &&
                make_attn_map<T>(&to, p.out, p.d, p.sq, p.hq, p.b, p.o_row_stride, p.o_head_stride,
                                 p.o_batch_stride, 64, kCols);
   }
@@ -1175,8 +1251,8 @@ bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   const int grid = sms > 0 && sms < units ? sms : units;
   auto kernel = flash_fwd_sm90_kernel<T, kD, kCausal, kOverlap, kBNv, kWG, kBias>;
   cuda::set_max_dynamic_smem(kernel, Cfg::kSmemBytes);  // once per (kernel, device): launch.h
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, to, p, sc,
-                                                                                     o_by_tma);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(tq, tk, tv, to, tb, p,
+                                                                                     sc, o_by_tma);
   return true;
 }
 

@@ -12,13 +12,32 @@
 
 namespace orchard::cuda {
 
+// A dense attn_bias / mask (rows of its own) that the sm90 forward stages by TMA
+// (sm90/attn_bias_tiles.cuh): boolean or 16-bit float, key stride 1, a 16-byte aligned base and
+// row / head / batch strides of whole 16-byte chunks (0 = broadcast).  Not a float32 bias (its
+// stage does not fit beside d128's tiles), and not in the backward (the sm80 kernels run it).
+ORCHARD_HOST_DEVICE bool sm90_dense_bias(const FwdParams& p) {
+  return p.attn_bias != nullptr && p.bias_row_stride != 0 && p.sq != 1;
+}
+inline bool sm90_dense_bias_stageable(const FwdParams& p) {
+  if (p.attn_bias_dtype == DType::kFloat32) return false;
+  const uint64_t e = p.attn_bias_dtype == DType::kUInt8 ? 1 : 2;
+  const uint64_t bits = reinterpret_cast<uintptr_t>(p.attn_bias) | static_cast<uint64_t>(p.bias_row_stride) * e |
+                        static_cast<uint64_t>(p.bias_head_stride) * e | static_cast<uint64_t>(p.bias_batch_stride) * e;
+  const int64_t big = int64_t{1} << 36;  // TMA strides stay below 2^40 bytes
+  return (p.bias_col_stride == 1 || p.sk == 1) && (bits & 15) == 0 && p.bias_row_stride > 0 &&
+         p.bias_head_stride >= 0 && p.bias_batch_stride >= 0 && p.bias_row_stride < big && p.bias_head_stride < big &&
+         p.bias_batch_stride < big;
+}
+
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
 // 192 / 256 above d, sm90_head_dim_bucket; d <= 32 stays on the sm80 kernels' 32-wide bucket);
 // plain or causal; sliding windows, softcap and ALiBi (run-time branches of the kernels); sinks
-// (the epilogue); row-broadcast attn_bias / masks (row stride 0, key stride 1: the kBias kernels,
-// sm90/attn_bias_fragment.cuh says why only those); GQA; a positive scale (the softmax keeps the
-// row max of the raw scores); 16-byte aligned rows with strides of whole 16-byte chunks (TMA).
-// Varlen only in its segment form (sm90_segment_form below); not: dropout, other biases.
+// (the epilogue); attn_bias / masks in the kBias kernels: row-broadcast ones (row stride 0, key
+// stride 1; sm90/attn_bias_fragment.cuh) and the dense ones above (not with softcap); GQA; a positive scale (the
+// softmax keeps the row max of the raw scores); 16-byte aligned rows with strides of whole
+// 16-byte chunks (TMA).  Varlen only in its segment form (sm90_segment_form below); not: dropout,
+// float32 dense biases or unaligned ones.
 inline bool sm90_fwd_call_supported(const FwdParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
@@ -26,8 +45,10 @@ inline bool sm90_fwd_call_supported(const FwdParams& p) {
     return false;
   if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
   // (One query row has no other rows to differ; one key has no stride to speak of.)
-  if (p.attn_bias != nullptr && ((p.bias_row_stride != 0 && p.sq != 1) || (p.bias_col_stride != 1 && p.sk != 1)))
+  if (p.attn_bias != nullptr && (sm90_dense_bias(p) ? !sm90_dense_bias_stageable(p) : p.bias_col_stride != 1 && p.sk != 1))
     return false;
+  // A dense bias starts the scores before the QK^T (flash_fwd_sm90.cuh): softcap would cap it too.
+  if (sm90_dense_bias(p) && p.softcap > 0.f) return false;
   if (!(p.scale > 0.f)) return false;
   if (p.segment_cu != nullptr && (p.b != 1 || p.segments <= 0)) return false;
   FwdParams q = p;
@@ -92,7 +113,8 @@ inline std::size_t bwd_workspace_bytes(const BwdParams& p) {
 
 // The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
 // above, both with every modifier above; sinks need nothing more, P comes from the LSE, which
-// holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  Not: softcap
+// holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  Not: dense
+// attn_bias (the forward's staged tiles have no backward counterpart yet); softcap
 // with attn_bias (the sm90 softcap gradient recovers tanh from P, which would need the bias read
 // again); the C++ API's dsink output (its pass, run_bwd_dsink, reads the sm80 workspace's D);
 // deterministic mode except d == d_v of exactly 64 or 128 without score modifiers (the kernels
@@ -103,6 +125,7 @@ inline bool sm90_bwd_call_supported(const BwdParams& p) {
   if (p.segment_cu != nullptr && (p.deterministic || p.d > 128 || p.dq_accum != nullptr)) return false;
   if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
+  if (sm90_dense_bias(p)) return false;  // the backward reads row-broadcast biases only
   if (p.dsink != nullptr) return false;
   if (!sm90_fwd_call_supported(p)) return false;
   BwdParams q = p;

@@ -1,0 +1,130 @@
+// Dense attn_bias / attn_mask tiles (a bias with rows of its own: (B, H, S, S), (1, 1, S, S), ...)
+// on the sm90 forward, in its kBias kernels (sm90_dense_bias in sm90_call_support.h says which
+// calls).  Row-broadcast biases (a key-padding mask) are read straight from global memory instead
+// (attn_bias_fragment.cuh).
+//
+// Read that way, a dense bias was slower than the sm80 kernels (every warp load touched 8 rows'
+// cache lines; H200, session 37), so here the producer warp copies each key tile's
+// kBM x kBN bias elements into shared memory by TMA right after its K (a stage ring of its own:
+// bias_full / bias_empty barriers), and each consumer warp reads its fragment from there into the
+// score registers before it issues the tile's QK^T, which accumulates onto them; the stage goes
+// back at once.
+//
+// The stage: boxes of 32 bytes of keys x kBM rows (16 keys of a 16-bit bias, 32 of a boolean mask),
+// box after box along the keys, rows 32 bytes apart, no swizzle (the fragment reads then meet a
+// 2-way bank conflict, rows r and r + 4 of a warp's 8; a few loads per key tile).  The map's dims are
+// (keys, rows, heads, batch), a broadcast dim (stride 0) of size 1 read at coordinate 0; TMA fills
+// rows past sq and keys past sk with zeros (for a boolean mask 0 hides the key, for a float bias it
+// adds nothing: both are scores that the kernels mask or never store).
+// Kinds: boolean (1 byte) and 16-bit float (bf16 / fp16, either with either q dtype); a float32 bias
+// stays on the sm80 kernels (its stage would not fit beside d128's tiles).
+#pragma once
+#include <cuda.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "backends/cuda/sm80/attention_tiles.cuh"
+#include "backends/cuda/sm80/mma_utils.cuh"
+#include "backends/cuda/sm90/tma_host.h"
+#include "orchard/params.h"
+
+namespace orchard::sm90 {
+
+constexpr int kBiasBoxBytes = 32;
+
+// Byte offset of (row, byte column) in a stage of kRows rows.
+template <int kRows>
+__device__ __forceinline__ uint32_t bias_stage_offset(int row, int byte_col) {
+  return (byte_col / kBiasBoxBytes) * (kRows * kBiasBoxBytes) + row * kBiasBoxBytes + byte_col % kBiasBoxBytes;
+}
+
+// Boxes per key tile of kBN keys for a bias of `elem_bytes` (1 or 2).
+template <int kBN>
+__host__ __device__ __forceinline__ int bias_boxes(int elem_bytes) {
+  return kBN * elem_bytes / kBiasBoxBytes;
+}
+
+// Pins x's value here: the volatile loads after it cannot be hoisted above the math that made it
+// (else every load of the tile issues first and their results stay live together, beside the
+// scores: ptxas spilled the d128 consumers).
+__device__ __forceinline__ void pin_score(float& x) { asm volatile("" : "+f"(x)); }
+
+__device__ __forceinline__ uint32_t ld_shared_u16(uint32_t addr) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+
+// This thread's scores set to the stage's elements (the wgmma accumulator layout: s[i] is row
+// row_w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2t + (i % 2) of the tile; row_w = the warp's
+// first row in the tile, 64 wg + 16 wi): bias / scale for a float bias (the kernels' scores are
+// q.k before the scale), 0 or -inf for a boolean mask.  The QK^T then accumulates onto them.
+template <int kBM, int kBN>
+__device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float inv_scale, float (&s)[kBN / 2],
+                                                 int row_w, int lane) {
+  static_assert(kBN % 16 == 0, "bias tiles of whole 16-key blocks (ldmatrix pairs)");
+  const int g = lane / 4, t = lane % 4;
+  if (kind == 0) {
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t v = ld_shared_u16(stage + bias_stage_offset<kBM>(row_w + g + 8 * r, 8 * j + 2 * t));
+        s[4 * j + 2 * r] = (v & 0xffu) != 0 ? 0.f : -INFINITY;
+        s[4 * j + 2 * r + 1] = (v >> 8) != 0 ? 0.f : -INFINITY;
+        pin_score(s[4 * j + 2 * r]);
+        pin_score(s[4 * j + 2 * r + 1]);
+      }
+    return;
+  }
+  // 16-bit kinds: one ldmatrix.x4 per two 8-key blocks.  Lane L addresses row L % 8 of matrix
+  // q = L / 8: rows 8 (q % 2) of the warp's 16, key block j + q / 2; register q then holds
+  // row g + 8 (q % 2), keys 2t, 2t + 1 of that block = s[4 (j + q / 2) + 2 (q % 2) + {0, 1}].
+  const int q = lane / 8;
+  const int row = row_w + 8 * (q % 2) + lane % 8;
+#pragma unroll
+  for (int j = 0; j < kBN / 8; j += 2) {
+    uint32_t r[4];
+    cuda::ldmatrix_x4(r, stage + bias_stage_offset<kBM>(row, 16 * (j + q / 2)));
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      float lo, hi;
+      if (kind == 2) {  // bf16
+        lo = __uint_as_float(r[m] << 16);
+        hi = __uint_as_float(r[m] & 0xffff0000u);
+      } else {  // fp16
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&r[m]));
+        lo = f.x;
+        hi = f.y;
+      }
+      const int i = 4 * (j + m / 2) + 2 * (m % 2);
+      s[i] = lo * inv_scale;
+      s[i + 1] = hi * inv_scale;
+      pin_score(s[i]);
+      pin_score(s[i + 1]);
+    }
+  }
+}
+
+// The tensor map of a dense bias (host): boxes of kBiasBoxBytes x box_rows.  False where TMA cannot
+// take it (the caller then runs the sm80 kernels; sm90_dense_bias already checks the strides).
+inline bool make_bias_map(CUtensorMap* map, const FwdParams& p, uint32_t box_rows) {
+  const int kind = cuda::bias_kind(p.attn_bias_dtype);
+  const uint64_t e = static_cast<uint64_t>(cuda::bias_elem_bytes(kind));
+  if (e > 2) return false;
+  const uint64_t row_bytes = static_cast<uint64_t>(p.bias_row_stride) * e;
+  const uint64_t head_bytes = static_cast<uint64_t>(p.bias_head_stride) * e;
+  const uint64_t batch_bytes = static_cast<uint64_t>(p.bias_batch_stride) * e;
+  // A broadcast dim: size 1, its (unused) stride the packed one.
+  const uint64_t dims[4] = {static_cast<uint64_t>(p.sk), static_cast<uint64_t>(p.sq),
+                            head_bytes != 0 ? static_cast<uint64_t>(p.hq) : 1u,
+                            batch_bytes != 0 ? static_cast<uint64_t>(p.b) : 1u};
+  const uint64_t strides[3] = {row_bytes, head_bytes != 0 ? head_bytes : row_bytes * dims[1],
+                               batch_bytes != 0 ? batch_bytes : row_bytes * dims[1] * dims[2]};
+  const uint32_t box[4] = {static_cast<uint32_t>(kBiasBoxBytes / e), box_rows, 1, 1};
+  return make_tma_4d(map, e == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16, p.attn_bias, dims,
+                     strides, box, CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
+}  // namespace orchard::sm90
