@@ -1,4 +1,6 @@
-"""Which call hangs: each case in its own process with a time limit (a hung kernel never returns)."""
+"""Which call hangs: each case in its own process with a time limit (a hung kernel never returns).
+A cold process on a fresh device machine needs more than 15 s to import torch and start CUDA
+(session 52: every case, the control included, ran past 15 s), hence 60."""
 import subprocess, sys
 CASE = """
 import torch, orchard
@@ -17,7 +19,7 @@ for sq, sk, d, causal, bwd in [(2200, 2300, 64, False, False), (2048, 2048, 64, 
                                (2200, 2200, 96, True, False), (2200, 2300, 64, True, False)]:
     try:
         r = subprocess.run([sys.executable, "-c", CASE.format(sq=sq, sk=sk, d=d, causal=causal, bwd=bwd)],
-                           capture_output=True, text=True, timeout=15)
+                           capture_output=True, text=True, timeout=60)
         res = r.stdout.strip() or r.stderr.strip()[-200:]
     except subprocess.TimeoutExpired:
         res = "HANG"
