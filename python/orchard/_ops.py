@@ -61,6 +61,12 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
+def window_bound(w: int) -> int:
+    """A window_size entry as the kernels' int64: a bound past 2^63 - 1 lies past every length, so it
+    means what 2^63 - 1 means (unbounded); one below -2^63 stays below -1 (refused by the checks)."""
+    return max(-2, min(w, 2**63 - 1))
+
+
 def check_dropout(op: str, dropout_p) -> None:
     """dropout_p in [0, 1) (NaN is not), or the op's ValueError; not a number: the op's TypeError."""
     try:

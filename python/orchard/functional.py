@@ -50,8 +50,7 @@ def _check_window(op: str, window_size) -> tuple[int, int]:
     if left < -1 or right < -1:
         raise ValueError(f"{op}: window_size values must be >= -1 (-1 = unbounded), got "
                          f"({left}, {right})")
-    # A bound past 2^63 - 1 (the kernels' int64) lies past every length: it means what 2^63 - 1 means.
-    return min(left, 2**63 - 1), min(right, 2**63 - 1)
+    return _ops.window_bound(left), _ops.window_bound(right)
 
 
 def _check_max_seqlen(op: str, name: str, value) -> int:

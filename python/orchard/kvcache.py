@@ -134,17 +134,11 @@ def _splits(num_splits) -> int:
     return max(-1, min(int(num_splits), 2**31 - 1))
 
 
-def _window_bound(w) -> int:
-    """A window_size entry as the kernels' int64: a bound past 2^63 - 1 lies past every length, so it
-    means what 2^63 - 1 means (unbounded); one below -2^63 stays below -1 (refused by the C++ checks)."""
-    return max(-2, min(int(w), 2**63 - 1))
-
-
 def _eager_scalars(softmax_scale, wl, wr, softcap, num_splits):
     """The eager calls' scalar arguments as the C++ op takes them; a value of the wrong type (None,
     a string) or one no number can stand for (NaN as an int) raises the op's error, naming them."""
     try:
-        return (None if softmax_scale is None else float(softmax_scale), _window_bound(wl), _window_bound(wr),
+        return (None if softmax_scale is None else float(softmax_scale), _ops.window_bound(int(wl)), _ops.window_bound(int(wr)),
                 float(softcap), _splits(num_splits))
     except TypeError as e:
         raise TypeError(f"{OP}: softmax_scale, window_size, softcap and num_splits must be numbers ({e})") from None

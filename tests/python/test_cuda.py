@@ -315,7 +315,7 @@ def test_sm90_features_wide_key_tiles(name, d, tmp_path, monkeypatch):
 # sq (2200 = 11 * 192 + 88: one WG partly real, two wholly past sq) or, with sq == sk, two real WGs
 # and one past sq (4160): with ORCHARD_SM90_FWD_PHANTOM_WG_SKIP those WGs skip their key tiles and
 # a partly real WG's diagonal counts its real rows only.  Session 52: its first case never returned
-# on an H100 with the skip on (the skip is off since; this test has not yet passed on a GPU).
+# on an H100 (the hung kernel not isolated: bench/NOTES.md); this test has not yet passed on a GPU.
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("name,sq,sk", [("no_mods_causal", 2200, 2300), ("window_causal", 2200, 2300),
                                         ("all", 2200, 2300), ("no_mods_causal", 4160, 4160)])
@@ -446,12 +446,12 @@ SM90_MASKS = {
     "softcap_key_bias": dict(causal=True, softcap=5.0, sm90_bwd=False),
     "full_bool": dict(sm90_fwd=False, sm90_bwd=False),  # rows of 460 bytes: not TMA-stageable
     "head_bias": dict(sm90_fwd=False, sm90_bwd=False),  # likewise (920 bytes)
-    "dense_bool": dict(sm90_bwd=False),
-    "causal_dense_bool": dict(causal=True, sm90_bwd=False),
-    "dense_bool_batch": dict(sm90_bwd=False),
-    "dense_bias": dict(sm90_bwd=False),
-    "causal_dense_window_alibi": dict(causal=True, window=(96, 32), alibi=True, sm90_bwd=False),
-    "dense_other16": dict(sm90_bwd=False),
+    "dense_bool": dict(dense=True, sm90_bwd=False),
+    "causal_dense_bool": dict(causal=True, dense=True, sm90_bwd=False),
+    "dense_bool_batch": dict(dense=True, sm90_bwd=False),
+    "dense_bias": dict(dense=True, sm90_bwd=False),
+    "causal_dense_window_alibi": dict(causal=True, window=(96, 32), alibi=True, dense=True, sm90_bwd=False),
+    "dense_other16": dict(dense=True, sm90_bwd=False),
     "dense_softcap": dict(softcap=5.0, sm90_fwd=False, sm90_bwd=False),  # added before softcap: sm80
     "dense_fp32": dict(sm90_fwd=False, sm90_bwd=False),
 }
@@ -476,7 +476,9 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
                                                   "orchard.flash_attn", None, *features)
     fwd0, bwd0 = _first_fwd_bwd_lines(tmp_path)
     sm90 = _sm90_expected()
-    assert (".sm90." in fwd0) == (sm90 and kw.get("sm90_fwd", True)), fwd0
+    # Dense masks run the sm90 forward in the d64 and d128 buckets only (sm90_dense_bias_stageable).
+    dense_ok = not kw.get("dense") or d <= 64 or 96 < d <= 128
+    assert (".sm90." in fwd0) == (sm90 and kw.get("sm90_fwd", True) and dense_ok), fwd0
     assert (".sm90." in bwd0) == (sm90 and kw.get("sm90_bwd", True)), bwd0
 
     ref_kw = dict(scale=scale, causal=causal, window=(wl, wr), softcap=softcap, alibi_slopes=slopes, bias=mask)

@@ -8,6 +8,7 @@
 
 #include "backends/cuda/launch.h"
 #include "backends/cuda/score_mods.h"
+#include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "orchard/params.h"
 
 namespace orchard::cuda {
@@ -16,11 +17,16 @@ namespace orchard::cuda {
 // (sm90/attn_bias_tiles.cuh): boolean or 16-bit float, key stride 1, a 16-byte aligned base and
 // row / head / batch strides of whole 16-byte chunks (0 = broadcast).  Not a float32 bias (its
 // stage does not fit beside d128's tiles), and not in the backward (the sm80 kernels run it).
+// Head dims of the d64 and d128 buckets (below).
 ORCHARD_HOST_DEVICE bool sm90_dense_bias(const FwdParams& p) {
   return p.attn_bias != nullptr && p.bias_row_stride != 0 && p.sq != 1;
 }
 inline bool sm90_dense_bias_stageable(const FwdParams& p) {
   if (p.attn_bias_dtype == DType::kFloat32) return false;
+  // The d64 and d128 buckets only: the others' dense path (1-stage d192 tiles, d96's 3 WGs on
+  // 96-key tiles, d256's 64-key tiles) compiles but has not run on a GPU yet (session 52).
+  const int bucket = sm90_head_dim_bucket(p.d);
+  if (bucket != 64 && bucket != 128) return false;
   const uint64_t e = p.attn_bias_dtype == DType::kUInt8 ? 1 : 2;
   const uint64_t bits = reinterpret_cast<uintptr_t>(p.attn_bias) | static_cast<uint64_t>(p.bias_row_stride) * e |
                         static_cast<uint64_t>(p.bias_head_stride) * e | static_cast<uint64_t>(p.bias_batch_stride) * e;
