@@ -10,9 +10,9 @@
 // score registers before it issues the tile's QK^T, which accumulates onto them; the stage goes
 // back at once.
 //
-// The stage: boxes of 32 bytes of keys x kBM rows (16 keys of a 16-bit bias, 32 of a boolean mask),
-// box after box along the keys, rows 32 bytes apart, no swizzle (the fragment reads then meet a
-// 2-way bank conflict, rows r and r + 4 of a warp's 8; a few loads per key tile).  The map's dims are
+// The stage (attn_bias_tile_layout.h): boxes of 32 bytes of keys x kBM rows (16 keys of a 16-bit
+// bias, 32 of a boolean mask), no swizzle (the fragment reads then meet a 2-way bank conflict,
+// rows r and r + 4 of a warp's 8; a few loads per key tile).  The map's dims are
 // (keys, rows, heads, batch), a broadcast dim (stride 0) of size 1 read at coordinate 0; TMA fills
 // rows past sq and keys past sk with zeros (for a boolean mask 0 hides the key, for a float bias it
 // adds nothing: both are scores that the kernels mask or never store).
@@ -26,24 +26,11 @@
 
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm80/mma_utils.cuh"
+#include "backends/cuda/sm90/attn_bias_tile_layout.h"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
 
 namespace orchard::sm90 {
-
-constexpr int kBiasBoxBytes = 32;
-
-// Byte offset of (row, byte column) in a stage of kRows rows.
-template <int kRows>
-__device__ __forceinline__ uint32_t bias_stage_offset(int row, int byte_col) {
-  return (byte_col / kBiasBoxBytes) * (kRows * kBiasBoxBytes) + row * kBiasBoxBytes + byte_col % kBiasBoxBytes;
-}
-
-// Boxes per key tile of kBN keys for a bias of `elem_bytes` (1 or 2).
-template <int kBN>
-__host__ __device__ __forceinline__ int bias_boxes(int elem_bytes) {
-  return kBN * elem_bytes / kBiasBoxBytes;
-}
 
 // Pins x's value here: the volatile loads after it cannot be hoisted above the math that made it
 // (else every load of the tile issues first and their results stay live together, beside the
@@ -78,15 +65,13 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
       }
     return;
   }
-  // 16-bit kinds: one ldmatrix.x4 per two 8-key blocks.  Lane L addresses row L % 8 of matrix
-  // q = L / 8: rows 8 (q % 2) of the warp's 16, key block j + q / 2; register q then holds
-  // row g + 8 (q % 2), keys 2t, 2t + 1 of that block = s[4 (j + q / 2) + 2 (q % 2) + {0, 1}].
-  const int q = lane / 8;
-  const int row = row_w + 8 * (q % 2) + lane % 8;
+  // 16-bit kinds: one ldmatrix.x4 per two 8-key blocks (attn_bias_tile_layout.h says which lane
+  // addresses which row and which register lands in which scores).
+  const int row = row_w + bias_ldmatrix_row(lane);
 #pragma unroll
   for (int j = 0; j < kBN / 8; j += 2) {
     uint32_t r[4];
-    cuda::ldmatrix_x4(r, stage + bias_stage_offset<kBM>(row, 16 * (j + q / 2)));
+    cuda::ldmatrix_x4(r, stage + bias_stage_offset<kBM>(row, bias_ldmatrix_byte_col(lane, j)));
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
       float lo, hi;
@@ -98,7 +83,7 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
         lo = f.x;
         hi = f.y;
       }
-      const int i = 4 * (j + m / 2) + 2 * (m % 2);
+      const int i = bias_ldmatrix_score(j, m);
       s[i] = lo * inv_scale;
       s[i + 1] = hi * inv_scale;
       pin_score(s[i]);
