@@ -500,6 +500,43 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
         assert (out[:, 5] == 0).all() and (grads[0][:, 5] == 0).all()
 
 
+# Dense masks on the sm90 forward with several tiles per CTA: the persistent stride carries the
+# bias ring's stage / phase across tiles, and d128's non-causal kernel issues the next tile's first
+# QK^T (on its bias) with this tile's last PV (kFwdSm90CrossTile); the small shapes above run one
+# tile per CTA.  Forward only, through the SDPA drop-in, against float64 math.
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kind", ["bf16_bias", "bool_mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_sm90_dense_mask_many_tiles(d, kind, causal, tmp_path, monkeypatch):
+    b, h, s = 4, 16, 1000  # 8 m blocks of 128 rows (6 of 192) x 64 heads: ~4 tiles per CTA
+    q, k, v = (randn(b, h, s, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    # Rows of 1008 elements sliced to 1000 keys (16-byte rows); the drop-in refuses is_causal with a
+    # mask (as torch does), so causal is folded into the mask, in place in the padded buffer.
+    keep = torch.ones(s, s, dtype=torch.bool, device="cuda").tril() if causal else None
+    if kind == "bool_mask":  # (B, 1, S, S)
+        full = torch.rand(b, 1, s, 1008, device="cuda") > 0.2
+        if causal:
+            full[..., :s] &= keep
+        mask = full[..., :s]
+        bias = torch.zeros(mask.shape, dtype=torch.float64, device="cuda").masked_fill(~mask, float("-inf"))
+    else:  # (1, H, S, S)
+        full = randn(1, h, s, 1008, dtype=torch.bfloat16, device="cuda")
+        if causal:
+            full[..., :s].masked_fill_(~keep, float("-inf"))
+        mask = full[..., :s]
+        bias = mask.double()
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.cuda.synchronize()
+    fwd = [ln for ln in _debug_log(tmp_path) if ln.startswith("FWD")]
+    assert fwd and (".sm90." in fwd[0]) == _sm90_expected(), fwd
+    scores = q.double() @ k.double().transpose(-1, -2) * d ** -0.5 + bias
+    ref = torch.softmax(scores, -1).nan_to_num(0.0) @ v.double()
+    err = (out.double() - ref).abs().max().item()
+    assert err < 2e-2, err
+
+
 # Varlen on the sm90 kernels (their segment form, sm90_call_support.h): a call whose q and k share
 # one cu_seqlens tensor runs as one sequence of the packed rows, each row seeing its own
 # segment's keys. Segment boundaries inside query and key tiles, empty and one-token sequences,
