@@ -9,7 +9,8 @@ round in which no barrier or token changes, repeated, is reported as a deadlock 
 wait and the CTA's tiles (checked: removing the skipped tiles' turns deadlocks at once).
 
 Its finding: no deadlock with or without the phantom-WG skip at sq / sk 2200 / 2300, 2200 / 2200,
-2048, 4160, 2200 / 2100 (d64's and d96's tiles, the paired causal order, one CTA per SM). It models
+2048, 4160, 2200 / 2100 (d64's and d96's tiles, the paired causal order, one CTA per SM), nor
+with the dense attn_bias ring (1 or 2 stages; not modelled: d128's cross-tile carry). It models
 the protocol as written by hand, not the SASS: a mismatch with the kernel is possible.
 
     python3 dev/cuda/fwd_sm90_protocol_model.py"""
@@ -67,6 +68,8 @@ def run_cta(cta, grid, P):
             tiles.append((mb, 0, 0))
         t = (t + 1 if (t & 1) == 0 else t - 1 + 2 * grid) if paired else t + grid
     kf = [Bar(1), Bar(1)]; vf = [Bar(1), Bar(1)]; ke = [Bar(4 * kwg), Bar(4 * kwg)]; ve = [Bar(4 * kwg), Bar(4 * kwg)]
+    nb = P["bias_stages"]  # dense attn_bias ring (0: none): loaded after K, read before each QK^T
+    bf = [Bar(1) for _ in range(nb)]; be = [Bar(4 * kwg) for _ in range(nb)]
     qf = [Bar(1) for _ in range(kwg)]; qe = [Bar(4) for _ in range(kwg)]
     token = [0] * kwg
     def W(bar, par):  # wait
@@ -86,6 +89,8 @@ def run_cta(cta, grid, P):
             for it in range(nt):
                 s = kv % 2; ph = (kv // 2) & 1
                 yield from W(ke[s], ph ^ 1); kf[s].arrive()
+                if nb:
+                    yield from W(be[kv % nb], ((kv // nb) & 1) ^ 1); bf[kv % nb].arrive()
                 if it == 0:
                     use = qc
                     for w in range(kwg):
@@ -106,16 +111,22 @@ def run_cta(cta, grid, P):
                 for j in range(skip):
                     s = kv % 2; ph = (kv // 2) & 1
                     yield from W(kf[s], ph); yield from W(vf[s], ph)
+                    if nb:
+                        yield from W(bf[kv % nb], (kv // nb) & 1); be[kv % nb].arrive(4)
                     ke[s].arrive(4); ve[s].arrive(4)
                     yield from take(wg); give(wg)
                     kv += 1
                 s = kv % 2; ph = (kv // 2) & 1
+                if nb:
+                    yield from W(bf[kv % nb], (kv // nb) & 1); be[kv % nb].arrive(4)
                 yield from W(kf[s], ph); yield from take(wg); give(wg)
                 ke[s].arrive(4)
                 if nt == 1: qe[wg].arrive(4)
                 for it in range(1, nt):
                     c = kv + it; cp = c - 1
                     s, sp = c % 2, cp % 2; ph, php = (c // 2) & 1, (cp // 2) & 1
+                    if nb:
+                        yield from W(bf[c % nb], (c // nb) & 1); be[c % nb].arrive(4)
                     yield from W(kf[s], ph); yield from take(wg)
                     yield from W(vf[sp], php); give(wg)
                     ke[s].arrive(4)
@@ -150,7 +161,7 @@ def run_cta(cta, grid, P):
             state["_snap"] = snap
     return None
 
-def check(sq, sk, bm, bn, kwg, causal, paired, hq=4, b=1, phantom=True, grid_sms=132, section=None):
+def check(sq, sk, bm, bn, kwg, causal, paired, hq=4, b=1, phantom=True, grid_sms=132, section=None, bias_stages=0):
     nm = (sq + bm - 1) // bm
     num_hb = hq * b
     slots = 2 * ((nm + 1) // 2) if paired else nm
@@ -158,7 +169,8 @@ def check(sq, sk, bm, bn, kwg, causal, paired, hq=4, b=1, phantom=True, grid_sms
     units = total // 2 if paired else total
     grid = min(grid_sms, units)
     P = dict(sq=sq, sk=sk, bm=bm, bn=bn, kwg=kwg, causal=causal, paired=paired, nm=nm, num_hb=num_hb,
-             section=section or num_hb, total=total, coff=sk - sq if causal else 0, phantom=phantom)
+             section=section or num_hb, total=total, coff=sk - sq if causal else 0, phantom=phantom,
+             bias_stages=bias_stages)
     for cta in range(grid):
         r = run_cta(cta, grid, P)
         if r: return r
@@ -172,4 +184,12 @@ if __name__ == "__main__":
                 r = check(*args, 192, bn, 3, True, True, phantom=phantom)
                 bad += r != "ok"
                 print(f"kBN {bn} sq/sk {args} {'phantom skip' if phantom else 'no skip'}: {r}", flush=True)
+    # Dense attn_bias rings (flash_fwd_sm90.cuh, kBias): d64's 2 stages on 192 x 128 tiles, d128's and
+    # d192 causal's 1 stage on 128 x 128 / 128 x 96 tiles (the paired order where the kernel uses it).
+    for (bm, bn, kwg, stages, paired) in [(192, 128, 3, 2, True), (128, 128, 2, 1, False), (128, 96, 2, 1, True)]:
+        for args in [(2200, 2300), (1000, 1000), (330, 460)]:
+            for causal in (False, True):
+                r = check(*args, bm, bn, kwg, causal, paired and causal, hq=16, bias_stages=stages)
+                bad += r != "ok"
+                print(f"bias ring {stages}: tiles {bm}x{bn} sq/sk {args} causal {causal}: {r}", flush=True)
     sys.exit(1 if bad else 0)
