@@ -640,6 +640,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                             n * kBN + x * (kBiasBoxBytes / e), tl.m_block * kBM, p.bias_head_stride != 0 ? tl.h : 0,
                             p.bias_batch_stride != 0 ? tl.b : 0);
             }
+          }
           if (it == 0) {
             // Q of this CTA's q_cnt-th loaded tile into buffer qb, WG by WG: each WG releases its
             // part of the buffer's previous tile (use q_cnt / kQStages - 1 of its q_empty) once its
@@ -668,7 +669,6 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           for (int c = 0; c < kChunks; ++c)
             tma_load_4d(sV + s * Cfg::kKVBytes + c * Cfg::kKVChunkBytes, &tm_v, v_full(s), Cfg::kChunkCols * c,
                         n * kBN, hk, tl.b);
-          }
         }
       }
     }
