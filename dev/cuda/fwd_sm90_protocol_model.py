@@ -1,6 +1,8 @@
 """A host model of the sm90 forward's barrier protocol (flash_fwd_sm90.cuh in its overlap order with
 the GEMM token ring, no cross-tile carry, one Q buffer, no O staging: the d64 / d96 causal kernels),
-written in session 52 to look for the hang of test_sm90_causal_phantom_warpgroups.
+written in session 52 to look for the hang of test_sm90_causal_phantom_warpgroups (which turned out
+to be a misplaced brace in the producer, fixed in 5ba0578: the model checks the protocol as intended,
+not the code as written).
 
 The producer and each consumer warpgroup are generators that yield while they wait; mbarriers
 complete a phase when their arrival count is reached and a parity wait passes once the phase of

@@ -314,8 +314,8 @@ def test_sm90_features_wide_key_tiles(name, d, tmp_path, monkeypatch):
 # Causal 192-row tiles (d64 from 2048 keys, d96) whose last m block holds warpgroups of rows past
 # sq (2200 = 11 * 192 + 88: one WG partly real, two wholly past sq) or, with sq == sk, two real WGs
 # and one past sq (4160): with ORCHARD_SM90_FWD_PHANTOM_WG_SKIP those WGs skip their key tiles and
-# a partly real WG's diagonal counts its real rows only.  Session 52: its first case never returned
-# on an H100 (the hung kernel not isolated: bench/NOTES.md); this test has not yet passed on a GPU.
+# a partly real WG's diagonal counts its real rows only.  Not yet passed on a GPU (session 52's run
+# hung on a producer bug of that session's tree, fixed in 5ba0578: bench/NOTES.md).
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.parametrize("name,sq,sk", [("no_mods_causal", 2200, 2300), ("window_causal", 2200, 2300),
                                         ("all", 2200, 2300), ("no_mods_causal", 4160, 4160)])

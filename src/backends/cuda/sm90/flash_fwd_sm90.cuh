@@ -279,13 +279,9 @@ inline constexpr bool kFwdSm90PairsCausalTiles = kCausal && !(kD >= 96 && kD <= 
 // (ab_fwd.sh, medians of 3 alternating rounds): d64 causal s2k / 4k / 8k / 16k +3.0 / +0.5 / +1.9 /
 // +0.7 %, d96 +0.9 / +1.4 / +1.7 / +7.7 %; in the non-causal 3-WG kernels 0.99-1.007x (d96 s2k /
 // s4k 0.990 / 0.991 at 1-2 % spreads): not there.  An A/B switch: 1 on, 0 off.
-// Session 52: test_sm90_causal_phantom_warpgroups (d64 causal, sq 2200 / sk 2300: two of the last
-// block's three WGs past sq, through forward and backward), its first run on a GPU, never returned
-// (H100; the hung kernel was not isolated).  Not blamed on this skip: the kernel bench's causal
-// sq = sk = 2200 call (the same two phantom WGs) passed with it in session 51, and a host model of
-// the barrier protocol (dev/cuda/fwd_sm90_protocol_model.py) finds no deadlock with or without it;
-// what that test adds is sk != sq in the 3-WG causal kernels (never run on a GPU before, with the
-// skip or without) and the backward there.  Open: bench/NOTES.md, session 52.
+// (Session 52's hung GPU test was not this skip: a producer brace of the dense-bias change left the
+// kernels without attn_bias loading no Q or V, fixed in 5ba0578; test_sm90_causal_phantom_warpgroups
+// has yet to run on a GPU with the fix.)
 #ifndef ORCHARD_SM90_FWD_PHANTOM_WG_SKIP
 #define ORCHARD_SM90_FWD_PHANTOM_WG_SKIP 1
 #endif
