@@ -184,11 +184,7 @@ __device__ __forceinline__ const float* alibi_slope_ptr(const float* slopes, int
 // into a second buffer with the K/V (forward, dQ) or Q/dO (split dK/dV) tiles, or at
 // the top of the step (d <= 128 dK/dV). Tile rows: pitch kCols * esz + 16 bytes.
 
-// Element-type code of the bias: 0 boolean (uint8), 1 float32, 2 bfloat16, 3 float16.
-__host__ __device__ __forceinline__ int bias_kind(DType t) {
-  return t == DType::kUInt8 ? 0 : (t == DType::kFloat32 ? 1 : (t == DType::kBFloat16 ? 2 : 3));
-}
-__host__ __device__ constexpr int bias_elem_bytes(int kind) { return kind == 0 ? 1 : (kind == 1 ? 4 : 2); }
+// (bias_kind, bias_elem_bytes and bias_tile_async: score_mods.h, which host code includes too.)
 template <int kKind, int kCols>
 constexpr int bias_pitch() {
   return kCols * bias_elem_bytes(kKind) + 16;
@@ -226,14 +222,6 @@ __device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void*
 // 0.449 -> 0.445; ptxas: atomic dK/dV bias 8 -> 16 B spill, causal 8 -> 52 B).
 __device__ __forceinline__ void cp_async16_bytes_l1(uint32_t smem_addr, const void* gmem, int bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
-}
-
-// Whether issue_bias_tile stages with 16-byte cp.async (else element-wise loads).
-__device__ __forceinline__ bool bias_tile_async(const void* bias, int kind, int64_t bs, int64_t hs, int64_t rs,
-                                                int64_t cs) {
-  const int64_t e = bias_elem_bytes(kind);
-  return cs == 1 && ((reinterpret_cast<uintptr_t>(bias) | static_cast<uint64_t>(bs * e) |
-                      static_cast<uint64_t>(hs * e) | static_cast<uint64_t>(rs * e)) & 15) == 0;
 }
 
 // Row-broadcast biases (row stride 0: a key-padding mask (B, 1, 1, S), say) stage

@@ -20,7 +20,6 @@
 // stays on the sm80 kernels (its stage would not fit beside d128's tiles).
 #pragma once
 #include <cuda.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -58,8 +57,8 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const uint32_t v = ld_shared_u16(stage + bias_stage_offset<kBM>(row_w + g + 8 * r, 8 * j + 2 * t));
-        s[4 * j + 2 * r] = (v & 0xffu) != 0 ? 0.f : -INFINITY;
-        s[4 * j + 2 * r + 1] = (v >> 8) != 0 ? 0.f : -INFINITY;
+        s[4 * j + 2 * r] = cuda::bias_convert<0>(v & 0xffu);
+        s[4 * j + 2 * r + 1] = cuda::bias_convert<0>(v >> 8);
         pin_score(s[4 * j + 2 * r]);
         pin_score(s[4 * j + 2 * r + 1]);
       }
@@ -74,15 +73,10 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
     cuda::ldmatrix_x4(r, stage + bias_stage_offset<kBM>(row, bias_ldmatrix_byte_col(lane, j)));
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      float lo, hi;
-      if (kind == 2) {  // bf16
-        lo = __uint_as_float(r[m] << 16);
-        hi = __uint_as_float(r[m] & 0xffff0000u);
-      } else {  // fp16
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&r[m]));
-        lo = f.x;
-        hi = f.y;
-      }
+      // The pair: the lower key in the low half.
+      const auto lo16 = static_cast<unsigned short>(r[m] & 0xffffu), hi16 = static_cast<unsigned short>(r[m] >> 16);
+      const float lo = kind == 2 ? cuda::bias_convert<2>(lo16) : cuda::bias_convert<3>(lo16);
+      const float hi = kind == 2 ? cuda::bias_convert<2>(hi16) : cuda::bias_convert<3>(hi16);
       const int i = bias_ldmatrix_score(j, m);
       s[i] = lo * inv_scale;
       s[i + 1] = hi * inv_scale;
@@ -93,7 +87,7 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
 }
 
 // The tensor map of a dense bias (host): boxes of kBiasBoxBytes x box_rows.  False where TMA cannot
-// take it (the caller then runs the sm80 kernels; sm90_dense_bias already checks the strides).
+// take it (the caller then runs the sm80 kernels; sm90_dense_bias_stageable already checks the strides).
 inline bool make_bias_map(CUtensorMap* map, const FwdParams& p, uint32_t box_rows) {
   const int kind = cuda::bias_kind(p.attn_bias_dtype);
   const uint64_t e = static_cast<uint64_t>(cuda::bias_elem_bytes(kind));

@@ -22,18 +22,18 @@ ORCHARD_HOST_DEVICE bool sm90_dense_bias(const FwdParams& p) {
   return p.attn_bias != nullptr && p.bias_row_stride != 0 && p.sq != 1;
 }
 inline bool sm90_dense_bias_stageable(const FwdParams& p) {
-  if (p.attn_bias_dtype == DType::kFloat32) return false;
+  const int kind = bias_kind(p.attn_bias_dtype);
+  if (kind == 1) return false;  // float32
   // The d64 and d128 buckets only: the others' dense path (1-stage d192 tiles, d96's 3 WGs on
   // 96-key tiles, d256's 64-key tiles) compiles but has not run on a GPU yet (session 52).
   const int bucket = sm90_head_dim_bucket(p.d);
   if (bucket != 64 && bucket != 128) return false;
-  const uint64_t e = p.attn_bias_dtype == DType::kUInt8 ? 1 : 2;
-  const uint64_t bits = reinterpret_cast<uintptr_t>(p.attn_bias) | static_cast<uint64_t>(p.bias_row_stride) * e |
-                        static_cast<uint64_t>(p.bias_head_stride) * e | static_cast<uint64_t>(p.bias_batch_stride) * e;
   const int64_t big = int64_t{1} << 36;  // TMA strides stay below 2^40 bytes
-  return (p.bias_col_stride == 1 || p.sk == 1) && (bits & 15) == 0 && p.bias_row_stride > 0 &&
-         p.bias_head_stride >= 0 && p.bias_batch_stride >= 0 && p.bias_row_stride < big && p.bias_head_stride < big &&
-         p.bias_batch_stride < big;
+  // (One key has no key stride to speak of.)
+  return bias_tile_async(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride,
+                         p.sk == 1 ? 1 : p.bias_col_stride) &&
+         p.bias_row_stride > 0 && p.bias_head_stride >= 0 && p.bias_batch_stride >= 0 && p.bias_row_stride < big &&
+         p.bias_head_stride < big && p.bias_batch_stride < big;
 }
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
