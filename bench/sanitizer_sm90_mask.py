@@ -32,7 +32,7 @@ for dtype in (torch.bfloat16, torch.float16):
                         mask[1, ..., 100:300] = False
                     bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
                 elif kind == "dense_bool":
-                    mask = torch.rand(b, hq, sq, 464 + 16, device="cuda")[..., :sk] > 0.3
+                    mask = torch.rand(b, hq, sq, 480, device="cuda")[..., :sk] > 0.3  # rows of 480 bytes
                     bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
                 elif kind == "dense_float":
                     mask = torch.randn(1, hq, sq, 464, device="cuda", dtype=dtype)[..., :sk]

@@ -14,7 +14,7 @@ if bwd:
     o.backward(torch.randn_like(o)); torch.cuda.synchronize()
 print('ok')
 """
-# The suspected hang last: after a hung kernel the GPU may stay busy for the later cases.
+# The most suspect case last: after a hung kernel the GPU may stay busy for the later cases.
 for sq, sk, d, causal, bwd in [(2200, 2300, 64, False, False), (2200, 2200, 64, True, False),
                                (2200, 2200, 64, True, True), (2200, 2300, 64, True, False),
                                (2200, 2300, 64, True, True)]:

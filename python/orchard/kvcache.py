@@ -138,8 +138,8 @@ def _eager_scalars(softmax_scale, wl, wr, softcap, num_splits):
     """The eager calls' scalar arguments as the C++ op takes them; a value of the wrong type (None,
     a string) or one no number can stand for (NaN as an int) raises the op's error, naming them."""
     try:
-        return (None if softmax_scale is None else float(softmax_scale), _ops.window_bound(int(wl)), _ops.window_bound(int(wr)),
-                float(softcap), _splits(num_splits))
+        return (None if softmax_scale is None else float(softmax_scale), _ops.window_bound(int(wl)),
+                _ops.window_bound(int(wr)), float(softcap), _splits(num_splits))
     except TypeError as e:
         raise TypeError(f"{OP}: softmax_scale, window_size, softcap and num_splits must be numbers ({e})") from None
     except (ValueError, OverflowError) as e:
