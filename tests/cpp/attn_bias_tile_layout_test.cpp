@@ -1,4 +1,4 @@
-// The sm90 forward's dense attn_bias tiles (src/backends/cuda/sm90/attn_bias_tile_layout.h),
+// The sm90 kernels' dense attn_bias tiles (src/backends/cuda/sm90/attn_bias_tile_layout.h),
 // replayed on the host: the TMA boxes fill a stage from a bias tile of distinct values, then each
 // lane's reads (ldmatrix.x4 for 16-bit kinds, 2-byte loads for booleans) must hand every score
 // register s[i] the element of its own (row, key) in the wgmma accumulator layout.  Every tile
@@ -65,6 +65,53 @@ void check_tile(int elem_bytes) {
                                           << " lane " << lane << " s[" << i << "]";
       }
     }
+}
+
+// The backward's S^T (rows = keys): a stage of 64 queries x kKeys keys; warp kw's lanes (16 keys
+// from kw) read s[i] = (query 8 (i / 4) + 2t + (i % 2), key kw + g + 8 ((i / 2) % 2)).
+template <int kKeys>
+void check_transposed_tile(int elem_bytes) {
+  constexpr int kRows = 64;
+  std::vector<uint8_t> stage(kRows * kKeys * 2, 0xEE);
+  for (int x = 0; x < bias_boxes<kKeys>(elem_bytes); ++x)
+    for (int r = 0; r < kRows; ++r)
+      for (int b = 0; b < kBiasBoxBytes; ++b) {
+        const uint16_t v = element(r, (x * kBiasBoxBytes + b) / elem_bytes);
+        stage[x * kRows * kBiasBoxBytes + r * kBiasBoxBytes + b] =
+            elem_bytes == 1 ? static_cast<uint8_t>(v) : static_cast<uint8_t>(v >> (8 * (b % 2)));
+      }
+  for (int kw = 0; kw < kKeys; kw += 16)
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      std::vector<int> got(32, -1);
+      if (elem_bytes == 1) {
+        for (int i = 0; i < 32; ++i)
+          got[i] = stage[bias_stage_offset<kRows>(8 * (i / 4) + 2 * t + (i % 2), kw + g + 8 * ((i / 2) % 2))];
+      } else {
+        for (int j = 0; j < 8; j += 2)
+          for (int m = 0; m < 4; ++m) {
+            // ldmatrix.x4.trans: matrix m's rows come from lanes 8 m .. 8 m + 7; this lane receives
+            // column g of rows 2t and 2t + 1 (the 2-byte elements at byte g * 2 of those rows).
+            const int i = bias_ldmatrix_score(j, m);
+            for (int e = 0; e < 2; ++e) {
+              const int src = 8 * m + 2 * t + e;
+              const int off = bias_stage_offset<kRows>(bias_trans_ldmatrix_row(src, j),
+                                                       bias_trans_ldmatrix_byte_col(src, kw)) + 2 * g;
+              got[i + e] = stage[off] | stage[off + 1] << 8;
+            }
+          }
+      }
+      for (int i = 0; i < 32; ++i) {
+        const int query = 8 * (i / 4) + 2 * t + (i % 2), key = kw + g + 8 * ((i / 2) % 2);
+        const uint16_t v = element(query, key);
+        ASSERT_EQ(got[i], elem_bytes == 1 ? (v & 0xff) : v)
+            << "keys " << kKeys << " e " << elem_bytes << " kw " << kw << " lane " << lane << " s[" << i << "]";
+      }
+    }
+}
+
+TEST(AttnBiasTileLayout, BackwardLanesGetTheirTransposedElements) {
+  for (int e : {1, 2}) check_transposed_tile<128>(e);  // the d64 / d128 backward: 64 queries x 128 keys
 }
 
 TEST(AttnBiasTileLayout, EveryLaneGetsItsOwnElements) {

@@ -110,10 +110,13 @@ TEST(Sm90CallSupport, RowBroadcastAndStageableDenseBiases) {
   p.deterministic = true;  // the ordered-dQ kernels have no modifiers
   EXPECT_FALSE(bwd(p));
   p.deterministic = false;
-  p.bias_row_stride = 400;  // rows of its own: the sm90 forward stages them by TMA, the backward does not
+  p.bias_row_stride = 400;  // rows of its own: both sm90 passes stage them by TMA
   p.bias_batch_stride = 400 * 400;
   EXPECT_TRUE(fwd(p));
+  EXPECT_TRUE(bwd(p));
+  p.deterministic = true;
   EXPECT_FALSE(bwd(p));
+  p.deterministic = false;
   p.softcap = 5.f;  // a dense bias starts the scores, so softcap would cap it
   EXPECT_FALSE(fwd(p));
   p.softcap = 0.f;
@@ -138,14 +141,20 @@ TEST(Sm90CallSupport, RowBroadcastAndStageableDenseBiases) {
   p.bias_row_stride = 204;  // 408 bytes
   EXPECT_FALSE(fwd(p));
   p.bias_row_stride = 200;
-  auto dense_fwd = [&](int d) {  // this bias on a call of head dim d
+  auto dense_call = [&](int d) {  // this bias on a call of head dim d
     BwdParams q = plain_call(d);
     q.attn_bias = p.attn_bias, q.attn_bias_dtype = p.attn_bias_dtype;
     q.bias_row_stride = p.bias_row_stride, q.bias_batch_stride = p.bias_batch_stride, q.bias_col_stride = 1;
-    return fwd(q);
+    return q;
   };
-  for (int d : {64, 40, 128, 104}) EXPECT_TRUE(dense_fwd(d)) << d;    // the d64 and d128 buckets
-  for (int d : {96, 160, 192, 256}) EXPECT_FALSE(dense_fwd(d)) << d;  // not yet run on a GPU: sm80
+  for (int d : {64, 40, 128, 104}) {  // the d64 and d128 buckets, forward and backward
+    EXPECT_TRUE(fwd(dense_call(d))) << d;
+    EXPECT_TRUE(bwd(dense_call(d))) << d;
+  }
+  for (int d : {96, 160, 192, 256}) {  // not yet run on a GPU: sm80
+    EXPECT_FALSE(fwd(dense_call(d))) << d;
+    EXPECT_FALSE(bwd(dense_call(d))) << d;
+  }
   p = plain_call();
   p.attn_bias = mask;
   p.bias_col_stride = 2;  // keys not contiguous

@@ -446,12 +446,12 @@ SM90_MASKS = {
     "softcap_key_bias": dict(causal=True, softcap=5.0, sm90_bwd=False),
     "full_bool": dict(sm90_fwd=False, sm90_bwd=False),  # rows of 460 bytes: not TMA-stageable
     "head_bias": dict(sm90_fwd=False, sm90_bwd=False),  # likewise (920 bytes)
-    "dense_bool": dict(dense=True, sm90_bwd=False),
-    "causal_dense_bool": dict(causal=True, dense=True, sm90_bwd=False),
-    "dense_bool_batch": dict(dense=True, sm90_bwd=False),
-    "dense_bias": dict(dense=True, sm90_bwd=False),
-    "causal_dense_window_alibi": dict(causal=True, window=(96, 32), alibi=True, dense=True, sm90_bwd=False),
-    "dense_other16": dict(dense=True, sm90_bwd=False),
+    "dense_bool": dict(dense=True),
+    "causal_dense_bool": dict(causal=True, dense=True),
+    "dense_bool_batch": dict(dense=True),
+    "dense_bias": dict(dense=True),
+    "causal_dense_window_alibi": dict(causal=True, window=(96, 32), alibi=True, dense=True),
+    "dense_other16": dict(dense=True),
     "dense_softcap": dict(softcap=5.0, sm90_fwd=False, sm90_bwd=False),  # added before softcap: sm80
     "dense_fp32": dict(sm90_fwd=False, sm90_bwd=False),
 }
@@ -476,10 +476,10 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
                                                   "orchard.flash_attn", None, *features)
     fwd0, bwd0 = _first_fwd_bwd_lines(tmp_path)
     sm90 = _sm90_expected()
-    # Dense masks run the sm90 forward in the d64 and d128 buckets only (sm90_dense_bias_stageable).
+    # Dense masks run the sm90 kernels in the d64 and d128 buckets only (sm90_dense_bias_stageable).
     dense_ok = not kw.get("dense") or d <= 64 or 96 < d <= 128
     assert (".sm90." in fwd0) == (sm90 and kw.get("sm90_fwd", True) and dense_ok), fwd0
-    assert (".sm90." in bwd0) == (sm90 and kw.get("sm90_bwd", True)), bwd0
+    assert (".sm90." in bwd0) == (sm90 and kw.get("sm90_bwd", True) and dense_ok), bwd0
 
     ref_kw = dict(scale=scale, causal=causal, window=(wl, wr), softcap=softcap, alibi_slopes=slopes, bias=mask)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
@@ -500,10 +500,11 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
         assert (out[:, 5] == 0).all() and (grads[0][:, 5] == 0).all()
 
 
-# Dense masks on the sm90 forward with several tiles per CTA: the persistent stride carries the
-# bias ring's stage / phase across tiles, and d128's non-causal kernel issues the next tile's first
-# QK^T (on its bias) with this tile's last PV (kFwdSm90CrossTile); the small shapes above run one
-# tile per CTA.  Forward only, through the SDPA drop-in, against float64 math.
+# Dense masks on the sm90 kernels with several tiles per CTA: the persistent stride carries the
+# forward's bias ring stage / phase across tiles, and d128's non-causal kernel issues the next tile's
+# first QK^T (on its bias) with this tile's last PV (kFwdSm90CrossTile); the persistent backward
+# (non-causal) carries its Q / dO ring, which the bias tiles ride, across key tiles.  The small
+# shapes above run one tile per CTA.  Through the SDPA drop-in, against float64 math.
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("kind", ["bf16_bias", "bool_mask"])
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
@@ -517,6 +518,8 @@ def test_sm90_dense_mask_many_tiles(d, kind, causal, tmp_path, monkeypatch):
         full = torch.rand(b, 1, s, 1008, device="cuda") > 0.2
         if causal:
             full[..., :s] &= keep
+        # Each row sees its own key (a row that sees none has NaN float64 gradients to compare to).
+        full[..., :s] |= torch.eye(s, dtype=torch.bool, device="cuda")
         mask = full[..., :s]
         bias = torch.zeros(mask.shape, dtype=torch.float64, device="cuda").masked_fill(~mask, float("-inf"))
     else:  # (1, H, S, S)
@@ -527,14 +530,23 @@ def test_sm90_dense_mask_many_tiles(d, kind, causal, tmp_path, monkeypatch):
         bias = mask.double()
     monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
     monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    do = randn(*out.shape, dtype=out.dtype, device="cuda")
+    grads = torch.autograd.grad(out, (q, k, v), do)
     torch.cuda.synchronize()
-    fwd = [ln for ln in _debug_log(tmp_path) if ln.startswith("FWD")]
-    assert fwd and (".sm90." in fwd[0]) == _sm90_expected(), fwd
-    scores = q.double() @ k.double().transpose(-1, -2) * d ** -0.5 + bias
-    ref = torch.softmax(scores, -1).nan_to_num(0.0) @ v.double()
+    log = _debug_log(tmp_path)
+    for op in ("FWD", "BWD"):
+        lines = [ln for ln in log if ln.startswith(op)]
+        assert lines and (".sm90." in lines[0]) == _sm90_expected(), (op, lines)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    scores = leaves[0] @ leaves[1].transpose(-1, -2) * d ** -0.5 + bias
+    ref = torch.softmax(scores, -1).nan_to_num(0.0) @ leaves[2]
     err = (out.double() - ref).abs().max().item()
     assert err < 2e-2, err
+    for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, leaves, do.double())):
+        gerr = (g.double() - r).abs().max().item()
+        assert gerr < 4e-2 * max(1.0, r.abs().max().item()), (name, gerr)
 
 
 # Varlen on the sm90 kernels (their segment form, sm90_call_support.h): a call whose q and k share

@@ -1,6 +1,6 @@
 // Dense attn_bias / attn_mask tiles (a bias with rows of its own: (B, H, S, S), (1, 1, S, S), ...)
-// on the sm90 forward, in its kBias kernels (sm90_dense_bias in sm90_call_support.h says which
-// calls).  Row-broadcast biases (a key-padding mask) are read straight from global memory instead
+// on the sm90 forward and the d <= 128 backward, in their kBias kernels (sm90_dense_bias in
+// sm90_call_support.h says which calls).  Row-broadcast biases (a key-padding mask) are read straight from global memory instead
 // (attn_bias_fragment.cuh).
 //
 // Read that way, a dense bias was slower than the sm80 kernels (every warp load touched 8 rows'
@@ -82,6 +82,44 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
       s[i + 1] = hi * inv_scale;
       pin_score(s[i]);
       pin_score(s[i + 1]);
+    }
+  }
+}
+
+// The backward (flash_bwd_sm90.cuh): this thread's S^T scores (s[i] = key kw + g + 8 ((i / 2) % 2),
+// query 8 (i / 4) + 2t + (i % 2) of the step; kw = the warp's first key in the key tile) plus the
+// stage's elements for them, added after the S^T GEMM (a stage of kRows queries x the tile's keys,
+// the forward's layout: attn_bias_tile_layout.h).  A float bias adds bias / scale, a boolean 0 sets
+// -inf.  16-bit kinds: ldmatrix.x4.trans (the pair s[i], s[i + 1] is one key's two queries, in two
+// stage rows); booleans: a byte per element.
+template <int kRows>
+__device__ __forceinline__ void add_bias_tile_keys(uint32_t stage, int kind, float inv_scale, float (&s)[32], int kw,
+                                                   int lane) {
+  static_assert(kRows == 64, "the backward's steps of 64 queries (S^T: 8 query blocks of 8)");
+  const int g = lane / 4, t = lane % 4;
+  if (kind == 0) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int query = 8 * (i / 4) + 2 * t + (i % 2), key = kw + g + 8 * ((i / 2) % 2);
+      unsigned short v;
+      asm volatile("ld.shared.u8 %0, [%1];\n" : "=h"(v) : "r"(stage + bias_stage_offset<kRows>(query, key)));
+      s[i] = v != 0 ? s[i] : -INFINITY;
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j += 2) {
+    uint32_t r[4];
+    cuda::ldmatrix_x4_trans(r, stage + bias_stage_offset<kRows>(bias_trans_ldmatrix_row(lane, j),
+                                                                bias_trans_ldmatrix_byte_col(lane, kw)));
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const auto lo16 = static_cast<unsigned short>(r[m] & 0xffffu), hi16 = static_cast<unsigned short>(r[m] >> 16);
+      const float lo = kind == 2 ? cuda::bias_convert<2>(lo16) : cuda::bias_convert<3>(lo16);
+      const float hi = kind == 2 ? cuda::bias_convert<2>(hi16) : cuda::bias_convert<3>(hi16);
+      const int i = bias_ldmatrix_score(j, m);
+      s[i] = fmaf(lo, inv_scale, s[i]);
+      s[i + 1] = fmaf(hi, inv_scale, s[i + 1]);
     }
   }
 }

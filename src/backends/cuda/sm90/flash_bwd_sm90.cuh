@@ -85,6 +85,7 @@
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm90/attn_bias_fragment.cuh"
+#include "backends/cuda/sm90/attn_bias_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
@@ -92,6 +93,7 @@
 #include "backends/cuda/sm90/ordered_add.cuh"
 #include "backends/cuda/sm90/segments.cuh"
 #include "backends/cuda/sm90/sm90.cuh"
+#include "backends/cuda/sm90/sm90_call_support.h"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
 
@@ -184,6 +186,13 @@ struct BwdSm90Config {
   static constexpr int kOffDqStage = kOffD + kStages * kBM * 4;
   static constexpr int kOffBars = kOffDqStage + 8 * kDqWarpBytes;
   static constexpr int kSmemBytes = kOffBars + 128 + 1024;  // + 1024: align the base up
+  // The kBias kernels with a dense bias (attn_bias_tiles.cuh): a bias tile of the step's 64 queries
+  // x the 128 keys (<= 2 bytes each) per Q / dO stage, loaded and released with it, past the
+  // barriers (d128: 231,552 of the 232,448 bytes).
+  static constexpr int kBiasStageBytes = kBM * kBN * 2;
+  static constexpr int kOffBias = kOffBars + 128;
+  static constexpr int kSmemBytesDenseBias = kOffBias + kStages * kBiasStageBytes + 1024;
+  static_assert(kSmemBytesDenseBias <= 232448, "the sm_90 opt-in shared memory limit (227 KB)");
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
   static_assert(8 + 16 * kStages + 24 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty");
   // kOrderedDq: consumer warp (wg, wi)'s dQ partial slot in the stage area, so that the slots
@@ -198,6 +207,7 @@ struct BwdSm90Config {
 // TMA maps of one backward call (built on the host, passed as __grid_constant__).
 struct BwdSm90Maps {
   CUtensorMap q, k, v, dout;
+  CUtensorMap bias;  // a dense attn_bias (d <= 128 kBias kernels, attn_bias_tiles.cuh); else unset
 };
 
 __device__ __forceinline__ float bwd_ex2(float x) {
@@ -303,7 +313,10 @@ struct BwdSm90Barriers {
 // kv_round = those tiles' count; from the second tile on, the first step's Q / dO go out first
 // (their stage is free before the last tile ends), then the K / V tiles once the consumers
 // have released the previous ones (kv_empty).
-template <typename Cfg>
+// kDenseBias (the d <= 128 kBias kernels, with a dense bias: the caller's run-time check): each
+// step's bias tile (its 64 queries x the 128 keys, attn_bias_tiles.cuh) comes with its Q / dO, on
+// the same full barrier, into the stage's bias buffer.
+template <typename Cfg, bool kDenseBias = false>
 __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const BwdParams& p, const float* dsum,
                                                  uint32_t sbase, int b, int hk, int group, int n0,
                                                  BwdTileRange tr, int lane, int it_base = 0, int kv_round = 0) {
@@ -347,12 +360,22 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
       asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(at + Cfg::kOffD), "f"(dd) : "memory");
     }
     if (lane == 0) {
-      mbarrier_arrive_expect_tx(bar.full(s), 2 * Cfg::kQBytes);
+      // A dense bias: boxes of 32 bytes of keys x the 64 rows (past sq / sk: zeros).
+      const int bias_bytes = kDenseBias ? cuda::bias_elem_bytes(cuda::bias_kind(p.attn_bias_dtype)) : 0;
+      mbarrier_arrive_expect_tx(bar.full(s), 2 * Cfg::kQBytes + bias_bytes * kBM * Cfg::kBN);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const uint32_t at = sbase + s * Cfg::kQBytes + c * Cfg::kQChunkBytes;
         tma_load_4d(at + Cfg::kOffQ, &maps.q, bar.full(s), Cfg::kChunkCols * c, m0, h, b);
         tma_load_4d(at + Cfg::kOffDo, &maps.dout, bar.full(s), Cfg::kChunkCols * c, m0, h, b);
+      }
+      if constexpr (kDenseBias) {
+        const int box_keys = kBiasBoxBytes / bias_bytes;
+#pragma unroll 1
+        for (int x = 0; x < Cfg::kBN / box_keys; ++x)
+          tma_load_4d(sbase + Cfg::kOffBias + s * Cfg::kBiasStageBytes + x * kBM * kBiasBoxBytes, &maps.bias,
+                      bar.full(s), n0 + x * box_keys, m0, p.bias_head_stride != 0 ? h : 0,
+                      p.bias_batch_stride != 0 ? b : 0);
       }
     } else {
       mbarrier_arrive(bar.full(s));
@@ -371,6 +394,7 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
     if (lane == 0) {
       tma_prefetch_desc(&maps.q);
       tma_prefetch_desc(&maps.dout);
+      if constexpr (kDenseBias) tma_prefetch_desc(&maps.bias);
     }
   } else {
     load_step();
@@ -460,6 +484,10 @@ __global__ void __launch_bounds__(384, 1)
   const int64_t coff = p.causal_offset;
   // Features (window / softcap / ALiBi): CTA-uniform run-time flags.
   const bool has_window = kFeatures && cuda::window_active(kCausal, p.window_left, p.window_right);
+  // A dense attn_bias comes through the Q / dO stages (the producer's kDenseBias); a row-broadcast
+  // one is read from global memory in the feature pass (attn_bias_fragment.cuh).  Re-read from the
+  // parameters where tested: held across the consumers' loop, the flag cost registers.
+  auto dense_bias = [&] { return kBias && cuda::sm90_dense_bias(p); };
   // Tiles (one 128-key block of one (batch, kv head)): the CTA runs tiles blockIdx.x,
   // + gridDim.x, ...: one per CTA when the grid covers them, several in the persistent launch
   // (launch_flash_bwd_sm90_main; never for kOrderedDq, whose turn order assumes a CTA per tile).
@@ -485,9 +513,10 @@ __global__ void __launch_bounds__(384, 1)
       trim_to_segments<kBM>(p, n0, min(n0 + kBN, sk) - 1, m_begin, m_end);
       tr = {m_begin, m_end - m_begin};
     }
-    // A key tile a boolean mask hides from every row: no step (dK, dV 0), for every role alike.
+    // A key tile a row-broadcast boolean mask hides from every row: no step (dK, dV 0), for every
+    // role alike.
     if constexpr (kBias) {
-      if (tr.n_m > 0 && bias_hides_key_tile(p, cta.b, cta.hk, group, n0, kBN, threadIdx.x % 32)) tr.n_m = 0;
+      if (!dense_bias() && tr.n_m > 0 && bias_hides_key_tile(p, cta.b, cta.hk, group, n0, kBN, threadIdx.x % 32)) tr.n_m = 0;
     }
     return Work{cta, n0, tr, tr.n_m * group};
   };
@@ -519,8 +548,11 @@ __global__ void __launch_bounds__(384, 1)
       for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
         const Work w = work_of(tile);
         if (w.n_iters == 0) continue;
-        bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk,
-                              group, w.n0, w.tr, lane, it_base, kv_round);
+        if (dense_bias())
+          bwd_sm90_produce<Cfg, true>(maps, p, dsum, sbase, w.cta.b, w.cta.hk, group, w.n0, w.tr, lane, it_base,
+                                      kv_round);
+        else
+          bwd_sm90_produce<Cfg>(maps, p, dsum, sbase, w.cta.b, w.cta.hk, group, w.n0, w.tr, lane, it_base, kv_round);
         it_base += w.n_iters;
         ++kv_round;
       }
@@ -699,7 +731,12 @@ __global__ void __launch_bounds__(384, 1)
                                      cuda::tile_needs_mask_window(n0 + 64 * wg, 64, m0, kBM, sk, w), rel0(),
                                      sk - n0 - key_l0);
               if constexpr (kBias) {
-                add_attn_bias_keys(bias_row(p, b, h), sacc, n0 + key_l0);
+                if (dense_bias())
+                  add_bias_tile_keys<kBM>(sbase + Cfg::kOffBias + s * Cfg::kBiasStageBytes,
+                                          cuda::bias_kind(p.attn_bias_dtype), 1.f / p.scale, sacc, 64 * wg + 16 * wi,
+                                          lane);
+                else
+                  add_attn_bias_keys(bias_row(p, b, h), sacc, n0 + key_l0);
               }
               if (!kBias && p.segment_cu != nullptr) {
                 // Varlen's segment form: each of this thread's two keys is seen by its own

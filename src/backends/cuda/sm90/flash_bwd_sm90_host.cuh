@@ -24,6 +24,10 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
   // nothing to S^T, dP^T, dK, dV or dQ (and are not stored).
   if (p.d > kD || p.d % 8 != 0 || value_dim(p) != p.d) return false;
   constexpr int kCols = Cfg::kChunkCols;  // the box width: one swizzle row
+  // A dense attn_bias (the d <= 128 kernels): boxes of 32 bytes x the step's 64 query rows.
+  if constexpr (kD <= 128) {
+    if (p.attn_bias != nullptr && sm90_dense_bias(p) && !sm90::make_bias_map(&m->bias, p, Cfg::kBM)) return false;
+  }
   return sm90::make_attn_map<T>(&m->q, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
                                Cfg::kBM, kCols) &&
          sm90::make_attn_map<T>(&m->dout, p.dout, p.d, p.sq, p.hq, p.b, p.do_row_stride, p.do_head_stride,
@@ -131,16 +135,21 @@ void launch_flash_bwd_sm90_main(const BwdParams& p, const BwdSm90MapsStorage& ma
     if (sms > 0 && sms < grid) grid = sms;
   }
   auto kernel = flash_bwd_sm90_kernel_for<T, kD>(p, bulk_dq);
-  cuda::set_max_dynamic_smem(kernel, Cfg::kSmemBytes);  // once per (kernel, device): launch.h
+  // A dense attn_bias's stages (the d <= 128 kBias kernels) take shared memory past the others'.
+  int smem = Cfg::kSmemBytes;
+  if constexpr (kD <= 128) {
+    if (sm90_dense_bias(p)) smem = Cfg::kSmemBytesDenseBias;
+  }
+  cuda::set_max_dynamic_smem(kernel, smem);  // once per (kernel, device): launch.h
   const auto& m = *reinterpret_cast<const sm90::BwdSm90Maps*>(maps.bytes);
   const int head_group = p.deterministic && kD <= 128 ? ordered_head_group(p) : causal_head_group(p);
   // A programmatic dependent of the pre-pass: the launch and the CTAs' start overlap its end;
   // both kernels wait (pdl_wait_primary) before they read its output.
   if (ORCHARD_SM90_BWD_PDL)
-    launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), Cfg::kSmemBytes,
+    launch_pdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(Cfg::kThreads), smem,
                static_cast<cudaStream_t>(p.stream), m, p, dsum, dq_accum, nb, head_group);
   else
-    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, Cfg::kSmemBytes, static_cast<cudaStream_t>(p.stream)>>>(
+    kernel<<<static_cast<unsigned>(grid), Cfg::kThreads, smem, static_cast<cudaStream_t>(p.stream)>>>(
         m, p, dsum, dq_accum, nb, head_group);
   check_launch(kD > 128 ? "flash_bwd_sm90_wide_kernel" : "flash_bwd_sm90_kernel");
 }

@@ -25,9 +25,9 @@ namespace orchard::cuda {
 // How dQ partials reach dq_accum by default (bench/NOTES.md: measured atomics vs bulk adds).
 constexpr bool kSm90BwdBulkDqDefault = true;
 
-// Opaque storage for the call's four TMA descriptors (Q, K, V, dO: 128 bytes each).
+// Opaque storage for the call's TMA descriptors (Q, K, V, dO and a dense attn_bias: 128 bytes each).
 struct alignas(64) BwdSm90MapsStorage {
-  unsigned char bytes[4 * 128];
+  unsigned char bytes[5 * 128];
 };
 
 // Encodes the TMA maps; false when the driver refuses them (the caller runs the sm80 backward).

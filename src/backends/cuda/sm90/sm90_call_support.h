@@ -16,8 +16,8 @@ namespace orchard::cuda {
 // A dense attn_bias / mask (rows of its own) that the sm90 forward stages by TMA
 // (sm90/attn_bias_tiles.cuh): boolean or 16-bit float, key stride 1, a 16-byte aligned base and
 // row / head / batch strides of whole 16-byte chunks (0 = broadcast).  Not a float32 bias (its
-// stage does not fit beside d128's tiles), and not in the backward (the sm80 kernels run it).
-// Head dims of the d64 and d128 buckets (below).
+// stage does not fit beside d128's tiles).  Head dims of the d64 and d128 buckets (below), forward
+// and backward (flash_bwd_sm90.cuh stages the same tiles with each step's Q / dO).
 ORCHARD_HOST_DEVICE bool sm90_dense_bias(const FwdParams& p) {
   return p.attn_bias != nullptr && p.bias_row_stride != 0 && p.sq != 1;
 }
@@ -119,9 +119,9 @@ inline std::size_t bwd_workspace_bytes(const BwdParams& p) {
 
 // The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
 // above, both with every modifier above; sinks need nothing more, P comes from the LSE, which
-// holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  Not: dense
-// attn_bias (the forward's staged tiles have no backward counterpart yet); softcap
-// with attn_bias (the sm90 softcap gradient recovers tanh from P, which would need the bias read
+// holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  A dense
+// attn_bias in the d <= 128 kernel only (the forward's rule above keeps it to the d64 / d128
+// buckets).  Not: softcap with attn_bias (the sm90 softcap gradient recovers tanh from P, which would need the bias read
 // again); the C++ API's dsink output (its pass, run_bwd_dsink, reads the sm80 workspace's D);
 // deterministic mode except d == d_v of exactly 64 or 128 without score modifiers (the kernels
 // with ordered dQ adds).
@@ -131,7 +131,7 @@ inline bool sm90_bwd_call_supported(const BwdParams& p) {
   if (p.segment_cu != nullptr && (p.deterministic || p.d > 128 || p.dq_accum != nullptr)) return false;
   if (p.deterministic && ((p.d != 64 && p.d != 128) || score_mods_active(p))) return false;
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
-  if (sm90_dense_bias(p)) return false;  // the backward reads row-broadcast biases only
+  if (sm90_dense_bias(p) && p.d > 128) return false;  // the wide kernel reads row-broadcast biases only
   if (p.dsink != nullptr) return false;
   if (!sm90_fwd_call_supported(p)) return false;
   BwdParams q = p;
