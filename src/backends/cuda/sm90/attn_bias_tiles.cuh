@@ -1,7 +1,7 @@
 // Dense attn_bias / attn_mask tiles (a bias with rows of its own: (B, H, S, S), (1, 1, S, S), ...)
 // on the sm90 forward and the d <= 128 backward, in their kBias kernels (sm90_dense_bias in
-// sm90_call_support.h says which calls).  Row-broadcast biases (a key-padding mask) are read straight from global memory instead
-// (attn_bias_fragment.cuh).
+// sm90_call_support.h says which calls).  Row-broadcast biases (a key-padding mask) are read
+// straight from global memory instead (attn_bias_fragment.cuh).
 //
 // Read that way, a dense bias was slower than the sm80 kernels (every warp load touched 8 rows'
 // cache lines; H200, session 37), so here the producer warp copies each key tile's

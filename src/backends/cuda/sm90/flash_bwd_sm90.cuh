@@ -516,7 +516,8 @@ __global__ void __launch_bounds__(384, 1)
     // A key tile a row-broadcast boolean mask hides from every row: no step (dK, dV 0), for every
     // role alike.
     if constexpr (kBias) {
-      if (!dense_bias() && tr.n_m > 0 && bias_hides_key_tile(p, cta.b, cta.hk, group, n0, kBN, threadIdx.x % 32)) tr.n_m = 0;
+      if (!dense_bias() && tr.n_m > 0 && bias_hides_key_tile(p, cta.b, cta.hk, group, n0, kBN, threadIdx.x % 32))
+        tr.n_m = 0;
     }
     return Work{cta, n0, tr, tr.n_m * group};
   };
