@@ -42,6 +42,14 @@ __device__ __forceinline__ uint32_t ld_shared_u16(uint32_t addr) {
   return v;
 }
 
+// One ldmatrix register of a 16-bit bias (kind 2: bf16, 3: fp16) as floats: x the low half (the lower
+// key of a pair in the forward, the lower query in the backward's transposed read), y the high half.
+__device__ __forceinline__ float2 bias_pair16(uint32_t r, int kind) {
+  const auto lo = static_cast<unsigned short>(r & 0xffffu), hi = static_cast<unsigned short>(r >> 16);
+  return make_float2(kind == 2 ? cuda::bias_convert<2>(lo) : cuda::bias_convert<3>(lo),
+                     kind == 2 ? cuda::bias_convert<2>(hi) : cuda::bias_convert<3>(hi));
+}
+
 // This thread's scores set to the stage's elements (the wgmma accumulator layout: s[i] is row
 // row_w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2t + (i % 2) of the tile; row_w = the warp's
 // first row in the tile, 64 wg + 16 wi): bias / scale for a float bias (the kernels' scores are
@@ -73,13 +81,10 @@ __device__ __forceinline__ void bias_tile_scores(uint32_t stage, int kind, float
     cuda::ldmatrix_x4(r, stage + bias_stage_offset<kBM>(row, bias_ldmatrix_byte_col(lane, j)));
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      // The pair: the lower key in the low half.
-      const auto lo16 = static_cast<unsigned short>(r[m] & 0xffffu), hi16 = static_cast<unsigned short>(r[m] >> 16);
-      const float lo = kind == 2 ? cuda::bias_convert<2>(lo16) : cuda::bias_convert<3>(lo16);
-      const float hi = kind == 2 ? cuda::bias_convert<2>(hi16) : cuda::bias_convert<3>(hi16);
+      const float2 v = bias_pair16(r[m], kind);
       const int i = bias_ldmatrix_score(j, m);
-      s[i] = lo * inv_scale;
-      s[i + 1] = hi * inv_scale;
+      s[i] = v.x * inv_scale;
+      s[i + 1] = v.y * inv_scale;
       pin_score(s[i]);
       pin_score(s[i + 1]);
     }
@@ -114,12 +119,10 @@ __device__ __forceinline__ void add_bias_tile_keys(uint32_t stage, int kind, flo
                                                                 bias_trans_ldmatrix_byte_col(lane, kw)));
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      const auto lo16 = static_cast<unsigned short>(r[m] & 0xffffu), hi16 = static_cast<unsigned short>(r[m] >> 16);
-      const float lo = kind == 2 ? cuda::bias_convert<2>(lo16) : cuda::bias_convert<3>(lo16);
-      const float hi = kind == 2 ? cuda::bias_convert<2>(hi16) : cuda::bias_convert<3>(hi16);
+      const float2 v = bias_pair16(r[m], kind);
       const int i = bias_ldmatrix_score(j, m);
-      s[i] = fmaf(lo, inv_scale, s[i]);
-      s[i + 1] = fmaf(hi, inv_scale, s[i + 1]);
+      s[i] = fmaf(v.x, inv_scale, s[i]);
+      s[i + 1] = fmaf(v.y, inv_scale, s[i + 1]);
     }
   }
 }
