@@ -26,7 +26,7 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
   constexpr int kCols = Cfg::kChunkCols;  // the box width: one swizzle row
   // A dense attn_bias (the d <= 128 kernels): boxes of 32 bytes x the step's 64 query rows.
   if constexpr (kD <= 128) {
-    if (p.attn_bias != nullptr && sm90_dense_bias(p) && !sm90::make_bias_map(&m->bias, p, Cfg::kBM)) return false;
+    if (sm90_dense_bias(p) && !sm90::make_bias_map(&m->bias, p, Cfg::kBM)) return false;
   }
   return sm90::make_attn_map<T>(&m->q, p.q, p.d, p.sq, p.hq, p.b, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
                                Cfg::kBM, kCols) &&
