@@ -413,23 +413,23 @@ def _sm90_mask(name, b, hq, sq, sk, dtype):
         return mask
     if name == "head_bias":
         return randn(1, hq, sq, sk, dtype=dtype, device="cuda")
-    # Dense ones the sm90 forward stages by TMA (sm90_dense_bias_stageable): rows padded to whole
-    # 16-byte chunks, sliced to the ragged sk.
+    # Dense ones the sm90 kernels stage by TMA (sm90_dense_bias_stageable): rows padded to whole
+    # 16-byte chunks, sliced to the ragged sk (views into the padded buffer: an operator applied
+    # after the slice would return a packed tensor, 460-element rows that TMA cannot stage).
     pad = (sk + 15) // 16 * 16
     if name in ("dense_bool", "causal_dense_bool"):
-        mask = torch.rand(b, hq, sq, pad, device="cuda")[..., :sk] > 0.3
+        mask = (torch.rand(b, hq, sq, pad, device="cuda") > 0.3)[..., :sk]
         mask[:, :, 5] = False  # a row the mask hides entirely: out 0, LSE -inf
         mask[0, 1, :, 200:] = False  # whole key tiles hidden for one head
         return mask
     if name == "dense_bool_batch":  # (B, 1, S, S): heads broadcast (stride 0)
-        return torch.rand(b, 1, sq, pad, device="cuda")[..., :sk] > 0.5
-    if name == "dense_other16":  # the other 16-bit float kind than q's, (1, 1, S, S): both broadcast
-        other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
-        return randn(1, 1, sq, pad, dtype=other, device="cuda")[..., :sk]
+        return (torch.rand(b, 1, sq, pad, device="cuda") > 0.5)[..., :sk]
+    if name == "dense_broadcast":  # (1, 1, S, S): batch and heads broadcast
+        return randn(1, 1, sq, pad, dtype=dtype, device="cuda")[..., :sk]
     if name == "dense_fp32":
         return randn(1, hq, sq, pad, dtype=torch.float32, device="cuda")[..., :sk]
     if name.startswith("dense") or name.startswith("causal_dense"):  # dense_bias, causal_dense_window_alibi, ...
-        return randn(1, hq, sq, pad, dtype=dtype, device="cuda")[..., :sk] * 2
+        return (randn(1, hq, sq, pad, dtype=dtype, device="cuda") * 2)[..., :sk]
     return randn(1, hq, 1, sk, dtype=dtype, device="cuda")  # key_bias, window_alibi_key_bias, softcap_key_bias
 
 
@@ -451,7 +451,7 @@ SM90_MASKS = {
     "dense_bool_batch": dict(dense=True),
     "dense_bias": dict(dense=True),
     "causal_dense_window_alibi": dict(causal=True, window=(96, 32), alibi=True, dense=True),
-    "dense_other16": dict(dense=True),
+    "dense_broadcast": dict(dense=True),
     "dense_softcap": dict(softcap=5.0, sm90_fwd=False, sm90_bwd=False),  # added before softcap: sm80
     "dense_fp32": dict(sm90_fwd=False, sm90_bwd=False),
 }
@@ -467,6 +467,8 @@ def test_sm90_attn_mask_vs_reference(name, d, dtype, tmp_path, monkeypatch):
     causal, (wl, wr), softcap = kw.get("causal", False), kw.get("window", (-1, -1)), kw.get("softcap", 0.0)
     slopes = (torch.rand(b, hq, dtype=torch.float64) * 0.3).float().cuda() if kw.get("alibi") else None
     mask = _sm90_mask(name, b, hq, sq, sk, dtype)
+    if kw.get("dense"):  # rows of whole 16-byte chunks, or the case would not test the staged tiles
+        assert mask.stride(-2) * mask.element_size() % 16 == 0 and mask.stride(-1) == 1, mask.stride()
     q, k, v, do = _logged_inputs(b, sq, sk, hq, hkv, d, dtype, tmp_path, monkeypatch)
     q, k, v = (t.detach() for t in (q, k, v))
     features = (wl, wr, softcap, slopes, None, mask)
