@@ -147,12 +147,12 @@ TEST(Sm90CallSupport, RowBroadcastAndStageableDenseBiases) {
     q.bias_row_stride = p.bias_row_stride, q.bias_batch_stride = p.bias_batch_stride, q.bias_col_stride = 1;
     return q;
   };
-  for (int d : {64, 40, 128, 104}) {  // the d64 and d128 buckets, forward and backward
+  for (int d : {64, 40, 96, 72, 128, 104}) {  // the d <= 128 buckets, forward and backward
     EXPECT_TRUE(fwd(dense_call(d))) << d;
     EXPECT_TRUE(bwd(dense_call(d))) << d;
   }
-  for (int d : {96, 160, 192, 256}) {  // not yet run on a GPU: sm80
-    EXPECT_FALSE(fwd(dense_call(d))) << d;
+  for (int d : {160, 192, 256}) {  // the wide backward reads row-broadcast biases only
+    EXPECT_TRUE(fwd(dense_call(d))) << d;
     EXPECT_FALSE(bwd(dense_call(d))) << d;
   }
   p = plain_call();

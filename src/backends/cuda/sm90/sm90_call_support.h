@@ -16,18 +16,15 @@ namespace orchard::cuda {
 // A dense attn_bias / mask (rows of its own) that the sm90 forward stages by TMA
 // (sm90/attn_bias_tiles.cuh): boolean or 16-bit float, key stride 1, a 16-byte aligned base and
 // row / head / batch strides of whole 16-byte chunks (0 = broadcast).  Not a float32 bias (its
-// stage does not fit beside d128's tiles).  Head dims of the d64 and d128 buckets (below), forward
-// and backward (flash_bwd_sm90.cuh stages the same tiles with each step's Q / dO).
+// stage does not fit beside d128's tiles).  Every head-dim bucket of the forward; the backward's
+// d <= 128 kernel stages the same tiles with each step's Q / dO (flash_bwd_sm90.cuh), the wide one
+// does not (sm90_bwd_call_supported).
 ORCHARD_HOST_DEVICE bool sm90_dense_bias(const FwdParams& p) {
   return p.attn_bias != nullptr && p.bias_row_stride != 0 && p.sq != 1;
 }
 inline bool sm90_dense_bias_stageable(const FwdParams& p) {
   const int kind = bias_kind(p.attn_bias_dtype);
   if (kind == 1) return false;  // float32
-  // The d64 and d128 buckets only: the others' dense path (1-stage d192 tiles, d96's 3 WGs on
-  // 96-key tiles, d256's 64-key tiles) compiles but has not run on a GPU yet (session 52).
-  const int bucket = sm90_head_dim_bucket(p.d);
-  if (bucket != 64 && bucket != 128) return false;
   const int64_t big = int64_t{1} << 36;  // TMA strides stay below 2^40 bytes
   // (One key has no key stride to speak of.)
   return bias_tile_async(p.attn_bias, kind, p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride,
@@ -120,8 +117,7 @@ inline std::size_t bwd_workspace_bytes(const BwdParams& p) {
 // The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
 // above, both with every modifier above; sinks need nothing more, P comes from the LSE, which
 // holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  A dense
-// attn_bias in the d <= 128 kernel only (the forward's rule above keeps it to the d64 / d128
-// buckets).  Not: softcap with attn_bias (the sm90 softcap gradient recovers tanh from P, which
+// attn_bias in the d <= 128 kernel only.  Not: softcap with attn_bias (the sm90 softcap gradient recovers tanh from P, which
 // would need the bias read again); the C++ API's dsink output (its pass, run_bwd_dsink, reads the sm80 workspace's D);
 // deterministic mode except d == d_v of exactly 64 or 128 without score modifiers (the kernels
 // with ordered dQ adds).
