@@ -4,11 +4,10 @@
 // of its own fragment's columns straight from global memory (the read-only path: after the
 // first CTA, L1 / L2 hits) and applies them in the kernels' feature pass, after apply_score_mods
 // (so after softcap, as params.h orders them), in their kBias instantiations only.
-// A bias with rows of its own (1, H, S, S) runs the sm80 kernels, which stage its tiles in shared
-// memory (attention_tiles.cuh): read this way, every warp's load touches 8 rows' cache lines, and
-// the H200 ran it slower than the sm80 kernels (bench/RESULTS.md, session 37: bf16 d128 b4 s1k,
-// 0.183 / 0.783 ms fwd / fwd+bwd against cuDNN's 0.128 / 0.506).  Doing those on sm90 needs
-// the tiles staged by the producer warp (TMA), not done yet.
+// A bias with rows of its own (1, H, S, S) is staged by TMA instead (attn_bias_tiles.cuh, since
+// sessions 52 / 53): read this way, every warp's load touches 8 rows' cache lines, and the H200 ran
+// it slower than the sm80 kernels (bench/RESULTS.md, session 37: bf16 d128 b4 s1k, 0.183 / 0.783 ms
+// fwd / fwd+bwd against cuDNN's 0.128 / 0.506).
 // Batch and head strides of any value (0 = broadcast), key stride 1; the four bias kinds.
 // Key tiles a boolean mask hides entirely are not run at all (the end of this file).
 #pragma once

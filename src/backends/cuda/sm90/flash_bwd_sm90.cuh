@@ -66,6 +66,11 @@
 // softcap's gradient dS^T = P^T (1 - tanh^2) (dP^T - D) takes tanh from the fp32 P^T
 // (softcap_dtanh) and parks P^T (1 - tanh^2) as 16 bits in the step's dS^T slots until dP^T
 // is ready, so no extra register array lives across the dP^T GEMM.
+// attn_bias (the kBias kernels): a row-broadcast one read from global memory in the feature pass
+// (attn_bias_fragment.cuh); a dense one (rows of its own, sm90_dense_bias) as each step's 64 x 128
+// tile, loaded by TMA with the step's Q / dO on the same full barrier into a buffer per stage
+// (Cfg::kOffBias; released with the stage) and added to S^T in the feature pass
+// (add_bias_tile_keys, attn_bias_tiles.cuh).
 // Varlen in its segment form (segments.cuh), in the kFeatures kernels: each key tile's query tiles
 // narrowed to its keys' segments, other segments' elements of S^T masked per step.
 // The dispatch (cuda_backend.cu, sm90_bwd_applies) sends d > 128 to flash_bwd_sm90_wide.cuh (the
@@ -449,8 +454,8 @@ __device__ __forceinline__ void bwd_sm90_write_dq_ordered(const BwdParams& p, fl
 // kOrderedDq (the deterministic mode; with kBulkDq, no features, d == kD): the consumers stage
 // each step's dQ partial and the dQ writer (bwd_sm90_write_dq_ordered) adds it in key-block
 // order; the other kernels compile to the same code as before it.
-// kBias (with kFeatures): a row-broadcast attn_bias read in the feature pass
-// (attn_bias_fragment.cuh).  A flag of its own: compiled into the feature kernels (a first,
+// kBias (with kFeatures): an attn_bias added in the feature pass, row-broadcast or dense (the
+// header says how each is read).  A flag of its own: compiled into the feature kernels (a first,
 // per-element form of the reads) it raised their spills (bf16 d128: 12-76 B -> 156-188 B); as a
 // flag those compile to the same code as before it (the kBias kernels: 52-116 B).
 template <typename T, int kD, bool kCausal, bool kBulkDq, bool kFeatures, bool kPaddedD, bool kOrderedDq = false,
