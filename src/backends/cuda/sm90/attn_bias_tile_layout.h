@@ -42,6 +42,8 @@ ORCHARD_HOST_DEVICE constexpr int bias_ldmatrix_score(int j, int m) { return 4 *
 // + L % 8 at the 16 bytes of keys kw + 8 ((L / 8) % 2), and register m holds the pair at
 // bias_ldmatrix_score(j, m) (16-bit kinds; a boolean mask is read a byte per element).
 ORCHARD_HOST_DEVICE constexpr int bias_trans_ldmatrix_row(int lane, int j) { return 8 * (j + lane / 16) + lane % 8; }
-ORCHARD_HOST_DEVICE constexpr int bias_trans_ldmatrix_byte_col(int lane, int kw) { return 2 * (kw + 8 * ((lane / 8) % 2)); }
+ORCHARD_HOST_DEVICE constexpr int bias_trans_ldmatrix_byte_col(int lane, int kw) {
+  return 2 * (kw + 8 * ((lane / 8) % 2));
+}
 
 }  // namespace orchard::sm90

@@ -117,10 +117,10 @@ inline std::size_t bwd_workspace_bytes(const BwdParams& p) {
 // The backward: the forward's calls (flash_bwd_sm90.cuh for d <= 128, flash_bwd_sm90_wide.cuh
 // above, both with every modifier above; sinks need nothing more, P comes from the LSE, which
 // holds them) with dO / dQ / dK / dV rows in 16-byte vectors (dO is read by TMA).  A dense
-// attn_bias in the d <= 128 kernel only.  Not: softcap with attn_bias (the sm90 softcap gradient recovers tanh from P, which
-// would need the bias read again); the C++ API's dsink output (its pass, run_bwd_dsink, reads the sm80 workspace's D);
-// deterministic mode except d == d_v of exactly 64 or 128 without score modifiers (the kernels
-// with ordered dQ adds).
+// attn_bias in the d <= 128 kernel only.  Not: softcap with attn_bias (the sm90 softcap gradient
+// recovers tanh from P, which would need the bias read again); the C++ API's dsink output (its
+// pass, run_bwd_dsink, reads the sm80 workspace's D); deterministic mode except d == d_v of
+// exactly 64 or 128 without score modifiers (the kernels with ordered dQ adds).
 inline bool sm90_bwd_call_supported(const BwdParams& p) {
   // The segment form in the d <= 128 kernels only (flash_bwd_sm90.cuh); not deterministic, and not
   // into a caller's dQ accumulator (laid out per sequence).
