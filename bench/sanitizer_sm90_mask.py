@@ -1,7 +1,7 @@
 """Forward + backward calls of the sm90 kernels' kBias instantiations (row-broadcast attn_bias:
 a key-padding bool mask (B, 1, 1, S), right or left padded or hiding keys in the middle, whose
 hidden key tiles the kernels do not run, and a float key bias (1, H, 1, S), attn_bias_fragment.cuh;
-dense ones staged by TMA in the forward, attn_bias_tiles.cuh: a bool mask (B, H, S, S) and a
+dense ones staged by TMA (the forward, and the backward up to d128), attn_bias_tiles.cuh: a bool mask (B, H, S, S) and a
 16-bit float bias (1, H, S, S), rows padded to 16-byte chunks and sliced to the ragged sk),
 d64 / d128 / d192 / d256 buckets (d 80 and 160 below their buckets), causal and not, bf16 and
 fp16, GQA, ragged lengths (the column reads stop and clamp at sk), for compute-sanitizer
@@ -32,7 +32,9 @@ for dtype in (torch.bfloat16, torch.float16):
                         mask[1, ..., 100:300] = False
                     bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
                 elif kind == "dense_bool":
-                    mask = torch.rand(b, hq, sq, 480, device="cuda")[..., :sk] > 0.3  # rows of 480 bytes
+                    # Rows of 480 bytes: the comparison before the slice (after it, the result would be a
+                    # packed tensor of sk-byte rows, which TMA cannot stage: the sm80 kernels would run).
+                    mask = (torch.rand(b, hq, sq, 480, device="cuda") > 0.3)[..., :sk]
                     bias = torch.zeros(mask.shape, device="cuda").masked_fill(~mask, float("-inf"))
                 elif kind == "dense_float":
                     mask = torch.randn(1, hq, sq, 464, device="cuda", dtype=dtype)[..., :sk]
@@ -40,6 +42,8 @@ for dtype in (torch.bfloat16, torch.float16):
                 else:
                     mask = torch.randn(1, hq, 1, sk, device="cuda", dtype=dtype)
                     bias = mask.float()
+                if kind.startswith("dense"):  # stageable rows, or this kind would not reach the TMA tiles
+                    assert mask.stride(-2) * mask.element_size() % 16 == 0, (kind, mask.stride())
                 scale = d ** -0.5
                 features = (-1, -1, 0.0, None, None, mask)
                 out, lse, _ = torch.ops.orchard.flash_attn_forward(q, k, v, scale, causal, False, 0.0, 0, 0, False,
