@@ -198,6 +198,7 @@ struct BwdSm90Config {
   static constexpr int kOffBias = kOffBars + 128;
   static constexpr int kSmemBytesDenseBias = kOffBias + kStages * kBiasStageBytes + 1024;
   static_assert(kSmemBytesDenseBias <= 232448, "the sm_90 opt-in shared memory limit (227 KB)");
+  static_assert(kOffBias % 128 == 0 && kBiasStageBytes % 128 == 0, "TMA destinations: 128-byte aligned boxes");
   static constexpr int kThreads = 384;  // producer WG + 2 consumer WGs
   static_assert(8 + 16 * kStages + 24 <= 128, "barriers: kv_full, full / empty per stage, dq_full / dq_empty, kv_empty");
   // kOrderedDq: consumer warp (wg, wi)'s dQ partial slot in the stage area, so that the slots
