@@ -26,6 +26,7 @@
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/sm80/mma_utils.cuh"
 #include "backends/cuda/sm90/attn_bias_tile_layout.h"
+#include "backends/cuda/sm90/tma.cuh"
 #include "backends/cuda/sm90/tma_host.h"
 #include "orchard/params.h"
 
@@ -40,6 +41,20 @@ __device__ __forceinline__ uint32_t ld_shared_u16(uint32_t addr) {
   unsigned short v;
   asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
   return v;
+}
+
+// The TMA loads of one bias tile into the stage at `dst` (attn_bias_tile_layout.h): kRows rows from
+// row0 x kKeys keys from key0 of (batch b, head h), a broadcast dim read at 0, elements of e bytes;
+// box x holds keys key0 + x * 32 / e.  They complete on `bar`, whose expect_tx the caller counts
+// (kRows * kKeys * e bytes: boxes past sq / sk arrive as zeros).
+template <int kRows, int kKeys>
+__device__ __forceinline__ void load_bias_tile(uint32_t dst, const CUtensorMap* map, uint32_t bar, const FwdParams& p,
+                                               int e, int key0, int row0, int h, int b) {
+  // Rolled: the backward's producer has 24 registers (unrolled, its d64 causal kBias kernel spilled 8 B).
+#pragma unroll 1
+  for (int x = 0; x < bias_boxes<kKeys>(e); ++x)
+    tma_load_4d(dst + x * kRows * kBiasBoxBytes, map, bar, key0 + x * (kBiasBoxBytes / e), row0,
+                p.bias_head_stride != 0 ? h : 0, p.bias_batch_stride != 0 ? b : 0);
 }
 
 // One ldmatrix register of a 16-bit bias (kind 2: bf16, 3: fp16) as floats: x the low half (the lower

@@ -375,14 +375,9 @@ __device__ __forceinline__ void bwd_sm90_produce(const BwdSm90Maps& maps, const 
         tma_load_4d(at + Cfg::kOffQ, &maps.q, bar.full(s), Cfg::kChunkCols * c, m0, h, b);
         tma_load_4d(at + Cfg::kOffDo, &maps.dout, bar.full(s), Cfg::kChunkCols * c, m0, h, b);
       }
-      if constexpr (kDenseBias) {
-        const int box_keys = kBiasBoxBytes / bias_bytes;
-#pragma unroll 1
-        for (int x = 0; x < Cfg::kBN / box_keys; ++x)
-          tma_load_4d(sbase + Cfg::kOffBias + s * Cfg::kBiasStageBytes + x * kBM * kBiasBoxBytes, &maps.bias,
-                      bar.full(s), n0 + x * box_keys, m0, p.bias_head_stride != 0 ? h : 0,
-                      p.bias_batch_stride != 0 ? b : 0);
-      }
+      if constexpr (kDenseBias)
+        load_bias_tile<kBM, Cfg::kBN>(sbase + Cfg::kOffBias + s * Cfg::kBiasStageBytes, &maps.bias, bar.full(s), p,
+                                      bias_bytes, n0, m0, h, b);
     } else {
       mbarrier_arrive(bar.full(s));
     }

@@ -628,13 +628,10 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
               // right after its K: the consumers read them before its QK^T.
               const int bs = kv_cnt % kBiasRing;
               const int e = cuda::bias_elem_bytes(cuda::bias_kind(p.attn_bias_dtype));
-              const int boxes = bias_boxes<kBN>(e);
               mbarrier_wait(bias_empty(bs), ((kv_cnt / kBiasRing) & 1) ^ 1);
-              mbarrier_arrive_expect_tx(bias_full(bs), boxes * kBM * kBiasBoxBytes);
-              for (int x = 0; x < boxes; ++x)
-                tma_load_4d(sBias + bs * Cfg::kBiasStageBytes + x * kBM * kBiasBoxBytes, &tm_bias, bias_full(bs),
-                            n * kBN + x * (kBiasBoxBytes / e), tl.m_block * kBM, p.bias_head_stride != 0 ? tl.h : 0,
-                            p.bias_batch_stride != 0 ? tl.b : 0);
+              mbarrier_arrive_expect_tx(bias_full(bs), kBM * kBN * e);
+              load_bias_tile<kBM, kBN>(sBias + bs * Cfg::kBiasStageBytes, &tm_bias, bias_full(bs), p, e, n * kBN,
+                                       tl.m_block * kBM, tl.h, tl.b);
             }
           }
           if (it == 0) {
