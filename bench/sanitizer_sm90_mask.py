@@ -1,8 +1,8 @@
 """Forward + backward calls of the sm90 kernels' kBias instantiations (row-broadcast attn_bias:
 a key-padding bool mask (B, 1, 1, S), right or left padded or hiding keys in the middle, whose
 hidden key tiles the kernels do not run, and a float key bias (1, H, 1, S), attn_bias_fragment.cuh;
-dense ones staged by TMA (the forward, and the backward up to d128), attn_bias_tiles.cuh: a bool mask (B, H, S, S) and a
-16-bit float bias (1, H, S, S), rows padded to 16-byte chunks and sliced to the ragged sk),
+dense ones staged by TMA (the forward, and the backward up to d128), attn_bias_tiles.cuh: a bool
+mask (B, H, S, S) and a 16-bit float bias (1, H, S, S), rows padded to 16-byte chunks and sliced to the ragged sk),
 d64 / d128 / d192 / d256 buckets (d 80 and 160 below their buckets), causal and not, bf16 and
 fp16, GQA, ragged lengths (the column reads stop and clamp at sk), for compute-sanitizer
 (memcheck, racecheck) to watch. Each output is also checked against plain fp32 math, so a wrong
