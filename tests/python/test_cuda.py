@@ -718,3 +718,145 @@ def test_varlen_backward_with_unowned_rows(lens, total, d):
         for got, want in ((dq, rq), (dk, rk), (dv, rv)):
             torch.testing.assert_close(got[sl].double(), want[0], atol=5e-2, rtol=5e-2)
         start += length
+
+
+# ---- GPUs that give a block less shared memory than an H100 ---------------------------------------
+# ORCHARD_CUDA_SMEM_OPTIN lowers the shared-memory opt-in the kernel choices see (read once per
+# process), so these cases run in a child pytest on the sm80 kernels (ORCHARD_SM90=0), as an A100
+# (163 KB) or an sm_86 / sm_89 GPU (99 KB) would run them. None of them has run on such a GPU.
+SMEM_A100, SMEM_SM86 = 166912, 101376
+
+
+def _smem_cap_is(cap):
+    import os
+    if os.environ.get("ORCHARD_CUDA_SMEM_OPTIN") != str(cap) or os.environ.get("ORCHARD_SM90") != "0":
+        pytest.skip("runs in a child pytest (test_sm80_kernels_with_less_shared_memory)")
+
+
+@pytest.mark.parametrize("cap", [SMEM_A100, SMEM_SM86], ids=["a100", "sm86"])
+def test_sm80_kernels_with_less_shared_memory(cap):
+    """Before session 54 an A100 could not run the backward at d64 / d128 (174 / 173 KB of shared
+    memory with two Q / dO stages) and an sm_86 / sm_89 GPU no backward and no d160 / d192 forward:
+    a bare CUDA launch error. Now the one-stage backward, the d256 forward kernel for d160 / d192,
+    and NotImplementedError naming the sizes where nothing fits."""
+    if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < cap:
+        pytest.skip("this GPU allows less than the cap")
+    out = _child_pytest("smem_a100_" if cap == SMEM_A100 else "smem_sm86_",
+                        ORCHARD_CUDA_SMEM_OPTIN=str(cap), ORCHARD_SM90="0")
+    assert (" 11 passed" if cap == SMEM_A100 else " 7 passed") in out, out[-2000:]
+
+
+def _variant_lines(tmp_path, monkeypatch, fn):
+    """fn() run with the debug log on: its FWD and BWD lines' variant names."""
+    monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
+    monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
+    fn()
+    torch.cuda.synchronize()
+    return [re.search(r"variant=(\S+)", ln).group(1) for ln in _debug_log(tmp_path)]
+
+
+@pytest.mark.parametrize("d", [64, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_smem_a100_fwd_bwd(d, causal, tmp_path, monkeypatch):
+    """d64 / d128: the one-pass backward on one Q / dO stage; d192 / d256 likewise (before, the
+    two-pass kernels: their two stages need 173 / 222 KB)."""
+    _smem_cap_is(SMEM_A100)
+    variants = _variant_lines(tmp_path, monkeypatch, lambda: _check_fwd_bwd_against_references(
+        *_qkv(dtype=torch.bfloat16, b=2, s=333, h=4, hkv=2, d=d), causal))
+    assert len(variants) == 2 and not any(".sm90." in v for v in variants), variants
+
+
+def test_smem_a100_deterministic_backward():
+    """The deterministic backward (its dQ kernel fits 163 KB) on the one-stage key pass: bitwise
+    the same twice, and within the tolerance rule."""
+    _smem_cap_is(SMEM_A100)
+    q, k, v = _qkv(dtype=torch.bfloat16, b=2, s=400, h=4, hkv=4, d=128)
+    do = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = orchard.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), do))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_ref(q64, k64, v64, None, True)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    naive, _ = attention_ref(qn, kn, vn, None, True, upcast=False)
+    ngrads = torch.autograd.grad(naive, (qn, kn, vn), do)
+    for name, g, r, n in zip(("dq", "dk", "dv"), runs[0], rgrads, ngrads):
+        check_close_rule(g, r, n, 4e-3, name)
+
+
+def _masked_sdpa_vs_float64(d, dtype=torch.bfloat16):
+    """A float attn_mask (1, H, S, S), with its gradient, through the SDPA drop-in vs float64 SDPA."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 200, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 4, 200, 200, device="cuda", dtype=dtype, requires_grad=True)
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), do)
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*xs[:3], attn_mask=xs[3])
+    rgrads = torch.autograd.grad(ref, xs, do.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g.double(), r, atol=3e-2, rtol=3e-2)
+
+
+def test_smem_a100_attn_bias_d128():
+    """attn_bias at d128: 155 KB with one stage (188 KB with two)."""
+    _smem_cap_is(SMEM_A100)
+    _masked_sdpa_vs_float64(128)
+
+
+def test_smem_a100_attn_bias_d64_has_no_kernel():
+    """attn_bias at d64 needs 174 KB even on one stage: NotImplementedError with the sizes, and the
+    forward's output is all the call leaves behind (no backward kernel ran)."""
+    _smem_cap_is(SMEM_A100)
+    q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16)
+    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with pytest.raises(NotImplementedError, match=r"needs 174080 bytes of shared memory per block; this GPU allows 166912"):
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+@pytest.mark.parametrize("d", [144, 192])
+def test_smem_sm86_forward_on_the_d256_kernel(d, tmp_path, monkeypatch):
+    """d160 / d192 forwards need 105 / 150 KB: they run the d256 kernel (99 KB), named so in the log."""
+    _smem_cap_is(SMEM_SM86)
+    q, k, v = _qkv(dtype=torch.float16, b=2, s=300, h=4, hkv=2, d=d, requires_grad=False)
+
+    def run():
+        out = orchard.flash_attn_func(q, k, v, causal=True)
+        ref, _ = attention_ref(q.double(), k.double(), v.double(), None, True)
+        naive, _ = attention_ref(q, k, v, None, True, upcast=False)
+        check_close_rule(out, ref, naive, 1e-3, "out")
+    variants = _variant_lines(tmp_path, monkeypatch, run)
+    assert variants == ["cuda.fwd.fp16.d256.causal"], variants
+
+
+def test_smem_sm86_backward_d160_two_pass():
+    """d160 trains there on the two-pass kernels (92 KB)."""
+    _smem_cap_is(SMEM_SM86)
+    _check_fwd_bwd_against_references(*_qkv(dtype=torch.bfloat16, b=1, s=257, h=4, hkv=4, d=160), True)
+
+
+@pytest.mark.parametrize("d, need", [(64, 141312), (128, 140288), (256, 140800)])
+def test_smem_sm86_backward_has_no_kernel(d, need):
+    """No backward kernel at d64 / d128 / d256 fits 99 KB: NotImplementedError with the sizes
+    (the smallest kernel's: d64 / d128 the one-stage pass, d256 the two-pass kernels)."""
+    _smem_cap_is(SMEM_SM86)
+    q, k, v = _qkv(dtype=torch.bfloat16, b=1, s=128, h=2, hkv=2, d=d)
+    out = orchard.flash_attn_func(q, k, v)
+    with pytest.raises(NotImplementedError, match=r"needs %d bytes of shared memory per block; this GPU allows 101376" % need):
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+def test_smem_sm86_masked_forward_has_no_kernel():
+    """A float attn_mask at d64 needs 118 KB in the forward: NotImplementedError, nothing written."""
+    _smem_cap_is(SMEM_SM86)
+    q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"needs 120832 bytes of shared memory per block; this GPU allows 101376"):
+        orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -31,6 +31,13 @@ namespace orchard::cuda {
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
 void opt_in_dynamic_smem(const void* kernel, int bytes) {
+  // The launchers pick configurations that fit (smem_optin_limit); one that does not would fail
+  // to launch with a bare CUDA error, so it is refused here with the sizes.
+  const int limit = smem_optin_limit();
+  if (bytes > limit)
+    throw Error(ErrorKind::kNotImplemented, "a CUDA kernel for this call needs " + std::to_string(bytes) +
+                                                " bytes of shared memory per block; this GPU allows " +
+                                                std::to_string(limit));
   int device = -1;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
@@ -90,9 +97,22 @@ int head_dim_bucket(int d) {
   return 256;
 }
 
+// The sm80 forward's bucket: head_dim_bucket, except that d160 / d192 calls whose kernel needs more
+// shared memory than the device allows (sm_86 / sm_89: 99 KB; theirs take 105 / 150 KB) run on
+// the d256 kernel (99 KB without attn_bias: zero-filled columns, the same results). A call that
+// no bucket fits (attn_bias at d > 32 there) raises NotImplementedError at its launch.
+int sm80_fwd_bucket(const FwdParams& p) {
+  const int bucket = head_dim_bucket(std::max(p.d, value_dim(p)));
+  if (bucket != 160 && bucket != 192) return bucket;
+  const bool bias = p.attn_bias != nullptr;
+  const int limit = smem_optin_limit();
+  const int need = bucket == 160 ? sm80_fwd_smem_bytes<160>(bias) : sm80_fwd_smem_bytes<192>(bias);
+  return need > limit && sm80_fwd_smem_bytes<256>(bias) <= limit ? 256 : bucket;
+}
+
 template <typename T>
 void fwd_dispatch(const FwdParams& p) {
-  switch (head_dim_bucket(std::max(p.d, value_dim(p)))) {
+  switch (sm80_fwd_bucket(p)) {
     case 32: return run_flash_fwd<T, 32>(p);
     case 64: return run_flash_fwd<T, 64>(p);
     case 96: return run_flash_fwd<T, 96>(p);
@@ -203,7 +223,7 @@ bool fp32_takes_decode_kernel(const FwdParams& p) {
   // past either stay on the tiled kernels.
   if (p.b > 65535) return false;
   const std::size_t smem = detail::decode_cuda_fp32_smem_bytes(p.d, static_cast<int64_t>(p.hq / p.hkv) * p.sq);
-  if (smem > static_cast<std::size_t>(current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()))
+  if (smem > static_cast<std::size_t>(smem_optin_limit()))
     return false;
   if (current_device_attribute<cudaDevAttrMemoryPoolsSupported>() == 0) return false;  // its cudaMallocAsync
   // The decode kernels read K / V with 16-byte vector loads (the kvcache API's own rule).
@@ -317,7 +337,7 @@ std::string variant_name(const FwdParams& p, bool backward) {
   } else {
     s += p.dtype == DType::kBFloat16 ? "bf16" : "fp16";
     const int d = std::max(p.d, value_dim(p));
-    s += ".d" + std::to_string(sm90 ? sm90_head_dim_bucket(d) : head_dim_bucket(d));
+    s += ".d" + std::to_string(sm90 ? sm90_head_dim_bucket(d) : backward ? head_dim_bucket(d) : sm80_fwd_bucket(p));
     if (backward) s += static_cast<const BwdParams&>(p).deterministic ? ".deterministic" : ".atomic_dq";
   }
   if (p.causal) s += ".causal";

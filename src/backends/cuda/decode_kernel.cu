@@ -1365,7 +1365,7 @@ auto by_rows_and_threads(std::int64_t rows_total, Fn&& fn) {
   constexpr int kWide = kD * sizeof(T) <= 256 ? 128 : 64;
   return by_rows(rows_total, [&](auto rows) {
     if constexpr (kWide == 64) {
-      const int optin = cuda::current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+      const int optin = cuda::smem_optin_limit();
       if (optin > 0 && DecodeSmem<T, kD, decltype(rows)::value, 64>::bytes > static_cast<std::size_t>(optin))
         return fn(rows, std::integral_constant<int, 32>{});
     }

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cstdlib>
 
 namespace orchard::cuda {
 
@@ -36,6 +37,20 @@ inline int current_device_attribute() {
     return 0;
   }
   return cached_device_attribute<kAttr>(device);
+}
+
+// The shared memory a block of the current device may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// which picks the kernels' tile configurations, lowered to ORCHARD_CUDA_SMEM_OPTIN (bytes, read once)
+// when that is set and smaller: a test switch that makes a larger GPU take the choices of a smaller
+// one (A100: 166912, sm_86 / sm_89: 101376; with ORCHARD_SM90=0 on Hopper, whose own kernels need
+// more) and raise what that GPU would raise.
+inline int smem_optin_limit() {
+  static const int cap = [] {
+    const char* e = std::getenv("ORCHARD_CUDA_SMEM_OPTIN");
+    return e != nullptr ? std::atoi(e) : 0;
+  }();
+  const int v = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  return cap > 0 && cap < v ? cap : v;
 }
 
 }  // namespace orchard::cuda

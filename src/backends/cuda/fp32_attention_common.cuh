@@ -232,7 +232,7 @@ __device__ __forceinline__ void stage_rows_async(float* dst, int dst_stride, con
 // The current device's dynamic shared-memory opt-in per CTA (48 KB when unknown: what any device
 // gives without one).
 inline int smem_optin_bytes() {
-  const int limit = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  const int limit = smem_optin_limit();
   return limit > 0 ? limit : 48 * 1024;
 }
 

@@ -19,6 +19,10 @@ template <typename T, int kD>
 void run_flash_fwd(const FwdParams& params);
 template <typename T, int kD>
 void run_flash_bwd(const BwdParams& params);
+// Shared memory per block of the sm80 forward's kernel for bucket kD, with / without attn_bias
+// (flash_fwd_kernel.cuh; instantiated in the bf16 generated files, the same for fp16).
+template <int kD>
+int sm80_fwd_smem_bytes(bool bias);
 
 // The run_flash_* entry points' one switch from the run-time flags to the kernels' template
 // parameters: launch(std::bool_constant<causal>, std::bool_constant<dropout>).
@@ -231,7 +235,8 @@ void check_launch(const char* what);
 // The dynamic shared-memory opt-in (cudaFuncSetAttribute MaxDynamicSharedMemorySize) of
 // `kernel` on the current device, made once per (kernel, device) and size instead of before
 // every launch: a driver call saved per launch on the host path of small problems (issue 12).
-// A failed opt-in is left for the launch's check_launch to report, as before.
+// More than the device allows (smem_optin_limit) raises NotImplementedError before the launch; a
+// failed opt-in is left for the launch's check_launch to report, as before.
 void opt_in_dynamic_smem(const void* kernel, int bytes);  // cuda_backend.cu
 template <typename Kernel>
 void set_max_dynamic_smem(Kernel kernel, int bytes) {

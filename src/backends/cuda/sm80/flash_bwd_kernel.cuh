@@ -26,11 +26,12 @@
 // flash_bwd_dkdv2_kernel (FA2 layout, P^T / dS^T through shared memory, 2 m16
 // tiles per warp in every GEMM, float4 dQ reductions into a permuted dq_accum on
 // sm_90) runs every head dim whose shared memory the device gives a block: d <= 128
-// with 128-key CTAs, d > 128 with 64-key CTAs (d256: 217 KB, so H100/H200 but not
-// A100 / Ada); see its comment and dev/cuda/NOTES.md calls 3-6.
+// with 128-key CTAs, d > 128 with 64-key CTAs, with two Q / dO stages (d256: 217 KB, so
+// H100/H200) or, where those do not fit, one (plan_flash_bwd: an A100's 163 KB takes every
+// head dim so); see its comment and dev/cuda/NOTES.md calls 3-6.
 //
-// The kernel above (flash_bwd_dkdv_kernel) is the d > 128 fallback where that does
-// not fit (or ORCHARD_BWD_TWO_PASS=1): 4 warps x 16 key rows would need 2 x d/2
+// The kernel above (flash_bwd_dkdv_kernel) is the d > 128 fallback where neither fits
+// (sm_86 / sm_89 at d160) or ORCHARD_BWD_TWO_PASS=1: 4 warps x 16 key rows would need 2 x d/2
 // accumulator registers per thread for dK and dV together (256 at d=256), so it
 // runs twice: once for dV only and once for dK (+ dQ), recomputing S. It measured
 // 0.46x FA2 at d256 s4k on an H200 (issue #16).
@@ -834,19 +835,23 @@ struct BwdConfig2 {
   static constexpr int kDqChunk = kDqT > 6 ? kDqT / 2 : kDqT;
   static_assert(kMT % 2 == 0 && kDqT % kDqChunk == 0, "BwdConfig2 tiling");
   // attn_bias: the step's [kBM queries][kBN keys] bias tile as stored lives in sdS
-  // and past the end (sdS is free from the step's top barrier until dS is stored; a
-  // second barrier guards that store), so the launch adds kBiasExtraBytes only
+  // and past its end, before the Q / dO stages (sdS is free from the step's top barrier until
+  // dS is stored; a second barrier guards that store), so the launch adds kBiasExtraBytes only
   // (d64, float32 bias: 205 KB in all; a separate tile would not fit).
+  // (Rounded up to 128 bytes: the Q / dO stages that follow are swizzled tiles.)
   static constexpr int kBiasExtraBytes =
-      bias_tile_bytes<kBM, kBN>() > kBN * kSP * 2 ? bias_tile_bytes<kBM, kBN>() - kBN * kSP * 2 : 0;
+      bias_tile_bytes<kBM, kBN>() > kBN * kSP * 2 ? (bias_tile_bytes<kBM, kBN>() - kBN * kSP * 2 + 127) / 128 * 128 : 0;
 };
 
 // kBias: p.attn_bias is set. A template parameter here (like the forward's): with
 // run-time bias branches ptxas spilled the plain dropout kernels on the merged tree
 // (d128 causal dropout: 32 -> 420 B spill stores); kBias = false is the pre-bias code.
+// one_stage: one Q / dO stage instead of two (2 * kQdOTileBytes less shared memory, for GPUs whose
+// opt-in the two stages exceed: A100's 163 KB at d64 / d128, and d192 / d256): the next step's tiles
+// are copied after this step's last read of them (dV / dK), overlapping the dQ product only.
 template <typename T, int kD, bool kCausal, bool kDropout, bool kDq, bool kBias = false>
 __global__ void __launch_bounds__(256)
-    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group, bool vec) {
+    flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group, bool vec, bool one_stage) {
   using Cfg = BwdConfig2<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSP = Cfg::kSP;
   constexpr int kThreads = 256;
@@ -859,16 +864,16 @@ __global__ void __launch_bounds__(256)
   T* sV = sK + kBN * kS;
   constexpr bool kSwz = Cfg::kSwizzleQdO;
   constexpr int kStageBytes = Cfg::kQdOTileBytes;  // one Q or dO stage
-  constexpr int kStagePair = 2 * kStageBytes / static_cast<int>(sizeof(T));  // elements of two stages
-  T* sQ = sV + kBN * kS;      // [2] stages
-  T* sdO = sQ + kStagePair;   // [2] stages
-  // kBias: sLse / sDs before sP, so that sdS is last (the bias tile runs past its end).
-  T* sP = kBias ? reinterpret_cast<T*>(reinterpret_cast<float*>(sdO + kStagePair) + 4 * kBM)
-                : sdO + kStagePair;  // [kBN][kSP]  P_drop^T
-  T* sdS = sP + kBN * kSP;          // [kBN][kSP]  dS^T (kBias: then the rest of the bias tile)
-  float* sLse = kBias ? reinterpret_cast<float*>(sdO + kStagePair)
-                      : reinterpret_cast<float*>(sdS + kBN * kSP);  // [2][kBM], log2 units
-  float* sDs = sLse + 2 * kBM;                                      // [2][kBM]
+  float* sLse = reinterpret_cast<float*>(sV + kBN * kS);  // [2][kBM], log2 units
+  float* sDs = sLse + 2 * kBM;                            // [2][kBM]
+  T* sP = reinterpret_cast<T*>(sDs + 2 * kBM);            // [kBN][kSP]  P_drop^T
+  T* sdS = sP + kBN * kSP;                                // [kBN][kSP]  dS^T (kBias: the bias tile, past its end too)
+  // The Q / dO stages last and interleaved (Q0 dO0 Q1 dO1), so that one_stage needs the first two
+  // only and no buffer's place depends on it (run-time offsets cost the bias and dropout kernels
+  // up to 370 B more spill, ptxas sm_90).
+  T* sQ = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(sdS + kBN * kSP) + (kBias ? Cfg::kBiasExtraBytes : 0));
+  T* sdO = sQ + kStageBytes / static_cast<int>(sizeof(T));
+  constexpr int kStageStride = 2 * kStageBytes;  // from a buffer's stage 0 to its stage 1
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -920,7 +925,7 @@ __global__ void __launch_bounds__(256)
   float2 next_stats = make_float2(INFINITY, 0.f);
   auto prefetch = [&](int h, int mi, int stage, bool defer_stats) {
     const int m0 = mi * kBM;
-    const uint32_t sq_stage = smem_u32(sQ) + stage * kStageBytes, sdo_stage = smem_u32(sdO) + stage * kStageBytes;
+    const uint32_t sq_stage = smem_u32(sQ) + stage * kStageStride, sdo_stage = smem_u32(sdO) + stage * kStageStride;
     // Measured (H100 A/B, call 11): non-causal d64 +1-2%, d128 within noise;
     // causal within noise (call 12; before the swizzled tiles ptxas spilled the
     // d128 causal kernel 8 -> 48 B and s16k lost 3%, now no spill reloads).
@@ -988,7 +993,7 @@ __global__ void __launch_bounds__(256)
                                                    p.bias_head_stride, p.bias_row_stride, p.bias_col_stride);
 
   for (int it = 0; it < total; ++it) {
-    const int stage = it & 1;
+    const int stage = one_stage ? 0 : it & 1;
     cp_async_wait<0>();
     __syncthreads();
     if constexpr (kBias) {  // this step's bias tile -> sdS.., a group of its own (waited for after S)
@@ -1007,11 +1012,31 @@ __global__ void __launch_bounds__(256)
         q_stream.advance();
         do_stream.advance();
       }
-      prefetch(h_next, mi_next, stage ^ 1, true);
+      if (!one_stage) prefetch(h_next, mi_next, stage ^ 1, true);
     }
     cp_async_commit();
+    // one_stage: the next step's tiles into this step's stage, once every warp is done reading it.
+    // The predicated copies only (no full-tile or deferred-stats forms): a second copy of
+    // `prefetch` in the loop cost the dropout / bias kernels 100-300 B more spill (ptxas sm_90).
+    auto late_prefetch = [&] {
+      if (one_stage && it + 1 < total) {
+        __syncthreads();
+        const int m0n = mi_next * kBM;
+        if (vec) {
+          q_stream.load(smem_u32(sQ), sq - m0n);
+          do_stream.load(smem_u32(sdO), sq - m0n);
+        } else {
+          const int tx = threadIdx.x;
+          load_tile_elems<T, kBM, kD, kThreads, kSwz>(smem_u32(sQ), q_stream.tile, p.q_row_stride, sq - m0n, p.d, tx);
+          load_tile_elems<T, kBM, kD, kThreads, kSwz>(smem_u32(sdO), do_stream.tile, p.do_row_stride, sq - m0n, p.d_v,
+                                                      tx);
+        }
+        stage_row_stats<kBM>(p, lse_g, dsum, b, h_next, m0n, tid, sLse, sDs, sq);
+        cp_async_commit();
+      }
+    };
     const int m0 = mi * kBM;
-    const uint32_t stage_off = stage * kStageBytes;
+    const uint32_t stage_off = stage * kStageStride;
     // The same addresses either way (TileOperand): the form is what kept the
     // d128 loop free of spill reloads (ptxas), measured in call 11.
     auto operand = [&](uint32_t lane0, uint32_t tile0, uint32_t lane_off) {
@@ -1118,7 +1143,7 @@ __global__ void __launch_bounds__(256)
     // The step's end: the next step's LSE / D to shared memory (read from the next
     // step on, after its top barrier), then on to it.
     auto end_step = [&] {
-      if (kStatsInRegs && tid < kBM) {
+      if (kStatsInRegs && !one_stage && tid < kBM) {
         sLse[(stage ^ 1) * kBM + tid] = next_stats.x;
         sDs[(stage ^ 1) * kBM + tid] = next_stats.y;
       }
@@ -1127,6 +1152,7 @@ __global__ void __launch_bounds__(256)
     };
     if constexpr (kBias) {
       if (skip_step) {  // CTA-uniform: P = 0 everywhere, nothing to accumulate
+        late_prefetch();
         end_step();
         continue;
       }
@@ -1281,6 +1307,7 @@ __global__ void __launch_bounds__(256)
     };
     gemm_acc(acc_dv, p_a, operand(do_kn0, smem_u32(sdO), kn_off));
     gemm_acc(acc_dk, ds_a, operand(q_kn0, smem_u32(sQ), kn_off));
+    late_prefetch();
 
     // 5. dQ (kBM x kD) += dS (kBM x kBN) K (kBN x kD), fp32 atomics.
     if constexpr (kDq) {
@@ -1649,7 +1676,7 @@ void launch_bwd_two_pass(const BwdParams& p, bool vec, cudaStream_t stream) {
 // generated flash_bwd_atomic_dq_*.cu files, compiled per architecture; every other kernel here
 // is the same code on every architecture and compiles from one PTX (../arch_flags.cmake).
 template <typename T, int kD, bool kCausal, bool kDropout, bool kAtomicDq>
-void launch_bwd_key_pass(const BwdParams& p, bool one_pass, int smem, bool vec, cudaStream_t stream) {
+void launch_bwd_key_pass(const BwdParams& p, bool one_pass, bool one_stage, int smem, bool vec, cudaStream_t stream) {
   if (!one_pass) {
     if constexpr (BwdConfig<kD>::kSplit) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDK, kAtomicDq>(p, vec, stream);
     return;
@@ -1662,21 +1689,61 @@ void launch_bwd_key_pass(const BwdParams& p, bool one_pass, int smem, bool vec, 
     return flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, kAtomicDq, decltype(bias)::value>;
   });
   set_smem(kernel, smem);  // attn_bias: its tile in sdS and past the end
-  kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p), vec);
+  kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p), vec, one_stage);
   check_launch("flash_bwd_dkdv2_kernel");
+}
+
+// The kernels a backward call runs where shared memory is short: the one-pass kernel with two
+// Q / dO stages (as measured on H100 / H200), else with one (A100: d64 / d128 need 174 / 173 KB with
+// two of the 163 KB it allows, d192 / d256 fit with one), else, at d > 128, the two-pass kernels.
+// Decided before anything is launched; a call that no kernel fits raises NotImplementedError
+// (sm_86 / sm_89 allow 99 KB: their backward runs d160 only, on the two-pass kernels).
+struct BwdPlan {
+  bool one_pass = true, one_stage = false;
+  int smem = 0;  // the key pass's bytes
+};
+template <int kD>
+BwdPlan plan_flash_bwd(const BwdParams& p) {
+  using Cfg = BwdConfig<kD>;
+  using Cfg2 = BwdConfig2<kD>;
+  const bool bias = p.attn_bias != nullptr;
+  const int limit = smem_optin_limit();
+  const int two_stages = Cfg2::kSmemBytes + (bias ? Cfg2::kBiasExtraBytes : 0);
+  const int one = two_stages - 2 * Cfg2::kQdOTileBytes;
+  const bool may_one_pass = kD <= 128 || !bwd_force_two_pass();
+  BwdPlan plan;
+  if (may_one_pass && two_stages <= limit) {
+    plan.smem = two_stages;
+  } else if (may_one_pass && one <= limit) {
+    plan.one_stage = true;
+    plan.smem = one;
+  } else if (Cfg::kSplit) {
+    plan.one_pass = false;
+    plan.smem = Cfg::kSmemBytes + (bias ? Cfg::kBiasBytes : 0);
+  } else {
+    plan.smem = one;  // the smallest kernel at this head dim: reported below
+  }
+  const int dq_smem = Cfg::kDqSmemBytes + (bias ? Cfg::kDqBiasBytes : 0);  // the deterministic dQ kernel
+  const int need = std::max(plan.smem, p.deterministic ? dq_smem : 0);
+  if (need > limit)
+    throw Error(ErrorKind::kNotImplemented,
+                "the CUDA backward at head dim bucket " + std::to_string(kD) + (bias ? " with attn_bias" : "") +
+                    (p.deterministic ? " (deterministic)" : "") + " needs " + std::to_string(need) +
+                    " bytes of shared memory per block; this GPU allows " + std::to_string(limit) +
+                    " (no smaller kernel is built for it)");
+  return plan;
 }
 
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_bwd(const BwdParams& p) {
   using Cfg = BwdConfig<kD>;
+  const BwdPlan plan = plan_flash_bwd<kD>(p);
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const BwdWorkspace layout = bwd_workspace_layout(p);
   unsigned char* ws = static_cast<unsigned char*>(p.workspace);
   const int64_t rows = static_cast<int64_t>(p.b) * p.hq * p.sq;
   const bool vec = bwd_vec16(p);  // else the element-wise paths (rows_vec16)
   const bool atomic_dq = !p.deterministic;
-  // The caller's dq_accum (params.h) is zeroed by the caller and converted by the caller;
-  // our own atomic-dQ accumulator is cleared by the dot kernel (no memset).
   const bool own_dq_accum = p.dq_accum == nullptr;
   if (rows > 0) {
     launch_bwd_dot<T>(p, reinterpret_cast<float*>(ws + layout.d_offset), vec,
@@ -1684,18 +1751,11 @@ void launch_flash_bwd(const BwdParams& p) {
                       stream);
   }
 
-  // d <= 128: always the FA2-layout one-pass kernel. d > 128: the same kernel with 64-key
-  // CTAs when the device gives a block its shared memory (d256: 217 KB, H100/H200;
-  // not A100's 163 KB or Ada's 99 KB), else the two-pass kernels (dV, then dK + dQ).
-  using Cfg2 = BwdConfig2<kD>;
-  const int smem2 = Cfg2::kSmemBytes + (p.attn_bias != nullptr ? Cfg2::kBiasExtraBytes : 0);
-  const bool one_pass =
-      kD <= 128 || (!bwd_force_two_pass() && smem2 <= current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>());
   if constexpr (Cfg::kSplit) {
-    if (!one_pass) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDV, false>(p, vec, stream);
+    if (!plan.one_pass) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDV, false>(p, vec, stream);
   }
-  if (atomic_dq) launch_bwd_key_pass<T, kD, kCausal, kDropout, true>(p, one_pass, smem2, vec, stream);
-  else launch_bwd_key_pass<T, kD, kCausal, kDropout, false>(p, one_pass, smem2, vec, stream);
+  if (atomic_dq) launch_bwd_key_pass<T, kD, kCausal, kDropout, true>(p, plan.one_pass, plan.one_stage, plan.smem, vec, stream);
+  else launch_bwd_key_pass<T, kD, kCausal, kDropout, false>(p, plan.one_pass, plan.one_stage, plan.smem, vec, stream);
 
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0 || !own_dq_accum) return;

@@ -55,6 +55,9 @@ namespace orchard::cuda {
 // Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
 // skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
 // d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
+#ifndef ORCHARD_SM80_FWD_D256_WARPS
+#define ORCHARD_SM80_FWD_D256_WARPS 4
+#endif
 template <int kD, bool kBias = false>
 struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
@@ -63,7 +66,10 @@ struct FwdConfig {
   // same run as SDPA flash): forward 0.86-0.92x FA2, from 0.66-0.78x with 4 warps (session 9).
   // With attn_bias the 8-warp CTA would need Q 51 KB + K/V 102 KB + 64 KB of bias tiles =
   // 217 KB, over an A100's 164 KB opt-in limit, so the bias kernels keep 4 warps (160 KB).
-  static constexpr int kNWarps = !kBias && kD > 160 && kD <= 192 ? 8 : 4;
+  // ORCHARD_SM80_FWD_D256_WARPS=8 (an A/B knob, off until measured): the d256 bucket on 8 warps
+  // too, with its 32-key tiles (Q 66 KB + K/V 66 KB = 132 KB, inside an A100's 164 KB).
+  static constexpr int kNWarps =
+      !kBias && ((kD > 160 && kD <= 192) || (kD > 192 && ORCHARD_SM80_FWD_D256_WARPS == 8)) ? 8 : 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
   // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
@@ -483,6 +489,11 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
       if (row < sq && c < dv) og[row * p.o_row_stride + c] = sO[r * kS + c];
     }
   }
+}
+
+template <int kD>
+int sm80_fwd_smem_bytes(bool bias) {
+  return bias ? FwdConfig<kD, true>::kSmemBytes + FwdConfig<kD, true>::kBiasBytes : FwdConfig<kD, false>::kSmemBytes;
 }
 
 template <typename T, int kD, bool kCausal, bool kDropout, bool kBias>

@@ -17,7 +17,7 @@ OUT = HERE / "generated"
 BACKEND = HERE.parent  # src/backends/cuda: sources.cmake and the shared sources
 
 
-KEY_PASS_ARGS = "const BwdParams&, bool, int, bool, cudaStream_t"
+KEY_PASS_ARGS = "const BwdParams&, bool, bool, int, bool, cudaStream_t"
 CAUSAL_DROPOUT = [(c, dr) for c in ("false", "true") for dr in ("false", "true")]
 
 
@@ -41,6 +41,8 @@ def main() -> None:
             for d in HEAD_DIMS:
                 name = f"flash_{direction}_{dname}_d{d}.cu"
                 body = [f"template void {fn}<{ctype}, {d}>(const {params}&);"]
+                if direction == "fwd" and dname == "bf16":  # dtype-independent: once per bucket
+                    body.append(f"template int sm80_fwd_smem_bytes<{d}>(bool);")
                 if direction == "bwd":
                     atomic = f"flash_bwd_atomic_dq_{dname}_d{d}.cu"
                     launchers = key_pass_atomic(ctype, d)

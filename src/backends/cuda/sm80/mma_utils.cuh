@@ -99,9 +99,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // Copies a (kRows x kD) tile (row stride `row_stride` elements) into padded
-// shared memory at byte address `smem` (row stride kD + 8) with 16-byte cp.async; rows >= rows_valid
+// shared memory at byte address `smem` (row stride kD + 8), or a SwizzledTile
+// (kSwizzle), with 16-byte cp.async; rows >= rows_valid
 // and 8-element chunks at or past d are zero-filled (d % 8 == 0).
-template <typename T, int kRows, int kD, int kThreads>
+template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false>
 __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, int64_t row_stride, int rows_valid,
                                                 int d, int tid) {
   constexpr int kChunks = kD / 8;
@@ -114,7 +115,10 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
       const int r = idx / kChunks, c = idx % kChunks;
       const bool pred = r < rows_valid && c * 8 < d;
       const T* src = pred ? gmem + r * row_stride + c * 8 : gmem;
-      cp_async16(smem + 2 * (r * kStride + c * 8), src, pred);
+      uint32_t off;
+      if constexpr (kSwizzle) off = SwizzledTile<kRows, kD>::offset(r, c);
+      else off = 2 * (r * kStride + c * 8);
+      cp_async16(smem + off, src, pred);
     }
   }
 }
@@ -208,12 +212,13 @@ __device__ __forceinline__ void load_tile_elems_at(uint32_t smem, const T* gmem,
 template <typename T, int kRows, int kD, int kThreads, bool kSwizzle = false, bool kZeroPastWidth = false>
 struct TileStream {
   static constexpr int kChunks = kD / 8;
-  static constexpr bool kFixedColumn = kThreads % kChunks == 0;
+  // Swizzled, a thread's rows must differ by multiples of 8 (its chunk's swizzle
+  // fixed); else (d192 at 256 threads, d256 at 128) the per-chunk path.
+  static constexpr bool kFixedColumn =
+      kThreads % kChunks == 0 && (!kSwizzle || (kThreads / kChunks) % 8 == 0);
   static constexpr int kRowStep = kFixedColumn ? kThreads / kChunks : 1;
   static constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
   static constexpr int kRowBytes = kSwizzle ? 128 : (kD + 8) * 2;  // between rows of one column block
-  // A thread's rows differ by multiples of 8: its chunk's swizzle is fixed.
-  static_assert(!kSwizzle || (kFixedColumn && kRowStep % 8 == 0), "swizzled tiles need fixed-column streams");
   const T* tile;       // origin (row 0, col 0) of the next tile
   int64_t row_stride;  // elements
   int64_t thread_off;  // elements from the tile origin to this thread's first source chunk
@@ -248,7 +253,7 @@ struct TileStream {
         }
       }
     } else {
-      load_tile_async<T, kRows, kD, kThreads>(smem_tile, tile, row_stride, rows_valid, d, tid);
+      load_tile_async<T, kRows, kD, kThreads, kSwizzle>(smem_tile, tile, row_stride, rows_valid, d, tid);
     }
   }
   // The same for a whole tile: the caller guarantees (warp-uniformly) that all

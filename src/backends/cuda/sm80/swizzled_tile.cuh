@@ -10,8 +10,15 @@
 namespace orchard::cuda {
 
 // Head dims whose streamed tiles are swizzled: d64 and d128, where it was
-// measured; the d > 128 kernels keep padded tiles.
-constexpr bool swizzle_streamed_tiles(int d) { return d == 64 || d == 128; }
+// measured. ORCHARD_SM80_SWIZZLE_WIDE=1 swizzles the d192 / d256 buckets too (a
+// compile-time A/B knob, off until a GPU run measures it: their tiles take the
+// per-chunk copy where a thread's chunks do not keep one swizzle, TileStream).
+#ifndef ORCHARD_SM80_SWIZZLE_WIDE
+#define ORCHARD_SM80_SWIZZLE_WIDE 0
+#endif
+constexpr bool swizzle_streamed_tiles(int d) {
+  return d == 64 || d == 128 || (ORCHARD_SM80_SWIZZLE_WIDE && d > 128 && d % 64 == 0);
+}
 
 // from_lane: `lane_addr` is the shared-state-space byte address of the lane's
 // row and chunk at the fragment origin of stage 0 (loop-invariant), `stage_off`

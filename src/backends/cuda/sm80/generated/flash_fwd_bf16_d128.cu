@@ -3,4 +3,5 @@
 
 namespace orchard::cuda {
 template void run_flash_fwd<__nv_bfloat16, 128>(const FwdParams&);
+template int sm80_fwd_smem_bytes<128>(bool);
 }  // namespace orchard::cuda
