@@ -50,7 +50,8 @@ for name in "${names[@]}"; do
   run "$name" check "$work/$name.bin" > "$out/check_$name.log" 2>&1; r=$?
   (( r != 0 )) && rc=1
   same=$(cmp -s "$work/$base.bin" "$work/$name.bin" && echo "same bytes as $base" || echo "DIFFERENT bytes from $base")
-  echo "check $name rc=$r: $same"; grep -v " 0 non-finite" "$out/check_$name.log" | grep -E "FAIL|non-finite" | head -5
+  echo "check $name rc=$r: $same" | tee -a "$out/check_summary.txt"
+  grep -v " 0 non-finite" "$out/check_$name.log" | grep -E "FAIL|non-finite" | head -5
   [[ $same == DIFF* ]] && rc=1
 done
 for round in $(seq 1 "${ROUNDS:-2}"); do

@@ -822,7 +822,7 @@ struct BwdConfig2 {
   static constexpr int kSP = kBM + 8;  // sP / sdS row stride (key-major rows)
   // Q and dO tiles (streamed every step) swizzled where the head dim allows
   // (swizzled_tile.h); K, V (loaded once) and sP / sdS stay padded.
-  static constexpr bool kSwizzleQdO = swizzle_streamed_tiles(kD);
+  static constexpr bool kSwizzleQdO = swizzle_streamed_tiles(kD) && swizzled_kn_columns_ok(kD / kWQ, kWQ);
   static constexpr int kQdOTileBytes = TileOperand<kBM, kD, kS, kSwizzleQdO>::tile_bytes();
   static constexpr int kSmemBytes = (2 * kBN * kS + 2 * kBN * kSP) * 2 + 4 * kQdOTileBytes + 4 * kBM * 4;
   static constexpr int kMT = kBM / kWQ / 8;  // n8 tiles of S^T per warp (kBM/kWQ query columns)
