@@ -60,6 +60,7 @@
 #include "backends/cuda/launch.h"
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/mma_utils.cuh"
+#include "backends/cuda/sm80/shared_dropout_draws.h"
 #include "backends/cuda/sm80/swizzled_tile.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
@@ -1158,6 +1159,35 @@ __global__ void __launch_bounds__(256)
       }
     }
     uint64_t keep_bits = ~0ull;
+    // ORCHARD_SM80_DROPOUT_SHARED: the quad of lanes g = 4a..4a + 3 (same t) holds the four keys of
+    // each group; lane i = g & 3 computes element c = i's call and a transpose hands every lane its
+    // draws of all four (shared_dropout_draws.h; lane ids 16a + 4i + t: partners xor 4, 8). A
+    // rolled loop, one call live at a time, recording the dropped elements in keep_bits.
+    const bool shared_draws = kDropout && kSharedDropoutDraws && (p.dropout_col_offset & 3) == 0;
+    if constexpr (kDropout && kSharedDropoutDraws) {
+      if (shared_draws) {
+        static_assert(2 * kMT * 4 <= 64, "one keep bit per element of the warp's tile");
+        const int i = g & 3;
+#pragma unroll 1
+        for (int e = 0; e < 2 * kMT; ++e) {
+          const int mt = e / kMT, nt = e % kMT;
+          const uint32_t query = static_cast<uint32_t>(m0 + qcol + nt * 8 + 2 * t + (i & 1)) +
+                                 static_cast<uint32_t>(p.dropout_row_offset);
+          const uint32_t group_key = static_cast<uint32_t>(kv_base - i + mt * 16 + (i >> 1) * 8) +
+                                     static_cast<uint32_t>(p.dropout_col_offset);
+          const Philox4 v = dropout_draws(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h), query,
+                                          group_key >> 2);
+          uint32_t s0, s1, u0, u1;
+          quad_step1_send(v, i, s0, s1);
+          const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 4), r1 = __shfl_xor_sync(0xffffffffu, s1, 4);
+          quad_step2_send(v, i, r0, r1, u0, u1);
+          const uint32_t q0 = __shfl_xor_sync(0xffffffffu, u0, 8), q1 = __shfl_xor_sync(0xffffffffu, u1, 8);
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (quad_draw(v, i, r0, r1, q0, q1, c) < keep_threshold) keep_bits &= ~(1ull << (e * 4 + c));
+        }
+      }
+    }
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -1170,7 +1200,8 @@ __global__ void __launch_bounds__(256)
           const int kv = kv_base + mt * 16 + (c >> 1) * 8;
           st[mt][nt][c] = pv;
           if constexpr (kDropout) {
-            if (!dropout_keep(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h),
+            if (!shared_draws &&
+                !dropout_keep(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h),
                               static_cast<uint32_t>(m0 + ql) + static_cast<uint32_t>(p.dropout_row_offset),
                               static_cast<uint32_t>(kv) + static_cast<uint32_t>(p.dropout_col_offset), keep_threshold))
               keep_bits &= ~(1ull << ((mt * kMT + nt) * 4 + c));

@@ -37,6 +37,7 @@
 #include "backends/cuda/sm80/attention_tiles.cuh"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/mma_utils.cuh"
+#include "backends/cuda/sm80/shared_dropout_draws.h"
 #include "backends/cuda/sm80/swizzled_tile.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
@@ -55,9 +56,6 @@ namespace orchard::cuda {
 // Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
 // skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
 // d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
-#ifndef ORCHARD_SM80_FWD_D256_WARPS
-#define ORCHARD_SM80_FWD_D256_WARPS 4
-#endif
 template <int kD, bool kBias = false>
 struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
@@ -66,10 +64,8 @@ struct FwdConfig {
   // same run as SDPA flash): forward 0.86-0.92x FA2, from 0.66-0.78x with 4 warps (session 9).
   // With attn_bias the 8-warp CTA would need Q 51 KB + K/V 102 KB + 64 KB of bias tiles =
   // 217 KB, over an A100's 164 KB opt-in limit, so the bias kernels keep 4 warps (160 KB).
-  // ORCHARD_SM80_FWD_D256_WARPS=8 (an A/B knob, off until measured): the d256 bucket on 8 warps
-  // too, with its 32-key tiles (Q 66 KB + K/V 66 KB = 132 KB, inside an A100's 164 KB).
-  static constexpr int kNWarps =
-      !kBias && ((kD > 160 && kD <= 192) || (kD > 192 && ORCHARD_SM80_FWD_D256_WARPS == 8)) ? 8 : 4;
+  // (d256 on 8 warps with its 32-key tiles measured 0.96-1.04x on an H100, session 54: not taken.)
+  static constexpr int kNWarps = !kBias && kD > 160 && kD <= 192 ? 8 : 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
   // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
@@ -375,29 +371,67 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
         acc_o[mt][i][3] *= corr_r[mt][1];
       }
 
-    if constexpr (kDropout) {
-#pragma unroll
-      for (int mt = 0; mt < kMW; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
+    if constexpr (kDropout && kSharedDropoutDraws) {
+      // ORCHARD_SM80_DROPOUT_SHARED: lanes t, t ^ 1 share each group's calls (shared_dropout_draws.h).
+      // The calls in a rolled loop that records dropped elements as bits, applied after: unrolled,
+      // ptxas overlapped the calls and spilled 260-320 B (d64, sm_90).
+      if ((p.dropout_col_offset & 3) == 0) {
+        static_assert(kMW * kNT * 4 <= 64, "one drop bit per element of the warp's tile");
+        const int b = t & 1;
+        uint64_t drop_bits = 0;
+#pragma unroll 1
+        for (int e = 0; e < kMW * kNT; ++e) {
+          const int mt = e / kNT, nt = e % kNT;
+          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16 + b * 8) +
+                                static_cast<uint32_t>(p.dropout_row_offset);
+          const uint32_t gcol = static_cast<uint32_t>(n0 + nt * 8 + 4 * (t >> 1)) +
+                                static_cast<uint32_t>(p.dropout_col_offset);
+          const Philox4 mine = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
+          uint32_t s0, s1;
+          pair_send(mine, b, s0, s1);
+          const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int row = row_base + mt * 16 + r * 8;
-            const int col = n0 + nt * 8 + 2 * t;  // even: both columns share one Philox call
             uint32_t d0, d1;
-            const uint32_t gcol = static_cast<uint32_t>(col) + static_cast<uint32_t>(p.dropout_col_offset);
-            const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
-            if (col_even) {
-              const Philox4 dr = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
-              const bool hi = (gcol & 2) != 0;
-              d0 = hi ? dr.z : dr.x;
-              d1 = hi ? dr.w : dr.y;
-            } else {
-              dropout_draw_pair(key.seed, key.offset, drop_bh, grow, gcol, d0, d1);
-            }
-            if (d0 < keep_threshold) s[mt][nt][2 * r] = 0.f;
-            if (d1 < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+            pair_row_draws(mine, b, r0, r1, r, d0, d1);
+            drop_bits |= static_cast<uint64_t>(d0 < keep_threshold) << (4 * e + 2 * r);
+            drop_bits |= static_cast<uint64_t>(d1 < keep_threshold) << (4 * e + 2 * r + 1);
           }
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+              if ((drop_bits >> (4 * (mt * kNT + nt) + c)) & 1u) s[mt][nt][c] = 0.f;
+      }
+    }
+    if constexpr (kDropout) {
+      if (!(kSharedDropoutDraws && (p.dropout_col_offset & 3) == 0)) {
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int row = row_base + mt * 16 + r * 8;
+              const int col = n0 + nt * 8 + 2 * t;  // even: both columns share one Philox call
+              uint32_t d0, d1;
+              const uint32_t gcol = static_cast<uint32_t>(col) + static_cast<uint32_t>(p.dropout_col_offset);
+              const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
+              if (col_even) {
+                const Philox4 dr = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
+                const bool hi = (gcol & 2) != 0;
+                d0 = hi ? dr.z : dr.x;
+                d1 = hi ? dr.w : dr.y;
+              } else {
+                dropout_draw_pair(key.seed, key.offset, drop_bh, grow, gcol, d0, d1);
+              }
+              if (d0 < keep_threshold) s[mt][nt][2 * r] = 0.f;
+              if (d1 < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+            }
+      }
     }
 
     // O += P V, with P repacked to 16-bit A fragments for the whole tile first.
