@@ -87,6 +87,33 @@ void check_fragment_shortcut(int origin_chunk, int max_j, bool nk_pattern) {
   }
 }
 
+// Whether the shortcut holds for every lane of warps reading [k][n] from columns w * cols (w < warps)
+// over (cols / 8 + 1) / 2 steps: brute force, for swizzled_kn_columns_ok to be checked against.
+template <int kRows, int kD>
+bool kn_shortcut_holds(int cols, int warps) {
+  using Tile = SwizzledTile<kRows, kD>;
+  for (int w = 0; w < warps; ++w)
+    for (int lane = 0; lane < 32; ++lane) {
+      const int origin_chunk = w * cols / 8;
+      const uint32_t lane_off = Tile::kn_lane_offset(lane, 8 * origin_chunk);
+      const int row = (lane % 8) + ((lane / 8) % 2) * 8, chunk = origin_chunk + lane / 16;
+      for (int j = 0; j < (cols / 8 + 1) / 2; ++j)
+        if (Tile::fragment(lane_off, 0, j) != Tile::offset(row, chunk + 2 * j)) return false;
+    }
+  return true;
+}
+
+TEST(SwizzledTile, KnColumnRuleMatchesBruteForce) {
+  // The one-pass backward's dV / dK column split (BwdConfig2: kD / kWQ columns over kWQ warps):
+  // d64 32 x 2, d128 64 x 2, d192 48 x 4 (the rule fails: session 54's knob gave other bytes), d256 64 x 4.
+  EXPECT_EQ((kn_shortcut_holds<64, 64>(32, 2)), swizzled_kn_columns_ok(32, 2));
+  EXPECT_EQ((kn_shortcut_holds<64, 128>(64, 2)), swizzled_kn_columns_ok(64, 2));
+  EXPECT_EQ((kn_shortcut_holds<64, 192>(48, 4)), swizzled_kn_columns_ok(48, 4));
+  EXPECT_EQ((kn_shortcut_holds<64, 256>(64, 4)), swizzled_kn_columns_ok(64, 4));
+  EXPECT_TRUE(swizzled_kn_columns_ok(32, 2) && swizzled_kn_columns_ok(64, 2) && swizzled_kn_columns_ok(64, 4));
+  EXPECT_FALSE(swizzled_kn_columns_ok(48, 4));
+}
+
 TEST(SwizzledTile, FragmentShortcutMatchesTheOffset) {
   // S / dP GEMMs read Q / dO as [n][k]: chunk 0 origin, j = k-step over the head dim.
   check_fragment_shortcut<64, 128>(0, 128 / 16, true);

@@ -59,4 +59,19 @@ struct SwizzledTile {
   }
 };
 
+// Whether a transposed-B ([k][n]) read of a swizzled tile by warps that start at columns
+// w * cols_per_warp (w < warps) and step over cols_per_warp / 16 fragments keeps
+// fragment()'s no-carry rule: each warp's first chunk is 0 mod 8, or 4 mod 8 with at
+// most two steps. The d192 backward's dK / dV columns (48 per warp) break it: with
+// ORCHARD_SM80_SWIZZLE_WIDE its outputs differed from the padded kernel's (bench/sm80_kernel_ab.sh,
+// session 54), so it keeps padded Q / dO tiles.
+constexpr bool swizzled_kn_columns_ok(int cols_per_warp, int warps) {
+  for (int w = 0; w < warps; ++w) {
+    const int chunk = w * cols_per_warp / 8 % 8;
+    const int steps = (cols_per_warp / 8 + 1) / 2;
+    if (!(chunk == 0 || (chunk == 4 && steps <= 2))) return false;
+  }
+  return true;
+}
+
 }  // namespace orchard::cuda
