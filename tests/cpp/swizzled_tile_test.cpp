@@ -129,6 +129,14 @@ TEST(SwizzledTile, FragmentShortcutMatchesTheOffset) {
   check_fragment_shortcut<32, 128>(0, 128 / 16, false);
   check_fragment_shortcut<64, 64>(0, 64 / 16, true);
   check_fragment_shortcut<64, 64>(0, 64 / 16, false);
+  // ORCHARD_SM80_SWIZZLE_WIDE: the d192 forward's 64-row K / V tiles, the d256 forward's 32-row
+  // ones and the d256 backward's 64-row Q / dO tiles (dV / dK from columns 0, 64, 128, 192).
+  check_fragment_shortcut<64, 192>(0, 192 / 16, true);
+  check_fragment_shortcut<64, 192>(0, 192 / 16, false);
+  check_fragment_shortcut<32, 256>(0, 256 / 16, true);
+  check_fragment_shortcut<32, 256>(0, 256 / 16, false);
+  check_fragment_shortcut<64, 256>(0, 256 / 16, true);
+  for (int quarter = 0; quarter < 4; ++quarter) check_fragment_shortcut<64, 256>(quarter * 64 / 8, 64 / 16, false);
 }
 
 }  // namespace
