@@ -140,18 +140,24 @@ def test_training_shape_tolerance(dtype, d, causal):
     _check_fwd_bwd_against_references(*_qkv(dtype=dtype, b=2, s=512, h=8, hkv=2, d=d), causal)
 
 
-def _check_fwd_bwd_against_references(q, k, v, causal):
-    """Out and dq / dk / dv by the tolerance rule: against float64 math, with the same math in
-    the inputs' dtype as the yardstick."""
-    do = torch.randn_like(q)
-    out = orchard.flash_attn_func(q, k, v, causal=causal)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+def _references(q, k, v, do, causal):
+    """(out, grads) of float64 math and of the same math in the inputs' dtype (the yardstick)."""
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = attention_ref(q64, k64, v64, None, causal)
     rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
     qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
     naive, _ = attention_ref(qn, kn, vn, None, causal, upcast=False)
     ngrads = torch.autograd.grad(naive, (qn, kn, vn), do)
+    return ref, rgrads, naive, ngrads
+
+
+def _check_fwd_bwd_against_references(q, k, v, causal):
+    """Out and dq / dk / dv by the tolerance rule: against float64 math, with the same math in
+    the inputs' dtype as the yardstick."""
+    do = torch.randn_like(q)
+    out = orchard.flash_attn_func(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref, rgrads, naive, ngrads = _references(q, k, v, do, causal)
     check_close_rule(out, ref, naive, 1e-3, "out")
     for name, a, r, n in zip(("dq", "dk", "dv"), grads, rgrads, ngrads):
         check_close_rule(a, r, n, 4e-3, name)
@@ -778,12 +784,7 @@ def test_smem_a100_deterministic_backward():
         runs.append(torch.autograd.grad(out, (q, k, v), do))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = attention_ref(q64, k64, v64, None, True)
-    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
-    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    naive, _ = attention_ref(qn, kn, vn, None, True, upcast=False)
-    ngrads = torch.autograd.grad(naive, (qn, kn, vn), do)
+    _, rgrads, _, ngrads = _references(q, k, v, do, True)
     for name, g, r, n in zip(("dq", "dk", "dv"), runs[0], rgrads, ngrads):
         check_close_rule(g, r, n, 4e-3, name)
 
