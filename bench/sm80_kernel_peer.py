@@ -6,7 +6,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_bench import median_ms  # CUDA events, median after 3 warm-ups (bench/ is this script's folder)
+
+def median_ms(fn, reps=15):  # (gpu_bench.py has one too, but importing it needs the orchard package)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -18,10 +30,10 @@ def main():
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            f_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal), 15)
+            f_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal))
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
             grad = torch.randn_like(out)
-            b_ms = median_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), 15)
+            b_ms = median_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
         flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
         print(f"| {d} | {int(causal)} | {dropout:.1f} | {s} | {f_ms:.3f} | {b_ms:.3f} | {flops / f_ms * 1e-9:.1f} | "
               f"{2.5 * flops / b_ms * 1e-9:.1f} |", flush=True)
