@@ -31,13 +31,6 @@ namespace orchard::cuda {
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
 void opt_in_dynamic_smem(const void* kernel, int bytes) {
-  // The launchers pick configurations that fit (smem_optin_limit); one that does not would fail
-  // to launch with a bare CUDA error, so it is refused here with the sizes.
-  const int limit = smem_optin_limit();
-  if (bytes > limit)
-    throw Error(ErrorKind::kNotImplemented, "a CUDA kernel for this call needs " + std::to_string(bytes) +
-                                                " bytes of shared memory per block; this GPU allows " +
-                                                std::to_string(limit));
   int device = -1;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
@@ -51,6 +44,14 @@ void opt_in_dynamic_smem(const void* kernel, int bytes) {
     const auto it = opted.find(key);
     if (it != opted.end() && it->second >= bytes) return;
   }
+  // The launchers pick configurations that fit (smem_optin_limit); one that does not would fail
+  // to launch with a bare CUDA error, so it is refused here with the sizes (once per kernel and
+  // size: an opted-in size passed this check, and the limit is fixed per device).
+  const int limit = smem_optin_limit(device);
+  if (limit > 0 && bytes > limit)
+    throw Error(ErrorKind::kNotImplemented, "a CUDA kernel for this call needs " + std::to_string(bytes) +
+                                                " bytes of shared memory per block; this GPU allows " +
+                                                std::to_string(limit));
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) return;
   std::lock_guard<std::mutex> lock(mutex);
   int& done = opted[key];

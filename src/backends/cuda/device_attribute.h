@@ -44,13 +44,22 @@ inline int current_device_attribute() {
 // when that is set and smaller: a test switch that makes a larger GPU take the choices of a smaller
 // one (A100: 166912, sm_86 / sm_89: 101376; with ORCHARD_SM90=0 on Hopper, whose own kernels need
 // more) and raise what that GPU would raise.
-inline int smem_optin_limit() {
+// 0 when unknown (the query failed).
+inline int smem_optin_limit(int device) {
   static const int cap = [] {
     const char* e = std::getenv("ORCHARD_CUDA_SMEM_OPTIN");
     return e != nullptr ? std::atoi(e) : 0;
   }();
-  const int v = current_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  const int v = cached_device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
   return cap > 0 && cap < v ? cap : v;
+}
+inline int smem_optin_limit() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return smem_optin_limit(device);
 }
 
 }  // namespace orchard::cuda

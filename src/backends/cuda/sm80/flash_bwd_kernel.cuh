@@ -1739,13 +1739,14 @@ BwdPlan plan_flash_bwd(const BwdParams& p) {
   using Cfg2 = BwdConfig2<kD>;
   const bool bias = p.attn_bias != nullptr;
   const int limit = smem_optin_limit();
+  auto fits = [&](int bytes) { return limit <= 0 || bytes <= limit; };  // unknown: left to the launch
   const int two_stages = Cfg2::kSmemBytes + (bias ? Cfg2::kBiasExtraBytes : 0);
   const int one = two_stages - 2 * Cfg2::kQdOTileBytes;
   const bool may_one_pass = kD <= 128 || !bwd_force_two_pass();
   BwdPlan plan;
-  if (may_one_pass && two_stages <= limit) {
+  if (may_one_pass && fits(two_stages)) {
     plan.smem = two_stages;
-  } else if (may_one_pass && one <= limit) {
+  } else if (may_one_pass && fits(one)) {
     plan.one_stage = true;
     plan.smem = one;
   } else if (Cfg::kSplit) {
@@ -1756,7 +1757,7 @@ BwdPlan plan_flash_bwd(const BwdParams& p) {
   }
   const int dq_smem = Cfg::kDqSmemBytes + (bias ? Cfg::kDqBiasBytes : 0);  // the deterministic dQ kernel
   const int need = std::max(plan.smem, p.deterministic ? dq_smem : 0);
-  if (need > limit)
+  if (!fits(need))
     throw Error(ErrorKind::kNotImplemented,
                 "the CUDA backward at head dim bucket " + std::to_string(kD) + (bias ? " with attn_bias" : "") +
                     (p.deterministic ? " (deterministic)" : "") + " needs " + std::to_string(need) +

@@ -20,7 +20,6 @@ constexpr bool swizzle_streamed_tiles(int d) {
   return d == 64 || d == 128 || (ORCHARD_SM80_SWIZZLE_WIDE && d > 128 && d % 64 == 0);
 }
 
-
 // from_lane: `lane_addr` is the shared-state-space byte address of the lane's
 // row and chunk at the fragment origin of stage 0 (loop-invariant), `stage_off`
 // the byte offset of the current stage. from_tile: the current stage's tile
