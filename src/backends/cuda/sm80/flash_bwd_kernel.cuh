@@ -1163,7 +1163,7 @@ __global__ void __launch_bounds__(256)
     // each group; lane i = g & 3 computes element c = i's call and a transpose hands every lane its
     // draws of all four (shared_dropout_draws.h; lane ids 16a + 4i + t: partners xor 4, 8). A
     // rolled loop, one call live at a time, recording the dropped elements in keep_bits.
-    const bool shared_draws = kDropout && kSharedDropoutDraws && (p.dropout_col_offset & 3) == 0;
+    const bool shared_draws = kDropout && shares_dropout_draws(p.dropout_col_offset);
     if constexpr (kDropout && kSharedDropoutDraws) {
       if (shared_draws) {
         static_assert(2 * kMT * 4 <= 64, "one keep bit per element of the warp's tile");

@@ -371,44 +371,37 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
         acc_o[mt][i][3] *= corr_r[mt][1];
       }
 
+    const bool shared_draws = kDropout && shares_dropout_draws(p.dropout_col_offset);
     if constexpr (kDropout && kSharedDropoutDraws) {
       // ORCHARD_SM80_DROPOUT_SHARED: lanes t, t ^ 1 share each group's calls (shared_dropout_draws.h).
-      // The calls in a rolled loop that records dropped elements as bits, applied after: unrolled,
-      // ptxas overlapped the calls and spilled 260-320 B (d64, sm_90).
-      if ((p.dropout_col_offset & 3) == 0) {
-        static_assert(kMW * kNT * 4 <= 64, "one drop bit per element of the warp's tile");
+      // Unrolled and applied at once (ptxas sm_90, d64: 116-284 B of spill; a rolled loop recording
+      // drop bits spilled 96-380 B).
+      if (shared_draws) {
         const int b = t & 1;
-        uint64_t drop_bits = 0;
-#pragma unroll 1
-        for (int e = 0; e < kMW * kNT; ++e) {
-          const int mt = e / kNT, nt = e % kNT;
-          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16 + b * 8) +
-                                static_cast<uint32_t>(p.dropout_row_offset);
-          const uint32_t gcol = static_cast<uint32_t>(n0 + nt * 8 + 4 * (t >> 1)) +
-                                static_cast<uint32_t>(p.dropout_col_offset);
-          const Philox4 mine = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
-          uint32_t s0, s1;
-          pair_send(mine, b, s0, s1);
-          const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            uint32_t d0, d1;
-            pair_row_draws(mine, b, r0, r1, r, d0, d1);
-            drop_bits |= static_cast<uint64_t>(d0 < keep_threshold) << (4 * e + 2 * r);
-            drop_bits |= static_cast<uint64_t>(d1 < keep_threshold) << (4 * e + 2 * r + 1);
-          }
-        }
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
+          for (int nt = 0; nt < kNT; ++nt) {
+            const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16 + b * 8) +
+                                  static_cast<uint32_t>(p.dropout_row_offset);
+            const uint32_t gcol = static_cast<uint32_t>(n0 + nt * 8 + 4 * (t >> 1)) +
+                                  static_cast<uint32_t>(p.dropout_col_offset);
+            const Philox4 mine = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
+            uint32_t s0, s1;
+            pair_send(mine, b, s0, s1);
+            const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
 #pragma unroll
-            for (int c = 0; c < 4; ++c)
-              if ((drop_bits >> (4 * (mt * kNT + nt) + c)) & 1u) s[mt][nt][c] = 0.f;
+            for (int r = 0; r < 2; ++r) {
+              uint32_t d0, d1;
+              pair_row_draws(mine, b, r0, r1, r, d0, d1);
+              if (d0 < keep_threshold) s[mt][nt][2 * r] = 0.f;
+              if (d1 < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+            }
+          }
       }
     }
     if constexpr (kDropout) {
-      if (!(kSharedDropoutDraws && (p.dropout_col_offset & 3) == 0)) {
+      if (!shared_draws) {
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll

@@ -29,6 +29,11 @@ namespace orchard::cuda {
 #define ORCHARD_SM80_DROPOUT_SHARED 0
 #endif
 inline constexpr bool kSharedDropoutDraws = ORCHARD_SM80_DROPOUT_SHARED != 0;
+// Whether a call's kernels share the draws: the knob, and a mask column offset that keeps every
+// lane group's columns inside whole 4-column Philox groups (CTA-uniform).
+ORCHARD_HOST_DEVICE bool shares_dropout_draws(std::int64_t dropout_col_offset) {
+  return kSharedDropoutDraws && (dropout_col_offset & 3) == 0;
+}
 
 // ---- pairs -------------------------------------------------------------------------------
 // What lane bit b sends its partner: the half of its call (row b) that the partner's columns use.
