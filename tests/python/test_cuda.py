@@ -812,8 +812,8 @@ def test_smem_a100_attn_bias_d128():
 
 
 def test_smem_a100_attn_bias_d64_has_no_kernel():
-    """attn_bias at d64 needs 174 KB even on one stage: NotImplementedError with the sizes, and the
-    forward's output is all the call leaves behind (no backward kernel ran)."""
+    """attn_bias at d64 needs 174 KB even on one stage: the backward raises NotImplementedError with
+    the sizes (the forward, 121 KB, runs)."""
     _smem_cap_is(SMEM_A100)
     q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16)
@@ -858,7 +858,7 @@ def test_smem_sm86_backward_has_no_kernel(d, need):
 
 
 def test_smem_sm86_masked_forward_has_no_kernel():
-    """A float attn_mask at d64 needs 118 KB in the forward: NotImplementedError, nothing written."""
+    """A float attn_mask at d64 needs 118 KB in the forward: NotImplementedError with the sizes."""
     _smem_cap_is(SMEM_SM86)
     q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16)
