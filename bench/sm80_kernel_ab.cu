@@ -175,6 +175,10 @@ int check(const char* path) {
                           {1, 130, 1, 186, false}};
   FILE* f = std::fopen(path, "wb");
   if (!f) { std::perror(path); return 2; }
+  // path.idx: one line per segment of path (name, element type, count), for the tolerance
+  // comparison of variants whose bytes may differ (another tiling: bench/sm80_kernel_ab.sh).
+  FILE* idx = std::fopen((std::string(path) + ".idx").c_str(), "w");
+  if (!idx) { std::perror(path); return 2; }
   int bad = 0;
   uint32_t seed = 1;
   for (const Shape& s : shapes) {
@@ -185,14 +189,18 @@ int check(const char* path) {
     CK(cudaDeviceSynchronize());
     std::vector<uint16_t> host(buf.elems);
     int nan = 0;
+    const char* tag[] = {"o", "dq", "dk", "dv"};
+    int ti = 0;
     for (bf16* t : {buf.o, buf.dq, buf.dk, buf.dv}) {
       CK(cudaMemcpy(host.data(), t, buf.elems * sizeof(bf16), cudaMemcpyDeviceToHost));
       for (uint16_t x : host) nan += (x & 0x7f80) == 0x7f80;  // a poisoned (or non-finite) element left
       std::fwrite(host.data(), sizeof(uint16_t), host.size(), f);
+      std::fprintf(idx, "d%d_c%d_p%.1f_%s bf16 %zu\n", s.d, s.causal, s.dropout, tag[ti++], host.size());
     }
     std::vector<float> lse(size_t(s.b) * s.h * s.s);
     CK(cudaMemcpy(lse.data(), buf.lse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
     std::fwrite(lse.data(), sizeof(float), lse.size(), f);
+    std::fprintf(idx, "d%d_c%d_p%.1f_lse f32 %zu\n", s.d, s.causal, s.dropout, lse.size());
     // The atomic-dQ backward (the default): dK / dV are still per-CTA sums (written out), dQ
     // differs from the ordered one by the order of its fp32 adds only.
     std::vector<uint16_t> dq_ordered(buf.elems);
@@ -205,6 +213,8 @@ int check(const char* path) {
       CK(cudaMemcpy(host.data(), t, buf.elems * sizeof(bf16), cudaMemcpyDeviceToHost));
       for (uint16_t x : host) nan += (x & 0x7f80) == 0x7f80;
       std::fwrite(host.data(), sizeof(uint16_t), host.size(), f);
+      std::fprintf(idx, "d%d_c%d_p%.1f_%s_atomic bf16 %zu\n", s.d, s.causal, s.dropout, t == buf.dk ? "dk" : "dv",
+                   host.size());
     }
     CK(cudaMemcpy(host.data(), buf.dq, buf.elems * sizeof(bf16), cudaMemcpyDeviceToHost));
     auto as_float = [](uint16_t x) { uint32_t u = uint32_t(x) << 16; float v; std::memcpy(&v, &u, 4); return v; };
@@ -220,6 +230,7 @@ int check(const char* path) {
     bad += nan != 0 || !dq_ok;
   }
   std::fclose(f);
+  std::fclose(idx);
   return bad ? 1 : 0;
 }
 

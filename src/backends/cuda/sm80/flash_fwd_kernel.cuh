@@ -56,6 +56,11 @@ namespace orchard::cuda {
 // Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
 // skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
 // d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
+#ifndef ORCHARD_SM80_FWD256_BN
+#define ORCHARD_SM80_FWD256_BN 32
+#endif
+inline constexpr int kFwd256KeyTile = ORCHARD_SM80_FWD256_BN;
+
 template <int kD, bool kBias = false>
 struct FwdConfig {
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
@@ -70,7 +75,8 @@ struct FwdConfig {
   // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
   // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
   // barrier / softmax bookkeeping (issue #16: d96 was 0.90x FA2 with 32).
-  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 96 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32)));
+  // d256: ORCHARD_SM80_FWD256_BN (an A/B knob, default 32) tries FA2's 64-key tiles.
+  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 96 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : kFwd256KeyTile)));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   // K and V tiles (streamed every step) swizzled where the head dim allows
