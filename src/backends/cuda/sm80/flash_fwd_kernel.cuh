@@ -60,6 +60,10 @@ namespace orchard::cuda {
 #define ORCHARD_SM80_FWD256_BN 32
 #endif
 inline constexpr int kFwd256KeyTile = ORCHARD_SM80_FWD256_BN;
+#ifndef ORCHARD_SM80_FWD256_WARPS
+#define ORCHARD_SM80_FWD256_WARPS 4
+#endif
+inline constexpr int kFwd256Warps = ORCHARD_SM80_FWD256_WARPS;
 
 template <int kD, bool kBias = false>
 struct FwdConfig {
@@ -70,7 +74,9 @@ struct FwdConfig {
   // With attn_bias the 8-warp CTA would need Q 51 KB + K/V 102 KB + 64 KB of bias tiles =
   // 217 KB, over an A100's 164 KB opt-in limit, so the bias kernels keep 4 warps (160 KB).
   // (d256 on 8 warps with its 32-key tiles measured 0.96-1.04x on an H100, session 54: not taken.)
-  static constexpr int kNWarps = !kBias && kD > 160 && kD <= 192 ? 8 : 4;
+  // ORCHARD_SM80_FWD256_WARPS=8 (an A/B knob beside ORCHARD_SM80_FWD256_BN): FA2's d256 forward
+  // on an H100 is 8 warps x 64-key tiles.
+  static constexpr int kNWarps = !kBias && ((kD > 160 && kD <= 192) || (kD > 192 && kFwd256Warps == 8)) ? 8 : 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
   // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
