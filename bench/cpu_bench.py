@@ -2,7 +2,7 @@
 to its own fused flash-attention CPU kernel), same process, same threads,
 same tensors, the two interleaved rep by rep.
 
-    OMP_NUM_THREADS=2 python bench/cpu_bench.py [--reps 5] [--grid quick|full] [--clock cpu|wall]
+    OMP_NUM_THREADS=2 python bench/cpu_bench.py [--reps 5] [--min-time 0.5] [--grid quick|full] [--clock cpu|wall]
         [--ab ORCHARD_CPU_POOL=1]
 
 --ab NAME=VALUE adds a third contestant, Orchard with that environment variable
@@ -91,6 +91,8 @@ def ab_switch(spec):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.5,
+                    help="seconds: more reps (up to 100) where --reps rounds of a point take less")
     ap.add_argument("--grid", default="quick", choices=sorted(GRIDS))
     ap.add_argument("--clock", default="cpu", choices=["cpu", "wall"])
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -99,7 +101,7 @@ def main():
     ap.add_argument("--ab", default="", help="NAME=VALUE: also time Orchard with this env var set")
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    _, heading = run_heading("CPU", args.clock, f"min of {args.reps}")
+    _, heading = run_heading("CPU", args.clock, f"min of {args.reps}+ (>= {args.min_time} s per point)")
     print(heading)
     ab_head = f" orchard {args.ab} fwd / f+b ms | its time / default's fwd / f+b |" if args.ab else ""
     print("| b,h,s,d | dtype | causal | orchard fwd / f+b ms | torch fwd / f+b ms | ratio fwd | ratio f+b |"
@@ -134,11 +136,15 @@ def main():
 
                 best = {(n, ph): math.inf for n in fns for ph in ("f", "fb")}
                 phases = [("f", fwd)] + ([] if args.no_bwd else [("fb", fwdbwd)])
-                for n, fn in fns.items():  # warm-up
+                t_round = time.perf_counter()
+                for n, fn in fns.items():  # warm-up, and one round's time
                     for _, ph in phases:
                         with env_for(n):
                             ph(fn)
-                for _ in range(args.reps):
+                t_round = time.perf_counter() - t_round
+                # Small calls (s512: ~1 ms) vary more than min of 5 catches: enough rounds for min_time.
+                reps = max(args.reps, min(100, math.ceil(args.min_time / max(t_round, 1e-6))))
+                for _ in range(reps):
                     for n, fn in fns.items():
                         for name, ph in phases:
                             with env_for(n):
