@@ -172,7 +172,8 @@ int check(const char* path) {
                           {1, 777, 2, 100, false},        {1, 513, 2, 128, true, 0.1f}, {2, 1000, 3, 192, false},
                           {2, 1000, 3, 192, true},        {1, 777, 2, 176, true},  {2, 1000, 3, 256, false},
                           {2, 1000, 3, 256, true},        {1, 777, 2, 200, false}, {1, 555, 2, 250, true},
-                          {1, 130, 1, 186, false}};
+                          {1, 130, 1, 186, false},        {1, 600, 2, 192, true, 0.1f}, {1, 600, 2, 256, false, 0.1f},
+                          {1, 301, 2, 60, false, 0.3f}};
   FILE* f = std::fopen(path, "wb");
   if (!f) { std::perror(path); return 2; }
   // path.idx: one line per segment of path (name, element type, count), for the tolerance
