@@ -35,6 +35,7 @@
 #include <cmath>
 
 #include "backends/cuda/sm80/attention_tiles.cuh"
+#include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/mma_utils.cuh"
 #include "backends/cuda/sm80/shared_dropout_draws.h"
@@ -56,33 +57,29 @@ namespace orchard::cuda {
 // Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
 // skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
 // d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
-#ifndef ORCHARD_SM80_FWD256_BN
-#define ORCHARD_SM80_FWD256_BN 32
-#endif
-inline constexpr int kFwd256KeyTile = ORCHARD_SM80_FWD256_BN;
-#ifndef ORCHARD_SM80_FWD256_WARPS
-#define ORCHARD_SM80_FWD256_WARPS 4
-#endif
-inline constexpr int kFwd256Warps = ORCHARD_SM80_FWD256_WARPS;
-
-template <int kD, bool kBias = false>
+// kWide (d256, plain calls: no attn_bias, no dropout): FA2's H100 shape, 8 warps x 64-key tiles
+// (128 query rows, 194 KB), where the device allows it (run_flash_fwd); the 4-warp 32-key
+// kernel (97 KB) serves the other calls and smaller GPUs. H100, session 55
+// (bench/sm80_kernel_ab.sh, both with the swizzled K / V tiles): forward 1.08-1.18x the 4-warp
+// kernel, 1.01-1.07x FA2; 4 warps x 64 keys lost (0.88-0.99x). Not for dropout: those kernels
+// spilled 36-76 B with it and were not timed.
+template <int kD, bool kBias = false, bool kWide = false>
 struct FwdConfig {
+  static_assert(!kWide || (kD == 256 && !kBias), "the wide forward is d256's plain kernel");
   static constexpr int kMW = kD <= 128 ? 2 : 1;  // m16 tiles per warp
   // d192 without attn_bias: 8 warps x 16 rows = 128 query rows (FA2's d192 forward tile), so
   // each K/V tile feeds twice the rows of the 4-warp CTA. H200, session 13 (ORCHARD_SM90=0,
   // same run as SDPA flash): forward 0.86-0.92x FA2, from 0.66-0.78x with 4 warps (session 9).
   // With attn_bias the 8-warp CTA would need Q 51 KB + K/V 102 KB + 64 KB of bias tiles =
   // 217 KB, over an A100's 164 KB opt-in limit, so the bias kernels keep 4 warps (160 KB).
-  // (d256 on 8 warps with its 32-key tiles measured 0.96-1.04x on an H100, session 54: not taken.)
-  // ORCHARD_SM80_FWD256_WARPS=8 (an A/B knob beside ORCHARD_SM80_FWD256_BN): FA2's d256 forward
-  // on an H100 is 8 warps x 64-key tiles.
-  static constexpr int kNWarps = !kBias && ((kD > 160 && kD <= 192) || (kD > 192 && kFwd256Warps == 8)) ? 8 : 4;
+  // (d256 on 8 warps with its 32-key tiles measured 0.96-1.04x on an H100, session 54; with
+  // 64-key tiles it is kWide.)
+  static constexpr int kNWarps = kWide || (!kBias && kD > 160 && kD <= 192) ? 8 : 4;
   static constexpr int kBM = 16 * kMW * kNWarps;
   // d96: 64-key tiles (as FA2's d96 forward): Q is re-read by ldmatrix each tile
   // at d96 (48 registers), so longer tiles halve that traffic and the per-tile
   // barrier / softmax bookkeeping (issue #16: d96 was 0.90x FA2 with 32).
-  // d256: ORCHARD_SM80_FWD256_BN (an A/B knob, default 32) tries FA2's 64-key tiles.
-  static constexpr int kBN = kD <= 64 ? 64 : (kD <= 96 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : kFwd256KeyTile)));
+  static constexpr int kBN = kWide ? 64 : kD <= 64 ? 64 : (kD <= 96 ? 64 : (kD <= 128 ? 32 : (kD <= 192 ? 64 : 32)));
   static constexpr bool kQInRegs = kMW * kD / 16 * 4 <= 32;
   static constexpr int kS = kD + 8;  // padded smem row (elements)
   // K and V tiles (streamed every step) swizzled where the head dim allows
@@ -101,10 +98,10 @@ struct FwdConfig {
 // with run-time bias branches ptxas spilled the plain forward in the merged tree
 // (causal d128: 32 B st / 52 B ld; sm_90), and moving the bias code only moved the
 // spill to another variant (7 placements tried). kBias = false: the pre-bias code.
-template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false>
-__global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
+template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false, bool kWide = false>
+__global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
     flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec) {
-  using Cfg = FwdConfig<kD, kBias>;
+  using Cfg = FwdConfig<kD, kBias, kWide>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
   constexpr int kNT = kBN / 8;      // n8 tiles of S
@@ -530,15 +527,16 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias>::kNWarps * 32)
   }
 }
 
+// The smallest forward kernel's bytes (the narrow one at d256): what a call of this bucket needs.
 template <int kD>
 int sm80_fwd_smem_bytes(bool bias) {
   return bias ? FwdConfig<kD, true>::kSmemBytes + FwdConfig<kD, true>::kBiasBytes : FwdConfig<kD, false>::kSmemBytes;
 }
 
-template <typename T, int kD, bool kCausal, bool kDropout, bool kBias>
+template <typename T, int kD, bool kCausal, bool kDropout, bool kBias, bool kWide = false>
 void launch_flash_fwd_kernel(const FwdParams& p) {
-  using Cfg = FwdConfig<kD, kBias>;
-  auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout, kBias>;
+  using Cfg = FwdConfig<kD, kBias, kWide>;
+  auto kernel = flash_fwd_kernel<T, kD, kCausal, kDropout, kBias, kWide>;
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
   if (grid == 0) return;
@@ -550,8 +548,17 @@ void launch_flash_fwd_kernel(const FwdParams& p) {
   check_launch("flash_fwd_kernel");
 }
 
+// Whether a d256 call takes the wide kernel: a plain call (no attn_bias, no dropout) on a device
+// whose shared-memory opt-in holds it (not an A100's 163 KB or an sm_86's 99 KB).
+inline bool sm80_fwd256_wide(const FwdParams& p) {
+  return p.attn_bias == nullptr && !(p.dropout_p > 0.f) &&
+         smem_optin_limit() >= FwdConfig<256, false, true>::kSmemBytes;
+}
+
 template <typename T, int kD, bool kCausal, bool kDropout>
 void launch_flash_fwd(const FwdParams& p) {
+  if constexpr (kD == 256 && !kDropout)
+    if (sm80_fwd256_wide(p)) return launch_flash_fwd_kernel<T, kD, kCausal, false, false, true>(p);
   pick_bias<kCausal>(p.attn_bias != nullptr, [&](auto bias) {
     launch_flash_fwd_kernel<T, kD, kCausal, kDropout, decltype(bias)::value>(p);
   });

@@ -9,12 +9,13 @@
 
 namespace orchard::cuda {
 
-// Head dims whose streamed tiles are swizzled: d64 and d128, where it was
-// measured. ORCHARD_SM80_SWIZZLE_WIDE=1 swizzles the d192 / d256 buckets too (a
-// compile-time A/B knob, off until a GPU run measures it: their tiles take the
-// per-chunk copy where a thread's chunks do not keep one swizzle, TileStream).
+// Head dims whose streamed tiles are swizzled: d64 and d128, and since session 55 d192 / d256
+// (their tiles take the per-chunk copy where a thread's chunks do not keep one swizzle,
+// TileStream; the d192 backward's dK / dV split is excluded, swizzled_kn_columns_ok). H100,
+// bench/sm80_kernel_ab.sh, same bytes: forward +5-8 % at d192 / d256, d256 backward +2-7 %.
+// ORCHARD_SM80_SWIZZLE_WIDE=0 pads them again (an A/B knob).
 #ifndef ORCHARD_SM80_SWIZZLE_WIDE
-#define ORCHARD_SM80_SWIZZLE_WIDE 0
+#define ORCHARD_SM80_SWIZZLE_WIDE 1
 #endif
 constexpr bool swizzle_streamed_tiles(int d) {
   return d == 64 || d == 128 || (ORCHARD_SM80_SWIZZLE_WIDE && d > 128 && d % 64 == 0);
