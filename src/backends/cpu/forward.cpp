@@ -103,6 +103,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   const bool dropout = p.dropout_p > 0.0f;
   const std::uint32_t threshold = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
+  // Dropout zeroes the dropped probabilities only; 1 / (1 - p) scales O once, with 1 / l at the
+  // end (the same product, one rounding fewer), so the bf16 forward keeps its fused P (session 55).
   const T rp = dropout ? T(1) / (T(1) - dropout_prob<T>(p)) : T(1);
   const auto batch_head = static_cast<std::uint32_t>(std::int64_t(bi) * p.hq + h);
   auto mask_row = [&](std::int64_t i) {
@@ -161,11 +163,23 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       apply_score_mods(mods, w.s.data(), rows, bn, i0, j0, w.first.data(), w.nv.data(), nullptr);
       c = kLog2e;
     }
+    // Each row's keep mask for this tile (recorded when the call returns it), handed to drop_row.
+    auto drop_rows = [&](auto&& drop_row) {
+      const int ncols = static_cast<int>(std::min<std::int64_t>(bn, span.len_k - j0));
+      for (int r = 0; r < rows; ++r) {
+        const std::int64_t i = i0 + r;
+        keep_row(i, j0, ncols, w.keep.data());
+        if (p.dropout_mask) std::copy_n(w.keep.data(), ncols, mask_row(i) + j0);
+        drop_row(r, ncols);
+      }
+      mask_end = j0 + ncols;
+    };
     if constexpr (sizeof(T) == 4) {
-      // bf16 without dropout: P goes to bf16 straight from the softmax.
-      if (geo.bf16 && !dropout &&
-          softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
-                                   w.o.data(), dvp, dvp, w.p16.data())) {
+      // bf16: P goes to bf16 straight from the softmax; dropout zeroes its dropped entries there.
+      if (geo.bf16 && softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
+                                               w.o.data(), dvp, dvp, w.p16.data())) {
+        if (dropout)
+          drop_rows([&](int r, int ncols) { zero_dropped(w.p16.data() + std::int64_t(r) * bn, w.keep.data(), ncols); });
         gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
                          w.o.data(), dvp, true, bn / 2);
         continue;
@@ -173,16 +187,8 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     }
     softmax_tile_update(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                         w.o.data(), dvp, dvp);
-    if (dropout) {
-      const int ncols = static_cast<int>(std::min<std::int64_t>(bn, span.len_k - j0));
-      for (int r = 0; r < rows; ++r) {
-        const std::int64_t i = i0 + r;
-        keep_row(i, j0, ncols, w.keep.data());
-        if (p.dropout_mask) std::copy_n(w.keep.data(), ncols, mask_row(i) + j0);
-        apply_dropout(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols, rp);
-      }
-      mask_end = j0 + ncols;
-    }
+    if (dropout)
+      drop_rows([&](int r, int ncols) { zero_dropped(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols); });
     if constexpr (sizeof(T) == 4) {
       if (geo.bf16) {
         to_bf16_rows(w.s.data(), bn, rows, bn, w.p16.data(), bn);
@@ -212,7 +218,7 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     // Only an exact 0 sum means "no visible key"; a NaN sum (NaN/inf in q or
     // k) must propagate to out and lse, never be silently zeroed.
     if (l != T(0)) {
-      store_row(w.o.data() + std::int64_t(r) * dvp, T(1) / l, p.d_v, p.dtype, p.out, off);
+      store_row(w.o.data() + std::int64_t(r) * dvp, rp / l, p.d_v, p.dtype, p.out, off);
       lse[r] = (w.m[r] + std::log2(l)) * kLn2;
     } else {  // fully masked row (or no keys) without a sink: zeros, -inf, never NaN
       std::fill(w.o.begin() + std::int64_t(r) * dvp, w.o.begin() + std::int64_t(r + 1) * dvp, T(0));

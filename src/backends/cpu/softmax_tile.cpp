@@ -640,20 +640,16 @@ void backward_tile(double* s, double* dp, int rows, int bc, const int* nv, doubl
   }
 }
 
+// A select, not a multiply by keep: a dropped element is exactly 0 whatever P holds (a NaN
+// row still reaches O through its NaN l).
+template <class E>
+ORCHARD_ALWAYS_INLINE void zero_dropped_any(E* p, const std::uint8_t* keep, int n) {
+  for (int j = 0; j < n; ++j) p[j] = keep[j] ? p[j] : E(0);
+}
 ORCHARD_CPU_CLONES
-void apply_dropout(float* p, const std::uint8_t* keep, int n, float rp) {
-  // keep is 0/1, so p * (keep * rp) needs no branch or select.
-  typedef std::uint8_t u8x8 __attribute__((vector_size(8)));
-  int j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const vf32 k = __builtin_convertvector(vload<u8x8>(keep + j), vf32);
-    vstore(p + j, vload<vf32>(p + j) * (k * rp));
-  }
-  for (; j < n; ++j) p[j] = keep[j] ? p[j] * rp : 0.0f;
-}
-
-void apply_dropout(double* p, const std::uint8_t* keep, int n, double rp) {
-  for (int j = 0; j < n; ++j) p[j] = keep[j] ? p[j] * rp : 0.0;
-}
+void zero_dropped(float* p, const std::uint8_t* keep, int n) { zero_dropped_any(p, keep, n); }
+void zero_dropped(double* p, const std::uint8_t* keep, int n) { zero_dropped_any(p, keep, n); }
+ORCHARD_CPU_CLONES
+void zero_dropped(std::uint16_t* p16, const std::uint8_t* keep, int n) { zero_dropped_any(p16, keep, n); }
 
 }  // namespace orchard::cpu

@@ -51,8 +51,9 @@ void backward_tile(float* s, float* dp, int rows, int bc, const int* nv, float c
 void backward_tile(double* s, double* dp, int rows, int bc, const int* nv, double c,
                    const double* lse2, const double* dsum, const std::uint8_t* keep, double rp);
 
-// p[j] *= keep[j] ? rp : 0 for j < n (dropout of the forward's P before P.V).
-void apply_dropout(float* p, const std::uint8_t* keep, int n, float rp);
-void apply_dropout(double* p, const std::uint8_t* keep, int n, double rp);
+// p[j] = 0 where keep[j] == 0, j < n (the forward's dropout: 1 / (1 - p) scales O at the end).
+void zero_dropped(float* p, const std::uint8_t* keep, int n);
+void zero_dropped(double* p, const std::uint8_t* keep, int n);
+void zero_dropped(std::uint16_t* p16, const std::uint8_t* keep, int n);
 
 }  // namespace orchard::cpu
