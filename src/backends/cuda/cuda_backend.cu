@@ -31,11 +31,7 @@ namespace orchard::cuda {
 void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
 void opt_in_dynamic_smem(const void* kernel, int bytes) {
-  int device = -1;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    device = -1;
-  }
+  const int device = current_device();
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, int> opted;  // (kernel, device) -> bytes opted in
   const auto key = std::make_pair(kernel, device);
@@ -59,11 +55,8 @@ void opt_in_dynamic_smem(const void* kernel, int bytes) {
 }
 
 int resident_ctas(const void* kernel, int threads, int smem_bytes) {
-  int device = -1;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
+  const int device = current_device();
+  if (device < 0) return 0;
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int, int>, int> known;
   const auto key = std::make_tuple(kernel, device, threads, smem_bytes);

@@ -28,15 +28,21 @@ inline int cached_device_attribute(int device) {
   return value;
 }
 
+// The calling thread's current device; -1 if the query failed (its error cleared).
+inline int current_device() {
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return device;
+}
+
 // The same for the calling thread's current device.
 template <cudaDeviceAttr kAttr>
 inline int current_device_attribute() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return cached_device_attribute<kAttr>(device);
+  const int device = current_device();
+  return device < 0 ? 0 : cached_device_attribute<kAttr>(device);
 }
 
 // The shared memory a block of the current device may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin),
@@ -54,12 +60,8 @@ inline int smem_optin_limit(int device) {
   return cap > 0 && cap < v ? cap : v;
 }
 inline int smem_optin_limit() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return smem_optin_limit(device);
+  const int device = current_device();
+  return device < 0 ? 0 : smem_optin_limit(device);
 }
 
 }  // namespace orchard::cuda
