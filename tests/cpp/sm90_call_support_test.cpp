@@ -83,6 +83,15 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   EXPECT_FALSE(bwd(p));
   p = plain_call();
   p.dropout_p = 0.1f;
+  EXPECT_TRUE(fwd(p));  // (the dispatch adds ORCHARD_SM90_DROPOUT)
+  EXPECT_FALSE(bwd(p));
+  p.dropout_col_offset = 4;  // a context-parallel block: whole 4-column Philox groups
+  EXPECT_TRUE(fwd(p));
+  p.dropout_col_offset = 6;  // the lane pairs' shared calls would straddle two groups
+  EXPECT_FALSE(fwd(p));
+  p.dropout_col_offset = 0;
+  static std::uint8_t mask_out[1];
+  p.dropout_mask = mask_out;  // the mask output: written by the sm80 path only
   EXPECT_FALSE(fwd(p));
   p = plain_call();
   static const int32_t cu[3] = {0, 100, 300};

@@ -160,9 +160,23 @@ bool sm90_enabled() {
 }
 #endif
 
+#if defined(ORCHARD_WITH_SM90)
+// Dropout calls take the sm90 forward (flash_fwd_sm90.cuh, dropout_scores.cuh) only with
+// ORCHARD_SM90_DROPOUT=1 (read once, at the first call): written without a GPU in session 56, so
+// off until its tests and timing against the sm80 kernels have run on one; else the sm80 kernels.
+bool sm90_fwd_dropout_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("ORCHARD_SM90_DROPOUT");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  return enabled;
+}
+#endif
+
 // p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
+  if (p.dropout_p > 0.f && !sm90_fwd_dropout_enabled()) return false;
   return sm90_enabled() && sm90_fwd_call_supported(p) && sm90_device();
 #else
   (void)p;
@@ -400,7 +414,7 @@ P with_value_dim(const P& p) {
 void forward(const FwdParams& params) {
   const FwdParams p = with_value_dim(params);
   if (fp32_takes_decode_kernel(p)) return fwd_on_decode_kernel(p);  // (no dropout there either)
-  if (try_fwd_sm90(p)) return;  // (no dropout mask to write: the sm90 path never has dropout)
+  if (try_fwd_sm90(p)) return;  // (no dropout mask to write: the sm90 path never takes one)
   switch (p.dtype) {
     case DType::kBFloat16: fwd_dispatch<__nv_bfloat16>(p); break;
     case DType::kFloat16: fwd_dispatch<__half>(p); break;

@@ -60,8 +60,10 @@
 // epilogue (the sink joins each row's sum; the backward needs nothing more: its P comes from
 // the LSE, which holds the sink).  Varlen in its segment form only (segments.cuh: q and k share one
 // cu_seqlens tensor; the packed rows run as one sequence, tiles narrowed to their rows' segments,
-// elements of other segments masked where a tile crosses a boundary).  No dropout / other biases:
-// the dispatch (cuda_backend.cu, sm90_fwd_applies) sends those to the sm80 kernels.
+// elements of other segments masked where a tile crosses a boundary).  Dropout: a run-time branch
+// after each tile's softmax (dropout_scores.cuh) and 1 / (1 - p) in the epilogue's scale; no
+// dropout mask output.  Other biases: the dispatch (cuda_backend.cu, sm90_fwd_applies) sends those
+// to the sm80 kernels.
 // Outputs: O (dtype T, rows past sq untouched) and LSE (fp32, natural log, at
 // lse[b * lse_batch_stride + h * lse_head_stride + row], -inf for a row that sees no key).
 #pragma once
@@ -80,6 +82,7 @@
 #include "backends/cuda/sm90/attn_bias_fragment.cuh"
 #include "backends/cuda/sm90/attn_bias_tiles.cuh"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
+#include "backends/cuda/sm90/dropout_scores.cuh"
 #include "backends/cuda/sm90/fragment_store.cuh"
 #include "backends/cuda/sm90/fwd_sm90_schedule.h"
 #include "backends/cuda/sm90/segments.cuh"
@@ -436,6 +439,13 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
     for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
+// The kernels that carry the dropout code (dropout_scores.cuh): those where ptxas (sm_90a, session
+// 56) placed it without new spill — 2 consumer WGs, no kBias, 64- or 128-key tiles (d192: 96 as
+// well). With it, the 3-WG d64 kernels spilled 12 B (kBias: 8 -> 340 B), d128's 192-key ones
+// 128 B, d256's 80-key one 36 B. run_flash_fwd_sm90 sends dropout calls to these kernels.
+template <int kD, int kBN, int kWG, bool kBias>
+inline constexpr bool kFwdSm90Dropout = !kBias && kWG == 2 && (kBN == 64 || kBN == 128 || (kD == 192 && kBN == 96));
+
 // ---- persistent tile schedule (the order and why: fwd_sm90_schedule.h) ----
 struct FwdTile {
   int m_block, h, b;
@@ -677,6 +687,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // apply_score_mods; the plain path keeps mask_tile on the tiles that cross the key end or the
     // diagonal.
     const bool has_feat = has_window || p.softcap > 0.f || p.alibi_slopes != nullptr || kBias;
+    // Dropout (dropout_scores.cuh; sm90_fwd_dropout_form): a CTA-uniform branch after each
+    // softmax, no template parameter.
+    const bool dropout = kFwdSm90Dropout<kD, kBN, kWG, kBias> && p.dropout_p > 0.f;
 
     // Descriptors: Q rows of this WG (K-major, chunk c = kk / kSl, 32 bytes per k16 inside);
     // K stage s likewise; V stage s MN-major (k16 slice = 16 key rows of kSw bytes).
@@ -808,6 +821,15 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
         }
       }
     };
+    // Dropout of key tile n's P for query tile tile_index, this thread's first row first_row ((b, h) and
+    // the Philox key read here, not kept live across the key loop).
+    auto drop_tile = [&](float (&s_acc)[kBN / 2], int n, int tile_index, int first_row) {
+      const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile_index);
+      drop_scores<kBN>(s_acc, dropout_key(p), dropout_batch_head(p, bh.b, bh.h),
+                       static_cast<uint32_t>(first_row) + static_cast<uint32_t>(p.dropout_row_offset),
+                       static_cast<uint32_t>(n * kBN) + static_cast<uint32_t>(p.dropout_col_offset), t,
+                       dropout_keep_threshold(p.dropout_p));
+    };
     // kOInV holds the previous tile's last V stage until this tile's first QK^T: a WG that skipped
     // two key tiles would wait for that stage's refill first (a hang).  WG 0 hides at most
     // ceil((kBM - 64) / kBN) tiles, so one here.
@@ -919,6 +941,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             score_tile(sacc, n);
             float corr[2];
             softmax_tile<kBN>(sacc, st, scale_log2, corr);
+            if (dropout) drop_tile(sacc, n, tile, row0);
             rescale_rows(o, corr);
             uint32_t pa[kBN / 16][4];
             convert_p<T, kBN>(sacc, pa);
@@ -959,6 +982,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             score_tile(sacc, n_end - 1);
             float corr[2];
             softmax_tile<kBN>(sacc, st, scale_log2, corr);  // o is 0: no rescale needed
+            if (dropout) drop_tile(sacc, n_end - 1, tile, row0);
             convert_p<T, kBN>(sacc, pa);
           }
           for (int it = 1; it < n_tiles; ++it) {
@@ -987,6 +1011,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             score_tile(sacc, n);
             float corr[2];
             softmax_tile<kBN>(sacc, st, scale_log2, corr);
+            if (dropout) drop_tile(sacc, n, tile, row0);  // (under PV(it - 1) as well)
             // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
             // after it (seen in SASS), which serializes softmax behind PV again.
             fence_operands(sacc);
@@ -1043,6 +1068,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             st_carry.sum[0] = st_carry.sum[1] = 0.f;
             float corr[2];
             softmax_tile<kBN>(sacc, st_carry, scale_log2, corr);  // its o starts at 0: no rescale
+            if (dropout) drop_tile(sacc, tn.n_end - 1, next, row0n);
             fence_operands(sacc);
             wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
             fence_operands(o);
@@ -1101,6 +1127,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
           inv[r] = a / lt;
           lse_l2 = top + __log2f(lt);
         }
+        if (dropout) inv[r] *= 1.f / (1.f - p.dropout_p);  // the kept elements' 1 / (1 - p)
         const int row = row0 + 8 * r;
         if (row < sq && t == 0) lse[row] = lse_l2 * 0.6931471805599453f;
       }
@@ -1270,6 +1297,26 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
 
 namespace orchard::cuda {
 
+// Dropout calls (ORCHARD_SM90_DROPOUT): the kernels with its code (sm90::kFwdSm90Dropout), else
+// false (the sm80 kernels): attn_bias (the kBias kernels) and the d96 bucket (3-WG kernels).
+template <typename T, int kD>
+bool run_flash_fwd_sm90_dropout(const FwdParams& p) {
+  if (p.attn_bias != nullptr) return false;
+  if constexpr (kD == 64) {
+    // d64's 2-WG kernels (the causal one is the plain calls' below 2k keys; the other is built
+    // for dropout only).
+    return sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 2>(p);
+  } else if constexpr (kD == 128 || kD == 256) {
+    return sm90::launch_flash_fwd_sm90<T, kD, true>(p);  // 128 / 64 keys
+  } else if constexpr (kD == 192) {
+    if (p.causal) return sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p);
+    return p.sk >= ORCHARD_SM90_FWD192_WIDE_MIN_SK ? sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 96>(p)
+                                                   : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
+  } else {
+    return false;
+  }
+}
+
 template <typename T, int kD>
 bool run_flash_fwd_sm90(const FwdParams& p) {
   // Measured on the H200 (bench/NOTES.md, "sm90 attention forward"; sm90_attn_bench variants):
@@ -1295,7 +1342,9 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   medians of 5 alternating rounds, 80 over 64: non-causal s2k / 4k 1.00 / 1.01x, s8k / 16k
   //   +2.4 / +3.3 %, causal s2k-16k +3.3 / +3.3 / +4.5 / +13.6 %, fp16 s4k 1.00x, but s1k -6.5 %).
   bool launched;
-  if (p.attn_bias != nullptr) {
+  if (p.dropout_p > 0.f) {
+    launched = run_flash_fwd_sm90_dropout<T, kD>(p);
+  } else if (p.attn_bias != nullptr) {
     // attn_bias: the kBias kernels (the bias read in the feature pass), one configuration per
     // bucket: the default tile (d64: 3 WGs; d192: 96 keys causal, 64 not), causal or not.
     if constexpr (kD == 64)

@@ -33,19 +33,27 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
          p.bias_head_stride < big && p.bias_batch_stride < big;
 }
 
+// Dropout in the forward (sm90/dropout_scores.cuh): the lanes share Philox calls in pairs, which
+// needs a mask column offset that keeps each pair's columns in whole 4-column groups; not in
+// varlen's segment form (its packed row numbers are not the mask's per-sequence rows). The
+// dispatch adds ORCHARD_SM90_DROPOUT (cuda_backend.cu: off by default until measured on a GPU).
+ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
+  return p.segment_cu == nullptr && (p.dropout_col_offset & 3) == 0;
+}
+
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
 // 192 / 256 above d, sm90_head_dim_bucket; d <= 32 stays on the sm80 kernels' 32-wide bucket);
 // plain or causal; sliding windows, softcap and ALiBi (run-time branches of the kernels); sinks
 // (the epilogue); attn_bias / masks in the kBias kernels: row-broadcast ones (row stride 0, key
 // stride 1; sm90/attn_bias_fragment.cuh) and the dense ones above (not with softcap); GQA; a positive scale (the
 // softmax keeps the row max of the raw scores); 16-byte aligned rows with strides of whole
-// 16-byte chunks (TMA).  Varlen only in its segment form (sm90_segment_form below); not: dropout,
-// float32 dense biases or unaligned ones.
+// 16-byte chunks (TMA).  Varlen only in its segment form (sm90_segment_form below); dropout in the
+// form above (no dropout mask output); not: float32 dense biases or unaligned ones.
 inline bool sm90_fwd_call_supported(const FwdParams& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (value_dim(p) != p.d || p.d <= 32 || p.d > 256 || p.d % 8 != 0) return false;
-  if (p.dropout_p > 0.f || p.dropout_mask != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr)
-    return false;
+  if (p.dropout_mask != nullptr || p.cu_seqlens_q != nullptr || p.cu_seqlens_k != nullptr) return false;
+  if (p.dropout_p > 0.f && !sm90_fwd_dropout_form(p)) return false;
   if (p.b <= 0 || p.b > 65535 || p.hq <= 0 || p.hq > 65535 || p.sq <= 0 || p.sk <= 0) return false;
   // (One query row has no other rows to differ; one key has no stride to speak of.)
   if (p.attn_bias != nullptr && (sm90_dense_bias(p) ? !sm90_dense_bias_stageable(p) : p.bias_col_stride != 1 && p.sk != 1))
@@ -129,6 +137,7 @@ inline bool sm90_bwd_call_supported(const BwdParams& p) {
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
   if (sm90_dense_bias(p) && p.d > 128) return false;  // the wide kernel reads row-broadcast biases only
   if (p.dsink != nullptr) return false;
+  if (p.dropout_p > 0.f) return false;  // (the forward only: flash_fwd_sm90.cuh)
   if (!sm90_fwd_call_supported(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);

@@ -1,0 +1,92 @@
+"""Dropout forwards on an H100 / H200: the sm90 forward with dropout (ORCHARD_SM90_DROPOUT=1, a
+child process: the switch is read once per process) against the sm80 kernels (the default) and FA2
+(SDPA's flash backend), same tensors and card, plus Orchard's forward without dropout for scale.
+bf16, 16k tokens per call (b = 16384 / s), model dim 2048 (h = 2048 / d), dropout 0.1.
+Kernel time by CUDA events, median of --reps calls after warm-up.
+
+    python bench/sm90_dropout_bench.py [--reps 30] [--dims 64,128,256] [--seqs 2048,8192]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import orchard
+
+
+def time_ms(fn, reps):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def shapes(args):
+    for d in (int(x) for x in args.dims.split(",")):
+        for s in (int(x) for x in args.seqs.split(",")):
+            for causal in (False, True):
+                yield d, s, causal
+
+
+def tensors(d, s):
+    b, h = max(1, 16384 // s), 2048 // d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
+
+
+def orchard_times(args, dropout_p):
+    out = {}
+    with torch.no_grad():
+        for d, s, causal in shapes(args):
+            q, k, v = tensors(d, s)
+            out[f"{d},{s},{causal}"] = time_ms(
+                lambda: orchard.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal), args.reps)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--dims", default="64,128,256")
+    ap.add_argument("--seqs", default="2048,8192")
+    ap.add_argument("--child", action="store_true", help="(internal) time the switch's path, print JSON")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(orchard_times(args, 0.1)))
+        return
+    argv = [sys.executable, __file__, "--child", "--reps", str(args.reps), "--dims", args.dims, "--seqs", args.seqs]
+    child = subprocess.run(argv, env=dict(os.environ, ORCHARD_SM90_DROPOUT="1"), capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(child.stdout[-2000:] + child.stderr[-2000:])
+    sm90 = json.loads(child.stdout.strip().splitlines()[-1])
+    sm80 = orchard_times(args, 0.1)
+    plain = orchard_times(args, 0.0)
+    print(f"### {torch.cuda.get_device_name()}, bf16, 16k tokens, model dim 2048, dropout 0.1, "
+          f"median of {args.reps}, ms\n")
+    print("| d | s | causal | sm90 dropout | sm80 dropout | FA2 dropout | Orchard no dropout | "
+          "sm90 / sm80 | sm90 / FA2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for d, s, causal in shapes(args):
+        key = f"{d},{s},{causal}"
+        q, k, v = (t.transpose(1, 2) for t in tensors(d, s))
+        with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            fa2 = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=causal),
+                          args.reps)
+        print(f"| {d} | {s} | {causal} | {sm90[key]:.3f} | {sm80[key]:.3f} | {fa2:.3f} | {plain[key]:.3f} | "
+              f"{sm80[key] / sm90[key]:.2f}x | {fa2 / sm90[key]:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
