@@ -1,6 +1,7 @@
-"""Dropout forwards on an H100 / H200: the sm90 forward with dropout (ORCHARD_SM90_DROPOUT=1, a
-child process: the switch is read once per process) against the sm80 kernels (the default) and FA2
-(SDPA's flash backend), same tensors and card, plus Orchard's forward without dropout for scale.
+"""Dropout on an H100 / H200: the sm90 kernels with dropout (ORCHARD_SM90_DROPOUT=1, a child
+process: the switch is read once per process) against the sm80 kernels (the default) and FA2
+(SDPA's flash backend), forward and forward + backward, same tensors and card, plus Orchard
+without dropout for scale.
 bf16, 16k tokens per call (b = 16384 / s), model dim 2048 (h = 2048 / d), dropout 0.1.
 Kernel time by CUDA events, median of --reps calls after warm-up.
 
@@ -46,13 +47,25 @@ def tensors(d, s):
     return [torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
 
 
+def fwd_and_fwdbwd(fn, q, k, v, reps):
+    """(forward ms, forward + backward ms) of fn(q, k, v)."""
+    with torch.no_grad():
+        fwd = time_ms(lambda: fn(q, k, v), reps)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+
+    def step():
+        torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+    return fwd, time_ms(step, reps)
+
+
 def orchard_times(args, dropout_p):
     out = {}
-    with torch.no_grad():
-        for d, s, causal in shapes(args):
-            q, k, v = tensors(d, s)
-            out[f"{d},{s},{causal}"] = time_ms(
-                lambda: orchard.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal), args.reps)
+    for d, s, causal in shapes(args):
+        q, k, v = tensors(d, s)
+        out[f"{d},{s},{causal}"] = fwd_and_fwdbwd(
+            lambda q, k, v: orchard.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal), q, k, v,
+            args.reps)
     return out
 
 
@@ -74,18 +87,22 @@ def main():
     sm80 = orchard_times(args, 0.1)
     plain = orchard_times(args, 0.0)
     print(f"### {torch.cuda.get_device_name()}, bf16, 16k tokens, model dim 2048, dropout 0.1, "
-          f"median of {args.reps}, ms\n")
+          f"median of {args.reps}, ms, forward / forward + backward\n")
     print("| d | s | causal | sm90 dropout | sm80 dropout | FA2 dropout | Orchard no dropout | "
-          "sm90 / sm80 | sm90 / FA2 |")
+          "sm90 / sm80 speed | sm90 / FA2 speed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for d, s, causal in shapes(args):
         key = f"{d},{s},{causal}"
         q, k, v = (t.transpose(1, 2) for t in tensors(d, s))
-        with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            fa2 = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=causal),
-                          args.reps)
-        print(f"| {d} | {s} | {causal} | {sm90[key]:.3f} | {sm80[key]:.3f} | {fa2:.3f} | {plain[key]:.3f} | "
-              f"{sm80[key] / sm90[key]:.2f}x | {fa2 / sm90[key]:.2f}x |", flush=True)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            fa2 = fwd_and_fwdbwd(
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=causal), q, k, v,
+                args.reps)
+        a, b, c, e = sm90[key], sm80[key], fa2, plain[key]
+        cell = lambda x: f"{x[0]:.3f} / {x[1]:.3f}"
+        ratio = lambda x, y: f"{x[0] / y[0]:.2f} / {x[1] / y[1]:.2f}x"
+        print(f"| {d} | {s} | {causal} | {cell(a)} | {cell(b)} | {cell(c)} | {cell(e)} | {ratio(b, a)} | "
+              f"{ratio(c, a)} |", flush=True)
 
 
 if __name__ == "__main__":

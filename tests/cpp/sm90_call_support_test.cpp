@@ -84,7 +84,16 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   p = plain_call();
   p.dropout_p = 0.1f;
   EXPECT_TRUE(fwd(p));  // (the dispatch adds ORCHARD_SM90_DROPOUT)
+  EXPECT_TRUE(bwd(p));   // the d <= 128 kernel's kFeatures instantiations
+  p.deterministic = true;  // the ordered-dQ kernels have no dropout
   EXPECT_FALSE(bwd(p));
+  p.deterministic = false;
+  {
+    BwdParams wide = plain_call(192);  // nor the wide kernel
+    wide.dropout_p = 0.1f;
+    EXPECT_TRUE(fwd(wide));
+    EXPECT_FALSE(bwd(wide));
+  }
   p.dropout_col_offset = 4;  // a context-parallel block: whole 4-column Philox groups
   EXPECT_TRUE(fwd(p));
   p.dropout_col_offset = 6;  // the lane pairs' shared calls would straddle two groups

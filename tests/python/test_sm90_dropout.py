@@ -1,10 +1,10 @@
-"""Dropout forwards at the shapes the sm90 (Hopper) forward takes with ORCHARD_SM90_DROPOUT=1
-(src/backends/cuda/sm90/dropout_scores.cuh): the output applies the documented mask (the mask an
-sm80 call returns for the same key: the same bits on every path) and the backward on the sm80
-kernels, fed that forward's out and LSE, gives the reference gradients. In this process the
-switch is whatever the environment says (unset: the sm80 kernels); on a GPU that runs the sm90
-kernels a child pytest repeats the cases with the switch on and checks, through the debug log,
-that each case ran the kernel it should."""
+"""Dropout at the shapes the sm90 (Hopper) kernels take with ORCHARD_SM90_DROPOUT=1
+(src/backends/cuda/sm90/dropout_scores.cuh): the forward's output applies the documented mask
+(the mask an sm80 call returns for the same key: the same bits on every path) and the backward
+(the sm90 one at d <= 128 with the switch, else the sm80 kernels), fed that forward's out and LSE,
+gives the reference gradients. In this process the switch is whatever the environment says
+(unset: the sm80 kernels); on a GPU that runs the sm90 kernels a child pytest repeats the cases
+with the switch on and checks, through the debug log, that each case ran the kernels it should."""
 
 import os
 
@@ -19,19 +19,20 @@ pytestmark = pytest.mark.cuda
 _SCALE, _P = 0.125, 0.3
 _PLAIN_FEATURES = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
 
-# (dtype, d, causal, b, sq, sk, hq, hkv, row offset, column offset, on the sm90 kernels with the switch)
+# (dtype, d, causal, b, sq, sk, hq, hkv, row offset, column offset,
+#  (forward, backward) on the sm90 kernels with the switch)
 CASES = [
-    (torch.bfloat16, 64, False, 2, 300, 300, 4, 2, 0, 0, True),
-    (torch.bfloat16, 64, True, 1, 200, 457, 4, 4, 0, 0, True),  # bottom-right diagonal, d64's 2-WG kernel
-    (torch.bfloat16, 128, False, 2, 300, 300, 4, 2, 0, 0, True),
-    (torch.float16, 128, True, 2, 300, 300, 4, 4, 3, 8, True),  # a context-parallel block's offsets
-    (torch.bfloat16, 120, False, 1, 129, 260, 2, 2, 0, 0, True),  # the 128 bucket, zero-filled columns
-    (torch.bfloat16, 192, False, 1, 200, 1100, 2, 2, 0, 0, True),  # d192's 96-key tiles (>= 1024 keys)
-    (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, True),
-    (torch.bfloat16, 256, False, 1, 200, 2100, 2, 2, 0, 0, True),  # 64-key tiles (plain calls take 80 here)
-    (torch.float16, 256, True, 1, 300, 300, 2, 2, 0, 0, True),
-    (torch.bfloat16, 80, False, 1, 200, 200, 2, 2, 0, 0, False),  # the d96 bucket: the sm80 kernels
-    (torch.bfloat16, 128, False, 1, 200, 200, 2, 2, 0, 6, False),  # offset 6: pairs would straddle calls
+    (torch.bfloat16, 64, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
+    (torch.bfloat16, 64, True, 1, 200, 457, 4, 4, 0, 0, (True, True)),  # bottom-right, d64's 2-WG forward
+    (torch.bfloat16, 128, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
+    (torch.float16, 128, True, 2, 300, 300, 4, 4, 3, 8, (True, True)),  # a context-parallel block's offsets
+    (torch.bfloat16, 120, False, 1, 129, 260, 2, 2, 0, 0, (True, True)),  # the 128 bucket, zero-filled columns
+    (torch.bfloat16, 192, False, 1, 200, 1100, 2, 2, 0, 0, (True, False)),  # d192's 96-key tiles (>= 1024 keys)
+    (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, (True, False)),
+    (torch.bfloat16, 256, False, 1, 200, 2100, 2, 2, 0, 0, (True, False)),  # 64-key tiles (plain: 80)
+    (torch.float16, 256, True, 1, 300, 300, 2, 2, 0, 0, (True, False)),
+    (torch.bfloat16, 80, False, 1, 200, 200, 2, 2, 0, 0, (False, True)),  # the d96 bucket: sm80 forward
+    (torch.bfloat16, 128, False, 1, 200, 200, 2, 2, 0, 6, (False, False)),  # offset 6: calls would straddle
 ]
 
 
@@ -85,19 +86,22 @@ def _sm90_expected():
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_sm90_dropout_forward_runs_the_kernel_it_should(case, tmp_path, monkeypatch):
-    """The debug log names the sm90 forward for the cases it takes, when the switch is on here."""
-    dtype, d, causal, b, sq, sk, hq, hkv, r0, c0, sm90 = case
+    """The debug log names the sm90 forward / backward for the cases they take, when the switch is on."""
+    dtype, d, causal, b, sq, sk, hq, hkv, r0, c0, (fwd_sm90, bwd_sm90) = case
     on = os.environ.get("ORCHARD_SM90_DROPOUT") == "1" and _sm90_expected()
     monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
     monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
     q = randn(b, sq, hq, d, dtype=dtype, device="cuda")
     k = randn(b, sk, hkv, d, dtype=dtype, device="cuda")
     rng = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
-    _fwd(q, k, k, causal, rng, r0, c0, False)
+    out, lse, _ = _fwd(q, k, k, causal, rng, r0, c0, False)
+    _bwd(out, q, k, k, out, lse, causal, rng, r0, c0)
     torch.cuda.synchronize()
-    line = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()[0]
-    assert ".dropout" in line, line
-    assert (".sm90." in line) == (on and sm90), line
+    lines = (tmp_path / f"orchard_flash_attn_{os.getpid()}.log").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["FWD", "BWD"], lines
+    for line, sm90 in zip(lines, (fwd_sm90, bwd_sm90)):
+        assert ".dropout" in line, line
+        assert (".sm90." in line) == (on and sm90), line
 
 
 def test_sm90_dropout_switch_on_in_a_child():

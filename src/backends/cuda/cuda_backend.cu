@@ -161,10 +161,10 @@ bool sm90_enabled() {
 #endif
 
 #if defined(ORCHARD_WITH_SM90)
-// Dropout calls take the sm90 forward (flash_fwd_sm90.cuh, dropout_scores.cuh) only with
+// Dropout calls take the sm90 kernels (flash_fwd_sm90.cuh, flash_bwd_sm90.cuh, dropout_scores.cuh) only with
 // ORCHARD_SM90_DROPOUT=1 (read once, at the first call): written without a GPU in session 56, so
 // off until its tests and timing against the sm80 kernels have run on one; else the sm80 kernels.
-bool sm90_fwd_dropout_enabled() {
+bool sm90_dropout_enabled() {
   static const bool enabled = [] {
     const char* env = std::getenv("ORCHARD_SM90_DROPOUT");
     return env != nullptr && std::strcmp(env, "1") == 0;
@@ -176,7 +176,7 @@ bool sm90_fwd_dropout_enabled() {
 // p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.dropout_p > 0.f && !sm90_fwd_dropout_enabled()) return false;
+  if (p.dropout_p > 0.f && !sm90_dropout_enabled()) return false;
   return sm90_enabled() && sm90_fwd_call_supported(p) && sm90_device();
 #else
   (void)p;
@@ -285,6 +285,7 @@ bool try_fwd_sm90(const FwdParams& call) {
 // p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
+  if (p.dropout_p > 0.f && !sm90_dropout_enabled()) return false;
   return sm90_enabled() && sm90_bwd_call_supported(p) && sm90_device();
 #else
   (void)p;

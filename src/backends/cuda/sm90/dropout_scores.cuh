@@ -10,7 +10,7 @@
 //
 // The calls run in a rolled loop recording drop bits, so a kernel holds one call's registers and
 // one copy of its code per call site (four per kernel), then one unrolled pass zeroes the dropped
-// elements: bit i is element i.
+// elements: bit i is element i. The backward's form (dropped_bits_keys) is below.
 #pragma once
 #include <cstdint>
 
@@ -49,6 +49,41 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i)
     if (((i < 64 ? lo : hi) >> (i % 64)) & 1u) s[i] = 0.f;
+}
+
+// The backward's S^T fragment (flash_bwd_sm90.cuh; keys are the rows): element i -> key
+// key0 + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2), i < 32. A call's four keys
+// sit in the quad of lanes g = 4a .. 4a + 3 (same t), which share calls as the sm80 dK / dV kernel
+// does (shared_dropout_draws.h, quads): for each 8-query block j, lane g & 3 computes the call of
+// combo g & 3 (query column c & 1, key half c >> 1) and a 4 x 4 transpose (lanes xor 4, 8) hands
+// every lane its key's draw of all four — one call per 4 elements, in a rolled loop.
+// query0: the tile's first query + 2 t, group0: the first key of this lane's 4-key group (key0 -
+// (g & 3)), both with the call's dropout offsets added (group0 a multiple of 4:
+// sm90_fwd_dropout_form). Returns the drop bits: bit i set = element i dropped.
+__device__ __forceinline__ uint32_t dropped_bits_keys(const DropoutKey& key, uint32_t batch_head, uint32_t query0,
+                                                      uint32_t group0, int g, uint32_t keep_threshold) {
+  const int i = g & 3;
+  uint32_t dropped = 0;
+#pragma unroll 1
+  for (int j = 0; j < 8; ++j) {
+    const Philox4 v = dropout_draws(key.seed, key.offset, batch_head, query0 + 8u * j + (i & 1),
+                                    (group0 + 8u * (i >> 1)) >> 2);
+    uint32_t s0, s1, u0, u1;
+    cuda::quad_step1_send(v, i, s0, s1);
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 4), r1 = __shfl_xor_sync(0xffffffffu, s1, 4);
+    cuda::quad_step2_send(v, i, r0, r1, u0, u1);
+    const uint32_t q0 = __shfl_xor_sync(0xffffffffu, u0, 8), q1 = __shfl_xor_sync(0xffffffffu, u1, 8);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)  // combo c is element 4 j + c: key half c >> 1, query column c & 1
+      dropped |= static_cast<uint32_t>(cuda::quad_draw(v, i, r0, r1, q0, q1, c) < keep_threshold) << (4 * j + c);
+  }
+  return dropped;
+}
+
+// A packed 16-bit pair (elements i, i + 1: low, high half) with its dropped halves zeroed.
+__device__ __forceinline__ uint32_t zero_dropped_pair(uint32_t pair, uint32_t dropped, int i) {
+  const uint32_t lo = (dropped >> i) & 1u ? 0u : 0x0000ffffu, hi = (dropped >> (i + 1)) & 1u ? 0u : 0xffff0000u;
+  return pair & (lo | hi);
 }
 
 }  // namespace orchard::sm90

@@ -71,6 +71,10 @@
 // tile, loaded by TMA with the step's Q / dO on the same full barrier into a buffer per stage
 // (Cfg::kOffBias; released with the stage) and added to S^T in the feature pass
 // (add_bias_tile_keys, attn_bias_tiles.cuh).
+// Dropout (ORCHARD_SM90_DROPOUT; sm90_bwd_call_supported says which calls), in the kFeatures
+// kernels: each step's drop bits drawn while dP^T runs (dropout_scores.cuh, quads of lanes sharing
+// each Philox call), dS^T = P^T (Z dP^T / (1 - p) - D), the dropped elements of the 16-bit P^T
+// zeroed for the dV GEMM and 1 / (1 - p) applied to dV in the epilogue.
 // Varlen in its segment form (segments.cuh), in the kFeatures kernels: each key tile's query tiles
 // narrowed to its keys' segments, other segments' elements of S^T masked per step.
 // The dispatch (cuda_backend.cu, sm90_bwd_applies) sends d > 128 to flash_bwd_sm90_wide.cuh (the
@@ -92,6 +96,7 @@
 #include "backends/cuda/sm90/attn_bias_fragment.cuh"
 #include "backends/cuda/sm90/attn_bias_tiles.cuh"
 #include "backends/cuda/sm90/bulk_reduce.cuh"
+#include "backends/cuda/sm90/dropout_scores.cuh"
 #include "backends/cuda/sm90/flash_bwd_sm90_launch.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
 #include "backends/cuda/sm90/fragment_store.cuh"
@@ -788,13 +793,27 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
           {
+            // Dropout (the kFeatures kernels; dropout_scores.cuh): the step's drop bits, drawn
+            // before dP^T is issued (d64: while it runs; at d128, drawn during the GEMM, the Philox
+            // registers beside dP^T's accumulators spilled the kFeatures kernels 8 -> 76 B). P^T
+            // stays undropped for dS^T; the dV GEMM gets the kept elements (zeroed below) and dV
+            // takes 1 / (1 - p) in the epilogue.
+            uint32_t dropped = 0;
+            if (kFeatures && p.dropout_p > 0.f)
+              dropped = dropped_bits_keys(
+                  dropout_key(p), dropout_batch_head(p, b, h),
+                  static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
+                  static_cast<uint32_t>(n0 + key_l0 - (g & 3)) + static_cast<uint32_t>(p.dropout_col_offset), g,
+                  dropout_keep_threshold(p.dropout_p));
             if constexpr (!Cfg::kPipelined) issue_dp();
             flush_dq();
             wgmma_wait<0>();
             fence_operands(dpacc);
             if constexpr (kFeatures) {
-              // dS^T = P^T (dP^T - D); softcap: P^T (1 - tanh^2), the product parked above.
+              // dS^T = P^T (Z dP^T / (1 - p) - D) (Z: the keep mask; no dropout: Z = 1, p = 0);
+              // softcap: P^T (1 - tanh^2), the product parked above.
               const bool capped = p.softcap > 0.f;
+              const float rdrop = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -805,7 +824,8 @@ __global__ void __launch_bounds__(384, 1)
                   for (int e = 0; e < 2; ++e) {
                     const int i = 8 * kk + 2 * q + e;
                     const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dpacc[i] - d_t[ql]);
+                    const float dp = (dropped >> i) & 1u ? 0.f : dpacc[i] * rdrop;
+                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dp - d_t[ql]);
                   }
                 }
             } else {  // dS^T = P^T (dP^T - D)
@@ -817,6 +837,14 @@ __global__ void __launch_bounds__(384, 1)
               }
             }
             acc_to_afrag<T>(dpacc, dsa);
+            if constexpr (kFeatures) {
+              if (dropped != 0u) {  // (P^T Z)^T for the dV GEMM
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+                  for (int q = 0; q < 4; ++q) pa[kk][q] = zero_dropped_pair(pa[kk][q], dropped, 8 * kk + 2 * q);
+              }
+            }
           }
           if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer s (ds_slot above)
 #pragma unroll
@@ -1006,12 +1034,13 @@ __global__ void __launch_bounds__(384, 1)
       T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
       const bool store16 = ORCHARD_SM90_BWD_STORE16 && rows_allow_store16(dkg, p.dk_row_stride) &&
                            rows_allow_store16(dvg, p.dv_row_stride);
+      const float dv_scale = kFeatures && p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;  // dropout's
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int key = n0 + key_l0 + 8 * r;
         store_fragment_row<T, kD>(dk, r, p.scale, dkg + static_cast<int64_t>(key) * p.dk_row_stride, key < sk,
                                   d_cols, t, store16);
-        store_fragment_row<T, kD>(dv, r, 1.f, dvg + static_cast<int64_t>(key) * p.dv_row_stride, key < sk,
+        store_fragment_row<T, kD>(dv, r, dv_scale, dvg + static_cast<int64_t>(key) * p.dv_row_stride, key < sk,
                                   d_cols, t, store16);
       }
       // This tile's bulk adds are done, by every warp (their smem sources must outlive the CTA).

@@ -44,6 +44,9 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
 // with bulk dQ only (the atomic-dQ variant, a bench A/B, has no feature instantiation); a d below
 // the bucket runs the kPaddedD kernels, which are also the kFeatures ones (bulk dQ; no features
 // active = the plain math with its run-time branches): two kernels instead of four.
+// The kFeatures kernels run score modifiers and, at d <= 128, dropout (run-time branches in them).
+inline bool features_or_dropout(const BwdParams& p) { return score_mods_active(p) || p.dropout_p > 0.f; }
+
 template <typename T, int kD>
 auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
   // attn_bias: the kBias kernels, whatever else the call modifies: per causal flag, and at d <= 128
@@ -72,7 +75,7 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
     (void)bulk_dq;
     return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
-           : score_mods_active(p) ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
+           : features_or_dropout(p) ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
                                               : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
            : p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>
                       : sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false>;
@@ -84,7 +87,7 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
                       : sm90::flash_bwd_sm90_kernel<T, kD, false, true, false, false, true>;
     return p.d != kD ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, true>
                                  : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, true>)
-           : score_mods_active(p)
+           : features_or_dropout(p)
                ? (p.causal ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, true, false>
                            : sm90::flash_bwd_sm90_kernel<T, kD, false, true, true, false>)
            : p.causal ? (bulk_dq ? sm90::flash_bwd_sm90_kernel<T, kD, true, true, false, false>

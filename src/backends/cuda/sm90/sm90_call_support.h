@@ -36,7 +36,8 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
 // Dropout in the forward (sm90/dropout_scores.cuh): the lanes share Philox calls in pairs, which
 // needs a mask column offset that keeps each pair's columns in whole 4-column groups; not in
 // varlen's segment form (its packed row numbers are not the mask's per-sequence rows). The
-// dispatch adds ORCHARD_SM90_DROPOUT (cuda_backend.cu: off by default until measured on a GPU).
+// backward's quads share calls likewise (sm90_bwd_call_supported adds its limits). The dispatch
+// adds ORCHARD_SM90_DROPOUT (cuda_backend.cu: off by default until measured on a GPU).
 ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
   return p.segment_cu == nullptr && (p.dropout_col_offset & 3) == 0;
 }
@@ -137,7 +138,9 @@ inline bool sm90_bwd_call_supported(const BwdParams& p) {
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
   if (sm90_dense_bias(p) && p.d > 128) return false;  // the wide kernel reads row-broadcast biases only
   if (p.dsink != nullptr) return false;
-  if (p.dropout_p > 0.f) return false;  // (the forward only: flash_fwd_sm90.cuh)
+  // Dropout in the d <= 128 kernel's kFeatures instantiations (flash_bwd_sm90.cuh), not
+  // deterministic (the ordered-dQ kernels) and not in the wide kernel.
+  if (p.dropout_p > 0.f && (p.deterministic || p.d > 128)) return false;
   if (!sm90_fwd_call_supported(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);
