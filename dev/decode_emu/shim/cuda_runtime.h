@@ -110,6 +110,17 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 
+// 32-bit integers (the sm90 dropout draws' exchanges, dev/dropout_emu).
+inline std::uint32_t __shfl_xor_sync(unsigned, std::uint32_t v, int o) {
+  EmuWarp& w = emu_warp();
+  const int l = emu_lane();
+  w.u[l][0] = v;
+  w.bar.arrive_and_wait();
+  const std::uint32_t r = w.u[l ^ o][0];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
 template <class V>
 inline V __shfl_sync(unsigned, V v, int src) {
   static_assert(sizeof(V) <= 8);
