@@ -5,7 +5,7 @@ without dropout for scale.
 bf16, 16k tokens per call (b = 16384 / s), model dim 2048 (h = 2048 / d), dropout 0.1.
 Kernel time by CUDA events, median of --reps calls after warm-up.
 
-    python bench/sm90_dropout_bench.py [--reps 30] [--dims 64,128,256] [--seqs 2048,8192]
+    python bench/sm90_dropout_bench.py [--reps 30] [--dims 64,128,192,256] [--seqs 2048,8192]
 """
 import argparse
 import json
@@ -72,7 +72,7 @@ def orchard_times(args, dropout_p):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--dims", default="64,128,256")
+    ap.add_argument("--dims", default="64,128,192,256")
     ap.add_argument("--seqs", default="2048,8192")
     ap.add_argument("--child", action="store_true", help="(internal) time the switch's path, print JSON")
     args = ap.parse_args()

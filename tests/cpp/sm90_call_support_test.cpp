@@ -83,7 +83,10 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   EXPECT_FALSE(bwd(p));
   p = plain_call();
   p.dropout_p = 0.1f;
-  EXPECT_TRUE(fwd(p));  // (the dispatch adds ORCHARD_SM90_DROPOUT)
+  EXPECT_TRUE(fwd(p));  // (the dispatch adds ORCHARD_SM90_DROPOUT and sm90_fwd_takes_dropout)
+  EXPECT_TRUE(sm90_fwd_takes_dropout(p));
+  EXPECT_FALSE(sm90_fwd_takes_dropout(plain_call(64)));
+  EXPECT_FALSE(sm90_fwd_takes_dropout(plain_call(80)));  // the d96 bucket
   EXPECT_TRUE(bwd(p));   // the d <= 128 kernel's kFeatures instantiations
   p.deterministic = true;  // the ordered-dQ kernels have no dropout
   EXPECT_FALSE(bwd(p));

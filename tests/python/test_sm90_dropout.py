@@ -22,8 +22,8 @@ _PLAIN_FEATURES = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
 # (dtype, d, causal, b, sq, sk, hq, hkv, row offset, column offset,
 #  (forward, backward) on the sm90 kernels with the switch)
 CASES = [
-    (torch.bfloat16, 64, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
-    (torch.bfloat16, 64, True, 1, 200, 457, 4, 4, 0, 0, (True, True)),  # bottom-right, d64's 2-WG forward
+    (torch.bfloat16, 64, False, 2, 300, 300, 4, 2, 0, 0, (False, True)),  # d64: the sm80 forward
+    (torch.bfloat16, 64, True, 1, 200, 457, 4, 4, 0, 0, (False, True)),  # bottom-right
     (torch.bfloat16, 128, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
     (torch.float16, 128, True, 2, 300, 300, 4, 4, 3, 8, (True, True)),  # a context-parallel block's offsets
     (torch.bfloat16, 120, False, 1, 129, 260, 2, 2, 0, 0, (True, True)),  # the 128 bucket, zero-filled columns
@@ -31,7 +31,7 @@ CASES = [
     (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, (True, False)),
     (torch.bfloat16, 256, False, 1, 200, 2100, 2, 2, 0, 0, (True, False)),  # 64-key tiles (plain: 80)
     (torch.float16, 256, True, 1, 300, 300, 2, 2, 0, 0, (True, False)),
-    (torch.bfloat16, 80, False, 1, 200, 200, 2, 2, 0, 0, (False, True)),  # the d96 bucket: sm80 forward
+    (torch.bfloat16, 80, False, 1, 200, 200, 2, 2, 0, 0, (False, True)),  # the d96 bucket: the sm80 forward
     (torch.bfloat16, 128, False, 1, 200, 200, 2, 2, 0, 6, (False, False)),  # offset 6: calls would straddle
 ]
 

@@ -176,7 +176,7 @@ bool sm90_dropout_enabled() {
 // p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.dropout_p > 0.f && !sm90_dropout_enabled()) return false;
+  if (p.dropout_p > 0.f && !(sm90_dropout_enabled() && sm90_fwd_takes_dropout(p))) return false;
   return sm90_enabled() && sm90_fwd_call_supported(p) && sm90_device();
 #else
   (void)p;

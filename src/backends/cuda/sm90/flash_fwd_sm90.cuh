@@ -442,7 +442,9 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
 // The kernels that carry the dropout code (dropout_scores.cuh): those where ptxas (sm_90a, session
 // 56) placed it without new spill — 2 consumer WGs, no kBias, 64- or 128-key tiles (d192: 96 as
 // well). With it, the 3-WG d64 kernels spilled 12 B (kBias: 8 -> 340 B), d128's 192-key ones
-// 128 B, d256's 80-key one 36 B. run_flash_fwd_sm90 sends dropout calls to these kernels.
+// 128 B, d256's 80-key one 36 B. run_flash_fwd_sm90 sends dropout calls to these kernels (the
+// buckets sm90_fwd_takes_dropout names: d64's 2-WG kernels ran dropout at 0.85-0.89x the sm80
+// forward's speed on the H100, session 56).
 template <int kD, int kBN, int kWG, bool kBias>
 inline constexpr bool kFwdSm90Dropout = !kBias && kWG == 2 && (kBN == 64 || kBN == 128 || (kD == 192 && kBN == 96));
 
@@ -1297,16 +1299,12 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
 
 namespace orchard::cuda {
 
-// Dropout calls (ORCHARD_SM90_DROPOUT): the kernels with its code (sm90::kFwdSm90Dropout), else
-// false (the sm80 kernels): attn_bias (the kBias kernels) and the d96 bucket (3-WG kernels).
+// Dropout calls (ORCHARD_SM90_DROPOUT; the buckets sm90_fwd_takes_dropout names): the kernels with
+// its code (sm90::kFwdSm90Dropout), else false (the sm80 kernels).
 template <typename T, int kD>
 bool run_flash_fwd_sm90_dropout(const FwdParams& p) {
   if (p.attn_bias != nullptr) return false;
-  if constexpr (kD == 64) {
-    // d64's 2-WG kernels (the causal one is the plain calls' below 2k keys; the other is built
-    // for dropout only).
-    return sm90::launch_flash_fwd_sm90<T, 64, ORCHARD_SM90_FWD64_OVERLAP != 0, 128, 2>(p);
-  } else if constexpr (kD == 128 || kD == 256) {
+  if constexpr (kD == 128 || kD == 256) {
     return sm90::launch_flash_fwd_sm90<T, kD, true>(p);  // 128 / 64 keys
   } else if constexpr (kD == 192) {
     if (p.causal) return sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p);

@@ -41,6 +41,14 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
 ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
   return p.segment_cu == nullptr && (p.dropout_col_offset & 3) == 0;
 }
+// The dropout calls the sm90 forward runs (flash_fwd_sm90.cuh, run_flash_fwd_sm90_dropout): head-dim
+// buckets 128 / 192 / 256 without attn_bias. The H100 (session 56, bench/sm90_dropout_bench.py): d128
+// 1.16-1.30x and d256 1.18-1.43x the sm80 forward's speed, d64 0.85-0.89x (its 2-WG tile; the 3-WG
+// kernels spilled with the dropout code): d64 / d96 dropout forwards stay on the sm80 kernels, their
+// backward does not (the mask is the same bits on both paths).
+ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
+  return p.attn_bias == nullptr && sm90_head_dim_bucket(p.d) >= 128;
+}
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
 // 192 / 256 above d, sm90_head_dim_bucket; d <= 32 stays on the sm80 kernels' 32-wide bucket);
