@@ -1,10 +1,11 @@
-"""Dropout at the shapes the sm90 (Hopper) kernels take with ORCHARD_SM90_DROPOUT=1
+"""Dropout at the shapes the sm90 (Hopper) kernels take (with ORCHARD_SM90_DROPOUT=1: all of them;
+unset: the head-dim buckets measured faster than the sm80 kernels)
 (src/backends/cuda/sm90/dropout_scores.cuh): the forward's output applies the documented mask
 (the mask an sm80 call returns for the same key: the same bits on every path) and the backward
 (the sm90 one at d <= 128 with the switch, else the sm80 kernels), fed that forward's out and LSE,
-gives the reference gradients. In this process the switch is whatever the environment says
-(unset: the sm80 kernels); on a GPU that runs the sm90 kernels a child pytest repeats the cases
-with the switch on and checks, through the debug log, that each case ran the kernels it should."""
+gives the reference gradients. In this process the switch is whatever the environment says; on a
+GPU that runs the sm90 kernels a child pytest repeats the cases with the switch on and checks,
+through the debug log, that each case ran the kernels it should."""
 
 import os
 
@@ -80,15 +81,28 @@ def test_sm90_dropout_forward_applies_the_mask(case):
         check_close_rule(g, w, n, 1e-3, name)
 
 
+def _bucket(d):
+    return 64 if d <= 64 else 96 if d <= 96 else 128 if d <= 128 else 192 if d <= 192 else 256
+
+
+# sm90_dropout_measured_faster (sm90_call_support.h): the buckets taken with the switch unset.
+_DEFAULT_FWD, _DEFAULT_BWD = (128, 256), (64, 128)
+
+
 def _sm90_expected():
     return "90" in str(orchard.build_info().get("cuda_archs")) and torch.cuda.get_device_capability() == (9, 0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_sm90_dropout_forward_runs_the_kernel_it_should(case, tmp_path, monkeypatch):
-    """The debug log names the sm90 forward / backward for the cases they take, when the switch is on."""
+    """The debug log names the sm90 forward / backward for the cases they take: with the switch on,
+    every case the table marks; unset, those in the buckets measured faster; "0", none."""
     dtype, d, causal, b, sq, sk, hq, hkv, r0, c0, (fwd_sm90, bwd_sm90) = case
-    on = os.environ.get("ORCHARD_SM90_DROPOUT") == "1" and _sm90_expected()
+    switch = os.environ.get("ORCHARD_SM90_DROPOUT")
+    if switch is None:
+        fwd_sm90 &= _bucket(d) in _DEFAULT_FWD
+        bwd_sm90 &= _bucket(d) in _DEFAULT_BWD
+    on = switch != "0" and _sm90_expected()
     monkeypatch.setenv("ORCHARD_DEBUG_FLASH_ATN", "1")
     monkeypatch.setenv("ORCHARD_LOG_DIR", str(tmp_path))
     q = randn(b, sq, hq, d, dtype=dtype, device="cuda")

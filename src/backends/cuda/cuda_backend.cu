@@ -161,22 +161,27 @@ bool sm90_enabled() {
 #endif
 
 #if defined(ORCHARD_WITH_SM90)
-// Dropout calls take the sm90 kernels (flash_fwd_sm90.cuh, flash_bwd_sm90.cuh, dropout_scores.cuh) only with
-// ORCHARD_SM90_DROPOUT=1 (read once, at the first call): written without a GPU in session 56, so
-// off until its tests and timing against the sm80 kernels have run on one; else the sm80 kernels.
-bool sm90_dropout_enabled() {
-  static const bool enabled = [] {
+// Which dropout calls the sm90 kernels take (flash_fwd_sm90.cuh, flash_bwd_sm90.cuh,
+// dropout_scores.cuh): ORCHARD_SM90_DROPOUT (read once, at the first call) "1" every one they
+// cover, "0" none (the sm80 kernels), unset the head-dim buckets measured faster than the sm80
+// kernels (sm90_dropout_measured_faster).
+int sm90_dropout_mode() {
+  static const int mode = [] {
     const char* env = std::getenv("ORCHARD_SM90_DROPOUT");
-    return env != nullptr && std::strcmp(env, "1") == 0;
+    return env == nullptr ? -1 : (std::strcmp(env, "0") == 0 ? 0 : 1);
   }();
-  return enabled;
+  return mode;
+}
+bool sm90_takes_dropout(const FwdParams& p, bool backward) {
+  const int mode = sm90_dropout_mode();
+  return mode == 1 || (mode == -1 && sm90_dropout_measured_faster(sm90_head_dim_bucket(p.d), backward));
 }
 #endif
 
 // p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_fwd_applies(const FwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.dropout_p > 0.f && !(sm90_dropout_enabled() && sm90_fwd_takes_dropout(p))) return false;
+  if (p.dropout_p > 0.f && !(sm90_takes_dropout(p, false) && sm90_fwd_takes_dropout(p))) return false;
   return sm90_enabled() && sm90_fwd_call_supported(p) && sm90_device();
 #else
   (void)p;
@@ -285,7 +290,7 @@ bool try_fwd_sm90(const FwdParams& call) {
 // p: the call as the sm90 kernels see it (sm90_form).
 bool sm90_bwd_applies(const BwdParams& p) {
 #if defined(ORCHARD_WITH_SM90)
-  if (p.dropout_p > 0.f && !sm90_dropout_enabled()) return false;
+  if (p.dropout_p > 0.f && !sm90_takes_dropout(p, true)) return false;
   return sm90_enabled() && sm90_bwd_call_supported(p) && sm90_device();
 #else
   (void)p;

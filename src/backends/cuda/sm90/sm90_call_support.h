@@ -49,6 +49,13 @@ ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
 ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
   return p.attn_bias == nullptr && sm90_head_dim_bucket(p.d) >= 128;
 }
+// The buckets whose dropout calls the sm90 kernels take by default (ORCHARD_SM90_DROPOUT unset):
+// those measured faster than the sm80 kernels. The H100, session 56 (bench/RESULTS.md [G56]):
+// forward d128 1.16-1.30x, d256 1.18-1.43x; backward (forward + backward) d64 1.08-1.12x, d128
+// 1.26-1.31x. Not yet timed: the d192 forward, the d96 backward (ORCHARD_SM90_DROPOUT=1 runs them).
+ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int bucket, bool backward) {
+  return backward ? bucket == 64 || bucket == 128 : bucket == 128 || bucket == 256;
+}
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
 // 192 / 256 above d, sm90_head_dim_bucket; d <= 32 stays on the sm80 kernels' 32-wide bucket);
