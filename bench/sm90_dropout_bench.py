@@ -10,7 +10,6 @@ Kernel time by CUDA events, median of --reps calls after warm-up.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 
@@ -18,20 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import orchard
-
-
-def time_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from gpu_bench import median_ms as time_ms  # CUDA events, median of reps after warm-up
 
 
 def shapes(args):
