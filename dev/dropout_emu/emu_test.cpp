@@ -31,7 +31,7 @@ struct Case {
 // Per lane: the forward's scores after drop_scores<kBN> (all 1 before), the backward's drop bits.
 struct Result {
   float fwd[32][192 / 2];
-  std::uint32_t bwd[32];
+  std::uint32_t bwd[32], bwd_wide[32];
 };
 
 template <int kBN>
@@ -43,6 +43,8 @@ void warp_kernel(Case c, Result* out) {
   for (int i = 0; i < kBN / 2; ++i) out->fwd[lane][i] = s[i];
   // The backward's fragment: keys are the rows (key0 = col0 + g), queries the columns (from row0).
   out->bwd[lane] = sm90::dropped_bits_keys(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g - (g & 3), g, c.threshold);
+  out->bwd_wide[lane] =  // the wide kernel's 4 query blocks
+      sm90::dropped_bits_keys<4>(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g - (g & 3), g, c.threshold);
 }
 
 template <int kBN>
@@ -51,6 +53,7 @@ int check(const Case& c) {
   for (auto& lane : r.fwd)
     for (float& x : lane) x = -7.f;  // poisoned
   for (auto& b : r.bwd) b = 0xdeadbeefu;
+  for (auto& b : r.bwd_wide) b = 0xdeadbeefu;
   emu_launch(warp_kernel<kBN>, dim3(1), dim3(32), 0, nullptr, c, &r);
   int bad = 0;
   for (int lane = 0; lane < 32; ++lane) {
@@ -66,7 +69,9 @@ int check(const Case& c) {
       const bool keep = dropout_keep(c.key.seed, c.key.offset, c.batch_head, c.row0 + 8 * j + 2 * t + cc,
                                      c.col0 + g + 8 * rr, c.threshold);
       if (((r.bwd[lane] >> i) & 1u) != (keep ? 0u : 1u)) ++bad;
+      if (i < 16 && ((r.bwd_wide[lane] >> i) & 1u) != (keep ? 0u : 1u)) ++bad;
     }
+    if (r.bwd_wide[lane] >> 16 != 0u) ++bad;  // no bits past the 16 elements
   }
   return bad;
 }

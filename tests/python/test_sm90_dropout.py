@@ -2,7 +2,7 @@
 unset: the head-dim buckets measured faster than the sm80 kernels)
 (src/backends/cuda/sm90/dropout_scores.cuh): the forward's output applies the documented mask
 (the mask an sm80 call returns for the same key: the same bits on every path) and the backward
-(the sm90 one at d <= 128 with the switch, else the sm80 kernels), fed that forward's out and LSE,
+(the sm90 one with the switch, else the sm80 kernels), fed that forward's out and LSE,
 gives the reference gradients. In this process the switch is whatever the environment says; on a
 GPU that runs the sm90 kernels a child pytest repeats the cases with the switch on and checks,
 through the debug log, that each case ran the kernels it should."""
@@ -28,10 +28,11 @@ CASES = [
     (torch.bfloat16, 128, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
     (torch.float16, 128, True, 2, 300, 300, 4, 4, 3, 8, (True, True)),  # a context-parallel block's offsets
     (torch.bfloat16, 120, False, 1, 129, 260, 2, 2, 0, 0, (True, True)),  # the 128 bucket, zero-filled columns
-    (torch.bfloat16, 192, False, 1, 200, 1100, 2, 2, 0, 0, (True, False)),  # d192's 96-key tiles (>= 1024 keys)
-    (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, (True, False)),
-    (torch.bfloat16, 256, False, 1, 200, 2100, 2, 2, 0, 0, (True, False)),  # 64-key tiles (plain: 80)
-    (torch.float16, 256, True, 1, 300, 300, 2, 2, 0, 0, (True, False)),
+    (torch.bfloat16, 192, False, 1, 200, 1100, 2, 2, 0, 0, (True, True)),  # d192's 96-key tiles (>= 1024 keys)
+    (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, (True, True)),
+    (torch.bfloat16, 256, False, 1, 200, 2100, 2, 2, 0, 0, (True, True)),  # 64-key tiles (plain: 80)
+    (torch.float16, 256, True, 1, 300, 300, 2, 2, 3, 4, (True, True)),
+    (torch.bfloat16, 160, True, 2, 130, 200, 4, 2, 0, 0, (True, True)),  # the 192 bucket, zero-filled columns
     (torch.bfloat16, 80, False, 1, 200, 200, 2, 2, 0, 0, (False, True)),  # the d96 bucket: the sm80 forward
     (torch.bfloat16, 128, False, 1, 200, 200, 2, 2, 0, 6, (False, False)),  # offset 6: calls would straddle
 ]

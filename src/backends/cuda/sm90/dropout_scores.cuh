@@ -51,8 +51,9 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
     if (((i < 64 ? lo : hi) >> (i % 64)) & 1u) s[i] = 0.f;
 }
 
-// The backward's S^T fragment (flash_bwd_sm90.cuh; keys are the rows): element i -> key
-// key0 + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2), i < 32. A call's four keys
+// The backward's S^T fragment (flash_bwd_sm90.cuh, kJ = 8; flash_bwd_sm90_wide.cuh, kJ = 4; keys are
+// the rows): element i -> key key0 + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2),
+// i < 4 kJ. A call's four keys
 // sit in the quad of lanes g = 4a .. 4a + 3 (same t), which share calls as the sm80 dK / dV kernel
 // does (shared_dropout_draws.h, quads): for each 8-query block j, lane g & 3 computes the call of
 // combo g & 3 (query column c & 1, key half c >> 1) and a 4 x 4 transpose (lanes xor 4, 8) hands
@@ -60,12 +61,14 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
 // query0: the tile's first query + 2 t, group0: the first key of this lane's 4-key group (key0 -
 // (g & 3)), both with the call's dropout offsets added (group0 a multiple of 4:
 // sm90_fwd_dropout_form). Returns the drop bits: bit i set = element i dropped.
+template <int kJ = 8>
 __device__ __forceinline__ uint32_t dropped_bits_keys(const DropoutKey& key, uint32_t batch_head, uint32_t query0,
                                                       uint32_t group0, int g, uint32_t keep_threshold) {
+  static_assert(kJ <= 8, "one 32-bit word of drop bits");
   const int i = g & 3;
   uint32_t dropped = 0;
 #pragma unroll 1
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < kJ; ++j) {
     const Philox4 v = dropout_draws(key.seed, key.offset, batch_head, query0 + 8u * j + (i & 1),
                                     (group0 + 8u * (i >> 1)) >> 2);
     uint32_t s0, s1, u0, u1;

@@ -44,7 +44,7 @@ bool encode_flash_bwd_sm90(const BwdParams& p, BwdSm90MapsStorage* out) {
 // with bulk dQ only (the atomic-dQ variant, a bench A/B, has no feature instantiation); a d below
 // the bucket runs the kPaddedD kernels, which are also the kFeatures ones (bulk dQ; no features
 // active = the plain math with its run-time branches): two kernels instead of four.
-// The kFeatures kernels run score modifiers and, at d <= 128, dropout (run-time branches in them).
+// The kFeatures kernels run score modifiers and dropout (run-time branches in them).
 inline bool features_or_dropout(const BwdParams& p) { return score_mods_active(p) || p.dropout_p > 0.f; }
 
 template <typename T, int kD>
@@ -64,7 +64,7 @@ auto flash_bwd_sm90_kernel_for(const BwdParams& p, bool bulk_dq) {
   }
   if constexpr (kD > 128) {
     (void)bulk_dq;
-    return score_mods_active(p)
+    return features_or_dropout(p)
                ? (p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, true>
                            : sm90::flash_bwd_sm90_wide_kernel<T, kD, false, true>)
                : (p.causal ? sm90::flash_bwd_sm90_wide_kernel<T, kD, true, false>

@@ -35,6 +35,9 @@
 // from the fp32 P^T (softcap_dtanh); P^T (1 - tanh^2) replaces the packed P^T in registers once
 // P^T is in smem (dV reads it there), so no register is added.  Not here (the dispatch,
 // sm90_bwd_applies, sends it to the sm80 kernels): the deterministic mode.
+// Dropout in the kFeatures kernels (ORCHARD_SM90_DROPOUT): each step's drop bits drawn before its
+// GEMMs (dropout_scores.cuh), dS^T = P^T (Z dP^T / (1 - p) - D), the P^T tile dV reads with its
+// dropped elements zeroed, dV times 1 / (1 - p) in the epilogue.
 #pragma once
 #include "backends/cuda/sm90/flash_bwd_sm90.cuh"
 
@@ -209,6 +212,15 @@ __global__ void __launch_bounds__(384, 1)
       const uint32_t row_off = buf * Cfg::kPBytes + key_l0 * 128 + (g << 4) + 4 * t;
       auto slot = [&](int j, int r) { return (row_off + r * 1024) ^ (static_cast<uint32_t>(4 * wg + j) << 4); };
       float st[16], dpt[16];
+      // Dropout (the kFeatures kernels; dropout_scores.cuh, as the d128 kernel): this step's drop
+      // bits, drawn before its GEMMs are issued (only the dV / dK accumulators live).
+      uint32_t dropped = 0;
+      if (kFeatures && p.dropout_p > 0.f)
+        dropped = dropped_bits_keys<4>(
+            dropout_key(p), dropout_batch_head(p, b, h),
+            static_cast<uint32_t>(m0 + q_l0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
+            static_cast<uint32_t>(n0 + key_l0 - (g & 3)) + static_cast<uint32_t>(p.dropout_col_offset), g,
+            dropout_keep_threshold(p.dropout_p));
       mbarrier_wait(bar.full(s), ph);
       wgmma_fence();
       bwd_wide_tile_gemm<T, kD>(st, dK_a, dQ_b, s);
@@ -250,7 +262,9 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < 16; i += 2) {
         pw[i / 2] = pack_pair<T>(st[i], st[i + 1]);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + slot(i / 4, (i / 2) % 2)), "r"(pw[i / 2]) : "memory");
+        // dV reads (P^T Z)^T: the dropped elements zeroed (no dropout: dropped = 0)
+        const uint32_t kept = kFeatures ? zero_dropped_pair(pw[i / 2], dropped, i) : pw[i / 2];
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + slot(i / 4, (i / 2) % 2)), "r"(kept) : "memory");
       }
       if (kFeatures && p.softcap > 0.f) {  // pw := P^T (1 - tanh^2), the factor of dS^T
         const float slope = cuda::alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h);
@@ -270,13 +284,16 @@ __global__ void __launch_bounds__(384, 1)
       }
       wgmma_wait<0>();
       fence_operands(dpt);
+      // dS^T = P^T (Z dP^T / (1 - p) - D) (no dropout: Z = 1, p = 0).
+      const float rdrop = kFeatures && p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
 #pragma unroll
       for (int i = 0; i < 16; i += 2) {
         float ds[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int ql = q_l0 + 8 * (i / 4) + 2 * t + e;
-          ds[e] = unpack_lo_hi<T>(pw[i / 2], e) * (dpt[i + e] - d_t[ql]);
+          const float dp = kFeatures && ((dropped >> (i + e)) & 1u) ? 0.f : dpt[i + e] * rdrop;
+          ds[e] = unpack_lo_hi<T>(pw[i / 2], e) * (dp - d_t[ql]);
         }
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sDs + slot(i / 4, (i / 2) % 2)), "r"(pack_pair<T>(ds[0], ds[1]))
                      : "memory");
@@ -321,7 +338,7 @@ __global__ void __launch_bounds__(384, 1)
   T* out = wg == 0 ? static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride
                    : static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
   const int64_t row_stride = wg == 0 ? p.dv_row_stride : p.dk_row_stride;
-  const float mul = wg == 0 ? 1.f : p.scale;
+  const float mul = wg == 0 ? (kFeatures && p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f) : p.scale;
   const bool store16 = ORCHARD_SM90_BWD_STORE16 && rows_allow_store16(out, row_stride);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

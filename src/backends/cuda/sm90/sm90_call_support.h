@@ -52,7 +52,8 @@ ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
 // The buckets whose dropout calls the sm90 kernels take by default (ORCHARD_SM90_DROPOUT unset):
 // those measured faster than the sm80 kernels. The H100, session 56 (bench/RESULTS.md [G56]):
 // forward d128 1.16-1.30x, d256 1.18-1.43x; backward (forward + backward) d64 1.08-1.12x, d128
-// 1.26-1.31x. Not yet timed: the d192 forward, the d96 backward (ORCHARD_SM90_DROPOUT=1 runs them).
+// 1.26-1.31x. Not yet timed: the d192 forward, the d96 / d192 / d256 backward (ORCHARD_SM90_DROPOUT=1
+// runs them).
 ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int bucket, bool backward) {
   return backward ? bucket == 64 || bucket == 128 : bucket == 128 || bucket == 256;
 }
@@ -153,9 +154,9 @@ inline bool sm90_bwd_call_supported(const BwdParams& p) {
   if (p.attn_bias != nullptr && p.softcap > 0.f) return false;
   if (sm90_dense_bias(p) && p.d > 128) return false;  // the wide kernel reads row-broadcast biases only
   if (p.dsink != nullptr) return false;
-  // Dropout in the d <= 128 kernel's kFeatures instantiations (flash_bwd_sm90.cuh), not
-  // deterministic (the ordered-dQ kernels) and not in the wide kernel.
-  if (p.dropout_p > 0.f && (p.deterministic || p.d > 128)) return false;
+  // Dropout in the kFeatures instantiations (flash_bwd_sm90.cuh, flash_bwd_sm90_wide.cuh), not
+  // deterministic (the ordered-dQ kernels).
+  if (p.dropout_p > 0.f && p.deterministic) return false;
   if (!sm90_fwd_call_supported(p)) return false;
   BwdParams q = p;
   q.d_v = value_dim(p);
