@@ -20,6 +20,12 @@
 
 namespace orchard::sm90 {
 
+// 1 / (1 - p), the kept elements' scale (1 without dropout): the backward's dP^T and dV (the
+// forward's epilogue, inside its dropout branch, takes 1 / (1 - p) directly).
+__device__ __forceinline__ float dropout_rescale(const FwdParams& p) {
+  return p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+}
+
 // row0: the thread's first row, col0: the key tile's first column, both with the call's dropout
 // offsets added (col0 a multiple of 4: sm90_fwd_dropout_form); batch_head: dropout_batch_head.
 template <int kBN>

@@ -813,7 +813,7 @@ __global__ void __launch_bounds__(384, 1)
               // dS^T = P^T (Z dP^T / (1 - p) - D) (Z: the keep mask; no dropout: Z = 1, p = 0);
               // softcap: P^T (1 - tanh^2), the product parked above.
               const bool capped = p.softcap > 0.f;
-              const float rdrop = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+              const float rdrop = dropout_rescale(p);
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -1034,7 +1034,7 @@ __global__ void __launch_bounds__(384, 1)
       T* dvg = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
       const bool store16 = ORCHARD_SM90_BWD_STORE16 && rows_allow_store16(dkg, p.dk_row_stride) &&
                            rows_allow_store16(dvg, p.dv_row_stride);
-      const float dv_scale = kFeatures && p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;  // dropout's
+      const float dv_scale = kFeatures ? dropout_rescale(p) : 1.f;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int key = n0 + key_l0 + 8 * r;

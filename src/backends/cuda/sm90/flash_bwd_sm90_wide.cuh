@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_wait<0>();
       fence_operands(dpt);
       // dS^T = P^T (Z dP^T / (1 - p) - D) (no dropout: Z = 1, p = 0).
-      const float rdrop = kFeatures && p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+      const float rdrop = kFeatures ? dropout_rescale(p) : 1.f;
 #pragma unroll
       for (int i = 0; i < 16; i += 2) {
         float ds[2];
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(384, 1)
   T* out = wg == 0 ? static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride
                    : static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
   const int64_t row_stride = wg == 0 ? p.dv_row_stride : p.dk_row_stride;
-  const float mul = wg == 0 ? (kFeatures && p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f) : p.scale;
+  const float mul = wg == 0 ? (kFeatures ? dropout_rescale(p) : 1.f) : p.scale;
   const bool store16 = ORCHARD_SM90_BWD_STORE16 && rows_allow_store16(out, row_stride);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
