@@ -135,8 +135,7 @@ void bwd_dispatch(const BwdParams& p) {
 // (sm90/sm90_call_support.h); the backward likewise.
 #if defined(ORCHARD_WITH_SM90)
 bool sm90_device() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  const int dev = current_device();  // (-1 on failure, its error cleared: false below)
   static int cc[64] = {};  // major * 10 + minor + 1 per device, 0 = not read yet
   if (dev < 0 || dev >= 64) return false;
   if (cc[dev] == 0) {
