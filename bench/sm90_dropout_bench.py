@@ -1,7 +1,8 @@
-"""Dropout on an H100 / H200: the sm90 kernels with dropout (ORCHARD_SM90_DROPOUT=1, a child
-process: the switch is read once per process) against the sm80 kernels (the default) and FA2
-(SDPA's flash backend), forward and forward + backward, same tensors and card, plus Orchard
-without dropout for scale.
+"""Dropout on an H100 / H200: the sm90 kernels with dropout (ORCHARD_SM90_DROPOUT=1) against the
+sm80 kernels (ORCHARD_SM90_DROPOUT=0), each in a child process (the switch is read once per
+process), the default (the switch unset: sm90_dropout_measured_faster's buckets) and FA2 (SDPA's
+flash backend), forward and forward + backward, same tensors and card, plus Orchard without
+dropout for scale.
 bf16, 16k tokens per call (b = 16384 / s), model dim 2048 (h = 2048 / d), dropout 0.1.
 Kernel time by CUDA events, median of --reps calls after warm-up.
 
@@ -66,17 +67,22 @@ def main():
         print(json.dumps(orchard_times(args, 0.1)))
         return
     argv = [sys.executable, __file__, "--child", "--reps", str(args.reps), "--dims", args.dims, "--seqs", args.seqs]
-    child = subprocess.run(argv, env=dict(os.environ, ORCHARD_SM90_DROPOUT="1"), capture_output=True, text=True)
-    if child.returncode != 0:
-        sys.exit(child.stdout[-2000:] + child.stderr[-2000:])
-    sm90 = json.loads(child.stdout.strip().splitlines()[-1])
-    sm80 = orchard_times(args, 0.1)
+
+    def child_times(switch):
+        child = subprocess.run(argv, env=dict(os.environ, ORCHARD_SM90_DROPOUT=switch), capture_output=True,
+                               text=True)
+        if child.returncode != 0:
+            sys.exit(child.stdout[-2000:] + child.stderr[-2000:])
+        return json.loads(child.stdout.strip().splitlines()[-1])
+    sm90, sm80 = child_times("1"), child_times("0")
+    os.environ.pop("ORCHARD_SM90_DROPOUT", None)
+    default = orchard_times(args, 0.1)
     plain = orchard_times(args, 0.0)
     print(f"### {torch.cuda.get_device_name()}, bf16, 16k tokens, model dim 2048, dropout 0.1, "
           f"median of {args.reps}, ms, forward / forward + backward\n")
-    print("| d | s | causal | sm90 dropout | sm80 dropout | FA2 dropout | Orchard no dropout | "
-          "sm90 / sm80 speed | sm90 / FA2 speed |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| d | s | causal | sm90 dropout | sm80 dropout | default | FA2 dropout | Orchard no dropout | "
+          "sm90 / sm80 speed | default / FA2 speed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for d, s, causal in shapes(args):
         key = f"{d},{s},{causal}"
         q, k, v = (t.transpose(1, 2) for t in tensors(d, s))
@@ -84,11 +90,11 @@ def main():
             fa2 = fwd_and_fwdbwd(
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=causal), q, k, v,
                 args.reps)
-        a, b, c, e = sm90[key], sm80[key], fa2, plain[key]
+        a, b, c, e, f = sm90[key], sm80[key], fa2, plain[key], default[key]
         cell = lambda x: f"{x[0]:.3f} / {x[1]:.3f}"
         ratio = lambda x, y: f"{x[0] / y[0]:.2f} / {x[1] / y[1]:.2f}x"
-        print(f"| {d} | {s} | {causal} | {cell(a)} | {cell(b)} | {cell(c)} | {cell(e)} | {ratio(b, a)} | "
-              f"{ratio(c, a)} |", flush=True)
+        print(f"| {d} | {s} | {causal} | {cell(a)} | {cell(b)} | {cell(f)} | {cell(c)} | {cell(e)} | "
+              f"{ratio(b, a)} | {ratio(c, f)} |", flush=True)
 
 
 if __name__ == "__main__":

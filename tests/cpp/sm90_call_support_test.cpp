@@ -88,9 +88,9 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   EXPECT_FALSE(sm90_fwd_takes_dropout(plain_call(64)));
   EXPECT_FALSE(sm90_fwd_takes_dropout(plain_call(80)));  // the d96 bucket
   // The default (ORCHARD_SM90_DROPOUT unset): the buckets measured faster than the sm80 kernels.
-  EXPECT_TRUE(sm90_dropout_measured_faster(128, false) && sm90_dropout_measured_faster(256, false));
-  EXPECT_FALSE(sm90_dropout_measured_faster(192, false) || sm90_dropout_measured_faster(64, false));
-  EXPECT_TRUE(sm90_dropout_measured_faster(64, true) && sm90_dropout_measured_faster(128, true));
+  for (int bucket : {128, 192, 256}) EXPECT_TRUE(sm90_dropout_measured_faster(bucket, false)) << bucket;
+  EXPECT_FALSE(sm90_dropout_measured_faster(64, false) || sm90_dropout_measured_faster(96, false));
+  for (int bucket : {64, 128, 192, 256}) EXPECT_TRUE(sm90_dropout_measured_faster(bucket, true)) << bucket;
   EXPECT_FALSE(sm90_dropout_measured_faster(96, true));
   EXPECT_TRUE(bwd(p));   // the d <= 128 kernel's kFeatures instantiations
   p.deterministic = true;  // the ordered-dQ kernels have no dropout

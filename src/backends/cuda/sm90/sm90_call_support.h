@@ -50,12 +50,13 @@ ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
   return p.attn_bias == nullptr && sm90_head_dim_bucket(p.d) >= 128;
 }
 // The buckets whose dropout calls the sm90 kernels take by default (ORCHARD_SM90_DROPOUT unset):
-// those measured faster than the sm80 kernels. The H100, session 56 (bench/RESULTS.md [G56]):
-// forward d128 1.16-1.30x, d256 1.18-1.43x; backward (forward + backward) d64 1.08-1.12x, d128
-// 1.26-1.31x. Not yet timed: the d192 forward, the d96 / d192 / d256 backward (ORCHARD_SM90_DROPOUT=1
-// runs them).
+// those measured faster than the sm80 kernels (bench/sm90_dropout_bench.py, H100, s2k / s8k). Session
+// 56 ([G56]): forward d128 1.16-1.30x, d256 1.18-1.43x; forward + backward d64 1.08-1.12x, d128
+// 1.26-1.31x. Session 57 ([G57]): d192 forward 1.27-1.39x, forward + backward 1.37-1.40x; d256
+// backward (forward + backward, both forwards on sm90) 1.23-1.42x. Not yet timed: the d96 backward
+// (ORCHARD_SM90_DROPOUT=1 runs it).
 ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int bucket, bool backward) {
-  return backward ? bucket == 64 || bucket == 128 : bucket == 128 || bucket == 256;
+  return backward ? bucket != 96 : bucket >= 128;
 }
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
