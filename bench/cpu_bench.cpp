@@ -126,6 +126,7 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->Args({1024, 128, 1, 0, 0});
   for (int s : {512, 1024}) b->Args({s, 128, 0, 0, 0});
   for (int dt : {0, 1}) b->Args({2048, 128, dt, 0, 0});  // fp32 d128 bwd: the weakest point vs torch
+  for (int s : {64, 256}) b->Args({s, 64, 0, 0, 0});  // fp32 h8 s64 / s256: per-call fixed costs and threading
   b->UseRealTime()->Unit(benchmark::kMillisecond);
 }
 

@@ -94,7 +94,7 @@ for step in "$@"; do
       grep -m1 -o -E "avx512_bf16|amx_bf16|amx_tile|avx512f" /proc/cpuinfo | sort -u | tr "\n" " " >> "$OUT/logs/cpu.txt"
       cat "$OUT/logs/cpu.txt"
       OMP_NUM_THREADS=${CPU_THREADS:-16} timeout "${CPU_TIMEOUT:-240}" python3 bench/cpu_bench.py --grid "${CPU_GRID:-full}" \
-        --clock wall --reps 3 > "$OUT/logs/cpu_bench.md" 2>&1 || rc=1
+        --clock wall --reps 3 --min-time "${CPU_MIN_TIME:-0.5}" > "$OUT/logs/cpu_bench.md" 2>&1 || rc=1
       cat "$OUT/logs/cpu_bench.md" ;;
     py:*)  # py:<script>,<args...>: any script of the tree (e.g. a bench), its own log (step_args)
       args=$(step_args "${step#py:}"); name=$(basename "${args%% *}" .py)
