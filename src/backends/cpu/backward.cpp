@@ -31,6 +31,7 @@
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
 #include "backends/cpu/stage_buffer.h"
+#include "backends/cpu/stage_f32_tiles.h"
 #include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/visibility.h"
@@ -404,13 +405,13 @@ void backward_impl(const BwdParams& p) {
             load_pairs_kt_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
                                st.vt16 + c0 * dvp);
         } else if (kind == 0) {
-          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
-                               st.kt + c0 * dp);
+          stage_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
+                                st.kt + c0 * dp);
         } else if (kind == 1) {
           load_rows(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, st.k + c0 * dp);
         } else {
-          load_rows_transposed(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
-                               st.vt + c0 * dvp);
+          stage_rows_transposed(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
+                                st.vt + c0 * dvp);
         }
       }
     });

@@ -34,6 +34,7 @@
 #include "backends/cpu/softmax_tile.h"
 #include "backends/cpu/few_rows_forward.h"
 #include "backends/cpu/stage_bf16_panels.h"
+#include "backends/cpu/stage_f32_tiles.h"
 #include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/task_pool.h"
 #include "backends/cpu/tile_load.h"
@@ -323,8 +324,8 @@ void forward_impl(const FwdParams& p) {
             stage_v_pairs_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
                                  geo.v_panel);
         } else if (is_k) {
-          load_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
-                               kt_p + kto);
+          stage_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                                kt_p + kto);
         } else {
           load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v_p + vo);
         }

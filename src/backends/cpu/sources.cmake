@@ -11,6 +11,7 @@ set(ORCHARD_CPU_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/score_mods.cpp
   ${CMAKE_CURRENT_LIST_DIR}/softmax_tile.cpp
   ${CMAKE_CURRENT_LIST_DIR}/stage_bf16_panels.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/stage_f32_tiles.cpp
   ${CMAKE_CURRENT_LIST_DIR}/store_row_bf16.cpp
   ${CMAKE_CURRENT_LIST_DIR}/strided_copy.cpp
   ${CMAKE_CURRENT_LIST_DIR}/task_pool.cpp
