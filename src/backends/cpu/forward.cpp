@@ -76,6 +76,10 @@ struct FwdScratch {
   }
 };
 
+// The largest (batch, kv head) pair whose K / V a task stages for itself (forward_impl's one-region
+// path): both staged tiles then fit the 2 MB L2 beside the task's scratch.
+constexpr std::size_t kOwnStageMaxBytes = std::size_t(1) << 20;
+
 struct FwdGeometry {
   int dp, dvp;  // d and d_v padded to the GEMM multiple
   // bf16 inputs on a CPU with AVX512_BF16: both GEMMs run on bf16 operands
@@ -282,23 +286,78 @@ void forward_impl(const FwdParams& p) {
   const std::int64_t chunk =
       std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
   const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
+  const std::size_t esize = geo.bf16 ? 2 : sizeof(T);
+
+  // Rows [c0, c1) of pair's K (is_k) or V, staged into the pair's K^T / V tiles at kt_pair / v_pair
+  // (skp x dp / skp x dvp elements: the pair's slot of the chunk, or a task's own scratch).
+  auto stage_piece = [&](std::int64_t pair, bool is_k, std::int64_t c0, std::int64_t c1, void* kt_pair, void* v_pair) {
+    const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
+    const SeqSpan span = seq_span(p, static_cast<int>(bi));
+    const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
+    const int rows_pad = static_cast<int>(c1 - c0);
+    const auto [koff, voff] = kv_row_offsets(p, bi, kh, span.k_start + c0);
+    if (geo.bf16) {
+      if (is_k)
+        stage_kt_pairs_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                            static_cast<std::uint16_t*>(kt_pair) + c0 * dp, geo.kt_panel);
+      else
+        stage_v_pairs_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp,
+                           static_cast<std::uint16_t*>(v_pair) + c0 * dvp, bn, geo.v_panel);
+    } else if (is_k) {
+      stage_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
+                            static_cast<T*>(kt_pair) + c0 * dp);
+    } else {
+      load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, static_cast<T*>(v_pair) + c0 * dvp);
+    }
+  };
+  // The task of row block rb of query head gi in pair: forward_block on the pair's staged K / V.
+  auto run_task = [&](std::int64_t pair, int gi, std::int64_t rb, const void* kt_pair, const void* v_pair,
+                      FwdScratch<T>& w) {
+    const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
+    const SeqSpan span = seq_span(p, bi);
+    const std::int64_t i0 = rb * bm;
+    if (i0 >= span.len_q) return;  // varlen: a shorter sequence
+    const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
+    forward_block<T>(p, geo, span, geo.bf16 ? nullptr : static_cast<const T*>(kt_pair),
+                     geo.bf16 ? nullptr : static_cast<const T*>(v_pair),
+                     geo.bf16 ? static_cast<const std::uint16_t*>(kt_pair) : nullptr,
+                     geo.bf16 ? static_cast<const std::uint16_t*>(v_pair) : nullptr, bi, kh * g + gi, i0, rows, w);
+  };
+
+  // One task per pair (one query head, one row block, a pair of at most kOwnStageMaxBytes): each task
+  // stages its own K / V into thread-local scratch and runs at once, one parallel region instead of
+  // two and the tiles still in the staging core's cache. b1 h8 s64 d64 fp32 on the 2-core AMX box,
+  // 2 threads (session 57): see bench/RESULTS.md [C57].
+  if (g == 1 && nrb == 1 && pair_bytes <= kOwnStageMaxBytes) {
+    run_parallel(npairs, [&](int, TaskQueue& tasks) {
+      FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
+      thread_local CacheAlignedVector<std::byte> own;
+      const std::size_t kt_bytes = round_up(skp * dp * esize, 64);
+      if (own.size() < kt_bytes + skp * dvp * esize) own.resize(kt_bytes + skp * dvp * esize);
+      if (StageBuffer::poison()) std::fill(own.begin(), own.end(), std::byte{0xFF});  // NaN in every dtype
+      const Bf16GemmScope amx_scope(geo.bf16);
+      for (std::int64_t pair; (pair = tasks.next()) >= 0;) {
+        stage_piece(pair, true, 0, skp, own.data(), nullptr);
+        stage_piece(pair, false, 0, skp, nullptr, own.data() + kt_bytes);
+        run_task(pair, 0, 0, own.data(), own.data() + kt_bytes, w);
+      }
+    }, Team::kWhole);
+    if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
+    return;
+  }
+
   // Not zeroed: the staging below writes every element (padding included),
   // in parallel, so no single-threaded memset precedes it (stage_buffer.h).
-  const std::size_t esize = geo.bf16 ? 2 : sizeof(T);
   const std::size_t v_offset = round_up(kt_elems * esize, 64);
   const StageBuffer buf(StageSlot::kForward, v_offset + v_elems * esize);
   std::byte* const base = buf.as<std::byte>();
-  T* const kt_p = geo.bf16 ? nullptr : reinterpret_cast<T*>(base);
-  T* const v_p = geo.bf16 ? nullptr : reinterpret_cast<T*>(base + v_offset);
-  std::uint16_t* const kt16_p = geo.bf16 ? reinterpret_cast<std::uint16_t*>(base) : nullptr;
-  std::uint16_t* const v16_p = geo.bf16 ? reinterpret_cast<std::uint16_t*>(base + v_offset) : nullptr;
+  const std::size_t pair_kt_bytes = std::size_t(dp) * skp * esize, pair_v_bytes = std::size_t(skp) * dvp * esize;
 
   // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
   // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
   // every thread work; ~4 jobs per thread, at least 256 rows each. Both phases
   // start the whole OpenMP team (Team::kWhole): their task counts differ, and a
   // team fitted to each made libgomp end and re-create threads in every call.
-
   for (std::int64_t pair0 = 0; pair0 < npairs; pair0 += chunk) {
     const std::int64_t np = std::min(chunk, npairs - pair0);
     const std::int64_t want = std::max<std::int64_t>(1, (4 * nthreads + 2 * np - 1) / (2 * np));
@@ -307,28 +366,10 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t npieces = (skp + piece - 1) / piece;
     run_parallel(2 * np * npieces, [&](int, TaskQueue& tasks) {
       for (std::int64_t t; (t = tasks.next()) >= 0;) {
-        const std::int64_t local = t / (2 * npieces), pair = pair0 + local;
-        const bool is_k = (t / npieces) % 2 == 0;
-        const std::int64_t c0 = (t % npieces) * piece, c1 = std::min(skp, c0 + piece);
-        const std::int64_t bi = pair / p.hkv, kh = pair % p.hkv;
-        const SeqSpan span = seq_span(p, static_cast<int>(bi));
-        const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
-        const int rows_pad = static_cast<int>(c1 - c0);
-        const auto [koff, voff] = kv_row_offsets(p, bi, kh, span.k_start + c0);
-        const std::size_t kto = local * dp * skp + c0 * dp, vo = local * skp * dvp + c0 * dvp;
-        if (geo.bf16) {
-          if (is_k)
-            stage_kt_pairs_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn, kt16_p + kto,
-                               geo.kt_panel);
-          else
-            stage_v_pairs_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v16_p + vo, bn,
-                                 geo.v_panel);
-        } else if (is_k) {
-          stage_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
-                                kt_p + kto);
-        } else {
-          load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, v_p + vo);
-        }
+        const std::int64_t local = t / (2 * npieces);
+        const std::int64_t c0 = (t % npieces) * piece;
+        stage_piece(pair0 + local, (t / npieces) % 2 == 0, c0, std::min(skp, c0 + piece),
+                    base + local * pair_kt_bytes, base + v_offset + local * pair_v_bytes);
       }
     }, Team::kWhole);
     const std::int64_t ntasks = np * g * nrb;
@@ -337,20 +378,10 @@ void forward_impl(const FwdParams& p) {
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
       for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local_pair = t / (g * nrb);
-        const int gi = static_cast<int>((t / nrb) % g);
         // Last row blocks first: under a causal mask they are the longest
         // tasks, and dynamic scheduling balances best heaviest-first.
-        const std::int64_t rb = nrb - 1 - t % nrb;
-        const std::int64_t pair = pair0 + local_pair;
-        const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
-        const SeqSpan span = seq_span(p, bi);
-        const std::int64_t i0 = rb * bm;
-        if (i0 >= span.len_q) continue;  // varlen: a shorter sequence
-        const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
-        const std::size_t ko = local_pair * dp * skp, vo = local_pair * skp * dvp;
-        forward_block<T>(p, geo, span, geo.bf16 ? nullptr : kt_p + ko,
-                         geo.bf16 ? nullptr : v_p + vo, geo.bf16 ? kt16_p + ko : nullptr,
-                         geo.bf16 ? v16_p + vo : nullptr, bi, kh * g + gi, i0, rows, w);
+        run_task(pair0 + local_pair, static_cast<int>((t / nrb) % g), nrb - 1 - t % nrb,
+                 base + local_pair * pair_kt_bytes, base + v_offset + local_pair * pair_v_bytes, w);
       }
     }, Team::kWhole);
   }
