@@ -77,7 +77,7 @@ struct FwdScratch {
 };
 
 // The largest (batch, kv head) pair whose K / V a task stages for itself (forward_impl's one-region
-// path): both staged tiles then fit the 2 MB L2 beside the task's scratch.
+// path): both staged tiles then fit the 2 MB L2 beside the task's scratch (a bound chosen, not tuned).
 constexpr std::size_t kOwnStageMaxBytes = std::size_t(1) << 20;
 
 struct FwdGeometry {
@@ -326,8 +326,9 @@ void forward_impl(const FwdParams& p) {
 
   // One task per pair (one query head, one row block, a pair of at most kOwnStageMaxBytes): each task
   // stages its own K / V into thread-local scratch and runs at once, one parallel region instead of
-  // two and the tiles still in the staging core's cache. b1 h8 s64 d64 fp32 on the 2-core AMX box,
-  // 2 threads (session 57): see bench/RESULTS.md [C57].
+  // two and the tiles still in the staging core's cache. 2-core AMX box, 2 threads, fp32 d64 s64
+  // (session 57, bench/RESULTS.md [C57]): b1 h8 0.060 -> 0.051 ms (orchard_cpu_bench), h2 / h4 / h8
+  // through Python 1.16-1.25x.
   if (g == 1 && nrb == 1 && pair_bytes <= kOwnStageMaxBytes) {
     run_parallel(npairs, [&](int, TaskQueue& tasks) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
