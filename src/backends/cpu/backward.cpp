@@ -30,6 +30,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/stage_bf16_panels.h"
 #include "backends/cpu/stage_buffer.h"
 #include "backends/cpu/stage_f32_tiles.h"
 #include "backends/cpu/task_pool.h"
@@ -397,13 +398,13 @@ void backward_impl(const BwdParams& p) {
         const auto [koff, voff] = kv_row_offsets(p, bi, kh, span.k_start + c0);
         if (geo.bf16) {
           if (kind == 0)
-            load_pairs_kt_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
-                               st.kt16 + c0 * dp);
+            stage_kt_pairs_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
+                                st.kt16 + c0 * dp, kBlockN);
           else if (kind == 1)
             load_pairs_rows_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, st.kp16 + c0 * dp);
           else
-            load_pairs_kt_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
-                               st.vt16 + c0 * dvp);
+            stage_kt_pairs_bf16(p.v, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, kBlockN,
+                                st.vt16 + c0 * dvp, kBlockN);
         } else if (kind == 0) {
           stage_rows_transposed(p.k, p.dtype, koff, p.k_row_stride, rows, rows_pad, p.d, dp, kBlockN,
                                 st.kt + c0 * dp);
