@@ -281,12 +281,10 @@ void forward_impl(const FwdParams& p) {
   const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
   const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const std::int64_t nrb = (p.sq + bm - 1) / bm;
-  const std::size_t pair_bytes =
-      std::max<std::size_t>(1, skp * (dp + dvp) * (geo.bf16 ? 2 : sizeof(T)));
-  const std::int64_t chunk =
-      std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
-  const std::size_t kt_elems = std::size_t(chunk) * dp * skp, v_elems = std::size_t(chunk) * skp * dvp;
   const std::size_t esize = geo.bf16 ? 2 : sizeof(T);
+  // One pair's staged K^T and V: skp x dp and skp x dvp elements.
+  const std::size_t pair_kt_bytes = std::size_t(dp) * skp * esize, pair_v_bytes = std::size_t(skp) * dvp * esize;
+  const std::size_t pair_bytes = std::max<std::size_t>(1, pair_kt_bytes + pair_v_bytes);
 
   // Rows [c0, c1) of pair's K (is_k) or V, staged into the pair's K^T / V tiles at kt_pair / v_pair
   // (skp x dp / skp x dvp elements: the pair's slot of the chunk, or a task's own scratch).
@@ -333,8 +331,8 @@ void forward_impl(const FwdParams& p) {
     run_parallel(npairs, [&](int, TaskQueue& tasks) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
       thread_local CacheAlignedVector<std::byte> own;
-      const std::size_t kt_bytes = round_up(skp * dp * esize, 64);
-      if (own.size() < kt_bytes + skp * dvp * esize) own.resize(kt_bytes + skp * dvp * esize);
+      const std::size_t kt_bytes = round_up(pair_kt_bytes, 64);
+      if (own.size() < kt_bytes + pair_v_bytes) own.resize(kt_bytes + pair_v_bytes);
       if (StageBuffer::poison()) std::fill(own.begin(), own.end(), std::byte{0xFF});  // NaN in every dtype
       const Bf16GemmScope amx_scope(geo.bf16);
       for (std::int64_t pair; (pair = tasks.next()) >= 0;) {
@@ -343,16 +341,15 @@ void forward_impl(const FwdParams& p) {
         run_task(pair, 0, 0, own.data(), own.data() + kt_bytes, w);
       }
     }, Team::kWhole);
-    if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
     return;
   }
 
+  const std::int64_t chunk = std::clamp<std::int64_t>(g_stage_budget_bytes / pair_bytes, 1, npairs);
   // Not zeroed: the staging below writes every element (padding included),
   // in parallel, so no single-threaded memset precedes it (stage_buffer.h).
-  const std::size_t v_offset = round_up(kt_elems * esize, 64);
-  const StageBuffer buf(StageSlot::kForward, v_offset + v_elems * esize);
+  const std::size_t v_offset = round_up(chunk * pair_kt_bytes, 64);
+  const StageBuffer buf(StageSlot::kForward, v_offset + chunk * pair_v_bytes);
   std::byte* const base = buf.as<std::byte>();
-  const std::size_t pair_kt_bytes = std::size_t(dp) * skp * esize, pair_v_bytes = std::size_t(skp) * dvp * esize;
 
   // Staging jobs: K and V of each pair, split into pieces of `piece` key rows
   // (a multiple of bn) so that few pairs (b1 h1 at s 8k: 2 jobs) still give
@@ -386,14 +383,16 @@ void forward_impl(const FwdParams& p) {
       }
     }, Team::kWhole);
   }
-  if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
 }
 
 }  // namespace
 
 void forward(const FwdParams& params) {
   if (forward_takes_decode_kernel(params)) return forward_on_decode_kernel(params);
-  with_compute_type(params, [](const FwdParams& p, auto t) { forward_impl<decltype(t)>(p); });
+  with_compute_type(params, [](const FwdParams& p, auto t) {
+    forward_impl<decltype(t)>(p);
+    if (p.cu_seqlens_q && p.dropout_p > 0.0f && p.dropout_mask) zero_varlen_mask_padding(p);
+  });
 }
 
 }  // namespace orchard::cpu

@@ -60,9 +60,10 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
 // The backward's S^T fragment (flash_bwd_sm90.cuh, kJ = 8; flash_bwd_sm90_wide.cuh, kJ = 4; keys are
 // the rows): element i -> key key0 + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2),
 // i < 4 kJ. A call's four keys sit in the quad of lanes g = 4a .. 4a + 3 (same t), which share
-// calls as the sm80 dK / dV kernel does (shared_dropout_draws.h, quads): for each 8-query block j, lane g & 3 computes the call of
-// combo g & 3 (query column c & 1, key half c >> 1) and a 4 x 4 transpose (lanes xor 4, 8) hands
-// every lane its key's draw of all four — one call per 4 elements, in a rolled loop.
+// calls as the sm80 dK / dV kernel does (shared_dropout_draws.h, quads): for each 8-query block j,
+// lane g & 3 computes the call of combo g & 3 (query column c & 1, key half c >> 1) and a 4 x 4
+// transpose (lanes xor 4, 8) hands every lane its key's draw of all four — one call per 4
+// elements, in a rolled loop.
 // query0: the tile's first query + 2 t, group0: the first key of this lane's 4-key group (key0 -
 // (g & 3)), both with the call's dropout offsets added (group0 a multiple of 4:
 // sm90_fwd_dropout_form). Returns the drop bits: bit i set = element i dropped.

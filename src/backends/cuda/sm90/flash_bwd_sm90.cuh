@@ -73,8 +73,9 @@
 // (add_bias_tile_keys, attn_bias_tiles.cuh).
 // Dropout (ORCHARD_SM90_DROPOUT; sm90_bwd_call_supported says which calls), in the kFeatures
 // kernels: each step's drop bits drawn before its dP^T GEMM is issued (d64: while it runs; the
-// step's comment says why), quads of lanes sharing each Philox call (dropout_scores.cuh), dS^T = P^T (Z dP^T / (1 - p) - D), the dropped elements of the 16-bit P^T
-// zeroed for the dV GEMM and 1 / (1 - p) applied to dV in the epilogue.
+// step's comment says why), quads of lanes sharing each Philox call (dropout_scores.cuh),
+// dS^T = P^T (Z dP^T / (1 - p) - D), the dropped elements of the 16-bit P^T zeroed for the dV GEMM
+// and 1 / (1 - p) applied to dV in the epilogue.
 // Varlen in its segment form (segments.cuh), in the kFeatures kernels: each key tile's query tiles
 // narrowed to its keys' segments, other segments' elements of S^T masked per step.
 // The dispatch (cuda_backend.cu, sm90_bwd_applies) sends d > 128 to flash_bwd_sm90_wide.cuh (the

@@ -37,7 +37,7 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
 // needs a mask column offset that keeps each pair's columns in whole 4-column groups; not in
 // varlen's segment form (its packed row numbers are not the mask's per-sequence rows). The
 // backward's quads share calls likewise (sm90_bwd_call_supported adds its limits). The dispatch
-// adds ORCHARD_SM90_DROPOUT (cuda_backend.cu: off by default until measured on a GPU).
+// adds ORCHARD_SM90_DROPOUT (cuda_backend.cu; unset: sm90_dropout_measured_faster below).
 ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
   return p.segment_cu == nullptr && (p.dropout_col_offset & 3) == 0;
 }
