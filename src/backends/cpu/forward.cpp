@@ -32,6 +32,7 @@
 #include "backends/cpu/kernels.h"
 #include "backends/cpu/score_mods.h"
 #include "backends/cpu/softmax_tile.h"
+#include "backends/cpu/split_bf16x3.h"
 #include "backends/cpu/few_rows_forward.h"
 #include "backends/cpu/stage_bf16_panels.h"
 #include "backends/cpu/stage_f32_tiles.h"
@@ -54,12 +55,15 @@ struct FwdScratch {
   CacheAlignedVector<T> q, o, s, m, l;
   std::vector<int> first, nv;
   std::vector<std::uint8_t> keep;
-  CacheAlignedVector<std::uint16_t> q16, p16;  // bf16 path: Q block and P tile
+  // bf16 operands: the Q block and the P tile, in `planes` planes of bm x dp / bm x bn
+  // (1 on the bf16 path, 3 for fp32 on AMX: split_bf16x3.h).
+  CacheAlignedVector<std::uint16_t> q16, p16;
 
-  static FwdScratch& for_call(int bm, int dp, int dvp, int bn, bool bf16) {
+  // planes: 0 on the fp32 / fp64 path; fp32_q: Q is loaded to fp32 first (every path but bf16).
+  static FwdScratch& for_call(int bm, int dp, int dvp, int bn, int planes, bool fp32_q) {
     thread_local FwdScratch w;
-    const std::size_t qn = bf16 ? 0 : std::size_t(bm) * dp, q16n = bf16 ? std::size_t(bm) * dp : 0;
-    const std::size_t p16n = bf16 ? std::size_t(bm) * bn : 0;
+    const std::size_t qn = fp32_q ? std::size_t(bm) * dp : 0, q16n = std::size_t(planes) * bm * dp;
+    const std::size_t p16n = std::size_t(planes) * bm * bn;
     w.q.resize(qn), w.o.resize(std::size_t(bm) * dvp), w.s.resize(std::size_t(bm) * bn);
     w.m.resize(bm), w.l.resize(bm), w.first.resize(bm), w.nv.resize(bm), w.keep.resize(bn);
     w.q16.resize(q16n), w.p16.resize(p16n);
@@ -86,6 +90,13 @@ struct FwdGeometry {
   // (vdpbf16ps, fp32 accumulation) from K / V staged pair-packed, P rounded
   // to bf16 before P V; scores and softmax stay fp32.
   bool bf16 = false;
+  // fp32 inputs where fp32_on_amx(): both GEMMs on the three bf16 planes of their operands
+  // (gemm_bf16x3_panels), K / V staged as planes kt_plane / v_plane elements apart, in the bf16
+  // path's tiles and panels; scores and softmax fp32 as on the fp32 path.
+  bool split3 = false;
+  std::int64_t kt_plane = 0, v_plane = 0;
+  bool bf16_operands() const { return bf16 || split3; }
+  int planes() const { return split3 ? 3 : bf16 ? 1 : 0; }
   // Query rows per task and key columns per tile: kBlockM x kBlockN, on the
   // bf16 path bf16_fwd_block_m() x bf16_fwd_block_n() (gemm_bf16.h), fp32 on
   // AVX-512 up to d 64 kBlockM x kFp32FwdBlockNAvx512 (kernel_common.h).
@@ -124,10 +135,13 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
 
   const std::int64_t q_row0 = span.q_start + i0;  // first row in q / out / lse
   const std::int64_t q_off = bi * p.q_batch_stride + q_row0 * p.q_row_stride + h * p.q_head_stride;
-  if (geo.bf16)
+  if (geo.bf16) {
     load_rows_bf16(p.q, q_off, p.q_row_stride, rows, p.d, dp, w.q16.data());
-  else
+  } else {
     load_rows(p.q, p.dtype, q_off, p.q_row_stride, rows, rows, p.d, dp, w.q.data());
+    if constexpr (sizeof(T) == 4)
+      if (geo.split3) split_rows_bf16x3(w.q.data(), dp, rows, dp, w.q16.data(), dp, std::int64_t(geo.bm) * dp);
+  }
   std::fill(w.o.begin(), w.o.begin() + std::int64_t(rows) * dvp, T(0));
   // A sink starts every row's softmax as a key of logit sink with no value.
   const T m0 = p.sink ? static_cast<T>(p.sink[h]) * kLog2e : ninf;
@@ -148,12 +162,15 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     // (rounded up to the K^T panel, 16 for fp32): the causal diagonal's last tile, a last
     // tile past sk. Columns [nc, bn) of S keep stale values; every step after the GEMM
     // masks columns from nv[r] <= nc on, and P V reads nc columns of P only.
-    const int unit = geo.bf16 ? geo.kt_panel : kGemmNMultiple;
+    const int unit = geo.bf16_operands() ? geo.kt_panel : kGemmNMultiple;
     const int nc = cols.end - j0 < bn && unit < bn
                        ? static_cast<int>(round_up(cols.end - j0, unit))
                        : bn;
     if constexpr (sizeof(T) == 4) {
-      if (geo.bf16)
+      if (geo.split3)
+        gemm_bf16x3_panels(rows, nc, dp / 2, w.q16.data(), dp, std::int64_t(geo.bm) * dp, kt16 + j0 * dp,
+                           geo.kt_plane, geo.kt_panel, w.s.data(), bn, false);
+      else if (geo.bf16)
         gemm_bf16_panels(rows, nc, dp / 2, w.q16.data(), dp, 2, kt16 + j0 * dp, geo.kt_panel,
                          w.s.data(), bn, false);
       else
@@ -195,6 +212,12 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     if (dropout)
       drop_rows([&](int r, int ncols) { zero_dropped(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols); });
     if constexpr (sizeof(T) == 4) {
+      if (geo.split3) {
+        split_rows_bf16x3(w.s.data(), bn, rows, nc, w.p16.data(), bn, std::int64_t(geo.bm) * bn);
+        gemm_bf16x3_panels(rows, dvp, nc / 2, w.p16.data(), bn, std::int64_t(geo.bm) * bn, v16 + j0 * dvp,
+                           geo.v_plane, geo.v_panel, w.o.data(), dvp, true, bn / 2);
+        continue;
+      }
       if (geo.bf16) {
         to_bf16_rows(w.s.data(), bn, rows, bn, w.p16.data(), bn);
         gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
@@ -257,31 +280,33 @@ void forward_impl(const FwdParams& p) {
     geo.bn = g_fp32_fwd_block_n > 0 ? g_fp32_fwd_block_n
              : cpu_has_avx512() && std::max(geo.dp, geo.dvp) <= kFp32WideTileMaxD ? kFp32FwdBlockNAvx512
                                                                                 : kBlockN;
-  if (geo.bf16) {
+  geo.split3 = sizeof(T) == 4 && p.dtype == DType::kFloat32 && fp32_on_amx();
+  if (geo.bf16_operands()) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();
     geo.kt_panel = bf16_b_panel(geo.bn);
     geo.v_panel = bf16_b_panel(geo.dvp);
   }
   // Keys that fit one kBlockN tile: the wider AVX-512 fp32 tile would be half padding.
-  if (!geo.bf16 && geo.bn > kBlockN && p.sk <= kBlockN && g_fp32_fwd_block_n == 0) geo.bn = kBlockN;
+  if (!geo.bf16_operands() && geo.bn > kBlockN && p.sk <= kBlockN && g_fp32_fwd_block_n == 0) geo.bn = kBlockN;
   const int g = p.hq / p.hkv;
   const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
   const std::int64_t nthreads = cpu_threads();
   // Fewer row blocks than threads (a tiny call: b1 h1 s64 on 2 threads has one): kFp32SmallBlockM-row
   // tasks, so that more threads take part.
-  if (!geo.bf16 && npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < nthreads) geo.bm = kFp32SmallBlockM;
+  if (!geo.bf16_operands() && npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < nthreads) geo.bm = kFp32SmallBlockM;
   // Few tasks for the threads (b1 h8 s512 on 16 threads: 32 of 128 rows):
   // 64-row tasks. The tile A/B on the 16-core AMX host (bench/RESULTS.md,
   // orchard alone) had 64 x 256 at 0.42 / 0.64 ms vs 128 x 256 at 0.45 / 0.67
   // (s512 d64 / d128) and 128 rows ahead from s2k (4+ tasks per thread).
-  if (geo.bf16 && bf16_fwd_block_m_is_default() &&
+  if (geo.bf16_operands() && bf16_fwd_block_m_is_default() &&
       npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < 4 * nthreads)
     geo.bm = kAmxSmallBlockM;
   const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
   const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const std::int64_t nrb = (p.sq + bm - 1) / bm;
-  const std::size_t esize = geo.bf16 ? 2 : sizeof(T);
+  const std::size_t esize = geo.split3 ? 3 * 2 : geo.bf16 ? 2 : sizeof(T);
+  geo.kt_plane = skp * dp, geo.v_plane = skp * dvp;
   // One pair's staged K^T and V: skp x dp and skp x dvp elements.
   const std::size_t pair_kt_bytes = std::size_t(dp) * skp * esize, pair_v_bytes = std::size_t(skp) * dvp * esize;
   const std::size_t pair_bytes = std::max<std::size_t>(1, pair_kt_bytes + pair_v_bytes);
@@ -294,7 +319,12 @@ void forward_impl(const FwdParams& p) {
     const int rows = static_cast<int>(std::clamp<std::int64_t>(span.len_k - c0, 0, c1 - c0));
     const int rows_pad = static_cast<int>(c1 - c0);
     const auto [koff, voff] = kv_row_offsets(p, bi, kh, span.k_start + c0);
-    if (geo.bf16) {
+    if (geo.split3) {
+      stage_split3_panels(is_k ? p.k : p.v, p.dtype, is_k ? koff : voff, is_k ? p.k_row_stride : p.v_row_stride,
+                          rows, rows_pad, is_k ? p.d : p.d_v, is_k ? dp : dvp, bn, is_k,
+                          static_cast<std::uint16_t*>(is_k ? kt_pair : v_pair) + c0 * (is_k ? dp : dvp),
+                          is_k ? geo.kt_panel : geo.v_panel, is_k ? geo.kt_plane : geo.v_plane);
+    } else if (geo.bf16) {
       if (is_k)
         stage_kt_pairs_bf16(p.k, koff, p.k_row_stride, rows, rows_pad, p.d, dp, bn,
                             static_cast<std::uint16_t*>(kt_pair) + c0 * dp, geo.kt_panel);
@@ -316,10 +346,11 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t i0 = rb * bm;
     if (i0 >= span.len_q) return;  // varlen: a shorter sequence
     const int rows = static_cast<int>(std::min<std::int64_t>(bm, span.len_q - i0));
-    forward_block<T>(p, geo, span, geo.bf16 ? nullptr : static_cast<const T*>(kt_pair),
-                     geo.bf16 ? nullptr : static_cast<const T*>(v_pair),
-                     geo.bf16 ? static_cast<const std::uint16_t*>(kt_pair) : nullptr,
-                     geo.bf16 ? static_cast<const std::uint16_t*>(v_pair) : nullptr, bi, kh * g + gi, i0, rows, w);
+    const bool b16 = geo.bf16_operands();
+    forward_block<T>(p, geo, span, b16 ? nullptr : static_cast<const T*>(kt_pair),
+                     b16 ? nullptr : static_cast<const T*>(v_pair),
+                     b16 ? static_cast<const std::uint16_t*>(kt_pair) : nullptr,
+                     b16 ? static_cast<const std::uint16_t*>(v_pair) : nullptr, bi, kh * g + gi, i0, rows, w);
   };
 
   // One task per pair (one query head, one row block, a pair of at most kOwnStageMaxBytes): each task
@@ -329,12 +360,12 @@ void forward_impl(const FwdParams& p) {
   // through Python 1.16-1.25x.
   if (g == 1 && nrb == 1 && pair_bytes <= kOwnStageMaxBytes) {
     run_parallel(npairs, [&](int, TaskQueue& tasks) {
-      FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
+      FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.planes(), !geo.bf16);
       thread_local CacheAlignedVector<std::byte> own;
       const std::size_t kt_bytes = round_up(pair_kt_bytes, 64);
       if (own.size() < kt_bytes + pair_v_bytes) own.resize(kt_bytes + pair_v_bytes);
       if (StageBuffer::poison()) std::fill(own.begin(), own.end(), std::byte{0xFF});  // NaN in every dtype
-      const Bf16GemmScope amx_scope(geo.bf16);
+      const Bf16GemmScope amx_scope(geo.bf16_operands());
       for (std::int64_t pair; (pair = tasks.next()) >= 0;) {
         stage_piece(pair, true, 0, skp, own.data(), nullptr);
         stage_piece(pair, false, 0, skp, nullptr, own.data() + kt_bytes);
@@ -372,8 +403,8 @@ void forward_impl(const FwdParams& p) {
     }, Team::kWhole);
     const std::int64_t ntasks = np * g * nrb;
     run_parallel(ntasks, [&](int, TaskQueue& tasks) {
-      FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.bf16);
-      const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
+      FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.planes(), !geo.bf16);
+      const Bf16GemmScope amx_scope(geo.bf16_operands());  // AMX tile config for this thread's GEMMs
       for (std::int64_t t; (t = tasks.next()) >= 0;) {
         const std::int64_t local_pair = t / (g * nrb);
         // Last row blocks first: under a causal mask they are the longest

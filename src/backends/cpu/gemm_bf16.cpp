@@ -212,14 +212,49 @@ bool detect_amx() {
 ORCHARD_AMX_TARGET void amx_load_config() { _tile_loadconfig(&tile_config()); }
 ORCHARD_AMX_TARGET void amx_release() { _tile_release(); }
 
-// One MT x NT block of 16 x 16 C tiles over ksteps * 16 K pairs. a: row-major
-// bf16 (lda elements), b: pair-packed (ldb elements per pair row).
+// Terms [t0, t1) of one K step (s) into tmm0..3. Consecutive terms with the same A or B operand
+// keep its tiles loaded (gemm_bf16x3_panels orders its terms by B plane).
 template <int MT, int NT>
+ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_terms_step(
+    int s, int t0, int t1, const std::uint16_t* const* a, std::int64_t lda, const std::uint16_t* const* b,
+    std::int64_t ldb) {
+  const long as = lda * 2, bs = ldb * 2;
+#pragma GCC unroll 6
+  for (int t = t0; t < t1; ++t) {
+    const bool load_a = t == t0 || a[t] != a[t - 1], load_b = t == t0 || b[t] != b[t - 1];
+    const std::uint16_t* ak = a[t] + 32 * s;
+    const std::uint16_t* bk = b[t] + 16 * s * ldb;
+    // Each load just before the first product that needs it: 3-8 % faster than
+    // all four loads first (cpu_gemm shapes of the forward, 1 thread, session 18).
+    if (load_a) _tile_loadd(4, ak, as);
+    if (load_b) _tile_loadd(6, bk, bs);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT > 1) {
+      if (load_b) _tile_loadd(7, bk + 32, bs);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MT > 1) {
+      if (load_a) _tile_loadd(5, ak + 16 * lda, as);
+      _tile_dpbf16ps(2, 5, 6);
+    }
+    if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// One MT x NT block of 16 x 16 C tiles over NTERMS products of ksteps * 16 K pairs each,
+// C (+)= sum_t A_t B_t with the block in tmm0..3 throughout. a[t]: row-major bf16 (lda
+// elements), b[t]: pair-packed (ldb elements per pair row). Several terms (gemm_bf16x3_panels):
+// the last is the dominant one and the others are small corrections, so the block starts from
+// zero, takes all K steps of the small terms first and of the last one after them, and a C to
+// accumulate into is added at the end. The corrections' fp32 roundings then fall on sums 2^-8 the
+// size of the result; accumulated K step by K step into C (or into the dominant term) they cost
+// 2-3x a plain fp32 GEMM's error (CpuSplitBf16x3 test, session 58).
+template <int MT, int NT, int NTERMS>
 ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block(
-    int ksteps, const std::uint16_t* a, std::int64_t lda, const std::uint16_t* b,
+    int ksteps, const std::uint16_t* const* a, std::int64_t lda, const std::uint16_t* const* b,
     std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
-  const long as = lda * 2, bs = ldb * 2, cs = ldc * 4;
-  if (accumulate) {
+  const long cs = ldc * 4;
+  if (NTERMS == 1 && accumulate) {
     _tile_loadd(0, c, cs);
     if constexpr (NT > 1) _tile_loadd(1, c + 16, cs);
     if constexpr (MT > 1) _tile_loadd(2, c + 16 * ldc, cs);
@@ -230,84 +265,123 @@ ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block(
     if constexpr (MT > 1) _tile_zero(2);
     if constexpr (MT > 1 && NT > 1) _tile_zero(3);
   }
-  for (int s = 0; s < ksteps; ++s) {
-    const std::uint16_t* ak = a + 32 * s;
-    const std::uint16_t* bk = b + 16 * s * ldb;
-    // Each load just before the first product that needs it: 3-8 % faster than
-    // all four loads first (cpu_gemm shapes of the forward, 1 thread, session 18).
-    _tile_loadd(4, ak, as);
-    _tile_loadd(6, bk, bs);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NT > 1) {
-      _tile_loadd(7, bk + 32, bs);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-    if constexpr (MT > 1) {
-      _tile_loadd(5, ak + 16 * lda, as);
-      _tile_dpbf16ps(2, 5, 6);
-    }
-    if constexpr (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, c, cs);
-  if constexpr (NT > 1) _tile_stored(1, c + 16, cs);
-  if constexpr (MT > 1) _tile_stored(2, c + 16 * ldc, cs);
-  if constexpr (MT > 1 && NT > 1) _tile_stored(3, c + 16 * ldc + 16, cs);
+  if constexpr (NTERMS > 1)
+    for (int s = 0; s < ksteps; ++s) amx_terms_step<MT, NT>(s, 0, NTERMS - 1, a, lda, b, ldb);
+  for (int s = 0; s < ksteps; ++s) amx_terms_step<MT, NT>(s, NTERMS - 1, NTERMS, a, lda, b, ldb);
+  float* out = c;
+  long os = cs;
+  alignas(64) float sum[NTERMS > 1 ? MT * 16 * NT * 16 : 1];
+  if (NTERMS > 1 && accumulate) out = sum, os = NT * 16 * 4;
+  const std::int64_t ld = os / 4;
+  _tile_stored(0, out, os);
+  if constexpr (NT > 1) _tile_stored(1, out + 16, os);
+  if constexpr (MT > 1) _tile_stored(2, out + 16 * ld, os);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, out + 16 * ld + 16, os);
+  if (NTERMS > 1 && accumulate)
+    for (int r = 0; r < MT * 16; ++r)
+      for (int j = 0; j < NT * 16; j += 16) {
+        float* cr = c + r * ldc + j;
+        _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), _mm512_load_ps(sum + r * NT * 16 + j)));
+      }
 }
 
-// m % 16 == 0, n % 16 == 0, ksteps * 16 K pairs. B's columns 32 q .. 32 q + 31
-// start at b + q * b_block (pair rows ldb apart): 64 for a plain pair-packed B,
+// The block of C at row i, column j (j % 32 == 0 or the last 16 columns): each term's operands
+// offset to it.
+template <int MT, int NT, int NTERMS>
+ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block_at(
+    int i, int j, int ksteps, const std::uint16_t* const* a, std::int64_t lda,
+    const std::uint16_t* const* b, std::int64_t ldb, std::int64_t b_block, float* c, std::int64_t ldc,
+    bool accumulate) {
+  const std::uint16_t* at[NTERMS];
+  const std::uint16_t* bt[NTERMS];
+  for (int t = 0; t < NTERMS; ++t) at[t] = a[t] + i * lda, bt[t] = b[t] + j / 32 * b_block;
+  amx_block<MT, NT, NTERMS>(ksteps, at, lda, bt, ldb, c + i * ldc + j, ldc, accumulate);
+}
+
+// m % 16 == 0, n % 16 == 0, ksteps * 16 K pairs per term. B's columns 32 q .. 32 q + 31
+// start at b[t] + q * b_block (pair rows ldb apart): 64 for a plain pair-packed B,
 // 64 * kpairs for 32-column panels (gemm_bf16_panels).
-ORCHARD_AMX_TARGET void gemm_amx_tiles(int m, int n, int ksteps, const std::uint16_t* a,
-                                       std::int64_t lda, const std::uint16_t* b, std::int64_t ldb,
+template <int NTERMS>
+ORCHARD_AMX_TARGET void gemm_amx_tiles(int m, int n, int ksteps, const std::uint16_t* const* a,
+                                       std::int64_t lda, const std::uint16_t* const* b, std::int64_t ldb,
                                        std::int64_t b_block, float* c, std::int64_t ldc,
                                        bool accumulate) {
   int i = 0;
   for (; i + 32 <= m; i += 32) {
     int j = 0;
     for (; j + 32 <= n; j += 32)
-      amx_block<2, 2>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
-    if (j < n)
-      amx_block<2, 1>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
+      amx_block_at<2, 2, NTERMS>(i, j, ksteps, a, lda, b, ldb, b_block, c, ldc, accumulate);
+    if (j < n) amx_block_at<2, 1, NTERMS>(i, j, ksteps, a, lda, b, ldb, b_block, c, ldc, accumulate);
   }
   if (i < m) {
     int j = 0;
     for (; j + 32 <= n; j += 32)
-      amx_block<1, 2>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
-    if (j < n)
-      amx_block<1, 1>(ksteps, a + i * lda, lda, b + j / 32 * b_block, ldb, c + i * ldc + j, ldc, accumulate);
+      amx_block_at<1, 2, NTERMS>(i, j, ksteps, a, lda, b, ldb, b_block, c, ldc, accumulate);
+    if (j < n) amx_block_at<1, 1, NTERMS>(i, j, ksteps, a, lda, b, ldb, b_block, c, ldc, accumulate);
   }
 }
 
-// b_block as in gemm_amx_tiles: 64 with ldb = 2n (plain), or 64 * kpairs with
-// ldb = 64 (32-column panels; n % 32 == 0).
-void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_rs,
-                   std::int64_t a_ps, const std::uint16_t* b, std::int64_t ldb, std::int64_t b_block,
+// c[r * ldc + j] (+)= part[r * width + j], r < rows, j < width (width % 16 == 0).
+ORCHARD_BF16_TARGET void add_rows(const float* part, int rows, int width, float* c, std::int64_t ldc, bool add) {
+  for (int r = 0; r < rows; ++r)
+    for (int q = 0; q < width; q += 16) {
+      float* cr = c + r * ldc + q;
+      const __m512 v = _mm512_loadu_ps(part + r * width + q);
+      _mm512_storeu_ps(cr, add ? _mm512_add_ps(_mm512_loadu_ps(cr), v) : v);
+    }
+}
+
+// C (+)= sum_t A_t B_t over NTERMS terms of kpairs K pairs each. b_block as in gemm_amx_tiles: 64
+// with ldb = 2n (plain), or 64 * kpairs with ldb = 64 (32-column panels; n % 32 == 0). Only a
+// single term may have a pair-packed A^T (a_ps != 2): it is packed row-major first; several terms
+// take row-major A's only.
+template <int NTERMS>
+void gemm_bf16_amx(int m, int n, int kpairs, const std::uint16_t* const* a, std::int64_t a_rs,
+                   std::int64_t a_ps, const std::uint16_t* const* b, std::int64_t ldb, std::int64_t b_block,
                    float* c, std::int64_t ldc, bool accumulate) {
+  static_assert(NTERMS >= 1);
   const int m16 = m / 16 * 16, ksteps = kpairs / 16, kmain = ksteps * 16;
   const bool scoped = t_amx_scope > 0;
   if (!scoped) amx_load_config();  // outside a scope: configure and release per call
-  const std::uint16_t* arow = a;
+  const std::uint16_t* arow[NTERMS];
+  for (int t = 0; t < NTERMS; ++t) arow[t] = a[t];
   std::int64_t lda = a_rs;
-  if (a_ps != 2) {  // pack rows [0, m16) x pairs [0, kmain) row-major
+  if (NTERMS == 1 && a_ps != 2) {  // pack rows [0, m16) x pairs [0, kmain) row-major
     thread_local CacheAlignedVector<std::uint32_t> packed;  // A tile rows on cache lines
     if (packed.size() < std::size_t(m16) * kmain) packed.resize(std::size_t(m16) * kmain);
-    pack_a_pairs_rows_avx512(m16, kmain, a, a_rs, a_ps, packed.data(), kmain);
-    arow = reinterpret_cast<const std::uint16_t*>(packed.data());
+    pack_a_pairs_rows_avx512(m16, kmain, a[0], a_rs, a_ps, packed.data(), kmain);
+    arow[0] = reinterpret_cast<const std::uint16_t*>(packed.data());
     lda = 2 * kmain;
   }
-  gemm_amx_tiles(m16, n, ksteps, arow, lda, b, ldb, b_block, c, ldc, accumulate);
+  gemm_amx_tiles<NTERMS>(m16, n, ksteps, arow, lda, b, ldb, b_block, c, ldc, accumulate);
   if (!scoped) amx_release();
   // The remainders on vdpbf16ps: over the whole B, or panel by panel.
   const bool plain = b_block == 64;
   const int width = plain ? n : 32;
-  for (int j = 0; j < n; j += width) {
-    const std::uint16_t* bj = b + j / 32 * b_block;
-    if (kmain < kpairs)
-      gemm_bf16_avx512(m16, width, kpairs - kmain, a + kmain * a_ps, a_rs, a_ps, bj + kmain * ldb, ldb,
-                       c + j, ldc, true);
-    if (m16 < m)
-      gemm_bf16_avx512(m - m16, width, kpairs, a + m16 * a_rs, a_rs, a_ps, bj, ldb, c + m16 * ldc + j, ldc,
-                       accumulate);
+  if constexpr (NTERMS == 1) {
+    for (int j = 0; j < n; j += width) {
+      const std::uint16_t* bj = b[0] + j / 32 * b_block;
+      if (kmain < kpairs)
+        gemm_bf16_avx512(m16, width, kpairs - kmain, a[0] + kmain * a_ps, a_rs, a_ps, bj + kmain * ldb, ldb,
+                         c + j, ldc, true);
+      if (m16 < m)
+        gemm_bf16_avx512(m - m16, width, kpairs, a[0] + m16 * a_rs, a_rs, a_ps, bj, ldb, c + m16 * ldc + j, ldc,
+                         accumulate);
+    }
+  } else {
+    // Several terms: summed into a zeroed part in amx_block's order, then added to C (amx_block says why).
+    thread_local CacheAlignedVector<float> part;
+    auto terms_then_add = [&](int rows, int k0, int r0, int j, bool add) {
+      if (part.size() < std::size_t(rows) * width) part.resize(std::size_t(rows) * width);
+      for (int t = 0; t < NTERMS; ++t)
+        gemm_bf16_avx512(rows, width, kpairs - k0, a[t] + r0 * a_rs + k0 * a_ps, a_rs, a_ps,
+                         b[t] + j / 32 * b_block + k0 * ldb, ldb, part.data(), width, t > 0);
+      add_rows(part.data(), rows, width, c + r0 * ldc + j, ldc, add);
+    };
+    for (int j = 0; j < n; j += width) {
+      if (kmain < kpairs && m16 > 0) terms_then_add(m16, kmain, 0, j, true);
+      if (m16 < m) terms_then_add(m - m16, 0, m16, j, accumulate);
+    }
   }
 }
 #endif  // ORCHARD_AMX
@@ -412,7 +486,7 @@ void gemm_bf16(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t a_
 #ifdef ORCHARD_BF16_DOT
 #ifdef ORCHARD_AMX
   if (m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
-    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, ldb, 64, c, ldc, accumulate);
+    gemm_bf16_amx<1>(m, n, kpairs, &a, a_rs, a_ps, &b, ldb, 64, c, ldc, accumulate);
     return;
   }
 #endif
@@ -438,14 +512,37 @@ void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int
   }
 #ifdef ORCHARD_AMX
   if (panel == 32 && m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
-    gemm_bf16_amx(m, n, kpairs, a, a_rs, a_ps, b, 2 * panel, std::int64_t(2) * panel * panel_kpairs, c, ldc,
-                  accumulate);
+    gemm_bf16_amx<1>(m, n, kpairs, &a, a_rs, a_ps, &b, 2 * panel, std::int64_t(2) * panel * panel_kpairs, c,
+                     ldc, accumulate);
     return;
   }
 #endif
   for (int j = 0; j < n; j += panel)
     gemm_bf16(m, panel, kpairs, a, a_rs, a_ps, b + std::int64_t(j) * 2 * panel_kpairs, 2 * std::int64_t(panel),
               c + j, ldc, accumulate);
+}
+
+void gemm_bf16x3_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t lda,
+                        std::int64_t a_plane, const std::uint16_t* b, std::int64_t b_plane, int panel,
+                        float* c, std::int64_t ldc, bool accumulate, int panel_kpairs) {
+  // The six (A plane, B plane) products of split_bf16x3.h: the five corrections grouped by B plane
+  // (the AMX block loads each B tile once per K step for them), hi x hi last (amx_block).
+  constexpr int kTerms = 6;
+  constexpr int kAPlane[kTerms] = {0, 1, 0, 2, 1, 0}, kBPlane[kTerms] = {2, 1, 1, 0, 0, 0};
+  if (panel_kpairs < kpairs) panel_kpairs = kpairs;
+#ifdef ORCHARD_AMX
+  if (panel == 32 && n % 32 == 0 && m >= kAmxMinM && kpairs >= kAmxMinKPairs && amx_available()) {
+    const std::uint16_t* at[kTerms];
+    const std::uint16_t* bt[kTerms];
+    for (int t = 0; t < kTerms; ++t) at[t] = a + kAPlane[t] * a_plane, bt[t] = b + kBPlane[t] * b_plane;
+    gemm_bf16_amx<kTerms>(m, n, kpairs, at, lda, 2, bt, 2 * panel, std::int64_t(2) * panel * panel_kpairs, c,
+                          ldc, accumulate);
+    return;
+  }
+#endif
+  for (int t = 0; t < kTerms; ++t)
+    gemm_bf16_panels(m, n, kpairs, a + kAPlane[t] * a_plane, lda, 2, b + kBPlane[t] * b_plane, panel, c, ldc,
+                     accumulate || t > 0, panel_kpairs);
 }
 
 void to_bf16_pairs_t(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,

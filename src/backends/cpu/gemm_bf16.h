@@ -123,6 +123,14 @@ void gemm_bf16_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int
                       std::int64_t a_ps, const std::uint16_t* b, int panel, float* c,
                       std::int64_t ldc, bool accumulate, int panel_kpairs = 0);
 
+// C (+)= the fp32 product A B of operands split into three bf16 planes each (split_bf16x3.h): the
+// six products of weight >= 2^-16, C kept in AMX tiles through all six where gemm_bf16_panels would
+// run AMX, else six gemm_bf16_panels calls. A row-major (row r, K pair p at a + r * lda + 2 p; plane
+// x at a + x * a_plane), B in panels as gemm_bf16_panels (plane x at b + x * b_plane).
+void gemm_bf16x3_panels(int m, int n, int kpairs, const std::uint16_t* a, std::int64_t lda,
+                        std::int64_t a_plane, const std::uint16_t* b, std::int64_t b_plane, int panel,
+                        float* c, std::int64_t ldc, bool accumulate, int panel_kpairs = 0);
+
 // dst[r * ldd + j] = bf16(src[r * lds + j]) for j < n (n % 16 == 0), round to nearest even.
 void to_bf16_rows(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
                   std::int64_t ldd);

@@ -10,6 +10,7 @@ set(ORCHARD_CPU_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/gemm_bf16.cpp
   ${CMAKE_CURRENT_LIST_DIR}/score_mods.cpp
   ${CMAKE_CURRENT_LIST_DIR}/softmax_tile.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/split_bf16x3.cpp
   ${CMAKE_CURRENT_LIST_DIR}/stage_bf16_panels.cpp
   ${CMAKE_CURRENT_LIST_DIR}/stage_f32_tiles.cpp
   ${CMAKE_CURRENT_LIST_DIR}/store_row_bf16.cpp

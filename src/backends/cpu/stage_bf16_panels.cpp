@@ -1,6 +1,8 @@
 #include "backends/cpu/stage_bf16_panels.h"
 
+#include "backends/cpu/cache_aligned.h"
 #include "backends/cpu/cpu_features.h"
+#include "backends/cpu/split_bf16x3.h"
 #include "backends/cpu/tile_load.h"
 #include "backends/cpu/zmm_transpose.h"
 
@@ -89,6 +91,28 @@ void stage_v_pairs_bf16(const void* base, std::int64_t elem_offset, std::int64_t
   }
 #endif
   load_pairs_rows_bf16(base, elem_offset, row_stride, rows, rows_pad, d, dpad, dst, block, panel);
+}
+
+void stage_split3_panels(const void* base, DType dtype, std::int64_t elem_offset, std::int64_t row_stride,
+                         int rows, int rows_pad, int d, int dpad, int block, bool transposed, std::uint16_t* dst,
+                         int panel, std::int64_t plane_stride) {
+  thread_local CacheAlignedVector<float> f32;
+  thread_local CacheAlignedVector<std::uint16_t> planes;
+  const std::size_t tile = std::size_t(block) * dpad;
+  if (f32.size() < tile) f32.resize(tile), planes.resize(3 * tile);
+  for (int r0 = 0; r0 < rows_pad; r0 += block) {
+    const int n = std::clamp(rows - r0, 0, block);
+    load_rows(base, dtype, elem_offset + r0 * row_stride, row_stride, n, block, d, dpad, f32.data());
+    split_rows_bf16x3(f32.data(), dpad, block, dpad, planes.data(), dpad, std::int64_t(tile));
+    for (int x = 0; x < 3; ++x) {
+      const std::uint16_t* src = planes.data() + x * tile;
+      std::uint16_t* out = dst + x * plane_stride + std::int64_t(r0) * dpad;
+      if (transposed)
+        stage_kt_pairs_bf16(src, 0, dpad, block, block, dpad, dpad, block, out, panel);
+      else
+        stage_v_pairs_bf16(src, 0, dpad, block, block, dpad, dpad, out, block, panel);
+    }
+  }
 }
 
 }  // namespace orchard::cpu

@@ -1,0 +1,102 @@
+// fp32 -> three bf16 planes (split_bf16x3.h).
+#include "backends/cpu/split_bf16x3.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "backends/cpu/gemm_bf16.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define ORCHARD_SPLIT_AVX512 1
+#define ORCHARD_SPLIT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+// GCC 12 flags the _mm512_undefined_* inside its own intrinsic headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace orchard::cpu {
+namespace {
+
+// bf16(x), round to nearest even (NaN stays a NaN), as vcvtneps2bf16 does.
+std::uint16_t round_bf16(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+// hi of x: bf16(x) rounded to nearest, truncated where that would overflow to inf (|x| within half
+// a bf16 ulp of FLT_MAX), so that mid and lo stay finite. Non-finite x: hi is x (NaN quieted), mid
+// and lo are 0, so that inf and NaN reach the products as themselves.
+constexpr std::uint32_t kRoundsToInf = 0x7f7f8000u, kInf = 0x7f800000u;
+
+void split_scalar(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
+                  std::int64_t ldd, std::int64_t plane_stride) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; ++j) {
+      const float x = src[r * lds + j];
+      std::uint32_t u;
+      std::memcpy(&u, &x, 4);
+      const std::uint32_t mag = u & 0x7fffffffu;
+      std::uint16_t hi = mag >= kRoundsToInf && mag < kInf ? static_cast<std::uint16_t>(u >> 16) : round_bf16(x);
+      std::uint16_t mid = 0, lo = 0;
+      if (mag < kInf) {
+        const float rest = x - bf16_to_float(hi);
+        mid = round_bf16(rest);
+        lo = round_bf16(rest - bf16_to_float(mid));
+      }
+      std::uint16_t* o = dst + r * ldd + j;
+      o[0] = hi, o[plane_stride] = mid, o[2 * plane_stride] = lo;
+    }
+}
+
+#ifdef ORCHARD_SPLIT_AVX512
+ORCHARD_SPLIT_TARGET inline __m512 widen(__m256bh h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+
+ORCHARD_SPLIT_TARGET void split_avx512(const float* src, std::int64_t lds, int rows, int n,
+                                       std::uint16_t* dst, std::int64_t ldd, std::int64_t plane_stride) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; j += 16) {
+      const __m512 x = _mm512_loadu_ps(src + r * lds + j);
+      const __m512i mag = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
+      const __mmask16 finite = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(int(kInf)));
+      const __mmask16 overflows = finite & _mm512_cmpge_epu32_mask(mag, _mm512_set1_epi32(int(kRoundsToInf)));
+      const __m256i truncated = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(x), 16));
+      const __m256bh hi = (__m256bh)_mm256_mask_blend_epi16(overflows, (__m256i)_mm512_cvtneps_pbh(x), truncated);
+      const __m512 rest = _mm512_sub_ps(x, widen(hi));
+      const __m256bh mid = (__m256bh)_mm256_maskz_mov_epi16(finite, (__m256i)_mm512_cvtneps_pbh(rest));
+      const __m256bh lo =
+          (__m256bh)_mm256_maskz_mov_epi16(finite, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(rest, widen(mid))));
+      std::uint16_t* o = dst + r * ldd + j;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + plane_stride), (__m256i)mid);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 2 * plane_stride), (__m256i)lo);
+    }
+}
+#endif
+
+}  // namespace
+
+bool fp32_on_amx() {
+  static const bool env_on = [] {
+    const char* env = std::getenv("ORCHARD_CPU_FP32_AMX");
+    return !(env && env[0] == '0');
+  }();
+  return env_on && g_fp32_amx && amx_available();
+}
+
+void split_rows_bf16x3(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
+                       std::int64_t ldd, std::int64_t plane_stride) {
+#ifdef ORCHARD_SPLIT_AVX512
+  if (bf16_dot_available()) {
+    split_avx512(src, lds, rows, n, dst, ldd, plane_stride);
+    return;
+  }
+#endif
+  split_scalar(src, lds, rows, n, dst, ldd, plane_stride);
+}
+
+}  // namespace orchard::cpu
