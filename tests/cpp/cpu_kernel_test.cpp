@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backends/cpu/gemm_bf16.h"
+#include "backends/cpu/split_bf16x3.h"
 #include "backends/cpu/kernel_common.h"
 #include "core/backend.h"
 #include "reference.h"
@@ -426,6 +427,35 @@ TEST(CpuKernel, Fp32ForwardTileWidthsMatchReference) {
     }
   }
   cpu::g_fp32_fwd_block_n = 0;
+}
+
+TEST(CpuKernel, Fp32OnAmxMatchesReference) {
+  // fp32 forwards on AMX (split_bf16x3.h: three bf16 planes per operand, six products) at every
+  // size rather than from 512 / 1024 keys on: the grid's fp32 shapes (d 1..256, GQA, sq != sk,
+  // rows and K pairs past the AMX tiles) under each causal mode, dropout, and the bf16 path's
+  // tiles forced to 48 x 80 (K / V in plain layout: six gemm_bf16_panels calls) and 128 x 256.
+  if (!cpu::fp32_on_amx()) GTEST_SKIP() << "no AMX";
+  cpu::g_fp32_amx_any_size = true;
+  for (auto [bm, bn] : {std::pair{0, 0}, std::pair{48, 80}, std::pair{128, 256}}) {
+    cpu::g_bf16_fwd_block_m = bm;
+    cpu::g_bf16_fwd_block_n = bn;
+    std::uint32_t seed = 7000;
+    for (const Shape& s : kShapes)
+      for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
+        Case c{s.b, s.sq, s.sk, s.hq, s.hkv, s.d};
+        c.causal = cm;
+        c.layout = static_cast<Layout>(seed % 3);
+        c.seed = seed++;
+        check_case(c);
+      }
+    Case c{1, 131, 331, 2, 2, 128};
+    c.dropout = 0.2f;
+    c.causal = Causal::kBottomRight;
+    check_case(c);
+  }
+  cpu::g_fp32_amx_any_size = false;
+  cpu::g_bf16_fwd_block_m = 0;
+  cpu::g_bf16_fwd_block_n = 0;
 }
 
 TEST(CpuKernel, Bf16BothPathsMatchReference) {

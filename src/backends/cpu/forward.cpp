@@ -84,6 +84,14 @@ struct FwdScratch {
 // path): both staged tiles then fit the 2 MB L2 beside the task's scratch (a bound chosen, not tuned).
 constexpr std::size_t kOwnStageMaxBytes = std::size_t(1) << 20;
 
+// Whether the fp32 forward on AMX (FwdGeometry::split3) beats the FMA path at sk keys (the longest
+// sequence's under varlen) and padded head dim dp. 2-core AMX box, 2 threads, b1 forwards in separate
+// processes (session 58): from 1k keys at d64 (s1k-s8k 1.06-1.15x, causal 1.06-1.10x from s2k) and
+// from 512 at d128 (s512 1.1x non-causal, even causal; s2k-s8k 1.24-1.33x); below that the split
+// planes' staging and the bf16 path's wider tiles cost more than the GEMMs save (s64 h8 d64 0.14
+// against 0.06 ms, s256 d128 1.3 against 1.2, s512 d64 causal 1.54 against 1.34).
+bool split3_pays(std::int64_t sk, int dp) { return sk >= (dp >= 128 ? 512 : 1024); }
+
 struct FwdGeometry {
   int dp, dvp;  // d and d_v padded to the GEMM multiple
   // bf16 inputs on a CPU with AVX512_BF16: both GEMMs run on bf16 operands
@@ -212,10 +220,13 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     if (dropout)
       drop_rows([&](int r, int ncols) { zero_dropped(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols); });
     if constexpr (sizeof(T) == 4) {
+      // fp32 on AMX: P's three planes (a softmax update writing them directly measured no faster:
+      // the split's arithmetic, not the extra pass over P, is its cost; session 58).
       if (geo.split3) {
-        split_rows_bf16x3(w.s.data(), bn, rows, nc, w.p16.data(), bn, std::int64_t(geo.bm) * bn);
-        gemm_bf16x3_panels(rows, dvp, nc / 2, w.p16.data(), bn, std::int64_t(geo.bm) * bn, v16 + j0 * dvp,
-                           geo.v_plane, geo.v_panel, w.o.data(), dvp, true, bn / 2);
+        const std::int64_t plane = std::int64_t(geo.bm) * bn;
+        split_rows_bf16x3(w.s.data(), bn, rows, nc, w.p16.data(), bn, plane);
+        gemm_bf16x3_panels(rows, dvp, nc / 2, w.p16.data(), bn, plane, v16 + j0 * dvp, geo.v_plane, geo.v_panel,
+                           w.o.data(), dvp, true, bn / 2);
         continue;
       }
       if (geo.bf16) {
@@ -280,7 +291,8 @@ void forward_impl(const FwdParams& p) {
     geo.bn = g_fp32_fwd_block_n > 0 ? g_fp32_fwd_block_n
              : cpu_has_avx512() && std::max(geo.dp, geo.dvp) <= kFp32WideTileMaxD ? kFp32FwdBlockNAvx512
                                                                                 : kBlockN;
-  geo.split3 = sizeof(T) == 4 && p.dtype == DType::kFloat32 && fp32_on_amx();
+  geo.split3 = sizeof(T) == 4 && p.dtype == DType::kFloat32 && fp32_on_amx() &&
+               (g_fp32_amx_any_size || split3_pays(p.sk, geo.dp));
   if (geo.bf16_operands()) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();

@@ -20,6 +20,9 @@ namespace orchard::cpu {
 // g_fp32_amx (tests and A/B timing) and ORCHARD_CPU_FP32_AMX not "0" in the environment (read once).
 bool fp32_on_amx();
 inline bool g_fp32_amx = true;
+// Tests: the forward takes the split path at every size where fp32_on_amx() (by default only from
+// the key counts where it measured faster: forward.cpp's split3_pays).
+inline bool g_fp32_amx_any_size = false;
 
 // dst[x * plane_stride + r * ldd + j] = plane x (0 hi, 1 mid, 2 lo) of src[r * lds + j],
 // r < rows, j < n (n % 16 == 0). Vectorized where the CPU has AVX512_BF16, scalar elsewhere
