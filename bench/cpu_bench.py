@@ -66,10 +66,18 @@ def run_heading(title, clock, how):
                      f"torch {torch.__version__}, {clock} time, {how}\n")
 
 
+# Switches the C++ side reads once per process (README's variable table): --ab cannot A/B them.
+READ_ONCE = ("ORCHARD_CPU_AMX", "ORCHARD_CPU_AMX_BM", "ORCHARD_CPU_AMX_BN", "ORCHARD_CPU_FP32_AMX",
+             "ORCHARD_CPU_GEMM512", "ORCHARD_CPU_DROPOUT512", "ORCHARD_CPU_SOFTMAX")
+
+
 def ab_switch(spec):
     """--ab NAME=VALUE: returns env_for(contestant), a context manager that sets the
     variable around the "ab" contestant's calls only (a no-op for the others)."""
     name, _, value = spec.partition("=")
+    if name in READ_ONCE:
+        raise SystemExit(f"cpu_bench: {name} is read once per process, so --ab would time the default "
+                         f"twice; run two processes instead ({name}={value} python bench/cpu_bench.py ...)")
 
     @contextlib.contextmanager
     def env_for(contestant):
