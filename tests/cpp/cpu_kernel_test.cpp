@@ -430,10 +430,11 @@ TEST(CpuKernel, Fp32ForwardTileWidthsMatchReference) {
 }
 
 TEST(CpuKernel, Fp32OnAmxMatchesReference) {
-  // fp32 forwards on AMX (split_bf16x3.h: three bf16 planes per operand, six products) at every
-  // size rather than from 512 / 1024 keys on: the grid's fp32 shapes (d 1..256, GQA, sq != sk,
-  // rows and K pairs past the AMX tiles) under each causal mode, dropout, and the bf16 path's
-  // tiles forced to 48 x 80 (K / V in plain layout: six gemm_bf16_panels calls) and 128 x 256.
+  // fp32 / fp16 forwards on AMX (split_bf16x3.h: three bf16 planes per operand, six products) at
+  // every size rather than from 512 / 1024 keys on: the grid's shapes in both dtypes (d 1..256,
+  // GQA, sq != sk, rows and K pairs past the AMX tiles) under each causal mode, dropout, and the
+  // bf16 path's tiles forced to 48 x 80 (K / V in plain layout: six gemm_bf16_panels calls) and
+  // 128 x 256.
   if (!cpu::fp32_on_amx()) GTEST_SKIP() << "no AMX";
   cpu::g_fp32_amx_any_size = true;
   for (auto [bm, bn] : {std::pair{0, 0}, std::pair{48, 80}, std::pair{128, 256}}) {
@@ -443,6 +444,7 @@ TEST(CpuKernel, Fp32OnAmxMatchesReference) {
     for (const Shape& s : kShapes)
       for (Causal cm : {Causal::kNone, Causal::kBottomRight, Causal::kTopLeft}) {
         Case c{s.b, s.sq, s.sk, s.hq, s.hkv, s.d};
+        c.dt = seed % 2 ? DType::kFloat16 : DType::kFloat32;  // float16 takes the split path too
         c.causal = cm;
         c.layout = static_cast<Layout>(seed % 3);
         c.seed = seed++;

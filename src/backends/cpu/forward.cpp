@@ -89,7 +89,8 @@ constexpr std::size_t kOwnStageMaxBytes = std::size_t(1) << 20;
 // processes (session 58): from 1k keys at d64 (s1k-s8k 1.06-1.15x, causal 1.06-1.10x from s2k) and
 // from 512 at d128 (s512 1.1x non-causal, even causal; s2k-s8k 1.24-1.33x); below that the split
 // planes' staging and the bf16 path's wider tiles cost more than the GEMMs save (s64 h8 d64 0.14
-// against 0.06 ms, s256 d128 1.3 against 1.2, s512 d64 causal 1.54 against 1.34).
+// against 0.06 ms, s256 d128 1.3 against 1.2, s512 d64 causal 1.54 against 1.34). fp16 takes the
+// same rule (timed at s2k-s4k only: 1.17-1.39x).
 bool split3_pays(std::int64_t sk, int dp) { return sk >= (dp >= 128 ? 512 : 1024); }
 
 struct FwdGeometry {
@@ -98,7 +99,7 @@ struct FwdGeometry {
   // (vdpbf16ps, fp32 accumulation) from K / V staged pair-packed, P rounded
   // to bf16 before P V; scores and softmax stay fp32.
   bool bf16 = false;
-  // fp32 inputs where fp32_on_amx(): both GEMMs on the three bf16 planes of their operands
+  // fp32 / fp16 inputs where fp32_on_amx(): both GEMMs on the three bf16 planes of their operands
   // (gemm_bf16x3_panels), K / V staged as planes kt_plane / v_plane elements apart, in the bf16
   // path's tiles and panels; scores and softmax fp32 as on the fp32 path.
   bool split3 = false;
@@ -291,7 +292,7 @@ void forward_impl(const FwdParams& p) {
     geo.bn = g_fp32_fwd_block_n > 0 ? g_fp32_fwd_block_n
              : cpu_has_avx512() && std::max(geo.dp, geo.dvp) <= kFp32WideTileMaxD ? kFp32FwdBlockNAvx512
                                                                                 : kBlockN;
-  geo.split3 = sizeof(T) == 4 && p.dtype == DType::kFloat32 && fp32_on_amx() &&
+  geo.split3 = sizeof(T) == 4 && (p.dtype == DType::kFloat32 || p.dtype == DType::kFloat16) && fp32_on_amx() &&
                (g_fp32_amx_any_size || split3_pays(p.sk, geo.dp));
   if (geo.bf16_operands()) {
     geo.bm = bf16_fwd_block_m();

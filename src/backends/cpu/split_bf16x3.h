@@ -16,7 +16,7 @@
 
 namespace orchard::cpu {
 
-// True where the fp32 forward / backward run their GEMMs on split planes: amx_available(),
+// True where the fp32 and fp16 forwards run their GEMMs on split planes: amx_available(),
 // g_fp32_amx (tests and A/B timing) and ORCHARD_CPU_FP32_AMX not "0" in the environment (read once).
 bool fp32_on_amx();
 inline bool g_fp32_amx = true;
