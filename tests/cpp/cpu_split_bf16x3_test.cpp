@@ -58,6 +58,26 @@ TEST(CpuSplitBf16x3, PlanesSumToTheValueExactly) {
   EXPECT_EQ(scalar, planes);
 }
 
+TEST(CpuSplitBf16x3, ProbabilitySplitMatchesTheGeneralOne) {
+  std::mt19937 rng(8);
+  std::uniform_real_distribution<float> ud(0.f, 1.f);
+  const int rows = 5, n = 64;
+  std::vector<float> p(std::size_t(rows) * n);
+  for (auto& v : p) v = ud(rng) * std::ldexp(1.f, -int(ud(rng) * 40));
+  p[0] = 0.f, p[1] = 1.f, p[2] = std::numeric_limits<float>::quiet_NaN(), p[3] = 1e-40f;  // denormal
+  for (bool vector_path : {true, false}) {
+    g_bf16_dot = vector_path;
+    std::vector<std::uint16_t> got(3 * p.size());
+    split_probabilities_bf16x3(p.data(), n, rows, n, got.data(), n, std::int64_t(p.size()));
+    const auto want = split(p, rows, n);
+    g_bf16_dot = true;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      if (i % p.size() != 2)  // NaN: any NaN planes
+        ASSERT_EQ(got[i], want[i]) << "word " << i << " vector " << vector_path;
+    EXPECT_TRUE(std::isnan(bf16_to_float(got[2])));
+  }
+}
+
 // B (k x n, row-major fp32) split and pair-packed in panels of `panel` columns (gemm_bf16.h).
 std::vector<std::uint16_t> packed_b_planes(const std::vector<float>& b, int k, int n, int panel,
                                            std::int64_t& plane) {

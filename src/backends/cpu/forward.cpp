@@ -225,7 +225,7 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       // the split's arithmetic, not the extra pass over P, is its cost; session 58).
       if (geo.split3) {
         const std::int64_t plane = std::int64_t(geo.bm) * bn;
-        split_rows_bf16x3(w.s.data(), bn, rows, nc, w.p16.data(), bn, plane);
+        split_probabilities_bf16x3(w.s.data(), bn, rows, nc, w.p16.data(), bn, plane);
         gemm_bf16x3_panels(rows, dvp, nc / 2, w.p16.data(), bn, plane, v16 + j0 * dvp, geo.v_plane, geo.v_panel,
                            w.o.data(), dvp, true, bn / 2);
         continue;

@@ -56,6 +56,26 @@ ORCHARD_SPLIT_TARGET inline __m512 widen(__m256bh h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
 }
 
+// split16 for values in [-FLT_MAX / 2, FLT_MAX / 2] or NaN (softmax probabilities): no overflow
+// or non-finite lanes to mend.
+ORCHARD_SPLIT_TARGET inline __attribute__((always_inline)) void split16_bounded(__m512 x, std::uint16_t* o,
+                                                                               std::int64_t plane) {
+  const __m256bh hi = _mm512_cvtneps_pbh(x);
+  const __m512 rest = _mm512_sub_ps(x, widen(hi));
+  const __m256bh mid = _mm512_cvtneps_pbh(rest);
+  const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(rest, widen(mid)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)hi);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + plane), (__m256i)mid);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 2 * plane), (__m256i)lo);
+}
+
+ORCHARD_SPLIT_TARGET void split_bounded_avx512(const float* src, std::int64_t lds, int rows, int n,
+                                               std::uint16_t* dst, std::int64_t ldd, std::int64_t plane_stride) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; j += 16)
+      split16_bounded(_mm512_loadu_ps(src + r * lds + j), dst + r * ldd + j, plane_stride);
+}
+
 ORCHARD_SPLIT_TARGET void split_avx512(const float* src, std::int64_t lds, int rows, int n,
                                        std::uint16_t* dst, std::int64_t ldd, std::int64_t plane_stride) {
   for (int r = 0; r < rows; ++r)
@@ -79,6 +99,17 @@ ORCHARD_SPLIT_TARGET void split_avx512(const float* src, std::int64_t lds, int r
 #endif
 
 }  // namespace
+
+void split_probabilities_bf16x3(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
+                                std::int64_t ldd, std::int64_t plane_stride) {
+#ifdef ORCHARD_SPLIT_AVX512
+  if (bf16_dot_available()) {
+    split_bounded_avx512(src, lds, rows, n, dst, ldd, plane_stride);
+    return;
+  }
+#endif
+  split_scalar(src, lds, rows, n, dst, ldd, plane_stride);
+}
 
 bool fp32_on_amx() {
   static const bool env_on = [] {

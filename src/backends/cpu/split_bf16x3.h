@@ -9,6 +9,10 @@
 // measurement). On AMX six bf16 products cost less than one fp32 product on the FMA units (tdpbf16ps
 // does 1024 multiply-adds a cycle against 2 x 16 zmm FMAs).
 //
+// Exactness holds down to |x| ~ 2^-110: below, a plane that falls under bf16's normal range (2^-126) may
+// be flushed to 0 by vcvtneps2bf16 and is read as 0 by tdpbf16ps anyway; such a value, or its lo,
+// is below any fp32 attention result's rounding.
+//
 // Planes of an operand sit plane_stride elements apart, the same layout in each.
 #pragma once
 
@@ -29,6 +33,11 @@ inline bool g_fp32_amx_any_size = false;
 // (the same roundings).
 void split_rows_bf16x3(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
                        std::int64_t ldd, std::int64_t plane_stride);
+
+// split_rows_bf16x3 for values within half of FLT_MAX or NaN (the forward's probabilities P, in
+// [0, 1]): the same planes without the overflow and non-finite fix-ups (~30 % fewer instructions).
+void split_probabilities_bf16x3(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
+                                std::int64_t ldd, std::int64_t plane_stride);
 
 // The exact fp32 value of a bf16 word.
 inline float bf16_to_float(std::uint16_t h) {
