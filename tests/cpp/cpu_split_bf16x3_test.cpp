@@ -14,6 +14,7 @@
 
 #include "backends/cpu/gemm_bf16.h"
 #include "backends/cpu/split_bf16x3.h"
+#include "orchard/numeric.h"
 
 namespace orchard::cpu {
 namespace {

@@ -2,9 +2,9 @@
 #include "backends/cpu/split_bf16x3.h"
 
 #include <cstdlib>
-#include <cstring>
 
 #include "backends/cpu/gemm_bf16.h"
+#include "orchard/numeric.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -17,35 +17,26 @@
 namespace orchard::cpu {
 namespace {
 
-// bf16(x), round to nearest even (NaN stays a NaN), as vcvtneps2bf16 does.
-std::uint16_t round_bf16(float x) {
-  std::uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
-}
-
 // hi of x: bf16(x) rounded to nearest, truncated where that would overflow to inf (|x| within half
 // a bf16 ulp of FLT_MAX), so that mid and lo stay finite. Non-finite x: hi is x (NaN quieted), mid
 // and lo are 0, so that inf and NaN reach the products as themselves.
 constexpr std::uint32_t kRoundsToInf = 0x7f7f8000u, kInf = 0x7f800000u;
 
+// Rounds as vcvtneps2bf16 does (float_to_bf16: nearest even, NaN quieted).
 void split_scalar(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
                   std::int64_t ldd, std::int64_t plane_stride) {
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < n; ++j) {
       const float x = src[r * lds + j];
-      std::uint32_t u;
-      std::memcpy(&u, &x, 4);
+      const std::uint32_t u = float_to_bits(x);
       const std::uint32_t mag = u & 0x7fffffffu;
       const bool overflows = mag >= kRoundsToInf && mag < kInf;
-      const std::uint16_t hi = overflows ? static_cast<std::uint16_t>(u >> 16) : round_bf16(x);
+      const std::uint16_t hi = overflows ? static_cast<std::uint16_t>(u >> 16) : float_to_bf16(x);
       std::uint16_t mid = 0, lo = 0;
       if (mag < kInf) {
         const float rest = x - bf16_to_float(hi);
-        mid = round_bf16(rest);
-        lo = round_bf16(rest - bf16_to_float(mid));
+        mid = float_to_bf16(rest);
+        lo = float_to_bf16(rest - bf16_to_float(mid));
       }
       std::uint16_t* o = dst + r * ldd + j;
       o[0] = hi, o[plane_stride] = mid, o[2 * plane_stride] = lo;

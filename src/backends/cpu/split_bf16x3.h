@@ -39,12 +39,4 @@ void split_rows_bf16x3(const float* src, std::int64_t lds, int rows, int n, std:
 void split_probabilities_bf16x3(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
                                 std::int64_t ldd, std::int64_t plane_stride);
 
-// The exact fp32 value of a bf16 word.
-inline float bf16_to_float(std::uint16_t h) {
-  const std::uint32_t bits = std::uint32_t(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
 }  // namespace orchard::cpu
