@@ -123,6 +123,16 @@ ORCHARD_BF16_TARGET void to_bf16_pairs_t_avx512(const float* src, std::int64_t l
 }
 
 
+// c[r * ldc + j] (+)= part[r * width + j], r < rows, j < width (width % 16 == 0).
+ORCHARD_BF16_TARGET void add_rows(const float* part, int rows, int width, float* c, std::int64_t ldc, bool add) {
+  for (int r = 0; r < rows; ++r)
+    for (int q = 0; q < width; q += 16) {
+      float* cr = c + r * ldc + q;
+      const __m512 v = _mm512_loadu_ps(part + r * width + q);
+      _mm512_storeu_ps(cr, add ? _mm512_add_ps(_mm512_loadu_ps(cr), v) : v);
+    }
+}
+
 ORCHARD_BF16_TARGET void pack_a_pairs_rows_avx512(int m, int kpairs, const std::uint16_t* a,
                                                   std::int64_t a_rs, std::int64_t a_ps,
                                                   std::uint32_t* dst, std::int64_t ldw) {
@@ -277,12 +287,7 @@ ORCHARD_AMX_TARGET inline __attribute__((always_inline)) void amx_block(
   if constexpr (NT > 1) _tile_stored(1, out + 16, os);
   if constexpr (MT > 1) _tile_stored(2, out + 16 * ld, os);
   if constexpr (MT > 1 && NT > 1) _tile_stored(3, out + 16 * ld + 16, os);
-  if (NTERMS > 1 && accumulate)
-    for (int r = 0; r < MT * 16; ++r)
-      for (int j = 0; j < NT * 16; j += 16) {
-        float* cr = c + r * ldc + j;
-        _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), _mm512_load_ps(sum + r * NT * 16 + j)));
-      }
+  if (NTERMS > 1 && accumulate) add_rows(sum, MT * 16, NT * 16, c, ldc, true);
 }
 
 // The block of C at row i, column j (j % 32 == 0 or the last 16 columns): each term's operands
@@ -319,16 +324,6 @@ ORCHARD_AMX_TARGET void gemm_amx_tiles(int m, int n, int ksteps, const std::uint
       amx_block_at<1, 2, NTERMS>(i, j, ksteps, a, lda, b, ldb, b_block, c, ldc, accumulate);
     if (j < n) amx_block_at<1, 1, NTERMS>(i, j, ksteps, a, lda, b, ldb, b_block, c, ldc, accumulate);
   }
-}
-
-// c[r * ldc + j] (+)= part[r * width + j], r < rows, j < width (width % 16 == 0).
-ORCHARD_BF16_TARGET void add_rows(const float* part, int rows, int width, float* c, std::int64_t ldc, bool add) {
-  for (int r = 0; r < rows; ++r)
-    for (int q = 0; q < width; q += 16) {
-      float* cr = c + r * ldc + q;
-      const __m512 v = _mm512_loadu_ps(part + r * width + q);
-      _mm512_storeu_ps(cr, add ? _mm512_add_ps(_mm512_loadu_ps(cr), v) : v);
-    }
 }
 
 // C (+)= sum_t A_t B_t over NTERMS terms of kpairs K pairs each. b_block as in gemm_amx_tiles: 64
@@ -540,9 +535,21 @@ void gemm_bf16x3_panels(int m, int n, int kpairs, const std::uint16_t* a, std::i
     return;
   }
 #endif
+  // Elsewhere (fewer than 16 rows or K pairs, other panels): term by term in the same order, into a
+  // zeroed part that is then added to a C to accumulate into (amx_block says why).
+  float* out = c;
+  std::int64_t ldo = ldc;
+  thread_local CacheAlignedVector<float> part;
+  if (accumulate) {
+    if (part.size() < std::size_t(m) * n) part.resize(std::size_t(m) * n);
+    out = part.data(), ldo = n;
+  }
   for (int t = 0; t < kTerms; ++t)
-    gemm_bf16_panels(m, n, kpairs, a + kAPlane[t] * a_plane, lda, 2, b + kBPlane[t] * b_plane, panel, c, ldc,
-                     accumulate || t > 0, panel_kpairs);
+    gemm_bf16_panels(m, n, kpairs, a + kAPlane[t] * a_plane, lda, 2, b + kBPlane[t] * b_plane, panel, out, ldo,
+                     t > 0, panel_kpairs);
+#ifdef ORCHARD_BF16_DOT
+  if (accumulate) add_rows(part.data(), m, n, c, ldc, true);
+#endif
 }
 
 void to_bf16_pairs_t(const float* src, std::int64_t lds, int rows, int n, std::uint16_t* dst,
