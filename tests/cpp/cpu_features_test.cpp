@@ -398,6 +398,12 @@ std::vector<FeatCase> feature_cases() {
   base.push_back(c);
   // Bottom-right causal with sq > sk: the first sq - sk rows see nothing.
   c = make("causal_window_empty_rows_BR"); c.sq = 140; c.sk = 60; c.causal = true; c.wl = 3; base.push_back(c);
+  // More than kDqSlots key blocks (10): the backward's dQ slots 0 and 1 take two column blocks
+  // each, and with this window the second one's first row block (rows 472-535 of key block 8)
+  // starts inside rows the first one (rows 0-543 of key block 0) wrote: the partly written block
+  // DqSlotRows zeroes before it accumulates.
+  c = make("wide_window_many_key_blocks"); c.b = 1; c.sq = 600; c.sk = 640; c.wl = 520; c.wr = 0; c.d = 16;
+  base.push_back(c);
   // Softcap, ALiBi, sinks.
   c = make("softcap"); c.softcap = 2.5; base.push_back(c);
   c = make("softcap_causal"); c.softcap = 1.5; c.causal = true; c.layout = Layout::kBHSD; base.push_back(c);
@@ -454,12 +460,15 @@ std::vector<FeatCase> feature_cases() {
     cases.push_back(f);
     ++i;
   }
-  for (const char* lbl : {"all_features", "softcap", "sink"})
+  const std::pair<const char*, DType> extra[] = {
+      {"all_features", DType::kFloat32}, {"softcap", DType::kFloat32}, {"sink", DType::kFloat32},
+      {"wide_window_many_key_blocks", DType::kFloat32}, {"wide_window_many_key_blocks", DType::kBFloat16}};
+  for (const auto& [lbl, dt] : extra)
     for (const FeatCase& b : base)
       if (b.label == lbl) {
         FeatCase f = b;
-        f.dt = DType::kFloat32;
-        f.label += "_f32";
+        f.dt = dt;
+        f.label += dt == DType::kFloat32 ? "_f32" : "_bf16";
         f.seed = seed++;
         cases.push_back(f);
       }

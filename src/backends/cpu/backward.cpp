@@ -7,9 +7,10 @@
 //          column block it recomputes P and dS tile by tile over every q head
 //          of the group and every row block, accumulates dV += P_drop^T dO,
 //          dK += dS^T Q in L1 (GQA's sum over the group inside one task) and
-//          dQ += dS K into its slot's own (g * sq x d) buffer;
+//          dQ += dS K into its slot's own (g * sq x d) buffer; a slot's rows are
+//          written by their first product, not zeroed ahead (DqSlotRows);
 //   pass 2, parallel over (pair, q head, row block): dQ = the sum of the G
-//          slot buffers in slot order.
+//          slot buffers in slot order, over the rows each slot wrote.
 // 5 tile GEMMs, deterministic for any thread count without atomics: G does
 // not depend on the thread count, each slot adds its column blocks in order.
 // (Until 2026-11-30 pass 2 recomputed P and dS per row block for dQ: 7 GEMMs,
@@ -60,6 +61,30 @@ struct PairStage {
   std::uint16_t* do16;   // (g * sq) x dvp row-major: A of dP
   std::uint16_t* qp16;   // per q head sqe rows pair-packed (g * sqe x dp): B of dK += dS^T Q
   std::uint16_t* dop16;  // same for dO: B of dV += P^T dO
+};
+
+// Which rows of one dQ slot (g * sq rows) hold partial sums. The slot buffer is not zeroed: the
+// first product into a row block writes it (the GEMM's accumulate = false), and pass 2 skips
+// rows a slot never wrote. Zeroing every slot ahead took ~4 % of the fp32 backward (perf, b1 h4
+// s1k d64, one thread, session 59). The products and their order are those of zeroed slots, so
+// the sums are the same bits (a zero's sign aside).
+struct DqSlotRows {
+  std::uint8_t* written;  // g * sq flags, 1: the row holds a partial sum
+
+  // Before a product into rows [r0, r0 + rows) of the slot (dq: row r0, dp wide): whether it must
+  // accumulate. Rows of a partly written block are zeroed first, then every row counts as written.
+  template <class T>
+  bool prepare(T* dq, std::int64_t r0, int rows, int dp) const {
+    std::uint8_t* w = written + r0;
+    int n = 0;
+    for (int r = 0; r < rows; ++r) n += w[r];
+    if (n == rows) return true;
+    if (n != 0)
+      for (int r = 0; r < rows; ++r)
+        if (!w[r]) std::fill(dq + std::int64_t(r) * dp, dq + std::int64_t(r + 1) * dp, T(0));
+    std::fill(w, w + rows, std::uint8_t(1));
+    return n != 0;
+  }
 };
 
 template <class T>
@@ -147,7 +172,7 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
 // Pass 1: dK, dV of kv head `kh`, columns [j0, j0 + kBlockN) of sequence bi.
 template <class T>
 void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st, int bi, int kh,
-                std::int64_t j0, T* dq_slot, BwdScratch<T>& w) {
+                std::int64_t j0, T* dq_slot, const DqSlotRows& dq_rows, BwdScratch<T>& w) {
   const SeqSpan span = seq_span(p, bi);
   if (j0 >= span.len_k) return;  // varlen: a shorter sequence
   const int dp = geo.dp, dvp = geo.dvp;
@@ -182,8 +207,9 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
           gemm_bf16(kBlockN, dp, kp, w.t16.data(), 2, 2 * kBlockN, st.qp16 + re * dp, 2 * dp, dk,
                     dp, true);
           to_bf16_rows(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), kBlockN);
-          gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp,
-                    dq_slot + (std::int64_t(gi) * p.sq + i0) * dp, dp, true);
+          T* dq = dq_slot + (std::int64_t(gi) * p.sq + i0) * dp;
+          gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp, dq, dp,
+                    dq_rows.prepare(dq, std::int64_t(gi) * p.sq + i0, rows, dp));
           continue;
         }
       }
@@ -191,7 +217,8 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
       // The tiles are rows x kBlockN; read them as their transposes.
       gemm_tn(kBlockN, dvp, rows, w.s.data(), kBlockN, st.dout + ro * dvp, dvp, dv, dvp, true);
       gemm_tn(kBlockN, dp, rows, w.dp_.data(), kBlockN, st.q + ro * dp, dp, dk, dp, true);
-      gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq_slot + ro * dp, dp, true);
+      gemm(rows, dp, kBlockN, w.dp_.data(), kBlockN, st.k + j0 * dp, dp, dq_slot + ro * dp, dp,
+           dq_rows.prepare(dq_slot + ro * dp, ro, rows, dp));
     }
   }
   const int ncols = static_cast<int>(std::min<std::int64_t>(kBlockN, span.len_k - j0));
@@ -206,10 +233,11 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
 }
 
 // Pass 2: dQ of q head h = kh * g + gi, rows [i0, i0 + kBlockM) of sequence
-// bi: the sum of the pair's `slots` dQ slot buffers, in slot order.
+// bi: the sum of the pair's `slots` dQ slot buffers, in slot order, over the rows each slot
+// wrote (dq_written: slots x g * sq flags, DqSlotRows); a row no slot wrote is 0.
 template <class T>
-void dq_reduce(const BwdParams& p, const Geometry& geo, const T* dq_slots, int slots, int bi,
-               int kh, int gi, std::int64_t i0) {
+void dq_reduce(const BwdParams& p, const Geometry& geo, const T* dq_slots, const std::uint8_t* dq_written,
+               int slots, int bi, int kh, int gi, std::int64_t i0) {
   const SeqSpan span = seq_span(p, bi);
   if (i0 >= span.len_q) return;  // varlen: a shorter sequence
   const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, span.len_q - i0));
@@ -218,13 +246,22 @@ void dq_reduce(const BwdParams& p, const Geometry& geo, const T* dq_slots, int s
   const std::size_t slot_elems = std::size_t(geo.g) * p.sq * dp;
   const T scale = softmax_scale<T>(p);
   T row[4096 + kGemmNMultiple];  // dp <= the CPU backend's max head dim, padded
+  const std::size_t slot_rows = std::size_t(geo.g) * p.sq;
   for (int r = 0; r < rows; ++r) {
-    const T* src = dq_slots + (std::int64_t(gi) * p.sq + i0 + r) * dp;
-    std::copy_n(src, dp, row);
-    for (int sl = 1; sl < slots; ++sl) {
+    const std::int64_t ri = std::int64_t(gi) * p.sq + i0 + r;
+    const T* src = dq_slots + ri * dp;
+    bool any = false;
+    for (int sl = 0; sl < slots; ++sl) {
+      if (!dq_written[sl * slot_rows + ri]) continue;
       const T* o = src + sl * slot_elems;
-      for (int c = 0; c < dp; ++c) row[c] += o[c];
+      if (any) {
+        for (int c = 0; c < dp; ++c) row[c] += o[c];
+      } else {
+        std::copy_n(o, dp, row);
+        any = true;
+      }
     }
+    if (!any) std::fill(row, row + dp, T(0));
     if (p.dq_accum != nullptr) {  // the caller's fp32 accumulator (params.h): add dQ / scale, row-major
       float* acc = p.dq_accum + bi * p.dq_accum_batch_stride + h * p.dq_accum_head_stride +
                    (i0 + r) * ((geo.d + 7) / 8 * 8);
@@ -323,10 +360,14 @@ void backward_impl(const BwdParams& p) {
       npairs);
   // Not zeroed (was: value-initialised vectors, a single-threaded memset of up
   // to the whole stage budget per call): staging writes every element the
-  // passes read, pass 1 zeroes each dQ slot (stage_buffer.h; poison-tested).
+  // passes read, pass 2 reads only the dQ slot rows pass 1 wrote (DqSlotRows;
+  // stage_buffer.h; poison-tested).
   const StageBuffer stage_buf(StageSlot::kBackward, std::size_t(chunk) * pair_elems * sizeof(T));
   const StageBuffer stage16_buf(StageSlot::kBackward16, std::size_t(chunk) * pair_elems16 * 2);
   T* const stage = stage_buf.as<T>();
+  // The dQ slots' written-row flags (DqSlotRows), per pair of a chunk: slots x g * sq.
+  const std::size_t flags_per_pair = std::size_t(slots) * g * p.sq;
+  std::vector<std::uint8_t> dq_written(std::size_t(chunk) * flags_per_pair);
   std::uint16_t* const stage16 = stage16_buf.as<std::uint16_t>();
   auto pair_stage = [&](std::int64_t local) {
     PairStage<T> s{};
@@ -427,10 +468,11 @@ void backward_impl(const BwdParams& p) {
         const std::int64_t pair = pair0 + local;
         const PairStage<T> st = pair_stage(local);
         T* dq_slot = st.dq_slots + slot * slot_elems;
-        std::fill(dq_slot, dq_slot + slot_elems, T(0));
+        const DqSlotRows dq_rows{dq_written.data() + local * flags_per_pair + slot * std::size_t(g) * p.sq};
+        std::fill(dq_rows.written, dq_rows.written + std::size_t(g) * p.sq, std::uint8_t(0));
         for (std::int64_t cb = slot; cb < ncb; cb += slots)
           dkdv_block(p, geo, st, static_cast<int>(pair / p.hkv), static_cast<int>(pair % p.hkv),
-                     cb * kBlockN, dq_slot, w);
+                     cb * kBlockN, dq_slot, dq_rows, w);
       }
     });
     // Pass 2 reads every slot of pass 1: a second job (run_parallel returns
@@ -441,8 +483,8 @@ void backward_impl(const BwdParams& p) {
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;
         const std::int64_t pair = pair0 + local;
-        dq_reduce(p, geo, pair_stage(local).dq_slots, slots, static_cast<int>(pair / p.hkv),
-                  static_cast<int>(pair % p.hkv), gi, i0);
+        dq_reduce(p, geo, pair_stage(local).dq_slots, dq_written.data() + local * flags_per_pair, slots,
+                  static_cast<int>(pair / p.hkv), static_cast<int>(pair % p.hkv), gi, i0);
       }
     });
   }
