@@ -12,7 +12,7 @@
 //     `every` FMA groups), which is what a mixed kernel does.
 // If AMX lowers the core clock, the chain's ticks per add rise after the AMX
 // burst and the interleaved FMA loop loses more than the AMX work it adds.
-//   g++ -O2 -mavx512f -mamx-tile -mamx-bf16 dev/cpu_amx_clock_probe.cpp -o /tmp/amx_clock
+//   g++ -O2 -std=c++17 -mavx512f -mamx-tile -mamx-bf16 dev/cpu_amx_clock_probe.cpp -o /tmp/amx_clock
 //   /tmp/amx_clock
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -59,45 +59,28 @@ void amx_burst(long n) {
   }
 }
 
-// `groups` x 12 independent FMAs (inline asm: as intrinsics the compiler spilled
-// them or merged the equal chains); every `every` groups (0: never) one tdpbf16ps.
-// Returns TSC ticks per FMA instruction.
+// 12 independent FMAs on registers of width R ("zmm" or "ymm"): inline asm, because as
+// intrinsics the compiler spilled the chains or merged them (equal inputs).
+#define FMA_OP(R, N) "vfmadd231ps %%" R "30, %%" R "31, %%" R #N "\n\t"
+#define FMA_GROUP(R)                                                                              \
+  asm volatile(FMA_OP(R, 0) FMA_OP(R, 1) FMA_OP(R, 2) FMA_OP(R, 3) FMA_OP(R, 4) FMA_OP(R, 5)    \
+                   FMA_OP(R, 6) FMA_OP(R, 7) FMA_OP(R, 8) FMA_OP(R, 9) FMA_OP(R, 10) FMA_OP(R, 11) \
+               ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",  \
+               "xmm10", "xmm11")
+
+// `groups` x 12 independent FMAs, 512-bit or (kYmm) 256-bit (AVX2 width: a lighter power
+// licence on Intel cores); every `every` groups (0: never) one tdpbf16ps. Returns TSC ticks
+// per FMA instruction.
+template <bool kYmm>
 double fma_loop(long groups, long every) {
   const long inner = every ? every : groups, outer = groups / inner;
   const std::uint64_t t0 = __rdtsc();
   for (long o = 0; o < outer; ++o) {
     for (long g = 0; g < inner; ++g) {
-      asm volatile(
-          "vfmadd231ps %%zmm30, %%zmm31, %%zmm0\n\tvfmadd231ps %%zmm30, %%zmm31, %%zmm1\n\t"
-          "vfmadd231ps %%zmm30, %%zmm31, %%zmm2\n\tvfmadd231ps %%zmm30, %%zmm31, %%zmm3\n\t"
-          "vfmadd231ps %%zmm30, %%zmm31, %%zmm4\n\tvfmadd231ps %%zmm30, %%zmm31, %%zmm5\n\t"
-          "vfmadd231ps %%zmm30, %%zmm31, %%zmm6\n\tvfmadd231ps %%zmm30, %%zmm31, %%zmm7\n\t"
-          "vfmadd231ps %%zmm30, %%zmm31, %%zmm8\n\tvfmadd231ps %%zmm30, %%zmm31, %%zmm9\n\t"
-          "vfmadd231ps %%zmm30, %%zmm31, %%zmm10\n\tvfmadd231ps %%zmm30, %%zmm31, %%zmm11\n\t"
-          ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-          "xmm10", "xmm11");
-    }
-    if (every) _tile_dpbf16ps(0, 4, 5);
-  }
-  const std::uint64_t t1 = __rdtsc();
-  return double(t1 - t0) / double(outer * inner * 12);
-}
-
-// The same with 256-bit FMAs (AVX2 width: a lighter power licence on Intel cores).
-double fma_loop_ymm(long groups, long every) {
-  const long inner = every ? every : groups, outer = groups / inner;
-  const std::uint64_t t0 = __rdtsc();
-  for (long o = 0; o < outer; ++o) {
-    for (long g = 0; g < inner; ++g) {
-      asm volatile(
-          "vfmadd231ps %%ymm30, %%ymm31, %%ymm0\n\tvfmadd231ps %%ymm30, %%ymm31, %%ymm1\n\t"
-          "vfmadd231ps %%ymm30, %%ymm31, %%ymm2\n\tvfmadd231ps %%ymm30, %%ymm31, %%ymm3\n\t"
-          "vfmadd231ps %%ymm30, %%ymm31, %%ymm4\n\tvfmadd231ps %%ymm30, %%ymm31, %%ymm5\n\t"
-          "vfmadd231ps %%ymm30, %%ymm31, %%ymm6\n\tvfmadd231ps %%ymm30, %%ymm31, %%ymm7\n\t"
-          "vfmadd231ps %%ymm30, %%ymm31, %%ymm8\n\tvfmadd231ps %%ymm30, %%ymm31, %%ymm9\n\t"
-          "vfmadd231ps %%ymm30, %%ymm31, %%ymm10\n\tvfmadd231ps %%ymm30, %%ymm31, %%ymm11\n\t"
-          ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-          "xmm10", "xmm11");
+      if constexpr (kYmm)
+        FMA_GROUP("ymm");
+      else
+        FMA_GROUP("zmm");
     }
     if (every) _tile_dpbf16ps(0, 4, 5);
   }
@@ -150,23 +133,23 @@ int main() {
   std::printf("  right after an AMX burst %.3f\n",
               min_of(trials, [&] { amx_burst(burst); return add_chain(chain); }));
   std::printf("  right after an AVX-512 FMA burst %.3f\n",
-              min_of(trials, [&] { fma_loop(fma_groups, 0); return add_chain(chain); }));
+              min_of(trials, [&] { fma_loop<false>(fma_groups, 0); return add_chain(chain); }));
   std::printf("AMX alone: %.2f ticks per tdpbf16ps\n",
               min_of(trials, [&] { return amx_ticks_per_product(burst); }));
-  const double pure = min_of(trials, [&] { return fma_loop(fma_groups, 0); });
+  const double pure = min_of(trials, [&] { return fma_loop<false>(fma_groups, 0); });
   std::printf("AVX-512 FMAs alone: %.3f ticks per FMA\n", pure);
   std::printf("  right after an AMX burst: %.3f\n",
-              min_of(trials, [&] { amx_burst(burst); return fma_loop(fma_groups, 0); }));
+              min_of(trials, [&] { amx_burst(burst); return fma_loop<false>(fma_groups, 0); }));
   std::printf("AVX-512 FMAs with one tdpbf16ps per N x 12 FMAs (extra = ticks added per tdpbf16ps):\n");
   for (long every : {65536L, 8192L, 1024L, 256L, 64L, 16L, 4L, 1L}) {
-    const double mixed = min_of(trials, [&] { return fma_loop(fma_groups, every); });
+    const double mixed = min_of(trials, [&] { return fma_loop<false>(fma_groups, every); });
     std::printf("  N %5ld: %.3f ticks per FMA, extra %.0f\n", every, mixed,
                 (mixed - pure) * double(every * 12));
   }
-  const double pure_y = min_of(trials, [&] { return fma_loop_ymm(fma_groups, 0); });
+  const double pure_y = min_of(trials, [&] { return fma_loop<true>(fma_groups, 0); });
   std::printf("256-bit FMAs alone: %.3f ticks per FMA; with one tdpbf16ps per N x 12:\n", pure_y);
   for (long every : {8192L, 1024L, 256L, 64L, 16L, 4L}) {
-    const double mixed = min_of(trials, [&] { return fma_loop_ymm(fma_groups, every); });
+    const double mixed = min_of(trials, [&] { return fma_loop<true>(fma_groups, every); });
     std::printf("  N %5ld: %.3f ticks per FMA, extra %.0f\n", every, mixed,
                 (mixed - pure_y) * double(every * 12));
   }
@@ -179,7 +162,7 @@ int main() {
       const long rounds = 2'000'000 / (n + m);
       const double per_round = min_of(trials, [&] {
         const std::uint64_t t0 = __rdtsc();
-        for (long r = 0; r < rounds; ++r) { amx_burst(m / 4); fma_loop(n, 0); }
+        for (long r = 0; r < rounds; ++r) { amx_burst(m / 4); fma_loop<false>(n, 0); }
         return double(__rdtsc() - t0) / double(rounds);
       });
       const double alone = double(m) * amx_pure + double(n * 12) * pure;
