@@ -53,10 +53,10 @@ ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
 // those measured faster than the sm80 kernels (bench/sm90_dropout_bench.py, H100, s2k / s8k). Session
 // 56 ([G56]): forward d128 1.16-1.30x, d256 1.18-1.43x; forward + backward d64 1.08-1.12x, d128
 // 1.26-1.31x. Session 57 ([G57]): d192 forward 1.27-1.39x, forward + backward 1.37-1.40x; d256
-// backward (forward + backward, both forwards on sm90) 1.23-1.42x. Not yet timed: the d96 backward
-// (ORCHARD_SM90_DROPOUT=1 runs it).
+// backward (forward + backward, both forwards on sm90) 1.23-1.42x. Session 59 ([G59]): d96 forward +
+// backward 1.21-1.27x (the forward on the sm80 kernels either way). So every backward bucket.
 ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int bucket, bool backward) {
-  return backward ? bucket != 96 : bucket >= 128;
+  return backward || bucket >= 128;
 }
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
