@@ -95,6 +95,8 @@ std::vector<std::uint16_t> packed_b_planes(const std::vector<float>& b, int k, i
 }
 
 TEST(CpuSplitBf16x3, GemmIsAsAccurateAsFp32) {
+  // gemm_bf16x3_panels runs on gemm_bf16's kernels, which need AVX512_BF16 (cpu_gemm_bf16_test's rule).
+  if (!bf16_dot_available()) GTEST_SKIP() << "this CPU has no AVX512_BF16";
   std::mt19937 rng(9);
   std::normal_distribution<float> nd(0.f, 1.f);
   int amx_cases = 0;
