@@ -194,6 +194,7 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
       const int rows = static_cast<int>(std::min<std::int64_t>(kBlockM, rows_seen.end - i0));
       if (bool_mask_hides_tile(mods, i0, rows, j0, tile_cols)) continue;
       recompute_tile(p, geo, st, span, mods, bi, h, gi, i0, rows, j0, w);
+      const std::int64_t ro = std::int64_t(gi) * p.sq + i0;  // the rows' offset in Q, dO and the dQ slot
       if constexpr (sizeof(T) == 4) {
         if (geo.bf16) {
           // P^T dO and dS^T Q over (rows + 1) / 2 row pairs; an odd block's
@@ -207,13 +208,11 @@ void dkdv_block(const BwdParams& p, const Geometry& geo, const PairStage<T>& st,
           gemm_bf16(kBlockN, dp, kp, w.t16.data(), 2, 2 * kBlockN, st.qp16 + re * dp, 2 * dp, dk,
                     dp, true);
           to_bf16_rows(w.dp_.data(), kBlockN, rows, kBlockN, w.t16.data(), kBlockN);
-          T* dq = dq_slot + (std::int64_t(gi) * p.sq + i0) * dp;
-          gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp, dq, dp,
-                    dq_rows.prepare(dq, std::int64_t(gi) * p.sq + i0, rows, dp));
+          gemm_bf16(rows, dp, kBlockN / 2, w.t16.data(), kBlockN, 2, st.kp16 + j0 * dp, 2 * dp,
+                    dq_slot + ro * dp, dp, dq_rows.prepare(dq_slot + ro * dp, ro, rows, dp));
           continue;
         }
       }
-      const std::int64_t ro = std::int64_t(gi) * p.sq + i0;
       // The tiles are rows x kBlockN; read them as their transposes.
       gemm_tn(kBlockN, dvp, rows, w.s.data(), kBlockN, st.dout + ro * dvp, dvp, dv, dvp, true);
       gemm_tn(kBlockN, dp, rows, w.dp_.data(), kBlockN, st.q + ro * dp, dp, dk, dp, true);
@@ -365,14 +364,12 @@ void backward_impl(const BwdParams& p) {
   const StageBuffer stage_buf(StageSlot::kBackward, std::size_t(chunk) * pair_elems * sizeof(T));
   const StageBuffer stage16_buf(StageSlot::kBackward16, std::size_t(chunk) * pair_elems16 * 2);
   T* const stage = stage_buf.as<T>();
-  // The dQ slots' written-row flags (DqSlotRows), per pair of a chunk: slots x g * sq. Kept
-  // between calls (pass 1 clears each slot's flags): a fresh vector past glibc's mmap threshold
-  // paid its page faults in every call (clear_page 1.5 % of b1 s1k d64 in perf).
+  // The dQ slots' written-row flags (DqSlotRows), per pair of a chunk: slots x g * sq; pass 1
+  // clears each slot's flags. A fresh vector per call (past glibc's mmap threshold) paid its page
+  // faults in every call: clear_page 1.5 % of b1 s1k d64 in perf.
   const std::size_t flags_per_pair = std::size_t(slots) * g * p.sq;
-  // (The tasks below run on other threads: they take the calling thread's buffer by pointer.)
-  thread_local std::vector<std::uint8_t> t_dq_written;
-  if (t_dq_written.size() < std::size_t(chunk) * flags_per_pair) t_dq_written.resize(std::size_t(chunk) * flags_per_pair);
-  std::uint8_t* const dq_written = t_dq_written.data();
+  const StageBuffer dq_rows_buf(StageSlot::kBackwardDqRows, std::size_t(chunk) * flags_per_pair);
+  std::uint8_t* const dq_written = dq_rows_buf.as<std::uint8_t>();
   std::uint16_t* const stage16 = stage16_buf.as<std::uint16_t>();
   auto pair_stage = [&](std::int64_t local) {
     PairStage<T> s{};

@@ -1,5 +1,5 @@
 // Per-thread, grow-only buffers for a call's staged K / V (and the backward's
-// Q, dO, dQ slots). Allocated and freed per call, glibc handed the pages back
+// Q, dO, dQ slots and their written-row flags). Allocated and freed per call, glibc handed the pages back
 // and the next call faulted them in again whenever the call alternated with
 // torch's: 480-2016 minor faults per call at s512-2k (getrusage around 50
 // calls, 2 threads, Zen 4 box; ~0 faults per call back to back). Buffers up to
@@ -9,7 +9,7 @@
 // (34 MB: its dQ slots) was fresh memory on every call, ~8000 page faults, and
 // keeping it ran that backward 1.26x faster (s2k d128: bf16 1.16x, fp32 1.07x;
 // session 18, 2 threads). The price: a thread that ran a large call holds up to
-// 3 x 64 MiB until it exits.
+// 3 x 64 MiB (and the dQ row flags, 1 / (4 dp) of the dQ slots) until it exits.
 //
 // The buffers start on a cache line (cache_aligned.h): the AMX tiles read staged K / V in
 // 64-byte rows.
@@ -29,7 +29,7 @@
 
 namespace orchard::cpu {
 
-enum class StageSlot { kForward = 0, kBackward = 1, kBackward16 = 2, kCount = 3 };
+enum class StageSlot { kForward = 0, kBackward = 1, kBackward16 = 2, kBackwardDqRows = 3, kCount = 4 };
 
 class StageBuffer {
  public:
