@@ -202,13 +202,17 @@ void run_logged(const char* direction, const BackendOps& be, const FwdParams& p,
   }
   const long long call = next_call_number();
   const bool synced_before = be.synchronize(p.stream);
+  if (be.trace_begin) be.trace_begin();
   const auto t0 = std::chrono::steady_clock::now();
   kernel();
   const bool synced_after = synced_before && be.synchronize(p.stream);
   const auto t1 = std::chrono::steady_clock::now();
+  const std::string trace = be.trace_end ? be.trace_end() : std::string();
   LogLine line;
   line << direction << " #" << call << " op=" << op << " " << problem_summary(p) << " backend=" << be.name
-       << " variant=" << be.variant_name(p, backward) << " staged=" << staged << " elapsed_ms=";
+       << " variant=" << be.variant_name(p, backward) << " staged=" << staged;
+  if (!trace.empty()) line << " " << trace;  // before elapsed_ms, which ends every line
+  line << " elapsed_ms=";
   if (synced_after) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.4f", std::chrono::duration<double, std::milli>(t1 - t0).count());

@@ -60,6 +60,10 @@ struct BackendOps {
   // Blocks until work queued on `stream` is done (for timing in the debug
   // log); returns false if it cannot (e.g. during CUDA-graph capture).
   bool (*synchronize)(void* stream);
+  // Optional (nullptr: none). With the debug log on, called around each kernel call on the calling
+  // thread: the CPU backend records its parallel regions and returns them as extra log fields.
+  void (*trace_begin)();
+  std::string (*trace_end)();
 };
 
 // Always available.

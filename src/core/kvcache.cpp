@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/decode_backend.h"
 #include "core/logging.h"
 #include "core/validation.h"
@@ -493,13 +494,17 @@ void run(const DecodeArgs& a) {
     return;
   }
   const long long call = next_call_number();
+  const BackendOps& cpu = cpu_backend();  // its region trace (the CPU decode runs on its loops)
+  if (!s.cuda) cpu.trace_begin();
   const auto t0 = std::chrono::steady_clock::now();
   kernel();
   const auto t1 = std::chrono::steady_clock::now();
+  const std::string trace = s.cuda ? std::string() : cpu.trace_end();
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.4f", std::chrono::duration<double, std::milli>(t1 - t0).count());
   debug_log_line(std::string("DECODE #") + std::to_string(call) + " op=" + op + " " + summary(p) +
-                 " backend=" + (s.cuda ? "cuda" : "cpu") + " staged=0 host_ms=" + buf);
+                 " backend=" + (s.cuda ? "cuda" : "cpu") + " staged=0" + (trace.empty() ? "" : " ") + trace +
+                 " host_ms=" + buf);
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <string>
 #include <cstdlib>
 #include <mutex>
 #include <set>
@@ -148,6 +150,37 @@ TEST_F(TaskPool, OpenMPWholeTeam) {
   }
   EXPECT_TRUE(nested_ok.load());
 #endif
+}
+
+// The debug log's region trace (region_trace_begin / _end): one entry per region the calling
+// thread started, in order, with its tasks, team and times; a region nested in a traced one and
+// regions after the end are not recorded. Both the pool and OpenMP (the default).
+TEST_F(TaskPool, RegionTraceRecordsEachRegion) {
+  for (const char* pool : {"1", "0"}) {
+    setenv("ORCHARD_CPU_POOL", pool, 1);
+    cpu::region_trace_begin();
+    run_parallel(8, [&](int, TaskQueue& tasks) {
+      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+        run_parallel(4, [](int, TaskQueue& inner) { while (inner.next() >= 0) {} });  // nested: not recorded
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+    });
+    run_parallel(1, [](int, TaskQueue& tasks) { while (tasks.next() >= 0) {} });
+    const std::string trace = cpu::region_trace_end();
+    EXPECT_EQ(trace.rfind("cpu_regions=2 ", 0), 0u) << trace;
+    const std::size_t first = trace.find("[tasks=8 team="), second = trace.find("[tasks=1 team=1 ");
+    ASSERT_NE(first, std::string::npos) << trace;
+    ASSERT_NE(second, std::string::npos) << trace;
+    EXPECT_LT(first, second) << trace;
+    // Region 1: 8 tasks of >= 2 ms over at most 4 threads, so some thread was busy >= 4 ms.
+    const std::size_t busy = trace.find("busy_us=", first);
+    ASSERT_LT(busy, second) << trace;
+    const std::size_t slash = trace.find('/', busy);
+    EXPECT_GE(std::stod(trace.substr(slash + 1)), 4000.0) << trace;
+    EXPECT_GE(std::stod(trace.substr(trace.find("wall_us=", first) + 8)), 4000.0) << trace;
+    run_parallel(3, [](int, TaskQueue& tasks) { while (tasks.next() >= 0) {} });
+    EXPECT_EQ(cpu::region_trace_end(), "") << "a region after the end was recorded";
+  }
 }
 
 TEST_F(TaskPool, ForkedChildFinishes) {

@@ -60,9 +60,12 @@ std::string variant_name(const FwdParams& p, bool backward) {
                                                                  : "fp32";
   // Few query rows per kv head: the decode kernel (few_rows_forward.h), fp32 arithmetic.
   const bool decode_kernel = !backward && cpu::forward_takes_decode_kernel(p);
+  // The forward names the tiles and operands it picks (cpu::forward_variant); the backward runs
+  // kBlockM x kBlockN tiles.
   std::string name = decode_kernel ? std::string("cpu_fwd_fp32_decode_kernel")
-                                   : std::string("cpu_") + (backward ? "bwd_" : "fwd_") + prec + "_tiled_br" +
-                                         std::to_string(cpu::kBlockM) + "_bc" + std::to_string(cpu::kBlockN);
+                     : backward    ? std::string("cpu_bwd_") + prec + "_tiled_br" + std::to_string(cpu::kBlockM) +
+                                      "_bc" + std::to_string(cpu::kBlockN)
+                                   : "cpu_fwd_" + cpu::forward_variant(p);
   if (p.causal) name += "_causal";
   if (p.window_left >= 0 || (!p.causal && p.window_right >= 0)) name += "_window";
   if (p.softcap > 0.0f || p.softcap_f64 > 0.0) name += "_softcap";
@@ -127,6 +130,8 @@ constexpr BackendOps kCpuOps{
     &copy_strided,
     &fill_row_tail,
     &synchronize,
+    &cpu::region_trace_begin,
+    &cpu::region_trace_end,
 };
 
 }  // namespace
@@ -136,7 +141,9 @@ const BackendOps& cpu_backend() { return kCpuOps; }
 std::string cpu_kernel_features() {
   std::string s;
   const auto add = [&s](bool on, const char* name) {
-    if (on) s += (s.empty() ? "" : " ") + std::string(name);
+    if (!on) return;
+    if (!s.empty()) s += ' ';  // (appending, not `" " + name`: g++ 12 -Wrestrict false positive)
+    s += name;
   };
   add(cpu::cpu_has_avx2_fma(), "avx2-fma");
   add(cpu::cpu_has_avx512(), "avx512");

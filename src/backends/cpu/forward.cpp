@@ -281,9 +281,9 @@ void zero_varlen_mask_padding(const FwdParams& p) {
   }
 }
 
+// The operands and tiles of the forward of p (normalized) in compute type T.
 template <class T>
-void forward_impl(const FwdParams& p) {
-  if (p.b == 0 || p.hq == 0 || p.sq == 0) return;
+FwdGeometry forward_geometry(const FwdParams& p) {
   FwdGeometry geo;
   geo.dp = static_cast<int>(round_up(p.d, kGemmNMultiple));
   geo.dvp = static_cast<int>(round_up(p.d_v, kGemmNMultiple));
@@ -302,19 +302,28 @@ void forward_impl(const FwdParams& p) {
   }
   // Keys that fit one kBlockN tile: the wider AVX-512 fp32 tile would be half padding.
   if (!geo.bf16_operands() && geo.bn > kBlockN && p.sk <= kBlockN && g_fp32_fwd_block_n == 0) geo.bn = kBlockN;
-  const int g = p.hq / p.hkv;
-  const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
+  const std::int64_t tasks_per_block_row = std::int64_t(p.b) * p.hq;  // (batch, query head) pairs
   const std::int64_t nthreads = cpu_threads();
   // Fewer row blocks than threads (a tiny call: b1 h1 s64 on 2 threads has one): kFp32SmallBlockM-row
   // tasks, so that more threads take part.
-  if (!geo.bf16_operands() && npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < nthreads) geo.bm = kFp32SmallBlockM;
+  if (!geo.bf16_operands() && tasks_per_block_row * ((p.sq + geo.bm - 1) / geo.bm) < nthreads) geo.bm = kFp32SmallBlockM;
   // Few tasks for the threads (b1 h8 s512 on 16 threads: 32 of 128 rows):
   // 64-row tasks. The tile A/B on the 16-core AMX host (bench/RESULTS.md,
   // orchard alone) had 64 x 256 at 0.42 / 0.64 ms vs 128 x 256 at 0.45 / 0.67
   // (s512 d64 / d128) and 128 rows ahead from s2k (4+ tasks per thread).
   if (geo.bf16_operands() && bf16_fwd_block_m_is_default() &&
-      npairs * g * ((p.sq + geo.bm - 1) / geo.bm) < 4 * nthreads)
+      tasks_per_block_row * ((p.sq + geo.bm - 1) / geo.bm) < 4 * nthreads)
     geo.bm = kAmxSmallBlockM;
+  return geo;
+}
+
+template <class T>
+void forward_impl(const FwdParams& p) {
+  if (p.b == 0 || p.hq == 0 || p.sq == 0) return;
+  FwdGeometry geo = forward_geometry<T>(p);
+  const int g = p.hq / p.hkv;
+  const std::int64_t npairs = std::int64_t(p.b) * p.hkv;
+  const std::int64_t nthreads = cpu_threads();
   const int dp = geo.dp, dvp = geo.dvp, bm = geo.bm, bn = geo.bn;
   const std::int64_t skp = round_up(p.sk, bn);  // sk is the longest sequence's under varlen
   const std::int64_t nrb = (p.sq + bm - 1) / bm;
@@ -430,6 +439,19 @@ void forward_impl(const FwdParams& p) {
 }
 
 }  // namespace
+
+std::string forward_variant(const FwdParams& params) {
+  std::string name;
+  with_compute_type(params, [&](const FwdParams& p, auto t) {
+    const FwdGeometry geo = forward_geometry<decltype(t)>(p);
+    name = p.dtype == DType::kFloat64 ? "fp64"
+           : geo.split3               ? "fp32split3amx"  // fp32 / fp16 on three bf16 planes
+           : geo.bf16                 ? (amx_available() ? "bf16amx" : "bf16dot")
+                                      : "fp32";
+    name += "_tiled_br" + std::to_string(geo.bm) + "_bc" + std::to_string(geo.bn);
+  });
+  return name;
+}
 
 void forward(const FwdParams& params) {
   if (forward_takes_decode_kernel(params)) return forward_on_decode_kernel(params);

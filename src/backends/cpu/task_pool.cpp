@@ -1,13 +1,16 @@
 // The worker pool behind run_parallel (task_pool.h says why it exists).
 #include "backends/cpu/task_pool.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include <pthread.h>
 
@@ -181,7 +184,82 @@ Team team_override(Team own) {
 
 bool pool_enabled() { return env_long("ORCHARD_CPU_POOL", 0) != 0; }  // opt-in: task_pool.h
 
+// One traced region (region_trace_begin): µs from its start at which each slot entered and left.
+using TraceClock = std::chrono::steady_clock;
+struct RegionRecord {
+  std::int64_t tasks = 0;
+  int team = 0;
+  TraceClock::time_point t0;
+  double wall_us = 0;
+  std::vector<double> enter_us, leave_us;  // per slot; -1: the slot never entered
+};
+
+struct RegionTrace {
+  TraceClock::time_point t0;
+  std::vector<RegionRecord> regions;
+};
+
+thread_local RegionTrace* t_trace = nullptr;  // the calling thread's open trace
+thread_local bool t_in_traced_region = false;  // a region nested in a traced one is not recorded
+
+double us_since(TraceClock::time_point t0) {
+  return std::chrono::duration<double, std::micro>(TraceClock::now() - t0).count();
+}
+
+// The participant wrapper of a traced region: times the slot's part.
+struct TracedCall {
+  detail::ParticipantFn fn;
+  void* ctx;
+  RegionRecord* rec;
+};
+
+void traced_participant(void* c, int slot, TaskQueue& tasks) {
+  auto* t = static_cast<TracedCall*>(c);
+  const double enter = us_since(t->rec->t0);
+  t->fn(t->ctx, slot, tasks);
+  t->rec->enter_us[slot] = enter;  // each slot is written by its own thread only
+  t->rec->leave_us[slot] = us_since(t->rec->t0);
+}
+
+// "median/max" of xs (not empty), in whole µs.
+std::string median_max(std::vector<double> xs) {
+  std::sort(xs.begin(), xs.end());
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.0f/%.0f", xs[xs.size() / 2], xs.back());
+  return buf;
+}
+
 }  // namespace
+
+void region_trace_begin() {
+  delete t_trace;
+  t_trace = new RegionTrace{TraceClock::now(), {}};
+}
+
+std::string region_trace_end() {
+  RegionTrace* tr = t_trace;
+  t_trace = nullptr;
+  if (!tr) return {};
+  double in_regions = 0;
+  std::string regions;
+  for (const RegionRecord& r : tr->regions) {
+    std::vector<double> start, busy;
+    for (std::size_t i = 0; i < r.enter_us.size(); ++i)
+      if (r.enter_us[i] >= 0) start.push_back(r.enter_us[i]), busy.push_back(r.leave_us[i] - r.enter_us[i]);
+    char head[96];
+    std::snprintf(head, sizeof head, " [tasks=%lld team=%d wall_us=%.0f", static_cast<long long>(r.tasks), r.team,
+                  r.wall_us);
+    regions += head;
+    if (!start.empty()) regions += " start_us=" + median_max(start) + " busy_us=" + median_max(busy);
+    regions += "]";
+    in_regions += r.wall_us;
+  }
+  char total[96];
+  std::snprintf(total, sizeof total, "cpu_regions=%zu cpu_region_us=%.0f cpu_outside_us=%.0f", tr->regions.size(),
+                in_regions, std::max(0.0, us_since(tr->t0) - in_regions));
+  delete tr;
+  return total + regions;
+}
 
 int cpu_threads() {
 #ifdef ORCHARD_WITH_OPENMP
@@ -192,11 +270,16 @@ int cpu_threads() {
 }
 
 namespace detail {
+namespace {
 
-void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team_kind, ParticipantFn fn, void* ctx) {
+// run_parallel_impl's region; returns the threads it started, the caller included.
+int run_region(std::int64_t ntasks, int max_threads, Team team_kind, ParticipantFn fn, void* ctx) {
   TaskQueue tasks(ntasks);
   const int nslots = static_cast<int>(std::min<std::int64_t>(std::max(max_threads, 1), ntasks));
-  if (nslots <= 1 || t_pool_thread) return fn(ctx, 0, tasks);
+  if (nslots <= 1 || t_pool_thread) {
+    fn(ctx, 0, tasks);
+    return 1;
+  }
   if (!pool_enabled()) {
 #ifdef ORCHARD_WITH_OPENMP
     // Team (task_pool.h): the whole team or one fitted to the tasks.
@@ -214,13 +297,17 @@ void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team_kind, Par
       }
     }
     if (error) std::rethrow_exception(error);
-    return;
+    return team;
 #else
-    return fn(ctx, 0, tasks);
+    fn(ctx, 0, tasks);
+    return 1;
 #endif
   }
   Pool& p = pool();
-  if (!p.try_acquire()) return fn(ctx, 0, tasks);  // another caller holds the pool
+  if (!p.try_acquire()) {  // another caller holds the pool
+    fn(ctx, 0, tasks);
+    return 1;
+  }
   Job job{fn, ctx, &tasks, nslots, {}, {}};
   try {
     p.run(job);
@@ -229,6 +316,32 @@ void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team_kind, Par
     throw;
   }
   p.release();
+  return nslots;
+}
+
+}  // namespace
+
+void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team_kind, ParticipantFn fn, void* ctx) {
+  if (!t_trace || t_in_traced_region) {
+    run_region(ntasks, max_threads, team_kind, fn, ctx);
+    return;
+  }
+  RegionRecord& rec = t_trace->regions.emplace_back();
+  rec.tasks = ntasks;
+  const std::size_t slots = static_cast<std::size_t>(std::max(max_threads, 1));
+  rec.enter_us.assign(slots, -1.0);
+  rec.leave_us.assign(slots, -1.0);
+  TracedCall traced{fn, ctx, &rec};
+  t_in_traced_region = true;
+  rec.t0 = TraceClock::now();
+  try {
+    rec.team = run_region(ntasks, max_threads, team_kind, &traced_participant, &traced);
+  } catch (...) {
+    t_in_traced_region = false;
+    throw;
+  }
+  rec.wall_us = us_since(rec.t0);
+  t_in_traced_region = false;
 }
 
 }  // namespace detail

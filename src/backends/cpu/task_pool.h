@@ -27,6 +27,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -67,6 +68,16 @@ namespace detail {
 using ParticipantFn = void (*)(void* ctx, int slot, TaskQueue& tasks);
 void run_parallel_impl(std::int64_t ntasks, int max_threads, Team team, ParticipantFn fn, void* ctx);
 }  // namespace detail
+
+// Region trace for the debug log (ORCHARD_DEBUG_FLASH_ATN=1, core/attention.cpp): between
+// region_trace_begin() and region_trace_end() the run_parallel calls this thread makes are timed,
+// and region_trace_end() returns them as log fields (regions, then one entry per region: tasks,
+// team, wall time, participants' start and busy times, median / max, µs from the region's start).
+// Where a call's time goes on many cores: threads that start late (wake-up), busy times that
+// differ (load balance), or time outside every region (serial set-up). Off, it costs one
+// thread_local read per region.
+void region_trace_begin();
+std::string region_trace_end();
 
 // Threads the CPU kernels use: OMP_NUM_THREADS / omp_set_num_threads as before
 // (omp_get_max_threads), 1 without OpenMP.
