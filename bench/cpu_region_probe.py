@@ -76,6 +76,9 @@ def describe(line):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="", help="comma-separated thread counts (default: OMP_NUM_THREADS)")
+    ap.add_argument("--points", default="", help="comma-separated indices into SHORT (default: all)")
+    ap.add_argument("--copy", action="store_true",
+                    help="also time torch's copy of each point's K and V into reused tensors (the staging's bytes)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--logged", type=int, default=9)
     a = ap.parse_args()
@@ -89,8 +92,14 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for threads in counts:
         torch.set_num_threads(threads)
-        for b, h, s, d, dtype, causal in SHORT:
+        points = [SHORT[int(i)] for i in a.points.split(",")] if a.points else SHORT
+        for b, h, s, d, dtype, causal in points:
             q, k, v = (torch.randn(b, h, s, d, dtype=dtype) for _ in range(3))
+            if a.copy:
+                k2, v2 = torch.empty_like(k), torch.empty_like(v)
+                t_copy = best_ms(lambda: (k2.copy_(k), v2.copy_(v)), a.reps)
+                mb = 2 * k.numel() * k.element_size() / 1e6
+                print(f"(torch copy of K and V, {mb:.1f} MB: {t_copy * 1e3:.0f} µs, {mb / t_copy:.1f} GB/s)")
             with torch.no_grad():
                 mine = lambda: orchard.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
                 theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731

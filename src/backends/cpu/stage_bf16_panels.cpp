@@ -96,21 +96,36 @@ void stage_v_pairs_bf16(const void* base, std::int64_t elem_offset, std::int64_t
 void stage_split3_panels(const void* base, DType dtype, std::int64_t elem_offset, std::int64_t row_stride,
                          int rows, int rows_pad, int d, int dpad, int block, bool transposed, std::uint16_t* dst,
                          int panel, std::int64_t plane_stride) {
+  // Where both AVX-512 stagers take the layout, they write only their own rows' words (no zero fill
+  // first), so the split runs 16 rows at a time: the fp32 rows and their planes (8 + 12 KB at d128)
+  // stay in L1 from the split to the packing, where a whole block's (128 + 192 KB) went to L2 between
+  // the passes. Elsewhere a block at a time (the tile_load.h stagers fill their whole block first).
+  bool by16 = false;
+#ifdef ORCHARD_STAGE_AVX512
+  by16 = cpu_has_avx512() && dpad % 32 == 0 && panel % 32 == 0 && block % panel == 0;
+#endif
+  const int step = by16 ? 16 : block;
   thread_local CacheAlignedVector<float> f32;
   thread_local CacheAlignedVector<std::uint16_t> planes;
-  const std::size_t tile = std::size_t(block) * dpad;
+  const std::size_t tile = std::size_t(step) * dpad;
   if (f32.size() < tile) f32.resize(tile), planes.resize(3 * tile);
-  for (int r0 = 0; r0 < rows_pad; r0 += block) {
-    const int n = std::clamp(rows - r0, 0, block);
-    load_rows(base, dtype, elem_offset + r0 * row_stride, row_stride, n, block, d, dpad, f32.data());
-    split_rows_bf16x3(f32.data(), dpad, block, dpad, planes.data(), dpad, std::int64_t(tile));
+  for (int r0 = 0; r0 < rows_pad; r0 += step) {
+    const int n = std::clamp(rows - r0, 0, step);
+    load_rows(base, dtype, elem_offset + r0 * row_stride, row_stride, n, step, d, dpad, f32.data());
+    split_rows_bf16x3(f32.data(), dpad, step, dpad, planes.data(), dpad, std::int64_t(tile));
+    // Row r0's first word in the staged layout (stage_kt_pairs_bf16's / stage_v_pairs_bf16's): its
+    // block, then its panel and lane (K^T) or its row pair (V) in that block.
+    const int r = r0 % block;
+    const std::int64_t at = std::int64_t(r0 - r) * dpad +
+                            (transposed ? std::int64_t(r / panel) * panel * dpad + 2 * (r % panel)
+                                        : std::int64_t(r / 2) * 2 * panel);
     for (int x = 0; x < 3; ++x) {
       const std::uint16_t* src = planes.data() + x * tile;
-      std::uint16_t* out = dst + x * plane_stride + std::int64_t(r0) * dpad;
+      std::uint16_t* out = dst + x * plane_stride + at;
       if (transposed)
-        stage_kt_pairs_bf16(src, 0, dpad, block, block, dpad, dpad, block, out, panel);
+        stage_kt_pairs_bf16(src, 0, dpad, step, step, dpad, dpad, block, out, panel);
       else
-        stage_v_pairs_bf16(src, 0, dpad, block, block, dpad, dpad, out, block, panel);
+        stage_v_pairs_bf16(src, 0, dpad, step, step, dpad, dpad, out, block, panel);
     }
   }
 }

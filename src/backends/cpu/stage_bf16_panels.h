@@ -20,8 +20,8 @@ void stage_v_pairs_bf16(const void* base, std::int64_t elem_offset, std::int64_t
 
 // The fp32 path on AMX (split_bf16x3.h): rows [0, rows) of K (transposed: K^T in stage_kt_pairs_bf16's
 // layout) or V (stage_v_pairs_bf16's) of any dtype, zero rows to rows_pad (a multiple of block), each
-// of the three bf16 planes of the split at dst + x * plane_stride. Goes through a block x dpad fp32
-// tile and its planes, thread-local.
+// of the three bf16 planes of the split at dst + x * plane_stride. Goes through an fp32 tile and its
+// planes, thread-local: 16 rows at a time where the AVX-512 stagers take the layout, else a block.
 void stage_split3_panels(const void* base, DType dtype, std::int64_t elem_offset, std::int64_t row_stride,
                          int rows, int rows_pad, int d, int dpad, int block, bool transposed, std::uint16_t* dst,
                          int panel, std::int64_t plane_stride);
