@@ -183,6 +183,45 @@ TEST_F(TaskPool, RegionTraceRecordsEachRegion) {
   }
 }
 
+// GroupedTasks: every task exactly once whichever slots take part (all, some, one; more slots
+// than groups or fewer, in turn or at once); slot s of n starts in group s * groups / n.
+TEST_F(TaskPool, GroupedTasksEveryTaskOnceHomeFirst) {
+  for (std::int64_t groups : {1, 3, 8, 20})
+    for (std::int64_t per : {1, 5})
+      for (int slots : {1, 4, 16})
+        for (int present : {1, 2, slots}) {
+          if (present > slots) continue;
+          cpu::GroupedTasks tasks(groups, per, slots);
+          ASSERT_EQ(tasks.size(), groups * per);
+          std::vector<int> hits(static_cast<std::size_t>(groups * per), 0);
+          for (int slot = 0; slot < present; ++slot) {  // one participant after another
+            std::int64_t visited = 0;
+            const std::int64_t first = tasks.next(slot, visited);
+            if (first < 0) continue;  // (the first participant drains every group)
+            if (slot == 0) EXPECT_EQ(first, 0);
+            ++hits[first];
+            for (std::int64_t t; (t = tasks.next(slot, visited)) >= 0;) ++hits[t];
+          }
+          for (int h : hits) ASSERT_EQ(h, 1) << groups << " " << per << " " << slots << " " << present;
+        }
+  // Homes: 16 slots over 8 groups, two slots each; 2 slots over 8 groups, groups 0 and 4.
+  cpu::GroupedTasks wide(8, 2, 16), narrow(8, 2, 2);
+  std::int64_t visited = 0;
+  EXPECT_EQ(wide.next(5, visited) / 2, 2);
+  visited = 0;
+  EXPECT_EQ(narrow.next(1, visited) / 2, 4);
+  // Concurrent participants, each task once.
+  for (const char* pool : {"1", "0"}) {
+    setenv("ORCHARD_CPU_POOL", pool, 1);
+    cpu::GroupedTasks tasks(5, 7);
+    std::vector<std::atomic<int>> hits(35);
+    run_parallel(tasks.size(), [&](int slot, TaskQueue&) {
+      for (std::int64_t t, seen = 0; (t = tasks.next(slot, seen)) >= 0;) hits[t].fetch_add(1);
+    }, cpu::Team::kWhole);
+    for (auto& h : hits) ASSERT_EQ(h.load(), 1) << pool;
+  }
+}
+
 TEST_F(TaskPool, ForkedChildFinishes) {
   ASSERT_TRUE(run_and_check(64));  // the parent has workers
   const pid_t pid = fork();

@@ -415,19 +415,22 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t piece =
         std::max(round_up((skp + want - 1) / want, bn), round_up(256, bn));
     const std::int64_t npieces = (skp + piece - 1) / piece;
-    run_parallel(2 * np * npieces, [&](int, TaskQueue& tasks) {
-      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+    // Both phases hand out a pair's tasks to the same threads first (GroupedTasks: the threads
+    // that stage a pair's K / V run its row blocks, call after call).
+    GroupedTasks stage_tasks(np, 2 * npieces);
+    run_parallel(stage_tasks.size(), [&](int slot, TaskQueue&) {
+      for (std::int64_t t, visited = 0; (t = stage_tasks.next(slot, visited)) >= 0;) {
         const std::int64_t local = t / (2 * npieces);
         const std::int64_t c0 = (t % npieces) * piece;
         stage_piece(pair0 + local, (t / npieces) % 2 == 0, c0, std::min(skp, c0 + piece),
                     base + local * pair_kt_bytes, base + v_offset + local * pair_v_bytes);
       }
     }, Team::kWhole);
-    const std::int64_t ntasks = np * g * nrb;
-    run_parallel(ntasks, [&](int, TaskQueue& tasks) {
+    GroupedTasks block_tasks(np, g * nrb);
+    run_parallel(block_tasks.size(), [&](int slot, TaskQueue&) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.planes(), !geo.bf16);
       const Bf16GemmScope amx_scope(geo.bf16_operands());  // AMX tile config for this thread's GEMMs
-      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+      for (std::int64_t t, visited = 0; (t = block_tasks.next(slot, visited)) >= 0;) {
         const std::int64_t local_pair = t / (g * nrb);
         // Last row blocks first: under a causal mask they are the longest
         // tasks, and dynamic scheduling balances best heaviest-first.

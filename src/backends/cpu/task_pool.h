@@ -24,6 +24,7 @@
 // depend on which thread ran a task.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -98,5 +99,41 @@ void run_parallel(std::int64_t ntasks, Body&& body, Team team = Team::kFitTasks)
   detail::run_parallel_impl(ntasks, cpu_threads(), team, tramp,
                             const_cast<void*>(static_cast<const void*>(std::addressof(body))));
 }
+
+// Tasks 0 .. groups * per_group - 1 in `groups` runs of per_group (task t is in group t / per_group),
+// for consecutive regions over the same data (the forward's K / V staging, then its row blocks):
+// a participant takes its home group's tasks first, then what is left of the next groups in turn.
+// The home of a slot is the same in every region (groups spread evenly over cpu_threads() slots), so
+// the threads that staged a (batch, kv head)'s K / V mostly run its row blocks too. With one shared
+// queue any thread read lines any other had written, and on the 16-core host rewriting those lines
+// in the next call's staging (held shared in up to 16 cores' caches) took 6-10x the time of the
+// same staging back to back (bench/RESULTS.md [C60]). Every task still runs exactly once, whichever
+// threads take part (a late or missing one's home group is drained by the others).
+class GroupedTasks {
+ public:
+  GroupedTasks(std::int64_t groups, std::int64_t per_group, int slots = cpu_threads())
+      : groups_(std::max<std::int64_t>(groups, 1)), per_(per_group), slots_(std::max(slots, 1)),
+        counters_(new Counter[static_cast<std::size_t>(groups_)]) {}
+  std::int64_t size() const { return groups_ * per_; }
+  // The next task for the participant at `slot`, -1 when none are left. `visited` (0 at the
+  // participant's start) counts the groups it has drained.
+  std::int64_t next(int slot, std::int64_t& visited) {
+    const std::int64_t home = std::int64_t(slot % slots_) * groups_ / slots_;
+    for (; visited < groups_; ++visited) {
+      const std::int64_t q = (home + visited) % groups_;
+      const std::int64_t i = counters_[q].next.fetch_add(1, std::memory_order_relaxed);
+      if (i < per_) return q * per_ + i;
+    }
+    return -1;
+  }
+
+ private:
+  struct alignas(64) Counter {  // one cache line each: the groups' threads do not share a line
+    std::atomic<std::int64_t> next{0};
+  };
+  std::int64_t groups_, per_;
+  int slots_;
+  std::unique_ptr<Counter[]> counters_;
+};
 
 }  // namespace orchard::cpu
