@@ -416,9 +416,12 @@ void backward_impl(const BwdParams& p) {
         std::max(round_up((skp + want - 1) / want, kBlockN), round_up(256, kBlockN));
     const std::int64_t nkv = (skp + kv_piece - 1) / kv_piece;
     const std::int64_t jobs_per_pair = 3 * nkv + g * nq;
-    run_parallel(np * jobs_per_pair, [&](int, TaskQueue& tasks) {
+    // The three phases hand out a pair's tasks to the same threads first (GroupedTasks, as the
+    // forward's: the threads that stage a pair's K / V / Q / dO mostly run its passes too).
+    GroupedTasks stage_tasks(np, jobs_per_pair);
+    run_parallel(stage_tasks.size(), [&](int thread_slot, TaskQueue&) {
       std::vector<T> orow(dvp), qrow(dp), dorow(dvp);
-      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+      for (std::int64_t t, visited = 0; (t = stage_tasks.next(thread_slot, visited)) >= 0;) {
         const std::int64_t local = t / jobs_per_pair;
         const std::int64_t job = t % jobs_per_pair;
         const std::int64_t pair = pair0 + local;
@@ -459,12 +462,11 @@ void backward_impl(const BwdParams& p) {
         }
       }
     });
-    const std::int64_t ntasks1 = np * slots;
-    const std::int64_t ntasks2 = np * g * nrb;
-    run_parallel(ntasks1, [&](int, TaskQueue& tasks) {
+    GroupedTasks pass1_tasks(np, slots), pass2_tasks(np, g * nrb);
+    run_parallel(pass1_tasks.size(), [&](int thread_slot, TaskQueue&) {
       BwdScratch<T> w(std::max(dp, dvp));
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
-      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+      for (std::int64_t t, visited = 0; (t = pass1_tasks.next(thread_slot, visited)) >= 0;) {
         const std::int64_t local = t / slots;
         const int slot = static_cast<int>(t % slots);
         const std::int64_t pair = pair0 + local;
@@ -479,8 +481,8 @@ void backward_impl(const BwdParams& p) {
     });
     // Pass 2 reads every slot of pass 1: a second job (run_parallel returns
     // only when all of pass 1's tasks have finished).
-    run_parallel(ntasks2, [&](int, TaskQueue& tasks) {
-      for (std::int64_t t; (t = tasks.next()) >= 0;) {
+    run_parallel(pass2_tasks.size(), [&](int thread_slot, TaskQueue&) {
+      for (std::int64_t t, visited = 0; (t = pass2_tasks.next(thread_slot, visited)) >= 0;) {
         const std::int64_t local = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;
