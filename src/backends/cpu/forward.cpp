@@ -375,23 +375,33 @@ void forward_impl(const FwdParams& p) {
                      b16 ? static_cast<const std::uint16_t*>(v_pair) : nullptr, bi, kh * g + gi, i0, rows, w);
   };
 
-  // One task per pair (one query head, one row block, a pair of at most kOwnStageMaxBytes): each task
-  // stages its own K / V into thread-local scratch and runs at once, one parallel region instead of
-  // two and the tiles still in the staging core's cache. 2-core AMX box, 2 threads, fp32 d64 s64
-  // (session 57, bench/RESULTS.md [C57]): b1 h8 0.060 -> 0.051 ms (orchard_cpu_bench), h2 / h4 / h8
-  // through Python 1.16-1.25x.
-  if (g == 1 && nrb == 1 && pair_bytes <= kOwnStageMaxBytes) {
-    run_parallel(npairs, [&](int, TaskQueue& tasks) {
+  // Pairs of at most kOwnStageMaxBytes: one parallel region, each thread staging the pairs it works on
+  // into its own buffer (once per pair it meets, in task order) and running their row blocks from its
+  // own cache. GroupedTasks gives a pair's tasks to the same threads first, so a thread meets few pairs:
+  // with at least as many pairs as threads none is staged twice; with fewer (b1 h8 on 16 threads) each
+  // of a pair's threads stages all of it, which costs less than sharing one staged copy did: on the
+  // 16-core host a shared copy's lines, read by other cores in the last call, took 6-10x as long to
+  // rewrite (bench/RESULTS.md [C60]). Tiny calls (one row block, b1 h8 s64, session 57 [C57]) gained
+  // too: 0.060 -> 0.051 ms, the tiles still in the staging core's cache.
+  if (pair_bytes <= kOwnStageMaxBytes) {
+    GroupedTasks tasks(npairs, g * nrb);
+    run_parallel(tasks.size(), [&](int slot, TaskQueue&) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.planes(), !geo.bf16);
       thread_local CacheAlignedVector<std::byte> own;
       const std::size_t kt_bytes = round_up(pair_kt_bytes, 64);
       if (own.size() < kt_bytes + pair_v_bytes) own.resize(kt_bytes + pair_v_bytes);
       if (StageBuffer::poison()) std::fill(own.begin(), own.end(), std::byte{0xFF});  // NaN in every dtype
       const Bf16GemmScope amx_scope(geo.bf16_operands());
-      for (std::int64_t pair; (pair = tasks.next()) >= 0;) {
-        stage_piece(pair, true, 0, skp, own.data(), nullptr);
-        stage_piece(pair, false, 0, skp, nullptr, own.data() + kt_bytes);
-        run_task(pair, 0, 0, own.data(), own.data() + kt_bytes, w);
+      std::int64_t staged = -1;  // the pair in `own`
+      for (std::int64_t t, visited = 0; (t = tasks.next(slot, visited)) >= 0;) {
+        const std::int64_t pair = t / (g * nrb);
+        if (pair != staged) {
+          stage_piece(pair, true, 0, skp, own.data(), nullptr);
+          stage_piece(pair, false, 0, skp, nullptr, own.data() + kt_bytes);
+          staged = pair;
+        }
+        // Last row blocks first: the longest tasks under a causal mask (as below).
+        run_task(pair, static_cast<int>((t / nrb) % g), nrb - 1 - t % nrb, own.data(), own.data() + kt_bytes, w);
       }
     }, Team::kWhole);
     return;
