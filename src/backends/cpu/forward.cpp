@@ -90,8 +90,14 @@ constexpr std::size_t kOwnStageMaxBytes = std::size_t(1) << 20;
 // from 512 at d128 (s512 1.1x non-causal, even causal; s2k-s8k 1.24-1.33x); below that the split
 // planes' staging and the bf16 path's wider tiles cost more than the GEMMs save (s64 h8 d64 0.14
 // against 0.06 ms, s256 d128 1.3 against 1.2, s512 d64 causal 1.54 against 1.34). fp16 takes the
-// same rule (timed at s2k-s4k only: 1.17-1.39x).
-bool split3_pays(std::int64_t sk, int dp) { return sk >= (dp >= 128 ? 512 : 1024); }
+// same rule (timed at s2k-s4k only: 1.17-1.39x). With fewer (batch, kv head) pairs than threads each
+// pair's planes are staged by several threads (forward_impl's one-region path), and d128 waits for 1k
+// keys too: 16-core host, b1 h8 s512 d128, kernel time FMA 0.76 / 0.76 ms against split 0.86 / 1.09
+// (two interleaved processes each, session 60, bench/RESULTS.md [G60]); s2k d128 and s4k d64 within
+// noise of each other there.
+bool split3_pays(std::int64_t sk, int dp, bool pairs_staged_twice) {
+  return sk >= (dp >= 128 && !pairs_staged_twice ? 512 : 1024);
+}
 
 struct FwdGeometry {
   int dp, dvp;  // d and d_v padded to the GEMM multiple
@@ -293,7 +299,7 @@ FwdGeometry forward_geometry(const FwdParams& p) {
              : cpu_has_avx512() && std::max(geo.dp, geo.dvp) <= kFp32WideTileMaxD ? kFp32FwdBlockNAvx512
                                                                                 : kBlockN;
   geo.split3 = sizeof(T) == 4 && (p.dtype == DType::kFloat32 || p.dtype == DType::kFloat16) && fp32_on_amx() &&
-               (g_fp32_amx_any_size || split3_pays(p.sk, geo.dp));
+               (g_fp32_amx_any_size || split3_pays(p.sk, geo.dp, std::int64_t(p.b) * p.hkv < cpu_threads()));
   if (geo.bf16_operands()) {
     geo.bm = bf16_fwd_block_m();
     geo.bn = bf16_fwd_block_n();
