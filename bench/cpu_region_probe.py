@@ -33,6 +33,9 @@ SHORT = [
     (1, 4, 2048, 64, torch.bfloat16, False), (1, 4, 2048, 128, torch.bfloat16, False),
     (1, 2, 4096, 128, torch.bfloat16, False), (1, 2, 4096, 64, torch.float32, False),
     (1, 4, 2048, 128, torch.float32, False),
+    # 11-13: the other fp32 non-causal points (split planes against the FMA units, session 60)
+    (1, 4, 2048, 64, torch.float32, False), (1, 1, 8192, 64, torch.float32, False),
+    (1, 1, 8192, 128, torch.float32, False),
 ]
 REGION = re.compile(r"\[tasks=(\d+) team=(\d+) wall_us=(\d+)(?: start_us=\d+/(\d+) busy_us=(\d+)/(\d+))?\]")
 
