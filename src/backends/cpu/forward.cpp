@@ -90,13 +90,15 @@ constexpr std::size_t kOwnStageMaxBytes = std::size_t(1) << 20;
 // from 512 at d128 (s512 1.1x non-causal, even causal; s2k-s8k 1.24-1.33x); below that the split
 // planes' staging and the bf16 path's wider tiles cost more than the GEMMs save (s64 h8 d64 0.14
 // against 0.06 ms, s256 d128 1.3 against 1.2, s512 d64 causal 1.54 against 1.34). fp16 takes the
-// same rule (timed at s2k-s4k only: 1.17-1.39x). With fewer (batch, kv head) pairs than threads each
-// pair's planes are staged by several threads (forward_impl's one-region path), and d128 waits for 1k
-// keys too: 16-core host, b1 h8 s512 d128, kernel time FMA 0.76 / 0.76 ms against split 0.86 / 1.09
-// (two interleaved processes each, session 60, bench/RESULTS.md [G60]); s2k d128 and s4k d64 within
-// noise of each other there.
-bool split3_pays(std::int64_t sk, int dp, bool pairs_staged_twice) {
-  return sk >= (dp >= 128 && !pairs_staged_twice ? 512 : 1024);
+// same rule (timed at s2k-s4k only: 1.17-1.39x). With fewer (batch, kv head) pairs than threads (the
+// 16-core host's grid) the FMA units measured faster at d128 below 1k keys and at d64 below 8k
+// (session 60, bench/RESULTS.md [G60], two interleaved processes each, kernel / call ms FMA against
+// split: b1 h8 s512 d128 0.76 / 0.76 vs 0.86 / 1.09, b1 h4 s2k d64 2.35 / 2.80 vs 3.47 / 3.61, b1 h2
+// s4k d64 5.15 / 5.56 vs 5.50 / 6.29; s2k d128, s8k d64 / d128 within noise): each core runs the
+// split's AMX products and its plane staging at about half the 2-core box's rate there.
+bool split3_pays(std::int64_t sk, int dp, bool fewer_pairs_than_threads) {
+  if (fewer_pairs_than_threads) return sk >= (dp >= 128 ? 1024 : 8192);
+  return sk >= (dp >= 128 ? 512 : 1024);
 }
 
 struct FwdGeometry {
