@@ -204,7 +204,12 @@ void run_logged(const char* direction, const BackendOps& be, const FwdParams& p,
   const bool synced_before = be.synchronize(p.stream);
   if (be.trace_begin) be.trace_begin();
   const auto t0 = std::chrono::steady_clock::now();
-  kernel();
+  try {
+    kernel();
+  } catch (...) {
+    if (be.trace_end) be.trace_end();  // closed: no later call records its regions into it
+    throw;
+  }
   const bool synced_after = synced_before && be.synchronize(p.stream);
   const auto t1 = std::chrono::steady_clock::now();
   const std::string trace = be.trace_end ? be.trace_end() : std::string();

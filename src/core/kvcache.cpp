@@ -497,7 +497,12 @@ void run(const DecodeArgs& a) {
   const BackendOps& cpu = cpu_backend();  // its region trace (the CPU decode runs on its loops)
   if (!s.cuda) cpu.trace_begin();
   const auto t0 = std::chrono::steady_clock::now();
-  kernel();
+  try {
+    kernel();
+  } catch (...) {
+    if (!s.cuda) cpu.trace_end();  // closed: no later call records its regions into it
+    throw;
+  }
   const auto t1 = std::chrono::steady_clock::now();
   const std::string trace = s.cuda ? std::string() : cpu.trace_end();
   char buf[32];

@@ -389,7 +389,7 @@ void forward_impl(const FwdParams& p) {
   // with at least as many pairs as threads none is staged twice; with fewer (b1 h8 on 16 threads) each
   // of a pair's threads stages all of it, which costs less than sharing one staged copy did: on the
   // 16-core host a shared copy's lines, read by other cores in the last call, took 6-10x as long to
-  // rewrite (bench/RESULTS.md [C60]). Tiny calls (one row block, b1 h8 s64, session 57 [C57]) gained
+  // rewrite (bench/RESULTS.md [G60]). Tiny calls (one row block, b1 h8 s64, session 57 [C57]) gained
   // too: 0.060 -> 0.051 ms, the tiles still in the staging core's cache.
   if (pair_bytes <= kOwnStageMaxBytes) {
     GroupedTasks tasks(npairs, g * nrb);

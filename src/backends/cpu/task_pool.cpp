@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -199,7 +200,7 @@ struct RegionTrace {
   std::vector<RegionRecord> regions;
 };
 
-thread_local RegionTrace* t_trace = nullptr;  // the calling thread's open trace
+thread_local std::unique_ptr<RegionTrace> t_trace;  // the calling thread's open trace
 thread_local bool t_in_traced_region = false;  // a region nested in a traced one is not recorded
 
 double us_since(TraceClock::time_point t0) {
@@ -231,14 +232,10 @@ std::string median_max(std::vector<double> xs) {
 
 }  // namespace
 
-void region_trace_begin() {
-  delete t_trace;
-  t_trace = new RegionTrace{TraceClock::now(), {}};
-}
+void region_trace_begin() { t_trace = std::make_unique<RegionTrace>(RegionTrace{TraceClock::now(), {}}); }
 
 std::string region_trace_end() {
-  RegionTrace* tr = t_trace;
-  t_trace = nullptr;
+  const std::unique_ptr<RegionTrace> tr = std::move(t_trace);
   if (!tr) return {};
   double in_regions = 0;
   std::string regions;
@@ -257,7 +254,6 @@ std::string region_trace_end() {
   char total[96];
   std::snprintf(total, sizeof total, "cpu_regions=%zu cpu_region_us=%.0f cpu_outside_us=%.0f", tr->regions.size(),
                 in_regions, std::max(0.0, us_since(tr->t0) - in_regions));
-  delete tr;
   return total + regions;
 }
 

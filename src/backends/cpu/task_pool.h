@@ -107,7 +107,7 @@ void run_parallel(std::int64_t ntasks, Body&& body, Team team = Team::kFitTasks)
 // the threads that staged a (batch, kv head)'s K / V mostly run its row blocks too. With one shared
 // queue any thread read lines any other had written, and on the 16-core host rewriting those lines
 // in the next call's staging (held shared in up to 16 cores' caches) took 6-10x the time of the
-// same staging back to back (bench/RESULTS.md [C60]). Every task still runs exactly once, whichever
+// same staging back to back (bench/RESULTS.md [G60]). Every task still runs exactly once, whichever
 // threads take part (a late or missing one's home group is drained by the others).
 class GroupedTasks {
  public:
