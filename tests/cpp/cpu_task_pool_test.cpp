@@ -13,6 +13,7 @@
 #include <set>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <sys/wait.h>
@@ -204,6 +205,12 @@ TEST_F(TaskPool, GroupedTasksEveryTaskOnceHomeFirst) {
           }
           for (int h : hits) ASSERT_EQ(h, 1) << groups << " " << per << " " << slots << " " << present;
         }
+  for (auto [groups, per] : {std::pair<std::int64_t, std::int64_t>{0, 5}, {3, 0}}) {  // no tasks at all
+    cpu::GroupedTasks none(groups, per, 4);
+    std::int64_t seen = 0;
+    EXPECT_EQ(none.size(), 0);
+    EXPECT_EQ(none.next(1, seen), -1);
+  }
   // Homes: 16 slots over 8 groups, two slots each; 2 slots over 8 groups, groups 0 and 4.
   cpu::GroupedTasks wide(8, 2, 16), narrow(8, 2, 2);
   std::int64_t visited = 0;

@@ -112,8 +112,8 @@ void run_parallel(std::int64_t ntasks, Body&& body, Team team = Team::kFitTasks)
 class GroupedTasks {
  public:
   GroupedTasks(std::int64_t groups, std::int64_t per_group, int slots = cpu_threads())
-      : groups_(std::max<std::int64_t>(groups, 1)), per_(per_group), slots_(std::max(slots, 1)),
-        counters_(new Counter[static_cast<std::size_t>(groups_)]) {}
+      : groups_(std::max<std::int64_t>(groups, 0)), per_(std::max<std::int64_t>(per_group, 0)),
+        slots_(std::max(slots, 1)), counters_(new Counter[static_cast<std::size_t>(std::max<std::int64_t>(groups_, 1))]) {}
   std::int64_t size() const { return groups_ * per_; }
   // The next task for the participant at `slot`, -1 when none are left. `visited` (0 at the
   // participant's start) counts the groups it has drained.
