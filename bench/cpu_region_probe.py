@@ -8,14 +8,13 @@ its elapsed time, the time outside every region, and per region its tasks, team,
 participants' latest start (threads waking up) and busy median / max (load balance). The Python
 wall time minus the kernel time is the call's host path (argument checks, allocation).
 
-    OMP_NUM_THREADS=16 python bench/cpu_region_probe.py [--shapes short] [--threads 16,4]
+    OMP_NUM_THREADS=16 python bench/cpu_region_probe.py [--points 2,7] [--threads 16,4] [--copy]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import statistics
 import tempfile
 import time
 
@@ -115,7 +114,6 @@ def main():
             elapsed, outside, variant, regions = rows[len(rows) // 2]
             print(f"| {threads} | {b},{h},{s},{d} | {str(dtype)[6:]} | {causal} | {t_mine:.3f} | {elapsed:.3f} | "
                   f"{outside} | {t_theirs:.3f} | {t_theirs / t_mine:.2f}x | {variant} | {regions} |", flush=True)
-        print(f"(threads {threads}: kernel ms of the logged calls, median {statistics.median(r[0] for r in rows):.3f})")
 
 
 if __name__ == "__main__":
