@@ -217,16 +217,26 @@ TEST_F(TaskPool, GroupedTasksEveryTaskOnceHomeFirst) {
   EXPECT_EQ(wide.next(5, visited) / 2, 2);
   visited = 0;
   EXPECT_EQ(narrow.next(1, visited) / 2, 4);
-  // Concurrent participants, each task once.
-  for (const char* pool : {"1", "0"}) {
-    setenv("ORCHARD_CPU_POOL", pool, 1);
-    cpu::GroupedTasks tasks(5, 7);
-    std::vector<std::atomic<int>> hits(35);
-    run_parallel(tasks.size(), [&](int slot, TaskQueue&) {
-      for (std::int64_t t, seen = 0; (t = tasks.next(slot, seen)) >= 0;) hits[t].fetch_add(1);
-    }, cpu::Team::kWhole);
-    for (auto& h : hits) ASSERT_EQ(h.load(), 1) << pool;
-  }
+  // Concurrent participants (run_grouped), each task once, with either team; an error reaches the
+  // caller and stops the handing out: far fewer than all 400 tasks start.
+  for (const char* pool : {"1", "0"})
+    for (cpu::Team team : {cpu::Team::kWhole, cpu::Team::kFitTasks}) {
+      setenv("ORCHARD_CPU_POOL", pool, 1);
+      std::vector<std::atomic<int>> hits(35);
+      cpu::run_grouped(5, 7, [&](auto next) {
+        for (std::int64_t t; (t = next()) >= 0;) hits[t].fetch_add(1);
+      }, team);
+      for (auto& h : hits) ASSERT_EQ(h.load(), 1) << pool;
+      std::atomic<int> started{0};
+      EXPECT_THROW(cpu::run_grouped(4, 100, [&](auto next) {
+        for (std::int64_t t; (t = next()) >= 0;) {
+          started.fetch_add(1);
+          if (t == 0) throw std::runtime_error("task 0");
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+      }, team), std::runtime_error) << pool;
+      EXPECT_LT(started.load(), 100) << pool;
+    }
 }
 
 TEST_F(TaskPool, ForkedChildFinishes) {

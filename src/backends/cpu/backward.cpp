@@ -416,12 +416,11 @@ void backward_impl(const BwdParams& p) {
         std::max(round_up((skp + want - 1) / want, kBlockN), round_up(256, kBlockN));
     const std::int64_t nkv = (skp + kv_piece - 1) / kv_piece;
     const std::int64_t jobs_per_pair = 3 * nkv + g * nq;
-    // The three phases hand out a pair's tasks to the same threads first (GroupedTasks, as the
+    // The three phases hand out a pair's tasks to the same threads first (run_grouped, as the
     // forward's: the threads that stage a pair's K / V / Q / dO mostly run its passes too).
-    GroupedTasks stage_tasks(np, jobs_per_pair);
-    run_parallel(stage_tasks.size(), [&](int thread_slot, TaskQueue&) {
+    run_grouped(np, jobs_per_pair, [&](auto next) {
       std::vector<T> orow(dvp), qrow(dp), dorow(dvp);
-      for (std::int64_t t, visited = 0; (t = stage_tasks.next(thread_slot, visited)) >= 0;) {
+      for (std::int64_t t; (t = next()) >= 0;) {
         const std::int64_t local = t / jobs_per_pair;
         const std::int64_t job = t % jobs_per_pair;
         const std::int64_t pair = pair0 + local;
@@ -462,11 +461,10 @@ void backward_impl(const BwdParams& p) {
         }
       }
     });
-    GroupedTasks pass1_tasks(np, slots), pass2_tasks(np, g * nrb);
-    run_parallel(pass1_tasks.size(), [&](int thread_slot, TaskQueue&) {
+    run_grouped(np, slots, [&](auto next) {
       BwdScratch<T> w(std::max(dp, dvp));
       const Bf16GemmScope amx_scope(geo.bf16);  // AMX tile config for this thread's GEMMs
-      for (std::int64_t t, visited = 0; (t = pass1_tasks.next(thread_slot, visited)) >= 0;) {
+      for (std::int64_t t; (t = next()) >= 0;) {
         const std::int64_t local = t / slots;
         const int slot = static_cast<int>(t % slots);
         const std::int64_t pair = pair0 + local;
@@ -479,10 +477,10 @@ void backward_impl(const BwdParams& p) {
                      cb * kBlockN, dq_slot, dq_rows, w);
       }
     });
-    // Pass 2 reads every slot of pass 1: a second job (run_parallel returns
+    // Pass 2 reads every slot of pass 1: a second job (run_grouped returns
     // only when all of pass 1's tasks have finished).
-    run_parallel(pass2_tasks.size(), [&](int thread_slot, TaskQueue&) {
-      for (std::int64_t t, visited = 0; (t = pass2_tasks.next(thread_slot, visited)) >= 0;) {
+    run_grouped(np, g * nrb, [&](auto next) {
+      for (std::int64_t t; (t = next()) >= 0;) {
         const std::int64_t local = t / (g * nrb);
         const int gi = static_cast<int>((t / nrb) % g);
         const std::int64_t i0 = (t % nrb) * kBlockM;

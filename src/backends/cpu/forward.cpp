@@ -368,9 +368,13 @@ void forward_impl(const FwdParams& p) {
       load_rows(p.v, p.dtype, voff, p.v_row_stride, rows, rows_pad, p.d_v, dvp, static_cast<T*>(v_pair) + c0 * dvp);
     }
   };
-  // The task of row block rb of query head gi in pair: forward_block on the pair's staged K / V.
-  auto run_task = [&](std::int64_t pair, int gi, std::int64_t rb, const void* kt_pair, const void* v_pair,
+  // Task `task` (0 .. g * nrb - 1) of pair: forward_block on the pair's staged K / V, query head
+  // task / nrb of the group, its row blocks last first (under a causal mask the longest tasks, and
+  // dynamic scheduling balances best heaviest-first).
+  auto run_task = [&](std::int64_t pair, std::int64_t task, const void* kt_pair, const void* v_pair,
                       FwdScratch<T>& w) {
+    const int gi = static_cast<int>(task / nrb);
+    const std::int64_t rb = nrb - 1 - task % nrb;
     const int bi = static_cast<int>(pair / p.hkv), kh = static_cast<int>(pair % p.hkv);
     const SeqSpan span = seq_span(p, bi);
     const std::int64_t i0 = rb * bm;
@@ -385,15 +389,14 @@ void forward_impl(const FwdParams& p) {
 
   // Pairs of at most kOwnStageMaxBytes: one parallel region, each thread staging the pairs it works on
   // into its own buffer (once per pair it meets, in task order) and running their row blocks from its
-  // own cache. GroupedTasks gives a pair's tasks to the same threads first, so a thread meets few pairs:
+  // own cache. run_grouped gives a pair's tasks to the same threads first, so a thread meets few pairs:
   // with at least as many pairs as threads none is staged twice; with fewer (b1 h8 on 16 threads) each
   // of a pair's threads stages all of it, which costs less than sharing one staged copy did: on the
   // 16-core host a shared copy's lines, read by other cores in the last call, took 6-10x as long to
   // rewrite (bench/RESULTS.md [G60]). Tiny calls (one row block, b1 h8 s64, session 57 [C57]) gained
   // too: 0.060 -> 0.051 ms, the tiles still in the staging core's cache.
   if (pair_bytes <= kOwnStageMaxBytes) {
-    GroupedTasks tasks(npairs, g * nrb);
-    run_parallel(tasks.size(), [&](int slot, TaskQueue&) {
+    run_grouped(npairs, g * nrb, [&](auto next) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.planes(), !geo.bf16);
       thread_local CacheAlignedVector<std::byte> own;
       const std::size_t kt_bytes = round_up(pair_kt_bytes, 64);
@@ -401,15 +404,14 @@ void forward_impl(const FwdParams& p) {
       if (StageBuffer::poison()) std::fill(own.begin(), own.end(), std::byte{0xFF});  // NaN in every dtype
       const Bf16GemmScope amx_scope(geo.bf16_operands());
       std::int64_t staged = -1;  // the pair in `own`
-      for (std::int64_t t, visited = 0; (t = tasks.next(slot, visited)) >= 0;) {
+      for (std::int64_t t; (t = next()) >= 0;) {
         const std::int64_t pair = t / (g * nrb);
         if (pair != staged) {
           stage_piece(pair, true, 0, skp, own.data(), nullptr);
           stage_piece(pair, false, 0, skp, nullptr, own.data() + kt_bytes);
           staged = pair;
         }
-        // Last row blocks first: the longest tasks under a causal mask (as below).
-        run_task(pair, static_cast<int>((t / nrb) % g), nrb - 1 - t % nrb, own.data(), own.data() + kt_bytes, w);
+        run_task(pair, t % (g * nrb), own.data(), own.data() + kt_bytes, w);
       }
     }, Team::kWhole);
     return;
@@ -433,27 +435,23 @@ void forward_impl(const FwdParams& p) {
     const std::int64_t piece =
         std::max(round_up((skp + want - 1) / want, bn), round_up(256, bn));
     const std::int64_t npieces = (skp + piece - 1) / piece;
-    // Both phases hand out a pair's tasks to the same threads first (GroupedTasks: the threads
+    // Both phases hand out a pair's tasks to the same threads first (run_grouped: the threads
     // that stage a pair's K / V run its row blocks, call after call).
-    GroupedTasks stage_tasks(np, 2 * npieces);
-    run_parallel(stage_tasks.size(), [&](int slot, TaskQueue&) {
-      for (std::int64_t t, visited = 0; (t = stage_tasks.next(slot, visited)) >= 0;) {
+    run_grouped(np, 2 * npieces, [&](auto next) {
+      for (std::int64_t t; (t = next()) >= 0;) {
         const std::int64_t local = t / (2 * npieces);
         const std::int64_t c0 = (t % npieces) * piece;
         stage_piece(pair0 + local, (t / npieces) % 2 == 0, c0, std::min(skp, c0 + piece),
                     base + local * pair_kt_bytes, base + v_offset + local * pair_v_bytes);
       }
     }, Team::kWhole);
-    GroupedTasks block_tasks(np, g * nrb);
-    run_parallel(block_tasks.size(), [&](int slot, TaskQueue&) {
+    run_grouped(np, g * nrb, [&](auto next) {
       FwdScratch<T>& w = FwdScratch<T>::for_call(bm, dp, dvp, bn, geo.planes(), !geo.bf16);
       const Bf16GemmScope amx_scope(geo.bf16_operands());  // AMX tile config for this thread's GEMMs
-      for (std::int64_t t, visited = 0; (t = block_tasks.next(slot, visited)) >= 0;) {
+      for (std::int64_t t; (t = next()) >= 0;) {
         const std::int64_t local_pair = t / (g * nrb);
-        // Last row blocks first: under a causal mask they are the longest
-        // tasks, and dynamic scheduling balances best heaviest-first.
-        run_task(pair0 + local_pair, static_cast<int>((t / nrb) % g), nrb - 1 - t % nrb,
-                 base + local_pair * pair_kt_bytes, base + v_offset + local_pair * pair_v_bytes, w);
+        run_task(pair0 + local_pair, t % (g * nrb), base + local_pair * pair_kt_bytes,
+                 base + v_offset + local_pair * pair_v_bytes, w);
       }
     }, Team::kWhole);
   }

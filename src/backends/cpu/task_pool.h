@@ -126,6 +126,10 @@ class GroupedTasks {
     }
     return -1;
   }
+  // Hands out nothing more (a participant's error: the others stop early, as with a TaskQueue).
+  void cancel() {
+    for (std::int64_t q = 0; q < groups_; ++q) counters_[q].next.store(per_, std::memory_order_relaxed);
+  }
 
  private:
   struct alignas(64) Counter {  // one cache line each: the groups' threads do not share a line
@@ -135,5 +139,22 @@ class GroupedTasks {
   int slots_;
   std::unique_ptr<Counter[]> counters_;
 };
+
+// run_parallel over GroupedTasks(groups, per_group): body(next) once per participant, next() its
+// next task or -1, the loop a TaskQueue body writes; an error stops the handing out, as there.
+// (run_parallel's own queue goes unused: a late pool worker joins, finds nothing and leaves.)
+template <class Body>
+void run_grouped(std::int64_t groups, std::int64_t per_group, Body&& body, Team team = Team::kFitTasks) {
+  GroupedTasks tasks(groups, per_group);
+  run_parallel(tasks.size(), [&](int slot, TaskQueue&) {
+    std::int64_t visited = 0;
+    try {
+      body([&] { return tasks.next(slot, visited); });
+    } catch (...) {
+      tasks.cancel();
+      throw;
+    }
+  }, team);
+}
 
 }  // namespace orchard::cpu
