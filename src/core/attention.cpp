@@ -202,17 +202,12 @@ void run_logged(const char* direction, const BackendOps& be, const FwdParams& p,
   }
   const long long call = next_call_number();
   const bool synced_before = be.synchronize(p.stream);
-  if (be.trace_begin) be.trace_begin();
+  RegionTraceScope trace_scope(&be);
   const auto t0 = std::chrono::steady_clock::now();
-  try {
-    kernel();
-  } catch (...) {
-    if (be.trace_end) be.trace_end();  // closed: no later call records its regions into it
-    throw;
-  }
+  kernel();
   const bool synced_after = synced_before && be.synchronize(p.stream);
   const auto t1 = std::chrono::steady_clock::now();
-  const std::string trace = be.trace_end ? be.trace_end() : std::string();
+  const std::string trace = trace_scope.finish();
   LogLine line;
   line << direction << " #" << call << " op=" << op << " " << problem_summary(p) << " backend=" << be.name
        << " variant=" << be.variant_name(p, backward) << " staged=" << staged;

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "orchard/params.h"
 
@@ -64,6 +65,29 @@ struct BackendOps {
   // thread: the CPU backend records its parallel regions and returns them as extra log fields.
   void (*trace_begin)();
   std::string (*trace_end)();
+};
+
+// A backend's region trace (trace_begin / trace_end) around one kernel call of the debug log;
+// closed by finish() or, when the call throws, by the destructor, so that no later call records
+// into it. A null backend, or one without a trace, does nothing.
+class RegionTraceScope {
+ public:
+  explicit RegionTraceScope(const BackendOps* be) : be_(be && be->trace_begin ? be : nullptr) {
+    if (be_) be_->trace_begin();
+  }
+  ~RegionTraceScope() {
+    if (be_) be_->trace_end();
+  }
+  RegionTraceScope(const RegionTraceScope&) = delete;
+  RegionTraceScope& operator=(const RegionTraceScope&) = delete;
+  // The trace's log fields ("" without one).
+  std::string finish() {
+    const BackendOps* be = std::exchange(be_, nullptr);
+    return be ? be->trace_end() : std::string();
+  }
+
+ private:
+  const BackendOps* be_;
 };
 
 // Always available.

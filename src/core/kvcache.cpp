@@ -494,17 +494,11 @@ void run(const DecodeArgs& a) {
     return;
   }
   const long long call = next_call_number();
-  const BackendOps& cpu = cpu_backend();  // its region trace (the CPU decode runs on its loops)
-  if (!s.cuda) cpu.trace_begin();
+  RegionTraceScope trace_scope(s.cuda ? nullptr : &cpu_backend());  // the CPU decode runs on its loops
   const auto t0 = std::chrono::steady_clock::now();
-  try {
-    kernel();
-  } catch (...) {
-    if (!s.cuda) cpu.trace_end();  // closed: no later call records its regions into it
-    throw;
-  }
+  kernel();
   const auto t1 = std::chrono::steady_clock::now();
-  const std::string trace = s.cuda ? std::string() : cpu.trace_end();
+  const std::string trace = trace_scope.finish();
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.4f", std::chrono::duration<double, std::milli>(t1 - t0).count());
   debug_log_line(std::string("DECODE #") + std::to_string(call) + " op=" + op + " " + summary(p) +
