@@ -16,13 +16,13 @@ import argparse
 import os
 import re
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
 import orchard
 from cpu_bench import run_heading  # bench/ is the script's directory
+from cpu_mask_bench import best_ms
 
 # issue 15's points short of 1.5x on the 16-core host ([G59]): b, h, s, d, dtype, causal
 SHORT = [
@@ -37,16 +37,6 @@ SHORT = [
     (1, 1, 8192, 128, torch.float32, False),
 ]
 REGION = re.compile(r"\[tasks=(\d+) team=(\d+) wall_us=(\d+)(?: start_us=\d+/(\d+) busy_us=(\d+)/(\d+))?\]")
-
-
-def best_ms(fn, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def logged_lines(fn, calls, log_dir):
