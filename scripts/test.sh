@@ -67,7 +67,7 @@ EMU_BUILD=build/fp32_emu sh dev/fp32_emu/run.sh | tail -3
 ORCHARD_CUDA_FP32_TC=0 build/fp32_emu/emu_test 0 | tail -1
 
 step "sm90 dropout draws on the CPU emulator, against dropout_keep"
-# dev/dropout_emu: the Hopper kernels' lane pairs / quads sharing Philox calls
+# dev/dropout_emu: the Hopper kernels' dropout draws in their fragment forms (lane pairs sharing calls)
 # (sm90/dropout_scores.cuh) over the same shim, every element against the scalar mask (seconds).
 EMU_BUILD=build/dropout_emu sh dev/dropout_emu/run.sh 60 | tail -1
 

@@ -7,7 +7,8 @@
 //   forward  (drop_scores):       element i = 4 j + 2 r + c -> row row0 + 8 r, column col0 + 8 j + 2 t + c
 //   backward (dropped_bits_keys): element i -> key (row) key0 + 8 r, query (column) query0 + 8 j + 2 t + c
 // over random keys, offsets, thresholds (p = 0 .. 1, both extremes) and every tile width the
-// kernels use. A wrong lane pairing, exchange or bit index fails it; exit 1 on a mismatch.
+// kernels use (80: d256's key tiles, which cross 32-column blocks). A wrong lane pairing, exchange
+// or bit index fails it; exit 1 on a mismatch.
 // Build and run: dev/dropout_emu/run.sh [cases] [seed]
 #include <cstdint>
 #include <cstdio>
@@ -25,7 +26,7 @@ namespace {
 
 struct Case {
   DropoutKey key;
-  std::uint32_t batch_head, row0, col0, threshold;  // row0: the warp's first row, col0 a multiple of 4
+  std::uint32_t batch_head, row0, col0, threshold;  // the warp's first row and column: multiples of 16
 };
 
 // Per lane: the forward's scores after drop_scores<kBN> (all 1 before), the backward's drop bits.
@@ -42,9 +43,9 @@ void warp_kernel(Case c, Result* out) {
   sm90::drop_scores<kBN>(s, c.key, c.batch_head, c.row0 + g, c.col0, t, c.threshold);
   for (int i = 0; i < kBN / 2; ++i) out->fwd[lane][i] = s[i];
   // The backward's fragment: keys are the rows (key0 = col0 + g), queries the columns (from row0).
-  out->bwd[lane] = sm90::dropped_bits_keys(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g - (g & 3), g, c.threshold);
+  out->bwd[lane] = sm90::dropped_bits_keys(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g, g, c.threshold);
   out->bwd_wide[lane] =  // the wide kernel's 4 query blocks
-      sm90::dropped_bits_keys<4>(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g - (g & 3), g, c.threshold);
+      sm90::dropped_bits_keys<4>(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g, g, c.threshold);
 }
 
 template <int kBN>
@@ -86,19 +87,19 @@ int main(int argc, char** argv) {
     Case c;
     c.key = {rng(), n % 3 == 0 ? 0 : rng()};
     c.batch_head = static_cast<std::uint32_t>(rng() % 4096);
-    c.row0 = static_cast<std::uint32_t>(rng() % 100000);
-    c.col0 = static_cast<std::uint32_t>(rng() % 100000) & ~3u;
+    c.row0 = static_cast<std::uint32_t>(rng() % 100000) & ~15u;
+    c.col0 = static_cast<std::uint32_t>(rng() % 100000) & ~15u;
     const float ps[] = {0.f, 0.1f, 0.5f, 0.9f, 1.f};
     c.threshold = dropout_keep_threshold(ps[n % 5]);
-    const int bad = check<64>(c) + check<96>(c) + check<128>(c) + check<192>(c);
-    run += 4;
+    const int bad = check<64>(c) + check<80>(c) + check<96>(c) + check<128>(c) + check<192>(c);
+    run += 5;
     if (bad != 0) {
       ++failed;
       std::printf("case %d (seed %llu, row0 %u, col0 %u, threshold %u): %d elements wrong\n", n,
                   static_cast<unsigned long long>(c.key.seed), c.row0, c.col0, c.threshold, bad);
     }
   }
-  std::printf("sm90 dropout draws: %d of %d cases x 4 tile widths match dropout_keep\n", cases - failed, cases);
+  std::printf("sm90 dropout draws: %d of %d cases x 5 tile widths match dropout_keep\n", cases - failed, cases);
   (void)run;
   return failed == 0 ? 0 : 1;
 }

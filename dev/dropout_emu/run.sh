@@ -1,6 +1,6 @@
 #!/bin/sh
 # CPU emulation check of the sm90 kernels' dropout draws (src/backends/cuda/sm90/dropout_scores.cuh:
-# the lane pairs / quads sharing Philox calls) against dropout_keep, over the shim of dev/decode_emu.
+# the fragment forms of cuda/dropout_fragment.h, lane pairs sharing calls) against dropout_keep, over the shim of dev/decode_emu.
 # Usage: dev/dropout_emu/run.sh [cases] [seed]   (from the repository root; a few seconds)
 set -e
 B=${EMU_BUILD:-/tmp/dropout_emu}

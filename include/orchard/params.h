@@ -111,8 +111,9 @@ struct FwdParams {
 
   // Dropout on the attention probabilities. The keep decision for element
   // (batch, head, row, col) comes from Philox4x32-10 keyed by (seed, offset);
-  // see orchard/philox.h. keep_threshold = round(p * 2^32) saturated; an
-  // element is kept iff its 32-bit draw is >= keep_threshold.
+  // see orchard/philox.h. keep_threshold = round(256 p) saturated to [0, 256]; an
+  // element is kept iff its 8-bit draw is >= keep_threshold (keep probability
+  // 1 - round(256 p) / 256), kept values scaled by 1 / (1 - p).
   float dropout_p = 0.0f;
   std::uint64_t seed = 0;
   std::uint64_t offset = 0;

@@ -3,18 +3,31 @@
 //
 // The keep decision for attention element (batch, head, row, col) depends on
 // nothing but (seed, offset) and those four indices, so the forward and the
-// backward pass, the CPU and the CUDA backend, and any tiling draw the same mask.
+// backward pass, every backend and any tiling draw the same mask.
+//
+// Each element draws 8 bits, as flash-attn's kernels do; one Philox call gives
+// the 16 draws of a 2-row x 8-column set laid out like an mma.sync / wgmma
+// accumulator fragment's lane, so a GPU lane that holds rows r, r + 8 and column
+// pairs 2t, 2t + 1 of four 8-column blocks makes one call for its 16 elements:
 //
 //   key     = (lo32(seed), hi32(seed))
-//   counter = (col / 4, row, batch * hq + head, lo32(offset) ^ (hi32(offset) * 0x9E3779B9))
-//   draw    = philox(counter, key)[col % 4]
-//   keep    = draw >= keep_threshold(p)
+//   counter = (4 * (col / 32) + (col / 2) % 4,  8 * (row / 16) + row % 8,
+//              batch * hq + head,  lo32(offset) ^ (hi32(offset) * 0x9E3779B9))
+//   word    = 2 * ((row / 8) % 2) + (col / 16) % 2        (of the call's x, y, z, w)
+//   byte    = 2 * ((col / 8) % 2) + col % 2               (little-endian, of that word)
+//   keep    = draw >= keep_threshold(p) = round(256 p)
+//
+// So the keep probability is 1 - round(256 p) / 256 (p = 0.1: 0.8984), the kept
+// values are scaled by 1 / (1 - p) as flash-attn does. (Until session 61 each
+// element drew 32 bits, four per call: 4x the Philox work, 0.46-0.55x flash-attn's
+// dropout speed on an H100.)
 //
 // A call that computes one block of a larger attention (context parallelism) adds
 // its global row/column/head offsets to these indices (FwdParams::dropout_*_offset,
 // dropout_batch_head in orchard/params.h), so each block draws its part of the
-// larger call's mask; a column offset that is not a multiple of 4 makes a run of
-// four columns straddle two Philox calls (dropout_draw_pair).
+// larger call's mask; the CUDA kernels take their one-call-per-fragment path only
+// when both offsets are multiples of 16 (backends/cuda/dropout_fragment.h) and
+// draw per element otherwise.
 #pragma once
 
 #include <cstdint>
@@ -51,47 +64,52 @@ ORCHARD_HOST_DEVICE Philox4 philox4x32_10(Philox4 ctr, std::uint32_t key0, std::
   return ctr;
 }
 
-// Threshold on the 32-bit draw: p * 2^32, saturated to [0, 2^32 - 1].
+// Threshold on the 8-bit draw: round(256 p), saturated to [0, 256] (256 drops all).
 ORCHARD_HOST_DEVICE std::uint32_t dropout_keep_threshold(float p) {
-  const double t = static_cast<double>(p) * 4294967296.0;
-  if (t <= 0.0) return 0u;
-  if (t >= 4294967295.0) return 4294967295u;
+  const double t = static_cast<double>(p) * 256.0;
+  if (!(t > 0.0)) return 0u;
+  if (t >= 256.0) return 256u;
   return static_cast<std::uint32_t>(t + 0.5);
 }
 
-// Four consecutive draws for columns [4*col4, 4*col4 + 4) of one row.
-ORCHARD_HOST_DEVICE Philox4 dropout_draws(std::uint64_t seed, std::uint64_t offset,
-                                          std::uint32_t batch_head, std::uint32_t row,
-                                          std::uint32_t col4) {
+// The counter words of the call that holds row `row`, column `col` (x: columns, y: rows).
+ORCHARD_HOST_DEVICE std::uint32_t dropout_counter_x(std::uint32_t col) { return ((col >> 5) << 2) | ((col >> 1) & 3u); }
+ORCHARD_HOST_DEVICE std::uint32_t dropout_counter_y(std::uint32_t row) { return ((row >> 4) << 3) | (row & 7u); }
+
+// The call at counter words (x, y): y + 8 is the call of the rows 16 further down.
+ORCHARD_HOST_DEVICE Philox4 dropout_call_xy(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                                            std::uint32_t x, std::uint32_t y) {
   const std::uint32_t off = static_cast<std::uint32_t>(offset) ^
                             (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
-  return philox4x32_10(Philox4{col4, row, batch_head, off}, static_cast<std::uint32_t>(seed),
+  return philox4x32_10(Philox4{x, y, batch_head, off}, static_cast<std::uint32_t>(seed),
                        static_cast<std::uint32_t>(seed >> 32));
+}
+
+// The Philox call that holds element (row, col)'s draw.
+ORCHARD_HOST_DEVICE Philox4 dropout_call(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                                         std::uint32_t row, std::uint32_t col) {
+  return dropout_call_xy(seed, offset, batch_head, dropout_counter_x(col), dropout_counter_y(row));
 }
 
 ORCHARD_HOST_DEVICE std::uint32_t philox_lane(const Philox4& r, int lane) {
   return lane == 0 ? r.x : lane == 1 ? r.y : lane == 2 ? r.z : r.w;
 }
 
-// Keep decision for one element; batch_head = batch * hq + head.
-ORCHARD_HOST_DEVICE bool dropout_keep(std::uint64_t seed, std::uint64_t offset,
-                                      std::uint32_t batch_head, std::uint32_t row,
-                                      std::uint32_t col, std::uint32_t keep_threshold) {
-  const Philox4 r = dropout_draws(seed, offset, batch_head, row, col >> 2);
-  return philox_lane(r, static_cast<int>(col & 3u)) >= keep_threshold;
+// The word of (row, col)'s call that holds its draw, and the draw's bit shift in it.
+ORCHARD_HOST_DEVICE int dropout_word(std::uint32_t row, std::uint32_t col) {
+  return static_cast<int>(((row >> 3) & 1u) * 2u + ((col >> 4) & 1u));
+}
+ORCHARD_HOST_DEVICE std::uint32_t dropout_shift(std::uint32_t col) { return ((col >> 3) & 1u) * 16u + (col & 1u) * 8u; }
+
+// (row, col)'s 8-bit draw, from its call r (dropout_call of the same row and column).
+ORCHARD_HOST_DEVICE std::uint32_t dropout_draw(const Philox4& r, std::uint32_t row, std::uint32_t col) {
+  return (philox_lane(r, dropout_word(row, col)) >> dropout_shift(col)) & 0xFFu;
 }
 
-// The draws of columns col and col + 1 of one row. One Philox call when col is
-// even (the two share a call: always so without a column offset) or col % 4 == 1;
-// the second column's is the next call's first word when col % 4 == 3.
-ORCHARD_HOST_DEVICE void dropout_draw_pair(std::uint64_t seed, std::uint64_t offset,
-                                           std::uint32_t batch_head, std::uint32_t row,
-                                           std::uint32_t col, std::uint32_t& d0, std::uint32_t& d1) {
-  const Philox4 r = dropout_draws(seed, offset, batch_head, row, col >> 2);
-  const std::uint32_t lane = col & 3u;
-  d0 = philox_lane(r, static_cast<int>(lane));
-  d1 = lane == 3u ? dropout_draws(seed, offset, batch_head, row, (col >> 2) + 1u).x
-                  : philox_lane(r, static_cast<int>(lane + 1u));
+// Keep decision for one element; batch_head = batch * hq + head.
+ORCHARD_HOST_DEVICE bool dropout_keep(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                                      std::uint32_t row, std::uint32_t col, std::uint32_t keep_threshold) {
+  return dropout_draw(dropout_call(seed, offset, batch_head, row, col), row, col) >= keep_threshold;
 }
 
 }  // namespace orchard

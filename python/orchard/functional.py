@@ -160,7 +160,9 @@ def _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse):
 
 _FLASH_ARGS_DOC = """
         dropout_p: dropout probability on the attention weights (applied
-           whenever > 0, as in flash-attn: pass 0.0 at evaluation). The key is
+           whenever > 0, as in flash-attn: pass 0.0 at evaluation). Each weight
+           draws 8 bits, as flash-attn's kernels do: it drops with probability
+           round(256 p) / 256, kept ones are scaled by 1 / (1 - p). The key is
            drawn on q's device by torch's generator (``torch.manual_seed``
            reproduces a run) and read by the kernels when they run, so
            torch.compile traces it and each CUDA-graph replay draws a new mask.

@@ -101,11 +101,15 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
     EXPECT_TRUE(fwd(wide));
     EXPECT_TRUE(bwd(wide));
   }
-  p.dropout_col_offset = 4;  // a context-parallel block: whole 4-column Philox groups
+  p.dropout_col_offset = 48;  // a context-parallel block on the 16 grid: whole fragment calls
+  p.dropout_row_offset = 1024;
   EXPECT_TRUE(fwd(p));
-  p.dropout_col_offset = 6;  // the lane pairs' shared calls would straddle two groups
+  p.dropout_col_offset = 8;  // a lane's calls would straddle two 32-column blocks' layout
   EXPECT_FALSE(fwd(p));
   p.dropout_col_offset = 0;
+  p.dropout_row_offset = 8;  // rows r, r + 8 in two calls
+  EXPECT_FALSE(fwd(p));
+  p.dropout_row_offset = 0;
   static std::uint8_t mask_out[1];
   p.dropout_mask = mask_out;  // the mask output: written by the sm80 path only
   EXPECT_FALSE(fwd(p));

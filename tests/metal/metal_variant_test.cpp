@@ -66,7 +66,7 @@ TEST(MetalVariant, MetaPacksStridesAndDropout) {
   EXPECT_EQ(m[kMetaQRow], 123);
   EXPECT_EQ(m[kMetaDvHead], 77);
   EXPECT_EQ(m[kMetaCausalOffset], 1);
-  EXPECT_EQ(m[kMetaKeepThreshold], 1073741824);
+  EXPECT_EQ(m[kMetaKeepThreshold], 64);  // round(256 * 0.25)
   EXPECT_EQ(m[kMetaWriteMask], 1);
   EXPECT_EQ(m[kMetaScaleBits], 0x3f000000);
 }

@@ -239,9 +239,9 @@ def case_ring_kept_kv(rank, w):
 
 
 def case_bf16_dropout(rank, w):
-    """bf16 kernels with dropout: odd chunks (17 rows), so odd column offsets (on CUDA
-    the kernels' two-Philox-call path); against the fp32 single-device run with the
-    same mask."""
+    """bf16 kernels with dropout: odd chunks (17 rows), so odd row and column offsets (on
+    CUDA the kernels' per-element draws, philox.h); against the fp32 single-device run
+    with the same mask."""
     for mode in ("ring", "allgather"):
         run_mode_case(rank, w, mode, 1, 2 * w * 17, 4, 2, 32, True, "zigzag",
                       dtype=torch.bfloat16, seed=21, tol=dict(atol=3e-2, rtol=3e-2), dropout_p=0.2)

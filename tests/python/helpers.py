@@ -80,25 +80,37 @@ def philox4x32_10(c0, c1, c2, c3, key0, key1):
 
 
 def keep_threshold(p: float) -> int:
-    t = float(np.float32(p)) * 4294967296.0  # params carry dropout_p as float32
-    if t <= 0.0:
+    """round(256 p) saturated to [0, 256], in double from float32 p as philox.h does."""
+    t = float(np.float32(p)) * 256.0  # params carry dropout_p as float32
+    if not t > 0.0:
         return 0
-    if t >= 4294967295.0:
-        return 4294967295
+    if t >= 256.0:
+        return 256
     return int(t + 0.5)
 
 
+def keep_probability(p: float) -> float:
+    """The mask's keep probability: 1 - round(256 p) / 256 (kept values are still scaled by 1 / (1 - p))."""
+    return 1.0 - keep_threshold(p) / 256.0
+
+
 def philox_keep_mask(b, hq, sq, sk, p, seed, offset):
-    """Orchard's keep-mask (b, hq, sq, sk) as a bool NumPy array."""
+    """Orchard's keep-mask (b, hq, sq, sk) as a bool NumPy array: element (row, col) draws byte
+    2 ((col / 8) % 2) + col % 2 of word 2 ((row / 8) % 2) + (col / 16) % 2 of the Philox call with
+    counter (4 (col / 32) + (col / 2) % 4, 8 (row / 16) + row % 8, batch * hq + head, off)."""
     off = np.uint32((offset & 0xFFFFFFFF) ^ (((offset >> 32) * 0x9E3779B9) & 0xFFFFFFFF))
     bh = np.arange(b * hq, dtype=np.uint32)[:, None, None]
     row = np.arange(sq, dtype=np.uint32)[None, :, None]
     col = np.arange(sk, dtype=np.uint32)[None, None, :]
-    lanes = philox4x32_10(col >> np.uint32(2), row, bh, off, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
-    lane = col & np.uint32(3)
-    c0, c1, c2, c3 = lanes
-    draw = np.where(lane == 0, c0, np.where(lane == 1, c1, np.where(lane == 2, c2, c3)))
-    return (draw >= np.uint32(keep_threshold(p))).reshape(b, hq, sq, sk)
+    one, three, seven = np.uint32(1), np.uint32(3), np.uint32(7)
+    x = ((col >> np.uint32(5)) << np.uint32(2)) | ((col >> one) & three)
+    y = ((row >> np.uint32(4)) << np.uint32(3)) | (row & seven)
+    words = np.stack(np.broadcast_arrays(*philox4x32_10(x, y, bh, off, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)))
+    word = ((row >> np.uint32(3)) & one) * np.uint32(2) + ((col >> np.uint32(4)) & one)
+    word = np.broadcast_to(word, words.shape[1:])
+    shift = ((col >> np.uint32(3)) & one) * np.uint32(16) + (col & one) * np.uint32(8)
+    draw = (np.take_along_axis(words, word[None], axis=0)[0] >> shift) & np.uint32(0xFF)
+    return (draw >= keep_threshold(p)).reshape(b, hq, sq, sk)
 
 
 def eager_and_graph_replay(step):

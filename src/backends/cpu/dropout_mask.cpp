@@ -1,42 +1,95 @@
-// Scalar Philox costs ~45 cycles per call (four columns), which made a
-// dropout forward ~2x slower than one without (fp32, b1 h8 s1024 d64, one
-// core: 78 ms vs 40 ms). Eight counters per AVX2 step plus a vector
-// apply step bring it to ~1.35x (50 ms vs 36 ms). The 32x32->64 multiplies
-// use vpmuludq on even and odd lanes and a blend, cheaper than vpmulld plus
-// a separate high half. With AVX-512, sixteen counters per step (keep_avx512):
-// the AVX2 step's instructions at twice the width, 0.56 against 0.98 ns per
-// element on one core of a 2-core AMX Xeon (session 55); its dropout forwards
-// (b1 h4 s2048, 2 threads) 1.04-1.20x and forward + backward 1.05-1.18x faster.
+// Scalar Philox costs ~45 cycles per call, so the keep-mask runs its calls in
+// vector lanes: eight per AVX2 step, sixteen per AVX-512 step (the AVX2 step's
+// instructions at twice the width). The 32x32->64 multiplies use vpmuludq on
+// even and odd lanes and a blend, cheaper than vpmulld plus a separate high half.
+//
+// Since the 8-bit draws (philox.h), one call holds 8 columns of a row, 4 calls a
+// 32-column block: lane i of a step starting at column c (c % 32 == 0) runs call
+// x = 4 * (c / 32) + i, i.e. call t = i % 4 of block i / 4, whose word x (rows
+// r % 16 < 8; z for the others) has the bytes of columns 2t, 2t + 1, 8 + 2t,
+// 9 + 2t of the block, and word y (w) those 16 columns on. An in-lane byte
+// shuffle puts each block's 16-bit column pairs in order, a 128-bit lane
+// interleave of the two words the blocks.
+// One core of a 2-core AMX Xeon, ns per element (session 61): AVX-512 0.23 at
+// 256 columns, 0.25 at 128; AVX2 0.40 / 0.41; 64 columns (the backward's rows:
+// one AVX2 step either way) 0.45; scalar 2.6. Under the 32-bit draws (four
+// columns a call, until session 61) AVX-512 took 0.51-0.62, AVX2 0.80-1.0. The
+// dropout forward, b1 h4 s2048 d64 p 0.1, 2 threads, best of 15: fp32 16.8-17.8
+// -> 14.1-14.2 ms (11-12 without dropout), bf16 7.9-8.2 -> 5.6-6.6 ms (3.0).
 #include "backends/cpu/dropout_mask.h"
 
 #include "backends/cpu/cpu_features.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "orchard/philox.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define ORCHARD_DROPOUT_AVX2 1
+// GCC 12 flags the _mm512_undefined_* inside its own intrinsic headers.
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace orchard::cpu {
 namespace {
 
+// Per 32-column block, the calls (of its four) that the columns in range need.
 void keep_scalar(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                  std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
                  std::uint8_t* keep) {
-  for (int t = 0; t < n; t += 4) {
-    const Philox4 r = dropout_draws(seed, offset, batch_head, row,
-                                    static_cast<std::uint32_t>((j0 + t) >> 2));
-    keep[t] = r.x >= threshold;
-    if (t + 1 < n) keep[t + 1] = r.y >= threshold;
-    if (t + 2 < n) keep[t + 2] = r.z >= threshold;
-    if (t + 3 < n) keep[t + 3] = r.w >= threshold;
+  const std::int64_t end = j0 + n;
+  for (std::int64_t c = j0; c < end;) {
+    const std::int64_t block_end = std::min(end, (c | 31) + 1);
+    Philox4 calls[4];
+    unsigned have = 0;
+    for (; c < block_end; ++c) {
+      const auto col = static_cast<std::uint32_t>(c);
+      const unsigned t = (col >> 1) & 3u;
+      if (!((have >> t) & 1u)) {
+        calls[t] = dropout_call(seed, offset, batch_head, row, col);
+        have |= 1u << t;
+      }
+      keep[c - j0] = dropout_draw(calls[t], row, col) >= threshold;
+    }
   }
 }
 
 #ifdef ORCHARD_DROPOUT_AVX2
+// What a vector step needs of one row: the counter's y, z, w, the key, the
+// threshold (1..255: 0 and 256 never reach the steps).
+struct RowKey {
+  std::uint32_t y, z, w, k0, k1, threshold;
+};
+
+RowKey row_key(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head, std::uint32_t row,
+               std::uint32_t threshold) {
+  const std::uint32_t off = static_cast<std::uint32_t>(offset) ^
+                            (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
+  return {((row >> 4) << 3) | (row & 7u), batch_head, off, static_cast<std::uint32_t>(seed),
+          static_cast<std::uint32_t>(seed >> 32), threshold};
+}
+
+// Runs the vector step over columns [j0, j0 + n): whole steps store in place, a
+// step that sticks out at either end goes through a buffer (a step takes about
+// two scalar calls' time, 28 against 11-20 ns; a 32-column block needs four).
+template <int kWidth, class Step>
+inline void run_steps(std::int64_t j0, int n, std::uint8_t* keep, Step step) {
+  const std::int64_t end = j0 + n;
+  for (std::int64_t c = j0 & ~std::int64_t(31); c < end; c += kWidth) {
+    if (c >= j0 && c + kWidth <= end) {
+      step(static_cast<std::uint32_t>(c), keep + (c - j0));
+      continue;
+    }
+    alignas(64) std::uint8_t buf[kWidth];
+    step(static_cast<std::uint32_t>(c), buf);
+    const std::int64_t lo = std::max(c, j0), hi = std::min(c + kWidth, end);
+    std::memcpy(keep + (lo - j0), buf + (lo - c), static_cast<std::size_t>(hi - lo));
+  }
+}
+
 __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi,
                                                      __m256i& lo) {
   const __m256i pe = _mm256_mul_epu32(a, m);                         // lanes 0,2,4,6
@@ -45,58 +98,51 @@ __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m25
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
 }
 
-// Unsigned a >= b per lane as 0 / -1.
-__attribute__((target("avx2"))) inline __m256i ge_u32(__m256i a, __m256i b) {
-  return _mm256_cmpeq_epi32(_mm256_max_epu32(a, b), a);
-}
-
-__attribute__((target("avx2"))) void keep_avx2(std::uint64_t seed, std::uint64_t offset,
-                                               std::uint32_t batch_head, std::uint32_t row,
-                                               std::int64_t j0, int n, std::uint32_t threshold,
-                                               std::uint8_t* keep) {
-  const std::uint32_t off = static_cast<std::uint32_t>(offset) ^
-                            (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
+// Keep bytes of columns [c, c + 64), c % 32 == 0: two blocks, one per 128-bit lane.
+// kUpper: row % 16 >= 8, whose draws are words z, w.
+template <bool kUpper>
+__attribute__((target("avx2"))) inline void step_avx2(const RowKey& k, std::uint32_t c, std::uint8_t* out) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i thr = _mm256_set1_epi32(static_cast<int>(threshold));
-  int t = 0;
-  for (; t + 32 <= n; t += 32) {
-    const auto col4 = static_cast<std::uint32_t>((j0 + t) >> 2);
-    __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(col4)), lane);
-    __m256i y = _mm256_set1_epi32(static_cast<int>(row));
-    __m256i z = _mm256_set1_epi32(static_cast<int>(batch_head));
-    __m256i w = _mm256_set1_epi32(static_cast<int>(off));
-    std::uint32_t k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo8(x, m0, hi0, lo0);
-      mulhilo8(z, m1, hi1, lo1);
-      x = _mm256_xor_si256(_mm256_xor_si256(hi1, y), _mm256_set1_epi32(static_cast<int>(k0)));
-      y = lo1;
-      z = _mm256_xor_si256(_mm256_xor_si256(hi0, w), _mm256_set1_epi32(static_cast<int>(k1)));
-      w = lo0;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    // Lane i of output word l is column 4 * i + l: compare, narrow the four
-    // 0/-1 masks to bytes (packs keeps them per 128-bit half) and transpose
-    // each 4x4 byte block into column order.
-    const __m256i xy = _mm256_packs_epi32(ge_u32(x, thr), ge_u32(y, thr));
-    const __m256i zw = _mm256_packs_epi32(ge_u32(z, thr), ge_u32(w, thr));
-    __m256i bytes = _mm256_packs_epi16(xy, zw);
-    const __m256i order = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                           0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    bytes = _mm256_and_si256(_mm256_shuffle_epi8(bytes, order), _mm256_set1_epi8(1));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + t), bytes);
+  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>((c >> 5) << 2)),
+                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i y = _mm256_set1_epi32(static_cast<int>(k.y));
+  __m256i z = _mm256_set1_epi32(static_cast<int>(k.z));
+  __m256i w = _mm256_set1_epi32(static_cast<int>(k.w));
+  std::uint32_t k0 = k.k0, k1 = k.k1;
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(x, m0, hi0, lo0);
+    mulhilo8(z, m1, hi1, lo1);
+    x = _mm256_xor_si256(_mm256_xor_si256(hi1, y), _mm256_set1_epi32(static_cast<int>(k0)));
+    y = lo1;
+    z = _mm256_xor_si256(_mm256_xor_si256(hi0, w), _mm256_set1_epi32(static_cast<int>(k1)));
+    w = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
   }
-  if (t < n) keep_scalar(seed, offset, batch_head, row, j0 + t, n - t, threshold, keep + t);
+  // Word a of call t holds u16 column pairs (2t, 8 + 2t) of its block: gather each
+  // lane's four pairs at 2t and those at 8 + 2t behind them (columns 0..15 in order).
+  const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i a = _mm256_shuffle_epi8(kUpper ? z : x, order);  // columns 0..15 of each block
+  const __m256i b = _mm256_shuffle_epi8(kUpper ? w : y, order);  // columns 16..31
+  const __m256i thr = _mm256_set1_epi8(static_cast<char>(k.threshold));
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = h == 0 ? _mm256_permute2x128_si256(a, b, 0x20) : _mm256_permute2x128_si256(a, b, 0x31);
+    const __m256i ge = _mm256_cmpeq_epi8(_mm256_max_epu8(v, thr), v);  // v >= threshold, unsigned
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), _mm256_and_si256(ge, one));
+  }
 }
 
-// Sixteen counters (64 columns) per step: keep_avx2 at 512 bits. vpackssdw / vpacksswb and
-// vpshufb work within 128-bit lanes, so lane block j of the result holds columns
-// 16 j .. 16 j + 15 in order, as the AVX2 step's two halves do.
-#define ORCHARD_DROPOUT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq")))
+template <bool kUpper>
+__attribute__((target("avx2"))) void keep_avx2(const RowKey& k, std::int64_t j0, int n, std::uint8_t* keep) {
+  run_steps<64>(j0, n, keep, [&](std::uint32_t c, std::uint8_t* out) { step_avx2<kUpper>(k, c, out); });
+}
+
+// Sixteen calls (128 columns, four blocks, one per 128-bit lane) per step.
+#define ORCHARD_DROPOUT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx2")))
 ORCHARD_DROPOUT_AVX512_TARGET inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
   const __m512i pe = _mm512_mul_epu32(a, m);                         // even lanes
   const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // odd lanes
@@ -104,48 +150,51 @@ ORCHARD_DROPOUT_AVX512_TARGET inline void mulhilo16(__m512i a, __m512i m, __m512
   lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
 }
 
-// Unsigned a >= b per lane as 0 / -1.
-ORCHARD_DROPOUT_AVX512_TARGET inline __m512i ge_u32_16(__m512i a, __m512i b) {
-  return _mm512_movm_epi32(_mm512_cmpge_epu32_mask(a, b));
-}
-
-ORCHARD_DROPOUT_AVX512_TARGET void keep_avx512(std::uint64_t seed, std::uint64_t offset,
-                                               std::uint32_t batch_head, std::uint32_t row,
-                                               std::int64_t j0, int n, std::uint32_t threshold,
-                                               std::uint8_t* keep) {
-  const std::uint32_t off = static_cast<std::uint32_t>(offset) ^
-                            (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
+template <bool kUpper>
+ORCHARD_DROPOUT_AVX512_TARGET inline void step_avx512(const RowKey& k, std::uint32_t c, std::uint8_t* out) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
-  const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-  int t = 0;
-  for (; t + 64 <= n; t += 64) {
-    const auto col4 = static_cast<std::uint32_t>((j0 + t) >> 2);
-    __m512i x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(col4)), lane);
-    __m512i y = _mm512_set1_epi32(static_cast<int>(row));
-    __m512i z = _mm512_set1_epi32(static_cast<int>(batch_head));
-    __m512i w = _mm512_set1_epi32(static_cast<int>(off));
-    std::uint32_t k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(x, m0, hi0, lo0);
-      mulhilo16(z, m1, hi1, lo1);
-      x = _mm512_ternarylogic_epi32(hi1, y, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // a ^ b ^ c
-      y = lo1;
-      z = _mm512_ternarylogic_epi32(hi0, w, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-      w = lo0;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const __m512i xy = _mm512_packs_epi32(ge_u32_16(x, thr), ge_u32_16(y, thr));
-    const __m512i zw = _mm512_packs_epi32(ge_u32_16(z, thr), ge_u32_16(w, thr));
-    const __m512i bytes = _mm512_and_si512(_mm512_shuffle_epi8(_mm512_packs_epi16(xy, zw), order),
-                                           _mm512_set1_epi8(1));
-    _mm512_storeu_si512(keep + t, bytes);
+  __m512i x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>((c >> 5) << 2)),
+                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i y = _mm512_set1_epi32(static_cast<int>(k.y));
+  __m512i z = _mm512_set1_epi32(static_cast<int>(k.z));
+  __m512i w = _mm512_set1_epi32(static_cast<int>(k.w));
+  std::uint32_t k0 = k.k0, k1 = k.k1;
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo16(x, m0, hi0, lo0);
+    mulhilo16(z, m1, hi1, lo1);
+    x = _mm512_ternarylogic_epi32(hi1, y, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // a ^ b ^ c
+    y = lo1;
+    z = _mm512_ternarylogic_epi32(hi0, w, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+    w = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
   }
-  if (t < n) keep_avx2(seed, offset, batch_head, row, j0 + t, n - t, threshold, keep + t);
+  // Bytes 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15 of each 128-bit lane, as step_avx2.
+  const __m512i order = _mm512_set4_epi32(0x0F0E0B0A, 0x07060302, 0x0D0C0908, 0x05040100);
+  const __m512i a = _mm512_shuffle_epi8(kUpper ? z : x, order);  // lane j: columns 0..15 of block j
+  const __m512i b = _mm512_shuffle_epi8(kUpper ? w : y, order);  // columns 16..31
+  // 64-bit indices into (a, b): lanes a0 b0 a1 b1, then a2 b2 a3 b3.
+  const __m512i lo = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), b);
+  const __m512i hi = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), b);
+  const __m512i thr = _mm512_set1_epi8(static_cast<char>(k.threshold));
+  const __m512i one = _mm512_set1_epi8(1);
+  _mm512_storeu_si512(out, _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(lo, thr), one));
+  _mm512_storeu_si512(out + 64, _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(hi, thr), one));
+}
+
+// 128-column steps while more than 64 columns are left, then (at most) one AVX2 step.
+template <bool kUpper>
+ORCHARD_DROPOUT_AVX512_TARGET void keep_avx512(const RowKey& k, std::int64_t j0, int n, std::uint8_t* keep) {
+  const std::int64_t end = j0 + n, c = j0 & ~std::int64_t(31);
+  const std::int64_t steps = end - c > 64 ? (end - c - 64 + 127) / 128 : 0;
+  const std::int64_t wide_end = std::min(end, c + 128 * steps);
+  if (steps > 0)
+    run_steps<128>(j0, static_cast<int>(wide_end - j0), keep,
+                   [&](std::uint32_t col, std::uint8_t* out) { step_avx512<kUpper>(k, col, out); });
+  const std::int64_t rest = std::max(j0, wide_end);
+  if (end > rest) keep_avx2<kUpper>(k, rest, static_cast<int>(end - rest), keep + (rest - j0));
 }
 
 bool has_avx2() {
@@ -153,7 +202,7 @@ bool has_avx2() {
   return yes;
 }
 
-// ORCHARD_CPU_DROPOUT512=0 in the environment keeps the AVX2 step (A/B timing, tests).
+// ORCHARD_CPU_DROPOUT512=0 in the environment keeps the AVX2 step (A/B timing).
 bool dropout_avx512() {
   static const bool yes = [] {
     const char* e = std::getenv("ORCHARD_CPU_DROPOUT512");
@@ -165,18 +214,45 @@ bool dropout_avx512() {
 
 }  // namespace
 
+bool dropout_mask_isa_supported(DropoutMaskIsa isa) {
+#ifdef ORCHARD_DROPOUT_AVX2
+  if (isa == DropoutMaskIsa::kAvx512) return cpu_has_avx512();
+  if (isa == DropoutMaskIsa::kAvx2) return has_avx2();
+#endif
+  return isa == DropoutMaskIsa::kScalar;
+}
+
+void dropout_keep_row_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                          std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold, std::uint8_t* keep) {
+  if (n <= 0) return;
+  // Every 8-bit draw is >= 0 and < 256: no Philox needed.
+  if (threshold == 0u || threshold >= 256u) {
+    std::memset(keep, threshold == 0u ? 1 : 0, static_cast<std::size_t>(n));
+    return;
+  }
+#ifdef ORCHARD_DROPOUT_AVX2
+  if (isa != DropoutMaskIsa::kScalar) {
+    const RowKey k = row_key(seed, offset, batch_head, row, threshold);
+    const bool upper = (row >> 3) & 1u;
+    if (isa == DropoutMaskIsa::kAvx512)
+      return upper ? keep_avx512<true>(k, j0, n, keep) : keep_avx512<false>(k, j0, n, keep);
+    return upper ? keep_avx2<true>(k, j0, n, keep) : keep_avx2<false>(k, j0, n, keep);
+  }
+#endif
+  keep_scalar(seed, offset, batch_head, row, j0, n, threshold, keep);
+}
+
 void dropout_keep_row(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                       std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
                       std::uint8_t* keep) {
-  // Columns before the first multiple of 4 (only with a dropout column offset).
-  for (; (j0 & 3) != 0 && n > 0; ++j0, --n, ++keep)
-    *keep = dropout_keep(seed, offset, batch_head, row, static_cast<std::uint32_t>(j0), threshold);
-  if (n <= 0) return;
+  DropoutMaskIsa isa = DropoutMaskIsa::kScalar;
 #ifdef ORCHARD_DROPOUT_AVX2
-  if (dropout_avx512()) return keep_avx512(seed, offset, batch_head, row, j0, n, threshold, keep);
-  if (has_avx2()) return keep_avx2(seed, offset, batch_head, row, j0, n, threshold, keep);
+  if (dropout_avx512())
+    isa = DropoutMaskIsa::kAvx512;
+  else if (has_avx2())
+    isa = DropoutMaskIsa::kAvx2;
 #endif
-  keep_scalar(seed, offset, batch_head, row, j0, n, threshold, keep);
+  dropout_keep_row_isa(isa, seed, offset, batch_head, row, j0, n, threshold, keep);
 }
 
 }  // namespace orchard::cpu

@@ -367,20 +367,19 @@ std::string variant_name(const FwdParams& p, bool backward) {
   return s;
 }
 
-// (b, hq, sq, sk) uint8 keep-mask: 4 columns (one Philox call) per thread; with a
-// dropout column offset that is not a multiple of 4, the 4 columns span two calls.
-// Varlen: (sequences, hq, max sq, max sk), rows and columns local to each sequence as the
+// (b, hq, sq, sk) uint8 keep-mask: 8 columns per thread, one Philox call per column pair at most
+// (the calls hold column pairs, orchard/philox.h; a pair straddles two only with an odd column
+// offset). Varlen: (sequences, hq, max sq, max sk), rows and columns local to each sequence as the
 // kernels draw them; entries past a sequence's own lengths are no element and read 0 (the CPU
 // backend's zero_varlen_mask_padding).
-__global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
+__global__ void dropout_mask_kernel(const FwdParams p, int64_t total8) {
   const uint32_t thr = dropout_keep_threshold(p.dropout_p);
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
-  const int64_t c4n = (p.sk + 3) / 4;
-  const uint32_t shift = static_cast<uint32_t>(p.dropout_col_offset) & 3u;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total4;
+  const int64_t c8n = (p.sk + 7) / 8;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total8;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c4 = idx % c4n;
-    const int64_t r = idx / c4n;  // bh * sq + row
+    const int64_t c8 = idx % c8n;
+    const int64_t r = idx / c8n;  // bh * sq + row
     const uint32_t row = static_cast<uint32_t>(r % p.sq + p.dropout_row_offset);
     const uint32_t bh = static_cast<uint32_t>(r / p.sq);
     const uint32_t dbh = dropout_batch_head(p, bh / p.hq, bh % p.hq);
@@ -390,18 +389,19 @@ __global__ void dropout_mask_kernel(const FwdParams p, int64_t total4) {
       const SeqSpan span = seq_span(p, static_cast<int>(bh / p.hq));
       cols = r % p.sq < span.len_q ? span.len_k : 0;
     }
-    // Global columns g0 .. g0 + 3 (g0 = c4 * 4 + col offset): lanes shift.. of call g0 / 4, then
-    // lanes 0.. of the next call.
-    const uint32_t g4 = static_cast<uint32_t>((c4 * 4 + p.dropout_col_offset) >> 2);
-    const Philox4 dr = dropout_draws(key.seed, key.offset, dbh, row, g4);
-    const Philox4 dr2 = shift != 0u ? dropout_draws(key.seed, key.offset, dbh, row, g4 + 1u) : dr;
-    uint8_t* out = p.dropout_mask + r * p.sk + c4 * 4;
+    uint8_t* out = p.dropout_mask + r * p.sk + c8 * 8;
+    Philox4 call{};
+    uint32_t call_col = 1u;  // the column pair (col / 2) the call holds; 1 = none yet (never even)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t lane = shift + static_cast<uint32_t>(j);
-      const Philox4& src = lane < 4u ? dr : dr2;
-      const int64_t col = c4 * 4 + j;
-      if (col < p.sk) out[j] = col < cols && philox_lane(src, static_cast<int>(lane & 3u)) >= thr ? 1 : 0;
+    for (int j = 0; j < 8; ++j) {
+      const int64_t col = c8 * 8 + j;
+      if (col >= p.sk) break;
+      const uint32_t gcol = static_cast<uint32_t>(col + p.dropout_col_offset);
+      if ((gcol & ~1u) != call_col) {
+        call = dropout_call(key.seed, key.offset, dbh, row, gcol);
+        call_col = gcol & ~1u;
+      }
+      out[j] = col < cols && dropout_draw(call, row, gcol) >= thr ? 1 : 0;
     }
   }
 }
@@ -580,10 +580,10 @@ void run_bwd_dsink(const BwdParams& p, const float* dsum) {
 }
 
 void run_dropout_mask(const FwdParams& p) {
-  const int64_t total4 = static_cast<int64_t>(p.b) * p.hq * p.sq * ((p.sk + 3) / 4);
-  if (total4 == 0) return;
-  const unsigned blocks = static_cast<unsigned>(total4 / 256 + 1 < 65536 ? total4 / 256 + 1 : 65536);
-  dropout_mask_kernel<<<blocks, 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p, total4);
+  const int64_t total8 = static_cast<int64_t>(p.b) * p.hq * p.sq * ((p.sk + 7) / 8);
+  if (total8 == 0) return;
+  const unsigned blocks = static_cast<unsigned>(total8 / 256 + 1 < 65536 ? total8 / 256 + 1 : 65536);
+  dropout_mask_kernel<<<blocks, 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p, total8);
   check_launch("dropout_mask_kernel");
 }
 

@@ -60,7 +60,7 @@
 #include "backends/cuda/launch.h"
 #include "backends/cuda/pdl.cuh"
 #include "backends/cuda/sm80/mma_utils.cuh"
-#include "backends/cuda/sm80/shared_dropout_draws.h"
+#include "backends/cuda/dropout_fragment.h"
 #include "backends/cuda/sm80/swizzled_tile.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
@@ -523,6 +523,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const uint32_t drop_bh0 = dropout_batch_head(p, b, 0);  // Philox index of head 0: the dropout offsets added
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const bool fragment_calls = kDropout && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
   const int kv_base = n0 + warp * 16 + g;  // this thread's key rows: kv_base, kv_base + 8
 
   // kBias: how issue_bias_tile stages (own_bool_chunks_masked reads what this thread staged).
@@ -621,19 +622,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
         st[nt][c] = pv;
       }
     if constexpr (kDropout) {
-      // One Philox call gives 4 consecutive keys of one query row; a thread
-      // holds keys kv_base, kv_base + 8 for 2 query columns per tile.
-#pragma unroll
-      for (int nt = 0; nt < kMT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int kv = kv_base + (c >> 1) * 8;
-          const int q = m0 + nt * 8 + 2 * t + (c & 1);
-          if (!dropout_keep(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h),
-                            static_cast<uint32_t>(q) + static_cast<uint32_t>(p.dropout_row_offset),
-                            static_cast<uint32_t>(kv) + static_cast<uint32_t>(p.dropout_col_offset), keep_threshold))
-            keep_bits &= ~(1u << (nt * 4 + c));
-        }
+      // The thread holds keys kv_base, kv_base + 8 of query columns nt * 8 + 2t + (0, 1).
+      const uint32_t bh = drop_bh0 + static_cast<uint32_t>(h);
+      const uint32_t q2t = static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset);
+      const uint32_t k = static_cast<uint32_t>(kv_base) + static_cast<uint32_t>(p.dropout_col_offset);
+      if (fragment_calls) {
+        keep_bits = ~key_rows_dropped<kMT>(key.seed, key.offset, bh, q2t, k, g & 1, keep_threshold);
+      } else {  // offsets off the 16 grid: per element
+#pragma unroll 1
+        for (int e = 0; e < kMT * 4; ++e)
+          if (!dropout_keep(key.seed, key.offset, bh, q2t + static_cast<uint32_t>(e / 4 * 8 + (e & 1)),
+                            k + static_cast<uint32_t>((e >> 1 & 1) * 8), keep_threshold))
+            keep_bits &= ~(1u << e);
+      }
     }
     auto kept = [&](int nt, int c) { return !kDropout || ((keep_bits >> (nt * 4 + c)) & 1u); };
 
@@ -972,6 +973,7 @@ __global__ void __launch_bounds__(256)
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const uint32_t drop_bh0 = dropout_batch_head(p, b, 0);  // Philox index of head 0: the dropout offsets added
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const bool fragment_calls = kDropout && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
   const int krow = wk * 32;            // this warp's first key row (local) in phases 1-4
   const int qcol = wq * (kBM / kWQ);   // this warp's first query column (local) in phases 1-2
   const int kv_base = n0 + krow + g;   // key rows kv_base + 16 mt + 8 r
@@ -1159,49 +1161,30 @@ __global__ void __launch_bounds__(256)
       }
     }
     uint64_t keep_bits = ~0ull;
-    // ORCHARD_SM80_DROPOUT_SHARED: the quad of lanes g = 4a..4a + 3 (same t) holds the four keys of
-    // each group; lane i = g & 3 computes element c = i's call and a transpose hands every lane its
-    // draws of all four (shared_dropout_draws.h; lane ids 16a + 4i + t: partners xor 4, 8). A
-    // rolled loop, one call live at a time, recording the dropped elements in keep_bits.
-    const bool shared_draws = kDropout && shares_dropout_draws(p.dropout_col_offset);
-    if constexpr (kDropout && kSharedDropoutDraws) {
-      if (shared_draws) {
-        static_assert(2 * kMT * 4 <= 64, "one keep bit per element of the warp's tile");
-        const int i = g & 3;
-#pragma unroll 1
-        for (int e = 0; e < 2 * kMT; ++e) {
-          const int mt = e / kMT, nt = e % kMT;
-          const uint32_t query = static_cast<uint32_t>(m0 + qcol + nt * 8 + 2 * t + (i & 1)) +
-                                 static_cast<uint32_t>(p.dropout_row_offset);
-          const uint32_t group_key = static_cast<uint32_t>(kv_base - i + mt * 16 + (i >> 1) * 8) +
-                                     static_cast<uint32_t>(p.dropout_col_offset);
-          const Philox4 v = dropout_draws(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h), query,
-                                          group_key >> 2);
-          uint32_t s0, s1, u0, u1;
-          quad_step1_send(v, i, s0, s1);
-          const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 4), r1 = __shfl_xor_sync(0xffffffffu, s1, 4);
-          quad_step2_send(v, i, r0, r1, u0, u1);
-          const uint32_t q0 = __shfl_xor_sync(0xffffffffu, u0, 8), q1 = __shfl_xor_sync(0xffffffffu, u1, 8);
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            if (quad_draw(v, i, r0, r1, q0, q1, c) < keep_threshold) keep_bits &= ~(1ull << (e * 4 + c));
-        }
-      }
-    }
     if constexpr (kDropout) {
-      // One call per element where the quads cannot share calls (a column offset not a multiple
-      // of 4, or the knob off): a rolled loop as well. Inlined into the unrolled exp loop below
-      // these calls cost every dropout kernel registers: ptxas sm_90 spill stores, atomic-dQ
-      // kernels, d64 / d128 non-causal 172 -> 12 / 160 -> 92 B, causal 44 -> 100 / 120 -> 60 B.
-      if (!shared_draws) {
+      // Keys kv_base + 16 mt + 8 (c >> 1), query columns qcol + nt * 8 + 2t + (c & 1): per 16-key
+      // block the pairs of lanes g, g ^ 1 share calls (dropout_fragment.h, rows = keys). Rolled
+      // loops: inlined into the unrolled exp loop below, per-element calls had cost every dropout
+      // kernel spill stores (ptxas sm_90, atomic-dQ d64 / d128 non-causal 172 -> 12 / 160 -> 92 B).
+      const uint32_t bh = drop_bh0 + static_cast<uint32_t>(h);
+      const uint32_t q2t = static_cast<uint32_t>(m0 + qcol + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset);
+      const uint32_t k0 = static_cast<uint32_t>(kv_base) + static_cast<uint32_t>(p.dropout_col_offset);
+      if (fragment_calls) {
+        static_assert(2 * kMT * 4 <= 64 && kMT % 2 == 0, "one keep bit per element of the warp's tile");
+#pragma unroll 1
+        for (int step = 0; step < kMT; ++step) {  // (16-key block mt, query block pair jj)
+          const int mt = step / (kMT / 2), jj = step % (kMT / 2);
+          const uint32_t k = k0 + 16u * mt;
+          const uint32_t dropped = key_rows_call_dropped(
+              dropout_call(key.seed, key.offset, bh, q2t + 16u * jj + (g & 1), k), k, g & 1, keep_threshold);
+          keep_bits &= ~(static_cast<uint64_t>(dropped) << (mt * kMT * 4 + 8 * jj));
+        }
+      } else {  // offsets off the 16 grid: per element
 #pragma unroll 1
         for (int e = 0; e < 2 * kMT * 4; ++e) {  // e = (mt * kMT + nt) * 4 + c, as kept() reads it
           const int mt = e / (4 * kMT), nt = e / 4 % kMT, c = e % 4;
-          const uint32_t query = static_cast<uint32_t>(m0 + qcol + nt * 8 + 2 * t + (c & 1)) +
-                                 static_cast<uint32_t>(p.dropout_row_offset);
-          const uint32_t kv = static_cast<uint32_t>(kv_base + mt * 16 + (c >> 1) * 8) +
-                              static_cast<uint32_t>(p.dropout_col_offset);
-          if (!dropout_keep(key.seed, key.offset, drop_bh0 + static_cast<uint32_t>(h), query, kv, keep_threshold))
+          if (!dropout_keep(key.seed, key.offset, bh, q2t + static_cast<uint32_t>(nt * 8 + (c & 1)),
+                            k0 + static_cast<uint32_t>(mt * 16 + (c >> 1) * 8), keep_threshold))
             keep_bits &= ~(1ull << e);
         }
       }
@@ -1517,7 +1500,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const uint32_t drop_bh = dropout_batch_head(p, b, h);  // Philox index: the dropout offsets added
-  const bool col_even = (p.dropout_col_offset & 1) == 0;  // column pairs in one Philox call
+  const bool fragment_calls = kDropout && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   float acc_dq[kDT][4];
@@ -1617,27 +1600,32 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
         });
       }
     }
+    Philox4 drop_call{};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
+      const uint32_t cb = static_cast<uint32_t>(n0 + nt * 8) + static_cast<uint32_t>(p.dropout_col_offset);
+      if constexpr (kDropout)  // rows = queries: one call per 32-column block (dropout_fragment.h)
+        if (fragment_calls && (nt == 0 || (cb & 31u) == 0))
+          drop_call = dropout_call(key.seed, key.offset, drop_bh,
+                                   static_cast<uint32_t>(row_base) + static_cast<uint32_t>(p.dropout_row_offset),
+                                   cb + 2u * t);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row_base + r * 8;
         const int col0 = n0 + nt * 8 + 2 * t;
         bool keep0 = true, keep1 = true;
         if constexpr (kDropout) {
-          uint32_t d0, d1;
-          const uint32_t gcol = static_cast<uint32_t>(col0) + static_cast<uint32_t>(p.dropout_col_offset);
-          const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
-          if (col_even) {  // as in the forward: one Philox call per column pair
-            const Philox4 dr = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
-            const bool hi = (gcol & 2) != 0;
-            d0 = hi ? dr.z : dr.x;
-            d1 = hi ? dr.w : dr.y;
-          } else {
-            dropout_draw_pair(key.seed, key.offset, drop_bh, grow, gcol, d0, d1);
+          uint32_t pair;
+          if (fragment_calls) {
+            pair = query_rows_pair(drop_call, r, cb);
+          } else {  // offsets off the 16 grid: per element
+            const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
+            const uint32_t c0 = cb + 2u * t;
+            pair = dropout_draw(dropout_call(key.seed, key.offset, drop_bh, grow, c0), grow, c0) |
+                   dropout_draw(dropout_call(key.seed, key.offset, drop_bh, grow, c0 + 1u), grow, c0 + 1u) << 8;
           }
-          keep0 = d0 >= keep_threshold;
-          keep1 = d1 >= keep_threshold;
+          keep0 = (pair & 0xFFu) >= keep_threshold;
+          keep1 = (pair >> 8) >= keep_threshold;
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j) {

@@ -38,7 +38,7 @@
 #include "backends/cuda/device_attribute.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/sm80/mma_utils.cuh"
-#include "backends/cuda/sm80/shared_dropout_draws.h"
+#include "backends/cuda/dropout_fragment.h"
 #include "backends/cuda/sm80/swizzled_tile.cuh"
 #include "orchard/params.h"
 #include "orchard/philox.h"
@@ -203,11 +203,9 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const uint32_t drop_bh = dropout_batch_head(p, b, h);  // Philox index: the dropout offsets added
-  // An even dropout column offset (always so without one) keeps each thread's column
-  // pair in one Philox call; odd ones take dropout_draw_pair. Branching on this
-  // CTA-uniform flag and adding the offsets in 32 bits measured 248 regs, no spills
-  // (bf16 d128 dropout, causal and not), against 255 regs and 32-44 B of spills before.
-  const bool col_even = (p.dropout_col_offset & 1) == 0;
+  // Tiles start at multiples of 16 rows / 32 columns, so aligned offsets keep each lane's
+  // Philox calls whole (dropout_fragment.h); others draw per element (CTA-uniform branch).
+  const bool fragment_calls = kDropout && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = (n - n_begin) & 1;
@@ -380,58 +378,48 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
         acc_o[mt][i][3] *= corr_r[mt][1];
       }
 
-    const bool shared_draws = kDropout && shares_dropout_draws(p.dropout_col_offset);
-    if constexpr (kDropout && kSharedDropoutDraws) {
-      // ORCHARD_SM80_DROPOUT_SHARED: lanes t, t ^ 1 share each group's calls (shared_dropout_draws.h).
-      // Unrolled and applied at once (ptxas sm_90, d64: 116-284 B of spill; a rolled loop recording
-      // drop bits spilled 96-380 B).
-      if (shared_draws) {
-        const int b = t & 1;
+    if constexpr (kDropout) {
+      const uint32_t gcol0 = static_cast<uint32_t>(n0) + static_cast<uint32_t>(p.dropout_col_offset);
+      if (fragment_calls) {
+        // One call per 32-column block of each row pair (dropout_fragment.h, rows = queries).
+        // Unrolled and applied at once, as the old per-pair calls were.
 #pragma unroll
-        for (int mt = 0; mt < kMW; ++mt)
+        for (int mt = 0; mt < kMW; ++mt) {
+          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16) + static_cast<uint32_t>(p.dropout_row_offset);
+          Philox4 call{};
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
-            const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16 + b * 8) +
-                                  static_cast<uint32_t>(p.dropout_row_offset);
-            const uint32_t gcol = static_cast<uint32_t>(n0 + nt * 8 + 4 * (t >> 1)) +
-                                  static_cast<uint32_t>(p.dropout_col_offset);
-            const Philox4 mine = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
-            uint32_t s0, s1;
-            pair_send(mine, b, s0, s1);
-            const uint32_t r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+            const uint32_t cb = gcol0 + 8u * nt;  // warp-uniform
+            if (nt == 0 || (cb & 31u) == 0) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              uint32_t d0, d1;
-              pair_row_draws(mine, b, r0, r1, r, d0, d1);
-              if (d0 < keep_threshold) s[mt][nt][2 * r] = 0.f;
-              if (d1 < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+              const uint32_t pair = query_rows_pair(call, r, cb);
+              if ((pair & 0xFFu) < keep_threshold) s[mt][nt][2 * r] = 0.f;
+              if ((pair >> 8) < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
             }
           }
-      }
-    }
-    if constexpr (kDropout) {
-      if (!shared_draws) {
+        }
+      } else {
+        // Offsets that split a fragment's calls (context-parallel blocks off the 16 grid): per element,
+        // in a rolled loop recording the dropped elements.
+        uint32_t dropped[(kMW * kNT * 4 + 31) / 32] = {};
+#pragma unroll 1
+        for (int e = 0; e < kMW * kNT * 4; ++e) {
+          const int mt = e / (kNT * 4), nt = e / 4 % kNT, c = e % 4;
+          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16 + (c >> 1) * 8) +
+                                static_cast<uint32_t>(p.dropout_row_offset);
+          const uint32_t gcol = gcol0 + static_cast<uint32_t>(nt * 8 + 2 * t + (c & 1));
+          dropped[e / 32] |= static_cast<uint32_t>(!dropout_keep(key.seed, key.offset, drop_bh, grow, gcol, keep_threshold))
+                             << (e % 32);
+        }
 #pragma unroll
         for (int mt = 0; mt < kMW; ++mt)
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int row = row_base + mt * 16 + r * 8;
-              const int col = n0 + nt * 8 + 2 * t;  // even: both columns share one Philox call
-              uint32_t d0, d1;
-              const uint32_t gcol = static_cast<uint32_t>(col) + static_cast<uint32_t>(p.dropout_col_offset);
-              const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
-              if (col_even) {
-                const Philox4 dr = dropout_draws(key.seed, key.offset, drop_bh, grow, gcol >> 2);
-                const bool hi = (gcol & 2) != 0;
-                d0 = hi ? dr.z : dr.x;
-                d1 = hi ? dr.w : dr.y;
-              } else {
-                dropout_draw_pair(key.seed, key.offset, drop_bh, grow, gcol, d0, d1);
-              }
-              if (d0 < keep_threshold) s[mt][nt][2 * r] = 0.f;
-              if (d1 < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
+            for (int c = 0; c < 4; ++c) {
+              const int e = (mt * kNT + nt) * 4 + c;
+              if ((dropped[e / 32] >> (e % 32)) & 1u) s[mt][nt][c] = 0.f;
             }
       }
     }

@@ -804,7 +804,7 @@ __global__ void __launch_bounds__(384, 1)
               dropped = dropped_bits_keys(
                   dropout_key(p), dropout_batch_head(p, b, h),
                   static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
-                  static_cast<uint32_t>(n0 + key_l0 - (g & 3)) + static_cast<uint32_t>(p.dropout_col_offset), g,
+                  static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
                   dropout_keep_threshold(p.dropout_p));
             if constexpr (!Cfg::kPipelined) issue_dp();
             flush_dq();

@@ -33,13 +33,14 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
          p.bias_head_stride < big && p.bias_batch_stride < big;
 }
 
-// Dropout in the forward (sm90/dropout_scores.cuh): the lanes share Philox calls in pairs, which
-// needs a mask column offset that keeps each pair's columns in whole 4-column groups; not in
-// varlen's segment form (its packed row numbers are not the mask's per-sequence rows). The
-// backward's quads share calls likewise (sm90_bwd_call_supported adds its limits). The dispatch
-// adds ORCHARD_SM90_DROPOUT (cuda_backend.cu; unset: sm90_dropout_measured_faster below).
+// Dropout in the forward (sm90/dropout_scores.cuh): each lane's Philox calls cover its fragment,
+// which needs mask row / column offsets on the 16 grid (cuda/dropout_fragment.h; the sm80 kernels
+// draw per element otherwise); not in varlen's segment form (its packed row numbers are not the
+// mask's per-sequence rows). The backward's lane pairs need the same (sm90_bwd_call_supported adds
+// its limits). The dispatch adds ORCHARD_SM90_DROPOUT (cuda_backend.cu; unset:
+// sm90_dropout_measured_faster below).
 ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
-  return p.segment_cu == nullptr && (p.dropout_col_offset & 3) == 0;
+  return p.segment_cu == nullptr && ((p.dropout_row_offset | p.dropout_col_offset) & 15) == 0;
 }
 // The dropout calls the sm90 forward runs (flash_fwd_sm90.cuh, run_flash_fwd_sm90_dropout): head-dim
 // buckets 128 / 192 / 256 without attn_bias. The H100 (session 56, bench/sm90_dropout_bench.py): d128

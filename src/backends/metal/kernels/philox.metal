@@ -1,10 +1,14 @@
 // Philox4x32-10 and Orchard's dropout indexing, ported from include/orchard/philox.h
-// so the Metal kernels draw exactly the CPU and CUDA mask:
+// so the Metal kernels draw exactly the CPU and CUDA mask (8-bit draws, one call per
+// 2 rows x 8 columns):
 //   key     = (lo32(seed), hi32(seed))
-//   counter = (col / 4, row, batch * hq + head, lo32(offset) ^ (hi32(offset) * 0x9E3779B9))
-//   keep    = philox(counter, key)[col % 4] >= keep_threshold
+//   counter = (4 * (col / 32) + (col / 2) % 4, 8 * (row / 16) + row % 8, batch * hq + head,
+//              lo32(offset) ^ (hi32(offset) * 0x9E3779B9))
+//   word    = 2 * ((row / 8) % 2) + (col / 16) % 2, byte = 2 * ((col / 8) % 2) + col % 2
+//   keep    = byte of philox(counter, key)[word] >= keep_threshold (round(256 p), <= 256)
 // with the call's dropout offsets (meta kMetaDrop*, FwdParams::dropout_* in
-// orchard/params.h) added to batch_head, row and col: dropout_keep_at.
+// orchard/params.h) added to batch_head, row and col: dropout_keep_at. Each element
+// makes its own call (the kernels' lanes do not hold the 16 elements of one).
 struct Philox4 {
   uint x, y, z, w;
 };
@@ -24,9 +28,12 @@ inline Philox4 philox4x32_10(Philox4 ctr, uint key0, uint key1) {
 inline bool dropout_keep(device const long* rng, uint batch_head, uint row, uint col, uint keep_threshold) {
   const ulong seed = ulong(rng[0]), offset = ulong(rng[1]);
   const uint off = uint(offset) ^ (uint(offset >> 32) * 0x9E3779B9u);
-  const Philox4 r = philox4x32_10(Philox4{col >> 2, row, batch_head, off}, uint(seed), uint(seed >> 32));
-  const uint lane = col & 3u;
-  const uint draw = lane == 0u ? r.x : lane == 1u ? r.y : lane == 2u ? r.z : r.w;
+  const uint x = ((col >> 5) << 2) | ((col >> 1) & 3u);
+  const uint y = ((row >> 4) << 3) | (row & 7u);
+  const Philox4 r = philox4x32_10(Philox4{x, y, batch_head, off}, uint(seed), uint(seed >> 32));
+  const uint word = ((row >> 3) & 1u) * 2u + ((col >> 4) & 1u);
+  const uint bits = word == 0u ? r.x : word == 1u ? r.y : word == 2u ? r.z : r.w;
+  const uint draw = (bits >> (((col >> 3) & 1u) * 16u + (col & 1u) * 8u)) & 0xFFu;
   return draw >= keep_threshold;
 }
 

@@ -1,0 +1,99 @@
+// The dropout draws (orchard/philox.h) as the lanes of an mma.sync / wgmma accumulator fragment
+// hold them. philox.h lays a call's 16 draws out as one lane's part of a fragment whose rows are
+// queries: rows r, r + 8 (r % 16 < 8) x column pairs 2t, 2t + 1 of four 8-column blocks. So
+//   - rows = queries (the forwards, the dQ kernel): a lane makes one call per 32-column block of
+//     its rows and reads its pair of each 8-column block from it: one call per 16 elements.
+//   - rows = keys (the backward's S^T fragments): lanes g and g ^ 1 (mma lane ids xor 4) hold keys
+//     k and k + 8 (k % 16 = g, e = g & 1) of query columns q + f (f = 0, 1) in query blocks j and
+//     j + 1: the calls of rows q and q + 1 hold both lanes' draws. Lane e makes row q + e's call and
+//     hands its partner the four bytes the partner needs: one call and one shuffle per 8 elements.
+// Both need the call's offsets aligned: rows and columns of the tile at multiples of 16 (a kernel
+// draws per element otherwise). Plain host/device functions, so a host test
+// (tests/cpp/dropout_fragment_test.cpp) replays the lanes.
+#pragma once
+
+#include <cstdint>
+
+#include "orchard/config.h"
+#include "orchard/philox.h"
+
+namespace orchard::cuda {
+
+// Whether a call's dropout row / column offsets keep every fragment's calls whole (uniform).
+ORCHARD_HOST_DEVICE bool dropout_fragment_aligned(std::int64_t row_offset, std::int64_t col_offset) {
+  return ((row_offset | col_offset) & 15) == 0;
+}
+
+// PTX prmt: result byte i is byte (selector nibble i) of {y, x} (x's bytes 0-3, y's 4-7).
+ORCHARD_HOST_DEVICE std::uint32_t byte_perm(std::uint32_t x, std::uint32_t y, std::uint32_t s) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(x, y, s);
+#else
+  const std::uint64_t xy = (static_cast<std::uint64_t>(y) << 32) | x;
+  std::uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<std::uint32_t>((xy >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+  return r;
+#endif
+}
+
+// ---- rows = queries -------------------------------------------------------------------------
+// The draws of columns cb + 2t, cb + 2t + 1 (low, high byte) of row half h (row r + 8 h), with
+// cb the 8-column block's first column (a multiple of 8) and call = dropout_call(.., r, cb + 2t).
+ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, std::uint32_t cb) {
+  return (philox_lane(call, 2 * h + static_cast<int>((cb >> 4) & 1u)) >> (((cb >> 3) & 1u) * 16u)) & 0xFFFFu;
+}
+
+// ---- rows = keys ----------------------------------------------------------------------------
+// call = dropout_call(.., q + f, k) (f: which of the pair's rows it is). Its four bytes for the
+// lane whose e is `e`: [row half 0: key k, key k + 8; row half 1: key k, key k + 8].
+ORCHARD_HOST_DEVICE std::uint32_t key_rows_bytes(const Philox4& call, std::uint32_t k, int e) {
+  const int w = static_cast<int>((k >> 4) & 1u);
+  const std::uint32_t s = static_cast<std::uint32_t>(e);
+  return byte_perm(philox_lane(call, w), philox_lane(call, 2 + w), s | (2u + s) << 4 | (4u + s) << 8 | (6u + s) << 12);
+}
+// A lane's draw of element (query column f, row half rh, key k + 8 h) from its own call's bytes
+// (own = key_rows_bytes(call of row q + e, k, e)) and its partner's (got).
+ORCHARD_HOST_DEVICE std::uint32_t key_rows_draw(std::uint32_t own, std::uint32_t got, int e, int f, int rh, int h) {
+  return ((f == e ? own : got) >> (8 * (2 * rh + h))) & 0xFFu;
+}
+
+#if defined(__CUDACC__) || defined(ORCHARD_DECODE_EMU)  // (the CPU emulator of dev/decode_emu)
+// One step of the rows = keys form: the drop bits of queries q + f + 8 rh (q: a multiple of 16
+// plus 2t) and keys k + 8 h (k % 16 = g, e = g & 1), bit 4 rh + 2 h + f set = dropped, from
+// call = dropout_call(.., q + e, k). Every lane of the warp must call it (a shuffle with lane ^ 4).
+__device__ __forceinline__ std::uint32_t key_rows_call_dropped(const Philox4& call, std::uint32_t k, int e,
+                                                               std::uint32_t keep_threshold) {
+  const std::uint32_t own = key_rows_bytes(call, k, e);
+  const std::uint32_t got = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
+  std::uint32_t dropped = 0;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int f = 0; f < 2; ++f)
+        dropped |= static_cast<std::uint32_t>(key_rows_draw(own, got, e, f, rh, h) < keep_threshold)
+                   << (4 * rh + 2 * h + f);
+  return dropped;
+}
+
+// The drop bits of one 16-key block of an S^T fragment over kJ 8-query blocks: bit 4 j + 2 h + f set
+// = element (query q2t + 8 j + f, key k + 8 h) dropped, the backward kernels' element order.
+// q2t: the tile's first query + 2t, a multiple of 16 before the 2t; k: the lane's key (k % 16 = g);
+// e = g & 1; both with the dropout offsets added. A rolled loop: one call live at a time.
+template <int kJ>
+__device__ __forceinline__ std::uint32_t key_rows_dropped(std::uint64_t seed, std::uint64_t offset,
+                                                          std::uint32_t batch_head, std::uint32_t q2t, std::uint32_t k,
+                                                          int e, std::uint32_t keep_threshold) {
+  static_assert(kJ % 2 == 0 && kJ <= 8, "query blocks in pairs, one 32-bit word of drop bits");
+  std::uint32_t dropped = 0;
+  const std::uint32_t x = dropout_counter_x(k), y0 = dropout_counter_y(q2t + static_cast<std::uint32_t>(e));
+#pragma unroll 1
+  for (int jj = 0; jj < kJ / 2; ++jj)  // the rows 16 further down: y + 8
+    dropped |= key_rows_call_dropped(dropout_call_xy(seed, offset, batch_head, x, y0 + 8u * jj), k, e, keep_threshold)
+               << (8 * jj);
+  return dropped;
+}
+#endif
+
+}  // namespace orchard::cuda

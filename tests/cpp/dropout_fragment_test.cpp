@@ -1,0 +1,79 @@
+// The fragment forms of src/backends/cuda/dropout_fragment.h replayed on the host: every lane
+// reads, from its calls and its partner's bytes, the draw philox.h gives each of its elements,
+// for random seeds, offsets and (aligned) tile positions.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "backends/cuda/dropout_fragment.h"
+#include "orchard/philox.h"
+
+namespace orchard::cuda {
+namespace {
+
+std::uint32_t draw(std::uint64_t seed, std::uint64_t offset, std::uint32_t bh, std::uint32_t row, std::uint32_t col) {
+  return dropout_draw(dropout_call(seed, offset, bh, row, col), row, col);
+}
+
+TEST(DropoutFragment, QueryRowsOneCallPer32Columns) {
+  std::mt19937_64 rng(61);
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::uint64_t seed = rng(), offset = rng();
+    const std::uint32_t bh = rng() % 4096;
+    const std::uint32_t row16 = (rng() % 100000) * 16, col8 = (rng() % 100000) * 8;  // aligned tile corners
+    for (int g = 0; g < 8; ++g)
+      for (int t = 0; t < 4; ++t) {
+        const std::uint32_t r = row16 + g;
+        // Eight 8-column blocks from col8: a new call wherever a 32-column block starts.
+        Philox4 call = dropout_call(seed, offset, bh, r, col8 + 2 * t);
+        for (std::uint32_t n = 0; n < 8; ++n) {
+          const std::uint32_t cb = col8 + 8 * n;
+          if (n > 0 && cb % 32 == 0) call = dropout_call(seed, offset, bh, r, cb + 2 * t);
+          for (int h = 0; h < 2; ++h) {
+            const std::uint32_t pair = query_rows_pair(call, h, cb);
+            ASSERT_EQ(pair & 0xFFu, draw(seed, offset, bh, r + 8 * h, cb + 2 * t)) << g << " " << t << " " << n;
+            ASSERT_EQ(pair >> 8, draw(seed, offset, bh, r + 8 * h, cb + 2 * t + 1)) << g << " " << t << " " << n;
+          }
+        }
+      }
+  }
+}
+
+TEST(DropoutFragment, KeyRowsPairsExchangeFourBytes) {
+  std::mt19937_64 rng(6161);
+  for (int trial = 0; trial < 200; ++trial) {
+    const std::uint64_t seed = rng(), offset = rng();
+    const std::uint32_t bh = rng() % 4096;
+    const std::uint32_t key16 = (rng() % 100000) * 16, query16 = (rng() % 100000) * 16;
+    for (int gh = 0; gh < 4; ++gh)  // the pair g = 2 gh, 2 gh + 1
+      for (int t = 0; t < 4; ++t) {
+        const std::uint32_t q = query16 + 2 * t;
+        std::uint32_t own[2], sent[2];
+        for (int e = 0; e < 2; ++e) {
+          const std::uint32_t k = key16 + 2 * gh + e;
+          const Philox4 call = dropout_call(seed, offset, bh, q + e, k);
+          own[e] = key_rows_bytes(call, k, e);
+          sent[e] = key_rows_bytes(call, k, e ^ 1);
+        }
+        for (int e = 0; e < 2; ++e) {
+          const std::uint32_t k = key16 + 2 * gh + e;
+          for (int f = 0; f < 2; ++f)
+            for (int rh = 0; rh < 2; ++rh)
+              for (int h = 0; h < 2; ++h)
+                ASSERT_EQ(key_rows_draw(own[e], sent[e ^ 1], e, f, rh, h),
+                          draw(seed, offset, bh, q + f + 8 * rh, k + 8 * h))
+                    << "gh " << gh << " t " << t << " e " << e << " f " << f << " rh " << rh << " h " << h;
+        }
+      }
+  }
+}
+
+TEST(DropoutFragment, AlignedOffsets) {
+  EXPECT_TRUE(dropout_fragment_aligned(0, 0));
+  EXPECT_TRUE(dropout_fragment_aligned(4096, 32));
+  EXPECT_FALSE(dropout_fragment_aligned(8, 0));
+  EXPECT_FALSE(dropout_fragment_aligned(0, 4));
+}
+
+}  // namespace
+}  // namespace orchard::cuda
