@@ -158,8 +158,7 @@ def _flash_result(out, lse, mask, return_attn_probs, return_softmax_lse):
     return out
 
 
-_FLASH_ARGS_DOC = """
-        dropout_p: dropout probability on the attention weights (applied
+_FLASH_ARGS_DOC = """        dropout_p: dropout probability on the attention weights (applied
            whenever > 0, as in flash-attn: pass 0.0 at evaluation). Each weight
            draws 8 bits, as flash-attn's kernels do: it drops with probability
            round(256 p) / 256, kept ones are scaled by 1 / (1 - p). The key is
@@ -191,6 +190,14 @@ _FLASH_ARGS_DOC = """
 """
 
 
+def _with_flash_args_doc(fn):
+    """Fills the arguments flash-attn's entry points share into fn's docstring ("{flash_args}"): a
+    docstring built with + is an expression, not a docstring, so help() would show nothing."""
+    fn.__doc__ = fn.__doc__.replace("        {flash_args}\n", _FLASH_ARGS_DOC)
+    return fn
+
+
+@_with_flash_args_doc
 def flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -214,7 +221,8 @@ def flash_attn_func(
            the last dim is contiguous).
         k: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA / MQA).
         v: (batch, seqlen_k, nheads_k, headdim_v); headdim_v may differ from
-           headdim (e.g. 192 / 128 as in DeepSeek MLA).""" + _FLASH_ARGS_DOC + """
+           headdim (e.g. 192 / 128 as in DeepSeek MLA).
+        {flash_args}
     Returns:
         out (batch, seqlen_q, nheads, headdim_v), or (out, softmax_lse[, S_dmask])
         with softmax_lse (batch, nheads, seqlen_q) float32 (float64 for
@@ -225,6 +233,7 @@ def flash_attn_func(
                   return_softmax_lse, sink)
 
 
+@_with_flash_args_doc
 def flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,7 +266,8 @@ def flash_attn_varlen_func(
         Causal and windows align bottom-right per sequence. A call of at most
         16 query rows per sequence that needs no gradient, dropout, sink or
         probabilities (a serving step) runs on the KV-cache kernels, keys read
-        in place (paged_varlen.py's decode form).""" + _FLASH_ARGS_DOC + """
+        in place (paged_varlen.py's decode form).
+        {flash_args}
         block_table: int32 (batch, max_blocks_per_seq): k and v are then paged
            caches (num_blocks, page_size, nheads_k, headdim[_v]), any page size,
            and sequence b's keys are its cache positions [0, cu_seqlens_k[b + 1] -

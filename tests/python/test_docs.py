@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import orchard
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 
@@ -82,3 +84,11 @@ def test_every_environment_variable_is_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     missing = sorted(n for n in names if f"`{n}" not in readme)
     assert not missing, f"ORCHARD_* variables read by the code but not in README.md: {missing}"
+
+
+def test_flash_entry_points_have_their_docstrings():
+    # The shared argument docs are filled in by a decorator: a docstring built with + would be
+    # an expression, and help() would show nothing.
+    for fn in (orchard.flash_attn_func, orchard.flash_attn_varlen_func):
+        doc = fn.__doc__ or ""
+        assert "dropout_p:" in doc and "softcap:" in doc and "{flash_args}" not in doc, fn.__name__

@@ -65,22 +65,22 @@ __device__ __forceinline__ std::uint32_t key_rows_call_dropped(const Philox4& ca
                                                                std::uint32_t keep_threshold) {
   const std::uint32_t own = key_rows_bytes(call, k, e);
   const std::uint32_t got = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
+  const std::uint32_t col0 = e ? got : own, col1 = e ? own : got;  // query columns q, q + 1
   std::uint32_t dropped = 0;
 #pragma unroll
-  for (int rh = 0; rh < 2; ++rh)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int f = 0; f < 2; ++f)
-        dropped |= static_cast<std::uint32_t>(key_rows_draw(own, got, e, f, rh, h) < keep_threshold)
-                   << (4 * rh + 2 * h + f);
+  for (int b = 0; b < 4; ++b)  // byte b = 2 rh + h: element bits 2 b (column q), 2 b + 1 (q + 1)
+    dropped |= static_cast<std::uint32_t>(((col0 >> (8 * b)) & 0xFFu) < keep_threshold) << (2 * b) |
+               static_cast<std::uint32_t>(((col1 >> (8 * b)) & 0xFFu) < keep_threshold) << (2 * b + 1);
   return dropped;
 }
 
 // The drop bits of one 16-key block of an S^T fragment over kJ 8-query blocks: bit 4 j + 2 h + f set
 // = element (query q2t + 8 j + f, key k + 8 h) dropped, the backward kernels' element order.
 // q2t: the tile's first query + 2t, a multiple of 16 before the 2t; k: the lane's key (k % 16 = g);
-// e = g & 1; both with the dropout offsets added. A rolled loop: one call live at a time.
+// e = g & 1; both with the dropout offsets added. Unrolled: ptxas sm_90 spill stores of the sm90
+// backward's kFeatures kernels against the rolled loop, d128 80 / 24 -> 16 / 8 B (non-causal /
+// causal; session 60's quads 20 / 16), those with row-broadcast / dense biases 96-136 -> 84-136,
+// d96 and d256 0-20 -> 0-16, d64 unchanged.
 template <int kJ>
 __device__ __forceinline__ std::uint32_t key_rows_dropped(std::uint64_t seed, std::uint64_t offset,
                                                           std::uint32_t batch_head, std::uint32_t q2t, std::uint32_t k,
@@ -88,7 +88,7 @@ __device__ __forceinline__ std::uint32_t key_rows_dropped(std::uint64_t seed, st
   static_assert(kJ % 2 == 0 && kJ <= 8, "query blocks in pairs, one 32-bit word of drop bits");
   std::uint32_t dropped = 0;
   const std::uint32_t x = dropout_counter_x(k), y0 = dropout_counter_y(q2t + static_cast<std::uint32_t>(e));
-#pragma unroll 1
+#pragma unroll
   for (int jj = 0; jj < kJ / 2; ++jj)  // the rows 16 further down: y + 8
     dropped |= key_rows_call_dropped(dropout_call_xy(seed, offset, batch_head, x, y0 + 8u * jj), k, e, keep_threshold)
                << (8 * jj);
