@@ -3,7 +3,9 @@
 // orchard/philox.h's scalar dropout_keep, element by element: starts at every residue of the
 // 32-column block, lengths that end a step anywhere, rows of both halves of a call (row % 16
 // below and from 8), thresholds at and between the extremes (0 keeps all, 256 drops all).
-// The buffer is poisoned past n: nothing may be written there.
+// The buffer is poisoned past n: nothing may be written there. The same for the two-row variant
+// (dropout_keep_row_pair: rows r and r + 8, from the same calls when r % 16 < 8) and the row
+// walk that pairs a block's rows (for_dropout_rows).
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -50,9 +52,72 @@ void check_isa(DropoutMaskIsa isa, const char* name) {
   EXPECT_EQ(mismatches, 0) << "of " << cases << " rows";
 }
 
+// Rows row_lo and row_lo + 8 at once, both against dropout_keep. Rows with row_lo % 16 < 8 (one
+// set of calls) in both 16-row groups' low halves, near the 32-bit end too, and a few from 8 (the
+// one-row-at-a-time path); both outputs poisoned past n.
+void check_pair_isa(DropoutMaskIsa isa, const char* name) {
+  if (!cpu::dropout_mask_isa_supported(isa)) GTEST_SKIP() << name << " not on this CPU";
+  const std::pair<std::uint64_t, std::uint64_t> keys[] = {{0, 0}, {1234, 77}, {0x9E3779B97F4A7C15ull, 0x100000003ull}};
+  const std::uint32_t thresholds[] = {0u, 1u, 26u, 128u, 255u, 256u};
+  const std::uint32_t rows[] = {0, 3, 7, 16, 23, 992, 0xFFFFFFF7u, 8, 1000};
+  std::vector<std::int64_t> starts = {(1 << 20) + 2, (1 << 20) + 40, 100, 129};
+  for (int s = 0; s < 40; ++s) starts.push_back(s);
+  const int lengths[] = {1, 2, 3, 7, 8, 9, 16, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 192, 200, 256, 1000};
+  int mismatches = 0, cases = 0;
+  for (const auto& [seed, offset] : keys)
+    for (std::uint32_t thr : thresholds)
+      for (std::uint32_t row : rows)
+        for (std::int64_t j0 : starts)
+          for (int n : lengths) {
+            const auto bh = static_cast<std::uint32_t>(seed % 7 + n);
+            std::vector<std::uint8_t> keep[2] = {std::vector<std::uint8_t>(n + 64, 0xAB),
+                                                 std::vector<std::uint8_t>(n + 64, 0xCD)};
+            cpu::dropout_keep_row_pair_isa(isa, seed, offset, bh, row, j0, n, thr, keep[0].data(), keep[1].data());
+            ++cases;
+            for (int half = 0; half < 2; ++half) {
+              const std::uint32_t r = row + 8u * half;
+              const std::vector<std::uint8_t>& k = keep[half];
+              for (int t = 0; t < n; ++t) {
+                const bool want = dropout_keep(seed, offset, bh, r, static_cast<std::uint32_t>(j0 + t), thr);
+                if (k[t] != (want ? 1 : 0) && ++mismatches <= 5)
+                  ADD_FAILURE() << name << " pair seed " << seed << " offset " << offset << " thr " << thr
+                                << " row " << r << " j0 " << j0 << " n " << n << " column " << t << ": "
+                                << int(k[t]) << ", want " << want;
+              }
+              for (int t = n; t < n + 64; ++t)
+                if (k[t] != (half ? 0xCD : 0xAB) && ++mismatches <= 5)
+                  ADD_FAILURE() << name << " pair row " << r << " wrote past n = " << n << " at " << t;
+            }
+          }
+  EXPECT_EQ(mismatches, 0) << "of " << cases << " row pairs";
+}
+
 TEST(CpuDropoutMask, ScalarMatchesPhilox) { check_isa(DropoutMaskIsa::kScalar, "scalar"); }
 TEST(CpuDropoutMask, Avx2MatchesPhilox) { check_isa(DropoutMaskIsa::kAvx2, "AVX2"); }
 TEST(CpuDropoutMask, Avx512MatchesPhilox) { check_isa(DropoutMaskIsa::kAvx512, "AVX-512"); }
+
+TEST(CpuDropoutMask, ScalarPairMatchesPhilox) { check_pair_isa(DropoutMaskIsa::kScalar, "scalar"); }
+TEST(CpuDropoutMask, Avx2PairMatchesPhilox) { check_pair_isa(DropoutMaskIsa::kAvx2, "AVX2"); }
+TEST(CpuDropoutMask, Avx512PairMatchesPhilox) { check_pair_isa(DropoutMaskIsa::kAvx512, "AVX-512"); }
+
+// for_dropout_rows visits every row of a block once, pairing r with r + 8 exactly when
+// (row0 + r) % 16 < 8 and r + 8 is in the block.
+TEST(CpuDropoutMask, RowWalkCoversEachRowOnce) {
+  for (std::uint32_t row0 : {0u, 1u, 5u, 8u, 13u, 16u, 100u, 0xFFFFFFF9u})
+    for (int rows : {1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 100}) {
+      std::vector<int> seen(rows, 0);
+      int last = -1;
+      cpu::for_dropout_rows(row0, rows, [&](int r, bool paired) {
+        ASSERT_GT(r, last) << row0 << " " << rows;
+        last = r;
+        const bool low = ((row0 + static_cast<std::uint32_t>(r)) % 16u) < 8u;
+        EXPECT_EQ(paired, low && r + 8 < rows) << row0 << " " << rows << " " << r;
+        ++seen[r];
+        if (paired) ++seen[r + 8];
+      });
+      for (int r = 0; r < rows; ++r) EXPECT_EQ(seen[r], 1) << row0 << " " << rows << " " << r;
+    }
+}
 
 // The dispatching entry point (the widest this CPU has, ORCHARD_CPU_DROPOUT512 honoured).
 TEST(CpuDropoutMask, DispatchMatchesPhilox) {
@@ -65,6 +130,21 @@ TEST(CpuDropoutMask, DispatchMatchesPhilox) {
         ASSERT_EQ(keep[t], dropout_keep(42, 9, 3, 13, static_cast<std::uint32_t>(j0 + t), thr) ? 1 : 0)
             << j0 << " " << n << " " << t;
     }
+}
+
+TEST(CpuDropoutMask, DispatchPairMatchesPhilox) {
+  const std::uint32_t thr = 77;
+  for (std::uint32_t row : {5u, 13u})
+    for (std::int64_t j0 : {0, 5, 64, 333})
+      for (int n : {1, 50, 64, 128, 300}) {
+        std::vector<std::uint8_t> lo(n), hi(n);
+        cpu::dropout_keep_row_pair(42, 9, 3, row, j0, n, thr, lo.data(), hi.data());
+        for (int t = 0; t < n; ++t) {
+          const auto col = static_cast<std::uint32_t>(j0 + t);
+          ASSERT_EQ(lo[t], dropout_keep(42, 9, 3, row, col, thr) ? 1 : 0) << row << " " << j0 << " " << n << " " << t;
+          ASSERT_EQ(hi[t], dropout_keep(42, 9, 3, row + 8, col, thr) ? 1 : 0) << row << " " << j0 << " " << n << " " << t;
+        }
+      }
 }
 
 }  // namespace

@@ -9,13 +9,26 @@
 // r % 16 < 8; z for the others) has the bytes of columns 2t, 2t + 1, 8 + 2t,
 // 9 + 2t of the block, and word y (w) those 16 columns on. An in-lane byte
 // shuffle puts each block's 16-bit column pairs in order, a 128-bit lane
-// interleave of the two words the blocks.
+// interleave of the two words the blocks. dropout_keep_row_pair keeps both
+// halves of each call (x, y: row r; z, w: row r + 8), the forward and backward
+// draw a block's rows in such pairs (for_dropout_rows).
 // One core of a 2-core AMX Xeon, ns per element (session 61): AVX-512 0.23 at
 // 256 columns, 0.25 at 128; AVX2 0.40 / 0.41; 64 columns (the backward's rows:
 // one AVX2 step either way) 0.45; scalar 2.6. Under the 32-bit draws (four
 // columns a call, until session 61) AVX-512 took 0.51-0.62, AVX2 0.80-1.0. The
 // dropout forward, b1 h4 s2048 d64 p 0.1, 2 threads, best of 15: fp32 16.8-17.8
 // -> 14.1-14.2 ms (11-12 without dropout), bf16 7.9-8.2 -> 5.6-6.6 ms (3.0).
+// Row pairs, ns per element, one row -> pair: AVX-512 0.24 -> 0.14 at 256
+// columns, 0.25 -> 0.15 at 128; AVX2 0.41 -> 0.24; 64 columns 0.45 -> 0.27;
+// scalar 2.9 -> 2.0. b1 h4 s2048 p 0.1, 2 threads, bench/cpu_dropout_bench.py
+// --ab (the two builds' processes alternating, each's best of 7 calls; ms, range
+// over 2 runs x 15 rounds; the ratio of the lows, per run), one row -> pairs:
+//   fp32 d64  fwd 14.1-16.7 -> 13.1-19.4 (0.93x)       fwd+bwd 50.4-64.0 -> 46.8-60.8 (0.91-0.93x)
+//   fp32 d128 fwd 22.3-26.3 -> 21.5-32.6 (0.95-0.97x)  fwd+bwd 93.9-114 -> 89.1-106 (0.95-0.96x)
+//   bf16 d64  fwd 5.6-7.2 -> 4.8-6.3 (0.83-0.86x)      fwd+bwd 23.6-29.7 -> 21.5-26.6 (0.86-0.91x)
+//   bf16 d128 fwd 6.9-9.8 -> 5.9-7.9 (0.84-0.86x)      fwd+bwd 35.2-48.3 -> 32.6-38.9 (0.93-0.94x)
+// (p 0, both builds alike within the noise: fp32 d64 11.5-12.2 / 43.6-44.1 ms,
+// bf16 d64 3.1-3.2 / 15.9-16.2.)
 #include "backends/cpu/dropout_mask.h"
 
 #include "backends/cpu/cpu_features.h"
@@ -37,9 +50,10 @@ namespace orchard::cpu {
 namespace {
 
 // Per 32-column block, the calls (of its four) that the columns in range need.
+// keep_hi (may be null): row + 8's bytes too, from the same calls (row % 16 < 8).
 void keep_scalar(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                  std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
-                 std::uint8_t* keep) {
+                 std::uint8_t* keep, std::uint8_t* keep_hi) {
   const std::int64_t end = j0 + n;
   for (std::int64_t c = j0; c < end;) {
     const std::int64_t block_end = std::min(end, (c | 31) + 1);
@@ -53,6 +67,7 @@ void keep_scalar(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_h
         have |= 1u << t;
       }
       keep[c - j0] = dropout_draw(calls[t], row, col) >= threshold;
+      if (keep_hi) keep_hi[c - j0] = dropout_draw(calls[t], row + 8, col) >= threshold;
     }
   }
 }
@@ -72,21 +87,27 @@ RowKey row_key(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_hea
           static_cast<std::uint32_t>(seed >> 32), threshold};
 }
 
-// Runs the vector step over columns [j0, j0 + n): whole steps store in place, a
-// step that sticks out at either end goes through a buffer (a step takes about
-// two scalar calls' time, 28 against 11-20 ns; a 32-column block needs four).
+// Which words of its calls a step turns into keep bytes: one row's (x, y for rows
+// row % 16 < 8, z, w for the others) to out0, or both rows' (x, y to out0, z, w to out1).
+enum class Words { kXY, kZW, kBoth };
+
+// Runs the vector step over columns [j0, j0 + n) into keep0 (and keep1 for Words::kBoth,
+// else null): whole steps store in place, a step that sticks out at either end goes
+// through a buffer (a step takes about two scalar calls' time, 28 against 11-20 ns; a
+// 32-column block needs four).
 template <int kWidth, class Step>
-inline void run_steps(std::int64_t j0, int n, std::uint8_t* keep, Step step) {
+inline void run_steps(std::int64_t j0, int n, std::uint8_t* keep0, std::uint8_t* keep1, Step step) {
   const std::int64_t end = j0 + n;
   for (std::int64_t c = j0 & ~std::int64_t(31); c < end; c += kWidth) {
     if (c >= j0 && c + kWidth <= end) {
-      step(static_cast<std::uint32_t>(c), keep + (c - j0));
+      step(static_cast<std::uint32_t>(c), keep0 + (c - j0), keep1 ? keep1 + (c - j0) : nullptr);
       continue;
     }
-    alignas(64) std::uint8_t buf[kWidth];
-    step(static_cast<std::uint32_t>(c), buf);
+    alignas(64) std::uint8_t buf[2][kWidth];
+    step(static_cast<std::uint32_t>(c), buf[0], buf[1]);
     const std::int64_t lo = std::max(c, j0), hi = std::min(c + kWidth, end);
-    std::memcpy(keep + (lo - j0), buf + (lo - c), static_cast<std::size_t>(hi - lo));
+    std::memcpy(keep0 + (lo - j0), buf[0] + (lo - c), static_cast<std::size_t>(hi - lo));
+    if (keep1) std::memcpy(keep1 + (lo - j0), buf[1] + (lo - c), static_cast<std::size_t>(hi - lo));
   }
 }
 
@@ -98,10 +119,29 @@ __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m25
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
 }
 
-// Keep bytes of columns [c, c + 64), c % 32 == 0: two blocks, one per 128-bit lane.
-// kUpper: row % 16 >= 8, whose draws are words z, w.
-template <bool kUpper>
-__attribute__((target("avx2"))) inline void step_avx2(const RowKey& k, std::uint32_t c, std::uint8_t* out) {
+// Keep bytes of one row, columns [c, c + 64) (c % 32 == 0: two blocks, one per 128-bit
+// lane), from its words lo (columns 0..15 of each block) and hi (16..31).
+__attribute__((target("avx2"))) inline void store_keep_avx2(__m256i lo, __m256i hi, std::uint32_t threshold,
+                                                            std::uint8_t* out) {
+  // Word a of call t holds u16 column pairs (2t, 8 + 2t) of its block: gather each
+  // lane's four pairs at 2t and those at 8 + 2t behind them (columns 0..15 in order).
+  const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i a = _mm256_shuffle_epi8(lo, order);  // columns 0..15 of each block
+  const __m256i b = _mm256_shuffle_epi8(hi, order);  // columns 16..31
+  const __m256i thr = _mm256_set1_epi8(static_cast<char>(threshold));
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = h == 0 ? _mm256_permute2x128_si256(a, b, 0x20) : _mm256_permute2x128_si256(a, b, 0x31);
+    const __m256i ge = _mm256_cmpeq_epi8(_mm256_max_epu8(v, thr), v);  // v >= threshold, unsigned
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), _mm256_and_si256(ge, one));
+  }
+}
+
+// The eight calls of columns [c, c + 64), c % 32 == 0, turned into keep bytes (kWords).
+template <Words kWords>
+__attribute__((target("avx2"))) inline void step_avx2(const RowKey& k, std::uint32_t c, std::uint8_t* out0,
+                                                      std::uint8_t* out1) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>((c >> 5) << 2)),
@@ -121,24 +161,19 @@ __attribute__((target("avx2"))) inline void step_avx2(const RowKey& k, std::uint
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  // Word a of call t holds u16 column pairs (2t, 8 + 2t) of its block: gather each
-  // lane's four pairs at 2t and those at 8 + 2t behind them (columns 0..15 in order).
-  const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-  const __m256i a = _mm256_shuffle_epi8(kUpper ? z : x, order);  // columns 0..15 of each block
-  const __m256i b = _mm256_shuffle_epi8(kUpper ? w : y, order);  // columns 16..31
-  const __m256i thr = _mm256_set1_epi8(static_cast<char>(k.threshold));
-  const __m256i one = _mm256_set1_epi8(1);
-  for (int h = 0; h < 2; ++h) {
-    const __m256i v = h == 0 ? _mm256_permute2x128_si256(a, b, 0x20) : _mm256_permute2x128_si256(a, b, 0x31);
-    const __m256i ge = _mm256_cmpeq_epi8(_mm256_max_epu8(v, thr), v);  // v >= threshold, unsigned
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), _mm256_and_si256(ge, one));
-  }
+  if constexpr (kWords == Words::kZW)
+    store_keep_avx2(z, w, k.threshold, out0);
+  else
+    store_keep_avx2(x, y, k.threshold, out0);
+  if constexpr (kWords == Words::kBoth) store_keep_avx2(z, w, k.threshold, out1);
 }
 
-template <bool kUpper>
-__attribute__((target("avx2"))) void keep_avx2(const RowKey& k, std::int64_t j0, int n, std::uint8_t* keep) {
-  run_steps<64>(j0, n, keep, [&](std::uint32_t c, std::uint8_t* out) { step_avx2<kUpper>(k, c, out); });
+template <Words kWords>
+__attribute__((target("avx2"))) void keep_avx2(const RowKey& k, std::int64_t j0, int n, std::uint8_t* keep0,
+                                               std::uint8_t* keep1) {
+  run_steps<64>(j0, n, keep0, keep1, [&](std::uint32_t c, std::uint8_t* out0, std::uint8_t* out1) {
+    step_avx2<kWords>(k, c, out0, out1);
+  });
 }
 
 // Sixteen calls (128 columns, four blocks, one per 128-bit lane) per step.
@@ -150,8 +185,26 @@ ORCHARD_DROPOUT_AVX512_TARGET inline void mulhilo16(__m512i a, __m512i m, __m512
   lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
 }
 
-template <bool kUpper>
-ORCHARD_DROPOUT_AVX512_TARGET inline void step_avx512(const RowKey& k, std::uint32_t c, std::uint8_t* out) {
+// Keep bytes of one row, columns [c, c + 128) (four blocks, one per 128-bit lane), from its
+// words lo (columns 0..15 of each block) and hi (16..31).
+ORCHARD_DROPOUT_AVX512_TARGET inline void store_keep_avx512(__m512i lo, __m512i hi, std::uint32_t threshold,
+                                                             std::uint8_t* out) {
+  // Bytes 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15 of each 128-bit lane, as store_keep_avx2.
+  const __m512i order = _mm512_set4_epi32(0x0F0E0B0A, 0x07060302, 0x0D0C0908, 0x05040100);
+  const __m512i a = _mm512_shuffle_epi8(lo, order);  // lane j: columns 0..15 of block j
+  const __m512i b = _mm512_shuffle_epi8(hi, order);  // columns 16..31
+  // 64-bit indices into (a, b): lanes a0 b0 a1 b1, then a2 b2 a3 b3.
+  const __m512i first = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), b);
+  const __m512i second = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), b);
+  const __m512i thr = _mm512_set1_epi8(static_cast<char>(threshold));
+  const __m512i one = _mm512_set1_epi8(1);
+  _mm512_storeu_si512(out, _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(first, thr), one));
+  _mm512_storeu_si512(out + 64, _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(second, thr), one));
+}
+
+template <Words kWords>
+ORCHARD_DROPOUT_AVX512_TARGET inline void step_avx512(const RowKey& k, std::uint32_t c, std::uint8_t* out0,
+                                                      std::uint8_t* out1) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   __m512i x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>((c >> 5) << 2)),
@@ -171,30 +224,29 @@ ORCHARD_DROPOUT_AVX512_TARGET inline void step_avx512(const RowKey& k, std::uint
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  // Bytes 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15 of each 128-bit lane, as step_avx2.
-  const __m512i order = _mm512_set4_epi32(0x0F0E0B0A, 0x07060302, 0x0D0C0908, 0x05040100);
-  const __m512i a = _mm512_shuffle_epi8(kUpper ? z : x, order);  // lane j: columns 0..15 of block j
-  const __m512i b = _mm512_shuffle_epi8(kUpper ? w : y, order);  // columns 16..31
-  // 64-bit indices into (a, b): lanes a0 b0 a1 b1, then a2 b2 a3 b3.
-  const __m512i lo = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), b);
-  const __m512i hi = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), b);
-  const __m512i thr = _mm512_set1_epi8(static_cast<char>(k.threshold));
-  const __m512i one = _mm512_set1_epi8(1);
-  _mm512_storeu_si512(out, _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(lo, thr), one));
-  _mm512_storeu_si512(out + 64, _mm512_maskz_mov_epi8(_mm512_cmpge_epu8_mask(hi, thr), one));
+  if constexpr (kWords == Words::kZW)
+    store_keep_avx512(z, w, k.threshold, out0);
+  else
+    store_keep_avx512(x, y, k.threshold, out0);
+  if constexpr (kWords == Words::kBoth) store_keep_avx512(z, w, k.threshold, out1);
 }
 
 // 128-column steps while more than 64 columns are left, then (at most) one AVX2 step.
-template <bool kUpper>
-ORCHARD_DROPOUT_AVX512_TARGET void keep_avx512(const RowKey& k, std::int64_t j0, int n, std::uint8_t* keep) {
+template <Words kWords>
+ORCHARD_DROPOUT_AVX512_TARGET void keep_avx512(const RowKey& k, std::int64_t j0, int n, std::uint8_t* keep0,
+                                               std::uint8_t* keep1) {
   const std::int64_t end = j0 + n, c = j0 & ~std::int64_t(31);
   const std::int64_t steps = end - c > 64 ? (end - c - 64 + 127) / 128 : 0;
   const std::int64_t wide_end = std::min(end, c + 128 * steps);
   if (steps > 0)
-    run_steps<128>(j0, static_cast<int>(wide_end - j0), keep,
-                   [&](std::uint32_t col, std::uint8_t* out) { step_avx512<kUpper>(k, col, out); });
+    run_steps<128>(j0, static_cast<int>(wide_end - j0), keep0, keep1,
+                   [&](std::uint32_t col, std::uint8_t* out0, std::uint8_t* out1) {
+                     step_avx512<kWords>(k, col, out0, out1);
+                   });
   const std::int64_t rest = std::max(j0, wide_end);
-  if (end > rest) keep_avx2<kUpper>(k, rest, static_cast<int>(end - rest), keep + (rest - j0));
+  if (end > rest)
+    keep_avx2<kWords>(k, rest, static_cast<int>(end - rest), keep0 + (rest - j0),
+                      keep1 ? keep1 + (rest - j0) : nullptr);
 }
 
 bool has_avx2() {
@@ -222,37 +274,73 @@ bool dropout_mask_isa_supported(DropoutMaskIsa isa) {
   return isa == DropoutMaskIsa::kScalar;
 }
 
-void dropout_keep_row_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
-                          std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold, std::uint8_t* keep) {
+namespace {
+
+// One row (keep_hi null) or rows row and row + 8 (row % 16 < 8) from the same calls.
+void keep_rows(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+               std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold, std::uint8_t* keep,
+               std::uint8_t* keep_hi) {
   if (n <= 0) return;
   // Every 8-bit draw is >= 0 and < 256: no Philox needed.
   if (threshold == 0u || threshold >= 256u) {
     std::memset(keep, threshold == 0u ? 1 : 0, static_cast<std::size_t>(n));
+    if (keep_hi) std::memset(keep_hi, threshold == 0u ? 1 : 0, static_cast<std::size_t>(n));
     return;
   }
 #ifdef ORCHARD_DROPOUT_AVX2
   if (isa != DropoutMaskIsa::kScalar) {
     const RowKey k = row_key(seed, offset, batch_head, row, threshold);
-    const bool upper = (row >> 3) & 1u;
-    if (isa == DropoutMaskIsa::kAvx512)
-      return upper ? keep_avx512<true>(k, j0, n, keep) : keep_avx512<false>(k, j0, n, keep);
-    return upper ? keep_avx2<true>(k, j0, n, keep) : keep_avx2<false>(k, j0, n, keep);
+    const bool avx512 = isa == DropoutMaskIsa::kAvx512;
+    if (keep_hi)
+      return avx512 ? keep_avx512<Words::kBoth>(k, j0, n, keep, keep_hi)
+                    : keep_avx2<Words::kBoth>(k, j0, n, keep, keep_hi);
+    if ((row >> 3) & 1u)
+      return avx512 ? keep_avx512<Words::kZW>(k, j0, n, keep, nullptr)
+                    : keep_avx2<Words::kZW>(k, j0, n, keep, nullptr);
+    return avx512 ? keep_avx512<Words::kXY>(k, j0, n, keep, nullptr)
+                  : keep_avx2<Words::kXY>(k, j0, n, keep, nullptr);
   }
 #endif
-  keep_scalar(seed, offset, batch_head, row, j0, n, threshold, keep);
+  keep_scalar(seed, offset, batch_head, row, j0, n, threshold, keep, keep_hi);
+}
+
+// The widest implementation this CPU has (ORCHARD_CPU_DROPOUT512=0: not AVX-512).
+DropoutMaskIsa widest_isa() {
+#ifdef ORCHARD_DROPOUT_AVX2
+  if (dropout_avx512()) return DropoutMaskIsa::kAvx512;
+  if (has_avx2()) return DropoutMaskIsa::kAvx2;
+#endif
+  return DropoutMaskIsa::kScalar;
+}
+
+}  // namespace
+
+void dropout_keep_row_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                          std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold, std::uint8_t* keep) {
+  keep_rows(isa, seed, offset, batch_head, row, j0, n, threshold, keep, nullptr);
+}
+
+void dropout_keep_row_pair_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset,
+                               std::uint32_t batch_head, std::uint32_t row_lo, std::int64_t j0, int n,
+                               std::uint32_t threshold, std::uint8_t* keep_lo, std::uint8_t* keep_hi) {
+  if ((row_lo >> 3) & 1u) {  // rows of different calls: one at a time
+    keep_rows(isa, seed, offset, batch_head, row_lo, j0, n, threshold, keep_lo, nullptr);
+    keep_rows(isa, seed, offset, batch_head, row_lo + 8, j0, n, threshold, keep_hi, nullptr);
+    return;
+  }
+  keep_rows(isa, seed, offset, batch_head, row_lo, j0, n, threshold, keep_lo, keep_hi);
 }
 
 void dropout_keep_row(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                       std::uint32_t row, std::int64_t j0, int n, std::uint32_t threshold,
                       std::uint8_t* keep) {
-  DropoutMaskIsa isa = DropoutMaskIsa::kScalar;
-#ifdef ORCHARD_DROPOUT_AVX2
-  if (dropout_avx512())
-    isa = DropoutMaskIsa::kAvx512;
-  else if (has_avx2())
-    isa = DropoutMaskIsa::kAvx2;
-#endif
-  dropout_keep_row_isa(isa, seed, offset, batch_head, row, j0, n, threshold, keep);
+  keep_rows(widest_isa(), seed, offset, batch_head, row, j0, n, threshold, keep, nullptr);
+}
+
+void dropout_keep_row_pair(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                           std::uint32_t row_lo, std::int64_t j0, int n, std::uint32_t threshold,
+                           std::uint8_t* keep_lo, std::uint8_t* keep_hi) {
+  dropout_keep_row_pair_isa(widest_isa(), seed, offset, batch_head, row_lo, j0, n, threshold, keep_lo, keep_hi);
 }
 
 }  // namespace orchard::cpu

@@ -54,7 +54,7 @@ struct FwdScratch {
   // The tiles the GEMMs read and write start on a cache line (cache_aligned.h).
   CacheAlignedVector<T> q, o, s, m, l;
   std::vector<int> first, nv;
-  std::vector<std::uint8_t> keep;
+  std::vector<std::uint8_t> keep;  // dropout keep masks of two rows (r, r + 8: for_dropout_rows), bn each
   // bf16 operands: the Q block and the P tile, in `planes` planes of bm x dp / bm x bn
   // (1 on the bf16 path, 3 for fp32 on AMX: split_bf16x3.h).
   CacheAlignedVector<std::uint16_t> q16, p16;
@@ -65,7 +65,7 @@ struct FwdScratch {
     const std::size_t qn = fp32_q ? std::size_t(bm) * dp : 0, q16n = std::size_t(planes) * bm * dp;
     const std::size_t p16n = std::size_t(planes) * bm * bn;
     w.q.resize(qn), w.o.resize(std::size_t(bm) * dvp), w.s.resize(std::size_t(bm) * bn);
-    w.m.resize(bm), w.l.resize(bm), w.first.resize(bm), w.nv.resize(bm), w.keep.resize(bn);
+    w.m.resize(bm), w.l.resize(bm), w.first.resize(bm), w.nv.resize(bm), w.keep.resize(2 * std::size_t(bn));
     w.q16.resize(q16n), w.p16.resize(p16n);
     if (StageBuffer::poison()) {
       const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -145,9 +145,16 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   };
   // The Philox index of row i, column j0: the call's dropout offsets added (params.h).
   const std::uint32_t drop_bh = dropout_batch_head(p, bi, h);
-  auto keep_row = [&](std::int64_t i, std::int64_t j0, int ncols, std::uint8_t* keep) {
-    dropout_keep_row(key.seed, key.offset, drop_bh, static_cast<std::uint32_t>(i + p.dropout_row_offset),
-                     j0 + p.dropout_col_offset, ncols, threshold, keep);
+  // Block row r's keep mask for columns [j0, j0 + ncols) to keep, with row r + 8's to keep8 when
+  // paired (for_dropout_rows: the two rows' draws come from the same Philox calls).
+  const auto drop_row0 = static_cast<std::uint32_t>(i0 + p.dropout_row_offset);
+  auto keep_rows = [&](int r, bool paired, std::int64_t j0, int ncols, std::uint8_t* keep, std::uint8_t* keep8) {
+    if (paired)
+      dropout_keep_row_pair(key.seed, key.offset, drop_bh, drop_row0 + r, j0 + p.dropout_col_offset, ncols,
+                            threshold, keep, keep8);
+    else
+      dropout_keep_row(key.seed, key.offset, drop_bh, drop_row0 + r, j0 + p.dropout_col_offset, ncols,
+                       threshold, keep);
   };
 
   const std::int64_t q_row0 = span.q_start + i0;  // first row in q / out / lse
@@ -202,15 +209,20 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       apply_score_mods(mods, w.s.data(), rows, bn, i0, j0, w.first.data(), w.nv.data(), nullptr);
       c = kLog2e;
     }
-    // Each row's keep mask for this tile (recorded when the call returns it), handed to drop_row.
+    // Each row's keep mask for this tile (recorded when the call returns it), handed to
+    // drop_row(r, ncols, keep); rows r and r + 8 drawn together (w.keep: two rows) where paired.
     auto drop_rows = [&](auto&& drop_row) {
       const int ncols = static_cast<int>(std::min<std::int64_t>(bn, span.len_k - j0));
-      for (int r = 0; r < rows; ++r) {
-        const std::int64_t i = i0 + r;
-        keep_row(i, j0, ncols, w.keep.data());
-        if (p.dropout_mask) std::copy_n(w.keep.data(), ncols, mask_row(i) + j0);
-        drop_row(r, ncols);
-      }
+      auto apply = [&](int r, const std::uint8_t* keep) {
+        if (p.dropout_mask) std::copy_n(keep, ncols, mask_row(i0 + r) + j0);
+        drop_row(r, ncols, keep);
+      };
+      std::uint8_t* const keep = w.keep.data();
+      for_dropout_rows(drop_row0, rows, [&](int r, bool paired) {
+        keep_rows(r, paired, j0, ncols, keep, keep + bn);
+        apply(r, keep);
+        if (paired) apply(r + 8, keep + bn);
+      });
       mask_end = j0 + ncols;
     };
     if constexpr (sizeof(T) == 4) {
@@ -218,7 +230,9 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
       if (geo.bf16 && softmax_tile_update_bf16(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                                                w.o.data(), dvp, dvp, w.p16.data())) {
         if (dropout)
-          drop_rows([&](int r, int ncols) { zero_dropped(w.p16.data() + std::int64_t(r) * bn, w.keep.data(), ncols); });
+          drop_rows([&](int r, int ncols, const std::uint8_t* keep) {
+            zero_dropped(w.p16.data() + std::int64_t(r) * bn, keep, ncols);
+          });
         gemm_bf16_panels(rows, dvp, nc / 2, w.p16.data(), bn, 2, v16 + j0 * dvp, geo.v_panel,
                          w.o.data(), dvp, true, bn / 2);
         continue;
@@ -227,7 +241,9 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
     softmax_tile_update(w.s.data(), rows, bn, w.nv.data(), c, w.m.data(), w.l.data(),
                         w.o.data(), dvp, dvp);
     if (dropout)
-      drop_rows([&](int r, int ncols) { zero_dropped(w.s.data() + std::int64_t(r) * bn, w.keep.data(), ncols); });
+      drop_rows([&](int r, int ncols, const std::uint8_t* keep) {
+        zero_dropped(w.s.data() + std::int64_t(r) * bn, keep, ncols);
+      });
     if constexpr (sizeof(T) == 4) {
       // fp32 on AMX: P's three planes (a softmax update writing them directly measured no faster:
       // the split's arithmetic, not the extra pass over P, is its cost; session 58).
@@ -249,14 +265,15 @@ void forward_block(const FwdParams& p, const FwdGeometry& geo, const SeqSpan& sp
   }
   // The mask is returned for every element of the sequence, hidden ones included.
   if (dropout && p.dropout_mask) {
-    for (int r = 0; r < rows; ++r) {
-      const std::int64_t i = i0 + r;
+    for_dropout_rows(drop_row0, rows, [&](int r, bool paired) {
+      std::uint8_t* const mask = mask_row(i0 + r);
+      std::uint8_t* const mask8 = paired ? mask_row(i0 + r + 8) : nullptr;
       for (auto [from, to] : {std::pair{std::int64_t(0), cols.begin}, std::pair{mask_end, std::int64_t(span.len_k)}})
         for (std::int64_t j0 = from; j0 < to; j0 += bn) {
           const int ncols = static_cast<int>(std::min<std::int64_t>(bn, to - j0));
-          keep_row(i, j0, ncols, mask_row(i) + j0);
+          keep_rows(r, paired, j0, ncols, mask + j0, paired ? mask8 + j0 : nullptr);
         }
-    }
+    });
   }
 
   T* lse = static_cast<T*>(p.lse) + bi * p.lse_batch_stride + h * p.lse_head_stride + q_row0;
