@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -20,36 +21,59 @@ namespace {
 
 using cpu::DropoutMaskIsa;
 
-void check_isa(DropoutMaskIsa isa, const char* name) {
-  if (!cpu::dropout_mask_isa_supported(isa)) GTEST_SKIP() << name << " not on this CPU";
+// Every (key, threshold, row, start, length) of the grid through `draw(seed, offset, bh, row, j0,
+// n, thr)`, which returns how many rows did not match dropout_keep (or were written past n).
+template <class Draw>
+void over_grid(const char* name, const char* what, std::initializer_list<std::uint32_t> rows, Draw draw) {
   const std::pair<std::uint64_t, std::uint64_t> keys[] = {{0, 0}, {1234, 77}, {0x9E3779B97F4A7C15ull, 0x100000003ull}};
   const std::uint32_t thresholds[] = {0u, 1u, 26u, 128u, 255u, 256u};
-  const std::uint32_t rows[] = {0, 7, 8, 15, 21, 1000};
   std::vector<std::int64_t> starts = {(1 << 20) + 2, (1 << 20) + 40, 100, 129};
   for (int s = 0; s < 40; ++s) starts.push_back(s);
   const int lengths[] = {1, 2, 3, 7, 8, 9, 16, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 192, 200, 256, 1000};
   int mismatches = 0, cases = 0;
-  for (const auto& [seed, offset] : keys)
-    for (std::uint32_t thr : thresholds)
-      for (std::uint32_t row : rows)
-        for (std::int64_t j0 : starts)
-          for (int n : lengths) {
-            const auto bh = static_cast<std::uint32_t>(seed % 7 + n);
-            std::vector<std::uint8_t> keep(n + 64, 0xAB);
-            cpu::dropout_keep_row_isa(isa, seed, offset, bh, row, j0, n, thr, keep.data());
-            ++cases;
-            for (int t = 0; t < n; ++t) {
-              const bool want = dropout_keep(seed, offset, bh, row, static_cast<std::uint32_t>(j0 + t), thr);
-              if (keep[t] != (want ? 1 : 0) && ++mismatches <= 5)
-                ADD_FAILURE() << name << " seed " << seed << " offset " << offset << " thr " << thr << " row "
-                              << row << " j0 " << j0 << " n " << n << " column " << t << ": " << int(keep[t])
-                              << ", want " << want;
+  [&] {
+    for (const auto& [seed, offset] : keys)
+      for (std::uint32_t thr : thresholds)
+        for (std::uint32_t row : rows)
+          for (std::int64_t j0 : starts)
+            for (int n : lengths) {
+              ++cases;
+              mismatches += draw(seed, offset, static_cast<std::uint32_t>(seed % 7 + n), row, j0, n, thr);
+              if (mismatches >= 5) return;  // the first five are reported
             }
-            for (int t = n; t < n + 64; ++t)
-              if (keep[t] != 0xAB && ++mismatches <= 5)
-                ADD_FAILURE() << name << " wrote past n = " << n << " at " << t;
-          }
-  EXPECT_EQ(mismatches, 0) << "of " << cases << " rows";
+  }();
+  EXPECT_EQ(mismatches, 0) << name << ": " << mismatches << " wrong of the first " << cases << " " << what;
+}
+
+// Whether keep[0, n) is row `row`'s mask from column j0 and keep[n, n + 64) still holds `poison`;
+// reports the first mismatch.
+bool row_matches(const char* name, const std::vector<std::uint8_t>& keep, std::uint8_t poison, std::uint64_t seed,
+                 std::uint64_t offset, std::uint32_t bh, std::uint32_t row, std::int64_t j0, int n, std::uint32_t thr) {
+  for (int t = 0; t < n; ++t) {
+    const bool want = dropout_keep(seed, offset, bh, row, static_cast<std::uint32_t>(j0 + t), thr);
+    if (keep[t] != (want ? 1 : 0)) {
+      ADD_FAILURE() << name << " seed " << seed << " offset " << offset << " thr " << thr << " row " << row
+                    << " j0 " << j0 << " n " << n << " column " << t << ": " << int(keep[t]) << ", want " << want;
+      return false;
+    }
+  }
+  for (int t = n; t < n + 64; ++t)
+    if (keep[t] != poison) {
+      ADD_FAILURE() << name << " row " << row << " wrote past n = " << n << " at " << t;
+      return false;
+    }
+  return true;
+}
+
+void check_isa(DropoutMaskIsa isa, const char* name) {
+  if (!cpu::dropout_mask_isa_supported(isa)) GTEST_SKIP() << name << " not on this CPU";
+  over_grid(name, "rows", {0, 7, 8, 15, 21, 1000},
+            [&](std::uint64_t seed, std::uint64_t offset, std::uint32_t bh, std::uint32_t row, std::int64_t j0, int n,
+                std::uint32_t thr) {
+              std::vector<std::uint8_t> keep(n + 64, 0xAB);
+              cpu::dropout_keep_row_isa(isa, seed, offset, bh, row, j0, n, thr, keep.data());
+              return row_matches(name, keep, 0xAB, seed, offset, bh, row, j0, n, thr) ? 0 : 1;
+            });
 }
 
 // Rows row_lo and row_lo + 8 at once, both against dropout_keep. Rows with row_lo % 16 < 8 (one
@@ -57,39 +81,15 @@ void check_isa(DropoutMaskIsa isa, const char* name) {
 // one-row-at-a-time path); both outputs poisoned past n.
 void check_pair_isa(DropoutMaskIsa isa, const char* name) {
   if (!cpu::dropout_mask_isa_supported(isa)) GTEST_SKIP() << name << " not on this CPU";
-  const std::pair<std::uint64_t, std::uint64_t> keys[] = {{0, 0}, {1234, 77}, {0x9E3779B97F4A7C15ull, 0x100000003ull}};
-  const std::uint32_t thresholds[] = {0u, 1u, 26u, 128u, 255u, 256u};
-  const std::uint32_t rows[] = {0, 3, 7, 16, 23, 992, 0xFFFFFFF7u, 8, 1000};
-  std::vector<std::int64_t> starts = {(1 << 20) + 2, (1 << 20) + 40, 100, 129};
-  for (int s = 0; s < 40; ++s) starts.push_back(s);
-  const int lengths[] = {1, 2, 3, 7, 8, 9, 16, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 192, 200, 256, 1000};
-  int mismatches = 0, cases = 0;
-  for (const auto& [seed, offset] : keys)
-    for (std::uint32_t thr : thresholds)
-      for (std::uint32_t row : rows)
-        for (std::int64_t j0 : starts)
-          for (int n : lengths) {
-            const auto bh = static_cast<std::uint32_t>(seed % 7 + n);
-            std::vector<std::uint8_t> keep[2] = {std::vector<std::uint8_t>(n + 64, 0xAB),
-                                                 std::vector<std::uint8_t>(n + 64, 0xCD)};
-            cpu::dropout_keep_row_pair_isa(isa, seed, offset, bh, row, j0, n, thr, keep[0].data(), keep[1].data());
-            ++cases;
-            for (int half = 0; half < 2; ++half) {
-              const std::uint32_t r = row + 8u * half;
-              const std::vector<std::uint8_t>& k = keep[half];
-              for (int t = 0; t < n; ++t) {
-                const bool want = dropout_keep(seed, offset, bh, r, static_cast<std::uint32_t>(j0 + t), thr);
-                if (k[t] != (want ? 1 : 0) && ++mismatches <= 5)
-                  ADD_FAILURE() << name << " pair seed " << seed << " offset " << offset << " thr " << thr
-                                << " row " << r << " j0 " << j0 << " n " << n << " column " << t << ": "
-                                << int(k[t]) << ", want " << want;
-              }
-              for (int t = n; t < n + 64; ++t)
-                if (k[t] != (half ? 0xCD : 0xAB) && ++mismatches <= 5)
-                  ADD_FAILURE() << name << " pair row " << r << " wrote past n = " << n << " at " << t;
-            }
-          }
-  EXPECT_EQ(mismatches, 0) << "of " << cases << " row pairs";
+  over_grid(name, "row pairs", {0, 3, 7, 16, 23, 992, 0xFFFFFFF7u, 8, 1000},
+            [&](std::uint64_t seed, std::uint64_t offset, std::uint32_t bh, std::uint32_t row, std::int64_t j0, int n,
+                std::uint32_t thr) {
+              std::vector<std::uint8_t> lo(n + 64, 0xAB), hi(n + 64, 0xCD);
+              cpu::dropout_keep_row_pair_isa(isa, seed, offset, bh, row, j0, n, thr, lo.data(), hi.data());
+              const bool ok = row_matches(name, lo, 0xAB, seed, offset, bh, row, j0, n, thr) &&
+                              row_matches(name, hi, 0xCD, seed, offset, bh, row + 8u, j0, n, thr);
+              return ok ? 0 : 1;
+            });
 }
 
 TEST(CpuDropoutMask, ScalarMatchesPhilox) { check_isa(DropoutMaskIsa::kScalar, "scalar"); }
