@@ -76,12 +76,15 @@ ORCHARD_HOST_DEVICE std::uint32_t dropout_keep_threshold(float p) {
 ORCHARD_HOST_DEVICE std::uint32_t dropout_counter_x(std::uint32_t col) { return ((col >> 5) << 2) | ((col >> 1) & 3u); }
 ORCHARD_HOST_DEVICE std::uint32_t dropout_counter_y(std::uint32_t row) { return ((row >> 4) << 3) | (row & 7u); }
 
+// The counter's last word, from the call's 64-bit offset.
+ORCHARD_HOST_DEVICE std::uint32_t dropout_counter_w(std::uint64_t offset) {
+  return static_cast<std::uint32_t>(offset) ^ (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
+}
+
 // The call at counter words (x, y): y + 8 is the call of the rows 16 further down.
 ORCHARD_HOST_DEVICE Philox4 dropout_call_xy(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
                                             std::uint32_t x, std::uint32_t y) {
-  const std::uint32_t off = static_cast<std::uint32_t>(offset) ^
-                            (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
-  return philox4x32_10(Philox4{x, y, batch_head, off}, static_cast<std::uint32_t>(seed),
+  return philox4x32_10(Philox4{x, y, batch_head, dropout_counter_w(offset)}, static_cast<std::uint32_t>(seed),
                        static_cast<std::uint32_t>(seed >> 32));
 }
 

@@ -25,10 +25,10 @@ TEST(DropoutFragment, QueryRowsOneCallPer32Columns) {
       for (int t = 0; t < 4; ++t) {
         const std::uint32_t r = row16 + g;
         // Eight 8-column blocks from col8: a new call wherever a 32-column block starts.
-        Philox4 call = dropout_call(seed, offset, bh, r, col8 + 2 * t);
+        Philox4 call{};
         for (std::uint32_t n = 0; n < 8; ++n) {
           const std::uint32_t cb = col8 + 8 * n;
-          if (n > 0 && cb % 32 == 0) call = dropout_call(seed, offset, bh, r, cb + 2 * t);
+          if (query_rows_new_call(static_cast<int>(n), cb)) call = dropout_call(seed, offset, bh, r, cb + 2 * t);
           for (int h = 0; h < 2; ++h) {
             const std::uint32_t pair = query_rows_pair(call, h, cb);
             ASSERT_EQ(pair & 0xFFu, draw(seed, offset, bh, r + 8 * h, cb + 2 * t)) << g << " " << t << " " << n;

@@ -81,9 +81,7 @@ struct RowKey {
 
 RowKey row_key(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head, std::uint32_t row,
                std::uint32_t threshold) {
-  const std::uint32_t off = static_cast<std::uint32_t>(offset) ^
-                            (static_cast<std::uint32_t>(offset >> 32) * 0x9E3779B9u);
-  return {((row >> 4) << 3) | (row & 7u), batch_head, off, static_cast<std::uint32_t>(seed),
+  return {dropout_counter_y(row), batch_head, dropout_counter_w(offset), static_cast<std::uint32_t>(seed),
           static_cast<std::uint32_t>(seed >> 32), threshold};
 }
 
@@ -144,7 +142,7 @@ __attribute__((target("avx2"))) inline void step_avx2(const RowKey& k, std::uint
                                                       std::uint8_t* out1) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>((c >> 5) << 2)),
+  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(dropout_counter_x(c))),
                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256i y = _mm256_set1_epi32(static_cast<int>(k.y));
   __m256i z = _mm256_set1_epi32(static_cast<int>(k.z));
@@ -207,7 +205,7 @@ ORCHARD_DROPOUT_AVX512_TARGET inline void step_avx512(const RowKey& k, std::uint
                                                       std::uint8_t* out1) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  __m512i x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>((c >> 5) << 2)),
+  __m512i x = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(dropout_counter_x(c))),
                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   __m512i y = _mm512_set1_epi32(static_cast<int>(k.y));
   __m512i z = _mm512_set1_epi32(static_cast<int>(k.z));

@@ -37,6 +37,9 @@ ORCHARD_HOST_DEVICE std::uint32_t byte_perm(std::uint32_t x, std::uint32_t y, st
 }
 
 // ---- rows = queries -------------------------------------------------------------------------
+// Whether 8-column block j of a tile (first column cb, with the offset) needs a call of its own: the
+// tile's first block, or the first of a 32-column block (later ones reuse that call).
+ORCHARD_HOST_DEVICE bool query_rows_new_call(int j, std::uint32_t cb) { return j == 0 || (cb & 31u) == 0; }
 // The draws of columns cb + 2t, cb + 2t + 1 (low, high byte) of row half h (row r + 8 h), with
 // cb the 8-column block's first column (a multiple of 8) and call = dropout_call(.., r, cb + 2t).
 ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, std::uint32_t cb) {
@@ -65,12 +68,15 @@ __device__ __forceinline__ std::uint32_t key_rows_call_dropped(const Philox4& ca
                                                                std::uint32_t keep_threshold) {
   const std::uint32_t own = key_rows_bytes(call, k, e);
   const std::uint32_t got = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
-  const std::uint32_t col0 = e ? got : own, col1 = e ? own : got;  // query columns q, q + 1
   std::uint32_t dropped = 0;
 #pragma unroll
-  for (int b = 0; b < 4; ++b)  // byte b = 2 rh + h: element bits 2 b (column q), 2 b + 1 (q + 1)
-    dropped |= static_cast<std::uint32_t>(((col0 >> (8 * b)) & 0xFFu) < keep_threshold) << (2 * b) |
-               static_cast<std::uint32_t>(((col1 >> (8 * b)) & 0xFFu) < keep_threshold) << (2 * b + 1);
+  for (int rh = 0; rh < 2; ++rh)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int f = 0; f < 2; ++f)
+        dropped |= static_cast<std::uint32_t>(key_rows_draw(own, got, e, f, rh, h) < keep_threshold)
+                   << (4 * rh + 2 * h + f);
   return dropped;
 }
 

@@ -1166,6 +1166,8 @@ __global__ void __launch_bounds__(256)
       // block the pairs of lanes g, g ^ 1 share calls (dropout_fragment.h, rows = keys). Rolled
       // loops: inlined into the unrolled exp loop below, per-element calls had cost every dropout
       // kernel spill stores (ptxas sm_90, atomic-dQ d64 / d128 non-causal 172 -> 12 / 160 -> 92 B).
+      // One loop over both 16-key blocks rather than key_rows_dropped per block (session 61, ptxas
+      // sm_90: with attn_bias d64 424 -> 152 B, d128 420 -> 384; plain d128 104 -> 120).
       const uint32_t bh = drop_bh0 + static_cast<uint32_t>(h);
       const uint32_t q2t = static_cast<uint32_t>(m0 + qcol + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset);
       const uint32_t k0 = static_cast<uint32_t>(kv_base) + static_cast<uint32_t>(p.dropout_col_offset);
@@ -1605,7 +1607,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     for (int nt = 0; nt < kNT; ++nt) {
       const uint32_t cb = static_cast<uint32_t>(n0 + nt * 8) + static_cast<uint32_t>(p.dropout_col_offset);
       if constexpr (kDropout)  // rows = queries: one call per 32-column block (dropout_fragment.h)
-        if (fragment_calls && (nt == 0 || (cb & 31u) == 0))
+        if (fragment_calls && query_rows_new_call(nt, cb))
           drop_call = dropout_call(key.seed, key.offset, drop_bh,
                                    static_cast<uint32_t>(row_base) + static_cast<uint32_t>(p.dropout_row_offset),
                                    cb + 2u * t);

@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
             const uint32_t cb = gcol0 + 8u * nt;  // warp-uniform
-            if (nt == 0 || (cb & 31u) == 0) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
+            if (query_rows_new_call(nt, cb)) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               const uint32_t pair = query_rows_pair(call, r, cb);

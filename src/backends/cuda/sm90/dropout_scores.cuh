@@ -37,7 +37,7 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
 #pragma unroll 1
   for (int j = 0; j < kBN / 8; ++j) {  // 8-column block j: elements 4j .. 4j + 3
     const uint32_t cb = col0 + 8u * j;
-    if (j == 0 || (cb & 31u) == 0) call = dropout_call(key.seed, key.offset, batch_head, row0, cb + 2u * t);
+    if (cuda::query_rows_new_call(j, cb)) call = dropout_call(key.seed, key.offset, batch_head, row0, cb + 2u * t);
     uint64_t bits = 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
