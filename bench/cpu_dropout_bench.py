@@ -14,17 +14,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-
-def best_ms(fn, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+from cpu_mask_bench import best_ms  # bench/ is the script's directory: ms, best of reps after a warm-up
 
 
 def measure(a):
