@@ -1,6 +1,6 @@
 """Small dropout calls on every CUDA path for compute-sanitizer to watch (memcheck / racecheck):
-the sm90 forward (d128 / d192 / d256) and backward (every bucket), the sm80 forward (d64 / d96, and
-any head dim with the keep-mask output), the sm80 backward (deterministic calls), the per-element
+the sm90 forward and backward (every bucket), the sm80 forward (any head dim with the keep-mask
+output), the sm80 backward (deterministic calls), the per-element
 draws of offsets off the 16 grid (a context-parallel block), and the float32 kernels. Odd sizes, so
 tiles end inside the calls' Philox blocks.
 

@@ -85,12 +85,17 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   p.dropout_p = 0.1f;
   EXPECT_TRUE(fwd(p));  // (the dispatch adds ORCHARD_SM90_DROPOUT and sm90_fwd_takes_dropout)
   EXPECT_TRUE(sm90_fwd_takes_dropout(p));
-  EXPECT_FALSE(sm90_fwd_takes_dropout(plain_call(64)));
-  EXPECT_FALSE(sm90_fwd_takes_dropout(plain_call(80)));  // the d96 bucket
+  EXPECT_TRUE(sm90_fwd_takes_dropout(plain_call(64)));
+  EXPECT_TRUE(sm90_fwd_takes_dropout(plain_call(80)));  // the d96 bucket
+  {
+    FwdParams biased = plain_call(64);  // the kBias kernels carry no dropout code
+    static const float bias[1] = {};
+    biased.attn_bias = bias;
+    EXPECT_FALSE(sm90_fwd_takes_dropout(biased));
+  }
   // The default (ORCHARD_SM90_DROPOUT unset): the buckets measured faster than the sm80 kernels.
-  for (int bucket : {128, 192, 256}) EXPECT_TRUE(sm90_dropout_measured_faster(bucket, false)) << bucket;
-  EXPECT_FALSE(sm90_dropout_measured_faster(64, false) || sm90_dropout_measured_faster(96, false));
-  for (int bucket : {64, 96, 128, 192, 256}) EXPECT_TRUE(sm90_dropout_measured_faster(bucket, true)) << bucket;
+  for (int bucket : {64, 96, 128, 192, 256})
+    EXPECT_TRUE(sm90_dropout_measured_faster(bucket, false) && sm90_dropout_measured_faster(bucket, true)) << bucket;
   EXPECT_TRUE(bwd(p));   // the d <= 128 kernel's kFeatures instantiations
   p.deterministic = true;  // the ordered-dQ kernels have no dropout
   EXPECT_FALSE(bwd(p));

@@ -439,14 +439,21 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
     for (int q = 0; q < 4; ++q) a[kk][q] = pack_pair<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
 }
 
-// The kernels that carry the dropout code (dropout_scores.cuh): those where ptxas (sm_90a, session
-// 56) placed it without new spill — 2 consumer WGs, no kBias, 64- or 128-key tiles (d192: 96 as
-// well). With it, the 3-WG d64 kernels spilled 12 B (kBias: 8 -> 340 B), d128's 192-key ones
-// 128 B, d256's 80-key one 36 B. run_flash_fwd_sm90 sends dropout calls to these kernels (the
-// buckets sm90_fwd_takes_dropout names: d64's 2-WG kernels ran dropout at 0.85-0.89x the sm80
-// forward's speed on the H100, session 56).
+// The kernels that carry the dropout code (dropout_scores.cuh): those where ptxas (sm_90a) placed it
+// without new spill — 2 consumer WGs, no kBias, 64- or 128-key tiles (d192: 96 as well; session 56),
+// and with ORCHARD_SM90_FWD_DROPOUT_WG3 the 3-WG d64 / d96 kernels (session 62: with drop_scores
+// unrolled, d96's 96-key ones 0 B, d64's 128-key ones 4 B non-causal / 0 causal, against 0 / 0
+// without the code; the rolled loop had spilled 28 / 12 B there). Not: kBias (the 3-WG d64 kBias
+// kernels spilled 8 -> 340 B, session 56), d128's 192-key tiles (128 B), d256's 80-key one (36 B).
+// run_flash_fwd_sm90 sends dropout calls to these kernels; launch_flash_fwd_sm90_one declines a
+// dropout call for any other.
+#ifndef ORCHARD_SM90_FWD_DROPOUT_WG3
+#define ORCHARD_SM90_FWD_DROPOUT_WG3 1
+#endif
 template <int kD, int kBN, int kWG, bool kBias>
-inline constexpr bool kFwdSm90Dropout = !kBias && kWG == 2 && (kBN == 64 || kBN == 128 || (kD == 192 && kBN == 96));
+inline constexpr bool kFwdSm90Dropout =
+    !kBias && ((kWG == 2 && (kBN == 64 || kBN == 128 || (kD == 192 && kBN == 96))) ||
+               (ORCHARD_SM90_FWD_DROPOUT_WG3 && kWG == 3 && kD <= 96 && kBN == 96));
 
 // ---- persistent tile schedule (the order and why: fwd_sm90_schedule.h) ----
 struct FwdTile {
@@ -1234,6 +1241,7 @@ template <typename T, int kD, bool kCausal, bool kOverlap, int kBNv = default_bl
 bool launch_flash_fwd_sm90_one(const FwdParams& p) {
   using Cfg = FwdSm90Config<kD, kBNv, kWG, kBias>;
   if (p.d > kD || p.d % 8 != 0 || cuda::value_dim(p) != p.d) return false;
+  if (p.dropout_p > 0.f && !kFwdSm90Dropout<kD, Cfg::kBN, kWG, kBias>) return false;  // no dropout code
   const int64_t num_m_blocks = (static_cast<int64_t>(p.sq) + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t total = num_m_blocks * p.hq * p.b;
   if (total > INT32_MAX / 4) return false;  // tile indices (paired: + 2 * gridDim.x, + 1) are ints
@@ -1299,8 +1307,9 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
 
 namespace orchard::cuda {
 
-// Dropout calls (ORCHARD_SM90_DROPOUT; the buckets sm90_fwd_takes_dropout names): the kernels with
-// its code (sm90::kFwdSm90Dropout), else false (the sm80 kernels).
+// Dropout calls at d128 / d192 / d256 (ORCHARD_SM90_DROPOUT; sm90_fwd_takes_dropout): the kernels
+// with its code (sm90::kFwdSm90Dropout), else false (the sm80 kernels). d64 / d96 dropout calls take
+// the plain dispatch below, whose kernels all carry it (with ORCHARD_SM90_FWD_DROPOUT_WG3).
 template <typename T, int kD>
 bool run_flash_fwd_sm90_dropout(const FwdParams& p) {
   if (p.attn_bias != nullptr) return false;
@@ -1310,6 +1319,11 @@ bool run_flash_fwd_sm90_dropout(const FwdParams& p) {
     if (p.causal) return sm90::launch_flash_fwd_sm90_one<T, 192, true, true, 96>(p);
     return p.sk >= ORCHARD_SM90_FWD192_WIDE_MIN_SK ? sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 96>(p)
                                                    : sm90::launch_flash_fwd_sm90_one<T, 192, false, true, 64>(p);
+  } else if constexpr (kD == 64) {
+    constexpr bool kOverlap = ORCHARD_SM90_FWD64_OVERLAP != 0;
+    return p.causal && p.sk < ORCHARD_SM90_FWD64_CAUSAL_WG2_BELOW_SK
+               ? sm90::launch_flash_fwd_sm90_one<T, 64, true, kOverlap, 128, 2>(p)
+               : sm90::launch_flash_fwd_sm90<T, 64, kOverlap, 96, 3>(p);
   } else {
     return false;
   }
@@ -1340,7 +1354,7 @@ bool run_flash_fwd_sm90(const FwdParams& p) {
   //   medians of 5 alternating rounds, 80 over 64: non-causal s2k / 4k 1.00 / 1.01x, s8k / 16k
   //   +2.4 / +3.3 %, causal s2k-16k +3.3 / +3.3 / +4.5 / +13.6 %, fp16 s4k 1.00x, but s1k -6.5 %).
   bool launched;
-  if (p.dropout_p > 0.f) {
+  if (p.dropout_p > 0.f && kD != 96) {
     launched = run_flash_fwd_sm90_dropout<T, kD>(p);
   } else if (p.attn_bias != nullptr) {
     // attn_bias: the kBias kernels (the bias read in the feature pass), one configuration per

@@ -42,22 +42,23 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
 ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
   return p.segment_cu == nullptr && ((p.dropout_row_offset | p.dropout_col_offset) & 15) == 0;
 }
-// The dropout calls the sm90 forward runs (flash_fwd_sm90.cuh, run_flash_fwd_sm90_dropout): head-dim
-// buckets 128 / 192 / 256 without attn_bias. The H100 (session 56, bench/sm90_dropout_bench.py): d128
-// 1.16-1.30x and d256 1.18-1.43x the sm80 forward's speed, d64 0.85-0.89x (its 2-WG tile; the 3-WG
-// kernels spilled with the dropout code): d64 / d96 dropout forwards stay on the sm80 kernels, their
-// backward does not (the mask is the same bits on both paths).
-ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
-  return p.attn_bias == nullptr && sm90_head_dim_bucket(p.d) >= 128;
-}
+// The dropout calls the sm90 forward runs (flash_fwd_sm90.cuh, kFwdSm90Dropout): every head-dim
+// bucket without attn_bias (the kBias kernels carry no dropout code). Session 56 (H100, 4 Philox
+// draws per call) had the d64 / d96 forwards on the sm80 kernels (d64's 2-WG tile 0.85-0.89x their
+// speed); session 62 gave the 3-WG d64 / d96 kernels the code (sm90_dropout_measured_faster says
+// which buckets run it by default).
+ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) { return p.attn_bias == nullptr; }
 // The buckets whose dropout calls the sm90 kernels take by default (ORCHARD_SM90_DROPOUT unset):
 // those measured faster than the sm80 kernels (bench/sm90_dropout_bench.py, H100, s2k / s8k). Session
 // 56 ([G56]): forward d128 1.16-1.30x, d256 1.18-1.43x; forward + backward d64 1.08-1.12x, d128
 // 1.26-1.31x. Session 57 ([G57]): d192 forward 1.27-1.39x, forward + backward 1.37-1.40x; d256
 // backward (forward + backward, both forwards on sm90) 1.23-1.42x. Session 59 ([G59]): d96 forward +
-// backward 1.21-1.27x (the forward on the sm80 kernels either way). So every backward bucket.
+// backward 1.21-1.27x (the forward on the sm80 kernels either way). Session 62 ([G62], 8-bit draws):
+// forward d96 1.28-1.40x (3 WGs x 96 keys), d64 PENDING. So every bucket, both ways.
 ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int bucket, bool backward) {
-  return backward || bucket >= 128;
+  (void)bucket;
+  (void)backward;
+  return true;
 }
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
