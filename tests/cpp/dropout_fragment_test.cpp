@@ -20,19 +20,19 @@ TEST(DropoutFragment, QueryRowsOneCallPer32Columns) {
   for (int trial = 0; trial < 200; ++trial) {
     const std::uint64_t seed = rng(), offset = rng();
     const std::uint32_t bh = rng() % 4096;
-    const std::uint32_t row16 = (rng() % 100000) * 16, col8 = (rng() % 100000) * 8;  // aligned tile corners
+    const std::uint32_t row16 = (rng() % 100000) * 16, col32 = (rng() % 100000) * 32;  // aligned tile corners
     for (int g = 0; g < 8; ++g)
       for (int t = 0; t < 4; ++t) {
         const std::uint32_t r = row16 + g;
-        // Eight 8-column blocks from col8: a new call wherever a 32-column block starts.
+        // Twelve 8-column blocks from col32 (a 96-column tile): a call per 32-column block.
         Philox4 call{};
-        for (std::uint32_t n = 0; n < 8; ++n) {
-          const std::uint32_t cb = col8 + 8 * n;
-          if (query_rows_new_call(static_cast<int>(n), cb)) call = dropout_call(seed, offset, bh, r, cb + 2 * t);
+        for (int j = 0; j < 12; ++j) {
+          const std::uint32_t cb = col32 + 8 * static_cast<std::uint32_t>(j);
+          if (query_rows_new_call(j)) call = dropout_call(seed, offset, bh, r, cb + 2 * t);
           for (int h = 0; h < 2; ++h) {
-            const std::uint32_t pair = query_rows_pair(call, h, cb);
-            ASSERT_EQ(pair & 0xFFu, draw(seed, offset, bh, r + 8 * h, cb + 2 * t)) << g << " " << t << " " << n;
-            ASSERT_EQ(pair >> 8, draw(seed, offset, bh, r + 8 * h, cb + 2 * t + 1)) << g << " " << t << " " << n;
+            const std::uint32_t pair = query_rows_pair(call, h, j);
+            ASSERT_EQ(pair & 0xFFu, draw(seed, offset, bh, r + 8 * h, cb + 2 * t)) << g << " " << t << " " << j;
+            ASSERT_EQ(pair >> 8, draw(seed, offset, bh, r + 8 * h, cb + 2 * t + 1)) << g << " " << t << " " << j;
           }
         }
       }
@@ -73,6 +73,10 @@ TEST(DropoutFragment, AlignedOffsets) {
   EXPECT_TRUE(dropout_fragment_aligned(4096, 32));
   EXPECT_FALSE(dropout_fragment_aligned(8, 0));
   EXPECT_FALSE(dropout_fragment_aligned(0, 4));
+  EXPECT_TRUE(query_rows_aligned(0, 0));
+  EXPECT_TRUE(query_rows_aligned(4112, 64));
+  EXPECT_FALSE(query_rows_aligned(0, 16));  // rows = keys' grid, not rows = queries'
+  EXPECT_FALSE(query_rows_aligned(8, 32));
 }
 
 }  // namespace

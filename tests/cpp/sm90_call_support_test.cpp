@@ -106,9 +106,13 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
     EXPECT_TRUE(fwd(wide));
     EXPECT_TRUE(bwd(wide));
   }
-  p.dropout_col_offset = 48;  // a context-parallel block on the 16 grid: whole fragment calls
+  p.dropout_col_offset = 64;  // a context-parallel block on the 32 grid: whole calls in place
   p.dropout_row_offset = 1024;
-  EXPECT_TRUE(fwd(p));
+  EXPECT_TRUE(fwd(p) && sm90_fwd_takes_dropout(p));
+  EXPECT_TRUE(bwd(p));
+  p.dropout_col_offset = 48;  // on the 16 grid: the backward's lane pairs, not the forward's blocks
+  EXPECT_FALSE(sm90_fwd_takes_dropout(p));
+  EXPECT_TRUE(bwd(p));
   p.dropout_col_offset = 8;  // a lane's calls would straddle two 32-column blocks' layout
   EXPECT_FALSE(fwd(p));
   p.dropout_col_offset = 0;

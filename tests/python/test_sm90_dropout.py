@@ -25,17 +25,17 @@ _PLAIN_FEATURES = (-1, -1, 0.0, None, None, None, None, None, 0, 0)
 CASES = [
     (torch.bfloat16, 64, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),  # d64: 3 WGs (192-row tiles)
     (torch.bfloat16, 64, True, 1, 200, 457, 4, 4, 0, 0, (True, True)),  # bottom-right; 2 WGs (< 2048 keys)
-    (torch.float16, 64, True, 1, 260, 2100, 2, 1, 32, 16, (True, True)),  # causal on 3 WGs, offsets
+    (torch.float16, 64, True, 1, 260, 2100, 2, 1, 32, 64, (True, True)),  # causal on 3 WGs, offsets
     (torch.bfloat16, 128, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
     (torch.float16, 128, True, 2, 300, 300, 4, 4, 16, 32, (True, True)),  # a context-parallel block on the 16 grid
     (torch.bfloat16, 120, False, 1, 129, 260, 2, 2, 0, 0, (True, True)),  # the 128 bucket, zero-filled columns
     (torch.bfloat16, 192, False, 1, 200, 1100, 2, 2, 0, 0, (True, True)),  # d192's 96-key tiles (>= 1024 keys)
     (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, (True, True)),
     (torch.bfloat16, 256, False, 1, 200, 2100, 2, 2, 0, 0, (True, True)),  # 64-key tiles (plain: 80)
-    (torch.float16, 256, True, 1, 300, 300, 2, 2, 48, 16, (True, True)),
+    (torch.float16, 256, True, 1, 300, 300, 2, 2, 48, 16, (False, True)),  # columns off the 32 grid: sm80 forward
     (torch.bfloat16, 160, True, 2, 130, 200, 4, 2, 0, 0, (True, True)),  # the 192 bucket, zero-filled columns
     (torch.bfloat16, 80, False, 1, 200, 200, 2, 2, 0, 0, (True, True)),  # the d96 bucket: 3 WGs x 96 keys
-    (torch.bfloat16, 96, True, 2, 400, 700, 3, 3, 16, 48, (True, True)),
+    (torch.bfloat16, 96, True, 2, 400, 700, 3, 3, 16, 96, (True, True)),
     (torch.bfloat16, 128, False, 1, 200, 200, 2, 2, 0, 8, (False, False)),  # off the 16 grid: the sm80 kernels
     (torch.float16, 128, True, 2, 300, 300, 4, 4, 3, 16, (False, False)),  # draw per element there
 ]

@@ -7,8 +7,8 @@
 //     k and k + 8 (k % 16 = g, e = g & 1) of query columns q + f (f = 0, 1) in query blocks j and
 //     j + 1: the calls of rows q and q + 1 hold both lanes' draws. Lane e makes row q + e's call and
 //     hands its partner the four bytes the partner needs: one call and one shuffle per 8 elements.
-// Both need the call's offsets aligned: rows and columns of the tile at multiples of 16 (a kernel
-// draws per element otherwise). Plain host/device functions, so a host test
+// Both need the call's offsets aligned: rows and columns of the tile at multiples of 16, and for
+// rows = queries columns at multiples of 32 (a kernel draws per element otherwise, or declines). Plain host/device functions, so a host test
 // (tests/cpp/dropout_fragment_test.cpp) replays the lanes.
 #pragma once
 
@@ -19,7 +19,8 @@
 
 namespace orchard::cuda {
 
-// Whether a call's dropout row / column offsets keep every fragment's calls whole (uniform).
+// Whether a call's dropout row / column offsets keep every fragment's calls whole (uniform): the
+// rows = keys form's condition (the rows = queries form's is query_rows_aligned, below).
 ORCHARD_HOST_DEVICE bool dropout_fragment_aligned(std::int64_t row_offset, std::int64_t col_offset) {
   return ((row_offset | col_offset) & 15) == 0;
 }
@@ -37,13 +38,21 @@ ORCHARD_HOST_DEVICE std::uint32_t byte_perm(std::uint32_t x, std::uint32_t y, st
 }
 
 // ---- rows = queries -------------------------------------------------------------------------
-// Whether 8-column block j of a tile (first column cb, with the offset) needs a call of its own: the
-// tile's first block, or the first of a 32-column block (later ones reuse that call).
-ORCHARD_HOST_DEVICE bool query_rows_new_call(int j, std::uint32_t cb) { return j == 0 || (cb & 31u) == 0; }
-// The draws of columns cb + 2t, cb + 2t + 1 (low, high byte) of row half h (row r + 8 h), with
-// cb the 8-column block's first column (a multiple of 8) and call = dropout_call(.., r, cb + 2t).
-ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, std::uint32_t cb) {
-  return (philox_lane(call, 2 * h + static_cast<int>((cb >> 4) & 1u)) >> (((cb >> 3) & 1u) * 16u)) & 0xFFFFu;
+// Tiles whose first column (offset included) is a multiple of 32 and whose width is too: offsets
+// query_rows_aligned passes, tiles of 32s (every kernel's). Then 8-column block j of a tile is block
+// j % 4 of its 32-column block, so an unrolled loop knows at compile time where a call starts and
+// which word each block reads. (Session 62: with a run-time first column, the sm90 forward's drop
+// loop selected a word per block and could start a call at every one; its PTX was 2.7x longer at
+// 128 columns.)
+ORCHARD_HOST_DEVICE bool query_rows_aligned(std::int64_t row_offset, std::int64_t col_offset) {
+  return (row_offset & 15) == 0 && (col_offset & 31) == 0;
+}
+// Whether block j needs a call of its own: dropout_call(.., r, cb + 2t), cb its first column.
+ORCHARD_HOST_DEVICE constexpr bool query_rows_new_call(int j) { return j % 4 == 0; }
+// The draws of columns cb + 2t, cb + 2t + 1 (low, high byte) of row half h (row r + 8 h) of block j
+// (first column cb), from its 32-column block's call.
+ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, int j) {
+  return (philox_lane(call, 2 * h + (j >> 1) % 2) >> ((j % 2) * 16)) & 0xFFFFu;
 }
 
 // ---- rows = keys ----------------------------------------------------------------------------

@@ -1502,7 +1502,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   const uint32_t keep_threshold = kDropout ? dropout_keep_threshold(p.dropout_p) : 0u;
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const uint32_t drop_bh = dropout_batch_head(p, b, h);  // Philox index: the dropout offsets added
-  const bool fragment_calls = kDropout && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
+  const bool fragment_calls = kDropout && query_rows_aligned(p.dropout_row_offset, p.dropout_col_offset);
   const float rdrop = kDropout ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   float acc_dq[kDT][4];
@@ -1607,7 +1607,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     for (int nt = 0; nt < kNT; ++nt) {
       const uint32_t cb = static_cast<uint32_t>(n0 + nt * 8) + static_cast<uint32_t>(p.dropout_col_offset);
       if constexpr (kDropout)  // rows = queries: one call per 32-column block (dropout_fragment.h)
-        if (fragment_calls && query_rows_new_call(nt, cb))
+        if (fragment_calls && query_rows_new_call(nt))
           drop_call = dropout_call(key.seed, key.offset, drop_bh,
                                    static_cast<uint32_t>(row_base) + static_cast<uint32_t>(p.dropout_row_offset),
                                    cb + 2u * t);
@@ -1619,8 +1619,8 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
         if constexpr (kDropout) {
           uint32_t pair;
           if (fragment_calls) {
-            pair = query_rows_pair(drop_call, r, cb);
-          } else {  // offsets off the 16 grid: per element
+            pair = query_rows_pair(drop_call, r, nt);
+          } else {  // offsets off the 16 / 32 grid: per element
             const uint32_t grow = static_cast<uint32_t>(row) + static_cast<uint32_t>(p.dropout_row_offset);
             const uint32_t c0 = cb + 2u * t;
             pair = dropout_draw(dropout_call(key.seed, key.offset, drop_bh, grow, c0), grow, c0) |

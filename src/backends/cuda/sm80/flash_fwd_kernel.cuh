@@ -204,8 +204,9 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
   const DropoutKey key = dropout_key(p);  // reads rng_state when set
   const uint32_t drop_bh = dropout_batch_head(p, b, h);  // Philox index: the dropout offsets added
   // Tiles start at multiples of 16 rows / 32 columns, so aligned offsets keep each lane's
-  // Philox calls whole (dropout_fragment.h); others draw per element (CTA-uniform branch).
-  const bool fragment_calls = kDropout && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
+  // Philox calls whole and in place (dropout_fragment.h, rows = queries); others draw per element
+  // (CTA-uniform branch).
+  const bool fragment_calls = kDropout && query_rows_aligned(p.dropout_row_offset, p.dropout_col_offset);
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = (n - n_begin) & 1;
@@ -390,17 +391,17 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
             const uint32_t cb = gcol0 + 8u * nt;  // warp-uniform
-            if (query_rows_new_call(nt, cb)) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
+            if (query_rows_new_call(nt)) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const uint32_t pair = query_rows_pair(call, r, cb);
+              const uint32_t pair = query_rows_pair(call, r, nt);
               if ((pair & 0xFFu) < keep_threshold) s[mt][nt][2 * r] = 0.f;
               if ((pair >> 8) < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
             }
           }
         }
       } else {
-        // Offsets that split a fragment's calls (context-parallel blocks off the 16 grid): per element,
+        // Offsets that split a fragment's calls (context-parallel blocks off the 16 / 32 grid): per element,
         // in a rolled loop recording the dropped elements.
         uint32_t dropped[(kMW * kNT * 4 + 31) / 32] = {};
 #pragma unroll 1

@@ -6,8 +6,7 @@
 // block gives a lane's 16 draws of its two rows. The caller keeps each row's sum over the undropped
 // P (the normaliser, as every backend does) and scales O by 1 / (1 - p) once, in its epilogue.
 //
-// The calls are unrolled, each zeroing its elements at once: kBN / 32 calls per tile (one more where a
-// tile starts off a 32-column block). Session 62 (ptxas, sm_90a): the 3-WG d64 kernels spilled 4 / 0 B
+// The calls are unrolled, each zeroing its elements at once: kBN / 32 calls per tile. Session 62 (ptxas, sm_90a): the 3-WG d64 kernels spilled 4 / 0 B
 // (non-causal / causal) this way against 28 / 12 B with the earlier rolled loop that recorded drop
 // bits, which four draws per call had needed (16 calls per 128-key tile); no kernel spilled more.
 // The backward's form (dropped_bits_keys) is below.
@@ -27,20 +26,20 @@ __device__ __forceinline__ float dropout_rescale(const FwdParams& p) {
 }
 
 // row0: the thread's first row, col0: the key tile's first column, both with the call's dropout
-// offsets added (row0 - g a multiple of 16, col0 of 8: sm90_fwd_dropout_form); batch_head:
-// dropout_batch_head. A tile that does not start on a 32-column block (80- and 96-key tiles) makes
-// a call wherever one starts.
+// offsets added (row0 - g a multiple of 16, col0 of 32: cuda::query_rows_aligned offsets, key
+// tiles of 64 / 96 / 128); batch_head: dropout_batch_head.
 template <int kBN>
 __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKey& key, uint32_t batch_head,
                                             uint32_t row0, uint32_t col0, int t, uint32_t keep_threshold) {
+  static_assert(kBN % 32 == 0, "tiles of whole 32-column blocks");
   Philox4 call{};
 #pragma unroll
   for (int j = 0; j < kBN / 8; ++j) {  // 8-column block j: elements 4j .. 4j + 3
     const uint32_t cb = col0 + 8u * j;
-    if (cuda::query_rows_new_call(j, cb)) call = dropout_call(key.seed, key.offset, batch_head, row0, cb + 2u * t);
+    if (cuda::query_rows_new_call(j)) call = dropout_call(key.seed, key.offset, batch_head, row0, cb + 2u * t);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint32_t pair = cuda::query_rows_pair(call, r, cb);
+      const uint32_t pair = cuda::query_rows_pair(call, r, j);
       if ((pair & 0xFFu) < keep_threshold) s[4 * j + 2 * r] = 0.f;
       if ((pair >> 8) < keep_threshold) s[4 * j + 2 * r + 1] = 0.f;
     }

@@ -833,11 +833,13 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     // Dropout of key tile n's P for query tile tile_index, this thread's first row first_row ((b, h) and
     // the Philox key read here, not kept live across the key loop).
     auto drop_tile = [&](float (&s_acc)[kBN / 2], int n, int tile_index, int first_row) {
-      const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile_index);
-      drop_scores<kBN>(s_acc, dropout_key(p), dropout_batch_head(p, bh.b, bh.h),
-                       static_cast<uint32_t>(first_row) + static_cast<uint32_t>(p.dropout_row_offset),
-                       static_cast<uint32_t>(n * kBN) + static_cast<uint32_t>(p.dropout_col_offset), t,
-                       dropout_keep_threshold(p.dropout_p));
+      if constexpr (kFwdSm90Dropout<kD, kBN, kWG, kBias>) {
+        const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile_index);
+        drop_scores<kBN>(s_acc, dropout_key(p), dropout_batch_head(p, bh.b, bh.h),
+                         static_cast<uint32_t>(first_row) + static_cast<uint32_t>(p.dropout_row_offset),
+                         static_cast<uint32_t>(n * kBN) + static_cast<uint32_t>(p.dropout_col_offset), t,
+                         dropout_keep_threshold(p.dropout_p));
+      }
     };
     // kOInV holds the previous tile's last V stage until this tile's first QK^T: a WG that skipped
     // two key tiles would wait for that stage's refill first (a hang).  WG 0 hides at most

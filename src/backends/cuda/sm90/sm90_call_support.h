@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "backends/cuda/dropout_fragment.h"
 #include "backends/cuda/launch.h"
 #include "backends/cuda/score_mods.h"
 #include "backends/cuda/sm90/flash_fwd_sm90_launch.h"
@@ -33,9 +34,9 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
          p.bias_head_stride < big && p.bias_batch_stride < big;
 }
 
-// Dropout in the forward (sm90/dropout_scores.cuh): each lane's Philox calls cover its fragment,
-// which needs mask row / column offsets on the 16 grid (cuda/dropout_fragment.h; the sm80 kernels
-// draw per element otherwise); not in varlen's segment form (its packed row numbers are not the
+// Dropout (sm90/dropout_scores.cuh): each lane's Philox calls cover its fragment, which needs mask
+// row / column offsets on the 16 grid (cuda/dropout_fragment.h; the sm80 kernels draw per element
+// otherwise; the forward's columns on the 32 grid, sm90_fwd_takes_dropout); not in varlen's segment form (its packed row numbers are not the
 // mask's per-sequence rows). The backward's lane pairs need the same (sm90_bwd_call_supported adds
 // its limits). The dispatch adds ORCHARD_SM90_DROPOUT (cuda_backend.cu; unset:
 // sm90_dropout_measured_faster below).
@@ -43,11 +44,15 @@ ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
   return p.segment_cu == nullptr && ((p.dropout_row_offset | p.dropout_col_offset) & 15) == 0;
 }
 // The dropout calls the sm90 forward runs (flash_fwd_sm90.cuh, kFwdSm90Dropout): every head-dim
-// bucket without attn_bias (the kBias kernels carry no dropout code). Session 56 (H100, 4 Philox
-// draws per call) had the d64 / d96 forwards on the sm80 kernels (d64's 2-WG tile 0.85-0.89x their
-// speed); session 62 gave the 3-WG d64 / d96 kernels the code (sm90_dropout_measured_faster says
-// which buckets run it by default).
-ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) { return p.attn_bias == nullptr; }
+// bucket without attn_bias (the kBias kernels carry no dropout code), with the rows = queries form's
+// offsets (dropout_scores.cuh: column offsets of 32s, so each call's place in the tile is known at
+// compile time; the backward takes the 16 grid). Session 56 (H100, 4 Philox draws per call) had the
+// d64 / d96 forwards on the sm80 kernels (d64's 2-WG tile 0.85-0.89x their speed); session 62 gave
+// the 3-WG d64 / d96 kernels the code (sm90_dropout_measured_faster says which buckets run it by
+// default).
+ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
+  return p.attn_bias == nullptr && query_rows_aligned(p.dropout_row_offset, p.dropout_col_offset);
+}
 // The buckets whose dropout calls the sm90 kernels take by default (ORCHARD_SM90_DROPOUT unset):
 // those measured faster than the sm80 kernels (bench/sm90_dropout_bench.py, H100, s2k / s8k). Session
 // 56 ([G56]): forward d128 1.16-1.30x, d256 1.18-1.43x; forward + backward d64 1.08-1.12x, d128
