@@ -441,10 +441,12 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
 
 // The kernels that carry the dropout code (dropout_scores.cuh): those where ptxas (sm_90a) placed it
 // without new spill — 2 consumer WGs, no kBias, 64- or 128-key tiles (d192: 96 as well; session 56),
-// and with ORCHARD_SM90_FWD_DROPOUT_WG3 the 3-WG d64 / d96 kernels (session 62: with drop_scores
-// unrolled, d96's 96-key ones 0 B, d64's 128-key ones 4 B non-causal / 0 causal, against 0 / 0
-// without the code; the rolled loop had spilled 28 / 12 B there). Not: kBias (the 3-WG d64 kBias
-// kernels spilled 8 -> 340 B, session 56), d128's 192-key tiles (128 B), d256's 80-key one (36 B).
+// and with ORCHARD_SM90_FWD_DROPOUT_WG3 the 3-WG 96-key kernels of d64 / d96 (session 62, 0 B).
+// Not: kBias (the 3-WG d64 kBias kernels spilled 8 -> 340 B, session 56), d128's 192-key tiles
+// (128 B), d256's 80-key one (36 B), d64's 128-key 3-WG kernels: with the code they spilled 4 / 0 B
+// (non-causal / causal) and ran 1.4-4.6 % slower without dropout (H100, session 62, ab_fwd.sh MODES=d64,
+// medians of 3 rounds, all ten points slower), so d64's dropout calls take a 96-key tile of their
+// own (run_flash_fwd_sm90_dropout). d96's 96-key kernels ran 0.97-1.12x with the code (noise level).
 // run_flash_fwd_sm90 sends dropout calls to these kernels; launch_flash_fwd_sm90_one declines a
 // dropout call for any other.
 #ifndef ORCHARD_SM90_FWD_DROPOUT_WG3
@@ -1309,9 +1311,9 @@ bool launch_flash_fwd_sm90(const FwdParams& p) {
 
 namespace orchard::cuda {
 
-// Dropout calls at d128 / d192 / d256 (ORCHARD_SM90_DROPOUT; sm90_fwd_takes_dropout): the kernels
-// with its code (sm90::kFwdSm90Dropout), else false (the sm80 kernels). d64 / d96 dropout calls take
-// the plain dispatch below, whose kernels all carry it (with ORCHARD_SM90_FWD_DROPOUT_WG3).
+// Dropout calls (ORCHARD_SM90_DROPOUT; sm90_fwd_takes_dropout) but d96's: the kernels with its code
+// (sm90::kFwdSm90Dropout), else false (the sm80 kernels). d96's take the plain dispatch below, whose
+// kernels carry it (with ORCHARD_SM90_FWD_DROPOUT_WG3). d64's 96-key 3-WG tile: not yet run on a GPU.
 template <typename T, int kD>
 bool run_flash_fwd_sm90_dropout(const FwdParams& p) {
   if (p.attn_bias != nullptr) return false;
