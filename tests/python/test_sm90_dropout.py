@@ -27,7 +27,7 @@ CASES = [
     (torch.bfloat16, 64, True, 1, 200, 457, 4, 4, 0, 0, (True, True)),  # bottom-right; 2 WGs (< 2048 keys)
     (torch.float16, 64, True, 1, 260, 2100, 2, 1, 32, 64, (True, True)),  # causal on 3 WGs, offsets
     (torch.bfloat16, 128, False, 2, 300, 300, 4, 2, 0, 0, (True, True)),
-    (torch.float16, 128, True, 2, 300, 300, 4, 4, 16, 32, (True, True)),  # a context-parallel block on the 16 grid
+    (torch.float16, 128, True, 2, 300, 300, 4, 4, 16, 32, (True, True)),  # a context-parallel block on the 16 / 32 grid
     (torch.bfloat16, 120, False, 1, 129, 260, 2, 2, 0, 0, (True, True)),  # the 128 bucket, zero-filled columns
     (torch.bfloat16, 192, False, 1, 200, 1100, 2, 2, 0, 0, (True, True)),  # d192's 96-key tiles (>= 1024 keys)
     (torch.bfloat16, 192, True, 1, 300, 300, 2, 1, 0, 0, (True, True)),

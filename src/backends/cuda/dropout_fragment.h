@@ -8,8 +8,8 @@
 //     j + 1: the calls of rows q and q + 1 hold both lanes' draws. Lane e makes row q + e's call and
 //     hands its partner the four bytes the partner needs: one call and one shuffle per 8 elements.
 // Both need the call's offsets aligned: rows and columns of the tile at multiples of 16, and for
-// rows = queries columns at multiples of 32 (a kernel draws per element otherwise, or declines). Plain host/device functions, so a host test
-// (tests/cpp/dropout_fragment_test.cpp) replays the lanes.
+// rows = queries columns at multiples of 32 (a kernel draws per element otherwise, or declines).
+// Plain host/device functions, so a host test (tests/cpp/dropout_fragment_test.cpp) replays the lanes.
 #pragma once
 
 #include <cstdint>

@@ -6,9 +6,10 @@
 // block gives a lane's 16 draws of its two rows. The caller keeps each row's sum over the undropped
 // P (the normaliser, as every backend does) and scales O by 1 / (1 - p) once, in its epilogue.
 //
-// The calls are unrolled, each zeroing its elements at once: kBN / 32 calls per tile. Session 62 (ptxas, sm_90a): the 3-WG d64 kernels spilled 4 / 0 B
-// (non-causal / causal) this way against 28 / 12 B with the earlier rolled loop that recorded drop
-// bits, which four draws per call had needed (16 calls per 128-key tile); no kernel spilled more.
+// The calls are unrolled, each zeroing its elements at once: kBN / 32 calls per tile. Session 62
+// (ptxas, sm_90a): the 3-WG d64 kernels spilled 4 / 0 B (non-causal / causal) this way against
+// 28 / 12 B with the earlier rolled loop that recorded drop bits, which four draws per call had
+// needed (16 calls per 128-key tile); no kernel spilled more.
 // The backward's form (dropped_bits_keys) is below.
 #pragma once
 #include <cstdint>

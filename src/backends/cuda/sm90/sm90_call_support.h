@@ -36,12 +36,12 @@ inline bool sm90_dense_bias_stageable(const FwdParams& p) {
 
 // Dropout (sm90/dropout_scores.cuh): each lane's Philox calls cover its fragment, which needs mask
 // row / column offsets on the 16 grid (cuda/dropout_fragment.h; the sm80 kernels draw per element
-// otherwise; the forward's columns on the 32 grid, sm90_fwd_takes_dropout); not in varlen's segment form (its packed row numbers are not the
-// mask's per-sequence rows). The backward's lane pairs need the same (sm90_bwd_call_supported adds
-// its limits). The dispatch adds ORCHARD_SM90_DROPOUT (cuda_backend.cu; unset:
-// sm90_dropout_measured_faster below).
+// otherwise; the forward's columns on the 32 grid, sm90_fwd_takes_dropout); not in varlen's segment
+// form (its packed row numbers are not the mask's per-sequence rows). The backward's lane pairs need
+// the same (sm90_bwd_call_supported adds its limits). The dispatch adds ORCHARD_SM90_DROPOUT
+// (cuda_backend.cu; unset: sm90_dropout_measured_faster below).
 ORCHARD_HOST_DEVICE bool sm90_fwd_dropout_form(const FwdParams& p) {
-  return p.segment_cu == nullptr && ((p.dropout_row_offset | p.dropout_col_offset) & 15) == 0;
+  return p.segment_cu == nullptr && dropout_fragment_aligned(p.dropout_row_offset, p.dropout_col_offset);
 }
 // The dropout calls the sm90 forward runs (flash_fwd_sm90.cuh, kFwdSm90Dropout): every head-dim
 // bucket without attn_bias (the kBias kernels carry no dropout code), with the rows = queries form's
