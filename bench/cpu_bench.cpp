@@ -122,6 +122,7 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->Args({1024, 64, 1, 1, 0});
   b->Args({2048, 128, 1, 1, 0});
   b->Args({1024, 64, 0, 0, 1});
+  for (int drop : {0, 1}) b->Args({2048, 64, 1, 0, drop});  // bf16 dropout: the backward's 64-column mask tiles
   b->Args({512, 128, 1, 0, 0});  // bf16 fwd s512 d128: the weakest point vs torch (session 18)
   b->Args({1024, 128, 1, 0, 0});
   for (int s : {512, 1024}) b->Args({s, 128, 0, 0, 0});

@@ -5,7 +5,8 @@
 // below and from 8), thresholds at and between the extremes (0 keeps all, 256 drops all).
 // The buffer is poisoned past n: nothing may be written there. The same for the two-row variant
 // (dropout_keep_row_pair: rows r and r + 8, from the same calls when r % 16 < 8) and the row
-// walk that pairs a block's rows (for_dropout_rows).
+// walk that pairs a block's rows (for_dropout_rows), and the block form (dropout_keep_block:
+// two row pairs per AVX-512 step where a tile is at most 64 columns wide).
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -146,6 +147,44 @@ TEST(CpuDropoutMask, DispatchPairMatchesPhilox) {
         }
       }
 }
+
+// dropout_keep_block (rows [0, rows) from dropout row row0, keep[r * ld + t]) against dropout_keep:
+// blocks on and off the 16-row grid (odd pair counts leave a pair to draw alone), column spans
+// inside one 64-column span from j0's 32-column block (two pairs per AVX-512 step) and past it;
+// every byte outside the rows x n rectangle keeps its poison.
+void check_block_isa(DropoutMaskIsa isa, const char* name) {
+  if (!cpu::dropout_mask_isa_supported(isa)) GTEST_SKIP() << name << " not on this CPU";
+  constexpr std::uint8_t kPoison = 0xAB;
+  int bad = 0;
+  for (auto [seed, offset] : {std::pair<std::uint64_t, std::uint64_t>{1234, 77}, {0x9E3779B97F4A7C15ull, 5}})
+    for (std::uint32_t thr : {0u, 1u, 26u, 200u, 256u})
+      for (std::uint32_t row0 : {0u, 3u, 8u, 16u, 37u, 0xFFFFFFC0u})
+        for (int rows : {1, 8, 9, 16, 24, 32, 40, 64})
+          for (std::int64_t j0 : {0, 1, 5, 31, 32, 64, 96, 1000})
+            for (int n : {1, 7, 27, 32, 33, 63, 64, 65, 100, 128}) {
+              const std::int64_t ld = n + 13;
+              std::vector<std::uint8_t> keep(static_cast<std::size_t>(ld * rows + 64), kPoison);
+              const auto bh = static_cast<std::uint32_t>(rows + n);
+              cpu::dropout_keep_block_isa(isa, seed, offset, bh, row0, rows, j0, n, thr, keep.data(), ld);
+              for (std::int64_t e = 0; e < std::int64_t(keep.size()) && bad < 5; ++e) {
+                const std::int64_t r = e / ld, t = e % ld;
+                std::uint8_t want = kPoison;
+                if (r < rows && t < n)
+                  want = dropout_keep(seed, offset, bh, row0 + static_cast<std::uint32_t>(r),
+                                      static_cast<std::uint32_t>(j0 + t), thr) ? 1 : 0;
+                if (keep[e] == want) continue;
+                ++bad;
+                ADD_FAILURE() << name << ": seed " << seed << " thr " << thr << " row0 "
+                              << row0 << " rows " << rows << " j0 " << j0 << " n " << n << " at row " << r
+                              << " column " << t << ": " << int(keep[e]) << ", want " << int(want);
+              }
+              if (bad >= 5) return;
+            }
+}
+
+TEST(CpuDropoutMask, ScalarBlockMatchesPhilox) { check_block_isa(DropoutMaskIsa::kScalar, "scalar"); }
+TEST(CpuDropoutMask, Avx2BlockMatchesPhilox) { check_block_isa(DropoutMaskIsa::kAvx2, "AVX2"); }
+TEST(CpuDropoutMask, Avx512BlockMatchesPhilox) { check_block_isa(DropoutMaskIsa::kAvx512, "AVX-512"); }
 
 }  // namespace
 }  // namespace orchard::test

@@ -156,14 +156,8 @@ void recompute_tile(const BwdParams& p, const Geometry& geo, const PairStage<T>&
     const std::int64_t jd = j0 + p.dropout_col_offset;
     const auto row0 = static_cast<std::uint32_t>(i0 + p.dropout_row_offset);
     auto keep_row = [&](int r) { return w.keep.data() + std::int64_t(r) * kBlockN; };
-    // Rows r and r + 8 of a 16-row group share their Philox calls: drawn together where both are here.
-    for_dropout_rows(row0, rows, [&](int r, bool paired) {
-      if (paired)
-        dropout_keep_row_pair(key.seed, key.offset, batch_head, row0 + r, jd, ncols, threshold, keep_row(r),
-                              keep_row(r + 8));
-      else
-        dropout_keep_row(key.seed, key.offset, batch_head, row0 + r, jd, ncols, threshold, keep_row(r));
-    });
+    // Rows r and r + 8 of a 16-row group share their Philox calls; two such pairs per AVX-512 step.
+    dropout_keep_block(key.seed, key.offset, batch_head, row0, rows, jd, ncols, threshold, w.keep.data(), kBlockN);
     for (int r = 0; r < rows; ++r) std::fill(keep_row(r) + ncols, keep_row(r) + kBlockN, std::uint8_t(0));
     keep = w.keep.data();
     rp = T(1) / (T(1) - dropout_prob<T>(p));

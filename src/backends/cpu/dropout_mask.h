@@ -25,6 +25,14 @@ void dropout_keep_row_pair(std::uint64_t seed, std::uint64_t offset, std::uint32
                            std::uint32_t row_lo, std::int64_t j0, int n, std::uint32_t threshold,
                            std::uint8_t* keep_lo, std::uint8_t* keep_hi);
 
+// Rows [0, rows) of a block whose row 0 is dropout row row0 (its offsets added), columns
+// [j0, j0 + n): keep[r * ld + t] as dropout_keep_row gives them (ld >= n; nothing else written).
+// Rows are paired as for_dropout_rows pairs them; with AVX-512 and at most 64 columns from j0's
+// 32-column block (the backward's tiles), two row pairs share each sixteen-call step.
+void dropout_keep_block(std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head, std::uint32_t row0,
+                        int rows, std::int64_t j0, int n, std::uint32_t threshold, std::uint8_t* keep,
+                        std::int64_t ld);
+
 // Visits rows [0, rows) of a block whose row 0 is dropout row row0 (its offsets added)
 // as fn(r, paired), every row once, in ascending order of r: paired means rows r and
 // r + 8 together (dropout_keep_row_pair), for (row0 + r) % 16 < 8 when r + 8 < rows.
@@ -38,8 +46,8 @@ inline void for_dropout_rows(std::uint32_t row0, int rows, Fn&& fn) {
 }
 
 // The implementations dropout_keep_row picks from (it takes the widest this CPU
-// has; ORCHARD_CPU_DROPOUT512=0 leaves out AVX-512), and dropout_keep_row_pair
-// likewise: tests run each one.
+// has; ORCHARD_CPU_DROPOUT512=0 leaves out AVX-512), and dropout_keep_row_pair and
+// dropout_keep_block likewise: tests run each one.
 enum class DropoutMaskIsa { kScalar, kAvx2, kAvx512 };
 bool dropout_mask_isa_supported(DropoutMaskIsa isa);
 void dropout_keep_row_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset,
@@ -48,5 +56,8 @@ void dropout_keep_row_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t 
 void dropout_keep_row_pair_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset,
                                std::uint32_t batch_head, std::uint32_t row_lo, std::int64_t j0, int n,
                                std::uint32_t threshold, std::uint8_t* keep_lo, std::uint8_t* keep_hi);
+void dropout_keep_block_isa(DropoutMaskIsa isa, std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                            std::uint32_t row0, int rows, std::int64_t j0, int n, std::uint32_t threshold,
+                            std::uint8_t* keep, std::int64_t ld);
 
 }  // namespace orchard::cpu
