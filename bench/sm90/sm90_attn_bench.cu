@@ -245,11 +245,23 @@ bool run_shape(const Shape& sh, int reps, bool check) {
       for (float* x : {o32, olp, og, l32, llp, lg}) cudaFree(x);
     }
     if (reps > 0) {
+      // SM90_BENCH_DROPOUT=<p>: the timed runs (not the checks) with dropout p (FLOPs as without).
+      static const float drop_p = std::getenv("SM90_BENCH_DROPOUT") ? std::atof(std::getenv("SM90_BENCH_DROPOUT")) : 0.f;
+      p.dropout_p = drop_p;
+      p.seed = 1234;
+      p.offset = 0;
+      if (drop_p > 0.f && !launch()) {
+        std::printf("%s %s: declined dropout %.2f\n", label, vname, drop_p);
+        p.dropout_p = 0.f;
+        continue;
+      }
       const double med = median_ms(launch, reps);
       CK(cudaGetLastError());
+      p.dropout_p = 0.f;
       const double flops = 4.0 * b * hq * (double)sq * sk * kD / (sh.causal ? 2.0 : 1.0);
-      std::printf("TIME %s %-8s %8.3f ms  %6.1f TFLOP/s\n", label, vname, med,
-                  flops / med / 1e9);
+      char tag[16] = "";
+      if (drop_p > 0.f) std::snprintf(tag, sizeof tag, " drop%.2f", drop_p);
+      std::printf("TIME %s%s %-8s %8.3f ms  %6.1f TFLOP/s\n", label, tag, vname, med, flops / med / 1e9);
     }
   }
   cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);

@@ -5,6 +5,7 @@
 // t = lane % 4 holding rows g and g + 8, columns 8 j + 2 t and + 1 of each 8-column block j),
 // independently of the kernels:
 //   forward  (drop_scores):       element i = 4 j + 2 r + c -> row row0 + 8 r, column col0 + 8 j + 2 t + c
+//            (drop_packed: the same elements packed in pairs, i / 2 -> a[i / 8][(i / 2) % 4], half c)
 //   backward (dropped_bits_keys): element i -> key (row) key0 + 8 r, query (column) query0 + 8 j + 2 t + c
 // over random keys, offsets, thresholds (p = 0 .. 1, both extremes) and every forward tile width
 // the kernels draw in (the forward's tiles start on 32-column blocks: cuda::query_rows_aligned;
@@ -34,6 +35,7 @@ struct Case {
 // Per lane: the forward's scores after drop_scores<kBN> (all 1 before), the backward's drop bits.
 struct Result {
   float fwd[32][192 / 2];
+  std::uint32_t packed[32][192 / 4];  // drop_packed's pairs (element i's half before: 0x4000 | i)
   std::uint32_t bwd[32], bwd_wide[32];
 };
 
@@ -44,6 +46,15 @@ void warp_kernel(Case c, Result* out) {
   for (float& x : s) x = 1.f;
   sm90::drop_scores<kBN>(s, c.key, c.batch_head, c.row0 + g, c.fwd_col0(), t, c.threshold);
   for (int i = 0; i < kBN / 2; ++i) out->fwd[lane][i] = s[i];
+  std::uint32_t a[kBN / 16][4];
+  for (int kk = 0; kk < kBN / 16; ++kk)
+    for (int q = 0; q < 4; ++q) {
+      const std::uint32_t i = 8 * kk + 2 * q;
+      a[kk][q] = (0x4000u | i) | (0x4000u | (i + 1)) << 16;
+    }
+  sm90::drop_packed<kBN>(a, c.key, c.batch_head, c.row0 + g, c.fwd_col0(), t, c.threshold);
+  for (int kk = 0; kk < kBN / 16; ++kk)
+    for (int q = 0; q < 4; ++q) out->packed[lane][4 * kk + q] = a[kk][q];
   // The backward's fragment: keys are the rows (key0 = col0 + g), queries the columns (from row0).
   out->bwd[lane] = sm90::dropped_bits_keys(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g, g, c.threshold);
   out->bwd_wide[lane] =  // the wide kernel's 4 query blocks
@@ -55,6 +66,8 @@ int check(const Case& c) {
   static Result r;
   for (auto& lane : r.fwd)
     for (float& x : lane) x = -7.f;  // poisoned
+  for (auto& lane : r.packed)
+    for (auto& x : lane) x = 0xdeadbeefu;
   for (auto& b : r.bwd) b = 0xdeadbeefu;
   for (auto& b : r.bwd_wide) b = 0xdeadbeefu;
   emu_launch(warp_kernel<kBN>, dim3(1), dim3(32), 0, nullptr, c, &r);
@@ -66,6 +79,8 @@ int check(const Case& c) {
       const bool keep = dropout_keep(c.key.seed, c.key.offset, c.batch_head, c.row0 + g + 8 * rr,
                                      c.fwd_col0() + 8 * j + 2 * t + cc, c.threshold);
       if (r.fwd[lane][i] != (keep ? 1.f : 0.f)) ++bad;
+      const std::uint32_t half = (r.packed[lane][i / 2] >> (16 * cc)) & 0xFFFFu;
+      if (half != (keep ? (0x4000u | static_cast<std::uint32_t>(i)) : 0u)) ++bad;
     }
     for (int i = 0; i < 32; ++i) {
       const int j = i / 4, rr = (i / 2) % 2, cc = i % 2;

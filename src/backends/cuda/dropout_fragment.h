@@ -25,14 +25,22 @@ ORCHARD_HOST_DEVICE bool dropout_fragment_aligned(std::int64_t row_offset, std::
   return ((row_offset | col_offset) & 15) == 0;
 }
 
-// PTX prmt: result byte i is byte (selector nibble i) of {y, x} (x's bytes 0-3, y's 4-7).
+// PTX prmt (default mode): result byte i is byte (selector nibble i & 7) of {y, x} (x's bytes 0-3,
+// y's 4-7), or, when the nibble's bit 3 is set, that byte's sign bit replicated (0x00 / 0xFF).
 ORCHARD_HOST_DEVICE std::uint32_t byte_perm(std::uint32_t x, std::uint32_t y, std::uint32_t s) {
 #if defined(__CUDA_ARCH__)
-  return __byte_perm(x, y, s);
+  std::uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
+  return r;
 #else
   const std::uint64_t xy = (static_cast<std::uint64_t>(y) << 32) | x;
   std::uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) r |= static_cast<std::uint32_t>((xy >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+  for (int i = 0; i < 4; ++i) {
+    const std::uint32_t nibble = (s >> (4 * i)) & 15u;
+    std::uint32_t byte = static_cast<std::uint32_t>(xy >> (8 * (nibble & 7u))) & 0xFFu;
+    if (nibble & 8u) byte = byte & 0x80u ? 0xFFu : 0u;
+    r |= byte << (8 * i);
+  }
   return r;
 #endif
 }
@@ -53,6 +61,20 @@ ORCHARD_HOST_DEVICE constexpr bool query_rows_new_call(int j) { return j % 4 == 
 // (first column cb), from its 32-column block's call.
 ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, int j) {
   return (philox_lane(call, 2 * h + (j >> 1) % 2) >> ((j % 2) * 16)) & 0xFFFFu;
+}
+// The same pair as an AND mask for a packed 16-bit pair (low half: column cb + 2t): 0xFFFF in each
+// half whose draw is kept (>= the threshold). Each byte b goes to its own 16-bit half; adding
+// pair_bias = 0x8000 - threshold (0..256) to each half sets its bit 15 exactly when b >= threshold,
+// with no carry between halves (b + 0x8000 - threshold <= 0x80FF); prmt replicates that sign.
+// Four instructions per pair (prmt, add, prmt, and), against two compares and two selects plus the
+// byte extraction on fp32 scores.
+ORCHARD_HOST_DEVICE constexpr std::uint32_t query_rows_pair_bias(std::uint32_t keep_threshold) {
+  return (0x8000u - keep_threshold) * 0x10001u;
+}
+ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair_mask(const Philox4& call, int h, int j, std::uint32_t pair_bias) {
+  const std::uint32_t word = philox_lane(call, 2 * h + (j >> 1) % 2);
+  const std::uint32_t spread = byte_perm(word, 0u, j % 2 ? 0x4342u : 0x4140u);  // 0x00bb'00aa
+  return byte_perm(spread + pair_bias, 0u, 0xBB99u);  // halves: sign of byte 1, of byte 3
 }
 
 // ---- rows = keys ----------------------------------------------------------------------------

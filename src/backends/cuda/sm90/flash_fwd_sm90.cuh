@@ -449,6 +449,12 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
 // own (run_flash_fwd_sm90_dropout). d96's 96-key kernels ran 0.97-1.12x with the code (noise level).
 // run_flash_fwd_sm90 sends dropout calls to these kernels; launch_flash_fwd_sm90_one declines a
 // dropout call for any other.
+// Dropout on P packed to 16 bits (drop_packed: an AND per pair) instead of on the fp32 scores
+// (drop_scores); in the overlapped loops the Philox calls run under the previous PV, the AND after
+// its wait (on the converted P).
+#ifndef ORCHARD_SM90_FWD_DROP_PACKED
+#define ORCHARD_SM90_FWD_DROP_PACKED 1
+#endif
 #ifndef ORCHARD_SM90_FWD_DROPOUT_WG3
 #define ORCHARD_SM90_FWD_DROPOUT_WG3 1
 #endif
@@ -843,6 +849,28 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
                          dropout_keep_threshold(p.dropout_p));
       }
     };
+    // The same on P converted to its 16-bit A fragments (ORCHARD_SM90_FWD_DROP_PACKED): the tile's
+    // Philox calls, then their drop.
+    auto draw_tile_calls = [&](Philox4 (&calls)[kBN / 32], int n, int tile_index, int first_row) {
+      if constexpr (kFwdSm90Dropout<kD, kBN, kWG, kBias>) {
+        const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile_index);
+        draw_calls<kBN>(calls, dropout_key(p), dropout_batch_head(p, bh.b, bh.h),
+                        static_cast<uint32_t>(first_row) + static_cast<uint32_t>(p.dropout_row_offset),
+                        static_cast<uint32_t>(n * kBN) + static_cast<uint32_t>(p.dropout_col_offset), t);
+      }
+    };
+    auto drop_packed_tile = [&](uint32_t (&p_a)[kBN / 16][4], int n, int tile_index, int first_row) {
+      Philox4 calls[kBN / 32];
+      draw_tile_calls(calls, n, tile_index, first_row);
+      drop_packed_calls<kBN>(p_a, calls, dropout_keep_threshold(p.dropout_p));
+    };
+    constexpr bool kDropPacked = ORCHARD_SM90_FWD_DROP_PACKED != 0;
+    // P (fp32 scores) to the PV operand p_a, dropped where the call has dropout.
+    auto make_p = [&](float (&s_acc)[kBN / 2], uint32_t (&p_a)[kBN / 16][4], int n, int tile_index, int first_row) {
+      if (dropout && !kDropPacked) drop_tile(s_acc, n, tile_index, first_row);
+      convert_p<T, kBN>(s_acc, p_a);
+      if (dropout && kDropPacked) drop_packed_tile(p_a, n, tile_index, first_row);
+    };
     // kOInV holds the previous tile's last V stage until this tile's first QK^T: a WG that skipped
     // two key tiles would wait for that stage's refill first (a hang).  WG 0 hides at most
     // ceil((kBM - 64) / kBN) tiles, so one here.
@@ -954,10 +982,9 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             score_tile(sacc, n);
             float corr[2];
             softmax_tile<kBN>(sacc, st, scale_log2, corr);
-            if (dropout) drop_tile(sacc, n, tile, row0);
             rescale_rows(o, corr);
             uint32_t pa[kBN / 16][4];
-            convert_p<T, kBN>(sacc, pa);
+            make_p(sacc, pa, n, tile, row0);
             mbarrier_wait(v_full(s), ph);
             take_turn();
             wgmma_fence();
@@ -995,8 +1022,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             score_tile(sacc, n_end - 1);
             float corr[2];
             softmax_tile<kBN>(sacc, st, scale_log2, corr);  // o is 0: no rescale needed
-            if (dropout) drop_tile(sacc, n_end - 1, tile, row0);
-            convert_p<T, kBN>(sacc, pa);
+            make_p(sacc, pa, n_end - 1, tile, row0);
           }
           for (int it = 1; it < n_tiles; ++it) {
             const int n = n_end - 1 - it;
@@ -1024,17 +1050,35 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             score_tile(sacc, n);
             float corr[2];
             softmax_tile<kBN>(sacc, st, scale_log2, corr);
-            if (dropout) drop_tile(sacc, n, tile, row0);  // (under PV(it - 1) as well)
-            // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
-            // after it (seen in SASS), which serializes softmax behind PV again.
-            fence_operands(sacc);
-            fence_operands(corr);
-            wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
-            fence_operands(o);
-            __syncwarp();
-            if (warp_leader) mbarrier_arrive(v_empty(sp));
-            rescale_rows(o, corr);
-            convert_p<T, kBN>(sacc, pa);
+            // After the wait for PV(it - 1): O rescaled, its V stage returned.
+            auto after_pv_wait = [&] {
+              fence_operands(o);
+              __syncwarp();
+              if (warp_leader) mbarrier_arrive(v_empty(sp));
+              rescale_rows(o, corr);
+            };
+            if (kDropPacked && dropout) {
+              // The Philox calls under PV(it - 1); their drop once P is converted after its wait.
+              // (Converting into a second fragment under PV and copying it to pa after the wait
+              // made ptxas serialize the wgmmas, C7513.)
+              Philox4 calls[kBN / 32];
+              draw_tile_calls(calls, n, tile, row0);
+              fence_operands(sacc);
+              fence_operands(corr);
+              wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
+              after_pv_wait();
+              convert_p<T, kBN>(sacc, pa);
+              drop_packed_calls<kBN>(pa, calls, dropout_keep_threshold(p.dropout_p));
+            } else {
+              if (!kDropPacked && dropout) drop_tile(sacc, n, tile, row0);  // (under PV(it - 1) as well)
+              // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
+              // after it (seen in SASS), which serializes softmax behind PV again.
+              fence_operands(sacc);
+              fence_operands(corr);
+              wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
+              after_pv_wait();
+              convert_p<T, kBN>(sacc, pa);
+            }
           }
           // Epilogue GEMM: PV of the last tile; then its V stage goes back to the producer
           // (it refills it with the next tile's keys: without this arrival the ring hangs).
@@ -1081,13 +1125,26 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
             st_carry.sum[0] = st_carry.sum[1] = 0.f;
             float corr[2];
             softmax_tile<kBN>(sacc, st_carry, scale_log2, corr);  // its o starts at 0: no rescale
-            if (dropout) drop_tile(sacc, tn.n_end - 1, next, row0n);
-            fence_operands(sacc);
-            wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
-            fence_operands(o);
-            __syncwarp();
-            if (warp_leader) mbarrier_arrive(v_empty(sl));
-            convert_p<T, kBN>(sacc, pa);
+            auto after_pv_wait = [&] {
+              fence_operands(o);
+              __syncwarp();
+              if (warp_leader) mbarrier_arrive(v_empty(sl));
+            };
+            if (kDropPacked && dropout) {  // as in the key loop: the calls under this tile's last PV
+              Philox4 calls[kBN / 32];
+              draw_tile_calls(calls, tn.n_end - 1, next, row0n);
+              fence_operands(sacc);
+              wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
+              after_pv_wait();
+              convert_p<T, kBN>(sacc, pa);
+              drop_packed_calls<kBN>(pa, calls, dropout_keep_threshold(p.dropout_p));
+            } else {
+              if (!kDropPacked && dropout) drop_tile(sacc, tn.n_end - 1, next, row0n);
+              fence_operands(sacc);
+              wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
+              after_pv_wait();
+              convert_p<T, kBN>(sacc, pa);
+            }
           } else {
             mbarrier_wait(v_full(sl), phl);
             take_turn();
@@ -1313,7 +1370,8 @@ namespace orchard::cuda {
 
 // Dropout calls (ORCHARD_SM90_DROPOUT; sm90_fwd_takes_dropout) but d96's: the kernels with its code
 // (sm90::kFwdSm90Dropout), else false (the sm80 kernels). d96's take the plain dispatch below, whose
-// kernels carry it (with ORCHARD_SM90_FWD_DROPOUT_WG3). d64's 96-key 3-WG tile: not yet run on a GPU.
+// kernels carry it (with ORCHARD_SM90_FWD_DROPOUT_WG3). d64's 96-key 3-WG tile: 0.93-1.07x the sm80
+// forward (session 63, H100), so d64 stays off by default (sm90_dropout_measured_faster).
 template <typename T, int kD>
 bool run_flash_fwd_sm90_dropout(const FwdParams& p) {
   if (p.attn_bias != nullptr) return false;
