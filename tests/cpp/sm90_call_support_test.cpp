@@ -96,7 +96,7 @@ TEST(Sm90CallSupport, ModifiersAndSinks) {
   // The default (ORCHARD_SM90_DROPOUT unset): the buckets measured faster than the sm80 kernels.
   for (int bucket : {64, 96, 128, 192, 256}) {
     EXPECT_TRUE(sm90_dropout_measured_faster(bucket, true)) << bucket;
-    EXPECT_EQ(sm90_dropout_measured_faster(bucket, false), bucket != 64) << bucket;  // d64's tile: not run yet
+    EXPECT_TRUE(sm90_dropout_measured_faster(bucket, false)) << bucket;
   }
   EXPECT_TRUE(bwd(p));   // the d <= 128 kernel's kFeatures instantiations
   p.deterministic = true;  // the ordered-dQ kernels have no dropout

@@ -90,7 +90,7 @@ def _bucket(d):
 
 
 # sm90_dropout_measured_faster (sm90_call_support.h): the buckets taken with the switch unset.
-_DEFAULT_FWD, _DEFAULT_BWD = (96, 128, 192, 256), (64, 96, 128, 192, 256)
+_DEFAULT_FWD = _DEFAULT_BWD = (64, 96, 128, 192, 256)
 
 
 def _sm90_expected():

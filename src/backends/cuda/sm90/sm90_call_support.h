@@ -60,11 +60,10 @@ ORCHARD_HOST_DEVICE bool sm90_fwd_takes_dropout(const FwdParams& p) {
 // backward (forward + backward, both forwards on sm90) 1.23-1.42x. Session 59 ([G59]): d96 forward +
 // backward 1.21-1.27x (the forward on the sm80 kernels either way). Session 62 ([G62], 8-bit draws):
 // forward d96 1.28-1.40x (3 WGs x 96 keys), d64 1.16-1.28x on its 128-key 3-WG kernel, which lost
-// 1.4-4.6 % without dropout when it carried the code; d64's own 96-key dropout tile has not run on a
-// GPU yet (ORCHARD_SM90_DROPOUT=1 runs it). So every backward bucket, every forward bucket but d64.
-ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int bucket, bool backward) {
-  return backward || bucket != 64;
-}
+// 1.4-4.6 % without dropout when it carried the code, so d64 got a 96-key tile of its own. Session 63
+// ([G63]): that tile 0.93-1.07x the sm80 forward with the drop on fp32 scores, 1.09-1.36x with the
+// drop on packed P (ORCHARD_SM90_FWD_DROP_PACKED; 1.02-1.07x FA2). So every bucket, both directions.
+ORCHARD_HOST_DEVICE bool sm90_dropout_measured_faster(int /*bucket*/, bool /*backward*/) { return true; }
 
 // The forward: bf16 / fp16; d == d_v in 33..256, a multiple of 8 (run in the bucket 64 / 96 / 128 /
 // 192 / 256 above d, sm90_head_dim_bucket; d <= 32 stays on the sm80 kernels' 32-wide bucket);
