@@ -33,12 +33,15 @@ cd "$SRC"
 # An archived tree (git archive into .ab/...) carries its commit in COMMIT: the device
 # copy's git metadata would name another one.
 [ -f COMMIT ] && export ORCHARD_COMMIT="$(cat COMMIT)"
-if [ ! -f /tmp/orchard_site/.built ]; then
+# A warm machine keeps /tmp/orchard_site between calls: rebuild when the sources differ from the
+# build's (session 63 ran one call on the previous call's build after a change).
+src_hash=$(bash "$ROOT/dev/source_hash.sh" .)
+if [ "$(cat /tmp/orchard_site/.built 2>/dev/null)" != "$src_hash" ]; then
   rm -rf build/cp3* /tmp/orchard_site
   ORCHARD_CUDA=${ORCHARD_CUDA:-ON} ORCHARD_CUDA_ARCHS="${GPU_ARCHS:-90}" CMAKE_BUILD_PARALLEL_LEVEL=16 \
     python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/orchard_site . > "$OUT/logs/build.log" 2>&1 \
     || { tail -60 "$OUT/logs/build.log"; snap; exit 1; }
-  touch /tmp/orchard_site/.built
+  echo "$src_hash" > /tmp/orchard_site/.built
 fi
 export PYTHONPATH=/tmp/orchard_site
 python3 -c "import orchard, json; print(json.dumps(orchard.build_info()))"

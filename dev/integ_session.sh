@@ -30,7 +30,7 @@ stamp "build $TREE (${ORCHARD_COMMIT:-?})"
 HB=$!
 ( cd "$TREE" && rm -rf /tmp/orchard_site && ORCHARD_CUDA=ON ORCHARD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
     python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/orchard_site . > "$OUT/logs/build.log" 2>&1;
-  r=$?; [ $r = 0 ] && touch /tmp/orchard_site/.built; echo "package build rc=$r" ) &
+  r=$?; [ $r = 0 ] && GPU_ARCHS=90 bash "$ROOT/dev/source_hash.sh" "$TREE" > /tmp/orchard_site/.built; echo "package build rc=$r" ) &
 PB=$!
 wait $HB $PB
 stamp "built; harness ptxas spill warnings: $(grep -c spill "$OUT/logs/build_harness.log")"
