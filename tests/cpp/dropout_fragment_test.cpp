@@ -39,6 +39,44 @@ TEST(DropoutFragment, QueryRowsOneCallPer32Columns) {
   }
 }
 
+// query_rows_drop_packed: a lane's packed 16-bit pairs of a 64-column tile (a[kk][q]: block
+// 2 kk + q / 2, row half q % 2) keep exactly the halves whose draw is >= the threshold, at every
+// threshold 0..256 (the add of 0x8000 - threshold must not carry between halves).
+TEST(DropoutFragment, QueryRowsPackedDropKeepsTheDrawsAtOrAboveTheThreshold) {
+  std::mt19937_64 rng(63);
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::uint64_t seed = rng(), offset = rng();
+    const std::uint32_t bh = rng() % 4096;
+    const std::uint32_t row16 = (rng() % 100000) * 16, col32 = (rng() % 100000) * 32;
+    for (std::uint32_t thr = 0; thr <= 256; thr += trial % 2 ? 1 : 37)
+      for (int g = 0; g < 8; ++g)
+        for (int t = 0; t < 4; ++t) {
+          std::uint32_t a[4][4];
+          for (auto& kk : a)
+            for (auto& pair : kk) pair = 0xA5C3'5A3Cu;
+          Philox4 calls[2];
+          query_rows_calls<64>(calls, seed, offset, bh, row16 + g, col32, t);
+          query_rows_drop_packed<64>(a, calls, thr);
+          for (int j = 0; j < 8; ++j)
+            for (int h = 0; h < 2; ++h)
+              for (int c = 0; c < 2; ++c) {
+                const std::uint32_t col = col32 + 8 * static_cast<std::uint32_t>(j) + 2 * t + c;
+                const bool keep = draw(seed, offset, bh, row16 + g + 8 * h, col) >= thr;
+                const std::uint32_t half = (a[j / 2][2 * (j % 2) + h] >> (16 * c)) & 0xFFFFu;
+                ASSERT_EQ(half, keep ? (c ? 0xA5C3u : 0x5A3Cu) : 0u) << thr << " " << g << " " << t << " " << j;
+              }
+        }
+  }
+}
+
+// prmt's sign mode, which the packed drop uses: nibble bit 3 replicates the selected byte's top bit.
+TEST(DropoutFragment, BytePermSignMode) {
+  EXPECT_EQ(byte_perm(0x0080'7F00u, 0u, 0xBB99u), 0x0000'0000u);
+  EXPECT_EQ(byte_perm(0x8000'8000u, 0u, 0xBB99u), 0xFFFF'FFFFu);
+  EXPECT_EQ(byte_perm(0x0000'8000u, 0u, 0xBB99u), 0x0000'FFFFu);
+  EXPECT_EQ(byte_perm(0x1234'5678u, 0x9ABC'DEF0u, 0x7531u), 0x9ADE'1256u);  // plain selection unchanged
+}
+
 TEST(DropoutFragment, KeyRowsPairsExchangeFourBytes) {
   std::mt19937_64 rng(6161);
   for (int trial = 0; trial < 200; ++trial) {

@@ -77,6 +77,34 @@ ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair_mask(const Philox4& call, int 
   return byte_perm(spread + pair_bias, 0u, 0xBB99u);  // halves: sign of byte 1, of byte 3
 }
 
+// A tile's kBN / 32 calls (its 32-column blocks; col0 the tile's first column, on the 32 grid) and
+// their drop on P packed to 16-bit mma A fragments: a[kk][q] holds columns 16 kk + 8 (q / 2) + 2t, + 1
+// of row half q % 2 (block j = 2 kk + q / 2), the m16n8k16 / wgmma A layout both forwards pack P in.
+template <int kBN>
+ORCHARD_HOST_DEVICE void query_rows_calls(Philox4 (&calls)[kBN / 32], std::uint64_t seed, std::uint64_t offset,
+                                          std::uint32_t batch_head, std::uint32_t row, std::uint32_t col0, int t) {
+  static_assert(kBN % 32 == 0, "tiles of whole 32-column blocks");
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int c = 0; c < kBN / 32; ++c)
+    calls[c] = dropout_call(seed, offset, batch_head, row, col0 + 32u * static_cast<std::uint32_t>(c) + 2u * static_cast<std::uint32_t>(t));
+}
+template <int kBN>
+ORCHARD_HOST_DEVICE void query_rows_drop_packed(std::uint32_t (&a)[kBN / 16][4], const Philox4 (&calls)[kBN / 32],
+                                                std::uint32_t keep_threshold) {
+  const std::uint32_t bias = query_rows_pair_bias(keep_threshold);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kBN / 8; ++j) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int r = 0; r < 2; ++r) a[j / 2][2 * (j % 2) + r] &= query_rows_pair_mask(calls[j / 4], r, j, bias);
+  }
+}
+
 // ---- rows = keys ----------------------------------------------------------------------------
 // call = dropout_call(.., q + f, k) (f: which of the pair's rows it is). Its four bytes for the
 // lane whose e is `e`: [row half 0: key k, key k + 8; row half 1: key k, key k + 8].

@@ -379,28 +379,11 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
         acc_o[mt][i][3] *= corr_r[mt][1];
       }
 
+    // The tile's first dropout column (the call's offset added).
+    const uint32_t gcol0 = kDropout ? static_cast<uint32_t>(n0) + static_cast<uint32_t>(p.dropout_col_offset) : 0u;
     if constexpr (kDropout) {
-      const uint32_t gcol0 = static_cast<uint32_t>(n0) + static_cast<uint32_t>(p.dropout_col_offset);
-      if (fragment_calls) {
-        // One call per 32-column block of each row pair (dropout_fragment.h, rows = queries).
-        // Unrolled and applied at once, as the old per-pair calls were.
-#pragma unroll
-        for (int mt = 0; mt < kMW; ++mt) {
-          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16) + static_cast<uint32_t>(p.dropout_row_offset);
-          Philox4 call{};
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            const uint32_t cb = gcol0 + 8u * nt;  // warp-uniform
-            if (query_rows_new_call(nt)) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const uint32_t pair = query_rows_pair(call, r, nt);
-              if ((pair & 0xFFu) < keep_threshold) s[mt][nt][2 * r] = 0.f;
-              if ((pair >> 8) < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
-            }
-          }
-        }
-      } else {
+      // Fragment calls drop on the packed P below; here the per-element draws.
+      if (!fragment_calls) {
         // Offsets that split a fragment's calls (context-parallel blocks off the 16 / 32 grid): per element,
         // in a rolled loop recording the dropped elements.
         uint32_t dropped[(kMW * kNT * 4 + 31) / 32] = {};
@@ -431,6 +414,19 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
     for (int kk = 0; kk < kBN / 16; ++kk)
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt) pack_a_fragment<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
+    if constexpr (kDropout) {
+      if (fragment_calls) {
+        // One call per 32-column block of each row pair (dropout_fragment.h, rows = queries), then an
+        // AND per packed pair of P (query_rows_drop_packed; the Hopper forward's drop, session 63).
+#pragma unroll
+        for (int mt = 0; mt < kMW; ++mt) {
+          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16) + static_cast<uint32_t>(p.dropout_row_offset);
+          Philox4 calls[kBN / 32];
+          query_rows_calls<kBN>(calls, key.seed, key.offset, drop_bh, grow, gcol0, t);
+          query_rows_drop_packed<kBN>(pa[mt], calls, keep_threshold);
+        }
+      }
+    }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
 #pragma unroll

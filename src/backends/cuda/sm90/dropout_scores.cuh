@@ -47,27 +47,20 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
   }
 }
 
-// The same drop on P already packed to 16-bit wgmma A fragments (convert_p's layout: a[kk][q] holds
-// elements 8 kk + 2 q, + 1, i.e. block j = 2 kk + q / 2, row half q % 2): an AND per pair
-// (cuda::query_rows_pair_mask). In two steps, so that the sm90 forward's overlapped loop can make
-// the calls under the previous tile's PV and apply them once P is converted after its wait:
-// draw_calls (the tile's kBN / 32 Philox calls), then drop_packed_calls.
+// The same drop on P already packed to 16-bit wgmma A fragments (convert_p's layout,
+// cuda::query_rows_drop_packed: an AND per pair). In two steps, so that the sm90 forward's overlapped
+// loop can make the calls under the previous tile's PV and apply them once P is converted after its
+// wait: draw_calls, then drop_packed_calls.
 template <int kBN>
 __device__ __forceinline__ void draw_calls(Philox4 (&calls)[kBN / 32], const DropoutKey& key, uint32_t batch_head,
                                            uint32_t row0, uint32_t col0, int t) {
-  static_assert(kBN % 32 == 0, "tiles of whole 32-column blocks");
-#pragma unroll
-  for (int c = 0; c < kBN / 32; ++c) calls[c] = dropout_call(key.seed, key.offset, batch_head, row0, col0 + 32u * c + 2u * t);
+  cuda::query_rows_calls<kBN>(calls, key.seed, key.offset, batch_head, row0, col0, t);
 }
 
 template <int kBN>
 __device__ __forceinline__ void drop_packed_calls(uint32_t (&a)[kBN / 16][4], const Philox4 (&calls)[kBN / 32],
                                                   uint32_t keep_threshold) {
-  const uint32_t bias = cuda::query_rows_pair_bias(keep_threshold);
-#pragma unroll
-  for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) a[j / 2][2 * (j % 2) + r] &= cuda::query_rows_pair_mask(calls[j / 4], r, j, bias);
+  cuda::query_rows_drop_packed<kBN>(a, calls, keep_threshold);
 }
 
 template <int kBN>
