@@ -114,12 +114,16 @@ inline void run_steps(std::int64_t j0, int n, std::uint8_t* keep0, std::uint8_t*
   }
 }
 
+// The odd 32-bit lanes moved down (and the even ones up) by a dword shuffle rather than 64-bit
+// shifts: 512-bit shifts share the multiplier's port on Intel cores, the shuffle runs on another.
+// Session 63, one core of the 2-core AMX Xeon, 64 x 64 blocks: AVX-512 0.165 -> 0.152 ns per
+// element; AVX2 unchanged (0.245).
 __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi,
                                                      __m256i& lo) {
-  const __m256i pe = _mm256_mul_epu32(a, m);                         // lanes 0,2,4,6
-  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1,3,5,7
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+  const __m256i pe = _mm256_mul_epu32(a, m);                                 // lanes 0,2,4,6
+  const __m256i po = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xB1), m);    // lanes 1,3,5,7
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(pe, 0xB1), po, 0xAA);
+  lo = _mm256_blend_epi32(pe, _mm256_shuffle_epi32(po, 0xB1), 0xAA);
 }
 
 // Keep bytes of one row, columns [c, c + 64) (c % 32 == 0: two blocks, one per 128-bit
@@ -182,10 +186,10 @@ __attribute__((target("avx2"))) void keep_avx2(const RowKey& k, std::int64_t j0,
 // Sixteen calls (128 columns, four blocks, one per 128-bit lane) per step.
 #define ORCHARD_DROPOUT_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx2")))
 ORCHARD_DROPOUT_AVX512_TARGET inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i pe = _mm512_mul_epu32(a, m);                         // even lanes
-  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // odd lanes
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  const __m512i pe = _mm512_mul_epu32(a, m);                                      // even lanes
+  const __m512i po = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_CDAB), m);  // odd lanes
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(pe, _MM_PERM_CDAB), po);
+  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_shuffle_epi32(po, _MM_PERM_CDAB));
 }
 
 // Keep bytes of the four blocks (one per 128-bit lane) from their words lo (columns 0..15 of
