@@ -117,7 +117,8 @@ inline void run_steps(std::int64_t j0, int n, std::uint8_t* keep0, std::uint8_t*
 // The odd 32-bit lanes moved down (and the even ones up) by a dword shuffle rather than 64-bit
 // shifts: 512-bit shifts share the multiplier's port on Intel cores, the shuffle runs on another.
 // Session 63, one core of the 2-core AMX Xeon, 64 x 64 blocks: AVX-512 0.165 -> 0.152 ns per
-// element; AVX2 unchanged (0.245).
+// element; AVX2 unchanged (0.245). Two-source permutes (vpermt2d) in place of shuffle + blend: 0.159
+// against 0.139 (with RoundKeys below), slower.
 __attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi,
                                                      __m256i& lo) {
   const __m256i pe = _mm256_mul_epu32(a, m);                                 // lanes 0,2,4,6
