@@ -5,7 +5,7 @@
 // t = lane % 4 holding rows g and g + 8, columns 8 j + 2 t and + 1 of each 8-column block j),
 // independently of the kernels:
 //   forward  (drop_scores):       element i = 4 j + 2 r + c -> row row0 + 8 r, column col0 + 8 j + 2 t + c
-//            (drop_packed: the same elements packed in pairs, i / 2 -> a[i / 8][(i / 2) % 4], half c)
+//            (query_rows_drop_packed: the same elements packed in pairs, i / 2 -> a[i / 8][(i / 2) % 4], half c)
 //   backward (dropped_bits_keys): element i -> key (row) key0 + 8 r, query (column) query0 + 8 j + 2 t + c
 // over random keys, offsets, thresholds (p = 0 .. 1, both extremes) and every forward tile width
 // the kernels draw in (the forward's tiles start on 32-column blocks: cuda::query_rows_aligned;
@@ -35,7 +35,7 @@ struct Case {
 // Per lane: the forward's scores after drop_scores<kBN> (all 1 before), the backward's drop bits.
 struct Result {
   float fwd[32][192 / 2];
-  std::uint32_t packed[32][192 / 4];  // drop_packed's pairs (element i's half before: 0x4000 | i)
+  std::uint32_t packed[32][192 / 4];  // query_rows_drop_packed's pairs (element i's half before: 0x4000 | i)
   std::uint32_t bwd[32], bwd_wide[32];
 };
 
@@ -52,7 +52,9 @@ void warp_kernel(Case c, Result* out) {
       const std::uint32_t i = 8 * kk + 2 * q;
       a[kk][q] = (0x4000u | i) | (0x4000u | (i + 1)) << 16;
     }
-  sm90::drop_packed<kBN>(a, c.key, c.batch_head, c.row0 + g, c.fwd_col0(), t, c.threshold);
+  Philox4 calls[kBN / 32];
+  cuda::query_rows_calls<kBN>(calls, c.key.seed, c.key.offset, c.batch_head, c.row0 + g, c.fwd_col0(), t);
+  cuda::query_rows_drop_packed<kBN>(a, calls, c.threshold);
   for (int kk = 0; kk < kBN / 16; ++kk)
     for (int q = 0; q < 4; ++q) out->packed[lane][4 * kk + q] = a[kk][q];
   // The backward's fragment: keys are the rows (key0 = col0 + g), queries the columns (from row0).

@@ -59,8 +59,12 @@ ORCHARD_HOST_DEVICE bool query_rows_aligned(std::int64_t row_offset, std::int64_
 ORCHARD_HOST_DEVICE constexpr bool query_rows_new_call(int j) { return j % 4 == 0; }
 // The draws of columns cb + 2t, cb + 2t + 1 (low, high byte) of row half h (row r + 8 h) of block j
 // (first column cb), from its 32-column block's call.
+// The call's word holding block j's pair of row half h (the pair in its low or high 16 bits, j % 2).
+ORCHARD_HOST_DEVICE std::uint32_t query_rows_word(const Philox4& call, int h, int j) {
+  return philox_lane(call, 2 * h + (j >> 1) % 2);
+}
 ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, int j) {
-  return (philox_lane(call, 2 * h + (j >> 1) % 2) >> ((j % 2) * 16)) & 0xFFFFu;
+  return (query_rows_word(call, h, j) >> ((j % 2) * 16)) & 0xFFFFu;
 }
 // The same pair as an AND mask for a packed 16-bit pair (low half: column cb + 2t): 0xFFFF in each
 // half whose draw is kept (>= the threshold). Each byte b goes to its own 16-bit half; adding
@@ -72,8 +76,7 @@ ORCHARD_HOST_DEVICE constexpr std::uint32_t query_rows_pair_bias(std::uint32_t k
   return (0x8000u - keep_threshold) * 0x10001u;
 }
 ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair_mask(const Philox4& call, int h, int j, std::uint32_t pair_bias) {
-  const std::uint32_t word = philox_lane(call, 2 * h + (j >> 1) % 2);
-  const std::uint32_t spread = byte_perm(word, 0u, j % 2 ? 0x4342u : 0x4140u);  // 0x00bb'00aa
+  const std::uint32_t spread = byte_perm(query_rows_word(call, h, j), 0u, j % 2 ? 0x4342u : 0x4140u);  // 0x00bb'00aa
   return byte_perm(spread + pair_bias, 0u, 0xBB99u);  // halves: sign of byte 1, of byte 3
 }
 

@@ -47,29 +47,10 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
   }
 }
 
-// The same drop on P already packed to 16-bit wgmma A fragments (convert_p's layout,
-// cuda::query_rows_drop_packed: an AND per pair). In two steps, so that the sm90 forward's overlapped
-// loop can make the calls under the previous tile's PV and apply them once P is converted after its
-// wait: draw_calls, then drop_packed_calls.
-template <int kBN>
-__device__ __forceinline__ void draw_calls(Philox4 (&calls)[kBN / 32], const DropoutKey& key, uint32_t batch_head,
-                                           uint32_t row0, uint32_t col0, int t) {
-  cuda::query_rows_calls<kBN>(calls, key.seed, key.offset, batch_head, row0, col0, t);
-}
-
-template <int kBN>
-__device__ __forceinline__ void drop_packed_calls(uint32_t (&a)[kBN / 16][4], const Philox4 (&calls)[kBN / 32],
-                                                  uint32_t keep_threshold) {
-  cuda::query_rows_drop_packed<kBN>(a, calls, keep_threshold);
-}
-
-template <int kBN>
-__device__ __forceinline__ void drop_packed(uint32_t (&a)[kBN / 16][4], const DropoutKey& key, uint32_t batch_head,
-                                            uint32_t row0, uint32_t col0, int t, uint32_t keep_threshold) {
-  Philox4 calls[kBN / 32];
-  draw_calls<kBN>(calls, key, batch_head, row0, col0, t);
-  drop_packed_calls<kBN>(a, calls, keep_threshold);
-}
+// The same drop on P already packed to 16-bit wgmma A fragments (convert_p's layout) is
+// cuda::query_rows_calls + cuda::query_rows_drop_packed (an AND per pair), called by the forward
+// directly: its overlapped loop makes the calls under the previous tile's PV and drops once P is
+// converted after the wait.
 
 // The backward's S^T fragment (flash_bwd_sm90.cuh, kJ = 8; flash_bwd_sm90_wide.cuh, kJ = 4; keys are
 // the rows): element i -> key key + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2),

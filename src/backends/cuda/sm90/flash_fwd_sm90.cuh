@@ -449,7 +449,7 @@ __device__ __forceinline__ void convert_p(const float (&s)[kBN / 2], uint32_t (&
 // own (run_flash_fwd_sm90_dropout). d96's 96-key kernels ran 0.97-1.12x with the code (noise level).
 // run_flash_fwd_sm90 sends dropout calls to these kernels; launch_flash_fwd_sm90_one declines a
 // dropout call for any other.
-// Dropout on P packed to 16 bits (drop_packed: an AND per pair) instead of on the fp32 scores
+// Dropout on P packed to 16 bits (cuda::query_rows_drop_packed: an AND per pair) instead of on the fp32 scores
 // (drop_scores); in the overlapped loops the Philox calls run under the previous PV, the AND after
 // its wait (on the converted P).
 #ifndef ORCHARD_SM90_FWD_DROP_PACKED
@@ -854,15 +854,16 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
     auto draw_tile_calls = [&](Philox4 (&calls)[kBN / 32], int n, int tile_index, int first_row) {
       if constexpr (kFwdSm90Dropout<kD, kBN, kWG, kBias>) {
         const FwdTile bh = fwd_sm90_coord<kCausal, kPaired>(p, sc, tile_index);
-        draw_calls<kBN>(calls, dropout_key(p), dropout_batch_head(p, bh.b, bh.h),
-                        static_cast<uint32_t>(first_row) + static_cast<uint32_t>(p.dropout_row_offset),
-                        static_cast<uint32_t>(n * kBN) + static_cast<uint32_t>(p.dropout_col_offset), t);
+        const DropoutKey key = dropout_key(p);
+        cuda::query_rows_calls<kBN>(calls, key.seed, key.offset, dropout_batch_head(p, bh.b, bh.h),
+                                    static_cast<uint32_t>(first_row) + static_cast<uint32_t>(p.dropout_row_offset),
+                                    static_cast<uint32_t>(n * kBN) + static_cast<uint32_t>(p.dropout_col_offset), t);
       }
     };
     auto drop_packed_tile = [&](uint32_t (&p_a)[kBN / 16][4], int n, int tile_index, int first_row) {
       Philox4 calls[kBN / 32];
       draw_tile_calls(calls, n, tile_index, first_row);
-      drop_packed_calls<kBN>(p_a, calls, dropout_keep_threshold(p.dropout_p));
+      cuda::query_rows_drop_packed<kBN>(p_a, calls, dropout_keep_threshold(p.dropout_p));
     };
     constexpr bool kDropPacked = ORCHARD_SM90_FWD_DROP_PACKED != 0;
     // P (fp32 scores) to the PV operand p_a, dropped where the call has dropout.
@@ -1068,7 +1069,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
               wgmma_wait<0>();  // PV(it - 1) done: O and pa may be touched
               after_pv_wait();
               convert_p<T, kBN>(sacc, pa);
-              drop_packed_calls<kBN>(pa, calls, dropout_keep_threshold(p.dropout_p));
+              cuda::query_rows_drop_packed<kBN>(pa, calls, dropout_keep_threshold(p.dropout_p));
             } else {
               if (!kDropPacked && dropout) drop_tile(sacc, n, tile, row0);  // (under PV(it - 1) as well)
               // Pin the softmax before the wait below: plain arithmetic may otherwise be scheduled
@@ -1137,7 +1138,7 @@ __global__ void __launch_bounds__(FwdSm90Config<kD, kBNv, kWG>::kThreads, 1)
               wgmma_wait<0>();  // this tile's O is final; pa may be overwritten
               after_pv_wait();
               convert_p<T, kBN>(sacc, pa);
-              drop_packed_calls<kBN>(pa, calls, dropout_keep_threshold(p.dropout_p));
+              cuda::query_rows_drop_packed<kBN>(pa, calls, dropout_keep_threshold(p.dropout_p));
             } else {
               if (!kDropPacked && dropout) drop_tile(sacc, tn.n_end - 1, next, row0n);
               fence_operands(sacc);

@@ -35,12 +35,4 @@ __device__ __forceinline__ void fence_operands(float (&r)[R]) {
   for (int i = 0; i < R; ++i) fence_operand(r[i]);
 }
 
-template <int N>
-__device__ __forceinline__ void fence_operands(uint32_t (&r)[N][4]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) fence_operand(r[i][q]);
-}
-
 }  // namespace orchard::sm90
