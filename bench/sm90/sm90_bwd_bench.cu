@@ -421,12 +421,20 @@ void each_dtype(const Shape& sh, F&& f) {
 
 // Mode "bulk": the library's default form (bulk dQ) alone, 30 timed runs, for A/Bs of two
 // builds run alternately (medians over the runs decide: one binary's timings drift).
+// SM90_BWD_BENCH_DROPOUT=<p>: these timed runs with dropout p (the kFeatures kernels; the forward's O
+// and LSE stay undropped, which changes no work; FLOPs as without).
 template <typename T>
 void time_bulk(const Shape& sh) {
   Timed c = prepare_timed<T>(sh);
+  static const float drop_p = std::getenv("SM90_BWD_BENCH_DROPOUT") ? std::atof(std::getenv("SM90_BWD_BENCH_DROPOUT")) : 0.f;
+  c.p.dropout_p = drop_p;
+  c.p.seed = 1234;
+  c.p.offset = 0;
   const float t = time_ms([&] { run_sm90<T>(c.p, true); }, 30);
   CK(cudaDeviceSynchronize());
-  std::printf("TIME %-44s bulk %7.3f ms %6.1f TFLOP/s\n", shape_name(sh).c_str(), t, c.flops / t / 1e9);
+  char tag[16] = "";
+  if (drop_p > 0.f) std::snprintf(tag, sizeof tag, " drop%.2f", drop_p);
+  std::printf("TIME %-44s bulk %7.3f ms %6.1f TFLOP/s\n", (shape_name(sh) + tag).c_str(), t, c.flops / t / 1e9);
   free_bufs(c.B);
 }
 

@@ -7,6 +7,8 @@
 //   forward  (drop_scores):       element i = 4 j + 2 r + c -> row row0 + 8 r, column col0 + 8 j + 2 t + c
 //            (query_rows_drop_packed: the same elements packed in pairs, i / 2 -> a[i / 8][(i / 2) % 4], half c)
 //   backward (dropped_bits_keys): element i -> key (row) key0 + 8 r, query (column) query0 + 8 j + 2 t + c
+//            (key_rows_draws + key_rows_pair_mask / key_rows_element_mask: the same elements as AND masks,
+//            pair i / 2 in half c of mask i / 2, element i's 32-bit mask)
 // over random keys, offsets, thresholds (p = 0 .. 1, both extremes) and every forward tile width
 // the kernels draw in (the forward's tiles start on 32-column blocks: cuda::query_rows_aligned;
 // the backward's keys on 16-row ones). A wrong lane pairing, exchange, call position or bit index
@@ -37,6 +39,7 @@ struct Result {
   float fwd[32][192 / 2];
   std::uint32_t packed[32][192 / 4];  // query_rows_drop_packed's pairs (element i's half before: 0x4000 | i)
   std::uint32_t bwd[32], bwd_wide[32];
+  std::uint32_t bwd_pair[32][16], bwd_element[32][32];  // the backward's packed form
 };
 
 template <int kBN>
@@ -61,6 +64,15 @@ void warp_kernel(Case c, Result* out) {
   out->bwd[lane] = sm90::dropped_bits_keys(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g, g, c.threshold);
   out->bwd_wide[lane] =  // the wide kernel's 4 query blocks
       sm90::dropped_bits_keys<4>(c.key, c.batch_head, c.row0 + 2 * t, c.col0 + g, g, c.threshold);
+  std::uint32_t own[4], got[4];
+  cuda::key_rows_draws<8>(own, got, c.key.seed, c.key.offset, c.batch_head, c.row0 + 2 * t, c.col0 + g, g & 1);
+  const std::uint32_t bias = cuda::query_rows_pair_bias(c.threshold);
+  for (int kk = 0; kk < 4; ++kk)
+    for (int q = 0; q < 4; ++q) {
+      const std::uint32_t pair = cuda::key_rows_pair_mask(own[kk], got[kk], g & 1, q, bias);
+      out->bwd_pair[lane][4 * kk + q] = pair;
+      for (int f = 0; f < 2; ++f) out->bwd_element[lane][8 * kk + 2 * q + f] = cuda::key_rows_element_mask(pair, f);
+    }
 }
 
 template <int kBN>
@@ -72,6 +84,10 @@ int check(const Case& c) {
     for (auto& x : lane) x = 0xdeadbeefu;
   for (auto& b : r.bwd) b = 0xdeadbeefu;
   for (auto& b : r.bwd_wide) b = 0xdeadbeefu;
+  for (auto& lane : r.bwd_pair)
+    for (auto& x : lane) x = 0x5a5a5a5au;
+  for (auto& lane : r.bwd_element)
+    for (auto& x : lane) x = 0x5a5a5a5au;
   emu_launch(warp_kernel<kBN>, dim3(1), dim3(32), 0, nullptr, c, &r);
   int bad = 0;
   for (int lane = 0; lane < 32; ++lane) {
@@ -90,6 +106,8 @@ int check(const Case& c) {
                                      c.col0 + g + 8 * rr, c.threshold);
       if (((r.bwd[lane] >> i) & 1u) != (keep ? 0u : 1u)) ++bad;
       if (i < 16 && ((r.bwd_wide[lane] >> i) & 1u) != (keep ? 0u : 1u)) ++bad;
+      if (((r.bwd_pair[lane][i / 2] >> (16 * cc)) & 0xFFFFu) != (keep ? 0xFFFFu : 0u)) ++bad;
+      if (r.bwd_element[lane][i] != (keep ? 0xFFFFFFFFu : 0u)) ++bad;
     }
     if (r.bwd_wide[lane] >> 16 != 0u) ++bad;  // no bits past the 16 elements
   }

@@ -106,6 +106,43 @@ TEST(DropoutFragment, KeyRowsPairsExchangeFourBytes) {
   }
 }
 
+// The packed rows = keys form (key_rows_pair_mask / key_rows_element_mask): pair q of a call's 8
+// elements (row half q / 2, key half q % 2) masks query column f in its 16-bit half f, and element f's
+// 32-bit mask is all ones or zero, each exactly when that draw is >= the threshold, for both lanes
+// of a pair (e = 0, 1) at every threshold 0..256.
+TEST(DropoutFragment, KeyRowsPackedMasksKeepTheDrawsAtOrAboveTheThreshold) {
+  std::mt19937_64 rng(6464);
+  for (int trial = 0; trial < 60; ++trial) {
+    const std::uint64_t seed = rng(), offset = rng();
+    const std::uint32_t bh = rng() % 4096;
+    const std::uint32_t key16 = (rng() % 100000) * 16, query16 = (rng() % 100000) * 16;
+    const int gh = trial % 4, t = (trial / 4) % 4;
+    const std::uint32_t q = query16 + 2 * t;
+    std::uint32_t own[2], sent[2];
+    for (int e = 0; e < 2; ++e) {
+      const std::uint32_t k = key16 + 2 * gh + e;
+      const Philox4 call = dropout_call(seed, offset, bh, q + e, k);
+      own[e] = key_rows_bytes(call, k, e);
+      sent[e] = key_rows_bytes(call, k, e ^ 1);
+    }
+    for (std::uint32_t thr = 0; thr <= 256; thr += trial % 2 ? 1 : 29) {
+      const std::uint32_t bias = query_rows_pair_bias(thr);
+      for (int e = 0; e < 2; ++e) {
+        const std::uint32_t k = key16 + 2 * gh + e;
+        for (int qq = 0; qq < 4; ++qq) {
+          const int rh = qq / 2, h = qq % 2;
+          const std::uint32_t pair = key_rows_pair_mask(own[e], sent[e ^ 1], e, qq, bias);
+          for (int f = 0; f < 2; ++f) {
+            const bool keep = draw(seed, offset, bh, q + f + 8 * rh, k + 8 * h) >= thr;
+            ASSERT_EQ((pair >> (16 * f)) & 0xFFFFu, keep ? 0xFFFFu : 0u) << thr << " e " << e << " q " << qq << " f " << f;
+            ASSERT_EQ(key_rows_element_mask(pair, f), keep ? 0xFFFF'FFFFu : 0u) << thr << " e " << e << " q " << qq;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(DropoutFragment, AlignedOffsets) {
   EXPECT_TRUE(dropout_fragment_aligned(0, 0));
   EXPECT_TRUE(dropout_fragment_aligned(4096, 32));

@@ -122,6 +122,34 @@ ORCHARD_HOST_DEVICE std::uint32_t key_rows_draw(std::uint32_t own, std::uint32_t
   return ((f == e ? own : got) >> (8 * (2 * rh + h))) & 0xFFu;
 }
 
+// The packed form of a call's drop (the sm90 backward): AND masks instead of drop bits. A P^T pair
+// (elements i, i + 1 with i = 8 jj + 2 q: query columns f = 0, 1 of row half rh = q / 2, key k + 8 h
+// with h = q % 2) takes its f = 0 draw from one of own / got and its f = 1 draw from the other.
+// key_rows_kept spreads a word's two bytes of row half rh (keys k, k + 8) into 16-bit halves and adds
+// query_rows_pair_bias: bit 15 / 31 set exactly when that draw is kept (the forward's trick above).
+ORCHARD_HOST_DEVICE std::uint32_t key_rows_kept(std::uint32_t bytes, int rh, std::uint32_t pair_bias) {
+  return byte_perm(bytes, 0u, rh ? 0x4342u : 0x4140u) + pair_bias;
+}
+// The prmt selector that turns (kept own, kept got) of a row half into key half h's pair mask: the low
+// half replicates the f = 0 draw's sign (byte 2 h + 1 of own when e = 0, of got when e = 1), the high
+// half the f = 1 draw's.
+ORCHARD_HOST_DEVICE constexpr std::uint32_t key_rows_pair_selector(int e, int h) {
+  const std::uint32_t own = 8u | (2u * static_cast<std::uint32_t>(h) + 1u), got = own + 4u;
+  const std::uint32_t f0 = e ? got : own, f1 = e ? own : got;
+  return f0 * 0x11u | f1 * 0x1100u;
+}
+// Pair q's AND mask for the packed 16-bit P^T pair (0xFFFF in each kept half), from the lane's own and
+// got words of the call (key_rows_bytes; got = the partner's own).
+ORCHARD_HOST_DEVICE std::uint32_t key_rows_pair_mask(std::uint32_t own, std::uint32_t got, int e, int q,
+                                                     std::uint32_t pair_bias) {
+  return byte_perm(key_rows_kept(own, q / 2, pair_bias), key_rows_kept(got, q / 2, pair_bias),
+                   key_rows_pair_selector(e, q % 2));
+}
+// The 32-bit AND mask of element f of a pair (for its fp32 dP^T), from the pair's mask.
+ORCHARD_HOST_DEVICE std::uint32_t key_rows_element_mask(std::uint32_t pair_mask, int f) {
+  return byte_perm(pair_mask, 0u, f ? 0x2222u : 0x0000u);
+}
+
 #if defined(__CUDACC__) || defined(ORCHARD_DECODE_EMU)  // (the CPU emulator of dev/decode_emu)
 // One step of the rows = keys form: the drop bits of queries q + f + 8 rh (q: a multiple of 16
 // plus 2t) and keys k + 8 h (k % 16 = g, e = g & 1), bit 4 rh + 2 h + f set = dropped, from
@@ -161,6 +189,22 @@ __device__ __forceinline__ std::uint32_t key_rows_dropped(std::uint64_t seed, st
     dropped |= key_rows_call_dropped(dropout_call_xy(seed, offset, batch_head, x, y0 + 8u * jj), k, e, keep_threshold)
                << (8 * jj);
   return dropped;
+}
+
+// The packed form's draws of the same block: own[jj] / got[jj] of query blocks 2 jj, 2 jj + 1 (one call
+// and one shuffle each, as key_rows_dropped), for key_rows_pair_mask. Every lane of the warp must call it.
+template <int kJ>
+__device__ __forceinline__ void key_rows_draws(std::uint32_t (&own)[kJ / 2], std::uint32_t (&got)[kJ / 2],
+                                               std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
+                                               std::uint32_t q2t, std::uint32_t k, int e) {
+  static_assert(kJ % 2 == 0, "query blocks in pairs");
+  const std::uint32_t x = dropout_counter_x(k), y0 = dropout_counter_y(q2t + static_cast<std::uint32_t>(e));
+#pragma unroll
+  for (int jj = 0; jj < kJ / 2; ++jj) {
+    const Philox4 call = dropout_call_xy(seed, offset, batch_head, x, y0 + 8u * jj);
+    own[jj] = key_rows_bytes(call, k, e);
+    got[jj] = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
+  }
 }
 #endif
 

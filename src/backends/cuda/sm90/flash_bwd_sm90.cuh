@@ -72,10 +72,11 @@
 // (Cfg::kOffBias; released with the stage) and added to S^T in the feature pass
 // (add_bias_tile_keys, attn_bias_tiles.cuh).
 // Dropout (ORCHARD_SM90_DROPOUT; sm90_bwd_call_supported says which calls), in the kFeatures
-// kernels: each step's drop bits drawn before its dP^T GEMM is issued (d64: while it runs; the
-// step's comment says why), quads of lanes sharing each Philox call (dropout_scores.cuh),
-// dS^T = P^T (Z dP^T / (1 - p) - D), the dropped elements of the 16-bit P^T zeroed for the dV GEMM
-// and 1 / (1 - p) applied to dV in the epilogue.
+// kernels: each step's draws made before its dP^T GEMM is issued (d64: while it runs; the
+// step's comment says why), pairs of lanes sharing each Philox call (cuda/dropout_fragment.h, rows =
+// keys), dS^T = P^T (Z dP^T / (1 - p) - D) with Z applied as AND masks (ORCHARD_SM90_BWD_DROP_PACKED),
+// the dropped elements of the 16-bit P^T zeroed for the dV GEMM and 1 / (1 - p) applied to dV in the
+// epilogue.
 // Varlen in its segment form (segments.cuh), in the kFeatures kernels: each key tile's query tiles
 // narrowed to its keys' segments, other segments' elements of S^T masked per step.
 // The dispatch (cuda_backend.cu, sm90_bwd_applies) sends d > 128 to flash_bwd_sm90_wide.cuh (the
@@ -151,6 +152,15 @@
 // -4 to +1.5 %: 2 stays.
 #ifndef ORCHARD_SM90_BWD96_STAGES
 #define ORCHARD_SM90_BWD96_STAGES 2
+#endif
+
+// An A/B switch for the dropout step of this kernel's kFeatures kernels: 1 (default) the packed
+// form (cuda::key_rows_draws before the dP^T wait, AND masks after it: cuda::key_rows_pair_mask on
+// the 16-bit P^T pairs, key_rows_element_mask on dP^T's fp32 bits), 0 the drop bits
+// (dropped_bits_keys: a compare, shift and or per element to build, a test and select per element
+// and zero_dropped_pair per pair to apply).
+#ifndef ORCHARD_SM90_BWD_DROP_PACKED
+#define ORCHARD_SM90_BWD_DROP_PACKED 1
 #endif
 
 namespace orchard::sm90 {
@@ -794,18 +804,27 @@ __global__ void __launch_bounds__(384, 1)
             }
           }
           {
-            // Dropout (the kFeatures kernels; dropout_scores.cuh): the step's drop bits, drawn
-            // before dP^T is issued (d64: while it runs; at d128, drawn during the GEMM, the Philox
-            // registers beside dP^T's accumulators spilled the kFeatures kernels 8 -> 76 B). P^T
-            // stays undropped for dS^T; the dV GEMM gets the kept elements (zeroed below) and dV
-            // takes 1 / (1 - p) in the epilogue.
+            // Dropout (the kFeatures kernels): the step's draws, made before dP^T is issued (d64:
+            // while it runs; at d128, drawn during the GEMM, the Philox registers beside dP^T's
+            // accumulators spilled the kFeatures kernels 8 -> 76 B). P^T stays undropped for dS^T;
+            // the dV GEMM gets the kept elements (zeroed below) and dV takes 1 / (1 - p) in the
+            // epilogue.
+            const bool dropping = kFeatures && p.dropout_p > 0.f;
+            const uint32_t dq2t = static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset);
+            const uint32_t dkey = static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset);
+#if ORCHARD_SM90_BWD_DROP_PACKED
+            // The packed form: each call's bytes (own) and the partner's (got), 8 words across the wait.
+            uint32_t own[4] = {}, got[4] = {};
+            if (dropping) {
+              const DropoutKey key = dropout_key(p);
+              cuda::key_rows_draws<8>(own, got, key.seed, key.offset, dropout_batch_head(p, b, h), dq2t, dkey, g & 1);
+            }
+#else
             uint32_t dropped = 0;
-            if (kFeatures && p.dropout_p > 0.f)
-              dropped = dropped_bits_keys(
-                  dropout_key(p), dropout_batch_head(p, b, h),
-                  static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
-                  static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
-                  dropout_keep_threshold(p.dropout_p));
+            if (dropping)
+              dropped = dropped_bits_keys(dropout_key(p), dropout_batch_head(p, b, h), dq2t, dkey, g,
+                                          dropout_keep_threshold(p.dropout_p));
+#endif
             if constexpr (!Cfg::kPipelined) issue_dp();
             flush_dq();
             wgmma_wait<0>();
@@ -815,20 +834,47 @@ __global__ void __launch_bounds__(384, 1)
               // softcap: P^T (1 - tanh^2), the product parked above.
               const bool capped = p.softcap > 0.f;
               const float rdrop = dropout_rescale(p);
+              auto ds_step = [&](auto drop_tag) {
+                constexpr bool kDrop = decltype(drop_tag)::value;
+#if ORCHARD_SM90_BWD_DROP_PACKED
+                const uint32_t pair_bias = cuda::query_rows_pair_bias(dropout_keep_threshold(p.dropout_p));
+#endif
 #pragma unroll
-              for (int kk = 0; kk < 4; ++kk)
+                for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                  uint32_t pw = pa[kk][q];
-                  if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
+                  for (int q = 0; q < 4; ++q) {
+                    uint32_t pw = pa[kk][q];
+                    if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
+#if ORCHARD_SM90_BWD_DROP_PACKED
+                    const uint32_t keep = kDrop ? cuda::key_rows_pair_mask(own[kk], got[kk], g & 1, q, pair_bias) : ~0u;
+#endif
 #pragma unroll
-                  for (int e = 0; e < 2; ++e) {
-                    const int i = 8 * kk + 2 * q + e;
-                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                    const float dp = (dropped >> i) & 1u ? 0.f : dpacc[i] * rdrop;
-                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dp - d_t[ql]);
+                    for (int e = 0; e < 2; ++e) {
+                      const int i = 8 * kk + 2 * q + e;
+                      const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                      float dp = dpacc[i];
+                      if constexpr (kDrop) {
+#if ORCHARD_SM90_BWD_DROP_PACKED
+                        dp = __uint_as_float(__float_as_uint(dp) & cuda::key_rows_element_mask(keep, e)) * rdrop;
+#else
+                        dp = (dropped >> i) & 1u ? 0.f : dp * rdrop;
+#endif
+                      }
+                      dpacc[i] = unpack_lo_hi<T>(pw, e) * (dp - d_t[ql]);
+                    }
+                    if constexpr (kDrop) {  // (P^T Z)^T for the dV GEMM
+#if ORCHARD_SM90_BWD_DROP_PACKED
+                      pa[kk][q] &= keep;
+#else
+                      pa[kk][q] = zero_dropped_pair(pa[kk][q], dropped, 8 * kk + 2 * q);
+#endif
+                    }
                   }
-                }
+              };
+              if (dropping)
+                ds_step(std::true_type{});
+              else
+                ds_step(std::false_type{});
             } else {  // dS^T = P^T (dP^T - D)
 #pragma unroll
               for (int i = 0; i < 32; ++i) {
@@ -838,14 +884,6 @@ __global__ void __launch_bounds__(384, 1)
               }
             }
             acc_to_afrag<T>(dpacc, dsa);
-            if constexpr (kFeatures) {
-              if (dropped != 0u) {  // (P^T Z)^T for the dV GEMM
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-                  for (int q = 0; q < 4; ++q) pa[kk][q] = zero_dropped_pair(pa[kk][q], dropped, 8 * kk + 2 * q);
-              }
-            }
           }
           if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer s (ds_slot above)
 #pragma unroll
