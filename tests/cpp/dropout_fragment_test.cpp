@@ -77,6 +77,18 @@ TEST(DropoutFragment, BytePermSignMode) {
   EXPECT_EQ(byte_perm(0x1234'5678u, 0x9ABC'DEF0u, 0x7531u), 0x9ADE'1256u);  // plain selection unchanged
 }
 
+// The rows = keys words of the lane pair g = 2 gh + e (keys k0 + e, k0 even) at query q: each lane's own
+// bytes and the bytes it sends its partner.
+void lane_pair_bytes(std::uint64_t seed, std::uint64_t offset, std::uint32_t bh, std::uint32_t q, std::uint32_t k0,
+                     std::uint32_t (&own)[2], std::uint32_t (&sent)[2]) {
+  for (int e = 0; e < 2; ++e) {
+    const std::uint32_t k = k0 + e;
+    const Philox4 call = dropout_call(seed, offset, bh, q + e, k);
+    own[e] = key_rows_bytes(call, k, e);
+    sent[e] = key_rows_bytes(call, k, e ^ 1);
+  }
+}
+
 TEST(DropoutFragment, KeyRowsPairsExchangeFourBytes) {
   std::mt19937_64 rng(6161);
   for (int trial = 0; trial < 200; ++trial) {
@@ -87,12 +99,7 @@ TEST(DropoutFragment, KeyRowsPairsExchangeFourBytes) {
       for (int t = 0; t < 4; ++t) {
         const std::uint32_t q = query16 + 2 * t;
         std::uint32_t own[2], sent[2];
-        for (int e = 0; e < 2; ++e) {
-          const std::uint32_t k = key16 + 2 * gh + e;
-          const Philox4 call = dropout_call(seed, offset, bh, q + e, k);
-          own[e] = key_rows_bytes(call, k, e);
-          sent[e] = key_rows_bytes(call, k, e ^ 1);
-        }
+        lane_pair_bytes(seed, offset, bh, q, key16 + 2 * gh, own, sent);
         for (int e = 0; e < 2; ++e) {
           const std::uint32_t k = key16 + 2 * gh + e;
           for (int f = 0; f < 2; ++f)
@@ -119,12 +126,7 @@ TEST(DropoutFragment, KeyRowsPackedMasksKeepTheDrawsAtOrAboveTheThreshold) {
     const int gh = trial % 4, t = (trial / 4) % 4;
     const std::uint32_t q = query16 + 2 * t;
     std::uint32_t own[2], sent[2];
-    for (int e = 0; e < 2; ++e) {
-      const std::uint32_t k = key16 + 2 * gh + e;
-      const Philox4 call = dropout_call(seed, offset, bh, q + e, k);
-      own[e] = key_rows_bytes(call, k, e);
-      sent[e] = key_rows_bytes(call, k, e ^ 1);
-    }
+    lane_pair_bytes(seed, offset, bh, q, key16 + 2 * gh, own, sent);
     for (std::uint32_t thr = 0; thr <= 256; thr += trial % 2 ? 1 : 29) {
       const std::uint32_t bias = query_rows_pair_bias(thr);
       for (int e = 0; e < 2; ++e) {

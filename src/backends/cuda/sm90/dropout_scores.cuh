@@ -65,6 +65,18 @@ __device__ __forceinline__ uint32_t dropped_bits_keys(const DropoutKey& key, uin
   return cuda::key_rows_dropped<kJ>(key.seed, key.offset, batch_head, query0, lane_key, g & 1, keep_threshold);
 }
 
+// The packed form's draws of one backward step (cuda::key_rows_draws, for key_rows_pair_mask): query0 =
+// the step's first query + 2 t, key = this lane's first key, both in the call's own coordinates (the
+// dropout offsets are added here).
+template <int kJ>
+__device__ __forceinline__ void step_key_rows_draws(uint32_t (&own)[kJ / 2], uint32_t (&got)[kJ / 2], const FwdParams& p,
+                                                    int64_t b, int64_t h, int query0, int key, int g) {
+  const DropoutKey k = dropout_key(p);
+  cuda::key_rows_draws<kJ>(own, got, k.seed, k.offset, dropout_batch_head(p, b, h),
+                           static_cast<uint32_t>(query0) + static_cast<uint32_t>(p.dropout_row_offset),
+                           static_cast<uint32_t>(key) + static_cast<uint32_t>(p.dropout_col_offset), g & 1);
+}
+
 // A packed 16-bit pair (elements i, i + 1: low, high half) with its dropped halves zeroed.
 __device__ __forceinline__ uint32_t zero_dropped_pair(uint32_t pair, uint32_t dropped, int i) {
   const uint32_t lo = (dropped >> i) & 1u ? 0u : 0x0000ffffu, hi = (dropped >> (i + 1)) & 1u ? 0u : 0xffff0000u;

@@ -810,20 +810,18 @@ __global__ void __launch_bounds__(384, 1)
             // the dV GEMM gets the kept elements (zeroed below) and dV takes 1 / (1 - p) in the
             // epilogue.
             const bool dropping = kFeatures && p.dropout_p > 0.f;
-            const uint32_t dq2t = static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset);
-            const uint32_t dkey = static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset);
 #if ORCHARD_SM90_BWD_DROP_PACKED
             // The packed form: each call's bytes (own) and the partner's (got), 8 words across the wait.
             uint32_t own[4] = {}, got[4] = {};
-            if (dropping) {
-              const DropoutKey key = dropout_key(p);
-              cuda::key_rows_draws<8>(own, got, key.seed, key.offset, dropout_batch_head(p, b, h), dq2t, dkey, g & 1);
-            }
+            if (dropping) step_key_rows_draws<8>(own, got, p, b, h, m0 + 2 * t, n0 + key_l0, g);
 #else
             uint32_t dropped = 0;
             if (dropping)
-              dropped = dropped_bits_keys(dropout_key(p), dropout_batch_head(p, b, h), dq2t, dkey, g,
-                                          dropout_keep_threshold(p.dropout_p));
+              dropped = dropped_bits_keys(
+                  dropout_key(p), dropout_batch_head(p, b, h),
+                  static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
+                  static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
+                  dropout_keep_threshold(p.dropout_p));
 #endif
             if constexpr (!Cfg::kPipelined) issue_dp();
             flush_dq();

@@ -216,14 +216,9 @@ __global__ void __launch_bounds__(384, 1)
       // Dropout (the kFeatures kernels, as the d128 kernel): this step's draws, made before its GEMMs
       // are issued (only the dV / dK accumulators live).
       const bool dropping = kFeatures && p.dropout_p > 0.f;
-      const uint32_t dq2t = static_cast<uint32_t>(m0 + q_l0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset);
-      const uint32_t dkey = static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset);
 #if ORCHARD_SM90_BWD_DROP_PACKED
       uint32_t own[2] = {}, got[2] = {};
-      if (dropping) {
-        const DropoutKey key = dropout_key(p);
-        cuda::key_rows_draws<4>(own, got, key.seed, key.offset, dropout_batch_head(p, b, h), dq2t, dkey, g & 1);
-      }
+      if (dropping) step_key_rows_draws<4>(own, got, p, b, h, m0 + q_l0 + 2 * t, n0 + key_l0, g);
       const uint32_t pair_bias = cuda::query_rows_pair_bias(dropout_keep_threshold(p.dropout_p));
       // Pair i / 2's AND mask (all ones without dropout).
       auto keep_mask = [&](int i) {
@@ -232,8 +227,11 @@ __global__ void __launch_bounds__(384, 1)
 #else
       uint32_t dropped = 0;
       if (dropping)
-        dropped = dropped_bits_keys<4>(dropout_key(p), dropout_batch_head(p, b, h), dq2t, dkey, g,
-                                       dropout_keep_threshold(p.dropout_p));
+        dropped = dropped_bits_keys<4>(
+            dropout_key(p), dropout_batch_head(p, b, h),
+            static_cast<uint32_t>(m0 + q_l0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
+            static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
+            dropout_keep_threshold(p.dropout_p));
 #endif
       mbarrier_wait(bar.full(s), ph);
       wgmma_fence();
