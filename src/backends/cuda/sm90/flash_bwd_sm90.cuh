@@ -154,13 +154,16 @@
 #define ORCHARD_SM90_BWD96_STAGES 2
 #endif
 
-// An A/B switch for the dropout step of this kernel's kFeatures kernels: 1 (default) the packed
-// form (cuda::key_rows_draws before the dP^T wait, AND masks after it: cuda::key_rows_pair_mask on
-// the 16-bit P^T pairs, key_rows_element_mask on dP^T's fp32 bits), 0 the drop bits
-// (dropped_bits_keys: a compare, shift and or per element to build, a test and select per element
-// and zero_dropped_pair per pair to apply).
+// An A/B switch for the dropout step of the kFeatures kernels (this one's and the wide one's): 1 the
+// packed form (cuda::key_rows_draws before the dP^T wait, AND masks after it: cuda::key_rows_pair_mask
+// on the 16-bit P^T pairs, key_rows_element_mask on dP^T's fp32 bits; about 4 instructions per
+// element against 9), 0 (default) the drop bits (dropped_bits_keys: a compare, shift and or per
+// element to build, a test and select per element and zero_dropped_pair per pair to apply). Off
+// until it has run on a GPU: written in session 64, which got no device (checked on the CPU only:
+// the host test at every threshold and dev/dropout_emu per element; dev/bwd_drop_session.sh is the
+// A/B + pytest + bench call that decides).
 #ifndef ORCHARD_SM90_BWD_DROP_PACKED
-#define ORCHARD_SM90_BWD_DROP_PACKED 1
+#define ORCHARD_SM90_BWD_DROP_PACKED 0
 #endif
 
 namespace orchard::sm90 {
@@ -832,47 +835,50 @@ __global__ void __launch_bounds__(384, 1)
               // softcap: P^T (1 - tanh^2), the product parked above.
               const bool capped = p.softcap > 0.f;
               const float rdrop = dropout_rescale(p);
+#if ORCHARD_SM90_BWD_DROP_PACKED
+              // kDrop: Z as AND masks on dP^T's fp32 bits, then on P^T's 16-bit pairs for the dV GEMM.
               auto ds_step = [&](auto drop_tag) {
                 constexpr bool kDrop = decltype(drop_tag)::value;
-#if ORCHARD_SM90_BWD_DROP_PACKED
                 const uint32_t pair_bias = cuda::query_rows_pair_bias(dropout_keep_threshold(p.dropout_p));
-#endif
 #pragma unroll
                 for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
                   for (int q = 0; q < 4; ++q) {
                     uint32_t pw = pa[kk][q];
                     if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
-#if ORCHARD_SM90_BWD_DROP_PACKED
                     const uint32_t keep = kDrop ? cuda::key_rows_pair_mask(own[kk], got[kk], g & 1, q, pair_bias) : ~0u;
-#endif
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                       const int i = 8 * kk + 2 * q + e;
                       const int ql = 8 * (i / 4) + 2 * t + (i % 2);
                       float dp = dpacc[i];
-                      if constexpr (kDrop) {
-#if ORCHARD_SM90_BWD_DROP_PACKED
+                      if constexpr (kDrop)
                         dp = __uint_as_float(__float_as_uint(dp) & cuda::key_rows_element_mask(keep, e)) * rdrop;
-#else
-                        dp = (dropped >> i) & 1u ? 0.f : dp * rdrop;
-#endif
-                      }
                       dpacc[i] = unpack_lo_hi<T>(pw, e) * (dp - d_t[ql]);
                     }
-                    if constexpr (kDrop) {  // (P^T Z)^T for the dV GEMM
-#if ORCHARD_SM90_BWD_DROP_PACKED
-                      pa[kk][q] &= keep;
-#else
-                      pa[kk][q] = zero_dropped_pair(pa[kk][q], dropped, 8 * kk + 2 * q);
-#endif
-                    }
+                    if constexpr (kDrop) pa[kk][q] &= keep;  // (P^T Z)^T for the dV GEMM
                   }
               };
               if (dropping)
                 ds_step(std::true_type{});
               else
                 ds_step(std::false_type{});
+#else
+#pragma unroll
+              for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                  uint32_t pw = pa[kk][q];
+                  if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
+#pragma unroll
+                  for (int e = 0; e < 2; ++e) {
+                    const int i = 8 * kk + 2 * q + e;
+                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
+                    const float dp = (dropped >> i) & 1u ? 0.f : dpacc[i] * rdrop;
+                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dp - d_t[ql]);
+                  }
+                }
+#endif
             } else {  // dS^T = P^T (dP^T - D)
 #pragma unroll
               for (int i = 0; i < 32; ++i) {
@@ -882,6 +888,16 @@ __global__ void __launch_bounds__(384, 1)
               }
             }
             acc_to_afrag<T>(dpacc, dsa);
+#if !ORCHARD_SM90_BWD_DROP_PACKED
+            if constexpr (kFeatures) {
+              if (dropped != 0u) {  // (P^T Z)^T for the dV GEMM
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+                  for (int q = 0; q < 4; ++q) pa[kk][q] = zero_dropped_pair(pa[kk][q], dropped, 8 * kk + 2 * q);
+              }
+            }
+#endif
           }
           if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer s (ds_slot above)
 #pragma unroll
