@@ -1,17 +1,25 @@
 // CPU emulation of the CUDA subset decode_kernel.cu, flash_fp32.cu and flash_fp32_tc.cu use (expf, logf, tanhf,
-// fmaf, fmaxf are the C library's): one std::thread per CUDA thread, CTAs run one after
+// fmaf, fmaxf are the C library's): one fiber per CUDA thread (below), CTAs run one after
 // another, __syncthreads / __syncwarp / shuffles / ldmatrix / mma.sync as barrier-synchronized
 // exchanges (mma and ldmatrix follow the PTX ISA's fragment layouts, written independently of
 // the kernel). cp.async is a plain copy.
+//
+// Threads as fibers (ucontext) on the launching OS thread, switching only where a thread waits at
+// a barrier: until session 64 each CUDA thread was a std::thread, and on the 2-core CI machine the
+// fp32 emulator spent about twice its user time in the kernel waking threads at barriers. The
+// fibers of a CTA take turns in lane order, in reverse order on odd CTAs, so that a missing barrier
+// between a write and a read shows in one of the two orders (a read of 0xff smem garbage or a stale
+// value); races as such are compute-sanitizer's job on a GPU.
 #pragma once
+#include <ucontext.h>
+
 #include <algorithm>
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -78,9 +86,71 @@ cudaError_t cudaFuncSetAttribute(K, int, int v) {
   return v <= emu_smem_optin[emu_device] ? cudaSuccess : 1;  // the opt-in limit (and any carveout)
 }
 
+// ---- fibers -------------------------------------------------------------------------
+// The running CTA's fibers. The per-thread globals (threadIdx, emu_mma_calls) are the running
+// fiber's: a switch saves the leaving fiber's and loads the next one's.
+struct EmuFiber {
+  ucontext_t ctx;
+  unsigned tid = 0, mma_calls = 0;
+  bool done = false;
+};
+struct EmuScheduler {
+  ucontext_t launcher;
+  std::vector<EmuFiber> fibers;
+  int current = 0, live = 0, step = 1;  // step: +1 lane order, -1 reverse
+  std::function<void()> body;
+};
+inline EmuScheduler* emu_sched = nullptr;
+inline dim3 threadIdx, blockIdx;
+inline unsigned emu_mma_calls = 0;
+
+// Hand the OS thread to the next live fiber in turn (none other: keep running).
+inline void emu_switch_from(EmuFiber& leaving) {
+  EmuScheduler& s = *emu_sched;
+  const int n = static_cast<int>(s.fibers.size());
+  int next = s.current;
+  do next = (next + s.step + n) % n;
+  while (s.fibers[next].done && next != s.current);
+  if (s.fibers[next].done) {  // none left: back to the launcher
+    setcontext(&s.launcher);
+    std::abort();
+  }
+  if (next == s.current) return;
+  leaving.mma_calls = emu_mma_calls;
+  s.current = next;
+  threadIdx = dim3(s.fibers[next].tid);
+  emu_mma_calls = s.fibers[next].mma_calls;
+  swapcontext(&leaving.ctx, &s.fibers[next].ctx);
+}
+inline void emu_yield() { emu_switch_from(emu_sched->fibers[emu_sched->current]); }
+inline void emu_fiber_main() {
+  emu_sched->body();
+  EmuFiber& me = emu_sched->fibers[emu_sched->current];
+  me.done = true;
+  --emu_sched->live;
+  emu_switch_from(me);  // does not return: a finished fiber is never resumed
+  std::abort();
+}
+
+// A barrier of `expected` fibers: the last to arrive goes on, the others yield until it has.
+struct EmuBarrier {
+  explicit EmuBarrier(int n) : expected(n) {}
+  int expected, arrived = 0;
+  unsigned phase = 0;
+  void arrive_and_wait() {
+    const unsigned mine = phase;
+    if (++arrived == expected) {
+      arrived = 0;
+      ++phase;
+      return;
+    }
+    while (phase == mine) emu_yield();
+  }
+};
+
 // ---- per-thread / per-CTA state -------------------------------------------------------
 struct EmuWarp {
-  std::barrier<> bar{32};
+  EmuBarrier bar{32};
   float f[32];
   std::uint32_t u[32][6];
   std::uint32_t mma_u[2][32][6];  // emu_mma1688_tf32's exchange buffers
@@ -88,13 +158,12 @@ struct EmuWarp {
 };
 struct EmuBlock {
   explicit EmuBlock(int n) : bar(n), warps(n / 32) {}
-  std::barrier<> bar;
+  EmuBarrier bar;
   std::vector<EmuWarp> warps;
   std::vector<unsigned char> smem;
 };
-inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
-inline thread_local EmuBlock* emu_block = nullptr;
+inline EmuBlock* emu_block = nullptr;
 inline unsigned char* emu_dyn_smem() { return emu_block->smem.data(); }
 inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
 inline int emu_lane() { return threadIdx.x % 32; }
@@ -151,7 +220,6 @@ inline int __any_sync(unsigned, int pred) {
 // One barrier per call, not two: calls alternate between two exchange buffers (every lane of a
 // warp makes the same calls, so the lanes' call counts agree), and a buffer is rewritten only after
 // the next call's barrier, which no lane passes before it has read this one.
-inline thread_local unsigned emu_mma_calls = 0;
 inline void emu_mma1688_tf32(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
   EmuWarp& w = emu_warp();
   const int l = emu_lane();
@@ -206,26 +274,36 @@ void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t,
   const int n = block.x;
   const unsigned ctas = grid.x * grid.y * grid.z;
   if (ctas == 0) return;
-  // One std::thread per CUDA thread of a CTA, started once per launch and reused by every CTA in
-  // turn: the CTAs run one after another, each on a fresh EmuBlock (barrier, shared memory).
-  std::unique_ptr<EmuBlock> b;
-  std::barrier<> gate(n);
-  auto worker = [&](int t) {
-    threadIdx = dim3(t);
-    for (unsigned c = 0; c < ctas; ++c) {
-      if (t == 0) {
-        b = std::make_unique<EmuBlock>(n);
-        b->smem.assign(smem + 16, 0xff);  // 0xff bytes: NaN-ish garbage to catch reads of unwritten smem
-      }
-      gate.arrive_and_wait();  // the block is ready
-      blockIdx = dim3(c % grid.x, c / grid.x % grid.y, c / grid.x / grid.y);
-      emu_block = b.get();
-      kernel(args...);
-      gate.arrive_and_wait();  // every thread is done with it
+  // The CTAs one after another, each on a fresh EmuBlock (barrier, shared memory) and fresh fibers
+  // (stacks allocated once per launch; untouched pages cost nothing).
+  constexpr std::size_t kStack = 1 << 20;
+  std::vector<std::unique_ptr<char[]>> stacks(n);
+  for (auto& st : stacks) st.reset(new char[kStack]);
+  EmuScheduler sched;
+  sched.body = [&] { kernel(args...); };
+  EmuScheduler* const outer = emu_sched;
+  emu_sched = &sched;
+  for (unsigned c = 0; c < ctas; ++c) {
+    EmuBlock b(n);
+    b.smem.assign(smem + 16, 0xff);  // 0xff bytes: NaN-ish garbage to catch reads of unwritten smem
+    blockIdx = dim3(c % grid.x, c / grid.x % grid.y, c / grid.x / grid.y);
+    emu_block = &b;
+    sched.fibers.assign(n, EmuFiber{});
+    for (int t = 0; t < n; ++t) {
+      EmuFiber& f = sched.fibers[t];
+      f.tid = static_cast<unsigned>(t);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stacks[t].get();
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, emu_fiber_main, 0);
     }
-  };
-  std::vector<std::thread> th;
-  for (int t = 1; t < n; ++t) th.emplace_back(worker, t);
-  worker(0);
-  for (auto& t : th) t.join();
+    sched.live = n;
+    sched.step = c % 2 ? -1 : 1;
+    sched.current = c % 2 ? n - 1 : 0;
+    threadIdx = dim3(sched.fibers[sched.current].tid);
+    emu_mma_calls = 0;
+    swapcontext(&sched.launcher, &sched.fibers[sched.current].ctx);  // back when every fiber is done
+  }
+  emu_sched = outer;
 }
