@@ -1,5 +1,5 @@
 // The sm90 kernels' dropout draws (src/backends/cuda/sm90/dropout_scores.cuh) on the CPU emulator
-// (dev/decode_emu/shim: one thread per lane, shuffles as barrier-synchronized exchanges), against
+// (dev/decode_emu/shim: one fiber per lane, shuffles as barrier-synchronized exchanges), against
 // orchard::dropout_keep element by element. The layouts are written here from the wgmma
 // accumulator's definition (PTX ISA, m64nNk16 D fragments: a warp's 16 rows, lane g = lane / 4,
 // t = lane % 4 holding rows g and g + 8, columns 8 j + 2 t and + 1 of each 8-column block j),
