@@ -12,12 +12,17 @@
 #include "backends/cuda/sm90/dropout_scores.cuh"
 using namespace orchard;
 __device__ float unpack(uint32_t w, int hi) { return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16)); }
+// A lane's dP^T accumulators and packed P^T pairs, from global memory (so the work is not folded away).
+__device__ void load_step(const float* in, const uint32_t* pin, float (&dp)[32], uint32_t (&pa)[16]) {
+  for (int i = 0; i < 32; ++i) dp[i] = in[i * 32 + threadIdx.x];
+  for (int i = 0; i < 16; ++i) pa[i] = pin[i * 32 + threadIdx.x];
+}
 extern "C" __global__ void bits_step(const float* in, const uint32_t* pin, float* out, uint32_t* pout, DropoutKey key,
                                      uint32_t bh, uint32_t q2t, uint32_t k, uint32_t thr, float rdrop, const float* d) {
   const int g = (threadIdx.x % 32) / 4;
-  float dp[32]; uint32_t pa[16];
-  for (int i = 0; i < 32; ++i) dp[i] = in[i * 32 + threadIdx.x];
-  for (int i = 0; i < 16; ++i) pa[i] = pin[i * 32 + threadIdx.x];
+  float dp[32];
+  uint32_t pa[16];
+  load_step(in, pin, dp, pa);
   const uint32_t dropped = sm90::dropped_bits_keys(key, bh, q2t, k, g, thr);
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
@@ -30,9 +35,9 @@ extern "C" __global__ void bits_step(const float* in, const uint32_t* pin, float
 extern "C" __global__ void packed_step(const float* in, const uint32_t* pin, float* out, uint32_t* pout, DropoutKey key,
                                        uint32_t bh, uint32_t q2t, uint32_t k, uint32_t thr, float rdrop, const float* d) {
   const int g = (threadIdx.x % 32) / 4;
-  float dp[32]; uint32_t pa[16];
-  for (int i = 0; i < 32; ++i) dp[i] = in[i * 32 + threadIdx.x];
-  for (int i = 0; i < 16; ++i) pa[i] = pin[i * 32 + threadIdx.x];
+  float dp[32];
+  uint32_t pa[16];
+  load_step(in, pin, dp, pa);
   uint32_t own[4], got[4];
   cuda::key_rows_draws<8>(own, got, key.seed, key.offset, bh, q2t, k, g & 1);
   const uint32_t bias = cuda::query_rows_pair_bias(thr);
