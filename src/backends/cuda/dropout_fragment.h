@@ -75,9 +75,14 @@ ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair(const Philox4& call, int h, in
 ORCHARD_HOST_DEVICE constexpr std::uint32_t query_rows_pair_bias(std::uint32_t keep_threshold) {
   return (0x8000u - keep_threshold) * 0x10001u;
 }
+// A word's lower (upper = 0) or upper two bytes spread to 16-bit halves (0x00bb'00aa) plus pair_bias:
+// bit 15 / 31 set exactly when that byte is kept. Both fragment forms' packed drops start here.
+ORCHARD_HOST_DEVICE std::uint32_t kept_halves(std::uint32_t word, int upper, std::uint32_t pair_bias) {
+  return byte_perm(word, 0u, upper ? 0x4342u : 0x4140u) + pair_bias;
+}
 ORCHARD_HOST_DEVICE std::uint32_t query_rows_pair_mask(const Philox4& call, int h, int j, std::uint32_t pair_bias) {
-  const std::uint32_t spread = byte_perm(query_rows_word(call, h, j), 0u, j % 2 ? 0x4342u : 0x4140u);  // 0x00bb'00aa
-  return byte_perm(spread + pair_bias, 0u, 0xBB99u);  // halves: sign of byte 1, of byte 3
+  // halves: the sign of byte 1, of byte 3
+  return byte_perm(kept_halves(query_rows_word(call, h, j), j % 2, pair_bias), 0u, 0xBB99u);
 }
 
 // A tile's kBN / 32 calls (its 32-column blocks; col0 the tile's first column, on the 32 grid) and
@@ -124,12 +129,9 @@ ORCHARD_HOST_DEVICE std::uint32_t key_rows_draw(std::uint32_t own, std::uint32_t
 
 // The packed form of a call's drop (the sm90 backward): AND masks instead of drop bits. A P^T pair
 // (elements i, i + 1 with i = 8 jj + 2 q: query columns f = 0, 1 of row half rh = q / 2, key k + 8 h
-// with h = q % 2) takes its f = 0 draw from one of own / got and its f = 1 draw from the other.
-// key_rows_kept spreads a word's two bytes of row half rh (keys k, k + 8) into 16-bit halves and adds
-// query_rows_pair_bias: bit 15 / 31 set exactly when that draw is kept (the forward's trick above).
-ORCHARD_HOST_DEVICE std::uint32_t key_rows_kept(std::uint32_t bytes, int rh, std::uint32_t pair_bias) {
-  return byte_perm(bytes, 0u, rh ? 0x4342u : 0x4140u) + pair_bias;
-}
+// with h = q % 2) takes its f = 0 draw from one of own / got and its f = 1 draw from the other; a
+// word's row half rh is its bytes 2 rh, 2 rh + 1 (keys k, k + 8), so kept_halves(word, rh, ..) marks
+// the kept draws of that row half (the forward's trick above).
 // The prmt selector that turns (kept own, kept got) of a row half into key half h's pair mask: the low
 // half replicates the f = 0 draw's sign (byte 2 h + 1 of own when e = 0, of got when e = 1), the high
 // half the f = 1 draw's.
@@ -142,7 +144,7 @@ ORCHARD_HOST_DEVICE constexpr std::uint32_t key_rows_pair_selector(int e, int h)
 // got words of the call (key_rows_bytes; got = the partner's own).
 ORCHARD_HOST_DEVICE std::uint32_t key_rows_pair_mask(std::uint32_t own, std::uint32_t got, int e, int q,
                                                      std::uint32_t pair_bias) {
-  return byte_perm(key_rows_kept(own, q / 2, pair_bias), key_rows_kept(got, q / 2, pair_bias),
+  return byte_perm(kept_halves(own, q / 2, pair_bias), kept_halves(got, q / 2, pair_bias),
                    key_rows_pair_selector(e, q % 2));
 }
 // The 32-bit AND mask of element f of a pair (for its fp32 dP^T), from the pair's mask.
@@ -154,10 +156,16 @@ ORCHARD_HOST_DEVICE std::uint32_t key_rows_element_mask(std::uint32_t pair_mask,
 // One step of the rows = keys form: the drop bits of queries q + f + 8 rh (q: a multiple of 16
 // plus 2t) and keys k + 8 h (k % 16 = g, e = g & 1), bit 4 rh + 2 h + f set = dropped, from
 // call = dropout_call(.., q + e, k). Every lane of the warp must call it (a shuffle with lane ^ 4).
+// The lane pair's exchange of one call: this lane's bytes (own) and its partner's (got, lane ^ 4).
+__device__ __forceinline__ void key_rows_exchange(const Philox4& call, std::uint32_t k, int e, std::uint32_t& own,
+                                                  std::uint32_t& got) {
+  own = key_rows_bytes(call, k, e);
+  got = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
+}
 __device__ __forceinline__ std::uint32_t key_rows_call_dropped(const Philox4& call, std::uint32_t k, int e,
                                                                std::uint32_t keep_threshold) {
-  const std::uint32_t own = key_rows_bytes(call, k, e);
-  const std::uint32_t got = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
+  std::uint32_t own, got;
+  key_rows_exchange(call, k, e, own, got);
   std::uint32_t dropped = 0;
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh)
@@ -192,7 +200,7 @@ __device__ __forceinline__ std::uint32_t key_rows_dropped(std::uint64_t seed, st
 }
 
 // The packed form's draws of the same block: own[jj] / got[jj] of query blocks 2 jj, 2 jj + 1 (one call
-// and one shuffle each, as key_rows_dropped), for key_rows_pair_mask. Every lane of the warp must call it.
+// and one exchange each, as key_rows_dropped), for key_rows_pair_mask. Every lane of the warp must call it.
 template <int kJ>
 __device__ __forceinline__ void key_rows_draws(std::uint32_t (&own)[kJ / 2], std::uint32_t (&got)[kJ / 2],
                                                std::uint64_t seed, std::uint64_t offset, std::uint32_t batch_head,
@@ -200,11 +208,8 @@ __device__ __forceinline__ void key_rows_draws(std::uint32_t (&own)[kJ / 2], std
   static_assert(kJ % 2 == 0, "query blocks in pairs");
   const std::uint32_t x = dropout_counter_x(k), y0 = dropout_counter_y(q2t + static_cast<std::uint32_t>(e));
 #pragma unroll
-  for (int jj = 0; jj < kJ / 2; ++jj) {
-    const Philox4 call = dropout_call_xy(seed, offset, batch_head, x, y0 + 8u * jj);
-    own[jj] = key_rows_bytes(call, k, e);
-    got[jj] = __shfl_xor_sync(0xffffffffu, key_rows_bytes(call, k, e ^ 1), 4);
-  }
+  for (int jj = 0; jj < kJ / 2; ++jj)
+    key_rows_exchange(dropout_call_xy(seed, offset, batch_head, x, y0 + 8u * jj), k, e, own[jj], got[jj]);
 }
 #endif
 
