@@ -97,21 +97,23 @@ struct EmuFiber {
 struct EmuScheduler {
   ucontext_t launcher;
   std::vector<EmuFiber> fibers;
-  int current = 0, live = 0, step = 1;  // step: +1 lane order, -1 reverse
+  int current = 0, step = 1;  // step: +1 lane order, -1 reverse
   std::function<void()> body;
 };
 inline EmuScheduler* emu_sched = nullptr;
 inline dim3 threadIdx, blockIdx;
 inline unsigned emu_mma_calls = 0;
 
-// Hand the OS thread to the next live fiber in turn (none other: keep running).
-inline void emu_switch_from(EmuFiber& leaving) {
+// Hand the OS thread from the running fiber to the next unfinished one in turn (none other: keep
+// running; none at all: back to the launcher).
+inline void emu_yield() {
   EmuScheduler& s = *emu_sched;
+  EmuFiber& leaving = s.fibers[s.current];
   const int n = static_cast<int>(s.fibers.size());
   int next = s.current;
   do next = (next + s.step + n) % n;
   while (s.fibers[next].done && next != s.current);
-  if (s.fibers[next].done) {  // none left: back to the launcher
+  if (s.fibers[next].done) {
     setcontext(&s.launcher);
     std::abort();
   }
@@ -122,13 +124,10 @@ inline void emu_switch_from(EmuFiber& leaving) {
   emu_mma_calls = s.fibers[next].mma_calls;
   swapcontext(&leaving.ctx, &s.fibers[next].ctx);
 }
-inline void emu_yield() { emu_switch_from(emu_sched->fibers[emu_sched->current]); }
 inline void emu_fiber_main() {
   emu_sched->body();
-  EmuFiber& me = emu_sched->fibers[emu_sched->current];
-  me.done = true;
-  --emu_sched->live;
-  emu_switch_from(me);  // does not return: a finished fiber is never resumed
+  emu_sched->fibers[emu_sched->current].done = true;
+  emu_yield();  // does not return: a finished fiber is never resumed
   std::abort();
 }
 
@@ -298,7 +297,6 @@ void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t,
       f.ctx.uc_link = nullptr;
       makecontext(&f.ctx, emu_fiber_main, 0);
     }
-    sched.live = n;
     sched.step = c % 2 ? -1 : 1;
     sched.current = c % 2 ? n - 1 : 0;
     threadIdx = dim3(sched.fibers[sched.current].tid);
