@@ -1,5 +1,6 @@
-// The sm90 backward's dropout step in its two forms (ORCHARD_SM90_BWD_DROP_PACKED 0 / 1), one lane's
-// 32 S^T elements as flash_bwd_sm90.cuh holds them, for a static SASS count without a GPU: the code is
+// The sm90 backward's dropout step in its two forms (drop bits, as the wide kernel has it; packed AND
+// masks, the d64-d128 kernel's since session 65), one lane's 32 S^T elements as flash_bwd_sm90.cuh
+// holds them, for a static SASS count without a GPU: the code is
 // straight-line (unrolled), so the count is the per-step instruction count of each form. The loads and
 // stores only keep the compiler from dropping the work; dev/cuda/sass_op_count.py leaves them out.
 //   nvcc -Iinclude -Isrc -O3 -std=c++20 -gencode arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \

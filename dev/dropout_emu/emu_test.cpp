@@ -8,7 +8,7 @@
 //            (query_rows_drop_packed: the same elements packed in pairs, i / 2 -> a[i / 8][(i / 2) % 4], half c)
 //   backward (dropped_bits_keys): element i -> key (row) key0 + 8 r, query (column) query0 + 8 j + 2 t + c
 //            (key_rows_draws + key_rows_pair_mask / key_rows_element_mask: the same elements as AND masks,
-//            pair i / 2 in half c of mask i / 2, element i's 32-bit mask; also over the wide kernel's 16)
+//            pair i / 2 in half c of mask i / 2, element i's 32-bit mask: the d64-d128 kernel's form)
 // over random keys, offsets, thresholds (p = 0 .. 1, both extremes) and every forward tile width
 // the kernels draw in (the forward's tiles start on 32-column blocks: cuda::query_rows_aligned;
 // the backward's keys on 16-row ones). A wrong lane pairing, exchange, call position or bit index
@@ -40,7 +40,6 @@ struct Result {
   std::uint32_t packed[32][192 / 4];  // query_rows_drop_packed's pairs (element i's half before: 0x4000 | i)
   std::uint32_t bwd[32], bwd_wide[32];
   std::uint32_t bwd_pair[32][16], bwd_element[32][32];  // the backward's packed form
-  std::uint32_t bwd_wide_pair[32][8];                    // the same over the wide kernel's 4 query blocks
 };
 
 template <int kBN>
@@ -74,10 +73,6 @@ void warp_kernel(Case c, Result* out) {
       out->bwd_pair[lane][4 * kk + q] = pair;
       for (int f = 0; f < 2; ++f) out->bwd_element[lane][8 * kk + 2 * q + f] = cuda::key_rows_element_mask(pair, f);
     }
-  std::uint32_t own4[2], got4[2];
-  cuda::key_rows_draws<4>(own4, got4, c.key.seed, c.key.offset, c.batch_head, c.row0 + 2 * t, c.col0 + g, g & 1);
-  for (int i = 0; i < 16; i += 2)  // flash_bwd_sm90_wide.cuh's indexing: pair i / 2, call i / 8
-    out->bwd_wide_pair[lane][i / 2] = cuda::key_rows_pair_mask(own4[i / 8], got4[i / 8], g & 1, (i / 2) % 4, bias);
 }
 
 template <int kBN>
@@ -92,8 +87,6 @@ int check(const Case& c) {
   for (auto& lane : r.bwd_pair)
     for (auto& x : lane) x = 0x5a5a5a5au;
   for (auto& lane : r.bwd_element)
-    for (auto& x : lane) x = 0x5a5a5a5au;
-  for (auto& lane : r.bwd_wide_pair)
     for (auto& x : lane) x = 0x5a5a5a5au;
   emu_launch(warp_kernel<kBN>, dim3(1), dim3(32), 0, nullptr, c, &r);
   int bad = 0;
@@ -115,7 +108,6 @@ int check(const Case& c) {
       if (i < 16 && ((r.bwd_wide[lane] >> i) & 1u) != (keep ? 0u : 1u)) ++bad;
       if (((r.bwd_pair[lane][i / 2] >> (16 * cc)) & 0xFFFFu) != (keep ? 0xFFFFu : 0u)) ++bad;
       if (r.bwd_element[lane][i] != (keep ? 0xFFFFFFFFu : 0u)) ++bad;
-      if (i < 16 && ((r.bwd_wide_pair[lane][i / 2] >> (16 * cc)) & 0xFFFFu) != (keep ? 0xFFFFu : 0u)) ++bad;
     }
     if (r.bwd_wide[lane] >> 16 != 0u) ++bad;  // no bits past the 16 elements
   }

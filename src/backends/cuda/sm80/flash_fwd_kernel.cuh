@@ -57,14 +57,9 @@ namespace orchard::cuda {
 // Measured and rejected (dev/cuda/NOTES.md): 8 warps x 16 rows (calls 1-2),
 // skipping the O rescale when no row max moved (call 4), 64-row K/V tiles at
 // d128 and 128-row tiles at d64 (calls 3 and 6; slower even without spills).
-// ORCHARD_SM80_FWD_DROP_PACKED=1: the fragment calls' drop as an AND on the packed P
-// (cuda::query_rows_drop_packed), as the sm90 forward does since session 63 (1.05-1.17x there at
-// d64 / d96). Off until it has run on a GPU: written after session 63's device time was spent;
-// checked on the host only (tests/cpp/dropout_fragment_test.cpp; ptxas: no new spill, sm_80 / sm_90).
-#ifndef ORCHARD_SM80_FWD_DROP_PACKED
-#define ORCHARD_SM80_FWD_DROP_PACKED 0
-#endif
-inline constexpr bool kSm80DropPacked = ORCHARD_SM80_FWD_DROP_PACKED != 0;
+// Dropout on the fragment calls' grid is an AND on the packed P (cuda::query_rows_drop_packed), as
+// in the sm90 forward. H100, session 65 (bench/sm80_kernel_ab.sh, same output bytes): 1.06-1.08x
+// the drop on fp32 scores at d64 s4k, 1.01x at d128.
 
 // kWide (d256, plain calls: no attn_bias, no dropout): FA2's H100 shape, 8 warps x 64-key tiles
 // (128 query rows, 194 KB), where the device allows it (run_flash_fwd); the 4-warp 32-key
@@ -391,26 +386,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
     // The tile's first dropout column (the call's offset added).
     const uint32_t gcol0 = kDropout ? static_cast<uint32_t>(n0) + static_cast<uint32_t>(p.dropout_col_offset) : 0u;
     if constexpr (kDropout) {
-      if (fragment_calls && !kSm80DropPacked) {
-        // One call per 32-column block of each row pair (dropout_fragment.h, rows = queries).
-        // Unrolled and applied at once, as the old per-pair calls were.
-#pragma unroll
-        for (int mt = 0; mt < kMW; ++mt) {
-          const uint32_t grow = static_cast<uint32_t>(row_base + mt * 16) + static_cast<uint32_t>(p.dropout_row_offset);
-          Philox4 call{};
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            const uint32_t cb = gcol0 + 8u * nt;  // warp-uniform
-            if (query_rows_new_call(nt)) call = dropout_call(key.seed, key.offset, drop_bh, grow, cb + 2u * t);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const uint32_t pair = query_rows_pair(call, r, nt);
-              if ((pair & 0xFFu) < keep_threshold) s[mt][nt][2 * r] = 0.f;
-              if ((pair >> 8) < keep_threshold) s[mt][nt][2 * r + 1] = 0.f;
-            }
-          }
-        }
-      } else if (!fragment_calls) {
+      if (!fragment_calls) {
         // Offsets that split a fragment's calls (context-parallel blocks off the 16 / 32 grid): per element,
         // in a rolled loop recording the dropped elements.
         uint32_t dropped[(kMW * kNT * 4 + 31) / 32] = {};
@@ -441,7 +417,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
     for (int kk = 0; kk < kBN / 16; ++kk)
 #pragma unroll
       for (int mt = 0; mt < kMW; ++mt) pack_a_fragment<T>(pa[mt][kk], s[mt][2 * kk], s[mt][2 * kk + 1]);
-    if constexpr (kDropout && kSm80DropPacked) {
+    if constexpr (kDropout) {
       if (fragment_calls) {
         // One call per 32-column block of each row pair (dropout_fragment.h, rows = queries), then an
         // AND per packed pair of P (query_rows_drop_packed; the Hopper forward's drop, session 63).

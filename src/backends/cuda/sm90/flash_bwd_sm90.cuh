@@ -74,7 +74,7 @@
 // Dropout (ORCHARD_SM90_DROPOUT; sm90_bwd_call_supported says which calls), in the kFeatures
 // kernels: each step's draws made before its dP^T GEMM is issued (d64: while it runs; the
 // step's comment says why), pairs of lanes sharing each Philox call (cuda/dropout_fragment.h, rows =
-// keys), dS^T = P^T (Z dP^T / (1 - p) - D) with Z applied as AND masks (ORCHARD_SM90_BWD_DROP_PACKED),
+// keys), dS^T = P^T (Z dP^T / (1 - p) - D) with Z applied as AND masks (the packed form below),
 // the dropped elements of the 16-bit P^T zeroed for the dV GEMM and 1 / (1 - p) applied to dV in the
 // epilogue.
 // Varlen in its segment form (segments.cuh), in the kFeatures kernels: each key tile's query tiles
@@ -154,17 +154,12 @@
 #define ORCHARD_SM90_BWD96_STAGES 2
 #endif
 
-// An A/B switch for the dropout step of the kFeatures kernels (this one's and the wide one's): 1 the
-// packed form (cuda::key_rows_draws before the dP^T wait, AND masks after it: cuda::key_rows_pair_mask
-// on the 16-bit P^T pairs, key_rows_element_mask on dP^T's fp32 bits; about 4 instructions per
-// element against 9), 0 (default) the drop bits (dropped_bits_keys: a compare, shift and or per
-// element to build, a test and select per element and zero_dropped_pair per pair to apply). Off
-// until it has run on a GPU: written in session 64, which got no device (checked on the CPU only:
-// the host test at every threshold and dev/dropout_emu per element; dev/bwd_drop_session.sh is the
-// A/B + pytest + bench call that decides).
-#ifndef ORCHARD_SM90_BWD_DROP_PACKED
-#define ORCHARD_SM90_BWD_DROP_PACKED 0
-#endif
+// The dropout step of the kFeatures kernels in packed form: cuda::key_rows_draws before the dP^T
+// wait, AND masks after it (cuda::key_rows_pair_mask on the 16-bit P^T pairs, key_rows_element_mask on
+// dP^T's fp32 bits; 704 SASS instructions per lane and step against 1020 for drop bits, the draws' 464
+// included: dev/cuda/dropout_step_sass.cu). H100, session 65 (bench/sm90/ab_bwd.sh, dropout 0.1):
+// d64 1.15-1.25x the drop-bits form, d128 1.10-1.18x (causal s1k / s2k 0.99 / 0.96x, s4k+ 1.04-1.12x).
+// The wide kernel (d192 / d256) keeps drop bits: packed lost there (0.92-0.99x).
 
 namespace orchard::sm90 {
 
@@ -813,19 +808,9 @@ __global__ void __launch_bounds__(384, 1)
             // the dV GEMM gets the kept elements (zeroed below) and dV takes 1 / (1 - p) in the
             // epilogue.
             const bool dropping = kFeatures && p.dropout_p > 0.f;
-#if ORCHARD_SM90_BWD_DROP_PACKED
             // The packed form: each call's bytes (own) and the partner's (got), 8 words across the wait.
             uint32_t own[4] = {}, got[4] = {};
             if (dropping) step_key_rows_draws<8>(own, got, p, b, h, m0 + 2 * t, n0 + key_l0, g);
-#else
-            uint32_t dropped = 0;
-            if (dropping)
-              dropped = dropped_bits_keys(
-                  dropout_key(p), dropout_batch_head(p, b, h),
-                  static_cast<uint32_t>(m0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
-                  static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
-                  dropout_keep_threshold(p.dropout_p));
-#endif
             if constexpr (!Cfg::kPipelined) issue_dp();
             flush_dq();
             wgmma_wait<0>();
@@ -835,7 +820,6 @@ __global__ void __launch_bounds__(384, 1)
               // softcap: P^T (1 - tanh^2), the product parked above.
               const bool capped = p.softcap > 0.f;
               const float rdrop = dropout_rescale(p);
-#if ORCHARD_SM90_BWD_DROP_PACKED
               // kDrop: Z as AND masks on dP^T's fp32 bits, then on P^T's 16-bit pairs for the dV GEMM.
               auto ds_step = [&](auto drop_tag) {
                 constexpr bool kDrop = decltype(drop_tag)::value;
@@ -863,22 +847,6 @@ __global__ void __launch_bounds__(384, 1)
                 ds_step(std::true_type{});
               else
                 ds_step(std::false_type{});
-#else
-#pragma unroll
-              for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                  uint32_t pw = pa[kk][q];
-                  if (capped) asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(pw) : "r"(ds_slot(kk, q)) : "memory");
-#pragma unroll
-                  for (int e = 0; e < 2; ++e) {
-                    const int i = 8 * kk + 2 * q + e;
-                    const int ql = 8 * (i / 4) + 2 * t + (i % 2);
-                    const float dp = (dropped >> i) & 1u ? 0.f : dpacc[i] * rdrop;
-                    dpacc[i] = unpack_lo_hi<T>(pw, e) * (dp - d_t[ql]);
-                  }
-                }
-#endif
             } else {  // dS^T = P^T (dP^T - D)
 #pragma unroll
               for (int i = 0; i < 32; ++i) {
@@ -888,16 +856,6 @@ __global__ void __launch_bounds__(384, 1)
               }
             }
             acc_to_afrag<T>(dpacc, dsa);
-#if !ORCHARD_SM90_BWD_DROP_PACKED
-            if constexpr (kFeatures) {
-              if (dropped != 0u) {  // (P^T Z)^T for the dV GEMM
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-                  for (int q = 0; q < 4; ++q) pa[kk][q] = zero_dropped_pair(pa[kk][q], dropped, 8 * kk + 2 * q);
-              }
-            }
-#endif
           }
           if constexpr (kFeatures) {  // dS^T -> its slots in smem buffer s (ds_slot above)
 #pragma unroll

@@ -36,7 +36,8 @@
 // P^T is in smem (dV reads it there), so no register is added.  Not here (the dispatch,
 // sm90_bwd_applies, sends it to the sm80 kernels): the deterministic mode.
 // Dropout in the kFeatures kernels (ORCHARD_SM90_DROPOUT): each step's draws made before its
-// GEMMs (cuda/dropout_fragment.h, rows = keys; Z as AND masks: ORCHARD_SM90_BWD_DROP_PACKED),
+// GEMMs (cuda/dropout_fragment.h, rows = keys; Z as drop bits: the packed form of
+// flash_bwd_sm90.cuh measured 0.92-0.99x here, session 65),
 // dS^T = P^T (Z dP^T / (1 - p) - D), the P^T tile dV reads with its dropped elements zeroed, dV
 // times 1 / (1 - p) in the epilogue.
 #pragma once
@@ -216,15 +217,6 @@ __global__ void __launch_bounds__(384, 1)
       // Dropout (the kFeatures kernels, as the d128 kernel): this step's draws, made before its GEMMs
       // are issued (only the dV / dK accumulators live).
       const bool dropping = kFeatures && p.dropout_p > 0.f;
-#if ORCHARD_SM90_BWD_DROP_PACKED
-      uint32_t own[2] = {}, got[2] = {};
-      if (dropping) step_key_rows_draws<4>(own, got, p, b, h, m0 + q_l0 + 2 * t, n0 + key_l0, g);
-      const uint32_t pair_bias = cuda::query_rows_pair_bias(dropout_keep_threshold(p.dropout_p));
-      // Pair i / 2's AND mask (all ones without dropout).
-      auto keep_mask = [&](int i) {
-        return dropping ? cuda::key_rows_pair_mask(own[i / 8], got[i / 8], g & 1, (i / 2) % 4, pair_bias) : ~0u;
-      };
-#else
       uint32_t dropped = 0;
       if (dropping)
         dropped = dropped_bits_keys<4>(
@@ -232,7 +224,6 @@ __global__ void __launch_bounds__(384, 1)
             static_cast<uint32_t>(m0 + q_l0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
             static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
             dropout_keep_threshold(p.dropout_p));
-#endif
       mbarrier_wait(bar.full(s), ph);
       wgmma_fence();
       bwd_wide_tile_gemm<T, kD>(st, dK_a, dQ_b, s);
@@ -275,11 +266,7 @@ __global__ void __launch_bounds__(384, 1)
       for (int i = 0; i < 16; i += 2) {
         pw[i / 2] = pack_pair<T>(st[i], st[i + 1]);
         // dV reads (P^T Z)^T: the dropped elements zeroed (no dropout: Z = 1)
-#if ORCHARD_SM90_BWD_DROP_PACKED
-        const uint32_t kept = kFeatures ? pw[i / 2] & keep_mask(i) : pw[i / 2];
-#else
         const uint32_t kept = kFeatures ? zero_dropped_pair(pw[i / 2], dropped, i) : pw[i / 2];
-#endif
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + slot(i / 4, (i / 2) % 2)), "r"(kept) : "memory");
       }
       if (kFeatures && p.softcap > 0.f) {  // pw := P^T (1 - tanh^2), the factor of dS^T
@@ -305,19 +292,10 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < 16; i += 2) {
         float ds[2];
-#if ORCHARD_SM90_BWD_DROP_PACKED
-        const uint32_t keep = kFeatures ? keep_mask(i) : ~0u;
-#endif
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int ql = q_l0 + 8 * (i / 4) + 2 * t + e;
-#if ORCHARD_SM90_BWD_DROP_PACKED
-          const float dp = kFeatures && dropping
-                               ? __uint_as_float(__float_as_uint(dpt[i + e]) & cuda::key_rows_element_mask(keep, e)) * rdrop
-                               : dpt[i + e] * rdrop;
-#else
           const float dp = kFeatures && ((dropped >> (i + e)) & 1u) ? 0.f : dpt[i + e] * rdrop;
-#endif
           ds[e] = unpack_lo_hi<T>(pw[i / 2], e) * (dp - d_t[ql]);
         }
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sDs + slot(i / 4, (i / 2) % 2)), "r"(pack_pair<T>(ds[0], ds[1]))
