@@ -561,20 +561,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 
     // S^T = K Q^T for this warp's 16 key rows x kBM query columns.
     float st[kMT][4];
-#pragma unroll
-    for (int i = 0; i < kMT; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, a_addr<kS>(sK, warp * 16, ks * 16, lane));
-#pragma unroll
-      for (int np = 0; np < kMT / 2; ++np) {
-        uint32_t bfr[4];
-        ldmatrix_x4(bfr, b_addr_nk<kS>(sQs, np * 16, ks * 16, lane));
-        mma16816<T>(st[2 * np], a, bfr[0], bfr[1]);
-        mma16816<T>(st[2 * np + 1], a, bfr[2], bfr[3]);
-      }
-    }
+    warp_gemm_nt<T, kS, kMT, kKSteps>(st, sK, warp * 16, sQs, lane);
     const bool need_mask = tile_needs_mask<kCausal>(n0, kBN, m0, sk, diag);
     if (has_window || has_mod || kBias) {  // features: scores modified / window bounds masked (-inf)
       const WindowOffsets w = window_offsets(kCausal, p.window_left, p.window_right, diag);
@@ -662,20 +649,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     if constexpr (kWantDK) {
       // dP^T = V dO^T
       float dpt[kMT][4];
-#pragma unroll
-      for (int i = 0; i < kMT; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, a_addr<kS>(sV, warp * 16, ks * 16, lane));
-#pragma unroll
-        for (int np = 0; np < kMT / 2; ++np) {
-          uint32_t bfr[4];
-          ldmatrix_x4(bfr, b_addr_nk<kS>(sdOs, np * 16, ks * 16, lane));
-          mma16816<T>(dpt[2 * np], a, bfr[0], bfr[1]);
-          mma16816<T>(dpt[2 * np + 1], a, bfr[2], bfr[3]);
-        }
-      }
+      warp_gemm_nt<T, kS, kMT, kKSteps>(dpt, sV, warp * 16, sdOs, lane);
       if (p.softcap > 0.f) {  // softcap: dS *= 1 - tanh^2 (tanh recovered from P)
         const float slope = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), inv_cap = 1.f / p.softcap;
         const int rel0 = kv_base - m0 - 2 * t, diag32 = clamp_i32(diag);
@@ -1256,20 +1230,10 @@ __global__ void __launch_bounds__(256)
               st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], mod, inv_cap);
             }
       };
-      if constexpr (kBias) {
+      if constexpr (kBias)
         bias_dispatch(bias_kind(p.attn_bias_dtype), pass);
-      } else {  // (the loop as written before attn_bias)
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < kMT; ++nt)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int ql = qcol + nt * 8 + 2 * t + (c & 1);
-              const int rel = rel0 + mt * 16 + (c >> 1) * 8 - nt * 8 - (c & 1);
-              st[mt][nt][c] *= softcap_dtanh(st[mt][nt][c], sLs[ql], alibi_term(slope, diag32, rel), inv_cap);
-            }
-      }
+      else
+        pass(std::integral_constant<int, -1>{});
     }
 
     // 2. dP^T = V dO^T, dS^T = P^T (dP_drop^T - D) -> sdS.

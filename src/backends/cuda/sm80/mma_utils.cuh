@@ -305,4 +305,26 @@ __device__ __forceinline__ const T* a_addr_km(const T* base, int m0, int k0, int
   return base + k0 * kS + m0 + b_nk_lane_off<kS>(lane);
 }
 
+
+// acc = A B^T for one warp's 16 rows (acc zeroed first): A's rows a_row0 .. a_row0 + 15 and B's first
+// kNT * 8 rows, both k-contiguous in shared memory with row stride kS, over kKSteps k16 steps (the
+// backward's S^T = K Q^T and dP^T = V dO^T).
+template <typename T, int kS, int kNT, int kKSteps>
+__device__ __forceinline__ void warp_gemm_nt(float (&acc)[kNT][4], const T* sA, int a_row0, const T* sB, int lane) {
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) {
+    uint32_t a[4];
+    ldmatrix_x4(a, a_addr<kS>(sA, a_row0, ks * 16, lane));
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      uint32_t bfr[4];
+      ldmatrix_x4(bfr, b_addr_nk<kS>(sB, np * 16, ks * 16, lane));
+      mma16816<T>(acc[2 * np], a, bfr[0], bfr[1]);
+      mma16816<T>(acc[2 * np + 1], a, bfr[2], bfr[3]);
+    }
+  }
+}
+
 }  // namespace orchard::cuda
