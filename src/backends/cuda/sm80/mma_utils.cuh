@@ -305,7 +305,6 @@ __device__ __forceinline__ const T* a_addr_km(const T* base, int m0, int k0, int
   return base + k0 * kS + m0 + b_nk_lane_off<kS>(lane);
 }
 
-
 // acc = A B^T for one warp's 16 rows (acc zeroed first): A's rows a_row0 .. a_row0 + 15 and B's first
 // kNT * 8 rows, both k-contiguous in shared memory with row stride kS, over kKSteps k16 steps (the
 // backward's S^T = K Q^T and dP^T = V dO^T).
