@@ -52,8 +52,9 @@ __device__ __forceinline__ void drop_scores(float (&s)[kBN / 2], const DropoutKe
 // directly: its overlapped loop makes the calls under the previous tile's PV and drops once P is
 // converted after the wait.
 
-// The backward's S^T fragment (flash_bwd_sm90.cuh, kJ = 8; flash_bwd_sm90_wide.cuh, kJ = 4; keys are
-// the rows): element i -> key key + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2),
+// The backward's S^T fragment (keys are the rows; kJ = 4 the wide kernel's drop bits, kJ = 8 the
+// d64-d128 kernel's step in drop-bit form, kept as the packed form's reference by dev/dropout_emu and
+// dev/cuda/dropout_step_sass.cu): element i -> key key + 8 ((i / 2) % 2), query query0 + 8 (i / 4) + 2 t + (i % 2),
 // i < 4 kJ. The lanes g, g ^ 1 share calls (dropout_fragment.h, rows = keys): one call and one
 // shuffle per 8 elements, in a rolled loop.
 // query0: the tile's first query + 2 t, key: this lane's first key (its g), both with the call's
@@ -65,16 +66,33 @@ __device__ __forceinline__ uint32_t dropped_bits_keys(const DropoutKey& key, uin
   return cuda::key_rows_dropped<kJ>(key.seed, key.offset, batch_head, query0, lane_key, g & 1, keep_threshold);
 }
 
-// The packed form's draws of one backward step (cuda::key_rows_draws, for key_rows_pair_mask): query0 =
-// the step's first query + 2 t, key = this lane's first key, both in the call's own coordinates (the
-// dropout offsets are added here).
+// Where one backward step draws: the call's key and (batch, head), query0 = the step's first query + 2 t
+// and this lane's first key, both with the call's dropout offsets added.
+struct StepDrawAt {
+  DropoutKey key;
+  uint32_t batch_head, query0, lane_key;
+};
+__device__ __forceinline__ StepDrawAt step_draw_at(const FwdParams& p, int64_t b, int64_t h, int query0, int key) {
+  return {dropout_key(p), dropout_batch_head(p, b, h),
+          static_cast<uint32_t>(query0) + static_cast<uint32_t>(p.dropout_row_offset),
+          static_cast<uint32_t>(key) + static_cast<uint32_t>(p.dropout_col_offset)};
+}
+
+// A step's drop bits (the wide kernel's form), query0 / key as step_draw_at takes them.
+template <int kJ>
+__device__ __forceinline__ uint32_t step_dropped_bits_keys(const FwdParams& p, int64_t b, int64_t h, int query0, int key,
+                                                           int g) {
+  const StepDrawAt at = step_draw_at(p, b, h, query0, key);
+  return dropped_bits_keys<kJ>(at.key, at.batch_head, at.query0, at.lane_key, g, dropout_keep_threshold(p.dropout_p));
+}
+
+// A step's draws in the packed form (cuda::key_rows_draws, for key_rows_pair_mask), query0 / key as
+// step_draw_at takes them.
 template <int kJ>
 __device__ __forceinline__ void step_key_rows_draws(uint32_t (&own)[kJ / 2], uint32_t (&got)[kJ / 2], const FwdParams& p,
                                                     int64_t b, int64_t h, int query0, int key, int g) {
-  const DropoutKey k = dropout_key(p);
-  cuda::key_rows_draws<kJ>(own, got, k.seed, k.offset, dropout_batch_head(p, b, h),
-                           static_cast<uint32_t>(query0) + static_cast<uint32_t>(p.dropout_row_offset),
-                           static_cast<uint32_t>(key) + static_cast<uint32_t>(p.dropout_col_offset), g & 1);
+  const StepDrawAt at = step_draw_at(p, b, h, query0, key);
+  cuda::key_rows_draws<kJ>(own, got, at.key.seed, at.key.offset, at.batch_head, at.query0, at.lane_key, g & 1);
 }
 
 // A packed 16-bit pair (elements i, i + 1: low, high half) with its dropped halves zeroed.

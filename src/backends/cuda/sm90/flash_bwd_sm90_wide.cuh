@@ -218,12 +218,7 @@ __global__ void __launch_bounds__(384, 1)
       // are issued (only the dV / dK accumulators live).
       const bool dropping = kFeatures && p.dropout_p > 0.f;
       uint32_t dropped = 0;
-      if (dropping)
-        dropped = dropped_bits_keys<4>(
-            dropout_key(p), dropout_batch_head(p, b, h),
-            static_cast<uint32_t>(m0 + q_l0 + 2 * t) + static_cast<uint32_t>(p.dropout_row_offset),
-            static_cast<uint32_t>(n0 + key_l0) + static_cast<uint32_t>(p.dropout_col_offset), g,
-            dropout_keep_threshold(p.dropout_p));
+      if (dropping) dropped = step_dropped_bits_keys<4>(p, b, h, m0 + q_l0 + 2 * t, n0 + key_l0, g);
       mbarrier_wait(bar.full(s), ph);
       wgmma_fence();
       bwd_wide_tile_gemm<T, kD>(st, dK_a, dQ_b, s);
