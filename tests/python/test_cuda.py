@@ -743,13 +743,14 @@ def _smem_cap_is(cap):
 def test_sm80_kernels_with_less_shared_memory(cap):
     """Before session 54 an A100 could not run the backward at d64 / d128 (174 / 173 KB of shared
     memory with two Q / dO stages) and an sm_86 / sm_89 GPU no backward and no d160 / d192 forward:
-    a bare CUDA launch error. Now the one-stage backward, the d256 forward kernel for d160 / d192,
-    and NotImplementedError naming the sizes where nothing fits."""
+    a bare CUDA launch error. Now the one-stage backward, its compact tiles (session 66: every head
+    dim up to 128 on sm_86 / sm_89, attn_bias at d64 on an A100), the d256 forward kernel for
+    d160 / d192, and NotImplementedError naming the sizes where nothing fits."""
     if torch.cuda.get_device_properties(0).shared_memory_per_block_optin < cap:
         pytest.skip("this GPU allows less than the cap")
     out = _child_pytest("smem_a100_" if cap == SMEM_A100 else "smem_sm86_",
                         ORCHARD_CUDA_SMEM_OPTIN=str(cap), ORCHARD_SM90="0")
-    assert re.search(r"\b%d passed" % (11 if cap == SMEM_A100 else 7), out), out[-2000:]
+    assert re.search(r"\b%d passed" % (11 if cap == SMEM_A100 else 16), out), out[-2000:]
 
 
 def _variant_lines(tmp_path, monkeypatch, fn):
@@ -811,18 +812,11 @@ def test_smem_a100_attn_bias_d128():
     _masked_sdpa_vs_float64(128)
 
 
-def test_smem_a100_attn_bias_d64_has_no_kernel():
-    """attn_bias at d64 needs 174 KB even on one stage: the backward raises NotImplementedError with
-    the sizes (the forward, 121 KB, runs)."""
+def test_smem_a100_attn_bias_d64():
+    """attn_bias at d64: the one-pass backward's tiles need 174 KB even on one stage, so it runs
+    their compact form (81 KB; before session 66, NotImplementedError). The forward: 121 KB."""
     _smem_cap_is(SMEM_A100)
-    q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    bias = torch.randn(1, 2, 128, 128, device="cuda", dtype=torch.bfloat16)
-    out = orchard.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    # This call trains on torch's C++ autograd node (ORCHARD_ATEN_AUTOGRAD=sdpa), whose engine
-    # re-raises the backward's error as a RuntimeError tagged with its type.
-    with pytest.raises(RuntimeError, match=r"\[orchard:NotImplementedError\].*needs 174080 bytes of shared memory "
-                                           r"per block; this GPU allows 166912"):
-        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    _masked_sdpa_vs_float64(64)
 
 
 @pytest.mark.parametrize("d", [144, 192])
@@ -846,14 +840,59 @@ def test_smem_sm86_backward_d160_two_pass():
     _check_fwd_bwd_against_references(*_qkv(dtype=torch.bfloat16, b=1, s=257, h=4, hkv=4, d=160), True)
 
 
-@pytest.mark.parametrize("d, need", [(64, 141312), (128, 140288), (256, 140800)])
-def test_smem_sm86_backward_has_no_kernel(d, need):
-    """No backward kernel at d64 / d128 / d256 fits 99 KB: NotImplementedError with the sizes
-    (the smallest kernel's: d64 / d128 the one-stage pass, d256 the two-pass kernels)."""
+@pytest.mark.parametrize("d", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_smem_sm86_fwd_bwd(d, causal, tmp_path, monkeypatch):
+    """Every head dim up to 128 trains in 99 KB: the one-pass backward's compact 64 x 64 tiles
+    (session 66; before, NotImplementedError: the smallest kernel needed 110-138 KB), the only
+    backward kernel there that fits, so these cases run it."""
     _smem_cap_is(SMEM_SM86)
-    q, k, v = _qkv(dtype=torch.bfloat16, b=1, s=128, h=2, hkv=2, d=d)
+    variants = _variant_lines(tmp_path, monkeypatch, lambda: _check_fwd_bwd_against_references(
+        *_qkv(dtype=torch.bfloat16, b=2, s=333, h=4, hkv=2, d=d), causal))
+    assert len(variants) == 2 and not any(".sm90." in v for v in variants), variants
+
+
+@pytest.mark.parametrize("d, causal", [(59, True), (128, False)])
+def test_smem_sm86_dropout_backward(d, causal):
+    """Dropout on the compact backward tiles (their Philox draws per 16-key block): the gradients
+    of the function the returned mask defines, against float64 math (d59: the element-wise loads)."""
+    _smem_cap_is(SMEM_SM86)
+    q, k, v = _qkv(dtype=torch.float16, b=2, s=200, h=4, hkv=2, d=d)
+    out, _, mask = torch.ops.orchard.flash_attn_forward(q, k, v, d ** -0.5, causal, False, 0.2, 1234, 8, True)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_ref(q64, k64, v64, d ** -0.5, causal, keep_mask=mask, dropout_p=0.2)
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a.double(), r, atol=2e-2, rtol=2e-2)
+
+
+def test_smem_sm86_deterministic_backward():
+    """d128 deterministic: the dQ kernel's two K / V stages need 102 KB, so it runs one (and the
+    key pass its compact tiles): bitwise the same twice, and within the tolerance rule."""
+    _smem_cap_is(SMEM_SM86)
+    q, k, v = _qkv(dtype=torch.bfloat16, b=2, s=300, h=4, hkv=2, d=128)
+    do = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = orchard.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), do))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    _, rgrads, _, ngrads = _references(q, k, v, do, True)
+    for name, g, r, n in zip(("dq", "dk", "dv"), runs[0], rgrads, ngrads):
+        check_close_rule(g, r, n, 4e-3, name)
+
+
+def test_smem_sm86_backward_has_no_kernel():
+    """d256 still has no backward kernel that fits 99 KB (its two-pass kernels need 140800 bytes):
+    NotImplementedError with the sizes."""
+    _smem_cap_is(SMEM_SM86)
+    q, k, v = _qkv(dtype=torch.bfloat16, b=1, s=128, h=2, hkv=2, d=256)
     out = orchard.flash_attn_func(q, k, v)
-    with pytest.raises(NotImplementedError, match=r"needs %d bytes of shared memory per block; this GPU allows 101376" % need):
+    with pytest.raises(NotImplementedError, match=r"needs 140800 bytes of shared memory per block; this GPU allows 101376"):
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
 

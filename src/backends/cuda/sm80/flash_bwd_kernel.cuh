@@ -88,6 +88,7 @@ struct BwdConfig {
   static constexpr int kDqBM = 64;
   static constexpr int kDqBN = kD <= 128 ? 64 : 32;
   static constexpr int kDqSmemBytes = (2 * kDqBM * kS + 4 * kDqBN * kS) * 2;
+  static constexpr int kDqKvStageBytes = 2 * kDqBN * kS * 2;  // one K and one V tile (one_stage: without)
   // attn_bias (launched with these bytes only with a bias), after the rest: the
   // step's bias tile as stored, double-buffered like the streamed tiles
   // (attention_tiles.cuh). The dK/dV kernel's is [kBM queries][kBN keys], read
@@ -783,13 +784,19 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
 // 32-bit smem addresses and TileStream loads took d128 from 52 B to none) and
 // instruction count (ncu: +25% vs FA2; per-element mask selects, the scale
 // multiply on dQ and per-step divisions removed). Call 6: 0.91-1.17x FA2.
-template <int kD>
+//
+// kCompact (d <= 128 only): 64 key rows x 64 query rows, the d > 128 tiling, for GPUs whose
+// shared memory the tiles above exceed (sm_86 / sm_89 allow a block 99 KB; an A100's 163 KB
+// takes attn_bias at d64 only so). Two / one Q / dO stages, without attn_bias: d32 49 / 39 KB,
+// d64 73 / 55, d96 97 / 71, d128 117 / 85 (the tiles above: 113-170 / 110-138); attn_bias adds 8.
+template <int kD, bool kCompact = false>
 struct BwdConfig2 {
+  static_assert(!kCompact || kD <= 128, "the compact tiling is the d > 128 one already");
   static constexpr int kNWarps = 8;
   // d > 128: 64 key rows, so that dK + dV stay at 128 accumulator registers per
   // thread (kBN * kD * 2 / 256 threads) - the same budget as d128 with 128 keys.
-  static constexpr int kBN = kD <= 128 ? 128 : 64;
-  static constexpr int kBM = kD <= 64 ? 128 : 64;  // d64: 128 measured faster than 64 (calls 3, 13)
+  static constexpr int kBN = kD <= 128 && !kCompact ? 128 : 64;
+  static constexpr int kBM = kD <= 64 && !kCompact ? 128 : 64;  // d64: 128 measured faster than 64 (calls 3, 13)
   // Warps: kWK along keys (32 key rows each) x kWQ along queries (phases 1-2) or
   // along d (phases 3-4): 4 x 2 for d <= 128, 2 x 4 for d > 128.
   static constexpr int kWK = kBN / 32;
@@ -825,10 +832,11 @@ struct BwdConfig2 {
 // one_stage: one Q / dO stage instead of two (2 * kQdOTileBytes less shared memory, for GPUs whose
 // opt-in the two stages exceed: A100's 163 KB at d64 / d128, and d192 / d256): the next step's tiles
 // are copied after this step's last read of them (dV / dK), overlapping the dQ product only.
-template <typename T, int kD, bool kCausal, bool kDropout, bool kDq, bool kBias = false>
+// kCompact: BwdConfig2's smaller tiles.
+template <typename T, int kD, bool kCausal, bool kDropout, bool kDq, bool kBias = false, bool kCompact = false>
 __global__ void __launch_bounds__(256)
     flash_bwd_dkdv2_kernel(const BwdParams p, int num_n_blocks, int head_group, bool vec, bool one_stage) {
-  using Cfg = BwdConfig2<kD>;
+  using Cfg = BwdConfig2<kD, kCompact>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSP = Cfg::kSP;
   constexpr int kThreads = 256;
   constexpr int kKSteps = kD / 16;
@@ -1382,9 +1390,11 @@ __global__ void __launch_bounds__(256)
 // Deterministic dQ: one CTA per (64 query rows, batch, q head), warps own 16
 // rows each (like the forward); recomputes S and dP per key tile.
 // kBias: p.attn_bias is set (a template parameter for the reason at flash_bwd_dkdv2_kernel).
+// one_stage: one K / V stage instead of two (Cfg::kDqKvStageBytes less shared memory: d128 on
+// sm_86 / sm_89): tile n's copy is issued once every warp is done with tile n - 1, not overlapped.
 template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false>
 __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
-    flash_bwd_dq_kernel(const BwdParams p, int num_m_blocks, bool vec) {
+    flash_bwd_dq_kernel(const BwdParams p, int num_m_blocks, bool vec, bool one_stage) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBM = Cfg::kDqBM, kBN = Cfg::kDqBN, kS = Cfg::kS, kThreads = Cfg::kDqNWarps * 32;
   constexpr int kKSteps = kD / 16;
@@ -1392,10 +1402,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
   constexpr int kDT = kD / 8;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  // Q, dO, the bias tiles [2] (kBias), then the K / V stages interleaved (K0 V0 K1 V1), so that
+  // one_stage uses the first two only and every offset is a constant.
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBM * kS;
-  T* sK = sdO + kBM * kS;     // [2][kBN][kS]
-  T* sV = sK + 2 * kBN * kS;  // [2][kBN][kS]
+  unsigned char* sBias = reinterpret_cast<unsigned char*>(sdO + kBM * kS);  // [2][kDqBiasRawBytes]
+  T* sK = reinterpret_cast<T*>(sBias + (kBias ? Cfg::kDqBiasBytes : 0));
+  T* sV = sK + kBN * kS;
+  constexpr int kKvStride = 2 * kBN * kS;  // from a K / V stage to the next
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -1425,7 +1439,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
                 (span.k_start + static_cast<int64_t>(n_begin) * kBN) * p.v_row_stride;
 
   if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
-    issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+    issue_bias_tile<kBM, kBN, kThreads>(sBias, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
                                         b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid);
   if (vec) {
@@ -1473,31 +1487,38 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
 #pragma unroll
   for (int i = 0; i < kDT; ++i) acc_dq[i][0] = acc_dq[i][1] = acc_dq[i][2] = acc_dq[i][3] = 0.f;
 
+  // Tile n's K / V into K / V stage kv_stage (kg / vg start at tile n_begin).
+  auto load_kv = [&](int n, int kv_stage) {
+    const int nn = n * kBN;
+    const int64_t rel = static_cast<int64_t>(n - n_begin) * kBN;
+    if (vec) {
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + kv_stage * kKvStride), kg + rel * p.k_row_stride,
+                                            p.k_row_stride, sk - nn, d, tid);
+      load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + kv_stage * kKvStride), vg + rel * p.v_row_stride,
+                                            p.v_row_stride, sk - nn, dv, tid);
+    } else {  // p.* / threadIdx as in the forward's loop
+      const int tx = threadIdx.x;
+      load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK + kv_stage * kKvStride), kg + rel * p.k_row_stride,
+                                            p.k_row_stride, sk - nn, p.d, tx);
+      load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV + kv_stage * kKvStride), vg + rel * p.v_row_stride,
+                                            p.v_row_stride, sk - nn, p.d_v, tx);
+    }
+  };
   for (int n = n_begin; n < n_end; ++n) {
-    const int stage = (n - n_begin) & 1;
+    const int stage = (n - n_begin) & 1;  // the bias tile's; K / V's unless one_stage
+    if (one_stage && n > n_begin) {  // every warp is done with tile n - 1's K / V
+      __syncthreads();
+      load_kv(n, 0);
+      cp_async_commit();
+    }
     cp_async_wait<0>();
     __syncthreads();
     if (kBias && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
-      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kDqSmemBytes + (stage ^ 1) * Cfg::kDqBiasRawBytes,
+      issue_bias_tile<kBM, kBN, kThreads>(sBias + (stage ^ 1) * Cfg::kDqBiasRawBytes,
                                           p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
                                           p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, h, m0,
                                           (n + 1) * kBN, sq - m0, sk - (n + 1) * kBN, tid);
-    if (n + 1 < n_end) {
-      const int nn = (n + 1) * kBN;
-      const int64_t rel = static_cast<int64_t>(n + 1 - n_begin) * kBN;  // kg / vg start at tile n_begin
-      if (vec) {
-        load_tile_async<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
-                                              p.k_row_stride, sk - nn, d, tid);
-        load_tile_async<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
-                                              p.v_row_stride, sk - nn, dv, tid);
-      } else {  // p.* / threadIdx as in the forward's loop
-        const int tx = threadIdx.x;
-        load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sK + (stage ^ 1) * kBN * kS), kg + rel * p.k_row_stride,
-                                              p.k_row_stride, sk - nn, p.d, tx);
-        load_tile_elems<T, kBN, kD, kThreads>(smem_u32(sV + (stage ^ 1) * kBN * kS), vg + rel * p.v_row_stride,
-                                              p.v_row_stride, sk - nn, p.d_v, tx);
-      }
-    }
+    if (!one_stage && n + 1 < n_end) load_kv(n + 1, stage ^ 1);
     cp_async_commit();
     // Boolean mask (attention_tiles.cuh): this warp's rows see nothing in this tile ->
     // dS = 0, no work; all visible -> no bias pass.
@@ -1505,13 +1526,14 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
     if constexpr (kBias) {
       if (p.attn_bias_dtype == DType::kUInt8) {
         const MaskVote mv = bool_region_vote<kBN, 16, kBN>(
-            smem_raw + Cfg::kDqSmemBytes + stage * Cfg::kDqBiasRawBytes, warp * 16, 0, lane);
+            sBias + stage * Cfg::kDqBiasRawBytes, warp * 16, 0, lane);
         if (mv.none) continue;
         bias_pass = !mv.all;
       }
     }
-    const T* sKs = sK + stage * kBN * kS;
-    const T* sVs = sV + stage * kBN * kS;
+    const int kv_stage = one_stage ? 0 : stage;
+    const T* sKs = sK + kv_stage * kKvStride;
+    const T* sVs = sV + kv_stage * kKvStride;
     const int n0 = n * kBN;
 
     float s[kNT][4], dp[kNT][4];
@@ -1553,7 +1575,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kDqNWarps * 32)
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base, sk - n0 - 2 * t,
                        1.f / scale_log2);
       if constexpr (kBias) if (bias_pass) {  // + bias / scale (element: row warp * 16 + g + dr, col 2t + dc)
-        const unsigned char* tile = smem_raw + Cfg::kDqSmemBytes + stage * Cfg::kDqBiasRawBytes;
+        const unsigned char* tile = sBias + stage * Cfg::kDqBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
           constexpr int kKind = decltype(kind)::value;
@@ -1664,63 +1686,90 @@ void launch_bwd_two_pass(const BwdParams& p, bool vec, cudaStream_t stream) {
   check_launch("flash_bwd_dkdv_kernel");
 }
 
+// The kernels a backward call runs where shared memory is short, in this order: the one-pass
+// kernel with two Q / dO stages (as measured on H100 / H200), else with one (A100: d64 / d128 need
+// 174 / 173 KB with two of the 163 KB it allows, d192 / d256 fit with one); at d <= 128 then its
+// compact tiles (BwdConfig2<kD, true>: sm_86 / sm_89's 99 KB at every such head dim, A100 with
+// attn_bias at d64), two stages where they fit, else one; at d > 128 the two-pass kernels (sm_86 /
+// sm_89: d160). The deterministic dQ kernel drops to one K / V stage where two do not fit (d128 on
+// 99 KB). Decided before anything is launched; a call that no kernel fits raises
+// NotImplementedError naming the smallest kernel's bytes.
+struct BwdPlan {
+  bool one_pass = true, one_stage = false, compact = false;
+  bool dq_one_stage = false;  // the deterministic dQ kernel's K / V
+  int smem = 0;               // the key pass's bytes
+  int dq_smem = 0;            // the deterministic dQ kernel's bytes
+};
+
 // The backward's pass over key blocks that computes dK (and, one-pass, dV) and, with
 // kAtomicDq, adds dQ into dq_accum (else the dQ kernel computes dQ afterwards: deterministic
 // mode). kAtomicDq = true is the one part of the sm80 backward whose code depends on the
 // architecture (dq_accum_add: float4 reductions on sm_90): it is instantiated only in the
 // generated flash_bwd_atomic_dq_*.cu files, compiled per architecture; every other kernel here
 // is the same code on every architecture and compiles from one PTX (../arch_flags.cmake).
-template <typename T, int kD, bool kCausal, bool kDropout, bool kAtomicDq>
-void launch_bwd_key_pass(const BwdParams& p, bool one_pass, bool one_stage, int smem, bool vec, cudaStream_t stream) {
-  if (!one_pass) {
-    if constexpr (BwdConfig<kD>::kSplit) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDK, kAtomicDq>(p, vec, stream);
-    return;
-  }
-  using Cfg2 = BwdConfig2<kD>;
+template <typename T, int kD, bool kCausal, bool kDropout, bool kAtomicDq, bool kCompact>
+void launch_bwd_one_pass(const BwdParams& p, const BwdPlan& plan, bool vec, cudaStream_t stream) {
+  using Cfg2 = BwdConfig2<kD, kCompact>;
   const int nb = (p.sk + Cfg2::kBN - 1) / Cfg2::kBN;
   const int64_t grid = static_cast<int64_t>(nb) * p.b * p.hkv;
   if (grid == 0) return;
   auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
-    return flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, kAtomicDq, decltype(bias)::value>;
+    return flash_bwd_dkdv2_kernel<T, kD, kCausal, kDropout, kAtomicDq, decltype(bias)::value, kCompact>;
   });
-  set_smem(kernel, smem);  // attn_bias: its tile in sdS and past the end
-  kernel<<<static_cast<unsigned>(grid), 256, smem, stream>>>(p, nb, causal_head_group(p), vec, one_stage);
+  set_smem(kernel, plan.smem);  // attn_bias: its tile in sdS and past the end
+  kernel<<<static_cast<unsigned>(grid), 256, plan.smem, stream>>>(p, nb, causal_head_group(p), vec, plan.one_stage);
   check_launch("flash_bwd_dkdv2_kernel");
 }
+template <typename T, int kD, bool kCausal, bool kDropout, bool kAtomicDq>
+void launch_bwd_key_pass(const BwdParams& p, const BwdPlan& plan, bool vec, cudaStream_t stream) {
+  if (!plan.one_pass) {
+    if constexpr (BwdConfig<kD>::kSplit) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDK, kAtomicDq>(p, vec, stream);
+    return;
+  }
+  if constexpr (kD <= 128) {
+    if (plan.compact) return launch_bwd_one_pass<T, kD, kCausal, kDropout, kAtomicDq, true>(p, plan, vec, stream);
+  }
+  launch_bwd_one_pass<T, kD, kCausal, kDropout, kAtomicDq, false>(p, plan, vec, stream);
+}
 
-// The kernels a backward call runs where shared memory is short: the one-pass kernel with two
-// Q / dO stages (as measured on H100 / H200), else with one (A100: d64 / d128 need 174 / 173 KB with
-// two of the 163 KB it allows, d192 / d256 fit with one), else, at d > 128, the two-pass kernels.
-// Decided before anything is launched; a call that no kernel fits raises NotImplementedError
-// (sm_86 / sm_89 allow 99 KB: their backward runs d160 only, on the two-pass kernels).
-struct BwdPlan {
-  bool one_pass = true, one_stage = false;
-  int smem = 0;  // the key pass's bytes
-};
 template <int kD>
 BwdPlan plan_flash_bwd(const BwdParams& p) {
   using Cfg = BwdConfig<kD>;
-  using Cfg2 = BwdConfig2<kD>;
   const bool bias = p.attn_bias != nullptr;
   const int limit = smem_optin_limit();
   auto fits = [&](int bytes) { return limit <= 0 || bytes <= limit; };  // unknown: left to the launch
-  const int two_stages = Cfg2::kSmemBytes + (bias ? Cfg2::kBiasExtraBytes : 0);
-  const int one = two_stages - 2 * Cfg2::kQdOTileBytes;
+  // The one-pass kernel's bytes with two Q / dO stages and with one.
+  auto stage_bytes = [&](auto cfg) {
+    using Cfg2 = decltype(cfg);
+    const int two = Cfg2::kSmemBytes + (bias ? Cfg2::kBiasExtraBytes : 0);
+    return std::pair<int, int>{two, two - 2 * Cfg2::kQdOTileBytes};
+  };
   const bool may_one_pass = kD <= 128 || !bwd_force_two_pass();
   BwdPlan plan;
-  if (may_one_pass && fits(two_stages)) {
-    plan.smem = two_stages;
-  } else if (may_one_pass && fits(one)) {
-    plan.one_stage = true;
-    plan.smem = one;
-  } else if (Cfg::kSplit) {
-    plan.one_pass = false;
-    plan.smem = Cfg::kSmemBytes + (bias ? Cfg::kBiasBytes : 0);
+  auto take_one_pass = [&](std::pair<int, int> bytes, bool compact) {
+    if (!may_one_pass || !fits(bytes.second)) return false;
+    plan.compact = compact;
+    plan.one_stage = !fits(bytes.first);
+    plan.smem = plan.one_stage ? bytes.second : bytes.first;
+    return true;
+  };
+  bool found = take_one_pass(stage_bytes(BwdConfig2<kD>{}), false);
+  if constexpr (kD <= 128) {
+    if (!found) found = take_one_pass(stage_bytes(BwdConfig2<kD, true>{}), true);
+    if (!found) plan.smem = stage_bytes(BwdConfig2<kD, true>{}).second;  // the smallest kernel: reported below
   } else {
-    plan.smem = one;  // the smallest kernel at this head dim: reported below
+    if (!found) {
+      plan.one_pass = false;
+      plan.smem = Cfg::kSmemBytes + (bias ? Cfg::kBiasBytes : 0);
+    }
   }
-  const int dq_smem = Cfg::kDqSmemBytes + (bias ? Cfg::kDqBiasBytes : 0);  // the deterministic dQ kernel
-  const int need = std::max(plan.smem, p.deterministic ? dq_smem : 0);
+  const int dq_bias = bias ? Cfg::kDqBiasBytes : 0;
+  plan.dq_smem = Cfg::kDqSmemBytes + dq_bias;  // the deterministic dQ kernel
+  if (p.deterministic && !fits(plan.dq_smem)) {
+    plan.dq_one_stage = true;
+    plan.dq_smem = Cfg::kDqSmemBytes - Cfg::kDqKvStageBytes + dq_bias;
+  }
+  const int need = std::max(plan.smem, p.deterministic ? plan.dq_smem : 0);
   if (!fits(need))
     throw Error(ErrorKind::kNotImplemented,
                 "the CUDA backward at head dim bucket " + std::to_string(kD) + (bias ? " with attn_bias" : "") +
@@ -1750,8 +1799,8 @@ void launch_flash_bwd(const BwdParams& p) {
   if constexpr (Cfg::kSplit) {
     if (!plan.one_pass) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDV, false>(p, vec, stream);
   }
-  if (atomic_dq) launch_bwd_key_pass<T, kD, kCausal, kDropout, true>(p, plan.one_pass, plan.one_stage, plan.smem, vec, stream);
-  else launch_bwd_key_pass<T, kD, kCausal, kDropout, false>(p, plan.one_pass, plan.one_stage, plan.smem, vec, stream);
+  if (atomic_dq) launch_bwd_key_pass<T, kD, kCausal, kDropout, true>(p, plan, vec, stream);
+  else launch_bwd_key_pass<T, kD, kCausal, kDropout, false>(p, plan, vec, stream);
 
   if (p.sink != nullptr && p.dsink != nullptr) run_bwd_dsink(p, reinterpret_cast<const float*>(ws + layout.d_offset));
   if (rows == 0 || !own_dq_accum) return;
@@ -1761,11 +1810,10 @@ void launch_flash_bwd(const BwdParams& p) {
     auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
       return flash_bwd_dq_kernel<T, kD, kCausal, kDropout, decltype(bias)::value>;
     });
-    const int smem = Cfg::kDqSmemBytes + (p.attn_bias != nullptr ? Cfg::kDqBiasBytes : 0);  // attn_bias tiles
-    set_smem(kernel, smem);
+    set_smem(kernel, plan.dq_smem);  // attn_bias tiles; one_stage: one K / V stage
     const int num_m_blocks = (p.sq + Cfg::kDqBM - 1) / Cfg::kDqBM;
-    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32, smem,
-             stream>>>(p, num_m_blocks, vec);
+    kernel<<<static_cast<unsigned>(static_cast<int64_t>(num_m_blocks) * p.b * p.hq), Cfg::kDqNWarps * 32,
+             plan.dq_smem, stream>>>(p, num_m_blocks, vec, plan.dq_one_stage);
     check_launch("flash_bwd_dq_kernel");
   }
 }

@@ -17,7 +17,7 @@ OUT = HERE / "generated"
 BACKEND = HERE.parent  # src/backends/cuda: sources.cmake and the shared sources
 
 
-KEY_PASS_ARGS = "const BwdParams&, bool, bool, int, bool, cudaStream_t"
+KEY_PASS_ARGS = "const BwdParams&, const BwdPlan&, bool, cudaStream_t"
 CAUSAL_DROPOUT = [(c, dr) for c in ("false", "true") for dr in ("false", "true")]
 
 

@@ -2,8 +2,8 @@
 #include "backends/cuda/sm80/flash_bwd_kernel.cuh"
 
 namespace orchard::cuda {
-template void launch_bwd_key_pass<__nv_bfloat16, 128, false, false, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-template void launch_bwd_key_pass<__nv_bfloat16, 128, false, true, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-template void launch_bwd_key_pass<__nv_bfloat16, 128, true, false, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-template void launch_bwd_key_pass<__nv_bfloat16, 128, true, true, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
+template void launch_bwd_key_pass<__nv_bfloat16, 128, false, false, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+template void launch_bwd_key_pass<__nv_bfloat16, 128, false, true, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+template void launch_bwd_key_pass<__nv_bfloat16, 128, true, false, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+template void launch_bwd_key_pass<__nv_bfloat16, 128, true, true, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
 }  // namespace orchard::cuda

@@ -3,9 +3,9 @@
 
 namespace orchard::cuda {
 // Compiled per architecture, in flash_bwd_atomic_dq_bf16_d96.cu:
-extern template void launch_bwd_key_pass<__nv_bfloat16, 96, false, false, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-extern template void launch_bwd_key_pass<__nv_bfloat16, 96, false, true, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-extern template void launch_bwd_key_pass<__nv_bfloat16, 96, true, false, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-extern template void launch_bwd_key_pass<__nv_bfloat16, 96, true, true, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__nv_bfloat16, 96, false, false, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__nv_bfloat16, 96, false, true, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__nv_bfloat16, 96, true, false, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__nv_bfloat16, 96, true, true, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
 template void run_flash_bwd<__nv_bfloat16, 96>(const BwdParams&);
 }  // namespace orchard::cuda

@@ -3,9 +3,9 @@
 
 namespace orchard::cuda {
 // Compiled per architecture, in flash_bwd_atomic_dq_fp16_d160.cu:
-extern template void launch_bwd_key_pass<__half, 160, false, false, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-extern template void launch_bwd_key_pass<__half, 160, false, true, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-extern template void launch_bwd_key_pass<__half, 160, true, false, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
-extern template void launch_bwd_key_pass<__half, 160, true, true, true>(const BwdParams&, bool, bool, int, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__half, 160, false, false, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__half, 160, false, true, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__half, 160, true, false, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
+extern template void launch_bwd_key_pass<__half, 160, true, true, true>(const BwdParams&, const BwdPlan&, bool, cudaStream_t);
 template void run_flash_bwd<__half, 160>(const BwdParams&);
 }  // namespace orchard::cuda
