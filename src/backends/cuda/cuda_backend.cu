@@ -94,7 +94,8 @@ int head_dim_bucket(int d) {
 // The sm80 forward's bucket: head_dim_bucket, except that d160 / d192 calls whose kernel needs more
 // shared memory than the device allows (sm_86 / sm_89: 99 KB; theirs take 105 / 150 KB) run on
 // the d256 kernel (99 KB without attn_bias: zero-filled columns, the same results). A call that
-// no bucket fits (attn_bias at d > 32 there) raises NotImplementedError at its launch.
+// no bucket fits (attn_bias at d96 and d160-d256 there; d64 / d128 take one bias stage) raises
+// NotImplementedError at its launch.
 int sm80_fwd_bucket(const FwdParams& p) {
   const int bucket = head_dim_bucket(std::max(p.d, value_dim(p)));
   if (bucket != 160 && bucket != 192) return bucket;

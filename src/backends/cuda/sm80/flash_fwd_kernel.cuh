@@ -102,9 +102,12 @@ struct FwdConfig {
 // with run-time bias branches ptxas spilled the plain forward in the merged tree
 // (causal d128: 32 B st / 52 B ld; sm_90), and moving the bias code only moved the
 // spill to another variant (7 placements tried). kBias = false: the pre-bias code.
+// one_bias_stage (kBias): one bias tile buffer instead of two (Cfg::kBiasRawBytes less shared
+// memory: d64 / d128 on sm_86 / sm_89's 99 KB): tile n's bias is copied at the top of step n,
+// once every warp is done with tile n - 1's, and waited for there (not overlapped).
 template <typename T, int kD, bool kCausal, bool kDropout, bool kBias = false, bool kWide = false>
 __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
-    flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec) {
+    flash_fwd_kernel(const FwdParams p, int num_m_blocks, bool vec, bool one_bias_stage) {
   using Cfg = FwdConfig<kD, kBias, kWide>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kThreads = Cfg::kNWarps * 32, kMW = Cfg::kMW;
   constexpr int kKSteps = kD / 16;  // k16 steps over the head dim
@@ -118,6 +121,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBM * kS;   // [2] stages
   T* sV = sK + kStagePair; // [2] stages
+  unsigned char* const sBias = smem_raw + Cfg::kSmemBytes;  // kBias: [2] bias tiles (one_bias_stage: [1])
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -162,7 +166,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
   TileStream<T, kBN, kD, kThreads, kSwz, true> k_stream(kg, p.k_row_stride, d, tid);
   TileStream<T, kBN, kD, kThreads, kSwz> v_stream(vg, p.v_row_stride, dv, tid);
   if (kBias && n_begin < n_end)  // its bias tile joins the K/V group
-    issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+    issue_bias_tile<kBM, kBN, kThreads>(sBias, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
                                         b, h, m0, n_begin * kBN, sq - m0, sk - n_begin * kBN, tid, true);
   if (vec) {
@@ -214,11 +218,20 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
 
   for (int n = n_begin; n < n_end; ++n) {
     const int stage = (n - n_begin) & 1;
+    const int bias_stage = one_bias_stage ? 0 : stage;
     cp_async_wait<0>();
     __syncthreads();
     if constexpr (kBias) {
+      if (one_bias_stage && n > n_begin) {  // every warp is done with tile n - 1's bias
+        issue_bias_tile<kBM, kBN, kThreads>(sBias, p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
+                                            p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, h, m0,
+                                            n * kBN, sq - m0, sk - n * kBN, tid, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      }
       if (p.bias_row_stride == 0) {  // row broadcast: one row staged (attention_tiles.cuh)
-        expand_bias_row<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes,
+        expand_bias_row<kBM, kBN, kThreads>(sBias + bias_stage * Cfg::kBiasRawBytes,
                                             bias_kind(p.attn_bias_dtype), tid);
         __syncthreads();
       }
@@ -232,8 +245,8 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
             ldmatrix_x4(qf[mt * kKSteps + ks], q_lane + 2 * (mt * 16 * kS + ks * 16));
       }
     }
-    if (kBias && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
-      issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
+    if (kBias && !one_bias_stage && n + 1 < n_end)  // tile n + 1's bias joins its K/V group
+      issue_bias_tile<kBM, kBN, kThreads>(sBias + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias,
                                           bias_kind(p.attn_bias_dtype), p.bias_batch_stride, p.bias_head_stride,
                                           p.bias_row_stride, p.bias_col_stride, b, h, m0, (n + 1) * kBN, sq - m0,
                                           sk - (n + 1) * kBN, tid, true);
@@ -260,7 +273,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
     // kernel - 16-60 B at d128, sm_90, in four placements tried - so it runs.)
     if constexpr (kBias) {
       if (p.attn_bias_dtype == DType::kUInt8 &&
-          bool_region_vote<kBN, 16 * kMW, kBN>(smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes, wrow, 0, lane)
+          bool_region_vote<kBN, 16 * kMW, kBN>(sBias + bias_stage * Cfg::kBiasRawBytes, wrow, 0, lane)
               .none)
         continue;
     }
@@ -319,7 +332,7 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
                                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), n0 + 2 * t - row_base,
                                        sk - n0 - 2 * t);
       if constexpr (kBias) {  // + bias / scale, after softcap and ALiBi (-inf stays -inf)
-        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        const unsigned char* tile = sBias + bias_stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         bias_dispatch(bias_kind(p.attn_bias_dtype), [&](auto kind) {
           constexpr int kKind = decltype(kind)::value;
@@ -515,10 +528,11 @@ __global__ void __launch_bounds__(FwdConfig<kD, kBias, kWide>::kNWarps * 32)
   }
 }
 
-// The smallest forward kernel's bytes (the narrow one at d256): what a call of this bucket needs.
+// The smallest forward kernel's bytes (the narrow one at d256; with attn_bias, one bias stage):
+// what a call of this bucket needs.
 template <int kD>
 int sm80_fwd_smem_bytes(bool bias) {
-  return bias ? FwdConfig<kD, true>::kSmemBytes + FwdConfig<kD, true>::kBiasBytes : FwdConfig<kD, false>::kSmemBytes;
+  return bias ? FwdConfig<kD, true>::kSmemBytes + FwdConfig<kD, true>::kBiasRawBytes : FwdConfig<kD, false>::kSmemBytes;
 }
 
 template <typename T, int kD, bool kCausal, bool kDropout, bool kBias, bool kWide = false>
@@ -528,11 +542,14 @@ void launch_flash_fwd_kernel(const FwdParams& p) {
   const int num_m_blocks = (p.sq + Cfg::kBM - 1) / Cfg::kBM;
   const int64_t grid = static_cast<int64_t>(num_m_blocks) * p.b * p.hq;
   if (grid == 0) return;
-  // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy).
-  const int smem = Cfg::kSmemBytes + (kBias ? Cfg::kBiasBytes : 0);
+  // attn_bias: its staged tiles after the rest (only then: the plain path keeps its occupancy);
+  // one stage of them where two exceed the device's opt-in (d64 / d128 on sm_86 / sm_89).
+  const int limit = smem_optin_limit();
+  const bool one_bias_stage = kBias && limit > 0 && Cfg::kSmemBytes + Cfg::kBiasBytes > limit;
+  const int smem = Cfg::kSmemBytes + (kBias ? (one_bias_stage ? Cfg::kBiasRawBytes : Cfg::kBiasBytes) : 0);
   set_max_dynamic_smem(kernel, smem);  // once per (kernel, device): launch.h
   kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, static_cast<cudaStream_t>(p.stream)>>>(
-      p, num_m_blocks, fwd_vec16(p));
+      p, num_m_blocks, fwd_vec16(p), one_bias_stage);
   check_launch("flash_fwd_kernel");
 }
 
