@@ -66,6 +66,13 @@ step "CUDA float32 kernels on the CPU emulator, against float64 references"
 EMU_BUILD=build/fp32_emu sh dev/fp32_emu/run.sh | tail -3
 ORCHARD_CUDA_FP32_TC=0 build/fp32_emu/emu_test 0 | tail -1
 
+step "sm80-class bf16 / fp16 kernels on the CPU emulator, against float64 references"
+# dev/sm80_emu: sm80/flash_fwd_kernel.cuh and flash_bwd_kernel.cuh (every head-dim bucket) over the
+# same shim, on devices with an H100's, an A100's and an sm_86's shared memory (the smaller GPUs'
+# tiles: the compact backward, one bias / K-V stage), outputs poisoned; the fixed cases and 10 random
+# ones (about 4 minutes on 2 cores: 15 compiles, then ~3 s a case).
+EMU_BUILD=build/sm80_emu sh dev/sm80_emu/run.sh 10 66 | tail -3
+
 step "sm90 dropout draws on the CPU emulator, against dropout_keep"
 # dev/dropout_emu: the Hopper kernels' dropout draws in their fragment forms (lane pairs sharing calls)
 # (sm90/dropout_scores.cuh) over the same shim, every element against the scalar mask (seconds).

@@ -7,7 +7,7 @@ import sys
 
 src = open(sys.argv[1]).read()
 min_launches = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-src = src.replace("extern __shared__ __align__(16) unsigned char smem[];", "unsigned char* smem = emu_dyn_smem();")
+src = re.sub(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];", r"unsigned char* \1 = emu_dyn_smem();", src)
 # DOTALL: a launch's argument list may wrap onto the next line.
 src, n = re.subn(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", r"emu_launch(\1, \2, \3);", src,
                  flags=re.DOTALL)

@@ -32,7 +32,8 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __noinline__ __attribute__((noinline))
+#define __align__(n) __attribute__((aligned(n)))  // (alignas may not follow static)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -51,6 +52,7 @@ inline auto min(A a, B b) -> std::common_type_t<A, B> { return a < b ? a : b; }
 template <class A, class B>
 inline auto max(A a, B b) -> std::common_type_t<A, B> { return a < b ? b : a; }
 inline float __expf(float x) { return std::exp(x); }
+inline float __log2f(float x) { return std::log2(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -159,14 +161,37 @@ struct EmuBlock {
   explicit EmuBlock(int n) : bar(n), warps(n / 32) {}
   EmuBarrier bar;
   std::vector<EmuWarp> warps;
-  std::vector<unsigned char> smem;
+  int bar_and = 1;  // __syncthreads_and's vote
 };
 inline dim3 blockDim, gridDim;
 inline EmuBlock* emu_block = nullptr;
-inline unsigned char* emu_dyn_smem() { return emu_block->smem.data(); }
+// The running CTA's dynamic shared memory: one pool (CTAs run one at a time), in this binary's
+// static storage like the kernels' static __shared__ arrays, so that a shared-state-space address
+// (the sm80-class kernels' 32-bit ldmatrix / cp.async operands, smem_u32) is the signed 32-bit
+// byte offset of any of them from the pool.
+alignas(128) inline unsigned char emu_shared_pool[256 * 1024];
+inline unsigned char* emu_dyn_smem() { return emu_shared_pool; }
+inline std::uint32_t emu_smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(static_cast<const unsigned char*>(p) - emu_shared_pool);
+}
+inline unsigned char* emu_smem_ptr(std::uint32_t a) { return emu_shared_pool + static_cast<std::int32_t>(a); }
 inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
 inline int emu_lane() { return threadIdx.x % 32; }
 inline void __syncthreads() { emu_block->bar.arrive_and_wait(); }
+// A barrier that returns whether pred held on every thread: the vote, then a barrier, the read,
+// and a second barrier before the vote may be reset for the next call.
+inline int __syncthreads_and(int pred) {
+  EmuBlock& b = *emu_block;
+  if (!pred) b.bar_and = 0;
+  b.bar.arrive_and_wait();
+  const int all = b.bar_and;
+  b.bar.arrive_and_wait();
+  if (threadIdx.x == 0) b.bar_and = 1;
+  b.bar.arrive_and_wait();
+  return all;
+}
+[[noreturn]] inline void __trap() { std::abort(); }
+inline void atomicAdd(float* p, float v) { *p += v; }  // fibers run one at a time
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp().bar.arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
   EmuWarp& w = emu_warp();
@@ -211,6 +236,7 @@ inline int __any_sync(unsigned, int pred) {
   w.bar.arrive_and_wait();
   return any;
 }
+inline int __all_sync(unsigned mask, int pred) { return !__any_sync(mask, !pred); }
 
 // mma.m16n8k8 row.col with tf32 operands and fp32 accumulators: A 16x8 (a0 (g, c), a1 (g + 8, c),
 // a2 (g, c + 4), a3 (g + 8, c + 4)), B 8x8 (b0 (k = c, n = g), b1 (k = c + 4, n = g)), C 16x8
@@ -284,7 +310,8 @@ void emu_launch(K kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t,
   emu_sched = &sched;
   for (unsigned c = 0; c < ctas; ++c) {
     EmuBlock b(n);
-    b.smem.assign(smem + 16, 0xff);  // 0xff bytes: NaN-ish garbage to catch reads of unwritten smem
+    if (smem + 16 > sizeof emu_shared_pool) std::abort();
+    std::memset(emu_shared_pool, 0xff, smem + 16);  // 0xff bytes: NaN-ish garbage to catch reads of unwritten smem
     blockIdx = dim3(c % grid.x, c / grid.x % grid.y, c / grid.x / grid.y);
     emu_block = &b;
     sched.fibers.assign(n, EmuFiber{});

@@ -3,11 +3,13 @@
 // launch-error check.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 
+#include "backends/cuda/device_attribute.h"
 #include "orchard/config.h"
 #include "orchard/errors.h"
 #include "orchard/params.h"
@@ -85,6 +87,34 @@ void run_dropout_mask(const FwdParams& params);
 
 // Head dim of v, out, dout and dv (params.h: d_v == 0 means d).
 ORCHARD_HOST_DEVICE int value_dim(const FwdParams& p) { return p.d_v > 0 ? p.d_v : p.d; }
+
+// Head-dim buckets compiled (d is padded up to the bucket inside the kernel).
+// With a value head dim d_v != d the bucket is that of max(d, d_v): q/k and
+// v/out are each loaded at their own width and zero-filled up to the bucket.
+inline int head_dim_bucket(int d) {
+  if (d <= 32) return 32;
+  if (d <= 64) return 64;
+  if (d <= 96) return 96;
+  if (d <= 128) return 128;
+  if (d <= 160) return 160;
+  if (d <= 192) return 192;
+  return 256;
+}
+
+// The sm80 forward's bucket: head_dim_bucket, except that d160 / d192 calls whose kernel needs more
+// shared memory than the device allows (sm_86 / sm_89: 99 KB; theirs take 105 / 150 KB) run on
+// the d256 kernel (99 KB without attn_bias: zero-filled columns, the same results). A call that
+// no bucket fits (attn_bias at d96 and d160-d256 there; d64 / d128 take one bias stage) raises
+// NotImplementedError at its launch.
+inline int sm80_fwd_bucket(const FwdParams& p) {
+  const int bucket = head_dim_bucket(std::max(p.d, value_dim(p)));
+  if (bucket != 160 && bucket != 192) return bucket;
+  const bool bias = p.attn_bias != nullptr;
+  const int limit = smem_optin_limit();
+  const int need = bucket == 160 ? sm80_fwd_smem_bytes<160>(bias) : sm80_fwd_smem_bytes<192>(bias);
+  return need > limit && sm80_fwd_smem_bytes<256>(bias) <= limit ? 256 : bucket;
+}
+
 // Columns of a dq_accum slab: d rounded up to whole 8-column tiles.
 ORCHARD_HOST_DEVICE int dq_accum_cols(int d) { return (d + 7) / 8 * 8; }
 

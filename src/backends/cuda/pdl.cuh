@@ -24,7 +24,7 @@ __device__ __forceinline__ void pdl_wait_primary() {
 #endif
 }
 
-#if !defined(ORCHARD_DECODE_EMU)  // (the decode kernel's CPU emulation, dev/decode_emu: no launches)
+#if !defined(ORCHARD_DECODE_EMU)  // (the CPU emulators, dev/decode_emu and dev/sm80_emu)
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization, or
 // a plain launch where the runtime refuses the attribute.  Host side; the caller checks the
 // launch (check_launch) as for <<<>>>.
@@ -44,6 +44,12 @@ void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sme
   if (cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...) == cudaSuccess) return;
   cudaGetLastError();  // not supported here: the plain launch
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+}
+#else  // the sm80-class kernels' CPU emulation (dev/sm80_emu): a plain launch
+template <typename... KernelArgs, typename... Args>
+void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args&&... args) {
+  emu_launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 #endif
 

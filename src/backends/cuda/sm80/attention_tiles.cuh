@@ -88,9 +88,13 @@ __device__ __forceinline__ int clamp_i32(int64_t v) {
 // (softcap * 2^-9 or 2^-12 relative), the accuracy these kernels are held to.
 // (tanhf's slow path made ptxas spill in the main loops.)
 __device__ __forceinline__ float tanh_fast(float x) {
+#if defined(ORCHARD_DECODE_EMU)  // (the CPU emulator, dev/sm80_emu)
+  return std::tanh(x);
+#else
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // The features' score modification of one tile, as up to three CTA-uniform
@@ -213,7 +217,11 @@ __device__ __forceinline__ float bias_smem(const unsigned char* tile, int r, int
 }
 // 16-byte cp.async reading `bytes` (0..16) and zero-filling the rest.
 __device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void* gmem, int bytes) {
+#if defined(ORCHARD_DECODE_EMU)
+  cp_async16_zfill(emu_smem_ptr(smem_addr), gmem, bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+#endif
 }
 
 // The same through L1 (.ca): the rows of a row-broadcast tile the backward stages in
@@ -221,7 +229,11 @@ __device__ __forceinline__ void cp_async16_bytes(uint32_t smem_addr, const void*
 // key padding b4 s1024 h16 d128: deterministic backward 0.777 -> 0.656 ms, atomic
 // 0.449 -> 0.445; ptxas: atomic dK/dV bias 8 -> 16 B spill, causal 8 -> 52 B).
 __device__ __forceinline__ void cp_async16_bytes_l1(uint32_t smem_addr, const void* gmem, int bytes) {
+#if defined(ORCHARD_DECODE_EMU)
+  cp_async16_zfill(emu_smem_ptr(smem_addr), gmem, bytes);
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+#endif
 }
 
 // Row-broadcast biases (row stride 0: a key-padding mask (B, 1, 1, S), say) stage

@@ -11,7 +11,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "backends/cuda/cp_async.cuh"
@@ -45,8 +47,13 @@ struct MmaType<__half> {
 };
 
 // d += a * b, fp32 accumulate.
+// (ORCHARD_DECODE_EMU: the CPU emulator's compile of these kernels, dev/sm80_emu; its shim gives
+// the warp-collective operations and the shared-state-space addresses.)
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(ORCHARD_DECODE_EMU)
+  emu_mma16816<T>(d, a, b0, b1);
+#else
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -60,24 +67,37 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
+#if defined(ORCHARD_DECODE_EMU)
+  return emu_smem_addr(p);
+#else
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
 }
 
 // The uint32_t overloads take a shared-state-space byte address: a per-thread
 // base computed once plus compile-time tile offsets folds into the instruction's
 // immediate, which keeps 64-bit generic pointers out of the register budget.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#if defined(ORCHARD_DECODE_EMU)
+  emu_ldmatrix_x4(r, emu_smem_ptr(addr), false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#if defined(ORCHARD_DECODE_EMU)
+  emu_ldmatrix_x4(r, emu_smem_ptr(addr), true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) { ldmatrix_x4(r, smem_u32(p)); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
@@ -88,14 +108,22 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // zero-fills the destination when !pred.
 __device__ __forceinline__ void cp_async16(uint32_t smem_addr, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
+#if defined(ORCHARD_DECODE_EMU)
+  cp_async16_zfill(emu_smem_ptr(smem_addr), gmem, src_bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+#endif
 }
 // (cp_async_commit / cp_async_wait: cp_async.cuh.)
 
 __device__ __forceinline__ float fast_exp2(float x) {
+#if defined(ORCHARD_DECODE_EMU)
+  return std::exp2(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // Copies a (kRows x kD) tile (row stride `row_stride` elements) into padded
@@ -125,7 +153,11 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* gmem, in
 
 // 16-byte shared-memory store to a shared-state-space byte address.
 __device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
+#if defined(ORCHARD_DECODE_EMU)
+  std::memcpy(emu_smem_ptr(addr), &v, 16);
+#else
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+#endif
 }
 
 // One 8-element (16-byte) chunk of 2-byte elements read one element at a time
