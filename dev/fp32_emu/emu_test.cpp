@@ -651,6 +651,27 @@ long cost(const Case& c) {
   return total;
 }
 
+// A random case's features (both harnesses' odds): causal, a window, softcap, ALiBi, a sink, a bias,
+// varlen (up to max_seqs sequences of up to max_len rows, 1 in 5 empty), the causal alignment, the
+// layout and dropout.
+void random_features(Case& c, int max_seqs, int max_len) {
+  c.causal = randint(0, 2) == 0;
+  if (randint(0, 3) == 0) c.wl = randint(-1, 64), c.wr = randint(-1, 16);
+  if (randint(0, 4) == 0) c.softcap = uniform(2.f, 20.f);
+  if (randint(0, 4) == 0) c.alibi = randint(1, 2);
+  c.sink = randint(0, 4) == 0;
+  if (randint(0, 3) == 0) c.bias = randint(1, 4);
+  if (randint(0, 3) == 0) {
+    const int n = randint(1, max_seqs);
+    auto len = [&] { return randint(0, 4) == 0 ? 0 : randint(1, max_len); };
+    for (int i = 0; i < n; ++i) c.lq.push_back(len()), c.lk.push_back(len());
+    c.q0 = randint(0, 3);
+  }
+  c.top_left = randint(0, 3) == 0;
+  c.layout = randint(0, 2);
+  if (randint(0, 5) == 0) c.dropout = uniform(0.1f, 0.6f), c.rng_state = randint(0, 1);
+}
+
 Case random_case() {
   Case c;
   const int heads[3][2] = {{1, 1}, {4, 2}, {8, 1}};
@@ -662,21 +683,7 @@ Case random_case() {
   const int ds[] = {1, 8, 36, 64, 96, 128, 200, 256};
   c.d = ds[randint(0, 7)];
   if (randint(0, 4) == 0) c.dv = ds[randint(0, 7)];
-  c.causal = randint(0, 2) == 0;
-  if (randint(0, 3) == 0) c.wl = randint(-1, 64), c.wr = randint(-1, 16);
-  if (randint(0, 4) == 0) c.softcap = uniform(2.f, 20.f);
-  if (randint(0, 4) == 0) c.alibi = randint(1, 2);
-  c.sink = randint(0, 4) == 0;
-  if (randint(0, 3) == 0) c.bias = randint(1, 4);
-  if (randint(0, 3) == 0) {
-    const int n = randint(1, 4);
-    auto len = [] { return randint(0, 4) == 0 ? 0 : randint(1, 200); };  // 1 in 5 empty
-    for (int i = 0; i < n; ++i) c.lq.push_back(len()), c.lk.push_back(len());
-    c.q0 = randint(0, 3);
-  }
-  c.top_left = randint(0, 3) == 0;
-  c.layout = randint(0, 2);
-  if (randint(0, 5) == 0) c.dropout = uniform(0.1f, 0.6f), c.rng_state = randint(0, 1);
+  random_features(c, 4, 200);
   c.device = randint(0, 3) == 0;
   // Scores of a few units: fp32's rounding of a score grows with its size (scales of 0.3-0.5 at
   // d >= 96, or ALiBi biases near 60, gave 4-5e-6 in the outputs, too near the 1e-5 tolerance).
@@ -784,21 +791,7 @@ Case sm80_random_case() {
   const int ds[] = {16, 32, 59, 64, 80, 96, 128, 160, 192, 256};
   c.d = ds[randint(0, 9)];
   if (randint(0, 5) == 0) c.dv = ds[randint(0, 6)];
-  c.causal = randint(0, 2) == 0;
-  if (randint(0, 4) == 0) c.wl = randint(-1, 64), c.wr = randint(-1, 16);
-  if (randint(0, 5) == 0) c.softcap = uniform(2.f, 20.f);
-  if (randint(0, 5) == 0) c.alibi = randint(1, 2);
-  c.sink = randint(0, 5) == 0;
-  if (randint(0, 3) == 0) c.bias = randint(1, 4);
-  if (randint(0, 4) == 0) {
-    const int n = randint(1, 3);
-    auto len = [] { return randint(0, 4) == 0 ? 0 : randint(1, 130); };
-    for (int i = 0; i < n; ++i) c.lq.push_back(len()), c.lk.push_back(len());
-    c.q0 = randint(0, 3);
-  }
-  c.top_left = randint(0, 3) == 0;
-  c.layout = randint(0, 2);
-  if (randint(0, 4) == 0) c.dropout = uniform(0.1f, 0.6f), c.rng_state = randint(0, 1);
+  random_features(c, 3, 130);
   const int devices[3] = {0, 3, 2};
   c.device = devices[randint(0, 2)];
   return c;

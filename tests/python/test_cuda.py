@@ -773,11 +773,8 @@ def test_smem_a100_fwd_bwd(d, causal, tmp_path, monkeypatch):
     assert len(variants) == 2 and not any(".sm90." in v for v in variants), variants
 
 
-def test_smem_a100_deterministic_backward():
-    """The deterministic backward (its dQ kernel fits 163 KB) on the one-stage key pass: bitwise
-    the same twice, and within the tolerance rule."""
-    _smem_cap_is(SMEM_A100)
-    q, k, v = _qkv(dtype=torch.bfloat16, b=2, s=400, h=4, hkv=4, d=128)
+def _check_deterministic_backward(q, k, v):
+    """A causal deterministic backward: bitwise the same twice, and within the tolerance rule."""
     do = torch.randn_like(q)
     runs = []
     for _ in range(2):
@@ -788,6 +785,12 @@ def test_smem_a100_deterministic_backward():
     _, rgrads, _, ngrads = _references(q, k, v, do, True)
     for name, g, r, n in zip(("dq", "dk", "dv"), runs[0], rgrads, ngrads):
         check_close_rule(g, r, n, 4e-3, name)
+
+
+def test_smem_a100_deterministic_backward():
+    """The deterministic backward (its dQ kernel fits 163 KB) on the one-stage key pass."""
+    _smem_cap_is(SMEM_A100)
+    _check_deterministic_backward(*_qkv(dtype=torch.bfloat16, b=2, s=400, h=4, hkv=4, d=128))
 
 
 def _masked_sdpa_vs_float64(d, dtype=torch.bfloat16):
@@ -871,19 +874,9 @@ def test_smem_sm86_dropout_backward(d, causal):
 
 def test_smem_sm86_deterministic_backward():
     """d128 deterministic: the dQ kernel's two K / V stages need 102 KB, so it runs one (and the
-    key pass its compact tiles): bitwise the same twice, and within the tolerance rule."""
+    key pass its compact tiles)."""
     _smem_cap_is(SMEM_SM86)
-    q, k, v = _qkv(dtype=torch.bfloat16, b=2, s=300, h=4, hkv=2, d=128)
-    do = torch.randn_like(q)
-    runs = []
-    for _ in range(2):
-        out = orchard.flash_attn_func(q, k, v, causal=True, deterministic=True)
-        runs.append(torch.autograd.grad(out, (q, k, v), do))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-    _, rgrads, _, ngrads = _references(q, k, v, do, True)
-    for name, g, r, n in zip(("dq", "dk", "dv"), runs[0], rgrads, ngrads):
-        check_close_rule(g, r, n, 4e-3, name)
+    _check_deterministic_backward(*_qkv(dtype=torch.bfloat16, b=2, s=300, h=4, hkv=2, d=128))
 
 
 def test_smem_sm86_backward_has_no_kernel():
