@@ -811,6 +811,13 @@ std::vector<Case> sm80_fixed_cases() {
   add([](Case& c) { c.sq = 100, c.sk = 170, c.hq = 4, c.hkv = 1, c.d = 128, c.dropout = 0.3f, c.device = 2, c.deterministic = false; });
   add([](Case& c) { c.sq = 90, c.sk = 110, c.hq = 2, c.d = 64, c.wl = 20, c.wr = 5, c.softcap = 8.f, c.alibi = 1, c.device = 2; });
   add([](Case& c) { c.hq = 4, c.hkv = 2, c.d = 96, c.lq = {30, 0, 70}, c.lk = {50, 9, 66}, c.q0 = 2, c.causal = true, c.device = 2; });
+  // The two-pass backward there: d160 on two Q / dO stages, d192 on one (the forward: the d256 kernel).
+  add([](Case& c) { c.sq = 100, c.sk = 90, c.hq = 2, c.d = 160, c.causal = true, c.device = 2, c.deterministic = false; });
+  add([](Case& c) { c.b = 2, c.sq = 80, c.sk = 100, c.hq = 4, c.hkv = 2, c.d = 192, c.dv = 128, c.device = 2; });
+  add([](Case& c) {
+    c.sq = 70, c.sk = 120, c.hq = 2, c.d = 192, c.causal = true, c.dropout = 0.25f, c.device = 2, c.deterministic = false;
+  });
+  add([](Case& c) { c.sq = 60, c.sk = 75, c.hq = 2, c.d = 176, c.softcap = 6.f, c.device = 2, c.dtype = 2; });
   // attn_bias on one forward bias stage (99 KB, d64 / d128) and on the compact backward (an A100 at d64 too).
   add([](Case& c) { c.b = 2, c.sq = 70, c.sk = 150, c.hq = 2, c.d = 64, c.bias = 1, c.device = 2, c.deterministic = false; });
   add([](Case& c) { c.sq = 70, c.sk = 150, c.hq = 2, c.d = 128, c.bias = 2, c.device = 2, c.deterministic = false; });

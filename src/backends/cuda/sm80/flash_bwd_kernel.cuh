@@ -79,7 +79,7 @@ struct BwdConfig {
   static constexpr int kS = kD + 8;
   static constexpr int kSdS = kBM + 8;
   static constexpr int kSmemBytes = (2 * kBN * kS + 4 * kBM * kS + kBN * kSdS) * 2 + 4 * kBM * 4;
-  // dQ split among warps for the in-kernel dS K product.
+  static constexpr int kQdOStageBytes = 2 * kBM * kS * 2;  // one Q and one dO tile (one_stage: without)
   static constexpr int kWM = kBM / 16;
   static constexpr int kWN = kNWarps / kWM;
   static constexpr int kDTw = kD / 8 / kWN;
@@ -446,9 +446,11 @@ __device__ __forceinline__ DkdvRowInputs dkdv_row_inputs(const BwdParams& p, con
 }
 
 // kBias: p.attn_bias is set (a template parameter for the reason at flash_bwd_dkdv2_kernel).
+// one_stage: one Q / dO stage instead of two (Cfg::kQdOStageBytes less shared memory: d192 on
+// sm_86 / sm_89): step it's tiles are copied once every warp is done with step it - 1's, not overlapped.
 template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kDq, bool kBias = false>
 __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
-    flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks, bool vec) {
+    flash_bwd_dkdv_kernel(const BwdParams p, int num_n_blocks, bool vec, bool one_stage) {
   using Cfg = BwdConfig<kD>;
   constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kS = Cfg::kS, kSdS = Cfg::kSdS;
   constexpr int kThreads = Cfg::kNWarps * 32;
@@ -458,14 +460,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   constexpr bool kWantDV = kMode != kModeDK;
   constexpr bool kWantDK = kMode != kModeDV;
 
+  // K, V, dS^T, the row stats, the bias tiles [2] (kBias), then the Q / dO stages interleaved (Q0 dO0
+  // Q1 dO1), so that one_stage uses the first two only and every offset is a constant.
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBN * kS;
-  T* sQ = sV + kBN * kS;      // [2][kBM][kS]
-  T* sdO = sQ + 2 * kBM * kS; // [2][kBM][kS]
-  T* sdS = sdO + 2 * kBM * kS; // [kBN][kSdS]
+  T* sdS = sV + kBN * kS;  // [kBN][kSdS]
   float* sLse = reinterpret_cast<float*>(sdS + kBN * kSdS);  // [2][kBM], log2 units
   float* sDs = sLse + 2 * kBM;                               // [2][kBM]
+  unsigned char* sBias = reinterpret_cast<unsigned char*>(sDs + 2 * kBM);  // [2][kBiasRawBytes]
+  T* sQ = reinterpret_cast<T*>(sBias + (kBias ? Cfg::kBiasBytes : 0));
+  T* sdO = sQ + kBM * kS;
+  constexpr int kQdOStride = 2 * kBM * kS;  // from a Q / dO stage to the next
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -493,18 +499,18 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     const T* qg = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + r0 * p.q_row_stride;
     const T* dog = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + r0 * p.do_row_stride;
     if (vec) {
-      load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, d, tid);
-      load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, dv, tid);
+      load_tile_async<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kQdOStride), qg, p.q_row_stride, sq - m0, d, tid);
+      load_tile_async<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kQdOStride), dog, p.do_row_stride, sq - m0, dv, tid);
     } else {  // p.* / threadIdx as in the forward's loop
       const int tx = threadIdx.x;
-      load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kBM * kS), qg, p.q_row_stride, sq - m0, p.d, tx);
-      load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kBM * kS), dog, p.do_row_stride, sq - m0, p.d_v, tx);
+      load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sQ + stage * kQdOStride), qg, p.q_row_stride, sq - m0, p.d, tx);
+      load_tile_elems<T, kBM, kD, kThreads>(smem_u32(sdO + stage * kQdOStride), dog, p.do_row_stride, sq - m0, p.d_v, tx);
     }
     stage_row_stats<kBM>(p, lse_g, dsum, b, h, m0, tid, sLse + stage * kBM, sDs + stage * kBM, sq);
   };
   if (total > 0) prefetch(0, 0);
   if (kBias && total > 0)  // step 0's bias tile joins its group
-    issue_bias_tile<kBM, kBN, kThreads>(smem_raw + Cfg::kSmemBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+    issue_bias_tile<kBM, kBN, kThreads>(sBias, p.attn_bias, bias_kind(p.attn_bias_dtype),
                                         p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride,
                                         b, hk * group, m_begin * kBM, n0, sq - m_begin * kBM, sk - n0, tid);
   cp_async_commit();
@@ -531,7 +537,13 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
   const bool bias_async = kBias && bias_tile_async(p.attn_bias, bias_kind(p.attn_bias_dtype), p.bias_batch_stride,
                                                    p.bias_head_stride, p.bias_row_stride, p.bias_col_stride);
   for (int it = 0; it < total; ++it) {
-    const int stage = it & 1;
+    const int stage = it & 1;  // the bias tile's; Q / dO's unless one_stage
+    const int qdo_stage = one_stage ? 0 : stage;
+    if (one_stage && it > 0) {  // every warp is done with step it - 1's Q / dO
+      __syncthreads();
+      prefetch(it, 0);
+      cp_async_commit();
+    }
     cp_async_wait<0>();
     // Boolean mask (attention_tiles.cuh): the barrier also votes - a step whose whole
     // tile is masked adds nothing (skipped once the next step's loads are issued).
@@ -539,26 +551,26 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
     if constexpr (kBias) {
       skip_step = __syncthreads_and(p.attn_bias_dtype == DType::kUInt8 &&
                                     own_bool_chunks_masked<kBM, kBN, kThreads>(
-                                        smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes, bias_async, tid));
+                                        sBias + stage * Cfg::kBiasRawBytes, bias_async, tid));
     } else {
       __syncthreads();
     }
     if (kBias && it + 1 < total)  // the next step's bias tile joins its group
       issue_bias_tile<kBM, kBN, kThreads>(
-          smem_raw + Cfg::kSmemBytes + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
+          sBias + (stage ^ 1) * Cfg::kBiasRawBytes, p.attn_bias, bias_kind(p.attn_bias_dtype),
           p.bias_batch_stride, p.bias_head_stride, p.bias_row_stride, p.bias_col_stride, b, hk * group + (it + 1) / nm,
           (m_begin + (it + 1) % nm) * kBM, n0, sq - (m_begin + (it + 1) % nm) * kBM, sk - n0, tid);
-    if (it + 1 < total) prefetch(it + 1, stage ^ 1);
+    if (!one_stage && it + 1 < total) prefetch(it + 1, stage ^ 1);
     cp_async_commit();
     if constexpr (kBias) {
       if (skip_step) continue;  // CTA-uniform: P = 0 everywhere, nothing to accumulate
     }
     const int h = hk * group + it / nm;
     const int m0 = (m_begin + it % nm) * kBM;
-    const T* sQs = sQ + stage * kBM * kS;
-    const T* sdOs = sdO + stage * kBM * kS;
-    const float* sLs = sLse + stage * kBM;
-    const float* sDv = sDs + stage * kBM;
+    const T* sQs = sQ + qdo_stage * kQdOStride;
+    const T* sdOs = sdO + qdo_stage * kQdOStride;
+    const float* sLs = sLse + qdo_stage * kBM;
+    const float* sDv = sDs + qdo_stage * kBM;
 
     // S^T = K Q^T for this warp's 16 key rows x kBM query columns.
     float st[kMT][4];
@@ -579,7 +591,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       apply_score_mods(each, p.scale, p.softcap, alibi_slope_ptr(p.alibi_slopes, p.alibi_batch_stride, b, h), diag, w,
                        tile_needs_mask_window(n0, kBN, m0, kBM, sk, w), kv_base - m0 - 2 * t, sk - kv_base);
       if constexpr (kBias) {  // + bias / scale (element: query 2t + dq, key warp * 16 + g + dk)
-        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        const unsigned char* tile = sBias + stage * Cfg::kBiasRawBytes;
         const float inv_scale = 1.f / p.scale;
         // Boolean mask: this warp's keys all visible in this step -> the pass adds 0.
         const bool bias_pass = !(p.attn_bias_dtype == DType::kUInt8 &&
@@ -654,7 +666,7 @@ __global__ void __launch_bounds__(BwdConfig<kD>::kNWarps * 32)
       if (p.softcap > 0.f) {  // softcap: dS *= 1 - tanh^2 (tanh recovered from P)
         const float slope = alibi_slope(p.alibi_slopes, p.alibi_batch_stride, b, h), inv_cap = 1.f / p.softcap;
         const int rel0 = kv_base - m0 - 2 * t, diag32 = clamp_i32(diag);
-        const unsigned char* tile = smem_raw + Cfg::kSmemBytes + stage * Cfg::kBiasRawBytes;
+        const unsigned char* tile = sBias + stage * Cfg::kBiasRawBytes;
         // kBiasKind >= 0: attn_bias of that kind, staged in `tile` (compiled once per kind).
         auto pass = [&](auto bias_kind_c) {
           constexpr int kBiasKind = decltype(bias_kind_c)::value;
@@ -1670,19 +1682,19 @@ void set_smem(Kernel kernel, int bytes) {
 }
 
 // The two-pass backward's dK/dV grid (d > 128 where the one-pass kernel does not fit): one CTA per
-// (key block, batch, kv head), with the attn_bias tiles' shared memory when there is a bias.
+// (key block, batch, kv head); smem (plan_flash_bwd) holds the attn_bias tiles when there is a bias,
+// and one Q / dO stage with one_stage.
 template <typename T, int kD, bool kCausal, bool kDropout, int kMode, bool kAtomicDq>
-void launch_bwd_two_pass(const BwdParams& p, bool vec, cudaStream_t stream) {
+void launch_bwd_two_pass(const BwdParams& p, bool one_stage, int smem, bool vec, cudaStream_t stream) {
   using Cfg = BwdConfig<kD>;
   const int num_n_blocks = (p.sk + Cfg::kBN - 1) / Cfg::kBN;
   const int64_t grid = static_cast<int64_t>(num_n_blocks) * p.b * p.hkv;
   if (grid == 0) return;
-  const int smem = Cfg::kSmemBytes + (p.attn_bias != nullptr ? Cfg::kBiasBytes : 0);
   auto kernel = pick_bias<kCausal>(p.attn_bias != nullptr, [](auto bias) {
     return flash_bwd_dkdv_kernel<T, kD, kCausal, kDropout, kMode, kAtomicDq, decltype(bias)::value>;
   });
   set_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, stream>>>(p, num_n_blocks, vec);
+  kernel<<<static_cast<unsigned>(grid), Cfg::kNWarps * 32, smem, stream>>>(p, num_n_blocks, vec, one_stage);
   check_launch("flash_bwd_dkdv_kernel");
 }
 
@@ -1691,11 +1703,11 @@ void launch_bwd_two_pass(const BwdParams& p, bool vec, cudaStream_t stream) {
 // 174 / 173 KB with two of the 163 KB it allows, d192 / d256 fit with one); at d <= 128 then its
 // compact tiles (BwdConfig2<kD, true>: sm_86 / sm_89's 99 KB at every such head dim, A100 with
 // attn_bias at d64), two stages where they fit, else one; at d > 128 the two-pass kernels (sm_86 /
-// sm_89: d160). The deterministic dQ kernel drops to one K / V stage where two do not fit (d128 on
-// 99 KB). Decided before anything is launched; a call that no kernel fits raises
-// NotImplementedError naming the smallest kernel's bytes.
+// sm_89: d160 on two Q / dO stages, d192 on one; d256 needs 107008 bytes even so). The deterministic
+// dQ kernel drops to one K / V stage where two do not fit (d128 on 99 KB). Decided before anything
+// is launched; a call that no kernel fits raises NotImplementedError naming the smallest kernel's bytes.
 struct BwdPlan {
-  bool one_pass = true, one_stage = false, compact = false;
+  bool one_pass = true, one_stage = false, compact = false;  // one_stage: the key pass's (either kernel)
   bool dq_one_stage = false;  // the deterministic dQ kernel's K / V
   int smem = 0;               // the key pass's bytes
   int dq_smem = 0;            // the deterministic dQ kernel's bytes
@@ -1723,7 +1735,8 @@ void launch_bwd_one_pass(const BwdParams& p, const BwdPlan& plan, bool vec, cuda
 template <typename T, int kD, bool kCausal, bool kDropout, bool kAtomicDq>
 void launch_bwd_key_pass(const BwdParams& p, const BwdPlan& plan, bool vec, cudaStream_t stream) {
   if (!plan.one_pass) {
-    if constexpr (BwdConfig<kD>::kSplit) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDK, kAtomicDq>(p, vec, stream);
+    if constexpr (BwdConfig<kD>::kSplit)
+      launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDK, kAtomicDq>(p, plan.one_stage, plan.smem, vec, stream);
     return;
   }
   if constexpr (kD <= 128) {
@@ -1758,9 +1771,11 @@ BwdPlan plan_flash_bwd(const BwdParams& p) {
     if (!found) found = take_one_pass(stage_bytes(BwdConfig2<kD, true>{}), true);
     if (!found) plan.smem = stage_bytes(BwdConfig2<kD, true>{}).second;  // the smallest kernel: reported below
   } else {
-    if (!found) {
+    if (!found) {  // the two-pass kernels, on one Q / dO stage where two do not fit (d192 on 99 KB)
       plan.one_pass = false;
       plan.smem = Cfg::kSmemBytes + (bias ? Cfg::kBiasBytes : 0);
+      plan.one_stage = !fits(plan.smem);
+      if (plan.one_stage) plan.smem -= Cfg::kQdOStageBytes;
     }
   }
   const int dq_bias = bias ? Cfg::kDqBiasBytes : 0;
@@ -1797,7 +1812,7 @@ void launch_flash_bwd(const BwdParams& p) {
   }
 
   if constexpr (Cfg::kSplit) {
-    if (!plan.one_pass) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDV, false>(p, vec, stream);
+    if (!plan.one_pass) launch_bwd_two_pass<T, kD, kCausal, kDropout, kModeDV, false>(p, plan.one_stage, plan.smem, vec, stream);
   }
   if (atomic_dq) launch_bwd_key_pass<T, kD, kCausal, kDropout, true>(p, plan, vec, stream);
   else launch_bwd_key_pass<T, kD, kCausal, kDropout, false>(p, plan, vec, stream);
