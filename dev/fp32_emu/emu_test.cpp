@@ -60,38 +60,14 @@ void run_bwd_dsink(const BwdParams&, const float*) { std::abort(); }
 namespace {
 #if defined(EMU_SM80)
 constexpr bool kSm80 = true;
-// cuda_backend.cu's dispatch (launch.h's buckets) to the kernels of dev/sm80_emu/kernels.cpp.
-template <typename T>
-void sm80_fwd(const FwdParams& p) {
-  switch (cuda::sm80_fwd_bucket(p)) {
-    case 32: return cuda::run_flash_fwd<T, 32>(p);
-    case 64: return cuda::run_flash_fwd<T, 64>(p);
-    case 96: return cuda::run_flash_fwd<T, 96>(p);
-    case 128: return cuda::run_flash_fwd<T, 128>(p);
-    case 160: return cuda::run_flash_fwd<T, 160>(p);
-    case 192: return cuda::run_flash_fwd<T, 192>(p);
-    default: return cuda::run_flash_fwd<T, 256>(p);
-  }
-}
-template <typename T>
-void sm80_bwd(const BwdParams& p) {
-  switch (cuda::head_dim_bucket(std::max(p.d, cuda::value_dim(p)))) {
-    case 32: return cuda::run_flash_bwd<T, 32>(p);
-    case 64: return cuda::run_flash_bwd<T, 64>(p);
-    case 96: return cuda::run_flash_bwd<T, 96>(p);
-    case 128: return cuda::run_flash_bwd<T, 128>(p);
-    case 160: return cuda::run_flash_bwd<T, 160>(p);
-    case 192: return cuda::run_flash_bwd<T, 192>(p);
-    default: return cuda::run_flash_bwd<T, 256>(p);
-  }
-}
+// cuda_backend.cu's dispatch (launch.h) to the kernels of dev/sm80_emu/kernels.cpp.
 void kernel_fwd(const FwdParams& p) {
-  if (p.dtype == DType::kBFloat16) sm80_fwd<__nv_bfloat16>(p);
-  else sm80_fwd<__half>(p);
+  if (p.dtype == DType::kBFloat16) cuda::sm80_fwd_dispatch<__nv_bfloat16>(p);
+  else cuda::sm80_fwd_dispatch<__half>(p);
 }
 void kernel_bwd(const BwdParams& p) {
-  if (p.dtype == DType::kBFloat16) sm80_bwd<__nv_bfloat16>(p);
-  else sm80_bwd<__half>(p);
+  if (p.dtype == DType::kBFloat16) cuda::sm80_bwd_dispatch<__nv_bfloat16>(p);
+  else cuda::sm80_bwd_dispatch<__half>(p);
 }
 bool fwd_takes_tensor_cores(const FwdParams&) { return true; }
 bool bwd_takes_tensor_cores(const BwdParams&) { return true; }

@@ -78,30 +78,6 @@ int resident_ctas(const void* kernel, int threads, int smem_bytes) {
 
 namespace {
 
-template <typename T>
-void fwd_dispatch(const FwdParams& p) {
-  switch (sm80_fwd_bucket(p)) {
-    case 32: return run_flash_fwd<T, 32>(p);
-    case 64: return run_flash_fwd<T, 64>(p);
-    case 96: return run_flash_fwd<T, 96>(p);
-    case 128: return run_flash_fwd<T, 128>(p);
-    case 160: return run_flash_fwd<T, 160>(p);
-    case 192: return run_flash_fwd<T, 192>(p);
-    default: return run_flash_fwd<T, 256>(p);
-  }
-}
-template <typename T>
-void bwd_dispatch(const BwdParams& p) {
-  switch (head_dim_bucket(std::max(p.d, value_dim(p)))) {
-    case 32: return run_flash_bwd<T, 32>(p);
-    case 64: return run_flash_bwd<T, 64>(p);
-    case 96: return run_flash_bwd<T, 96>(p);
-    case 128: return run_flash_bwd<T, 128>(p);
-    case 160: return run_flash_bwd<T, 160>(p);
-    case 192: return run_flash_bwd<T, 192>(p);
-    default: return run_flash_bwd<T, 256>(p);
-  }
-}
 
 // The Hopper forward (sm90/flash_fwd_sm90.cuh) runs when it was compiled in (ORCHARD_CUDA_ARCHS
 // holds 90), the current device is compute capability 9.0 (sm_90a code runs nowhere else),
@@ -395,8 +371,8 @@ void forward(const FwdParams& params) {
   if (fp32_takes_decode_kernel(p)) return fwd_on_decode_kernel(p);  // (no dropout there either)
   if (try_fwd_sm90(p)) return;  // (no dropout mask to write: the sm90 path never takes one)
   switch (p.dtype) {
-    case DType::kBFloat16: fwd_dispatch<__nv_bfloat16>(p); break;
-    case DType::kFloat16: fwd_dispatch<__half>(p); break;
+    case DType::kBFloat16: sm80_fwd_dispatch<__nv_bfloat16>(p); break;
+    case DType::kFloat16: sm80_fwd_dispatch<__half>(p); break;
     case DType::kFloat32: run_fwd_fp32(p); break;
     default: throw Error(ErrorKind::kNotImplemented, "unsupported dtype on CUDA");
   }
@@ -407,8 +383,8 @@ void backward(const BwdParams& params) {
   const BwdParams p = with_value_dim(params);
   if (try_bwd_sm90(p)) return;
   switch (p.dtype) {
-    case DType::kBFloat16: bwd_dispatch<__nv_bfloat16>(p); break;
-    case DType::kFloat16: bwd_dispatch<__half>(p); break;
+    case DType::kBFloat16: sm80_bwd_dispatch<__nv_bfloat16>(p); break;
+    case DType::kFloat16: sm80_bwd_dispatch<__half>(p); break;
     case DType::kFloat32:
       if (p.dq_accum != nullptr)  // the fp32 kernels write dQ per row, with no accumulator
         throw Error(ErrorKind::kNotImplemented, "dq_accum is not supported for float32 inputs on CUDA");

@@ -114,6 +114,29 @@ inline int sm80_fwd_bucket(const FwdParams& p) {
   const int need = bucket == 160 ? sm80_fwd_smem_bytes<160>(bias) : sm80_fwd_smem_bytes<192>(bias);
   return need > limit && sm80_fwd_smem_bytes<256>(bias) <= limit ? 256 : bucket;
 }
+// launch(std::integral_constant<int, kD>{}) for a head-dim bucket (head_dim_bucket's values).
+template <typename Launch>
+void with_head_dim_bucket(int bucket, Launch&& launch) {
+  switch (bucket) {
+    case 32: return launch(std::integral_constant<int, 32>{});
+    case 64: return launch(std::integral_constant<int, 64>{});
+    case 96: return launch(std::integral_constant<int, 96>{});
+    case 128: return launch(std::integral_constant<int, 128>{});
+    case 160: return launch(std::integral_constant<int, 160>{});
+    case 192: return launch(std::integral_constant<int, 192>{});
+    default: return launch(std::integral_constant<int, 256>{});
+  }
+}
+// The sm80-class kernels of a call's bucket (cuda_backend.cu's calls, and the CPU emulator's).
+template <typename T>
+void sm80_fwd_dispatch(const FwdParams& p) {
+  with_head_dim_bucket(sm80_fwd_bucket(p), [&](auto d) { run_flash_fwd<T, decltype(d)::value>(p); });
+}
+template <typename T>
+void sm80_bwd_dispatch(const BwdParams& p) {
+  with_head_dim_bucket(head_dim_bucket(std::max(p.d, value_dim(p))),
+                       [&](auto d) { run_flash_bwd<T, decltype(d)::value>(p); });
+}
 
 // Columns of a dq_accum slab: d rounded up to whole 8-column tiles.
 ORCHARD_HOST_DEVICE int dq_accum_cols(int d) { return (d + 7) / 8 * 8; }
