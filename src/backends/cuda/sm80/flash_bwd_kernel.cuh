@@ -80,6 +80,7 @@ struct BwdConfig {
   static constexpr int kSdS = kBM + 8;
   static constexpr int kSmemBytes = (2 * kBN * kS + 4 * kBM * kS + kBN * kSdS) * 2 + 4 * kBM * 4;
   static constexpr int kQdOStageBytes = 2 * kBM * kS * 2;  // one Q and one dO tile (one_stage: without)
+  // dQ split among warps for the in-kernel dS K product.
   static constexpr int kWM = kBM / 16;
   static constexpr int kWN = kNWarps / kWM;
   static constexpr int kDTw = kD / 8 / kWN;
@@ -1704,7 +1705,7 @@ void launch_bwd_two_pass(const BwdParams& p, bool one_stage, int smem, bool vec,
 // compact tiles (BwdConfig2<kD, true>: sm_86 / sm_89's 99 KB at every such head dim, A100 with
 // attn_bias at d64), two stages where they fit, else one; at d > 128 the two-pass kernels (sm_86 /
 // sm_89: d160 on two Q / dO stages, d192 on one; d256 needs 107008 bytes even so). The deterministic
-// dQ kernel drops to one K / V stage where two do not fit (d128 on 99 KB). Decided before anything
+// dQ kernel drops to one K / V stage where two do not fit (d128 / d192 on 99 KB). Decided before anything
 // is launched; a call that no kernel fits raises NotImplementedError naming the smallest kernel's bytes.
 struct BwdPlan {
   bool one_pass = true, one_stage = false, compact = false;  // one_stage: the key pass's (either kernel)
