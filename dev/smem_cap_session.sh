@@ -4,7 +4,8 @@
 # own process (the cap is read once per process). Logs under $OUT/logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240} bash dev/gpu_session.sh "pytest:-k,smem"
+# (the parent tests run the capped child suites: test_cuda.py::test_sm80_kernels_with_less_shared_memory)
+PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-300} bash dev/gpu_session.sh "pytest:-k,less_shared_memory"
 export PYTHONPATH=/tmp/orchard_site:bench
 for cap in none 166912 101376; do
   env ORCHARD_SM90=0 $([ $cap != none ] && echo ORCHARD_CUDA_SMEM_OPTIN=$cap) timeout 120 \
