@@ -178,8 +178,9 @@ inline unsigned char* emu_smem_ptr(std::uint32_t a) { return emu_shared_pool + s
 inline EmuWarp& emu_warp() { return emu_block->warps[threadIdx.x / 32]; }
 inline int emu_lane() { return threadIdx.x % 32; }
 inline void __syncthreads() { emu_block->bar.arrive_and_wait(); }
-// A barrier that returns whether pred held on every thread: the vote, then a barrier, the read,
-// and a second barrier before the vote may be reset for the next call.
+// A barrier that returns whether pred held on every thread: the votes, a barrier, the read, a
+// barrier (everyone has read), the reset, and a third barrier (no vote of the next call lands
+// before the reset).
 inline int __syncthreads_and(int pred) {
   EmuBlock& b = *emu_block;
   if (!pred) b.bar_and = 0;
